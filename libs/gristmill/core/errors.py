@@ -1,0 +1,93 @@
+"""One exception family for the whole platform.
+
+Every error a service raises on purpose is a ``GristmillError`` subclass that knows its gRPC
+status code, so one server interceptor (``gristmill.core.grpcserver``) can turn it into a status
+without each servicer repeating try/except. Messages are written for a person: they say what was
+wrong and what to do, and never contain secrets or stack traces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+import grpc
+
+
+class GristmillError(Exception):
+    """Base class. ``grpc_code`` is the status the interceptor answers with."""
+
+    grpc_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, *, details: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        # Small, non-secret key/value context (e.g. the offending field) sent as trailing metadata.
+        self.details: dict[str, str] = dict(details or {})
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgumentError(GristmillError):
+    """The request itself is wrong (bad field, malformed payload); retrying it unchanged fails again."""
+
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFoundError(GristmillError):
+    """A named thing (project, job, model, version, object) does not exist."""
+
+    grpc_code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExistsError(GristmillError):
+    """Creating something whose name or id is taken."""
+
+    grpc_code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPreconditionError(GristmillError):
+    """The request is well-formed but the system is not in a state that allows it."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class DataIntegrityError(FailedPreconditionError):
+    """Stored data failed verification (checksum mismatch, truncated object)."""
+
+
+class UnauthenticatedError(GristmillError):
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(GristmillError):
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhaustedError(GristmillError):
+    """A quota or a bounded queue is full."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UnavailableError(GristmillError):
+    """A dependency (broker, object store, model) is not ready; retrying later may succeed."""
+
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceededError(GristmillError):
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class AbortedError(GristmillError):
+    """A concurrent change won (optimistic concurrency); the caller may retry."""
+
+    grpc_code = grpc.StatusCode.ABORTED
+
+
+class ConfigurationError(GristmillError):
+    """A setting is missing or invalid. Raised at start, before anything is served."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
