@@ -1,0 +1,73 @@
+"""SQLAlchemy 2 helpers shared by every service's store.
+
+SQLite (a file per service) is the default; PostgreSQL is chosen by URL. Stores receive a
+``Database`` and use ``Database.transaction()`` so that the state change and its outbox row commit
+together (see ``gristmill.core.events.outbox``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+from gristmill.core.errors import ConfigurationError
+
+
+class Base(DeclarativeBase):
+    """Declarative base for tables owned by the shared library (the outbox, handled events)."""
+
+    metadata = MetaData()
+
+
+class Database:
+    """An engine plus a session factory. Safe to share between threads."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise ConfigurationError(
+                f"database URL {url!r} is not valid: use sqlite:///path.db or postgresql://..."
+            ) from None
+        kwargs: dict[str, Any] = {"echo": echo, "future": True}
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            # Threads share the engine; SQLite needs this flag for that, and a busy timeout so
+            # two writers wait instead of failing with "database is locked".
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.url = url
+        self.engine: Engine = create_engine(parsed, **kwargs)
+        if parsed.get_backend_name() == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def create_all(self, *metadatas: MetaData) -> None:
+        """Create the shared tables and the given service tables if they do not exist."""
+        Base.metadata.create_all(self.engine)
+        for md in metadatas:
+            md.create_all(self.engine)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on any exception."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    # WAL lets readers proceed while a writer commits; foreign keys are off by default in SQLite.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

@@ -1,0 +1,77 @@
+"""Fixtures shared by every test suite.
+
+Integration tests talk to the real servers that ``make test`` starts (deploy/local/stack.sh). A test
+whose server is missing FAILS with a one-line reason; it never skips, with or without ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def _reachable(host: str, port: int, timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+def require_server(name: str, address: str) -> None:
+    """Fail (never skip) when a server the test needs is not listening."""
+    host, port = _host_port(address)
+    if not _reachable(host, port):
+        pytest.fail(
+            f"{name} is not reachable at {address}: run the tests with `make test` "
+            f"(it starts Kafka and SeaweedFS) or start them with `deploy/local/stack.sh up`",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    """The real Kafka broker's bootstrap address."""
+    port = os.environ.get("GRISTMILL_KAFKA_PORT", "9092")
+    address = os.environ.get("GRISTMILL_KAFKA_BOOTSTRAP_SERVERS") or f"127.0.0.1:{port}"
+    require_server("Kafka", address)
+    return address
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> dict[str, str]:
+    """The real S3 server (SeaweedFS) endpoint and credentials."""
+    port = os.environ.get("GRISTMILL_S3_PORT", "8333")
+    endpoint = os.environ.get("GRISTMILL_S3_ENDPOINT") or f"127.0.0.1:{port}"
+    require_server("the S3 server", endpoint)
+    return {
+        "endpoint": endpoint,
+        "access_key": os.environ.get("GRISTMILL_S3_ACCESS_KEY", "gristmill"),
+        "secret_key": os.environ.get("GRISTMILL_S3_SECRET_KEY", "gristmill-secret"),
+    }
+
+
+@pytest.fixture
+def tracing() -> Iterator[tuple[object, object]]:
+    """A tracer provider with an in-memory exporter: yields (provider, exporter)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider, exporter
+    provider.shutdown()
