@@ -1,0 +1,160 @@
+"""The object store interface and what every implementation shares.
+
+Objects are immutable and checksummed: ``put_*`` records the sha256 of what was written, ``get_*``
+recomputes it over what was read and refuses a mismatch (``DataIntegrityError``), and writing to an
+existing key is refused unless ``overwrite=True``. Keys are only ever built from validated segments
+(``object_key``) so a raw user string never becomes a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from gristmill.core.errors import DataIntegrityError, InvalidArgumentError
+
+MAX_KEY_LENGTH = 1024
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,254}$")
+_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What the store knows about one object."""
+
+    key: str
+    size: int
+    sha256: str
+    content_type: str = "application/octet-stream"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if it is a safe object key; raise ``InvalidArgumentError`` saying why not.
+
+    A key is '/'-separated segments, each starting with a letter or digit and made of letters,
+    digits, '.', '_', '=' and '-'; no empty segment, no '..', no leading '/', no control characters.
+    """
+    if not isinstance(key, str) or not key:
+        raise InvalidArgumentError("object key must not be empty")
+    if "\x00" in key or any(ord(c) < 0x20 for c in key):
+        raise InvalidArgumentError("object key must not contain NUL or control characters")
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidArgumentError(f"object key is {len(key)} characters long; the limit is {MAX_KEY_LENGTH}")
+    for segment in key.split("/"):
+        if segment in ("", ".", ".."):
+            raise InvalidArgumentError(
+                f"object key {key[:80]!r} has an empty, '.' or '..' segment; keys are relative paths like 'a/b/c'"
+            )
+        if not _SEGMENT.fullmatch(segment) or ".." in segment:
+            raise InvalidArgumentError(
+                f"object key segment {segment[:80]!r} is not allowed: use letters, digits, '.', '_', '=' or '-', "
+                "starting with a letter or digit"
+            )
+    return key
+
+
+def validate_prefix(prefix: str) -> str:
+    """A listing prefix: '' or a valid key, optionally ending in '/'."""
+    if prefix == "":
+        return prefix
+    validate_key(prefix.rstrip("/"))
+    return prefix
+
+
+def object_key(*segments: str) -> str:
+    """Join validated segments into a key: ``object_key("models", name, "3", "config.json")``."""
+    return validate_key("/".join(segments))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def copy_hashing(src: BinaryIO, dst: BinaryIO) -> tuple[int, str]:
+    """Copy ``src`` to ``dst``; return (bytes copied, sha256 hex)."""
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in iter(lambda: src.read(_CHUNK), b""):
+        digest.update(chunk)
+        dst.write(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def verify(key: str, actual_sha256: str, recorded_sha256: str, expected_sha256: str | None) -> None:
+    """Refuse data whose checksum differs from what was recorded at write time or what the caller expects."""
+    if recorded_sha256 and actual_sha256 != recorded_sha256:
+        raise DataIntegrityError(
+            f"object {key!r} is corrupted: its sha256 is {actual_sha256[:12]}…, "
+            f"but {recorded_sha256[:12]}… was recorded when it was written"
+        )
+    if expected_sha256 and actual_sha256 != expected_sha256:
+        raise DataIntegrityError(
+            f"object {key!r} does not match its manifest: "
+            f"sha256 {actual_sha256[:12]}…, expected {expected_sha256[:12]}…"
+        )
+    if not recorded_sha256 and not expected_sha256:
+        raise DataIntegrityError(f"object {key!r} has no recorded checksum; it was not written by Gristmill")
+
+
+class ObjectStore(ABC):
+    """Immutable, checksummed objects under validated keys.
+
+    Errors: ``InvalidArgumentError`` for a bad key, ``NotFoundError`` for a missing object,
+    ``AlreadyExistsError`` when writing an existing key without ``overwrite``,
+    ``DataIntegrityError`` when what is read does not match its checksum, ``UnavailableError`` when
+    the back-end cannot be reached.
+    """
+
+    @abstractmethod
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        overwrite: bool = False,
+    ) -> ObjectInfo: ...
+
+    @abstractmethod
+    def put_file(
+        self, key: str, path: Path, *, content_type: str = "application/octet-stream", overwrite: bool = False
+    ) -> ObjectInfo: ...
+
+    @abstractmethod
+    def get_bytes(self, key: str, *, expected_sha256: str | None = None) -> bytes:
+        """The object's bytes, verified against the recorded (and, if given, the expected) sha256."""
+
+    @abstractmethod
+    def get_file(self, key: str, dest: Path, *, expected_sha256: str | None = None) -> ObjectInfo:
+        """Download to ``dest`` (via a temporary file: ``dest`` appears only once verified)."""
+
+    @abstractmethod
+    def stat(self, key: str) -> ObjectInfo: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Objects whose key starts with ``prefix``, in key order."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove an object (used for retention and cleanup, never to 'edit' one)."""
+
+    def exists(self, key: str) -> bool:
+        from gristmill.core.errors import NotFoundError
+
+        try:
+            self.stat(key)
+        except NotFoundError:
+            return False
+        return True
