@@ -1,0 +1,81 @@
+# Gristmill developer commands. `make help` lists them.
+#
+# Everything slow to fetch or build (uv, Python wheels, Kafka jars, the SeaweedFS binary) is cached
+# under $(GRISTMILL_CACHE), outside the clone, so a second clone or a CI run is fast.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+export GRISTMILL_CACHE ?= $(HOME)/.cache/gristmill
+export GRISTMILL_KAFKA_PORT ?= 9092
+export GRISTMILL_S3_PORT ?= 8333
+export GRISTMILL_KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:$(GRISTMILL_KAFKA_PORT)
+export GRISTMILL_S3_ENDPOINT ?= 127.0.0.1:$(GRISTMILL_S3_PORT)
+export GRISTMILL_S3_ACCESS_KEY ?= gristmill
+export GRISTMILL_S3_SECRET_KEY ?= gristmill-secret
+
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(GRISTMILL_CACHE)/tools/bin/uv
+PYTEST_ARGS ?=
+
+.PHONY: help install generate lint typecheck check-generated stack-up stack-down stack-status \
+        test test-unit test-integration run clean
+
+help:  ## list the commands
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+$(UV):
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python >= 3.11" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "error: Python >= 3.11 is required" >&2; exit 1; }
+	@echo "==> bootstrapping uv into $(GRISTMILL_CACHE)/tools"
+	@$(PYTHON) -m venv $(GRISTMILL_CACHE)/tools
+	@$(GRISTMILL_CACHE)/tools/bin/pip install -q uv
+
+$(VENV)/.installed: $(UV) libs/pyproject.toml $(wildcard services/*/pyproject.toml)
+	@echo "==> installing Python packages into $(VENV) (wheels cached by uv)"
+	@test -x $(PY) || $(UV) venv -q --python $(PYTHON) $(VENV)
+	@$(UV) pip install -q --python $(PY) -e "libs[all,dev]" $(foreach s,$(wildcard services/*/pyproject.toml),-e "$(dir $(s))")
+	@touch $@
+
+install: $(VENV)/.installed  ## create .venv with every package and dev tool
+
+generate: install  ## regenerate Python code from protos/
+	@$(PY) protos/generate.py
+
+check-generated: install  ## fail when generated code is stale
+	@$(PY) protos/generate.py --check
+
+lint: install  ## ruff (lint + format check)
+	@$(VENV)/bin/ruff check libs services tests protos
+	@$(VENV)/bin/ruff format --check libs services tests protos
+
+typecheck: install  ## mypy (strict) on libs and services
+	@$(VENV)/bin/mypy
+
+stack-up:  ## provision (cached) and start Kafka and SeaweedFS on 127.0.0.1
+	@deploy/local/stack.sh up
+
+stack-down:  ## stop Kafka and SeaweedFS
+	@deploy/local/stack.sh down
+
+stack-status:  ## is the local stack up?
+	@deploy/local/stack.sh status
+
+test-unit: install  ## fast tests, in-memory implementations only
+	@$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: install stack-up  ## tests against the real Kafka, S3 server and gRPC ports
+	@$(PY) -m pytest -m "integration" tests $(PYTEST_ARGS)
+
+test: install check-generated lint typecheck stack-up  ## everything CI runs: checks, then unit + integration tests
+	@$(PY) -m pytest tests $(PYTEST_ARGS)
+
+run: install stack-up  ## the main job (for now: start the local stack and show its health)
+	@deploy/local/stack.sh status
+
+clean:  ## stop the stack and delete .venv and local data (not the cache)
+	@deploy/local/stack.sh down || true
+	@rm -rf $(VENV) .run .data
