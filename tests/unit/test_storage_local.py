@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.settings import S3Settings
 from gristmill.core.storage import LocalObjectStore, object_key, open_object_store
-from gristmill.core.errors import InvalidArgumentError
 from tests.contracts.object_store import ObjectStoreContract
 
 

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import String, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from gristmill.core.errors import ConfigurationError, InvalidArgumentError
+from gristmill.core.ids import new_id, validate_id
+from gristmill.core.sql import Database
+
+
+@pytest.mark.parametrize("good", ["sentiment", "proj-1", "a.b_c", "0abc", new_id()])
+def test_valid_ids(good: str) -> None:
+    assert validate_id(good) == good
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", "A", "-lead", "a..b", "x" * 129, "a\x00", "sp ace"])
+def test_invalid_ids_are_refused_with_the_field_name(bad: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="project_id"):
+        validate_id(bad, what="project_id")
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _Thing(_Base):
+    __tablename__ = "things"
+    name: Mapped[str] = mapped_column(String, primary_key=True)
+
+
+def test_transaction_commits_or_rolls_back(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path}/nested/dir/service.db")
+    db.create_all(_Base.metadata)
+    with db.transaction() as session:
+        session.add(_Thing(name="kept"))
+    with pytest.raises(RuntimeError), db.transaction() as session:
+        session.add(_Thing(name="lost"))
+        session.flush()
+        raise RuntimeError("boom")
+    with db.transaction() as session:
+        assert session.scalars(select(_Thing.name)).all() == ["kept"]
+    db.dispose()
+
+
+def test_bad_database_url_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="not valid"):
+        Database("not a url")
