@@ -1,0 +1,127 @@
+# shellcheck shell=bash
+# Shared helpers for deploy/local/*.sh. Sourced, never executed.
+#
+# Directories (both overridable by environment):
+#   GRISTMILL_CACHE    downloads and builds that survive between clones  (default $HOME/.cache/gristmill)
+#   GRISTMILL_RUN_DIR  data, logs and pid files of this checkout          (default <repo root>/.run, git-ignored)
+
+GRISTMILL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+GRISTMILL_CACHE="${GRISTMILL_CACHE:-$HOME/.cache/gristmill}"
+GRISTMILL_RUN_DIR="${GRISTMILL_RUN_DIR:-$GRISTMILL_ROOT/.run}"
+GRISTMILL_LOG_DIR="$GRISTMILL_RUN_DIR/logs"
+GRISTMILL_PID_DIR="$GRISTMILL_RUN_DIR/pids"
+GRISTMILL_DATA_DIR="$GRISTMILL_RUN_DIR/data"
+GRISTMILL_CONF_DIR="$GRISTMILL_RUN_DIR/conf"
+export GRISTMILL_CACHE GRISTMILL_RUN_DIR
+
+# The one line a failing script prints on stderr.
+die() {
+  echo "error: $*" >&2
+  exit 1
+}
+
+# Progress for people; stdout so that `status` output and progress read the same way.
+say() {
+  echo "$COMPONENT: $*"
+}
+
+need_cmd() { # need_cmd <command> <hint>
+  command -v "$1" >/dev/null 2>&1 || die "$1 not found; $2"
+}
+
+# A port number from an environment variable, validated.
+port_from_env() { # port_from_env <var name> <default>
+  local value="${!1:-$2}"
+  [[ "$value" =~ ^[0-9]+$ ]] && ((value > 0 && value < 65536)) || die "$1=$value is not a TCP port number"
+  echo "$value"
+}
+
+ensure_run_dirs() {
+  mkdir -p "$GRISTMILL_LOG_DIR" "$GRISTMILL_PID_DIR" "$GRISTMILL_DATA_DIR" "$GRISTMILL_CONF_DIR"
+}
+
+port_open() { # port_open <port>: something accepts TCP connections on 127.0.0.1:<port>
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+pid_file() { echo "$GRISTMILL_PID_DIR/$COMPONENT.pid"; }
+
+# Prints the pid of our running process, or fails. A stale pid file (process gone, or the pid reused by an
+# unrelated program) counts as not running. $PROCESS_MARKER is a string that the process's command line holds.
+running_pid() {
+  local file pid
+  file="$(pid_file)"
+  [[ -f "$file" ]] || return 1
+  pid="$(<"$file")"
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  kill -0 "$pid" 2>/dev/null || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$PROCESS_MARKER" || return 1
+  echo "$pid"
+}
+
+# Starts "$@" in its own session, detached from this shell, output appended to <log>; writes the pid file.
+spawn() { # spawn <log> <command...>
+  local log="$1"
+  shift
+  {
+    echo
+    echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) starting $COMPONENT: $*"
+  } >>"$log"
+  # No job control in a script, so the background child is not a group leader and setsid does not fork:
+  # $! is the server's own pid (and its process group id).
+  nohup setsid "$@" >>"$log" 2>&1 </dev/null &
+  echo "$!" >"$(pid_file)"
+}
+
+# SIGTERM, wait up to <timeout> seconds, then SIGKILL. No-op when not running.
+stop_process() { # stop_process <timeout seconds>
+  local timeout="$1" pid waited=0
+  if ! pid="$(running_pid)"; then
+    rm -f "$(pid_file)"
+    say "not running"
+    return 0
+  fi
+  say "stopping (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  while kill -0 "$pid" 2>/dev/null; do
+    if ((waited >= timeout * 2)); then
+      say "still running after ${timeout} s, sending SIGKILL"
+      kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+      sleep 0.5
+      break
+    fi
+    sleep 0.5
+    waited=$((waited + 1))
+  done
+  rm -f "$(pid_file)"
+  say "stopped"
+}
+
+# Calls <probe> every second until it succeeds; fails when the process dies or after <timeout> seconds.
+wait_ready() { # wait_ready <timeout seconds> <log> <probe function>
+  local timeout="$1" log="$2" probe="$3" start=$SECONDS pid
+  while true; do
+    if "$probe"; then
+      return 0
+    fi
+    if ! pid="$(running_pid)"; then
+      die "$COMPONENT exited during start-up; see $log"
+    fi
+    if ((SECONDS - start >= timeout)); then
+      die "$COMPONENT (pid $pid) not ready after ${timeout} s; see $log"
+    fi
+    sleep 1
+  done
+}
+
+# Dispatches the standard verbs to cmd_<verb> functions.
+main_verbs() {
+  local verb="${1:-}"
+  case "$verb" in
+    provision | start | stop | status | wait | clean) "cmd_$verb" ;;
+    *)
+      echo "usage: $0 {provision|start|stop|status|wait|clean}" >&2
+      exit 2
+      ;;
+  esac
+}
