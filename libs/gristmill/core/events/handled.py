@@ -1,0 +1,35 @@
+"""Which events a consumer group has handled, so a redelivered ``event-id`` changes nothing.
+
+The table lives in the shared ``Base`` metadata, in the consuming service's own database: the consumer
+marks an event handled in the same transaction as the handler's state change (the handler receives that
+session), so either both commit or neither does, and the memory survives a restart.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import DateTime, String, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from gristmill.core.sql import Base
+
+
+class HandledEvent(Base):
+    __tablename__ = "gristmill_handled_events"
+
+    group_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    handled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+def is_handled(session: Session, group_id: str, event_id: str) -> bool:
+    found = session.execute(
+        select(HandledEvent.event_id).where(HandledEvent.group_id == group_id, HandledEvent.event_id == event_id)
+    ).first()
+    return found is not None
+
+
+def mark_handled(session: Session, group_id: str, event_id: str) -> None:
+    """Record the event as handled; flushed by the caller's commit (a concurrent duplicate fails there)."""
+    session.add(HandledEvent(group_id=group_id, event_id=event_id, handled_at=datetime.now(UTC)))

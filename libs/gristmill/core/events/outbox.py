@@ -1,0 +1,238 @@
+"""The transactional outbox: an event is written in the same database transaction as the state change it
+announces, and a relay publishes it afterwards, so a broker outage delays events but loses none.
+
+    with database.transaction() as session:
+        session.add(job)                                      # the state change
+        Outbox.add(session, Event.create(msg, key=job.id, source="training", catalog=catalog))
+
+    with OutboxRelay(database, bus, metrics=metrics):         # a background thread
+        ...
+
+The relay publishes unpublished rows in insertion order and stops at the first failure (then retries with
+capped backoff), so events of one key are never reordered. A row is marked published only after the bus
+confirmed it; a crash in between publishes it again, which consumers ignore by ``event-id``. Run one relay
+per database.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Self
+
+from sqlalchemy import JSON, DateTime, Integer, LargeBinary, String, Text, func, select, update
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from gristmill.core.events.bus import EventPublisher
+from gristmill.core.events.envelope import Event
+from gristmill.core.metrics import ServiceMetrics
+from gristmill.core.sql import Base, Database
+
+log = logging.getLogger(__name__)
+
+_ERROR_MAX = 1000
+
+
+class OutboxEvent(Base):
+    __tablename__ = "gristmill_outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(36), unique=True)
+    topic: Mapped[str] = mapped_column(String(255))
+    key: Mapped[str] = mapped_column(String(255))
+    event_type: Mapped[str] = mapped_column(String(255))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    # The record headers (event-id, event-type, event-time, source, trace context) as text.
+    headers: Mapped[dict[str, str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True, default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+
+    def to_event(self) -> Event:
+        """The event as it was added (through the one record parser, so a damaged row is reported clearly)."""
+        headers = [(name, value.encode("utf-8")) for name, value in self.headers.items()]
+        return Event.from_record(self.topic, self.key.encode("utf-8"), self.payload, headers)
+
+
+class Outbox:
+    """Writing to and reading the outbox table, always inside the caller's session."""
+
+    @staticmethod
+    def add(session: Session, event: Event) -> None:
+        """Stage ``event`` in the caller's transaction: it exists only if that transaction commits."""
+        session.add(
+            OutboxEvent(
+                event_id=event.event_id,
+                topic=event.topic,
+                key=event.key,
+                event_type=event.event_type,
+                payload=event.payload,
+                headers={name: value.decode("utf-8") for name, value in event.to_headers()},
+                created_at=datetime.now(UTC),
+                attempts=0,
+            )
+        )
+
+    @staticmethod
+    def pending(session: Session) -> int:
+        """How many rows are waiting to be published."""
+        count = session.execute(
+            select(func.count()).select_from(OutboxEvent).where(OutboxEvent.published_at.is_(None))
+        ).scalar_one()
+        return int(count)
+
+    @staticmethod
+    def unpublished(session: Session, limit: int) -> list[OutboxEvent]:
+        """The oldest unpublished rows, in insertion order."""
+        rows = session.execute(
+            select(OutboxEvent).where(OutboxEvent.published_at.is_(None)).order_by(OutboxEvent.id).limit(limit)
+        )
+        return list(rows.scalars())
+
+
+class OutboxRelay:
+    """Publishes outbox rows. ``relay_once`` for tests and custom loops; ``start``/``stop`` or ``with`` for a thread."""
+
+    def __init__(
+        self,
+        database: Database,
+        publisher: EventPublisher,
+        *,
+        batch_size: int = 100,
+        poll_interval_s: float = 0.2,
+        retry_backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.database = database
+        self.publisher = publisher
+        self.batch_size = batch_size
+        self.poll_interval_s = poll_interval_s
+        self.retry_backoff_s = retry_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.metrics = metrics
+        # Failed attempts in a row (0 after a success); the background loop's backoff grows with it.
+        self.consecutive_failures = 0
+        self.last_error: BaseException | None = None
+        OutboxEvent.metadata.tables[OutboxEvent.__tablename__].create(database.engine, checkfirst=True)
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def relay_once(self) -> int:
+        """Publish up to ``batch_size`` pending rows in order; return how many were published.
+
+        Stops at the first row the publisher refuses: that row keeps ``published_at`` empty, gets
+        ``attempts`` + 1 and ``last_error``, and the error is raised (rows published before it stay published).
+        """
+        with self._lock:
+            with self.database.transaction() as session:
+                rows = [(row.id, row.to_event()) for row in Outbox.unpublished(session, self.batch_size)]
+            published: list[int] = []
+            failure: Exception | None = None
+            failed_id: int | None = None
+            for row_id, event in rows:
+                try:
+                    self.publisher.publish(event)
+                except Exception as exc:
+                    failure, failed_id = exc, row_id
+                    break
+                published.append(row_id)
+            now = datetime.now(UTC)
+            with self.database.transaction() as session:
+                if published:
+                    session.execute(
+                        update(OutboxEvent)
+                        .where(OutboxEvent.id.in_(published))
+                        .values(published_at=now, attempts=OutboxEvent.attempts + 1, last_error=None)
+                    )
+                if failure is not None:
+                    session.execute(
+                        update(OutboxEvent)
+                        .where(OutboxEvent.id == failed_id)
+                        .values(attempts=OutboxEvent.attempts + 1, last_error=_one_line(failure))
+                    )
+                pending = Outbox.pending(session)
+            if self.metrics is not None:
+                self.metrics.outbox_pending.labels(self.metrics.service).set(pending)
+            if failure is not None:
+                self.consecutive_failures += 1
+                self.last_error = failure
+                raise failure
+            if published:
+                self.consecutive_failures = 0
+                self.last_error = None
+            return len(published)
+
+    def drain(self, timeout_s: float = 30.0) -> int:
+        """Relay until nothing is pending (for shutdown and tests); raises the last error after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        total = 0
+        while True:
+            try:
+                count = self.relay_once()
+            except Exception:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                time.sleep(min(self._backoff(), left))
+                continue
+            total += count
+            if count < self.batch_size:
+                return total
+
+    def _backoff(self) -> float:
+        exponent = min(max(self.consecutive_failures - 1, 0), 16)
+        return float(min(self.retry_backoff_s * (2**exponent), self.max_backoff_s))
+
+    # -- background thread --------------------------------------------------------------------------------
+
+    def start(self) -> Self:
+        if self._thread is None:
+            self._stopping.clear()
+            self._thread = threading.Thread(target=self._run, name="outbox-relay", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                count = self.relay_once()
+            except Exception as exc:
+                wait = self._backoff()
+                log.warning("outbox relay: publishing failed (%s); retrying in %.1fs", _one_line(exc), wait)
+                self._stopping.wait(wait)
+                continue
+            if count < self.batch_size:
+                self._stopping.wait(self.poll_interval_s)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop the thread after its current batch. Safe to call twice."""
+        self._stopping.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
+            if thread.is_alive():
+                log.warning("outbox relay did not stop within %.0fs", timeout_s)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _one_line(exc: BaseException) -> str:
+    return (" ".join(str(exc).split()) or type(exc).__name__)[:_ERROR_MAX]
