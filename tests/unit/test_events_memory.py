@@ -1,0 +1,430 @@
+"""The in-process event bus (the conformance suite), the envelope, the dedupe table and the outbox."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from google.protobuf.wrappers_pb2 import Int64Value, StringValue
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gristmill.core.errors import (
+    ConfigurationError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    UnavailableError,
+)
+from gristmill.core.events import (
+    Event,
+    EventCatalog,
+    EventPublisher,
+    MalformedEventError,
+    MemoryBroker,
+    MemoryEventBus,
+    Outbox,
+    OutboxEvent,
+    OutboxRelay,
+    Record,
+    dead_letter_topic,
+    validate_topic,
+)
+from gristmill.core.metrics import ServiceMetrics
+from gristmill.core.sql import Database
+from tests.contracts.event_bus import EventBusContract, ReadRecords, poll_until
+
+TOPIC = "gristmill.test.unit.v1"
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Iterator[Database]:
+    db = Database(f"sqlite:///{tmp_path / 'events.db'}")
+    db.create_all()
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def broker() -> MemoryBroker:
+    return MemoryBroker(partitions=3)
+
+
+@pytest.fixture
+def catalog() -> EventCatalog:
+    catalog = EventCatalog()
+    catalog.register(StringValue, TOPIC)
+    return catalog
+
+
+class TestMemoryBus(EventBusContract):
+    @pytest.fixture
+    def publisher(
+        self, broker: MemoryBroker, tracing: tuple[TracerProvider, InMemorySpanExporter]
+    ) -> Iterator[MemoryEventBus]:
+        with MemoryEventBus(broker, tracer_provider=tracing[0]) as bus:
+            yield bus
+
+    @pytest.fixture
+    def subscriber(
+        self, broker: MemoryBroker, database: Database, tracing: tuple[TracerProvider, InMemorySpanExporter]
+    ) -> Iterator[MemoryEventBus]:
+        with MemoryEventBus(broker, database=database, tracer_provider=tracing[0]) as bus:
+            yield bus
+
+    @pytest.fixture
+    def read_records(self, broker: MemoryBroker) -> ReadRecords:
+        def read(topic: str, count: int) -> list[Record]:
+            records = broker.records(topic)
+            assert len(records) == count, f"expected {count} records on {topic}, found {len(records)}"
+            return records
+
+        return read
+
+
+# -- envelope -------------------------------------------------------------------------------------------------
+
+
+def record_of(event: Event) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    return event.key.encode(), event.payload, event.to_headers()
+
+
+def test_headers_round_trip(catalog: EventCatalog) -> None:
+    event = Event.create(StringValue(value="v"), key="job-1", source="training", catalog=catalog)
+    assert [name for name, _ in event.to_headers()] == ["event-id", "event-type", "event-time", "source"]
+    assert uuid.UUID(event.event_id).version == 4
+    assert event.event_time.tzinfo is UTC
+    key, value, headers = record_of(event)
+    assert Event.from_record(TOPIC, key, value, headers) == event
+
+
+def test_trace_context_is_captured_at_creation(catalog: EventCatalog) -> None:
+    provider = TracerProvider()
+    with provider.get_tracer("t").start_as_current_span("work") as span:
+        event = Event.create(StringValue(value="v"), key="job-1", source="training", catalog=catalog)
+    names = dict(event.to_headers())
+    assert names["traceparent"].decode().split("-")[1] == format(span.get_span_context().trace_id, "032x")
+    assert Event.from_record(TOPIC, *record_of(event)).trace_headers == event.trace_headers
+
+
+def test_event_time_is_rfc3339_utc_and_offsets_are_normalised(catalog: EventCatalog) -> None:
+    when = datetime(2026, 1, 31, 13, 0, 0, 123456, tzinfo=UTC)
+    event = Event.create(StringValue(), key="p1", source="labeling", catalog=catalog, event_time=when)
+    assert dict(event.to_headers())["event-time"] == b"2026-01-31T13:00:00.123456Z"
+    key, value, headers = record_of(event)
+    headers = [(k, b"2026-01-31T14:00:00.123456+01:00" if k == "event-time" else v) for k, v in headers]
+    assert Event.from_record(TOPIC, key, value, headers).event_time == when
+
+
+def _replace_header(headers: list[tuple[str, bytes]], name: str, value: bytes | None) -> list[tuple[str, bytes]]:
+    out = [(k, v) for k, v in headers if k != name]
+    return out if value is None else [*out, (name, value)]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("event-id", None, "missing header event-id"),
+        ("event-type", None, "missing header event-type"),
+        ("event-time", None, "missing header event-time"),
+        ("source", None, "missing header source"),
+        ("event-id", b"", "missing header event-id"),
+        ("event-id", b"not-a-uuid", "header event-id 'not-a-uuid' is not a UUID"),
+        ("event-id", str(uuid.uuid4()).upper().encode(), "canonical lower-case form"),
+        ("event-time", b"yesterday", "header event-time 'yesterday' is not an RFC 3339 time"),
+        ("event-time", b"2026-01-31T12:00:00", "is not an RFC 3339 time with an offset"),
+        ("event-time", b"2026-01-31", "is not an RFC 3339 time"),
+        ("event-type", b"not a type!", "header event-type 'not a type!' is not a protobuf message name"),
+        ("source", b"Bad Source", "header source 'Bad Source' is not valid"),
+        ("source", b"\xff\xfe", "header source is not UTF-8 text"),
+    ],
+)
+def test_each_bad_header_is_named(catalog: EventCatalog, name: str, value: bytes | None, message: str) -> None:
+    event = Event.create(StringValue(value="v"), key="job-1", source="training", catalog=catalog)
+    key, payload, headers = record_of(event)
+    with pytest.raises(MalformedEventError, match=message) as info:
+        Event.from_record(TOPIC, key, payload, _replace_header(headers, name, value))
+    assert isinstance(info.value, InvalidArgumentError)
+
+
+def test_duplicate_header_key_and_missing_headers_are_named(catalog: EventCatalog) -> None:
+    event = Event.create(StringValue(value="v"), key="job-1", source="training", catalog=catalog)
+    key, payload, headers = record_of(event)
+    with pytest.raises(MalformedEventError, match="header source appears more than once"):
+        Event.from_record(TOPIC, key, payload, [*headers, ("source", b"other")])
+    with pytest.raises(MalformedEventError, match="no key"):
+        Event.from_record(TOPIC, None, payload, headers)
+    with pytest.raises(MalformedEventError, match="record key is not a valid aggregate id"):
+        Event.from_record(TOPIC, b"../x", payload, headers)
+    with pytest.raises(MalformedEventError, match="missing header event-id, event-type, event-time, source"):
+        Event.from_record(TOPIC, key, payload, [])
+
+
+@pytest.mark.parametrize(
+    "topic",
+    ["", "jobs", "gristmill.training.v1", "gristmill.Training.job.v1", "gristmill.a.b.v0", "gristmill.a.b.c.v1",
+     "gristmill.a.b.v1.dlq", "gristmill.a/b.c.v1", "x" * 300],
+)  # fmt: skip
+def test_bad_topic_names_are_refused(topic: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=r"topic .* is not valid"):
+        validate_topic(topic)
+
+
+def test_dead_letter_topic() -> None:
+    assert dead_letter_topic("gristmill.training.job-state.v1") == "gristmill.training.job-state.v1.dlq"
+
+
+def test_catalog_rules(catalog: EventCatalog) -> None:
+    catalog.register(StringValue, TOPIC)  # the same pair again is fine
+    with pytest.raises(InvalidArgumentError, match="already registered for topic"):
+        catalog.register(StringValue, "gristmill.test.other.v1")
+    with pytest.raises(InvalidArgumentError, match=r"already carries google\.protobuf\.StringValue"):
+        catalog.register(Int64Value, TOPIC)
+    with pytest.raises(InvalidArgumentError, match="Int64Value is not registered"):
+        Event.create(Int64Value(value=1), key="k", source="s", catalog=catalog)
+    event = Event.create(StringValue(value="v"), key="k", source="s", catalog=catalog)
+    with pytest.raises(MalformedEventError, match=r"not a google\.protobuf\.Int64Value"):
+        catalog.decode(event, Int64Value)
+    with pytest.raises(InvalidArgumentError, match="event key"):
+        Event.create(StringValue(value="v"), key="../etc", source="s", catalog=catalog)
+    unknown = Event.from_record(TOPIC, *record_of(replace(event, event_type="gristmill.api.Nope")))
+    with pytest.raises(MalformedEventError, match=r"unknown event-type 'gristmill\.api\.Nope'"):
+        catalog.decode(unknown)
+
+
+# -- consumer behaviour beyond the contract ---------------------------------------------------------------
+
+
+def test_subscribing_needs_a_database(broker: MemoryBroker) -> None:
+    with pytest.raises(ConfigurationError, match="no database"):
+        MemoryEventBus(broker).subscribe([TOPIC], "g", lambda e, s: None)
+
+
+def test_dead_letter_write_failure_leaves_the_record_uncommitted(
+    broker: MemoryBroker, database: Database, catalog: EventCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bus = MemoryEventBus(broker, database=database)
+    bad = Event.create(StringValue(value="bad"), key="k1", source="s", catalog=catalog)
+    good = Event.create(StringValue(value="good"), key="k1", source="s", catalog=catalog)
+    bus.publish(bad)
+    bus.publish(good)
+    seen: list[str] = []
+
+    def handle(event: Event, _s: Session) -> None:
+        if event.event_id == bad.event_id:
+            raise RuntimeError("boom")
+        seen.append(event.event_id)
+
+    real_publish_record = bus.publish_record
+    outage = True
+
+    def flaky_publish_record(*args: object, **kwargs: object) -> None:
+        if outage:
+            raise UnavailableError("dead-letter topic unavailable")
+        real_publish_record(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bus, "publish_record", flaky_publish_record)
+    with bus.subscribe([TOPIC], "g", handle) as consumer:
+        partition = broker.partition_for(b"k1")
+        for _ in range(2):
+            with pytest.raises(UnavailableError, match="dead-letter topic unavailable"):
+                consumer.poll_once(0.1)
+            assert broker.committed("g", TOPIC, partition) == 0
+            assert seen == []
+        outage = False
+        assert consumer.poll_once(0.1) == 2
+    assert seen == [good.event_id]
+    assert broker.committed("g", TOPIC, partition) == 2
+    assert len(broker.records(dead_letter_topic(TOPIC))) == 1
+
+
+def test_background_consumer_lifecycle_and_metrics(
+    broker: MemoryBroker, database: Database, catalog: EventCatalog
+) -> None:
+    metrics = ServiceMetrics("unit")
+    bus = MemoryEventBus(broker, database=database, metrics=metrics)
+    events = [Event.create(StringValue(value=str(i)), key="k", source="s", catalog=catalog) for i in range(5)]
+    got: list[str] = []
+    done = threading.Event()
+
+    def handle(event: Event, _s: Session) -> None:
+        got.append(event.event_id)
+        if len(got) == 5:
+            done.set()
+
+    consumer = bus.subscribe([TOPIC], "g", handle)
+    with consumer.run_in_background():
+        assert consumer.running
+        with pytest.raises(FailedPreconditionError, match="runs in the background"):
+            consumer.poll_once(0)
+        for e in events:
+            bus.publish(e)
+        bus.publish(events[0])  # a duplicate
+        assert done.wait(5), "the background consumer did not handle the events"
+        deadline = time.monotonic() + 5
+        while metrics.events_handled.labels("unit", TOPIC, "duplicate")._value.get() < 1:
+            assert time.monotonic() < deadline, "the duplicate was not consumed"
+            time.sleep(0.01)
+    assert not consumer.running
+    consumer.stop()  # twice is fine
+    bus.close()
+    bus.close()
+    assert got == [e.event_id for e in events]
+    assert metrics.events_published.labels("unit", TOPIC)._value.get() == 6
+    assert metrics.events_handled.labels("unit", TOPIC, "handled")._value.get() == 5
+    assert metrics.event_lag.labels("unit", TOPIC)._value.get() >= 0
+    with pytest.raises(FailedPreconditionError, match="closed"):
+        consumer.poll_once(0)
+
+
+def test_one_consumer_per_partition_per_group(broker: MemoryBroker, database: Database, catalog: EventCatalog) -> None:
+    bus = MemoryEventBus(broker, database=database)
+    bus.publish(Event.create(StringValue(value="x"), key="k", source="s", catalog=catalog))
+    first_got: list[str] = []
+    second_got: list[str] = []
+    first = bus.subscribe([TOPIC], "g", lambda e, s: first_got.append(e.event_id))
+    second = bus.subscribe([TOPIC], "g", lambda e, s: second_got.append(e.event_id))
+    assert first.poll_once(0) == 1
+    assert second.poll_once(0) == 0, "a partition held by a live member is not shared"
+    bus.publish(Event.create(StringValue(value="y"), key="k", source="s", catalog=catalog))
+    first.stop()
+    poll_until(second, lambda: len(second_got) == 1, "the second member to take over")
+    second.stop()
+    assert len(first_got) == 1 and len(second_got) == 1 and first_got != second_got
+
+
+# -- outbox ---------------------------------------------------------------------------------------------------
+
+
+class FlakyPublisher(EventPublisher):
+    """Refuses the first ``failures`` publishes, then records what it publishes."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+        self.published: list[Event] = []
+
+    def publish(self, event: Event) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise UnavailableError("broker down (test)")
+        self.published.append(event)
+
+
+def _rows(database: Database) -> list[OutboxEvent]:
+    with database.transaction() as session:
+        return list(session.execute(select(OutboxEvent).order_by(OutboxEvent.id)).scalars())
+
+
+def test_outbox_row_exists_only_once_the_transaction_commits(database: Database, catalog: EventCatalog) -> None:
+    event = Event.create(StringValue(value="v"), key="job-1", source="training", catalog=catalog)
+    with database.transaction() as session:
+        Outbox.add(session, event)
+        session.flush()
+        assert _rows(database) == [], "another connection must not see an uncommitted outbox row"
+    (row,) = _rows(database)
+    assert (row.event_id, row.topic, row.key, row.published_at, row.attempts) == (
+        event.event_id,
+        TOPIC,
+        "job-1",
+        None,
+        0,
+    )
+    assert row.to_event() == event
+
+
+def test_outbox_rollback_writes_nothing(database: Database, catalog: EventCatalog) -> None:
+    with pytest.raises(RuntimeError, match="state change failed"), database.transaction() as session:
+        Outbox.add(session, Event.create(StringValue(value="v"), key="job-1", source="training", catalog=catalog))
+        session.flush()
+        raise RuntimeError("state change failed")
+    assert _rows(database) == []
+
+
+def test_relay_keeps_rows_through_failures_and_publishes_in_order(database: Database, catalog: EventCatalog) -> None:
+    events = [Event.create(StringValue(value=str(i)), key=f"k{i % 2}", source="s", catalog=catalog) for i in range(5)]
+    with database.transaction() as session:
+        for e in events:
+            Outbox.add(session, e)
+    publisher = FlakyPublisher(failures=2)
+    metrics = ServiceMetrics("unit")
+    relay = OutboxRelay(database, publisher, batch_size=3, metrics=metrics)
+    for attempt in (1, 2):
+        with pytest.raises(UnavailableError, match="broker down"):
+            relay.relay_once()
+        rows = _rows(database)
+        assert all(r.published_at is None for r in rows)
+        assert (rows[0].attempts, rows[0].last_error) == (attempt, "broker down (test)")
+        assert [r.attempts for r in rows[1:]] == [0, 0, 0, 0], "nothing after the failed row is tried"
+        assert metrics.outbox_pending.labels("unit")._value.get() == 5
+    assert relay.relay_once() == 3
+    assert relay.relay_once() == 2
+    assert relay.relay_once() == 0
+    assert [e.event_id for e in publisher.published] == [e.event_id for e in events]
+    assert publisher.published == events
+    rows = _rows(database)
+    assert all(r.published_at is not None and r.last_error is None for r in rows)
+    assert metrics.outbox_pending.labels("unit")._value.get() == 0
+
+
+def test_relay_stops_at_a_failure_mid_batch(database: Database, catalog: EventCatalog) -> None:
+    events = [Event.create(StringValue(value=str(i)), key="k", source="s", catalog=catalog) for i in range(3)]
+    with database.transaction() as session:
+        for e in events:
+            Outbox.add(session, e)
+
+    class FailsSecond(FlakyPublisher):
+        def publish(self, event: Event) -> None:
+            self.calls += 1
+            if self.calls == 2:
+                raise UnavailableError("timeout")
+            self.published.append(event)
+
+    publisher = FailsSecond(failures=0)
+    relay = OutboxRelay(database, publisher)
+    with pytest.raises(UnavailableError):
+        relay.relay_once()
+    assert [r.published_at is not None for r in _rows(database)] == [True, False, False]
+    assert relay.relay_once() == 2
+    assert [e.event_id for e in publisher.published] == [e.event_id for e in events]
+
+
+def test_relay_thread_retries_with_backoff_and_stops_twice(database: Database, catalog: EventCatalog) -> None:
+    publisher = FlakyPublisher(failures=3)
+    relay = OutboxRelay(database, publisher, poll_interval_s=0.01, retry_backoff_s=0.01, max_backoff_s=0.05)
+    with relay:
+        assert relay.running
+        event = Event.create(StringValue(value="v"), key="k", source="s", catalog=catalog)
+        with database.transaction() as session:
+            Outbox.add(session, event)
+        deadline = time.monotonic() + 5
+        while not publisher.published:
+            assert time.monotonic() < deadline, "the relay did not publish after the failures"
+            time.sleep(0.01)
+    relay.stop()
+    assert not relay.running
+    assert publisher.calls == 4
+    assert publisher.published == [event]
+    assert _rows(database)[0].attempts == 4
+
+
+def test_relayed_events_reach_a_consumer_through_the_memory_bus(
+    broker: MemoryBroker, database: Database, catalog: EventCatalog
+) -> None:
+    bus = MemoryEventBus(broker, database=database)
+    sent = [Event.create(StringValue(value=str(i)), key="k", source="s", catalog=catalog) for i in range(3)]
+    with database.transaction() as session:
+        for e in sent:
+            Outbox.add(session, e)
+    assert OutboxRelay(database, bus).drain(timeout_s=5) == 3
+    got: list[Event] = []
+    with bus.subscribe([TOPIC], "g", lambda e, s: got.append(e)) as consumer:
+        poll_until(consumer, lambda: len(got) == 3, "the relayed events")
+    assert [(e.event_id, e.payload, e.event_time) for e in got] == [(e.event_id, e.payload, e.event_time) for e in sent]
