@@ -1,7 +1,7 @@
 """A sample service built with the gRPC bootstrap, used by the bootstrap's tests.
 
 It implements a few Open Inference Protocol RPCs with behaviours the tests need: a slow call (to
-prove draining on SIGTERM), a NotFoundError, an unexpected exception, sync and async handlers.
+prove draining on SIGTERM), a NotFoundError, an unexpected exception.
 Run as a process: ``python -m tests.support.sample_server --port 0`` prints ``READY <port>``.
 """
 
@@ -23,13 +23,13 @@ SERVICE = "inference.GRPCInferenceService"
 
 
 class SampleServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
-        # A sync handler that takes as long as the caller asks (metadata "x-delay-ms"): a slow call.
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        # Blocking work, as domain code does, for as long as the caller asks (metadata "x-delay-ms").
         delay_ms = dict(context.invocation_metadata()).get("x-delay-ms", "0")
-        time.sleep(int(delay_ms) / 1000)
+        await asyncio.to_thread(time.sleep, int(delay_ms) / 1000)
         return pb.ServerLiveResponse(live=True)
 
-    def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
         if request.name != "known":
             raise NotFoundError(f"model {request.name!r} is not deployed", details={"model": request.name})
         return pb.ModelReadyResponse(ready=True)
@@ -54,7 +54,8 @@ def build_server(
 ) -> GrpcServer:
     servicer = SampleServicer()
     registration = ServiceRegistration(
-        SERVICE, lambda server: pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+        lambda server: pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server),
     )
     return GrpcServer(
         "sample",

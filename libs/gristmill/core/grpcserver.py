@@ -3,15 +3,16 @@
 ``GrpcServer`` hosts a service's servicers on a ``grpc.aio`` server with, always:
 
 - ``grpc.health.v1`` health (overall and per service) and server reflection;
-- interceptors, outermost first: OpenTelemetry tracing, metrics + logging, authentication (a hook the
-  service supplies), and the error mapper that turns ``GristmillError`` into its status and anything
-  unexpected into INTERNAL with a generic message and a log line carrying the trace id;
+- interceptors, outermost first: OpenTelemetry tracing, metrics + logging, the error mapper (turns
+  ``GristmillError`` into its status and anything unexpected into INTERNAL with a generic message and
+  a log line carrying the trace id), and authentication (a hook the service supplies);
 - graceful shutdown: ``stop()`` marks health NOT_SERVING, stops accepting, lets in-flight calls finish
   for ``grace`` seconds, then closes. ``stop()`` is safe to call twice; ``serve_until_signal`` wires it
   to SIGTERM/SIGINT.
 
-Servicer methods may be ``async def`` (run on the event loop) or plain ``def`` (run on a thread pool,
-for domain code that blocks on a database); the interceptors keep each kind as it is.
+Servicer methods are ``async def``; domain code that blocks (a database, a file) runs through
+``asyncio.to_thread`` so the event loop stays free. Servicers raise ``GristmillError`` subclasses
+instead of calling ``context.abort``.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import inspect
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
 import grpc
+from google.protobuf.descriptor import FileDescriptor, ServiceDescriptor
+from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
@@ -38,16 +40,43 @@ from gristmill.core.telemetry import current_trace_id
 log = logging.getLogger(__name__)
 
 Behavior = Callable[..., Any]
-Handler = grpc.RpcMethodHandler[Any, Any]
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
+if TYPE_CHECKING:  # grpc's classes are generic only in the type stubs
+    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+    Continuation: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
 
 
 @dataclass(frozen=True)
 class ServiceRegistration:
-    """One gRPC service to host: its full name (for health and reflection) and how to add it."""
+    """One gRPC service to host: its descriptor (for health and reflection) and how to add it."""
 
-    full_name: str
+    descriptor: ServiceDescriptor
     add_to_server: Callable[[grpc.aio.Server], None]
+
+    @property
+    def full_name(self) -> str:
+        return self.descriptor.full_name
+
+
+def reflection_pool(files: Sequence[FileDescriptor]) -> DescriptorPool:
+    """A descriptor pool holding ``files`` and everything they import, for server reflection.
+
+    Built per server rather than using protobuf's default pool because the Open Inference Protocol
+    file lives in a private pool (see protos/README.md) and reflection must still describe it.
+    """
+    pool = DescriptorPool()
+    added: set[str] = set()
+
+    def add(fd: FileDescriptor) -> None:
+        if fd.name in added:
+            return
+        for dep in fd.dependencies:
+            add(dep)
+        pool.AddSerializedFile(fd.serialized_pb)
+        added.add(fd.name)
+
+    for fd in files:
+        add(fd)
+    return pool
 
 
 class AuthHook(Protocol):
@@ -61,118 +90,123 @@ class AuthHook(Protocol):
 
 
 # --------------------------------------------------------------------------- handler wrapping
+#
+# Servicer methods are ``async def`` (domain code that blocks runs through ``asyncio.to_thread``):
+# OpenTelemetry's aio interceptor awaits every behavior, so a plain ``def`` handler cannot work
+# behind it. Each interceptor below wraps a behavior with an ``around`` function, once for
+# unary responses and once for streamed ones.
+
+Around = Callable[[Behavior, bool], Behavior]
+
+_KINDS = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
+)
 
 
-def _wrap_handler(
-    handler: Handler,
-    around: Callable[[Behavior, bool, bool], Behavior],
-) -> Handler | None:
-    """A copy of ``handler`` whose behavior is ``around(behavior, is_async, streams_out)``."""
-    kinds = (
-        ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
-        ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
-        ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
-        ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
-    )
-    for attr, factory, streams_out in kinds:
+def _wrap_handler(handler: Handler, around: Around) -> Handler:
+    """A copy of ``handler`` whose behavior is ``around(behavior, streams_out)``."""
+    for attr, factory, streams_out in _KINDS:
         behavior = getattr(handler, attr)
-        if behavior is None:
-            continue
-        is_async = inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
-        wrapped = around(behavior, is_async, streams_out)
-        return factory(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        if behavior is not None:
+            wrapped: Handler = factory(
+                around(behavior, streams_out),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+            return wrapped
     return handler
 
 
-def _status_of(exc: BaseException | None) -> tuple[grpc.StatusCode, str]:
-    """The status a call ends with when it raised ``exc`` (None = success)."""
-    if exc is None:
-        return grpc.StatusCode.OK, ""
-    if isinstance(exc, GristmillError):
-        return exc.grpc_code, exc.message
-    return grpc.StatusCode.INTERNAL, ""
+def _around_each_call(
+    before: Callable[[Any, Any], Awaitable[None]] | None,
+    after: Callable[[Any, BaseException | None], Awaitable[None] | None] | None = None,
+    on_error: Callable[[Any, Exception], Awaitable[None]] | None = None,
+) -> Around:
+    """Build an ``Around`` from hooks: ``before(request, context)`` runs first; ``on_error`` sees an
+    exception the behavior raised (and may abort the call); ``after`` always runs last."""
+
+    def around(behavior: Behavior, streams_out: bool) -> Behavior:
+        if streams_out:
+
+            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                failure: BaseException | None = None
+                try:
+                    if before is not None:
+                        await before(request, context)
+                    async for item in behavior(request, context):
+                        yield item
+                except (grpc.aio.AbortError, asyncio.CancelledError) as exc:
+                    failure = exc
+                    raise
+                except Exception as exc:
+                    failure = exc
+                    if on_error is None:
+                        raise
+                    await on_error(context, exc)
+                finally:
+                    if after is not None:
+                        result = after(context, failure)
+                        if inspect.isawaitable(result):
+                            await result
+
+            return stream
+
+        async def unary(request: Any, context: Any) -> Any:
+            failure: BaseException | None = None
+            try:
+                if before is not None:
+                    await before(request, context)
+                return await behavior(request, context)
+            except (grpc.aio.AbortError, asyncio.CancelledError) as exc:
+                failure = exc
+                raise
+            except Exception as exc:
+                failure = exc
+                if on_error is None:
+                    raise
+                await on_error(context, exc)
+            finally:
+                if after is not None:
+                    result = after(context, failure)
+                    if inspect.isawaitable(result):
+                        await result
+
+        return unary
+
+    return around
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Turns ``GristmillError`` into its status; anything unexpected into a generic INTERNAL."""
 
     async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
-            return handler
+            return None
         method = handler_call_details.method
-        return _wrap_handler(handler, lambda b, a, s: _map_errors(b, a, s, method))
+        for attr, _, _ in _KINDS:
+            behavior = getattr(handler, attr)
+            if behavior is not None and not (
+                inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
+            ):
+                raise TypeError(
+                    f"servicer method {method} must be 'async def' (use asyncio.to_thread for blocking work)"
+                )
 
+        async def on_error(context: Any, exc: Exception) -> None:
+            if isinstance(exc, GristmillError):
+                context.set_trailing_metadata(tuple((f"gristmill-{k.lower()}", v) for k, v in exc.details.items()))
+                await context.abort(exc.grpc_code, exc.message)
+            trace_id = current_trace_id() or "unknown"
+            log.exception("unexpected error in %s (trace id %s)", method, trace_id)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (trace id {trace_id})")
 
-def _abort_args(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
-    if isinstance(exc, GristmillError):
-        metadata = tuple((f"gristmill-{k.lower()}", v) for k, v in exc.details.items())
-        return exc.grpc_code, exc.message, metadata
-    trace_id = current_trace_id()
-    log.exception("unexpected error in %s (trace id %s)", method, trace_id or "-")
-    return grpc.StatusCode.INTERNAL, f"internal error (trace id {trace_id or 'unknown'})", ()
-
-
-def _map_errors(behavior: Behavior, is_async: bool, streams_out: bool, method: str) -> Behavior:
-    passthrough = (grpc.aio.AbortError, asyncio.CancelledError)
-    if is_async and streams_out:
-
-        async def async_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            try:
-                async for item in behavior(request, context):
-                    yield item
-            except passthrough:
-                raise
-            except Exception as exc:
-                code, message, md = _abort_args(exc, method)
-                await context.abort(code, message, md)
-
-        return async_stream
-    if is_async:
-
-        async def async_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            try:
-                return await behavior(request, context)
-            except passthrough:
-                raise
-            except Exception as exc:
-                code, message, md = _abort_args(exc, method)
-                await context.abort(code, message, md)
-
-        return async_unary
-    if streams_out:
-
-        def sync_stream(request: Any, context: Any) -> Iterator[Any]:
-            try:
-                yield from behavior(request, context)
-            except passthrough:
-                raise
-            except Exception as exc:
-                code, message, md = _abort_args(exc, method)
-                context.set_trailing_metadata(md)
-                context.abort(code, message)
-
-        return sync_stream
-
-    def sync_unary(request: Any, context: Any) -> Any:
-        try:
-            return behavior(request, context)
-        except passthrough:
-            raise
-        except Exception as exc:
-            code, message, md = _abort_args(exc, method)
-            context.set_trailing_metadata(md)
-            context.abort(code, message)
-
-    return sync_unary
+        return _wrap_handler(handler, _around_each_call(None, on_error=on_error))
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -182,83 +216,33 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         self._metrics = metrics
 
     async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
-            return handler
+            return None
         method = handler_call_details.method
-        return _wrap_handler(handler, lambda b, a, s: _observe(b, a, s, method, self._metrics))
+        started: dict[int, float] = {}
 
+        async def before(_request: Any, context: Any) -> None:
+            started[id(context)] = time.perf_counter()
 
-def _observe(behavior: Behavior, is_async: bool, streams_out: bool, method: str, metrics: ServiceMetrics) -> Behavior:
-    if is_async and streams_out:
+        def after(context: Any, failure: BaseException | None) -> None:
+            elapsed = time.perf_counter() - started.pop(id(context), time.perf_counter())
+            code = "OK"
+            if failure is not None:
+                # An abort leaves the real code on the context; anything else ends as INTERNAL/CANCELLED.
+                status = context.code()
+                if isinstance(status, grpc.StatusCode):
+                    code = status.name
+                elif isinstance(failure, asyncio.CancelledError):
+                    code = "CANCELLED"
+                else:
+                    code = "INTERNAL"
+                log.info("%s -> %s: %s", method, code, context.details() or failure)
+            self._metrics.observe_rpc(method, code, elapsed)
 
-        async def async_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            started, exc = time.perf_counter(), None
-            try:
-                async for item in behavior(request, context):
-                    yield item
-            except BaseException as e:
-                exc = e
-                raise
-            finally:
-                _record_with_context(metrics, method, started, exc, context)
-
-        return async_stream
-    if is_async:
-
-        async def async_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            started, exc = time.perf_counter(), None
-            try:
-                return await behavior(request, context)
-            except BaseException as e:
-                exc = e
-                raise
-            finally:
-                _record_with_context(metrics, method, started, exc, context)
-
-        return async_unary
-    if streams_out:
-
-        def sync_stream(request: Any, context: Any) -> Iterator[Any]:
-            started, exc = time.perf_counter(), None
-            try:
-                yield from behavior(request, context)
-            except BaseException as e:
-                exc = e
-                raise
-            finally:
-                _record_with_context(metrics, method, started, exc, context)
-
-        return sync_stream
-
-    def sync_unary(request: Any, context: Any) -> Any:
-        started, exc = time.perf_counter(), None
-        try:
-            return behavior(request, context)
-        except BaseException as e:
-            exc = e
-            raise
-        finally:
-            _record_with_context(metrics, method, started, exc, context)
-
-    return sync_unary
-
-
-def _record_with_context(
-    metrics: ServiceMetrics, method: str, started: float, exc: BaseException | None, context: Any
-) -> None:
-    code_name = "OK"
-    if exc is not None:
-        # An abort (from the error mapper or the servicer) leaves the real code on the context.
-        code = context.code() if hasattr(context, "code") else None
-        code_name = code.name if isinstance(code, grpc.StatusCode) else _status_of(exc)[0].name
-        if code_name != "OK":
-            log.info("%s -> %s: %s", method, code_name, context.details() if hasattr(context, "details") else exc)
-    metrics.observe_rpc(method, code_name, time.perf_counter() - started)
+        return _wrap_handler(handler, _around_each_call(before, after))
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -270,51 +254,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._hook = hook
 
     async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
-        method = handler_call_details.method
-        if method.startswith(self._OPEN_PREFIXES):
-            return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
-        if handler is None:
+        method = handler_call_details.method
+        if handler is None or method.startswith(self._OPEN_PREFIXES):
             return handler
         metadata = tuple(handler_call_details.invocation_metadata or ())
 
-        def around(behavior: Behavior, is_async: bool, streams_out: bool) -> Behavior:
-            # The hook's errors must reach the error mapper, which sits inside this interceptor, so
-            # the check runs as part of the wrapped behavior rather than here.
-            if is_async and streams_out:
+        # The check runs inside the wrapped behavior (not here) so that its errors pass through the
+        # error mapper, which wraps this interceptor, like any servicer error.
+        async def before(_request: Any, _context: Any) -> None:
+            await asyncio.to_thread(self._hook, method, metadata)
 
-                async def astream(request: Any, context: Any) -> AsyncIterator[Any]:
-                    await asyncio.to_thread(self._hook, method, metadata)
-                    async for item in behavior(request, context):
-                        yield item
-
-                return astream
-            if is_async:
-
-                async def aunary(request: Any, context: Any) -> Any:
-                    await asyncio.to_thread(self._hook, method, metadata)
-                    return await behavior(request, context)
-
-                return aunary
-            if streams_out:
-
-                def sstream(request: Any, context: Any) -> Iterator[Any]:
-                    self._hook(method, metadata)
-                    yield from behavior(request, context)
-
-                return sstream
-
-            def sunary(request: Any, context: Any) -> Any:
-                self._hook(method, metadata)
-                return behavior(request, context)
-
-            return sunary
-
-        return _wrap_handler(handler, around)
+        return _wrap_handler(handler, _around_each_call(before))
 
 
 # --------------------------------------------------------------------------- the server
@@ -334,7 +287,6 @@ class GrpcServer:
         tracer_provider: TracerProvider | None = None,
         auth_hook: AuthHook | None = None,
         grace_s: float = 10.0,
-        max_workers: int = 16,
         server_credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         self.service_name = service_name
@@ -343,7 +295,6 @@ class GrpcServer:
         self._registrations = list(registrations)
         self._address = f"{host}:{port}"
         self._credentials = server_credentials
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{service_name}-rpc")
         self._health = health.aio.HealthServicer()
         self._tracer_provider = tracer_provider
         self._auth_hook = auth_hook
@@ -358,22 +309,25 @@ class GrpcServer:
         chain: list[grpc.aio.ServerInterceptor] = [
             aio_server_interceptor(tracer_provider=self._tracer_provider),  # type: ignore[no-untyped-call]
             MetricsInterceptor(self.metrics),
+            ErrorMappingInterceptor(),
         ]
+        # Innermost, so that the error mapper turns the hook's refusals into statuses.
         if self._auth_hook is not None:
             chain.append(AuthInterceptor(self._auth_hook))
-        chain.append(ErrorMappingInterceptor())
         return chain
 
     async def start(self) -> int:
         """Bind, start serving, mark every service SERVING; returns the bound port."""
-        server = grpc.aio.server(migration_thread_pool=self._pool, interceptors=self._interceptors())
+        server = grpc.aio.server(interceptors=self._interceptors())
         for reg in self._registrations:
             reg.add_to_server(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [reg.full_name for reg in self._registrations]
+        health_service = health_pb2.DESCRIPTOR.services_by_name["Health"]
+        files = [reg.descriptor.file for reg in self._registrations]
+        pool = reflection_pool([*files, cast(FileDescriptor, health_service.file)])
         reflection.enable_server_reflection(
-            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            server,
+            [*names, health_service.full_name, reflection.SERVICE_NAME], server, pool=pool
         )
         if self._credentials is not None:
             self.port = server.add_secure_port(self._address, self._credentials)
@@ -406,7 +360,6 @@ class GrpcServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING, [r.full_name for r in self._registrations])
         log.info("%s stopping: draining in-flight calls for up to %.1fs", self.service_name, grace)
         await self._server.stop(grace)
-        self._pool.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
         log.info("%s stopped", self.service_name)
 
