@@ -1,0 +1,240 @@
+"""The Kafka event bus (kafka-python 3.0.x).
+
+Producer: ``acks=all`` and idempotence (kafka-python's defaults, stated here on purpose); ``publish`` waits
+for the broker's acknowledgement, at most ``KafkaSettings.request_timeout_ms``, and raises
+``UnavailableError`` otherwise. The delivery timeout equals that wait, so a record reported as failed is
+not delivered later behind the caller's back (the outbox relay retries it instead).
+
+Consumer: one ``KafkaConsumer`` per ``subscribe`` with auto-commit off; the shared ``Consumer`` code commits
+the offsets of exactly the records it settled, after settling them.
+
+Topics (and their ``.dlq`` topics) are created on first use with the admin client, so nothing depends on
+the broker's auto-create setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
+from kafka.structs import TopicPartition as KafkaTopicPartition
+from opentelemetry.trace import TracerProvider
+
+from gristmill.core.errors import ConfigurationError, UnavailableError
+from gristmill.core.events.bus import Consumer, EventBus, Handler, Record, TopicPartition
+from gristmill.core.events.envelope import dead_letter_topic
+from gristmill.core.metrics import ServiceMetrics
+from gristmill.core.settings import KafkaSettings
+from gristmill.core.sql import Database
+
+log = logging.getLogger(__name__)
+
+
+class KafkaEventBus(EventBus):
+    """An ``EventBus`` on a Kafka cluster. The producer and the admin client are opened on first use."""
+
+    system = "kafka"
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        database: Database | None = None,
+        tracer_provider: TracerProvider | None = None,
+        metrics: ServiceMetrics | None = None,
+        max_poll_records: int = 100,
+        consumer_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not settings.bootstrap_servers:
+            raise ConfigurationError(
+                "GRISTMILL_KAFKA_BOOTSTRAP_SERVERS is empty: set it to host:port of a broker "
+                "(or use the in-process bus)"
+            )
+        super().__init__(database=database, tracer_provider=tracer_provider, metrics=metrics)
+        self.settings = settings
+        self.max_poll_records = max_poll_records
+        # Extra KafkaConsumer settings (e.g. shorter session timeouts in tests).
+        self.consumer_options = dict(consumer_options or {})
+        self._timeout_ms = settings.request_timeout_ms
+        self._lock = threading.Lock()
+        self._producer: Any = None
+        self._known_topics: set[str] = set()
+        self._closed = False
+
+    def _unavailable(self, doing: str, exc: BaseException) -> UnavailableError:
+        return UnavailableError(
+            f"Kafka at {self.settings.bootstrap_servers} could not {doing} within "
+            f"{self._timeout_ms / 1000:g}s: {type(exc).__name__}: {exc}"
+        )
+
+    def ensure_topics(self, topics: Iterable[str]) -> None:
+        """Create the topics that do not exist yet (partitions from the settings); existing ones are left alone."""
+        with self._lock:
+            missing = sorted(set(topics) - self._known_topics)
+            if not missing:
+                return
+            # A fresh admin client each time (this runs once per topic): a long-lived one does not reconnect
+            # on its own after a broker restart.
+            admin: Any = None
+            try:
+                admin = KafkaAdminClient(
+                    bootstrap_servers=self.settings.bootstrap_servers,
+                    client_id=f"{self.settings.client_id}-admin",
+                    request_timeout_ms=self._timeout_ms,
+                    bootstrap_timeout_ms=self._timeout_ms,
+                )
+                result = admin.create_topics(
+                    {name: {"num_partitions": self.settings.topic_partitions} for name in missing},
+                    timeout_ms=self._timeout_ms,
+                    raise_errors=False,
+                )
+                for topic in result.get("topics", []):
+                    code = topic.get("error_code", 0)
+                    if code not in (0, TopicAlreadyExistsError.errno):
+                        raise UnavailableError(
+                            f"Kafka refused to create topic {topic.get('name')}: error {code} "
+                            f"{topic.get('error_message') or ''}".rstrip()
+                        )
+                admin.wait_for_topics(missing, timeout_ms=self._timeout_ms)
+            except KafkaError as exc:
+                raise self._unavailable(f"create topics {', '.join(missing)}", exc) from exc
+            finally:
+                if admin is not None:
+                    _close_quietly(admin, "admin client")
+            self._known_topics.update(missing)
+
+    def _get_producer(self) -> Any:
+        with self._lock:
+            if self._closed:
+                raise UnavailableError("the event bus is closed")
+            if self._producer is None:
+                timeout = self._timeout_ms
+                try:
+                    self._producer = KafkaProducer(
+                        bootstrap_servers=self.settings.bootstrap_servers,
+                        client_id=self.settings.client_id,
+                        acks="all",
+                        enable_idempotence=True,
+                        linger_ms=0,
+                        request_timeout_ms=timeout,
+                        delivery_timeout_ms=timeout,
+                        max_block_ms=timeout,
+                        bootstrap_timeout_ms=timeout,
+                        reconnect_backoff_max_ms=1000,
+                    )
+                except KafkaError as exc:
+                    raise self._unavailable("be reached", exc) from exc
+            return self._producer
+
+    def publish_record(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]
+    ) -> None:
+        self.ensure_topics([topic])
+        producer = self._get_producer()
+        try:
+            future = producer.send(topic, key=key, value=value, headers=list(headers))
+            # The producer fails the record itself after delivery_timeout_ms; the margin only guards a hang.
+            future.get(timeout=self._timeout_ms / 1000 + 5)
+        except KafkaError as exc:
+            raise self._unavailable(f"take a record for {topic}", exc) from exc
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        with self._lock:
+            producer = self._producer
+        if producer is not None:
+            try:
+                producer.flush(timeout=timeout_s)
+            except KafkaError as exc:
+                raise self._unavailable("flush", exc) from exc
+
+    def _open_consumer(self, topics: tuple[str, ...], group_id: str, handler: Handler) -> Consumer:
+        self.ensure_topics([*topics, *(dead_letter_topic(t) for t in topics)])
+        return KafkaBusConsumer(self, topics, group_id, handler)
+
+    def _close_transport(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                producer.close(timeout=self._timeout_ms / 1000)
+            except KafkaError:
+                log.warning("Kafka producer did not flush before closing", exc_info=True)
+
+
+class KafkaBusConsumer(Consumer):
+    def __init__(self, bus: KafkaEventBus, topics: tuple[str, ...], group_id: str, handler: Handler) -> None:
+        super().__init__(bus, topics, group_id, handler)
+        settings = bus.settings
+        options: dict[str, Any] = {
+            "bootstrap_servers": settings.bootstrap_servers,
+            "client_id": f"{settings.client_id}-{group_id}",
+            "group_id": group_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "max_poll_records": bus.max_poll_records,
+            "fetch_max_wait_ms": 100,
+            "request_timeout_ms": max(settings.request_timeout_ms, 1_000),
+            "bootstrap_timeout_ms": settings.request_timeout_ms,
+            "reconnect_backoff_max_ms": 1000,
+        }
+        options.update(bus.consumer_options)
+        try:
+            self._consumer: Any = KafkaConsumer(**options)
+            self._consumer.subscribe(list(topics))
+        except KafkaError as exc:
+            raise bus._unavailable(f"open a consumer for group {group_id}", exc) from exc
+
+    def _fetch(self, timeout_s: float) -> list[Record]:
+        try:
+            batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
+        except KafkaError as exc:
+            raise UnavailableError(f"fetching from Kafka failed: {type(exc).__name__}: {exc}") from exc
+        return [
+            Record(
+                topic=r.topic,
+                partition=r.partition,
+                offset=r.offset,
+                key=r.key,
+                value=r.value,
+                headers=tuple((name, bytes(value or b"")) for name, value in (r.headers or ())),
+            )
+            for records in batches.values()
+            for r in records
+        ]
+
+    def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        try:
+            self._consumer.commit(
+                {KafkaTopicPartition(t, p): OffsetAndMetadata(offset, "", -1) for (t, p), offset in offsets.items()}
+            )
+        except KafkaError as exc:
+            raise UnavailableError(f"committing offsets to Kafka failed: {type(exc).__name__}: {exc}") from exc
+
+    def _rewind(self, offsets: dict[TopicPartition, int]) -> None:
+        assigned = self._consumer.assignment()
+        for (topic, partition), offset in offsets.items():
+            tp = KafkaTopicPartition(topic, partition)
+            # After a rebalance the partition may be someone else's: they resume from the committed offset.
+            if tp in assigned:
+                self._consumer.seek(tp, offset)
+
+    def _close_client(self) -> None:
+        try:
+            self._consumer.close(autocommit=False)
+        except KafkaError:
+            log.warning("closing the Kafka consumer of group %s failed", self.group_id, exc_info=True)
+
+
+def _close_quietly(client: Any, what: str) -> None:
+    try:
+        client.close()
+    except Exception:  # closing a broken client must not hide the error that matters
+        log.debug("closing the Kafka %s failed", what, exc_info=True)

@@ -1,0 +1,173 @@
+"""The Kafka event bus against the real broker (``deploy/local/kafka.sh``): the conformance suite, and an
+outbox that survives a broker outage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from google.protobuf.wrappers_pb2 import StringValue
+from kafka import KafkaConsumer
+from kafka.structs import TopicPartition
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gristmill.core.errors import UnavailableError
+from gristmill.core.events import Event, EventCatalog, KafkaEventBus, Outbox, OutboxEvent, OutboxRelay, Record
+from gristmill.core.settings import KafkaSettings
+from gristmill.core.sql import Database
+from tests.contracts.event_bus import EventBusContract, ReadRecords
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KAFKA_SCRIPT = REPO_ROOT / "deploy" / "local" / "kafka.sh"
+# Short timeouts: a local broker answers in milliseconds, and the outage test waits for failures.
+CONSUMER_OPTIONS = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
+
+
+@pytest.fixture
+def settings(kafka_bootstrap: str) -> KafkaSettings:
+    return KafkaSettings(
+        bootstrap_servers=kafka_bootstrap, client_id="gristmill-test", request_timeout_ms=5000, topic_partitions=3
+    )
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Iterator[Database]:
+    db = Database(f"sqlite:///{tmp_path / 'events.db'}")
+    db.create_all()
+    yield db
+    db.dispose()
+
+
+def read_topic(bootstrap: str, topic: str, count: int, timeout_s: float = 20.0) -> list[Record]:
+    """Every record of ``topic`` from the beginning, without a consumer group, once there are ``count``."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        assert partitions, f"topic {topic} does not exist"
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        records: list[Record] = []
+        deadline = time.monotonic() + timeout_s
+        while len(records) < count and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=200).values():
+                records.extend(
+                    Record(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers or ())) for r in batch
+                )
+        for batch in consumer.poll(timeout_ms=200).values():  # anything beyond ``count`` shows up here
+            records.extend(Record(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers)) for r in batch)
+        assert len(records) == count, f"expected {count} records on {topic}, found {len(records)}"
+        return records
+    finally:
+        consumer.close()
+
+
+class TestKafkaBus(EventBusContract):
+    @pytest.fixture
+    def publisher(
+        self, settings: KafkaSettings, tracing: tuple[TracerProvider, InMemorySpanExporter]
+    ) -> Iterator[KafkaEventBus]:
+        with KafkaEventBus(settings, tracer_provider=tracing[0]) as bus:
+            yield bus
+
+    @pytest.fixture
+    def subscriber(
+        self, settings: KafkaSettings, database: Database, tracing: tuple[TracerProvider, InMemorySpanExporter]
+    ) -> Iterator[KafkaEventBus]:
+        with KafkaEventBus(
+            settings, database=database, tracer_provider=tracing[0], consumer_options=CONSUMER_OPTIONS
+        ) as bus:
+            yield bus
+
+    @pytest.fixture
+    def read_records(self, kafka_bootstrap: str) -> ReadRecords:
+        return lambda topic, count: read_topic(kafka_bootstrap, topic, count)
+
+
+def kafka_script(verb: str, timeout_s: float = 120) -> None:
+    done = subprocess.run(
+        [str(KAFKA_SCRIPT), verb], capture_output=True, text=True, timeout=timeout_s, env=os.environ.copy()
+    )
+    assert done.returncode == 0, f"deploy/local/kafka.sh {verb} failed: {done.stdout}{done.stderr}"
+
+
+def test_unreachable_broker_is_unavailable_with_a_clear_message() -> None:
+    catalog = EventCatalog()
+    catalog.register(StringValue, "gristmill.test.unreachable.v1")
+    event = Event.create(StringValue(value="x"), key="k", source="test", catalog=catalog)
+    # Port 1 on loopback: nothing listens there.
+    bus = KafkaEventBus(KafkaSettings(bootstrap_servers="127.0.0.1:1", request_timeout_ms=1000))
+    with bus, pytest.raises(UnavailableError, match=r"Kafka at 127\.0\.0\.1:1 could not .* within 1s"):
+        bus.publish(event)
+
+
+@pytest.mark.slow
+def test_outbox_event_survives_a_broker_outage(kafka_bootstrap: str, database: Database) -> None:
+    """Events written while the broker is down stay in the outbox, and after the restart a consumer that was
+    running all along gets each of them once, in order per key."""
+    topic = f"gristmill.test.outage{uuid.uuid4().hex[:12]}.v1"
+    catalog = EventCatalog()
+    catalog.register(StringValue, topic)
+    keys = ["job-a", "job-b"]
+    settings = KafkaSettings(bootstrap_servers=kafka_bootstrap, client_id="gristmill-test", request_timeout_ms=1000)
+    bus = KafkaEventBus(settings, database=database, consumer_options=CONSUMER_OPTIONS)
+    relay = OutboxRelay(database, bus, retry_backoff_s=0.2, max_backoff_s=1.0)
+    handled: list[tuple[str, str]] = []
+
+    def handle(event: Event, _session: Session) -> None:
+        handled.append((event.key, event.event_id))
+
+    def wait_for(count: int, what: str, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(handled) < count:
+            assert time.monotonic() < deadline, f"timed out waiting for {what} (last error: {consumer.last_error})"
+            time.sleep(0.05)
+
+    def write(text: str, key: str) -> Event:
+        event = Event.create(StringValue(value=text), key=key, source="test", catalog=catalog)
+        with database.transaction() as session:
+            Outbox.add(session, event)  # a state change would be written here too
+        return event
+
+    consumer = bus.subscribe([topic], "outage-check", handle)
+    with consumer.run_in_background(retry_backoff_s=0.2, max_backoff_s=1.0):
+        sent = [write("before the outage", keys[0])]
+        assert relay.relay_once() == 1, "the relay publishes while the broker is up"
+        wait_for(1, "the event published before the outage")
+
+        kafka_script("stop")
+        try:
+            sent += [write(f"during the outage {i}", keys[i % 2]) for i in range(5)]
+            with pytest.raises(UnavailableError, match="Kafka at"):
+                relay.relay_once()
+            relay.start()  # keeps retrying with backoff while the broker is down
+            deadline = time.monotonic() + 30
+            while relay.consecutive_failures < 2:
+                assert time.monotonic() < deadline, "the relay did not keep retrying"
+                time.sleep(0.05)
+            relay.stop()
+            with database.transaction() as session:
+                rows = list(session.execute(select(OutboxEvent).order_by(OutboxEvent.id)).scalars())
+            assert [r.published_at is None for r in rows] == [False] + [True] * 5, "nothing lost or marked early"
+            assert rows[1].attempts >= 2 and "Kafka at" in (rows[1].last_error or "")
+            assert [r.attempts for r in rows[2:]] == [0] * 4, "the relay never skips past a failed row"
+        finally:
+            kafka_script("start")
+
+        assert relay.drain(timeout_s=60) == 5
+        wait_for(len(sent), "every outbox event after the restart")
+        time.sleep(0.5)  # a duplicate would show up now
+    bus.close()
+    ids = [event_id for _, event_id in handled]
+    assert sorted(ids) == sorted(e.event_id for e in sent) and len(ids) == len(sent), "each event exactly once"
+    for key in keys:
+        assert [i for k, i in handled if k == key] == [e.event_id for e in sent if e.key == key], f"order of {key}"
