@@ -1,0 +1,39 @@
+"""The platform's events: which ``gristmill.api.events.v1`` message travels on which topic.
+
+This is the one copy of the table in ``protos/README.md``; ``events.proto`` repeats each topic on a
+``Topic:`` comment line and a unit test checks that the two agree. Services build their catalog with
+``platform_catalog()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from google.protobuf.message import Message
+
+from gristmill.api.events.v1 import events_pb2
+from gristmill.core.events.envelope import EventCatalog
+
+DATASET_VERSION_PUBLISHED = "gristmill.labeling.dataset-version-published.v1"
+JOB_STATE_CHANGED = "gristmill.training.job-state-changed.v1"
+MODEL_VERSION_REGISTERED = "gristmill.registry.model-version-registered.v1"
+ALIAS_CHANGED = "gristmill.registry.alias-changed.v1"
+PREDICTION_LOGGED = "gristmill.serving.prediction-logged.v1"
+USAGE_RECORDED = "gristmill.metering.usage-recorded.v1"
+
+PLATFORM_TOPICS: Mapping[type[Message], str] = {
+    events_pb2.DatasetVersionPublished: DATASET_VERSION_PUBLISHED,
+    events_pb2.JobStateChanged: JOB_STATE_CHANGED,
+    events_pb2.ModelVersionRegistered: MODEL_VERSION_REGISTERED,
+    events_pb2.AliasChanged: ALIAS_CHANGED,
+    events_pb2.PredictionLogged: PREDICTION_LOGGED,
+    events_pb2.UsageRecorded: USAGE_RECORDED,
+}
+
+
+def platform_catalog() -> EventCatalog:
+    """A catalog with every platform event registered on its topic."""
+    catalog = EventCatalog()
+    for message_type, topic in PLATFORM_TOPICS.items():
+        catalog.register(message_type, topic)
+    return catalog
