@@ -22,7 +22,8 @@ Delivery guarantees, and what they ask of you:
   the trace of the code that created the event, ``<topic> process`` (CONSUMER) is its child.
 
 Implementations: ``MemoryEventBus`` (one process: embedded mode and unit tests) and ``KafkaEventBus``
-(kafka-python; imported lazily so that the in-process bus does not need Kafka installed).
+(kafka-python; imported lazily so that the in-process bus does not need Kafka installed). The platform's
+message -> topic table is ``gristmill.core.events.topics`` (``platform_catalog()``).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from opentelemetry.trace import SpanKind, TracerProvider
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from gristmill.core.errors import ConfigurationError, FailedPreconditionError
+from gristmill.core.errors import ConfigurationError, FailedPreconditionError, InvalidArgumentError
 from gristmill.core.events.envelope import (
     Event,
     Headers,
@@ -174,7 +174,7 @@ class EventBus(EventPublisher, EventSubscriber):
             topics = [topics]
         checked = tuple(dict.fromkeys(validate_topic(t) for t in topics))
         if not checked:
-            raise FailedPreconditionError("subscribe needs at least one topic")
+            raise InvalidArgumentError("subscribe needs at least one topic")
         validate_id(group_id, what="consumer group id")
         if self.database is None:
             raise ConfigurationError(
