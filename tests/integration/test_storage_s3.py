@@ -58,7 +58,7 @@ def test_wrong_credentials_are_refused(s3_endpoint: dict[str, str]) -> None:
 
 
 def test_unreachable_server_is_unavailable() -> None:
-    settings = S3Settings(endpoint="127.0.0.1:1", access_key="a", secret_key=SecretStr("b"), bucket="x")
+    settings = S3Settings(endpoint="127.0.0.1:1", access_key="a", secret_key=SecretStr("b"), bucket="gristmill")
     with pytest.raises(UnavailableError, match="cannot be reached"):
         S3ObjectStore(settings)
 

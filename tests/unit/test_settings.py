@@ -61,3 +61,9 @@ def test_shared_infrastructure_settings_have_their_own_prefixes(monkeypatch: pyt
     monkeypatch.setenv("GRISTMILL_KAFKA_REQUEST_TIMEOUT_MS", "5")
     with pytest.raises(ConfigurationError, match="GRISTMILL_KAFKA_REQUEST_TIMEOUT_MS"):
         load_settings(KafkaSettings)
+
+
+def test_invalid_bucket_name_fails_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRISTMILL_S3_BUCKET", "x")
+    with pytest.raises(ConfigurationError, match="GRISTMILL_S3_BUCKET='x'"):
+        load_settings(S3Settings)

@@ -41,7 +41,8 @@ class S3Settings(BaseSettings):
     endpoint: str = ""
     access_key: str = ""
     secret_key: SecretStr = SecretStr("")
-    bucket: str = "gristmill"
+    # S3 bucket naming rules: 3-63 lower-case letters, digits, '.' or '-'.
+    bucket: str = Field(default="gristmill", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
     secure: bool = False
     region: str = "us-east-1"
 
