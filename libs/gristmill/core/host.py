@@ -1,0 +1,179 @@
+"""What every service process is made of, wired once: the platform it runs on and its lifecycle.
+
+``open_platform`` turns settings into the shared infrastructure (database, object store, event bus,
+tracer, metrics): Kafka when ``GRISTMILL_KAFKA_BOOTSTRAP_SERVERS`` is set, else the in-process bus;
+S3 when ``GRISTMILL_S3_ENDPOINT`` is set, else a directory under the data dir.
+
+``ServiceHost`` runs one service on it: the outbox relay, the event consumers and the gRPC server,
+started in that order and stopped in reverse (health NOT_SERVING → drain in-flight calls → stop
+consumers → flush the outbox one last time → close the bus → close the database). A service's
+``app.py`` builds one; its ``__main__`` calls ``run_until_signal``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opentelemetry.sdk.trace import TracerProvider
+from sqlalchemy import MetaData
+
+from gristmill.core.errors import GristmillError
+from gristmill.core.events import Consumer, EventBus, EventCatalog, Handler, MemoryBroker, MemoryEventBus, OutboxRelay
+from gristmill.core.events.topics import platform_catalog
+from gristmill.core.grpcserver import AuthHook, GrpcServer, ServiceRegistration, serve_until_signal
+from gristmill.core.metrics import ServiceMetrics
+from gristmill.core.settings import KafkaSettings, S3Settings, ServiceSettings, TelemetrySettings
+from gristmill.core.sql import Database
+from gristmill.core.storage import ObjectStore, open_object_store
+from gristmill.core.telemetry import setup_tracing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Platform:
+    """The infrastructure one service runs on. Build with ``open_platform``; tests may build it by hand."""
+
+    service: str
+    database: Database
+    objects: ObjectStore
+    bus: EventBus
+    catalog: EventCatalog
+    tracer_provider: TracerProvider
+    metrics: ServiceMetrics
+
+    def close(self) -> None:
+        self.bus.close()
+        self.database.dispose()
+
+
+def open_platform(
+    service: str,
+    settings: ServiceSettings,
+    *,
+    kafka: KafkaSettings,
+    s3: S3Settings,
+    telemetry: TelemetrySettings | None = None,
+    tables: Sequence[MetaData] = (),
+    memory_broker: MemoryBroker | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> Platform:
+    """Open the database (creating ``tables``), object store, bus, tracer and metrics for ``service``.
+
+    ``memory_broker`` lets several services in one process (embedded mode, tests) share the in-process bus.
+    """
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    metrics = ServiceMetrics(service)
+    provider = tracer_provider or setup_tracing(service, telemetry)
+    database = Database(settings.resolved_database_url(service))
+    database.create_all(*tables)
+    bus: EventBus
+    if kafka.bootstrap_servers:
+        from gristmill.core.events.kafka import KafkaEventBus
+
+        bus = KafkaEventBus(kafka, database=database, tracer_provider=provider, metrics=metrics)
+    else:
+        bus = MemoryEventBus(memory_broker, database=database, tracer_provider=provider, metrics=metrics)
+    objects = open_object_store(s3, Path(settings.data_dir))
+    return Platform(service, database, objects, bus, platform_catalog(), provider, metrics)
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """One consumer a service runs: a group reading some topics with one handler."""
+
+    topics: tuple[str, ...]
+    group_id: str
+    handler: Handler
+
+
+@dataclass
+class ServiceHost:
+    """Runs one service's gRPC server, outbox relay and consumers on a ``Platform``."""
+
+    platform: Platform
+    registrations: Sequence[ServiceRegistration]
+    settings: ServiceSettings
+    subscriptions: Sequence[Subscription] = ()
+    auth_hook: AuthHook | None = None
+    _server: GrpcServer | None = field(default=None, init=False)
+    _relay: OutboxRelay | None = field(default=None, init=False)
+    _consumers: list[Consumer] = field(default_factory=list, init=False)
+    _stopped: bool = field(default=False, init=False)
+
+    @property
+    def server(self) -> GrpcServer:
+        if self._server is None:
+            raise RuntimeError("the service host is not started")
+        return self._server
+
+    @property
+    def relay(self) -> OutboxRelay:
+        if self._relay is None:
+            raise RuntimeError("the service host is not started")
+        return self._relay
+
+    def _build_server(self) -> GrpcServer:
+        return GrpcServer(
+            self.platform.service,
+            self.registrations,
+            host=self.settings.host,
+            port=self.settings.grpc_port,
+            metrics=self.platform.metrics,
+            tracer_provider=self.platform.tracer_provider,
+            auth_hook=self.auth_hook,
+            grace_s=self.settings.shutdown_grace_s,
+        )
+
+    def _open_background_work(self) -> None:
+        p = self.platform
+        self._relay = OutboxRelay(p.database, p.bus, metrics=p.metrics).start()
+        for sub in self.subscriptions:
+            consumer = p.bus.subscribe(sub.topics, sub.group_id, sub.handler)
+            self._consumers.append(consumer.run_in_background())
+        if self.settings.metrics_port:
+            p.metrics.serve(self.settings.metrics_port, self.settings.host)
+        self._server = self._build_server()
+
+    async def start(self) -> int:
+        """Start background work, then serve gRPC; returns the bound port."""
+        self._open_background_work()
+        return await self.server.start()
+
+    async def stop(self) -> None:
+        """Drain and close everything, in reverse order of opening. Safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._server is not None:
+            await self._server.stop()
+        await asyncio.to_thread(self._close_background_work)
+
+    def _close_background_work(self) -> None:
+        for consumer in reversed(self._consumers):
+            consumer.stop()
+        if self._relay is not None:
+            self._relay.stop()
+            try:
+                # Publish what the last calls wrote; what cannot be published now stays for next start.
+                self._relay.relay_once()
+            except GristmillError as exc:
+                log.warning("outbox not fully published at shutdown (kept for next start): %s", exc)
+        self.platform.close()
+
+    async def run_until_signal(self) -> None:
+        """Serve until SIGTERM/SIGINT, then stop gracefully."""
+        self._open_background_work()
+        await serve_until_signal(self.server, on_stop=[lambda: asyncio.to_thread(self._close_background_work)])
+        self._stopped = True
+
+    async def __aenter__(self) -> ServiceHost:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -1,0 +1,109 @@
+"""ServiceHost over a Platform: what every service process does, on the in-process and the real stack."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import SecretStr
+from sqlalchemy.orm import Session
+
+from gristmill.api.events.v1 import events_pb2
+from gristmill.api.inference.v2 import grpc_predict_v2_pb2 as pb
+from gristmill.api.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
+from gristmill.core.events import Event, Outbox
+from gristmill.core.events.kafka import KafkaEventBus
+from gristmill.core.events.memory import MemoryEventBus
+from gristmill.core.grpcserver import ServiceRegistration
+from gristmill.core.host import ServiceHost, Subscription, open_platform
+from gristmill.core.settings import KafkaSettings, S3Settings, ServiceSettings
+from gristmill.core.storage import LocalObjectStore
+from gristmill.core.storage.s3 import S3ObjectStore
+from tests.support.sample_server import SampleServicer
+
+pytestmark = pytest.mark.integration
+
+
+def _registration() -> ServiceRegistration:
+    servicer = SampleServicer()
+    return ServiceRegistration(
+        pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+        lambda server: pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server),
+    )
+
+
+async def _exercise(
+    host: ServiceHost, received: list[events_pb2.AliasChanged], seen: threading.Event, key: str
+) -> None:
+    port = await host.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert (await pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest())).live
+    # A state change and its event in one transaction; the host's relay and consumer do the rest.
+    platform = host.platform
+    message = events_pb2.AliasChanged(registered_model_name=key, alias="production", to_version=2)
+    with platform.database.transaction() as session:
+        Outbox.add(session, Event.create(message, key=key, source="test", catalog=platform.catalog))
+    assert seen.wait(30), "the event written to the outbox never reached the consumer"
+    assert received[0].to_version == 2
+    await host.stop()
+    await host.stop()  # idempotent
+    with pytest.raises(grpc.aio.AioRpcError):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+
+
+def _collector() -> tuple[list[events_pb2.AliasChanged], threading.Event, Callable[..., None]]:
+    received: list[events_pb2.AliasChanged] = []
+    seen = threading.Event()
+
+    def handler(event: Event, session: Session) -> None:
+        msg = events_pb2.AliasChanged()
+        msg.ParseFromString(event.payload)
+        received.append(msg)
+        seen.set()
+
+    return received, seen, handler
+
+
+async def test_host_on_the_embedded_platform(tmp_path: Path) -> None:
+    settings = ServiceSettings(data_dir=tmp_path, grpc_port=0)
+    platform = open_platform("sample", settings, kafka=KafkaSettings(), s3=S3Settings())
+    assert isinstance(platform.bus, MemoryEventBus)
+    assert isinstance(platform.objects, LocalObjectStore)
+    received, seen, handler = _collector()
+    topic = platform.catalog.topic_for(events_pb2.AliasChanged)
+    host = ServiceHost(platform, [_registration()], settings, [Subscription((topic,), "sample-test", handler)])
+    await _exercise(host, received, seen, "m1")
+
+
+async def test_host_on_kafka_and_s3(tmp_path: Path, kafka_bootstrap: str, s3_endpoint: dict[str, str]) -> None:
+    settings = ServiceSettings(data_dir=tmp_path, grpc_port=0)
+    kafka = KafkaSettings(bootstrap_servers=kafka_bootstrap)
+    s3 = S3Settings(
+        endpoint=s3_endpoint["endpoint"],
+        access_key=s3_endpoint["access_key"],
+        secret_key=SecretStr(s3_endpoint["secret_key"]),
+        bucket="gristmill-test",
+    )
+    platform = open_platform("sample", settings, kafka=kafka, s3=s3)
+    assert isinstance(platform.bus, KafkaEventBus)
+    assert isinstance(platform.objects, S3ObjectStore)
+    received, seen, handler = _collector()
+    topic = platform.catalog.topic_for(events_pb2.AliasChanged)
+    group = f"sample-test-{uuid.uuid4().hex[:8]}"
+    key = f"m-{uuid.uuid4().hex[:8]}"
+
+    def only_ours(event: Event, session: Session) -> None:
+        # The platform topic is shared with other tests; this group reads from the start of it.
+        if event.key == key:
+            handler(event, session)
+
+    host = ServiceHost(platform, [_registration()], settings, [Subscription((topic,), group, only_ours)])
+    await _exercise(host, received, seen, key)
