@@ -53,7 +53,7 @@ lint: install  ## ruff (lint + format check)
 	@$(VENV)/bin/ruff format --check libs services tests protos
 
 typecheck: install  ## mypy (strict) on libs and services
-	@$(VENV)/bin/mypy
+	@$(VENV)/bin/mypy libs/gristmill/core $(wildcard services/*/gristmill)
 
 stack-up:  ## provision (cached) and start Kafka and SeaweedFS on 127.0.0.1
 	@deploy/local/stack.sh up
