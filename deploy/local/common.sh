@@ -70,7 +70,14 @@ spawn() { # spawn <log> <command...>
   # No job control in a script, so the background child is not a group leader and setsid does not fork:
   # $! is the server's own pid (and its process group id).
   nohup setsid "$@" >>"$log" 2>&1 </dev/null &
-  echo "$!" >"$(pid_file)"
+  local pid=$! tries=0
+  echo "$pid" >"$(pid_file)"
+  # Until the child has exec'd, its command line is this shell's; wait for it so running_pid is reliable.
+  while ! tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$PROCESS_MARKER"; do
+    kill -0 "$pid" 2>/dev/null || break
+    ((++tries < 100)) || break
+    sleep 0.05
+  done
 }
 
 # SIGTERM, wait up to <timeout> seconds, then SIGKILL. No-op when not running.
@@ -112,6 +119,30 @@ wait_ready() { # wait_ready <timeout seconds> <log> <probe function>
     fi
     sleep 1
   done
+}
+
+# A writable copy of a Go module's source at <dest>, for modules that `go install pkg@version` refuses
+# (their go.mod has replace or exclude directives, which only apply to a main module): the module is
+# fetched through the Go module proxy into the module cache (read-only), then copied. No-op when done.
+go_module_source() { # go_module_source <module> <version> <dest> <log>
+  local module="$1" version="$2" dest="$3" log="$4" json dir
+  [[ -f "$dest/.complete" ]] && return 0
+  if ! json="$(go mod download -json "$module@$version" 2>>"$log")"; then
+    echo "$json" >>"$log"
+    die "go mod download of $module@$version failed; see $log"
+  fi
+  dir="$(sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p' <<<"$json")"
+  if [[ -z "$dir" || ! -f "$dir/go.mod" ]]; then
+    echo "$json" >>"$log"
+    die "go mod download gave no source directory for $module@$version; see $log"
+  fi
+  rm -rf "$dest.partial"
+  mkdir -p "$(dirname "$dest")"
+  cp -r "$dir" "$dest.partial"
+  chmod -R u+w "$dest.partial"
+  rm -rf "$dest"
+  mv "$dest.partial" "$dest"
+  touch "$dest/.complete"
 }
 
 # Dispatches the standard verbs to cmd_<verb> functions.
