@@ -1,0 +1,178 @@
+"""The on-store file formats that cross service boundaries, defined once.
+
+- A **dataset version** (written by labeling, read by training):
+  ``datasets/<project>/<version>/{train,validation,test}.jsonl`` plus ``manifest.json``. Each JSONL line
+  is one ``DatasetRow``: ``{"id": ..., "text": ..., "label": ...}`` (single-label) or with
+  ``"labels": [...]`` (multi-label).
+- A **model** (written by training, verified and copied by the registry, loaded by serving):
+  ``<prefix>/{model.safetensors, config.json, tokenizer files, model-card.md}`` plus ``manifest.json``
+  listing every file with its sha256.
+
+Both manifests are JSON with a ``format`` tag; readers refuse an unknown format, a missing field or a
+file whose checksum differs (``InvalidArgumentError`` / ``DataIntegrityError``), so a corrupt or foreign
+manifest never gets as far as training or serving.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gristmill.core.errors import InvalidArgumentError
+from gristmill.core.storage import ObjectStore, validate_key
+
+DATASET_FORMAT = "gristmill.dataset.v1"
+MODEL_FORMAT = "gristmill.model.v1"
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a dataset version or a model: where it is and how to verify it."""
+
+    key: str
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class SplitFile:
+    file: FileEntry
+    count: int
+    # Items per label in this split (for multi-label: items carrying the label).
+    label_counts: dict[str, int]
+
+
+@dataclass(frozen=True)
+class DatasetRow:
+    id: str
+    text: str
+    label: str | None = None
+    labels: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        row: dict[str, Any] = {"id": self.id, "text": self.text}
+        if self.labels:
+            row["labels"] = list(self.labels)
+        else:
+            row["label"] = self.label
+        return json.dumps(row, ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, line: str, *, where: str) -> DatasetRow:
+        data = _loads(line, where)
+        text, item_id = data.get("text"), data.get("id")
+        if not isinstance(text, str) or not isinstance(item_id, str):
+            raise InvalidArgumentError(f"{where}: each row needs string fields 'id' and 'text'")
+        labels = data.get("labels")
+        if labels is not None:
+            if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+                raise InvalidArgumentError(f"{where}: 'labels' must be a list of strings")
+            return cls(item_id, text, None, tuple(labels))
+        label = data.get("label")
+        if not isinstance(label, str):
+            raise InvalidArgumentError(f"{where}: each row needs a string 'label' (or a 'labels' list)")
+        return cls(item_id, text, label)
+
+
+@dataclass(frozen=True)
+class DatasetManifest:
+    project_id: str
+    dataset_version_id: str
+    version_number: int
+    task_type: str  # the common.v1.TaskType enum name, e.g. "TASK_TYPE_TEXT_CLASSIFICATION"
+    label_map: list[str]
+    schema_version: int
+    splits: dict[str, SplitFile]
+    seed: int
+    ratios: dict[str, float]
+    created_at: str
+    organization_id: str = ""
+    format: str = DATASET_FORMAT
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, *, where: str = "dataset manifest") -> DatasetManifest:
+        raw = _loads(data.decode("utf-8", errors="strict"), where)
+        _check_format(raw, DATASET_FORMAT, where)
+        try:
+            splits = {
+                name: SplitFile(
+                    file=FileEntry(**split["file"]), count=int(split["count"]), label_counts=dict(split["label_counts"])
+                )
+                for name, split in raw["splits"].items()
+            }
+            manifest = cls(**{**raw, "splits": splits})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"{where} is malformed: {exc}") from None
+        for name, split in manifest.splits.items():
+            if name not in SPLITS:
+                raise InvalidArgumentError(f"{where}: unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+            validate_key(split.file.key)
+        return manifest
+
+    def read_rows(self, objects: ObjectStore, split: str) -> Iterator[DatasetRow]:
+        """The rows of one split, read and checksum-verified against this manifest."""
+        entry = self.splits[split].file
+        data = objects.get_bytes(entry.key, expected_sha256=entry.sha256)
+        for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+            if line.strip():
+                yield DatasetRow.from_json(line, where=f"{entry.key} line {number}")
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    """What a trained model consists of. ``files`` are relative names (``config.json``) → entries."""
+
+    files: dict[str, FileEntry]
+    task_type: str
+    label_map: list[str]
+    # Open Inference Protocol signature: {"inputs": [{"name", "datatype", "shape"}], "outputs": [...]}.
+    signature: dict[str, Any]
+    lineage: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    base_model: str = ""
+    format: str = MODEL_FORMAT
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, *, where: str = "model manifest") -> ModelManifest:
+        raw = _loads(data.decode("utf-8", errors="strict"), where)
+        _check_format(raw, MODEL_FORMAT, where)
+        try:
+            files = {name: FileEntry(**entry) for name, entry in raw["files"].items()}
+            manifest = cls(**{**raw, "files": files})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"{where} is malformed: {exc}") from None
+        for name, entry in manifest.files.items():
+            validate_key(name)
+            validate_key(entry.key)
+        return manifest
+
+    def download(self, objects: ObjectStore, dest: Path) -> Path:
+        """Download every file into ``dest`` (names as in ``files``), each verified; returns ``dest``."""
+        for name, entry in sorted(self.files.items()):
+            objects.get_file(entry.key, dest / name, expected_sha256=entry.sha256)
+        return dest
+
+
+def _loads(text: str, where: str) -> Mapping[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgumentError(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(f"{where} must be a JSON object")
+    return value
+
+
+def _check_format(raw: Mapping[str, Any], expected: str, where: str) -> None:
+    if raw.get("format") != expected:
+        raise InvalidArgumentError(f"{where} has format {raw.get('format')!r}; this version reads {expected!r}")
