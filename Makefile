@@ -15,6 +15,8 @@ export GRISTMILL_KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:$(GRISTMILL_KAFKA_PORT)
 export GRISTMILL_S3_ENDPOINT ?= 127.0.0.1:$(GRISTMILL_S3_PORT)
 export GRISTMILL_S3_ACCESS_KEY ?= gristmill
 export GRISTMILL_S3_SECRET_KEY ?= gristmill-secret
+# No model hub is reachable (or needed): models come from local directories and the object store.
+export HF_HUB_OFFLINE := 1
 
 VENV := .venv
 PY := $(VENV)/bin/python

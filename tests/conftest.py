@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# No model hub is reachable, or needed: fail fast instead of retrying downloads.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
