@@ -904,10 +904,15 @@ class CsvOptions(_message.Message):
     DELIMITER_FIELD_NUMBER: _builtins.int
     HAS_HEADER_FIELD_NUMBER: _builtins.int
     COLUMN_NAMES_FIELD_NUMBER: _builtins.int
+    DISABLE_QUOTING_FIELD_NUMBER: _builtins.int
     delimiter: _builtins.str
     """Single character. Empty means ",". Use "\\t" for tab-separated files."""
     has_header: _builtins.bool
     """When false the first line is data and `column_names` names the columns."""
+    disable_quoting: _builtins.bool
+    """Treat '"' as an ordinary character instead of a quote. For plain "text<TAB>label" files
+    in which a text may begin with '"'; no field can then contain the delimiter or a newline.
+    """
     @_builtins.property
     def column_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Column names when has_header is false, e.g. ["text", "label"]."""
@@ -918,10 +923,11 @@ class CsvOptions(_message.Message):
         delimiter: _builtins.str = ...,
         has_header: _builtins.bool = ...,
         column_names: _abc.Iterable[_builtins.str] | None = ...,
+        disable_quoting: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["column_names", b"column_names", "delimiter", b"delimiter", "has_header", b"has_header"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["column_names", b"column_names", "delimiter", b"delimiter", "disable_quoting", b"disable_quoting", "has_header", b"has_header"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
