@@ -12,8 +12,8 @@
 # $GRISTMILL_RUN_DIR/logs/compose-build.log
 set -euo pipefail
 
-COMPONENT=compose-check
-# shellcheck source=local/common.sh
+COMPONENT="compose-check"
+# shellcheck source-path=SCRIPTDIR source=local/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/local/common.sh"
 
 # v5.6.0 is the newest release whose go.mod accepts the Go 1.26.8 on these machines (5.7.x wants 1.26.10).

@@ -32,7 +32,9 @@ need_cmd() { # need_cmd <command> <hint>
 # A port number from an environment variable, validated.
 port_from_env() { # port_from_env <var name> <default>
   local value="${!1:-$2}"
-  [[ "$value" =~ ^[0-9]+$ ]] && ((value > 0 && value < 65536)) || die "$1=$value is not a TCP port number"
+  if ! [[ "$value" =~ ^[0-9]+$ ]] || ((value < 1 || value > 65535)); then
+    die "$1=$value is not a TCP port number"
+  fi
   echo "$value"
 }
 
@@ -112,7 +114,9 @@ wait_ready() { # wait_ready <timeout seconds> <log> <probe function>
       return 0
     fi
     if ! pid="$(running_pid)"; then
-      die "$COMPONENT exited during start-up; see $log"
+      local last
+      last="$(grep -v '^[[:space:]]*$' "$log" 2>/dev/null | tail -n1 | cut -c1-200)"
+      die "$COMPONENT exited during start-up${last:+ ($last)}; see $log"
     fi
     if ((SECONDS - start >= timeout)); then
       die "$COMPONENT (pid $pid) not ready after ${timeout} s; see $log"

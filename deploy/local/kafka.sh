@@ -16,7 +16,7 @@
 set -euo pipefail
 
 COMPONENT=kafka
-# shellcheck source=common.sh
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 KAFKA_VERSION=4.3.1 # keep equal to kafka.version in deploy/local/kafka/pom.xml
@@ -174,7 +174,7 @@ cmd_start() {
   format_storage
   say "starting broker on 127.0.0.1:$KAFKA_PORT (controller $KAFKA_CONTROLLER_PORT); log: $LOG"
   local start=$SECONDS
-  spawn "$LOG" java "-Xmx$KAFKA_HEAP" -Xms128m -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
+  spawn "$LOG" java "-Xmx$KAFKA_HEAP" -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
     -cp "$LIBS/*" -Dlog4j2.configurationFile="file:$LOG4J_CONFIG" \
     -Dgristmill.log.file="$LOG" -Dgristmill.console.level=OFF \
     kafka.Kafka "$PROPS"

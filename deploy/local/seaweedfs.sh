@@ -19,7 +19,7 @@
 set -euo pipefail
 
 COMPONENT=seaweedfs
-# shellcheck source=common.sh
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # `go install ...@version` is refused for this module (its go.mod has replace directives), so provision

@@ -13,7 +13,7 @@
 set -euo pipefail
 
 COMPONENT=stack
-# shellcheck source=common.sh
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 HERE="$GRISTMILL_ROOT/deploy/local"
 COMPONENTS=(kafka seaweedfs)
