@@ -23,7 +23,7 @@ PY := $(VENV)/bin/python
 UV := $(GRISTMILL_CACHE)/tools/bin/uv
 PYTEST_ARGS ?=
 
-.PHONY: help install generate lint typecheck check-generated stack-up stack-down stack-status \
+.PHONY: help install generate lint typecheck check-generated compose-check stack-up stack-down stack-status \
         test test-unit test-integration run clean
 
 help:  ## list the commands
@@ -50,6 +50,9 @@ generate: install  ## regenerate Python code from protos/
 check-generated: install  ## fail when generated code is stale
 	@$(PY) protos/generate.py --check
 
+compose-check:  ## `docker compose config` on docker-compose.yml (builds the Compose CLI once if missing)
+	@deploy/compose-check.sh
+
 lint: install  ## ruff (lint + format check)
 	@$(VENV)/bin/ruff check libs services tests protos
 	@$(VENV)/bin/ruff format --check libs services tests protos
@@ -72,7 +75,7 @@ test-unit: install  ## fast tests, in-memory implementations only
 test-integration: install stack-up  ## tests against the real Kafka, S3 server and gRPC ports
 	@$(PY) -m pytest -m "integration" tests $(PYTEST_ARGS)
 
-test: install check-generated lint typecheck stack-up  ## everything CI runs: checks, then unit + integration tests
+test: install check-generated lint typecheck compose-check stack-up  ## everything CI runs: checks, then unit + integration tests
 	@$(PY) -m pytest tests $(PYTEST_ARGS)
 
 run: install stack-up  ## the main job (for now: start the local stack and show its health)
