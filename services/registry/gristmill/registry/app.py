@@ -1,0 +1,85 @@
+"""Wiring: settings → platform (database, objects, bus, tracing) → store, domain, servicer, consumers → host."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from opentelemetry.sdk.trace import TracerProvider
+
+from gristmill.api.events.v1 import events_pb2
+from gristmill.core.events import MemoryBroker
+from gristmill.core.host import ServiceHost, Subscription, open_platform
+from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings
+from gristmill.registry import SERVICE_NAME
+from gristmill.registry.api.servicer import RegistryServicer, registration
+from gristmill.registry.domain.registry import Registry, utc_now
+from gristmill.registry.events.handlers import job_state_changed_handler, version_registered_handler
+from gristmill.registry.events.payloads import OutboxEventWriter
+from gristmill.registry.settings import RegistrySettings
+from gristmill.registry.store.sql import REGISTRY_TABLES, SqlRegistryStore
+
+
+@dataclass
+class RegistryApp:
+    """The assembled service; ``host`` runs it, the rest is exposed for ``__main__`` and tests."""
+
+    host: ServiceHost
+    registry: Registry
+    store: SqlRegistryStore
+    servicer: RegistryServicer
+
+
+def build_app(
+    settings: RegistrySettings,
+    *,
+    kafka: KafkaSettings,
+    s3: S3Settings,
+    telemetry: TelemetrySettings | None = None,
+    memory_broker: MemoryBroker | None = None,
+    tracer_provider: TracerProvider | None = None,
+    clock: Callable[[], datetime] = utc_now,
+) -> RegistryApp:
+    platform = open_platform(
+        SERVICE_NAME,
+        settings,
+        kafka=kafka,
+        s3=s3,
+        telemetry=telemetry,
+        tables=[REGISTRY_TABLES],
+        memory_broker=memory_broker,
+        tracer_provider=tracer_provider,
+    )
+    store = SqlRegistryStore(platform.database, OutboxEventWriter(platform.catalog, SERVICE_NAME))
+    registry = Registry(store, platform.objects, clock=clock, allow_local_paths=settings.allow_local_paths)
+    service, servicer = registration(registry)
+    catalog = platform.catalog
+    subscriptions = [
+        Subscription(
+            (catalog.topic_for(events_pb2.JobStateChanged),),
+            settings.job_events_group,
+            job_state_changed_handler(registry, store, catalog),
+        ),
+        Subscription(
+            (catalog.topic_for(events_pb2.ModelVersionRegistered),),
+            settings.promotion_group,
+            version_registered_handler(registry, store, catalog),
+        ),
+    ]
+    host = ServiceHost(platform, [service], settings, subscriptions)
+    return RegistryApp(host=host, registry=registry, store=store, servicer=servicer)
+
+
+def build_host(
+    settings: RegistrySettings,
+    *,
+    kafka: KafkaSettings,
+    s3: S3Settings,
+    telemetry: TelemetrySettings | None = None,
+    memory_broker: MemoryBroker | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> ServiceHost:
+    return build_app(
+        settings, kafka=kafka, s3=s3, telemetry=telemetry, memory_broker=memory_broker, tracer_provider=tracer_provider
+    ).host

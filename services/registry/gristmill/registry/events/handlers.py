@@ -1,0 +1,91 @@
+"""The registry's consumers.
+
+- ``JobStateChanged`` (training): a SUCCEEDED job naming a registered model becomes a version, verified
+  and copied like an RPC registration. Idempotent by ``lineage.training_job_id`` (falling back to the
+  event's ``job_id``): a redelivered or duplicated event finds the version and creates nothing.
+- ``ModelVersionRegistered`` (the registry's own): a READY version is put to the model's promotion policy.
+
+Each handler writes through the consumer's session, so its state change, its events and the
+handled-event record commit together. The PENDING version row of a registration commits first, in its
+own transaction: the copy runs outside any transaction, and a crash after it is finished by the
+redelivery (or by the verification resumed at start).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from sqlalchemy.orm import Session
+
+from gristmill.api.events.v1 import events_pb2
+from gristmill.api.training.v1 import training_pb2
+from gristmill.core.events import Event, EventCatalog, Handler
+from gristmill.core.ids import validate_id
+from gristmill.registry.api import convert
+from gristmill.registry.domain.model import DEFAULT_ORGANIZATION, Caller, VersionDraft, VersionStatus
+from gristmill.registry.domain.registry import Registration, Registry
+from gristmill.registry.store.sql import SqlRegistryStore
+
+log = logging.getLogger(__name__)
+
+
+def _organization(value: str) -> str:
+    return validate_id(value, what="organization_id") if value else DEFAULT_ORGANIZATION
+
+
+def registration_from_job(msg: events_pb2.JobStateChanged) -> Registration:
+    lineage = convert.lineage_from_proto(msg.lineage)
+    if not lineage.training_job_id:
+        # The job id is the idempotency key; the event always carries it.
+        lineage = replace(lineage, training_job_id=msg.job_id)
+    return Registration(
+        model_name=msg.registered_model_name,
+        create_model_if_missing=True,
+        draft=VersionDraft(
+            source_prefix=msg.artifact_prefix,
+            source_manifest=convert.file_from_proto(msg.manifest),
+            signature=convert.signature_from_proto(msg.signature),
+            task=convert.task_from_proto(msg.task),
+            label_map=tuple(msg.label_map.labels),
+            metrics=tuple(convert.metric_from_proto(m) for m in msg.metrics),
+            lineage=lineage,
+            description="",
+            tags=dict(msg.tags),
+        ),
+    )
+
+
+def job_state_changed_handler(registry: Registry, store: SqlRegistryStore, catalog: EventCatalog) -> Handler:
+    def handle(event: Event, session: Session) -> None:
+        msg = catalog.decode(event, events_pb2.JobStateChanged)
+        if msg.state != training_pb2.JOB_STATE_SUCCEEDED or not msg.registered_model_name:
+            return
+        caller = Caller(actor=event.source, organization_id=_organization(msg.organization_id))
+        version, needs_verification = registry.begin_registration(caller, registration_from_job(msg))
+        if not needs_verification:
+            log.info(
+                "job %s is already registered as %s v%d (%s); nothing to do",
+                msg.job_id,
+                version.model_name,
+                version.version,
+                version.status.value,
+            )
+            return
+        outcome = registry.verify(version)
+        done = registry.finish_registration(store.bind(session), version, outcome)
+        log.info("job %s registered as %s v%d: %s", msg.job_id, done.model_name, done.version, done.status.value)
+
+    return handle
+
+
+def version_registered_handler(registry: Registry, store: SqlRegistryStore, catalog: EventCatalog) -> Handler:
+    def handle(event: Event, session: Session) -> None:
+        msg = catalog.decode(event, events_pb2.ModelVersionRegistered)
+        if convert.status_from_proto(msg.status) is not VersionStatus.READY:
+            return
+        registry.evaluate_policy(
+            store.bind(session), _organization(msg.organization_id), msg.registered_model_name, msg.version
+        )
+
+    return handle

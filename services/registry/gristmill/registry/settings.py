@@ -1,0 +1,20 @@
+"""The registry's settings (environment prefix ``GRISTMILL_REGISTRY_``), read only in ``__main__``."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from gristmill.core.settings import ServiceSettings
+
+
+class RegistrySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="GRISTMILL_REGISTRY_", extra="ignore", frozen=True)
+
+    grpc_port: int = Field(default=50053, ge=0, le=65535)
+    # ImportBaseModel(local_path=...) reads a directory on this host: only sensible in the embedded and
+    # local modes, and off by default so a networked registry never reads its own disk for a caller.
+    allow_local_paths: bool = False
+    # Consumer groups; one per installation (tests give each run its own so that they share topics).
+    job_events_group: str = "registry-job-events"
+    promotion_group: str = "registry-promotion"
