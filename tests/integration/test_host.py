@@ -74,7 +74,8 @@ def _collector() -> tuple[list[events_pb2.AliasChanged], threading.Event, Callab
 
 async def test_host_on_the_embedded_platform(tmp_path: Path) -> None:
     settings = ServiceSettings(data_dir=tmp_path, grpc_port=0)
-    platform = open_platform("sample", settings, kafka=KafkaSettings(), s3=S3Settings())
+    # Explicit empty endpoints: `make test` exports the real stack's addresses into the environment.
+    platform = open_platform("sample", settings, kafka=KafkaSettings(bootstrap_servers=""), s3=S3Settings(endpoint=""))
     assert isinstance(platform.bus, MemoryEventBus)
     assert isinstance(platform.objects, LocalObjectStore)
     received, seen, handler = _collector()
