@@ -1,0 +1,199 @@
+"""The serving use cases, behind both gRPC APIs: deployments (create, update, get, list, delete), predictions
+(with prediction logging) and following alias moves.
+
+Each write validates everything first, checks the registry knows the target (NOT_FOUND /
+FAILED_PRECONDITION before anything is stored), stores the spec, and only then changes what runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gristmill.core.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
+from gristmill.serving.domain.deployments import DeploymentManager, DeploymentView, LoadedVersion
+from gristmill.serving.domain.model import (
+    MAX_TEXTS_PER_REQUEST,
+    DeploymentSpec,
+    VersionSelector,
+    validate_selector,
+    validate_spec,
+)
+from gristmill.serving.domain.predictions import PredictionResult, PredictionSink, records_to_log
+from gristmill.serving.domain.sources import ModelSource, ResolvedVersion
+from gristmill.serving.store.base import DeploymentStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class DeploymentPage:
+    deployments: tuple[DeploymentView, ...]
+    # The last name of this page when more may follow, else "".
+    next_after: str
+
+
+def validate_texts(texts: Sequence[str]) -> None:
+    if not texts:
+        raise InvalidArgumentError("no texts: send at least one text to classify")
+    if len(texts) > MAX_TEXTS_PER_REQUEST:
+        raise InvalidArgumentError(
+            f"{len(texts)} texts in one request; the limit is {MAX_TEXTS_PER_REQUEST}: split it into several requests"
+        )
+    for index, text in enumerate(texts):
+        if not text:
+            raise InvalidArgumentError(f"text {index} is empty; every text needs at least one character")
+
+
+class DeploymentService:
+    """What the servicers call. Use from the event loop; blocking store and registry calls go to threads."""
+
+    def __init__(
+        self,
+        store: DeploymentStore,
+        manager: DeploymentManager,
+        source: ModelSource,
+        *,
+        sink: PredictionSink | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.manager = manager
+        self.source = source
+        self.sink = sink
+        self._rng = rng or random.Random()
+
+    async def start(self) -> None:
+        """Serve the stored deployments again (each resolves and loads in the background)."""
+        await self.manager.start()
+        for spec in await asyncio.to_thread(self.store.list_all):
+            self.manager.add(spec)
+        log.info("serving: restored %d deployments", self.manager.count())
+
+    async def close(self) -> None:
+        await self.manager.close()
+
+    # -- deployments -------------------------------------------------------------------------------------
+
+    async def _resolve_targets(self, spec: DeploymentSpec) -> tuple[ResolvedVersion, ResolvedVersion | None]:
+        """Ask the source for the target (and canary): unknown or not-ready versions fail here, before any write."""
+        org, model = spec.organization_id, spec.registered_model_name
+        primary = await asyncio.to_thread(self.source.resolve, org, model, spec.target)
+        canary = None
+        if spec.canary is not None:
+            canary = await asyncio.to_thread(self.source.resolve, org, model, spec.canary.target)
+            if canary.version == primary.version:
+                raise InvalidArgumentError(
+                    f"canary.target ({spec.canary.target.describe()}) resolves to version {canary.version}, "
+                    f"the same version as the primary target ({spec.target.describe()}); choose another version"
+                )
+        return primary, canary
+
+    async def create(self, spec: DeploymentSpec, *, wait_until_ready: bool, timeout_s: float | None) -> DeploymentView:
+        validate_spec(spec)
+        if self.manager.has(spec.organization_id, spec.name):
+            raise AlreadyExistsError(
+                f"deployment {spec.name!r} already exists; choose another name or update it with UpdateDeployment"
+            )
+        primary, canary = await self._resolve_targets(spec)
+        await asyncio.to_thread(self.store.create, spec)
+        self.manager.add(spec, primary=primary, canary=canary)
+        if wait_until_ready:
+            await self.manager.wait_settled(spec.organization_id, spec.name, timeout_s)
+        return self.manager.view(spec)
+
+    async def current(self, organization_id: str, name: str) -> DeploymentSpec:
+        return await asyncio.to_thread(self.store.get, organization_id, name)
+
+    async def update(
+        self, spec: DeploymentSpec, *, previous: DeploymentSpec, wait_until_ready: bool, timeout_s: float | None
+    ) -> DeploymentView:
+        """Store and apply ``spec`` (``previous`` is what it replaces, as read by ``current``)."""
+        validate_spec(spec)
+        primary = canary = None
+        if spec.target != previous.target or spec.canary != previous.canary:
+            primary, canary = await self._resolve_targets(spec)
+            if spec.target == previous.target:
+                primary = None  # unchanged: do not reload it
+            if spec.canary is not None and previous.canary is not None and spec.canary.target == previous.canary.target:
+                canary = None
+        spec = spec.touched()
+        await asyncio.to_thread(self.store.update, spec)
+        if not self.manager.has(spec.organization_id, spec.name):
+            self.manager.add(spec)
+        else:
+            await self.manager.update(spec, primary=primary, canary=canary)
+        if wait_until_ready:
+            await self.manager.wait_settled(spec.organization_id, spec.name, timeout_s)
+        return self.manager.view(spec)
+
+    async def get(self, organization_id: str, name: str) -> DeploymentView:
+        spec = await asyncio.to_thread(self.store.get, organization_id, name)
+        return self.manager.view(spec)
+
+    async def list(self, organization_id: str, *, page_size: int, after: str) -> DeploymentPage:
+        if page_size < 0:
+            raise InvalidArgumentError(f"page.page_size must not be negative, got {page_size}")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        specs = await asyncio.to_thread(self.store.list_page, organization_id, after=after, limit=size + 1)
+        more = len(specs) > size
+        specs = specs[:size]
+        views = tuple(self.manager.view(spec) for spec in specs)
+        return DeploymentPage(views, specs[-1].name if more and specs else "")
+
+    async def delete(self, organization_id: str, name: str) -> None:
+        await asyncio.to_thread(self.store.delete, organization_id, name)
+        with contextlib.suppress(NotFoundError):  # stored but never served by this process
+            await self.manager.remove(organization_id, name)
+
+    # -- predictions -------------------------------------------------------------------------------------
+
+    def require(self, organization_id: str, name: str) -> None:
+        """``NotFoundError`` unless the deployment is served here."""
+        self.manager.spec(organization_id, name)
+
+    async def predict(
+        self,
+        organization_id: str,
+        name: str,
+        texts: Sequence[str],
+        *,
+        pin: VersionSelector | None = None,
+        request_id: str = "",
+        timeout_s: float | None = None,
+    ) -> tuple[PredictionResult, LoadedVersion]:
+        """Classify ``texts``; ``timeout_s`` is the time left until the caller's deadline."""
+        validate_texts(texts)
+        if pin is not None:
+            validate_selector(pin, what="target")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        spec = self.manager.spec(organization_id, name)
+        result, version = await self.manager.predict(
+            organization_id, name, texts, pin=pin, request_id=request_id or uuid.uuid4().hex, deadline=deadline
+        )
+        if self.sink is not None:
+            records = records_to_log(
+                result,
+                texts,
+                spec.prediction_logging,
+                organization_id=spec.organization_id,
+                labeling_project_id=version.resolved.labeling_project_id,
+                rng=self._rng,
+            )
+            if records:
+                self.sink.log(records)
+        return result, version
+
+    # -- events ------------------------------------------------------------------------------------------
+
+    def alias_changed_threadsafe(self, organization_id: str, model: str, alias: str, to_version: int | None) -> None:
+        self.manager.alias_changed_threadsafe(organization_id, model, alias, to_version)

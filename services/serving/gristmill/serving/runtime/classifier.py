@@ -1,0 +1,193 @@
+"""A Hugging Face sequence classifier (safetensors) as a ``Classifier``: fast tokenization and a batched
+forward pass on CPU, optionally with dynamic int8 quantisation.
+
+transformers' model code is imported with this module (at service start), so the memory measured for a
+load is the model's own, not the one-time cost of importing the library (~200 MB).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+from gristmill.core.errors import DataIntegrityError, FailedPreconditionError
+from gristmill.serving.domain.model import Quantization
+from gristmill.serving.domain.sources import TASK_MULTI_LABEL, Encoded, LoadOptions, ResolvedVersion
+from gristmill.serving.runtime.memory import release_memory, resident_bytes
+
+log = logging.getLogger(__name__)
+
+_WARMUP_TEXTS = ("warming up the model", "a slightly longer sentence to warm up the model with padding")
+# Tokenizers report huge sentinels (1e30) when they have no limit of their own.
+_NO_LIMIT = 1_000_000
+
+
+def configure_torch(threads: int) -> None:
+    """Intra-op threads for inference (0: one per core); one inter-op thread (a batch is one graph)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # already set, or work already ran: keep torch's value
+        torch.set_num_interop_threads(1)
+
+
+class TransformersClassifier:
+    """A loaded sequence-classification model. ``predict`` must be called from one thread at a time."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: Tokenizer,
+        *,
+        labels: Sequence[str],
+        multi_label: bool,
+        max_tokens: int,
+        pad_id: int,
+    ) -> None:
+        self._model = model
+        self._tokenizer = tokenizer
+        self._labels = tuple(labels)
+        self._multi_label = multi_label
+        self._max_tokens = max_tokens
+        self._pad_id = pad_id
+        self._specials = tokenizer.num_special_tokens_to_add(False)
+        self.memory_bytes = 0
+
+    @property
+    def labels(self) -> Sequence[str]:
+        return self._labels
+
+    @property
+    def multi_label(self) -> bool:
+        return self._multi_label
+
+    @property
+    def max_tokens(self) -> int:
+        return self._max_tokens
+
+    def encode(self, texts: Sequence[str], max_tokens: int) -> list[Encoded]:
+        # Special tokens are added after truncation, so a truncated text still ends with them ([SEP]).
+        budget = max(min(max_tokens, self._max_tokens) - self._specials, 1)
+        out = []
+        for encoding in self._tokenizer.encode_batch(list(texts), add_special_tokens=False):
+            full = len(encoding.ids) + self._specials
+            if len(encoding.ids) > budget:
+                encoding.truncate(budget)
+            out.append(Encoded(self._tokenizer.post_process(encoding).ids, full))
+        return out
+
+    def predict(self, batch: Sequence[Encoded]) -> Sequence[Sequence[float]]:
+        longest = max(item.length for item in batch)
+        ids = np.full((len(batch), longest), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(batch), longest), dtype=np.int64)
+        for row, item in enumerate(batch):
+            ids[row, : item.length] = item.ids
+            mask[row, : item.length] = 1
+        with torch.inference_mode():
+            logits = self._model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
+            probabilities = torch.sigmoid(logits) if self._multi_label else torch.softmax(logits, dim=-1)
+        rows: Sequence[Sequence[float]] = list(probabilities.float().numpy())
+        return rows
+
+    def close(self) -> None:
+        del self._model
+        release_memory()
+
+
+def _labels_of(directory: Path, resolved: ResolvedVersion, num_labels: int) -> list[str]:
+    if resolved.label_map:
+        labels = list(resolved.label_map)
+    else:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        id2label = config.get("id2label") or {}
+        labels = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(num_labels)]
+    if len(labels) != num_labels:
+        raise FailedPreconditionError(
+            f"version {resolved.version} of {resolved.registered_model_name} has {num_labels} outputs but "
+            f"{len(labels)} labels in its label map; register a version whose label map matches the model"
+        )
+    return labels
+
+
+def load_transformers_classifier(
+    directory: Path, resolved: ResolvedVersion, options: LoadOptions
+) -> TransformersClassifier:
+    """Load tokenizer + model from ``directory`` (safetensors only), quantise if asked, warm up; measure memory."""
+    if not (directory / "model.safetensors").is_file():
+        raise DataIntegrityError(
+            f"version {resolved.version} of {resolved.registered_model_name} has no model.safetensors; "
+            "serving loads safetensors weights only"
+        )
+    # Load reports and progress bars are for notebooks; the service logs one line per load instead.
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    release_memory()
+    before = resident_bytes()
+    try:
+        hf_tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise FailedPreconditionError(
+            f"version {resolved.version} of {resolved.registered_model_name} is not a loadable Hugging Face "
+            f"sequence classifier: {exc}"
+        ) from None
+    model.eval()
+    if options.quantization is Quantization.DYNAMIC_INT8:
+        model = quantize_dynamic_int8(model)
+    backend = hf_tokenizer.backend_tokenizer
+    tokenizer = Tokenizer.from_str(backend.to_str())
+    # The saved tokenizer may pad/truncate to a fixed length; the batcher pads per batch instead.
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    config = model.config
+    limit = int(getattr(config, "max_position_embeddings", 0) or _NO_LIMIT)
+    model_max = int(getattr(hf_tokenizer, "model_max_length", _NO_LIMIT) or _NO_LIMIT)
+    if model_max < _NO_LIMIT:
+        limit = min(limit, model_max)
+    pad_id = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else 0
+    multi = resolved.task == TASK_MULTI_LABEL or getattr(config, "problem_type", "") == "multi_label_classification"
+    classifier = TransformersClassifier(
+        model,
+        tokenizer,
+        labels=_labels_of(directory, resolved, int(config.num_labels)),
+        multi_label=multi,
+        max_tokens=min(limit, _NO_LIMIT),
+        pad_id=int(pad_id),
+    )
+    del hf_tokenizer
+    # Warm up: the first forward passes allocate and pick kernels; do that before taking traffic.
+    for size in (1, 4):
+        classifier.predict(classifier.encode(list(_WARMUP_TEXTS) * size, classifier.max_tokens)[: size * 2])
+    release_memory()
+    classifier.memory_bytes = max(resident_bytes() - before, 0)
+    log.info(
+        "loaded %s version %d (%s): %.1f MB resident",
+        resolved.registered_model_name,
+        resolved.version,
+        options.quantization.value,
+        classifier.memory_bytes / 1e6,
+    )
+    return classifier
+
+
+def quantize_dynamic_int8(model: PreTrainedModel) -> PreTrainedModel:
+    """int8 weights for every Linear layer, activations quantised on the fly (CPU inference)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        # torch marks the eager-mode quantisation API deprecated (moving to torchao); it still works and is
+        # the documented dynamic-quantisation path for CPU.
+        warnings.simplefilter("ignore")
+        quantized: PreTrainedModel = quantize_dynamic(  # type: ignore[no-untyped-call]
+            model, {torch.nn.Linear}, dtype=torch.qint8
+        )
+    return quantized

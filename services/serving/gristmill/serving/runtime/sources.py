@@ -1,0 +1,204 @@
+"""Model sources: the registry (download manifest over gRPC, files from the object store, checksums verified)
+and a local directory (tests, experiments).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import uuid
+from pathlib import Path
+
+import grpc
+
+from gristmill.api.common.v1 import common_pb2
+from gristmill.api.registry.v1 import registry_pb2, registry_pb2_grpc
+from gristmill.core.errors import (
+    DataIntegrityError,
+    FailedPreconditionError,
+    GristmillError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
+from gristmill.core.ids import validate_id
+from gristmill.core.manifests import FileEntry, ModelManifest
+from gristmill.core.storage import ObjectStore, validate_key
+from gristmill.core.storage.base import sha256_file
+from gristmill.serving.domain.model import VersionSelector
+from gristmill.serving.domain.sources import (
+    TASK_SINGLE_LABEL,
+    ModelFile,
+    ModelSource,
+    ResolvedVersion,
+    TensorSpec,
+)
+
+log = logging.getLogger(__name__)
+
+# Lineage hyper-parameters that carry the training sequence length, by the names trainers use.
+_LENGTH_KEYS = ("max_sequence_length", "max_length", "max_seq_length")
+
+
+def download_verified(objects: ObjectStore, resolved: ResolvedVersion, dest: Path) -> Path:
+    """``dest`` holding every file of ``resolved``, each verified against its sha256.
+
+    Files already there from an earlier load are re-hashed and reused when they match; otherwise the version
+    is downloaded into a temporary directory next to ``dest`` that replaces it once complete, so a crash
+    never leaves a half-downloaded model that looks complete.
+    """
+    if not resolved.files:
+        raise DataIntegrityError(
+            f"version {resolved.version} of {resolved.registered_model_name} lists no files to download"
+        )
+    if dest.is_dir() and all(
+        (dest / f.name).is_file() and sha256_file(dest / f.name) == f.sha256 for f in resolved.files
+    ):
+        return dest
+    manifest = ModelManifest(
+        files={f.name: FileEntry(f.key, f.sha256, f.size_bytes) for f in resolved.files},
+        task_type=resolved.task,
+        label_map=list(resolved.label_map),
+        signature={},
+        lineage={},
+    )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.parent / f".download-{dest.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        manifest.download(objects, staging)
+        if dest.exists():
+            shutil.rmtree(dest)
+        staging.rename(dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest
+
+
+def _relative_name(key: str, prefix: str) -> str:
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    return key[len(prefix) :] if prefix and key.startswith(prefix) else key.rsplit("/", 1)[-1]
+
+
+def _tensors(specs: object) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in specs)  # type: ignore[attr-defined]
+
+
+def resolved_from_manifest(manifest: registry_pb2.DownloadManifest) -> ResolvedVersion:
+    """The domain's view of the registry's download manifest."""
+    prefix = manifest.artifact_prefix
+    files = []
+    for ref in manifest.files:
+        name = _relative_name(ref.key, prefix)
+        files.append(ModelFile(name=name, key=ref.key, sha256=ref.sha256, size_bytes=ref.size_bytes))
+    hyper = manifest.lineage.hyper_parameters
+    length = 0
+    for key in _LENGTH_KEYS:
+        if hyper.get(key, "").isdigit():
+            length = int(hyper[key])
+            break
+    task = common_pb2.TaskType.Name(manifest.task) if manifest.task else TASK_SINGLE_LABEL
+    return ResolvedVersion(
+        registered_model_name=manifest.registered_model_name,
+        version=manifest.version,
+        files=tuple(files),
+        resolved_alias=manifest.resolved_alias,
+        label_map=tuple(manifest.label_map.labels),
+        task=task,
+        inputs=_tensors(manifest.signature.inputs),
+        outputs=_tensors(manifest.signature.outputs),
+        labeling_project_id=manifest.lineage.dataset_version.project_id,
+        max_sequence_length=length,
+        extra={"artifact_prefix": prefix},
+    )
+
+
+def _registry_error(exc: grpc.RpcError, address: str, what: str) -> GristmillError:
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFoundError(f"the registry does not know {what}: {details}")
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPreconditionError(f"the registry cannot serve {what}: {details}")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgumentError(f"the registry refused {what}: {details}")
+    return UnavailableError(f"the registry at {address} did not answer for {what} ({code}): {details}")
+
+
+class RegistryModelSource(ModelSource):
+    """Resolves through the registry's ``GetDownloadManifest``; downloads from the object store into a cache."""
+
+    def __init__(self, address: str, objects: ObjectStore, cache_dir: Path, *, timeout_s: float = 30.0) -> None:
+        self.address = address
+        self._objects = objects
+        self._cache_dir = Path(cache_dir)
+        self._timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(address)
+        self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
+
+    def resolve(self, organization_id: str, registered_model_name: str, selector: VersionSelector) -> ResolvedVersion:
+        validate_id(registered_model_name, what="registered_model_name")
+        request = registry_pb2.GetDownloadManifestRequest(registered_model_name=registered_model_name)
+        if selector.version is not None:
+            request.selector.version = selector.version
+        elif selector.alias is not None:
+            request.selector.alias = selector.alias
+        what = f"{selector.describe()} of {registered_model_name!r}"
+        try:
+            manifest = self._stub.GetDownloadManifest(request, timeout=self._timeout_s)
+        except grpc.RpcError as exc:
+            raise _registry_error(exc, self.address, what) from None
+        return resolved_from_manifest(manifest)
+
+    def fetch(self, resolved: ResolvedVersion) -> Path:
+        # Cached by the registry's artifact prefix (a validated key, unique per stored version).
+        prefix = str(resolved.extra.get("artifact_prefix", "")).strip("/")
+        relative = validate_key(prefix) if prefix else f"{resolved.registered_model_name}/{resolved.version}"
+        return download_verified(self._objects, resolved, self._cache_dir / relative)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class LocalDirectoryModelSource(ModelSource):
+    """Versions are Hugging Face model directories ``<root>/<model>/<version>/``; aliases live in memory.
+
+    For unit tests and local experiments: nothing is downloaded, so nothing is verified either.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._aliases: dict[tuple[str, str], int] = {}
+
+    def set_alias(self, model: str, alias: str, version: int | None) -> None:
+        if version is None:
+            self._aliases.pop((model, alias), None)
+        else:
+            self._aliases[(model, alias)] = version
+
+    def resolve(self, organization_id: str, registered_model_name: str, selector: VersionSelector) -> ResolvedVersion:
+        model = validate_id(registered_model_name, what="registered_model_name")
+        if not (self.root / model).is_dir():
+            raise NotFoundError(f"registered model {model!r} does not exist")
+        version = selector.version
+        if selector.alias is not None:
+            version = self._aliases.get((model, selector.alias))
+            if version is None:
+                raise NotFoundError(f"registered model {model!r} has no alias {selector.alias!r}")
+        path = self.root / model / str(version)
+        if not (path / "config.json").is_file():
+            raise NotFoundError(f"registered model {model!r} has no version {version}")
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        id2label = config.get("id2label") or {}
+        labels = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+        assert version is not None
+        return ResolvedVersion(
+            registered_model_name=model,
+            version=version,
+            resolved_alias=selector.alias or "",
+            label_map=labels,
+            extra={"path": str(path)},
+        )
+
+    def fetch(self, resolved: ResolvedVersion) -> Path:
+        return Path(resolved.extra["path"])

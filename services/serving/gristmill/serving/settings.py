@@ -1,0 +1,31 @@
+"""The serving service's settings (``GRISTMILL_SERVING_*``), read once by ``__main__``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from gristmill.core.settings import ServiceSettings
+
+
+class ServingSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="GRISTMILL_SERVING_", extra="ignore", frozen=True)
+
+    grpc_port: int = Field(default=50054, ge=0, le=65535)
+    # Where the registry's gRPC API listens; models load from its download manifests.
+    registry_address: str = "127.0.0.1:50053"
+    # Seconds a registry call may take before a load counts as failed.
+    registry_timeout_s: float = Field(default=30.0, gt=0)
+    # Downloaded, checksum-verified model files. Empty means <data_dir>/models.
+    model_cache_dir: Path | None = None
+    # torch intra-op threads for inference; 0 means one per CPU core.
+    torch_threads: int = Field(default=0, ge=0, le=256)
+    # Consumer group of the alias-changed consumer.
+    consumer_group: str = "serving"
+    # Prediction-log events waiting to be written to the outbox before new ones are dropped (and counted).
+    prediction_log_capacity: int = Field(default=10_000, ge=1)
+
+    def resolved_model_cache_dir(self) -> Path:
+        return self.model_cache_dir or self.data_dir / "models"

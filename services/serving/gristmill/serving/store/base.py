@@ -1,0 +1,46 @@
+"""The deployment store interface.
+
+It keeps what must survive a restart: each deployment's spec (so the process serves the same deployments
+after a restart) and, per registered model and alias, the sequence of the last ``alias changed`` event
+applied (so an older, redelivered event never moves a deployment back).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+from gristmill.serving.domain.model import DeploymentSpec
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+
+class DeploymentStore(ABC):
+    """Errors: ``AlreadyExistsError`` (create of a taken name), ``NotFoundError`` (unknown deployment)."""
+
+    @abstractmethod
+    def create(self, spec: DeploymentSpec) -> None: ...
+
+    @abstractmethod
+    def update(self, spec: DeploymentSpec) -> None: ...
+
+    @abstractmethod
+    def get(self, organization_id: str, name: str) -> DeploymentSpec: ...
+
+    @abstractmethod
+    def list_page(self, organization_id: str, *, after: str = "", limit: int = 50) -> list[DeploymentSpec]:
+        """The organisation's deployments by name, those after ``after`` only, at most ``limit``."""
+
+    @abstractmethod
+    def list_all(self) -> list[DeploymentSpec]:
+        """Every deployment of every organisation (restored at start)."""
+
+    @abstractmethod
+    def delete(self, organization_id: str, name: str) -> None: ...
+
+    @abstractmethod
+    def apply_alias_sequence(
+        self, session: Session, organization_id: str, registered_model_name: str, alias: str, sequence: int
+    ) -> bool:
+        """Record ``sequence`` as applied, in the caller's transaction; False if an equal or newer one was."""
