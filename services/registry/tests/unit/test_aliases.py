@@ -65,30 +65,63 @@ def test_alias_refusals(env: Env) -> None:
     env.registry.register_version(CALLER, Registration("m", True, draft(manifest, "jobs/pending")), wait=False)
     env.registry.set_alias(CALLER, "m", "production", 1, reason="", expected=None)
     cases = [
-        (lambda: env.registry.set_alias(CALLER, "m", "production", 2, reason="", expected=None),
-         FailedPreconditionError, "is PENDING"),
-        (lambda: env.registry.set_alias(CALLER, "m", "production", 9, reason="", expected=None),
-         NotFoundError, "version 9"),
-        (lambda: env.registry.set_alias(CALLER, "nope", "production", 1, reason="", expected=None),
-         NotFoundError, "'nope' does not exist"),
-        (lambda: env.registry.set_alias(CALLER, "m", "production", 1, reason="", expected=0),
-         AbortedError, "points to version 1, not nothing"),
-        (lambda: env.registry.set_alias(CALLER, "m", "1st", 1, reason="", expected=None),
-         InvalidArgumentError, "must start with a letter"),
-        (lambda: env.registry.set_alias(CALLER, "m", "Prod!", 1, reason="", expected=None),
-         InvalidArgumentError, "alias 'Prod!' is not valid"),
-        (lambda: env.registry.set_alias(CALLER, "m", "production", 0, reason="", expected=None),
-         InvalidArgumentError, "positive"),
-        (lambda: env.registry.set_alias(CALLER, "m", "production", 1, reason="", expected=-1),
-         InvalidArgumentError, "expected_current_version"),
-        (lambda: env.registry.delete_alias(CALLER, "m", "staging", reason="", expected=None),
-         NotFoundError, "alias 'staging'"),
-        (lambda: env.registry.delete_alias(CALLER, "m", "production", reason="", expected=3),
-         AbortedError, "moved meanwhile"),
-        (lambda: env.registry.get_version(CALLER, "m", version=None, alias="staging"),
-         NotFoundError, "alias 'staging'"),
+        (
+            lambda: env.registry.set_alias(CALLER, "m", "production", 2, reason="", expected=None),
+            FailedPreconditionError,
+            "is PENDING",
+        ),
+        (
+            lambda: env.registry.set_alias(CALLER, "m", "production", 9, reason="", expected=None),
+            NotFoundError,
+            "version 9",
+        ),
+        (
+            lambda: env.registry.set_alias(CALLER, "nope", "production", 1, reason="", expected=None),
+            NotFoundError,
+            "'nope' does not exist",
+        ),
+        (
+            lambda: env.registry.set_alias(CALLER, "m", "production", 1, reason="", expected=0),
+            AbortedError,
+            "points to version 1, not nothing",
+        ),
+        (
+            lambda: env.registry.set_alias(CALLER, "m", "1st", 1, reason="", expected=None),
+            InvalidArgumentError,
+            "must start with a letter",
+        ),
+        (
+            lambda: env.registry.set_alias(CALLER, "m", "Prod!", 1, reason="", expected=None),
+            InvalidArgumentError,
+            "alias 'Prod!' is not valid",
+        ),
+        (
+            lambda: env.registry.set_alias(CALLER, "m", "production", 0, reason="", expected=None),
+            InvalidArgumentError,
+            "positive",
+        ),
+        (
+            lambda: env.registry.set_alias(CALLER, "m", "production", 1, reason="", expected=-1),
+            InvalidArgumentError,
+            "expected_current_version",
+        ),
+        (
+            lambda: env.registry.delete_alias(CALLER, "m", "staging", reason="", expected=None),
+            NotFoundError,
+            "alias 'staging'",
+        ),
+        (
+            lambda: env.registry.delete_alias(CALLER, "m", "production", reason="", expected=3),
+            AbortedError,
+            "moved meanwhile",
+        ),
+        (
+            lambda: env.registry.get_version(CALLER, "m", version=None, alias="staging"),
+            NotFoundError,
+            "alias 'staging'",
+        ),
         (lambda: env.registry.alias_history(CALLER, "nope", "", 0, ""), NotFoundError, "'nope'"),
-    ]  # fmt: skip
+    ]
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()

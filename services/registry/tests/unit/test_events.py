@@ -1,0 +1,195 @@
+"""The event loop on the in-process bus: a training job's SUCCEEDED event registers a version (once, however
+often it is delivered), its ``model version registered`` event drives the promotion policy, and the
+promotion's ``alias changed`` event continues the trace of the job event."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from gristmill.api.common.v1 import common_pb2
+from gristmill.api.events.v1 import events_pb2
+from gristmill.api.registry.v1 import registry_pb2
+from gristmill.api.training.v1 import training_pb2
+from gristmill.core.events import Event, MemoryBroker, MemoryEventBus, OutboxRelay
+from gristmill.core.events.bus import Consumer
+from gristmill.core.settings import KafkaSettings, S3Settings
+from gristmill.registry.app import RegistryApp, build_app
+from gristmill.registry.domain.model import MetricGoal, ModelQuery, PromotionMode, PromotionPolicy, VersionStatus
+from gristmill.registry.settings import RegistrySettings
+from services.registry.tests.support import CALLER, SIGNATURE, upload_model
+
+
+def _job_event(job_id: str, manifest: common_pb2.ObjectRef, prefix: str, *, accuracy: float, model: str = "reviews"):
+    return events_pb2.JobStateChanged(
+        job_id=job_id,
+        state=training_pb2.JOB_STATE_SUCCEEDED,
+        previous_state=training_pb2.JOB_STATE_RUNNING,
+        metrics=[common_pb2.Metric(name="accuracy", value=accuracy, split=common_pb2.DATASET_SPLIT_TEST)],
+        registered_model_name=model,
+        artifact_prefix=prefix,
+        manifest=manifest,
+        signature=common_pb2.ModelSignature(
+            inputs=[
+                common_pb2.TensorSpec(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+                for t in SIGNATURE["inputs"]
+            ],
+            outputs=[
+                common_pb2.TensorSpec(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+                for t in SIGNATURE["outputs"]
+            ],
+        ),
+        task=common_pb2.TASK_TYPE_TEXT_CLASSIFICATION,
+        label_map=common_pb2.LabelMap(labels=["negative", "positive"]),
+        lineage=common_pb2.Lineage(
+            training_job_id=job_id,
+            dataset_version=common_pb2.DatasetVersionRef(project_id="reviews", dataset_version_id="dv7"),
+            base_model=common_pb2.BaseModelRef(base_model_name="minilm", content_sha256="c" * 64),
+            hyper_parameters={"learning_rate": "2e-05", "method": "lora"},
+        ),
+        tags={"team": "nlp"},
+    )
+
+
+class Loop:
+    """The app's consumers and outbox relay, stepped by hand."""
+
+    def __init__(self, app: RegistryApp) -> None:
+        self.app = app
+        platform = app.host.platform
+        self.bus = platform.bus
+        self.relay = OutboxRelay(platform.database, self.bus)
+        self.consumers: list[Consumer] = [
+            self.bus.subscribe(sub.topics, sub.group_id, sub.handler) for sub in app.host.subscriptions
+        ]
+
+    def run(self) -> None:
+        """Deliver until quiet: consume every topic, publish the outbox, repeat."""
+        for _ in range(5):
+            consumed = sum(c.poll_once(0.05) for c in self.consumers)
+            published = self.relay.relay_once()
+            if not consumed and not published:
+                return
+
+    def close(self) -> None:
+        for c in self.consumers:
+            c.stop()
+
+
+def test_job_event_registers_once_promotes_and_keeps_the_trace(tmp_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    broker = MemoryBroker()
+    settings = RegistrySettings(data_dir=tmp_path, grpc_port=0)
+    app = build_app(settings, kafka=KafkaSettings(), s3=S3Settings(), memory_broker=broker, tracer_provider=provider)
+    registry, objects = app.registry, app.host.platform.objects
+    loop = Loop(app)
+    training = MemoryEventBus(broker, tracer_provider=provider)
+    catalog = app.host.platform.catalog
+
+    registry.create_model(
+        CALLER,
+        name="reviews",
+        description="",
+        task="TASK_TYPE_TEXT_CLASSIFICATION",
+        label_map=("negative", "positive"),
+        tags={},
+    )
+    registry.set_policy(
+        CALLER,
+        PromotionPolicy(
+            "reviews",
+            True,
+            "production",
+            "accuracy",
+            "test",
+            MetricGoal.MAXIMIZE,
+            "",
+            0.005,
+            None,
+            PromotionMode.AUTOMATIC,
+        ),
+    )
+    ref = upload_model(objects, "jobs/job-1")
+    manifest = common_pb2.ObjectRef(key=ref.key, sha256=ref.sha256, size_bytes=ref.size_bytes)
+    message = _job_event("job-1", manifest, "jobs/job-1", accuracy=0.91)
+    tracer = provider.get_tracer("training")
+    with tracer.start_as_current_span("SubmitJob") as root:
+        event = Event.create(message, key="job-1", source="training", catalog=catalog)
+        training.publish(event)
+    trace_id = root.get_span_context().trace_id
+    loop.run()
+
+    version = registry.get_version(CALLER, "reviews", version=None, alias="production")
+    assert version.version == 1 and version.status is VersionStatus.READY
+    assert version.lineage.training_job_id == "job-1" and version.lineage.hyper_parameters["method"] == "lora"
+    assert version.lineage.base_model is not None and version.lineage.base_model.base_model_name == "minilm"
+    assert version.tags == {"team": "nlp"} and version.created_by == "training"
+    [alias_record] = broker.records(catalog.topic_for(events_pb2.AliasChanged))
+    alias_event = Event.from_record(alias_record.topic, alias_record.key, alias_record.value, alias_record.headers)
+    changed = catalog.decode(alias_event, events_pb2.AliasChanged)
+    assert (changed.to_version, changed.actor, changed.cause) == (1, "policy", registry_pb2.ALIAS_CHANGE_CAUSE_POLICY)
+    traceparent = dict(alias_event.trace_headers)["traceparent"].decode()
+    assert traceparent.split("-")[1] == format(trace_id, "032x")
+
+    # The same event again (a redelivery), and a second event for the same job (a duplicate): nothing new.
+    training.publish(event)
+    training.publish(Event.create(message, key="job-1", source="training", catalog=catalog))
+    loop.run()
+    assert registry.get_model(CALLER, "reviews").latest_version == 1
+    assert len(broker.records(catalog.topic_for(events_pb2.ModelVersionRegistered))) == 1
+    assert len(broker.records(catalog.topic_for(events_pb2.AliasChanged))) == 1
+
+    # A job whose artifact was tampered with after its manifest was written: FAILED, never promoted.
+    bad = upload_model(objects, "jobs/job-2")
+    objects.put_bytes("jobs/job-2/model.safetensors", b"tampered", overwrite=True)
+    bad_ref = common_pb2.ObjectRef(key=bad.key, sha256=bad.sha256, size_bytes=bad.size_bytes)
+    training.publish(
+        Event.create(
+            _job_event("job-2", bad_ref, "jobs/job-2", accuracy=0.99), key="job-2", source="training", catalog=catalog
+        )
+    )
+    # Not SUCCEEDED, or nothing to register: ignored.
+    running = events_pb2.JobStateChanged(
+        job_id="job-3", state=training_pb2.JOB_STATE_RUNNING, registered_model_name="reviews"
+    )
+    training.publish(Event.create(running, key="job-3", source="training", catalog=catalog))
+    loop.run()
+    failed = registry.get_version(CALLER, "reviews", version=2, alias=None)
+    assert failed.status is VersionStatus.FAILED and "model.safetensors: sha256 mismatch" in failed.status_reason
+    assert registry.get_model(CALLER, "reviews").latest_version == 2
+    assert registry.get_model(CALLER, "reviews").aliases == {"production": 1}
+    registered = broker.records(catalog.topic_for(events_pb2.ModelVersionRegistered))
+    statuses = [events_pb2.ModelVersionRegistered.FromString(r.value or b"").status for r in registered]
+    assert statuses == [registry_pb2.MODEL_VERSION_STATUS_READY, registry_pb2.MODEL_VERSION_STATUS_FAILED]
+    loop.close()
+    app.host.platform.close()
+
+
+def test_undecodable_or_invalid_job_events_are_dead_lettered(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    settings = RegistrySettings(data_dir=tmp_path, grpc_port=0, job_events_group=f"g-{uuid.uuid4().hex[:6]}")
+    app = build_app(settings, kafka=KafkaSettings(), s3=S3Settings(), memory_broker=broker)
+    loop = Loop(app)
+    catalog = app.host.platform.catalog
+    producer = MemoryEventBus(broker)
+    bad_name = events_pb2.JobStateChanged(
+        job_id="job-9",
+        state=training_pb2.JOB_STATE_SUCCEEDED,
+        registered_model_name="Bad Name!",
+        artifact_prefix="jobs/job-9",
+        manifest=common_pb2.ObjectRef(key="jobs/job-9/manifest.json", sha256="0" * 64),
+    )
+    producer.publish(Event.create(bad_name, key="job-9", source="training", catalog=catalog))
+    loop.run()
+    topic = catalog.topic_for(events_pb2.JobStateChanged)
+    [dead] = broker.records(topic + ".dlq")
+    assert b"registered model name" in dict(dead.headers)["error"]
+    assert app.registry.search_models(CALLER, ModelQuery(), 0, "") == ([], "")  # nothing was written
+    loop.close()
+    app.host.platform.close()
