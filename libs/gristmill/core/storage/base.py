@@ -9,9 +9,11 @@ existing key is refused unless ``overwrite=True``. Keys are only ever built from
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -105,6 +107,26 @@ def verify(key: str, actual_sha256: str, recorded_sha256: str, expected_sha256: 
         )
     if not recorded_sha256 and not expected_sha256:
         raise DataIntegrityError(f"object {key!r} has no recorded checksum; it was not written by Gristmill")
+
+
+def download_verified(
+    key: str, dest: Path, fetch: Callable[[Path], object], recorded_sha256: str, expected_sha256: str | None
+) -> None:
+    """``fetch`` the object into a temporary file beside ``dest``, verify it, then move it into place.
+
+    ``dest`` appears only once verified; a failed or refused download leaves nothing behind.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        fetch(tmp)
+        verify(key, sha256_file(tmp), recorded_sha256, expected_sha256)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class ObjectStore(ABC):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from gristmill.core.storage.base import (
     ObjectInfo,
     ObjectStore,
     copy_hashing,
-    sha256_file,
+    download_verified,
     validate_key,
     validate_prefix,
     verify,
@@ -98,18 +99,9 @@ class LocalObjectStore(ObjectStore):
 
     def get_file(self, key: str, dest: Path, *, expected_sha256: str | None = None) -> ObjectInfo:
         info = self.stat(key)
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as out, (self.root / key).open("rb") as src:
-                copy_hashing(src, out)
-            verify(key, sha256_file(tmp), info.sha256, expected_sha256)
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        download_verified(
+            key, Path(dest), lambda tmp: shutil.copyfile(self.root / key, tmp), info.sha256, expected_sha256
+        )
         return info
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:

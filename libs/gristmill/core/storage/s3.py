@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from gristmill.core.settings import S3Settings
 from gristmill.core.storage.base import (
     ObjectInfo,
     ObjectStore,
+    download_verified,
     sha256_file,
     validate_key,
     validate_prefix,
@@ -149,18 +148,14 @@ class S3ObjectStore(ObjectStore):
 
     def get_file(self, key: str, dest: Path, *, expected_sha256: str | None = None) -> ObjectInfo:
         info = self.stat(key)
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            self._call(self._client.fget_object, self.bucket, self._name(key), tmp_name)
-            verify(key, sha256_file(tmp), info.sha256, expected_sha256)
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        name = self._name(key)
+        download_verified(
+            key,
+            Path(dest),
+            lambda tmp: self._call(self._client.fget_object, self.bucket, name, str(tmp)),
+            info.sha256,
+            expected_sha256,
+        )
         return info
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
