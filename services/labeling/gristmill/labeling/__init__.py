@@ -1,0 +1,1 @@
+"""Gristmill labeling service: projects, import with cleaning, tasks and annotations, agreement, datasets."""

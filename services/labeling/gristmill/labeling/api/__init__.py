@@ -1,0 +1,1 @@
+"""gRPC adapter: the thin servicer and the proto ↔ domain conversions."""

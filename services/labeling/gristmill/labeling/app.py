@@ -1,0 +1,60 @@
+"""Wiring: settings → platform (database, objects, bus, tracing) → store, service, servicer, consumer → host."""
+
+from __future__ import annotations
+
+from opentelemetry.sdk.trace import TracerProvider
+
+from gristmill.api.labeling.v1 import labeling_pb2, labeling_pb2_grpc
+from gristmill.core.events import MemoryBroker
+from gristmill.core.events.topics import PREDICTION_LOGGED
+from gristmill.core.grpcserver import ServiceRegistration
+from gristmill.core.host import ServiceHost, Subscription, open_platform
+from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings
+from gristmill.labeling.api.servicer import LabelingServicer
+from gristmill.labeling.domain.importer import IndexCache
+from gristmill.labeling.domain.service import Clock, LabelingService, utc_now
+from gristmill.labeling.events.payloads import DatasetVersionAnnouncer
+from gristmill.labeling.events.predictions import PredictionLogHandler
+from gristmill.labeling.settings import LabelingSettings
+from gristmill.labeling.store import tables
+from gristmill.labeling.store.sql import SqlLabelingStore
+
+SERVICE = "labeling"
+
+
+def build_host(
+    settings: LabelingSettings,
+    *,
+    kafka: KafkaSettings,
+    s3: S3Settings,
+    telemetry: TelemetrySettings | None = None,
+    memory_broker: MemoryBroker | None = None,
+    tracer_provider: TracerProvider | None = None,
+    clock: Clock = utc_now,
+) -> ServiceHost:
+    """The labeling service, ready to ``start()`` (or ``run_until_signal()``)."""
+    platform = open_platform(
+        SERVICE,
+        settings,
+        kafka=kafka,
+        s3=s3,
+        telemetry=telemetry,
+        tables=[tables.metadata],
+        memory_broker=memory_broker,
+        tracer_provider=tracer_provider,
+    )
+    store = SqlLabelingStore(platform.database, announce=DatasetVersionAnnouncer(platform.catalog))
+    service = LabelingService(
+        store, platform.objects, clock=clock, index_cache=IndexCache(settings.index_cache_projects)
+    )
+    servicer = LabelingServicer(service)
+    registration = ServiceRegistration(
+        labeling_pb2.DESCRIPTOR.services_by_name["LabelingService"],
+        lambda server: labeling_pb2_grpc.add_LabelingServiceServicer_to_server(servicer, server),
+    )
+    consumer = Subscription(
+        (PREDICTION_LOGGED,),
+        settings.active_learning_group,
+        PredictionLogHandler(service, store, platform.catalog),
+    )
+    return ServiceHost(platform, [registration], settings, [consumer])

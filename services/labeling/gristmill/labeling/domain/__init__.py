@@ -1,0 +1,1 @@
+"""The labeling rules. Imports no gRPC, Kafka, MinIO or SQLAlchemy."""

@@ -1,0 +1,374 @@
+"""The import pipeline: read → validate → normalise → mask → spool, then deduplicate and store at once.
+
+Two phases, so that the import is atomic without holding anything big in memory or a database lock
+while a client streams:
+
+1. While records arrive (``feed_*``), each is parsed and validated (a bad record fails the whole
+   import, nothing stored), normalised, length-checked and PII-masked, and the survivors are spooled
+   to a temporary file.
+2. ``finish`` takes the project's import lock, brings the project's near-duplicate index up to date
+   with the database, and, in one transaction, drops records whose external id or text the project
+   already has (or this import had earlier), detects near duplicates, and stores the rest.
+
+Memory is bounded by the spool batch, the per-import sets of text hashes and external-id digests, and
+the project's LSH index; texts live only in the spool and the database.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import pickle
+import tempfile
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import IO
+
+from gristmill.labeling.domain import neardup
+from gristmill.labeling.domain.cleaning import TextMasker, normalize_text
+from gristmill.labeling.domain.model import (
+    DroppedRecord,
+    DropReason,
+    ImportFormat,
+    ImportOptions,
+    ImportReport,
+    ItemSource,
+    NearDuplicatePolicy,
+    Prediction,
+    Project,
+    RawRecord,
+)
+from gristmill.labeling.domain.ordering import new_shuffle_key
+from gristmill.labeling.domain.parsing import CsvReader, JsonlReader, LineSplitter, RecordBuilder
+from gristmill.labeling.store.base import ItemWriter, NewItem
+
+MAX_REPORTED_DROPS = 1_000
+# Records per spool batch and per database round trip in phase 2.
+_BATCH = 2_000
+
+IdFactory = Callable[[], str]
+
+
+@dataclass(frozen=True)
+class _Cleaned:
+    """A record after phase 1: normalised and masked text, ready for deduplication."""
+
+    line: int
+    external_id: str
+    text: str
+    metadata: dict[str, str]
+    labels: tuple[str, ...]
+    normalized: bool
+    masked: tuple[tuple[str, int], ...]
+    prediction: Prediction | None = None
+
+
+class IndexCache:
+    """The near-duplicate index of the most recently used projects, and one lock per project.
+
+    The lock serialises phase 2 of imports (and active-learning inserts) per project, so that the
+    in-memory index and the database move together.
+    """
+
+    def __init__(self, capacity: int = 32) -> None:
+        self.capacity = capacity
+        self._indexes: OrderedDict[tuple[str, str, float], neardup.NearDuplicateIndex] = OrderedDict()
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def lock(self, organization_id: str, project_id: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault((organization_id, project_id), threading.Lock())
+
+    def index(self, organization_id: str, project_id: str, threshold: float) -> neardup.NearDuplicateIndex:
+        key = (organization_id, project_id, threshold)
+        with self._guard:
+            index = self._indexes.get(key)
+            if index is None:
+                index = neardup.NearDuplicateIndex(threshold)
+                self._indexes[key] = index
+                while len(self._indexes) > self.capacity:
+                    self._indexes.popitem(last=False)
+            self._indexes.move_to_end(key)
+            return index
+
+    def forget(self, organization_id: str, project_id: str) -> None:
+        with self._guard:
+            for key in [k for k in self._indexes if k[:2] == (organization_id, project_id)]:
+                del self._indexes[key]
+
+
+SignatureFeed = Callable[[int], Iterator[tuple[int, str, bytes]]]
+
+
+class ImportSession:
+    """One import in progress. Feed it chunks or records, then ``finish``; ``close`` always."""
+
+    def __init__(
+        self,
+        project: Project,
+        options: ImportOptions,
+        *,
+        import_id: str,
+        new_id: IdFactory,
+        report: ImportReport,
+    ) -> None:
+        self.project = project
+        self.options = options
+        self.import_id = import_id
+        self.report = report
+        self._new_id = new_id
+        self._started = time.perf_counter()
+        cleaning = project.settings.cleaning
+        self._max_chars = cleaning.max_text_chars
+        self._masker = TextMasker(cleaning.pii)
+        self._builder = RecordBuilder(
+            options,
+            import_id=import_id,
+            labels=project.label_schema.names,
+            multi_label=project.task_type.multi_label,
+        )
+        self._lines = LineSplitter()
+        self._jsonl = JsonlReader(self._builder) if options.format is ImportFormat.JSONL else None
+        self._csv = CsvReader(self._builder, options.csv) if options.format is ImportFormat.CSV else None
+        # Lives across feed calls and is closed by close(), so no `with` block can own it.
+        self._spool: IO[bytes] = tempfile.TemporaryFile(prefix="gristmill-import-")  # noqa: SIM115
+        self._spooled = 0
+        self._batch: list[_Cleaned] = []
+
+    # -- phase 1 ----------------------------------------------------------------------------------------
+
+    @property
+    def builder(self) -> RecordBuilder:
+        return self._builder
+
+    def feed_chunk(self, data: bytes) -> None:
+        """Raw JSONL/CSV bytes; a line may span chunks."""
+        self._read(self._lines.feed(data))
+
+    def feed_records(self, records: Sequence[RawRecord], predictions: Sequence[Prediction | None] = ()) -> None:
+        """Structured records, already validated by ``builder``."""
+        self.report.received_count += len(records)
+        for index, record in enumerate(records):
+            self._clean(record, predictions[index] if predictions else None)
+        self._spool_batch(force=False)
+
+    def _read(self, lines: list[tuple[int, str]]) -> None:
+        if self._jsonl is not None:
+            records = self._jsonl.records(lines)
+        elif self._csv is not None:
+            records = self._csv.records(lines)
+        else:
+            raise AssertionError("feed_chunk is for JSONL and CSV imports")
+        self.feed_records(records)
+
+    def _clean(self, record: RawRecord, prediction: Prediction | None) -> None:
+        text = normalize_text(record.text)
+        if not text:
+            self._drop(record.line_number, record.external_id, DropReason.EMPTY)
+            self.report.dropped_empty_count += 1
+            return
+        if len(text) > self._max_chars:
+            self._drop(record.line_number, record.external_id, DropReason.TOO_LONG)
+            self.report.dropped_too_long_count += 1
+            return
+        normalized = text != record.text
+        masked, found = self._masker.mask(text)
+        self._batch.append(
+            _Cleaned(
+                record.line_number,
+                record.external_id,
+                masked,
+                record.metadata,
+                record.labels,
+                normalized,
+                tuple(found.items()),
+                prediction,
+            )
+        )
+
+    def _spool_batch(self, *, force: bool) -> None:
+        if self._batch and (force or len(self._batch) >= _BATCH):
+            pickle.dump(self._batch, self._spool, protocol=pickle.HIGHEST_PROTOCOL)
+            self._spooled += len(self._batch)
+            self._batch = []
+
+    def _spooled_batches(self) -> Iterator[list[_Cleaned]]:
+        self._spool.flush()
+        self._spool.seek(0)
+        while True:
+            try:
+                yield pickle.load(self._spool)
+            except EOFError:
+                return
+
+    def end_of_input(self) -> None:
+        """The stream ended: read the last partial line and check the file ended cleanly."""
+        if self._jsonl is not None or self._csv is not None:
+            self._read(self._lines.finish())
+        if self._csv is not None:
+            self._csv.finish()
+        self._spool_batch(force=True)
+
+    # -- phase 2 ----------------------------------------------------------------------------------------
+
+    def store(
+        self,
+        writer_context: AbstractContextManager[ItemWriter],
+        cache: IndexCache,
+        signatures: SignatureFeed,
+        *,
+        source: ItemSource = ItemSource.IMPORT,
+        record_report: bool = True,
+    ) -> ImportReport:
+        """Deduplicate and store everything spooled, in one transaction, under the project's import lock."""
+        project = self.project
+        org, project_id = project.organization_id, project.project_id
+        cleaning = project.settings.cleaning
+        policy = cleaning.near_duplicate_policy
+        with cache.lock(org, project_id):
+            index = None
+            if policy is not NearDuplicatePolicy.OFF:
+                index = cache.index(org, project_id, cleaning.near_duplicate_threshold)
+                _catch_up(index, signatures)
+            inserted: list[str] = []
+            try:
+                with writer_context as writer:
+                    stored = self._dedupe_and_store(writer, index, inserted, source)
+                    stored_range = writer.finish(self.report if record_report else None, self.options.request_id)
+            except BaseException:
+                if index is not None:
+                    for key in inserted:
+                        index.remove(key)
+                raise
+            if index is not None and stored and stored_range.first_seq == index.high_water + 1:
+                # Nothing else was stored in between, so the index now covers everything up to here.
+                index.high_water = stored_range.last_seq
+        return self.report
+
+    def _dedupe_and_store(
+        self,
+        writer: ItemWriter,
+        index: neardup.NearDuplicateIndex | None,
+        inserted: list[str],
+        source: ItemSource,
+    ) -> int:
+        report = self.report
+        seen_hashes: dict[bytes, str] = {}
+        masked_by_kind: Counter[str] = Counter()
+        annotator = self.options.existing_label_annotator_id
+        stored = 0
+        for batch in self._spooled_batches():
+            existing_ids = writer.existing_external_ids([r.external_id for r in batch])
+            digests = [hashlib.sha256(r.text.encode()).digest() for r in batch]
+            in_db = writer.existing_hashes(sorted({d.hex() for d in digests}))
+            survivors: list[tuple[_Cleaned, bytes, str]] = []
+            for record, digest in zip(batch, digests, strict=True):
+                if record.external_id in existing_ids:
+                    report.dropped_existing_external_id_count += 1
+                    self._drop(record.line, record.external_id, DropReason.EXISTING_EXTERNAL_ID)
+                    continue
+                earlier = seen_hashes.get(digest) or in_db.get(digest.hex())
+                if earlier is not None:
+                    report.dropped_exact_duplicate_count += 1
+                    self._drop(record.line, record.external_id, DropReason.EXACT_DUPLICATE, earlier)
+                    continue
+                item_id = self._new_id()
+                seen_hashes[digest] = item_id
+                survivors.append((record, digest, item_id))
+            sigs = neardup.signatures([r.text for r, _, _ in survivors]) if survivors else None
+            # This batch's signatures, for verifying LSH candidates that are not staged in the database yet
+            # (earlier batches are: the writer flushes them, and signatures_of reads through its session).
+            own_signatures: dict[str, neardup.Signature] = {}
+            accepted: list[NewItem] = []
+            for position, (record, digest, item_id) in enumerate(survivors):
+                near_of = ""
+                signature_bytes: bytes | None = None
+                if sigs is not None and index is not None:
+                    signature = sigs[position]
+                    match = index.best_match(signature, functools.partial(_lookup, own=own_signatures, writer=writer))
+                    if match is not None:
+                        if self.project.settings.cleaning.near_duplicate_policy is NearDuplicatePolicy.DROP:
+                            report.dropped_near_duplicate_count += 1
+                            self._drop(
+                                record.line, record.external_id, DropReason.NEAR_DUPLICATE, match.key, match.similarity
+                            )
+                            del seen_hashes[digest]
+                            continue
+                        report.flagged_near_duplicate_count += 1
+                        self._drop(
+                            record.line,
+                            record.external_id,
+                            DropReason.NEAR_DUPLICATE_FLAGGED,
+                            match.key,
+                            match.similarity,
+                        )
+                        near_of = match.key
+                    index.insert(item_id, signature)
+                    inserted.append(item_id)
+                    own_signatures[item_id] = signature
+                    signature_bytes = neardup.to_bytes(signature)
+                elif sigs is not None:
+                    signature_bytes = neardup.to_bytes(sigs[position])
+                accepted.append(
+                    NewItem(
+                        item_id=item_id,
+                        external_id=record.external_id,
+                        text=record.text,
+                        text_hash=digest.hex(),
+                        signature=signature_bytes,
+                        metadata=record.metadata,
+                        near_duplicate_of_item_id=near_of,
+                        shuffle_key=new_shuffle_key(),
+                        labels=record.labels,
+                        prediction=record.prediction,
+                    )
+                )
+                report.accepted_count += 1
+                report.normalized_count += record.normalized
+                report.imported_label_count += bool(record.labels)
+                if record.masked:
+                    report.pii_masked_item_count += 1
+                    masked_by_kind.update(dict(record.masked))
+            if accepted:
+                writer.add_items(accepted, source=source, import_id=self.import_id, annotator_id=annotator)
+                stored += len(accepted)
+        for kind, count in masked_by_kind.items():
+            report.pii_masked_by_kind[kind] = report.pii_masked_by_kind.get(kind, 0) + count
+        report.duration_ms = int((time.perf_counter() - self._started) * 1000)
+        return stored
+
+    def _drop(
+        self, line: int, external_id: str, reason: DropReason, duplicate_of: str = "", similarity: float = 0.0
+    ) -> None:
+        if len(self.report.drops) < MAX_REPORTED_DROPS:
+            self.report.drops.append(DroppedRecord(line, external_id, reason, duplicate_of, similarity))
+        else:
+            self.report.drops_truncated = True
+
+    def close(self) -> None:
+        self._spool.close()
+
+
+def _catch_up(index: neardup.NearDuplicateIndex, signatures: SignatureFeed) -> None:
+    """Add the items stored since the index's high-water mark (all of them for a new index)."""
+    for seq, item_id, data in signatures(index.high_water):
+        signature = neardup.from_bytes(data)
+        if signature is not None and item_id not in index:
+            index.insert(item_id, signature)
+        index.high_water = seq
+
+
+def _lookup(keys: Sequence[str], own: dict[str, neardup.Signature], writer: ItemWriter) -> dict[str, neardup.Signature]:
+    found = {key: own[key] for key in keys if key in own}
+    missing = [key for key in keys if key not in own]
+    if missing:
+        for key, data in writer.signatures_of(missing).items():
+            signature = neardup.from_bytes(data)
+            if signature is not None:
+                found[key] = signature
+    return found

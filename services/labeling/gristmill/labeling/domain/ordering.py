@@ -1,0 +1,32 @@
+"""Pseudo-random task order that is stable per annotator and computable inside an SQL ORDER BY.
+
+Each item gets a random ``shuffle_key`` in [0, P) when it is stored. An annotator's order is the order
+of ``(shuffle_key * multiplier + offset) mod P`` with P prime and (multiplier, offset) derived from the
+project and annotator ids: an affine map modulo a prime is a bijection, so every annotator sees every
+item, in an order of their own, that stays the same across calls and restarts. Plain integer
+arithmetic (products below 2**62) works the same in SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+PRIME = 2_147_483_647  # 2**31 - 1
+
+
+def new_shuffle_key() -> int:
+    return secrets.randbelow(PRIME)
+
+
+def annotator_permutation(project_id: str, annotator_id: str) -> tuple[int, int]:
+    """(multiplier, offset) of this annotator's order in this project; multiplier is never 0."""
+    digest = hashlib.sha256(f"{project_id}\x00{annotator_id}".encode()).digest()
+    multiplier = int.from_bytes(digest[:8], "big") % (PRIME - 1) + 1
+    offset = int.from_bytes(digest[8:16], "big") % PRIME
+    return multiplier, offset
+
+
+def order_key(shuffle_key: int, multiplier: int, offset: int) -> int:
+    """The same value the SQL ORDER BY computes (for tests and in-memory stores)."""
+    return (shuffle_key * multiplier + offset) % PRIME

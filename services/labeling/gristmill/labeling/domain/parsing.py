@@ -1,0 +1,350 @@
+"""Reading import files: JSONL and CSV bytes (in arbitrary chunks) into validated ``RawRecord``s.
+
+Every problem is an ``InvalidArgumentError`` whose message starts with the 1-based line number (header
+counted) and names the field, e.g. ``line 7, field 'label': 'maybe' is not a label of schema v1``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from gristmill.core.errors import InvalidArgumentError
+from gristmill.labeling.domain.model import CsvOptions, FieldMapping, ImportFormat, ImportOptions, RawRecord
+
+MAX_LINE_BYTES = 1 << 20
+MAX_IMPORT_RECORDS = 1_000_000
+MAX_EXTERNAL_ID_CHARS = 256
+_BOM = "\ufeff"
+
+# csv's default field limit (128 KiB) is below the 1 MiB line limit; a long text must reach the cleaning
+# step (where it is dropped as too long), not fail as malformed CSV. This raises a process-wide limit.
+if csv.field_size_limit() < MAX_LINE_BYTES:
+    csv.field_size_limit(MAX_LINE_BYTES)
+
+
+class LineSplitter:
+    """Cuts a byte stream into UTF-8 lines, whatever the chunk boundaries, enforcing the line size limit."""
+
+    def __init__(self) -> None:
+        self._rest = b""
+        self._line = 0
+
+    @property
+    def lines_read(self) -> int:
+        return self._line
+
+    def feed(self, data: bytes) -> list[tuple[int, str]]:
+        if not data:
+            return []
+        parts = (self._rest + data).split(b"\n") if self._rest else data.split(b"\n")
+        self._rest = parts.pop()
+        if len(self._rest) > MAX_LINE_BYTES:
+            raise InvalidArgumentError(
+                f"line {self._line + len(parts) + 1} is longer than the 1 MiB limit for one line; split it or "
+                "shorten the text"
+            )
+        return [self._decode(part) for part in parts]
+
+    def finish(self) -> list[tuple[int, str]]:
+        rest, self._rest = self._rest, b""
+        return [self._decode(rest)] if rest else []
+
+    def _decode(self, raw: bytes) -> tuple[int, str]:
+        self._line += 1
+        if len(raw) > MAX_LINE_BYTES:
+            raise InvalidArgumentError(
+                f"line {self._line} is {len(raw)} bytes long, over the 1 MiB limit for one line; "
+                "split it or shorten the text"
+            )
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidArgumentError(
+                f"line {self._line} is not valid UTF-8 (byte {exc.start + 1} of the line); save the file as UTF-8"
+            ) from None
+        if self._line == 1 and text.startswith(_BOM):
+            text = text[1:]
+        return self._line, text
+
+
+LabelCheck = Callable[[int, str, tuple[str, ...]], tuple[str, ...]]
+
+
+class RecordBuilder:
+    """Turns mapped field values into a ``RawRecord``: checks the text, the external id and the labels."""
+
+    def __init__(self, options: ImportOptions, *, import_id: str, labels: Sequence[str], multi_label: bool) -> None:
+        self.mapping = options.field_mapping
+        self.import_id = import_id
+        self.labels = frozenset(labels)
+        self.label_list = ", ".join(labels)
+        self.multi_label = multi_label
+        self.where_field = "item" if options.format is ImportFormat.ITEMS else "line"
+        self._ids: set[bytes] = set()
+        self.count = 0
+
+    def build(
+        self, line: int, external_id: str, text: Any, labels: tuple[str, ...], metadata: dict[str, str]
+    ) -> RawRecord:
+        self.count += 1
+        where = self.where_field
+        if self.count > MAX_IMPORT_RECORDS:
+            raise InvalidArgumentError(
+                f"{where} {line}: more than {MAX_IMPORT_RECORDS:,} records in one import; split the file"
+            )
+        if text is None:
+            raise InvalidArgumentError(
+                f"{where} {line}, field {self.mapping.text_field!r}: missing; every record needs a text"
+            )
+        if not isinstance(text, str):
+            raise InvalidArgumentError(
+                f"{where} {line}, field {self.mapping.text_field!r}: must be a string, got {_json_type(text)}"
+            )
+        if not external_id:
+            external_id = f"{self.import_id}-{line}"
+        elif len(external_id) > MAX_EXTERNAL_ID_CHARS:
+            raise InvalidArgumentError(
+                f"{where} {line}, field {self.mapping.external_id_field!r}: longer than {MAX_EXTERNAL_ID_CHARS} "
+                "characters"
+            )
+        # A 16-byte digest per id instead of the id itself keeps this set small on million-line imports.
+        digest = hashlib.blake2b(external_id.encode(), digest_size=16).digest()
+        if digest in self._ids:
+            raise InvalidArgumentError(
+                f"{where} {line}, field {self.mapping.external_id_field!r}: external id {external_id[:80]!r} "
+                "appears earlier in this import; external ids must be unique"
+            )
+        self._ids.add(digest)
+        return RawRecord(line, external_id, text, metadata, self.check_labels(line, labels))
+
+    def check_labels(self, line: int, labels: tuple[str, ...]) -> tuple[str, ...]:
+        if not labels:
+            return ()
+        field = f"{self.where_field} {line}, field {self.mapping.label_field!r}"
+        if not self.multi_label and len(labels) != 1:
+            raise InvalidArgumentError(f"{field}: a single-label project takes one label, got {len(labels)}")
+        for label in labels:
+            if label not in self.labels:
+                raise InvalidArgumentError(
+                    f"{field}: {label[:80]!r} is not a label of the project's schema ({self.label_list})"
+                )
+        return tuple(dict.fromkeys(labels))
+
+
+class JsonlReader:
+    def __init__(self, builder: RecordBuilder) -> None:
+        self.builder = builder
+        mapping = builder.mapping
+        self._mapped = {mapping.external_id_field, mapping.text_field, mapping.label_field}
+        self._meta_fields = frozenset(mapping.metadata_fields)
+
+    def records(self, lines: Sequence[tuple[int, str]]) -> list[RawRecord]:
+        out = []
+        mapping = self.builder.mapping
+        for line, text in lines:
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise InvalidArgumentError(f"line {line}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                raise InvalidArgumentError(f"line {line}: expected a JSON object, got {_json_type(obj)}")
+            external_id = _external_id(obj.get(mapping.external_id_field), line, mapping.external_id_field)
+            labels = self._labels(obj.get(mapping.label_field), line)
+            metadata = {
+                key: _metadata_value(value)
+                for key, value in obj.items()
+                if (key in self._meta_fields if self._meta_fields else key not in self._mapped)
+            }
+            out.append(self.builder.build(line, external_id, obj.get(mapping.text_field), labels, metadata))
+        return out
+
+    def _labels(self, value: Any, line: int) -> tuple[str, ...]:
+        if value is None or value == "":
+            return ()
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise InvalidArgumentError(
+            f"line {line}, field {self.builder.mapping.label_field!r}: must be a string or a list of strings, "
+            f"got {_json_type(value)}"
+        )
+
+
+class CsvReader:
+    """CSV (or tab-separated) records. Quoted fields may span lines unless quoting is disabled."""
+
+    def __init__(self, builder: RecordBuilder, options: CsvOptions) -> None:
+        self.builder = builder
+        self.options = options
+        self._dialect: dict[str, Any] = {"delimiter": options.delimiter, "strict": True}
+        if options.disable_quoting:
+            self._dialect["quoting"] = csv.QUOTE_NONE
+        self._columns: tuple[str, ...] | None = None
+        self._pending: tuple[int, str] | None = None
+        if not options.has_header:
+            self._set_columns(tuple(options.column_names), line=0)
+
+    def records(self, lines: Sequence[tuple[int, str]]) -> list[RawRecord]:
+        rows = self._rows(lines)
+        return self._build(rows)
+
+    def finish(self) -> list[RawRecord]:
+        if self._pending is not None:
+            start, _ = self._pending
+            raise InvalidArgumentError(
+                f"line {start}: a quoted field is never closed; if the file is plain tab- or comma-separated "
+                "text whose texts may start with '\"', set csv.disable_quoting"
+            )
+        return []
+
+    def _rows(self, lines: Sequence[tuple[int, str]]) -> list[tuple[int, list[str]]]:
+        if self.options.disable_quoting:
+            numbers = [line for line, text in lines if text]
+            texts = [text for _, text in lines if text]
+            return list(zip(numbers, self._parse(texts, numbers[0] if numbers else 0), strict=True))
+        rows: list[tuple[int, list[str]]] = []
+        plain: list[tuple[int, str]] = []
+        for line, text in lines:
+            if self._pending is None and '"' not in text:
+                if text:
+                    plain.append((line, text))
+                continue
+            if plain:
+                rows.extend(self._plain(plain))
+                plain = []
+            start, record = (self._pending[0], self._pending[1] + "\n" + text) if self._pending else (line, text)
+            if len(record) > MAX_LINE_BYTES:
+                raise InvalidArgumentError(f"line {start}: a quoted record is longer than the 1 MiB limit")
+            try:
+                parsed = next(csv.reader([record], **self._dialect), [])
+            except csv.Error as exc:
+                if "unexpected end of data" in str(exc):
+                    self._pending = (start, record)
+                    continue
+                raise InvalidArgumentError(f"line {start}: malformed CSV: {exc}") from None
+            self._pending = None
+            if parsed:
+                rows.append((start, parsed))
+        if plain:
+            rows.extend(self._plain(plain))
+        return rows
+
+    def _plain(self, plain: list[tuple[int, str]]) -> list[tuple[int, list[str]]]:
+        numbers = [line for line, _ in plain]
+        return list(zip(numbers, self._parse([text for _, text in plain], numbers[0]), strict=True))
+
+    def _parse(self, texts: list[str], first_line: int) -> list[list[str]]:
+        try:
+            return list(csv.reader(texts, **self._dialect))
+        except csv.Error as exc:
+            # The reader counts the lines it was given; point at the file's line.
+            raise InvalidArgumentError(f"line {first_line}: malformed CSV: {exc}") from None
+
+    def _set_columns(self, columns: tuple[str, ...], *, line: int) -> None:
+        mapping = self.builder.mapping
+        where = f"line {line}: the CSV header" if line else "csv.column_names"
+        if not columns:
+            raise InvalidArgumentError(
+                "csv.column_names is empty: a CSV file without a header needs the column names (e.g. "
+                '["text", "label"]), or set csv.has_header'
+            )
+        if len(set(columns)) != len(columns):
+            raise InvalidArgumentError(f"{where} names a column twice: {', '.join(columns)}")
+        if mapping.text_field not in columns:
+            raise InvalidArgumentError(
+                f"{where} has no text column {mapping.text_field!r} (columns: {', '.join(columns)}); "
+                "set field_mapping.text_field"
+            )
+        self._columns = columns
+        self._text = columns.index(mapping.text_field)
+        self._id = columns.index(mapping.external_id_field) if mapping.external_id_field in columns else None
+        self._label = columns.index(mapping.label_field) if mapping.label_field in columns else None
+        mapped = {self._text, self._id, self._label}
+        wanted = set(mapping.metadata_fields)
+        self._meta = [(i, name) for i, name in enumerate(columns) if (name in wanted if wanted else i not in mapped)]
+
+    def _build(self, rows: list[tuple[int, list[str]]]) -> list[RawRecord]:
+        out = []
+        separator = self.builder.mapping.multi_label_separator
+        multi = self.builder.multi_label
+        for line, row in rows:
+            if self._columns is None:
+                self._set_columns(tuple(name.strip() for name in row), line=line)
+                continue
+            if len(row) != len(self._columns):
+                raise InvalidArgumentError(
+                    f"line {line}: expected {len(self._columns)} columns ({', '.join(self._columns)}), got {len(row)}"
+                )
+            label_cell = row[self._label].strip() if self._label is not None else ""
+            if not label_cell:
+                labels: tuple[str, ...] = ()
+            elif multi:
+                labels = tuple(part.strip() for part in label_cell.split(separator) if part.strip())
+            else:
+                labels = (label_cell,)
+            external_id = row[self._id].strip() if self._id is not None else ""
+            metadata = {name: row[i] for i, name in self._meta}
+            out.append(self.builder.build(line, external_id, row[self._text], labels, metadata))
+        return out
+
+
+def _external_id(value: Any, line: int, field: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise InvalidArgumentError(f"line {line}, field {field!r}: must be a string or an integer, got {_json_type(value)}")
+
+
+def _metadata_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def validate_options(options: ImportOptions) -> None:
+    """Check what can be checked before reading a byte: format, CSV dialect, field mapping."""
+    if options.format is ImportFormat.CSV:
+        delimiter = options.csv.delimiter
+        if len(delimiter) != 1 or delimiter in ('"', "\n", "\r"):
+            raise InvalidArgumentError(
+                f"csv.delimiter must be one character other than a quote or a newline, got {delimiter!r}"
+            )
+    mapping: FieldMapping = options.field_mapping
+    names = {
+        "field_mapping.external_id_field": mapping.external_id_field,
+        "field_mapping.text_field": mapping.text_field,
+        "field_mapping.label_field": mapping.label_field,
+    }
+    for where, value in names.items():
+        if not value:
+            raise InvalidArgumentError(f"{where} must not be empty")
+    if len(set(names.values())) != len(names):
+        raise InvalidArgumentError("field_mapping: the id, text and label fields must be three different names")
+    if not mapping.multi_label_separator:
+        raise InvalidArgumentError("field_mapping.multi_label_separator must not be empty")

@@ -1,0 +1,1 @@
+"""Events: the ``DatasetVersionPublished`` payload labeling emits, and the ``PredictionLogged`` consumer."""

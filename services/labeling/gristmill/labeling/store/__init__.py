@@ -1,0 +1,1 @@
+"""Persistence: the store interface (``base``) and its SQLAlchemy implementation (``sql``)."""
