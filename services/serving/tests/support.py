@@ -1,0 +1,199 @@
+"""Test doubles and helpers for the serving service: a fake classifier (no torch), an in-memory model
+source whose loads can be held, failed or slowed, and a host on the in-process platform."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gristmill.core.errors import FailedPreconditionError, NotFoundError
+from gristmill.core.sql import Database
+from gristmill.serving.domain.deployments import DeploymentManager
+from gristmill.serving.domain.model import VersionSelector
+from gristmill.serving.domain.predictions import PredictionRecord
+from gristmill.serving.domain.service import DeploymentService
+from gristmill.serving.domain.sources import Encoded, LoadOptions, ModelSource, ResolvedVersion
+from gristmill.serving.store.sql import SqlDeploymentStore
+
+LABELS = ("negative", "positive")
+GOOD, BAD, MEH = 11, 12, 13
+_WORDS = {"good": GOOD, "great": GOOD, "bad": BAD, "awful": BAD, "meh": MEH}
+
+
+class FakeClassifier:
+    """Words "good"/"great" → positive (0.9), "bad"/"awful" → negative (0.9), "meh" → 0.55 positive (uncertain).
+
+    One token per word plus two special tokens, like BERT. ``gate`` (when set) must be opened before a batch
+    completes, which lets tests hold a batch "running"; every batch is recorded.
+    """
+
+    def __init__(self, version: int, *, max_tokens: int = 64, delay_s: float = 0.0) -> None:
+        self.version = version
+        self._max_tokens = max_tokens
+        self.delay_s = delay_s
+        self.batches: list[list[Encoded]] = []
+        self.gate: threading.Event | None = None
+        self.closed = False
+        self.memory_bytes = 1000 * version
+        self.fail_with: Exception | None = None
+
+    @property
+    def labels(self) -> Sequence[str]:
+        return LABELS
+
+    @property
+    def multi_label(self) -> bool:
+        return False
+
+    @property
+    def max_tokens(self) -> int:
+        return self._max_tokens
+
+    def encode(self, texts: Sequence[str], max_tokens: int) -> list[Encoded]:
+        out = []
+        for text in texts:
+            ids = [1] + [_WORDS.get(w, 20 + len(w)) for w in text.lower().split()] + [2]
+            full = len(ids)
+            if full > max_tokens:
+                ids = [*ids[: max_tokens - 1], 2]
+            out.append(Encoded(ids, full))
+        return out
+
+    def predict(self, batch: Sequence[Encoded]) -> Sequence[Sequence[float]]:
+        self.batches.append(list(batch))
+        if self.gate is not None and not self.gate.wait(10):
+            raise TimeoutError("test gate never opened")
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.fail_with is not None:
+            raise self.fail_with
+        rows = []
+        for item in batch:
+            if GOOD in item.ids:
+                rows.append([0.1, 0.9])
+            elif BAD in item.ids:
+                rows.append([0.9, 0.1])
+            elif MEH in item.ids:
+                rows.append([0.45, 0.55])
+            else:
+                rows.append([0.3, 0.7])
+        return rows
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class FakeVersion:
+    # Raised by the load (a corrupt artifact, say).
+    fail: Exception | None = None
+    # When set, the load waits for it (a slow download).
+    hold: threading.Event | None = None
+    labeling_project_id: str = "sentiment-project"
+
+
+@dataclass
+class FakeSource(ModelSource):
+    """Registered models in memory: versions, aliases, and what their loads do."""
+
+    versions: dict[tuple[str, int], FakeVersion] = field(default_factory=dict)
+    aliases: dict[tuple[str, str], int] = field(default_factory=dict)
+    not_ready: set[tuple[str, int]] = field(default_factory=set)
+    fetched: list[tuple[str, int]] = field(default_factory=list)
+
+    def add(self, model: str, version: int, **kwargs: object) -> FakeVersion:
+        entry = FakeVersion(**kwargs)  # type: ignore[arg-type]
+        self.versions[(model, version)] = entry
+        return entry
+
+    def resolve(self, organization_id: str, registered_model_name: str, selector: VersionSelector) -> ResolvedVersion:
+        version = selector.version
+        if selector.alias is not None:
+            version = self.aliases.get((registered_model_name, selector.alias))
+            if version is None:
+                raise NotFoundError(f"no alias {selector.alias!r} on {registered_model_name!r}")
+        assert version is not None
+        if (registered_model_name, version) not in self.versions:
+            raise NotFoundError(f"no version {version} of {registered_model_name!r}")
+        if (registered_model_name, version) in self.not_ready:
+            raise FailedPreconditionError(f"version {version} of {registered_model_name!r} is not READY")
+        entry = self.versions[(registered_model_name, version)]
+        return ResolvedVersion(
+            registered_model_name,
+            version,
+            resolved_alias=selector.alias or "",
+            label_map=LABELS,
+            labeling_project_id=entry.labeling_project_id,
+        )
+
+    def fetch(self, resolved: ResolvedVersion) -> Path:
+        entry = self.versions[(resolved.registered_model_name, resolved.version)]
+        if entry.hold is not None and not entry.hold.wait(10):
+            raise TimeoutError("test hold never released")
+        if entry.fail is not None:
+            raise entry.fail
+        self.fetched.append((resolved.registered_model_name, resolved.version))
+        return Path("/nonexistent") / resolved.registered_model_name / str(resolved.version)
+
+
+@dataclass
+class FakeLoader:
+    """Builds a ``FakeClassifier`` per load and keeps them, so tests can look at batches and ``closed``."""
+
+    loaded: list[FakeClassifier] = field(default_factory=list)
+    options: list[LoadOptions] = field(default_factory=list)
+    delay_s: float = 0.0
+
+    def __call__(self, directory: Path, resolved: ResolvedVersion, options: LoadOptions) -> FakeClassifier:
+        classifier = FakeClassifier(resolved.version, delay_s=self.delay_s)
+        self.loaded.append(classifier)
+        self.options.append(options)
+        return classifier
+
+    def of_version(self, version: int) -> FakeClassifier:
+        return [c for c in self.loaded if c.version == version][-1]
+
+
+class ListSink:
+    """A ``PredictionSink`` that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.records: list[PredictionRecord] = []
+
+    def log(self, records: Sequence[PredictionRecord]) -> None:
+        self.records.extend(records)
+
+
+@dataclass
+class Env:
+    source: FakeSource
+    loader: FakeLoader
+    store: SqlDeploymentStore
+    manager: DeploymentManager
+    service: DeploymentService
+    sink: ListSink
+    database: Database
+
+
+def make_service(tmp_path: Path, *, seed: int = 7) -> Env:
+    """A ``DeploymentService`` on SQLite in ``tmp_path`` with the fake source and loader (call ``start``)."""
+    database = Database(f"sqlite:///{tmp_path / 'serving.db'}")
+    store = SqlDeploymentStore(database)
+    source, loader, sink = FakeSource(), FakeLoader(), ListSink()
+    manager = DeploymentManager(source, loader, rng=random.Random(seed), retry_delay_s=0.01)
+    service = DeploymentService(store, manager, source, sink=sink, rng=random.Random(seed))
+    return Env(source, loader, store, manager, service, sink, database)
+
+
+async def wait_for(condition: Callable[[], bool], timeout_s: float = 5.0, interval_s: float = 0.01) -> None:
+    """Poll ``condition()`` on the event loop until it is true; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        await asyncio.sleep(interval_s)
