@@ -56,6 +56,16 @@ class TelemetrySettings(BaseSettings):
     service_name: str = ""
 
 
+class LicenseSettings(BaseSettings):
+    """Enterprise licence: no file runs the community edition (see ``gristmill.core.licensing``)."""
+
+    model_config = SettingsConfigDict(env_prefix="GRISTMILL_LICENSE_", extra="ignore", frozen=True)
+
+    file: Path | None = None
+    # The vendor's Ed25519 public key, base64 of its 32 raw bytes.
+    public_key: str = ""
+
+
 class ServiceSettings(BaseSettings):
     """Fields every service has. Subclasses set ``model_config`` with their own ``env_prefix``."""
 

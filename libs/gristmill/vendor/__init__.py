@@ -1,0 +1,1 @@
+"""Tools for the vendor of Gristmill, not for installs (the licence issuer)."""

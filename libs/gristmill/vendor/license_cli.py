@@ -1,0 +1,103 @@
+"""``gristmill-license``: create vendor keys, issue, inspect and verify licence files.
+
+    gristmill-license keygen --out-dir keys/            # private.pem (keep it secret) + public.b64
+    gristmill-license issue --key keys/private.pem --customer "Acme" --days 365 \\
+        --feature serving.canary --limit max_registered_models=50 --out acme.license
+    gristmill-license inspect acme.license               # claims, without verifying
+    gristmill-license verify acme.license --public-key "$(cat keys/public.b64)"
+
+Errors are one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+from gristmill.core.errors import GristmillError
+from gristmill.core.licensing import (
+    LicenseClaims,
+    generate_keypair,
+    load_private_key,
+    parse_public_key,
+    sign_license,
+    utc_now,
+    verify_license,
+)
+
+
+def _limit(text: str) -> tuple[str, int]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value.lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f"limit {text!r} must look like name=number")
+    return name, int(value)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gristmill-license", description="Issue and check Gristmill licences.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    keygen = sub.add_parser("keygen", help="create a vendor key pair")
+    keygen.add_argument("--out-dir", type=Path, required=True)
+    issue = sub.add_parser("issue", help="sign a licence file")
+    issue.add_argument("--key", type=Path, required=True, help="vendor private key (PEM)")
+    issue.add_argument("--customer", required=True)
+    issue.add_argument("--days", type=int, default=365, help="valid for this many days from now")
+    issue.add_argument("--grace-days", type=int, default=14)
+    issue.add_argument("--feature", action="append", default=[], help="licensed feature (repeatable)")
+    issue.add_argument("--limit", action="append", type=_limit, default=[], help="name=number (repeatable)")
+    issue.add_argument("--license-id", default="")
+    issue.add_argument("--out", type=Path, required=True)
+    inspect = sub.add_parser("inspect", help="print a licence's claims (no verification)")
+    inspect.add_argument("file", type=Path)
+    verify = sub.add_parser("verify", help="verify a licence's signature and print its state")
+    verify.add_argument("file", type=Path)
+    verify.add_argument("--public-key", required=True, help="vendor public key, base64")
+    return parser
+
+
+def run(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "keygen":
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        pem, public = generate_keypair()
+        private_path = args.out_dir / "private.pem"
+        private_path.write_bytes(pem)
+        private_path.chmod(0o600)
+        (args.out_dir / "public.b64").write_text(public + "\n")
+        print(f"wrote {private_path} (keep it secret) and {args.out_dir / 'public.b64'}")
+    elif args.command == "issue":
+        now = utc_now().replace(microsecond=0)
+        claims = LicenseClaims(
+            license_id=args.license_id or f"lic-{uuid.uuid4().hex[:12]}",
+            customer=args.customer,
+            issued_at=now,
+            expires_at=now + timedelta(days=args.days),
+            features=frozenset(args.feature),
+            limits=dict(args.limit),
+            grace_days=args.grace_days,
+        )
+        args.out.write_bytes(sign_license(claims, load_private_key(args.key.read_bytes())))
+        print(f"issued licence {claims.license_id} for {claims.customer} to {args.out}")
+    elif args.command == "inspect":
+        print(json.dumps(json.loads(args.file.read_bytes())["claims"], indent=2, sort_keys=True))
+    else:
+        license_ = verify_license(args.file.read_bytes(), parse_public_key(args.public_key))
+        print(f"{license_.state().value}: {license_.describe()}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except (GristmillError, OSError, KeyError, ValueError) as exc:
+        print(f"gristmill-license: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
