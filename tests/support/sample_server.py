@@ -13,6 +13,8 @@ import logging
 import time
 from typing import Any
 
+import grpc
+
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2 as pb
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 from gristmill.core.errors import NotFoundError
@@ -51,6 +53,7 @@ def build_server(
     tracer_provider: Any = None,
     auth_hook: AuthHook | None = None,
     grace_s: float = 5.0,
+    server_credentials: grpc.ServerCredentials | None = None,
 ) -> GrpcServer:
     servicer = SampleServicer()
     registration = ServiceRegistration(
@@ -65,6 +68,7 @@ def build_server(
         tracer_provider=tracer_provider,
         auth_hook=auth_hook,
         grace_s=grace_s,
+        server_credentials=server_credentials,
     )
 
 

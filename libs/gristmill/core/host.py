@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy import MetaData
 
@@ -100,6 +101,8 @@ class ServiceHost:
     settings: ServiceSettings
     subscriptions: Sequence[Subscription] = ()
     auth_hook: AuthHook | None = None
+    # mTLS for the service mesh: gristmill.core.tls.server_credentials(TlsSettings()).
+    server_credentials: grpc.ServerCredentials | None = None
     _server: GrpcServer | None = field(default=None, init=False)
     _relay: OutboxRelay | None = field(default=None, init=False)
     _consumers: list[Consumer] = field(default_factory=list, init=False)
@@ -127,6 +130,7 @@ class ServiceHost:
             tracer_provider=self.platform.tracer_provider,
             auth_hook=self.auth_hook,
             grace_s=self.settings.shutdown_grace_s,
+            server_credentials=self.server_credentials,
         )
 
     def _open_background_work(self) -> None:
