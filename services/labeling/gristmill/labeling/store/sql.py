@@ -857,6 +857,12 @@ class _SqlItemWriter(ItemWriter):
     def add_items(self, items: Sequence[NewItem], *, source: ItemSource, import_id: str, annotator_id: str) -> None:
         if not items:
             return
+        try:
+            self._add_items(items, source=source, import_id=import_id, annotator_id=annotator_id)
+        except IntegrityError:
+            raise _concurrent_import() from None
+
+    def _add_items(self, items: Sequence[NewItem], *, source: ItemSource, import_id: str, annotator_id: str) -> None:
         now = self.now
         required = self.settings.annotations_per_item
         rows = []
@@ -937,10 +943,7 @@ class _SqlItemWriter(ItemWriter):
                 )
             self.session.flush()
         except IntegrityError:
-            raise AbortedError(
-                "another import stored some of the same records (or used the same request_id) at the same time; "
-                "retry the import"
-            ) from None
+            raise _concurrent_import() from None
         if not self._count:
             return StoredRange(0, 0, 0)
         first, last = self.session.execute(
@@ -950,6 +953,13 @@ class _SqlItemWriter(ItemWriter):
 
 
 # ----------------------------------------------------------------------------- row ↔ domain
+
+
+def _concurrent_import() -> AbortedError:
+    return AbortedError(
+        "another import stored some of the same records (or used the same request_id) at the same time; "
+        "retry the import"
+    )
 
 
 def _already_annotated(annotator_id: str, item_id: str, annotation_id: str) -> AlreadyExistsError:

@@ -107,7 +107,7 @@ items = Table(
     Column("consensus_agreement", Float, nullable=False),
     Column("consensus_tied", Boolean, nullable=False),
     Column("resolved_by", String(128), nullable=False),
-    Column("resolved_labels", JSON, nullable=True),
+    Column("resolved_labels", JSON(none_as_null=True), nullable=True),
     Column("resolution_comment", Text, nullable=False),
     Column("shuffle_key", BigInteger, nullable=False),
     # Top probability of the latest attached prediction (uncertainty-first ordering); NULL without one.
