@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import threading
 import uuid
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ DOMAIN_SIGNATURE = Signature(
     inputs=(TensorSpec("text", "BYTES", (-1,)),), outputs=(TensorSpec("probabilities", "FP32", (-1, 2)),)
 )
 CALLER = Caller(actor="alice")
+# SQLite always; PostgreSQL too when a server is named (the parameter exists only then: it is not a skip).
+BACKENDS = ["sqlite"] + (["postgresql"] if os.environ.get("GRISTMILL_TEST_POSTGRES_URL") else [])
 
 
 class TickingClock:

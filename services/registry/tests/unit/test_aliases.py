@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import threading
+import uuid
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from gristmill.api.registry.v1 import registry_pb2
 from gristmill.core.errors import AbortedError, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from gristmill.registry.domain.model import AliasCause, Caller
 from gristmill.registry.domain.registry import Registration
-from services.registry.tests.support import CALLER, Env, draft, make_env, register_ready, upload_model
+from services.registry.tests.support import BACKENDS, CALLER, Env, draft, make_env, register_ready, upload_model
 
 
 def test_set_move_delete_and_history(env: Env) -> None:
@@ -153,15 +155,19 @@ def test_two_racing_compare_and_sets_exactly_one_wins(tmp_path: Path) -> None:
     assert sorted(outcomes) == ["aborted", "won"]
 
 
-def test_concurrent_moves_from_two_processes_lose_no_update(tmp_path: Path) -> None:
-    """Eight threads over two registries (two engines, as two processes would be) on one SQLite file each
-    move the alias with compare-and-set, retrying when they lose. Every success must be in the history,
-    in one unbroken chain (each entry starts where the previous ended), with one event each."""
-    first = make_env(tmp_path)
-    second = make_env(tmp_path)  # same file, its own engine and connections
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concurrent_moves_from_two_processes_lose_no_update(tmp_path: Path, backend: str) -> None:
+    """Eight threads over two registries (two engines, as two processes would be) on one database (a SQLite
+    file; PostgreSQL too when GRISTMILL_TEST_POSTGRES_URL is set) each move the alias with compare-and-set,
+    retrying when they lose. Every success must be in the history, in one unbroken chain (each entry starts
+    where the previous ended), with one event each."""
+    url = os.environ["GRISTMILL_TEST_POSTGRES_URL"] if backend == "postgresql" else None
+    first = make_env(tmp_path, database_url=url)
+    second = make_env(tmp_path, database_url=url)  # the same database, its own engine and connections
+    m = f"m-{uuid.uuid4().hex[:8]}"  # a PostgreSQL database outlives the test
     for _ in range(4):
-        register_ready(first, "m")
-    first.registry.set_alias(CALLER, "m", "production", 1, reason="start", expected=None)
+        register_ready(first, m)
+    first.registry.set_alias(CALLER, m, "production", 1, reason="start", expected=None)
     moves_per_thread = 6
     wins: list[int] = []
     aborts: list[int] = []
@@ -172,11 +178,11 @@ def test_concurrent_moves_from_two_processes_lose_no_update(tmp_path: Path) -> N
         registry = (first if seed % 2 else second).registry
         done = 0
         while done < moves_per_thread:
-            current = registry.get_version(CALLER, "m", version=None, alias="production").version
+            current = registry.get_version(CALLER, m, version=None, alias="production").version
             target = rng.choice([v for v in (1, 2, 3, 4) if v != current])
             try:
                 change, changed = registry.set_alias(
-                    Caller(actor=f"t{seed}"), "m", "production", target, reason=f"{seed}", expected=current
+                    Caller(actor=f"t{seed}"), m, "production", target, reason=f"{seed}", expected=current
                 )
             except AbortedError:
                 with lock:
@@ -193,14 +199,15 @@ def test_concurrent_moves_from_two_processes_lose_no_update(tmp_path: Path) -> N
     for t in threads:
         t.join(120)
     assert not any(t.is_alive() for t in threads)
-    history, _ = first.registry.alias_history(CALLER, "m", "production", 1000, "")
+    history, _ = first.registry.alias_history(CALLER, m, "production", 1000, "")
     chain = list(reversed(history))
     assert len(chain) == 1 + 8 * moves_per_thread == 1 + len(wins)
     assert [c.sequence for c in chain] == list(range(1, len(chain) + 1))
     for before, after in itertools.pairwise(chain):
         assert after.from_version == before.to_version, (before, after)
-    final = first.registry.get_version(CALLER, "m", version=None, alias="production").version
+    final = first.registry.get_version(CALLER, m, version=None, alias="production").version
     assert final == chain[-1].to_version
-    assert sorted(p.sequence for _, p in first.events(events_pb2.AliasChanged)) == [c.sequence for c in chain]
+    events = [p.sequence for e, p in first.events(events_pb2.AliasChanged) if e.key == m]
+    assert sorted(events) == [c.sequence for c in chain]
     first.database.dispose()
     second.database.dispose()

@@ -39,8 +39,8 @@ from gristmill.registry.domain.model import (
 from gristmill.registry.domain.registry import artifact_prefix
 from gristmill.registry.events.payloads import OutboxEventWriter
 from gristmill.registry.store.sql import SqlRegistryStore
+from services.registry.tests.support import BACKENDS
 
-BACKENDS = ["sqlite"] + (["postgresql"] if os.environ.get("GRISTMILL_TEST_POSTGRES_URL") else [])
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 MANIFEST = FileRef("jobs/j/manifest.json", "0" * 64, 10)
 
@@ -317,7 +317,7 @@ def test_policies_pending_promotions_cards_and_base_models(store: SqlRegistrySto
         for i in range(3):
             tx.add_pending_promotion(
                 PendingPromotion(
-                    f"p{i}",
+                    f"{org}-p{i}",
                     org,
                     "m",
                     "production" if i < 2 else "staging",
@@ -332,7 +332,9 @@ def test_policies_pending_promotions_cards_and_base_models(store: SqlRegistrySto
                 )
             )
         assert tx.supersede_pending_promotions(org, "m", alias="production", reason="moved", now=T0) == 2
-        tx.decide_pending_promotion(org, "p2", state=PromotionState.REJECTED, decided_by="bob", reason="no", now=T0)
+        tx.decide_pending_promotion(
+            org, f"{org}-p2", state=PromotionState.REJECTED, decided_by="bob", reason="no", now=T0
+        )
         pending, _ = tx.list_pending_promotions(org, "", False, Page(size=10))
         decided, after = tx.list_pending_promotions(org, "m", True, Page(size=2))
         decided_rest, _ = tx.list_pending_promotions(org, "m", True, Page(size=2, after=after))
@@ -340,9 +342,9 @@ def test_policies_pending_promotions_cards_and_base_models(store: SqlRegistrySto
         assert tx.get_policy(org, "m") is None
     assert pending == []
     assert [(p.promotion_id, p.state) for p in decided + decided_rest] == [
-        ("p0", PromotionState.SUPERSEDED),
-        ("p1", PromotionState.SUPERSEDED),
-        ("p2", PromotionState.REJECTED),
+        (f"{org}-p0", PromotionState.SUPERSEDED),
+        (f"{org}-p1", PromotionState.SUPERSEDED),
+        (f"{org}-p2", PromotionState.REJECTED),
     ]
 
     card = ModelCard("m", 1, 1, CardText("use"), "summary", (Metric("f1", 0.5, "test"),), "# md", None, "r", T0)
