@@ -12,12 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gristmill.core.errors import FailedPreconditionError, NotFoundError
+from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.core.sql import Database
+from gristmill.serving.app import ServingHost, build_host
 from gristmill.serving.domain.deployments import DeploymentManager
 from gristmill.serving.domain.model import VersionSelector
 from gristmill.serving.domain.predictions import PredictionRecord
 from gristmill.serving.domain.service import DeploymentService
 from gristmill.serving.domain.sources import Encoded, LoadOptions, ModelSource, ResolvedVersion
+from gristmill.serving.settings import ServingSettings
 from gristmill.serving.store.sql import SqlDeploymentStore
 
 LABELS = ("negative", "positive")
@@ -57,7 +60,7 @@ class FakeClassifier:
     def encode(self, texts: Sequence[str], max_tokens: int) -> list[Encoded]:
         out = []
         for text in texts:
-            ids = [1] + [_WORDS.get(w, 20 + len(w)) for w in text.lower().split()] + [2]
+            ids = [1] + [_WORDS.get(w.strip(",.!?"), 20 + len(w)) for w in text.lower().split()] + [2]
             full = len(ids)
             if full > max_tokens:
                 ids = [*ids[: max_tokens - 1], 2]
@@ -197,3 +200,34 @@ async def wait_for(condition: Callable[[], bool], timeout_s: float = 5.0, interv
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s}s")
         await asyncio.sleep(interval_s)
+
+
+@dataclass
+class RunningHost:
+    host: ServingHost
+    port: int
+    source: FakeSource
+    loader: FakeLoader
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def build_fake_host(tmp_path: Path, **kwargs: object) -> tuple[ServingHost, FakeSource, FakeLoader]:
+    """The real service wiring on the in-process platform, with the fake source and loader."""
+    source, loader = FakeSource(), FakeLoader()
+    source.add("sentiment", 1)
+    source.add("sentiment", 2)
+    source.aliases[("sentiment", "production")] = 1
+    settings = ServingSettings(data_dir=tmp_path, grpc_port=0, shutdown_grace_s=1.0)
+    host = build_host(
+        settings,
+        kafka=KafkaSettings(),
+        s3=S3Settings(),
+        source=source,
+        loader=loader,
+        rng=random.Random(3),
+        **kwargs,  # type: ignore[arg-type]
+    )
+    return host, source, loader
