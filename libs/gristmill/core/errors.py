@@ -91,3 +91,25 @@ class ConfigurationError(GristmillError):
     """A setting is missing or invalid. Raised at start, before anything is served."""
 
     grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+_BY_CODE: dict[grpc.StatusCode, type[GristmillError]] = {
+    cls.grpc_code: cls
+    for cls in (
+        InvalidArgumentError,
+        NotFoundError,
+        AlreadyExistsError,
+        FailedPreconditionError,
+        UnauthenticatedError,
+        PermissionDeniedError,
+        ResourceExhaustedError,
+        UnavailableError,
+        DeadlineExceededError,
+        AbortedError,
+    )
+}
+
+
+def error_for_status(code: grpc.StatusCode, message: str, details: Mapping[str, str] | None = None) -> GristmillError:
+    """The exception a client raises for a gRPC status (the inverse of the server's error mapping)."""
+    return _BY_CODE.get(code, GristmillError)(message, details=details)

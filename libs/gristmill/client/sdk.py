@@ -1,0 +1,60 @@
+"""``Gristmill``: one object holding a typed stub per service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from gristmill.api.admin.v1 import admin_pb2_grpc
+from gristmill.api.inference.v2 import grpc_predict_v2_pb2_grpc
+from gristmill.api.labeling.v1 import labeling_pb2_grpc
+from gristmill.api.registry.v1 import registry_pb2_grpc
+from gristmill.api.serving.v1 import serving_pb2_grpc
+from gristmill.api.training.v1 import training_pb2_grpc
+from gristmill.client.channel import ClientOptions, open_channel
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where each service listens (the services' default ports on loopback)."""
+
+    labeling: str = "127.0.0.1:50051"
+    training: str = "127.0.0.1:50052"
+    registry: str = "127.0.0.1:50053"
+    serving: str = "127.0.0.1:50054"
+    admin: str = "127.0.0.1:50055"
+
+
+class Gristmill:
+    """Typed clients for every Gristmill API. Channels open lazily; use as a context manager or ``close()``."""
+
+    def __init__(self, endpoints: Endpoints | None = None, options: ClientOptions | None = None) -> None:
+        self.endpoints = endpoints or Endpoints()
+        self.options = options or ClientOptions()
+        self._channels: dict[str, grpc.Channel] = {}
+        e = self.endpoints
+        self.labeling = labeling_pb2_grpc.LabelingServiceStub(self._channel(e.labeling))
+        self.training = training_pb2_grpc.TrainingServiceStub(self._channel(e.training))
+        self.registry = registry_pb2_grpc.RegistryServiceStub(self._channel(e.registry))
+        self.serving = serving_pb2_grpc.ServingServiceStub(self._channel(e.serving))
+        self.inference = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(self._channel(e.serving))
+        self.admin = admin_pb2_grpc.AdminServiceStub(self._channel(e.admin))
+        self.metering = admin_pb2_grpc.MeteringServiceStub(self._channel(e.admin))
+
+    def _channel(self, target: str) -> grpc.Channel:
+        # One channel per address: services that share a process share a connection.
+        if target not in self._channels:
+            self._channels[target] = open_channel(target, self.options)
+        return self._channels[target]
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
+    def __enter__(self) -> Gristmill:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
