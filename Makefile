@@ -58,7 +58,7 @@ lint: install  ## ruff (lint + format check)
 	@$(VENV)/bin/ruff format --check libs services tests protos
 
 typecheck: install  ## mypy (strict) on libs and services
-	@$(VENV)/bin/mypy libs/gristmill/core $(wildcard services/*/gristmill)
+	@$(VENV)/bin/mypy libs/gristmill/core libs/gristmill/client libs/gristmill/cli libs/gristmill/vendor $(wildcard services/*/gristmill)
 
 stack-up:  ## provision (cached) and start Kafka and SeaweedFS on 127.0.0.1
 	@deploy/local/stack.sh up
