@@ -1,6 +1,6 @@
 """``python -m gristmill.registry``: the only place that reads the environment.
 
-settings → logging → app → resume verifications left PENDING by the last run → serve until SIGTERM.
+settings → logging → app → a thread that finishes verifications left PENDING → serve until SIGTERM.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from gristmill.core.logs import setup_logging
 from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings, load_settings
 from gristmill.registry import SERVICE_NAME
 from gristmill.registry.app import build_app
+from gristmill.registry.domain.registry import Registry
 from gristmill.registry.settings import RegistrySettings
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,35 @@ def main() -> None:
     except ConfigurationError as exc:
         log.error("cannot start: %s", exc)
         sys.exit(2)
-    # In the background so that a large PENDING copy does not delay serving; an interrupted one stays
-    # PENDING and is resumed at the next start.
-    threading.Thread(target=app.registry.resume_pending, name="resume-verifications", daemon=True).start()
-    asyncio.run(app.host.run_until_signal())
+    stop = threading.Event()
+    retry = threading.Thread(
+        target=retry_pending_verifications,
+        args=(app.registry, settings.verification_retry_s, settings.verification_stale_s, stop),
+        name="retry-verifications",
+        daemon=True,
+    )
+    retry.start()
+    try:
+        asyncio.run(app.host.run_until_signal())
+    finally:
+        stop.set()
+
+
+def retry_pending_verifications(registry: Registry, interval_s: float, stale_s: float, stop: threading.Event) -> None:
+    """Finish versions left PENDING: everything at start (the last run's), then stale ones periodically.
+
+    In the background so that a large copy never delays serving; an interrupted one stays PENDING.
+    """
+    min_age = 0.0
+    while not stop.is_set():
+        try:
+            finished = registry.resume_pending(min_age_s=min_age)
+            if finished:
+                log.info("finished the verification of %d PENDING version(s)", finished)
+        except Exception:
+            log.exception("retrying PENDING verifications failed; trying again in %.0fs", interval_s)
+        min_age = stale_s
+        stop.wait(interval_s)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ class RegistrySettings(ServiceSettings):
     # ImportBaseModel(local_path=...) reads a directory on this host: only sensible in the embedded and
     # local modes, and off by default so a networked registry never reads its own disk for a caller.
     allow_local_paths: bool = False
+    # Versions left PENDING (a restart, an object-store outage) are verified again every
+    # ``verification_retry_s`` once unchanged for ``verification_stale_s`` (so in-flight copies are left alone).
+    verification_retry_s: float = Field(default=60.0, gt=0)
+    verification_stale_s: float = Field(default=300.0, ge=0)
     # Consumer groups; one per installation (tests give each run its own so that they share topics).
     job_events_group: str = "registry-job-events"
     promotion_group: str = "registry-promotion"

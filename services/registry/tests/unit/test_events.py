@@ -4,9 +4,12 @@ promotion's ``alias changed`` event continues the trace of the job event."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from pathlib import Path
 
+import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -15,9 +18,11 @@ from gristmill.api.common.v1 import common_pb2
 from gristmill.api.events.v1 import events_pb2
 from gristmill.api.registry.v1 import registry_pb2
 from gristmill.api.training.v1 import training_pb2
+from gristmill.core.errors import UnavailableError
 from gristmill.core.events import Event, MemoryBroker, MemoryEventBus, OutboxRelay
 from gristmill.core.events.bus import Consumer
 from gristmill.core.settings import KafkaSettings, S3Settings
+from gristmill.registry.__main__ import retry_pending_verifications
 from gristmill.registry.app import RegistryApp, build_app
 from gristmill.registry.domain.model import MetricGoal, ModelQuery, PromotionMode, PromotionPolicy, VersionStatus
 from gristmill.registry.settings import RegistrySettings
@@ -191,5 +196,54 @@ def test_undecodable_or_invalid_job_events_are_dead_lettered(tmp_path: Path) -> 
     [dead] = broker.records(topic + ".dlq")
     assert b"registered model name" in dict(dead.headers)["error"]
     assert app.registry.search_models(CALLER, ModelQuery(), 0, "") == ([], "")  # nothing was written
+    loop.close()
+    app.host.platform.close()
+
+
+def test_storage_outage_leaves_the_version_pending_until_the_retry_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = MemoryBroker()
+    app = build_app(
+        RegistrySettings(data_dir=tmp_path, grpc_port=0), kafka=KafkaSettings(), s3=S3Settings(), memory_broker=broker
+    )
+    loop = Loop(app)
+    objects, catalog = app.host.platform.objects, app.host.platform.catalog
+    ref = upload_model(objects, "jobs/job-5")
+    manifest = common_pb2.ObjectRef(key=ref.key, sha256=ref.sha256, size_bytes=ref.size_bytes)
+    healthy_get_file = objects.get_file
+
+    def down(*args: object, **kwargs: object) -> object:
+        raise UnavailableError("the S3 server at s3:8333 cannot be reached")
+
+    monkeypatch.setattr(objects, "get_file", down)
+    MemoryEventBus(broker).publish(
+        Event.create(
+            _job_event("job-5", manifest, "jobs/job-5", accuracy=0.9), key="job-5", source="training", catalog=catalog
+        )
+    )
+    loop.run()
+    topic = catalog.topic_for(events_pb2.JobStateChanged)
+    assert broker.records(topic + ".dlq") == []  # an outage is not the event's fault
+    pending = app.registry.get_version(CALLER, "reviews", version=1, alias=None)
+    assert pending.status is VersionStatus.PENDING
+    assert app.registry.resume_pending(min_age_s=3600) == 0  # too fresh: maybe still being copied elsewhere
+
+    monkeypatch.setattr(objects, "get_file", healthy_get_file)
+    stop = threading.Event()
+    retry = threading.Thread(target=retry_pending_verifications, args=(app.registry, 0.05, 0.0, stop))
+    retry.start()
+    try:
+        for _ in range(100):
+            if app.registry.get_version(CALLER, "reviews", version=1, alias=None).status is VersionStatus.READY:
+                break
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        retry.join(10)
+    assert app.registry.get_version(CALLER, "reviews", version=1, alias=None).status is VersionStatus.READY
+    loop.run()
+    registered = broker.records(catalog.topic_for(events_pb2.ModelVersionRegistered))
+    assert len(registered) == 1  # announced once, when it finally finished
     loop.close()
     app.host.platform.close()

@@ -14,7 +14,7 @@ import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from gristmill.core.errors import (
@@ -324,10 +324,13 @@ class Registry:
             return self.verify_and_finish(version), False
         return version, needs
 
-    def resume_pending(self) -> int:
-        """Finish the verification of versions left PENDING by a restart; returns how many were finished."""
+    def resume_pending(self, *, min_age_s: float = 0.0) -> int:
+        """Finish the verification of versions left PENDING (by a restart or an object-store outage) that
+        have not changed for ``min_age_s`` (so an in-flight verification is left alone); returns how many
+        were finished."""
+        cutoff = self.clock() - timedelta(seconds=min_age_s)
         with self.store.transaction() as tx:
-            pending = tx.pending_versions()
+            pending = [v for v in tx.pending_versions() if v.update_time <= cutoff]
         finished = 0
         for version in pending:
             try:

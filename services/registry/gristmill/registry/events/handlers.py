@@ -8,7 +8,7 @@
 Each handler writes through the consumer's session, so its state change, its events and the
 handled-event record commit together. The PENDING version row of a registration commits first, in its
 own transaction: the copy runs outside any transaction, and a crash after it is finished by the
-redelivery (or by the verification resumed at start).
+redelivery; an object-store outage leaves it PENDING for the registry's retry loop (``__main__``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from gristmill.api.events.v1 import events_pb2
 from gristmill.api.training.v1 import training_pb2
+from gristmill.core.errors import UnavailableError
 from gristmill.core.events import Event, EventCatalog, Handler
 from gristmill.core.ids import validate_id
 from gristmill.registry.api import convert
@@ -72,7 +73,13 @@ def job_state_changed_handler(registry: Registry, store: SqlRegistryStore, catal
                 version.status.value,
             )
             return
-        outcome = registry.verify(version)
+        try:
+            outcome = registry.verify(version)
+        except UnavailableError as exc:
+            # Not the event's fault: dead-lettering it would lose nothing but help no one. The version stays
+            # PENDING and the registry's retry loop finishes it (emitting its event) once storage is back.
+            log.warning("job %s: %s v%d left PENDING (%s)", msg.job_id, version.model_name, version.version, exc)
+            return
         done = registry.finish_registration(store.bind(session), version, outcome)
         log.info("job %s registered as %s v%d: %s", msg.job_id, done.model_name, done.version, done.status.value)
 
