@@ -23,6 +23,7 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
@@ -83,10 +84,22 @@ class AuthHook(Protocol):
     """Authenticates a call from its method name and metadata.
 
     Raise ``UnauthenticatedError`` / ``PermissionDeniedError`` to refuse. The hook runs before the
-    servicer, on the thread pool (it may look up a key in a database).
+    servicer, on the thread pool (it may look up a key in a database). What it returns (the caller's
+    identity, e.g. ``gristmill.core.auth.Principal``; None is fine) is what ``call_identity()`` gives
+    the servicer during that call.
     """
 
-    def __call__(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> None: ...
+    def __call__(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> object | None: ...
+
+
+# The identity the auth hook returned for the call being served. grpc.aio runs each call in a task of its
+# own, so a value set for one call is never seen by another.
+_CALL_IDENTITY: ContextVar[object | None] = ContextVar("gristmill_call_identity", default=None)
+
+
+def call_identity() -> object | None:
+    """What the auth hook returned for the current call (None without a hook or outside a call)."""
+    return _CALL_IDENTITY.get()
 
 
 # --------------------------------------------------------------------------- handler wrapping
@@ -265,7 +278,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         # The check runs inside the wrapped behavior (not here) so that its errors pass through the
         # error mapper, which wraps this interceptor, like any servicer error.
         async def before(_request: Any, _context: Any) -> None:
-            await asyncio.to_thread(self._hook, method, metadata)
+            identity = await asyncio.to_thread(self._hook, method, metadata)
+            # Set here, in the call's task: a context change made in the worker thread would not flow back.
+            _CALL_IDENTITY.set(identity)
 
         return _wrap_handler(handler, _around_each_call(before))
 

@@ -1,0 +1,129 @@
+"""Asking the admin service about keys, for services that do not own the key store.
+
+``RemoteKeyVerifier`` verifies a presented key by calling ``AdminService.WhoAmI`` with it, and trusts the
+answer (yes or no) for ``ttl_s`` seconds: a revoked key stops working within that time everywhere. The
+cache is keyed by a SHA-256 of the key, so the secrets themselves are not kept in memory longer than a
+call, and is bounded (oldest entries go first).
+
+The verifier runs in the auth hook's worker thread, so it uses a blocking gRPC channel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import grpc
+
+from gristmill.api.admin.v1 import admin_pb2, admin_pb2_grpc
+from gristmill.core.auth import DEV_PRINCIPAL, ApiKeyVerifier, Principal
+from gristmill.core.errors import UnavailableError
+
+MonotonicClock = Callable[[], float]
+V = TypeVar("V")
+
+
+@dataclass(frozen=True)
+class _Entry(Generic[V]):
+    value: V
+    expires_at: float
+
+
+class TtlCache(Generic[V]):
+    """A small thread-safe cache whose entries expire ``ttl_s`` after they were stored."""
+
+    def __init__(self, ttl_s: float, *, max_entries: int = 10_000, clock: MonotonicClock = time.monotonic) -> None:
+        self.ttl_s = ttl_s
+        self._max = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[bytes, _Entry[V]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> tuple[bool, V | None]:
+        """(found, value); an expired entry is not found."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return False, None
+            if entry.expires_at <= self._clock():
+                del self._entries[key]
+                return False, None
+            return True, entry.value
+
+    def put(self, key: bytes, value: V) -> None:
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            self._entries[key] = _Entry(value, self._clock() + self.ttl_s)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+def bearer(api_key: str) -> tuple[tuple[str, str]]:
+    """The call metadata that presents ``api_key``."""
+    return (("authorization", f"Bearer {api_key}"),)
+
+
+class RemoteKeyVerifier(ApiKeyVerifier):
+    """Verifies keys with the admin service's WhoAmI, caching each answer for ``ttl_s`` seconds."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        ttl_s: float = 30.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout_s: float = 5.0,
+        clock: MonotonicClock = time.monotonic,
+        max_entries: int = 10_000,
+    ) -> None:
+        self.address = address
+        self._timeout_s = timeout_s
+        self._cache: TtlCache[Principal | None] = TtlCache(ttl_s, max_entries=max_entries, clock=clock)
+        self._channel = (
+            grpc.secure_channel(address, credentials) if credentials is not None else grpc.insecure_channel(address)
+        )
+        self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
+        # How many times the admin service was asked (tests check that the cache works).
+        self.calls = 0
+
+    def verify(self, api_key: str) -> Principal | None:
+        digest = hashlib.sha256(api_key.encode("utf-8")).digest()
+        found, cached = self._cache.get(digest)
+        if found:
+            return cached
+        principal = self._ask(api_key)
+        self._cache.put(digest, principal)
+        return principal
+
+    def _ask(self, api_key: str) -> Principal | None:
+        self.calls += 1
+        try:
+            reply: admin_pb2.WhoAmIResponse = self._stub.WhoAmI(
+                admin_pb2.WhoAmIRequest(), metadata=bearer(api_key), timeout=self._timeout_s
+            )
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                return None
+            # Not the caller's fault, and not a "no": the caller may retry once the admin service answers.
+            raise UnavailableError(
+                f"cannot verify the API key now: the admin service at {self.address} answered "
+                f"{code.name if code is not None else 'nothing'}"
+            ) from None
+        if reply.auth_disabled:
+            return DEV_PRINCIPAL
+        return Principal(reply.organization_id, reply.api_key_id, frozenset(reply.scopes))
+
+    def close(self) -> None:
+        self._channel.close()
