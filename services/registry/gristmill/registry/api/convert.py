@@ -27,7 +27,6 @@ from gristmill.registry.domain.model import (
     PromotionDecision,
     PromotionMode,
     PromotionPolicy,
-    PromotionState,
     RegisteredModel,
     Signature,
     TensorSpec,
@@ -370,10 +369,6 @@ def metric_filter_from_proto(f: pb.MetricFilter) -> MetricFilter:
     if f.value != f.value:
         raise InvalidArgumentError(f"metric filter on {f.metric_name!r} compares with NaN")
     return MetricFilter(f.metric_name, split_from_proto(f.split), Comparison(name.removeprefix("COMPARISON_")), f.value)
-
-
-def promotion_state(value: str) -> PromotionState:
-    return PromotionState(value)
 
 
 def selector(sel: common_pb2.ModelVersionSelector) -> tuple[int | None, str | None]:

@@ -16,6 +16,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,4 @@ def _first(*values: str) -> str:
 def _with(
     version: ModelVersion, *, signature: Signature, task: str, label_map: tuple[str, ...], metrics: tuple[Metric, ...]
 ) -> ModelVersion:
-    from dataclasses import replace
-
     return replace(version, signature=signature, task=task, label_map=label_map, metrics=metrics)
