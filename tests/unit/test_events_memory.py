@@ -245,6 +245,31 @@ def test_dead_letter_write_failure_leaves_the_record_uncommitted(
     assert len(broker.records(dead_letter_topic(TOPIC))) == 1
 
 
+def test_unavailable_dependency_is_retried_not_dead_lettered(
+    broker: MemoryBroker, database: Database, catalog: EventCatalog
+) -> None:
+    bus = MemoryEventBus(broker, database=database)
+    event = Event.create(StringValue(value="x"), key="k1", source="s", catalog=catalog)
+    bus.publish(event)
+    attempts: list[str] = []
+
+    def handle(e: Event, _s: Session) -> None:
+        attempts.append(e.event_id)
+        if len(attempts) < 3:
+            raise UnavailableError("object store is down")
+
+    with bus.subscribe([TOPIC], "g", handle) as consumer:
+        partition = broker.partition_for(b"k1")
+        for _ in range(2):
+            with pytest.raises(UnavailableError, match="object store is down"):
+                consumer.poll_once(0.1)
+            assert broker.committed("g", TOPIC, partition) == 0
+        assert consumer.poll_once(0.1) == 1
+    assert attempts == [event.event_id] * 3
+    assert broker.committed("g", TOPIC, partition) == 1
+    assert broker.records(dead_letter_topic(TOPIC)) == []
+
+
 def test_background_consumer_lifecycle_and_metrics(
     broker: MemoryBroker, database: Database, catalog: EventCatalog
 ) -> None:

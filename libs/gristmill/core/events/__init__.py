@@ -17,7 +17,8 @@ Delivery guarantees, and what they ask of you:
 - **Dead letters.** A record that cannot be handled (missing or bad header, undecodable payload, a handler
   exception) goes, bytes and headers unchanged, to ``<topic>.dlq`` with an ``error`` header (one line) and
   ``error-type``, and the consumer moves on. If even that write fails, the consumer stops at the record and
-  retries it.
+  retries it. A handler that raises ``UnavailableError`` (a dependency is down) is not dead-lettered:
+  the consumer rewinds and retries the record after a backoff.
 - **Traced.** Records carry W3C ``traceparent``/``tracestate``: ``<topic> publish`` (PRODUCER) continues
   the trace of the code that created the event, ``<topic> process`` (CONSUMER) is its child.
 

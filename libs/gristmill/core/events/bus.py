@@ -36,7 +36,7 @@ from opentelemetry.trace import SpanKind, TracerProvider
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from gristmill.core.errors import ConfigurationError, FailedPreconditionError, InvalidArgumentError
+from gristmill.core.errors import ConfigurationError, FailedPreconditionError, InvalidArgumentError, UnavailableError
 from gristmill.core.events.envelope import (
     Event,
     Headers,
@@ -330,6 +330,10 @@ class Consumer(ABC):
                 try:
                     self._handler(event, session)
                     session.flush()
+                except UnavailableError:
+                    # A dependency is down (object store, another service): the record is fine, so it is
+                    # retried after a backoff rather than dead-lettered.
+                    raise
                 except Exception as exc:
                     raise _HandlerFailed(exc) from exc
                 mark_handled(session, self.group_id, event.event_id)

@@ -38,6 +38,8 @@ class S3ObjectStore(ObjectStore):
     def __init__(self, settings: S3Settings, *, prefix: str = "", create_bucket: bool = True) -> None:
         # Fail fast instead of minio's default of retrying for minutes when the server is down.
         http = urllib3.PoolManager(
+            # Services download several model files at once; the default pool of 1 would churn connections.
+            maxsize=10,
             timeout=urllib3.Timeout(connect=5, read=60),
             retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
         )
