@@ -1,0 +1,143 @@
+"""Wiring: settings -> platform (database, objects, bus) -> store, runner, domain, servicer -> ServiceHost."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from opentelemetry.sdk.trace import TracerProvider
+
+from gristmill.core.events import MemoryBroker
+from gristmill.core.events.topics import DATASET_VERSION_PUBLISHED
+from gristmill.core.host import ServiceHost, Subscription, open_platform
+from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings
+from gristmill.training import SERVICE_NAME, code_version
+from gristmill.training.api.servicer import TrainingServicer, registration
+from gristmill.training.domain.jobs import JobService
+from gristmill.training.domain.publish import ModelPublisher
+from gristmill.training.domain.resolve import BaseModelCatalog, DatasetCatalog, SpecResolver
+from gristmill.training.domain.runs import JobRunner
+from gristmill.training.domain.signal import JobSignal
+from gristmill.training.domain.supervisor import JobSupervisor
+from gristmill.training.events.handlers import dataset_version_published
+from gristmill.training.ml.inspect import HfModelInspector
+from gristmill.training.settings import TrainingSettings
+from gristmill.training.store.sql import SqlJobStore, TrainingBase
+
+log = logging.getLogger(__name__)
+
+AUTO_TRAIN_GROUP = "training-auto-train"
+
+
+class ClusterLifecycle:
+    """Starts the service's own Ray cluster with the host (in the background: gRPC serves meanwhile) and
+    stops it last. A runner handed in by the caller brings its own cluster, which the host leaves alone."""
+
+    def __init__(self, cluster: object | None) -> None:
+        self.cluster = cluster
+
+    def open(self) -> None:
+        start = getattr(self.cluster, "start_in_background", None)
+        if start is not None:
+            start()
+
+    def close(self) -> None:
+        stop = getattr(self.cluster, "stop", None)
+        if stop is not None:
+            stop()
+
+
+@dataclass
+class TrainingHost(ServiceHost):
+    """A ``ServiceHost`` that also runs the job supervisor (and the service's own Ray cluster): opened
+    before the gRPC server, closed after it has drained."""
+
+    jobs: JobService | None = None
+    supervisor: JobSupervisor | None = None
+    cluster: ClusterLifecycle | None = None
+
+    def _open_background_work(self) -> None:
+        if self.cluster is not None:
+            self.cluster.open()
+        if self.supervisor is not None:
+            self.supervisor.start()
+        super()._open_background_work()
+
+    def _close_background_work(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        super()._close_background_work()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def build_host(
+    settings: TrainingSettings,
+    *,
+    kafka: KafkaSettings,
+    s3: S3Settings,
+    telemetry: TelemetrySettings | None = None,
+    memory_broker: MemoryBroker | None = None,
+    tracer_provider: TracerProvider | None = None,
+    runner: JobRunner | None = None,
+    consumer_group: str = AUTO_TRAIN_GROUP,
+) -> TrainingHost:
+    """The training service on the platform the settings describe. ``runner`` defaults to Ray Train on the
+    cluster of ``settings.ray_address`` (a local one when empty)."""
+    platform = open_platform(
+        SERVICE_NAME,
+        settings,
+        kafka=kafka,
+        s3=s3,
+        telemetry=telemetry,
+        tables=[TrainingBase.metadata],
+        memory_broker=memory_broker,
+        tracer_provider=tracer_provider,
+    )
+    data_dir = Path(settings.data_dir)
+    cluster = None
+    if runner is None:
+        # Imported here: Ray is heavy, and tests that bring their own runner never need it.
+        from gristmill.training.runner.ray_runner import CheckpointStorage, RayCluster, RayJobRunner
+
+        cluster = RayCluster(
+            address=settings.ray_address,
+            num_cpus=settings.ray_num_cpus,
+            num_gpus=settings.ray_num_gpus,
+            log_to_driver=settings.ray_log_to_driver,
+        )
+        runner = RayJobRunner(
+            cluster,
+            CheckpointStorage.for_object_store(s3, data_dir),
+            work_dir=data_dir.resolve() / "runs",
+            keep_checkpoints=settings.checkpoints_to_keep,
+        )
+    store = SqlJobStore(platform.database, platform.catalog, source=SERVICE_NAME)
+    datasets = DatasetCatalog(platform.objects)
+    base_models = BaseModelCatalog(
+        platform.objects, data_dir.resolve() / "base-models", allow_local_paths=settings.allow_local_paths
+    )
+    signal = JobSignal()
+    supervisor = JobSupervisor(
+        store,
+        runner,
+        datasets,
+        base_models,
+        ModelPublisher(platform.objects, code_version=code_version()),
+        signal,
+        max_running=settings.max_running_jobs,
+    )
+    jobs = JobService(store, SpecResolver(datasets, base_models, HfModelInspector(), runner), supervisor, signal)
+    subscription = Subscription(
+        (DATASET_VERSION_PUBLISHED,), consumer_group, dataset_version_published(jobs, platform.catalog)
+    )
+    return TrainingHost(
+        platform,
+        [registration(TrainingServicer(jobs))],
+        settings,
+        [subscription],
+        jobs=jobs,
+        supervisor=supervisor,
+        cluster=ClusterLifecycle(cluster),
+    )

@@ -1,0 +1,75 @@
+"""Writing dataset versions and base models to the object store the way the other services do.
+
+For tests, the benchmark and local experiments: labeling publishes dataset versions and the registry
+imports base models in production; these helpers write the same formats (``gristmill.core.manifests``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from gristmill.core.manifests import DatasetManifest, DatasetRow, FileEntry, ModelManifest, SplitFile
+from gristmill.core.storage import ObjectStore, object_key
+from gristmill.training.domain.refs import DatasetRef, FileRef
+
+
+def write_dataset_version(
+    objects: ObjectStore,
+    *,
+    project_id: str,
+    dataset_version_id: str,
+    label_map: Sequence[str],
+    splits: Mapping[str, Sequence[tuple[str, str]]],
+    task_type: str = "TASK_TYPE_TEXT_CLASSIFICATION",
+    version_number: int = 1,
+) -> DatasetRef:
+    """Write ``datasets/<project>/<version>/{split}.jsonl`` and ``manifest.json``; ``splits`` maps a split
+    name to (text, label) pairs."""
+    files: dict[str, SplitFile] = {}
+    for split, rows in splits.items():
+        lines = [
+            DatasetRow(id=f"{split}-{i}", text=text, label=label).to_json() for i, (text, label) in enumerate(rows)
+        ]
+        data = ("\n".join(lines) + "\n").encode() if lines else b""
+        info = objects.put_bytes(
+            object_key("datasets", project_id, dataset_version_id, f"{split}.jsonl"), data, overwrite=True
+        )
+        files[split] = SplitFile(
+            file=FileEntry(key=info.key, sha256=info.sha256, size_bytes=info.size),
+            count=len(rows),
+            label_counts=dict(Counter(label for _, label in rows)),
+        )
+    total = sum(len(rows) for rows in splits.values()) or 1
+    manifest = DatasetManifest(
+        project_id=project_id,
+        dataset_version_id=dataset_version_id,
+        version_number=version_number,
+        task_type=task_type,
+        label_map=list(label_map),
+        schema_version=1,
+        splits=files,
+        seed=0,
+        ratios={name: len(rows) / total for name, rows in splits.items()},
+        created_at=datetime.now(UTC).isoformat(),
+    )
+    info = objects.put_bytes(
+        object_key("datasets", project_id, dataset_version_id, "manifest.json"), manifest.to_json(), overwrite=True
+    )
+    return DatasetRef(project_id, dataset_version_id, FileRef(info.key, info.sha256, info.size))
+
+
+def upload_model_directory(objects: ObjectStore, directory: Path, prefix: str) -> FileRef:
+    """Upload a Hugging Face directory under ``prefix`` with a ``manifest.json`` (a base model in the store)."""
+    entries: dict[str, FileEntry] = {}
+    for path in sorted(Path(directory).rglob("*")):
+        relative = path.relative_to(directory)
+        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
+            continue
+        info = objects.put_file(object_key(prefix, relative.as_posix()), path, overwrite=True)
+        entries[relative.as_posix()] = FileEntry(key=info.key, sha256=info.sha256, size_bytes=info.size)
+    manifest = ModelManifest(files=entries, task_type="TASK_TYPE_UNSPECIFIED", label_map=[], signature={}, lineage={})
+    info = objects.put_bytes(object_key(prefix, "manifest.json"), manifest.to_json(), overwrite=True)
+    return FileRef(info.key, info.sha256, info.size)

@@ -1,0 +1,168 @@
+"""Publishing a finished run: the model files, a model card and a manifest under ``jobs/<job-id>/model/``.
+
+The manifest (``gristmill.core.manifests.ModelManifest``) lists every file with its sha256, the Open
+Inference Protocol signature, the label map, the final metrics and the lineage; the registry verifies
+and copies exactly this. Nothing refers to these objects before the job is SUCCEEDED, so a retried
+publish (after a crash) overwrites what a failed attempt left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from gristmill.core.manifests import FileEntry, ModelManifest
+from gristmill.core.storage import ObjectStore, object_key
+from gristmill.training.domain.model import (
+    Job,
+    JobResult,
+    Lineage,
+    Metric,
+    Split,
+    classification_signature,
+)
+from gristmill.training.domain.refs import FileRef
+from gristmill.training.domain.runs import LOOP_STATE_FILE, RunOutcome
+from gristmill.training.domain.serde import to_data
+from gristmill.training.domain.spec import JobSpec, flatten_hyper_parameters
+
+MODEL_CARD = "model-card.md"
+MANIFEST = "manifest.json"
+
+_CONTENT_TYPES = {".json": "application/json", ".md": "text/markdown", ".txt": "text/plain"}
+_SPLIT_PREFIXES = (("test_", Split.TEST), ("validation_", Split.VALIDATION))
+# Final-report entries that are bookkeeping, not model metrics.
+_NOT_METRICS = frozenset(
+    {"step", "epoch", "finished", "stopped_early", "best_step", "trainable_parameters", "total_parameters"}
+)
+
+
+def artifact_prefix(job_id: str) -> str:
+    return object_key("jobs", job_id, "model")
+
+
+def final_metrics(report: Mapping[str, Any]) -> tuple[Metric, ...]:
+    """The final report as metrics: ``test_accuracy`` -> accuracy on the test split, and so on."""
+    metrics = []
+    for name, value in sorted(report.items()):
+        if name in _NOT_METRICS or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        split = Split.NONE
+        for prefix, candidate in _SPLIT_PREFIXES:
+            if name.startswith(prefix):
+                name, split = name[len(prefix) :], candidate
+                break
+        metrics.append(Metric(name=name, value=float(value), split=split))
+    return tuple(metrics)
+
+
+def metric_key(metric: Metric) -> str:
+    return f"{metric.split.value}_{metric.name}" if metric.split.value else metric.name
+
+
+def render_model_card(job: Job, lineage: Lineage, metrics: tuple[Metric, ...], label_map: tuple[str, ...]) -> str:
+    spec: JobSpec = job.spec
+    title = spec.display_name or spec.registered_model_name or f"training job {job.job_id}"
+    dataset = spec.dataset
+    lines = [
+        f"# {title}",
+        "",
+        f"Text classifier fine-tuned by the Gristmill training service (job `{job.job_id}`, Ray run "
+        f"`{lineage.ray_run_name}`, {lineage.code_version}).",
+        "",
+        "## Data",
+        "",
+        f"- Dataset version: `{dataset.project_id}/{dataset.dataset_version_id}`"
+        + (f" (manifest sha256 `{dataset.manifest.sha256}`)" if dataset.manifest else ""),
+        f"- Labels (class index order): {', '.join(f'`{label}`' for label in label_map)}",
+        *(f"- `{f.key}`: sha256 `{f.sha256}`, {f.size_bytes} bytes" for f in lineage.dataset_files),
+        "",
+        "## Base model",
+        "",
+        f"- {spec.base_model.describe()}, content sha256 `{spec.base_model.content_sha256}`",
+        f"- Method: {spec.method.value}"
+        + (f" (LoRA rank {spec.lora.rank}, merged into the weights)" if spec.lora else ""),
+        "",
+        "## Hyper-parameters",
+        "",
+        "| name | value |",
+        "| --- | --- |",
+        *(f"| {name} | {value} |" for name, value in sorted(lineage.hyper_parameters.items())),
+        "",
+        "## Metrics",
+        "",
+        "| metric | split | value |",
+        "| --- | --- | --- |",
+        *(f"| {m.name} | {m.split.value or '-'} | {m.value:.4f} |" for m in metrics),
+        "",
+        "## Use",
+        "",
+        "Input: a batch of texts (`text`, BYTES). Output: class probabilities (`probabilities`, FP32), the "
+        "predicted label (`label`, BYTES) and its index (`label_index`, INT64). Loads with "
+        "`AutoModelForSequenceClassification.from_pretrained`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+class ModelPublisher:
+    def __init__(self, objects: ObjectStore, *, code_version: str) -> None:
+        self._objects = objects
+        self.code_version = code_version
+
+    def lineage(self, job: Job, dataset_files: tuple[FileRef, ...]) -> Lineage:
+        return Lineage(
+            training_job_id=job.job_id,
+            dataset=job.spec.dataset,
+            dataset_files=dataset_files,
+            base_model=job.spec.base_model,
+            hyper_parameters=flatten_hyper_parameters(job.spec),
+            ray_run_name=job.ray_run_name,
+            code_version=self.code_version,
+        )
+
+    def publish(
+        self, job: Job, outcome: RunOutcome, *, label_map: tuple[str, ...], dataset_files: tuple[FileRef, ...]
+    ) -> JobResult:
+        prefix = artifact_prefix(job.job_id)
+        lineage = self.lineage(job, dataset_files)
+        metrics = final_metrics(outcome.metrics)
+        model_dir = Path(outcome.model_dir)
+        (model_dir / MODEL_CARD).write_text(render_model_card(job, lineage, metrics, label_map))
+        entries: dict[str, FileEntry] = {}
+        for path in sorted(model_dir.rglob("*")):
+            if not path.is_file() or path.name == LOOP_STATE_FILE:
+                continue
+            name = path.relative_to(model_dir).as_posix()
+            info = self._objects.put_file(
+                object_key(prefix, name),
+                path,
+                content_type=_CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
+                overwrite=True,
+            )
+            entries[name] = FileEntry(key=info.key, sha256=info.sha256, size_bytes=info.size)
+        signature = classification_signature(len(label_map))
+        manifest = ModelManifest(
+            files=entries,
+            task_type=job.spec.task.value,
+            label_map=list(label_map),
+            signature=to_data(signature),
+            lineage=to_data(lineage),
+            metrics={metric_key(m): m.value for m in metrics},
+            base_model=job.spec.base_model.describe(),
+        )
+        manifest_info = self._objects.put_bytes(
+            object_key(prefix, MANIFEST), manifest.to_json(), content_type="application/json", overwrite=True
+        )
+        return JobResult(
+            artifact_prefix=prefix,
+            files=tuple(FileRef(e.key, e.sha256, e.size_bytes) for _, e in sorted(entries.items())),
+            manifest=FileRef(manifest_info.key, manifest_info.sha256, manifest_info.size),
+            metrics=metrics,
+            signature=signature,
+            label_map=label_map,
+            lineage=lineage,
+            trainable_parameter_count=outcome.trainable_parameters,
+            total_parameter_count=outcome.total_parameters,
+        )

@@ -1,0 +1,63 @@
+"""What the supervisor asks of a training back-end: run one job's training, report progress, honour a
+cancel, hand back the final model. ``RayJobRunner`` (Ray Train) and ``InProcessRunner`` (one process, no
+Ray: tests) implement it."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from gristmill.training.domain.resolve import ClusterCapacity, DatasetSplits
+from gristmill.training.domain.spec import JobSpec
+
+# The training loop's own bookkeeping file in its final checkpoint; not part of the published model.
+LOOP_STATE_FILE = "training_state.json"
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    job_id: str
+    # Ray Train run name: the checkpoint directory; running the same name again resumes from it.
+    run_name: str
+    spec: JobSpec
+    data: DatasetSplits
+    model_dir: Path
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    # The final report's metrics (test split included).
+    metrics: dict[str, Any]
+    # A local directory with the final model files (the runner owns it until ``cleanup``).
+    model_dir: Path
+    trainable_parameters: int
+    total_parameters: int
+
+
+class RunListener(Protocol):
+    """Receives the loop's progress records as they arrive (on the run's driver thread)."""
+
+    def on_records(self, records: list[dict[str, Any]]) -> None: ...
+
+
+class RunCancelledError(Exception):
+    """The run stopped because it was cancelled."""
+
+
+class RunFailedError(Exception):
+    """The run failed; the message is what the job's state_reason shows."""
+
+
+class JobRunner(Protocol):
+    def capacity(self) -> ClusterCapacity: ...
+
+    def run(self, request: RunRequest, listener: RunListener, cancel: threading.Event) -> RunOutcome:
+        """Train until done (blocking). Raises ``RunCancelledError`` once ``cancel`` is set and the run stopped,
+        ``RunFailedError`` when it failed for good."""
+        ...
+
+    def cleanup(self, outcome: RunOutcome) -> None:
+        """Remove what ``run`` left on local disk for the outcome."""
+        ...

@@ -1,0 +1,527 @@
+"""What to train: the job spec with every default filled in, and the rules its fields follow.
+
+The API layer hands the raw request values (0 / None where the caller left a field unset) to the
+``build_*`` functions here; they apply the documented defaults and refuse out-of-range values with an
+``InvalidArgumentError`` that names the field. The result is the *effective* spec: what the job runs
+with, what the store keeps and what the lineage records.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from gristmill.core.errors import InvalidArgumentError
+from gristmill.core.ids import validate_id
+from gristmill.training.domain.refs import BaseModelRef, DatasetRef
+
+
+class TaskType(StrEnum):
+    """The common.v1.TaskType enum names (also used in dataset and model manifests)."""
+
+    UNSPECIFIED = "TASK_TYPE_UNSPECIFIED"
+    TEXT_CLASSIFICATION = "TASK_TYPE_TEXT_CLASSIFICATION"
+    TEXT_MULTI_LABEL_CLASSIFICATION = "TASK_TYPE_TEXT_MULTI_LABEL_CLASSIFICATION"
+    TOKEN_CLASSIFICATION = "TASK_TYPE_TOKEN_CLASSIFICATION"
+    IMAGE_CLASSIFICATION = "TASK_TYPE_IMAGE_CLASSIFICATION"
+    CAUSAL_LM = "TASK_TYPE_CAUSAL_LM"
+
+
+# Tasks the training loop implements today; the others are refused with INVALID_ARGUMENT.
+SUPPORTED_TASKS = (TaskType.TEXT_CLASSIFICATION,)
+
+
+class Method(StrEnum):
+    FULL = "full"
+    LORA = "lora"
+
+
+class Precision(StrEnum):
+    # bf16 where the device supports it (CUDA with bf16), otherwise fp32.
+    AUTO = "auto"
+    NO = "no"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class Schedule(StrEnum):
+    LINEAR = "linear"
+    COSINE = "cosine"
+    CONSTANT = "constant"
+
+
+class Goal(StrEnum):
+    MAXIMIZE = "maximize"
+    MINIMIZE = "minimize"
+
+
+class Scheduler(StrEnum):
+    ASHA = "asha"
+    FIFO = "fifo"
+
+
+class Distribution(StrEnum):
+    UNIFORM = "uniform"
+    LOG_UNIFORM = "log_uniform"
+    CHOICE = "choice"
+
+
+VALIDATION_METRICS = ("accuracy", "f1", "loss")
+
+DEFAULT_LEARNING_RATE = {Method.FULL: 2e-5, Method.LORA: 2e-4}
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_EPOCHS = 3
+DEFAULT_WARMUP_RATIO = 0.06
+DEFAULT_WEIGHT_DECAY = 0.01
+DEFAULT_MAX_SEQUENCE_LENGTH = 128
+DEFAULT_SEED = 42
+DEFAULT_LOG_EVERY = 10
+DEFAULT_LORA_RANK = 8
+DEFAULT_LORA_DROPOUT = 0.1
+DEFAULT_MAX_FAILURES = 2
+
+# Upper bounds that catch typos (a batch of 10^6) before they reach a worker; not capacity limits.
+MAX_BATCH_SIZE = 8192
+MAX_EPOCHS = 1000
+MAX_SEQUENCE_LENGTH = 32768
+MAX_ACCUMULATION = 4096
+MAX_LORA_RANK = 4096
+MAX_WORKERS = 4096
+MAX_TRIALS = 1000
+MAX_TAGS = 64
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int
+    alpha: float
+    dropout: float
+    # Empty: the architecture's attention projections (decided when the model is inspected).
+    target_modules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    # 0 disables early stopping.
+    patience: int = 0
+    metric: str = "f1"
+    goal: Goal = Goal.MAXIMIZE
+    min_delta: float = 0.0
+
+
+@dataclass(frozen=True)
+class HyperParameters:
+    learning_rate: float
+    per_worker_batch_size: int = DEFAULT_BATCH_SIZE
+    epochs: int = DEFAULT_EPOCHS
+    # None: no limit besides epochs.
+    max_steps: int | None = None
+    warmup_ratio: float = DEFAULT_WARMUP_RATIO
+    weight_decay: float = DEFAULT_WEIGHT_DECAY
+    schedule: Schedule = Schedule.LINEAR
+    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Precision = Precision.AUTO
+    seed: int = DEFAULT_SEED
+    # 0: once per epoch.
+    eval_every_steps: int = 0
+    log_every_steps: int = DEFAULT_LOG_EVERY
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+
+
+@dataclass(frozen=True)
+class Resources:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    # 0 when not use_gpu.
+    gpus_per_worker: float = 0.0
+    max_failures: int = DEFAULT_MAX_FAILURES
+
+
+@dataclass(frozen=True)
+class SearchDimension:
+    parameter: str
+    distribution: Distribution
+    low: float = 0.0
+    high: float = 0.0
+    values: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    num_trials: int
+    max_concurrent_trials: int
+    metric: str
+    goal: Goal
+    scheduler: Scheduler
+    dimensions: tuple[SearchDimension, ...]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    display_name: str
+    base_model: BaseModelRef
+    dataset: DatasetRef
+    task: TaskType
+    method: Method
+    lora: LoraSettings | None
+    hyper_parameters: HyperParameters
+    resources: Resources
+    search: SearchSettings | None = None
+    registered_model_name: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def project_id(self) -> str:
+        return self.dataset.project_id
+
+
+# --------------------------------------------------------------------------- builders (defaults + ranges)
+
+
+def _bad(field_name: str, problem: str) -> InvalidArgumentError:
+    return InvalidArgumentError(f"spec.{field_name} {problem}", details={"field": f"spec.{field_name}"})
+
+
+def _finite(name: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise _bad(name, f"must be a finite number (got {value})")
+    return value
+
+
+def _int_range(name: str, value: int, low: int, high: int) -> int:
+    if not low <= value <= high:
+        raise _bad(name, f"must be between {low} and {high} (got {value})")
+    return value
+
+
+def build_base_model(*, name: str = "", object_prefix: str = "", local_path: str = "") -> BaseModelRef:
+    given = [v for v in (name, object_prefix, local_path) if v]
+    if not given:
+        raise _bad(
+            "base_model",
+            "is required: set base_model_name, object_prefix (a Hugging Face directory in the object store) "
+            "or local_path",
+        )
+    if name:
+        validate_id(name, what="spec.base_model.base_model_name")
+    return BaseModelRef(
+        name=name, object_prefix=object_prefix.strip("/") if object_prefix else "", local_path=local_path
+    )
+
+
+def build_dataset(*, project_id: str, dataset_version_id: str) -> DatasetRef:
+    if not project_id or not dataset_version_id:
+        raise _bad("dataset_version", "is required: set project_id and dataset_version_id")
+    validate_id(project_id, what="spec.dataset_version.project_id")
+    validate_id(dataset_version_id, what="spec.dataset_version.dataset_version_id")
+    return DatasetRef(project_id=project_id, dataset_version_id=dataset_version_id)
+
+
+def build_lora(
+    *,
+    method: Method,
+    given: bool,
+    rank: int = 0,
+    alpha: float = 0.0,
+    dropout: float | None = None,
+    target_modules: Sequence[str] = (),
+) -> LoraSettings | None:
+    if method is Method.FULL:
+        if given:
+            raise _bad("lora", "is only valid with method LORA; remove it or set method to TRAINING_METHOD_LORA")
+        return None
+    rank = rank or DEFAULT_LORA_RANK
+    _int_range("lora.rank", rank, 1, MAX_LORA_RANK)
+    alpha = _finite("lora.alpha", alpha) or 2.0 * rank
+    if alpha <= 0:
+        raise _bad("lora.alpha", f"must be > 0 (got {alpha})")
+    dropout = DEFAULT_LORA_DROPOUT if dropout is None else _finite("lora.dropout", dropout)
+    if not 0.0 <= dropout < 1.0:
+        raise _bad("lora.dropout", f"must be in [0, 1) (got {dropout})")
+    modules: list[str] = []
+    for module in target_modules:
+        if not _MODULE_NAME.fullmatch(module):
+            raise _bad("lora.target_modules", f"has an invalid module name {module[:80]!r}")
+        if module not in modules:
+            modules.append(module)
+    return LoraSettings(rank=rank, alpha=alpha, dropout=dropout, target_modules=tuple(modules))
+
+
+def build_early_stopping(
+    *, patience: int = 0, metric: str = "", goal: Goal | None = None, min_delta: float = 0.0
+) -> EarlyStopping:
+    _int_range("hyper_parameters.early_stopping.patience", patience, 0, 10_000)
+    metric = metric or "f1"
+    if metric not in VALIDATION_METRICS:
+        raise _bad(
+            "hyper_parameters.early_stopping.metric",
+            f"{metric[:40]!r} is not a validation metric; use one of {', '.join(VALIDATION_METRICS)}",
+        )
+    if goal is None:
+        goal = Goal.MINIMIZE if metric == "loss" else Goal.MAXIMIZE
+    min_delta = _finite("hyper_parameters.early_stopping.min_delta", min_delta)
+    if min_delta < 0:
+        raise _bad("hyper_parameters.early_stopping.min_delta", f"must be >= 0 (got {min_delta})")
+    return EarlyStopping(patience=patience, metric=metric, goal=goal, min_delta=min_delta)
+
+
+def build_hyper_parameters(
+    *,
+    method: Method,
+    learning_rate: float = 0.0,
+    per_worker_batch_size: int = 0,
+    epochs: int = 0,
+    max_steps: int | None = None,
+    warmup_ratio: float | None = None,
+    weight_decay: float | None = None,
+    schedule: Schedule | None = None,
+    max_sequence_length: int = 0,
+    gradient_accumulation_steps: int = 0,
+    mixed_precision: Precision = Precision.AUTO,
+    seed: int | None = None,
+    eval_every_steps: int = 0,
+    log_every_steps: int = 0,
+    early_stopping: EarlyStopping | None = None,
+) -> HyperParameters:
+    p = "hyper_parameters."
+    learning_rate = _finite(p + "learning_rate", learning_rate) or DEFAULT_LEARNING_RATE[method]
+    if not 0 < learning_rate <= 1.0:
+        raise _bad(p + "learning_rate", f"must be in (0, 1] (got {learning_rate})")
+    batch = _int_range(p + "per_worker_batch_size", per_worker_batch_size or DEFAULT_BATCH_SIZE, 1, MAX_BATCH_SIZE)
+    epochs = _int_range(p + "epochs", epochs or DEFAULT_EPOCHS, 1, MAX_EPOCHS)
+    if max_steps is not None and max_steps < 1:
+        raise _bad(p + "max_steps", f"must be >= 1 when set (got {max_steps})")
+    warmup = DEFAULT_WARMUP_RATIO if warmup_ratio is None else _finite(p + "warmup_ratio", warmup_ratio)
+    if not 0.0 <= warmup < 1.0:
+        raise _bad(p + "warmup_ratio", f"must be in [0, 1) (got {warmup})")
+    decay = DEFAULT_WEIGHT_DECAY if weight_decay is None else _finite(p + "weight_decay", weight_decay)
+    if not 0.0 <= decay <= 1.0:
+        raise _bad(p + "weight_decay", f"must be in [0, 1] (got {decay})")
+    length = _int_range(
+        p + "max_sequence_length", max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH, 8, MAX_SEQUENCE_LENGTH
+    )
+    accumulation = _int_range(p + "gradient_accumulation_steps", gradient_accumulation_steps or 1, 1, MAX_ACCUMULATION)
+    if seed is not None and not 0 <= seed < 2**32:
+        raise _bad(p + "seed", f"must be in [0, 2^32) (got {seed})")
+    if eval_every_steps < 0:
+        raise _bad(p + "eval_every_steps", f"must be >= 0 (got {eval_every_steps})")
+    if log_every_steps < 0:
+        raise _bad(p + "log_every_steps", f"must be >= 0 (got {log_every_steps})")
+    return HyperParameters(
+        learning_rate=learning_rate,
+        per_worker_batch_size=batch,
+        epochs=epochs,
+        max_steps=max_steps,
+        warmup_ratio=warmup,
+        weight_decay=decay,
+        schedule=schedule or Schedule.LINEAR,
+        max_sequence_length=length,
+        gradient_accumulation_steps=accumulation,
+        mixed_precision=mixed_precision,
+        seed=DEFAULT_SEED if seed is None else seed,
+        eval_every_steps=eval_every_steps,
+        log_every_steps=log_every_steps or DEFAULT_LOG_EVERY,
+        early_stopping=early_stopping or build_early_stopping(),
+    )
+
+
+def build_resources(
+    *,
+    num_workers: int = 0,
+    use_gpu: bool = False,
+    cpus_per_worker: float = 0.0,
+    gpus_per_worker: float = 0.0,
+    max_failures: int | None = None,
+) -> Resources:
+    p = "resources."
+    workers = _int_range(p + "num_workers", num_workers or 1, 1, MAX_WORKERS)
+    cpus = _finite(p + "cpus_per_worker", cpus_per_worker) or 1.0
+    if cpus <= 0:
+        raise _bad(p + "cpus_per_worker", f"must be > 0 (got {cpus})")
+    gpus = _finite(p + "gpus_per_worker", gpus_per_worker)
+    if gpus and not use_gpu:
+        raise _bad(p + "gpus_per_worker", "is only valid with use_gpu; set use_gpu or remove it")
+    if gpus < 0:
+        raise _bad(p + "gpus_per_worker", f"must be >= 0 (got {gpus})")
+    if use_gpu and not gpus:
+        gpus = 1.0
+    failures = DEFAULT_MAX_FAILURES if max_failures is None else max_failures
+    _int_range(p + "max_failures", failures, 0, 100)
+    return Resources(
+        num_workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus, gpus_per_worker=gpus, max_failures=failures
+    )
+
+
+# Searchable parameters and whether they take integers.
+SEARCHABLE = {
+    "learning_rate": False,
+    "weight_decay": False,
+    "warmup_ratio": False,
+    "per_worker_batch_size": True,
+    "lora.rank": True,
+    "lora.alpha": False,
+    "lora.dropout": False,
+}
+
+
+def build_search_dimension(
+    index: int,
+    *,
+    parameter: str,
+    distribution: Distribution | None,
+    low: float = 0.0,
+    high: float = 0.0,
+    values: Sequence[float] = (),
+    method: Method,
+) -> SearchDimension:
+    name = f"search.dimensions[{index}]"
+    if parameter not in SEARCHABLE:
+        raise _bad(
+            f"{name}.parameter",
+            f"{parameter[:60]!r} is not a searchable hyper-parameter; use one of {', '.join(SEARCHABLE)}",
+        )
+    if parameter.startswith("lora.") and method is not Method.LORA:
+        raise _bad(f"{name}.parameter", f"{parameter!r} can only be searched with method LORA")
+    if distribution is None:
+        raise _bad(f"{name}", "needs a domain: uniform, log_uniform or choice")
+    if distribution is Distribution.CHOICE:
+        if not values:
+            raise _bad(f"{name}.choice.values", "must not be empty")
+        for v in values:
+            _finite(f"{name}.choice.values", v)
+            if SEARCHABLE[parameter] and v != int(v):
+                raise _bad(f"{name}.choice.values", f"must be integers for {parameter} (got {v})")
+        return SearchDimension(parameter, distribution, values=tuple(values))
+    low, high = _finite(f"{name}.min", low), _finite(f"{name}.max", high)
+    if not low < high:
+        raise _bad(f"{name}", f"needs min < max (got min {low}, max {high})")
+    if distribution is Distribution.LOG_UNIFORM and low <= 0:
+        raise _bad(f"{name}.min", f"must be > 0 for log_uniform (got {low})")
+    return SearchDimension(parameter, distribution, low=low, high=high)
+
+
+def build_search(
+    *,
+    num_trials: int,
+    max_concurrent_trials: int = 0,
+    metric: str = "",
+    goal: Goal | None = None,
+    scheduler: Scheduler | None = None,
+    dimensions: Sequence[SearchDimension],
+) -> SearchSettings:
+    _int_range("search.num_trials", num_trials, 1, MAX_TRIALS)
+    if max_concurrent_trials < 0:
+        raise _bad("search.max_concurrent_trials", f"must be >= 0 (got {max_concurrent_trials})")
+    metric = metric or "f1"
+    if metric not in VALIDATION_METRICS:
+        raise _bad(
+            "search.metric", f"{metric[:40]!r} is not a validation metric; use one of {', '.join(VALIDATION_METRICS)}"
+        )
+    if not dimensions:
+        raise _bad("search.dimensions", "must name at least one hyper-parameter to search")
+    names = [d.parameter for d in dimensions]
+    if len(set(names)) != len(names):
+        raise _bad("search.dimensions", "names a hyper-parameter more than once")
+    if goal is None:
+        goal = Goal.MINIMIZE if metric == "loss" else Goal.MAXIMIZE
+    return SearchSettings(
+        num_trials=num_trials,
+        max_concurrent_trials=max_concurrent_trials,
+        metric=metric,
+        goal=goal,
+        scheduler=scheduler or Scheduler.ASHA,
+        dimensions=tuple(dimensions),
+    )
+
+
+def build_spec(
+    *,
+    display_name: str,
+    base_model: BaseModelRef,
+    dataset: DatasetRef,
+    task: TaskType,
+    method: Method,
+    lora: LoraSettings | None,
+    hyper_parameters: HyperParameters,
+    resources: Resources,
+    search: SearchSettings | None,
+    registered_model_name: str,
+    tags: Mapping[str, str],
+) -> JobSpec:
+    """Cross-field rules, once every part was built."""
+    if len(display_name) > 256:
+        raise _bad("display_name", f"is {len(display_name)} characters long; the limit is 256")
+    if task not in (TaskType.UNSPECIFIED, *SUPPORTED_TASKS):
+        raise _bad(
+            "task", f"{task.value} is not supported yet; supported: {', '.join(t.value for t in SUPPORTED_TASKS)}"
+        )
+    if registered_model_name:
+        validate_id(registered_model_name, what="spec.registered_model_name")
+    if len(tags) > MAX_TAGS:
+        raise _bad("tags", f"has {len(tags)} entries; the limit is {MAX_TAGS}")
+    for key, value in tags.items():
+        if not key or len(key) > 128 or len(value) > 1024:
+            raise _bad("tags", f"entry {key[:40]!r} is invalid: keys are 1-128 characters, values at most 1024")
+    precision = hyper_parameters.mixed_precision
+    if precision is Precision.FP16 and not resources.use_gpu:
+        raise _bad(
+            "hyper_parameters.mixed_precision",
+            "FP16 needs GPU workers (resources.use_gpu); on CPU use BF16 or NO",
+        )
+    return JobSpec(
+        display_name=display_name,
+        base_model=base_model,
+        dataset=dataset,
+        task=task,
+        method=method,
+        lora=lora,
+        hyper_parameters=hyper_parameters,
+        resources=resources,
+        search=search,
+        registered_model_name=registered_model_name,
+        tags=dict(tags),
+    )
+
+
+def flatten_hyper_parameters(spec: JobSpec) -> dict[str, str]:
+    """The effective hyper-parameters as a flat string map (lineage, model card)."""
+    hp = spec.hyper_parameters
+    es = hp.early_stopping
+    flat = {
+        "method": spec.method.value,
+        "learning_rate": repr(hp.learning_rate),
+        "per_worker_batch_size": str(hp.per_worker_batch_size),
+        "epochs": str(hp.epochs),
+        "max_steps": "" if hp.max_steps is None else str(hp.max_steps),
+        "warmup_ratio": repr(hp.warmup_ratio),
+        "weight_decay": repr(hp.weight_decay),
+        "learning_rate_schedule": hp.schedule.value,
+        "max_sequence_length": str(hp.max_sequence_length),
+        "gradient_accumulation_steps": str(hp.gradient_accumulation_steps),
+        "mixed_precision": hp.mixed_precision.value,
+        "seed": str(hp.seed),
+        "eval_every_steps": str(hp.eval_every_steps),
+        "early_stopping.patience": str(es.patience),
+        "early_stopping.metric": es.metric,
+        "early_stopping.goal": es.goal.value,
+        "num_workers": str(spec.resources.num_workers),
+        "use_gpu": str(spec.resources.use_gpu).lower(),
+    }
+    if spec.lora is not None:
+        flat.update(
+            {
+                "lora.rank": str(spec.lora.rank),
+                "lora.alpha": repr(spec.lora.alpha),
+                "lora.dropout": repr(spec.lora.dropout),
+                "lora.target_modules": ",".join(spec.lora.target_modules),
+            }
+        )
+    if not flat["max_steps"]:
+        del flat["max_steps"]
+    return flat

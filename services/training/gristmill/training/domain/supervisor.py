@@ -1,0 +1,267 @@
+"""Runs queued jobs: one driver thread per job, at most ``max_running`` at once, FIFO.
+
+A driver thread loads the job's data and base model (verified again), hands the run to the ``JobRunner``
+and turns its progress records into store writes as they arrive: the first ``started`` record moves the
+job to RUNNING, a later one (the worker group restarted from a checkpoint) counts a restart, metrics
+become events. On success the model is published and the job SUCCEEDED; any failure ends it FAILED with
+the error as its reason, so no job is left hanging. Cancelling sets the run's cancel flag; the runner
+aborts the Ray run.
+
+At start, jobs left RUNNING by a process that died are FAILED (their Ray run died with its driver), and
+QUEUED jobs are queued again. At stop, running jobs are aborted and FAILED with a reason saying so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from gristmill.core.errors import FailedPreconditionError, GristmillError
+from gristmill.training.domain.model import Job, JobState, Metric, MetricsReport, Split
+from gristmill.training.domain.publish import ModelPublisher
+from gristmill.training.domain.resolve import BaseModelCatalog, DatasetCatalog
+from gristmill.training.domain.runs import JobRunner, RunCancelledError, RunFailedError, RunRequest
+from gristmill.training.domain.signal import JobSignal
+from gristmill.training.store.base import JobStore
+
+log = logging.getLogger(__name__)
+
+LOST_ON_RESTART = (
+    "the training service stopped while this job was running, and its Ray run stopped with it; resubmit the job"
+)
+STOPPED_WITH_SERVICE = "the training service shut down while this job was running; resubmit the job"
+
+
+@dataclass
+class _ActiveRun:
+    cancel: threading.Event = field(default_factory=threading.Event)
+    # Set when the cancel comes from the service stopping rather than from CancelJob.
+    shutdown: bool = False
+    thread: threading.Thread | None = None
+
+
+class _ProgressRecorder:
+    """``RunListener`` of one run: progress records -> store writes (on the run's driver thread)."""
+
+    def __init__(self, store: JobStore, signal: JobSignal, job: Job) -> None:
+        self._store = store
+        self._signal = signal
+        self._job_id = job.job_id
+        self._run_name = job.ray_run_name
+        self.progress = job.progress
+        self.started = job.state is JobState.RUNNING
+        self.restarts = job.restart_count
+
+    def _transition(self, reason: str = "", restart_count: int | None = None) -> None:
+        # A job cancelled meanwhile refuses the transition; the runner stops its run.
+        with contextlib.suppress(FailedPreconditionError):
+            self._store.transition(
+                self._job_id,
+                JobState.RUNNING,
+                reason=reason,
+                progress=self.progress,
+                restart_count=restart_count,
+                ray_run_name=self._run_name,
+            )
+
+    def on_records(self, records: list[dict[str, Any]]) -> None:
+        reports: list[MetricsReport] = []
+        for record in records:
+            kind = record.get("type")
+            step = int(record.get("step", self.progress.step))
+            if kind == "started":
+                self.progress = replace(self.progress, step=step, total_steps=int(record["total_steps"]))
+                if not self.started:
+                    self.started = True
+                    self._transition()
+                else:
+                    self.restarts += 1
+                    self._transition(
+                        f"the worker group restarted after a failure and resumed from the checkpoint at step {step}",
+                        restart_count=self.restarts,
+                    )
+            elif kind == "train":
+                values = record["metrics"]
+                self.progress = replace(
+                    self.progress,
+                    step=step,
+                    epoch=float(record["epoch"]),
+                    total_steps=int(record.get("total_steps", self.progress.total_steps)),
+                    samples_per_second=float(values["samples_per_second"]),
+                )
+                reports.append(_report(record, Split.NONE))
+            elif kind == "eval":
+                split = Split(record["split"])
+                reports.append(_report(record, split))
+        if reports:
+            self._store.record_metrics(self._job_id, reports, self.progress)
+        self._signal.notify(self._job_id)
+
+
+def _report(record: dict[str, Any], split: Split) -> MetricsReport:
+    step = int(record["step"])
+    metrics = tuple(
+        Metric(name=str(name), value=float(value), split=split, step=step)
+        for name, value in sorted(record["metrics"].items())
+    )
+    return MetricsReport(step=step, epoch=float(record["epoch"]), metrics=metrics, trial=record.get("trial"))
+
+
+class JobSupervisor:
+    def __init__(
+        self,
+        store: JobStore,
+        runner: JobRunner,
+        datasets: DatasetCatalog,
+        base_models: BaseModelCatalog,
+        publisher: ModelPublisher,
+        signal: JobSignal,
+        *,
+        max_running: int = 2,
+    ) -> None:
+        self._store = store
+        self._runner = runner
+        self._datasets = datasets
+        self._base_models = base_models
+        self._publisher = publisher
+        self._signal = signal
+        self._max_running = max_running
+        self._cond = threading.Condition()
+        self._queue: deque[str] = deque()
+        self._active: dict[str, _ActiveRun] = {}
+        self._stopping = False
+        self._dispatcher: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.recover()
+        with self._cond:
+            self._stopping = False
+        self._dispatcher = threading.Thread(target=self._dispatch, name="training-dispatcher", daemon=True)
+        self._dispatcher.start()
+
+    def recover(self) -> None:
+        """Fail jobs whose run died with a previous process; queue the jobs that never started."""
+        for job in self._store.jobs_in_states([JobState.RUNNING]):
+            if job.job_id not in self._active:
+                self._fail(job.job_id, LOST_ON_RESTART)
+        for job in self._store.jobs_in_states([JobState.QUEUED]):
+            self.enqueue(job.job_id)
+
+    def stop(self, timeout_s: float = 120.0) -> None:
+        """Abort running jobs (they end FAILED, saying why) and stop dispatching. Safe to call twice."""
+        with self._cond:
+            self._stopping = True
+            runs = list(self._active.values())
+            self._cond.notify_all()
+        for run in runs:
+            run.shutdown = True
+            run.cancel.set()
+        if self._dispatcher is not None:
+            self._dispatcher.join(timeout_s)
+            self._dispatcher = None
+        for run in runs:
+            if run.thread is not None:
+                run.thread.join(timeout_s)
+                if run.thread.is_alive():
+                    log.warning("a training run did not stop within %.0fs", timeout_s)
+
+    # -- requests ------------------------------------------------------------------------------------------
+
+    def enqueue(self, job_id: str) -> None:
+        with self._cond:
+            if job_id not in self._queue and job_id not in self._active:
+                self._queue.append(job_id)
+                self._cond.notify_all()
+
+    def cancel(self, job_id: str) -> None:
+        """Stop the job's run if it has one (the store already says CANCELLED)."""
+        with self._cond:
+            if job_id in self._queue:
+                self._queue.remove(job_id)
+            run = self._active.get(job_id)
+        if run is not None:
+            run.cancel.set()
+
+    def running(self) -> list[str]:
+        with self._cond:
+            return list(self._active)
+
+    # -- the dispatcher and driver threads -----------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and (not self._queue or len(self._active) >= self._max_running):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                job_id = self._queue.popleft()
+                run = _ActiveRun()
+                run.thread = threading.Thread(target=self._drive, args=(job_id, run), name=f"job-{job_id}", daemon=True)
+                self._active[job_id] = run
+            run.thread.start()
+
+    def _drive(self, job_id: str, run: _ActiveRun) -> None:
+        try:
+            job = self._store.get_job(job_id)
+            if job.state is not JobState.QUEUED:
+                return
+            self._run(job, run)
+        except RunCancelledError:
+            if run.shutdown:
+                self._fail(job_id, STOPPED_WITH_SERVICE)
+        except RunFailedError as exc:
+            self._fail(job_id, str(exc))
+        except GristmillError as exc:
+            self._fail(job_id, exc.message)
+        except Exception as exc:
+            log.exception("training job %s failed unexpectedly", job_id)
+            self._fail(job_id, f"{type(exc).__name__}: {' '.join(str(exc).split())[:900]}")
+        finally:
+            with self._cond:
+                self._active.pop(job_id, None)
+                self._cond.notify_all()
+            self._signal.notify(job_id)
+
+    def _run(self, job: Job, run: _ActiveRun) -> None:
+        data, files = self._datasets.load_ref(job.spec.dataset)
+        base = self._base_models.resolve(job.spec.base_model)
+        if job.spec.base_model.content_sha256 and base.ref.content_sha256 != job.spec.base_model.content_sha256:
+            raise FailedPreconditionError(
+                f"the {job.spec.base_model.describe()} changed since the job was submitted (content sha256 "
+                f"{base.ref.content_sha256[:12]}…, expected {job.spec.base_model.content_sha256[:12]}…)"
+            )
+        recorder = _ProgressRecorder(self._store, self._signal, job)
+        request = RunRequest(
+            job_id=job.job_id, run_name=job.ray_run_name, spec=job.spec, data=data, model_dir=base.local_dir
+        )
+        outcome = self._runner.run(request, recorder, run.cancel)
+        try:
+            current = self._store.get_job(job.job_id)
+            if current.state.terminal:
+                return  # cancelled while the run was finishing
+            if current.state is JobState.QUEUED:
+                current, _ = self._store.transition(job.job_id, JobState.RUNNING, progress=recorder.progress)
+            result = self._publisher.publish(current, outcome, label_map=data.label_map, dataset_files=files)
+            final = outcome.metrics
+            progress = replace(
+                recorder.progress,
+                step=int(final.get("step", recorder.progress.step)),
+                epoch=float(final.get("epoch", recorder.progress.epoch)),
+            )
+            reason = "stopped early: the validation metric stopped improving" if final.get("stopped_early") else ""
+            self._store.transition(job.job_id, JobState.SUCCEEDED, reason=reason, result=result, progress=progress)
+        finally:
+            self._runner.cleanup(outcome)
+
+    def _fail(self, job_id: str, reason: str) -> None:
+        # A job that already ended (cancelled, or succeeded just before the error) keeps its state.
+        with contextlib.suppress(FailedPreconditionError):
+            self._store.transition(job_id, JobState.FAILED, reason=reason)
+        self._signal.notify(job_id)

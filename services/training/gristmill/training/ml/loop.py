@@ -1,0 +1,576 @@
+"""The training loop every Ray Train worker runs (``train_loop``), data-parallel over the worker group.
+
+Per worker: tokenise once, build the model (full fine-tune or LoRA), then optimise with AdamW, warmup +
+decay, gradient accumulation (``no_sync`` on the micro-steps that do not step), autocast where the
+device supports it. Host syncs are rare on purpose: the loss stays on the device and is read only when
+metrics are logged. Every evaluation all-reduces a confusion matrix, so every rank takes the same early
+stopping decision, and reports a checkpoint (written by rank 0 only; ``ray.train.report`` is a barrier
+every rank calls equally often). A restarted worker group resumes from ``ray.train.get_checkpoint()``.
+
+At the end the best weights are evaluated on the test split, LoRA is merged into the base, and rank 0
+reports the final model (``save_pretrained`` with safetensors + tokenizer) as the run's last checkpoint,
+named ``model``; the service publishes it. Progress goes to a ``ProgressSink`` (rank 0 only) as it
+happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from gristmill.training.domain.runs import LOOP_STATE_FILE as STATE_FILE
+from gristmill.training.domain.spec import HyperParameters, LoraSettings, Method, Precision
+from gristmill.training.ml import data as D
+
+TRAINABLE_FILE = "trainable.safetensors"
+BEST_FILE = "best.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+SCALER_FILE = "scaler.pt"
+FINAL_CHECKPOINT_NAME = "model"
+MAX_GRAD_NORM = 1.0
+
+
+class ProgressSink(Protocol):
+    """Where rank 0 sends progress records (dicts of plain values) while the job runs."""
+
+    def push(self, record: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class ListSink:
+    """Collects records in memory (in-process runs and tests)."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def push(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Test hook: worker ``rank`` exits the process right after optimizer step ``at_step``, once per
+    ``marker`` file (created before exiting), after ``settle_s`` seconds so that Ray has registered the
+    previous checkpoint."""
+
+    rank: int
+    at_step: int
+    marker: str
+    settle_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    job_id: str
+    model_dir: str
+    label_map: tuple[str, ...]
+    texts: dict[str, list[str]]
+    labels: dict[str, list[int]]
+    method: Method
+    lora: LoraSettings | None
+    hyper: HyperParameters
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    sink: ProgressSink | None = None
+    fault: FaultInjection | None = None
+    # Set for Ray Tune trials: metrics are reported to Tune every evaluation.
+    trial: int | None = None
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved with every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    # Micro-batches of ``epoch`` already done (resume mid-epoch).
+    micro: int = 0
+    best_value: float | None = None
+    best_step: int | None = None
+    bad_evaluations: int = 0
+    evaluated_step: int = -1
+    finished: bool = False
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    train_samples: int = 0
+
+
+class TrainSession(Protocol):
+    """What the loop needs from Ray Train; ``RaySession`` in workers, a local one in tests."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str | None = None) -> None:
+        """Report metrics (every rank, equally often) and, from rank 0, a checkpoint directory."""
+        ...
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
+        """The latest reported checkpoint as a local directory, or None on a fresh run."""
+        ...
+
+
+class RaySession:
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str | None = None) -> None:
+        import ray.train
+
+        checkpoint = None if checkpoint_dir is None else ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield Path(directory)
+
+
+class DirectorySession:
+    """A single-process session that keeps checkpoints under ``root`` (tests, and runs without Ray)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.reports: list[dict[str, Any]] = []
+        self.checkpoints: list[Path] = []
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str | None = None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is not None:
+            dest = self.root / (name or f"checkpoint_{len(self.checkpoints):06d}")
+            shutil.copytree(checkpoint_dir, dest)
+            self.checkpoints.append(dest)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        yield self.checkpoints[-1] if self.checkpoints else None
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Entry point of ``TorchTrainer(train_loop, train_loop_config={"loop": LoopConfig})``."""
+    import ray.train
+
+    context = ray.train.get_context()
+    runner = LoopRunner(
+        config["loop"], context.get_world_rank(), context.get_world_size(), context.get_local_rank(), RaySession()
+    )
+    runner.run()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _device(use_gpu: bool, local_rank: int) -> torch.device:
+    if use_gpu and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None means fp32. AUTO is bf16 only where the
+    device supports it natively (CUDA with bf16); on CPU it stays fp32, which is faster there."""
+    if precision is Precision.NO:
+        return None
+    if device.type == "cuda":
+        if precision is Precision.FP16:
+            return torch.float16
+        if precision is Precision.BF16 or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    if precision is Precision.BF16:
+        return torch.bfloat16
+    if precision is Precision.FP16:
+        raise ValueError("fp16 mixed precision needs a CUDA device; use bf16 or no on CPU")
+    return None
+
+
+def _all_reduce(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = expected - tensors.keys()
+    if missing:
+        raise RuntimeError(
+            f"checkpoint does not match the model: {len(missing)} parameters missing, e.g. {min(missing)}"
+        )
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].device))
+
+
+class LoopRunner:
+    def __init__(self, cfg: LoopConfig, rank: int, world_size: int, local_rank: int, session: TrainSession) -> None:
+        self.cfg = cfg
+        self.session = session
+        self.rank = rank
+        self.world = world_size
+        self.hp = cfg.hyper
+        self.device = _device(cfg.use_gpu, local_rank)
+        self.state = TrainState()
+        self.best_weights: dict[str, torch.Tensor] | None = None
+
+    # -- progress ------------------------------------------------------------------------------------------
+
+    def _push(self, record: dict[str, Any]) -> None:
+        if self.rank == 0 and self.cfg.sink is not None:
+            if self.cfg.trial is not None:
+                record["trial"] = self.cfg.trial
+            self.cfg.sink.push(record)
+
+    # -- setup ---------------------------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        from gristmill.training.ml import modeling
+
+        threads = max(1, int(self.cfg.cpus_per_worker))
+        if self.device.type == "cpu":
+            # Ray sets OMP_NUM_THREADS from the worker's CPUs; torch is told explicitly as well.
+            torch.set_num_threads(threads)
+        torch.manual_seed(self.hp.seed)
+        model_dir = Path(self.cfg.model_dir)
+        self.tokenizer = modeling.load_tokenizer(model_dir)
+        model = modeling.load_classifier(model_dir, self.cfg.label_map)
+        if self.cfg.method is Method.LORA:
+            assert self.cfg.lora is not None
+            lora = self.cfg.lora
+            model = modeling.apply_lora(
+                model, modeling.LoraOptions(lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+            )
+        self.trainable_parameters, self.total_parameters = modeling.parameter_counts(model)
+        self.model = model.to(self.device)
+        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        self.splits = {
+            name: D.EncodedSplit(
+                self.tokenizer(texts, truncation=True, max_length=self.hp.max_sequence_length)["input_ids"],
+                self.cfg.labels[name],
+            )
+            for name, texts in self.cfg.texts.items()
+            if texts
+        }
+        train_size = len(self.splits["train"])
+        self.steps_per_epoch = D.steps_per_epoch(
+            train_size,
+            batch_size=self.hp.per_worker_batch_size,
+            world_size=self.world,
+            accumulation=self.hp.gradient_accumulation_steps,
+        )
+        self.total_steps = self.steps_per_epoch * self.hp.epochs
+        if self.hp.max_steps is not None:
+            self.total_steps = min(self.total_steps, self.hp.max_steps)
+        self.warmup_steps = int(self.hp.warmup_ratio * self.total_steps)
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hp.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.hp.learning_rate,
+            # The fused kernel saves a launch per parameter on GPU; on CPU the foreach path is the fast one.
+            fused=self.device.type == "cuda",
+        )
+        factor: Callable[[int], float] = lambda step: D.learning_rate_factor(  # noqa: E731
+            step, total=self.total_steps, warmup=self.warmup_steps, schedule=self.hp.schedule.value
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.autocast = autocast_dtype(self.hp.mixed_precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast is torch.float16 else None
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        from safetensors.torch import load_file
+
+        with self.session.latest_checkpoint() as path:
+            if path is None:
+                return
+            self.state = TrainState(**json.loads((path / STATE_FILE).read_text()))
+            if self.state.finished:
+                return
+            _load_trainable(self.model, load_file(str(path / TRAINABLE_FILE)))
+            self.optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location=self.device))
+            self.scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE))
+            if self.scaler is not None and (path / SCALER_FILE).exists():
+                self.scaler.load_state_dict(torch.load(path / SCALER_FILE))
+            if (path / BEST_FILE).exists():
+                self.best_weights = load_file(str(path / BEST_FILE))
+            elif self.state.best_step == self.state.step:
+                self.best_weights = _trainable_state(self.model)
+        # Different dropout masks from the first attempt, but a reproducible run from here.
+        torch.manual_seed(self.hp.seed + self.state.step)
+
+    def _checkpoint(self, metrics: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory(prefix="gristmill-ckpt-") as tmp:
+            checkpoint = None
+            if self.rank == 0:
+                path = checkpoint = Path(tmp)
+                (path / STATE_FILE).write_text(json.dumps(asdict(self.state)))
+                save_file(_trainable_state(self.model), str(path / TRAINABLE_FILE))
+                if self.best_weights is not None and self.state.best_step != self.state.step:
+                    save_file(self.best_weights, str(path / BEST_FILE))
+                torch.save(self.optimizer.state_dict(), path / OPTIMIZER_FILE)
+                torch.save(self.scheduler.state_dict(), path / SCHEDULER_FILE)
+                if self.scaler is not None:
+                    torch.save(self.scaler.state_dict(), path / SCALER_FILE)
+            self.session.report(metrics, checkpoint)
+
+    # -- evaluation ----------------------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def evaluate(self, split_name: str) -> D.Scores:
+        split = self.splits[split_name]
+        model = self._unwrapped()
+        classes = len(self.cfg.label_map)
+        confusion = torch.zeros((classes, classes), dtype=torch.long, device=self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        model.eval()
+        indices = D.eval_shard(len(split), rank=self.rank, world_size=self.world)
+        with torch.inference_mode():
+            for chunk in D.batches(indices, max(self.hp.per_worker_batch_size, 32)):
+                batch = D.collate(split, chunk, self.pad_id).to(self.device)
+                with self._autocast():
+                    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                loss_sum += torch.nn.functional.cross_entropy(logits.float(), batch.labels, reduction="sum").double()
+                D.confusion_update(confusion, batch.labels, logits.argmax(dim=-1))
+        model.train()
+        totals = _all_reduce(torch.cat([confusion.flatten().double(), loss_sum.view(1)]), self.world).cpu()
+        return D.scores(totals[:-1].view(classes, classes).long(), float(totals[-1]))
+
+    def _validate_and_checkpoint(self, epoch_position: float) -> bool:
+        """Evaluate on validation (when there is one), update early stopping, report a checkpoint. Returns
+        True when training should stop early."""
+        self.state.evaluated_step = self.state.step
+        metrics: dict[str, Any] = {"step": self.state.step, "epoch": epoch_position}
+        stop = False
+        if "validation" in self.splits:
+            result = self.evaluate("validation")
+            values = result.as_dict()
+            metrics.update({f"validation_{k}": v for k, v in values.items()})
+            es = self.hp.early_stopping
+            value = values[es.metric]
+            maximize = es.goal.value == "maximize"
+            if D.improved(value, self.state.best_value, maximize=maximize, min_delta=es.min_delta):
+                self.state.best_value, self.state.best_step, self.state.bad_evaluations = value, self.state.step, 0
+                self.best_weights = _trainable_state(self.model)
+            else:
+                self.state.bad_evaluations += 1
+                stop = bool(es.patience) and self.state.bad_evaluations >= es.patience
+            self._push(
+                {
+                    "type": "eval",
+                    "split": "validation",
+                    "step": self.state.step,
+                    "epoch": epoch_position,
+                    "metrics": values,
+                }
+            )
+        self.state.stopped_early = stop
+        self._checkpoint(metrics)
+        return stop
+
+    # -- training ------------------------------------------------------------------------------------------
+
+    def _micro_batches(self, epoch: int) -> list[list[int]]:
+        shard = D.epoch_shard(
+            len(self.splits["train"]), epoch=epoch, seed=self.hp.seed, rank=self.rank, world_size=self.world
+        )
+        return D.batches(shard, self.hp.per_worker_batch_size)
+
+    def _maybe_fail(self) -> None:
+        fault = self.cfg.fault
+        if fault is None or fault.rank != self.rank or fault.at_step != self.state.step:
+            return
+        if os.path.exists(fault.marker):
+            return
+        Path(fault.marker).write_text(f"worker {self.rank} exited at step {self.state.step}\n")
+        time.sleep(fault.settle_s)
+        os._exit(1)
+
+    def _unwrapped(self) -> torch.nn.Module:
+        # Evaluation and saving use the plain module: DDP's forward would join collectives that ranks with
+        # fewer evaluation batches never reach.
+        module = getattr(self.model, "module", self.model) if self.world > 1 else self.model
+        assert isinstance(module, torch.nn.Module)
+        return module
+
+    def _wrap_ddp(self) -> torch.nn.Module:
+        if self.world == 1:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def run(self) -> None:
+        started = time.time()
+        self._setup()
+        self._restore()
+        self._push(
+            {
+                "type": "started",
+                "time": time.time(),
+                "setup_seconds": time.time() - started,
+                "step": self.state.step,
+                "total_steps": self.total_steps,
+                "steps_per_epoch": self.steps_per_epoch,
+                "trainable_parameters": self.trainable_parameters,
+                "total_parameters": self.total_parameters,
+                "world_size": self.world,
+            }
+        )
+        if self.state.finished:
+            return
+        self.model = self._wrap_ddp()
+        self._train()
+        self._finish()
+
+    def _train(self) -> None:
+        hp = self.hp
+        accumulation = hp.gradient_accumulation_steps
+        model = self.model
+        model.train()
+        stop = self.state.step >= self.total_steps or self.state.stopped_early
+        window_loss = torch.zeros((), device=self.device)
+        window_steps, window_samples, window_start = 0, 0, time.perf_counter()
+        params = [p for p in model.parameters() if p.requires_grad]
+        while not stop and self.state.epoch < hp.epochs:
+            micro_batches = self._micro_batches(self.state.epoch)
+            epoch_start = time.perf_counter()
+            while self.state.micro < len(micro_batches) and not stop:
+                first = self.state.micro
+                group = micro_batches[first : first + accumulation]
+                for n, chunk in enumerate(group):
+                    batch = D.collate(self.splits["train"], chunk, self.pad_id).to(self.device)
+                    sync = n == len(group) - 1 or not hasattr(model, "no_sync")
+                    with contextlib.nullcontext() if sync else model.no_sync(), self._autocast():  # type: ignore[operator]
+                        loss = model(
+                            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
+                        ).loss / len(group)
+                    if self.scaler is not None:
+                        self.scaler.scale(loss).backward()
+                    else:
+                        loss.backward()
+                    window_loss += loss.detach()
+                    window_samples += batch.size
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.state.micro += len(group)
+                self.state.step += 1
+                window_steps += 1
+                self._maybe_fail()
+                position = self.state.epoch + self.state.micro / len(micro_batches)
+                if self.state.step % hp.log_every_steps == 0 or self.state.step == self.total_steps:
+                    window_start = self._log(window_loss, window_steps, window_samples, window_start, position)
+                    window_loss.zero_()
+                    window_steps, window_samples = 0, 0
+                if self.state.step >= self.total_steps:
+                    stop = True
+                elif hp.eval_every_steps and self.state.step % hp.eval_every_steps == 0:
+                    self.state.train_seconds += time.perf_counter() - epoch_start
+                    stop = self._validate_and_checkpoint(position)
+                    epoch_start = window_start = time.perf_counter()
+            self.state.train_seconds += time.perf_counter() - epoch_start
+            if self.state.micro >= len(micro_batches):
+                self.state.epoch += 1
+                self.state.micro = 0
+                if not stop and not hp.eval_every_steps and self.state.epoch < hp.epochs:
+                    stop = self._validate_and_checkpoint(float(self.state.epoch))
+                    window_start = time.perf_counter()
+
+    def _log(self, window_loss: torch.Tensor, steps: int, samples: int, window_start: float, position: float) -> float:
+        # The one host sync of the log interval: the summed loss (averaged over ranks).
+        loss = float(_all_reduce(window_loss.clone(), self.world)) / max(1, steps) / self.world
+        now = time.perf_counter()
+        throughput = samples * self.world / max(now - window_start, 1e-9)
+        self.state.train_samples += samples * self.world
+        self._push(
+            {
+                "type": "train",
+                "step": self.state.step,
+                "epoch": position,
+                "total_steps": self.total_steps,
+                "metrics": {
+                    "loss": loss,
+                    "learning_rate": self.scheduler.get_last_lr()[0],
+                    "samples_per_second": throughput,
+                },
+            }
+        )
+        return now
+
+    def _finish(self) -> None:
+        epoch_position = self.state.epoch + (self.state.micro / max(1, self.steps_per_epoch))
+        if self.state.evaluated_step != self.state.step:
+            self._validate_and_checkpoint(min(epoch_position, float(self.hp.epochs)))
+        model = self._unwrapped()
+        if self.best_weights is not None and self.state.best_step != self.state.step:
+            _load_trainable(model, self.best_weights)
+        final: dict[str, Any] = {
+            "step": self.state.step,
+            "epoch": min(epoch_position, float(self.hp.epochs)),
+            "finished": True,
+            "stopped_early": self.state.stopped_early,
+            "best_step": self.state.best_step if self.state.best_step is not None else self.state.step,
+            "trainable_parameters": self.trainable_parameters,
+            "total_parameters": self.total_parameters,
+            "train_samples_per_second": self.state.train_samples / max(self.state.train_seconds, 1e-9),
+        }
+        if self.state.best_value is not None:
+            final[f"validation_{self.hp.early_stopping.metric}"] = self.state.best_value
+        if "test" in self.splits:
+            test = self.evaluate("test").as_dict()
+            final.update({f"test_{k}": v for k, v in test.items()})
+            self._push(
+                {"type": "eval", "split": "test", "step": self.state.step, "epoch": final["epoch"], "metrics": test}
+            )
+        self.state.finished = True
+        with tempfile.TemporaryDirectory(prefix="gristmill-model-") as tmp:
+            checkpoint = None
+            if self.rank == 0:
+                from gristmill.training.ml import modeling
+
+                merged = modeling.merge_lora(model)
+                merged.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
+                self.tokenizer.save_pretrained(tmp)
+                (Path(tmp) / STATE_FILE).write_text(json.dumps(asdict(self.state)))
+                checkpoint = Path(tmp)
+            self.session.report(final, checkpoint, FINAL_CHECKPOINT_NAME)
+        self._push({"type": "finished", "metrics": {k: v for k, v in final.items() if isinstance(v, int | float)}})

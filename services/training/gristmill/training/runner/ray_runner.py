@@ -1,0 +1,333 @@
+"""Jobs as Ray Train ``TorchTrainer`` runs, driven from a thread of the service.
+
+Per run: a small ``ProgressChannel`` actor (0 CPUs) that rank 0 pushes progress records to and that the
+driver thread drains every ``poll_interval_s``; ``trainer.fit()`` in a thread of its own; checkpoints in
+the object store through ``RunConfig(storage_path, storage_filesystem)``; ``FailureConfig(max_failures)``
+restarts the worker group from the latest checkpoint. Cancelling aborts the run's controller (its handle
+is registered on the channel by a controller callback as soon as the controller starts).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs  # type: ignore[import-untyped]
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution.callback import ControllerCallback
+
+from gristmill.core.settings import S3Settings
+from gristmill.training.domain.resolve import ClusterCapacity
+from gristmill.training.domain.runs import (
+    RunCancelledError,
+    RunFailedError,
+    RunListener,
+    RunOutcome,
+    RunRequest,
+)
+from gristmill.training.ml.loop import FaultInjection, LoopConfig, train_loop
+
+log = logging.getLogger(__name__)
+
+# Environment of every Ray worker: no model hub (none is reachable or needed), and no tokenizer thread pool
+# competing with torch's threads for the worker's CPUs.
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+class RayCluster:
+    """The Ray cluster jobs run on: a local one started with bounded CPUs, or an existing one by address.
+
+    ``ray.init`` is process-wide: a cluster already initialised in this process (a test's) is used as is
+    and left running by ``stop``.
+    """
+
+    def __init__(
+        self,
+        *,
+        address: str = "",
+        num_cpus: int = 2,
+        num_gpus: int | None = None,
+        log_to_driver: bool = False,
+        object_store_mb: int = 512,
+    ) -> None:
+        self.address = address
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self.log_to_driver = log_to_driver
+        self.object_store_mb = object_store_mb
+        self._lock = threading.Lock()
+        self._owned = False
+        self._started = False
+
+    def start(self) -> None:
+        """Start or connect (idempotent, thread-safe). Takes seconds for a local cluster."""
+        with self._lock:
+            if self._started:
+                return
+            if ray.is_initialized():
+                self._started = True
+                return
+            began = time.monotonic()
+            if self.address:
+                ray.init(address=self.address, log_to_driver=self.log_to_driver, runtime_env={"env_vars": WORKER_ENV})
+            else:
+                ray.init(
+                    num_cpus=self.num_cpus,
+                    num_gpus=self.num_gpus,
+                    include_dashboard=False,
+                    log_to_driver=self.log_to_driver,
+                    object_store_memory=self.object_store_mb * 1024 * 1024,
+                    runtime_env={"env_vars": WORKER_ENV},
+                )
+                self._owned = True
+            self._started = True
+            log.info("Ray ready in %.1fs: %s", time.monotonic() - began, ray.cluster_resources())  # type: ignore[no-untyped-call]
+
+    def start_in_background(self) -> threading.Thread:
+        thread = threading.Thread(target=self._start_logged, name="ray-start", daemon=True)
+        thread.start()
+        return thread
+
+    def _start_logged(self) -> None:
+        try:
+            self.start()
+        except Exception:
+            log.exception("could not start Ray; jobs will fail until it starts")
+
+    def capacity(self) -> ClusterCapacity:
+        self.start()
+        cpus, gpus, node_cpus, node_gpus = 0.0, 0.0, 0.0, 0.0
+        for node in ray.nodes():  # type: ignore[no-untyped-call]
+            if not node.get("Alive"):
+                continue
+            resources = node.get("Resources", {})
+            cpu, gpu = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
+            cpus, gpus = cpus + cpu, gpus + gpu
+            node_cpus, node_gpus = max(node_cpus, cpu), max(node_gpus, gpu)
+        return ClusterCapacity(cpus=cpus, gpus=gpus, max_node_cpus=node_cpus, max_node_gpus=node_gpus)
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._owned and ray.is_initialized():
+                ray.shutdown()
+            self._owned = self._started = False
+
+
+@dataclass(frozen=True)
+class CheckpointStorage:
+    """Where Ray Train writes checkpoints: ``<bucket>/checkpoints`` on S3, or a local directory."""
+
+    path: str
+    filesystem: pyarrow.fs.FileSystem | None = None
+
+    @classmethod
+    def for_object_store(cls, s3: S3Settings, data_dir: Path, prefix: str = "checkpoints") -> CheckpointStorage:
+        if not s3.endpoint:
+            return cls(path=str(Path(data_dir).resolve() / prefix))
+        # pyarrow ignores AWS_ENDPOINT_URL; the endpoint, scheme and keys must be explicit.
+        filesystem = pyarrow.fs.S3FileSystem(
+            endpoint_override=s3.endpoint,
+            scheme="https" if s3.secure else "http",
+            access_key=s3.access_key,
+            secret_key=s3.secret_key.get_secret_value(),
+            region=s3.region,
+        )
+        return cls(path=f"{s3.bucket}/{prefix}", filesystem=filesystem)
+
+
+@ray.remote(num_cpus=0)
+class ProgressChannel:
+    """Progress records from a run's rank 0 to the service, and the run's controller handle."""
+
+    def __init__(self) -> None:
+        self._records: list[dict[str, Any]] = []
+        self._controller: Any = None
+
+    def push(self, record: dict[str, Any]) -> None:
+        self._records.append(record)
+
+    def drain(self) -> list[dict[str, Any]]:
+        records, self._records = self._records, []
+        return records
+
+    def set_controller(self, handle: Any) -> None:
+        self._controller = handle
+
+    def controller(self) -> Any:
+        return self._controller
+
+
+class ActorSink:
+    """The loop's ``ProgressSink`` in Ray workers: fire-and-forget pushes, so the loop never waits on it."""
+
+    def __init__(self, channel: Any) -> None:
+        self._channel = channel
+
+    def push(self, record: dict[str, Any]) -> None:
+        self._channel.push.remote(record)
+
+
+class _RegisterController(ControllerCallback):
+    """Runs on the controller: hands its own actor handle to the channel, so a cancel can abort the run."""
+
+    def __init__(self, channel: Any) -> None:
+        self._channel = channel
+
+    def after_controller_start(self, train_run_context: Any) -> None:
+        ray.get(self._channel.set_controller.remote(ray.get_runtime_context().current_actor))
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line for the job's state_reason: the first worker's error rather than Ray's whole report."""
+    failures = getattr(error, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        rank = min(failures)
+        return f"worker {rank} failed: {_last_line(failures[rank])}"
+    inner = getattr(error, "controller_failure", None)
+    if isinstance(inner, BaseException):
+        return f"the Ray Train controller failed: {_last_line(inner)}"
+    return _last_line(error)
+
+
+def _last_line(error: BaseException) -> str:
+    # Ray's errors end with the original "ValueError: ..." line after the remote traceback.
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:1000]
+
+
+class RayJobRunner:
+    """``JobRunner`` on a Ray cluster."""
+
+    def __init__(
+        self,
+        cluster: RayCluster,
+        storage: CheckpointStorage,
+        *,
+        work_dir: Path,
+        keep_checkpoints: int = 1,
+        poll_interval_s: float = 0.5,
+        fault: FaultInjection | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.storage = storage
+        self.work_dir = Path(work_dir)
+        self.keep_checkpoints = keep_checkpoints
+        self.poll_interval_s = poll_interval_s
+        # Test hook (a worker exits once mid-run); never set by the service's own wiring.
+        self.fault = fault
+
+    def capacity(self) -> ClusterCapacity:
+        return self.cluster.capacity()
+
+    def _trainer(self, request: RunRequest, channel: Any) -> TorchTrainer:
+        spec = request.spec
+        res = spec.resources
+        loop = LoopConfig(
+            job_id=request.job_id,
+            model_dir=str(request.model_dir),
+            label_map=request.data.label_map,
+            texts=request.data.texts,
+            labels=request.data.labels,
+            method=spec.method,
+            lora=spec.lora,
+            hyper=spec.hyper_parameters,
+            cpus_per_worker=res.cpus_per_worker,
+            use_gpu=res.use_gpu,
+            sink=ActorSink(channel),
+            fault=self.fault,
+        )
+        per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
+        if res.use_gpu:
+            per_worker["GPU"] = res.gpus_per_worker
+        return TorchTrainer(
+            train_loop,
+            train_loop_config={"loop": loop},
+            scaling_config=ScalingConfig(
+                num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker
+            ),
+            run_config=RunConfig(
+                name=request.run_name,
+                storage_path=self.storage.path,
+                storage_filesystem=self.storage.filesystem,
+                failure_config=FailureConfig(max_failures=res.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=self.keep_checkpoints),
+                callbacks=[_RegisterController(channel)],  # type: ignore[list-item]  # a controller callback
+            ),
+        )
+
+    def run(self, request: RunRequest, listener: RunListener, cancel: threading.Event) -> RunOutcome:
+        self.cluster.start()
+        channel = ProgressChannel.remote()  # type: ignore[attr-defined]
+        try:
+            trainer = self._trainer(request, channel)
+            outcome: dict[str, Any] = {}
+
+            def fit() -> None:
+                try:
+                    outcome["result"] = trainer.fit()
+                except BaseException as exc:
+                    outcome["error"] = exc
+
+            thread = threading.Thread(target=fit, name=f"ray-fit-{request.job_id}", daemon=True)
+            thread.start()
+            aborted = False
+            while thread.is_alive():
+                thread.join(self.poll_interval_s)
+                self._drain(channel, listener)
+                if cancel.is_set() and not aborted:
+                    aborted = self._abort(channel)
+            self._drain(channel, listener)
+        finally:
+            ray.kill(channel)
+        if cancel.is_set():
+            raise RunCancelledError("the run was cancelled")
+        if "error" in outcome:
+            raise RunFailedError(describe_failure(outcome["error"]))
+        return self._outcome(request, outcome["result"])
+
+    def _drain(self, channel: Any, listener: RunListener) -> None:
+        records = ray.get(channel.drain.remote(), timeout=30)
+        if records:
+            listener.on_records(records)
+
+    def _abort(self, channel: Any) -> bool:
+        controller = ray.get(channel.controller.remote(), timeout=30)
+        if controller is None:
+            return False  # not started yet: try again at the next poll
+        # The controller aborts its worker group and exits; fit() then returns with an error.
+        controller.abort.remote()
+        return True
+
+    def _outcome(self, request: RunRequest, result: Any) -> RunOutcome:
+        metrics = dict(result.metrics or {})
+        if result.checkpoint is None or not metrics.get("finished"):
+            raise RunFailedError("the run ended without reporting a final model")
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        dest = Path(tempfile.mkdtemp(dir=self.work_dir, prefix=f"{request.job_id}-"))
+        try:
+            result.checkpoint.to_directory(str(dest))
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        return RunOutcome(
+            metrics=metrics,
+            model_dir=dest,
+            trainable_parameters=int(metrics.get("trainable_parameters", 0)),
+            total_parameters=int(metrics.get("total_parameters", 0)),
+        )
+
+    def cleanup(self, outcome: RunOutcome) -> None:
+        if outcome.model_dir.is_relative_to(self.work_dir):
+            shutil.rmtree(outcome.model_dir, ignore_errors=True)
+
+
+def default_work_dir(data_dir: Path) -> Path:
+    return Path(data_dir).resolve() / "runs"

@@ -1,0 +1,30 @@
+"""Training service settings (environment prefix ``GRISTMILL_TRAINING_``), read only by ``__main__``."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from gristmill.core.settings import ServiceSettings
+
+
+class TrainingSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="GRISTMILL_TRAINING_", extra="ignore", frozen=True)
+
+    grpc_port: int = Field(default=50052, ge=0, le=65535)
+    # Empty: the service starts a local Ray with ``ray_num_cpus`` CPUs (its workers are processes of their
+    # own). Otherwise the address of an existing cluster ("ray://head:10001" or "head:6379"); the service is
+    # then the driver of its runs, so they stop when it stops.
+    ray_address: str = ""
+    # CPUs (and GPUs; empty = detect) the local Ray offers. Keep it at or below the machine's cores: the
+    # largest job the cluster can ever run is checked against it at submit time.
+    ray_num_cpus: int = Field(default=2, ge=1)
+    ray_num_gpus: int | None = Field(default=None, ge=0)
+    # Forward the Ray workers' stdout/stderr to the service's log (noisy; Ray keeps them in its session dir).
+    ray_log_to_driver: bool = False
+    # Jobs whose Ray runs are driven at once; later jobs stay QUEUED until one finishes.
+    max_running_jobs: int = Field(default=2, ge=1)
+    # Accept BaseModelRef.local_path (a directory on this host). Embedded and local modes only.
+    allow_local_paths: bool = True
+    # Ray Train checkpoints kept per run besides the latest (CheckpointConfig.num_to_keep).
+    checkpoints_to_keep: int = Field(default=1, ge=1)

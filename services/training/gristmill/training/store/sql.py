@@ -1,0 +1,394 @@
+"""SQLAlchemy implementation of the job store (a SQLite file by default, PostgreSQL by URL).
+
+The spec, progress, metrics and result are JSON columns written by the domain's generic converter; the
+columns that queries filter on (state, project, organisation, request id) are real columns.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    delete,
+    select,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from gristmill.core.errors import FailedPreconditionError, NotFoundError
+from gristmill.core.events import Event, EventCatalog, Outbox
+from gristmill.core.sql import Database
+from gristmill.training.domain.model import (
+    ALLOWED_FROM,
+    AutoTrainPolicy,
+    EventKind,
+    Job,
+    JobEvent,
+    JobProgress,
+    JobResult,
+    JobState,
+    JobTrigger,
+    Metric,
+    MetricsReport,
+    merge_latest,
+)
+from gristmill.training.domain.serde import from_data, to_data
+from gristmill.training.domain.spec import JobSpec
+from gristmill.training.events.payloads import job_state_changed
+from gristmill.training.store.base import JobPage, JobQuery, JobStore
+
+
+class TrainingBase(DeclarativeBase):
+    metadata = MetaData()
+
+
+class JobRow(TrainingBase):
+    __tablename__ = "training_jobs"
+    __table_args__ = (UniqueConstraint("organization_id", "request_id", name="uq_training_jobs_request"),)
+
+    job_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(128), index=True)
+    request_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    project_id: Mapped[str] = mapped_column(String(128), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    state_reason: Mapped[str] = mapped_column(Text, default="")
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    trigger: Mapped[dict[str, Any]] = mapped_column(JSON)
+    progress: Mapped[dict[str, Any]] = mapped_column(JSON)
+    latest_metrics: Mapped[list[Any]] = mapped_column(JSON)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    ray_run_name: Mapped[str] = mapped_column(String(128), default="")
+    restart_count: Mapped[int] = mapped_column(Integer, default=0)
+    last_sequence: Mapped[int] = mapped_column(Integer, default=0)
+    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    start_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    end_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+
+class JobEventRow(TrainingBase):
+    __tablename__ = "training_job_events"
+
+    job_id: Mapped[str] = mapped_column(String(64), ForeignKey("training_jobs.job_id"), primary_key=True)
+    sequence: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    kind: Mapped[str] = mapped_column(String(16))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class PolicyRow(TrainingBase):
+    __tablename__ = "training_auto_train_policies"
+
+    organization_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    project_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    template: Mapped[dict[str, Any]] = mapped_column(JSON)
+    update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # SQLite drops the zone of DateTime(timezone=True) values; every time here is UTC.
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _to_job(row: JobRow) -> Job:
+    create_time = _utc(row.create_time)
+    assert create_time is not None
+    return Job(
+        job_id=row.job_id,
+        organization_id=row.organization_id,
+        spec=from_data(JobSpec, row.spec),
+        state=JobState(row.state),
+        state_reason=row.state_reason,
+        trigger=from_data(JobTrigger, row.trigger),
+        progress=from_data(JobProgress, row.progress),
+        latest_metrics=tuple(from_data(Metric, m) for m in row.latest_metrics),
+        result=None if row.result is None else from_data(JobResult, row.result),
+        ray_run_name=row.ray_run_name,
+        restart_count=row.restart_count,
+        create_time=create_time,
+        start_time=_utc(row.start_time),
+        end_time=_utc(row.end_time),
+        request_id=row.request_id or "",
+        last_sequence=row.last_sequence,
+    )
+
+
+def _to_event(row: JobEventRow) -> JobEvent:
+    data = dict(row.payload)
+    data.update(job_id=row.job_id, sequence=row.sequence, time=row.time.isoformat(), kind=row.kind)
+    event = from_data(JobEvent, data)
+    time = _utc(event.time)
+    assert time is not None
+    return JobEvent(**{**event.__dict__, "time": time})
+
+
+def _event_payload(event: JobEvent) -> dict[str, Any]:
+    data: dict[str, Any] = to_data(event)
+    for column in ("job_id", "sequence", "time", "kind"):
+        data.pop(column)
+    return data
+
+
+class SqlJobStore(JobStore):
+    def __init__(self, database: Database, catalog: EventCatalog, *, source: str) -> None:
+        self._db = database
+        self._catalog = catalog
+        self._source = source
+        # One writer at a time in this process: a job's event sequence is read and incremented in one
+        # transaction (PostgreSQL additionally locks the row with FOR UPDATE across processes).
+        self._write_lock = threading.Lock()
+        database.create_all(TrainingBase.metadata)
+
+    @contextmanager
+    def _writing(self) -> Iterator[Session]:
+        with self._write_lock, self._db.transaction() as session:
+            yield session
+
+    def _row(self, session: Session, job_id: str, *, lock: bool = False) -> JobRow:
+        query = select(JobRow).where(JobRow.job_id == job_id)
+        if lock:
+            query = query.with_for_update()
+        row = session.execute(query).scalar_one_or_none()
+        if row is None:
+            raise NotFoundError(f"training job {job_id[:64]!r} not found", details={"job_id": job_id[:64]})
+        return row
+
+    def _append(self, session: Session, row: JobRow, event: JobEvent) -> None:
+        session.add(
+            JobEventRow(
+                job_id=row.job_id,
+                sequence=event.sequence,
+                time=event.time,
+                kind=event.kind.value,
+                payload=_event_payload(event),
+            )
+        )
+        row.last_sequence = event.sequence
+
+    def _announce(self, session: Session, job: Job, previous: JobState | None) -> None:
+        message = job_state_changed(job, previous)
+        Outbox.add(session, Event.create(message, key=job.job_id, source=self._source, catalog=self._catalog))
+
+    # -- jobs ---------------------------------------------------------------------------------------------
+
+    def create_job(self, job: Job) -> tuple[Job, bool]:
+        try:
+            with self._writing() as session:
+                row = JobRow(
+                    job_id=job.job_id,
+                    organization_id=job.organization_id,
+                    request_id=job.request_id or None,
+                    project_id=job.spec.project_id,
+                    state=JobState.QUEUED.value,
+                    state_reason=job.state_reason,
+                    spec=to_data(job.spec),
+                    trigger=to_data(job.trigger),
+                    progress=to_data(job.progress),
+                    latest_metrics=[],
+                    ray_run_name=job.ray_run_name,
+                    restart_count=0,
+                    last_sequence=0,
+                    create_time=job.create_time,
+                )
+                session.add(row)
+                session.flush()
+                event = JobEvent(
+                    job.job_id,
+                    1,
+                    job.create_time,
+                    EventKind.STATE,
+                    state=JobState.QUEUED,
+                    reason=job.state_reason,
+                    progress=job.progress,
+                )
+                self._append(session, row, event)
+                created = _to_job(row)
+                self._announce(session, created, None)
+            return created, True
+        except IntegrityError:
+            existing = self.find_by_request_id(job.organization_id, job.request_id) if job.request_id else None
+            if existing is None:
+                raise
+            return existing, False
+
+    def find_by_request_id(self, organization_id: str, request_id: str) -> Job | None:
+        with self._db.transaction() as session:
+            row = session.execute(
+                select(JobRow).where(JobRow.organization_id == organization_id, JobRow.request_id == request_id)
+            ).scalar_one_or_none()
+            return None if row is None else _to_job(row)
+
+    def get_job(self, job_id: str) -> Job:
+        with self._db.transaction() as session:
+            return _to_job(self._row(session, job_id))
+
+    def list_jobs(self, query: JobQuery) -> JobPage:
+        stmt = select(JobRow).where(JobRow.organization_id == query.organization_id)
+        if query.states:
+            stmt = stmt.where(JobRow.state.in_([s.value for s in query.states]))
+        if query.project_id:
+            stmt = stmt.where(JobRow.project_id == query.project_id)
+        stmt = stmt.order_by(JobRow.create_time.desc(), JobRow.job_id.desc())
+        stmt = stmt.offset(query.offset).limit(query.page_size + 1)
+        with self._db.transaction() as session:
+            rows = list(session.execute(stmt).scalars())
+            jobs = tuple(_to_job(r) for r in rows[: query.page_size])
+        more = len(rows) > query.page_size
+        return JobPage(jobs=jobs, next_offset=query.offset + query.page_size if more else None)
+
+    def transition(
+        self,
+        job_id: str,
+        to: JobState,
+        *,
+        reason: str = "",
+        progress: JobProgress | None = None,
+        result: JobResult | None = None,
+        restart_count: int | None = None,
+        ray_run_name: str | None = None,
+    ) -> tuple[Job, JobState]:
+        with self._writing() as session:
+            row = self._row(session, job_id, lock=True)
+            previous = JobState(row.state)
+            if previous not in ALLOWED_FROM[to]:
+                raise FailedPreconditionError(
+                    f"training job {job_id} is {previous.value} and cannot become {to.value}",
+                    details={"job_id": job_id, "state": previous.value},
+                )
+            now = _now()
+            row.state = to.value
+            row.state_reason = reason
+            if progress is not None:
+                row.progress = to_data(progress)
+            if result is not None:
+                row.result = to_data(result)
+            if restart_count is not None:
+                row.restart_count = restart_count
+            if ray_run_name is not None:
+                row.ray_run_name = ray_run_name
+            if to is JobState.RUNNING and row.start_time is None:
+                row.start_time = now
+            if to.terminal:
+                row.end_time = now
+            event = JobEvent(
+                job_id,
+                row.last_sequence + 1,
+                now,
+                EventKind.STATE,
+                state=to,
+                reason=reason,
+                progress=from_data(JobProgress, row.progress),
+                result=result,
+            )
+            self._append(session, row, event)
+            job = _to_job(row)
+            self._announce(session, job, previous)
+        return job, previous
+
+    def record_metrics(self, job_id: str, reports: Sequence[MetricsReport], progress: JobProgress) -> Job:
+        with self._writing() as session:
+            row = self._row(session, job_id, lock=True)
+            if JobState(row.state) is not JobState.RUNNING:
+                return _to_job(row)
+            now = _now()
+            latest = tuple(from_data(Metric, m) for m in row.latest_metrics)
+            for report in reports:
+                event = JobEvent(
+                    job_id,
+                    row.last_sequence + 1,
+                    now,
+                    EventKind.METRICS,
+                    step=report.step,
+                    epoch=report.epoch,
+                    metrics=report.metrics,
+                    trial=report.trial,
+                )
+                self._append(session, row, event)
+                latest = merge_latest(latest, report.metrics)
+            row.latest_metrics = [to_data(m) for m in latest]
+            row.progress = to_data(progress)
+            job = _to_job(row)
+            if reports:
+                self._announce(session, job, JobState.RUNNING)
+        return job
+
+    def events_after(self, job_id: str, after_sequence: int, limit: int = 500) -> list[JobEvent]:
+        with self._db.transaction() as session:
+            self._row(session, job_id)
+            rows = session.execute(
+                select(JobEventRow)
+                .where(JobEventRow.job_id == job_id, JobEventRow.sequence > after_sequence)
+                .order_by(JobEventRow.sequence)
+                .limit(limit)
+            ).scalars()
+            return [_to_event(r) for r in rows]
+
+    def jobs_in_states(self, states: Sequence[JobState]) -> list[Job]:
+        with self._db.transaction() as session:
+            rows = session.execute(
+                select(JobRow)
+                .where(JobRow.state.in_([s.value for s in states]))
+                .order_by(JobRow.create_time, JobRow.job_id)
+            ).scalars()
+            return [_to_job(r) for r in rows]
+
+    # -- auto-train policies ------------------------------------------------------------------------------
+
+    def put_policy(self, policy: AutoTrainPolicy) -> AutoTrainPolicy:
+        with self._writing() as session:
+            row = session.get(PolicyRow, (policy.organization_id, policy.project_id))
+            if row is None:
+                row = PolicyRow(organization_id=policy.organization_id, project_id=policy.project_id)
+                session.add(row)
+            row.enabled = policy.enabled
+            row.template = to_data(policy.job_template)
+            row.update_time = policy.update_time
+        return policy
+
+    def get_policy(self, organization_id: str, project_id: str) -> AutoTrainPolicy:
+        with self._db.transaction() as session:
+            row = session.get(PolicyRow, (organization_id, project_id))
+            if row is None:
+                raise NotFoundError(
+                    f"project {project_id[:64]!r} has no auto-train policy", details={"project_id": project_id[:64]}
+                )
+            update_time = _utc(row.update_time)
+            assert update_time is not None
+            return AutoTrainPolicy(
+                project_id=row.project_id,
+                organization_id=row.organization_id,
+                enabled=row.enabled,
+                job_template=from_data(JobSpec, row.template),
+                update_time=update_time,
+            )
+
+    def delete_policy(self, organization_id: str, project_id: str) -> None:
+        with self._writing() as session:
+            deleted = session.execute(
+                delete(PolicyRow).where(
+                    PolicyRow.organization_id == organization_id, PolicyRow.project_id == project_id
+                )
+            )
+            if getattr(deleted, "rowcount", 0) == 0:
+                raise NotFoundError(
+                    f"project {project_id[:64]!r} has no auto-train policy", details={"project_id": project_id[:64]}
+                )

@@ -1,0 +1,85 @@
+"""Fixtures of the training service's tests: a tiny BERT, a small dataset version, stores and a host."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from gristmill.core.storage import LocalObjectStore, ObjectStore
+from gristmill.training.devtools import write_dataset_version
+from gristmill.training.domain.refs import DatasetRef
+from tests.conftest import kafka_bootstrap, s3_endpoint, tracing  # noqa: F401
+from tests.support.tiny_model import make_tiny_bert
+
+LABELS = ("negative", "positive")
+_POSITIVE = ["good", "great", "lovely", "excellent", "nice", "fine", "happy", "superb"]
+_NEGATIVE = ["bad", "awful", "terrible", "poor", "sad", "broken", "boring", "ugly"]
+_NEUTRAL = ["the", "movie", "phone", "food", "was", "service", "really", "quite", "and", "place"]
+
+
+def sentiment_rows(count: int, seed: int) -> list[tuple[str, str]]:
+    """Short texts whose label is decided by their sentiment words: learnable by a tiny model in seconds."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        label = LABELS[i % 2]
+        words = rng.sample(_NEUTRAL, 3) + rng.sample(_POSITIVE if label == "positive" else _NEGATIVE, 2)
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+ALL_TEXTS = [text for text, _ in sentiment_rows(400, 0)] + [" ".join(_POSITIVE + _NEGATIVE + _NEUTRAL)]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer BERT (hidden 32) with a 2-label head, built from a config."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), ALL_TEXTS, list(LABELS))
+
+
+@pytest.fixture(scope="session")
+def headless_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny BERT saved without a classification head (a plain encoder, like a hub base model)."""
+    from transformers import AutoTokenizer, BertModel
+
+    source = make_tiny_bert(tmp_path_factory.mktemp("tiny-src"), ALL_TEXTS, list(LABELS))
+    dest = tmp_path_factory.mktemp("tiny-encoder")
+    BertModel.from_pretrained(str(source)).save_pretrained(str(dest), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(dest))
+    return dest
+
+
+@pytest.fixture
+def objects(tmp_path: Path) -> ObjectStore:
+    return LocalObjectStore(tmp_path / "objects")
+
+
+def write_sentiment_version(
+    objects: ObjectStore, project_id: str = "reviews", version_id: str = "v1", *, train: int = 96, held_out: int = 32
+) -> DatasetRef:
+    return write_dataset_version(
+        objects,
+        project_id=project_id,
+        dataset_version_id=version_id,
+        label_map=LABELS,
+        splits={
+            "train": sentiment_rows(train, 1),
+            "validation": sentiment_rows(held_out, 2),
+            "test": sentiment_rows(held_out, 3),
+        },
+    )
+
+
+@pytest.fixture
+def dataset(objects: ObjectStore) -> DatasetRef:
+    return write_sentiment_version(objects)
+
+
+@pytest.fixture
+def sentiment_version() -> Callable[..., DatasetRef]:
+    """``sentiment_version(objects, project_id, version_id, train=..., held_out=...)`` writes a version."""
+    return write_sentiment_version
