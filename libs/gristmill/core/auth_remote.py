@@ -1,11 +1,16 @@
-"""Asking the admin service about keys, for services that do not own the key store.
+"""Asking the admin service about keys, plans and usage, for services that do not own them.
 
 ``RemoteKeyVerifier`` verifies a presented key by calling ``AdminService.WhoAmI`` with it, and trusts the
 answer (yes or no) for ``ttl_s`` seconds: a revoked key stops working within that time everywhere. The
 cache is keyed by a SHA-256 of the key, so the secrets themselves are not kept in memory longer than a
 call, and is bounded (oldest entries go first).
 
-The verifier runs in the auth hook's worker thread, so it uses a blocking gRPC channel.
+``RemotePlanSource`` and ``RemoteUsageSource`` feed a ``QuotaGuard`` (``gristmill.core.auth_quota``):
+plans from ``AdminService.GetOrganization`` (cached for ``ttl_s``), usage so far from
+``MeteringService.GetUsage``. Both call with the service's own key (``GRISTMILL_AUTH_SERVICE_KEY``, an
+admin key of the root organisation).
+
+They run in worker threads (the auth hook, ``asyncio.to_thread``), so they use blocking gRPC channels.
 """
 
 from __future__ import annotations
@@ -16,13 +21,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Generic, TypeVar
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from gristmill.api.admin.v1 import admin_pb2, admin_pb2_grpc
 from gristmill.core.auth import DEV_PRINCIPAL, ApiKeyVerifier, Principal
-from gristmill.core.errors import UnavailableError
+from gristmill.core.auth_quota import Plan, PlanSource, UsageKind, UsageSource, plan_from_proto
+from gristmill.core.errors import FailedPreconditionError, UnavailableError
 
 MonotonicClock = Callable[[], float]
 V = TypeVar("V")
@@ -90,9 +98,7 @@ class RemoteKeyVerifier(ApiKeyVerifier):
         self.address = address
         self._timeout_s = timeout_s
         self._cache: TtlCache[Principal | None] = TtlCache(ttl_s, max_entries=max_entries, clock=clock)
-        self._channel = (
-            grpc.secure_channel(address, credentials) if credentials is not None else grpc.insecure_channel(address)
-        )
+        self._channel = open_admin_channel(address, credentials)
         self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
         # How many times the admin service was asked (tests check that the cache works).
         self.calls = 0
@@ -127,3 +133,106 @@ class RemoteKeyVerifier(ApiKeyVerifier):
 
     def close(self) -> None:
         self._channel.close()
+
+
+def open_admin_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    return grpc.secure_channel(address, credentials) if credentials is not None else grpc.insecure_channel(address)
+
+
+def _unavailable(what: str, address: str, exc: grpc.RpcError) -> UnavailableError:
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    hint = (
+        ": check GRISTMILL_AUTH_SERVICE_KEY (a root-organisation admin key)"
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+        else ""
+    )
+    return UnavailableError(
+        f"cannot read {what} now: the admin service at {address} answered "
+        f"{code.name if code is not None else 'nothing'}{hint}"
+    )
+
+
+class RemotePlanSource(PlanSource):
+    """Organisations' plans from the admin service, each trusted for ``ttl_s`` seconds."""
+
+    def __init__(
+        self,
+        address: str,
+        service_key: str,
+        *,
+        ttl_s: float = 30.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout_s: float = 5.0,
+        clock: MonotonicClock = time.monotonic,
+    ) -> None:
+        self.address = address
+        self._metadata = bearer(service_key)
+        self._timeout_s = timeout_s
+        self._cache: TtlCache[Plan] = TtlCache(ttl_s, clock=clock)
+        self._channel = open_admin_channel(address, credentials)
+        self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
+
+    def plan_for(self, organization_id: str) -> Plan:
+        key = organization_id.encode("utf-8")
+        found, cached = self._cache.get(key)
+        if found and cached is not None:
+            return cached
+        try:
+            reply: admin_pb2.Organization = self._stub.GetOrganization(
+                admin_pb2.GetOrganizationRequest(organization_id=organization_id),
+                metadata=self._metadata,
+                timeout=self._timeout_s,
+            )
+        except grpc.RpcError as exc:
+            if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.NOT_FOUND:
+                # Fail closed: a key of an organisation the admin service does not know gets no free ride.
+                raise FailedPreconditionError(
+                    f"organisation {organization_id} is not known to the admin service, so it has no plan"
+                ) from None
+            raise _unavailable("the organisation's plan", self.address, exc) from None
+        plan = plan_from_proto(reply.plan)
+        self._cache.put(key, plan)
+        return plan
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class RemoteUsageSource(UsageSource):
+    """Usage totals from the metering service (served by the admin service)."""
+
+    def __init__(
+        self,
+        address: str,
+        service_key: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self.address = address
+        self._metadata = bearer(service_key)
+        self._timeout_s = timeout_s
+        self._channel = open_admin_channel(address, credentials)
+        self._stub = admin_pb2_grpc.MeteringServiceStub(self._channel)
+
+    def used(self, organization_id: str, kind: UsageKind, start: datetime, end: datetime) -> float:
+        request = admin_pb2.GetUsageRequest(organization_id=organization_id, kinds=[kind.value])
+        request.start_time.CopyFrom(to_timestamp(start))
+        request.end_time.CopyFrom(to_timestamp(end))
+        try:
+            reply: admin_pb2.GetUsageResponse = self._stub.GetUsage(
+                request, metadata=self._metadata, timeout=self._timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise _unavailable("usage so far", self.address, exc) from None
+        return float(sum(total.quantity for total in reply.totals))
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def to_timestamp(value: datetime) -> Timestamp:
+    """A protobuf Timestamp of an aware datetime."""
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp

@@ -8,6 +8,7 @@ wrong and what to do, and never contain secrets or stack traces.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -27,6 +28,10 @@ class GristmillError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        """What the server sends with the status: each detail as ``gristmill-<key>``."""
+        return tuple((f"gristmill-{k.lower()}", v) for k, v in self.details.items())
 
 
 class InvalidArgumentError(GristmillError):
@@ -66,9 +71,27 @@ class PermissionDeniedError(GristmillError):
 
 
 class ResourceExhaustedError(GristmillError):
-    """A quota or a bounded queue is full."""
+    """A quota or a bounded queue is full.
+
+    ``retry_after_s`` (rounded up to whole seconds, at least 1) is sent as trailing metadata
+    ``retry-after``, the name HTTP clients know, and as ``gristmill-retry-after`` like any detail.
+    """
 
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(
+        self, message: str, *, retry_after_s: float | None = None, details: Mapping[str, str] | None = None
+    ) -> None:
+        merged = dict(details or {})
+        self.retry_after_s: int | None = None
+        if retry_after_s is not None:
+            self.retry_after_s = max(1, math.ceil(retry_after_s))
+            merged["retry-after"] = str(self.retry_after_s)
+        super().__init__(message, details=merged)
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        extra = (("retry-after", str(self.retry_after_s)),) if self.retry_after_s is not None else ()
+        return super().trailing_metadata() + extra
 
 
 class UnavailableError(GristmillError):

@@ -213,7 +213,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
         async def on_error(context: Any, exc: Exception) -> None:
             if isinstance(exc, GristmillError):
-                context.set_trailing_metadata(tuple((f"gristmill-{k.lower()}", v) for k, v in exc.details.items()))
+                context.set_trailing_metadata(exc.trailing_metadata())
                 await context.abort(exc.grpc_code, exc.message)
             trace_id = current_trace_id() or "unknown"
             log.exception("unexpected error in %s (trace id %s)", method, trace_id)

@@ -1,0 +1,396 @@
+"""Plans, quotas and rate limits, enforced per call by the service that does the work (serving, training).
+
+An organisation's ``Plan`` (kept by the admin service) has quotas (at most one per usage kind and calendar
+period, in UTC) and an optional prediction rate limit (a token bucket). A service checks them with one
+``QuotaGuard`` per process::
+
+    with guard.reserve(current_principal(), {UsageKind.PREDICTIONS: len(texts)}, resource=f"deployment/{name}"):
+        result = predict(texts)          # an exception here releases the reservation: nothing is counted
+
+``reserve`` refuses with RESOURCE_EXHAUSTED and a retry-after hint (the end of the quota's period, or
+when the bucket has a token again) when the call would go beyond a quota or the rate. On success the
+usage is committed: counted locally and published as a ``UsageRecorded`` event through the outbox (the
+metering aggregator sums those), so usage totals equal the successful calls exactly.
+
+How a guard knows what was used before: the first reservation of an organisation in a period asks the
+``UsageSource`` (the metering service) for the period's total, then counts its own commits on top. One
+replica is therefore exact even while events are still on their way to the aggregator; several replicas
+of a service each see the others' usage only as of their own first look (a known limit, see
+services/admin/README.md).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from types import TracebackType
+
+from sqlalchemy.orm import Session
+
+from gristmill.api.admin.v1 import admin_pb2
+from gristmill.api.events.v1 import events_pb2
+from gristmill.core.auth import Principal
+from gristmill.core.errors import InvalidArgumentError, ResourceExhaustedError
+from gristmill.core.events import Event, EventCatalog, Outbox
+from gristmill.core.sql import Database
+
+Clock = Callable[[], datetime]
+MonotonicClock = Callable[[], float]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class UsageKind(Enum):
+    PREDICTIONS = admin_pb2.USAGE_KIND_PREDICTIONS
+    INPUT_TOKENS = admin_pb2.USAGE_KIND_INPUT_TOKENS
+    TRAINING_WORKER_SECONDS = admin_pb2.USAGE_KIND_TRAINING_WORKER_SECONDS
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", " ")
+
+
+class QuotaPeriod(Enum):
+    HOUR = admin_pb2.QUOTA_PERIOD_HOUR
+    DAY = admin_pb2.QUOTA_PERIOD_DAY
+    MONTH = admin_pb2.QUOTA_PERIOD_MONTH
+
+
+def period_bounds(period: QuotaPeriod, at: datetime) -> tuple[datetime, datetime]:
+    """The calendar period (UTC) containing ``at``: [start, end)."""
+    at = at.astimezone(UTC)
+    if period is QuotaPeriod.HOUR:
+        start = at.replace(minute=0, second=0, microsecond=0)
+        return start, start + timedelta(hours=1)
+    if period is QuotaPeriod.DAY:
+        start = at.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start, start + timedelta(days=1)
+    start = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+    return start, end
+
+
+@dataclass(frozen=True)
+class Quota:
+    kind: UsageKind
+    period: QuotaPeriod
+    # The largest total allowed in one period.
+    limit: float
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    requests_per_second: float
+    # Bucket size; 0 means max(1, requests_per_second).
+    burst: int = 0
+
+    @property
+    def capacity(self) -> float:
+        return float(self.burst) if self.burst > 0 else max(1.0, self.requests_per_second)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Quotas and rate limits of an organisation; an empty plan is unlimited."""
+
+    name: str = ""
+    quotas: tuple[Quota, ...] = ()
+    prediction_rate_limit: RateLimit | None = None
+
+    def validate(self) -> Plan:
+        """The plan if it is consistent; INVALID_ARGUMENT naming the problem otherwise."""
+        if len(self.name) > 64:
+            raise InvalidArgumentError("plan name must be at most 64 characters")
+        seen: set[tuple[UsageKind, QuotaPeriod]] = set()
+        for quota in self.quotas:
+            if not quota.limit >= 0:  # also refuses NaN
+                raise InvalidArgumentError(
+                    f"quota limit for {quota.kind.label} per {quota.period.name.lower()} must be zero or more "
+                    f"(got {quota.limit})"
+                )
+            if (quota.kind, quota.period) in seen:
+                raise InvalidArgumentError(
+                    f"the plan has two quotas for {quota.kind.label} per {quota.period.name.lower()}; keep one"
+                )
+            seen.add((quota.kind, quota.period))
+        rate = self.prediction_rate_limit
+        if rate is not None and (not rate.requests_per_second > 0 or rate.burst < 0):
+            raise InvalidArgumentError(
+                "prediction_rate_limit needs requests_per_second above 0 and a burst of 0 or more "
+                "(leave it out for no rate limit)"
+            )
+        return self
+
+
+def plan_from_proto(message: admin_pb2.Plan) -> Plan:
+    """A plan from the API, validated; INVALID_ARGUMENT for unknown kinds or periods and bad limits."""
+    quotas = []
+    for quota in message.quotas:
+        try:
+            kind = UsageKind(quota.kind)
+        except ValueError:
+            raise InvalidArgumentError(
+                f"unknown usage kind {quota.kind} in a quota; use one of {[k.name for k in UsageKind]}"
+            ) from None
+        try:
+            period = QuotaPeriod(quota.period)
+        except ValueError:
+            raise InvalidArgumentError(
+                f"unknown quota period {quota.period} in a quota; use one of {[p.name for p in QuotaPeriod]}"
+            ) from None
+        quotas.append(Quota(kind, period, quota.limit))
+    rate = None
+    if message.HasField("prediction_rate_limit"):
+        rate = RateLimit(message.prediction_rate_limit.requests_per_second, message.prediction_rate_limit.burst)
+    return Plan(message.name, tuple(quotas), rate).validate()
+
+
+def plan_to_proto(plan: Plan) -> admin_pb2.Plan:
+    message = admin_pb2.Plan(
+        name=plan.name,
+        quotas=[admin_pb2.Quota(kind=q.kind.value, period=q.period.value, limit=q.limit) for q in plan.quotas],
+    )
+    if plan.prediction_rate_limit is not None:
+        message.prediction_rate_limit.CopyFrom(
+            admin_pb2.RateLimit(
+                requests_per_second=plan.prediction_rate_limit.requests_per_second,
+                burst=plan.prediction_rate_limit.burst,
+            )
+        )
+    return message
+
+
+class PlanSource(ABC):
+    """Where a guard reads an organisation's plan (the admin service)."""
+
+    @abstractmethod
+    def plan_for(self, organization_id: str) -> Plan:
+        """The organisation's plan (the empty plan, unlimited, when none was set)."""
+
+
+class UsageSource(ABC):
+    """Where a guard reads what was used before it started counting (the metering aggregator)."""
+
+    @abstractmethod
+    def used(self, organization_id: str, kind: UsageKind, start: datetime, end: datetime) -> float:
+        """Total usage of ``kind`` by the organisation in [start, end)."""
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    organization_id: str
+    api_key_id: str
+    kind: UsageKind
+    quantity: float
+    resource: str
+
+
+class UsageRecorder:
+    """Publishes usage as ``UsageRecorded`` events through the outbox of the service's database."""
+
+    def __init__(self, database: Database, catalog: EventCatalog, source: str) -> None:
+        self._database = database
+        self._catalog = catalog
+        self._source = source
+
+    def add(self, session: Session, records: Sequence[UsageRecord]) -> None:
+        """Stage the events in the caller's transaction."""
+        for record in records:
+            if not record.quantity > 0:
+                continue  # the event's quantity is positive by contract; zero usage is no usage
+            message = events_pb2.UsageRecorded(
+                organization_id=record.organization_id,
+                api_key_id=record.api_key_id,
+                kind=record.kind.value,
+                quantity=record.quantity,
+                resource=record.resource,
+            )
+            Outbox.add(
+                session, Event.create(message, key=record.organization_id, source=self._source, catalog=self._catalog)
+            )
+
+    def record(self, records: Sequence[UsageRecord], session: Session | None = None) -> None:
+        """Write the events, in ``session`` when given (commits with the caller's change), else on their own."""
+        if session is not None:
+            self.add(session, records)
+            return
+        with self._database.transaction() as own:
+            self.add(own, records)
+
+
+@dataclass
+class _Counter:
+    used: float
+    reserved: float = 0.0
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+@dataclass
+class Reservation:
+    """Usage admitted but not yet counted. ``commit`` counts it (and publishes it); ``release`` forgets it.
+
+    As a context manager: committed when the block succeeds, released when it raises.
+    """
+
+    guard: QuotaGuard
+    organization_id: str
+    api_key_id: str
+    amounts: Mapping[UsageKind, float]
+    resource: str
+    _keys: tuple[tuple[str, UsageKind, QuotaPeriod, datetime], ...] = ()
+    _done: bool = field(default=False, init=False)
+
+    def records(self) -> list[UsageRecord]:
+        return [
+            UsageRecord(self.organization_id, self.api_key_id, kind, quantity, self.resource)
+            for kind, quantity in self.amounts.items()
+        ]
+
+    def commit(self, session: Session | None = None) -> None:
+        if self._done:
+            return
+        try:
+            if self.guard.recorder is not None:
+                self.guard.recorder.record(self.records(), session)
+        except BaseException:
+            self.release()
+            raise
+        self._done = True
+        self.guard._settle(self, counted=True)
+
+    def release(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.guard._settle(self, counted=False)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.release()
+
+
+class QuotaGuard:
+    """Admits or refuses work against the caller's organisation's plan; one per service process."""
+
+    def __init__(
+        self,
+        plans: PlanSource,
+        usage: UsageSource,
+        recorder: UsageRecorder | None,
+        *,
+        clock: Clock = utc_now,
+        monotonic: MonotonicClock = time.monotonic,
+    ) -> None:
+        self.plans = plans
+        self.usage = usage
+        self.recorder = recorder
+        self._clock = clock
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._counters: dict[tuple[str, UsageKind, QuotaPeriod, datetime], _Counter] = {}
+        self._buckets: dict[str, _Bucket] = {}
+
+    def reserve(
+        self,
+        principal: Principal,
+        amounts: Mapping[UsageKind, float],
+        *,
+        resource: str,
+        rate_limited: bool = True,
+    ) -> Reservation:
+        """Admit ``amounts`` for the caller's organisation, or raise RESOURCE_EXHAUSTED with retry-after.
+
+        ``rate_limited`` calls take one token of the plan's prediction rate limit.
+        """
+        for kind, quantity in amounts.items():
+            if not quantity >= 0:
+                raise InvalidArgumentError(f"usage of {kind.label} must be zero or more (got {quantity})")
+        org = principal.organization_id
+        plan = self.plans.plan_for(org)
+        now = self._clock()
+        wanted = [(q, *period_bounds(q.period, now)) for q in plan.quotas if amounts.get(q.kind, 0) > 0]
+        # Seed counters outside the lock: asking the metering service takes a network round trip.
+        for quota, start, end in wanted:
+            key = (org, quota.kind, quota.period, start)
+            if key not in self._counters:
+                seed = self.usage.used(org, quota.kind, start, end)
+                with self._lock:
+                    self._counters.setdefault(key, _Counter(used=seed))
+        with self._lock:
+            self._forget_past_periods(now)
+            bucket = None
+            if rate_limited and plan.prediction_rate_limit is not None:
+                bucket = self._refill(org, plan.prediction_rate_limit)
+                if bucket.tokens < 1:
+                    wait = (1 - bucket.tokens) / plan.prediction_rate_limit.requests_per_second
+                    raise ResourceExhaustedError(
+                        f"organisation {org} is over its rate limit of "
+                        f"{plan.prediction_rate_limit.requests_per_second:g} requests per second: retry later",
+                        retry_after_s=wait,
+                        details={"quota": "prediction_rate_limit"},
+                    )
+            for quota, _start, end in wanted:
+                counter = self._counters[(org, quota.kind, quota.period, _start)]
+                asked = amounts[quota.kind]
+                if counter.used + counter.reserved + asked > quota.limit:
+                    left = max(0.0, quota.limit - counter.used - counter.reserved)
+                    raise ResourceExhaustedError(
+                        f"organisation {org} has used its {quota.kind.label} quota for this "
+                        f"{quota.period.name.lower()} ({left:g} of {quota.limit:g} left, this call needs {asked:g}); "
+                        f"it resets at {end.strftime('%Y-%m-%dT%H:%M:%SZ')}",
+                        retry_after_s=(end - now).total_seconds(),
+                        details={"quota": f"{quota.kind.name.lower()}/{quota.period.name.lower()}"},
+                    )
+            # Everything passed: take the token and reserve.
+            if bucket is not None:
+                bucket.tokens -= 1
+            keys = []
+            for quota, start, _end in wanted:
+                key = (org, quota.kind, quota.period, start)
+                self._counters[key].reserved += amounts[quota.kind]
+                keys.append(key)
+        return Reservation(self, org, principal.api_key_id, dict(amounts), resource, tuple(keys))
+
+    def _refill(self, org: str, rate: RateLimit) -> _Bucket:
+        now = self._monotonic()
+        bucket = self._buckets.get(org)
+        if bucket is None:
+            bucket = self._buckets[org] = _Bucket(rate.capacity, now)
+        bucket.tokens = min(rate.capacity, bucket.tokens + (now - bucket.updated) * rate.requests_per_second)
+        bucket.updated = now
+        return bucket
+
+    def _forget_past_periods(self, now: datetime) -> None:
+        stale = [key for key in self._counters if period_bounds(key[2], key[3])[1] <= now]
+        for key in stale:
+            del self._counters[key]
+
+    def _settle(self, reservation: Reservation, *, counted: bool) -> None:
+        with self._lock:
+            for key in reservation._keys:
+                counter = self._counters.get(key)
+                if counter is None:
+                    continue  # the period ended meanwhile
+                quantity = reservation.amounts[key[1]]
+                counter.reserved = max(0.0, counter.reserved - quantity)
+                if counted:
+                    counter.used += quantity

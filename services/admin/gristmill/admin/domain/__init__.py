@@ -1,0 +1,1 @@
+"""The admin service's rules; imports no grpc, kafka, minio or SQLAlchemy."""

@@ -1,0 +1,286 @@
+"""SQLAlchemy implementation of the admin store (SQLite file by default, PostgreSQL by URL).
+
+Keys are stored with their salted hash only. Usage is kept as one row per (organisation, key, kind, UTC
+hour): the aggregator adds to it, queries sum it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, Integer, MetaData, String, Text, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from gristmill.admin.domain.model import ApiKey, Organization, Page, StoredKey, UsageBucket
+from gristmill.admin.store.base import AdminStore
+from gristmill.core.auth_quota import Plan, Quota, QuotaPeriod, RateLimit, UsageKind
+from gristmill.core.errors import AlreadyExistsError
+from gristmill.core.sql import Database
+
+_ID = 128
+
+
+class AdminBase(DeclarativeBase):
+    metadata = MetaData()
+
+
+ADMIN_TABLES = AdminBase.metadata
+
+
+class OrganizationRow(AdminBase):
+    __tablename__ = "admin_organizations"
+
+    organization_id: Mapped[str] = mapped_column(String(_ID), primary_key=True)
+    display_name: Mapped[str] = mapped_column(Text, default="")
+    plan: Mapped[dict[str, Any]] = mapped_column(JSON)
+    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ApiKeyRow(AdminBase):
+    __tablename__ = "admin_api_keys"
+
+    # Insertion order: "newest first" listings and their paging follow it.
+    ordinal: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    api_key_id: Mapped[str] = mapped_column(String(_ID), unique=True)
+    organization_id: Mapped[str] = mapped_column(String(_ID), index=True)
+    display_name: Mapped[str] = mapped_column(Text, default="")
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    secret_hash: Mapped[str] = mapped_column(String(255))
+    secret_prefix: Mapped[str] = mapped_column(String(32))
+    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expire_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    revoke_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_used_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    rotated_from: Mapped[str] = mapped_column(String(_ID), default="")
+
+
+class UsageRow(AdminBase):
+    __tablename__ = "admin_usage_hourly"
+
+    organization_id: Mapped[str] = mapped_column(String(_ID), primary_key=True)
+    # Empty for usage not caused by a key.
+    api_key_id: Mapped[str] = mapped_column(String(_ID), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    hour_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    quantity: Mapped[float] = mapped_column(Float)
+
+
+def _utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything stored is UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _utc_or_none(value: datetime | None) -> datetime | None:
+    return None if value is None else _utc(value)
+
+
+def _plan_to_json(plan: Plan) -> dict[str, Any]:
+    rate = plan.prediction_rate_limit
+    return {
+        "name": plan.name,
+        "quotas": [{"kind": q.kind.name, "period": q.period.name, "limit": q.limit} for q in plan.quotas],
+        "rate": None if rate is None else {"rps": rate.requests_per_second, "burst": rate.burst},
+    }
+
+
+def _plan_from_json(data: dict[str, Any]) -> Plan:
+    rate = data.get("rate")
+    return Plan(
+        name=str(data.get("name", "")),
+        quotas=tuple(
+            Quota(UsageKind[q["kind"]], QuotaPeriod[q["period"]], float(q["limit"])) for q in data.get("quotas", [])
+        ),
+        prediction_rate_limit=None if rate is None else RateLimit(float(rate["rps"]), int(rate["burst"])),
+    )
+
+
+def _organization(row: OrganizationRow) -> Organization:
+    return Organization(row.organization_id, row.display_name, _plan_from_json(row.plan), _utc(row.create_time))
+
+
+def _key(row: ApiKeyRow) -> ApiKey:
+    return ApiKey(
+        api_key_id=row.api_key_id,
+        organization_id=row.organization_id,
+        display_name=row.display_name,
+        scopes=frozenset(row.scopes),
+        secret_prefix=row.secret_prefix,
+        create_time=_utc(row.create_time),
+        expire_time=_utc_or_none(row.expire_time),
+        revoke_time=_utc_or_none(row.revoke_time),
+        last_used_time=_utc_or_none(row.last_used_time),
+        rotated_from_api_key_id=row.rotated_from,
+    )
+
+
+def _key_row(key: ApiKey, secret_hash: str) -> ApiKeyRow:
+    return ApiKeyRow(
+        api_key_id=key.api_key_id,
+        organization_id=key.organization_id,
+        display_name=key.display_name,
+        scopes=sorted(key.scopes),
+        secret_hash=secret_hash,
+        secret_prefix=key.secret_prefix,
+        create_time=key.create_time,
+        expire_time=key.expire_time,
+        revoke_time=key.revoke_time,
+        last_used_time=key.last_used_time,
+        rotated_from=key.rotated_from_api_key_id,
+    )
+
+
+class SqlAdminStore(AdminStore):
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        database.create_all(ADMIN_TABLES)
+
+    # -- organisations -----------------------------------------------------------------------------------
+
+    def insert_organization(self, organization: Organization) -> Organization:
+        try:
+            with self.database.transaction() as session:
+                session.add(
+                    OrganizationRow(
+                        organization_id=organization.organization_id,
+                        display_name=organization.display_name,
+                        plan=_plan_to_json(organization.plan),
+                        create_time=organization.create_time,
+                    )
+                )
+        except IntegrityError:
+            raise AlreadyExistsError(f"organization {organization.organization_id!r} already exists") from None
+        return organization
+
+    def get_organization(self, organization_id: str) -> Organization | None:
+        with self.database.transaction() as session:
+            row = session.get(OrganizationRow, organization_id)
+            return None if row is None else _organization(row)
+
+    def list_organizations(self, page: Page) -> tuple[list[Organization], str | None]:
+        with self.database.transaction() as session:
+            query = select(OrganizationRow).order_by(OrganizationRow.organization_id)
+            if page.after is not None:
+                query = query.where(OrganizationRow.organization_id > page.after)
+            rows = list(session.execute(query.limit(page.size + 1)).scalars())
+            items = [_organization(r) for r in rows[: page.size]]
+        return items, (items[-1].organization_id if len(rows) > page.size else None)
+
+    def set_plan(self, organization_id: str, plan: Plan) -> Organization | None:
+        with self.database.transaction() as session:
+            row = session.get(OrganizationRow, organization_id)
+            if row is None:
+                return None
+            row.plan = _plan_to_json(plan)
+            return _organization(row)
+
+    # -- API keys ------------------------------------------------------------------------------------------
+
+    def insert_key(self, key: ApiKey, secret_hash: str) -> ApiKey:
+        try:
+            with self.database.transaction() as session:
+                session.add(_key_row(key, secret_hash))
+        except IntegrityError:
+            # 64 random bits collided: astronomically rare, and the caller may simply retry.
+            raise AlreadyExistsError(f"API key id {key.api_key_id} is taken; retry") from None
+        return key
+
+    def get_key(self, api_key_id: str) -> StoredKey | None:
+        with self.database.transaction() as session:
+            row = session.execute(select(ApiKeyRow).where(ApiKeyRow.api_key_id == api_key_id)).scalar_one_or_none()
+            return None if row is None else StoredKey(_key(row), row.secret_hash)
+
+    def count_keys(self, organization_id: str) -> int:
+        with self.database.transaction() as session:
+            query = select(func.count()).select_from(ApiKeyRow).where(ApiKeyRow.organization_id == organization_id)
+            return int(session.execute(query).scalar_one())
+
+    def list_keys(
+        self, organization_id: str, *, include_revoked_before: datetime | None, page: Page
+    ) -> tuple[list[ApiKey], str | None]:
+        with self.database.transaction() as session:
+            query = select(ApiKeyRow).where(ApiKeyRow.organization_id == organization_id)
+            if include_revoked_before is not None:
+                query = query.where(
+                    (ApiKeyRow.revoke_time.is_(None)) | (ApiKeyRow.revoke_time > include_revoked_before)
+                )
+            if page.after is not None:
+                query = query.where(ApiKeyRow.ordinal < int(page.after))
+            rows = list(session.execute(query.order_by(ApiKeyRow.ordinal.desc()).limit(page.size + 1)).scalars())
+            items = [_key(r) for r in rows[: page.size]]
+            last = rows[page.size - 1].ordinal if len(rows) > page.size else None
+        return items, (None if last is None else str(last))
+
+    def rotate_key(self, old_api_key_id: str, old_revoke_time: datetime, new: ApiKey, secret_hash: str) -> ApiKey:
+        with self.database.transaction() as session:
+            session.execute(
+                update(ApiKeyRow)
+                .where(ApiKeyRow.api_key_id == old_api_key_id)
+                .where(ApiKeyRow.revoke_time.is_(None) | (ApiKeyRow.revoke_time > old_revoke_time))
+                .values(revoke_time=old_revoke_time)
+            )
+            session.add(_key_row(new, secret_hash))
+        return new
+
+    def revoke_key(self, api_key_id: str, at: datetime) -> ApiKey | None:
+        with self.database.transaction() as session:
+            row = session.execute(select(ApiKeyRow).where(ApiKeyRow.api_key_id == api_key_id)).scalar_one_or_none()
+            if row is None:
+                return None
+            if row.revoke_time is None or _utc(row.revoke_time) > at:
+                row.revoke_time = at
+            return _key(row)
+
+    def touch_key(self, api_key_id: str, at: datetime) -> None:
+        with self.database.transaction() as session:
+            session.execute(update(ApiKeyRow).where(ApiKeyRow.api_key_id == api_key_id).values(last_used_time=at))
+
+    # -- usage ---------------------------------------------------------------------------------------------
+
+    def add_usage(
+        self,
+        session: Session,
+        organization_id: str,
+        api_key_id: str,
+        kind: UsageKind,
+        hour_start: datetime,
+        quantity: float,
+    ) -> None:
+        key = (organization_id, api_key_id, kind.name, hour_start)
+        row = session.get(UsageRow, key)
+        if row is None:
+            session.add(
+                UsageRow(
+                    organization_id=organization_id,
+                    api_key_id=api_key_id,
+                    kind=kind.name,
+                    hour_start=hour_start,
+                    quantity=quantity,
+                )
+            )
+            # Flush now so a second event for the same hour in this transaction finds the row.
+            session.flush()
+        else:
+            row.quantity = row.quantity + quantity
+
+    def usage(
+        self,
+        organization_id: str,
+        *,
+        api_key_id: str,
+        kinds: Sequence[UsageKind],
+        start: datetime,
+        end: datetime,
+    ) -> list[UsageBucket]:
+        with self.database.transaction() as session:
+            query = select(UsageRow).where(
+                UsageRow.organization_id == organization_id, UsageRow.hour_start >= start, UsageRow.hour_start < end
+            )
+            if api_key_id:
+                query = query.where(UsageRow.api_key_id == api_key_id)
+            if kinds:
+                query = query.where(UsageRow.kind.in_([k.name for k in kinds]))
+            rows = session.execute(query.order_by(UsageRow.hour_start)).scalars()
+            return [UsageBucket(r.api_key_id, UsageKind[r.kind], _utc(r.hour_start), r.quantity) for r in rows]
