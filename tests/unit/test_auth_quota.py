@@ -1,0 +1,215 @@
+"""QuotaGuard: the (N+1)th call in a period is refused with a retry-after, usage counts successful calls only."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from gristmill.api.admin.v1 import admin_pb2
+from gristmill.api.events.v1 import events_pb2
+from gristmill.core.auth import Principal
+from gristmill.core.auth_quota import (
+    Plan,
+    PlanSource,
+    Quota,
+    QuotaGuard,
+    QuotaPeriod,
+    RateLimit,
+    UsageKind,
+    UsageRecorder,
+    UsageSource,
+    period_bounds,
+    plan_from_proto,
+    plan_to_proto,
+)
+from gristmill.core.errors import InvalidArgumentError, ResourceExhaustedError
+from gristmill.core.events import OutboxEvent
+from gristmill.core.events.topics import platform_catalog
+from gristmill.core.sql import Database
+
+T0 = datetime(2026, 11, 10, 12, 30, tzinfo=UTC)
+P = UsageKind.PREDICTIONS
+ACME = Principal("acme", "k1", frozenset({"serving:predict"}))
+
+
+class Plans(PlanSource):
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+
+    def plan_for(self, organization_id: str) -> Plan:
+        return self.plan
+
+
+class Used(UsageSource):
+    def __init__(self, before: float = 0.0) -> None:
+        self.before = before
+        self.asked: list[tuple[str, UsageKind, datetime, datetime]] = []
+
+    def used(self, organization_id: str, kind: UsageKind, start: datetime, end: datetime) -> float:
+        self.asked.append((organization_id, kind, start, end))
+        return self.before
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+        self.mono = 1000.0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Iterator[Database]:
+    db = Database(f"sqlite:///{tmp_path / 'svc.db'}")
+    db.create_all()
+    yield db
+    db.dispose()
+
+
+def _guard(database: Database, plan: Plan, used: Used | None = None, clock: Clock | None = None) -> QuotaGuard:
+    clock = clock or Clock()
+    recorder = UsageRecorder(database, platform_catalog(), "serving")
+    return QuotaGuard(Plans(plan), used or Used(), recorder, clock=clock, monotonic=lambda: clock.mono)
+
+
+def _published(database: Database) -> list[events_pb2.UsageRecorded]:
+    with database.transaction() as session:
+        rows = session.execute(select(OutboxEvent).order_by(OutboxEvent.id)).scalars()
+        return [events_pb2.UsageRecorded.FromString(row.payload) for row in rows]
+
+
+def test_the_call_beyond_the_quota_is_refused_with_retry_after(database: Database) -> None:
+    guard = _guard(database, Plan("team", (Quota(P, QuotaPeriod.DAY, 5),)))
+    for _ in range(5):
+        with guard.reserve(ACME, {P: 1}, resource="deployment/d"):
+            pass
+    with pytest.raises(ResourceExhaustedError) as err:
+        guard.reserve(ACME, {P: 1}, resource="deployment/d")
+    midnight = datetime(2026, 11, 11, tzinfo=UTC)
+    assert err.value.retry_after_s == int((midnight - T0).total_seconds())
+    assert ("retry-after", str(err.value.retry_after_s)) in err.value.trailing_metadata()
+    assert "predictions quota for this day (0 of 5 left" in err.value.message
+    assert "resets at 2026-11-11T00:00:00Z" in err.value.message
+    usage = _published(database)
+    assert [(u.organization_id, u.api_key_id, u.kind, u.quantity, u.resource) for u in usage] == [
+        ("acme", "k1", admin_pb2.USAGE_KIND_PREDICTIONS, 1.0, "deployment/d")
+    ] * 5
+
+
+def test_a_failed_call_releases_its_reservation_and_is_not_counted(database: Database) -> None:
+    guard = _guard(database, Plan("team", (Quota(P, QuotaPeriod.HOUR, 2),)))
+    for _ in range(3):
+        with pytest.raises(RuntimeError), guard.reserve(ACME, {P: 2}, resource="deployment/d"):
+            raise RuntimeError("model failed")
+    with guard.reserve(ACME, {P: 2}, resource="deployment/d"):
+        pass
+    with pytest.raises(ResourceExhaustedError):
+        guard.reserve(ACME, {P: 1}, resource="deployment/d")
+    assert [u.quantity for u in _published(database)] == [2.0]
+
+
+def test_usage_before_the_guard_started_counts_and_periods_roll_over(database: Database) -> None:
+    clock = Clock()
+    used = Used(before=3)
+    guard = _guard(database, Plan("team", (Quota(P, QuotaPeriod.DAY, 4),)), used, clock)
+    guard.reserve(ACME, {P: 1}, resource="r").commit()
+    with pytest.raises(ResourceExhaustedError):
+        guard.reserve(ACME, {P: 1}, resource="r")
+    assert used.asked == [("acme", P, *period_bounds(QuotaPeriod.DAY, T0))]
+    # The next day starts from what the metering service knows of it (here: nothing).
+    clock.now = T0 + timedelta(days=1)
+    used.before = 0
+    for _ in range(4):
+        guard.reserve(ACME, {P: 1}, resource="r").commit()
+    assert len(used.asked) == 2
+
+
+def test_quotas_of_kinds_a_call_does_not_use_do_not_apply(database: Database) -> None:
+    plan = Plan("team", (Quota(UsageKind.TRAINING_WORKER_SECONDS, QuotaPeriod.MONTH, 0),))
+    guard = _guard(database, plan)
+    guard.reserve(ACME, {P: 10}, resource="r").commit()
+    with pytest.raises(ResourceExhaustedError, match="training worker seconds quota for this month"):
+        guard.reserve(ACME, {UsageKind.TRAINING_WORKER_SECONDS: 1}, resource="job/j")
+
+
+def test_the_rate_limit_is_a_token_bucket(database: Database) -> None:
+    clock = Clock()
+    guard = _guard(database, Plan("team", (), RateLimit(requests_per_second=2, burst=3)), clock=clock)
+    for _ in range(3):
+        guard.reserve(ACME, {P: 1}, resource="r").commit()
+    with pytest.raises(ResourceExhaustedError, match="rate limit of 2 requests per second") as err:
+        guard.reserve(ACME, {P: 1}, resource="r")
+    assert err.value.retry_after_s == 1
+    clock.mono += 0.5  # one token back
+    guard.reserve(ACME, {P: 1}, resource="r").commit()
+    with pytest.raises(ResourceExhaustedError):
+        guard.reserve(ACME, {P: 1}, resource="r")
+    # Calls that are not rate limited (a training job submission) pass.
+    guard.reserve(ACME, {UsageKind.TRAINING_WORKER_SECONDS: 0}, resource="job/j", rate_limited=False).release()
+    assert len(_published(database)) == 4
+
+
+def test_a_refused_quota_does_not_spend_a_rate_token(database: Database) -> None:
+    clock = Clock()
+    guard = _guard(database, Plan("team", (Quota(P, QuotaPeriod.DAY, 1),), RateLimit(1, 2)), clock=clock)
+    with pytest.raises(ResourceExhaustedError, match="quota"):
+        guard.reserve(ACME, {P: 5}, resource="r")
+    guard.reserve(ACME, {P: 1}, resource="r").commit()
+    with pytest.raises(ResourceExhaustedError, match="quota"):
+        guard.reserve(ACME, {P: 1}, resource="r")
+
+
+def test_concurrent_calls_never_go_beyond_the_quota(database: Database) -> None:
+    guard = _guard(database, Plan("team", (Quota(P, QuotaPeriod.DAY, 10),)))
+    admitted: list[int] = []
+    refused: list[int] = []
+    barrier = threading.Barrier(20)
+
+    def call(i: int) -> None:
+        barrier.wait()
+        try:
+            with guard.reserve(ACME, {P: 1}, resource="r"):
+                admitted.append(i)
+        except ResourceExhaustedError:
+            refused.append(i)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (len(admitted), len(refused)) == (10, 10)
+    assert sum(u.quantity for u in _published(database)) == 10
+
+
+def test_plans_from_the_api_are_validated_and_round_trip() -> None:
+    plan = Plan(
+        "team", (Quota(P, QuotaPeriod.DAY, 5), Quota(UsageKind.INPUT_TOKENS, QuotaPeriod.MONTH, 1e6)), RateLimit(3)
+    )
+    assert plan_from_proto(plan_to_proto(plan)) == plan
+    assert RateLimit(0.5).capacity == 1.0 and RateLimit(3).capacity == 3.0 and RateLimit(3, 7).capacity == 7.0
+    with pytest.raises(InvalidArgumentError, match="unknown usage kind 42"):
+        plan_from_proto(admin_pb2.Plan(quotas=[admin_pb2.Quota(kind=42, period=admin_pb2.QUOTA_PERIOD_DAY)]))  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="unknown quota period 0"):
+        plan_from_proto(admin_pb2.Plan(quotas=[admin_pb2.Quota(kind=admin_pb2.USAGE_KIND_PREDICTIONS)]))
+    with pytest.raises(InvalidArgumentError, match="zero or more"):
+        _guard_plan = Plan("x", (Quota(P, QuotaPeriod.DAY, float("nan")),))
+        _guard_plan.validate()
+    with pytest.raises(InvalidArgumentError, match="zero or more"):
+        guard = QuotaGuard(Plans(Plan()), Used(), None)
+        guard.reserve(ACME, {P: -1}, resource="r")
+
+
+def test_calendar_periods_are_utc() -> None:
+    assert period_bounds(QuotaPeriod.HOUR, T0) == (T0.replace(minute=0), T0.replace(minute=0) + timedelta(hours=1))
+    december = datetime(2026, 12, 31, 23, 59, tzinfo=UTC)
+    assert period_bounds(QuotaPeriod.MONTH, december) == (
+        datetime(2026, 12, 1, tzinfo=UTC),
+        datetime(2027, 1, 1, tzinfo=UTC),
+    )
