@@ -2,37 +2,18 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from gristmill.core.storage import LocalObjectStore, ObjectStore
-from gristmill.training.devtools import write_dataset_version
+from gristmill.training.devtools import LABELS, sentiment_rows, vocabulary_text, write_dataset_version
 from gristmill.training.domain.refs import DatasetRef
 from tests.conftest import kafka_bootstrap, s3_endpoint, tracing  # noqa: F401
 from tests.support.tiny_model import make_tiny_bert
 
-LABELS = ("negative", "positive")
-_POSITIVE = ["good", "great", "lovely", "excellent", "nice", "fine", "happy", "superb"]
-_NEGATIVE = ["bad", "awful", "terrible", "poor", "sad", "broken", "boring", "ugly"]
-_NEUTRAL = ["the", "movie", "phone", "food", "was", "service", "really", "quite", "and", "place"]
-
-
-def sentiment_rows(count: int, seed: int) -> list[tuple[str, str]]:
-    """Short texts whose label is decided by their sentiment words: learnable by a tiny model in seconds."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(count):
-        label = LABELS[i % 2]
-        words = rng.sample(_NEUTRAL, 3) + rng.sample(_POSITIVE if label == "positive" else _NEGATIVE, 2)
-        rng.shuffle(words)
-        rows.append((" ".join(words), label))
-    return rows
-
-
-ALL_TEXTS = [text for text, _ in sentiment_rows(400, 0)] + [" ".join(_POSITIVE + _NEGATIVE + _NEUTRAL)]
+ALL_TEXTS = [vocabulary_text()]
 
 
 @pytest.fixture(scope="session")

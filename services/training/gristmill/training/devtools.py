@@ -6,6 +6,7 @@ imports base models in production; these helpers write the same formats (``grist
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -14,6 +15,29 @@ from pathlib import Path
 from gristmill.core.manifests import DatasetManifest, DatasetRow, FileEntry, ModelManifest, SplitFile
 from gristmill.core.storage import ObjectStore, object_key
 from gristmill.training.domain.refs import DatasetRef, FileRef
+
+LABELS = ("negative", "positive")
+_POSITIVE = ("good", "great", "lovely", "excellent", "nice", "fine", "happy", "superb")
+_NEGATIVE = ("bad", "awful", "terrible", "poor", "sad", "broken", "boring", "ugly")
+_NEUTRAL = ("the", "movie", "phone", "food", "was", "service", "really", "quite", "and", "place")
+
+
+def sentiment_rows(count: int, seed: int) -> list[tuple[str, str]]:
+    """Synthetic (text, label) pairs whose label is decided by their sentiment words, alternating labels:
+    a tiny model learns them in a few dozen steps."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        label = LABELS[i % 2]
+        words = rng.sample(_NEUTRAL, 3) + rng.sample(_POSITIVE if label == "positive" else _NEGATIVE, 2)
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def vocabulary_text() -> str:
+    """Every word ``sentiment_rows`` uses (to build a tokenizer vocabulary from)."""
+    return " ".join(_POSITIVE + _NEGATIVE + _NEUTRAL)
 
 
 def write_dataset_version(
