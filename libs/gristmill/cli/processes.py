@@ -1,0 +1,113 @@
+"""Starting, watching and stopping Gristmill service processes on this machine (``gristmill up/down/dev``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gristmill.core.errors import UnavailableError
+
+SERVICES = ("labeling", "training", "registry", "serving")
+DEFAULT_PORTS = {"labeling": 50051, "training": 50052, "registry": 50053, "serving": 50054}
+
+
+@dataclass(frozen=True)
+class ServiceProcess:
+    """One service run as ``python -m <module>``, with a pid file and a log under ``run_dir``."""
+
+    name: str
+    module: str
+    run_dir: Path
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "pids" / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.run_dir / "logs" / f"{self.name}.log"
+
+    def pid(self) -> int | None:
+        """The running process's pid, or None (a stale pid file counts as not running)."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            return None
+        return pid if self.module in cmdline else None
+
+    def start(self, env: Mapping[str, str]) -> int:
+        """Start in its own session (it outlives the CLI); no-op when already running."""
+        running = self.pid()
+        if running is not None:
+            return running
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", self.module],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **env},
+                start_new_session=True,
+            )
+        self.pid_file.write_text(f"{proc.pid}\n")
+        return proc.pid
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """SIGTERM (the service drains), then SIGKILL after ``timeout_s``; False when it was not running."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.pid() is not None:
+            time.sleep(0.2)
+        if self.pid() is not None:
+            os.kill(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def last_log_line(self) -> str:
+        try:
+            lines = [line for line in self.log_file.read_text(errors="replace").splitlines() if line.strip()]
+        except OSError:
+            return ""
+        return lines[-1][:200] if lines else ""
+
+
+def health(address: str, timeout_s: float = 2.0) -> str:
+    """The overall health of the server at ``address`` ('SERVING', 'NOT_SERVING', ...) or 'DOWN'."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError:
+            return "DOWN"
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def wait_serving(address: str, timeout_s: float, *, process: ServiceProcess | None = None) -> None:
+    """Wait until ``address`` answers SERVING; fail early when ``process`` died (naming its last log line)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if health(address, timeout_s=1.0) == "SERVING":
+            return
+        if process is not None and process.pid() is None:
+            raise UnavailableError(
+                f"{process.name} exited during start-up ({process.last_log_line() or 'no output'}); "
+                f"see {process.log_file}"
+            )
+        time.sleep(0.3)
+    where = f"; see {process.log_file}" if process is not None else ""
+    raise UnavailableError(f"{address} did not become healthy within {timeout_s:.0f} s{where}")
