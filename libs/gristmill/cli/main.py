@@ -10,7 +10,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,7 +46,7 @@ def one_line_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def emit(rows: list[Mapping[str, Any]], as_json: bool) -> None:
+def emit(rows: Sequence[Mapping[str, Any]], as_json: bool) -> None:
     """Print rows as an aligned table, or as JSON."""
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))

@@ -10,6 +10,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -91,7 +92,9 @@ def health(address: str, timeout_s: float = 2.0) -> str:
     """The overall health of the server at ``address`` ('SERVING', 'NOT_SERVING', ...) or 'DOWN'."""
     with grpc.insecure_channel(address) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+            # The typeshed stub types HealthStub for aio channels only.
+            stub: Any = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
         except grpc.RpcError:
             return "DOWN"
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
