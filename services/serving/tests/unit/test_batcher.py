@@ -106,6 +106,23 @@ async def test_batches_group_queued_items_by_length_and_always_take_the_oldest()
     await batcher.close()
 
 
+async def test_a_batch_stays_small_rather_than_pad_short_texts_to_long_ones() -> None:
+    model = Model()
+    batcher = DynamicBatcher(model, BatchPolicy(max_batch_size=6, max_delay_s=0.0, max_queue_size=64))
+    first = await _hold_worker(batcher, model)
+    lengths = [5, 100, 6, 5, 101, 6]
+    tasks = [asyncio.create_task(batcher.submit([length], [length])) for length in lengths]
+    await asyncio.sleep(0.05)
+    assert model.gate is not None
+    model.gate.set()
+    await first
+    await asyncio.gather(*tasks)
+    # One batch of 6 would pad four short texts to 101 tokens; two batches cost one more forward pass only.
+    assert [sorted(b) for b in model.batches[1:]] == [[5, 5, 6, 6], [100, 101]]
+    assert batcher.stats.padded_tokens == 2 + 1  # [5, 5, 6, 6] and [100, 101]
+    await batcher.close()
+
+
 async def test_a_full_queue_refuses_the_whole_request_with_resource_exhausted() -> None:
     model = Model()
     batcher = DynamicBatcher(model, BatchPolicy(max_batch_size=2, max_delay_s=0.0, max_queue_size=4))

@@ -5,8 +5,10 @@ runs them on a dedicated thread, so the event loop stays free while the model co
 
 - a batch closes when ``max_batch_size`` items wait or the oldest has waited ``max_delay``; with a delay of
   0 it runs as soon as the worker is free, and while a batch runs the next one fills up (adaptive batching);
-- the oldest waiting item is always in the next batch (nobody starves); the rest of the batch is the run of
-  items closest to it in token length, chosen to waste the least compute on padding;
+- the oldest waiting item is always in the next batch (nobody starves); the rest of the batch is a run of items
+  close to it in token length, chosen to waste the least compute per item: padding plus a fixed cost per
+  forward pass. A batch may stay below ``max_batch_size`` when filling it would pad short texts to the length
+  of long ones (the long ones then go together in a batch of their own);
 - the queue is bounded (``ResourceExhaustedError`` for a request that does not fit, taken whole or not at
   all); per-request deadlines are honoured: an item whose deadline passed is dropped before its batch
   runs, and a caller never gets a result after its deadline (``DeadlineExceededError``);
@@ -38,6 +40,9 @@ class BatchPolicy:
     max_batch_size: int = 32
     max_delay_s: float = 0.005
     max_queue_size: int = 2048
+    # The fixed cost of one forward pass, in padded tokens: what a smaller batch costs per item. MiniLM on
+    # 2 CPU cores: ~5 ms per forward vs ~0.13 ms per token.
+    overhead_tokens: int = 32
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_delay_s < 0 or self.max_queue_size < self.max_batch_size:
@@ -251,10 +256,10 @@ class DynamicBatcher(Generic[T, R]):
                 continue
             live.append(entry)
         size = self.policy.max_batch_size
-        if len(live) <= size:
+        if len(live) <= 1:
             batch, self._pending = live, []
         else:
-            batch = _closest_in_length(live, size)
+            batch = _closest_in_length(live, size, self.policy.overhead_tokens)
             chosen = set(map(id, batch))
             self._pending = [e for e in live if id(e) not in chosen]
         self._report_depth()
@@ -274,11 +279,12 @@ class DynamicBatcher(Generic[T, R]):
             self._on_queue_depth(len(self._pending))
 
 
-def _closest_in_length(live: list[_Entry[T, R]], size: int) -> list[_Entry[T, R]]:
-    """``size`` entries including ``live[0]`` (the oldest) that minimise padding.
+def _closest_in_length(live: list[_Entry[T, R]], size: int, overhead_tokens: int) -> list[_Entry[T, R]]:
+    """At most ``size`` entries including ``live[0]`` (the oldest) that waste the least compute per entry.
 
-    In length order, the best set containing the oldest is a window of ``size`` consecutive entries around
-    it; padding of a window = size * its longest - its total length, computed with prefix sums.
+    In length order, a best batch containing the oldest is a window of consecutive entries around it. Its waste
+    per entry is (overhead + padding) / entries, where padding = entries * longest - total length; real tokens
+    are not waste (they are computed whatever the batching). Windows are scored with prefix sums.
     """
     oldest = live[0]
     ordered = sorted(live, key=lambda e: e.length)  # stable: equal lengths keep arrival order
@@ -286,10 +292,26 @@ def _closest_in_length(live: list[_Entry[T, R]], size: int) -> list[_Entry[T, R]
     prefix = [0]
     for entry in ordered:
         prefix.append(prefix[-1] + entry.length)
-    best_start, best_waste = 0, None
-    for start in range(max(0, anchor - size + 1), min(anchor, len(ordered) - size) + 1):
-        end = start + size
-        waste = size * ordered[end - 1].length - (prefix[end] - prefix[start])
-        if best_waste is None or waste < best_waste:
-            best_start, best_waste = start, waste
-    return ordered[best_start : best_start + size]
+    count = len(ordered)
+    best: tuple[float, int, int] | None = None  # (waste per entry, -entries, start)
+    for entries in _candidate_sizes(min(size, count)):
+        for start in range(max(0, anchor - entries + 1), min(anchor, count - entries) + 1):
+            end = start + entries
+            padding = entries * ordered[end - 1].length - (prefix[end] - prefix[start])
+            score = ((overhead_tokens + padding) / entries, -entries, start)
+            if best is None or score < best:
+                best = score
+    assert best is not None
+    _, negative_entries, start = best
+    return ordered[start : start - negative_entries]
+
+
+def _candidate_sizes(most: int) -> list[int]:
+    """Every batch size up to 64; above that, halvings of ``most`` (keeps a batch decision well under 1 ms)."""
+    if most <= 64:
+        return list(range(1, most + 1))
+    sizes, size = [], most
+    while size >= 1:
+        sizes.append(size)
+        size //= 2
+    return sizes

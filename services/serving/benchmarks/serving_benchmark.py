@@ -1,0 +1,491 @@
+"""Serving benchmark (not a test: run it once, by hand, on an otherwise idle machine).
+
+One run measures, on the same model (all-MiniLM-L6-v2 + a fresh, seeded 2-label head) and the same
+sentences (../shared/data/sentiment), with client and server on this machine:
+
+1. the raw model: one sentence at a time (the single-forward latency) and length-sorted batches of 32 straight
+   through the model (the throughput limit, no server);
+2. Gristmill serving: a server process (the real service wiring, models from a local directory) answering
+   Open Inference Protocol ModelInfer calls (one sentence each) over gRPC at concurrency 1, 16 and 64;
+3. Ray Serve: the same model in a deployment with ``@serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)``
+   called over HTTP at the same concurrencies;
+4. optionally (``--quantization``), dynamic int8 quantisation: a copy of the classifier fine-tuned for one epoch
+   on 1,600 sentences, accuracy and throughput on 400 held-out sentences, fp32 vs int8.
+
+Then it checks the targets: throughput at concurrency 64 >= 0.6x the raw limit and >= 3x Ray Serve's, and p50
+latency at concurrency 1 <= the raw single forward + 3 ms.
+
+Usage (from the repository root)::
+
+    PYTHONPATH=~/.cache/gristmill/bench/ray-serve .venv/bin/python services/serving/benchmarks/serving_benchmark.py
+
+Ray Serve needs the ``ray[serve]`` extra's packages (fastapi, starlette, uvicorn, aiohttp, ...), which the
+project's environment does not carry; install them into a separate directory and put it on PYTHONPATH as above
+(``uv pip install --no-deps --target <dir> ...``), or pass ``--skip-ray``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[3]
+SENTIMENT = REPO.parent / "shared" / "data" / "sentiment"
+MODEL = "minilm"
+
+
+# -- data and model ---------------------------------------------------------------------------------------------
+
+
+def load_sentences() -> list[tuple[str, int]]:
+    rows = []
+    for name in ("amazon_cells_labelled.txt", "yelp_labelled.txt", "imdb_labelled.txt"):
+        for line in (SENTIMENT / name).read_text(encoding="utf-8").splitlines():
+            text, _, label = line.rpartition("\t")
+            if text.strip():
+                rows.append((text.strip(), int(label)))
+    return rows
+
+
+def build_classifier(dest: Path, seed: int = 0) -> Path:
+    """MiniLM with a fresh 2-label head (seeded), saved as a Hugging Face directory every system loads."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    sys.path.insert(0, str(REPO))
+    from tests.support.tiny_model import minilm_path
+
+    torch.manual_seed(seed)
+    source = minilm_path()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1}
+    )
+    model.save_pretrained(dest, safe_serialization=True)
+    AutoTokenizer.from_pretrained(source).save_pretrained(dest)
+    return dest
+
+
+# -- measurements -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    system: str
+    concurrency: int
+    requests: int
+    failed: int
+    seconds: float
+    throughput: float
+    p50_ms: float
+    p99_ms: float
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(q / 100 * len(ordered)), len(ordered) - 1)]
+
+
+async def drive(
+    system: str, call: Callable[[str], Awaitable[None]], texts: Sequence[str], concurrency: int, count: int
+) -> LoadResult:
+    """``count`` calls, ``concurrency`` at a time, one sentence each; latency per call, throughput overall."""
+    latencies: list[float] = []
+    failed = 0
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index, failed
+        while next_index < count:
+            text = texts[next_index % len(texts)]
+            next_index += 1
+            started = time.perf_counter()
+            try:
+                await call(text)
+            except Exception as exc:
+                failed += 1
+                if failed <= 3:
+                    print(f"  {system}: call failed: {exc!r}"[:300], file=sys.stderr)
+                continue
+            latencies.append(time.perf_counter() - started)
+
+    # Warm-up (connections, lazy allocations) is not measured.
+    warm = [asyncio.create_task(call(texts[i % len(texts)])) for i in range(min(concurrency, 32))]
+    await asyncio.gather(*warm, return_exceptions=True)
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    seconds = time.perf_counter() - started
+    return LoadResult(
+        system,
+        concurrency,
+        count,
+        failed,
+        seconds,
+        len(latencies) / seconds,
+        percentile(latencies, 50) * 1000 if latencies else 0.0,
+        percentile(latencies, 99) * 1000 if latencies else 0.0,
+    )
+
+
+def measure_raw(model_dir: Path, texts: Sequence[str], threads: int, singles: int) -> dict[str, float]:
+    """The model alone: single-sentence forward latency and length-sorted batches of 32."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    rng = random.Random(1)
+    with torch.inference_mode():
+        for text in texts[:20]:
+            model(**tokenizer([text], return_tensors="pt"))
+        forward = []
+        for text in rng.sample(list(texts), singles):
+            encoded = tokenizer([text], return_tensors="pt")
+            started = time.perf_counter()
+            torch.softmax(model(**encoded).logits, dim=-1)
+            forward.append(time.perf_counter() - started)
+        ordered = sorted(texts, key=lambda t: len(tokenizer(t)["input_ids"]))
+        started = time.perf_counter()
+        for i in range(0, len(ordered), 32):
+            encoded = tokenizer(ordered[i : i + 32], return_tensors="pt", padding=True, truncation=True)
+            torch.softmax(model(**encoded).logits, dim=-1)
+        seconds = time.perf_counter() - started
+    return {
+        "single_forward_p50_ms": statistics.median(forward) * 1000,
+        "single_forward_mean_ms": statistics.fmean(forward) * 1000,
+        "batch32_sentences_per_s": len(ordered) / seconds,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def measure_gristmill(
+    model_dir: Path, texts: Sequence[str], plan: Sequence[tuple[int, int]], threads: int, delay_ms: int
+) -> list[LoadResult]:
+    """A serving process (the real wiring) and an OIP gRPC client in this process."""
+    import grpc
+
+    from gristmill.api.common.v1 import common_pb2
+    from gristmill.api.inference.v2 import grpc_predict_v2_pb2 as oip
+    from gristmill.api.inference.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
+    from gristmill.api.serving.v1 import serving_pb2, serving_pb2_grpc
+
+    root = model_dir.parent / "registry"
+    (root / MODEL).mkdir(parents=True, exist_ok=True)
+    if not (root / MODEL / "1").exists():
+        (root / MODEL / "1").symlink_to(model_dir)
+    data_dir = model_dir.parent / "serving-data"
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", str(root), "--data-dir", str(data_dir), "--threads", str(threads)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline().strip()
+        if not line.startswith("READY "):
+            raise RuntimeError(f"the serving process did not start: {line!r}")
+        address = f"127.0.0.1:{line.split()[1]}"
+        results = []
+        async with grpc.aio.insecure_channel(address) as channel:
+            await serving_pb2_grpc.ServingServiceStub(channel).CreateDeployment(
+                serving_pb2.CreateDeploymentRequest(
+                    deployment=serving_pb2.Deployment(
+                        name=MODEL,
+                        registered_model_name=MODEL,
+                        target=common_pb2.ModelVersionSelector(version=1),
+                        batching=serving_pb2.BatchingConfig(max_batch_size=32, max_delay_ms=delay_ms),
+                    ),
+                    wait_until_ready=True,
+                ),
+                timeout=300,
+            )
+            stub = oip_grpc.GRPCInferenceServiceStub(channel)
+            tensor = oip.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[1])
+
+            async def call(text: str) -> None:
+                data = text.encode()
+                request = oip.ModelInferRequest(
+                    model_name=MODEL, inputs=[tensor], raw_input_contents=[len(data).to_bytes(4, "little") + data]
+                )
+                await stub.ModelInfer(request, timeout=30)
+
+            for concurrency, count in plan:
+                result = await drive("gristmill", call, texts, concurrency, count)
+                print(f"  {result}", flush=True)
+                results.append(result)
+        return results
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def measure_ray_serve(
+    model_dir: Path, texts: Sequence[str], plan: Sequence[tuple[int, int]], threads: int
+) -> list[LoadResult]:
+    """Ray Serve with ``@serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)`` over HTTP."""
+    import aiohttp
+    import ray
+    from ray import serve
+
+    ray.init(
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1"}},
+    )
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "ERROR"})
+
+    @serve.deployment(num_replicas=1, max_ongoing_requests=256)
+    class Classifier:
+        def __init__(self, directory: str, torch_threads: int) -> None:
+            import torch
+            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+            torch.set_num_threads(torch_threads)
+            self.torch = torch
+            self.tokenizer = AutoTokenizer.from_pretrained(directory)
+            self.model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
+
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+        async def classify(self, texts: list[str]) -> list[dict[str, Any]]:
+            with self.torch.inference_mode():
+                encoded = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True)
+                probabilities = self.torch.softmax(self.model(**encoded).logits, dim=-1)
+            labels = ("negative", "positive")
+            return [{"label": labels[int(p.argmax())], "probabilities": p.tolist()} for p in probabilities]
+
+        async def __call__(self, request: Any) -> dict[str, Any]:
+            text = (await request.body()).decode()
+            result: dict[str, Any] = await self.classify(text)
+            return result
+
+    serve.run(Classifier.bind(str(model_dir), threads), route_prefix="/classify")
+    url = f"http://127.0.0.1:{port}/classify"
+
+    async def run_all() -> list[LoadResult]:
+        results = []
+        for concurrency, count in plan:
+            connector = aiohttp.TCPConnector(limit=concurrency)
+            async with aiohttp.ClientSession(connector=connector) as session:
+
+                async def call(text: str, session: aiohttp.ClientSession = session) -> None:
+                    async with session.post(url, data=text.encode()) as response:
+                        response.raise_for_status()
+                        await response.read()
+
+                result = await drive("ray-serve", call, texts, concurrency, count)
+                print(f"  {result}", flush=True)
+                results.append(result)
+        return results
+
+    try:
+        return asyncio.run(run_all())
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def measure_quantization(
+    model_dir: Path, rows: Sequence[tuple[str, int]], threads: int, workdir: Path
+) -> dict[str, float]:
+    """Fine-tune a copy for one epoch (1,600 amazon+yelp sentences), then fp32 vs int8 on 400 held-out ones."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from gristmill.serving.runtime.classifier import quantize_dynamic_int8
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    pool = list(rows[:2000])  # amazon + yelp
+    random.Random(0).shuffle(pool)
+    train, test = pool[:1600], pool[1600:]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    model.train()
+    started = time.perf_counter()
+    for i in range(0, len(train), 16):
+        batch = train[i : i + 16]
+        encoded = tokenizer([t for t, _ in batch], return_tensors="pt", padding=True, truncation=True, max_length=64)
+        loss = model(**encoded, labels=torch.tensor([y for _, y in batch])).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    print(f"  fine-tuned 1 epoch in {time.perf_counter() - started:.0f} s", flush=True)
+    model.eval()
+    tuned = workdir / "tuned"
+    model.save_pretrained(tuned, safe_serialization=True)
+
+    def evaluate(candidate: Any) -> tuple[float, list[int], float]:
+        ordered = sorted(test, key=lambda r: len(r[0]))
+        predictions: list[int] = []
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, len(ordered), 32):
+                encoded = tokenizer([t for t, _ in ordered[i : i + 32]], return_tensors="pt", padding=True)
+                predictions += candidate(**encoded).logits.argmax(-1).tolist()
+        seconds = time.perf_counter() - started
+        accuracy = sum(p == y for p, (_, y) in zip(predictions, ordered, strict=True)) / len(ordered)
+        return accuracy, predictions, len(ordered) / seconds
+
+    fp32_accuracy, fp32_predictions, fp32_speed = evaluate(model)
+    quantized = quantize_dynamic_int8(AutoModelForSequenceClassification.from_pretrained(tuned).eval())
+    int8_accuracy, int8_predictions, int8_speed = evaluate(quantized)
+    agreement = sum(a == b for a, b in zip(fp32_predictions, int8_predictions, strict=True)) / len(test)
+    return {
+        "test_sentences": len(test),
+        "fp32_accuracy": fp32_accuracy,
+        "int8_accuracy": int8_accuracy,
+        "accuracy_change": int8_accuracy - fp32_accuracy,
+        "prediction_agreement": agreement,
+        "fp32_sentences_per_s": fp32_speed,
+        "int8_sentences_per_s": int8_speed,
+    }
+
+
+# -- the serving process ----------------------------------------------------------------------------------------
+
+
+def serve(root: Path, data_dir: Path, threads: int) -> None:
+    """The benchmark's server: the real service wiring, in-process bus, models from ``root``."""
+    import logging
+
+    from gristmill.core.settings import KafkaSettings, S3Settings
+    from gristmill.serving.app import build_host
+    from gristmill.serving.runtime.classifier import configure_torch
+    from gristmill.serving.runtime.sources import LocalDirectoryModelSource
+    from gristmill.serving.settings import ServingSettings
+
+    logging.basicConfig(level=logging.WARNING)
+    configure_torch(threads)
+
+    async def run() -> None:
+        settings = ServingSettings(data_dir=data_dir, grpc_port=0, torch_threads=threads)
+        host = build_host(settings, kafka=KafkaSettings(), s3=S3Settings(), source=LocalDirectoryModelSource(root))
+        port = await host.start()
+        print(f"READY {port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        await host.stop()
+
+    asyncio.run(run())
+
+
+# -- report -----------------------------------------------------------------------------------------------------
+
+
+def report(results: dict[str, Any]) -> None:
+    raw = results["raw"]
+    print("\n== results ==")
+    print(
+        f"raw model: single-sentence forward p50 {raw['single_forward_p50_ms']:.1f} ms; "
+        f"length-sorted batches of 32: {raw['batch32_sentences_per_s']:.0f} sentences/s"
+    )
+    print(f"{'system':<10} {'conc.':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6}")
+    for name in ("gristmill", "ray_serve"):
+        for row in results.get(name, []):
+            print(
+                f"{row['system']:<10} {row['concurrency']:>5} {row['throughput']:>8.1f} {row['p50_ms']:>8.1f} "
+                f"{row['p99_ms']:>8.1f} {row['failed']:>6}"
+            )
+    ours = {r["concurrency"]: r for r in results["gristmill"]}
+    checks = []
+    if 64 in ours:
+        ratio = ours[64]["throughput"] / raw["batch32_sentences_per_s"]
+        checks.append((f"c=64 throughput >= 0.6x raw limit ({ratio:.2f}x)", ratio >= 0.6))
+        ray = {r["concurrency"]: r for r in results.get("ray_serve", [])}
+        if 64 in ray and ray[64]["throughput"] > 0:
+            ratio = ours[64]["throughput"] / ray[64]["throughput"]
+            checks.append((f"c=64 throughput >= 3x Ray Serve ({ratio:.1f}x)", ratio >= 3.0))
+    if 1 in ours:
+        budget = raw["single_forward_p50_ms"] + 3.0
+        checks.append(
+            (f"c=1 p50 {ours[1]['p50_ms']:.1f} ms <= raw forward + 3 ms ({budget:.1f} ms)", ours[1]["p50_ms"] <= budget)
+        )
+    for text, ok in checks:
+        print(f"[{'PASS' if ok else 'FAIL'}] {text}")
+    if "quantization" in results:
+        q = results["quantization"]
+        print(
+            f"dynamic int8 on {q['test_sentences']} held-out sentences: accuracy {q['fp32_accuracy']:.3f} -> "
+            f"{q['int8_accuracy']:.3f} ({q['accuracy_change']:+.3f}), agreement {q['prediction_agreement']:.3f}, "
+            f"{q['fp32_sentences_per_s']:.0f} -> {q['int8_sentences_per_s']:.0f} sentences/s"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: cores)")
+    parser.add_argument("--delay-ms", type=int, default=0, help="the deployment's max_delay_ms (default 0)")
+    parser.add_argument("--quick", action="store_true", help="few requests: a smoke run, not a measurement")
+    parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--quantization", action="store_true", help="also fine-tune and compare fp32 with int8")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.data_dir, args.threads)
+        return
+    rows = load_sentences()
+    texts = [text for text, _ in rows]
+    random.Random(0).shuffle(texts)
+    scale = 0.1 if args.quick else 1.0
+    plan = [(1, int(400 * scale)), (16, int(2000 * scale)), (64, int(3000 * scale))]
+    workdir = Path(tempfile.mkdtemp(prefix="serving-bench-"))
+    results: dict[str, Any] = {"threads": args.threads, "delay_ms": args.delay_ms, "sentences": len(texts)}
+    try:
+        print(f"building the classifier in {workdir}", flush=True)
+        model_dir = build_classifier(workdir / "model")
+        print("raw model ...", flush=True)
+        results["raw"] = measure_raw(model_dir, texts, args.threads, singles=int(200 * scale) or 20)
+        print(f"  {results['raw']}", flush=True)
+        print("gristmill serving (OIP over gRPC) ...", flush=True)
+        ours = asyncio.run(measure_gristmill(model_dir, texts, plan, args.threads, args.delay_ms))
+        results["gristmill"] = [asdict(r) for r in ours]
+        if not args.skip_ray:
+            print("ray serve (HTTP) ...", flush=True)
+            results["ray_serve"] = [asdict(r) for r in measure_ray_serve(model_dir, texts, plan, args.threads)]
+        if args.quantization:
+            print("dynamic int8 quantisation ...", flush=True)
+            results["quantization"] = measure_quantization(model_dir, rows, args.threads, workdir)
+        report(results)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
