@@ -201,6 +201,7 @@ class DeploymentManager:
         self._deployments: dict[tuple[str, str], _Deployment] = {}
         self._load_lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._drains: set[asyncio.Task[None]] = set()
         self._closed = False
 
     async def start(self) -> None:
@@ -312,6 +313,9 @@ class DeploymentManager:
             for task in list(dep.tasks):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        if self._drains:
+            # In-flight calls were drained by the server first, so these finish at once.
+            await asyncio.wait(list(self._drains), timeout=30)
 
     # -- loading and swapping ----------------------------------------------------------------------------
 
@@ -465,7 +469,9 @@ class DeploymentManager:
                 dep.draining.remove(version)
                 log.info("deployment %s freed version %d", dep.spec.name, version.version)
 
-        asyncio.get_running_loop().create_task(drain())
+        task = asyncio.get_running_loop().create_task(drain())
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
 
     # -- requests ----------------------------------------------------------------------------------------
 
