@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from gristmill.core import pii as shared_pii
 from gristmill.labeling.domain.cleaning import TextMasker, normalize_text
 from gristmill.labeling.domain.model import CustomPiiPattern, PiiKind, PiiSettings
 
@@ -61,3 +62,20 @@ def test_store_raw_text_masks_nothing() -> None:
 def test_ip_pattern_leaves_other_dotted_numbers(text: str) -> None:
     masker = TextMasker(PiiSettings(kinds=frozenset({PiiKind.IP_ADDRESS})))
     assert masker.mask(text) == (text, {})
+
+
+def test_the_shared_kinds_are_the_ones_the_fast_path_was_checked_for() -> None:
+    # TextMasker skips the built-in patterns for texts without a digit or "@": true for exactly these kinds.
+    # A new shared kind must be checked against that rule (and added here) before it can be trusted.
+    assert set(shared_pii.PiiKind) == {
+        shared_pii.PiiKind.EMAIL,
+        shared_pii.PiiKind.PHONE,
+        shared_pii.PiiKind.CARD,
+        shared_pii.PiiKind.IBAN,
+        shared_pii.PiiKind.ID,
+    }
+
+
+def test_custom_patterns_run_on_texts_without_digits() -> None:
+    settings = PiiSettings(custom_patterns=(CustomPiiPattern("codename", r"Project [A-Z][a-z]+"),))
+    assert TextMasker(settings).mask("about Project Falcon today") == ("about [CODENAME] today", {"CODENAME": 1})

@@ -173,3 +173,36 @@ def test_import_from_an_object(make_project: Any, service: LabelingService, obje
         service.import_from_object("", options, "uploads/missing.csv")
     with pytest.raises(InvalidArgumentError, match="object key"):
         service.import_from_object("", options, "../etc/passwd")
+
+
+def test_near_and_exact_duplicates_across_spool_batches(make_project: Any, import_jsonl: Any) -> None:
+    # More records than one spool batch (2,000): the duplicates of the first record come in a later
+    # batch, where only the database (the import's own staged rows) and the index remember it.
+    make_project()
+    rows: Rows = [{"id": f"r{i}", "text": f"alpha{i} beta{i} gamma{i} delta{i}"} for i in range(2_100)]
+    rows.append({"id": "near", "text": "ALPHA0 beta0, gamma0 delta0!"})
+    rows.append({"id": "exact", "text": "alpha1 beta1 gamma1 delta1"})
+    report = import_jsonl("p1", rows)
+    assert report.accepted_count == 2_100
+    assert (report.dropped_near_duplicate_count, report.dropped_exact_duplicate_count) == (1, 1)
+    assert {d.external_id: d.line_number for d in report.drops} == {"near": 2_101, "exact": 2_102}
+
+
+def test_cycle_collection_is_paused_during_an_import_and_restored() -> None:
+    import gc
+
+    from gristmill.labeling.domain.importer import cycle_collection_paused
+
+    assert gc.isenabled()
+    with cycle_collection_paused():
+        with cycle_collection_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the outer pause still holds
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with cycle_collection_paused():
+            pass
+        assert not gc.isenabled()  # it was off before: it stays off
+    finally:
+        gc.enable()

@@ -16,7 +16,7 @@ the project's LSH index; texts live only in the spool and the database.
 
 from __future__ import annotations
 
-import functools
+import gc
 import hashlib
 import pickle
 import tempfile
@@ -24,9 +24,11 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import IO
+from contextlib import AbstractContextManager, contextmanager
+from typing import IO, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
 
 from gristmill.labeling.domain import neardup
 from gristmill.labeling.domain.cleaning import TextMasker, normalize_text
@@ -53,9 +55,12 @@ _BATCH = 2_000
 IdFactory = Callable[[], str]
 
 
-@dataclass(frozen=True)
-class _Cleaned:
-    """A record after phase 1: normalised and masked text, ready for deduplication."""
+class _Cleaned(NamedTuple):
+    """A record after phase 1: normalised and masked text, ready for deduplication.
+
+    A named tuple rather than a dataclass: it is pickled to the spool and back, and tuples are the
+    cheapest thing to pickle.
+    """
 
     line: int
     external_id: str
@@ -65,6 +70,36 @@ class _Cleaned:
     normalized: bool
     masked: tuple[tuple[str, int], ...]
     prediction: Prediction | None = None
+
+
+_gc_guard = threading.Lock()
+_gc_pauses = 0
+_gc_was_enabled = False
+
+
+@contextmanager
+def cycle_collection_paused() -> Iterator[None]:
+    """Pause Python's cycle collector while an import builds many long-lived objects.
+
+    Each full collection walks every tracked object, and an import adds hundreds of thousands (the LSH
+    index's buckets), so collections triggered by the import's own allocations cost about a third of its
+    time. Reference counting still frees everything as usual; only the search for garbage cycles waits,
+    and the import creates none. Nested and concurrent pauses are counted: the collector comes back when
+    the last one ends (and only if it was on before the first).
+    """
+    global _gc_pauses, _gc_was_enabled
+    with _gc_guard:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_guard:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 class IndexCache:
@@ -126,6 +161,7 @@ class ImportSession:
         cleaning = project.settings.cleaning
         self._max_chars = cleaning.max_text_chars
         self._masker = TextMasker(cleaning.pii)
+        self._policy = cleaning.near_duplicate_policy
         self._builder = RecordBuilder(
             options,
             import_id=import_id,
@@ -148,14 +184,16 @@ class ImportSession:
 
     def feed_chunk(self, data: bytes) -> None:
         """Raw JSONL/CSV bytes; a line may span chunks."""
-        self._read(self._lines.feed(data))
+        with cycle_collection_paused():
+            self._read(self._lines.feed(data))
 
     def feed_records(self, records: Sequence[RawRecord], predictions: Sequence[Prediction | None] = ()) -> None:
         """Structured records, already validated by ``builder``."""
         self.report.received_count += len(records)
-        for index, record in enumerate(records):
-            self._clean(record, predictions[index] if predictions else None)
-        self._spool_batch(force=False)
+        with cycle_collection_paused():
+            for index, record in enumerate(records):
+                self._clean(record, predictions[index] if predictions else None)
+            self._spool_batch(force=False)
 
     def _read(self, lines: list[tuple[int, str]]) -> None:
         if self._jsonl is not None:
@@ -230,7 +268,7 @@ class ImportSession:
         org, project_id = project.organization_id, project.project_id
         cleaning = project.settings.cleaning
         policy = cleaning.near_duplicate_policy
-        with cache.lock(org, project_id):
+        with cache.lock(org, project_id), cycle_collection_paused():
             index = None
             if policy is not NearDuplicatePolicy.OFF:
                 index = cache.index(org, project_id, cleaning.near_duplicate_threshold)
@@ -257,72 +295,42 @@ class ImportSession:
         inserted: list[str],
         source: ItemSource,
     ) -> int:
+        """Per spooled batch: exact duplicates, near duplicates, then stage the survivors.
+
+        Earlier batches of this import are already staged in the writer's transaction, so the database
+        lookups see them too: nothing here is kept from batch to batch except the LSH index.
+        """
         report = self.report
-        seen_hashes: dict[bytes, str] = {}
         masked_by_kind: Counter[str] = Counter()
         annotator = self.options.existing_label_annotator_id
         stored = 0
         for batch in self._spooled_batches():
-            existing_ids = writer.existing_external_ids([r.external_id for r in batch])
-            digests = [hashlib.sha256(r.text.encode()).digest() for r in batch]
-            in_db = writer.existing_hashes(sorted({d.hex() for d in digests}))
-            survivors: list[tuple[_Cleaned, bytes, str]] = []
-            for record, digest in zip(batch, digests, strict=True):
-                if record.external_id in existing_ids:
-                    report.dropped_existing_external_id_count += 1
-                    self._drop(record.line, record.external_id, DropReason.EXISTING_EXTERNAL_ID)
-                    continue
-                earlier = seen_hashes.get(digest) or in_db.get(digest.hex())
-                if earlier is not None:
-                    report.dropped_exact_duplicate_count += 1
-                    self._drop(record.line, record.external_id, DropReason.EXACT_DUPLICATE, earlier)
-                    continue
-                item_id = self._new_id()
-                seen_hashes[digest] = item_id
-                survivors.append((record, digest, item_id))
-            sigs = neardup.signatures([r.text for r, _, _ in survivors]) if survivors else None
-            # This batch's signatures, for verifying LSH candidates that are not staged in the database yet
-            # (earlier batches are: the writer flushes them, and signatures_of reads through its session).
-            own_signatures: dict[str, neardup.Signature] = {}
+            survivors = self._drop_exact_duplicates(writer, batch)
+            if not survivors:
+                continue
+            sigs = neardup.signatures([record.text for record, _, _ in survivors])
+            near = self._near_duplicates(writer, index, survivors, sigs, inserted)
             accepted: list[NewItem] = []
             for position, (record, digest, item_id) in enumerate(survivors):
-                near_of = ""
-                signature_bytes: bytes | None = None
-                if sigs is not None and index is not None:
-                    signature = sigs[position]
-                    match = index.best_match(signature, functools.partial(_lookup, own=own_signatures, writer=writer))
-                    if match is not None:
-                        if self.project.settings.cleaning.near_duplicate_policy is NearDuplicatePolicy.DROP:
-                            report.dropped_near_duplicate_count += 1
-                            self._drop(
-                                record.line, record.external_id, DropReason.NEAR_DUPLICATE, match.key, match.similarity
-                            )
-                            del seen_hashes[digest]
-                            continue
-                        report.flagged_near_duplicate_count += 1
-                        self._drop(
-                            record.line,
-                            record.external_id,
-                            DropReason.NEAR_DUPLICATE_FLAGGED,
-                            match.key,
-                            match.similarity,
-                        )
-                        near_of = match.key
-                    index.insert(item_id, signature)
-                    inserted.append(item_id)
-                    own_signatures[item_id] = signature
-                    signature_bytes = neardup.to_bytes(signature)
-                elif sigs is not None:
-                    signature_bytes = neardup.to_bytes(sigs[position])
+                match = near.get(position)
+                if match is not None and self._policy is NearDuplicatePolicy.DROP:
+                    report.dropped_near_duplicate_count += 1
+                    self._drop(record.line, record.external_id, DropReason.NEAR_DUPLICATE, match.key, match.similarity)
+                    continue
+                if match is not None:
+                    report.flagged_near_duplicate_count += 1
+                    self._drop(
+                        record.line, record.external_id, DropReason.NEAR_DUPLICATE_FLAGGED, match.key, match.similarity
+                    )
                 accepted.append(
                     NewItem(
                         item_id=item_id,
                         external_id=record.external_id,
                         text=record.text,
                         text_hash=digest.hex(),
-                        signature=signature_bytes,
+                        signature=neardup.to_bytes(sigs[position]),
                         metadata=record.metadata,
-                        near_duplicate_of_item_id=near_of,
+                        near_duplicate_of_item_id=match.key if match is not None else "",
                         shuffle_key=new_shuffle_key(),
                         labels=record.labels,
                         prediction=record.prediction,
@@ -342,6 +350,80 @@ class ImportSession:
         report.duration_ms = int((time.perf_counter() - self._started) * 1000)
         return stored
 
+    def _drop_exact_duplicates(self, writer: ItemWriter, batch: list[_Cleaned]) -> list[tuple[_Cleaned, bytes, str]]:
+        """Records whose external id and text are new to the project and to this batch, with a new item id."""
+        report = self.report
+        existing_ids = writer.existing_external_ids([record.external_id for record in batch])
+        digests = [hashlib.sha256(record.text.encode()).digest() for record in batch]
+        in_db = writer.existing_hashes(sorted({digest.hex() for digest in digests}))
+        in_batch: dict[bytes, str] = {}
+        survivors = []
+        for record, digest in zip(batch, digests, strict=True):
+            if record.external_id in existing_ids:
+                report.dropped_existing_external_id_count += 1
+                self._drop(record.line, record.external_id, DropReason.EXISTING_EXTERNAL_ID)
+                continue
+            earlier = in_batch.get(digest) or in_db.get(digest.hex())
+            if earlier is not None:
+                report.dropped_exact_duplicate_count += 1
+                self._drop(record.line, record.external_id, DropReason.EXACT_DUPLICATE, earlier)
+                continue
+            item_id = self._new_id()
+            in_batch[digest] = item_id
+            survivors.append((record, digest, item_id))
+        return survivors
+
+    def _near_duplicates(
+        self,
+        writer: ItemWriter,
+        index: neardup.NearDuplicateIndex | None,
+        survivors: list[tuple[_Cleaned, bytes, str]],
+        sigs: npt.NDArray[np.uint32],
+        inserted: list[str],
+    ) -> dict[int, neardup.Match]:
+        """Position in ``survivors`` → the item it nearly duplicates; the kept ones join the index.
+
+        Two passes: first every record's candidates among items indexed before this batch, whose
+        signatures come in one query; then, in order, candidates among this batch's own kept records
+        (found through their band keys), so a record can match one a few lines above it.
+        """
+        if index is None:
+            return {}
+        bands = index.band_keys(sigs)
+        older = [index.candidates(band) for band in bands]
+        wanted = sorted({key for keys in older for key in keys})
+        older_sigs = {
+            key: sig
+            for key, data in writer.signatures_of(wanted).items()
+            if (sig := neardup.from_bytes(data)) is not None
+        }
+        buckets: dict[tuple[int, int], list[int]] = {}
+        matches: dict[int, neardup.Match] = {}
+        drop = self._policy is NearDuplicatePolicy.DROP
+        for position, band in enumerate(bands):
+            signature = sigs[position]
+            candidates = [(key, older_sigs[key]) for key in sorted(older[position]) if key in older_sigs]
+            seen: set[int] = set()
+            for number, key in enumerate(band.keys):
+                for other in buckets.get((number, key), ()):
+                    if other not in seen:
+                        seen.add(other)
+                        candidates.append((survivors[other][2], sigs[other]))
+            match = neardup.best_of(signature, candidates, index.threshold)
+            if match is not None:
+                matches[position] = match
+                if drop:
+                    continue
+            for number, key in enumerate(band.keys):
+                buckets.setdefault((number, key), []).append(position)
+        for position, band in enumerate(bands):
+            if position in matches and drop:
+                continue
+            item_id = survivors[position][2]
+            index.insert(item_id, band)
+            inserted.append(item_id)
+        return matches
+
     def _drop(
         self, line: int, external_id: str, reason: DropReason, duplicate_of: str = "", similarity: float = 0.0
     ) -> None:
@@ -355,20 +437,19 @@ class ImportSession:
 
 
 def _catch_up(index: neardup.NearDuplicateIndex, signatures: SignatureFeed) -> None:
-    """Add the items stored since the index's high-water mark (all of them for a new index)."""
+    """Add the items stored since the index's high-water mark (all of them for a new index), in batches."""
+    keys: list[str] = []
+    rows: list[neardup.Signature] = []
+    last = index.high_water
     for seq, item_id, data in signatures(index.high_water):
         signature = neardup.from_bytes(data)
-        if signature is not None and item_id not in index:
-            index.insert(item_id, signature)
-        index.high_water = seq
-
-
-def _lookup(keys: Sequence[str], own: dict[str, neardup.Signature], writer: ItemWriter) -> dict[str, neardup.Signature]:
-    found = {key: own[key] for key in keys if key in own}
-    missing = [key for key in keys if key not in own]
-    if missing:
-        for key, data in writer.signatures_of(missing).items():
-            signature = neardup.from_bytes(data)
-            if signature is not None:
-                found[key] = signature
-    return found
+        if signature is not None:
+            keys.append(item_id)
+            rows.append(signature)
+        last = seq
+        if len(keys) >= _BATCH:
+            index.insert_many(keys, np.stack(rows))
+            keys, rows = [], []
+    if keys:
+        index.insert_many(keys, np.stack(rows))
+    index.high_water = last

@@ -1,10 +1,11 @@
 """Near-duplicate detection: MinHash signatures over word shingles, indexed with datasketch's MinHashLSH.
 
-Signatures follow datasketch's ``affine32`` scheme exactly (the permutations of ``MinHash(NUM_PERM,
-SEED)``, the MurmurHash3 finaliser, ``a * h + b mod 2**32``, minimum per permutation), with CRC-32 of
-each shingle as the hash function, so ``MinHash(hashfunc=shingle_hash).update_batch(shingles)`` gives the
-same values (a unit test checks it). They are computed for a whole batch of texts in a few numpy
-operations instead of one ``MinHash`` per text, which is what makes a 100,000-item import fast.
+Shingles are the word bigrams of the lower-cased text. A shingle's 32-bit hash combines the CRC-32 of its
+two words (``shingle_hash``), so each distinct word is hashed once and the bigrams of a whole batch are
+combined, mixed and permuted in a few numpy operations. Signatures follow datasketch's ``affine32`` scheme
+exactly (the permutations of ``MinHash(NUM_PERM, SEED)``, the MurmurHash3 finaliser, ``a * h + b mod
+2**32``, minimum per permutation), so ``MinHash(hashfunc=shingle_hash).update_batch(shingles(text))``
+gives the same values (a unit test checks it).
 
 A signature is stored with its item (``NUM_PERM`` little-endian uint32 values), so a project's LSH index
 can always be rebuilt from the database without reading any text.
@@ -12,11 +13,10 @@ can always be rebuilt from the database without reading any text.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import re
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -42,18 +42,46 @@ _BATCH = 512
 
 
 def shingles(text: str) -> list[bytes]:
-    """Word bigrams of the lower-cased text (its words alone when it has one; the text when it has none)."""
+    """Word bigrams of the lower-cased text; its one word when it has one; when it has none, its
+    non-space characters (so that punctuation-only texts still compare)."""
     words = _WORD.findall(text.lower())
     if len(words) >= SHINGLE_WORDS:
         return [f"{a} {b}".encode() for a, b in itertools.pairwise(words)]
     if words:
         return [words[0].encode()]
-    return [text.encode()]
+    return ["".join(text.split()).encode()]
+
+
+_PAIR = np.uint32(0x9E3779B1)  # odd: (first * _PAIR + second) mod 2**32 keeps the order of the two words
 
 
 def shingle_hash(shingle: bytes) -> int:
-    """The 32-bit hash of one shingle (CRC-32: fast, stable across processes, unlike ``hash``)."""
-    return zlib.crc32(shingle)
+    """The 32-bit hash of one shingle: CRC-32 of a single token, or of each word of a bigram, combined.
+
+    (CRC-32: fast and stable across processes, unlike ``hash``.)
+    """
+    first, space, second = shingle.partition(b" ")
+    if not space:
+        return zlib.crc32(shingle)
+    return (zlib.crc32(first) * int(_PAIR) + zlib.crc32(second)) & 0xFFFFFFFF
+
+
+# Word → CRC-32, shared by all imports: real vocabularies repeat, so most words are hashed once. Bounded.
+_WORD_HASHES: dict[str, int] = {}
+_WORD_CACHE_LIMIT = 500_000
+
+
+def _word_hashes(words: list[str]) -> list[int]:
+    cache = _WORD_HASHES
+    out = []
+    for word in words:
+        value = cache.get(word)
+        if value is None:
+            value = zlib.crc32(word.encode())
+            if len(cache) < _WORD_CACHE_LIMIT:
+                cache[word] = value
+        out.append(value)
+    return out
 
 
 def _fmix32(values: Signature) -> Signature:
@@ -70,16 +98,39 @@ def signatures(texts: Sequence[str]) -> npt.NDArray[np.uint32]:
     out = np.empty((len(texts), NUM_PERM), dtype=np.uint32)
     for start in range(0, len(texts), _BATCH):
         chunk = texts[start : start + _BATCH]
-        hashes: list[int] = []
-        offsets: list[int] = []
-        for text in chunk:
-            offsets.append(len(hashes))
-            hashes.extend(map(zlib.crc32, shingles(text)))
-        mixed = _fmix32(np.asarray(hashes, dtype=np.uint32))
-        with np.errstate(over="ignore"):
-            permuted = mixed[:, None] * _A + _B
-        out[start : start + len(chunk)] = np.minimum.reduceat(permuted, np.asarray(offsets), axis=0)
+        out[start : start + len(chunk)] = _signatures(chunk)
     return out
+
+
+def _signatures(texts: Sequence[str]) -> npt.NDArray[np.uint32]:
+    # Every text contributes its tokens to one array: its word hashes, or one fallback token.
+    tokens: list[int] = []
+    counts: list[int] = []
+    for text in texts:
+        words = _WORD.findall(text.lower())
+        if words:
+            tokens += _word_hashes(words)
+            counts.append(len(words))
+        else:
+            tokens.append(zlib.crc32("".join(text.split()).encode()))
+            counts.append(1)
+    values = np.asarray(tokens, dtype=np.uint32)
+    n = np.asarray(counts, dtype=np.int64)
+    starts = np.cumsum(n) - n
+    with np.errstate(over="ignore"):
+        pairs = values[:-1] * _PAIR + values[1:]
+    # Shingles of text t: its n-1 bigrams (pairs[start:start+n-1]), or its one token (values[start]).
+    # Both arrays side by side, and one gather picks each text's shingles in order.
+    combined = np.concatenate((pairs, values))
+    lengths = np.maximum(n - 1, 1)
+    base = np.where(n >= SHINGLE_WORDS, starts, len(pairs) + starts)
+    offsets = np.cumsum(lengths) - lengths
+    index = np.repeat(base - offsets, lengths) + np.arange(int(lengths.sum()))
+    mixed = _fmix32(combined[index])
+    with np.errstate(over="ignore"):
+        permuted = mixed[:, None] * _A + _B
+    result: npt.NDArray[np.uint32] = np.minimum.reduceat(permuted, offsets, axis=0)
+    return result
 
 
 def similarity(a: Signature, b: Signature) -> float:
@@ -109,22 +160,68 @@ def lsh_params(threshold: float) -> tuple[int, int]:
     return lsh.b, lsh.r
 
 
-def _band_key(band: bytes) -> bytes:
-    # Eight bytes per band instead of the band's raw values: the index stays a fraction of the size.
-    return hashlib.blake2b(band, digest_size=8).digest()
+# Odd 64-bit multipliers: a band's key is sum(value_i * multiplier_i) mod 2**64, a multiply-add hash that
+# numpy computes for a whole batch at once. Two different bands get the same key with negligible
+# probability, and even then the item is only a candidate: its signature is compared before it counts.
+_BAND_MULTIPLIERS = np.random.RandomState(SEED + 1).randint(1, 2**62, size=NUM_PERM, dtype=np.uint64) * np.uint64(
+    2
+) + np.uint64(1)
 
 
-class _Sketch:
-    """What MinHashLSH reads from a MinHash (its length, values and scheme), without copying the values."""
+class BandKeys:
+    """One signature's LSH band keys, in the shape MinHashLSH reads a MinHash: ``len()`` and slices of
+    ``hashvalues`` (each band's slice gives that band's precomputed key)."""
 
     __slots__ = ("hashvalues",)
     scheme = "affine32"
 
-    def __init__(self, hashvalues: Signature) -> None:
-        self.hashvalues = hashvalues
+    def __init__(self, keys: list[int], rows: int) -> None:
+        self.hashvalues = _BandSlices(keys, rows)
 
     def __len__(self) -> int:
         return NUM_PERM
+
+    @property
+    def keys(self) -> list[int]:
+        return self.hashvalues.keys
+
+
+class _BandSlices:
+    __slots__ = ("keys", "rows")
+
+    def __init__(self, keys: list[int], rows: int) -> None:
+        self.keys = keys
+        self.rows = rows
+
+    def __getitem__(self, band: slice) -> int:
+        start: int = band.start
+        return self.keys[start // self.rows]
+
+
+def band_keys(signatures: npt.NDArray[np.uint32], bands: int, rows: int) -> list[BandKeys]:
+    """Every signature's band keys, computed in one numpy pass per band."""
+    wide = signatures.astype(np.uint64)
+    columns = []
+    with np.errstate(over="ignore"):
+        for band in range(bands):
+            start, end = band * rows, (band + 1) * rows
+            columns.append((wide[:, start:end] * _BAND_MULTIPLIERS[start:end]).sum(axis=1, dtype=np.uint64))
+    per_row: list[list[int]] = np.stack(columns, axis=1).tolist()
+    return [BandKeys(keys, rows) for keys in per_row]
+
+
+class _BandKeyLSH(MinHashLSH):  # type: ignore[misc]
+    """datasketch's MinHashLSH (bands and rows from its optimiser, its hash tables, query and removal), fed
+    band keys computed for a batch at once (``band_keys``) instead of hashing each band's bytes one call at
+    a time, which was most of an import's LSH cost. A unit test checks it finds what MinHashLSH finds."""
+
+    def __init__(self, threshold: float, params: tuple[int, int]) -> None:
+        super().__init__(threshold=threshold, num_perm=NUM_PERM, params=params)
+        self._H = _band_key_of
+
+
+def _band_key_of(band: int) -> int:
+    return band
 
 
 @dataclass(frozen=True)
@@ -133,8 +230,21 @@ class Match:
     similarity: float
 
 
+def best_of(signature: Signature, candidates: Sequence[tuple[str, Signature]], threshold: float) -> Match | None:
+    """The candidate most similar to ``signature`` at or above ``threshold`` (the first one on a tie).
+
+    LSH candidates are only likely matches: this is where they are verified.
+    """
+    best: Match | None = None
+    for key, other in candidates:
+        score = similarity(signature, other)
+        if score >= threshold and (best is None or score > best.similarity):
+            best = Match(key, score)
+    return best
+
+
 class NearDuplicateIndex:
-    """One project's LSH index over item ids. Holds band hashes only: no text, no signatures.
+    """One project's LSH index over item ids. Holds band keys only: no text, no signatures.
 
     ``high_water`` is the largest item sequence number it covers, so that it can catch up with items
     another process (or a past run) stored: the caller feeds it ``signatures after high_water``.
@@ -142,7 +252,8 @@ class NearDuplicateIndex:
 
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
-        self._lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM, params=lsh_params(threshold), hashfunc=_band_key)
+        self.bands, self.rows = lsh_params(threshold)
+        self._lsh = _BandKeyLSH(threshold, (self.bands, self.rows))
         self.high_water = 0
         self._size = 0
 
@@ -152,31 +263,30 @@ class NearDuplicateIndex:
     def __contains__(self, key: str) -> bool:
         return key in self._lsh
 
-    def candidates(self, signature: Signature) -> list[str]:
-        return [str(key) for key in self._lsh.query(_Sketch(signature))]
+    def band_keys(self, signatures: npt.NDArray[np.uint32]) -> list[BandKeys]:
+        return band_keys(signatures, self.bands, self.rows)
+
+    def candidates(self, bands: BandKeys) -> list[str]:
+        return [str(key) for key in self._lsh.query(bands)]
 
     def best_match(
-        self, signature: Signature, signature_of: Callable[[Sequence[str]], dict[str, Signature]]
+        self, bands: BandKeys, signature: Signature, signature_of: Callable[[Sequence[str]], dict[str, Signature]]
     ) -> Match | None:
         """The most similar indexed item at or above the threshold (candidates verified by their signatures)."""
-        keys = self.candidates(signature)
+        keys = self.candidates(bands)
         if not keys:
             return None
-        best: Match | None = None
-        for key, other in sorted(signature_of(keys).items()):
-            score = similarity(signature, other)
-            if score >= self.threshold and (best is None or score > best.similarity):
-                best = Match(key, score)
-        return best
+        return best_of(signature, sorted(signature_of(keys).items()), self.threshold)
 
-    def insert(self, key: str, signature: Signature) -> None:
-        self._lsh.insert(key, _Sketch(signature), check_duplication=False)
+    def insert(self, key: str, bands: BandKeys) -> None:
+        self._lsh.insert(key, bands, check_duplication=False)
         self._size += 1
 
-    def insert_many(self, entries: Iterable[tuple[str, Signature]]) -> None:
-        for key, signature in entries:
+    def insert_many(self, keys: Sequence[str], signatures: npt.NDArray[np.uint32]) -> None:
+        """Index stored items (a rebuild or catch-up), skipping those already in."""
+        for key, bands in zip(keys, self.band_keys(signatures), strict=True):
             if key not in self._lsh:
-                self.insert(key, signature)
+                self.insert(key, bands)
 
     def remove(self, key: str) -> None:
         if key in self._lsh:

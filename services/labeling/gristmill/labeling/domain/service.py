@@ -26,6 +26,7 @@ from gristmill.core.ids import new_id, validate_id
 from gristmill.core.manifests import DatasetManifest, DatasetRow, FileEntry, SplitFile
 from gristmill.core.storage import ObjectInfo, ObjectStore, object_key, validate_key
 from gristmill.labeling.domain import agreement as agreement_math
+from gristmill.labeling.domain.ids import random_id
 from gristmill.labeling.domain.importer import ImportSession, IndexCache
 from gristmill.labeling.domain.model import (
     DEFAULT_ORGANIZATION,
@@ -220,7 +221,7 @@ class LabelingService:
             source_name=options.source_name,
             create_time=self.clock(),
         )
-        return ImportSession(project, options, import_id=import_id, new_id=new_id, report=report)
+        return ImportSession(project, options, import_id=import_id, new_id=random_id, report=report)
 
     def finish_import(self, session: ImportSession) -> ImportReport:
         """Store what the session read (it must have seen the end of its input). Closes the session."""
@@ -282,7 +283,7 @@ class LabelingService:
         options = ImportOptions(project_id=project.project_id, format=ImportFormat.ITEMS, source_name="prediction-log")
         import_id = new_id()
         report = ImportReport(import_id, project.project_id, options.source_name, self.clock())
-        session = ImportSession(project, options, import_id=import_id, new_id=new_id, report=report)
+        session = ImportSession(project, options, import_id=import_id, new_id=random_id, report=report)
         try:
             record = session.builder.build(1, external_id, text, (), {})
             session.feed_records([record], [prediction])

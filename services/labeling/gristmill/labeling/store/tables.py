@@ -116,7 +116,6 @@ items = Table(
     UniqueConstraint("project_pk", "external_id", name="uq_labeling_items_external_id"),
     UniqueConstraint("project_pk", "text_hash", name="uq_labeling_items_text_hash"),
     Index("ix_labeling_items_project_status", "project_pk", "status"),
-    Index("ix_labeling_items_import", "import_id"),
     # Never reuse a rolled-back sequence number: the near-duplicate index's high-water mark relies on it.
     sqlite_autoincrement=True,
 )
