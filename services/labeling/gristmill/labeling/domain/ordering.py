@@ -10,13 +10,19 @@ arithmetic (products below 2**62) works the same in SQLite and PostgreSQL.
 from __future__ import annotations
 
 import hashlib
-import secrets
+import os
+import random
 
 PRIME = 2_147_483_647  # 2**31 - 1
 
 
+# Shuffle keys need to be unpredictable across installations, not secret: a fast generator seeded from
+# the OS is enough (an import draws one per item).
+_RANDOM = random.Random(os.urandom(16))
+
+
 def new_shuffle_key() -> int:
-    return secrets.randbelow(PRIME)
+    return _RANDOM.randrange(PRIME)
 
 
 def annotator_permutation(project_id: str, annotator_id: str) -> tuple[int, int]:

@@ -838,9 +838,12 @@ class _SqlItemWriter(ItemWriter):
         rows: list[Any] = []
         for chunk in _chunks(values):
             if self._bulk.raw:
+                # item_id is unique on its own: "+project_pk" keeps SQLite's planner on the item_id index
+                # instead of scanning the project's rows through a (project_pk, ...) index.
+                project = "+project_pk" if key == "item_id" else "project_pk"
                 sql = (
                     f"SELECT {', '.join(columns)} FROM {t.items.name} "
-                    f"WHERE project_pk = ? AND {key} IN ({', '.join('?' * len(chunk))})"
+                    f"WHERE {project} = ? AND {key} IN ({', '.join('?' * len(chunk))})"
                 )
                 rows += self.session.connection().exec_driver_sql(sql, (self.project.pk, *chunk)).all()
             else:
@@ -852,18 +855,8 @@ class _SqlItemWriter(ItemWriter):
         return rows
 
     def signatures_of(self, item_ids: Sequence[str]) -> dict[str, bytes]:
-        found: dict[str, bytes] = {}
-        for chunk in _chunks(item_ids):
-            found.update(
-                (item_id, signature)
-                for item_id, signature in self.session.execute(
-                    select(t.items.c.item_id, t.items.c.signature).where(
-                        t.items.c.project_pk == self.project.pk, t.items.c.item_id.in_(chunk)
-                    )
-                ).all()
-                if signature is not None
-            )
-        return found
+        rows = self._rows_where_in(("item_id", "signature"), "item_id", item_ids)
+        return {item_id: bytes(signature) for item_id, signature in rows if signature is not None}
 
     def add_items(self, items: Sequence[NewItem], *, source: ItemSource, import_id: str, annotator_id: str) -> None:
         if not items:
