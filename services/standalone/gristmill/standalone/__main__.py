@@ -1,0 +1,58 @@
+"""``python -m gristmill.standalone``: every service in one process until SIGTERM/SIGINT.
+
+Prints one line ``READY labeling=127.0.0.1:50051 training=... registry=... serving=...`` once all serve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from gristmill.core.errors import GristmillError
+from gristmill.core.logs import setup_logging
+from gristmill.core.settings import TelemetrySettings, load_settings
+
+
+async def _serve(data_dir: Path, base_port: int | None, ray_num_cpus: int) -> None:
+    from gristmill.standalone.platform import EmbeddedPlatform
+
+    platform = EmbeddedPlatform(
+        data_dir, base_port, ray_num_cpus=ray_num_cpus, telemetry=load_settings(TelemetrySettings)
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    addresses = await platform.start()
+    print("READY " + " ".join(f"{name}={address}" for name, address in addresses.items()), flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await platform.stop()
+        print("STOPPED", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gristmill-standalone", description=__doc__)
+    parser.add_argument("--data-dir", type=Path, default=Path(".data/dev"))
+    parser.add_argument("--base-port", type=int, default=None, help="first of four ports (0: any free ports)")
+    parser.add_argument("--ray-num-cpus", type=int, default=2)
+    parser.add_argument("--log-level", default=os.environ.get("GRISTMILL_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    setup_logging("standalone", args.log_level)
+    try:
+        asyncio.run(_serve(args.data_dir, args.base_port, args.ray_num_cpus))
+    except GristmillError as exc:
+        logging.getLogger(__name__).error("cannot start: %s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Builds and runs the four service hosts on one in-process bus."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gristmill.core.events import MemoryBroker
+from gristmill.core.host import ServiceHost
+from gristmill.core.settings import KafkaSettings, S3Settings, ServiceSettings, TelemetrySettings
+from gristmill.labeling.app import build_host as build_labeling
+from gristmill.labeling.settings import LabelingSettings
+from gristmill.registry.app import build_host as build_registry
+from gristmill.registry.settings import RegistrySettings
+from gristmill.serving.app import build_host as build_serving
+from gristmill.serving.settings import ServingSettings
+from gristmill.training.app import build_host as build_training
+from gristmill.training.settings import TrainingSettings
+
+log = logging.getLogger(__name__)
+S = TypeVar("S", bound=ServiceSettings)
+
+# Start order: the registry first (serving needs its address), serving last (it loads from the registry).
+ORDER = ("registry", "labeling", "training", "serving")
+DEFAULT_PORTS = {"labeling": 50051, "training": 50052, "registry": 50053, "serving": 50054}
+
+
+@dataclass
+class EmbeddedPlatform:
+    """All four services in this process. ``base_port`` 0 gives every service a free port."""
+
+    data_dir: Path
+    base_port: int | None = None
+    host: str = "127.0.0.1"
+    ray_num_cpus: int = 2
+    telemetry: TelemetrySettings | None = None
+    broker: MemoryBroker = field(default_factory=MemoryBroker)
+    hosts: dict[str, ServiceHost] = field(default_factory=dict)
+    addresses: dict[str, str] = field(default_factory=dict)
+
+    def _port(self, service: str) -> int:
+        if self.base_port is None:
+            return DEFAULT_PORTS[service]
+        if self.base_port == 0:
+            return 0
+        return self.base_port + ORDER.index(service)
+
+    def _settings(self, cls: type[S], service: str, **extra: Any) -> S:
+        return cls(grpc_port=self._port(service), data_dir=self.data_dir, host=self.host, **extra)
+
+    def _build(self, service: str) -> ServiceHost:
+        # Explicitly empty: the in-process bus and local files, whatever the environment says.
+        infra: dict[str, Any] = {
+            "kafka": KafkaSettings(bootstrap_servers=""),
+            "s3": S3Settings(endpoint=""),
+            "telemetry": self.telemetry,
+            "memory_broker": self.broker,
+        }
+        if service == "registry":
+            return build_registry(self._settings(RegistrySettings, service), **infra)
+        if service == "labeling":
+            return build_labeling(self._settings(LabelingSettings, service), **infra)
+        if service == "training":
+            return build_training(self._settings(TrainingSettings, service, ray_num_cpus=self.ray_num_cpus), **infra)
+        settings = self._settings(ServingSettings, service, registry_address=self.addresses["registry"])
+        return build_serving(settings, **infra)
+
+    async def start(self) -> dict[str, str]:
+        """Start every service in order; returns service → address. Stops what started if one fails."""
+        try:
+            for service in ORDER:
+                host = self._build(service)
+                bound = await host.start()
+                self.hosts[service] = host
+                self.addresses[service] = f"{self.host}:{bound}"
+                log.info("%s serving on %s", service, self.addresses[service])
+        except BaseException:
+            await self.stop()
+            raise
+        return dict(self.addresses)
+
+    async def stop(self) -> None:
+        """Stop in reverse order (each drains its in-flight calls). Safe to call twice."""
+        for service in reversed(ORDER):
+            host = self.hosts.pop(service, None)
+            if host is not None:
+                await host.stop()
