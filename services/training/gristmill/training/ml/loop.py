@@ -59,14 +59,15 @@ class ListSink:
 
 @dataclass(frozen=True)
 class FaultInjection:
-    """Test hook: worker ``rank`` exits the process right after optimizer step ``at_step``, once per
-    ``marker`` file (created before exiting), after ``settle_s`` seconds so that Ray has registered the
-    previous checkpoint."""
+    """Test hook: right after optimizer step ``at_step``, worker ``rank`` exits its process (``mode`` "exit",
+    a crash; once per ``marker`` file, after ``settle_s`` seconds so that Ray has registered the previous
+    checkpoint) or raises (``mode`` "raise", a bug in the loop; every time)."""
 
     rank: int
     at_step: int
-    marker: str
+    marker: str = ""
     settle_s: float = 5.0
+    mode: str = "exit"
 
 
 @dataclass(frozen=True)
@@ -319,7 +320,7 @@ class LoopRunner:
             if (path / BEST_FILE).exists():
                 self.best_weights = load_file(str(path / BEST_FILE))
             elif self.state.best_step == self.state.step:
-                self.best_weights = _trainable_state(self.model)
+                self.best_weights = _trainable_state(self._unwrapped())
         # Different dropout masks from the first attempt, but a reproducible run from here.
         torch.manual_seed(self.hp.seed + self.state.step)
 
@@ -331,7 +332,7 @@ class LoopRunner:
             if self.rank == 0:
                 path = checkpoint = Path(tmp)
                 (path / STATE_FILE).write_text(json.dumps(asdict(self.state)))
-                save_file(_trainable_state(self.model), str(path / TRAINABLE_FILE))
+                save_file(_trainable_state(self._unwrapped()), str(path / TRAINABLE_FILE))
                 if self.best_weights is not None and self.state.best_step != self.state.step:
                     save_file(self.best_weights, str(path / BEST_FILE))
                 torch.save(self.optimizer.state_dict(), path / OPTIMIZER_FILE)
@@ -381,7 +382,7 @@ class LoopRunner:
             maximize = es.goal.value == "maximize"
             if D.improved(value, self.state.best_value, maximize=maximize, min_delta=es.min_delta):
                 self.state.best_value, self.state.best_step, self.state.bad_evaluations = value, self.state.step, 0
-                self.best_weights = _trainable_state(self.model)
+                self.best_weights = _trainable_state(self._unwrapped())
             else:
                 self.state.bad_evaluations += 1
                 stop = bool(es.patience) and self.state.bad_evaluations >= es.patience
@@ -410,6 +411,8 @@ class LoopRunner:
         fault = self.cfg.fault
         if fault is None or fault.rank != self.rank or fault.at_step != self.state.step:
             return
+        if fault.mode == "raise":
+            raise RuntimeError(f"injected failure at step {self.state.step}")
         if os.path.exists(fault.marker):
             return
         Path(fault.marker).write_text(f"worker {self.rank} exited at step {self.state.step}\n")

@@ -34,6 +34,7 @@ from gristmill.training.domain.runs import (
     RunRequest,
 )
 from gristmill.training.ml.loop import FaultInjection, LoopConfig, train_loop
+from gristmill.training.runner.failures import describe_failure
 
 log = logging.getLogger(__name__)
 
@@ -183,24 +184,6 @@ class _RegisterController(ControllerCallback):
 
     def after_controller_start(self, train_run_context: Any) -> None:
         ray.get(self._channel.set_controller.remote(ray.get_runtime_context().current_actor))
-
-
-def describe_failure(error: BaseException) -> str:
-    """One line for the job's state_reason: the first worker's error rather than Ray's whole report."""
-    failures = getattr(error, "worker_failures", None)
-    if isinstance(failures, dict) and failures:
-        rank = min(failures)
-        return f"worker {rank} failed: {_last_line(failures[rank])}"
-    inner = getattr(error, "controller_failure", None)
-    if isinstance(inner, BaseException):
-        return f"the Ray Train controller failed: {_last_line(inner)}"
-    return _last_line(error)
-
-
-def _last_line(error: BaseException) -> str:
-    # Ray's errors end with the original "ValueError: ..." line after the remote traceback.
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[-1] if lines else type(error).__name__)[:1000]
 
 
 class RayJobRunner:

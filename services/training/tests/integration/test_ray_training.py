@@ -1,0 +1,287 @@
+"""The training service on the real stack: Ray Train workers, checkpoints in the S3 server, events on Kafka.
+
+One local Ray cluster (2 CPUs) serves the module; each test runs one or two small Ray runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from pydantic import SecretStr
+from sqlalchemy.orm import Session
+
+from gristmill.api.common.v1 import common_pb2
+from gristmill.api.events.v1 import events_pb2
+from gristmill.api.training.v1 import training_pb2 as pb
+from gristmill.api.training.v1 import training_pb2_grpc as pb_grpc
+from gristmill.core.events import Event
+from gristmill.core.events.kafka import KafkaEventBus
+from gristmill.core.events.topics import JOB_STATE_CHANGED
+from gristmill.core.manifests import ModelManifest
+from gristmill.core.settings import KafkaSettings, S3Settings
+from gristmill.core.storage.s3 import S3ObjectStore
+from gristmill.training.app import TrainingHost, build_host
+from gristmill.training.ml.loop import FaultInjection
+from gristmill.training.runner.ray_runner import CheckpointStorage, RayCluster, RayJobRunner
+from gristmill.training.settings import TrainingSettings
+from tests.support.tiny_model import minilm_path
+
+pytestmark = pytest.mark.integration
+
+BUCKET = "gristmill-test"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[RayCluster]:
+    cluster = RayCluster(num_cpus=2, object_store_mb=256)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint: dict[str, str]) -> S3Settings:
+    return S3Settings(
+        endpoint=s3_endpoint["endpoint"],
+        access_key=s3_endpoint["access_key"],
+        secret_key=SecretStr(s3_endpoint["secret_key"]),
+        bucket=BUCKET,
+    )
+
+
+class Service:
+    def __init__(self, host: TrainingHost, stub: pb_grpc.TrainingServiceStub, project: str) -> None:
+        self.host = host
+        self.stub = stub
+        self.project = project
+
+    async def events(self, job_id: str) -> list[pb.JobEvent]:
+        stream = self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after_sequence=0), timeout=400)
+        return [event async for event in stream]
+
+
+@contextlib.asynccontextmanager
+async def _service(
+    tmp_path: Path, s3: S3Settings, kafka_bootstrap: str, cluster: RayCluster, sentiment_version: Any, **runner: Any
+) -> AsyncIterator[Service]:
+    settings = TrainingSettings(data_dir=tmp_path / "data", grpc_port=0)
+    ray_runner = RayJobRunner(
+        cluster, CheckpointStorage.for_object_store(s3, tmp_path), work_dir=tmp_path / "runs", **runner
+    )
+    host = build_host(
+        settings,
+        kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap),
+        s3=s3,
+        runner=ray_runner,
+        consumer_group=f"training-test-{uuid.uuid4().hex[:8]}",
+    )
+    project = f"it-{uuid.uuid4().hex[:10]}"
+    port = await host.start()
+    try:
+        sentiment_version(host.platform.objects, project, "v1", train=96, held_out=32)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield Service(host, pb_grpc.TrainingServiceStub(channel), project)
+    finally:
+        await host.stop()
+
+
+def _spec(project: str, model: Path, **hyper: Any) -> pb.JobSpec:
+    spec = pb.JobSpec(display_name="integration", registered_model_name="it-sentiment")
+    spec.base_model.local_path = str(model)
+    spec.dataset_version.project_id = project
+    spec.dataset_version.dataset_version_id = "v1"
+    spec.hyper_parameters.learning_rate = 1e-2
+    spec.hyper_parameters.per_worker_batch_size = 8
+    for name, value in hyper.items():
+        setattr(spec.hyper_parameters, name, value)
+    return spec
+
+
+def _state_changes(events: list[pb.JobEvent]) -> list[pb.JobStateTransition]:
+    return [e.state_change for e in events if e.WhichOneof("event") == "state_change"]
+
+
+def _kafka_listener(
+    bootstrap: str, job_id: str, directory: Path
+) -> tuple[KafkaEventBus, Any, list[events_pb2.JobStateChanged], threading.Event]:
+    from gristmill.core.sql import Database
+
+    received: list[events_pb2.JobStateChanged] = []
+    succeeded = threading.Event()
+
+    def handle(event: Event, session: Session) -> None:
+        if event.key != job_id:  # the topic is shared with every other test
+            return
+        message = events_pb2.JobStateChanged.FromString(event.payload)
+        received.append(message)
+        if message.state == pb.JOB_STATE_SUCCEEDED:
+            succeeded.set()
+
+    database = Database(f"sqlite:///{directory / 'listener.db'}")
+    database.create_all()
+    bus = KafkaEventBus(KafkaSettings(bootstrap_servers=bootstrap), database=database)
+    consumer = bus.subscribe((JOB_STATE_CHANGED,), f"training-watch-{uuid.uuid4().hex[:8]}", handle)
+    return bus, consumer.run_in_background(), received, succeeded
+
+
+async def test_two_workers_survive_a_worker_crash_and_publish_to_s3(
+    tmp_path: Path,
+    s3: S3Settings,
+    kafka_bootstrap: str,
+    ray_cluster: RayCluster,
+    sentiment_version: Any,
+    tiny_model: Path,
+) -> None:
+    marker = tmp_path / "rank1-crashed"
+    # 96 examples over 2 workers, batches of 8: 6 steps per epoch, 18 in all. Checkpoints every 4 steps;
+    # worker 1 dies right after step 6, so the restarted group resumes from the checkpoint at step 4.
+    fault = FaultInjection(rank=1, at_step=6, marker=str(marker), settle_s=6.0)
+    async with _service(tmp_path, s3, kafka_bootstrap, ray_cluster, sentiment_version, fault=fault) as service:
+        spec = _spec(service.project, tiny_model, epochs=3, eval_every_steps=4, log_every_steps=2)
+        spec.resources.num_workers = 2
+        job = await service.stub.SubmitJob(pb.SubmitJobRequest(spec=spec))
+        bus, consumer, received, succeeded = _kafka_listener(kafka_bootstrap, job.job_id, tmp_path)
+        try:
+            events = await service.events(job.job_id)
+            changes = _state_changes(events)
+            assert [c.state for c in changes] == [
+                pb.JOB_STATE_QUEUED,
+                pb.JOB_STATE_RUNNING,
+                pb.JOB_STATE_RUNNING,
+                pb.JOB_STATE_SUCCEEDED,
+            ], [c.reason for c in changes]
+            assert marker.exists()
+            assert "resumed from the checkpoint at step 4" in changes[2].reason
+            # Training logs (every 2 steps) before the restart, then from the checkpoint at step 4 onwards.
+            restart = next(i for i, e in enumerate(events) if e.state_change.reason.startswith("the worker group"))
+            train_steps = [
+                [e.metrics.step for e in part if e.WhichOneof("event") == "metrics" and e.metrics.metrics[0].split == 0]
+                for part in (events[:restart], events[restart:])
+            ]
+            assert train_steps == [[2, 4], list(range(6, 19, 2))]
+            done = await service.stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
+            assert done.restart_count == 1 and done.progress.step == 18
+
+            # Checkpoints live in the real S3 server, under the Ray run's name.
+            storage = CheckpointStorage.for_object_store(s3, tmp_path)
+            import pyarrow.fs
+
+            listing = storage.filesystem.get_file_info(
+                pyarrow.fs.FileSelector(f"{BUCKET}/checkpoints/{job.job_id}", recursive=False)
+            )
+            names = {info.base_name for info in listing}
+            assert "model" in names and any(name.startswith("checkpoint_") for name in names), names
+
+            # The model is readable from S3 and every file matches the manifest's checksum.
+            objects = S3ObjectStore(s3)
+            result = done.result
+            manifest = ModelManifest.from_json(
+                objects.get_bytes(result.manifest.key, expected_sha256=result.manifest.sha256)
+            )
+            local = manifest.download(objects, tmp_path / "downloaded")
+            from transformers import AutoModelForSequenceClassification
+
+            model = AutoModelForSequenceClassification.from_pretrained(str(local))
+            assert model.config.id2label == {0: "negative", 1: "positive"}
+            test_accuracy = {(m.name, m.split): m.value for m in result.metrics}[
+                ("accuracy", common_pb2.DATASET_SPLIT_TEST)
+            ]
+            assert test_accuracy >= 0.9
+
+            # The registry's input arrives on Kafka.
+            assert await asyncio.to_thread(succeeded.wait, 60), "no SUCCEEDED JobStateChanged on Kafka"
+            success = received[-1]
+            assert success.artifact_prefix == result.artifact_prefix and success.manifest == result.manifest
+            assert success.lineage.ray_run_name == job.job_id and received[0].state == pb.JOB_STATE_QUEUED
+        finally:
+            consumer.stop()
+            bus.close()
+
+
+async def test_lora_on_minilm_trains_adapters_only_and_publishes_a_loadable_model(
+    tmp_path: Path, s3: S3Settings, kafka_bootstrap: str, ray_cluster: RayCluster, sentiment_version: Any
+) -> None:
+    async with _service(tmp_path, s3, kafka_bootstrap, ray_cluster, sentiment_version) as service:
+        spec = _spec(service.project, minilm_path(), learning_rate=1e-3, max_steps=8, log_every_steps=4)
+        spec.method = pb.TRAINING_METHOD_LORA
+        job = await service.stub.SubmitJob(pb.SubmitJobRequest(spec=spec))
+        assert list(job.spec.lora.target_modules) == ["query", "value"] and job.spec.lora.rank == 8
+        changes = _state_changes(await service.events(job.job_id))
+        assert changes[-1].state == pb.JOB_STATE_SUCCEEDED, changes[-1].reason
+        result = changes[-1].result
+        # all-MiniLM-L6-v2: 6 layers, hidden 384. LoRA r=8 on query and value, plus the new 2-label head.
+        adapters = 6 * 2 * (8 * 384 + 384 * 8)
+        head = 384 * 2 + 2
+        assert result.trainable_parameter_count == adapters + head == 74_498
+        assert result.total_parameter_count > 22_000_000 + result.trainable_parameter_count
+        objects = S3ObjectStore(s3)
+        manifest = ModelManifest.from_json(objects.get_bytes(result.manifest.key))
+        local = manifest.download(objects, tmp_path / "lora-model")
+        from safetensors.torch import load_file
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        assert not [k for k in load_file(str(local / "model.safetensors")) if "lora" in k.lower()]
+        model = AutoModelForSequenceClassification.from_pretrained(str(local)).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(local))
+        import torch
+
+        with torch.inference_mode():
+            probabilities = model(
+                **tokenizer(["great food", "awful service"], padding=True, return_tensors="pt")
+            ).logits.softmax(-1)
+        assert probabilities.shape == (2, 2) and torch.allclose(probabilities.sum(-1), torch.ones(2))
+
+
+async def test_cancel_stops_the_ray_run(
+    tmp_path: Path,
+    s3: S3Settings,
+    kafka_bootstrap: str,
+    ray_cluster: RayCluster,
+    sentiment_version: Any,
+    tiny_model: Path,
+) -> None:
+    async with _service(tmp_path, s3, kafka_bootstrap, ray_cluster, sentiment_version, poll_interval_s=0.2) as service:
+        spec = _spec(service.project, tiny_model, epochs=1000, log_every_steps=1)
+        job = await service.stub.SubmitJob(pb.SubmitJobRequest(spec=spec))
+        stream = service.stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id, after_sequence=0), timeout=300)
+        async for event in stream:
+            if event.WhichOneof("event") == "metrics":
+                break  # it is training
+        cancelled = await service.stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id, reason="enough"))
+        assert cancelled.state == pb.JOB_STATE_CANCELLED
+        supervisor = service.host.supervisor
+        assert supervisor is not None
+        for _ in range(600):
+            if job.job_id not in supervisor.running():
+                break
+            await asyncio.sleep(0.1)
+        assert job.job_id not in supervisor.running(), "the Ray run was not aborted within 60 s"
+        final = await service.stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
+        assert final.state == pb.JOB_STATE_CANCELLED and final.state_reason == "enough"
+        assert final.progress.step < final.progress.total_steps
+
+
+async def test_a_failing_loop_ends_failed_with_the_workers_error(
+    tmp_path: Path,
+    s3: S3Settings,
+    kafka_bootstrap: str,
+    ray_cluster: RayCluster,
+    sentiment_version: Any,
+    tiny_model: Path,
+) -> None:
+    fault = FaultInjection(rank=0, at_step=2, mode="raise")
+    async with _service(tmp_path, s3, kafka_bootstrap, ray_cluster, sentiment_version, fault=fault) as service:
+        spec = _spec(service.project, tiny_model, epochs=1)
+        spec.resources.max_failures = 0
+        job = await service.stub.SubmitJob(pb.SubmitJobRequest(spec=spec))
+        changes = _state_changes(await service.events(job.job_id))
+        assert changes[-1].state == pb.JOB_STATE_FAILED
+        assert changes[-1].reason == "worker 0 failed: RuntimeError: injected failure at step 2"

@@ -1,0 +1,34 @@
+"""A failed Ray run becomes one line naming the worker and its error."""
+
+from __future__ import annotations
+
+from gristmill.training.runner.failures import describe_failure
+
+
+class WorkerGroupFailure(Exception):
+    def __init__(self, failures: dict[int, BaseException]) -> None:
+        super().__init__("Training failed due to worker errors:\n...")
+        self.worker_failures = failures
+
+
+class ControllerFailure(Exception):
+    def __init__(self, inner: BaseException) -> None:
+        super().__init__("Training failed due to controller error")
+        self.controller_failure = inner
+
+
+def test_the_lowest_failing_rank_and_its_error_type_are_named() -> None:
+    failure = WorkerGroupFailure({1: ValueError("late"), 0: RuntimeError("injected failure at step 2")})
+    assert describe_failure(failure) == "worker 0 failed: RuntimeError: injected failure at step 2"
+
+
+def test_a_remote_traceback_is_cut_to_its_last_line() -> None:
+    remote = RuntimeError("ray::RayTrainWorker.run()\n  File 'loop.py', line 3\nValueError: label 7 out of range")
+    assert describe_failure(WorkerGroupFailure({0: remote})) == "worker 0 failed: ValueError: label 7 out of range"
+
+
+def test_controller_and_other_errors() -> None:
+    assert describe_failure(ControllerFailure(TimeoutError("no placement group"))) == (
+        "the Ray Train controller failed: TimeoutError: no placement group"
+    )
+    assert describe_failure(OSError("")) == "OSError"
