@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 # datasketch ships no type information (see the service README: a root mypy override is requested).
-from datasketch import MinHash, MinHashLSH  # type: ignore[import-untyped]
+from datasketch import MinHash, MinHashLSH
 
 NUM_PERM = 64
 SEED = 1
