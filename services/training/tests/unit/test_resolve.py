@@ -230,3 +230,23 @@ def test_more_workers_than_the_cluster_can_ever_give_is_refused(
         resolver.resolve(_spec(tiny_model, dataset, resources=d.build_resources(num_workers=3)))
     with pytest.raises(FailedPreconditionError, match="the Ray cluster has no GPUs"):
         resolver.resolve(_spec(tiny_model, dataset, resources=d.build_resources(use_gpu=True)))
+
+
+def test_a_search_is_refused_until_the_runner_supports_it(
+    objects: ObjectStore, dataset: DatasetRef, tiny_model: Path, tmp_path: Path
+) -> None:
+    search = d.build_search(
+        num_trials=2,
+        dimensions=[
+            d.build_search_dimension(
+                0,
+                parameter="learning_rate",
+                distribution=d.Distribution.LOG_UNIFORM,
+                low=1e-5,
+                high=1e-3,
+                method=d.Method.FULL,
+            )
+        ],
+    )
+    with pytest.raises(FailedPreconditionError, match="hyper-parameter search"):
+        _resolver(objects, tmp_path).resolve(_spec(tiny_model, dataset, search=search))

@@ -332,7 +332,10 @@ class SpecResolver:
         base_models: BaseModelCatalog,
         inspector: ModelInspector,
         cluster: CapacityProvider,
+        *,
+        search_enabled: bool = False,
     ) -> None:
+        self._search_enabled = search_enabled
         self._datasets = datasets
         self._base_models = base_models
         self._inspector = inspector
@@ -430,6 +433,12 @@ class SpecResolver:
                 details={"field": "spec.search"},
             )
         base, info, lora = self._resolve_model(spec, dataset.label_map)
+        if spec.search is not None and not self._search_enabled:
+            raise FailedPreconditionError(
+                "hyper-parameter search (spec.search) is not available on this training service yet; submit one "
+                "job per setting instead",
+                details={"field": "spec.search"},
+            )
         task = spec.task if spec.task is not TaskType.UNSPECIFIED else dataset.task
         effective = replace(spec, dataset=dataset.ref, base_model=base.ref, lora=lora, task=task)
         return ResolvedJob(spec=effective, dataset=dataset, base_model=base, model_info=info)
