@@ -128,7 +128,10 @@ def build_host(
         signal,
         max_running=settings.max_running_jobs,
     )
-    jobs = JobService(store, SpecResolver(datasets, base_models, HfModelInspector(), runner), supervisor, signal)
+    resolver = SpecResolver(
+        datasets, base_models, HfModelInspector(), runner, search_enabled=getattr(runner, "supports_search", False)
+    )
+    jobs = JobService(store, resolver, supervisor, signal)
     subscription = Subscription(
         (DATASET_VERSION_PUBLISHED,), consumer_group, dataset_version_published(jobs, platform.catalog)
     )

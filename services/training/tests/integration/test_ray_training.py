@@ -285,3 +285,36 @@ async def test_a_failing_loop_ends_failed_with_the_workers_error(
         changes = _state_changes(await service.events(job.job_id))
         assert changes[-1].state == pb.JOB_STATE_FAILED
         assert changes[-1].reason == "worker 0 failed: RuntimeError: injected failure at step 2"
+
+
+async def test_a_search_over_learning_rate_and_lora_rank_returns_the_best_trial(
+    tmp_path: Path, s3: S3Settings, kafka_bootstrap: str, ray_cluster: RayCluster, sentiment_version: Any
+) -> None:
+    async with _service(tmp_path, s3, kafka_bootstrap, ray_cluster, sentiment_version) as service:
+        spec = _spec(service.project, minilm_path(), epochs=2, eval_every_steps=4, log_every_steps=4)
+        spec.method = pb.TRAINING_METHOD_LORA
+        search = spec.search
+        search.num_trials = 2
+        search.metric = "f1"
+        search.dimensions.add(parameter="learning_rate").choice.values.extend([3e-3, 1e-6])
+        search.dimensions.add(parameter="lora.rank").choice.values.extend([4, 8])
+        job = await service.stub.SubmitJob(pb.SubmitJobRequest(spec=spec))
+        assert job.spec.search.scheduler == pb.SEARCH_SCHEDULER_ASHA
+        events = await service.events(job.job_id)
+        changes = _state_changes(events)
+        assert changes[-1].state == pb.JOB_STATE_SUCCEEDED, changes[-1].reason
+        assert [c.state for c in changes].count(pb.JOB_STATE_RUNNING) == 1  # two trials, no restart
+        trials = {e.metrics.trial for e in events if e.WhichOneof("event") == "metrics"}
+        assert trials == {0, 1}
+        done = await service.stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
+        result = done.result
+        assert done.progress.trials_total == 2 and result.HasField("best_trial")
+        hyper = result.lineage.hyper_parameters
+        # A learning rate of 1e-6 does not move the adapters in 24 steps: the 3e-3 trial wins.
+        assert hyper["learning_rate"] == "0.003" and hyper["lora.rank"] in {"4", "8"}
+        assert hyper["early_stopping.metric"] == "f1"
+        f1 = {(m.name, m.split): m.value for m in result.metrics}[("f1", common_pb2.DATASET_SPLIT_VALIDATION)]
+        assert f1 >= 0.9
+        objects = S3ObjectStore(s3)
+        manifest = ModelManifest.from_json(objects.get_bytes(result.manifest.key))
+        assert manifest.lineage["hyper_parameters"]["learning_rate"] == "0.003"

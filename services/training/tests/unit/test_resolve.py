@@ -232,7 +232,7 @@ def test_more_workers_than_the_cluster_can_ever_give_is_refused(
         resolver.resolve(_spec(tiny_model, dataset, resources=d.build_resources(use_gpu=True)))
 
 
-def test_a_search_is_refused_until_the_runner_supports_it(
+def test_a_search_needs_a_runner_that_supports_it(
     objects: ObjectStore, dataset: DatasetRef, tiny_model: Path, tmp_path: Path
 ) -> None:
     search = d.build_search(
@@ -248,5 +248,20 @@ def test_a_search_is_refused_until_the_runner_supports_it(
             )
         ],
     )
-    with pytest.raises(FailedPreconditionError, match="hyper-parameter search"):
+    with pytest.raises(FailedPreconditionError, match="hyper-parameter search \\(spec.search\\) needs the Ray runner"):
         _resolver(objects, tmp_path).resolve(_spec(tiny_model, dataset, search=search))
+    too_high = d.build_search(
+        num_trials=2,
+        dimensions=[
+            d.build_search_dimension(
+                0,
+                parameter="learning_rate",
+                distribution=d.Distribution.UNIFORM,
+                low=0.5,
+                high=3.0,
+                method=d.Method.FULL,
+            )
+        ],
+    )
+    with pytest.raises(InvalidArgumentError, match="'learning_rate' reaches 3, which is not allowed"):
+        _resolver(objects, tmp_path).resolve(_spec(tiny_model, dataset, search=too_high))

@@ -43,6 +43,7 @@ from gristmill.training.store.sql import SqlJobStore
 class ScriptedRunner:
     """Reports ``started``, then waits until the test releases it (or the run is cancelled)."""
 
+    supports_search = False
     release: threading.Event = field(default_factory=threading.Event)
     started: threading.Event = field(default_factory=threading.Event)
     fail_with: str = ""

@@ -34,7 +34,7 @@ _CONTENT_TYPES = {".json": "application/json", ".md": "text/markdown", ".txt": "
 _SPLIT_PREFIXES = (("test_", Split.TEST), ("validation_", Split.VALIDATION))
 # Final-report entries that are bookkeeping, not model metrics.
 _NOT_METRICS = frozenset(
-    {"step", "epoch", "finished", "stopped_early", "best_step", "trainable_parameters", "total_parameters"}
+    {"step", "epoch", "finished", "stopped_early", "best_step", "trainable_parameters", "total_parameters", "trial"}
 )
 
 
@@ -111,13 +111,13 @@ class ModelPublisher:
         self._objects = objects
         self.code_version = code_version
 
-    def lineage(self, job: Job, dataset_files: tuple[FileRef, ...]) -> Lineage:
+    def lineage(self, job: Job, dataset_files: tuple[FileRef, ...], spec: JobSpec | None = None) -> Lineage:
         return Lineage(
             training_job_id=job.job_id,
             dataset=job.spec.dataset,
             dataset_files=dataset_files,
             base_model=job.spec.base_model,
-            hyper_parameters=flatten_hyper_parameters(job.spec),
+            hyper_parameters=flatten_hyper_parameters(spec or job.spec),
             ray_run_name=job.ray_run_name,
             code_version=self.code_version,
         )
@@ -126,7 +126,7 @@ class ModelPublisher:
         self, job: Job, outcome: RunOutcome, *, label_map: tuple[str, ...], dataset_files: tuple[FileRef, ...]
     ) -> JobResult:
         prefix = artifact_prefix(job.job_id)
-        lineage = self.lineage(job, dataset_files)
+        lineage = self.lineage(job, dataset_files, outcome.spec)
         metrics = final_metrics(outcome.metrics)
         model_dir = Path(outcome.model_dir)
         (model_dir / MODEL_CARD).write_text(render_model_card(job, lineage, metrics, label_map))
@@ -165,4 +165,5 @@ class ModelPublisher:
             lineage=lineage,
             trainable_parameter_count=outcome.trainable_parameters,
             total_parameter_count=outcome.total_parameters,
+            best_trial=outcome.best_trial,
         )

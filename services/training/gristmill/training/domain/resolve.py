@@ -34,6 +34,7 @@ from gristmill.core.manifests import SPLITS, DatasetManifest, DatasetRow, ModelM
 from gristmill.core.storage import ObjectStore, object_key, validate_key
 from gristmill.core.storage.base import sha256_file
 from gristmill.training.domain.refs import BaseModelRef, DatasetRef, FileRef
+from gristmill.training.domain.search import check_search_bounds
 from gristmill.training.domain.spec import JobSpec, LoraSettings, Method, TaskType
 
 
@@ -433,12 +434,14 @@ class SpecResolver:
                 details={"field": "spec.search"},
             )
         base, info, lora = self._resolve_model(spec, dataset.label_map)
-        if spec.search is not None and not self._search_enabled:
-            raise FailedPreconditionError(
-                "hyper-parameter search (spec.search) is not available on this training service yet; submit one "
-                "job per setting instead",
-                details={"field": "spec.search"},
-            )
+        if spec.search is not None:
+            check_search_bounds(spec)
+            if not self._search_enabled:
+                raise FailedPreconditionError(
+                    "hyper-parameter search (spec.search) needs the Ray runner; this training service runs jobs "
+                    "in-process",
+                    details={"field": "spec.search"},
+                )
         task = spec.task if spec.task is not TaskType.UNSPECIFIED else dataset.task
         effective = replace(spec, dataset=dataset.ref, base_model=base.ref, lora=lora, task=task)
         return ResolvedJob(spec=effective, dataset=dataset, base_model=base, model_info=info)

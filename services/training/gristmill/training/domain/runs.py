@@ -34,6 +34,9 @@ class RunOutcome:
     model_dir: Path
     trainable_parameters: int
     total_parameters: int
+    # Searches: the winning trial's index and effective spec (its sampled hyper-parameters).
+    best_trial: int | None = None
+    spec: JobSpec | None = None
 
 
 class RunListener(Protocol):
@@ -51,6 +54,9 @@ class RunFailedError(Exception):
 
 
 class JobRunner(Protocol):
+    # Whether ``run`` can run a spec with a hyper-parameter search.
+    supports_search: bool
+
     def capacity(self) -> ClusterCapacity: ...
 
     def run(self, request: RunRequest, listener: RunListener, cancel: threading.Event) -> RunOutcome:

@@ -53,8 +53,12 @@ class _ProgressRecorder:
         self._job_id = job.job_id
         self._run_name = job.ray_run_name
         self.progress = job.progress
+        if job.spec.search is not None:
+            self.progress = replace(self.progress, trials_total=job.spec.search.num_trials)
         self.started = job.state is JobState.RUNNING
         self.restarts = job.restart_count
+        # Trials of a search that have started; a second start of one of them is a restart.
+        self._trials: set[int | None] = set()
 
     def _transition(self, reason: str = "", restart_count: int | None = None) -> None:
         # A job cancelled meanwhile refuses the transition; the runner stops its run.
@@ -73,12 +77,15 @@ class _ProgressRecorder:
         for record in records:
             kind = record.get("type")
             step = int(record.get("step", self.progress.step))
+            trial = record.get("trial")
             if kind == "started":
                 self.progress = replace(self.progress, step=step, total_steps=int(record["total_steps"]))
+                first_of_trial = trial is not None and trial not in self._trials
+                self._trials.add(trial)
                 if not self.started:
                     self.started = True
                     self._transition()
-                else:
+                elif not first_of_trial:
                     self.restarts += 1
                     self._transition(
                         f"the worker group restarted after a failure and resumed from the checkpoint at step {step}",
@@ -97,8 +104,10 @@ class _ProgressRecorder:
             elif kind == "eval":
                 split = Split(record["split"])
                 reports.append(_report(record, split))
-        if reports:
-            self._store.record_metrics(self._job_id, reports, self.progress)
+            elif kind == "finished" and trial is not None:
+                self.progress = replace(self.progress, trials_completed=self.progress.trials_completed + 1)
+        # Progress moves even without metrics (a trial finished); only metrics make events.
+        self._store.record_metrics(self._job_id, reports, self.progress)
         self._signal.notify(self._job_id)
 
 

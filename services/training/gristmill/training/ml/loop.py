@@ -558,6 +558,8 @@ class LoopRunner:
         }
         if self.state.best_value is not None:
             final[f"validation_{self.hp.early_stopping.metric}"] = self.state.best_value
+        if self.cfg.trial is not None:
+            final["trial"] = self.cfg.trial
         if "test" in self.splits:
             test = self.evaluate("test").as_dict()
             final.update({f"test_{k}": v for k, v in test.items()})

@@ -30,6 +30,8 @@ class _ListenerSink:
 
 
 class InProcessRunner:
+    supports_search = False
+
     def __init__(self, work_dir: Path, *, cpus: float = 1.0) -> None:
         self.work_dir = Path(work_dir)
         self.cpus = cpus

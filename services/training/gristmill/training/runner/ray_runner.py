@@ -14,12 +14,14 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs  # type: ignore[import-untyped]
 import ray
+import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.callback import ControllerCallback
@@ -189,6 +191,8 @@ class _RegisterController(ControllerCallback):
 class RayJobRunner:
     """``JobRunner`` on a Ray cluster."""
 
+    supports_search = True
+
     def __init__(
         self,
         cluster: RayCluster,
@@ -210,10 +214,10 @@ class RayJobRunner:
     def capacity(self) -> ClusterCapacity:
         return self.cluster.capacity()
 
-    def _trainer(self, request: RunRequest, channel: Any) -> TorchTrainer:
+    def _loop_config(self, request: RunRequest, channel: Any) -> LoopConfig:
         spec = request.spec
         res = spec.resources
-        loop = LoopConfig(
+        return LoopConfig(
             job_id=request.job_id,
             model_dir=str(request.model_dir),
             label_map=request.data.label_map,
@@ -227,6 +231,10 @@ class RayJobRunner:
             sink=ActorSink(channel),
             fault=self.fault,
         )
+
+    def _trainer(self, request: RunRequest, channel: Any) -> TorchTrainer:
+        res = request.spec.resources
+        loop = self._loop_config(request, channel)
         per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
         if res.use_gpu:
             per_worker["GPU"] = res.gpus_per_worker
@@ -250,31 +258,71 @@ class RayJobRunner:
         self.cluster.start()
         channel = ProgressChannel.remote()  # type: ignore[attr-defined]
         try:
+            if request.spec.search is not None:
+                return self._search(request, channel, listener, cancel)
             trainer = self._trainer(request, channel)
-            outcome: dict[str, Any] = {}
-
-            def fit() -> None:
-                try:
-                    outcome["result"] = trainer.fit()
-                except BaseException as exc:
-                    outcome["error"] = exc
-
-            thread = threading.Thread(target=fit, name=f"ray-fit-{request.job_id}", daemon=True)
-            thread.start()
-            aborted = False
-            while thread.is_alive():
-                thread.join(self.poll_interval_s)
-                self._drain(channel, listener)
-                if cancel.is_set() and not aborted:
-                    aborted = self._abort(channel)
-            self._drain(channel, listener)
+            result = self._drive(trainer.fit, request, channel, listener, cancel, abort=True)
         finally:
             ray.kill(channel)
+        return self._outcome(request, result)
+
+    def _drive(
+        self,
+        work: Callable[[], Any],
+        request: RunRequest,
+        channel: Any,
+        listener: RunListener,
+        cancel: threading.Event,
+        *,
+        abort: bool,
+    ) -> Any:
+        """Run ``work`` (a blocking fit) in a thread; meanwhile drain progress and pass on a cancel."""
+        outcome: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                outcome["result"] = work()
+            except BaseException as exc:
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=target, name=f"ray-fit-{request.job_id}", daemon=True)
+        thread.start()
+        aborted = not abort
+        while thread.is_alive():
+            thread.join(self.poll_interval_s)
+            self._drain(channel, listener)
+            if cancel.is_set() and not aborted:
+                aborted = self._abort(channel)
+        self._drain(channel, listener)
         if cancel.is_set():
             raise RunCancelledError("the run was cancelled")
         if "error" in outcome:
-            raise RunFailedError(describe_failure(outcome["error"]))
-        return self._outcome(request, outcome["result"])
+            error = outcome["error"]
+            raise error if isinstance(error, RunFailedError) else RunFailedError(describe_failure(error))
+        return outcome["result"]
+
+    def _search(self, request: RunRequest, channel: Any, listener: RunListener, cancel: threading.Event) -> RunOutcome:
+        from gristmill.training.runner.search import run_search
+
+        loop = self._loop_config(request, channel)
+        capacity = self.cluster.capacity()
+
+        def work() -> tuple[str, dict[str, Any], int, Any]:
+            return run_search(
+                request,
+                loop,
+                storage_path=self.storage.path,
+                storage_filesystem=self.storage.filesystem,
+                keep_checkpoints=self.keep_checkpoints,
+                extra_callbacks=(),
+                cancel=cancel,
+                cluster_cpus=capacity.cpus,
+            )
+
+        path, metrics, best_trial, spec = self._drive(work, request, channel, listener, cancel, abort=False)
+        checkpoint = ray.train.Checkpoint(path, filesystem=self.storage.filesystem)
+        outcome = self._download(request, checkpoint, metrics)
+        return replace(outcome, best_trial=best_trial, spec=spec)
 
     def _drain(self, channel: Any, listener: RunListener) -> None:
         records = ray.get(channel.drain.remote(), timeout=30)
@@ -293,10 +341,13 @@ class RayJobRunner:
         metrics = dict(result.metrics or {})
         if result.checkpoint is None or not metrics.get("finished"):
             raise RunFailedError("the run ended without reporting a final model")
+        return self._download(request, result.checkpoint, metrics)
+
+    def _download(self, request: RunRequest, checkpoint: Any, metrics: dict[str, Any]) -> RunOutcome:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         dest = Path(tempfile.mkdtemp(dir=self.work_dir, prefix=f"{request.job_id}-"))
         try:
-            result.checkpoint.to_directory(str(dest))
+            checkpoint.to_directory(str(dest))
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise
