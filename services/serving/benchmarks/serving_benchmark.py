@@ -410,6 +410,8 @@ def serve(root: Path, data_dir: Path, threads: int) -> None:
                     "texts": b.items,
                     "mean_batch": b.items / max(b.batches, 1),
                     "padding_fraction": b.padded_tokens / max(b.padded_tokens + b.real_tokens, 1),
+                    "model_busy_s": b.busy_s,
+                    "padded_tokens_per_busy_s": (b.padded_tokens + b.real_tokens) / max(b.busy_s, 1e-9),
                 }
         (data_dir / "batch-stats.json").write_text(json.dumps(stats))
         await host.stop()

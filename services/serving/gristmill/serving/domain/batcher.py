@@ -68,6 +68,8 @@ class BatchStats:
     real_tokens: int = 0
     expired: int = 0
     rejected: int = 0
+    # Wall time batches spent on the model's thread.
+    busy_s: float = 0.0
     sizes: list[int] = field(default_factory=list)
 
 
@@ -204,6 +206,7 @@ class DynamicBatcher(Generic[T, R]):
             if not batch:
                 continue
             self._running = len(batch)
+            started = self._clock()
             try:
                 results = await loop.run_in_executor(self._executor, self._run_batch, [e.item for e in batch])
             except asyncio.CancelledError:
@@ -228,6 +231,7 @@ class DynamicBatcher(Generic[T, R]):
                             entry.future.set_result(result)
             finally:
                 self._running = 0
+                self.stats.busy_s += self._clock() - started
 
     async def _wait_for_batch_to_close(self) -> None:
         policy = self.policy
