@@ -1,6 +1,7 @@
 """``python -m gristmill.standalone``: every service in one process until SIGTERM/SIGINT.
 
-Prints one line ``READY labeling=127.0.0.1:50051 training=... registry=... serving=...`` once all serve.
+Prints one line ``READY admin=127.0.0.1:50055 registry=... labeling=... training=... serving=...`` once all
+serve, and ``STOPPED`` once a SIGTERM/SIGINT has drained and closed them all (exit status 0).
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default=os.environ.get("GRISTMILL_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # The training service's local Ray runs its core worker inside this process, and Ray's C++ failure-signal
+    # handler takes SIGTERM too: it prints a stack trace, then arms a 3 s alarm that abort()s the process in
+    # the middle of our graceful shutdown (exit 134, no STOPPED). SIGTERM is not a failure here.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     setup_logging("standalone", args.log_level)
     try:
         asyncio.run(_serve(args.data_dir, args.base_port, args.ray_num_cpus))

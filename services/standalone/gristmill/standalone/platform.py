@@ -1,4 +1,4 @@
-"""Builds and runs the four service hosts on one in-process bus."""
+"""Builds and runs the service hosts (the four services and admin) on one in-process bus."""
 
 from __future__ import annotations
 
@@ -7,8 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gristmill.admin.app import build_app as build_admin
+from gristmill.admin.settings import AdminSettings
+from gristmill.core.auth import AuthSettings
 from gristmill.core.events import MemoryBroker
 from gristmill.core.host import ServiceHost
+from gristmill.core.licensing import load_license
 from gristmill.core.settings import KafkaSettings, S3Settings, ServiceSettings, TelemetrySettings
 from gristmill.labeling.app import build_host as build_labeling
 from gristmill.labeling.settings import LabelingSettings
@@ -22,14 +26,15 @@ from gristmill.training.settings import TrainingSettings
 log = logging.getLogger(__name__)
 S = TypeVar("S", bound=ServiceSettings)
 
-# Start order: the registry first (serving needs its address), serving last (it loads from the registry).
-ORDER = ("registry", "labeling", "training", "serving")
-DEFAULT_PORTS = {"labeling": 50051, "training": 50052, "registry": 50053, "serving": 50054}
+# Start order: admin and the registry first (serving needs the registry's address), serving last (it loads
+# from the registry). Admin answers `gristmill keys` / `usage`; auth is off in embedded mode (loopback only).
+ORDER = ("admin", "registry", "labeling", "training", "serving")
+DEFAULT_PORTS = {"labeling": 50051, "training": 50052, "registry": 50053, "serving": 50054, "admin": 50055}
 
 
 @dataclass
 class EmbeddedPlatform:
-    """All four services in this process. ``base_port`` 0 gives every service a free port."""
+    """Every service in this process. ``base_port`` 0 gives every service a free port; ``None`` the defaults."""
 
     data_dir: Path
     base_port: int | None = None
@@ -45,7 +50,8 @@ class EmbeddedPlatform:
             return DEFAULT_PORTS[service]
         if self.base_port == 0:
             return 0
-        return self.base_port + ORDER.index(service)
+        # base, base+1, ... in the order of the default ports (labeling, training, registry, serving, admin).
+        return self.base_port + list(DEFAULT_PORTS).index(service)
 
     def _settings(self, cls: type[S], service: str, **extra: Any) -> S:
         return cls(grpc_port=self._port(service), data_dir=self.data_dir, host=self.host, **extra)
@@ -58,6 +64,16 @@ class EmbeddedPlatform:
             "telemetry": self.telemetry,
             "memory_broker": self.broker,
         }
+        if service == "admin":
+            admin = build_admin(
+                self._settings(AdminSettings, service),
+                kafka=KafkaSettings(bootstrap_servers=""),
+                auth=AuthSettings(disabled=True),
+                license_=load_license(None, ""),
+                telemetry=self.telemetry,
+                memory_broker=self.broker,
+            )
+            return admin.host
         if service == "registry":
             return build_registry(self._settings(RegistrySettings, service), **infra)
         if service == "labeling":
