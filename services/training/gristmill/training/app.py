@@ -81,10 +81,11 @@ def build_host(
     memory_broker: MemoryBroker | None = None,
     tracer_provider: TracerProvider | None = None,
     runner: JobRunner | None = None,
-    consumer_group: str = AUTO_TRAIN_GROUP,
+    consumer_group: str = "",
 ) -> TrainingHost:
     """The training service on the platform the settings describe. ``runner`` defaults to Ray Train on the
-    cluster of ``settings.ray_address`` (a local one when empty)."""
+    cluster of ``settings.ray_address`` (a local one when empty). ``consumer_group`` defaults to
+    ``settings.auto_train_group``."""
     platform = open_platform(
         SERVICE_NAME,
         settings,
@@ -133,7 +134,9 @@ def build_host(
     )
     jobs = JobService(store, resolver, supervisor, signal)
     subscription = Subscription(
-        (DATASET_VERSION_PUBLISHED,), consumer_group, dataset_version_published(jobs, platform.catalog)
+        (DATASET_VERSION_PUBLISHED,),
+        consumer_group or settings.auto_train_group,
+        dataset_version_published(jobs, platform.catalog),
     )
     return TrainingHost(
         platform,

@@ -28,3 +28,6 @@ class TrainingSettings(ServiceSettings):
     allow_local_paths: bool = True
     # Ray Train checkpoints kept per run besides the latest (CheckpointConfig.num_to_keep).
     checkpoints_to_keep: int = Field(default=1, ge=1)
+    # Consumer group of the auto-train consumer (DatasetVersionPublished); one per installation, so that two
+    # installations sharing a Kafka cluster (tests, the end-to-end demo) do not take each other's events.
+    auto_train_group: str = Field(default="training-auto-train", pattern=r"^[a-z0-9][a-z0-9._-]{0,127}$")

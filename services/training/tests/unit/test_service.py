@@ -418,3 +418,34 @@ def _query() -> Any:
     from gristmill.training.store.base import JobQuery
 
     return JobQuery(organization_id="")
+
+
+async def test_job_events_continue_the_trace_the_job_was_submitted_in(
+    tmp_path: Path, tiny_model: Path, sentiment_version: Any
+) -> None:
+    # The driver thread writes RUNNING and the end state long after SubmitJob returned: those events must
+    # still carry the caller's trace, so that the registry's registration and serving's swap join it.
+    runner = ScriptedRunner(fail_with="scripted failure")
+    host, port = await _host(tmp_path, runner)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    try:
+        sentiment_version(host.platform.objects)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.TrainingServiceStub(channel)
+            traceparent = (("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),)
+            job = await stub.SubmitJob(pb.SubmitJobRequest(spec=_spec(tiny_model)), metadata=traceparent)
+            assert await asyncio.to_thread(runner.started.wait, 30)
+            runner.release.set()
+            await _wait_for(lambda: host.jobs.get(job.job_id).state is JobState.FAILED)  # type: ignore[union-attr]
+        with host.platform.database.transaction() as session:
+            rows = [
+                r
+                for r in session.execute(select(OutboxEvent).order_by(OutboxEvent.id)).scalars()
+                if r.key == job.job_id
+            ]
+            states = [events_pb2.JobStateChanged.FromString(r.payload).state for r in rows]
+            trace_ids = {r.headers["traceparent"].split("-")[1] for r in rows}
+        assert states[0] == pb.JOB_STATE_QUEUED and states[-1] == pb.JOB_STATE_FAILED and pb.JOB_STATE_RUNNING in states
+        assert trace_ids == {trace_id}
+    finally:
+        await host.stop()

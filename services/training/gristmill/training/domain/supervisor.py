@@ -20,6 +20,8 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from opentelemetry import context as otel_context
+
 from gristmill.core.errors import FailedPreconditionError, GristmillError
 from gristmill.training.domain.model import Job, JobState, Metric, MetricsReport, Split
 from gristmill.training.domain.publish import ModelPublisher
@@ -142,6 +144,11 @@ class JobSupervisor:
         self._cond = threading.Condition()
         self._queue: deque[str] = deque()
         self._active: dict[str, _ActiveRun] = {}
+        # The trace context each job was submitted in (a SubmitJob call, or the consumer span of the published
+        # dataset version): its driver thread runs in it, so the job's JobStateChanged events, and what the
+        # registry and serving do with them, continue that trace. In memory only: a job queued again after a
+        # restart starts a trace of its own.
+        self._contexts: dict[str, otel_context.Context] = {}
         self._stopping = False
         self._dispatcher: threading.Thread | None = None
 
@@ -186,6 +193,7 @@ class JobSupervisor:
         with self._cond:
             if job_id not in self._queue and job_id not in self._active:
                 self._queue.append(job_id)
+                self._contexts[job_id] = otel_context.get_current()
                 self._cond.notify_all()
 
     def cancel(self, job_id: str) -> None:
@@ -193,6 +201,7 @@ class JobSupervisor:
         with self._cond:
             if job_id in self._queue:
                 self._queue.remove(job_id)
+                self._contexts.pop(job_id, None)
             run = self._active.get(job_id)
         if run is not None:
             run.cancel.set()
@@ -212,11 +221,15 @@ class JobSupervisor:
                     return
                 job_id = self._queue.popleft()
                 run = _ActiveRun()
-                run.thread = threading.Thread(target=self._drive, args=(job_id, run), name=f"job-{job_id}", daemon=True)
+                ctx = self._contexts.pop(job_id, None) or otel_context.Context()
+                run.thread = threading.Thread(
+                    target=self._drive, args=(job_id, run, ctx), name=f"job-{job_id}", daemon=True
+                )
                 self._active[job_id] = run
             run.thread.start()
 
-    def _drive(self, job_id: str, run: _ActiveRun) -> None:
+    def _drive(self, job_id: str, run: _ActiveRun, ctx: otel_context.Context) -> None:
+        token = otel_context.attach(ctx)
         try:
             job = self._store.get_job(job_id)
             if job.state is not JobState.QUEUED:
@@ -237,6 +250,7 @@ class JobSupervisor:
                 self._active.pop(job_id, None)
                 self._cond.notify_all()
             self._signal.notify(job_id)
+            otel_context.detach(token)
 
     def _run(self, job: Job, run: _ActiveRun) -> None:
         data, files = self._datasets.load_ref(job.spec.dataset)
