@@ -134,6 +134,9 @@ class FakeSource(ModelSource):
             labeling_project_id=entry.labeling_project_id,
         )
 
+    def model_exists(self, organization_id: str, registered_model_name: str) -> bool:
+        return any(model == registered_model_name for model, _ in self.versions)
+
     def fetch(self, resolved: ResolvedVersion) -> Path:
         entry = self.versions[(resolved.registered_model_name, resolved.version)]
         if entry.hold is not None and not entry.hold.wait(10):

@@ -71,8 +71,14 @@ async def test_a_created_deployment_loads_then_classifies(env: Env) -> None:
 
 
 async def test_create_refuses_what_the_registry_does_not_know_and_stores_nothing(env: Env) -> None:
+    ghost = DeploymentSpec(organization_id=ORG, name="ghost", registered_model_name="ghost")
     with pytest.raises(NotFoundError, match="no alias"):
-        await env.service.create(spec(target=VersionSelector.of_alias("staging")), wait_until_ready=False, timeout_s=1)
+        await env.service.create(ghost, wait_until_ready=False, timeout_s=1)
+    with_canary = spec(
+        target=VersionSelector.of_alias("staging"), canary=CanaryRoute(VersionSelector.of_version(2), 0.1)
+    )
+    with pytest.raises(NotFoundError, match="no alias"):
+        await env.service.create(with_canary, wait_until_ready=False, timeout_s=1)
     with pytest.raises(NotFoundError, match="no version 9"):
         await env.service.create(spec(target=VersionSelector.of_version(9)), wait_until_ready=False, timeout_s=1)
     env.source.not_ready.add(("sentiment", 2))
@@ -80,6 +86,22 @@ async def test_create_refuses_what_the_registry_does_not_know_and_stores_nothing
         await env.service.create(spec(target=VersionSelector.of_version(2)), wait_until_ready=False, timeout_s=1)
     assert env.store.list_all() == []
     assert env.manager.count() == 0
+
+
+async def test_a_deployment_waits_for_an_alias_not_set_yet_and_loads_when_it_is_set(env: Env) -> None:
+    # Declared before the first model version is promoted: it serves from the first `alias changed` event.
+    waiting = spec(name="waiting", target=VersionSelector.of_alias("staging"))
+    view = await env.service.create(waiting, wait_until_ready=True, timeout_s=5)
+    assert view.state is DeploymentState.LOADING and view.versions == ()
+    assert "waiting for alias 'staging'" in view.message
+    assert [s.name for s in env.store.list_all()] == ["waiting"]
+    with pytest.raises(UnavailableError):
+        await env.service.predict(ORG, "waiting", ["good"])
+    env.source.aliases[("sentiment", "staging")] = 2
+    env.manager.alias_changed(ORG, "sentiment", "staging", 2)
+    await wait_for(lambda: env.manager.view(waiting).state is DeploymentState.READY)
+    result, _ = await env.service.predict(ORG, "waiting", ["good"])
+    assert result.version == 2
 
 
 async def test_create_refuses_invalid_specs_and_taken_names(env: Env) -> None:

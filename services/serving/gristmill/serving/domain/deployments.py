@@ -389,6 +389,16 @@ class DeploymentManager:
         try:
             if resolved is None:
                 resolved = await self._with_retries(lambda: self._resolve(dep, selector))
+        except NotFoundError as exc:
+            if selector.alias is not None and current is None:
+                # Nothing to serve until the alias is set: the `alias changed` event will load it.
+                dep.message = (
+                    f"waiting for alias {selector.alias!r} of {dep.spec.registered_model_name!r} to be set in the "
+                    f"registry ({exc.message})"
+                )
+                return None
+            self._record_failure(dep, None, selector.describe(), exc, current)
+            return None
         except GristmillError as exc:
             self._record_failure(dep, None, selector.describe(), exc, current)
             return None

@@ -104,12 +104,27 @@ class DeploymentService:
             raise AlreadyExistsError(
                 f"deployment {spec.name!r} already exists; choose another name or update it with UpdateDeployment"
             )
-        primary, canary = await self._resolve_targets(spec)
+        primary: ResolvedVersion | None
+        canary: ResolvedVersion | None
+        try:
+            primary, canary = await self._resolve_targets(spec)
+        except NotFoundError:
+            # A deployment may follow an alias that its (existing) model has not set yet: it is stored and
+            # waits (LOADING), and the first `alias changed` event loads the version, as for any later move.
+            if not await self._may_wait_for_alias(spec):
+                raise
+            primary = canary = None
+            log.info("deployment %s waits for alias %r of %s", spec.name, spec.target.alias, spec.registered_model_name)
         await asyncio.to_thread(self.store.create, spec)
         self.manager.add(spec, primary=primary, canary=canary)
         if wait_until_ready:
             await self.manager.wait_settled(spec.organization_id, spec.name, timeout_s)
         return self.manager.view(spec)
+
+    async def _may_wait_for_alias(self, spec: DeploymentSpec) -> bool:
+        if spec.target.alias is None or spec.canary is not None:
+            return False
+        return await asyncio.to_thread(self.source.model_exists, spec.organization_id, spec.registered_model_name)
 
     async def current(self, organization_id: str, name: str) -> DeploymentSpec:
         return await asyncio.to_thread(self.store.get, organization_id, name)

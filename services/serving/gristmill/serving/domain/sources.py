@@ -74,6 +74,13 @@ class ModelSource(ABC):
     def fetch(self, resolved: ResolvedVersion) -> Path:
         """A local directory holding every file of ``resolved``, each verified against its sha256."""
 
+    def model_exists(self, organization_id: str, registered_model_name: str) -> bool:
+        """Whether the registered model exists, so that a deployment may follow an alias that is not set yet.
+
+        Sources that cannot tell answer False: a deployment's alias must then exist when it is created.
+        """
+        return False
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections. Safe to call twice."""
 

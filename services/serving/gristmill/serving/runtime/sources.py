@@ -150,6 +150,18 @@ class RegistryModelSource(ModelSource):
             raise _registry_error(exc, self.address, what) from None
         return resolved_from_manifest(manifest)
 
+    def model_exists(self, organization_id: str, registered_model_name: str) -> bool:
+        validate_id(registered_model_name, what="registered_model_name")
+        request = registry_pb2.GetRegisteredModelRequest(name=registered_model_name)
+        try:
+            self._stub.GetRegisteredModel(request, timeout=self._timeout_s)
+        except grpc.RpcError as exc:
+            error = _registry_error(exc, self.address, f"registered model {registered_model_name!r}")
+            if isinstance(error, NotFoundError):
+                return False
+            raise error from None
+        return True
+
     def fetch(self, resolved: ResolvedVersion) -> Path:
         # Cached by the registry's artifact prefix (a validated key, unique per stored version).
         prefix = str(resolved.extra.get("artifact_prefix", "")).strip("/")
