@@ -69,9 +69,16 @@ class RayCluster:
         self._lock = threading.Lock()
         self._owned = False
         self._started = False
+        self._release = threading.Event()
 
     def start(self) -> None:
-        """Start or connect (idempotent, thread-safe). Takes seconds for a local cluster."""
+        """Start or connect (idempotent, thread-safe). Takes seconds for a local cluster.
+
+        ``ray.init`` runs on a thread of its own that lives until ``stop``: a local cluster's GCS and raylet are
+        started with PR_SET_PDEATHSIG, which kills them when the *thread* that started them ends (not the
+        process), so starting Ray on a short-lived thread (a background start, a worker thread) would leave the
+        cluster dead a moment later ("Failed to connect to GCS within 60 seconds").
+        """
         with self._lock:
             if self._started:
                 return
@@ -79,20 +86,40 @@ class RayCluster:
                 self._started = True
                 return
             began = time.monotonic()
-            if self.address:
-                ray.init(address=self.address, log_to_driver=self.log_to_driver, runtime_env={"env_vars": WORKER_ENV})
-            else:
-                ray.init(
-                    num_cpus=self.num_cpus,
-                    num_gpus=self.num_gpus,
-                    include_dashboard=False,
-                    log_to_driver=self.log_to_driver,
-                    object_store_memory=self.object_store_mb * 1024 * 1024,
-                    runtime_env={"env_vars": WORKER_ENV},
-                )
-                self._owned = True
+            ready = threading.Event()
+            failure: list[BaseException] = []
+
+            def own() -> None:
+                try:
+                    self._init()
+                except BaseException as exc:
+                    failure.append(exc)
+                    return
+                finally:
+                    ready.set()
+                self._release.wait()
+
+            self._release.clear()
+            threading.Thread(target=own, name="ray-owner", daemon=True).start()
+            ready.wait()
+            if failure:
+                raise failure[0]
             self._started = True
             log.info("Ray ready in %.1fs: %s", time.monotonic() - began, ray.cluster_resources())  # type: ignore[no-untyped-call]
+
+    def _init(self) -> None:
+        if self.address:
+            ray.init(address=self.address, log_to_driver=self.log_to_driver, runtime_env={"env_vars": WORKER_ENV})
+            return
+        ray.init(
+            num_cpus=self.num_cpus,
+            num_gpus=self.num_gpus,
+            include_dashboard=False,
+            log_to_driver=self.log_to_driver,
+            object_store_memory=self.object_store_mb * 1024 * 1024,
+            runtime_env={"env_vars": WORKER_ENV},
+        )
+        self._owned = True
 
     def start_in_background(self) -> threading.Thread:
         thread = threading.Thread(target=self._start_logged, name="ray-start", daemon=True)
@@ -122,6 +149,7 @@ class RayCluster:
             if self._owned and ray.is_initialized():
                 ray.shutdown()
             self._owned = self._started = False
+            self._release.set()
 
 
 @dataclass(frozen=True)
