@@ -197,7 +197,8 @@ async def measure_gristmill(
     (root / MODEL).mkdir(parents=True, exist_ok=True)
     if not (root / MODEL / "1").exists():
         (root / MODEL / "1").symlink_to(model_dir)
-    data_dir = model_dir.parent / "serving-data"
+    # A fresh data directory per run: a second run must not find the first one's stored deployment.
+    data_dir = Path(tempfile.mkdtemp(prefix="serving-data-", dir=model_dir.parent))
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", str(root), "--data-dir", str(data_dir), "--threads", str(threads)],
         stdout=subprocess.PIPE,
