@@ -173,6 +173,22 @@ async def test_update_replaces_the_masked_fields_only(api: Api) -> None:
         )
     )
     assert not removed.HasField("canary")
+    # A masked optional field left unset goes back to its documented default (5 ms).
+    await api.serving.UpdateDeployment(
+        serving_pb2.UpdateDeploymentRequest(
+            name="sentiment",
+            deployment=serving_pb2.Deployment(batching=serving_pb2.BatchingConfig(max_delay_ms=0)),
+            update_mask=field_mask_pb2.FieldMask(paths=["batching.max_delay_ms"]),
+        )
+    )
+    reset = await api.serving.UpdateDeployment(
+        serving_pb2.UpdateDeploymentRequest(
+            name="sentiment",
+            deployment=serving_pb2.Deployment(),
+            update_mask=field_mask_pb2.FieldMask(paths=["batching.max_delay_ms"]),
+        )
+    )
+    assert (reset.batching.max_delay_ms, reset.batching.max_batch_size) == (5, 8)
 
 
 async def test_update_answers_bad_input(api: Api) -> None:

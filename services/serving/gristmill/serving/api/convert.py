@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import numpy as np
+from google.protobuf import field_mask_pb2
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from gristmill.api.common.v1 import common_pb2
@@ -228,6 +230,26 @@ UPDATABLE_PATHS = frozenset(
         "prediction_logging.uncertainty_threshold",
     }
 )
+
+
+def apply_update_mask(
+    mask: field_mask_pb2.FieldMask, source: serving_pb2.Deployment, destination: serving_pb2.Deployment
+) -> None:
+    """Copy the masked fields of ``source`` into ``destination``; a masked field unset in ``source`` is reset.
+
+    protobuf's ``MergeMessage`` leaves an unset optional scalar (``batching.max_delay_ms``) as it was; resetting
+    it instead lets a caller go back to the documented default.
+    """
+    mask.MergeMessage(source, destination, replace_message_field=True)
+    for path in mask.paths:
+        *parents, leaf = path.split(".")
+        src: Message = source
+        dst: Message = destination
+        for name in parents:
+            src, dst = getattr(src, name), getattr(dst, name)
+        field = src.DESCRIPTOR.fields_by_name[leaf]
+        if field.has_presence and not src.HasField(leaf):
+            dst.ClearField(leaf)
 
 
 def encode_page_token(after: str) -> str:

@@ -78,8 +78,9 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
         org = caller_organization(context)
         previous = await self._service.current(org, request.name)
         merged = convert.spec_to_proto(previous)
-        # Named fields are replaced whole (an unset "canary" in the request removes the canary).
-        request.update_mask.MergeMessage(request.deployment, merged, replace_message_field=True)
+        # Named fields are replaced whole (an unset "canary" in the request removes the canary, an unset
+        # "batching.max_delay_ms" goes back to its default).
+        convert.apply_update_mask(request.update_mask, request.deployment, merged)
         spec = convert.spec_from_proto(
             merged, organization_id=org, create_time=previous.create_time, update_time=previous.update_time
         )
