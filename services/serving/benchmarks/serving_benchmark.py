@@ -175,6 +175,12 @@ def measure_raw(model_dir: Path, texts: Sequence[str], threads: int, singles: in
     }
 
 
+def parse_server_config(config: str) -> tuple[int, dict[str, str]]:
+    """'2,OMP_WAIT_POLICY=PASSIVE' → (2, {'OMP_WAIT_POLICY': 'PASSIVE'})."""
+    threads, *assignments = config.split(",")
+    return int(threads), dict(item.split("=", 1) for item in assignments)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -183,7 +189,12 @@ def free_port() -> int:
 
 
 async def measure_gristmill(
-    model_dir: Path, texts: Sequence[str], plan: Sequence[tuple[int, int]], threads: int, delay_ms: int
+    model_dir: Path,
+    texts: Sequence[str],
+    plan: Sequence[tuple[int, int]],
+    threads: int,
+    delay_ms: int,
+    server_env: dict[str, str],
 ) -> list[LoadResult]:
     """A serving process (the real wiring) and an OIP gRPC client in this process."""
     import grpc
@@ -203,7 +214,7 @@ async def measure_gristmill(
         [sys.executable, __file__, "--serve", str(root), "--data-dir", str(data_dir), "--threads", str(threads)],
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, **server_env, "PYTHONPATH": str(REPO)},
     )
     try:
         assert server.stdout is not None
@@ -431,10 +442,10 @@ def report(results: dict[str, Any]) -> None:
         f"length-sorted batches of 32: {raw['batch32_sentences_per_s']:.0f} sentences/s"
     )
     print(f"{'system':<10} {'conc.':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6}")
-    names = [key for key in results if key.startswith("gristmill_threads_")] + ["ray_serve"]
+    names = [key for key in results if key.startswith("gristmill[")] + ["ray_serve"]
     for name in names:
-        if name.startswith("gristmill_threads_"):
-            print(f"gristmill, {name.rsplit('_', 1)[-1]} torch thread(s):")
+        if name.startswith("gristmill["):
+            print(f"gristmill, server config {name[len('gristmill[') : -1]!r} (torch threads[,environment]):")
         for row in results.get(name, []):
             print(
                 f"{row['system']:<10} {row['concurrency']:>5} {row['throughput']:>8.1f} {row['p50_ms']:>8.1f} "
@@ -472,10 +483,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: cores)")
     parser.add_argument("--delay-ms", type=int, default=0, help="the deployment's max_delay_ms (default 0)")
     parser.add_argument(
-        "--server-threads",
-        type=lambda text: [int(t) for t in text.split(",")],
+        "--server-configs",
+        type=lambda text: text.split(";"),
         default=None,
-        help="torch threads of the serving process, one measurement each (default: --threads, then 1)",
+        help="serving-process configurations, one measurement each: 'THREADS[,ENV=VALUE...]' separated by ';' "
+        "(default: '<threads>;1')",
     )
     parser.add_argument("--quick", action="store_true", help="few requests: a smoke run, not a measurement")
     parser.add_argument("--skip-ray", action="store_true")
@@ -485,8 +497,8 @@ def main() -> None:
     if args.serve:
         serve(args.serve, args.data_dir, args.threads)
         return
-    if args.server_threads is None:
-        args.server_threads = sorted({args.threads, 1}, reverse=True)
+    if args.server_configs is None:
+        args.server_configs = [str(t) for t in sorted({args.threads, 1}, reverse=True)]
     rows = load_sentences()
     texts = [text for text, _ in rows]
     random.Random(0).shuffle(texts)
@@ -500,14 +512,15 @@ def main() -> None:
         print("raw model ...", flush=True)
         before = measure_raw(model_dir, texts, args.threads, singles=int(200 * scale) or 20)
         print(f"  {before}", flush=True)
-        for threads in args.server_threads:
-            print(f"gristmill serving (OIP over gRPC), {threads} torch thread(s) ...", flush=True)
-            ours = asyncio.run(measure_gristmill(model_dir, texts, plan, threads, args.delay_ms))
-            results[f"gristmill_threads_{threads}"] = [asdict(r) for r in ours]
-        # The headline row: the server setting with the best throughput at the highest concurrency.
-        best = max(args.server_threads, key=lambda t: results[f"gristmill_threads_{t}"][-1]["throughput"])
-        results["gristmill"] = results[f"gristmill_threads_{best}"]
-        results["gristmill_threads"] = best
+        for config in args.server_configs:
+            threads, server_env = parse_server_config(config)
+            print(f"gristmill serving (OIP over gRPC), server config {config!r} ...", flush=True)
+            ours = asyncio.run(measure_gristmill(model_dir, texts, plan, threads, args.delay_ms, server_env))
+            results[f"gristmill[{config}]"] = [asdict(r) for r in ours]
+        # The headline rows: the server configuration with the best throughput at the highest concurrency.
+        best = max(args.server_configs, key=lambda c: results[f"gristmill[{c}]"][-1]["throughput"])
+        results["gristmill"] = results[f"gristmill[{best}]"]
+        results["gristmill_config"] = best
         # The machine is shared: measure the raw model again and use the mean of both runs (both reported).
         print("raw model again ...", flush=True)
         after = measure_raw(model_dir, texts, args.threads, singles=int(200 * scale) or 20)
