@@ -2,133 +2,116 @@
 
 Every command talks to the services over gRPC (``gristmill.client``). Output is a human-readable table by
 default and JSON with ``--json``; an error is one line on stderr and a non-zero exit status.
+
+Where the services are: every service on its default port on 127.0.0.1, unless ``--host`` (all on one host),
+``--endpoints "labeling=h:p training=h:p ..."`` (the embedded platform's READY line) or one service's option
+(``--labeling h:p`` ...) say otherwise. ``--api-key`` (or ``GRISTMILL_API_KEY``) is sent with every call.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
 
 import typer
 
-from gristmill.cli.processes import DEFAULT_PORTS, SERVICES, ServiceProcess, health, wait_serving
-from gristmill.core.errors import GristmillError
+from gristmill.cli import admin_commands, labeling_commands, registry_commands, serving_commands, training_commands
+from gristmill.cli.context import build_state
+from gristmill.cli.demo_command import demo_command, run_dir
+from gristmill.cli.output import emit, fail, one_line_errors
+from gristmill.cli.platforms import LocalStack
+from gristmill.cli.processes import health
 
-app = typer.Typer(help="Gristmill: label → train → register → serve, on your own machines.", no_args_is_help=True)
-
-REPO_ROOT = Path(__file__).resolve().parents[3]
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def fail(message: str, code: int = 1) -> None:
-    typer.echo(f"gristmill: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def one_line_errors(fn: F) -> F:
-    """Turn platform errors into one line on stderr and exit status 1."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except GristmillError as exc:
-            fail(f"{type(exc).__name__.removesuffix('Error').lower() or 'error'}: {exc}")
-        except (OSError, subprocess.CalledProcessError) as exc:
-            fail(str(exc))
-
-    return wrapper  # type: ignore[return-value]
+app = typer.Typer(
+    help="Gristmill: label → train → register → serve, on your own machines.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 
 
-def emit(rows: Sequence[Mapping[str, Any]], as_json: bool) -> None:
-    """Print rows as an aligned table, or as JSON."""
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2, default=str))
-        return
-    if not rows:
-        typer.echo("(none)")
-        return
-    columns = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
-    typer.echo("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
-    for row in rows:
-        typer.echo("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns).rstrip())
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    host: str = typer.Option("", envvar="GRISTMILL_HOST", help="every service on this host, default ports"),
+    endpoints: str = typer.Option(
+        "", envvar="GRISTMILL_ENDPOINTS", help="'labeling=h:p training=h:p registry=h:p serving=h:p admin=h:p'"
+    ),
+    labeling: str = typer.Option("", help="labeling service host:port"),
+    training: str = typer.Option("", help="training service host:port"),
+    registry: str = typer.Option("", help="registry host:port"),
+    serving: str = typer.Option("", help="serving service host:port"),
+    admin: str = typer.Option("", help="admin service host:port"),
+    api_key: str = typer.Option("", envvar="GRISTMILL_API_KEY", help="API key sent with every call"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+    timeout: float = typer.Option(30.0, help="seconds each call may take"),
+) -> None:
+    ctx.obj = build_state(
+        host=host,
+        endpoints=endpoints,
+        overrides={
+            "labeling": labeling,
+            "training": training,
+            "registry": registry,
+            "serving": serving,
+            "admin": admin,
+        },
+        api_key=api_key,
+        as_json=as_json,
+        timeout_s=timeout,
+    )
 
 
-def run_dir() -> Path:
-    return Path(os.environ.get("GRISTMILL_RUN_DIR", REPO_ROOT / ".run"))
+# --------------------------------------------------------------------------- running the platform
 
 
-def stack_script() -> Path:
-    script = REPO_ROOT / "deploy" / "local" / "stack.sh"
-    if not script.exists():
-        fail("this command needs a source checkout of Gristmill (deploy/local/stack.sh is missing)")
-    return script
-
-
-def service_processes() -> list[ServiceProcess]:
-    return [ServiceProcess(name, f"gristmill.{name}", run_dir()) for name in SERVICES]
-
-
-def local_stack_env() -> dict[str, str]:
-    """What every service process gets in the local stack: the real Kafka and S3, its own data dir."""
-    kafka_port = os.environ.get("GRISTMILL_KAFKA_PORT", "9092")
-    s3_port = os.environ.get("GRISTMILL_S3_PORT", "8333")
-    env = {
-        "GRISTMILL_KAFKA_BOOTSTRAP_SERVERS": os.environ.get(
-            "GRISTMILL_KAFKA_BOOTSTRAP_SERVERS", f"127.0.0.1:{kafka_port}"
-        ),
-        "GRISTMILL_S3_ENDPOINT": os.environ.get("GRISTMILL_S3_ENDPOINT", f"127.0.0.1:{s3_port}"),
-        "GRISTMILL_S3_ACCESS_KEY": os.environ.get("GRISTMILL_S3_ACCESS_KEY", "gristmill"),
-        "GRISTMILL_S3_SECRET_KEY": os.environ.get("GRISTMILL_S3_SECRET_KEY", "gristmill-secret"),
-        "GRISTMILL_SERVING_REGISTRY_ADDRESS": f"127.0.0.1:{DEFAULT_PORTS['registry']}",
-        "HF_HUB_OFFLINE": "1",
-    }
-    for name in SERVICES:
-        env[f"GRISTMILL_{name.upper()}_DATA_DIR"] = str(run_dir() / "services" / name)
-    return env
+def local_stack(base_port: int = 0) -> LocalStack:
+    return LocalStack(run_dir(), base_port=base_port)
 
 
 @app.command()
 @one_line_errors
-def up(timeout: float = typer.Option(120.0, help="seconds to wait for each service")) -> None:
-    """Start the local stack: Kafka, the S3 server, and each service as its own process."""
-    subprocess.run([str(stack_script()), "up"], check=True)
-    env = local_stack_env()
-    for proc in service_processes():
-        pid = proc.start(env)
-        typer.echo(f"{proc.name}: starting (pid {pid}, log {proc.log_file})")
-    for proc in service_processes():
-        address = f"127.0.0.1:{DEFAULT_PORTS[proc.name]}"
-        wait_serving(address, timeout, process=proc)
-        typer.echo(f"{proc.name}: serving on {address}")
+def up(
+    timeout: float = typer.Option(180.0, help="seconds to wait for the services"),
+    base_port: int = typer.Option(0, help="first service port (0: the default ports)"),
+) -> None:
+    """Start the local stack: Kafka, the S3 server, and each service (admin too) as its own process."""
+    stack = local_stack(base_port)
+    stack.start_infrastructure()
+    stack.start(timeout, on_start=lambda proc, pid: typer.echo(f"{proc.name}: pid {pid}, log {proc.log_file}"))
+    for name, address in vars(stack.endpoints).items():
+        typer.echo(f"{name}: serving on {address}")
+    key = stack.root_key_file()
+    if key.exists():
+        typer.echo(f"root API key (admin scope) is in {key}: export GRISTMILL_API_KEY=$(cat {key})")
 
 
 @app.command()
 @one_line_errors
-def down(keep_stack: bool = typer.Option(False, help="stop the services but leave Kafka and S3 running")) -> None:
+def down(
+    keep_stack: bool = typer.Option(False, help="stop the services but leave Kafka and S3 running"),
+    base_port: int = typer.Option(0, help="as given to `up`"),
+) -> None:
     """Stop the services (they drain in-flight calls), then Kafka and the S3 server."""
-    for proc in reversed(service_processes()):
-        typer.echo(f"{proc.name}: {'stopped' if proc.stop() else 'not running'}")
+    stack = local_stack(base_port)
+    for name, was_running in stack.stop():
+        typer.echo(f"{name}: {'stopped' if was_running else 'not running'}")
     if not keep_stack:
-        subprocess.run([str(stack_script()), "down"], check=True)
+        script = Path(__file__).resolve().parents[3] / "deploy" / "local" / "stack.sh"
+        if not script.exists():
+            fail("this command needs a source checkout of Gristmill (deploy/local/stack.sh is missing)")
+        subprocess.run([str(script), "down"], check=True)
 
 
 @app.command()
 @one_line_errors
-def status(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
-    """Health of each service on its default port."""
-    rows = [
-        {"service": name, "address": f"127.0.0.1:{port}", "health": health(f"127.0.0.1:{port}")}
-        for name, port in DEFAULT_PORTS.items()
-    ]
-    emit(rows, as_json)
+def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Health of each service (at the addresses the global options give)."""
+    from gristmill.cli.context import state
+
+    endpoints = vars(state(ctx).endpoints)
+    rows = [{"service": name, "address": address, "health": health(address)} for name, address in endpoints.items()]
+    emit(rows, as_json or state(ctx).as_json)
     if any(r["health"] != "SERVING" for r in rows):
         raise typer.Exit(1)
 
@@ -145,6 +128,24 @@ def dev(
         raise typer.Exit(subprocess.call(command))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+# --------------------------------------------------------------------------- using it
+
+app.add_typer(labeling_commands.projects_app, name="projects")
+app.command("import")(labeling_commands.import_command)
+app.command("label")(labeling_commands.label_command)
+app.command("agreement")(labeling_commands.agreement_command)
+app.add_typer(labeling_commands.datasets_app, name="datasets")
+app.command("train")(training_commands.train_command)
+app.add_typer(training_commands.jobs_app, name="jobs")
+app.add_typer(registry_commands.models_app, name="models")
+app.command("deploy")(serving_commands.deploy_command)
+app.command("deployments")(serving_commands.deployments_command)
+app.command("predict")(serving_commands.predict_command)
+app.add_typer(admin_commands.keys_app, name="keys")
+app.command("usage")(admin_commands.usage_command)
+app.command("demo")(demo_command)
 
 
 def main() -> None:

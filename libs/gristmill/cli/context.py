@@ -1,0 +1,81 @@
+"""The global options every command shares (where the services are, the API key, JSON output) and the SDK
+client built from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import typer
+from opentelemetry.sdk.trace import TracerProvider
+
+from gristmill.cli.output import fail
+from gristmill.cli.processes import DEFAULT_PORTS
+from gristmill.client import ClientOptions, Endpoints, Gristmill
+
+
+def parse_endpoints(text: str, base: Endpoints | None = None) -> Endpoints:
+    """``labeling=127.0.0.1:50051 training=...`` (the embedded platform's READY line) → ``Endpoints``."""
+    endpoints = base or Endpoints()
+    known = set(DEFAULT_PORTS)
+    changes: dict[str, str] = {}
+    for part in text.replace(",", " ").split():
+        if part == "READY":
+            continue
+        name, sep, address = part.partition("=")
+        if not sep or name not in known or ":" not in address:
+            raise ValueError(
+                f"bad endpoint {part!r}: expected NAME=HOST:PORT with NAME one of {', '.join(sorted(known))}"
+            )
+        changes[name] = address
+    return replace(endpoints, **changes)
+
+
+def endpoints_for_host(host: str) -> Endpoints:
+    """Every service on ``host`` at its default port."""
+    return Endpoints(**{name: f"{host}:{port}" for name, port in DEFAULT_PORTS.items()})
+
+
+@dataclass
+class CliState:
+    """What the global options said; commands read it from ``ctx.obj``."""
+
+    endpoints: Endpoints = field(default_factory=Endpoints)
+    api_key: str = ""
+    as_json: bool = False
+    timeout_s: float = 30.0
+
+    def client(self, tracer_provider: TracerProvider | None = None) -> Gristmill:
+        options = ClientOptions(api_key=self.api_key, timeout_s=self.timeout_s, tracer_provider=tracer_provider)
+        return Gristmill(self.endpoints, options)
+
+
+def state(ctx: typer.Context) -> CliState:
+    """The global options (a command run without the callback, e.g. in a unit test, gets the defaults)."""
+    root = ctx.find_root()
+    if not isinstance(root.obj, CliState):
+        root.obj = CliState()
+    return root.obj
+
+
+def want_json(ctx: typer.Context, flag: bool) -> bool:
+    """``--json`` given before the command (global) or after it (on the command)."""
+    return flag or state(ctx).as_json
+
+
+def build_state(
+    *,
+    host: str,
+    endpoints: str,
+    overrides: dict[str, str | None],
+    api_key: str,
+    as_json: bool,
+    timeout_s: float,
+) -> CliState:
+    """Global options → ``CliState``: ``--host`` first, then ``--endpoints``, then one service's own option."""
+    base = endpoints_for_host(host) if host else Endpoints()
+    try:
+        resolved = parse_endpoints(endpoints, base) if endpoints else base
+    except ValueError as exc:
+        fail(f"--endpoints: {exc}", code=2)
+    resolved = replace(resolved, **{k: v for k, v in overrides.items() if v})
+    return CliState(endpoints=resolved, api_key=api_key, as_json=as_json, timeout_s=timeout_s)

@@ -1,0 +1,219 @@
+"""Running a platform for the CLI: the embedded one as a child process, or the local stack of processes.
+
+``EmbeddedProcess`` starts ``python -m gristmill.standalone`` (every service in one process, in-process bus,
+local files) on free ports and reads its ``READY`` line. ``LocalStack`` starts Kafka and the S3 server
+(deploy/local/stack.sh) and each service as its own process with ``GRISTMILL_*`` settings, pid files and logs
+under a run directory (``gristmill up``/``down``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gristmill.cli.context import parse_endpoints
+from gristmill.cli.processes import DEFAULT_PORTS, SERVICES, ServiceProcess, wait_serving
+from gristmill.client import Endpoints
+from gristmill.core.errors import UnavailableError
+
+# The training service runs Ray's core worker in its own process; Ray's C++ failure-signal handler would
+# otherwise take SIGTERM and abort() the process in the middle of its graceful shutdown.
+SERVICE_BASE_ENV = {"HF_HUB_OFFLINE": "1", "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1"}
+
+
+@dataclass
+class EmbeddedProcess:
+    """``python -m gristmill.standalone`` as a child process (its own session: Ctrl-C reaches the CLI only)."""
+
+    data_dir: Path
+    base_port: int = 0
+    ray_num_cpus: int = 2
+    env: Mapping[str, str] = field(default_factory=dict)
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "standalone.log"
+
+    @property
+    def out_file(self) -> Path:
+        return self.data_dir / "standalone.out"
+
+    def start(self, timeout_s: float = 180.0) -> Endpoints:
+        """Start and wait for the READY line; returns where each service listens."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable,
+            "-m",
+            "gristmill.standalone",
+            "--data-dir",
+            str(self.data_dir),
+            "--base-port",
+            str(self.base_port),
+            "--ray-num-cpus",
+            str(self.ray_num_cpus),
+        ]
+        with self.out_file.open("wb") as out, self.log_file.open("ab") as log:
+            self._proc = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=log,
+                env={**os.environ, **SERVICE_BASE_ENV, **self.env},
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in self.out_file.read_text(errors="replace").splitlines():
+                if line.startswith("READY "):
+                    return parse_endpoints(line)
+            if self._proc.poll() is not None:
+                raise UnavailableError(
+                    f"the embedded platform exited during start-up (status {self._proc.returncode}); "
+                    f"see {self.log_file}"
+                )
+            time.sleep(0.2)
+        self.stop()
+        raise UnavailableError(f"the embedded platform did not start within {timeout_s:.0f} s; see {self.log_file}")
+
+    def stop(self, timeout_s: float = 60.0) -> int | None:
+        """SIGTERM (every service drains), SIGKILL after ``timeout_s``; returns the exit status."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._proc = None
+        return proc.returncode
+
+
+def service_ports(base_port: int = 0) -> dict[str, int]:
+    """Each service's port: the defaults, or ``base_port``, ``base_port + 1``, ... in the default order."""
+    if not base_port:
+        return dict(DEFAULT_PORTS)
+    return {name: base_port + i for i, name in enumerate(DEFAULT_PORTS)}
+
+
+@dataclass
+class LocalStack:
+    """Each service as its own process on the real Kafka broker and S3 server, under ``run_dir``.
+
+    ``group_suffix`` gives every consumer group of this installation a suffix: installations that share one
+    Kafka cluster (a developer's stack and the end-to-end test) then never take each other's events.
+    """
+
+    run_dir: Path
+    base_port: int = 0
+    group_suffix: str = ""
+    repo_root: Path | None = None
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return service_ports(self.base_port)
+
+    @property
+    def endpoints(self) -> Endpoints:
+        return Endpoints(**{name: f"127.0.0.1:{port}" for name, port in self.ports.items()})
+
+    def processes(self) -> list[ServiceProcess]:
+        return [ServiceProcess(name, f"gristmill.{name}", self.run_dir) for name in SERVICES]
+
+    def root_key_file(self) -> Path:
+        return self.run_dir / "services" / "admin" / "root-admin.key"
+
+    def root_key(self) -> str:
+        """The admin service's first (root organisation, admin scope) key, written at its first start."""
+        try:
+            return self.root_key_file().read_text().strip()
+        except OSError:
+            return ""
+
+    def env(self) -> dict[str, str]:
+        """What every service process gets: the real Kafka and S3, its port and data dir, the admin address."""
+        kafka_port = os.environ.get("GRISTMILL_KAFKA_PORT", "9092")
+        s3_port = os.environ.get("GRISTMILL_S3_PORT", "8333")
+        ports = self.ports
+        env = {
+            **SERVICE_BASE_ENV,
+            "GRISTMILL_KAFKA_BOOTSTRAP_SERVERS": os.environ.get(
+                "GRISTMILL_KAFKA_BOOTSTRAP_SERVERS", f"127.0.0.1:{kafka_port}"
+            ),
+            "GRISTMILL_S3_ENDPOINT": os.environ.get("GRISTMILL_S3_ENDPOINT", f"127.0.0.1:{s3_port}"),
+            "GRISTMILL_S3_ACCESS_KEY": os.environ.get("GRISTMILL_S3_ACCESS_KEY", "gristmill"),
+            "GRISTMILL_S3_SECRET_KEY": os.environ.get("GRISTMILL_S3_SECRET_KEY", "gristmill-secret"),
+            "GRISTMILL_SERVING_REGISTRY_ADDRESS": f"127.0.0.1:{ports['registry']}",
+            # Services verify API keys at the admin service (once they have auth wired).
+            "GRISTMILL_AUTH_ADMIN_ADDRESS": f"127.0.0.1:{ports['admin']}",
+        }
+        for name in SERVICES:
+            env[f"GRISTMILL_{name.upper()}_GRPC_PORT"] = str(ports[name])
+            env[f"GRISTMILL_{name.upper()}_DATA_DIR"] = str(self.run_dir / "services" / name)
+        if self.group_suffix:
+            suffix = f"-{self.group_suffix}"
+            env |= {
+                "GRISTMILL_TRAINING_AUTO_TRAIN_GROUP": f"training-auto-train{suffix}",
+                "GRISTMILL_REGISTRY_JOB_EVENTS_GROUP": f"registry-job-events{suffix}",
+                "GRISTMILL_REGISTRY_PROMOTION_GROUP": f"registry-promotion{suffix}",
+                "GRISTMILL_SERVING_CONSUMER_GROUP": f"serving{suffix}",
+                "GRISTMILL_LABELING_ACTIVE_LEARNING_GROUP": f"labeling-active-learning{suffix}",
+                "GRISTMILL_ADMIN_METERING_GROUP": f"admin-metering{suffix}",
+            }
+        return env
+
+    def consumer_groups(self) -> dict[str, tuple[str, ...]]:
+        """This installation's consumer groups and the topics each reads (to start them at the topics' end)."""
+        from gristmill.core.events.topics import (
+            ALIAS_CHANGED,
+            DATASET_VERSION_PUBLISHED,
+            JOB_STATE_CHANGED,
+            MODEL_VERSION_REGISTERED,
+            PREDICTION_LOGGED,
+            USAGE_RECORDED,
+        )
+
+        env = self.env()
+        return {
+            env.get("GRISTMILL_TRAINING_AUTO_TRAIN_GROUP", "training-auto-train"): (DATASET_VERSION_PUBLISHED,),
+            env.get("GRISTMILL_REGISTRY_JOB_EVENTS_GROUP", "registry-job-events"): (JOB_STATE_CHANGED,),
+            env.get("GRISTMILL_REGISTRY_PROMOTION_GROUP", "registry-promotion"): (MODEL_VERSION_REGISTERED,),
+            env.get("GRISTMILL_SERVING_CONSUMER_GROUP", "serving"): (ALIAS_CHANGED,),
+            env.get("GRISTMILL_LABELING_ACTIVE_LEARNING_GROUP", "labeling-active-learning"): (PREDICTION_LOGGED,),
+            env.get("GRISTMILL_ADMIN_METERING_GROUP", "admin-metering"): (USAGE_RECORDED,),
+        }
+
+    def start_infrastructure(self) -> None:
+        """Kafka and the S3 server (provisioned once, cached; a no-op when they already run)."""
+        root = self.repo_root or Path(__file__).resolve().parents[3]
+        script = root / "deploy" / "local" / "stack.sh"
+        if not script.exists():
+            raise UnavailableError("the local stack needs a source checkout of Gristmill (deploy/local/stack.sh)")
+        subprocess.run([str(script), "up"], check=True, stdout=subprocess.DEVNULL)
+
+    def start(
+        self, timeout_s: float = 180.0, *, on_start: Callable[[ServiceProcess, int], None] | None = None
+    ) -> Endpoints:
+        """Start every service not running yet (admin first) and wait until all serve."""
+        env = self.env()
+        for proc in self.processes():
+            pid = proc.start(env)
+            if on_start is not None:
+                on_start(proc, pid)
+        deadline = time.monotonic() + timeout_s
+        for proc in self.processes():
+            wait_serving(f"127.0.0.1:{self.ports[proc.name]}", max(1.0, deadline - time.monotonic()), process=proc)
+        return self.endpoints
+
+    def stop(self) -> list[tuple[str, bool]]:
+        """Stop the services in reverse start order (each drains); returns (name, was running)."""
+        return [(proc.name, proc.stop()) for proc in reversed(self.processes())]
