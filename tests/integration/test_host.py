@@ -50,7 +50,7 @@ async def _exercise(
     message = events_pb2.AliasChanged(registered_model_name=key, alias="production", to_version=2)
     with platform.database.transaction() as session:
         Outbox.add(session, Event.create(message, key=key, source="test", catalog=platform.catalog))
-    assert seen.wait(30), "the event written to the outbox never reached the consumer"
+    assert seen.wait(90), "the event written to the outbox never reached the consumer"
     assert received[0].to_version == 2
     await host.stop()
     await host.stop()  # idempotent

@@ -233,7 +233,7 @@ async def test_job_event_to_promoted_version_on_kafka_and_s3(
             assert change.decision.passed and change.decision.candidate_value == pytest.approx(0.91)
 
             # Serving sees the alias change on Kafka, in the trace the training job started.
-            assert await asyncio.to_thread(arrived.wait, 30), "alias changed never reached Kafka"
+            assert await asyncio.to_thread(arrived.wait, 90), "alias changed never reached Kafka"
             alias_event = seen[0]
             changed = catalog.decode(alias_event, events_pb2.AliasChanged)
             assert (changed.alias, changed.to_version, changed.sequence) == ("production", 1, change.sequence)
