@@ -7,7 +7,7 @@ import pytest
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.training.domain import spec as d
 from gristmill.training.domain.refs import BaseModelRef, DatasetRef
-from gristmill.training.domain.search import check_search_bounds, metric_key, trial_spec
+from gristmill.training.domain.search import check_search_bounds, metric_key, sample_trials, trial_spec
 
 
 def _spec(*dimensions: d.SearchDimension, method: d.Method = d.Method.LORA) -> d.JobSpec:
@@ -56,3 +56,17 @@ def test_integer_parameters_are_rounded_and_bounds_are_checked() -> None:
         check_search_bounds(_spec(_dim("weight_decay", d.Distribution.UNIFORM, low=0.0, high=2.0)))
     with pytest.raises(InvalidArgumentError, match="'lora.dropout' reaches 1"):
         check_search_bounds(_spec(_dim("lora.dropout", d.Distribution.CHOICE, values=[0.1, 1.0])))
+
+
+def test_trials_are_sampled_reproducibly_and_choices_are_covered() -> None:
+    search = _spec(
+        _dim("learning_rate", d.Distribution.LOG_UNIFORM, low=1e-5, high=1e-3),
+        _dim("weight_decay", d.Distribution.UNIFORM, low=0.0, high=0.1),
+        _dim("lora.rank", d.Distribution.CHOICE, values=[4, 8]),
+    ).search
+    assert search is not None
+    trials = sample_trials(search, seed=42)
+    assert trials == sample_trials(search, seed=42) != sample_trials(search, seed=43)
+    assert len(trials) == 4
+    assert sorted(t["lora.rank"] for t in trials) == [4, 4, 8, 8]  # each choice as often as the others
+    assert all(1e-5 <= t["learning_rate"] <= 1e-3 and 0.0 <= t["weight_decay"] <= 0.1 for t in trials)

@@ -1,12 +1,15 @@
 """Hyper-parameter search: what one trial trains with.
 
-A trial's sampled values replace the spec's (through the same builders, so a sampled value is checked like
+Trials are sampled up front, from the job's seed (``sample_trials``), so a search is reproducible. A
+trial's sampled values replace the spec's (through the same builders, so a sampled value is checked like
 a submitted one), and every trial stops early and keeps its best checkpoint on the search's metric, so
 trials are compared on the value each one publishes.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -20,6 +23,27 @@ from gristmill.training.domain.spec import (
     build_hyper_parameters,
     build_lora,
 )
+
+
+def sample_trials(search: SearchSettings, seed: int) -> list[dict[str, float]]:
+    """The sampled values of every trial, reproducible from ``seed`` (the job's seed).
+
+    Choices are stratified: with as many trials as values each value is tried once (more trials cycle
+    through them in a seeded order), which random sampling does not promise. Ranges are sampled uniformly
+    or log-uniformly."""
+    rng = random.Random(seed)
+    n = search.num_trials
+    columns: dict[str, list[float]] = {}
+    for dim in search.dimensions:
+        if dim.distribution is Distribution.CHOICE:
+            column = [dim.values[i % len(dim.values)] for i in range(n)]
+            rng.shuffle(column)
+        elif dim.distribution is Distribution.LOG_UNIFORM:
+            column = [math.exp(rng.uniform(math.log(dim.low), math.log(dim.high))) for _ in range(n)]
+        else:
+            column = [rng.uniform(dim.low, dim.high) for _ in range(n)]
+        columns[dim.parameter] = column
+    return [{name: column[i] for name, column in columns.items()} for i in range(n)]
 
 
 def metric_key(search: SearchSettings) -> str:

@@ -1,8 +1,9 @@
 """Hyper-parameter search jobs: a Ray Tune ``Tuner`` whose trials each run a ``TorchTrainer``.
 
-Each trial's Tune function (no CPU of its own) samples the spec's dimensions, builds the trial's spec
-(``domain.search.trial_spec``) and runs one Ray Train run named ``<job>-trial-<n>``; ``TuneReportCallback``
-forwards every evaluation to Tune, so ASHA can stop poor trials early. Progress records carry the trial
+The trials are sampled up front from the job's seed (one grid entry each, ``domain.search.sample_trials``).
+Each trial's Tune function (no CPU of its own) builds the trial's spec (``domain.search.trial_spec``) and runs
+one Ray Train run named ``<job>-trial-<n>``; ``TuneReportCallback`` forwards every evaluation to Tune, so
+ASHA can stop poor trials early. Progress records carry the trial
 index. The job's result is the best *finished* trial's final model, compared on the search metric.
 """
 
@@ -21,22 +22,16 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.stopper import Stopper
 
 from gristmill.training.domain.runs import RunFailedError, RunRequest
-from gristmill.training.domain.search import metric_key, trial_spec
-from gristmill.training.domain.spec import Distribution, Goal, JobSpec, Scheduler, SearchSettings
+from gristmill.training.domain.search import metric_key, sample_trials, trial_spec
+from gristmill.training.domain.spec import Goal, JobSpec, Scheduler, SearchSettings
 from gristmill.training.ml.loop import LoopConfig, train_loop
 from gristmill.training.runner.failures import describe_failure
 
 
-def param_space(search: SearchSettings) -> dict[str, Any]:
-    space: dict[str, Any] = {}
-    for dim in search.dimensions:
-        if dim.distribution is Distribution.UNIFORM:
-            space[dim.parameter] = tune.uniform(dim.low, dim.high)
-        elif dim.distribution is Distribution.LOG_UNIFORM:
-            space[dim.parameter] = tune.loguniform(dim.low, dim.high)
-        else:
-            space[dim.parameter] = tune.choice(list(dim.values))
-    return space
+def param_space(search: SearchSettings, seed: int) -> dict[str, Any]:
+    """One grid entry per pre-sampled trial (Tune runs each exactly once, in order)."""
+    trials = [{"index": i, "values": values} for i, values in enumerate(sample_trials(search, seed))]
+    return {"trial": tune.grid_search(trials)}
 
 
 @dataclass(frozen=True)
@@ -52,15 +47,9 @@ class TrialTemplate:
     extra_callbacks: tuple[Any, ...]
 
 
-def trial_index(trial_name: str) -> int:
-    # Tune names trials "<trainable>_<experiment tag>_<5-digit index>".
-    tail = trial_name.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
-
-
 def run_trial(config: dict[str, Any], template: TrialTemplate) -> None:
-    index = trial_index(tune.get_context().get_trial_name())
-    spec = trial_spec(template.spec, config)
+    index = int(config["trial"]["index"])
+    spec = trial_spec(template.spec, config["trial"]["values"])
     loop = replace(template.loop, hyper=spec.hyper_parameters, lora=spec.lora, trial=index)
     res = spec.resources
     per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
@@ -142,11 +131,11 @@ def run_search(
         # The trial function only drives its TorchTrainer: no CPU of its own (Ray needs some resource in the
         # bundle, so a token amount of memory), leaving every CPU to the workers.
         tune.with_resources(tune.with_parameters(run_trial, template=template), {"cpu": 0, "memory": 2**20}),
-        param_space=param_space(search),
+        param_space=param_space(search, spec.hyper_parameters.seed),
         tune_config=tune.TuneConfig(
             metric=key,
             mode=mode,
-            num_samples=search.num_trials,
+            num_samples=1,
             max_concurrent_trials=concurrent_trials(search, spec, cluster_cpus),
             scheduler=scheduler,
         ),
@@ -172,11 +161,6 @@ def run_search(
         reason = describe_failure(errors[0]) if errors else "no trial finished"
         raise RunFailedError(f"the hyper-parameter search produced no model: {reason}")
     _, best = (max if mode == "max" else min)(finished, key=lambda item: item[0])
-    config = {k: v for k, v in (best.config or {}).items() if k in {d.parameter for d in search.dimensions}}
+    trial = (best.config or {})["trial"]
     best_metrics = dict(best.metrics or {})
-    return (
-        str(best_metrics[CHECKPOINT_PATH_KEY]),
-        best_metrics,
-        int(best_metrics.get("trial", 0)),
-        trial_spec(spec, config),
-    )
+    return str(best_metrics[CHECKPOINT_PATH_KEY]), best_metrics, int(trial["index"]), trial_spec(spec, trial["values"])
