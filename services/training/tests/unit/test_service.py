@@ -233,6 +233,7 @@ async def test_reads_and_lists(tmp_path: Path, tiny_model: Path, sentiment_versi
                 pb.ListJobsRequest(page=common_pb2.PageRequest(page_size=2, page_token=page.next_page_token))
             )
             assert [j.job_id for j in rest.jobs] == [first.job_id] and not rest.next_page_token
+            await asyncio.to_thread(runner.started.wait, 30)
             queued = await stub.ListJobs(pb.ListJobsRequest(states=[pb.JOB_STATE_QUEUED], project_id="reviews"))
             assert {j.job_id for j in queued.jobs} == {second.job_id, third.job_id}  # the first one is running
             assert not (await stub.ListJobs(pb.ListJobsRequest(project_id="other"))).jobs
@@ -324,14 +325,41 @@ async def test_a_failing_training_loop_ends_the_job_failed_with_its_error(
 
     host, stub = service
     sentiment_version(host.platform.objects)
-    model = tmp_path / "model-copy"
+    model = tmp_path / "broken-weights"
     shutil.copytree(tiny_model, model)
-    job = await stub.SubmitJob(pb.SubmitJobRequest(spec=_spec(model)))
-    # The weights change after submit: the run refuses them instead of training on something else.
+    # Config and tokenizer are fine (SubmitJob accepts the model); the weights only fail when the loop loads them.
     (model / "model.safetensors").write_bytes(b"not weights")
+    job = await stub.SubmitJob(pb.SubmitJobRequest(spec=_spec(model)))
     events = await _events(stub, job.job_id, after_sequence=0)
     final = events[-1].state_change
-    assert final.state == pb.JOB_STATE_FAILED and "changed since the job was submitted" in final.reason
+    assert final.state == pb.JOB_STATE_FAILED
+    assert final.reason.startswith("SafetensorError: ")  # the loop's own error, named by its type
+
+
+async def test_a_base_model_changed_after_submit_is_refused_at_run_time(
+    tmp_path: Path, tiny_model: Path, sentiment_version: Any
+) -> None:
+    import shutil
+
+    runner = ScriptedRunner()
+    host, port = await _host(tmp_path, runner, max_running_jobs=1)
+    try:
+        sentiment_version(host.platform.objects)
+        model = tmp_path / "model-copy"
+        shutil.copytree(tiny_model, model)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.TrainingServiceStub(channel)
+            first = await stub.SubmitJob(pb.SubmitJobRequest(spec=_spec(tiny_model)))
+            await asyncio.to_thread(runner.started.wait, 30)
+            waiting = await stub.SubmitJob(pb.SubmitJobRequest(spec=_spec(model)))
+            # While the job waits its turn, its weights change: it must not train on something else.
+            (model / "model.safetensors").write_bytes(b"other weights")
+            await stub.CancelJob(pb.CancelJobRequest(job_id=first.job_id))
+            events = await _events(stub, waiting.job_id, after_sequence=0)
+            final = events[-1].state_change
+            assert final.state == pb.JOB_STATE_FAILED and "changed since the job was submitted" in final.reason
+    finally:
+        await host.stop()
 
 
 async def test_restart_fails_orphaned_runs_and_runs_queued_jobs(
