@@ -103,6 +103,9 @@ class TrainState:
     finished: bool = False
     stopped_early: bool = False
     train_seconds: float = 0.0
+    # CPU seconds of this worker process while training (all its threads): a throughput measure that other
+    # load on the machine disturbs much less than wall time.
+    train_cpu_seconds: float = 0.0
     train_samples: int = 0
 
 
@@ -468,7 +471,7 @@ class LoopRunner:
         params = [p for p in model.parameters() if p.requires_grad]
         while not stop and self.state.epoch < hp.epochs:
             micro_batches = self._micro_batches(self.state.epoch)
-            epoch_start = time.perf_counter()
+            epoch_start, epoch_cpu = time.perf_counter(), time.process_time()
             while self.state.micro < len(micro_batches) and not stop:
                 first = self.state.micro
                 group = micro_batches[first : first + accumulation]
@@ -508,9 +511,12 @@ class LoopRunner:
                     stop = True
                 elif hp.eval_every_steps and self.state.step % hp.eval_every_steps == 0:
                     self.state.train_seconds += time.perf_counter() - epoch_start
+                    self.state.train_cpu_seconds += time.process_time() - epoch_cpu
                     stop = self._validate_and_checkpoint(position)
                     epoch_start = window_start = time.perf_counter()
+                    epoch_cpu = time.process_time()
             self.state.train_seconds += time.perf_counter() - epoch_start
+            self.state.train_cpu_seconds += time.process_time() - epoch_cpu
             if self.state.micro >= len(micro_batches):
                 self.state.epoch += 1
                 self.state.micro = 0
@@ -555,6 +561,7 @@ class LoopRunner:
             "trainable_parameters": self.trainable_parameters,
             "total_parameters": self.total_parameters,
             "train_samples_per_second": self.state.train_samples / max(self.state.train_seconds, 1e-9),
+            "train_samples_per_cpu_second": self.state.train_samples / max(self.state.train_cpu_seconds, 1e-9),
         }
         if self.state.best_value is not None:
             final[f"validation_{self.hp.early_stopping.metric}"] = self.state.best_value
