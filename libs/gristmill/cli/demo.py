@@ -54,7 +54,7 @@ class DemoOptions:
     epochs: int = 5
     learning_rate: float = 0.0
     noise: float = 0.15
-    uncertainty: float = 0.9
+    uncertainty: float = 0.99
     predictions: int = 40
     seed: int = 7
     timeout_s: float = 600.0

@@ -21,7 +21,11 @@ from gristmill.cli.processes import ServiceProcess
 from gristmill.cli.tracing import demo_tracer_provider, span_tree, trace_in_logs
 
 
-def run_dir() -> Path:
+def run_dir(given: Path | None = None) -> Path:
+    """Where the local stack's services keep pid files, logs and data: ``--run-dir``, else GRISTMILL_RUN_DIR
+    (which deploy/local/stack.sh uses for Kafka and S3 as well), else ``<repo>/.run``."""
+    if given is not None:
+        return given.resolve()
     return Path(os.environ.get("GRISTMILL_RUN_DIR", Path(__file__).resolve().parents[3] / ".run"))
 
 
@@ -88,10 +92,15 @@ def demo_command(
     minilm: bool = typer.Option(False, "--minilm", help="fine-tune all-MiniLM-L6-v2 (slower) instead of a tiny BERT"),
     base_model: Path | None = typer.Option(None, help="fine-tune this Hugging Face directory instead"),
     epochs: int = typer.Option(5, help="training epochs"),
-    uncertainty: float = typer.Option(0.9, help="predictions less sure than this go back to labeling"),
+    uncertainty: float = typer.Option(0.99, help="predictions less sure than this go back to labeling"),
     data_dir: Path | None = typer.Option(None, help="where the embedded platform keeps its data (default: new dir)"),
-    base_port: int = typer.Option(0, help="first service port (0: embedded: free ports; local: the defaults)"),
+    base_port: int = typer.Option(
+        0, min=0, max=65530, help="first service port (0: embedded: free ports; local: the defaults)"
+    ),
     group_suffix: str = typer.Option("", help="local stack: suffix for consumer groups (isolates installations)"),
+    services_dir: Path | None = typer.Option(
+        None, "--run-dir", help="local stack: the services' pid files, logs and data (Kafka and S3 stay shared)"
+    ),
     keep_running: bool = typer.Option(False, "--keep-running", help="leave the services running afterwards"),
     timeout: float = typer.Option(600.0, help="seconds the loop may take"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
@@ -148,13 +157,14 @@ def demo_command(
             endpoints = embedded.start()
             logs = {"*": embedded.log_file}
         else:
-            local = LocalStack(run_dir(), base_port=base_port, group_suffix=group_suffix)
+            local = LocalStack(run_dir(services_dir), base_port=base_port, group_suffix=group_suffix)
             out.write(
                 f"==> starting the local stack: Kafka, SeaweedFS, and a process per service (logs in "
                 f"{local.run_dir / 'logs'})\n"
             )
             out.flush()
             local.start_infrastructure()
+            local.start_groups_at_end()
             # Services that were already running (`gristmill up`) are used, and left running afterwards.
             before = {p.name for p in local.processes() if p.pid() is not None}
             started_here = [p for p in local.processes() if p.name not in before]

@@ -10,6 +10,8 @@ Where the services are: every service on its default port on 127.0.0.1, unless `
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +22,7 @@ from gristmill.cli import admin_commands, labeling_commands, registry_commands, 
 from gristmill.cli.context import build_state
 from gristmill.cli.demo_command import demo_command, run_dir
 from gristmill.cli.output import emit, fail, one_line_errors
-from gristmill.cli.platforms import LocalStack
+from gristmill.cli.platforms import SERVICE_BASE_ENV, LocalStack
 from gristmill.cli.processes import health
 
 app = typer.Typer(
@@ -65,18 +67,22 @@ def main_options(
 # --------------------------------------------------------------------------- running the platform
 
 
-def local_stack(base_port: int = 0) -> LocalStack:
-    return LocalStack(run_dir(), base_port=base_port)
+def local_stack(base_port: int = 0, services_dir: Path | None = None) -> LocalStack:
+    return LocalStack(run_dir(services_dir), base_port=base_port)
+
+
+RUN_DIR_OPTION = typer.Option(None, "--run-dir", help="the services' pid files, logs and data (default .run)")
 
 
 @app.command()
 @one_line_errors
 def up(
     timeout: float = typer.Option(180.0, help="seconds to wait for the services"),
-    base_port: int = typer.Option(0, help="first service port (0: the default ports)"),
+    base_port: int = typer.Option(0, min=0, max=65530, help="first service port (0: the default ports)"),
+    services_dir: Path | None = RUN_DIR_OPTION,
 ) -> None:
     """Start the local stack: Kafka, the S3 server, and each service (admin too) as its own process."""
-    stack = local_stack(base_port)
+    stack = local_stack(base_port, services_dir)
     stack.start_infrastructure()
     stack.start(timeout, on_start=lambda proc, pid: typer.echo(f"{proc.name}: pid {pid}, log {proc.log_file}"))
     for name, address in vars(stack.endpoints).items():
@@ -90,10 +96,11 @@ def up(
 @one_line_errors
 def down(
     keep_stack: bool = typer.Option(False, help="stop the services but leave Kafka and S3 running"),
-    base_port: int = typer.Option(0, help="as given to `up`"),
+    base_port: int = typer.Option(0, min=0, max=65530, help="as given to `up`"),
+    services_dir: Path | None = RUN_DIR_OPTION,
 ) -> None:
     """Stop the services (they drain in-flight calls), then Kafka and the S3 server."""
-    stack = local_stack(base_port)
+    stack = local_stack(base_port, services_dir)
     for name, was_running in stack.stop():
         typer.echo(f"{name}: {'stopped' if was_running else 'not running'}")
     if not keep_stack:
@@ -120,14 +127,28 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
 @one_line_errors
 def dev(
     data_dir: Path = typer.Option(Path(".data/dev"), help="where the embedded services keep their data"),
+    base_port: int | None = typer.Option(
+        None, min=0, max=65530, help="first of the services' ports (0: any free ports; default: 50051..)"
+    ),
 ) -> None:
-    """Embedded mode: every service in one process on loopback, SQLite, local files, in-process bus."""
+    """Embedded mode: every service in one process on loopback, SQLite, local files, in-process bus.
+
+    Prints ``READY labeling=... training=...`` once every service serves; Ctrl-C or SIGTERM stops it cleanly.
+    """
     command = [sys.executable, "-m", "gristmill.standalone", "--data-dir", str(data_dir)]
+    if base_port is not None:
+        command += ["--base-port", str(base_port)]
     typer.echo("starting the embedded platform (Ctrl-C stops it)")
-    try:
-        raise typer.Exit(subprocess.call(command))
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+    child = subprocess.Popen(command, env={**os.environ, **SERVICE_BASE_ENV})
+
+    def forward(signum: int, _frame: object) -> None:
+        # The platform drains and stops on its own signal; this process waits for it.
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    raise typer.Exit(child.wait())
 
 
 # --------------------------------------------------------------------------- using it

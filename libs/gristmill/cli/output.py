@@ -80,7 +80,9 @@ def emit_object(fields: Mapping[str, Any], as_json: bool, *, raw: Message | None
 
 def message_dict(message: Message) -> dict[str, Any]:
     """A proto message as JSON-ready data, with the proto field names."""
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 def enum_name(value: str, prefix: str) -> str:

@@ -192,6 +192,37 @@ class LocalStack:
             env.get("GRISTMILL_ADMIN_METERING_GROUP", "admin-metering"): (USAGE_RECORDED,),
         }
 
+    def start_groups_at_end(self) -> list[str]:
+        """Start this installation's new consumer groups at the topics' current end.
+
+        Only with ``group_suffix`` (a new installation on a Kafka cluster that others use): without it, a new
+        group would read every topic from the beginning and act on other installations' history (register
+        their models, train their projects). Groups that already have committed offsets keep them. Returns the
+        groups it positioned.
+        """
+        if not self.group_suffix:
+            return []
+        from kafka import KafkaConsumer, TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+        bootstrap = self.env()["GRISTMILL_KAFKA_BOOTSTRAP_SERVERS"]
+        positioned = []
+        for group, topics in self.consumer_groups().items():
+            consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+            try:
+                partitions = [
+                    TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())
+                ]
+                if not partitions or any(consumer.committed(tp) is not None for tp in partitions):
+                    continue
+                consumer.assign(partitions)
+                ends = consumer.end_offsets(partitions)
+                consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in ends.items()})
+                positioned.append(group)
+            finally:
+                consumer.close(autocommit=False)
+        return positioned
+
     def start_infrastructure(self) -> None:
         """Kafka and the S3 server (provisioned once, cached; a no-op when they already run)."""
         root = self.repo_root or Path(__file__).resolve().parents[3]

@@ -105,13 +105,18 @@ def job_spec(
     )
 
 
-def latest_dataset_version(gm: Gristmill, project_id: str) -> str:
+def dataset_version(gm: Gristmill, project_id: str, version: str) -> lb.DatasetVersion:
+    """The dataset version by id, or the newest one for 'latest' (from the labeling service)."""
+    if version != "latest":
+        return gm.labeling.GetDatasetVersion(
+            lb.GetDatasetVersionRequest(project_id=project_id, dataset_version_id=version)
+        )
     reply = gm.labeling.ListDatasetVersions(
         lb.ListDatasetVersionsRequest(project_id=project_id, page=common_pb2.PageRequest(page_size=1))
     )
     if not reply.dataset_versions:
         fail(f"project {project_id!r} has no dataset version yet: publish one with `gristmill datasets publish`")
-    return reply.dataset_versions[0].dataset_version_id
+    return reply.dataset_versions[0]
 
 
 class ProgressLine:
@@ -161,7 +166,8 @@ def watch_job(
         if after is not None:
             request.after_sequence = after
         try:
-            for event in gm.training.WatchJob(request, timeout=timeout_s):
+            # A stream lives as long as the job runs: no per-call deadline unless the caller sets one.
+            for event in gm.training.WatchJob(request, timeout=timeout_s or 7 * 24 * 3600.0):
                 after = event.sequence
                 kind = event.WhichOneof("event")
                 if kind == "state_change":
@@ -196,7 +202,7 @@ def job_summary(job: tr.Job) -> dict[str, Any]:
 def train_command(
     ctx: typer.Context,
     project_id: str = typer.Argument(..., help="labeling project whose dataset to train on"),
-    dataset_version: str = typer.Option("latest", help="dataset version id, or 'latest'"),
+    version_option: str = typer.Option("latest", "--dataset-version", help="dataset version id, or 'latest'"),
     base_model: str = typer.Option("", help="a Hugging Face model directory on the training service's host"),
     base_model_prefix: str = typer.Option("", help="a Hugging Face model directory in the object store"),
     base_model_name: str = typer.Option("", help="a base model imported into the registry"),
@@ -217,12 +223,10 @@ def train_command(
     """Fine-tune a model on a published dataset version, with a live progress bar (or set --auto)."""
     as_json = want_json(ctx, as_json)
     with state(ctx).client() as gm:
-        version_id = ""
-        if not auto:
-            version_id = latest_dataset_version(gm, project_id) if dataset_version == "latest" else dataset_version
+        version = None if auto else dataset_version(gm, project_id, version_option)
         spec = job_spec(
             project_id=project_id,
-            dataset_version_id=version_id,
+            dataset_version_id=version.dataset_version_id if version is not None else "",
             base_model=base_model,
             base_model_prefix=base_model_prefix,
             base_model_name=base_model_name,
@@ -236,7 +240,11 @@ def train_command(
             lora=lora,
             workers=workers,
         )
+        if version is not None:
+            # The manifest's key and checksum, as labeling published them: training reads and verifies it.
+            spec.dataset_version.manifest.CopyFrom(version.manifest)
         if auto:
+            spec.ClearField("dataset_version")
             policy = gm.training.SetAutoTrainPolicy(
                 tr.SetAutoTrainPolicyRequest(
                     policy=tr.AutoTrainPolicy(project_id=project_id, enabled=True, job_template=spec)

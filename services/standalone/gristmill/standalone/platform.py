@@ -73,6 +73,8 @@ class EmbeddedPlatform:
                 telemetry=self.telemetry,
                 memory_broker=self.broker,
             )
+            # The root organisation (and its first admin key, in the data dir) so that `gristmill keys` works.
+            admin.bootstrap()
             return admin.host
         if service == "registry":
             return build_registry(self._settings(RegistrySettings, service), **infra)

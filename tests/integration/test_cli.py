@@ -1,0 +1,405 @@
+"""The ``gristmill`` CLI against a running embedded platform (started once, by ``gristmill dev``, on free ports).
+
+Every command: its happy path, and one bad input answered by a clear message and a non-zero exit status
+(one line ``gristmill: <status in words>: <message>`` for what the platform refuses, exit 1; Typer's usage
+error, exit 2, for what the command line itself gets wrong).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from gristmill.cli import demo_data
+from gristmill.cli.main import app
+from tests.conftest import REPO_ROOT
+from tests.support.tiny_model import make_tiny_bert
+
+pytestmark = pytest.mark.integration
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``gristmill dev --base-port 0``: the embedded platform; yields its READY line (every endpoint)."""
+    data = tmp_path_factory.mktemp("platform")
+    out = (data / "dev.out").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gristmill.cli.main", "dev", "--base-port", "0", "--data-dir", str(data / "data")],
+        cwd=REPO_ROOT,
+        stdout=out,
+        stderr=(data / "dev.log").open("w"),
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        start_new_session=True,
+    )
+    ready = ""
+    deadline = time.monotonic() + 240
+    while not ready and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        ready = next((line for line in Path(out.name).read_text().splitlines() if line.startswith("READY ")), "")
+    assert ready, f"gristmill dev did not start: {(data / 'dev.log').read_text()[-3000:]}"
+    yield ready
+    # The happy path of `dev`: SIGTERM drains every service and the command exits 0.
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    assert "STOPPED" in Path(out.name).read_text()
+
+
+def cli(platform: str, *args: str, input: str | None = None) -> Result:
+    return runner.invoke(app, ["--endpoints", platform, *args], input=input)
+
+
+def ok(result: Result) -> str:
+    assert result.exit_code == 0, f"exit {result.exit_code}: {result.stdout}\n{result.stderr}\n{result.exception!r}"
+    return result.stdout
+
+
+def refused(result: Result, kind: str, *fragments: str, code: int = 1) -> None:
+    """A one-line error naming what went wrong, and a non-zero exit status."""
+    assert result.exit_code == code, f"exit {result.exit_code}: {result.stdout}\n{result.stderr}"
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"gristmill: {kind}"), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def usage_error(result: Result, fragment: str) -> None:
+    assert result.exit_code == 2, f"exit {result.exit_code}: {result.stdout}\n{result.stderr}"
+    assert fragment in result.stderr or fragment in result.stdout, result.stderr
+
+
+def as_json(result: Result) -> Any:
+    return json.loads(ok(result))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- shared state
+
+
+@pytest.fixture(scope="module")
+def labeled(platform: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A project whose imported labels make every item labeled (one annotation per item), published once."""
+    data = tmp_path_factory.mktemp("labeled") / "reviews.jsonl"
+    demo_data.write_jsonl(data, 160, seed=11)
+    ok(cli(platform, "projects", "create", "CLI reviews", "--id", "cli-reviews", "--labels", "negative,positive"))
+    report = as_json(
+        cli(
+            platform, "import", "cli-reviews", str(data), "--id-field", "external_id", "--annotator", "import", "--json"
+        )
+    )
+    assert int(report["accepted_count"]) > 100 and int(report["imported_label_count"]) == int(report["accepted_count"])
+    published = as_json(cli(platform, "datasets", "publish", "cli-reviews", "--seed", "3", "--json"))
+    return {
+        "project": "cli-reviews",
+        "dataset_version": published["dataset_version"]["dataset_version_id"],
+        "data": str(data),
+    }
+
+
+@pytest.fixture(scope="module")
+def base_model(labeled: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    texts = [json.loads(line)["text"] for line in Path(labeled["data"]).read_text().splitlines()]
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), texts, ["negative", "positive"])
+
+
+@pytest.fixture(scope="module")
+def trained(platform: str, labeled: dict[str, str], base_model: Path) -> dict[str, str]:
+    """`gristmill train` (its happy path): submit, watch the live progress to the end, print the result."""
+    result = cli(
+        platform,
+        "train",
+        labeled["project"],
+        "--base-model",
+        str(base_model),
+        "--model",
+        "cli-sentiment",
+        "--epochs",
+        "2",
+        "--learning-rate",
+        "0.003",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "64",
+    )
+    out = ok(result)
+    assert "submitted; watching" in out and "succeeded" in out and "accuracy/test=" in out
+    assert "[##############################]" in out  # the progress bar reached the end
+    job_id = out.split("job ", 1)[1].split()[0]
+    return {"job": job_id, "model": "cli-sentiment"}
+
+
+# --------------------------------------------------------------------------- running the platform
+
+
+def test_status_and_dev(platform: str) -> None:
+    rows = as_json(cli(platform, "status", "--json"))
+    assert {r["service"]: r["health"] for r in rows} == dict.fromkeys(
+        ["labeling", "training", "registry", "serving", "admin"], "SERVING"
+    )
+    down = cli(platform, "--labeling", f"127.0.0.1:{free_port()}", "status")
+    assert down.exit_code == 1 and "DOWN" in down.stdout
+    usage_error(runner.invoke(app, ["dev", "--base-port", "99999"]), "--base-port")
+
+
+def test_up_and_down_refuse_bad_ports() -> None:
+    usage_error(runner.invoke(app, ["up", "--base-port", "70000"]), "--base-port")
+    usage_error(runner.invoke(app, ["down", "--base-port", "-5"]), "--base-port")
+
+
+def test_global_options_are_checked(platform: str) -> None:
+    refused(
+        runner.invoke(app, ["--endpoints", "labeling=nowhere", "projects", "list"]),
+        "--endpoints",
+        "NAME=HOST:PORT",
+        code=2,
+    )
+
+
+# --------------------------------------------------------------------------- labeling
+
+
+def test_projects(platform: str) -> None:
+    created = as_json(
+        cli(
+            platform,
+            "projects",
+            "create",
+            "Tickets",
+            "--labels",
+            "bug,question,praise",
+            "--annotators",
+            "2",
+            "--ordering",
+            "random",
+            "--active-learning",
+            "--json",
+        )
+    )
+    assert created["project_id"] == "tickets" and created["settings"]["annotations_per_item"] == 2
+    assert "tickets" in [p["project_id"] for p in as_json(cli(platform, "projects", "list", "--json"))]
+    table = ok(cli(platform, "projects", "list"))
+    assert "PROJECT" in table and "tickets" in table and "bug,question,praise" in table
+    assert "text-classification" in ok(cli(platform, "projects", "show", "tickets"))
+    refused(cli(platform, "projects", "create", "Lonely", "--labels", "only"), "invalid argument", "label")
+    refused(cli(platform, "projects", "show", "no-such-project"), "not found", "no-such-project")
+
+
+def test_import_jsonl_and_tsv_with_cleaning_report(platform: str, tmp_path: Path) -> None:
+    ok(cli(platform, "projects", "create", "Imports", "--id", "cli-imports", "--labels", "negative,positive"))
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text(
+        '{"id": "a1", "text": "Great phone, mail me at ann@example.com"}\n'
+        '{"id": "a2", "text": "Terrible   battery"}\n'
+        '{"id": "a3", "text": "Terrible battery"}\n'
+    )
+    out = ok(cli(platform, "import", "cli-imports", str(jsonl)))
+    assert "accepted" in out and "pii masked items          1 (EMAIL 1)" in out
+    assert "dropped exact duplicates  1" in out
+    tsv = tmp_path / "b.txt"  # plain "text<TAB>label" lines, no header
+    tsv.write_text('"Quoted" start is fine\tpositive\nAwful service\tnegative\n')
+    report = as_json(cli(platform, "import", "cli-imports", str(tsv), "--json"))
+    assert report["accepted_count"] == "2" and report["imported_label_count"] == "2"
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops}\n')
+    refused(cli(platform, "import", "cli-imports", str(bad)), "invalid argument", "line 2")
+    refused(cli(platform, "import", "cli-imports", str(tmp_path / "notes.md")), "cannot tell the format", code=2)
+
+
+def test_label_from_stdin_and_agreement(platform: str, tmp_path: Path) -> None:
+    ok(
+        cli(
+            platform,
+            "projects",
+            "create",
+            "Pairs",
+            "--id",
+            "cli-pairs",
+            "--labels",
+            "negative,positive",
+            "--annotators",
+            "2",
+        )
+    )
+    data = tmp_path / "pairs.csv"
+    data.write_text("text\nI love it\nI hate it\nIt broke\n")
+    ok(cli(platform, "import", "cli-pairs", str(data)))
+    # Answers by number, by name, a skip, an invalid one (asked again) and the end of input.
+    alice = ok(cli(platform, "label", "cli-pairs", "--annotator", "alice", input="2\nnegative\nmaybe\ns\n"))
+    assert "I love it" in alice and "answer 1-2" in alice and "labeled 2, skipped 1" in alice
+    bob = ok(cli(platform, "label", "cli-pairs", "--annotator", "bob", input="positive\n1\n1\n"))
+    assert "labeled 3, skipped 0" in bob
+    assert "nothing left to label" in ok(cli(platform, "label", "cli-pairs", "--annotator", "bob"))
+    report = as_json(cli(platform, "agreement", "cli-pairs", "--json"))
+    assert report["item_count"] == "2" and report["pairs"][0]["cohen_kappa"] == pytest.approx(1.0)
+    assert "alice~bob 1.000" in ok(cli(platform, "agreement", "cli-pairs"))
+    refused(cli(platform, "label", "no-such-project", "--annotator", "alice", input="q\n"), "not found")
+    refused(cli(platform, "agreement", "no-such-project"), "not found")
+
+
+def test_datasets(platform: str, labeled: dict[str, str]) -> None:
+    rows = as_json(cli(platform, "datasets", "list", labeled["project"], "--json"))
+    assert [r["dataset_version_id"] for r in rows] == [labeled["dataset_version"]]
+    again = as_json(cli(platform, "datasets", "publish", labeled["project"], "--seed", "3", "--json"))
+    assert again["created"] is False  # nothing changed: the same version
+    assert "TRAIN  VALIDATION  TEST" in ok(cli(platform, "datasets", "list", labeled["project"]))
+    refused(
+        cli(
+            platform,
+            "datasets",
+            "publish",
+            labeled["project"],
+            "--train",
+            "0.5",
+            "--validation",
+            "0.5",
+            "--test",
+            "0.5",
+        ),
+        "invalid argument",
+        "sum",
+    )
+    ok(cli(platform, "projects", "create", "Empty", "--id", "cli-empty", "--labels", "a,b"))
+    refused(cli(platform, "datasets", "publish", "cli-empty"), "failed precondition")
+    refused(cli(platform, "datasets", "list", "no-such-project"), "not found")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_train_and_jobs(platform: str, labeled: dict[str, str], trained: dict[str, str], base_model: Path) -> None:
+    job = trained["job"]
+    listed = as_json(cli(platform, "jobs", "list", "--project", labeled["project"], "--json"))
+    assert job in [j["job_id"] for j in listed]
+    shown = ok(cli(platform, "jobs", "show", job))
+    assert "succeeded" in shown and "accuracy/test=" in shown
+    watched = ok(cli(platform, "jobs", "watch", job))  # a finished job: the snapshot, then the end
+    assert "succeeded" in watched
+    refused(cli(platform, "jobs", "cancel", job), "failed precondition", "already succeeded")
+    refused(cli(platform, "train", labeled["project"], "--base-model", "/nonexistent/model", "--no-wait"), "not found")
+    refused(
+        cli(platform, "train", labeled["project"], "--base-model", str(base_model), "--base-model-name", "x"),
+        "give exactly one of --base-model",
+        code=2,
+    )
+
+
+def test_train_auto_sets_the_projects_policy(platform: str, base_model: Path) -> None:
+    ok(cli(platform, "projects", "create", "Auto", "--id", "cli-auto", "--labels", "negative,positive"))
+    policy = as_json(
+        cli(
+            platform,
+            "train",
+            "cli-auto",
+            "--auto",
+            "--base-model",
+            str(base_model),
+            "--model",
+            "cli-auto-model",
+            "--epochs",
+            "1",
+            "--json",
+        )
+    )
+    assert policy["project_id"] == "cli-auto" and policy["enabled"] is True
+    refused(
+        cli(platform, "train", "cli-auto", "--auto", "--base-model", str(base_model), "--learning-rate", "-1"),
+        "invalid argument",
+        "learning_rate",
+    )
+
+
+# --------------------------------------------------------------------------- registry and serving
+
+
+def test_models(platform: str, trained: dict[str, str]) -> None:
+    model = trained["model"]
+    listed = as_json(cli(platform, "models", "list", "--json"))
+    assert model in [m["name"] for m in listed]
+    versions = as_json(cli(platform, "models", "versions", model, "--json"))
+    assert versions[0]["lineage"]["training_job_id"] == trained["job"] and versions[0]["status"].endswith("READY")
+    card = ok(cli(platform, "models", "show", model))
+    assert "ready" in card and "accuracy" in card and "cli-reviews" in card
+    policy = ok(cli(platform, "models", "policy", model, "--min-value", "0.5"))
+    assert "accuracy/test >= 0.5" in policy
+    moved = ok(cli(platform, "models", "alias", "set", model, "production", "1", "--reason", "first"))
+    assert "v1" in moved and "changed" in moved
+    history = as_json(cli(platform, "models", "alias", "history", model, "--json"))
+    assert history[0]["alias"] == "production" and history[0]["to_version"] == 1 and history[0]["reason"] == "first"
+    refused(cli(platform, "models", "show", "no-such-model"), "not found")
+    refused(cli(platform, "models", "alias", "set", model, "production", "99"), "not found", "99")
+
+
+def test_deploy_and_predict(platform: str, trained: dict[str, str]) -> None:
+    model = trained["model"]
+    ok(cli(platform, "models", "alias", "set", model, "production", "1"))
+    deployed = ok(cli(platform, "deploy", model, "--name", "cli-serving", "--uncertainty", "0.99"))
+    assert "ready" in deployed and "v1" in deployed
+    assert "cli-serving" in ok(cli(platform, "deployments"))
+    typed = as_json(
+        cli(platform, "predict", "cli-serving", "The battery life is excellent", "It broke at once", "--json")
+    )
+    assert [p["model"] for p in typed] == [f"{model} v1"] * 2 and all("uncertain" in p for p in typed)
+    assert {p["label"] for p in typed} <= {"negative", "positive"}
+    oip = as_json(
+        cli(platform, "predict", "cli-serving", "The battery life is excellent", "It broke at once", "--oip", "--json")
+    )
+    assert [p["label"] for p in oip] == [p["label"] for p in typed]  # the same version answers both APIs
+    refused(cli(platform, "deploy", "no-such-model"), "not found")
+    refused(cli(platform, "predict", "no-such-deployment", "hello"), "not found")
+    refused(cli(platform, "predict", "cli-serving", "  "), "every text must be non-empty", code=2)
+
+
+# --------------------------------------------------------------------------- admin
+
+
+def test_keys_and_usage(platform: str) -> None:
+    created = as_json(cli(platform, "keys", "create", "ci-bot", "--scopes", "serving:predict,registry:read", "--json"))
+    key_id, secret = created["api_key"]["api_key_id"], created["secret"]
+    assert secret.startswith("gmk_") and sorted(created["api_key"]["scopes"]) == ["registry:read", "serving:predict"]
+    assert key_id in ok(cli(platform, "keys", "list"))
+    revoked = as_json(cli(platform, "keys", "revoke", key_id, "--json"))
+    assert revoked["revoke_time"]
+    assert key_id not in ok(cli(platform, "keys", "list"))
+    assert key_id in ok(cli(platform, "keys", "list", "--include-revoked"))
+    refused(cli(platform, "keys", "create", "bad", "--scopes", "everything"), "invalid argument", "unknown scope")
+    refused(cli(platform, "keys", "revoke", "0000000000000000"), "not found")
+    usage = as_json(cli(platform, "usage", "--json"))
+    assert "usage" in usage and "quotas" in usage
+    ok(cli(platform, "usage"))
+    refused(cli(platform, "usage", "--organization", "Not An Org!"), "invalid argument")
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+def test_demo_on_the_running_platform(platform: str, tmp_path: Path) -> None:
+    result = cli(platform, "demo", "--no-start", "--items", "120", "--data-dir", str(tmp_path), "--json")
+    summary = json.loads(ok(result))
+    assert summary["lineage"]["matches_published"] is True and summary["lineage"]["model_versions"] == 1
+    assert summary["predictions"]["oip"] == 8 and summary["predictions"]["oip_agrees"] is True
+    assert summary["active_learning"]["items"] >= 1
+    assert summary["active_learning"]["task_item_source"] == "ITEM_SOURCE_PREDICTION_LOG"
+    assert len(summary["trace"]["trace_id"]) == 32 and summary["trace"]["span_tree"][0].startswith("gristmill demo")
+    assert "==> auto-train" in result.stderr  # progress goes to stderr with --json
+    usage_error(cli(platform, "demo", "--stack", "kubernetes"), "--stack must be embedded or local")
+    usage_error(cli(platform, "demo", "--data", str(tmp_path / "missing.jsonl")), "no such file")
