@@ -1,0 +1,232 @@
+"""End to end: ``gristmill demo --stack local`` with every service as its own process on the real Kafka broker
+and S3 server, a tiny model, and the registry killed (SIGKILL) and restarted while the training job runs.
+
+Isolation: the services listen on five free ports of their own, keep pid files, logs and SQLite files in a
+temporary run directory, and use consumer groups with a unique suffix that start at the topics' current
+end, so a developer's running stack and other tests on the same Kafka are neither disturbed nor replayed.
+Kafka and S3 are the shared ones that ``make test`` starts (deploy/local/stack.sh).
+
+One demo run (about two minutes) backs every test here; the tests check different promises of that run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gristmill.api.common.v1 import common_pb2
+from gristmill.api.labeling.v1 import labeling_pb2 as lb
+from gristmill.api.registry.v1 import registry_pb2 as rg
+from gristmill.api.serving.v1 import serving_pb2 as sv
+from gristmill.cli.serving_commands import predict_oip
+from gristmill.client import ClientOptions, Endpoints, Gristmill
+from tests.conftest import REPO_ROOT
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+SERVICES = ("labeling", "training", "registry", "serving")
+
+
+def free_port_block(size: int = 5) -> int:
+    """A base port such that ``base .. base + size - 1`` are all free on 127.0.0.1."""
+    for _ in range(200):
+        base = random.randrange(52000, 60000)
+        sockets = []
+        try:
+            for port in range(base, base + size):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise AssertionError("no block of free ports")
+
+
+@dataclass
+class DemoRun:
+    summary: dict[str, Any]
+    run_dir: Path
+    base_port: int
+    registry_pids: tuple[int, int]
+    progress: str
+
+    @property
+    def endpoints(self) -> Endpoints:
+        return Endpoints(**self.summary["endpoints"])
+
+    def log(self, service: str) -> str:
+        return (self.run_dir / "logs" / f"{service}.log").read_text(errors="replace")
+
+
+def _gristmill(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gristmill.cli.main", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _restart_registry(run_dir: Path) -> tuple[int, int]:
+    """SIGKILL the registry (no drain, no goodbye to Kafka), then start it again exactly as it was started."""
+    pid_file = run_dir / "pids" / "registry.pid"
+    old = int(pid_file.read_text())
+    environ = Path(f"/proc/{old}/environ").read_bytes().split(b"\0")
+    env = dict(item.decode().split("=", 1) for item in environ if b"=" in item)
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{old}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    with (run_dir / "logs" / "registry.log").open("ab") as log:
+        new = subprocess.Popen(
+            [sys.executable, "-m", "gristmill.registry"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        ).pid
+    pid_file.write_text(f"{new}\n")
+    return old, new
+
+
+@pytest.fixture(scope="module")
+def demo(
+    kafka_bootstrap: str, s3_endpoint: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DemoRun]:
+    run_dir = tmp_path_factory.mktemp("run")
+    work = tmp_path_factory.mktemp("work")
+    base_port = free_port_block()
+    common = ["--run-dir", str(run_dir), "--base-port", str(base_port)]
+    stdout, stderr = work / "demo.out", work / "demo.err"
+    command = [
+        sys.executable, "-m", "gristmill.cli.main", "demo", "--stack", "local", *common,
+        "--group-suffix", f"e2e-{uuid.uuid4().hex[:8]}", "--data-dir", str(work), "--items", "200",
+        "--keep-running", "--json", "--timeout", "420",
+    ]  # fmt: skip
+    env = {**os.environ, "GRISTMILL_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "GRISTMILL_S3_ENDPOINT":
+           s3_endpoint["endpoint"], "GRISTMILL_S3_ACCESS_KEY": s3_endpoint["access_key"],
+           "GRISTMILL_S3_SECRET_KEY": s3_endpoint["secret_key"]}  # fmt: skip
+    try:
+        with stdout.open("w") as out, stderr.open("w") as err:
+            proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=err, env=env)
+            # Mid-run: once the published dataset version has started the training job, kill the registry.
+            deadline = time.monotonic() + 300
+            while "started by the event; progress:" not in stderr.read_text() and time.monotonic() < deadline:
+                assert proc.poll() is None, f"the demo ended early:\n{stderr.read_text()[-4000:]}"
+                time.sleep(0.2)
+            registry_pids = _restart_registry(run_dir)
+            code = proc.wait(timeout=480)
+        progress = stderr.read_text()
+        assert code == 0, f"gristmill demo failed ({code}):\n{progress[-4000:]}"
+        yield DemoRun(json.loads(stdout.read_text()), run_dir, base_port, registry_pids, progress)
+    finally:
+        # `down` stops every service of this run (the restarted registry included); Kafka and S3 stay up.
+        _gristmill("down", "--keep-stack", *common)
+
+
+def test_the_version_serving_at_the_end_is_the_one_trained_from_the_published_dataset(demo: DemoRun) -> None:
+    s = demo.summary
+    assert s["stack"] == "local" and s["total_seconds"] < 300
+    with Gristmill(demo.endpoints, ClientOptions(timeout_s=30)) as gm:
+        production = gm.registry.GetModelVersion(
+            rg.GetModelVersionRequest(
+                registered_model_name=s["model"], selector=common_pb2.ModelVersionSelector(alias="production")
+            )
+        )
+        published = gm.labeling.GetDatasetVersion(
+            lb.GetDatasetVersionRequest(project_id=s["project"], dataset_version_id=s["dataset_version"]["id"])
+        )
+        deployment = gm.serving.GetDeployment(sv.GetDeploymentRequest(name=s["deployment"]))
+    # Lineage, through the registry: production <- the auto-train job <- the published dataset version.
+    assert production.lineage.dataset_version.dataset_version_id == published.dataset_version_id
+    assert production.lineage.dataset_version.manifest.sha256 == published.manifest.sha256
+    assert production.lineage.training_job_id == s["job"]["id"]
+    # Serving answers with that version, loaded from the alias change.
+    assert deployment.status.state == sv.DEPLOYMENT_STATE_READY
+    assert [(v.version, v.traffic_weight) for v in deployment.status.versions] == [(production.version, 1.0)]
+    assert s["job"]["test_accuracy"] >= 0.8
+
+
+def test_predictions_come_back_through_the_open_inference_protocol(demo: DemoRun) -> None:
+    s = demo.summary
+    assert s["predictions"]["oip"] == 8 and s["predictions"]["oip_agrees"] is True
+    with Gristmill(demo.endpoints, ClientOptions(timeout_s=30)) as gm:
+        answered = predict_oip(gm, s["deployment"], ["The battery life of this phone is excellent.", "It broke."])
+    assert [p.label for p in answered] == ["positive", "negative"]
+    assert all(0.5 <= p.probability <= 1.0 for p in answered)
+
+
+def test_uncertain_predictions_became_labeling_tasks(demo: DemoRun) -> None:
+    s = demo.summary
+    assert s["predictions"]["uncertain"] >= 1
+    with Gristmill(demo.endpoints, ClientOptions(timeout_s=30)) as gm:
+        items = gm.labeling.ListItems(
+            lb.ListItemsRequest(project_id=s["project"], source=lb.ITEM_SOURCE_PREDICTION_LOG)
+        ).items
+        task = gm.labeling.NextTask(lb.NextTaskRequest(project_id=s["project"], annotator_id="e2e-check")).task
+    assert len(items) >= s["active_learning"]["items"] >= 1  # more may have arrived since the demo looked
+    assert task.item.source == lb.ITEM_SOURCE_PREDICTION_LOG and task.item.item_id in {i.item_id for i in items}
+    assert s["active_learning"]["task_item_source"] == "ITEM_SOURCE_PREDICTION_LOG"
+
+
+def test_every_service_handled_the_loop_in_the_demos_trace(demo: DemoRun) -> None:
+    trace_id = demo.summary["trace"]["trace_id"]
+    assert len(trace_id) == 32 and trace_id != "0" * 32
+    needle = f"trace={trace_id}"
+    # Every log line carries the trace id of the span it was written in: each service's handling of the
+    # loop (labeling's publish, training's auto-train job, the registry's registration and promotion,
+    # serving's hot-swap) wrote lines in the demo's one trace.
+    for service in SERVICES:
+        assert needle in demo.log(service), f"{service} logged nothing in trace {trace_id}"
+    assert "auto-train job" in next(line for line in demo.log("training").splitlines() if needle in line)
+    registry_lines = [line for line in demo.log("registry").splitlines() if needle in line]
+    assert any("registered as" in line for line in registry_lines)
+    assert any("promotion policy" in line for line in registry_lines)
+    assert any("now serves version" in line for line in demo.log("serving").splitlines() if needle in line)
+    assert set(demo.summary["trace"]["services"]) >= set(SERVICES)
+
+
+def test_a_registry_killed_mid_run_loses_nothing_and_duplicates_nothing(demo: DemoRun) -> None:
+    old, new = demo.registry_pids
+    assert old != new and demo.log("registry").count("registry serving gRPC on") == 2
+    s = demo.summary
+    with Gristmill(demo.endpoints, ClientOptions(timeout_s=30)) as gm:
+        versions = gm.registry.ListModelVersions(rg.ListModelVersionsRequest(registered_model_name=s["model"]))
+        history = gm.registry.GetAliasHistory(
+            rg.GetAliasHistoryRequest(registered_model_name=s["model"], alias="production")
+        )
+    # The job's success event reached the restarted registry: one version, promoted once, served.
+    assert [(v.version, v.lineage.training_job_id) for v in versions.model_versions] == [(1, s["job"]["id"])]
+    assert [(c.to_version, c.cause) for c in history.changes] == [(1, rg.ALIAS_CHANGE_CAUSE_POLICY)]
+    assert s["lineage"]["model_versions"] == 1
+
+
+def test_up_is_idempotent_and_status_sees_every_service(demo: DemoRun) -> None:
+    common = ["--run-dir", str(demo.run_dir), "--base-port", str(demo.base_port)]
+    up = _gristmill("up", *common)
+    assert up.returncode == 0, up.stderr
+    for name, address in demo.summary["endpoints"].items():
+        assert f"{name}: serving on {address}" in up.stdout
+    endpoints = " ".join(f"{k}={v}" for k, v in demo.summary["endpoints"].items())
+    status = _gristmill("--endpoints", endpoints, "status", "--json")
+    assert status.returncode == 0 and {r["health"] for r in json.loads(status.stdout)} == {"SERVING"}
