@@ -32,10 +32,12 @@ AUTO_TRAIN_GROUP = "training-auto-train"
 
 class ClusterLifecycle:
     """Starts the service's own Ray cluster with the host (in the background: gRPC serves meanwhile) and
-    stops it last. A runner handed in by the caller brings its own cluster, which the host leaves alone."""
+    stops it last. A runner handed in by the caller brings its own cluster, which the host leaves alone
+    (the runner's own actors are closed either way)."""
 
-    def __init__(self, cluster: object | None) -> None:
+    def __init__(self, cluster: object | None, runner: object | None = None) -> None:
         self.cluster = cluster
+        self.runner = runner
 
     def open(self) -> None:
         start = getattr(self.cluster, "start_in_background", None)
@@ -43,9 +45,9 @@ class ClusterLifecycle:
             start()
 
     def close(self) -> None:
-        stop = getattr(self.cluster, "stop", None)
-        if stop is not None:
-            stop()
+        for closer in (getattr(self.runner, "close", None), getattr(self.cluster, "stop", None)):
+            if closer is not None:
+                closer()
 
 
 @dataclass
@@ -145,5 +147,5 @@ def build_host(
         [subscription],
         jobs=jobs,
         supervisor=supervisor,
-        cluster=ClusterLifecycle(cluster),
+        cluster=ClusterLifecycle(cluster, runner),
     )

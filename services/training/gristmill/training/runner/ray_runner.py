@@ -1,10 +1,10 @@
 """Jobs as Ray Train ``TorchTrainer`` runs, driven from a thread of the service.
 
-Per run: a small ``ProgressChannel`` actor (0 CPUs) that rank 0 pushes progress records to and that the
-driver thread drains every ``poll_interval_s``; ``trainer.fit()`` in a thread of its own; checkpoints in
+Progress: rank 0 pushes records to a long-lived ``ProgressHub`` actor (0 CPUs), keyed by job, which the
+run's driver thread drains every ``poll_interval_s``; ``trainer.fit()`` in a thread of its own; checkpoints in
 the object store through ``RunConfig(storage_path, storage_filesystem)``; ``FailureConfig(max_failures)``
 restarts the worker group from the latest checkpoint. Cancelling aborts the run's controller (its handle
-is registered on the channel by a controller callback as soon as the controller starts).
+is registered on the hub by a controller callback as soon as the controller starts).
 """
 
 from __future__ import annotations
@@ -175,45 +175,66 @@ class CheckpointStorage:
 
 
 @ray.remote(num_cpus=0)
-class ProgressChannel:
-    """Progress records from a run's rank 0 to the service, and the run's controller handle."""
+class ProgressHub:
+    """Progress records from the runs' rank 0 to the service, and each run's controller handle, by job.
+
+    One long-lived actor per runner (0 CPUs): starting an actor process per run would add seconds to
+    every job's start."""
 
     def __init__(self) -> None:
-        self._records: list[dict[str, Any]] = []
-        self._controller: Any = None
+        self._records: dict[str, list[dict[str, Any]]] = {}
+        self._controllers: dict[str, Any] = {}
+
+    def push(self, job_id: str, record: dict[str, Any]) -> None:
+        self._records.setdefault(job_id, []).append(record)
+
+    def drain(self, job_id: str) -> list[dict[str, Any]]:
+        return self._records.pop(job_id, [])
+
+    def set_controller(self, job_id: str, handle: Any) -> None:
+        self._controllers[job_id] = handle
+
+    def controller(self, job_id: str) -> Any:
+        return self._controllers.get(job_id)
+
+    def forget(self, job_id: str) -> None:
+        self._records.pop(job_id, None)
+        self._controllers.pop(job_id, None)
+
+
+class RunChannel:
+    """One run's view of the hub; picklable, so it travels to the controller and the workers. In the
+    workers it is the loop's ``ProgressSink``: pushes are fire-and-forget, so the loop never waits on them."""
+
+    def __init__(self, hub: Any, job_id: str) -> None:
+        self._hub = hub
+        self._job_id = job_id
 
     def push(self, record: dict[str, Any]) -> None:
-        self._records.append(record)
-
-    def drain(self) -> list[dict[str, Any]]:
-        records, self._records = self._records, []
-        return records
+        self._hub.push.remote(self._job_id, record)
 
     def set_controller(self, handle: Any) -> None:
-        self._controller = handle
+        ray.get(self._hub.set_controller.remote(self._job_id, handle))
+
+    def drain(self) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = ray.get(self._hub.drain.remote(self._job_id), timeout=30)
+        return records
 
     def controller(self) -> Any:
-        return self._controller
+        return ray.get(self._hub.controller.remote(self._job_id), timeout=30)
 
-
-class ActorSink:
-    """The loop's ``ProgressSink`` in Ray workers: fire-and-forget pushes, so the loop never waits on it."""
-
-    def __init__(self, channel: Any) -> None:
-        self._channel = channel
-
-    def push(self, record: dict[str, Any]) -> None:
-        self._channel.push.remote(record)
+    def close(self) -> None:
+        self._hub.forget.remote(self._job_id)
 
 
 class _RegisterController(ControllerCallback):
     """Runs on the controller: hands its own actor handle to the channel, so a cancel can abort the run."""
 
-    def __init__(self, channel: Any) -> None:
+    def __init__(self, channel: RunChannel) -> None:
         self._channel = channel
 
     def after_controller_start(self, train_run_context: Any) -> None:
-        ray.get(self._channel.set_controller.remote(ray.get_runtime_context().current_actor))
+        self._channel.set_controller(ray.get_runtime_context().current_actor)
 
 
 class RayJobRunner:
@@ -238,11 +259,13 @@ class RayJobRunner:
         self.poll_interval_s = poll_interval_s
         # Test hook (a worker exits once mid-run); never set by the service's own wiring.
         self.fault = fault
+        self._hub_lock = threading.Lock()
+        self._hub_handle: Any = None
 
     def capacity(self) -> ClusterCapacity:
         return self.cluster.capacity()
 
-    def _loop_config(self, request: RunRequest, channel: Any) -> LoopConfig:
+    def _loop_config(self, request: RunRequest, channel: RunChannel) -> LoopConfig:
         spec = request.spec
         res = spec.resources
         return LoopConfig(
@@ -256,11 +279,11 @@ class RayJobRunner:
             hyper=spec.hyper_parameters,
             cpus_per_worker=res.cpus_per_worker,
             use_gpu=res.use_gpu,
-            sink=ActorSink(channel),
+            sink=channel,
             fault=self.fault,
         )
 
-    def _trainer(self, request: RunRequest, channel: Any) -> TorchTrainer:
+    def _trainer(self, request: RunRequest, channel: RunChannel) -> TorchTrainer:
         res = request.spec.resources
         loop = self._loop_config(request, channel)
         per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
@@ -284,21 +307,21 @@ class RayJobRunner:
 
     def run(self, request: RunRequest, listener: RunListener, cancel: threading.Event) -> RunOutcome:
         self.cluster.start()
-        channel = ProgressChannel.remote()  # type: ignore[attr-defined]
+        channel = RunChannel(self._hub(), request.job_id)
         try:
             if request.spec.search is not None:
                 return self._search(request, channel, listener, cancel)
             trainer = self._trainer(request, channel)
             result = self._drive(trainer.fit, request, channel, listener, cancel, abort=True)
         finally:
-            ray.kill(channel)
+            channel.close()
         return self._outcome(request, result)
 
     def _drive(
         self,
         work: Callable[[], Any],
         request: RunRequest,
-        channel: Any,
+        channel: RunChannel,
         listener: RunListener,
         cancel: threading.Event,
         *,
@@ -329,7 +352,9 @@ class RayJobRunner:
             raise error if isinstance(error, RunFailedError) else RunFailedError(describe_failure(error))
         return outcome["result"]
 
-    def _search(self, request: RunRequest, channel: Any, listener: RunListener, cancel: threading.Event) -> RunOutcome:
+    def _search(
+        self, request: RunRequest, channel: RunChannel, listener: RunListener, cancel: threading.Event
+    ) -> RunOutcome:
         from gristmill.training.runner.search import run_search
 
         loop = self._loop_config(request, channel)
@@ -352,13 +377,26 @@ class RayJobRunner:
         outcome = self._download(request, checkpoint, metrics)
         return replace(outcome, best_trial=best_trial, spec=spec)
 
-    def _drain(self, channel: Any, listener: RunListener) -> None:
-        records = ray.get(channel.drain.remote(), timeout=30)
+    def close(self) -> None:
+        """Stop the progress hub (a later run starts a new one)."""
+        with self._hub_lock:
+            hub, self._hub_handle = self._hub_handle, None
+        if hub is not None and ray.is_initialized():
+            ray.kill(hub)
+
+    def _hub(self) -> Any:
+        with self._hub_lock:
+            if self._hub_handle is None:
+                self._hub_handle = ProgressHub.remote()  # type: ignore[attr-defined]
+            return self._hub_handle
+
+    def _drain(self, channel: RunChannel, listener: RunListener) -> None:
+        records = channel.drain()
         if records:
             listener.on_records(records)
 
-    def _abort(self, channel: Any) -> bool:
-        controller = ray.get(channel.controller.remote(), timeout=30)
+    def _abort(self, channel: RunChannel) -> bool:
+        controller = channel.controller()
         if controller is None:
             return False  # not started yet: try again at the next poll
         # The controller aborts its worker group and exits; fit() then returns with an error.
