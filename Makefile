@@ -70,16 +70,17 @@ stack-status:  ## is the local stack up?
 	@deploy/local/stack.sh status
 
 test-unit: install  ## fast tests, in-memory implementations only
-	@$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+	@$(PY) -m pytest tests/unit $(wildcard services/*/tests/unit) $(PYTEST_ARGS)
 
 test-integration: install stack-up  ## tests against the real Kafka, S3 server and gRPC ports
-	@$(PY) -m pytest -m "integration" tests $(PYTEST_ARGS)
+	@$(PY) -m pytest -m "integration" tests services $(PYTEST_ARGS)
 
 test: install check-generated lint typecheck compose-check stack-up  ## everything CI runs: checks, then unit + integration tests
-	@$(PY) -m pytest tests $(PYTEST_ARGS)
+	@$(PY) -m pytest tests services $(PYTEST_ARGS)
 
-run: install stack-up  ## the main job (for now: start the local stack and show its health)
-	@deploy/local/stack.sh status
+DEMO_ARGS ?=
+run: install  ## the main job: `gristmill demo`, the whole loop on the embedded platform (DEMO_ARGS="--stack local" ...)
+	@$(VENV)/bin/gristmill demo $(DEMO_ARGS)
 
 clean:  ## stop the stack and delete .venv and local data (not the cache)
 	@deploy/local/stack.sh down || true

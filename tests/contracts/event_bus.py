@@ -44,7 +44,7 @@ ReadRecords = Callable[[str, int], list[Record]]
 POLL_S = 0.2
 
 
-def poll_until(consumer: Consumer, done: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+def poll_until(consumer: Consumer, done: Callable[[], bool], what: str, timeout_s: float = 90.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not done():
         if time.monotonic() > deadline:
