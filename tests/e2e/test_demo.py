@@ -35,7 +35,8 @@ from gristmill.cli.serving_commands import predict_oip
 from gristmill.client import ClientOptions, Endpoints, Gristmill
 from tests.conftest import REPO_ROOT
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# One demo run backs the module: its setup is the whole loop (about 1.5-2 minutes, more on a busy machine).
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
 SERVICES = ("labeling", "training", "registry", "serving")
 

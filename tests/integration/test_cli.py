@@ -26,7 +26,8 @@ from gristmill.cli.main import app
 from tests.conftest import REPO_ROOT
 from tests.support.tiny_model import make_tiny_bert
 
-pytestmark = pytest.mark.integration
+# The module shares one platform and one training run (fixture setup of the first tests that need them).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 runner = CliRunner()
 

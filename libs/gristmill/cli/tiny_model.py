@@ -43,6 +43,7 @@ def make_tiny_bert(dest: Path, texts: Iterable[str], labels: Sequence[str], *, s
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
     )
+    hf.utils.logging.disable_progress_bar()  # no "Writing model shards" bar in the demo's output
     torch.manual_seed(seed)
     model = hf.BertForSequenceClassification(config)
     model.save_pretrained(dest, safe_serialization=True)
