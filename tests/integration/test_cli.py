@@ -164,6 +164,7 @@ def test_status_and_dev(platform: str) -> None:
 def test_up_and_down_refuse_bad_ports() -> None:
     usage_error(runner.invoke(app, ["up", "--base-port", "70000"]), "--base-port")
     usage_error(runner.invoke(app, ["down", "--base-port", "-5"]), "--base-port")
+    refused(runner.invoke(app, ["up", "--group-suffix", "Bad Suffix"]), "invalid argument", "group suffix")
 
 
 def test_global_options_are_checked(platform: str) -> None:

@@ -80,10 +80,14 @@ def up(
     timeout: float = typer.Option(180.0, help="seconds to wait for the services"),
     base_port: int = typer.Option(0, min=0, max=65530, help="first service port (0: the default ports)"),
     services_dir: Path | None = RUN_DIR_OPTION,
+    group_suffix: str = typer.Option(
+        "", help="suffix for every consumer group: an installation of its own on a shared Kafka (starts at the end)"
+    ),
 ) -> None:
     """Start the local stack: Kafka, the S3 server, and each service (admin too) as its own process."""
-    stack = local_stack(base_port, services_dir)
+    stack = LocalStack(run_dir(services_dir), base_port=base_port, group_suffix=group_suffix)
     stack.start_infrastructure()
+    stack.start_groups_at_end()
     stack.start(timeout, on_start=lambda proc, pid: typer.echo(f"{proc.name}: pid {pid}, log {proc.log_file}"))
     for name, address in vars(stack.endpoints).items():
         typer.echo(f"{name}: serving on {address}")

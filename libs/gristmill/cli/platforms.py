@@ -9,6 +9,7 @@ under a run directory (``gristmill up``/``down``).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 from gristmill.cli.context import parse_endpoints
 from gristmill.cli.processes import DEFAULT_PORTS, SERVICES, ServiceProcess, wait_serving
 from gristmill.client import Endpoints
-from gristmill.core.errors import UnavailableError
+from gristmill.core.errors import InvalidArgumentError, UnavailableError
 
 # The training service runs Ray's core worker in its own process; Ray's C++ failure-signal handler would
 # otherwise take SIGTERM and abort() the process in the middle of its graceful shutdown.
@@ -117,6 +118,12 @@ class LocalStack:
     base_port: int = 0
     group_suffix: str = ""
     repo_root: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.group_suffix and not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", self.group_suffix):
+            raise InvalidArgumentError(
+                f"group suffix {self.group_suffix!r}: use 1-64 lower-case letters, digits, '.', '_' or '-'"
+            )
 
     @property
     def ports(self) -> dict[str, int]:
