@@ -78,7 +78,7 @@ def plain_loop_throughput(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         samples += batch.size
-    float(loss)  # wait for the last step
+    float(loss.detach())  # wait for the last step
     return samples / (time.perf_counter() - started), samples / (time.process_time() - cpu_started)
 
 
