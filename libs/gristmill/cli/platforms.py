@@ -241,14 +241,25 @@ class LocalStack:
     def start(
         self, timeout_s: float = 180.0, *, on_start: Callable[[ServiceProcess, int], None] | None = None
     ) -> Endpoints:
-        """Start every service not running yet (admin first) and wait until all serve."""
+        """Start every service not running yet and wait until all serve.
+
+        Admin comes first: the others verify API keys there, and they get its root key (written at its first
+        start) as their own service key, which they use to read plans and usage for quotas.
+        """
         env = self.env()
-        for proc in self.processes():
+        deadline = time.monotonic() + timeout_s
+        admin, *others = self.processes()
+        pid = admin.start(env)
+        if on_start is not None:
+            on_start(admin, pid)
+        wait_serving(f"127.0.0.1:{self.ports[admin.name]}", timeout_s, process=admin)
+        if key := self.root_key():
+            env["GRISTMILL_AUTH_SERVICE_KEY"] = key
+        for proc in others:
             pid = proc.start(env)
             if on_start is not None:
                 on_start(proc, pid)
-        deadline = time.monotonic() + timeout_s
-        for proc in self.processes():
+        for proc in others:
             wait_serving(f"127.0.0.1:{self.ports[proc.name]}", max(1.0, deadline - time.monotonic()), process=proc)
         return self.endpoints
 
