@@ -25,6 +25,9 @@ def main() -> int:
     setup_logging(SERVICE_NAME, settings.log_level)
     # No model hub is reachable or needed: base models are local directories or object-store prefixes.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Ray's C++ failure-signal handler takes SIGTERM and aborts the process mid-shutdown; the service
+    # handles SIGTERM itself (drain, then stop Ray).
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     from gristmill.training.app import build_host
 
     host = build_host(settings, kafka=kafka, s3=s3, telemetry=telemetry)
