@@ -11,8 +11,8 @@ PYTHON ?= python3
 export GRISTMILL_CACHE ?= $(HOME)/.cache/gristmill
 export GRISTMILL_KAFKA_PORT ?= 9092
 export GRISTMILL_S3_PORT ?= 8333
-export GRISTMILL_KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:$(GRISTMILL_KAFKA_PORT)
-export GRISTMILL_S3_ENDPOINT ?= 127.0.0.1:$(GRISTMILL_S3_PORT)
+# Only the ports are exported: tests find the real servers from them (tests/conftest.py), and a unit test
+# that builds settings from the environment must still get the in-process bus and local files.
 export GRISTMILL_S3_ACCESS_KEY ?= gristmill
 export GRISTMILL_S3_SECRET_KEY ?= gristmill-secret
 # No model hub is reachable (or needed): models come from local directories and the object store.
