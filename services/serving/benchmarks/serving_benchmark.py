@@ -1,19 +1,22 @@
-"""Serving benchmark (not a test: run it once, by hand, on an otherwise idle machine).
+"""Serving benchmark (not a test: run it once, by hand).
 
-One run measures, on the same model (all-MiniLM-L6-v2 + a fresh, seeded 2-label head) and the same
-sentences (../shared/data/sentiment), with client and server on this machine:
+On the same model (all-MiniLM-L6-v2 + a fresh, seeded 2-label head) and the same sentences
+(../shared/data/sentiment), with client and server on this machine, one run measures:
 
 1. the raw model: one sentence at a time (the single-forward latency) and length-sorted batches of 32 straight
    through the model (the throughput limit, no server);
-2. Gristmill serving: a server process (the real service wiring, models from a local directory) answering
-   Open Inference Protocol ModelInfer calls (one sentence each) over gRPC at concurrency 1, 16 and 64;
+2. Gristmill serving: a server process (the real service wiring, models from a local directory) answering Open
+   Inference Protocol ModelInfer calls (one sentence each) over gRPC at concurrency 1, 16 and 64, once per
+   server configuration (torch threads, OpenMP environment);
 3. Ray Serve: the same model in a deployment with ``@serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)``
    called over HTTP at the same concurrencies;
-4. optionally (``--quantization``), dynamic int8 quantisation: a copy of the classifier fine-tuned for one epoch
-   on 1,600 sentences, accuracy and throughput on 400 held-out sentences, fp32 vs int8.
-
-Then it checks the targets: throughput at concurrency 64 >= 0.6x the raw limit and >= 3x Ray Serve's, and p50
-latency at concurrency 1 <= the raw single forward + 3 ms.
+4. paired rounds for the targets: on a shared machine the load of other work changes from minute to minute, so
+   each round measures the raw limit, Gristmill and Ray Serve at concurrency 64, the raw single forward and
+   Gristmill at concurrency 1 back to back (in a shuffled order), and the targets are checked on the medians of
+   the per-round ratios: throughput at c=64 >= 0.6x the raw limit and >= 3x Ray Serve's, p50 at c=1 <= the raw
+   single forward + 3 ms;
+5. optionally (``--quantization``), dynamic int8 quantisation: a copy fine-tuned for one epoch on 1,600
+   sentences, accuracy and throughput on 400 held-out sentences, fp32 vs int8.
 
 Usage (from the repository root)::
 
@@ -39,7 +42,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[3]
 SENTIMENT = REPO.parent / "shared" / "data" / "sentiment"
 MODEL = "minilm"
+
+Call = Callable[[str], Awaitable[None]]
 
 
 # -- data and model ---------------------------------------------------------------------------------------------
@@ -103,9 +109,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(int(q / 100 * len(ordered)), len(ordered) - 1)]
 
 
-async def drive(
-    system: str, call: Callable[[str], Awaitable[None]], texts: Sequence[str], concurrency: int, count: int
-) -> LoadResult:
+async def drive(system: str, call: Call, texts: Sequence[str], concurrency: int, count: int) -> LoadResult:
     """``count`` calls, ``concurrency`` at a time, one sentence each; latency per call, throughput overall."""
     latencies: list[float] = []
     failed = 0
@@ -144,41 +148,40 @@ async def drive(
     )
 
 
-def measure_raw(model_dir: Path, texts: Sequence[str], threads: int, singles: int) -> dict[str, float]:
-    """The model alone: single-sentence forward latency and length-sorted batches of 32."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+class RawModel:
+    """The model alone, in this process: no server, no queue."""
 
-    torch.set_num_threads(threads)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    rng = random.Random(1)
-    with torch.inference_mode():
-        for text in texts[:20]:
-            model(**tokenizer([text], return_tensors="pt"))
-        forward = []
-        for text in rng.sample(list(texts), singles):
-            encoded = tokenizer([text], return_tensors="pt")
-            started = time.perf_counter()
-            torch.softmax(model(**encoded).logits, dim=-1)
-            forward.append(time.perf_counter() - started)
-        ordered = sorted(texts, key=lambda t: len(tokenizer(t)["input_ids"]))
+    def __init__(self, model_dir: Path, threads: int) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        torch.set_num_threads(threads)
+        self._torch = torch
+        self._tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self._model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        with torch.inference_mode():
+            self._model(**self._tokenizer(["warming up the model"] * 4, return_tensors="pt", padding=True))
+
+    def single_forward_ms(self, texts: Sequence[str]) -> float:
+        """p50 of one-sentence forward passes (tokenization not timed)."""
+        times = []
+        with self._torch.inference_mode():
+            for text in texts:
+                encoded = self._tokenizer([text], return_tensors="pt")
+                started = time.perf_counter()
+                self._torch.softmax(self._model(**encoded).logits, dim=-1)
+                times.append(time.perf_counter() - started)
+        return statistics.median(times) * 1000
+
+    def limit(self, texts: Sequence[str]) -> float:
+        """Sentences per second in length-sorted batches of 32 (tokenization timed too)."""
+        ordered = sorted(texts, key=lambda t: len(self._tokenizer(t)["input_ids"]))
         started = time.perf_counter()
-        for i in range(0, len(ordered), 32):
-            encoded = tokenizer(ordered[i : i + 32], return_tensors="pt", padding=True, truncation=True)
-            torch.softmax(model(**encoded).logits, dim=-1)
-        seconds = time.perf_counter() - started
-    return {
-        "single_forward_p50_ms": statistics.median(forward) * 1000,
-        "single_forward_mean_ms": statistics.fmean(forward) * 1000,
-        "batch32_sentences_per_s": len(ordered) / seconds,
-    }
-
-
-def parse_server_config(config: str) -> tuple[int, dict[str, str]]:
-    """'2,OMP_WAIT_POLICY=PASSIVE' → (2, {'OMP_WAIT_POLICY': 'PASSIVE'})."""
-    threads, *assignments = config.split(",")
-    return int(threads), dict(item.split("=", 1) for item in assignments)
+        with self._torch.inference_mode():
+            for i in range(0, len(ordered), 32):
+                encoded = self._tokenizer(ordered[i : i + 32], return_tensors="pt", padding=True, truncation=True)
+                self._torch.softmax(self._model(**encoded).logits, dim=-1)
+        return len(ordered) / (time.perf_counter() - started)
 
 
 def free_port() -> int:
@@ -188,15 +191,15 @@ def free_port() -> int:
         return port
 
 
-async def measure_gristmill(
-    model_dir: Path,
-    texts: Sequence[str],
-    plan: Sequence[tuple[int, int]],
-    threads: int,
-    delay_ms: int,
-    server_env: dict[str, str],
-) -> list[LoadResult]:
-    """A serving process (the real wiring) and an OIP gRPC client in this process."""
+def parse_server_config(config: str) -> tuple[int, dict[str, str]]:
+    """'2,OMP_WAIT_POLICY=PASSIVE' → (2, {'OMP_WAIT_POLICY': 'PASSIVE'})."""
+    threads, *assignments = config.split(",")
+    return int(threads), dict(item.split("=", 1) for item in assignments)
+
+
+@asynccontextmanager
+async def gristmill_server(model_dir: Path, config: str, delay_ms: int) -> AsyncIterator[Call]:
+    """A serving process (the real wiring) with the model deployed; yields an OIP ModelInfer call."""
     import grpc
 
     from gristmill.api.common.v1 import common_pb2
@@ -204,11 +207,12 @@ async def measure_gristmill(
     from gristmill.api.inference.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
     from gristmill.api.serving.v1 import serving_pb2, serving_pb2_grpc
 
+    threads, server_env = parse_server_config(config)
     root = model_dir.parent / "registry"
     (root / MODEL).mkdir(parents=True, exist_ok=True)
     if not (root / MODEL / "1").exists():
         (root / MODEL / "1").symlink_to(model_dir)
-    # A fresh data directory per run: a second run must not find the first one's stored deployment.
+    # A fresh data directory per server: a second one must not find the first one's stored deployment.
     data_dir = Path(tempfile.mkdtemp(prefix="serving-data-", dir=model_dir.parent))
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", str(root), "--data-dir", str(data_dir), "--threads", str(threads)],
@@ -218,12 +222,10 @@ async def measure_gristmill(
     )
     try:
         assert server.stdout is not None
-        line = server.stdout.readline().strip()
+        line = await asyncio.to_thread(server.stdout.readline)
         if not line.startswith("READY "):
             raise RuntimeError(f"the serving process did not start: {line!r}")
-        address = f"127.0.0.1:{line.split()[1]}"
-        results = []
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{line.split()[1]}") as channel:
             await serving_pb2_grpc.ServingServiceStub(channel).CreateDeployment(
                 serving_pb2.CreateDeploymentRequest(
                     deployment=serving_pb2.Deployment(
@@ -246,15 +248,11 @@ async def measure_gristmill(
                 )
                 await stub.ModelInfer(request, timeout=30)
 
-            for concurrency, count in plan:
-                result = await drive("gristmill", call, texts, concurrency, count)
-                print(f"  {result}", flush=True)
-                results.append(result)
-        return results
+            yield call
     finally:
         server.send_signal(signal.SIGTERM)
         try:
-            server.wait(30)
+            await asyncio.to_thread(server.wait, 30)
         except subprocess.TimeoutExpired:
             server.kill()
         stats_file = data_dir / "batch-stats.json"
@@ -262,11 +260,9 @@ async def measure_gristmill(
             print(f"  batcher: {stats_file.read_text()}", flush=True)
 
 
-def measure_ray_serve(
-    model_dir: Path, texts: Sequence[str], plan: Sequence[tuple[int, int]], threads: int
-) -> list[LoadResult]:
-    """Ray Serve with ``@serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)`` over HTTP."""
-    import aiohttp
+@contextmanager
+def ray_serve_app(model_dir: Path, threads: int) -> Iterator[str]:
+    """Ray Serve with ``@serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)``; yields its HTTP URL."""
     import ray
     from ray import serve
 
@@ -276,57 +272,107 @@ def measure_ray_serve(
         log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1"}},
     )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "ERROR"})
-
-    @serve.deployment(num_replicas=1, max_ongoing_requests=256)
-    class Classifier:
-        def __init__(self, directory: str, torch_threads: int) -> None:
-            import torch
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-            torch.set_num_threads(torch_threads)
-            self.torch = torch
-            self.tokenizer = AutoTokenizer.from_pretrained(directory)
-            self.model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
-
-        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-        async def classify(self, texts: list[str]) -> list[dict[str, Any]]:
-            with self.torch.inference_mode():
-                encoded = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True)
-                probabilities = self.torch.softmax(self.model(**encoded).logits, dim=-1)
-            labels = ("negative", "positive")
-            return [{"label": labels[int(p.argmax())], "probabilities": p.tolist()} for p in probabilities]
-
-        async def __call__(self, request: Any) -> dict[str, Any]:
-            text = (await request.body()).decode()
-            result: dict[str, Any] = await self.classify(text)
-            return result
-
-    serve.run(Classifier.bind(str(model_dir), threads), route_prefix="/classify")
-    url = f"http://127.0.0.1:{port}/classify"
-
-    async def run_all() -> list[LoadResult]:
-        results = []
-        for concurrency, count in plan:
-            connector = aiohttp.TCPConnector(limit=concurrency)
-            async with aiohttp.ClientSession(connector=connector) as session:
-
-                async def call(text: str, session: aiohttp.ClientSession = session) -> None:
-                    async with session.post(url, data=text.encode()) as response:
-                        response.raise_for_status()
-                        await response.read()
-
-                result = await drive("ray-serve", call, texts, concurrency, count)
-                print(f"  {result}", flush=True)
-                results.append(result)
-        return results
-
     try:
-        return asyncio.run(run_all())
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "ERROR"})
+
+        # Up to 256 requests in the replica at once, so that batches of 32 can fill at concurrency 64.
+        @serve.deployment(num_replicas=1, max_ongoing_requests=256)
+        class Classifier:
+            def __init__(self, directory: str, torch_threads: int) -> None:
+                import torch
+                from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+                torch.set_num_threads(torch_threads)
+                self.torch = torch
+                self.tokenizer = AutoTokenizer.from_pretrained(directory)
+                self.model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
+
+            @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+            async def classify(self, texts: list[str]) -> list[dict[str, Any]]:
+                with self.torch.inference_mode():
+                    encoded = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True)
+                    probabilities = self.torch.softmax(self.model(**encoded).logits, dim=-1)
+                labels = ("negative", "positive")
+                return [{"label": labels[int(p.argmax())], "probabilities": p.tolist()} for p in probabilities]
+
+            async def __call__(self, request: Any) -> dict[str, Any]:
+                text = (await request.body()).decode()
+                result: dict[str, Any] = await self.classify(text)
+                return result
+
+        serve.run(Classifier.bind(str(model_dir), threads), route_prefix="/classify")
+        yield f"http://127.0.0.1:{port}/classify"
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@asynccontextmanager
+async def ray_caller(url: str, concurrency: int) -> AsyncIterator[Call]:
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+
+        async def call(text: str) -> None:
+            async with session.post(url, data=text.encode()) as response:
+                response.raise_for_status()
+                await response.read()
+
+        yield call
+
+
+async def sweep(system: str, call: Call, texts: Sequence[str], plan: Sequence[tuple[int, int]]) -> list[LoadResult]:
+    results = []
+    for concurrency, count in plan:
+        result = await drive(system, call, texts, concurrency, count)
+        print(f"  {result}", flush=True)
+        results.append(result)
+    return results
+
+
+async def paired_rounds(
+    raw: RawModel,
+    ours: Call,
+    ray_url: str | None,
+    texts: Sequence[str],
+    rounds: int,
+    per_round: int,
+) -> list[dict[str, float]]:
+    """Each round: the raw limit, Gristmill and Ray Serve at c=64, the raw single forward and Gristmill at c=1,
+    back to back in a shuffled order, each on its own slice of the sentences."""
+    order_rng = random.Random(7)
+    out = []
+    for number in range(rounds):
+        start = (number * per_round) % len(texts)
+        chunk = [texts[(start + i) % len(texts)] for i in range(per_round)]
+        singles = chunk[: max(per_round // 10, 20)]
+        row: dict[str, float] = {}
+
+        async def raw_limit(chunk: list[str] = chunk, row: dict[str, float] = row) -> None:
+            row["raw_limit"] = raw.limit(chunk)
+
+        async def raw_single(singles: list[str] = singles, row: dict[str, float] = row) -> None:
+            row["raw_single_ms"] = raw.single_forward_ms(singles)
+
+        async def ours_64(chunk: list[str] = chunk, row: dict[str, float] = row) -> None:
+            row["gristmill_c64"] = (await drive("gristmill", ours, chunk, 64, per_round)).throughput
+
+        async def ours_1(singles: list[str] = singles, row: dict[str, float] = row) -> None:
+            row["gristmill_c1_p50_ms"] = (await drive("gristmill", ours, singles, 1, len(singles))).p50_ms
+
+        async def ray_64(chunk: list[str] = chunk, row: dict[str, float] = row) -> None:
+            assert ray_url is not None
+            async with ray_caller(ray_url, 64) as call:
+                row["ray_c64"] = (await drive("ray-serve", call, chunk, 64, per_round)).throughput
+
+        steps = [raw_limit, raw_single, ours_64, ours_1] + ([ray_64] if ray_url else [])
+        order_rng.shuffle(steps)
+        for step in steps:
+            await step()
+        print(f"  round {number + 1}: {row}", flush=True)
+        out.append(row)
+    return out
 
 
 def measure_quantization(
@@ -388,6 +434,7 @@ def measure_quantization(
 
 
 # -- the serving process ----------------------------------------------------------------------------------------
+# -- the serving process ----------------------------------------------------------------------------------------
 
 
 def serve(root: Path, data_dir: Path, threads: int) -> None:
@@ -432,62 +479,53 @@ def serve(root: Path, data_dir: Path, threads: int) -> None:
 
 
 # -- report -----------------------------------------------------------------------------------------------------
-
-
-def _mean(runs: Sequence[dict[str, float]]) -> dict[str, float]:
-    return {key: statistics.fmean(run[key] for run in runs) for key in runs[0]}
+# -- report -----------------------------------------------------------------------------------------------------
 
 
 def report(results: dict[str, Any]) -> None:
     print("\n== results ==")
-    for index, run in enumerate(results["raw_runs"]):
-        print(
-            f"raw model run {index + 1}: single-sentence forward p50 {run['single_forward_p50_ms']:.1f} ms; "
-            f"length-sorted batches of 32: {run['batch32_sentences_per_s']:.0f} sentences/s"
-        )
-    brackets = results["raw_brackets"]
-    print(f"{'system':<10} {'conc.':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6} {'x raw limit':>11}")
-    names = [key for key in results if key.startswith("gristmill[")] + ["ray_serve"]
-    for name in names:
+    raw = results["raw"]
+    print(
+        f"raw model (before the sweeps): single-sentence forward p50 {raw['single_forward_p50_ms']:.1f} ms; "
+        f"length-sorted batches of 32: {raw['limit']:.0f} sentences/s"
+    )
+    print(f"{'system':<10} {'conc.':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6}")
+    for name in [key for key in results if key.startswith("gristmill[")] + ["ray_serve"]:
         if name not in results:
             continue
-        limit = brackets[name]["batch32_sentences_per_s"]
-        print(
-            f"{name} (raw around it: {limit:.0f} sentences/s, "
-            f"forward {brackets[name]['single_forward_p50_ms']:.1f} ms):"
-        )
+        print(f"{name}:")
         for row in results[name]:
             print(
                 f"{row['system']:<10} {row['concurrency']:>5} {row['throughput']:>8.1f} {row['p50_ms']:>8.1f} "
-                f"{row['p99_ms']:>8.1f} {row['failed']:>6} {row['throughput'] / limit:>11.2f}"
+                f"{row['p99_ms']:>8.1f} {row['failed']:>6}"
             )
-    best = f"gristmill[{results['gristmill_config']}]"
-    ours = {r["concurrency"]: r for r in results["gristmill"]}
-    raw = brackets[best]
-    checks = []
-    if 64 in ours:
-        ratio = ours[64]["throughput"] / raw["batch32_sentences_per_s"]
-        checks.append(
-            (f"c=64 throughput >= 0.6x raw limit ({ratio:.2f}x, config {results['gristmill_config']!r})", ratio >= 0.6)
-        )
-        ray = {r["concurrency"]: r for r in results.get("ray_serve", [])}
-        if 64 in ray and ray[64]["throughput"] > 0:
-            direct = ours[64]["throughput"] / ray[64]["throughput"]
-            normalized = (ours[64]["throughput"] / raw["batch32_sentences_per_s"]) / (
-                ray[64]["throughput"] / brackets["ray_serve"]["batch32_sentences_per_s"]
-            )
-            checks.append(
-                (
-                    f"c=64 throughput >= 3x Ray Serve ({direct:.1f}x; {normalized:.1f}x relative to each "
-                    "run's raw limit)",
-                    min(direct, normalized) >= 3.0,
-                )
-            )
-    if 1 in ours:
-        budget = raw["single_forward_p50_ms"] + 3.0
-        checks.append(
-            (f"c=1 p50 {ours[1]['p50_ms']:.1f} ms <= raw forward + 3 ms ({budget:.1f} ms)", ours[1]["p50_ms"] <= budget)
-        )
+    rounds = results.get("paired_rounds", [])
+    if not rounds:
+        return
+    # Conservative on a shared machine: Gristmill's median round against the best the raw model (and Ray Serve)
+    # did in any round, i.e. what they can do when nothing else disturbs them.
+    median = statistics.median
+    best_limit = max([r["raw_limit"] for r in rounds] + [raw["limit"]])
+    best_single = min([r["raw_single_ms"] for r in rounds] + [raw["single_forward_p50_ms"]])
+    ours_c64 = median(r["gristmill_c64"] for r in rounds)
+    ours_c1 = median(r["gristmill_c1_p50_ms"] for r in rounds)
+    print(
+        f"paired rounds (Gristmill config {results['paired_config']!r}): raw limit best {best_limit:.0f}/s "
+        f"(median {median(r['raw_limit'] for r in rounds):.0f}), raw single forward best {best_single:.1f} ms "
+        f"(median {median(r['raw_single_ms'] for r in rounds):.1f}); Gristmill median c=64 {ours_c64:.0f}/s, "
+        f"c=1 p50 {ours_c1:.1f} ms"
+    )
+    checks = [
+        (f"c=64 throughput >= 0.6x raw limit ({ours_c64 / best_limit:.2f}x)", ours_c64 >= 0.6 * best_limit),
+        (
+            f"c=1 p50 <= raw single forward + 3 ms ({ours_c1:.1f} ms vs {best_single:.1f} + 3 ms)",
+            ours_c1 <= best_single + 3.0,
+        ),
+    ]
+    if all("ray_c64" in r for r in rounds):
+        best_ray = max(r["ray_c64"] for r in rounds)
+        print(f"  Ray Serve c=64 best {best_ray:.0f}/s (median {median(r['ray_c64'] for r in rounds):.0f})")
+        checks.append((f"c=64 throughput >= 3x Ray Serve ({ours_c64 / best_ray:.1f}x)", ours_c64 >= 3.0 * best_ray))
     for text, ok in checks:
         print(f"[{'PASS' if ok else 'FAIL'}] {text}")
     if "quantization" in results:
@@ -500,7 +538,7 @@ def report(results: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: cores)")
@@ -509,9 +547,10 @@ def main() -> None:
         "--server-configs",
         type=lambda text: text.split(";"),
         default=None,
-        help="serving-process configurations, one measurement each: 'THREADS[,ENV=VALUE...]' separated by ';' "
-        "(default: '<threads>;1')",
+        help="serving-process configurations, one sweep each: 'THREADS[,ENV=VALUE...]' separated by ';' "
+        "(default: '<threads>;1'); the first one also runs the paired rounds",
     )
+    parser.add_argument("--rounds", type=int, default=5, help="paired rounds (default 5)")
     parser.add_argument("--quick", action="store_true", help="few requests: a smoke run, not a measurement")
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--quantization", action="store_true", help="also fine-tune and compare fp32 with int8")
@@ -532,41 +571,43 @@ def main() -> None:
     try:
         print(f"building the classifier in {workdir}", flush=True)
         model_dir = build_classifier(workdir / "model")
-        # The machine is shared and its load changes: every system's run is bracketed by two measurements of
-        # the raw model, and compared with their mean (all are reported).
-        singles = int(200 * scale) or 20
+        raw = RawModel(model_dir, args.threads)
+        print("raw model ...", flush=True)
+        results["raw"] = {
+            "single_forward_p50_ms": raw.single_forward_ms(texts[: int(200 * scale) or 20]),
+            "limit": raw.limit(texts),
+        }
+        print(f"  {results['raw']}", flush=True)
 
-        def raw() -> dict[str, float]:
-            print("raw model ...", flush=True)
-            measured = measure_raw(model_dir, texts, args.threads, singles=singles)
-            print(f"  {measured}", flush=True)
-            return measured
+        async def ours_sweeps() -> None:
+            for config in args.server_configs:
+                print(f"gristmill serving (OIP over gRPC), server config {config!r} ...", flush=True)
+                async with gristmill_server(model_dir, config, args.delay_ms) as call:
+                    results[f"gristmill[{config}]"] = [asdict(r) for r in await sweep("gristmill", call, texts, plan)]
 
-        raw_runs = [raw()]
-        brackets: dict[str, dict[str, float]] = {}
-        for config in args.server_configs:
-            threads, server_env = parse_server_config(config)
-            print(f"gristmill serving (OIP over gRPC), server config {config!r} ...", flush=True)
-            ours = asyncio.run(measure_gristmill(model_dir, texts, plan, threads, args.delay_ms, server_env))
-            results[f"gristmill[{config}]"] = [asdict(r) for r in ours]
-            raw_runs.append(raw())
-            brackets[f"gristmill[{config}]"] = _mean(raw_runs[-2:])
-        if not args.skip_ray:
-            print("ray serve (HTTP) ...", flush=True)
-            results["ray_serve"] = [asdict(r) for r in measure_ray_serve(model_dir, texts, plan, args.threads)]
-            raw_runs.append(raw())
-            brackets["ray_serve"] = _mean(raw_runs[-2:])
-        results["raw_runs"] = raw_runs
-        results["raw_brackets"] = brackets
-        # The headline rows: the server configuration with the best throughput at c=64 relative to its raw limit.
-        best = max(
-            args.server_configs,
-            key=lambda c: (
-                results[f"gristmill[{c}]"][-1]["throughput"] / brackets[f"gristmill[{c}]"]["batch32_sentences_per_s"]
-            ),
-        )
-        results["gristmill"] = results[f"gristmill[{best}]"]
-        results["gristmill_config"] = best
+        asyncio.run(ours_sweeps())
+
+        async def ray_and_rounds(url: str | None) -> None:
+            if url is not None:
+                print("ray serve (HTTP) ...", flush=True)
+                ray_rows = []
+                for concurrency, count in plan:
+                    async with ray_caller(url, concurrency) as call:
+                        ray_rows += await sweep("ray-serve", call, texts, [(concurrency, count)])
+                results["ray_serve"] = [asdict(r) for r in ray_rows]
+            config = args.server_configs[0]
+            print(f"paired rounds (Gristmill config {config!r}) ...", flush=True)
+            async with gristmill_server(model_dir, config, args.delay_ms) as call:
+                results["paired_config"] = config
+                results["paired_rounds"] = await paired_rounds(
+                    raw, call, url, texts, args.rounds, int(1000 * scale) or 100
+                )
+
+        if args.skip_ray:
+            asyncio.run(ray_and_rounds(None))
+        else:
+            with ray_serve_app(model_dir, args.threads) as url:
+                asyncio.run(ray_and_rounds(url))
         if args.quantization:
             print("dynamic int8 quantisation ...", flush=True)
             results["quantization"] = measure_quantization(model_dir, rows, args.threads, workdir)
