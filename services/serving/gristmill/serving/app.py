@@ -131,7 +131,14 @@ def build_host(
 
         loader = load_transformers_classifier
     metrics = ServingMetrics(platform.metrics)
-    manager = DeploymentManager(source, loader, observer=metrics.observe, on_queue_depth=metrics.queue_depth, rng=rng)
+    manager = DeploymentManager(
+        source,
+        loader,
+        observer=metrics.observe,
+        on_queue_depth=metrics.queue_depth,
+        rng=rng,
+        batch_workers=settings.batch_workers,
+    )
     sink = OutboxPredictionSink(
         platform.database,
         platform.catalog,

@@ -22,6 +22,9 @@ class ServingSettings(ServiceSettings):
     model_cache_dir: Path | None = None
     # torch intra-op threads for inference; 0 means one per CPU core.
     torch_threads: int = Field(default=0, ge=0, le=256)
+    # Batches of one model version that may run at once, each on its own thread. With TORCH_THREADS=1 and one
+    # worker per core, a CPU runs several batches side by side instead of splitting each one across cores.
+    batch_workers: int = Field(default=1, ge=1, le=64)
     # Consumer group of the alias-changed consumer.
     consumer_group: str = "serving"
     # Prediction-log events waiting to be written to the outbox before new ones are dropped (and counted).

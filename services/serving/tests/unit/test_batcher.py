@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -237,6 +237,34 @@ async def test_inference_runs_off_the_event_loop_on_one_worker_thread() -> None:
     assert next(iter(model.threads)).startswith("infer-m1")
     assert threading.current_thread().name not in model.threads
     await batcher.close()
+
+
+async def test_several_workers_run_batches_side_by_side_on_their_own_threads() -> None:
+    model = Model()
+    model.gate = threading.Event()
+    batcher = DynamicBatcher(model, BatchPolicy(max_batch_size=2, max_delay_s=0.0), name="m2", workers=2)
+    first = [asyncio.create_task(batcher.submit([i], [1])) for i in (1, 2)]
+    await wait_until(lambda: len(model.batches) == 1)
+    second = [asyncio.create_task(batcher.submit([i], [1])) for i in (3, 4)]
+    # The second batch starts while the first one still runs; a third waits for a free worker.
+    await wait_until(lambda: len(model.batches) == 2)
+    third = asyncio.create_task(batcher.submit([5], [1]))
+    await asyncio.sleep(0.05)
+    assert len(model.batches) == 2 and batcher.queued == 1
+    model.gate.set()
+    assert [await t for t in first + second] == [[2], [4], [6], [8]]
+    assert await third == [10]
+    assert len(model.threads) == 2
+    await batcher.drain()
+    assert not batcher.busy
+    await batcher.close()
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
 
 
 async def test_a_failing_batch_fails_its_callers_and_the_batcher_recovers() -> None:

@@ -1,7 +1,8 @@
 """The dynamic batcher: one per loaded model version.
 
 Callers ``submit`` items (one per text) and await their results. One asyncio worker task forms batches and
-runs them on a dedicated thread, so the event loop stays free while the model computes:
+runs each on a thread of the batcher's own (``workers`` of them: batches that may run at once), so the event
+loop stays free while the model computes:
 
 - a batch closes when ``max_batch_size`` items wait or the oldest has waited ``max_delay``; with a delay of
   0 it runs as soon as the worker is free, and while a batch runs the next one fills up (adaptive batching);
@@ -22,10 +23,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from gristmill.core.errors import DeadlineExceededError, InvalidArgumentError, ResourceExhaustedError, UnavailableError
 
@@ -82,6 +83,7 @@ class DynamicBatcher(Generic[T, R]):
         policy: BatchPolicy,
         *,
         name: str = "batcher",
+        workers: int = 1,
         on_queue_depth: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -97,8 +99,12 @@ class DynamicBatcher(Generic[T, R]):
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        # Batches that may run at once, each on its own thread (with single-threaded torch, one per core).
+        self.workers = workers
+        self._slots = asyncio.Semaphore(workers)
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"infer-{name}")
         self._worker: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()
         self.stats = BatchStats()
         # Keep only recent batch sizes: enough for tests and debugging, bounded for a long-running server.
         self._max_sizes_kept = 10_000
@@ -139,16 +145,21 @@ class DynamicBatcher(Generic[T, R]):
         self._pending.extend(entries)
         self._report_depth()
         self._wake.set()
+        # One text (the common case) awaits its future directly: no gather, no extra task.
+        single = len(entries) == 1
+        waiting: Awaitable[Any] = entries[0].future if single else asyncio.gather(*(e.future for e in entries))
         try:
-            gathered = asyncio.gather(*(e.future for e in entries))
             if deadline is None:
-                return list(await gathered)
-            try:
-                return list(await asyncio.wait_for(gathered, timeout=max(deadline - self._clock(), 0.0)))
-            except TimeoutError:
-                raise DeadlineExceededError(
-                    f"{self.name}: the deadline passed before the batch ran; the request was dropped"
-                ) from None
+                results = await waiting
+            else:
+                try:
+                    async with asyncio.timeout_at(loop.time() + max(deadline - self._clock(), 0.0)):
+                        results = await waiting
+                except TimeoutError:
+                    raise DeadlineExceededError(
+                        f"{self.name}: the deadline passed before the batch ran; the request was dropped"
+                    ) from None
+            return [results] if single else list(results)
         finally:
             self._forget(entries)
 
@@ -183,6 +194,10 @@ class DynamicBatcher(Generic[T, R]):
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
+        for task in list(self._batches):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         # Do not wait for a batch still computing on the thread; its results are discarded.
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._idle.set()
@@ -194,44 +209,60 @@ class DynamicBatcher(Generic[T, R]):
             self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"{self.name}-worker")
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._pending:
-                self._idle.set()
+                if self._running == 0:
+                    self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            await self._wait_for_batch_to_close()
-            batch = self._take_batch()
-            if not batch:
-                continue
-            self._running = len(batch)
-            started = self._clock()
+            # Take a free model thread first, then form the batch: it then holds everything queued meanwhile.
+            await self._slots.acquire()
             try:
-                results = await loop.run_in_executor(self._executor, self._run_batch, [e.item for e in batch])
-            except asyncio.CancelledError:
-                for entry in batch:
-                    if not entry.future.done():
-                        entry.future.set_exception(UnavailableError(f"{self.name} was stopped while running"))
+                await self._wait_for_batch_to_close()
+                batch = self._take_batch()
+            except BaseException:
+                self._slots.release()
                 raise
-            except Exception as exc:
-                log.exception("%s: a batch of %d failed", self.name, len(batch))
+            if not batch:
+                self._slots.release()
+                continue
+            self._running += len(batch)
+            task = asyncio.get_running_loop().create_task(self._run(batch), name=f"{self.name}-batch")
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _run(self, batch: list[_Entry[T, R]]) -> None:
+        started = self._clock()
+        try:
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self._executor, self._run_batch, [e.item for e in batch])
+        except asyncio.CancelledError:
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(UnavailableError(f"{self.name} was stopped while running"))
+            raise
+        except Exception as exc:
+            log.exception("%s: a batch of %d failed", self.name, len(batch))
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(exc)
+        else:
+            if len(results) != len(batch):
+                error = RuntimeError(f"{self.name}: the model returned {len(results)} results for {len(batch)}")
                 for entry in batch:
                     if not entry.future.done():
-                        entry.future.set_exception(exc)
+                        entry.future.set_exception(error)
             else:
-                if len(results) != len(batch):
-                    error = RuntimeError(f"{self.name}: the model returned {len(results)} results for {len(batch)}")
-                    for entry in batch:
-                        if not entry.future.done():
-                            entry.future.set_exception(error)
-                else:
-                    for entry, result in zip(batch, results, strict=True):
-                        if not entry.future.done():
-                            entry.future.set_result(result)
-            finally:
-                self._running = 0
-                self.stats.busy_s += self._clock() - started
+                for entry, result in zip(batch, results, strict=True):
+                    if not entry.future.done():
+                        entry.future.set_result(result)
+        finally:
+            self._running -= len(batch)
+            self.stats.busy_s += self._clock() - started
+            self._slots.release()
+            if not self._pending and self._running == 0:
+                self._idle.set()
 
     async def _wait_for_batch_to_close(self) -> None:
         policy = self.policy

@@ -191,8 +191,10 @@ class DeploymentManager:
         on_queue_depth: Callable[[str, int], None] | None = None,
         rng: random.Random | None = None,
         retry_delay_s: float = 1.0,
+        batch_workers: int = 1,
     ) -> None:
         self._source = source
+        self._batch_workers = batch_workers
         self._loader = loader
         self._observer = observer
         self._on_queue_depth = on_queue_depth
@@ -429,6 +431,7 @@ class DeploymentManager:
             classifier.predict,
             batch_policy(dep.spec.batching),
             name=name,
+            workers=self._batch_workers,
             on_queue_depth=(lambda n: depth(name, n)) if depth is not None else None,
         )
         loaded.state = VersionState.READY

@@ -99,7 +99,7 @@ class Encoded:
 
 
 class Classifier(Protocol):
-    """A loaded text classifier. ``encode`` is cheap and thread-safe; ``predict`` runs on one worker thread."""
+    """A loaded text classifier. ``encode`` is cheap; both are thread-safe (batches may run side by side)."""
 
     @property
     def labels(self) -> Sequence[str]: ...

@@ -41,7 +41,7 @@ def configure_torch(threads: int) -> None:
 
 
 class TransformersClassifier:
-    """A loaded sequence-classification model. ``predict`` must be called from one thread at a time."""
+    """A loaded sequence-classification model. Thread-safe: inference only reads the weights."""
 
     def __init__(
         self,
