@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import Sequence
@@ -129,7 +130,7 @@ def build_host(
         # Imported only here: torch and transformers take seconds and hundreds of MB to import.
         from gristmill.serving.runtime.classifier import load_transformers_classifier
 
-        loader = load_transformers_classifier
+        loader = functools.partial(load_transformers_classifier, trace=settings.trace_models)
     metrics = ServingMetrics(platform.metrics)
     manager = DeploymentManager(
         source,
@@ -137,7 +138,7 @@ def build_host(
         observer=metrics.observe,
         on_queue_depth=metrics.queue_depth,
         rng=rng,
-        batch_workers=settings.batch_workers,
+        batch_workers=settings.resolved_batch_workers(),
     )
     sink = OutboxPredictionSink(
         platform.database,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.registry.v1 import registry_pb2
@@ -62,6 +63,23 @@ def test_batched_predictions_equal_one_by_one_predictions(classifier: Transforme
     assert batched.sum(axis=1) == pytest.approx([1.0] * 4, abs=1e-5)
     # Padding in a batch must not change any text's answer (the attention mask works).
     assert batched == pytest.approx(single, abs=1e-5)
+
+
+def test_the_model_runs_traced_and_a_faithless_trace_falls_back_to_eager(
+    model_root: Path, classifier: TransformersClassifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert classifier.traced
+    source = LocalDirectoryModelSource(model_root)
+    resolved = source.resolve("default", "sentiment", VersionSelector.of_version(1))
+    reference = np.asarray(classifier.predict(classifier.encode(TEXTS, 128)))
+    eager = load_transformers_classifier(source.fetch(resolved), resolved, LoadOptions(), trace=False)
+    assert not eager.traced
+    assert np.asarray(eager.predict(eager.encode(TEXTS, 128))) == pytest.approx(reference, abs=1e-5)
+    # A trace that answers differently from the model (shape baked in, say) is refused at load.
+    monkeypatch.setattr(torch.jit, "trace", lambda module, example, **_: lambda ids, mask: module(ids, mask) + 1.0)
+    checked = load_transformers_classifier(source.fetch(resolved), resolved, LoadOptions())
+    assert not checked.traced
+    assert np.asarray(checked.predict(checked.encode(TEXTS, 128))) == pytest.approx(reference, abs=1e-5)
 
 
 def test_dynamic_int8_quantisation_stays_close(model_root: Path, classifier: TransformersClassifier) -> None:

@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,53 @@ def configure_torch(threads: int) -> None:
         torch.set_num_interop_threads(1)
 
 
+Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class _Logits(torch.nn.Module):
+    """The model as ``(input_ids, attention_mask) -> logits``: the shape TorchScript tracing needs."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
+        return logits
+
+
+def trace_forward(model: PreTrainedModel, pad_id: int) -> Forward | None:
+    """The model traced with TorchScript, or None when it cannot be traced faithfully.
+
+    A traced forward runs as one C++ graph: less Python per batch (~1 ms of a 6 ms MiniLM forward) and the GIL
+    released while it runs, so the gRPC thread and other batches are not held up by it. The trace is checked
+    against the eager model on other shapes than it was traced with; any difference keeps the eager model.
+    """
+    eager = _Logits(model).eval()
+    # Any real token id will do (not the padding one): the trace records operations, not values.
+    token = min(1000, int(getattr(model.config, "vocab_size", 2)) - 1)
+    token = token if token != pad_id else token - 1
+    example = (torch.full((2, 7), token, dtype=torch.long), torch.ones((2, 7), dtype=torch.long))
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            # Tracing warns about Python values it records; the check below is what decides.
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(eager, example, check_trace=False)  # type: ignore[no-untyped-call]
+            for batch, length in ((1, 3), (5, 19)):
+                ids = torch.full((batch, length), token, dtype=torch.long)
+                ids[-1, length // 2 :] = pad_id
+                mask = (ids != pad_id).long()
+                mask[:, 0] = 1
+                if not torch.allclose(traced(ids, mask), eager(ids, mask), atol=1e-4, rtol=1e-4):
+                    log.warning("the traced model differs from the eager one; serving it eagerly")
+                    return None
+    except Exception as exc:  # tracing is an optimisation: any failure keeps the eager model
+        log.warning("could not trace the model (%s); serving it eagerly", exc)
+        return None
+    forward: Forward = traced
+    return forward
+
+
 class TransformersClassifier:
     """A loaded sequence-classification model. Thread-safe: inference only reads the weights."""
 
@@ -52,8 +99,11 @@ class TransformersClassifier:
         multi_label: bool,
         max_tokens: int,
         pad_id: int,
+        traced: Forward | None = None,
     ) -> None:
         self._model = model
+        self._forward: Forward = traced or _Logits(model).eval()
+        self.traced = traced is not None
         self._tokenizer = tokenizer
         self._labels = tuple(labels)
         self._multi_label = multi_label
@@ -92,14 +142,14 @@ class TransformersClassifier:
         for row, item in enumerate(batch):
             ids[row, : item.length] = item.ids
             mask[row, : item.length] = 1
-        with torch.inference_mode():
-            logits = self._model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
+        with torch.no_grad():
+            logits = self._forward(torch.from_numpy(ids), torch.from_numpy(mask))
             probabilities = torch.sigmoid(logits) if self._multi_label else torch.softmax(logits, dim=-1)
         rows: Sequence[Sequence[float]] = list(probabilities.float().numpy())
         return rows
 
     def close(self) -> None:
-        del self._model
+        del self._model, self._forward
         release_memory()
 
 
@@ -119,7 +169,7 @@ def _labels_of(directory: Path, resolved: ResolvedVersion, num_labels: int) -> l
 
 
 def load_transformers_classifier(
-    directory: Path, resolved: ResolvedVersion, options: LoadOptions
+    directory: Path, resolved: ResolvedVersion, options: LoadOptions, *, trace: bool = True
 ) -> TransformersClassifier:
     """Load tokenizer + model from ``directory`` (safetensors only), quantise if asked, warm up; measure memory."""
     if not (directory / "model.safetensors").is_file():
@@ -162,6 +212,7 @@ def load_transformers_classifier(
         multi_label=multi,
         max_tokens=min(limit, _NO_LIMIT),
         pad_id=int(pad_id),
+        traced=trace_forward(model, int(pad_id)) if trace else None,
     )
     del hf_tokenizer
     # Warm up: the first forward passes allocate and pick kernels; do that before taking traffic.
@@ -170,10 +221,11 @@ def load_transformers_classifier(
     release_memory()
     classifier.memory_bytes = max(resident_bytes() - before, 0)
     log.info(
-        "loaded %s version %d (%s): %.1f MB resident",
+        "loaded %s version %d (%s, %s): %.1f MB resident",
         resolved.registered_model_name,
         resolved.version,
         options.quantization.value,
+        "traced" if classifier.traced else "eager",
         classifier.memory_bytes / 1e6,
     )
     return classifier
