@@ -144,6 +144,7 @@ def trained(platform: str, labeled: dict[str, str], base_model: Path) -> dict[st
     out = ok(result)
     assert "submitted; watching" in out and "succeeded" in out and "accuracy/test=" in out
     assert "[##############################]" in out  # the progress bar reached the end
+    assert "cli-sentiment v1" in out  # the command waited for the registry to register the result
     job_id = out.split("job ", 1)[1].split()[0]
     return {"job": job_id, "model": "cli-sentiment"}
 

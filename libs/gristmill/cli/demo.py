@@ -16,7 +16,7 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +32,11 @@ from gristmill.api.serving.v1 import serving_pb2 as sv
 from gristmill.api.training.v1 import training_pb2 as tr
 from gristmill.cli import demo_data
 from gristmill.cli.labeling_commands import create_project_request, import_file, import_options
+from gristmill.cli.polling import registered_version, wait_until
 from gristmill.cli.registry_commands import promotion_policy
 from gristmill.cli.serving_commands import deployment_request, predict_oip, predict_typed
 from gristmill.cli.training_commands import TERMINAL, ProgressLine, job_spec, metric_value, state_name, watch_job
-from gristmill.client import DeadlineExceededError, Gristmill, UnavailableError
+from gristmill.client import Gristmill
 from gristmill.core.errors import FailedPreconditionError
 
 T = TypeVar("T")
@@ -87,22 +88,6 @@ class StepClock:
         self.steps.append((name, seconds, note.get("detail", "")))
         self.out.write(f"    {seconds:6.1f}s  {note.get('detail', '')}\n")
         self.out.flush()
-
-
-def wait_until(what: str, probe: Callable[[], T | None], timeout_s: float, interval_s: float = 0.5) -> T:
-    """Poll ``probe`` until it returns something; a service that is restarting (UNAVAILABLE) is waited for."""
-    deadline = time.monotonic() + timeout_s
-    last = ""
-    while True:
-        try:
-            value = probe()
-            if value is not None and value is not False:
-                return value
-        except UnavailableError as exc:
-            last = f" (last error: {exc})"
-        if time.monotonic() > deadline:
-            raise DeadlineExceededError(f"timed out after {timeout_s:.0f}s waiting for {what}{last}")
-        time.sleep(interval_s)
 
 
 def load_labeled(path: Path, limit: int) -> list[LabeledText]:
@@ -509,19 +494,7 @@ class Demo:
         return done
 
     def _registered(self, job_id: str, began: float) -> rg.ModelVersion:
-        def ready() -> rg.ModelVersion | None:
-            versions = self.gm.registry.ListModelVersions(
-                rg.ListModelVersionsRequest(registered_model_name=self.model)
-            ).model_versions
-            for version in versions:
-                if version.lineage.training_job_id == job_id:
-                    if version.status == rg.MODEL_VERSION_STATUS_FAILED:
-                        raise FailedPreconditionError(f"version {version.version} failed: {version.status_reason}")
-                    if version.status == rg.MODEL_VERSION_STATUS_READY:
-                        return version
-            return None
-
-        return wait_until(f"the registry to register job {job_id}", ready, self._left(began))
+        return registered_version(self.gm, self.model, job_id, self._left(began))
 
     def _promoted(self, version: int, began: float) -> str:
         def moved() -> str | None:

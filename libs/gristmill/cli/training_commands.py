@@ -13,9 +13,12 @@ from gristmill.api.labeling.v1 import labeling_pb2 as lb
 from gristmill.api.training.v1 import training_pb2 as tr
 from gristmill.cli.context import state, want_json
 from gristmill.cli.output import emit, emit_object, enum_name, fail, message_dict, one_line_errors, when
+from gristmill.cli.polling import registered_version
 from gristmill.client import Gristmill, UnavailableError
 
 JSON_OPTION = typer.Option(False, "--json", help="print JSON")
+# A finished job's version normally appears within a second or two; a busy Kafka consumer group can take longer.
+REGISTRATION_TIMEOUT_S = 120.0
 TERMINAL = {tr.JOB_STATE_SUCCEEDED, tr.JOB_STATE_FAILED, tr.JOB_STATE_CANCELLED}
 
 jobs_app = typer.Typer(help="Training jobs.", no_args_is_help=True)
@@ -262,7 +265,13 @@ def train_command(
         bar = ProgressLine(sys.stderr if as_json else sys.stdout)
         job = watch_job(gm, job.job_id, bar.show)
         bar.done()
-    emit_object(job_summary(job), as_json, raw=job)
+        summary = job_summary(job)
+        if job.state == tr.JOB_STATE_SUCCEEDED and model:
+            # The registry registers the result from the job's event: wait for it, so that the next command
+            # (`models show`, `deploy`) finds the version this one announced.
+            registered = registered_version(gm, model, job.job_id, REGISTRATION_TIMEOUT_S)
+            summary["registered"] = f"{model} v{registered.version}"
+    emit_object(summary, as_json, raw=job)
     if job.state != tr.JOB_STATE_SUCCEEDED:
         fail(f"job {job.job_id} ended {state_name(job.state)}: {job.state_reason or 'no reason given'}")
 

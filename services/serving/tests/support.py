@@ -223,7 +223,8 @@ def build_fake_host(tmp_path: Path, **kwargs: object) -> tuple[ServingHost, Fake
     source.add("sentiment", 1)
     source.add("sentiment", 2)
     source.aliases[("sentiment", "production")] = 1
-    settings = ServingSettings(data_dir=tmp_path, grpc_port=0, shutdown_grace_s=1.0)
+    # One batch at a time whatever the core count, so that tests of queueing see the same queue everywhere.
+    settings = ServingSettings(data_dir=tmp_path, grpc_port=0, shutdown_grace_s=1.0, batch_workers=1)
     host = build_host(
         settings,
         kafka=KafkaSettings(),
