@@ -247,6 +247,33 @@ def bearer_api_key(metadata: Sequence[tuple[str, str | bytes]]) -> str:
     return credential
 
 
+# A root-organisation admin key (a service's own key) may act for another organisation by naming it here:
+# serving reads a deployment's model from the registry as the deployment's organisation.
+ACT_FOR_ORGANIZATION = "gristmill-act-for-organization"
+
+
+def act_for_organization(
+    principal: Principal, metadata: Sequence[tuple[str, str | bytes]], root_organization_id: str
+) -> Principal:
+    """``principal``, or, when the call names another organisation to act for, that organisation's view of it.
+
+    Only admin keys of the root organisation may; anyone else naming one is PERMISSION_DENIED.
+    """
+    values = [v for k, v in metadata if k.lower() == ACT_FOR_ORGANIZATION]
+    if not values:
+        return principal
+    raw = values[-1]
+    organization_id = validate_id(
+        raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw, what=ACT_FOR_ORGANIZATION
+    )
+    if principal.organization_id != root_organization_id or ADMIN not in principal.scopes:
+        raise PermissionDeniedError(
+            f"API key {principal.api_key_id} may not act for another organisation: only admin keys of the root "
+            "organisation may send " + ACT_FOR_ORGANIZATION
+        )
+    return Principal(organization_id, principal.api_key_id, principal.scopes)
+
+
 class ApiKeyAuthHook:
     """The ``AuthHook`` of a service whose calls need API keys.
 
@@ -258,7 +285,12 @@ class ApiKeyAuthHook:
     """
 
     def __init__(
-        self, verifier: ApiKeyVerifier, method_scopes: Mapping[str, str], *, public: Collection[str] = ()
+        self,
+        verifier: ApiKeyVerifier,
+        method_scopes: Mapping[str, str],
+        *,
+        public: Collection[str] = (),
+        root_organization_id: str = DEFAULT_ORGANIZATION,
     ) -> None:
         unknown = sorted({s for s in method_scopes.values() if s != AUTHENTICATED and s not in SCOPES})
         if unknown:
@@ -266,6 +298,7 @@ class ApiKeyAuthHook:
         self._verifier = verifier
         self._scopes = dict(method_scopes)
         self._public = frozenset(public)
+        self._root_organization_id = root_organization_id
 
     def scope_for(self, method: str) -> str | None:
         """The scope ``method`` needs; None when it is not open to API keys."""
@@ -290,7 +323,7 @@ class ApiKeyAuthHook:
             raise PermissionDeniedError(
                 f"API key {principal.api_key_id} lacks scope {scope!r}, which {method.rsplit('/', 1)[-1]} needs"
             )
-        return principal
+        return act_for_organization(principal, metadata, self._root_organization_id)
 
 
 class DisabledAuthHook:
@@ -312,8 +345,12 @@ class AuthSettings(BaseSettings):
     # How long a verified key (and an organisation's plan) is trusted before asking again: a revoked key
     # stops working within this time.
     cache_ttl_s: float = Field(default=30.0, ge=0)
-    # This service's own key (a root-organisation admin key), to read plans and usage for quotas.
+    # This service's own key (a root-organisation admin key), to read plans and usage for quotas and to call
+    # other services for an organisation.
     service_key: SecretStr = SecretStr("")
+    # The installation's own organisation (as GRISTMILL_ADMIN_ROOT_ORGANIZATION_ID): its admin keys may act
+    # for another organisation.
+    root_organization_id: str = DEFAULT_ORGANIZATION
 
 
 def build_auth_hook(
@@ -352,4 +389,4 @@ def build_auth_hook(
         verifier = RemoteKeyVerifier(
             settings.admin_address, ttl_s=settings.cache_ttl_s, credentials=channel_credentials
         )
-    return ApiKeyAuthHook(verifier, method_scopes, public=public)
+    return ApiKeyAuthHook(verifier, method_scopes, public=public, root_organization_id=settings.root_organization_id)

@@ -25,6 +25,7 @@ from gristmill.api.common.v1 import common_pb2
 from gristmill.api.registry.v1 import registry_pb2 as pb
 from gristmill.api.registry.v1 import registry_pb2_grpc as pb_grpc
 from gristmill.core.manifests import FileEntry, ModelManifest
+from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.registry.app import build_app
 from gristmill.registry.settings import RegistrySettings
@@ -55,7 +56,12 @@ def report(name: str, seconds: list[float]) -> None:
 
 async def main(versions: int, moves: int, megabytes: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        app = build_app(RegistrySettings(data_dir=Path(tmp), grpc_port=0), kafka=KafkaSettings(), s3=S3Settings())
+        app = build_app(
+            RegistrySettings(data_dir=Path(tmp), grpc_port=0),
+            kafka=KafkaSettings(),
+            s3=S3Settings(),
+            security=embedded_security("registry"),
+        )
         objects = app.host.platform.objects
         weights = os.urandom(megabytes * 1024 * 1024)
         manifests = []

@@ -462,6 +462,7 @@ def serve(root: Path, data_dir: Path, threads: int) -> None:
     """The benchmark's server: the real service wiring, in-process bus, models from ``root``."""
     import logging
 
+    from gristmill.core.security import embedded_security
     from gristmill.core.settings import KafkaSettings, S3Settings
     from gristmill.serving.app import build_host
     from gristmill.serving.runtime.classifier import configure_torch
@@ -473,7 +474,13 @@ def serve(root: Path, data_dir: Path, threads: int) -> None:
 
     async def run() -> None:
         settings = ServingSettings(data_dir=data_dir, grpc_port=0, torch_threads=threads)
-        host = build_host(settings, kafka=KafkaSettings(), s3=S3Settings(), source=LocalDirectoryModelSource(root))
+        host = build_host(
+            settings,
+            kafka=KafkaSettings(),
+            s3=S3Settings(),
+            security=embedded_security("serving"),
+            source=LocalDirectoryModelSource(root),
+        )
         port = await host.start()
         print(f"READY {port}", flush=True)
         stop = asyncio.Event()

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gristmill.core.errors import FailedPreconditionError, NotFoundError
+from gristmill.core.licensing import License
+from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.core.sql import Database
 from gristmill.serving.app import ServingHost, build_host
@@ -22,10 +24,14 @@ from gristmill.serving.domain.service import DeploymentService
 from gristmill.serving.domain.sources import Encoded, LoadOptions, ModelSource, ResolvedVersion
 from gristmill.serving.settings import ServingSettings
 from gristmill.serving.store.sql import SqlDeploymentStore
+from tests.support.licences import signed_license
 
 LABELS = ("negative", "positive")
 GOOD, BAD, MEH = 11, 12, 13
 _WORDS = {"good": GOOD, "great": GOOD, "bad": BAD, "awful": BAD, "meh": MEH}
+
+# Every licensed feature, no limit: tests of what the licence allows pass their own.
+ENTERPRISE = signed_license()
 
 
 class FakeClassifier:
@@ -186,13 +192,14 @@ class Env:
     database: Database
 
 
-def make_service(tmp_path: Path, *, seed: int = 7) -> Env:
-    """A ``DeploymentService`` on SQLite in ``tmp_path`` with the fake source and loader (call ``start``)."""
+def make_service(tmp_path: Path, *, seed: int = 7, license_: License = ENTERPRISE) -> Env:
+    """A ``DeploymentService`` on SQLite in ``tmp_path`` with the fake source and loader (call ``start``),
+    under a licence with every feature and no limit unless ``license_`` says otherwise."""
     database = Database(f"sqlite:///{tmp_path / 'serving.db'}")
     store = SqlDeploymentStore(database)
     source, loader, sink = FakeSource(), FakeLoader(), ListSink()
     manager = DeploymentManager(source, loader, rng=random.Random(seed), retry_delay_s=0.01)
-    service = DeploymentService(store, manager, source, sink=sink, rng=random.Random(seed))
+    service = DeploymentService(store, manager, source, sink=sink, rng=random.Random(seed), license_=license_)
     return Env(source, loader, store, manager, service, sink, database)
 
 
@@ -229,6 +236,7 @@ def build_fake_host(tmp_path: Path, **kwargs: object) -> tuple[ServingHost, Fake
         settings,
         kafka=KafkaSettings(),
         s3=S3Settings(),
+        security=embedded_security("serving", ENTERPRISE),
         source=source,
         loader=loader,
         rng=random.Random(3),

@@ -7,8 +7,9 @@ import sys
 
 from gristmill.core.errors import ConfigurationError
 from gristmill.core.logs import setup_logging
+from gristmill.core.security import load_security
 from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings, load_settings
-from gristmill.labeling.app import SERVICE, build_host
+from gristmill.labeling.app import METHOD_SCOPES, SERVICE, build_host
 from gristmill.labeling.settings import LabelingSettings
 
 
@@ -22,7 +23,12 @@ def main() -> None:
         print(f"{SERVICE}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     setup_logging(SERVICE, settings.log_level)
-    host = build_host(settings, kafka=kafka, s3=s3, telemetry=telemetry)
+    try:
+        security = load_security(SERVICE, METHOD_SCOPES, embedded=not kafka.bootstrap_servers)
+    except ConfigurationError as exc:
+        print(f"{SERVICE}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    host = build_host(settings, kafka=kafka, s3=s3, security=security, telemetry=telemetry)
     asyncio.run(host.run_until_signal())
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 from opentelemetry.sdk.trace import TracerProvider
 
 from gristmill.api.labeling.v1 import labeling_pb2, labeling_pb2_grpc
+from gristmill.core.auth import LABELING_READ, LABELING_WRITE
 from gristmill.core.events import MemoryBroker
 from gristmill.core.events.topics import PREDICTION_LOGGED
 from gristmill.core.grpcserver import ServiceRegistration
 from gristmill.core.host import ServiceHost, Subscription, open_platform
+from gristmill.core.security import Security
 from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings
 from gristmill.labeling.api.servicer import LabelingServicer
 from gristmill.labeling.domain.importer import IndexCache
@@ -21,18 +23,43 @@ from gristmill.labeling.store.sql import SqlLabelingStore
 
 SERVICE = "labeling"
 
+_LABELING = "/gristmill.api.labeling.v1.LabelingService"
+# The scope of each RPC: reads need labeling:read, everything that changes data labeling:write.
+METHOD_SCOPES = {
+    f"{_LABELING}/*": LABELING_WRITE,
+    **{
+        f"{_LABELING}/{method}": LABELING_READ
+        for method in (
+            "GetProject",
+            "ListProjects",
+            "GetLabelSchema",
+            "ListLabelSchemas",
+            "GetImport",
+            "ListImports",
+            "GetItem",
+            "ListItems",
+            "GetAgreement",
+            "GetDatasetVersion",
+            "ListDatasetVersions",
+            "ExportDataset",
+        )
+    },
+}
+
 
 def build_host(
     settings: LabelingSettings,
     *,
     kafka: KafkaSettings,
     s3: S3Settings,
+    security: Security,
     telemetry: TelemetrySettings | None = None,
     memory_broker: MemoryBroker | None = None,
     tracer_provider: TracerProvider | None = None,
     clock: Clock = utc_now,
 ) -> ServiceHost:
-    """The labeling service, ready to ``start()`` (or ``run_until_signal()``)."""
+    """The labeling service, ready to ``start()`` (or ``run_until_signal()``), with ``security``'s API keys,
+    licence and mTLS."""
     platform = open_platform(
         SERVICE,
         settings,
@@ -57,4 +84,11 @@ def build_host(
         settings.active_learning_group,
         PredictionLogHandler(service, store, platform.catalog),
     )
-    return ServiceHost(platform, [registration], settings, [consumer])
+    return ServiceHost(
+        platform,
+        [registration, security.license_registration(SERVICE)],
+        settings,
+        [consumer],
+        auth_hook=security.auth_hook,
+        server_credentials=security.server_credentials,
+    )

@@ -30,6 +30,7 @@ from gristmill.core.events import Event, KafkaEventBus
 from gristmill.core.events.topics import DATASET_VERSION_PUBLISHED
 from gristmill.core.host import ServiceHost
 from gristmill.core.manifests import DatasetManifest
+from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.core.sql import Database
 from gristmill.core.storage.s3 import S3ObjectStore
@@ -62,7 +63,11 @@ async def host(
         data_dir=tmp_path / "service", grpc_port=0, active_learning_group=f"labeling-it-{uuid.uuid4().hex[:8]}"
     )
     service = build_host(
-        settings, kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap), s3=s3, tracer_provider=tracing[0]
+        settings,
+        kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap),
+        s3=s3,
+        security=embedded_security("labeling"),
+        tracer_provider=tracing[0],
     )
     await service.start()
     yield service

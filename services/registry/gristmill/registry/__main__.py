@@ -12,9 +12,10 @@ import threading
 
 from gristmill.core.errors import ConfigurationError
 from gristmill.core.logs import setup_logging
+from gristmill.core.security import load_security
 from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings, load_settings
 from gristmill.registry import SERVICE_NAME
-from gristmill.registry.app import build_app
+from gristmill.registry.app import METHOD_SCOPES, build_app
 from gristmill.registry.domain.registry import Registry
 from gristmill.registry.settings import RegistrySettings
 
@@ -32,7 +33,8 @@ def main() -> None:
         sys.exit(2)
     setup_logging(SERVICE_NAME, settings.log_level)
     try:
-        app = build_app(settings, kafka=kafka, s3=s3, telemetry=telemetry)
+        security = load_security(SERVICE_NAME, METHOD_SCOPES, embedded=not kafka.bootstrap_servers)
+        app = build_app(settings, kafka=kafka, s3=s3, security=security, telemetry=telemetry)
     except ConfigurationError as exc:
         log.error("cannot start: %s", exc)
         sys.exit(2)

@@ -9,8 +9,10 @@ from datetime import datetime
 from opentelemetry.sdk.trace import TracerProvider
 
 from gristmill.api.events.v1 import events_pb2
+from gristmill.core.auth import REGISTRY_PROMOTE, REGISTRY_READ
 from gristmill.core.events import MemoryBroker
 from gristmill.core.host import ServiceHost, Subscription, open_platform
+from gristmill.core.security import Security
 from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings
 from gristmill.registry import SERVICE_NAME
 from gristmill.registry.api.servicer import RegistryServicer, registration
@@ -19,6 +21,29 @@ from gristmill.registry.events.handlers import job_state_changed_handler, versio
 from gristmill.registry.events.payloads import OutboxEventWriter
 from gristmill.registry.settings import RegistrySettings
 from gristmill.registry.store.sql import REGISTRY_TABLES, SqlRegistryStore
+
+_REGISTRY = "/gristmill.api.registry.v1.RegistryService"
+# Reads need registry:read; every change (models, versions, aliases, policies, cards, base models) needs
+# registry:promote, the scope of people who decide what is served.
+METHOD_SCOPES = {
+    f"{_REGISTRY}/*": REGISTRY_PROMOTE,
+    **{
+        f"{_REGISTRY}/{method}": REGISTRY_READ
+        for method in (
+            "GetRegisteredModel",
+            "SearchRegisteredModels",
+            "GetModelVersion",
+            "ListModelVersions",
+            "GetAliasHistory",
+            "GetPromotionPolicy",
+            "ListPendingPromotions",
+            "GetModelCard",
+            "ListBaseModels",
+            "GetBaseModel",
+            "GetDownloadManifest",
+        )
+    },
+}
 
 
 @dataclass
@@ -36,6 +61,7 @@ def build_app(
     *,
     kafka: KafkaSettings,
     s3: S3Settings,
+    security: Security,
     telemetry: TelemetrySettings | None = None,
     memory_broker: MemoryBroker | None = None,
     tracer_provider: TracerProvider | None = None,
@@ -52,7 +78,13 @@ def build_app(
         tracer_provider=tracer_provider,
     )
     store = SqlRegistryStore(platform.database, OutboxEventWriter(platform.catalog, SERVICE_NAME))
-    registry = Registry(store, platform.objects, clock=clock, allow_local_paths=settings.allow_local_paths)
+    registry = Registry(
+        store,
+        platform.objects,
+        clock=clock,
+        allow_local_paths=settings.allow_local_paths,
+        license_=security.license,
+    )
     service, servicer = registration(registry)
     catalog = platform.catalog
     subscriptions = [
@@ -67,7 +99,14 @@ def build_app(
             version_registered_handler(registry, store, catalog),
         ),
     ]
-    host = ServiceHost(platform, [service], settings, subscriptions)
+    host = ServiceHost(
+        platform,
+        [service, security.license_registration(SERVICE_NAME)],
+        settings,
+        subscriptions,
+        auth_hook=security.auth_hook,
+        server_credentials=security.server_credentials,
+    )
     return RegistryApp(host=host, registry=registry, store=store, servicer=servicer)
 
 
@@ -76,10 +115,17 @@ def build_host(
     *,
     kafka: KafkaSettings,
     s3: S3Settings,
+    security: Security,
     telemetry: TelemetrySettings | None = None,
     memory_broker: MemoryBroker | None = None,
     tracer_provider: TracerProvider | None = None,
 ) -> ServiceHost:
     return build_app(
-        settings, kafka=kafka, s3=s3, telemetry=telemetry, memory_broker=memory_broker, tracer_provider=tracer_provider
+        settings,
+        kafka=kafka,
+        s3=s3,
+        security=security,
+        telemetry=telemetry,
+        memory_broker=memory_broker,
+        tracer_provider=tracer_provider,
     ).host

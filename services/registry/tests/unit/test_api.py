@@ -18,6 +18,7 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.registry.v1 import registry_pb2 as pb
 from gristmill.api.registry.v1 import registry_pb2_grpc as pb_grpc
+from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.registry.app import RegistryApp, build_app
 from gristmill.registry.settings import RegistrySettings
@@ -63,7 +64,7 @@ class Api:
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
     settings = RegistrySettings(data_dir=tmp_path / "data", grpc_port=0, allow_local_paths=True)
-    app = build_app(settings, kafka=KafkaSettings(), s3=S3Settings())
+    app = build_app(settings, kafka=KafkaSettings(), s3=S3Settings(), security=embedded_security("registry"))
     port = await app.host.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield Api(app, pb_grpc.RegistryServiceStub(channel), tmp_path)
@@ -344,7 +345,7 @@ async def test_base_models(api: Api) -> None:
 
 async def test_local_paths_are_refused_unless_enabled(tmp_path: Path) -> None:
     settings = RegistrySettings(data_dir=tmp_path / "data", grpc_port=0)  # the default: disabled
-    app = build_app(settings, kafka=KafkaSettings(), s3=S3Settings())
+    app = build_app(settings, kafka=KafkaSettings(), s3=S3Settings(), security=embedded_security("registry"))
     port = await app.host.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -7,8 +7,9 @@ import sys
 
 from gristmill.core.errors import ConfigurationError
 from gristmill.core.logs import setup_logging
+from gristmill.core.security import load_security
 from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings, load_settings
-from gristmill.serving.app import SERVICE, build_host
+from gristmill.serving.app import METHOD_SCOPES, PUBLIC_METHODS, SERVICE, build_host
 from gristmill.serving.settings import ServingSettings
 
 
@@ -25,7 +26,12 @@ def main() -> None:
     from gristmill.serving.runtime.classifier import configure_torch
 
     configure_torch(settings.torch_threads)
-    host = build_host(settings, kafka=kafka, s3=s3, telemetry=telemetry)
+    try:
+        security = load_security(SERVICE, METHOD_SCOPES, embedded=not kafka.bootstrap_servers, public=PUBLIC_METHODS)
+    except ConfigurationError as exc:
+        print(f"{SERVICE}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    host = build_host(settings, kafka=kafka, s3=s3, security=security, telemetry=telemetry)
     asyncio.run(host.run_until_signal())
 
 

@@ -13,10 +13,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2 as oip
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
 from gristmill.api.serving.v1 import serving_pb2, serving_pb2_grpc
+from gristmill.core.auth import ADMIN, SERVING_PREDICT
 from gristmill.core.events import MemoryBroker
 from gristmill.core.events.topics import ALIAS_CHANGED
 from gristmill.core.grpcserver import ServiceRegistration, serve_until_signal
 from gristmill.core.host import Platform, ServiceHost, Subscription, open_platform
+from gristmill.core.security import Security
 from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings
 from gristmill.serving.api.inference import InferenceServicer
 from gristmill.serving.api.servicer import ServingServicer
@@ -32,6 +34,17 @@ from gristmill.serving.store.sql import TABLES, SqlDeploymentStore
 log = logging.getLogger(__name__)
 
 SERVICE = "serving"
+
+_SERVING = "/gristmill.api.serving.v1.ServingService"
+_OIP = "/inference.GRPCInferenceService"
+# Predictions and reading deployments need serving:predict; changing what is served needs admin.
+# ServerLive/ServerReady stay open, like health, for load balancers and probes that carry no key.
+METHOD_SCOPES = {
+    f"{_SERVING}/*": SERVING_PREDICT,
+    f"{_OIP}/*": SERVING_PREDICT,
+    **{f"{_SERVING}/{method}": ADMIN for method in ("CreateDeployment", "UpdateDeployment", "DeleteDeployment")},
+}
+PUBLIC_METHODS = (f"{_OIP}/ServerLive", f"{_OIP}/ServerReady")
 
 
 class ServingHost(ServiceHost):
@@ -51,8 +64,16 @@ class ServingHost(ServiceHost):
         service: DeploymentService,
         sink: OutboxPredictionSink,
         source: ModelSource,
+        security: Security,
     ) -> None:
-        super().__init__(platform, registrations, settings, subscriptions)
+        super().__init__(
+            platform,
+            [*registrations, security.license_registration(SERVICE)],
+            settings,
+            subscriptions,
+            auth_hook=security.auth_hook,
+            server_credentials=security.server_credentials,
+        )
         self.service = service
         self.sink = sink
         self.source = source
@@ -93,6 +114,7 @@ def build_host(
     *,
     kafka: KafkaSettings,
     s3: S3Settings,
+    security: Security,
     telemetry: TelemetrySettings | None = None,
     source: ModelSource | None = None,
     loader: ModelLoader | None = None,
@@ -125,6 +147,8 @@ def build_host(
             platform.objects,
             settings.resolved_model_cache_dir(),
             timeout_s=settings.registry_timeout_s,
+            credentials=security.channel_credentials,
+            metadata_for=security.call_metadata,
         )
     if loader is None:
         # Imported only here: torch and transformers take seconds and hundreds of MB to import.
@@ -147,7 +171,7 @@ def build_host(
         capacity=settings.prediction_log_capacity,
         metrics=platform.metrics,
     )
-    service = DeploymentService(store, manager, source, sink=sink, rng=rng)
+    service = DeploymentService(store, manager, source, sink=sink, rng=rng, license_=security.license)
     serving = ServingServicer(service)
     inference = InferenceServicer(service)
     registrations = [
@@ -163,4 +187,6 @@ def build_host(
     subscriptions = [
         Subscription((ALIAS_CHANGED,), settings.consumer_group, alias_changed_handler(platform.catalog, store, service))
     ]
-    return ServingHost(platform, registrations, settings, subscriptions, service=service, sink=sink, source=source)
+    return ServingHost(
+        platform, registrations, settings, subscriptions, service=service, sink=sink, source=source, security=security
+    )

@@ -42,6 +42,7 @@ from gristmill.core.events.bus import Handler
 from gristmill.core.events.topics import PREDICTION_LOGGED
 from gristmill.core.host import ServiceHost, Subscription
 from gristmill.core.manifests import FileEntry, ModelManifest
+from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.core.sql import Database
 from gristmill.core.storage import ObjectStore
@@ -121,7 +122,7 @@ async def stack(tmp_path: Path, kafka_bootstrap: str, s3_endpoint: dict[str, str
     )
     # The real registry; its consumers (training events, promotion policy) play no part here.
     registry_settings = RegistrySettings(data_dir=tmp_path / "registry", grpc_port=0)
-    registry_app = build_app(registry_settings, kafka=kafka, s3=s3)
+    registry_app = build_app(registry_settings, kafka=kafka, s3=s3, security=embedded_security("registry"))
     registry_host = ServiceHost(registry_app.host.platform, registry_app.host.registrations, registry_settings, [])
     registry_port = await registry_host.start()
 
@@ -132,7 +133,7 @@ async def stack(tmp_path: Path, kafka_bootstrap: str, s3_endpoint: dict[str, str
         consumer_group=f"serving-{run}",
         shutdown_grace_s=2.0,
     )
-    built = build_host(settings, kafka=kafka, s3=s3)
+    built = build_host(settings, kafka=kafka, s3=s3, security=embedded_security("serving"))
     serving_host = ServingHost(
         built.platform,
         built.registrations,

@@ -13,6 +13,7 @@ from gristmill.core.auth import AuthSettings
 from gristmill.core.events import MemoryBroker
 from gristmill.core.host import ServiceHost
 from gristmill.core.licensing import load_license
+from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings, ServiceSettings, TelemetrySettings
 from gristmill.labeling.app import build_host as build_labeling
 from gristmill.labeling.settings import LabelingSettings
@@ -61,6 +62,8 @@ class EmbeddedPlatform:
         infra: dict[str, Any] = {
             "kafka": KafkaSettings(bootstrap_servers=""),
             "s3": S3Settings(endpoint=""),
+            # The embedded dev mode: no API keys (each service logs that loudly), the community edition.
+            "security": embedded_security(service),
             "telemetry": self.telemetry,
             "memory_broker": self.broker,
         }

@@ -28,9 +28,15 @@ def main() -> int:
     # Ray's C++ failure-signal handler takes SIGTERM and aborts the process mid-shutdown; the service
     # handles SIGTERM itself (drain, then stop Ray).
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
-    from gristmill.training.app import build_host
+    from gristmill.core.security import load_security
+    from gristmill.training.app import METHOD_SCOPES, build_host
 
-    host = build_host(settings, kafka=kafka, s3=s3, telemetry=telemetry)
+    try:
+        security = load_security(SERVICE_NAME, METHOD_SCOPES, embedded=not kafka.bootstrap_servers)
+    except ConfigurationError as exc:
+        print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
+        return 2
+    host = build_host(settings, kafka=kafka, s3=s3, security=security, telemetry=telemetry)
     asyncio.run(host.run_until_signal())
     return 0
 

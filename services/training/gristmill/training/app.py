@@ -8,9 +8,11 @@ from pathlib import Path
 
 from opentelemetry.sdk.trace import TracerProvider
 
+from gristmill.core.auth import TRAINING_SUBMIT
 from gristmill.core.events import MemoryBroker
 from gristmill.core.events.topics import DATASET_VERSION_PUBLISHED
 from gristmill.core.host import ServiceHost, Subscription, open_platform
+from gristmill.core.security import Security
 from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings
 from gristmill.training import SERVICE_NAME, code_version
 from gristmill.training.api.servicer import TrainingServicer, registration
@@ -28,6 +30,8 @@ from gristmill.training.store.sql import SqlJobStore, TrainingBase
 log = logging.getLogger(__name__)
 
 AUTO_TRAIN_GROUP = "training-auto-train"
+# Training has one scope: submitting, watching and cancelling jobs and setting auto-train policies.
+METHOD_SCOPES = {"/gristmill.api.training.v1.TrainingService/*": TRAINING_SUBMIT}
 
 
 class ClusterLifecycle:
@@ -79,6 +83,7 @@ def build_host(
     *,
     kafka: KafkaSettings,
     s3: S3Settings,
+    security: Security,
     telemetry: TelemetrySettings | None = None,
     memory_broker: MemoryBroker | None = None,
     tracer_provider: TracerProvider | None = None,
@@ -134,7 +139,7 @@ def build_host(
     resolver = SpecResolver(
         datasets, base_models, HfModelInspector(), runner, search_enabled=getattr(runner, "supports_search", False)
     )
-    jobs = JobService(store, resolver, supervisor, signal)
+    jobs = JobService(store, resolver, supervisor, signal, license_=security.license)
     subscription = Subscription(
         (DATASET_VERSION_PUBLISHED,),
         consumer_group or settings.auto_train_group,
@@ -142,9 +147,11 @@ def build_host(
     )
     return TrainingHost(
         platform,
-        [registration(TrainingServicer(jobs))],
+        [registration(TrainingServicer(jobs)), security.license_registration(SERVICE_NAME)],
         settings,
         [subscription],
+        auth_hook=security.auth_hook,
+        server_credentials=security.server_credentials,
         jobs=jobs,
         supervisor=supervisor,
         cluster=ClusterLifecycle(cluster, runner),

@@ -26,6 +26,7 @@ from gristmill.core.events import Event
 from gristmill.core.events.kafka import KafkaEventBus
 from gristmill.core.events.topics import JOB_STATE_CHANGED
 from gristmill.core.manifests import ModelManifest
+from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.core.storage.s3 import S3ObjectStore
 from gristmill.training.app import TrainingHost, build_host
@@ -80,6 +81,7 @@ async def _service(
         settings,
         kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap),
         s3=s3,
+        security=embedded_security("training"),
         runner=ray_runner,
         consumer_group=f"training-test-{uuid.uuid4().hex[:8]}",
     )

@@ -24,7 +24,9 @@ from gristmill.api.training.v1 import training_pb2 as pb
 from gristmill.api.training.v1 import training_pb2_grpc as pb_grpc
 from gristmill.core.events import Event, Outbox, OutboxEvent
 from gristmill.core.events.topics import platform_catalog
+from gristmill.core.licensing import License, load_license
 from gristmill.core.manifests import ModelManifest
+from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.core.sql import Database
 from gristmill.training.app import TrainingHost, build_host
@@ -37,6 +39,7 @@ from gristmill.training.domain.supervisor import LOST_ON_RESTART, STOPPED_WITH_S
 from gristmill.training.runner.in_process import InProcessRunner
 from gristmill.training.settings import TrainingSettings
 from gristmill.training.store.sql import SqlJobStore
+from tests.support.licences import signed_license
 
 
 @dataclass
@@ -67,9 +70,21 @@ class ScriptedRunner:
         raise AssertionError("no outcome to clean up")
 
 
-async def _host(tmp_path: Path, runner: Any, **settings: Any) -> tuple[TrainingHost, int]:
+# Every licensed feature, no limit (the licence tests below pass their own).
+ENTERPRISE = signed_license()
+
+
+async def _host(
+    tmp_path: Path, runner: Any, *, license_: License = ENTERPRISE, **settings: Any
+) -> tuple[TrainingHost, int]:
     config = TrainingSettings(data_dir=tmp_path / "data", grpc_port=0, **settings)
-    host = build_host(config, kafka=KafkaSettings(), s3=S3Settings(), runner=runner)
+    host = build_host(
+        config,
+        kafka=KafkaSettings(),
+        s3=S3Settings(),
+        security=embedded_security("training", license_),
+        runner=runner,
+    )
     return host, await host.start()
 
 
@@ -211,6 +226,57 @@ async def test_submit_refusals_change_nothing(
         await stub.SubmitJob(pb.SubmitJobRequest(spec=_spec(tiny_model)))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "test.jsonl" in (caught.value.details() or "")
     assert not (await stub.ListJobs(pb.ListJobsRequest())).jobs
+
+
+async def test_the_licence_limits_workers_and_gpus_and_a_refusal_changes_nothing(
+    tmp_path: Path, tiny_model: Path, sentiment_version: Any
+) -> None:
+    # The community edition (no licence file): two workers at most, no GPUs.
+    host, port = await _host(tmp_path / "community", ScriptedRunner(), license_=load_license(None, ""))
+    try:
+        sentiment_version(host.platform.objects)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.TrainingServiceStub(channel)
+            three = _spec(tiny_model)
+            three.resources.num_workers = 3
+            gpu = _spec(tiny_model)
+            gpu.resources.use_gpu = True
+            for spec, message in (
+                (three, "max_training_workers is 2 under the community edition"),
+                (gpu, "training.gpu needs an enterprise licence"),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.SubmitJob(pb.SubmitJobRequest(spec=spec))
+                assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert message in (caught.value.details() or "")
+            # An auto-train policy is checked when it is set, not when a dataset version triggers it.
+            template = _spec(tiny_model)
+            template.resources.num_workers = 3
+            template.ClearField("dataset_version")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.SetAutoTrainPolicy(
+                    pb.SetAutoTrainPolicyRequest(
+                        policy=pb.AutoTrainPolicy(project_id="reviews", enabled=True, job_template=template)
+                    )
+                )
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert not (await stub.ListJobs(pb.ListJobsRequest())).jobs
+    finally:
+        await host.stop()
+    # A licence with four workers lets three through to the next check (this cluster's two CPUs).
+    licensed, port = await _host(
+        tmp_path / "licensed",
+        InProcessRunner(tmp_path / "runs", cpus=2),
+        license_=signed_license(limits={"max_training_workers": 4}),
+    )
+    try:
+        sentiment_version(licensed.platform.objects)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await pb_grpc.TrainingServiceStub(channel).SubmitJob(pb.SubmitJobRequest(spec=three))
+            assert "the Ray cluster has 2 CPUs" in (caught.value.details() or "")
+    finally:
+        await licensed.stop()
 
 
 async def test_reads_and_lists(tmp_path: Path, tiny_model: Path, sentiment_version: Any) -> None:

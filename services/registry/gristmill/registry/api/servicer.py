@@ -15,6 +15,7 @@ from google.protobuf.empty_pb2 import Empty
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.registry.v1 import registry_pb2 as pb
 from gristmill.api.registry.v1 import registry_pb2_grpc as pb_grpc
+from gristmill.core.auth import current_principal
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.grpcserver import ServiceRegistration
 from gristmill.registry.api import convert
@@ -25,9 +26,11 @@ log = logging.getLogger(__name__)
 
 
 def caller_of(context: Any) -> Caller:
-    """Who is calling. API keys are a later issue: until then every caller is anonymous in the default
-    organisation. This is the one place the auth interceptor's identity will be read."""
-    return Caller()
+    """Who is calling: the API key's organisation, and ``key/<id>`` for history (the one place the auth
+    hook's identity is read). With auth off (embedded dev mode) the caller is anonymous in the default
+    organisation."""
+    principal = current_principal()
+    return Caller(actor=principal.actor, organization_id=principal.organization_id)
 
 
 class RegistryServicer(pb_grpc.RegistryServiceServicer):

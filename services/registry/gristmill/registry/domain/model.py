@@ -56,8 +56,8 @@ class Comparison(StrEnum):
 
 @dataclass(frozen=True)
 class Caller:
-    """Who makes a request. Until API keys exist (a later issue) every RPC caller is anonymous in the
-    default organisation; events carry their own organisation and the producing service as actor."""
+    """Who makes a request: an RPC's API key (organisation, ``key/<id>``), or, for events, their own
+    organisation and the producing service as actor."""
 
     actor: str = "anonymous"
     organization_id: str = DEFAULT_ORGANIZATION

@@ -26,6 +26,7 @@ from gristmill.core.errors import (
     NotFoundError,
 )
 from gristmill.core.ids import new_id, validate_id
+from gristmill.core.licensing import License, load_license
 from gristmill.core.storage import ObjectStore, object_key, validate_key
 from gristmill.core.storage.base import sha256_file
 from gristmill.registry.domain import basemodels, cards, names, paging
@@ -102,8 +103,11 @@ class Registry:
         *,
         clock: Callable[[], datetime] = utc_now,
         allow_local_paths: bool = False,
+        license_: License | None = None,
     ) -> None:
         self.store = store
+        # Enterprise licence limits (max_registered_models); the community edition's without one.
+        self.license = license_ or load_license(None, "")
         self.objects = objects
         self.clock = clock
         self.allow_local_paths = allow_local_paths
@@ -127,6 +131,7 @@ class Registry:
         names.validate_label_map(label_map)
         names.validate_tags(tags)
         with self.store.transaction() as tx:
+            self._check_model_limit(tx)
             return tx.insert_model(
                 caller.organization_id,
                 name,
@@ -255,6 +260,7 @@ class Registry:
                                 "or set create_model_if_missing"
                             )
                         draft = registration.draft
+                        self._check_model_limit(tx)
                         tx.insert_model(
                             org,
                             registration.model_name,
@@ -316,6 +322,10 @@ class Registry:
         outcome = self.verify(version)
         with self.store.transaction() as tx:
             return self.finish_registration(tx, version, outcome)
+
+    def _check_model_limit(self, tx: RegistryTransaction) -> None:
+        """FAILED_PRECONDITION naming the licence when one more registered model would exceed it."""
+        self.license.check_limit("max_registered_models", tx.count_models() + 1)
 
     def register_version(self, caller: Caller, registration: Registration, *, wait: bool) -> tuple[ModelVersion, bool]:
         """The RPC: begin, and verify now when ``wait``; returns (version, still needs verification)."""

@@ -69,6 +69,10 @@ class RegistryTransaction(ABC):
     def get_model(self, org: str, name: str) -> RegisteredModel | None: ...
 
     @abstractmethod
+    def count_models(self) -> int:
+        """Registered models of every organisation (what a licence's max_registered_models counts)."""
+
+    @abstractmethod
     def lock_model(self, org: str, name: str) -> bool:
         """Serialise writers of this model until the transaction ends; False when the model does not exist."""
 

@@ -27,6 +27,7 @@ from sqlalchemy import (
     and_,
     delete,
     exists,
+    func,
     select,
     update,
 )
@@ -548,6 +549,9 @@ class SqlRegistryTransaction(RegistryTransaction):
     def get_model(self, org: str, name: str) -> RegisteredModel | None:
         row = self._model_row(org, name)
         return None if row is None else self._model(row)
+
+    def count_models(self) -> int:
+        return int(self.session.execute(select(func.count()).select_from(ModelRow)).scalar_one())
 
     def lock_model(self, org: str, name: str) -> bool:
         result = self.session.execute(

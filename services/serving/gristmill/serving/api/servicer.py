@@ -8,16 +8,17 @@ from typing import Any
 from google.protobuf import empty_pb2
 
 from gristmill.api.serving.v1 import serving_pb2, serving_pb2_grpc
+from gristmill.core.auth import current_principal
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.ids import validate_id
 from gristmill.serving.api import convert
-from gristmill.serving.domain.model import DEFAULT_ORGANIZATION, organization_or_default
+from gristmill.serving.domain.model import organization_or_default
 from gristmill.serving.domain.service import DeploymentService
 
 
 def caller_organization(context: Any) -> str:
-    """The caller's organisation. Authentication is a later issue: until then every caller is in the default one."""
-    return DEFAULT_ORGANIZATION
+    """The caller's organisation, from its API key (the default one when auth is off in embedded dev mode)."""
+    return current_principal().organization_id
 
 
 def time_left(context: Any) -> float | None:

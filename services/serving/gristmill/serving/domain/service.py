@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gristmill.core.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
+from gristmill.core.licensing import License, load_license
 from gristmill.serving.domain.deployments import DeploymentManager, DeploymentView, LoadedVersion
 from gristmill.serving.domain.model import (
     MAX_TEXTS_PER_REQUEST,
@@ -65,8 +66,11 @@ class DeploymentService:
         *,
         sink: PredictionSink | None = None,
         rng: random.Random | None = None,
+        license_: License | None = None,
     ) -> None:
         self.store = store
+        # Enterprise licence: max_serving_models, serving.canary (the community edition's without one).
+        self.license = license_ or load_license(None, "")
         self.manager = manager
         self.source = source
         self.sink = sink
@@ -98,12 +102,20 @@ class DeploymentService:
                 )
         return primary, canary
 
+    def _check_licensed(self, spec: DeploymentSpec, *, new: bool) -> None:
+        """FAILED_PRECONDITION naming the licence: one deployment more than licensed, or an unlicensed canary."""
+        if new:
+            self.license.check_limit("max_serving_models", self.manager.count() + 1)
+        if spec.canary is not None:
+            self.license.require_feature("serving.canary")
+
     async def create(self, spec: DeploymentSpec, *, wait_until_ready: bool, timeout_s: float | None) -> DeploymentView:
         validate_spec(spec)
         if self.manager.has(spec.organization_id, spec.name):
             raise AlreadyExistsError(
                 f"deployment {spec.name!r} already exists; choose another name or update it with UpdateDeployment"
             )
+        self._check_licensed(spec, new=True)
         primary: ResolvedVersion | None
         canary: ResolvedVersion | None
         try:
@@ -134,6 +146,7 @@ class DeploymentService:
     ) -> DeploymentView:
         """Store and apply ``spec`` (``previous`` is what it replaces, as read by ``current``)."""
         validate_spec(spec)
+        self._check_licensed(spec, new=False)
         primary = canary = None
         if spec.target != previous.target or spec.canary != previous.canary:
             primary, canary = await self._resolve_targets(spec)

@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -128,12 +129,26 @@ def _registry_error(exc: grpc.RpcError, address: str, what: str) -> GristmillErr
 class RegistryModelSource(ModelSource):
     """Resolves through the registry's ``GetDownloadManifest``; downloads from the object store into a cache."""
 
-    def __init__(self, address: str, objects: ObjectStore, cache_dir: Path, *, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        objects: ObjectStore,
+        cache_dir: Path,
+        *,
+        timeout_s: float = 30.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata_for: Callable[[str], tuple[tuple[str, str], ...]] = lambda organization_id: (),
+    ) -> None:
+        """``credentials``: mTLS to the registry; ``metadata_for(organization_id)``: this service's key,
+        acting for the deployment's organisation (``Security.call_metadata``)."""
         self.address = address
         self._objects = objects
         self._cache_dir = Path(cache_dir)
         self._timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address)
+        self._metadata_for = metadata_for
+        self._channel = (
+            grpc.secure_channel(address, credentials) if credentials is not None else grpc.insecure_channel(address)
+        )
         self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
 
     def resolve(self, organization_id: str, registered_model_name: str, selector: VersionSelector) -> ResolvedVersion:
@@ -145,7 +160,9 @@ class RegistryModelSource(ModelSource):
             request.selector.alias = selector.alias
         what = f"{selector.describe()} of {registered_model_name!r}"
         try:
-            manifest = self._stub.GetDownloadManifest(request, timeout=self._timeout_s)
+            manifest = self._stub.GetDownloadManifest(
+                request, timeout=self._timeout_s, metadata=self._metadata_for(organization_id)
+            )
         except grpc.RpcError as exc:
             raise _registry_error(exc, self.address, what) from None
         return resolved_from_manifest(manifest)
@@ -154,7 +171,9 @@ class RegistryModelSource(ModelSource):
         validate_id(registered_model_name, what="registered_model_name")
         request = registry_pb2.GetRegisteredModelRequest(name=registered_model_name)
         try:
-            self._stub.GetRegisteredModel(request, timeout=self._timeout_s)
+            self._stub.GetRegisteredModel(
+                request, timeout=self._timeout_s, metadata=self._metadata_for(organization_id)
+            )
         except grpc.RpcError as exc:
             error = _registry_error(exc, self.address, f"registered model {registered_model_name!r}")
             if isinstance(error, NotFoundError):

@@ -18,11 +18,17 @@ from google.protobuf.empty_pb2 import Empty
 
 from gristmill.api.training.v1 import training_pb2 as pb
 from gristmill.api.training.v1 import training_pb2_grpc as pb_grpc
+from gristmill.core.auth import current_principal
 from gristmill.core.errors import GristmillError, InvalidArgumentError
 from gristmill.core.grpcserver import ServiceRegistration
 from gristmill.training.api import convert
 from gristmill.training.domain.jobs import JobService, SequenceAheadError
 from gristmill.training.store.base import JobQuery
+
+
+def org() -> str:
+    """The caller's organisation (from its API key; the default one when auth is off in embedded dev mode)."""
+    return current_principal().organization_id
 
 
 class OutOfRangeError(GristmillError):
@@ -57,18 +63,18 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         if not request.HasField("spec"):
             raise InvalidArgumentError("spec is required", details={"field": "spec"})
         spec = convert.spec_from_proto(request.spec)
-        job = await asyncio.to_thread(self._jobs.submit, spec, request_id=request.request_id)
+        job = await asyncio.to_thread(self._jobs.submit, spec, request_id=request.request_id, organization_id=org())
         return convert.job_to_proto(job)
 
     async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:
-        job = await asyncio.to_thread(self._jobs.get, request.job_id)
+        job = await asyncio.to_thread(self._jobs.get, request.job_id, organization_id=org())
         return convert.job_to_proto(job)
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
         states = tuple(sorted({convert.state_from_proto(s) for s in request.states}))
         fingerprint = hashlib.sha256(f"{[s.value for s in states]}|{request.project_id}".encode()).hexdigest()[:16]
         query = JobQuery(
-            organization_id="",
+            organization_id=org(),
             states=states,
             project_id=request.project_id,
             page_size=request.page.page_size,
@@ -83,13 +89,13 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.JobEvent]:
         after = request.after_sequence if request.HasField("after_sequence") else None
         try:
-            async for event in self._jobs.watch(request.job_id, after):
+            async for event in self._jobs.watch(request.job_id, after, organization_id=org()):
                 yield convert.event_to_proto(event)
         except SequenceAheadError as exc:
             raise OutOfRangeError(exc.message, details={"field": "after_sequence"}) from None
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.Job:
-        job = await asyncio.to_thread(self._jobs.cancel, request.job_id, reason=request.reason)
+        job = await asyncio.to_thread(self._jobs.cancel, request.job_id, reason=request.reason, organization_id=org())
         return convert.job_to_proto(job)
 
     async def SetAutoTrainPolicy(self, request: pb.SetAutoTrainPolicyRequest, context: Any) -> pb.AutoTrainPolicy:
@@ -98,16 +104,16 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             raise InvalidArgumentError("policy.job_template is required", details={"field": "policy.job_template"})
         template = convert.spec_from_proto(policy.job_template, require_dataset=False)
         saved = await asyncio.to_thread(
-            self._jobs.set_policy, policy.project_id, enabled=policy.enabled, template=template
+            self._jobs.set_policy, policy.project_id, enabled=policy.enabled, template=template, organization_id=org()
         )
         return convert.policy_to_proto(saved)
 
     async def GetAutoTrainPolicy(self, request: pb.GetAutoTrainPolicyRequest, context: Any) -> pb.AutoTrainPolicy:
-        policy = await asyncio.to_thread(self._jobs.get_policy, request.project_id)
+        policy = await asyncio.to_thread(self._jobs.get_policy, request.project_id, organization_id=org())
         return convert.policy_to_proto(policy)
 
     async def DeleteAutoTrainPolicy(self, request: pb.DeleteAutoTrainPolicyRequest, context: Any) -> Empty:
-        await asyncio.to_thread(self._jobs.delete_policy, request.project_id)
+        await asyncio.to_thread(self._jobs.delete_policy, request.project_id, organization_id=org())
         return Empty()
 
 

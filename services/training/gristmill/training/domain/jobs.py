@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 from gristmill.core.errors import FailedPreconditionError, GristmillError, InvalidArgumentError, NotFoundError
 from gristmill.core.ids import new_id, validate_id
+from gristmill.core.licensing import License, load_license
 from gristmill.training.domain.model import (
     DEFAULT_ORGANIZATION,
     AutoTrainPolicy,
@@ -67,8 +68,10 @@ class JobService:
         *,
         watch_poll_s: float = 5.0,
         clock: Callable[[], datetime] = _now,
+        license_: License | None = None,
     ) -> None:
         self._store = store
+        self._license = license_ or load_license(None, "")
         self._resolver = resolver
         self._supervisor = supervisor
         self._signal = signal
@@ -87,6 +90,7 @@ class JobService:
             existing = self._store.find_by_request_id(org, request_id)
             if existing is not None:
                 return existing
+        self.check_licensed(spec)
         resolved = self._resolver.resolve(spec)
         job_id = new_id()
         job = Job(
@@ -105,6 +109,12 @@ class JobService:
             self._supervisor.enqueue(job.job_id)
             self._signal.notify(job.job_id)
         return job
+
+    def check_licensed(self, spec: JobSpec) -> None:
+        """FAILED_PRECONDITION naming the licence for more workers than licensed, or GPUs without training.gpu."""
+        self._license.check_limit("max_training_workers", spec.resources.num_workers)
+        if spec.resources.use_gpu:
+            self._license.require_feature("training.gpu")
 
     def get(self, job_id: str, *, organization_id: str = "") -> Job:
         validate_id(job_id, what="job_id")
@@ -199,6 +209,7 @@ class JobService:
         self, project_id: str, *, enabled: bool, template: JobSpec, organization_id: str = ""
     ) -> AutoTrainPolicy:
         validate_id(project_id, what="policy.project_id")
+        self.check_licensed(template)
         resolved = self._resolver.resolve_template(template)
         policy = AutoTrainPolicy(
             project_id=project_id,

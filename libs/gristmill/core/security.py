@@ -1,0 +1,94 @@
+"""What makes one service process secure, built once at start: the API-key hook, the licence, mTLS, its own key.
+
+A service's ``__main__`` calls ``load_security`` (the only place these settings are read); its ``build_app``
+takes the result and wires it: ``auth_hook`` and ``server_credentials`` into its ``ServiceHost``, the
+``LicenseService`` registration, ``license`` checks in its domain, ``channel_credentials`` and
+``call_metadata()`` on calls it makes to other services. ``embedded_security`` is the embedded dev mode (one
+process, in-process bus): no API keys, and it says so loudly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+import grpc
+
+from gristmill.core.auth import ACT_FOR_ORGANIZATION, AuthSettings, DisabledAuthHook, build_auth_hook
+from gristmill.core.grpcserver import AuthHook, ServiceRegistration
+from gristmill.core.license_service import LICENSE_METHOD_SCOPES, license_registration
+from gristmill.core.licensing import License, load_license
+from gristmill.core.settings import LicenseSettings, load_settings
+from gristmill.core.tls import TlsSettings, channel_credentials, server_credentials
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Security:
+    auth_hook: AuthHook
+    license: License
+    server_credentials: grpc.ServerCredentials | None = None
+    channel_credentials: grpc.ChannelCredentials | None = None
+    # This service's own API key, sent on its calls to other services (GRISTMILL_AUTH_SERVICE_KEY).
+    service_key: str = ""
+
+    def call_metadata(self, organization_id: str = "") -> tuple[tuple[str, str], ...]:
+        """Metadata for a call this service makes to another one: its own key, when it has one, acting for
+        ``organization_id`` when given (the key must be a root-organisation admin key)."""
+        if not self.service_key:
+            return ()
+        metadata = [("authorization", f"Bearer {self.service_key}")]
+        if organization_id:
+            metadata.append((ACT_FOR_ORGANIZATION, organization_id))
+        return tuple(metadata)
+
+    def license_registration(self, service: str) -> ServiceRegistration:
+        """``LicenseService.GetLicense`` on this service's server: the licence this process verified."""
+        return license_registration(self.license, service)
+
+
+def embedded_security(service: str, license_: License | None = None) -> Security:
+    """The embedded dev mode: every call allowed without a key (logged at WARNING), no TLS.
+
+    ``license_`` defaults to the community edition.
+    """
+    log.warning(
+        "AUTH IS DISABLED for %s (embedded dev mode): every call is allowed without an API key. "
+        "Never expose this process to a network.",
+        service,
+    )
+    return Security(DisabledAuthHook(), license_ or load_license(None, ""))
+
+
+def load_security(
+    service: str, method_scopes: Mapping[str, str], *, embedded: bool, public: Collection[str] = ()
+) -> Security:
+    """Read ``GRISTMILL_AUTH_*``, ``GRISTMILL_LICENSE_*`` and ``GRISTMILL_TLS_*`` and build the service's security.
+
+    ``method_scopes`` is the service's own table (``LicenseService`` is added here); ``public`` methods need
+    no key. Raises
+    ``ConfigurationError`` (one line naming the variable) for a setting that cannot work: auth switched off
+    outside the embedded mode, no admin address, a licence that is not genuine, unreadable certificates.
+    """
+    auth = load_settings(AuthSettings)
+    licence = load_settings(LicenseSettings)
+    tls = load_settings(TlsSettings)
+    license_ = load_license(licence.file, licence.public_key)
+    channel = channel_credentials(tls)
+    hook = build_auth_hook(
+        auth,
+        method_scopes={**method_scopes, **LICENSE_METHOD_SCOPES},
+        embedded=embedded,
+        public=public,
+        service=service,
+        channel_credentials=channel,
+    )
+    return Security(
+        auth_hook=hook,
+        license=license_,
+        server_credentials=server_credentials(tls),
+        channel_credentials=channel,
+        service_key=auth.service_key.get_secret_value(),
+    )
