@@ -15,14 +15,26 @@ with a ``cross_org_subject`` fixture. The statuses checked:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
 import pytest
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gristmill.core.auth import ADMIN, ApiKeyVerifier, Principal, api_key_id_of, check_api_key, new_api_key
+from gristmill.core.auth import (
+    ADMIN,
+    ApiKeyAuthHook,
+    ApiKeyVerifier,
+    Principal,
+    api_key_id_of,
+    check_api_key,
+    new_api_key,
+)
+from gristmill.core.license_service import LICENSE_METHOD_SCOPES
+from gristmill.core.licensing import License, load_license
+from gristmill.core.security import Security
 
 Metadata = Sequence[tuple[str, str]]
 Call = Callable[[grpc.aio.Channel, Metadata], Awaitable[object]]
@@ -168,3 +180,32 @@ class CrossOrgContract:
         assert (foreign.details() or "").replace(subject.owned_name, "<name>") == (missing.details() or "").replace(
             subject.missing_name, "<name>"
         )
+
+
+def api_key_security(
+    keys: ApiKeyVerifier,
+    method_scopes: Mapping[str, str],
+    *,
+    public: Collection[str] = (),
+    license_: License | None = None,
+) -> Security:
+    """A service's ``Security`` with API keys checked by ``keys`` against its own scope table (and the
+    ``LicenseService``'s), as ``load_security`` builds it in a real process."""
+    hook = ApiKeyAuthHook(keys, {**method_scopes, **LICENSE_METHOD_SCOPES}, public=public)
+    return Security(hook, license_ or load_license(None, ""))
+
+
+class ScopeTableContract:
+    """Every RPC of the service's gRPC services has a scope in its table (nothing is refused by accident, and
+    nothing added later is open by accident: the hook refuses a method it has no scope for)."""
+
+    def test_every_rpc_has_a_scope(self, scope_table: tuple[Sequence[ServiceDescriptor], Mapping[str, str]]) -> None:
+        services, table = scope_table
+        hook = ApiKeyAuthHook(InMemoryKeyVerifier(), table)
+        missing = [
+            f"/{service.full_name}/{method.name}"
+            for service in services
+            for method in service.methods
+            if hook.scope_for(f"/{service.full_name}/{method.name}") is None
+        ]
+        assert not missing, f"RPCs without a scope: {missing}"

@@ -25,14 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from gristmill.api.admin.v1 import admin_pb2, admin_pb2_grpc
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.labeling.v1 import labeling_pb2 as lb
 from gristmill.api.registry.v1 import registry_pb2 as rg
 from gristmill.api.serving.v1 import serving_pb2 as sv
 from gristmill.cli.serving_commands import predict_oip
-from gristmill.client import ClientOptions, Endpoints, Gristmill
+from gristmill.client import ClientOptions, Endpoints, Gristmill, UnauthenticatedError
 from tests.conftest import REPO_ROOT
 
 # One demo run backs the module: its setup is the whole loop (about 1.5-2 minutes, more on a busy machine).
@@ -71,6 +73,11 @@ class DemoRun:
     @property
     def endpoints(self) -> Endpoints:
         return Endpoints(**self.summary["endpoints"])
+
+    @property
+    def api_key(self) -> str:
+        """The root admin key the admin service wrote at its first start (the demo used it too)."""
+        return (self.run_dir / "services" / "admin" / "root-admin.key").read_text().strip()
 
     def log(self, service: str) -> str:
         return (self.run_dir / "logs" / f"{service}.log").read_text(errors="replace")
@@ -148,7 +155,7 @@ def demo(
 def test_the_version_serving_at_the_end_is_the_one_trained_from_the_published_dataset(demo: DemoRun) -> None:
     s = demo.summary
     assert s["stack"] == "local" and s["total_seconds"] < 300
-    with Gristmill(demo.endpoints, ClientOptions(timeout_s=30)) as gm:
+    with Gristmill(demo.endpoints, ClientOptions(timeout_s=30, api_key=demo.api_key)) as gm:
         production = gm.registry.GetModelVersion(
             rg.GetModelVersionRequest(
                 registered_model_name=s["model"], selector=common_pb2.ModelVersionSelector(alias="production")
@@ -171,7 +178,7 @@ def test_the_version_serving_at_the_end_is_the_one_trained_from_the_published_da
 def test_predictions_come_back_through_the_open_inference_protocol(demo: DemoRun) -> None:
     s = demo.summary
     assert s["predictions"]["oip"] == 8 and s["predictions"]["oip_agrees"] is True
-    with Gristmill(demo.endpoints, ClientOptions(timeout_s=30)) as gm:
+    with Gristmill(demo.endpoints, ClientOptions(timeout_s=30, api_key=demo.api_key)) as gm:
         answered = predict_oip(gm, s["deployment"], ["The battery life of this phone is excellent.", "It broke."])
     assert [p.label for p in answered] == ["positive", "negative"]
     assert all(0.5 <= p.probability <= 1.0 for p in answered)
@@ -180,7 +187,7 @@ def test_predictions_come_back_through_the_open_inference_protocol(demo: DemoRun
 def test_uncertain_predictions_became_labeling_tasks(demo: DemoRun) -> None:
     s = demo.summary
     assert s["predictions"]["uncertain"] >= 1
-    with Gristmill(demo.endpoints, ClientOptions(timeout_s=30)) as gm:
+    with Gristmill(demo.endpoints, ClientOptions(timeout_s=30, api_key=demo.api_key)) as gm:
         items = gm.labeling.ListItems(
             lb.ListItemsRequest(project_id=s["project"], source=lb.ITEM_SOURCE_PREDICTION_LOG)
         ).items
@@ -211,7 +218,7 @@ def test_a_registry_killed_mid_run_loses_nothing_and_duplicates_nothing(demo: De
     old, new = demo.registry_pids
     assert old != new and demo.log("registry").count("registry serving gRPC on") == 2
     s = demo.summary
-    with Gristmill(demo.endpoints, ClientOptions(timeout_s=30)) as gm:
+    with Gristmill(demo.endpoints, ClientOptions(timeout_s=30, api_key=demo.api_key)) as gm:
         versions = gm.registry.ListModelVersions(rg.ListModelVersionsRequest(registered_model_name=s["model"]))
         history = gm.registry.GetAliasHistory(
             rg.GetAliasHistoryRequest(registered_model_name=s["model"], alias="production")
@@ -231,3 +238,23 @@ def test_up_is_idempotent_and_status_sees_every_service(demo: DemoRun) -> None:
     endpoints = " ".join(f"{k}={v}" for k, v in demo.summary["endpoints"].items())
     status = _gristmill("--endpoints", endpoints, "status", "--json")
     assert status.returncode == 0 and {r["health"] for r in json.loads(status.stdout)} == {"SERVING"}
+
+
+def test_the_networked_services_refuse_calls_without_a_valid_key(demo: DemoRun) -> None:
+    """Auth is on in the local stack (only the embedded dev mode may switch it off)."""
+    model = demo.summary["model"]
+    get = rg.GetRegisteredModelRequest(name=model)
+    with Gristmill(demo.endpoints, ClientOptions(timeout_s=30)) as anonymous:
+        with pytest.raises(UnauthenticatedError):
+            anonymous.registry.GetRegisteredModel(get)
+        with pytest.raises(UnauthenticatedError):
+            anonymous.serving.Predict(sv.PredictRequest(model=demo.summary["deployment"], texts=["great"]))
+    with Gristmill(demo.endpoints, ClientOptions(timeout_s=30, api_key=demo.api_key)) as root:
+        assert root.registry.GetRegisteredModel(get).name == model
+    # Every service reports the licence it verified at start (the community edition here: no licence file).
+    for service in SERVICES:
+        with grpc.insecure_channel(demo.summary["endpoints"][service]) as channel:
+            info = admin_pb2_grpc.LicenseServiceStub(channel).GetLicense(
+                admin_pb2.GetLicenseRequest(), metadata=(("authorization", f"Bearer {demo.api_key}"),), timeout=30
+            )
+        assert info.service == service and info.limits["max_registered_models"] == 10

@@ -70,6 +70,11 @@ AUTHENTICATED = ""
 
 # The organisation of an installation that has only one (embedded mode, requests with an empty id).
 DEFAULT_ORGANIZATION = "default"
+# Who may change something may read it (``admin`` implies every scope).
+IMPLIED_SCOPES: Mapping[str, frozenset[str]] = {
+    LABELING_WRITE: frozenset({LABELING_READ}),
+    REGISTRY_PROMOTE: frozenset({REGISTRY_READ}),
+}
 
 
 def validate_scopes(scopes: Iterable[str]) -> frozenset[str]:
@@ -103,7 +108,12 @@ class Principal:
     auth_disabled: bool = False
 
     def has_scope(self, scope: str) -> bool:
-        return scope == AUTHENTICATED or ADMIN in self.scopes or scope in self.scopes
+        return (
+            scope == AUTHENTICATED
+            or ADMIN in self.scopes
+            or scope in self.scopes
+            or any(scope in IMPLIED_SCOPES.get(held, ()) for held in self.scopes)
+        )
 
     @property
     def actor(self) -> str:

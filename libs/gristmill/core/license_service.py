@@ -16,7 +16,7 @@ from gristmill.api.admin.v1 import admin_pb2, admin_pb2_grpc
 from gristmill.core.auth import AUTHENTICATED
 from gristmill.core.auth_remote import to_timestamp
 from gristmill.core.grpcserver import ServiceRegistration
-from gristmill.core.licensing import License, LicenseState
+from gristmill.core.licensing import COMMUNITY_LIMITS, License, LicenseState
 
 LICENSE_SERVICE = "/gristmill.api.admin.v1.LicenseService"
 LICENSE_METHOD_SCOPES = {f"{LICENSE_SERVICE}/GetLicense": AUTHENTICATED}
@@ -34,6 +34,8 @@ def license_info(license_: License, service: str) -> admin_pb2.LicenseInfo:
     info = admin_pb2.LicenseInfo(state=_STATES[license_.state()], service=service, message=license_.describe())
     claims = license_.claims
     if claims is None:
+        # The community edition: no features, and the limits it runs under.
+        info.limits.update(dict(COMMUNITY_LIMITS))
         return info
     info.license_id = claims.license_id
     info.customer = claims.customer

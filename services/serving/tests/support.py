@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gristmill.core.errors import FailedPreconditionError, NotFoundError
 from gristmill.core.licensing import License
-from gristmill.core.security import embedded_security
+from gristmill.core.security import Security, embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.core.sql import Database
 from gristmill.serving.app import ServingHost, build_host
@@ -224,7 +224,9 @@ class RunningHost:
         return f"127.0.0.1:{self.port}"
 
 
-def build_fake_host(tmp_path: Path, **kwargs: object) -> tuple[ServingHost, FakeSource, FakeLoader]:
+def build_fake_host(
+    tmp_path: Path, *, security: Security | None = None, **kwargs: object
+) -> tuple[ServingHost, FakeSource, FakeLoader]:
     """The real service wiring on the in-process platform, with the fake source and loader."""
     source, loader = FakeSource(), FakeLoader()
     source.add("sentiment", 1)
@@ -236,7 +238,7 @@ def build_fake_host(tmp_path: Path, **kwargs: object) -> tuple[ServingHost, Fake
         settings,
         kafka=KafkaSettings(),
         s3=S3Settings(),
-        security=embedded_security("serving", ENTERPRISE),
+        security=security or embedded_security("serving", ENTERPRISE),
         source=source,
         loader=loader,
         rng=random.Random(3),
