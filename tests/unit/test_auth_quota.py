@@ -213,3 +213,21 @@ def test_calendar_periods_are_utc() -> None:
         datetime(2026, 12, 1, tzinfo=UTC),
         datetime(2027, 1, 1, tzinfo=UTC),
     )
+
+
+def test_usage_measured_after_the_work_counts_and_is_refused_once_the_quota_is_used_up(database: Database) -> None:
+    tokens = UsageKind.INPUT_TOKENS
+    guard = _guard(database, Plan("tokens", (Quota(tokens, QuotaPeriod.DAY, 10),)))
+    # Tokens are known only after tokenizing: reserved as 0, committed as counted.
+    guard.reserve(ACME, {P: 1, tokens: 0}, resource="deployment/d").commit(measured={tokens: 8})
+    guard.reserve(ACME, {P: 1, tokens: 0}, resource="deployment/d").commit(measured={tokens: 5})
+    with pytest.raises(ResourceExhaustedError, match="input tokens quota"):
+        guard.reserve(ACME, {P: 1, tokens: 0}, resource="deployment/d")
+    # A released reservation publishes nothing; each commit published its predictions and its measured tokens.
+    published = sorted((e.kind, e.quantity) for e in _published(database))
+    assert published == sorted(
+        [(admin_pb2.USAGE_KIND_PREDICTIONS, 1.0)] * 2
+        + [(admin_pb2.USAGE_KIND_INPUT_TOKENS, 8.0), (admin_pb2.USAGE_KIND_INPUT_TOKENS, 5.0)]
+    )
+    with pytest.raises(InvalidArgumentError):
+        guard.reserve(ACME, {P: 1}, resource="deployment/d").commit(measured={tokens: -1})

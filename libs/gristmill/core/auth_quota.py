@@ -251,17 +251,28 @@ class Reservation:
     resource: str
     _keys: tuple[tuple[str, UsageKind, QuotaPeriod, datetime], ...] = ()
     _done: bool = field(default=False, init=False)
+    # What the work turned out to use, per kind (``commit(measured=...)``); the reserved amounts otherwise.
+    _final: dict[UsageKind, float] = field(default_factory=dict, init=False)
+
+    def used(self, kind: UsageKind) -> float:
+        return self._final.get(kind, self.amounts.get(kind, 0.0))
 
     def records(self) -> list[UsageRecord]:
         return [
-            UsageRecord(self.organization_id, self.api_key_id, kind, quantity, self.resource)
-            for kind, quantity in self.amounts.items()
+            UsageRecord(self.organization_id, self.api_key_id, kind, self.used(kind), self.resource)
+            for kind in {**self.amounts, **self._final}
         ]
 
-    def commit(self, session: Session | None = None) -> None:
+    def commit(self, session: Session | None = None, *, measured: Mapping[UsageKind, float] | None = None) -> None:
+        """Count and publish the usage; ``measured`` replaces the reserved amount of kinds known only after the
+        work (input tokens: reserve them as 0, commit what the tokenizer counted)."""
         if self._done:
             return
         try:
+            for kind, quantity in (measured or {}).items():
+                if not quantity >= 0:
+                    raise InvalidArgumentError(f"usage of {kind.label} must be zero or more (got {quantity})")
+                self._final[kind] = quantity
             if self.guard.recorder is not None:
                 self.guard.recorder.record(self.records(), session)
         except BaseException:
@@ -327,7 +338,9 @@ class QuotaGuard:
         org = principal.organization_id
         plan = self.plans.plan_for(org)
         now = self._clock()
-        wanted = [(q, *period_bounds(q.period, now)) for q in plan.quotas if amounts.get(q.kind, 0) > 0]
+        # A kind asked with 0 is still checked: usage measured only after the work (input tokens) is refused
+        # once earlier calls used the quota up.
+        wanted = [(q, *period_bounds(q.period, now)) for q in plan.quotas if q.kind in amounts]
         # Seed counters outside the lock: asking the metering service takes a network round trip.
         for quota, start, end in wanted:
             key = (org, quota.kind, quota.period, start)
@@ -390,7 +403,6 @@ class QuotaGuard:
                 counter = self._counters.get(key)
                 if counter is None:
                     continue  # the period ended meanwhile
-                quantity = reservation.amounts[key[1]]
-                counter.reserved = max(0.0, counter.reserved - quantity)
+                counter.reserved = max(0.0, counter.reserved - reservation.amounts[key[1]])
                 if counted:
-                    counter.used += quantity
+                    counter.used += reservation.used(key[1])

@@ -16,10 +16,13 @@ from dataclasses import dataclass
 import grpc
 
 from gristmill.core.auth import ACT_FOR_ORGANIZATION, AuthSettings, DisabledAuthHook, build_auth_hook
+from gristmill.core.auth_quota import QuotaGuard, UsageRecorder
+from gristmill.core.events import EventCatalog
 from gristmill.core.grpcserver import AuthHook, ServiceRegistration
 from gristmill.core.license_service import LICENSE_METHOD_SCOPES, license_registration
 from gristmill.core.licensing import License, load_license
 from gristmill.core.settings import LicenseSettings, load_settings
+from gristmill.core.sql import Database
 from gristmill.core.tls import TlsSettings, channel_credentials, server_credentials
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,24 @@ class Security:
     channel_credentials: grpc.ChannelCredentials | None = None
     # This service's own API key, sent on its calls to other services (GRISTMILL_AUTH_SERVICE_KEY).
     service_key: str = ""
+    # The admin service (plans and usage for quotas) and how long a plan is trusted.
+    admin_address: str = ""
+    cache_ttl_s: float = 30.0
+
+    def quota_guard(self, database: Database, catalog: EventCatalog, service: str) -> QuotaGuard | None:
+        """The guard that meters and limits this service's work per organisation, publishing usage through the
+        service's outbox; None without an admin service and a service key (the embedded dev mode)."""
+        if not (self.admin_address and self.service_key):
+            return None
+        from gristmill.core.auth_remote import RemotePlanSource, RemoteUsageSource
+
+        return QuotaGuard(
+            RemotePlanSource(
+                self.admin_address, self.service_key, ttl_s=self.cache_ttl_s, credentials=self.channel_credentials
+            ),
+            RemoteUsageSource(self.admin_address, self.service_key, credentials=self.channel_credentials),
+            UsageRecorder(database, catalog, service),
+        )
 
     def call_metadata(self, organization_id: str = "") -> tuple[tuple[str, str], ...]:
         """Metadata for a call this service makes to another one: its own key, when it has one, acting for
@@ -91,4 +112,6 @@ def load_security(
         server_credentials=server_credentials(tls),
         channel_credentials=channel,
         service_key=auth.service_key.get_secret_value(),
+        admin_address=auth.admin_address,
+        cache_ttl_s=auth.cache_ttl_s,
     )

@@ -171,7 +171,15 @@ def build_host(
         capacity=settings.prediction_log_capacity,
         metrics=platform.metrics,
     )
-    service = DeploymentService(store, manager, source, sink=sink, rng=rng, license_=security.license)
+    service = DeploymentService(
+        store,
+        manager,
+        source,
+        sink=sink,
+        rng=rng,
+        license_=security.license,
+        quota=security.quota_guard(platform.database, platform.catalog, SERVICE),
+    )
     serving = ServingServicer(service)
     inference = InferenceServicer(service)
     registrations = [

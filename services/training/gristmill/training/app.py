@@ -139,7 +139,14 @@ def build_host(
     resolver = SpecResolver(
         datasets, base_models, HfModelInspector(), runner, search_enabled=getattr(runner, "supports_search", False)
     )
-    jobs = JobService(store, resolver, supervisor, signal, license_=security.license)
+    jobs = JobService(
+        store,
+        resolver,
+        supervisor,
+        signal,
+        license_=security.license,
+        quota=security.quota_guard(platform.database, platform.catalog, SERVICE_NAME),
+    )
     subscription = Subscription(
         (DATASET_VERSION_PUBLISHED,),
         consumer_group or settings.auto_train_group,

@@ -6,8 +6,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from google.protobuf.message import Message
 from sqlalchemy import select
 
+from gristmill.api.admin.v1 import admin_pb2
 from gristmill.api.events.v1 import events_pb2
 from gristmill.api.training.v1 import training_pb2 as pb
 from gristmill.core.errors import FailedPreconditionError, NotFoundError
@@ -68,9 +70,17 @@ def store(database: Database) -> SqlJobStore:
 
 
 def _outbox(database: Database) -> list[events_pb2.JobStateChanged]:
+    return [events_pb2.JobStateChanged.FromString(p) for p in _payloads(database, events_pb2.JobStateChanged)]
+
+
+def _usage(database: Database) -> list[events_pb2.UsageRecorded]:
+    return [events_pb2.UsageRecorded.FromString(p) for p in _payloads(database, events_pb2.UsageRecorded)]
+
+
+def _payloads(database: Database, message: type[Message]) -> list[bytes]:
     with database.transaction() as session:
         rows = session.execute(select(OutboxEvent).order_by(OutboxEvent.id)).scalars().all()
-        return [events_pb2.JobStateChanged.FromString(r.payload) for r in rows]
+        return [r.payload for r in rows if r.event_type == message.DESCRIPTOR.full_name]
 
 
 def test_create_writes_the_first_event_and_its_outbox_record(store: SqlJobStore, database: Database) -> None:
@@ -114,6 +124,11 @@ def test_transitions_follow_the_lifecycle(store: SqlJobStore, database: Database
     ]
     states = [(m.previous_state, m.state) for m in _outbox(database)]
     assert states[-1] == (pb.JOB_STATE_RUNNING, pb.JOB_STATE_FAILED)
+    # The job ran and ended: its worker-seconds went out with the final state change, once.
+    [usage] = _usage(database)
+    seconds = (failed.end_time - running.start_time).total_seconds() * failed.spec.resources.num_workers
+    assert usage.kind == admin_pb2.USAGE_KIND_TRAINING_WORKER_SECONDS and usage.resource == "training-job/j1"
+    assert usage.organization_id == failed.organization_id and usage.quantity == pytest.approx(seconds)
     with pytest.raises(NotFoundError, match="training job 'nope' not found"):
         store.transition("nope", JobState.RUNNING)
 

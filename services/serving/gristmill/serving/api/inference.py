@@ -7,6 +7,7 @@ from typing import Any
 
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2 as oip
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
+from gristmill.core.auth import current_principal
 from gristmill.core.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from gristmill.serving import __version__
 from gristmill.serving.api import convert
@@ -72,6 +73,12 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         texts = convert.texts_from_infer_request(request)
         outputs = convert.requested_outputs(request)
         result, _ = await self._service.predict(
-            org, request.model_name, texts, pin=pin, request_id=request.id, timeout_s=time_left(context)
+            org,
+            request.model_name,
+            texts,
+            pin=pin,
+            request_id=request.id,
+            timeout_s=time_left(context),
+            caller=current_principal(),
         )
         return convert.infer_response(request, result, outputs)

@@ -42,6 +42,7 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
             pin=pin,
             request_id=request.request_id,
             timeout_s=time_left(context),
+            caller=current_principal(),
         )
         return convert.predict_response(result)
 

@@ -593,6 +593,7 @@ class DeploymentManager:
                 request_id=request_id,
                 label_names=labels,
                 predictions=predictions,
+                input_tokens=sum(e.length for e in encoded),
             )
             return result, version
         except (InvalidArgumentError, DeadlineExceededError, ResourceExhaustedError, asyncio.CancelledError):

@@ -33,6 +33,8 @@ class PredictionResult:
     request_id: str
     label_names: tuple[str, ...]
     predictions: tuple[TextPrediction, ...]
+    # Tokens the model read (after truncation): metered as input tokens.
+    input_tokens: int = 0
 
 
 def to_prediction(

@@ -16,6 +16,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from gristmill.core.auth import Principal
+from gristmill.core.auth_quota import QuotaGuard, UsageKind
 from gristmill.core.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from gristmill.core.licensing import License, load_license
 from gristmill.serving.domain.deployments import DeploymentManager, DeploymentView, LoadedVersion
@@ -67,10 +69,13 @@ class DeploymentService:
         sink: PredictionSink | None = None,
         rng: random.Random | None = None,
         license_: License | None = None,
+        quota: QuotaGuard | None = None,
     ) -> None:
         self.store = store
         # Enterprise licence: max_serving_models, serving.canary (the community edition's without one).
         self.license = license_ or load_license(None, "")
+        # Metering and quotas per organisation (None: not metered, the embedded dev mode).
+        self.quota = quota
         self.manager = manager
         self.source = source
         self.sink = sink
@@ -198,16 +203,37 @@ class DeploymentService:
         pin: VersionSelector | None = None,
         request_id: str = "",
         timeout_s: float | None = None,
+        caller: Principal | None = None,
     ) -> tuple[PredictionResult, LoadedVersion]:
-        """Classify ``texts``; ``timeout_s`` is the time left until the caller's deadline."""
+        """Classify ``texts``; ``timeout_s`` is the time left until the caller's deadline.
+
+        With a quota guard, ``caller``'s organisation must have predictions (and input tokens) left in its plan
+        (RESOURCE_EXHAUSTED with a retry-after otherwise); a successful call publishes its usage, a failed one
+        none.
+        """
         validate_texts(texts)
         if pin is not None:
             validate_selector(pin, what="target")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         spec = self.manager.spec(organization_id, name)
-        result, version = await self.manager.predict(
-            organization_id, name, texts, pin=pin, request_id=request_id or uuid.uuid4().hex, deadline=deadline
-        )
+        reservation = None
+        if self.quota is not None and caller is not None and not caller.auth_disabled:
+            reservation = await asyncio.to_thread(
+                self.quota.reserve,
+                caller,
+                {UsageKind.PREDICTIONS: len(texts), UsageKind.INPUT_TOKENS: 0},
+                resource=f"deployment/{name}",
+            )
+        try:
+            result, version = await self.manager.predict(
+                organization_id, name, texts, pin=pin, request_id=request_id or uuid.uuid4().hex, deadline=deadline
+            )
+        except BaseException:
+            if reservation is not None:
+                reservation.release()
+            raise
+        if reservation is not None:
+            await asyncio.to_thread(reservation.commit, measured={UsageKind.INPUT_TOKENS: result.input_tokens})
         if self.sink is not None:
             records = records_to_log(
                 result,

@@ -23,6 +23,7 @@ from gristmill.core.errors import GristmillError, InvalidArgumentError
 from gristmill.core.grpcserver import ServiceRegistration
 from gristmill.training.api import convert
 from gristmill.training.domain.jobs import JobService, SequenceAheadError
+from gristmill.training.domain.model import JobTrigger
 from gristmill.training.store.base import JobQuery
 
 
@@ -63,7 +64,14 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         if not request.HasField("spec"):
             raise InvalidArgumentError("spec is required", details={"field": "spec"})
         spec = convert.spec_from_proto(request.spec)
-        job = await asyncio.to_thread(self._jobs.submit, spec, request_id=request.request_id, organization_id=org())
+        job = await asyncio.to_thread(
+            self._jobs.submit,
+            spec,
+            request_id=request.request_id,
+            organization_id=org(),
+            trigger=JobTrigger(api_key_id=current_principal().api_key_id),
+            caller=current_principal(),
+        )
         return convert.job_to_proto(job)
 
     async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
+from gristmill.core.auth import Principal
+from gristmill.core.auth_quota import QuotaGuard, UsageKind
 from gristmill.core.errors import FailedPreconditionError, GristmillError, InvalidArgumentError, NotFoundError
 from gristmill.core.ids import new_id, validate_id
 from gristmill.core.licensing import License, load_license
@@ -69,8 +71,12 @@ class JobService:
         watch_poll_s: float = 5.0,
         clock: Callable[[], datetime] = _now,
         license_: License | None = None,
+        quota: QuotaGuard | None = None,
     ) -> None:
         self._store = store
+        # The plan's worker-seconds quota (None: not limited, the embedded dev mode). Usage itself is
+        # published by the store when a job that ran ends.
+        self._quota = quota
         self._license = license_ or load_license(None, "")
         self._resolver = resolver
         self._supervisor = supervisor
@@ -81,9 +87,18 @@ class JobService:
     # -- jobs ----------------------------------------------------------------------------------------------
 
     def submit(
-        self, spec: JobSpec, *, request_id: str = "", organization_id: str = "", trigger: JobTrigger | None = None
+        self,
+        spec: JobSpec,
+        *,
+        request_id: str = "",
+        organization_id: str = "",
+        trigger: JobTrigger | None = None,
+        caller: Principal | None = None,
     ) -> Job:
-        """Validate the whole spec against the dataset, base model and cluster, then queue the job."""
+        """Validate the whole spec against the dataset, base model and cluster, then queue the job.
+
+        RESOURCE_EXHAUSTED (with a retry-after) when ``caller``'s organisation has used up its training
+        worker-seconds for the period."""
         org = organization(organization_id)
         if request_id:
             validate_id(request_id, what="request_id")
@@ -91,6 +106,11 @@ class JobService:
             if existing is not None:
                 return existing
         self.check_licensed(spec)
+        if self._quota is not None and caller is not None and not caller.auth_disabled:
+            # Worker-seconds are known only when the job ends: refuse once earlier jobs used the quota up.
+            self._quota.reserve(
+                caller, {UsageKind.TRAINING_WORKER_SECONDS: 0}, resource="training", rate_limited=False
+            ).release()
         resolved = self._resolver.resolve(spec)
         job_id = new_id()
         job = Job(

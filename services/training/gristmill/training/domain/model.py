@@ -115,7 +115,7 @@ class JobResult:
 
 @dataclass(frozen=True)
 class JobTrigger:
-    """What started the job: an API call (key id, empty until auth exists) or an auto-train policy."""
+    """What started the job: an API call (its key id; empty with auth off) or an auto-train policy."""
 
     api_key_id: str = ""
     auto_train_dataset_version_id: str = ""

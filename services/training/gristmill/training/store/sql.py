@@ -28,6 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from gristmill.core.auth_quota import UsageKind, UsageRecord, UsageRecorder
 from gristmill.core.errors import FailedPreconditionError, NotFoundError
 from gristmill.core.events import Event, EventCatalog, Outbox
 from gristmill.core.sql import Database
@@ -109,6 +110,22 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def worker_seconds(job: Job) -> list[UsageRecord]:
+    """The training worker-seconds an ended job used (none if it never ran), for whoever submitted it."""
+    if job.start_time is None or job.end_time is None:
+        return []
+    seconds = max(0.0, (job.end_time - job.start_time).total_seconds()) * job.spec.resources.num_workers
+    return [
+        UsageRecord(
+            job.organization_id,
+            job.trigger.api_key_id,
+            UsageKind.TRAINING_WORKER_SECONDS,
+            seconds,
+            f"training-job/{job.job_id}",
+        )
+    ]
+
+
 def _to_job(row: JobRow) -> Job:
     create_time = _utc(row.create_time)
     assert create_time is not None
@@ -153,6 +170,8 @@ class SqlJobStore(JobStore):
         self._db = database
         self._catalog = catalog
         self._source = source
+        # A job that ran and ended publishes its worker-seconds (metering) with its final state change.
+        self._usage = UsageRecorder(database, catalog, source)
         # One writer at a time in this process: a job's event sequence is read and incremented in one
         # transaction (PostgreSQL additionally locks the row with FOR UPDATE across processes).
         self._write_lock = threading.Lock()
@@ -302,6 +321,8 @@ class SqlJobStore(JobStore):
             self._append(session, row, event)
             job = _to_job(row)
             self._announce(session, job, previous)
+            if to.terminal:
+                self._usage.add(session, worker_seconds(job))
         return job, previous
 
     def record_metrics(self, job_id: str, reports: Sequence[MetricsReport], progress: JobProgress) -> Job:
