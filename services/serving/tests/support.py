@@ -225,7 +225,7 @@ class RunningHost:
 
 
 def build_fake_host(
-    tmp_path: Path, *, security: Security | None = None, **kwargs: object
+    tmp_path: Path, *, security: Security | None = None, kafka: KafkaSettings | None = None, **kwargs: object
 ) -> tuple[ServingHost, FakeSource, FakeLoader]:
     """The real service wiring on the in-process platform, with the fake source and loader."""
     source, loader = FakeSource(), FakeLoader()
@@ -236,7 +236,7 @@ def build_fake_host(
     settings = ServingSettings(data_dir=tmp_path, grpc_port=0, shutdown_grace_s=1.0, batch_workers=1)
     host = build_host(
         settings,
-        kafka=KafkaSettings(),
+        kafka=kafka or KafkaSettings(),
         s3=S3Settings(),
         security=security or embedded_security("serving", ENTERPRISE),
         source=source,
