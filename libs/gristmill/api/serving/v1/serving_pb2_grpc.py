@@ -108,9 +108,12 @@ class ServingServiceServicer(object):
 
     def CreateDeployment(self, request, context):
         """Creates a deployment and starts loading its version(s). Returns LOADING, or READY/FAILED
-        when wait_until_ready is set.
-        ALREADY_EXISTS: the name is taken. NOT_FOUND: unknown registered model, version or alias.
-        FAILED_PRECONDITION: the version is not READY in the registry; a licence limit.
+        when wait_until_ready is set. A target alias that the (existing) model has not set yet is
+        accepted: the deployment waits in LOADING and loads the version the alias first points to.
+        Needs an API key with the admin scope.
+        ALREADY_EXISTS: the name is taken. NOT_FOUND: unknown registered model or version.
+        FAILED_PRECONDITION: the version is not READY in the registry; max_serving_models reached, or
+        a canary without the serving.canary feature (the message names the licence).
         INVALID_ARGUMENT: invalid name, canary weight outside (0, 1), canary equal to the primary
         target, batching values out of range.
         """

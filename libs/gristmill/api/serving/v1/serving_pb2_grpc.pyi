@@ -60,9 +60,12 @@ class ServingServiceStub:
     """
     CreateDeployment: _grpc.UnaryUnaryMultiCallable[_serving_pb2.CreateDeploymentRequest, _serving_pb2.Deployment]
     """Creates a deployment and starts loading its version(s). Returns LOADING, or READY/FAILED
-    when wait_until_ready is set.
-    ALREADY_EXISTS: the name is taken. NOT_FOUND: unknown registered model, version or alias.
-    FAILED_PRECONDITION: the version is not READY in the registry; a licence limit.
+    when wait_until_ready is set. A target alias that the (existing) model has not set yet is
+    accepted: the deployment waits in LOADING and loads the version the alias first points to.
+    Needs an API key with the admin scope.
+    ALREADY_EXISTS: the name is taken. NOT_FOUND: unknown registered model or version.
+    FAILED_PRECONDITION: the version is not READY in the registry; max_serving_models reached, or
+      a canary without the serving.canary feature (the message names the licence).
     INVALID_ARGUMENT: invalid name, canary weight outside (0, 1), canary equal to the primary
       target, batching values out of range.
     """
@@ -110,9 +113,12 @@ class ServingServiceAsyncStub(ServingServiceStub):
     """
     CreateDeployment: _aio.UnaryUnaryMultiCallable[_serving_pb2.CreateDeploymentRequest, _serving_pb2.Deployment]  # type: ignore[assignment]
     """Creates a deployment and starts loading its version(s). Returns LOADING, or READY/FAILED
-    when wait_until_ready is set.
-    ALREADY_EXISTS: the name is taken. NOT_FOUND: unknown registered model, version or alias.
-    FAILED_PRECONDITION: the version is not READY in the registry; a licence limit.
+    when wait_until_ready is set. A target alias that the (existing) model has not set yet is
+    accepted: the deployment waits in LOADING and loads the version the alias first points to.
+    Needs an API key with the admin scope.
+    ALREADY_EXISTS: the name is taken. NOT_FOUND: unknown registered model or version.
+    FAILED_PRECONDITION: the version is not READY in the registry; max_serving_models reached, or
+      a canary without the serving.canary feature (the message names the licence).
     INVALID_ARGUMENT: invalid name, canary weight outside (0, 1), canary equal to the primary
       target, batching values out of range.
     """
@@ -169,9 +175,12 @@ class ServingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_serving_pb2.Deployment, _abc.Awaitable[_serving_pb2.Deployment]]:
         """Creates a deployment and starts loading its version(s). Returns LOADING, or READY/FAILED
-        when wait_until_ready is set.
-        ALREADY_EXISTS: the name is taken. NOT_FOUND: unknown registered model, version or alias.
-        FAILED_PRECONDITION: the version is not READY in the registry; a licence limit.
+        when wait_until_ready is set. A target alias that the (existing) model has not set yet is
+        accepted: the deployment waits in LOADING and loads the version the alias first points to.
+        Needs an API key with the admin scope.
+        ALREADY_EXISTS: the name is taken. NOT_FOUND: unknown registered model or version.
+        FAILED_PRECONDITION: the version is not READY in the registry; max_serving_models reached, or
+          a canary without the serving.canary feature (the message names the licence).
         INVALID_ARGUMENT: invalid name, canary weight outside (0, 1), canary equal to the primary
           target, batching values out of range.
         """
