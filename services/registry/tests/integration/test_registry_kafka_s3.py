@@ -144,7 +144,7 @@ async def test_job_event_to_promoted_version_on_kafka_and_s3(
     app = build_app(settings, kafka=kafka, s3=s3, security=embedded_security("registry"), tracer_provider=provider)
     ours = {model, job1, job2}
     subscriptions = [Subscription(s.topics, s.group_id, only_keys(ours, s.handler)) for s in app.host.subscriptions]
-    host = ServiceHost(app.host.platform, app.host.registrations, settings, subscriptions)
+    host = ServiceHost(app.host.platform, app.host.registrations, settings, subscriptions, auth_hook=app.host.auth_hook)
     objects = app.host.platform.objects
     catalog = app.host.platform.catalog
 

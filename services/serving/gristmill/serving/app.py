@@ -8,6 +8,7 @@ import logging
 import random
 from collections.abc import Sequence
 
+import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2 as oip
@@ -16,7 +17,7 @@ from gristmill.api.serving.v1 import serving_pb2, serving_pb2_grpc
 from gristmill.core.auth import ADMIN, SERVING_PREDICT
 from gristmill.core.events import MemoryBroker
 from gristmill.core.events.topics import ALIAS_CHANGED
-from gristmill.core.grpcserver import ServiceRegistration, serve_until_signal
+from gristmill.core.grpcserver import AuthHook, ServiceRegistration, serve_until_signal
 from gristmill.core.host import Platform, ServiceHost, Subscription, open_platform
 from gristmill.core.security import Security
 from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings
@@ -64,15 +65,11 @@ class ServingHost(ServiceHost):
         service: DeploymentService,
         sink: OutboxPredictionSink,
         source: ModelSource,
-        security: Security,
+        auth_hook: AuthHook | None = None,
+        server_credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         super().__init__(
-            platform,
-            [*registrations, security.license_registration(SERVICE)],
-            settings,
-            subscriptions,
-            auth_hook=security.auth_hook,
-            server_credentials=security.server_credentials,
+            platform, registrations, settings, subscriptions, auth_hook=auth_hook, server_credentials=server_credentials
         )
         self.service = service
         self.sink = sink
@@ -196,5 +193,13 @@ def build_host(
         Subscription((ALIAS_CHANGED,), settings.consumer_group, alias_changed_handler(platform.catalog, store, service))
     ]
     return ServingHost(
-        platform, registrations, settings, subscriptions, service=service, sink=sink, source=source, security=security
+        platform,
+        [*registrations, security.license_registration(SERVICE)],
+        settings,
+        subscriptions,
+        service=service,
+        sink=sink,
+        source=source,
+        auth_hook=security.auth_hook,
+        server_credentials=security.server_credentials,
     )

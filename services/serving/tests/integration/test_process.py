@@ -4,6 +4,7 @@ on SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -20,11 +21,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2 as oip
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
 from gristmill.api.serving.v1 import serving_pb2, serving_pb2_grpc
+from gristmill.core.auth import SERVING_PREDICT
+from services.admin.tests.support import ROOT, bearer, running_admin
 
 pytestmark = pytest.mark.integration
 
 
-def _environment(tmp_path: Path, kafka: str, s3: dict[str, str]) -> dict[str, str]:
+def _environment(tmp_path: Path, kafka: str, s3: dict[str, str], admin_address: str) -> dict[str, str]:
     return {
         **os.environ,
         "GRISTMILL_SERVING_DATA_DIR": str(tmp_path),
@@ -36,18 +39,15 @@ def _environment(tmp_path: Path, kafka: str, s3: dict[str, str]) -> dict[str, st
         "GRISTMILL_S3_ACCESS_KEY": s3["access_key"],
         "GRISTMILL_S3_SECRET_KEY": s3["secret_key"],
         "GRISTMILL_S3_BUCKET": "gristmill-test",
+        # Networked (Kafka configured): keys are verified at the admin service; auth cannot be switched off.
+        "GRISTMILL_AUTH_ADMIN_ADDRESS": admin_address,
+        "GRISTMILL_AUTH_ROOT_ORGANIZATION_ID": ROOT,
     }
 
 
-def test_the_service_process_serves_and_stops_on_sigterm(
-    tmp_path: Path, kafka_bootstrap: str, s3_endpoint: dict[str, str]
-) -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gristmill.serving"],
-        env=_environment(tmp_path, kafka_bootstrap, s3_endpoint),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def _serve_and_stop(env: dict[str, str], key: str) -> None:
+    """Start the process, call it with and without ``key``, SIGTERM it (blocking: run it off the event loop)."""
+    process = subprocess.Popen([sys.executable, "-m", "gristmill.serving"], env=env, stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
     try:
         port = 0
@@ -65,10 +65,12 @@ def test_the_service_process_serves_and_stops_on_sigterm(
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             assert oip_grpc.GRPCInferenceServiceStub(channel).ServerLive(oip.ServerLiveRequest(), timeout=10).live
-            listed = serving_pb2_grpc.ServingServiceStub(channel).ListDeployments(
-                serving_pb2.ListDeploymentsRequest(), timeout=10
-            )
+            serving = serving_pb2_grpc.ServingServiceStub(channel)
+            listed = serving.ListDeployments(serving_pb2.ListDeploymentsRequest(), metadata=bearer(key), timeout=10)
             assert list(listed.deployments) == []
+            with pytest.raises(grpc.RpcError) as refused:
+                serving.ListDeployments(serving_pb2.ListDeploymentsRequest(), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
         rest = process.stderr.read()
@@ -77,6 +79,16 @@ def test_the_service_process_serves_and_stops_on_sigterm(
         if process.poll() is None:
             process.kill()
             process.wait(10)
+
+
+async def test_the_service_process_serves_and_stops_on_sigterm(
+    tmp_path: Path, kafka_bootstrap: str, s3_endpoint: dict[str, str]
+) -> None:
+    async with running_admin(tmp_path) as admin:
+        key = await admin.create_key(ROOT, SERVING_PREDICT)
+        env = _environment(tmp_path / "serving", kafka_bootstrap, s3_endpoint, admin.address)
+        # Off the event loop: the admin service answers the process's key checks on this loop meanwhile.
+        await asyncio.to_thread(_serve_and_stop, env, key)
 
 
 def test_a_bad_setting_stops_the_process_with_one_line_naming_it(tmp_path: Path) -> None:

@@ -50,6 +50,7 @@ from gristmill.registry.app import build_app
 from gristmill.registry.settings import RegistrySettings
 from gristmill.serving.app import ServingHost, build_host
 from gristmill.serving.settings import ServingSettings
+from tests.support.licences import signed_license
 from tests.support.tiny_model import make_tiny_bert
 
 pytestmark = pytest.mark.integration
@@ -123,7 +124,13 @@ async def stack(tmp_path: Path, kafka_bootstrap: str, s3_endpoint: dict[str, str
     # The real registry; its consumers (training events, promotion policy) play no part here.
     registry_settings = RegistrySettings(data_dir=tmp_path / "registry", grpc_port=0)
     registry_app = build_app(registry_settings, kafka=kafka, s3=s3, security=embedded_security("registry"))
-    registry_host = ServiceHost(registry_app.host.platform, registry_app.host.registrations, registry_settings, [])
+    registry_host = ServiceHost(
+        registry_app.host.platform,
+        registry_app.host.registrations,
+        registry_settings,
+        [],
+        auth_hook=registry_app.host.auth_hook,
+    )
     registry_port = await registry_host.start()
 
     settings = ServingSettings(
@@ -133,7 +140,7 @@ async def stack(tmp_path: Path, kafka_bootstrap: str, s3_endpoint: dict[str, str
         consumer_group=f"serving-{run}",
         shutdown_grace_s=2.0,
     )
-    built = build_host(settings, kafka=kafka, s3=s3, security=embedded_security("serving"))
+    built = build_host(settings, kafka=kafka, s3=s3, security=embedded_security("serving", signed_license()))
     serving_host = ServingHost(
         built.platform,
         built.registrations,
@@ -142,6 +149,7 @@ async def stack(tmp_path: Path, kafka_bootstrap: str, s3_endpoint: dict[str, str
         service=built.service,
         sink=built.sink,
         source=built.source,
+        auth_hook=built.auth_hook,
     )
 
     # What labeling would see: this run's logged predictions, read by a consumer group of its own.
