@@ -184,6 +184,10 @@ class KafkaBusConsumer(Consumer):
             "request_timeout_ms": max(settings.request_timeout_ms, 1_000),
             "bootstrap_timeout_ms": settings.request_timeout_ms,
             "reconnect_backoff_max_ms": 1000,
+            # A topic created just before the group formed can show no partition leaders yet, and the group
+            # is then assigned nothing until the next metadata refresh (five minutes by default): refresh
+            # often, so the consumer rejoins with the topic's partitions within seconds.
+            "metadata_max_age_ms": 5_000,
         }
         options.update(bus.consumer_options)
         try:
