@@ -380,6 +380,14 @@ def test_keys_and_usage(platform: str) -> None:
     key_id, secret = created["api_key"]["api_key_id"], created["secret"]
     assert secret.startswith("gmk_") and sorted(created["api_key"]["scopes"]) == ["registry:read", "serving:predict"]
     assert key_id in ok(cli(platform, "keys", "list"))
+    # Rotating: a new key (id and secret) with the same scopes; the old one stops at once without a grace period.
+    rotated = as_json(cli(platform, "keys", "rotate", key_id, "--json"))
+    new_id = rotated["api_key"]["api_key_id"]
+    assert new_id != key_id and rotated["secret"] not in (secret, "")
+    assert sorted(rotated["api_key"]["scopes"]) == ["registry:read", "serving:predict"]
+    assert new_id in ok(cli(platform, "keys", "list"))
+    key_id = new_id
+    refused(cli(platform, "keys", "rotate", "0000000000000000"), "not found")
     revoked = as_json(cli(platform, "keys", "revoke", key_id, "--json"))
     assert revoked["revoke_time"]
     assert key_id not in ok(cli(platform, "keys", "list"))
@@ -390,6 +398,15 @@ def test_keys_and_usage(platform: str) -> None:
     assert "usage" in usage and "quotas" in usage
     ok(cli(platform, "usage"))
     refused(cli(platform, "usage", "--organization", "Not An Org!"), "invalid argument")
+
+
+def test_license(platform: str) -> None:
+    # The embedded platform runs the community edition; every service answers for itself.
+    for service in ("admin", "registry", "serving"):
+        info = as_json(cli(platform, "license", "--service", service, "--json"))
+        assert info["service"] == service and int(info["limits"]["max_registered_models"]) == 10
+    assert "community edition" in ok(cli(platform, "license"))
+    usage_error(cli(platform, "license", "--service", "billing"), "--service")
 
 
 # --------------------------------------------------------------------------- the demo

@@ -1,4 +1,4 @@
-"""Admin commands: ``keys`` (create, list, revoke) and ``usage``, through the admin service."""
+"""Admin commands: ``keys`` (create, list, rotate, revoke), ``usage`` and ``license``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import typer
 from gristmill.api.admin.v1 import admin_pb2 as ad
 from gristmill.cli.context import state, want_json
 from gristmill.cli.output import emit, emit_object, enum_name, message_dict, one_line_errors, when
+from gristmill.client.sdk import SERVICES
 
 JSON_OPTION = typer.Option(False, "--json", help="print JSON")
 
@@ -75,6 +76,26 @@ def keys_list(
         emit([key_row(k) for k in reply.api_keys], False)
 
 
+@keys_app.command("rotate")
+@one_line_errors
+def keys_rotate(
+    ctx: typer.Context,
+    key_id: str = typer.Argument(...),
+    grace_seconds: int = typer.Option(0, "--grace-seconds", help="how long the old secret keeps working (0: not)"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Replace a key's secret (same organisation and scopes) and print the new one, this one time only."""
+    request = ad.RotateApiKeyRequest(api_key_id=key_id)
+    if grace_seconds:
+        request.grace_period.FromSeconds(grace_seconds)
+    with state(ctx).client() as gm:
+        reply = gm.admin.RotateApiKey(request)
+    fields = {**key_row(reply.api_key), "secret": reply.secret, "replaces": key_id}
+    emit_object(fields, want_json(ctx, as_json), raw=reply)
+    if not want_json(ctx, as_json):
+        typer.echo("keep the secret safe: it cannot be shown again", err=True)
+
+
 @keys_app.command("revoke")
 @one_line_errors
 def keys_revoke(ctx: typer.Context, key_id: str = typer.Argument(...), as_json: bool = JSON_OPTION) -> None:
@@ -113,3 +134,27 @@ def usage_command(
         kind = enum_name(ad.UsageKind.Name(q.quota.kind), "USAGE_KIND_")
         period = enum_name(ad.QuotaPeriod.Name(q.quota.period), "QUOTA_PERIOD_")
         typer.echo(f"quota {kind} per {period}: {q.used:g} used, {q.remaining:g} left of {q.quota.limit:g}")
+
+
+@one_line_errors
+def license_command(
+    ctx: typer.Context,
+    service: str = typer.Option("admin", help="which service to ask (each verified the licence at its start)"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """The licence a service runs under: edition, state, features and limits (never the signature)."""
+    if service not in SERVICES:
+        raise typer.BadParameter(f"choose from {', '.join(SERVICES)}", param_hint="--service")
+    with state(ctx).client() as gm:
+        info = gm.license(service).GetLicense(ad.GetLicenseRequest())
+    fields = {
+        "service": info.service,
+        "state": enum_name(ad.LicenseState.Name(info.state), "LICENSE_STATE_"),
+        "license": info.license_id or "community edition",
+        "customer": info.customer,
+        "expires": when(info.expire_time) if info.HasField("expire_time") else "",
+        "features": ",".join(info.features),
+        "limits": ",".join(f"{k}={v}" for k, v in sorted(info.limits.items())),
+        "message": info.message,
+    }
+    emit_object(fields, want_json(ctx, as_json), raw=info)

@@ -170,6 +170,7 @@ app.command("deployments")(serving_commands.deployments_command)
 app.command("predict")(serving_commands.predict_command)
 app.add_typer(admin_commands.keys_app, name="keys")
 app.command("usage")(admin_commands.usage_command)
+app.command("license")(admin_commands.license_command)
 app.command("demo")(demo_command)
 
 

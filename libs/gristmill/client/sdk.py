@@ -14,6 +14,8 @@ from gristmill.api.serving.v1 import serving_pb2_grpc
 from gristmill.api.training.v1 import training_pb2_grpc
 from gristmill.client.channel import ClientOptions, open_channel
 
+SERVICES = ("labeling", "training", "registry", "serving", "admin")
+
 
 @dataclass(frozen=True)
 class Endpoints:
@@ -41,6 +43,12 @@ class Gristmill:
         self.inference = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(self._channel(e.serving))
         self.admin = admin_pb2_grpc.AdminServiceStub(self._channel(e.admin))
         self.metering = admin_pb2_grpc.MeteringServiceStub(self._channel(e.admin))
+
+    def license(self, service: str = "admin") -> admin_pb2_grpc.LicenseServiceStub:
+        """``LicenseService`` of one service (each reports the licence it verified at start)."""
+        if service not in SERVICES:
+            raise ValueError(f"unknown service {service!r}; choose from {', '.join(SERVICES)}")
+        return admin_pb2_grpc.LicenseServiceStub(self._channel(getattr(self.endpoints, service)))
 
     def _channel(self, target: str) -> grpc.Channel:
         # One channel per address: services that share a process share a connection.
