@@ -36,6 +36,7 @@ from gristmill.core.errors import (
     PermissionDeniedError,
     UnauthenticatedError,
 )
+from gristmill.core.grpcserver import NOT_INLINE
 from tests.contracts.auth import InMemoryKeyVerifier
 
 SVC = "/gristmill.api.registry.v1.RegistryService"
@@ -226,3 +227,42 @@ def test_ttl_cache_expires_entries_and_stays_bounded() -> None:
     off: TtlCache[str] = TtlCache(0, clock=clock)
     off.put(b"x", "X")
     assert off.get(b"x") == (False, None)
+
+
+class CachingVerifier(InMemoryKeyVerifier):
+    """Remembers what it verified, as the remote verifier does (``cached`` answers without blocking)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, Principal | None] = {}
+        self.verified = 0
+
+    def verify(self, api_key: str) -> Principal | None:
+        self.verified += 1
+        self.seen[api_key] = super().verify(api_key)
+        return self.seen[api_key]
+
+    def cached(self, api_key: str) -> tuple[bool, Principal | None]:
+        return (api_key in self.seen), self.seen.get(api_key)
+
+
+def test_the_hook_decides_inline_only_for_keys_its_verifier_has_cached() -> None:
+    keys = CachingVerifier()
+    hook = _hook(keys)
+    secret, reader = keys.issue("acme", {REGISTRY_READ}), keys.issue("acme", {SERVING_PREDICT})
+    method = f"{SVC}/GetRegisteredModel"
+    assert hook.inline(method, _auth(secret)) is NOT_INLINE  # not seen yet: verify off the event loop
+    first = hook(method, _auth(secret))
+    assert hook.inline(method, _auth(secret)) == first and keys.verified == 1
+    # A cached key is checked like any other: scope, then nothing for a public method.
+    keys.verify(reader)
+    with pytest.raises(PermissionDeniedError, match="lacks scope 'registry:read'"):
+        hook.inline(method, _auth(reader))
+    keys.seen[new_api_key().secret] = None
+    unknown = next(k for k, v in keys.seen.items() if v is None)
+    with pytest.raises(UnauthenticatedError):
+        hook.inline(method, _auth(unknown))
+    assert hook.inline(f"{SVC}/Public", ()) is None
+    # A verifier without a cache never decides inline; dev mode always does.
+    assert _hook(InMemoryKeyVerifier()).inline(method, _auth(secret)) is NOT_INLINE
+    assert DisabledAuthHook().inline(method, ()) is DEV_PRINCIPAL

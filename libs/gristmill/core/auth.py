@@ -48,7 +48,7 @@ from gristmill.core.errors import (
     PermissionDeniedError,
     UnauthenticatedError,
 )
-from gristmill.core.grpcserver import AuthHook, call_identity
+from gristmill.core.grpcserver import NOT_INLINE, AuthHook, call_identity
 from gristmill.core.ids import validate_id
 
 log = logging.getLogger(__name__)
@@ -234,6 +234,11 @@ class ApiKeyVerifier(ABC):
         when the verifier cannot answer now.
         """
 
+    def cached(self, api_key: str) -> tuple[bool, Principal | None]:
+        """(known, principal) without blocking: a verifier with a cache answers from it; (False, None) means
+        ``verify`` must run (off the event loop)."""
+        return False, None
+
 
 # --------------------------------------------------------------------------- the hook
 
@@ -321,7 +326,21 @@ class ApiKeyAuthHook:
         if method in self._public:
             return None
         api_key = bearer_api_key(metadata)
-        principal = self._verifier.verify(api_key)
+        return self._admit(method, metadata, api_key, self._verifier.verify(api_key))
+
+    def inline(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> object | None:
+        """The same decision on the event loop when the key is in the verifier's cache (``NOT_INLINE`` else)."""
+        if method in self._public:
+            return None
+        api_key = bearer_api_key(metadata)
+        known, principal = self._verifier.cached(api_key)
+        if not known:
+            return NOT_INLINE
+        return self._admit(method, metadata, api_key, principal)
+
+    def _admit(
+        self, method: str, metadata: Sequence[tuple[str, str | bytes]], api_key: str, principal: Principal | None
+    ) -> Principal:
         if principal is None:
             raise UnauthenticatedError(
                 f"API key {api_key_id_of(api_key)} is unknown, expired or revoked: ask an admin for a valid key"
@@ -340,6 +359,9 @@ class DisabledAuthHook:
     """Embedded dev mode only: every call is allowed and runs as ``DEV_PRINCIPAL``."""
 
     def __call__(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> Principal:
+        return DEV_PRINCIPAL
+
+    def inline(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> Principal:
         return DEV_PRINCIPAL
 
 

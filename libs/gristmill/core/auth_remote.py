@@ -103,6 +103,9 @@ class RemoteKeyVerifier(ApiKeyVerifier):
         # How many times the admin service was asked (tests check that the cache works).
         self.calls = 0
 
+    def cached(self, api_key: str) -> tuple[bool, Principal | None]:
+        return self._cache.get(hashlib.sha256(api_key.encode("utf-8")).digest())
+
     def verify(self, api_key: str) -> Principal | None:
         digest = hashlib.sha256(api_key.encode("utf-8")).digest()
         found, cached = self._cache.get(digest)

@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast, runtime_checkable
 
 import grpc
 from google.protobuf.descriptor import FileDescriptor, ServiceDescriptor
@@ -90,6 +90,19 @@ class AuthHook(Protocol):
     """
 
     def __call__(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> object | None: ...
+
+
+# What ``InlineAuthHook.inline`` answers when it cannot decide without blocking (the hook then runs on the pool).
+NOT_INLINE = object()
+
+
+@runtime_checkable
+class InlineAuthHook(AuthHook, Protocol):
+    """An ``AuthHook`` that can often decide on the event loop, saving a thread hop per call (a cached key)."""
+
+    def inline(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> object | None:
+        """The identity (or a refusal) when known without blocking; ``NOT_INLINE`` otherwise."""
+        ...
 
 
 # The identity the auth hook returned for the call being served. grpc.aio runs each call in a task of its
@@ -277,8 +290,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         # The check runs inside the wrapped behavior (not here) so that its errors pass through the
         # error mapper, which wraps this interceptor, like any servicer error.
+        inline = self._hook.inline if isinstance(self._hook, InlineAuthHook) else None
+
         async def before(_request: Any, _context: Any) -> None:
-            identity = await asyncio.to_thread(self._hook, method, metadata)
+            identity = inline(method, metadata) if inline is not None else NOT_INLINE
+            if identity is NOT_INLINE:
+                identity = await asyncio.to_thread(self._hook, method, metadata)
             # Set here, in the call's task: a context change made in the worker thread would not flow back.
             _CALL_IDENTITY.set(identity)
 
