@@ -1,7 +1,8 @@
 """The on-store file formats that cross service boundaries, defined once.
 
 - A **dataset version** (written by labeling, read by training):
-  ``datasets/<project>/<version>/{train,validation,test}.jsonl`` plus ``manifest.json``. Each JSONL line
+  ``datasets/<project>/<dataset version id>/{train,validation,test}.jsonl`` plus ``manifest.json``
+  (``dataset_version_prefix``). Each JSONL line
   is one ``DatasetRow``: ``{"id": ..., "text": ..., "label": ...}`` (single-label) or with
   ``"labels": [...]`` (multi-label).
 - A **model** (written by training, verified and copied by the registry, loaded by serving):
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gristmill.core.errors import InvalidArgumentError
-from gristmill.core.storage import ObjectStore, validate_key
+from gristmill.core.storage import ObjectStore, object_key, validate_key
 
 DATASET_FORMAT = "gristmill.dataset.v1"
 MODEL_FORMAT = "gristmill.model.v1"
@@ -176,3 +177,11 @@ def _loads(text: str, where: str) -> Mapping[str, Any]:
 def _check_format(raw: Mapping[str, Any], expected: str, where: str) -> None:
     if raw.get("format") != expected:
         raise InvalidArgumentError(f"{where} has format {raw.get('format')!r}; this version reads {expected!r}")
+
+
+DATASET_MANIFEST = "manifest.json"
+
+
+def dataset_version_prefix(project_id: str, dataset_version_id: str) -> str:
+    """Where a dataset version's files live: ``datasets/<project>/<dataset version id>`` (validated segments)."""
+    return object_key("datasets", project_id, dataset_version_id)

@@ -66,7 +66,7 @@ def test_publish_writes_verified_files_manifest_and_one_event(
         m.Split.VALIDATION: (6, {"neg": 2, "pos": 4}),
         m.Split.TEST: (6, {"neg": 2, "pos": 4}),
     }
-    assert version.manifest.key == "datasets/p1/1/manifest.json"
+    assert version.manifest.key == f"datasets/p1/{version.dataset_version_id}/manifest.json"
     manifest = DatasetManifest.from_json(
         objects.get_bytes(version.manifest.key, expected_sha256=version.manifest.sha256)
     )
@@ -79,7 +79,11 @@ def test_publish_writes_verified_files_manifest_and_one_event(
     assert manifest.ratios == {"train": 0.5, "validation": 0.25, "test": 0.25} and manifest.seed == 11
     for summary in version.splits:
         entry = manifest.splits[summary.split.value]
-        assert entry.file.key == summary.file.key == f"datasets/p1/1/{summary.split.value}.jsonl"
+        assert (
+            entry.file.key
+            == summary.file.key
+            == f"datasets/p1/{version.dataset_version_id}/{summary.split.value}.jsonl"
+        )
         data = objects.get_bytes(entry.file.key)
         assert hashlib.sha256(data).hexdigest() == entry.file.sha256 == summary.file.sha256
         assert entry.count == summary.item_count and entry.label_counts == summary.item_count_by_label

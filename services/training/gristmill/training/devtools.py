@@ -12,7 +12,15 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gristmill.core.manifests import DatasetManifest, DatasetRow, FileEntry, ModelManifest, SplitFile
+from gristmill.core.manifests import (
+    DATASET_MANIFEST,
+    DatasetManifest,
+    DatasetRow,
+    FileEntry,
+    ModelManifest,
+    SplitFile,
+    dataset_version_prefix,
+)
 from gristmill.core.storage import ObjectStore, object_key
 from gristmill.training.domain.refs import DatasetRef, FileRef
 
@@ -59,7 +67,7 @@ def write_dataset_version(
         ]
         data = ("\n".join(lines) + "\n").encode() if lines else b""
         info = objects.put_bytes(
-            object_key("datasets", project_id, dataset_version_id, f"{split}.jsonl"), data, overwrite=True
+            f"{dataset_version_prefix(project_id, dataset_version_id)}/{split}.jsonl", data, overwrite=True
         )
         files[split] = SplitFile(
             file=FileEntry(key=info.key, sha256=info.sha256, size_bytes=info.size),
@@ -80,7 +88,9 @@ def write_dataset_version(
         created_at=datetime.now(UTC).isoformat(),
     )
     info = objects.put_bytes(
-        object_key("datasets", project_id, dataset_version_id, "manifest.json"), manifest.to_json(), overwrite=True
+        f"{dataset_version_prefix(project_id, dataset_version_id)}/{DATASET_MANIFEST}",
+        manifest.to_json(),
+        overwrite=True,
     )
     return DatasetRef(project_id, dataset_version_id, FileRef(info.key, info.sha256, info.size))
 

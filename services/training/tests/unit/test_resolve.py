@@ -24,6 +24,7 @@ from gristmill.training.domain.resolve import (
     DatasetCatalog,
     SpecResolver,
     content_sha256,
+    dataset_manifest_key,
 )
 from gristmill.training.ml.inspect import HfModelInspector
 
@@ -265,3 +266,9 @@ def test_a_search_needs_a_runner_that_supports_it(
     )
     with pytest.raises(InvalidArgumentError, match="'learning_rate' reaches 3, which is not allowed"):
         _resolver(objects, tmp_path).resolve(_spec(tiny_model, dataset, search=too_high))
+
+
+def test_without_a_manifest_reference_the_version_is_found_where_labeling_publishes_it() -> None:
+    # The layout gristmill.core.manifests defines and labeling writes (its publish test checks its side):
+    # datasets/<project>/<dataset version id>/manifest.json.
+    assert dataset_manifest_key(DatasetRef("reviews", "0123abcd")) == "datasets/reviews/0123abcd/manifest.json"

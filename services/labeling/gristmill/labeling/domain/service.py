@@ -23,8 +23,15 @@ from gristmill.core.errors import (
     InvalidArgumentError,
 )
 from gristmill.core.ids import new_id, validate_id
-from gristmill.core.manifests import DatasetManifest, DatasetRow, FileEntry, SplitFile
-from gristmill.core.storage import ObjectInfo, ObjectStore, object_key, validate_key
+from gristmill.core.manifests import (
+    DATASET_MANIFEST,
+    DatasetManifest,
+    DatasetRow,
+    FileEntry,
+    SplitFile,
+    dataset_version_prefix,
+)
+from gristmill.core.storage import ObjectInfo, ObjectStore, validate_key
 from gristmill.labeling.domain import agreement as agreement_math
 from gristmill.labeling.domain.ids import random_id
 from gristmill.labeling.domain.importer import ImportSession, IndexCache
@@ -502,6 +509,9 @@ class LabelingService:
         pid = project.project_id
         multi = project.task_type.multi_label
         summaries: list[SplitSummary] = []
+        version_id = new_id()
+        # Under the version's id (what training is given), the layout gristmill.core.manifests defines.
+        prefix = dataset_version_prefix(pid, version_id)
         manifest_splits: dict[str, SplitFile] = {}
         for split in SPLITS:
             members = assignment[split]
@@ -512,7 +522,7 @@ class LabelingService:
                 for item in members
             ]
             data = "".join(line + "\n" for line in lines).encode()
-            key = object_key("datasets", pid, str(number), f"{split.value}.jsonl")
+            key = f"{prefix}/{split.value}.jsonl"
             info = self._put_new(key, data, "application/x-ndjson", written)
             counts = Counter(label for item in members for label in item.labels)
             by_label = {label: counts.get(label, 0) for label in project.label_schema.names}
@@ -521,7 +531,6 @@ class LabelingService:
             manifest_splits[split.value] = SplitFile(
                 FileEntry(ref.key, ref.sha256, ref.size_bytes), len(members), by_label
             )
-        version_id = new_id()
         now = self.clock()
         manifest = DatasetManifest(
             project_id=pid,
@@ -536,9 +545,7 @@ class LabelingService:
             created_at=now.isoformat(),
             organization_id=project.organization_id,
         )
-        manifest_info = self._put_new(
-            object_key("datasets", pid, str(number), "manifest.json"), manifest.to_json(), "application/json", written
-        )
+        manifest_info = self._put_new(f"{prefix}/{DATASET_MANIFEST}", manifest.to_json(), "application/json", written)
         return DatasetVersion(
             dataset_version_id=version_id,
             organization_id=project.organization_id,

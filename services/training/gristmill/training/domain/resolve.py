@@ -30,8 +30,15 @@ from gristmill.core.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from gristmill.core.manifests import SPLITS, DatasetManifest, DatasetRow, ModelManifest
-from gristmill.core.storage import ObjectStore, object_key, validate_key
+from gristmill.core.manifests import (
+    DATASET_MANIFEST,
+    SPLITS,
+    DatasetManifest,
+    DatasetRow,
+    ModelManifest,
+    dataset_version_prefix,
+)
+from gristmill.core.storage import ObjectStore, validate_key
 from gristmill.core.storage.base import sha256_file
 from gristmill.training.domain.refs import BaseModelRef, DatasetRef, FileRef
 from gristmill.training.domain.search import check_search_bounds
@@ -112,7 +119,8 @@ class ResolvedJob:
 
 
 def dataset_manifest_key(ref: DatasetRef) -> str:
-    return object_key("datasets", ref.project_id, ref.dataset_version_id, "manifest.json")
+    """Where labeling published the version's manifest (when the job names no manifest object)."""
+    return f"{dataset_version_prefix(ref.project_id, ref.dataset_version_id)}/{DATASET_MANIFEST}"
 
 
 class DatasetCatalog:
