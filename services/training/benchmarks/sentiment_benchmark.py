@@ -12,7 +12,7 @@ Ray cluster, TorchTrainer with one worker. Reports:
     between measurements, the CPU-time ones much less;
 (c) seconds from SubmitJob to the first training step of a second job, with Ray warm.
 
-    .venv/bin/python services/training/benchmarks/sentiment_benchmark.py [--threads 2] [--plain-steps 30]
+    .venv/bin/python services/training/benchmarks/sentiment_benchmark.py [--threads 2] [--plain-steps N]
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def plain_loop_throughput(
     params = [p for p in model.parameters() if p.requires_grad]
     samples = 0
     started, cpu_started = time.perf_counter(), time.process_time()
-    for chunk in order[:steps]:
+    for chunk in order[: steps or None]:
         batch = D.collate(split, chunk, int(tokenizer.pad_token_id or 0))
         loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
         loss.backward()
@@ -161,7 +161,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads = CPUs of the Ray worker")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=5e-5)
-    parser.add_argument("--plain-steps", type=int, default=30, help="steps of each plain-loop measurement")
+    parser.add_argument(
+        "--plain-steps",
+        type=int,
+        default=0,
+        help="steps of each plain-loop measurement (default 0: the whole epoch, the very batches the service trains)",
+    )
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
