@@ -18,6 +18,7 @@ from gristmill.core.licensing import (
     generate_keypair,
     load_license,
     load_private_key,
+    reload_license,
     sign_license,
 )
 from gristmill.vendor.license_cli import main as license_cli
@@ -157,3 +158,19 @@ def test_vendor_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert '"max_serving_models": 4' in capsys.readouterr().out
     assert license_cli(["issue", "--key", str(tmp_path / "nope.pem"), "--customer", "x", "--out", str(out)]) == 2
     assert "gristmill-license:" in capsys.readouterr().err
+
+
+def test_a_reload_changes_the_licence_every_holder_sees_and_a_bad_file_changes_nothing(
+    tmp_path: Path, keys: tuple[bytes, str]
+) -> None:
+    clock = Clock(T0 + timedelta(days=1))
+    path = _write(tmp_path, keys, _claims(limits={"max_registered_models": 3}))
+    running = load_license(path, keys[1], clock=clock)
+    holder = running  # what a service's domain object keeps
+    _write(tmp_path, keys, _claims(license_id="lic-2", limits={"max_registered_models": 50}))
+    assert reload_license(running, path, keys[1])
+    assert holder.limit("max_registered_models") == 50 and holder.claims is not None
+    assert holder.claims.license_id == "lic-2"
+    path.write_bytes(path.read_bytes().replace(b"Acme", b"Acmf"))  # tampered
+    assert not reload_license(running, path, keys[1])
+    assert holder.limit("max_registered_models") == 50

@@ -13,8 +13,10 @@ consumers → flush the outbox one last time → close the bus → close the dat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+import signal
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +105,9 @@ class ServiceHost:
     auth_hook: AuthHook | None = None
     # mTLS for the service mesh: gristmill.core.tls.server_credentials(TlsSettings()).
     server_credentials: grpc.ServerCredentials | None = None
+    # Run on SIGHUP while serving (on a worker thread): re-read what may change without a restart, such as a
+    # renewed licence file (``Security.reload``).
+    on_reload: Callable[[], object] | None = None
     _server: GrpcServer | None = field(default=None, init=False)
     _relay: OutboxRelay | None = field(default=None, init=False)
     _consumers: list[Consumer] = field(default_factory=list, init=False)
@@ -170,10 +175,25 @@ class ServiceHost:
         self.platform.close()
 
     async def run_until_signal(self) -> None:
-        """Serve until SIGTERM/SIGINT, then stop gracefully."""
+        """Serve until SIGTERM/SIGINT, then stop gracefully; SIGHUP runs ``on_reload``."""
         self._open_background_work()
-        await serve_until_signal(self.server, on_stop=[lambda: asyncio.to_thread(self._close_background_work)])
+        with self.reload_on_sighup():
+            await serve_until_signal(self.server, on_stop=[lambda: asyncio.to_thread(self._close_background_work)])
         self._stopped = True
+
+    @contextlib.contextmanager
+    def reload_on_sighup(self) -> Iterator[None]:
+        """While inside, SIGHUP runs ``on_reload`` on a worker thread (no-op without one)."""
+        reload = self.on_reload
+        if reload is None:
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, reload))
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
 
     async def __aenter__(self) -> ServiceHost:
         await self.start()

@@ -102,12 +102,19 @@ class LicenseClaims:
             raise ConfigurationError(f"licence claims are malformed: {exc}") from None
 
 
-@dataclass(frozen=True)
+@dataclass
 class License:
-    """The licence a service runs under (``claims`` is None for the community edition)."""
+    """The licence a service runs under (``claims`` is None for the community edition).
+
+    One object per process, shared by everything that checks it; ``adopt`` swaps in a renewed licence in place
+    (``reload_license``), so every holder sees the new claims at once.
+    """
 
     claims: LicenseClaims | None = None
     clock: Clock = utc_now
+
+    def adopt(self, renewed: License) -> None:
+        self.claims = renewed.claims
 
     @property
     def grace_end(self) -> datetime | None:
@@ -268,6 +275,22 @@ def load_license(path: Path | None, public_key_b64: str, *, clock: Clock = utc_n
     log_at = logging.WARNING if state in (LicenseState.GRACE, LicenseState.EXPIRED) else logging.INFO
     log.log(log_at, "%s", license_.describe())
     return license_
+
+
+def reload_license(license_: License, path: Path | None, public_key_b64: str) -> bool:
+    """Read the licence file again (a renewed licence, on SIGHUP) and adopt it when it is genuine.
+
+    A file that cannot be read or verified leaves the running licence in place and is logged as an error: a
+    running service does not stop over a bad renewal (at start it would refuse). Returns whether it changed.
+    """
+    try:
+        renewed = load_license(path, public_key_b64, clock=license_.clock)
+    except ConfigurationError as exc:
+        log.error("licence reload refused, keeping the current one (%s): %s", license_.describe(), exc)
+        return False
+    license_.adopt(renewed)
+    log.warning("licence reloaded: %s", license_.describe())
+    return True
 
 
 def _format_time(value: datetime) -> str:

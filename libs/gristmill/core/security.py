@@ -20,7 +20,7 @@ from gristmill.core.auth_quota import QuotaGuard, UsageRecorder
 from gristmill.core.events import EventCatalog
 from gristmill.core.grpcserver import AuthHook, ServiceRegistration
 from gristmill.core.license_service import LICENSE_METHOD_SCOPES, license_registration
-from gristmill.core.licensing import License, load_license
+from gristmill.core.licensing import License, load_license, reload_license
 from gristmill.core.settings import LicenseSettings, load_settings
 from gristmill.core.sql import Database
 from gristmill.core.tls import TlsSettings, channel_credentials, server_credentials
@@ -39,6 +39,14 @@ class Security:
     # The admin service (plans and usage for quotas) and how long a plan is trusted.
     admin_address: str = ""
     cache_ttl_s: float = 30.0
+    # Where the licence came from, read again by ``reload`` (SIGHUP: a renewed licence file).
+    license_settings: LicenseSettings | None = None
+
+    def reload(self) -> bool:
+        """Adopt the licence file again if it verifies (a renewal); a bad one keeps the running licence."""
+        if self.license_settings is None:
+            return False
+        return reload_license(self.license, self.license_settings.file, self.license_settings.public_key)
 
     def quota_guard(self, database: Database, catalog: EventCatalog, service: str) -> QuotaGuard | None:
         """The guard that meters and limits this service's work per organisation, publishing usage through the
@@ -114,4 +122,5 @@ def load_security(
         service_key=auth.service_key.get_secret_value(),
         admin_address=auth.admin_address,
         cache_ttl_s=auth.cache_ttl_s,
+        license_settings=licence,
     )

@@ -7,6 +7,7 @@ until SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 
@@ -15,7 +16,7 @@ from gristmill.admin.app import build_app
 from gristmill.admin.settings import AdminSettings
 from gristmill.core.auth import AuthSettings
 from gristmill.core.errors import ConfigurationError
-from gristmill.core.licensing import load_license
+from gristmill.core.licensing import load_license, reload_license
 from gristmill.core.logs import setup_logging
 from gristmill.core.settings import KafkaSettings, LicenseSettings, TelemetrySettings, load_settings
 from gristmill.core.tls import TlsSettings, server_credentials
@@ -46,6 +47,8 @@ def main() -> None:
             server_credentials=server_credentials(tls),
         )
         app.bootstrap()
+        # SIGHUP: adopt a renewed licence file (a bad one keeps the running licence).
+        app.host.on_reload = functools.partial(reload_license, license_, licence.file, licence.public_key)
     except ConfigurationError as exc:
         log.error("cannot start: %s", exc)
         sys.exit(2)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -16,6 +17,7 @@ import pytest
 
 from gristmill.api.admin.v1 import admin_pb2 as pb
 from gristmill.api.admin.v1 import admin_pb2_grpc as pb_grpc
+from gristmill.core.licensing import LicenseClaims, generate_keypair, load_private_key, sign_license
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.integration
@@ -122,3 +124,49 @@ def test_auth_cannot_be_off_with_kafka_and_bad_settings_name_the_variable(tmp_pa
     )
     assert done.returncode == 2
     assert "GRISTMILL_ADMIN_ROOT_ORGANIZATION_ID='Not A Slug'" in done.stderr
+
+
+def test_sighup_adopts_a_renewed_licence_and_keeps_the_running_one_over_a_bad_file(tmp_path: Path) -> None:
+    private_pem, public_b64 = generate_keypair()
+    vendor = load_private_key(private_pem)
+    now = datetime.now(UTC)
+
+    def write(license_id: str) -> None:
+        claims = LicenseClaims(license_id, "Acme", now - timedelta(days=1), now + timedelta(days=30))
+        path.write_bytes(sign_license(claims, vendor))
+
+    def license_id(port: int) -> str:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            info = pb_grpc.LicenseServiceStub(channel).GetLicense(pb.GetLicenseRequest(), metadata=root, timeout=5)
+        return str(info.license_id)
+
+    def wait_for_license(port: int, expected: str) -> None:
+        deadline = time.monotonic() + 20
+        while license_id(port) != expected and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert license_id(port) == expected
+
+    path = tmp_path / "acme.license"
+    write("lic-2026")
+    port = _free_port()
+    proc = _start(_env(tmp_path, port, GRISTMILL_LICENSE_FILE=str(path), GRISTMILL_LICENSE_PUBLIC_KEY=public_b64))
+    try:
+        key_file = tmp_path / "data" / "root-admin.key"
+        deadline = time.monotonic() + 30
+        while not key_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        root = (("authorization", f"Bearer {key_file.read_text().strip()}"),)
+        _who_am_i(port, root)
+        assert license_id(port) == "lic-2026"
+        write("lic-2027")  # the renewal
+        proc.send_signal(signal.SIGHUP)
+        wait_for_license(port, "lic-2027")
+        # A tampered file on the next SIGHUP: refused, the running licence stays.
+        path.write_bytes(path.read_bytes().replace(b"Acme", b"Acmf"))
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert license_id(port) == "lic-2027" and proc.poll() is None
+    finally:
+        output = _stop(proc)
+    assert "licence reloaded: licence lic-2027" in output
+    assert "licence reload refused, keeping the current one" in output

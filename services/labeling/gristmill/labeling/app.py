@@ -90,5 +90,6 @@ def build_host(
         settings,
         [consumer],
         auth_hook=security.auth_hook,
+        on_reload=security.reload,
         server_credentials=security.server_credentials,
     )

@@ -105,6 +105,7 @@ def build_app(
         settings,
         subscriptions,
         auth_hook=security.auth_hook,
+        on_reload=security.reload,
         server_credentials=security.server_credentials,
     )
     return RegistryApp(host=host, registry=registry, store=store, servicer=servicer)

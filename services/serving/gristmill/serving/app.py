@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
@@ -67,9 +67,16 @@ class ServingHost(ServiceHost):
         source: ModelSource,
         auth_hook: AuthHook | None = None,
         server_credentials: grpc.ServerCredentials | None = None,
+        on_reload: Callable[[], object] | None = None,
     ) -> None:
         super().__init__(
-            platform, registrations, settings, subscriptions, auth_hook=auth_hook, server_credentials=server_credentials
+            platform,
+            registrations,
+            settings,
+            subscriptions,
+            auth_hook=auth_hook,
+            server_credentials=server_credentials,
+            on_reload=on_reload,
         )
         self.service = service
         self.sink = sink
@@ -98,11 +105,12 @@ class ServingHost(ServiceHost):
     async def run_until_signal(self) -> None:
         await self.service.start()
         self._open_background_work()
-        await serve_until_signal(
-            self.server,
-            # Run in reverse: free models and flush the log first, then the base host's background work.
-            on_stop=[lambda: asyncio.to_thread(self._close_background_work), self._close_serving],
-        )
+        with self.reload_on_sighup():
+            await serve_until_signal(
+                self.server,
+                # Run in reverse: free models and flush the log first, then the base host's background work.
+                on_stop=[lambda: asyncio.to_thread(self._close_background_work), self._close_serving],
+            )
         self._stopped = True
 
 
@@ -201,5 +209,6 @@ def build_host(
         sink=sink,
         source=source,
         auth_hook=security.auth_hook,
+        on_reload=security.reload,
         server_credentials=security.server_credentials,
     )

@@ -158,6 +158,7 @@ def build_host(
         settings,
         [subscription],
         auth_hook=security.auth_hook,
+        on_reload=security.reload,
         server_credentials=security.server_credentials,
         jobs=jobs,
         supervisor=supervisor,
