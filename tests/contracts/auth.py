@@ -209,3 +209,22 @@ class ScopeTableContract:
             if hook.scope_for(f"/{service.full_name}/{method.name}") is None
         ]
         assert not missing, f"RPCs without a scope: {missing}"
+
+
+def key_subject(
+    address: str, keys: InMemoryKeyVerifier, call: Call, scope: str, other_scope: str, organization_id: str = "acme"
+) -> AuthSubject:
+    """An ``AuthSubject`` for a server whose keys live in ``keys`` (revoking takes effect at once)."""
+
+    async def issue(org: str, scopes: frozenset[str]) -> str:
+        return keys.issue(org, scopes)
+
+    async def revoke(secret: str) -> None:
+        keys.revoke(secret)
+
+    return AuthSubject(address, call, scope, other_scope, organization_id, issue, revoke)
+
+
+async def refused(call: Awaitable[object]) -> grpc.aio.AioRpcError:
+    """The error a call answers with (it must fail)."""
+    return await _refused(call)

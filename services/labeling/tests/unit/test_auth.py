@@ -27,6 +27,8 @@ from tests.contracts.auth import (
     ScopeTableContract,
     api_key_security,
     bearer,
+    key_subject,
+    refused,
 )
 
 
@@ -56,18 +58,10 @@ def _project(project_id: str) -> pb.CreateProjectRequest:
 class TestLabelingAuth(AuthContract):
     @pytest.fixture
     async def auth_subject(self, server: tuple[str, InMemoryKeyVerifier]) -> AuthSubject:
-        address, keys = server
-
-        async def issue(org: str, scopes: frozenset[str]) -> str:
-            return keys.issue(org, scopes)
-
-        async def revoke(secret: str) -> None:
-            keys.revoke(secret)
-
         async def call(channel: grpc.aio.Channel, metadata: Metadata) -> object:
             return await pb_grpc.LabelingServiceStub(channel).ListProjects(pb.ListProjectsRequest(), metadata=metadata)
 
-        return AuthSubject(address, call, LABELING_READ, TRAINING_SUBMIT, "acme", issue, revoke)
+        return key_subject(*server, call, LABELING_READ, TRAINING_SUBMIT)
 
 
 class TestLabelingCrossOrg(CrossOrgContract):
@@ -103,10 +97,8 @@ async def test_reading_needs_labeling_read_and_changing_needs_labeling_write(
     writer = bearer(keys.issue("acme", {LABELING_WRITE}))
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.LabelingServiceStub(channel)
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await stub.CreateProject(_project("reviews"), metadata=reader)
-        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "labeling:write" in (refused.value.details() or "")
+        denied = await refused(stub.CreateProject(_project("reviews"), metadata=reader))
+        assert denied.code() == grpc.StatusCode.PERMISSION_DENIED and "labeling:write" in (denied.details() or "")
         assert not (await stub.ListProjects(pb.ListProjectsRequest(), metadata=reader)).projects
         await stub.CreateProject(_project("reviews"), metadata=writer)
         # Same organisation: the reader sees what the writer made; another organisation sees nothing.

@@ -31,6 +31,8 @@ from tests.contracts.auth import (
     ScopeTableContract,
     api_key_security,
     bearer,
+    key_subject,
+    refused,
 )
 from tests.support.licences import signed_license
 
@@ -66,29 +68,15 @@ def _model(name: str) -> pb.CreateRegisteredModelRequest:
     )
 
 
-async def _refused(call: object) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call  # type: ignore[misc]
-    return caught.value
-
-
 class TestRegistryAuth(AuthContract):
     @pytest.fixture
     async def auth_subject(self, server: Server) -> AuthSubject:
-        address, keys = server
-
-        async def issue(org: str, scopes: frozenset[str]) -> str:
-            return keys.issue(org, scopes)
-
-        async def revoke(secret: str) -> None:
-            keys.revoke(secret)
-
         async def call(channel: grpc.aio.Channel, metadata: Metadata) -> object:
             return await pb_grpc.RegistryServiceStub(channel).SearchRegisteredModels(
                 pb.SearchRegisteredModelsRequest(), metadata=metadata
             )
 
-        return AuthSubject(address, call, REGISTRY_READ, SERVING_PREDICT, "acme", issue, revoke)
+        return key_subject(*server, call, REGISTRY_READ, SERVING_PREDICT)
 
 
 class TestRegistryCrossOrg(CrossOrgContract):
@@ -127,9 +115,9 @@ async def test_reading_needs_registry_read_and_changing_needs_registry_promote(s
                 pb.SetAliasRequest(registered_model_name="sentiment", alias="production", version=1), metadata=reader
             ),
         ):
-            refused = await _refused(call)
-            assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
-            assert "registry:promote" in (refused.details() or "")
+            denied = await refused(call)
+            assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "registry:promote" in (denied.details() or "")
         assert not (
             await stub.SearchRegisteredModels(pb.SearchRegisteredModelsRequest(), metadata=reader)
         ).registered_models
@@ -146,16 +134,16 @@ async def test_a_root_admin_key_may_act_for_an_organisation_and_no_other_key_may
         stub = pb_grpc.RegistryServiceStub(channel)
         await stub.CreateRegisteredModel(_model("sentiment"), metadata=owner)
         # The root organisation's own view has no such model; acting for acme, it does.
-        assert (await _refused(stub.GetRegisteredModel(get, metadata=bearer(root_admin)))).code() == (
+        assert (await refused(stub.GetRegisteredModel(get, metadata=bearer(root_admin)))).code() == (
             grpc.StatusCode.NOT_FOUND
         )
         found = await stub.GetRegisteredModel(get, metadata=(*bearer(root_admin), *as_acme))
         assert found.name == "sentiment" and found.organization_id == "acme"
         # Another organisation's admin, or a root key without admin, is refused outright.
         for secret in (other_admin, keys.issue("default", {REGISTRY_READ})):
-            refused = await _refused(stub.GetRegisteredModel(get, metadata=(*bearer(secret), *as_acme)))
-            assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
-            assert ACT_FOR_ORGANIZATION in (refused.details() or "")
+            denied = await refused(stub.GetRegisteredModel(get, metadata=(*bearer(secret), *as_acme)))
+            assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert ACT_FOR_ORGANIZATION in (denied.details() or "")
 
 
 @pytest.mark.parametrize(
@@ -176,12 +164,12 @@ async def test_one_model_more_than_licensed_is_refused_and_changes_nothing(
             stub = pb_grpc.RegistryServiceStub(channel)
             for n in range(allowed):
                 await stub.CreateRegisteredModel(_model(f"model-{n}"), metadata=writers[n % 2])
-            refused = await _refused(stub.CreateRegisteredModel(_model("one-more"), metadata=writers[0]))
-            assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert f"max_registered_models is {allowed} under {where}" in (refused.details() or "")
+            denied = await refused(stub.CreateRegisteredModel(_model("one-more"), metadata=writers[0]))
+            assert denied.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert f"max_registered_models is {allowed} under {where}" in (denied.details() or "")
             # A version registered with create_model_if_missing would make a new model too.
             ref = upload_model(app.host.platform.objects, "models/one-more")
-            refused = await _refused(
+            denied = await refused(
                 stub.RegisterModelVersion(
                     pb.RegisterModelVersionRequest(
                         registered_model_name="one-more",
@@ -195,9 +183,9 @@ async def test_one_model_more_than_licensed_is_refused_and_changes_nothing(
                     metadata=writers[0],
                 )
             )
-            assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.details()
-            assert "max_registered_models" in (refused.details() or "")
-            missing = await _refused(
+            assert denied.code() == grpc.StatusCode.FAILED_PRECONDITION, denied.details()
+            assert "max_registered_models" in (denied.details() or "")
+            missing = await refused(
                 stub.GetRegisteredModel(pb.GetRegisteredModelRequest(name="one-more"), metadata=writers[0])
             )
             assert missing.code() == grpc.StatusCode.NOT_FOUND

@@ -30,6 +30,8 @@ from tests.contracts.auth import (
     ScopeTableContract,
     api_key_security,
     bearer,
+    key_subject,
+    refused,
 )
 from tests.support.licences import signed_license
 
@@ -56,24 +58,6 @@ def _create(name: str, **fields: object) -> pb.CreateDeploymentRequest:
     return pb.CreateDeploymentRequest(deployment=deployment, wait_until_ready=True)
 
 
-async def _refused(call: object) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call  # type: ignore[misc]
-    return caught.value
-
-
-def _subject(server: Server, call: object) -> AuthSubject:
-    address, keys = server
-
-    async def issue(org: str, scopes: frozenset[str]) -> str:
-        return keys.issue(org, scopes)
-
-    async def revoke(secret: str) -> None:
-        keys.revoke(secret)
-
-    return AuthSubject(address, call, SERVING_PREDICT, REGISTRY_READ, "acme", issue, revoke)  # type: ignore[arg-type]
-
-
 class TestServingAuth(AuthContract):
     @pytest.fixture
     async def auth_subject(self, server: Server) -> AuthSubject:
@@ -82,7 +66,7 @@ class TestServingAuth(AuthContract):
                 pb.ListDeploymentsRequest(), metadata=metadata
             )
 
-        return _subject(server, call)
+        return key_subject(*server, call, SERVING_PREDICT, REGISTRY_READ)
 
 
 class TestOpenInferenceProtocolAuth(AuthContract):
@@ -92,7 +76,7 @@ class TestOpenInferenceProtocolAuth(AuthContract):
             stub = oip_grpc.GRPCInferenceServiceStub(channel)
             return await stub.ServerMetadata(oip.ServerMetadataRequest(), metadata=metadata)
 
-        return _subject(server, call)
+        return key_subject(*server, call, SERVING_PREDICT, REGISTRY_READ)
 
 
 class TestServingCrossOrg(CrossOrgContract):
@@ -128,8 +112,8 @@ async def test_changing_deployments_needs_admin_and_liveness_needs_no_key(server
     predictor = bearer(keys.issue("acme", {SERVING_PREDICT}))
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.ServingServiceStub(channel)
-        refused = await _refused(stub.CreateDeployment(_create("sentiment"), metadata=predictor))
-        assert refused.code() == grpc.StatusCode.PERMISSION_DENIED and "'admin'" in (refused.details() or "")
+        denied = await refused(stub.CreateDeployment(_create("sentiment"), metadata=predictor))
+        assert denied.code() == grpc.StatusCode.PERMISSION_DENIED and "'admin'" in (denied.details() or "")
         assert not (await stub.ListDeployments(pb.ListDeploymentsRequest(), metadata=predictor)).deployments
         probes = oip_grpc.GRPCInferenceServiceStub(channel)
         assert (await probes.ServerLive(oip.ServerLiveRequest())).live
@@ -142,14 +126,14 @@ async def test_the_licence_limits_deployments_and_canaries_and_a_refusal_changes
         admin = bearer(keys.issue("acme", {ADMIN}))
         async with grpc.aio.insecure_channel(address) as channel:
             stub = pb_grpc.ServingServiceStub(channel)
-            refused = await _refused(stub.CreateDeployment(_create("with-canary", canary=canary), metadata=admin))
-            assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert "serving.canary needs an enterprise licence" in (refused.details() or "")
+            denied = await refused(stub.CreateDeployment(_create("with-canary", canary=canary), metadata=admin))
+            assert denied.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "serving.canary needs an enterprise licence" in (denied.details() or "")
             for n in range(2):  # the community edition serves two deployments
                 await stub.CreateDeployment(_create(f"d{n}"), metadata=admin)
-            refused = await _refused(stub.CreateDeployment(_create("d2"), metadata=admin))
-            assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert "max_serving_models is 2 under the community edition" in (refused.details() or "")
+            denied = await refused(stub.CreateDeployment(_create("d2"), metadata=admin))
+            assert denied.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "max_serving_models is 2 under the community edition" in (denied.details() or "")
             listed = await stub.ListDeployments(pb.ListDeploymentsRequest(), metadata=admin)
             assert [d.name for d in listed.deployments] == ["d0", "d1"]
     licensed = signed_license(features={"serving.canary"}, limits={"max_serving_models": 3})

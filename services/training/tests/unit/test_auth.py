@@ -28,6 +28,7 @@ from tests.contracts.auth import (
     ScopeTableContract,
     api_key_security,
     bearer,
+    key_subject,
 )
 
 Server = tuple[str, InMemoryKeyVerifier, TrainingHost]
@@ -53,18 +54,10 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
 class TestTrainingAuth(AuthContract):
     @pytest.fixture
     async def auth_subject(self, server: Server) -> AuthSubject:
-        address, keys, _ = server
-
-        async def issue(org: str, scopes: frozenset[str]) -> str:
-            return keys.issue(org, scopes)
-
-        async def revoke(secret: str) -> None:
-            keys.revoke(secret)
-
         async def call(channel: grpc.aio.Channel, metadata: Metadata) -> object:
             return await pb_grpc.TrainingServiceStub(channel).ListJobs(pb.ListJobsRequest(), metadata=metadata)
 
-        return AuthSubject(address, call, TRAINING_SUBMIT, LABELING_READ, "acme", issue, revoke)
+        return key_subject(*server[:2], call, TRAINING_SUBMIT, LABELING_READ)
 
 
 @pytest.fixture
