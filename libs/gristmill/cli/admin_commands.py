@@ -9,7 +9,7 @@ import typer
 
 from gristmill.api.admin.v1 import admin_pb2 as ad
 from gristmill.cli.context import state, want_json
-from gristmill.cli.output import emit, emit_object, enum_name, message_dict, one_line_errors, when
+from gristmill.cli.output import emit, emit_messages, emit_object, enum_name, message_dict, one_line_errors, when
 from gristmill.client.sdk import SERVICES
 
 JSON_OPTION = typer.Option(False, "--json", help="print JSON")
@@ -70,10 +70,7 @@ def keys_list(
         reply = gm.admin.ListApiKeys(
             ad.ListApiKeysRequest(organization_id=organization, include_revoked=include_revoked)
         )
-    if want_json(ctx, as_json):
-        emit([message_dict(k) for k in reply.api_keys], True)
-    else:
-        emit([key_row(k) for k in reply.api_keys], False)
+    emit_messages(reply.api_keys, key_row, want_json(ctx, as_json))
 
 
 @keys_app.command("rotate")

@@ -13,7 +13,15 @@ import typer
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.labeling.v1 import labeling_pb2 as lb
 from gristmill.cli.context import state, want_json
-from gristmill.cli.output import emit, emit_object, enum_name, fail, fmt_float, message_dict, one_line_errors, when
+from gristmill.cli.output import (
+    emit_messages,
+    emit_object,
+    enum_name,
+    fail,
+    fmt_float,
+    one_line_errors,
+    when,
+)
 from gristmill.client import Gristmill
 
 CHUNK_BYTES = 1024 * 1024
@@ -81,10 +89,7 @@ def projects_list(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     """The organisation's projects, newest first."""
     with state(ctx).client() as gm:
         reply = gm.labeling.ListProjects(lb.ListProjectsRequest())
-    if want_json(ctx, as_json):
-        emit([message_dict(p) for p in reply.projects], True)
-    else:
-        emit([project_row(p) for p in reply.projects], False)
+    emit_messages(reply.projects, project_row, want_json(ctx, as_json))
 
 
 @projects_app.command("create")
@@ -397,10 +402,7 @@ def datasets_list(ctx: typer.Context, project_id: str = typer.Argument(...), as_
     """A project's dataset versions, newest first."""
     with state(ctx).client() as gm:
         reply = gm.labeling.ListDatasetVersions(lb.ListDatasetVersionsRequest(project_id=project_id))
-    if want_json(ctx, as_json):
-        emit([message_dict(v) for v in reply.dataset_versions], True)
-    else:
-        emit([version_row(v) for v in reply.dataset_versions], False)
+    emit_messages(reply.dataset_versions, version_row, want_json(ctx, as_json))
 
 
 def new_request_id(prefix: str) -> str:

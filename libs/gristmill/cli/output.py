@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import wraps
 from typing import Any, NoReturn, TypeVar
@@ -22,6 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gristmill.core.errors import GristmillError
 
 F = TypeVar("F", bound=Callable[..., Any])
+M = TypeVar("M", bound=Message)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -66,6 +67,15 @@ def emit(rows: Sequence[Mapping[str, Any]], as_json: bool) -> None:
     typer.echo("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
     for row in rows:
         typer.echo("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns).rstrip())
+
+
+def emit_messages(messages: Iterable[M], row: Callable[[M], Mapping[str, Any]], as_json: bool) -> None:
+    """A list of messages: a table of ``row(message)``, or JSON of the whole messages."""
+    items = list(messages)
+    if as_json:
+        emit([message_dict(m) for m in items], True)
+    else:
+        emit([row(m) for m in items], False)
 
 
 def emit_object(fields: Mapping[str, Any], as_json: bool, *, raw: Message | None = None) -> None:

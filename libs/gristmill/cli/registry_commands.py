@@ -9,7 +9,7 @@ import typer
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.registry.v1 import registry_pb2 as rg
 from gristmill.cli.context import state, want_json
-from gristmill.cli.output import emit, emit_object, enum_name, fail, message_dict, one_line_errors, when
+from gristmill.cli.output import emit_messages, emit_object, enum_name, fail, one_line_errors, when
 from gristmill.cli.training_commands import metric_text
 
 JSON_OPTION = typer.Option(False, "--json", help="print JSON")
@@ -76,10 +76,7 @@ def models_list(
     """Registered models, by name."""
     with state(ctx).client() as gm:
         reply = gm.registry.SearchRegisteredModels(rg.SearchRegisteredModelsRequest(name_prefix=prefix))
-    if want_json(ctx, as_json):
-        emit([message_dict(m) for m in reply.registered_models], True)
-    else:
-        emit([model_row(m) for m in reply.registered_models], False)
+    emit_messages(reply.registered_models, model_row, want_json(ctx, as_json))
 
 
 @models_app.command("versions")
@@ -88,10 +85,7 @@ def models_versions(ctx: typer.Context, name: str = typer.Argument(...), as_json
     """A model's versions, newest first, with test metrics and lineage."""
     with state(ctx).client() as gm:
         reply = gm.registry.ListModelVersions(rg.ListModelVersionsRequest(registered_model_name=name))
-    if want_json(ctx, as_json):
-        emit([message_dict(v) for v in reply.model_versions], True)
-    else:
-        emit([version_row(v) for v in reply.model_versions], False)
+    emit_messages(reply.model_versions, version_row, want_json(ctx, as_json))
 
 
 @models_app.command("show")
@@ -151,10 +145,7 @@ def alias_history(
     """Every move of a model's aliases, newest first, with who and why."""
     with state(ctx).client() as gm:
         reply = gm.registry.GetAliasHistory(rg.GetAliasHistoryRequest(registered_model_name=name, alias=alias))
-    if want_json(ctx, as_json):
-        emit([message_dict(c) for c in reply.changes], True)
-    else:
-        emit([change_row(c) for c in reply.changes], False)
+    emit_messages(reply.changes, change_row, want_json(ctx, as_json))
 
 
 def promotion_policy(

@@ -13,7 +13,7 @@ from gristmill.api.common.v1 import common_pb2
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2 as oip
 from gristmill.api.serving.v1 import serving_pb2 as sv
 from gristmill.cli.context import state, want_json
-from gristmill.cli.output import emit, emit_object, enum_name, fail, message_dict, one_line_errors
+from gristmill.cli.output import emit, emit_messages, emit_object, enum_name, fail, one_line_errors
 from gristmill.client import Gristmill
 
 JSON_OPTION = typer.Option(False, "--json", help="print JSON")
@@ -80,10 +80,7 @@ def deployments_command(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None
     """Deployments and the state of each loaded version."""
     with state(ctx).client() as gm:
         reply = gm.serving.ListDeployments(sv.ListDeploymentsRequest())
-    if want_json(ctx, as_json):
-        emit([message_dict(d) for d in reply.deployments], True)
-    else:
-        emit([deployment_row(d) for d in reply.deployments], False)
+    emit_messages(reply.deployments, deployment_row, want_json(ctx, as_json))
 
 
 # --------------------------------------------------------------------------- predictions

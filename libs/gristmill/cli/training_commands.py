@@ -12,7 +12,7 @@ from gristmill.api.common.v1 import common_pb2
 from gristmill.api.labeling.v1 import labeling_pb2 as lb
 from gristmill.api.training.v1 import training_pb2 as tr
 from gristmill.cli.context import state, want_json
-from gristmill.cli.output import emit, emit_object, enum_name, fail, message_dict, one_line_errors, when
+from gristmill.cli.output import emit_messages, emit_object, enum_name, fail, one_line_errors, when
 from gristmill.cli.polling import registered_version
 from gristmill.client import Gristmill, UnavailableError
 
@@ -286,10 +286,7 @@ def jobs_list(
     """Training jobs, newest first."""
     with state(ctx).client() as gm:
         reply = gm.training.ListJobs(tr.ListJobsRequest(project_id=project))
-    if want_json(ctx, as_json):
-        emit([message_dict(j) for j in reply.jobs], True)
-    else:
-        emit([job_row(j) for j in reply.jobs], False)
+    emit_messages(reply.jobs, job_row, want_json(ctx, as_json))
 
 
 @jobs_app.command("show")

@@ -135,6 +135,11 @@ def current_principal() -> Principal:
     raise UnauthenticatedError("this call carries no authenticated caller: send 'authorization: Bearer <api key>'")
 
 
+def current_organization() -> str:
+    """The caller's organisation (its API key's; the default one with auth off): what servicers scope by."""
+    return current_principal().organization_id
+
+
 def optional_principal() -> Principal | None:
     """The caller, or None on a public method or outside a call."""
     identity = call_identity()

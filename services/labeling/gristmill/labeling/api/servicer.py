@@ -15,19 +15,13 @@ from google.protobuf import field_mask_pb2
 
 from gristmill.api.labeling.v1 import labeling_pb2 as pb
 from gristmill.api.labeling.v1 import labeling_pb2_grpc as pb_grpc
-from gristmill.core.auth import current_principal
+from gristmill.core.auth import current_organization
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.labeling.api import convert
 from gristmill.labeling.api.paging import page_of
 from gristmill.labeling.domain.importer import ImportSession
 from gristmill.labeling.domain.model import ImportFormat, ImportReport
 from gristmill.labeling.domain.service import LabelingService
-
-
-def org() -> str:
-    """The caller's organisation (the auth hook put the caller in the call's context)."""
-    return current_principal().organization_id
-
 
 _TOP_LEVEL_PATHS = ("display_name", "description", "settings")
 
@@ -41,7 +35,7 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
     async def CreateProject(self, request: pb.CreateProjectRequest, context: Any) -> pb.Project:
         project = await asyncio.to_thread(
             self.service.create_project,
-            org(),
+            current_organization(),
             project_id=request.project_id,
             display_name=request.display_name,
             description=request.description,
@@ -52,11 +46,15 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
         return convert.project_out(project)
 
     async def GetProject(self, request: pb.GetProjectRequest, context: Any) -> pb.Project:
-        return convert.project_out(await asyncio.to_thread(self.service.get_project, org(), request.project_id))
+        return convert.project_out(
+            await asyncio.to_thread(self.service.get_project, current_organization(), request.project_id)
+        )
 
     async def ListProjects(self, request: pb.ListProjectsRequest, context: Any) -> pb.ListProjectsResponse:
         page = page_of(request.page, "projects")
-        rows = await asyncio.to_thread(self.service.list_projects, org(), offset=page.offset, limit=page.fetch_limit())
+        rows = await asyncio.to_thread(
+            self.service.list_projects, current_organization(), offset=page.offset, limit=page.fetch_limit()
+        )
         projects, token = page.finish(rows)
         return pb.ListProjectsResponse(projects=[convert.project_out(p) for p in projects], next_page_token=token)
 
@@ -75,7 +73,7 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
                     f"update_mask: {path!r} cannot be changed here; allowed: display_name, description, settings, "
                     "settings.<field> (task type and labels: see UpdateLabelSchema)"
                 )
-        current = await asyncio.to_thread(self.service.get_project, org(), request.project_id)
+        current = await asyncio.to_thread(self.service.get_project, current_organization(), request.project_id)
         merged = convert.project_out(current)
         request.update_mask.MergeMessage(
             request.project, merged, replace_message_field=True, replace_repeated_field=True
@@ -83,7 +81,7 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
         touched = {path.split(".", 1)[0] for path in paths}
         project = await asyncio.to_thread(
             self.service.update_project,
-            org(),
+            current_organization(),
             request.project_id,
             display_name=merged.display_name if "display_name" in touched else None,
             description=merged.description if "description" in touched else None,
@@ -93,20 +91,27 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
 
     async def UpdateLabelSchema(self, request: pb.UpdateLabelSchemaRequest, context: Any) -> pb.LabelSchema:
         schema = await asyncio.to_thread(
-            self.service.update_label_schema, org(), request.project_id, convert.labels_in(request.labels)
+            self.service.update_label_schema,
+            current_organization(),
+            request.project_id,
+            convert.labels_in(request.labels),
         )
         return convert.schema_out(schema)
 
     async def GetLabelSchema(self, request: pb.GetLabelSchemaRequest, context: Any) -> pb.LabelSchema:
         version = request.version if request.HasField("version") else None
         return convert.schema_out(
-            await asyncio.to_thread(self.service.get_label_schema, org(), request.project_id, version)
+            await asyncio.to_thread(self.service.get_label_schema, current_organization(), request.project_id, version)
         )
 
     async def ListLabelSchemas(self, request: pb.ListLabelSchemasRequest, context: Any) -> pb.ListLabelSchemasResponse:
         page = page_of(request.page, "schemas", request.project_id)
         rows = await asyncio.to_thread(
-            self.service.list_label_schemas, org(), request.project_id, offset=page.offset, limit=page.fetch_limit()
+            self.service.list_label_schemas,
+            current_organization(),
+            request.project_id,
+            offset=page.offset,
+            limit=page.fetch_limit(),
         )
         schemas, token = page.finish(rows)
         return pb.ListLabelSchemasResponse(schemas=[convert.schema_out(s) for s in schemas], next_page_token=token)
@@ -120,7 +125,7 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
         if first is None or first.WhichOneof("payload") != "options":
             raise InvalidArgumentError("the first ImportItems message must carry options (project, format)")
         options = convert.import_options_in(first.options)
-        started = await asyncio.to_thread(self.service.begin_import, org(), options)
+        started = await asyncio.to_thread(self.service.begin_import, current_organization(), options)
         if isinstance(started, ImportReport):
             # A retry of a finished import: read what the client sends, store nothing, answer the same.
             async for _ in request_iterator:
@@ -166,17 +171,25 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
 
     async def ImportItemsFromObject(self, request: pb.ImportItemsFromObjectRequest, context: Any) -> pb.ImportReport:
         options = convert.import_options_in(request.options)
-        report = await asyncio.to_thread(self.service.import_from_object, org(), options, request.object_key)
+        report = await asyncio.to_thread(
+            self.service.import_from_object, current_organization(), options, request.object_key
+        )
         return convert.report_out(report)
 
     async def GetImport(self, request: pb.GetImportRequest, context: Any) -> pb.ImportReport:
-        report = await asyncio.to_thread(self.service.get_import, org(), request.project_id, request.import_id)
+        report = await asyncio.to_thread(
+            self.service.get_import, current_organization(), request.project_id, request.import_id
+        )
         return convert.report_out(report)
 
     async def ListImports(self, request: pb.ListImportsRequest, context: Any) -> pb.ListImportsResponse:
         page = page_of(request.page, "imports", request.project_id)
         rows = await asyncio.to_thread(
-            self.service.list_imports, org(), request.project_id, offset=page.offset, limit=page.fetch_limit()
+            self.service.list_imports,
+            current_organization(),
+            request.project_id,
+            offset=page.offset,
+            limit=page.fetch_limit(),
         )
         reports, token = page.finish(rows)
         return pb.ListImportsResponse(imports=[convert.report_out(r) for r in reports], next_page_token=token)
@@ -185,7 +198,7 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
 
     async def GetItem(self, request: pb.GetItemRequest, context: Any) -> pb.Item:
         return convert.item_out(
-            await asyncio.to_thread(self.service.get_item, org(), request.project_id, request.item_id)
+            await asyncio.to_thread(self.service.get_item, current_organization(), request.project_id, request.item_id)
         )
 
     async def ListItems(self, request: pb.ListItemsRequest, context: Any) -> pb.ListItemsResponse:
@@ -201,7 +214,7 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
         )
         rows = await asyncio.to_thread(
             self.service.list_items,
-            org(),
+            current_organization(),
             request.project_id,
             statuses=statuses,
             source=source,
@@ -215,7 +228,7 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
     async def NextTask(self, request: pb.NextTaskRequest, context: Any) -> pb.NextTaskResponse:
         lease = request.lease_seconds if request.HasField("lease_seconds") else None
         task, remaining = await asyncio.to_thread(
-            self.service.next_task, org(), request.project_id, request.annotator_id, lease
+            self.service.next_task, current_organization(), request.project_id, request.annotator_id, lease
         )
         response = pb.NextTaskResponse(remaining_count=remaining)
         if task is not None:
@@ -225,7 +238,7 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
     async def SubmitAnnotation(self, request: pb.SubmitAnnotationRequest, context: Any) -> pb.Annotation:
         annotation = await asyncio.to_thread(
             self.service.submit_annotation,
-            org(),
+            current_organization(),
             request.project_id,
             request.item_id,
             request.annotator_id,
@@ -239,7 +252,7 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
     async def UpdateAnnotation(self, request: pb.UpdateAnnotationRequest, context: Any) -> pb.Annotation:
         annotation = await asyncio.to_thread(
             self.service.update_annotation,
-            org(),
+            current_organization(),
             request.project_id,
             request.annotation_id,
             request.annotator_id,
@@ -251,7 +264,12 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
 
     async def SkipTask(self, request: pb.SkipTaskRequest, context: Any) -> pb.SkipTaskResponse:
         await asyncio.to_thread(
-            self.service.skip_task, org(), request.project_id, request.task_id, request.annotator_id, request.reason
+            self.service.skip_task,
+            current_organization(),
+            request.project_id,
+            request.task_id,
+            request.annotator_id,
+            request.reason,
         )
         return pb.SkipTaskResponse()
 
@@ -259,19 +277,21 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
         self, request: pb.AttachPredictionsRequest, context: Any
     ) -> pb.AttachPredictionsResponse:
         inputs = convert.prediction_inputs_in(request.predictions)
-        count = await asyncio.to_thread(self.service.attach_predictions, org(), request.project_id, inputs)
+        count = await asyncio.to_thread(
+            self.service.attach_predictions, current_organization(), request.project_id, inputs
+        )
         return pb.AttachPredictionsResponse(attached_count=count)
 
     async def GetAgreement(self, request: pb.GetAgreementRequest, context: Any) -> pb.AgreementReport:
         report = await asyncio.to_thread(
-            self.service.get_agreement, org(), request.project_id, list(request.annotator_ids)
+            self.service.get_agreement, current_organization(), request.project_id, list(request.annotator_ids)
         )
         return convert.agreement_out(report)
 
     async def ResolveItem(self, request: pb.ResolveItemRequest, context: Any) -> pb.Item:
         item = await asyncio.to_thread(
             self.service.resolve_item,
-            org(),
+            current_organization(),
             request.project_id,
             request.item_id,
             request.reviewer_id,
@@ -287,7 +307,7 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
     ) -> pb.PublishDatasetVersionResponse:
         version, created = await asyncio.to_thread(
             self.service.publish_dataset_version,
-            org(),
+            current_organization(),
             request.project_id,
             ratios=convert.ratios_in(request.ratios),
             seed=request.seed,
@@ -300,7 +320,7 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
         which = request.WhichOneof("version")
         version = await asyncio.to_thread(
             self.service.get_dataset_version,
-            org(),
+            current_organization(),
             request.project_id,
             dataset_version_id=request.dataset_version_id if which == "dataset_version_id" else "",
             version_number=request.version_number if which == "version_number" else 0,
@@ -312,7 +332,11 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
     ) -> pb.ListDatasetVersionsResponse:
         page = page_of(request.page, "versions", request.project_id)
         rows = await asyncio.to_thread(
-            self.service.list_dataset_versions, org(), request.project_id, offset=page.offset, limit=page.fetch_limit()
+            self.service.list_dataset_versions,
+            current_organization(),
+            request.project_id,
+            offset=page.offset,
+            limit=page.fetch_limit(),
         )
         versions, token = page.finish(rows)
         return pb.ListDatasetVersionsResponse(
@@ -324,7 +348,7 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
     ) -> AsyncIterator[pb.ExportDatasetChunk]:
         splits = convert.splits_in(request.splits)
         chunks = await asyncio.to_thread(
-            self.service.export_dataset, org(), request.project_id, request.dataset_version_id, splits
+            self.service.export_dataset, current_organization(), request.project_id, request.dataset_version_id, splits
         )
         while True:
             # Reading an object blocks: each step runs in a thread.

@@ -7,11 +7,11 @@ from typing import Any
 
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2 as oip
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
-from gristmill.core.auth import current_principal
+from gristmill.core.auth import current_organization, current_principal
 from gristmill.core.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from gristmill.serving import __version__
 from gristmill.serving.api import convert
-from gristmill.serving.api.servicer import caller_organization, time_left
+from gristmill.serving.api.servicer import time_left
 from gristmill.serving.domain.model import VersionSelector
 from gristmill.serving.domain.service import DeploymentService
 
@@ -40,7 +40,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         return oip.ServerReadyResponse(ready=self._manager.all_ready())
 
     async def ModelReady(self, request: oip.ModelReadyRequest, context: Any) -> oip.ModelReadyResponse:
-        org = caller_organization(context)
+        org = current_organization()
         if not self._manager.has(org, request.name):
             raise NotFoundError(f"model {request.name!r} is not deployed here")
         version = request.version
@@ -54,7 +54,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         return oip.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=[])
 
     async def ModelMetadata(self, request: oip.ModelMetadataRequest, context: Any) -> oip.ModelMetadataResponse:
-        org = caller_organization(context)
+        org = current_organization()
         pin = _version(request.version)
         loaded = self._manager.loaded_versions(org, request.name)
         if not loaded:
@@ -67,7 +67,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: oip.ModelInferRequest, context: Any) -> oip.ModelInferResponse:
         if not request.model_name:
             raise InvalidArgumentError("model_name is required: the name of the deployment")
-        org = caller_organization(context)
+        org = current_organization()
         pin = _version(request.model_version)
         self._service.require(org, request.model_name)
         texts = convert.texts_from_infer_request(request)

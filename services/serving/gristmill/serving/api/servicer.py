@@ -8,17 +8,12 @@ from typing import Any
 from google.protobuf import empty_pb2
 
 from gristmill.api.serving.v1 import serving_pb2, serving_pb2_grpc
-from gristmill.core.auth import current_principal
+from gristmill.core.auth import current_organization, current_principal
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.ids import validate_id
 from gristmill.serving.api import convert
 from gristmill.serving.domain.model import organization_or_default
 from gristmill.serving.domain.service import DeploymentService
-
-
-def caller_organization(context: Any) -> str:
-    """The caller's organisation, from its API key (the default one when auth is off in embedded dev mode)."""
-    return current_principal().organization_id
 
 
 def time_left(context: Any) -> float | None:
@@ -36,7 +31,7 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
             raise InvalidArgumentError("model is required: the name of the deployment to predict with")
         pin = convert.selector_from_proto(request.target, what="target") if request.HasField("target") else None
         result, _ = await self._service.predict(
-            caller_organization(context),
+            current_organization(),
             request.model,
             list(request.texts),
             pin=pin,
@@ -51,7 +46,7 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
     ) -> serving_pb2.Deployment:
         if not request.HasField("deployment"):
             raise InvalidArgumentError("deployment is required (at least its registered_model_name)")
-        org = caller_organization(context)
+        org = current_organization()
         if request.deployment.organization_id and organization_or_default(request.deployment.organization_id) != org:
             raise InvalidArgumentError(
                 f"deployment.organization_id {request.deployment.organization_id!r} is not your organisation "
@@ -77,7 +72,7 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
                 f"update_mask path(s) {', '.join(unknown)} cannot be updated; allowed: "
                 f"{', '.join(sorted(convert.UPDATABLE_PATHS))}"
             )
-        org = caller_organization(context)
+        org = current_organization()
         previous = await self._service.current(org, request.name)
         merged = convert.spec_to_proto(previous)
         # Named fields are replaced whole (an unset "canary" in the request removes the canary, an unset
@@ -93,13 +88,13 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
 
     async def GetDeployment(self, request: serving_pb2.GetDeploymentRequest, context: Any) -> serving_pb2.Deployment:
         validate_id(request.name, what="name")
-        return convert.deployment_to_proto(await self._service.get(caller_organization(context), request.name))
+        return convert.deployment_to_proto(await self._service.get(current_organization(), request.name))
 
     async def ListDeployments(
         self, request: serving_pb2.ListDeploymentsRequest, context: Any
     ) -> serving_pb2.ListDeploymentsResponse:
         after = convert.decode_page_token(request.page.page_token)
-        page = await self._service.list(caller_organization(context), page_size=request.page.page_size, after=after)
+        page = await self._service.list(current_organization(), page_size=request.page.page_size, after=after)
         return serving_pb2.ListDeploymentsResponse(
             deployments=[convert.deployment_to_proto(view) for view in page.deployments],
             next_page_token=convert.encode_page_token(page.next_after),
@@ -107,5 +102,5 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
 
     async def DeleteDeployment(self, request: serving_pb2.DeleteDeploymentRequest, context: Any) -> empty_pb2.Empty:
         validate_id(request.name, what="name")
-        await self._service.delete(caller_organization(context), request.name)
+        await self._service.delete(current_organization(), request.name)
         return empty_pb2.Empty()

@@ -18,18 +18,13 @@ from google.protobuf.empty_pb2 import Empty
 
 from gristmill.api.training.v1 import training_pb2 as pb
 from gristmill.api.training.v1 import training_pb2_grpc as pb_grpc
-from gristmill.core.auth import current_principal
+from gristmill.core.auth import current_organization, current_principal
 from gristmill.core.errors import GristmillError, InvalidArgumentError
 from gristmill.core.grpcserver import ServiceRegistration
 from gristmill.training.api import convert
 from gristmill.training.domain.jobs import JobService, SequenceAheadError
 from gristmill.training.domain.model import JobTrigger
 from gristmill.training.store.base import JobQuery
-
-
-def org() -> str:
-    """The caller's organisation (from its API key; the default one when auth is off in embedded dev mode)."""
-    return current_principal().organization_id
 
 
 class OutOfRangeError(GristmillError):
@@ -68,21 +63,21 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             self._jobs.submit,
             spec,
             request_id=request.request_id,
-            organization_id=org(),
+            organization_id=current_organization(),
             trigger=JobTrigger(api_key_id=current_principal().api_key_id),
             caller=current_principal(),
         )
         return convert.job_to_proto(job)
 
     async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:
-        job = await asyncio.to_thread(self._jobs.get, request.job_id, organization_id=org())
+        job = await asyncio.to_thread(self._jobs.get, request.job_id, organization_id=current_organization())
         return convert.job_to_proto(job)
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
         states = tuple(sorted({convert.state_from_proto(s) for s in request.states}))
         fingerprint = hashlib.sha256(f"{[s.value for s in states]}|{request.project_id}".encode()).hexdigest()[:16]
         query = JobQuery(
-            organization_id=org(),
+            organization_id=current_organization(),
             states=states,
             project_id=request.project_id,
             page_size=request.page.page_size,
@@ -97,13 +92,15 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.JobEvent]:
         after = request.after_sequence if request.HasField("after_sequence") else None
         try:
-            async for event in self._jobs.watch(request.job_id, after, organization_id=org()):
+            async for event in self._jobs.watch(request.job_id, after, organization_id=current_organization()):
                 yield convert.event_to_proto(event)
         except SequenceAheadError as exc:
             raise OutOfRangeError(exc.message, details={"field": "after_sequence"}) from None
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.Job:
-        job = await asyncio.to_thread(self._jobs.cancel, request.job_id, reason=request.reason, organization_id=org())
+        job = await asyncio.to_thread(
+            self._jobs.cancel, request.job_id, reason=request.reason, organization_id=current_organization()
+        )
         return convert.job_to_proto(job)
 
     async def SetAutoTrainPolicy(self, request: pb.SetAutoTrainPolicyRequest, context: Any) -> pb.AutoTrainPolicy:
@@ -112,16 +109,22 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             raise InvalidArgumentError("policy.job_template is required", details={"field": "policy.job_template"})
         template = convert.spec_from_proto(policy.job_template, require_dataset=False)
         saved = await asyncio.to_thread(
-            self._jobs.set_policy, policy.project_id, enabled=policy.enabled, template=template, organization_id=org()
+            self._jobs.set_policy,
+            policy.project_id,
+            enabled=policy.enabled,
+            template=template,
+            organization_id=current_organization(),
         )
         return convert.policy_to_proto(saved)
 
     async def GetAutoTrainPolicy(self, request: pb.GetAutoTrainPolicyRequest, context: Any) -> pb.AutoTrainPolicy:
-        policy = await asyncio.to_thread(self._jobs.get_policy, request.project_id, organization_id=org())
+        policy = await asyncio.to_thread(
+            self._jobs.get_policy, request.project_id, organization_id=current_organization()
+        )
         return convert.policy_to_proto(policy)
 
     async def DeleteAutoTrainPolicy(self, request: pb.DeleteAutoTrainPolicyRequest, context: Any) -> Empty:
-        await asyncio.to_thread(self._jobs.delete_policy, request.project_id, organization_id=org())
+        await asyncio.to_thread(self._jobs.delete_policy, request.project_id, organization_id=current_organization())
         return Empty()
 
 
