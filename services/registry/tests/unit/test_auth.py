@@ -139,6 +139,11 @@ async def test_a_root_admin_key_may_act_for_an_organisation_and_no_other_key_may
         )
         found = await stub.GetRegisteredModel(get, metadata=(*bearer(root_admin), *as_acme))
         assert found.name == "sentiment" and found.organization_id == "acme"
+        # A garbage organisation id is refused before anything is read.
+        bad = await refused(
+            stub.GetRegisteredModel(get, metadata=(*bearer(root_admin), (ACT_FOR_ORGANIZATION, "Not An Org!")))
+        )
+        assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT and ACT_FOR_ORGANIZATION in (bad.details() or "")
         # Another organisation's admin, or a root key without admin, is refused outright.
         for secret in (other_admin, keys.issue("default", {REGISTRY_READ})):
             denied = await refused(stub.GetRegisteredModel(get, metadata=(*bearer(secret), *as_acme)))
