@@ -238,21 +238,14 @@ class DynamicBatcher(Generic[T, R]):
             loop = asyncio.get_running_loop()
             results = await loop.run_in_executor(self._executor, self._run_batch, [e.item for e in batch])
         except asyncio.CancelledError:
-            for entry in batch:
-                if not entry.future.done():
-                    entry.future.set_exception(UnavailableError(f"{self.name} was stopped while running"))
+            _fail(batch, UnavailableError(f"{self.name} was stopped while running"))
             raise
         except Exception as exc:
             log.exception("%s: a batch of %d failed", self.name, len(batch))
-            for entry in batch:
-                if not entry.future.done():
-                    entry.future.set_exception(exc)
+            _fail(batch, exc)
         else:
             if len(results) != len(batch):
-                error = RuntimeError(f"{self.name}: the model returned {len(results)} results for {len(batch)}")
-                for entry in batch:
-                    if not entry.future.done():
-                        entry.future.set_exception(error)
+                _fail(batch, RuntimeError(f"{self.name}: the model returned {len(results)} results for {len(batch)}"))
             else:
                 for entry, result in zip(batch, results, strict=True):
                     if not entry.future.done():
@@ -350,3 +343,10 @@ def _candidate_sizes(most: int) -> list[int]:
         sizes.append(size)
         size //= 2
     return sizes
+
+
+def _fail(batch: Sequence[_Entry[Any, Any]], error: BaseException) -> None:
+    """Answer every caller of ``batch`` still waiting with ``error``."""
+    for entry in batch:
+        if not entry.future.done():
+            entry.future.set_exception(error)
