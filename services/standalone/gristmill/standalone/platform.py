@@ -12,7 +12,7 @@ from gristmill.admin.settings import AdminSettings
 from gristmill.core.auth import AuthSettings
 from gristmill.core.events import MemoryBroker
 from gristmill.core.host import ServiceHost
-from gristmill.core.licensing import load_license
+from gristmill.core.licensing import License, load_license
 from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings, ServiceSettings, TelemetrySettings
 from gristmill.labeling.app import build_host as build_labeling
@@ -42,6 +42,8 @@ class EmbeddedPlatform:
     host: str = "127.0.0.1"
     ray_num_cpus: int = 2
     telemetry: TelemetrySettings | None = None
+    # The community edition: the embedded platform reads no licence file.
+    license: License = field(default_factory=lambda: load_license(None, ""))
     broker: MemoryBroker = field(default_factory=MemoryBroker)
     hosts: dict[str, ServiceHost] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
@@ -58,27 +60,27 @@ class EmbeddedPlatform:
         return cls(grpc_port=self._port(service), data_dir=self.data_dir, host=self.host, **extra)
 
     def _build(self, service: str) -> ServiceHost:
-        # Explicitly empty: the in-process bus and local files, whatever the environment says.
-        infra: dict[str, Any] = {
-            "kafka": KafkaSettings(bootstrap_servers=""),
-            "s3": S3Settings(endpoint=""),
-            # The embedded dev mode: no API keys (each service logs that loudly), the community edition.
-            "security": embedded_security(service),
-            "telemetry": self.telemetry,
-            "memory_broker": self.broker,
-        }
         if service == "admin":
             admin = build_admin(
                 self._settings(AdminSettings, service),
                 kafka=KafkaSettings(bootstrap_servers=""),
                 auth=AuthSettings(disabled=True),
-                license_=load_license(None, ""),
+                license_=self.license,
                 telemetry=self.telemetry,
                 memory_broker=self.broker,
             )
             # The root organisation (and its first admin key, in the data dir) so that `gristmill keys` works.
             admin.bootstrap()
             return admin.host
+        # Explicitly empty: the in-process bus and local files, whatever the environment says.
+        infra: dict[str, Any] = {
+            "kafka": KafkaSettings(bootstrap_servers=""),
+            "s3": S3Settings(endpoint=""),
+            # The embedded dev mode: no API keys (each service logs that loudly), one licence for all of them.
+            "security": embedded_security(service, self.license),
+            "telemetry": self.telemetry,
+            "memory_broker": self.broker,
+        }
         if service == "registry":
             return build_registry(self._settings(RegistrySettings, service), **infra)
         if service == "labeling":
