@@ -103,6 +103,21 @@ def test_a_request_id_returns_the_first_job(store: SqlJobStore) -> None:
         store.get_job("j2")
 
 
+def test_the_start_time_is_when_training_began_kept_between_creation_and_now(store: SqlJobStore) -> None:
+    created, _ = store.create_job(_job("early"))
+    began = created.create_time + timedelta(milliseconds=250)
+    running, _ = store.transition("early", JobState.RUNNING, started_at=began)
+    assert running.start_time == began
+    # A worker clock behind the service's, or ahead of it, cannot put the start outside the job's life.
+    store.create_job(_job("skewed-back"))
+    behind, _ = store.transition("skewed-back", JobState.RUNNING, started_at=began - timedelta(days=1))
+    assert behind.start_time == behind.create_time
+    store.create_job(_job("skewed-ahead"))
+    before = datetime.now(UTC)
+    ahead, _ = store.transition("skewed-ahead", JobState.RUNNING, started_at=before + timedelta(days=1))
+    assert ahead.start_time is not None and before <= ahead.start_time <= datetime.now(UTC)
+
+
 def test_transitions_follow_the_lifecycle(store: SqlJobStore, database: Database) -> None:
     store.create_job(_job("j1"))
     running, previous = store.transition("j1", JobState.RUNNING, progress=JobProgress(total_steps=10))

@@ -18,6 +18,7 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -62,7 +63,9 @@ class _ProgressRecorder:
         # Trials of a search that have started; a second start of one of them is a restart.
         self._trials: set[int | None] = set()
 
-    def _transition(self, reason: str = "", restart_count: int | None = None) -> None:
+    def _transition(
+        self, reason: str = "", restart_count: int | None = None, started_at: datetime | None = None
+    ) -> None:
         # A job cancelled meanwhile refuses the transition; the runner stops its run.
         with contextlib.suppress(FailedPreconditionError):
             self._store.transition(
@@ -72,6 +75,7 @@ class _ProgressRecorder:
                 progress=self.progress,
                 restart_count=restart_count,
                 ray_run_name=self._run_name,
+                started_at=started_at,
             )
 
     def on_records(self, records: list[dict[str, Any]]) -> None:
@@ -86,7 +90,9 @@ class _ProgressRecorder:
                 self._trials.add(trial)
                 if not self.started:
                     self.started = True
-                    self._transition()
+                    # The loop's own clock: records reach the service up to a poll interval later.
+                    began = record.get("time")
+                    self._transition(started_at=None if began is None else datetime.fromtimestamp(float(began), UTC))
                 elif not first_of_trial:
                     self.restarts += 1
                     self._transition(

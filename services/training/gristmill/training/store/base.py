@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from gristmill.training.domain.model import (
     AutoTrainPolicy,
@@ -69,8 +70,13 @@ class JobStore(ABC):
         result: JobResult | None = None,
         restart_count: int | None = None,
         ray_run_name: str | None = None,
+        started_at: datetime | None = None,
     ) -> tuple[Job, JobState]:
-        """Move the job to ``to`` (as ``ALLOWED_FROM`` permits) and return it with its previous state."""
+        """Move the job to ``to`` (as ``ALLOWED_FROM`` permits) and return it with its previous state.
+
+        ``started_at``: when training really began (the worker's clock), for the first move to RUNNING; the
+        job's start time is then that moment (kept between its creation and now), not the moment the service
+        heard of it."""
 
     @abstractmethod
     def record_metrics(self, job_id: str, reports: Sequence[MetricsReport], progress: JobProgress) -> Job:

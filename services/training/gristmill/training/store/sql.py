@@ -284,6 +284,7 @@ class SqlJobStore(JobStore):
         result: JobResult | None = None,
         restart_count: int | None = None,
         ray_run_name: str | None = None,
+        started_at: datetime | None = None,
     ) -> tuple[Job, JobState]:
         with self._writing() as session:
             row = self._row(session, job_id, lock=True)
@@ -305,7 +306,9 @@ class SqlJobStore(JobStore):
             if ray_run_name is not None:
                 row.ray_run_name = ray_run_name
             if to is JobState.RUNNING and row.start_time is None:
-                row.start_time = now
+                created = _utc(row.create_time)
+                assert created is not None
+                row.start_time = now if started_at is None else min(max(started_at.astimezone(UTC), created), now)
             if to.terminal:
                 row.end_time = now
             event = JobEvent(
