@@ -1,8 +1,9 @@
 """Events on the in-process bus: alias changes hot-swap deployments (stale ones ignored); logged predictions
-reach the outbox masked and inside the request's trace."""
+reach the outbox masked and inside the request's trace, a batch per transaction."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grpc
@@ -13,9 +14,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from gristmill.api.events.v1 import events_pb2
 from gristmill.api.serving.v1 import serving_pb2, serving_pb2_grpc
-from gristmill.core.events import Event, MemoryEventBus
+from gristmill.core.events import Event, MemoryEventBus, Outbox
 from gristmill.core.events.topics import ALIAS_CHANGED, PREDICTION_LOGGED
+from gristmill.core.sql import Database
 from gristmill.serving.app import ServingHost
+from gristmill.serving.domain.predictions import PredictionRecord, TextPrediction
+from gristmill.serving.events.prediction_log import OutboxPredictionSink
 from services.serving.tests.support import build_fake_host, wait_for
 
 
@@ -112,3 +116,40 @@ async def test_logged_predictions_are_masked_and_continue_the_request_trace(tmp_
         assert [format(s.context.trace_id, "032x") for s in predict_spans] == [trace_id]
     finally:
         await host.stop()
+
+
+def test_predictions_logged_one_at_a_time_share_a_transaction_and_flush_does_not_wait_out_the_gathering(
+    tmp_path: Path,
+) -> None:
+    host, _, _ = build_fake_host(tmp_path)
+    database = Database(f"sqlite:///{tmp_path / 'sink.db'}")
+    database.create_all()
+    sink = OutboxPredictionSink(database, host.platform.catalog, linger_s=30.0)
+    try:
+        prediction = TextPrediction("positive", 1, ("positive",), (0.45, 0.55), 0.55, True)
+        for index in range(5):
+            sink.log(
+                [
+                    PredictionRecord(
+                        "default",
+                        "sentiment",
+                        "sentiment",
+                        1,
+                        f"req-{index}",
+                        0,
+                        f"text {index}",
+                        prediction,
+                        ("negative", "positive"),
+                        False,
+                        "",
+                    )
+                ]
+            )
+        started = time.monotonic()
+        assert sink.flush(10)
+        assert time.monotonic() - started < 10  # the flush cut the 30 s gathering short
+        assert (sink.written, sink.batches, sink.dropped) == (5, 1, 0)
+        with database.transaction() as session:
+            assert Outbox.pending(session) == 5
+    finally:
+        sink.close()

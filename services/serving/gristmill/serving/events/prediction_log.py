@@ -3,8 +3,9 @@
 ``log`` is called on the event loop after a request was answered and must not block it: it only queues the
 records with the request's trace context. A writer thread masks the texts (the same ``PiiMasker`` as
 labeling), builds the events inside that trace context (so a prediction's trace continues into labeling)
-and adds them to the outbox in one transaction per batch; the outbox relay publishes them. The queue is
-bounded: when the database cannot keep up, new records are dropped and counted, never the requests slowed.
+and adds them to the outbox in one transaction per batch (it lets a batch gather for ``linger_s`` first); the
+outbox relay publishes them. The queue is bounded: when the database cannot keep up, new records are dropped
+and counted, never the requests slowed.
 Records still queued when the process dies are lost; they are a sample, not state.
 """
 
@@ -62,6 +63,7 @@ class OutboxPredictionSink:
         masker: PiiMasker | None = None,
         capacity: int = 10_000,
         batch_size: int = 500,
+        linger_s: float = 0.1,
         metrics: ServiceMetrics | None = None,
     ) -> None:
         self._database = database
@@ -70,12 +72,17 @@ class OutboxPredictionSink:
         self._masker = masker or PiiMasker()
         self._capacity = capacity
         self._batch_size = batch_size
+        self._linger_s = linger_s
         self._queue: deque[tuple[PredictionRecord, otel_context.Context]] = deque()
         self._changed = threading.Condition()
         self._writing = 0
         self._stopping = False
+        # Callers of ``flush`` waiting: the writer then stops gathering and writes what it has.
+        self._flushing = 0
         self.dropped = 0
         self.written = 0
+        # Transactions written (each holds one batch).
+        self.batches = 0
         self._dropped_counter = (
             Counter(
                 "gristmill_serving_prediction_logs_dropped_total",
@@ -111,11 +118,20 @@ class OutboxPredictionSink:
                     self._changed.wait()
                 if not self._queue and self._stopping:
                     return
+                # Let a batch gather: one transaction (one commit) per prediction would cost the server a
+                # database write per request when traffic is light but mostly uncertain.
+                gather_until = time.monotonic() + self._linger_s
+                while len(self._queue) < self._batch_size and not (self._stopping or self._flushing):
+                    remaining = gather_until - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._changed.wait(remaining)
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), self._batch_size))]
                 self._writing = len(batch)
             try:
                 self._write(batch)
                 self.written += len(batch)
+                self.batches += 1
             except Exception:
                 log.exception("could not write %d logged predictions to the outbox; dropping them", len(batch))
                 self._drop(len(batch))
@@ -142,6 +158,16 @@ class OutboxPredictionSink:
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until everything queued is written; False on timeout."""
         deadline = time.monotonic() + timeout_s
+        with self._changed:
+            self._flushing += 1
+            self._changed.notify_all()
+        try:
+            return self._wait_written(deadline)
+        finally:
+            with self._changed:
+                self._flushing -= 1
+
+    def _wait_written(self, deadline: float) -> bool:
         with self._changed:
             while self._queue or self._writing:
                 remaining = deadline - time.monotonic()
