@@ -325,6 +325,10 @@ class Registry:
 
     def _check_model_limit(self, tx: RegistryTransaction) -> None:
         """FAILED_PRECONDITION naming the licence when one more registered model would exceed it."""
+        if self.license.limit("max_registered_models") is None:
+            return
+        # Without the lock two creators could both count N and both insert.
+        tx.lock_model_count()
         self.license.check_limit("max_registered_models", tx.count_models() + 1)
 
     def register_version(self, caller: Caller, registration: Registration, *, wait: bool) -> tuple[ModelVersion, bool]:

@@ -73,6 +73,11 @@ class RegistryTransaction(ABC):
         """Registered models of every organisation (what a licence's max_registered_models counts)."""
 
     @abstractmethod
+    def lock_model_count(self) -> None:
+        """Serialise creators of registered models until the transaction ends, so that a count taken after it
+        stays true until the transaction commits."""
+
+    @abstractmethod
     def lock_model(self, org: str, name: str) -> bool:
         """Serialise writers of this model until the transaction ends; False when the model does not exist."""
 

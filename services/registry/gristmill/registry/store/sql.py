@@ -74,6 +74,19 @@ class RegistryBase(DeclarativeBase):
     metadata = MetaData()
 
 
+class LockRow(RegistryBase):
+    """Named installation-wide locks: ``lock_model_count`` bumps ``registered_models`` so that counting the models
+    and inserting one is a single step for every registry process (the licence's max_registered_models)."""
+
+    __tablename__ = "registry_locks"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    counter: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+_MODEL_COUNT_LOCK = "registered_models"
+
+
 class ModelRow(RegistryBase):
     __tablename__ = "registry_models"
     __table_args__ = (UniqueConstraint("organization_id", "name"),)
@@ -269,6 +282,15 @@ class SqlRegistryStore(RegistryStore):
         self.database = database
         self.events = events
         database.create_all(REGISTRY_TABLES)
+        self._ensure_lock_row(_MODEL_COUNT_LOCK)
+
+    def _ensure_lock_row(self, name: str) -> None:
+        try:
+            with self.database.transaction() as session:
+                if session.get(LockRow, name) is None:
+                    session.add(LockRow(name=name, counter=0))
+        except IntegrityError:
+            pass  # another registry process inserted it first
 
     @contextmanager
     def transaction(self) -> Iterator[RegistryTransaction]:
@@ -552,6 +574,15 @@ class SqlRegistryTransaction(RegistryTransaction):
 
     def count_models(self) -> int:
         return int(self.session.execute(select(func.count()).select_from(ModelRow)).scalar_one())
+
+    def lock_model_count(self) -> None:
+        # An UPDATE takes the row lock on PostgreSQL and the write lock on SQLite, as lock_model does.
+        self.session.execute(
+            update(LockRow)
+            .where(LockRow.name == _MODEL_COUNT_LOCK)
+            .values(counter=LockRow.counter + 1)
+            .execution_options(synchronize_session=False)
+        )
 
     def lock_model(self, org: str, name: str) -> bool:
         result = self.session.execute(

@@ -1,0 +1,62 @@
+"""The licence's max_registered_models holds under concurrent creates: the count and the insert are one step for
+every registry process sharing the database (SQLite always; PostgreSQL too when GRISTMILL_TEST_POSTGRES_URL is
+set)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from gristmill.core.errors import FailedPreconditionError
+from gristmill.registry.domain.registry import Registry
+from services.registry.tests.support import BACKENDS, CALLER, make_env
+from tests.support.licences import signed_license
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concurrent_creates_never_exceed_the_licensed_model_count(tmp_path: Path, backend: str) -> None:
+    url = os.environ["GRISTMILL_TEST_POSTGRES_URL"] if backend == "postgresql" else None
+    first = make_env(tmp_path, database_url=url)
+    second = make_env(tmp_path, database_url=url)  # the same database through its own engine, as a second process
+    with first.store.transaction() as tx:
+        existing = tx.count_models()  # a PostgreSQL database outlives the test
+    license_ = signed_license(limits={"max_registered_models": existing + 3})
+    registries = [Registry(env.store, env.objects, license_=license_) for env in (first, second)]
+    start = threading.Barrier(8)
+    created: list[str] = []
+    refused: list[str] = []
+    failed: list[BaseException] = []
+    lock = threading.Lock()
+
+    def create(index: int) -> None:
+        name = f"m-{index}-{uuid.uuid4().hex[:8]}"
+        start.wait()
+        try:
+            registries[index % 2].create_model(
+                CALLER, name=name, description="", task="TASK_TYPE_TEXT_CLASSIFICATION", label_map=(), tags={}
+            )
+        except FailedPreconditionError as exc:
+            with lock:
+                refused.append(exc.message)
+            return
+        except BaseException as exc:  # anything else is the defect this test looks for
+            with lock:
+                failed.append(exc)
+            return
+        with lock:
+            created.append(name)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not failed, failed
+    assert len(created) == 3 and len(refused) == 5
+    assert all("max_registered_models" in message for message in refused)
+    with first.store.transaction() as tx:
+        assert tx.count_models() == existing + 3
