@@ -244,6 +244,10 @@ class ApiKeyVerifier(ABC):
         ``verify`` must run (off the event loop)."""
         return False, None
 
+    def close(self) -> None:
+        """Release what the verifier holds (a channel to the admin service); nothing by default."""
+        return None
+
 
 # --------------------------------------------------------------------------- the hook
 
@@ -319,6 +323,9 @@ class ApiKeyAuthHook:
         self._scopes = dict(method_scopes)
         self._public = frozenset(public)
         self._root_organization_id = root_organization_id
+
+    def close(self) -> None:
+        self._verifier.close()
 
     def scope_for(self, method: str) -> str | None:
         """The scope ``method`` needs; None when it is not open to API keys."""

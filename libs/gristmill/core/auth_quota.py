@@ -174,6 +174,10 @@ class PlanSource(ABC):
     def plan_for(self, organization_id: str) -> Plan:
         """The organisation's plan (the empty plan, unlimited, when none was set)."""
 
+    def close(self) -> None:
+        """Release what the source holds (a channel to the admin service); nothing by default."""
+        return None
+
 
 class UsageSource(ABC):
     """Where a guard reads what was used before it started counting (the metering aggregator)."""
@@ -181,6 +185,10 @@ class UsageSource(ABC):
     @abstractmethod
     def used(self, organization_id: str, kind: UsageKind, start: datetime, end: datetime) -> float:
         """Total usage of ``kind`` by the organisation in [start, end)."""
+
+    def close(self) -> None:
+        """Release what the source holds (a channel to the admin service); nothing by default."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -382,6 +390,11 @@ class QuotaGuard:
                 self._counters[key].reserved += amounts[quota.kind]
                 keys.append(key)
         return Reservation(self, org, principal.api_key_id, dict(amounts), resource, tuple(keys))
+
+    def close(self) -> None:
+        """Close the plan and usage sources (at service shutdown)."""
+        self.plans.close()
+        self.usage.close()
 
     def _refill(self, org: str, rate: RateLimit) -> _Bucket:
         now = self._monotonic()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -41,6 +41,8 @@ class Security:
     cache_ttl_s: float = 30.0
     # Where the licence came from, read again by ``reload`` (SIGHUP: a renewed licence file).
     license_settings: LicenseSettings | None = None
+    # The quota guards built by ``quota_guard``, closed by ``close``.
+    _guards: list[QuotaGuard] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def reload(self) -> bool:
         """Adopt the licence file again if it verifies (a renewal); a bad one keeps the running licence."""
@@ -50,18 +52,30 @@ class Security:
 
     def quota_guard(self, database: Database, catalog: EventCatalog, service: str) -> QuotaGuard | None:
         """The guard that meters and limits this service's work per organisation, publishing usage through the
-        service's outbox; None without an admin service and a service key (the embedded dev mode)."""
+        service's outbox; None without an admin service and a service key (the embedded dev mode). ``close``
+        closes it."""
         if not (self.admin_address and self.service_key):
             return None
         from gristmill.core.auth_remote import RemotePlanSource, RemoteUsageSource
 
-        return QuotaGuard(
+        guard = QuotaGuard(
             RemotePlanSource(
                 self.admin_address, self.service_key, ttl_s=self.cache_ttl_s, credentials=self.channel_credentials
             ),
             RemoteUsageSource(self.admin_address, self.service_key, credentials=self.channel_credentials),
             UsageRecorder(database, catalog, service),
         )
+        self._guards.append(guard)
+        return guard
+
+    def close(self) -> None:
+        """Close the channels to the admin service (the key verifier's, the quota guards'): at shutdown."""
+        for guard in self._guards:
+            guard.close()
+        self._guards.clear()
+        close = getattr(self.auth_hook, "close", None)
+        if close is not None:
+            close()
 
     def call_metadata(self, organization_id: str = "") -> tuple[tuple[str, str], ...]:
         """Metadata for a call this service makes to another one: its own key, when it has one, acting for

@@ -29,7 +29,10 @@ def main() -> None:
         print(f"{SERVICE}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     host = build_host(settings, kafka=kafka, s3=s3, security=security, telemetry=telemetry)
-    asyncio.run(host.run_until_signal())
+    try:
+        asyncio.run(host.run_until_signal())
+    finally:
+        security.close()
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ def main() -> None:
         asyncio.run(app.host.run_until_signal())
     finally:
         stop.set()
+        security.close()
 
 
 def retry_pending_verifications(registry: Registry, interval_s: float, stale_s: float, stop: threading.Event) -> None:

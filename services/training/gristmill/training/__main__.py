@@ -37,7 +37,10 @@ def main() -> int:
         print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
         return 2
     host = build_host(settings, kafka=kafka, s3=s3, security=security, telemetry=telemetry)
-    asyncio.run(host.run_until_signal())
+    try:
+        asyncio.run(host.run_until_signal())
+    finally:
+        security.close()
     return 0
 
 
