@@ -104,15 +104,14 @@ class RemoteKeyVerifier(ApiKeyVerifier):
         self.calls = 0
 
     def cached(self, api_key: str) -> tuple[bool, Principal | None]:
-        return self._cache.get(hashlib.sha256(api_key.encode("utf-8")).digest())
+        return self._cache.get(_cache_key(api_key))
 
     def verify(self, api_key: str) -> Principal | None:
-        digest = hashlib.sha256(api_key.encode("utf-8")).digest()
-        found, cached = self._cache.get(digest)
+        found, cached = self.cached(api_key)
         if found:
             return cached
         principal = self._ask(api_key)
-        self._cache.put(digest, principal)
+        self._cache.put(_cache_key(api_key), principal)
         return principal
 
     def _ask(self, api_key: str) -> Principal | None:
@@ -136,6 +135,11 @@ class RemoteKeyVerifier(ApiKeyVerifier):
 
     def close(self) -> None:
         self._channel.close()
+
+
+def _cache_key(api_key: str) -> bytes:
+    # The cache holds digests, never the secrets themselves.
+    return hashlib.sha256(api_key.encode("utf-8")).digest()
 
 
 def open_admin_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:

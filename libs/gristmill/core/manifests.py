@@ -2,7 +2,7 @@
 
 - A **dataset version** (written by labeling, read by training):
   ``datasets/<project>/<dataset version id>/{train,validation,test}.jsonl`` plus ``manifest.json``
-  (``dataset_version_prefix``). Each JSONL line
+  (``dataset_split_key``, ``dataset_manifest_key``). Each JSONL line
   is one ``DatasetRow``: ``{"id": ..., "text": ..., "label": ...}`` (single-label) or with
   ``"labels": [...]`` (multi-label).
 - A **model** (written by training, verified and copied by the registry, loaded by serving):
@@ -179,9 +179,11 @@ def _check_format(raw: Mapping[str, Any], expected: str, where: str) -> None:
         raise InvalidArgumentError(f"{where} has format {raw.get('format')!r}; this version reads {expected!r}")
 
 
-DATASET_MANIFEST = "manifest.json"
+def dataset_manifest_key(project_id: str, dataset_version_id: str) -> str:
+    """``datasets/<project>/<dataset version id>/manifest.json`` (validated segments)."""
+    return object_key("datasets", project_id, dataset_version_id, "manifest.json")
 
 
-def dataset_version_prefix(project_id: str, dataset_version_id: str) -> str:
-    """Where a dataset version's files live: ``datasets/<project>/<dataset version id>`` (validated segments)."""
-    return object_key("datasets", project_id, dataset_version_id)
+def dataset_split_key(project_id: str, dataset_version_id: str, split: str) -> str:
+    """``datasets/<project>/<dataset version id>/<split>.jsonl`` (validated segments)."""
+    return object_key("datasets", project_id, dataset_version_id, f"{split}.jsonl")

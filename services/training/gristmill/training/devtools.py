@@ -13,13 +13,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gristmill.core.manifests import (
-    DATASET_MANIFEST,
     DatasetManifest,
     DatasetRow,
     FileEntry,
     ModelManifest,
     SplitFile,
-    dataset_version_prefix,
+    dataset_manifest_key,
+    dataset_split_key,
 )
 from gristmill.core.storage import ObjectStore, object_key
 from gristmill.training.domain.refs import DatasetRef, FileRef
@@ -66,9 +66,7 @@ def write_dataset_version(
             DatasetRow(id=f"{split}-{i}", text=text, label=label).to_json() for i, (text, label) in enumerate(rows)
         ]
         data = ("\n".join(lines) + "\n").encode() if lines else b""
-        info = objects.put_bytes(
-            f"{dataset_version_prefix(project_id, dataset_version_id)}/{split}.jsonl", data, overwrite=True
-        )
+        info = objects.put_bytes(dataset_split_key(project_id, dataset_version_id, split), data, overwrite=True)
         files[split] = SplitFile(
             file=FileEntry(key=info.key, sha256=info.sha256, size_bytes=info.size),
             count=len(rows),
@@ -87,11 +85,7 @@ def write_dataset_version(
         ratios={name: len(rows) / total for name, rows in splits.items()},
         created_at=datetime.now(UTC).isoformat(),
     )
-    info = objects.put_bytes(
-        f"{dataset_version_prefix(project_id, dataset_version_id)}/{DATASET_MANIFEST}",
-        manifest.to_json(),
-        overwrite=True,
-    )
+    info = objects.put_bytes(dataset_manifest_key(project_id, dataset_version_id), manifest.to_json(), overwrite=True)
     return DatasetRef(project_id, dataset_version_id, FileRef(info.key, info.sha256, info.size))
 
 

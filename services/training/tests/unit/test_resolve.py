@@ -14,6 +14,7 @@ from gristmill.core.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
+from gristmill.core.manifests import dataset_manifest_key
 from gristmill.core.storage import ObjectStore
 from gristmill.training.devtools import LABELS, sentiment_rows, upload_model_directory, write_dataset_version
 from gristmill.training.domain import spec as d
@@ -24,7 +25,6 @@ from gristmill.training.domain.resolve import (
     DatasetCatalog,
     SpecResolver,
     content_sha256,
-    dataset_manifest_key,
 )
 from gristmill.training.ml.inspect import HfModelInspector
 
@@ -271,4 +271,4 @@ def test_a_search_needs_a_runner_that_supports_it(
 def test_without_a_manifest_reference_the_version_is_found_where_labeling_publishes_it() -> None:
     # The layout gristmill.core.manifests defines and labeling writes (its publish test checks its side):
     # datasets/<project>/<dataset version id>/manifest.json.
-    assert dataset_manifest_key(DatasetRef("reviews", "0123abcd")) == "datasets/reviews/0123abcd/manifest.json"
+    assert dataset_manifest_key("reviews", "0123abcd") == "datasets/reviews/0123abcd/manifest.json"

@@ -24,12 +24,12 @@ from gristmill.core.errors import (
 )
 from gristmill.core.ids import new_id, validate_id
 from gristmill.core.manifests import (
-    DATASET_MANIFEST,
     DatasetManifest,
     DatasetRow,
     FileEntry,
     SplitFile,
-    dataset_version_prefix,
+    dataset_manifest_key,
+    dataset_split_key,
 )
 from gristmill.core.storage import ObjectInfo, ObjectStore, validate_key
 from gristmill.labeling.domain import agreement as agreement_math
@@ -511,7 +511,6 @@ class LabelingService:
         summaries: list[SplitSummary] = []
         version_id = new_id()
         # Under the version's id (what training is given), the layout gristmill.core.manifests defines.
-        prefix = dataset_version_prefix(pid, version_id)
         manifest_splits: dict[str, SplitFile] = {}
         for split in SPLITS:
             members = assignment[split]
@@ -522,8 +521,7 @@ class LabelingService:
                 for item in members
             ]
             data = "".join(line + "\n" for line in lines).encode()
-            key = f"{prefix}/{split.value}.jsonl"
-            info = self._put_new(key, data, "application/x-ndjson", written)
+            info = self._put_new(dataset_split_key(pid, version_id, split.value), data, "application/x-ndjson", written)
             counts = Counter(label for item in members for label in item.labels)
             by_label = {label: counts.get(label, 0) for label in project.label_schema.names}
             ref = ObjectRef(info.key, info.sha256, info.size)
@@ -545,7 +543,9 @@ class LabelingService:
             created_at=now.isoformat(),
             organization_id=project.organization_id,
         )
-        manifest_info = self._put_new(f"{prefix}/{DATASET_MANIFEST}", manifest.to_json(), "application/json", written)
+        manifest_info = self._put_new(
+            dataset_manifest_key(pid, version_id), manifest.to_json(), "application/json", written
+        )
         return DatasetVersion(
             dataset_version_id=version_id,
             organization_id=project.organization_id,

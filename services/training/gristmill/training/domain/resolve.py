@@ -30,14 +30,7 @@ from gristmill.core.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from gristmill.core.manifests import (
-    DATASET_MANIFEST,
-    SPLITS,
-    DatasetManifest,
-    DatasetRow,
-    ModelManifest,
-    dataset_version_prefix,
-)
+from gristmill.core.manifests import SPLITS, DatasetManifest, DatasetRow, ModelManifest, dataset_manifest_key
 from gristmill.core.storage import ObjectStore, validate_key
 from gristmill.core.storage.base import sha256_file
 from gristmill.training.domain.refs import BaseModelRef, DatasetRef, FileRef
@@ -118,11 +111,6 @@ class ResolvedJob:
 # --------------------------------------------------------------------------- datasets
 
 
-def dataset_manifest_key(ref: DatasetRef) -> str:
-    """Where labeling published the version's manifest (when the job names no manifest object)."""
-    return f"{dataset_version_prefix(ref.project_id, ref.dataset_version_id)}/{DATASET_MANIFEST}"
-
-
 class DatasetCatalog:
     """Dataset versions as the labeling service publishes them in the object store."""
 
@@ -130,7 +118,12 @@ class DatasetCatalog:
         self._objects = objects
 
     def _manifest(self, ref: DatasetRef) -> tuple[DatasetManifest, FileRef]:
-        key = ref.manifest.key if ref.manifest is not None else dataset_manifest_key(ref)
+        key = (
+            ref.manifest.key
+            if ref.manifest is not None
+            # Where labeling published the version's manifest (the job names no manifest object).
+            else dataset_manifest_key(ref.project_id, ref.dataset_version_id)
+        )
         name = f"{ref.project_id}/{ref.dataset_version_id}"
         try:
             data = self._objects.get_bytes(key, expected_sha256=ref.manifest.sha256 if ref.manifest else None)
