@@ -440,6 +440,44 @@ def test_relay_thread_retries_with_backoff_and_stops_twice(database: Database, c
     assert _rows(database)[0].attempts == 4
 
 
+def test_relay_thread_wakes_on_the_commit_that_added_rows_not_on_its_poll(
+    database: Database, catalog: EventCatalog
+) -> None:
+    publisher = FlakyPublisher(failures=0)
+    relay = OutboxRelay(database, publisher, poll_interval_s=60)
+    reads: list[int] = []
+    relay_once = relay.relay_once
+
+    def counted() -> int:
+        reads.append(1)
+        return relay_once()
+
+    relay.relay_once = counted  # type: ignore[method-assign]
+    with relay:
+        deadline = time.monotonic() + 5
+        while not reads:
+            assert time.monotonic() < deadline, "the relay never read the outbox"
+            time.sleep(0.01)
+        with database.transaction() as session:  # a commit without outbox rows does not wake it
+            session.execute(select(OutboxEvent.id))
+        event = Event.create(StringValue(value="v"), key="k", source="s", catalog=catalog)
+        with pytest.raises(RuntimeError), database.transaction() as session:
+            Outbox.add(session, event)
+            raise RuntimeError("rolled back")
+        time.sleep(0.2)
+        assert len(reads) == 1 and publisher.published == []
+        began = time.monotonic()
+        with database.transaction() as session:
+            Outbox.add(session, event)
+        while not publisher.published:
+            assert time.monotonic() - began < 5, "a committed row waited for the 60 s poll"
+            time.sleep(0.01)
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 5, "stop waited out the poll interval"
+    assert publisher.published == [event]
+    assert len(reads) == 2
+
+
 def test_relayed_events_reach_a_consumer_through_the_memory_bus(
     broker: MemoryBroker, database: Database, catalog: EventCatalog
 ) -> None:

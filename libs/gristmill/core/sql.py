@@ -7,7 +7,7 @@ together (see ``gristmill.core.events.outbox``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,11 @@ class Database:
         """A session in one transaction: committed on success, rolled back on any exception."""
         with self._sessions() as session, session.begin():
             yield session
+
+    def on_commit(self, listener: Callable[[Session], None]) -> Callable[[], None]:
+        """Call ``listener(session)`` after each transaction of this database commits; returns the undo."""
+        event.listen(self._sessions, "after_commit", listener)
+        return lambda: event.remove(self._sessions, "after_commit", listener)
 
     def dispose(self) -> None:
         self.engine.dispose()
