@@ -44,6 +44,17 @@ log = logging.getLogger(__name__)
 # competing with torch's threads for the worker's CPUs.
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
 
+# The local cluster is a few processes beside the service on one machine, where every idle process's timers
+# take CPU from training (each Ray worker process wakes ~150 times a second). So, for it only: no pooled
+# worker processes started ahead of tasks (jobs run in actors, which never take a pooled worker), no Ray metrics
+# (nothing scrapes them without Ray's dashboard), and no watcher for preempted cloud nodes.
+LOCAL_SYSTEM_CONFIG = {
+    "enable_worker_prestart": False,
+    "prestart_worker_first_driver": False,
+    "enable_metrics_collection": False,
+}
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
 
 class RayCluster:
     """The Ray cluster jobs run on: a local one started with bounded CPUs, or an existing one by address.
@@ -117,7 +128,8 @@ class RayCluster:
             include_dashboard=False,
             log_to_driver=self.log_to_driver,
             object_store_memory=self.object_store_mb * 1024 * 1024,
-            runtime_env={"env_vars": WORKER_ENV},
+            runtime_env={"env_vars": WORKER_ENV | LOCAL_ENV},
+            _system_config=LOCAL_SYSTEM_CONFIG,
         )
         self._owned = True
 
