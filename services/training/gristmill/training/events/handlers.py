@@ -32,6 +32,12 @@ def dataset_version_published(jobs: JobService, catalog: EventCatalog) -> Handle
             dataset_version_id=message.dataset_version_id,
             manifest=manifest,
         )
+        log.info(
+            "dataset version %s/%s published (event %s): checking the project's auto-train policy",
+            version.project_id,
+            version.dataset_version_id,
+            event.event_id,
+        )
         try:
             job = jobs.on_dataset_published(version)
         except (InvalidArgumentError, NotFoundError, FailedPreconditionError) as exc:
@@ -41,7 +47,9 @@ def dataset_version_published(jobs: JobService, catalog: EventCatalog) -> Handle
                 "auto-train for %s/%s not started: %s", version.project_id, version.dataset_version_id, exc.message
             )
             return
-        if job is not None:
+        if job is None:
+            log.info("no enabled auto-train policy for project %s: nothing to train", version.project_id)
+        else:
             log.info(
                 "auto-train job %s submitted for %s/%s", job.job_id, version.project_id, version.dataset_version_id
             )

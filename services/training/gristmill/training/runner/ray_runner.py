@@ -97,6 +97,8 @@ class RayCluster:
                 self._started = True
                 return
             began = time.monotonic()
+            where = f"connecting to {self.address}" if self.address else f"local, {self.num_cpus} CPUs"
+            log.info("starting Ray: %s", where)
             ready = threading.Event()
             failure: list[BaseException] = []
 
