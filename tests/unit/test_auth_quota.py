@@ -31,6 +31,7 @@ from gristmill.core.errors import InvalidArgumentError, ResourceExhaustedError
 from gristmill.core.events import OutboxEvent
 from gristmill.core.events.topics import platform_catalog
 from gristmill.core.sql import Database
+from tests.support.concurrency import run_in_threads
 
 T0 = datetime(2026, 11, 10, 12, 30, tzinfo=UTC)
 P = UsageKind.PREDICTIONS
@@ -179,11 +180,7 @@ def test_concurrent_calls_never_go_beyond_the_quota(database: Database) -> None:
         except ResourceExhaustedError:
             refused.append(i)
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(call, range(20))
     assert (len(admitted), len(refused)) == (10, 10)
     assert sum(u.quantity for u in _published(database)) == 10
 

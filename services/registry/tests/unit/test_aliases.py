@@ -18,6 +18,7 @@ from gristmill.core.errors import AbortedError, FailedPreconditionError, Invalid
 from gristmill.registry.domain.model import AliasCause, Caller
 from gristmill.registry.domain.registry import Registration
 from services.registry.tests.support import BACKENDS, CALLER, Env, draft, make_env, register_ready, upload_model
+from tests.support.concurrency import run_in_threads
 
 
 def test_set_move_delete_and_history(env: Env) -> None:
@@ -147,11 +148,7 @@ def test_two_racing_compare_and_sets_exactly_one_wins(tmp_path: Path) -> None:
         except AbortedError:
             outcomes.append("aborted")
 
-    threads = [threading.Thread(target=move, args=(v,)) for v in (2, 3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(move, (2, 3))
     assert sorted(outcomes) == ["aborted", "won"]
 
 
@@ -193,11 +190,7 @@ def test_concurrent_moves_from_two_processes_lose_no_update(tmp_path: Path, back
                 wins.append(change.sequence)
             done += 1
 
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    threads = run_in_threads(worker, range(8), timeout_s=120)
     assert not any(t.is_alive() for t in threads)
     history, _ = first.registry.alias_history(CALLER, m, "production", 1000, "")
     chain = list(reversed(history))

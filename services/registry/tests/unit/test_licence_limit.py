@@ -14,6 +14,7 @@ import pytest
 from gristmill.core.errors import FailedPreconditionError
 from gristmill.registry.domain.registry import Registry
 from services.registry.tests.support import BACKENDS, CALLER, make_env
+from tests.support.concurrency import run_in_threads
 from tests.support.licences import signed_license
 
 
@@ -50,11 +51,7 @@ def test_concurrent_creates_never_exceed_the_licensed_model_count(tmp_path: Path
         with lock:
             created.append(name)
 
-    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    run_in_threads(create, range(8), timeout_s=60)
     assert not failed, failed
     assert len(created) == 3 and len(refused) == 5
     assert all("max_registered_models" in message for message in refused)
