@@ -46,7 +46,11 @@ SERVICES = ("labeling", "training", "registry", "serving")
 def free_port_block(size: int = 5) -> int:
     """A base port such that ``base .. base + size - 1`` are all free on 127.0.0.1."""
     for _ in range(200):
-        base = random.randrange(52000, 60000)
+        # Below the kernel's ephemeral range (32768-60999 here): a port checked free there can be taken, before
+        # the service binds it, by any outgoing connection or by a Ray process binding port 0 (it happened:
+        # "training exited during start-up (Failed to bind to address 127.0.0.1:59294)"). Above Ray's worker
+        # ports (10002-19999) and below the second stack's S3 ports (28333 and up).
+        base = random.randrange(21000, 28000)
         sockets = []
         try:
             for port in range(base, base + size):
