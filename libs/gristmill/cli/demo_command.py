@@ -164,6 +164,7 @@ def demo_command(
             )
             out.flush()
             local.start_infrastructure()
+            local.create_topics()
             local.start_groups_at_end()
             # Services that were already running (`gristmill up`) are used, and left running afterwards.
             before = {p.name for p in local.processes() if p.pid() is not None}

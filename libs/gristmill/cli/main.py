@@ -87,6 +87,7 @@ def up(
     """Start the local stack: Kafka, the S3 server, and each service (admin too) as its own process."""
     stack = LocalStack(run_dir(services_dir), base_port=base_port, group_suffix=group_suffix)
     stack.start_infrastructure()
+    stack.create_topics()
     stack.start_groups_at_end()
     stack.start(timeout, on_start=lambda proc, pid: typer.echo(f"{proc.name}: pid {pid}, log {proc.log_file}"))
     for name, address in vars(stack.endpoints).items():

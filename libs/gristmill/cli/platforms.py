@@ -199,6 +199,23 @@ class LocalStack:
             env.get("GRISTMILL_ADMIN_METERING_GROUP", "admin-metering"): (USAGE_RECORDED,),
         }
 
+    def create_topics(self) -> None:
+        """Create the topics this installation's consumer groups read (and their dead-letter topics) before any
+        service starts. A service creates what it subscribes to itself, but a group that forms around a topic
+        created a moment earlier can be left with no partitions and never read it: the networked demo then
+        waited out its timeout for an auto-train job whose event was published and never handled (seen on
+        fresh Kafka brokers only, where every topic is new)."""
+        from gristmill.core.events import dead_letter_topic
+        from gristmill.core.events.kafka import KafkaEventBus
+        from gristmill.core.settings import KafkaSettings
+
+        topics = {t for group_topics in self.consumer_groups().values() for t in group_topics}
+        bus = KafkaEventBus(KafkaSettings(bootstrap_servers=self.env()["GRISTMILL_KAFKA_BOOTSTRAP_SERVERS"]))
+        try:
+            bus.ensure_topics([*topics, *(dead_letter_topic(t) for t in topics)])
+        finally:
+            bus.close()
+
     def start_groups_at_end(self) -> list[str]:
         """Start this installation's new consumer groups at the topics' current end.
 
