@@ -1,5 +1,6 @@
 """The service's own local Ray cluster, started in the background as the service does, stays alive, and its
-processes run under SCHED_BATCH while the service's own threads keep the default policy.
+processes run under SCHED_BATCH while the service's own threads keep the default policy, and it runs no log
+monitor (nothing reads the worker logs it would stream).
 
 In a subprocess: ``ray.init`` is process-wide, and this must be the process's first cluster.
 """
@@ -20,6 +21,7 @@ SCRIPT = textwrap.dedent(
     """
     import os
     import time
+    import psutil
     import ray
     from gristmill.training.runner.ray_runner import RayCluster
 
@@ -34,6 +36,8 @@ SCRIPT = textwrap.dedent(
     value, policy = ray.get(answer.remote(), timeout=60)
     print("answer", value, flush=True)
     print("worker policy", "batch" if policy == os.SCHED_BATCH else policy, flush=True)
+    started = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
+    print("log monitor", "running" if any("log_monitor.py" in c for c in started) else "stopped", flush=True)
     print("service policy", "other" if os.sched_getscheduler(0) == os.SCHED_OTHER else "changed", flush=True)
     cluster.stop()
     print("stopped", flush=True)
@@ -53,4 +57,5 @@ def test_a_cluster_started_in_the_background_outlives_its_starting_thread_and_ru
     assert "answer 42" in done.stdout and "stopped" in done.stdout, done.stderr[-3000:]
     assert "worker policy batch" in done.stdout, done.stdout
     assert "service policy other" in done.stdout, done.stdout
+    assert "log monitor stopped" in done.stdout, done.stdout
     assert done.returncode == 0
