@@ -144,8 +144,7 @@ class OutboxRelay:
             with self.database.transaction() as session:
                 rows = [(row.id, row.to_event()) for row in Outbox.unpublished(session, self.batch_size)]
             if not rows:
-                if self.metrics is not None:
-                    self.metrics.outbox_pending.labels(self.metrics.service).set(0)
+                self._report_pending(0)
                 return 0
             published: list[int] = []
             failure: Exception | None = None
@@ -172,8 +171,7 @@ class OutboxRelay:
                         .values(attempts=OutboxEvent.attempts + 1, last_error=_one_line(failure))
                     )
                 pending = Outbox.pending(session)
-            if self.metrics is not None:
-                self.metrics.outbox_pending.labels(self.metrics.service).set(pending)
+            self._report_pending(pending)
             if failure is not None:
                 self.consecutive_failures += 1
                 self.last_error = failure
@@ -182,6 +180,10 @@ class OutboxRelay:
                 self.consecutive_failures = 0
                 self.last_error = None
             return len(published)
+
+    def _report_pending(self, pending: int) -> None:
+        if self.metrics is not None:
+            self.metrics.outbox_pending.labels(self.metrics.service).set(pending)
 
     def drain(self, timeout_s: float = 30.0) -> int:
         """Relay until nothing is pending (for shutdown and tests); raises the last error after ``timeout_s``."""

@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow.fs  # type: ignore[import-untyped]
 import ray
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
 from gristmill.core.settings import S3Settings
@@ -37,7 +37,7 @@ from gristmill.training.domain.runs import (
 )
 from gristmill.training.ml.loop import FaultInjection, LoopConfig, train_loop
 from gristmill.training.runner.failures import describe_failure
-from gristmill.training.runner.trainer import GristmillTorchTrainer
+from gristmill.training.runner.trainer import GristmillTorchTrainer, scaling_config
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,6 @@ class RayCluster:
 
             def own() -> None:
                 try:
-                    if not self.address:
-                        batch_scheduling()
                     self._init()
                 except BaseException as exc:
                     failure.append(exc)
@@ -149,6 +147,7 @@ class RayCluster:
         if self.address:
             ray.init(address=self.address, log_to_driver=self.log_to_driver, runtime_env={"env_vars": WORKER_ENV})
             return
+        batch_scheduling()  # before the cluster's processes start: they inherit it from this thread
         ray.init(
             num_cpus=self.num_cpus,
             num_gpus=self.num_gpus,
@@ -332,15 +331,10 @@ class RayJobRunner:
     def _trainer(self, request: RunRequest, channel: RunChannel) -> GristmillTorchTrainer:
         res = request.spec.resources
         loop = self._loop_config(request, channel)
-        per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
-        if res.use_gpu:
-            per_worker["GPU"] = res.gpus_per_worker
         return GristmillTorchTrainer(
             train_loop,
             train_loop_config={"loop": loop},
-            scaling_config=ScalingConfig(
-                num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker
-            ),
+            scaling_config=scaling_config(res),
             run_config=RunConfig(
                 name=request.run_name,
                 storage_path=self.storage.path,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ray import tune
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.stopper import Stopper
@@ -25,7 +25,7 @@ from gristmill.training.domain.search import metric_key, sample_trials, trial_sp
 from gristmill.training.domain.spec import Goal, JobSpec, Scheduler, SearchSettings
 from gristmill.training.ml.loop import LoopConfig, train_loop
 from gristmill.training.runner.failures import describe_failure
-from gristmill.training.runner.trainer import GristmillTorchTrainer
+from gristmill.training.runner.trainer import GristmillTorchTrainer, scaling_config
 
 
 def param_space(search: SearchSettings, seed: int) -> dict[str, Any]:
@@ -52,13 +52,10 @@ def run_trial(config: dict[str, Any], template: TrialTemplate) -> None:
     spec = trial_spec(template.spec, config["trial"]["values"])
     loop = replace(template.loop, hyper=spec.hyper_parameters, lora=spec.lora, trial=index)
     res = spec.resources
-    per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
-    if res.use_gpu:
-        per_worker["GPU"] = res.gpus_per_worker
     trainer = GristmillTorchTrainer(
         train_loop,
         train_loop_config={"loop": loop},
-        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker),
+        scaling_config=scaling_config(res),
         run_config=RunConfig(
             name=f"{template.run_name}-trial-{index}",
             storage_path=template.storage_path,

@@ -1,11 +1,22 @@
-"""The ``TorchTrainer`` every job and every search trial runs."""
+"""The ``TorchTrainer`` every job and every search trial runs, and its scaling from a job's resources."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+from gristmill.training.domain.spec import Resources
+
+
+def scaling_config(resources: Resources) -> ScalingConfig:
+    """``num_workers`` data-parallel workers, each with its CPUs (and GPUs when ``use_gpu``)."""
+    per_worker: dict[str, float] = {"CPU": resources.cpus_per_worker}
+    if resources.use_gpu:
+        per_worker["GPU"] = resources.gpus_per_worker
+    return ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu, resources_per_worker=per_worker)
 
 
 class GristmillTorchTrainer(TorchTrainer):
