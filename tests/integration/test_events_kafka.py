@@ -171,3 +171,38 @@ def test_outbox_event_survives_a_broker_outage(kafka_bootstrap: str, database: D
     assert sorted(ids) == sorted(e.event_id for e in sent) and len(ids) == len(sent), "each event exactly once"
     for key in keys:
         assert [i for k, i in handled if k == key] == [e.event_id for e in sent if e.key == key], f"order of {key}"
+
+
+def test_a_rejoin_that_outlasts_short_polls_still_completes(settings: KafkaSettings, database: Database) -> None:
+    """The stall seen on fresh brokers, made deterministic: new partitions make the group's leader rejoin while
+    every poll gives up after a millisecond, so the JoinGroup/SyncGroup round trip is always left in flight.
+    kafka-python 3.0.12 alone then never completes it (the member stays rebalancing with no partitions and
+    reads nothing until restarted); with ``_PendingJoinCoordinator`` the next poll awaits it. The watchdog is
+    off here, so this shows the fix itself."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewPartitions
+
+    topic = f"gristmill.test.rejoin{uuid.uuid4().hex[:12]}.v1"
+    bus = KafkaEventBus(
+        settings.model_copy(update={"topic_partitions": 2}), database=database, consumer_options=CONSUMER_OPTIONS
+    )
+    consumer = bus.subscribe([topic], f"rejoin-{uuid.uuid4().hex[:8]}", lambda _event, _session: None)
+    consumer.stall_timeout_s = float("inf")
+    try:
+        deadline = time.monotonic() + 30
+        while len(consumer.membership().assigned) < 2:
+            assert time.monotonic() < deadline, f"never assigned: {consumer.membership().describe()}"
+            consumer.poll_once(0.5)
+        admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+        try:
+            admin.create_partitions({topic: NewPartitions(total_count=4)})
+        finally:
+            admin.close()
+        deadline = time.monotonic() + 40
+        while (membership := consumer.membership()).assigned != tuple((topic, p) for p in range(4)):
+            assert time.monotonic() < deadline, f"the rejoin never completed: {membership.describe()}"
+            consumer.poll_once(0.001)
+            time.sleep(0.01)
+        assert membership.state == "stable"
+    finally:
+        bus.close()

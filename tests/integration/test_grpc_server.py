@@ -129,6 +129,35 @@ async def test_auth_hook_refuses_calls_but_not_health() -> None:
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
+async def test_a_component_has_its_own_health_and_leaves_the_service_serving() -> None:
+    """A stalled event consumer is NOT_SERVING under its own name while it lasts; the service stays SERVING."""
+    healthy = {"gristmill.consumer.sample-group": True}
+    async with (
+        build_server(component_health=lambda: dict(healthy)) as srv,
+        grpc.aio.insecure_channel(srv.address) as ch,
+    ):
+        stub = health_pb2_grpc.HealthStub(ch)
+
+        async def status(name: str) -> int:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+            return int(reply.status)
+
+        async def becomes(name: str, expected: int) -> None:
+            for _ in range(100):
+                if await status(name) == expected:
+                    return
+                await asyncio.sleep(0.02)
+            raise AssertionError(f"{name} never became {expected}")
+
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await status("gristmill.consumer.sample-group") == serving
+        healthy["gristmill.consumer.sample-group"] = False
+        await becomes("gristmill.consumer.sample-group", not_serving)
+        assert await status("") == serving and await status(SERVICE) == serving
+        healthy["gristmill.consumer.sample-group"] = True
+        await becomes("gristmill.consumer.sample-group", serving)
+
+
 async def test_stop_is_idempotent_and_marks_not_serving() -> None:
     srv = build_server()
     await srv.start()

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -54,6 +55,7 @@ def build_server(
     auth_hook: AuthHook | None = None,
     grace_s: float = 5.0,
     server_credentials: grpc.ServerCredentials | None = None,
+    component_health: Callable[[], Mapping[str, bool]] | None = None,
 ) -> GrpcServer:
     servicer = SampleServicer()
     registration = ServiceRegistration(
@@ -69,6 +71,8 @@ def build_server(
         auth_hook=auth_hook,
         grace_s=grace_s,
         server_credentials=server_credentials,
+        component_health=component_health,
+        health_interval_s=0.05,
     )
 
 

@@ -22,7 +22,7 @@ import inspect
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast, runtime_checkable
@@ -320,6 +320,8 @@ class GrpcServer:
         auth_hook: AuthHook | None = None,
         grace_s: float = 10.0,
         server_credentials: grpc.ServerCredentials | None = None,
+        component_health: Callable[[], Mapping[str, bool]] | None = None,
+        health_interval_s: float = 2.0,
     ) -> None:
         self.service_name = service_name
         self.metrics = metrics or ServiceMetrics(service_name)
@@ -330,6 +332,11 @@ class GrpcServer:
         self._health = health.aio.HealthServicer()
         self._tracer_provider = tracer_provider
         self._auth_hook = auth_hook
+        # Background parts (event consumers) with a health of their own: polled while serving, each published
+        # under its own name; the service's overall health stays SERVING (its RPCs still work).
+        self._component_health = component_health
+        self._health_interval_s = health_interval_s
+        self._health_task: asyncio.Task[None] | None = None
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -370,8 +377,25 @@ class GrpcServer:
         await server.start()
         self._server = server
         await self._set_health(health_pb2.HealthCheckResponse.SERVING, names)
+        if self._component_health is not None:
+            await self._publish_component_health()
+            self._health_task = asyncio.create_task(self._watch_components(), name=f"{self.service_name}-health")
         log.info("%s serving gRPC on %s", self.service_name, self.address)
         return self.port
+
+    async def _publish_component_health(self) -> None:
+        assert self._component_health is not None
+        for name, ok in self._component_health().items():
+            status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            await self._health.set(name, status)
+
+    async def _watch_components(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self._health_interval_s)
+            try:
+                await self._publish_component_health()
+            except Exception:  # a broken probe must not end the watch
+                log.warning("%s: reading component health failed", self.service_name, exc_info=True)
 
     @property
     def address(self) -> str:
@@ -388,8 +412,13 @@ class GrpcServer:
             await self._stopped.wait() if self._stopping else None
             return
         self._stopping = True
+        if self._health_task is not None:
+            self._health_task.cancel()
         grace = self.grace_s if grace_s is None else grace_s
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING, [r.full_name for r in self._registrations])
+        components = list(self._component_health()) if self._component_health is not None else []
+        await self._set_health(
+            health_pb2.HealthCheckResponse.NOT_SERVING, [*(r.full_name for r in self._registrations), *components]
+        )
         log.info("%s stopping: draining in-flight calls for up to %.1fs", self.service_name, grace)
         await self._server.stop(grace)
         self._stopped.set()

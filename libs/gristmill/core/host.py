@@ -36,6 +36,10 @@ from gristmill.core.telemetry import setup_tracing
 
 log = logging.getLogger(__name__)
 
+# gRPC health names of the background parts: a stalled consumer is NOT_SERVING here while the service's RPCs
+# (and its overall health) keep working.
+CONSUMER_HEALTH_PREFIX = "gristmill.consumer."
+
 
 @dataclass
 class Platform:
@@ -136,7 +140,12 @@ class ServiceHost:
             auth_hook=self.auth_hook,
             grace_s=self.settings.shutdown_grace_s,
             server_credentials=self.server_credentials,
+            component_health=self.component_health,
         )
+
+    def component_health(self) -> dict[str, bool]:
+        """Each event consumer's health under ``gristmill.consumer.<group>`` (gRPC health service names)."""
+        return {f"{CONSUMER_HEALTH_PREFIX}{c.group_id}": c.health().ok for c in self._consumers}
 
     def _open_background_work(self) -> None:
         p = self.platform

@@ -55,6 +55,18 @@ class ServiceMetrics:
             ["service"],
             registry=self.registry,
         )
+        self.consumer_assigned = Gauge(
+            "gristmill_consumer_assigned_partitions",
+            "Partitions a consumer group member holds now, by group.",
+            ["service", "group"],
+            registry=self.registry,
+        )
+        self.consumer_rejoins = Counter(
+            "gristmill_consumer_rejoins_total",
+            "Times a stalled consumer re-created its client and rejoined its group, by group.",
+            ["service", "group"],
+            registry=self.registry,
+        )
         self.queue_depth = Gauge(
             "gristmill_queue_depth",
             "Items waiting in an internal queue (batcher, job queue), by queue name.",

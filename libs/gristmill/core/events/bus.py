@@ -17,6 +17,12 @@ Per consumed record:
 4. commit the offset only once the record was handled, skipped or dead-lettered. When the dead-letter
    write or the database fails, nothing after that record is committed and the consumer rewinds to it, so
    it is retried (the run loop backs off).
+
+A consumer running in the background also watches its own place in the group (``Membership``): a member
+that stays unsettled (joining or rebalancing, or holding none of its topics' partitions while the group
+has no other member to hold them) for longer than ``stall_timeout_s`` re-creates its client and rejoins,
+logs why at WARNING and counts it (``gristmill_consumer_rejoins_total``); ``health()`` reports it
+meanwhile, and the service host turns that into the component's gRPC health.
 """
 
 from __future__ import annotations
@@ -67,6 +73,41 @@ DEAD_LETTERED = "dead_lettered"
 
 # (topic, partition)
 TopicPartition = tuple[str, int]
+
+STABLE = "stable"
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """A consumer's place in its group, as its client sees it.
+
+    ``state``: ``stable`` once joined and synced; otherwise the transport's word (``rebalancing``, ``unjoined``).
+    ``partitions``: how many partitions the subscribed topics have, as far as the client knows.
+    ``others_can_hold``: the group has more members than partitions, so an empty assignment is expected.
+    """
+
+    state: str
+    assigned: tuple[TopicPartition, ...]
+    partitions: int
+    others_can_hold: bool = False
+
+    @property
+    def settled(self) -> bool:
+        if self.state != STABLE:
+            return False
+        return bool(self.assigned) or self.partitions == 0 or self.others_can_hold
+
+    def describe(self) -> str:
+        held = ", ".join(f"{t}[{p}]" for t, p in self.assigned) or "no partitions"
+        return f"state {self.state}, holding {held} of {self.partitions}"
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerHealth:
+    """``ok`` False while the consumer is stalled (``reason`` says how); a stopped consumer is not ok either."""
+
+    ok: bool
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +265,14 @@ class Consumer(ABC):
         self._closed = False
         # The error that made the background loop back off most recently (None once it recovers).
         self.last_error: BaseException | None = None
+        # The watchdog's view (background loop only): since when the membership has been unsettled, the last
+        # assignment logged, why the consumer counts as stalled now, and since when a fetch has been running.
+        self.stall_timeout_s = 30.0
+        self._unsettled_since: float | None = None
+        self._last_assigned: tuple[TopicPartition, ...] | None = None
+        self._stall_reason = ""
+        self._fetch_started: float | None = None
+        self.rejoins = 0
 
     # -- transport, provided by each implementation -------------------------------------------------------
 
@@ -242,6 +291,14 @@ class Consumer(ABC):
     @abstractmethod
     def _close_client(self) -> None: ...
 
+    def membership(self) -> Membership:
+        """This member's place in its group. The default (the in-process bus) is always settled."""
+        return Membership(state=STABLE, assigned=(), partitions=0)
+
+    def _recreate_client(self) -> None:  # noqa: B027 - optional hook
+        """Close the client and open a new one that joins the group afresh (positions restart at the
+        committed offsets). Called by the watchdog from the background loop."""
+
     # -- shared behaviour ---------------------------------------------------------------------------------
 
     def poll_once(self, timeout_s: float = 1.0) -> int:
@@ -256,7 +313,11 @@ class Consumer(ABC):
         with self._poll_lock:
             if self._closed:
                 raise FailedPreconditionError(f"consumer of {', '.join(self.topics)} is closed")
-            records = self._fetch(timeout_s)
+            self._fetch_started = time.monotonic()
+            try:
+                records = self._fetch(timeout_s)
+            finally:
+                self._fetch_started = None
             done: dict[TopicPartition, int] = {}
             consumed = 0
             failure: Exception | None = None
@@ -380,9 +441,11 @@ class Consumer(ABC):
 
     def _run(self, poll_timeout_s: float, retry_backoff_s: float, max_backoff_s: float) -> None:
         backoff = retry_backoff_s
+        next_watch = 0.0
         while not self._stopping.is_set():
+            began = time.monotonic()
             try:
-                self.poll_once(poll_timeout_s)
+                consumed = self.poll_once(poll_timeout_s)
             except Exception as exc:
                 self.last_error = exc
                 log.warning(
@@ -393,6 +456,69 @@ class Consumer(ABC):
             else:
                 self.last_error = None
                 backoff = retry_backoff_s
+                # A client that cannot fetch (no coordinator, no assignment) may return at once: wait out the
+                # poll timeout rather than spin a core.
+                idle = poll_timeout_s - (time.monotonic() - began)
+                if not consumed and idle > 0.01:
+                    self._stopping.wait(idle)
+            now = time.monotonic()
+            if now >= next_watch:
+                next_watch = now + min(5.0, self.stall_timeout_s / 3)
+                self._watch(now)
+
+    def _watch(self, now: float) -> None:
+        """Log assignment changes; re-create the client of a member unsettled for longer than the bound."""
+        try:
+            membership = self.membership()
+        except Exception as exc:  # the watchdog must never take the loop down
+            log.warning("consumer %s: could not read its group membership: %s", self.group_id, exc)
+            return
+        if membership.assigned != self._last_assigned and membership.state == STABLE:
+            self._last_assigned = membership.assigned
+            log.info("consumer %s of %s: %s", self.group_id, ",".join(self.topics), membership.describe())
+        if self.bus.metrics is not None:
+            self.bus.metrics.consumer_assigned.labels(self.bus.metrics.service, self.group_id).set(
+                len(membership.assigned)
+            )
+        if membership.settled:
+            self._unsettled_since = None
+            self._stall_reason = ""
+            return
+        if self._unsettled_since is None:
+            self._unsettled_since = now
+            return
+        waited = now - self._unsettled_since
+        if waited < self.stall_timeout_s:
+            return
+        self._stall_reason = f"{membership.describe()} for {waited:.0f}s"
+        log.warning(
+            "consumer %s of %s stalled (%s): re-creating its client and rejoining the group",
+            self.group_id,
+            ",".join(self.topics),
+            self._stall_reason,
+        )
+        self.rejoins += 1
+        if self.bus.metrics is not None:
+            self.bus.metrics.consumer_rejoins.labels(self.bus.metrics.service, self.group_id).inc()
+        try:
+            with self._poll_lock:
+                if not self._closed:
+                    self._recreate_client()
+        except Exception as exc:
+            log.warning("consumer %s: re-creating its client failed (%s); trying again later", self.group_id, exc)
+        # The new client gets the same bound before it counts as stalled again.
+        self._unsettled_since = time.monotonic()
+
+    def health(self) -> ConsumerHealth:
+        """Whether this consumer does its job now: running, not stalled, and not stuck inside its client."""
+        if self._closed or self._stopping.is_set():
+            return ConsumerHealth(False, "stopped")
+        if self._stall_reason:
+            return ConsumerHealth(False, f"stalled: {self._stall_reason}")
+        started = self._fetch_started
+        if started is not None and time.monotonic() - started > self.stall_timeout_s:
+            return ConsumerHealth(False, f"a fetch has not returned for {time.monotonic() - started:.0f}s")
+        return ConsumerHealth(True)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop the background loop (letting the current record finish) and close. Safe to call twice."""

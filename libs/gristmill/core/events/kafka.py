@@ -6,7 +6,9 @@ for the broker's acknowledgement, at most ``KafkaSettings.request_timeout_ms``, 
 not delivered later behind the caller's back (the outbox relay retries it instead).
 
 Consumer: one ``KafkaConsumer`` per ``subscribe`` with auto-commit off; the shared ``Consumer`` code commits
-the offsets of exactly the records it settled, after settling them.
+the offsets of exactly the records it settled, after settling them. Its group coordinator is kafka-python's
+with one fix (``_PendingJoinCoordinator``): without it a member could stop consuming for good on a fresh
+broker. ``membership`` tells the shared watchdog where the member stands.
 
 Topics (and their ``.dlq`` topics) are created on first use with the admin client, so nothing depends on
 the broker's auto-create setting.
@@ -17,16 +19,18 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.coordinator.consumer import ConsumerCoordinator
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 from kafka.structs import TopicPartition as KafkaTopicPartition
 from opentelemetry.trace import TracerProvider
 
 from gristmill.core.errors import ConfigurationError, UnavailableError
-from gristmill.core.events.bus import Consumer, EventBus, Handler, Record, TopicPartition
+from gristmill.core.events.bus import STABLE, Consumer, EventBus, Handler, Membership, Record, TopicPartition
 from gristmill.core.events.envelope import dead_letter_topic
 from gristmill.core.metrics import ServiceMetrics
 from gristmill.core.settings import KafkaSettings
@@ -169,6 +173,24 @@ class KafkaEventBus(EventBus):
                 log.warning("Kafka producer did not flush before closing", exc_info=True)
 
 
+class _PendingJoinCoordinator(ConsumerCoordinator):  # type: ignore[misc]
+    """kafka-python 3.0.12's consumer coordinator, where a join still in flight counts as needing a rejoin.
+
+    kafka-python runs JoinGroup+SyncGroup as a task and, when ``poll``'s timeout ends first, leaves the task
+    running for the next poll to await. The next poll only awaits it if ``need_rejoin()`` is still true. When
+    the rejoin was caused by new topic metadata (not by the ``rejoin_needed`` flag), the group leader's own
+    assignment step makes ``need_rejoin()`` false while the task is still in flight: no poll ever awaits the
+    result, the member stays in REBALANCING with no partitions and heartbeats off, the broker drops it after
+    the session timeout, and the consumer reads nothing until it is restarted. That is the stall of the
+    networked loop on fresh brokers (there, every group's first join sees a topic without partition metadata
+    and must rejoin once the metadata arrives; on a busy machine a join outlasts our 200 ms poll). Kafka's
+    Java client asks ``rejoinNeededOrPending()`` at the same two places; this is that.
+    """
+
+    def need_rejoin(self) -> bool:
+        return bool(super().need_rejoin()) or getattr(self, "_join_task", None) is not None
+
+
 class KafkaBusConsumer(Consumer):
     def __init__(self, bus: KafkaEventBus, topics: tuple[str, ...], group_id: str, handler: Handler) -> None:
         super().__init__(bus, topics, group_id, handler)
@@ -190,11 +212,66 @@ class KafkaBusConsumer(Consumer):
             "metadata_max_age_ms": 5_000,
         }
         options.update(bus.consumer_options)
+        self._options = options
+        self._consumer: Any = self._open_client()
+
+    def _open_client(self) -> Any:
         try:
-            self._consumer: Any = KafkaConsumer(**options)
-            self._consumer.subscribe(list(topics))
+            consumer = KafkaConsumer(**self._options)
+            coordinator = getattr(consumer, "_coordinator", None)
+            if type(coordinator) is ConsumerCoordinator:
+                coordinator.__class__ = _PendingJoinCoordinator
+            consumer.subscribe(list(self.topics))
         except KafkaError as exc:
-            raise bus._unavailable(f"open a consumer for group {group_id}", exc) from exc
+            raise self.bus_unavailable(f"open a consumer for group {self.group_id}", exc) from exc
+        return consumer
+
+    def bus_unavailable(self, doing: str, exc: BaseException) -> UnavailableError:
+        bus = self.bus
+        assert isinstance(bus, KafkaEventBus)
+        return bus._unavailable(doing, exc)
+
+    def _recreate_client(self) -> None:
+        old, self._consumer = self._consumer, None
+        try:
+            old.close(autocommit=False)
+        except Exception:  # a broken client must not keep the new one from opening
+            log.debug("closing the stalled consumer of group %s failed", self.group_id, exc_info=True)
+        self._consumer = self._open_client()
+
+    def membership(self) -> Membership:
+        consumer = self._consumer
+        coordinator = getattr(consumer, "_coordinator", None)
+        # kafka-python's MemberState values are '<stable>', '<rebalancing>', '<unjoined>'.
+        state = str(getattr(coordinator, "state", "") or "unknown").strip("<>").lower()
+        assigned = tuple(sorted((tp.topic, tp.partition) for tp in consumer.assignment()))
+        cluster = getattr(consumer, "_client", None)
+        known = getattr(cluster, "cluster", None)
+        partitions = sum(len((known.partitions_for_topic(t) if known else None) or ()) for t in self.topics)
+        membership = Membership(state=state, assigned=assigned, partitions=partitions)
+        if state == STABLE and not assigned and partitions:
+            membership = replace(membership, others_can_hold=self._group_size() > partitions)
+        return membership
+
+    def _group_size(self) -> int:
+        """Members of this group now (asked of the broker only when this member holds nothing)."""
+        bus = self.bus
+        assert isinstance(bus, KafkaEventBus)
+        admin: Any = None
+        try:
+            admin = KafkaAdminClient(
+                bootstrap_servers=bus.settings.bootstrap_servers,
+                client_id=f"{bus.settings.client_id}-admin",
+                request_timeout_ms=bus._timeout_ms,
+            )
+            groups = admin.describe_groups([self.group_id])
+            return len(groups.get(self.group_id, {}).get("members") or ())
+        except KafkaError as exc:
+            log.debug("describing group %s failed: %s", self.group_id, exc)
+            return 0
+        finally:
+            if admin is not None:
+                _close_quietly(admin, "admin client")
 
     def _fetch(self, timeout_s: float) -> list[Record]:
         try:
