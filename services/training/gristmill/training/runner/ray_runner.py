@@ -26,6 +26,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
+from gristmill.core.errors import UnavailableError
 from gristmill.core.settings import S3Settings
 from gristmill.training.domain.resolve import ClusterCapacity
 from gristmill.training.domain.runs import (
@@ -94,34 +95,65 @@ class RayCluster:
         num_gpus: int | None = None,
         log_to_driver: bool = False,
         object_store_mb: int = 512,
+        start_wait_s: float = 120.0,
+        retry_backoff_s: float = 5.0,
+        max_backoff_s: float = 60.0,
     ) -> None:
         self.address = address
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.log_to_driver = log_to_driver
         self.object_store_mb = object_store_mb
+        # How long a caller (a job, a capacity check) waits for a start in progress before it is UNAVAILABLE.
+        self.start_wait_s = start_wait_s
+        self.retry_backoff_s = retry_backoff_s
+        self.max_backoff_s = max_backoff_s
         self._lock = threading.Lock()
         self._owned = False
         self._started = False
         self._release = threading.Event()
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._starter: threading.Thread | None = None
+        self.last_failure = ""
+        self.attempts = 0
 
     def start(self) -> None:
-        """Start or connect (idempotent, thread-safe). Takes seconds for a local cluster.
+        """Start or connect (idempotent, thread-safe); ``UnavailableError`` with the reason when Ray is not up.
 
-        ``ray.init`` runs on a thread of its own that lives until ``stop``: a local cluster's GCS and raylet are
-        started with PR_SET_PDEATHSIG, which kills them when the *thread* that started them ends (not the
-        process), so starting Ray on a short-lived thread (a background start, a worker thread) would leave the
-        cluster dead a moment later ("Failed to connect to GCS within 60 seconds").
+        While a background start (``start_in_background``) is trying, this waits for it (at most
+        ``start_wait_s``) instead of starting a second time; otherwise it makes one attempt itself.
         """
+        if self._started:
+            return
+        starter = self._starter
+        if starter is not None and starter.is_alive():
+            if self._ready.wait(self.start_wait_s) and self._started:
+                return
+            raise UnavailableError(
+                f"the Ray cluster ({self._where()}) is not up yet: {self.last_failure or 'still starting'}; the "
+                "training service keeps trying in the background, so try again shortly"
+            )
+        self._start_once()
+
+    def _where(self) -> str:
+        return self.address or f"local, {self.num_cpus} CPUs"
+
+    def _start_once(self) -> None:
+        """One attempt. ``ray.init`` runs on a thread of its own that lives until ``stop``: a local cluster's GCS
+        and raylet are started with PR_SET_PDEATHSIG, which kills them when the *thread* that started them ends
+        (not the process), so starting Ray on a short-lived thread (a background start, a worker thread) would
+        leave the cluster dead a moment later ("Failed to connect to GCS within 60 seconds")."""
         with self._lock:
             if self._started:
                 return
             if ray.is_initialized():
                 self._started = True
+                self._ready.set()
                 return
             began = time.monotonic()
-            where = f"connecting to {self.address}" if self.address else f"local, {self.num_cpus} CPUs"
-            log.info("starting Ray: %s", where)
+            self.attempts += 1
+            log.info("starting Ray: %s", self._where())
             ready = threading.Event()
             failure: list[BaseException] = []
 
@@ -139,14 +171,25 @@ class RayCluster:
             threading.Thread(target=own, name="ray-owner", daemon=True).start()
             ready.wait()
             if failure:
-                raise failure[0]
+                self.last_failure = f"{type(failure[0]).__name__}: {' '.join(str(failure[0]).split())}"[:500]
+                # Whatever the failed attempt started (a GCS without its port file, a raylet) goes before the next.
+                try:
+                    ray.shutdown()
+                except Exception:
+                    log.debug("cleaning up after a failed Ray start failed", exc_info=True)
+                raise UnavailableError(f"the Ray cluster ({self._where()}) could not start: {self.last_failure}")
             self._started = True
+            self.last_failure = ""
+            self._ready.set()
             log.info("Ray ready in %.1fs: %s", time.monotonic() - began, ray.cluster_resources())  # type: ignore[no-untyped-call]
 
     def _init(self) -> None:
         if self.address:
             ray.init(address=self.address, log_to_driver=self.log_to_driver, runtime_env={"env_vars": WORKER_ENV})
             return
+        # Ray waits 30 s for its new GCS to write its port file; on two cores busy starting the other services
+        # that was sometimes too short (the start failed with "Timed out waiting for file .../gcs_server_port").
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
         batch_scheduling()  # before the cluster's processes start: they inherit it from this thread
         ray.init(
             num_cpus=self.num_cpus,
@@ -167,15 +210,26 @@ class RayCluster:
                 node.kill_log_monitor(check_alive=False)
 
     def start_in_background(self) -> threading.Thread:
-        thread = threading.Thread(target=self._start_logged, name="ray-start", daemon=True)
-        thread.start()
-        return thread
+        """Start on a thread that retries with backoff until Ray is up or ``stop`` is called."""
+        with self._lock:
+            if self._starter is not None and self._starter.is_alive():
+                return self._starter
+            self._stopping.clear()
+            self._starter = threading.Thread(target=self._keep_starting, name="ray-start", daemon=True)
+            self._starter.start()
+            return self._starter
 
-    def _start_logged(self) -> None:
-        try:
-            self.start()
-        except Exception:
-            log.exception("could not start Ray; jobs will fail until it starts")
+    def _keep_starting(self) -> None:
+        backoff = self.retry_backoff_s
+        while not self._stopping.is_set():
+            try:
+                self._start_once()
+                return
+            except Exception as exc:
+                log.warning("could not start Ray (attempt %d): %s; retrying in %.0fs", self.attempts, exc, backoff)
+                if self._stopping.wait(backoff):
+                    return
+                backoff = min(backoff * 2, self.max_backoff_s)
 
     def capacity(self) -> ClusterCapacity:
         self.start()
@@ -190,10 +244,12 @@ class RayCluster:
         return ClusterCapacity(cpus=cpus, gpus=gpus, max_node_cpus=node_cpus, max_node_gpus=node_gpus)
 
     def stop(self) -> None:
+        self._stopping.set()
         with self._lock:
             if self._owned and ray.is_initialized():
                 ray.shutdown()
             self._owned = self._started = False
+            self._ready.clear()
             self._release.set()
 
 
