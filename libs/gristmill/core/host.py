@@ -4,9 +4,10 @@
 tracer, metrics): Kafka when ``GRISTMILL_KAFKA_BOOTSTRAP_SERVERS`` is set, else the in-process bus;
 S3 when ``GRISTMILL_S3_ENDPOINT`` is set, else a directory under the data dir.
 
-``ServiceHost`` runs one service on it: the outbox relay, the event consumers and the gRPC server,
-started in that order and stopped in reverse (health NOT_SERVING → drain in-flight calls → stop
-consumers → flush the outbox one last time → close the bus → close the database). A service's
+``ServiceHost`` runs one service on it: the outbox relay, the event consumers, the service's own background
+tasks (``PeriodicTask``) and the gRPC server, started in that order and stopped in reverse (health
+NOT_SERVING → drain in-flight calls → stop tasks and consumers → flush the outbox one last time → close the
+bus → close the database). A service's
 ``app.py`` builds one; its ``__main__`` calls ``run_until_signal``.
 """
 
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +91,42 @@ def open_platform(
     return Platform(service, database, objects, bus, platform_catalog(), provider, metrics)
 
 
+class PeriodicTask:
+    """A service's own background work (finishing what an earlier run left half-done, sweeping), run by the
+    host in every mode (networked, embedded, tests) on a daemon thread: ``work`` at start (its argument is
+    ``True`` then), then every ``interval_s``. An exception is logged and retried at the next interval; the
+    thread ends with the host. ``work`` must be safe to interrupt: a stop does not wait for it to finish."""
+
+    def __init__(self, name: str, work: Callable[[bool], object], interval_s: float) -> None:
+        self.name = name
+        self.work = work
+        self.interval_s = interval_s
+        self.runs = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        first = True
+        while not self._stop.is_set():
+            try:
+                self.work(first)
+            except Exception:
+                log.exception("%s failed; trying again in %.0fs", self.name, self.interval_s)
+            self.runs += 1
+            first = False
+            self._stop.wait(self.interval_s)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
+
 @dataclass(frozen=True)
 class Subscription:
     """One consumer a service runs: a group reading some topics with one handler."""
@@ -112,6 +150,8 @@ class ServiceHost:
     # Run on SIGHUP while serving (on a worker thread): re-read what may change without a restart, such as a
     # renewed licence file (``Security.reload``).
     on_reload: Callable[[], object] | None = None
+    # The service's own background work, started after the consumers and stopped before them.
+    tasks: Sequence[PeriodicTask] = ()
     _server: GrpcServer | None = field(default=None, init=False)
     _relay: OutboxRelay | None = field(default=None, init=False)
     _consumers: list[Consumer] = field(default_factory=list, init=False)
@@ -153,6 +193,8 @@ class ServiceHost:
         for sub in self.subscriptions:
             consumer = p.bus.subscribe(sub.topics, sub.group_id, sub.handler)
             self._consumers.append(consumer.run_in_background())
+        for task in self.tasks:
+            task.start()
         if self.settings.metrics_port:
             p.metrics.serve(self.settings.metrics_port, self.settings.host)
         self._server = self._build_server()
@@ -172,6 +214,8 @@ class ServiceHost:
         await asyncio.to_thread(self._close_background_work)
 
     def _close_background_work(self) -> None:
+        for task in reversed(self.tasks):
+            task.stop()
         for consumer in reversed(self._consumers):
             consumer.stop()
         if self._relay is not None:

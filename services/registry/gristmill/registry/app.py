@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -11,7 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from gristmill.api.events.v1 import events_pb2
 from gristmill.core.auth import REGISTRY_PROMOTE, REGISTRY_READ
 from gristmill.core.events import MemoryBroker
-from gristmill.core.host import ServiceHost, Subscription, open_platform
+from gristmill.core.host import PeriodicTask, ServiceHost, Subscription, open_platform
 from gristmill.core.security import Security
 from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings
 from gristmill.registry import SERVICE_NAME
@@ -21,6 +22,8 @@ from gristmill.registry.events.handlers import job_state_changed_handler, versio
 from gristmill.registry.events.payloads import OutboxEventWriter
 from gristmill.registry.settings import RegistrySettings
 from gristmill.registry.store.sql import REGISTRY_TABLES, SqlRegistryStore
+
+log = logging.getLogger(__name__)
 
 _REGISTRY = "/gristmill.api.registry.v1.RegistryService"
 # Reads need registry:read; every change (models, versions, aliases, policies, cards, base models) needs
@@ -107,8 +110,29 @@ def build_app(
         auth_hook=security.auth_hook,
         on_reload=security.reload,
         server_credentials=security.server_credentials,
+        tasks=[
+            PeriodicTask(
+                "retry-verifications",
+                resume_pending_verifications(registry, settings.verification_stale_s),
+                settings.verification_retry_s,
+            )
+        ],
     )
     return RegistryApp(host=host, registry=registry, store=store, servicer=servicer)
+
+
+def resume_pending_verifications(registry: Registry, stale_s: float) -> Callable[[bool], None]:
+    """Finish versions left PENDING: every one at start (the last run's), then those older than ``stale_s``.
+
+    A host task, so that a large copy never delays serving; an interrupted one stays PENDING.
+    """
+
+    def resume(first: bool) -> None:
+        finished = registry.resume_pending(min_age_s=0.0 if first else stale_s)
+        if finished:
+            log.info("finished the verification of %d PENDING version(s)", finished)
+
+    return resume
 
 
 def build_host(

@@ -4,7 +4,6 @@ promotion's ``alias changed`` event continues the trace of the job event."""
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -21,10 +20,10 @@ from gristmill.api.training.v1 import training_pb2
 from gristmill.core.errors import UnavailableError
 from gristmill.core.events import Event, MemoryBroker, MemoryEventBus, OutboxRelay
 from gristmill.core.events.bus import Consumer
+from gristmill.core.host import PeriodicTask
 from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
-from gristmill.registry.__main__ import retry_pending_verifications
-from gristmill.registry.app import RegistryApp, build_app
+from gristmill.registry.app import RegistryApp, build_app, resume_pending_verifications
 from gristmill.registry.domain.model import MetricGoal, ModelQuery, PromotionMode, PromotionPolicy, VersionStatus
 from gristmill.registry.settings import RegistrySettings
 from services.registry.tests.support import CALLER, SIGNATURE, upload_model
@@ -244,8 +243,9 @@ def test_storage_outage_leaves_the_version_pending_until_the_retry_loop(
     assert app.registry.resume_pending(min_age_s=3600) == 0  # too fresh: maybe still being copied elsewhere
 
     monkeypatch.setattr(objects, "get_file", healthy_get_file)
-    stop = threading.Event()
-    retry = threading.Thread(target=retry_pending_verifications, args=(app.registry, 0.05, 0.0, stop))
+    # The host runs this task in every mode (it used to be a thread of the registry's __main__ only).
+    assert [task.name for task in app.host.tasks] == ["retry-verifications"]
+    retry = PeriodicTask("retry", resume_pending_verifications(app.registry, 0.0), 0.05)
     retry.start()
     try:
         for _ in range(100):
@@ -253,8 +253,7 @@ def test_storage_outage_leaves_the_version_pending_until_the_retry_loop(
                 break
             time.sleep(0.05)
     finally:
-        stop.set()
-        retry.join(10)
+        retry.stop()
     assert app.registry.get_version(CALLER, "reviews", version=1, alias=None).status is VersionStatus.READY
     loop.run()
     registered = broker.records(catalog.topic_for(events_pb2.ModelVersionRegistered))
