@@ -108,3 +108,47 @@ async def test_host_on_kafka_and_s3(tmp_path: Path, kafka_bootstrap: str, s3_end
 
     host = ServiceHost(platform, [_registration()], settings, [Subscription((topic,), group, only_ours)])
     await _exercise(host, received, seen, key)
+
+
+def test_a_service_started_on_an_older_database_refuses_with_one_line(tmp_path: Path) -> None:
+    """The labeling service process on a database whose ``labeling_projects`` table an older release wrote without a
+    column this release reads: exit status 2, one error line naming the table and column, and the database as it was."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    from gristmill.core.sql import Database
+    from gristmill.labeling.store import tables
+
+    path = tmp_path / "labeling.db"
+    database = Database(f"sqlite:///{path}")
+    database.create_all(tables.metadata)
+    database.dispose()
+    table = tables.metadata.tables["labeling_projects"]
+    # A plain column (in no key, index or constraint) that an older release would not have had.
+    constrained = {c.name for group in (*table.indexes, *table.constraints) for c in group.columns}
+    column = next(c.name for c in table.columns if c.name not in constrained)
+    with sqlite3.connect(path) as conn:
+        conn.execute(f'ALTER TABLE labeling_projects DROP COLUMN "{column}"')
+        before = conn.execute("SELECT name FROM sqlite_master ORDER BY name").fetchall()
+    done = subprocess.run(
+        [sys.executable, "-m", "gristmill.labeling"],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "GRISTMILL_LABELING_DATABASE_URL": f"sqlite:///{path}",
+            "GRISTMILL_LABELING_DATA_DIR": str(tmp_path / "data"),
+            "GRISTMILL_LABELING_GRPC_PORT": "0",
+            "GRISTMILL_AUTH_DISABLED": "true",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    # Log lines come before it (the licence, auth); the error itself is one line, the last.
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("labeling: the database sqlite:///"), done.stderr[-2000:]
+    assert f"labeling_projects lacks {column}" in last and "older Gristmill release" in last
+    assert "Traceback" not in done.stderr
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT name FROM sqlite_master ORDER BY name").fetchall() == before

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -50,10 +51,38 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_all(self, *metadatas: MetaData) -> None:
-        """Create the shared tables and the given service tables if they do not exist."""
-        Base.metadata.create_all(self.engine)
-        for md in metadatas:
+        """Refuse a database whose existing tables lack columns this release reads (``check_schema``, before
+        anything is written), then create the shared tables and the given service tables that do not exist."""
+        self.check_schema(Base.metadata, *metadatas)
+        for md in (Base.metadata, *metadatas):
             md.create_all(self.engine)
+
+    def check_schema(self, *metadatas: MetaData) -> None:
+        """``ConfigurationError`` naming every table that lacks a column of ``metadatas``.
+
+        ``create_all`` creates missing tables but never changes an existing one, so a database written by an
+        older release would otherwise start, then fail (or, worse, skip rows) at the first query that needs a
+        new column. Refusing at start, with the tables and columns named, is the safe answer until the release
+        ships a migration for that change.
+        """
+        inspector = sa_inspect(self.engine)
+        existing = set(inspector.get_table_names())
+        lacking = []
+        for md in metadatas:
+            for table in md.sorted_tables:
+                if table.name not in existing:
+                    continue
+                have = {column["name"] for column in inspector.get_columns(table.name)}
+                missing = [column.name for column in table.columns if column.name not in have]
+                if missing:
+                    lacking.append(f"{table.name} lacks {', '.join(missing)}")
+        if lacking:
+            where = self.engine.url.render_as_string(hide_password=True)
+            raise ConfigurationError(
+                f"the database {where} was written by an older Gristmill release and this one cannot read it "
+                f"({'; '.join(lacking)}): start the release that wrote it, or back it up and point the service's "
+                "_DATABASE_URL (or _DATA_DIR) at a new database; nothing was changed"
+            )
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

@@ -28,7 +28,11 @@ def main() -> None:
     except ConfigurationError as exc:
         print(f"{SERVICE}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    host = build_host(settings, kafka=kafka, s3=s3, security=security, telemetry=telemetry)
+    try:
+        host = build_host(settings, kafka=kafka, s3=s3, security=security, telemetry=telemetry)
+    except ConfigurationError as exc:
+        print(f"{SERVICE}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         asyncio.run(host.run_until_signal())
     finally:

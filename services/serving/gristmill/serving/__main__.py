@@ -31,7 +31,11 @@ def main() -> None:
     except ConfigurationError as exc:
         print(f"{SERVICE}: {exc}", file=sys.stderr)
         sys.exit(2)
-    host = build_host(settings, kafka=kafka, s3=s3, security=security, telemetry=telemetry)
+    try:
+        host = build_host(settings, kafka=kafka, s3=s3, security=security, telemetry=telemetry)
+    except ConfigurationError as exc:
+        print(f"{SERVICE}: {exc}", file=sys.stderr)
+        sys.exit(2)
     try:
         asyncio.run(host.run_until_signal())
     finally:

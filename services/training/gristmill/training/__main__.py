@@ -36,7 +36,12 @@ def main() -> int:
     except ConfigurationError as exc:
         print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
         return 2
-    host = build_host(settings, kafka=kafka, s3=s3, security=security, telemetry=telemetry)
+    try:
+        host = build_host(settings, kafka=kafka, s3=s3, security=security, telemetry=telemetry)
+    except ConfigurationError as exc:
+        print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
+        security.close()
+        return 2
     try:
         asyncio.run(host.run_until_signal())
     finally:
