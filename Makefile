@@ -22,9 +22,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 UV := $(GRISTMILL_CACHE)/tools/bin/uv
 PYTEST_ARGS ?=
+SOAK_ROUNDS ?= 10
 
 .PHONY: help install generate lint typecheck check-generated compose-check stack-up stack-down stack-status \
-        test test-unit test-integration run clean
+        test test-unit test-integration chaos soak run clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -82,7 +83,13 @@ test-integration: install stack-up  ## tests against the real Kafka, S3 server a
 	@$(PY) -m pytest -m "integration" tests services $(PYTEST_ARGS)
 
 test: install check-generated lint typecheck compose-check stack-up  ## everything CI runs: checks, then unit + integration tests
-	@$(PY) -m pytest tests services $(PYTEST_ARGS)
+	@$(PY) -m pytest -m "not chaos" tests services $(PYTEST_ARGS)
+
+chaos: install  ## the chaos suite: the loop under one fault at a time, on a stack of its own (~25 min; not in CI)
+	@$(PY) -m pytest -m chaos tests/chaos -p no:cacheprovider $(PYTEST_ARGS)
+
+soak: install  ## the networked e2e test N times on freshly wiped brokers (SOAK_ROUNDS=10)
+	@deploy/local/soak.sh $(SOAK_ROUNDS)
 
 DEMO_ARGS ?=
 run: install  ## the main job: `gristmill demo`, the whole loop on the embedded platform (DEMO_ARGS="--stack local" ...)

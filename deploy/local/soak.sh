@@ -10,7 +10,7 @@
 # directory: round-N.log (pytest), round-N-logs/ (Kafka, SeaweedFS), round-N-tmp/ (every service's log). Ends with one line per round and "N passed, M failed"; exits 1
 # if any round failed.
 #
-# Environment: GRISTMILL_SOAK_DIR (<run dir>/soak), GRISTMILL_SOAK_KAFKA_PORT (19092),
+# Environment: GRISTMILL_SOAK_DIR (<run dir>/soak), GRISTMILL_SOAK_KAFKA_PORT (9192),
 #   GRISTMILL_SOAK_S3_PORT (8433; its other ports are derived from it as in seaweedfs.sh), PYTEST_ARGS (extra pytest arguments).
 set -euo pipefail
 
@@ -27,7 +27,7 @@ PY="$GRISTMILL_ROOT/.venv/bin/python"
 
 # Everything below talks to the soak's own brokers.
 export GRISTMILL_RUN_DIR="$SOAK_DIR/stack"
-export GRISTMILL_KAFKA_PORT="$(port_from_env GRISTMILL_SOAK_KAFKA_PORT 19092)"
+export GRISTMILL_KAFKA_PORT="$(port_from_env GRISTMILL_SOAK_KAFKA_PORT 9192)"
 export GRISTMILL_S3_PORT="$(port_from_env GRISTMILL_SOAK_S3_PORT 8433)"
 export HF_HUB_OFFLINE=1
 mkdir -p "$SOAK_DIR"

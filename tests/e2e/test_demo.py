@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,34 +33,12 @@ from gristmill.api.serving.v1 import serving_pb2 as sv
 from gristmill.cli.serving_commands import predict_oip
 from gristmill.client import ClientOptions, Endpoints, Gristmill, UnauthenticatedError
 from tests.conftest import REPO_ROOT
+from tests.support.services import free_port_block, restart_service
 
 # One demo run backs the module: its setup is the whole loop (about 1.5-2 minutes, more on a busy machine).
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
 SERVICES = ("labeling", "training", "registry", "serving")
-
-
-def free_port_block(size: int = 5) -> int:
-    """A base port such that ``base .. base + size - 1`` are all free on 127.0.0.1."""
-    for _ in range(200):
-        # Below the kernel's ephemeral range (32768-60999 here): a port checked free there can be taken, before
-        # the service binds it, by any outgoing connection or by a Ray process binding port 0 (it happened:
-        # "training exited during start-up (Failed to bind to address 127.0.0.1:59294)"). Above Ray's worker
-        # ports (10002-19999) and below the second stack's S3 ports (28333 and up).
-        base = random.randrange(21000, 28000)
-        sockets = []
-        try:
-            for port in range(base, base + size):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise AssertionError("no block of free ports")
 
 
 @dataclass
@@ -97,30 +72,6 @@ def _gristmill(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[
     )
 
 
-def _restart_registry(run_dir: Path) -> tuple[int, int]:
-    """SIGKILL the registry (no drain, no goodbye to Kafka), then start it again exactly as it was started."""
-    pid_file = run_dir / "pids" / "registry.pid"
-    old = int(pid_file.read_text())
-    environ = Path(f"/proc/{old}/environ").read_bytes().split(b"\0")
-    env = dict(item.decode().split("=", 1) for item in environ if b"=" in item)
-    os.kill(old, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{old}").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(1.0)
-    with (run_dir / "logs" / "registry.log").open("ab") as log:
-        new = subprocess.Popen(
-            [sys.executable, "-m", "gristmill.registry"],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        ).pid
-    pid_file.write_text(f"{new}\n")
-    return old, new
-
-
 @pytest.fixture(scope="module")
 def demo(
     kafka_bootstrap: str, s3_endpoint: dict[str, str], tmp_path_factory: pytest.TempPathFactory
@@ -146,7 +97,7 @@ def demo(
             while "started by the event; progress:" not in stderr.read_text() and time.monotonic() < deadline:
                 assert proc.poll() is None, f"the demo ended early:\n{stderr.read_text()[-4000:]}"
                 time.sleep(0.2)
-            registry_pids = _restart_registry(run_dir)
+            registry_pids = restart_service(run_dir, "registry")
             code = proc.wait(timeout=480)
         progress = stderr.read_text()
         assert code == 0, f"gristmill demo failed ({code}):\n{progress[-4000:]}"

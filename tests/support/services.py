@@ -1,0 +1,60 @@
+"""Processes of the local stack for the end-to-end and chaos tests: free ports, and a service killed and restarted."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port_block(size: int = 5) -> int:
+    """A base port such that ``base .. base + size - 1`` are all free on 127.0.0.1."""
+    for _ in range(200):
+        # Below the kernel's ephemeral range (32768-60999 here): a port checked free there can be taken, before
+        # the service binds it, by any outgoing connection or by a Ray process binding port 0 (it happened:
+        # "training exited during start-up (Failed to bind to address 127.0.0.1:59294)"). Above Ray's worker
+        # ports (10002-19999) and below the second stack's S3 ports (28333 and up).
+        base = random.randrange(21000, 28000)
+        sockets = []
+        try:
+            for port in range(base, base + size):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise AssertionError("no block of free ports")
+
+
+def restart_service(run_dir: Path, service: str) -> tuple[int, int]:
+    """SIGKILL a service of the local stack in ``run_dir`` (no drain, no goodbye to Kafka), then start it again
+    exactly as it was started (same environment, same log). Returns the old and the new pid."""
+    pid_file = run_dir / "pids" / f"{service}.pid"
+    old = int(pid_file.read_text())
+    environ = Path(f"/proc/{old}/environ").read_bytes().split(b"\0")
+    env = dict(item.decode().split("=", 1) for item in environ if b"=" in item)
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{old}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    with (run_dir / "logs" / f"{service}.log").open("ab") as log:
+        new = subprocess.Popen(
+            [sys.executable, "-m", f"gristmill.{service}"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        ).pid
+    pid_file.write_text(f"{new}\n")
+    return old, new
