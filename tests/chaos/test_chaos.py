@@ -45,6 +45,7 @@ from gristmill.api.common.v1 import common_pb2
 from gristmill.api.events.v1 import events_pb2
 from gristmill.api.labeling.v1 import labeling_pb2 as lb
 from gristmill.api.registry.v1 import registry_pb2 as rg
+from gristmill.api.serving.v1 import serving_pb2 as sv
 from gristmill.api.training.v1 import training_pb2 as tr
 from gristmill.cli.demo import Demo, DemoOptions, Prepared, prepare
 from gristmill.cli.platforms import LocalStack
@@ -120,6 +121,7 @@ class Steps(io.TextIOBase):
 
     def __init__(self, log: Path) -> None:
         self.started: dict[str, float] = {}
+        self.loop_ended = False
         self._log = log.open("a", encoding="utf-8")
         self._changed = threading.Condition()
 
@@ -133,10 +135,18 @@ class Steps(io.TextIOBase):
                     self._changed.notify_all()
         return len(text)
 
-    def wait_for(self, prefix: str, timeout_s: float = ROUND_TIMEOUT_S) -> None:
+    def end(self) -> None:
         with self._changed:
-            ok = self._changed.wait_for(lambda: any(s.startswith(prefix) for s in self.started), timeout_s)
-        assert ok, f"the loop never reached the step {prefix!r}"
+            self.loop_ended = True
+            self._changed.notify_all()
+
+    def wait_for(self, prefix: str, timeout_s: float = ROUND_TIMEOUT_S) -> None:
+        def reached() -> bool:
+            return any(s.startswith(prefix) for s in self.started)
+
+        with self._changed:
+            self._changed.wait_for(lambda: reached() or self.loop_ended, timeout_s)
+            assert reached(), f"the loop never reached the step {prefix!r}"
 
 
 @pytest.fixture(scope="module")
@@ -406,15 +416,23 @@ def run_round(c: Chaos, fault: str) -> Outcome:
             result["summary"] = demo.run()
         except BaseException as exc:  # the round's outcome, reported below
             result["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            steps.end()
 
     began = time.monotonic()
     thread = threading.Thread(target=loop, name=f"chaos-{fault}", daemon=True)
     thread.start()
-    window = FAULTS[fault](c, steps, demo)
+    try:
+        window = FAULTS[fault](c, steps, demo)
+    except AssertionError as exc:  # the fault found no moment to strike: the loop failed before it
+        result.setdefault("error", str(exc))
+        window = (time.monotonic(), time.monotonic())
     thread.join(ROUND_TIMEOUT_S)
     finished = time.monotonic()
     completed = "summary" in result
     ledger = read_ledger(c, demo, fault)
+    # The community edition serves at most two models: each round frees its deployment for the next.
+    c.gm.serving.DeleteDeployment(sv.DeleteDeploymentRequest(name=demo.deployment))
     outcome = Outcome(
         fault=fault,
         completed=completed,

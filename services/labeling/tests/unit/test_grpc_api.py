@@ -345,8 +345,11 @@ async def test_task_bad_input(stub: pb_grpc.LabelingServiceStub) -> None:
     )
     await _fails(stub.SubmitAnnotation(spans), CODE.INVALID_ARGUMENT, "span labels")
     good = pb.SubmitAnnotationRequest(project_id="p1", item_id=task.item.item_id, annotator_id="ann", labels=["pos"])
-    await stub.SubmitAnnotation(good)
-    await _fails(stub.SubmitAnnotation(good), CODE.ALREADY_EXISTS, "use UpdateAnnotation")
+    first = await stub.SubmitAnnotation(good)
+    # The same submission again is a retry whose first reply was lost: the same annotation, nothing added.
+    assert (await stub.SubmitAnnotation(good)).annotation_id == first.annotation_id
+    other = pb.SubmitAnnotationRequest(project_id="p1", item_id=task.item.item_id, annotator_id="ann", labels=["neg"])
+    await _fails(stub.SubmitAnnotation(other), CODE.ALREADY_EXISTS, "use UpdateAnnotation")
     await _fails(
         stub.SubmitAnnotation(
             pb.SubmitAnnotationRequest(project_id="p1", item_id="0" * 32, annotator_id="ann", labels=["pos"])

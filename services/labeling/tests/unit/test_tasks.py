@@ -160,7 +160,7 @@ def test_lease_seconds_override_is_validated(
         service.next_task("", "p1", "Not A Slug", None)
 
 
-def test_submitting_twice_is_already_exists_and_update_changes_the_labels(
+def test_resubmitting_is_a_retry_other_labels_are_already_exists_and_update_changes_them(
     make_project: Any, import_jsonl: Any, service: LabelingService
 ) -> None:
     make_project()
@@ -169,6 +169,8 @@ def test_submitting_twice_is_already_exists_and_update_changes_the_labels(
         0
     ].item_id
     first = service.submit_annotation("", "p1", item_id, "ann-a", task_id="", labels=["neg"], spans=(), comment="")
+    retried = service.submit_annotation("", "p1", item_id, "ann-a", task_id="", labels=["neg"], spans=(), comment="")
+    assert retried == first, "the same submission again is a retry: the first annotation, nothing added"
     with pytest.raises(AlreadyExistsError, match="use UpdateAnnotation"):
         service.submit_annotation("", "p1", item_id, "ann-a", task_id="", labels=["pos"], spans=(), comment="")
     updated = service.update_annotation(

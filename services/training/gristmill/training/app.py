@@ -135,6 +135,8 @@ def build_host(
         ModelPublisher(platform.objects, code_version=code_version()),
         signal,
         max_running=settings.max_running_jobs,
+        unavailable_timeout_s=settings.dependency_wait_s,
+        retry_backoff_s=settings.dependency_retry_s,
     )
     resolver = SpecResolver(
         datasets, base_models, HfModelInspector(), runner, search_enabled=getattr(runner, "supports_search", False)

@@ -24,6 +24,10 @@ class TrainingSettings(ServiceSettings):
     ray_log_to_driver: bool = False
     # Jobs whose Ray runs are driven at once; later jobs stay QUEUED until one finishes.
     max_running_jobs: int = Field(default=2, ge=1)
+    # A job whose object store (data, checkpoints, result) cannot be reached waits and runs again, first after
+    # dependency_retry_s, doubling up to a minute, for at most dependency_wait_s; then it is FAILED.
+    dependency_wait_s: float = Field(default=900.0, ge=0)
+    dependency_retry_s: float = Field(default=5.0, gt=0)
     # Accept BaseModelRef.local_path (a directory on this host). Embedded and local modes only.
     allow_local_paths: bool = True
     # Ray Train checkpoints kept per run besides the latest (CheckpointConfig.num_to_keep).

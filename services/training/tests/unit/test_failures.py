@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gristmill.training.runner.failures import describe_failure
+from gristmill.training.runner.failures import describe_failure, storage_unreachable
 
 
 class WorkerGroupFailure(Exception):
@@ -32,3 +32,20 @@ def test_controller_and_other_errors() -> None:
         "the Ray Train controller failed: TimeoutError: no placement group"
     )
     assert describe_failure(OSError("")) == "OSError"
+
+
+S3_DOWN = (
+    "When testing for existence of bucket 'gristmill': AWS Error NETWORK_CONNECTION during HeadBucket operation: "
+    "curlCode: 7, Could not connect to server"
+)
+
+
+def test_an_unreachable_s3_server_is_told_apart_from_a_failing_job() -> None:
+    # As Ray reported it in the chaos suite: the controller's storage check, or a worker's checkpoint upload.
+    assert storage_unreachable(ControllerFailure(OSError(S3_DOWN)))
+    assert storage_unreachable(WorkerGroupFailure({1: RuntimeError("late"), 0: OSError(S3_DOWN)}))
+    wrapped = RuntimeError("the run failed")
+    wrapped.__cause__ = OSError(S3_DOWN)
+    assert storage_unreachable(wrapped)
+    assert not storage_unreachable(WorkerGroupFailure({0: ValueError("label 7 out of range")}))
+    assert not storage_unreachable(ControllerFailure(TimeoutError("no placement group")))

@@ -34,8 +34,15 @@ from gristmill.training.domain.jobs import PublishedVersion
 from gristmill.training.domain.model import Job, JobState
 from gristmill.training.domain.refs import DatasetRef
 from gristmill.training.domain.resolve import ClusterCapacity
-from gristmill.training.domain.runs import RunCancelledError, RunFailedError, RunListener, RunOutcome, RunRequest
-from gristmill.training.domain.supervisor import LOST_ON_RESTART, STOPPED_WITH_SERVICE
+from gristmill.training.domain.runs import (
+    RunCancelledError,
+    RunFailedError,
+    RunListener,
+    RunOutcome,
+    RunRequest,
+    RunUnavailableError,
+)
+from gristmill.training.domain.supervisor import LOST_ON_RESTART, MAX_RESUMES, STOPPED_WITH_SERVICE
 from gristmill.training.runner.in_process import InProcessRunner
 from gristmill.training.settings import TrainingSettings
 from gristmill.training.store.sql import SqlJobStore
@@ -68,6 +75,32 @@ class ScriptedRunner:
 
     def cleanup(self, outcome: RunOutcome) -> None:
         raise AssertionError("no outcome to clean up")
+
+
+@dataclass
+class RecordingRunner(ScriptedRunner):
+    """A ``ScriptedRunner`` that remembers the Ray run name each job ran under."""
+
+    run_names: dict[str, str] = field(default_factory=dict)
+
+    def run(self, request: RunRequest, listener: RunListener, cancel: threading.Event) -> RunOutcome:
+        self.run_names[request.job_id] = request.run_name
+        return super().run(request, listener, cancel)
+
+
+@dataclass
+class UnreachableStorageRunner(ScriptedRunner):
+    """Fails its first ``outages`` runs as Ray does when the S3 server is down, then runs as scripted."""
+
+    outages: int = 1
+    attempts: list[str] = field(default_factory=list)
+
+    def run(self, request: RunRequest, listener: RunListener, cancel: threading.Event) -> RunOutcome:
+        self.attempts.append(request.run_name)
+        if len(self.attempts) <= self.outages:
+            listener.on_records([{"type": "started", "step": 0, "total_steps": 100}])
+            raise RunUnavailableError("the checkpoint storage could not be reached: AWS Error NETWORK_CONNECTION")
+        return super().run(request, listener, cancel)
 
 
 # Every licensed feature, no limit (the licence tests below pass their own).
@@ -428,7 +461,7 @@ async def test_a_base_model_changed_after_submit_is_refused_at_run_time(
         await host.stop()
 
 
-async def test_restart_fails_orphaned_runs_and_runs_queued_jobs(
+async def test_restart_resumes_orphaned_runs_and_runs_queued_jobs(
     tmp_path: Path, tiny_model: Path, sentiment_version: Any
 ) -> None:
     runner = ScriptedRunner()
@@ -443,19 +476,61 @@ async def test_restart_fails_orphaned_runs_and_runs_queued_jobs(
     await host.stop()
     stopped = host.jobs.get(running.job_id)  # type: ignore[union-attr]
     assert stopped.state is JobState.FAILED and stopped.state_reason == STOPPED_WITH_SERVICE
-    # A process that died leaves RUNNING behind: the next start fails it and picks up the queued job.
+    # A process that died leaves RUNNING behind: the next start runs it again under its Ray run name (Ray Train
+    # resumes it from its last checkpoint), counting a restart, fails one resumed too often already, and picks
+    # up the queued job.
     database = Database(TrainingSettings(data_dir=tmp_path / "data").resolved_database_url("training"))
     store = SqlJobStore(database, platform_catalog(), source="training")
     orphan, _ = store.create_job(Job("orphan", "default", stopped.spec, JobState.QUEUED, datetime.now(UTC)))
-    store.transition(orphan.job_id, JobState.RUNNING)
+    store.transition(orphan.job_id, JobState.RUNNING, ray_run_name="orphan-run")
+    worn, _ = store.create_job(Job("worn-out", "default", stopped.spec, JobState.QUEUED, datetime.now(UTC)))
+    store.transition(worn.job_id, JobState.RUNNING, restart_count=MAX_RESUMES)
     database.dispose()
-    second, _ = await _host(tmp_path, ScriptedRunner())
+    second_runner = RecordingRunner()
+    second, _ = await _host(tmp_path, second_runner)
     try:
-        lost = second.jobs.get("orphan")  # type: ignore[union-attr]
-        assert lost.state is JobState.FAILED and lost.state_reason == LOST_ON_RESTART
-        await _wait_for(lambda: queued.job_id in second.supervisor.running())  # type: ignore[union-attr]
+        lost = second.jobs.get("worn-out")  # type: ignore[union-attr]
+        assert lost.state is JobState.FAILED and lost.state_reason.startswith(LOST_ON_RESTART)
+        assert f"resumed {MAX_RESUMES} times already" in lost.state_reason
+        await _wait_for(lambda: {"orphan", queued.job_id} <= set(second.supervisor.running()))  # type: ignore[union-attr]
+        await _wait_for(lambda: second.jobs.get("orphan").restart_count == 1)  # type: ignore[union-attr]
+        resumed = second.jobs.get("orphan")  # type: ignore[union-attr]
+        assert resumed.state is JobState.RUNNING and "resumed from the checkpoint" in resumed.state_reason
+        assert second_runner.run_names["orphan"] == "orphan-run", "the same Ray run, so its checkpoints are found"
     finally:
         await second.stop()
+
+
+async def test_a_job_waits_out_an_unreachable_object_store_and_runs_again_under_the_same_run(
+    tmp_path: Path, tiny_model: Path, sentiment_version: Any
+) -> None:
+    runner = UnreachableStorageRunner(outages=2)
+    host, port = await _host(tmp_path, runner, dependency_retry_s=0.05)
+    sentiment_version(host.platform.objects)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.TrainingServiceStub(channel)
+            job = await stub.SubmitJob(pb.SubmitJobRequest(spec=_spec(tiny_model)))
+            await asyncio.to_thread(runner.started.wait, 30)
+            running = host.jobs.get(job.job_id)  # type: ignore[union-attr]
+            assert running.state is JobState.RUNNING, running.state_reason
+            assert len(runner.attempts) == 3 and len(set(runner.attempts)) == 1, "one Ray run, resumed"
+            assert running.restart_count == 2
+    finally:
+        await host.stop()
+    # An outage longer than the wait fails the job with the reason.
+    runner = UnreachableStorageRunner(outages=1000)
+    host, port = await _host(tmp_path / "second", runner, dependency_retry_s=0.05, dependency_wait_s=0.3)
+    sentiment_version(host.platform.objects)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.TrainingServiceStub(channel)
+            job = await stub.SubmitJob(pb.SubmitJobRequest(spec=_spec(tiny_model)))
+            await _wait_for(lambda: host.jobs.get(job.job_id).state is JobState.FAILED)  # type: ignore[union-attr]
+            failed = host.jobs.get(job.job_id)  # type: ignore[union-attr]
+            assert "NETWORK_CONNECTION" in failed.state_reason and "still unreachable after" in failed.state_reason
+    finally:
+        await host.stop()
 
 
 async def test_auto_train_policies(tmp_path: Path, tiny_model: Path, sentiment_version: Any) -> None:

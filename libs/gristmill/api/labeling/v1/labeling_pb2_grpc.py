@@ -310,7 +310,10 @@ class LabelingServiceServicer(object):
         lease is not required: simulated annotators and bulk tools may submit directly).
         INVALID_ARGUMENT: a label outside the current schema, not exactly one label for
         single-label classification, invalid spans.
-        ALREADY_EXISTS: this annotator already annotated this item (use UpdateAnnotation).
+        Safe to retry: the same labels, spans and comment again return the annotation recorded the
+        first time.
+        ALREADY_EXISTS: this annotator already annotated this item with other labels (use
+        UpdateAnnotation).
         NOT_FOUND: project, item or task.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

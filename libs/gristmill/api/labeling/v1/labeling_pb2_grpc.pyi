@@ -114,7 +114,10 @@ class LabelingServiceStub:
     lease is not required: simulated annotators and bulk tools may submit directly).
     INVALID_ARGUMENT: a label outside the current schema, not exactly one label for
       single-label classification, invalid spans.
-    ALREADY_EXISTS: this annotator already annotated this item (use UpdateAnnotation).
+    Safe to retry: the same labels, spans and comment again return the annotation recorded the
+    first time.
+    ALREADY_EXISTS: this annotator already annotated this item with other labels (use
+      UpdateAnnotation).
     NOT_FOUND: project, item or task.
     """
     UpdateAnnotation: _grpc.UnaryUnaryMultiCallable[_labeling_pb2.UpdateAnnotationRequest, _labeling_pb2.Annotation]
@@ -254,7 +257,10 @@ class LabelingServiceAsyncStub(LabelingServiceStub):
     lease is not required: simulated annotators and bulk tools may submit directly).
     INVALID_ARGUMENT: a label outside the current schema, not exactly one label for
       single-label classification, invalid spans.
-    ALREADY_EXISTS: this annotator already annotated this item (use UpdateAnnotation).
+    Safe to retry: the same labels, spans and comment again return the annotation recorded the
+    first time.
+    ALREADY_EXISTS: this annotator already annotated this item with other labels (use
+      UpdateAnnotation).
     NOT_FOUND: project, item or task.
     """
     UpdateAnnotation: _aio.UnaryUnaryMultiCallable[_labeling_pb2.UpdateAnnotationRequest, _labeling_pb2.Annotation]  # type: ignore[assignment]
@@ -481,7 +487,10 @@ class LabelingServiceServicer(metaclass=_abc_1.ABCMeta):
         lease is not required: simulated annotators and bulk tools may submit directly).
         INVALID_ARGUMENT: a label outside the current schema, not exactly one label for
           single-label classification, invalid spans.
-        ALREADY_EXISTS: this annotator already annotated this item (use UpdateAnnotation).
+        Safe to retry: the same labels, spans and comment again return the annotation recorded the
+        first time.
+        ALREADY_EXISTS: this annotator already annotated this item with other labels (use
+          UpdateAnnotation).
         NOT_FOUND: project, item or task.
         """
 

@@ -169,6 +169,15 @@ class SqlLabelingStore(LabelingStore):
                 found.setdefault(row.item_seq, []).append(_annotation_from_row(row))
         return found
 
+    def _annotation_of(self, session: Session, item_seq: int, annotator_id: str) -> Annotation | None:
+        row = session.execute(
+            select(t.annotations, t.items.c.item_id, t.projects.c.project_id)
+            .join(t.items, t.items.c.seq == t.annotations.c.item_seq)
+            .join(t.projects, t.projects.c.pk == t.annotations.c.project_pk)
+            .where(t.annotations.c.item_seq == item_seq, t.annotations.c.annotator_id == annotator_id)
+        ).first()
+        return None if row is None else _annotation_from_row(row)
+
     def _predictions(self, session: Session, item_seqs: Sequence[int]) -> dict[int, list[Prediction]]:
         found: dict[int, list[Prediction]] = {}
         for chunk in _chunks(item_seqs):
@@ -544,13 +553,13 @@ class SqlLabelingStore(LabelingStore):
                             f"task {task_id!r} is a lease of another annotator or item; submit with your own task_id "
                             "(or none)"
                         )
-                existing = session.execute(
-                    select(t.annotations.c.annotation_id).where(
-                        t.annotations.c.item_seq == item.seq, t.annotations.c.annotator_id == annotator_id
-                    )
-                ).scalar()
+                existing = self._annotation_of(session, item.seq, annotator_id)
                 if existing is not None:
-                    raise _already_annotated(annotator_id, item_id, existing)
+                    # The same submission again is a retry (the first reply was lost: a timeout, a restart of this
+                    # service): answer it as the first time. Different labels are a second opinion, refused.
+                    if (existing.labels, existing.spans, existing.comment) == (tuple(labels), tuple(spans), comment):
+                        return existing
+                    raise _already_annotated(annotator_id, item_id, existing.annotation_id)
                 annotation = Annotation(
                     annotation_id=new_id(),
                     project_id=project_id,

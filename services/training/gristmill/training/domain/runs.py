@@ -53,6 +53,11 @@ class RunFailedError(Exception):
     """The run failed; the message is what the job's state_reason shows."""
 
 
+class RunUnavailableError(RunFailedError):
+    """The run failed because a dependency it needs (the object store its checkpoints go to) could not be
+    reached: the job waits and runs again under the same run name, resuming from its last checkpoint."""
+
+
 class JobRunner(Protocol):
     # Whether ``run`` can run a spec with a hyper-parameter search.
     supports_search: bool

@@ -4,11 +4,14 @@ A driver thread loads the job's data and base model (verified again), hands the 
 and turns its progress records into store writes as they arrive: the first ``started`` record moves the
 job to RUNNING, a later one (the worker group restarted from a checkpoint) counts a restart, metrics
 become events. On success the model is published and the job SUCCEEDED; any failure ends it FAILED with
-the error as its reason, so no job is left hanging. Cancelling sets the run's cancel flag; the runner
-aborts the Ray run.
+the error as its reason, so no job is left hanging, except an unreachable dependency (the object store down):
+the job waits it out with backoff and runs again, resuming from its last checkpoint. Cancelling sets the run's
+cancel flag; the runner aborts the Ray run.
 
-At start, jobs left RUNNING by a process that died are FAILED (their Ray run died with its driver), and
-QUEUED jobs are queued again. At stop, running jobs are aborted and FAILED with a reason saying so.
+At start, jobs left RUNNING by a process that died are run again under the same Ray run name, so that Ray
+Train resumes them from their last checkpoint in the object store (each such resumption counts a restart;
+after ``MAX_RESUMES`` restarts, or for a search, the job is FAILED instead), and QUEUED jobs are queued
+again. At stop, running jobs are aborted and FAILED with a reason saying so.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -23,11 +27,17 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 
-from gristmill.core.errors import FailedPreconditionError, GristmillError
+from gristmill.core.errors import FailedPreconditionError, GristmillError, UnavailableError
 from gristmill.training.domain.model import Job, JobState, Metric, MetricsReport, Split
 from gristmill.training.domain.publish import ModelPublisher
 from gristmill.training.domain.resolve import BaseModelCatalog, DatasetCatalog
-from gristmill.training.domain.runs import JobRunner, RunCancelledError, RunFailedError, RunRequest
+from gristmill.training.domain.runs import (
+    JobRunner,
+    RunCancelledError,
+    RunFailedError,
+    RunRequest,
+    RunUnavailableError,
+)
 from gristmill.training.domain.signal import JobSignal
 from gristmill.training.store.base import JobStore
 
@@ -36,6 +46,9 @@ log = logging.getLogger(__name__)
 LOST_ON_RESTART = (
     "the training service stopped while this job was running, and its Ray run stopped with it; resubmit the job"
 )
+# How often a job is resumed after the service died under it; beyond that it is FAILED (a job that kills the
+# service every time must not do so forever).
+MAX_RESUMES = 3
 STOPPED_WITH_SERVICE = "the training service shut down while this job was running; resubmit the job"
 
 
@@ -139,6 +152,8 @@ class JobSupervisor:
         signal: JobSignal,
         *,
         max_running: int = 2,
+        unavailable_timeout_s: float = 900.0,
+        retry_backoff_s: float = 5.0,
     ) -> None:
         self._store = store
         self._runner = runner
@@ -147,9 +162,14 @@ class JobSupervisor:
         self._publisher = publisher
         self._signal = signal
         self._max_running = max_running
+        # How long a job waits out an unreachable dependency (the object store) before it is FAILED.
+        self._unavailable_timeout_s = unavailable_timeout_s
+        self._retry_backoff_s = retry_backoff_s
         self._cond = threading.Condition()
         self._queue: deque[str] = deque()
         self._active: dict[str, _ActiveRun] = {}
+        # Jobs found RUNNING at start (their process died) and queued again to resume from their checkpoint.
+        self._resuming: set[str] = set()
         # The trace context each job was submitted in (a SubmitJob call, or the consumer span of the published
         # dataset version): its driver thread runs in it, so the job's JobStateChanged events, and what the
         # registry and serving do with them, continue that trace. In memory only: a job queued again after a
@@ -168,10 +188,26 @@ class JobSupervisor:
         self._dispatcher.start()
 
     def recover(self) -> None:
-        """Fail jobs whose run died with a previous process; queue the jobs that never started."""
+        """Resume jobs whose run died with a previous process (from their last checkpoint); queue the jobs
+        that never started."""
         for job in self._store.jobs_in_states([JobState.RUNNING]):
-            if job.job_id not in self._active:
-                self._fail(job.job_id, LOST_ON_RESTART)
+            if job.job_id in self._active:
+                continue
+            if job.spec.search is not None or job.restart_count >= MAX_RESUMES:
+                reason = (
+                    LOST_ON_RESTART
+                    if job.spec.search is not None
+                    else f"{LOST_ON_RESTART} (resumed {job.restart_count} times already)"
+                )
+                self._fail(job.job_id, reason)
+                continue
+            log.info(
+                "training job %s was running when the service stopped: resuming it from its last checkpoint",
+                job.job_id,
+            )
+            with self._cond:
+                self._resuming.add(job.job_id)
+            self.enqueue(job.job_id)
         for job in self._store.jobs_in_states([JobState.QUEUED]):
             self.enqueue(job.job_id)
 
@@ -238,9 +274,10 @@ class JobSupervisor:
         token = otel_context.attach(ctx)
         try:
             job = self._store.get_job(job_id)
-            if job.state is not JobState.QUEUED:
+            resuming = job.state is JobState.RUNNING and job_id in self._resuming
+            if job.state is not JobState.QUEUED and not resuming:
                 return
-            self._run(job, run)
+            self._run_until_done(job, run)
         except RunCancelledError:
             if run.shutdown:
                 self._fail(job_id, STOPPED_WITH_SERVICE)
@@ -254,9 +291,33 @@ class JobSupervisor:
         finally:
             with self._cond:
                 self._active.pop(job_id, None)
+                self._resuming.discard(job_id)
                 self._cond.notify_all()
             self._signal.notify(job_id)
             otel_context.detach(token)
+
+    def _run_until_done(self, job: Job, run: _ActiveRun) -> None:
+        """Run the job; while a dependency is unreachable (the object store: its data, its checkpoints, its
+        result), wait with backoff and run it again under the same Ray run name, so that it resumes from its
+        last checkpoint. Gives up (FAILED, with the last reason) after ``unavailable_timeout_s``."""
+        began = time.monotonic()
+        backoff = self._retry_backoff_s
+        while True:
+            try:
+                self._run(job, run)
+                return
+            except (UnavailableError, RunUnavailableError) as exc:
+                reason = exc.message if isinstance(exc, GristmillError) else str(exc)
+                waited = time.monotonic() - began
+                if waited + backoff > self._unavailable_timeout_s:
+                    raise RunFailedError(f"{reason} (still unreachable after {waited:.0f}s)") from exc
+                log.warning("training job %s: %s; running it again in %.0fs", job.job_id, reason, backoff)
+                if run.cancel.wait(backoff):
+                    raise RunCancelledError("cancelled while waiting for a dependency") from exc
+                backoff = min(backoff * 2, 60.0)
+                job = self._store.get_job(job.job_id)
+                if job.state.terminal:
+                    return
 
     def _run(self, job: Job, run: _ActiveRun) -> None:
         data, files = self._datasets.load_ref(job.spec.dataset)

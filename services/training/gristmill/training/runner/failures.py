@@ -17,6 +17,33 @@ def describe_failure(error: BaseException) -> str:
     return _last_line(error)
 
 
+# What pyarrow's S3 filesystem (Ray Train's checkpoint storage) and the AWS SDK say when the S3 server cannot be
+# reached at all. Ray wraps the worker's or controller's exception into text, so the text is what is left.
+_UNREACHABLE = re.compile(
+    r"NETWORK_CONNECTION|Could not connect to server|curlCode: 7|Connection refused|ECONNREFUSED", re.IGNORECASE
+)
+
+
+def storage_unreachable(error: BaseException) -> bool:
+    """Whether the run failed because its storage (S3) could not be reached: a fault to wait out, not the job's."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if _UNREACHABLE.search(str(current)):
+            return True
+        failures = getattr(current, "worker_failures", None)
+        if isinstance(failures, dict):
+            pending += [f for f in failures.values() if isinstance(f, BaseException)]
+        for linked in (getattr(current, "controller_failure", None), current.__cause__, current.__context__):
+            if isinstance(linked, BaseException):
+                pending.append(linked)
+    return False
+
+
 _NAMED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b:")
 
 

@@ -35,9 +35,10 @@ from gristmill.training.domain.runs import (
     RunListener,
     RunOutcome,
     RunRequest,
+    RunUnavailableError,
 )
 from gristmill.training.ml.loop import FaultInjection, LoopConfig, train_loop
-from gristmill.training.runner.failures import describe_failure
+from gristmill.training.runner.failures import describe_failure, storage_unreachable
 from gristmill.training.runner.trainer import GristmillTorchTrainer, scaling_config
 
 log = logging.getLogger(__name__)
@@ -445,7 +446,11 @@ class RayJobRunner:
             raise RunCancelledError("the run was cancelled")
         if "error" in outcome:
             error = outcome["error"]
-            raise error if isinstance(error, RunFailedError) else RunFailedError(describe_failure(error))
+            if isinstance(error, RunFailedError):
+                raise error
+            if storage_unreachable(error):
+                raise RunUnavailableError(f"the checkpoint storage could not be reached: {describe_failure(error)}")
+            raise RunFailedError(describe_failure(error))
         return outcome["result"]
 
     def _search(
