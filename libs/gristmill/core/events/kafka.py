@@ -76,22 +76,25 @@ class KafkaEventBus(EventBus):
             f"{self._timeout_ms / 1000:g}s: {type(exc).__name__}: {exc}"
         )
 
+    def admin_client(self) -> Any:
+        """A new admin client; close it after use. A fresh one each time (topics are created once each, groups
+        described rarely): a long-lived one does not reconnect on its own after a broker restart."""
+        return KafkaAdminClient(
+            bootstrap_servers=self.settings.bootstrap_servers,
+            client_id=f"{self.settings.client_id}-admin",
+            request_timeout_ms=self._timeout_ms,
+            bootstrap_timeout_ms=self._timeout_ms,
+        )
+
     def ensure_topics(self, topics: Iterable[str]) -> None:
         """Create the topics that do not exist yet (partitions from the settings); existing ones are left alone."""
         with self._lock:
             missing = sorted(set(topics) - self._known_topics)
             if not missing:
                 return
-            # A fresh admin client each time (this runs once per topic): a long-lived one does not reconnect
-            # on its own after a broker restart.
             admin: Any = None
             try:
-                admin = KafkaAdminClient(
-                    bootstrap_servers=self.settings.bootstrap_servers,
-                    client_id=f"{self.settings.client_id}-admin",
-                    request_timeout_ms=self._timeout_ms,
-                    bootstrap_timeout_ms=self._timeout_ms,
-                )
+                admin = self.admin_client()
                 result = admin.create_topics(
                     {name: {"num_partitions": self.settings.topic_partitions} for name in missing},
                     timeout_ms=self._timeout_ms,
@@ -194,6 +197,7 @@ class _PendingJoinCoordinator(ConsumerCoordinator):  # type: ignore[misc]
 class KafkaBusConsumer(Consumer):
     def __init__(self, bus: KafkaEventBus, topics: tuple[str, ...], group_id: str, handler: Handler) -> None:
         super().__init__(bus, topics, group_id, handler)
+        self._kafka = bus
         settings = bus.settings
         options: dict[str, Any] = {
             "bootstrap_servers": settings.bootstrap_servers,
@@ -223,13 +227,8 @@ class KafkaBusConsumer(Consumer):
                 coordinator.__class__ = _PendingJoinCoordinator
             consumer.subscribe(list(self.topics))
         except KafkaError as exc:
-            raise self.bus_unavailable(f"open a consumer for group {self.group_id}", exc) from exc
+            raise self._kafka._unavailable(f"open a consumer for group {self.group_id}", exc) from exc
         return consumer
-
-    def bus_unavailable(self, doing: str, exc: BaseException) -> UnavailableError:
-        bus = self.bus
-        assert isinstance(bus, KafkaEventBus)
-        return bus._unavailable(doing, exc)
 
     def _recreate_client(self) -> None:
         old, self._consumer = self._consumer, None
@@ -255,15 +254,9 @@ class KafkaBusConsumer(Consumer):
 
     def _group_size(self) -> int:
         """Members of this group now (asked of the broker only when this member holds nothing)."""
-        bus = self.bus
-        assert isinstance(bus, KafkaEventBus)
         admin: Any = None
         try:
-            admin = KafkaAdminClient(
-                bootstrap_servers=bus.settings.bootstrap_servers,
-                client_id=f"{bus.settings.client_id}-admin",
-                request_timeout_ms=bus._timeout_ms,
-            )
+            admin = self._kafka.admin_client()
             groups = admin.describe_groups([self.group_id])
             return len(groups.get(self.group_id, {}).get("members") or ())
         except KafkaError as exc:

@@ -137,6 +137,7 @@ def build_host(
         max_running=settings.max_running_jobs,
         unavailable_timeout_s=settings.dependency_wait_s,
         retry_backoff_s=settings.dependency_retry_s,
+        dependency_probe=lambda: platform.objects.exists("probes/reachable"),
     )
     resolver = SpecResolver(
         datasets, base_models, HfModelInspector(), runner, search_enabled=getattr(runner, "supports_search", False)

@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -154,6 +155,7 @@ class JobSupervisor:
         max_running: int = 2,
         unavailable_timeout_s: float = 900.0,
         retry_backoff_s: float = 5.0,
+        dependency_probe: Callable[[], object] | None = None,
     ) -> None:
         self._store = store
         self._runner = runner
@@ -165,6 +167,9 @@ class JobSupervisor:
         # How long a job waits out an unreachable dependency (the object store) before it is FAILED.
         self._unavailable_timeout_s = unavailable_timeout_s
         self._retry_backoff_s = retry_backoff_s
+        # Raises (UnavailableError) while the dependency is down: lets a waiting job run again as soon as it is
+        # back instead of sleeping out its whole backoff.
+        self._dependency_probe = dependency_probe
         self._cond = threading.Condition()
         self._queue: deque[str] = deque()
         self._active: dict[str, _ActiveRun] = {}
@@ -311,13 +316,32 @@ class JobSupervisor:
                 waited = time.monotonic() - began
                 if waited + backoff > self._unavailable_timeout_s:
                     raise RunFailedError(f"{reason} (still unreachable after {waited:.0f}s)") from exc
-                log.warning("training job %s: %s; running it again in %.0fs", job.job_id, reason, backoff)
-                if run.cancel.wait(backoff):
+                log.warning(
+                    "training job %s: %s; running it again once it is reachable (at most %.0fs)",
+                    job.job_id,
+                    reason,
+                    backoff,
+                )
+                if self._wait_for_dependency(backoff, run.cancel):
                     raise RunCancelledError("cancelled while waiting for a dependency") from exc
                 backoff = min(backoff * 2, 60.0)
                 job = self._store.get_job(job.job_id)
                 if job.state.terminal:
                     return
+
+    def _wait_for_dependency(self, at_most_s: float, cancel: threading.Event) -> bool:
+        """Wait until the probe succeeds (checked every second) or ``at_most_s`` passed; True if cancelled."""
+        deadline = time.monotonic() + at_most_s
+        while (left := deadline - time.monotonic()) > 0:
+            if cancel.wait(min(1.0, left)):
+                return True
+            if self._dependency_probe is not None:
+                try:
+                    self._dependency_probe()
+                except GristmillError:
+                    continue
+                return False
+        return cancel.is_set()
 
     def _run(self, job: Job, run: _ActiveRun) -> None:
         data, files = self._datasets.load_ref(job.spec.dataset)
