@@ -219,6 +219,12 @@ class KafkaBusConsumer(Consumer):
         self._options = options
         self._consumer: Any = self._open_client()
 
+    def _client(self) -> Any:
+        """The client, opened again if re-creating it failed (the broker was down then)."""
+        if self._consumer is None:
+            self._consumer = self._open_client()
+        return self._consumer
+
     def _open_client(self) -> Any:
         try:
             consumer = KafkaConsumer(**self._options)
@@ -232,14 +238,15 @@ class KafkaBusConsumer(Consumer):
 
     def _recreate_client(self) -> None:
         old, self._consumer = self._consumer, None
-        try:
-            old.close(autocommit=False)
-        except Exception:  # a broken client must not keep the new one from opening
-            log.debug("closing the stalled consumer of group %s failed", self.group_id, exc_info=True)
+        if old is not None:
+            try:
+                old.close(autocommit=False)
+            except Exception:  # a broken client must not keep the new one from opening
+                log.debug("closing the stalled consumer of group %s failed", self.group_id, exc_info=True)
         self._consumer = self._open_client()
 
     def membership(self) -> Membership:
-        consumer = self._consumer
+        consumer = self._client()
         coordinator = getattr(consumer, "_coordinator", None)
         # kafka-python's MemberState values are '<stable>', '<rebalancing>', '<unjoined>'.
         state = str(getattr(coordinator, "state", "") or "unknown").strip("<>").lower()
@@ -268,7 +275,7 @@ class KafkaBusConsumer(Consumer):
 
     def _fetch(self, timeout_s: float) -> list[Record]:
         try:
-            batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
+            batches = self._client().poll(timeout_ms=int(timeout_s * 1000))
         except KafkaError as exc:
             raise UnavailableError(f"fetching from Kafka failed: {type(exc).__name__}: {exc}") from exc
         return [
@@ -286,13 +293,15 @@ class KafkaBusConsumer(Consumer):
 
     def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         try:
-            self._consumer.commit(
+            self._client().commit(
                 {KafkaTopicPartition(t, p): OffsetAndMetadata(offset, "", -1) for (t, p), offset in offsets.items()}
             )
         except KafkaError as exc:
             raise UnavailableError(f"committing offsets to Kafka failed: {type(exc).__name__}: {exc}") from exc
 
     def _rewind(self, offsets: dict[TopicPartition, int]) -> None:
+        if self._consumer is None:
+            return  # a new client starts at the committed offsets anyway
         assigned = self._consumer.assignment()
         for (topic, partition), offset in offsets.items():
             tp = KafkaTopicPartition(topic, partition)
@@ -302,7 +311,8 @@ class KafkaBusConsumer(Consumer):
 
     def _close_client(self) -> None:
         try:
-            self._consumer.close(autocommit=False)
+            if self._consumer is not None:
+                self._consumer.close(autocommit=False)
         except KafkaError:
             log.warning("closing the Kafka consumer of group %s failed", self.group_id, exc_info=True)
 

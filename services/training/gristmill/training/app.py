@@ -9,6 +9,7 @@ from pathlib import Path
 from opentelemetry.sdk.trace import TracerProvider
 
 from gristmill.core.auth import TRAINING_SUBMIT
+from gristmill.core.errors import GristmillError
 from gristmill.core.events import MemoryBroker
 from gristmill.core.events.topics import DATASET_VERSION_PUBLISHED
 from gristmill.core.host import ServiceHost, Subscription, open_platform
@@ -35,18 +36,31 @@ METHOD_SCOPES = {"/gristmill.api.training.v1.TrainingService/*": TRAINING_SUBMIT
 
 
 class ClusterLifecycle:
-    """Starts the service's own Ray cluster with the host (in the background: gRPC serves meanwhile) and
-    stops it last. A runner handed in by the caller brings its own cluster, which the host leaves alone
-    (the runner's own actors are closed either way)."""
+    """Starts the service's own Ray cluster with the host and stops it last. A runner handed in by the caller
+    brings its own cluster, which the host leaves alone (the runner's own actors are closed either way).
+
+    A local cluster is started before the host's own threads (relay, consumers, gRPC server): Ray starts its
+    GCS and raylet with a ``preexec_fn``, which runs Python in the forked child before exec, and a fork while
+    other threads are busy (importing, inside gRPC) can leave that child hung before it ever runs. Seen as a
+    local start that timed out with no raylet log at all ("The current node timed out during startup",
+    "Timed out waiting for file .../gcs_server_port"). If that first start fails, it is retried in the
+    background. A cluster by address is only connected to (no process is forked): in the background."""
 
     def __init__(self, cluster: object | None, runner: object | None = None) -> None:
         self.cluster = cluster
         self.runner = runner
 
     def open(self) -> None:
-        start = getattr(self.cluster, "start_in_background", None)
-        if start is not None:
-            start()
+        cluster = self.cluster
+        if cluster is None or not hasattr(cluster, "start_in_background"):
+            return
+        if not getattr(cluster, "address", "") and hasattr(cluster, "start"):
+            try:
+                cluster.start()
+                return
+            except GristmillError as exc:
+                log.warning("%s; retrying in the background", exc.message)
+        cluster.start_in_background()
 
     def close(self) -> None:
         for closer in (getattr(self.runner, "close", None), getattr(self.cluster, "stop", None)):

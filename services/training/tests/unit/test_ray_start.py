@@ -81,3 +81,32 @@ def test_the_background_start_succeeds_once_ray_can_start() -> None:
         ray.cluster_resources = original
         cluster._owned = False  # nothing real to shut down
         cluster.stop()
+
+
+class FakeCluster:
+    def __init__(self, address: str = "", fails: bool = False) -> None:
+        self.address = address
+        self.fails = fails
+        self.calls: list[str] = []
+
+    def start(self) -> None:
+        self.calls.append("start")
+        if self.fails:
+            raise UnavailableError("the Ray cluster (local, 1 CPUs) could not start: Exception: timed out")
+
+    def start_in_background(self) -> None:
+        self.calls.append("background")
+
+
+def test_the_host_starts_a_local_cluster_before_its_threads_and_retries_in_the_background() -> None:
+    from gristmill.training.app import ClusterLifecycle
+
+    local = FakeCluster()
+    ClusterLifecycle(local).open()
+    assert local.calls == ["start"], "a local cluster starts at once, before the host's threads"
+    failing = FakeCluster(fails=True)
+    ClusterLifecycle(failing).open()
+    assert failing.calls == ["start", "background"], "a failed first start is retried in the background"
+    remote = FakeCluster(address="127.0.0.1:6379")
+    ClusterLifecycle(remote).open()
+    assert remote.calls == ["background"], "connecting forks nothing: the host need not wait for it"

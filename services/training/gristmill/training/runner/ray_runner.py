@@ -96,7 +96,7 @@ class RayCluster:
         num_gpus: int | None = None,
         log_to_driver: bool = False,
         object_store_mb: int = 512,
-        start_wait_s: float = 120.0,
+        start_wait_s: float = 20.0,
         retry_backoff_s: float = 5.0,
         max_backoff_s: float = 60.0,
     ) -> None:
@@ -105,7 +105,8 @@ class RayCluster:
         self.num_gpus = num_gpus
         self.log_to_driver = log_to_driver
         self.object_store_mb = object_store_mb
-        # How long a caller (a job, a capacity check) waits for a start in progress before it is UNAVAILABLE.
+        # How long a caller (a job, a capacity check) waits for a start in progress before it is UNAVAILABLE:
+        # shorter than a client's deadline, so that the client gets a status it retries.
         self.start_wait_s = start_wait_s
         self.retry_backoff_s = retry_backoff_s
         self.max_backoff_s = max_backoff_s
