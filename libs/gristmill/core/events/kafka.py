@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -217,6 +218,8 @@ class KafkaBusConsumer(Consumer):
         }
         options.update(bus.consumer_options)
         self._options = options
+        # (when, members) of the last group description.
+        self._group_size_at: tuple[float, int] | None = None
         self._consumer: Any = self._open_client()
 
     def _client(self) -> Any:
@@ -260,18 +263,25 @@ class KafkaBusConsumer(Consumer):
         return membership
 
     def _group_size(self) -> int:
-        """Members of this group now (asked of the broker only when this member holds nothing)."""
+        """Members of this group (asked of the broker only when this member holds nothing, and then at most once
+        per stall bound: an idle member of a group larger than its partitions would otherwise ask every watch)."""
+        now = time.monotonic()
+        if self._group_size_at is not None and now - self._group_size_at[0] < self.stall_timeout_s:
+            return self._group_size_at[1]
         admin: Any = None
+        size = 0
         try:
             admin = self._kafka.admin_client()
             groups = admin.describe_groups([self.group_id])
-            return len(groups.get(self.group_id, {}).get("members") or ())
+            size = len(groups.get(self.group_id, {}).get("members") or ())
         except KafkaError as exc:
             log.debug("describing group %s failed: %s", self.group_id, exc)
-            return 0
+            return 0  # not remembered: ask again at the next watch
         finally:
             if admin is not None:
                 _close_quietly(admin, "admin client")
+        self._group_size_at = (now, size)
+        return size
 
     def _fetch(self, timeout_s: float) -> list[Record]:
         try:
