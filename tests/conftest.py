@@ -78,3 +78,7 @@ def tracing() -> Iterator[tuple[object, object]]:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     yield provider, exporter
     provider.shutdown()
+
+
+# Store tests: ``database_url`` is an empty SQLite or PostgreSQL database (parametrised over both).
+from tests.support.databases import database_url  # noqa: E402, F401

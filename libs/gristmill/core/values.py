@@ -1,0 +1,33 @@
+"""Value types every service shares: what an object reference, a model signature and the default
+organisation are. Plain frozen dataclasses (no protobuf, no SQL), so domain packages may use them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The organisation of an installation that has only one (embedded mode, requests with an empty id).
+DEFAULT_ORGANIZATION = "default"
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """An immutable object with what a reader needs to verify it (``common.v1.ObjectRef``)."""
+
+    key: str
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a model, as the Open Inference Protocol describes it."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]

@@ -1,0 +1,58 @@
+"""Databases for store tests: a fresh SQLite file, or a fresh database on the real PostgreSQL server.
+
+``make test`` starts PostgreSQL (deploy/local/stack.sh) and tests reach it through
+``GRISTMILL_TEST_POSTGRES_URL`` (a URL of a role allowed to create databases; default
+``postgresql+psycopg://gristmill@127.0.0.1:5433/postgres``). A test whose server is missing FAILS, never skips.
+Each test gets a database of its own, dropped afterwards, so tests never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+BACKENDS = ("sqlite", "postgresql")
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://gristmill@127.0.0.1:5433/postgres"
+
+
+def postgres_admin_url() -> str:
+    return os.environ.get("GRISTMILL_TEST_POSTGRES_URL") or DEFAULT_POSTGRES_URL
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL of an empty database: parametrised over SQLite and PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/store.db"
+        return
+    yield from fresh_postgres_database()
+
+
+def fresh_postgres_database() -> Iterator[str]:
+    admin_url = make_url(postgres_admin_url())
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as exc:
+        engine.dispose()
+        pytest.fail(
+            f"PostgreSQL is not reachable at {admin_url.render_as_string(hide_password=True)} "
+            f"({str(exc.orig).strip().splitlines()[0]}): run the tests with `make test` or start it with "
+            "`deploy/local/stack.sh up`",
+            pytrace=False,
+        )
+    try:
+        yield admin_url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
