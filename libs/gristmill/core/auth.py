@@ -50,6 +50,7 @@ from gristmill.core.errors import (
 )
 from gristmill.core.grpcserver import NOT_INLINE, AuthHook, call_identity
 from gristmill.core.ids import validate_id
+from gristmill.core.values import DEFAULT_ORGANIZATION
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,6 @@ SCOPES: frozenset[str] = frozenset(
 # A ``method_scopes`` value meaning "any valid key, no particular scope" (WhoAmI, GetLicense).
 AUTHENTICATED = ""
 
-# The organisation of an installation that has only one (embedded mode, requests with an empty id).
-DEFAULT_ORGANIZATION = "default"
 # Who may change something may read it (``admin`` implies every scope).
 IMPLIED_SCOPES: Mapping[str, frozenset[str]] = {
     LABELING_WRITE: frozenset({LABELING_READ}),

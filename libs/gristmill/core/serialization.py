@@ -7,7 +7,6 @@ hand-written ``to_dict``/``from_dict`` pair per type (and a malformed value is a
 
 from __future__ import annotations
 
-import functools
 from typing import Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
@@ -15,9 +14,15 @@ from pydantic import TypeAdapter, ValidationError
 T = TypeVar("T")
 
 
-@functools.lru_cache(maxsize=256)
+_ADAPTERS: dict[Any, TypeAdapter[Any]] = {}
+
+
 def _adapter(kind: Any) -> TypeAdapter[Any]:
-    return TypeAdapter(kind)
+    # Building an adapter compiles a validator (milliseconds); a store calls this per row.
+    adapter = _ADAPTERS.get(kind)
+    if adapter is None:
+        adapter = _ADAPTERS[kind] = TypeAdapter(kind)
+    return adapter
 
 
 def to_plain(value: Any, kind: Any = None) -> Any:

@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from gristmill.admin.domain.model import ApiKey, CreatedKey, Organization
-from gristmill.admin.domain.paging import fingerprint, next_page_token, page_request
 from gristmill.admin.store.base import AdminStore
 from gristmill.core.auth import ADMIN, ApiKeyVerifier, Principal, api_key_id_of, check_api_key, new_api_key
 from gristmill.core.auth import validate_scopes as _validate_scopes
@@ -29,6 +28,7 @@ from gristmill.core.errors import (
     PermissionDeniedError,
 )
 from gristmill.core.ids import validate_id
+from gristmill.core.paging import fingerprint, next_page_token, page_request
 
 log = logging.getLogger(__name__)
 

@@ -59,13 +59,6 @@ class CreatedKey:
     secret: str = field(repr=False)
 
 
-@dataclass(frozen=True)
-class Page:
-    size: int
-    # Position after which the page starts (opaque to the domain's callers); None for the first page.
-    after: str | None = None
-
-
 class Granularity(Enum):
     # One total over the whole range.
     NONE = "none"

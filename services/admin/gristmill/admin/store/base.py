@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from gristmill.admin.domain.model import ApiKey, Organization, Page, StoredKey, UsageBucket
+from gristmill.admin.domain.model import ApiKey, Organization, StoredKey, UsageBucket
 from gristmill.core.auth_quota import Plan, UsageKind
+from gristmill.core.paging import Page
 
 if TYPE_CHECKING:  # the domain imports this interface and must not import SQLAlchemy
     from sqlalchemy.orm import Session

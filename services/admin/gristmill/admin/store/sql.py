@@ -14,10 +14,11 @@ from sqlalchemy import JSON, DateTime, Float, Integer, MetaData, String, Text, f
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from gristmill.admin.domain.model import ApiKey, Organization, Page, StoredKey, UsageBucket
+from gristmill.admin.domain.model import ApiKey, Organization, StoredKey, UsageBucket
 from gristmill.admin.store.base import AdminStore
 from gristmill.core.auth_quota import Plan, Quota, QuotaPeriod, RateLimit, UsageKind
 from gristmill.core.errors import AlreadyExistsError
+from gristmill.core.paging import Page
 from gristmill.core.sql import Database
 
 _ID = 128

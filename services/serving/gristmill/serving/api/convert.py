@@ -6,8 +6,6 @@ values. BYTES tensors are a sequence of elements, each a 4-byte little-endian le
 
 from __future__ import annotations
 
-import base64
-import binascii
 import struct
 from collections.abc import Sequence
 from datetime import datetime
@@ -21,6 +19,7 @@ from gristmill.api.common.v1 import common_pb2
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2 as oip
 from gristmill.api.serving.v1 import serving_pb2
 from gristmill.core.errors import InvalidArgumentError
+from gristmill.core.values import TensorSpec
 from gristmill.serving.domain.deployments import DeploymentState, DeploymentView, VersionState
 from gristmill.serving.domain.model import (
     DEFAULT_BATCH_SIZE,
@@ -38,7 +37,7 @@ from gristmill.serving.domain.model import (
     VersionSelector,
 )
 from gristmill.serving.domain.predictions import PredictionResult
-from gristmill.serving.domain.sources import ResolvedVersion, TensorSpec
+from gristmill.serving.domain.sources import ResolvedVersion
 
 # -- selectors and deployments --------------------------------------------------------------------------------
 
@@ -250,22 +249,6 @@ def apply_update_mask(
         field = src.DESCRIPTOR.fields_by_name[leaf]
         if field.has_presence and not src.HasField(leaf):
             dst.ClearField(leaf)
-
-
-def encode_page_token(after: str) -> str:
-    return base64.urlsafe_b64encode(f"after:{after}".encode()).decode("ascii") if after else ""
-
-
-def decode_page_token(token: str) -> str:
-    if not token:
-        return ""
-    try:
-        text = base64.urlsafe_b64decode(token.encode("ascii")).decode("utf-8")
-    except (binascii.Error, UnicodeError, ValueError):
-        text = ""
-    if not text.startswith("after:") or len(text) == len("after:"):
-        raise InvalidArgumentError("page.page_token is not a token this service issued; start again without one")
-    return text[len("after:") :]
 
 
 def predict_response(result: PredictionResult) -> serving_pb2.PredictResponse:

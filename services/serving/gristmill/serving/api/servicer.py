@@ -11,6 +11,7 @@ from gristmill.api.serving.v1 import serving_pb2, serving_pb2_grpc
 from gristmill.core.auth import current_organization, current_principal
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.ids import validate_id
+from gristmill.core.paging import fingerprint, next_page_token, page_request
 from gristmill.serving.api import convert
 from gristmill.serving.domain.model import organization_or_default
 from gristmill.serving.domain.service import DeploymentService
@@ -93,11 +94,12 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
     async def ListDeployments(
         self, request: serving_pb2.ListDeploymentsRequest, context: Any
     ) -> serving_pb2.ListDeploymentsResponse:
-        after = convert.decode_page_token(request.page.page_token)
-        page = await self._service.list(current_organization(), page_size=request.page.page_size, after=after)
+        query = fingerprint("deployments")
+        requested = page_request(request.page.page_size, request.page.page_token, query)
+        page = await self._service.list(current_organization(), page_size=requested.size, after=requested.after or "")
         return serving_pb2.ListDeploymentsResponse(
             deployments=[convert.deployment_to_proto(view) for view in page.deployments],
-            next_page_token=convert.encode_page_token(page.next_after),
+            next_page_token=next_page_token(page.next_after or None, query),
         )
 
     async def DeleteDeployment(self, request: serving_pb2.DeleteDeploymentRequest, context: Any) -> empty_pb2.Empty:

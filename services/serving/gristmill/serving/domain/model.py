@@ -13,8 +13,9 @@ from enum import StrEnum
 
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.ids import validate_id
+from gristmill.core.values import DEFAULT_ORGANIZATION
 
-DEFAULT_ORGANIZATION = "default"
+__all__ = ["DEFAULT_ORGANIZATION"]
 DEFAULT_ALIAS = "production"
 # Per Predict / ModelInfer call (serving.proto).
 MAX_TEXTS_PER_REQUEST = 1024

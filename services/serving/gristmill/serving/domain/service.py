@@ -20,6 +20,7 @@ from gristmill.core.auth import Principal
 from gristmill.core.auth_quota import QuotaGuard, UsageKind
 from gristmill.core.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from gristmill.core.licensing import License, load_license
+from gristmill.core.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from gristmill.serving.domain.deployments import DeploymentManager, DeploymentView, LoadedVersion
 from gristmill.serving.domain.model import (
     MAX_TEXTS_PER_REQUEST,
@@ -33,9 +34,6 @@ from gristmill.serving.domain.sources import ModelSource, ResolvedVersion
 from gristmill.serving.store.base import DeploymentStore
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 
 
 @dataclass(frozen=True)

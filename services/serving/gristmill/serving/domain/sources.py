@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from gristmill.core.values import TensorSpec
 from gristmill.serving.domain.model import Quantization, VersionSelector
 
 TASK_SINGLE_LABEL = "TASK_TYPE_TEXT_CLASSIFICATION"
@@ -28,13 +29,6 @@ class ModelFile:
     key: str
     sha256: str
     size_bytes: int
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,13 @@ from gristmill.core.ids import validate_id
 from gristmill.core.manifests import FileEntry, ModelManifest
 from gristmill.core.storage import ObjectStore, validate_key
 from gristmill.core.storage.base import sha256_file
+from gristmill.core.values import TensorSpec
 from gristmill.serving.domain.model import VersionSelector
 from gristmill.serving.domain.sources import (
     TASK_SINGLE_LABEL,
     ModelFile,
     ModelSource,
     ResolvedVersion,
-    TensorSpec,
 )
 
 log = logging.getLogger(__name__)

@@ -7,9 +7,6 @@ Errors are ``gristmill.core.errors`` classes; the shared interceptor turns them 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +18,7 @@ from gristmill.api.training.v1 import training_pb2_grpc as pb_grpc
 from gristmill.core.auth import current_organization, current_principal
 from gristmill.core.errors import GristmillError, InvalidArgumentError
 from gristmill.core.grpcserver import ServiceRegistration
+from gristmill.core.paging import fingerprint, next_page_token, page_request
 from gristmill.training.api import convert
 from gristmill.training.domain.jobs import JobService, SequenceAheadError
 from gristmill.training.domain.model import JobTrigger
@@ -29,26 +27,6 @@ from gristmill.training.store.base import JobQuery
 
 class OutOfRangeError(GristmillError):
     grpc_code = grpc.StatusCode.OUT_OF_RANGE
-
-
-def _page_token(offset: int, fingerprint: str) -> str:
-    raw = json.dumps({"o": offset, "f": fingerprint}, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _read_page_token(token: str, fingerprint: str) -> int:
-    if not token:
-        return 0
-    try:
-        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        offset, issued_for = int(data["o"]), str(data["f"])
-    except (ValueError, KeyError, TypeError):
-        raise InvalidArgumentError(
-            "page.page_token is malformed; pass the next_page_token of a previous response"
-        ) from None
-    if issued_for != fingerprint or offset < 0:
-        raise InvalidArgumentError("page.page_token was issued for a different query (other filters); start over")
-    return offset
 
 
 class TrainingServicer(pb_grpc.TrainingServiceServicer):
@@ -75,18 +53,21 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
         states = tuple(sorted({convert.state_from_proto(s) for s in request.states}))
-        fingerprint = hashlib.sha256(f"{[s.value for s in states]}|{request.project_id}".encode()).hexdigest()[:16]
+        query_fingerprint = fingerprint("jobs", [[s.value for s in states], request.project_id])
+        requested = page_request(request.page.page_size, request.page.page_token, query_fingerprint)
         query = JobQuery(
             organization_id=current_organization(),
             states=states,
             project_id=request.project_id,
-            page_size=request.page.page_size,
-            offset=_read_page_token(request.page.page_token, fingerprint),
+            page_size=requested.size,
+            offset=requested.offset,
         )
         page = await asyncio.to_thread(self._jobs.list, query)
         return pb.ListJobsResponse(
             jobs=[convert.job_to_proto(j) for j in page.jobs],
-            next_page_token="" if page.next_offset is None else _page_token(page.next_offset, fingerprint),
+            next_page_token=next_page_token(
+                None if page.next_offset is None else str(page.next_offset), query_fingerprint
+            ),
         )
 
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[pb.JobEvent]:

@@ -17,6 +17,7 @@ from gristmill.core.auth_quota import QuotaGuard, UsageKind
 from gristmill.core.errors import FailedPreconditionError, GristmillError, InvalidArgumentError, NotFoundError
 from gristmill.core.ids import new_id, validate_id
 from gristmill.core.licensing import License, load_license
+from gristmill.core.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from gristmill.training.domain.model import (
     DEFAULT_ORGANIZATION,
     AutoTrainPolicy,
@@ -32,9 +33,6 @@ from gristmill.training.domain.signal import JobSignal
 from gristmill.training.domain.spec import JobSpec
 from gristmill.training.domain.supervisor import JobSupervisor
 from gristmill.training.store.base import JobPage, JobQuery, JobStore
-
-MAX_PAGE_SIZE = 1000
-DEFAULT_PAGE_SIZE = 50
 
 
 class SequenceAheadError(GristmillError):

@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
+from gristmill.core.values import DEFAULT_ORGANIZATION, Signature, TensorSpec
 from gristmill.training.domain.refs import BaseModelRef, DatasetRef, FileRef
 from gristmill.training.domain.spec import JobSpec
 
-DEFAULT_ORGANIZATION = "default"
+__all__ = ["DEFAULT_ORGANIZATION", "Signature", "TensorSpec"]
 
 
 class JobState(StrEnum):
@@ -61,19 +62,6 @@ class JobProgress:
     samples_per_second: float = 0.0
     trials_completed: int = 0
     trials_total: int = 0
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Signature:
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
 
 
 def classification_signature(num_labels: int) -> Signature:

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gristmill.core.values import FileRef
 
-@dataclass(frozen=True)
-class FileRef:
-    """An immutable object with what a reader needs to verify it (common.v1.ObjectRef)."""
-
-    key: str
-    sha256: str
-    size_bytes: int
+__all__ = ["BaseModelRef", "DatasetRef", "FileRef"]
 
 
 @dataclass(frozen=True)
