@@ -9,6 +9,7 @@ import pytest
 
 from services.registry.tests.support import Env, make_env
 from tests.conftest import kafka_bootstrap, s3_endpoint, tracing  # noqa: F401
+from tests.support.databases import database_url  # noqa: F401
 
 
 @pytest.fixture

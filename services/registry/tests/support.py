@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 import threading
 import uuid
 from dataclasses import dataclass
@@ -21,8 +20,10 @@ from gristmill.core.events.topics import platform_catalog
 from gristmill.core.manifests import FileEntry, ModelManifest
 from gristmill.core.sql import Database
 from gristmill.core.storage import LocalObjectStore, ObjectStore
-from gristmill.registry.domain.model import Caller, FileRef, Lineage, Metric, Signature, TensorSpec, VersionDraft
-from gristmill.registry.domain.registry import Registration, Registry
+from gristmill.core.values import FileRef, Signature, TensorSpec
+from gristmill.registry.domain.model import Caller, Lineage, Metric, VersionDraft
+from gristmill.registry.domain.registration import Registration
+from gristmill.registry.domain.services import RegistryServices
 from gristmill.registry.events.payloads import OutboxEventWriter
 from gristmill.registry.store.sql import SqlRegistryStore
 
@@ -34,8 +35,6 @@ DOMAIN_SIGNATURE = Signature(
     inputs=(TensorSpec("text", "BYTES", (-1,)),), outputs=(TensorSpec("probabilities", "FP32", (-1, 2)),)
 )
 CALLER = Caller(actor="alice")
-# SQLite always; PostgreSQL too when a server is named (the parameter exists only then: it is not a skip).
-BACKENDS = ["sqlite"] + (["postgresql"] if os.environ.get("GRISTMILL_TEST_POSTGRES_URL") else [])
 
 
 class TickingClock:
@@ -53,7 +52,7 @@ class TickingClock:
 
 @dataclass
 class Env:
-    registry: Registry
+    registry: RegistryServices
     store: SqlRegistryStore
     objects: LocalObjectStore
     database: Database
@@ -74,7 +73,7 @@ def make_env(tmp_path: Path, *, allow_local_paths: bool = True, database_url: st
     objects = LocalObjectStore(tmp_path / "objects")
     catalog = platform_catalog()
     store = SqlRegistryStore(database, OutboxEventWriter(catalog, "registry"))
-    registry = Registry(store, objects, clock=TickingClock(), allow_local_paths=allow_local_paths)
+    registry = RegistryServices.create(store, objects, clock=TickingClock(), allow_local_paths=allow_local_paths)
     return Env(registry, store, objects, database, catalog)
 
 
@@ -132,7 +131,7 @@ def register_ready(env: Env, model: str, *, accuracy: float | None = None, job_i
     prefix = f"jobs/{uuid.uuid4().hex[:10]}"
     metrics = (Metric("accuracy", accuracy, "test"),) if accuracy is not None else ()
     manifest = upload_model(env.objects, prefix)
-    version, _ = env.registry.register_version(
+    version, _ = env.registry.registrations.register_version(
         CALLER, Registration(model, True, draft(manifest, prefix, job_id=job_id, metrics=metrics)), wait=True
     )
     assert version.status.value == "READY", version.status_reason

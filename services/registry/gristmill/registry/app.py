@@ -17,11 +17,14 @@ from gristmill.core.security import Security
 from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings
 from gristmill.registry import SERVICE_NAME
 from gristmill.registry.api.servicer import RegistryServicer, registration
-from gristmill.registry.domain.registry import Registry, utc_now
+from gristmill.registry.domain.common import utc_now
+from gristmill.registry.domain.registration import Registrations
+from gristmill.registry.domain.services import RegistryServices
 from gristmill.registry.events.handlers import job_state_changed_handler, version_registered_handler
 from gristmill.registry.events.payloads import OutboxEventWriter
 from gristmill.registry.settings import RegistrySettings
-from gristmill.registry.store.sql import REGISTRY_TABLES, SqlRegistryStore
+from gristmill.registry.store.sql import SqlRegistryStore
+from gristmill.registry.store.tables import REGISTRY_TABLES
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ class RegistryApp:
     """The assembled service; ``host`` runs it, the rest is exposed for ``__main__`` and tests."""
 
     host: ServiceHost
-    registry: Registry
+    registry: RegistryServices
     store: SqlRegistryStore
     servicer: RegistryServicer
 
@@ -81,7 +84,7 @@ def build_app(
         tracer_provider=tracer_provider,
     )
     store = SqlRegistryStore(platform.database, OutboxEventWriter(platform.catalog, SERVICE_NAME))
-    registry = Registry(
+    registry = RegistryServices.create(
         store,
         platform.objects,
         clock=clock,
@@ -94,12 +97,12 @@ def build_app(
         Subscription(
             (catalog.topic_for(events_pb2.JobStateChanged),),
             settings.job_events_group,
-            job_state_changed_handler(registry, store, catalog),
+            job_state_changed_handler(registry.registrations, store, catalog),
         ),
         Subscription(
             (catalog.topic_for(events_pb2.ModelVersionRegistered),),
             settings.promotion_group,
-            version_registered_handler(registry, store, catalog),
+            version_registered_handler(registry.promotions, store, catalog),
         ),
     ]
     host = ServiceHost(
@@ -113,7 +116,7 @@ def build_app(
         tasks=[
             PeriodicTask(
                 "retry-verifications",
-                resume_pending_verifications(registry, settings.verification_stale_s),
+                resume_pending_verifications(registry.registrations, settings.verification_stale_s),
                 settings.verification_retry_s,
             )
         ],
@@ -121,14 +124,14 @@ def build_app(
     return RegistryApp(host=host, registry=registry, store=store, servicer=servicer)
 
 
-def resume_pending_verifications(registry: Registry, stale_s: float) -> Callable[[bool], None]:
+def resume_pending_verifications(registrations: Registrations, stale_s: float) -> Callable[[bool], None]:
     """Finish versions left PENDING: every one at start (the last run's), then those older than ``stale_s``.
 
     A host task, so that a large copy never delays serving; an interrupted one stays PENDING.
     """
 
     def resume(first: bool) -> None:
-        finished = registry.resume_pending(min_age_s=0.0 if first else stale_s)
+        finished = registrations.resume_pending(min_age_s=0.0 if first else stale_s)
         if finished:
             log.info("finished the verification of %d PENDING version(s)", finished)
 

@@ -104,7 +104,7 @@ def test_job_event_registers_once_promotes_and_keeps_the_trace(tmp_path: Path) -
     training = MemoryEventBus(broker, tracer_provider=provider)
     catalog = app.host.platform.catalog
 
-    registry.create_model(
+    registry.catalog.create_model(
         CALLER,
         name="reviews",
         description="",
@@ -112,7 +112,7 @@ def test_job_event_registers_once_promotes_and_keeps_the_trace(tmp_path: Path) -
         label_map=("negative", "positive"),
         tags={},
     )
-    registry.set_policy(
+    registry.promotions.set_policy(
         CALLER,
         PromotionPolicy(
             "reviews",
@@ -137,7 +137,7 @@ def test_job_event_registers_once_promotes_and_keeps_the_trace(tmp_path: Path) -
     trace_id = root.get_span_context().trace_id
     loop.run()
 
-    version = registry.get_version(CALLER, "reviews", version=None, alias="production")
+    version = registry.catalog.get_version(CALLER, "reviews", version=None, alias="production")
     assert version.version == 1 and version.status is VersionStatus.READY
     assert version.lineage.training_job_id == "job-1" and version.lineage.hyper_parameters["method"] == "lora"
     assert version.lineage.base_model is not None and version.lineage.base_model.base_model_name == "minilm"
@@ -153,7 +153,7 @@ def test_job_event_registers_once_promotes_and_keeps_the_trace(tmp_path: Path) -
     training.publish(event)
     training.publish(Event.create(message, key="job-1", source="training", catalog=catalog))
     loop.run()
-    assert registry.get_model(CALLER, "reviews").latest_version == 1
+    assert registry.catalog.get_model(CALLER, "reviews").latest_version == 1
     assert len(broker.records(catalog.topic_for(events_pb2.ModelVersionRegistered))) == 1
     assert len(broker.records(catalog.topic_for(events_pb2.AliasChanged))) == 1
 
@@ -172,10 +172,10 @@ def test_job_event_registers_once_promotes_and_keeps_the_trace(tmp_path: Path) -
     )
     training.publish(Event.create(running, key="job-3", source="training", catalog=catalog))
     loop.run()
-    failed = registry.get_version(CALLER, "reviews", version=2, alias=None)
+    failed = registry.catalog.get_version(CALLER, "reviews", version=2, alias=None)
     assert failed.status is VersionStatus.FAILED and "model.safetensors: sha256 mismatch" in failed.status_reason
-    assert registry.get_model(CALLER, "reviews").latest_version == 2
-    assert registry.get_model(CALLER, "reviews").aliases == {"production": 1}
+    assert registry.catalog.get_model(CALLER, "reviews").latest_version == 2
+    assert registry.catalog.get_model(CALLER, "reviews").aliases == {"production": 1}
     registered = broker.records(catalog.topic_for(events_pb2.ModelVersionRegistered))
     statuses = [events_pb2.ModelVersionRegistered.FromString(r.value or b"").status for r in registered]
     assert statuses == [registry_pb2.MODEL_VERSION_STATUS_READY, registry_pb2.MODEL_VERSION_STATUS_FAILED]
@@ -204,7 +204,7 @@ def test_undecodable_or_invalid_job_events_are_dead_lettered(tmp_path: Path) -> 
     topic = catalog.topic_for(events_pb2.JobStateChanged)
     [dead] = broker.records(topic + ".dlq")
     assert b"registered model name" in dict(dead.headers)["error"]
-    assert app.registry.search_models(CALLER, ModelQuery(), 0, "") == ([], "")  # nothing was written
+    assert app.registry.catalog.search_models(CALLER, ModelQuery(), 0, "") == ([], "")  # nothing was written
     loop.close()
     app.host.platform.close()
 
@@ -238,23 +238,25 @@ def test_storage_outage_leaves_the_version_pending_until_the_retry_loop(
     loop.run()
     topic = catalog.topic_for(events_pb2.JobStateChanged)
     assert broker.records(topic + ".dlq") == []  # an outage is not the event's fault
-    pending = app.registry.get_version(CALLER, "reviews", version=1, alias=None)
+    pending = app.registry.catalog.get_version(CALLER, "reviews", version=1, alias=None)
     assert pending.status is VersionStatus.PENDING
-    assert app.registry.resume_pending(min_age_s=3600) == 0  # too fresh: maybe still being copied elsewhere
+    assert (
+        app.registry.registrations.resume_pending(min_age_s=3600) == 0
+    )  # too fresh: maybe still being copied elsewhere
 
     monkeypatch.setattr(objects, "get_file", healthy_get_file)
     # The host runs this task in every mode (it used to be a thread of the registry's __main__ only).
     assert [task.name for task in app.host.tasks] == ["retry-verifications"]
-    retry = PeriodicTask("retry", resume_pending_verifications(app.registry, 0.0), 0.05)
+    retry = PeriodicTask("retry", resume_pending_verifications(app.registry.registrations, 0.0), 0.05)
     retry.start()
     try:
         for _ in range(100):
-            if app.registry.get_version(CALLER, "reviews", version=1, alias=None).status is VersionStatus.READY:
+            if app.registry.catalog.get_version(CALLER, "reviews", version=1, alias=None).status is VersionStatus.READY:
                 break
             time.sleep(0.05)
     finally:
         retry.stop()
-    assert app.registry.get_version(CALLER, "reviews", version=1, alias=None).status is VersionStatus.READY
+    assert app.registry.catalog.get_version(CALLER, "reviews", version=1, alias=None).status is VersionStatus.READY
     loop.run()
     registered = broker.records(catalog.topic_for(events_pb2.ModelVersionRegistered))
     assert len(registered) == 1  # announced once, when it finally finished

@@ -1,32 +1,26 @@
 """The licence's max_registered_models holds under concurrent creates: the count and the insert are one step for
-every registry process sharing the database (SQLite always; PostgreSQL too when GRISTMILL_TEST_POSTGRES_URL is
-set)."""
+every registry process sharing the database (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
-import os
 import threading
 import uuid
 from pathlib import Path
 
-import pytest
-
 from gristmill.core.errors import FailedPreconditionError
-from gristmill.registry.domain.registry import Registry
-from services.registry.tests.support import BACKENDS, CALLER, make_env
+from gristmill.registry.domain.services import RegistryServices
+from services.registry.tests.support import CALLER, make_env
 from tests.support.concurrency import run_in_threads
 from tests.support.licences import signed_license
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_concurrent_creates_never_exceed_the_licensed_model_count(tmp_path: Path, backend: str) -> None:
-    url = os.environ["GRISTMILL_TEST_POSTGRES_URL"] if backend == "postgresql" else None
-    first = make_env(tmp_path, database_url=url)
-    second = make_env(tmp_path, database_url=url)  # the same database through its own engine, as a second process
+def test_concurrent_creates_never_exceed_the_licensed_model_count(tmp_path: Path, database_url: str) -> None:
+    first = make_env(tmp_path, database_url=database_url)
+    second = make_env(tmp_path, database_url=database_url)  # its own engine: a second process
     with first.store.transaction() as tx:
-        existing = tx.count_models()  # a PostgreSQL database outlives the test
+        existing = tx.count_models()
     license_ = signed_license(limits={"max_registered_models": existing + 3})
-    registries = [Registry(env.store, env.objects, license_=license_) for env in (first, second)]
+    registries = [RegistryServices.create(env.store, env.objects, license_=license_) for env in (first, second)]
     start = threading.Barrier(8)
     created: list[str] = []
     refused: list[str] = []
@@ -37,7 +31,7 @@ def test_concurrent_creates_never_exceed_the_licensed_model_count(tmp_path: Path
         name = f"m-{index}-{uuid.uuid4().hex[:8]}"
         start.wait()
         try:
-            registries[index % 2].create_model(
+            registries[index % 2].catalog.create_model(
                 CALLER, name=name, description="", task="TASK_TYPE_TEXT_CLASSIFICATION", label_map=(), tags={}
             )
         except FailedPreconditionError as exc:

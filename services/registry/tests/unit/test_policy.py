@@ -110,20 +110,20 @@ def test_minimize_goal_and_baseline_without_the_metric() -> None:
 
 def _evaluate(env: Env, version: int) -> object:
     with env.store.transaction() as tx:
-        return env.registry.evaluate_policy(tx, "default", "m", version)
+        return env.registry.promotions.evaluate_policy(tx, "default", "m", version)
 
 
 def test_automatic_policy_promotes_and_records_the_decision(env: Env) -> None:
     register_ready(env, "m", accuracy=0.90)  # before the policy: never evaluated against it
-    env.registry.set_policy(CALLER, _policy())
+    env.registry.promotions.set_policy(CALLER, _policy())
     assert _evaluate(env, 1) is None
-    env.registry.set_alias(CALLER, "m", "production", 1, reason="baseline", expected=None)
+    env.registry.promotions.set_alias(CALLER, "m", "production", 1, reason="baseline", expected=None)
     worse = register_ready(env, "m", accuracy=0.903)
     better = register_ready(env, "m", accuracy=0.91)
     assert not _evaluate(env, worse).passed  # type: ignore[attr-defined]
     assert _evaluate(env, better).passed  # type: ignore[attr-defined]
     assert _evaluate(env, better) is None  # already the target: nothing to do
-    latest, _ = env.registry.alias_history(CALLER, "m", "production", 1, "")
+    latest, _ = env.registry.promotions.alias_history(CALLER, "m", "production", 1, "")
     change = latest[0]
     assert (change.from_version, change.to_version, change.actor, change.cause) == (
         1,
@@ -140,34 +140,34 @@ def test_automatic_policy_promotes_and_records_the_decision(env: Env) -> None:
 
 def test_manual_approval(env: Env) -> None:
     register_ready(env, "m", accuracy=0.80)
-    env.registry.set_policy(CALLER, _policy(mode=PromotionMode.MANUAL_APPROVAL))
+    env.registry.promotions.set_policy(CALLER, _policy(mode=PromotionMode.MANUAL_APPROVAL))
     v2 = register_ready(env, "m", accuracy=0.85)
     v3 = register_ready(env, "m", accuracy=0.86)
     _evaluate(env, v2)
     _evaluate(env, v3)  # a newer candidate supersedes the older proposal
-    pending, _ = env.registry.list_pending(CALLER, "m", False, 0, "")
+    pending, _ = env.registry.promotions.list_pending(CALLER, "m", False, 0, "")
     assert [(p.version, p.from_version, p.state) for p in pending] == [(v3, None, PromotionState.PENDING)]
-    everything, _ = env.registry.list_pending(CALLER, "", True, 0, "")
+    everything, _ = env.registry.promotions.list_pending(CALLER, "", True, 0, "")
     assert [p.state for p in everything] == [PromotionState.SUPERSEDED, PromotionState.PENDING]
-    assert env.registry.get_model(CALLER, "m").aliases == {}  # nothing moves before approval
+    assert env.registry.catalog.get_model(CALLER, "m").aliases == {}  # nothing moves before approval
 
     carol = Caller(actor="carol")
-    approved = env.registry.approve(carol, pending[0].promotion_id, "looks good")
+    approved = env.registry.promotions.approve(carol, pending[0].promotion_id, "looks good")
     assert (approved.state, approved.decided_by, approved.decision_reason) == (
         PromotionState.APPROVED,
         "carol",
         "looks good",
     )
-    [change], _ = env.registry.alias_history(CALLER, "m", "production", 0, "")
+    [change], _ = env.registry.promotions.alias_history(CALLER, "m", "production", 0, "")
     assert (change.to_version, change.actor, change.cause) == (v3, "carol", AliasCause.APPROVAL)
     assert change.decision is not None and change.decision.candidate_value == 0.86
     with pytest.raises(FailedPreconditionError, match="APPROVED, no longer PENDING"):
-        env.registry.reject(carol, pending[0].promotion_id, "")
+        env.registry.promotions.reject(carol, pending[0].promotion_id, "")
 
     # A proposal made stale by a manual move is SUPERSEDED when someone tries to approve it.
     v4 = register_ready(env, "m", accuracy=0.95)
     _evaluate(env, v4)
-    [proposal], _ = env.registry.list_pending(CALLER, "m", False, 0, "")
+    [proposal], _ = env.registry.promotions.list_pending(CALLER, "m", False, 0, "")
     with env.store.transaction() as tx:  # move the alias behind the proposal's back, bypassing the supersede
         tx.lock_model("default", "m")
         tx.write_alias(
@@ -182,46 +182,66 @@ def test_manual_approval(env: Env) -> None:
             now=datetime.now(UTC),
         )
     with pytest.raises(FailedPreconditionError, match="SUPERSEDED"):
-        env.registry.approve(carol, proposal.promotion_id, "")
-    [stale], _ = env.registry.list_pending(CALLER, "m", True, 1, _token_after_first(env))
+        env.registry.promotions.approve(carol, proposal.promotion_id, "")
+    [stale], _ = env.registry.promotions.list_pending(CALLER, "m", True, 1, _token_after_first(env))
     assert stale.promotion_id == proposal.promotion_id and stale.state is PromotionState.SUPERSEDED
 
 
 def _token_after_first(env: Env) -> str:
-    _, token = env.registry.list_pending(CALLER, "m", True, 2, "")
+    _, token = env.registry.promotions.list_pending(CALLER, "m", True, 2, "")
     return token
 
 
 def test_rejection_and_manual_moves_supersede(env: Env) -> None:
     register_ready(env, "m", accuracy=0.8)
-    env.registry.set_policy(CALLER, _policy(mode=PromotionMode.MANUAL_APPROVAL))
+    env.registry.promotions.set_policy(CALLER, _policy(mode=PromotionMode.MANUAL_APPROVAL))
     v2 = register_ready(env, "m", accuracy=0.9)
     _evaluate(env, v2)
-    [p], _ = env.registry.list_pending(CALLER, "m", False, 0, "")
-    rejected = env.registry.reject(Caller(actor="dan"), p.promotion_id, "not yet")
+    [p], _ = env.registry.promotions.list_pending(CALLER, "m", False, 0, "")
+    rejected = env.registry.promotions.reject(Caller(actor="dan"), p.promotion_id, "not yet")
     assert (rejected.state, rejected.decided_by) == (PromotionState.REJECTED, "dan")
-    assert env.registry.get_model(CALLER, "m").aliases == {}
+    assert env.registry.catalog.get_model(CALLER, "m").aliases == {}
     v3 = register_ready(env, "m", accuracy=0.95)
     _evaluate(env, v3)
-    env.registry.set_alias(CALLER, "m", "production", 1, reason="manual", expected=None)
-    assert env.registry.list_pending(CALLER, "m", False, 0, "")[0] == []
+    env.registry.promotions.set_alias(CALLER, "m", "production", 1, reason="manual", expected=None)
+    assert env.registry.promotions.list_pending(CALLER, "m", False, 0, "")[0] == []
 
 
 def test_policy_crud_and_bad_input(env: Env) -> None:
     register_ready(env, "m")
-    stored = env.registry.set_policy(CALLER, _policy(min_value=0.5))
-    assert env.registry.get_policy(CALLER, "m") == stored and stored.update_time is not None
-    env.registry.delete_policy(CALLER, "m")
+    stored = env.registry.promotions.set_policy(CALLER, _policy(min_value=0.5))
+    assert env.registry.promotions.get_policy(CALLER, "m") == stored and stored.update_time is not None
+    env.registry.promotions.delete_policy(CALLER, "m")
     for call, error, message in [
-        (lambda: env.registry.get_policy(CALLER, "m"), NotFoundError, "has no promotion policy"),
-        (lambda: env.registry.delete_policy(CALLER, "m"), NotFoundError, "has no promotion policy"),
-        (lambda: env.registry.set_policy(CALLER, _policy(model_name="nope")), NotFoundError, "'nope' does not exist"),
-        (lambda: env.registry.set_policy(CALLER, _policy(target_alias="")), InvalidArgumentError, "target_alias"),
-        (lambda: env.registry.set_policy(CALLER, _policy(metric_name="")), InvalidArgumentError, "metric_name"),
-        (lambda: env.registry.set_policy(CALLER, _policy(baseline_alias="9x")), InvalidArgumentError, "alias"),
-        (lambda: env.registry.set_policy(CALLER, _policy(min_improvement=-1)), InvalidArgumentError, "min_improvement"),
-        (lambda: env.registry.approve(CALLER, "0" * 32, ""), NotFoundError, "does not exist"),
-        (lambda: env.registry.reject(CALLER, "bad id!", ""), InvalidArgumentError, "promotion_id"),
+        (lambda: env.registry.promotions.get_policy(CALLER, "m"), NotFoundError, "has no promotion policy"),
+        (lambda: env.registry.promotions.delete_policy(CALLER, "m"), NotFoundError, "has no promotion policy"),
+        (
+            lambda: env.registry.promotions.set_policy(CALLER, _policy(model_name="nope")),
+            NotFoundError,
+            "'nope' does not exist",
+        ),
+        (
+            lambda: env.registry.promotions.set_policy(CALLER, _policy(target_alias="")),
+            InvalidArgumentError,
+            "target_alias",
+        ),
+        (
+            lambda: env.registry.promotions.set_policy(CALLER, _policy(metric_name="")),
+            InvalidArgumentError,
+            "metric_name",
+        ),
+        (
+            lambda: env.registry.promotions.set_policy(CALLER, _policy(baseline_alias="9x")),
+            InvalidArgumentError,
+            "alias",
+        ),
+        (
+            lambda: env.registry.promotions.set_policy(CALLER, _policy(min_improvement=-1)),
+            InvalidArgumentError,
+            "min_improvement",
+        ),
+        (lambda: env.registry.promotions.approve(CALLER, "0" * 32, ""), NotFoundError, "does not exist"),
+        (lambda: env.registry.promotions.reject(CALLER, "bad id!", ""), InvalidArgumentError, "promotion_id"),
     ]:
         with pytest.raises(error, match=message):
             call()

@@ -14,12 +14,14 @@ from gristmill.api.registry.v1 import registry_pb2
 from gristmill.core.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from gristmill.core.manifests import DatasetManifest, FileEntry, ModelManifest, SplitFile
 from gristmill.registry.domain.model import FileRef, Metric, ModelVersion, VersionStatus
-from gristmill.registry.domain.registry import Registration
+from gristmill.registry.domain.registration import Registration
 from services.registry.tests.support import CALLER, Env, draft, sha256, upload_model
 
 
 def _register(env: Env, name: str, prefix: str, manifest: FileRef, **kwargs: Any) -> tuple[ModelVersion, bool]:
-    return env.registry.register_version(CALLER, Registration(name, True, draft(manifest, prefix, **kwargs)), wait=True)
+    return env.registry.registrations.register_version(
+        CALLER, Registration(name, True, draft(manifest, prefix, **kwargs)), wait=True
+    )
 
 
 def test_ready_version_has_verified_copies_manifest_card_and_one_event(env: Env) -> None:
@@ -48,7 +50,7 @@ def test_ready_version_has_verified_copies_manifest_card_and_one_event(env: Env)
         dataset_version_id="dv1",
         dataset_manifest=FileRef(dataset_info.key, dataset_info.sha256, dataset_info.size),
     )
-    version, needs = env.registry.register_version(
+    version, needs = env.registry.registrations.register_version(
         CALLER, Registration("sentiment", True, base.__class__(**{**base.__dict__, "lineage": lineage})), wait=True
     )
     assert needs is False
@@ -68,7 +70,7 @@ def test_ready_version_has_verified_copies_manifest_card_and_one_event(env: Env)
         "config.json": "models/sentiment/1/config.json",
         "model.safetensors": "models/sentiment/1/model.safetensors",
     }
-    card = env.registry.get_card(CALLER, "sentiment", version=1, alias=None)
+    card = env.registry.cards.get_card(CALLER, "sentiment", version=1, alias=None)
     assert card.revision == 1 and card.object is not None and card.object.key == "models/sentiment/1/model-card.md"
     assert env.objects.get_bytes(card.object.key).decode() == card.markdown
     assert (
@@ -91,7 +93,7 @@ def test_same_training_job_never_makes_two_versions(env: Env) -> None:
     first, _ = _register(env, "m", "jobs/j2", manifest, job_id="job-2")
     again, needs = _register(env, "m", "jobs/j2", manifest, job_id="job-2")
     assert again.version == first.version == 1 and needs is False
-    assert env.registry.get_model(CALLER, "m").latest_version == 1
+    assert env.registry.catalog.get_model(CALLER, "m").latest_version == 1
     assert len(env.events(events_pb2.ModelVersionRegistered)) == 1
     with pytest.raises(FailedPreconditionError, match="already registered as version 1 of 'm'"):
         _register(env, "other", "jobs/j2", manifest, job_id="job-2")
@@ -144,22 +146,22 @@ def test_bad_artifacts_end_failed_with_the_reason_and_leave_nothing(env: Env, da
     [(_, payload)] = env.events(events_pb2.ModelVersionRegistered)
     assert payload.status == registry_pb2.MODEL_VERSION_STATUS_FAILED and re.search(reason, payload.status_reason)
     with pytest.raises(FailedPreconditionError, match="only READY versions can be aliased"):
-        env.registry.set_alias(CALLER, "m", "production", 1, reason="", expected=None)
+        env.registry.promotions.set_alias(CALLER, "m", "production", 1, reason="", expected=None)
     with pytest.raises(FailedPreconditionError, match="only READY versions can be loaded"):
-        env.registry.download_manifest(CALLER, "m", version=1, alias=None)
+        env.registry.catalog.download_manifest(CALLER, "m", version=1, alias=None)
 
 
 def test_pending_version_is_resumed_once(env: Env) -> None:
     manifest = upload_model(env.objects, "jobs/j3")
-    version, needs = env.registry.register_version(
+    version, needs = env.registry.registrations.register_version(
         CALLER, Registration("m", True, draft(manifest, "jobs/j3", job_id="j3")), wait=False
     )
     assert needs and version.status is VersionStatus.PENDING
-    assert env.registry.resume_pending() == 1
-    assert env.registry.resume_pending() == 0
-    assert env.registry.get_version(CALLER, "m", version=1, alias=None).status is VersionStatus.READY
+    assert env.registry.registrations.resume_pending() == 1
+    assert env.registry.registrations.resume_pending() == 0
+    assert env.registry.catalog.get_version(CALLER, "m", version=1, alias=None).status is VersionStatus.READY
     # A second finish of the same version (a resume racing a redelivery) changes nothing and emits nothing.
-    again = env.registry.verify_and_finish(version)
+    again = env.registry.registrations.verify_and_finish(version)
     assert again.status is VersionStatus.READY
     assert len(env.events(events_pb2.ModelVersionRegistered)) == 1
 
@@ -200,7 +202,7 @@ def test_registration_bad_input_writes_nothing(env: Env) -> None:
     ]
     for registration, error, message in cases:
         with pytest.raises(error, match=message):
-            env.registry.register_version(CALLER, registration, wait=True)
+            env.registry.registrations.register_version(CALLER, registration, wait=True)
     with pytest.raises(NotFoundError):
-        env.registry.get_model(CALLER, "m")
+        env.registry.catalog.get_model(CALLER, "m")
     assert env.events(events_pb2.ModelVersionRegistered) == []

@@ -9,6 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.registry.v1 import registry_pb2 as pb
 from gristmill.core.errors import InvalidArgumentError
+from gristmill.core.values import FileRef, Signature, TensorSpec
 from gristmill.registry.domain.model import (
     AliasCause,
     AliasChange,
@@ -16,7 +17,6 @@ from gristmill.registry.domain.model import (
     BaseModelSource,
     CardText,
     Comparison,
-    FileRef,
     Lineage,
     Metric,
     MetricFilter,
@@ -28,8 +28,6 @@ from gristmill.registry.domain.model import (
     PromotionMode,
     PromotionPolicy,
     RegisteredModel,
-    Signature,
-    TensorSpec,
     VersionStatus,
 )
 

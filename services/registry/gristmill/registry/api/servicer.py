@@ -18,9 +18,11 @@ from gristmill.api.registry.v1 import registry_pb2_grpc as pb_grpc
 from gristmill.core.auth import current_principal
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.grpcserver import ServiceRegistration
+from gristmill.core.values import Signature
 from gristmill.registry.api import convert
-from gristmill.registry.domain.model import Caller, ModelQuery, ModelVersion, Signature, VersionDraft, VersionQuery
-from gristmill.registry.domain.registry import Registration, Registry
+from gristmill.registry.domain.model import Caller, ModelQuery, ModelVersion, VersionDraft, VersionQuery
+from gristmill.registry.domain.registration import Registration
+from gristmill.registry.domain.services import RegistryServices
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +36,12 @@ def caller_of(context: Any) -> Caller:
 
 
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
+    def __init__(self, services: RegistryServices) -> None:
+        self.catalog = services.catalog
+        self.registrations = services.registrations
+        self.promotions = services.promotions
+        self.cards = services.cards
+        self.base_models = services.base_models
         # Verifications started by RegisterModelVersion(wait_for_verification=false), kept so they are not
         # garbage-collected mid-flight; a restart resumes whatever was PENDING.
         self._background: set[asyncio.Task[ModelVersion]] = set()
@@ -44,7 +50,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
 
     async def CreateRegisteredModel(self, request: pb.CreateRegisteredModelRequest, context: Any) -> pb.RegisteredModel:
         model = await asyncio.to_thread(
-            self.registry.create_model,
+            self.catalog.create_model,
             caller_of(context),
             name=request.name,
             description=request.description,
@@ -55,7 +61,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         return convert.model_to_proto(model)
 
     async def GetRegisteredModel(self, request: pb.GetRegisteredModelRequest, context: Any) -> pb.RegisteredModel:
-        model = await asyncio.to_thread(self.registry.get_model, caller_of(context), request.name)
+        model = await asyncio.to_thread(self.catalog.get_model, caller_of(context), request.name)
         return convert.model_to_proto(model)
 
     async def SearchRegisteredModels(
@@ -69,7 +75,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             task="" if task == "TASK_TYPE_UNSPECIFIED" else task,
         )
         items, token = await asyncio.to_thread(
-            self.registry.search_models, caller_of(context), query, request.page.page_size, request.page.page_token
+            self.catalog.search_models, caller_of(context), query, request.page.page_size, request.page.page_token
         )
         return pb.SearchRegisteredModelsResponse(
             registered_models=[convert.model_to_proto(m) for m in items], next_page_token=token
@@ -78,7 +84,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def UpdateRegisteredModel(self, request: pb.UpdateRegisteredModelRequest, context: Any) -> pb.RegisteredModel:
         new = request.registered_model
         model = await asyncio.to_thread(
-            self.registry.update_model,
+            self.catalog.update_model,
             caller_of(context),
             request.name,
             list(request.update_mask.paths),
@@ -107,10 +113,10 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             ),
         )
         version, needs = await asyncio.to_thread(
-            self.registry.register_version, caller_of(context), registration, wait=request.wait_for_verification
+            self.registrations.register_version, caller_of(context), registration, wait=request.wait_for_verification
         )
         if needs:
-            task = asyncio.create_task(asyncio.to_thread(self.registry.verify_and_finish, version))
+            task = asyncio.create_task(asyncio.to_thread(self.registrations.verify_and_finish, version))
             self._background.add(task)
             task.add_done_callback(self._verification_done)
         return convert.version_to_proto(version)
@@ -129,7 +135,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def GetModelVersion(self, request: pb.GetModelVersionRequest, context: Any) -> pb.ModelVersion:
         version, alias = convert.selector(request.selector)
         found = await asyncio.to_thread(
-            self.registry.get_version, caller_of(context), request.registered_model_name, version=version, alias=alias
+            self.catalog.get_version, caller_of(context), request.registered_model_name, version=version, alias=alias
         )
         return convert.version_to_proto(found)
 
@@ -143,7 +149,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             metric_filters=tuple(convert.metric_filter_from_proto(f) for f in request.metric_filters),
         )
         items, token = await asyncio.to_thread(
-            self.registry.list_versions,
+            self.catalog.list_versions,
             caller_of(context),
             request.registered_model_name,
             query,
@@ -156,7 +162,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
 
     async def UpdateModelVersion(self, request: pb.UpdateModelVersionRequest, context: Any) -> pb.ModelVersion:
         version = await asyncio.to_thread(
-            self.registry.update_version,
+            self.catalog.update_version,
             caller_of(context),
             request.registered_model_name,
             request.version,
@@ -171,7 +177,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def SetAlias(self, request: pb.SetAliasRequest, context: Any) -> pb.SetAliasResponse:
         expected = request.expected_current_version if request.HasField("expected_current_version") else None
         change, changed = await asyncio.to_thread(
-            self.registry.set_alias,
+            self.promotions.set_alias,
             caller_of(context),
             request.registered_model_name,
             request.alias,
@@ -187,7 +193,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def DeleteAlias(self, request: pb.DeleteAliasRequest, context: Any) -> pb.AliasChange:
         expected = request.expected_current_version if request.HasField("expected_current_version") else None
         change = await asyncio.to_thread(
-            self.registry.delete_alias,
+            self.promotions.delete_alias,
             caller_of(context),
             request.registered_model_name,
             request.alias,
@@ -198,7 +204,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
 
     async def GetAliasHistory(self, request: pb.GetAliasHistoryRequest, context: Any) -> pb.GetAliasHistoryResponse:
         items, token = await asyncio.to_thread(
-            self.registry.alias_history,
+            self.promotions.alias_history,
             caller_of(context),
             request.registered_model_name,
             request.alias,
@@ -213,23 +219,23 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         if not request.HasField("policy"):
             raise InvalidArgumentError("policy is required")
         policy = await asyncio.to_thread(
-            self.registry.set_policy, caller_of(context), convert.policy_from_proto(request.policy)
+            self.promotions.set_policy, caller_of(context), convert.policy_from_proto(request.policy)
         )
         return convert.policy_to_proto(policy)
 
     async def GetPromotionPolicy(self, request: pb.GetPromotionPolicyRequest, context: Any) -> pb.PromotionPolicy:
-        policy = await asyncio.to_thread(self.registry.get_policy, caller_of(context), request.registered_model_name)
+        policy = await asyncio.to_thread(self.promotions.get_policy, caller_of(context), request.registered_model_name)
         return convert.policy_to_proto(policy)
 
     async def DeletePromotionPolicy(self, request: pb.DeletePromotionPolicyRequest, context: Any) -> Empty:
-        await asyncio.to_thread(self.registry.delete_policy, caller_of(context), request.registered_model_name)
+        await asyncio.to_thread(self.promotions.delete_policy, caller_of(context), request.registered_model_name)
         return Empty()
 
     async def ListPendingPromotions(
         self, request: pb.ListPendingPromotionsRequest, context: Any
     ) -> pb.ListPendingPromotionsResponse:
         items, token = await asyncio.to_thread(
-            self.registry.list_pending,
+            self.promotions.list_pending,
             caller_of(context),
             request.registered_model_name,
             request.include_decided,
@@ -242,13 +248,13 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
 
     async def ApprovePromotion(self, request: pb.ApprovePromotionRequest, context: Any) -> pb.PendingPromotion:
         promotion = await asyncio.to_thread(
-            self.registry.approve, caller_of(context), request.promotion_id, request.reason
+            self.promotions.approve, caller_of(context), request.promotion_id, request.reason
         )
         return convert.promotion_to_proto(promotion)
 
     async def RejectPromotion(self, request: pb.RejectPromotionRequest, context: Any) -> pb.PendingPromotion:
         promotion = await asyncio.to_thread(
-            self.registry.reject, caller_of(context), request.promotion_id, request.reason
+            self.promotions.reject, caller_of(context), request.promotion_id, request.reason
         )
         return convert.promotion_to_proto(promotion)
 
@@ -257,13 +263,13 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def GetModelCard(self, request: pb.GetModelCardRequest, context: Any) -> pb.ModelCard:
         version, alias = convert.selector(request.selector)
         card = await asyncio.to_thread(
-            self.registry.get_card, caller_of(context), request.registered_model_name, version=version, alias=alias
+            self.cards.get_card, caller_of(context), request.registered_model_name, version=version, alias=alias
         )
         return convert.card_to_proto(card)
 
     async def UpdateModelCard(self, request: pb.UpdateModelCardRequest, context: Any) -> pb.ModelCard:
         card = await asyncio.to_thread(
-            self.registry.update_card,
+            self.cards.update_card,
             caller_of(context),
             request.registered_model_name,
             request.version,
@@ -277,7 +283,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def ImportBaseModel(self, request: pb.ImportBaseModelRequest, context: Any) -> pb.BaseModel:
         source = request.WhichOneof("source")
         base = await asyncio.to_thread(
-            self.registry.import_base_model,
+            self.base_models.import_base_model,
             caller_of(context),
             request.name,
             local_path=request.local_path if source == "local_path" else None,
@@ -290,7 +296,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
 
     async def ListBaseModels(self, request: pb.ListBaseModelsRequest, context: Any) -> pb.ListBaseModelsResponse:
         items, token = await asyncio.to_thread(
-            self.registry.list_base_models,
+            self.base_models.list_base_models,
             caller_of(context),
             convert.task_from_proto(request.task),
             request.page.page_size,
@@ -301,7 +307,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         )
 
     async def GetBaseModel(self, request: pb.GetBaseModelRequest, context: Any) -> pb.BaseModel:
-        base = await asyncio.to_thread(self.registry.get_base_model, caller_of(context), request.name)
+        base = await asyncio.to_thread(self.base_models.get_base_model, caller_of(context), request.name)
         return convert.base_model_to_proto(base)
 
     # -- download manifest ---------------------------------------------------------------------------------
@@ -309,7 +315,7 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     async def GetDownloadManifest(self, request: pb.GetDownloadManifestRequest, context: Any) -> pb.DownloadManifest:
         version, alias = convert.selector(request.selector)
         found = await asyncio.to_thread(
-            self.registry.download_manifest,
+            self.catalog.download_manifest,
             caller_of(context),
             request.registered_model_name,
             version=version,
@@ -340,9 +346,9 @@ def _signature(request: pb.RegisterModelVersionRequest) -> Signature | None:
     return sig
 
 
-def registration(registry: Registry) -> tuple[ServiceRegistration, RegistryServicer]:
+def registration(services: RegistryServices) -> tuple[ServiceRegistration, RegistryServicer]:
     """The servicer and how to add it to a gRPC server."""
-    servicer = RegistryServicer(registry)
+    servicer = RegistryServicer(services)
     return (
         ServiceRegistration(
             pb.DESCRIPTOR.services_by_name["RegistryService"],

@@ -15,11 +15,21 @@ import hashlib
 import json
 import math
 import struct
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
-from gristmill.core.errors import InvalidArgumentError
+from gristmill.core import paging
+from gristmill.core.errors import AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError
+from gristmill.core.storage import ObjectStore, object_key, validate_key
+from gristmill.core.storage.base import sha256_file
+from gristmill.core.values import FileRef
+from gristmill.registry.domain import names
+from gristmill.registry.domain.common import base_model_prefix
+from gristmill.registry.domain.model import BaseModel, Caller
+from gristmill.registry.domain.ports import RegistryStore
 
 # A safetensors header larger than this is not a header (the format caps it at 100 MB).
 _MAX_HEADER = 100 * 1024 * 1024
@@ -132,3 +142,134 @@ def infer_tasks(model_type: str, architectures: tuple[str, ...]) -> tuple[str, .
     if any(a.endswith("ForCausalLM") for a in architectures):
         tasks.append("TASK_TYPE_CAUSAL_LM")
     return tuple(dict.fromkeys(tasks))
+
+
+class BaseModels:
+    """The base-model aggregate: directories imported once, checked, copied and described."""
+
+    def __init__(
+        self, store: RegistryStore, objects: ObjectStore, *, clock: Callable[[], datetime], allow_local_paths: bool
+    ) -> None:
+        self.store = store
+        self.objects = objects
+        self.clock = clock
+        self.allow_local_paths = allow_local_paths
+
+    def import_base_model(
+        self,
+        caller: Caller,
+        name: str,
+        *,
+        local_path: str | None,
+        object_prefix: str | None,
+        license: str,
+        description: str,
+        tasks: tuple[str, ...],
+    ) -> BaseModel:
+        names.validate_base_model_name(name)
+        names.validate_text(license, what="license", limit=1000)
+        names.validate_text(description, what="description")
+        for task in tasks:
+            if task == names.TASK_UNSPECIFIED:
+                raise InvalidArgumentError("tasks must not contain TASK_TYPE_UNSPECIFIED")
+        if (local_path is None) == (object_prefix is None):
+            raise InvalidArgumentError("set exactly one source: local_path or object_prefix")
+        org = caller.organization_id
+        with self.store.transaction() as tx:
+            if tx.get_base_model(org, name) is not None:
+                raise AlreadyExistsError(f"base model {name!r} already exists; choose another name")
+        with tempfile.TemporaryDirectory(prefix="registry-base-model-") as tmp:
+            if local_path is not None:
+                root, files = self._local_source(local_path)
+            else:
+                assert object_prefix is not None
+                root, files = self._download_prefix(object_prefix, Path(tmp))
+            facts = inspect_directory(root, files)
+            prefix = base_model_prefix(org, name)
+            refs: list[FileRef] = []
+            checksums: dict[str, str] = {}
+            for rel in files:
+                sha = sha256_file(root / rel)
+                key = object_key(prefix.rstrip("/"), rel)
+                try:
+                    existing = self.objects.stat(key)
+                except NotFoundError:
+                    existing = None
+                if existing is None or existing.sha256 != sha:
+                    info = self.objects.put_file(key, root / rel, overwrite=existing is not None)
+                    sha = info.sha256
+                refs.append(FileRef(key, sha, (root / rel).stat().st_size))
+                checksums[rel] = sha
+        base = BaseModel(
+            organization_id=org,
+            name=name,
+            model_type=facts.model_type,
+            architectures=facts.architectures,
+            tasks=tasks or facts.tasks,
+            parameter_count=facts.parameter_count,
+            license=license,
+            description=description,
+            artifact_prefix=prefix,
+            files=tuple(refs),
+            content_sha256=content_sha256(checksums),
+            create_time=self.clock(),
+        )
+        with self.store.transaction() as tx:
+            return tx.insert_base_model(base)
+
+    def _local_source(self, local_path: str) -> tuple[Path, list[str]]:
+        if not self.allow_local_paths:
+            raise FailedPreconditionError(
+                "importing from a local path is disabled in this installation "
+                "(GRISTMILL_REGISTRY_ALLOW_LOCAL_PATHS); upload the directory and use object_prefix"
+            )
+        root = Path(local_path)
+        if not root.is_absolute():
+            raise InvalidArgumentError(f"local_path {local_path[:200]!r} must be an absolute path")
+        if not root.is_dir():
+            raise NotFoundError(f"local_path {local_path[:200]!r} is not a directory on the registry's host")
+        files: list[str] = []
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root)
+            # Hidden files and folders (.git, .cache, .gitattributes) are not part of a model.
+            if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+                continue
+            try:
+                validate_key(rel.as_posix())
+            except InvalidArgumentError as exc:
+                raise InvalidArgumentError(f"file {rel.as_posix()!r} cannot be stored: {exc}") from None
+            files.append(rel.as_posix())
+        return root, files
+
+    def _download_prefix(self, object_prefix: str, dest: Path) -> tuple[Path, list[str]]:
+        try:
+            prefix = validate_key(object_prefix.rstrip("/")) + "/"
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"object_prefix is not valid: {exc}") from None
+        files: list[str] = []
+        for info in self.objects.list(prefix):
+            rel = info.key[len(prefix) :]
+            self.objects.get_file(info.key, dest / rel, expected_sha256=info.sha256 or None)
+            files.append(rel)
+        if not files:
+            raise NotFoundError(f"object_prefix {prefix!r} holds no objects")
+        return dest, files
+
+    def get_base_model(self, caller: Caller, name: str) -> BaseModel:
+        names.validate_base_model_name(name)
+        with self.store.transaction() as tx:
+            found = tx.get_base_model(caller.organization_id, name)
+        if found is None:
+            raise NotFoundError(f"base model {name!r} does not exist")
+        return found
+
+    def list_base_models(
+        self, caller: Caller, task: str, page_size: int, page_token: str
+    ) -> tuple[list[BaseModel], str]:
+        fingerprint = paging.fingerprint("base-models", [task])
+        page = paging.page_request(page_size, page_token, fingerprint)
+        with self.store.transaction() as tx:
+            items, after = tx.list_base_models(
+                caller.organization_id, "" if task == names.TASK_UNSPECIFIED else task, page
+            )
+        return items, paging.next_page_token(after, fingerprint)

@@ -6,10 +6,18 @@ free-text fields and re-render the whole card as Markdown (what ``model-card.md`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from datetime import datetime
 
-from gristmill.registry.domain.model import CardText, Metric, ModelVersion
+from gristmill.core.errors import FailedPreconditionError, NotFoundError
+from gristmill.core.storage import ObjectStore, object_key
+from gristmill.core.values import FileRef
+from gristmill.registry.domain import names
+from gristmill.registry.domain.common import check_mask, resolve_version
+from gristmill.registry.domain.model import Caller, CardText, Metric, ModelCard, ModelVersion
 from gristmill.registry.domain.policy import metric_label
+from gristmill.registry.domain.ports import RegistryStore
 
 EDITABLE_FIELDS = ("intended_use", "limitations", "ethical_considerations")
 _SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2, "": 3}
@@ -88,3 +96,60 @@ def render(model_name: str, version: int, task: str, text: CardText, summary: st
     lines += ["", "## Limitations", "", text.limitations.strip() or "_Not written yet._", ""]
     lines += ["## Ethical considerations", "", text.ethical_considerations.strip() or "_Not written yet._", ""]
     return "\n".join(lines)
+
+
+class ModelCards:
+    """The model-card aggregate: each edit is a new revision, rendered and stored beside the artifacts."""
+
+    def __init__(self, store: RegistryStore, objects: ObjectStore, *, clock: Callable[[], datetime]) -> None:
+        self.store = store
+        self.objects = objects
+        self.clock = clock
+
+    def get_card(self, caller: Caller, name: str, *, version: int | None, alias: str | None) -> ModelCard:
+        names.validate_model_name(name)
+        with self.store.transaction() as tx:
+            found = resolve_version(tx, caller.organization_id, name, version=version, alias=alias)
+            card = tx.latest_card(caller.organization_id, name, found.version)
+        if card is None:
+            raise FailedPreconditionError(
+                f"version {found.version} of {name!r} is {found.status.value}; its card is written once it is READY"
+            )
+        return card
+
+    def update_card(self, caller: Caller, name: str, version: int, paths: list[str], text: CardText) -> ModelCard:
+        names.validate_model_name(name)
+        names.validate_version_number(version)
+        check_mask(paths, EDITABLE_FIELDS, what="model card", read_only=("training_summary", "metrics", "markdown"))
+        for path in paths:
+            names.validate_text(getattr(text, path), what=path, limit=20_000)
+        org = caller.organization_id
+        with self.store.transaction() as tx:
+            if not tx.lock_model(org, name):
+                raise NotFoundError(f"registered model {name!r} does not exist")
+            found = resolve_version(tx, org, name, version=version, alias=None)
+            latest = tx.latest_card(org, name, version)
+            if latest is None:
+                raise FailedPreconditionError(
+                    f"version {version} of {name!r} is {found.status.value}; its card is written once it is READY"
+                )
+            new_text = replace(latest.text, **{path: getattr(text, path) for path in paths})
+            revision = latest.revision + 1
+            markdown = render(name, version, found.task, new_text, latest.training_summary, latest.metrics)
+            # Written under the model lock: a leftover object of a crashed attempt at this revision is ours.
+            info = self.objects.put_bytes(
+                object_key(found.artifact_prefix.rstrip("/"), card_key_name(revision)),
+                markdown.encode(),
+                content_type="text/markdown",
+                overwrite=True,
+            )
+            card = replace(
+                latest,
+                revision=revision,
+                text=new_text,
+                markdown=markdown,
+                object=FileRef(info.key, info.sha256, info.size),
+                updated_by=caller.actor,
+                update_time=self.clock(),
+            )
+            return tx.add_card(org, card)

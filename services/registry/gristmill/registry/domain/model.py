@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
-DEFAULT_ORGANIZATION = "default"
+from gristmill.core.values import DEFAULT_ORGANIZATION, FileRef, Signature
 
 # Splits as they appear in metrics ("accuracy/test") and dataset manifests; "" means "no split".
 SPLITS = ("train", "validation", "test")
@@ -61,28 +61,6 @@ class Caller:
 
     actor: str = "anonymous"
     organization_id: str = DEFAULT_ORGANIZATION
-
-
-@dataclass(frozen=True)
-class FileRef:
-    """An immutable object with what a reader needs to verify it."""
-
-    key: str
-    sha256: str
-    size_bytes: int
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Signature:
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
 
 
 @dataclass(frozen=True)
@@ -339,11 +317,3 @@ class VersionQuery:
     tags: dict[str, str] = field(default_factory=dict)
     alias: str = ""
     metric_filters: tuple[MetricFilter, ...] = ()
-
-
-@dataclass(frozen=True)
-class Page:
-    """A validated page request: at most ``size`` results after the position ``after`` (None: first page)."""
-
-    size: int
-    after: str | None = None

@@ -24,16 +24,14 @@ from typing import Any
 from gristmill.core.errors import DataIntegrityError, GristmillError, InvalidArgumentError, NotFoundError
 from gristmill.core.manifests import DatasetManifest, FileEntry, ModelManifest
 from gristmill.core.storage import ObjectStore, object_key
+from gristmill.core.values import FileRef, Signature, TensorSpec
 from gristmill.registry.domain import cards
 from gristmill.registry.domain.model import (
     SPLITS,
     CardText,
-    FileRef,
     Metric,
     ModelCard,
     ModelVersion,
-    Signature,
-    TensorSpec,
     VerificationOutcome,
     VersionStatus,
 )

@@ -23,9 +23,11 @@ from gristmill.api.training.v1 import training_pb2
 from gristmill.core.errors import UnavailableError
 from gristmill.core.events import Event, EventCatalog, Handler
 from gristmill.core.ids import validate_id
+from gristmill.core.values import DEFAULT_ORGANIZATION
 from gristmill.registry.api import convert
-from gristmill.registry.domain.model import DEFAULT_ORGANIZATION, Caller, VersionDraft, VersionStatus
-from gristmill.registry.domain.registry import Registration, Registry
+from gristmill.registry.domain.model import Caller, VersionDraft, VersionStatus
+from gristmill.registry.domain.promotion import Promotions
+from gristmill.registry.domain.registration import Registration, Registrations
 from gristmill.registry.store.sql import SqlRegistryStore
 
 log = logging.getLogger(__name__)
@@ -57,13 +59,13 @@ def registration_from_job(msg: events_pb2.JobStateChanged) -> Registration:
     )
 
 
-def job_state_changed_handler(registry: Registry, store: SqlRegistryStore, catalog: EventCatalog) -> Handler:
+def job_state_changed_handler(registrations: Registrations, store: SqlRegistryStore, catalog: EventCatalog) -> Handler:
     def handle(event: Event, session: Session) -> None:
         msg = catalog.decode(event, events_pb2.JobStateChanged)
         if msg.state != training_pb2.JOB_STATE_SUCCEEDED or not msg.registered_model_name:
             return
         caller = Caller(actor=event.source, organization_id=_organization(msg.organization_id))
-        version, needs_verification = registry.begin_registration(caller, registration_from_job(msg))
+        version, needs_verification = registrations.begin_registration(caller, registration_from_job(msg))
         if not needs_verification:
             log.info(
                 "job %s is already registered as %s v%d (%s); nothing to do",
@@ -74,24 +76,24 @@ def job_state_changed_handler(registry: Registry, store: SqlRegistryStore, catal
             )
             return
         try:
-            outcome = registry.verify(version)
+            outcome = registrations.verify(version)
         except UnavailableError as exc:
             # Not the event's fault: dead-lettering it would lose nothing but help no one. The version stays
             # PENDING and the registry's retry loop finishes it (emitting its event) once storage is back.
             log.warning("job %s: %s v%d left PENDING (%s)", msg.job_id, version.model_name, version.version, exc)
             return
-        done = registry.finish_registration(store.bind(session), version, outcome)
+        done = registrations.finish_registration(store.bind(session), version, outcome)
         log.info("job %s registered as %s v%d: %s", msg.job_id, done.model_name, done.version, done.status.value)
 
     return handle
 
 
-def version_registered_handler(registry: Registry, store: SqlRegistryStore, catalog: EventCatalog) -> Handler:
+def version_registered_handler(promotions: Promotions, store: SqlRegistryStore, catalog: EventCatalog) -> Handler:
     def handle(event: Event, session: Session) -> None:
         msg = catalog.decode(event, events_pb2.ModelVersionRegistered)
         if convert.status_from_proto(msg.status) is not VersionStatus.READY:
             return
-        registry.evaluate_policy(
+        promotions.evaluate_policy(
             store.bind(session), _organization(msg.organization_id), msg.registered_model_name, msg.version
         )
 

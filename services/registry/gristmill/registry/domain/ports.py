@@ -1,4 +1,6 @@
-"""The registry's store interface: a unit of work over models, versions, aliases and the rest.
+"""The registry's store ports: one interface per aggregate, joined in one unit of work.
+
+The domain depends on these; ``gristmill.registry.store`` implements them (the domain never imports it).
 
 ``RegistryStore.transaction()`` yields a ``RegistryTransaction``; everything done through it, including
 the events it emits, commits together or not at all. Implementations return domain dataclasses, never
@@ -23,32 +25,29 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import datetime
 
+from gristmill.core.paging import Page
+from gristmill.core.values import FileRef, Signature
 from gristmill.registry.domain.model import (
     AliasCause,
     AliasChange,
     BaseModel,
-    FileRef,
     Metric,
     ModelCard,
     ModelQuery,
     ModelVersion,
-    Page,
     PendingPromotion,
     PromotionDecision,
     PromotionPolicy,
     PromotionState,
     RegisteredModel,
-    Signature,
     VersionDraft,
     VersionQuery,
     VersionStatus,
 )
 
 
-class RegistryTransaction(ABC):
-    """Operations inside one database transaction. ``org`` is the organisation every lookup is scoped to."""
-
-    # -- registered models ------------------------------------------------------------------------------
+class ModelRepository(ABC):
+    """Registered models, and the locks that serialise their writers."""
 
     @abstractmethod
     def insert_model(
@@ -97,7 +96,9 @@ class RegistryTransaction(ABC):
     @abstractmethod
     def search_models(self, org: str, query: ModelQuery, page: Page) -> tuple[list[RegisteredModel], str | None]: ...
 
-    # -- versions ---------------------------------------------------------------------------------------
+
+class VersionRepository(ABC):
+    """The versions of registered models."""
 
     @abstractmethod
     def add_version(
@@ -166,7 +167,9 @@ class RegistryTransaction(ABC):
         tags: dict[str, str] | None = None,
     ) -> ModelVersion: ...
 
-    # -- aliases ----------------------------------------------------------------------------------------
+
+class AliasRepository(ABC):
+    """Aliases and their history (sequence numbers per model)."""
 
     @abstractmethod
     def get_alias(self, org: str, model_name: str, alias: str) -> int | None:
@@ -196,7 +199,9 @@ class RegistryTransaction(ABC):
     def alias_history(self, org: str, model_name: str, alias: str, page: Page) -> tuple[list[AliasChange], str | None]:
         """Newest first; every alias of the model when ``alias`` is empty."""
 
-    # -- promotion policies and pending promotions ------------------------------------------------------
+
+class PromotionRepository(ABC):
+    """Promotion policies and the promotions waiting for approval."""
 
     @abstractmethod
     def put_policy(self, org: str, policy: PromotionPolicy) -> PromotionPolicy: ...
@@ -231,7 +236,9 @@ class RegistryTransaction(ABC):
     ) -> int:
         """Mark the PENDING promotions of the model (of one target alias, or all) SUPERSEDED; returns how many."""
 
-    # -- model cards ------------------------------------------------------------------------------------
+
+class CardRepository(ABC):
+    """Model card revisions."""
 
     @abstractmethod
     def latest_card(self, org: str, model_name: str, version: int) -> ModelCard | None: ...
@@ -240,7 +247,9 @@ class RegistryTransaction(ABC):
     def add_card(self, org: str, card: ModelCard) -> ModelCard:
         """Store a card revision; ``AbortedError`` when that revision exists (a concurrent edit)."""
 
-    # -- base models ------------------------------------------------------------------------------------
+
+class BaseModelRepository(ABC):
+    """Imported base models."""
 
     @abstractmethod
     def insert_base_model(self, base_model: BaseModel) -> BaseModel:
@@ -252,13 +261,28 @@ class RegistryTransaction(ABC):
     @abstractmethod
     def list_base_models(self, org: str, task: str, page: Page) -> tuple[list[BaseModel], str | None]: ...
 
-    # -- events (written in this transaction, published by the outbox relay) ----------------------------
+
+class RegistryEvents(ABC):
+    """Events written in the transaction and published by the outbox relay."""
 
     @abstractmethod
     def emit_version_registered(self, version: ModelVersion) -> None: ...
 
     @abstractmethod
     def emit_alias_changed(self, change: AliasChange) -> None: ...
+
+
+class RegistryTransaction(
+    ModelRepository,
+    VersionRepository,
+    AliasRepository,
+    PromotionRepository,
+    CardRepository,
+    BaseModelRepository,
+    RegistryEvents,
+    ABC,
+):
+    """Operations inside one database transaction. ``org`` is the organisation every lookup is scoped to."""
 
 
 class RegistryStore(ABC):

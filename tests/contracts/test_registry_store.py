@@ -1,57 +1,68 @@
-"""Store conformance: the same behaviour over every back-end.
+"""Registry store contract: every port of ``gristmill.registry.domain.ports`` behaves the same on SQLite and
+PostgreSQL (``database_url`` is a fresh, empty database of each).
 
-SQLite always; PostgreSQL too when GRISTMILL_TEST_POSTGRES_URL names a server (the parameter exists only
-then). Each test works in an organisation of its own, so a shared PostgreSQL database needs no cleanup.
+Ports: models (uniqueness, locks, search and paging), versions (numbering, job idempotency, completion once,
+filters), aliases (history sequences, compare-and-set under the model lock), promotions (policies, pending
+promotions), cards (revisions), base models, and the events written into the same transaction's outbox.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
+from sqlalchemy import select, text
 
+from gristmill.api.events.v1 import events_pb2
 from gristmill.core.errors import AlreadyExistsError, NotFoundError
+from gristmill.core.events.outbox import OutboxEvent
 from gristmill.core.events.topics import platform_catalog
+from gristmill.core.paging import Page
 from gristmill.core.sql import Database
+from gristmill.core.values import FileRef, Signature, TensorSpec
+from gristmill.registry.domain.common import artifact_prefix
 from gristmill.registry.domain.model import (
     AliasCause,
     BaseModel,
+    BaseModelSource,
     CardText,
     Comparison,
-    FileRef,
     Lineage,
     Metric,
     MetricFilter,
+    MetricGoal,
     ModelCard,
     ModelQuery,
-    Page,
     PendingPromotion,
     PromotionDecision,
+    PromotionMode,
+    PromotionPolicy,
     PromotionState,
     VersionDraft,
     VersionQuery,
     VersionStatus,
 )
-from gristmill.registry.domain.registry import artifact_prefix
 from gristmill.registry.events.payloads import OutboxEventWriter
 from gristmill.registry.store.sql import SqlRegistryStore
-from services.registry.tests.support import BACKENDS
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 MANIFEST = FileRef("jobs/j/manifest.json", "0" * 64, 10)
 
 
-@pytest.fixture(params=BACKENDS)
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlRegistryStore]:
-    url = os.environ["GRISTMILL_TEST_POSTGRES_URL"] if request.param == "postgresql" else f"sqlite:///{tmp_path}/s.db"
-    database = Database(url)
+@pytest.fixture
+def database(database_url: str) -> Iterator[Database]:
+    database = Database(database_url)
     database.create_all()
-    yield SqlRegistryStore(database, OutboxEventWriter(platform_catalog(), "registry"))
+    yield database
     database.dispose()
+
+
+@pytest.fixture
+def store(database: Database) -> SqlRegistryStore:
+    return SqlRegistryStore(database, OutboxEventWriter(platform_catalog(), "registry"))
 
 
 @pytest.fixture
@@ -294,9 +305,7 @@ def test_list_versions_filters(store: SqlRegistryStore, org: str) -> None:
     assert [v.version for v in page + rest] == [4, 3, 2, 1] and end is None
 
 
-def test_policies_pending_promotions_cards_and_base_models(store: SqlRegistryStore, org: str) -> None:
-    from gristmill.registry.domain.model import MetricGoal, PromotionMode, PromotionPolicy
-
+def test_policies_and_pending_promotions(store: SqlRegistryStore, org: str) -> None:
     _model(store, org, "m")
     policy = PromotionPolicy(
         "m",
@@ -347,6 +356,9 @@ def test_policies_pending_promotions_cards_and_base_models(store: SqlRegistrySto
         (f"{org}-p2", PromotionState.REJECTED),
     ]
 
+
+def test_card_revisions(store: SqlRegistryStore, org: str) -> None:
+    _model(store, org, "m")
     card = ModelCard("m", 1, 1, CardText("use"), "summary", (Metric("f1", 0.5, "test"),), "# md", None, "r", T0)
     with store.transaction() as tx:
         tx.add_card(org, card)
@@ -358,6 +370,8 @@ def test_policies_pending_promotions_cards_and_base_models(store: SqlRegistrySto
         assert tx.latest_card(org, "m", 2) is None
     assert latest is not None and (latest.revision, latest.text.intended_use, latest.updated_by) == (2, "use 2", "bob")
 
+
+def test_base_models(store: SqlRegistryStore, org: str) -> None:
     base = BaseModel(
         org,
         "minilm",
@@ -380,3 +394,118 @@ def test_policies_pending_promotions_cards_and_base_models(store: SqlRegistrySto
         assert tx.get_base_model(org, "minilm") == base
         assert tx.list_base_models(org, "TASK_TYPE_CAUSAL_LM", Page(size=5)) == ([], None)
         assert tx.list_base_models(org, "", Page(size=5)) == ([base], None)
+
+
+def test_model_updates_count_and_locks(store: SqlRegistryStore, org: str) -> None:
+    _model(store, org, "m", tags={"a": "1"})
+    with store.transaction() as tx:
+        before = tx.count_models()
+        tx.lock_model_count()
+        assert tx.lock_model(org, "m") and not tx.lock_model(org, "missing")
+        changed = tx.update_model(org, "m", now=T0 + timedelta(seconds=5), tags={"b": "2"}, label_map=("x",))
+        untouched = tx.update_model(org, "m", now=T0 + timedelta(seconds=6))
+    assert (changed.tags, changed.label_map, changed.description) == ({"b": "2"}, ("x",), "")
+    assert untouched.tags == {"b": "2"} and untouched.update_time == T0 + timedelta(seconds=6)
+    _model(store, org, "n")
+    with store.transaction() as tx:
+        assert tx.count_models() == before + 1
+        with pytest.raises(NotFoundError):
+            tx.update_model(org, "missing", now=T0)
+
+
+def test_version_updates_latest_ready_and_pending(store: SqlRegistryStore, org: str) -> None:
+    _model(store, org, "m")
+    _ready(store, org, "m", _version(store, org, "m", tags={"t": "1"}))
+    _version(store, org, "m")  # 2 stays PENDING
+    with store.transaction() as tx:
+        latest = tx.latest_ready_version(org, "m")
+        assert tx.latest_ready_version(org, "missing") is None and tx.get_version(org, "m", 9) is None
+        pending = [v.version for v in tx.pending_versions() if v.organization_id == org]
+        edited = tx.update_version(org, "m", 1, now=T0 + timedelta(seconds=1), description="new", tags={})
+        with pytest.raises(NotFoundError):
+            tx.update_version(org, "m", 9, now=T0)
+    assert latest is not None and latest.version == 1 and latest.tags == {"t": "1"}
+    assert pending == [2]
+    assert (edited.description, edited.tags, edited.status) == ("new", {}, VersionStatus.READY)
+
+
+def test_latest_alias_change_and_refusal_without_model(store: SqlRegistryStore, org: str) -> None:
+    _model(store, org, "m")
+    _ready(store, org, "m", _version(store, org, "m"))
+    with store.transaction() as tx:
+        assert tx.latest_alias_change(org, "m", "prod") is None
+        change = tx.write_alias(
+            org, "m", "prod", to_version=1, actor="a", reason="r", cause=AliasCause.MANUAL, decision=None, now=T0
+        )
+        assert tx.latest_alias_change(org, "m", "prod") == change
+        with pytest.raises(NotFoundError):
+            tx.alias_history(org, "missing", "", Page(size=5))
+
+
+def test_events_commit_with_the_transaction(store: SqlRegistryStore, database: Database, org: str) -> None:
+    _model(store, org, "m")
+    _ready(store, org, "m", _version(store, org, "m"))
+    catalog = platform_catalog()
+    topic = catalog.topic_for(events_pb2.AliasChanged)
+
+    def alias_events() -> list[int]:
+        with database.transaction() as session:
+            rows = session.execute(select(OutboxEvent).where(OutboxEvent.topic == topic)).scalars()
+            return [catalog.decode(row.to_event(), events_pb2.AliasChanged).sequence for row in rows]
+
+    with pytest.raises(RuntimeError), store.transaction() as tx:
+        change = tx.write_alias(
+            org, "m", "prod", to_version=1, actor="a", reason="", cause=AliasCause.MANUAL, decision=None, now=T0
+        )
+        tx.emit_alias_changed(change)
+        raise RuntimeError("rolled back")
+    assert alias_events() == []
+    with store.transaction() as tx:
+        assert tx.get_alias(org, "m", "prod") is None  # the alias rolled back with its event
+        change = tx.write_alias(
+            org, "m", "prod", to_version=1, actor="a", reason="", cause=AliasCause.MANUAL, decision=None, now=T0
+        )
+        tx.emit_alias_changed(change)
+        version = tx.get_version(org, "m", 1)
+        assert version is not None
+        tx.emit_version_registered(version)
+    assert alias_events() == [1]
+
+
+def test_json_columns_keep_their_stored_format(store: SqlRegistryStore, database: Database, org: str) -> None:
+    """Rows written before the columns were mapped by ``gristmill.core.serialization`` still read back, and new
+    rows are written in the same shape."""
+    signature = Signature((TensorSpec("text", "BYTES", (-1,)),), (TensorSpec("p", "FP32", (-1, 2)),))
+    lineage = Lineage(
+        training_job_id="j",
+        dataset_manifest=MANIFEST,
+        dataset_files=(MANIFEST,),
+        base_model=BaseModelSource(base_model_name="minilm", content_sha256="3" * 64),
+        hyper_parameters={"lr": "2e-5"},
+    )
+    draft = VersionDraft("jobs/j/", MANIFEST, signature, "TASK_TYPE_TEXT_CLASSIFICATION", ("a",), (), lineage, "", {})
+    _model(store, org, "m")
+    with store.transaction() as tx:
+        tx.add_version(org, "m", draft, artifact_prefix_for=artifact_prefix, created_by="t", now=T0)
+    manifest = {"key": MANIFEST.key, "sha256": MANIFEST.sha256, "size_bytes": MANIFEST.size_bytes}
+    with database.transaction() as session:
+        stored = session.execute(
+            text("SELECT source_manifest, signature, lineage FROM registry_versions WHERE organization_id = :org"),
+            {"org": org},
+        ).one()
+        raw = [value if isinstance(value, dict) else json.loads(value) for value in stored]
+        assert raw[0] == manifest
+        assert raw[1] == {
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": "p", "datatype": "FP32", "shape": [-1, 2]}],
+        }
+        assert raw[2]["dataset_files"] == [manifest] and raw[2]["base_model"]["base_model_name"] == "minilm"
+        # An older row whose lineage lacks the fields added later reads with their defaults.
+        session.execute(
+            text("UPDATE registry_versions SET lineage = :lineage WHERE organization_id = :org"),
+            {"org": org, "lineage": '{"training_job_id": "j", "project_id": "p"}'},
+        )
+    with store.transaction() as tx:
+        version = tx.get_version(org, "m", 1)
+    assert version is not None and version.signature == signature
+    assert version.lineage == Lineage(training_job_id="j", project_id="p")

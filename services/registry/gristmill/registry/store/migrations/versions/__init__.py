@@ -1,0 +1,1 @@
+"""The registry schema's revisions, oldest first by ``down_revision``."""
