@@ -5,14 +5,18 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from gristmill.core.events.topics import LABELING_ACTIVE_LEARNING
+from gristmill.core.ports import LABELING_PORT
 from gristmill.core.settings import ServiceSettings
 
 
 class LabelingSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="GRISTMILL_LABELING_", extra="ignore", frozen=True)
 
-    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    grpc_port: int = Field(default=LABELING_PORT, ge=0, le=65535)
     # Projects whose near-duplicate index stays in memory (least recently used ones are rebuilt on demand).
     index_cache_projects: int = Field(default=32, ge=1, le=10_000)
     # Consumer group of the active-learning consumer (PredictionLogged → new items).
-    active_learning_group: str = Field(default="labeling-active-learning", pattern=r"^[a-z0-9][a-z0-9._-]{0,127}$")
+    active_learning_group: str = Field(
+        default=LABELING_ACTIVE_LEARNING.default, pattern=r"^[a-z0-9][a-z0-9._-]{0,127}$"
+    )

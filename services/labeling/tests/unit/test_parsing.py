@@ -16,11 +16,13 @@ from gristmill.labeling.domain.parsing import (
     RecordBuilder,
     validate_options,
 )
+from gristmill.labeling.tasks import labeling_task
 
 
 def _builder(fmt: ImportFormat = ImportFormat.JSONL, *, multi: bool = False, **options: object) -> RecordBuilder:
     opts = ImportOptions(project_id="p", format=fmt, **options)  # type: ignore[arg-type]
-    return RecordBuilder(opts, import_id="imp", labels=("neg", "pos"), multi_label=multi)
+    task = labeling_task("text-multi-label-classification" if multi else "text-classification")
+    return RecordBuilder(opts, import_id="imp", labels=("neg", "pos"), task=task)
 
 
 def _jsonl(data: bytes, *, chunk: int = 0, multi: bool = False, **options: object) -> list[RawRecord]:

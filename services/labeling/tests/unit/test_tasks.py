@@ -14,8 +14,8 @@ from gristmill.core.errors import (
     PermissionDeniedError,
 )
 from gristmill.labeling.domain import model as m
+from gristmill.labeling.domain.ports import PredictionTarget
 from gristmill.labeling.domain.service import LabelingService
-from gristmill.labeling.store.base import PredictionTarget
 
 
 def _texts(n: int) -> list[dict[str, str]]:

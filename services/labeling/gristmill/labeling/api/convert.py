@@ -13,7 +13,7 @@ from gristmill.api.common.v1 import common_pb2
 from gristmill.api.labeling.v1 import labeling_pb2 as pb
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.labeling.domain import model as m
-from gristmill.labeling.store.base import PredictionTarget
+from gristmill.labeling.domain.ports import PredictionTarget
 
 E = TypeVar("E", bound=StrEnum)
 

@@ -13,12 +13,13 @@ from typing import Any
 
 from google.protobuf import field_mask_pb2
 
+from gristmill.api.common.v1 import common_pb2
 from gristmill.api.labeling.v1 import labeling_pb2 as pb
 from gristmill.api.labeling.v1 import labeling_pb2_grpc as pb_grpc
 from gristmill.core.auth import current_organization
 from gristmill.core.errors import InvalidArgumentError
+from gristmill.core.paging import Page, fingerprint, page_request
 from gristmill.labeling.api import convert
-from gristmill.labeling.api.paging import page_of
 from gristmill.labeling.domain.importer import ImportSession
 from gristmill.labeling.domain.model import ImportFormat, ImportReport
 from gristmill.labeling.domain.service import LabelingService
@@ -51,7 +52,7 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
         )
 
     async def ListProjects(self, request: pb.ListProjectsRequest, context: Any) -> pb.ListProjectsResponse:
-        page = page_of(request.page, "projects")
+        page = _page(request.page, "projects")
         rows = await asyncio.to_thread(
             self.service.list_projects, current_organization(), offset=page.offset, limit=page.fetch_limit()
         )
@@ -105,7 +106,7 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
         )
 
     async def ListLabelSchemas(self, request: pb.ListLabelSchemasRequest, context: Any) -> pb.ListLabelSchemasResponse:
-        page = page_of(request.page, "schemas", request.project_id)
+        page = _page(request.page, "schemas", request.project_id)
         rows = await asyncio.to_thread(
             self.service.list_label_schemas,
             current_organization(),
@@ -183,7 +184,7 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
         return convert.report_out(report)
 
     async def ListImports(self, request: pb.ListImportsRequest, context: Any) -> pb.ListImportsResponse:
-        page = page_of(request.page, "imports", request.project_id)
+        page = _page(request.page, "imports", request.project_id)
         rows = await asyncio.to_thread(
             self.service.list_imports,
             current_organization(),
@@ -204,7 +205,7 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
     async def ListItems(self, request: pb.ListItemsRequest, context: Any) -> pb.ListItemsResponse:
         statuses = convert.statuses_in(request.statuses)
         source = convert.source_in(request.source)
-        page = page_of(
+        page = _page(
             request.page,
             "items",
             request.project_id,
@@ -330,7 +331,7 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
     async def ListDatasetVersions(
         self, request: pb.ListDatasetVersionsRequest, context: Any
     ) -> pb.ListDatasetVersionsResponse:
-        page = page_of(request.page, "versions", request.project_id)
+        page = _page(request.page, "versions", request.project_id)
         rows = await asyncio.to_thread(
             self.service.list_dataset_versions,
             current_organization(),
@@ -362,3 +363,8 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
                 sha256=chunk.sha256,
                 size_bytes=chunk.size_bytes,
             )
+
+
+def _page(request: common_pb2.PageRequest, kind: str, *query: object) -> Page:
+    """The page a List request asks for; ``query`` (project id, filters) is what its token is bound to."""
+    return page_request(request.page_size, request.page_token, fingerprint(kind, [str(part) for part in query]))

@@ -6,13 +6,37 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gristmill.labeling.domain.model import Consensus, ItemStatus
+from gristmill.labeling.domain.model import Consensus, ItemStatus, Project
 
 
 @dataclass(frozen=True)
 class ConsensusResult:
     status: ItemStatus
     consensus: Consensus
+
+
+@dataclass(frozen=True)
+class ConsensusRule:
+    """How one project decides an item's consensus: the stores apply it, inside the transaction that changes
+    the item's annotations, so status and consensus never disagree with the annotations stored."""
+
+    required: int
+    multi_label: bool
+
+    @classmethod
+    def of(cls, project: Project) -> ConsensusRule:
+        return cls(required=project.settings.annotations_per_item, multi_label=project.task_type.multi_label)
+
+    def decide(
+        self, labelings: Sequence[Sequence[str]], *, resolved_labels: Sequence[str] | None = None, resolved_by: str = ""
+    ) -> ConsensusResult:
+        return compute_consensus(
+            labelings,
+            required=self.required,
+            multi_label=self.multi_label,
+            resolved_labels=resolved_labels,
+            resolved_by=resolved_by,
+        )
 
 
 def compute_consensus(

@@ -30,6 +30,7 @@ from typing import IO, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from gristmill.core.errors import FailedPreconditionError
 from gristmill.labeling.domain import neardup
 from gristmill.labeling.domain.cleaning import TextMasker, normalize_text
 from gristmill.labeling.domain.model import (
@@ -46,7 +47,8 @@ from gristmill.labeling.domain.model import (
 )
 from gristmill.labeling.domain.ordering import new_shuffle_key
 from gristmill.labeling.domain.parsing import CsvReader, JsonlReader, LineSplitter, RecordBuilder
-from gristmill.labeling.store.base import ItemWriter, NewItem
+from gristmill.labeling.domain.ports import ItemWriter, NewItem
+from gristmill.labeling.tasks import labeling_task
 
 MAX_REPORTED_DROPS = 1_000
 # Records per spool batch and per database round trip in phase 2.
@@ -166,7 +168,7 @@ class ImportSession:
             options,
             import_id=import_id,
             labels=project.label_schema.names,
-            multi_label=project.task_type.multi_label,
+            task=labeling_task(project.task_type, error=FailedPreconditionError),
         )
         self._lines = LineSplitter()
         self._jsonl = JsonlReader(self._builder) if options.format is ImportFormat.JSONL else None

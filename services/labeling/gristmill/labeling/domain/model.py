@@ -6,11 +6,10 @@ can carry them verbatim (``TASK_TYPE_TEXT_CLASSIFICATION``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-
-DEFAULT_ORGANIZATION = "default"
 
 
 class TaskType(StrEnum):
@@ -206,6 +205,11 @@ class Annotation:
     update_time: datetime
     spans: tuple[SpanLabel, ...] = ()
     comment: str = ""
+
+    def repeats(self, labels: Sequence[str], spans: Sequence[SpanLabel], comment: str) -> bool:
+        """Whether a submission with this content is a retry of this annotation (its first reply was lost:
+        a timeout, a restart), to be answered as the first time; different content is a second opinion."""
+        return (self.labels, self.spans, self.comment) == (tuple(labels), tuple(spans), comment)
 
 
 @dataclass(frozen=True)

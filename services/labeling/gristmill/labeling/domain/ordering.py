@@ -12,6 +12,9 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from dataclasses import dataclass
+
+from gristmill.labeling.domain.model import Project, TaskOrdering
 
 PRIME = 2_147_483_647  # 2**31 - 1
 
@@ -36,3 +39,28 @@ def annotator_permutation(project_id: str, annotator_id: str) -> tuple[int, int]
 def order_key(shuffle_key: int, multiplier: int, offset: int) -> int:
     """The same value the SQL ORDER BY computes (for tests and in-memory stores)."""
     return (shuffle_key * multiplier + offset) % PRIME
+
+
+@dataclass(frozen=True)
+class OfferRule:
+    """Which items an annotator may be offered and in what order; the store turns it into one query.
+
+    An item is offerable while its annotations plus open leases stay below ``annotations_per_item``, it is
+    not RESOLVED, and this annotator has not annotated, skipped or leased it. ``RANDOM`` orders by
+    ``order_key(shuffle_key, multiplier, offset)`` (then sequence number), ``UNCERTAINTY_FIRST`` by the
+    latest prediction's top probability (items without one last), ``SEQUENTIAL`` by import order.
+    """
+
+    annotations_per_item: int
+    ordering: TaskOrdering
+    multiplier: int = 1
+    offset: int = 0
+    modulus: int = PRIME
+
+    @classmethod
+    def for_annotator(cls, project: Project, annotator_id: str) -> OfferRule:
+        settings = project.settings
+        if settings.task_ordering is not TaskOrdering.RANDOM:
+            return cls(settings.annotations_per_item, settings.task_ordering)
+        multiplier, offset = annotator_permutation(project.project_id, annotator_id)
+        return cls(settings.annotations_per_item, settings.task_ordering, multiplier, offset)

@@ -2,6 +2,9 @@
 
 Every problem is an ``InvalidArgumentError`` whose message starts with the 1-based line number (header
 counted) and names the field, e.g. ``line 7, field 'label': 'maybe' is not a label of schema v1``.
+
+What a record's labels may be is the project's task type's business (``gristmill.labeling.tasks``); this
+module knows the file formats and the fields every record has (external id, text, metadata).
 """
 
 from __future__ import annotations
@@ -10,10 +13,13 @@ import csv
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.labeling.domain.model import CsvOptions, FieldMapping, ImportFormat, ImportOptions, RawRecord
+
+if TYPE_CHECKING:
+    from gristmill.labeling.tasks import LabelingTask
 
 MAX_LINE_BYTES = 1 << 20
 MAX_IMPORT_RECORDS = 1_000_000
@@ -77,14 +83,13 @@ LabelCheck = Callable[[int, str, tuple[str, ...]], tuple[str, ...]]
 
 
 class RecordBuilder:
-    """Turns mapped field values into a ``RawRecord``: checks the text, the external id and the labels."""
+    """Turns mapped field values into a ``RawRecord``: checks the text, the external id and (as the
+    project's ``task`` says) the labels against the schema's label names ``labels``."""
 
-    def __init__(self, options: ImportOptions, *, import_id: str, labels: Sequence[str], multi_label: bool) -> None:
+    def __init__(self, options: ImportOptions, *, import_id: str, labels: Sequence[str], task: LabelingTask) -> None:
         self.mapping = options.field_mapping
         self.import_id = import_id
-        self.labels = frozenset(labels)
-        self.label_list = ", ".join(labels)
-        self.multi_label = multi_label
+        self.record_labels = task.record_labels(labels)
         self.where_field = "item" if options.format is ImportFormat.ITEMS else "line"
         self._ids: set[bytes] = set()
         self.count = 0
@@ -104,7 +109,7 @@ class RecordBuilder:
             )
         if not isinstance(text, str):
             raise InvalidArgumentError(
-                f"{where} {line}, field {self.mapping.text_field!r}: must be a string, got {_json_type(text)}"
+                f"{where} {line}, field {self.mapping.text_field!r}: must be a string, got {json_type(text)}"
             )
         if not external_id:
             external_id = f"{self.import_id}-{line}"
@@ -126,15 +131,7 @@ class RecordBuilder:
     def check_labels(self, line: int, labels: tuple[str, ...]) -> tuple[str, ...]:
         if not labels:
             return ()
-        field = f"{self.where_field} {line}, field {self.mapping.label_field!r}"
-        if not self.multi_label and len(labels) != 1:
-            raise InvalidArgumentError(f"{field}: a single-label project takes one label, got {len(labels)}")
-        for label in labels:
-            if label not in self.labels:
-                raise InvalidArgumentError(
-                    f"{field}: {label[:80]!r} is not a label of the project's schema ({self.label_list})"
-                )
-        return tuple(dict.fromkeys(labels))
+        return self.record_labels.check(labels, f"{self.where_field} {line}, field {self.mapping.label_field!r}")
 
 
 class JsonlReader:
@@ -155,9 +152,11 @@ class JsonlReader:
             except json.JSONDecodeError as exc:
                 raise InvalidArgumentError(f"line {line}: malformed JSON: {exc.msg} (column {exc.colno})") from None
             if not isinstance(obj, dict):
-                raise InvalidArgumentError(f"line {line}: expected a JSON object, got {_json_type(obj)}")
+                raise InvalidArgumentError(f"line {line}: expected a JSON object, got {json_type(obj)}")
             external_id = _external_id(obj.get(mapping.external_id_field), line, mapping.external_id_field)
-            labels = self._labels(obj.get(mapping.label_field), line)
+            labels = self.builder.record_labels.from_json(
+                obj.get(mapping.label_field), f"line {line}, field {mapping.label_field!r}"
+            )
             metadata = {
                 key: _metadata_value(value)
                 for key, value in obj.items()
@@ -165,18 +164,6 @@ class JsonlReader:
             }
             out.append(self.builder.build(line, external_id, obj.get(mapping.text_field), labels, metadata))
         return out
-
-    def _labels(self, value: Any, line: int) -> tuple[str, ...]:
-        if value is None or value == "":
-            return ()
-        if isinstance(value, str):
-            return (value,)
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise InvalidArgumentError(
-            f"line {line}, field {self.builder.mapping.label_field!r}: must be a string or a list of strings, "
-            f"got {_json_type(value)}"
-        )
 
 
 class CsvReader:
@@ -275,7 +262,7 @@ class CsvReader:
     def _build(self, rows: list[tuple[int, list[str]]]) -> list[RawRecord]:
         out = []
         separator = self.builder.mapping.multi_label_separator
-        multi = self.builder.multi_label
+        record_labels = self.builder.record_labels
         for line, row in rows:
             if self._columns is None:
                 self._set_columns(tuple(name.strip() for name in row), line=line)
@@ -285,12 +272,7 @@ class CsvReader:
                     f"line {line}: expected {len(self._columns)} columns ({', '.join(self._columns)}), got {len(row)}"
                 )
             label_cell = row[self._label].strip() if self._label is not None else ""
-            if not label_cell:
-                labels: tuple[str, ...] = ()
-            elif multi:
-                labels = tuple(part.strip() for part in label_cell.split(separator) if part.strip())
-            else:
-                labels = (label_cell,)
+            labels = record_labels.from_cell(label_cell, separator)
             external_id = row[self._id].strip() if self._id is not None else ""
             metadata = {name: row[i] for i, name in self._meta}
             out.append(self.builder.build(line, external_id, row[self._text], labels, metadata))
@@ -304,7 +286,7 @@ def _external_id(value: Any, line: int, field: str) -> str:
         return value.strip()
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    raise InvalidArgumentError(f"line {line}, field {field!r}: must be a string or an integer, got {_json_type(value)}")
+    raise InvalidArgumentError(f"line {line}, field {field!r}: must be a string or an integer, got {json_type(value)}")
 
 
 def _metadata_value(value: Any) -> str:
@@ -313,7 +295,8 @@ def _metadata_value(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """How a JSON value's type reads in an error message ("an array", "null")."""
     if value is None:
         return "null"
     if isinstance(value, bool):

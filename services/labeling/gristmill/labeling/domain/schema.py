@@ -12,9 +12,11 @@ from gristmill.labeling.domain.model import (
     CleaningSettings,
     CustomPiiPattern,
     LabelDefinition,
+    LabelSchema,
     ProjectSettings,
     TaskType,
 )
+from gristmill.labeling.tasks import labeling_task
 
 MAX_LABEL_CHARS = 64
 MAX_LABELS = 1_000
@@ -28,12 +30,7 @@ MAX_CUSTOM_PATTERNS = 50
 
 def validate_labels(task_type: TaskType, labels: Sequence[LabelDefinition]) -> tuple[LabelDefinition, ...]:
     """The labels if they form a valid schema for ``task_type``; else ``InvalidArgumentError`` naming the problem."""
-    minimum = 1 if task_type.multi_label else 2
-    if len(labels) < minimum:
-        kind = "multi-label" if task_type.multi_label else "single-label"
-        raise InvalidArgumentError(
-            f"labels: a {kind} classification schema needs at least {minimum} labels, got {len(labels)}"
-        )
+    labeling_task(task_type).check_schema(labels)
     if len(labels) > MAX_LABELS:
         raise InvalidArgumentError(f"labels: at most {MAX_LABELS} labels per schema, got {len(labels)}")
     seen: set[str] = set()
@@ -52,6 +49,15 @@ def validate_labels(task_type: TaskType, labels: Sequence[LabelDefinition]) -> t
             raise InvalidArgumentError(f"labels[{index}].description is longer than {MAX_DESCRIPTION_CHARS} characters")
         seen.add(name)
     return tuple(labels)
+
+
+def schema_change_needed(current: LabelSchema, proposed: Sequence[LabelDefinition], used: Iterable[str]) -> bool:
+    """Whether ``proposed`` makes a new schema version: False when equal to ``current``;
+    ``FailedPreconditionError`` when it drops a label that annotations (or resolutions) use."""
+    if tuple(proposed) == current.labels:
+        return False
+    check_schema_change(current.names, [label.name for label in proposed], used)
+    return True
 
 
 def check_schema_change(current: Sequence[str], proposed: Sequence[str], used: Iterable[str]) -> None:

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from gristmill.api.events.v1 import events_pb2
 from gristmill.core.errors import InvalidArgumentError, NotFoundError
 from gristmill.core.events import Event, EventCatalog
+from gristmill.labeling.domain.consensus import ConsensusRule
 from gristmill.labeling.domain.model import Prediction
 from gristmill.labeling.domain.service import LabelingService, organization
 from gristmill.labeling.store.sql import SqlLabelingStore
@@ -59,7 +60,9 @@ class PredictionLogHandler:
                 probabilities=probabilities,
                 create_time=event.event_time,
             )
-        writer = self.store.writer_in(session, org, project.project_id, self.service.clock())
+        writer = self.store.writer_in(
+            session, org, project.project_id, self.service.clock(), consensus=ConsensusRule.of(project)
+        )
         report = self.service.ingest_prediction(
             writer, project, external_id=external_id, text=message.masked_text, prediction=prediction
         )

@@ -1,21 +1,26 @@
-"""The labeling store interface: what the service persists, as domain dataclasses (never ORM rows).
+"""The labeling store's interfaces (ports), one per aggregate: what the service persists, as domain
+dataclasses (never ORM rows). ``store/`` implements them; the domain depends only on this module.
 
 Every method is one transaction: it either changes everything it describes or nothing. Errors are the
 shared ``gristmill.core.errors`` classes: ``NotFoundError`` for an unknown project/item/annotation/task,
 ``AlreadyExistsError`` for a taken id or a second annotation by the same annotator,
 ``FailedPreconditionError`` for a rule about existing state, ``AbortedError`` when a concurrent change
 won (the caller may retry). Projects are addressed by ``(organization_id, project_id)``.
+
+Rules are the domain's: where a decision must be taken inside a store's transaction (an item's consensus,
+whether a schema change is allowed), the caller passes the rule in and the store applies it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 
 from gristmill.labeling.domain.agreement import RatedItem
+from gristmill.labeling.domain.consensus import ConsensusRule
 from gristmill.labeling.domain.model import (
     Annotation,
     DatasetVersion,
@@ -31,7 +36,12 @@ from gristmill.labeling.domain.model import (
     SpanLabel,
     Task,
 )
+from gristmill.labeling.domain.ordering import OfferRule
 from gristmill.labeling.domain.splits import DatasetItem
+
+# Whether proposed labels make a new schema version, given the current schema and the labels in use
+# (raises to refuse the change): ``gristmill.labeling.domain.schema.schema_change_needed``.
+SchemaChangeRule = Callable[[LabelSchema, Sequence[LabelDefinition], Iterable[str]], bool]
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,7 @@ class PredictionTarget:
 
 
 class ItemWriter(ABC):
-    """One import's writes and lookups, all inside one transaction (see ``LabelingStore.open_import``)."""
+    """One import's writes and lookups, all inside one transaction (see ``ItemStore.open_import``)."""
 
     @abstractmethod
     def existing_external_ids(self, external_ids: Sequence[str]) -> set[str]:
@@ -84,15 +94,16 @@ class ItemWriter(ABC):
 
     @abstractmethod
     def add_items(self, items: Sequence[NewItem], *, source: ItemSource, import_id: str, annotator_id: str) -> None:
-        """Stage items (and their labels as annotations by ``annotator_id``, and their predictions)."""
+        """Stage items (and their labels as annotations by ``annotator_id``, and their predictions); an item
+        with labels gets the status and consensus of the writer's ``ConsensusRule``."""
 
     @abstractmethod
     def finish(self, report: ImportReport | None, request_id: str) -> StoredRange:
         """Record the import (when ``report`` is given) and commit everything staged."""
 
 
-class LabelingStore(ABC):
-    # ----------------------------------------------------------------------------- projects and schemas
+class ProjectStore(ABC):
+    """Projects and their label schema versions."""
 
     @abstractmethod
     def create_project(self, project: Project) -> Project:
@@ -121,12 +132,16 @@ class LabelingStore(ABC):
 
     @abstractmethod
     def update_label_schema(
-        self, organization_id: str, project_id: str, labels: Sequence[LabelDefinition], now: datetime
+        self,
+        organization_id: str,
+        project_id: str,
+        labels: Sequence[LabelDefinition],
+        now: datetime,
+        *,
+        rule: SchemaChangeRule,
     ) -> LabelSchema:
-        """Make ``labels`` the current schema (a new version), unless equal to the current one (returned as is).
-
-        ``FailedPreconditionError`` naming a label that annotations use and ``labels`` drops.
-        """
+        """Make ``labels`` the current schema (a new version) when ``rule(current, labels, labels in use)``
+        says so; otherwise return the current schema as is. Whatever ``rule`` raises refuses the change."""
 
     @abstractmethod
     def get_label_schema(self, organization_id: str, project_id: str, version: int | None) -> LabelSchema:
@@ -138,7 +153,9 @@ class LabelingStore(ABC):
     ) -> list[LabelSchema]:
         """Newest first."""
 
-    # ----------------------------------------------------------------------------- imports and items
+
+class ItemStore(ABC):
+    """Items, the imports that brought them and the predictions attached to them."""
 
     @abstractmethod
     def find_import(self, organization_id: str, project_id: str, request_id: str) -> ImportReport | None:
@@ -153,7 +170,9 @@ class LabelingStore(ABC):
         """Newest first, without the drop lists."""
 
     @abstractmethod
-    def open_import(self, organization_id: str, project_id: str, now: datetime) -> AbstractContextManager[ItemWriter]:
+    def open_import(
+        self, organization_id: str, project_id: str, now: datetime, *, consensus: ConsensusRule
+    ) -> AbstractContextManager[ItemWriter]:
         """A writer whose lookups and writes share one transaction; it commits in ``finish``, rolls back on error.
 
         A concurrent write of the same external id or text makes ``finish`` raise ``AbortedError``.
@@ -183,13 +202,28 @@ class LabelingStore(ABC):
     ) -> list[Item]:
         """In import order."""
 
-    # ----------------------------------------------------------------------------- tasks and annotations
+    @abstractmethod
+    def attach_predictions(
+        self, organization_id: str, project_id: str, predictions: Sequence[tuple[PredictionTarget, Prediction]]
+    ) -> int:
+        """Attach all or none (``NotFoundError`` naming the first unknown item); returns how many were attached."""
+
+
+class AnnotationStore(ABC):
+    """Task leases, annotations, skips and reviewers' resolutions."""
 
     @abstractmethod
     def next_task(
-        self, organization_id: str, project_id: str, annotator_id: str, *, lease_seconds: int, now: datetime
+        self,
+        organization_id: str,
+        project_id: str,
+        annotator_id: str,
+        *,
+        lease_seconds: int,
+        now: datetime,
+        offer: OfferRule,
     ) -> tuple[Task | None, int]:
-        """Lease the next item for the annotator by the project's ordering (or return their unexpired lease).
+        """Lease the next item ``offer`` allows the annotator (or return their unexpired lease).
 
         Returns the task (None when nothing is left) and how many items the annotator could still get.
         """
@@ -207,8 +241,13 @@ class LabelingStore(ABC):
         spans: Sequence[SpanLabel],
         comment: str,
         now: datetime,
+        consensus: ConsensusRule,
     ) -> Annotation:
-        """Record the annotation, close the annotator's lease on the item, recompute the item's consensus."""
+        """Record the annotation, close the annotator's lease on the item, recompute the item's consensus.
+
+        The same submission again (``Annotation.repeats``) returns the first annotation; other labels by the
+        same annotator are ``AlreadyExistsError``.
+        """
 
     @abstractmethod
     def update_annotation(
@@ -222,6 +261,7 @@ class LabelingStore(ABC):
         spans: Sequence[SpanLabel],
         comment: str,
         now: datetime,
+        consensus: ConsensusRule,
     ) -> Annotation:
         """Replace the labels; ``PermissionDeniedError`` if the annotation is another annotator's."""
 
@@ -230,12 +270,6 @@ class LabelingStore(ABC):
         self, organization_id: str, project_id: str, task_id: str, annotator_id: str, reason: str, now: datetime
     ) -> None:
         """Close the lease and never offer the item to this annotator again."""
-
-    @abstractmethod
-    def attach_predictions(
-        self, organization_id: str, project_id: str, predictions: Sequence[tuple[PredictionTarget, Prediction]]
-    ) -> int:
-        """Attach all or none (``NotFoundError`` naming the first unknown item); returns how many were attached."""
 
     @abstractmethod
     def resolve_item(
@@ -247,6 +281,8 @@ class LabelingStore(ABC):
         labels: Sequence[str],
         comment: str,
         now: datetime,
+        *,
+        consensus: ConsensusRule,
     ) -> Item:
         """Set the item's final labels (status RESOLVED)."""
 
@@ -257,7 +293,9 @@ class LabelingStore(ABC):
         """Items with their (selected annotators') labels and consensus, annotation counts per annotator, and
         item counts per status."""
 
-    # ----------------------------------------------------------------------------- dataset versions
+
+class DatasetStore(ABC):
+    """Published dataset versions: immutable once recorded."""
 
     @abstractmethod
     def consensus_items(self, organization_id: str, project_id: str) -> list[DatasetItem]:
@@ -289,3 +327,7 @@ class LabelingStore(ABC):
         self, organization_id: str, project_id: str, *, offset: int, limit: int
     ) -> list[DatasetVersion]:
         """Newest first."""
+
+
+class LabelingStore(ProjectStore, ItemStore, AnnotationStore, DatasetStore, ABC):
+    """Everything the labeling service persists (one implementation serves every aggregate)."""

@@ -1,0 +1,1 @@
+"""The labeling schema's revisions, oldest first by ``down_revision``."""
