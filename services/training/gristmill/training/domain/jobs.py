@@ -27,12 +27,12 @@ from gristmill.training.domain.model import (
     JobState,
     JobTrigger,
 )
+from gristmill.training.domain.ports import JobPage, JobQuery, JobStore
 from gristmill.training.domain.refs import DatasetRef, FileRef
 from gristmill.training.domain.resolve import SpecResolver
 from gristmill.training.domain.signal import JobSignal
 from gristmill.training.domain.spec import JobSpec
 from gristmill.training.domain.supervisor import JobSupervisor
-from gristmill.training.store.base import JobPage, JobQuery, JobStore
 
 
 class SequenceAheadError(GristmillError):

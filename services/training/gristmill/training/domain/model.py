@@ -64,18 +64,6 @@ class JobProgress:
     trials_total: int = 0
 
 
-def classification_signature(num_labels: int) -> Signature:
-    """The Open Inference Protocol signature of a text classifier, as the inference proto recommends."""
-    return Signature(
-        inputs=(TensorSpec("text", "BYTES", (-1,)),),
-        outputs=(
-            TensorSpec("probabilities", "FP32", (-1, num_labels)),
-            TensorSpec("label", "BYTES", (-1,)),
-            TensorSpec("label_index", "INT64", (-1,)),
-        ),
-    )
-
-
 @dataclass(frozen=True)
 class Lineage:
     training_job_id: str

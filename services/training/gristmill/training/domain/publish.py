@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gristmill.core.errors import FailedPreconditionError
 from gristmill.core.manifests import FileEntry, ModelManifest
 from gristmill.core.storage import ObjectStore, object_key
 from gristmill.training.domain.model import (
@@ -20,12 +21,12 @@ from gristmill.training.domain.model import (
     Lineage,
     Metric,
     Split,
-    classification_signature,
 )
 from gristmill.training.domain.refs import FileRef
 from gristmill.training.domain.runs import LOOP_STATE_FILE, RunOutcome
 from gristmill.training.domain.serde import to_data
 from gristmill.training.domain.spec import JobSpec, flatten_hyper_parameters
+from gristmill.training.tasks import training_task
 
 MODEL_CARD = "model-card.md"
 MANIFEST = "manifest.json"
@@ -142,7 +143,7 @@ class ModelPublisher:
                 overwrite=True,
             )
             entries[name] = FileEntry(key=info.key, sha256=info.sha256, size_bytes=info.size)
-        signature = classification_signature(len(label_map))
+        signature = training_task(job.spec.task.value, error=FailedPreconditionError).signature(label_map)
         manifest = ModelManifest(
             files=entries,
             task_type=job.spec.task.value,

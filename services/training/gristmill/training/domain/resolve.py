@@ -4,7 +4,8 @@
 
 - the dataset version: its manifest exists (NOT_FOUND), is a dataset manifest of that version and
   verifies against its checksum (FAILED_PRECONDITION), every split file verifies (FAILED_PRECONDITION),
-  every row's label is in the label map, the train split is not empty, the task matches (INVALID_ARGUMENT);
+  every row's label is in the label map, the train split is not empty; training has an objective for its task
+  type and the spec's task matches it (INVALID_ARGUMENT);
 - the base model: exists (NOT_FOUND), is a Hugging Face directory with a config and a tokenizer, its
   classification head (if any) has as many labels as the dataset, LoRA target modules exist in it
   (INVALID_ARGUMENT);
@@ -36,6 +37,7 @@ from gristmill.core.storage.base import sha256_file
 from gristmill.training.domain.refs import BaseModelRef, DatasetRef, FileRef
 from gristmill.training.domain.search import check_search_bounds
 from gristmill.training.domain.spec import JobSpec, LoraSettings, Method, TaskType
+from gristmill.training.tasks import training_task
 
 
 @dataclass(frozen=True)
@@ -148,19 +150,19 @@ class DatasetCatalog:
     def resolve(self, ref: DatasetRef) -> ResolvedDataset:
         """Read and verify the manifest and every split file; refuse a version that cannot be trained on."""
         manifest, manifest_ref = self._manifest(ref)
+        name = f"dataset version {ref.project_id}/{ref.dataset_version_id}"
         try:
             task = TaskType(manifest.task_type)
         except ValueError:
-            raise FailedPreconditionError(
-                f"dataset version {ref.project_id}/{ref.dataset_version_id} has unknown task type "
-                f"{manifest.task_type!r}"
+            raise FailedPreconditionError(f"{name} has unknown task type {manifest.task_type!r}") from None
+        try:
+            objective = training_task(task.value)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(
+                f"{name} is a {task.value} dataset: {exc.message}", details={"field": "spec.dataset_version"}
             ) from None
         labels = tuple(manifest.label_map)
-        if len(labels) < 2 or len(set(labels)) != len(labels):
-            raise FailedPreconditionError(
-                f"dataset version {ref.project_id}/{ref.dataset_version_id} needs at least two distinct labels "
-                f"to train a classifier (label map: {list(labels)[:10]})"
-            )
+        objective.check_label_map(labels, name)
         # Reading the rows verifies every file against the manifest's checksums.
         splits = self.load(manifest)
         if splits.count("train") == 0:
@@ -191,13 +193,12 @@ class DatasetCatalog:
         return self.load(manifest), files
 
     def load(self, manifest: DatasetManifest) -> DatasetSplits:
-        index = {label: i for i, label in enumerate(manifest.label_map)}
+        objective = training_task(manifest.task_type, error=FailedPreconditionError)
         texts: dict[str, list[str]] = {}
         labels: dict[str, list[int]] = {}
         for split in SPLITS:
             if split not in manifest.splits:
                 continue
-            split_texts, split_labels = [], []
             entry = manifest.splits[split]
             try:
                 rows: Sequence[DatasetRow] = list(manifest.read_rows(self._objects, split))
@@ -207,19 +208,7 @@ class DatasetCatalog:
                 ) from None
             except InvalidArgumentError as exc:
                 raise FailedPreconditionError(f"dataset file {entry.file.key!r} is malformed: {exc.message}") from None
-            for row in rows:
-                if row.label is None:
-                    raise FailedPreconditionError(
-                        f"dataset file {entry.file.key!r} row {row.id!r} has no single label; multi-label "
-                        "training is not supported yet"
-                    )
-                if row.label not in index:
-                    raise FailedPreconditionError(
-                        f"dataset file {entry.file.key!r} row {row.id!r} has label {row.label!r}, which is not in "
-                        "the version's label map"
-                    )
-                split_texts.append(row.text)
-                split_labels.append(index[row.label])
+            split_texts, split_labels = objective.examples(rows, manifest.label_map, f"dataset file {entry.file.key!r}")
             if entry.count != len(split_texts):
                 raise DataIntegrityError(
                     f"dataset file {entry.file.key!r} has {len(split_texts)} rows but the manifest says {entry.count}"
@@ -409,13 +398,8 @@ class SpecResolver:
     def resolve(self, spec: JobSpec) -> ResolvedJob:
         # Cheap checks first: nothing is read when the cluster could never run the job.
         self.check_resources(spec)
+        # Refuses a dataset whose task type training has no objective for (INVALID_ARGUMENT).
         dataset = self._datasets.resolve(spec.dataset)
-        if dataset.task not in (TaskType.TEXT_CLASSIFICATION,):
-            raise InvalidArgumentError(
-                f"dataset version {spec.dataset.project_id}/{spec.dataset.dataset_version_id} is a "
-                f"{dataset.task.value} dataset; training supports TASK_TYPE_TEXT_CLASSIFICATION for now",
-                details={"field": "spec.dataset_version"},
-            )
         if spec.task is not TaskType.UNSPECIFIED and spec.task is not dataset.task:
             raise InvalidArgumentError(
                 f"spec.task is {spec.task.value} but the dataset version is {dataset.task.value}; leave task "

@@ -30,10 +30,6 @@ class TaskType(StrEnum):
     CAUSAL_LM = "TASK_TYPE_CAUSAL_LM"
 
 
-# Tasks the training loop implements today; the others are refused with INVALID_ARGUMENT.
-SUPPORTED_TASKS = (TaskType.TEXT_CLASSIFICATION,)
-
-
 class Method(StrEnum):
     FULL = "full"
     LORA = "lora"
@@ -457,10 +453,12 @@ def build_spec(
     """Cross-field rules, once every part was built."""
     if len(display_name) > 256:
         raise _bad("display_name", f"is {len(display_name)} characters long; the limit is 256")
-    if task not in (TaskType.UNSPECIFIED, *SUPPORTED_TASKS):
-        raise _bad(
-            "task", f"{task.value} is not supported yet; supported: {', '.join(t.value for t in SUPPORTED_TASKS)}"
-        )
+    if task is not TaskType.UNSPECIFIED:
+        # Imported here: the task modules import this one (LoraSettings).
+        from gristmill.training.tasks import TRAINING_TASKS
+
+        if task.value not in TRAINING_TASKS:
+            raise _bad("task", f"{task.value} is not supported yet; supported: {', '.join(TRAINING_TASKS.names())}")
     if registered_model_name:
         validate_id(registered_model_name, what="spec.registered_model_name")
     if len(tags) > MAX_TAGS:

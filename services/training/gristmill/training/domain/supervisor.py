@@ -30,6 +30,7 @@ from opentelemetry import context as otel_context
 
 from gristmill.core.errors import FailedPreconditionError, GristmillError, UnavailableError
 from gristmill.training.domain.model import Job, JobState, Metric, MetricsReport, Split
+from gristmill.training.domain.ports import JobStore
 from gristmill.training.domain.publish import ModelPublisher
 from gristmill.training.domain.resolve import BaseModelCatalog, DatasetCatalog
 from gristmill.training.domain.runs import (
@@ -40,7 +41,6 @@ from gristmill.training.domain.runs import (
     RunUnavailableError,
 )
 from gristmill.training.domain.signal import JobSignal
-from gristmill.training.store.base import JobStore
 
 log = logging.getLogger(__name__)
 

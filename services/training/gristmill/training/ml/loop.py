@@ -1,9 +1,11 @@
 """The training loop every Ray Train worker runs (``train_loop``), data-parallel over the worker group.
 
-Per worker: tokenise once, build the model (full fine-tune or LoRA), then optimise with AdamW, warmup +
+Per worker: tokenise once, build the model (full fine-tune or LoRA; what the model, a batch, its loss and
+the evaluation metrics are is the job's task type's business, ``gristmill.training.tasks``), then optimise
+with AdamW, warmup +
 decay, gradient accumulation (``no_sync`` on the micro-steps that do not step), autocast where the
 device supports it. Host syncs are rare on purpose: the loss stays on the device and is read only when
-metrics are logged. Every evaluation all-reduces a confusion matrix, so every rank takes the same early
+metrics are logged. Every evaluation all-reduces the task's totals, so every rank takes the same early
 stopping decision, and reports a checkpoint (written by rank 0 only; ``ray.train.report`` is a barrier
 every rank calls equally often). A restarted worker group resumes from ``ray.train.get_checkpoint()``.
 
@@ -28,9 +30,11 @@ from typing import Any, Protocol
 
 import torch
 
+from gristmill.core.tasks import DEFAULT_TASK_TYPE
 from gristmill.training.domain.runs import LOOP_STATE_FILE as STATE_FILE
 from gristmill.training.domain.spec import HyperParameters, LoraSettings, Method, Precision
 from gristmill.training.ml import data as D
+from gristmill.training.tasks import training_task
 
 TRAINABLE_FILE = "trainable.safetensors"
 BEST_FILE = "best.safetensors"
@@ -86,6 +90,8 @@ class LoopConfig:
     fault: FaultInjection | None = None
     # Set for Ray Tune trials: metrics are reported to Tune every evaluation.
     trial: int | None = None
+    # The task type (gristmill.core.tasks name or enum name): which objective the loop trains.
+    task: str = DEFAULT_TASK_TYPE
 
 
 @dataclass
@@ -231,6 +237,7 @@ class LoopRunner:
         self.world = world_size
         self.hp = cfg.hyper
         self.device = _device(cfg.use_gpu, local_rank)
+        self.task = training_task(cfg.task)
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] | None = None
 
@@ -254,21 +261,14 @@ class LoopRunner:
         torch.manual_seed(self.hp.seed)
         model_dir = Path(self.cfg.model_dir)
         self.tokenizer = modeling.load_tokenizer(model_dir)
-        model = modeling.load_classifier(model_dir, self.cfg.label_map)
-        if self.cfg.method is Method.LORA:
-            assert self.cfg.lora is not None
-            lora = self.cfg.lora
-            model = modeling.apply_lora(
-                model, modeling.LoraOptions(lora.rank, lora.alpha, lora.dropout, lora.target_modules)
-            )
+        lora = self.cfg.lora if self.cfg.method is Method.LORA else None
+        assert self.cfg.method is not Method.LORA or lora is not None
+        model = self.task.build_model(model_dir, self.cfg.label_map, lora)
         self.trainable_parameters, self.total_parameters = modeling.parameter_counts(model)
         self.model = model.to(self.device)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         self.splits = {
-            name: D.EncodedSplit(
-                self.tokenizer(texts, truncation=True, max_length=self.hp.max_sequence_length)["input_ids"],
-                self.cfg.labels[name],
-            )
+            name: self.task.encode(self.tokenizer, texts, self.cfg.labels[name], self.hp.max_sequence_length)
             for name, texts in self.cfg.texts.items()
             if texts
         }
@@ -351,24 +351,18 @@ class LoopRunner:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
-    def evaluate(self, split_name: str) -> D.Scores:
+    def evaluate(self, split_name: str) -> dict[str, float]:
+        """The task's metrics on one split, over every rank's share of it."""
         split = self.splits[split_name]
         model = self._unwrapped()
-        classes = len(self.cfg.label_map)
-        confusion = torch.zeros((classes, classes), dtype=torch.long, device=self.device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        evaluation = self.task.evaluation(self.cfg.label_map, self.device, self._autocast)
         model.eval()
         indices = D.eval_shard(len(split), rank=self.rank, world_size=self.world)
         with torch.inference_mode():
             for chunk in D.batches(indices, max(self.hp.per_worker_batch_size, 32)):
-                batch = D.collate(split, chunk, self.pad_id).to(self.device)
-                with self._autocast():
-                    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                loss_sum += torch.nn.functional.cross_entropy(logits.float(), batch.labels, reduction="sum").double()
-                D.confusion_update(confusion, batch.labels, logits.argmax(dim=-1))
+                evaluation.add(model, self.task.collate(split, chunk, self.pad_id).to(self.device))
         model.train()
-        totals = _all_reduce(torch.cat([confusion.flatten().double(), loss_sum.view(1)]), self.world).cpu()
-        return D.scores(totals[:-1].view(classes, classes).long(), float(totals[-1]))
+        return evaluation.scores(_all_reduce(evaluation.totals(), self.world).cpu())
 
     def _validate_and_checkpoint(self, epoch_position: float) -> bool:
         """Evaluate on validation (when there is one), update early stopping, report a checkpoint. Returns
@@ -377,8 +371,7 @@ class LoopRunner:
         metrics: dict[str, Any] = {"step": self.state.step, "epoch": epoch_position}
         stop = False
         if "validation" in self.splits:
-            result = self.evaluate("validation")
-            values = result.as_dict()
+            values = self.evaluate("validation")
             metrics.update({f"validation_{k}": v for k, v in values.items()})
             es = self.hp.early_stopping
             value = values[es.metric]
@@ -476,16 +469,15 @@ class LoopRunner:
                 first = self.state.micro
                 group = micro_batches[first : first + accumulation]
                 for n, chunk in enumerate(group):
-                    batch = D.collate(self.splits["train"], chunk, self.pad_id).to(self.device)
+                    batch = self.task.collate(self.splits["train"], chunk, self.pad_id).to(self.device)
                     sync = n == len(group) - 1 or not hasattr(model, "no_sync")
                     with contextlib.nullcontext() if sync else model.no_sync(), self._autocast():  # type: ignore[operator]
-                        loss = model(
-                            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
-                        ).loss / len(group)
+                        loss = self.task.loss(model, batch) / len(group)
+                    # torch declares Tensor.backward without annotations.
                     if self.scaler is not None:
-                        self.scaler.scale(loss).backward()
+                        self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
                     else:
-                        loss.backward()
+                        loss.backward()  # type: ignore[no-untyped-call]
                     window_loss += loss.detach()
                     window_samples += batch.size
                 if self.scaler is not None:
@@ -568,7 +560,7 @@ class LoopRunner:
         if self.cfg.trial is not None:
             final["trial"] = self.cfg.trial
         if "test" in self.splits:
-            test = self.evaluate("test").as_dict()
+            test = self.evaluate("test")
             final.update({f"test_{k}": v for k, v in test.items()})
             self._push(
                 {"type": "eval", "split": "test", "step": self.state.step, "epoch": final["epoch"], "metrics": test}

@@ -54,6 +54,7 @@ class InProcessRunner:
             hyper=spec.hyper_parameters,
             cpus_per_worker=spec.resources.cpus_per_worker,
             sink=_ListenerSink(listener, cancel),
+            task=spec.task.value,
         )
         session = DirectorySession(root)
         try:

@@ -384,6 +384,7 @@ class RayJobRunner:
             use_gpu=res.use_gpu,
             sink=channel,
             fault=self.fault,
+            task=spec.task.value,
         )
 
     def _trainer(self, request: RunRequest, channel: RunChannel) -> GristmillTorchTrainer:

@@ -1,0 +1,135 @@
+"""Single-label text classification: a sequence-classification head over the base, cross-entropy over the
+label map's class indexes, accuracy and macro F1 from a confusion matrix, and the classifier's OIP
+signature (``text`` in; ``probabilities``, ``label``, ``label_index`` out).
+
+The tensor helpers (padding collation, confusion matrix, scores) are in ``gristmill.training.ml.data`` and
+the Hugging Face loading in ``gristmill.training.ml.modeling``; both import torch, so they are imported
+inside the methods the loop calls, never when the service imports this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gristmill.core.errors import FailedPreconditionError
+from gristmill.core.manifests import DatasetRow
+from gristmill.core.tasks import TEXT_CLASSIFICATION
+from gristmill.core.values import Signature, TensorSpec
+from gristmill.training.domain.spec import LoraSettings
+
+if TYPE_CHECKING:
+    import torch
+
+    from gristmill.training.ml.data import Batch, EncodedSplit
+
+
+def classification_signature(num_labels: int) -> Signature:
+    """The Open Inference Protocol signature of a text classifier, as the inference proto recommends."""
+    return Signature(
+        inputs=(TensorSpec("text", "BYTES", (-1,)),),
+        outputs=(
+            TensorSpec("probabilities", "FP32", (-1, num_labels)),
+            TensorSpec("label", "BYTES", (-1,)),
+            TensorSpec("label_index", "INT64", (-1,)),
+        ),
+    )
+
+
+class TextClassification:
+    """``TrainingTask`` for ``text-classification``."""
+
+    @property
+    def name(self) -> str:
+        return TEXT_CLASSIFICATION
+
+    def check_label_map(self, label_map: Sequence[str], where: str) -> None:
+        if len(label_map) < 2 or len(set(label_map)) != len(label_map):
+            raise FailedPreconditionError(
+                f"{where} needs at least two distinct labels to train a classifier (label map: {list(label_map)[:10]})"
+            )
+
+    def examples(self, rows: Sequence[DatasetRow], label_map: Sequence[str], where: str) -> tuple[list[str], list[int]]:
+        index = {label: i for i, label in enumerate(label_map)}
+        texts: list[str] = []
+        targets: list[int] = []
+        for row in rows:
+            if row.label is None:
+                raise FailedPreconditionError(
+                    f"{where} row {row.id!r} has no single label; multi-label training is not supported yet"
+                )
+            if row.label not in index:
+                raise FailedPreconditionError(
+                    f"{where} row {row.id!r} has label {row.label!r}, which is not in the version's label map"
+                )
+            texts.append(row.text)
+            targets.append(index[row.label])
+        return texts, targets
+
+    def signature(self, label_map: Sequence[str]) -> Signature:
+        return classification_signature(len(label_map))
+
+    def build_model(self, model_dir: Path, label_map: Sequence[str], lora: LoraSettings | None) -> torch.nn.Module:
+        from gristmill.training.ml import modeling
+
+        model = modeling.load_classifier(model_dir, label_map)
+        if lora is not None:
+            model = modeling.apply_lora(
+                model, modeling.LoraOptions(lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+            )
+        return model
+
+    def encode(self, tokenizer: Any, texts: list[str], targets: list[int], max_length: int) -> EncodedSplit:
+        from gristmill.training.ml import data
+
+        return data.EncodedSplit(tokenizer(texts, truncation=True, max_length=max_length)["input_ids"], targets)
+
+    def collate(self, split: EncodedSplit, indices: Sequence[int], pad_id: int) -> Batch:
+        from gristmill.training.ml import data
+
+        return data.collate(split, indices, pad_id)
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+        loss: torch.Tensor = output.loss
+        return loss
+
+    def evaluation(
+        self, label_map: Sequence[str], device: torch.device, autocast: Callable[[], AbstractContextManager[Any]]
+    ) -> ClassificationEvaluation:
+        return ClassificationEvaluation(len(label_map), device, autocast)
+
+
+class ClassificationEvaluation:
+    """Summed cross-entropy and a (true, predicted) confusion matrix; scored as loss, accuracy, macro F1."""
+
+    def __init__(self, classes: int, device: torch.device, autocast: Callable[[], AbstractContextManager[Any]]) -> None:
+        import torch
+
+        self.classes = classes
+        self.autocast = autocast
+        self.confusion = torch.zeros((classes, classes), dtype=torch.long, device=device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, model: torch.nn.Module, batch: Batch) -> None:
+        import torch
+
+        from gristmill.training.ml import data
+
+        with self.autocast():
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        self.loss_sum += torch.nn.functional.cross_entropy(logits.float(), batch.labels, reduction="sum").double()
+        data.confusion_update(self.confusion, batch.labels, logits.argmax(dim=-1))
+
+    def totals(self) -> torch.Tensor:
+        import torch
+
+        return torch.cat([self.confusion.flatten().double(), self.loss_sum.view(1)])
+
+    def scores(self, totals: torch.Tensor) -> dict[str, float]:
+        from gristmill.training.ml import data
+
+        classes = self.classes
+        return data.scores(totals[:-1].view(classes, classes).long(), float(totals[-1])).as_dict()
