@@ -18,7 +18,6 @@ from gristmill.core.errors import (
     NotFoundError,
     UnavailableError,
 )
-from gristmill.serving.domain.deployments import DeploymentState, VersionState
 from gristmill.serving.domain.model import (
     DEFAULT_ORGANIZATION,
     BatchingConfig,
@@ -30,6 +29,7 @@ from gristmill.serving.domain.model import (
     Quantization,
     VersionSelector,
 )
+from gristmill.serving.domain.versions import DeploymentState, VersionState
 from services.serving.tests.support import Env, make_service, wait_for
 
 ORG = DEFAULT_ORGANIZATION

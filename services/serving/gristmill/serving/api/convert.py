@@ -20,7 +20,6 @@ from gristmill.api.inference.v2 import grpc_predict_v2_pb2 as oip
 from gristmill.api.serving.v1 import serving_pb2
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.values import TensorSpec
-from gristmill.serving.domain.deployments import DeploymentState, DeploymentView, VersionState
 from gristmill.serving.domain.model import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_DELAY_MS,
@@ -38,6 +37,7 @@ from gristmill.serving.domain.model import (
 )
 from gristmill.serving.domain.predictions import PredictionResult
 from gristmill.serving.domain.sources import ResolvedVersion
+from gristmill.serving.domain.versions import DeploymentState, DeploymentView, VersionState
 
 # -- selectors and deployments --------------------------------------------------------------------------------
 

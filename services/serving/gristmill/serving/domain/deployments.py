@@ -18,7 +18,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import TypeVar
 
 from gristmill.core.errors import (
@@ -29,9 +28,8 @@ from gristmill.core.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from gristmill.serving.domain.batcher import BatchPolicy, DynamicBatcher
+from gristmill.serving.domain.batcher import DynamicBatcher
 from gristmill.serving.domain.model import (
-    BatchingConfig,
     DeploymentSpec,
     OverLengthAction,
     VersionSelector,
@@ -40,13 +38,21 @@ from gristmill.serving.domain.predictions import PredictionResult, to_prediction
 from gristmill.serving.domain.sources import (
     TASK_MULTI_LABEL,
     Classifier,
-    Encoded,
     LoadOptions,
     ModelLoader,
     ModelSource,
     ResolvedVersion,
 )
-from gristmill.serving.domain.stats import ERROR, OK, REJECTED, Observer, VersionStats
+from gristmill.serving.domain.stats import ERROR, OK, REJECTED, Observer
+from gristmill.serving.domain.versions import (
+    DeploymentState,
+    DeploymentView,
+    LoadedVersion,
+    VersionState,
+    VersionStatus,
+    batch_policy,
+    version_status,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,101 +61,6 @@ INLINE_ENCODE_TEXTS = 16
 _LOAD_RETRIES = 3
 
 V = TypeVar("V")
-
-
-class VersionState(StrEnum):
-    LOADING = "loading"
-    READY = "ready"
-    DRAINING = "draining"
-    FAILED = "failed"
-
-
-class DeploymentState(StrEnum):
-    LOADING = "loading"
-    READY = "ready"
-    DEGRADED = "degraded"
-    FAILED = "failed"
-
-
-def batch_policy(config: BatchingConfig) -> BatchPolicy:
-    return BatchPolicy(
-        max_batch_size=config.max_batch_size,
-        max_delay_s=config.max_delay_ms / 1000.0,
-        max_queue_size=config.max_queue_size,
-    )
-
-
-class LoadedVersion:
-    """One version of a deployment's model: loading, serving, draining or failed."""
-
-    def __init__(
-        self, deployment: str, resolved: ResolvedVersion, options: LoadOptions, observer: Observer | None
-    ) -> None:
-        self.deployment = deployment
-        self.resolved = resolved
-        self.options = options
-        self.state = VersionState.LOADING
-        self.classifier: Classifier | None = None
-        self.batcher: DynamicBatcher[Encoded, Sequence[float]] | None = None
-        self.stats = VersionStats(deployment, resolved.version, observer)
-        self.error = ""
-        self.ready_time: datetime | None = None
-        self.memory_bytes = 0
-        self.inflight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    @property
-    def version(self) -> int:
-        return self.resolved.version
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        if self.resolved.label_map:
-            return self.resolved.label_map
-        return tuple(self.classifier.labels) if self.classifier is not None else ()
-
-    def enter(self) -> None:
-        self.inflight += 1
-        self._idle.clear()
-
-    def leave(self) -> None:
-        self.inflight -= 1
-        if self.inflight == 0:
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
-
-    async def free(self) -> None:
-        """Stop the batcher and free the model (after draining)."""
-        if self.batcher is not None:
-            await self.batcher.close()
-        classifier, self.classifier = self.classifier, None
-        if classifier is not None:
-            await asyncio.to_thread(classifier.close)
-
-
-@dataclass(frozen=True)
-class VersionStatus:
-    version: int
-    state: VersionState
-    traffic_weight: float
-    error: str
-    ready_time: datetime | None
-    request_count: int
-    error_count: int
-    latency_p50_ms: float
-    latency_p99_ms: float
-    memory_bytes: int
-
-
-@dataclass(frozen=True)
-class DeploymentView:
-    spec: DeploymentSpec
-    state: DeploymentState
-    message: str
-    versions: tuple[VersionStatus, ...]
 
 
 @dataclass(frozen=True)
@@ -624,7 +535,7 @@ class DeploymentManager:
         if dep.canary is not None:
             rows.append((dep.canary, canary_weight))
         rows += [(v, 0.0) for v in dep.loading + dep.draining]
-        statuses = [_status(v, w) for v, w in rows]
+        statuses = [version_status(v, w) for v, w in rows]
         if dep.failed is not None:
             statuses.append(
                 VersionStatus(dep.failed.version, VersionState.FAILED, 0.0, dep.failed.error, None, 0, 0, 0.0, 0.0, 0)
@@ -642,22 +553,6 @@ class DeploymentManager:
     def loaded_versions(self, organization_id: str, name: str) -> list[LoadedVersion]:
         dep = self._get(organization_id, name)
         return [v for v in (dep.primary, dep.canary) if v is not None]
-
-
-def _status(version: LoadedVersion, weight: float) -> VersionStatus:
-    p50, p99 = version.stats.latency_ms()
-    return VersionStatus(
-        version=version.version,
-        state=version.state,
-        traffic_weight=weight,
-        error=version.error,
-        ready_time=version.ready_time,
-        request_count=version.stats.request_count,
-        error_count=version.stats.error_count,
-        latency_p50_ms=p50,
-        latency_p99_ms=p99,
-        memory_bytes=version.memory_bytes,
-    )
 
 
 def _describe(exc: BaseException) -> str:

@@ -21,7 +21,7 @@ from gristmill.core.auth_quota import QuotaGuard, UsageKind
 from gristmill.core.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from gristmill.core.licensing import License, load_license
 from gristmill.core.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
-from gristmill.serving.domain.deployments import DeploymentManager, DeploymentView, LoadedVersion
+from gristmill.serving.domain.deployments import DeploymentManager
 from gristmill.serving.domain.model import (
     MAX_TEXTS_PER_REQUEST,
     DeploymentSpec,
@@ -29,9 +29,11 @@ from gristmill.serving.domain.model import (
     validate_selector,
     validate_spec,
 )
+from gristmill.serving.domain.ports import DeploymentStore
 from gristmill.serving.domain.predictions import PredictionResult, PredictionSink, records_to_log
 from gristmill.serving.domain.sources import ModelSource, ResolvedVersion
-from gristmill.serving.store.base import DeploymentStore
+from gristmill.serving.domain.versions import DeploymentView, LoadedVersion
+from gristmill.serving.tasks import serving_task
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +94,15 @@ class DeploymentService:
     # -- deployments -------------------------------------------------------------------------------------
 
     async def _resolve_targets(self, spec: DeploymentSpec) -> tuple[ResolvedVersion, ResolvedVersion | None]:
-        """Ask the source for the target (and canary): unknown or not-ready versions fail here, before any write."""
+        """Ask the source for the target (and canary): unknown or not-ready versions, and versions of a task type
+        this service has no runtime for (FAILED_PRECONDITION), fail here, before any write."""
         org, model = spec.organization_id, spec.registered_model_name
         primary = await asyncio.to_thread(self.source.resolve, org, model, spec.target)
+        serving_task(primary)
         canary = None
         if spec.canary is not None:
             canary = await asyncio.to_thread(self.source.resolve, org, model, spec.canary.target)
+            serving_task(canary)
             if canary.version == primary.version:
                 raise InvalidArgumentError(
                     f"canary.target ({spec.canary.target.describe()}) resolves to version {canary.version}, "
