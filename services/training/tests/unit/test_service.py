@@ -22,14 +22,14 @@ from gristmill.api.common.v1 import common_pb2
 from gristmill.api.events.v1 import events_pb2
 from gristmill.api.training.v1 import training_pb2 as pb
 from gristmill.api.training.v1 import training_pb2_grpc as pb_grpc
-from gristmill.core.events import Event, Outbox, OutboxEvent
+from gristmill.core.events import Event, Outbox, OutboxEvent, OutboxWriter
 from gristmill.core.events.topics import platform_catalog
 from gristmill.core.licensing import License, load_license
 from gristmill.core.manifests import ModelManifest
 from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.core.sql import Database
-from gristmill.training.app import TrainingHost, build_host
+from gristmill.training.app import TrainingApp, build_app
 from gristmill.training.domain.jobs import PublishedVersion
 from gristmill.training.domain.model import Job, JobState
 from gristmill.training.domain.refs import DatasetRef
@@ -109,24 +109,24 @@ ENTERPRISE = signed_license()
 
 async def _host(
     tmp_path: Path, runner: Any, *, license_: License = ENTERPRISE, **settings: Any
-) -> tuple[TrainingHost, int]:
+) -> tuple[TrainingApp, int]:
     config = TrainingSettings(data_dir=tmp_path / "data", grpc_port=0, **settings)
-    host = build_host(
+    app = build_app(
         config,
         kafka=KafkaSettings(),
         s3=S3Settings(),
         security=embedded_security("training", license_),
         runner=runner,
     )
-    return host, await host.start()
+    return app, await app.host.start()
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[tuple[TrainingHost, pb_grpc.TrainingServiceStub]]:
-    host, port = await _host(tmp_path, InProcessRunner(tmp_path / "runs", cpus=2))
+async def service(tmp_path: Path) -> AsyncIterator[tuple[TrainingApp, pb_grpc.TrainingServiceStub]]:
+    app, port = await _host(tmp_path, InProcessRunner(tmp_path / "runs", cpus=2))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield host, pb_grpc.TrainingServiceStub(channel)
-    await host.stop()
+        yield app, pb_grpc.TrainingServiceStub(channel)
+    await app.host.stop()
 
 
 def _spec(model: Path, dataset: str = "v1", **hyper: Any) -> pb.JobSpec:
@@ -160,13 +160,13 @@ async def _wait_for(predicate: Callable[[], Any], timeout: float = 30.0) -> None
 
 
 async def test_a_job_trains_publishes_its_model_and_announces_success(
-    service: tuple[TrainingHost, pb_grpc.TrainingServiceStub], tiny_model: Path, sentiment_version: Any
+    service: tuple[TrainingApp, pb_grpc.TrainingServiceStub], tiny_model: Path, sentiment_version: Any
 ) -> None:
-    host, stub = service
-    dataset: DatasetRef = sentiment_version(host.platform.objects)
+    app, stub = service
+    dataset: DatasetRef = sentiment_version(app.host.platform.objects)
     job = await stub.SubmitJob(pb.SubmitJobRequest(spec=_spec(tiny_model)))
     assert job.state == pb.JOB_STATE_QUEUED and job.ray_run_name == job.job_id
-    assert job.spec.dataset_version.manifest.sha256 == dataset.manifest.sha256  # type: ignore[union-attr]
+    assert job.spec.dataset_version.manifest.sha256 == dataset.manifest.sha256
     assert len(job.spec.base_model.content_sha256) == 64
 
     events = await _events(stub, job.job_id, after_sequence=0)
@@ -192,18 +192,18 @@ async def test_a_job_trains_publishes_its_model_and_announces_success(
     assert accuracy >= 0.9
     assert list(result.label_map.labels) == ["negative", "positive"]
     assert result.trainable_parameter_count == result.total_parameter_count > 0
-    assert result.lineage.dataset_version.manifest.sha256 == dataset.manifest.sha256  # type: ignore[union-attr]
+    assert result.lineage.dataset_version.manifest.sha256 == dataset.manifest.sha256
     assert len(result.lineage.dataset_files) == 3 and result.lineage.code_version.startswith("gristmill-training")
     assert result.lineage.hyper_parameters["learning_rate"] == "0.01" and result.lineage.ray_run_name == job.job_id
 
     # The manifest lists every file with its checksum, and every file verifies on download.
-    objects = host.platform.objects
+    objects = app.host.platform.objects
     manifest = ModelManifest.from_json(objects.get_bytes(result.manifest.key, expected_sha256=result.manifest.sha256))
     assert {"config.json", "model.safetensors", "tokenizer.json", "model-card.md"} <= set(manifest.files)
     assert "training_state.json" not in manifest.files
     assert manifest.signature["outputs"][0] == {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}
     assert manifest.lineage["training_job_id"] == job.job_id and manifest.metrics["test_accuracy"] == accuracy
-    local = manifest.download(objects, Path(host.settings.data_dir) / "download")
+    local = manifest.download(objects, Path(app.host.settings.data_dir) / "download")
     card = (local / "model-card.md").read_text()
     assert "reviews/v1" in card and "| accuracy | test |" in card
 
@@ -213,7 +213,7 @@ async def test_a_job_trains_publishes_its_model_and_announces_success(
     assert model.config.id2label == {0: "negative", 1: "positive"}
 
     # Every state change and progress update went to the outbox; success carries the registry's inputs.
-    with host.platform.database.transaction() as session:
+    with app.host.platform.database.transaction() as session:
         rows = session.execute(select(OutboxEvent).order_by(OutboxEvent.id)).scalars().all()
         announced = [events_pb2.JobStateChanged.FromString(r.payload) for r in rows if r.key == job.job_id]
     assert announced[0].state == pb.JOB_STATE_QUEUED and announced[-1].state == pb.JOB_STATE_SUCCEEDED
@@ -230,10 +230,10 @@ async def test_a_job_trains_publishes_its_model_and_announces_success(
 
 
 async def test_submit_refusals_change_nothing(
-    service: tuple[TrainingHost, pb_grpc.TrainingServiceStub], tiny_model: Path, sentiment_version: Any
+    service: tuple[TrainingApp, pb_grpc.TrainingServiceStub], tiny_model: Path, sentiment_version: Any
 ) -> None:
-    host, stub = service
-    sentiment_version(host.platform.objects)
+    app, stub = service
+    sentiment_version(app.host.platform.objects)
     too_many = _spec(tiny_model)
     too_many.resources.num_workers = 3
     bad_lr = _spec(tiny_model, learning_rate=-1.0)
@@ -254,7 +254,7 @@ async def test_submit_refusals_change_nothing(
         await stub.SubmitJob(pb.SubmitJobRequest(spec=too_many))
     assert "the Ray cluster has 2 CPUs" in (caught.value.details() or "")
     # A tampered dataset file: FAILED_PRECONDITION naming the file.
-    host.platform.objects.put_bytes("datasets/reviews/v1/test.jsonl", b"{}\n", overwrite=True)
+    app.host.platform.objects.put_bytes("datasets/reviews/v1/test.jsonl", b"{}\n", overwrite=True)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.SubmitJob(pb.SubmitJobRequest(spec=_spec(tiny_model)))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "test.jsonl" in (caught.value.details() or "")
@@ -265,9 +265,9 @@ async def test_the_licence_limits_workers_and_gpus_and_a_refusal_changes_nothing
     tmp_path: Path, tiny_model: Path, sentiment_version: Any
 ) -> None:
     # The community edition (no licence file): two workers at most, no GPUs.
-    host, port = await _host(tmp_path / "community", ScriptedRunner(), license_=load_license(None, ""))
+    app, port = await _host(tmp_path / "community", ScriptedRunner(), license_=load_license(None, ""))
     try:
-        sentiment_version(host.platform.objects)
+        sentiment_version(app.host.platform.objects)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.TrainingServiceStub(channel)
             three = _spec(tiny_model)
@@ -295,7 +295,7 @@ async def test_the_licence_limits_workers_and_gpus_and_a_refusal_changes_nothing
             assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert not (await stub.ListJobs(pb.ListJobsRequest())).jobs
     finally:
-        await host.stop()
+        await app.host.stop()
     # A licence with four workers lets three through to the next check (this cluster's two CPUs).
     licensed, port = await _host(
         tmp_path / "licensed",
@@ -303,20 +303,20 @@ async def test_the_licence_limits_workers_and_gpus_and_a_refusal_changes_nothing
         license_=signed_license(limits={"max_training_workers": 4}),
     )
     try:
-        sentiment_version(licensed.platform.objects)
+        sentiment_version(licensed.host.platform.objects)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await pb_grpc.TrainingServiceStub(channel).SubmitJob(pb.SubmitJobRequest(spec=three))
             assert "the Ray cluster has 2 CPUs" in (caught.value.details() or "")
     finally:
-        await licensed.stop()
+        await licensed.host.stop()
 
 
 async def test_reads_and_lists(tmp_path: Path, tiny_model: Path, sentiment_version: Any) -> None:
     runner = ScriptedRunner()
-    host, port = await _host(tmp_path, runner, max_running_jobs=1)
+    app, port = await _host(tmp_path, runner, max_running_jobs=1)
     try:
-        sentiment_version(host.platform.objects)
+        sentiment_version(app.host.platform.objects)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.TrainingServiceStub(channel)
             first = await stub.SubmitJob(pb.SubmitJobRequest(spec=_spec(tiny_model), request_id="req-1"))
@@ -348,16 +348,16 @@ async def test_reads_and_lists(tmp_path: Path, tiny_model: Path, sentiment_versi
             for job in (first, second, third):
                 await stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id))
     finally:
-        await host.stop()
+        await app.host.stop()
 
 
 async def test_watch_streams_live_progress_and_resumes(
     tmp_path: Path, tiny_model: Path, sentiment_version: Any
 ) -> None:
     runner = ScriptedRunner(fail_with="worker 0 failed: ValueError: injected")
-    host, port = await _host(tmp_path, runner)
+    app, port = await _host(tmp_path, runner)
     try:
-        sentiment_version(host.platform.objects)
+        sentiment_version(app.host.platform.objects)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.TrainingServiceStub(channel)
             job = await stub.SubmitJob(pb.SubmitJobRequest(spec=_spec(tiny_model)))
@@ -382,14 +382,14 @@ async def test_watch_streams_live_progress_and_resumes(
             job_view = await stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
             assert job_view.state == pb.JOB_STATE_FAILED and job_view.state_reason == failed.state_change.reason
     finally:
-        await host.stop()
+        await app.host.stop()
 
 
 async def test_cancel(tmp_path: Path, tiny_model: Path, sentiment_version: Any) -> None:
     runner = ScriptedRunner()
-    host, port = await _host(tmp_path, runner, max_running_jobs=1)
+    app, port = await _host(tmp_path, runner, max_running_jobs=1)
     try:
-        sentiment_version(host.platform.objects)
+        sentiment_version(app.host.platform.objects)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.TrainingServiceStub(channel)
             running = await stub.SubmitJob(pb.SubmitJobRequest(spec=_spec(tiny_model)))
@@ -399,7 +399,7 @@ async def test_cancel(tmp_path: Path, tiny_model: Path, sentiment_version: Any) 
             assert cancelled.state == pb.JOB_STATE_CANCELLED and cancelled.state_reason == "wrong data"
             await _wait_for(lambda: runner.cancelled == [running.job_id])
             # The run stopped, and the queued job took its place; cancelling it too stops it the same way.
-            await _wait_for(lambda: queued.job_id in host.supervisor.running())  # type: ignore[union-attr]
+            await _wait_for(lambda: queued.job_id in app.supervisor.running())
             await stub.CancelJob(pb.CancelJobRequest(job_id=queued.job_id))
             await _wait_for(lambda: runner.cancelled == [running.job_id, queued.job_id])
             again = await stub.CancelJob(pb.CancelJobRequest(job_id=running.job_id, reason="twice"))
@@ -410,20 +410,20 @@ async def test_cancel(tmp_path: Path, tiny_model: Path, sentiment_version: Any) 
             runner.fail_with = "boom"
             failed = await stub.SubmitJob(pb.SubmitJobRequest(spec=_spec(tiny_model)))
             runner.release.set()
-            await _wait_for(lambda: host.jobs.get(failed.job_id).state is JobState.FAILED)  # type: ignore[union-attr]
+            await _wait_for(lambda: app.jobs.get(failed.job_id).state is JobState.FAILED)
             code = await _code(stub.CancelJob(pb.CancelJobRequest(job_id=failed.job_id)))
             assert code == grpc.StatusCode.FAILED_PRECONDITION
     finally:
-        await host.stop()
+        await app.host.stop()
 
 
 async def test_a_failing_training_loop_ends_the_job_failed_with_its_error(
-    service: tuple[TrainingHost, pb_grpc.TrainingServiceStub], tiny_model: Path, sentiment_version: Any, tmp_path: Path
+    service: tuple[TrainingApp, pb_grpc.TrainingServiceStub], tiny_model: Path, sentiment_version: Any, tmp_path: Path
 ) -> None:
     import shutil
 
-    host, stub = service
-    sentiment_version(host.platform.objects)
+    app, stub = service
+    sentiment_version(app.host.platform.objects)
     model = tmp_path / "broken-weights"
     shutil.copytree(tiny_model, model)
     # Config and tokenizer are fine (SubmitJob accepts the model); the weights only fail when the loop loads them.
@@ -441,9 +441,9 @@ async def test_a_base_model_changed_after_submit_is_refused_at_run_time(
     import shutil
 
     runner = ScriptedRunner()
-    host, port = await _host(tmp_path, runner, max_running_jobs=1)
+    app, port = await _host(tmp_path, runner, max_running_jobs=1)
     try:
-        sentiment_version(host.platform.objects)
+        sentiment_version(app.host.platform.objects)
         model = tmp_path / "model-copy"
         shutil.copytree(tiny_model, model)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -458,29 +458,29 @@ async def test_a_base_model_changed_after_submit_is_refused_at_run_time(
             final = events[-1].state_change
             assert final.state == pb.JOB_STATE_FAILED and "changed since the job was submitted" in final.reason
     finally:
-        await host.stop()
+        await app.host.stop()
 
 
 async def test_restart_resumes_orphaned_runs_and_runs_queued_jobs(
     tmp_path: Path, tiny_model: Path, sentiment_version: Any
 ) -> None:
     runner = ScriptedRunner()
-    host, port = await _host(tmp_path, runner, max_running_jobs=1)
-    sentiment_version(host.platform.objects)
+    app, port = await _host(tmp_path, runner, max_running_jobs=1)
+    sentiment_version(app.host.platform.objects)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.TrainingServiceStub(channel)
         running = await stub.SubmitJob(pb.SubmitJobRequest(spec=_spec(tiny_model)))
         queued = await stub.SubmitJob(pb.SubmitJobRequest(spec=_spec(tiny_model)))
         await asyncio.to_thread(runner.started.wait, 30)
     # A graceful stop aborts the run and says so.
-    await host.stop()
-    stopped = host.jobs.get(running.job_id)  # type: ignore[union-attr]
+    await app.host.stop()
+    stopped = app.jobs.get(running.job_id)
     assert stopped.state is JobState.FAILED and stopped.state_reason == STOPPED_WITH_SERVICE
     # A process that died leaves RUNNING behind: the next start runs it again under its Ray run name (Ray Train
     # resumes it from its last checkpoint), counting a restart, fails one resumed too often already, and picks
     # up the queued job.
     database = Database(TrainingSettings(data_dir=tmp_path / "data").resolved_database_url("training"))
-    store = SqlJobStore(database, platform_catalog(), source="training")
+    store = SqlJobStore(database, OutboxWriter(platform_catalog(), "training"))
     orphan, _ = store.create_job(Job("orphan", "default", stopped.spec, JobState.QUEUED, datetime.now(UTC)))
     store.transition(orphan.job_id, JobState.RUNNING, ray_run_name="orphan-run")
     worn, _ = store.create_job(Job("worn-out", "default", stopped.spec, JobState.QUEUED, datetime.now(UTC)))
@@ -489,53 +489,53 @@ async def test_restart_resumes_orphaned_runs_and_runs_queued_jobs(
     second_runner = RecordingRunner()
     second, _ = await _host(tmp_path, second_runner)
     try:
-        lost = second.jobs.get("worn-out")  # type: ignore[union-attr]
+        lost = second.jobs.get("worn-out")
         assert lost.state is JobState.FAILED and lost.state_reason.startswith(LOST_ON_RESTART)
         assert f"resumed {MAX_RESUMES} times already" in lost.state_reason
-        await _wait_for(lambda: {"orphan", queued.job_id} <= set(second.supervisor.running()))  # type: ignore[union-attr]
-        await _wait_for(lambda: second.jobs.get("orphan").restart_count == 1)  # type: ignore[union-attr]
-        resumed = second.jobs.get("orphan")  # type: ignore[union-attr]
+        await _wait_for(lambda: {"orphan", queued.job_id} <= set(second.supervisor.running()))
+        await _wait_for(lambda: second.jobs.get("orphan").restart_count == 1)
+        resumed = second.jobs.get("orphan")
         assert resumed.state is JobState.RUNNING and "resumed from the checkpoint" in resumed.state_reason
         assert second_runner.run_names["orphan"] == "orphan-run", "the same Ray run, so its checkpoints are found"
     finally:
-        await second.stop()
+        await second.host.stop()
 
 
 async def test_a_job_waits_out_an_unreachable_object_store_and_runs_again_under_the_same_run(
     tmp_path: Path, tiny_model: Path, sentiment_version: Any
 ) -> None:
     runner = UnreachableStorageRunner(outages=2)
-    host, port = await _host(tmp_path, runner, dependency_retry_s=0.05)
-    sentiment_version(host.platform.objects)
+    app, port = await _host(tmp_path, runner, dependency_retry_s=0.05)
+    sentiment_version(app.host.platform.objects)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.TrainingServiceStub(channel)
             job = await stub.SubmitJob(pb.SubmitJobRequest(spec=_spec(tiny_model)))
             await asyncio.to_thread(runner.started.wait, 30)
-            running = host.jobs.get(job.job_id)  # type: ignore[union-attr]
+            running = app.jobs.get(job.job_id)
             assert running.state is JobState.RUNNING, running.state_reason
             assert len(runner.attempts) == 3 and len(set(runner.attempts)) == 1, "one Ray run, resumed"
             assert running.restart_count == 2
     finally:
-        await host.stop()
+        await app.host.stop()
     # An outage longer than the wait fails the job with the reason.
     runner = UnreachableStorageRunner(outages=1000)
-    host, port = await _host(tmp_path / "second", runner, dependency_retry_s=0.05, dependency_wait_s=0.3)
-    sentiment_version(host.platform.objects)
+    app, port = await _host(tmp_path / "second", runner, dependency_retry_s=0.05, dependency_wait_s=0.3)
+    sentiment_version(app.host.platform.objects)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.TrainingServiceStub(channel)
             job = await stub.SubmitJob(pb.SubmitJobRequest(spec=_spec(tiny_model)))
-            await _wait_for(lambda: host.jobs.get(job.job_id).state is JobState.FAILED)  # type: ignore[union-attr]
-            failed = host.jobs.get(job.job_id)  # type: ignore[union-attr]
+            await _wait_for(lambda: app.jobs.get(job.job_id).state is JobState.FAILED)
+            failed = app.jobs.get(job.job_id)
             assert "NETWORK_CONNECTION" in failed.state_reason and "still unreachable after" in failed.state_reason
     finally:
-        await host.stop()
+        await app.host.stop()
 
 
 async def test_auto_train_policies(tmp_path: Path, tiny_model: Path, sentiment_version: Any) -> None:
     runner = ScriptedRunner()
-    host, port = await _host(tmp_path, runner)
+    app, port = await _host(tmp_path, runner)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.TrainingServiceStub(channel)
@@ -557,14 +557,14 @@ async def test_auto_train_policies(tmp_path: Path, tiny_model: Path, sentiment_v
                 assert await _code(call(pb.GetAutoTrainPolicyRequest(project_id="other"))) == grpc.StatusCode.NOT_FOUND  # type: ignore[arg-type]
 
             # Labeling publishes a version: the policy submits one job for it, however often it is delivered.
-            dataset = sentiment_version(host.platform.objects, "reviews", "v7")
+            dataset = sentiment_version(app.host.platform.objects, "reviews", "v7")
             published = events_pb2.DatasetVersionPublished(project_id="reviews", dataset_version_id="v7")
             published.manifest.key, published.manifest.sha256 = dataset.manifest.key, dataset.manifest.sha256
-            event = Event.create(published, key="reviews", source="labeling", catalog=host.platform.catalog)
-            with host.platform.database.transaction() as session:
+            event = Event.create(published, key="reviews", source="labeling", catalog=app.host.platform.catalog)
+            with app.host.platform.database.transaction() as session:
                 Outbox.add(session, event)
-            await asyncio.to_thread(host.platform.bus.publish, event)  # delivered twice
-            await _wait_for(lambda: host.jobs.list(_query()).jobs)  # type: ignore[union-attr]
+            await asyncio.to_thread(app.host.platform.bus.publish, event)  # delivered twice
+            await _wait_for(lambda: app.jobs.list(_query()).jobs)
             await asyncio.sleep(0.5)
             [job] = (await stub.ListJobs(pb.ListJobsRequest())).jobs
             assert job.trigger.auto_train_dataset_version_id == "v7"
@@ -572,7 +572,7 @@ async def test_auto_train_policies(tmp_path: Path, tiny_model: Path, sentiment_v
             # Even past the bus's duplicate filter (a crash between submitting and marking the event
             # handled), the event id makes the submit idempotent.
             version = PublishedVersion(event.event_id, "", "reviews", "v7", None)
-            assert (await asyncio.to_thread(host.jobs.on_dataset_published, version)).job_id == job.job_id  # type: ignore[union-attr]
+            assert (await asyncio.to_thread(app.jobs.on_dataset_published, version)).job_id == job.job_id
 
             await stub.DeleteAutoTrainPolicy(pb.DeleteAutoTrainPolicyRequest(project_id="reviews"))
             assert await _code(stub.GetAutoTrainPolicy(pb.GetAutoTrainPolicyRequest(project_id="reviews"))) == (
@@ -580,11 +580,11 @@ async def test_auto_train_policies(tmp_path: Path, tiny_model: Path, sentiment_v
             )
             await stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id))
     finally:
-        await host.stop()
+        await app.host.stop()
 
 
 def _query() -> Any:
-    from gristmill.training.store.base import JobQuery
+    from gristmill.training.domain.ports import JobQuery
 
     return JobQuery(organization_id="")
 
@@ -595,18 +595,18 @@ async def test_job_events_continue_the_trace_the_job_was_submitted_in(
     # The driver thread writes RUNNING and the end state long after SubmitJob returned: those events must
     # still carry the caller's trace, so that the registry's registration and serving's swap join it.
     runner = ScriptedRunner(fail_with="scripted failure")
-    host, port = await _host(tmp_path, runner)
+    app, port = await _host(tmp_path, runner)
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     try:
-        sentiment_version(host.platform.objects)
+        sentiment_version(app.host.platform.objects)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.TrainingServiceStub(channel)
             traceparent = (("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),)
             job = await stub.SubmitJob(pb.SubmitJobRequest(spec=_spec(tiny_model)), metadata=traceparent)
             assert await asyncio.to_thread(runner.started.wait, 30)
             runner.release.set()
-            await _wait_for(lambda: host.jobs.get(job.job_id).state is JobState.FAILED)  # type: ignore[union-attr]
-        with host.platform.database.transaction() as session:
+            await _wait_for(lambda: app.jobs.get(job.job_id).state is JobState.FAILED)
+        with app.host.platform.database.transaction() as session:
             rows = [
                 r
                 for r in session.execute(select(OutboxEvent).order_by(OutboxEvent.id)).scalars()
@@ -617,4 +617,4 @@ async def test_job_events_continue_the_trace_the_job_was_submitted_in(
         assert states[0] == pb.JOB_STATE_QUEUED and states[-1] == pb.JOB_STATE_FAILED and pb.JOB_STATE_RUNNING in states
         assert trace_ids == {trace_id}
     finally:
-        await host.stop()
+        await app.host.stop()

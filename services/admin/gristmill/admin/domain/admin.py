@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from gristmill.admin.domain.model import ApiKey, CreatedKey, Organization
-from gristmill.admin.store.base import AdminStore
+from gristmill.admin.domain.ports import AdminStore
 from gristmill.core.auth import ADMIN, ApiKeyVerifier, Principal, api_key_id_of, check_api_key, new_api_key
 from gristmill.core.auth import validate_scopes as _validate_scopes
 from gristmill.core.auth_quota import Plan

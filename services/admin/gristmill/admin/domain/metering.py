@@ -17,7 +17,7 @@ from typing import Any
 
 from gristmill.admin.domain.admin import Admin, key_not_found, utc_now
 from gristmill.admin.domain.model import Granularity, Organization, QuotaStatus, UsageQuery, UsageTotal
-from gristmill.admin.store.base import AdminStore
+from gristmill.admin.domain.ports import AdminStore
 from gristmill.core.auth import Principal, organization_or_default
 from gristmill.core.auth_quota import QuotaPeriod, UsageKind, period_bounds
 from gristmill.core.errors import InvalidArgumentError

@@ -8,69 +8,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import JSON, DateTime, Float, Integer, MetaData, String, Text, func, select, update
+from sqlalchemy import Table, func, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
 from gristmill.admin.domain.model import ApiKey, Organization, StoredKey, UsageBucket
-from gristmill.admin.store.base import AdminStore
+from gristmill.admin.domain.ports import AdminStore
+from gristmill.admin.store.tables import ADMIN_TABLES, ApiKeyRow, OrganizationRow, UsageRow
 from gristmill.core.auth_quota import Plan, Quota, QuotaPeriod, RateLimit, UsageKind
 from gristmill.core.errors import AlreadyExistsError
 from gristmill.core.paging import Page
 from gristmill.core.sql import Database
 
-_ID = 128
-
-
-class AdminBase(DeclarativeBase):
-    metadata = MetaData()
-
-
-ADMIN_TABLES = AdminBase.metadata
-
-
-class OrganizationRow(AdminBase):
-    __tablename__ = "admin_organizations"
-
-    organization_id: Mapped[str] = mapped_column(String(_ID), primary_key=True)
-    display_name: Mapped[str] = mapped_column(Text, default="")
-    plan: Mapped[dict[str, Any]] = mapped_column(JSON)
-    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-
-
-class ApiKeyRow(AdminBase):
-    __tablename__ = "admin_api_keys"
-
-    # Insertion order: "newest first" listings and their paging follow it.
-    ordinal: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    api_key_id: Mapped[str] = mapped_column(String(_ID), unique=True)
-    organization_id: Mapped[str] = mapped_column(String(_ID), index=True)
-    display_name: Mapped[str] = mapped_column(Text, default="")
-    scopes: Mapped[list[str]] = mapped_column(JSON)
-    secret_hash: Mapped[str] = mapped_column(String(255))
-    secret_prefix: Mapped[str] = mapped_column(String(32))
-    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    expire_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    revoke_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    last_used_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    rotated_from: Mapped[str] = mapped_column(String(_ID), default="")
-
-
-class UsageRow(AdminBase):
-    __tablename__ = "admin_usage_hourly"
-
-    organization_id: Mapped[str] = mapped_column(String(_ID), primary_key=True)
-    # Empty for usage not caused by a key.
-    api_key_id: Mapped[str] = mapped_column(String(_ID), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
-    hour_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
-    quantity: Mapped[float] = mapped_column(Float)
+# ADMIN_TABLES: what the migrations (``store/migrations``) import from here.
+__all__ = ["ADMIN_TABLES", "SqlAdminStore"]
 
 
 def _utc(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; everything stored is UTC."""
+    """Every time is stored, compared and returned in UTC: SQLite keeps the wall-clock time of what it is given
+    (dropping the zone) and hands back naive datetimes; PostgreSQL converts. Apply to every time written or
+    compared, so that one instant written in another zone is the same on both."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
@@ -125,10 +86,10 @@ def _key_row(key: ApiKey, secret_hash: str) -> ApiKeyRow:
         scopes=sorted(key.scopes),
         secret_hash=secret_hash,
         secret_prefix=key.secret_prefix,
-        create_time=key.create_time,
-        expire_time=key.expire_time,
-        revoke_time=key.revoke_time,
-        last_used_time=key.last_used_time,
+        create_time=_utc(key.create_time),
+        expire_time=_utc_or_none(key.expire_time),
+        revoke_time=_utc_or_none(key.revoke_time),
+        last_used_time=_utc_or_none(key.last_used_time),
         rotated_from=key.rotated_from_api_key_id,
     )
 
@@ -148,7 +109,7 @@ class SqlAdminStore(AdminStore):
                         organization_id=organization.organization_id,
                         display_name=organization.display_name,
                         plan=_plan_to_json(organization.plan),
-                        create_time=organization.create_time,
+                        create_time=_utc(organization.create_time),
                     )
                 )
         except IntegrityError:
@@ -205,7 +166,7 @@ class SqlAdminStore(AdminStore):
             query = select(ApiKeyRow).where(ApiKeyRow.organization_id == organization_id)
             if include_revoked_before is not None:
                 query = query.where(
-                    (ApiKeyRow.revoke_time.is_(None)) | (ApiKeyRow.revoke_time > include_revoked_before)
+                    (ApiKeyRow.revoke_time.is_(None)) | (ApiKeyRow.revoke_time > _utc(include_revoked_before))
                 )
             if page.after is not None:
                 query = query.where(ApiKeyRow.ordinal < int(page.after))
@@ -215,14 +176,19 @@ class SqlAdminStore(AdminStore):
         return items, (None if last is None else str(last))
 
     def rotate_key(self, old_api_key_id: str, old_revoke_time: datetime, new: ApiKey, secret_hash: str) -> ApiKey:
-        with self.database.transaction() as session:
-            session.execute(
-                update(ApiKeyRow)
-                .where(ApiKeyRow.api_key_id == old_api_key_id)
-                .where(ApiKeyRow.revoke_time.is_(None) | (ApiKeyRow.revoke_time > old_revoke_time))
-                .values(revoke_time=old_revoke_time)
-            )
-            session.add(_key_row(new, secret_hash))
+        revoke_time = _utc(old_revoke_time)
+        try:
+            with self.database.transaction() as session:
+                session.execute(
+                    update(ApiKeyRow)
+                    .where(ApiKeyRow.api_key_id == old_api_key_id)
+                    .where(ApiKeyRow.revoke_time.is_(None) | (ApiKeyRow.revoke_time > revoke_time))
+                    .values(revoke_time=revoke_time)
+                )
+                session.add(_key_row(new, secret_hash))
+        except IntegrityError:
+            # As for insert_key; the old key's revocation rolled back with it.
+            raise AlreadyExistsError(f"API key id {new.api_key_id} is taken; retry") from None
         return new
 
     def revoke_key(self, api_key_id: str, at: datetime) -> ApiKey | None:
@@ -231,12 +197,12 @@ class SqlAdminStore(AdminStore):
             if row is None:
                 return None
             if row.revoke_time is None or _utc(row.revoke_time) > at:
-                row.revoke_time = at
+                row.revoke_time = _utc(at)
             return _key(row)
 
     def touch_key(self, api_key_id: str, at: datetime) -> None:
         with self.database.transaction() as session:
-            session.execute(update(ApiKeyRow).where(ApiKeyRow.api_key_id == api_key_id).values(last_used_time=at))
+            session.execute(update(ApiKeyRow).where(ApiKeyRow.api_key_id == api_key_id).values(last_used_time=_utc(at)))
 
     # -- usage ---------------------------------------------------------------------------------------------
 
@@ -249,22 +215,32 @@ class SqlAdminStore(AdminStore):
         hour_start: datetime,
         quantity: float,
     ) -> None:
-        key = (organization_id, api_key_id, kind.name, hour_start)
-        row = session.get(UsageRow, key)
-        if row is None:
-            session.add(
-                UsageRow(
-                    organization_id=organization_id,
-                    api_key_id=api_key_id,
-                    kind=kind.name,
-                    hour_start=hour_start,
-                    quantity=quantity,
+        # One atomic upsert (both back-ends have INSERT ... ON CONFLICT DO UPDATE): reading the total and
+        # writing it back would lose one of two concurrent additions, and two first additions to an hour
+        # would collide on its key.
+        table = cast(Table, UsageRow.__table__)
+        values = {
+            "organization_id": organization_id,
+            "api_key_id": api_key_id,
+            "kind": kind.name,
+            "hour_start": _utc(hour_start),
+            "quantity": quantity,
+        }
+        keys = ["organization_id", "api_key_id", "kind", "hour_start"]
+        if session.get_bind().dialect.name == "postgresql":
+            pg = postgresql_insert(table).values(values)
+            session.execute(
+                pg.on_conflict_do_update(
+                    index_elements=keys, set_={"quantity": table.c.quantity + pg.excluded.quantity}
                 )
             )
-            # Flush now so a second event for the same hour in this transaction finds the row.
-            session.flush()
         else:
-            row.quantity = row.quantity + quantity
+            lite = sqlite_insert(table).values(values)
+            session.execute(
+                lite.on_conflict_do_update(
+                    index_elements=keys, set_={"quantity": table.c.quantity + lite.excluded.quantity}
+                )
+            )
 
     def usage(
         self,
@@ -277,11 +253,13 @@ class SqlAdminStore(AdminStore):
     ) -> list[UsageBucket]:
         with self.database.transaction() as session:
             query = select(UsageRow).where(
-                UsageRow.organization_id == organization_id, UsageRow.hour_start >= start, UsageRow.hour_start < end
+                UsageRow.organization_id == organization_id,
+                UsageRow.hour_start >= _utc(start),
+                UsageRow.hour_start < _utc(end),
             )
             if api_key_id:
                 query = query.where(UsageRow.api_key_id == api_key_id)
             if kinds:
                 query = query.where(UsageRow.kind.in_([k.name for k in kinds]))
-            rows = session.execute(query.order_by(UsageRow.hour_start)).scalars()
+            rows = session.execute(query.order_by(UsageRow.hour_start, UsageRow.kind, UsageRow.api_key_id)).scalars()
             return [UsageBucket(r.api_key_id, UsageKind[r.kind], _utc(r.hour_start), r.quantity) for r in rows]

@@ -17,8 +17,8 @@ from gristmill.api.events.v1 import events_pb2
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.events import Event, EventCatalog, Handler
 from gristmill.serving.domain.model import organization_or_default
+from gristmill.serving.domain.ports import DeploymentStore
 from gristmill.serving.domain.service import DeploymentService
-from gristmill.serving.store.base import DeploymentStore
 
 log = logging.getLogger(__name__)
 

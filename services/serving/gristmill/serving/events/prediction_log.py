@@ -21,7 +21,7 @@ from opentelemetry import context as otel_context
 from prometheus_client import Counter
 
 from gristmill.api.events.v1 import events_pb2
-from gristmill.core.events import Event, EventCatalog, Outbox
+from gristmill.core.events import EventCatalog, OutboxWriter
 from gristmill.core.metrics import ServiceMetrics
 from gristmill.core.pii import PiiMasker
 from gristmill.core.sql import Database
@@ -67,8 +67,7 @@ class OutboxPredictionSink:
         metrics: ServiceMetrics | None = None,
     ) -> None:
         self._database = database
-        self._catalog = catalog
-        self._source = source
+        self._events = OutboxWriter(catalog, source)
         self._masker = masker or PiiMasker()
         self._capacity = capacity
         self._batch_size = batch_size
@@ -141,19 +140,15 @@ class OutboxPredictionSink:
                     self._changed.notify_all()
 
     def _write(self, batch: list[tuple[PredictionRecord, otel_context.Context]]) -> None:
-        events = []
-        for record, context in batch:
-            token = otel_context.attach(context)
-            try:
-                message = prediction_logged(record, self._masker)
-                events.append(
-                    Event.create(message, key=record.registered_model_name, source=self._source, catalog=self._catalog)
-                )
-            finally:
-                otel_context.detach(token)
+        messages = [(prediction_logged(record, self._masker), record, context) for record, context in batch]
         with self._database.transaction() as session:
-            for event in events:
-                Outbox.add(session, event)
+            for message, record, context in messages:
+                # Each event carries the trace of the request that made its prediction.
+                token = otel_context.attach(context)
+                try:
+                    self._events.write(session, message, key=record.registered_model_name)
+                finally:
+                    otel_context.detach(token)
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until everything queued is written; False on timeout."""

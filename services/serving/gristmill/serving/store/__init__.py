@@ -1,1 +1,2 @@
-"""Deployment specs and applied alias sequences: an interface (``base``) and its SQL implementation (``sql``)."""
+"""Deployment specs and applied alias sequences: the SQL implementation (``sql``, tables in ``tables``) of
+``gristmill.serving.domain.ports.DeploymentStore``."""

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import BigInteger, DateTime, MetaData, String, Text, select
+from sqlalchemy import Table, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
 from gristmill.core.errors import AlreadyExistsError, NotFoundError
 from gristmill.core.sql import Database
@@ -26,34 +28,11 @@ from gristmill.serving.domain.model import (
     Quantization,
     VersionSelector,
 )
-from gristmill.serving.store.base import DeploymentStore
+from gristmill.serving.domain.ports import DeploymentStore
+from gristmill.serving.store.tables import TABLES, AliasSequenceRow, DeploymentRow
 
-
-class ServingBase(DeclarativeBase):
-    metadata = MetaData()
-
-
-class DeploymentRow(ServingBase):
-    __tablename__ = "serving_deployments"
-
-    organization_id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    name: Mapped[str] = mapped_column(String(128), primary_key=True)
-    registered_model_name: Mapped[str] = mapped_column(String(128), index=True)
-    spec: Mapped[str] = mapped_column(Text)
-    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-
-
-class AliasSequenceRow(ServingBase):
-    __tablename__ = "serving_alias_sequences"
-
-    organization_id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    registered_model_name: Mapped[str] = mapped_column(String(128), primary_key=True)
-    alias: Mapped[str] = mapped_column(String(128), primary_key=True)
-    sequence: Mapped[int] = mapped_column(BigInteger)
-
-
-TABLES = ServingBase.metadata
+# TABLES: what the migrations (``store/migrations``) import from here.
+__all__ = ["TABLES", "SqlDeploymentStore", "spec_from_json", "spec_to_json"]
 
 
 def _selector(data: dict[str, Any]) -> VersionSelector:
@@ -61,8 +40,9 @@ def _selector(data: dict[str, Any]) -> VersionSelector:
 
 
 def _utc(value: datetime) -> datetime:
-    # SQLite returns naive datetimes; everything stored here was UTC.
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    """Every time is stored and returned in UTC: SQLite keeps the wall-clock time of what it is given (dropping
+    the zone) and hands back naive datetimes; PostgreSQL converts (to the session's zone)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def spec_to_json(spec: DeploymentSpec) -> str:
@@ -123,8 +103,8 @@ class SqlDeploymentStore(DeploymentStore):
                         name=spec.name,
                         registered_model_name=spec.registered_model_name,
                         spec=spec_to_json(spec),
-                        create_time=spec.create_time,
-                        update_time=spec.update_time,
+                        create_time=_utc(spec.create_time),
+                        update_time=_utc(spec.update_time),
                     )
                 )
         except IntegrityError:
@@ -138,7 +118,7 @@ class SqlDeploymentStore(DeploymentStore):
             if row is None:
                 raise NotFoundError(f"deployment {spec.name!r} does not exist")
             row.spec = spec_to_json(spec)
-            row.update_time = spec.update_time
+            row.update_time = _utc(spec.update_time)
 
     def get(self, organization_id: str, name: str) -> DeploymentSpec:
         with self.database.transaction() as session:
@@ -174,18 +154,30 @@ class SqlDeploymentStore(DeploymentStore):
     def apply_alias_sequence(
         self, session: Session, organization_id: str, registered_model_name: str, alias: str, sequence: int
     ) -> bool:
-        row = session.get(AliasSequenceRow, (organization_id, registered_model_name, alias))
-        if row is None:
-            session.add(
-                AliasSequenceRow(
-                    organization_id=organization_id,
-                    registered_model_name=registered_model_name,
-                    alias=alias,
-                    sequence=sequence,
-                )
+        # One atomic compare-and-set (both back-ends have INSERT ... ON CONFLICT DO UPDATE ... WHERE): reading
+        # the sequence and writing it back would let a concurrent, older event overwrite a newer one, and two
+        # first events of an alias would collide on its key. A row is written only when the sequence is new.
+        table = cast(Table, AliasSequenceRow.__table__)
+        values = {
+            "organization_id": organization_id,
+            "registered_model_name": registered_model_name,
+            "alias": alias,
+            "sequence": sequence,
+        }
+        keys = ["organization_id", "registered_model_name", "alias"]
+        if session.get_bind().dialect.name == "postgresql":
+            pg = postgresql_insert(table).values(values)
+            upsert: Any = pg.on_conflict_do_update(
+                index_elements=keys,
+                set_={"sequence": pg.excluded.sequence},
+                where=table.c.sequence < pg.excluded.sequence,
             )
-            return True
-        if sequence <= row.sequence:
-            return False
-        row.sequence = sequence
-        return True
+        else:
+            lite = sqlite_insert(table).values(values)
+            upsert = lite.on_conflict_do_update(
+                index_elements=keys,
+                set_={"sequence": lite.excluded.sequence},
+                where=table.c.sequence < lite.excluded.sequence,
+            )
+        # RETURNING yields the row only when it was inserted or updated (rowcount is not reliable here).
+        return session.execute(upsert.returning(table.c.sequence)).first() is not None

@@ -22,7 +22,7 @@ from gristmill.core.paging import fingerprint, next_page_token, page_request
 from gristmill.training.api import convert
 from gristmill.training.domain.jobs import JobService, SequenceAheadError
 from gristmill.training.domain.model import JobTrigger
-from gristmill.training.store.base import JobQuery
+from gristmill.training.domain.ports import JobQuery
 
 
 class OutOfRangeError(GristmillError):

@@ -44,7 +44,11 @@ class JobPage:
 
 class JobStore(ABC):
     """Errors: ``NotFoundError`` for an unknown job or policy, ``FailedPreconditionError`` for a transition
-    the lifecycle does not allow."""
+    the lifecycle does not allow.
+
+    A write to a job (``transition``, ``record_metrics``) locks its row first, for every process sharing the
+    database: the state check is a compare-and-set, and the job's event sequence stays gapless. Times may be
+    given in any zone and come back as the same instants in UTC."""
 
     @abstractmethod
     def create_job(self, job: Job) -> tuple[Job, bool]:

@@ -12,25 +12,13 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    Boolean,
-    DateTime,
-    ForeignKey,
-    Integer,
-    MetaData,
-    String,
-    Text,
-    UniqueConstraint,
-    delete,
-    select,
-)
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
 from gristmill.core.auth_quota import UsageKind, UsageRecord, UsageRecorder
 from gristmill.core.errors import FailedPreconditionError, NotFoundError
-from gristmill.core.events import Event, EventCatalog, Outbox
+from gristmill.core.events import OutboxWriter
 from gristmill.core.sql import Database
 from gristmill.training.domain.model import (
     ALLOWED_FROM,
@@ -46,63 +34,25 @@ from gristmill.training.domain.model import (
     MetricsReport,
     merge_latest,
 )
+from gristmill.training.domain.ports import JobPage, JobQuery, JobStore
 from gristmill.training.domain.serde import from_data, to_data
 from gristmill.training.domain.spec import JobSpec
 from gristmill.training.events.payloads import job_state_changed
-from gristmill.training.store.base import JobPage, JobQuery, JobStore
+from gristmill.training.store.tables import JobEventRow, JobRow, PolicyRow, TrainingBase
 
-
-class TrainingBase(DeclarativeBase):
-    metadata = MetaData()
-
-
-class JobRow(TrainingBase):
-    __tablename__ = "training_jobs"
-    __table_args__ = (UniqueConstraint("organization_id", "request_id", name="uq_training_jobs_request"),)
-
-    job_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    organization_id: Mapped[str] = mapped_column(String(128), index=True)
-    request_id: Mapped[str | None] = mapped_column(String(128), default=None)
-    project_id: Mapped[str] = mapped_column(String(128), index=True)
-    state: Mapped[str] = mapped_column(String(16), index=True)
-    state_reason: Mapped[str] = mapped_column(Text, default="")
-    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
-    trigger: Mapped[dict[str, Any]] = mapped_column(JSON)
-    progress: Mapped[dict[str, Any]] = mapped_column(JSON)
-    latest_metrics: Mapped[list[Any]] = mapped_column(JSON)
-    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
-    ray_run_name: Mapped[str] = mapped_column(String(128), default="")
-    restart_count: Mapped[int] = mapped_column(Integer, default=0)
-    last_sequence: Mapped[int] = mapped_column(Integer, default=0)
-    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
-    start_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
-    end_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
-
-
-class JobEventRow(TrainingBase):
-    __tablename__ = "training_job_events"
-
-    job_id: Mapped[str] = mapped_column(String(64), ForeignKey("training_jobs.job_id"), primary_key=True)
-    sequence: Mapped[int] = mapped_column(Integer, primary_key=True)
-    time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    kind: Mapped[str] = mapped_column(String(16))
-    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
-
-
-class PolicyRow(TrainingBase):
-    __tablename__ = "training_auto_train_policies"
-
-    organization_id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    project_id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    enabled: Mapped[bool] = mapped_column(Boolean)
-    template: Mapped[dict[str, Any]] = mapped_column(JSON)
-    update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+# TrainingBase: what the migrations (``store/migrations``) import from here.
+__all__ = ["SqlJobStore", "TrainingBase", "worker_seconds"]
 
 
 def _utc(value: datetime | None) -> datetime | None:
-    # SQLite drops the zone of DateTime(timezone=True) values; every time here is UTC.
+    # SQLite drops the zone of DateTime(timezone=True) values, keeping the wall-clock time it is given; so every
+    # time is written in UTC (``_in_utc``) and read back as UTC.
     if value is None:
         return None
+    return _in_utc(value)
+
+
+def _in_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
@@ -166,14 +116,13 @@ def _event_payload(event: JobEvent) -> dict[str, Any]:
 
 
 class SqlJobStore(JobStore):
-    def __init__(self, database: Database, catalog: EventCatalog, *, source: str) -> None:
+    def __init__(self, database: Database, events: OutboxWriter) -> None:
         self._db = database
-        self._catalog = catalog
-        self._source = source
+        self._events = events
         # A job that ran and ended publishes its worker-seconds (metering) with its final state change.
-        self._usage = UsageRecorder(database, catalog, source)
+        self._usage = UsageRecorder(database, events.catalog, events.source)
         # One writer at a time in this process: a job's event sequence is read and incremented in one
-        # transaction (PostgreSQL additionally locks the row with FOR UPDATE across processes).
+        # transaction, after ``_row(lock=True)`` locked the job's row for every process.
         self._write_lock = threading.Lock()
         database.create_all(TrainingBase.metadata)
 
@@ -185,6 +134,15 @@ class SqlJobStore(JobStore):
     def _row(self, session: Session, job_id: str, *, lock: bool = False) -> JobRow:
         query = select(JobRow).where(JobRow.job_id == job_id)
         if lock:
+            # Lock before reading, so that the state and sequence read are the latest committed: an UPDATE
+            # takes the row lock on PostgreSQL and the database write lock on SQLite (which ignores FOR UPDATE;
+            # without it, two processes could both move the job from the same state and reuse a sequence).
+            session.execute(
+                update(JobRow)
+                .where(JobRow.job_id == job_id)
+                .values(last_sequence=JobRow.last_sequence)
+                .execution_options(synchronize_session=False)
+            )
             query = query.with_for_update()
         row = session.execute(query).scalar_one_or_none()
         if row is None:
@@ -204,8 +162,7 @@ class SqlJobStore(JobStore):
         row.last_sequence = event.sequence
 
     def _announce(self, session: Session, job: Job, previous: JobState | None) -> None:
-        message = job_state_changed(job, previous)
-        Outbox.add(session, Event.create(message, key=job.job_id, source=self._source, catalog=self._catalog))
+        self._events.write(session, job_state_changed(job, previous), key=job.job_id)
 
     # -- jobs ---------------------------------------------------------------------------------------------
 
@@ -226,14 +183,14 @@ class SqlJobStore(JobStore):
                     ray_run_name=job.ray_run_name,
                     restart_count=0,
                     last_sequence=0,
-                    create_time=job.create_time,
+                    create_time=_in_utc(job.create_time),
                 )
                 session.add(row)
                 session.flush()
                 event = JobEvent(
                     job.job_id,
                     1,
-                    job.create_time,
+                    _in_utc(job.create_time),
                     EventKind.STATE,
                     state=JobState.QUEUED,
                     reason=job.state_reason,
@@ -385,7 +342,7 @@ class SqlJobStore(JobStore):
                 session.add(row)
             row.enabled = policy.enabled
             row.template = to_data(policy.job_template)
-            row.update_time = policy.update_time
+            row.update_time = _in_utc(policy.update_time)
         return policy
 
     def get_policy(self, organization_id: str, project_id: str) -> AutoTrainPolicy:

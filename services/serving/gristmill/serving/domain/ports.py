@@ -1,4 +1,6 @@
-"""The deployment store interface.
+"""The deployment store port.
+
+The domain depends on this interface; ``gristmill.serving.store`` implements it (the domain never imports it).
 
 It keeps what must survive a restart: each deployment's spec (so the process serves the same deployments
 after a restart) and, per registered model and alias, the sequence of the last ``alias changed`` event
@@ -17,7 +19,8 @@ if TYPE_CHECKING:
 
 
 class DeploymentStore(ABC):
-    """Errors: ``AlreadyExistsError`` (create of a taken name), ``NotFoundError`` (unknown deployment)."""
+    """Errors: ``AlreadyExistsError`` (create of a taken name), ``NotFoundError`` (unknown deployment). Times
+    may be given in any zone and come back as the same instants in UTC; ``update`` keeps the creation time."""
 
     @abstractmethod
     def create(self, spec: DeploymentSpec) -> None: ...
@@ -43,4 +46,5 @@ class DeploymentStore(ABC):
     def apply_alias_sequence(
         self, session: Session, organization_id: str, registered_model_name: str, alias: str, sequence: int
     ) -> bool:
-        """Record ``sequence`` as applied, in the caller's transaction; False if an equal or newer one was."""
+        """Record ``sequence`` as applied, in the caller's transaction; False if an equal or newer one was. A
+        compare-and-set: of concurrent transactions, an older sequence never replaces a newer one."""

@@ -1,9 +1,13 @@
-"""The admin service's store: organisations, API keys (hashed) and hourly usage totals.
+"""The admin service's store port: organisations, API keys (hashed) and hourly usage totals.
+
+The domain depends on this interface; ``gristmill.admin.store`` implements it (the domain never imports it).
 
 Implementations return domain dataclasses, never ORM rows, and raise ``gristmill.core.errors`` classes:
 ``AlreadyExistsError`` when an id is taken. Each method is one transaction, except ``add_usage``, which
 writes through the session of the consumer's transaction (so the usage and the handled-event mark commit
 together and a redelivered event is counted once).
+
+Times may be given in any zone; they are stored, compared and returned as the same instants in UTC.
 
 Listing methods take a ``Page`` and return ``(items, next_position)``; ``next_position`` is None on the
 last page. Positions are opaque strings produced and understood only by the implementation.
@@ -62,7 +66,8 @@ class AdminStore(ABC):
 
     @abstractmethod
     def rotate_key(self, old_api_key_id: str, old_revoke_time: datetime, new: ApiKey, secret_hash: str) -> ApiKey:
-        """In one transaction: schedule the old key's revocation and insert the new key."""
+        """In one transaction: schedule the old key's revocation (unless it is revoked earlier) and insert the new
+        key; ``AlreadyExistsError`` (and no change) when the new key's id is taken."""
 
     @abstractmethod
     def revoke_key(self, api_key_id: str, at: datetime) -> ApiKey | None:
@@ -84,7 +89,8 @@ class AdminStore(ABC):
         hour_start: datetime,
         quantity: float,
     ) -> None:
-        """Add to an hourly total, through the consumer's ``session`` (an open transaction)."""
+        """Add to an hourly total, through the consumer's ``session`` (an open transaction). Concurrent additions
+        to one total, from other transactions, are all kept."""
 
     @abstractmethod
     def usage(
@@ -96,4 +102,5 @@ class AdminStore(ABC):
         start: datetime,
         end: datetime,
     ) -> list[UsageBucket]:
-        """Hourly totals with ``start <= hour_start < end``; of one key when ``api_key_id`` is set."""
+        """Hourly totals with ``start <= hour_start < end``; of one key when ``api_key_id`` is set, of ``kinds``
+        only when it is not empty. By hour, then kind, then key."""
