@@ -4,11 +4,6 @@ gives bad input — never INTERNAL, never a partial write."""
 from __future__ import annotations
 
 import asyncio
-import json
-import struct
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,66 +12,8 @@ from google.protobuf.field_mask_pb2 import FieldMask
 
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.registry.v1 import registry_pb2 as pb
-from gristmill.api.registry.v1 import registry_pb2_grpc as pb_grpc
-from gristmill.core.security import embedded_security
-from gristmill.core.settings import KafkaSettings, S3Settings
-from gristmill.registry.app import RegistryApp, build_app
-from gristmill.registry.settings import RegistrySettings
-from services.registry.tests.support import SIGNATURE, sha256, upload_model
-
-SIG = common_pb2.ModelSignature(
-    inputs=[common_pb2.TensorSpec(**t) for t in SIGNATURE["inputs"]],
-    outputs=[common_pb2.TensorSpec(**t) for t in SIGNATURE["outputs"]],
-)
-TEST = common_pb2.DATASET_SPLIT_TEST
-
-
-@dataclass
-class Api:
-    app: RegistryApp
-    stub: pb_grpc.RegistryServiceStub
-    tmp: Path
-
-    def upload(self, prefix: str, **kwargs: Any) -> common_pb2.ObjectRef:
-        ref = upload_model(self.app.host.platform.objects, prefix, **kwargs)
-        return common_pb2.ObjectRef(key=ref.key, sha256=ref.sha256, size_bytes=ref.size_bytes)
-
-    async def register(
-        self, model: str, prefix: str, *, accuracy: float = 0.9, wait: bool = True, job: str = "", **kwargs: Any
-    ) -> pb.ModelVersion:
-        request = pb.RegisterModelVersionRequest(
-            registered_model_name=model,
-            create_model_if_missing=True,
-            source_prefix=prefix,
-            manifest=self.upload(prefix, **kwargs),
-            signature=SIG,
-            task=common_pb2.TASK_TYPE_TEXT_CLASSIFICATION,
-            label_map=common_pb2.LabelMap(labels=["negative", "positive"]),
-            metrics=[common_pb2.Metric(name="accuracy", value=accuracy, split=TEST)],
-            lineage=common_pb2.Lineage(training_job_id=job),
-            tags={"source": prefix},
-            wait_for_verification=wait,
-        )
-        version: pb.ModelVersion = await self.stub.RegisterModelVersion(request)
-        return version
-
-
-@pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[Api]:
-    settings = RegistrySettings(data_dir=tmp_path / "data", grpc_port=0, allow_local_paths=True)
-    app = build_app(settings, kafka=KafkaSettings(), s3=S3Settings(), security=embedded_security("registry"))
-    port = await app.host.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield Api(app, pb_grpc.RegistryServiceStub(channel), tmp_path)
-    await app.servicer.drain()
-    await app.host.stop()
-
-
-async def _fails(call: Any, code: grpc.StatusCode, message: str) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    assert info.value.code() == code, info.value.details()
-    assert message in (info.value.details() or ""), info.value.details()
+from services.registry.tests.api import SIG, TEST, Api, fails
+from services.registry.tests.support import sha256
 
 
 async def test_models_versions_and_download_manifest(api: Api) -> None:
@@ -171,14 +108,14 @@ async def test_search_paging_and_tokens(api: Api) -> None:
         ("not-a-token", "page_token is malformed"),
         (page1.next_page_token[:-3], "page_token is malformed"),
     ]:
-        await _fails(
+        await fails(
             api.stub.SearchRegisteredModels(
                 pb.SearchRegisteredModelsRequest(name_prefix="a", page=common_pb2.PageRequest(page_token=token))
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
             message,
         )
-    await _fails(
+    await fails(
         api.stub.SearchRegisteredModels(
             pb.SearchRegisteredModelsRequest(
                 name_prefix="b", page=common_pb2.PageRequest(page_token=page1.next_page_token)
@@ -187,7 +124,7 @@ async def test_search_paging_and_tokens(api: Api) -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         "different query",
     )
-    await _fails(
+    await fails(
         api.stub.SearchRegisteredModels(pb.SearchRegisteredModelsRequest(page=common_pb2.PageRequest(page_size=-1))),
         grpc.StatusCode.INVALID_ARGUMENT,
         "page_size must not be negative",
@@ -220,7 +157,7 @@ async def test_aliases_policies_and_cards(api: Api) -> None:
     latest = history.changes[0]
     assert (latest.from_version, latest.to_version, latest.cause) == (1, 2, pb.ALIAS_CHANGE_CAUSE_APPROVAL)
     assert latest.decision.baseline_value == pytest.approx(0.80) and latest.decision.passed
-    await _fails(
+    await fails(
         s.RejectPromotion(pb.RejectPromotionRequest(promotion_id=pending.promotion_id)),
         grpc.StatusCode.FAILED_PRECONDITION,
         "no longer PENDING",
@@ -247,7 +184,7 @@ async def test_aliases_policies_and_cards(api: Api) -> None:
     assert edited.object.key == "models/m/2/model-card-r2.md"
     stored = api.app.host.platform.objects.get_bytes(edited.object.key, expected_sha256=edited.object.sha256)
     assert stored.decode() == edited.markdown
-    await _fails(
+    await fails(
         s.UpdateModelCard(
             pb.UpdateModelCardRequest(registered_model_name="m", version=2, update_mask=FieldMask(paths=["markdown"]))
         ),
@@ -263,102 +200,6 @@ async def _eventually_pending(api: Api) -> pb.PendingPromotion:
             return listed.promotions[0]
         await asyncio.sleep(0.05)
     raise AssertionError("no pending promotion appeared")
-
-
-def _hf_directory(root: Path) -> Path:
-    root.mkdir(parents=True)
-    header = json.dumps(
-        {
-            "__metadata__": {"format": "pt"},
-            "embeddings.weight": {"dtype": "F32", "shape": [10, 4], "data_offsets": [0, 160]},
-            "classifier.bias": {"dtype": "F32", "shape": [2], "data_offsets": [160, 168]},
-        }
-    ).encode()
-    (root / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 168)
-    (root / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
-    (root / "vocab.txt").write_text("[PAD]\n[UNK]\n")
-    (root / ".gitattributes").write_text("*.bin lfs")
-    return root
-
-
-async def test_base_models(api: Api) -> None:
-    source = _hf_directory(api.tmp / "hf")
-    imported = await api.stub.ImportBaseModel(
-        pb.ImportBaseModelRequest(name="tiny-bert", local_path=str(source), license="apache-2.0")
-    )
-    assert (imported.model_type, list(imported.architectures), imported.parameter_count) == ("bert", ["BertModel"], 42)
-    assert common_pb2.TASK_TYPE_TEXT_CLASSIFICATION in imported.tasks
-    assert sorted(f.key for f in imported.files) == [
-        "base-models/tiny-bert/config.json",
-        "base-models/tiny-bert/model.safetensors",
-        "base-models/tiny-bert/vocab.txt",
-    ]  # hidden files are not part of a model
-    # The same files from the object store give the same content checksum.
-    objects = api.app.host.platform.objects
-    for path in ("config.json", "model.safetensors", "vocab.txt"):
-        objects.put_file(f"uploads/hf/{path}", source / path)
-    copy = await api.stub.ImportBaseModel(
-        pb.ImportBaseModelRequest(
-            name="tiny-bert-2", object_prefix="uploads/hf", tasks=[common_pb2.TASK_TYPE_CAUSAL_LM]
-        )
-    )
-    assert copy.content_sha256 == imported.content_sha256 and list(copy.tasks) == [common_pb2.TASK_TYPE_CAUSAL_LM]
-    listed = await api.stub.ListBaseModels(pb.ListBaseModelsRequest(task=common_pb2.TASK_TYPE_CAUSAL_LM))
-    assert [b.name for b in listed.base_models] == ["tiny-bert-2"]
-    got = await api.stub.GetBaseModel(pb.GetBaseModelRequest(name="tiny-bert"))
-    assert got == imported
-
-    (api.tmp / "empty").mkdir()
-    (api.tmp / "empty" / "config.json").write_text("{}")
-    for request, code, message in [
-        (pb.ImportBaseModelRequest(name="tiny-bert", local_path=str(source)), grpc.StatusCode.ALREADY_EXISTS, "exists"),
-        (
-            pb.ImportBaseModelRequest(name="x", local_path=str(api.tmp / "nope")),
-            grpc.StatusCode.NOT_FOUND,
-            "not a directory",
-        ),
-        (
-            pb.ImportBaseModelRequest(name="x", local_path=str(api.tmp / "empty")),
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "no weights",
-        ),
-        (pb.ImportBaseModelRequest(name="x", local_path="relative/dir"), grpc.StatusCode.INVALID_ARGUMENT, "absolute"),
-        (
-            pb.ImportBaseModelRequest(name="x", object_prefix="uploads/none"),
-            grpc.StatusCode.NOT_FOUND,
-            "holds no objects",
-        ),
-        (pb.ImportBaseModelRequest(name="x"), grpc.StatusCode.INVALID_ARGUMENT, "exactly one source"),
-        (
-            pb.ImportBaseModelRequest(name="Bad", local_path=str(source)),
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "base model name",
-        ),
-    ]:
-        await _fails(api.stub.ImportBaseModel(request), code, message)
-    await _fails(api.stub.GetBaseModel(pb.GetBaseModelRequest(name="nope")), grpc.StatusCode.NOT_FOUND, "'nope'")
-    assert [b.name for b in (await api.stub.ListBaseModels(pb.ListBaseModelsRequest())).base_models] == [
-        "tiny-bert",
-        "tiny-bert-2",
-    ]
-
-
-async def test_local_paths_are_refused_unless_enabled(tmp_path: Path) -> None:
-    settings = RegistrySettings(data_dir=tmp_path / "data", grpc_port=0)  # the default: disabled
-    app = build_app(settings, kafka=KafkaSettings(), s3=S3Settings(), security=embedded_security("registry"))
-    port = await app.host.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.RegistryServiceStub(channel)
-            await _fails(
-                stub.ImportBaseModel(
-                    pb.ImportBaseModelRequest(name="x", local_path=str(_hf_directory(tmp_path / "hf")))
-                ),
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "local path is disabled",
-            )
-    finally:
-        await app.host.stop()
 
 
 async def test_every_rpc_refuses_bad_input_with_a_clear_status(api: Api) -> None:
@@ -643,7 +484,7 @@ async def test_every_rpc_refuses_bad_input_with_a_clear_status(api: Api) -> None
         ),
     ]
     for call, code, message in cases:
-        await _fails(call(), code, message)
+        await fails(call(), code, message)
     # None of it wrote anything: still one model with two versions, no alias, no policy.
     model = await s.GetRegisteredModel(pb.GetRegisteredModelRequest(name="m"))
     assert (model.latest_version, dict(model.aliases)) == (2, {})
