@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import grpc
 import pytest
 
+from gristmill.api.training.v1 import training_pb2_grpc as pb_grpc
 from gristmill.core.storage import LocalObjectStore, ObjectStore
+from gristmill.training.app import TrainingApp
 from gristmill.training.devtools import LABELS, sentiment_rows, vocabulary_text, write_dataset_version
 from gristmill.training.domain.refs import DatasetRef
+from gristmill.training.runner.in_process import InProcessRunner
+from services.training.tests.service_support import start_host
 from tests.conftest import kafka_bootstrap, s3_endpoint, tracing  # noqa: F401
 from tests.support.tiny_model import make_tiny_bert
 
@@ -64,3 +69,11 @@ def dataset(objects: ObjectStore) -> DatasetRef:
 def sentiment_version() -> Callable[..., DatasetRef]:
     """``sentiment_version(objects, project_id, version_id, train=..., held_out=...)`` writes a version."""
     return write_sentiment_version
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[tuple[TrainingApp, pb_grpc.TrainingServiceStub]]:
+    app, port = await start_host(tmp_path, InProcessRunner(tmp_path / "runs", cpus=2))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield app, pb_grpc.TrainingServiceStub(channel)
+    await app.host.stop()
