@@ -1,7 +1,7 @@
 """Chaos: the whole loop on the real stack while one fault at a time hits it, and a ledger that proves nothing
 was lost or done twice.
 
-The stack is the suite's own (a Kafka broker and a SeaweedFS server on ports of their own, and a process per
+The stack is the suite's own (PostgreSQL, a Kafka broker and a SeaweedFS server on ports of their own, and a process per
 service, as ``gristmill up`` runs them), because faults stop the brokers. Each round runs the demo's loop
 (a new project: import, two annotators, publish; then events train, register, promote, serve and send
 uncertain predictions back to labeling) and, at a chosen moment of it, one fault:
@@ -62,6 +62,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.timeout(5400)]
 
 KAFKA_PORT = int(os.environ.get("GRISTMILL_CHAOS_KAFKA_PORT", "9292"))
 S3_PORT = int(os.environ.get("GRISTMILL_CHAOS_S3_PORT", "8533"))
+POSTGRES_PORT = int(os.environ.get("GRISTMILL_CHAOS_POSTGRES_PORT", "5633"))
 OUTAGE_S = 20.0
 BURST = 1000
 ROUND_TIMEOUT_S = 900.0
@@ -151,16 +152,20 @@ class Steps(io.TextIOBase):
 
 @pytest.fixture(scope="module")
 def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chaos]:
-    root = Path(os.environ.get("GRISTMILL_CHAOS_DIR") or tmp_path_factory.mktemp("chaos"))
-    env = os.environ | {
-        "GRISTMILL_RUN_DIR": str(root / "stack"),
+    given = os.environ.get("GRISTMILL_CHAOS_DIR")
+    root = Path(given or tmp_path_factory.mktemp("chaos"))
+    # As root, PostgreSQL runs as an unprivileged user that must reach its data directory: pytest's temporary
+    # directories (mode 0700) are out of its reach, so the stack's own data goes under the checkout's .run.
+    stack_dir = root / "stack" if given else REPO_ROOT / ".run" / "chaos-stack"
+    ports = {
         "GRISTMILL_KAFKA_PORT": str(KAFKA_PORT),
         "GRISTMILL_S3_PORT": str(S3_PORT),
-        "HF_HUB_OFFLINE": "1",
+        "GRISTMILL_POSTGRES_PORT": str(POSTGRES_PORT),
     }
-    saved = {k: os.environ.get(k) for k in ("GRISTMILL_KAFKA_PORT", "GRISTMILL_S3_PORT")}
-    # LocalStack reads the brokers' ports from the environment.
-    os.environ["GRISTMILL_KAFKA_PORT"], os.environ["GRISTMILL_S3_PORT"] = str(KAFKA_PORT), str(S3_PORT)
+    env = os.environ | ports | {"GRISTMILL_RUN_DIR": str(stack_dir), "HF_HUB_OFFLINE": "1"}
+    saved = {k: os.environ.get(k) for k in ports}
+    # LocalStack reads the servers' ports from the environment.
+    os.environ.update(ports)
     local = LocalStack(root / "run", base_port=free_port_block())
     stack = REPO_ROOT / "deploy" / "local" / "stack.sh"
     subprocess.run([str(stack), "clean"], env=env, check=True, stdout=subprocess.DEVNULL, timeout=120)

@@ -1,16 +1,18 @@
 """End to end: ``gristmill demo --stack local`` with every service as its own process on the real Kafka broker
 and S3 server, a tiny model, and the registry killed (SIGKILL) and restarted while the training job runs.
 
-Isolation: the services listen on five free ports of their own, keep pid files, logs and SQLite files in a
-temporary run directory, and use consumer groups with a unique suffix that start at the topics' current
-end, so a developer's running stack and other tests on the same Kafka are neither disturbed nor replayed.
-Kafka and S3 are the shared ones that ``make test`` starts (deploy/local/stack.sh).
+Isolation: the services listen on five free ports of their own, keep pid files and logs in a temporary run
+directory (which names their PostgreSQL databases, dropped at the end), and use consumer groups with a unique
+suffix that start at the topics' current end, so a developer's running stack and other tests on the same Kafka
+and PostgreSQL are neither disturbed nor replayed. PostgreSQL, Kafka and S3 are the shared ones that ``make test``
+starts (deploy/local/stack.sh).
 
 One demo run (about two minutes) backs every test here; the tests check different promises of that run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -31,6 +33,7 @@ from gristmill.api.labeling.v1 import labeling_pb2 as lb
 from gristmill.api.registry.v1 import registry_pb2 as rg
 from gristmill.api.serving.v1 import serving_pb2 as sv
 from gristmill.cli import demo_data
+from gristmill.cli.platforms import LocalStack
 from gristmill.cli.serving_commands import predict_oip, predict_typed
 from gristmill.client import ClientOptions, Endpoints, Gristmill, UnauthenticatedError
 from tests.conftest import REPO_ROOT
@@ -81,10 +84,11 @@ def demo(
     work = tmp_path_factory.mktemp("work")
     base_port = free_port_block()
     common = ["--run-dir", str(run_dir), "--base-port", str(base_port)]
+    suffix = f"e2e-{uuid.uuid4().hex[:8]}"
     stdout, stderr = work / "demo.out", work / "demo.err"
     command = [
         sys.executable, "-m", "gristmill.cli.main", "demo", "--stack", "local", *common,
-        "--group-suffix", f"e2e-{uuid.uuid4().hex[:8]}", "--data-dir", str(work), "--items", "200",
+        "--group-suffix", suffix, "--data-dir", str(work), "--items", "200",
         "--keep-running", "--json", "--timeout", "420",
     ]  # fmt: skip
     env = {**os.environ, "GRISTMILL_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "GRISTMILL_S3_ENDPOINT":
@@ -104,8 +108,11 @@ def demo(
         assert code == 0, f"gristmill demo failed ({code}):\n{progress[-4000:]}"
         yield DemoRun(json.loads(stdout.read_text()), run_dir, base_port, registry_pids, progress)
     finally:
-        # `down` stops every service of this run (the restarted registry included); Kafka and S3 stay up.
+        # `down` stops every service of this run (the restarted registry included); the stack stays up.
         _gristmill("down", "--keep-stack", *common)
+        # Cleanup must not hide why the run failed (PostgreSQL gone, say).
+        with contextlib.suppress(Exception):
+            LocalStack(run_dir, base_port=base_port, group_suffix=suffix).drop_databases()
 
 
 def test_the_version_serving_at_the_end_is_the_one_trained_from_the_published_dataset(demo: DemoRun) -> None:

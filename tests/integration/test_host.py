@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
 from collections.abc import Callable
@@ -152,3 +153,90 @@ def test_a_service_started_on_an_older_database_refuses_with_one_line(tmp_path: 
     assert "Traceback" not in done.stderr
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT name FROM sqlite_master ORDER BY name").fetchall() == before
+
+
+async def test_components_open_in_order_and_close_in_reverse_after_the_server_drains(tmp_path: Path) -> None:
+    """The documented order: the service's components after the platform and before the relay, consumers,
+    tasks and server; closed once the server is NOT_SERVING and drained, then the last outbox flush, then the
+    platform. What a component writes to the outbox while closing is still published."""
+    from gristmill.core.host import PeriodicTask
+
+    settings = ServiceSettings(data_dir=tmp_path, grpc_port=0)
+    platform = open_platform("sample", settings, kafka=KafkaSettings(bootstrap_servers=""), s3=S3Settings(endpoint=""))
+    topic = platform.catalog.topic_for(events_pb2.AliasChanged)
+    events: list[str] = []
+    host: ServiceHost
+
+    class Recorder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def open(self) -> None:
+            events.append(f"open {self.name}")
+
+        async def close(self) -> None:
+            drained = host.server.wait_stopped()
+            await asyncio.wait_for(drained, 0.1)  # the server has already drained
+            events.append(f"close {self.name}")
+            if self.name == "cluster":
+                # Written while closing: the host's last flush still publishes it.
+                message = events_pb2.AliasChanged(registered_model_name="late", alias="production", to_version=1)
+                with platform.database.transaction() as session:
+                    Outbox.add(session, Event.create(message, key="late", source="test", catalog=platform.catalog))
+
+    host = ServiceHost(
+        platform,
+        [_registration()],
+        settings,
+        [Subscription((topic,), "sample-order", lambda event, session: None)],
+        tasks=[PeriodicTask("sweep", lambda first: None, 60)],
+        components=[Recorder("cluster"), Recorder("deployments")],
+    )
+    await host.start()
+    assert host.opened == [
+        "platform",
+        "outbox-flush",
+        "cluster",
+        "deployments",
+        "outbox-relay",
+        "consumer:sample-order",
+        "sweep",
+        "grpc-server",
+    ]
+    assert events == ["open cluster", "open deployments"]
+    await host.stop()
+    await host.stop()  # idempotent
+    assert events[2:] == ["close deployments", "close cluster"]
+    assert host.opened == []
+    bus = platform.bus
+    assert isinstance(bus, MemoryEventBus)
+    assert [r.key for r in bus.broker.records(topic)] == [b"late"]
+
+
+async def test_a_component_that_fails_to_open_closes_what_was_opened(tmp_path: Path) -> None:
+    settings = ServiceSettings(data_dir=tmp_path, grpc_port=0)
+    platform = open_platform("sample", settings, kafka=KafkaSettings(bootstrap_servers=""), s3=S3Settings(endpoint=""))
+    closed: list[str] = []
+
+    class Opens:
+        name = "opens"
+
+        async def open(self) -> None:
+            pass
+
+        async def close(self) -> None:
+            closed.append(self.name)
+
+    class Fails:
+        name = "fails"
+
+        async def open(self) -> None:
+            raise RuntimeError("the Ray cluster could not start")
+
+        async def close(self) -> None:
+            closed.append(self.name)
+
+    host = ServiceHost(platform, [_registration()], settings, components=[Opens(), Fails()])
+    with pytest.raises(RuntimeError, match="could not start"):
+        await host.start()
+    assert closed == ["opens"] and host.opened == []

@@ -20,7 +20,6 @@ from gristmill.core.auth import (
     Principal,
     api_key_id_of,
     bearer_api_key,
-    build_auth_hook,
     check_api_key,
     hash_api_key,
     new_api_key,
@@ -37,6 +36,7 @@ from gristmill.core.errors import (
     UnauthenticatedError,
 )
 from gristmill.core.grpcserver import NOT_INLINE
+from gristmill.core.security import build_auth_hook
 from tests.contracts.auth import InMemoryKeyVerifier
 
 SVC = "/gristmill.api.registry.v1.RegistryService"

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from gristmill.core.auth import AuthSettings, build_auth_hook
+from gristmill.core.auth import AuthSettings
 from gristmill.core.auth_quota import UsageKind
 from gristmill.core.events.topics import platform_catalog
 from gristmill.core.licensing import load_license
-from gristmill.core.security import Security
+from gristmill.core.security import Security, build_auth_hook
 from gristmill.core.sql import Database
 
 # Nothing listens here: the point is only whether a call is still attempted.

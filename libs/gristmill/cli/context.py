@@ -9,14 +9,14 @@ import typer
 from opentelemetry.sdk.trace import TracerProvider
 
 from gristmill.cli.output import fail
-from gristmill.cli.processes import DEFAULT_PORTS
 from gristmill.client import ClientOptions, Endpoints, Gristmill
+from gristmill.core.ports import SERVICE_PORTS
 
 
 def parse_endpoints(text: str, base: Endpoints | None = None) -> Endpoints:
     """``labeling=127.0.0.1:50051 training=...`` (the embedded platform's READY line) → ``Endpoints``."""
     endpoints = base or Endpoints()
-    known = set(DEFAULT_PORTS)
+    known = set(SERVICE_PORTS)
     changes: dict[str, str] = {}
     for part in text.replace(",", " ").split():
         if part == "READY":
@@ -32,7 +32,7 @@ def parse_endpoints(text: str, base: Endpoints | None = None) -> Endpoints:
 
 def endpoints_for_host(host: str) -> Endpoints:
     """Every service on ``host`` at its default port."""
-    return Endpoints(**{name: f"{host}:{port}" for name, port in DEFAULT_PORTS.items()})
+    return Endpoints(**{name: f"{host}:{port}" for name, port in SERVICE_PORTS.items()})
 
 
 @dataclass

@@ -1,13 +1,14 @@
 """Running a platform for the CLI: the embedded one as a child process, or the local stack of processes.
 
 ``EmbeddedProcess`` starts ``python -m gristmill.standalone`` (every service in one process, in-process bus,
-local files) on free ports and reads its ``READY`` line. ``LocalStack`` starts Kafka and the S3 server
-(deploy/local/stack.sh) and each service as its own process with ``GRISTMILL_*`` settings, pid files and logs
-under a run directory (``gristmill up``/``down``).
+SQLite and local files) on free ports and reads its ``READY`` line. ``LocalStack`` starts PostgreSQL, Kafka and
+the S3 server (deploy/local/stack.sh) and each service as its own process with ``GRISTMILL_*`` settings (its
+store in a PostgreSQL database of its own), pid files and logs under a run directory (``gristmill up``/``down``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -19,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gristmill.cli.context import parse_endpoints
-from gristmill.cli.processes import DEFAULT_PORTS, SERVICES, ServiceProcess, wait_serving
+from gristmill.cli.processes import SERVICES, ServiceProcess, wait_serving
 from gristmill.client import Endpoints
 from gristmill.core.errors import InvalidArgumentError, UnavailableError
+from gristmill.core.ports import KAFKA_PORT, POSTGRES_PORT, S3_PORT
+from gristmill.core.ports import service_ports as default_service_ports
 
 # The training service runs Ray's core worker in its own process; Ray's C++ failure-signal handler would
 # otherwise take SIGTERM and abort() the process in the middle of its graceful shutdown.
@@ -101,17 +104,17 @@ class EmbeddedProcess:
 
 def service_ports(base_port: int = 0) -> dict[str, int]:
     """Each service's port: the defaults, or ``base_port``, ``base_port + 1``, ... in the default order."""
-    if not base_port:
-        return dict(DEFAULT_PORTS)
-    return {name: base_port + i for i, name in enumerate(DEFAULT_PORTS)}
+    return default_service_ports(base_port or None)
 
 
 @dataclass
 class LocalStack:
-    """Each service as its own process on the real Kafka broker and S3 server, under ``run_dir``.
+    """Each service as its own process on the real Kafka broker, S3 server and PostgreSQL, under ``run_dir``.
 
     ``group_suffix`` gives every consumer group of this installation a suffix: installations that share one
-    Kafka cluster (a developer's stack and the end-to-end test) then never take each other's events.
+    Kafka cluster (a developer's stack and the end-to-end test) then never take each other's events. The
+    installation's databases are named after its run directory (``database_names``), so installations sharing
+    one PostgreSQL server never share a store.
     """
 
     run_dir: Path
@@ -148,8 +151,8 @@ class LocalStack:
 
     def env(self) -> dict[str, str]:
         """What every service process gets: the real Kafka and S3, its port and data dir, the admin address."""
-        kafka_port = os.environ.get("GRISTMILL_KAFKA_PORT", "9092")
-        s3_port = os.environ.get("GRISTMILL_S3_PORT", "8333")
+        kafka_port = os.environ.get("GRISTMILL_KAFKA_PORT", str(KAFKA_PORT))
+        s3_port = os.environ.get("GRISTMILL_S3_PORT", str(S3_PORT))
         ports = self.ports
         env = {
             **SERVICE_BASE_ENV,
@@ -166,38 +169,101 @@ class LocalStack:
         for name in SERVICES:
             env[f"GRISTMILL_{name.upper()}_GRPC_PORT"] = str(ports[name])
             env[f"GRISTMILL_{name.upper()}_DATA_DIR"] = str(self.run_dir / "services" / name)
+        env |= self.database_urls()
         if self.group_suffix:
-            suffix = f"-{self.group_suffix}"
-            env |= {
-                "GRISTMILL_TRAINING_AUTO_TRAIN_GROUP": f"training-auto-train{suffix}",
-                "GRISTMILL_REGISTRY_JOB_EVENTS_GROUP": f"registry-job-events{suffix}",
-                "GRISTMILL_REGISTRY_PROMOTION_GROUP": f"registry-promotion{suffix}",
-                "GRISTMILL_SERVING_CONSUMER_GROUP": f"serving{suffix}",
-                "GRISTMILL_LABELING_ACTIVE_LEARNING_GROUP": f"labeling-active-learning{suffix}",
-                "GRISTMILL_ADMIN_METERING_GROUP": f"admin-metering{suffix}",
-            }
+            from gristmill.core.events.topics import CONSUMER_GROUPS
+
+            env |= {group.variable: f"{group.default}-{self.group_suffix}" for group in CONSUMER_GROUPS}
         return env
+
+    def database_names(self) -> dict[str, str]:
+        """Each service's database on the stack's PostgreSQL: ``gristmill_<service>_<run dir digest>``.
+
+        The run directory is what makes an installation (its pid files, logs and the admin's root key live
+        there; ``up`` again with other flags is the same installation), so it names the databases: the same
+        run directory always finds its databases, and two never share one.
+        """
+        digest = hashlib.sha256(str(self.run_dir.resolve()).encode()).hexdigest()[:8]
+        return {service: f"gristmill_{service}_{digest}" for service in SERVICES}
+
+    def postgres_url(self, database: str = "postgres") -> str:
+        """The stack's PostgreSQL (deploy/local/postgres.sh): role gristmill, trust on loopback."""
+        port = os.environ.get("GRISTMILL_POSTGRES_PORT", str(POSTGRES_PORT))
+        return f"postgresql+psycopg://gristmill@127.0.0.1:{port}/{database}"
+
+    def database_urls(self) -> dict[str, str]:
+        """``GRISTMILL_<SERVICE>_DATABASE_URL`` of each service: one given in the environment is kept, else the
+        service's own database on the stack's PostgreSQL."""
+        urls = {}
+        for service, database in self.database_names().items():
+            variable = f"GRISTMILL_{service.upper()}_DATABASE_URL"
+            urls[variable] = os.environ.get(variable) or self.postgres_url(database)
+        return urls
+
+    def create_databases(self) -> list[str]:
+        """Create the services' databases that do not exist yet on the stack's PostgreSQL (each service's
+        migrations then make its tables at start); returns the ones created.
+
+        A new admin database makes a new root key at the admin's first start, which it writes only where no
+        file is (it never overwrites a secret): a key file left from a database that is gone (the stack was
+        cleaned) is removed first, as it opens nothing any more.
+        """
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.exc import OperationalError, ProgrammingError
+
+        ours = self.postgres_url()
+        wanted = {
+            service: name
+            for service, name in self.database_names().items()
+            if os.environ.get(f"GRISTMILL_{service.upper()}_DATABASE_URL") is None
+        }
+        engine = create_engine(ours, isolation_level="AUTOCOMMIT")
+        created = []
+        try:
+            with engine.connect() as conn:
+                existing = set(conn.execute(text("SELECT datname FROM pg_database")).scalars())
+                for service, name in wanted.items():
+                    if name in existing:
+                        continue
+                    try:
+                        conn.execute(text(f'CREATE DATABASE "{name}"'))
+                    except ProgrammingError:  # made meanwhile by another `gristmill up`
+                        continue
+                    created.append(name)
+                    if service == "admin":
+                        self.root_key_file().unlink(missing_ok=True)
+        except OperationalError as exc:
+            raise UnavailableError(
+                f"the stack's PostgreSQL is not reachable at {ours} ({str(exc.orig).strip().splitlines()[0]}): "
+                "start it with deploy/local/stack.sh up"
+            ) from None
+        finally:
+            engine.dispose()
+        return created
+
+    def drop_databases(self) -> list[str]:
+        """Drop this installation's databases (a test's installation, when it is done); returns those dropped."""
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(self.postgres_url(), isolation_level="AUTOCOMMIT")
+        dropped = []
+        try:
+            with engine.connect() as conn:
+                existing = set(conn.execute(text("SELECT datname FROM pg_database")).scalars())
+                for name in self.database_names().values():
+                    if name in existing:
+                        conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+                        dropped.append(name)
+        finally:
+            engine.dispose()
+        return dropped
 
     def consumer_groups(self) -> dict[str, tuple[str, ...]]:
         """This installation's consumer groups and the topics each reads (to start them at the topics' end)."""
-        from gristmill.core.events.topics import (
-            ALIAS_CHANGED,
-            DATASET_VERSION_PUBLISHED,
-            JOB_STATE_CHANGED,
-            MODEL_VERSION_REGISTERED,
-            PREDICTION_LOGGED,
-            USAGE_RECORDED,
-        )
+        from gristmill.core.events.topics import CONSUMER_GROUPS
 
         env = self.env()
-        return {
-            env.get("GRISTMILL_TRAINING_AUTO_TRAIN_GROUP", "training-auto-train"): (DATASET_VERSION_PUBLISHED,),
-            env.get("GRISTMILL_REGISTRY_JOB_EVENTS_GROUP", "registry-job-events"): (JOB_STATE_CHANGED,),
-            env.get("GRISTMILL_REGISTRY_PROMOTION_GROUP", "registry-promotion"): (MODEL_VERSION_REGISTERED,),
-            env.get("GRISTMILL_SERVING_CONSUMER_GROUP", "serving"): (ALIAS_CHANGED,),
-            env.get("GRISTMILL_LABELING_ACTIVE_LEARNING_GROUP", "labeling-active-learning"): (PREDICTION_LOGGED,),
-            env.get("GRISTMILL_ADMIN_METERING_GROUP", "admin-metering"): (USAGE_RECORDED,),
-        }
+        return {env.get(group.variable, group.default): group.topics for group in CONSUMER_GROUPS}
 
     def create_topics(self) -> None:
         """Create the topics this installation's consumer groups read (and their dead-letter topics) before any
@@ -248,7 +314,7 @@ class LocalStack:
         return positioned
 
     def start_infrastructure(self) -> None:
-        """Kafka and the S3 server (provisioned once, cached; a no-op when they already run)."""
+        """PostgreSQL, Kafka and the S3 server (provisioned once, cached; a no-op when they already run)."""
         root = self.repo_root or Path(__file__).resolve().parents[3]
         script = root / "deploy" / "local" / "stack.sh"
         if not script.exists():
@@ -261,8 +327,10 @@ class LocalStack:
         """Start every service not running yet and wait until all serve.
 
         Admin comes first: the others verify API keys there, and they get its root key (written at its first
-        start) as their own service key, which they use to read plans and usage for quotas.
+        start) as their own service key, which they use to read plans and usage for quotas. The services'
+        databases are created first (each service migrates its own to head as it starts).
         """
+        self.create_databases()
         env = self.env()
         deadline = time.monotonic() + timeout_s
         admin, *others = self.processes()

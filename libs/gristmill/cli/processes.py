@@ -19,7 +19,6 @@ from gristmill.core.errors import UnavailableError
 
 # Start order: admin first (the others verify API keys there), the registry before serving (which loads from it).
 SERVICES = ("admin", "registry", "labeling", "training", "serving")
-DEFAULT_PORTS = {"labeling": 50051, "training": 50052, "registry": 50053, "serving": 50054, "admin": 50055}
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from gristmill.api.registry.v1 import registry_pb2_grpc
 from gristmill.api.serving.v1 import serving_pb2_grpc
 from gristmill.api.training.v1 import training_pb2_grpc
 from gristmill.client.channel import ClientOptions, open_channel
+from gristmill.core.ports import default_address
 
 SERVICES = ("labeling", "training", "registry", "serving", "admin")
 
@@ -21,11 +22,11 @@ SERVICES = ("labeling", "training", "registry", "serving", "admin")
 class Endpoints:
     """Where each service listens (the services' default ports on loopback)."""
 
-    labeling: str = "127.0.0.1:50051"
-    training: str = "127.0.0.1:50052"
-    registry: str = "127.0.0.1:50053"
-    serving: str = "127.0.0.1:50054"
-    admin: str = "127.0.0.1:50055"
+    labeling: str = default_address("labeling")
+    training: str = default_address("training")
+    registry: str = default_address("registry")
+    serving: str = default_address("serving")
+    admin: str = default_address("admin")
 
 
 class Gristmill:

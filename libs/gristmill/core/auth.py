@@ -15,7 +15,9 @@ scope the method needs (``method_scopes``, fail closed: a method not listed is r
 The servicer then reads the caller with ``current_principal()`` and keeps other organisations' objects
 invisible with ``require_same_org`` (they answer NOT_FOUND, exactly as a missing object would).
 
-Wiring a service (the one line to adopt; see services/admin/README.md)::
+Wiring a service (the one line to adopt; see services/admin/README.md; ``build_auth_hook`` lives in
+``gristmill.core.security``, which builds what a process needs, so that this module imports no client of the
+admin service)::
 
     auth_hook = build_auth_hook(auth_settings, method_scopes=MY_SCOPES, embedded=not kafka.bootstrap_servers)
     ServiceHost(platform, registrations, settings, subscriptions, auth_hook=auth_hook)
@@ -37,7 +39,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import grpc
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -48,7 +49,7 @@ from gristmill.core.errors import (
     PermissionDeniedError,
     UnauthenticatedError,
 )
-from gristmill.core.grpcserver import NOT_INLINE, AuthHook, call_identity
+from gristmill.core.grpcserver import NOT_INLINE, call_identity
 from gristmill.core.ids import validate_id
 from gristmill.core.values import DEFAULT_ORGANIZATION
 
@@ -394,42 +395,3 @@ class AuthSettings(BaseSettings):
     # The installation's own organisation (as GRISTMILL_ADMIN_ROOT_ORGANIZATION_ID): its admin keys may act
     # for another organisation.
     root_organization_id: str = DEFAULT_ORGANIZATION
-
-
-def build_auth_hook(
-    settings: AuthSettings,
-    *,
-    method_scopes: Mapping[str, str],
-    embedded: bool,
-    verifier: ApiKeyVerifier | None = None,
-    public: Collection[str] = (),
-    service: str = "",
-    channel_credentials: grpc.ChannelCredentials | None = None,
-) -> AuthHook:
-    """The auth hook a service runs with: API keys checked by ``verifier`` (default: the admin service at
-    ``settings.admin_address``, over mTLS with ``channel_credentials``), or, in the embedded dev mode with
-    ``settings.disabled``, none (logged loudly)."""
-    if settings.disabled:
-        if not embedded:
-            raise ConfigurationError(
-                "GRISTMILL_AUTH_DISABLED=true is allowed only in the embedded dev mode (no "
-                "GRISTMILL_KAFKA_BOOTSTRAP_SERVERS): remove it and give callers API keys"
-            )
-        log.warning(
-            "AUTH IS DISABLED%s (GRISTMILL_AUTH_DISABLED=true, embedded dev mode): every call is allowed "
-            "without an API key. Never expose this process to a network.",
-            f" for {service}" if service else "",
-        )
-        return DisabledAuthHook()
-    if verifier is None:
-        if not settings.admin_address:
-            raise ConfigurationError(
-                "GRISTMILL_AUTH_ADMIN_ADDRESS is empty: set it to the admin service (host:port) that verifies API "
-                "keys, or GRISTMILL_AUTH_DISABLED=true in the embedded dev mode"
-            )
-        from gristmill.core.auth_remote import RemoteKeyVerifier
-
-        verifier = RemoteKeyVerifier(
-            settings.admin_address, ttl_s=settings.cache_ttl_s, credentials=channel_credentials
-        )
-    return ApiKeyAuthHook(verifier, method_scopes, public=public, root_organization_id=settings.root_organization_id)

@@ -36,7 +36,7 @@ from gristmill.api.admin.v1 import admin_pb2
 from gristmill.api.events.v1 import events_pb2
 from gristmill.core.auth import Principal
 from gristmill.core.errors import InvalidArgumentError, ResourceExhaustedError
-from gristmill.core.events import Event, EventCatalog, Outbox
+from gristmill.core.events import EventCatalog, OutboxWriter
 from gristmill.core.sql import Database
 
 Clock = Callable[[], datetime]
@@ -205,8 +205,7 @@ class UsageRecorder:
 
     def __init__(self, database: Database, catalog: EventCatalog, source: str) -> None:
         self._database = database
-        self._catalog = catalog
-        self._source = source
+        self._events = OutboxWriter(catalog, source)
 
     def add(self, session: Session, records: Sequence[UsageRecord]) -> None:
         """Stage the events in the caller's transaction."""
@@ -220,9 +219,7 @@ class UsageRecorder:
                 quantity=record.quantity,
                 resource=record.resource,
             )
-            Outbox.add(
-                session, Event.create(message, key=record.organization_id, source=self._source, catalog=self._catalog)
-            )
+            self._events.write(session, message, key=record.organization_id)
 
     def record(self, records: Sequence[UsageRecord], session: Session | None = None) -> None:
         """Write the events, in ``session`` when given (commits with the caller's change), else on their own."""

@@ -4,23 +4,28 @@
 tracer, metrics): Kafka when ``GRISTMILL_KAFKA_BOOTSTRAP_SERVERS`` is set, else the in-process bus;
 S3 when ``GRISTMILL_S3_ENDPOINT`` is set, else a directory under the data dir.
 
-``ServiceHost`` runs one service on it: the outbox relay, the event consumers, the service's own background
-tasks (``PeriodicTask``) and the gRPC server, started in that order and stopped in reverse (health
-NOT_SERVING → drain in-flight calls → stop tasks and consumers → flush the outbox one last time → close the
-bus → close the database). A service's
-``app.py`` builds one; its ``__main__`` calls ``run_until_signal``.
+``ServiceHost`` runs one service on it as a list of ``Component``s (async ``open``/``close``) on a
+``contextlib.AsyncExitStack``: the platform, the service's own components (a Ray cluster, model deployments,
+a job supervisor), the outbox relay, the event consumers, the service's own background tasks
+(``PeriodicTask``) and the gRPC server, opened in that order and closed in reverse (health NOT_SERVING → drain
+in-flight calls → stop tasks and consumers → stop the relay → close the service's own components → flush the
+outbox one last time → close the bus → close the database; ``ServiceHost`` has the details). A service's
+``app.py`` builds one; ``gristmill.core.service.run_service`` runs it until a signal.
+Every mode (``python -m``, the embedded platform, tests) runs the same components.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
@@ -29,7 +34,7 @@ from sqlalchemy import MetaData
 from gristmill.core.errors import GristmillError
 from gristmill.core.events import Consumer, EventBus, EventCatalog, Handler, MemoryBroker, MemoryEventBus, OutboxRelay
 from gristmill.core.events.topics import platform_catalog
-from gristmill.core.grpcserver import AuthHook, GrpcServer, ServiceRegistration, serve_until_signal
+from gristmill.core.grpcserver import AuthHook, GrpcServer, ServiceRegistration
 from gristmill.core.metrics import ServiceMetrics
 from gristmill.core.settings import KafkaSettings, S3Settings, ServiceSettings, TelemetrySettings
 from gristmill.core.sql import Database
@@ -71,15 +76,19 @@ def open_platform(
     memory_broker: MemoryBroker | None = None,
     tracer_provider: TracerProvider | None = None,
 ) -> Platform:
-    """Open the database (creating ``tables``), object store, bus, tracer and metrics for ``service``.
+    """Open the database (its schema brought to head by the service's migrations, or ``tables`` created for a
+    service without any: ``gristmill.core.migrations.upgrade_to_head``), object store, bus, tracer and metrics
+    for ``service``.
 
     ``memory_broker`` lets several services in one process (embedded mode, tests) share the in-process bus.
     """
+    from gristmill.core.migrations import upgrade_to_head
+
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     metrics = ServiceMetrics(service)
     provider = tracer_provider or setup_tracing(service, telemetry)
     database = Database(settings.resolved_database_url(service))
-    database.create_all(*tables)
+    upgrade_to_head(database, service, tables)
     bus: EventBus
     if kafka.bootstrap_servers:
         from gristmill.core.events.kafka import KafkaEventBus
@@ -91,11 +100,52 @@ def open_platform(
     return Platform(service, database, objects, bus, platform_catalog(), provider, metrics)
 
 
+@runtime_checkable
+class Component(Protocol):
+    """One part of a service that the host runs: opened at start in the host's order, closed at stop in reverse.
+
+    ``open`` may raise (the host then closes what it had opened and re-raises); ``close`` is called once, only
+    after ``open`` returned, and should not raise (the host logs what it raises and goes on closing the rest).
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+async def _call(fn: Callable[[], object] | None, *, in_thread: bool) -> None:
+    if fn is None:
+        return
+    result = await asyncio.to_thread(fn) if in_thread and not inspect.iscoroutinefunction(fn) else fn()
+    if inspect.isawaitable(result):
+        await result
+
+
+@dataclass
+class Callbacks:
+    """A component made of two callables, either of which may be ``async``. A plain ``on_open`` runs on the
+    event loop (a start should be quick); a plain ``on_close`` on a worker thread (it may join threads)."""
+
+    name: str
+    on_open: Callable[[], object] | None = None
+    on_close: Callable[[], object] | None = None
+
+    async def open(self) -> None:
+        await _call(self.on_open, in_thread=False)
+
+    async def close(self) -> None:
+        await _call(self.on_close, in_thread=True)
+
+
 class PeriodicTask:
     """A service's own background work (finishing what an earlier run left half-done, sweeping), run by the
     host in every mode (networked, embedded, tests) on a daemon thread: ``work`` at start (its argument is
     ``True`` then), then every ``interval_s``. An exception is logged and retried at the next interval; the
-    thread ends with the host. ``work`` must be safe to interrupt: a stop does not wait for it to finish."""
+    thread ends with the host. ``work`` must be safe to interrupt: a stop does not wait for it to finish.
+    A ``Component``."""
 
     def __init__(self, name: str, work: Callable[[bool], object], interval_s: float) -> None:
         self.name = name
@@ -126,6 +176,12 @@ class PeriodicTask:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
 
+    async def open(self) -> None:
+        self.start()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.stop)
+
 
 @dataclass(frozen=True)
 class Subscription:
@@ -137,8 +193,57 @@ class Subscription:
 
 
 @dataclass
+class _ConsumerComponent:
+    bus: EventBus
+    subscription: Subscription
+    consumer: Consumer | None = None
+
+    @property
+    def name(self) -> str:
+        return f"consumer:{self.subscription.group_id}"
+
+    async def open(self) -> None:
+        sub = self.subscription
+        self.consumer = self.bus.subscribe(sub.topics, sub.group_id, sub.handler).run_in_background()
+
+    async def close(self) -> None:
+        if self.consumer is not None:
+            await asyncio.to_thread(self.consumer.stop)
+
+
+@dataclass
+class _ServerComponent:
+    server: GrpcServer
+    name: str = "grpc-server"
+
+    async def open(self) -> None:
+        await self.server.start()
+
+    async def close(self) -> None:
+        # Health NOT_SERVING, stop accepting, drain in-flight calls: before anything they use is closed.
+        await self.server.stop()
+
+
+@dataclass
 class ServiceHost:
-    """Runs one service's gRPC server, outbox relay and consumers on a ``Platform``."""
+    """Runs one service on a ``Platform``: its components, the gRPC server last. Never subclassed: what a
+    service adds (its Ray cluster, its deployments, a supervisor) it hands in as ``components``.
+
+    Opened in this order, closed in reverse (each on a ``contextlib.AsyncExitStack``):
+
+    1. ``platform``: closes the bus, then the database (last of all);
+    2. ``outbox-flush``: at close, publishes what was written to the outbox since the relay stopped (what cannot
+       be published now stays for the next start);
+    3. the service's own ``components``, in the order given: opened before any host thread (so that a local
+       Ray cluster forks no process while the relay or a consumer runs), closed once the server has drained
+       and the consumers have stopped, and before the last outbox flush (what they write while closing is
+       published);
+    4. ``outbox-relay``: the relay's thread;
+    5. one ``consumer:<group>`` per subscription;
+    6. the ``tasks`` (``PeriodicTask``);
+    7. ``metrics`` (the Prometheus endpoint, when ``metrics_port`` is set);
+    8. ``grpc-server``: closed first (health NOT_SERVING, then in-flight calls drain).
+    """
 
     platform: Platform
     registrations: Sequence[ServiceRegistration]
@@ -152,10 +257,14 @@ class ServiceHost:
     on_reload: Callable[[], object] | None = None
     # The service's own background work, started after the consumers and stopped before them.
     tasks: Sequence[PeriodicTask] = ()
+    # The service's own parts (see the class docstring for where they open and close).
+    components: Sequence[Component] = ()
     _server: GrpcServer | None = field(default=None, init=False)
     _relay: OutboxRelay | None = field(default=None, init=False)
-    _consumers: list[Consumer] = field(default_factory=list, init=False)
-    _stopped: bool = field(default=False, init=False)
+    _consumers: list[_ConsumerComponent] = field(default_factory=list, init=False)
+    _stack: contextlib.AsyncExitStack | None = field(default=None, init=False)
+    _opened: list[str] = field(default_factory=list, init=False)
+    _state: str = field(default="new", init=False)
 
     @property
     def server(self) -> GrpcServer:
@@ -169,70 +278,97 @@ class ServiceHost:
             raise RuntimeError("the service host is not started")
         return self._relay
 
-    def _build_server(self) -> GrpcServer:
-        return GrpcServer(
-            self.platform.service,
-            self.registrations,
-            host=self.settings.host,
-            port=self.settings.grpc_port,
-            metrics=self.platform.metrics,
-            tracer_provider=self.platform.tracer_provider,
-            auth_hook=self.auth_hook,
-            grace_s=self.settings.shutdown_grace_s,
-            server_credentials=self.server_credentials,
-            component_health=self.component_health,
-        )
+    @property
+    def opened(self) -> list[str]:
+        """The names of the components open now, in the order they were opened."""
+        return list(self._opened)
 
     def component_health(self) -> dict[str, bool]:
         """Each event consumer's health under ``gristmill.consumer.<group>`` (gRPC health service names)."""
-        return {f"{CONSUMER_HEALTH_PREFIX}{c.group_id}": c.health().ok for c in self._consumers}
+        return {
+            f"{CONSUMER_HEALTH_PREFIX}{c.subscription.group_id}": c.consumer.health().ok
+            for c in self._consumers
+            if c.consumer is not None
+        }
 
-    def _open_background_work(self) -> None:
-        p = self.platform
-        self._relay = OutboxRelay(p.database, p.bus, metrics=p.metrics).start()
-        for sub in self.subscriptions:
-            consumer = p.bus.subscribe(sub.topics, sub.group_id, sub.handler)
-            self._consumers.append(consumer.run_in_background())
-        for task in self.tasks:
-            task.start()
-        if self.settings.metrics_port:
-            p.metrics.serve(self.settings.metrics_port, self.settings.host)
-        self._server = self._build_server()
+    def _components(self) -> list[Component]:
+        p, settings = self.platform, self.settings
+        self._relay = relay = OutboxRelay(p.database, p.bus, metrics=p.metrics)
+        self._consumers = [_ConsumerComponent(p.bus, sub) for sub in self.subscriptions]
+        self._server = GrpcServer(
+            p.service,
+            self.registrations,
+            host=settings.host,
+            port=settings.grpc_port,
+            metrics=p.metrics,
+            tracer_provider=p.tracer_provider,
+            auth_hook=self.auth_hook,
+            grace_s=settings.shutdown_grace_s,
+            server_credentials=self.server_credentials,
+            component_health=self.component_health,
+        )
+        metrics: list[Component] = []
+        if settings.metrics_port:
+            port = settings.metrics_port
+            metrics.append(Callbacks("metrics", on_open=lambda: p.metrics.serve(port, settings.host)))
+        return [
+            Callbacks("platform", on_close=p.close),
+            Callbacks("outbox-flush", on_close=lambda: _flush_outbox(relay)),
+            *self.components,
+            Callbacks("outbox-relay", on_open=relay.start, on_close=relay.stop),
+            *self._consumers,
+            *self.tasks,
+            *metrics,
+            _ServerComponent(self._server),
+        ]
 
     async def start(self) -> int:
-        """Start background work, then serve gRPC; returns the bound port."""
-        self._open_background_work()
-        return await self.server.start()
+        """Open every component in order (the gRPC server last); returns the bound port. If one fails to open,
+        what was opened is closed again (in reverse) and the error raised."""
+        if self._state != "new":
+            raise RuntimeError(f"the service host is {self._state}; build a new one")
+        self._state = "started"
+        async with contextlib.AsyncExitStack() as stack:
+            for component in self._components():
+                await component.open()
+                self._opened.append(component.name)
+                stack.push_async_callback(self._close, component)
+            self._stack = stack.pop_all()
+        return self.server.port
+
+    async def _close(self, component: Component) -> None:
+        try:
+            await component.close()
+        except Exception:
+            log.exception("%s: closing %s failed", self.platform.service, component.name)
+        finally:
+            self._opened.remove(component.name)
 
     async def stop(self) -> None:
-        """Drain and close everything, in reverse order of opening. Safe to call twice."""
-        if self._stopped:
-            return
-        self._stopped = True
-        if self._server is not None:
-            await self._server.stop()
-        await asyncio.to_thread(self._close_background_work)
+        """Close every component in reverse order of opening. Safe to call twice, and on a host never started
+        (it closes the platform)."""
+        state, self._state = self._state, "stopped"
+        if state == "new":
+            await asyncio.to_thread(self.platform.close)
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
 
-    def _close_background_work(self) -> None:
-        for task in reversed(self.tasks):
-            task.stop()
-        for consumer in reversed(self._consumers):
-            consumer.stop()
-        if self._relay is not None:
-            self._relay.stop()
-            try:
-                # Publish what the last calls wrote; what cannot be published now stays for next start.
-                self._relay.relay_once()
-            except GristmillError as exc:
-                log.warning("outbox not fully published at shutdown (kept for next start): %s", exc)
-        self.platform.close()
-
-    async def run_until_signal(self) -> None:
-        """Serve until SIGTERM/SIGINT, then stop gracefully; SIGHUP runs ``on_reload``."""
-        self._open_background_work()
-        with self.reload_on_sighup():
-            await serve_until_signal(self.server, on_stop=[lambda: asyncio.to_thread(self._close_background_work)])
-        self._stopped = True
+    async def run_until_signal(self, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        """Start, serve until SIGTERM/SIGINT, then stop gracefully; SIGHUP runs ``on_reload`` meanwhile."""
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for sig in signals:
+            loop.add_signal_handler(sig, stop_requested.set)
+        try:
+            await self.start()
+            with self.reload_on_sighup():
+                await stop_requested.wait()
+            log.info("%s received a stop signal", self.platform.service)
+        finally:
+            await self.stop()
+            for sig in signals:
+                loop.remove_signal_handler(sig)
 
     @contextlib.contextmanager
     def reload_on_sighup(self) -> Iterator[None]:
@@ -254,3 +390,10 @@ class ServiceHost:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _flush_outbox(relay: OutboxRelay) -> None:
+    try:
+        relay.relay_once()
+    except GristmillError as exc:
+        log.warning("outbox not fully published at shutdown (kept for next start): %s", exc)

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from gristmill.core.auth import ACT_FOR_ORGANIZATION, AuthSettings, DisabledAuthHook, build_auth_hook
+from gristmill.core.auth import ACT_FOR_ORGANIZATION, ApiKeyAuthHook, ApiKeyVerifier, AuthSettings, DisabledAuthHook
 from gristmill.core.auth_quota import QuotaGuard, UsageRecorder
+from gristmill.core.auth_remote import RemoteKeyVerifier, RemotePlanSource, RemoteUsageSource
+from gristmill.core.errors import ConfigurationError
 from gristmill.core.events import EventCatalog
 from gristmill.core.grpcserver import AuthHook, ServiceRegistration
 from gristmill.core.license_service import LICENSE_METHOD_SCOPES, license_registration
@@ -30,7 +32,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Security:
-    auth_hook: AuthHook
+    # None where the service checks API keys itself (the admin service: ``load_security(local_keys=True)``).
+    auth_hook: AuthHook | None
     license: License
     server_credentials: grpc.ServerCredentials | None = None
     channel_credentials: grpc.ChannelCredentials | None = None
@@ -41,6 +44,8 @@ class Security:
     cache_ttl_s: float = 30.0
     # Where the licence came from, read again by ``reload`` (SIGHUP: a renewed licence file).
     license_settings: LicenseSettings | None = None
+    # The auth settings it was built from (the admin service builds its own hook from them).
+    auth: AuthSettings | None = None
     # The quota guards built by ``quota_guard``, closed by ``close``.
     _guards: list[QuotaGuard] = field(default_factory=list, init=False, repr=False, compare=False)
 
@@ -56,8 +61,6 @@ class Security:
         closes it."""
         if not (self.admin_address and self.service_key):
             return None
-        from gristmill.core.auth_remote import RemotePlanSource, RemoteUsageSource
-
         guard = QuotaGuard(
             RemotePlanSource(
                 self.admin_address, self.service_key, ttl_s=self.cache_ttl_s, credentials=self.channel_credentials
@@ -106,12 +109,18 @@ def embedded_security(service: str, license_: License | None = None) -> Security
 
 
 def load_security(
-    service: str, method_scopes: Mapping[str, str], *, embedded: bool, public: Collection[str] = ()
+    service: str,
+    method_scopes: Mapping[str, str],
+    *,
+    embedded: bool,
+    public: Collection[str] = (),
+    local_keys: bool = False,
 ) -> Security:
     """Read ``GRISTMILL_AUTH_*``, ``GRISTMILL_LICENSE_*`` and ``GRISTMILL_TLS_*`` and build the service's security.
 
     ``method_scopes`` is the service's own table (``LicenseService`` is added here); ``public`` methods need
-    no key. Raises
+    no key. ``local_keys``: the service verifies keys against its own store (the admin service) and builds its
+    hook from ``Security.auth``; ``auth_hook`` is then None. Raises
     ``ConfigurationError`` (one line naming the variable) for a setting that cannot work: auth switched off
     outside the embedded mode, no admin address, a licence that is not genuine, unreadable certificates.
     """
@@ -120,13 +129,17 @@ def load_security(
     tls = load_settings(TlsSettings)
     license_ = load_license(licence.file, licence.public_key)
     channel = channel_credentials(tls)
-    hook = build_auth_hook(
-        auth,
-        method_scopes={**method_scopes, **LICENSE_METHOD_SCOPES},
-        embedded=embedded,
-        public=public,
-        service=service,
-        channel_credentials=channel,
+    hook = (
+        None
+        if local_keys
+        else build_auth_hook(
+            auth,
+            method_scopes={**method_scopes, **LICENSE_METHOD_SCOPES},
+            embedded=embedded,
+            public=public,
+            service=service,
+            channel_credentials=channel,
+        )
     )
     return Security(
         auth_hook=hook,
@@ -137,4 +150,42 @@ def load_security(
         admin_address=auth.admin_address,
         cache_ttl_s=auth.cache_ttl_s,
         license_settings=licence,
+        auth=auth,
     )
+
+
+def build_auth_hook(
+    settings: AuthSettings,
+    *,
+    method_scopes: Mapping[str, str],
+    embedded: bool,
+    verifier: ApiKeyVerifier | None = None,
+    public: Collection[str] = (),
+    service: str = "",
+    channel_credentials: grpc.ChannelCredentials | None = None,
+) -> AuthHook:
+    """The auth hook a service runs with: API keys checked by ``verifier`` (default: the admin service at
+    ``settings.admin_address``, over mTLS with ``channel_credentials``), or, in the embedded dev mode with
+    ``settings.disabled``, none (logged loudly)."""
+    if settings.disabled:
+        if not embedded:
+            raise ConfigurationError(
+                "GRISTMILL_AUTH_DISABLED=true is allowed only in the embedded dev mode (no "
+                "GRISTMILL_KAFKA_BOOTSTRAP_SERVERS): remove it and give callers API keys"
+            )
+        log.warning(
+            "AUTH IS DISABLED%s (GRISTMILL_AUTH_DISABLED=true, embedded dev mode): every call is allowed "
+            "without an API key. Never expose this process to a network.",
+            f" for {service}" if service else "",
+        )
+        return DisabledAuthHook()
+    if verifier is None:
+        if not settings.admin_address:
+            raise ConfigurationError(
+                "GRISTMILL_AUTH_ADMIN_ADDRESS is empty: set it to the admin service (host:port) that verifies API "
+                "keys, or GRISTMILL_AUTH_DISABLED=true in the embedded dev mode"
+            )
+        verifier = RemoteKeyVerifier(
+            settings.admin_address, ttl_s=settings.cache_ttl_s, credentials=channel_credentials
+        )
+    return ApiKeyAuthHook(verifier, method_scopes, public=public, root_organization_id=settings.root_organization_id)

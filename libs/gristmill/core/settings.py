@@ -19,6 +19,7 @@ from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gristmill.core.errors import ConfigurationError
+from gristmill.core.ports import LABELING_PORT
 
 
 class KafkaSettings(BaseSettings):
@@ -72,7 +73,8 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRISTMILL_", extra="ignore", frozen=True)
 
     host: str = "127.0.0.1"
-    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    # Each service's settings default to its own port (gristmill.core.ports).
+    grpc_port: int = Field(default=LABELING_PORT, ge=0, le=65535)
     # 0 disables the Prometheus endpoint (tests); a port number serves /metrics there.
     metrics_port: int = Field(default=0, ge=0, le=65535)
     data_dir: Path = Path(".data")

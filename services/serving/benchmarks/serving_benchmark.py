@@ -472,7 +472,7 @@ def serve(root: Path, data_dir: Path, threads: int) -> None:
 
     from gristmill.core.security import embedded_security
     from gristmill.core.settings import KafkaSettings, S3Settings
-    from gristmill.serving.app import build_host
+    from gristmill.serving.app import build_app
     from gristmill.serving.runtime.classifier import configure_torch
     from gristmill.serving.runtime.sources import LocalDirectoryModelSource
     from gristmill.serving.settings import ServingSettings
@@ -482,13 +482,14 @@ def serve(root: Path, data_dir: Path, threads: int) -> None:
 
     async def run() -> None:
         settings = ServingSettings(data_dir=data_dir, grpc_port=0, torch_threads=threads)
-        host = build_host(
+        app = build_app(
             settings,
             kafka=KafkaSettings(),
             s3=S3Settings(),
             security=embedded_security("serving"),
             source=LocalDirectoryModelSource(root),
         )
+        host = app.host
         port = await host.start()
         print(f"READY {port}", flush=True)
         stop = asyncio.Event()
@@ -497,7 +498,7 @@ def serve(root: Path, data_dir: Path, threads: int) -> None:
         await stop.wait()
         # What the batcher did, for the report: batch sizes and padding.
         stats = {}
-        for version in host.service.manager.loaded_versions("default", MODEL):
+        for version in app.service.manager.loaded_versions("default", MODEL):
             if version.batcher is not None:
                 b = version.batcher.stats
                 stats[str(version.version)] = {
@@ -510,7 +511,7 @@ def serve(root: Path, data_dir: Path, threads: int) -> None:
                 }
         await host.stop()
         # Predictions logged for labeling (the uncertain ones, by the deployment's default policy).
-        stats["prediction_log"] = {"written": host.sink.written, "transactions": host.sink.batches}
+        stats["prediction_log"] = {"written": app.sink.written, "transactions": app.sink.batches}
         (data_dir / "batch-stats.json").write_text(json.dumps(stats))
 
     asyncio.run(run())

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gristmill.core.errors import FailedPreconditionError, NotFoundError
+from gristmill.core.host import ServiceHost
 from gristmill.core.licensing import License
 from gristmill.core.security import Security, embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.core.sql import Database
-from gristmill.serving.app import ServingHost, build_host
+from gristmill.serving.app import ServingApp, build_app
 from gristmill.serving.domain.deployments import DeploymentManager
 from gristmill.serving.domain.model import VersionSelector
 from gristmill.serving.domain.predictions import PredictionRecord
@@ -214,7 +215,7 @@ async def wait_for(condition: Callable[[], bool], timeout_s: float = 5.0, interv
 
 @dataclass
 class RunningHost:
-    host: ServingHost
+    host: ServiceHost
     port: int
     source: FakeSource
     loader: FakeLoader
@@ -226,15 +227,23 @@ class RunningHost:
 
 def build_fake_host(
     tmp_path: Path, *, security: Security | None = None, kafka: KafkaSettings | None = None, **kwargs: object
-) -> tuple[ServingHost, FakeSource, FakeLoader]:
+) -> tuple[ServiceHost, FakeSource, FakeLoader]:
     """The real service wiring on the in-process platform, with the fake source and loader."""
+    app, source, loader = build_fake_app(tmp_path, security=security, kafka=kafka, **kwargs)
+    return app.host, source, loader
+
+
+def build_fake_app(
+    tmp_path: Path, *, security: Security | None = None, kafka: KafkaSettings | None = None, **kwargs: object
+) -> tuple[ServingApp, FakeSource, FakeLoader]:
+    """``build_fake_host``'s whole app (its deployment service and prediction log as well)."""
     source, loader = FakeSource(), FakeLoader()
     source.add("sentiment", 1)
     source.add("sentiment", 2)
     source.aliases[("sentiment", "production")] = 1
     # One batch at a time whatever the core count, so that tests of queueing see the same queue everywhere.
     settings = ServingSettings(data_dir=tmp_path, grpc_port=0, shutdown_grace_s=1.0, batch_workers=1)
-    host = build_host(
+    app = build_app(
         settings,
         kafka=kafka or KafkaSettings(),
         s3=S3Settings(),
@@ -244,4 +253,4 @@ def build_fake_host(
         rng=random.Random(3),
         **kwargs,  # type: ignore[arg-type]
     )
-    return host, source, loader
+    return app, source, loader

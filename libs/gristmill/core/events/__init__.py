@@ -50,7 +50,7 @@ from gristmill.core.events.envelope import (
 )
 from gristmill.core.events.handled import HandledEvent, is_handled, mark_handled
 from gristmill.core.events.memory import MemoryBroker, MemoryEventBus
-from gristmill.core.events.outbox import Outbox, OutboxEvent, OutboxRelay
+from gristmill.core.events.outbox import Outbox, OutboxEvent, OutboxRelay, OutboxWriter
 
 if TYPE_CHECKING:
     from gristmill.core.events.kafka import KafkaEventBus
@@ -73,6 +73,7 @@ __all__ = [
     "Outbox",
     "OutboxEvent",
     "OutboxRelay",
+    "OutboxWriter",
     "Record",
     "dead_letter_topic",
     "is_handled",

@@ -26,11 +26,12 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Self
 
+from google.protobuf.message import Message
 from sqlalchemy import JSON, DateTime, Integer, LargeBinary, String, Text, func, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from gristmill.core.events.bus import EventPublisher
-from gristmill.core.events.envelope import Event
+from gristmill.core.events.envelope import Event, EventCatalog
 from gristmill.core.metrics import ServiceMetrics
 from gristmill.core.sql import Base, Database
 
@@ -98,6 +99,22 @@ class Outbox:
             select(OutboxEvent).where(OutboxEvent.published_at.is_(None)).order_by(OutboxEvent.id).limit(limit)
         )
         return list(rows.scalars())
+
+
+class OutboxWriter:
+    """How a store writes its service's events: into the outbox of the caller's transaction, as ``source``,
+    in the current trace context. The one shape every store is given (injected by the service's wiring, so a
+    store imports no catalog and names no source); a service's domain-specific writer wraps one."""
+
+    def __init__(self, catalog: EventCatalog, source: str) -> None:
+        self.catalog = catalog
+        self.source = source
+
+    def write(self, session: Session, message: Message, *, key: str) -> Event:
+        """Stage ``message`` (keyed by ``key``) in ``session``: it exists only if that transaction commits."""
+        event = Event.create(message, key=key, source=self.source, catalog=self.catalog)
+        Outbox.add(session, event)
+        return event
 
 
 class OutboxRelay:

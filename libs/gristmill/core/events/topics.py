@@ -8,6 +8,7 @@ This is the one copy of the table in ``protos/README.md``; ``events.proto`` repe
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
@@ -37,3 +38,39 @@ def platform_catalog() -> EventCatalog:
     for message_type, topic in PLATFORM_TOPICS.items():
         catalog.register(message_type, topic)
     return catalog
+
+
+@dataclass(frozen=True)
+class ConsumerGroup:
+    """One consumer group a service runs: its default name, the topics it reads, and the service setting
+    (``GRISTMILL_<SERVICE>_<SETTING>``) that renames it for an installation sharing Kafka with others."""
+
+    service: str
+    setting: str
+    default: str
+    topics: tuple[str, ...]
+
+    @property
+    def variable(self) -> str:
+        return f"GRISTMILL_{self.service.upper()}_{self.setting.upper()}"
+
+
+# The one copy of every consumer group's default name: the services' settings default to these, the CLI
+# renames and positions them for an installation.
+LABELING_ACTIVE_LEARNING = ConsumerGroup(
+    "labeling", "active_learning_group", "labeling-active-learning", (PREDICTION_LOGGED,)
+)
+TRAINING_AUTO_TRAIN = ConsumerGroup("training", "auto_train_group", "training-auto-train", (DATASET_VERSION_PUBLISHED,))
+REGISTRY_JOB_EVENTS = ConsumerGroup("registry", "job_events_group", "registry-job-events", (JOB_STATE_CHANGED,))
+REGISTRY_PROMOTION = ConsumerGroup("registry", "promotion_group", "registry-promotion", (MODEL_VERSION_REGISTERED,))
+SERVING_ALIASES = ConsumerGroup("serving", "consumer_group", "serving", (ALIAS_CHANGED,))
+ADMIN_METERING = ConsumerGroup("admin", "metering_group", "admin-metering", (USAGE_RECORDED,))
+
+CONSUMER_GROUPS: tuple[ConsumerGroup, ...] = (
+    TRAINING_AUTO_TRAIN,
+    REGISTRY_JOB_EVENTS,
+    REGISTRY_PROMOTION,
+    SERVING_ALIASES,
+    LABELING_ACTIVE_LEARNING,
+    ADMIN_METERING,
+)

@@ -16,13 +16,15 @@ from gristmill.admin.domain.admin import Admin, LocalKeyVerifier, utc_now
 from gristmill.admin.domain.metering import Metering
 from gristmill.admin.events.handlers import usage_recorded_handler
 from gristmill.admin.settings import AdminSettings
-from gristmill.admin.store.sql import ADMIN_TABLES, SqlAdminStore
+from gristmill.admin.store.sql import SqlAdminStore
+from gristmill.admin.store.tables import ADMIN_TABLES
 from gristmill.api.events.v1 import events_pb2
-from gristmill.core.auth import AuthSettings, build_auth_hook
+from gristmill.core.auth import AuthSettings
 from gristmill.core.events import MemoryBroker
 from gristmill.core.host import ServiceHost, Subscription, open_platform
 from gristmill.core.license_service import license_registration
 from gristmill.core.licensing import License
+from gristmill.core.security import Security, build_auth_hook
 from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings
 
 
@@ -93,3 +95,29 @@ def build_app(
         server_credentials=server_credentials,
     )
     return AdminApp(host, admin, metering, store, verifier, settings)
+
+
+def build_host(
+    settings: AdminSettings,
+    *,
+    kafka: KafkaSettings,
+    s3: S3Settings,
+    security: Security,
+    telemetry: TelemetrySettings | None = None,
+) -> ServiceHost:
+    """The admin service as ``run_service`` runs it (``security`` from ``load_security(local_keys=True)``): the
+    first-start bootstrap done (root organisation, first admin key), SIGHUP adopting a renewed licence file (a
+    bad one keeps the running licence). The admin service keeps no objects: ``s3`` is not used."""
+    if security.auth is None:
+        raise ValueError("the admin service needs the auth settings: load_security(..., local_keys=True)")
+    app = build_app(
+        settings,
+        kafka=kafka,
+        auth=security.auth,
+        license_=security.license,
+        telemetry=telemetry,
+        server_credentials=security.server_credentials,
+    )
+    app.bootstrap()
+    app.host.on_reload = security.reload
+    return app.host

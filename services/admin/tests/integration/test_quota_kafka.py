@@ -21,12 +21,13 @@ import pytest
 from gristmill.api.admin.v1 import admin_pb2 as pb
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2 as oip
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
-from gristmill.core.auth import SERVING_PREDICT, AuthSettings, build_auth_hook, current_principal
+from gristmill.core.auth import SERVING_PREDICT, AuthSettings, current_principal
 from gristmill.core.auth_quota import QuotaGuard, UsageKind, UsageRecorder
 from gristmill.core.auth_remote import RemotePlanSource, RemoteUsageSource
 from gristmill.core.errors import NotFoundError
 from gristmill.core.grpcserver import ServiceRegistration
 from gristmill.core.host import ServiceHost, open_platform
+from gristmill.core.security import build_auth_hook
 from gristmill.core.settings import KafkaSettings, S3Settings, ServiceSettings
 from services.admin.tests.support import bearer, running_admin
 

@@ -13,9 +13,10 @@ import pytest
 from gristmill.api.admin.v1 import admin_pb2 as pb
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2 as oip
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
-from gristmill.core.auth import REGISTRY_READ, SERVING_PREDICT, AuthSettings, build_auth_hook, new_api_key
+from gristmill.core.auth import REGISTRY_READ, SERVING_PREDICT, AuthSettings, new_api_key
 from gristmill.core.auth_remote import RemoteKeyVerifier
 from gristmill.core.errors import UnavailableError
+from gristmill.core.security import build_auth_hook
 from services.admin.tests.support import RunningAdmin, bearer, running_admin
 from tests.contracts.auth import AuthContract, AuthSubject, Metadata
 from tests.support.sample_server import SERVICE, build_server

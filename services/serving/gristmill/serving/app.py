@@ -1,14 +1,12 @@
-"""Wiring: settings → platform → store, model source, deployments, servicers, consumer → ``ServingHost``."""
+"""Wiring: settings → platform → store, model source, deployments, servicers, consumer → ``ServiceHost``."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
-from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2 as oip
@@ -17,8 +15,8 @@ from gristmill.api.serving.v1 import serving_pb2, serving_pb2_grpc
 from gristmill.core.auth import ADMIN, SERVING_PREDICT
 from gristmill.core.events import MemoryBroker
 from gristmill.core.events.topics import ALIAS_CHANGED
-from gristmill.core.grpcserver import AuthHook, ServiceRegistration, serve_until_signal
-from gristmill.core.host import Platform, ServiceHost, Subscription, open_platform
+from gristmill.core.grpcserver import ServiceRegistration
+from gristmill.core.host import ServiceHost, Subscription, open_platform
 from gristmill.core.security import Security
 from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings
 from gristmill.serving.api.inference import InferenceServicer
@@ -30,7 +28,9 @@ from gristmill.serving.events.handlers import alias_changed_handler
 from gristmill.serving.events.prediction_log import OutboxPredictionSink
 from gristmill.serving.metrics import ServingMetrics
 from gristmill.serving.settings import ServingSettings
-from gristmill.serving.store.sql import TABLES, SqlDeploymentStore
+from gristmill.serving.store.sql import SqlDeploymentStore
+from gristmill.serving.store.tables import TABLES
+from gristmill.serving.tasks import TaskRuntimeLoader
 
 log = logging.getLogger(__name__)
 
@@ -48,73 +48,38 @@ METHOD_SCOPES = {
 PUBLIC_METHODS = (f"{_OIP}/ServerLive", f"{_OIP}/ServerReady")
 
 
-class ServingHost(ServiceHost):
-    """A ``ServiceHost`` that also restores deployments at start and frees models and the prediction log at stop.
+@dataclass
+class ServingApp:
+    """The assembled service; ``host`` runs it (``deployments`` among its components), the rest is exposed for
+    tests and benchmarks."""
 
-    Stop order: drain in-flight calls (gRPC) → free models → flush the prediction log → consumers, outbox,
-    bus, database (the base host).
-    """
+    host: ServiceHost
+    service: DeploymentService
+    sink: OutboxPredictionSink
+    source: ModelSource
 
-    def __init__(
-        self,
-        platform: Platform,
-        registrations: Sequence[ServiceRegistration],
-        settings: ServingSettings,
-        subscriptions: Sequence[Subscription],
-        *,
-        service: DeploymentService,
-        sink: OutboxPredictionSink,
-        source: ModelSource,
-        auth_hook: AuthHook | None = None,
-        server_credentials: grpc.ServerCredentials | None = None,
-        on_reload: Callable[[], object] | None = None,
-    ) -> None:
-        super().__init__(
-            platform,
-            registrations,
-            settings,
-            subscriptions,
-            auth_hook=auth_hook,
-            server_credentials=server_credentials,
-            on_reload=on_reload,
-        )
-        self.service = service
-        self.sink = sink
-        self.source = source
-        self._serving_closed = False
 
-    async def start(self) -> int:
-        # Before the consumer starts: alias events need the deployments and the event loop.
+@dataclass
+class DeploymentsLifecycle:
+    """The host component of the deployments: opened before the consumers (alias events need the deployments
+    and the event loop), closed once the server has drained: models freed, the prediction log flushed (into
+    the outbox, which the host flushes after this), the model source closed."""
+
+    service: DeploymentService
+    sink: OutboxPredictionSink
+    source: ModelSource
+    name: str = "deployments"
+
+    async def open(self) -> None:
         await self.service.start()
-        return await super().start()
 
-    async def _close_serving(self) -> None:
-        if self._serving_closed:
-            return
-        self._serving_closed = True
+    async def close(self) -> None:
         await self.service.close()
         await asyncio.to_thread(self.sink.close)
         self.source.close()
 
-    async def stop(self) -> None:
-        if not self._stopped and self._server is not None:
-            await self._server.stop()
-        await self._close_serving()
-        await super().stop()
 
-    async def run_until_signal(self) -> None:
-        await self.service.start()
-        self._open_background_work()
-        with self.reload_on_sighup():
-            await serve_until_signal(
-                self.server,
-                # Run in reverse: free models and flush the log first, then the base host's background work.
-                on_stop=[lambda: asyncio.to_thread(self._close_background_work), self._close_serving],
-            )
-        self._stopped = True
-
-
-def build_host(
+def build_app(
     settings: ServingSettings,
     *,
     kafka: KafkaSettings,
@@ -126,7 +91,7 @@ def build_host(
     memory_broker: MemoryBroker | None = None,
     tracer_provider: TracerProvider | None = None,
     rng: random.Random | None = None,
-) -> ServingHost:
+) -> ServingApp:
     """The serving service on the platform ``settings``/``kafka``/``s3`` describe.
 
     ``source`` defaults to the registry at ``settings.registry_address`` (files from the object store);
@@ -156,10 +121,9 @@ def build_host(
             metadata_for=security.call_metadata,
         )
     if loader is None:
-        # Imported only here: torch and transformers take seconds and hundreds of MB to import.
-        from gristmill.serving.runtime.classifier import load_transformers_classifier
-
-        loader = functools.partial(load_transformers_classifier, trace=settings.trace_models)
+        # Each version is loaded by the runtime of its task type; torch and transformers (seconds and hundreds
+        # of MB to import) are imported here, not at module import.
+        loader = TaskRuntimeLoader(trace=settings.trace_models)
     metrics = ServingMetrics(platform.metrics)
     manager = DeploymentManager(
         source,
@@ -200,15 +164,42 @@ def build_host(
     subscriptions = [
         Subscription((ALIAS_CHANGED,), settings.consumer_group, alias_changed_handler(platform.catalog, store, service))
     ]
-    return ServingHost(
+    host = ServiceHost(
         platform,
         [*registrations, security.license_registration(SERVICE)],
         settings,
         subscriptions,
-        service=service,
-        sink=sink,
-        source=source,
         auth_hook=security.auth_hook,
         on_reload=security.reload,
         server_credentials=security.server_credentials,
+        components=[DeploymentsLifecycle(service, sink, source)],
     )
+    return ServingApp(host, service, sink, source)
+
+
+def build_host(
+    settings: ServingSettings,
+    *,
+    kafka: KafkaSettings,
+    s3: S3Settings,
+    security: Security,
+    telemetry: TelemetrySettings | None = None,
+    source: ModelSource | None = None,
+    loader: ModelLoader | None = None,
+    memory_broker: MemoryBroker | None = None,
+    tracer_provider: TracerProvider | None = None,
+    rng: random.Random | None = None,
+) -> ServiceHost:
+    """``build_app``'s host."""
+    return build_app(
+        settings,
+        kafka=kafka,
+        s3=s3,
+        security=security,
+        telemetry=telemetry,
+        source=source,
+        loader=loader,
+        memory_broker=memory_broker,
+        tracer_provider=tracer_provider,
+        rng=rng,
+    ).host

@@ -8,15 +8,17 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from gristmill.core.events.topics import SERVING_ALIASES
+from gristmill.core.ports import SERVING_PORT, default_address
 from gristmill.core.settings import ServiceSettings
 
 
 class ServingSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="GRISTMILL_SERVING_", extra="ignore", frozen=True)
 
-    grpc_port: int = Field(default=50054, ge=0, le=65535)
+    grpc_port: int = Field(default=SERVING_PORT, ge=0, le=65535)
     # Where the registry's gRPC API listens; models load from its download manifests.
-    registry_address: str = "127.0.0.1:50053"
+    registry_address: str = default_address("registry")
     # Seconds a registry call may take before a load counts as failed.
     registry_timeout_s: float = Field(default=30.0, gt=0)
     # Downloaded, checksum-verified model files. Empty means <data_dir>/models.
@@ -31,7 +33,7 @@ class ServingSettings(ServiceSettings):
     # Run models as TorchScript traces (checked against the eager model at load; eager when that fails).
     trace_models: bool = True
     # Consumer group of the alias-changed consumer.
-    consumer_group: str = "serving"
+    consumer_group: str = SERVING_ALIASES.default
     # Prediction-log events waiting to be written to the outbox before new ones are dropped (and counted).
     prediction_log_capacity: int = Field(default=10_000, ge=1)
 

@@ -100,5 +100,5 @@ def test_a_bad_setting_stops_the_process_with_one_line_naming_it(tmp_path: Path)
         timeout=60,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("invalid setting GRISTMILL_SERVING_TORCH_THREADS='-1'")
+    assert result.stderr.strip().startswith("serving: invalid setting GRISTMILL_SERVING_TORCH_THREADS='-1'")
     assert len(result.stderr.strip().splitlines()) == 1

@@ -21,9 +21,9 @@ from gristmill.api.admin.v1 import admin_pb2
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.serving.v1 import serving_pb2 as pb
 from gristmill.api.serving.v1 import serving_pb2_grpc as pb_grpc
-from gristmill.core.auth import ADMIN, SERVING_PREDICT, AuthSettings, build_auth_hook
+from gristmill.core.auth import ADMIN, SERVING_PREDICT, AuthSettings
 from gristmill.core.license_service import LICENSE_METHOD_SCOPES
-from gristmill.core.security import Security
+from gristmill.core.security import Security, build_auth_hook
 from gristmill.core.settings import KafkaSettings
 from gristmill.serving.app import METHOD_SCOPES, PUBLIC_METHODS
 from services.admin.tests.support import bearer, running_admin

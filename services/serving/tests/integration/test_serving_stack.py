@@ -48,7 +48,7 @@ from gristmill.core.sql import Database
 from gristmill.core.storage import ObjectStore
 from gristmill.registry.app import build_app
 from gristmill.registry.settings import RegistrySettings
-from gristmill.serving.app import ServingHost, build_host
+from gristmill.serving.app import build_app as build_serving
 from gristmill.serving.settings import ServingSettings
 from tests.support.licences import signed_license
 from tests.support.tiny_model import make_tiny_bert
@@ -105,7 +105,7 @@ class Stack:
     serving: serving_pb2_grpc.ServingServiceStub
     oip: oip_grpc.GRPCInferenceServiceStub
     serving_port: int
-    serving_host: ServingHost
+    serving_host: ServiceHost
     logged: list[events_pb2.PredictionLogged]
     logged_arrived: threading.Event
 
@@ -140,16 +140,14 @@ async def stack(tmp_path: Path, kafka_bootstrap: str, s3_endpoint: dict[str, str
         consumer_group=f"serving-{run}",
         shutdown_grace_s=2.0,
     )
-    built = build_host(settings, kafka=kafka, s3=s3, security=embedded_security("serving", signed_license()))
-    serving_host = ServingHost(
+    built = build_serving(settings, kafka=kafka, s3=s3, security=embedded_security("serving", signed_license())).host
+    serving_host = ServiceHost(
         built.platform,
         built.registrations,
         settings,
         [Subscription(s.topics, s.group_id, only_keys({model}, s.handler)) for s in built.subscriptions],
-        service=built.service,
-        sink=built.sink,
-        source=built.source,
         auth_hook=built.auth_hook,
+        components=built.components,
     )
 
     # What labeling would see: this run's logged predictions, read by a consumer group of its own.

@@ -16,27 +16,29 @@ from gristmill.api.events.v1 import events_pb2
 from gristmill.api.serving.v1 import serving_pb2, serving_pb2_grpc
 from gristmill.core.events import Event, MemoryEventBus, Outbox
 from gristmill.core.events.topics import ALIAS_CHANGED, PREDICTION_LOGGED
+from gristmill.core.host import ServiceHost
 from gristmill.core.sql import Database
-from gristmill.serving.app import ServingHost
+from gristmill.serving.app import ServingApp
 from gristmill.serving.domain.predictions import PredictionRecord, TextPrediction
 from gristmill.serving.events.prediction_log import OutboxPredictionSink
-from services.serving.tests.support import build_fake_host, wait_for
+from services.serving.tests.support import build_fake_app, build_fake_host, wait_for
 
 
-def alias_event(host: ServingHost, *, to_version: int | None, sequence: int, model: str = "sentiment") -> Event:
+def alias_event(host: ServiceHost, *, to_version: int | None, sequence: int, model: str = "sentiment") -> Event:
     message = events_pb2.AliasChanged(registered_model_name=model, alias="production", sequence=sequence)
     if to_version is not None:
         message.to_version = to_version
     return Event.create(message, key=model, source="registry", catalog=host.platform.catalog)
 
 
-def served_version(host: ServingHost) -> int:
-    versions = host.service.manager.loaded_versions("default", "sentiment")
+def served_version(app: ServingApp) -> int:
+    versions = app.service.manager.loaded_versions("default", "sentiment")
     return versions[0].version if versions else 0
 
 
 async def test_alias_changes_swap_the_deployment_and_stale_ones_are_ignored(tmp_path: Path) -> None:
-    host, source, _ = build_fake_host(tmp_path)
+    app, source, _ = build_fake_app(tmp_path)
+    host = app.host
     port = await host.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -46,31 +48,31 @@ async def test_alias_changes_swap_the_deployment_and_stale_ones_are_ignored(tmp_
                     deployment=serving_pb2.Deployment(registered_model_name="sentiment"), wait_until_ready=True
                 )
             )
-            assert served_version(host) == 1
+            assert served_version(app) == 1
             host.platform.bus.publish(alias_event(host, to_version=2, sequence=5))
-            await wait_for(lambda: served_version(host) == 2)
+            await wait_for(lambda: served_version(app) == 2)
             answer = await stub.Predict(serving_pb2.PredictRequest(model="sentiment", texts=["good"]))
             assert answer.model_version == 2
             # An older event (sequence 4) arrives late: it must not move the deployment back.
             host.platform.bus.publish(alias_event(host, to_version=1, sequence=4))
             await wait_for(lambda: consumed_now(host) >= 2, timeout_s=10)
-            await host.service.manager.wait_settled("default", "sentiment", 5)
-            assert served_version(host) == 2
+            await app.service.manager.wait_settled("default", "sentiment", 5)
+            assert served_version(app) == 2
             # The same event delivered twice changes nothing either (the bus skips the known event-id).
             newer = alias_event(host, to_version=1, sequence=6)
             host.platform.bus.publish(newer)
-            await wait_for(lambda: served_version(host) == 1)
+            await wait_for(lambda: served_version(app) == 1)
             host.platform.bus.publish(newer)
             # Events for other models leave this deployment alone.
             source.add("other", 1)
             host.platform.bus.publish(alias_event(host, to_version=1, sequence=7, model="other"))
             await wait_for(lambda: consumed_now(host) >= 5, timeout_s=10)
-            assert served_version(host) == 1
+            assert served_version(app) == 1
     finally:
         await host.stop()
 
 
-def consumed_now(host: ServingHost) -> int:
+def consumed_now(host: ServiceHost) -> int:
     """Alias-changed records the serving consumer group has handled (committed), over all partitions."""
     bus = host.platform.bus
     assert isinstance(bus, MemoryEventBus)
@@ -81,7 +83,8 @@ async def test_logged_predictions_are_masked_and_continue_the_request_trace(tmp_
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    host, _, _ = build_fake_host(tmp_path, tracer_provider=provider)
+    app, _, _ = build_fake_app(tmp_path, tracer_provider=provider)
+    host = app.host
     port = await host.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -97,7 +100,7 @@ async def test_logged_predictions_are_masked_and_continue_the_request_trace(tmp_
             )
             texts = ["good, mail bob@example.com", "meh, call +1 (555) 010-9999", "bad"]
             await stub.Predict(serving_pb2.PredictRequest(model="sentiment", texts=texts, request_id="req-9"))
-        assert host.sink.flush(5)
+        assert app.sink.flush(5)
         host.relay.drain(5)
         bus = host.platform.bus
         assert isinstance(bus, MemoryEventBus)

@@ -13,6 +13,7 @@ from gristmill.core.auth import AuthSettings
 from gristmill.core.events import MemoryBroker
 from gristmill.core.host import ServiceHost
 from gristmill.core.licensing import License, load_license
+from gristmill.core.ports import service_ports
 from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings, ServiceSettings, TelemetrySettings
 from gristmill.labeling.app import build_host as build_labeling
@@ -30,7 +31,6 @@ S = TypeVar("S", bound=ServiceSettings)
 # Start order: admin and the registry first (serving needs the registry's address), serving last (it loads
 # from the registry). Admin answers `gristmill keys` / `usage`; auth is off in embedded mode (loopback only).
 ORDER = ("admin", "registry", "labeling", "training", "serving")
-DEFAULT_PORTS = {"labeling": 50051, "training": 50052, "registry": 50053, "serving": 50054, "admin": 50055}
 
 
 @dataclass
@@ -49,12 +49,8 @@ class EmbeddedPlatform:
     addresses: dict[str, str] = field(default_factory=dict)
 
     def _port(self, service: str) -> int:
-        if self.base_port is None:
-            return DEFAULT_PORTS[service]
-        if self.base_port == 0:
-            return 0
-        # base, base+1, ... in the order of the default ports (labeling, training, registry, serving, admin).
-        return self.base_port + list(DEFAULT_PORTS).index(service)
+        # The defaults, any free port (0), or base, base+1, ... in the order of the default ports.
+        return service_ports(self.base_port)[service]
 
     def _settings(self, cls: type[S], service: str, **extra: Any) -> S:
         return cls(grpc_port=self._port(service), data_dir=self.data_dir, host=self.host, **extra)

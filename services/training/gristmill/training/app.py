@@ -1,7 +1,9 @@
-"""Wiring: settings -> platform (database, objects, bus) -> store, runner, domain, servicer -> ServiceHost."""
+"""Wiring: settings -> platform (database, objects, bus) -> store, runner, domain, servicer -> ServiceHost (with the
+Ray cluster and the job supervisor as its components)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +12,9 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from gristmill.core.auth import TRAINING_SUBMIT
 from gristmill.core.errors import GristmillError
-from gristmill.core.events import MemoryBroker
+from gristmill.core.events import MemoryBroker, OutboxWriter
 from gristmill.core.events.topics import DATASET_VERSION_PUBLISHED
-from gristmill.core.host import ServiceHost, Subscription, open_platform
+from gristmill.core.host import Callbacks, ServiceHost, Subscription, open_platform
 from gristmill.core.security import Security
 from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings
 from gristmill.training import SERVICE_NAME, code_version
@@ -26,7 +28,8 @@ from gristmill.training.domain.supervisor import JobSupervisor
 from gristmill.training.events.handlers import dataset_version_published
 from gristmill.training.ml.inspect import HfModelInspector
 from gristmill.training.settings import TrainingSettings
-from gristmill.training.store.sql import SqlJobStore, TrainingBase
+from gristmill.training.store.sql import SqlJobStore
+from gristmill.training.store.tables import TrainingBase
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +39,25 @@ METHOD_SCOPES = {"/gristmill.api.training.v1.TrainingService/*": TRAINING_SUBMIT
 
 
 class ClusterLifecycle:
-    """Starts the service's own Ray cluster with the host and stops it last. A runner handed in by the caller
-    brings its own cluster, which the host leaves alone (the runner's own actors are closed either way).
+    """The host component that starts the service's own Ray cluster and stops it (after the runner's actors).
+    A runner handed in by the caller brings its own cluster, which is left alone (the runner's own actors are
+    closed either way).
 
-    A local cluster is started before the host's own threads (relay, consumers, gRPC server): Ray starts its
-    GCS and raylet with a ``preexec_fn``, which runs Python in the forked child before exec, and a fork while
-    other threads are busy (importing, inside gRPC) can leave that child hung before it ever runs. Seen as a
-    local start that timed out with no raylet log at all ("The current node timed out during startup",
-    "Timed out waiting for file .../gcs_server_port"). If that first start fails, it is retried in the
-    background. A cluster by address is only connected to (no process is forked): in the background."""
+    A local cluster is started before the host's own threads (relay, consumers, gRPC server), on the event
+    loop's thread: Ray starts its GCS and raylet with a ``preexec_fn``, which runs Python in the forked child
+    before exec, and a fork while other threads are busy (importing, inside gRPC) can leave that child hung
+    before it ever runs. Seen as a local start that timed out with no raylet log at all ("The current node timed
+    out during startup", "Timed out waiting for file .../gcs_server_port"). If that first start fails, it is
+    retried in the background. A cluster by address is only connected to (no process is forked): in the
+    background."""
+
+    name = "ray-cluster"
 
     def __init__(self, cluster: object | None, runner: object | None = None) -> None:
         self.cluster = cluster
         self.runner = runner
 
-    def open(self) -> None:
+    async def open(self) -> None:
         cluster = self.cluster
         if cluster is None or not hasattr(cluster, "start_in_background"):
             return
@@ -62,37 +69,25 @@ class ClusterLifecycle:
                 log.warning("%s; retrying in the background", exc.message)
         cluster.start_in_background()
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
         for closer in (getattr(self.runner, "close", None), getattr(self.cluster, "stop", None)):
             if closer is not None:
                 closer()
 
 
 @dataclass
-class TrainingHost(ServiceHost):
-    """A ``ServiceHost`` that also runs the job supervisor (and the service's own Ray cluster): opened
-    before the gRPC server, closed after it has drained."""
+class TrainingApp:
+    """The assembled service; ``host`` runs it, the rest is exposed for tests."""
 
-    jobs: JobService | None = None
-    supervisor: JobSupervisor | None = None
-    cluster: ClusterLifecycle | None = None
-
-    def _open_background_work(self) -> None:
-        if self.cluster is not None:
-            self.cluster.open()
-        if self.supervisor is not None:
-            self.supervisor.start()
-        super()._open_background_work()
-
-    def _close_background_work(self) -> None:
-        if self.supervisor is not None:
-            self.supervisor.stop()
-        super()._close_background_work()
-        if self.cluster is not None:
-            self.cluster.close()
+    host: ServiceHost
+    jobs: JobService
+    supervisor: JobSupervisor
 
 
-def build_host(
+def build_app(
     settings: TrainingSettings,
     *,
     kafka: KafkaSettings,
@@ -103,7 +98,7 @@ def build_host(
     tracer_provider: TracerProvider | None = None,
     runner: JobRunner | None = None,
     consumer_group: str = "",
-) -> TrainingHost:
+) -> TrainingApp:
     """The training service on the platform the settings describe. ``runner`` defaults to Ray Train on the
     cluster of ``settings.ray_address`` (a local one when empty). ``consumer_group`` defaults to
     ``settings.auto_train_group``."""
@@ -135,7 +130,7 @@ def build_host(
             work_dir=data_dir.resolve() / "runs",
             keep_checkpoints=settings.checkpoints_to_keep,
         )
-    store = SqlJobStore(platform.database, platform.catalog, source=SERVICE_NAME)
+    store = SqlJobStore(platform.database, OutboxWriter(platform.catalog, SERVICE_NAME))
     datasets = DatasetCatalog(platform.objects)
     base_models = BaseModelCatalog(
         platform.objects, data_dir.resolve() / "base-models", allow_local_paths=settings.allow_local_paths
@@ -169,7 +164,7 @@ def build_host(
         consumer_group or settings.auto_train_group,
         dataset_version_published(jobs, platform.catalog),
     )
-    return TrainingHost(
+    host = ServiceHost(
         platform,
         [registration(TrainingServicer(jobs)), security.license_registration(SERVICE_NAME)],
         settings,
@@ -177,7 +172,36 @@ def build_host(
         auth_hook=security.auth_hook,
         on_reload=security.reload,
         server_credentials=security.server_credentials,
-        jobs=jobs,
-        supervisor=supervisor,
-        cluster=ClusterLifecycle(cluster, runner),
+        # The cluster before the supervisor (which runs jobs on it), both before the host's threads.
+        components=[
+            ClusterLifecycle(cluster, runner),
+            Callbacks("job-supervisor", on_open=supervisor.start, on_close=supervisor.stop),
+        ],
     )
+    return TrainingApp(host, jobs, supervisor)
+
+
+def build_host(
+    settings: TrainingSettings,
+    *,
+    kafka: KafkaSettings,
+    s3: S3Settings,
+    security: Security,
+    telemetry: TelemetrySettings | None = None,
+    memory_broker: MemoryBroker | None = None,
+    tracer_provider: TracerProvider | None = None,
+    runner: JobRunner | None = None,
+    consumer_group: str = "",
+) -> ServiceHost:
+    """``build_app``'s host."""
+    return build_app(
+        settings,
+        kafka=kafka,
+        s3=s3,
+        security=security,
+        telemetry=telemetry,
+        memory_broker=memory_broker,
+        tracer_provider=tracer_provider,
+        runner=runner,
+        consumer_group=consumer_group,
+    ).host

@@ -5,13 +5,15 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from gristmill.core.events.topics import TRAINING_AUTO_TRAIN
+from gristmill.core.ports import TRAINING_PORT
 from gristmill.core.settings import ServiceSettings
 
 
 class TrainingSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="GRISTMILL_TRAINING_", extra="ignore", frozen=True)
 
-    grpc_port: int = Field(default=50052, ge=0, le=65535)
+    grpc_port: int = Field(default=TRAINING_PORT, ge=0, le=65535)
     # Empty: the service starts a local Ray with ``ray_num_cpus`` CPUs (its workers are processes of their
     # own). Otherwise the address of an existing cluster ("ray://head:10001" or "head:6379"); the service is
     # then the driver of its runs, so they stop when it stops.
@@ -34,4 +36,4 @@ class TrainingSettings(ServiceSettings):
     checkpoints_to_keep: int = Field(default=1, ge=1)
     # Consumer group of the auto-train consumer (DatasetVersionPublished); one per installation, so that two
     # installations sharing a Kafka cluster (tests, the end-to-end demo) do not take each other's events.
-    auto_train_group: str = Field(default="training-auto-train", pattern=r"^[a-z0-9][a-z0-9._-]{0,127}$")
+    auto_train_group: str = Field(default=TRAINING_AUTO_TRAIN.default, pattern=r"^[a-z0-9][a-z0-9._-]{0,127}$")

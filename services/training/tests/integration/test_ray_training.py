@@ -29,7 +29,7 @@ from gristmill.core.manifests import ModelManifest
 from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.core.storage.s3 import S3ObjectStore
-from gristmill.training.app import TrainingHost, build_host
+from gristmill.training.app import TrainingApp, build_app
 from gristmill.training.ml.loop import FaultInjection
 from gristmill.training.runner.ray_runner import CheckpointStorage, RayCluster, RayJobRunner
 from gristmill.training.settings import TrainingSettings
@@ -59,8 +59,9 @@ def s3(s3_endpoint: dict[str, str]) -> S3Settings:
 
 
 class Service:
-    def __init__(self, host: TrainingHost, stub: pb_grpc.TrainingServiceStub, project: str) -> None:
-        self.host = host
+    def __init__(self, app: TrainingApp, stub: pb_grpc.TrainingServiceStub, project: str) -> None:
+        self.app = app
+        self.host = app.host
         self.stub = stub
         self.project = project
 
@@ -77,7 +78,7 @@ async def _service(
     ray_runner = RayJobRunner(
         cluster, CheckpointStorage.for_object_store(s3, tmp_path), work_dir=tmp_path / "runs", **runner
     )
-    host = build_host(
+    app = build_app(
         settings,
         kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap),
         s3=s3,
@@ -86,11 +87,12 @@ async def _service(
         consumer_group=f"training-test-{uuid.uuid4().hex[:8]}",
     )
     project = f"it-{uuid.uuid4().hex[:10]}"
+    host = app.host
     port = await host.start()
     try:
         sentiment_version(host.platform.objects, project, "v1", train=96, held_out=32)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield Service(host, pb_grpc.TrainingServiceStub(channel), project)
+            yield Service(app, pb_grpc.TrainingServiceStub(channel), project)
     finally:
         await host.stop()
 
@@ -259,7 +261,7 @@ async def test_cancel_stops_the_ray_run(
                 break  # it is training
         cancelled = await service.stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id, reason="enough"))
         assert cancelled.state == pb.JOB_STATE_CANCELLED
-        supervisor = service.host.supervisor
+        supervisor = service.app.supervisor
         assert supervisor is not None
         for _ in range(600):
             if job.job_id not in supervisor.running():

@@ -14,8 +14,9 @@ from google.protobuf.descriptor import ServiceDescriptor
 from gristmill.api.training.v1 import training_pb2 as pb
 from gristmill.api.training.v1 import training_pb2_grpc as pb_grpc
 from gristmill.core.auth import LABELING_READ, TRAINING_SUBMIT
+from gristmill.core.host import ServiceHost
 from gristmill.core.settings import KafkaSettings, S3Settings
-from gristmill.training.app import METHOD_SCOPES, TrainingHost, build_host
+from gristmill.training.app import METHOD_SCOPES, build_host
 from gristmill.training.settings import TrainingSettings
 from services.training.tests.unit.test_service import ScriptedRunner, _spec
 from tests.contracts.auth import (
@@ -31,7 +32,7 @@ from tests.contracts.auth import (
     key_subject,
 )
 
-Server = tuple[str, InMemoryKeyVerifier, TrainingHost]
+Server = tuple[str, InMemoryKeyVerifier, ServiceHost]
 
 
 @pytest.fixture

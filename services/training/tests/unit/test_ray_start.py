@@ -4,6 +4,7 @@ failures seen on loaded machines (the GCS port file not written in time), not a 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import time
@@ -102,11 +103,11 @@ def test_the_host_starts_a_local_cluster_before_its_threads_and_retries_in_the_b
     from gristmill.training.app import ClusterLifecycle
 
     local = FakeCluster()
-    ClusterLifecycle(local).open()
+    asyncio.run(ClusterLifecycle(local).open())
     assert local.calls == ["start"], "a local cluster starts at once, before the host's threads"
     failing = FakeCluster(fails=True)
-    ClusterLifecycle(failing).open()
+    asyncio.run(ClusterLifecycle(failing).open())
     assert failing.calls == ["start", "background"], "a failed first start is retried in the background"
     remote = FakeCluster(address="127.0.0.1:6379")
-    ClusterLifecycle(remote).open()
+    asyncio.run(ClusterLifecycle(remote).open())
     assert remote.calls == ["background"], "connecting forks nothing: the host need not wait for it"

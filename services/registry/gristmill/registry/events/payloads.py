@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from gristmill.api.events.v1 import events_pb2
-from gristmill.core.events import Event, EventCatalog, Outbox
+from gristmill.core.events import EventCatalog, OutboxWriter
 from gristmill.registry.api import convert
 from gristmill.registry.domain.model import AliasChange, ModelVersion
 
@@ -41,16 +41,14 @@ def alias_changed_payload(change: AliasChange) -> events_pb2.AliasChanged:
 
 
 class OutboxEventWriter:
-    """The store's ``EventWriter``: events keyed by model name, created in the current trace context."""
+    """The store's ``EventWriter`` on the platform's ``OutboxWriter``: events keyed by model name, in the
+    caller's transaction and the current trace context."""
 
     def __init__(self, catalog: EventCatalog, source: str) -> None:
-        self.catalog = catalog
-        self.source = source
+        self.outbox = OutboxWriter(catalog, source)
 
     def version_registered(self, session: Session, version: ModelVersion) -> None:
-        payload = version_registered_payload(version)
-        Outbox.add(session, Event.create(payload, key=version.model_name, source=self.source, catalog=self.catalog))
+        self.outbox.write(session, version_registered_payload(version), key=version.model_name)
 
     def alias_changed(self, session: Session, change: AliasChange) -> None:
-        payload = alias_changed_payload(change)
-        Outbox.add(session, Event.create(payload, key=change.model_name, source=self.source, catalog=self.catalog))
+        self.outbox.write(session, alias_changed_payload(change), key=change.model_name)

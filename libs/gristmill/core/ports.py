@@ -1,0 +1,49 @@
+"""The one table of default ports: each service's gRPC port and the local stack's components.
+
+Service settings default to these, the embedded platform and the CLI number services from them, the SDK's
+``Endpoints`` point at them; ``deploy/`` scripts and manifests repeat them (shell and YAML cannot import this).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+LABELING_PORT = 50051
+TRAINING_PORT = 50052
+REGISTRY_PORT = 50053
+SERVING_PORT = 50054
+ADMIN_PORT = 50055
+
+# In this order: ``--base-port N`` gives labeling N, training N+1, and so on.
+SERVICE_PORTS: Mapping[str, int] = MappingProxyType(
+    {
+        "labeling": LABELING_PORT,
+        "training": TRAINING_PORT,
+        "registry": REGISTRY_PORT,
+        "serving": SERVING_PORT,
+        "admin": ADMIN_PORT,
+    }
+)
+
+# The local stack (deploy/local/stack.sh): its defaults, each overridden there by GRISTMILL_<NAME>_PORT.
+KAFKA_PORT = 9092
+S3_PORT = 8333
+POSTGRES_PORT = 5433
+
+LOOPBACK = "127.0.0.1"
+
+
+def service_ports(base_port: int | None = None) -> dict[str, int]:
+    """Each service's port: the defaults (``base_port`` None), any free port (0), or ``base_port``,
+    ``base_port + 1``, ... in the order of ``SERVICE_PORTS``."""
+    if base_port is None:
+        return dict(SERVICE_PORTS)
+    if base_port == 0:
+        return dict.fromkeys(SERVICE_PORTS, 0)
+    return {name: base_port + i for i, name in enumerate(SERVICE_PORTS)}
+
+
+def default_address(service: str, host: str = LOOPBACK) -> str:
+    """``host:port`` of ``service`` at its default port."""
+    return f"{host}:{SERVICE_PORTS[service]}"

@@ -1,0 +1,1 @@
+"""The serving schema's revisions, oldest first by ``down_revision``."""
