@@ -31,7 +31,7 @@ from gristmill.labeling.domain.consensus import ConsensusRule
 from gristmill.labeling.domain.ordering import OfferRule, order_key
 from gristmill.labeling.domain.ports import LabelingStore, NewItem, PredictionTarget
 from gristmill.labeling.domain.schema import schema_change_needed
-from gristmill.labeling.events.payloads import DatasetVersionAnnouncer
+from gristmill.labeling.events.payloads import LabelingEvents
 from gristmill.labeling.store import tables
 from gristmill.labeling.store.sql import SqlLabelingStore
 
@@ -50,7 +50,7 @@ def database(database_url: str) -> Iterator[Database]:
 
 @pytest.fixture
 def store(database: Database) -> LabelingStore:
-    return SqlLabelingStore(database, announce=DatasetVersionAnnouncer(platform_catalog()))
+    return SqlLabelingStore(database, events=LabelingEvents(platform_catalog()))
 
 
 def _project(

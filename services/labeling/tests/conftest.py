@@ -15,7 +15,7 @@ from gristmill.core.sql import Database
 from gristmill.core.storage import LocalObjectStore
 from gristmill.labeling.domain import model as m
 from gristmill.labeling.domain.service import LabelingService
-from gristmill.labeling.events.payloads import DatasetVersionAnnouncer
+from gristmill.labeling.events.payloads import LabelingEvents
 from gristmill.labeling.store import tables
 from gristmill.labeling.store.sql import SqlLabelingStore
 from tests.conftest import SHARED_DATA, kafka_bootstrap, s3_endpoint, tracing  # noqa: F401
@@ -56,7 +56,7 @@ def objects(tmp_path: Path) -> LocalObjectStore:
 
 @pytest.fixture
 def store(database: Database) -> SqlLabelingStore:
-    return SqlLabelingStore(database, announce=DatasetVersionAnnouncer(platform_catalog()))
+    return SqlLabelingStore(database, events=LabelingEvents(platform_catalog()))
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings
 from gristmill.labeling.api.servicer import LabelingServicer
 from gristmill.labeling.domain.importer import IndexCache
 from gristmill.labeling.domain.service import Clock, LabelingService, utc_now
-from gristmill.labeling.events.payloads import DatasetVersionAnnouncer
+from gristmill.labeling.events.payloads import LabelingEvents
 from gristmill.labeling.events.predictions import PredictionLogHandler
 from gristmill.labeling.settings import LabelingSettings
 from gristmill.labeling.store import tables
@@ -70,7 +70,7 @@ def build_host(
         memory_broker=memory_broker,
         tracer_provider=tracer_provider,
     )
-    store = SqlLabelingStore(platform.database, announce=DatasetVersionAnnouncer(platform.catalog))
+    store = SqlLabelingStore(platform.database, events=LabelingEvents(platform.catalog))
     service = LabelingService(
         store, platform.objects, clock=clock, index_cache=IndexCache(settings.index_cache_projects)
     )

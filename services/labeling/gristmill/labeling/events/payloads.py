@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from sqlalchemy.orm import Session
+
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.events.v1 import events_pb2
-from gristmill.core.events import Event, EventCatalog
+from gristmill.core.events import EventCatalog, OutboxWriter
 from gristmill.labeling.domain.model import DatasetVersion, Split
 
 SOURCE = "labeling"
@@ -39,18 +41,12 @@ def _ref(key: str, sha256: str, size: int) -> common_pb2.ObjectRef:
     return common_pb2.ObjectRef(key=key, sha256=sha256, size_bytes=size)
 
 
-class DatasetVersionAnnouncer:
-    """Builds the outbox event for a new dataset version (keyed by project, so a project's versions stay ordered).
-
-    Called inside the publishing transaction, which runs in the publish call's trace context, so the event
-    carries that trace.
-    """
+class LabelingEvents:
+    """The store's ``DatasetEvents`` on the platform's ``OutboxWriter``: a new dataset version's event keyed by
+    project (so a project's versions stay ordered), in the publishing transaction and its trace context."""
 
     def __init__(self, catalog: EventCatalog, source: str = SOURCE) -> None:
-        self.catalog = catalog
-        self.source = source
+        self.outbox = OutboxWriter(catalog, source)
 
-    def __call__(self, version: DatasetVersion) -> Event:
-        return Event.create(
-            dataset_version_published(version), key=version.project_id, source=self.source, catalog=self.catalog
-        )
+    def dataset_version_published(self, session: Session, version: DatasetVersion) -> None:
+        self.outbox.write(session, dataset_version_published(version), key=version.project_id)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from gristmill.core.errors import AbortedError, NotFoundError
-from gristmill.core.events import Event, Outbox
 from gristmill.labeling.domain.model import DatasetVersion, ItemStatus
 from gristmill.labeling.domain.ports import DatasetStore
 from gristmill.labeling.domain.splits import DatasetItem
@@ -16,12 +16,16 @@ from gristmill.labeling.store import tables as t
 from gristmill.labeling.store.queries import SqlStore, project_row
 from gristmill.labeling.store.rows import version_from_row, version_values
 
-Announce = Callable[[DatasetVersion], Event]
+
+class DatasetEvents(Protocol):
+    """Writes labeling's events into the outbox of ``session`` (implemented in ``labeling.events``)."""
+
+    def dataset_version_published(self, session: Session, version: DatasetVersion) -> None: ...
 
 
 class SqlDatasetStore(SqlStore, DatasetStore):
-    # Turns a new version into its ``DatasetVersionPublished`` event, written in the version's transaction.
-    _announce: Announce | None
+    # Writes a new version's ``DatasetVersionPublished`` event in the version's transaction.
+    _events: DatasetEvents | None
 
     def consensus_items(self, organization_id: str, project_id: str) -> list[DatasetItem]:
         with self.database.transaction() as session:
@@ -63,8 +67,8 @@ class SqlDatasetStore(SqlStore, DatasetStore):
             with self.database.transaction() as session:
                 project = project_row(session, version.organization_id, version.project_id)
                 session.execute(insert(t.dataset_versions).values(version_values(version, project.pk)))
-                if self._announce is not None:
-                    Outbox.add(session, self._announce(version))
+                if self._events is not None:
+                    self._events.dataset_version_published(session, version)
         except IntegrityError:
             raise AbortedError(
                 f"dataset version {version.version_number} of project {version.project_id!r} was published "

@@ -11,17 +11,17 @@ import threading
 from gristmill.core.sql import Database
 from gristmill.labeling.domain.ports import LabelingStore
 from gristmill.labeling.store.annotations import SqlAnnotationStore
-from gristmill.labeling.store.datasets import Announce, SqlDatasetStore
+from gristmill.labeling.store.datasets import DatasetEvents, SqlDatasetStore
 from gristmill.labeling.store.items import SqlItemStore
 from gristmill.labeling.store.projects import SqlProjectStore
 
-__all__ = ["Announce", "SqlLabelingStore"]
+__all__ = ["DatasetEvents", "SqlLabelingStore"]
 
 
 class SqlLabelingStore(SqlProjectStore, SqlItemStore, SqlAnnotationStore, SqlDatasetStore, LabelingStore):
-    """``announce`` turns a new dataset version into its ``DatasetVersionPublished`` event (outbox)."""
+    """``events`` writes a new dataset version's ``DatasetVersionPublished`` event (outbox, same transaction)."""
 
-    def __init__(self, database: Database, *, announce: Announce | None = None) -> None:
+    def __init__(self, database: Database, *, events: DatasetEvents | None = None) -> None:
         self.database = database
-        self._announce = announce
+        self._events = events
         self._lease_lock = threading.Lock()
