@@ -26,7 +26,7 @@ from gristmill.api.admin.v1 import admin_pb2
 from gristmill.api.events.v1 import events_pb2
 from gristmill.api.training.v1 import training_pb2 as pb
 from gristmill.core.errors import FailedPreconditionError, NotFoundError
-from gristmill.core.events import OutboxEvent, OutboxWriter
+from gristmill.core.events import OutboxEvent
 from gristmill.core.events.topics import platform_catalog
 from gristmill.core.sql import Database
 from gristmill.training.domain import spec as d
@@ -44,6 +44,7 @@ from gristmill.training.domain.model import (
 )
 from gristmill.training.domain.ports import JobQuery, JobStore
 from gristmill.training.domain.refs import BaseModelRef, DatasetRef, FileRef
+from gristmill.training.events.payloads import TrainingEvents
 from gristmill.training.store.sql import SqlJobStore
 from gristmill.training.tasks.text_classification import classification_signature
 
@@ -78,7 +79,7 @@ def database(database_url: str) -> Iterator[Database]:
 
 
 def _new_store(database: Database) -> SqlJobStore:
-    return SqlJobStore(database, OutboxWriter(platform_catalog(), "training"))
+    return SqlJobStore(database, TrainingEvents(database, platform_catalog(), "training"))
 
 
 @pytest.fixture

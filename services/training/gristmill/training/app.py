@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from gristmill.core.auth import TRAINING_SUBMIT
 from gristmill.core.errors import GristmillError
-from gristmill.core.events import MemoryBroker, OutboxWriter
+from gristmill.core.events import MemoryBroker
 from gristmill.core.events.topics import DATASET_VERSION_PUBLISHED
 from gristmill.core.host import Callbacks, ServiceHost, Subscription, open_platform
 from gristmill.core.security import Security
@@ -26,6 +26,7 @@ from gristmill.training.domain.runs import JobRunner
 from gristmill.training.domain.signal import JobSignal
 from gristmill.training.domain.supervisor import JobSupervisor
 from gristmill.training.events.handlers import dataset_version_published
+from gristmill.training.events.payloads import TrainingEvents
 from gristmill.training.ml.inspect import HfModelInspector
 from gristmill.training.settings import TrainingSettings
 from gristmill.training.store.sql import SqlJobStore
@@ -130,7 +131,7 @@ def build_app(
             work_dir=data_dir.resolve() / "runs",
             keep_checkpoints=settings.checkpoints_to_keep,
         )
-    store = SqlJobStore(platform.database, OutboxWriter(platform.catalog, SERVICE_NAME))
+    store = SqlJobStore(platform.database, TrainingEvents(platform.database, platform.catalog, SERVICE_NAME))
     datasets = DatasetCatalog(platform.objects)
     base_models = BaseModelCatalog(
         platform.objects, data_dir.resolve() / "base-models", allow_local_paths=settings.allow_local_paths

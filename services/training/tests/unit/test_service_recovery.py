@@ -14,13 +14,14 @@ from sqlalchemy import select
 from gristmill.api.events.v1 import events_pb2
 from gristmill.api.training.v1 import training_pb2 as pb
 from gristmill.api.training.v1 import training_pb2_grpc as pb_grpc
-from gristmill.core.events import Event, Outbox, OutboxEvent, OutboxWriter
+from gristmill.core.events import Event, Outbox, OutboxEvent
 from gristmill.core.events.topics import platform_catalog
 from gristmill.core.sql import Database
 from gristmill.training.app import TrainingApp
 from gristmill.training.domain.jobs import PublishedVersion
 from gristmill.training.domain.model import Job, JobState
 from gristmill.training.domain.supervisor import LOST_ON_RESTART, MAX_RESUMES, STOPPED_WITH_SERVICE
+from gristmill.training.events.payloads import TrainingEvents
 from gristmill.training.settings import TrainingSettings
 from gristmill.training.store.sql import SqlJobStore
 from services.training.tests.service_support import (
@@ -98,7 +99,7 @@ async def test_restart_resumes_orphaned_runs_and_runs_queued_jobs(
     # resumes it from its last checkpoint), counting a restart, fails one resumed too often already, and picks
     # up the queued job.
     database = Database(TrainingSettings(data_dir=tmp_path / "data").resolved_database_url("training"))
-    store = SqlJobStore(database, OutboxWriter(platform_catalog(), "training"))
+    store = SqlJobStore(database, TrainingEvents(database, platform_catalog(), "training"))
     orphan, _ = store.create_job(Job("orphan", "default", stopped.spec, JobState.QUEUED, datetime.now(UTC)))
     store.transition(orphan.job_id, JobState.RUNNING, ray_run_name="orphan-run")
     worn, _ = store.create_job(Job("worn-out", "default", stopped.spec, JobState.QUEUED, datetime.now(UTC)))

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from sqlalchemy.orm import Session
+
 from gristmill.api.events.v1 import events_pb2
+from gristmill.core.auth_quota import UsageRecord, UsageRecorder
+from gristmill.core.events import EventCatalog, OutboxWriter
+from gristmill.core.sql import Database
 from gristmill.training.api import convert
 from gristmill.training.domain.model import Job, JobState
 
@@ -37,3 +44,18 @@ def job_state_changed(job: Job, previous: JobState | None) -> events_pb2.JobStat
         del msg.metrics[:]
         msg.metrics.extend(convert.metric_to_proto(m) for m in result.metrics)
     return msg
+
+
+class TrainingEvents:
+    """The job store's ``JobEvents`` on the platform's ``OutboxWriter``: state changes keyed by job (so a job's
+    events stay ordered) and usage, in the caller's transaction and trace context."""
+
+    def __init__(self, database: Database, catalog: EventCatalog, source: str) -> None:
+        self.outbox = OutboxWriter(catalog, source)
+        self.usage = UsageRecorder(database, catalog, source)
+
+    def job_state_changed(self, session: Session, job: Job, previous: JobState | None) -> None:
+        self.outbox.write(session, job_state_changed(job, previous), key=job.job_id)
+
+    def usage_recorded(self, session: Session, records: Sequence[UsageRecord]) -> None:
+        self.usage.add(session, records)

@@ -10,15 +10,14 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from gristmill.core.auth_quota import UsageKind, UsageRecord, UsageRecorder
+from gristmill.core.auth_quota import UsageKind, UsageRecord
 from gristmill.core.errors import FailedPreconditionError, NotFoundError
-from gristmill.core.events import OutboxWriter
 from gristmill.core.sql import Database
 from gristmill.training.domain.model import (
     ALLOWED_FROM,
@@ -37,7 +36,6 @@ from gristmill.training.domain.model import (
 from gristmill.training.domain.ports import JobPage, JobQuery, JobStore
 from gristmill.training.domain.serde import from_data, to_data
 from gristmill.training.domain.spec import JobSpec
-from gristmill.training.events.payloads import job_state_changed
 from gristmill.training.store.tables import JobEventRow, JobRow, PolicyRow, TrainingBase
 
 # TrainingBase: what the migrations (``store/migrations``) import from here.
@@ -115,12 +113,18 @@ def _event_payload(event: JobEvent) -> dict[str, Any]:
     return data
 
 
+class JobEvents(Protocol):
+    """Writes training's events into the outbox of ``session`` (implemented in ``training.events``)."""
+
+    def job_state_changed(self, session: Session, job: Job, previous: JobState | None) -> None: ...
+
+    def usage_recorded(self, session: Session, records: Sequence[UsageRecord]) -> None: ...
+
+
 class SqlJobStore(JobStore):
-    def __init__(self, database: Database, events: OutboxWriter) -> None:
+    def __init__(self, database: Database, events: JobEvents) -> None:
         self._db = database
         self._events = events
-        # A job that ran and ended publishes its worker-seconds (metering) with its final state change.
-        self._usage = UsageRecorder(database, events.catalog, events.source)
         # One writer at a time in this process: a job's event sequence is read and incremented in one
         # transaction, after ``_row(lock=True)`` locked the job's row for every process.
         self._write_lock = threading.Lock()
@@ -161,9 +165,6 @@ class SqlJobStore(JobStore):
         )
         row.last_sequence = event.sequence
 
-    def _announce(self, session: Session, job: Job, previous: JobState | None) -> None:
-        self._events.write(session, job_state_changed(job, previous), key=job.job_id)
-
     # -- jobs ---------------------------------------------------------------------------------------------
 
     def create_job(self, job: Job) -> tuple[Job, bool]:
@@ -198,7 +199,7 @@ class SqlJobStore(JobStore):
                 )
                 self._append(session, row, event)
                 created = _to_job(row)
-                self._announce(session, created, None)
+                self._events.job_state_changed(session, created, None)
             return created, True
         except IntegrityError:
             existing = self.find_by_request_id(job.organization_id, job.request_id) if job.request_id else None
@@ -280,9 +281,10 @@ class SqlJobStore(JobStore):
             )
             self._append(session, row, event)
             job = _to_job(row)
-            self._announce(session, job, previous)
+            self._events.job_state_changed(session, job, previous)
             if to.terminal:
-                self._usage.add(session, worker_seconds(job))
+                # A job that ran and ended publishes its worker-seconds (metering) with its final state change.
+                self._events.usage_recorded(session, worker_seconds(job))
         return job, previous
 
     def record_metrics(self, job_id: str, reports: Sequence[MetricsReport], progress: JobProgress) -> Job:
@@ -309,7 +311,7 @@ class SqlJobStore(JobStore):
             row.progress = to_data(progress)
             job = _to_job(row)
             if reports:
-                self._announce(session, job, JobState.RUNNING)
+                self._events.job_state_changed(session, job, JobState.RUNNING)
         return job
 
     def events_after(self, job_id: str, after_sequence: int, limit: int = 500) -> list[JobEvent]:
