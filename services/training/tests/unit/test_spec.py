@@ -9,10 +9,10 @@ import pytest
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.training.v1 import training_pb2 as pb
 from gristmill.core.errors import InvalidArgumentError
+from gristmill.core.serialization import from_plain, to_plain
 from gristmill.training.api import convert
 from gristmill.training.domain import spec as d
 from gristmill.training.domain.model import Job, JobState, Metric, Split
-from gristmill.training.domain.serde import from_data, to_data
 
 
 def _spec(**changes: object) -> pb.JobSpec:
@@ -146,7 +146,7 @@ def test_spec_round_trips_through_proto_and_the_store_format() -> None:
     spec = convert.spec_from_proto(source)
     assert spec.hyper_parameters.early_stopping.goal is d.Goal.MINIMIZE  # "loss" is minimised by default
     assert convert.spec_from_proto(convert.spec_to_proto(spec)) == spec
-    assert from_data(d.JobSpec, to_data(spec)) == spec
+    assert from_plain(d.JobSpec, to_plain(spec)) == spec
     flat = d.flatten_hyper_parameters(spec)
     assert flat["method"] == "lora" and flat["lora.rank"] == "4" and flat["max_steps"] == "50"
     assert flat["lora.target_modules"] == "query,value" and flat["learning_rate_schedule"] == "cosine"
@@ -165,4 +165,4 @@ def test_job_round_trips_through_the_store_format() -> None:
         latest_metrics=(Metric("accuracy", 0.9, Split.VALIDATION, 10),),
         start_time=datetime.now(UTC),
     )
-    assert from_data(Job, to_data(job)) == job
+    assert from_plain(Job, to_plain(job)) == job

@@ -14,6 +14,7 @@ from typing import Any
 
 from gristmill.core.errors import FailedPreconditionError
 from gristmill.core.manifests import FileEntry, ModelManifest
+from gristmill.core.serialization import to_plain
 from gristmill.core.storage import ObjectStore, object_key
 from gristmill.training.domain.model import (
     Job,
@@ -24,7 +25,6 @@ from gristmill.training.domain.model import (
 )
 from gristmill.training.domain.refs import FileRef
 from gristmill.training.domain.runs import LOOP_STATE_FILE, RunOutcome
-from gristmill.training.domain.serde import to_data
 from gristmill.training.domain.spec import JobSpec, flatten_hyper_parameters
 from gristmill.training.tasks import training_task
 
@@ -148,8 +148,8 @@ class ModelPublisher:
             files=entries,
             task_type=job.spec.task.value,
             label_map=list(label_map),
-            signature=to_data(signature),
-            lineage=to_data(lineage),
+            signature=to_plain(signature),
+            lineage=to_plain(lineage),
             metrics={metric_key(m): m.value for m in metrics},
             base_model=job.spec.base_model.describe(),
         )

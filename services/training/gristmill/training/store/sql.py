@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from gristmill.core.auth_quota import UsageKind, UsageRecord
 from gristmill.core.errors import FailedPreconditionError, NotFoundError
+from gristmill.core.serialization import from_plain, to_plain
 from gristmill.core.sql import Database
 from gristmill.training.domain.model import (
     ALLOWED_FROM,
@@ -34,7 +35,6 @@ from gristmill.training.domain.model import (
     merge_latest,
 )
 from gristmill.training.domain.ports import JobPage, JobQuery, JobStore
-from gristmill.training.domain.serde import from_data, to_data
 from gristmill.training.domain.spec import JobSpec
 from gristmill.training.store.tables import JobEventRow, JobRow, PolicyRow, TrainingBase
 
@@ -80,13 +80,13 @@ def _to_job(row: JobRow) -> Job:
     return Job(
         job_id=row.job_id,
         organization_id=row.organization_id,
-        spec=from_data(JobSpec, row.spec),
+        spec=from_plain(JobSpec, row.spec),
         state=JobState(row.state),
         state_reason=row.state_reason,
-        trigger=from_data(JobTrigger, row.trigger),
-        progress=from_data(JobProgress, row.progress),
-        latest_metrics=tuple(from_data(Metric, m) for m in row.latest_metrics),
-        result=None if row.result is None else from_data(JobResult, row.result),
+        trigger=from_plain(JobTrigger, row.trigger),
+        progress=from_plain(JobProgress, row.progress),
+        latest_metrics=tuple(from_plain(Metric, m) for m in row.latest_metrics),
+        result=None if row.result is None else from_plain(JobResult, row.result),
         ray_run_name=row.ray_run_name,
         restart_count=row.restart_count,
         create_time=create_time,
@@ -100,14 +100,14 @@ def _to_job(row: JobRow) -> Job:
 def _to_event(row: JobEventRow) -> JobEvent:
     data = dict(row.payload)
     data.update(job_id=row.job_id, sequence=row.sequence, time=row.time.isoformat(), kind=row.kind)
-    event = from_data(JobEvent, data)
+    event = from_plain(JobEvent, data)
     time = _utc(event.time)
     assert time is not None
     return JobEvent(**{**event.__dict__, "time": time})
 
 
 def _event_payload(event: JobEvent) -> dict[str, Any]:
-    data: dict[str, Any] = to_data(event)
+    data: dict[str, Any] = to_plain(event)
     for column in ("job_id", "sequence", "time", "kind"):
         data.pop(column)
     return data
@@ -177,9 +177,9 @@ class SqlJobStore(JobStore):
                     project_id=job.spec.project_id,
                     state=JobState.QUEUED.value,
                     state_reason=job.state_reason,
-                    spec=to_data(job.spec),
-                    trigger=to_data(job.trigger),
-                    progress=to_data(job.progress),
+                    spec=to_plain(job.spec),
+                    trigger=to_plain(job.trigger),
+                    progress=to_plain(job.progress),
                     latest_metrics=[],
                     ray_run_name=job.ray_run_name,
                     restart_count=0,
@@ -256,9 +256,9 @@ class SqlJobStore(JobStore):
             row.state = to.value
             row.state_reason = reason
             if progress is not None:
-                row.progress = to_data(progress)
+                row.progress = to_plain(progress)
             if result is not None:
-                row.result = to_data(result)
+                row.result = to_plain(result)
             if restart_count is not None:
                 row.restart_count = restart_count
             if ray_run_name is not None:
@@ -276,7 +276,7 @@ class SqlJobStore(JobStore):
                 EventKind.STATE,
                 state=to,
                 reason=reason,
-                progress=from_data(JobProgress, row.progress),
+                progress=from_plain(JobProgress, row.progress),
                 result=result,
             )
             self._append(session, row, event)
@@ -293,7 +293,7 @@ class SqlJobStore(JobStore):
             if JobState(row.state) is not JobState.RUNNING:
                 return _to_job(row)
             now = _now()
-            latest = tuple(from_data(Metric, m) for m in row.latest_metrics)
+            latest = tuple(from_plain(Metric, m) for m in row.latest_metrics)
             for report in reports:
                 event = JobEvent(
                     job_id,
@@ -307,8 +307,8 @@ class SqlJobStore(JobStore):
                 )
                 self._append(session, row, event)
                 latest = merge_latest(latest, report.metrics)
-            row.latest_metrics = [to_data(m) for m in latest]
-            row.progress = to_data(progress)
+            row.latest_metrics = [to_plain(m) for m in latest]
+            row.progress = to_plain(progress)
             job = _to_job(row)
             if reports:
                 self._events.job_state_changed(session, job, JobState.RUNNING)
@@ -343,7 +343,7 @@ class SqlJobStore(JobStore):
                 row = PolicyRow(organization_id=policy.organization_id, project_id=policy.project_id)
                 session.add(row)
             row.enabled = policy.enabled
-            row.template = to_data(policy.job_template)
+            row.template = to_plain(policy.job_template)
             row.update_time = _in_utc(policy.update_time)
         return policy
 
@@ -360,7 +360,7 @@ class SqlJobStore(JobStore):
                 project_id=row.project_id,
                 organization_id=row.organization_id,
                 enabled=row.enabled,
-                job_template=from_data(JobSpec, row.template),
+                job_template=from_plain(JobSpec, row.template),
                 update_time=update_time,
             )
 
