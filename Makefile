@@ -11,10 +11,13 @@ PYTHON ?= python3
 export GRISTMILL_CACHE ?= $(HOME)/.cache/gristmill
 export GRISTMILL_KAFKA_PORT ?= 9092
 export GRISTMILL_S3_PORT ?= 8333
+export GRISTMILL_POSTGRES_PORT ?= 5433
 # Only the ports are exported: tests find the real servers from them (tests/conftest.py), and a unit test
 # that builds settings from the environment must still get the in-process bus and local files.
 export GRISTMILL_S3_ACCESS_KEY ?= gristmill
 export GRISTMILL_S3_SECRET_KEY ?= gristmill-secret
+# Store tests (tests/support/databases.py) create a database of their own per test on the stack's PostgreSQL.
+export GRISTMILL_TEST_POSTGRES_URL ?= postgresql+psycopg://gristmill@127.0.0.1:$(GRISTMILL_POSTGRES_PORT)/postgres
 # No model hub is reachable (or needed): models come from local directories and the object store.
 export HF_HUB_OFFLINE := 1
 
@@ -67,10 +70,10 @@ lint: install  ## ruff (lint + format check)
 typecheck: install  ## mypy (strict) on libs and services
 	@$(VENV)/bin/mypy libs/gristmill/core libs/gristmill/client libs/gristmill/cli libs/gristmill/vendor $(wildcard services/*/gristmill)
 
-stack-up:  ## provision (cached) and start Kafka and SeaweedFS on 127.0.0.1
+stack-up:  ## provision (cached) and start PostgreSQL, Kafka and SeaweedFS on 127.0.0.1
 	@deploy/local/stack.sh up
 
-stack-down:  ## stop Kafka and SeaweedFS
+stack-down:  ## stop PostgreSQL, Kafka and SeaweedFS
 	@deploy/local/stack.sh down
 
 stack-status:  ## is the local stack up?
@@ -79,7 +82,7 @@ stack-status:  ## is the local stack up?
 test-unit: install  ## fast tests, in-memory implementations only
 	@$(PY) -m pytest tests/unit $(wildcard services/*/tests/unit) $(PYTEST_ARGS)
 
-test-integration: install stack-up  ## tests against the real Kafka, S3 server and gRPC ports
+test-integration: install stack-up  ## tests against the real PostgreSQL, Kafka, S3 server and gRPC ports
 	@$(PY) -m pytest -m "integration" tests services $(PYTEST_ARGS)
 
 test: install check-generated lint typecheck compose-check stack-up  ## everything CI runs: checks, then unit + integration tests

@@ -3,15 +3,17 @@
 #
 #   deploy/local/soak.sh [N]        (default 10)
 #
-# Each round wipes a Kafka broker and a SeaweedFS server of the soak's own (their data, their consumer groups,
-# __consumer_offsets: everything a new install starts without), starts them, and runs tests/e2e (the demo on
-# the local stack, a process per service, the registry killed mid-training). A developer's running stack is
-# left alone: the soak uses its own run directory and ports. A failed round keeps its logs under the soak
-# directory: round-N.log (pytest), round-N-logs/ (Kafka, SeaweedFS), round-N-tmp/ (every service's log). Ends with one line per round and "N passed, M failed"; exits 1
+# Each round wipes a PostgreSQL server, a Kafka broker and a SeaweedFS server of the soak's own (their data: the
+# services' databases, consumer groups, __consumer_offsets, everything a new install starts without), starts
+# them, and runs tests/e2e (the demo on the local stack, a process per service, the registry killed
+# mid-training). A developer's running stack is left alone: the soak uses its own run directory and ports. A
+# failed round keeps its logs under the soak directory: round-N.log (pytest), round-N-logs/ (PostgreSQL, Kafka,
+# SeaweedFS), round-N-tmp/ (every service's log). Ends with one line per round and "N passed, M failed"; exits 1
 # if any round failed.
 #
-# Environment: GRISTMILL_SOAK_DIR (<run dir>/soak), GRISTMILL_SOAK_KAFKA_PORT (9192),
-#   GRISTMILL_SOAK_S3_PORT (8433; its other ports are derived from it as in seaweedfs.sh), PYTEST_ARGS (extra pytest arguments).
+# Environment: GRISTMILL_SOAK_DIR (<run dir>/soak), GRISTMILL_SOAK_KAFKA_PORT (9192), GRISTMILL_SOAK_S3_PORT
+#   (8433; its other ports are derived from it as in seaweedfs.sh), GRISTMILL_SOAK_POSTGRES_PORT (5533),
+#   PYTEST_ARGS (extra pytest arguments).
 set -euo pipefail
 
 COMPONENT=soak
@@ -27,15 +29,18 @@ PY="$GRISTMILL_ROOT/.venv/bin/python"
 
 # Everything below talks to the soak's own brokers.
 export GRISTMILL_RUN_DIR="$SOAK_DIR/stack"
-export GRISTMILL_KAFKA_PORT="$(port_from_env GRISTMILL_SOAK_KAFKA_PORT 9192)"
-export GRISTMILL_S3_PORT="$(port_from_env GRISTMILL_SOAK_S3_PORT 8433)"
+GRISTMILL_KAFKA_PORT="$(port_from_env GRISTMILL_SOAK_KAFKA_PORT 9192)"
+GRISTMILL_S3_PORT="$(port_from_env GRISTMILL_SOAK_S3_PORT 8433)"
+GRISTMILL_POSTGRES_PORT="$(port_from_env GRISTMILL_SOAK_POSTGRES_PORT 5533)"
+export GRISTMILL_KAFKA_PORT GRISTMILL_S3_PORT GRISTMILL_POSTGRES_PORT
+export GRISTMILL_TEST_POSTGRES_URL="postgresql+psycopg://gristmill@127.0.0.1:$GRISTMILL_POSTGRES_PORT/postgres"
 export HF_HUB_OFFLINE=1
 mkdir -p "$SOAK_DIR"
 trap '"$HERE/stack.sh" down >/dev/null 2>&1 || true' EXIT
 
 passed=0 failed=0 results=()
 for ((round = 1; round <= rounds; round++)); do
-  say "round $round/$rounds: wiping and starting Kafka (127.0.0.1:$GRISTMILL_KAFKA_PORT) and SeaweedFS (:$GRISTMILL_S3_PORT)"
+  say "round $round/$rounds: wiping and starting PostgreSQL (127.0.0.1:$GRISTMILL_POSTGRES_PORT), Kafka (:$GRISTMILL_KAFKA_PORT) and SeaweedFS (:$GRISTMILL_S3_PORT)"
   "$HERE/stack.sh" clean >/dev/null
   "$HERE/stack.sh" up >"$SOAK_DIR/stack-up.log" 2>&1 || { cat "$SOAK_DIR/stack-up.log" >&2; die "the soak's stack did not start"; }
   log="$SOAK_DIR/round-$round.log"

@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
-# The local stack without Docker: a Kafka broker and a SeaweedFS S3 server on 127.0.0.1.
+# The local stack without Docker: a PostgreSQL server, a Kafka broker and a SeaweedFS S3 server on 127.0.0.1.
 #
 #   deploy/local/stack.sh {up|down|status|provision|clean}
 #
-#   provision  fetch/build both into $GRISTMILL_CACHE (once; timed)
-#   up         provision if needed, start both, wait until each answers real requests, print endpoints
-#   down       stop both
+#   provision  install/fetch/build each one (PostgreSQL from Debian, the others into $GRISTMILL_CACHE; once; timed)
+#   up         provision if needed, start each, wait until each answers real requests, print endpoints
+#   down       stop each
 #   status     one line per component; exit 1 if any is down
-#   clean      stop both and delete their data under $GRISTMILL_RUN_DIR (not the cache)
+#   clean      stop each and delete its data under $GRISTMILL_RUN_DIR (not the cache)
 #
-# Every setting is an environment variable of deploy/local/kafka.sh or deploy/local/seaweedfs.sh.
+# Every setting is an environment variable of deploy/local/postgres.sh, kafka.sh or seaweedfs.sh.
 set -euo pipefail
 
 COMPONENT=stack
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 HERE="$GRISTMILL_ROOT/deploy/local"
-COMPONENTS=(kafka seaweedfs)
+COMPONENTS=(postgres kafka seaweedfs)
 
 provision() {
   local c start
@@ -36,9 +36,12 @@ up() {
     say "$c ready in $((SECONDS - start)) s"
   done
   local kafka_port="${GRISTMILL_KAFKA_PORT:-9092}" s3_port="${GRISTMILL_S3_PORT:-8333}"
+  local pg_port="${GRISTMILL_POSTGRES_PORT:-5433}"
   cat <<EOF
 
 Local stack is up (stop it with deploy/local/stack.sh down):
+  PostgreSQL postgresql://gristmill@127.0.0.1:$pg_port/postgres   log $GRISTMILL_LOG_DIR/postgres.log
+         (gristmill up keeps each service's store in a database of its own here)
   Kafka  127.0.0.1:$kafka_port          log $GRISTMILL_LOG_DIR/kafka.log
   S3     http://127.0.0.1:$s3_port     log $GRISTMILL_LOG_DIR/seaweedfs.log
          access key ${GRISTMILL_S3_ACCESS_KEY:-gristmill}, secret key from GRISTMILL_S3_SECRET_KEY (default gristmill-secret)
@@ -46,6 +49,7 @@ For the services and tests:
   export GRISTMILL_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$kafka_port
   export GRISTMILL_S3_ENDPOINT=127.0.0.1:$s3_port
   export GRISTMILL_S3_ACCESS_KEY=${GRISTMILL_S3_ACCESS_KEY:-gristmill}
+  export GRISTMILL_TEST_POSTGRES_URL=postgresql+psycopg://gristmill@127.0.0.1:$pg_port/postgres
 EOF
 }
 

@@ -1,8 +1,9 @@
 """Databases for store tests: a fresh SQLite file, or a fresh database on the real PostgreSQL server.
 
-``make test`` starts PostgreSQL (deploy/local/stack.sh) and tests reach it through
-``GRISTMILL_TEST_POSTGRES_URL`` (a URL of a role allowed to create databases; default
-``postgresql+psycopg://gristmill@127.0.0.1:5433/postgres``). A test whose server is missing FAILS, never skips.
+``make test`` starts PostgreSQL (deploy/local/postgres.sh, part of deploy/local/stack.sh) and tests reach it
+through ``GRISTMILL_TEST_POSTGRES_URL`` (a URL of a role allowed to create databases, which the Makefile exports;
+default ``postgresql+psycopg://gristmill@127.0.0.1:<GRISTMILL_POSTGRES_PORT or 5433>/postgres``, the stack's
+server). A test whose server is missing FAILS, never skips.
 Each test gets a database of its own, dropped afterwards, so tests never see each other's rows.
 """
 
@@ -23,7 +24,10 @@ DEFAULT_POSTGRES_URL = "postgresql+psycopg://gristmill@127.0.0.1:5433/postgres"
 
 
 def postgres_admin_url() -> str:
-    return os.environ.get("GRISTMILL_TEST_POSTGRES_URL") or DEFAULT_POSTGRES_URL
+    if url := os.environ.get("GRISTMILL_TEST_POSTGRES_URL"):
+        return url
+    port = os.environ.get("GRISTMILL_POSTGRES_PORT")
+    return DEFAULT_POSTGRES_URL.replace(":5433/", f":{port}/") if port else DEFAULT_POSTGRES_URL
 
 
 @pytest.fixture(params=BACKENDS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,11 @@ class Database:
 
     def create_all(self, *metadatas: MetaData) -> None:
         """Refuse a database whose existing tables lack columns this release reads (``check_schema``, before
-        anything is written), then create the shared tables and the given service tables that do not exist."""
+        anything is written), then create the shared tables and the given service tables that do not exist.
+
+        A service's own database is brought to its schema by its migrations instead
+        (``gristmill.core.migrations.upgrade_to_head``, from ``open_platform``); this is for tests, tools and
+        services without migrations."""
         self.check_schema(Base.metadata, *metadatas)
         for md in (Base.metadata, *metadatas):
             md.create_all(self.engine)
@@ -105,3 +110,12 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def utc(value: datetime) -> datetime:
+    """``value`` in UTC, as every store writes and returns times.
+
+    SQLite keeps the wall-clock time of what it is given (dropping the zone) and hands back naive datetimes;
+    PostgreSQL converts to the session's zone. Writing UTC and reading naive values as UTC makes both agree.
+    """
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -7,7 +7,7 @@ hour): the aggregator adds to it, queries sum it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, func, select, update
@@ -22,21 +22,14 @@ from gristmill.admin.store.tables import ADMIN_TABLES, ApiKeyRow, OrganizationRo
 from gristmill.core.auth_quota import Plan, Quota, QuotaPeriod, RateLimit, UsageKind
 from gristmill.core.errors import AlreadyExistsError
 from gristmill.core.paging import Page
-from gristmill.core.sql import Database
+from gristmill.core.sql import Database, utc
 
 # ADMIN_TABLES: what the migrations (``store/migrations``) import from here.
 __all__ = ["ADMIN_TABLES", "SqlAdminStore"]
 
 
-def _utc(value: datetime) -> datetime:
-    """Every time is stored, compared and returned in UTC: SQLite keeps the wall-clock time of what it is given
-    (dropping the zone) and hands back naive datetimes; PostgreSQL converts. Apply to every time written or
-    compared, so that one instant written in another zone is the same on both."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 def _utc_or_none(value: datetime | None) -> datetime | None:
-    return None if value is None else _utc(value)
+    return None if value is None else utc(value)
 
 
 def _plan_to_json(plan: Plan) -> dict[str, Any]:
@@ -60,7 +53,7 @@ def _plan_from_json(data: dict[str, Any]) -> Plan:
 
 
 def _organization(row: OrganizationRow) -> Organization:
-    return Organization(row.organization_id, row.display_name, _plan_from_json(row.plan), _utc(row.create_time))
+    return Organization(row.organization_id, row.display_name, _plan_from_json(row.plan), utc(row.create_time))
 
 
 def _key(row: ApiKeyRow) -> ApiKey:
@@ -70,7 +63,7 @@ def _key(row: ApiKeyRow) -> ApiKey:
         display_name=row.display_name,
         scopes=frozenset(row.scopes),
         secret_prefix=row.secret_prefix,
-        create_time=_utc(row.create_time),
+        create_time=utc(row.create_time),
         expire_time=_utc_or_none(row.expire_time),
         revoke_time=_utc_or_none(row.revoke_time),
         last_used_time=_utc_or_none(row.last_used_time),
@@ -86,7 +79,7 @@ def _key_row(key: ApiKey, secret_hash: str) -> ApiKeyRow:
         scopes=sorted(key.scopes),
         secret_hash=secret_hash,
         secret_prefix=key.secret_prefix,
-        create_time=_utc(key.create_time),
+        create_time=utc(key.create_time),
         expire_time=_utc_or_none(key.expire_time),
         revoke_time=_utc_or_none(key.revoke_time),
         last_used_time=_utc_or_none(key.last_used_time),
@@ -109,7 +102,7 @@ class SqlAdminStore(AdminStore):
                         organization_id=organization.organization_id,
                         display_name=organization.display_name,
                         plan=_plan_to_json(organization.plan),
-                        create_time=_utc(organization.create_time),
+                        create_time=utc(organization.create_time),
                     )
                 )
         except IntegrityError:
@@ -166,7 +159,7 @@ class SqlAdminStore(AdminStore):
             query = select(ApiKeyRow).where(ApiKeyRow.organization_id == organization_id)
             if include_revoked_before is not None:
                 query = query.where(
-                    (ApiKeyRow.revoke_time.is_(None)) | (ApiKeyRow.revoke_time > _utc(include_revoked_before))
+                    (ApiKeyRow.revoke_time.is_(None)) | (ApiKeyRow.revoke_time > utc(include_revoked_before))
                 )
             if page.after is not None:
                 query = query.where(ApiKeyRow.ordinal < int(page.after))
@@ -176,7 +169,7 @@ class SqlAdminStore(AdminStore):
         return items, (None if last is None else str(last))
 
     def rotate_key(self, old_api_key_id: str, old_revoke_time: datetime, new: ApiKey, secret_hash: str) -> ApiKey:
-        revoke_time = _utc(old_revoke_time)
+        revoke_time = utc(old_revoke_time)
         try:
             with self.database.transaction() as session:
                 session.execute(
@@ -196,13 +189,13 @@ class SqlAdminStore(AdminStore):
             row = session.execute(select(ApiKeyRow).where(ApiKeyRow.api_key_id == api_key_id)).scalar_one_or_none()
             if row is None:
                 return None
-            if row.revoke_time is None or _utc(row.revoke_time) > at:
-                row.revoke_time = _utc(at)
+            if row.revoke_time is None or utc(row.revoke_time) > at:
+                row.revoke_time = utc(at)
             return _key(row)
 
     def touch_key(self, api_key_id: str, at: datetime) -> None:
         with self.database.transaction() as session:
-            session.execute(update(ApiKeyRow).where(ApiKeyRow.api_key_id == api_key_id).values(last_used_time=_utc(at)))
+            session.execute(update(ApiKeyRow).where(ApiKeyRow.api_key_id == api_key_id).values(last_used_time=utc(at)))
 
     # -- usage ---------------------------------------------------------------------------------------------
 
@@ -223,7 +216,7 @@ class SqlAdminStore(AdminStore):
             "organization_id": organization_id,
             "api_key_id": api_key_id,
             "kind": kind.name,
-            "hour_start": _utc(hour_start),
+            "hour_start": utc(hour_start),
             "quantity": quantity,
         }
         keys = ["organization_id", "api_key_id", "kind", "hour_start"]
@@ -254,12 +247,12 @@ class SqlAdminStore(AdminStore):
         with self.database.transaction() as session:
             query = select(UsageRow).where(
                 UsageRow.organization_id == organization_id,
-                UsageRow.hour_start >= _utc(start),
-                UsageRow.hour_start < _utc(end),
+                UsageRow.hour_start >= utc(start),
+                UsageRow.hour_start < utc(end),
             )
             if api_key_id:
                 query = query.where(UsageRow.api_key_id == api_key_id)
             if kinds:
                 query = query.where(UsageRow.kind.in_([k.name for k in kinds]))
             rows = session.execute(query.order_by(UsageRow.hour_start, UsageRow.kind, UsageRow.api_key_id)).scalars()
-            return [UsageBucket(r.api_key_id, UsageKind[r.kind], _utc(r.hour_start), r.quantity) for r in rows]
+            return [UsageBucket(r.api_key_id, UsageKind[r.kind], utc(r.hour_start), r.quantity) for r in rows]

@@ -123,7 +123,16 @@ def put_prediction(session: Session, seq: int, prediction: Prediction) -> None:
 
 
 def store_consensus(session: Session, item: Row[Any], rule: ConsensusRule) -> None:
-    """Store the item's annotation count, and the status and consensus ``rule`` decides from its annotations."""
+    """Store the item's annotation count, and the status and consensus ``rule`` decides from its annotations.
+
+    The item's row is locked first (SQLite serialises writers anyway). Without it, on PostgreSQL (READ
+    COMMITTED) two annotators submitting for one item at once each counted only their own annotation, and the
+    later commit stored a count of one: the item was then offered a third time (seen in the networked
+    end-to-end test). FOR NO KEY UPDATE, not FOR UPDATE: the annotation just inserted holds a KEY SHARE lock
+    on the item (its foreign key), which FOR UPDATE would wait on, and two submits would deadlock.
+    """
+    locked = select(t.items).where(t.items.c.seq == item.seq).with_for_update(key_share=True)
+    item = session.execute(locked).one()
     labelings = [
         tuple(labels)
         for (labels,) in session.execute(select(t.annotations.c.labels).where(t.annotations.c.item_seq == item.seq))

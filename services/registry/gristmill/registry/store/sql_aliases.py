@@ -9,9 +9,10 @@ from sqlalchemy.exc import IntegrityError
 
 from gristmill.core.errors import AbortedError
 from gristmill.core.paging import Page
+from gristmill.core.sql import utc
 from gristmill.registry.domain.model import AliasCause, AliasChange, PromotionDecision
 from gristmill.registry.domain.ports import AliasRepository
-from gristmill.registry.store.sql_common import SqlUnit, optional, plain_or_none, utc
+from gristmill.registry.store.sql_common import SqlUnit, optional, plain_or_none
 from gristmill.registry.store.tables import AliasHistoryRow, AliasRow, ModelRow
 
 

@@ -8,10 +8,11 @@ from sqlalchemy.exc import IntegrityError
 from gristmill.core.errors import AbortedError, AlreadyExistsError
 from gristmill.core.paging import Page
 from gristmill.core.serialization import from_plain, to_plain
+from gristmill.core.sql import utc
 from gristmill.core.values import FileRef
 from gristmill.registry.domain.model import BaseModel, CardText, ModelCard
 from gristmill.registry.domain.ports import BaseModelRepository, CardRepository
-from gristmill.registry.store.sql_common import SqlUnit, metrics_from_plain, metrics_to_plain, optional, utc
+from gristmill.registry.store.sql_common import SqlUnit, metrics_from_plain, metrics_to_plain, optional
 from gristmill.registry.store.tables import BaseModelRow, ModelCardRow
 
 

@@ -3,7 +3,6 @@ JSON form of the structured columns (``gristmill.core.serialization``: the datac
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import select
@@ -25,11 +24,6 @@ class EventWriter(Protocol):
     def version_registered(self, session: Session, version: ModelVersion) -> None: ...
 
     def alias_changed(self, session: Session, change: AliasChange) -> None: ...
-
-
-def utc(value: datetime) -> datetime:
-    # SQLite returns naive datetimes even for timezone-aware columns; every time we store is UTC.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def plain_or_none(value: Any) -> Any:

@@ -10,9 +10,10 @@ from sqlalchemy.exc import IntegrityError
 
 from gristmill.core.errors import AlreadyExistsError
 from gristmill.core.paging import Page
+from gristmill.core.sql import utc
 from gristmill.registry.domain.model import ModelQuery, RegisteredModel
 from gristmill.registry.domain.ports import ModelRepository
-from gristmill.registry.store.sql_common import SqlUnit, utc
+from gristmill.registry.store.sql_common import SqlUnit
 from gristmill.registry.store.tables import MODEL_COUNT_LOCK, AliasRow, LockRow, ModelRow, ModelTagRow
 
 

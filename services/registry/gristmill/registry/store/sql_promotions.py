@@ -8,6 +8,7 @@ from sqlalchemy import delete, select, update
 
 from gristmill.core.errors import NotFoundError
 from gristmill.core.paging import Page
+from gristmill.core.sql import utc
 from gristmill.registry.domain.model import (
     MetricGoal,
     PendingPromotion,
@@ -17,7 +18,7 @@ from gristmill.registry.domain.model import (
     PromotionState,
 )
 from gristmill.registry.domain.ports import PromotionRepository
-from gristmill.registry.store.sql_common import SqlUnit, optional, plain_or_none, utc
+from gristmill.registry.store.sql_common import SqlUnit, optional, plain_or_none
 from gristmill.registry.store.tables import ModelRow, PendingPromotionRow, PolicyRow
 
 

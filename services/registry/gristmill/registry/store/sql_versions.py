@@ -13,6 +13,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from gristmill.core.errors import AlreadyExistsError, NotFoundError
 from gristmill.core.paging import Page
 from gristmill.core.serialization import from_plain, to_plain
+from gristmill.core.sql import utc
 from gristmill.core.values import FileRef, Signature
 from gristmill.registry.domain.model import (
     Comparison,
@@ -30,7 +31,6 @@ from gristmill.registry.store.sql_common import (
     metrics_to_plain,
     optional,
     plain_or_none,
-    utc,
 )
 from gristmill.registry.store.tables import AliasRow, ModelRow, VersionMetricRow, VersionRow, VersionTagRow
 

@@ -7,7 +7,7 @@ the domain dataclasses (``spec_to_json`` / ``spec_from_json``).
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, select
@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gristmill.core.errors import AlreadyExistsError, NotFoundError
-from gristmill.core.sql import Database
+from gristmill.core.sql import Database, utc
 from gristmill.serving.domain.model import (
     BatchingConfig,
     CanaryRoute,
@@ -37,12 +37,6 @@ __all__ = ["TABLES", "SqlDeploymentStore", "spec_from_json", "spec_to_json"]
 
 def _selector(data: dict[str, Any]) -> VersionSelector:
     return VersionSelector(version=data.get("version"), alias=data.get("alias"))
-
-
-def _utc(value: datetime) -> datetime:
-    """Every time is stored and returned in UTC: SQLite keeps the wall-clock time of what it is given (dropping
-    the zone) and hands back naive datetimes; PostgreSQL converts (to the session's zone)."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def spec_to_json(spec: DeploymentSpec) -> str:
@@ -80,8 +74,8 @@ def spec_from_json(organization_id: str, name: str, text: str, create: datetime,
         quantization=Quantization(data["quantization"]),
         length_policy=LengthPolicy(length["max_tokens"], OverLengthAction(length["over_length_action"])),
         prediction_logging=PredictionLoggingConfig(**data["prediction_logging"]),
-        create_time=_utc(create),
-        update_time=_utc(update),
+        create_time=utc(create),
+        update_time=utc(update),
     )
 
 
@@ -103,8 +97,8 @@ class SqlDeploymentStore(DeploymentStore):
                         name=spec.name,
                         registered_model_name=spec.registered_model_name,
                         spec=spec_to_json(spec),
-                        create_time=_utc(spec.create_time),
-                        update_time=_utc(spec.update_time),
+                        create_time=utc(spec.create_time),
+                        update_time=utc(spec.update_time),
                     )
                 )
         except IntegrityError:
@@ -118,7 +112,7 @@ class SqlDeploymentStore(DeploymentStore):
             if row is None:
                 raise NotFoundError(f"deployment {spec.name!r} does not exist")
             row.spec = spec_to_json(spec)
-            row.update_time = _utc(spec.update_time)
+            row.update_time = utc(spec.update_time)
 
     def get(self, organization_id: str, name: str) -> DeploymentSpec:
         with self.database.transaction() as session:

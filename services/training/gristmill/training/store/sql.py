@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from gristmill.core.auth_quota import UsageKind, UsageRecord
 from gristmill.core.errors import FailedPreconditionError, NotFoundError
 from gristmill.core.serialization import from_plain, to_plain
-from gristmill.core.sql import Database
+from gristmill.core.sql import Database, utc
 from gristmill.training.domain.model import (
     ALLOWED_FROM,
     AutoTrainPolicy,
@@ -44,14 +44,10 @@ __all__ = ["SqlJobStore", "TrainingBase", "worker_seconds"]
 
 def _utc(value: datetime | None) -> datetime | None:
     # SQLite drops the zone of DateTime(timezone=True) values, keeping the wall-clock time it is given; so every
-    # time is written in UTC (``_in_utc``) and read back as UTC.
+    # time is written in UTC (``utc``) and read back as UTC.
     if value is None:
         return None
-    return _in_utc(value)
-
-
-def _in_utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return utc(value)
 
 
 def _now() -> datetime:
@@ -184,14 +180,14 @@ class SqlJobStore(JobStore):
                     ray_run_name=job.ray_run_name,
                     restart_count=0,
                     last_sequence=0,
-                    create_time=_in_utc(job.create_time),
+                    create_time=utc(job.create_time),
                 )
                 session.add(row)
                 session.flush()
                 event = JobEvent(
                     job.job_id,
                     1,
-                    _in_utc(job.create_time),
+                    utc(job.create_time),
                     EventKind.STATE,
                     state=JobState.QUEUED,
                     reason=job.state_reason,
@@ -344,7 +340,7 @@ class SqlJobStore(JobStore):
                 session.add(row)
             row.enabled = policy.enabled
             row.template = to_plain(policy.job_template)
-            row.update_time = _in_utc(policy.update_time)
+            row.update_time = utc(policy.update_time)
         return policy
 
     def get_policy(self, organization_id: str, project_id: str) -> AutoTrainPolicy:

@@ -1,0 +1,1 @@
+"""The training schema's revisions, oldest first by ``down_revision``."""
