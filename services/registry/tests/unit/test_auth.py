@@ -19,8 +19,8 @@ from gristmill.core.licensing import License, load_license
 from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.registry.app import METHOD_SCOPES, RegistryApp, build_app
 from gristmill.registry.settings import RegistrySettings
+from services.registry.tests.api import SIG
 from services.registry.tests.support import upload_model
-from services.registry.tests.unit.test_api import SIG
 from tests.contracts.auth import (
     AuthContract,
     AuthSubject,

@@ -18,7 +18,7 @@ from gristmill.core.host import ServiceHost
 from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.training.app import METHOD_SCOPES, build_host
 from gristmill.training.settings import TrainingSettings
-from services.training.tests.unit.test_service import ScriptedRunner, _spec
+from services.training.tests.service_support import ScriptedRunner, job_spec
 from tests.contracts.auth import (
     AuthContract,
     AuthSubject,
@@ -67,7 +67,7 @@ async def acme_job(server: Server, tiny_model: Path, sentiment_version: Callable
     sentiment_version(host.platform.objects)
     async with grpc.aio.insecure_channel(address) as channel:
         job = await pb_grpc.TrainingServiceStub(channel).SubmitJob(
-            pb.SubmitJobRequest(spec=_spec(tiny_model)), metadata=bearer(keys.issue("acme", {TRAINING_SUBMIT}))
+            pb.SubmitJobRequest(spec=job_spec(tiny_model)), metadata=bearer(keys.issue("acme", {TRAINING_SUBMIT}))
         )
     return job.job_id
 
