@@ -26,6 +26,7 @@ from gristmill.core.auth_quota import Plan, Quota, QuotaPeriod, RateLimit, Usage
 from gristmill.core.errors import AlreadyExistsError
 from gristmill.core.paging import Page
 from gristmill.core.sql import Database
+from tests.support.databases import migrated_database
 
 T0 = datetime(2026, 11, 10, 12, 30, tzinfo=UTC)
 PLUS_TWO = timezone(timedelta(hours=2))
@@ -42,7 +43,7 @@ PLAN = Plan(
 
 @pytest.fixture
 def database(database_url: str) -> Iterator[Database]:
-    database = Database(database_url)
+    database = migrated_database(database_url, "admin")
     yield database
     database.dispose()
 

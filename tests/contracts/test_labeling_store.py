@@ -32,8 +32,8 @@ from gristmill.labeling.domain.ordering import OfferRule, order_key
 from gristmill.labeling.domain.ports import LabelingStore, NewItem, PredictionTarget
 from gristmill.labeling.domain.schema import schema_change_needed
 from gristmill.labeling.events.payloads import LabelingEvents
-from gristmill.labeling.store import tables
 from gristmill.labeling.store.sql import SqlLabelingStore
+from tests.support.databases import migrated_database
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 ORG = "default"
@@ -42,8 +42,7 @@ SINGLE = ConsensusRule(required=2, multi_label=False)
 
 @pytest.fixture
 def database(database_url: str) -> Iterator[Database]:
-    database = Database(database_url)
-    database.create_all(tables.metadata)
+    database = migrated_database(database_url, "labeling")
     yield database
     database.dispose()
 

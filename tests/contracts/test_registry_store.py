@@ -47,6 +47,7 @@ from gristmill.registry.domain.model import (
 )
 from gristmill.registry.events.payloads import OutboxEventWriter
 from gristmill.registry.store.sql import SqlRegistryStore
+from tests.support.databases import migrated_database
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 MANIFEST = FileRef("jobs/j/manifest.json", "0" * 64, 10)
@@ -54,8 +55,7 @@ MANIFEST = FileRef("jobs/j/manifest.json", "0" * 64, 10)
 
 @pytest.fixture
 def database(database_url: str) -> Iterator[Database]:
-    database = Database(database_url)
-    database.create_all()
+    database = migrated_database(database_url, "registry")
     yield database
     database.dispose()
 

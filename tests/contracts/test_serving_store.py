@@ -30,6 +30,7 @@ from gristmill.serving.domain.model import (
 )
 from gristmill.serving.domain.ports import DeploymentStore
 from gristmill.serving.store.sql import SqlDeploymentStore
+from tests.support.databases import migrated_database
 
 T0 = datetime(2026, 3, 1, 9, 15, tzinfo=UTC)
 ORG = "acme"
@@ -37,7 +38,7 @@ ORG = "acme"
 
 @pytest.fixture
 def database(database_url: str) -> Iterator[Database]:
-    database = Database(database_url)
+    database = migrated_database(database_url, "serving")
     yield database
     database.dispose()
 

@@ -47,6 +47,7 @@ from gristmill.training.domain.refs import BaseModelRef, DatasetRef, FileRef
 from gristmill.training.events.payloads import TrainingEvents
 from gristmill.training.store.sql import SqlJobStore
 from gristmill.training.tasks.text_classification import classification_signature
+from tests.support.databases import migrated_database
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -73,7 +74,7 @@ def _job(job_id: str, *, project: str = "reviews", request_id: str = "", minutes
 
 @pytest.fixture
 def database(database_url: str) -> Iterator[Database]:
-    database = Database(database_url)
+    database = migrated_database(database_url, "training")
     yield database
     database.dispose()
 

@@ -19,6 +19,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
+from gristmill.core.migrations import upgrade_to_head
+from gristmill.core.sql import Database
+
 BACKENDS = ("sqlite", "postgresql")
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://gristmill@127.0.0.1:5433/postgres"
 
@@ -60,3 +63,11 @@ def fresh_postgres_database() -> Iterator[str]:
         with engine.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         engine.dispose()
+
+
+def migrated_database(url: str, service: str) -> Database:
+    """A ``Database`` at ``url`` brought to ``service``'s schema by its migrations, as the service does at start
+    (so store tests run on the schema the migrations make, not on one ``create_all`` makes)."""
+    database = Database(url)
+    upgrade_to_head(database, service)
+    return database

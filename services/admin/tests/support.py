@@ -24,6 +24,7 @@ from gristmill.core.events import MemoryBroker
 from gristmill.core.licensing import License
 from gristmill.core.settings import KafkaSettings
 from gristmill.core.sql import Database
+from tests.support.databases import migrated_database
 
 ROOT = "root"
 ROOT_ADMIN = Principal(ROOT, "0000000000000000", frozenset({ADMIN}))
@@ -57,8 +58,7 @@ class Env:
 
 
 def make_env(tmp_path: Path) -> Env:
-    database = Database(f"sqlite:///{tmp_path / 'admin.db'}")
-    database.create_all()
+    database = migrated_database(f"sqlite:///{tmp_path / 'admin.db'}", "admin")
     store = SqlAdminStore(database)
     clock = FakeClock()
     admin = Admin(store, root_organization_id=ROOT, clock=clock)

@@ -16,9 +16,9 @@ from gristmill.core.storage import LocalObjectStore
 from gristmill.labeling.domain import model as m
 from gristmill.labeling.domain.service import LabelingService
 from gristmill.labeling.events.payloads import LabelingEvents
-from gristmill.labeling.store import tables
 from gristmill.labeling.store.sql import SqlLabelingStore
 from tests.conftest import SHARED_DATA, kafka_bootstrap, s3_endpoint, tracing  # noqa: F401
+from tests.support.databases import migrated_database
 
 SENTIMENT = SHARED_DATA / "sentiment"
 
@@ -43,8 +43,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def database(tmp_path: Path) -> Iterator[Database]:
-    db = Database(f"sqlite:///{tmp_path / 'labeling.db'}")
-    db.create_all(tables.metadata)
+    db = migrated_database(f"sqlite:///{tmp_path / 'labeling.db'}", "labeling")
     yield db
     db.dispose()
 

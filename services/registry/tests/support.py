@@ -26,6 +26,7 @@ from gristmill.registry.domain.registration import Registration
 from gristmill.registry.domain.services import RegistryServices
 from gristmill.registry.events.payloads import OutboxEventWriter
 from gristmill.registry.store.sql import SqlRegistryStore
+from tests.support.databases import migrated_database
 
 SIGNATURE = {
     "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
@@ -68,8 +69,7 @@ class Env:
 
 
 def make_env(tmp_path: Path, *, allow_local_paths: bool = True, database_url: str | None = None) -> Env:
-    database = Database(database_url or f"sqlite:///{tmp_path / 'registry.db'}")
-    database.create_all()
+    database = migrated_database(database_url or f"sqlite:///{tmp_path / 'registry.db'}", "registry")
     objects = LocalObjectStore(tmp_path / "objects")
     catalog = platform_catalog()
     store = SqlRegistryStore(database, OutboxEventWriter(catalog, "registry"))

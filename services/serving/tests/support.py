@@ -25,6 +25,7 @@ from gristmill.serving.domain.service import DeploymentService
 from gristmill.serving.domain.sources import Encoded, LoadOptions, ModelSource, ResolvedVersion
 from gristmill.serving.settings import ServingSettings
 from gristmill.serving.store.sql import SqlDeploymentStore
+from tests.support.databases import migrated_database
 from tests.support.licences import signed_license
 
 LABELS = ("negative", "positive")
@@ -196,7 +197,7 @@ class Env:
 def make_service(tmp_path: Path, *, seed: int = 7, license_: License = ENTERPRISE) -> Env:
     """A ``DeploymentService`` on SQLite in ``tmp_path`` with the fake source and loader (call ``start``),
     under a licence with every feature and no limit unless ``license_`` says otherwise."""
-    database = Database(f"sqlite:///{tmp_path / 'serving.db'}")
+    database = migrated_database(f"sqlite:///{tmp_path / 'serving.db'}", "serving")
     store = SqlDeploymentStore(database)
     source, loader, sink = FakeSource(), FakeLoader(), ListSink()
     manager = DeploymentManager(source, loader, rng=random.Random(seed), retry_delay_s=0.01)

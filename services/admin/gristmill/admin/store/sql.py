@@ -90,7 +90,6 @@ def _key_row(key: ApiKey, secret_hash: str) -> ApiKeyRow:
 class SqlAdminStore(AdminStore):
     def __init__(self, database: Database) -> None:
         self.database = database
-        database.create_all(ADMIN_TABLES)
 
     # -- organisations -----------------------------------------------------------------------------------
 

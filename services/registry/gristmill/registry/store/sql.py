@@ -43,7 +43,6 @@ class SqlRegistryStore(RegistryStore):
     def __init__(self, database: Database, events: EventWriter) -> None:
         self.database = database
         self.events = events
-        database.create_all(REGISTRY_TABLES)
         self._ensure_lock_row(MODEL_COUNT_LOCK)
 
     def _ensure_lock_row(self, name: str) -> None:

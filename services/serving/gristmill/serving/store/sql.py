@@ -82,7 +82,6 @@ def spec_from_json(organization_id: str, name: str, text: str, create: datetime,
 class SqlDeploymentStore(DeploymentStore):
     def __init__(self, database: Database) -> None:
         self.database = database
-        database.create_all(TABLES)
 
     @staticmethod
     def _to_spec(row: DeploymentRow) -> DeploymentSpec:

@@ -124,7 +124,6 @@ class SqlJobStore(JobStore):
         # One writer at a time in this process: a job's event sequence is read and incremented in one
         # transaction, after ``_row(lock=True)`` locked the job's row for every process.
         self._write_lock = threading.Lock()
-        database.create_all(TrainingBase.metadata)
 
     @contextmanager
     def _writing(self) -> Iterator[Session]:
