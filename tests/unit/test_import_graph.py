@@ -1,23 +1,28 @@
-"""The shared library has no import cycle (lazy imports inside functions count too): ``libs/`` is layered, so a
-module can be read, tested and imported on its own."""
+"""No import cycle in the shared library or in any service (lazy imports inside functions and imports for type
+checking count too): each is layered (api -> domain <- store, tasks below domain), so a module can be read, tested
+and imported on its own."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-LIBS = Path(__file__).resolve().parents[2] / "libs"
+REPO = Path(__file__).resolve().parents[2]
+LIBS = REPO / "libs"
+SERVICES = sorted(path for path in (REPO / "services").iterdir() if (path / "gristmill").is_dir())
 
 
-def _modules() -> dict[str, Path]:
+def _modules(*roots: Path) -> dict[str, Path]:
+    """Module name -> file, for the ``gristmill`` namespace under each root (generated code left out)."""
     modules = {}
-    for path in (LIBS / "gristmill").rglob("*.py"):
-        if path.name.endswith(("_pb2.py", "_pb2_grpc.py")):
-            continue
-        parts = list(path.relative_to(LIBS).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        modules[".".join(parts)] = path
+    for root in roots:
+        for path in (root / "gristmill").rglob("*.py"):
+            if path.name.endswith(("_pb2.py", "_pb2_grpc.py")):
+                continue
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join(parts)] = path
     return modules
 
 
@@ -90,8 +95,14 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_the_shared_library_has_no_import_cycle() -> None:
-    modules = _modules()
+    modules = _modules(LIBS)
     assert "gristmill.core.auth" in modules and "gristmill.core.host" in modules
+    assert _cycles(_graph(modules)) == []
+
+
+def test_no_service_has_an_import_cycle() -> None:
+    modules = _modules(LIBS, *SERVICES)
+    assert {"gristmill.registry.app", "gristmill.labeling.tasks", "gristmill.training.domain.spec"} <= set(modules)
     assert _cycles(_graph(modules)) == []
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gristmill.core.errors import InvalidArgumentError
+from gristmill.labeling.domain.json_values import json_type
 from gristmill.labeling.domain.model import CsvOptions, FieldMapping, ImportFormat, ImportOptions, RawRecord
 
 if TYPE_CHECKING:
@@ -293,21 +294,6 @@ def _metadata_value(value: Any) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def json_type(value: Any) -> str:
-    """How a JSON value's type reads in an error message ("an array", "null")."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 def validate_options(options: ImportOptions) -> None:

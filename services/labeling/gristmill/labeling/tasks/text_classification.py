@@ -9,8 +9,8 @@ from typing import Any
 
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.manifests import DatasetRow
+from gristmill.labeling.domain.json_values import json_type
 from gristmill.labeling.domain.model import LabelDefinition, LabelSchema
-from gristmill.labeling.domain.parsing import json_type
 from gristmill.labeling.domain.splits import DatasetItem
 
 

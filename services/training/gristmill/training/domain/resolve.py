@@ -34,9 +34,10 @@ from gristmill.core.errors import (
 from gristmill.core.manifests import SPLITS, DatasetManifest, DatasetRow, ModelManifest, dataset_manifest_key
 from gristmill.core.storage import ObjectStore, validate_key
 from gristmill.core.storage.base import sha256_file
+from gristmill.training.domain.lora import LoraSettings
 from gristmill.training.domain.refs import BaseModelRef, DatasetRef, FileRef
 from gristmill.training.domain.search import check_search_bounds
-from gristmill.training.domain.spec import JobSpec, LoraSettings, Method, TaskType
+from gristmill.training.domain.spec import JobSpec, Method, TaskType
 from gristmill.training.tasks import training_task
 
 

@@ -16,6 +16,7 @@ from enum import StrEnum
 
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.ids import validate_id
+from gristmill.training.domain.lora import LoraSettings
 from gristmill.training.domain.refs import BaseModelRef, DatasetRef
 
 
@@ -89,15 +90,6 @@ MAX_WORKERS = 4096
 MAX_TRIALS = 1000
 MAX_TAGS = 64
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$")
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    rank: int
-    alpha: float
-    dropout: float
-    # Empty: the architecture's attention projections (decided when the model is inspected).
-    target_modules: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -454,7 +446,7 @@ def build_spec(
     if len(display_name) > 256:
         raise _bad("display_name", f"is {len(display_name)} characters long; the limit is 256")
     if task is not TaskType.UNSPECIFIED:
-        # Imported here: the task modules import this one (LoraSettings).
+        # Imported here: the task modules load their libraries lazily, but the registry is the service's.
         from gristmill.training.tasks import TRAINING_TASKS
 
         if task.value not in TRAINING_TASKS:

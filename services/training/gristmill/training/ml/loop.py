@@ -31,8 +31,9 @@ from typing import Any, Protocol
 import torch
 
 from gristmill.core.tasks import DEFAULT_TASK_TYPE
+from gristmill.training.domain.lora import LoraSettings
 from gristmill.training.domain.runs import LOOP_STATE_FILE as STATE_FILE
-from gristmill.training.domain.spec import HyperParameters, LoraSettings, Method, Precision
+from gristmill.training.domain.spec import HyperParameters, Method, Precision
 from gristmill.training.ml import data as D
 from gristmill.training.tasks import training_task
 

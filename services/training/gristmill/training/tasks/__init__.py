@@ -20,7 +20,7 @@ from gristmill.core.errors import GristmillError, InvalidArgumentError
 from gristmill.core.manifests import DatasetRow
 from gristmill.core.tasks import TEXT_CLASSIFICATION, TaskRegistry
 from gristmill.core.values import Signature
-from gristmill.training.domain.spec import LoraSettings
+from gristmill.training.domain.lora import LoraSettings
 
 if TYPE_CHECKING:
     import torch

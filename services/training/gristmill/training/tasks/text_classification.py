@@ -18,7 +18,7 @@ from gristmill.core.errors import FailedPreconditionError
 from gristmill.core.manifests import DatasetRow
 from gristmill.core.tasks import TEXT_CLASSIFICATION
 from gristmill.core.values import Signature, TensorSpec
-from gristmill.training.domain.spec import LoraSettings
+from gristmill.training.domain.lora import LoraSettings
 
 if TYPE_CHECKING:
     import torch
