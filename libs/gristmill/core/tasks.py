@@ -43,6 +43,8 @@ TASK_TYPES: tuple[str, ...] = (
 )
 # What an unset task type means.
 DEFAULT_TASK_TYPE = TEXT_CLASSIFICATION
+# The task types whose models are sequence classifiers (one head, a label map, OIP probabilities).
+CLASSIFICATION_TASK_TYPES: tuple[str, ...] = (TEXT_CLASSIFICATION, TEXT_MULTI_LABEL_CLASSIFICATION)
 
 _ENUM_PREFIX = "TASK_TYPE_"
 _UNSPECIFIED = "TASK_TYPE_UNSPECIFIED"

@@ -29,13 +29,13 @@ from gristmill.core.values import FileRef
 from gristmill.registry.domain import names
 from gristmill.registry.domain.common import base_model_prefix
 from gristmill.registry.domain.model import BaseModel, Caller
+from gristmill.registry.domain.names import SUPPORTED_TASKS
 from gristmill.registry.domain.ports import RegistryStore
 
 # A safetensors header larger than this is not a header (the format caps it at 100 MB).
 _MAX_HEADER = 100 * 1024 * 1024
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 
-CLASSIFICATION_TASKS = ("TASK_TYPE_TEXT_CLASSIFICATION", "TASK_TYPE_TEXT_MULTI_LABEL_CLASSIFICATION")
 # Encoder families a sequence-classification head fine-tunes well.
 _ENCODERS = {
     "bert",
@@ -136,7 +136,7 @@ def infer_tasks(model_type: str, architectures: tuple[str, ...]) -> tuple[str, .
     """Task families the architecture can be fine-tuned for (empty when unknown)."""
     tasks: list[str] = []
     if model_type in _ENCODERS or any(a.endswith("ForSequenceClassification") for a in architectures):
-        tasks.extend(CLASSIFICATION_TASKS)
+        tasks.extend(SUPPORTED_TASKS)
     if any(a.endswith("ForTokenClassification") for a in architectures) or model_type in _ENCODERS:
         tasks.append("TASK_TYPE_TOKEN_CLASSIFICATION")
     if any(a.endswith("ForCausalLM") for a in architectures):

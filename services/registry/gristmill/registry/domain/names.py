@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.ids import validate_id
+from gristmill.core.tasks import CLASSIFICATION_TASK_TYPES, task_type_enum_name
 
 # Tasks the registry accepts; the others in common.v1.TaskType are marked "later" in the proto.
-SUPPORTED_TASKS = ("TASK_TYPE_TEXT_CLASSIFICATION", "TASK_TYPE_TEXT_MULTI_LABEL_CLASSIFICATION")
+SUPPORTED_TASKS = tuple(task_type_enum_name(name) for name in CLASSIFICATION_TASK_TYPES)
 TASK_UNSPECIFIED = "TASK_TYPE_UNSPECIFIED"
 
 
