@@ -21,7 +21,7 @@ from gristmill.core.events import Event, Outbox
 from gristmill.core.events.kafka import KafkaEventBus
 from gristmill.core.events.memory import MemoryEventBus
 from gristmill.core.grpcserver import ServiceRegistration
-from gristmill.core.host import ServiceHost, Subscription, open_platform
+from gristmill.core.host import Infrastructure, ServiceHost, Subscription, open_platform
 from gristmill.core.settings import KafkaSettings, S3Settings, ServiceSettings
 from gristmill.core.storage import LocalObjectStore
 from gristmill.core.storage.s3 import S3ObjectStore
@@ -76,7 +76,7 @@ def _collector() -> tuple[list[events_pb2.AliasChanged], threading.Event, Callab
 async def test_host_on_the_embedded_platform(tmp_path: Path) -> None:
     settings = ServiceSettings(data_dir=tmp_path, grpc_port=0)
     # Explicit empty endpoints: `make test` exports the real stack's addresses into the environment.
-    platform = open_platform("sample", settings, kafka=KafkaSettings(bootstrap_servers=""), s3=S3Settings(endpoint=""))
+    platform = open_platform("sample", settings, Infrastructure())
     assert isinstance(platform.bus, MemoryEventBus)
     assert isinstance(platform.objects, LocalObjectStore)
     received, seen, handler = _collector()
@@ -94,7 +94,7 @@ async def test_host_on_kafka_and_s3(tmp_path: Path, kafka_bootstrap: str, s3_end
         secret_key=SecretStr(s3_endpoint["secret_key"]),
         bucket="gristmill-test",
     )
-    platform = open_platform("sample", settings, kafka=kafka, s3=s3)
+    platform = open_platform("sample", settings, Infrastructure(kafka=kafka, s3=s3))
     assert isinstance(platform.bus, KafkaEventBus)
     assert isinstance(platform.objects, S3ObjectStore)
     received, seen, handler = _collector()
@@ -162,7 +162,7 @@ async def test_components_open_in_order_and_close_in_reverse_after_the_server_dr
     from gristmill.core.host import PeriodicTask
 
     settings = ServiceSettings(data_dir=tmp_path, grpc_port=0)
-    platform = open_platform("sample", settings, kafka=KafkaSettings(bootstrap_servers=""), s3=S3Settings(endpoint=""))
+    platform = open_platform("sample", settings, Infrastructure())
     topic = platform.catalog.topic_for(events_pb2.AliasChanged)
     events: list[str] = []
     host: ServiceHost
@@ -215,7 +215,7 @@ async def test_components_open_in_order_and_close_in_reverse_after_the_server_dr
 
 async def test_a_component_that_fails_to_open_closes_what_was_opened(tmp_path: Path) -> None:
     settings = ServiceSettings(data_dir=tmp_path, grpc_port=0)
-    platform = open_platform("sample", settings, kafka=KafkaSettings(bootstrap_servers=""), s3=S3Settings(endpoint=""))
+    platform = open_platform("sample", settings, Infrastructure())
     closed: list[str] = []
 
     class Opens:

@@ -18,9 +18,9 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, inspect, text
 
 from gristmill.core.errors import ConfigurationError
-from gristmill.core.host import open_platform
+from gristmill.core.host import Infrastructure, open_platform
 from gristmill.core.migrations import SchemaMigrations, migrations_package, shared_metadata
-from gristmill.core.settings import KafkaSettings, S3Settings, ServiceSettings
+from gristmill.core.settings import ServiceSettings
 from gristmill.core.sql import Database
 
 pytestmark = pytest.mark.integration
@@ -115,13 +115,7 @@ def test_a_database_at_an_unknown_revision_is_refused_unchanged(database: Databa
 def test_open_platform_brings_the_database_to_head(database_url: str, tmp_path: Path) -> None:
     settings = ServiceSettings(data_dir=tmp_path, grpc_port=0, database_url=database_url)
     # Explicit empty endpoints: `make test` exports the real stack's addresses into the environment.
-    platform = open_platform(
-        "serving",
-        settings,
-        kafka=KafkaSettings(bootstrap_servers=""),
-        s3=S3Settings(endpoint=""),
-        tables=service_migrations("serving").metadatas[1:],
-    )
+    platform = open_platform("serving", settings, Infrastructure(), tables=service_migrations("serving").metadatas[1:])
     try:
         migrations = service_migrations("serving")
         assert migrations.current(platform.database) == migrations.head()
@@ -134,9 +128,7 @@ def test_a_service_without_migrations_gets_create_all(tmp_path: Path) -> None:
     settings = ServiceSettings(data_dir=tmp_path, grpc_port=0)
     sample = MetaData()
     Table("sample_rows", sample, Column("id", Integer, primary_key=True))
-    platform = open_platform(
-        "sample", settings, kafka=KafkaSettings(bootstrap_servers=""), s3=S3Settings(endpoint=""), tables=[sample]
-    )
+    platform = open_platform("sample", settings, Infrastructure(), tables=[sample])
     try:
         assert {"sample_rows", "gristmill_outbox"} <= table_names(platform.database)
         assert not any(name.startswith("alembic_version") for name in table_names(platform.database))

@@ -3,16 +3,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from gristmill.core import service as service_module
 from gristmill.core.errors import ConfigurationError
-from gristmill.core.host import ServiceHost
+from gristmill.core.host import Infrastructure
 from gristmill.core.security import Security
-from gristmill.core.service import run_service
-from gristmill.core.settings import KafkaSettings, S3Settings, ServiceSettings, TelemetrySettings
+from gristmill.core.service import HasHost, run_service
+from gristmill.core.settings import ServiceSettings, TelemetrySettings
 
 SCOPES = {"/sample.Service/*": "admin"}
 
@@ -39,12 +40,17 @@ class RanHost:
         self.ran = True
 
 
+@dataclass
+class SampleApp:
+    host: RanHost
+
+
 def test_a_bad_setting_is_one_line_naming_it_and_exit_status_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("GRISTMILL_SAMPLE_GRPC_PORT", "-1")
 
-    def build(settings: SampleSettings, **_: object) -> ServiceHost:
+    def build(settings: SampleSettings, infra: Infrastructure, security: Security) -> HasHost:
         raise AssertionError("never built")
 
     assert run_service("sample", SampleSettings, build, method_scopes=SCOPES) == 2
@@ -59,7 +65,7 @@ def test_a_configuration_error_while_building_is_one_line_and_security_is_closed
     closed: list[str] = []
     monkeypatch.setattr(Security, "close", lambda self: closed.append("security"))
 
-    def build(settings: SampleSettings, *, security: Security, **_: object) -> ServiceHost:
+    def build(settings: SampleSettings, infra: Infrastructure, security: Security) -> HasHost:
         assert security.auth_hook is not None
         raise ConfigurationError("the database sqlite:///x is from an older Gristmill release")
 
@@ -73,32 +79,27 @@ def test_a_service_is_built_from_every_setting_run_and_ends_with_status_0(monkey
     seen: dict[str, object] = {}
     host = RanHost()
 
-    def build(
-        settings: SampleSettings,
-        *,
-        kafka: KafkaSettings,
-        s3: S3Settings,
-        security: Security,
-        telemetry: TelemetrySettings | None = None,
-    ) -> ServiceHost:
-        seen.update(settings=settings, kafka=kafka, s3=s3, security=security, telemetry=telemetry)
-        return host  # type: ignore[return-value]
+    def build(settings: SampleSettings, infra: Infrastructure, security: Security) -> HasHost:
+        seen.update(settings=settings, infra=infra, security=security)
+        return SampleApp(host)  # type: ignore[return-value]
 
     prepared: list[int] = []
     status = run_service(
         "sample", SampleSettings, build, method_scopes=SCOPES, prepare=lambda s: prepared.append(s.grpc_port)
     )
     assert status == 0 and host.ran and prepared == [0]
-    assert isinstance(seen["settings"], SampleSettings) and isinstance(seen["telemetry"], TelemetrySettings)
-    assert isinstance(seen["kafka"], KafkaSettings) and isinstance(seen["s3"], S3Settings)
+    infra = seen["infra"]
+    assert isinstance(seen["settings"], SampleSettings) and isinstance(infra, Infrastructure)
+    assert isinstance(infra.telemetry, TelemetrySettings) and infra.embedded and not infra.s3.endpoint
+    assert infra.memory_broker is None and infra.tracer_provider is None
 
 
 def test_local_keys_leave_the_hook_to_the_service(monkeypatch: pytest.MonkeyPatch) -> None:
     securities: list[Security] = []
 
-    def build(settings: SampleSettings, *, security: Security, **_: object) -> ServiceHost:
+    def build(settings: SampleSettings, infra: Infrastructure, security: Security) -> HasHost:
         securities.append(security)
-        return RanHost()  # type: ignore[return-value]
+        return SampleApp(RanHost())  # type: ignore[return-value]
 
     assert run_service("sample", SampleSettings, build, method_scopes=SCOPES, local_keys=True) == 0
     assert securities[0].auth_hook is None and securities[0].auth is not None and securities[0].auth.disabled

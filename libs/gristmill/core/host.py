@@ -1,8 +1,9 @@
 """What every service process is made of, wired once: the platform it runs on and its lifecycle.
 
-``open_platform`` turns settings into the shared infrastructure (database, object store, event bus,
-tracer, metrics): Kafka when ``GRISTMILL_KAFKA_BOOTSTRAP_SERVERS`` is set, else the in-process bus;
-S3 when ``GRISTMILL_S3_ENDPOINT`` is set, else a directory under the data dir.
+``open_platform`` turns a service's settings and its ``Infrastructure`` (Kafka, S3, telemetry; every
+service's ``build_app(settings, infra, security, ...)`` takes one) into the platform it runs on (database,
+object store, event bus, tracer, metrics): Kafka when ``GRISTMILL_KAFKA_BOOTSTRAP_SERVERS`` is set, else the
+in-process bus; S3 when ``GRISTMILL_S3_ENDPOINT`` is set, else a directory under the data dir.
 
 ``ServiceHost`` runs one service on it as a list of ``Component``s (async ``open``/``close``) on a
 ``contextlib.AsyncExitStack``: the platform, the service's own components (a Ray cluster, model deployments,
@@ -10,7 +11,7 @@ a job supervisor), the outbox relay, the event consumers, the service's own back
 (``PeriodicTask``) and the gRPC server, opened in that order and closed in reverse (health NOT_SERVING → drain
 in-flight calls → stop tasks and consumers → stop the relay → close the service's own components → flush the
 outbox one last time → close the bus → close the database; ``ServiceHost`` has the details). A service's
-``app.py`` builds one; ``gristmill.core.service.run_service`` runs it until a signal.
+``app.py`` builds one (its app's ``host``); ``gristmill.core.service.run_service`` runs it until a signal.
 Every mode (``python -m``, the embedded platform, tests) runs the same components.
 """
 
@@ -36,7 +37,7 @@ from gristmill.core.events import Consumer, EventBus, EventCatalog, Handler, Mem
 from gristmill.core.events.topics import platform_catalog
 from gristmill.core.grpcserver import AuthHook, GrpcServer, ServiceRegistration
 from gristmill.core.metrics import ServiceMetrics
-from gristmill.core.settings import KafkaSettings, S3Settings, ServiceSettings, TelemetrySettings
+from gristmill.core.settings import KafkaSettings, S3Settings, ServiceSettings, TelemetrySettings, load_settings
 from gristmill.core.sql import Database
 from gristmill.core.storage import ObjectStore, open_object_store
 from gristmill.core.telemetry import setup_tracing
@@ -65,38 +66,61 @@ class Platform:
         self.database.dispose()
 
 
+@dataclass(frozen=True)
+class Infrastructure:
+    """What a service runs on besides its own settings: the event bus, the object store, telemetry.
+
+    The defaults are the embedded mode: no Kafka (the in-process bus), no S3 (a directory under the data dir),
+    a tracer from ``telemetry`` (none: no exporter). ``memory_broker`` lets several services in one process
+    (embedded mode, tests) share the in-process bus; ``tracer_provider`` replaces the one ``telemetry`` would
+    set up (tests). ``from_environment`` reads the settings a service's ``python -m`` runs with.
+    """
+
+    kafka: KafkaSettings = field(default_factory=lambda: KafkaSettings(bootstrap_servers=""))
+    s3: S3Settings = field(default_factory=lambda: S3Settings(endpoint=""))
+    telemetry: TelemetrySettings | None = None
+    memory_broker: MemoryBroker | None = None
+    tracer_provider: TracerProvider | None = None
+
+    @classmethod
+    def from_environment(cls) -> Infrastructure:
+        """``GRISTMILL_KAFKA_*``, ``GRISTMILL_S3_*`` and ``OTEL_*``; a bad value raises ``ConfigurationError``."""
+        return cls(
+            kafka=load_settings(KafkaSettings), s3=load_settings(S3Settings), telemetry=load_settings(TelemetrySettings)
+        )
+
+    @property
+    def embedded(self) -> bool:
+        """No Kafka: the in-process bus, one process (the embedded dev mode, tests)."""
+        return not self.kafka.bootstrap_servers
+
+
 def open_platform(
     service: str,
     settings: ServiceSettings,
+    infra: Infrastructure,
     *,
-    kafka: KafkaSettings,
-    s3: S3Settings,
-    telemetry: TelemetrySettings | None = None,
     tables: Sequence[MetaData] = (),
-    memory_broker: MemoryBroker | None = None,
-    tracer_provider: TracerProvider | None = None,
 ) -> Platform:
     """Open the database (its schema brought to head by the service's migrations, or ``tables`` created for a
     service without any: ``gristmill.core.migrations.upgrade_to_head``), object store, bus, tracer and metrics
-    for ``service``.
-
-    ``memory_broker`` lets several services in one process (embedded mode, tests) share the in-process bus.
+    for ``service`` on ``infra``.
     """
     from gristmill.core.migrations import upgrade_to_head
 
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     metrics = ServiceMetrics(service)
-    provider = tracer_provider or setup_tracing(service, telemetry)
+    provider = infra.tracer_provider or setup_tracing(service, infra.telemetry)
     database = Database(settings.resolved_database_url(service))
     upgrade_to_head(database, service, tables)
     bus: EventBus
-    if kafka.bootstrap_servers:
+    if not infra.embedded:
         from gristmill.core.events.kafka import KafkaEventBus
 
-        bus = KafkaEventBus(kafka, database=database, tracer_provider=provider, metrics=metrics)
+        bus = KafkaEventBus(infra.kafka, database=database, tracer_provider=provider, metrics=metrics)
     else:
-        bus = MemoryEventBus(memory_broker, database=database, tracer_provider=provider, metrics=metrics)
-    objects = open_object_store(s3, Path(settings.data_dir))
+        bus = MemoryEventBus(infra.memory_broker, database=database, tracer_provider=provider, metrics=metrics)
+    objects = open_object_store(infra.s3, Path(settings.data_dir))
     return Platform(service, database, objects, bus, platform_catalog(), provider, metrics)
 
 

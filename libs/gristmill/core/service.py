@@ -1,7 +1,8 @@
 """``run_service``: what every service's ``python -m`` does, in one place.
 
-settings (the service's own, Kafka, S3, telemetry) → logging → the service's own process set-up → security
-(API keys, licence, mTLS) → the host (the service's ``build``) → serve until SIGTERM/SIGINT → close security.
+settings (the service's own; Kafka, S3 and telemetry as an ``Infrastructure``) → logging → the service's own
+process set-up → security (API keys, licence, mTLS) → the service's ``build_app(settings, infra, security)`` →
+its ``host`` serves until SIGTERM/SIGINT → close security.
 A ``ConfigurationError`` at any step ends the process with one line on stderr, ``<service>: <message>``, and
 exit status 2; nothing is left open.
 """
@@ -14,10 +15,10 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Protocol, TypeVar
 
 from gristmill.core.errors import ConfigurationError
-from gristmill.core.host import ServiceHost
+from gristmill.core.host import Infrastructure, ServiceHost
 from gristmill.core.logs import setup_logging
 from gristmill.core.security import Security, load_security
-from gristmill.core.settings import KafkaSettings, S3Settings, ServiceSettings, TelemetrySettings, load_settings
+from gristmill.core.settings import ServiceSettings, load_settings
 
 S = TypeVar("S", bound=ServiceSettings)
 S_contra = TypeVar("S_contra", bound=ServiceSettings, contravariant=True)
@@ -27,24 +28,23 @@ S_contra = TypeVar("S_contra", bound=ServiceSettings, contravariant=True)
 CONFIGURATION_EXIT_STATUS = 2
 
 
-class BuildHost(Protocol[S_contra]):
-    """A service's ``build_host``: its host on the platform the settings describe."""
+class HasHost(Protocol):
+    """What a service's ``build_app`` returns: its app, whose ``host`` runs it."""
 
-    def __call__(
-        self,
-        settings: S_contra,
-        *,
-        kafka: KafkaSettings,
-        s3: S3Settings,
-        security: Security,
-        telemetry: TelemetrySettings | None = None,
-    ) -> ServiceHost: ...
+    @property
+    def host(self) -> ServiceHost: ...
+
+
+class BuildApp(Protocol[S_contra]):
+    """A service's ``build_app``: its app on ``infra``, with ``security``'s API keys, licence and mTLS."""
+
+    def __call__(self, settings: S_contra, infra: Infrastructure, security: Security, /) -> HasHost: ...
 
 
 def run_service(
     name: str,
     settings_cls: type[S],
-    build: BuildHost[S],
+    build: BuildApp[S],
     *,
     method_scopes: Mapping[str, str],
     public: Collection[str] = (),
@@ -60,15 +60,12 @@ def run_service(
     security: Security | None = None
     try:
         settings = load_settings(settings_cls)
-        kafka = load_settings(KafkaSettings)
-        s3 = load_settings(S3Settings)
-        telemetry = load_settings(TelemetrySettings)
+        infra = Infrastructure.from_environment()
         setup_logging(name, settings.log_level)
         if prepare is not None:
             prepare(settings)
-        embedded = not kafka.bootstrap_servers
-        security = load_security(name, method_scopes, embedded=embedded, public=public, local_keys=local_keys)
-        host = build(settings, kafka=kafka, s3=s3, security=security, telemetry=telemetry)
+        security = load_security(name, method_scopes, embedded=infra.embedded, public=public, local_keys=local_keys)
+        host = build(settings, infra, security).host
         asyncio.run(host.run_until_signal())
     except ConfigurationError as exc:
         print(f"{name}: {exc}", file=sys.stderr, flush=True)

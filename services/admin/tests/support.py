@@ -21,7 +21,9 @@ from gristmill.api.admin.v1 import admin_pb2 as pb
 from gristmill.api.admin.v1 import admin_pb2_grpc as pb_grpc
 from gristmill.core.auth import ADMIN, AuthSettings, Principal
 from gristmill.core.events import MemoryBroker
+from gristmill.core.host import Infrastructure
 from gristmill.core.licensing import License
+from gristmill.core.security import Security
 from gristmill.core.settings import KafkaSettings
 from gristmill.core.sql import Database
 from tests.support.databases import migrated_database
@@ -116,15 +118,13 @@ async def running_admin(
         data_dir=tmp_path / "admin", grpc_port=0, root_organization_id=ROOT, metering_group=metering_group
     )
     extra: dict[str, Any] = {"clock": clock} if clock is not None else {}
-    app = build_app(
-        settings,
-        kafka=kafka or KafkaSettings(bootstrap_servers=""),
-        auth=AuthSettings(disabled=False, admin_address=""),
-        license_=license_ or License(),
-        memory_broker=None if kafka else MemoryBroker(),
-        tracer_provider=tracer_provider,
-        **extra,
+    infra = (
+        Infrastructure(kafka=kafka, tracer_provider=tracer_provider)
+        if kafka
+        else Infrastructure(memory_broker=MemoryBroker(), tracer_provider=tracer_provider)
     )
+    security = Security(None, license_ or License(), auth=AuthSettings(disabled=False, admin_address=""))
+    app = build_app(settings, infra, security, bootstrap=False, **extra)
     key_file = app.bootstrap()
     assert key_file is not None
     root_secret = key_file.read_text().strip()

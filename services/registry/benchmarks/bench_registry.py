@@ -24,6 +24,7 @@ import grpc
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.registry.v1 import registry_pb2 as pb
 from gristmill.api.registry.v1 import registry_pb2_grpc as pb_grpc
+from gristmill.core.host import Infrastructure
 from gristmill.core.manifests import FileEntry, ModelManifest
 from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
@@ -58,9 +59,8 @@ async def main(versions: int, moves: int, megabytes: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         app = build_app(
             RegistrySettings(data_dir=Path(tmp), grpc_port=0),
-            kafka=KafkaSettings(),
-            s3=S3Settings(),
-            security=embedded_security("registry"),
+            Infrastructure(kafka=KafkaSettings(), s3=S3Settings()),
+            embedded_security("registry"),
         )
         objects = app.host.platform.objects
         weights = os.urandom(megabytes * 1024 * 1024)

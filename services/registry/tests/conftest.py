@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from gristmill.api.registry.v1 import registry_pb2_grpc as pb_grpc
+from gristmill.core.host import Infrastructure
 from gristmill.core.security import embedded_security
-from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.registry.app import build_app
 from gristmill.registry.settings import RegistrySettings
 from services.registry.tests.api import Api
@@ -29,7 +29,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
     settings = RegistrySettings(data_dir=tmp_path / "data", grpc_port=0, allow_local_paths=True)
-    app = build_app(settings, kafka=KafkaSettings(), s3=S3Settings(), security=embedded_security("registry"))
+    app = build_app(settings, Infrastructure(), embedded_security("registry"))
     port = await app.host.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield Api(app, pb_grpc.RegistryServiceStub(channel), tmp_path)

@@ -470,6 +470,7 @@ def serve(root: Path, data_dir: Path, threads: int) -> None:
     """The benchmark's server: the real service wiring, in-process bus, models from ``root``."""
     import logging
 
+    from gristmill.core.host import Infrastructure
     from gristmill.core.security import embedded_security
     from gristmill.core.settings import KafkaSettings, S3Settings
     from gristmill.serving.app import build_app
@@ -484,9 +485,8 @@ def serve(root: Path, data_dir: Path, threads: int) -> None:
         settings = ServingSettings(data_dir=data_dir, grpc_port=0, torch_threads=threads)
         app = build_app(
             settings,
-            kafka=KafkaSettings(),
-            s3=S3Settings(),
-            security=embedded_security("serving"),
+            Infrastructure(kafka=KafkaSettings(), s3=S3Settings()),
+            embedded_security("serving"),
             source=LocalDirectoryModelSource(root),
         )
         host = app.host

@@ -11,11 +11,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opentelemetry.sdk.trace import TracerProvider
+
 from gristmill.core.errors import FailedPreconditionError, NotFoundError
-from gristmill.core.host import ServiceHost
+from gristmill.core.host import Infrastructure, ServiceHost
 from gristmill.core.licensing import License
 from gristmill.core.security import Security, embedded_security
-from gristmill.core.settings import KafkaSettings, S3Settings
+from gristmill.core.settings import KafkaSettings
 from gristmill.core.sql import Database
 from gristmill.serving.app import ServingApp, build_app
 from gristmill.serving.domain.deployments import DeploymentManager
@@ -227,15 +229,20 @@ class RunningHost:
 
 
 def build_fake_host(
-    tmp_path: Path, *, security: Security | None = None, kafka: KafkaSettings | None = None, **kwargs: object
+    tmp_path: Path, *, security: Security | None = None, kafka: KafkaSettings | None = None
 ) -> tuple[ServiceHost, FakeSource, FakeLoader]:
-    """The real service wiring on the in-process platform, with the fake source and loader."""
-    app, source, loader = build_fake_app(tmp_path, security=security, kafka=kafka, **kwargs)
+    """The real service wiring on the in-process platform (on ``kafka`` when given), with the fake source and
+    loader."""
+    app, source, loader = build_fake_app(tmp_path, security=security, kafka=kafka)
     return app.host, source, loader
 
 
 def build_fake_app(
-    tmp_path: Path, *, security: Security | None = None, kafka: KafkaSettings | None = None, **kwargs: object
+    tmp_path: Path,
+    *,
+    security: Security | None = None,
+    kafka: KafkaSettings | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> tuple[ServingApp, FakeSource, FakeLoader]:
     """``build_fake_host``'s whole app (its deployment service and prediction log as well)."""
     source, loader = FakeSource(), FakeLoader()
@@ -246,12 +253,10 @@ def build_fake_app(
     settings = ServingSettings(data_dir=tmp_path, grpc_port=0, shutdown_grace_s=1.0, batch_workers=1)
     app = build_app(
         settings,
-        kafka=kafka or KafkaSettings(),
-        s3=S3Settings(),
-        security=security or embedded_security("serving", ENTERPRISE),
+        Infrastructure(kafka=kafka or KafkaSettings(bootstrap_servers=""), tracer_provider=tracer_provider),
+        security or embedded_security("serving", ENTERPRISE),
         source=source,
         loader=loader,
         rng=random.Random(3),
-        **kwargs,  # type: ignore[arg-type]
     )
     return app, source, loader

@@ -104,15 +104,17 @@ async def run_service(
     from gristmill.api.common.v1.common_pb2 import DATASET_SPLIT_UNSPECIFIED as UNSPECIFIED
     from gristmill.api.training.v1 import training_pb2 as pb
     from gristmill.api.training.v1 import training_pb2_grpc as pb_grpc
+    from gristmill.core.host import Infrastructure
     from gristmill.core.security import embedded_security
     from gristmill.core.settings import KafkaSettings, S3Settings
-    from gristmill.training.app import build_host
+    from gristmill.training.app import build_app
     from gristmill.training.devtools import write_dataset_version
     from gristmill.training.settings import TrainingSettings
     from tests.support.tiny_model import minilm_path
 
     settings = TrainingSettings(data_dir=work / "service", grpc_port=0, ray_num_cpus=args.threads)
-    host = build_host(settings, kafka=KafkaSettings(), s3=S3Settings(), security=embedded_security("training"))
+    infra = Infrastructure(kafka=KafkaSettings(), s3=S3Settings())
+    host = build_app(settings, infra, embedded_security("training")).host
     port = await host.start()
     try:
         write_dataset_version(

@@ -14,9 +14,9 @@ import pytest
 
 from gristmill.api.training.v1 import training_pb2 as pb
 from gristmill.api.training.v1 import training_pb2_grpc as pb_grpc
+from gristmill.core.host import Infrastructure
 from gristmill.core.licensing import License
 from gristmill.core.security import embedded_security
-from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.training.app import TrainingApp, build_app
 from gristmill.training.domain.resolve import ClusterCapacity
 from gristmill.training.domain.runs import (
@@ -93,13 +93,7 @@ async def start_host(
     tmp_path: Path, runner: Any, *, license_: License = ENTERPRISE, **settings: Any
 ) -> tuple[TrainingApp, int]:
     config = TrainingSettings(data_dir=tmp_path / "data", grpc_port=0, **settings)
-    app = build_app(
-        config,
-        kafka=KafkaSettings(),
-        s3=S3Settings(),
-        security=embedded_security("training", license_),
-        runner=runner,
-    )
+    app = build_app(config, Infrastructure(), embedded_security("training", license_), runner=runner)
     return app, await app.host.start()
 
 

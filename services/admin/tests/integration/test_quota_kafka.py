@@ -26,9 +26,9 @@ from gristmill.core.auth_quota import QuotaGuard, UsageKind, UsageRecorder
 from gristmill.core.auth_remote import RemotePlanSource, RemoteUsageSource
 from gristmill.core.errors import NotFoundError
 from gristmill.core.grpcserver import ServiceRegistration
-from gristmill.core.host import ServiceHost, open_platform
+from gristmill.core.host import Infrastructure, ServiceHost, open_platform
 from gristmill.core.security import build_auth_hook
-from gristmill.core.settings import KafkaSettings, S3Settings, ServiceSettings
+from gristmill.core.settings import KafkaSettings, ServiceSettings
 from services.admin.tests.support import bearer, running_admin
 
 pytestmark = pytest.mark.integration
@@ -71,7 +71,7 @@ async def test_the_call_beyond_the_quota_is_refused_and_usage_matches_successes(
         caller = bearer(await admin.create_key(org, SERVING_PREDICT))
 
         settings = ServiceSettings(data_dir=tmp_path / "metered", grpc_port=0)
-        platform = open_platform("metered", settings, kafka=kafka, s3=S3Settings(endpoint=""))
+        platform = open_platform("metered", settings, Infrastructure(kafka=kafka))
         guard = QuotaGuard(
             RemotePlanSource(admin.address, admin.root_secret),
             RemoteUsageSource(admin.address, admin.root_secret),

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from opentelemetry.sdk.trace import TracerProvider
+from dataclasses import dataclass
 
 from gristmill.api.labeling.v1 import labeling_pb2, labeling_pb2_grpc
 from gristmill.core.auth import LABELING_READ, LABELING_WRITE
-from gristmill.core.events import MemoryBroker
 from gristmill.core.events.topics import PREDICTION_LOGGED
 from gristmill.core.grpcserver import ServiceRegistration
-from gristmill.core.host import ServiceHost, Subscription, open_platform
+from gristmill.core.host import Infrastructure, ServiceHost, Subscription, open_platform
 from gristmill.core.security import Security
-from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings
 from gristmill.labeling.api.servicer import LabelingServicer
 from gristmill.labeling.domain.importer import IndexCache
 from gristmill.labeling.domain.service import Clock, LabelingService, utc_now
@@ -47,29 +45,25 @@ METHOD_SCOPES = {
 }
 
 
-def build_host(
+@dataclass
+class LabelingApp:
+    """The assembled service; ``host`` runs it, the rest is exposed for tests."""
+
+    host: ServiceHost
+    service: LabelingService
+    store: SqlLabelingStore
+
+
+def build_app(
     settings: LabelingSettings,
-    *,
-    kafka: KafkaSettings,
-    s3: S3Settings,
+    infra: Infrastructure,
     security: Security,
-    telemetry: TelemetrySettings | None = None,
-    memory_broker: MemoryBroker | None = None,
-    tracer_provider: TracerProvider | None = None,
+    *,
     clock: Clock = utc_now,
-) -> ServiceHost:
-    """The labeling service, ready to ``start()`` (or ``run_until_signal()``), with ``security``'s API keys,
-    licence and mTLS."""
-    platform = open_platform(
-        SERVICE,
-        settings,
-        kafka=kafka,
-        s3=s3,
-        telemetry=telemetry,
-        tables=[tables.metadata],
-        memory_broker=memory_broker,
-        tracer_provider=tracer_provider,
-    )
+) -> LabelingApp:
+    """The labeling service on ``infra``, ready to ``host.start()`` (or ``host.run_until_signal()``), with
+    ``security``'s API keys, licence and mTLS."""
+    platform = open_platform(SERVICE, settings, infra, tables=[tables.metadata])
     store = SqlLabelingStore(platform.database, events=LabelingEvents(platform.catalog))
     service = LabelingService(
         store, platform.objects, clock=clock, index_cache=IndexCache(settings.index_cache_projects)
@@ -84,7 +78,7 @@ def build_host(
         settings.active_learning_group,
         PredictionLogHandler(service, store, platform.catalog),
     )
-    return ServiceHost(
+    host = ServiceHost(
         platform,
         [registration, security.license_registration(SERVICE)],
         settings,
@@ -93,3 +87,4 @@ def build_host(
         on_reload=security.reload,
         server_credentials=security.server_credentials,
     )
+    return LabelingApp(host, service, store)

@@ -28,14 +28,14 @@ from gristmill.api.labeling.v1 import labeling_pb2 as pb
 from gristmill.api.labeling.v1 import labeling_pb2_grpc as pb_grpc
 from gristmill.core.events import Event, KafkaEventBus
 from gristmill.core.events.topics import DATASET_VERSION_PUBLISHED
-from gristmill.core.host import ServiceHost
+from gristmill.core.host import Infrastructure, ServiceHost
 from gristmill.core.manifests import DatasetManifest
 from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.core.sql import Database
 from gristmill.core.storage.s3 import S3ObjectStore
 from gristmill.core.telemetry import extract_context
-from gristmill.labeling.app import build_host
+from gristmill.labeling.app import build_app
 from gristmill.labeling.settings import LabelingSettings
 from tests.conftest import SHARED_DATA
 
@@ -62,13 +62,8 @@ async def host(
     settings = LabelingSettings(
         data_dir=tmp_path / "service", grpc_port=0, active_learning_group=f"labeling-it-{uuid.uuid4().hex[:8]}"
     )
-    service = build_host(
-        settings,
-        kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap),
-        s3=s3,
-        security=embedded_security("labeling"),
-        tracer_provider=tracing[0],
-    )
+    infra = Infrastructure(kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap), s3=s3, tracer_provider=tracing[0])
+    service = build_app(settings, infra, embedded_security("labeling")).host
     await service.start()
     yield service
     await service.stop()

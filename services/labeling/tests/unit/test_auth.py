@@ -14,8 +14,8 @@ from gristmill.api.common.v1 import common_pb2
 from gristmill.api.labeling.v1 import labeling_pb2 as pb
 from gristmill.api.labeling.v1 import labeling_pb2_grpc as pb_grpc
 from gristmill.core.auth import LABELING_READ, LABELING_WRITE, TRAINING_SUBMIT
-from gristmill.core.settings import KafkaSettings, S3Settings
-from gristmill.labeling.app import METHOD_SCOPES, build_host
+from gristmill.core.host import Infrastructure
+from gristmill.labeling.app import METHOD_SCOPES, build_app
 from gristmill.labeling.settings import LabelingSettings
 from tests.contracts.auth import (
     AuthContract,
@@ -35,12 +35,9 @@ from tests.contracts.auth import (
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[tuple[str, InMemoryKeyVerifier]]:
     keys = InMemoryKeyVerifier()
-    host = build_host(
-        LabelingSettings(data_dir=tmp_path, grpc_port=0),
-        kafka=KafkaSettings(),
-        s3=S3Settings(),
-        security=api_key_security(keys, METHOD_SCOPES),
-    )
+    host = build_app(
+        LabelingSettings(data_dir=tmp_path, grpc_port=0), Infrastructure(), api_key_security(keys, METHOD_SCOPES)
+    ).host
     port = await host.start()
     yield f"127.0.0.1:{port}", keys
     await host.stop()

@@ -14,9 +14,9 @@ from google.protobuf import field_mask_pb2
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.labeling.v1 import labeling_pb2 as pb
 from gristmill.api.labeling.v1 import labeling_pb2_grpc as pb_grpc
+from gristmill.core.host import Infrastructure
 from gristmill.core.security import embedded_security
-from gristmill.core.settings import KafkaSettings, S3Settings
-from gristmill.labeling.app import build_host
+from gristmill.labeling.app import build_app
 from gristmill.labeling.settings import LabelingSettings
 
 CODE = grpc.StatusCode
@@ -24,13 +24,9 @@ CODE = grpc.StatusCode
 
 @pytest.fixture
 async def stub(tmp_path: Path, clock: Any) -> AsyncIterator[pb_grpc.LabelingServiceStub]:
-    host = build_host(
-        LabelingSettings(data_dir=tmp_path, grpc_port=0),
-        kafka=KafkaSettings(),
-        s3=S3Settings(),
-        security=embedded_security("labeling"),
-        clock=clock,
-    )
+    host = build_app(
+        LabelingSettings(data_dir=tmp_path, grpc_port=0), Infrastructure(), embedded_security("labeling"), clock=clock
+    ).host
     port = await host.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield pb_grpc.LabelingServiceStub(channel)

@@ -7,14 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from opentelemetry.sdk.trace import TracerProvider
-
 from gristmill.api.events.v1 import events_pb2
 from gristmill.core.auth import REGISTRY_PROMOTE, REGISTRY_READ
-from gristmill.core.events import MemoryBroker
-from gristmill.core.host import PeriodicTask, ServiceHost, Subscription, open_platform
+from gristmill.core.host import Infrastructure, PeriodicTask, ServiceHost, Subscription, open_platform
 from gristmill.core.security import Security
-from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings
 from gristmill.registry import SERVICE_NAME
 from gristmill.registry.api.servicer import RegistryServicer, registration
 from gristmill.registry.domain.common import utc_now
@@ -64,25 +60,14 @@ class RegistryApp:
 
 def build_app(
     settings: RegistrySettings,
-    *,
-    kafka: KafkaSettings,
-    s3: S3Settings,
+    infra: Infrastructure,
     security: Security,
-    telemetry: TelemetrySettings | None = None,
-    memory_broker: MemoryBroker | None = None,
-    tracer_provider: TracerProvider | None = None,
+    *,
     clock: Callable[[], datetime] = utc_now,
 ) -> RegistryApp:
-    platform = open_platform(
-        SERVICE_NAME,
-        settings,
-        kafka=kafka,
-        s3=s3,
-        telemetry=telemetry,
-        tables=[REGISTRY_TABLES],
-        memory_broker=memory_broker,
-        tracer_provider=tracer_provider,
-    )
+    """The registry on ``infra``, with ``security``'s API keys, licence and mTLS; its host also finishes the
+    verifications a previous run left PENDING."""
+    platform = open_platform(SERVICE_NAME, settings, infra, tables=[REGISTRY_TABLES])
     store = SqlRegistryStore(platform.database, OutboxEventWriter(platform.catalog, SERVICE_NAME))
     registry = RegistryServices.create(
         store,
@@ -136,24 +121,3 @@ def resume_pending_verifications(registrations: Registrations, stale_s: float) -
             log.info("finished the verification of %d PENDING version(s)", finished)
 
     return resume
-
-
-def build_host(
-    settings: RegistrySettings,
-    *,
-    kafka: KafkaSettings,
-    s3: S3Settings,
-    security: Security,
-    telemetry: TelemetrySettings | None = None,
-    memory_broker: MemoryBroker | None = None,
-    tracer_provider: TracerProvider | None = None,
-) -> ServiceHost:
-    return build_app(
-        settings,
-        kafka=kafka,
-        s3=s3,
-        security=security,
-        telemetry=telemetry,
-        memory_broker=memory_broker,
-        tracer_provider=tracer_provider,
-    ).host

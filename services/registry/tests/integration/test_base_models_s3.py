@@ -15,8 +15,9 @@ from safetensors import safe_open
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.registry.v1 import registry_pb2 as pb
 from gristmill.api.registry.v1 import registry_pb2_grpc as pb_grpc
+from gristmill.core.host import Infrastructure
 from gristmill.core.security import embedded_security
-from gristmill.core.settings import KafkaSettings, S3Settings
+from gristmill.core.settings import S3Settings
 from gristmill.core.storage.base import sha256_file
 from gristmill.registry.app import build_app
 from gristmill.registry.settings import RegistrySettings
@@ -34,7 +35,7 @@ async def test_import_minilm_into_s3(tmp_path: Path, s3_endpoint: dict[str, str]
         bucket="gristmill-test",
     )
     settings = RegistrySettings(data_dir=tmp_path, grpc_port=0, allow_local_paths=True)
-    app = build_app(settings, kafka=KafkaSettings(), s3=s3, security=embedded_security("registry"))
+    app = build_app(settings, Infrastructure(s3=s3), embedded_security("registry"))
     objects = app.host.platform.objects
     name = f"minilm-{uuid.uuid4().hex[:8]}"
     port = await app.host.start()

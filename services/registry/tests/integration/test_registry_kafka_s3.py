@@ -35,7 +35,7 @@ from gristmill.api.registry.v1 import registry_pb2_grpc as pb_grpc
 from gristmill.api.training.v1 import training_pb2
 from gristmill.core.events import Event, HandledEvent, KafkaEventBus, OutboxEvent
 from gristmill.core.events.bus import Handler
-from gristmill.core.host import ServiceHost, Subscription
+from gristmill.core.host import Infrastructure, ServiceHost, Subscription
 from gristmill.core.manifests import FileEntry, ModelManifest
 from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
@@ -141,7 +141,9 @@ async def test_job_event_to_promoted_version_on_kafka_and_s3(
         job_events_group=f"registry-jobs-{run}",
         promotion_group=f"registry-promotion-{run}",
     )
-    app = build_app(settings, kafka=kafka, s3=s3, security=embedded_security("registry"), tracer_provider=provider)
+    app = build_app(
+        settings, Infrastructure(kafka=kafka, s3=s3, tracer_provider=provider), embedded_security("registry")
+    )
     ours = {model, job1, job2}
     subscriptions = [Subscription(s.topics, s.group_id, only_keys(ours, s.handler)) for s in app.host.subscriptions]
     host = ServiceHost(app.host.platform, app.host.registrations, settings, subscriptions, auth_hook=app.host.auth_hook)

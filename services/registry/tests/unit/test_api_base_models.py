@@ -11,8 +11,8 @@ import grpc
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.registry.v1 import registry_pb2 as pb
 from gristmill.api.registry.v1 import registry_pb2_grpc as pb_grpc
+from gristmill.core.host import Infrastructure
 from gristmill.core.security import embedded_security
-from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.registry.app import build_app
 from gristmill.registry.settings import RegistrySettings
 from services.registry.tests.api import Api, fails
@@ -98,7 +98,7 @@ async def test_base_models(api: Api) -> None:
 
 async def test_local_paths_are_refused_unless_enabled(tmp_path: Path) -> None:
     settings = RegistrySettings(data_dir=tmp_path / "data", grpc_port=0)  # the default: disabled
-    app = build_app(settings, kafka=KafkaSettings(), s3=S3Settings(), security=embedded_security("registry"))
+    app = build_app(settings, Infrastructure(), embedded_security("registry"))
     port = await app.host.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

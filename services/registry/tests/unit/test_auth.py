@@ -15,8 +15,8 @@ from gristmill.api.common.v1 import common_pb2
 from gristmill.api.registry.v1 import registry_pb2 as pb
 from gristmill.api.registry.v1 import registry_pb2_grpc as pb_grpc
 from gristmill.core.auth import ACT_FOR_ORGANIZATION, ADMIN, REGISTRY_PROMOTE, REGISTRY_READ, SERVING_PREDICT
+from gristmill.core.host import Infrastructure
 from gristmill.core.licensing import License, load_license
-from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.registry.app import METHOD_SCOPES, RegistryApp, build_app
 from gristmill.registry.settings import RegistrySettings
 from services.registry.tests.api import SIG
@@ -45,9 +45,8 @@ async def _start(
     keys = InMemoryKeyVerifier()
     app = build_app(
         RegistrySettings(data_dir=tmp_path, grpc_port=0),
-        kafka=KafkaSettings(),
-        s3=S3Settings(),
-        security=api_key_security(keys, METHOD_SCOPES, license_=license_),
+        Infrastructure(),
+        api_key_security(keys, METHOD_SCOPES, license_=license_),
     )
     port = await app.host.start()
     yield f"127.0.0.1:{port}", keys, app

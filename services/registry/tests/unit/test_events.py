@@ -20,9 +20,8 @@ from gristmill.api.training.v1 import training_pb2
 from gristmill.core.errors import UnavailableError
 from gristmill.core.events import Event, MemoryBroker, MemoryEventBus, OutboxRelay
 from gristmill.core.events.bus import Consumer
-from gristmill.core.host import PeriodicTask
+from gristmill.core.host import Infrastructure, PeriodicTask
 from gristmill.core.security import embedded_security
-from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.registry.app import RegistryApp, build_app, resume_pending_verifications
 from gristmill.registry.domain.model import MetricGoal, ModelQuery, PromotionMode, PromotionPolicy, VersionStatus
 from gristmill.registry.settings import RegistrySettings
@@ -92,12 +91,7 @@ def test_job_event_registers_once_promotes_and_keeps_the_trace(tmp_path: Path) -
     broker = MemoryBroker()
     settings = RegistrySettings(data_dir=tmp_path, grpc_port=0)
     app = build_app(
-        settings,
-        kafka=KafkaSettings(),
-        s3=S3Settings(),
-        security=embedded_security("registry"),
-        memory_broker=broker,
-        tracer_provider=provider,
+        settings, Infrastructure(memory_broker=broker, tracer_provider=provider), embedded_security("registry")
     )
     registry, objects = app.registry, app.host.platform.objects
     loop = Loop(app)
@@ -186,9 +180,7 @@ def test_job_event_registers_once_promotes_and_keeps_the_trace(tmp_path: Path) -
 def test_undecodable_or_invalid_job_events_are_dead_lettered(tmp_path: Path) -> None:
     broker = MemoryBroker()
     settings = RegistrySettings(data_dir=tmp_path, grpc_port=0, job_events_group=f"g-{uuid.uuid4().hex[:6]}")
-    app = build_app(
-        settings, kafka=KafkaSettings(), s3=S3Settings(), security=embedded_security("registry"), memory_broker=broker
-    )
+    app = build_app(settings, Infrastructure(memory_broker=broker), embedded_security("registry"))
     loop = Loop(app)
     catalog = app.host.platform.catalog
     producer = MemoryEventBus(broker)
@@ -215,10 +207,8 @@ def test_storage_outage_leaves_the_version_pending_until_the_retry_loop(
     broker = MemoryBroker()
     app = build_app(
         RegistrySettings(data_dir=tmp_path, grpc_port=0),
-        kafka=KafkaSettings(),
-        s3=S3Settings(),
-        security=embedded_security("registry"),
-        memory_broker=broker,
+        Infrastructure(memory_broker=broker),
+        embedded_security("registry"),
     )
     loop = Loop(app)
     objects, catalog = app.host.platform.objects, app.host.platform.catalog

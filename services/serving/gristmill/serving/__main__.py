@@ -1,9 +1,9 @@
-"""``python -m gristmill.serving``: ``run_service`` with the serving service's host."""
+"""``python -m gristmill.serving``: ``run_service`` with the serving service's app."""
 
 import sys
 
 from gristmill.core.service import run_service
-from gristmill.serving.app import METHOD_SCOPES, PUBLIC_METHODS, SERVICE, build_host
+from gristmill.serving.app import METHOD_SCOPES, PUBLIC_METHODS, SERVICE, build_app
 from gristmill.serving.settings import ServingSettings
 
 
@@ -18,7 +18,7 @@ def main() -> int:
     return run_service(
         SERVICE,
         ServingSettings,
-        build_host,
+        build_app,
         method_scopes=METHOD_SCOPES,
         public=PUBLIC_METHODS,
         prepare=configure_process,

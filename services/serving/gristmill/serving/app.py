@@ -7,18 +7,14 @@ import logging
 import random
 from dataclasses import dataclass
 
-from opentelemetry.sdk.trace import TracerProvider
-
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2 as oip
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
 from gristmill.api.serving.v1 import serving_pb2, serving_pb2_grpc
 from gristmill.core.auth import ADMIN, SERVING_PREDICT
-from gristmill.core.events import MemoryBroker
 from gristmill.core.events.topics import ALIAS_CHANGED
 from gristmill.core.grpcserver import ServiceRegistration
-from gristmill.core.host import ServiceHost, Subscription, open_platform
+from gristmill.core.host import Infrastructure, ServiceHost, Subscription, open_platform
 from gristmill.core.security import Security
-from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings
 from gristmill.serving.api.inference import InferenceServicer
 from gristmill.serving.api.servicer import ServingServicer
 from gristmill.serving.domain.deployments import DeploymentManager
@@ -81,33 +77,20 @@ class DeploymentsLifecycle:
 
 def build_app(
     settings: ServingSettings,
-    *,
-    kafka: KafkaSettings,
-    s3: S3Settings,
+    infra: Infrastructure,
     security: Security,
-    telemetry: TelemetrySettings | None = None,
+    *,
     source: ModelSource | None = None,
     loader: ModelLoader | None = None,
-    memory_broker: MemoryBroker | None = None,
-    tracer_provider: TracerProvider | None = None,
     rng: random.Random | None = None,
 ) -> ServingApp:
-    """The serving service on the platform ``settings``/``kafka``/``s3`` describe.
+    """The serving service on ``infra``, with ``security``'s API keys, licence and mTLS.
 
     ``source`` defaults to the registry at ``settings.registry_address`` (files from the object store);
-    ``loader`` to the transformers classifier. Tests pass a local source, a fake loader, a shared in-process
-    broker, an in-memory tracer or a seeded ``rng`` (canary split and log sampling).
+    ``loader`` to the transformers classifier. Tests pass a local source, a fake loader, a seeded ``rng``
+    (canary split and log sampling), and a shared in-process broker or an in-memory tracer in ``infra``.
     """
-    platform = open_platform(
-        SERVICE,
-        settings,
-        kafka=kafka,
-        s3=s3,
-        telemetry=telemetry,
-        tables=[TABLES],
-        memory_broker=memory_broker,
-        tracer_provider=tracer_provider,
-    )
+    platform = open_platform(SERVICE, settings, infra, tables=[TABLES])
     store = SqlDeploymentStore(platform.database)
     if source is None:
         from gristmill.serving.runtime.sources import RegistryModelSource
@@ -175,31 +158,3 @@ def build_app(
         components=[DeploymentsLifecycle(service, sink, source)],
     )
     return ServingApp(host, service, sink, source)
-
-
-def build_host(
-    settings: ServingSettings,
-    *,
-    kafka: KafkaSettings,
-    s3: S3Settings,
-    security: Security,
-    telemetry: TelemetrySettings | None = None,
-    source: ModelSource | None = None,
-    loader: ModelLoader | None = None,
-    memory_broker: MemoryBroker | None = None,
-    tracer_provider: TracerProvider | None = None,
-    rng: random.Random | None = None,
-) -> ServiceHost:
-    """``build_app``'s host."""
-    return build_app(
-        settings,
-        kafka=kafka,
-        s3=s3,
-        security=security,
-        telemetry=telemetry,
-        source=source,
-        loader=loader,
-        memory_broker=memory_broker,
-        tracer_provider=tracer_provider,
-        rng=rng,
-    ).host

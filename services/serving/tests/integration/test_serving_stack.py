@@ -40,7 +40,7 @@ from gristmill.api.serving.v1 import serving_pb2, serving_pb2_grpc
 from gristmill.core.events import Event, KafkaEventBus
 from gristmill.core.events.bus import Handler
 from gristmill.core.events.topics import PREDICTION_LOGGED
-from gristmill.core.host import ServiceHost, Subscription
+from gristmill.core.host import Infrastructure, ServiceHost, Subscription
 from gristmill.core.manifests import FileEntry, ModelManifest
 from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
@@ -123,7 +123,8 @@ async def stack(tmp_path: Path, kafka_bootstrap: str, s3_endpoint: dict[str, str
     )
     # The real registry; its consumers (training events, promotion policy) play no part here.
     registry_settings = RegistrySettings(data_dir=tmp_path / "registry", grpc_port=0)
-    registry_app = build_app(registry_settings, kafka=kafka, s3=s3, security=embedded_security("registry"))
+    infra = Infrastructure(kafka=kafka, s3=s3)
+    registry_app = build_app(registry_settings, infra, embedded_security("registry"))
     registry_host = ServiceHost(
         registry_app.host.platform,
         registry_app.host.registrations,
@@ -140,7 +141,7 @@ async def stack(tmp_path: Path, kafka_bootstrap: str, s3_endpoint: dict[str, str
         consumer_group=f"serving-{run}",
         shutdown_grace_s=2.0,
     )
-    built = build_serving(settings, kafka=kafka, s3=s3, security=embedded_security("serving", signed_license())).host
+    built = build_serving(settings, infra, embedded_security("serving", signed_license())).host
     serving_host = ServiceHost(
         built.platform,
         built.registrations,

@@ -11,18 +11,19 @@ from gristmill.admin.app import build_app as build_admin
 from gristmill.admin.settings import AdminSettings
 from gristmill.core.auth import AuthSettings
 from gristmill.core.events import MemoryBroker
-from gristmill.core.host import ServiceHost
+from gristmill.core.host import Infrastructure, ServiceHost
 from gristmill.core.licensing import License, load_license
 from gristmill.core.ports import service_ports
-from gristmill.core.security import embedded_security
-from gristmill.core.settings import KafkaSettings, S3Settings, ServiceSettings, TelemetrySettings
-from gristmill.labeling.app import build_host as build_labeling
+from gristmill.core.security import Security, embedded_security
+from gristmill.core.service import HasHost
+from gristmill.core.settings import ServiceSettings, TelemetrySettings
+from gristmill.labeling.app import build_app as build_labeling
 from gristmill.labeling.settings import LabelingSettings
-from gristmill.registry.app import build_host as build_registry
+from gristmill.registry.app import build_app as build_registry
 from gristmill.registry.settings import RegistrySettings
-from gristmill.serving.app import build_host as build_serving
+from gristmill.serving.app import build_app as build_serving
 from gristmill.serving.settings import ServingSettings
-from gristmill.training.app import build_host as build_training
+from gristmill.training.app import build_app as build_training
 from gristmill.training.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
@@ -55,42 +56,31 @@ class EmbeddedPlatform:
     def _settings(self, cls: type[S], service: str, **extra: Any) -> S:
         return cls(grpc_port=self._port(service), data_dir=self.data_dir, host=self.host, **extra)
 
-    def _build(self, service: str) -> ServiceHost:
-        if service == "admin":
-            admin = build_admin(
-                self._settings(AdminSettings, service),
-                kafka=KafkaSettings(bootstrap_servers=""),
-                auth=AuthSettings(disabled=True),
-                license_=self.license,
-                telemetry=self.telemetry,
-                memory_broker=self.broker,
-            )
-            # The root organisation (and its first admin key, in the data dir) so that `gristmill keys` works.
-            admin.bootstrap()
-            return admin.host
+    def _build(self, service: str) -> HasHost:
         # Explicitly empty: the in-process bus and local files, whatever the environment says.
-        infra: dict[str, Any] = {
-            "kafka": KafkaSettings(bootstrap_servers=""),
-            "s3": S3Settings(endpoint=""),
-            # The embedded dev mode: no API keys (each service logs that loudly), one licence for all of them.
-            "security": embedded_security(service, self.license),
-            "telemetry": self.telemetry,
-            "memory_broker": self.broker,
-        }
+        infra = Infrastructure(telemetry=self.telemetry, memory_broker=self.broker)
+        if service == "admin":
+            # Admin answers `gristmill keys` / `usage` with auth off; it bootstraps the root organisation (and
+            # its first admin key, in the data dir) so that `gristmill keys` works.
+            admin_security = Security(None, self.license, auth=AuthSettings(disabled=True))
+            return build_admin(self._settings(AdminSettings, service), infra, admin_security)
+        # The embedded dev mode: no API keys (each service logs that loudly), one licence for all of them.
+        security = embedded_security(service, self.license)
         if service == "registry":
-            return build_registry(self._settings(RegistrySettings, service), **infra)
+            return build_registry(self._settings(RegistrySettings, service), infra, security)
         if service == "labeling":
-            return build_labeling(self._settings(LabelingSettings, service), **infra)
+            return build_labeling(self._settings(LabelingSettings, service), infra, security)
         if service == "training":
-            return build_training(self._settings(TrainingSettings, service, ray_num_cpus=self.ray_num_cpus), **infra)
+            training = self._settings(TrainingSettings, service, ray_num_cpus=self.ray_num_cpus)
+            return build_training(training, infra, security)
         settings = self._settings(ServingSettings, service, registry_address=self.addresses["registry"])
-        return build_serving(settings, **infra)
+        return build_serving(settings, infra, security)
 
     async def start(self) -> dict[str, str]:
         """Start every service in order; returns service → address. Stops what started if one fails."""
         try:
             for service in ORDER:
-                host = self._build(service)
+                host = self._build(service).host
                 bound = await host.start()
                 self.hosts[service] = host
                 self.addresses[service] = f"{self.host}:{bound}"

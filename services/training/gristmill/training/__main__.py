@@ -1,4 +1,4 @@
-"""``python -m gristmill.training``: ``run_service`` with the training service's host."""
+"""``python -m gristmill.training``: ``run_service`` with the training service's app."""
 
 import os
 import sys
@@ -14,9 +14,9 @@ def main() -> int:
     # Ray's C++ failure-signal handler takes SIGTERM and aborts the process mid-shutdown; the service handles
     # SIGTERM itself (drain, then stop Ray). Both before the service's modules import transformers or Ray.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
-    from gristmill.training.app import METHOD_SCOPES, build_host
+    from gristmill.training.app import METHOD_SCOPES, build_app
 
-    return run_service(SERVICE_NAME, TrainingSettings, build_host, method_scopes=METHOD_SCOPES)
+    return run_service(SERVICE_NAME, TrainingSettings, build_app, method_scopes=METHOD_SCOPES)
 
 
 if __name__ == "__main__":

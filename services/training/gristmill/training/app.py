@@ -8,15 +8,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from opentelemetry.sdk.trace import TracerProvider
-
 from gristmill.core.auth import TRAINING_SUBMIT
 from gristmill.core.errors import GristmillError
-from gristmill.core.events import MemoryBroker
 from gristmill.core.events.topics import DATASET_VERSION_PUBLISHED
-from gristmill.core.host import Callbacks, ServiceHost, Subscription, open_platform
+from gristmill.core.host import Callbacks, Infrastructure, ServiceHost, Subscription, open_platform
 from gristmill.core.security import Security
-from gristmill.core.settings import KafkaSettings, S3Settings, TelemetrySettings
 from gristmill.training import SERVICE_NAME, code_version
 from gristmill.training.api.servicer import TrainingServicer, registration
 from gristmill.training.domain.jobs import JobService
@@ -90,29 +86,16 @@ class TrainingApp:
 
 def build_app(
     settings: TrainingSettings,
-    *,
-    kafka: KafkaSettings,
-    s3: S3Settings,
+    infra: Infrastructure,
     security: Security,
-    telemetry: TelemetrySettings | None = None,
-    memory_broker: MemoryBroker | None = None,
-    tracer_provider: TracerProvider | None = None,
+    *,
     runner: JobRunner | None = None,
     consumer_group: str = "",
 ) -> TrainingApp:
-    """The training service on the platform the settings describe. ``runner`` defaults to Ray Train on the
-    cluster of ``settings.ray_address`` (a local one when empty). ``consumer_group`` defaults to
-    ``settings.auto_train_group``."""
-    platform = open_platform(
-        SERVICE_NAME,
-        settings,
-        kafka=kafka,
-        s3=s3,
-        telemetry=telemetry,
-        tables=[TrainingBase.metadata],
-        memory_broker=memory_broker,
-        tracer_provider=tracer_provider,
-    )
+    """The training service on ``infra``, with ``security``'s API keys, licence and mTLS. ``runner`` defaults to
+    Ray Train on the cluster of ``settings.ray_address`` (a local one when empty). ``consumer_group`` defaults
+    to ``settings.auto_train_group``."""
+    platform = open_platform(SERVICE_NAME, settings, infra, tables=[TrainingBase.metadata])
     data_dir = Path(settings.data_dir)
     cluster = None
     if runner is None:
@@ -127,7 +110,7 @@ def build_app(
         )
         runner = RayJobRunner(
             cluster,
-            CheckpointStorage.for_object_store(s3, data_dir),
+            CheckpointStorage.for_object_store(infra.s3, data_dir),
             work_dir=data_dir.resolve() / "runs",
             keep_checkpoints=settings.checkpoints_to_keep,
         )
@@ -180,29 +163,3 @@ def build_app(
         ],
     )
     return TrainingApp(host, jobs, supervisor)
-
-
-def build_host(
-    settings: TrainingSettings,
-    *,
-    kafka: KafkaSettings,
-    s3: S3Settings,
-    security: Security,
-    telemetry: TelemetrySettings | None = None,
-    memory_broker: MemoryBroker | None = None,
-    tracer_provider: TracerProvider | None = None,
-    runner: JobRunner | None = None,
-    consumer_group: str = "",
-) -> ServiceHost:
-    """``build_app``'s host."""
-    return build_app(
-        settings,
-        kafka=kafka,
-        s3=s3,
-        security=security,
-        telemetry=telemetry,
-        memory_broker=memory_broker,
-        tracer_provider=tracer_provider,
-        runner=runner,
-        consumer_group=consumer_group,
-    ).host

@@ -25,6 +25,7 @@ from gristmill.api.training.v1 import training_pb2_grpc as pb_grpc
 from gristmill.core.events import Event
 from gristmill.core.events.kafka import KafkaEventBus
 from gristmill.core.events.topics import JOB_STATE_CHANGED
+from gristmill.core.host import Infrastructure
 from gristmill.core.manifests import ModelManifest
 from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
@@ -80,9 +81,8 @@ async def _service(
     )
     app = build_app(
         settings,
-        kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap),
-        s3=s3,
-        security=embedded_security("training"),
+        Infrastructure(kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap), s3=s3),
+        embedded_security("training"),
         runner=ray_runner,
         consumer_group=f"training-test-{uuid.uuid4().hex[:8]}",
     )

@@ -14,9 +14,8 @@ from google.protobuf.descriptor import ServiceDescriptor
 from gristmill.api.training.v1 import training_pb2 as pb
 from gristmill.api.training.v1 import training_pb2_grpc as pb_grpc
 from gristmill.core.auth import LABELING_READ, TRAINING_SUBMIT
-from gristmill.core.host import ServiceHost
-from gristmill.core.settings import KafkaSettings, S3Settings
-from gristmill.training.app import METHOD_SCOPES, build_host
+from gristmill.core.host import Infrastructure, ServiceHost
+from gristmill.training.app import METHOD_SCOPES, build_app
 from gristmill.training.settings import TrainingSettings
 from services.training.tests.service_support import ScriptedRunner, job_spec
 from tests.contracts.auth import (
@@ -39,13 +38,12 @@ Server = tuple[str, InMemoryKeyVerifier, ServiceHost]
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
     keys = InMemoryKeyVerifier()
     runner = ScriptedRunner()
-    host = build_host(
+    host = build_app(
         TrainingSettings(data_dir=tmp_path / "data", grpc_port=0),
-        kafka=KafkaSettings(),
-        s3=S3Settings(),
-        security=api_key_security(keys, METHOD_SCOPES),
+        Infrastructure(),
+        api_key_security(keys, METHOD_SCOPES),
         runner=runner,
-    )
+    ).host
     port = await host.start()
     yield f"127.0.0.1:{port}", keys, host
     runner.release.set()
