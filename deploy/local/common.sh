@@ -82,16 +82,16 @@ spawn() { # spawn <log> <command...>
   done
 }
 
-# SIGTERM, wait up to <timeout> seconds, then SIGKILL. No-op when not running.
-stop_process() { # stop_process <timeout seconds>
-  local timeout="$1" pid waited=0
+# <signal> (default TERM), wait up to <timeout> seconds, then SIGKILL. No-op when not running.
+stop_process() { # stop_process <timeout seconds> [signal]
+  local timeout="$1" signal="${2:-TERM}" pid waited=0
   if ! pid="$(running_pid)"; then
     rm -f "$(pid_file)"
     say "not running"
     return 0
   fi
   say "stopping (pid $pid)"
-  kill -TERM "$pid" 2>/dev/null || true
+  kill "-$signal" "$pid" 2>/dev/null || true
   while kill -0 "$pid" 2>/dev/null; do
     if ((waited >= timeout * 2)); then
       say "still running after ${timeout} s, sending SIGKILL"

@@ -189,26 +189,7 @@ cmd_wait() {
 # Fast shutdown (SIGINT): open sessions are rolled back and cut. SIGTERM would be a "smart" shutdown that
 # waits for every client (services keep pooled connections) to disconnect.
 cmd_stop() {
-  local pid waited=0
-  if ! pid="$(running_pid)"; then
-    rm -f "$(pid_file)"
-    say "not running"
-    return 0
-  fi
-  say "stopping (pid $pid)"
-  kill -INT "$pid" 2>/dev/null || true
-  while kill -0 "$pid" 2>/dev/null; do
-    if ((waited >= STOP_TIMEOUT * 2)); then
-      say "still running after ${STOP_TIMEOUT} s, sending SIGKILL"
-      kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-      sleep 0.5
-      break
-    fi
-    sleep 0.5
-    waited=$((waited + 1))
-  done
-  rm -f "$(pid_file)"
-  say "stopped"
+  stop_process "$STOP_TIMEOUT" INT
 }
 
 cmd_status() {
