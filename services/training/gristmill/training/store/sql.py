@@ -133,15 +133,16 @@ class SqlJobStore(JobStore):
     def _row(self, session: Session, job_id: str, *, lock: bool = False) -> JobRow:
         query = select(JobRow).where(JobRow.job_id == job_id)
         if lock:
-            # Lock before reading, so that the state and sequence read are the latest committed: an UPDATE
-            # takes the row lock on PostgreSQL and the database write lock on SQLite (which ignores FOR UPDATE;
-            # without it, two processes could both move the job from the same state and reuse a sequence).
-            session.execute(
-                update(JobRow)
-                .where(JobRow.job_id == job_id)
-                .values(last_sequence=JobRow.last_sequence)
-                .execution_options(synchronize_session=False)
-            )
+            # Lock before reading, so that the state and sequence read are the latest committed: FOR UPDATE on
+            # PostgreSQL; SQLite ignores it, so there a no-op UPDATE takes the database write lock first (without
+            # it, two processes could both move the job from the same state and reuse a sequence).
+            if session.get_bind().dialect.name == "sqlite":
+                session.execute(
+                    update(JobRow)
+                    .where(JobRow.job_id == job_id)
+                    .values(last_sequence=JobRow.last_sequence)
+                    .execution_options(synchronize_session=False)
+                )
             query = query.with_for_update()
         row = session.execute(query).scalar_one_or_none()
         if row is None:
