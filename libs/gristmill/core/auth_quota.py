@@ -38,13 +38,10 @@ from gristmill.core.auth import Principal
 from gristmill.core.errors import InvalidArgumentError, ResourceExhaustedError
 from gristmill.core.events import EventCatalog, OutboxWriter
 from gristmill.core.sql import Database
+from gristmill.core.values import utc_now
 
 Clock = Callable[[], datetime]
 MonotonicClock = Callable[[], float]
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class UsageKind(Enum):

@@ -33,6 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from gristmill.core.errors import ConfigurationError, FailedPreconditionError
+from gristmill.core.values import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,6 @@ COMMUNITY_LIMITS: Mapping[str, int] = {
     "max_training_workers": 2,
     "max_serving_models": 2,
 }
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class LicenseState(Enum):

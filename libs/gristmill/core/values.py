@@ -4,6 +4,13 @@ organisation are. Plain frozen dataclasses (no protobuf, no SQL), so domain pack
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
+
+
+def utc_now() -> datetime:
+    """Now, timezone-aware in UTC: the clock every service's domain and store default to."""
+    return datetime.now(UTC)
+
 
 # The organisation of an installation that has only one (embedded mode, requests with an empty id).
 DEFAULT_ORGANIZATION = "default"

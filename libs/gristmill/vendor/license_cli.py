@@ -26,9 +26,9 @@ from gristmill.core.licensing import (
     load_private_key,
     parse_public_key,
     sign_license,
-    utc_now,
     verify_license,
 )
+from gristmill.core.values import utc_now
 
 
 def _limit(text: str) -> tuple[str, int]:

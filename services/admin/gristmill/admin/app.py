@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gristmill.admin import SERVICE_NAME
 from gristmill.admin.api.servicer import METHOD_SCOPES, registrations
-from gristmill.admin.domain.admin import Admin, LocalKeyVerifier, utc_now
+from gristmill.admin.domain.admin import Admin, LocalKeyVerifier
 from gristmill.admin.domain.metering import Metering
 from gristmill.admin.events.handlers import usage_recorded_handler
 from gristmill.admin.settings import AdminSettings
@@ -19,6 +19,7 @@ from gristmill.api.events.v1 import events_pb2
 from gristmill.core.host import Infrastructure, ServiceHost, Subscription, open_platform
 from gristmill.core.security import Security, build_auth_hook
 from gristmill.core.settings import S3Settings
+from gristmill.core.values import utc_now
 
 
 @dataclass

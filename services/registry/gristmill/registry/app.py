@@ -11,9 +11,9 @@ from gristmill.api.events.v1 import events_pb2
 from gristmill.core.auth import REGISTRY_PROMOTE, REGISTRY_READ
 from gristmill.core.host import Infrastructure, PeriodicTask, ServiceHost, Subscription, open_platform
 from gristmill.core.security import Security
+from gristmill.core.values import utc_now
 from gristmill.registry import SERVICE_NAME
 from gristmill.registry.api.servicer import RegistryServicer, registration
-from gristmill.registry.domain.common import utc_now
 from gristmill.registry.domain.registration import Registrations
 from gristmill.registry.domain.services import RegistryServices
 from gristmill.registry.events.handlers import job_state_changed_handler, version_registered_handler

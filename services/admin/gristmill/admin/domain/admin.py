@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from gristmill.admin.domain.model import ApiKey, CreatedKey, Organization
@@ -29,6 +29,7 @@ from gristmill.core.errors import (
 )
 from gristmill.core.ids import validate_id
 from gristmill.core.paging import fingerprint, next_page_token, page_request
+from gristmill.core.values import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,6 @@ MAX_DISPLAY_NAME = 200
 MAX_ROTATION_GRACE = timedelta(days=30)
 # last_used_time is written at most this often per key (a write per call would be a write per request).
 TOUCH_EVERY = timedelta(minutes=1)
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def organization_not_found(organization_id: str) -> NotFoundError:

@@ -15,13 +15,14 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from gristmill.admin.domain.admin import Admin, key_not_found, utc_now
+from gristmill.admin.domain.admin import Admin, key_not_found
 from gristmill.admin.domain.model import Granularity, Organization, QuotaStatus, UsageQuery, UsageTotal
 from gristmill.admin.domain.ports import AdminStore
 from gristmill.core.auth import Principal, organization_or_default
 from gristmill.core.auth_quota import QuotaPeriod, UsageKind, period_bounds
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.ids import validate_id
+from gristmill.core.values import utc_now
 
 Clock = Callable[[], datetime]
 MAX_PERIODS = 10_000

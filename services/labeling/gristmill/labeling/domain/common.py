@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.ids import validate_id
@@ -17,10 +17,6 @@ Clock = Callable[[], datetime]
 
 MAX_COMMENT_CHARS = 10_000
 MAX_DISPLAY_NAME_CHARS = 512
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def organization(organization_id: str) -> str:

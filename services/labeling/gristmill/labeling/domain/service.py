@@ -11,8 +11,9 @@ from __future__ import annotations
 import threading
 
 from gristmill.core.storage import ObjectStore
+from gristmill.core.values import utc_now
 from gristmill.labeling.domain.annotations import AnnotationUseCases, validate_prediction
-from gristmill.labeling.domain.common import Clock, organization, utc_now
+from gristmill.labeling.domain.common import Clock, organization
 from gristmill.labeling.domain.datasets import DatasetUseCases, ExportChunk
 from gristmill.labeling.domain.importer import IndexCache
 from gristmill.labeling.domain.imports import ImportUseCases

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from gristmill.core.errors import InvalidArgumentError, NotFoundError
 from gristmill.core.licensing import License
 from gristmill.core.paging import Page
@@ -12,10 +10,6 @@ from gristmill.core.values import DEFAULT_ORGANIZATION
 from gristmill.registry.domain import names
 from gristmill.registry.domain.model import ModelVersion, RegisteredModel
 from gristmill.registry.domain.ports import RegistryTransaction
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def artifact_prefix(org: str, model_name: str, version: int) -> str:

@@ -11,10 +11,10 @@ from datetime import datetime
 
 from gristmill.core.licensing import License, load_license
 from gristmill.core.storage import ObjectStore
+from gristmill.core.values import utc_now
 from gristmill.registry.domain.basemodels import BaseModels
 from gristmill.registry.domain.cards import ModelCards
 from gristmill.registry.domain.catalog import ModelCatalog
-from gristmill.registry.domain.common import utc_now
 from gristmill.registry.domain.ports import RegistryStore
 from gristmill.registry.domain.promotion import Promotions
 from gristmill.registry.domain.registration import Registrations

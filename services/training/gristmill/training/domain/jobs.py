@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 
 from gristmill.core.auth import Principal
 from gristmill.core.auth_quota import QuotaGuard, UsageKind
@@ -18,6 +18,7 @@ from gristmill.core.errors import FailedPreconditionError, GristmillError, Inval
 from gristmill.core.ids import new_id, validate_id
 from gristmill.core.licensing import License, load_license
 from gristmill.core.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from gristmill.core.values import utc_now as _now
 from gristmill.training.domain.model import (
     DEFAULT_ORGANIZATION,
     AutoTrainPolicy,
@@ -41,10 +42,6 @@ class SequenceAheadError(GristmillError):
 
 def organization(value: str) -> str:
     return value or DEFAULT_ORGANIZATION
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from gristmill.core.auth_quota import UsageKind, UsageRecord
 from gristmill.core.errors import FailedPreconditionError, NotFoundError
 from gristmill.core.serialization import from_plain, to_plain
 from gristmill.core.sql import Database, utc
+from gristmill.core.values import utc_now as _now
 from gristmill.training.domain.model import (
     ALLOWED_FROM,
     AutoTrainPolicy,
@@ -48,10 +49,6 @@ def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     return utc(value)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def worker_seconds(job: Job) -> list[UsageRecord]:
