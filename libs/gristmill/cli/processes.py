@@ -46,6 +46,20 @@ class ServiceProcess:
             return None
         return pid if self.module in cmdline else None
 
+    def exited(self) -> bool:
+        """Whether the process named by the pid file has ended. For a child of this process (started by this
+        command) ``waitpid`` says so for certain; the pid file and ``/proc`` check of ``pid`` is for processes an
+        earlier command started (a child read there too early can still show this command's own command line)."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return True
+        try:
+            ended, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return self.pid() is None
+        return ended == pid
+
     def start(self, env: Mapping[str, str]) -> int:
         """Start in its own session (it outlives the CLI); no-op when already running."""
         running = self.pid()
@@ -106,7 +120,7 @@ def wait_serving(address: str, timeout_s: float, *, process: ServiceProcess | No
     while time.monotonic() < deadline:
         if health(address, timeout_s=1.0) == "SERVING":
             return
-        if process is not None and process.pid() is None:
+        if process is not None and process.exited():
             raise UnavailableError(
                 f"{process.name} exited during start-up ({process.last_log_line() or 'no output'}); "
                 f"see {process.log_file}"
