@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -27,7 +28,7 @@ from gristmill.core.auth_quota import (
     plan_from_proto,
     plan_to_proto,
 )
-from gristmill.core.errors import InvalidArgumentError, ResourceExhaustedError
+from gristmill.core.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from gristmill.core.events import OutboxEvent
 from gristmill.core.events.topics import platform_catalog
 from gristmill.core.sql import Database
@@ -228,3 +229,151 @@ def test_usage_measured_after_the_work_counts_and_is_refused_once_the_quota_is_u
     )
     with pytest.raises(InvalidArgumentError):
         guard.reserve(ACME, {P: 1}, resource="deployment/d").commit(measured={tokens: -1})
+
+
+# -- the event-loop path: inline decisions, background refresh, group commit -----------------------------------
+
+
+class Aggregated(UsageSource):
+    """What the admin's aggregator knows: the usage events committed to ``databases`` (every replica's outbox),
+    summed, as the metering service would answer once they were relayed and aggregated."""
+
+    def __init__(self, *databases: Database) -> None:
+        self.databases = databases
+        self.calls = 0
+
+    def used(self, organization_id: str, kind: UsageKind, start: datetime, end: datetime) -> float:
+        self.calls += 1
+        return sum(u.quantity for db in self.databases for u in _published(db) if u.kind == kind.value)
+
+
+def test_after_the_first_call_the_guard_decides_without_asking(database: Database) -> None:
+    used = Used()
+    guard = _guard(database, Plan("team", (Quota(P, QuotaPeriod.DAY, 3),)), used)
+    # Nothing known yet: the event loop must not decide (the caller goes to a worker thread).
+    assert guard.try_reserve(ACME, {P: 1}, resource="r") is None
+    guard.reserve(ACME, {P: 1}, resource="r").commit()
+    asked = len(used.asked)
+    for _ in range(2):
+        reservation = guard.try_reserve(ACME, {P: 1}, resource="r")
+        assert reservation is not None
+        reservation.commit()
+    with pytest.raises(ResourceExhaustedError, match="0 of 3 left"):
+        guard.try_reserve(ACME, {P: 1}, resource="r")
+    assert len(used.asked) == asked  # no network round trip on the inline path
+    # Another organisation, or the next period, needs the sources again.
+    other = Principal("globex", "k2", frozenset({"serving:predict"}))
+    assert guard.try_reserve(other, {P: 1}, resource="r") is None
+
+
+def test_refresh_raises_counters_to_the_admins_total_and_never_lowers_them(tmp_path: Path) -> None:
+    first, second = (Database(f"sqlite:///{tmp_path / name}.db") for name in ("a", "b"))
+    for db in (first, second):
+        db.create_all()
+    clock = Clock()
+    plan = Plan("team", (Quota(P, QuotaPeriod.DAY, 10),))
+    aggregated = Aggregated(first, second)
+    replicas = [
+        QuotaGuard(
+            Plans(plan),
+            aggregated,
+            UsageRecorder(db, platform_catalog(), "serving"),
+            clock=clock,
+            monotonic=lambda: clock.mono,
+        )
+        for db in (first, second)
+    ]
+    a, b = replicas
+    for _ in range(6):
+        a.reserve(ACME, {P: 1}, resource="r").commit()
+    # b saw the 6 at its first look, a has the 6 it counted itself.
+    b.reserve(ACME, {P: 1}, resource="r").commit()
+    b.reserve(ACME, {P: 1}, resource="r").commit()
+    # a does not know b's 2 yet: it admits 4 more (a lower bound never refuses below the quota) ...
+    assert a.try_reserve(ACME, {P: 4}, resource="r") is not None
+    # ... until its refresh reads the admin's total, 8 committed, plus the 4 it holds reserved.
+    a.refresh()
+    with pytest.raises(ResourceExhaustedError, match="0 of 10 left"):
+        a.try_reserve(ACME, {P: 1}, resource="r")
+    # The admin's total lagging behind a replica's own count never lowers it (exact for one replica).
+    b.reserve(ACME, {P: 1}, resource="r").release()
+    aggregated.databases = ()
+    b.refresh()
+    with pytest.raises(ResourceExhaustedError):
+        b.try_reserve(ACME, {P: 3}, resource="r")
+    for db in (first, second):
+        db.dispose()
+
+
+def test_two_replicas_admit_between_the_quota_and_the_documented_bound(tmp_path: Path) -> None:
+    """R = 2 replicas, each refreshing after every ``per_refresh`` admissions: the second admits at most what the
+    first admitted since its last refresh beyond the quota, N + (R - 1) x per_refresh, and never refuses below N."""
+    quota, per_refresh = 40, 5
+    dbs = [Database(f"sqlite:///{tmp_path / f'r{i}'}.db") for i in range(2)]
+    for db in dbs:
+        db.create_all()
+    clock = Clock()
+    aggregated = Aggregated(*dbs)
+    guards = [
+        QuotaGuard(
+            Plans(Plan("team", (Quota(P, QuotaPeriod.DAY, quota),))),
+            aggregated,
+            UsageRecorder(db, platform_catalog(), "serving"),
+            clock=clock,
+            monotonic=lambda: clock.mono,
+        )
+        for db in dbs
+    ]
+    admitted = 0
+    refused_at: list[int] = []
+    for turn in range(200):
+        guard = guards[turn % 2]
+        try:
+            guard.reserve(ACME, {P: 1}, resource="r").commit()
+            admitted += 1
+        except ResourceExhaustedError:
+            refused_at.append(admitted)
+        if turn % (2 * per_refresh) == 2 * per_refresh - 1:
+            for g in guards:
+                g.refresh()
+    assert quota <= admitted <= quota + (2 - 1) * per_refresh
+    assert min(refused_at) >= quota  # nobody was refused while the quota had room
+    assert aggregated.used("acme", P, T0, T0) == admitted  # usage totals equal the admitted calls
+    for db in dbs:
+        db.dispose()
+
+
+async def test_calls_finishing_together_share_one_commit_and_one_event(database: Database) -> None:
+    guard = _guard(database, Plan("team", (Quota(P, QuotaPeriod.DAY, 1000),)))
+    guard.reserve(ACME, {P: 1}, resource="deployment/d").commit()  # seeds the counters: the rest run inline
+    assert guard.recorder is not None
+
+    async def call() -> None:
+        reservation = await guard.reserve_async(ACME, {P: 1, UsageKind.INPUT_TOKENS: 0}, resource="deployment/d")
+        await reservation.commit_async(measured={UsageKind.INPUT_TOKENS: 7})
+
+    await asyncio.gather(*(call() for _ in range(50)))
+    recorder = guard.recorder
+    assert recorder.grouped_calls == 50
+    # The 50 calls finished in the same turn of the event loop: one transaction for all of them.
+    assert recorder.group_commits == 1
+    published = _published(database)
+    assert len(published) == 1 + 2  # the seeding call's, then one event per kind for the 50
+    assert sum(u.quantity for u in published if u.kind == admin_pb2.USAGE_KIND_PREDICTIONS) == 51
+    assert sum(u.quantity for u in published if u.kind == admin_pb2.USAGE_KIND_INPUT_TOKENS) == 50 * 7
+    with pytest.raises(ResourceExhaustedError, match="949 of 1000 left, this call needs 950"):
+        guard.try_reserve(ACME, {P: 950}, resource="deployment/d")
+
+
+async def test_a_failed_group_commit_fails_every_call_of_it_and_counts_nothing(database: Database) -> None:
+    guard = _guard(database, Plan("team", (Quota(P, QuotaPeriod.DAY, 10),)))
+    guard.reserve(ACME, {P: 1}, resource="r").commit()
+    reservations = [await guard.reserve_async(ACME, {P: 1}, resource="r") for _ in range(3)]
+    database.dispose()
+    Path(database.engine.url.database or "").unlink()
+    (Path(database.engine.url.database or "")).mkdir()  # the file is now a directory: every write fails
+    results = await asyncio.gather(*(r.commit_async() for r in reservations), return_exceptions=True)
+    assert all(isinstance(r, UnavailableError) for r in results), results
+    assert "could not record the usage of this call" in str(results[0])
+    # Released, not counted: 9 of 10 are still left.
+    assert guard.try_reserve(ACME, {P: 9}, resource="r") is not None

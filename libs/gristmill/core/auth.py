@@ -389,6 +389,9 @@ class AuthSettings(BaseSettings):
     # How long a verified key (and an organisation's plan) is trusted before asking again: a revoked key
     # stops working within this time.
     cache_ttl_s: float = Field(default=30.0, ge=0)
+    # How often a quota guard reads its organisations' usage totals (and plans) again in the background: with
+    # several replicas, the others' usage counts here within about this time (see gristmill.core.auth_quota).
+    quota_refresh_s: float = Field(default=1.0, gt=0)
     # This service's own key (a root-organisation admin key), to read plans and usage for quotas and to call
     # other services for an organisation.
     service_key: SecretStr = SecretStr("")

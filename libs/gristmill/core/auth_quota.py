@@ -12,18 +12,34 @@ when the bucket has a token again) when the call would go beyond a quota or the 
 usage is committed: counted locally and published as a ``UsageRecorded`` event through the outbox (the
 metering aggregator sums those), so usage totals equal the successful calls exactly.
 
+The hot path (serving) uses ``reserve_async`` and ``Reservation.commit_async``: the decision is taken on the
+event loop from what the guard already knows (the organisation's plan and its counters), and only the first
+call of an organisation in a period goes to a worker thread to ask the admin service. Usage is then committed
+by ``UsageRecorder.commit_grouped``: the calls that finish while one write is in progress wait together on
+the next one (group commit), and their usage is summed into one event per (organisation, key, kind,
+resource): one transaction and one event per batch instead of one per prediction, and no call is answered
+before its usage is durable.
+
 How a guard knows what was used before: the first reservation of an organisation in a period asks the
-``UsageSource`` (the metering service) for the period's total, then counts its own commits on top. One
-replica is therefore exact even while events are still on their way to the aggregator; several replicas
-of a service each see the others' usage only as of their own first look (a known limit, see
-services/admin/README.md).
+``UsageSource`` (the metering service) for the period's total, then counts its own commits on top, and
+``refresh`` (every ``refresh_s``, in the background) raises each counter to the admin's total when that is
+higher. Each counter is therefore a lower bound of the true usage (a call is never refused while the quota has
+room), and exact for one replica (the admin's total never exceeds what the replica counted itself). Several
+replicas each see the others' usage once it has reached the admin's aggregator and their next refresh: with
+R replicas admitting r calls per second each, a quota of N admits at most N + (R - 1) x r x L calls, L being
+the time from a commit to its visibility (the group commit, the outbox relay, the aggregator, at most
+``refresh_s`` for the next refresh; about 1-2 s on the local stack). The rate limit is per replica (R
+replicas allow R times the rate). See services/admin/README.md.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -35,13 +51,17 @@ from sqlalchemy.orm import Session
 from gristmill.api.admin.v1 import admin_pb2
 from gristmill.api.events.v1 import events_pb2
 from gristmill.core.auth import Principal
-from gristmill.core.errors import InvalidArgumentError, ResourceExhaustedError
+from gristmill.core.errors import GristmillError, InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from gristmill.core.events import EventCatalog, OutboxWriter
 from gristmill.core.sql import Database
 from gristmill.core.values import utc_now
 
+log = logging.getLogger(__name__)
+
 Clock = Callable[[], datetime]
 MonotonicClock = Callable[[], float]
+# Organisations whose counters the background refresh keeps current: those that made a call this recently.
+ACTIVE_FOR_S = 300.0
 
 
 class UsageKind(Enum):
@@ -203,20 +223,28 @@ class UsageRecorder:
     def __init__(self, database: Database, catalog: EventCatalog, source: str) -> None:
         self._database = database
         self._events = OutboxWriter(catalog, source)
+        # Group commit (``commit_grouped``): records waiting for the next write, with their callers' futures.
+        self._waiting: list[tuple[Sequence[UsageRecord], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        # Transactions written by the group commit, and the calls they carried (the benchmark reports them).
+        self.group_commits = 0
+        self.grouped_calls = 0
 
     def add(self, session: Session, records: Sequence[UsageRecord]) -> None:
-        """Stage the events in the caller's transaction."""
+        """Stage the events in the caller's transaction: one per (organisation, key, kind, resource), summed."""
+        totals: dict[tuple[str, str, UsageKind, str], float] = defaultdict(float)
         for record in records:
-            if not record.quantity > 0:
-                continue  # the event's quantity is positive by contract; zero usage is no usage
+            if record.quantity > 0:  # the event's quantity is positive by contract; zero usage is no usage
+                totals[(record.organization_id, record.api_key_id, record.kind, record.resource)] += record.quantity
+        for (organization_id, api_key_id, kind, resource), quantity in totals.items():
             message = events_pb2.UsageRecorded(
-                organization_id=record.organization_id,
-                api_key_id=record.api_key_id,
-                kind=record.kind.value,
-                quantity=record.quantity,
-                resource=record.resource,
+                organization_id=organization_id,
+                api_key_id=api_key_id,
+                kind=kind.value,
+                quantity=quantity,
+                resource=resource,
             )
-            self._events.write(session, message, key=record.organization_id)
+            self._events.write(session, message, key=organization_id)
 
     def record(self, records: Sequence[UsageRecord], session: Session | None = None) -> None:
         """Write the events, in ``session`` when given (commits with the caller's change), else on their own."""
@@ -225,6 +253,62 @@ class UsageRecorder:
             return
         with self._database.transaction() as own:
             self.add(own, records)
+
+    async def commit_grouped(self, records: Sequence[UsageRecord]) -> None:
+        """Write ``records`` together with those of the calls waiting at the same time; return once they are
+        committed. UNAVAILABLE (nothing written for any call of the batch) when the database fails.
+
+        While one transaction is being written, the calls that finish meanwhile queue; the next transaction
+        takes them all. One caller alone waits for its own commit only (no lingering), and under load the
+        batch grows with the load: one commit (and one worker-thread hop) per batch, not per call.
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((records, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_waiting())
+        await future
+
+    async def _write_waiting(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                error: BaseException | None = None
+                try:
+                    await asyncio.to_thread(self.record, [r for records, _ in batch for r in records])
+                except Exception as exc:
+                    log.warning("could not record the usage of %d calls: %s", len(batch), exc)
+                    error = (
+                        exc
+                        if isinstance(exc, GristmillError)
+                        else UnavailableError(f"could not record the usage of this call, so it was not answered: {exc}")
+                    )
+                else:
+                    self.group_commits += 1
+                    self.grouped_calls += len(batch)
+                for _, future in batch:
+                    if future.done():  # the caller was cancelled; its usage is committed all the same
+                        continue
+                    if error is None:
+                        future.set_result(None)
+                    else:
+                        future.set_exception(error)
+        finally:
+            self._writer = None
+
+
+def _check_amounts(amounts: Mapping[UsageKind, float]) -> None:
+    for kind, quantity in amounts.items():
+        if not quantity >= 0:
+            raise InvalidArgumentError(f"usage of {kind.label} must be zero or more (got {quantity})")
+
+
+def _wanted(plan: Plan, amounts: Mapping[UsageKind, float], now: datetime) -> list[tuple[Quota, datetime, datetime]]:
+    """The plan's quotas a call asking ``amounts`` is checked against, with their current periods.
+
+    A kind asked with 0 is still checked: usage measured only after the work (input tokens) is refused once
+    earlier calls used the quota up.
+    """
+    return [(q, *period_bounds(q.period, now)) for q in plan.quotas if q.kind in amounts]
 
 
 @dataclass
@@ -271,10 +355,7 @@ class Reservation:
         if self._done:
             return
         try:
-            for kind, quantity in (measured or {}).items():
-                if not quantity >= 0:
-                    raise InvalidArgumentError(f"usage of {kind.label} must be zero or more (got {quantity})")
-                self._final[kind] = quantity
+            self._measure(measured)
             if self.guard.recorder is not None:
                 self.guard.recorder.record(self.records(), session)
         except BaseException:
@@ -282,6 +363,37 @@ class Reservation:
             raise
         self._done = True
         self.guard._settle(self, counted=True)
+
+    async def commit_async(self, *, measured: Mapping[UsageKind, float] | None = None) -> None:
+        """``commit`` on the event loop: the usage is written by the recorder's group commit, together with the
+        calls finishing at the same time; returns once it is durable."""
+        if self._done:
+            return
+        try:
+            self._measure(measured)
+        except BaseException:
+            self.release()
+            raise
+        if self.guard.recorder is not None:
+            try:
+                await self.guard.recorder.commit_grouped(self.records())
+            except asyncio.CancelledError:
+                # The caller went away while its usage was being written: the write goes on (the work was done),
+                # so it counts here too, or this replica's counter would fall behind the admin's total.
+                self._done = True
+                self.guard._settle(self, counted=True)
+                raise
+            except BaseException:
+                self.release()
+                raise
+        self._done = True
+        self.guard._settle(self, counted=True)
+
+    def _measure(self, measured: Mapping[UsageKind, float] | None) -> None:
+        for kind, quantity in (measured or {}).items():
+            if not quantity >= 0:
+                raise InvalidArgumentError(f"usage of {kind.label} must be zero or more (got {quantity})")
+            self._final[kind] = quantity
 
     def release(self) -> None:
         if self._done:
@@ -312,15 +424,23 @@ class QuotaGuard:
         *,
         clock: Clock = utc_now,
         monotonic: MonotonicClock = time.monotonic,
+        refresh_s: float = 1.0,
     ) -> None:
         self.plans = plans
         self.usage = usage
         self.recorder = recorder
+        # How often ``refresh`` should run (the service runs it as a periodic task).
+        self.refresh_s = refresh_s
         self._clock = clock
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._counters: dict[tuple[str, UsageKind, QuotaPeriod, datetime], _Counter] = {}
         self._buckets: dict[str, _Bucket] = {}
+        # The last plan read per organisation (what the event-loop path decides with; ``refresh`` renews it) and
+        # when each organisation last made a call (``refresh`` keeps only active ones current).
+        self._plans: dict[str, Plan] = {}
+        self._active: dict[str, float] = {}
+        self._refresh_failing = False
 
     def reserve(
         self,
@@ -332,17 +452,14 @@ class QuotaGuard:
     ) -> Reservation:
         """Admit ``amounts`` for the caller's organisation, or raise RESOURCE_EXHAUSTED with retry-after.
 
+        Blocking: reads the plan and seeds counters from the sources (network calls) where needed.
         ``rate_limited`` calls take one token of the plan's prediction rate limit.
         """
-        for kind, quantity in amounts.items():
-            if not quantity >= 0:
-                raise InvalidArgumentError(f"usage of {kind.label} must be zero or more (got {quantity})")
+        _check_amounts(amounts)
         org = principal.organization_id
         plan = self.plans.plan_for(org)
         now = self._clock()
-        # A kind asked with 0 is still checked: usage measured only after the work (input tokens) is refused
-        # once earlier calls used the quota up.
-        wanted = [(q, *period_bounds(q.period, now)) for q in plan.quotas if q.kind in amounts]
+        wanted = _wanted(plan, amounts, now)
         # Seed counters outside the lock: asking the metering service takes a network round trip.
         for quota, start, end in wanted:
             key = (org, quota.kind, quota.period, start)
@@ -351,38 +468,130 @@ class QuotaGuard:
                 with self._lock:
                     self._counters.setdefault(key, _Counter(used=seed))
         with self._lock:
+            self._plans[org] = plan
             self._forget_past_periods(now)
-            bucket = None
-            if rate_limited and plan.prediction_rate_limit is not None:
-                bucket = self._refill(org, plan.prediction_rate_limit)
-                if bucket.tokens < 1:
-                    wait = (1 - bucket.tokens) / plan.prediction_rate_limit.requests_per_second
-                    raise ResourceExhaustedError(
-                        f"organisation {org} is over its rate limit of "
-                        f"{plan.prediction_rate_limit.requests_per_second:g} requests per second: retry later",
-                        retry_after_s=wait,
-                        details={"quota": "prediction_rate_limit"},
-                    )
-            for quota, _start, end in wanted:
-                counter = self._counters[(org, quota.kind, quota.period, _start)]
-                asked = amounts[quota.kind]
-                if counter.used + counter.reserved + asked > quota.limit:
-                    left = max(0.0, quota.limit - counter.used - counter.reserved)
-                    raise ResourceExhaustedError(
-                        f"organisation {org} has used its {quota.kind.label} quota for this "
-                        f"{quota.period.name.lower()} ({left:g} of {quota.limit:g} left, this call needs {asked:g}); "
-                        f"it resets at {end.strftime('%Y-%m-%dT%H:%M:%SZ')}",
-                        retry_after_s=(end - now).total_seconds(),
-                        details={"quota": f"{quota.kind.name.lower()}/{quota.period.name.lower()}"},
-                    )
-            # Everything passed: take the token and reserve.
-            if bucket is not None:
-                bucket.tokens -= 1
-            keys = []
-            for quota, start, _end in wanted:
-                key = (org, quota.kind, quota.period, start)
-                self._counters[key].reserved += amounts[quota.kind]
-                keys.append(key)
+            return self._admit(principal, plan, amounts, wanted, now, resource, rate_limited)
+
+    def try_reserve(
+        self,
+        principal: Principal,
+        amounts: Mapping[UsageKind, float],
+        *,
+        resource: str,
+        rate_limited: bool = True,
+    ) -> Reservation | None:
+        """``reserve`` from what the guard already knows, without blocking (on the event loop); None when it
+        would have to ask the admin service first (the organisation's first call, or a new period)."""
+        _check_amounts(amounts)
+        org = principal.organization_id
+        with self._lock:
+            plan = self._plans.get(org)
+            if plan is None:
+                return None
+            now = self._clock()
+            wanted = _wanted(plan, amounts, now)
+            if any((org, quota.kind, quota.period, start) not in self._counters for quota, start, _ in wanted):
+                return None
+            return self._admit(principal, plan, amounts, wanted, now, resource, rate_limited)
+
+    async def reserve_async(
+        self,
+        principal: Principal,
+        amounts: Mapping[UsageKind, float],
+        *,
+        resource: str,
+        rate_limited: bool = True,
+    ) -> Reservation:
+        """``reserve`` for the event loop: decided inline when the guard knows enough, in a worker thread when it
+        has to ask the admin service (once per organisation and period)."""
+        reservation = self.try_reserve(principal, amounts, resource=resource, rate_limited=rate_limited)
+        if reservation is None:
+            reservation = await asyncio.to_thread(
+                self.reserve, principal, amounts, resource=resource, rate_limited=rate_limited
+            )
+        return reservation
+
+    def refresh(self, _first: bool = False) -> None:
+        """Renew the plans and usage totals of the organisations active in the last ``ACTIVE_FOR_S`` seconds
+        from the sources: each counter rises to the admin's total when that is higher (another replica's usage),
+        never falls (its own commits not aggregated yet). Blocking; the service runs it every ``refresh_s``.
+        A source that does not answer keeps what was known (logged once)."""
+        now_m = self._monotonic()
+        with self._lock:
+            self._forget_past_periods(self._clock())
+            for org in [o for o, at in self._active.items() if now_m - at > ACTIVE_FOR_S]:
+                del self._active[org]
+                self._plans.pop(org, None)
+                self._buckets.pop(org, None)
+                for key in [k for k, c in self._counters.items() if k[0] == org and not c.reserved]:
+                    del self._counters[key]
+            orgs = list(self._active)
+            keys = [key for key in self._counters if key[0] in self._active]
+        try:
+            for org in orgs:
+                plan = self.plans.plan_for(org)
+                with self._lock:
+                    self._plans[org] = plan
+            for key in keys:
+                org, kind, period, start = key
+                total = self.usage.used(org, kind, start, period_bounds(period, start)[1])
+                with self._lock:
+                    counter = self._counters.get(key)
+                    if counter is not None and total > counter.used:
+                        counter.used = total
+        except GristmillError as exc:
+            if not self._refresh_failing:
+                log.warning("quota refresh failed (deciding with what is known until it works again): %s", exc)
+            self._refresh_failing = True
+            return
+        if self._refresh_failing:
+            log.info("quota refresh works again")
+        self._refresh_failing = False
+
+    def _admit(
+        self,
+        principal: Principal,
+        plan: Plan,
+        amounts: Mapping[UsageKind, float],
+        wanted: Sequence[tuple[Quota, datetime, datetime]],
+        now: datetime,
+        resource: str,
+        rate_limited: bool,
+    ) -> Reservation:
+        """The decision, under the lock, on counters that exist."""
+        org = principal.organization_id
+        self._active[org] = self._monotonic()
+        bucket = None
+        if rate_limited and plan.prediction_rate_limit is not None:
+            bucket = self._refill(org, plan.prediction_rate_limit)
+            if bucket.tokens < 1:
+                wait = (1 - bucket.tokens) / plan.prediction_rate_limit.requests_per_second
+                raise ResourceExhaustedError(
+                    f"organisation {org} is over its rate limit of "
+                    f"{plan.prediction_rate_limit.requests_per_second:g} requests per second: retry later",
+                    retry_after_s=wait,
+                    details={"quota": "prediction_rate_limit"},
+                )
+        for quota, start, end in wanted:
+            counter = self._counters[(org, quota.kind, quota.period, start)]
+            asked = amounts[quota.kind]
+            if counter.used + counter.reserved + asked > quota.limit:
+                left = max(0.0, quota.limit - counter.used - counter.reserved)
+                raise ResourceExhaustedError(
+                    f"organisation {org} has used its {quota.kind.label} quota for this "
+                    f"{quota.period.name.lower()} ({left:g} of {quota.limit:g} left, this call needs {asked:g}); "
+                    f"it resets at {end.strftime('%Y-%m-%dT%H:%M:%SZ')}",
+                    retry_after_s=(end - now).total_seconds(),
+                    details={"quota": f"{quota.kind.name.lower()}/{quota.period.name.lower()}"},
+                )
+        # Everything passed: take the token and reserve.
+        if bucket is not None:
+            bucket.tokens -= 1
+        keys = []
+        for quota, start, _end in wanted:
+            key = (org, quota.kind, quota.period, start)
+            self._counters[key].reserved += amounts[quota.kind]
+            keys.append(key)
         return Reservation(self, org, principal.api_key_id, dict(amounts), resource, tuple(keys))
 
     def close(self) -> None:

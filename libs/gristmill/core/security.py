@@ -21,6 +21,7 @@ from gristmill.core.auth_remote import RemoteKeyVerifier, RemotePlanSource, Remo
 from gristmill.core.errors import ConfigurationError
 from gristmill.core.events import EventCatalog
 from gristmill.core.grpcserver import AuthHook, ServiceRegistration
+from gristmill.core.host import PeriodicTask
 from gristmill.core.license_service import LICENSE_METHOD_SCOPES, license_registration
 from gristmill.core.licensing import License, load_license, reload_license
 from gristmill.core.settings import LicenseSettings, load_settings
@@ -42,6 +43,7 @@ class Security:
     # The admin service (plans and usage for quotas) and how long a plan is trusted.
     admin_address: str = ""
     cache_ttl_s: float = 30.0
+    quota_refresh_s: float = 1.0
     # Where the licence came from, read again by ``reload`` (SIGHUP: a renewed licence file).
     license_settings: LicenseSettings | None = None
     # The auth settings it was built from (the admin service builds its own hook from them).
@@ -58,7 +60,7 @@ class Security:
     def quota_guard(self, database: Database, catalog: EventCatalog, service: str) -> QuotaGuard | None:
         """The guard that meters and limits this service's work per organisation, publishing usage through the
         service's outbox; None without an admin service and a service key (the embedded dev mode). ``close``
-        closes it."""
+        closes it. The service runs ``quota_refresh(guard)`` among its host components."""
         if not (self.admin_address and self.service_key):
             return None
         guard = QuotaGuard(
@@ -67,6 +69,7 @@ class Security:
             ),
             RemoteUsageSource(self.admin_address, self.service_key, credentials=self.channel_credentials),
             UsageRecorder(database, catalog, service),
+            refresh_s=self.quota_refresh_s,
         )
         self._guards.append(guard)
         return guard
@@ -93,6 +96,11 @@ class Security:
     def license_registration(self, service: str) -> ServiceRegistration:
         """``LicenseService.GetLicense`` on this service's server: the licence this process verified."""
         return license_registration(self.license, service)
+
+
+def quota_refresh(guard: QuotaGuard) -> PeriodicTask:
+    """The host component that keeps ``guard``'s plans and usage totals current (``QuotaGuard.refresh``)."""
+    return PeriodicTask("quota-refresh", guard.refresh, guard.refresh_s)
 
 
 def embedded_security(service: str, license_: License | None = None) -> Security:
@@ -149,6 +157,7 @@ def load_security(
         service_key=auth.service_key.get_secret_value(),
         admin_address=auth.admin_address,
         cache_ttl_s=auth.cache_ttl_s,
+        quota_refresh_s=auth.quota_refresh_s,
         license_settings=licence,
         auth=auth,
     )

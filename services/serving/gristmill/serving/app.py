@@ -14,7 +14,7 @@ from gristmill.core.auth import ADMIN, SERVING_PREDICT
 from gristmill.core.events.topics import ALIAS_CHANGED
 from gristmill.core.grpcserver import ServiceRegistration
 from gristmill.core.host import Infrastructure, ServiceHost, Subscription, open_platform
-from gristmill.core.security import Security
+from gristmill.core.security import Security, quota_refresh
 from gristmill.serving.api.inference import InferenceServicer
 from gristmill.serving.api.servicer import ServingServicer
 from gristmill.serving.domain.deployments import DeploymentManager
@@ -123,6 +123,7 @@ def build_app(
         capacity=settings.prediction_log_capacity,
         metrics=platform.metrics,
     )
+    quota = security.quota_guard(platform.database, platform.catalog, SERVICE)
     service = DeploymentService(
         store,
         manager,
@@ -130,7 +131,7 @@ def build_app(
         sink=sink,
         rng=rng,
         license_=security.license,
-        quota=security.quota_guard(platform.database, platform.catalog, SERVICE),
+        quota=quota,
     )
     serving = ServingServicer(service)
     inference = InferenceServicer(service)
@@ -155,6 +156,6 @@ def build_app(
         auth_hook=security.auth_hook,
         on_reload=security.reload,
         server_credentials=security.server_credentials,
-        components=[DeploymentsLifecycle(service, sink, source)],
+        components=[DeploymentsLifecycle(service, sink, source), *([quota_refresh(quota)] if quota else [])],
     )
     return ServingApp(host, service, sink, source)

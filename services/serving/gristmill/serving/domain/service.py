@@ -221,8 +221,7 @@ class DeploymentService:
         spec = self.manager.spec(organization_id, name)
         reservation = None
         if self.quota is not None and caller is not None and not caller.auth_disabled:
-            reservation = await asyncio.to_thread(
-                self.quota.reserve,
+            reservation = await self.quota.reserve_async(
                 caller,
                 {UsageKind.PREDICTIONS: len(texts), UsageKind.INPUT_TOKENS: 0},
                 resource=f"deployment/{name}",
@@ -236,7 +235,7 @@ class DeploymentService:
                 reservation.release()
             raise
         if reservation is not None:
-            await asyncio.to_thread(reservation.commit, measured={UsageKind.INPUT_TOKENS: result.input_tokens})
+            await reservation.commit_async(measured={UsageKind.INPUT_TOKENS: result.input_tokens})
         if self.sink is not None:
             records = records_to_log(
                 result,
