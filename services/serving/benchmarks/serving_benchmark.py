@@ -16,11 +16,28 @@ the same sentences (../shared/data/sentiment), with client and server on this ma
    the per-round ratios: throughput at c=64 >= 0.6x the raw limit and >= 3x Ray Serve's, p50 at c=1 <= the raw
    single forward + 3 ms;
 5. optionally (``--quantization``), dynamic int8 quantisation of that classifier: accuracy and throughput on
-   the 400 held-out amazon + yelp sentences, fp32 vs int8.
+   the 400 held-out amazon + yelp sentences, fp32 vs int8;
+6. optionally (``--stack local``), the production configuration: the networked stack users run
+   (``gristmill.cli.platforms.LocalStack``: every service its own process on the real Kafka, S3 server and
+   PostgreSQL, on a free block of ports with consumer groups of its own), set up through the real APIs with the
+   admin's root key: an organisation whose plan has daily prediction and input-token quotas (far above what the
+   run uses: checked and metered, never reached), the model uploaded to S3 and registered in that organisation,
+   a deployment with the same batching and the default prediction logging (uncertain predictions go to Kafka),
+   and the same ModelInfer calls with a ``serving:predict`` key of the organisation. The stack is swept like the
+   serving process, each paired round also measures it at c=64 and c=1 (targets on the medians of the per-round
+   ratios: c=64 >= 0.9x the serving process's and >= 0.6x the raw limit, c=1 p50 <= the raw single forward
+   + 3 ms), CPU seconds per request are reported for every process of both (the services, Kafka, PostgreSQL,
+   the S3 server and this client, each with its child processes), and afterwards the admin's usage totals for
+   the organisation must equal the successful calls (waited for up to 30 s). The stack's serving process runs
+   the service's default settings (what ``gristmill up`` runs), whatever ``--server-configs`` says.
 
 Usage (from the repository root)::
 
     PYTHONPATH=~/.cache/gristmill/bench/ray-serve .venv/bin/python services/serving/benchmarks/serving_benchmark.py
+    .venv/bin/python services/serving/benchmarks/serving_benchmark.py --skip-ray --stack local --json out.json
+
+The second needs the local infrastructure (deploy/local/stack.sh up starts it when it is not running; it is
+left running). ``--quick`` is a smoke run (few requests, one round), not a measurement.
 
 Ray Serve needs the ``ray[serve]`` extra's packages (fastapi, starlette, uvicorn, aiohttp, ...), which the
 project's environment does not carry; install them into a separate directory and put it on PYTHONPATH as above
@@ -34,6 +51,8 @@ import asyncio
 import json
 import os
 import random
+import re
+import resource
 import shutil
 import signal
 import socket
@@ -42,9 +61,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +77,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[3]
 SENTIMENT = REPO.parent / "shared" / "data" / "sentiment"
 MODEL = "minilm"
+# The embedded serving process's configuration that matches the stack's serving defaults (ServingSettings).
+STACK_SERVER_CONFIG = "1"
 
 Call = Callable[[str], Awaitable[None]]
 Step = Callable[[], Awaitable[None]]
@@ -130,6 +155,55 @@ class LoadResult:
     throughput: float
     p50_ms: float
     p99_ms: float
+    # CPU seconds (user + system) each process spent during the measured part (warm-up excluded), when the
+    # system's processes were given: name -> seconds, "client" being this process.
+    cpu_s: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Target:
+    """A system under load: its ModelInfer call and the processes a measured load charges CPU to (name -> the
+    roots of process trees: each counts with its descendants)."""
+
+    call: Call
+    processes: dict[str, list[int]]
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(processes: Mapping[str, Sequence[int]]) -> dict[str, float]:
+    """CPU seconds used so far by each named group of process trees (utime + stime of every process in the tree,
+    plus cutime + cstime: children that ended and were waited for stay counted), and by this process ("client")."""
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
+        parents[int(entry)] = int(fields[1])
+        used[int(entry)] = sum(int(f) for f in fields[11:15]) / CLOCK_TICKS
+    children: dict[int, list[int]] = defaultdict(list)
+    for pid, parent in parents.items():
+        children[parent].append(pid)
+    out = {}
+    for name, roots in processes.items():
+        seen: set[int] = set()
+        todo = list(roots)
+        while todo:
+            pid = todo.pop()
+            if pid in seen or pid not in used:
+                continue
+            seen.add(pid)
+            todo += children[pid]
+        out[name] = sum(used[pid] for pid in seen)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out["client"] = usage.ru_utime + usage.ru_stime
+    return out
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -137,8 +211,16 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(int(q / 100 * len(ordered)), len(ordered) - 1)]
 
 
-async def drive(system: str, call: Call, texts: Sequence[str], concurrency: int, count: int) -> LoadResult:
-    """``count`` calls, ``concurrency`` at a time, one sentence each; latency per call, throughput overall."""
+async def drive(
+    system: str,
+    call: Call,
+    texts: Sequence[str],
+    concurrency: int,
+    count: int,
+    processes: Mapping[str, Sequence[int]] | None = None,
+) -> LoadResult:
+    """``count`` calls, ``concurrency`` at a time, one sentence each; latency per call, throughput overall; with
+    ``processes``, the CPU seconds each of them (and this client) used over the measured calls."""
     latencies: list[float] = []
     failed = 0
     next_index = 0
@@ -161,9 +243,11 @@ async def drive(system: str, call: Call, texts: Sequence[str], concurrency: int,
     # Warm-up (connections, lazy allocations) is not measured.
     warm = [asyncio.create_task(call(texts[i % len(texts)])) for i in range(min(concurrency, 32))]
     await asyncio.gather(*warm, return_exceptions=True)
+    cpu_before = cpu_seconds(processes) if processes is not None else {}
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     seconds = time.perf_counter() - started
+    cpu_after = cpu_seconds(processes) if processes is not None else {}
     return LoadResult(
         system,
         concurrency,
@@ -173,6 +257,7 @@ async def drive(system: str, call: Call, texts: Sequence[str], concurrency: int,
         len(latencies) / seconds,
         percentile(latencies, 50) * 1000 if latencies else 0.0,
         percentile(latencies, 99) * 1000 if latencies else 0.0,
+        {name: cpu_after[name] - cpu_before[name] for name in cpu_after},
     )
 
 
@@ -240,8 +325,8 @@ def parse_server_config(config: str) -> tuple[int, dict[str, str]]:
 
 
 @asynccontextmanager
-async def gristmill_server(model_dir: Path, config: str, delay_ms: int) -> AsyncIterator[Call]:
-    """A serving process (the real wiring) with the model deployed; yields an OIP ModelInfer call."""
+async def gristmill_server(model_dir: Path, config: str, delay_ms: int) -> AsyncIterator[Target]:
+    """A serving process (the real wiring) with the model deployed; yields its OIP ModelInfer call."""
     import grpc
 
     from gristmill.api.common.v1 import common_pb2
@@ -290,7 +375,7 @@ async def gristmill_server(model_dir: Path, config: str, delay_ms: int) -> Async
                 )
                 await stub.ModelInfer(request, timeout=30)
 
-            yield call
+            yield Target(call, {"serving": [server.pid]})
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -300,6 +385,310 @@ async def gristmill_server(model_dir: Path, config: str, delay_ms: int) -> Async
         stats_file = data_dir / "batch-stats.json"
         if stats_file.exists():
             print(f"  batcher: {stats_file.read_text()}", flush=True)
+
+
+# -- the local stack (--stack local) ----------------------------------------------------------------------------
+
+# Rows of the CPU table: the stack's processes in this order ("client" is this process).
+STACK_PROCESSES = ("serving", "admin", "labeling", "registry", "training", "kafka", "postgresql", "s3")
+INFRASTRUCTURE = {"kafka": "kafka", "postgres": "postgresql", "seaweedfs": "s3"}
+LABELS = ["negative", "positive"]
+# Daily quotas far above what a full run uses (about 11,000 predictions of about 20 tokens): checked and
+# metered on every call, never reached.
+PREDICTIONS_PER_DAY = 10_000_000
+INPUT_TOKENS_PER_DAY = 1_000_000_000
+
+
+class StackRun:
+    """The production configuration: ``LocalStack`` (every service its own process on the real Kafka, S3 server
+    and PostgreSQL) in a run directory of its own, on a free block of ports below the ephemeral range (never
+    the default ports of a developer's ``gristmill up``), with consumer groups of its own that start at the
+    topics' end (other installations' history is not replayed).
+
+    ``start`` runs on a thread (beside the fine-tuning); ``deploy`` sets up an organisation with quotas, its
+    keys, the model in S3 and the registry, and the deployment; ``target`` is the load's call, which counts the
+    successful calls; ``usage`` compares the admin's metered total with that count; ``close`` stops the
+    services, drops their databases and deletes the uploaded objects.
+    """
+
+    def __init__(self, root: Path) -> None:
+        from gristmill.cli.platforms import LocalStack
+
+        sys.path.insert(0, str(REPO))
+        from tests.support.services import free_port_block
+
+        self.run_id = uuid.uuid4().hex[:8]
+        self.local = LocalStack(root / "run", base_port=free_port_block(), group_suffix=f"bench-{self.run_id}")
+        self.organization = f"bench-{self.run_id}"
+        self.successes = 0
+        self.processes: dict[str, list[int]] = {}
+        self.info: dict[str, Any] = {
+            "run_dir": str(self.local.run_dir),
+            "base_port": self.local.base_port,
+            "group_suffix": self.local.group_suffix,
+            "organization": self.organization,
+        }
+        self._predict_key = ""
+        self._admin_key = ""
+        self._prefixes: list[str] = []
+        self._objects: Any = None  # the stack's S3 store (gristmill.core.storage.ObjectStore), once deployed
+        self._day_start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="stack-start")
+        self._starting: Future[None] | None = None
+
+    def start(self) -> None:
+        self._starting = self._pool.submit(self._start)
+
+    def _start(self) -> None:
+        began = time.monotonic()
+        self.local.start_infrastructure()
+        self.local.create_topics()
+        self.local.start_groups_at_end()
+        self.local.start(timeout_s=600)
+        self.info["start_s"] = round(time.monotonic() - began, 1)
+
+    def wait_started(self) -> None:
+        assert self._starting is not None
+        self._starting.result()
+        for proc in self.local.processes():
+            pid = proc.pid()
+            if pid is None:
+                raise RuntimeError(f"the stack's {proc.name} is not running; see {proc.log_file}")
+            self.processes[proc.name] = [pid]
+        # Kafka, PostgreSQL (its postmaster: the backends are its children) and the S3 server, as the stack's
+        # script reports them ("kafka: up on 127.0.0.1:9092 (pid 123, log ...)").
+        script = self.local.repo_root or REPO
+        status = subprocess.run(
+            [str(script / "deploy" / "local" / "stack.sh"), "status"], capture_output=True, text=True, check=False
+        )
+        for line in status.stdout.splitlines():
+            if (found := re.match(r"(\w+): up .*\(pid (\d+)", line)) and found[1] in INFRASTRUCTURE:
+                self.processes[INFRASTRUCTURE[found[1]]] = [int(found[2])]
+        missing = [name for name in STACK_PROCESSES if name not in self.processes]
+        if missing:
+            raise RuntimeError(f"no process found for {missing} in `stack.sh status`: {status.stdout!r}")
+        self.info["pids"] = {name: pids[0] for name, pids in self.processes.items()}
+        print(
+            f"  stack up in {self.info.get('start_s', 0):.0f} s: ports {self.local.ports}, groups "
+            f"*-{self.local.group_suffix}, logs {self.local.run_dir / 'logs'}",
+            flush=True,
+        )
+
+    def deploy(self, model_dir: Path, delay_ms: int) -> None:
+        """Through the real APIs, with the admin's root key: the organisation (its plan with quotas), an admin
+        key and a ``serving:predict`` key of it; the model uploaded to S3 and registered in the organisation;
+        the deployment (default prediction logging), ready."""
+        from pydantic import SecretStr
+
+        from gristmill.api.admin.v1 import admin_pb2 as adm
+        from gristmill.api.common.v1 import common_pb2
+        from gristmill.api.registry.v1 import registry_pb2
+        from gristmill.api.serving.v1 import serving_pb2
+        from gristmill.client import ClientOptions, Gristmill
+        from gristmill.core.manifests import FileEntry, ModelManifest
+        from gristmill.core.settings import S3Settings
+        from gristmill.core.storage import open_object_store
+
+        endpoints = self.local.endpoints
+        plan = adm.Plan(
+            name="serving-benchmark",
+            quotas=[
+                adm.Quota(kind=adm.USAGE_KIND_PREDICTIONS, period=adm.QUOTA_PERIOD_DAY, limit=PREDICTIONS_PER_DAY),
+                adm.Quota(kind=adm.USAGE_KIND_INPUT_TOKENS, period=adm.QUOTA_PERIOD_DAY, limit=INPUT_TOKENS_PER_DAY),
+            ],
+        )
+        with Gristmill(endpoints, ClientOptions(api_key=self.local.root_key(), timeout_s=60)) as root:
+            root.admin.CreateOrganization(
+                adm.CreateOrganizationRequest(
+                    organization_id=self.organization, display_name="Serving benchmark", plan=plan
+                )
+            )
+
+            def key(scope: str) -> str:
+                request = adm.CreateApiKeyRequest(
+                    organization_id=self.organization, display_name=f"serving benchmark ({scope})", scopes=[scope]
+                )
+                secret: str = root.admin.CreateApiKey(request).secret
+                return secret
+
+            self._admin_key = key("admin")
+            self._predict_key = key("serving:predict")
+
+        # What a finished training job leaves in the object store: the files and a manifest listing them.
+        env = self.local.env()
+        objects = open_object_store(
+            S3Settings(
+                endpoint=env["GRISTMILL_S3_ENDPOINT"],
+                access_key=env["GRISTMILL_S3_ACCESS_KEY"],
+                secret_key=SecretStr(env["GRISTMILL_S3_SECRET_KEY"]),
+            ),
+            model_dir.parent,
+        )
+        self._objects = objects
+        prefix = f"jobs/{self.organization}-minilm"
+        self._prefixes.append(prefix + "/")
+        files = {}
+        for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+            name = path.relative_to(model_dir).as_posix()
+            stored = objects.put_file(f"{prefix}/{name}", path)
+            files[name] = FileEntry(stored.key, stored.sha256, stored.size)
+        manifest = ModelManifest(
+            files=files,
+            task_type="TASK_TYPE_TEXT_CLASSIFICATION",
+            label_map=LABELS,
+            signature={},
+            lineage={"training_job_id": f"{self.organization}-minilm"},
+        )
+        stored = objects.put_bytes(f"{prefix}/manifest.json", manifest.to_json(), content_type="application/json")
+        signature = common_pb2.ModelSignature(
+            inputs=[common_pb2.TensorSpec(name="text", datatype="BYTES", shape=[-1])],
+            outputs=[
+                common_pb2.TensorSpec(name="probabilities", datatype="FP32", shape=[-1, 2]),
+                common_pb2.TensorSpec(name="label", datatype="BYTES", shape=[-1]),
+                common_pb2.TensorSpec(name="label_index", datatype="INT64", shape=[-1]),
+            ],
+        )
+        with Gristmill(endpoints, ClientOptions(api_key=self._admin_key, timeout_s=300)) as gm:
+            version = gm.registry.RegisterModelVersion(
+                registry_pb2.RegisterModelVersionRequest(
+                    registered_model_name=MODEL,
+                    create_model_if_missing=True,
+                    source_prefix=prefix,
+                    manifest=common_pb2.ObjectRef(key=stored.key, sha256=stored.sha256, size_bytes=stored.size),
+                    task=common_pb2.TASK_TYPE_TEXT_CLASSIFICATION,
+                    label_map=common_pb2.LabelMap(labels=LABELS),
+                    signature=signature,
+                    lineage=common_pb2.Lineage(training_job_id=f"{self.organization}-minilm"),
+                    wait_for_verification=True,
+                )
+            )
+            self._prefixes.append(version.artifact_prefix)
+            if version.status != registry_pb2.MODEL_VERSION_STATUS_READY:
+                raise RuntimeError(f"the registry did not verify the model: {version.status_reason}")
+            deployment = gm.serving.CreateDeployment(
+                serving_pb2.CreateDeploymentRequest(
+                    deployment=serving_pb2.Deployment(
+                        name=MODEL,
+                        registered_model_name=MODEL,
+                        target=common_pb2.ModelVersionSelector(version=version.version),
+                        batching=serving_pb2.BatchingConfig(max_batch_size=32, max_delay_ms=delay_ms),
+                    ),
+                    wait_until_ready=True,
+                ),
+                timeout=600,
+            )
+            if deployment.status.state != serving_pb2.DEPLOYMENT_STATE_READY:
+                raise RuntimeError(f"the stack's deployment is not ready: {deployment.status.message}")
+        self.info["model_version"] = version.version
+        print(
+            f"  organisation {self.organization} (quotas: {PREDICTIONS_PER_DAY:,} predictions, "
+            f"{INPUT_TOKENS_PER_DAY:,} input tokens a day), {MODEL} version {version.version} registered and deployed",
+            flush=True,
+        )
+
+    @asynccontextmanager
+    async def target(self) -> AsyncIterator[Target]:
+        """The same ModelInfer call as the serving process's, on the stack's serving port with the organisation's
+        ``serving:predict`` key; every successful call (warm-ups included) is counted."""
+        import grpc
+
+        from gristmill.api.inference.v2 import grpc_predict_v2_pb2 as oip
+        from gristmill.api.inference.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
+
+        metadata = (("authorization", f"Bearer {self._predict_key}"),)
+        async with grpc.aio.insecure_channel(self.local.endpoints.serving) as channel:
+            stub = oip_grpc.GRPCInferenceServiceStub(channel)
+            tensor = oip.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[1])
+
+            async def call(text: str) -> None:
+                data = text.encode()
+                request = oip.ModelInferRequest(
+                    model_name=MODEL, inputs=[tensor], raw_input_contents=[len(data).to_bytes(4, "little") + data]
+                )
+                await stub.ModelInfer(request, timeout=30, metadata=metadata)
+                self.successes += 1
+
+            yield Target(call, self.processes)
+
+    def usage(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Wait (up to ``timeout_s``) until the admin's predictions total for the organisation since the start of
+        the day the run began equals the successful calls; what it recorded, and the quota status."""
+        from google.protobuf.timestamp_pb2 import Timestamp
+
+        from gristmill.api.admin.v1 import admin_pb2 as adm
+        from gristmill.api.serving.v1 import serving_pb2
+        from gristmill.client import ClientOptions, Gristmill
+
+        start = Timestamp()
+        start.FromDatetime(self._day_start)
+        began = time.monotonic()
+        with Gristmill(self.local.endpoints, ClientOptions(api_key=self._admin_key, timeout_s=30)) as gm:
+
+            def totals() -> dict[int, float]:
+                reply = gm.metering.GetUsage(
+                    adm.GetUsageRequest(
+                        organization_id=self.organization,
+                        kinds=[adm.USAGE_KIND_PREDICTIONS, adm.USAGE_KIND_INPUT_TOKENS],
+                        start_time=start,
+                    )
+                )
+                out: dict[int, float] = defaultdict(float)
+                for total in reply.totals:
+                    out[total.kind] += total.quantity
+                return out
+
+            while True:
+                recorded = totals()
+                if recorded[adm.USAGE_KIND_PREDICTIONS] == self.successes or time.monotonic() - began > timeout_s:
+                    break
+                time.sleep(0.5)
+            quotas = gm.metering.GetQuotaStatus(adm.GetQuotaStatusRequest(organization_id=self.organization))
+            status = gm.serving.GetDeployment(serving_pb2.GetDeploymentRequest(name=MODEL))
+        predictions = int(recorded[adm.USAGE_KIND_PREDICTIONS])
+        return {
+            "successful_calls": self.successes,
+            "recorded_predictions": predictions,
+            "recorded_input_tokens": int(recorded[adm.USAGE_KIND_INPUT_TOKENS]),
+            "lost": max(self.successes - predictions, 0),
+            "double": max(predictions - self.successes, 0),
+            "waited_s": round(time.monotonic() - began, 1),
+            "quotas": [
+                {
+                    "kind": adm.UsageKind.Name(q.quota.kind),
+                    "period": adm.QuotaPeriod.Name(q.quota.period),
+                    "limit": q.quota.limit,
+                    "used": q.used,
+                }
+                for q in quotas.quotas
+            ],
+            "deployment_versions": [
+                {"version": v.version, "requests": v.request_count, "errors": v.error_count}
+                for v in status.status.versions
+            ],
+        }
+
+    def close(self, keep_logs: bool) -> None:
+        """Stop the services (each drains), drop their databases, delete the uploaded and registered objects; the
+        infrastructure keeps running. With ``keep_logs`` the services' logs are copied out of the run directory
+        (which the caller deletes) first."""
+        if self._starting is not None:
+            self._starting.exception()  # a start still under way finishes first (its error is reported elsewhere)
+        self._pool.shutdown()
+        self.local.stop()
+        if keep_logs and (self.local.run_dir / "logs").exists():
+            kept = Path(tempfile.mkdtemp(prefix="serving-bench-stack-logs-"))
+            shutil.copytree(self.local.run_dir / "logs", kept, dirs_exist_ok=True)
+            print(f"  the stack's logs are kept in {kept}", flush=True)
+        try:
+            self.local.drop_databases()
+        except Exception as exc:
+            print(f"  warning: could not drop the stack's databases: {exc!r}", file=sys.stderr)
+        for prefix in self._prefixes if self._objects is not None else []:
+            try:
+                for stored in list(self._objects.list(prefix)):
+                    self._objects.delete(stored.key)
+            except Exception as exc:
+                print(f"  warning: could not delete the objects under {prefix}: {exc!r}", file=sys.stderr)
 
 
 @contextmanager
@@ -367,10 +756,16 @@ async def ray_caller(url: str, concurrency: int) -> AsyncIterator[Call]:
         yield call
 
 
-async def sweep(system: str, call: Call, texts: Sequence[str], plan: Sequence[tuple[int, int]]) -> list[LoadResult]:
+async def sweep(
+    system: str,
+    call: Call,
+    texts: Sequence[str],
+    plan: Sequence[tuple[int, int]],
+    processes: Mapping[str, Sequence[int]] | None = None,
+) -> list[LoadResult]:
     results = []
     for concurrency, count in plan:
-        result = await drive(system, call, texts, concurrency, count)
+        result = await drive(system, call, texts, concurrency, count, processes)
         print(f"  {result}", flush=True)
         results.append(result)
     return results
@@ -378,16 +773,19 @@ async def sweep(system: str, call: Call, texts: Sequence[str], plan: Sequence[tu
 
 async def paired_rounds(
     raw: RawModel,
-    ours: Call,
+    ours: Target,
     ray_urls: dict[str, str],
     texts: Sequence[str],
     rounds: int,
     per_round: int,
-) -> list[dict[str, float]]:
-    """Each round: the raw limit, Gristmill and Ray Serve at c=64, the raw single forward and Gristmill at c=1,
-    back to back in a shuffled order, each on its own slice of the sentences."""
+    stack: Target | None = None,
+) -> tuple[list[dict[str, float]], list[dict[str, Any]]]:
+    """Each round: the raw limit, Gristmill and Ray Serve at c=64, the raw single forward and Gristmill at c=1
+    (and the stack at c=64 and c=1, when given), back to back in a shuffled order, each on its own slice of the
+    sentences. Returns the rounds and every load measured on Gristmill and the stack (with its CPU)."""
     order_rng = random.Random(7)
     out = []
+    loads: list[dict[str, Any]] = []
     for number in range(rounds):
         start = (number * per_round) % len(texts)
         chunk = [texts[(start + i) % len(texts)] for i in range(per_round)]
@@ -400,11 +798,25 @@ async def paired_rounds(
         async def raw_single(singles: list[str] = singles, row: dict[str, float] = row) -> None:
             row["raw_single_ms"] = raw.single_forward_ms(singles)
 
-        async def ours_64(chunk: list[str] = chunk, row: dict[str, float] = row) -> None:
-            row["gristmill_c64"] = (await drive("gristmill", ours, chunk, 64, per_round)).throughput
+        def served(
+            system: str,
+            target: Target,
+            number: int = number,
+            chunk: list[str] = chunk,
+            singles: list[str] = singles,
+            row: dict[str, float] = row,
+        ) -> list[Step]:
+            async def c64() -> None:
+                result = await drive(system, target.call, chunk, 64, per_round, target.processes)
+                loads.append({"round": number + 1, **asdict(result)})
+                row[f"{system}_c64"] = result.throughput
 
-        async def ours_1(singles: list[str] = singles, row: dict[str, float] = row) -> None:
-            row["gristmill_c1_p50_ms"] = (await drive("gristmill", ours, singles, 1, len(singles))).p50_ms
+            async def c1() -> None:
+                result = await drive(system, target.call, singles, 1, len(singles), target.processes)
+                loads.append({"round": number + 1, **asdict(result)})
+                row[f"{system}_c1_p50_ms"] = result.p50_ms
+
+            return [c64, c1]
 
         def ray_64(name: str, url: str, chunk: list[str] = chunk, row: dict[str, float] = row) -> Step:
             async def measure() -> None:
@@ -413,14 +825,31 @@ async def paired_rounds(
 
             return measure
 
-        steps: list[Step] = [raw_limit, raw_single, ours_64, ours_1]
+        steps: list[Step] = [raw_limit, raw_single, *served("gristmill", ours)]
+        if stack is not None:
+            steps += served("stack", stack)
         steps += [ray_64(name, url) for name, url in ray_urls.items()]
         order_rng.shuffle(steps)
         for step in steps:
             await step()
         print(f"  round {number + 1}: {row}", flush=True)
         out.append(row)
-    return out
+    return out, loads
+
+
+def cpu_per_request(loads: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """CPU seconds per request of each process, by system and concurrency ("stack c=64"), over the loads."""
+    spent: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    requests: dict[str, int] = defaultdict(int)
+    for load in loads:
+        column = f"{load['system']} c={load['concurrency']}"
+        requests[column] += load["requests"]
+        for name, seconds in load["cpu_s"].items():
+            spent[column][name] += seconds
+    return {
+        column: {name: seconds / requests[column] for name, seconds in per_process.items()}
+        for column, per_process in spent.items()
+    }
 
 
 def measure_quantization(model_dir: Path, rows: Sequence[tuple[str, int]], threads: int) -> dict[str, float]:
@@ -529,7 +958,7 @@ def report(results: dict[str, Any]) -> None:
         f"length-sorted batches of 32: {raw['limit']:.0f} sentences/s"
     )
     print(f"{'system':<10} {'conc.':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6}")
-    for name in [key for key in results if key.startswith(("gristmill[", "ray_serve["))]:
+    for name in [key for key in results if key.startswith(("gristmill[", "stack[", "ray_serve["))]:
         print(f"{name}:")
         for row in results[name]:
             print(
@@ -567,6 +996,52 @@ def report(results: dict[str, Any]) -> None:
             checks.append(
                 (f"c=64 throughput >= 3x Ray Serve, {name} ({ours_c64 / best_ray:.1f}x)", ours_c64 >= 3.0 * best_ray)
             )
+    if all("stack_c64" in r for r in rounds):
+        stack_c64 = median(r["stack_c64"] for r in rounds)
+        stack_c1 = median(r["stack_c1_p50_ms"] for r in rounds)
+        # The stack's targets on the medians of the per-round ratios (each against the same round's references).
+        vs_ours = median(r["stack_c64"] / max(r["gristmill_c64"], 1e-9) for r in rounds)
+        vs_raw = median(r["stack_c64"] / max(r["raw_limit"], 1e-9) for r in rounds)
+        over_single = median(r["stack_c1_p50_ms"] - r["raw_single_ms"] for r in rounds)
+        print(
+            f"local stack (API key, quotas, metering, prediction logging to Kafka): median c=64 {stack_c64:.0f}/s, "
+            f"c=1 p50 {stack_c1:.1f} ms"
+        )
+        checks += [
+            (
+                f"stack c=64 throughput >= 0.9x the serving process's, same round (median ratio {vs_ours:.2f}x)",
+                vs_ours >= 0.9,
+            ),
+            (f"stack c=64 throughput >= 0.6x raw limit, same round (median ratio {vs_raw:.2f}x)", vs_raw >= 0.6),
+            (
+                f"stack c=1 p50 <= raw single forward + 3 ms, same round (median difference {over_single:+.1f} ms)",
+                over_single <= 3.0,
+            ),
+        ]
+    cpu = results.get("cpu_s_per_request")
+    if cpu:
+        columns = [c for c in ("gristmill c=64", "gristmill c=1", "stack c=64", "stack c=1") if c in cpu]
+        names = ["client", *[n for n in STACK_PROCESSES if any(n in cpu[c] for c in columns)]]
+        print(
+            "CPU ms per request over the paired rounds' loads (each process with its children; Kafka, PostgreSQL "
+            "and the S3 server also serve whatever else runs on this machine):"
+        )
+        print(f"  {'process':<11}" + "".join(f"{c:>16}" for c in columns))
+        for name in [*names, "total"]:
+            cells = []
+            for column in columns:
+                value = sum(cpu[column].values()) if name == "total" else cpu[column].get(name)
+                cells.append(f"{value * 1000:>16.2f}" if value is not None else f"{'-':>16}")
+            print(f"  {name:<11}" + "".join(cells))
+    usage = results.get("stack_usage")
+    if usage is not None:
+        checks.append(
+            (
+                f"usage totals: {usage['recorded_predictions']} recorded for {usage['successful_calls']} successful "
+                f"calls (lost {usage['lost']}, double {usage['double']}; waited {usage['waited_s']:.1f} s)",
+                usage["lost"] == 0 and usage["double"] == 0,
+            )
+        )
     for text, ok in checks:
         print(f"[{'PASS' if ok else 'FAIL'}] {text}")
     if "quantization" in results:
@@ -591,10 +1066,17 @@ def main() -> None:
         help="serving-process configurations, one sweep each: 'THREADS[,ENV=VALUE...]' separated by ';' "
         "(default: '<threads>;1'); the best at c=64 also runs the paired rounds",
     )
-    parser.add_argument("--rounds", type=int, default=5, help="paired rounds (default 5)")
+    parser.add_argument("--rounds", type=int, default=None, help="paired rounds (default 5; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="few requests: a smoke run, not a measurement")
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--quantization", action="store_true", help="also fine-tune and compare fp32 with int8")
+    parser.add_argument(
+        "--stack",
+        choices=["local"],
+        default=None,
+        help="also measure the production configuration: the local stack of service processes on Kafka, S3 and "
+        "PostgreSQL, with API keys, quotas and metering",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.serve:
@@ -602,6 +1084,8 @@ def main() -> None:
         return
     if args.server_configs is None:
         args.server_configs = [str(t) for t in sorted({args.threads, 1}, reverse=True)]
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 5
     rows = load_sentences()
     texts = [text for text, _ in rows]
     random.Random(0).shuffle(texts)
@@ -609,9 +1093,19 @@ def main() -> None:
     plan = [(1, int(400 * scale)), (16, int(2000 * scale)), (64, int(3000 * scale))]
     workdir = Path(tempfile.mkdtemp(prefix="serving-bench-"))
     results: dict[str, Any] = {"threads": args.threads, "delay_ms": args.delay_ms, "sentences": len(texts)}
+    stack = StackRun(workdir / "stack") if args.stack == "local" else None
+    completed = False
     try:
+        if stack is not None:
+            # The stack starts (infrastructure, topics, five service processes) while the model is fine-tuned.
+            print(f"starting the local stack in {stack.local.run_dir} ...", flush=True)
+            stack.start()
         print(f"building the classifier in {workdir}", flush=True)
         model_dir = build_classifier(workdir / "model", rows, args.threads)
+        if stack is not None:
+            stack.wait_started()
+            stack.deploy(model_dir, args.delay_ms)
+            results["stack"] = stack.info
         raw = RawModel(model_dir, args.threads)
         print("raw model ...", flush=True)
         results["raw"] = {
@@ -623,8 +1117,14 @@ def main() -> None:
         async def ours_sweeps() -> None:
             for config in args.server_configs:
                 print(f"gristmill serving (OIP over gRPC), server config {config!r} ...", flush=True)
-                async with gristmill_server(model_dir, config, args.delay_ms) as call:
-                    results[f"gristmill[{config}]"] = [asdict(r) for r in await sweep("gristmill", call, texts, plan)]
+                async with gristmill_server(model_dir, config, args.delay_ms) as ours:
+                    loads = await sweep("gristmill", ours.call, texts, plan, ours.processes)
+                    results[f"gristmill[{config}]"] = [asdict(r) for r in loads]
+            if stack is not None:
+                print("the local stack (OIP over gRPC, API key, quotas, metering) ...", flush=True)
+                async with stack.target() as target:
+                    loads = await sweep("stack", target.call, texts, plan, target.processes)
+                    results["stack[local]"] = [asdict(r) for r in loads]
 
         asyncio.run(ours_sweeps())
 
@@ -638,26 +1138,49 @@ def main() -> None:
                 results[f"ray_serve[{name}]"] = [asdict(r) for r in ray_rows]
             # The paired rounds use the server configuration with the best c=64 throughput in the sweeps.
             config = max(args.server_configs, key=lambda c: results[f"gristmill[{c}]"][-1]["throughput"])
-            print(f"paired rounds (Gristmill config {config!r}) ...", flush=True)
-            async with gristmill_server(model_dir, config, args.delay_ms) as call:
+            if stack is not None:
+                # The stack's serving runs the service's defaults (1 torch thread per batch, a batch worker per
+                # core); the embedded process it is compared with in the same round runs the same.
+                config = STACK_SERVER_CONFIG
+            with_stack = " and the local stack" if stack is not None else ""
+            print(f"paired rounds (Gristmill config {config!r}{with_stack}) ...", flush=True)
+            async with gristmill_server(model_dir, config, args.delay_ms) as ours, stack_target(stack) as target:
                 results["paired_config"] = config
-                results["paired_rounds"] = await paired_rounds(
-                    raw, call, urls, texts, args.rounds, int(1000 * scale) or 100
+                results["paired_rounds"], results["paired_loads"] = await paired_rounds(
+                    raw, ours, urls, texts, args.rounds, int(1000 * scale) or 100, target
                 )
+            results["cpu_s_per_request"] = cpu_per_request(results["paired_loads"])
 
         if args.skip_ray:
             asyncio.run(ray_and_rounds({}))
         else:
             with ray_serve_app(model_dir, args.threads) as urls:
                 asyncio.run(ray_and_rounds(urls))
+        if stack is not None:
+            print("usage: waiting for the admin's totals ...", flush=True)
+            results["stack_usage"] = stack.usage()
         if args.quantization:
             print("dynamic int8 quantisation ...", flush=True)
             results["quantization"] = measure_quantization(model_dir, rows, args.threads)
         report(results)
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
+        usage = results.get("stack_usage")
+        completed = usage is None or (usage["lost"], usage["double"]) == (0, 0)
     finally:
+        if stack is not None:
+            print("stopping the local stack ...", flush=True)
+            stack.close(keep_logs=not completed)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@asynccontextmanager
+async def stack_target(stack: StackRun | None) -> AsyncIterator[Target | None]:
+    if stack is None:
+        yield None
+    else:
+        async with stack.target() as target:
+            yield target
 
 
 if __name__ == "__main__":
