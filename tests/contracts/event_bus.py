@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import pytest
@@ -27,14 +27,17 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from gristmill.core.events import (
+    BatchHandler,
     Consumer,
     Event,
     EventBus,
     EventCatalog,
     Outbox,
     OutboxEvent,
+    PublishOutcome,
     Record,
     dead_letter_topic,
+    handled_among,
     is_handled,
 )
 from gristmill.core.ids import new_id
@@ -277,6 +280,77 @@ class EventBusContract:
         assert headers_of(dead)["error-type"] == b"MalformedEventError"
         assert b"could not be decoded as google.protobuf.StringValue" in headers_of(dead)["error"]
         assert headers_of(dead)["event-id"] == broken.event_id.encode()
+
+    # -- batches --------------------------------------------------------------------------------------------
+
+    def test_publish_many_delivers_a_batch_in_order_with_a_producer_span_each(
+        self,
+        publisher: EventBus,
+        read_records: ReadRecords,
+        tracing: tuple[TracerProvider, InMemorySpanExporter],
+        catalog: EventCatalog,
+        topic: str,
+    ) -> None:
+        keys = [new_id() for _ in range(3)]
+        events = [self.event(catalog, str(i), keys[i % 3]) for i in range(60)]
+        assert publisher.publish_many(events) == PublishOutcome(60)
+        records = read_records(topic, 60)
+        for key in keys:
+            got = [headers_of(r)["event-id"].decode() for r in records if r.key == key.encode()]
+            assert got == [e.event_id for e in events if e.key == key], "one key's events arrive in order"
+        spans = {
+            s.attributes["messaging.message.id"]: s
+            for s in tracing[1].get_finished_spans()
+            if s.name == f"{topic} publish" and s.attributes
+        }
+        assert len(spans) == 60
+        for record in records:
+            span = spans[headers_of(record)["event-id"].decode()]
+            assert span.context is not None and span.status.is_ok
+            assert f"{span.context.span_id:016x}".encode() in headers_of(record)["traceparent"]
+
+    def test_batch_handler_counts_each_event_once_and_dead_letters_a_bad_one_alone(
+        self,
+        publisher: EventBus,
+        subscriber: EventBus,
+        read_records: ReadRecords,
+        catalog: EventCatalog,
+        topic: str,
+        group: str,
+    ) -> None:
+        key = new_id()
+        good = [self.event(catalog, f"good {i}", key) for i in range(20)]
+        bad = self.event(catalog, "explode", key)
+        assert publisher.publish_many([*good[:10], bad, good[0], *good[10:]]).error is None
+        sizes: list[int] = []
+
+        def handle(events: Sequence[Event], session: Session) -> None:
+            sizes.append(len(events))
+            for event in events:
+                Outbox.add(session, self.event(catalog, f"reaction to {event.event_id}", key))
+            if any(catalog.decode(e, StringValue).value == "explode" for e in events):
+                raise ValueError("cannot handle this")
+
+        database = subscriber.database
+        assert database is not None
+        ids = {e.event_id for e in good}
+
+        def all_handled() -> bool:
+            with database.transaction() as session:
+                return handled_among(session, group, ids) == ids
+
+        with subscriber.subscribe([topic], group, BatchHandler(handle)) as consumer:
+            poll_until(consumer, all_handled, "the good events")
+        assert max(sizes) > 1, "the handler got batches"
+        (dead,) = read_records(dead_letter_topic(topic), 1)
+        assert headers_of(dead)["event-id"] == bad.event_id.encode()
+        assert headers_of(dead)["error-type"] == b"ValueError"
+        with database.transaction() as session:
+            reactions = [
+                StringValue.FromString(p).value for p in session.execute(select(OutboxEvent.payload)).scalars()
+            ]
+            assert not is_handled(session, group, bad.event_id)
+        assert sorted(reactions) == sorted(f"reaction to {e.event_id}" for e in good), "each good event counted once"
 
     # -- tracing --------------------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""The Kafka event bus against the real broker (``deploy/local/kafka.sh``): the conformance suite, and an
-outbox that survives a broker outage."""
+"""The Kafka event bus against the real broker (``deploy/local/kafka.sh``): the conformance suite, an outbox
+that survives a broker outage, and the relay publishing a large batch from PostgreSQL in one pass."""
 
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ from sqlalchemy.orm import Session
 
 from gristmill.core.errors import UnavailableError
 from gristmill.core.events import Event, EventCatalog, KafkaEventBus, Outbox, OutboxEvent, OutboxRelay, Record
+from gristmill.core.metrics import ServiceMetrics
 from gristmill.core.settings import KafkaSettings
 from gristmill.core.sql import Database
 from tests.contracts.event_bus import EventBusContract, ReadRecords
+from tests.support.databases import fresh_postgres_database
 
 pytestmark = pytest.mark.integration
 
@@ -171,6 +173,47 @@ def test_outbox_event_survives_a_broker_outage(kafka_bootstrap: str, database: D
     assert sorted(ids) == sorted(e.event_id for e in sent) and len(ids) == len(sent), "each event exactly once"
     for key in keys:
         assert [i for k, i in handled if k == key] == [e.event_id for e in sent if e.key == key], f"order of {key}"
+
+
+@pytest.fixture
+def postgres() -> Iterator[Database]:
+    """A fresh database on the real PostgreSQL server, with the shared tables (outbox, handled events)."""
+    for url in fresh_postgres_database():
+        db = Database(url)
+        db.create_all()
+        try:
+            yield db
+        finally:
+            db.dispose()
+
+
+def test_the_relay_publishes_a_batch_of_300_in_one_pass_in_order(
+    settings: KafkaSettings, kafka_bootstrap: str, postgres: Database
+) -> None:
+    """One ``relay_once`` hands all 300 pending rows to the broker as one batch: every row is confirmed and
+    marked published, and each key's events are in the topic in the order they were written."""
+    topic = f"gristmill.test.relay{uuid.uuid4().hex[:12]}.v1"
+    catalog = EventCatalog()
+    catalog.register(StringValue, topic)
+    keys = [f"job-{i}" for i in range(4)]
+    events = [
+        Event.create(StringValue(value=str(i)), key=keys[i % 4], source="test", catalog=catalog) for i in range(300)
+    ]
+    with postgres.transaction() as session:
+        for event in events:
+            Outbox.add(session, event)
+    metrics = ServiceMetrics("relay-test")
+    with KafkaEventBus(settings, metrics=metrics) as bus:
+        relay = OutboxRelay(postgres, bus, metrics=metrics)
+        assert relay.relay_once() == 300
+        with postgres.transaction() as session:
+            assert Outbox.pending(session) == 0
+        assert metrics.events_published.labels("relay-test", topic)._value.get() == 300
+    records = read_topic(kafka_bootstrap, topic, 300)
+    for key in keys:
+        got = [dict(r.headers)["event-id"].decode() for r in records if r.key == key.encode()]
+        assert got == [e.event_id for e in events if e.key == key], f"order of {key}"
+    assert sorted(r.value or b"" for r in records) == sorted(e.payload for e in events)
 
 
 def test_a_rejoin_that_outlasts_short_polls_still_completes(settings: KafkaSettings, database: Database) -> None:

@@ -1,11 +1,12 @@
-"""The in-process event bus (the conformance suite), the envelope, the dedupe table and the outbox."""
+"""The in-process event bus (the conformance suite), the envelope, the dedupe table, the outbox, batched
+publishing and batch consumers."""
 
 from __future__ import annotations
 
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import event as sa_event
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -24,6 +26,7 @@ from gristmill.core.errors import (
     UnavailableError,
 )
 from gristmill.core.events import (
+    BatchHandler,
     Event,
     EventCatalog,
     EventPublisher,
@@ -33,8 +36,11 @@ from gristmill.core.events import (
     Outbox,
     OutboxEvent,
     OutboxRelay,
+    PublishOutcome,
     Record,
     dead_letter_topic,
+    handled_among,
+    is_handled,
     validate_topic,
 )
 from gristmill.core.metrics import ServiceMetrics
@@ -491,3 +497,288 @@ def test_relayed_events_reach_a_consumer_through_the_memory_bus(
     with bus.subscribe([TOPIC], "g", lambda e, s: got.append(e)) as consumer:
         poll_until(consumer, lambda: len(got) == 3, "the relayed events")
     assert [(e.event_id, e.payload, e.event_time) for e in got] == [(e.event_id, e.payload, e.event_time) for e in sent]
+
+
+# -- batched publishing -----------------------------------------------------------------------------------------
+
+
+class BatchPublisher(EventPublisher):
+    """Takes every event of a batch (as a broker might) but confirms only those before ``fail_at``, once."""
+
+    def __init__(self, fail_at: int | None) -> None:
+        self.fail_at = fail_at
+        self.batches: list[list[Event]] = []
+        self.taken: list[Event] = []
+
+    def publish(self, event: Event) -> None:
+        raise AssertionError("the relay publishes through publish_many")
+
+    def publish_many(self, events: Sequence[Event]) -> PublishOutcome:
+        self.batches.append(list(events))
+        self.taken.extend(events)
+        fail_at, self.fail_at = self.fail_at, None
+        if fail_at is not None and fail_at < len(events):
+            return PublishOutcome(fail_at, UnavailableError(f"record {fail_at} timed out (test)"))
+        return PublishOutcome(len(events))
+
+
+def test_relay_marks_exactly_the_confirmed_prefix_of_a_batch(database: Database, catalog: EventCatalog) -> None:
+    events = [Event.create(StringValue(value=str(i)), key=f"k{i % 2}", source="s", catalog=catalog) for i in range(6)]
+    with database.transaction() as session:
+        for e in events:
+            Outbox.add(session, e)
+    publisher = BatchPublisher(fail_at=2)
+    relay = OutboxRelay(database, publisher)
+    assert relay.batch_size == 500
+    with pytest.raises(UnavailableError, match="record 2 timed out"):
+        relay.relay_once()
+    assert publisher.batches == [events], "one batch for all pending rows"
+    rows = _rows(database)
+    assert [r.published_at is not None for r in rows] == [True, True, False, False, False, False]
+    assert [(r.attempts, r.last_error) for r in rows[2:]] == [
+        (1, "record 2 timed out (test)"),
+        (0, None),
+        (0, None),
+        (0, None),
+    ], "only the first refused row is charged; the rows after it stay pending even though the broker took them"
+    assert relay.consecutive_failures == 1
+    assert relay.relay_once() == 4
+    assert publisher.batches[1] == events[2:], "the failed row and everything after it, again, in order"
+    assert all(r.published_at is not None and r.last_error is None for r in _rows(database))
+    assert relay.relay_once() == 0
+    assert relay.consecutive_failures == 0
+
+
+def test_bus_publish_many_reports_the_confirmed_prefix_with_a_span_and_a_count_each(
+    broker: MemoryBroker,
+    catalog: EventCatalog,
+    tracing: tuple[TracerProvider, InMemorySpanExporter],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    provider, exporter = tracing
+    metrics = ServiceMetrics("unit")
+    bus = MemoryEventBus(broker, tracer_provider=provider, metrics=metrics)
+    events = [Event.create(StringValue(value=str(i)), key="k", source="s", catalog=catalog) for i in range(5)]
+    assert bus.publish_many(events[:2]) == PublishOutcome(2)
+    writes = 0
+    real_publish_record = bus.publish_record
+
+    def fails_second(*args: object) -> None:
+        nonlocal writes
+        writes += 1
+        if writes == 2:
+            raise UnavailableError("broker down (test)")
+        real_publish_record(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bus, "publish_record", fails_second)
+    outcome = bus.publish_many(events[2:])
+    assert outcome.confirmed == 1
+    assert isinstance(outcome.error, UnavailableError)
+    assert writes == 2, "the memory bus writes one by one and stops at the failure"
+    assert [r.headers[0][1].decode() for r in broker.records(TOPIC)] == [e.event_id for e in events[:3]]
+    assert metrics.events_published.labels("unit", TOPIC)._value.get() == 3
+    spans = sorted(
+        (s for s in exporter.get_finished_spans() if s.name == f"{TOPIC} publish"), key=lambda s: s.start_time or 0
+    )
+    assert [s.attributes["messaging.message.id"] for s in spans if s.attributes] == [e.event_id for e in events[:4]]
+    assert [s.status.status_code.name for s in spans] == ["UNSET", "UNSET", "UNSET", "ERROR"]
+    # Each record carries its own producer span as the parent of the consumer's.
+    for span, record in zip(spans, broker.records(TOPIC), strict=False):
+        assert span.context is not None
+        assert f"{span.context.span_id:016x}".encode() in dict(record.headers)["traceparent"]
+    # A bad event in a batch is a failure at its place, like a refused one.
+    monkeypatch.setattr(bus, "publish_record", real_publish_record)
+    bad = replace(events[4], key="")
+    outcome = bus.publish_many([events[3], bad, events[4]])
+    assert outcome.confirmed == 1 and isinstance(outcome.error, InvalidArgumentError)
+
+
+# -- batch consumers --------------------------------------------------------------------------------------------
+
+
+class Batches:
+    """A batch handler that records its calls and writes one outbox row per event (state that rolls back)."""
+
+    def __init__(self, catalog: EventCatalog, *, fail_on: str = "", unavailable: int = 0) -> None:
+        self.catalog = catalog
+        self.fail_on = fail_on
+        self.unavailable = unavailable
+        self.calls: list[list[str]] = []
+
+    def handle(self, events: Sequence[Event], session: Session) -> None:
+        values = [self.catalog.decode(e, StringValue).value for e in events]
+        self.calls.append(values)
+        if self.unavailable:
+            self.unavailable -= 1
+            raise UnavailableError("database of a dependency is down (test)")
+        for value in values:
+            Outbox.add(
+                session, Event.create(StringValue(value=f"saw {value}"), key="r", source="s", catalog=self.catalog)
+            )
+        if self.fail_on in values:
+            raise ValueError(f"cannot handle {self.fail_on}")
+
+    def handler(self) -> BatchHandler:
+        return BatchHandler(self.handle)
+
+
+def _reactions(database: Database) -> list[str]:
+    return sorted(StringValue.FromString(r.payload).value for r in _rows(database))
+
+
+def _malformed(bus: MemoryEventBus, catalog: EventCatalog, key: str) -> None:
+    template = Event.create(StringValue(value="no id"), key=key, source="s", catalog=catalog)
+    headers = [(k, v) for k, v in template.to_headers() if k != "event-id"]
+    bus.publish_record(TOPIC, key.encode(), template.payload, headers)
+
+
+def _handled_count(metrics: ServiceMetrics, outcome: str) -> float:
+    return float(metrics.events_handled.labels("unit", TOPIC, outcome)._value.get())
+
+
+def test_batch_handler_handles_a_fetched_batch_in_one_transaction(
+    broker: MemoryBroker,
+    database: Database,
+    catalog: EventCatalog,
+    tracing: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    provider, exporter = tracing
+    metrics = ServiceMetrics("unit")
+    bus = MemoryEventBus(broker, database=database, tracer_provider=provider, metrics=metrics)
+    events = [Event.create(StringValue(value=str(i)), key=f"k{i % 4}", source="s", catalog=catalog) for i in range(20)]
+    assert bus.publish_many(events).confirmed == 20
+    batches = Batches(catalog)
+    commits: list[int] = []
+    stop_counting = database.on_commit(lambda _session: commits.append(1))
+    with bus.subscribe([TOPIC], "g", batches.handler()) as consumer:
+        assert consumer.poll_once(0.1) == 20
+        stop_counting()
+        assert consumer.poll_once(0) == 0
+    assert len(batches.calls) == 1 and sorted(batches.calls[0]) == sorted(str(i) for i in range(20))
+    assert len(commits) == 1, "the whole batch is one transaction"
+    assert _reactions(database) == sorted(f"saw {i}" for i in range(20))
+    with database.transaction() as session:
+        assert handled_among(session, "g", {e.event_id for e in events}) == {e.event_id for e in events}
+    assert sum(broker.committed("g", TOPIC, p) for p in range(3)) == 20
+    assert _handled_count(metrics, "handled") == 20
+    process = [s for s in exporter.get_finished_spans() if s.name == f"{TOPIC} process"]
+    assert len(process) == 20
+    assert all(s.attributes and s.attributes["gristmill.outcome"] == "handled" for s in process)
+    # Each record's span still continues its producer's trace.
+    publish = {
+        s.attributes["messaging.message.id"]: s
+        for s in exporter.get_finished_spans()
+        if s.kind.name == "PRODUCER" and s.attributes
+    }
+    for span in process:
+        assert span.attributes is not None and span.parent is not None
+        producer = publish[span.attributes["messaging.message.id"]]
+        assert producer.context is not None and span.parent.span_id == producer.context.span_id
+
+
+def test_batch_handler_gets_no_event_twice(
+    broker: MemoryBroker, database: Database, catalog: EventCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics = ServiceMetrics("unit")
+    bus = MemoryEventBus(broker, database=database, metrics=metrics)
+    a, b, c = (Event.create(StringValue(value=v), key="k", source="s", catalog=catalog) for v in "abc")
+    batches = Batches(catalog)
+    with bus.subscribe([TOPIC], "g", batches.handler()) as consumer:
+        bus.publish_many([a, b])
+        assert consumer.poll_once(0.1) == 2
+        bus.publish_many([a, c, c, b])  # redeliveries of a and b, and c twice in one batch
+        queries: list[str] = []
+
+        def count_handled_queries(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+            if "gristmill_handled_events" in statement and statement.lstrip().upper().startswith("SELECT"):
+                queries.append(statement)
+
+        sa_event.listen(database.engine, "before_cursor_execute", count_handled_queries)
+        try:
+            assert consumer.poll_once(0.1) == 4
+        finally:
+            sa_event.remove(database.engine, "before_cursor_execute", count_handled_queries)
+    assert batches.calls == [["a", "b"], ["c"]]
+    assert len(queries) == 1, "one query finds the handled events of a whole batch"
+    assert _reactions(database) == ["saw a", "saw b", "saw c"]
+    assert (_handled_count(metrics, "handled"), _handled_count(metrics, "duplicate")) == (3, 3)
+
+
+def test_one_bad_event_of_a_batch_is_dead_lettered_alone_and_the_others_counted_once(
+    broker: MemoryBroker, database: Database, catalog: EventCatalog
+) -> None:
+    metrics = ServiceMetrics("unit")
+    bus = MemoryEventBus(broker, database=database, metrics=metrics)
+    bus.publish_many([Event.create(StringValue(value=v), key="k", source="s", catalog=catalog) for v in ("1", "2")])
+    bad = Event.create(StringValue(value="bad"), key="k", source="s", catalog=catalog)
+    bus.publish(bad)
+    _malformed(bus, catalog, "k")
+    bus.publish(Event.create(StringValue(value="3"), key="k", source="s", catalog=catalog))
+    batches = Batches(catalog, fail_on="bad")
+    with bus.subscribe([TOPIC], "g", batches.handler()) as consumer:
+        assert consumer.poll_once(0.1) == 5
+    # The batch failed as a whole, then each event was handled alone.
+    assert batches.calls == [["1", "2", "bad", "3"], ["1"], ["2"], ["bad"], ["3"]]
+    assert _reactions(database) == ["saw 1", "saw 2", "saw 3"], "the failed batch wrote nothing"
+    dead = broker.records(dead_letter_topic(TOPIC))
+    assert [dict(r.headers)["error-type"] for r in dead] == [b"ValueError", b"MalformedEventError"]
+    assert dict(dead[0].headers)["event-id"] == bad.event_id.encode()
+    assert broker.committed("g", TOPIC, broker.partition_for(b"k")) == 5
+    assert (_handled_count(metrics, "handled"), _handled_count(metrics, "dead_lettered")) == (3, 2)
+    with database.transaction() as session:
+        assert not is_handled(session, "g", bad.event_id)
+
+
+def test_unavailable_rewinds_the_whole_batch_and_retries_it(
+    broker: MemoryBroker, database: Database, catalog: EventCatalog
+) -> None:
+    bus = MemoryEventBus(broker, database=database)
+    bus.publish(Event.create(StringValue(value="1"), key="k", source="s", catalog=catalog))
+    _malformed(bus, catalog, "k")
+    bus.publish(Event.create(StringValue(value="2"), key="k", source="s", catalog=catalog))
+    batches = Batches(catalog, unavailable=2)
+    partition = broker.partition_for(b"k")
+    with bus.subscribe([TOPIC], "g", batches.handler()) as consumer:
+        for _ in range(2):
+            with pytest.raises(UnavailableError, match="is down"):
+                consumer.poll_once(0.1)
+            assert broker.committed("g", TOPIC, partition) == 0
+            assert broker.records(dead_letter_topic(TOPIC)) == [], "nothing of the batch is settled"
+            assert _rows(database) == []
+        assert consumer.poll_once(0.1) == 3
+    assert batches.calls == [["1", "2"]] * 3
+    assert _reactions(database) == ["saw 1", "saw 2"]
+    assert len(broker.records(dead_letter_topic(TOPIC))) == 1
+    assert broker.committed("g", TOPIC, partition) == 3
+
+
+def test_a_failed_dead_letter_in_a_batch_stops_at_that_record(
+    broker: MemoryBroker, database: Database, catalog: EventCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics = ServiceMetrics("unit")
+    bus = MemoryEventBus(broker, database=database, metrics=metrics)
+    bus.publish(Event.create(StringValue(value="1"), key="k", source="s", catalog=catalog))
+    _malformed(bus, catalog, "k")
+    bus.publish(Event.create(StringValue(value="2"), key="k", source="s", catalog=catalog))
+    real_publish_record = bus.publish_record
+    outage = True
+
+    def flaky_publish_record(*args: object) -> None:
+        if outage:
+            raise UnavailableError("dead-letter topic unavailable")
+        real_publish_record(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bus, "publish_record", flaky_publish_record)
+    batches = Batches(catalog)
+    partition = broker.partition_for(b"k")
+    with bus.subscribe([TOPIC], "g", batches.handler()) as consumer:
+        with pytest.raises(UnavailableError, match="dead-letter topic unavailable"):
+            consumer.poll_once(0.1)
+        assert broker.committed("g", TOPIC, partition) == 1, "committed up to the record that could not be settled"
+        outage = False
+        assert consumer.poll_once(0.1) == 2
+    assert batches.calls == [["1", "2"]], "the event after it was handled already and is skipped when fetched again"
+    assert _reactions(database) == ["saw 1", "saw 2"]
+    assert len(broker.records(dead_letter_topic(TOPIC))) == 1
+    assert broker.committed("g", TOPIC, partition) == 3
+    assert [_handled_count(metrics, o) for o in ("handled", "duplicate", "dead_lettered")] == [2, 1, 1]

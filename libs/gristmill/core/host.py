@@ -33,7 +33,16 @@ from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy import MetaData
 
 from gristmill.core.errors import GristmillError
-from gristmill.core.events import Consumer, EventBus, EventCatalog, Handler, MemoryBroker, MemoryEventBus, OutboxRelay
+from gristmill.core.events import (
+    BatchHandler,
+    Consumer,
+    EventBus,
+    EventCatalog,
+    Handler,
+    MemoryBroker,
+    MemoryEventBus,
+    OutboxRelay,
+)
 from gristmill.core.events.topics import platform_catalog
 from gristmill.core.grpcserver import AuthHook, GrpcServer, ServiceRegistration
 from gristmill.core.metrics import ServiceMetrics
@@ -209,11 +218,12 @@ class PeriodicTask:
 
 @dataclass(frozen=True)
 class Subscription:
-    """One consumer a service runs: a group reading some topics with one handler."""
+    """One consumer a service runs: a group reading some topics with one handler (per event, or per fetched
+    batch when it is a ``BatchHandler``)."""
 
     topics: tuple[str, ...]
     group_id: str
-    handler: Handler
+    handler: Handler | BatchHandler
 
 
 @dataclass

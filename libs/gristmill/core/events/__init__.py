@@ -14,6 +14,9 @@ Delivery guarantees, and what they ask of you:
   database (a call, a file) may run again after a crash, so keep them idempotent.
 - **Offsets are committed after handling.** A record is committed once it was handled, skipped as a
   duplicate, or dead-lettered, never before.
+- **Batches.** ``publish_many`` sends a batch before waiting for it and reports the confirmed prefix (the
+  relay marks exactly those rows published). A ``BatchHandler`` gets a fetched batch's new events in one
+  transaction; if it raises, the batch is handled event by event, so only a bad event is dead-lettered.
 - **Dead letters.** A record that cannot be handled (missing or bad header, undecodable payload, a handler
   exception) goes, bytes and headers unchanged, to ``<topic>.dlq`` with an ``error`` header (one line) and
   ``error-type``, and the consumer moves on. If even that write fails, the consumer stops at the record and
@@ -34,11 +37,13 @@ from typing import TYPE_CHECKING, Any
 from gristmill.core.events.bus import (
     HEADER_ERROR,
     HEADER_ERROR_TYPE,
+    BatchHandler,
     Consumer,
     EventBus,
     EventPublisher,
     EventSubscriber,
     Handler,
+    PublishOutcome,
     Record,
 )
 from gristmill.core.events.envelope import (
@@ -48,7 +53,7 @@ from gristmill.core.events.envelope import (
     dead_letter_topic,
     validate_topic,
 )
-from gristmill.core.events.handled import HandledEvent, is_handled, mark_handled
+from gristmill.core.events.handled import HandledEvent, handled_among, is_handled, mark_handled
 from gristmill.core.events.memory import MemoryBroker, MemoryEventBus
 from gristmill.core.events.outbox import Outbox, OutboxEvent, OutboxRelay, OutboxWriter
 
@@ -58,6 +63,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HEADER_ERROR",
     "HEADER_ERROR_TYPE",
+    "BatchHandler",
     "Consumer",
     "Event",
     "EventBus",
@@ -74,8 +80,10 @@ __all__ = [
     "OutboxEvent",
     "OutboxRelay",
     "OutboxWriter",
+    "PublishOutcome",
     "Record",
     "dead_letter_topic",
+    "handled_among",
     "is_handled",
     "mark_handled",
     "validate_topic",

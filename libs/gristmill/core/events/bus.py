@@ -6,6 +6,10 @@ commit and rewind offsets. Everything else is here, once: the publish span and r
 consumed record, header parsing, the ``event-id`` dedupe, the handler call in a database transaction, the
 dead-letter path and the offset commit.
 
+Publishing: ``publish_many`` sends every record of a batch before it waits for the first acknowledgement (one
+round trip on Kafka) and reports how many events, in order, were confirmed before the first failure; the
+outbox relay publishes through it. ``publish`` is a batch of one.
+
 Per consumed record:
 
 1. parse the headers (``Event.from_record``); a malformed record goes to ``<topic>.dlq``;
@@ -17,6 +21,12 @@ Per consumed record:
 4. commit the offset only once the record was handled, skipped or dead-lettered. When the dead-letter
    write or the database fails, nothing after that record is committed and the consumer rewinds to it, so
    it is retried (the run loop backs off).
+
+A ``BatchHandler`` settles a whole fetched batch in one transaction instead: one query drops the events this
+group already handled, the handler runs once with the rest, all are marked handled, then malformed records
+are dead-lettered. When the handler raises (other than ``UnavailableError``) that transaction rolls back and
+the batch is settled record by record as above, the handler given one event at a time, so a bad event is
+dead-lettered alone and the others count once. ``UnavailableError`` rewinds the whole batch, nothing settled.
 
 A consumer running in the background also watches its own place in the group (``Membership``): a member
 that stays unsettled (joining or rebalancing, or holding none of its topics' partitions while the group
@@ -38,7 +48,7 @@ from types import TracebackType
 from typing import ClassVar, Self
 
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, TracerProvider
+from opentelemetry.trace import Span, SpanKind, TracerProvider
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -51,7 +61,7 @@ from gristmill.core.events.envelope import (
     validate_key,
     validate_topic,
 )
-from gristmill.core.events.handled import HandledEvent, is_handled, mark_handled
+from gristmill.core.events.handled import HandledEvent, handled_among, is_handled, mark_handled
 from gristmill.core.ids import validate_id
 from gristmill.core.metrics import ServiceMetrics
 from gristmill.core.sql import Database
@@ -62,6 +72,21 @@ log = logging.getLogger(__name__)
 # A handler receives the event and the session of the transaction that marks it handled: write the state
 # change through that session (and never commit it yourself) so both commit together.
 Handler = Callable[[Event, Session], None]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchHandler:
+    """A handler of whole fetched batches; subscribe with ``BatchHandler(fn)`` where a ``Handler`` would go.
+
+    ``handle(events, session)`` runs once per poll with the batch's events not handled yet by the group (in
+    fetch order, duplicates dropped), in the one transaction that marks them all handled. When it raises
+    (other than ``UnavailableError``) nothing of the batch is written and each event is handled again alone,
+    as ``handle([event], session)``: raise for the whole batch when one event is bad, and only that one is
+    dead-lettered.
+    """
+
+    handle: Callable[[Sequence[Event], Session], None]
+
 
 HEADER_ERROR = "error"
 HEADER_ERROR_TYPE = "error-type"
@@ -122,12 +147,32 @@ class Record:
     headers: Headers
 
 
+@dataclass(frozen=True, slots=True)
+class PublishOutcome:
+    """What ``publish_many`` achieved: its first ``confirmed`` events are durably accepted; ``error`` is why the
+    next one was not (None when all were). Events after that one may have reached the bus or not: publish them
+    again (consumers drop duplicates by ``event-id``)."""
+
+    confirmed: int
+    error: Exception | None = None
+
+
 class EventPublisher(ABC):
     """Publishes events. ``publish`` returns once the bus has durably accepted the event."""
 
     @abstractmethod
     def publish(self, event: Event) -> None:
         """Publish ``event``; raise ``UnavailableError`` when the bus cannot take it (nothing is retried)."""
+
+    def publish_many(self, events: Sequence[Event]) -> PublishOutcome:
+        """Publish ``events`` in order; report how many were confirmed before the first failure (which is
+        returned, not raised). This default publishes them one by one."""
+        for index, event in enumerate(events):
+            try:
+                self.publish(event)
+            except Exception as exc:
+                return PublishOutcome(index, exc)
+        return PublishOutcome(len(events))
 
     def flush(self, timeout_s: float | None = None) -> None:  # noqa: B027 - optional hook
         """Wait until everything published so far is delivered (``publish`` already waits, so usually a no-op)."""
@@ -144,7 +189,7 @@ class EventPublisher(ABC):
 
 class EventSubscriber(ABC):
     @abstractmethod
-    def subscribe(self, topics: Sequence[str], group_id: str, handler: Handler) -> Consumer:
+    def subscribe(self, topics: Sequence[str], group_id: str, handler: Handler | BatchHandler) -> Consumer:
         """A consumer of ``topics`` in consumer group ``group_id``; call ``poll_once`` or ``run_in_background``."""
 
 
@@ -177,8 +222,19 @@ class EventBus(EventPublisher, EventSubscriber):
         Used for dead letters and replays; application code publishes ``Event``s.
         """
 
+    def _send_record(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]
+    ) -> Callable[[], None]:
+        """Start writing one record; return the wait for the transport's acceptance (raising ``UnavailableError``).
+
+        This default writes it at once; a transport that pipelines overrides it, so that ``publish_many`` has a
+        whole batch in flight before it waits for the first record.
+        """
+        self.publish_record(topic, key, value, headers)
+        return _nothing_to_wait_for
+
     @abstractmethod
-    def _open_consumer(self, topics: tuple[str, ...], group_id: str, handler: Handler) -> Consumer: ...
+    def _open_consumer(self, topics: tuple[str, ...], group_id: str, handler: Handler | BatchHandler) -> Consumer: ...
 
     def _close_transport(self) -> None:
         """Release the transport's connections (called once by ``close``)."""
@@ -186,12 +242,49 @@ class EventBus(EventPublisher, EventSubscriber):
     # -- shared behaviour ---------------------------------------------------------------------------------
 
     def publish(self, event: Event) -> None:
+        outcome = self.publish_many((event,))
+        if outcome.error is not None:
+            raise outcome.error
+
+    def publish_many(self, events: Sequence[Event]) -> PublishOutcome:
+        """Send every event's record, then wait for each in order: a batch costs the transport one round trip.
+        Each event gets its producer span (open until its record is confirmed) and is counted once confirmed."""
+        sent: list[tuple[Event, Span, Callable[[], None]]] = []
+        refused: Exception | None = None
+        for event in events:
+            try:
+                sent.append((event, *self._send(event)))
+            except Exception as exc:
+                refused = exc
+                break
+        confirmed = 0
+        failure: Exception | None = None
+        for event, span, wait in sent:
+            if failure is not None:
+                # Perhaps delivered, perhaps not: the caller publishes it again after the failed one.
+                span.set_status(trace.Status(trace.StatusCode.ERROR, "not confirmed: an earlier event failed"))
+                span.end()
+                continue
+            try:
+                with trace.use_span(span, end_on_exit=True):
+                    wait()
+            except Exception as exc:
+                failure = exc
+                continue
+            if self.metrics is not None:
+                self.metrics.events_published.labels(self.metrics.service, event.topic).inc()
+            confirmed += 1
+        return PublishOutcome(confirmed, failure or refused)
+
+    def _send(self, event: Event) -> tuple[Span, Callable[[], None]]:
+        """Start ``event``'s producer span and send its record; return the span (for the caller to end) and the
+        wait for the record's acceptance."""
         validate_topic(event.topic)
         validate_key(event.key)
         # The producer span continues the trace of the code that created the event (which may have been
         # another thread, or a request long gone when the outbox relay publishes it).
         parent = extract_context(event.trace_headers) if event.trace_headers else None
-        with self.tracer.start_as_current_span(
+        span = self.tracer.start_span(
             f"{event.topic} publish",
             context=parent,
             kind=SpanKind.PRODUCER,
@@ -203,14 +296,17 @@ class EventBus(EventPublisher, EventSubscriber):
                 "messaging.message.id": event.event_id,
                 "messaging.kafka.message.key": event.key,
             },
-        ):
-            # The consumer's span is a child of this producer span: re-inject the now-current context.
-            headers = replace(event, trace_headers=tuple(inject_headers())).to_headers()
-            self.publish_record(event.topic, event.key.encode("ascii"), event.payload, headers)
-        if self.metrics is not None:
-            self.metrics.events_published.labels(self.metrics.service, event.topic).inc()
+        )
+        try:
+            with trace.use_span(span):
+                # The consumer's span is a child of this producer span: re-inject the now-current context.
+                headers = replace(event, trace_headers=tuple(inject_headers())).to_headers()
+                return span, self._send_record(event.topic, event.key.encode("ascii"), event.payload, headers)
+        except Exception:
+            span.end()
+            raise
 
-    def subscribe(self, topics: Sequence[str], group_id: str, handler: Handler) -> Consumer:
+    def subscribe(self, topics: Sequence[str], group_id: str, handler: Handler | BatchHandler) -> Consumer:
         if isinstance(topics, str):
             topics = [topics]
         checked = tuple(dict.fromkeys(validate_topic(t) for t in topics))
@@ -253,7 +349,7 @@ class Consumer(ABC):
     As a context manager it stops (and closes) on exit; ``stop`` is safe to call twice.
     """
 
-    def __init__(self, bus: EventBus, topics: tuple[str, ...], group_id: str, handler: Handler) -> None:
+    def __init__(self, bus: EventBus, topics: tuple[str, ...], group_id: str, handler: Handler | BatchHandler) -> None:
         self.bus = bus
         self.topics = topics
         self.group_id = group_id
@@ -318,17 +414,8 @@ class Consumer(ABC):
                 records = self._fetch(timeout_s)
             finally:
                 self._fetch_started = None
-            done: dict[TopicPartition, int] = {}
-            consumed = 0
-            failure: Exception | None = None
-            for record in records:
-                try:
-                    self._process(record)
-                except Exception as exc:
-                    failure = exc
-                    break
-                done[(record.topic, record.partition)] = record.offset + 1
-                consumed += 1
+            consumed, failure = self._settle(records)
+            done = _next_offsets(records[:consumed])
             try:
                 if done:
                     self._commit(done)
@@ -341,9 +428,74 @@ class Consumer(ABC):
                 raise failure
             return consumed
 
-    def _process(self, record: Record) -> None:
+    def _settle(self, records: list[Record]) -> tuple[int, Exception | None]:
+        """Settle ``records`` in order; return how many (a prefix) were settled and the error that stopped the rest."""
+        handler = self._handler
+        if isinstance(handler, BatchHandler):
+            return self._settle_batch(records, handler) if records else (0, None)
+        return self._settle_each(records, handler)
+
+    def _settle_each(
+        self, records: Sequence[Record], handle: Handler, spans: Sequence[Span] | None = None
+    ) -> tuple[int, Exception | None]:
+        """One transaction per record. ``spans``: the records' spans, when already started (a batch's fallback)."""
+        for index, record in enumerate(records):
+            span = spans[index] if spans is not None else self._start_span(record)
+            try:
+                with trace.use_span(span, end_on_exit=True):
+                    self._process(record, span, handle)
+            except Exception as exc:
+                if spans is not None:
+                    _end_unsettled(spans[index + 1 :], "not settled: an earlier record failed")
+                return index, exc
+        return len(records), None
+
+    def _settle_batch(self, records: Sequence[Record], batch: BatchHandler) -> tuple[int, Exception | None]:
+        """One transaction for the whole batch, then the dead letters of malformed records (see the module doc)."""
+        spans = [self._start_span(record) for record in records]
+        parsed = [self._parse(record, span) for record, span in zip(records, spans, strict=True)]
+        try:
+            outcomes = iter(self._handle_batch([item for item in parsed if isinstance(item, Event)], batch))
+        except (_HandlerFailed, _AlreadyHandled) as exc:
+            # A bad event (or a rebalance: another member handled some) spoiled the batch, and nothing of it was
+            # written: settle each record alone, so that only the bad one is dead-lettered.
+            cause = exc.cause if isinstance(exc, _HandlerFailed) else "handled concurrently by another member"
+            log.info(
+                "consumer %s: a batch of %d records failed (%s); settling them one by one",
+                self.group_id,
+                len(records),
+                cause,
+            )
+            return self._settle_each(records, lambda event, session: batch.handle((event,), session), spans)
+        except Exception as exc:
+            # The database or a dependency is down (UnavailableError): nothing was written or dead-lettered, so
+            # the whole batch is fetched again after the backoff.
+            _end_unsettled(spans, f"not settled: {type(exc).__name__}: {exc}")
+            return 0, exc
+        failure: tuple[int, Exception] | None = None
+        for index, (record, span, item) in enumerate(zip(records, spans, parsed, strict=True)):
+            with trace.use_span(span, end_on_exit=True):
+                if isinstance(item, Event):
+                    # Committed above whatever happens to the dead letters below.
+                    self._settled(record, span, item, next(outcomes))
+                elif failure is not None:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, "not dead-lettered: an earlier one failed"))
+                else:
+                    try:
+                        self._reject(record, span, item)
+                    except Exception as exc:
+                        # Stop at this record: the events after it, already handled, are skipped as duplicates
+                        # when they are fetched again.
+                        span.record_exception(exc)
+                        span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                        failure = (index, exc)
+                    else:
+                        self._settled(record, span, item, DEAD_LETTERED)
+        return failure if failure is not None else (len(records), None)
+
+    def _start_span(self, record: Record) -> Span:
         bus = self.bus
-        with bus.tracer.start_as_current_span(
+        return bus.tracer.start_span(
             f"{record.topic} process",
             context=extract_context(record.headers),
             kind=SpanKind.CONSUMER,
@@ -356,30 +508,50 @@ class Consumer(ABC):
                 "messaging.destination.partition.id": str(record.partition),
                 "messaging.kafka.offset": record.offset,
             },
-        ) as span:
-            try:
-                event = Event.from_record(record.topic, record.key, record.value, record.headers)
-            except MalformedEventError as exc:
-                span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
-                self._dead_letter(record, exc)
-                outcome = DEAD_LETTERED
-            else:
-                span.set_attribute("messaging.message.id", event.event_id)
-                try:
-                    outcome = self._handle(event)
-                except _HandlerFailed as failed:
-                    span.record_exception(failed.cause)
-                    span.set_status(trace.Status(trace.StatusCode.ERROR, f"handler failed: {failed.cause!r}"))
-                    self._dead_letter(record, failed.cause)
-                    outcome = DEAD_LETTERED
-                if bus.metrics is not None and outcome == HANDLED:
-                    lag = (datetime.now(UTC) - event.event_time).total_seconds()
-                    bus.metrics.event_lag.labels(bus.metrics.service, record.topic).set(max(lag, 0.0))
-            span.set_attribute("gristmill.outcome", outcome)
-        if bus.metrics is not None:
-            bus.metrics.events_handled.labels(bus.metrics.service, record.topic, outcome).inc()
+        )
 
-    def _handle(self, event: Event) -> str:
+    def _process(self, record: Record, span: Span, handle: Handler) -> None:
+        """Settle one record in a transaction of its own (raises when it could not be settled)."""
+        item = self._parse(record, span)
+        if isinstance(item, MalformedEventError):
+            self._reject(record, span, item)
+            outcome = DEAD_LETTERED
+        else:
+            try:
+                outcome = self._handle(item, handle)
+            except _HandlerFailed as failed:
+                span.record_exception(failed.cause)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, f"handler failed: {failed.cause!r}"))
+                self._dead_letter(record, failed.cause)
+                outcome = DEAD_LETTERED
+        self._settled(record, span, item, outcome)
+
+    @staticmethod
+    def _parse(record: Record, span: Span) -> Event | MalformedEventError:
+        """The record's event, or why it is malformed (returned: the caller dead-letters it when it can)."""
+        try:
+            event = Event.from_record(record.topic, record.key, record.value, record.headers)
+        except MalformedEventError as exc:
+            return exc
+        span.set_attribute("messaging.message.id", event.event_id)
+        return event
+
+    def _reject(self, record: Record, span: Span, malformed: MalformedEventError) -> None:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, str(malformed)))
+        self._dead_letter(record, malformed)
+
+    def _settled(self, record: Record, span: Span, item: Event | MalformedEventError, outcome: str) -> None:
+        """Report how the record was settled: its span's outcome and the consumer metrics."""
+        span.set_attribute("gristmill.outcome", outcome)
+        metrics = self.bus.metrics
+        if metrics is None:
+            return
+        if outcome == HANDLED and isinstance(item, Event):
+            lag = (datetime.now(UTC) - item.event_time).total_seconds()
+            metrics.event_lag.labels(metrics.service, record.topic).set(max(lag, 0.0))
+        metrics.events_handled.labels(metrics.service, record.topic, outcome).inc()
+
+    def _handle(self, event: Event, handle: Handler) -> str:
         """Run the handler once per (group, event-id); raise ``_HandlerFailed`` if it raised."""
         database = self.bus.database
         assert database is not None  # checked by subscribe
@@ -388,24 +560,60 @@ class Consumer(ABC):
                 if is_handled(session, self.group_id, event.event_id):
                     log.info("skipping duplicate event %s on %s (group %s)", event.event_id, event.topic, self.group_id)
                     return DUPLICATE
-                try:
-                    self._handler(event, session)
-                    session.flush()
-                except UnavailableError:
-                    # A dependency is down (object store, another service): the record is fine, so it is
-                    # retried after a backoff rather than dead-lettered.
-                    raise
-                except Exception as exc:
-                    raise _HandlerFailed(exc) from exc
-                mark_handled(session, self.group_id, event.event_id)
-                try:
-                    session.flush()
-                except IntegrityError:
-                    # Another member of the group handled it concurrently (a rebalance): undo ours.
-                    raise _AlreadyHandled from None
+                self._apply(session, (event,), lambda: handle(event, session))
         except _AlreadyHandled:
             return DUPLICATE
         return HANDLED
+
+    def _handle_batch(self, events: Sequence[Event], batch: BatchHandler) -> list[str]:
+        """Handle ``events`` in one transaction: drop those this group handled already (one query) or that repeat
+        within the batch, call the handler once with the rest, mark them handled. Returns each event's outcome
+        (``HANDLED`` or ``DUPLICATE``), in order; raises ``_HandlerFailed`` or ``_AlreadyHandled`` (nothing
+        written)."""
+        if not events:
+            return []
+        database = self.bus.database
+        assert database is not None  # checked by subscribe
+        outcomes: list[str] = []
+        with database.transaction() as session:
+            seen = handled_among(session, self.group_id, {event.event_id for event in events})
+            fresh: list[Event] = []
+            for event in events:
+                if event.event_id in seen:
+                    outcomes.append(DUPLICATE)
+                else:
+                    seen.add(event.event_id)
+                    fresh.append(event)
+                    outcomes.append(HANDLED)
+            if len(fresh) < len(events):
+                log.info(
+                    "skipping %d duplicate events on %s (group %s)",
+                    len(events) - len(fresh),
+                    ",".join(self.topics),
+                    self.group_id,
+                )
+            if fresh:
+                self._apply(session, fresh, lambda: batch.handle(fresh, session))
+        return outcomes
+
+    def _apply(self, session: Session, events: Sequence[Event], call: Callable[[], None]) -> None:
+        """Run ``call`` (the handler, writing through ``session``) and mark ``events`` handled in ``session``."""
+        try:
+            call()
+            session.flush()
+        except UnavailableError:
+            # A dependency is down (object store, another service): the record is fine, so it is
+            # retried after a backoff rather than dead-lettered.
+            raise
+        except Exception as exc:
+            raise _HandlerFailed(exc) from exc
+        for event in events:
+            mark_handled(session, self.group_id, event.event_id)
+        try:
+            session.flush()
+        except IntegrityError:
+            # Another member of the group handled it concurrently (a rebalance): undo ours.
+            raise _AlreadyHandled from None
 
     def _dead_letter(self, record: Record, exc: BaseException) -> None:
         reason = " ".join(str(exc).split())[:_ERROR_MAX] or type(exc).__name__
@@ -542,6 +750,21 @@ class Consumer(ABC):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _next_offsets(records: Sequence[Record]) -> dict[TopicPartition, int]:
+    """The offset after the last of ``records`` in each partition: what to commit once they are settled."""
+    return {(record.topic, record.partition): record.offset + 1 for record in records}
+
+
+def _end_unsettled(spans: Sequence[Span], why: str) -> None:
+    for span in spans:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, why))
+        span.end()
+
+
+def _nothing_to_wait_for() -> None:
+    """The wait of a record written synchronously."""
 
 
 def _first_offsets(records: Sequence[Record]) -> dict[TopicPartition, int]:

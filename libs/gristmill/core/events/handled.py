@@ -7,6 +7,7 @@ session), so either both commit or neither does, and the memory survives a resta
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import UTC, datetime
 
 from sqlalchemy import DateTime, String, select
@@ -24,10 +25,19 @@ class HandledEvent(Base):
 
 
 def is_handled(session: Session, group_id: str, event_id: str) -> bool:
+    return bool(handled_among(session, group_id, (event_id,)))
+
+
+def handled_among(session: Session, group_id: str, event_ids: Collection[str]) -> set[str]:
+    """Those of ``event_ids`` that this group has handled, in one query (a batch consumer asks for its batch)."""
+    if not event_ids:
+        return set()
     found = session.execute(
-        select(HandledEvent.event_id).where(HandledEvent.group_id == group_id, HandledEvent.event_id == event_id)
-    ).first()
-    return found is not None
+        select(HandledEvent.event_id).where(
+            HandledEvent.group_id == group_id, HandledEvent.event_id.in_(list(event_ids))
+        )
+    )
+    return set(found.scalars())
 
 
 def mark_handled(session: Session, group_id: str, event_id: str) -> None:

@@ -3,7 +3,9 @@
 Producer: ``acks=all`` and idempotence (kafka-python's defaults, stated here on purpose); ``publish`` waits
 for the broker's acknowledgement, at most ``KafkaSettings.request_timeout_ms``, and raises
 ``UnavailableError`` otherwise. The delivery timeout equals that wait, so a record reported as failed is
-not delivered later behind the caller's back (the outbox relay retries it instead).
+not delivered later behind the caller's back (the outbox relay retries it instead). ``publish_many`` hands
+every record of a batch to the producer before it waits for the first, so a batch travels in a few produce
+requests instead of one round trip per event (idempotence keeps them in order within a partition).
 
 Consumer: one ``KafkaConsumer`` per ``subscribe`` with auto-commit off; the shared ``Consumer`` code commits
 the offsets of exactly the records it settled, after settling them. Its group coordinator is kafka-python's
@@ -19,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -31,7 +33,16 @@ from kafka.structs import TopicPartition as KafkaTopicPartition
 from opentelemetry.trace import TracerProvider
 
 from gristmill.core.errors import ConfigurationError, UnavailableError
-from gristmill.core.events.bus import STABLE, Consumer, EventBus, Handler, Membership, Record, TopicPartition
+from gristmill.core.events.bus import (
+    STABLE,
+    BatchHandler,
+    Consumer,
+    EventBus,
+    Handler,
+    Membership,
+    Record,
+    TopicPartition,
+)
 from gristmill.core.events.envelope import dead_letter_topic
 from gristmill.core.metrics import ServiceMetrics
 from gristmill.core.settings import KafkaSettings
@@ -142,14 +153,27 @@ class KafkaEventBus(EventBus):
     def publish_record(
         self, topic: str, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]
     ) -> None:
+        self._send_record(topic, key, value, headers)()
+
+    def _send_record(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]
+    ) -> Callable[[], None]:
+        # Only hands the record to the producer's sender thread, so a batch's records travel together.
         self.ensure_topics([topic])
         producer = self._get_producer()
         try:
             future = producer.send(topic, key=key, value=value, headers=list(headers))
-            # The producer fails the record itself after delivery_timeout_ms; the margin only guards a hang.
-            future.get(timeout=self._timeout_ms / 1000 + 5)
         except KafkaError as exc:
             raise self._unavailable(f"take a record for {topic}", exc) from exc
+
+        def wait() -> None:
+            try:
+                # The producer fails the record itself after delivery_timeout_ms; the margin only guards a hang.
+                future.get(timeout=self._timeout_ms / 1000 + 5)
+            except KafkaError as exc:
+                raise self._unavailable(f"take a record for {topic}", exc) from exc
+
+        return wait
 
     def flush(self, timeout_s: float | None = None) -> None:
         with self._lock:
@@ -160,7 +184,7 @@ class KafkaEventBus(EventBus):
             except KafkaError as exc:
                 raise self._unavailable("flush", exc) from exc
 
-    def _open_consumer(self, topics: tuple[str, ...], group_id: str, handler: Handler) -> Consumer:
+    def _open_consumer(self, topics: tuple[str, ...], group_id: str, handler: Handler | BatchHandler) -> Consumer:
         self.ensure_topics([*topics, *(dead_letter_topic(t) for t in topics)])
         return KafkaBusConsumer(self, topics, group_id, handler)
 
@@ -196,7 +220,9 @@ class _PendingJoinCoordinator(ConsumerCoordinator):  # type: ignore[misc]
 
 
 class KafkaBusConsumer(Consumer):
-    def __init__(self, bus: KafkaEventBus, topics: tuple[str, ...], group_id: str, handler: Handler) -> None:
+    def __init__(
+        self, bus: KafkaEventBus, topics: tuple[str, ...], group_id: str, handler: Handler | BatchHandler
+    ) -> None:
         super().__init__(bus, topics, group_id, handler)
         self._kafka = bus
         settings = bus.settings

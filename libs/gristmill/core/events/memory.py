@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from opentelemetry.trace import TracerProvider
 
-from gristmill.core.events.bus import Consumer, EventBus, Handler, Record, TopicPartition
+from gristmill.core.events.bus import BatchHandler, Consumer, EventBus, Handler, Record, TopicPartition
 from gristmill.core.metrics import ServiceMetrics
 from gristmill.core.sql import Database
 
@@ -131,12 +131,14 @@ class MemoryEventBus(EventBus):
     ) -> None:
         self.broker.append(topic, key, value, headers)
 
-    def _open_consumer(self, topics: tuple[str, ...], group_id: str, handler: Handler) -> Consumer:
+    def _open_consumer(self, topics: tuple[str, ...], group_id: str, handler: Handler | BatchHandler) -> Consumer:
         return MemoryConsumer(self, topics, group_id, handler)
 
 
 class MemoryConsumer(Consumer):
-    def __init__(self, bus: MemoryEventBus, topics: tuple[str, ...], group_id: str, handler: Handler) -> None:
+    def __init__(
+        self, bus: MemoryEventBus, topics: tuple[str, ...], group_id: str, handler: Handler | BatchHandler
+    ) -> None:
         super().__init__(bus, topics, group_id, handler)
         self._broker = bus.broker
         self._max_records = bus.max_poll_records

@@ -10,10 +10,11 @@ announces, and a relay publishes it afterwards, so a broker outage delays events
 
 The relay wakes as soon as a transaction of this process that added a row commits, and otherwise looks
 every ``poll_interval_s`` (rows committed by another process on the same database, e.g. a second replica).
-It publishes unpublished rows in insertion order and stops at the first failure (then retries with
-capped backoff), so events of one key are never reordered. A row is marked published only after the bus
-confirmed it; a crash in between publishes it again, which consumers ignore by ``event-id``. Run one relay
-per database.
+It publishes unpublished rows in insertion order, a batch at a time (``publish_many``: one broker round trip
+per batch), and stops at the first failure (then retries with capped backoff), so events of one key are
+never reordered. A row is marked published only after the bus confirmed it (in a batch, only the rows
+confirmed before the first failure); a crash in between publishes it again, which consumers ignore by
+``event-id``. Run one relay per database.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class OutboxRelay:
         database: Database,
         publisher: EventPublisher,
         *,
-        batch_size: int = 100,
+        batch_size: int = 500,
         poll_interval_s: float = 2.0,
         retry_backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
@@ -152,10 +153,11 @@ class OutboxRelay:
         self._thread: threading.Thread | None = None
 
     def relay_once(self) -> int:
-        """Publish up to ``batch_size`` pending rows in order; return how many were published.
+        """Publish up to ``batch_size`` pending rows in order, as one batch; return how many were published.
 
         Stops at the first row the publisher refuses: that row keeps ``published_at`` empty, gets
-        ``attempts`` + 1 and ``last_error``, and the error is raised (rows published before it stay published).
+        ``attempts`` + 1 and ``last_error``, and the error is raised (rows confirmed before it are marked
+        published; rows after it stay pending even if the bus took them, and are published again).
         """
         with self._lock:
             with self.database.transaction() as session:
@@ -163,16 +165,10 @@ class OutboxRelay:
             if not rows:
                 self._report_pending(0)
                 return 0
-            published: list[int] = []
-            failure: Exception | None = None
-            failed_id: int | None = None
-            for row_id, event in rows:
-                try:
-                    self.publisher.publish(event)
-                except Exception as exc:
-                    failure, failed_id = exc, row_id
-                    break
-                published.append(row_id)
+            outcome = self.publisher.publish_many([event for _, event in rows])
+            published = [row_id for row_id, _ in rows[: outcome.confirmed]]
+            failure = outcome.error
+            failed_id = rows[outcome.confirmed][0] if failure is not None else None
             now = datetime.now(UTC)
             with self.database.transaction() as session:
                 if published:

@@ -68,6 +68,7 @@ def build_app(
     )
     catalog = platform.catalog
     subscriptions = [
+        # A batch handler: each fetched batch of usage events is one transaction and one upsert per hourly total.
         Subscription(
             (catalog.topic_for(events_pb2.UsageRecorded),),
             settings.metering_group,

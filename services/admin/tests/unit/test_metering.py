@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -150,3 +151,42 @@ def test_default_range_is_the_current_month_so_far(env: Env, bus: tuple[MemoryEv
     )
     [total] = env.metering.usage(acme, UsageQuery("", kinds=(P,)))
     assert total == UsageTotal(P, "", month_start, T0, 1.0)
+
+
+def test_a_batch_is_summed_with_one_store_write_per_hour_key_and_kind(
+    env: Env, bus: tuple[MemoryEventBus, MemoryBroker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acme = _acme(env)
+    writes: list[tuple[str, str, UsageKind, datetime, float]] = []
+    add_usage = env.store.add_usage
+
+    def counted(session: Any, org: str, key: str, kind: UsageKind, hour: datetime, quantity: float) -> None:
+        writes.append((org, key, kind, hour, quantity))
+        add_usage(session, org, key, kind, hour, quantity)
+
+    monkeypatch.setattr(env.store, "add_usage", counted)
+    # 60 events in 4 totals (two keys, two hours), with quantities whose sum is exact in binary.
+    events = [
+        _event("acme", f"k{i % 2}", P, 0.25 * (i % 3 + 1), T0 + timedelta(hours=i // 30, minutes=i % 5))
+        for i in range(60)
+    ]
+    _consume(env, bus[0], events)
+    assert len(writes) == 4, "one upsert per (organisation, key, kind, hour) of the batch"
+    assert sum(w[4] for w in writes) == sum(0.25 * (i % 3 + 1) for i in range(60))
+    env.clock.now = T0 + timedelta(hours=2)
+    by_key = env.metering.usage(acme, UsageQuery("", kinds=(P,), start=T0, group_by_api_key=True))
+    assert {(t.api_key_id, t.quantity) for t in by_key} == {
+        (key, sum(0.25 * (i % 3 + 1) for i in range(60) if i % 2 == k)) for k, key in enumerate(("k0", "k1"))
+    }
+
+
+def test_an_invalid_event_in_a_batch_is_dead_lettered_alone(env: Env, bus: tuple[MemoryEventBus, MemoryBroker]) -> None:
+    acme = _acme(env)
+    good = [_event("acme", "k1", P, 1, T0 + timedelta(minutes=i)) for i in range(10)]
+    bad = _event("acme", "k1", P, -1, T0)
+    _consume(env, bus[0], [*good[:5], bad, *good[5:]])
+    (dead,) = bus[1].records(dead_letter_topic(USAGE_RECORDED))
+    assert dict(dead.headers)["event-id"] == bad.event_id.encode()
+    assert dict(dead.headers)["error-type"] == b"InvalidUsageError"
+    env.clock.now = T0 + timedelta(hours=1)
+    assert [t.quantity for t in env.metering.usage(acme, UsageQuery("", kinds=(P,), start=T0))] == [10.0]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -41,6 +42,36 @@ def hour_of(at: datetime) -> datetime:
     return period_bounds(QuotaPeriod.HOUR, at)[0]
 
 
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """One ``usage recorded`` event, as the aggregator counts it (``kind`` as sent: checked when recorded)."""
+
+    organization_id: str
+    api_key_id: str
+    kind: int
+    quantity: float
+    at: datetime
+
+
+def _bucket_of(event: UsageEvent) -> tuple[str, str, UsageKind, datetime]:
+    """The hourly total ``event`` adds to: (organisation, api key, kind, hour); ``InvalidUsageError`` if it
+    cannot be counted."""
+    try:
+        kind = UsageKind(event.kind)
+    except ValueError:
+        raise InvalidUsageError(f"usage event has unknown kind {event.kind}") from None
+    if not (math.isfinite(event.quantity) and event.quantity > 0):
+        raise InvalidUsageError(f"usage event quantity must be a positive number (got {event.quantity})")
+    org = organization_or_default(event.organization_id)
+    key_id = validate_id(event.api_key_id, what="usage event api_key_id") if event.api_key_id else ""
+    return org, key_id, kind, hour_of(event.at)
+
+
+def _sort_key(bucket: tuple[str, str, UsageKind, datetime]) -> tuple[str, str, int, datetime]:
+    org, key_id, kind, hour = bucket
+    return org, key_id, kind.value, hour
+
+
 class Metering:
     def __init__(self, store: AdminStore, admin: Admin, *, clock: Clock = utc_now) -> None:
         self.store = store
@@ -60,15 +91,18 @@ class Metering:
         at: datetime,
     ) -> None:
         """Add one event's usage to its hour, through the consumer's transaction ``session``."""
-        try:
-            usage_kind = UsageKind(kind)
-        except ValueError:
-            raise InvalidUsageError(f"usage event has unknown kind {kind}") from None
-        if not (math.isfinite(quantity) and quantity > 0):
-            raise InvalidUsageError(f"usage event quantity must be a positive number (got {quantity})")
-        org = organization_or_default(organization_id)
-        key_id = validate_id(api_key_id, what="usage event api_key_id") if api_key_id else ""
-        self.store.add_usage(session, org, key_id, usage_kind, hour_of(at), quantity)
+        self.record_many(session, [UsageEvent(organization_id, api_key_id, kind, quantity, at)])
+
+    def record_many(self, session: Any, events: Iterable[UsageEvent]) -> None:
+        """Add a batch of events' usage through ``session``: one store write per (organisation, key, kind, hour),
+        however many events fall in it. Every event is checked first, so an invalid one (``InvalidUsageError``)
+        writes nothing."""
+        totals: dict[tuple[str, str, UsageKind, datetime], float] = defaultdict(float)
+        for event in events:
+            totals[_bucket_of(event)] += event.quantity
+        # In one order, so that two transactions adding to the same totals cannot deadlock on each other's rows.
+        for (org, key_id, kind, hour), quantity in sorted(totals.items(), key=lambda item: _sort_key(item[0])):
+            self.store.add_usage(session, org, key_id, kind, hour, quantity)
 
     # -- queries -------------------------------------------------------------------------------------------
 
