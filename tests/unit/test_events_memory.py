@@ -484,6 +484,40 @@ def test_relay_thread_wakes_on_the_commit_that_added_rows_not_on_its_poll(
     assert len(reads) == 2
 
 
+def test_a_lingering_relay_publishes_a_trickle_of_commits_as_one_batch(
+    database: Database, catalog: EventCatalog
+) -> None:
+    publisher = FlakyPublisher(failures=0)
+    relay = OutboxRelay(database, publisher, poll_interval_s=60, linger_s=0.5)
+    batches: list[int] = []
+    relay_once = relay.relay_once
+
+    def counted() -> int:
+        published = relay_once()
+        batches.append(published)
+        return published
+
+    relay.relay_once = counted  # type: ignore[method-assign]
+    with relay:
+        deadline = time.monotonic() + 5
+        while not batches:  # the first read at start finds nothing
+            assert time.monotonic() < deadline, "the relay never read the outbox"
+            time.sleep(0.01)
+        began = time.monotonic()
+        events = [Event.create(StringValue(value=str(i)), key="k", source="s", catalog=catalog) for i in range(5)]
+        for event in events:  # five commits, 20 ms apart, as five requests would make
+            with database.transaction() as session:
+                Outbox.add(session, event)
+            time.sleep(0.02)
+        while len(publisher.published) < 5:
+            assert time.monotonic() - began < 5, "the lingering relay never published"
+            time.sleep(0.01)
+        took = time.monotonic() - began
+    assert publisher.published == events
+    assert batches[1:] == [5], "the five commits were not published as one batch"
+    assert took >= 0.5
+
+
 def test_relayed_events_reach_a_consumer_through_the_memory_bus(
     broker: MemoryBroker, database: Database, catalog: EventCatalog
 ) -> None:

@@ -327,7 +327,7 @@ class ServiceHost:
 
     def _components(self) -> list[Component]:
         p, settings = self.platform, self.settings
-        self._relay = relay = OutboxRelay(p.database, p.bus, metrics=p.metrics)
+        self._relay = relay = OutboxRelay(p.database, p.bus, metrics=p.metrics, linger_s=settings.outbox_linger_s)
         self._consumers = [_ConsumerComponent(p.bus, sub) for sub in self.subscriptions]
         self._server = GrpcServer(
             p.service,

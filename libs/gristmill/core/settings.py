@@ -82,6 +82,9 @@ class ServiceSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Seconds that in-flight calls get to finish after SIGTERM.
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+    # Seconds the outbox relay lets a commit's events wait for later ones before publishing them together (0: at
+    # once). Services whose events follow requests one for one (serving's usage) batch them this way.
+    outbox_linger_s: float = Field(default=0.0, ge=0, le=5)
 
     def resolved_database_url(self, service: str) -> str:
         """The configured URL, or a SQLite file per service under the data directory."""

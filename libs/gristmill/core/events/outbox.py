@@ -128,6 +128,7 @@ class OutboxRelay:
         *,
         batch_size: int = 500,
         poll_interval_s: float = 2.0,
+        linger_s: float = 0.0,
         retry_backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
         metrics: ServiceMetrics | None = None,
@@ -138,6 +139,8 @@ class OutboxRelay:
         self.publisher = publisher
         self.batch_size = batch_size
         self.poll_interval_s = poll_interval_s
+        # How long a commit's rows wait for later ones before they are published (0: at once).
+        self.linger_s = linger_s
         self.retry_backoff_s = retry_backoff_s
         self.max_backoff_s = max_backoff_s
         self.metrics = metrics
@@ -244,8 +247,10 @@ class OutboxRelay:
                 log.warning("outbox relay: publishing failed (%s); retrying in %.1fs", _one_line(exc), wait)
                 self._stopping.wait(wait)
                 continue
-            if count < self.batch_size:
-                self._wake.wait(self.poll_interval_s)
+            if count < self.batch_size and self._wake.wait(self.poll_interval_s) and self.linger_s > 0:
+                # Woken by a commit: let the next few commits' rows join it, so that a steady trickle of events
+                # (one per request) is published as one record set and marked in one transaction.
+                self._stopping.wait(self.linger_s)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop the thread after its current batch. Safe to call twice."""
