@@ -4,7 +4,8 @@ PostgreSQL (``database_url`` is a fresh, empty database of each).
 Deployments (create, conflicts, get, update, delete, listing by name across pages and organisations) with
 everything their spec routes by (target version or alias, canary and its weight, batching, quantisation,
 length and logging policies), and the applied alias sequences: a compare-and-set in the caller's
-transaction, rolled back with it, that an older or concurrent event never moves back.
+transaction, rolled back with it, that an older or concurrent event never moves back (the same sequence
+applies again: replicas sharing the store each apply every event).
 """
 
 from __future__ import annotations
@@ -160,9 +161,11 @@ def _apply(database: Database, store: DeploymentStore, sequence: int, alias: str
         return store.apply_alias_sequence(session, ORG, "reviews", alias, sequence)
 
 
-def test_only_a_newer_sequence_applies(store: DeploymentStore, database: Database) -> None:
+def test_an_older_sequence_never_applies(store: DeploymentStore, database: Database) -> None:
     assert _apply(database, store, 5)
-    assert not _apply(database, store, 5)  # a redelivery
+    # The same event again: another replica sharing the store applies it too (a redelivery to one replica is
+    # skipped by its consumer group before the handler asks).
+    assert _apply(database, store, 5)
     assert not _apply(database, store, 4)  # an older event
     assert _apply(database, store, 6)
     assert not _apply(database, store, 5)
@@ -173,14 +176,14 @@ def test_only_a_newer_sequence_applies(store: DeploymentStore, database: Databas
         assert store.apply_alias_sequence(session, ORG, "other-model", "production", 1)
         # Twice in one transaction: the second sees the first.
         assert store.apply_alias_sequence(session, ORG, "third", "production", 3)
-        assert not store.apply_alias_sequence(session, ORG, "third", "production", 3)
+        assert not store.apply_alias_sequence(session, ORG, "third", "production", 2)
         assert store.apply_alias_sequence(session, ORG, "third", "production", 4)
 
 
 def test_sequences_beyond_32_bits(store: DeploymentStore, database: Database) -> None:
     big = 2**40 + 7
     assert _apply(database, store, big)
-    assert not _apply(database, store, big)
+    assert not _apply(database, store, big - 1)
     assert not _apply(database, store, 2**31 + 1)
     assert _apply(database, store, big + 1)
 
@@ -220,5 +223,6 @@ def test_concurrent_events_never_move_the_sequence_back(store: DeploymentStore, 
             thread.join(timeout=60)
         assert errors == []
         assert max(sequences) in applied
-        assert not _apply(database, store, max(sequences))  # nothing older overwrote the newest
+        assert not _apply(database, store, max(sequences) - 1)  # nothing older overwrote the newest
+        assert _apply(database, store, max(sequences))
     assert _apply(database, store, 25)

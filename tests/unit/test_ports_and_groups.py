@@ -3,6 +3,7 @@ the CLI read them instead of repeating the numbers and names."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from gristmill.admin.settings import AdminSettings
 from gristmill.cli.platforms import LocalStack, service_ports
 from gristmill.client import Endpoints
+from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.events.topics import CONSUMER_GROUPS
 from gristmill.core.ports import SERVICE_PORTS
 from gristmill.core.settings import ServiceSettings
@@ -52,3 +54,59 @@ def test_the_cli_numbers_ports_from_the_table_and_renames_every_group(tmp_path: 
     groups = stack.consumer_groups()
     assert groups == {f"{g.default}-ci-1": g.topics for g in CONSUMER_GROUPS}
     assert len(groups) == len(CONSUMER_GROUPS) == 6
+
+
+def test_serving_replicas_get_ports_data_dirs_and_consumer_groups_of_their_own(tmp_path: Path) -> None:
+    stack = LocalStack(tmp_path, group_suffix="ci-1", serving_replicas=3)
+    replicas = stack.processes()[-2:]
+    assert [(p.name, p.module) for p in replicas] == [
+        ("serving-r1", "gristmill.serving"),
+        ("serving-r2", "gristmill.serving"),
+    ]
+    assert len({p.pid_file for p in stack.processes()}) == len({p.log_file for p in stack.processes()}) == 7
+    assert stack.replica_endpoints() == {"serving-r1": "127.0.0.1:50154", "serving-r2": "127.0.0.1:50254"}
+    env = stack.env() | stack.process_env(replicas[1])
+    assert env["GRISTMILL_SERVING_REPLICA"] == "r2"
+    assert env["GRISTMILL_SERVING_GRPC_PORT"] == "50254"
+    assert env["GRISTMILL_SERVING_DATA_DIR"] == str(tmp_path / "services" / "serving-r2")
+    # The one serving database, and each replica's group is the serving group with its id (ServingSettings).
+    assert env["GRISTMILL_SERVING_DATABASE_URL"] == stack.env()["GRISTMILL_SERVING_DATABASE_URL"]
+    settings = ServingSettings(
+        consumer_group=env["GRISTMILL_SERVING_CONSUMER_GROUP"], replica=env["GRISTMILL_SERVING_REPLICA"]
+    )
+    assert settings.resolved_consumer_group() == "serving-ci-1.r2"
+    assert stack.consumer_groups()["serving-ci-1.r2"] == stack.consumer_groups()["serving-ci-1"]
+    assert len(stack.consumer_groups()) == len(CONSUMER_GROUPS) + 2
+    # Replica ports never land on a service's port, whatever the base port.
+    for base_port in (0, 7000, 50050, 60000):
+        ports = LocalStack(tmp_path, base_port=base_port, serving_replicas=10)
+        replica_ports = {address.rsplit(":", 1)[1] for address in ports.replica_endpoints().values()}
+        assert len(replica_ports) == 9
+        assert not replica_ports & {str(p) for p in ports.ports.values()}
+    with pytest.raises(InvalidArgumentError, match="choose 1 to 10"):
+        LocalStack(tmp_path, serving_replicas=0)
+    with pytest.raises(InvalidArgumentError, match="beyond port 65535"):
+        LocalStack(tmp_path, base_port=65450, serving_replicas=2)
+    # `down` (which does not know how many were asked) stops every replica a pid file names.
+    (tmp_path / "pids").mkdir()
+    (tmp_path / "pids" / "serving-r4.pid").write_text("1\n")
+    assert [p.name for p in LocalStack(tmp_path).replica_processes(with_pid_files=True)] == ["serving-r4"]
+    assert LocalStack(tmp_path).replica_processes() == []
+
+
+def test_status_shows_the_serving_replicas() -> None:
+    from typer.testing import CliRunner
+
+    from gristmill.cli.main import app
+
+    closed = "127.0.0.1:1"  # nothing listens: every row DOWN, quickly
+    result = CliRunner().invoke(
+        app, ["--host", "127.0.0.1", "--serving", closed, "status", "--json", "--serving-replicas", "3"]
+    )
+    rows = json.loads(result.stdout)
+    assert result.exit_code == 1
+    assert [(r["service"], r["address"]) for r in rows if r["service"].startswith("serving")] == [
+        ("serving", closed),
+        ("serving-r1", "127.0.0.1:101"),
+        ("serving-r2", "127.0.0.1:201"),
+    ]

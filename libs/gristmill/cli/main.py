@@ -22,8 +22,10 @@ from gristmill.cli import admin_commands, labeling_commands, registry_commands, 
 from gristmill.cli.context import build_state
 from gristmill.cli.demo_command import demo_command, run_dir
 from gristmill.cli.output import emit, fail, one_line_errors
-from gristmill.cli.platforms import SERVICE_BASE_ENV, LocalStack
+from gristmill.cli.platforms import SERVICE_BASE_ENV, LocalStack, serving_replica_addresses
 from gristmill.cli.processes import health
+from gristmill.core.ports import MAX_SERVING_REPLICAS
+from gristmill.core.ports import SERVING_REPLICA_PORT_STEP as REPLICA_STEP
 
 app = typer.Typer(
     help="Gristmill: label → train → register → serve, on your own machines.",
@@ -83,14 +85,22 @@ def up(
     group_suffix: str = typer.Option(
         "", help="suffix for every consumer group: an installation of its own on a shared Kafka (starts at the end)"
     ),
+    serving_replicas: int = typer.Option(
+        1,
+        min=1,
+        max=MAX_SERVING_REPLICAS + 1,
+        help=f"serving processes sharing one deployment store (replica k on the serving port + {REPLICA_STEP}k)",
+    ),
 ) -> None:
     """Start the local stack: Kafka, the S3 server, and each service (admin too) as its own process."""
-    stack = LocalStack(run_dir(services_dir), base_port=base_port, group_suffix=group_suffix)
+    stack = LocalStack(
+        run_dir(services_dir), base_port=base_port, group_suffix=group_suffix, serving_replicas=serving_replicas
+    )
     stack.start_infrastructure()
     stack.create_topics()
     stack.start_groups_at_end()
     stack.start(timeout, on_start=lambda proc, pid: typer.echo(f"{proc.name}: pid {pid}, log {proc.log_file}"))
-    for name, address in vars(stack.endpoints).items():
+    for name, address in {**vars(stack.endpoints), **stack.replica_endpoints()}.items():
         typer.echo(f"{name}: serving on {address}")
     key = stack.root_key_file()
     if key.exists():
@@ -117,11 +127,18 @@ def down(
 
 @app.command()
 @one_line_errors
-def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
-    """Health of each service (at the addresses the global options give)."""
+def status(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    serving_replicas: int = typer.Option(
+        1, min=1, max=MAX_SERVING_REPLICAS + 1, help="as given to `up`: the serving replicas beyond the first too"
+    ),
+) -> None:
+    """Health of each service (at the addresses the global options give), and of the serving replicas."""
     from gristmill.cli.context import state
 
     endpoints = vars(state(ctx).endpoints)
+    endpoints |= serving_replica_addresses(endpoints["serving"], serving_replicas)
     rows = [{"service": name, "address": address, "health": health(address)} for name, address in endpoints.items()]
     emit(rows, as_json or state(ctx).as_json)
     if any(r["health"] != "SERVING" for r in rows):

@@ -4,6 +4,7 @@
 SQLite and local files) on free ports and reads its ``READY`` line. ``LocalStack`` starts PostgreSQL, Kafka and
 the S3 server (deploy/local/stack.sh) and each service as its own process with ``GRISTMILL_*`` settings (its
 store in a PostgreSQL database of its own), pid files and logs under a run directory (``gristmill up``/``down``).
+``serving_replicas`` > 1 adds serving processes ``serving-r1``, ... that share the serving database.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from gristmill.cli.context import parse_endpoints
 from gristmill.cli.processes import SERVICES, ServiceProcess, wait_serving
 from gristmill.client import Endpoints
 from gristmill.core.errors import InvalidArgumentError, UnavailableError
-from gristmill.core.ports import KAFKA_PORT, POSTGRES_PORT, S3_PORT
+from gristmill.core.ports import KAFKA_PORT, MAX_SERVING_REPLICAS, POSTGRES_PORT, S3_PORT, serving_replica_port
 from gristmill.core.ports import service_ports as default_service_ports
 
 # The training service runs Ray's core worker in its own process; Ray's C++ failure-signal handler would
@@ -102,6 +103,18 @@ class EmbeddedProcess:
         return proc.returncode
 
 
+_REPLICA_PREFIX = "serving-r"
+
+
+def serving_replica_addresses(serving: str, replicas: int) -> dict[str, str]:
+    """Where the serving replicas 1 .. ``replicas`` - 1 listen, next to the first at ``serving`` (host:port), by
+    process name: ``{"serving-r1": host:port, ...}`` (``gristmill up --serving-replicas``)."""
+    host, _, port = serving.rpartition(":")
+    if not port.isdigit():
+        return {}
+    return {f"{_REPLICA_PREFIX}{k}": f"{host}:{serving_replica_port(int(port), k)}" for k in range(1, replicas)}
+
+
 def service_ports(base_port: int = 0) -> dict[str, int]:
     """Each service's port: the defaults, or ``base_port``, ``base_port + 1``, ... in the default order."""
     return default_service_ports(base_port or None)
@@ -115,17 +128,30 @@ class LocalStack:
     Kafka cluster (a developer's stack and the end-to-end test) then never take each other's events. The
     installation's databases are named after its run directory (``database_names``), so installations sharing
     one PostgreSQL server never share a store.
+
+    ``serving_replicas`` serving processes serve the same deployments: replica k >= 1 is ``serving-r<k>``
+    (replica id ``r<k>``, its own port ``serving_replica_port``, data dir, pid file and log) on the serving
+    database, following the others' deployment writes and reading alias changes in a consumer group of its own.
     """
 
     run_dir: Path
     base_port: int = 0
     group_suffix: str = ""
     repo_root: Path | None = None
+    serving_replicas: int = 1
 
     def __post_init__(self) -> None:
         if self.group_suffix and not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", self.group_suffix):
             raise InvalidArgumentError(
                 f"group suffix {self.group_suffix!r}: use 1-64 lower-case letters, digits, '.', '_' or '-'"
+            )
+        if not 1 <= self.serving_replicas <= MAX_SERVING_REPLICAS + 1:
+            raise InvalidArgumentError(
+                f"{self.serving_replicas} serving replicas: choose 1 to {MAX_SERVING_REPLICAS + 1}"
+            )
+        if serving_replica_port(self.ports["serving"], self.serving_replicas - 1) > 65535:
+            raise InvalidArgumentError(
+                f"serving replica {self.serving_replicas - 1} would listen beyond port 65535: choose a lower base port"
             )
 
     @property
@@ -136,8 +162,47 @@ class LocalStack:
     def endpoints(self) -> Endpoints:
         return Endpoints(**{name: f"127.0.0.1:{port}" for name, port in self.ports.items()})
 
+    def replica_endpoints(self) -> dict[str, str]:
+        """Where the serving replicas beyond the first listen, by process name (``serving-r1``: host:port)."""
+        return serving_replica_addresses(self.endpoints.serving, self.serving_replicas)
+
     def processes(self) -> list[ServiceProcess]:
+        """Every service process, in start order: the services, then the serving replicas beyond the first."""
+        return self._service_processes() + self.replica_processes()
+
+    def _service_processes(self) -> list[ServiceProcess]:
         return [ServiceProcess(name, f"gristmill.{name}", self.run_dir) for name in SERVICES]
+
+    def replica_processes(self, *, with_pid_files: bool = False) -> list[ServiceProcess]:
+        """Serving replicas 1 .. ``serving_replicas`` - 1; ``with_pid_files``: and any other that a pid file names
+        (started by an earlier ``up`` with more replicas, which ``down`` stops too)."""
+        numbers = set(range(1, self.serving_replicas))
+        if with_pid_files:
+            for pid_file in (self.run_dir / "pids").glob(f"{_REPLICA_PREFIX}*.pid"):
+                suffix = pid_file.stem.removeprefix(_REPLICA_PREFIX)
+                if suffix.isdigit() and 1 <= int(suffix) <= MAX_SERVING_REPLICAS:
+                    numbers.add(int(suffix))
+        return [ServiceProcess(f"{_REPLICA_PREFIX}{k}", "gristmill.serving", self.run_dir) for k in sorted(numbers)]
+
+    def _replica_port(self, proc: ServiceProcess) -> int:
+        return serving_replica_port(self.ports["serving"], int(proc.name.removeprefix(_REPLICA_PREFIX)))
+
+    def address_of(self, proc: ServiceProcess) -> str:
+        """Where ``proc`` (a service or a serving replica) listens."""
+        if proc.name.startswith(_REPLICA_PREFIX):
+            return f"127.0.0.1:{self._replica_port(proc)}"
+        return f"127.0.0.1:{self.ports[proc.name]}"
+
+    def process_env(self, proc: ServiceProcess) -> dict[str, str]:
+        """What a serving replica beyond the first gets on top of ``env()``: its id, port and data dir (the
+        serving database, registry address and consumer group setting stay the first serving process's)."""
+        if not proc.name.startswith(_REPLICA_PREFIX):
+            return {}
+        return {
+            "GRISTMILL_SERVING_REPLICA": proc.name.removeprefix("serving-"),
+            "GRISTMILL_SERVING_GRPC_PORT": str(self._replica_port(proc)),
+            "GRISTMILL_SERVING_DATA_DIR": str(self.run_dir / "services" / proc.name),
+        }
 
     def root_key_file(self) -> Path:
         return self.run_dir / "services" / "admin" / "root-admin.key"
@@ -260,10 +325,15 @@ class LocalStack:
 
     def consumer_groups(self) -> dict[str, tuple[str, ...]]:
         """This installation's consumer groups and the topics each reads (to start them at the topics' end)."""
-        from gristmill.core.events.topics import CONSUMER_GROUPS
+        from gristmill.core.events.topics import CONSUMER_GROUPS, SERVING_ALIASES
 
         env = self.env()
-        return {env.get(group.variable, group.default): group.topics for group in CONSUMER_GROUPS}
+        groups = {env.get(group.variable, group.default): group.topics for group in CONSUMER_GROUPS}
+        # Each serving replica beyond the first reads alias changes in a group of its own (ServingSettings).
+        serving = env.get(SERVING_ALIASES.variable, SERVING_ALIASES.default)
+        for proc in self.replica_processes():
+            groups[f"{serving}.{self.process_env(proc)['GRISTMILL_SERVING_REPLICA']}"] = SERVING_ALIASES.topics
+        return groups
 
     def create_topics(self) -> None:
         """Create the topics this installation's consumer groups read (and their dead-letter topics) before any
@@ -341,13 +411,15 @@ class LocalStack:
         if key := self.root_key():
             env["GRISTMILL_AUTH_SERVICE_KEY"] = key
         for proc in others:
-            pid = proc.start(env)
+            pid = proc.start(env | self.process_env(proc))
             if on_start is not None:
                 on_start(proc, pid)
         for proc in others:
-            wait_serving(f"127.0.0.1:{self.ports[proc.name]}", max(1.0, deadline - time.monotonic()), process=proc)
+            wait_serving(self.address_of(proc), max(1.0, deadline - time.monotonic()), process=proc)
         return self.endpoints
 
     def stop(self) -> list[tuple[str, bool]]:
-        """Stop the services in reverse start order (each drains); returns (name, was running)."""
-        return [(proc.name, proc.stop()) for proc in reversed(self.processes())]
+        """Stop the services in reverse start order (each drains), every serving replica a pid file names first;
+        returns (name, was running)."""
+        every = self._service_processes() + self.replica_processes(with_pid_files=True)
+        return [(proc.name, proc.stop()) for proc in reversed(every)]

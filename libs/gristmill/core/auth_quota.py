@@ -25,11 +25,12 @@ How a guard knows what was used before: the first reservation of an organisation
 ``refresh`` (every ``refresh_s``, in the background) raises each counter to the admin's total when that is
 higher. Each counter is therefore a lower bound of the true usage (a call is never refused while the quota has
 room), and exact for one replica (the admin's total never exceeds what the replica counted itself). Several
-replicas each see the others' usage once it has reached the admin's aggregator and their next refresh: with
-R replicas admitting r calls per second each, a quota of N admits at most N + (R - 1) x r x L calls, L being
-the time from a commit to its visibility (the group commit, the outbox relay, the aggregator, at most
-``refresh_s`` for the next refresh; about 1-2 s on the local stack). The rate limit is per replica (R
-replicas allow R times the rate). See services/admin/README.md.
+replicas each see the others' usage once it has reached the admin's aggregator and their next refresh. With R
+replicas admitting r calls per second each, A the time from a commit to the aggregator counting it (the
+serving outbox's linger, the relay, the aggregator) and L = A + ``refresh_s``, a quota of N admits at most
+N + (R - 1) x r x L + r x A calls: the others' calls not yet seen, plus the replica's own last A seconds, which a
+refresh that raises the counter to the admin's total drops until they are aggregated. The rate limit is per
+replica (R replicas allow R times the rate). See services/admin/README.md.
 """
 
 from __future__ import annotations

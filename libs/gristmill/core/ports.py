@@ -44,6 +44,19 @@ def service_ports(base_port: int | None = None) -> dict[str, int]:
     return {name: base_port + i for i, name in enumerate(SERVICE_PORTS)}
 
 
+# Serving replica k (k >= 1, ``gristmill up --serving-replicas``) listens at the serving port + k x this: the
+# services' ports are one block of five, so a step of 100 never lands on one of them, whatever the base port.
+SERVING_REPLICA_PORT_STEP = 100
+MAX_SERVING_REPLICAS = 9
+
+
+def serving_replica_port(serving_port: int, replica: int) -> int:
+    """The port of serving replica ``replica`` (0: the first serving process itself, at ``serving_port``)."""
+    if not 0 <= replica <= MAX_SERVING_REPLICAS:
+        raise ValueError(f"serving replica {replica}: choose 0 to {MAX_SERVING_REPLICAS}")
+    return serving_port + replica * SERVING_REPLICA_PORT_STEP
+
+
 def default_address(service: str, host: str = LOOPBACK) -> str:
     """``host:port`` of ``service`` at its default port."""
     return f"{host}:{SERVICE_PORTS[service]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from dataclasses import dataclass
@@ -46,8 +47,8 @@ PUBLIC_METHODS = (f"{_OIP}/ServerLive", f"{_OIP}/ServerReady")
 
 @dataclass
 class ServingApp:
-    """The assembled service; ``host`` runs it (``deployments`` among its components), the rest is exposed for
-    tests and benchmarks."""
+    """The assembled service; ``host`` runs it (``deployments`` and ``deployment-sync`` among its components), the
+    rest is exposed for tests and benchmarks."""
 
     host: ServiceHost
     service: DeploymentService
@@ -73,6 +74,36 @@ class DeploymentsLifecycle:
         await self.service.close()
         await asyncio.to_thread(self.sink.close)
         self.source.close()
+
+
+@dataclass
+class DeploymentSync:
+    """The host component that runs ``DeploymentService.sync`` every ``interval_s`` on the event loop (where the
+    deployments live), so that replicas sharing the deployment store serve the same deployments. Opened after
+    the deployments, closed before them; a failed sync (the database away) is logged and tried again."""
+
+    service: DeploymentService
+    interval_s: float
+    name: str = "deployment-sync"
+    _task: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.service.sync()
+            except Exception:
+                log.exception("deployment sync failed; trying again in %.1fs", self.interval_s)
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def build_app(
@@ -146,7 +177,11 @@ def build_app(
         ),
     ]
     subscriptions = [
-        Subscription((ALIAS_CHANGED,), settings.consumer_group, alias_changed_handler(platform.catalog, store, service))
+        Subscription(
+            (ALIAS_CHANGED,),
+            settings.resolved_consumer_group(),
+            alias_changed_handler(platform.catalog, store, service),
+        )
     ]
     host = ServiceHost(
         platform,
@@ -156,6 +191,10 @@ def build_app(
         auth_hook=security.auth_hook,
         on_reload=security.reload,
         server_credentials=security.server_credentials,
-        components=[DeploymentsLifecycle(service, sink, source), *([quota_refresh(quota)] if quota else [])],
+        components=[
+            DeploymentsLifecycle(service, sink, source),
+            DeploymentSync(service, settings.deployment_sync_s),
+            *([quota_refresh(quota)] if quota else []),
+        ],
     )
     return ServingApp(host, service, sink, source)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from gristmill.core.events.topics import SERVING_ALIASES
 from gristmill.core.ports import SERVING_PORT, default_address
 from gristmill.core.settings import ServiceSettings
+
+_REPLICA_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 
 
 class ServingSettings(ServiceSettings):
@@ -32,10 +35,36 @@ class ServingSettings(ServiceSettings):
     batch_workers: int = Field(default=0, ge=0, le=64)
     # Run models as TorchScript traces (checked against the eager model at load; eager when that fails).
     trace_models: bool = True
-    # Consumer group of the alias-changed consumer.
+    # Consumer group of the alias-changed consumer (``resolved_consumer_group``: one per replica).
     consumer_group: str = SERVING_ALIASES.default
+    # This process's id among the serving replicas of one deployment (processes sharing one database): empty for a
+    # single instance. Each replica reads alias changes in a group of its own, ``<consumer_group>.<replica>``, so
+    # that every replica hot-swaps (one shared group would hand each event to one replica only).
+    replica: str = ""
+    # Seconds between two reads of the deployment store: deployments created, changed or deleted through another
+    # replica are served (or dropped) here within this time.
+    deployment_sync_s: float = Field(default=2.0, gt=0)
     # Prediction-log events waiting to be written to the outbox before new ones are dropped (and counted).
     prediction_log_capacity: int = Field(default=10_000, ge=1)
+    # Every answered request writes usage (and some a prediction log) to the outbox: under a trickle of requests
+    # the relay publishes what 0.2 s gathered as one record set rather than one per request (the admin's
+    # aggregator then sums a batch per transaction). Usage reaches the admin (and other replicas' quota counters)
+    # that much later.
+    outbox_linger_s: float = Field(default=0.2, ge=0, le=5)
+
+    @field_validator("replica")
+    @classmethod
+    def _replica_id(cls, value: str) -> str:
+        if value and not _REPLICA_ID.fullmatch(value):
+            raise ValueError(
+                f"replica id {value!r}: use 1-32 lowercase letters, digits or '-', starting with a letter or digit "
+                "(e.g. r1), or leave it empty for a single instance"
+            )
+        return value
+
+    def resolved_consumer_group(self) -> str:
+        """The alias-changed consumer's group: ``consumer_group``, suffixed with the replica id when there is one."""
+        return f"{self.consumer_group}.{self.replica}" if self.replica else self.consumer_group
 
     def resolved_batch_workers(self) -> int:
         return self.batch_workers or os.cpu_count() or 1

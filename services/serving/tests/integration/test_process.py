@@ -91,14 +91,15 @@ async def test_the_service_process_serves_and_stops_on_sigterm(
         await asyncio.to_thread(_serve_and_stop, env, key)
 
 
-def test_a_bad_setting_stops_the_process_with_one_line_naming_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("variable", "value"), [("TORCH_THREADS", "-1"), ("REPLICA", "Replica_1")])
+def test_a_bad_setting_stops_the_process_with_one_line_naming_it(tmp_path: Path, variable: str, value: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "gristmill.serving"],
-        env={**os.environ, "GRISTMILL_SERVING_DATA_DIR": str(tmp_path), "GRISTMILL_SERVING_TORCH_THREADS": "-1"},
+        env={**os.environ, "GRISTMILL_SERVING_DATA_DIR": str(tmp_path), f"GRISTMILL_SERVING_{variable}": value},
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("serving: invalid setting GRISTMILL_SERVING_TORCH_THREADS='-1'")
+    assert result.stderr.strip().startswith(f"serving: invalid setting GRISTMILL_SERVING_{variable}='{value}'")
     assert len(result.stderr.strip().splitlines()) == 1

@@ -411,6 +411,10 @@ class DeploymentManager:
     def count(self) -> int:
         return len(self._deployments)
 
+    def served(self) -> list[tuple[str, str]]:
+        """(organisation, name) of every deployment served here."""
+        return list(self._deployments)
+
     def spec(self, organization_id: str, name: str) -> DeploymentSpec:
         return self._get(organization_id, name).spec
 

@@ -4,7 +4,9 @@ The domain depends on this interface; ``gristmill.serving.store`` implements it 
 
 It keeps what must survive a restart: each deployment's spec (so the process serves the same deployments
 after a restart) and, per registered model and alias, the sequence of the last ``alias changed`` event
-applied (so an older, redelivered event never moves a deployment back).
+applied (so an older event, arriving late, never moves a deployment back). Several replicas of the service
+may share one store: each applies every event (in a consumer group of its own, which skips a redelivered
+``event-id``), so the same sequence applies again, and only an older one is refused.
 """
 
 from __future__ import annotations
@@ -46,5 +48,6 @@ class DeploymentStore(ABC):
     def apply_alias_sequence(
         self, session: Session, organization_id: str, registered_model_name: str, alias: str, sequence: int
     ) -> bool:
-        """Record ``sequence`` as applied, in the caller's transaction; False if an equal or newer one was. A
-        compare-and-set: of concurrent transactions, an older sequence never replaces a newer one."""
+        """Record ``sequence`` as applied, in the caller's transaction; False if a newer one was (the same one
+        applies again: each replica sharing the store applies every event). A compare-and-set: of concurrent
+        transactions, an older sequence never replaces a newer one."""

@@ -3,6 +3,10 @@
 
 Each write validates everything first, checks the registry knows the target (NOT_FOUND /
 FAILED_PRECONDITION before anything is stored), stores the spec, and only then changes what runs.
+
+Several replicas (processes sharing one deployment store) serve the same deployments: a write changes what
+runs in the replica that took it, and ``sync`` (run every ``deployment_sync_s`` by the app) brings every other
+replica in line with the store.
 """
 
 from __future__ import annotations
@@ -36,6 +40,15 @@ from gristmill.serving.domain.versions import DeploymentView, LoadedVersion
 from gristmill.serving.tasks import serving_task
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What one ``sync`` changed: deployments added, changed and removed (by name)."""
+
+    added: tuple[str, ...] = ()
+    updated: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,9 @@ class DeploymentService:
         self.source = source
         self.sink = sink
         self._rng = rng or random.Random()
+        # Held while a write stores a spec and changes the manager, and while ``sync`` reads the store and applies
+        # it: a sync never sees a spec stored by this process but not yet served (or the reverse) and undoes it.
+        self._writes = asyncio.Lock()
 
     async def start(self) -> None:
         """Serve the stored deployments again (each resolves and loads in the background)."""
@@ -87,6 +103,48 @@ class DeploymentService:
         for spec in await asyncio.to_thread(self.store.list_all):
             self.manager.add(spec)
         log.info("serving: restored %d deployments", self.manager.count())
+
+    async def sync(self) -> SyncResult:
+        """Bring what this process serves in line with the store, which other replicas write too: serve the
+        deployments stored meanwhile, apply the changed ones (their ``update_time`` or any field differs), stop
+        serving the deleted ones.
+
+        Applied as this process's own writes are: a new deployment resolves and loads in the background; a
+        changed one takes new batching and policies at once and keeps serving while a new target, canary or
+        quantisation resolves and loads beside it (a target that fails to resolve or load is reported in the
+        deployment's status, and the current version serves on); a deleted one stops routing and drains. The
+        replica that took the write checked it (registry, licence) before storing it; like ``start``, a sync
+        trusts what is stored. Use from the event loop (the app runs it every ``deployment_sync_s``).
+        """
+        added: list[str] = []
+        updated: list[str] = []
+        removed: list[str] = []
+        async with self._writes:
+            stored = {(s.organization_id, s.name): s for s in await asyncio.to_thread(self.store.list_all)}
+            for key, spec in stored.items():
+                if not self.manager.has(*key):
+                    self.manager.add(spec)
+                    added.append(spec.name)
+                elif (served := self.manager.spec(*key)) != spec:
+                    # The manager resolves a changed target (or canary) and loads it beside the serving version, as
+                    # it does for ``update`` with targets it was not given.
+                    await self.manager.update(spec)
+                    log.info(
+                        "deployment %s changed in the store (updated %s, served %s): applied",
+                        spec.name,
+                        spec.update_time.isoformat(),
+                        served.update_time.isoformat(),
+                    )
+                    updated.append(spec.name)
+            for organization_id, name in self.manager.served():
+                if (organization_id, name) not in stored:
+                    with contextlib.suppress(NotFoundError):
+                        await self.manager.remove(organization_id, name)
+                    removed.append(name)
+        result = SyncResult(tuple(added), tuple(updated), tuple(removed))
+        if result.added or result.removed:
+            log.info("deployment store sync: added %s, removed %s", list(result.added), list(result.removed))
+        return result
 
     async def close(self) -> None:
         await self.manager.close()
@@ -135,8 +193,9 @@ class DeploymentService:
                 raise
             primary = canary = None
             log.info("deployment %s waits for alias %r of %s", spec.name, spec.target.alias, spec.registered_model_name)
-        await asyncio.to_thread(self.store.create, spec)
-        self.manager.add(spec, primary=primary, canary=canary)
+        async with self._writes:
+            await asyncio.to_thread(self.store.create, spec)
+            self.manager.add(spec, primary=primary, canary=canary)
         if wait_until_ready:
             await self.manager.wait_settled(spec.organization_id, spec.name, timeout_s)
         return self.manager.view(spec)
@@ -163,11 +222,12 @@ class DeploymentService:
             if spec.canary is not None and previous.canary is not None and spec.canary.target == previous.canary.target:
                 canary = None
         spec = spec.touched()
-        await asyncio.to_thread(self.store.update, spec)
-        if not self.manager.has(spec.organization_id, spec.name):
-            self.manager.add(spec)
-        else:
-            await self.manager.update(spec, primary=primary, canary=canary)
+        async with self._writes:
+            await asyncio.to_thread(self.store.update, spec)
+            if not self.manager.has(spec.organization_id, spec.name):
+                self.manager.add(spec)
+            else:
+                await self.manager.update(spec, primary=primary, canary=canary)
         if wait_until_ready:
             await self.manager.wait_settled(spec.organization_id, spec.name, timeout_s)
         return self.manager.view(spec)
@@ -187,9 +247,10 @@ class DeploymentService:
         return DeploymentPage(views, specs[-1].name if more and specs else "")
 
     async def delete(self, organization_id: str, name: str) -> None:
-        await asyncio.to_thread(self.store.delete, organization_id, name)
-        with contextlib.suppress(NotFoundError):  # stored but never served by this process
-            await self.manager.remove(organization_id, name)
+        async with self._writes:
+            await asyncio.to_thread(self.store.delete, organization_id, name)
+            with contextlib.suppress(NotFoundError):  # stored but not served by this process (yet)
+                await self.manager.remove(organization_id, name)
 
     # -- predictions -------------------------------------------------------------------------------------
 

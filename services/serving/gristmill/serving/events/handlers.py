@@ -1,10 +1,12 @@
 """The ``alias changed`` consumer: deployments that follow the alias load the new version, then swap.
 
-The handler runs on the consumer's thread inside the transaction that marks the event handled. It records
-the event's sequence per (model, alias) in that transaction, ignores an event whose sequence is not newer
-than the last one applied (a redelivery, or an old event arriving late), and hands the move to the event
-loop, which loads and swaps in the background: a load takes seconds and must not hold the consumer's
-database transaction open. If the process dies before the swap, the restart resolves the alias again.
+The handler runs on the consumer's thread inside the transaction that marks the event handled (by this
+replica's consumer group: a redelivery is skipped before it gets here). It records the event's sequence per
+(model, alias) in that transaction, ignores an event whose sequence is older than the last one applied (an
+old event arriving late; the same sequence applies again, as replicas sharing the store each apply every
+event), and hands the move to the event loop, which loads and swaps in the background: a load takes seconds
+and must not hold the consumer's database transaction open. If the process dies before the swap, the restart
+resolves the alias again.
 """
 
 from __future__ import annotations

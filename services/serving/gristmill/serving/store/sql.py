@@ -149,7 +149,8 @@ class SqlDeploymentStore(DeploymentStore):
     ) -> bool:
         # One atomic compare-and-set (both back-ends have INSERT ... ON CONFLICT DO UPDATE ... WHERE): reading
         # the sequence and writing it back would let a concurrent, older event overwrite a newer one, and two
-        # first events of an alias would collide on its key. A row is written only when the sequence is new.
+        # first events of an alias would collide on its key. A row is written when the sequence is new or the
+        # same (another replica sharing this store applied the same event first).
         table = cast(Table, AliasSequenceRow.__table__)
         values = {
             "organization_id": organization_id,
@@ -163,14 +164,14 @@ class SqlDeploymentStore(DeploymentStore):
             upsert: Any = pg.on_conflict_do_update(
                 index_elements=keys,
                 set_={"sequence": pg.excluded.sequence},
-                where=table.c.sequence < pg.excluded.sequence,
+                where=table.c.sequence <= pg.excluded.sequence,
             )
         else:
             lite = sqlite_insert(table).values(values)
             upsert = lite.on_conflict_do_update(
                 index_elements=keys,
                 set_={"sequence": lite.excluded.sequence},
-                where=table.c.sequence < lite.excluded.sequence,
+                where=table.c.sequence <= lite.excluded.sequence,
             )
         # RETURNING yields the row only when it was inserted or updated (rowcount is not reliable here).
         return session.execute(upsert.returning(table.c.sequence)).first() is not None
