@@ -53,7 +53,7 @@ from gristmill.api.admin.v1 import admin_pb2
 from gristmill.api.events.v1 import events_pb2
 from gristmill.core.auth import Principal
 from gristmill.core.errors import GristmillError, InvalidArgumentError, ResourceExhaustedError, UnavailableError
-from gristmill.core.events import EventCatalog, OutboxWriter
+from gristmill.core.events import EventCatalog, Outbox, OutboxWriter
 from gristmill.core.sql import Database
 from gristmill.core.values import utc_now
 
@@ -237,15 +237,20 @@ class UsageRecorder:
         for record in records:
             if record.quantity > 0:  # the event's quantity is positive by contract; zero usage is no usage
                 totals[(record.organization_id, record.api_key_id, record.kind, record.resource)] += record.quantity
-        for (organization_id, api_key_id, kind, resource), quantity in totals.items():
-            message = events_pb2.UsageRecorded(
-                organization_id=organization_id,
-                api_key_id=api_key_id,
-                kind=kind.value,
-                quantity=quantity,
-                resource=resource,
+        events = [
+            self._events.event(
+                events_pb2.UsageRecorded(
+                    organization_id=organization_id,
+                    api_key_id=api_key_id,
+                    kind=kind.value,
+                    quantity=quantity,
+                    resource=resource,
+                ),
+                key=organization_id,
             )
-            self._events.write(session, message, key=organization_id)
+            for (organization_id, api_key_id, kind, resource), quantity in totals.items()
+        ]
+        Outbox.add_many(session, events)
 
     def record(self, records: Sequence[UsageRecord], session: Session | None = None) -> None:
         """Write the events, in ``session`` when given (commits with the caller's change), else on their own."""

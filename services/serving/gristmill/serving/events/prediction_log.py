@@ -21,7 +21,7 @@ from opentelemetry import context as otel_context
 from prometheus_client import Counter
 
 from gristmill.api.events.v1 import events_pb2
-from gristmill.core.events import EventCatalog, OutboxWriter
+from gristmill.core.events import EventCatalog, Outbox, OutboxWriter
 from gristmill.core.metrics import ServiceMetrics
 from gristmill.core.pii import PiiMasker
 from gristmill.core.sql import Database
@@ -141,14 +141,16 @@ class OutboxPredictionSink:
 
     def _write(self, batch: list[tuple[PredictionRecord, otel_context.Context]]) -> None:
         messages = [(prediction_logged(record, self._masker), record, context) for record, context in batch]
+        events = []
+        for message, record, context in messages:
+            # Each event carries the trace of the request that made its prediction.
+            token = otel_context.attach(context)
+            try:
+                events.append(self._events.event(message, key=record.registered_model_name))
+            finally:
+                otel_context.detach(token)
         with self._database.transaction() as session:
-            for message, record, context in messages:
-                # Each event carries the trace of the request that made its prediction.
-                token = otel_context.attach(context)
-                try:
-                    self._events.write(session, message, key=record.registered_model_name)
-                finally:
-                    otel_context.detach(token)
+            Outbox.add_many(session, events)
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until everything queued is written; False on timeout."""
