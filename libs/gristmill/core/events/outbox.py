@@ -14,7 +14,8 @@ It publishes unpublished rows in insertion order, a batch at a time (``publish_m
 per batch), and stops at the first failure (then retries with capped backoff), so events of one key are
 never reordered. A row is marked published only after the bus confirmed it (in a batch, only the rows
 confirmed before the first failure); a crash in between publishes it again, which consumers ignore by
-``event-id``. Run one relay per database.
+``event-id``. Processes sharing one PostgreSQL database (serving replicas) each run a relay; they take turns
+under an advisory lock held from reading a batch to marking it, so a row is not published twice by two of them.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ from gristmill.core.sql import Base, Database
 log = logging.getLogger(__name__)
 
 _ERROR_MAX = 1000
+# The advisory lock key of the outbox (any constant: one outbox per database), and how soon a relay that found
+# it taken looks again.
+_OUTBOX_LOCK = 0x6772_6973_746D_696C  # "gristmil"
+_BUSY_RETRY_S = 0.05
 # Set in a session's ``info`` by ``Outbox.add``: its commit wakes the relay.
 _ROWS_ADDED = "gristmill.outbox.rows_added"
 
@@ -171,6 +176,8 @@ class OutboxRelay:
         self._wake = threading.Event()
         self._unlisten: Callable[[], None] | None = None
         self._thread: threading.Thread | None = None
+        # True when the last ``relay_once`` found another relay of the same database publishing.
+        self.busy = False
 
     def relay_once(self) -> int:
         """Publish up to ``batch_size`` pending rows in order, as one batch; return how many were published.
@@ -181,29 +188,35 @@ class OutboxRelay:
         """
         with self._lock:
             with self.database.transaction() as session:
+                # One transaction from reading to marking: on PostgreSQL it holds the outbox's advisory lock, so
+                # that relays of processes sharing the database (serving replicas) take turns instead of
+                # publishing the same rows twice.
+                self.busy = not _claim_outbox(session)
+                if self.busy:
+                    return 0
                 rows = [(row.id, row.to_event()) for row in Outbox.unpublished(session, self.batch_size)]
-            if not rows:
-                self._report_pending(0)
-                return 0
-            outcome = self.publisher.publish_many([event for _, event in rows])
-            published = [row_id for row_id, _ in rows[: outcome.confirmed]]
-            failure = outcome.error
-            failed_id = rows[outcome.confirmed][0] if failure is not None else None
-            now = datetime.now(UTC)
-            with self.database.transaction() as session:
-                if published:
-                    session.execute(
-                        update(OutboxEvent)
-                        .where(OutboxEvent.id.in_(published))
-                        .values(published_at=now, attempts=OutboxEvent.attempts + 1, last_error=None)
-                    )
-                if failure is not None:
-                    session.execute(
-                        update(OutboxEvent)
-                        .where(OutboxEvent.id == failed_id)
-                        .values(attempts=OutboxEvent.attempts + 1, last_error=_one_line(failure))
-                    )
-                pending = Outbox.pending(session)
+                if not rows:
+                    pending = 0
+                    failure: Exception | None = None
+                    published: list[int] = []
+                else:
+                    outcome = self.publisher.publish_many([event for _, event in rows])
+                    published = [row_id for row_id, _ in rows[: outcome.confirmed]]
+                    failure = outcome.error
+                    now = datetime.now(UTC)
+                    if published:
+                        session.execute(
+                            update(OutboxEvent)
+                            .where(OutboxEvent.id.in_(published))
+                            .values(published_at=now, attempts=OutboxEvent.attempts + 1, last_error=None)
+                        )
+                    if failure is not None:
+                        session.execute(
+                            update(OutboxEvent)
+                            .where(OutboxEvent.id == rows[outcome.confirmed][0])
+                            .values(attempts=OutboxEvent.attempts + 1, last_error=_one_line(failure))
+                        )
+                    pending = Outbox.pending(session)
             self._report_pending(pending)
             if failure is not None:
                 self.consecutive_failures += 1
@@ -264,6 +277,11 @@ class OutboxRelay:
                 log.warning("outbox relay: publishing failed (%s); retrying in %.1fs", _one_line(exc), wait)
                 self._stopping.wait(wait)
                 continue
+            if self.busy:
+                # Another process's relay holds the outbox: its batch may have been read before our rows were
+                # committed, so look again shortly rather than at the next poll.
+                self._stopping.wait(_BUSY_RETRY_S)
+                continue
             if count < self.batch_size and self._wake.wait(self.poll_interval_s) and self.linger_s > 0:
                 # Woken by a commit: let the next few commits' rows join it, so that a steady trickle of events
                 # (one per request) is published as one record set and marked in one transaction.
@@ -293,6 +311,14 @@ class OutboxRelay:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _claim_outbox(session: Session) -> bool:
+    """Take the outbox's transaction-level advisory lock on PostgreSQL (False: another relay holds it). SQLite
+    needs none: its writers are one process's (a database file is not shared by replicas)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return True
+    return bool(session.execute(select(func.pg_try_advisory_xact_lock(_OUTBOX_LOCK))).scalar_one())
 
 
 def _one_line(exc: BaseException) -> str:
