@@ -66,8 +66,14 @@ class SqlAnnotationStore(SqlStore, AnnotationStore):
                 return _task(session, project, held, held.task_id, held.expire_time, annotator_id), remaining + 1
             query = _offerable(project, annotator_id, offer, now).limit(1)
             if session.get_bind().dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True, of=t.items)
-            row = session.execute(query).first()
+                row = session.execute(query.with_for_update(skip_locked=True, of=t.items)).first()
+                if row is None:
+                    # Every offerable row may have been locked by a submit being written (it locks its item to
+                    # count the annotations): "no task" only once they are written. Skipping them made the last
+                    # item look done and the demo's annotators stop with it half-labelled.
+                    row = session.execute(query.with_for_update(of=t.items)).first()
+            else:
+                row = session.execute(query).first()
             if row is None:
                 return None, 0
             task_id = new_id()
