@@ -68,6 +68,12 @@ def make_env(tmp_path: Path) -> Env:
     return Env(admin, Metering(store, admin, clock=clock), store, LocalKeyVerifier(store, clock=clock), database, clock)
 
 
+def daily_predictions_plan(limit: float, name: str = "tiny") -> pb.Plan:
+    """A plan whose one quota is ``limit`` predictions a day (the metered tests' plan)."""
+    quota = pb.Quota(kind=pb.USAGE_KIND_PREDICTIONS, period=pb.QUOTA_PERIOD_DAY, limit=limit)
+    return pb.Plan(name=name, quotas=[quota])
+
+
 def bearer(secret: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {secret}"),)
 

@@ -39,7 +39,7 @@ from gristmill.core.host import Infrastructure, ServiceHost, open_platform
 from gristmill.core.metrics import ServiceMetrics
 from gristmill.core.security import build_auth_hook
 from gristmill.core.settings import KafkaSettings, ServiceSettings
-from services.admin.tests.support import ROOT, ROOT_ADMIN, Env, FakeClock, bearer, running_admin
+from services.admin.tests.support import ROOT, ROOT_ADMIN, Env, FakeClock, bearer, daily_predictions_plan, running_admin
 from tests.support.databases import fresh_postgres_database, migrated_database
 
 pytestmark = pytest.mark.integration
@@ -75,10 +75,7 @@ async def test_the_call_beyond_the_quota_is_refused_and_usage_matches_successes(
     org = f"quota-{run}"
     kafka = KafkaSettings(bootstrap_servers=kafka_bootstrap)
     async with running_admin(tmp_path, kafka=kafka, metering_group=f"metering-test-{run}") as admin:
-        plan = pb.Plan(
-            name="tiny", quotas=[pb.Quota(kind=pb.USAGE_KIND_PREDICTIONS, period=pb.QUOTA_PERIOD_DAY, limit=QUOTA)]
-        )
-        await admin.create_org(org, plan)
+        await admin.create_org(org, daily_predictions_plan(QUOTA))
         caller = bearer(await admin.create_key(org, SERVING_PREDICT))
 
         settings = ServiceSettings(data_dir=tmp_path / "metered", grpc_port=0)

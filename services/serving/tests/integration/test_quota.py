@@ -26,7 +26,7 @@ from gristmill.core.license_service import LICENSE_METHOD_SCOPES
 from gristmill.core.security import Security, build_auth_hook
 from gristmill.core.settings import KafkaSettings
 from gristmill.serving.app import METHOD_SCOPES, PUBLIC_METHODS
-from services.admin.tests.support import bearer, running_admin
+from services.admin.tests.support import bearer, daily_predictions_plan, running_admin
 from services.serving.tests.support import ENTERPRISE, build_fake_host
 
 pytestmark = pytest.mark.integration
@@ -41,13 +41,7 @@ async def test_the_prediction_beyond_the_quota_is_refused_and_usage_matches_succ
     org = f"serving-quota-{run}"
     kafka = KafkaSettings(bootstrap_servers=kafka_bootstrap)
     async with running_admin(tmp_path, kafka=kafka, metering_group=f"metering-serving-{run}") as admin:
-        plan = admin_pb2.Plan(
-            name="tiny",
-            quotas=[
-                admin_pb2.Quota(kind=admin_pb2.USAGE_KIND_PREDICTIONS, period=admin_pb2.QUOTA_PERIOD_DAY, limit=QUOTA)
-            ],
-        )
-        await admin.create_org(org, plan)
+        await admin.create_org(org, daily_predictions_plan(QUOTA, "tiny"))
         operator = bearer(await admin.create_key(org, ADMIN))
         caller = bearer(await admin.create_key(org, SERVING_PREDICT))
         # As a serving process builds it from GRISTMILL_AUTH_*: keys checked at the admin service, plans and

@@ -38,7 +38,7 @@ from gristmill.core.settings import KafkaSettings
 from gristmill.serving.app import METHOD_SCOPES, PUBLIC_METHODS, ServingApp, build_app
 from gristmill.serving.runtime.sources import LocalDirectoryModelSource
 from gristmill.serving.settings import ServingSettings
-from services.admin.tests.support import RunningAdmin, bearer, running_admin
+from services.admin.tests.support import RunningAdmin, bearer, daily_predictions_plan, running_admin
 from services.serving.tests.support import ENTERPRISE
 from tests.support.databases import fresh_postgres_database
 from tests.support.tiny_model import make_tiny_bert
@@ -137,13 +137,7 @@ async def test_replicas_share_deployments_and_hold_the_quota_within_the_bound(
     org = f"replicas-{run}"
     kafka = KafkaSettings(bootstrap_servers=kafka_bootstrap)
     async with running_admin(tmp_path, kafka=kafka, metering_group=f"metering-replicas-{run}") as admin:
-        plan = admin_pb2.Plan(
-            name="small",
-            quotas=[
-                admin_pb2.Quota(kind=admin_pb2.USAGE_KIND_PREDICTIONS, period=admin_pb2.QUOTA_PERIOD_DAY, limit=QUOTA)
-            ],
-        )
-        await admin.create_org(org, plan)
+        await admin.create_org(org, daily_predictions_plan(QUOTA, "small"))
         operator = bearer(await admin.create_key(org, ADMIN))
         caller = bearer(await admin.create_key(org, SERVING_PREDICT))
         root = bearer(admin.root_secret)
