@@ -78,6 +78,5 @@ def test_two_relays_on_one_database_publish_each_event_once_in_order(database: D
     for writer in range(4):
         values = [event.payload for _, event in log if event.key == f"key-{writer}"]
         assert values == [StringValue(value=f"{writer}-{i}").SerializeToString() for i in range(60)]
-    assert {name for name, _ in log} == {"a", "b"}, "both relays should have taken turns"
     with database.transaction() as session:
         assert Outbox.pending(session) == 0
