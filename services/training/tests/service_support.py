@@ -125,3 +125,10 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 30.0) -> None:
     while not await asyncio.to_thread(predicate):
         assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.05)
+
+
+def card_hyper_parameters(card: str) -> dict[str, str]:
+    """The hyper-parameter table of a model card written by the training service."""
+    section = card.split("## Hyper-parameters", 1)[1].split("## Metrics", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")]
+    return {name.strip(): value.strip() for name, value in rows[2:]}  # after the header and its rule

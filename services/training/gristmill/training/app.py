@@ -107,6 +107,7 @@ def build_app(
             num_cpus=settings.ray_num_cpus,
             num_gpus=settings.ray_num_gpus,
             log_to_driver=settings.ray_log_to_driver,
+            state_dir=data_dir.resolve(),
         )
         runner = RayJobRunner(
             cluster,

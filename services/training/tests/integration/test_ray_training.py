@@ -34,6 +34,7 @@ from gristmill.training.app import TrainingApp, build_app
 from gristmill.training.ml.loop import FaultInjection
 from gristmill.training.runner.ray_runner import CheckpointStorage, RayCluster, RayJobRunner
 from gristmill.training.settings import TrainingSettings
+from services.training.tests.service_support import card_hyper_parameters
 from tests.support.tiny_model import minilm_path
 
 pytestmark = pytest.mark.integration
@@ -322,3 +323,91 @@ async def test_a_search_over_learning_rate_and_lora_rank_returns_the_best_trial(
         objects = S3ObjectStore(s3)
         manifest = ModelManifest.from_json(objects.get_bytes(result.manifest.key))
         assert manifest.lineage["hyper_parameters"]["learning_rate"] == "0.003"
+
+
+# What Ray Tune adds to every trial result; none of it is a metric of the model.
+TUNE_BOOKKEEPING = {
+    "pid",
+    "timestamp",
+    "time_total_s",
+    "time_this_iter_s",
+    "time_since_restore",
+    "training_iteration",
+    "iterations_since_restore",
+    "date",
+    "hostname",
+    "node_ip",
+    "trial_id",
+    "done",
+    "checkpoint_dir_name",
+    "experiment_tag",
+    "config",
+}
+
+
+async def test_a_search_publishes_the_winning_trials_own_metrics_and_hyper_parameters(
+    tmp_path: Path,
+    s3: S3Settings,
+    kafka_bootstrap: str,
+    ray_cluster: RayCluster,
+    sentiment_version: Any,
+    tiny_model: Path,
+) -> None:
+    from gristmill.registry.events.handlers import registration_from_job
+    from gristmill.training.api.convert import spec_from_proto
+    from gristmill.training.domain.search import sample_trials
+
+    async with _service(tmp_path, s3, kafka_bootstrap, ray_cluster, sentiment_version) as service:
+        spec = _spec(service.project, tiny_model, epochs=1, eval_every_steps=6, log_every_steps=6)
+        spec.method = pb.TRAINING_METHOD_LORA
+        spec.lora.rank = 16  # neither trial's rank: the card must not show the job's
+        spec.search.num_trials = 2
+        spec.search.dimensions.add(parameter="lora.rank").choice.values.extend([4, 8])
+        job = await service.stub.SubmitJob(pb.SubmitJobRequest(spec=spec))
+        bus, consumer, received, succeeded = _kafka_listener(kafka_bootstrap, job.job_id, tmp_path)
+        try:
+            changes = _state_changes(await service.events(job.job_id))
+            assert changes[-1].state == pb.JOB_STATE_SUCCEEDED, changes[-1].reason
+            done = await service.stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
+            result = done.result
+            assert result.HasField("best_trial")
+            effective = spec_from_proto(job.spec)
+            assert effective.search is not None
+            winner = sample_trials(effective.search, effective.hyper_parameters.seed)[result.best_trial]
+            rank = round(winner["lora.rank"])
+            assert rank in {4, 8}
+
+            # The job's metrics are the loop's final report only: validation and test metrics, throughput.
+            names = {(m.name, m.split) for m in result.metrics}
+            assert not {name for name, _ in names} & TUNE_BOOKKEEPING, names
+            assert all(
+                split != common_pb2.DATASET_SPLIT_UNSPECIFIED or name.startswith("train_samples_per_")
+                for name, split in names
+            ), names
+            assert ("f1", common_pb2.DATASET_SPLIT_VALIDATION) in names
+
+            # Lineage, manifest and card describe the winning trial, and agree with each other.
+            lineage = dict(result.lineage.hyper_parameters)
+            assert lineage["lora.rank"] == str(rank) and lineage["lora.alpha"] == repr(2.0 * rank), lineage
+            objects = S3ObjectStore(s3)
+            manifest = ModelManifest.from_json(objects.get_bytes(result.manifest.key))
+            assert manifest.lineage["hyper_parameters"] == lineage
+            assert not set(manifest.metrics) & TUNE_BOOKKEEPING, manifest.metrics
+            assert "final_report.json" not in manifest.files and "training_state.json" not in manifest.files
+            card_entry = manifest.files["model-card.md"]
+            card = objects.get_bytes(card_entry.key, expected_sha256=card_entry.sha256).decode()
+            assert card_hyper_parameters(card) == lineage
+            assert f"LoRA rank {rank}, merged" in card and "LoRA rank 16" not in card, card
+            assert f"(trial {result.best_trial})" in card
+            for key in TUNE_BOOKKEEPING:
+                assert f"| {key} |" not in card, card
+
+            # The registry registers the version from the SUCCEEDED event: the same lineage and metrics.
+            assert await asyncio.to_thread(succeeded.wait, 60), "no SUCCEEDED JobStateChanged on Kafka"
+            draft = registration_from_job(received[-1]).draft
+            assert draft.lineage.hyper_parameters == lineage
+            assert sorted(m.value for m in draft.metrics) == sorted(m.value for m in result.metrics)
+            assert not {m.name for m in draft.metrics} & TUNE_BOOKKEEPING
+        finally:
+            consumer.stop()
+            bus.close()

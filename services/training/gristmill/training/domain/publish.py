@@ -24,7 +24,7 @@ from gristmill.training.domain.model import (
     Split,
 )
 from gristmill.training.domain.refs import FileRef
-from gristmill.training.domain.runs import LOOP_STATE_FILE, RunOutcome
+from gristmill.training.domain.runs import LOOP_FILES, RunOutcome
 from gristmill.training.domain.spec import JobSpec, flatten_hyper_parameters
 from gristmill.training.tasks import training_task
 
@@ -62,8 +62,19 @@ def metric_key(metric: Metric) -> str:
     return f"{metric.split.value}_{metric.name}" if metric.split.value else metric.name
 
 
-def render_model_card(job: Job, lineage: Lineage, metrics: tuple[Metric, ...], label_map: tuple[str, ...]) -> str:
-    spec: JobSpec = job.spec
+def render_model_card(
+    job: Job,
+    lineage: Lineage,
+    metrics: tuple[Metric, ...],
+    label_map: tuple[str, ...],
+    *,
+    spec: JobSpec | None = None,
+    best_trial: int | None = None,
+) -> str:
+    """The card of the model ``spec`` trained (a search's winning trial's spec; the job's by default): its
+    hyper-parameters are ``lineage``'s, which the same spec produced, so card and lineage cannot disagree."""
+    search = job.spec.search
+    spec = spec or job.spec
     title = spec.display_name or spec.registered_model_name or f"training job {job.job_id}"
     dataset = spec.dataset
     lines = [
@@ -84,6 +95,14 @@ def render_model_card(job: Job, lineage: Lineage, metrics: tuple[Metric, ...], l
         f"- {spec.base_model.describe()}, content sha256 `{spec.base_model.content_sha256}`",
         f"- Method: {spec.method.value}"
         + (f" (LoRA rank {spec.lora.rank}, merged into the weights)" if spec.lora else ""),
+        *(
+            [
+                f"- Hyper-parameter search: the best of {search.num_trials} trials on validation {search.metric} "
+                f"(trial {best_trial}); the hyper-parameters below are that trial's"
+            ]
+            if search is not None and best_trial is not None
+            else []
+        ),
         "",
         "## Hyper-parameters",
         "",
@@ -130,10 +149,11 @@ class ModelPublisher:
         lineage = self.lineage(job, dataset_files, outcome.spec)
         metrics = final_metrics(outcome.metrics)
         model_dir = Path(outcome.model_dir)
-        (model_dir / MODEL_CARD).write_text(render_model_card(job, lineage, metrics, label_map))
+        card = render_model_card(job, lineage, metrics, label_map, spec=outcome.spec, best_trial=outcome.best_trial)
+        (model_dir / MODEL_CARD).write_text(card)
         entries: dict[str, FileEntry] = {}
         for path in sorted(model_dir.rglob("*")):
-            if not path.is_file() or path.name == LOOP_STATE_FILE:
+            if not path.is_file() or path.name in LOOP_FILES:
                 continue
             name = path.relative_to(model_dir).as_posix()
             info = self._objects.put_file(

@@ -14,6 +14,12 @@ from gristmill.training.domain.spec import JobSpec
 
 # The training loop's own bookkeeping file in its final checkpoint; not part of the published model.
 LOOP_STATE_FILE = "training_state.json"
+# The loop's final report, exactly as the loop made it, beside the final model. A runner takes the run's
+# metrics from here: what Ray hands back also carries its own bookkeeping (a Tune trial's result adds pid,
+# timestamp, time_total_s, training_iteration, hostname, config, ...), which are not metrics of the model.
+LOOP_REPORT_FILE = "final_report.json"
+# Files of the final checkpoint that are the loop's, not the model's.
+LOOP_FILES = frozenset({LOOP_STATE_FILE, LOOP_REPORT_FILE})
 
 
 @dataclass(frozen=True)

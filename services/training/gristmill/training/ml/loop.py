@@ -32,6 +32,7 @@ import torch
 
 from gristmill.core.tasks import DEFAULT_TASK_TYPE
 from gristmill.training.domain.lora import LoraSettings
+from gristmill.training.domain.runs import LOOP_REPORT_FILE
 from gristmill.training.domain.runs import LOOP_STATE_FILE as STATE_FILE
 from gristmill.training.domain.spec import HyperParameters, Method, Precision
 from gristmill.training.ml import data as D
@@ -576,6 +577,7 @@ class LoopRunner:
                 merged.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
                 self.tokenizer.save_pretrained(tmp)
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(asdict(self.state)))
+                (Path(tmp) / LOOP_REPORT_FILE).write_text(json.dumps(final))
                 checkpoint = Path(tmp)
             self.session.report(final, checkpoint, FINAL_CHECKPOINT_NAME)
         self._push({"type": "finished", "metrics": {k: v for k, v in final.items() if isinstance(v, int | float)}})

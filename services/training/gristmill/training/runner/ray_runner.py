@@ -9,6 +9,7 @@ is registered on the hub by a controller callback as soon as the controller star
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -30,6 +31,7 @@ from gristmill.core.errors import UnavailableError
 from gristmill.core.settings import S3Settings
 from gristmill.training.domain.resolve import ClusterCapacity
 from gristmill.training.domain.runs import (
+    LOOP_REPORT_FILE,
     RunCancelledError,
     RunFailedError,
     RunListener,
@@ -39,6 +41,14 @@ from gristmill.training.domain.runs import (
 )
 from gristmill.training.ml.loop import FaultInjection, LoopConfig, train_loop
 from gristmill.training.runner.failures import describe_failure, storage_unreachable
+from gristmill.training.runner.local_ray import (
+    SessionWatchdog,
+    owner_record,
+    read_record,
+    remove_record,
+    stop_predecessor,
+    write_record,
+)
 from gristmill.training.runner.trainer import GristmillTorchTrainer, scaling_config
 
 log = logging.getLogger(__name__)
@@ -85,7 +95,9 @@ class RayCluster:
     """The Ray cluster jobs run on: a local one started with bounded CPUs, or an existing one by address.
 
     ``ray.init`` is process-wide: a cluster already initialised in this process (a test's) is used as is
-    and left running by ``stop``.
+    and left running by ``stop``. A local cluster this process starts is watched (``local_ray``): its processes
+    are stopped when this process ends, however it ends, and, with a ``state_dir``, by the next service on that
+    directory should they outlive the watchdog too.
     """
 
     def __init__(
@@ -99,8 +111,12 @@ class RayCluster:
         start_wait_s: float = 20.0,
         retry_backoff_s: float = 5.0,
         max_backoff_s: float = 60.0,
+        state_dir: Path | None = None,
     ) -> None:
         self.address = address
+        # Where a local cluster is recorded while it runs (``local_ray.RECORD_FILE``), so that the next service on
+        # this data directory stops what it left if this process dies with its watchdog; None: not recorded.
+        self.state_dir = state_dir
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.log_to_driver = log_to_driver
@@ -117,6 +133,8 @@ class RayCluster:
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._starter: threading.Thread | None = None
+        self._watchdog: SessionWatchdog | None = None
+        self.session_dir = ""
         self.last_failure = ""
         self.attempts = 0
 
@@ -179,6 +197,7 @@ class RayCluster:
                     ray.shutdown()
                 except Exception:
                     log.debug("cleaning up after a failed Ray start failed", exc_info=True)
+                self._release_local()
                 raise UnavailableError(f"the Ray cluster ({self._where()}) could not start: {self.last_failure}")
             self._started = True
             self.last_failure = ""
@@ -192,6 +211,9 @@ class RayCluster:
         # Ray waits 30 s for its new GCS to write its port file; on two cores busy starting the other services
         # that was sometimes too short (the start failed with "Timed out waiting for file .../gcs_server_port").
         os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+        if self.state_dir is not None:
+            # A predecessor killed with its watchdog (SIGKILL to every process, an OOM kill) left its cluster.
+            stop_predecessor(self.state_dir)
         batch_scheduling()  # before the cluster's processes start: they inherit it from this thread
         ray.init(
             num_cpus=self.num_cpus,
@@ -203,6 +225,7 @@ class RayCluster:
             _system_config=LOCAL_SYSTEM_CONFIG,
         )
         self._owned = True
+        self._watch_local()
         if not self.log_to_driver:
             # The log monitor tails every worker's log files ten times a second to stream them to drivers. With
             # log_to_driver off nobody reads that stream, and it was the costliest of the cluster's own processes
@@ -210,6 +233,32 @@ class RayCluster:
             node = ray._private.worker._global_node
             if node is not None:
                 node.kill_log_monitor(check_alive=False)
+
+    def _watch_local(self) -> None:
+        """Tie the new local cluster's processes to this one (``local_ray``): a watchdog stops them when this
+        process ends, and the record lets the next service stop them when the watchdog died too."""
+        node = ray._private.worker._global_node
+        session_dir = node.get_session_dir_path() if node is not None else ""
+        if not session_dir:
+            log.warning("the local Ray cluster has no session directory: its processes are not watched")
+            return
+        self.session_dir = session_dir
+        self._watchdog = SessionWatchdog.start(session_dir)
+        if self.state_dir is not None:
+            write_record(self.state_dir, owner_record(session_dir, self._watchdog.pid))
+        log.info("local Ray session %s, watched by process %d", session_dir, self._watchdog.pid)
+
+    def _release_local(self) -> None:
+        """After ``ray.shutdown``: the watchdog stops whatever the shutdown left of the session, and the record
+        goes."""
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            watchdog.close()
+        if self.state_dir is not None and self.session_dir:
+            record = read_record(self.state_dir)
+            if record is not None and record.owner_pid == os.getpid():
+                remove_record(self.state_dir)
+        self.session_dir = ""
 
     def start_in_background(self) -> threading.Thread:
         """Start on a thread that retries with backoff until Ray is up or ``stop`` is called."""
@@ -250,6 +299,7 @@ class RayCluster:
         with self._lock:
             if self._owned and ray.is_initialized():
                 ray.shutdown()
+            self._release_local()
             self._owned = self._started = False
             self._ready.clear()
             self._release.set()
@@ -520,6 +570,12 @@ class RayJobRunner:
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise
+        report = dest / LOOP_REPORT_FILE
+        if report.is_file():
+            # The loop's own final report: Ray's copy of it carries Ray's bookkeeping too (a Tune trial's pid,
+            # timestamp, training_iteration, ...). A final checkpoint written before the loop kept its report has
+            # only Ray's copy.
+            metrics = json.loads(report.read_text())
         return RunOutcome(
             metrics=metrics,
             model_dir=dest,

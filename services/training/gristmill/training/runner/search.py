@@ -104,7 +104,9 @@ def run_search(
     cancel: threading.Event,
     cluster_cpus: float,
 ) -> tuple[str, dict[str, Any], int, JobSpec]:
-    """Run the search; returns (best trial's final model checkpoint path, its metrics, its index, its spec)."""
+    """Run the search; returns (best trial's final model checkpoint path, its Tune result's metrics, its index, its
+    effective spec: the trial's sampled values over the job's spec). The Tune result's metrics are the loop's final
+    report plus Tune's bookkeeping; the runner publishes the report the loop kept in the checkpoint instead."""
     spec = request.spec
     search = spec.search
     assert search is not None
