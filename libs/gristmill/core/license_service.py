@@ -5,7 +5,8 @@
 
 GetLicense needs an authenticated caller but no scope, and never fails: a missing licence reports the
 community state, an expired one its grace or expired state. The signature is not part of ``License``
-once verified, so it can never be returned.
+once verified, so it can never be returned. ``development_key`` is set whenever the process trusts a
+development licence key, so that a development install can always be told from a production one.
 """
 
 from __future__ import annotations
@@ -31,13 +32,19 @@ _STATES = {
 
 def license_info(license_: License, service: str) -> admin_pb2.LicenseInfo:
     """What GetLicense answers for ``license_`` as of now (its clock)."""
-    info = admin_pb2.LicenseInfo(state=_STATES[license_.state()], service=service, message=license_.describe())
+    info = admin_pb2.LicenseInfo(
+        state=_STATES[license_.state()],
+        service=service,
+        message=license_.describe(),
+        development_key=license_.development_key,
+    )
     claims = license_.claims
     if claims is None:
         # The community edition: no features, and the limits it runs under.
         info.limits.update(dict(COMMUNITY_LIMITS))
         return info
     info.license_id = claims.license_id
+    info.key_id = claims.key_id
     info.customer = claims.customer
     info.issue_time.CopyFrom(to_timestamp(claims.issued_at))
     info.expire_time.CopyFrom(to_timestamp(claims.expires_at))

@@ -55,7 +55,7 @@ class Security:
         """Adopt the licence file again if it verifies (a renewal); a bad one keeps the running licence."""
         if self.license_settings is None:
             return False
-        return reload_license(self.license, self.license_settings.file, self.license_settings.public_key)
+        return reload_license(self.license, self.license_settings.file, self.license_settings.development_key)
 
     def quota_guard(self, database: Database, catalog: EventCatalog, service: str) -> QuotaGuard | None:
         """The guard that meters and limits this service's work per organisation, publishing usage through the
@@ -130,12 +130,19 @@ def load_security(
     no key. ``local_keys``: the service verifies keys against its own store (the admin service) and builds its
     hook from ``Security.auth``; ``auth_hook`` is then None. Raises
     ``ConfigurationError`` (one line naming the variable) for a setting that cannot work: auth switched off
-    outside the embedded mode, no admin address, a licence that is not genuine, unreadable certificates.
+    outside the embedded mode, no admin address, a licence that is not genuine or signed with a key this release
+    does not trust, the retired ``GRISTMILL_LICENSE_PUBLIC_KEY``, unreadable certificates.
     """
     auth = load_settings(AuthSettings)
     licence = load_settings(LicenseSettings)
     tls = load_settings(TlsSettings)
-    license_ = load_license(licence.file, licence.public_key)
+    if licence.public_key:
+        raise ConfigurationError(
+            "GRISTMILL_LICENSE_PUBLIC_KEY is no longer read: licences are verified with the vendor keys this "
+            "release ships with; remove it (to trust a key of your own for development, set "
+            "GRISTMILL_LICENSE_DEVELOPMENT_KEY instead, which every service reports loudly)"
+        )
+    license_ = load_license(licence.file, licence.development_key)
     channel = channel_credentials(tls)
     hook = (
         None

@@ -58,12 +58,19 @@ class TelemetrySettings(BaseSettings):
 
 
 class LicenseSettings(BaseSettings):
-    """Enterprise licence: no file runs the community edition (see ``gristmill.core.licensing``)."""
+    """Enterprise licence: no file runs the community edition (see ``gristmill.core.licensing``).
+
+    The vendor's keys that verify it ship inside the package; no setting can add one outside the development
+    mode."""
 
     model_config = SettingsConfigDict(env_prefix="GRISTMILL_LICENSE_", extra="ignore", frozen=True)
 
     file: Path | None = None
-    # The vendor's Ed25519 public key, base64 of its 32 raw bytes.
+    # Development mode: one more trusted key (base64 of its 32 raw Ed25519 bytes), logged at WARNING at every
+    # start and reported by LicenseService. Never in production.
+    development_key: str = ""
+    # The former way to trust a key. Read only to refuse it at start (``load_security``): ignoring it would
+    # leave an operator believing their key is trusted, trusting it would let anyone sign their own licence.
     public_key: str = ""
 
 

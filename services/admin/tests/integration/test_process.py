@@ -1,9 +1,11 @@
 """``python -m gristmill.admin`` as a process: first start writes the root admin key, SIGTERM exits cleanly,
-bad settings stop it with a line naming the variable, and auth can be off only in embedded dev mode (loudly)."""
+bad settings stop it with a line naming the variable, and auth can be off only in embedded dev mode (loudly);
+a licence signed with a key the release does not trust stops it, a development key is trusted loudly."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,8 +19,9 @@ import pytest
 
 from gristmill.api.admin.v1 import admin_pb2 as pb
 from gristmill.api.admin.v1 import admin_pb2_grpc as pb_grpc
-from gristmill.core.licensing import LicenseClaims, generate_keypair, load_private_key, sign_license
+from gristmill.core.licensing import DEVELOPMENT_KEY_WARNING, LicenseClaims, generate_keypair
 from tests.conftest import REPO_ROOT
+from tests.support.licences import TEST_KEY_B64, signed_license_file
 
 pytestmark = pytest.mark.integration
 
@@ -126,19 +129,46 @@ def test_auth_cannot_be_off_with_kafka_and_bad_settings_name_the_variable(tmp_pa
     assert "GRISTMILL_ADMIN_ROOT_ORGANIZATION_ID='Not A Slug'" in done.stderr
 
 
+def _refused_at_start(env: dict[str, str]) -> str:
+    """The one line a process that refuses to start prints (exit status 2)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gristmill.admin"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    return done.stderr
+
+
+def test_a_licence_the_release_does_not_trust_and_the_old_key_setting_stop_it_at_start(tmp_path: Path) -> None:
+    # A key pair of the customer's own, and a licence signed with it: the default install refuses it.
+    path = signed_license_file(tmp_path / "own.license", key_id="acme-own")
+    stderr = _refused_at_start(_env(tmp_path, _free_port(), GRISTMILL_LICENSE_FILE=str(path)))
+    assert "licence lic-test is signed with key 'acme-own', which this release does not trust; " in stderr
+    # The previous release's setting is never silently ignored, nor trusted.
+    _, public_b64 = generate_keypair()
+    stderr = _refused_at_start(
+        _env(tmp_path, _free_port(), GRISTMILL_LICENSE_FILE=str(path), GRISTMILL_LICENSE_PUBLIC_KEY=public_b64)
+    )
+    assert "GRISTMILL_LICENSE_PUBLIC_KEY is no longer read" in stderr
+    assert "set GRISTMILL_LICENSE_DEVELOPMENT_KEY instead" in stderr
+
+
 def test_sighup_adopts_a_renewed_licence_and_keeps_the_running_one_over_a_bad_file(tmp_path: Path) -> None:
-    private_pem, public_b64 = generate_keypair()
-    vendor = load_private_key(private_pem)
+    # Signed with the test key as a development licence: trusted through the development mode, loudly.
     now = datetime.now(UTC)
 
     def write(license_id: str) -> None:
         claims = LicenseClaims(license_id, "Acme", now - timedelta(days=1), now + timedelta(days=30))
-        path.write_bytes(sign_license(claims, vendor))
+        signed_license_file(path, claims)
+
+    def license_info(port: int) -> pb.LicenseInfo:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            info: pb.LicenseInfo = pb_grpc.LicenseServiceStub(channel).GetLicense(
+                pb.GetLicenseRequest(), metadata=root, timeout=5
+            )
+        return info
 
     def license_id(port: int) -> str:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            info = pb_grpc.LicenseServiceStub(channel).GetLicense(pb.GetLicenseRequest(), metadata=root, timeout=5)
-        return str(info.license_id)
+        return str(license_info(port).license_id)
 
     def wait_for_license(port: int, expected: str) -> None:
         deadline = time.monotonic() + 20
@@ -149,7 +179,9 @@ def test_sighup_adopts_a_renewed_licence_and_keeps_the_running_one_over_a_bad_fi
     path = tmp_path / "acme.license"
     write("lic-2026")
     port = _free_port()
-    proc = _start(_env(tmp_path, port, GRISTMILL_LICENSE_FILE=str(path), GRISTMILL_LICENSE_PUBLIC_KEY=public_b64))
+    proc = _start(
+        _env(tmp_path, port, GRISTMILL_LICENSE_FILE=str(path), GRISTMILL_LICENSE_DEVELOPMENT_KEY=TEST_KEY_B64)
+    )
     try:
         key_file = tmp_path / "data" / "root-admin.key"
         deadline = time.monotonic() + 30
@@ -157,7 +189,8 @@ def test_sighup_adopts_a_renewed_licence_and_keeps_the_running_one_over_a_bad_fi
             time.sleep(0.1)
         root = (("authorization", f"Bearer {key_file.read_text().strip()}"),)
         _who_am_i(port, root)
-        assert license_id(port) == "lic-2026"
+        info = license_info(port)
+        assert (info.license_id, info.key_id, info.development_key) == ("lic-2026", "development", True)
         write("lic-2027")  # the renewal
         proc.send_signal(signal.SIGHUP)
         wait_for_license(port, "lic-2027")
@@ -169,4 +202,5 @@ def test_sighup_adopts_a_renewed_licence_and_keeps_the_running_one_over_a_bad_fi
     finally:
         output = _stop(proc)
     assert "licence reloaded: licence lic-2027" in output
+    assert re.search(rf"WARNING admin .*gristmill\.core\.licensing: {re.escape(DEVELOPMENT_KEY_WARNING)}", output)
     assert "licence reload refused, keeping the current one" in output

@@ -24,20 +24,19 @@ from gristmill.core.auth import ADMIN, SERVING_PREDICT, Principal
 from gristmill.core.auth_quota import Plan, PlanSource, QuotaGuard, UsageKind, UsageRecorder, UsageSource
 from gristmill.core.errors import ResourceExhaustedError
 from gristmill.core.events import OutboxEvent
-from gristmill.core.licensing import LicenseClaims, generate_keypair, load_license, load_private_key, sign_license
+from gristmill.core.licensing import LicenseClaims, load_license
 from services.admin.tests.support import RunningAdmin, bearer, running_admin
+from tests.support.licences import TEST_KEY_ID, TEST_RING, signed_license_file
 
 pytestmark = pytest.mark.integration
 
 
-def _licence(tmp_path: Path) -> tuple[Path, str, str]:
-    private_pem, public_b64 = generate_keypair()
+def _licence(tmp_path: Path) -> tuple[Path, str]:
     now = datetime.now(UTC).replace(microsecond=0)
     claims = LicenseClaims("lic-h", "Acme", now - timedelta(days=1), now + timedelta(days=9), frozenset({"x.y"}))
-    path = tmp_path / "acme.license"
-    path.write_bytes(sign_license(claims, load_private_key(private_pem)))
+    path = signed_license_file(tmp_path / "acme.license", claims, key_id=TEST_KEY_ID)
     signature = json.loads(path.read_text())["signature"]
-    return path, public_b64, signature
+    return path, signature
 
 
 async def test_no_secret_reaches_logs_spans_events_or_answers(
@@ -47,8 +46,8 @@ async def test_no_secret_reaches_logs_spans_events_or_answers(
 ) -> None:
     provider, exporter = tracing
     caplog.set_level(logging.DEBUG)
-    licence_path, public_key, signature = _licence(tmp_path)
-    license_ = load_license(licence_path, public_key)
+    licence_path, signature = _licence(tmp_path)
+    license_ = load_license(licence_path, ring=TEST_RING)
     secrets: list[str] = []
     answers: list[str] = []
 

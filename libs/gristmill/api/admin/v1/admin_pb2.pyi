@@ -866,6 +866,8 @@ class LicenseInfo(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     SERVICE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    DEVELOPMENT_KEY_FIELD_NUMBER: _builtins.int
     state: Global___LicenseState.ValueType
     license_id: _builtins.str
     customer: _builtins.str
@@ -873,6 +875,14 @@ class LicenseInfo(_message.Message):
     """The service that answered ("labeling", "training", "registry", "serving")."""
     message: _builtins.str
     """For people: what the state means now (e.g. "expired 3 days ago; grace ends 2026-12-10")."""
+    key_id: _builtins.str
+    """The key that signed the licence: an id from the vendor key ring this release ships with, or
+    "development" (the development key). Empty in the community edition.
+    """
+    development_key: _builtins.bool
+    """True when this process trusts a development licence key (GRISTMILL_LICENSE_DEVELOPMENT_KEY):
+    licences signed by it are accepted. Never true in production.
+    """
     @_builtins.property
     def issue_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -904,10 +914,12 @@ class LicenseInfo(_message.Message):
         limits: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         service: _builtins.str = ...,
         message: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        development_key: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "grace_end_time", b"grace_end_time", "issue_time", b"issue_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "expire_time", b"expire_time", "features", b"features", "grace_end_time", b"grace_end_time", "issue_time", b"issue_time", "license_id", b"license_id", "limits", b"limits", "message", b"message", "service", b"service", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "development_key", b"development_key", "expire_time", b"expire_time", "features", b"features", "grace_end_time", b"grace_end_time", "issue_time", b"issue_time", "key_id", b"key_id", "license_id", b"license_id", "limits", b"limits", "message", b"message", "service", b"service", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
