@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Validates docker-compose.yml with the real Docker Compose v2 CLI: `docker compose config -q`.
+# Validates docker-compose.yml, and docker-compose.tls.yml (the mTLS override) on top of it, with the real Docker
+# Compose v2 CLI: `docker compose config -q`.
 # No Docker engine is needed (config only reads and resolves the file).
 #
 #   deploy/compose-check.sh            validate (exit 0) or print the problem and exit non-zero
@@ -25,6 +26,7 @@ SRC="$GRISTMILL_CACHE/src/compose-$COMPOSE_VERSION"
 PLUGIN_DIR="${DOCKER_CONFIG:-$HOME/.docker}/cli-plugins"
 BUILD_LOG="$GRISTMILL_LOG_DIR/compose-build.log"
 COMPOSE_FILE="$GRISTMILL_ROOT/docker-compose.yml"
+TLS_OVERRIDE="$GRISTMILL_ROOT/docker-compose.tls.yml"
 
 plugin_works() { [[ -x "$1" ]] && "$1" version >/dev/null 2>&1; }
 
@@ -83,6 +85,11 @@ main() {
     (cd "$GRISTMILL_ROOT" && $compose -f "$COMPOSE_FILE" config -q) || die "docker-compose.yml is not valid (see above)"
   fi
   say "docker-compose.yml is valid"
+  if [[ -f "$TLS_OVERRIDE" ]]; then
+    (cd "$GRISTMILL_ROOT" && $compose -f "$COMPOSE_FILE" -f "$TLS_OVERRIDE" config -q) ||
+      die "docker-compose.tls.yml (over docker-compose.yml) is not valid (see above)"
+    say "docker-compose.tls.yml is valid"
+  fi
 }
 
 main "$@"

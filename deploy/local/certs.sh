@@ -4,9 +4,10 @@
 #
 #   deploy/local/certs.sh [out-dir]     default: $GRISTMILL_RUN_DIR/certs (.run/certs)
 #
-# Writes ca.pem/ca.key and <service>.pem/<service>.key for labeling, training, registry, serving and a
-# "client" certificate (for the CLI and tests), each valid for localhost and 127.0.0.1. Idempotent: an
-# existing CA is reused. Then set, per service:
+# Writes ca.pem/ca.key and <service>.pem/<service>.key for admin, labeling, training, registry, serving and a
+# "client" certificate (for the CLI, the SDK and tests), each valid for localhost, 127.0.0.1 and
+# gristmill-<name> (the compose service names too). Idempotent: an existing CA and existing certificates are
+# kept; only missing ones are made (`gristmill up --tls` runs it into <run dir>/certs). Then set, per service:
 #   GRISTMILL_TLS_CERT_FILE=<dir>/<service>.pem GRISTMILL_TLS_KEY_FILE=<dir>/<service>.key GRISTMILL_TLS_CA_FILE=<dir>/ca.pem
 set -euo pipefail
 
@@ -24,11 +25,11 @@ if [[ ! -s ca.pem || ! -s ca.key ]]; then
   chmod 600 ca.key
 fi
 
-for name in labeling training registry serving client; do
+for name in admin labeling training registry serving client; do
   [[ -s "$name.pem" && -s "$name.key" ]] && continue
   openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$name.key" -out "$name.csr" -subj "/CN=gristmill-$name" 2>/dev/null
   openssl x509 -req -in "$name.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -out "$name.pem" -days "$DAYS" \
-    -extfile <(printf 'subjectAltName=DNS:localhost,IP:127.0.0.1,DNS:gristmill-%s\nextendedKeyUsage=serverAuth,clientAuth\n' "$name") \
+    -extfile <(printf 'subjectAltName=DNS:localhost,IP:127.0.0.1,DNS:gristmill-%s,DNS:%s\nextendedKeyUsage=serverAuth,clientAuth\n' "$name" "$name") \
     2>/dev/null
   rm -f "$name.csr"
   chmod 600 "$name.key"

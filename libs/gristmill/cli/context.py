@@ -11,6 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from gristmill.cli.output import fail
 from gristmill.client import ClientOptions, Endpoints, Gristmill
 from gristmill.core.ports import SERVICE_PORTS
+from gristmill.core.tls import TlsSettings, client_tls_from_environment
 
 
 def parse_endpoints(text: str, base: Endpoints | None = None) -> Endpoints:
@@ -37,15 +38,21 @@ def endpoints_for_host(host: str) -> Endpoints:
 
 @dataclass
 class CliState:
-    """What the global options said; commands read it from ``ctx.obj``."""
+    """What the global options said; commands read it from ``ctx.obj``.
+
+    ``tls``: the client certificate for mTLS, from ``GRISTMILL_TLS_*`` (None: plaintext); every channel the CLI
+    opens (the SDK's, ``status``'s health checks) uses it."""
 
     endpoints: Endpoints = field(default_factory=Endpoints)
     api_key: str = ""
     as_json: bool = False
     timeout_s: float = 30.0
+    tls: TlsSettings | None = field(default_factory=client_tls_from_environment)
 
     def client(self, tracer_provider: TracerProvider | None = None) -> Gristmill:
-        options = ClientOptions(api_key=self.api_key, timeout_s=self.timeout_s, tracer_provider=tracer_provider)
+        options = ClientOptions(
+            api_key=self.api_key, timeout_s=self.timeout_s, tls=self.tls, tracer_provider=tracer_provider
+        )
         return Gristmill(self.endpoints, options)
 
 

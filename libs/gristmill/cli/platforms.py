@@ -4,7 +4,8 @@
 SQLite and local files) on free ports and reads its ``READY`` line. ``LocalStack`` starts PostgreSQL, Kafka and
 the S3 server (deploy/local/stack.sh) and each service as its own process with ``GRISTMILL_*`` settings (its
 store in a PostgreSQL database of its own), pid files and logs under a run directory (``gristmill up``/``down``).
-``serving_replicas`` > 1 adds serving processes ``serving-r1``, ... that share the serving database.
+``serving_replicas`` > 1 adds serving processes ``serving-r1``, ... that share the serving database. ``tls``
+runs every service with mTLS, each with its own certificate from ``<run dir>/certs`` (deploy/local/certs.sh).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from gristmill.client import Endpoints
 from gristmill.core.errors import InvalidArgumentError, UnavailableError
 from gristmill.core.ports import KAFKA_PORT, MAX_SERVING_REPLICAS, POSTGRES_PORT, S3_PORT, serving_replica_port
 from gristmill.core.ports import service_ports as default_service_ports
+from gristmill.core.tls import TlsSettings, tls_files
 
 # The training service runs Ray's core worker in its own process; Ray's C++ failure-signal handler would
 # otherwise take SIGTERM and abort() the process in the middle of its graceful shutdown.
@@ -132,6 +134,10 @@ class LocalStack:
     ``serving_replicas`` serving processes serve the same deployments: replica k >= 1 is ``serving-r<k>``
     (replica id ``r<k>``, its own port ``serving_replica_port``, data dir, pid file and log) on the serving
     database, following the others' deployment writes and reading alias changes in a consumer group of its own.
+
+    ``tls``: every service serves mTLS with a certificate of its own (``<run dir>/certs/<service>.pem``, the
+    replicas serving's) and calls the others with it; ``start`` makes the certificates that are missing
+    (``ensure_certificates``) and checks health with the ``client`` certificate (``client_tls``).
     """
 
     run_dir: Path
@@ -139,6 +145,7 @@ class LocalStack:
     group_suffix: str = ""
     repo_root: Path | None = None
     serving_replicas: int = 1
+    tls: bool = False
 
     def __post_init__(self) -> None:
         if self.group_suffix and not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", self.group_suffix):
@@ -193,12 +200,44 @@ class LocalStack:
             return f"127.0.0.1:{self._replica_port(proc)}"
         return f"127.0.0.1:{self.ports[proc.name]}"
 
+    @property
+    def certs_dir(self) -> Path:
+        return self.run_dir / "certs"
+
+    def _root(self) -> Path:
+        return self.repo_root or Path(__file__).resolve().parents[3]
+
+    def ensure_certificates(self) -> Path:
+        """Make the CA and the certificates missing in ``certs_dir`` (deploy/local/certs.sh, which keeps what
+        exists); returns ``certs_dir``."""
+        script = self._root() / "deploy" / "local" / "certs.sh"
+        if not script.exists():
+            raise UnavailableError("--tls needs a source checkout of Gristmill (deploy/local/certs.sh)")
+        subprocess.run([str(script), str(self.certs_dir)], check=True, stdout=subprocess.DEVNULL)
+        return self.certs_dir
+
+    def client_tls(self) -> TlsSettings | None:
+        """The ``client`` certificate (for health checks, the CLI and tests) with ``tls``, else None."""
+        if not self.tls:
+            return None
+        files = tls_files(self.certs_dir, "client")
+        return TlsSettings(
+            cert_file=Path(files["GRISTMILL_TLS_CERT_FILE"]),
+            key_file=Path(files["GRISTMILL_TLS_KEY_FILE"]),
+            ca_file=Path(files["GRISTMILL_TLS_CA_FILE"]),
+        )
+
     def process_env(self, proc: ServiceProcess) -> dict[str, str]:
-        """What a serving replica beyond the first gets on top of ``env()``: its id, port and data dir (the
-        serving database, registry address and consumer group setting stay the first serving process's)."""
+        """What one process gets on top of ``env()``: with ``tls``, its own certificate (``GRISTMILL_TLS_*``); a
+        serving replica beyond the first, its id, port and data dir (the serving database, registry address and
+        consumer group setting stay the first serving process's)."""
+        env: dict[str, str] = {}
+        if self.tls:
+            certificate = "serving" if proc.name.startswith(_REPLICA_PREFIX) else proc.name
+            env |= tls_files(self.certs_dir, certificate)
         if not proc.name.startswith(_REPLICA_PREFIX):
-            return {}
-        return {
+            return env
+        return env | {
             "GRISTMILL_SERVING_REPLICA": proc.name.removeprefix("serving-"),
             "GRISTMILL_SERVING_GRPC_PORT": str(self._replica_port(proc)),
             "GRISTMILL_SERVING_DATA_DIR": str(self.run_dir / "services" / proc.name),
@@ -385,8 +424,7 @@ class LocalStack:
 
     def start_infrastructure(self) -> None:
         """PostgreSQL, Kafka and the S3 server (provisioned once, cached; a no-op when they already run)."""
-        root = self.repo_root or Path(__file__).resolve().parents[3]
-        script = root / "deploy" / "local" / "stack.sh"
+        script = self._root() / "deploy" / "local" / "stack.sh"
         if not script.exists():
             raise UnavailableError("the local stack needs a source checkout of Gristmill (deploy/local/stack.sh)")
         subprocess.run([str(script), "up"], check=True, stdout=subprocess.DEVNULL)
@@ -398,16 +436,20 @@ class LocalStack:
 
         Admin comes first: the others verify API keys there, and they get its root key (written at its first
         start) as their own service key, which they use to read plans and usage for quotas. The services'
-        databases are created first (each service migrates its own to head as it starts).
+        databases are created first (each service migrates its own to head as it starts), and with ``tls`` the
+        certificates that are missing.
         """
         self.create_databases()
+        if self.tls:
+            self.ensure_certificates()
+        tls = self.client_tls()
         env = self.env()
         deadline = time.monotonic() + timeout_s
         admin, *others = self.processes()
-        pid = admin.start(env)
+        pid = admin.start(env | self.process_env(admin))
         if on_start is not None:
             on_start(admin, pid)
-        wait_serving(f"127.0.0.1:{self.ports[admin.name]}", timeout_s, process=admin)
+        wait_serving(f"127.0.0.1:{self.ports[admin.name]}", timeout_s, process=admin, tls=tls)
         if key := self.root_key():
             env["GRISTMILL_AUTH_SERVICE_KEY"] = key
         for proc in others:
@@ -415,7 +457,7 @@ class LocalStack:
             if on_start is not None:
                 on_start(proc, pid)
         for proc in others:
-            wait_serving(self.address_of(proc), max(1.0, deadline - time.monotonic()), process=proc)
+            wait_serving(self.address_of(proc), max(1.0, deadline - time.monotonic()), process=proc, tls=tls)
         return self.endpoints
 
     def stop(self) -> list[tuple[str, bool]]:

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gristmill.core.errors import UnavailableError
+from gristmill.core.tls import TLS_VARIABLES, TlsSettings, channel_credentials, diagnose_handshake
 
 # Start order: admin first (the others verify API keys there), the registry before serving (which loads from it).
 SERVICES = ("admin", "registry", "labeling", "training", "serving")
@@ -67,13 +68,16 @@ class ServiceProcess:
             return running
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        # Whether a service serves TLS is the caller's choice (``env``), not what this shell exported for its
+        # own client certificate.
+        inherited = {k: v for k, v in os.environ.items() if k not in TLS_VARIABLES}
         with self.log_file.open("ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", self.module],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **env},
+                env={**inherited, **env},
                 start_new_session=True,
             )
         self.pid_file.write_text(f"{proc.pid}\n")
@@ -102,9 +106,15 @@ class ServiceProcess:
         return lines[-1][:200] if lines else ""
 
 
-def health(address: str, timeout_s: float = 2.0) -> str:
-    """The overall health of the server at ``address`` ('SERVING', 'NOT_SERVING', ...) or 'DOWN'."""
-    with grpc.insecure_channel(address) as channel:
+def _open(address: str, tls: TlsSettings | None) -> grpc.Channel:
+    credentials = channel_credentials(tls) if tls is not None else None
+    return grpc.secure_channel(address, credentials) if credentials is not None else grpc.insecure_channel(address)
+
+
+def health(address: str, timeout_s: float = 2.0, *, tls: TlsSettings | None = None) -> str:
+    """The overall health of the server at ``address`` ('SERVING', 'NOT_SERVING', ...) or 'DOWN'; over mTLS with
+    ``tls`` (the client certificate)."""
+    with _open(address, tls) as channel:
         try:
             # The typeshed stub types HealthStub for aio channels only.
             stub: Any = health_pb2_grpc.HealthStub(channel)
@@ -114,17 +124,24 @@ def health(address: str, timeout_s: float = 2.0) -> str:
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
-def wait_serving(address: str, timeout_s: float, *, process: ServiceProcess | None = None) -> None:
-    """Wait until ``address`` answers SERVING; fail early when ``process`` died (naming its last log line)."""
+def wait_serving(
+    address: str, timeout_s: float, *, process: ServiceProcess | None = None, tls: TlsSettings | None = None
+) -> None:
+    """Wait until ``address`` answers SERVING (over mTLS with ``tls``); fail early when ``process`` died (naming
+    its last log line) or when the server refuses our handshake or we its (a TLS stack checked without
+    ``--tls``, say: the one-line reason from ``diagnose_handshake``)."""
     deadline = time.monotonic() + timeout_s
+    service = process.name if process is not None else ""
+    where = f"; see {process.log_file}" if process is not None else ""
     while time.monotonic() < deadline:
-        if health(address, timeout_s=1.0) == "SERVING":
+        if health(address, timeout_s=1.0, tls=tls) == "SERVING":
             return
         if process is not None and process.exited():
             raise UnavailableError(
                 f"{process.name} exited during start-up ({process.last_log_line() or 'no output'}); "
                 f"see {process.log_file}"
             )
+        if tls_problem := diagnose_handshake(address, tls, service=service):
+            raise UnavailableError(f"{address} is not healthy: {tls_problem}{where}")
         time.sleep(0.3)
-    where = f"; see {process.log_file}" if process is not None else ""
     raise UnavailableError(f"{address} did not become healthy within {timeout_s:.0f} s{where}")

@@ -6,14 +6,14 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from gristmill.core.errors import GristmillError, error_for_status
-from gristmill.core.tls import TlsSettings, channel_credentials
+from gristmill.core.tls import TlsSettings, channel_credentials, client_tls_from_environment, diagnose_handshake
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +23,20 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 @dataclass(frozen=True)
 class ClientOptions:
-    """How the SDK calls a service. ``timeout_s`` is per attempt; retries apply to UNAVAILABLE only."""
+    """How the SDK calls a service. ``timeout_s`` is per attempt; retries apply to UNAVAILABLE only.
+
+    ``tls``: the client certificate, its key and the CA (mTLS). Not given, it comes from ``GRISTMILL_TLS_*``
+    (``client_tls_from_environment``: plaintext when ``GRISTMILL_TLS_CERT_FILE`` is unset); ``tls=None``
+    is plaintext whatever the environment says. A call refused at the TLS handshake raises
+    ``UnavailableError`` whose message says in one line which side refused and why (``diagnose_handshake``).
+    """
 
     api_key: str = ""
     timeout_s: float = 30.0
     max_attempts: int = 4
     backoff_s: float = 0.2
     max_backoff_s: float = 5.0
-    tls: TlsSettings | None = None
+    tls: TlsSettings | None = field(default_factory=client_tls_from_environment)
     tracer_provider: TracerProvider | None = None
 
 
@@ -43,11 +49,16 @@ class _CallDetails(
     pass
 
 
+# Says in one line why the channel's target refused a TLS handshake (or we its), or None.
+Diagnose = Callable[[], str | None]
+
+
 class _ErrorTranslatingIterator:
     """A streamed response whose gRPC errors arrive as ``GristmillError``; other attributes pass through."""
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: Any, diagnose: Diagnose | None = None) -> None:
         self._call = call
+        self._diagnose = diagnose
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -56,19 +67,26 @@ class _ErrorTranslatingIterator:
         try:
             return next(self._call)
         except grpc.RpcError as exc:
-            raise _translate(exc) from None
+            raise _translate(exc, self._diagnose) from None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._call, name)
 
 
-def _translate(exc: grpc.RpcError) -> GristmillError:
+def _translate(exc: grpc.RpcError, diagnose: Diagnose | None = None) -> GristmillError:
     code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
     message = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
     trailing: Any = exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
     details: dict[str, str] = {
         str(k).removeprefix("gristmill-"): str(v) for k, v in (trailing or ()) if str(k).startswith("gristmill-")
     }
+    # A server's own UNAVAILABLE carries its message (and often details); a transport failure says only "Socket
+    # closed" or "failed to connect": then a refused TLS handshake is told in one line, the status kept.
+    if code == grpc.StatusCode.UNAVAILABLE and diagnose is not None and not details:
+        line = diagnose()
+        if line is not None:
+            details["transport"] = message
+            message = line
     return error_for_status(code, message, details)
 
 
@@ -78,9 +96,23 @@ class _SdkInterceptor(
     grpc.StreamUnaryClientInterceptor,
     grpc.StreamStreamClientInterceptor,
 ):
-    def __init__(self, options: ClientOptions, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        options: ClientOptions,
+        sleep: Callable[[float], None] = time.sleep,
+        *,
+        target: str = "",
+        service: str = "",
+    ) -> None:
         self._options = options
         self._sleep = sleep
+        self._target = target
+        self._service = service
+
+    def _diagnose(self) -> str | None:
+        if not self._target:
+            return None
+        return diagnose_handshake(self._target, self._options.tls, service=self._service)
 
     def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
         metadata = list(details.metadata or ())
@@ -109,25 +141,27 @@ class _SdkInterceptor(
                 self._sleep(delay)
                 delay = min(delay * 2, self._options.max_backoff_s)
                 continue
-            raise _translate(call)
+            raise _translate(call, self._diagnose)
         raise AssertionError("unreachable")
 
     def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return _ErrorTranslatingIterator(continuation(self._details(client_call_details), request))
+        return _ErrorTranslatingIterator(continuation(self._details(client_call_details), request), self._diagnose)
 
     def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
         # A request stream cannot be replayed, so these calls are not retried.
         call = continuation(self._details(client_call_details), request_iterator)
         if call.code() != grpc.StatusCode.OK:
-            raise _translate(call)
+            raise _translate(call, self._diagnose)
         return call
 
     def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
-        return _ErrorTranslatingIterator(continuation(self._details(client_call_details), request_iterator))
+        return _ErrorTranslatingIterator(
+            continuation(self._details(client_call_details), request_iterator), self._diagnose
+        )
 
 
-def open_channel(target: str, options: ClientOptions) -> grpc.Channel:
-    """A channel to ``target`` (host:port) with the SDK's interceptors."""
+def open_channel(target: str, options: ClientOptions, *, service: str = "") -> grpc.Channel:
+    """A channel to ``target`` (host:port) with the SDK's interceptors; ``service`` names it in error messages."""
     channel_options = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -144,4 +178,4 @@ def open_channel(target: str, options: ClientOptions) -> grpc.Channel:
 
         otel = client_interceptor(tracer_provider=options.tracer_provider)  # type: ignore[no-untyped-call]
         channel = grpcext.intercept_channel(channel, otel)  # type: ignore[no-untyped-call]
-    return grpc.intercept_channel(channel, _SdkInterceptor(options))
+    return grpc.intercept_channel(channel, _SdkInterceptor(options, target=target, service=service))

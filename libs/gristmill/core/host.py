@@ -50,6 +50,7 @@ from gristmill.core.settings import KafkaSettings, S3Settings, ServiceSettings, 
 from gristmill.core.sql import Database
 from gristmill.core.storage import ObjectStore, open_object_store
 from gristmill.core.telemetry import setup_tracing
+from gristmill.core.tls import reload_server_certificates
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,8 @@ class ServiceHost:
     # mTLS for the service mesh: gristmill.core.tls.server_credentials(TlsSettings()).
     server_credentials: grpc.ServerCredentials | None = None
     # Run on SIGHUP while serving (on a worker thread): re-read what may change without a restart, such as a
-    # renewed licence file (``Security.reload``).
+    # renewed licence file (``Security.reload``). SIGHUP also re-reads the server's TLS certificate files
+    # (``gristmill.core.tls.reload_server_certificates``), with or without this.
     on_reload: Callable[[], object] | None = None
     # The service's own background work, started after the consumers and stopped before them.
     tasks: Sequence[PeriodicTask] = ()
@@ -404,15 +406,18 @@ class ServiceHost:
             for sig in signals:
                 loop.remove_signal_handler(sig)
 
+    def reload(self) -> None:
+        """What SIGHUP does: re-read the TLS certificate files (new connections get the renewed certificate; a
+        file that cannot be used keeps the running one, logged), then the service's ``on_reload``."""
+        reload_server_certificates()
+        if self.on_reload is not None:
+            self.on_reload()
+
     @contextlib.contextmanager
     def reload_on_sighup(self) -> Iterator[None]:
-        """While inside, SIGHUP runs ``on_reload`` on a worker thread (no-op without one)."""
-        reload = self.on_reload
-        if reload is None:
-            yield
-            return
+        """While inside, SIGHUP runs ``reload`` on a worker thread."""
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, reload))
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, self.reload))
         try:
             yield
         finally:
