@@ -1,4 +1,5 @@
-"""The ``gristmill`` CLI against a running embedded platform (started once, by ``gristmill dev``, on free ports).
+"""The ``gristmill`` CLI against a running embedded platform (started once per session, by ``gristmill dev``, on free
+ports: tests/integration/conftest.py).
 
 Every command: its happy path, and one bad input answered by a clear message and a non-zero exit status
 (one line ``gristmill: <status in words>: <message>`` for what the platform refuses, exit 1; Typer's usage
@@ -8,145 +9,16 @@ error, exit 2, for what the command line itself gets wrong).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from typer.testing import CliRunner, Result
 
-from gristmill.cli import demo_data
 from gristmill.cli.main import app
-from tests.conftest import REPO_ROOT
-from tests.support.tiny_model import make_tiny_bert
+from tests.support.cli import as_json, cli, free_port, ok, refused, runner, usage_error
 
-# The module shares one platform and one training run (fixture setup of the first tests that need them).
+# The platform, the labeled project and the training run are the session's (tests/integration/conftest.py), shared
+# with test_cli_parity.py.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-
-runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``gristmill dev --base-port 0``: the embedded platform; yields its READY line (every endpoint)."""
-    data = tmp_path_factory.mktemp("platform")
-    out = (data / "dev.out").open("w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gristmill.cli.main", "dev", "--base-port", "0", "--data-dir", str(data / "data")],
-        cwd=REPO_ROOT,
-        stdout=out,
-        stderr=(data / "dev.log").open("w"),
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        start_new_session=True,
-    )
-    ready = ""
-    deadline = time.monotonic() + 240
-    while not ready and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-        ready = next((line for line in Path(out.name).read_text().splitlines() if line.startswith("READY ")), "")
-    assert ready, f"gristmill dev did not start: {(data / 'dev.log').read_text()[-3000:]}"
-    yield ready
-    # The happy path of `dev`: SIGTERM drains every service and the command exits 0.
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 0
-    assert "STOPPED" in Path(out.name).read_text()
-
-
-def cli(platform: str, *args: str, input: str | None = None) -> Result:
-    return runner.invoke(app, ["--endpoints", platform, *args], input=input)
-
-
-def ok(result: Result) -> str:
-    assert result.exit_code == 0, f"exit {result.exit_code}: {result.stdout}\n{result.stderr}\n{result.exception!r}"
-    return result.stdout
-
-
-def refused(result: Result, kind: str, *fragments: str, code: int = 1) -> None:
-    """A one-line error naming what went wrong, and a non-zero exit status."""
-    assert result.exit_code == code, f"exit {result.exit_code}: {result.stdout}\n{result.stderr}"
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"gristmill: {kind}"), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
-def usage_error(result: Result, fragment: str) -> None:
-    assert result.exit_code == 2, f"exit {result.exit_code}: {result.stdout}\n{result.stderr}"
-    assert fragment in result.stderr or fragment in result.stdout, result.stderr
-
-
-def as_json(result: Result) -> Any:
-    return json.loads(ok(result))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# --------------------------------------------------------------------------- shared state
-
-
-@pytest.fixture(scope="module")
-def labeled(platform: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A project whose imported labels make every item labeled (one annotation per item), published once."""
-    data = tmp_path_factory.mktemp("labeled") / "reviews.jsonl"
-    demo_data.write_jsonl(data, 160, seed=11)
-    ok(cli(platform, "projects", "create", "CLI reviews", "--id", "cli-reviews", "--labels", "negative,positive"))
-    report = as_json(
-        cli(
-            platform, "import", "cli-reviews", str(data), "--id-field", "external_id", "--annotator", "import", "--json"
-        )
-    )
-    assert int(report["accepted_count"]) > 100 and int(report["imported_label_count"]) == int(report["accepted_count"])
-    published = as_json(cli(platform, "datasets", "publish", "cli-reviews", "--seed", "3", "--json"))
-    return {
-        "project": "cli-reviews",
-        "dataset_version": published["dataset_version"]["dataset_version_id"],
-        "data": str(data),
-    }
-
-
-@pytest.fixture(scope="module")
-def base_model(labeled: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    texts = [json.loads(line)["text"] for line in Path(labeled["data"]).read_text().splitlines()]
-    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), texts, ["negative", "positive"])
-
-
-@pytest.fixture(scope="module")
-def trained(platform: str, labeled: dict[str, str], base_model: Path) -> dict[str, str]:
-    """`gristmill train` (its happy path): submit, watch the live progress to the end, print the result."""
-    result = cli(
-        platform,
-        "train",
-        labeled["project"],
-        "--base-model",
-        str(base_model),
-        "--model",
-        "cli-sentiment",
-        "--epochs",
-        "2",
-        "--learning-rate",
-        "0.003",
-        "--batch-size",
-        "16",
-        "--max-length",
-        "64",
-    )
-    out = ok(result)
-    assert "submitted; watching" in out and "succeeded" in out and "accuracy/test=" in out
-    assert "[##############################]" in out  # the progress bar reached the end
-    assert "cli-sentiment v1" in out  # the command waited for the registry to register the result
-    job_id = out.split("job ", 1)[1].split()[0]
-    return {"job": job_id, "model": "cli-sentiment"}
 
 
 # --------------------------------------------------------------------------- running the platform
@@ -370,6 +242,9 @@ def test_deploy_and_predict(platform: str, trained: dict[str, str]) -> None:
     refused(cli(platform, "deploy", "no-such-model"), "not found")
     refused(cli(platform, "predict", "no-such-deployment", "hello"), "not found")
     refused(cli(platform, "predict", "cli-serving", "  "), "every text must be non-empty", code=2)
+    # Deleted at the end: the community edition serves two deployments at most, and later tests deploy their own.
+    assert json.loads(ok(cli(platform, "deployments", "delete", "cli-serving", "--yes", "--json")))["deleted"] is True
+    assert "cli-serving" not in ok(cli(platform, "deployments"))
 
 
 # --------------------------------------------------------------------------- admin

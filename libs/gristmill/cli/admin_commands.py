@@ -1,20 +1,232 @@
-"""Admin commands: ``keys`` (create, list, rotate, revoke), ``usage`` and ``license``."""
+"""Admin commands: ``orgs`` (create, list, show), ``plans`` (set, show), ``keys`` (create, list, rotate, revoke),
+``usage`` and ``license``."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import typer
+from google.protobuf import json_format
 
 from gristmill.api.admin.v1 import admin_pb2 as ad
+from gristmill.api.common.v1 import common_pb2
 from gristmill.cli.context import state, want_json
-from gristmill.cli.output import emit, emit_messages, emit_object, enum_name, message_dict, one_line_errors, when
+from gristmill.cli.output import (
+    emit,
+    emit_messages,
+    emit_object,
+    enum_name,
+    fail,
+    message_dict,
+    one_line_errors,
+    when,
+)
+from gristmill.cli.paging import ALL_OPTION, PAGE_SIZE_OPTION, PAGE_TOKEN_OPTION, collect, more_hint
 from gristmill.client.sdk import SERVICES
 
 JSON_OPTION = typer.Option(False, "--json", help="print JSON")
 
 keys_app = typer.Typer(help="API keys (the secret is shown once, at creation).", no_args_is_help=True)
+orgs_app = typer.Typer(help="Organisations (root organisation admins only, except `show`).", no_args_is_help=True)
+plans_app = typer.Typer(help="An organisation's plan: quotas and the prediction rate limit.", no_args_is_help=True)
+
+
+# --------------------------------------------------------------------------- organisations and plans
+
+USAGE_KINDS = {
+    enum_name(name, "USAGE_KIND_"): number
+    for name, number in ad.UsageKind.items()
+    if number != ad.USAGE_KIND_UNSPECIFIED
+}
+QUOTA_PERIODS = {
+    enum_name(name, "QUOTA_PERIOD_"): number
+    for name, number in ad.QuotaPeriod.items()
+    if number != ad.QUOTA_PERIOD_UNSPECIFIED
+}
+QUOTA_SYNTAX = (
+    f"expected KIND/PERIOD=LIMIT, e.g. predictions/day=10000, with KIND one of {', '.join(USAGE_KINDS)} "
+    f"and PERIOD one of {', '.join(QUOTA_PERIODS)}"
+)
+
+
+def parse_quota(text: str) -> ad.Quota:
+    """``predictions/day=10000`` → a ``Quota``; anything else is a usage error naming the syntax."""
+    spec, sep, limit_text = text.replace(" ", "").partition("=")
+    kind, slash, period = spec.partition("/")
+    if not sep or not slash or kind not in USAGE_KINDS or period not in QUOTA_PERIODS:
+        fail(f"--quota {text!r}: {QUOTA_SYNTAX}", code=2)
+    try:
+        limit = float(limit_text)
+    except ValueError:
+        fail(f"--quota {text!r}: the limit {limit_text!r} is not a number", code=2)
+    if not limit >= 0 or limit == float("inf"):
+        fail(f"--quota {text!r}: the limit must be a finite number >= 0", code=2)
+    return ad.Quota(kind=USAGE_KINDS[kind], period=QUOTA_PERIODS[period], limit=limit)
+
+
+def quota_text(q: ad.Quota) -> str:
+    kind = enum_name(ad.UsageKind.Name(q.kind), "USAGE_KIND_")
+    period = enum_name(ad.QuotaPeriod.Name(q.period), "QUOTA_PERIOD_")
+    return f"{kind}/{period}={q.limit:g}"
+
+
+def plan_from_options(
+    *, name: str, quotas: list[str], rate_limit: float | None, burst: int, from_file: Path | None
+) -> ad.Plan:
+    """A plan from a JSON file (the ``Plan`` message's JSON, as ``plans show --json`` prints it) and/or the
+    options; options given on the command line replace the file's values."""
+    plan = ad.Plan()
+    if from_file is not None:
+        if not from_file.is_file():
+            fail(f"{from_file}: no such file", code=2)
+        try:
+            json_format.Parse(from_file.read_text(encoding="utf-8"), plan)
+        except (json_format.ParseError, UnicodeDecodeError) as exc:
+            fail(f"{from_file}: not a plan in JSON: {exc}", code=2)
+    if name:
+        plan.name = name
+    if quotas:
+        del plan.quotas[:]
+        plan.quotas.extend(parse_quota(q) for q in quotas)
+    if rate_limit is not None:
+        if rate_limit <= 0:
+            plan.ClearField("prediction_rate_limit")  # 0: no rate limit
+        else:
+            plan.prediction_rate_limit.CopyFrom(ad.RateLimit(requests_per_second=rate_limit, burst=burst))
+    elif burst:
+        fail("--burst needs --rate-limit", code=2)
+    return plan
+
+
+def plan_fields(plan: ad.Plan) -> dict[str, Any]:
+    rate = plan.prediction_rate_limit
+    return {
+        "plan": plan.name,
+        "quotas": ", ".join(quota_text(q) for q in plan.quotas) or "(unlimited)",
+        "rate limit": (
+            f"{rate.requests_per_second:g}/s burst {rate.burst or max(1, int(rate.requests_per_second))}"
+            if plan.HasField("prediction_rate_limit")
+            else "(none)"
+        ),
+    }
+
+
+def org_row(o: ad.Organization) -> dict[str, Any]:
+    return {
+        "organization": o.organization_id,
+        "name": o.display_name,
+        **plan_fields(o.plan),
+        "created": when(o.create_time),
+    }
+
+
+PLAN_NAME_OPTION = typer.Option("", "--plan", help="the plan's name for people (free, team, enterprise...)")
+QUOTA_OPTION = typer.Option(
+    [], "--quota", help="KIND/PERIOD=LIMIT, repeatable: e.g. predictions/day=10000, training-worker-seconds/month=36000"
+)
+RATE_LIMIT_OPTION = typer.Option(None, "--rate-limit", help="predictions per second (token bucket; 0: no limit)")
+BURST_OPTION = typer.Option(0, "--burst", min=0, help="the rate limit's bucket size (0: the rate, at least 1)")
+PLAN_FILE_OPTION = typer.Option(None, "--from-file", help="a plan as JSON (what `plans show --json` prints)")
+
+
+@orgs_app.command("create")
+@one_line_errors
+def orgs_create(
+    ctx: typer.Context,
+    organization_id: str = typer.Argument(..., help="the organisation's id (a slug)"),
+    name: str = typer.Option("", "--name", help="display name (default: the id)"),
+    plan_name: str = PLAN_NAME_OPTION,
+    quotas: list[str] = QUOTA_OPTION,
+    rate_limit: float | None = RATE_LIMIT_OPTION,
+    burst: int = BURST_OPTION,
+    from_file: Path | None = PLAN_FILE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Create an organisation with a plan (no quota given: unlimited). Then `keys create --organization ID`."""
+    plan = plan_from_options(name=plan_name, quotas=quotas, rate_limit=rate_limit, burst=burst, from_file=from_file)
+    with state(ctx).client() as gm:
+        org = gm.admin.CreateOrganization(
+            ad.CreateOrganizationRequest(
+                organization_id=organization_id, display_name=name or organization_id, plan=plan
+            )
+        )
+    emit_object(org_row(org), want_json(ctx, as_json), raw=org)
+
+
+@orgs_app.command("list")
+@one_line_errors
+def orgs_list(
+    ctx: typer.Context,
+    page_size: int = PAGE_SIZE_OPTION,
+    page_token: str = PAGE_TOKEN_OPTION,
+    every_page: bool = ALL_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Organisations with their plans (an admin of another organisation sees only their own)."""
+    with state(ctx).client() as gm:
+
+        def fetch(page: common_pb2.PageRequest) -> tuple[list[ad.Organization], str]:
+            reply = gm.admin.ListOrganizations(ad.ListOrganizationsRequest(page=page))
+            return list(reply.organizations), reply.next_page_token
+
+        orgs, token = collect(fetch, page_size=page_size, page_token=page_token, every_page=every_page)
+    emit_messages(orgs, org_row, want_json(ctx, as_json))
+    more_hint(token)
+
+
+@orgs_app.command("show")
+@one_line_errors
+def orgs_show(
+    ctx: typer.Context,
+    organization_id: str = typer.Argument("", help="organisation (default: the caller's)"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """One organisation and its plan."""
+    with state(ctx).client() as gm:
+        org = gm.admin.GetOrganization(ad.GetOrganizationRequest(organization_id=organization_id))
+    emit_object(org_row(org), want_json(ctx, as_json), raw=org)
+
+
+@plans_app.command("set")
+@one_line_errors
+def plans_set(
+    ctx: typer.Context,
+    organization_id: str = typer.Argument(..., help="organisation whose plan to replace"),
+    plan_name: str = typer.Option("", "--name", help="the plan's name for people (free, team, enterprise...)"),
+    quotas: list[str] = QUOTA_OPTION,
+    rate_limit: float | None = RATE_LIMIT_OPTION,
+    burst: int = BURST_OPTION,
+    from_file: Path | None = PLAN_FILE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Replace an organisation's plan (it applies from the next call; usage so far this period still counts).
+
+    The plan is replaced as a whole: quotas not given are removed (unlimited).
+    """
+    if not (plan_name or quotas or rate_limit is not None or from_file):
+        fail("give the new plan: --name, --quota, --rate-limit or --from-file (see --help)", code=2)
+    plan = plan_from_options(name=plan_name, quotas=quotas, rate_limit=rate_limit, burst=burst, from_file=from_file)
+    with state(ctx).client() as gm:
+        org = gm.admin.SetOrganizationPlan(ad.SetOrganizationPlanRequest(organization_id=organization_id, plan=plan))
+    emit_object(org_row(org), want_json(ctx, as_json), raw=org)
+
+
+@plans_app.command("show")
+@one_line_errors
+def plans_show(
+    ctx: typer.Context,
+    organization_id: str = typer.Argument("", help="organisation (default: the caller's)"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """An organisation's plan (``--json`` prints it in the form ``plans set --from-file`` reads)."""
+    with state(ctx).client() as gm:
+        org = gm.admin.GetOrganization(ad.GetOrganizationRequest(organization_id=organization_id))
+    emit_object({"organization": org.organization_id, **plan_fields(org.plan)}, want_json(ctx, as_json), raw=org.plan)
+
+
+# --------------------------------------------------------------------------- API keys
 
 
 def key_row(k: ad.ApiKey) -> dict[str, Any]:
@@ -149,6 +361,9 @@ def license_command(
         "state": enum_name(ad.LicenseState.Name(info.state), "LICENSE_STATE_"),
         "license": info.license_id or "community edition",
         "customer": info.customer,
+        "key": info.key_id,
+        # Never hidden: a development install must be told apart from a production one at a glance.
+        "development key": "TRUSTED (development mode)" if info.development_key else "no",
         "expires": when(info.expire_time) if info.HasField("expire_time") else "",
         "features": ",".join(info.features),
         "limits": ",".join(f"{k}={v}" for k, v in sorted(info.limits.items())),

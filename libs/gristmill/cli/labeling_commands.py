@@ -1,10 +1,12 @@
-"""Labeling commands: ``projects``, ``import``, ``label``, ``agreement``, ``datasets``."""
+"""Labeling commands: ``projects``, ``import``, ``label``, ``predictions attach``, ``agreement``, ``datasets``."""
 
 from __future__ import annotations
 
+import json
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -22,6 +24,7 @@ from gristmill.cli.output import (
     one_line_errors,
     when,
 )
+from gristmill.cli.paging import ALL_OPTION, PAGE_SIZE_OPTION, PAGE_TOKEN_OPTION, collect, more_hint
 from gristmill.client import Gristmill
 
 CHUNK_BYTES = 1024 * 1024
@@ -29,6 +32,12 @@ JSON_OPTION = typer.Option(False, "--json", help="print JSON")
 
 projects_app = typer.Typer(help="Labeling projects.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Published dataset versions.", no_args_is_help=True)
+items_app = typer.Typer(help="Items: list (e.g. the review queue), show, resolve.", no_args_is_help=True)
+annotations_app = typer.Typer(help="Annotations: change one's labels.", no_args_is_help=True)
+predictions_app = typer.Typer(
+    help="Model predictions on items (shown to annotators as suggestions; uncertainty-first ordering uses them).",
+    no_args_is_help=True,
+)
 
 
 # --------------------------------------------------------------------------- projects
@@ -47,6 +56,36 @@ def project_row(p: lb.Project) -> dict[str, Any]:
     }
 
 
+ORDERINGS = {
+    "sequential": lb.TASK_ORDERING_SEQUENTIAL,
+    "random": lb.TASK_ORDERING_RANDOM,
+    "uncertainty": lb.TASK_ORDERING_UNCERTAINTY_FIRST,
+}
+DEFAULT_LEASE_SECONDS = 600
+LEASE_SECONDS_OPTION = typer.Option(
+    0,
+    "--lease-seconds",
+    min=0,
+    max=86400,
+    help=f"how long a task stays leased to an annotator before it returns to the queue (0: {DEFAULT_LEASE_SECONDS})",
+)
+
+
+def project_fields(p: lb.Project) -> dict[str, Any]:
+    """One project in full (``create``, ``show``, ``update``): the row, then its settings."""
+    settings = p.settings
+    ordering = enum_name(lb.TaskOrdering.Name(settings.task_ordering), "TASK_ORDERING_")
+    return {
+        **project_row(p),
+        "name": p.display_name,
+        "description": p.description,
+        "annotators per item": settings.annotations_per_item or 1,
+        "ordering": "sequential" if ordering == "unspecified" else ordering,
+        "lease seconds": settings.lease_seconds or DEFAULT_LEASE_SECONDS,
+        "active learning": settings.active_learning.import_uncertain_predictions,
+    }
+
+
 def create_project_request(
     name: str,
     labels: list[str],
@@ -57,12 +96,9 @@ def create_project_request(
     annotators: int = 1,
     ordering: str = "sequential",
     active_learning: bool = False,
+    lease_seconds: int = 0,
 ) -> lb.CreateProjectRequest:
-    orderings = {
-        "sequential": lb.TASK_ORDERING_SEQUENTIAL,
-        "random": lb.TASK_ORDERING_RANDOM,
-        "uncertainty": lb.TASK_ORDERING_UNCERTAINTY_FIRST,
-    }
+    orderings = ORDERINGS
     if ordering not in orderings:
         fail(f"--ordering must be one of {', '.join(orderings)}, got {ordering!r}", code=2)
     return lb.CreateProjectRequest(
@@ -78,6 +114,7 @@ def create_project_request(
         settings=lb.ProjectSettings(
             annotations_per_item=annotators,
             task_ordering=orderings[ordering],
+            lease_seconds=lease_seconds,
             active_learning=lb.ActiveLearningSettings(import_uncertain_predictions=active_learning),
         ),
     )
@@ -104,6 +141,7 @@ def projects_create(
     annotators: int = typer.Option(1, help="annotations needed per item"),
     ordering: str = typer.Option("sequential", help="task order: sequential, random or uncertainty"),
     active_learning: bool = typer.Option(False, "--active-learning", help="uncertain predictions become items"),
+    lease_seconds: int = LEASE_SECONDS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Create a text classification project."""
@@ -117,10 +155,11 @@ def projects_create(
         annotators=annotators,
         ordering=ordering,
         active_learning=active_learning,
+        lease_seconds=lease_seconds,
     )
     with state(ctx).client() as gm:
         project = gm.labeling.CreateProject(request)
-    emit_object(project_row(project), want_json(ctx, as_json), raw=project)
+    emit_object(project_fields(project), want_json(ctx, as_json), raw=project)
 
 
 @projects_app.command("show")
@@ -129,7 +168,72 @@ def projects_show(ctx: typer.Context, project_id: str = typer.Argument(...), as_
     """One project with its schema and counts."""
     with state(ctx).client() as gm:
         project = gm.labeling.GetProject(lb.GetProjectRequest(project_id=project_id))
-    emit_object(project_row(project), want_json(ctx, as_json), raw=project)
+    emit_object(project_fields(project), want_json(ctx, as_json), raw=project)
+
+
+@projects_app.command("update")
+@one_line_errors
+def projects_update(
+    ctx: typer.Context,
+    project_id: str = typer.Argument(...),
+    name: str | None = typer.Option(None, "--name", help="new display name"),
+    description: str | None = typer.Option(None, help="new description"),
+    annotators: int | None = typer.Option(None, min=1, help="annotations needed per item"),
+    ordering: str | None = typer.Option(None, help="task order: sequential, random or uncertainty"),
+    lease_seconds: int | None = typer.Option(None, "--lease-seconds", min=0, max=86400, help="task lease length"),
+    active_learning: bool | None = typer.Option(
+        None, "--active-learning/--no-active-learning", help="uncertain predictions become items"
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Change a project's name, description or settings (only what the options name)."""
+    project = lb.Project()
+    paths: list[str] = []
+    if name is not None:
+        project.display_name = name
+        paths.append("display_name")
+    if description is not None:
+        project.description = description
+        paths.append("description")
+    if annotators is not None:
+        project.settings.annotations_per_item = annotators
+        paths.append("settings.annotations_per_item")
+    if ordering is not None:
+        if ordering not in ORDERINGS:
+            fail(f"--ordering must be one of {', '.join(ORDERINGS)}, got {ordering!r}", code=2)
+        project.settings.task_ordering = ORDERINGS[ordering]
+        paths.append("settings.task_ordering")
+    if lease_seconds is not None:
+        project.settings.lease_seconds = lease_seconds
+        paths.append("settings.lease_seconds")
+    if active_learning is not None:
+        project.settings.active_learning.import_uncertain_predictions = active_learning
+        paths.append("settings.active_learning")
+    if not paths:
+        fail("nothing to change: give at least one option (see --help)", code=2)
+    request = lb.UpdateProjectRequest(project_id=project_id, project=project)
+    request.update_mask.paths.extend(paths)
+    with state(ctx).client() as gm:
+        updated = gm.labeling.UpdateProject(request)
+    emit_object(project_fields(updated), want_json(ctx, as_json), raw=updated)
+
+
+@projects_app.command("set-labels")
+@one_line_errors
+def projects_set_labels(
+    ctx: typer.Context,
+    project_id: str = typer.Argument(...),
+    labels: str = typer.Option(..., "--labels", help="the whole new label list, comma-separated, in class order"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Make a new label schema version current: labels may be added; used ones cannot be removed or renamed."""
+    names = [label.strip() for label in labels.split(",") if label.strip()]
+    with state(ctx).client() as gm:
+        schema = gm.labeling.UpdateLabelSchema(
+            lb.UpdateLabelSchemaRequest(project_id=project_id, labels=[lb.LabelDefinition(name=n) for n in names])
+        )
+    fields = {"project": schema.project_id, "schema version": schema.version, "labels": ",".join(names)}
+    emit_object(fields, want_json(ctx, as_json), raw=schema)
 
 
 # --------------------------------------------------------------------------- import
@@ -227,7 +331,7 @@ def report_fields(report: lb.ImportReport) -> dict[str, Any]:
 def import_command(
     ctx: typer.Context,
     project_id: str = typer.Argument(..., help="project to import into"),
-    path: Path = typer.Argument(..., help="a JSONL, CSV or TSV file"),
+    path: Path = typer.Argument(..., help="a JSONL, CSV or TSV file (with --from-object: an object key)"),
     file_format: str = typer.Option("auto", "--format", help="jsonl, csv or tsv (auto: from the file name)"),
     delimiter: str = typer.Option("", help="CSV delimiter (default ',' for csv, tab for tsv)"),
     no_header: bool = typer.Option(False, "--no-header", help="the first CSV line is data"),
@@ -237,6 +341,9 @@ def import_command(
     id_field: str = typer.Option("", help="field/column with the item id (default 'id')"),
     annotator: str = typer.Option("", help="existing labels become annotations by this annotator id"),
     request_id: str = typer.Option("", help="idempotency key: a retry with it imports nothing twice"),
+    from_object: bool = typer.Option(
+        False, "--from-object", help="FILE is a key in the platform's bucket: the labeling service reads it there"
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Import a file into a project, streaming; prints the cleaning and PII-masking report."""
@@ -254,11 +361,56 @@ def import_command(
         request_id=request_id,
     )
     with state(ctx).client() as gm:
-        report = import_file(gm, options, path)
+        if from_object:
+            report = gm.labeling.ImportItemsFromObject(
+                lb.ImportItemsFromObjectRequest(options=options, object_key=path.as_posix())
+            )
+        else:
+            report = import_file(gm, options, path)
     emit_object(report_fields(report), want_json(ctx, as_json), raw=report)
 
 
 # --------------------------------------------------------------------------- label
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """What a model predicted for an item: shown to the annotator beside the choices."""
+
+    label: str
+    probability: float | None
+    model: str
+
+
+def suggestion(item: lb.Item) -> Suggestion | None:
+    """The newest attached prediction's top label and its probability (None: the item has no prediction)."""
+    if not item.predictions:
+        return None
+    newest = max(
+        enumerate(item.predictions), key=lambda ip: (ip[1].create_time.seconds, ip[1].create_time.nanos, ip[0])
+    )[1]
+    probabilities = dict(newest.probabilities)
+    if newest.labels:
+        label = newest.labels[0]
+    elif probabilities:
+        label = max(probabilities, key=lambda name: probabilities[name])
+    else:
+        return None
+    model = newest.model_name + (f" v{newest.model_version}" if newest.model_version else "")
+    return Suggestion(label, probabilities.get(label), model)
+
+
+def task_lines(task: lb.Task, remaining: int) -> list[str]:
+    """What the annotator sees for one task: the text, the model's suggestion if any, and the choices."""
+    labels = [label.name for label in task.label_schema.labels]
+    lines = [f"\n[{remaining} left] {task.item.text}"]
+    hint = suggestion(task.item)
+    if hint is not None:
+        probability = "" if hint.probability is None else f" (p={hint.probability:.2f})"
+        number = f"{labels.index(hint.label) + 1}) " if hint.label in labels else ""
+        lines.append(f"  suggested: {number}{hint.label}{probability} by {hint.model}")
+    lines.append("  " + "  ".join(f"{i}) {name}" for i, name in enumerate(labels, 1)) + "  s) skip  q) quit")
+    return lines
 
 
 @one_line_errors
@@ -270,7 +422,8 @@ def label_command(
 ) -> None:
     """Label items in the terminal: answer with a label's number or name, 's' to skip, 'q' to quit.
 
-    Answers are read from stdin, one per line, so a file of answers can be piped in.
+    An item with an attached model prediction shows it as a suggestion, with its probability. Answers are read
+    from stdin, one per line, so a file of answers can be piped in.
     """
     done = skipped = 0
     with state(ctx).client() as gm:
@@ -281,8 +434,8 @@ def label_command(
                 break
             task = reply.task
             labels = [label.name for label in task.label_schema.labels]
-            typer.echo(f"\n[{reply.remaining_count} left] {task.item.text}")
-            typer.echo("  " + "  ".join(f"{i}) {name}" for i, name in enumerate(labels, 1)) + "  s) skip  q) quit")
+            for line in task_lines(task, reply.remaining_count):
+                typer.echo(line)
             answer = _ask(labels)
             if answer is None:
                 break
@@ -323,6 +476,227 @@ def _ask(labels: list[str]) -> str | None:
         if answer in labels:
             return answer
         typer.echo(f"  answer 1-{len(labels)}, a label name, s or q")
+
+
+# --------------------------------------------------------------------------- items and annotations
+
+ITEM_STATUSES = {
+    enum_name(name, "ITEM_STATUS_"): number
+    for name, number in lb.ItemStatus.items()
+    if number != lb.ITEM_STATUS_UNSPECIFIED
+}
+
+
+def item_row(i: lb.Item) -> dict[str, Any]:
+    hint = suggestion(i)
+    return {
+        "item": i.item_id,
+        "external id": i.external_id,
+        "status": enum_name(lb.ItemStatus.Name(i.status), "ITEM_STATUS_"),
+        "consensus": ",".join(i.consensus.labels),
+        "suggested": "" if hint is None else hint.label,
+        "text": i.text[:60],
+    }
+
+
+@items_app.command("list")
+@one_line_errors
+def items_list(
+    ctx: typer.Context,
+    project_id: str = typer.Argument(...),
+    status: list[str] = typer.Option([], "--status", help="unlabeled, labeled, conflict or resolved (repeatable)"),
+    page_size: int = PAGE_SIZE_OPTION,
+    page_token: str = PAGE_TOKEN_OPTION,
+    every_page: bool = ALL_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """A project's items in import order (``--status conflict``: the review queue)."""
+    unknown = [s for s in status if s not in ITEM_STATUSES]
+    if unknown:
+        fail(f"--status must be one of {', '.join(ITEM_STATUSES)}, got {unknown[0]!r}", code=2)
+    with state(ctx).client() as gm:
+
+        def fetch(page: common_pb2.PageRequest) -> tuple[list[lb.Item], str]:
+            reply = gm.labeling.ListItems(
+                lb.ListItemsRequest(project_id=project_id, statuses=[ITEM_STATUSES[s] for s in status], page=page)
+            )
+            return list(reply.items), reply.next_page_token
+
+        found, token = collect(fetch, page_size=page_size, page_token=page_token, every_page=every_page)
+    emit_messages(found, item_row, want_json(ctx, as_json))
+    more_hint(token)
+
+
+@items_app.command("show")
+@one_line_errors
+def items_show(
+    ctx: typer.Context,
+    project_id: str = typer.Argument(...),
+    item_id: str = typer.Argument(...),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """One item with its annotations (and their ids, for `annotations update`), predictions and consensus."""
+    with state(ctx).client() as gm:
+        item = gm.labeling.GetItem(lb.GetItemRequest(project_id=project_id, item_id=item_id))
+    fields = {
+        **item_row(item),
+        "text": item.text,
+        "annotations": "; ".join(f"{a.annotation_id} {a.annotator_id}: {','.join(a.labels)}" for a in item.annotations),
+    }
+    emit_object(fields, want_json(ctx, as_json), raw=item)
+
+
+@items_app.command("resolve")
+@one_line_errors
+def items_resolve(
+    ctx: typer.Context,
+    project_id: str = typer.Argument(...),
+    item_id: str = typer.Argument(...),
+    labels: str = typer.Option(..., "--labels", help="the final labels, comma-separated"),
+    reviewer: str = typer.Option(..., help="your reviewer id (a slug)"),
+    comment: str = typer.Option("", help="why"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Adjudicate an item: its final labels override the majority vote (the item becomes resolved)."""
+    names = [label.strip() for label in labels.split(",") if label.strip()]
+    with state(ctx).client() as gm:
+        item = gm.labeling.ResolveItem(
+            lb.ResolveItemRequest(
+                project_id=project_id, item_id=item_id, reviewer_id=reviewer, labels=names, comment=comment
+            )
+        )
+    emit_object(item_row(item), want_json(ctx, as_json), raw=item)
+
+
+@annotations_app.command("update")
+@one_line_errors
+def annotations_update(
+    ctx: typer.Context,
+    project_id: str = typer.Argument(...),
+    annotation_id: str = typer.Argument(..., help="from `items show`"),
+    annotator: str = typer.Option(..., help="the annotation's author (a slug)"),
+    labels: str = typer.Option(..., "--labels", help="the new labels, comma-separated"),
+    comment: str = typer.Option("", help="a note"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Replace an annotation's labels (the item's consensus is recomputed)."""
+    names = [label.strip() for label in labels.split(",") if label.strip()]
+    with state(ctx).client() as gm:
+        annotation = gm.labeling.UpdateAnnotation(
+            lb.UpdateAnnotationRequest(
+                project_id=project_id,
+                annotation_id=annotation_id,
+                annotator_id=annotator,
+                labels=names,
+                comment=comment,
+            )
+        )
+    fields = {
+        "annotation": annotation.annotation_id,
+        "item": annotation.item_id,
+        "annotator": annotation.annotator_id,
+        "labels": ",".join(annotation.labels),
+        "updated": when(annotation.update_time),
+    }
+    emit_object(fields, want_json(ctx, as_json), raw=annotation)
+
+
+# --------------------------------------------------------------------------- predictions
+
+MAX_PREDICTIONS_PER_CALL = 10_000  # AttachPredictions' own limit
+
+
+def prediction_inputs(path: Path, model: str, version: int) -> list[lb.PredictionInput]:
+    """Predictions from a JSONL file, one item per line::
+
+        {"external_id": "r-17", "label": "positive", "probabilities": {"positive": 0.83, "negative": 0.17}}
+
+    The item by ``item_id`` or ``external_id`` (``id`` is read as the external id); the predicted labels as
+    ``label`` or ``labels``, or else the most probable one; ``model`` / ``model_version`` per line override the
+    options. A bad line is a usage error naming its number, before anything is sent.
+    """
+    if not path.is_file():
+        fail(f"{path}: no such file", code=2)
+    inputs: list[lb.PredictionInput] = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                inputs.append(prediction_input(json.loads(line), model, version))
+            except (ValueError, TypeError) as exc:
+                fail(f"{path.name} line {number}: {exc}", code=2)
+    if not inputs:
+        fail(f"{path}: no predictions in the file", code=2)
+    return inputs
+
+
+def prediction_input(row: Any, model: str, version: int) -> lb.PredictionInput:
+    if not isinstance(row, dict):
+        raise ValueError("expected a JSON object")
+    probabilities = row.get("probabilities", {})
+    if not isinstance(probabilities, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in probabilities.values()
+    ):
+        raise ValueError('"probabilities" must be an object of label: number')
+    labels = row.get("labels", [row["label"]] if "label" in row else [])
+    if isinstance(labels, str) or not all(isinstance(x, str) for x in labels):
+        raise ValueError('"labels" must be a list of label names ("label": one name)')
+    if not labels and probabilities:
+        labels = [max(probabilities, key=lambda name: probabilities[name])]
+    if not labels:
+        raise ValueError('no prediction: give "label", "labels" or "probabilities"')
+    model_name = row.get("model", model)
+    model_version = row.get("model_version", version)
+    if not model_name or not isinstance(model_name, str):
+        raise ValueError('no model: give --model or "model" on the line')
+    if not isinstance(model_version, int) or isinstance(model_version, bool) or model_version < 0:
+        raise ValueError('"model_version" must be a whole number >= 0')
+    prediction = lb.Prediction(
+        model_name=model_name,
+        model_version=model_version,
+        labels=labels,
+        probabilities={str(k): float(v) for k, v in probabilities.items()},
+    )
+    if "item_id" in row:
+        return lb.PredictionInput(item_id=str(row["item_id"]), prediction=prediction)
+    external = row.get("external_id", row.get("id"))
+    if external is None or external == "":
+        raise ValueError('no item: give "item_id" or "external_id" (or "id")')
+    return lb.PredictionInput(external_id=str(external), prediction=prediction)
+
+
+def batches(inputs: Sequence[lb.PredictionInput], size: int) -> Iterator[Sequence[lb.PredictionInput]]:
+    for start in range(0, len(inputs), size):
+        yield inputs[start : start + size]
+
+
+@predictions_app.command("attach")
+@one_line_errors
+def predictions_attach(
+    ctx: typer.Context,
+    project_id: str = typer.Argument(..., help="project whose items the predictions are for"),
+    path: Path = typer.Argument(..., help="JSONL: one prediction per line (see below)"),
+    model: str = typer.Option("", help="model that made the predictions (unless each line names it)"),
+    model_version: int = typer.Option(0, "--model-version", min=0, help="its version (unless each line says)"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Attach model predictions to items: annotators see them as suggestions (`gristmill label`).
+
+    Each line: {"external_id": "r-17" (or "item_id"), "label": "positive" (or "labels": [...]),
+    "probabilities": {"positive": 0.83, "negative": 0.17}}. A newer prediction of the same model version
+    replaces the item's earlier one. Each call of 10,000 lines is all-or-nothing.
+    """
+    inputs = prediction_inputs(path, model, model_version)
+    attached = 0
+    with state(ctx).client() as gm:
+        for batch in batches(inputs, MAX_PREDICTIONS_PER_CALL):
+            reply = gm.labeling.AttachPredictions(
+                lb.AttachPredictionsRequest(project_id=project_id, predictions=list(batch))
+            )
+            attached += reply.attached_count
+    fields = {"project": project_id, "attached": attached, "lines": len(inputs)}
+    emit_object(fields, want_json(ctx, as_json))
 
 
 # --------------------------------------------------------------------------- agreement

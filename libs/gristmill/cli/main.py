@@ -6,6 +6,8 @@ default and JSON with ``--json``; an error is one line on stderr and a non-zero 
 Where the services are: every service on its default port on 127.0.0.1, unless ``--host`` (all on one host),
 ``--endpoints "labeling=h:p training=h:p ..."`` (the embedded platform's READY line) or one service's option
 (``--labeling h:p`` ...) say otherwise. ``--api-key`` (or ``GRISTMILL_API_KEY``) is sent with every call.
+With ``GRISTMILL_TLS_CERT_FILE`` / ``_KEY_FILE`` / ``_CA_FILE`` set, every call (health checks too) is made over
+mTLS with that client certificate; a refused handshake is reported in one line saying which side refused and why.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+
+# Before grpc loads: its core would otherwise print its own INFO lines (a failed TLS handshake, say) on stderr,
+# around the one line a command prints for an error. GRPC_VERBOSITY given by the caller wins; the services this
+# process starts inherit it.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import typer
 
@@ -26,6 +33,7 @@ from gristmill.cli.platforms import SERVICE_BASE_ENV, LocalStack, serving_replic
 from gristmill.cli.processes import health
 from gristmill.core.ports import MAX_SERVING_REPLICAS
 from gristmill.core.ports import SERVING_REPLICA_PORT_STEP as REPLICA_STEP
+from gristmill.core.tls import diagnose_handshake, tls_files
 
 app = typer.Typer(
     help="Gristmill: label → train → register → serve, on your own machines.",
@@ -91,10 +99,17 @@ def up(
         max=MAX_SERVING_REPLICAS + 1,
         help=f"serving processes sharing one deployment store (replica k on the serving port + {REPLICA_STEP}k)",
     ),
+    tls: bool = typer.Option(
+        False, "--tls", help="mTLS everywhere: each service its own certificate from <run dir>/certs (made if missing)"
+    ),
 ) -> None:
     """Start the local stack: Kafka, the S3 server, and each service (admin too) as its own process."""
     stack = LocalStack(
-        run_dir(services_dir), base_port=base_port, group_suffix=group_suffix, serving_replicas=serving_replicas
+        run_dir(services_dir),
+        base_port=base_port,
+        group_suffix=group_suffix,
+        serving_replicas=serving_replicas,
+        tls=tls,
     )
     stack.start_infrastructure()
     stack.create_topics()
@@ -105,6 +120,9 @@ def up(
     key = stack.root_key_file()
     if key.exists():
         typer.echo(f"root API key (admin scope) is in {key}: export GRISTMILL_API_KEY=$(cat {key})")
+    if tls:
+        exports = " ".join(f"{k}={v}" for k, v in tls_files(stack.certs_dir, "client").items())
+        typer.echo(f"mTLS is on; the CLI and the SDK call with the client certificate: export {exports}")
 
 
 @app.command()
@@ -137,10 +155,18 @@ def status(
     """Health of each service (at the addresses the global options give), and of the serving replicas."""
     from gristmill.cli.context import state
 
-    endpoints = vars(state(ctx).endpoints)
+    cli = state(ctx)
+    endpoints = vars(cli.endpoints)
     endpoints |= serving_replica_addresses(endpoints["serving"], serving_replicas)
-    rows = [{"service": name, "address": address, "health": health(address)} for name, address in endpoints.items()]
-    emit(rows, as_json or state(ctx).as_json)
+    rows = [
+        {"service": name, "address": address, "health": health(address, tls=cli.tls)}
+        for name, address in endpoints.items()
+    ]
+    emit(rows, as_json or cli.as_json)
+    # A service that is up but refuses our handshake (or we its) looks DOWN: say why, one line each.
+    for row in rows:
+        if row["health"] == "DOWN" and (why := diagnose_handshake(row["address"], cli.tls, service=row["service"])):
+            typer.echo(f"gristmill: {why}", err=True)
     if any(r["health"] != "SERVING" for r in rows):
         raise typer.Exit(1)
 
@@ -178,14 +204,21 @@ def dev(
 app.add_typer(labeling_commands.projects_app, name="projects")
 app.command("import")(labeling_commands.import_command)
 app.command("label")(labeling_commands.label_command)
+app.add_typer(labeling_commands.predictions_app, name="predictions")
+app.add_typer(labeling_commands.items_app, name="items")
+app.add_typer(labeling_commands.annotations_app, name="annotations")
 app.command("agreement")(labeling_commands.agreement_command)
 app.add_typer(labeling_commands.datasets_app, name="datasets")
 app.command("train")(training_commands.train_command)
 app.add_typer(training_commands.jobs_app, name="jobs")
+app.add_typer(training_commands.autotrain_app, name="autotrain")
 app.add_typer(registry_commands.models_app, name="models")
+app.add_typer(registry_commands.base_models_app, name="base-models")
 app.command("deploy")(serving_commands.deploy_command)
-app.command("deployments")(serving_commands.deployments_command)
+app.add_typer(serving_commands.deployments_app, name="deployments")
 app.command("predict")(serving_commands.predict_command)
+app.add_typer(admin_commands.orgs_app, name="orgs")
+app.add_typer(admin_commands.plans_app, name="plans")
 app.add_typer(admin_commands.keys_app, name="keys")
 app.command("usage")(admin_commands.usage_command)
 app.command("license")(admin_commands.license_command)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import wraps
@@ -29,6 +30,19 @@ def fail(message: str, code: int = 1) -> NoReturn:
     """One line on stderr, then exit with ``code``."""
     typer.echo(f"gristmill: {' '.join(message.split())}", err=True)
     raise typer.Exit(code)
+
+
+def confirm(action: str, yes: bool, consequence: str = "") -> None:
+    """Go on only with ``--yes``, or when the person at the terminal answers yes to "``action``?" (asked on
+    stderr, so that ``--json`` output stays clean). Without a terminal (scripts, pipes) nothing is asked: the
+    command needs ``--yes`` and fails without it, exit status 2."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        fail(f"{action}: not confirmed; pass --yes to do it without being asked", code=2)
+    question = f"{action}?" + (f" {consequence}" if consequence else "")
+    if not typer.confirm(question, default=False, err=True):
+        fail("cancelled: nothing was changed")
 
 
 def error_kind(exc: GristmillError) -> str:

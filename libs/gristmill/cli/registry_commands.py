@@ -1,22 +1,31 @@
-"""Registry commands: ``models`` (list, versions, show card, alias set/history, promotion policy)."""
+"""Registry commands: ``models`` (list, create, versions, show, card show/edit, alias set/delete/history, promotion
+policy)."""
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 import typer
+from google.protobuf import json_format
 
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.registry.v1 import registry_pb2 as rg
 from gristmill.cli.context import state, want_json
 from gristmill.cli.output import emit_messages, emit_object, enum_name, fail, one_line_errors, when
+from gristmill.cli.paging import ALL_OPTION, PAGE_SIZE_OPTION, PAGE_TOKEN_OPTION, collect, more_hint
 from gristmill.cli.training_commands import metric_text
+from gristmill.client import Gristmill
 
 JSON_OPTION = typer.Option(False, "--json", help="print JSON")
 
 models_app = typer.Typer(help="Registered models, versions, aliases and model cards.", no_args_is_help=True)
 alias_app = typer.Typer(help="Aliases (production, staging, ...) and their history.", no_args_is_help=True)
+card_app = typer.Typer(help="Model cards: show one, edit its free-text fields.", no_args_is_help=True)
 models_app.add_typer(alias_app, name="alias")
+models_app.add_typer(card_app, name="card")
 
 
 def selector(version: int, alias: str) -> common_pb2.ModelVersionSelector:
@@ -71,12 +80,59 @@ def change_row(c: rg.AliasChange) -> dict[str, Any]:
 def models_list(
     ctx: typer.Context,
     prefix: str = typer.Option("", help="names starting with this"),
+    page_size: int = PAGE_SIZE_OPTION,
+    page_token: str = PAGE_TOKEN_OPTION,
+    every_page: bool = ALL_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Registered models, by name."""
+    """Registered models, by name (one page; ``--all`` for every page)."""
     with state(ctx).client() as gm:
-        reply = gm.registry.SearchRegisteredModels(rg.SearchRegisteredModelsRequest(name_prefix=prefix))
-    emit_messages(reply.registered_models, model_row, want_json(ctx, as_json))
+
+        def fetch(page: common_pb2.PageRequest) -> tuple[list[rg.RegisteredModel], str]:
+            reply = gm.registry.SearchRegisteredModels(rg.SearchRegisteredModelsRequest(name_prefix=prefix, page=page))
+            return list(reply.registered_models), reply.next_page_token
+
+        models, token = collect(fetch, page_size=page_size, page_token=page_token, every_page=every_page)
+    emit_messages(models, model_row, want_json(ctx, as_json))
+    more_hint(token)
+
+
+@models_app.command("create")
+@one_line_errors
+def models_create(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="registered model name (a slug)"),
+    labels: str = typer.Option("", "--labels", help="comma-separated label names, in class order"),
+    multi_label: bool = typer.Option(False, "--multi-label", help="a multi-label text classifier"),
+    description: str = typer.Option("", help="free text"),
+    tags: list[str] = typer.Option([], "--tag", help="KEY=VALUE, repeatable"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Create a registered model with no versions yet (training creates it on its first version otherwise)."""
+    request = rg.CreateRegisteredModelRequest(
+        name=name,
+        description=description,
+        task=(
+            common_pb2.TASK_TYPE_TEXT_MULTI_LABEL_CLASSIFICATION
+            if multi_label
+            else common_pb2.TASK_TYPE_TEXT_CLASSIFICATION
+        ),
+        label_map=common_pb2.LabelMap(labels=[x.strip() for x in labels.split(",") if x.strip()]),
+        tags=parse_tags(tags),
+    )
+    with state(ctx).client() as gm:
+        model = gm.registry.CreateRegisteredModel(request)
+    emit_object(model_row(model), want_json(ctx, as_json), raw=model)
+
+
+def parse_tags(tags: list[str]) -> dict[str, str]:
+    out = {}
+    for tag in tags:
+        key, sep, value = tag.partition("=")
+        if not sep or not key.strip():
+            fail(f"--tag {tag!r}: expected KEY=VALUE", code=2)
+        out[key.strip()] = value.strip()
+    return out
 
 
 @models_app.command("versions")
@@ -148,6 +204,161 @@ def alias_history(
     emit_messages(reply.changes, change_row, want_json(ctx, as_json))
 
 
+@alias_app.command("delete")
+@one_line_errors
+def alias_delete(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="registered model"),
+    alias: str = typer.Argument(..., help="alias to remove"),
+    reason: str = typer.Option("deleted from the CLI", help="recorded in the alias history"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Remove an alias (deployments following it keep serving the version they have)."""
+    with state(ctx).client() as gm:
+        change = gm.registry.DeleteAlias(rg.DeleteAliasRequest(registered_model_name=name, alias=alias, reason=reason))
+    emit_object(change_row(change), want_json(ctx, as_json), raw=change)
+
+
+# --------------------------------------------------------------------------- model cards
+
+# The editable fields, by the names people use (the card's Markdown headings) and the API's paths.
+CARD_FIELDS = {
+    "intended use": "intended_use",
+    "limitations": "limitations",
+    "ethical considerations": "ethical_considerations",
+}
+NOT_WRITTEN = "_Not written yet._"  # what the rendered card shows for an empty field
+
+
+def card_text_from_file(path: Path) -> dict[str, str]:
+    """The editable fields in a JSON object (``{"intended_use": "..."}``) or in Markdown: the text under the
+    ``## Intended use``, ``## Limitations`` and ``## Ethical considerations`` headings (other sections, such as a
+    whole ``model-card.md``'s generated ones, are read-only and ignored)."""
+    if not path.is_file():
+        fail(f"{path}: no such file", code=2)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            fail(f"{path}: not JSON: {exc}", code=2)
+        if not isinstance(data, dict) or not data:
+            fail(f"{path}: expected a JSON object with {', '.join(CARD_FIELDS.values())}", code=2)
+        unknown = sorted(set(data) - set(CARD_FIELDS.values()))
+        if unknown:
+            fail(
+                f"{path}: {', '.join(unknown)} cannot be edited; the editable fields are "
+                f"{', '.join(CARD_FIELDS.values())}",
+                code=2,
+            )
+        if not all(isinstance(v, str) for v in data.values()):
+            fail(f"{path}: every field's value must be a string", code=2)
+        return dict(data)
+    fields: dict[str, str] = {}
+    current: str | None = None
+    body: list[str] = []
+    for line in [*text.splitlines(), "## (end)"]:
+        heading = re.match(r"^##\s+(.+?)\s*#*\s*$", line)
+        if heading:
+            if current is not None:
+                value = "\n".join(body).strip()
+                fields[current] = "" if value == NOT_WRITTEN else value
+            current = CARD_FIELDS.get(heading.group(1).strip().lower())
+            body = []
+        elif current is not None:
+            body.append(line)
+    if not fields:
+        fail(f"{path}: no editable section; use '## Intended use', '## Limitations' or '## Ethical considerations'", 2)
+    return fields
+
+
+def version_number(gm: Gristmill, name: str, version: int, alias: str) -> int:
+    """The version a selector names (the latest READY one when neither is given)."""
+    if version and not alias:
+        return version
+    chosen = gm.registry.GetModelVersion(
+        rg.GetModelVersionRequest(registered_model_name=name, selector=selector(version, alias))
+    )
+    return chosen.version
+
+
+def card_fields(card: rg.ModelCard) -> dict[str, Any]:
+    return {
+        "model": card.registered_model_name,
+        "version": card.version,
+        "revision": card.revision,
+        "intended use": card.intended_use[:80],
+        "limitations": card.limitations[:80],
+        "ethical considerations": card.ethical_considerations[:80],
+        "updated by": card.updated_by,
+        "updated": when(card.update_time),
+    }
+
+
+@card_app.command("show")
+@one_line_errors
+def card_show(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="registered model"),
+    version: int = typer.Option(0, help="version number (default: the latest READY one)"),
+    alias: str = typer.Option("", help="the version this alias points to"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """A version's model card as Markdown (``--json``: every field)."""
+    with state(ctx).client() as gm:
+        card = gm.registry.GetModelCard(
+            rg.GetModelCardRequest(registered_model_name=name, selector=selector(version, alias))
+        )
+    if want_json(ctx, as_json):
+        emit_object({}, True, raw=card)
+        return
+    typer.echo(card.markdown.rstrip())
+
+
+@card_app.command("edit")
+@one_line_errors
+def card_edit(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="registered model"),
+    version: int = typer.Option(0, help="version number (default: the latest READY one)"),
+    alias: str = typer.Option("", help="the version this alias points to"),
+    intended_use: str | None = typer.Option(None, "--intended-use", help="what the model is for (Markdown)"),
+    limitations: str | None = typer.Option(None, "--limitations", help="known limitations (Markdown)"),
+    ethical_considerations: str | None = typer.Option(
+        None, "--ethical-considerations", help="risks, biases, sensitive uses (Markdown)"
+    ),
+    from_file: Path | None = typer.Option(
+        None,
+        "--from-file",
+        help="Markdown with '## Intended use' / '## Limitations' / '## Ethical considerations' sections "
+        "(e.g. an edited model-card.md), or a .json object with those fields",
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Edit a model card's free-text fields (only those given change); the card is re-rendered as a new revision.
+
+    Training data, metrics and lineage are generated from the version and cannot be edited.
+    """
+    fields = card_text_from_file(from_file) if from_file is not None else {}
+    options = {
+        "intended_use": intended_use,
+        "limitations": limitations,
+        "ethical_considerations": ethical_considerations,
+    }
+    fields |= {path: value for path, value in options.items() if value is not None}
+    if not fields:
+        fail("nothing to change: give --intended-use, --limitations, --ethical-considerations or --from-file", 2)
+    with state(ctx).client() as gm:
+        number = version_number(gm, name, version, alias)
+        card_edits = rg.ModelCard()
+        for path, value in fields.items():
+            setattr(card_edits, path, value)
+        request = rg.UpdateModelCardRequest(registered_model_name=name, version=number, model_card=card_edits)
+        request.update_mask.paths.extend(sorted(fields))
+        card = gm.registry.UpdateModelCard(request)
+    emit_object(card_fields(card), want_json(ctx, as_json), raw=card)
+
+
 def promotion_policy(
     name: str, *, alias: str, metric: str, split: str, min_value: float | None, min_improvement: float
 ) -> rg.PromotionPolicy:
@@ -182,12 +393,24 @@ def models_policy(
     split: str = typer.Option("test", help="split the metric is measured on"),
     min_value: float | None = typer.Option(None, help="absolute floor the candidate must reach"),
     min_improvement: float = typer.Option(0.0, help="margin over the version the alias points to"),
+    manual: bool = typer.Option(
+        False, "--manual", help="propose promotions for approval (`models promotions`) instead of moving the alias"
+    ),
+    delete: bool = typer.Option(False, "--delete", help="remove the model's policy (pending promotions lapse)"),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Set a model's automatic promotion policy (new READY versions that pass move the alias)."""
+    """Set a model's promotion policy (new READY versions that pass move the alias, or are proposed with --manual),
+    or remove it with --delete."""
+    if delete:
+        with state(ctx).client() as gm:
+            gm.registry.DeletePromotionPolicy(rg.DeletePromotionPolicyRequest(registered_model_name=name))
+        emit_object({"model": name, "policy": "deleted"}, want_json(ctx, as_json))
+        return
     policy = promotion_policy(
         name, alias=alias, metric=metric, split=split, min_value=min_value, min_improvement=min_improvement
     )
+    if manual:
+        policy.mode = rg.PROMOTION_MODE_MANUAL_APPROVAL
     with state(ctx).client() as gm:
         stored = gm.registry.SetPromotionPolicy(rg.SetPromotionPolicyRequest(policy=policy))
     fields = {
@@ -196,5 +419,195 @@ def models_policy(
         "gate": f"{stored.metric_name}/{split} "
         + (f">= {stored.min_value} and " if stored.HasField("min_value") else "")
         + f"beats the current one by > {stored.min_improvement}",
+        "mode": enum_name(rg.PromotionMode.Name(stored.mode), "PROMOTION_MODE_"),
     }
     emit_object(fields, want_json(ctx, as_json), raw=stored)
+
+
+# --------------------------------------------------------------------------- promotions waiting for approval
+
+promotions_app = typer.Typer(
+    help="Promotions a --manual policy proposed: list, approve (moves the alias), reject.", no_args_is_help=True
+)
+models_app.add_typer(promotions_app, name="promotions")
+
+
+def promotion_row(p: rg.PendingPromotion) -> dict[str, Any]:
+    return {
+        "promotion": p.promotion_id,
+        "model": p.registered_model_name,
+        "alias": p.target_alias,
+        "move": (f"v{p.from_version}" if p.HasField("from_version") else "-") + f" -> v{p.version}",
+        "state": enum_name(rg.PendingPromotionState.Name(p.state), "PENDING_PROMOTION_STATE_"),
+        "decided by": p.decided_by,
+        "reason": (p.decision_reason or p.decision.explanation)[:80],
+        "created": when(p.create_time),
+    }
+
+
+@promotions_app.command("list")
+@one_line_errors
+def promotions_list(
+    ctx: typer.Context,
+    name: str = typer.Argument("", help="one registered model (default: all)"),
+    include_decided: bool = typer.Option(False, "--include-decided", help="also approved, rejected, superseded"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Promotions waiting for approval, oldest first."""
+    with state(ctx).client() as gm:
+        reply = gm.registry.ListPendingPromotions(
+            rg.ListPendingPromotionsRequest(registered_model_name=name, include_decided=include_decided)
+        )
+    emit_messages(reply.promotions, promotion_row, want_json(ctx, as_json))
+
+
+@promotions_app.command("approve")
+@one_line_errors
+def promotions_approve(
+    ctx: typer.Context,
+    promotion_id: str = typer.Argument(...),
+    reason: str = typer.Option("approved from the CLI", help="recorded in the alias history"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Approve a pending promotion: the alias moves (deployments following it hot-swap)."""
+    with state(ctx).client() as gm:
+        decided = gm.registry.ApprovePromotion(rg.ApprovePromotionRequest(promotion_id=promotion_id, reason=reason))
+    emit_object(promotion_row(decided), want_json(ctx, as_json), raw=decided)
+
+
+@promotions_app.command("reject")
+@one_line_errors
+def promotions_reject(
+    ctx: typer.Context,
+    promotion_id: str = typer.Argument(...),
+    reason: str = typer.Option("rejected from the CLI", help="recorded with the promotion"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Reject a pending promotion; the alias does not move."""
+    with state(ctx).client() as gm:
+        decided = gm.registry.RejectPromotion(rg.RejectPromotionRequest(promotion_id=promotion_id, reason=reason))
+    emit_object(promotion_row(decided), want_json(ctx, as_json), raw=decided)
+
+
+# --------------------------------------------------------------------------- descriptions, tags, registering
+
+
+@models_app.command("update")
+@one_line_errors
+def models_update(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="registered model"),
+    version: int = typer.Option(0, min=0, help="change this version instead of the model"),
+    description: str | None = typer.Option(None, help="new description"),
+    tags: list[str] = typer.Option([], "--tag", help="KEY=VALUE, repeatable: the new tags (replace the old ones)"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Change a registered model's (or one version's) description or tags."""
+    paths = (["description"] if description is not None else []) + (["tags"] if tags else [])
+    if not paths:
+        fail("nothing to change: give --description or --tag", code=2)
+    with state(ctx).client() as gm:
+        if version:
+            mv = rg.ModelVersion(description=description or "", tags=parse_tags(tags))
+            request = rg.UpdateModelVersionRequest(registered_model_name=name, version=version, model_version=mv)
+            request.update_mask.paths.extend(paths)
+            updated_version = gm.registry.UpdateModelVersion(request)
+            emit_object(version_row(updated_version), want_json(ctx, as_json), raw=updated_version)
+            return
+        rm = rg.RegisteredModel(description=description or "", tags=parse_tags(tags))
+        model_request = rg.UpdateRegisteredModelRequest(name=name, registered_model=rm)
+        model_request.update_mask.paths.extend(paths)
+        updated = gm.registry.UpdateRegisteredModel(model_request)
+    emit_object({**model_row(updated), "description": updated.description}, want_json(ctx, as_json), raw=updated)
+
+
+@models_app.command("register")
+@one_line_errors
+def models_register(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="registered model"),
+    from_file: Path = typer.Option(
+        ...,
+        "--from-file",
+        help="RegisterModelVersionRequest as JSON: source_prefix, manifest {key, sha256}, signature, task, "
+        "label_map, metrics, lineage (artifacts already in the object store)",
+    ),
+    create_model: bool = typer.Option(False, "--create-model", help="create the registered model if missing"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="answer once the artifacts are verified"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Register a version from artifacts already in the object store (training jobs register theirs themselves)."""
+    if not from_file.is_file():
+        fail(f"{from_file}: no such file", code=2)
+    request = rg.RegisterModelVersionRequest()
+    try:
+        json_format.Parse(from_file.read_text(encoding="utf-8"), request)
+    except (json_format.ParseError, UnicodeDecodeError) as exc:
+        fail(f"{from_file}: not a RegisterModelVersionRequest in JSON: {exc}", code=2)
+    request.registered_model_name = name
+    request.create_model_if_missing = request.create_model_if_missing or create_model
+    request.wait_for_verification = wait
+    with state(ctx).client() as gm:
+        registered = gm.registry.RegisterModelVersion(request)
+    emit_object(version_row(registered), want_json(ctx, as_json), raw=registered)
+
+
+# --------------------------------------------------------------------------- base models
+
+base_models_app = typer.Typer(help="Base models jobs fine-tune from (Hugging Face directories).", no_args_is_help=True)
+
+
+def base_model_row(b: rg.BaseModel) -> dict[str, Any]:
+    return {
+        "base model": b.name,
+        "type": b.model_type,
+        "parameters": f"{b.parameter_count / 1e6:.1f}M" if b.parameter_count else "",
+        "tasks": ",".join(enum_name(common_pb2.TaskType.Name(t), "TASK_TYPE_") for t in b.tasks),
+        "license": b.license,
+        "created": when(b.create_time),
+    }
+
+
+@base_models_app.command("import")
+@one_line_errors
+def base_models_import(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="name jobs use (--base-model-name), a slug"),
+    local_path: str = typer.Option("", "--local-path", help="a Hugging Face directory on the registry's host"),
+    object_prefix: str = typer.Option("", "--object-prefix", help="a Hugging Face directory in the object store"),
+    license_name: str = typer.Option("", "--license", help="licence of the weights (SPDX id or text)"),
+    description: str = typer.Option("", help="free text"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Import a Hugging Face model directory as a base model (validated and copied with checksums)."""
+    if bool(local_path) == bool(object_prefix):
+        fail("give exactly one of --local-path or --object-prefix", code=2)
+    request = rg.ImportBaseModelRequest(name=name, license=license_name, description=description)
+    if local_path:
+        request.local_path = local_path
+    else:
+        request.object_prefix = object_prefix
+    with state(ctx).client() as gm:
+        imported = gm.registry.ImportBaseModel(request)
+    emit_object(base_model_row(imported), want_json(ctx, as_json), raw=imported)
+
+
+@base_models_app.command("list")
+@one_line_errors
+def base_models_list(
+    ctx: typer.Context,
+    page_size: int = PAGE_SIZE_OPTION,
+    page_token: str = PAGE_TOKEN_OPTION,
+    every_page: bool = ALL_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Base models, by name."""
+    with state(ctx).client() as gm:
+
+        def fetch(page: common_pb2.PageRequest) -> tuple[list[rg.BaseModel], str]:
+            reply = gm.registry.ListBaseModels(rg.ListBaseModelsRequest(page=page))
+            return list(reply.base_models), reply.next_page_token
+
+        found, token = collect(fetch, page_size=page_size, page_token=page_token, every_page=every_page)
+    emit_messages(found, base_model_row, want_json(ctx, as_json))
+    more_hint(token)

@@ -1,4 +1,5 @@
-"""Serving commands: ``deploy``, ``deployments`` and ``predict`` (typed, or the Open Inference Protocol)."""
+"""Serving commands: ``deploy``, ``deployments`` (list, show, update, delete) and ``predict`` (typed, or the Open
+Inference Protocol)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from gristmill.api.common.v1 import common_pb2
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2 as oip
 from gristmill.api.serving.v1 import serving_pb2 as sv
 from gristmill.cli.context import state, want_json
-from gristmill.cli.output import emit, emit_messages, emit_object, enum_name, fail, one_line_errors
+from gristmill.cli.output import confirm, emit, emit_messages, emit_object, enum_name, fail, one_line_errors
+from gristmill.cli.paging import ALL_OPTION, PAGE_SIZE_OPTION, PAGE_TOKEN_OPTION, collect, more_hint
 from gristmill.client import Gristmill
 
 JSON_OPTION = typer.Option(False, "--json", help="print JSON")
@@ -36,8 +38,103 @@ def deployment_row(d: sv.Deployment) -> dict[str, Any]:
     }
 
 
+QUANTIZATIONS = {"none": sv.QUANTIZATION_NONE, "int8": sv.QUANTIZATION_DYNAMIC_INT8}
+OVER_LENGTH = {"truncate": sv.OVER_LENGTH_ACTION_TRUNCATE, "reject": sv.OVER_LENGTH_ACTION_REJECT}
+
+deployments_app = typer.Typer(
+    help="Deployments: list (the default), show, update (canary, batching, quantization...), delete.",
+    invoke_without_command=True,
+)
+
+
+@dataclass(frozen=True)
+class DeploymentSettings:
+    """The options ``deploy`` and ``deployments update`` share; None (or '') means "not given"."""
+
+    canary_version: int = 0
+    canary_alias: str = ""
+    canary_weight: float | None = None
+    quantization: str = ""
+    max_batch_size: int | None = None
+    max_delay_ms: int | None = None
+    max_queue_size: int | None = None
+    max_tokens: int | None = None
+    over_length: str = ""
+    uncertainty: float | None = None
+    sample_rate: float | None = None
+
+
+def canary_route(settings: DeploymentSettings) -> sv.CanaryRoute | None:
+    """The canary the options ask for (None: no canary option given); bad combinations are usage errors."""
+    given_target = bool(settings.canary_version or settings.canary_alias)
+    if settings.canary_version and settings.canary_alias:
+        fail("give --canary-version or --canary-alias, not both", code=2)
+    if settings.canary_weight is None:
+        if given_target:
+            fail("a canary needs --canary-weight W (the share of traffic it takes, 0 < W < 1)", code=2)
+        return None
+    if not 0.0 < settings.canary_weight < 1.0:
+        fail(f"--canary-weight must be between 0 and 1 (exclusive), got {settings.canary_weight:g}", code=2)
+    if not given_target:
+        fail("--canary-weight needs the canary's version or alias: --canary-version V or --canary-alias A", code=2)
+    target = (
+        common_pb2.ModelVersionSelector(version=settings.canary_version)
+        if settings.canary_version
+        else common_pb2.ModelVersionSelector(alias=settings.canary_alias)
+    )
+    return sv.CanaryRoute(target=target, weight=settings.canary_weight)
+
+
+def choice(value: str, choices: dict[str, Any], option: str) -> Any:
+    if value not in choices:
+        fail(f"{option} must be one of {', '.join(choices)}, got {value!r}", code=2)
+    return choices[value]
+
+
+def apply_settings(deployment: sv.Deployment, settings: DeploymentSettings) -> list[str]:
+    """Write the given options into ``deployment``; returns the update-mask paths they touch."""
+    paths: list[str] = []
+    canary = canary_route(settings)
+    if canary is not None:
+        deployment.canary.CopyFrom(canary)
+        paths.append("canary")
+    if settings.quantization:
+        deployment.quantization = choice(settings.quantization, QUANTIZATIONS, "--quantization")
+        paths.append("quantization")
+    batching = deployment.batching
+    if settings.max_batch_size is not None:
+        batching.max_batch_size = settings.max_batch_size
+        paths.append("batching.max_batch_size")
+    if settings.max_delay_ms is not None:
+        batching.max_delay_ms = settings.max_delay_ms
+        paths.append("batching.max_delay_ms")
+    if settings.max_queue_size is not None:
+        batching.max_queue_size = settings.max_queue_size
+        paths.append("batching.max_queue_size")
+    if settings.max_tokens is not None:
+        deployment.length_policy.max_tokens = settings.max_tokens
+        paths.append("length_policy.max_tokens")
+    if settings.over_length:
+        deployment.length_policy.over_length_action = choice(settings.over_length, OVER_LENGTH, "--over-length")
+        paths.append("length_policy.over_length_action")
+    if settings.uncertainty is not None:
+        deployment.prediction_logging.uncertainty_threshold = settings.uncertainty
+        paths.append("prediction_logging.uncertainty_threshold")
+    if settings.sample_rate is not None:
+        deployment.prediction_logging.sample_rate = settings.sample_rate
+        paths.append("prediction_logging.sample_rate")
+    return paths
+
+
 def deployment_request(
-    name: str, model: str, *, alias: str, version: int, uncertainty: float | None, sample_rate: float
+    name: str,
+    model: str,
+    *,
+    alias: str,
+    version: int,
+    uncertainty: float | None,
+    sample_rate: float,
+    settings: DeploymentSettings | None = None,
 ) -> sv.Deployment:
     if alias and version:
         fail("give --alias or --version, not both", code=2)
@@ -47,9 +144,48 @@ def deployment_request(
     logging_config = sv.PredictionLoggingConfig(sample_rate=sample_rate)
     if uncertainty is not None:
         logging_config.uncertainty_threshold = uncertainty
-    return sv.Deployment(
+    deployment = sv.Deployment(
         name=name or model, registered_model_name=model, target=target, prediction_logging=logging_config
     )
+    if settings is not None:
+        apply_settings(deployment, settings)
+    return deployment
+
+
+def deployment_fields(d: sv.Deployment) -> dict[str, Any]:
+    """One deployment in full (``show``, ``deploy``, ``update``): the row, then its serving configuration."""
+    canary = ""
+    if d.HasField("canary"):
+        t = d.canary.target
+        canary = f"{t.alias or f'v{t.version}'} {d.canary.weight:.0%}"
+    quantization = enum_name(sv.Quantization.Name(d.quantization), "QUANTIZATION_")
+    b = d.batching
+    batching = (
+        f"max {b.max_batch_size or 32} texts, "
+        f"{b.max_delay_ms if b.HasField('max_delay_ms') else 5} ms, queue {b.max_queue_size or 'default'}"
+    )
+    over_length = enum_name(sv.OverLengthAction.Name(d.length_policy.over_length_action), "OVER_LENGTH_ACTION_")
+    return {
+        **deployment_row(d),
+        "canary": canary,
+        "quantization": "none" if quantization == "unspecified" else quantization.replace("dynamic-", ""),
+        "batching": batching,
+        "length": (f"{d.length_policy.max_tokens} tokens" if d.length_policy.max_tokens else "the training length")
+        + ("; longer texts rejected" if over_length == "reject" else "; longer texts truncated"),
+    }
+
+
+CANARY_VERSION_OPTION = typer.Option(0, "--canary-version", min=0, help="a second version taking a share of traffic")
+CANARY_ALIAS_OPTION = typer.Option("", "--canary-alias", help="the canary follows this alias instead")
+CANARY_WEIGHT_OPTION = typer.Option(
+    None, "--canary-weight", help="share of requests routed to the canary, 0 < W < 1 (needs serving.canary)"
+)
+QUANTIZATION_OPTION = typer.Option("", "--quantization", help="none, or int8 (dynamic int8 of linear layers, CPU)")
+MAX_BATCH_OPTION = typer.Option(None, "--max-batch-size", min=1, max=1024, help="texts per batch (default 32)")
+MAX_DELAY_OPTION = typer.Option(None, "--max-delay-ms", min=0, help="longest wait for a batch to fill (default 5)")
+MAX_QUEUE_OPTION = typer.Option(None, "--max-queue-size", min=0, help="queued texts before RESOURCE_EXHAUSTED")
+MAX_TOKENS_OPTION = typer.Option(None, "--max-tokens", min=0, help="tokens per text (0: the model's training length)")
+OVER_LENGTH_OPTION = typer.Option("", "--over-length", help="longer texts: truncate (default) or reject")
 
 
 @one_line_errors
@@ -59,6 +195,15 @@ def deploy_command(
     name: str = typer.Option("", help="deployment name clients use (default: the model's name)"),
     alias: str = typer.Option("production", help="follow this alias (hot-swaps when it moves)"),
     version: int = typer.Option(0, help="serve this fixed version instead of an alias"),
+    canary_version: int = CANARY_VERSION_OPTION,
+    canary_alias: str = CANARY_ALIAS_OPTION,
+    canary_weight: float | None = CANARY_WEIGHT_OPTION,
+    quantization: str = QUANTIZATION_OPTION,
+    max_batch_size: int | None = MAX_BATCH_OPTION,
+    max_delay_ms: int | None = MAX_DELAY_OPTION,
+    max_queue_size: int | None = MAX_QUEUE_OPTION,
+    max_tokens: int | None = MAX_TOKENS_OPTION,
+    over_length: str = OVER_LENGTH_OPTION,
     uncertainty: float | None = typer.Option(
         None, help="predictions below this top probability are logged for labeling (default 0.6)"
     ),
@@ -66,21 +211,153 @@ def deploy_command(
     wait: bool = typer.Option(True, "--wait/--no-wait", help="wait until the model is loaded"),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Create a deployment for a registered model (following an alias, or a fixed version)."""
+    """Create a deployment for a registered model (following an alias, or a fixed version).
+
+    Optionally with a canary (a second version taking a share of the traffic), int8 quantization, batching and a
+    length policy; `deployments update` changes them later.
+    """
+    settings = DeploymentSettings(
+        canary_version=canary_version,
+        canary_alias=canary_alias,
+        canary_weight=canary_weight,
+        quantization=quantization,
+        max_batch_size=max_batch_size,
+        max_delay_ms=max_delay_ms,
+        max_queue_size=max_queue_size,
+        max_tokens=max_tokens,
+        over_length=over_length,
+    )
     deployment = deployment_request(
-        name, model, alias="" if version else alias, version=version, uncertainty=uncertainty, sample_rate=sample_rate
+        name,
+        model,
+        alias="" if version else alias,
+        version=version,
+        uncertainty=uncertainty,
+        sample_rate=sample_rate,
+        settings=settings,
     )
     with state(ctx).client() as gm:
         created = gm.serving.CreateDeployment(sv.CreateDeploymentRequest(deployment=deployment, wait_until_ready=wait))
-    emit_object(deployment_row(created), want_json(ctx, as_json), raw=created)
+    emit_object(deployment_fields(created), want_json(ctx, as_json), raw=created)
 
 
+@deployments_app.callback()
 @one_line_errors
 def deployments_command(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+    """Deployments and the state of each loaded version (``gristmill deployments`` alone lists them)."""
+    if as_json:
+        state(ctx).as_json = True  # `deployments --json list` as `deployments list --json`
+    if ctx.invoked_subcommand is None:
+        deployments_list(ctx, as_json=as_json, page_size=0, page_token="", every_page=False)
+
+
+@deployments_app.command("list")
+@one_line_errors
+def deployments_list(
+    ctx: typer.Context,
+    as_json: bool = JSON_OPTION,
+    page_size: int = PAGE_SIZE_OPTION,
+    page_token: str = PAGE_TOKEN_OPTION,
+    every_page: bool = ALL_OPTION,
+) -> None:
     """Deployments and the state of each loaded version."""
     with state(ctx).client() as gm:
-        reply = gm.serving.ListDeployments(sv.ListDeploymentsRequest())
-    emit_messages(reply.deployments, deployment_row, want_json(ctx, as_json))
+
+        def fetch(page: common_pb2.PageRequest) -> tuple[list[sv.Deployment], str]:
+            reply = gm.serving.ListDeployments(sv.ListDeploymentsRequest(page=page))
+            return list(reply.deployments), reply.next_page_token
+
+        deployments, token = collect(fetch, page_size=page_size, page_token=page_token, every_page=every_page)
+    emit_messages(deployments, deployment_row, want_json(ctx, as_json))
+    more_hint(token)
+
+
+@deployments_app.command("show")
+@one_line_errors
+def deployments_show(
+    ctx: typer.Context, name: str = typer.Argument(..., help="deployment name"), as_json: bool = JSON_OPTION
+) -> None:
+    """One deployment: routing, canary, batching, quantization and each loaded version."""
+    with state(ctx).client() as gm:
+        deployment = gm.serving.GetDeployment(sv.GetDeploymentRequest(name=name))
+    emit_object(deployment_fields(deployment), want_json(ctx, as_json), raw=deployment)
+
+
+@deployments_app.command("update")
+@one_line_errors
+def deployments_update(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="deployment name"),
+    alias: str = typer.Option("", help="follow this alias from now on"),
+    version: int = typer.Option(0, min=0, help="serve this fixed version from now on"),
+    canary_version: int = CANARY_VERSION_OPTION,
+    canary_alias: str = CANARY_ALIAS_OPTION,
+    canary_weight: float | None = CANARY_WEIGHT_OPTION,
+    no_canary: bool = typer.Option(False, "--no-canary", help="remove the canary (all traffic to the target)"),
+    quantization: str = QUANTIZATION_OPTION,
+    max_batch_size: int | None = MAX_BATCH_OPTION,
+    max_delay_ms: int | None = MAX_DELAY_OPTION,
+    max_queue_size: int | None = MAX_QUEUE_OPTION,
+    max_tokens: int | None = MAX_TOKENS_OPTION,
+    over_length: str = OVER_LENGTH_OPTION,
+    uncertainty: float | None = typer.Option(None, help="new uncertainty threshold for prediction logging"),
+    sample_rate: float | None = typer.Option(None, help="new fraction of all predictions logged"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="wait until a new version or canary is loaded"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Change a deployment: only what the options name (a new target or canary loads beside the current one)."""
+    if alias and version:
+        fail("give --alias or --version, not both", code=2)
+    if no_canary and (canary_weight is not None or canary_version or canary_alias):
+        fail("give --no-canary or a new canary, not both", code=2)
+    deployment = sv.Deployment(name=name)
+    paths = apply_settings(
+        deployment,
+        DeploymentSettings(
+            canary_version=canary_version,
+            canary_alias=canary_alias,
+            canary_weight=canary_weight,
+            quantization=quantization,
+            max_batch_size=max_batch_size,
+            max_delay_ms=max_delay_ms,
+            max_queue_size=max_queue_size,
+            max_tokens=max_tokens,
+            over_length=over_length,
+            uncertainty=uncertainty,
+            sample_rate=sample_rate,
+        ),
+    )
+    if alias or version:
+        deployment.target.CopyFrom(
+            common_pb2.ModelVersionSelector(version=version)
+            if version
+            else common_pb2.ModelVersionSelector(alias=alias)
+        )
+        paths.append("target")
+    if no_canary:
+        paths.append("canary")  # an empty canary in the mask removes it
+    if not paths:
+        fail("nothing to change: give at least one option (see --help)", code=2)
+    request = sv.UpdateDeploymentRequest(name=name, deployment=deployment, wait_until_ready=wait)
+    request.update_mask.paths.extend(paths)
+    with state(ctx).client() as gm:
+        updated = gm.serving.UpdateDeployment(request)
+    emit_object(deployment_fields(updated), want_json(ctx, as_json), raw=updated)
+
+
+@deployments_app.command("delete")
+@one_line_errors
+def deployments_delete(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="deployment name"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Stop serving a deployment: routing stops, in-flight requests finish, its models are freed."""
+    confirm(f"delete deployment {name!r}", yes, "clients calling it will get NOT_FOUND")
+    with state(ctx).client() as gm:
+        gm.serving.DeleteDeployment(sv.DeleteDeploymentRequest(name=name))
+    emit_object({"deployment": name, "deleted": True}, want_json(ctx, as_json))
 
 
 # --------------------------------------------------------------------------- predictions

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -22,6 +26,9 @@ REGISTRATION_TIMEOUT_S = 120.0
 TERMINAL = {tr.JOB_STATE_SUCCEEDED, tr.JOB_STATE_FAILED, tr.JOB_STATE_CANCELLED}
 
 jobs_app = typer.Typer(help="Training jobs.", no_args_is_help=True)
+autotrain_app = typer.Typer(
+    help="A project's auto-train policy (set it with `train PROJECT --auto ...`): show, delete.", no_args_is_help=True
+)
 
 
 def state_name(value: int) -> str:
@@ -106,6 +113,162 @@ def job_spec(
         resources=tr.Resources(num_workers=workers),
         registered_model_name=model,
     )
+
+
+# --------------------------------------------------------------------------- hyper-parameter search
+
+SEARCH_SYNTAX = "expected NAME=uniform(MIN,MAX), NAME=loguniform(MIN,MAX) or NAME=choice(V1,V2,...)"
+_SEARCH_EXPRESSION = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*([a-z_]+)\s*\((.*)\)\s*$")
+_DOMAINS = {"uniform": "uniform", "loguniform": "log_uniform", "log_uniform": "log_uniform", "choice": "choice"}
+MODES = {"max": common_pb2.METRIC_GOAL_MAXIMIZE, "min": common_pb2.METRIC_GOAL_MINIMIZE}
+SCHEDULERS = {"asha": tr.SEARCH_SCHEDULER_ASHA, "fifo": tr.SEARCH_SCHEDULER_FIFO}
+
+
+class SearchSpecError(ValueError):
+    """A search expression or file that cannot be read; the message says what was expected."""
+
+
+def parameter_name(name: str) -> str:
+    """``lora_rank`` → ``lora.rank`` (the API's dotted name); other names as given (the service checks them)."""
+    return "lora." + name.removeprefix("lora_") if name.startswith("lora_") else name
+
+
+def _number(text: str, where: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise SearchSpecError(f"{where}: {text.strip()!r} is not a number") from None
+    if not math.isfinite(value):
+        raise SearchSpecError(f"{where}: {text.strip()!r} is not a finite number")
+    return value
+
+
+def search_dimension(name: str, domain: str, values: Sequence[float], where: str) -> tr.SearchDimension:
+    """One dimension, with the checks that need no server (the service checks the parameter names)."""
+    dimension = tr.SearchDimension(parameter=parameter_name(name))
+    if domain == "choice":
+        if not values:
+            raise SearchSpecError(f"{where}: choice() needs at least one value")
+        dimension.choice.values.extend(values)
+        return dimension
+    if len(values) != 2:
+        raise SearchSpecError(f"{where}: {domain}() takes two numbers, MIN and MAX (got {len(values)})")
+    low, high = values
+    if not low < high:
+        raise SearchSpecError(f"{where}: needs MIN < MAX (got {low:g}, {high:g})")
+    if domain == "log_uniform" and low <= 0:
+        raise SearchSpecError(f"{where}: loguniform() needs MIN > 0 (got {low:g})")
+    getattr(dimension, domain).CopyFrom(tr.Range(min=low, max=high))
+    return dimension
+
+
+def parse_search_expression(text: str) -> tr.SearchDimension:
+    """``learning_rate=loguniform(1e-5,1e-3)``, ``lora.rank=choice(4,8)`` → a ``SearchDimension``."""
+    where = f"--search {text!r}"
+    match = _SEARCH_EXPRESSION.match(text)
+    if not match:
+        raise SearchSpecError(f"{where}: {SEARCH_SYNTAX}")
+    name, domain, args = match.groups()
+    if domain not in _DOMAINS:
+        raise SearchSpecError(f"{where}: unknown distribution {domain!r}; use uniform, loguniform or choice")
+    values = [_number(arg, where) for arg in args.split(",") if arg.strip()]
+    return search_dimension(name, _DOMAINS[domain], values, where)
+
+
+def search_file_settings(path: Path) -> dict[str, Any]:
+    """A search in JSON: ``{"trials": 8, "metric": "f1", "mode": "max", "scheduler": "asha",
+    "max_concurrent_trials": 2, "dimensions": {"learning_rate": "loguniform(1e-5,1e-3)", "lora.rank": [4, 8]}}``
+    (a list is a choice)."""
+    if not path.is_file():
+        raise SearchSpecError(f"--search-file {path}: no such file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SearchSpecError(f"--search-file {path}: not JSON: {exc}") from None
+    known = {"trials", "max_concurrent_trials", "metric", "mode", "scheduler", "dimensions"}
+    if not isinstance(data, dict) or set(data) - known:
+        extra = sorted(set(data) - known) if isinstance(data, dict) else []
+        raise SearchSpecError(
+            f"--search-file {path}: expected an object with {', '.join(sorted(known))}"
+            + (f" (unknown: {', '.join(extra)})" if extra else "")
+        )
+    dims = data.get("dimensions", {})
+    if not isinstance(dims, Mapping):
+        raise SearchSpecError(f'--search-file {path}: "dimensions" must be an object of NAME: expression or list')
+    dimensions = []
+    for name, spec in dims.items():
+        where = f"--search-file {path}: dimension {name!r}"
+        if isinstance(spec, list):
+            values = [_number(str(v), where) for v in spec if not isinstance(v, bool)]
+            if len(values) != len(spec):
+                raise SearchSpecError(f"{where}: a choice is a list of numbers")
+            dimensions.append(search_dimension(name, "choice", values, where))
+        elif isinstance(spec, str):
+            dimensions.append(parse_search_expression(f"{name}={spec}"))
+        else:
+            raise SearchSpecError(f"{where}: give an expression such as 'uniform(0,0.1)', or a list (a choice)")
+    return {**data, "dimensions": dimensions}
+
+
+def search_spec(
+    *,
+    expressions: Sequence[str],
+    search_file: Path | None,
+    trials: int,
+    max_concurrent_trials: int,
+    metric: str,
+    mode: str,
+    scheduler: str,
+) -> tr.HyperParameterSearch | None:
+    """The search the options describe (None: none asked for); options on the command line win over the file's.
+
+    Raises ``SearchSpecError`` for what can be told wrong without asking the service.
+    """
+    settings = search_file_settings(search_file) if search_file is not None else {}
+    dimensions = list(settings.get("dimensions", []))
+    for text in expressions:
+        dimensions.append(parse_search_expression(text))
+    if not dimensions:
+        if search_file is not None:
+            raise SearchSpecError(f"--search-file {search_file}: no dimensions to search")
+        if trials or max_concurrent_trials or metric or mode or scheduler:
+            raise SearchSpecError("--trials, --metric, --mode and --scheduler need --search or --search-file")
+        return None
+    names = [d.parameter for d in dimensions]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SearchSpecError(f"--search: {', '.join(duplicates)} searched more than once")
+    trials = trials or int(settings.get("trials", 0) or 0)
+    if trials < 1:
+        raise SearchSpecError("a search needs --trials N (how many trials to run, >= 1)")
+    mode = mode or str(settings.get("mode", ""))
+    if mode and mode not in MODES:
+        raise SearchSpecError(f"--mode must be max or min, got {mode!r}")
+    scheduler = scheduler or str(settings.get("scheduler", ""))
+    if scheduler and scheduler not in SCHEDULERS:
+        raise SearchSpecError(f"--scheduler must be asha or fifo, got {scheduler!r}")
+    return tr.HyperParameterSearch(
+        num_trials=trials,
+        max_concurrent_trials=max_concurrent_trials or int(settings.get("max_concurrent_trials", 0) or 0),
+        metric=metric or str(settings.get("metric", "")),
+        goal=MODES.get(mode, common_pb2.METRIC_GOAL_UNSPECIFIED),
+        scheduler=SCHEDULERS.get(scheduler, tr.SEARCH_SCHEDULER_UNSPECIFIED),
+        dimensions=dimensions,
+    )
+
+
+def search_text(search: tr.HyperParameterSearch) -> str:
+    """``4 trials on f1 (max): learning_rate=loguniform(1e-05,0.001) lora.rank=choice(4,8)``, for tables."""
+    parts = []
+    for d in search.dimensions:
+        which = d.WhichOneof("domain")
+        if which == "choice":
+            parts.append(f"{d.parameter}=choice({','.join(f'{v:g}' for v in d.choice.values)})")
+        elif which is not None:
+            r = getattr(d, which)
+            parts.append(f"{d.parameter}={which.replace('_', '')}({r.min:g},{r.max:g})")
+    mode = {common_pb2.METRIC_GOAL_MAXIMIZE: "max", common_pb2.METRIC_GOAL_MINIMIZE: "min"}.get(search.goal, "")
+    return f"{search.num_trials} trials on {search.metric or 'f1'}{f' ({mode})' if mode else ''}: {' '.join(parts)}"
 
 
 def dataset_version(gm: Gristmill, project_id: str, version: str) -> lb.DatasetVersion:
@@ -195,6 +358,11 @@ def watch_job(
 
 def job_summary(job: tr.Job) -> dict[str, Any]:
     fields = job_row(job)
+    if job.spec.HasField("search"):
+        fields["search"] = search_text(job.spec.search)
+        fields["trials"] = f"{job.progress.trials_completed}/{job.progress.trials_total}"
+        if job.HasField("result") and job.result.HasField("best_trial"):
+            fields["best trial"] = job.result.best_trial
     if job.HasField("result"):
         fields["metrics"] = metric_text(job.result.metrics)
         fields["artifacts"] = job.result.artifact_prefix
@@ -218,13 +386,47 @@ def train_command(
     max_length: int = typer.Option(0, help="tokens per text (0: 128)"),
     lora: bool = typer.Option(False, "--lora", help="train LoRA adapters instead of every weight"),
     workers: int = typer.Option(1, help="data-parallel Ray Train workers"),
+    search: list[str] = typer.Option(
+        [],
+        "--search",
+        help="search a hyper-parameter, repeatable: NAME=uniform(MIN,MAX), NAME=loguniform(MIN,MAX) or "
+        "NAME=choice(V1,V2,...); NAME: learning_rate, weight_decay, warmup_ratio, per_worker_batch_size, "
+        "lora.rank, lora.alpha, lora.dropout",
+    ),
+    search_file: Path | None = typer.Option(
+        None, "--search-file", help="the search as JSON: trials, metric, mode, scheduler, dimensions {NAME: expr}"
+    ),
+    trials: int = typer.Option(0, "--trials", min=0, help="trials a search runs (each a full training run)"),
+    max_concurrent_trials: int = typer.Option(
+        0, "--max-concurrent-trials", min=0, help="trials at once (0: as many as the cluster fits)"
+    ),
+    metric: str = typer.Option("", "--metric", help="validation metric a search optimises: accuracy, f1 or loss"),
+    mode: str = typer.Option("", "--mode", help="max or min (default: min for loss, max otherwise)"),
+    scheduler: str = typer.Option("", "--scheduler", help="asha (stops poor trials early; default) or fifo"),
     auto: bool = typer.Option(False, "--auto", help="set the project's auto-train policy instead of submitting"),
     no_wait: bool = typer.Option(False, "--no-wait", help="submit and print the job id; do not watch it"),
     request_id: str = typer.Option("", help="idempotency key: a retried submit returns the first job"),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Fine-tune a model on a published dataset version, with a live progress bar (or set --auto)."""
+    """Fine-tune a model on a published dataset version, with a live progress bar (or set --auto).
+
+    With --search, the job is a hyper-parameter search (Ray Tune): every trial trains with sampled values and the
+    best trial's model is the result, e.g. --search 'learning_rate=loguniform(1e-5,1e-3)' --search
+    'lora.rank=choice(4,8)' --lora --trials 6 --metric f1 --mode max.
+    """
     as_json = want_json(ctx, as_json)
+    try:
+        search_settings = search_spec(
+            expressions=search,
+            search_file=search_file,
+            trials=trials,
+            max_concurrent_trials=max_concurrent_trials,
+            metric=metric,
+            mode=mode,
+            scheduler=scheduler,
+        )
+    except SearchSpecError as exc:
+        fail(str(exc), code=2)
     with state(ctx).client() as gm:
         version = None if auto else dataset_version(gm, project_id, version_option)
         spec = job_spec(
@@ -243,6 +445,8 @@ def train_command(
             lora=lora,
             workers=workers,
         )
+        if search_settings is not None:
+            spec.search.CopyFrom(search_settings)
         if version is not None:
             # The manifest's key and checksum, as labeling published them: training reads and verifies it.
             spec.dataset_version.manifest.CopyFrom(version.manifest)
@@ -258,7 +462,7 @@ def train_command(
             return
         job = gm.training.SubmitJob(tr.SubmitJobRequest(spec=spec, request_id=request_id))
         if no_wait:
-            emit_object(job_row(job), as_json, raw=job)
+            emit_object(job_summary(job), as_json, raw=job)
             return
         if not as_json:
             typer.echo(f"job {job.job_id} submitted; watching (Ctrl-C stops watching, not the job)")
@@ -322,3 +526,30 @@ def jobs_cancel(
     with state(ctx).client() as gm:
         job = gm.training.CancelJob(tr.CancelJobRequest(job_id=job_id, reason=reason))
     emit_object(job_row(job), want_json(ctx, as_json), raw=job)
+
+
+@autotrain_app.command("show")
+@one_line_errors
+def autotrain_show(ctx: typer.Context, project_id: str = typer.Argument(...), as_json: bool = JSON_OPTION) -> None:
+    """A project's auto-train policy: the job every published dataset version starts."""
+    with state(ctx).client() as gm:
+        policy = gm.training.GetAutoTrainPolicy(tr.GetAutoTrainPolicyRequest(project_id=project_id))
+    template = policy.job_template
+    fields = {
+        "project": policy.project_id,
+        "enabled": policy.enabled,
+        "model": template.registered_model_name,
+        "method": enum_name(tr.TrainingMethod.Name(template.method), "TRAINING_METHOD_"),
+        **({"search": search_text(template.search)} if template.HasField("search") else {}),
+        "updated": when(policy.update_time),
+    }
+    emit_object(fields, want_json(ctx, as_json), raw=policy)
+
+
+@autotrain_app.command("delete")
+@one_line_errors
+def autotrain_delete(ctx: typer.Context, project_id: str = typer.Argument(...), as_json: bool = JSON_OPTION) -> None:
+    """Remove a project's auto-train policy (publishing no longer starts a job)."""
+    with state(ctx).client() as gm:
+        gm.training.DeleteAutoTrainPolicy(tr.DeleteAutoTrainPolicyRequest(project_id=project_id))
+    emit_object({"project": project_id, "auto-train policy": "deleted"}, want_json(ctx, as_json))

@@ -1,11 +1,14 @@
 """The Gristmill Python SDK: typed clients for every service, usable from scripts and notebooks.
 
-    from gristmill.client import Gristmill, NotFoundError
+    from gristmill.api.labeling.v1 import labeling_pb2
+    from gristmill.api.registry.v1 import registry_pb2
+    from gristmill.client import ClientOptions, Endpoints, Gristmill, NotFoundError
 
-    with Gristmill(api_key="gm_...") as gm:
-        project = gm.labeling.CreateProject(labeling_pb2.CreateProjectRequest(...))
+    options = ClientOptions(api_key="gmk_...")  # a key's secret, as `gristmill keys create` prints it
+    with Gristmill(Endpoints(), options) as gm:  # Endpoints(): each service's default port on 127.0.0.1
+        project = gm.labeling.CreateProject(labeling_pb2.CreateProjectRequest(display_name="Reviews", ...))
         try:
-            gm.registry.GetModelVersion(registry_pb2.GetModelVersionRequest(...))
+            gm.registry.GetModelVersion(registry_pb2.GetModelVersionRequest(registered_model_name="sentiment"))
         except NotFoundError as err:
             print(err)
 

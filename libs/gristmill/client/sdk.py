@@ -30,7 +30,13 @@ class Endpoints:
 
 
 class Gristmill:
-    """Typed clients for every Gristmill API. Channels open lazily; use as a context manager or ``close()``."""
+    """Typed clients for every Gristmill API. Channels open lazily; use as a context manager or ``close()``.
+
+    ``Gristmill(endpoints, options)``: where the services listen (``Endpoints()``: their default ports on
+    127.0.0.1) and how to call them; the API key goes in the options, e.g.
+    ``Gristmill(options=ClientOptions(api_key="gmk_..."))`` (a key's secret starts with ``gmk_``). Every write the
+    SDK makes has a ``gristmill`` CLI command (``gristmill --help``).
+    """
 
     def __init__(self, endpoints: Endpoints | None = None, options: ClientOptions | None = None) -> None:
         self.endpoints = endpoints or Endpoints()
@@ -54,7 +60,9 @@ class Gristmill:
     def _channel(self, target: str) -> grpc.Channel:
         # One channel per address: services that share a process share a connection.
         if target not in self._channels:
-            self._channels[target] = open_channel(target, self.options)
+            # Named in error messages (a refused TLS handshake): "the labeling service at ...".
+            service = "/".join(name for name in SERVICES if getattr(self.endpoints, name) == target)
+            self._channels[target] = open_channel(target, self.options, service=service)
         return self._channels[target]
 
     def close(self) -> None:

@@ -1,0 +1,114 @@
+"""What the CLI shows and parses without a platform: the labeling suggestion, search expressions, quotas, cards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import typer
+
+from gristmill.api.admin.v1 import admin_pb2 as ad
+from gristmill.api.labeling.v1 import labeling_pb2 as lb
+from gristmill.cli.admin_commands import parse_quota
+from gristmill.cli.labeling_commands import prediction_input, suggestion, task_lines
+from gristmill.cli.registry_commands import card_text_from_file
+from gristmill.cli.training_commands import SearchSpecError, parse_search_expression, search_spec
+
+
+def task(*predictions: lb.Prediction) -> lb.Task:
+    schema = lb.LabelSchema(labels=[lb.LabelDefinition(name="negative"), lb.LabelDefinition(name="positive")])
+    item = lb.Item(item_id="i1", text="It broke at once", predictions=list(predictions))
+    return lb.Task(task_id="t1", item=item, label_schema=schema)
+
+
+def prediction(label: str, p: float, version: int = 1, seconds: int = 100) -> lb.Prediction:
+    other = "positive" if label == "negative" else "negative"
+    made = lb.Prediction(model_name="sentiment", model_version=version, labels=[label])
+    made.probabilities.update({label: p, other: 1 - p})
+    made.create_time.FromSeconds(seconds)
+    return made
+
+
+def test_label_shows_the_newest_suggestion_with_its_probability() -> None:
+    lines = task_lines(task(prediction("positive", 0.55, 1, 100), prediction("negative", 0.875, 2, 200)), 7)
+    assert lines == [
+        "\n[7 left] It broke at once",
+        "  suggested: 1) negative (p=0.88) by sentiment v2",
+        "  1) negative  2) positive  s) skip  q) quit",
+    ]
+
+
+def test_label_without_a_prediction_shows_no_suggestion() -> None:
+    assert suggestion(task().item) is None
+    assert not any("suggested" in line for line in task_lines(task(), 1))
+
+
+def test_a_prediction_with_probabilities_only_suggests_the_most_probable_label() -> None:
+    only_probabilities = lb.Prediction(model_name="m", probabilities={"negative": 0.3, "positive": 0.7})
+    hint = suggestion(task(only_probabilities).item)
+    assert hint is not None and (hint.label, hint.probability, hint.model) == ("positive", 0.7, "m")
+
+
+def test_search_expressions() -> None:
+    log = parse_search_expression("learning_rate=loguniform(1e-5, 1e-3)")
+    assert (log.parameter, log.log_uniform.min, log.log_uniform.max) == ("learning_rate", 1e-5, 1e-3)
+    rank = parse_search_expression("lora_rank=choice(4,8,16)")
+    assert (rank.parameter, list(rank.choice.values)) == ("lora.rank", [4, 8, 16])
+    for bad, message in [
+        ("learning_rate", "expected NAME=uniform"),
+        ("learning_rate=normal(1,2)", "unknown distribution"),
+        ("learning_rate=uniform(1)", "two numbers"),
+        ("learning_rate=uniform(3,1)", "MIN < MAX"),
+        ("learning_rate=uniform(a,1)", "not a number"),
+        ("lora.rank=choice()", "at least one value"),
+    ]:
+        with pytest.raises(SearchSpecError, match=message):
+            parse_search_expression(bad)
+
+
+def test_search_spec_needs_trials_and_refuses_duplicates() -> None:
+    kwargs = {"search_file": None, "max_concurrent_trials": 0, "metric": "", "mode": "", "scheduler": ""}
+    assert search_spec(expressions=[], trials=0, **kwargs) is None  # type: ignore[arg-type]
+    with pytest.raises(SearchSpecError, match="--trials"):
+        search_spec(expressions=["weight_decay=uniform(0,0.1)"], trials=0, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(SearchSpecError, match="more than once"):
+        search_spec(expressions=["lora.rank=choice(4)", "lora_rank=choice(8)"], trials=2, **kwargs)  # type: ignore[arg-type]
+
+
+def test_quotas() -> None:
+    quota = parse_quota("training-worker-seconds/month=36000")
+    assert (quota.kind, quota.period, quota.limit) == (
+        ad.USAGE_KIND_TRAINING_WORKER_SECONDS,
+        ad.QUOTA_PERIOD_MONTH,
+        36000,
+    )
+    for bad in ("predictions/week=5", "predictions=5", "tokens/day=5", "predictions/day=lots", "predictions/day=-1"):
+        with pytest.raises(typer.Exit):
+            parse_quota(bad)
+
+
+def test_card_markdown_keeps_the_editable_sections_only(tmp_path: Path) -> None:
+    card = tmp_path / "model-card.md"
+    card.write_text(
+        "# m version 1\n\n## Intended use\n\nTriage.\n\n## Training\n\ngenerated\n\n"
+        "## Limitations\n\nEnglish only.\n\n### Known gaps\n\nSarcasm.\n\n"
+        "## Ethical considerations\n\n_Not written yet._\n"
+    )
+    assert card_text_from_file(card) == {
+        "intended_use": "Triage.",
+        "limitations": "English only.\n\n### Known gaps\n\nSarcasm.",
+        "ethical_considerations": "",
+    }
+
+
+def test_prediction_lines() -> None:
+    made = prediction_input({"id": "r-1", "probabilities": {"a": 0.2, "b": 0.8}}, "m", 2)
+    assert made.external_id == "r-1" and list(made.prediction.labels) == ["b"] and made.prediction.model_version == 2
+    for bad, message in [
+        ({"label": "a"}, "no item"),
+        ({"item_id": "x"}, "no prediction"),
+        ({"item_id": "x", "labels": "a"}, "list of label names"),
+        ({"item_id": "x", "label": "a", "probabilities": {"a": "high"}}, "label: number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            prediction_input(bad, "m", 1)
