@@ -1,11 +1,18 @@
-"""End to end: ``gristmill demo --stack local`` with every service as its own process on the real Kafka broker
-and S3 server, a tiny model, and the registry killed (SIGKILL) and restarted while the training job runs.
+"""End to end: ``gristmill demo --stack local --tls`` with every service as its own process on the real Kafka
+broker and S3 server, mTLS on every connection (each service its own certificate, service-to-service calls
+included; the demo and these tests present the ``client`` certificate), a tiny model, and the registry killed
+(SIGKILL) and restarted while the training job runs.
 
-Isolation: the services listen on five free ports of their own, keep pid files and logs in a temporary run
-directory (which names their PostgreSQL databases, dropped at the end), and use consumer groups with a unique
-suffix that start at the topics' current end, so a developer's running stack and other tests on the same Kafka
-and PostgreSQL are neither disturbed nor replayed. PostgreSQL, Kafka and S3 are the shared ones that ``make test``
-starts (deploy/local/stack.sh).
+mTLS is the stricter configuration of the same code: a plaintext stack differs only in its channel credentials,
+which every integration test and the serving benchmark use. One run therefore proves both the loop and the
+transport users of a service mesh run: certificates per service, ``gristmill status`` over TLS, clients without
+the right certificate refused with one clear line each, a certificate renewed on SIGHUP without a restart.
+
+Isolation: the services listen on five free ports of their own, keep pid files, logs and certificates in a
+temporary run directory (which names their PostgreSQL databases, dropped at the end), and use consumer groups
+with a unique suffix that start at the topics' current end, so a developer's running stack and other tests on
+the same Kafka and PostgreSQL are neither disturbed nor replayed. PostgreSQL, Kafka and S3 are the shared ones
+that ``make test`` starts (deploy/local/stack.sh).
 
 One demo run (about two minutes) backs every test here; the tests check different promises of that run.
 """
@@ -16,6 +23,10 @@ import contextlib
 import json
 import math
 import os
+import shutil
+import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -36,7 +47,8 @@ from gristmill.api.serving.v1 import serving_pb2 as sv
 from gristmill.cli import demo_data
 from gristmill.cli.platforms import LocalStack
 from gristmill.cli.serving_commands import predict_oip, predict_typed
-from gristmill.client import ClientOptions, Endpoints, Gristmill, UnauthenticatedError
+from gristmill.client import ClientOptions, Endpoints, Gristmill, UnauthenticatedError, UnavailableError
+from gristmill.core.tls import TLS_VARIABLES, TlsSettings, channel_credentials, tls_files
 from tests.conftest import REPO_ROOT
 from tests.support.services import free_port_block, restart_service
 
@@ -44,6 +56,7 @@ from tests.support.services import free_port_block, restart_service
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
 SERVICES = ("labeling", "training", "registry", "serving")
+ALL_SERVICES = ("admin", *SERVICES)
 
 
 @dataclass
@@ -53,6 +66,7 @@ class DemoRun:
     base_port: int
     registry_pids: tuple[int, int]
     progress: str
+    env: dict[str, str]  # the test's environment without any GRISTMILL_TLS_* (a plaintext client)
 
     @property
     def endpoints(self) -> Endpoints:
@@ -66,14 +80,39 @@ class DemoRun:
     def log(self, service: str) -> str:
         return (self.run_dir / "logs" / f"{service}.log").read_text(errors="replace")
 
+    @property
+    def certs(self) -> Path:
+        return self.run_dir / "certs"
 
-def _gristmill(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    @property
+    def endpoints_option(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.summary["endpoints"].items())
+
+    def client_tls(self) -> TlsSettings:
+        return TlsSettings(
+            cert_file=self.certs / "client.pem", key_file=self.certs / "client.key", ca_file=self.certs / "ca.pem"
+        )
+
+    def client(self, *, api_key: str | None = None) -> Gristmill:
+        """The SDK with the ``client`` certificate and (by default) the root key."""
+        key = self.api_key if api_key is None else api_key
+        return Gristmill(self.endpoints, ClientOptions(timeout_s=30, api_key=key, tls=self.client_tls()))
+
+    def client_env(self, certs: Path | None = None, ca: Path | None = None) -> dict[str, str]:
+        """The test's environment with a client certificate (ours by default) and the CA the client trusts."""
+        files = tls_files(certs or self.certs, "client")
+        files["GRISTMILL_TLS_CA_FILE"] = str(ca or self.certs / "ca.pem")
+        return {**self.env, **files}
+
+
+def _gristmill(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gristmill.cli.main", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
 
 
@@ -90,11 +129,14 @@ def demo(
     command = [
         sys.executable, "-m", "gristmill.cli.main", "demo", "--stack", "local", *common,
         "--group-suffix", suffix, "--data-dir", str(work), "--items", "200",
-        "--keep-running", "--json", "--timeout", "420",
+        "--tls", "--keep-running", "--json", "--timeout", "420",
     ]  # fmt: skip
-    env = {**os.environ, "GRISTMILL_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "GRISTMILL_S3_ENDPOINT":
-           s3_endpoint["endpoint"], "GRISTMILL_S3_ACCESS_KEY": s3_endpoint["access_key"],
-           "GRISTMILL_S3_SECRET_KEY": s3_endpoint["secret_key"]}  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in TLS_VARIABLES and k != "GRISTMILL_API_KEY"} | {
+        "GRISTMILL_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "GRISTMILL_S3_ENDPOINT": s3_endpoint["endpoint"],
+        "GRISTMILL_S3_ACCESS_KEY": s3_endpoint["access_key"],
+        "GRISTMILL_S3_SECRET_KEY": s3_endpoint["secret_key"],
+    }
     try:
         with stdout.open("w") as out, stderr.open("w") as err:
             proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=err, env=env)
@@ -107,10 +149,10 @@ def demo(
             code = proc.wait(timeout=480)
         progress = stderr.read_text()
         assert code == 0, f"gristmill demo failed ({code}):\n{progress[-4000:]}"
-        yield DemoRun(json.loads(stdout.read_text()), run_dir, base_port, registry_pids, progress)
+        yield DemoRun(json.loads(stdout.read_text()), run_dir, base_port, registry_pids, progress, env)
     finally:
         # `down` stops every service of this run (the restarted registry included); the stack stays up.
-        _gristmill("down", "--keep-stack", *common)
+        _gristmill("down", "--keep-stack", *common, env=env)
         # Cleanup must not hide why the run failed (PostgreSQL gone, say).
         with contextlib.suppress(Exception):
             LocalStack(run_dir, base_port=base_port, group_suffix=suffix).drop_databases()
@@ -119,7 +161,7 @@ def demo(
 def test_the_version_serving_at_the_end_is_the_one_trained_from_the_published_dataset(demo: DemoRun) -> None:
     s = demo.summary
     assert s["stack"] == "local" and s["total_seconds"] < 300
-    with Gristmill(demo.endpoints, ClientOptions(timeout_s=30, api_key=demo.api_key)) as gm:
+    with demo.client() as gm:
         production = gm.registry.GetModelVersion(
             rg.GetModelVersionRequest(
                 registered_model_name=s["model"], selector=common_pb2.ModelVersionSelector(alias="production")
@@ -161,7 +203,7 @@ def test_predictions_come_back_through_the_open_inference_protocol(demo: DemoRun
     # (one soak round in ten answered it wrongly with accuracy/test 1.0).
     reviews = list(demo_data.generate(20, seed=8))
     texts = [r.text for r in reviews]
-    with Gristmill(demo.endpoints, ClientOptions(timeout_s=30, api_key=demo.api_key)) as gm:
+    with demo.client() as gm:
         answered = predict_oip(gm, s["deployment"], texts)
         typed = predict_typed(gm, s["deployment"], texts)
     assert [p.label for p in answered] == [p.label for p in typed], "both protocols serve the same model"
@@ -173,7 +215,7 @@ def test_predictions_come_back_through_the_open_inference_protocol(demo: DemoRun
 def test_uncertain_predictions_became_labeling_tasks(demo: DemoRun) -> None:
     s = demo.summary
     assert s["predictions"]["uncertain"] >= 1
-    with Gristmill(demo.endpoints, ClientOptions(timeout_s=30, api_key=demo.api_key)) as gm:
+    with demo.client() as gm:
         items = gm.labeling.ListItems(
             lb.ListItemsRequest(project_id=s["project"], source=lb.ITEM_SOURCE_PREDICTION_LOG)
         ).items
@@ -205,7 +247,7 @@ def test_a_registry_killed_mid_run_loses_nothing_and_duplicates_nothing(demo: De
     old, new = demo.registry_pids
     assert old != new and demo.log("registry").count("registry serving gRPC on") == 2
     s = demo.summary
-    with Gristmill(demo.endpoints, ClientOptions(timeout_s=30, api_key=demo.api_key)) as gm:
+    with demo.client() as gm:
         versions = gm.registry.ListModelVersions(rg.ListModelVersionsRequest(registered_model_name=s["model"]))
         history = gm.registry.GetAliasHistory(
             rg.GetAliasHistoryRequest(registered_model_name=s["model"], alias="production")
@@ -218,30 +260,138 @@ def test_a_registry_killed_mid_run_loses_nothing_and_duplicates_nothing(demo: De
 
 def test_up_is_idempotent_and_status_sees_every_service(demo: DemoRun) -> None:
     common = ["--run-dir", str(demo.run_dir), "--base-port", str(demo.base_port)]
-    up = _gristmill("up", *common)
+    up = _gristmill("up", "--tls", *common, env=demo.env)
     assert up.returncode == 0, up.stderr
+    assert "mTLS is on" in up.stdout
     for name, address in demo.summary["endpoints"].items():
         assert f"{name}: serving on {address}" in up.stdout
-    endpoints = " ".join(f"{k}={v}" for k, v in demo.summary["endpoints"].items())
-    status = _gristmill("--endpoints", endpoints, "status", "--json")
-    assert status.returncode == 0 and {r["health"] for r in json.loads(status.stdout)} == {"SERVING"}
+    status = _gristmill("--endpoints", demo.endpoints_option, "status", "--json", env=demo.client_env())
+    assert status.returncode == 0, status.stderr
+    assert {r["service"]: r["health"] for r in json.loads(status.stdout)} == dict.fromkeys(ALL_SERVICES, "SERVING")
 
 
 def test_the_networked_services_refuse_calls_without_a_valid_key(demo: DemoRun) -> None:
     """Auth is on in the local stack (only the embedded dev mode may switch it off)."""
     model = demo.summary["model"]
     get = rg.GetRegisteredModelRequest(name=model)
-    with Gristmill(demo.endpoints, ClientOptions(timeout_s=30)) as anonymous:
+    with demo.client(api_key="") as anonymous:
         with pytest.raises(UnauthenticatedError):
             anonymous.registry.GetRegisteredModel(get)
         with pytest.raises(UnauthenticatedError):
             anonymous.serving.Predict(sv.PredictRequest(model=demo.summary["deployment"], texts=["great"]))
-    with Gristmill(demo.endpoints, ClientOptions(timeout_s=30, api_key=demo.api_key)) as root:
+    with demo.client() as root:
         assert root.registry.GetRegisteredModel(get).name == model
     # Every service reports the licence it verified at start (the community edition here: no licence file).
     for service in SERVICES:
-        with grpc.insecure_channel(demo.summary["endpoints"][service]) as channel:
+        credentials = channel_credentials(demo.client_tls())
+        assert credentials is not None
+        with grpc.secure_channel(demo.summary["endpoints"][service], credentials) as channel:
             info = admin_pb2_grpc.LicenseServiceStub(channel).GetLicense(
                 admin_pb2.GetLicenseRequest(), metadata=(("authorization", f"Bearer {demo.api_key}"),), timeout=30
             )
         assert info.service == service and info.limits["max_registered_models"] == 10
+
+
+# -- the transport: mTLS with a certificate per service ---------------------------------------------------------
+
+
+def test_every_service_runs_with_a_certificate_of_its_own(demo: DemoRun) -> None:
+    """Nothing is shared but the CA (the restarted registry kept its own too)."""
+    for service in ALL_SERVICES:
+        pid = int((demo.run_dir / "pids" / f"{service}.pid").read_text())
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        env = dict(item.decode().split("=", 1) for item in environ if b"=" in item)
+        assert env["GRISTMILL_TLS_CERT_FILE"] == str(demo.certs / f"{service}.pem")
+        assert env["GRISTMILL_TLS_KEY_FILE"] == str(demo.certs / f"{service}.key")
+        assert env["GRISTMILL_TLS_CA_FILE"] == str(demo.certs / "ca.pem")
+
+
+def test_status_says_in_one_line_per_service_why_a_plaintext_client_sees_it_down(demo: DemoRun) -> None:
+    plain = _gristmill("--endpoints", demo.endpoints_option, "status", "--json", env=demo.env)
+    assert plain.returncode == 1
+    assert {r["health"] for r in json.loads(plain.stdout)} == {"DOWN"}
+    lines = plain.stderr.strip().splitlines()
+    assert len(lines) == len(ALL_SERVICES)
+    for service, line in zip(sorted(ALL_SERVICES), sorted(lines), strict=True):
+        assert line.startswith(f"gristmill: TLS: the {service} service at 127.0.0.1:")
+        assert line.endswith("speaks TLS but this client is plaintext; set GRISTMILL_TLS_CERT_FILE/KEY_FILE/CA_FILE "
+                             "(a client certificate)")  # fmt: skip
+
+
+def test_clients_without_the_right_certificate_are_refused_in_one_clear_line(demo: DemoRun, tmp_path: Path) -> None:
+    registry = demo.endpoints.registry
+    models = ("--endpoints", demo.endpoints_option, "--api-key", demo.api_key, "models", "list")
+    # Plaintext, through the CLI: status UNAVAILABLE, one line.
+    plain = _gristmill(*models, env=demo.env)
+    assert plain.returncode == 1
+    assert plain.stderr.strip() == (
+        f"gristmill: unavailable: TLS: the registry service at {registry} speaks TLS but this client is plaintext; "
+        "set GRISTMILL_TLS_CERT_FILE/KEY_FILE/CA_FILE (a client certificate)"
+    )
+    # A client certificate from another CA (the client trusts the stack's CA, so only its own side is wrong).
+    other = tmp_path / "other-ca"
+    subprocess.run([str(REPO_ROOT / "deploy/local/certs.sh"), str(other)], check=True, capture_output=True)
+    foreign = _gristmill(*models, env=demo.client_env(certs=other))
+    assert foreign.returncode == 1
+    assert foreign.stderr.strip() == (
+        f"gristmill: unavailable: TLS: the registry service at {registry} refused our certificate "
+        f"{other / 'client.pem'} (unknown CA: it was not signed by the server's CA)"
+    )
+    # Our certificate, but trusting another CA: this side refuses the server.
+    distrust = _gristmill(*models, env=demo.client_env(ca=other / "ca.pem"))
+    assert distrust.returncode == 1 and len(distrust.stderr.strip().splitlines()) == 1
+    assert distrust.stderr.strip().startswith(
+        f"gristmill: unavailable: TLS: we refused the certificate of the registry service at {registry} (unknown CA"
+    )
+    # The SDK: the same line in an UnavailableError (status UNAVAILABLE), gRPC's own words kept in its details.
+    plaintext = ClientOptions(timeout_s=10, max_attempts=1, tls=None)
+    with (
+        Gristmill(demo.endpoints, plaintext) as gm,
+        pytest.raises(UnavailableError, match=r"^TLS: the registry service at .* speaks TLS") as err,
+    ):
+        gm.registry.GetRegisteredModel(rg.GetRegisteredModelRequest(name=demo.summary["model"]))
+    assert "transport" in err.value.details
+
+
+def _served_certificate(address: str, tls: TlsSettings) -> bytes:
+    """The DER certificate the server at ``address`` presents on a new connection."""
+    host, _, port = address.rpartition(":")
+    context = ssl.create_default_context(cafile=str(tls.ca_file))
+    context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    with (
+        socket.create_connection((host, int(port)), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=host) as conn,
+    ):
+        der = conn.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def test_a_renewed_certificate_is_served_after_sighup_without_a_restart(demo: DemoRun, tmp_path: Path) -> None:
+    """Last in the module: it renews the registry's certificate in the run directory."""
+    registry = demo.endpoints.registry
+    pem = demo.certs / "registry.pem"
+    before = _served_certificate(registry, demo.client_tls())
+    assert before == ssl.PEM_cert_to_DER_cert(pem.read_text())
+    # Renew: the same CA, a new key and serial (certs.sh keeps the CA it finds and makes what is missing).
+    renewal = tmp_path / "renewal"
+    renewal.mkdir()
+    for name in ("ca.pem", "ca.key", "ca.srl"):
+        if (demo.certs / name).exists():
+            shutil.copy(demo.certs / name, renewal / name)
+    subprocess.run([str(REPO_ROOT / "deploy/local/certs.sh"), str(renewal)], check=True, capture_output=True)
+    shutil.copy(renewal / "registry.pem", pem)
+    shutil.copy(renewal / "registry.key", demo.certs / "registry.key")
+    pid = int((demo.run_dir / "pids" / "registry.pid").read_text())
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while "reloaded TLS certificate from" not in demo.log("registry") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert f"reloaded TLS certificate from {pem}" in demo.log("registry")
+    after = _served_certificate(registry, demo.client_tls())
+    assert after != before and after == ssl.PEM_cert_to_DER_cert(pem.read_text())
+    # Still the same process, still serving calls (the SDK's new channel).
+    assert int((demo.run_dir / "pids" / "registry.pid").read_text()) == pid
+    with demo.client() as gm:
+        model = gm.registry.GetRegisteredModel(rg.GetRegisteredModelRequest(name=demo.summary["model"]))
+    assert model.name == demo.summary["model"]

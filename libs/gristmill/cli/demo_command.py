@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -101,6 +102,9 @@ def demo_command(
     services_dir: Path | None = typer.Option(
         None, "--run-dir", help="local stack: the services' pid files, logs and data (Kafka and S3 stay shared)"
     ),
+    tls: bool = typer.Option(
+        False, "--tls", help="local stack: mTLS everywhere (each service its own certificate; the demo uses 'client')"
+    ),
     keep_running: bool = typer.Option(False, "--keep-running", help="leave the services running afterwards"),
     timeout: float = typer.Option(600.0, help="seconds the loop may take"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
@@ -114,6 +118,9 @@ def demo_command(
         fail(f"--stack must be embedded or local, got {stack!r}", code=2)
     if data is not None and not data.is_file():
         fail(f"--data {data}: no such file", code=2)
+    if tls and (stack != "local" or no_start):
+        fail("--tls starts the local stack with mTLS: use it with --stack local (for running services, set "
+             "GRISTMILL_TLS_* instead)", code=2)  # fmt: skip
     began = time.monotonic()
     suffix_dir = time.strftime("%Y%m%d-%H%M%S")
     embedded: EmbeddedProcess | None = None
@@ -122,6 +129,7 @@ def demo_command(
     logs: dict[str, Path] = {}
     endpoints = cli.endpoints
     api_key = cli.api_key
+    client_tls = cli.tls
     work_dir = (data_dir or (Path(".data") / f"demo-{suffix_dir}")).resolve()
     provider, memory, otlp = demo_tracer_provider()
     options = DemoOptions(
@@ -157,7 +165,7 @@ def demo_command(
             endpoints = embedded.start()
             logs = {"*": embedded.log_file}
         else:
-            local = LocalStack(run_dir(services_dir), base_port=base_port, group_suffix=group_suffix)
+            local = LocalStack(run_dir(services_dir), base_port=base_port, group_suffix=group_suffix, tls=tls)
             out.write(
                 f"==> starting the local stack: Kafka, SeaweedFS, and a process per service (logs in "
                 f"{local.run_dir / 'logs'})\n"
@@ -172,6 +180,7 @@ def demo_command(
             endpoints = local.start()
             logs = {p.name: p.log_file for p in local.processes()}
             api_key = api_key or local.root_key()
+            client_tls = local.client_tls() if tls else client_tls
         platform_seconds = time.monotonic() - began
         out.write(
             f"    {platform_seconds:6.1f}s  services: "
@@ -189,7 +198,8 @@ def demo_command(
             f"{ready.base_model}\n"
         )
         # Calls wait longer than the CLI's default: a busy two-core machine is slow to answer some of them.
-        cli_state = type(cli)(endpoints=endpoints, api_key=api_key, as_json=as_json, timeout_s=max(cli.timeout_s, 120))
+        cli_state = replace(cli, endpoints=endpoints, api_key=api_key, as_json=as_json, tls=client_tls,
+                            timeout_s=max(cli.timeout_s, 120))  # fmt: skip
         tracer = provider.get_tracer("gristmill.cli.demo")
         with cli_state.client(tracer_provider=provider) as gm, tracer.start_as_current_span("gristmill demo") as root:
             trace_id = root.get_span_context().trace_id
