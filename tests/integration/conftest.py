@@ -17,20 +17,31 @@ import pytest
 from gristmill.cli import demo_data
 from tests.conftest import REPO_ROOT
 from tests.support.cli import as_json, cli, ok
+from tests.support.licences import TEST_KEY_B64, signed_license_file
 from tests.support.tiny_model import make_tiny_bert
 
 
 @pytest.fixture(scope="session")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``gristmill dev --base-port 0``: the embedded platform; yields its READY line (every endpoint)."""
+    """``gristmill dev --base-port 0``: the embedded platform; yields its READY line (every endpoint).
+
+    It runs under an enterprise licence (every feature, no limits) signed with the test key, trusted as the
+    development key: the commands of licensed features (a canary) are walked for real, and ``gristmill license``
+    shows how a development key is reported."""
     data = tmp_path_factory.mktemp("platform")
+    licence = signed_license_file(data / "licence.json")
     out = (data / "dev.out").open("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "gristmill.cli.main", "dev", "--base-port", "0", "--data-dir", str(data / "data")],
         cwd=REPO_ROOT,
         stdout=out,
         stderr=(data / "dev.log").open("w"),
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "GRISTMILL_LICENSE_FILE": str(licence),
+            "GRISTMILL_LICENSE_DEVELOPMENT_KEY": TEST_KEY_B64,
+        },
         start_new_session=True,
     )
     ready = ""

@@ -276,11 +276,15 @@ def test_keys_and_usage(platform: str) -> None:
 
 
 def test_license(platform: str) -> None:
-    # The embedded platform runs the community edition; every service answers for itself.
+    # The platform runs a licence signed with the development key (conftest); every service answers for itself
+    # and none hides that a development key is trusted.
     for service in ("admin", "registry", "serving"):
         info = as_json(cli(platform, "license", "--service", service, "--json"))
-        assert info["service"] == service and int(info["limits"]["max_registered_models"]) == 10
-    assert "community edition" in ok(cli(platform, "license"))
+        assert info["service"] == service and info["state"] == "LICENSE_STATE_VALID"
+        assert info["key_id"] == "development" and info["development_key"] is True
+        assert "serving.canary" in info["features"]
+    shown = ok(cli(platform, "license"))
+    assert "lic-test" in shown and "TRUSTED (development mode)" in shown
     usage_error(cli(platform, "license", "--service", "billing"), "--service")
 
 

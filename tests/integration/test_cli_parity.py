@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from google.protobuf import json_format
 
 from gristmill.api.admin.v1 import admin_pb2 as ad
 from gristmill.api.common.v1 import common_pb2
@@ -291,7 +292,9 @@ def test_models_card_edit(platform: str, gm: Gristmill, trained: dict[str, str],
 # --------------------------------------------------------------------------- serving
 
 
-def test_deploy_options_update_and_delete(platform: str, gm: Gristmill, trained: dict[str, str]) -> None:
+def test_deploy_options_update_and_delete(
+    platform: str, gm: Gristmill, trained: dict[str, str], tmp_path: Path
+) -> None:
     model = trained["model"]
     deployed = as_json(
         cli(
@@ -319,12 +322,40 @@ def test_deploy_options_update_and_delete(platform: str, gm: Gristmill, trained:
 
     updated = as_json(cli(platform, "deployments", "update", "parity-int8", "--max-delay-ms", "1", "--json"))
     assert updated["batching"]["max_delay_ms"] == 1 and updated["batching"]["max_batch_size"] == 8
-    # The canary reaches the service, which refuses it on the community edition (naming the licence feature).
-    refused(
-        cli(platform, "deployments", "update", "parity-int8", "--canary-alias", "staging", "--canary-weight", "0.2"),
-        "failed precondition",
-        "serving.canary",
+    # A second version for the canary: version 1's verified artifacts registered again through the CLI
+    # (`models register --from-file` takes the request as JSON, as the SDK would send it).
+    v1 = gm.registry.GetModelVersion(
+        rg.GetModelVersionRequest(registered_model_name=model, selector=common_pb2.ModelVersionSelector(version=1))
     )
+    request = rg.RegisterModelVersionRequest(
+        registered_model_name=model,
+        source_prefix=v1.artifact_prefix,
+        manifest=v1.manifest,
+        signature=v1.signature,
+        task=v1.task,
+        label_map=v1.label_map,
+        description="version 1's artifacts again, for the canary",
+        wait_for_verification=True,
+    )
+    request_file = tmp_path / "register.json"
+    request_file.write_text(json_format.MessageToJson(request))
+    registered = as_json(cli(platform, "models", "register", model, "--from-file", str(request_file), "--json"))
+    canary_version = int(registered["version"])
+    assert canary_version > 1 and registered["status"] == "MODEL_VERSION_STATUS_READY"
+    # The canary (a licensed feature: the platform runs an enterprise licence) takes 20 % of the traffic.
+    canaried = as_json(
+        cli(
+            platform, "deployments", "update", "parity-int8", "--canary-version", str(canary_version),
+            "--canary-weight", "0.2", "--json",
+        )
+    )  # fmt: skip
+    assert canaried["canary"]["weight"] == pytest.approx(0.2)
+    seen = gm.serving.GetDeployment(sv.GetDeploymentRequest(name="parity-int8"))
+    assert (seen.canary.target.version, seen.canary.weight) == (canary_version, pytest.approx(0.2))
+    assert f"v{canary_version} 20%" in ok(cli(platform, "deployments", "show", "parity-int8"))
+    uncanaried = as_json(cli(platform, "deployments", "update", "parity-int8", "--no-canary", "--json"))
+    assert "canary" not in uncanaried
+    assert not gm.serving.GetDeployment(sv.GetDeploymentRequest(name="parity-int8")).HasField("canary")
     refused(
         cli(platform, "deploy", model, "--canary-version", "1", "--canary-weight", "1.5"), "--canary-weight", code=2
     )

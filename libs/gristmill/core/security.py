@@ -116,6 +116,19 @@ def embedded_security(service: str, license_: License | None = None) -> Security
     return Security(DisabledAuthHook(), license_ or load_license(None, ""))
 
 
+def configured_license(settings: LicenseSettings) -> License:
+    """The licence ``GRISTMILL_LICENSE_*`` names, verified (the community edition without a file); raises
+    ``ConfigurationError`` for one that is not genuine, not signed by a trusted key, or the retired
+    ``GRISTMILL_LICENSE_PUBLIC_KEY``."""
+    if settings.public_key:
+        raise ConfigurationError(
+            "GRISTMILL_LICENSE_PUBLIC_KEY is no longer read: licences are verified with the vendor keys this "
+            "release ships with; remove it (to trust a key of your own for development, set "
+            "GRISTMILL_LICENSE_DEVELOPMENT_KEY instead, which every service reports loudly)"
+        )
+    return load_license(settings.file, settings.development_key)
+
+
 def load_security(
     service: str,
     method_scopes: Mapping[str, str],
@@ -136,13 +149,7 @@ def load_security(
     auth = load_settings(AuthSettings)
     licence = load_settings(LicenseSettings)
     tls = load_settings(TlsSettings)
-    if licence.public_key:
-        raise ConfigurationError(
-            "GRISTMILL_LICENSE_PUBLIC_KEY is no longer read: licences are verified with the vendor keys this "
-            "release ships with; remove it (to trust a key of your own for development, set "
-            "GRISTMILL_LICENSE_DEVELOPMENT_KEY instead, which every service reports loudly)"
-        )
-    license_ = load_license(licence.file, licence.development_key)
+    license_ = configured_license(licence)
     channel = channel_credentials(tls)
     hook = (
         None

@@ -16,14 +16,21 @@ from pathlib import Path
 
 from gristmill.core.errors import GristmillError
 from gristmill.core.logs import setup_logging
-from gristmill.core.settings import TelemetrySettings, load_settings
+from gristmill.core.security import configured_license
+from gristmill.core.settings import LicenseSettings, TelemetrySettings, load_settings
 
 
 async def _serve(data_dir: Path, base_port: int | None, ray_num_cpus: int) -> None:
     from gristmill.standalone.platform import EmbeddedPlatform
 
+    # The licence GRISTMILL_LICENSE_* names, as the networked services read it: an enterprise feature can be
+    # tried on the embedded platform (the community edition without a file).
     platform = EmbeddedPlatform(
-        data_dir, base_port, ray_num_cpus=ray_num_cpus, telemetry=load_settings(TelemetrySettings)
+        data_dir,
+        base_port,
+        ray_num_cpus=ray_num_cpus,
+        telemetry=load_settings(TelemetrySettings),
+        license=configured_license(load_settings(LicenseSettings)),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
