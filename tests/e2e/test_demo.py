@@ -25,8 +25,6 @@ import math
 import os
 import shutil
 import signal
-import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -51,6 +49,7 @@ from gristmill.client import ClientOptions, Endpoints, Gristmill, Unauthenticate
 from gristmill.core.tls import TLS_VARIABLES, TlsSettings, channel_credentials, tls_files
 from tests.conftest import REPO_ROOT
 from tests.support.services import free_port_block, restart_service
+from tests.support.tls import der, served_certificate
 
 # One demo run backs the module: its setup is the whole loop (about 1.5-2 minutes, more on a busy machine).
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -353,26 +352,12 @@ def test_clients_without_the_right_certificate_are_refused_in_one_clear_line(dem
     assert "transport" in err.value.details
 
 
-def _served_certificate(address: str, tls: TlsSettings) -> bytes:
-    """The DER certificate the server at ``address`` presents on a new connection."""
-    host, _, port = address.rpartition(":")
-    context = ssl.create_default_context(cafile=str(tls.ca_file))
-    context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-    with (
-        socket.create_connection((host, int(port)), timeout=5) as raw,
-        context.wrap_socket(raw, server_hostname=host) as conn,
-    ):
-        der = conn.getpeercert(binary_form=True)
-    assert der is not None
-    return der
-
-
 def test_a_renewed_certificate_is_served_after_sighup_without_a_restart(demo: DemoRun, tmp_path: Path) -> None:
     """Last in the module: it renews the registry's certificate in the run directory."""
     registry = demo.endpoints.registry
     pem = demo.certs / "registry.pem"
-    before = _served_certificate(registry, demo.client_tls())
-    assert before == ssl.PEM_cert_to_DER_cert(pem.read_text())
+    before = served_certificate(registry, demo.client_tls())
+    assert before == der(pem)
     # Renew: the same CA, a new key and serial (certs.sh keeps the CA it finds and makes what is missing).
     renewal = tmp_path / "renewal"
     renewal.mkdir()
@@ -388,8 +373,8 @@ def test_a_renewed_certificate_is_served_after_sighup_without_a_restart(demo: De
     while "reloaded TLS certificate from" not in demo.log("registry") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert f"reloaded TLS certificate from {pem}" in demo.log("registry")
-    after = _served_certificate(registry, demo.client_tls())
-    assert after != before and after == ssl.PEM_cert_to_DER_cert(pem.read_text())
+    after = served_certificate(registry, demo.client_tls())
+    assert after != before and after == der(pem)
     # Still the same process, still serving calls (the SDK's new channel).
     assert int((demo.run_dir / "pids" / "registry.pid").read_text()) == pid
     with demo.client() as gm:

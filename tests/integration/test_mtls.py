@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ from gristmill.core.tls import (
 )
 from tests.conftest import REPO_ROOT
 from tests.support.sample_server import build_server
+from tests.support.tls import der
+from tests.support.tls import served_certificate as _served
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +62,7 @@ async def _check(address: str, credentials: grpc.ChannelCredentials) -> int:
         return int(reply.status)
 
 
-async def test_client_with_a_certificate_from_the_ca_is_served(certs: Path) -> None:
+async def test_client_with_a_certificate_from_the_ca_isserved_certificate(certs: Path) -> None:
     server = build_server(server_credentials=server_credentials(_tls(certs, "registry")))
     async with server:
         creds = channel_credentials(_tls(certs, "client"))
@@ -197,23 +198,6 @@ def test_the_client_takes_its_certificate_from_the_environment(certs: Path, monk
 # --------------------------------------------------------------------------- renewal without a restart
 
 
-def _served(address: str, tls: TlsSettings) -> bytes:
-    host, _, port = address.rpartition(":")
-    context = ssl.create_default_context(cafile=str(tls.ca_file))
-    context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-    with (
-        socket.create_connection((host, int(port)), timeout=5) as raw,
-        context.wrap_socket(raw, server_hostname=host) as conn,
-    ):
-        der = conn.getpeercert(binary_form=True)
-    assert der is not None
-    return der
-
-
-def _der(pem: Path) -> bytes:
-    return ssl.PEM_cert_to_DER_cert(pem.read_text())
-
-
 async def test_reloaded_certificate_files_are_served_to_new_connections(
     tmp_path: Path, certs: Path, other_ca_certs: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -222,19 +206,19 @@ async def test_reloaded_certificate_files_are_served_to_new_connections(
     server = build_server(server_credentials=server_credentials(_tls(live, "registry")))
     async with server:
         address = f"127.0.0.1:{server.port}"
-        assert await asyncio.to_thread(_served, address, _tls(certs, "client")) == _der(certs / "registry.pem")
+        assert await asyncio.to_thread(_served, address, _tls(certs, "client")) == der(certs / "registry.pem")
         # Renewed with a new key and serial from the same CA: new connections get it after a reload.
         renewal = tmp_path / "renewal"
         shutil.copytree(certs, renewal)
         (renewal / "registry.pem").unlink()
         subprocess.run([str(REPO_ROOT / "deploy/local/certs.sh"), str(renewal)], check=True, capture_output=True)
-        assert _der(renewal / "registry.pem") != _der(certs / "registry.pem")
+        assert der(renewal / "registry.pem") != der(certs / "registry.pem")
         shutil.copy(renewal / "registry.pem", live / "registry.pem")
         shutil.copy(renewal / "registry.key", live / "registry.key")
         with caplog.at_level(logging.INFO, logger="gristmill.core.tls"):
             reload_server_certificates()
         assert f"reloaded TLS certificate from {live / 'registry.pem'}" in caplog.text
-        assert await asyncio.to_thread(_served, address, _tls(certs, "client")) == _der(renewal / "registry.pem")
+        assert await asyncio.to_thread(_served, address, _tls(certs, "client")) == der(renewal / "registry.pem")
         # A bad file: refused, logged, and the running certificate stays.
         (live / "registry.pem").write_text("not a certificate\n")
         caplog.clear()
@@ -242,7 +226,7 @@ async def test_reloaded_certificate_files_are_served_to_new_connections(
             reload_server_certificates()
         assert "TLS certificate not reloaded, keeping the running one" in caplog.text
         assert f"reloaded TLS certificate from {live / 'registry.pem'}" not in caplog.text
-        assert await asyncio.to_thread(_served, address, _tls(certs, "client")) == _der(renewal / "registry.pem")
+        assert await asyncio.to_thread(_served, address, _tls(certs, "client")) == der(renewal / "registry.pem")
         # A new CA too (the certificate and the CA clients must present): clients of the new CA get in.
         for name in ("registry.pem", "registry.key", "ca.pem"):
             shutil.copy(other_ca_certs / name, live / name)
@@ -251,7 +235,7 @@ async def test_reloaded_certificate_files_are_served_to_new_connections(
             reload_server_certificates()
         assert f"reloaded TLS certificate from {live / 'registry.pem'}" in caplog.text
         new_ca_client = _tls(other_ca_certs, "client")
-        assert await asyncio.to_thread(_served, address, new_ca_client) == _der(other_ca_certs / "registry.pem")
+        assert await asyncio.to_thread(_served, address, new_ca_client) == der(other_ca_certs / "registry.pem")
         new_ca_credentials = channel_credentials(new_ca_client)
         assert new_ca_credentials is not None
         assert await _check(address, new_ca_credentials) == health_pb2.HealthCheckResponse.SERVING
@@ -279,7 +263,7 @@ def test_sighup_reloads_the_certificate_of_a_running_service(tmp_path: Path, cer
     try:
         address, client = f"127.0.0.1:{port}", _tls(certs, "client")
         wait_serving(address, 90, tls=client)
-        assert _served(address, client) == _der(certs / "admin.pem")
+        assert _served(address, client) == der(certs / "admin.pem")
         renewal = tmp_path / "renewal"
         shutil.copytree(certs, renewal)
         (renewal / "admin.pem").unlink()
@@ -291,7 +275,7 @@ def test_sighup_reloads_the_certificate_of_a_running_service(tmp_path: Path, cer
         while "reloaded TLS certificate from" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert f"reloaded TLS certificate from {live / 'admin.pem'}" in log.read_text()
-        assert _served(address, client) == _der(renewal / "admin.pem")
+        assert _served(address, client) == der(renewal / "admin.pem")
         assert proc.poll() is None
         assert health(address, tls=client) == "SERVING"
     finally:
