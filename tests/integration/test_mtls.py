@@ -27,7 +27,7 @@ from gristmill.core.tls import (
     TlsSettings,
     channel_credentials,
     diagnose_handshake,
-    reload_server_certificates,
+    reload_certificates,
     server_credentials,
 )
 from tests.conftest import REPO_ROOT
@@ -216,14 +216,14 @@ async def test_reloaded_certificate_files_are_served_to_new_connections(
         shutil.copy(renewal / "registry.pem", live / "registry.pem")
         shutil.copy(renewal / "registry.key", live / "registry.key")
         with caplog.at_level(logging.INFO, logger="gristmill.core.tls"):
-            reload_server_certificates()
+            reload_certificates()
         assert f"reloaded TLS certificate from {live / 'registry.pem'}" in caplog.text
         assert await asyncio.to_thread(_served, address, _tls(certs, "client")) == der(renewal / "registry.pem")
         # A bad file: refused, logged, and the running certificate stays.
         (live / "registry.pem").write_text("not a certificate\n")
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="gristmill.core.tls"):
-            reload_server_certificates()
+            reload_certificates()
         assert "TLS certificate not reloaded, keeping the running one" in caplog.text
         assert f"reloaded TLS certificate from {live / 'registry.pem'}" not in caplog.text
         assert await asyncio.to_thread(_served, address, _tls(certs, "client")) == der(renewal / "registry.pem")
@@ -232,7 +232,7 @@ async def test_reloaded_certificate_files_are_served_to_new_connections(
             shutil.copy(other_ca_certs / name, live / name)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="gristmill.core.tls"):
-            reload_server_certificates()
+            reload_certificates()
         assert f"reloaded TLS certificate from {live / 'registry.pem'}" in caplog.text
         new_ca_client = _tls(other_ca_certs, "client")
         assert await asyncio.to_thread(_served, address, new_ca_client) == der(other_ca_certs / "registry.pem")

@@ -10,7 +10,8 @@ plans from ``AdminService.GetOrganization`` (cached for ``ttl_s``), usage so far
 ``MeteringService.GetUsage``. Both call with the service's own key (``GRISTMILL_AUTH_SERVICE_KEY``, an
 admin key of the root organisation).
 
-They run in worker threads (the auth hook, ``asyncio.to_thread``), so they use blocking gRPC channels.
+They run in worker threads (the auth hook, ``asyncio.to_thread``), so they use blocking gRPC channels: a
+``ReloadingChannel`` each, which presents renewed certificate files after SIGHUP (``gristmill.core.tls``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from gristmill.api.admin.v1 import admin_pb2, admin_pb2_grpc
 from gristmill.core.auth import DEV_PRINCIPAL, ApiKeyVerifier, Principal
 from gristmill.core.auth_quota import Plan, PlanSource, UsageKind, UsageSource, plan_from_proto
 from gristmill.core.errors import FailedPreconditionError, UnavailableError
+from gristmill.core.tls import ReloadingChannel, TlsSettings
 
 MonotonicClock = Callable[[], float]
 V = TypeVar("V")
@@ -90,7 +92,7 @@ class RemoteKeyVerifier(ApiKeyVerifier):
         address: str,
         *,
         ttl_s: float = 30.0,
-        credentials: grpc.ChannelCredentials | None = None,
+        tls: TlsSettings | None = None,
         timeout_s: float = 5.0,
         clock: MonotonicClock = time.monotonic,
         max_entries: int = 10_000,
@@ -98,8 +100,7 @@ class RemoteKeyVerifier(ApiKeyVerifier):
         self.address = address
         self._timeout_s = timeout_s
         self._cache: TtlCache[Principal | None] = TtlCache(ttl_s, max_entries=max_entries, clock=clock)
-        self._channel = open_admin_channel(address, credentials)
-        self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
+        self._channel = ReloadingChannel(address, tls)
         # How many times the admin service was asked (tests check that the cache works).
         self.calls = 0
 
@@ -117,9 +118,10 @@ class RemoteKeyVerifier(ApiKeyVerifier):
     def _ask(self, api_key: str) -> Principal | None:
         self.calls += 1
         try:
-            reply: admin_pb2.WhoAmIResponse = self._stub.WhoAmI(
-                admin_pb2.WhoAmIRequest(), metadata=bearer(api_key), timeout=self._timeout_s
-            )
+            with self._channel.use() as channel:
+                reply: admin_pb2.WhoAmIResponse = admin_pb2_grpc.AdminServiceStub(channel).WhoAmI(
+                    admin_pb2.WhoAmIRequest(), metadata=bearer(api_key), timeout=self._timeout_s
+                )
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else None
             if code == grpc.StatusCode.UNAUTHENTICATED:
@@ -140,10 +142,6 @@ class RemoteKeyVerifier(ApiKeyVerifier):
 def _cache_key(api_key: str) -> bytes:
     # The cache holds digests, never the secrets themselves.
     return hashlib.sha256(api_key.encode("utf-8")).digest()
-
-
-def open_admin_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
-    return grpc.secure_channel(address, credentials) if credentials is not None else grpc.insecure_channel(address)
 
 
 def _unavailable(what: str, address: str, exc: grpc.RpcError) -> UnavailableError:
@@ -168,7 +166,7 @@ class RemotePlanSource(PlanSource):
         service_key: str,
         *,
         ttl_s: float = 30.0,
-        credentials: grpc.ChannelCredentials | None = None,
+        tls: TlsSettings | None = None,
         timeout_s: float = 5.0,
         clock: MonotonicClock = time.monotonic,
     ) -> None:
@@ -176,8 +174,7 @@ class RemotePlanSource(PlanSource):
         self._metadata = bearer(service_key)
         self._timeout_s = timeout_s
         self._cache: TtlCache[Plan] = TtlCache(ttl_s, clock=clock)
-        self._channel = open_admin_channel(address, credentials)
-        self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
+        self._channel = ReloadingChannel(address, tls)
 
     def plan_for(self, organization_id: str) -> Plan:
         key = organization_id.encode("utf-8")
@@ -185,11 +182,12 @@ class RemotePlanSource(PlanSource):
         if found and cached is not None:
             return cached
         try:
-            reply: admin_pb2.Organization = self._stub.GetOrganization(
-                admin_pb2.GetOrganizationRequest(organization_id=organization_id),
-                metadata=self._metadata,
-                timeout=self._timeout_s,
-            )
+            with self._channel.use() as channel:
+                reply: admin_pb2.Organization = admin_pb2_grpc.AdminServiceStub(channel).GetOrganization(
+                    admin_pb2.GetOrganizationRequest(organization_id=organization_id),
+                    metadata=self._metadata,
+                    timeout=self._timeout_s,
+                )
         except grpc.RpcError as exc:
             if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.NOT_FOUND:
                 # Fail closed: a key of an organisation the admin service does not know gets no free ride.
@@ -213,23 +211,23 @@ class RemoteUsageSource(UsageSource):
         address: str,
         service_key: str,
         *,
-        credentials: grpc.ChannelCredentials | None = None,
+        tls: TlsSettings | None = None,
         timeout_s: float = 5.0,
     ) -> None:
         self.address = address
         self._metadata = bearer(service_key)
         self._timeout_s = timeout_s
-        self._channel = open_admin_channel(address, credentials)
-        self._stub = admin_pb2_grpc.MeteringServiceStub(self._channel)
+        self._channel = ReloadingChannel(address, tls)
 
     def used(self, organization_id: str, kind: UsageKind, start: datetime, end: datetime) -> float:
         request = admin_pb2.GetUsageRequest(organization_id=organization_id, kinds=[kind.value])
         request.start_time.CopyFrom(to_timestamp(start))
         request.end_time.CopyFrom(to_timestamp(end))
         try:
-            reply: admin_pb2.GetUsageResponse = self._stub.GetUsage(
-                request, metadata=self._metadata, timeout=self._timeout_s
-            )
+            with self._channel.use() as channel:
+                reply: admin_pb2.GetUsageResponse = admin_pb2_grpc.MeteringServiceStub(channel).GetUsage(
+                    request, metadata=self._metadata, timeout=self._timeout_s
+                )
         except grpc.RpcError as exc:
             raise _unavailable("usage so far", self.address, exc) from None
         return float(sum(total.quantity for total in reply.totals))

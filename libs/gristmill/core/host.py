@@ -50,7 +50,7 @@ from gristmill.core.settings import KafkaSettings, S3Settings, ServiceSettings, 
 from gristmill.core.sql import Database
 from gristmill.core.storage import ObjectStore, open_object_store
 from gristmill.core.telemetry import setup_tracing
-from gristmill.core.tls import reload_server_certificates
+from gristmill.core.tls import reload_certificates
 
 log = logging.getLogger(__name__)
 
@@ -288,8 +288,8 @@ class ServiceHost:
     # mTLS for the service mesh: gristmill.core.tls.server_credentials(TlsSettings()).
     server_credentials: grpc.ServerCredentials | None = None
     # Run on SIGHUP while serving (on a worker thread): re-read what may change without a restart, such as a
-    # renewed licence file (``Security.reload``). SIGHUP also re-reads the server's TLS certificate files
-    # (``gristmill.core.tls.reload_server_certificates``), with or without this.
+    # renewed licence file (``Security.reload``). SIGHUP also re-reads the TLS certificate files of the server and
+    # of the channels to other services (``gristmill.core.tls.reload_certificates``), with or without this.
     on_reload: Callable[[], object] | None = None
     # The service's own background work, started after the consumers and stopped before them.
     tasks: Sequence[PeriodicTask] = ()
@@ -407,9 +407,10 @@ class ServiceHost:
                 loop.remove_signal_handler(sig)
 
     def reload(self) -> None:
-        """What SIGHUP does: re-read the TLS certificate files (new connections get the renewed certificate; a
-        file that cannot be used keeps the running one, logged), then the service's ``on_reload``."""
-        reload_server_certificates()
+        """What SIGHUP does: re-read the TLS certificate files (new connections to this server get the renewed
+        certificate, and calls to other services go over new channels presenting it; a file that cannot be used
+        keeps the running one, logged), then the service's ``on_reload``."""
+        reload_certificates()
         if self.on_reload is not None:
             self.on_reload()
 

@@ -2,7 +2,7 @@
 
 A service's ``__main__`` calls ``load_security`` (the only place these settings are read); its ``build_app``
 takes the result and wires it: ``auth_hook`` and ``server_credentials`` into its ``ServiceHost``, the
-``LicenseService`` registration, ``license`` checks in its domain, ``channel_credentials`` and
+``LicenseService`` registration, ``license`` checks in its domain, ``tls`` (for a ``ReloadingChannel``) and
 ``call_metadata()`` on calls it makes to other services. ``embedded_security`` is the embedded dev mode (one
 process, in-process bus): no API keys, and it says so loudly.
 """
@@ -37,7 +37,8 @@ class Security:
     auth_hook: AuthHook | None
     license: License
     server_credentials: grpc.ServerCredentials | None = None
-    channel_credentials: grpc.ChannelCredentials | None = None
+    # mTLS on calls to other services (None: plaintext): a ``ReloadingChannel`` re-reads the files on SIGHUP.
+    tls: TlsSettings | None = None
     # This service's own API key, sent on its calls to other services (GRISTMILL_AUTH_SERVICE_KEY).
     service_key: str = ""
     # The admin service (plans and usage for quotas) and how long a plan is trusted.
@@ -64,10 +65,8 @@ class Security:
         if not (self.admin_address and self.service_key):
             return None
         guard = QuotaGuard(
-            RemotePlanSource(
-                self.admin_address, self.service_key, ttl_s=self.cache_ttl_s, credentials=self.channel_credentials
-            ),
-            RemoteUsageSource(self.admin_address, self.service_key, credentials=self.channel_credentials),
+            RemotePlanSource(self.admin_address, self.service_key, ttl_s=self.cache_ttl_s, tls=self.tls),
+            RemoteUsageSource(self.admin_address, self.service_key, tls=self.tls),
             UsageRecorder(database, catalog, service),
             refresh_s=self.quota_refresh_s,
         )
@@ -150,7 +149,8 @@ def load_security(
     licence = load_settings(LicenseSettings)
     tls = load_settings(TlsSettings)
     license_ = configured_license(licence)
-    channel = channel_credentials(tls)
+    channel_credentials(tls)  # unreadable files fail here, at start
+    channel_tls = tls if tls.enabled else None
     hook = (
         None
         if local_keys
@@ -160,14 +160,14 @@ def load_security(
             embedded=embedded,
             public=public,
             service=service,
-            channel_credentials=channel,
+            tls=channel_tls,
         )
     )
     return Security(
         auth_hook=hook,
         license=license_,
         server_credentials=server_credentials(tls),
-        channel_credentials=channel,
+        tls=channel_tls,
         service_key=auth.service_key.get_secret_value(),
         admin_address=auth.admin_address,
         cache_ttl_s=auth.cache_ttl_s,
@@ -185,10 +185,10 @@ def build_auth_hook(
     verifier: ApiKeyVerifier | None = None,
     public: Collection[str] = (),
     service: str = "",
-    channel_credentials: grpc.ChannelCredentials | None = None,
+    tls: TlsSettings | None = None,
 ) -> AuthHook:
     """The auth hook a service runs with: API keys checked by ``verifier`` (default: the admin service at
-    ``settings.admin_address``, over mTLS with ``channel_credentials``), or, in the embedded dev mode with
+    ``settings.admin_address``, over mTLS with ``tls``), or, in the embedded dev mode with
     ``settings.disabled``, none (logged loudly)."""
     if settings.disabled:
         if not embedded:
@@ -208,7 +208,5 @@ def build_auth_hook(
                 "GRISTMILL_AUTH_ADMIN_ADDRESS is empty: set it to the admin service (host:port) that verifies API "
                 "keys, or GRISTMILL_AUTH_DISABLED=true in the embedded dev mode"
             )
-        verifier = RemoteKeyVerifier(
-            settings.admin_address, ttl_s=settings.cache_ttl_s, credentials=channel_credentials
-        )
+        verifier = RemoteKeyVerifier(settings.admin_address, ttl_s=settings.cache_ttl_s, tls=tls)
     return ApiKeyAuthHook(verifier, method_scopes, public=public, root_organization_id=settings.root_organization_id)

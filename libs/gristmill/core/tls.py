@@ -9,8 +9,10 @@ certificate per service (admin included) and a ``client`` certificate for the CL
 Three more things live here:
 
 - **Reload.** ``server_credentials`` gives a server credentials that re-read their files after
-  ``reload_server_certificates()`` (a service's SIGHUP handler calls it): new connections then get the renewed
-  certificate, open ones keep theirs, and a file that cannot be used keeps the old certificate (logged).
+  ``reload_certificates()`` (a service's SIGHUP handler calls it): new connections then get the renewed
+  certificate, open ones keep theirs, and a file that cannot be used keeps the old certificate (logged). The
+  same reload re-reads the files of every ``ReloadingChannel`` (a service's channels to other services): the
+  next calls go over a new channel presenting the renewed certificate, calls running finish on the old one.
 - **The client side.** ``client_tls_from_environment`` is what the CLI and the SDK use when nothing else is
   given: the ``GRISTMILL_TLS_*`` variables, or None (plaintext) when ``GRISTMILL_TLS_CERT_FILE`` is unset.
 - **Diagnosis.** gRPC reports a refused handshake as ``UNAVAILABLE: Socket closed`` or "failed to connect";
@@ -20,6 +22,7 @@ Three more things live here:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -27,6 +30,7 @@ import ssl
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -146,13 +150,15 @@ class ReloadableServerCertificate:
 _CERTIFICATES: weakref.WeakSet[ReloadableServerCertificate] = weakref.WeakSet()
 
 
-def reload_server_certificates() -> int:
-    """Re-read the files of every TLS server of this process (SIGHUP); returns how many took new files."""
-    return sum(certificate.reload() for certificate in list(_CERTIFICATES))
+def reload_certificates() -> int:
+    """Re-read the TLS files of this process (SIGHUP): every TLS server's, and every ``ReloadingChannel``'s to
+    another service; returns how many took new files."""
+    servers = sum(certificate.reload() for certificate in list(_CERTIFICATES))
+    return servers + sum(channel.reload() for channel in list(_CHANNELS))
 
 
 def server_credentials(settings: TlsSettings) -> grpc.ServerCredentials | None:
-    """Credentials for a service's server (None when TLS is off), reloadable with ``reload_server_certificates``."""
+    """Credentials for a service's server (None when TLS is off), reloadable with ``reload_certificates``."""
     if not settings.enabled:
         return None
     certificate = ReloadableServerCertificate(settings)
@@ -178,6 +184,109 @@ def channel_credentials(settings: TlsSettings) -> grpc.ChannelCredentials | None
         private_key=_read(settings.key_file, "GRISTMILL_TLS_KEY_FILE"),
         certificate_chain=_read(settings.cert_file, "GRISTMILL_TLS_CERT_FILE"),
     )
+
+
+class ReloadingChannel:
+    """A blocking channel to another service that presents renewed certificate files after a reload (SIGHUP).
+
+    ``reload`` (run by ``reload_certificates``) reads and checks the files at once; when they can be used
+    it advances ``generation`` and opens a new channel with them, which ``use`` hands out from then on. A call
+    already running on the old channel finishes there: the old channel is closed when its last call returns
+    (gRPC's ``close`` would cancel them). Files that cannot be used keep the running channel (logged). With TLS
+    off (``tls`` None or not enabled) it is one plaintext channel, never re-created.
+
+    Build stubs from ``use``'s channel per call (they are cheap), so that a new channel gets new stubs.
+    """
+
+    def __init__(self, address: str, tls: TlsSettings | None = None) -> None:
+        self.address = address
+        self.tls = tls if tls is not None and tls.enabled else None
+        # Advanced by each ``reload`` that took new files.
+        self.generation = 0
+        self._lock = threading.Lock()
+        self._current = self._open(channel_credentials(self.tls) if self.tls is not None else None)
+        # Calls running on each open channel: the current one, and those a reload replaced that still have calls.
+        self._calls: dict[grpc.Channel, int] = {self._current: 0}
+        self._closed = False
+        if self.tls is not None:
+            _CHANNELS.add(self)
+
+    def _open(self, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
+        if credentials is None:
+            return grpc.insecure_channel(self.address)
+        return grpc.secure_channel(self.address, credentials)
+
+    @property
+    def open_channels(self) -> int:
+        """How many channels are open: the current one and replaced ones with calls still running."""
+        with self._lock:
+            return len(self._calls)
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[grpc.Channel]:
+        """The current channel, for the calls made inside; a reload meanwhile does not close it under them."""
+        with self._lock:
+            if self._closed:
+                raise ValueError(f"cannot call {self.address} on a closed channel")
+            channel = self._current
+            self._calls[channel] += 1
+        try:
+            yield channel
+        finally:
+            finished = False
+            with self._lock:
+                if channel in self._calls:  # else ``close`` closed it meanwhile
+                    self._calls[channel] -= 1
+                    finished = channel is not self._current and self._calls[channel] == 0
+                    if finished:
+                        del self._calls[channel]
+            if finished:
+                channel.close()
+
+    def reload(self) -> bool:
+        """Read the files again; True when the next calls will present them (a new channel), False (logged) when
+        they cannot be used or TLS is off (the running channel stays)."""
+        if self.tls is None:
+            return False
+        try:
+            _check_pair(self.tls)
+            credentials = channel_credentials(self.tls)
+        except ConfigurationError as exc:
+            log.error("TLS certificate for calls to %s not reloaded, keeping the running one: %s", self.address, exc)
+            return False
+        assert credentials is not None
+        channel = self._open(credentials)
+        with self._lock:
+            if self._closed:
+                retired: grpc.Channel | None = channel
+            else:
+                retired, self._current = self._current, channel
+                self._calls[channel] = 0
+                self.generation += 1
+                if self._calls[retired] == 0:
+                    del self._calls[retired]
+                else:
+                    retired = None  # closed by ``use`` when its last call returns
+        if retired is channel:
+            channel.close()
+            return False
+        if retired is not None:
+            retired.close()
+        log.info("reloaded TLS certificate for calls to %s from %s", self.address, self.tls.cert_file)
+        return True
+
+    def close(self) -> None:
+        """Close every channel this made (at shutdown; calls still running are cancelled). Safe to call twice."""
+        with self._lock:
+            self._closed = True
+            channels, self._calls = list(self._calls), {}
+        _CHANNELS.discard(self)
+        for channel in channels:
+            channel.close()
+
+
+# Every reloading channel of this process with TLS on.
+_CHANNELS: weakref.WeakSet[ReloadingChannel] = weakref.WeakSet()
 
 
 # --------------------------------------------------------------------------- diagnosing a refused handshake

@@ -131,7 +131,7 @@ def build_app(
             platform.objects,
             settings.resolved_model_cache_dir(),
             timeout_s=settings.registry_timeout_s,
-            credentials=security.channel_credentials,
+            tls=security.tls,
             metadata_for=security.call_metadata,
         )
     if loader is None:

@@ -27,6 +27,7 @@ from gristmill.core.ids import validate_id
 from gristmill.core.manifests import FileEntry, ModelManifest
 from gristmill.core.storage import ObjectStore, validate_key
 from gristmill.core.storage.base import sha256_file
+from gristmill.core.tls import ReloadingChannel, TlsSettings
 from gristmill.core.values import TensorSpec
 from gristmill.serving.domain.model import VersionSelector
 from gristmill.serving.domain.sources import (
@@ -136,20 +137,17 @@ class RegistryModelSource(ModelSource):
         cache_dir: Path,
         *,
         timeout_s: float = 30.0,
-        credentials: grpc.ChannelCredentials | None = None,
+        tls: TlsSettings | None = None,
         metadata_for: Callable[[str], tuple[tuple[str, str], ...]] = lambda organization_id: (),
     ) -> None:
-        """``credentials``: mTLS to the registry; ``metadata_for(organization_id)``: this service's key,
-        acting for the deployment's organisation (``Security.call_metadata``)."""
+        """``tls``: mTLS to the registry (renewed files are presented after SIGHUP); ``metadata_for(organization_id)``:
+        this service's key, acting for the deployment's organisation (``Security.call_metadata``)."""
         self.address = address
         self._objects = objects
         self._cache_dir = Path(cache_dir)
         self._timeout_s = timeout_s
         self._metadata_for = metadata_for
-        self._channel = (
-            grpc.secure_channel(address, credentials) if credentials is not None else grpc.insecure_channel(address)
-        )
-        self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
+        self._channel = ReloadingChannel(address, tls)
 
     def resolve(self, organization_id: str, registered_model_name: str, selector: VersionSelector) -> ResolvedVersion:
         validate_id(registered_model_name, what="registered_model_name")
@@ -160,9 +158,10 @@ class RegistryModelSource(ModelSource):
             request.selector.alias = selector.alias
         what = f"{selector.describe()} of {registered_model_name!r}"
         try:
-            manifest = self._stub.GetDownloadManifest(
-                request, timeout=self._timeout_s, metadata=self._metadata_for(organization_id)
-            )
+            with self._channel.use() as channel:
+                manifest = registry_pb2_grpc.RegistryServiceStub(channel).GetDownloadManifest(
+                    request, timeout=self._timeout_s, metadata=self._metadata_for(organization_id)
+                )
         except grpc.RpcError as exc:
             raise _registry_error(exc, self.address, what) from None
         return resolved_from_manifest(manifest)
@@ -171,9 +170,10 @@ class RegistryModelSource(ModelSource):
         validate_id(registered_model_name, what="registered_model_name")
         request = registry_pb2.GetRegisteredModelRequest(name=registered_model_name)
         try:
-            self._stub.GetRegisteredModel(
-                request, timeout=self._timeout_s, metadata=self._metadata_for(organization_id)
-            )
+            with self._channel.use() as channel:
+                registry_pb2_grpc.RegistryServiceStub(channel).GetRegisteredModel(
+                    request, timeout=self._timeout_s, metadata=self._metadata_for(organization_id)
+                )
         except grpc.RpcError as exc:
             error = _registry_error(exc, self.address, f"registered model {registered_model_name!r}")
             if isinstance(error, NotFoundError):
