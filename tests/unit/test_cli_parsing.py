@@ -10,7 +10,7 @@ import typer
 from gristmill.api.admin.v1 import admin_pb2 as ad
 from gristmill.api.labeling.v1 import labeling_pb2 as lb
 from gristmill.cli.admin_commands import parse_quota
-from gristmill.cli.labeling_commands import prediction_input, suggestion, task_lines
+from gristmill.cli.annotation_commands import prediction_input, suggestion, task_lines
 from gristmill.cli.registry_commands import card_text_from_file
 from gristmill.cli.training_commands import SearchSpecError, parse_search_expression, search_spec
 

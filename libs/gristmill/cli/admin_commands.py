@@ -4,29 +4,23 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import typer
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from gristmill.api.admin.v1 import admin_pb2 as ad
 from gristmill.api.common.v1 import common_pb2
 from gristmill.cli.context import state, want_json
-from gristmill.cli.output import (
-    emit,
-    emit_messages,
-    emit_object,
-    enum_name,
-    fail,
-    message_dict,
-    one_line_errors,
-    when,
-)
-from gristmill.cli.paging import ALL_OPTION, PAGE_SIZE_OPTION, PAGE_TOKEN_OPTION, collect, more_hint
+from gristmill.cli.options import JSON_OPTION, comma_list
+from gristmill.cli.output import emit, emit_object, enum_name, fail, message_dict, one_line_errors, when
+from gristmill.cli.paging import ALL_OPTION, PAGE_SIZE_OPTION, PAGE_TOKEN_OPTION
+from gristmill.cli.replies import show_list, show_one, show_pages
+from gristmill.client import Gristmill
 from gristmill.client.sdk import SERVICES
-
-JSON_OPTION = typer.Option(False, "--json", help="print JSON")
 
 keys_app = typer.Typer(help="API keys (the secret is shown once, at creation).", no_args_is_help=True)
 orgs_app = typer.Typer(help="Organisations (root organisation admins only, except `show`).", no_args_is_help=True)
@@ -66,9 +60,14 @@ def parse_quota(text: str) -> ad.Quota:
     return ad.Quota(kind=USAGE_KINDS[kind], period=QUOTA_PERIODS[period], limit=limit)
 
 
-def quota_text(q: ad.Quota) -> str:
+def quota_names(q: ad.Quota) -> tuple[str, str]:
+    """The quota's kind and period as the ``--quota`` syntax names them (``predictions``, ``day``)."""
     kind = enum_name(ad.UsageKind.Name(q.kind), "USAGE_KIND_")
-    period = enum_name(ad.QuotaPeriod.Name(q.period), "QUOTA_PERIOD_")
+    return kind, enum_name(ad.QuotaPeriod.Name(q.period), "QUOTA_PERIOD_")
+
+
+def quota_text(q: ad.Quota) -> str:
+    kind, period = quota_names(q)
     return f"{kind}/{period}={q.limit:g}"
 
 
@@ -129,6 +128,8 @@ QUOTA_OPTION = typer.Option(
 RATE_LIMIT_OPTION = typer.Option(None, "--rate-limit", help="predictions per second (token bucket; 0: no limit)")
 BURST_OPTION = typer.Option(0, "--burst", min=0, help="the rate limit's bucket size (0: the rate, at least 1)")
 PLAN_FILE_OPTION = typer.Option(None, "--from-file", help="a plan as JSON (what `plans show --json` prints)")
+ORGANIZATION_OPTION = typer.Option("", help="organisation (default: the caller's)")
+ORGANIZATION_ARGUMENT = typer.Argument("", help="organisation (default: the caller's)")
 
 
 @orgs_app.command("create")
@@ -146,13 +147,10 @@ def orgs_create(
 ) -> None:
     """Create an organisation with a plan (no quota given: unlimited). Then `keys create --organization ID`."""
     plan = plan_from_options(name=plan_name, quotas=quotas, rate_limit=rate_limit, burst=burst, from_file=from_file)
-    with state(ctx).client() as gm:
-        org = gm.admin.CreateOrganization(
-            ad.CreateOrganizationRequest(
-                organization_id=organization_id, display_name=name or organization_id, plan=plan
-            )
-        )
-    emit_object(org_row(org), want_json(ctx, as_json), raw=org)
+    request = ad.CreateOrganizationRequest(
+        organization_id=organization_id, display_name=name or organization_id, plan=plan
+    )
+    show_one(ctx, lambda gm: gm.admin.CreateOrganization(request), org_row, as_json)
 
 
 @orgs_app.command("list")
@@ -165,28 +163,24 @@ def orgs_list(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Organisations with their plans (an admin of another organisation sees only their own)."""
-    with state(ctx).client() as gm:
 
-        def fetch(page: common_pb2.PageRequest) -> tuple[list[ad.Organization], str]:
-            reply = gm.admin.ListOrganizations(ad.ListOrganizationsRequest(page=page))
-            return list(reply.organizations), reply.next_page_token
+    def fetch(gm: Gristmill, page: common_pb2.PageRequest) -> tuple[Sequence[ad.Organization], str]:
+        reply = gm.admin.ListOrganizations(ad.ListOrganizationsRequest(page=page))
+        return reply.organizations, reply.next_page_token
 
-        orgs, token = collect(fetch, page_size=page_size, page_token=page_token, every_page=every_page)
-    emit_messages(orgs, org_row, want_json(ctx, as_json))
-    more_hint(token)
+    show_pages(ctx, fetch, org_row, as_json, page_size=page_size, page_token=page_token, every_page=every_page)
 
 
 @orgs_app.command("show")
 @one_line_errors
 def orgs_show(
     ctx: typer.Context,
-    organization_id: str = typer.Argument("", help="organisation (default: the caller's)"),
+    organization_id: str = ORGANIZATION_ARGUMENT,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """One organisation and its plan."""
-    with state(ctx).client() as gm:
-        org = gm.admin.GetOrganization(ad.GetOrganizationRequest(organization_id=organization_id))
-    emit_object(org_row(org), want_json(ctx, as_json), raw=org)
+    request = ad.GetOrganizationRequest(organization_id=organization_id)
+    show_one(ctx, lambda gm: gm.admin.GetOrganization(request), org_row, as_json)
 
 
 @plans_app.command("set")
@@ -208,16 +202,15 @@ def plans_set(
     if not (plan_name or quotas or rate_limit is not None or from_file):
         fail("give the new plan: --name, --quota, --rate-limit or --from-file (see --help)", code=2)
     plan = plan_from_options(name=plan_name, quotas=quotas, rate_limit=rate_limit, burst=burst, from_file=from_file)
-    with state(ctx).client() as gm:
-        org = gm.admin.SetOrganizationPlan(ad.SetOrganizationPlanRequest(organization_id=organization_id, plan=plan))
-    emit_object(org_row(org), want_json(ctx, as_json), raw=org)
+    request = ad.SetOrganizationPlanRequest(organization_id=organization_id, plan=plan)
+    show_one(ctx, lambda gm: gm.admin.SetOrganizationPlan(request), org_row, as_json)
 
 
 @plans_app.command("show")
 @one_line_errors
 def plans_show(
     ctx: typer.Context,
-    organization_id: str = typer.Argument("", help="organisation (default: the caller's)"),
+    organization_id: str = ORGANIZATION_ARGUMENT,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """An organisation's plan (``--json`` prints it in the form ``plans set --from-file`` reads)."""
@@ -227,6 +220,13 @@ def plans_show(
 
 
 # --------------------------------------------------------------------------- API keys
+
+
+def emit_secret(ctx: typer.Context, fields: dict[str, Any], reply: Message, as_json: bool) -> None:
+    """A key with its new secret (shown this one time), and on a terminal a reminder to keep it."""
+    emit_object(fields, want_json(ctx, as_json), raw=reply)
+    if not want_json(ctx, as_json):
+        typer.echo("keep the secret safe: it cannot be shown again", err=True)
 
 
 def key_row(k: ad.ApiKey) -> dict[str, Any]:
@@ -251,38 +251,28 @@ def keys_create(
         help="comma-separated: labeling:read, labeling:write, training:submit, registry:read, "
         "registry:promote, serving:predict, admin",
     ),
-    organization: str = typer.Option("", help="organisation (default: the caller's)"),
+    organization: str = ORGANIZATION_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Create an API key and print its secret (this one time only)."""
     with state(ctx).client() as gm:
         reply = gm.admin.CreateApiKey(
-            ad.CreateApiKeyRequest(
-                organization_id=organization,
-                display_name=name,
-                scopes=[s.strip() for s in scopes.split(",") if s.strip()],
-            )
+            ad.CreateApiKeyRequest(organization_id=organization, display_name=name, scopes=comma_list(scopes))
         )
-    fields = {**key_row(reply.api_key), "secret": reply.secret}
-    emit_object(fields, want_json(ctx, as_json), raw=reply)
-    if not want_json(ctx, as_json):
-        typer.echo("keep the secret safe: it cannot be shown again", err=True)
+    emit_secret(ctx, {**key_row(reply.api_key), "secret": reply.secret}, reply, as_json)
 
 
 @keys_app.command("list")
 @one_line_errors
 def keys_list(
     ctx: typer.Context,
-    organization: str = typer.Option("", help="organisation (default: the caller's)"),
+    organization: str = ORGANIZATION_OPTION,
     include_revoked: bool = typer.Option(False, "--include-revoked", help="also list revoked keys"),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """An organisation's keys, newest first (never their secrets)."""
-    with state(ctx).client() as gm:
-        reply = gm.admin.ListApiKeys(
-            ad.ListApiKeysRequest(organization_id=organization, include_revoked=include_revoked)
-        )
-    emit_messages(reply.api_keys, key_row, want_json(ctx, as_json))
+    request = ad.ListApiKeysRequest(organization_id=organization, include_revoked=include_revoked)
+    show_list(ctx, lambda gm: gm.admin.ListApiKeys(request).api_keys, key_row, as_json)
 
 
 @keys_app.command("rotate")
@@ -299,25 +289,20 @@ def keys_rotate(
         request.grace_period.FromSeconds(grace_seconds)
     with state(ctx).client() as gm:
         reply = gm.admin.RotateApiKey(request)
-    fields = {**key_row(reply.api_key), "secret": reply.secret, "replaces": key_id}
-    emit_object(fields, want_json(ctx, as_json), raw=reply)
-    if not want_json(ctx, as_json):
-        typer.echo("keep the secret safe: it cannot be shown again", err=True)
+    emit_secret(ctx, {**key_row(reply.api_key), "secret": reply.secret, "replaces": key_id}, reply, as_json)
 
 
 @keys_app.command("revoke")
 @one_line_errors
 def keys_revoke(ctx: typer.Context, key_id: str = typer.Argument(...), as_json: bool = JSON_OPTION) -> None:
     """Revoke a key at once."""
-    with state(ctx).client() as gm:
-        key = gm.admin.RevokeApiKey(ad.RevokeApiKeyRequest(api_key_id=key_id))
-    emit_object(key_row(key), want_json(ctx, as_json), raw=key)
+    show_one(ctx, lambda gm: gm.admin.RevokeApiKey(ad.RevokeApiKeyRequest(api_key_id=key_id)), key_row, as_json)
 
 
 @one_line_errors
 def usage_command(
     ctx: typer.Context,
-    organization: str = typer.Option("", help="organisation (default: the caller's)"),
+    organization: str = ORGANIZATION_OPTION,
     by_key: bool = typer.Option(False, "--by-key", help="one total per API key"),
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -340,8 +325,7 @@ def usage_command(
         return
     emit(rows, False)
     for q in quotas.quotas:
-        kind = enum_name(ad.UsageKind.Name(q.quota.kind), "USAGE_KIND_")
-        period = enum_name(ad.QuotaPeriod.Name(q.quota.period), "QUOTA_PERIOD_")
+        kind, period = quota_names(q.quota)
         typer.echo(f"quota {kind} per {period}: {q.used:g} used, {q.remaining:g} left of {q.quota.limit:g}")
 
 

@@ -33,7 +33,7 @@ from gristmill.api.training.v1 import training_pb2 as tr
 from gristmill.cli import demo_data
 from gristmill.cli.labeling_commands import create_project_request, import_file, import_options
 from gristmill.cli.polling import registered_version, wait_until
-from gristmill.cli.registry_commands import promotion_policy
+from gristmill.cli.promotion_commands import promotion_policy
 from gristmill.cli.serving_commands import deployment_request, predict_oip, predict_typed
 from gristmill.cli.training_commands import TERMINAL, ProgressLine, job_spec, metric_value, state_name, watch_job
 from gristmill.client import Gristmill

@@ -25,7 +25,15 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import typer
 
-from gristmill.cli import admin_commands, labeling_commands, registry_commands, serving_commands, training_commands
+from gristmill.cli import (
+    admin_commands,
+    annotation_commands,
+    base_model_commands,
+    labeling_commands,
+    registry_commands,
+    serving_commands,
+    training_commands,
+)
 from gristmill.cli.context import build_state
 from gristmill.cli.demo_command import demo_command, run_dir
 from gristmill.cli.output import emit, fail, one_line_errors
@@ -203,17 +211,17 @@ def dev(
 
 app.add_typer(labeling_commands.projects_app, name="projects")
 app.command("import")(labeling_commands.import_command)
-app.command("label")(labeling_commands.label_command)
-app.add_typer(labeling_commands.predictions_app, name="predictions")
-app.add_typer(labeling_commands.items_app, name="items")
-app.add_typer(labeling_commands.annotations_app, name="annotations")
+app.command("label")(annotation_commands.label_command)
+app.add_typer(annotation_commands.predictions_app, name="predictions")
+app.add_typer(annotation_commands.items_app, name="items")
+app.add_typer(annotation_commands.annotations_app, name="annotations")
 app.command("agreement")(labeling_commands.agreement_command)
 app.add_typer(labeling_commands.datasets_app, name="datasets")
 app.command("train")(training_commands.train_command)
 app.add_typer(training_commands.jobs_app, name="jobs")
 app.add_typer(training_commands.autotrain_app, name="autotrain")
 app.add_typer(registry_commands.models_app, name="models")
-app.add_typer(registry_commands.base_models_app, name="base-models")
+app.add_typer(base_model_commands.base_models_app, name="base-models")
 app.command("deploy")(serving_commands.deploy_command)
 app.add_typer(serving_commands.deployments_app, name="deployments")
 app.command("predict")(serving_commands.predict_command)

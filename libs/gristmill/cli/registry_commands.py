@@ -1,10 +1,10 @@
-"""Registry commands: ``models`` (list, create, versions, show, card show/edit, alias set/delete/history, promotion
-policy)."""
+"""Registry commands: ``models`` (list, create, versions, show, update, register), its ``alias`` and ``card``."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +14,24 @@ from google.protobuf import json_format
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.registry.v1 import registry_pb2 as rg
 from gristmill.cli.context import state, want_json
-from gristmill.cli.output import emit_messages, emit_object, enum_name, fail, one_line_errors, when
-from gristmill.cli.paging import ALL_OPTION, PAGE_SIZE_OPTION, PAGE_TOKEN_OPTION, collect, more_hint
+from gristmill.cli.options import JSON_OPTION, comma_list
+from gristmill.cli.output import emit_object, enum_name, fail, one_line_errors, when
+from gristmill.cli.paging import ALL_OPTION, PAGE_SIZE_OPTION, PAGE_TOKEN_OPTION
+from gristmill.cli.promotion_commands import models_policy, promotions_app
+from gristmill.cli.replies import show_list, show_one, show_pages
 from gristmill.cli.training_commands import metric_text
 from gristmill.client import Gristmill
-
-JSON_OPTION = typer.Option(False, "--json", help="print JSON")
 
 models_app = typer.Typer(help="Registered models, versions, aliases and model cards.", no_args_is_help=True)
 alias_app = typer.Typer(help="Aliases (production, staging, ...) and their history.", no_args_is_help=True)
 card_app = typer.Typer(help="Model cards: show one, edit its free-text fields.", no_args_is_help=True)
 models_app.add_typer(alias_app, name="alias")
 models_app.add_typer(card_app, name="card")
+models_app.add_typer(promotions_app, name="promotions")
+
+
+VERSION_OPTION = typer.Option(0, help="version number (default: the latest READY one)")
+ALIAS_OPTION = typer.Option("", help="the version this alias points to")
 
 
 def selector(version: int, alias: str) -> common_pb2.ModelVersionSelector:
@@ -86,15 +92,12 @@ def models_list(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Registered models, by name (one page; ``--all`` for every page)."""
-    with state(ctx).client() as gm:
 
-        def fetch(page: common_pb2.PageRequest) -> tuple[list[rg.RegisteredModel], str]:
-            reply = gm.registry.SearchRegisteredModels(rg.SearchRegisteredModelsRequest(name_prefix=prefix, page=page))
-            return list(reply.registered_models), reply.next_page_token
+    def fetch(gm: Gristmill, page: common_pb2.PageRequest) -> tuple[Sequence[rg.RegisteredModel], str]:
+        reply = gm.registry.SearchRegisteredModels(rg.SearchRegisteredModelsRequest(name_prefix=prefix, page=page))
+        return reply.registered_models, reply.next_page_token
 
-        models, token = collect(fetch, page_size=page_size, page_token=page_token, every_page=every_page)
-    emit_messages(models, model_row, want_json(ctx, as_json))
-    more_hint(token)
+    show_pages(ctx, fetch, model_row, as_json, page_size=page_size, page_token=page_token, every_page=every_page)
 
 
 @models_app.command("create")
@@ -117,12 +120,10 @@ def models_create(
             if multi_label
             else common_pb2.TASK_TYPE_TEXT_CLASSIFICATION
         ),
-        label_map=common_pb2.LabelMap(labels=[x.strip() for x in labels.split(",") if x.strip()]),
+        label_map=common_pb2.LabelMap(labels=comma_list(labels)),
         tags=parse_tags(tags),
     )
-    with state(ctx).client() as gm:
-        model = gm.registry.CreateRegisteredModel(request)
-    emit_object(model_row(model), want_json(ctx, as_json), raw=model)
+    show_one(ctx, lambda gm: gm.registry.CreateRegisteredModel(request), model_row, as_json)
 
 
 def parse_tags(tags: list[str]) -> dict[str, str]:
@@ -139,9 +140,8 @@ def parse_tags(tags: list[str]) -> dict[str, str]:
 @one_line_errors
 def models_versions(ctx: typer.Context, name: str = typer.Argument(...), as_json: bool = JSON_OPTION) -> None:
     """A model's versions, newest first, with test metrics and lineage."""
-    with state(ctx).client() as gm:
-        reply = gm.registry.ListModelVersions(rg.ListModelVersionsRequest(registered_model_name=name))
-    emit_messages(reply.model_versions, version_row, want_json(ctx, as_json))
+    request = rg.ListModelVersionsRequest(registered_model_name=name)
+    show_list(ctx, lambda gm: gm.registry.ListModelVersions(request).model_versions, version_row, as_json)
 
 
 @models_app.command("show")
@@ -149,8 +149,8 @@ def models_versions(ctx: typer.Context, name: str = typer.Argument(...), as_json
 def models_show(
     ctx: typer.Context,
     name: str = typer.Argument(...),
-    version: int = typer.Option(0, help="version number (default: the latest READY one)"),
-    alias: str = typer.Option("", help="the version this alias points to"),
+    version: int = VERSION_OPTION,
+    alias: str = ALIAS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """A version's model card (Markdown) and details."""
@@ -163,12 +163,10 @@ def models_show(
                 registered_model_name=name, selector=common_pb2.ModelVersionSelector(version=chosen.version)
             )
         )
-    if want_json(ctx, as_json):
-        emit_object({}, True, raw=card)
-        return
-    emit_object(version_row(chosen), False)
-    typer.echo("")
-    typer.echo(card.markdown.rstrip())
+    emit_card(card, want_json(ctx, as_json), details=version_row(chosen))
+
+
+models_app.command("policy")(models_policy)
 
 
 @alias_app.command("set")
@@ -182,12 +180,10 @@ def alias_set(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Point an alias at a version (deployments following it hot-swap)."""
-    with state(ctx).client() as gm:
-        reply = gm.registry.SetAlias(
-            rg.SetAliasRequest(registered_model_name=name, alias=alias, version=version, reason=reason)
-        )
-    fields = {**change_row(reply.change), "changed": reply.changed}
-    emit_object(fields, want_json(ctx, as_json), raw=reply)
+    request = rg.SetAliasRequest(registered_model_name=name, alias=alias, version=version, reason=reason)
+    show_one(
+        ctx, lambda gm: gm.registry.SetAlias(request), lambda r: {**change_row(r.change), "changed": r.changed}, as_json
+    )
 
 
 @alias_app.command("history")
@@ -199,9 +195,8 @@ def alias_history(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Every move of a model's aliases, newest first, with who and why."""
-    with state(ctx).client() as gm:
-        reply = gm.registry.GetAliasHistory(rg.GetAliasHistoryRequest(registered_model_name=name, alias=alias))
-    emit_messages(reply.changes, change_row, want_json(ctx, as_json))
+    request = rg.GetAliasHistoryRequest(registered_model_name=name, alias=alias)
+    show_list(ctx, lambda gm: gm.registry.GetAliasHistory(request).changes, change_row, as_json)
 
 
 @alias_app.command("delete")
@@ -214,9 +209,8 @@ def alias_delete(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Remove an alias (deployments following it keep serving the version they have)."""
-    with state(ctx).client() as gm:
-        change = gm.registry.DeleteAlias(rg.DeleteAliasRequest(registered_model_name=name, alias=alias, reason=reason))
-    emit_object(change_row(change), want_json(ctx, as_json), raw=change)
+    request = rg.DeleteAliasRequest(registered_model_name=name, alias=alias, reason=reason)
+    show_one(ctx, lambda gm: gm.registry.DeleteAlias(request), change_row, as_json)
 
 
 # --------------------------------------------------------------------------- model cards
@@ -282,6 +276,17 @@ def version_number(gm: Gristmill, name: str, version: int, alias: str) -> int:
     return chosen.version
 
 
+def emit_card(card: rg.ModelCard, as_json: bool, *, details: dict[str, Any] | None = None) -> None:
+    """A model card's Markdown (after ``details``, when given), or with ``--json`` the whole card."""
+    if as_json:
+        emit_object({}, True, raw=card)
+        return
+    if details is not None:
+        emit_object(details, False)
+        typer.echo("")
+    typer.echo(card.markdown.rstrip())
+
+
 def card_fields(card: rg.ModelCard) -> dict[str, Any]:
     return {
         "model": card.registered_model_name,
@@ -300,8 +305,8 @@ def card_fields(card: rg.ModelCard) -> dict[str, Any]:
 def card_show(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="registered model"),
-    version: int = typer.Option(0, help="version number (default: the latest READY one)"),
-    alias: str = typer.Option("", help="the version this alias points to"),
+    version: int = VERSION_OPTION,
+    alias: str = ALIAS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """A version's model card as Markdown (``--json``: every field)."""
@@ -309,10 +314,7 @@ def card_show(
         card = gm.registry.GetModelCard(
             rg.GetModelCardRequest(registered_model_name=name, selector=selector(version, alias))
         )
-    if want_json(ctx, as_json):
-        emit_object({}, True, raw=card)
-        return
-    typer.echo(card.markdown.rstrip())
+    emit_card(card, want_json(ctx, as_json))
 
 
 @card_app.command("edit")
@@ -320,8 +322,8 @@ def card_show(
 def card_edit(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="registered model"),
-    version: int = typer.Option(0, help="version number (default: the latest READY one)"),
-    alias: str = typer.Option("", help="the version this alias points to"),
+    version: int = VERSION_OPTION,
+    alias: str = ALIAS_OPTION,
     intended_use: str | None = typer.Option(None, "--intended-use", help="what the model is for (Markdown)"),
     limitations: str | None = typer.Option(None, "--limitations", help="known limitations (Markdown)"),
     ethical_considerations: str | None = typer.Option(
@@ -357,136 +359,6 @@ def card_edit(
         request.update_mask.paths.extend(sorted(fields))
         card = gm.registry.UpdateModelCard(request)
     emit_object(card_fields(card), want_json(ctx, as_json), raw=card)
-
-
-def promotion_policy(
-    name: str, *, alias: str, metric: str, split: str, min_value: float | None, min_improvement: float
-) -> rg.PromotionPolicy:
-    splits = {
-        "test": common_pb2.DATASET_SPLIT_TEST,
-        "validation": common_pb2.DATASET_SPLIT_VALIDATION,
-        "train": common_pb2.DATASET_SPLIT_TRAIN,
-    }
-    if split not in splits:
-        fail(f"--split must be one of {', '.join(splits)}, got {split!r}", code=2)
-    policy = rg.PromotionPolicy(
-        registered_model_name=name,
-        enabled=True,
-        target_alias=alias,
-        metric_name=metric,
-        split=splits[split],
-        min_improvement=min_improvement,
-        mode=rg.PROMOTION_MODE_AUTOMATIC,
-    )
-    if min_value is not None:
-        policy.min_value = min_value
-    return policy
-
-
-@models_app.command("policy")
-@one_line_errors
-def models_policy(
-    ctx: typer.Context,
-    name: str = typer.Argument(..., help="registered model"),
-    alias: str = typer.Option("production", help="alias the policy moves"),
-    metric: str = typer.Option("accuracy", help="metric compared"),
-    split: str = typer.Option("test", help="split the metric is measured on"),
-    min_value: float | None = typer.Option(None, help="absolute floor the candidate must reach"),
-    min_improvement: float = typer.Option(0.0, help="margin over the version the alias points to"),
-    manual: bool = typer.Option(
-        False, "--manual", help="propose promotions for approval (`models promotions`) instead of moving the alias"
-    ),
-    delete: bool = typer.Option(False, "--delete", help="remove the model's policy (pending promotions lapse)"),
-    as_json: bool = JSON_OPTION,
-) -> None:
-    """Set a model's promotion policy (new READY versions that pass move the alias, or are proposed with --manual),
-    or remove it with --delete."""
-    if delete:
-        with state(ctx).client() as gm:
-            gm.registry.DeletePromotionPolicy(rg.DeletePromotionPolicyRequest(registered_model_name=name))
-        emit_object({"model": name, "policy": "deleted"}, want_json(ctx, as_json))
-        return
-    policy = promotion_policy(
-        name, alias=alias, metric=metric, split=split, min_value=min_value, min_improvement=min_improvement
-    )
-    if manual:
-        policy.mode = rg.PROMOTION_MODE_MANUAL_APPROVAL
-    with state(ctx).client() as gm:
-        stored = gm.registry.SetPromotionPolicy(rg.SetPromotionPolicyRequest(policy=policy))
-    fields = {
-        "model": stored.registered_model_name,
-        "alias": stored.target_alias,
-        "gate": f"{stored.metric_name}/{split} "
-        + (f">= {stored.min_value} and " if stored.HasField("min_value") else "")
-        + f"beats the current one by > {stored.min_improvement}",
-        "mode": enum_name(rg.PromotionMode.Name(stored.mode), "PROMOTION_MODE_"),
-    }
-    emit_object(fields, want_json(ctx, as_json), raw=stored)
-
-
-# --------------------------------------------------------------------------- promotions waiting for approval
-
-promotions_app = typer.Typer(
-    help="Promotions a --manual policy proposed: list, approve (moves the alias), reject.", no_args_is_help=True
-)
-models_app.add_typer(promotions_app, name="promotions")
-
-
-def promotion_row(p: rg.PendingPromotion) -> dict[str, Any]:
-    return {
-        "promotion": p.promotion_id,
-        "model": p.registered_model_name,
-        "alias": p.target_alias,
-        "move": (f"v{p.from_version}" if p.HasField("from_version") else "-") + f" -> v{p.version}",
-        "state": enum_name(rg.PendingPromotionState.Name(p.state), "PENDING_PROMOTION_STATE_"),
-        "decided by": p.decided_by,
-        "reason": (p.decision_reason or p.decision.explanation)[:80],
-        "created": when(p.create_time),
-    }
-
-
-@promotions_app.command("list")
-@one_line_errors
-def promotions_list(
-    ctx: typer.Context,
-    name: str = typer.Argument("", help="one registered model (default: all)"),
-    include_decided: bool = typer.Option(False, "--include-decided", help="also approved, rejected, superseded"),
-    as_json: bool = JSON_OPTION,
-) -> None:
-    """Promotions waiting for approval, oldest first."""
-    with state(ctx).client() as gm:
-        reply = gm.registry.ListPendingPromotions(
-            rg.ListPendingPromotionsRequest(registered_model_name=name, include_decided=include_decided)
-        )
-    emit_messages(reply.promotions, promotion_row, want_json(ctx, as_json))
-
-
-@promotions_app.command("approve")
-@one_line_errors
-def promotions_approve(
-    ctx: typer.Context,
-    promotion_id: str = typer.Argument(...),
-    reason: str = typer.Option("approved from the CLI", help="recorded in the alias history"),
-    as_json: bool = JSON_OPTION,
-) -> None:
-    """Approve a pending promotion: the alias moves (deployments following it hot-swap)."""
-    with state(ctx).client() as gm:
-        decided = gm.registry.ApprovePromotion(rg.ApprovePromotionRequest(promotion_id=promotion_id, reason=reason))
-    emit_object(promotion_row(decided), want_json(ctx, as_json), raw=decided)
-
-
-@promotions_app.command("reject")
-@one_line_errors
-def promotions_reject(
-    ctx: typer.Context,
-    promotion_id: str = typer.Argument(...),
-    reason: str = typer.Option("rejected from the CLI", help="recorded with the promotion"),
-    as_json: bool = JSON_OPTION,
-) -> None:
-    """Reject a pending promotion; the alias does not move."""
-    with state(ctx).client() as gm:
-        decided = gm.registry.RejectPromotion(rg.RejectPromotionRequest(promotion_id=promotion_id, reason=reason))
-    emit_object(promotion_row(decided), want_json(ctx, as_json), raw=decided)
 
 
 # --------------------------------------------------------------------------- descriptions, tags, registering
@@ -547,67 +419,4 @@ def models_register(
     request.registered_model_name = name
     request.create_model_if_missing = request.create_model_if_missing or create_model
     request.wait_for_verification = wait
-    with state(ctx).client() as gm:
-        registered = gm.registry.RegisterModelVersion(request)
-    emit_object(version_row(registered), want_json(ctx, as_json), raw=registered)
-
-
-# --------------------------------------------------------------------------- base models
-
-base_models_app = typer.Typer(help="Base models jobs fine-tune from (Hugging Face directories).", no_args_is_help=True)
-
-
-def base_model_row(b: rg.BaseModel) -> dict[str, Any]:
-    return {
-        "base model": b.name,
-        "type": b.model_type,
-        "parameters": f"{b.parameter_count / 1e6:.1f}M" if b.parameter_count else "",
-        "tasks": ",".join(enum_name(common_pb2.TaskType.Name(t), "TASK_TYPE_") for t in b.tasks),
-        "license": b.license,
-        "created": when(b.create_time),
-    }
-
-
-@base_models_app.command("import")
-@one_line_errors
-def base_models_import(
-    ctx: typer.Context,
-    name: str = typer.Argument(..., help="name jobs use (--base-model-name), a slug"),
-    local_path: str = typer.Option("", "--local-path", help="a Hugging Face directory on the registry's host"),
-    object_prefix: str = typer.Option("", "--object-prefix", help="a Hugging Face directory in the object store"),
-    license_name: str = typer.Option("", "--license", help="licence of the weights (SPDX id or text)"),
-    description: str = typer.Option("", help="free text"),
-    as_json: bool = JSON_OPTION,
-) -> None:
-    """Import a Hugging Face model directory as a base model (validated and copied with checksums)."""
-    if bool(local_path) == bool(object_prefix):
-        fail("give exactly one of --local-path or --object-prefix", code=2)
-    request = rg.ImportBaseModelRequest(name=name, license=license_name, description=description)
-    if local_path:
-        request.local_path = local_path
-    else:
-        request.object_prefix = object_prefix
-    with state(ctx).client() as gm:
-        imported = gm.registry.ImportBaseModel(request)
-    emit_object(base_model_row(imported), want_json(ctx, as_json), raw=imported)
-
-
-@base_models_app.command("list")
-@one_line_errors
-def base_models_list(
-    ctx: typer.Context,
-    page_size: int = PAGE_SIZE_OPTION,
-    page_token: str = PAGE_TOKEN_OPTION,
-    every_page: bool = ALL_OPTION,
-    as_json: bool = JSON_OPTION,
-) -> None:
-    """Base models, by name."""
-    with state(ctx).client() as gm:
-
-        def fetch(page: common_pb2.PageRequest) -> tuple[list[rg.BaseModel], str]:
-            reply = gm.registry.ListBaseModels(rg.ListBaseModelsRequest(page=page))
-            return list(reply.base_models), reply.next_page_token
-
-        found, token = collect(fetch, page_size=page_size, page_token=page_token, every_page=every_page)
-    emit_messages(found, base_model_row, want_json(ctx, as_json))
-    more_hint(token)
+    show_one(ctx, lambda gm: gm.registry.RegisterModelVersion(request), version_row, as_json)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,11 +15,11 @@ from gristmill.api.common.v1 import common_pb2
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2 as oip
 from gristmill.api.serving.v1 import serving_pb2 as sv
 from gristmill.cli.context import state, want_json
-from gristmill.cli.output import confirm, emit, emit_messages, emit_object, enum_name, fail, one_line_errors
-from gristmill.cli.paging import ALL_OPTION, PAGE_SIZE_OPTION, PAGE_TOKEN_OPTION, collect, more_hint
+from gristmill.cli.options import JSON_OPTION, choice
+from gristmill.cli.output import confirm, emit, emit_object, enum_name, fail, one_line_errors
+from gristmill.cli.paging import ALL_OPTION, PAGE_SIZE_OPTION, PAGE_TOKEN_OPTION
+from gristmill.cli.replies import show_one, show_pages
 from gristmill.client import Gristmill
-
-JSON_OPTION = typer.Option(False, "--json", help="print JSON")
 
 
 def deployment_row(d: sv.Deployment) -> dict[str, Any]:
@@ -64,6 +65,11 @@ class DeploymentSettings:
     sample_rate: float | None = None
 
 
+def version_or_alias(version: int, alias: str) -> common_pb2.ModelVersionSelector:
+    """A fixed version when one is given, else the alias."""
+    return common_pb2.ModelVersionSelector(version=version) if version else common_pb2.ModelVersionSelector(alias=alias)
+
+
 def canary_route(settings: DeploymentSettings) -> sv.CanaryRoute | None:
     """The canary the options ask for (None: no canary option given); bad combinations are usage errors."""
     given_target = bool(settings.canary_version or settings.canary_alias)
@@ -77,18 +83,8 @@ def canary_route(settings: DeploymentSettings) -> sv.CanaryRoute | None:
         fail(f"--canary-weight must be between 0 and 1 (exclusive), got {settings.canary_weight:g}", code=2)
     if not given_target:
         fail("--canary-weight needs the canary's version or alias: --canary-version V or --canary-alias A", code=2)
-    target = (
-        common_pb2.ModelVersionSelector(version=settings.canary_version)
-        if settings.canary_version
-        else common_pb2.ModelVersionSelector(alias=settings.canary_alias)
-    )
-    return sv.CanaryRoute(target=target, weight=settings.canary_weight)
-
-
-def choice(value: str, choices: dict[str, Any], option: str) -> Any:
-    if value not in choices:
-        fail(f"{option} must be one of {', '.join(choices)}, got {value!r}", code=2)
-    return choices[value]
+    canary_target = version_or_alias(settings.canary_version, settings.canary_alias)
+    return sv.CanaryRoute(target=canary_target, weight=settings.canary_weight)
 
 
 def apply_settings(deployment: sv.Deployment, settings: DeploymentSettings) -> list[str]:
@@ -138,14 +134,14 @@ def deployment_request(
 ) -> sv.Deployment:
     if alias and version:
         fail("give --alias or --version, not both", code=2)
-    target = (
-        common_pb2.ModelVersionSelector(version=version) if version else common_pb2.ModelVersionSelector(alias=alias)
-    )
     logging_config = sv.PredictionLoggingConfig(sample_rate=sample_rate)
     if uncertainty is not None:
         logging_config.uncertainty_threshold = uncertainty
     deployment = sv.Deployment(
-        name=name or model, registered_model_name=model, target=target, prediction_logging=logging_config
+        name=name or model,
+        registered_model_name=model,
+        target=version_or_alias(version, alias),
+        prediction_logging=logging_config,
     )
     if settings is not None:
         apply_settings(deployment, settings)
@@ -236,9 +232,8 @@ def deploy_command(
         sample_rate=sample_rate,
         settings=settings,
     )
-    with state(ctx).client() as gm:
-        created = gm.serving.CreateDeployment(sv.CreateDeploymentRequest(deployment=deployment, wait_until_ready=wait))
-    emit_object(deployment_fields(created), want_json(ctx, as_json), raw=created)
+    request = sv.CreateDeploymentRequest(deployment=deployment, wait_until_ready=wait)
+    show_one(ctx, lambda gm: gm.serving.CreateDeployment(request), deployment_fields, as_json)
 
 
 @deployments_app.callback()
@@ -261,15 +256,12 @@ def deployments_list(
     every_page: bool = ALL_OPTION,
 ) -> None:
     """Deployments and the state of each loaded version."""
-    with state(ctx).client() as gm:
 
-        def fetch(page: common_pb2.PageRequest) -> tuple[list[sv.Deployment], str]:
-            reply = gm.serving.ListDeployments(sv.ListDeploymentsRequest(page=page))
-            return list(reply.deployments), reply.next_page_token
+    def fetch(gm: Gristmill, page: common_pb2.PageRequest) -> tuple[Sequence[sv.Deployment], str]:
+        reply = gm.serving.ListDeployments(sv.ListDeploymentsRequest(page=page))
+        return reply.deployments, reply.next_page_token
 
-        deployments, token = collect(fetch, page_size=page_size, page_token=page_token, every_page=every_page)
-    emit_messages(deployments, deployment_row, want_json(ctx, as_json))
-    more_hint(token)
+    show_pages(ctx, fetch, deployment_row, as_json, page_size=page_size, page_token=page_token, every_page=every_page)
 
 
 @deployments_app.command("show")
@@ -278,9 +270,8 @@ def deployments_show(
     ctx: typer.Context, name: str = typer.Argument(..., help="deployment name"), as_json: bool = JSON_OPTION
 ) -> None:
     """One deployment: routing, canary, batching, quantization and each loaded version."""
-    with state(ctx).client() as gm:
-        deployment = gm.serving.GetDeployment(sv.GetDeploymentRequest(name=name))
-    emit_object(deployment_fields(deployment), want_json(ctx, as_json), raw=deployment)
+    request = sv.GetDeploymentRequest(name=name)
+    show_one(ctx, lambda gm: gm.serving.GetDeployment(request), deployment_fields, as_json)
 
 
 @deployments_app.command("update")
@@ -328,11 +319,7 @@ def deployments_update(
         ),
     )
     if alias or version:
-        deployment.target.CopyFrom(
-            common_pb2.ModelVersionSelector(version=version)
-            if version
-            else common_pb2.ModelVersionSelector(alias=alias)
-        )
+        deployment.target.CopyFrom(version_or_alias(version, alias))
         paths.append("target")
     if no_canary:
         paths.append("canary")  # an empty canary in the mask removes it
@@ -340,9 +327,7 @@ def deployments_update(
         fail("nothing to change: give at least one option (see --help)", code=2)
     request = sv.UpdateDeploymentRequest(name=name, deployment=deployment, wait_until_ready=wait)
     request.update_mask.paths.extend(paths)
-    with state(ctx).client() as gm:
-        updated = gm.serving.UpdateDeployment(request)
-    emit_object(deployment_fields(updated), want_json(ctx, as_json), raw=updated)
+    show_one(ctx, lambda gm: gm.serving.UpdateDeployment(request), deployment_fields, as_json)
 
 
 @deployments_app.command("delete")

@@ -16,11 +16,12 @@ from gristmill.api.common.v1 import common_pb2
 from gristmill.api.labeling.v1 import labeling_pb2 as lb
 from gristmill.api.training.v1 import training_pb2 as tr
 from gristmill.cli.context import state, want_json
-from gristmill.cli.output import emit_messages, emit_object, enum_name, fail, one_line_errors, when
+from gristmill.cli.options import JSON_OPTION
+from gristmill.cli.output import emit_object, enum_name, fail, one_line_errors, when
 from gristmill.cli.polling import registered_version
+from gristmill.cli.replies import show_list, show_one
 from gristmill.client import Gristmill, UnavailableError
 
-JSON_OPTION = typer.Option(False, "--json", help="print JSON")
 # A finished job's version normally appears within a second or two; a busy Kafka consumer group can take longer.
 REGISTRATION_TIMEOUT_S = 120.0
 TERMINAL = {tr.JOB_STATE_SUCCEEDED, tr.JOB_STATE_FAILED, tr.JOB_STATE_CANCELLED}
@@ -488,18 +489,14 @@ def jobs_list(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Training jobs, newest first."""
-    with state(ctx).client() as gm:
-        reply = gm.training.ListJobs(tr.ListJobsRequest(project_id=project))
-    emit_messages(reply.jobs, job_row, want_json(ctx, as_json))
+    show_list(ctx, lambda gm: gm.training.ListJobs(tr.ListJobsRequest(project_id=project)).jobs, job_row, as_json)
 
 
 @jobs_app.command("show")
 @one_line_errors
 def jobs_show(ctx: typer.Context, job_id: str = typer.Argument(...), as_json: bool = JSON_OPTION) -> None:
     """One job with its progress and result."""
-    with state(ctx).client() as gm:
-        job = gm.training.GetJob(tr.GetJobRequest(job_id=job_id))
-    emit_object(job_summary(job), want_json(ctx, as_json), raw=job)
+    show_one(ctx, lambda gm: gm.training.GetJob(tr.GetJobRequest(job_id=job_id)), job_summary, as_json)
 
 
 @jobs_app.command("watch")
@@ -523,19 +520,21 @@ def jobs_cancel(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Cancel a queued or running job."""
-    with state(ctx).client() as gm:
-        job = gm.training.CancelJob(tr.CancelJobRequest(job_id=job_id, reason=reason))
-    emit_object(job_row(job), want_json(ctx, as_json), raw=job)
+    request = tr.CancelJobRequest(job_id=job_id, reason=reason)
+    show_one(ctx, lambda gm: gm.training.CancelJob(request), job_row, as_json)
 
 
 @autotrain_app.command("show")
 @one_line_errors
 def autotrain_show(ctx: typer.Context, project_id: str = typer.Argument(...), as_json: bool = JSON_OPTION) -> None:
     """A project's auto-train policy: the job every published dataset version starts."""
-    with state(ctx).client() as gm:
-        policy = gm.training.GetAutoTrainPolicy(tr.GetAutoTrainPolicyRequest(project_id=project_id))
+    request = tr.GetAutoTrainPolicyRequest(project_id=project_id)
+    show_one(ctx, lambda gm: gm.training.GetAutoTrainPolicy(request), policy_fields, as_json)
+
+
+def policy_fields(policy: tr.AutoTrainPolicy) -> dict[str, Any]:
     template = policy.job_template
-    fields = {
+    return {
         "project": policy.project_id,
         "enabled": policy.enabled,
         "model": template.registered_model_name,
@@ -543,7 +542,6 @@ def autotrain_show(ctx: typer.Context, project_id: str = typer.Argument(...), as
         **({"search": search_text(template.search)} if template.HasField("search") else {}),
         "updated": when(policy.update_time),
     }
-    emit_object(fields, want_json(ctx, as_json), raw=policy)
 
 
 @autotrain_app.command("delete")
