@@ -496,3 +496,25 @@ async def test_dataset_versions(stub: pb_grpc.LabelingServiceStub) -> None:
         CODE.INVALID_ARGUMENT,
         "splits[0]",
     )
+
+
+async def test_a_project_masks_the_pii_kinds_it_names_and_refuses_unknown_ones(
+    stub: pb_grpc.LabelingServiceStub,
+) -> None:
+    only_email = pb.CleaningSettings(pii=pb.PiiSettings(kinds=[pb.PII_KIND_EMAIL]))
+    created = await _create(stub, cleaning=only_email)
+    assert list(created.settings.cleaning.pii.kinds) == [pb.PII_KIND_EMAIL]
+    fetched = await stub.GetProject(pb.GetProjectRequest(project_id="p1"))
+    assert list(fetched.settings.cleaning.pii.kinds) == [pb.PII_KIND_EMAIL]
+    report = await _import(stub, '{"id": "a", "text": "mail ann@example.com or call 0612 345 678"}\n')
+    assert report.pii_masked_by_kind == {"EMAIL": 1}
+    item = (await stub.ListItems(pb.ListItemsRequest(project_id="p1"))).items[0]
+    assert "ann@example.com" not in item.text and "0612 345 678" in item.text
+    # Not a kind (unspecified, or a number the API does not define): refused, and no project is created.
+    for kind in (pb.PII_KIND_UNSPECIFIED, 99):
+        await _fails(
+            _create(stub, "p2", cleaning=pb.CleaningSettings(pii=pb.PiiSettings(kinds=[kind]))),
+            CODE.INVALID_ARGUMENT,
+            "is not a PII kind; use one of PII_KIND_EMAIL",
+        )
+    await _fails(stub.GetProject(pb.GetProjectRequest(project_id="p2")), CODE.NOT_FOUND, "p2")

@@ -59,6 +59,19 @@ def task_type_in(value: int) -> m.TaskType:
     return _enum_in(m.TaskType, common_pb2.TaskType, value, "task_type")
 
 
+# The domain's PII kinds are named without the proto's prefix (the import report counts masks as ``EMAIL`` ...).
+_PII_KIND_TO_PROTO = {kind: pb.PiiKind.Value(f"PII_KIND_{kind.value}") for kind in m.PiiKind}
+_PII_KIND_FROM_PROTO: dict[int, m.PiiKind] = {value: kind for kind, value in _PII_KIND_TO_PROTO.items()}
+
+
+def pii_kind_in(value: int, field: str) -> m.PiiKind:
+    """A proto ``PiiKind`` as the domain's; UNSPECIFIED or an unknown number is INVALID_ARGUMENT."""
+    if value not in _PII_KIND_FROM_PROTO:
+        known = ", ".join(pb.PiiKind.Name(v) for v in sorted(_PII_KIND_TO_PROTO.values()))
+        raise InvalidArgumentError(f"{field}: {value} is not a PII kind; use one of {known}")
+    return _PII_KIND_FROM_PROTO[value]
+
+
 def labels_in(labels: Iterable[pb.LabelDefinition]) -> list[m.LabelDefinition]:
     return [m.LabelDefinition(label.name, label.description) for label in labels]
 
@@ -66,9 +79,7 @@ def labels_in(labels: Iterable[pb.LabelDefinition]) -> list[m.LabelDefinition]:
 def settings_in(settings: pb.ProjectSettings) -> m.ProjectSettings:
     cleaning = settings.cleaning
     pii = cleaning.pii
-    kinds = frozenset(
-        _enum_in(m.PiiKind, pb.PiiKind, kind, f"settings.cleaning.pii.kinds[{i}]") for i, kind in enumerate(pii.kinds)
-    )
+    kinds = frozenset(pii_kind_in(kind, f"settings.cleaning.pii.kinds[{i}]") for i, kind in enumerate(pii.kinds))
     return m.ProjectSettings(
         annotations_per_item=settings.annotations_per_item or 1,
         task_ordering=_enum_in(
@@ -109,7 +120,7 @@ def settings_out(settings: m.ProjectSettings) -> pb.ProjectSettings:
             near_duplicate_threshold=cleaning.near_duplicate_threshold,
             pii=pb.PiiSettings(
                 store_raw_text=cleaning.pii.store_raw_text,
-                kinds=[_enum_out(pb.PiiKind, kind) for kind in sorted(cleaning.pii.kinds)],
+                kinds=[_PII_KIND_TO_PROTO[kind] for kind in sorted(cleaning.pii.kinds)],
                 custom_patterns=[pb.CustomPiiPattern(name=p.name, regex=p.regex) for p in cleaning.pii.custom_patterns],
             ),
         ),
