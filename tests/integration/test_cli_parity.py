@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,36 @@ def test_orgs_create_list_and_plans_set(platform: str, gm: Gristmill, tmp_path: 
     refused(cli(platform, "plans", "set", "parity-org", "--quota", "predictions/week=5"), "--quota", "PERIOD", code=2)
     refused(cli(platform, "orgs", "create", "Not An Id!"), "invalid argument", "organization_id")
     refused(cli(platform, "plans", "set", "no-such-org", "--name", "free"), "not found")
+
+
+def test_keys_create_with_an_expiry_time(platform: str, gm: Gristmill) -> None:
+    soon = as_json(
+        cli(platform, "keys", "create", "expiring", "--scopes", "registry:read", "--expires", "30d", "--json")
+    )
+    fixed = as_json(
+        cli(
+            platform,
+            "keys",
+            "create",
+            "fixed",
+            "--scopes",
+            "registry:read",
+            "--expires",
+            "2099-01-31T00:00:00Z",
+            "--json",
+        )
+    )
+    keys = {k.api_key_id: k for k in gm.admin.ListApiKeys(ad.ListApiKeysRequest()).api_keys}
+    in_30_days = keys[soon["api_key"]["api_key_id"]].expire_time.ToDatetime(tzinfo=UTC) - datetime.now(UTC)
+    assert timedelta(days=29, hours=23) < in_30_days <= timedelta(days=30)
+    assert keys[fixed["api_key"]["api_key_id"]].expire_time.ToDatetime(tzinfo=UTC) == datetime(2099, 1, 31, tzinfo=UTC)
+    assert "2099-01-31 00:00:00" in ok(cli(platform, "keys", "list"))
+    for key in (soon, fixed):
+        ok(cli(platform, "keys", "revoke", key["api_key"]["api_key_id"]))
+
+    bad = ["keys", "create", "late", "--scopes", "registry:read", "--expires"]
+    refused(cli(platform, *bad, "2020-01-01T00:00:00Z"), "--expires", "has passed", code=2)
+    refused(cli(platform, *bad, "a fortnight"), "--expires", "RFC 3339", code=2)
 
 
 # --------------------------------------------------------------------------- labeling
@@ -177,6 +208,67 @@ def test_predictions_attach_and_label_shows_the_suggestion(platform: str, gm: Gr
     refused(cli(platform, "predictions", "attach", "parity-suggest", str(unknown), "--model", "m"), "not found", "nope")
 
 
+def test_projects_cleaning_pii_and_label_descriptions(platform: str, gm: Gristmill) -> None:
+    created = cli(
+        platform,
+        "projects",
+        "create",
+        "Tickets",
+        "--id",
+        "parity-cleaning",
+        "--labels",
+        "bug,idea",
+        "--label-description",
+        'bug="Something broken"',
+        "--max-text-chars",
+        "500",
+        "--near-duplicates",
+        "flag",
+        "--near-duplicate-threshold",
+        "0.8",
+        "--pii-kinds",
+        "email,phone",
+        "--pii-pattern",
+        r"customer=CU-\d{6}",
+    )
+    assert "email,phone +customer" in ok(created)
+    project = gm.labeling.GetProject(lb.GetProjectRequest(project_id="parity-cleaning"))
+    cleaning = project.settings.cleaning
+    assert list(cleaning.pii.kinds) == [lb.PII_KIND_EMAIL, lb.PII_KIND_PHONE]
+    assert (cleaning.max_text_chars, cleaning.near_duplicate_threshold) == (500, 0.8)
+    assert cleaning.near_duplicate_policy == lb.NEAR_DUPLICATE_POLICY_FLAG
+    assert [(p.name, p.regex) for p in cleaning.pii.custom_patterns] == [("customer", r"CU-\d{6}")]
+    assert [(x.name, x.description) for x in project.label_schema.labels] == [("bug", "Something broken"), ("idea", "")]
+
+    ok(cli(platform, "projects", "update", "parity-cleaning", "--near-duplicates", "off", "--store-raw-text"))
+    cleaning = gm.labeling.GetProject(lb.GetProjectRequest(project_id="parity-cleaning")).settings.cleaning
+    assert cleaning.near_duplicate_policy == lb.NEAR_DUPLICATE_POLICY_OFF and cleaning.pii.store_raw_text
+    assert cleaning.max_text_chars == 500 and len(cleaning.pii.custom_patterns) == 1  # untouched
+    ok(
+        cli(
+            platform,
+            "projects",
+            "set-labels",
+            "parity-cleaning",
+            "--labels",
+            "bug,idea,question",
+            "--label-description",
+            "question=Asks for help",
+        )
+    )
+    labels = gm.labeling.GetProject(lb.GetProjectRequest(project_id="parity-cleaning")).label_schema.labels
+    assert [x.description for x in labels] == ["Something broken", "", "Asks for help"]
+
+    refused(
+        cli(platform, "projects", "update", "parity-cleaning", "--pii-kinds", "email,passport"), "--pii-kinds", code=2
+    )
+    refused(
+        cli(platform, "projects", "create", "X", "--labels", "a", "--label-description", "b=not a label"),
+        "--label-description",
+        code=2,
+    )
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -238,6 +330,37 @@ def test_train_search(platform: str, gm: Gristmill, labeled: dict[str, str], bas
         "invalid argument",
         "not a searchable hyper-parameter",
     )
+
+
+def test_train_spec_file_and_jobs_show_spec(
+    platform: str, gm: Gristmill, labeled: dict[str, str], base_model: Path, tmp_path: Path
+) -> None:
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(
+        json.dumps(
+            {
+                "display_name": "from a file",
+                "method": "TRAINING_METHOD_LORA",
+                "lora": {"rank": 4, "target_modules": ["query", "value"]},
+                "hyper_parameters": {"epochs": 3, "warmup_ratio": 0.1, "weight_decay": 0.01, "seed": "7"},
+                "tags": {"team": "parity"},
+            }
+        )
+    )
+    args = ["train", labeled["project"], "--base-model", str(base_model), "--spec-file", str(spec_file)]
+    job = as_json(cli(platform, *args, "--epochs", "1", "--max-length", "32", "--no-wait", "--json"))
+    spec = gm.training.GetJob(tr.GetJobRequest(job_id=job["job_id"])).spec
+    ok(cli(platform, "jobs", "cancel", job["job_id"]))
+    assert spec.display_name == "from a file" and spec.method == tr.TRAINING_METHOD_LORA
+    assert list(spec.lora.target_modules) == ["query", "value"] and dict(spec.tags) == {"team": "parity"}
+    hp = spec.hyper_parameters
+    assert (hp.epochs, hp.max_sequence_length, hp.warmup_ratio, hp.weight_decay, hp.seed) == (1, 32, 0.1, 0.01, 7)
+    # What `jobs show --spec` prints is the spec itself, ready for --spec-file.
+    shown = ok(cli(platform, "jobs", "show", job["job_id"], "--spec"))
+    assert json_format.Parse(shown, tr.JobSpec()) == spec
+
+    spec_file.write_text('{"hyper_parameters": {"epochs": "three"}}')
+    refused(cli(platform, *args, "--no-wait"), "--spec-file", "not a job spec", code=2)
 
 
 # --------------------------------------------------------------------------- registry

@@ -1,7 +1,10 @@
-"""What the CLI shows and parses without a platform: the labeling suggestion, search expressions, quotas, cards."""
+"""What the CLI shows and parses without a platform: the labeling suggestion, search expressions, quotas, cards,
+job spec files, key expiry times and project cleaning settings."""
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -9,8 +12,11 @@ import typer
 
 from gristmill.api.admin.v1 import admin_pb2 as ad
 from gristmill.api.labeling.v1 import labeling_pb2 as lb
-from gristmill.cli.admin_commands import parse_quota
+from gristmill.api.training.v1 import training_pb2 as tr
+from gristmill.cli.admin_commands import expiry_time, parse_quota
 from gristmill.cli.annotation_commands import prediction_input, suggestion, task_lines
+from gristmill.cli.job_specs import job_spec, spec_from_file
+from gristmill.cli.project_settings import cleaning_settings, label_definitions, pii_pattern
 from gristmill.cli.registry_commands import card_text_from_file
 from gristmill.cli.training_commands import SearchSpecError, parse_search_expression, search_spec
 
@@ -112,3 +118,100 @@ def test_prediction_lines() -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             prediction_input(bad, "m", 1)
+
+
+def test_a_spec_file_gives_the_fields_the_options_leave(tmp_path: Path) -> None:
+    path = tmp_path / "spec.json"
+    path.write_text(
+        json.dumps(
+            {
+                "base_model": {"base_model_name": "minilm"},
+                "method": "TRAINING_METHOD_LORA",
+                "lora": {"rank": 8, "targetModules": ["query", "value"]},
+                "hyper_parameters": {"epochs": 4, "warmup_ratio": 0.1, "seed": "7", "learning_rate": 1e-4},
+                "resources": {"num_workers": 2},
+                "tags": {"team": "search"},
+            }
+        )
+    )
+    spec = job_spec(project_id="p", dataset_version_id="v1", epochs=2, base=spec_from_file(path))
+    assert spec.base_model.base_model_name == "minilm" and spec.method == tr.TRAINING_METHOD_LORA
+    assert list(spec.lora.target_modules) == ["query", "value"] and spec.tags["team"] == "search"
+    hp = spec.hyper_parameters
+    assert (hp.epochs, hp.learning_rate, hp.warmup_ratio, hp.seed) == (2, 1e-4, 0.1, 7)  # --epochs wins
+    assert spec.resources.num_workers == 2 and spec.dataset_version.dataset_version_id == "v1"
+    overridden = job_spec(
+        project_id="p", dataset_version_id="", base_model="/m", lora=False, workers=3, base=spec_from_file(path)
+    )
+    assert overridden.base_model.local_path == "/m" and overridden.method == tr.TRAINING_METHOD_FULL
+    assert overridden.resources.num_workers == 3
+
+    with pytest.raises(typer.Exit):
+        job_spec(project_id="p", dataset_version_id="")  # no base model anywhere
+    for bad in ('{"hyper_parameters": {"epochs": "many"}}', '{"no_such_field": 1}', "not json"):
+        path.write_text(bad)
+        with pytest.raises(typer.Exit) as raised:
+            spec_from_file(path)
+        assert raised.value.exit_code == 2
+    with pytest.raises(typer.Exit):
+        spec_from_file(tmp_path / "missing.json")
+
+
+def test_key_expiry_times() -> None:
+    now = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+    assert expiry_time("30d", now) == now + timedelta(days=30)
+    assert expiry_time("90m", now) == now + timedelta(minutes=90)
+    assert expiry_time("2027-01-31T00:00:00Z", now) == datetime(2027, 1, 31, tzinfo=UTC)
+    assert expiry_time("2027-01-31T02:00:00+02:00", now) == datetime(2027, 1, 31, tzinfo=UTC)
+    for bad in ("0d", "30", "30w", "soon", "2026-01-01T00:00:00Z", "2027-01-31T00:00:00", "99999999999d"):
+        with pytest.raises(typer.Exit) as raised:
+            expiry_time(bad, now)
+        assert raised.value.exit_code == 2, bad
+
+
+def test_cleaning_settings_and_label_descriptions() -> None:
+    cleaning, paths = cleaning_settings(
+        max_text_chars=500,
+        near_duplicates="flag",
+        near_duplicate_threshold=0.8,
+        pii_kind_names="email, ip-address",
+        pii_patterns=[r"customer-number=CU-\d{6}"],
+        store_raw_text=False,
+    )
+    assert cleaning.max_text_chars == 500 and cleaning.near_duplicate_policy == lb.NEAR_DUPLICATE_POLICY_FLAG
+    assert list(cleaning.pii.kinds) == [lb.PII_KIND_EMAIL, lb.PII_KIND_IP_ADDRESS]
+    assert cleaning.pii.custom_patterns[0].regex == r"CU-\d{6}"
+    assert paths == [
+        "settings.cleaning.max_text_chars",
+        "settings.cleaning.near_duplicate_policy",
+        "settings.cleaning.near_duplicate_threshold",
+        "settings.cleaning.pii.kinds",
+        "settings.cleaning.pii.custom_patterns",
+        "settings.cleaning.pii.store_raw_text",
+    ]
+    assert cleaning_settings(pii_kind_names="all")[0].pii.kinds == []
+    assert cleaning_settings() == (lb.CleaningSettings(), [])
+    bad_settings: list[dict[str, object]] = [
+        {"near_duplicates": "keep"},
+        {"near_duplicate_threshold": 0.0},
+        {"near_duplicate_threshold": 1.5},
+        {"pii_kind_names": "email,passport"},
+        {"pii_kind_names": ","},
+    ]
+    for bad in bad_settings:
+        with pytest.raises(typer.Exit):
+            cleaning_settings(**bad)  # type: ignore[arg-type]
+    for pattern in ("no-equals", "Bad Name=x", "empty=a*", "broken=(x"):
+        with pytest.raises(typer.Exit):
+            pii_pattern(pattern)
+
+    current = [lb.LabelDefinition(name="bug", description="old"), lb.LabelDefinition(name="idea", description="new")]
+    labels = label_definitions(["bug", "idea", "other"], ['bug="Something broken"'], current)
+    assert [(x.name, x.description) for x in labels] == [
+        ("bug", "Something broken"),
+        ("idea", "new"),
+        ("other", ""),
+    ]
+    for bad in ("bug", "=x", "feature=A wish"):
+        with pytest.raises(typer.Exit):
+            label_definitions(["bug"], [bad])

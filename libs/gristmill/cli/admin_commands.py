@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -237,8 +239,40 @@ def key_row(k: ad.ApiKey) -> dict[str, Any]:
         "scopes": ",".join(k.scopes),
         "prefix": k.secret_prefix,
         "created": when(k.create_time),
+        "expires": when(k.expire_time) if k.HasField("expire_time") else "",
         "revoked": when(k.revoke_time) if k.HasField("revoke_time") else "",
     }
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+EXPIRY_SYNTAX = (
+    "expected a duration such as 90m, 12h or 30d (s, m, h, d), or an RFC 3339 time such as 2027-01-31T00:00:00Z"
+)
+
+
+def expiry_time(text: str, now: datetime | None = None) -> datetime:
+    """``30d`` (from ``now``) or ``2027-01-31T00:00:00Z`` → an aware UTC time in the future; anything else, or a
+    time not after ``now``, is a one-line usage error."""
+    now = now or datetime.now(UTC)
+    match = _DURATION.match(text)
+    if match:
+        amount, unit = match.groups()
+        if int(amount) == 0:
+            fail(f"--expires {text!r}: the duration must be more than 0", code=2)
+        try:
+            return now + timedelta(**{_UNITS[unit]: int(amount)})
+        except OverflowError:
+            fail(f"--expires {text!r}: too far in the future", code=2)
+    try:
+        at = datetime.fromisoformat(text.strip().replace("z", "Z"))
+    except ValueError:
+        fail(f"--expires {text!r}: {EXPIRY_SYNTAX}", code=2)
+    if at.tzinfo is None:
+        fail(f"--expires {text!r}: give the time zone, e.g. {text.strip()}Z", code=2)
+    if at <= now:
+        fail(f"--expires {text!r}: that time has passed", code=2)
+    return at.astimezone(UTC)
 
 
 @keys_app.command("create")
@@ -252,13 +286,19 @@ def keys_create(
         "registry:promote, serving:predict, admin",
     ),
     organization: str = ORGANIZATION_OPTION,
+    expires: str = typer.Option(
+        "",
+        "--expires",
+        help="when the key stops working: after 90m, 12h, 30d... or at an RFC 3339 time (default: never)",
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Create an API key and print its secret (this one time only)."""
+    request = ad.CreateApiKeyRequest(organization_id=organization, display_name=name, scopes=comma_list(scopes))
+    if expires:
+        request.expire_time.FromDatetime(expiry_time(expires))
     with state(ctx).client() as gm:
-        reply = gm.admin.CreateApiKey(
-            ad.CreateApiKeyRequest(organization_id=organization, display_name=name, scopes=comma_list(scopes))
-        )
+        reply = gm.admin.CreateApiKey(request)
     emit_secret(ctx, {**key_row(reply.api_key), "secret": reply.secret}, reply, as_json)
 
 

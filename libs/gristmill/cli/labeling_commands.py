@@ -16,6 +16,18 @@ from gristmill.api.labeling.v1 import labeling_pb2 as lb
 from gristmill.cli.context import state, want_json
 from gristmill.cli.options import JSON_OPTION, choice, comma_list
 from gristmill.cli.output import emit_object, enum_name, fail, fmt_float, one_line_errors, when
+from gristmill.cli.project_settings import (
+    LABEL_DESCRIPTION_OPTION,
+    MAX_TEXT_CHARS_OPTION,
+    NEAR_DUPLICATE_THRESHOLD_OPTION,
+    NEAR_DUPLICATES_OPTION,
+    PII_KINDS_OPTION,
+    PII_PATTERN_OPTION,
+    STORE_RAW_TEXT_OPTION,
+    cleaning_fields,
+    cleaning_settings,
+    label_definitions,
+)
 from gristmill.cli.replies import show_list, show_one
 from gristmill.client import Gristmill
 
@@ -68,6 +80,7 @@ def project_fields(p: lb.Project) -> dict[str, Any]:
         "ordering": "sequential" if ordering == "unspecified" else ordering,
         "lease seconds": settings.lease_seconds or DEFAULT_LEASE_SECONDS,
         "active learning": settings.active_learning.import_uncertain_predictions,
+        **cleaning_fields(settings.cleaning),
     }
 
 
@@ -82,6 +95,8 @@ def create_project_request(
     ordering: str = "sequential",
     active_learning: bool = False,
     lease_seconds: int = 0,
+    cleaning: lb.CleaningSettings | None = None,
+    label_descriptions: list[str] | None = None,
 ) -> lb.CreateProjectRequest:
     task_ordering = choice(ordering, ORDERINGS, "--ordering")
     return lb.CreateProjectRequest(
@@ -93,11 +108,12 @@ def create_project_request(
             if multi_label
             else common_pb2.TASK_TYPE_TEXT_CLASSIFICATION
         ),
-        labels=[lb.LabelDefinition(name=label) for label in labels],
+        labels=label_definitions(labels, label_descriptions or []),
         settings=lb.ProjectSettings(
             annotations_per_item=annotators,
             task_ordering=task_ordering,
             lease_seconds=lease_seconds,
+            cleaning=cleaning,
             active_learning=lb.ActiveLearningSettings(import_uncertain_predictions=active_learning),
         ),
     )
@@ -123,9 +139,24 @@ def projects_create(
     ordering: str = typer.Option("sequential", help="task order: sequential, random or uncertainty"),
     active_learning: bool = typer.Option(False, "--active-learning", help="uncertain predictions become items"),
     lease_seconds: int = LEASE_SECONDS_OPTION,
+    label_description: list[str] = LABEL_DESCRIPTION_OPTION,
+    max_text_chars: int | None = MAX_TEXT_CHARS_OPTION,
+    near_duplicates: str | None = NEAR_DUPLICATES_OPTION,
+    near_duplicate_threshold: float | None = NEAR_DUPLICATE_THRESHOLD_OPTION,
+    pii_kinds: str | None = PII_KINDS_OPTION,
+    pii_pattern: list[str] = PII_PATTERN_OPTION,
+    store_raw_text: bool | None = STORE_RAW_TEXT_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Create a text classification project."""
+    """Create a text classification project, with how imports are cleaned and PII masked."""
+    cleaning, _ = cleaning_settings(
+        max_text_chars=max_text_chars,
+        near_duplicates=near_duplicates,
+        near_duplicate_threshold=near_duplicate_threshold,
+        pii_kind_names=pii_kinds,
+        pii_patterns=pii_pattern,
+        store_raw_text=store_raw_text,
+    )
     request = create_project_request(
         name,
         comma_list(labels),
@@ -136,6 +167,8 @@ def projects_create(
         ordering=ordering,
         active_learning=active_learning,
         lease_seconds=lease_seconds,
+        cleaning=cleaning,
+        label_descriptions=label_description,
     )
     show_one(ctx, lambda gm: gm.labeling.CreateProject(request), project_fields, as_json)
 
@@ -161,9 +194,16 @@ def projects_update(
     active_learning: bool | None = typer.Option(
         None, "--active-learning/--no-active-learning", help="uncertain predictions become items"
     ),
+    max_text_chars: int | None = MAX_TEXT_CHARS_OPTION,
+    near_duplicates: str | None = NEAR_DUPLICATES_OPTION,
+    near_duplicate_threshold: float | None = NEAR_DUPLICATE_THRESHOLD_OPTION,
+    pii_kinds: str | None = PII_KINDS_OPTION,
+    pii_pattern: list[str] = PII_PATTERN_OPTION,
+    store_raw_text: bool | None = STORE_RAW_TEXT_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Change a project's name, description or settings (only what the options name)."""
+    """Change a project's name, description or settings, cleaning and PII included (only what the options name;
+    label descriptions: `set-labels`)."""
     project = lb.Project()
     paths: list[str] = []
     if name is not None:
@@ -184,6 +224,17 @@ def projects_update(
     if active_learning is not None:
         project.settings.active_learning.import_uncertain_predictions = active_learning
         paths.append("settings.active_learning")
+    cleaning, cleaning_paths = cleaning_settings(
+        max_text_chars=max_text_chars,
+        near_duplicates=near_duplicates,
+        near_duplicate_threshold=near_duplicate_threshold,
+        pii_kind_names=pii_kinds,
+        pii_patterns=pii_pattern,
+        store_raw_text=store_raw_text,
+    )
+    if cleaning_paths:
+        project.settings.cleaning.CopyFrom(cleaning)
+        paths.extend(cleaning_paths)
     if not paths:
         fail("nothing to change: give at least one option (see --help)", code=2)
     request = lb.UpdateProjectRequest(project_id=project_id, project=project)
@@ -197,13 +248,20 @@ def projects_set_labels(
     ctx: typer.Context,
     project_id: str = typer.Argument(...),
     labels: str = typer.Option(..., "--labels", help="the whole new label list, comma-separated, in class order"),
+    label_description: list[str] = LABEL_DESCRIPTION_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Make a new label schema version current: labels may be added; used ones cannot be removed or renamed."""
+    """Make a new label schema version current: labels may be added; used ones cannot be removed or renamed.
+
+    Labels keep their descriptions unless --label-description gives a new one."""
     names = comma_list(labels)
+    label_definitions(names, label_description)  # a bad description is a usage error before any call
     with state(ctx).client() as gm:
+        current = gm.labeling.GetProject(lb.GetProjectRequest(project_id=project_id)).label_schema.labels
         schema = gm.labeling.UpdateLabelSchema(
-            lb.UpdateLabelSchemaRequest(project_id=project_id, labels=[lb.LabelDefinition(name=n) for n in names])
+            lb.UpdateLabelSchemaRequest(
+                project_id=project_id, labels=label_definitions(names, label_description, current)
+            )
         )
     fields = {"project": schema.project_id, "schema version": schema.version, "labels": ",".join(names)}
     emit_object(fields, want_json(ctx, as_json), raw=schema)

@@ -16,8 +16,12 @@ from gristmill.api.common.v1 import common_pb2
 from gristmill.api.labeling.v1 import labeling_pb2 as lb
 from gristmill.api.training.v1 import training_pb2 as tr
 from gristmill.cli.context import state, want_json
+
+# job_spec is re-exported: demo.py imports it from here, where it was defined before the split.
+from gristmill.cli.job_specs import job_spec as job_spec
+from gristmill.cli.job_specs import spec_from_file
 from gristmill.cli.options import JSON_OPTION
-from gristmill.cli.output import emit_object, enum_name, fail, one_line_errors, when
+from gristmill.cli.output import emit_object, enum_name, fail, message_dict, one_line_errors, when
 from gristmill.cli.polling import registered_version
 from gristmill.cli.replies import show_list, show_one
 from gristmill.client import Gristmill, UnavailableError
@@ -65,55 +69,6 @@ def job_row(job: tr.Job) -> dict[str, Any]:
         "created": when(job.create_time),
         "reason": job.state_reason[:80],
     }
-
-
-def job_spec(
-    *,
-    project_id: str,
-    dataset_version_id: str,
-    base_model: str,
-    base_model_prefix: str = "",
-    base_model_name: str = "",
-    model: str = "",
-    display_name: str = "",
-    epochs: int = 0,
-    learning_rate: float = 0.0,
-    batch_size: int = 0,
-    max_steps: int = 0,
-    max_length: int = 0,
-    log_every_steps: int = 0,
-    lora: bool = False,
-    workers: int = 1,
-) -> tr.JobSpec:
-    """A job spec from the command's options (zero values keep the service's documented defaults)."""
-    given = [bool(base_model), bool(base_model_prefix), bool(base_model_name)]
-    if sum(given) != 1:
-        fail("give exactly one of --base-model (a local directory), --base-model-prefix or --base-model-name", code=2)
-    ref = common_pb2.BaseModelRef()
-    if base_model:
-        ref.local_path = base_model
-    elif base_model_prefix:
-        ref.object_prefix = base_model_prefix
-    else:
-        ref.base_model_name = base_model_name
-    hp = tr.HyperParameters(
-        learning_rate=learning_rate,
-        per_worker_batch_size=batch_size,
-        epochs=epochs,
-        max_sequence_length=max_length,
-        log_every_steps=log_every_steps,
-    )
-    if max_steps:
-        hp.max_steps = max_steps
-    return tr.JobSpec(
-        display_name=display_name or f"{project_id} fine-tune",
-        base_model=ref,
-        dataset_version=common_pb2.DatasetVersionRef(project_id=project_id, dataset_version_id=dataset_version_id),
-        method=tr.TRAINING_METHOD_LORA if lora else tr.TRAINING_METHOD_FULL,
-        hyper_parameters=hp,
-        resources=tr.Resources(num_workers=workers),
-        registered_model_name=model,
-    )
 
 
 # --------------------------------------------------------------------------- hyper-parameter search
@@ -374,7 +329,15 @@ def job_summary(job: tr.Job) -> dict[str, Any]:
 def train_command(
     ctx: typer.Context,
     project_id: str = typer.Argument(..., help="labeling project whose dataset to train on"),
-    version_option: str = typer.Option("latest", "--dataset-version", help="dataset version id, or 'latest'"),
+    version_option: str = typer.Option(
+        "", "--dataset-version", help="dataset version id, or 'latest' (default: --spec-file's, else latest)"
+    ),
+    spec_file: Path | None = typer.Option(
+        None,
+        "--spec-file",
+        help="a JobSpec as JSON (what `jobs show JOB --spec` prints): LoRA targets, warmup, weight decay, schedule, "
+        "seed, early stopping, resources, tags...; options given here override its fields",
+    ),
     base_model: str = typer.Option("", help="a Hugging Face model directory on the training service's host"),
     base_model_prefix: str = typer.Option("", help="a Hugging Face model directory in the object store"),
     base_model_name: str = typer.Option("", help="a base model imported into the registry"),
@@ -385,8 +348,10 @@ def train_command(
     batch_size: int = typer.Option(0, help="examples per worker per step (0: 16)"),
     max_steps: int = typer.Option(0, help="stop after this many steps (0: no limit)"),
     max_length: int = typer.Option(0, help="tokens per text (0: 128)"),
-    lora: bool = typer.Option(False, "--lora", help="train LoRA adapters instead of every weight"),
-    workers: int = typer.Option(1, help="data-parallel Ray Train workers"),
+    lora: bool | None = typer.Option(
+        None, "--lora/--full", help="train LoRA adapters, or every weight (default: --spec-file's, else full)"
+    ),
+    workers: int = typer.Option(0, min=0, help="data-parallel Ray Train workers (0: --spec-file's, else 1)"),
     search: list[str] = typer.Option(
         [],
         "--search",
@@ -414,6 +379,10 @@ def train_command(
     With --search, the job is a hyper-parameter search (Ray Tune): every trial trains with sampled values and the
     best trial's model is the result, e.g. --search 'learning_rate=loguniform(1e-5,1e-3)' --search
     'lora.rank=choice(4,8)' --lora --trials 6 --metric f1 --mode max.
+
+    With --spec-file, the job starts from that spec; every option given on the command line replaces the file's
+    field (PROJECT always names the dataset's project; the file's search is kept unless --search or
+    --search-file is given).
     """
     as_json = want_json(ctx, as_json)
     try:
@@ -428,6 +397,12 @@ def train_command(
         )
     except SearchSpecError as exc:
         fail(str(exc), code=2)
+    base = spec_from_file(spec_file) if spec_file is not None else None
+    if not version_option:
+        same_project = base is not None and base.dataset_version.project_id in ("", project_id)
+        version_option = (base.dataset_version.dataset_version_id if base is not None and same_project else "") or (
+            "latest"
+        )
     with state(ctx).client() as gm:
         version = None if auto else dataset_version(gm, project_id, version_option)
         spec = job_spec(
@@ -445,6 +420,7 @@ def train_command(
             max_length=max_length,
             lora=lora,
             workers=workers,
+            base=base,
         )
         if search_settings is not None:
             spec.search.CopyFrom(search_settings)
@@ -494,8 +470,20 @@ def jobs_list(
 
 @jobs_app.command("show")
 @one_line_errors
-def jobs_show(ctx: typer.Context, job_id: str = typer.Argument(...), as_json: bool = JSON_OPTION) -> None:
+def jobs_show(
+    ctx: typer.Context,
+    job_id: str = typer.Argument(...),
+    spec: bool = typer.Option(
+        False, "--spec", help="print only the job's spec, as JSON: edit it and resubmit with `train --spec-file`"
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
     """One job with its progress and result."""
+    if spec:
+        with state(ctx).client() as gm:
+            job = gm.training.GetJob(tr.GetJobRequest(job_id=job_id))
+        typer.echo(json.dumps(message_dict(job.spec), indent=2))
+        return
     show_one(ctx, lambda gm: gm.training.GetJob(tr.GetJobRequest(job_id=job_id)), job_summary, as_json)
 
 

@@ -1,0 +1,82 @@
+"""A training job's spec from ``train``'s options, over an optional ``--spec-file`` (the ``JobSpec`` message's JSON,
+as ``jobs show JOB --spec`` prints it): options given on the command line win over the file's fields."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from gristmill.api.common.v1 import common_pb2
+from gristmill.api.training.v1 import training_pb2 as tr
+from gristmill.cli.output import fail
+
+
+def spec_from_file(path: Path) -> tr.JobSpec:
+    """The ``JobSpec`` in ``path`` (protobuf JSON); a missing or unreadable file is a one-line usage error."""
+    if not path.is_file():
+        fail(f"--spec-file {path}: no such file", code=2)
+    spec = tr.JobSpec()
+    try:
+        json_format.Parse(path.read_text(encoding="utf-8"), spec)
+    except (json_format.ParseError, UnicodeDecodeError) as exc:
+        fail(f"--spec-file {path}: not a job spec in JSON: {str(exc).splitlines()[0] if str(exc) else exc!r}", code=2)
+    return spec
+
+
+def job_spec(
+    *,
+    project_id: str,
+    dataset_version_id: str,
+    base_model: str = "",
+    base_model_prefix: str = "",
+    base_model_name: str = "",
+    model: str = "",
+    display_name: str = "",
+    epochs: int = 0,
+    learning_rate: float = 0.0,
+    batch_size: int = 0,
+    max_steps: int = 0,
+    max_length: int = 0,
+    log_every_steps: int = 0,
+    lora: bool | None = None,
+    workers: int = 0,
+    base: tr.JobSpec | None = None,
+) -> tr.JobSpec:
+    """A job spec: ``base`` (a ``--spec-file``'s) with the options given laid over it. Zero values (and ``lora``
+    None) leave the base's field; what neither sets keeps the service's documented default."""
+    spec = tr.JobSpec()
+    if base is not None:
+        spec.CopyFrom(base)
+    given = [bool(base_model), bool(base_model_prefix), bool(base_model_name)]
+    if sum(given) > 1 or (not any(given) and spec.base_model.WhichOneof("source") is None):
+        fail(
+            "give exactly one of --base-model (a local directory), --base-model-prefix or --base-model-name "
+            "(or base_model in --spec-file)",
+            code=2,
+        )
+    if base_model:
+        spec.base_model.CopyFrom(common_pb2.BaseModelRef(local_path=base_model))
+    elif base_model_prefix:
+        spec.base_model.CopyFrom(common_pb2.BaseModelRef(object_prefix=base_model_prefix))
+    elif base_model_name:
+        spec.base_model.CopyFrom(common_pb2.BaseModelRef(base_model_name=base_model_name))
+    spec.dataset_version.project_id = project_id
+    if dataset_version_id:
+        spec.dataset_version.dataset_version_id = dataset_version_id
+    spec.display_name = display_name or spec.display_name or f"{project_id} fine-tune"
+    if lora is not None:
+        spec.method = tr.TRAINING_METHOD_LORA if lora else tr.TRAINING_METHOD_FULL
+    elif spec.method == tr.TRAINING_METHOD_UNSPECIFIED:
+        spec.method = tr.TRAINING_METHOD_FULL
+    hp = spec.hyper_parameters
+    hp.learning_rate = learning_rate or hp.learning_rate
+    hp.per_worker_batch_size = batch_size or hp.per_worker_batch_size
+    hp.epochs = epochs or hp.epochs
+    hp.max_sequence_length = max_length or hp.max_sequence_length
+    hp.log_every_steps = log_every_steps or hp.log_every_steps
+    if max_steps:
+        hp.max_steps = max_steps
+    spec.resources.num_workers = workers or spec.resources.num_workers or 1
+    spec.registered_model_name = model or spec.registered_model_name
+    return spec
