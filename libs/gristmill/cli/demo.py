@@ -31,11 +31,12 @@ from gristmill.api.registry.v1 import registry_pb2 as rg
 from gristmill.api.serving.v1 import serving_pb2 as sv
 from gristmill.api.training.v1 import training_pb2 as tr
 from gristmill.cli import demo_data
+from gristmill.cli.job_specs import job_spec
 from gristmill.cli.labeling_commands import create_project_request, import_file, import_options
 from gristmill.cli.polling import registered_version, wait_until
 from gristmill.cli.promotion_commands import promotion_policy
 from gristmill.cli.serving_commands import deployment_request, predict_oip, predict_typed
-from gristmill.cli.training_commands import TERMINAL, ProgressLine, job_spec, metric_value, state_name, watch_job
+from gristmill.cli.training_commands import TERMINAL, ProgressLine, metric_value, state_name, watch_job
 from gristmill.client import Gristmill
 from gristmill.core.errors import FailedPreconditionError
 

@@ -16,10 +16,7 @@ from gristmill.api.common.v1 import common_pb2
 from gristmill.api.labeling.v1 import labeling_pb2 as lb
 from gristmill.api.training.v1 import training_pb2 as tr
 from gristmill.cli.context import state, want_json
-
-# job_spec is re-exported: demo.py imports it from here, where it was defined before the split.
-from gristmill.cli.job_specs import job_spec as job_spec
-from gristmill.cli.job_specs import spec_from_file
+from gristmill.cli.job_specs import job_spec, spec_from_file
 from gristmill.cli.options import JSON_OPTION
 from gristmill.cli.output import emit_object, enum_name, fail, message_dict, one_line_errors, when
 from gristmill.cli.polling import registered_version
