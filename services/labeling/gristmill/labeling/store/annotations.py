@@ -9,7 +9,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import BigInteger, Row, case, exists, func, insert, literal, select, update
+from sqlalchemy import BigInteger, Row, Select, case, exists, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -31,6 +31,31 @@ from gristmill.labeling.store.queries import (
     store_consensus,
 )
 from gristmill.labeling.store.rows import annotation_from_row, annotation_values, item_from_row
+
+# Rounds of waiting for a locked candidate before NextTask answers "no task" (each round waits for one submit).
+_OFFER_ROUNDS = 50
+
+
+def _offer_on_postgres(session: Session, query: Select[Any]) -> Row[Any] | None:
+    """The first offerable item, locked, skipping rows other transactions hold.
+
+    Every offerable row may be locked by a submit being written (it locks its item to count the annotations): the
+    answer is "no task" only once those are written, else the last items look done and an annotator who stops
+    at "no task" leaves them short. Waiting with a plain FOR UPDATE is not enough: after the wait PostgreSQL
+    re-checks the locked row's new version but the leases in the statement's old snapshot, so the submitter's
+    annotation and its closed lease both count and the item looks full. So: wait for the row, then ask again in
+    a new statement (a new snapshot under READ COMMITTED).
+    """
+    locking = query.with_for_update(skip_locked=True, of=t.items)
+    for _ in range(_OFFER_ROUNDS):
+        row = session.execute(locking).first()
+        if row is not None:
+            return row
+        candidate = session.execute(query).first()  # committed state, rows others lock included
+        if candidate is None:
+            return None
+        session.execute(select(t.items.c.seq).where(t.items.c.seq == candidate.seq).with_for_update())
+    return None
 
 
 class SqlAnnotationStore(SqlStore, AnnotationStore):
@@ -66,12 +91,7 @@ class SqlAnnotationStore(SqlStore, AnnotationStore):
                 return _task(session, project, held, held.task_id, held.expire_time, annotator_id), remaining + 1
             query = _offerable(project, annotator_id, offer, now).limit(1)
             if session.get_bind().dialect.name == "postgresql":
-                row = session.execute(query.with_for_update(skip_locked=True, of=t.items)).first()
-                if row is None:
-                    # Every offerable row may have been locked by a submit being written (it locks its item to
-                    # count the annotations): "no task" only once they are written. Skipping them made the last
-                    # item look done and the demo's annotators stop with it half-labelled.
-                    row = session.execute(query.with_for_update(of=t.items)).first()
+                row = _offer_on_postgres(session, query)
             else:
                 row = session.execute(query).first()
             if row is None:
