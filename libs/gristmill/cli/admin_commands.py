@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from gristmill.api.admin.v1 import admin_pb2 as ad
 from gristmill.api.common.v1 import common_pb2
 from gristmill.cli.context import state, want_json
-from gristmill.cli.options import JSON_OPTION, comma_list
+from gristmill.cli.options import JSON_OPTION, comma_list, message_from_json_file
 from gristmill.cli.output import emit, emit_object, enum_name, fail, message_dict, one_line_errors, when
 from gristmill.cli.paging import ALL_OPTION, PAGE_SIZE_OPTION, PAGE_TOKEN_OPTION
 from gristmill.cli.replies import show_list, show_one, show_pages
@@ -78,14 +77,7 @@ def plan_from_options(
 ) -> ad.Plan:
     """A plan from a JSON file (the ``Plan`` message's JSON, as ``plans show --json`` prints it) and/or the
     options; options given on the command line replace the file's values."""
-    plan = ad.Plan()
-    if from_file is not None:
-        if not from_file.is_file():
-            fail(f"{from_file}: no such file", code=2)
-        try:
-            json_format.Parse(from_file.read_text(encoding="utf-8"), plan)
-        except (json_format.ParseError, UnicodeDecodeError) as exc:
-            fail(f"{from_file}: not a plan in JSON: {exc}", code=2)
+    plan = message_from_json_file(from_file, ad.Plan(), what="a plan") if from_file is not None else ad.Plan()
     if name:
         plan.name = name
     if quotas:

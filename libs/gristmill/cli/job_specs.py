@@ -5,23 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from google.protobuf import json_format
-
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.training.v1 import training_pb2 as tr
+from gristmill.cli.options import message_from_json_file
 from gristmill.cli.output import fail
 
 
 def spec_from_file(path: Path) -> tr.JobSpec:
     """The ``JobSpec`` in ``path`` (protobuf JSON); a missing or unreadable file is a one-line usage error."""
-    if not path.is_file():
-        fail(f"--spec-file {path}: no such file", code=2)
-    spec = tr.JobSpec()
-    try:
-        json_format.Parse(path.read_text(encoding="utf-8"), spec)
-    except (json_format.ParseError, UnicodeDecodeError) as exc:
-        fail(f"--spec-file {path}: not a job spec in JSON: {str(exc).splitlines()[0] if str(exc) else exc!r}", code=2)
-    return spec
+    return message_from_json_file(path, tr.JobSpec(), what="a job spec", option="--spec-file")
 
 
 def job_spec(

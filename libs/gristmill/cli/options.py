@@ -1,15 +1,20 @@
-"""Options and option values several commands share: ``--json``, one name from a fixed set, comma-separated lists."""
+"""Options and option values several commands share: ``--json``, one name from a fixed set, comma-separated lists,
+protobuf messages read from JSON files."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TypeVar
 
 import typer
+from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from gristmill.cli.output import fail
 
 V = TypeVar("V")
+M = TypeVar("M", bound=Message)
 
 JSON_OPTION = typer.Option(False, "--json", help="print JSON")
 
@@ -24,3 +29,17 @@ def choice(value: str, choices: Mapping[str, V], option: str) -> V:
 def comma_list(text: str) -> list[str]:
     """``"a, b,,c"`` → ``["a", "b", "c"]``: the non-empty names, stripped, in order."""
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def message_from_json_file(path: Path, message: M, *, what: str, option: str = "") -> M:
+    """``message`` filled from the protobuf JSON in ``path``; a missing or unparseable file is a one-line usage
+    error naming ``option`` (if given), the file and ``what`` it should hold."""
+    where = f"{option} {path}" if option else str(path)
+    if not path.is_file():
+        fail(f"{where}: no such file", code=2)
+    try:
+        json_format.Parse(path.read_text(encoding="utf-8"), message)
+    except (json_format.ParseError, UnicodeDecodeError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        fail(f"{where}: not {what} in JSON: {first_line}", code=2)
+    return message

@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from google.protobuf import json_format
 
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.registry.v1 import registry_pb2 as rg
 from gristmill.cli.context import state, want_json
-from gristmill.cli.options import JSON_OPTION, comma_list
+from gristmill.cli.options import JSON_OPTION, comma_list, message_from_json_file
 from gristmill.cli.output import emit_object, enum_name, fail, one_line_errors, when
 from gristmill.cli.paging import ALL_OPTION, PAGE_SIZE_OPTION, PAGE_TOKEN_OPTION
 from gristmill.cli.promotion_commands import models_policy, promotions_app
@@ -409,13 +408,7 @@ def models_register(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Register a version from artifacts already in the object store (training jobs register theirs themselves)."""
-    if not from_file.is_file():
-        fail(f"{from_file}: no such file", code=2)
-    request = rg.RegisterModelVersionRequest()
-    try:
-        json_format.Parse(from_file.read_text(encoding="utf-8"), request)
-    except (json_format.ParseError, UnicodeDecodeError) as exc:
-        fail(f"{from_file}: not a RegisterModelVersionRequest in JSON: {exc}", code=2)
+    request = message_from_json_file(from_file, rg.RegisterModelVersionRequest(), what="a RegisterModelVersionRequest")
     request.registered_model_name = name
     request.create_model_if_missing = request.create_model_if_missing or create_model
     request.wait_for_verification = wait
