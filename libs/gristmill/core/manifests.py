@@ -93,6 +93,9 @@ class DatasetManifest:
     created_at: str
     organization_id: str = ""
     format: str = DATASET_FORMAT
+    # What a row is: "classification" ({"id", "text", "label(s)"}), "sft-messages" ({"id", "messages"}) or
+    # "dpo-conversational" ({"id", "pair", "prompt", "chosen", "rejected"}); see gristmill.core.chat.
+    row_format: str = "classification"
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=2, sort_keys=True).encode()

@@ -19,8 +19,8 @@ from gristmill.labeling.tasks import LABELING_TASKS, labeling_task
 from gristmill.labeling.tasks.text_classification import TextClassification
 
 
-def test_both_classification_task_types_are_registered() -> None:
-    assert LABELING_TASKS.names() == (TEXT_CLASSIFICATION, TEXT_MULTI_LABEL_CLASSIFICATION)
+def test_the_classification_and_generative_task_types_are_registered() -> None:
+    assert LABELING_TASKS.names() == (TEXT_CLASSIFICATION, TEXT_MULTI_LABEL_CLASSIFICATION, CHAT, PREFERENCE)
     single = labeling_task(m.TaskType.TEXT_CLASSIFICATION)
     multi = labeling_task(m.TaskType.TEXT_MULTI_LABEL_CLASSIFICATION)
     assert isinstance(single, TextClassification) and not single.multi_label
@@ -30,7 +30,7 @@ def test_both_classification_task_types_are_registered() -> None:
         assert task_type.value in LABELING_TASKS
 
 
-@pytest.mark.parametrize("name", [CHAT, PREFERENCE, "TASK_TYPE_TOKEN_CLASSIFICATION"])
+@pytest.mark.parametrize("name", ["token-classification", "TASK_TYPE_TOKEN_CLASSIFICATION"])
 def test_a_reserved_task_type_is_refused_naming_what_labeling_supports(name: str) -> None:
     with pytest.raises(InvalidArgumentError, match="not supported by labeling yet; supported: text-classification"):
         labeling_task(name)
@@ -74,8 +74,8 @@ def test_import_annotation_and_publish_go_through_the_project_task(
 
 
 def test_a_project_whose_task_this_build_lacks_is_a_failed_precondition(make_project: Any) -> None:
-    project = dataclasses.replace(make_project(), task_type="TASK_TYPE_CHAT")
+    project = dataclasses.replace(make_project(), task_type="TASK_TYPE_TOKEN_CLASSIFICATION")
     options = m.ImportOptions(project_id="p1", format=m.ImportFormat.JSONL)
     report = m.ImportReport("imp", "p1", "", datetime.now(UTC))
-    with pytest.raises(FailedPreconditionError, match="'chat' is not supported by labeling"):
+    with pytest.raises(FailedPreconditionError, match="'token-classification' is not supported by labeling"):
         ImportSession(project, options, import_id="imp", new_id=lambda: "x", report=report)

@@ -40,6 +40,14 @@ class _TaskTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskType.Val
     """One label per image (the item is an object-store key instead of text). Later."""
     TASK_TYPE_CAUSAL_LM: _TaskType.ValueType  # 5
     """Causal language modelling (LoRA on a decoder model). Later."""
+    TASK_TYPE_CHAT: _TaskType.ValueType  # 6
+    """An item is a conversation; annotators write or edit the final assistant reply, rate it (1-5) and
+    flag it. Published rows are SFT conversations ({"id", "messages"}).
+    """
+    TASK_TYPE_PREFERENCE: _TaskType.ValueType  # 7
+    """An item is a prompt with 2..N candidate replies; annotators choose the best, rank them or mark a
+    tie. Published rows are DPO pairs ({"id", "pair", "prompt", "chosen", "rejected"}).
+    """
 
 class TaskType(_TaskType, metaclass=_TaskTypeEnumTypeWrapper):
     """What a model or a labeling project does. One enum for every domain, so that a labeling
@@ -59,6 +67,14 @@ TASK_TYPE_IMAGE_CLASSIFICATION: TaskType.ValueType  # 4
 """One label per image (the item is an object-store key instead of text). Later."""
 TASK_TYPE_CAUSAL_LM: TaskType.ValueType  # 5
 """Causal language modelling (LoRA on a decoder model). Later."""
+TASK_TYPE_CHAT: TaskType.ValueType  # 6
+"""An item is a conversation; annotators write or edit the final assistant reply, rate it (1-5) and
+flag it. Published rows are SFT conversations ({"id", "messages"}).
+"""
+TASK_TYPE_PREFERENCE: TaskType.ValueType  # 7
+"""An item is a prompt with 2..N candidate replies; annotators choose the best, rank them or mark a
+tie. Published rows are DPO pairs ({"id", "pair", "prompt", "chosen", "rejected"}).
+"""
 Global___TaskType: _TypeAlias = TaskType  # noqa: Y015
 
 class _DatasetSplit:

@@ -934,6 +934,120 @@ class CsvOptions(_message.Message):
 Global___CsvOptions: _TypeAlias = CsvOptions  # noqa: Y015
 
 @_typing.final
+class ChatMessage(_message.Message):
+    """One turn of a conversation (OpenAI's message shape)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """"system", "user", "assistant" or "tool"."""
+    content: _builtins.str
+    tool_calls: _builtins.str
+    """An assistant turn's tool calls as the source's JSON text, kept verbatim."""
+    tool_call_id: _builtins.str
+    """A tool turn: the id of the call it answers."""
+    name: _builtins.str
+    """Optional speaker or tool name."""
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.str = ...,
+        tool_calls: _builtins.str = ...,
+        tool_call_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
+
+@_typing.final
+class Conversation(_message.Message):
+    """The content of a chat or preference item."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """chat: the conversation, normally ending with the assistant reply annotators edit and rate (an item
+        without one asks annotators to write it). preference: the prompt, ending before the reply.
+        Needs a user turn; no assistant turn before the first user turn.
+        """
+
+    @_builtins.property
+    def candidates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """preference: the candidate replies (2..16, at least two distinct), in the order annotators see them."""
+
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
+        candidates: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Conversation: _TypeAlias = Conversation  # noqa: Y015
+
+@_typing.final
+class Response(_message.Message):
+    """What an annotator says about a chat or preference item (an annotation's or a resolution's content)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLY_FIELD_NUMBER: _builtins.int
+    RATING_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    RANKING_FIELD_NUMBER: _builtins.int
+    TIE_FIELD_NUMBER: _builtins.int
+    reply: _builtins.str
+    """chat: the final assistant reply as written or edited. Empty keeps the item's own reply."""
+    rating: _builtins.int
+    """chat: 1 (bad) to 5 (excellent); 0 means not rated. A rating of 1-2 rejects the reply."""
+    tie: _builtins.bool
+    """preference: no candidate is better than another (instead of a ranking)."""
+    @_builtins.property
+    def flags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """chat: "unsafe", "wrong", "off-topic". A flagged reply is rejected (not published)."""
+
+    @_builtins.property
+    def ranking(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """preference: candidate indices (0-based), best first. One index chooses the best; more rank them
+        (unranked candidates count as worse than every ranked one, and tied among themselves).
+        """
+
+    def __init__(
+        self,
+        *,
+        reply: _builtins.str = ...,
+        rating: _builtins.int = ...,
+        flags: _abc.Iterable[_builtins.str] | None = ...,
+        ranking: _abc.Iterable[_builtins.int] | None = ...,
+        tie: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flags", b"flags", "ranking", b"ranking", "rating", b"rating", "reply", b"reply", "tie", b"tie"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Response: _TypeAlias = Response  # noqa: Y015
+
+@_typing.final
 class ItemBatch(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -982,6 +1096,7 @@ class ItemInput(_message.Message):
     EXTERNAL_ID_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     IMAGE_KEY_FIELD_NUMBER: _builtins.int
+    CONVERSATION_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     external_id: _builtins.str
@@ -989,6 +1104,10 @@ class ItemInput(_message.Message):
     text: _builtins.str
     image_key: _builtins.str
     """Object-store key of an image (image projects; later)."""
+    @_builtins.property
+    def conversation(self) -> Global___Conversation:
+        """chat and preference projects."""
+
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form metadata, stored and exported with the item. Not cleaned, so keep PII out."""
@@ -1005,14 +1124,15 @@ class ItemInput(_message.Message):
         external_id: _builtins.str = ...,
         text: _builtins.str = ...,
         image_key: _builtins.str = ...,
+        conversation: Global___Conversation | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         labels: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "image_key", b"image_key", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "conversation", b"conversation", "image_key", b"image_key", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "external_id", b"external_id", "image_key", b"image_key", "labels", b"labels", "metadata", b"metadata", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "conversation", b"conversation", "external_id", b"external_id", "image_key", b"image_key", "labels", b"labels", "metadata", b"metadata", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["text", "image_key"]  # noqa: Y015
+    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["text", "image_key", "conversation"]  # noqa: Y015
     _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
 
@@ -1068,6 +1188,26 @@ class ImportReport(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class RecordsByFormatEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     IMPORT_ID_FIELD_NUMBER: _builtins.int
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     SOURCE_NAME_FIELD_NUMBER: _builtins.int
@@ -1087,6 +1227,7 @@ class ImportReport(_message.Message):
     DROPS_TRUNCATED_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     DURATION_MS_FIELD_NUMBER: _builtins.int
+    RECORDS_BY_FORMAT_FIELD_NUMBER: _builtins.int
     import_id: _builtins.str
     project_id: _builtins.str
     source_name: _builtins.str
@@ -1124,6 +1265,12 @@ class ImportReport(_message.Message):
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def records_by_format(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """chat and preference imports: records read per detected format ("openai", "alpaca", "sharegpt",
+        "dpo").
+        """
+
     def __init__(
         self,
         *,
@@ -1146,10 +1293,11 @@ class ImportReport(_message.Message):
         drops_truncated: _builtins.bool = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         duration_ms: _builtins.int = ...,
+        records_by_format: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "create_time", b"create_time", "dropped_empty_count", b"dropped_empty_count", "dropped_exact_duplicate_count", b"dropped_exact_duplicate_count", "dropped_existing_external_id_count", b"dropped_existing_external_id_count", "dropped_near_duplicate_count", b"dropped_near_duplicate_count", "dropped_too_long_count", b"dropped_too_long_count", "drops", b"drops", "drops_truncated", b"drops_truncated", "duration_ms", b"duration_ms", "flagged_near_duplicate_count", b"flagged_near_duplicate_count", "import_id", b"import_id", "imported_label_count", b"imported_label_count", "normalized_count", b"normalized_count", "pii_masked_by_kind", b"pii_masked_by_kind", "pii_masked_item_count", b"pii_masked_item_count", "project_id", b"project_id", "received_count", b"received_count", "source_name", b"source_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "create_time", b"create_time", "dropped_empty_count", b"dropped_empty_count", "dropped_exact_duplicate_count", b"dropped_exact_duplicate_count", "dropped_existing_external_id_count", b"dropped_existing_external_id_count", "dropped_near_duplicate_count", b"dropped_near_duplicate_count", "dropped_too_long_count", b"dropped_too_long_count", "drops", b"drops", "drops_truncated", b"drops_truncated", "duration_ms", b"duration_ms", "flagged_near_duplicate_count", b"flagged_near_duplicate_count", "import_id", b"import_id", "imported_label_count", b"imported_label_count", "normalized_count", b"normalized_count", "pii_masked_by_kind", b"pii_masked_by_kind", "pii_masked_item_count", b"pii_masked_item_count", "project_id", b"project_id", "received_count", b"received_count", "records_by_format", b"records_by_format", "source_name", b"source_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1286,6 +1434,7 @@ class Item(_message.Message):
     EXTERNAL_ID_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     IMAGE_KEY_FIELD_NUMBER: _builtins.int
+    CONVERSATION_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
@@ -1295,6 +1444,7 @@ class Item(_message.Message):
     PREDICTIONS_FIELD_NUMBER: _builtins.int
     CONSENSUS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    RESOLVED_RESPONSE_FIELD_NUMBER: _builtins.int
     item_id: _builtins.str
     """Server-generated."""
     project_id: _builtins.str
@@ -1310,6 +1460,12 @@ class Item(_message.Message):
     near_duplicate_of_item_id: _builtins.str
     """Set when the item was kept but flagged as a near duplicate."""
     @_builtins.property
+    def conversation(self) -> Global___Conversation:
+        """chat and preference projects: normalised and (unless the project stores raw text) PII-masked in
+        every turn.
+        """
+
+    @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def annotations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Annotation]:
@@ -1323,6 +1479,10 @@ class Item(_message.Message):
     def consensus(self) -> Global___Consensus: ...
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def resolved_response(self) -> Global___Response:
+        """chat and preference items resolved by a reviewer: the reply or ranking that wins."""
+
     def __init__(
         self,
         *,
@@ -1331,6 +1491,7 @@ class Item(_message.Message):
         external_id: _builtins.str = ...,
         text: _builtins.str = ...,
         image_key: _builtins.str = ...,
+        conversation: Global___Conversation | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         status: Global___ItemStatus.ValueType = ...,
         source: Global___ItemSource.ValueType = ...,
@@ -1340,12 +1501,13 @@ class Item(_message.Message):
         predictions: _abc.Iterable[Global___Prediction] | None = ...,
         consensus: Global___Consensus | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        resolved_response: Global___Response | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["consensus", b"consensus", "content", b"content", "create_time", b"create_time", "image_key", b"image_key", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["consensus", b"consensus", "content", b"content", "conversation", b"conversation", "create_time", b"create_time", "image_key", b"image_key", "resolved_response", b"resolved_response", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "consensus", b"consensus", "content", b"content", "create_time", b"create_time", "external_id", b"external_id", "image_key", b"image_key", "import_id", b"import_id", "item_id", b"item_id", "metadata", b"metadata", "near_duplicate_of_item_id", b"near_duplicate_of_item_id", "predictions", b"predictions", "project_id", b"project_id", "source", b"source", "status", b"status", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "consensus", b"consensus", "content", b"content", "conversation", b"conversation", "create_time", b"create_time", "external_id", b"external_id", "image_key", b"image_key", "import_id", b"import_id", "item_id", b"item_id", "metadata", b"metadata", "near_duplicate_of_item_id", b"near_duplicate_of_item_id", "predictions", b"predictions", "project_id", b"project_id", "resolved_response", b"resolved_response", "source", b"source", "status", b"status", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["text", "image_key"]  # noqa: Y015
+    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["text", "image_key", "conversation"]  # noqa: Y015
     _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
 
@@ -1369,7 +1531,9 @@ class Consensus(_message.Message):
     """Set when a reviewer resolved the item."""
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Majority labels (or the reviewer's). Empty while undecided."""
+        """Majority labels (or the reviewer's). Empty while undecided. chat: "accepted" or "rejected";
+        preference: "candidate-<i>" (the best) or "tie".
+        """
 
     def __init__(
         self,
@@ -1579,6 +1743,7 @@ class Annotation(_message.Message):
     SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
     annotation_id: _builtins.str
     project_id: _builtins.str
     item_id: _builtins.str
@@ -1598,6 +1763,12 @@ class Annotation(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def response(self) -> Global___Response:
+        """chat and preference projects: the annotator's reply, rating, flags, ranking or tie (labels are then
+        derived from it).
+        """
+
     def __init__(
         self,
         *,
@@ -1611,10 +1782,11 @@ class Annotation(_message.Message):
         schema_version: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        response: Global___Response | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "response", b"response", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotation_id", b"annotation_id", "annotator_id", b"annotator_id", "comment", b"comment", "create_time", b"create_time", "item_id", b"item_id", "labels", b"labels", "project_id", b"project_id", "schema_version", b"schema_version", "spans", b"spans", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotation_id", b"annotation_id", "annotator_id", b"annotator_id", "comment", b"comment", "create_time", b"create_time", "item_id", b"item_id", "labels", b"labels", "project_id", b"project_id", "response", b"response", "schema_version", b"schema_version", "spans", b"spans", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1658,6 +1830,7 @@ class SubmitAnnotationRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     SPANS_FIELD_NUMBER: _builtins.int
     COMMENT_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     item_id: _builtins.str
     annotator_id: _builtins.str
@@ -1665,9 +1838,13 @@ class SubmitAnnotationRequest(_message.Message):
     """The lease from NextTask, if any. NOT_FOUND if given and unknown; an expired lease is fine."""
     comment: _builtins.str
     @_builtins.property
-    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Classification projects. chat and preference projects leave labels empty and send a response."""
+
     @_builtins.property
     def spans(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpanLabel]: ...
+    @_builtins.property
+    def response(self) -> Global___Response: ...
     def __init__(
         self,
         *,
@@ -1678,10 +1855,11 @@ class SubmitAnnotationRequest(_message.Message):
         labels: _abc.Iterable[_builtins.str] | None = ...,
         spans: _abc.Iterable[Global___SpanLabel] | None = ...,
         comment: _builtins.str = ...,
+        response: Global___Response | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotator_id", b"annotator_id", "comment", b"comment", "item_id", b"item_id", "labels", b"labels", "project_id", b"project_id", "spans", b"spans", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotator_id", b"annotator_id", "comment", b"comment", "item_id", b"item_id", "labels", b"labels", "project_id", b"project_id", "response", b"response", "spans", b"spans", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1697,6 +1875,7 @@ class UpdateAnnotationRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     SPANS_FIELD_NUMBER: _builtins.int
     COMMENT_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     annotation_id: _builtins.str
     annotator_id: _builtins.str
@@ -1706,6 +1885,8 @@ class UpdateAnnotationRequest(_message.Message):
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def spans(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpanLabel]: ...
+    @_builtins.property
+    def response(self) -> Global___Response: ...
     def __init__(
         self,
         *,
@@ -1715,10 +1896,11 @@ class UpdateAnnotationRequest(_message.Message):
         labels: _abc.Iterable[_builtins.str] | None = ...,
         spans: _abc.Iterable[Global___SpanLabel] | None = ...,
         comment: _builtins.str = ...,
+        response: Global___Response | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotation_id", b"annotation_id", "annotator_id", b"annotator_id", "comment", b"comment", "labels", b"labels", "project_id", b"project_id", "spans", b"spans"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotation_id", b"annotation_id", "annotator_id", b"annotator_id", "comment", b"comment", "labels", b"labels", "project_id", b"project_id", "response", b"response", "spans", b"spans"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1945,6 +2127,10 @@ class AgreementReport(_message.Message):
     CONFLICT_ITEM_COUNT_FIELD_NUMBER: _builtins.int
     RESOLVED_ITEM_COUNT_FIELD_NUMBER: _builtins.int
     COMPUTE_TIME_FIELD_NUMBER: _builtins.int
+    RATING_KRIPPENDORFF_ALPHA_FIELD_NUMBER: _builtins.int
+    RATED_ITEM_COUNT_FIELD_NUMBER: _builtins.int
+    RANKING_PAIR_AGREEMENT_FIELD_NUMBER: _builtins.int
+    RANKED_ITEM_COUNT_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     item_count: _builtins.int
     """Items with at least two annotations (the items the statistics are computed on)."""
@@ -1959,6 +2145,18 @@ class AgreementReport(_message.Message):
     """Consensus state counts."""
     conflict_item_count: _builtins.int
     resolved_item_count: _builtins.int
+    rating_krippendorff_alpha: _builtins.float
+    """chat projects: ordinal Krippendorff's alpha of the 1-5 ratings (unrated annotations left out),
+    over `rated_item_count` items with at least two ratings. The nominal statistics above are over the
+    accepted/rejected verdicts.
+    """
+    rated_item_count: _builtins.int
+    ranking_pair_agreement: _builtins.float
+    """preference projects: the fraction of candidate pairs two annotators order the same way (a tie
+    agrees with a tie), over every item both answered. The nominal statistics above are over the
+    choices ("candidate-<i>" or "tie").
+    """
+    ranked_item_count: _builtins.int
     @_builtins.property
     def pairs(self) -> _containers.RepeatedCompositeFieldContainer[Global___PairwiseAgreement]: ...
     @_builtins.property
@@ -1980,19 +2178,31 @@ class AgreementReport(_message.Message):
         conflict_item_count: _builtins.int = ...,
         resolved_item_count: _builtins.int = ...,
         compute_time: _timestamp_pb2.Timestamp | None = ...,
+        rating_krippendorff_alpha: _builtins.float | None = ...,
+        rated_item_count: _builtins.int = ...,
+        ranking_pair_agreement: _builtins.float | None = ...,
+        ranked_item_count: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_fleiss_kappa", b"_fleiss_kappa", "_krippendorff_alpha", b"_krippendorff_alpha", "compute_time", b"compute_time", "fleiss_kappa", b"fleiss_kappa", "krippendorff_alpha", b"krippendorff_alpha"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_fleiss_kappa", b"_fleiss_kappa", "_krippendorff_alpha", b"_krippendorff_alpha", "_ranking_pair_agreement", b"_ranking_pair_agreement", "_rating_krippendorff_alpha", b"_rating_krippendorff_alpha", "compute_time", b"compute_time", "fleiss_kappa", b"fleiss_kappa", "krippendorff_alpha", b"krippendorff_alpha", "ranking_pair_agreement", b"ranking_pair_agreement", "rating_krippendorff_alpha", b"rating_krippendorff_alpha"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_fleiss_kappa", b"_fleiss_kappa", "_krippendorff_alpha", b"_krippendorff_alpha", "agreed_item_count", b"agreed_item_count", "annotator_count", b"annotator_count", "annotators", b"annotators", "compute_time", b"compute_time", "conflict_item_count", b"conflict_item_count", "fleiss_kappa", b"fleiss_kappa", "item_count", b"item_count", "krippendorff_alpha", b"krippendorff_alpha", "observed_agreement", b"observed_agreement", "pairs", b"pairs", "project_id", b"project_id", "resolved_item_count", b"resolved_item_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_fleiss_kappa", b"_fleiss_kappa", "_krippendorff_alpha", b"_krippendorff_alpha", "_ranking_pair_agreement", b"_ranking_pair_agreement", "_rating_krippendorff_alpha", b"_rating_krippendorff_alpha", "agreed_item_count", b"agreed_item_count", "annotator_count", b"annotator_count", "annotators", b"annotators", "compute_time", b"compute_time", "conflict_item_count", b"conflict_item_count", "fleiss_kappa", b"fleiss_kappa", "item_count", b"item_count", "krippendorff_alpha", b"krippendorff_alpha", "observed_agreement", b"observed_agreement", "pairs", b"pairs", "project_id", b"project_id", "ranked_item_count", b"ranked_item_count", "ranking_pair_agreement", b"ranking_pair_agreement", "rated_item_count", b"rated_item_count", "rating_krippendorff_alpha", b"rating_krippendorff_alpha", "resolved_item_count", b"resolved_item_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__fleiss_kappa: _TypeAlias = _typing.Literal["fleiss_kappa"]  # noqa: Y015
     _WhichOneofArgType__fleiss_kappa: _TypeAlias = _typing.Literal["_fleiss_kappa", b"_fleiss_kappa"]  # noqa: Y015
     _WhichOneofReturnType__krippendorff_alpha: _TypeAlias = _typing.Literal["krippendorff_alpha"]  # noqa: Y015
     _WhichOneofArgType__krippendorff_alpha: _TypeAlias = _typing.Literal["_krippendorff_alpha", b"_krippendorff_alpha"]  # noqa: Y015
+    _WhichOneofReturnType__ranking_pair_agreement: _TypeAlias = _typing.Literal["ranking_pair_agreement"]  # noqa: Y015
+    _WhichOneofArgType__ranking_pair_agreement: _TypeAlias = _typing.Literal["_ranking_pair_agreement", b"_ranking_pair_agreement"]  # noqa: Y015
+    _WhichOneofReturnType__rating_krippendorff_alpha: _TypeAlias = _typing.Literal["rating_krippendorff_alpha"]  # noqa: Y015
+    _WhichOneofArgType__rating_krippendorff_alpha: _TypeAlias = _typing.Literal["_rating_krippendorff_alpha", b"_rating_krippendorff_alpha"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__fleiss_kappa) -> _WhichOneofReturnType__fleiss_kappa | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__krippendorff_alpha) -> _WhichOneofReturnType__krippendorff_alpha | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ranking_pair_agreement) -> _WhichOneofReturnType__ranking_pair_agreement | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rating_krippendorff_alpha) -> _WhichOneofReturnType__rating_krippendorff_alpha | None: ...
 
 Global___AgreementReport: _TypeAlias = AgreementReport  # noqa: Y015
 
@@ -2104,6 +2314,7 @@ class ResolveItemRequest(_message.Message):
     REVIEWER_ID_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     COMMENT_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     item_id: _builtins.str
     reviewer_id: _builtins.str
@@ -2111,6 +2322,10 @@ class ResolveItemRequest(_message.Message):
     comment: _builtins.str
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def response(self) -> Global___Response:
+        """chat and preference projects: the winning reply (with rating/flags) or ranking, instead of labels."""
+
     def __init__(
         self,
         *,
@@ -2119,10 +2334,11 @@ class ResolveItemRequest(_message.Message):
         reviewer_id: _builtins.str = ...,
         labels: _abc.Iterable[_builtins.str] | None = ...,
         comment: _builtins.str = ...,
+        response: Global___Response | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["comment", b"comment", "item_id", b"item_id", "labels", b"labels", "project_id", b"project_id", "reviewer_id", b"reviewer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comment", b"comment", "item_id", b"item_id", "labels", b"labels", "project_id", b"project_id", "response", b"response", "reviewer_id", b"reviewer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2236,6 +2452,7 @@ class DatasetVersion(_message.Message):
     CONTENT_SHA256_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    ROW_FORMAT_FIELD_NUMBER: _builtins.int
     dataset_version_id: _builtins.str
     """Server-generated, unique in the installation."""
     project_id: _builtins.str
@@ -2251,6 +2468,11 @@ class DatasetVersion(_message.Message):
     mean equal versions (how the publish no-op is detected).
     """
     description: _builtins.str
+    row_format: _builtins.str
+    """What a row of the split files is: "classification" ({"id", "text", "label"} or "labels"),
+    "sft-messages" ({"id", "messages"}, chat) or "dpo-conversational" ({"id", "pair", "prompt",
+    "chosen", "rejected"}, preference): the shapes TRL's SFTTrainer and DPOTrainer read.
+    """
     @_builtins.property
     def label_map(self) -> _common_pb2.LabelMap:
         """Label names in class-index order (from the schema)."""
@@ -2282,10 +2504,11 @@ class DatasetVersion(_message.Message):
         content_sha256: _builtins.str = ...,
         description: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        row_format: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "label_map", b"label_map", "manifest", b"manifest", "ratios", b"ratios"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_sha256", b"content_sha256", "create_time", b"create_time", "dataset_version_id", b"dataset_version_id", "description", b"description", "label_map", b"label_map", "manifest", b"manifest", "project_id", b"project_id", "ratios", b"ratios", "schema_version", b"schema_version", "seed", b"seed", "split_strategy", b"split_strategy", "splits", b"splits", "task_type", b"task_type", "version_number", b"version_number"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_sha256", b"content_sha256", "create_time", b"create_time", "dataset_version_id", b"dataset_version_id", "description", b"description", "label_map", b"label_map", "manifest", b"manifest", "project_id", b"project_id", "ratios", b"ratios", "row_format", b"row_format", "schema_version", b"schema_version", "seed", b"seed", "split_strategy", b"split_strategy", "splits", b"splits", "task_type", b"task_type", "version_number", b"version_number"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2323,7 +2546,9 @@ class SplitSummary(_message.Message):
     item_count: _builtins.int
     @_builtins.property
     def item_count_by_label(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Items per label name (multi-label items count once per label)."""
+        """Items per label name (multi-label items count once per label). chat and preference: items per
+        stratum ("source:import", "length:short"), what their splits are stratified by.
+        """
 
     @_builtins.property
     def file(self) -> _common_pb2.ObjectRef:

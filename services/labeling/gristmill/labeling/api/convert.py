@@ -11,9 +11,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.labeling.v1 import labeling_pb2 as pb
-from gristmill.core.errors import InvalidArgumentError
+from gristmill.core.chat import ChatMessage, Conversation
+from gristmill.core.errors import FailedPreconditionError, InvalidArgumentError
 from gristmill.labeling.domain import model as m
 from gristmill.labeling.domain.ports import PredictionTarget
+from gristmill.labeling.tasks import labeling_task
 
 E = TypeVar("E", bound=StrEnum)
 
@@ -219,6 +221,7 @@ def report_out(report: m.ImportReport) -> pb.ImportReport:
         drops_truncated=report.drops_truncated,
         create_time=timestamp(report.create_time),
         duration_ms=report.duration_ms,
+        records_by_format=report.records_by_format,
     )
 
 
@@ -237,6 +240,49 @@ def annotation_out(annotation: m.Annotation) -> pb.Annotation:
         schema_version=annotation.schema_version,
         create_time=timestamp(annotation.create_time),
         update_time=timestamp(annotation.update_time),
+        response=response_out(annotation.response),
+    )
+
+
+def response_in(response: pb.Response) -> m.Response:
+    return m.Response(
+        reply=response.reply,
+        rating=response.rating,
+        flags=tuple(response.flags),
+        ranking=tuple(response.ranking),
+        tie=response.tie,
+    )
+
+
+def response_out(response: m.Response | None) -> pb.Response | None:
+    if response is None or response.empty:
+        return None
+    return pb.Response(
+        reply=response.reply,
+        rating=response.rating,
+        flags=list(response.flags),
+        ranking=list(response.ranking),
+        tie=response.tie,
+    )
+
+
+def conversation_in(conversation: pb.Conversation) -> Conversation:
+    """A request's conversation; its turns are checked where records are (the import's ``RecordBuilder``)."""
+    return Conversation(
+        tuple(ChatMessage(m.role, m.content, m.tool_calls, m.tool_call_id, m.name) for m in conversation.messages),
+        tuple(conversation.candidates),
+    )
+
+
+def conversation_out(conversation: Conversation) -> pb.Conversation:
+    return pb.Conversation(
+        messages=[
+            pb.ChatMessage(
+                role=m.role, content=m.content, tool_calls=m.tool_calls, tool_call_id=m.tool_call_id, name=m.name
+            )
+            for m in conversation.messages
+        ],
+        candidates=list(conversation.candidates),
     )
 
 
@@ -251,11 +297,14 @@ def prediction_out(prediction: m.Prediction) -> pb.Prediction:
 
 
 def item_out(item: m.Item) -> pb.Item:
+    content: dict[str, Any] = (
+        {"conversation": conversation_out(item.conversation)} if item.conversation is not None else {"text": item.text}
+    )
     return pb.Item(
+        **content,
         item_id=item.item_id,
         project_id=item.project_id,
         external_id=item.external_id,
-        text=item.text,
         metadata=item.metadata,
         status=_enum_out(pb.ItemStatus, item.status),
         source=_enum_out(pb.ItemSource, item.source),
@@ -270,6 +319,7 @@ def item_out(item: m.Item) -> pb.Item:
             resolved_by=item.consensus.resolved_by,
         ),
         create_time=timestamp(item.create_time),
+        resolved_response=response_out(item.resolved_response),
     )
 
 
@@ -331,6 +381,12 @@ def agreement_out(report: m.AgreementReport) -> pb.AgreementReport:
         out.fleiss_kappa = report.fleiss_kappa
     if report.krippendorff_alpha is not None:
         out.krippendorff_alpha = report.krippendorff_alpha
+    if report.rating_krippendorff_alpha is not None:
+        out.rating_krippendorff_alpha = report.rating_krippendorff_alpha
+    if report.ranking_pair_agreement is not None:
+        out.ranking_pair_agreement = report.ranking_pair_agreement
+    out.rated_item_count = report.rated_item_count
+    out.ranked_item_count = report.ranked_item_count
     for pair in report.pairs:
         entry = out.pairs.add(
             annotator_a=pair.annotator_a,
@@ -407,4 +463,5 @@ def dataset_version_out(version: m.DatasetVersion) -> pb.DatasetVersion:
         content_sha256=version.content_sha256,
         description=version.description,
         create_time=timestamp(version.create_time),
+        row_format=labeling_task(version.task_type, error=FailedPreconditionError).row_format,
     )

@@ -247,6 +247,7 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
             labels=list(request.labels),
             spans=convert.spans_in(request.spans),
             comment=request.comment,
+            response=convert.response_in(request.response),
         )
         return convert.annotation_out(annotation)
 
@@ -260,6 +261,7 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
             labels=list(request.labels),
             spans=convert.spans_in(request.spans),
             comment=request.comment,
+            response=convert.response_in(request.response),
         )
         return convert.annotation_out(annotation)
 
@@ -298,6 +300,7 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
             request.reviewer_id,
             list(request.labels),
             request.comment,
+            convert.response_in(request.response),
         )
         return convert.item_out(item)
 

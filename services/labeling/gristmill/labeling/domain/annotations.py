@@ -27,6 +27,7 @@ from gristmill.labeling.domain.model import (
     ItemStatus,
     Prediction,
     Project,
+    Response,
     SpanLabel,
     Task,
 )
@@ -93,16 +94,18 @@ class AnnotationUseCases(UseCases):
         labels: Sequence[str],
         spans: Sequence[SpanLabel],
         comment: str,
+        response: Response | None = None,
     ) -> Annotation:
         validate_id(annotator_id, what="annotator_id")
         if task_id:
             validate_id(task_id, what="task_id")
         project = self.get_project(organization_id, project_id)
-        checked = _check_annotation_labels(project, labels, spans, comment)
+        item_id = checked_item_id(item_id)
+        checked, content = self._check_annotation(project, item_id, labels, response, spans, comment)
         return self.store.submit_annotation(
             project.organization_id,
             project.project_id,
-            checked_item_id(item_id),
+            item_id,
             annotator_id,
             task_id=task_id,
             labels=checked,
@@ -110,6 +113,7 @@ class AnnotationUseCases(UseCases):
             comment=comment,
             now=self.clock(),
             consensus=ConsensusRule.of(project),
+            response=content,
         )
 
     def update_annotation(
@@ -122,11 +126,15 @@ class AnnotationUseCases(UseCases):
         labels: Sequence[str],
         spans: Sequence[SpanLabel],
         comment: str,
+        response: Response | None = None,
     ) -> Annotation:
         validate_id(annotator_id, what="annotator_id")
         validate_id(annotation_id, what="annotation_id")
         project = self.get_project(organization_id, project_id)
-        checked = _check_annotation_labels(project, labels, spans, comment)
+        item_id = ""
+        if project.task_type.generative:
+            item_id = self.store.annotation_item_id(project.organization_id, project.project_id, annotation_id)
+        checked, content = self._check_annotation(project, item_id, labels, response, spans, comment)
         return self.store.update_annotation(
             project.organization_id,
             project.project_id,
@@ -137,6 +145,7 @@ class AnnotationUseCases(UseCases):
             comment=comment,
             now=self.clock(),
             consensus=ConsensusRule.of(project),
+            response=content,
         )
 
     def skip_task(self, organization_id: str, project_id: str, task_id: str, annotator_id: str, reason: str) -> None:
@@ -167,21 +176,52 @@ class AnnotationUseCases(UseCases):
         return self.store.attach_predictions(project.organization_id, project.project_id, checked)
 
     def resolve_item(
-        self, organization_id: str, project_id: str, item_id: str, reviewer_id: str, labels: Sequence[str], comment: str
+        self,
+        organization_id: str,
+        project_id: str,
+        item_id: str,
+        reviewer_id: str,
+        labels: Sequence[str],
+        comment: str,
+        response: Response | None = None,
     ) -> Item:
         validate_id(reviewer_id, what="reviewer_id")
         project = self.get_project(organization_id, project_id)
-        checked = _check_annotation_labels(project, labels, (), comment)
+        item_id = checked_item_id(item_id)
+        checked, content = self._check_annotation(project, item_id, labels, response, (), comment)
         return self.store.resolve_item(
             project.organization_id,
             project.project_id,
-            checked_item_id(item_id),
+            item_id,
             reviewer_id,
             checked,
             comment,
             self.clock(),
             consensus=ConsensusRule.of(project),
+            response=content if not content.empty else None,
         )
+
+    def _check_annotation(
+        self,
+        project: Project,
+        item_id: str,
+        labels: Sequence[str],
+        response: Response | None,
+        spans: Sequence[SpanLabel],
+        comment: str,
+    ) -> tuple[tuple[str, ...], Response]:
+        """The labels and response to store, as the project's task type says (INVALID_ARGUMENT otherwise)."""
+        if spans:
+            raise InvalidArgumentError("spans: span labels are for token classification projects, which come later")
+        check_text("comment", comment, MAX_COMMENT_CHARS)
+        task = labeling_task(project.task_type, error=FailedPreconditionError)
+        item = None
+        if task.generative:
+            if not item_id:
+                raise InvalidArgumentError(f"item_id: required to check a response in a {task.name} project")
+            # A response is checked against its item (a ranking names the item's candidates).
+            item = self.store.get_item(project.organization_id, project.project_id, item_id)
+        return task.check_response(labels, response or Response(), project.label_schema, item, "")
 
     def get_agreement(self, organization_id: str, project_id: str, annotator_ids: Sequence[str]) -> AgreementReport:
         for index, annotator in enumerate(annotator_ids):
@@ -218,15 +258,3 @@ def validate_prediction(project: Project, prediction: Prediction, where: str, no
         if not (math.isfinite(probability) and 0.0 <= probability <= 1.0):
             raise InvalidArgumentError(f"{where}.prediction.probabilities[{label!r}] = {probability} is outside [0, 1]")
     return replace(prediction, create_time=prediction.create_time or now)
-
-
-def _check_annotation_labels(
-    project: Project, labels: Sequence[str], spans: Sequence[SpanLabel], comment: str
-) -> tuple[str, ...]:
-    if spans:
-        raise InvalidArgumentError("spans: span labels are for token classification projects, which come later")
-    check_text("comment", comment, MAX_COMMENT_CHARS)
-    # What a valid annotation is depends on the project's task type.
-    return labeling_task(project.task_type, error=FailedPreconditionError).check_annotation(
-        labels, project.label_schema
-    )

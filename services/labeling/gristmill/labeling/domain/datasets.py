@@ -66,10 +66,13 @@ class DatasetUseCases(UseCases):
         ratios = validate_ratios(ratios)
         project = self.get_project(organization_id, project_id)
         org, pid = project.organization_id, project.project_id
-        items = self.store.consensus_items(org, pid)
+        task = labeling_task(project.task_type, error=FailedPreconditionError)
+        # What goes into the split is the task's business (a rejected chat reply makes no row).
+        items = [ready for item in self.store.consensus_items(org, pid) if (ready := task.publishable(item))]
         if not items:
+            what = "an accepted reply or a decided preference" if task.generative else "a consensus label"
             raise FailedPreconditionError(
-                f"project {pid!r} has no item with a consensus label yet; annotate (or resolve) items first"
+                f"project {pid!r} has no item with {what} yet; annotate (or resolve) items first"
             )
         schema = project.label_schema
         content = fingerprint(
@@ -112,11 +115,14 @@ class DatasetUseCases(UseCases):
         manifest_splits: dict[str, SplitFile] = {}
         for split in SPLITS:
             members = assignment[split]
-            lines = [task.dataset_row(item).to_json() for item in members]
+            lines = [line for item in members for line in task.dataset_lines(item)]
             data = "".join(line + "\n" for line in lines).encode()
             info = self._put_new(dataset_split_key(pid, version_id, split.value), data, "application/x-ndjson", written)
             counts = Counter(label for item in members for label in item.labels)
-            by_label = {label: counts.get(label, 0) for label in project.label_schema.names}
+            # Classification counts items per label; chat and preference per stratum ("source:import",
+            # "length:short"), which is what their splits are stratified by.
+            names = project.label_schema.names if not task.generative else sorted(counts)
+            by_label = {label: counts.get(label, 0) for label in names}
             ref = ObjectRef(info.key, info.sha256, info.size)
             summaries.append(SplitSummary(split, len(members), by_label, ref))
             manifest_splits[split.value] = SplitFile(
@@ -135,6 +141,7 @@ class DatasetUseCases(UseCases):
             ratios={"train": ratios.train, "validation": ratios.validation, "test": ratios.test},
             created_at=now.isoformat(),
             organization_id=project.organization_id,
+            row_format=task.row_format,
         )
         manifest_info = self._put_new(
             dataset_manifest_key(pid, version_id), manifest.to_json(), "application/json", written

@@ -11,14 +11,23 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
+from gristmill.core.chat import Conversation
+
 
 class TaskType(StrEnum):
     TEXT_CLASSIFICATION = "TASK_TYPE_TEXT_CLASSIFICATION"
     TEXT_MULTI_LABEL_CLASSIFICATION = "TASK_TYPE_TEXT_MULTI_LABEL_CLASSIFICATION"
+    CHAT = "TASK_TYPE_CHAT"
+    PREFERENCE = "TASK_TYPE_PREFERENCE"
 
     @property
     def multi_label(self) -> bool:
         return self is TaskType.TEXT_MULTI_LABEL_CLASSIFICATION
+
+    @property
+    def generative(self) -> bool:
+        """Whether an item is a conversation (chat, preference) rather than a text to classify."""
+        return self in (TaskType.CHAT, TaskType.PREFERENCE)
 
 
 class TaskOrdering(StrEnum):
@@ -194,6 +203,26 @@ class SpanLabel:
 
 
 @dataclass(frozen=True)
+class Response:
+    """What an annotator says about a generative item (empty for classification).
+
+    - chat: ``reply`` is the final assistant reply as written or edited ("" keeps the item's own), ``rating``
+      1..5 (0: not rated), ``flags`` from ``gristmill.core.chat.CHAT_FLAGS``;
+    - preference: ``ranking`` lists candidate indices best first (one index chooses the best), or ``tie``.
+    """
+
+    reply: str = ""
+    rating: int = 0
+    flags: tuple[str, ...] = ()
+    ranking: tuple[int, ...] = ()
+    tie: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return self == Response()
+
+
+@dataclass(frozen=True)
 class Annotation:
     annotation_id: str
     project_id: str
@@ -205,11 +234,19 @@ class Annotation:
     update_time: datetime
     spans: tuple[SpanLabel, ...] = ()
     comment: str = ""
+    response: Response = field(default_factory=Response)
 
-    def repeats(self, labels: Sequence[str], spans: Sequence[SpanLabel], comment: str) -> bool:
+    def repeats(
+        self, labels: Sequence[str], spans: Sequence[SpanLabel], comment: str, response: Response | None = None
+    ) -> bool:
         """Whether a submission with this content is a retry of this annotation (its first reply was lost:
         a timeout, a restart), to be answered as the first time; different content is a second opinion."""
-        return (self.labels, self.spans, self.comment) == (tuple(labels), tuple(spans), comment)
+        return (self.labels, self.spans, self.comment, self.response) == (
+            tuple(labels),
+            tuple(spans),
+            comment,
+            response or Response(),
+        )
 
 
 @dataclass(frozen=True)
@@ -235,6 +272,10 @@ class Item:
     create_time: datetime
     annotations: tuple[Annotation, ...] = ()
     predictions: tuple[Prediction, ...] = ()
+    # Chat and preference items: the conversation (``text`` is then its canonical JSON, as stored).
+    conversation: Conversation | None = None
+    # A reviewer's resolution of a generative item (the reply, or the ranking, that wins).
+    resolved_response: Response | None = None
 
 
 @dataclass(frozen=True)
@@ -287,6 +328,10 @@ class RawRecord:
     text: str
     metadata: dict[str, str]
     labels: tuple[str, ...] = ()
+    # Chat and preference records: the conversation as read (``text`` is then unused), and what the source
+    # already says about it (e.g. a DPO record's chosen/rejected as a ranking), recorded like existing labels.
+    conversation: Conversation | None = None
+    response: Response | None = None
 
 
 @dataclass(frozen=True)
@@ -319,6 +364,9 @@ class ImportReport:
     drops: list[DroppedRecord] = field(default_factory=list)
     drops_truncated: bool = False
     duration_ms: int = 0
+    # Chat and preference imports: records read per detected source format ("openai", "alpaca",
+    # "sharegpt", "dpo").
+    records_by_format: dict[str, int] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- dataset versions
@@ -410,3 +458,8 @@ class AgreementReport:
     conflict_item_count: int
     resolved_item_count: int
     compute_time: datetime
+    # chat: ordinal alpha of the ratings; preference: how often two annotators order a candidate pair alike.
+    rating_krippendorff_alpha: float | None = None
+    rated_item_count: int = 0
+    ranking_pair_agreement: float | None = None
+    ranked_item_count: int = 0

@@ -33,6 +33,7 @@ from gristmill.labeling.domain.model import (
     Prediction,
     Project,
     ProjectSettings,
+    Response,
     SpanLabel,
     Task,
 )
@@ -58,6 +59,9 @@ class NewItem:
     shuffle_key: int
     labels: tuple[str, ...] = ()
     prediction: Prediction | None = None
+    # Chat and preference items: what the source already said (e.g. a DPO record's chosen over rejected),
+    # stored as the import annotator's response beside ``labels``.
+    response: Response | None = None
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,7 @@ class AnnotationStore(ABC):
         comment: str,
         now: datetime,
         consensus: ConsensusRule,
+        response: Response | None = None,
     ) -> Annotation:
         """Record the annotation, close the annotator's lease on the item, recompute the item's consensus.
 
@@ -262,8 +267,13 @@ class AnnotationStore(ABC):
         comment: str,
         now: datetime,
         consensus: ConsensusRule,
+        response: Response | None = None,
     ) -> Annotation:
-        """Replace the labels; ``PermissionDeniedError`` if the annotation is another annotator's."""
+        """Replace the labels (and the response); ``PermissionDeniedError`` if the annotation is another annotator's."""
+
+    @abstractmethod
+    def annotation_item_id(self, organization_id: str, project_id: str, annotation_id: str) -> str:
+        """The id of the item an annotation is about (``NotFoundError`` for an unknown annotation)."""
 
     @abstractmethod
     def skip_task(
@@ -283,8 +293,9 @@ class AnnotationStore(ABC):
         now: datetime,
         *,
         consensus: ConsensusRule,
+        response: Response | None = None,
     ) -> Item:
-        """Set the item's final labels (status RESOLVED)."""
+        """Set the item's final labels, and for a generative item the winning response (status RESOLVED)."""
 
     @abstractmethod
     def rated_items(
@@ -292,6 +303,13 @@ class AnnotationStore(ABC):
     ) -> tuple[list[RatedItem], dict[str, int], dict[ItemStatus, int]]:
         """Items with their (selected annotators') labels and consensus, annotation counts per annotator, and
         item counts per status."""
+
+    @abstractmethod
+    def rated_responses(
+        self, organization_id: str, project_id: str, annotator_ids: Sequence[str]
+    ) -> list[tuple[str, int, dict[str, Response]]]:
+        """Chat and preference items with responses: ``(item_id, candidate count, {annotator_id: response})``
+        for the selected annotators (all when empty), in import order."""
 
 
 class DatasetStore(ABC):

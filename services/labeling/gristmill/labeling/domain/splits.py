@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from gristmill.core.errors import FailedPreconditionError, InvalidArgumentError
-from gristmill.labeling.domain.model import Split, SplitRatios, SplitStrategy
+from gristmill.labeling.domain.model import Response, Split, SplitRatios, SplitStrategy
 
 SPLITS = (Split.TRAIN, Split.VALIDATION, Split.TEST)
 RATIO_TOLERANCE = 1e-6
@@ -25,6 +25,11 @@ class DatasetItem:
     external_id: str
     text: str
     labels: tuple[str, ...]
+    # Chat and preference items only: where the item came from (an import, feedback), every annotation's
+    # response (oldest first) and a reviewer's resolution; the task type turns them into rows.
+    source: str = ""
+    responses: tuple[Response, ...] = ()
+    resolved_response: Response | None = None
 
 
 def validate_ratios(ratios: SplitRatios) -> SplitRatios:

@@ -13,11 +13,12 @@ from sqlalchemy import BigInteger, Row, Select, case, exists, func, insert, lite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from gristmill.core.chat import Conversation
 from gristmill.core.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError, PermissionDeniedError
 from gristmill.core.ids import new_id
 from gristmill.labeling.domain.agreement import RatedItem
 from gristmill.labeling.domain.consensus import ConsensusRule
-from gristmill.labeling.domain.model import Annotation, Item, ItemStatus, SpanLabel, Task, TaskOrdering
+from gristmill.labeling.domain.model import Annotation, Item, ItemStatus, Response, SpanLabel, Task, TaskOrdering
 from gristmill.labeling.domain.ordering import OfferRule
 from gristmill.labeling.domain.ports import AnnotationStore
 from gristmill.labeling.store import tables as t
@@ -30,7 +31,14 @@ from gristmill.labeling.store.queries import (
     schema_of,
     store_consensus,
 )
-from gristmill.labeling.store.rows import annotation_from_row, annotation_values, item_from_row
+from gristmill.labeling.store.rows import (
+    annotation_from_row,
+    annotation_values,
+    is_generative,
+    item_from_row,
+    response_from_json,
+    response_to_json,
+)
 
 # Rounds of waiting for a locked candidate before NextTask answers "no task" (each round waits for one submit).
 _OFFER_ROUNDS = 50
@@ -124,6 +132,7 @@ class SqlAnnotationStore(SqlStore, AnnotationStore):
         comment: str,
         now: datetime,
         consensus: ConsensusRule,
+        response: Response | None = None,
     ) -> Annotation:
         try:
             with self.database.transaction() as session:
@@ -142,7 +151,7 @@ class SqlAnnotationStore(SqlStore, AnnotationStore):
                         )
                 existing = _annotation_of(session, item.seq, annotator_id)
                 if existing is not None:
-                    if existing.repeats(labels, spans, comment):
+                    if existing.repeats(labels, spans, comment, response):
                         return existing
                     raise _already_annotated(annotator_id, item_id, existing.annotation_id)
                 annotation = Annotation(
@@ -156,6 +165,7 @@ class SqlAnnotationStore(SqlStore, AnnotationStore):
                     update_time=now,
                     spans=tuple(spans),
                     comment=comment,
+                    response=response or Response(),
                 )
                 session.execute(insert(t.annotations).values(annotation_values(annotation, project.pk, item.seq)))
                 session.execute(
@@ -181,6 +191,7 @@ class SqlAnnotationStore(SqlStore, AnnotationStore):
         comment: str,
         now: datetime,
         consensus: ConsensusRule,
+        response: Response | None = None,
     ) -> Annotation:
         with self.database.transaction() as session:
             project = project_row(session, organization_id, project_id)
@@ -201,6 +212,7 @@ class SqlAnnotationStore(SqlStore, AnnotationStore):
                 labels=tuple(labels),
                 spans=tuple(spans),
                 comment=comment,
+                response=response or Response(),
                 schema_version=project.schema_version,
                 update_time=now,
             )
@@ -208,12 +220,26 @@ class SqlAnnotationStore(SqlStore, AnnotationStore):
             session.execute(
                 update(t.annotations)
                 .where(t.annotations.c.annotation_id == annotation_id)
-                .values({k: values[k] for k in ("labels", "spans", "comment", "schema_version", "update_time")})
+                .values(
+                    {k: values[k] for k in ("labels", "spans", "comment", "response", "schema_version", "update_time")}
+                )
             )
             store_consensus(
                 session, session.execute(select(t.items).where(t.items.c.seq == row.item_seq)).one(), consensus
             )
             return updated
+
+    def annotation_item_id(self, organization_id: str, project_id: str, annotation_id: str) -> str:
+        with self.database.transaction() as session:
+            project = project_row(session, organization_id, project_id)
+            found = session.execute(
+                select(t.items.c.item_id)
+                .join(t.annotations, t.annotations.c.item_seq == t.items.c.seq)
+                .where(t.annotations.c.annotation_id == annotation_id, t.annotations.c.project_pk == project.pk)
+            ).scalar()
+            if found is None:
+                raise NotFoundError(f"annotation {annotation_id!r} does not exist in project {project_id!r}")
+            return str(found)
 
     def skip_task(
         self, organization_id: str, project_id: str, task_id: str, annotator_id: str, reason: str, now: datetime
@@ -253,6 +279,7 @@ class SqlAnnotationStore(SqlStore, AnnotationStore):
         now: datetime,
         *,
         consensus: ConsensusRule,
+        response: Response | None = None,
     ) -> Item:
         with self.database.transaction() as session:
             project = project_row(session, organization_id, project_id)
@@ -260,7 +287,12 @@ class SqlAnnotationStore(SqlStore, AnnotationStore):
             session.execute(
                 update(t.items)
                 .where(t.items.c.seq == row.seq)
-                .values(resolved_labels=list(labels), resolved_by=reviewer_id, resolution_comment=comment)
+                .values(
+                    resolved_labels=list(labels),
+                    resolved_by=reviewer_id,
+                    resolution_comment=comment,
+                    resolved_response=response_to_json(response),
+                )
             )
             store_consensus(session, item_row(session, project.pk, item_id), consensus)
             fresh = item_row(session, project.pk, item_id)
@@ -269,6 +301,7 @@ class SqlAnnotationStore(SqlStore, AnnotationStore):
                 project_id,
                 annotations_of(session, [fresh.seq]).get(fresh.seq, []),
                 predictions_of(session, [fresh.seq]).get(fresh.seq, []),
+                generative=is_generative(project),
             )
 
     def rated_items(
@@ -303,12 +336,41 @@ class SqlAnnotationStore(SqlStore, AnnotationStore):
             rated = [RatedItem(item_id, ratings[item_id], consensus[item_id]) for item_id in ratings]
             return rated, dict(counts), {ItemStatus(status): int(n) for status, n in by_status.items()}
 
+    def rated_responses(
+        self, organization_id: str, project_id: str, annotator_ids: Sequence[str]
+    ) -> list[tuple[str, int, dict[str, Response]]]:
+        with self.database.transaction() as session:
+            project = project_row(session, organization_id, project_id)
+            query = (
+                select(t.items.c.item_id, t.items.c.text, t.annotations.c.annotator_id, t.annotations.c.response)
+                .join(t.annotations, t.annotations.c.item_seq == t.items.c.seq)
+                .where(t.items.c.project_pk == project.pk, t.annotations.c.response.is_not(None))
+                .order_by(t.items.c.seq)
+            )
+            if annotator_ids:
+                query = query.where(t.annotations.c.annotator_id.in_(list(annotator_ids)))
+            out: dict[str, tuple[int, dict[str, Response]]] = {}
+            for item_id, text, annotator, value in session.execute(query):
+                response = response_from_json(value)
+                if response is None:
+                    continue
+                if item_id not in out:
+                    out[item_id] = (len(Conversation.from_json(text).candidates), {})
+                out[item_id][1][annotator] = response
+            return [(item_id, count, responses) for item_id, (count, responses) in out.items()]
+
 
 def _task(
     session: Session, project: Row[Any], row: Row[Any], task_id: str, expire: datetime, annotator_id: str
 ) -> Task:
     # No annotations of others: seeing them would anchor the annotator.
-    item = item_from_row(row, project.project_id, [], predictions_of(session, [row.seq]).get(row.seq, []))
+    item = item_from_row(
+        row,
+        project.project_id,
+        [],
+        predictions_of(session, [row.seq]).get(row.seq, []),
+        generative=is_generative(project),
+    )
     return Task(task_id, annotator_id, item, schema_of(session, project), expire)
 
 

@@ -9,12 +9,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gristmill.core.errors import AbortedError, NotFoundError
-from gristmill.labeling.domain.model import DatasetVersion, ItemStatus
+from gristmill.labeling.domain.model import DatasetVersion, ItemStatus, Response
 from gristmill.labeling.domain.ports import DatasetStore
 from gristmill.labeling.domain.splits import DatasetItem
 from gristmill.labeling.store import tables as t
-from gristmill.labeling.store.queries import SqlStore, project_row
-from gristmill.labeling.store.rows import version_from_row, version_values
+from gristmill.labeling.store.queries import SqlStore, chunks, project_row
+from gristmill.labeling.store.rows import is_generative, response_from_json, version_from_row, version_values
 
 
 class DatasetEvents(Protocol):
@@ -30,15 +30,49 @@ class SqlDatasetStore(SqlStore, DatasetStore):
     def consensus_items(self, organization_id: str, project_id: str) -> list[DatasetItem]:
         with self.database.transaction() as session:
             project = project_row(session, organization_id, project_id)
+            items = t.items.c
             rows = session.execute(
-                select(t.items.c.item_id, t.items.c.external_id, t.items.c.text, t.items.c.consensus_labels)
-                .where(
-                    t.items.c.project_pk == project.pk,
-                    t.items.c.status.in_([ItemStatus.LABELED.value, ItemStatus.RESOLVED.value]),
+                select(
+                    items.seq,
+                    items.item_id,
+                    items.external_id,
+                    items.text,
+                    items.consensus_labels,
+                    items.source,
+                    items.resolved_response,
                 )
-                .order_by(t.items.c.seq)
-            )
-            return [DatasetItem(r.item_id, r.external_id, r.text, tuple(r.consensus_labels)) for r in rows]
+                .where(
+                    items.project_pk == project.pk,
+                    items.status.in_([ItemStatus.LABELED.value, ItemStatus.RESOLVED.value]),
+                )
+                .order_by(items.seq)
+            ).all()
+            if not is_generative(project):
+                return [DatasetItem(r.item_id, r.external_id, r.text, tuple(r.consensus_labels)) for r in rows]
+            # A conversation's row is made from its annotations' responses (the reply, the ranking).
+            responses: dict[int, list[Response]] = {}
+            notes = t.annotations.c
+            for chunk in chunks([r.seq for r in rows]):
+                for seq, value in session.execute(
+                    select(notes.item_seq, notes.response)
+                    .where(notes.item_seq.in_(chunk), notes.response.is_not(None))
+                    .order_by(notes.create_time, notes.annotation_id)
+                ):
+                    response = response_from_json(value)
+                    if response is not None:
+                        responses.setdefault(seq, []).append(response)
+            return [
+                DatasetItem(
+                    r.item_id,
+                    r.external_id,
+                    r.text,
+                    tuple(r.consensus_labels),
+                    source=r.source,
+                    responses=tuple(responses.get(r.seq, ())),
+                    resolved_response=response_from_json(r.resolved_response),
+                )
+                for r in rows
+            ]
 
     def find_dataset_version(self, organization_id: str, project_id: str, content_sha256: str) -> DatasetVersion | None:
         with self.database.transaction() as session:

@@ -18,7 +18,7 @@ from gristmill.labeling.domain.model import Consensus, ImportReport, ItemSource,
 from gristmill.labeling.domain.ports import ItemWriter, NewItem, StoredRange
 from gristmill.labeling.store import tables as t
 from gristmill.labeling.store.queries import chunks, put_prediction
-from gristmill.labeling.store.rows import report_to_json
+from gristmill.labeling.store.rows import report_to_json, response_to_json
 
 
 class SqlItemWriter(ItemWriter):
@@ -139,6 +139,7 @@ class SqlItemWriter(ItemWriter):
                 bulk.json_list(item.labels),
                 bulk.json_list(()),
                 "",
+                bulk.json_value(response_to_json(item.response)),
                 self.project.schema_version,
                 self._now,
                 self._now,
@@ -220,6 +221,7 @@ _ANNOTATION_COLUMNS = (
         "labels",
         "spans",
         "comment",
+        "response",
         "schema_version",
         "create_time",
         "update_time",
@@ -256,6 +258,12 @@ class _BulkInsert:
         if found is None:
             found = self._json_cache[key] = json.dumps(list(values))
         return found
+
+    def json_value(self, value: Any) -> Any:
+        """A nullable JSON column's value (None stays SQL NULL)."""
+        if not self.raw or value is None:
+            return value
+        return json.dumps(value)
 
     def json_object(self, value: dict[str, str]) -> Any:
         if not self.raw:

@@ -25,7 +25,7 @@ from gristmill.labeling.store.queries import (
     project_row,
     put_prediction,
 )
-from gristmill.labeling.store.rows import item_from_row, report_from_json
+from gristmill.labeling.store.rows import is_generative, item_from_row, report_from_json
 
 
 class SqlItemStore(SqlStore, ItemStore):
@@ -100,6 +100,7 @@ class SqlItemStore(SqlStore, ItemStore):
                 project_id,
                 annotations_of(session, [row.seq]).get(row.seq, []),
                 predictions_of(session, [row.seq]).get(row.seq, []),
+                generative=is_generative(project),
             )
 
     def list_items(
@@ -124,7 +125,11 @@ class SqlItemStore(SqlStore, ItemStore):
             seqs = [row.seq for row in rows]
             notes = annotations_of(session, seqs) if include_annotations else {}
             preds = predictions_of(session, seqs)
-            return [item_from_row(r, project_id, notes.get(r.seq, []), preds.get(r.seq, [])) for r in rows]
+            generative = is_generative(project)
+            return [
+                item_from_row(r, project_id, notes.get(r.seq, []), preds.get(r.seq, []), generative=generative)
+                for r in rows
+            ]
 
     def attach_predictions(
         self, organization_id: str, project_id: str, predictions: Sequence[tuple[PredictionTarget, Prediction]]

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Row
 
+from gristmill.core.chat import Conversation
 from gristmill.labeling.domain.model import (
     ActiveLearningSettings,
     Annotation,
@@ -30,6 +31,7 @@ from gristmill.labeling.domain.model import (
     PiiSettings,
     Prediction,
     ProjectSettings,
+    Response,
     SpanLabel,
     Split,
     SplitRatios,
@@ -67,6 +69,7 @@ def annotation_values(annotation: Annotation, project_pk: int, item_seq: int) ->
         "labels": list(annotation.labels),
         "spans": [asdict(span) for span in annotation.spans],
         "comment": annotation.comment,
+        "response": response_to_json(annotation.response),
         "schema_version": annotation.schema_version,
         "create_time": annotation.create_time,
         "update_time": annotation.update_time,
@@ -85,12 +88,50 @@ def annotation_from_row(row: Row[Any]) -> Annotation:
         update_time=row.update_time,
         spans=tuple(SpanLabel(**span) for span in row.spans),
         comment=row.comment,
+        response=response_from_json(row.response) or Response(),
+    )
+
+
+def response_to_json(response: Response | None) -> dict[str, Any] | None:
+    """A response as stored (only the fields that are set); None for no response (classification)."""
+    if response is None or response.empty:
+        return None
+    out: dict[str, Any] = {}
+    if response.reply:
+        out["reply"] = response.reply
+    if response.rating:
+        out["rating"] = response.rating
+    if response.flags:
+        out["flags"] = list(response.flags)
+    if response.ranking:
+        out["ranking"] = list(response.ranking)
+    if response.tie:
+        out["tie"] = True
+    return out
+
+
+def response_from_json(value: Any) -> Response | None:
+    if not value:
+        return None
+    return Response(
+        reply=value.get("reply", ""),
+        rating=int(value.get("rating", 0)),
+        flags=tuple(value.get("flags", ())),
+        ranking=tuple(int(i) for i in value.get("ranking", ())),
+        tie=bool(value.get("tie", False)),
     )
 
 
 def item_from_row(
-    row: Row[Any], project_id: str, annotations: Sequence[Annotation], predictions: Sequence[Prediction]
+    row: Row[Any],
+    project_id: str,
+    annotations: Sequence[Annotation],
+    predictions: Sequence[Prediction],
+    *,
+    generative: bool = False,
 ) -> Item:
+    """The item of a row; ``generative`` (the project's task type is chat or preference) parses its text,
+    the canonical JSON of its conversation."""
     return Item(
         item_id=row.item_id,
         project_id=project_id,
@@ -110,7 +151,14 @@ def item_from_row(
         create_time=row.create_time,
         annotations=tuple(annotations),
         predictions=tuple(predictions),
+        conversation=Conversation.from_json(row.text) if generative else None,
+        resolved_response=response_from_json(row.resolved_response) if generative else None,
     )
+
+
+def is_generative(project: Row[Any]) -> bool:
+    """Whether a project row's items are conversations (its task type is chat or preference)."""
+    return TaskType(project.task_type).generative
 
 
 def settings_to_json(settings: ProjectSettings) -> dict[str, Any]:

@@ -111,6 +111,8 @@ items = Table(
     Column("resolved_by", String(128), nullable=False),
     Column("resolved_labels", JSON(none_as_null=True), nullable=True),
     Column("resolution_comment", Text, nullable=False),
+    # A reviewer's resolution of a chat or preference item (reply or ranking); NULL otherwise.
+    Column("resolved_response", JSON(none_as_null=True), nullable=True),
     Column("shuffle_key", BigInteger, nullable=False),
     # Top probability of the latest attached prediction (uncertainty-first ordering); NULL without one.
     Column("top_probability", Float, nullable=True),
@@ -132,6 +134,8 @@ annotations = Table(
     Column("labels", JSON, nullable=False),
     Column("spans", JSON, nullable=False),
     Column("comment", Text, nullable=False),
+    # Chat and preference annotations: the reply, rating, flags, ranking or tie; NULL for classification.
+    Column("response", JSON(none_as_null=True), nullable=True),
     Column("schema_version", Integer, nullable=False),
     Column("create_time", UtcDateTime, nullable=False),
     Column("update_time", UtcDateTime, nullable=False),

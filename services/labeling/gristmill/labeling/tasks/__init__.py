@@ -13,8 +13,8 @@ from typing import Any, Protocol
 
 from gristmill.core.errors import GristmillError, InvalidArgumentError
 from gristmill.core.manifests import DatasetRow
-from gristmill.core.tasks import TEXT_CLASSIFICATION, TEXT_MULTI_LABEL_CLASSIFICATION, TaskRegistry
-from gristmill.labeling.domain.model import LabelDefinition, LabelSchema
+from gristmill.core.tasks import CHAT, PREFERENCE, TEXT_CLASSIFICATION, TEXT_MULTI_LABEL_CLASSIFICATION, TaskRegistry
+from gristmill.labeling.domain.model import Item, LabelDefinition, LabelSchema, Response
 from gristmill.labeling.domain.splits import DatasetItem
 
 
@@ -53,7 +53,38 @@ class LabelingTask(Protocol):
         ...
 
     def dataset_row(self, item: DatasetItem) -> DatasetRow:
-        """The row an item with a consensus becomes in a published dataset version."""
+        """The row an item with a consensus becomes in a published dataset version (classification)."""
+        ...
+
+    @property
+    def generative(self) -> bool:
+        """Whether items are conversations and annotations are responses (chat, preference)."""
+        ...
+
+    @property
+    def row_format(self) -> str:
+        """What a published row is (``gristmill.core.chat.ROW_FORMAT_*``), as the manifest names it."""
+        ...
+
+    def check_response(
+        self, labels: Sequence[str], response: Response, schema: LabelSchema, item: Item | None, where: str
+    ) -> tuple[tuple[str, ...], Response]:
+        """An annotation's (or a resolution's) labels and response if valid, else ``InvalidArgumentError``
+        naming ``where``'s field. Generative tasks derive the labels from the response (the consensus votes
+        on them) and need the ``item``; classification takes labels and refuses a response."""
+        ...
+
+    def labels_of(self, response: Response) -> tuple[str, ...]:
+        """The labels a (valid) response votes for, e.g. ``("candidate-1",)`` or ``("accepted",)``."""
+        ...
+
+    def publishable(self, item: DatasetItem) -> DatasetItem | None:
+        """The item as it enters the split (its ``labels`` are what the split stratifies by), or None when it
+        makes no row (a chat reply annotators rejected). Classification returns the item unchanged."""
+        ...
+
+    def dataset_lines(self, item: DatasetItem) -> list[str]:
+        """The JSONL lines of one ``publishable`` item (a ranking of k replies gives several DPO pairs)."""
         ...
 
 
@@ -66,12 +97,16 @@ def labeling_task(task_type: str, *, error: type[GristmillError] = InvalidArgume
 
 
 def _register() -> None:
+    from gristmill.labeling.tasks.chat import Chat
+    from gristmill.labeling.tasks.preference import Preference
     from gristmill.labeling.tasks.text_classification import TextClassification
 
     LABELING_TASKS.register(TEXT_CLASSIFICATION, TextClassification(TEXT_CLASSIFICATION, multi_label=False))
     LABELING_TASKS.register(
         TEXT_MULTI_LABEL_CLASSIFICATION, TextClassification(TEXT_MULTI_LABEL_CLASSIFICATION, multi_label=True)
     )
+    LABELING_TASKS.register(CHAT, Chat())
+    LABELING_TASKS.register(PREFERENCE, Preference())
 
 
 _register()

@@ -7,10 +7,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from gristmill.core.chat import ROW_FORMAT_CLASSIFICATION
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.manifests import DatasetRow
 from gristmill.labeling.domain.json_values import json_type
-from gristmill.labeling.domain.model import LabelDefinition, LabelSchema
+from gristmill.labeling.domain.model import Item, LabelDefinition, LabelSchema, Response
 from gristmill.labeling.domain.splits import DatasetItem
 
 
@@ -57,6 +58,33 @@ class TextClassification:
         if self.multi_label:
             return DatasetRow(item.item_id, item.text, None, item.labels)
         return DatasetRow(item.item_id, item.text, item.labels[0])
+
+    @property
+    def generative(self) -> bool:
+        return False
+
+    @property
+    def row_format(self) -> str:
+        return ROW_FORMAT_CLASSIFICATION
+
+    def check_response(
+        self, labels: Sequence[str], response: Response, schema: LabelSchema, item: Item | None, where: str
+    ) -> tuple[tuple[str, ...], Response]:
+        if not response.empty:
+            raise InvalidArgumentError(
+                f"{where}response: replies, ratings and rankings are for chat and preference projects; a "
+                f"{self._name} project takes labels"
+            )
+        return self.check_annotation(labels, schema), Response()
+
+    def labels_of(self, response: Response) -> tuple[str, ...]:
+        return ()
+
+    def publishable(self, item: DatasetItem) -> DatasetItem | None:
+        return item
+
+    def dataset_lines(self, item: DatasetItem) -> list[str]:
+        return [self.dataset_row(item).to_json()]
 
 
 class ClassificationRecordLabels:
