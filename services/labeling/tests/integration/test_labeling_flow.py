@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 import threading
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.sdk.trace import TracerProvider
-from pydantic import SecretStr
 from sqlalchemy.orm import Session
 
 from gristmill.api.common.v1 import common_pb2
@@ -28,45 +26,18 @@ from gristmill.api.labeling.v1 import labeling_pb2 as pb
 from gristmill.api.labeling.v1 import labeling_pb2_grpc as pb_grpc
 from gristmill.core.events import Event, KafkaEventBus
 from gristmill.core.events.topics import DATASET_VERSION_PUBLISHED
-from gristmill.core.host import Infrastructure, ServiceHost
+from gristmill.core.host import ServiceHost
 from gristmill.core.manifests import DatasetManifest
-from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.core.sql import Database
 from gristmill.core.storage.s3 import S3ObjectStore
 from gristmill.core.telemetry import extract_context
-from gristmill.labeling.app import build_app
-from gristmill.labeling.settings import LabelingSettings
 from tests.conftest import SHARED_DATA
 
 pytestmark = pytest.mark.integration
 
 DATA = Path(SHARED_DATA) / "sentiment" / "amazon_cells_labelled.txt"
 NOISE = 0.15
-
-
-@pytest.fixture
-def s3(s3_endpoint: dict[str, str]) -> S3Settings:
-    return S3Settings(
-        endpoint=s3_endpoint["endpoint"],
-        access_key=s3_endpoint["access_key"],
-        secret_key=SecretStr(s3_endpoint["secret_key"]),
-        bucket="gristmill-test",
-    )
-
-
-@pytest.fixture
-async def host(
-    tmp_path: Path, kafka_bootstrap: str, s3: S3Settings, tracing: tuple[TracerProvider, Any]
-) -> AsyncIterator[ServiceHost]:
-    settings = LabelingSettings(
-        data_dir=tmp_path / "service", grpc_port=0, active_learning_group=f"labeling-it-{uuid.uuid4().hex[:8]}"
-    )
-    infra = Infrastructure(kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap), s3=s3, tracer_provider=tracing[0])
-    service = build_app(settings, infra, embedded_security("labeling")).host
-    await service.start()
-    yield service
-    await service.stop()
 
 
 class Published:

@@ -77,7 +77,8 @@ class Chat(GenerativeTask):
 
 def _final_reply(item: DatasetItem, conversation: Conversation, task: Chat) -> str:
     """A reviewer's reply, else the reply most accepting annotators gave (an unedited reply counts as the
-    item's own; the earliest wins a tie)."""
+    item's own). On a tie an edit beats the reply as it was (someone took the trouble to improve it), then
+    the earliest wins."""
     own = conversation.final_reply or ""
     if item.resolved_response is not None and item.resolved_response.reply:
         return item.resolved_response.reply
@@ -85,5 +86,5 @@ def _final_reply(item: DatasetItem, conversation: Conversation, task: Chat) -> s
     votes.pop("", None)
     if not votes:
         return own
-    top = max(votes.values())
-    return next(reply for reply in votes if votes[reply] == top)
+    order = list(votes)
+    return min(order, key=lambda reply: (-votes[reply], reply == own, order.index(reply)))
