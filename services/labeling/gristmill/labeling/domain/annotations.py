@@ -228,7 +228,7 @@ class AnnotationUseCases(UseCases):
             validate_id(annotator, what=f"annotator_ids[{index}]")
         project = self.get_project(organization_id, project_id)
         rated, counts, by_status = self.store.rated_items(project.organization_id, project.project_id, annotator_ids)
-        return agreement_math.agreement_report(
+        report = agreement_math.agreement_report(
             project.project_id,
             rated,
             labels=project.label_schema.names,
@@ -238,6 +238,27 @@ class AnnotationUseCases(UseCases):
             conflicts=by_status.get(ItemStatus.CONFLICT, 0),
             resolved=by_status.get(ItemStatus.RESOLVED, 0),
             now=self.clock(),
+        )
+        if not project.task_type.generative:
+            return report
+        # The nominal statistics above are over the derived votes (accepted/rejected, the best candidate);
+        # ratings and rankings have statistics of their own.
+        responses = self.store.rated_responses(project.organization_id, project.project_id, annotator_ids)
+        extra = agreement_math.generative_agreement(
+            [
+                {
+                    annotator: agreement_math.ResponseRating(r.rating, r.ranking, r.tie, candidates)
+                    for annotator, r in by_annotator.items()
+                }
+                for _, candidates, by_annotator in responses
+            ]
+        )
+        return replace(
+            report,
+            rating_krippendorff_alpha=extra.rating_alpha,
+            rated_item_count=extra.rated_item_count,
+            ranking_pair_agreement=extra.ranking_pair_agreement,
+            ranked_item_count=extra.ranked_item_count,
         )
 
 
