@@ -53,7 +53,7 @@ def test_the_cli_numbers_ports_from_the_table_and_renames_every_group(tmp_path: 
     stack = LocalStack(tmp_path, group_suffix="ci-1")
     groups = stack.consumer_groups()
     assert groups == {f"{g.default}-ci-1": g.topics for g in CONSUMER_GROUPS}
-    assert len(groups) == len(CONSUMER_GROUPS) == 6
+    assert len(groups) == len(CONSUMER_GROUPS) == 7
 
 
 def test_serving_replicas_get_ports_data_dirs_and_consumer_groups_of_their_own(tmp_path: Path) -> None:

@@ -20,6 +20,8 @@ JOB_STATE_CHANGED = "gristmill.training.job-state-changed.v1"
 MODEL_VERSION_REGISTERED = "gristmill.registry.model-version-registered.v1"
 ALIAS_CHANGED = "gristmill.registry.alias-changed.v1"
 PREDICTION_LOGGED = "gristmill.serving.prediction-logged.v1"
+GENERATION_LOGGED = "gristmill.serving.generation-logged.v1"
+FEEDBACK_RECORDED = "gristmill.serving.feedback-recorded.v1"
 USAGE_RECORDED = "gristmill.metering.usage-recorded.v1"
 
 PLATFORM_TOPICS: Mapping[type[Message], str] = {
@@ -28,6 +30,8 @@ PLATFORM_TOPICS: Mapping[type[Message], str] = {
     events_pb2.ModelVersionRegistered: MODEL_VERSION_REGISTERED,
     events_pb2.AliasChanged: ALIAS_CHANGED,
     events_pb2.PredictionLogged: PREDICTION_LOGGED,
+    events_pb2.GenerationLogged: GENERATION_LOGGED,
+    events_pb2.FeedbackRecorded: FEEDBACK_RECORDED,
     events_pb2.UsageRecorded: USAGE_RECORDED,
 }
 
@@ -60,6 +64,10 @@ class ConsumerGroup:
 LABELING_ACTIVE_LEARNING = ConsumerGroup(
     "labeling", "active_learning_group", "labeling-active-learning", (PREDICTION_LOGGED,)
 )
+# Its own group, so that a backlog of feedback never delays active learning (and the reverse).
+LABELING_FEEDBACK = ConsumerGroup(
+    "labeling", "feedback_group", "labeling-feedback", (GENERATION_LOGGED, FEEDBACK_RECORDED)
+)
 TRAINING_AUTO_TRAIN = ConsumerGroup("training", "auto_train_group", "training-auto-train", (DATASET_VERSION_PUBLISHED,))
 REGISTRY_JOB_EVENTS = ConsumerGroup("registry", "job_events_group", "registry-job-events", (JOB_STATE_CHANGED,))
 REGISTRY_PROMOTION = ConsumerGroup("registry", "promotion_group", "registry-promotion", (MODEL_VERSION_REGISTERED,))
@@ -72,5 +80,6 @@ CONSUMER_GROUPS: tuple[ConsumerGroup, ...] = (
     REGISTRY_PROMOTION,
     SERVING_ALIASES,
     LABELING_ACTIVE_LEARNING,
+    LABELING_FEEDBACK,
     ADMIN_METERING,
 )

@@ -1,4 +1,4 @@
-"""Wiring: settings → platform (database, objects, bus, tracing) → store, service, servicer, consumer → host."""
+"""Wiring: settings → platform (database, objects, bus, tracing) → store, service, servicer, consumers → host."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ from dataclasses import dataclass
 
 from gristmill.api.labeling.v1 import labeling_pb2, labeling_pb2_grpc
 from gristmill.core.auth import LABELING_READ, LABELING_WRITE
-from gristmill.core.events.topics import PREDICTION_LOGGED
+from gristmill.core.events.topics import LABELING_FEEDBACK, PREDICTION_LOGGED
 from gristmill.core.grpcserver import ServiceRegistration
 from gristmill.core.host import Infrastructure, ServiceHost, Subscription, open_platform
 from gristmill.core.security import Security
 from gristmill.labeling.api.servicer import LabelingServicer
 from gristmill.labeling.domain.importer import IndexCache
 from gristmill.labeling.domain.service import Clock, LabelingService, utc_now
+from gristmill.labeling.events.feedback import FeedbackHandler
 from gristmill.labeling.events.payloads import LabelingEvents
 from gristmill.labeling.events.predictions import PredictionLogHandler
 from gristmill.labeling.settings import LabelingSettings
@@ -78,11 +79,14 @@ def build_app(
         settings.active_learning_group,
         PredictionLogHandler(service, store, platform.catalog),
     )
+    feedback = Subscription(
+        LABELING_FEEDBACK.topics, settings.feedback_group, FeedbackHandler(service, store, platform.catalog)
+    )
     host = ServiceHost(
         platform,
         [registration, security.license_registration(SERVICE)],
         settings,
-        [consumer],
+        [consumer, feedback],
         auth_hook=security.auth_hook,
         on_reload=security.reload,
         server_credentials=security.server_credentials,

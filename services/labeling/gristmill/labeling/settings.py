@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from gristmill.core.events.topics import LABELING_ACTIVE_LEARNING
+from gristmill.core.events.topics import LABELING_ACTIVE_LEARNING, LABELING_FEEDBACK
 from gristmill.core.ports import LABELING_PORT
 from gristmill.core.settings import ServiceSettings
 
@@ -20,3 +20,5 @@ class LabelingSettings(ServiceSettings):
     active_learning_group: str = Field(
         default=LABELING_ACTIVE_LEARNING.default, pattern=r"^[a-z0-9][a-z0-9._-]{0,127}$"
     )
+    # Consumer group of the feedback consumer (FeedbackRecorded → review items, SFT answers, preference pairs).
+    feedback_group: str = Field(default=LABELING_FEEDBACK.default, pattern=r"^[a-z0-9][a-z0-9._-]{0,127}$")

@@ -32,8 +32,12 @@ def s3(s3_endpoint: dict[str, str]) -> S3Settings:
 async def host(
     tmp_path: Path, kafka_bootstrap: str, s3: S3Settings, tracing: tuple[TracerProvider, Any]
 ) -> AsyncIterator[ServiceHost]:
+    run = uuid.uuid4().hex[:8]
     settings = LabelingSettings(
-        data_dir=tmp_path / "service", grpc_port=0, active_learning_group=f"labeling-it-{uuid.uuid4().hex[:8]}"
+        data_dir=tmp_path / "service",
+        grpc_port=0,
+        active_learning_group=f"labeling-it-{run}",
+        feedback_group=f"labeling-feedback-it-{run}",
     )
     infra = Infrastructure(kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap), s3=s3, tracer_provider=tracing[0])
     service = build_app(settings, infra, embedded_security("labeling")).host

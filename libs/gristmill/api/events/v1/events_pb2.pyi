@@ -12,6 +12,8 @@ Topics (one message type per topic, one topic per message type):
   ModelVersionRegistered    gristmill.registry.model-version-registered.v1   registered_model_name  registry            registry (promotion policy)
   AliasChanged              gristmill.registry.alias-changed.v1              registered_model_name  registry            serving (hot-swap)
   PredictionLogged          gristmill.serving.prediction-logged.v1           registered_model_name  serving             labeling (active learning)
+  GenerationLogged          gristmill.serving.generation-logged.v1           registered_model_name  serving             labeling (feedback)
+  FeedbackRecorded          gristmill.serving.feedback-recorded.v1           registered_model_name  serving             labeling (feedback)
   UsageRecorded             gristmill.metering.usage-recorded.v1             organization_id        serving, training   metering
 
 A record that cannot be handled goes to "<topic>.dlq" with the error in a header.
@@ -31,6 +33,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from gristmill.api.admin.v1 import admin_pb2 as _admin_pb2
 from gristmill.api.common.v1 import common_pb2 as _common_pb2
 from gristmill.api.registry.v1 import registry_pb2 as _registry_pb2
@@ -45,6 +48,40 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _FeedbackKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FeedbackKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FeedbackKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FEEDBACK_KIND_UNSPECIFIED: _FeedbackKind.ValueType  # 0
+    FEEDBACK_KIND_THUMBS_UP: _FeedbackKind.ValueType  # 1
+    FEEDBACK_KIND_THUMBS_DOWN: _FeedbackKind.ValueType  # 2
+    FEEDBACK_KIND_RATING: _FeedbackKind.ValueType  # 3
+    """A rating of 1-5 (`rating`)."""
+    FEEDBACK_KIND_REGENERATE: _FeedbackKind.ValueType  # 4
+    """The user asked for another reply and kept one of the two (`kept_reply`, `discarded_reply`)."""
+    FEEDBACK_KIND_EDIT: _FeedbackKind.ValueType  # 5
+    """The user corrected the reply (`edited_reply`)."""
+    FEEDBACK_KIND_TEXT: _FeedbackKind.ValueType  # 6
+    """A free-text comment (`text`)."""
+
+class FeedbackKind(_FeedbackKind, metaclass=_FeedbackKindEnumTypeWrapper):
+    """What a user said about a generation."""
+
+FEEDBACK_KIND_UNSPECIFIED: FeedbackKind.ValueType  # 0
+FEEDBACK_KIND_THUMBS_UP: FeedbackKind.ValueType  # 1
+FEEDBACK_KIND_THUMBS_DOWN: FeedbackKind.ValueType  # 2
+FEEDBACK_KIND_RATING: FeedbackKind.ValueType  # 3
+"""A rating of 1-5 (`rating`)."""
+FEEDBACK_KIND_REGENERATE: FeedbackKind.ValueType  # 4
+"""The user asked for another reply and kept one of the two (`kept_reply`, `discarded_reply`)."""
+FEEDBACK_KIND_EDIT: FeedbackKind.ValueType  # 5
+"""The user corrected the reply (`edited_reply`)."""
+FEEDBACK_KIND_TEXT: FeedbackKind.ValueType  # 6
+"""A free-text comment (`text`)."""
+Global___FeedbackKind: _TypeAlias = FeedbackKind  # noqa: Y015
 
 @_typing.final
 class DatasetVersionPublished(_message.Message):
@@ -439,6 +476,192 @@ class PredictionLogged(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PredictionLogged: _TypeAlias = PredictionLogged  # noqa: Y015
+
+@_typing.final
+class ChatTurn(_message.Message):
+    """One turn of a conversation, in OpenAI's message shape. Defined here rather than imported from
+    the labeling API so that events depend on no service's API.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """"system", "user", "assistant" or "tool"."""
+    content: _builtins.str
+    tool_calls: _builtins.str
+    """An assistant turn's tool calls: the JSON text of OpenAI's "tool_calls" array, verbatim."""
+    tool_call_id: _builtins.str
+    """A tool turn: the id of the call it answers."""
+    name: _builtins.str
+    """Optional speaker or tool name."""
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.str = ...,
+        tool_calls: _builtins.str = ...,
+        tool_call_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatTurn: _TypeAlias = ChatTurn  # noqa: Y015
+
+@_typing.final
+class GenerationLogged(_message.Message):
+    """A generation was logged: a random sample, and every generation that gets feedback (serving logs
+    the generation with the feedback, so a FeedbackRecorded carries it too). Labeling stores nothing
+    for a generation without feedback.
+    Topic: gristmill.serving.generation-logged.v1 (key: registered_model_name)
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SamplingParametersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REGISTERED_MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_NAME_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    REPLY_FIELD_NUMBER: _builtins.int
+    SAMPLING_PARAMETERS_FIELD_NUMBER: _builtins.int
+    LABELING_PROJECT_ID_FIELD_NUMBER: _builtins.int
+    organization_id: _builtins.str
+    request_id: _builtins.str
+    """Generate's / the chat completion's request id: identifies the generation (feedback names it)."""
+    registered_model_name: _builtins.str
+    model_version: _builtins.int
+    deployment_name: _builtins.str
+    """The deployment that answered."""
+    reply: _builtins.str
+    """The model's reply (the final assistant turn)."""
+    labeling_project_id: _builtins.str
+    """The chat project the version learned from (from its lineage); empty when unknown. Labeling
+    turns feedback into items of this project (and of its preference project) when it allows.
+    """
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatTurn]:
+        """The conversation sent, before the reply. Labeling masks PII in every turn with the target
+        project's rules before anything is stored.
+        """
+
+    @_builtins.property
+    def sampling_parameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The sampling parameters the request used, as text: "temperature", "top_p", "seed",
+        "max_tokens", "stop" (a JSON array) ... Absent keys took the deployment's defaults.
+        """
+
+    def __init__(
+        self,
+        *,
+        organization_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        registered_model_name: _builtins.str = ...,
+        model_version: _builtins.int = ...,
+        deployment_name: _builtins.str = ...,
+        messages: _abc.Iterable[Global___ChatTurn] | None = ...,
+        reply: _builtins.str = ...,
+        sampling_parameters: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        labeling_project_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment_name", b"deployment_name", "labeling_project_id", b"labeling_project_id", "messages", b"messages", "model_version", b"model_version", "organization_id", b"organization_id", "registered_model_name", b"registered_model_name", "reply", b"reply", "request_id", b"request_id", "sampling_parameters", b"sampling_parameters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerationLogged: _TypeAlias = GenerationLogged  # noqa: Y015
+
+@_typing.final
+class FeedbackRecorded(_message.Message):
+    """A user gave feedback on a generation. One event per feedback action; a generation may get several.
+    Labeling turns a thumbs-down or a low rating into a chat item to review, an edit into an
+    accepted chat item (and a preference pair, edit over original), and a regenerate into a
+    preference pair (kept over discarded); redelivered or repeated feedback creates nothing new.
+    Topic: gristmill.serving.feedback-recorded.v1 (key: registered_model_name)
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    RATING_FIELD_NUMBER: _builtins.int
+    EDITED_REPLY_FIELD_NUMBER: _builtins.int
+    KEPT_REPLY_FIELD_NUMBER: _builtins.int
+    DISCARDED_REPLY_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    organization_id: _builtins.str
+    request_id: _builtins.str
+    """The generation's request id (generation.request_id)."""
+    kind: Global___FeedbackKind.ValueType
+    rating: _builtins.int
+    """RATING: 1 (worst) to 5 (best)."""
+    edited_reply: _builtins.str
+    """EDIT: the reply as the user corrected it."""
+    kept_reply: _builtins.str
+    """REGENERATE: the reply the user kept and the one they discarded (both answer generation.messages;
+    one of them is usually generation.reply).
+    """
+    discarded_reply: _builtins.str
+    text: _builtins.str
+    """TEXT (and optionally any other kind): the user's comment."""
+    @_builtins.property
+    def generation(self) -> Global___GenerationLogged:
+        """The generation the feedback is about, in full, so that consumers need no lookup. The record key
+        is generation.registered_model_name.
+        """
+
+    def __init__(
+        self,
+        *,
+        organization_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        kind: Global___FeedbackKind.ValueType = ...,
+        rating: _builtins.int = ...,
+        edited_reply: _builtins.str = ...,
+        kept_reply: _builtins.str = ...,
+        discarded_reply: _builtins.str = ...,
+        text: _builtins.str = ...,
+        generation: Global___GenerationLogged | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["discarded_reply", b"discarded_reply", "edited_reply", b"edited_reply", "generation", b"generation", "kept_reply", b"kept_reply", "kind", b"kind", "organization_id", b"organization_id", "rating", b"rating", "request_id", b"request_id", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeedbackRecorded: _TypeAlias = FeedbackRecorded  # noqa: Y015
 
 @_typing.final
 class UsageRecorded(_message.Message):

@@ -12,6 +12,8 @@ Topics (one message type per topic, one topic per message type):
   ModelVersionRegistered    gristmill.registry.model-version-registered.v1   registered_model_name  registry            registry (promotion policy)
   AliasChanged              gristmill.registry.alias-changed.v1              registered_model_name  registry            serving (hot-swap)
   PredictionLogged          gristmill.serving.prediction-logged.v1           registered_model_name  serving             labeling (active learning)
+  GenerationLogged          gristmill.serving.generation-logged.v1           registered_model_name  serving             labeling (feedback)
+  FeedbackRecorded          gristmill.serving.feedback-recorded.v1           registered_model_name  serving             labeling (feedback)
   UsageRecorded             gristmill.metering.usage-recorded.v1             organization_id        serving, training   metering
 
 A record that cannot be handled goes to "<topic>.dlq" with the error in a header.

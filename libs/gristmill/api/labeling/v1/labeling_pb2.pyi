@@ -194,6 +194,8 @@ class _ItemSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ItemSource
     ITEM_SOURCE_IMPORT: _ItemSource.ValueType  # 1
     ITEM_SOURCE_PREDICTION_LOG: _ItemSource.ValueType  # 2
     """Created from an uncertain `prediction logged` event (active learning)."""
+    ITEM_SOURCE_FEEDBACK: _ItemSource.ValueType  # 3
+    """Created from a user's feedback on a generation (`feedback recorded`)."""
 
 class ItemSource(_ItemSource, metaclass=_ItemSourceEnumTypeWrapper): ...
 
@@ -201,6 +203,8 @@ ITEM_SOURCE_UNSPECIFIED: ItemSource.ValueType  # 0
 ITEM_SOURCE_IMPORT: ItemSource.ValueType  # 1
 ITEM_SOURCE_PREDICTION_LOG: ItemSource.ValueType  # 2
 """Created from an uncertain `prediction logged` event (active learning)."""
+ITEM_SOURCE_FEEDBACK: ItemSource.ValueType  # 3
+"""Created from a user's feedback on a generation (`feedback recorded`)."""
 Global___ItemSource: _TypeAlias = ItemSource  # noqa: Y015
 
 class _SplitStrategy:
@@ -299,6 +303,7 @@ class ProjectSettings(_message.Message):
     LEASE_SECONDS_FIELD_NUMBER: _builtins.int
     CLEANING_FIELD_NUMBER: _builtins.int
     ACTIVE_LEARNING_FIELD_NUMBER: _builtins.int
+    FEEDBACK_FIELD_NUMBER: _builtins.int
     annotations_per_item: _builtins.int
     """Distinct annotators needed per item before it counts as labeled. 0 means 1."""
     task_ordering: Global___TaskOrdering.ValueType
@@ -309,6 +314,8 @@ class ProjectSettings(_message.Message):
     def cleaning(self) -> Global___CleaningSettings: ...
     @_builtins.property
     def active_learning(self) -> Global___ActiveLearningSettings: ...
+    @_builtins.property
+    def feedback(self) -> Global___FeedbackSettings: ...
     def __init__(
         self,
         *,
@@ -317,10 +324,11 @@ class ProjectSettings(_message.Message):
         lease_seconds: _builtins.int = ...,
         cleaning: Global___CleaningSettings | None = ...,
         active_learning: Global___ActiveLearningSettings | None = ...,
+        feedback: Global___FeedbackSettings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["active_learning", b"active_learning", "cleaning", b"cleaning"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["active_learning", b"active_learning", "cleaning", b"cleaning", "feedback", b"feedback"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_learning", b"active_learning", "annotations_per_item", b"annotations_per_item", "cleaning", b"cleaning", "lease_seconds", b"lease_seconds", "task_ordering", b"task_ordering"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_learning", b"active_learning", "annotations_per_item", b"annotations_per_item", "cleaning", b"cleaning", "feedback", b"feedback", "lease_seconds", b"lease_seconds", "task_ordering", b"task_ordering"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -450,6 +458,46 @@ class ActiveLearningSettings(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ActiveLearningSettings: _TypeAlias = ActiveLearningSettings  # noqa: Y015
+
+@_typing.final
+class FeedbackSettings(_message.Message):
+    """Feedback: what users of a model trained on this chat project said about its replies (serving's
+    `feedback recorded` events). Chat projects only; ignored for other task types.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMPORT_FEEDBACK_FIELD_NUMBER: _builtins.int
+    PREFERENCE_PROJECT_ID_FIELD_NUMBER: _builtins.int
+    REVIEW_AT_OR_BELOW_RATING_FIELD_NUMBER: _builtins.int
+    import_feedback: _builtins.bool
+    """Turn feedback on this project's models into items (cleaned, masked and deduplicated like an
+    import): a thumbs-down or a low rating becomes a chat item to review; an edit becomes a chat
+    item with the edit as an accepted answer by annotator "feedback" (and a preference pair, edit
+    over original, when preference_project_id is set); a regenerate where the user kept one of two
+    replies becomes a preference pair. Thumbs-up, comments and higher ratings store nothing.
+    """
+    preference_project_id: _builtins.str
+    """The preference project that receives the pairs (edit over original, kept over discarded).
+    Empty: no pairs. Checked when feedback arrives: a project that does not exist or is not a
+    preference project is logged and skipped.
+    """
+    review_at_or_below_rating: _builtins.int
+    """A rating (1-5) at or below this becomes a chat item to review. 0 means 2."""
+    def __init__(
+        self,
+        *,
+        import_feedback: _builtins.bool = ...,
+        preference_project_id: _builtins.str = ...,
+        review_at_or_below_rating: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["import_feedback", b"import_feedback", "preference_project_id", b"preference_project_id", "review_at_or_below_rating", b"review_at_or_below_rating"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeedbackSettings: _TypeAlias = FeedbackSettings  # noqa: Y015
 
 @_typing.final
 class ProjectStats(_message.Message):

@@ -107,6 +107,12 @@ def settings_in(settings: pb.ProjectSettings) -> m.ProjectSettings:
         active_learning=m.ActiveLearningSettings(
             import_uncertain_predictions=settings.active_learning.import_uncertain_predictions
         ),
+        feedback=m.FeedbackSettings(
+            import_feedback=settings.feedback.import_feedback,
+            preference_project_id=settings.feedback.preference_project_id,
+            review_at_or_below_rating=settings.feedback.review_at_or_below_rating
+            or m.FeedbackSettings.review_at_or_below_rating,
+        ),
     )
 
 
@@ -128,6 +134,11 @@ def settings_out(settings: m.ProjectSettings) -> pb.ProjectSettings:
         ),
         active_learning=pb.ActiveLearningSettings(
             import_uncertain_predictions=settings.active_learning.import_uncertain_predictions
+        ),
+        feedback=pb.FeedbackSettings(
+            import_feedback=settings.feedback.import_feedback,
+            preference_project_id=settings.feedback.preference_project_id,
+            review_at_or_below_rating=settings.feedback.review_at_or_below_rating,
         ),
     )
 

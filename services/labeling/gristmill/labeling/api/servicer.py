@@ -162,9 +162,27 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
         records = []
         for entry in batch.items:
             index = builder.count + 1
-            if entry.WhichOneof("content") == "image_key":
+            content = entry.WhichOneof("content")
+            if content == "image_key":
                 raise InvalidArgumentError(f"item {index}: image items are not supported yet (text projects only)")
-            text = entry.text if entry.WhichOneof("content") == "text" else None
+            if content == "conversation":
+                if not builder.generative:
+                    raise InvalidArgumentError(
+                        f"item {index}: a conversation goes into a chat or preference project; this project "
+                        "classifies texts"
+                    )
+                if entry.labels:
+                    raise InvalidArgumentError(
+                        f"item {index}, field 'labels': chat and preference items have no labels"
+                    )
+                conversation = convert.conversation_in(entry.conversation)
+                records.append(
+                    builder.build_conversation(
+                        index, entry.external_id.strip(), conversation, (), dict(entry.metadata), "items"
+                    )
+                )
+                continue
+            text = entry.text if content == "text" else None
             records.append(
                 builder.build(index, entry.external_id.strip(), text, tuple(entry.labels), dict(entry.metadata))
             )

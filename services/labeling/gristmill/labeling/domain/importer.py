@@ -5,7 +5,8 @@ while a client streams:
 
 1. While records arrive (``feed_*``), each is parsed and validated (a bad record fails the whole
    import, nothing stored), normalised, length-checked and PII-masked, and the survivors are spooled
-   to a temporary file.
+   to a temporary file. A chat or preference record is a conversation: every turn and candidate reply is
+   cleaned, and the item's stored text is the conversation's canonical JSON.
 2. ``finish`` takes the project's import lock, brings the project's near-duplicate index up to date
    with the database, and, in one transaction, drops records whose external id or text the project
    already has (or this import had earlier), detects near duplicates, and stores the rest.
@@ -25,14 +26,16 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import replace
 from typing import IO, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
-from gristmill.core.errors import FailedPreconditionError
+from gristmill.core.chat import USER, Conversation
+from gristmill.core.errors import FailedPreconditionError, InvalidArgumentError
 from gristmill.labeling.domain import neardup
-from gristmill.labeling.domain.cleaning import TextMasker, normalize_text
+from gristmill.labeling.domain.cleaning import TextMasker, normalize_conversation, normalize_text
 from gristmill.labeling.domain.model import (
     DroppedRecord,
     DropReason,
@@ -44,6 +47,8 @@ from gristmill.labeling.domain.model import (
     Prediction,
     Project,
     RawRecord,
+    Response,
+    TaskType,
 )
 from gristmill.labeling.domain.ordering import new_shuffle_key
 from gristmill.labeling.domain.parsing import CsvReader, JsonlReader, LineSplitter, RecordBuilder
@@ -72,6 +77,11 @@ class _Cleaned(NamedTuple):
     normalized: bool
     masked: tuple[tuple[str, int], ...]
     prediction: Prediction | None = None
+    # A conversation's response from its source (a DPO record's ranking), stored beside ``labels``.
+    response: Response | None = None
+    # What near-duplicate detection compares when it is not ``text``: a conversation's contents, not its
+    # JSON (whose keys every conversation shares).
+    dedupe_text: str = ""
 
 
 _gc_guard = threading.Lock()
@@ -164,11 +174,18 @@ class ImportSession:
         self._max_chars = cleaning.max_text_chars
         self._masker = TextMasker(cleaning.pii)
         self._policy = cleaning.near_duplicate_policy
+        self._task = labeling_task(project.task_type, error=FailedPreconditionError)
+        task_type = TaskType(project.task_type)
+        if task_type.generative and options.format is ImportFormat.CSV:
+            raise InvalidArgumentError(
+                "options.format: conversations are imported from JSONL (or structured items), not CSV"
+            )
         self._builder = RecordBuilder(
             options,
             import_id=import_id,
             labels=project.label_schema.names,
-            task=labeling_task(project.task_type, error=FailedPreconditionError),
+            task=self._task,
+            task_type=task_type,
         )
         self._lines = LineSplitter()
         self._jsonl = JsonlReader(self._builder) if options.format is ImportFormat.JSONL else None
@@ -207,6 +224,9 @@ class ImportSession:
         self.feed_records(records)
 
     def _clean(self, record: RawRecord, prediction: Prediction | None) -> None:
+        if record.conversation is not None:
+            self._clean_conversation(record, record.conversation, prediction)
+            return
         text = normalize_text(record.text)
         if not text:
             self._drop(record.line_number, record.external_id, DropReason.EMPTY)
@@ -228,6 +248,50 @@ class ImportSession:
                 normalized,
                 tuple(found.items()),
                 prediction,
+            )
+        )
+
+    def _clean_conversation(self, record: RawRecord, conversation: Conversation, prediction: Prediction | None) -> None:
+        """A conversation's turns and candidates normalised and masked; dropped as EMPTY when no user turn or
+        (preference) fewer than two distinct replies are left, as TOO_LONG when all its text is too long."""
+        line, external_id = record.line_number, record.external_id
+        cleaned = normalize_conversation(conversation)
+        normalized = cleaned is not conversation
+        if not any(message.content for message in cleaned.messages if message.role == USER):
+            self._drop(line, external_id, DropReason.EMPTY)
+            self.report.dropped_empty_count += 1
+            return
+        response, labels = record.response, record.labels
+        if not all(cleaned.candidates):
+            # Replies that were only whitespace go; the source's ranking follows the others to their new places.
+            kept = [index for index, candidate in enumerate(cleaned.candidates) if candidate]
+            cleaned = Conversation(cleaned.messages, tuple(cleaned.candidates[index] for index in kept))
+            if response is not None and response.ranking:
+                ranking = tuple(kept.index(index) for index in response.ranking if index in kept)
+                response = replace(response, ranking=ranking)
+                response, labels = (None, ()) if response.empty else (response, self._task.labels_of(response))
+        size = sum(len(message.content) for message in cleaned.messages) + sum(map(len, cleaned.candidates))
+        if size > self._max_chars:
+            self._drop(line, external_id, DropReason.TOO_LONG)
+            self.report.dropped_too_long_count += 1
+            return
+        masked, found = self._masker.mask_conversation(cleaned)
+        if self._builder.preference and len(set(masked.candidates)) < 2:
+            self._drop(line, external_id, DropReason.EMPTY)
+            self.report.dropped_empty_count += 1
+            return
+        self._batch.append(
+            _Cleaned(
+                line,
+                external_id,
+                masked.to_json(),
+                record.metadata,
+                labels,
+                normalized,
+                tuple(found.items()),
+                prediction,
+                response,
+                masked.contents(),
             )
         )
 
@@ -253,6 +317,8 @@ class ImportSession:
         if self._csv is not None:
             self._csv.finish()
         self._spool_batch(force=True)
+        if self._builder.records_by_format:
+            self.report.records_by_format = dict(self._builder.records_by_format)
 
     # -- phase 2 ----------------------------------------------------------------------------------------
 
@@ -310,7 +376,7 @@ class ImportSession:
             survivors = self._drop_exact_duplicates(writer, batch)
             if not survivors:
                 continue
-            sigs = neardup.signatures([record.text for record, _, _ in survivors])
+            sigs = neardup.signatures([record.dedupe_text or record.text for record, _, _ in survivors])
             near = self._near_duplicates(writer, index, survivors, sigs, inserted)
             accepted: list[NewItem] = []
             for position, (record, digest, item_id) in enumerate(survivors):
@@ -336,6 +402,7 @@ class ImportSession:
                         shuffle_key=new_shuffle_key(),
                         labels=record.labels,
                         prediction=record.prediction,
+                        response=record.response,
                     )
                 )
                 report.accepted_count += 1

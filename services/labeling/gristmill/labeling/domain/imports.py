@@ -1,7 +1,8 @@
-"""Use cases of imports: files and objects into items, and uncertain production inputs into items."""
+"""Use cases of imports: files and objects into items, and production inputs and feedback (events) into items."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 
 from gristmill.core.errors import GristmillError, InvalidArgumentError
@@ -11,8 +12,16 @@ from gristmill.labeling.domain.common import UseCases, check_text, checked_proje
 from gristmill.labeling.domain.consensus import ConsensusRule
 from gristmill.labeling.domain.ids import random_id
 from gristmill.labeling.domain.importer import ImportSession
-from gristmill.labeling.domain.model import ImportFormat, ImportOptions, ImportReport, ItemSource, Prediction, Project
-from gristmill.labeling.domain.parsing import validate_options
+from gristmill.labeling.domain.model import (
+    ImportFormat,
+    ImportOptions,
+    ImportReport,
+    ItemSource,
+    Prediction,
+    Project,
+    RawRecord,
+)
+from gristmill.labeling.domain.parsing import RecordBuilder, validate_options
 from gristmill.labeling.domain.ports import ItemWriter
 
 # Objects are fed to an import in pieces of this size.
@@ -99,19 +108,46 @@ class ImportUseCases(UseCases):
     ) -> ImportReport:
         """Turn one uncertain production input into an item (cleaned and deduplicated like an import),
         written through ``writer`` (an event handler's transaction)."""
-        options = ImportOptions(project_id=project.project_id, format=ImportFormat.ITEMS, source_name="prediction-log")
+        return self.ingest_records(
+            writer,
+            project,
+            lambda builder: [builder.build(1, external_id, text, (), {})],
+            predictions=[prediction],
+            source=ItemSource.PREDICTION_LOG,
+            source_name="prediction-log",
+        )
+
+    def ingest_records(
+        self,
+        writer: ItemWriter,
+        project: Project,
+        build: Callable[[RecordBuilder], Sequence[RawRecord]],
+        *,
+        source: ItemSource,
+        source_name: str,
+        predictions: Sequence[Prediction | None] = (),
+        annotator_id: str = "import",
+    ) -> ImportReport:
+        """Import the records ``build`` makes with the import's ``RecordBuilder`` (cleaned, masked and
+        deduplicated like a file's) through ``writer``, an event handler's transaction: nothing is committed
+        here and no import is recorded. Their labels and responses are stored as ``annotator_id``'s."""
+        options = ImportOptions(
+            project_id=project.project_id,
+            format=ImportFormat.ITEMS,
+            source_name=source_name,
+            existing_label_annotator_id=annotator_id,
+        )
         import_id = new_id()
         report = ImportReport(import_id, project.project_id, options.source_name, self.clock())
         session = ImportSession(project, options, import_id=import_id, new_id=random_id, report=report)
         try:
-            record = session.builder.build(1, external_id, text, (), {})
-            session.feed_records([record], [prediction])
+            session.feed_records(build(session.builder), predictions)
             session.end_of_input()
             return session.store(
                 _Borrowed(writer),
                 self.indexes,
                 lambda after: self.store.iter_signatures(project.organization_id, project.project_id, after_seq=after),
-                source=ItemSource.PREDICTION_LOG,
+                source=source,
                 record_report=False,
             )
         finally:

@@ -62,6 +62,7 @@ class ItemStatus(StrEnum):
 class ItemSource(StrEnum):
     IMPORT = "ITEM_SOURCE_IMPORT"
     PREDICTION_LOG = "ITEM_SOURCE_PREDICTION_LOG"
+    FEEDBACK = "ITEM_SOURCE_FEEDBACK"
 
 
 class DropReason(StrEnum):
@@ -145,6 +146,17 @@ class ActiveLearningSettings:
 
 
 @dataclass(frozen=True)
+class FeedbackSettings:
+    """A chat project's use of serving's feedback on its models (see ``domain/feedback.py``)."""
+
+    import_feedback: bool = False
+    # The preference project that receives feedback pairs; "" for none.
+    preference_project_id: str = ""
+    # A rating at or below this (1-5) makes a chat item to review.
+    review_at_or_below_rating: int = 2
+
+
+@dataclass(frozen=True)
 class ProjectSettings:
     """Effective settings: the API's zero values are replaced by their defaults before they get here."""
 
@@ -153,6 +165,7 @@ class ProjectSettings:
     lease_seconds: int = 600
     cleaning: CleaningSettings = field(default_factory=CleaningSettings)
     active_learning: ActiveLearningSettings = field(default_factory=ActiveLearningSettings)
+    feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ Every problem is an ``InvalidArgumentError`` whose message starts with the 1-bas
 counted) and names the field, e.g. ``line 7, field 'label': 'maybe' is not a label of schema v1``.
 
 What a record's labels may be is the project's task type's business (``gristmill.labeling.tasks``); this
-module knows the file formats and the fields every record has (external id, text, metadata).
+module knows the file formats and the fields every record has (external id, text, metadata). In a chat or
+preference project a JSONL record is a conversation in one of the shapes ``gristmill.core.chat_formats``
+reads (OpenAI, Alpaca, ShareGPT, DPO), detected per record.
 """
 
 from __future__ import annotations
@@ -12,12 +14,23 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from gristmill.core.chat import Conversation
+from gristmill.core.chat_formats import check_conversation, parse_conversation_record
 from gristmill.core.errors import InvalidArgumentError
-from gristmill.labeling.domain.json_values import json_type
-from gristmill.labeling.domain.model import CsvOptions, FieldMapping, ImportFormat, ImportOptions, RawRecord
+from gristmill.core.values import json_type
+from gristmill.labeling.domain.model import (
+    CsvOptions,
+    FieldMapping,
+    ImportFormat,
+    ImportOptions,
+    RawRecord,
+    Response,
+    TaskType,
+)
 
 if TYPE_CHECKING:
     from gristmill.labeling.tasks import LabelingTask
@@ -84,25 +97,42 @@ LabelCheck = Callable[[int, str, tuple[str, ...]], tuple[str, ...]]
 
 
 class RecordBuilder:
-    """Turns mapped field values into a ``RawRecord``: checks the text, the external id and (as the
-    project's ``task`` says) the labels against the schema's label names ``labels``."""
+    """Turns mapped field values into a ``RawRecord``: checks the text (or the conversation), the external
+    id and (as the project's ``task`` says) the labels against the schema's label names ``labels``.
 
-    def __init__(self, options: ImportOptions, *, import_id: str, labels: Sequence[str], task: LabelingTask) -> None:
+    ``task_type`` says what a record is: a text to classify, or (chat, preference) a conversation.
+    """
+
+    def __init__(
+        self,
+        options: ImportOptions,
+        *,
+        import_id: str,
+        labels: Sequence[str],
+        task: LabelingTask,
+        task_type: TaskType = TaskType.TEXT_CLASSIFICATION,
+    ) -> None:
         self.mapping = options.field_mapping
         self.import_id = import_id
+        self.task = task
         self.record_labels = task.record_labels(labels)
         self.where_field = "item" if options.format is ImportFormat.ITEMS else "line"
+        self.generative = task_type.generative
+        self.preference = task_type is TaskType.PREFERENCE
+        # Conversations read per source format ("openai", "alpaca", "sharegpt", "dpo"), for the report.
+        self.records_by_format: Counter[str] = Counter()
         self._ids: set[bytes] = set()
         self.count = 0
 
     def build(
         self, line: int, external_id: str, text: Any, labels: tuple[str, ...], metadata: dict[str, str]
     ) -> RawRecord:
-        self.count += 1
         where = self.where_field
-        if self.count > MAX_IMPORT_RECORDS:
+        self._count(line)
+        if self.generative:
             raise InvalidArgumentError(
-                f"{where} {line}: more than {MAX_IMPORT_RECORDS:,} records in one import; split the file"
+                f"{where} {line}: a {self.task.name} project's items are conversations, not texts; give the "
+                "item's conversation"
             )
         if text is None:
             raise InvalidArgumentError(
@@ -112,6 +142,54 @@ class RecordBuilder:
             raise InvalidArgumentError(
                 f"{where} {line}, field {self.mapping.text_field!r}: must be a string, got {json_type(text)}"
             )
+        return RawRecord(line, self._external_id(line, external_id), text, metadata, self.check_labels(line, labels))
+
+    def build_conversation(
+        self,
+        line: int,
+        external_id: str,
+        conversation: Conversation,
+        ranking: tuple[int, ...],
+        metadata: dict[str, str],
+        source_format: str,
+        *,
+        checked: bool = False,
+    ) -> RawRecord:
+        """A chat or preference record: ``conversation`` (checked here unless ``checked``, i.e. it comes from
+        ``parse_conversation_record``), with the source's ``ranking`` of its candidates (best first; ``()``
+        when the source states none), recorded as the import annotator's response."""
+        where = f"{self.where_field} {line}"
+        self._count(line)
+        if not self.generative:
+            raise InvalidArgumentError(f"{where}: a {self.task.name} project's items are texts, not conversations")
+        if not checked:
+            check_conversation(conversation, where, preference=self.preference)
+        response = None
+        if ranking:
+            count = len(conversation.candidates)
+            if not self.preference:
+                raise InvalidArgumentError(f"{where}: a ranking of candidate replies is for preference projects")
+            if len(set(ranking)) != len(ranking) or not all(0 <= index < count for index in ranking):
+                raise InvalidArgumentError(
+                    f"{where}, ranking: candidate indices 0-{count - 1}, each at most once; got {list(ranking)}"
+                )
+            response = Response(ranking=ranking)
+        external_id = self._external_id(line, external_id)
+        self.records_by_format[source_format] += 1
+        labels = self.task.labels_of(response) if response is not None else ()
+        return RawRecord(line, external_id, "", metadata, labels, conversation, response)
+
+    def _count(self, line: int) -> None:
+        self.count += 1
+        if self.count > MAX_IMPORT_RECORDS:
+            raise InvalidArgumentError(
+                f"{self.where_field} {line}: more than {MAX_IMPORT_RECORDS:,} records in one import; split the file"
+            )
+
+    def _external_id(self, line: int, external_id: str) -> str:
+        """The record's external id (made up from the import and the line when it has none), checked to be
+        short enough and new in this import."""
+        where = self.where_field
         if not external_id:
             external_id = f"{self.import_id}-{line}"
         elif len(external_id) > MAX_EXTERNAL_ID_CHARS:
@@ -127,7 +205,7 @@ class RecordBuilder:
                 "appears earlier in this import; external ids must be unique"
             )
         self._ids.add(digest)
-        return RawRecord(line, external_id, text, metadata, self.check_labels(line, labels))
+        return external_id
 
     def check_labels(self, line: int, labels: tuple[str, ...]) -> tuple[str, ...]:
         if not labels:
@@ -141,6 +219,7 @@ class JsonlReader:
         mapping = builder.mapping
         self._mapped = {mapping.external_id_field, mapping.text_field, mapping.label_field}
         self._meta_fields = frozenset(mapping.metadata_fields)
+        self._conversations = builder.generative
 
     def records(self, lines: Sequence[tuple[int, str]]) -> list[RawRecord]:
         out = []
@@ -155,6 +234,9 @@ class JsonlReader:
             if not isinstance(obj, dict):
                 raise InvalidArgumentError(f"line {line}: expected a JSON object, got {json_type(obj)}")
             external_id = _external_id(obj.get(mapping.external_id_field), line, mapping.external_id_field)
+            if self._conversations:
+                out.append(self._conversation(line, external_id, obj))
+                continue
             labels = self.builder.record_labels.from_json(
                 obj.get(mapping.label_field), f"line {line}, field {mapping.label_field!r}"
             )
@@ -165,6 +247,20 @@ class JsonlReader:
             }
             out.append(self.builder.build(line, external_id, obj.get(mapping.text_field), labels, metadata))
         return out
+
+    def _conversation(self, line: int, external_id: str, obj: dict[str, Any]) -> RawRecord:
+        """A chat or preference record: of the field mapping only the external id field applies; the
+        fields its shape does not read are metadata (or those of ``metadata_fields``)."""
+        parsed = parse_conversation_record(obj, f"line {line}", preference=self.builder.preference)
+        id_field = self.builder.mapping.external_id_field
+        metadata = {
+            key: _metadata_value(value)
+            for key, value in obj.items()
+            if (key in self._meta_fields if self._meta_fields else key != id_field and key not in parsed.fields)
+        }
+        return self.builder.build_conversation(
+            line, external_id, parsed.conversation, parsed.ranking, metadata, parsed.source_format, checked=True
+        )
 
 
 class CsvReader:

@@ -6,11 +6,13 @@ import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 
+from gristmill.core.chat import MAX_RATING, MIN_RATING
 from gristmill.core.errors import FailedPreconditionError, InvalidArgumentError
 from gristmill.core.ids import validate_id
 from gristmill.labeling.domain.model import (
     CleaningSettings,
     CustomPiiPattern,
+    FeedbackSettings,
     LabelDefinition,
     LabelSchema,
     ProjectSettings,
@@ -82,6 +84,7 @@ def validate_settings(settings: ProjectSettings) -> ProjectSettings:
         )
     validate_lease_seconds(settings.lease_seconds, "settings.lease_seconds")
     validate_cleaning(settings.cleaning)
+    validate_feedback(settings.feedback)
     return settings
 
 
@@ -113,6 +116,18 @@ def validate_cleaning(cleaning: CleaningSettings) -> None:
                 f"settings.cleaning.pii.custom_patterns[{index}].name {pattern.name!r} appears twice"
             )
         names.add(pattern.name)
+
+
+def validate_feedback(feedback: FeedbackSettings) -> None:
+    """Only the form here: whether the preference project exists and is one is checked when feedback arrives
+    (it may be created later, or deleted)."""
+    if feedback.preference_project_id:
+        validate_id(feedback.preference_project_id, what="settings.feedback.preference_project_id")
+    if not MIN_RATING <= feedback.review_at_or_below_rating <= MAX_RATING:
+        raise InvalidArgumentError(
+            f"settings.feedback.review_at_or_below_rating must be {MIN_RATING}-{MAX_RATING} (0 means 2), "
+            f"got {feedback.review_at_or_below_rating}"
+        )
 
 
 def validate_custom_pattern(pattern: CustomPiiPattern, where: str) -> re.Pattern[str]:

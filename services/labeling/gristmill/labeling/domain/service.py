@@ -3,7 +3,8 @@
 Transport-free: the gRPC servicer converts requests into these calls and the results back, and the
 event handlers call them too. Every method validates its input first, so bad input is refused with an
 ``InvalidArgumentError`` (or ``NotFoundError`` / ``FailedPreconditionError``) before anything is written.
-The use cases live with their aggregate: ``projects``, ``imports``, ``annotations``, ``datasets``.
+The use cases live with their aggregate: ``projects``, ``imports``, ``annotations``, ``datasets``, and
+``feedback`` (serving's feedback into items).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from gristmill.core.values import utc_now
 from gristmill.labeling.domain.annotations import AnnotationUseCases, validate_prediction
 from gristmill.labeling.domain.common import Clock, organization
 from gristmill.labeling.domain.datasets import DatasetUseCases, ExportChunk
+from gristmill.labeling.domain.feedback import FeedbackUseCases
 from gristmill.labeling.domain.importer import IndexCache
 from gristmill.labeling.domain.imports import ImportUseCases
 from gristmill.labeling.domain.ports import LabelingStore
@@ -23,7 +25,7 @@ from gristmill.labeling.domain.projects import ProjectUseCases
 __all__ = ["Clock", "ExportChunk", "LabelingService", "organization", "utc_now", "validate_prediction"]
 
 
-class LabelingService(ProjectUseCases, ImportUseCases, AnnotationUseCases, DatasetUseCases):
+class LabelingService(ProjectUseCases, FeedbackUseCases, ImportUseCases, AnnotationUseCases, DatasetUseCases):
     def __init__(
         self,
         store: LabelingStore,

@@ -1,1 +1,2 @@
-"""Events: the ``DatasetVersionPublished`` payload labeling emits, and the ``PredictionLogged`` consumer."""
+"""Events: the ``DatasetVersionPublished`` payload labeling emits, and the ``PredictionLogged`` and
+``FeedbackRecorded`` consumers."""

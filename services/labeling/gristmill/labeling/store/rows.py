@@ -19,6 +19,7 @@ from gristmill.labeling.domain.model import (
     DatasetVersion,
     DroppedRecord,
     DropReason,
+    FeedbackSettings,
     ImportReport,
     Item,
     ItemSource,
@@ -178,6 +179,11 @@ def settings_to_json(settings: ProjectSettings) -> dict[str, Any]:
             },
         },
         "active_learning": {"import_uncertain_predictions": settings.active_learning.import_uncertain_predictions},
+        "feedback": {
+            "import_feedback": settings.feedback.import_feedback,
+            "preference_project_id": settings.feedback.preference_project_id,
+            "review_at_or_below_rating": settings.feedback.review_at_or_below_rating,
+        },
     }
 
 
@@ -201,6 +207,18 @@ def settings_from_json(data: dict[str, Any]) -> ProjectSettings:
         active_learning=ActiveLearningSettings(
             import_uncertain_predictions=bool(data["active_learning"]["import_uncertain_predictions"])
         ),
+        feedback=_feedback_from_json(data.get("feedback")),
+    )
+
+
+def _feedback_from_json(data: dict[str, Any] | None) -> FeedbackSettings:
+    """A project stored before feedback settings existed has none: the defaults (feedback off)."""
+    if data is None:
+        return FeedbackSettings()
+    return FeedbackSettings(
+        import_feedback=bool(data["import_feedback"]),
+        preference_project_id=str(data["preference_project_id"]),
+        review_at_or_below_rating=int(data["review_at_or_below_rating"]),
     )
 
 

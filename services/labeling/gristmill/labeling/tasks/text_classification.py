@@ -10,7 +10,7 @@ from typing import Any
 from gristmill.core.chat import ROW_FORMAT_CLASSIFICATION
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.manifests import DatasetRow
-from gristmill.labeling.domain.json_values import json_type
+from gristmill.core.values import json_type
 from gristmill.labeling.domain.model import Item, LabelDefinition, LabelSchema, Response
 from gristmill.labeling.domain.splits import DatasetItem
 
