@@ -15,6 +15,7 @@ Tool calls are kept verbatim: ``tool_calls`` holds the source's JSON text unchan
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -163,6 +164,15 @@ def check_candidates(candidates: Sequence[str], where: str) -> None:
         raise InvalidArgumentError(
             f"{where}: a preference item needs at least {MIN_CANDIDATES} distinct, non-empty candidate replies"
         )
+
+
+def unbiased_pair(chosen: str, rejected: str) -> tuple[tuple[str, str], tuple[int, int]]:
+    """Two candidate replies in an order that does not reveal which is preferred (by the SHA-256 of their
+    text, so the chosen one is not always shown first to an annotator), and the ranking that puts the chosen
+    one first."""
+    if hashlib.sha256(chosen.encode()).digest() <= hashlib.sha256(rejected.encode()).digest():
+        return (chosen, rejected), (0, 1)
+    return (rejected, chosen), (1, 0)
 
 
 def sft_row(item_id: str, conversation: Conversation) -> dict[str, Any]:

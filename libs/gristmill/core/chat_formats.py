@@ -18,7 +18,6 @@ Writing: ``export_row`` turns one published row (``sft_row`` / ``dpo_row``) into
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from gristmill.core.chat import (
     check_candidates,
     check_turns,
     message_from_json,
+    unbiased_pair,
 )
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.values import json_type
@@ -322,9 +322,7 @@ def _pair(chosen: str, rejected: str, where: str) -> tuple[tuple[str, ...], tupl
             f"{where}, fields 'chosen' and 'rejected': the same reply; a preference pair needs two different replies"
         )
     check_candidates((chosen, rejected), f"{where}, fields 'chosen' and 'rejected'")
-    if hashlib.sha256(chosen.encode()).digest() <= hashlib.sha256(rejected.encode()).digest():
-        return (chosen, rejected), (0, 1)
-    return (rejected, chosen), (1, 0)
+    return unbiased_pair(chosen, rejected)
 
 
 def _reply(value: Any, where: str, field: str) -> str:

@@ -196,11 +196,11 @@ def test_an_edit_is_an_accepted_answer_and_a_pair_over_the_original(service: Lab
     assert pair.conversation is not None
     assert _turns(pair.conversation) == _turns(Conversation(pair.conversation.messages))
     assert [m.role for m in pair.conversation.messages] == ["system", "user"]
-    assert pair.conversation.candidates == (edited, REPLY)
+    assert _preferred(pair) == (edited, REPLY)
     assert pair.external_id == "feedback:req-1:pair" and pair.source is m.ItemSource.FEEDBACK
     (ranking,) = pair.annotations
-    assert ranking.annotator_id == "feedback" and ranking.response == m.Response(ranking=(0,))
-    assert pair.consensus.labels == ("candidate-0",)
+    assert ranking.annotator_id == "feedback"
+    assert pair.consensus.labels == (f"candidate-{ranking.response.ranking[0]}",)
 
 
 def test_an_accepted_edit_publishes_an_sft_row_and_its_pair_a_dpo_row(service: LabelingService, bus: Bus) -> None:
@@ -238,8 +238,7 @@ def test_a_regenerate_is_a_pair_kept_over_discarded(service: LabelingService, bu
     assert _items(service, CHAT) == []
     (pair,) = _items(service, PREFERENCE)
     assert pair.conversation is not None
-    assert pair.conversation.candidates == ("Order 1234 arrives on Friday.", REPLY)
-    assert pair.annotations[0].response == m.Response(ranking=(0,))
+    assert _preferred(pair) == ("Order 1234 arrives on Friday.", REPLY)
     assert pair.metadata["feedback_kind"] == "regenerate"
 
 
@@ -283,7 +282,7 @@ def test_every_turn_and_the_answer_are_masked_and_normalised(service: LabelingSe
     assert "example.com" not in item.text and "555" not in item.text
     (pair,) = _items(service, PREFERENCE)
     assert pair.conversation is not None
-    assert pair.conversation.candidates == ("Call [PHONE] instead.", "Sure, I will write to [EMAIL].")
+    assert _preferred(pair) == ("Call [PHONE] instead.", "Sure, I will write to [EMAIL].")
     assert "example.com" not in pair.text
 
 
@@ -390,3 +389,13 @@ def _published_rows(service: LabelingService, project_id: str) -> list[dict[str,
         if chunk.file_name == "train.jsonl":
             rows += [json.loads(line) for line in chunk.data.decode().splitlines() if line]
     return rows
+
+
+def _preferred(pair: m.Item) -> tuple[str, str]:
+    """A two-candidate pair's (chosen, rejected) by the feedback annotator's ranking. The candidates' order
+    itself is by hash, so that annotators reviewing the pair are not shown the chosen one first."""
+    assert pair.conversation is not None
+    (answer,) = pair.annotations
+    (best,) = answer.response.ranking
+    candidates = pair.conversation.candidates
+    return candidates[best], candidates[1 - best]

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import partial
 
-from gristmill.core.chat import ASSISTANT, MAX_RATING, MIN_RATING, ChatMessage, Conversation
+from gristmill.core.chat import ASSISTANT, MAX_RATING, MIN_RATING, ChatMessage, Conversation, unbiased_pair
 from gristmill.core.chat_formats import FORMAT_DPO, FORMAT_OPENAI
 from gristmill.core.errors import InvalidArgumentError, NotFoundError
 from gristmill.labeling.domain.cleaning import TextMasker, normalize_turn
@@ -191,13 +191,15 @@ def _chat(
 def _pair(
     generation: Generation, prompt: tuple[ChatMessage, ...], better: str, worse: str, metadata: dict[str, str]
 ) -> FeedbackItem:
-    """A preference item with the two replies, ``better`` first, ranked so by the feedback annotator."""
+    """A preference item with the two replies in an order that does not give the better one away, ranked by
+    the feedback annotator."""
+    candidates, ranking = unbiased_pair(better, worse)
     return FeedbackItem(
         Target.PREFERENCE,
         feedback_external_id(generation.request_id, "pair"),
-        Conversation(prompt, (better, worse)),
+        Conversation(prompt, candidates),
         metadata,
-        Response(ranking=(0,)),
+        Response(ranking=ranking[:1]),
     )
 
 
