@@ -13,12 +13,24 @@ import typer
 
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.labeling.v1 import labeling_pb2 as lb
+from gristmill.cli.answers import AnswerError, Decision, EndOfInput, ask
 from gristmill.cli.context import state, want_json
+from gristmill.cli.conversations import (
+    ask_conversation,
+    consensus_text,
+    conversation_lines,
+    conversation_of,
+    item_summary,
+    parse_flags,
+    parse_ranking,
+    response_text,
+)
 from gristmill.cli.options import JSON_OPTION, choice, comma_list
 from gristmill.cli.output import emit_object, enum_name, fail, one_line_errors, when
 from gristmill.cli.paging import ALL_OPTION, PAGE_SIZE_OPTION, PAGE_TOKEN_OPTION
 from gristmill.cli.replies import show_one, show_pages
 from gristmill.client import Gristmill
+from gristmill.core.chat import CHAT_FLAGS, MAX_RATING, MIN_RATING
 
 items_app = typer.Typer(help="Items: list (e.g. the review queue), show, resolve.", no_args_is_help=True)
 annotations_app = typer.Typer(help="Annotations: change one's labels.", no_args_is_help=True)
@@ -71,6 +83,31 @@ def task_lines(task: lb.Task, remaining: int) -> list[str]:
     return lines
 
 
+def parse_label(answer: str, labels: Sequence[str]) -> str | Decision:
+    """A classification answer: a label's number or name, ``s`` (skip) or ``q`` (quit)."""
+    text = answer.strip()
+    if text.lower() in ("q", "quit"):
+        return Decision.QUIT
+    if text.lower() in ("s", "skip"):
+        return Decision.SKIP
+    if text.isdigit() and 1 <= int(text) <= len(labels):
+        return labels[int(text) - 1]
+    if text in labels:
+        return text
+    raise AnswerError(f"answer 1-{len(labels)}, a label name, s or q")
+
+
+def ask_for_answer(task: lb.Task, remaining: int, *, styled: bool) -> str | lb.Response | Decision:
+    """Show one task and read the annotator's answer: a label, or for a conversation (chat, preference) a response.
+    ``EndOfInput`` when stdin ends first."""
+    if task.item.WhichOneof("content") == "conversation":
+        return ask_conversation(conversation_of(task.item.conversation), remaining, styled=styled)
+    labels = [label.name for label in task.label_schema.labels]
+    for line in task_lines(task, remaining):
+        typer.echo(line)
+    return ask("> ", lambda answer: parse_label(answer, labels))
+
+
 @one_line_errors
 def label_command(
     ctx: typer.Context,
@@ -78,12 +115,17 @@ def label_command(
     annotator: str = typer.Option(..., help="your annotator id (a slug)"),
     limit: int = typer.Option(0, help="stop after this many answers (0: until nothing is left)"),
 ) -> None:
-    """Label items in the terminal: answer with a label's number or name, 's' to skip, 'q' to quit.
+    """Label items in the terminal, 's' to skip, 'q' to quit. Answers are read from stdin, one per line, so a
+    file of answers can be piped in.
 
-    An item with an attached model prediction shows it as a suggestion, with its probability. Answers are read
-    from stdin, one per line, so a file of answers can be piped in.
+    Classification: a label's number or name; an item with an attached model prediction shows it as a
+    suggestion, with its probability. Chat: Enter keeps the final assistant reply, 'e' rewrites it (lines up to
+    one holding only '.'), then a rating 1-5 (Enter: unrated) and flags (comma-separated: unsafe, wrong,
+    off-topic; Enter: none). Preference: the best candidate's number ('2'), a ranking best first ('2>1>3'), or
+    't' for a tie.
     """
     done = skipped = 0
+    styled = sys.stdout.isatty()
     with state(ctx).client() as gm:
         while not limit or done + skipped < limit:
             reply = gm.labeling.NextTask(lb.NextTaskRequest(project_id=project_id, annotator_id=annotator))
@@ -91,49 +133,28 @@ def label_command(
                 typer.echo("nothing left to label")
                 break
             task = reply.task
-            labels = [label.name for label in task.label_schema.labels]
-            for line in task_lines(task, reply.remaining_count):
-                typer.echo(line)
-            answer = _ask(labels)
-            if answer is None:
+            try:
+                answer = ask_for_answer(task, reply.remaining_count, styled=styled)
+            except EndOfInput:
                 break
-            if answer == "":
+            if answer is Decision.QUIT:
+                break
+            if answer is Decision.SKIP:
                 gm.labeling.SkipTask(
                     lb.SkipTaskRequest(project_id=project_id, task_id=task.task_id, annotator_id=annotator)
                 )
                 skipped += 1
                 continue
-            gm.labeling.SubmitAnnotation(
-                lb.SubmitAnnotationRequest(
-                    project_id=project_id,
-                    item_id=task.item.item_id,
-                    annotator_id=annotator,
-                    task_id=task.task_id,
-                    labels=[answer],
-                )
+            request = lb.SubmitAnnotationRequest(
+                project_id=project_id, item_id=task.item.item_id, annotator_id=annotator, task_id=task.task_id
             )
+            if isinstance(answer, lb.Response):
+                request.response.CopyFrom(answer)
+            else:
+                request.labels.append(answer)
+            gm.labeling.SubmitAnnotation(request)
             done += 1
     typer.echo(f"labeled {done}, skipped {skipped}")
-
-
-def _ask(labels: list[str]) -> str | None:
-    """The chosen label, '' to skip, None to quit (also at the end of input)."""
-    while True:
-        typer.echo("> ", nl=False)
-        line = sys.stdin.readline()
-        if not line:
-            typer.echo("")
-            return None
-        answer = line.strip()
-        if answer.lower() in ("q", "quit"):
-            return None
-        if answer.lower() in ("s", "skip"):
-            return ""
-        if answer.isdigit() and 1 <= int(answer) <= len(labels):
-            return labels[int(answer) - 1]
-        if answer in labels:
-            return answer
-        typer.echo(f"  answer 1-{len(labels)}, a label name, s or q")
 
 
 # --------------------------------------------------------------------------- items and annotations
@@ -151,10 +172,19 @@ def item_row(i: lb.Item) -> dict[str, Any]:
         "item": i.item_id,
         "external id": i.external_id,
         "status": enum_name(lb.ItemStatus.Name(i.status), "ITEM_STATUS_"),
-        "consensus": ",".join(i.consensus.labels),
+        "consensus": consensus_text(i),
         "suggested": "" if hint is None else hint.label,
-        "text": i.text[:60],
+        "text": item_summary(i),
     }
+
+
+def annotation_text(annotation: lb.Annotation, reply_width: int = 40) -> str:
+    """An annotation's answer on one line: its labels, or a chat or preference response."""
+    return response_text(annotation.response, reply_width) or ",".join(annotation.labels)
+
+
+# `items show`: a rewritten reply is shown at up to this length (the table of `items list` shows none).
+SHOWN_REPLY_CHARS = 500
 
 
 @items_app.command("list")
@@ -186,15 +216,53 @@ def items_show(
     item_id: str = typer.Argument(...),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """One item with its annotations (and their ids, for `annotations update`), predictions and consensus."""
+    """One item with its annotations (and their ids, for `annotations update`), predictions and consensus; a chat
+    or preference item with its conversation, turn by turn."""
     with state(ctx).client() as gm:
         item = gm.labeling.GetItem(lb.GetItemRequest(project_id=project_id, item_id=item_id))
+    is_conversation = item.WhichOneof("content") == "conversation"
     fields = {
         **item_row(item),
-        "text": item.text,
-        "annotations": "; ".join(f"{a.annotation_id} {a.annotator_id}: {','.join(a.labels)}" for a in item.annotations),
+        "text": item_summary(item) if is_conversation else item.text,
+        "annotations": "; ".join(
+            f"{a.annotation_id} {a.annotator_id}: {annotation_text(a, SHOWN_REPLY_CHARS)}" for a in item.annotations
+        ),
     }
-    emit_object(fields, want_json(ctx, as_json), raw=item)
+    if is_conversation:
+        fields["resolution"] = response_text(item.resolved_response, SHOWN_REPLY_CHARS)
+    as_json = want_json(ctx, as_json)
+    emit_object(fields, as_json, raw=item)
+    if is_conversation and not as_json:
+        typer.echo("conversation:")
+        for line in conversation_lines(conversation_of(item.conversation), styled=sys.stdout.isatty()):
+            typer.echo(line)
+
+
+FLAG_OPTION = typer.Option([], "--flag", help=f"chat: {', '.join(CHAT_FLAGS)} (repeatable)")
+
+
+def resolution(
+    labels: str, reply: str | None, rating: int | None, flags: Sequence[str], ranking: str, tie: bool
+) -> tuple[list[str], lb.Response | None]:
+    """A reviewer's verdict from ``items resolve``'s options: labels (classification), or a response: a reply,
+    rating and flags (chat), or a ranking or a tie (preference). Mixing kinds, or giving none, is a usage error."""
+    chat = reply is not None or rating is not None or bool(flags)
+    preference = bool(ranking) or tie
+    if sum(map(bool, (labels, chat, preference))) != 1:
+        fail(
+            "give --labels (classification), or --reply/--rating/--flag (chat), or --ranking/--tie (preference)",
+            code=2,
+        )
+    if labels:
+        return comma_list(labels), None
+    if ranking and tie:
+        fail("--ranking and --tie: give one", code=2)
+    try:
+        if preference:
+            return [], lb.Response(ranking=parse_ranking(ranking) if ranking else [], tie=tie)
+        return [], lb.Response(reply=reply or "", rating=rating or 0, flags=parse_flags(",".join(flags)))
+    except AnswerError as exc:
+        fail(f"{'--ranking' if preference else '--flag'}: {exc}", code=2)
 
 
 @items_app.command("resolve")
@@ -203,14 +271,30 @@ def items_resolve(
     ctx: typer.Context,
     project_id: str = typer.Argument(...),
     item_id: str = typer.Argument(...),
-    labels: str = typer.Option(..., "--labels", help="the final labels, comma-separated"),
+    labels: str = typer.Option("", "--labels", help="classification: the final labels, comma-separated"),
+    reply: str | None = typer.Option(None, "--reply", help="chat: the final assistant reply"),
+    rating: int | None = typer.Option(
+        None, "--rating", min=MIN_RATING, max=MAX_RATING, help=f"chat: the reply's rating, {MIN_RATING}-{MAX_RATING}"
+    ),
+    flag: list[str] = FLAG_OPTION,
+    ranking: str = typer.Option(
+        "", "--ranking", help="preference: candidates numbered from 1, best first ('2>1>3'; '2': the best)"
+    ),
+    tie: bool = typer.Option(False, "--tie", help="preference: no candidate is better than another"),
     reviewer: str = typer.Option(..., help="your reviewer id (a slug)"),
     comment: str = typer.Option("", help="why"),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Adjudicate an item: its final labels override the majority vote (the item becomes resolved)."""
+    """Adjudicate an item: its final labels, or for chat and preference items the winning reply or ranking,
+    override the majority vote (the item becomes resolved)."""
+    final_labels, response = resolution(labels, reply, rating, flag, ranking, tie)
     request = lb.ResolveItemRequest(
-        project_id=project_id, item_id=item_id, reviewer_id=reviewer, labels=comma_list(labels), comment=comment
+        project_id=project_id,
+        item_id=item_id,
+        reviewer_id=reviewer,
+        labels=final_labels,
+        comment=comment,
+        response=response,
     )
     show_one(ctx, lambda gm: gm.labeling.ResolveItem(request), item_row, as_json)
 
@@ -242,7 +326,7 @@ def annotation_fields(annotation: lb.Annotation) -> dict[str, Any]:
         "annotation": annotation.annotation_id,
         "item": annotation.item_id,
         "annotator": annotation.annotator_id,
-        "labels": ",".join(annotation.labels),
+        "labels": annotation_text(annotation),
         "updated": when(annotation.update_time),
     }
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -15,7 +18,7 @@ from gristmill.api.labeling.v1 import labeling_pb2 as lb
 # Re-exported: tests/unit/test_cli_parsing.py imports them from here, where they were defined before the split.
 from gristmill.cli.context import state, want_json
 from gristmill.cli.options import JSON_OPTION, choice, comma_list
-from gristmill.cli.output import emit_object, enum_name, fail, fmt_float, one_line_errors, when
+from gristmill.cli.output import emit, emit_object, enum_name, fail, fmt_float, one_line_errors, when
 from gristmill.cli.project_settings import (
     LABEL_DESCRIPTION_OPTION,
     MAX_TEXT_CHARS_OPTION,
@@ -30,6 +33,17 @@ from gristmill.cli.project_settings import (
 )
 from gristmill.cli.replies import show_list, show_one
 from gristmill.client import Gristmill
+from gristmill.core.chat import ROW_FORMAT_CLASSIFICATION, ROW_FORMAT_DPO
+from gristmill.core.chat_formats import EXPORT_FORMATS, FORMAT_DPO, export_row
+from gristmill.core.errors import GristmillError
+from gristmill.core.tasks import (
+    CHAT,
+    CLASSIFICATION_TASK_TYPES,
+    PREFERENCE,
+    TEXT_CLASSIFICATION,
+    TEXT_MULTI_LABEL_CLASSIFICATION,
+    task_type_enum_name,
+)
 
 CHUNK_BYTES = 1024 * 1024
 
@@ -97,17 +111,16 @@ def create_project_request(
     lease_seconds: int = 0,
     cleaning: lb.CleaningSettings | None = None,
     label_descriptions: list[str] | None = None,
+    task: str = "",
 ) -> lb.CreateProjectRequest:
+    """The request ``projects create`` sends. ``task``: one of ``PROJECT_TASKS`` ('' is text classification, or
+    multi-label with ``multi_label``); chat and preference projects have no labels."""
     task_ordering = choice(ordering, ORDERINGS, "--ordering")
     return lb.CreateProjectRequest(
         project_id=project_id,
         display_name=name,
         description=description,
-        task_type=(
-            common_pb2.TASK_TYPE_TEXT_MULTI_LABEL_CLASSIFICATION
-            if multi_label
-            else common_pb2.TASK_TYPE_TEXT_CLASSIFICATION
-        ),
+        task_type=project_task_type(task, multi_label=multi_label, labels=labels),
         labels=label_definitions(labels, label_descriptions or []),
         settings=lb.ProjectSettings(
             annotations_per_item=annotators,
@@ -117,6 +130,30 @@ def create_project_request(
             active_learning=lb.ActiveLearningSettings(import_uncertain_predictions=active_learning),
         ),
     )
+
+
+# The task types a project can be created for (``gristmill.core.tasks`` names them).
+PROJECT_TASKS = {
+    name: common_pb2.TaskType.Value(task_type_enum_name(name))
+    for name in (TEXT_CLASSIFICATION, TEXT_MULTI_LABEL_CLASSIFICATION, CHAT, PREFERENCE)
+}
+TASK_OPTION = typer.Option(
+    "",
+    "--task",
+    help=f"task type: {', '.join(PROJECT_TASKS)} (default {TEXT_CLASSIFICATION}; chat and preference take no --labels)",
+)
+
+
+def project_task_type(task: str, *, multi_label: bool, labels: list[str]) -> common_pb2.TaskType.ValueType:
+    """``--task`` (with ``--multi-label``, the older spelling of the multi-label task) as the API's task type; a
+    classification project needs ``--labels`` (labels given to a chat or preference project: the service says no)."""
+    name = task or (TEXT_MULTI_LABEL_CLASSIFICATION if multi_label else TEXT_CLASSIFICATION)
+    task_type = choice(name, PROJECT_TASKS, "--task")
+    if multi_label and name != TEXT_MULTI_LABEL_CLASSIFICATION:
+        fail(f"--multi-label is for {TEXT_MULTI_LABEL_CLASSIFICATION} projects, not {name}", code=2)
+    if name in CLASSIFICATION_TASK_TYPES and not labels:
+        fail(f"--labels: a {name} project needs its label names, comma-separated", code=2)
+    return task_type
 
 
 @projects_app.command("list")
@@ -131,7 +168,8 @@ def projects_list(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
 def projects_create(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="display name (the id is derived from it unless --id is given)"),
-    labels: str = typer.Option(..., "--labels", help="comma-separated label names, in class order"),
+    labels: str = typer.Option("", "--labels", help="comma-separated label names, in class order (classification)"),
+    task: str = TASK_OPTION,
     project_id: str = typer.Option("", "--id", help="project id (slug)"),
     description: str = typer.Option("", help="free text"),
     multi_label: bool = typer.Option(False, "--multi-label", help="any number of labels per item"),
@@ -148,7 +186,8 @@ def projects_create(
     store_raw_text: bool | None = STORE_RAW_TEXT_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Create a text classification project, with how imports are cleaned and PII masked."""
+    """Create a project: text classification (the default) with its labels, or chat or preference (no labels),
+    with how imports are cleaned and PII masked."""
     cleaning, _ = cleaning_settings(
         max_text_chars=max_text_chars,
         near_duplicates=near_duplicates,
@@ -169,6 +208,7 @@ def projects_create(
         lease_seconds=lease_seconds,
         cleaning=cleaning,
         label_descriptions=label_description,
+        task=task,
     )
     show_one(ctx, lambda gm: gm.labeling.CreateProject(request), project_fields, as_json)
 
@@ -341,7 +381,7 @@ def import_file(gm: Gristmill, options: lb.ImportOptions, path: Path) -> lb.Impo
 
 
 def report_fields(report: lb.ImportReport) -> dict[str, Any]:
-    pii = ", ".join(f"{kind} {count}" for kind, count in sorted(report.pii_masked_by_kind.items()))
+    pii = counts_text(report.pii_masked_by_kind)
     return {
         "import": report.import_id,
         "received": report.received_count,
@@ -354,8 +394,14 @@ def report_fields(report: lb.ImportReport) -> dict[str, Any]:
         "dropped known ids": report.dropped_existing_external_id_count,
         "pii masked items": f"{report.pii_masked_item_count}" + (f" ({pii})" if pii else ""),
         "labels imported": report.imported_label_count,
+        **({"records by format": counts_text(report.records_by_format)} if report.records_by_format else {}),
         "took": f"{report.duration_ms} ms",
     }
+
+
+def counts_text(counts: Mapping[str, int]) -> str:
+    """``{"sharegpt": 3, "openai": 10}`` → ``openai 10, sharegpt 3``."""
+    return ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
 
 
 @one_line_errors
@@ -409,7 +455,7 @@ def agreement_fields(report: lb.AgreementReport) -> dict[str, Any]:
         f"{p.annotator_a}~{p.annotator_b} {fmt_float(p.cohen_kappa if p.HasField('cohen_kappa') else None)}"
         for p in report.pairs
     )
-    return {
+    fields: dict[str, Any] = {
         "items": report.item_count,
         "annotators": report.annotator_count,
         "observed agreement": fmt_float(report.observed_agreement),
@@ -420,16 +466,34 @@ def agreement_fields(report: lb.AgreementReport) -> dict[str, Any]:
             f"{report.agreed_item_count} / {report.conflict_item_count} / {report.resolved_item_count}"
         ),
     }
+    # chat and preference projects: the nominal statistics above are over accepted/rejected or the choices.
+    if report.HasField("rating_krippendorff_alpha"):
+        fields["rating krippendorff alpha"] = (
+            f"{fmt_float(report.rating_krippendorff_alpha)} ({report.rated_item_count} rated items)"
+        )
+    if report.HasField("ranking_pair_agreement"):
+        fields["ranking pair agreement"] = (
+            f"{fmt_float(report.ranking_pair_agreement)} ({report.ranked_item_count} ranked items)"
+        )
+    return fields
 
 
 @one_line_errors
 def agreement_command(ctx: typer.Context, project_id: str = typer.Argument(...), as_json: bool = JSON_OPTION) -> None:
-    """Agreement between annotators (Cohen's and Fleiss' kappa, Krippendorff's alpha)."""
+    """Agreement between annotators (Cohen's and Fleiss' kappa, Krippendorff's alpha); for chat projects also the
+    ratings' alpha, for preference projects how often annotators order candidate pairs alike."""
     request = lb.GetAgreementRequest(project_id=project_id)
     show_one(ctx, lambda gm: gm.labeling.GetAgreement(request), agreement_fields, as_json)
 
 
 # --------------------------------------------------------------------------- datasets
+
+
+SPLITS = {
+    enum_name(name, "DATASET_SPLIT_"): number
+    for name, number in common_pb2.DatasetSplit.items()
+    if number != common_pb2.DATASET_SPLIT_UNSPECIFIED
+}
 
 
 def version_row(v: lb.DatasetVersion) -> dict[str, Any]:
@@ -477,6 +541,234 @@ def datasets_list(ctx: typer.Context, project_id: str = typer.Argument(...), as_
     """A project's dataset versions, newest first."""
     request = lb.ListDatasetVersionsRequest(project_id=project_id)
     show_list(ctx, lambda gm: gm.labeling.ListDatasetVersions(request).dataset_versions, version_row, as_json)
+
+
+def dataset_version(gm: Gristmill, project_id: str, version: str) -> lb.DatasetVersion:
+    """A project's dataset version by number (``3``), by id, or the newest one for 'latest'."""
+    if version == "latest":
+        reply = gm.labeling.ListDatasetVersions(
+            lb.ListDatasetVersionsRequest(project_id=project_id, page=common_pb2.PageRequest(page_size=1))
+        )
+        if not reply.dataset_versions:
+            fail(f"project {project_id!r} has no dataset version yet: publish one with `gristmill datasets publish`")
+        return reply.dataset_versions[0]
+    request = lb.GetDatasetVersionRequest(project_id=project_id)
+    # A version number is short; an id is a 32-character hex string (which could be all digits).
+    if version.isdigit() and len(version) <= MAX_VERSION_NUMBER_DIGITS:
+        request.version_number = int(version)
+    else:
+        request.dataset_version_id = version
+    return gm.labeling.GetDatasetVersion(request)
+
+
+MAX_VERSION_NUMBER_DIGITS = 9
+VERSION_ARGUMENT = typer.Argument(..., help="version number, dataset version id, or 'latest'")
+
+
+def version_fields(v: lb.DatasetVersion) -> dict[str, Any]:
+    """One dataset version in full (``datasets show``): the row, then what its rows are and how it was split."""
+    splits = "; ".join(
+        f"{enum_name(common_pb2.DatasetSplit.Name(s.split), 'DATASET_SPLIT_')} {s.item_count}"
+        + (f" ({counts_text(s.item_count_by_label)})" if s.item_count_by_label else "")
+        for s in v.splits
+    )
+    return {
+        **version_row(v),
+        "project": v.project_id,
+        "task": enum_name(common_pb2.TaskType.Name(v.task_type), "TASK_TYPE_"),
+        "row format": v.row_format or ROW_FORMAT_CLASSIFICATION,
+        "schema version": v.schema_version,
+        "splits": splits,
+        "ratios": f"{v.ratios.train:g} / {v.ratios.validation:g} / {v.ratios.test:g}",
+        "seed": v.seed,
+        "strategy": enum_name(lb.SplitStrategy.Name(v.split_strategy), "SPLIT_STRATEGY_"),
+        "content sha256": v.content_sha256,
+        "manifest": v.manifest.key,
+        "description": v.description,
+    }
+
+
+@datasets_app.command("show")
+@one_line_errors
+def datasets_show(
+    ctx: typer.Context,
+    project_id: str = typer.Argument(...),
+    version: str = VERSION_ARGUMENT,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """One dataset version: its splits (with counts per label, or per stratum for chat and preference), what a
+    row is (row format), and how it was split."""
+    with state(ctx).client() as gm:
+        found = dataset_version(gm, project_id, version)
+    emit_object(version_fields(found), want_json(ctx, as_json), raw=found)
+
+
+# --------------------------------------------------------------------------- datasets export
+
+# An export streams every file; it may take longer than one call's usual deadline.
+EXPORT_TIMEOUT_S = 3600.0
+STORED = "stored"
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+
+
+class ExportError(Exception):
+    """A row that does not convert, or a file the stream did not deliver whole: one line saying which."""
+
+
+RowConverter = Callable[[Mapping[str, Any], str], Mapping[str, Any]]
+
+
+class JsonlRows:
+    """Converts a split file's rows to ``fmt`` as its chunks arrive (a row may span chunks)."""
+
+    def __init__(self, file_name: str, fmt: str, convert: RowConverter = export_row) -> None:
+        self.file_name = file_name
+        self.fmt = fmt
+        self.convert = convert
+        self._pending = b""
+        self._line = 0
+
+    def feed(self, data: bytes) -> bytes:
+        *complete, self._pending = (self._pending + data).split(b"\n")
+        return b"".join(self._row(line) for line in complete)
+
+    def finish(self) -> bytes:
+        last, self._pending = self._pending, b""
+        return self._row(last)
+
+    def _row(self, line: bytes) -> bytes:
+        self._line += 1
+        if not line.strip():
+            return b""
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("a row must be a JSON object")
+            converted = self.convert(row, self.fmt)
+        except (ValueError, KeyError, TypeError, GristmillError) as exc:
+            raise ExportError(f"{self.file_name} line {self._line}: {exc}") from None
+        return (json.dumps(converted, ensure_ascii=False) + "\n").encode()
+
+
+class ExportedFile:
+    """One file of the stream, written to ``<name>.part`` and renamed into place once its last chunk arrived and
+    the bytes match the sha256 and size the service sent (of the file as stored, before any conversion)."""
+
+    def __init__(self, out_dir: Path, file_name: str, rows: JsonlRows | None) -> None:
+        if not _FILE_NAME.match(file_name) or ".." in file_name:
+            raise ExportError(f"the service sent a file named {file_name[:80]!r}, which is not a plain file name")
+        self.name = file_name
+        self.path = out_dir / file_name
+        self.part = out_dir / f"{file_name}.part"
+        self.rows = rows
+        self._stored = hashlib.sha256()
+        self._size = 0
+        self._out = self.part.open("wb")
+
+    def write(self, data: bytes) -> None:
+        self._stored.update(data)
+        self._size += len(data)
+        self._out.write(self.rows.feed(data) if self.rows is not None else data)
+
+    def finish(self, sha256: str, size: int) -> None:
+        if self.rows is not None:
+            self._out.write(self.rows.finish())
+        self._out.close()
+        if (sha256 and sha256 != self._stored.hexdigest()) or self._size != size:
+            raise ExportError(f"{self.name}: the bytes received do not match the file's checksum; export again")
+        self.part.replace(self.path)
+
+    def discard(self) -> None:
+        self._out.close()
+        self.part.unlink(missing_ok=True)
+
+
+def write_export(
+    chunks: Iterable[lb.ExportDatasetChunk], out_dir: Path, fmt: str = "", convert: RowConverter = export_row
+) -> list[dict[str, Any]]:
+    """Write an export stream's files into ``out_dir``: as stored, or with ``fmt`` every split file's rows
+    converted by ``convert`` (``manifest.json`` is always written as stored). Returns a row per file written."""
+    written: list[dict[str, Any]] = []
+    current: ExportedFile | None = None
+    try:
+        for chunk in chunks:
+            if current is not None and chunk.file_name != current.name:
+                raise ExportError(f"{current.name}: the stream moved on before the file's last chunk; export again")
+            if current is None:
+                converting = bool(fmt) and chunk.file_name.endswith(".jsonl")
+                rows = JsonlRows(chunk.file_name, fmt, convert) if converting else None
+                current = ExportedFile(out_dir, chunk.file_name, rows)
+            current.write(chunk.data)
+            if chunk.last_chunk:
+                current.finish(chunk.sha256, chunk.size_bytes)
+                converted = current.rows is not None
+                written.append(
+                    {
+                        "file": str(current.path),
+                        "format": fmt if converted else STORED,
+                        "stored bytes": chunk.size_bytes,
+                    }
+                )
+                current = None
+        if current is not None:
+            raise ExportError(f"{current.name}: the stream ended before the file's last chunk; export again")
+    finally:
+        if current is not None:
+            current.discard()
+    return written
+
+
+@datasets_app.command("export")
+@one_line_errors
+def datasets_export(
+    ctx: typer.Context,
+    project_id: str = typer.Argument(...),
+    version: str = VERSION_ARGUMENT,
+    out: Path | None = typer.Option(None, "--out", help="directory to write into (default PROJECT-vN)"),
+    file_format: str = typer.Option(
+        STORED,
+        "--format",
+        help=f"chat and preference versions: rows as {', '.join(EXPORT_FORMATS)}; {STORED}: the files as published",
+    ),
+    split: list[str] = typer.Option([], "--split", help="train, validation or test (repeatable; default all)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="write into a directory that is not empty"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Download a dataset version's files: the split files (JSONL) and manifest.json, each checked against its
+    sha256. --format converts a chat version's rows to OpenAI, Alpaca or ShareGPT records, a preference
+    version's to DPO ones (or to a chat format: the prompt and the chosen reply); the manifest is written as
+    published, so its checksums are those of the stored files."""
+    fmt = "" if file_format == STORED else file_format
+    if fmt and fmt not in EXPORT_FORMATS:
+        fail(f"--format must be one of {', '.join((STORED, *EXPORT_FORMATS))}, got {file_format!r}", code=2)
+    splits = [choice(name, SPLITS, "--split") for name in split]
+    with state(ctx).client() as gm:
+        found = dataset_version(gm, project_id, version)
+        row_format = found.row_format or ROW_FORMAT_CLASSIFICATION
+        if fmt and row_format == ROW_FORMAT_CLASSIFICATION:
+            fail(
+                f"--format {fmt}: version {found.version_number} of {project_id!r} is a classification dataset; "
+                f"--format converts chat and preference rows (export it without --format)",
+                code=2,
+            )
+        if fmt == FORMAT_DPO and row_format != ROW_FORMAT_DPO:
+            fail(
+                f"--format {fmt}: version {found.version_number} of {project_id!r} has {row_format} rows, no "
+                f"preference pairs; export it as {', '.join(f for f in EXPORT_FORMATS if f != FORMAT_DPO)}",
+                code=2,
+            )
+        target = out if out is not None else Path(f"{project_id}-v{found.version_number}")
+        if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not overwrite)):
+            fail(f"--out {target}: not an empty directory; choose another, or pass --overwrite", code=2)
+        target.mkdir(parents=True, exist_ok=True)
+        request = lb.ExportDatasetRequest(
+            project_id=project_id, dataset_version_id=found.dataset_version_id, splits=splits
+        )
+        try:
+            written = write_export(gm.labeling.ExportDataset(request, timeout=EXPORT_TIMEOUT_S), target, fmt)
+        except ExportError as exc:
+            fail(str(exc))
+    emit(written, want_json(ctx, as_json))
 
 
 def new_request_id(prefix: str) -> str:

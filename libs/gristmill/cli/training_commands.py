@@ -13,10 +13,10 @@ from typing import Any
 import typer
 
 from gristmill.api.common.v1 import common_pb2
-from gristmill.api.labeling.v1 import labeling_pb2 as lb
 from gristmill.api.training.v1 import training_pb2 as tr
 from gristmill.cli.context import state, want_json
 from gristmill.cli.job_specs import job_spec, spec_from_file
+from gristmill.cli.labeling_commands import dataset_version
 from gristmill.cli.options import JSON_OPTION
 from gristmill.cli.output import emit_object, enum_name, fail, message_dict, one_line_errors, when
 from gristmill.cli.polling import registered_version
@@ -224,20 +224,6 @@ def search_text(search: tr.HyperParameterSearch) -> str:
     return f"{search.num_trials} trials on {search.metric or 'f1'}{f' ({mode})' if mode else ''}: {' '.join(parts)}"
 
 
-def dataset_version(gm: Gristmill, project_id: str, version: str) -> lb.DatasetVersion:
-    """The dataset version by id, or the newest one for 'latest' (from the labeling service)."""
-    if version != "latest":
-        return gm.labeling.GetDatasetVersion(
-            lb.GetDatasetVersionRequest(project_id=project_id, dataset_version_id=version)
-        )
-    reply = gm.labeling.ListDatasetVersions(
-        lb.ListDatasetVersionsRequest(project_id=project_id, page=common_pb2.PageRequest(page_size=1))
-    )
-    if not reply.dataset_versions:
-        fail(f"project {project_id!r} has no dataset version yet: publish one with `gristmill datasets publish`")
-    return reply.dataset_versions[0]
-
-
 class ProgressLine:
     """A live one-line progress bar on a terminal (a line per change elsewhere, so logs stay readable)."""
 
@@ -327,7 +313,9 @@ def train_command(
     ctx: typer.Context,
     project_id: str = typer.Argument(..., help="labeling project whose dataset to train on"),
     version_option: str = typer.Option(
-        "", "--dataset-version", help="dataset version id, or 'latest' (default: --spec-file's, else latest)"
+        "",
+        "--dataset-version",
+        help="dataset version number or id, or 'latest' (default: --spec-file's, else latest)",
     ),
     spec_file: Path | None = typer.Option(
         None,
