@@ -52,6 +52,15 @@ def test_chat_project_in_the_terminal(platform: str, tmp_path: Path) -> None:
     created = as_json(cli(platform, *create, "--json"))
     assert created["task_type"] == "TASK_TYPE_CHAT" and created["label_schema"]["labels"] == []
     assert "chat" in ok(cli(platform, "projects", "show", "cli-chat"))
+    updated = ok(
+        cli(platform, "projects", "update", "cli-chat", "--feedback", "--feedback-preference-project", "cli-pref")
+    )
+    assert "feedback preference project" in updated and "cli-pref" in updated
+    refused(
+        cli(platform, "projects", "update", "cli-chat", "--feedback-review-at-or-below", "9"),
+        "invalid argument",
+        "review_at_or_below_rating",
+    )
     refused(cli(platform, "projects", "create", "X", "--task", "chat", "--labels", "a,b"), "invalid argument", "label")
     refused(cli(platform, "projects", "create", "X", "--task", "summaries"), "--task must be one of", code=2)
     refused(cli(platform, "projects", "create", "X"), "--labels", code=2)

@@ -20,6 +20,9 @@ from gristmill.cli.context import state, want_json
 from gristmill.cli.options import JSON_OPTION, choice, comma_list
 from gristmill.cli.output import emit, emit_object, enum_name, fail, fmt_float, one_line_errors, when
 from gristmill.cli.project_settings import (
+    FEEDBACK_OPTION,
+    FEEDBACK_PREFERENCE_PROJECT_OPTION,
+    FEEDBACK_REVIEW_AT_OR_BELOW_OPTION,
     LABEL_DESCRIPTION_OPTION,
     MAX_TEXT_CHARS_OPTION,
     NEAR_DUPLICATE_THRESHOLD_OPTION,
@@ -29,6 +32,8 @@ from gristmill.cli.project_settings import (
     STORE_RAW_TEXT_OPTION,
     cleaning_fields,
     cleaning_settings,
+    feedback_fields,
+    feedback_settings,
     label_definitions,
 )
 from gristmill.cli.replies import show_list, show_one
@@ -95,6 +100,7 @@ def project_fields(p: lb.Project) -> dict[str, Any]:
         "lease seconds": settings.lease_seconds or DEFAULT_LEASE_SECONDS,
         "active learning": settings.active_learning.import_uncertain_predictions,
         **cleaning_fields(settings.cleaning),
+        **feedback_fields(settings.feedback),
     }
 
 
@@ -112,6 +118,7 @@ def create_project_request(
     cleaning: lb.CleaningSettings | None = None,
     label_descriptions: list[str] | None = None,
     task: str = "",
+    feedback: lb.FeedbackSettings | None = None,
 ) -> lb.CreateProjectRequest:
     """The request ``projects create`` sends. ``task``: one of ``PROJECT_TASKS`` ('' is text classification, or
     multi-label with ``multi_label``); chat and preference projects have no labels."""
@@ -128,6 +135,7 @@ def create_project_request(
             lease_seconds=lease_seconds,
             cleaning=cleaning,
             active_learning=lb.ActiveLearningSettings(import_uncertain_predictions=active_learning),
+            feedback=feedback,
         ),
     )
 
@@ -184,6 +192,9 @@ def projects_create(
     pii_kinds: str | None = PII_KINDS_OPTION,
     pii_pattern: list[str] = PII_PATTERN_OPTION,
     store_raw_text: bool | None = STORE_RAW_TEXT_OPTION,
+    feedback: bool | None = FEEDBACK_OPTION,
+    feedback_preference_project: str | None = FEEDBACK_PREFERENCE_PROJECT_OPTION,
+    feedback_review_at_or_below: int | None = FEEDBACK_REVIEW_AT_OR_BELOW_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Create a project: text classification (the default) with its labels, or chat or preference (no labels),
@@ -209,6 +220,11 @@ def projects_create(
         cleaning=cleaning,
         label_descriptions=label_description,
         task=task,
+        feedback=feedback_settings(
+            import_feedback=feedback,
+            preference_project=feedback_preference_project,
+            review_at_or_below=feedback_review_at_or_below,
+        )[0],
     )
     show_one(ctx, lambda gm: gm.labeling.CreateProject(request), project_fields, as_json)
 
@@ -240,6 +256,9 @@ def projects_update(
     pii_kinds: str | None = PII_KINDS_OPTION,
     pii_pattern: list[str] = PII_PATTERN_OPTION,
     store_raw_text: bool | None = STORE_RAW_TEXT_OPTION,
+    feedback: bool | None = FEEDBACK_OPTION,
+    feedback_preference_project: str | None = FEEDBACK_PREFERENCE_PROJECT_OPTION,
+    feedback_review_at_or_below: int | None = FEEDBACK_REVIEW_AT_OR_BELOW_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Change a project's name, description or settings, cleaning and PII included (only what the options name;
@@ -275,6 +294,14 @@ def projects_update(
     if cleaning_paths:
         project.settings.cleaning.CopyFrom(cleaning)
         paths.extend(cleaning_paths)
+    feedback_values, feedback_paths = feedback_settings(
+        import_feedback=feedback,
+        preference_project=feedback_preference_project,
+        review_at_or_below=feedback_review_at_or_below,
+    )
+    if feedback_paths:
+        project.settings.feedback.CopyFrom(feedback_values)
+        paths.extend(feedback_paths)
     if not paths:
         fail("nothing to change: give at least one option (see --help)", code=2)
     request = lb.UpdateProjectRequest(project_id=project_id, project=project)

@@ -43,6 +43,18 @@ PII_PATTERN_OPTION = typer.Option(
 STORE_RAW_TEXT_OPTION = typer.Option(
     None, "--store-raw-text/--mask-pii", help="store texts unmasked, or mask PII before storing (the default)"
 )
+FEEDBACK_OPTION = typer.Option(
+    None,
+    "--feedback/--no-feedback",
+    help="chat projects: users' feedback on the models trained from this project becomes review items and SFT rows",
+)
+FEEDBACK_PREFERENCE_PROJECT_OPTION = typer.Option(
+    None, "--feedback-preference-project", help="preference project that edits and regenerations become pairs in"
+)
+FEEDBACK_REVIEW_AT_OR_BELOW_OPTION = typer.Option(
+    None, "--feedback-review-at-or-below", help="a rating at or below this (1-5, default 2) becomes a review item"
+)
+DEFAULT_FEEDBACK_REVIEW_AT_OR_BELOW = 2
 LABEL_DESCRIPTION_OPTION = typer.Option(
     [], "--label-description", help='NAME="TEXT", repeatable: what a label means, shown to annotators'
 )
@@ -106,6 +118,35 @@ def cleaning_settings(
         cleaning.pii.store_raw_text = store_raw_text
         paths.append("pii.store_raw_text")
     return cleaning, [f"settings.cleaning.{path}" for path in paths]
+
+
+def feedback_settings(
+    *, import_feedback: bool | None = None, preference_project: str | None = None, review_at_or_below: int | None = None
+) -> tuple[lb.FeedbackSettings, list[str]]:
+    """The feedback settings the options give, and the update-mask paths (under ``settings.feedback``) they set."""
+    feedback = lb.FeedbackSettings()
+    paths: list[str] = []
+    if import_feedback is not None:
+        feedback.import_feedback = import_feedback
+        paths.append("import_feedback")
+    if preference_project is not None:
+        feedback.preference_project_id = preference_project
+        paths.append("preference_project_id")
+    if review_at_or_below is not None:
+        feedback.review_at_or_below_rating = review_at_or_below
+        paths.append("review_at_or_below_rating")
+    return feedback, [f"settings.feedback.{path}" for path in paths]
+
+
+def feedback_fields(feedback: lb.FeedbackSettings) -> dict[str, Any]:
+    """The feedback settings for ``projects show`` (only when feedback is on: classification never has it)."""
+    if not feedback.import_feedback:
+        return {}
+    return {
+        "feedback": True,
+        "feedback preference project": feedback.preference_project_id or "-",
+        "feedback review at or below": feedback.review_at_or_below_rating or DEFAULT_FEEDBACK_REVIEW_AT_OR_BELOW,
+    }
 
 
 def label_definitions(
