@@ -76,15 +76,19 @@ def make_project(service: LabelingService) -> ProjectFactory:
         labels: Sequence[str] = ("neg", "pos"),
         multi_label: bool = False,
         cleaning: m.CleaningSettings | None = None,
+        task_type: m.TaskType | None = None,
         **settings: Any,
     ) -> m.Project:
+        """``task_type`` chat or preference makes a project without labels."""
+        if task_type is None:
+            task_type = m.TaskType.TEXT_MULTI_LABEL_CLASSIFICATION if multi_label else m.TaskType.TEXT_CLASSIFICATION
         return service.create_project(
             "",
             project_id=project_id,
             display_name=project_id,
             description="",
-            task_type=m.TaskType.TEXT_MULTI_LABEL_CLASSIFICATION if multi_label else m.TaskType.TEXT_CLASSIFICATION,
-            labels=[m.LabelDefinition(name) for name in labels],
+            task_type=task_type,
+            labels=[] if task_type.generative else [m.LabelDefinition(name) for name in labels],
             settings=m.ProjectSettings(cleaning=cleaning or m.CleaningSettings(), **settings),
         )
 

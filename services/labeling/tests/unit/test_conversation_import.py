@@ -19,22 +19,11 @@ CALLS = [{"id": "call_1", "type": "function", "function": {"name": "lookup", "ar
 
 
 @pytest.fixture
-def make_generative(service: LabelingService) -> Any:
+def make_generative(make_project: Any) -> Any:
     def make(
-        project_id: str = "chat",
-        task_type: m.TaskType = m.TaskType.CHAT,
-        *,
-        cleaning: m.CleaningSettings | None = None,
+        project_id: str = "chat", task_type: m.TaskType = m.TaskType.CHAT, *, cleaning: m.CleaningSettings | None = None
     ) -> m.Project:
-        return service.create_project(
-            "",
-            project_id=project_id,
-            display_name=project_id,
-            description="",
-            task_type=task_type,
-            labels=[],
-            settings=m.ProjectSettings(cleaning=cleaning or m.CleaningSettings()),
-        )
+        return make_project(project_id, task_type=task_type, cleaning=cleaning)
 
     return make
 
