@@ -267,6 +267,7 @@ class LocalStack:
             "GRISTMILL_S3_ACCESS_KEY": os.environ.get("GRISTMILL_S3_ACCESS_KEY", "gristmill"),
             "GRISTMILL_S3_SECRET_KEY": os.environ.get("GRISTMILL_S3_SECRET_KEY", "gristmill-secret"),
             "GRISTMILL_SERVING_REGISTRY_ADDRESS": f"127.0.0.1:{ports['registry']}",
+            "GRISTMILL_LABELING_REGISTRY_ADDRESS": f"127.0.0.1:{ports['registry']}",
             # Services verify API keys at the admin service (once they have auth wired).
             "GRISTMILL_AUTH_ADMIN_ADDRESS": f"127.0.0.1:{ports['admin']}",
         }

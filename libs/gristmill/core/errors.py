@@ -136,3 +136,21 @@ _BY_CODE: dict[grpc.StatusCode, type[GristmillError]] = {
 def error_for_status(code: grpc.StatusCode, message: str, details: Mapping[str, str] | None = None) -> GristmillError:
     """The exception a client raises for a gRPC status (the inverse of the server's error mapping)."""
     return _BY_CODE.get(code, GristmillError)(message, details=details)
+
+
+def remote_call_error(exc: grpc.RpcError, *, service: str, address: str, what: str) -> GristmillError:
+    """What to raise when this service's call to another one (``service`` at ``address``) about ``what`` failed.
+
+    NOT_FOUND, FAILED_PRECONDITION and INVALID_ARGUMENT keep their meaning: they are the other service's answer
+    about ``what``. Anything else (not reachable, past its deadline, this service's own key refused, an internal
+    error there) is UNAVAILABLE naming the service and its address: the request being served was not at fault.
+    """
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFoundError(f"the {service} does not know {what}: {details}")
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPreconditionError(f"the {service} cannot serve {what}: {details}")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgumentError(f"the {service} refused {what}: {details}")
+    return UnavailableError(f"the {service} at {address} did not answer for {what} ({code}): {details}")

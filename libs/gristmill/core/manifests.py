@@ -17,6 +17,8 @@ manifest never gets as far as training or serving.
 from __future__ import annotations
 
 import json
+import shutil
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.storage import ObjectStore, object_key, validate_key
+from gristmill.core.storage.base import sha256_file
 
 DATASET_FORMAT = "gristmill.dataset.v1"
 MODEL_FORMAT = "gristmill.model.v1"
@@ -64,7 +67,11 @@ class DatasetRow:
 
     @classmethod
     def from_json(cls, line: str, *, where: str) -> DatasetRow:
-        data = _loads(line, where)
+        return cls.from_object(_loads(line, where), where=where)
+
+    @classmethod
+    def from_object(cls, data: Mapping[str, Any], *, where: str) -> DatasetRow:
+        """A classification row from one decoded JSONL line (``DatasetRecord.data``)."""
         text, item_id = data.get("text"), data.get("id")
         if not isinstance(text, str) or not isinstance(item_id, str):
             raise InvalidArgumentError(f"{where}: each row needs string fields 'id' and 'text'")
@@ -77,6 +84,16 @@ class DatasetRow:
         if not isinstance(label, str):
             raise InvalidArgumentError(f"{where}: each row needs a string 'label' (or a 'labels' list)")
         return cls(item_id, text, label)
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """One line of a dataset split, decoded but not interpreted: what a row *is* depends on the version's
+    ``row_format`` (``DatasetRow`` for classification, ``gristmill.core.chat`` rows for chat and preference)."""
+
+    # Where the line is ("<key> line <n>"), for error messages.
+    where: str
+    data: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -121,12 +138,19 @@ class DatasetManifest:
         return manifest
 
     def read_rows(self, objects: ObjectStore, split: str) -> Iterator[DatasetRow]:
-        """The rows of one split, read and checksum-verified against this manifest."""
+        """The classification rows of one split, read and checksum-verified against this manifest."""
+        for record in self.read_records(objects, split):
+            yield DatasetRow.from_object(record.data, where=record.where)
+
+    def read_records(self, objects: ObjectStore, split: str) -> Iterator[DatasetRecord]:
+        """The lines of one split as JSON objects, whatever the row format, read and checksum-verified against
+        this manifest; ``InvalidArgumentError`` naming the line for one that is not a JSON object."""
         entry = self.splits[split].file
         data = objects.get_bytes(entry.key, expected_sha256=entry.sha256)
         for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
             if line.strip():
-                yield DatasetRow.from_json(line, where=f"{entry.key} line {number}")
+                where = f"{entry.key} line {number}"
+                yield DatasetRecord(where, _loads(line, where))
 
 
 @dataclass(frozen=True)
@@ -165,6 +189,41 @@ class ModelManifest:
         for name, entry in sorted(self.files.items()):
             objects.get_file(entry.key, dest / name, expected_sha256=entry.sha256)
         return dest
+
+
+def download_files(objects: ObjectStore, files: Mapping[str, FileEntry], dest: Path) -> Path:
+    """``dest`` holding every file of ``files`` (relative name → entry), each verified against its sha256.
+
+    Files already there from an earlier download are re-hashed and reused when they all match; otherwise they
+    are downloaded into a temporary directory next to ``dest`` that replaces it once complete, so a crash never
+    leaves a half-downloaded directory that looks complete. Names are validated like object keys (no ``..``).
+    Callers that may download the same ``dest`` from several threads at once serialise them.
+    """
+    for name in files:
+        validate_key(name)
+    if dest.is_dir() and all(
+        (dest / name).is_file() and sha256_file(dest / name) == entry.sha256 for name, entry in files.items()
+    ):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.parent / f".download-{dest.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        for name, entry in sorted(files.items()):
+            objects.get_file(entry.key, staging / name, expected_sha256=entry.sha256)
+        staging.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            shutil.rmtree(dest)
+        staging.rename(dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest
+
+
+def relative_name(key: str, prefix: str) -> str:
+    """An object's name inside a stored directory: ``key`` less ``prefix`` (``models/m/3/`` +
+    ``config.json``); the last segment of a key outside ``prefix``."""
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    return key[len(prefix) :] if prefix and key.startswith(prefix) else key.rsplit("/", 1)[-1]
 
 
 def _loads(text: str, where: str) -> Mapping[str, Any]:

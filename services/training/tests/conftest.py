@@ -1,4 +1,5 @@
-"""Fixtures of the training service's tests: a tiny BERT, a small dataset version, stores and a host."""
+"""Fixtures of the training service's tests: a tiny BERT and a tiny Llama, small dataset versions (sentiment
+classification, chat), stores and a host."""
 
 from __future__ import annotations
 
@@ -11,12 +12,20 @@ import pytest
 from gristmill.api.training.v1 import training_pb2_grpc as pb_grpc
 from gristmill.core.storage import LocalObjectStore, ObjectStore
 from gristmill.training.app import TrainingApp
-from gristmill.training.devtools import LABELS, sentiment_rows, vocabulary_text, write_dataset_version
+from gristmill.training.devtools import (
+    LABELS,
+    chat_rows,
+    chat_vocabulary_text,
+    sentiment_rows,
+    vocabulary_text,
+    write_chat_version,
+    write_dataset_version,
+)
 from gristmill.training.domain.refs import DatasetRef
 from gristmill.training.runner.in_process import InProcessRunner
 from services.training.tests.service_support import start_host
 from tests.conftest import kafka_bootstrap, s3_endpoint, tracing  # noqa: F401
-from tests.support.tiny_model import make_tiny_bert
+from tests.support.tiny_model import make_tiny_bert, make_tiny_llama
 
 ALL_TEXTS = [vocabulary_text()]
 
@@ -37,6 +46,36 @@ def headless_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     BertModel.from_pretrained(str(source)).save_pretrained(str(dest), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(dest))
     return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama causal LM (hidden 32) with a byte-level BPE tokenizer and a ChatML chat template, its random
+    weights at the scale of a trained model's (so LoRA moves its loss within a few steps)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), [chat_vocabulary_text()], initializer_range=0.5)
+
+
+@pytest.fixture(scope="session")
+def templateless_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with a tokenizer that has no chat template (a base model, not a chat model)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-base"), [chat_vocabulary_text()], chat_template=None)
+
+
+def write_chat_rows_version(
+    objects: ObjectStore, project_id: str = "chats", version_id: str = "v1", *, train: int = 64, held_out: int = 16
+) -> DatasetRef:
+    return write_chat_version(
+        objects,
+        project_id=project_id,
+        dataset_version_id=version_id,
+        splits={"train": chat_rows(train, 1), "validation": chat_rows(held_out, 2), "test": chat_rows(held_out, 3)},
+    )
+
+
+@pytest.fixture
+def chat_version() -> Callable[..., DatasetRef]:
+    """``chat_version(objects, project_id, version_id, train=..., held_out=...)`` writes a chat (SFT) version."""
+    return write_chat_rows_version
 
 
 @pytest.fixture

@@ -8,11 +8,12 @@ from gristmill.api.labeling.v1 import labeling_pb2, labeling_pb2_grpc
 from gristmill.core.auth import LABELING_READ, LABELING_WRITE
 from gristmill.core.events.topics import LABELING_FEEDBACK, PREDICTION_LOGGED
 from gristmill.core.grpcserver import ServiceRegistration
-from gristmill.core.host import Infrastructure, ServiceHost, Subscription, open_platform
+from gristmill.core.host import Callbacks, Infrastructure, ServiceHost, Subscription, open_platform
 from gristmill.core.security import Security
 from gristmill.labeling.api.servicer import LabelingServicer
 from gristmill.labeling.domain.importer import IndexCache
 from gristmill.labeling.domain.service import Clock, LabelingService, utc_now
+from gristmill.labeling.domain.tokens import TokenizerSource
 from gristmill.labeling.events.feedback import FeedbackHandler
 from gristmill.labeling.events.payloads import LabelingEvents
 from gristmill.labeling.events.predictions import PredictionLogHandler
@@ -61,13 +62,34 @@ def build_app(
     security: Security,
     *,
     clock: Clock = utc_now,
+    tokenizers: TokenizerSource | None = None,
 ) -> LabelingApp:
     """The labeling service on ``infra``, ready to ``host.start()`` (or ``host.run_until_signal()``), with
-    ``security``'s API keys, licence and mTLS."""
+    ``security``'s API keys, licence and mTLS.
+
+    ``tokenizers`` defaults to base models' tokenizers from the registry at ``settings.registry_address`` (files
+    from the object store, called with this service's key and mTLS); tests may pass a local source.
+    """
     platform = open_platform(SERVICE, settings, infra, tables=[tables.metadata])
     store = SqlLabelingStore(platform.database, events=LabelingEvents(platform.catalog))
+    if tokenizers is None:
+        from gristmill.labeling.runtime.tokenizers import RegistryTokenizerSource
+
+        tokenizers = RegistryTokenizerSource(
+            settings.registry_address,
+            platform.objects,
+            settings.resolved_tokenizer_cache_dir(),
+            timeout_s=settings.registry_timeout_s,
+            capacity=settings.tokenizer_cache_size,
+            tls=security.tls,
+            metadata_for=security.call_metadata,
+        )
     service = LabelingService(
-        store, platform.objects, clock=clock, index_cache=IndexCache(settings.index_cache_projects)
+        store,
+        platform.objects,
+        clock=clock,
+        index_cache=IndexCache(settings.index_cache_projects),
+        tokenizers=tokenizers,
     )
     servicer = LabelingServicer(service)
     registration = ServiceRegistration(
@@ -90,5 +112,7 @@ def build_app(
         auth_hook=security.auth_hook,
         on_reload=security.reload,
         server_credentials=security.server_credentials,
+        # Closed once the server has drained (no import still counts tokens).
+        components=[Callbacks("tokenizers", on_close=tokenizers.close)],
     )
     return LabelingApp(host, service, store)

@@ -110,5 +110,11 @@ async def test_local_paths_are_refused_unless_enabled(tmp_path: Path) -> None:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "local path is disabled",
             )
+            # A GGUF file on the host is a local path too; the object store is the way in.
+            await fails(
+                stub.ImportBaseModel(pb.ImportBaseModelRequest(name="x", gguf_file=str(tmp_path / "x.gguf"))),
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "use gguf_object_key",
+            )
     finally:
         await app.host.stop()

@@ -29,8 +29,8 @@ from gristmill.training.settings import TrainingSettings
 log = logging.getLogger(__name__)
 S = TypeVar("S", bound=ServiceSettings)
 
-# Start order: admin and the registry first (serving needs the registry's address), serving last (it loads
-# from the registry). Admin answers `gristmill keys` / `usage`; auth is off in embedded mode (loopback only).
+# Start order: admin and the registry first (labeling and serving need the registry's address), serving last
+# (it loads from the registry). Admin answers `gristmill keys` / `usage`; auth is off in embedded mode (loopback only).
 ORDER = ("admin", "registry", "labeling", "training", "serving")
 
 
@@ -69,7 +69,8 @@ class EmbeddedPlatform:
         if service == "registry":
             return build_registry(self._settings(RegistrySettings, service), infra, security)
         if service == "labeling":
-            return build_labeling(self._settings(LabelingSettings, service), infra, security)
+            labeling = self._settings(LabelingSettings, service, registry_address=self.addresses["registry"])
+            return build_labeling(labeling, infra, security)
         if service == "training":
             training = self._settings(TrainingSettings, service, ray_num_cpus=self.ray_num_cpus)
             return build_training(training, infra, security)

@@ -6,12 +6,15 @@ imports base models in production; these helpers write the same formats (``grist
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+from gristmill.core.chat import ROW_FORMAT_CLASSIFICATION, ROW_FORMAT_SFT
 from gristmill.core.manifests import (
     DatasetManifest,
     DatasetRow,
@@ -60,19 +63,78 @@ def write_dataset_version(
 ) -> DatasetRef:
     """Write ``datasets/<project>/<version>/{split}.jsonl`` and ``manifest.json``; ``splits`` maps a split
     name to (text, label) pairs."""
+    return _write_version(
+        objects,
+        project_id=project_id,
+        dataset_version_id=dataset_version_id,
+        label_map=label_map,
+        task_type=task_type,
+        version_number=version_number,
+        row_format=ROW_FORMAT_CLASSIFICATION,
+        splits={
+            split: (
+                [DatasetRow(f"{split}-{i}", text, label).to_json() for i, (text, label) in enumerate(rows)],
+                dict(Counter(label for _, label in rows)),
+            )
+            for split, rows in splits.items()
+        },
+    )
+
+
+def write_chat_version(
+    objects: ObjectStore,
+    *,
+    project_id: str,
+    dataset_version_id: str,
+    splits: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]],
+    task_type: str = "TASK_TYPE_CHAT",
+    row_format: str = ROW_FORMAT_SFT,
+    version_number: int = 1,
+) -> DatasetRef:
+    """Write a chat version as labeling publishes one: SFT rows ``{"id", "messages"}`` per split (``splits`` maps a
+    split name to conversations), counted per stratum rather than per label."""
+    return _write_version(
+        objects,
+        project_id=project_id,
+        dataset_version_id=dataset_version_id,
+        label_map=("accepted", "rejected"),
+        task_type=task_type,
+        version_number=version_number,
+        row_format=row_format,
+        splits={
+            split: (
+                [
+                    json.dumps({"id": f"{split}-{i}", "messages": list(messages)}, separators=(",", ":"))
+                    for i, messages in enumerate(conversations)
+                ],
+                {"source:import": len(conversations)} if conversations else {},
+            )
+            for split, conversations in splits.items()
+        },
+    )
+
+
+def _write_version(
+    objects: ObjectStore,
+    *,
+    project_id: str,
+    dataset_version_id: str,
+    label_map: Sequence[str],
+    task_type: str,
+    version_number: int,
+    row_format: str,
+    splits: Mapping[str, tuple[list[str], dict[str, int]]],
+) -> DatasetRef:
     files: dict[str, SplitFile] = {}
-    for split, rows in splits.items():
-        lines = [
-            DatasetRow(id=f"{split}-{i}", text=text, label=label).to_json() for i, (text, label) in enumerate(rows)
-        ]
+    for split, (lines, counts) in splits.items():
         data = ("\n".join(lines) + "\n").encode() if lines else b""
         info = objects.put_bytes(dataset_split_key(project_id, dataset_version_id, split), data, overwrite=True)
         files[split] = SplitFile(
             file=FileEntry(key=info.key, sha256=info.sha256, size_bytes=info.size),
-            count=len(rows),
-            label_counts=dict(Counter(label for _, label in rows)),
+            count=len(lines),
+            label_counts=counts,
         )
-    total = sum(len(rows) for rows in splits.values()) or 1
+    total = sum(len(lines) for lines, _ in splits.values()) or 1
     manifest = DatasetManifest(
         project_id=project_id,
         dataset_version_id=dataset_version_id,
@@ -82,11 +144,34 @@ def write_dataset_version(
         schema_version=1,
         splits=files,
         seed=0,
-        ratios={name: len(rows) / total for name, rows in splits.items()},
+        ratios={name: len(lines) / total for name, (lines, _) in splits.items()},
         created_at=datetime.now(UTC).isoformat(),
+        row_format=row_format,
     )
     info = objects.put_bytes(dataset_manifest_key(project_id, dataset_version_id), manifest.to_json(), overwrite=True)
     return DatasetRef(project_id, dataset_version_id, FileRef(info.key, info.sha256, info.size))
+
+
+def chat_rows(count: int, seed: int) -> list[list[dict[str, str]]]:
+    """Synthetic conversations a tiny causal LM learns in a few dozen steps: the user asks to repeat two words,
+    the assistant repeats them; every third has a system turn, every fourth a second exchange."""
+    rng = random.Random(seed)
+    words = _POSITIVE + _NEGATIVE
+    rows: list[list[dict[str, str]]] = []
+    for i in range(count):
+        messages: list[dict[str, str]] = []
+        if i % 3 == 0:
+            messages.append({"role": "system", "content": "You repeat words."})
+        for _ in range(2 if i % 4 == 0 else 1):
+            pair = " ".join(rng.sample(words, 2))
+            messages += [{"role": "user", "content": f"repeat {pair}"}, {"role": "assistant", "content": pair}]
+        rows.append(messages)
+    return rows
+
+
+def chat_vocabulary_text() -> str:
+    """Every string ``chat_rows`` renders (to train a tokenizer on)."""
+    return " ".join(("You repeat words.", "repeat", "system", "user", "assistant", *_POSITIVE, *_NEGATIVE))
 
 
 def upload_model_directory(objects: ObjectStore, directory: Path, prefix: str) -> FileRef:

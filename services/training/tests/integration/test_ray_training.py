@@ -1,6 +1,7 @@
 """The training service on the real stack: Ray Train workers, checkpoints in the S3 server, events on Kafka.
 
-One local Ray cluster (2 CPUs) serves the module; each test runs one or two small Ray runs.
+One local Ray cluster (2 CPUs) serves the module; each test runs one or two small Ray runs: classification on a
+tiny BERT and MiniLM, chat SFT with LoRA on a tiny Llama.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from gristmill.training.ml.loop import FaultInjection
 from gristmill.training.runner.ray_runner import CheckpointStorage, RayCluster, RayJobRunner
 from gristmill.training.settings import TrainingSettings
 from services.training.tests.service_support import card_hyper_parameters
-from tests.support.tiny_model import minilm_path
+from tests.support.tiny_model import CHATML_TEMPLATE, minilm_path
 
 pytestmark = pytest.mark.integration
 
@@ -411,3 +412,133 @@ async def test_a_search_publishes_the_winning_trials_own_metrics_and_hyper_param
         finally:
             consumer.stop()
             bus.close()
+
+
+# --------------------------------------------------------------------------- chat: sft with LoRA
+
+
+def _chat_spec(project: str, model: Path, **hyper: Any) -> pb.JobSpec:
+    spec = pb.JobSpec(display_name="chat", registered_model_name="it-chat", method=pb.TRAINING_METHOD_LORA)
+    spec.base_model.local_path = str(model)
+    spec.dataset_version.project_id = project
+    spec.dataset_version.dataset_version_id = "v1"
+    spec.hyper_parameters.learning_rate = 2e-2
+    spec.hyper_parameters.per_worker_batch_size = 8
+    for name, value in hyper.items():
+        setattr(spec.hyper_parameters, name, value)
+    return spec
+
+
+def _checkpoint_names(s3: S3Settings, tmp_path: Path, job_id: str) -> set[str]:
+    import pyarrow.fs
+
+    storage = CheckpointStorage.for_object_store(s3, tmp_path)
+    listing = storage.filesystem.get_file_info(
+        pyarrow.fs.FileSelector(f"{BUCKET}/checkpoints/{job_id}", recursive=False)
+    )
+    return {info.base_name for info in listing}
+
+
+async def test_sft_with_lora_on_a_chat_version_checkpoints_to_s3_and_publishes_the_adapter(
+    tmp_path: Path, s3: S3Settings, kafka_bootstrap: str, ray_cluster: RayCluster, chat_version: Any, tiny_llama: Path
+) -> None:
+    from gristmill.training.domain.spec import chat_template_sha256
+
+    async with _service(tmp_path, s3, kafka_bootstrap, ray_cluster, chat_version) as service:
+        # 96 conversations, batches of 8: 12 steps per epoch, 24 in all; a checkpoint every 6 steps.
+        spec = _chat_spec(service.project, tiny_llama, epochs=2, eval_every_steps=6, log_every_steps=3)
+        job = await service.stub.SubmitJob(pb.SubmitJobRequest(spec=spec))
+        assert job.spec.objective == pb.OBJECTIVE_SFT and list(job.spec.lora.target_modules) == [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+        ]
+        bus, consumer, received, succeeded = _kafka_listener(kafka_bootstrap, job.job_id, tmp_path)
+        try:
+            events = await service.events(job.job_id)
+            changes = _state_changes(events)
+            assert [c.state for c in changes] == [
+                pb.JOB_STATE_QUEUED,
+                pb.JOB_STATE_RUNNING,
+                pb.JOB_STATE_SUCCEEDED,
+            ], [c.reason for c in changes]
+            validation = [
+                {m.name: m.value for m in e.metrics.metrics}
+                for e in events
+                if e.WhichOneof("event") == "metrics"
+                and e.metrics.metrics[0].split == common_pb2.DATASET_SPLIT_VALIDATION
+            ]
+            assert [set(v) for v in validation] == [{"loss", "perplexity"}] * 4
+            assert validation[-1]["loss"] < validation[0]["loss"], validation
+
+            # Checkpoints live in the real S3 server, under the Ray run's name.
+            names = _checkpoint_names(s3, tmp_path, job.job_id)
+            assert "model" in names and any(name.startswith("checkpoint_") for name in names), names
+
+            # The published artifact is the adapter with the tokenizer and its chat template, every file verified.
+            done = await service.stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
+            result = done.result
+            assert result.trainable_parameter_count == 4096  # r=8 on q, k, v, o of 2 layers, hidden 32
+            objects = S3ObjectStore(s3)
+            manifest = ModelManifest.from_json(
+                objects.get_bytes(result.manifest.key, expected_sha256=result.manifest.sha256)
+            )
+            assert {"adapter_model.safetensors", "adapter_config.json", "chat_template.jinja"} <= set(manifest.files)
+            assert "model.safetensors" not in manifest.files and manifest.task_type == "TASK_TYPE_CHAT"
+            local = manifest.download(objects, tmp_path / "adapter")
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(local))
+            assert tokenizer.chat_template == CHATML_TEMPLATE
+            tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), str(local))
+            assert {n for n, _ in tuned.named_parameters() if "lora_A" in n}
+
+            # The registry's input arrives on Kafka: task, signature and the template's hash in the lineage.
+            assert await asyncio.to_thread(succeeded.wait, 60), "no SUCCEEDED JobStateChanged on Kafka"
+            success = received[-1]
+            assert success.task == common_pb2.TASK_TYPE_CHAT and success.manifest == result.manifest
+            assert [t.name for t in success.signature.inputs] == ["messages"]
+            hyper = success.lineage.hyper_parameters
+            assert hyper["chat_template.sha256"] == chat_template_sha256(CHATML_TEMPLATE)
+            assert hyper["objective"] == "sft" and hyper["lora.target_modules"] == "q_proj,k_proj,v_proj,o_proj"
+            test_loss = {(m.name, m.split): m.value for m in success.metrics}[("loss", common_pb2.DATASET_SPLIT_TEST)]
+            assert test_loss > 0
+        finally:
+            consumer.stop()
+            bus.close()
+
+
+async def test_two_sft_workers_survive_a_worker_crash_and_resume_from_the_s3_checkpoint(
+    tmp_path: Path, s3: S3Settings, kafka_bootstrap: str, ray_cluster: RayCluster, chat_version: Any, tiny_llama: Path
+) -> None:
+    marker = tmp_path / "rank1-crashed"
+    # 96 conversations over 2 workers, batches of 8: 6 steps per epoch, 12 in all. Checkpoints every 4 steps;
+    # worker 1 dies right after step 6, so the restarted group resumes from the checkpoint at step 4.
+    fault = FaultInjection(rank=1, at_step=6, marker=str(marker), settle_s=6.0)
+    async with _service(tmp_path, s3, kafka_bootstrap, ray_cluster, chat_version, fault=fault) as service:
+        spec = _chat_spec(service.project, tiny_llama, epochs=2, eval_every_steps=4, log_every_steps=2)
+        spec.resources.num_workers = 2
+        job = await service.stub.SubmitJob(pb.SubmitJobRequest(spec=spec))
+        events = await service.events(job.job_id)
+        changes = _state_changes(events)
+        assert [c.state for c in changes] == [
+            pb.JOB_STATE_QUEUED,
+            pb.JOB_STATE_RUNNING,
+            pb.JOB_STATE_RUNNING,
+            pb.JOB_STATE_SUCCEEDED,
+        ], [c.reason for c in changes]
+        assert marker.exists() and "resumed from the checkpoint at step 4" in changes[2].reason
+        restart = next(i for i, e in enumerate(events) if e.state_change.reason.startswith("the worker group"))
+        train_steps = [
+            [e.metrics.step for e in part if e.WhichOneof("event") == "metrics" and e.metrics.metrics[0].split == 0]
+            for part in (events[:restart], events[restart:])
+        ]
+        assert train_steps == [[2, 4], list(range(6, 13, 2))]
+        done = await service.stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
+        assert done.restart_count == 1 and done.progress.step == 12
+        assert {m.name for m in done.result.metrics} >= {"loss", "perplexity"}
+        objects = S3ObjectStore(s3)
+        manifest = ModelManifest.from_json(objects.get_bytes(done.result.manifest.key))
+        assert "adapter_model.safetensors" in manifest.files

@@ -20,17 +20,22 @@ from gristmill.training.ml.loop import (
     LoopRunner,
     autocast_dtype,
 )
+from gristmill.training.tasks.text_classification import LabelledText
 
 
 def _split(rows: list[tuple[str, str]]) -> tuple[list[str], list[int]]:
     return [t for t, _ in rows], [LABELS.index(label) for _, label in rows]
 
 
+def _examples(rows: list[tuple[str, str]]) -> list[LabelledText]:
+    return [LabelledText(t, LABELS.index(label)) for t, label in rows]
+
+
 def _config(model: Path, sink: Any = None, *, method: d.Method = d.Method.FULL, **hyper: Any) -> LoopConfig:
     train, validation, test = (
-        _split(sentiment_rows(96, 1)),
-        _split(sentiment_rows(32, 2)),
-        _split(sentiment_rows(32, 3)),
+        _examples(sentiment_rows(96, 1)),
+        _examples(sentiment_rows(32, 2)),
+        _examples(sentiment_rows(32, 3)),
     )
     settings: dict[str, Any] = {
         "learning_rate": 1e-2,
@@ -45,8 +50,7 @@ def _config(model: Path, sink: Any = None, *, method: d.Method = d.Method.FULL, 
         job_id="job",
         model_dir=str(model),
         label_map=LABELS,
-        texts={"train": train[0], "validation": validation[0], "test": test[0]},
-        labels={"train": train[1], "validation": validation[1], "test": test[1]},
+        examples={"train": train, "validation": validation, "test": test},
         method=method,
         lora=lora,
         hyper=d.build_hyper_parameters(method=method, **settings),

@@ -18,11 +18,11 @@ from gristmill.training.domain.refs import BaseModelRef, DatasetRef
 from gristmill.training.domain.resolve import DatasetCatalog
 from gristmill.training.ml.loop import DirectorySession, LoopConfig, LoopRunner
 from gristmill.training.tasks import TRAINING_TASKS, training_task
-from gristmill.training.tasks.text_classification import TextClassification, classification_signature
+from gristmill.training.tasks.text_classification import LabelledText, TextClassification, classification_signature
 
 
-def test_text_classification_is_the_one_objective() -> None:
-    assert TRAINING_TASKS.names() == (TEXT_CLASSIFICATION,)
+def test_text_classification_and_chat_have_objectives() -> None:
+    assert TRAINING_TASKS.names() == (TEXT_CLASSIFICATION, CHAT)
     task = training_task(d.TaskType.TEXT_CLASSIFICATION.value)
     assert isinstance(task, TextClassification)
     # An unset task (jobs and models recorded before task types) is text classification.
@@ -30,9 +30,10 @@ def test_text_classification_is_the_one_objective() -> None:
     assert task.signature(LABELS) == classification_signature(len(LABELS))
 
 
-@pytest.mark.parametrize("name", [CHAT, "preference", "TASK_TYPE_TEXT_MULTI_LABEL_CLASSIFICATION"])
+@pytest.mark.parametrize("name", ["preference", "TASK_TYPE_TEXT_MULTI_LABEL_CLASSIFICATION"])
 def test_a_task_without_an_objective_is_refused_naming_what_training_supports(name: str) -> None:
-    with pytest.raises(InvalidArgumentError, match="not supported by training yet; supported: text-classification"):
+    expected = "not supported by training yet; supported: text-classification, chat$"
+    with pytest.raises(InvalidArgumentError, match=expected):
         training_task(name)
 
 
@@ -70,7 +71,7 @@ def test_a_dataset_of_a_task_training_lacks_is_invalid_argument_naming_the_field
     with pytest.raises(InvalidArgumentError) as caught:
         DatasetCatalog(objects).resolve(ref)
     assert "tickets/v1 is a TASK_TYPE_TEXT_MULTI_LABEL_CLASSIFICATION dataset" in caught.value.message
-    assert "not supported by training yet; supported: text-classification" in caught.value.message
+    assert "not supported by training yet; supported: text-classification, chat" in caught.value.message
     assert caught.value.details["field"] == "spec.dataset_version"
 
 
@@ -96,8 +97,7 @@ def _loop_config(task: str) -> LoopConfig:
         job_id="j",
         model_dir="/nowhere",
         label_map=tuple(LABELS),
-        texts={"train": ["good"]},
-        labels={"train": [1]},
+        examples={"train": [LabelledText("good", 1)]},
         method=d.Method.FULL,
         lora=None,
         hyper=d.build_hyper_parameters(method=d.Method.FULL),
@@ -108,5 +108,5 @@ def _loop_config(task: str) -> LoopConfig:
 def test_the_loop_takes_its_objective_from_the_job_task(tmp_path: Path) -> None:
     runner = LoopRunner(_loop_config("TASK_TYPE_TEXT_CLASSIFICATION"), 0, 1, 0, DirectorySession(tmp_path))
     assert runner.task is training_task(TEXT_CLASSIFICATION)
-    with pytest.raises(InvalidArgumentError, match="'chat' is not supported by training"):
-        LoopRunner(_loop_config(CHAT), 0, 1, 0, DirectorySession(tmp_path))
+    with pytest.raises(InvalidArgumentError, match="'preference' is not supported by training"):
+        LoopRunner(_loop_config("preference"), 0, 1, 0, DirectorySession(tmp_path))

@@ -142,6 +142,10 @@ class _DropReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DropReason
     DROP_REASON_NEAR_DUPLICATE_FLAGGED: _DropReason.ValueType  # 5
     """Not dropped: kept and flagged."""
     DROP_REASON_EXISTING_EXTERNAL_ID: _DropReason.ValueType  # 6
+    DROP_REASON_TRUNCATED: _DropReason.ValueType  # 7
+    """Not dropped: kept with its oldest exchanges removed to fit max_tokens."""
+    DROP_REASON_TOO_MANY_TOKENS: _DropReason.ValueType  # 8
+    """Over max_tokens even cut to its system turns and last exchange."""
 
 class DropReason(_DropReason, metaclass=_DropReasonEnumTypeWrapper): ...
 
@@ -153,6 +157,10 @@ DROP_REASON_NEAR_DUPLICATE: DropReason.ValueType  # 4
 DROP_REASON_NEAR_DUPLICATE_FLAGGED: DropReason.ValueType  # 5
 """Not dropped: kept and flagged."""
 DROP_REASON_EXISTING_EXTERNAL_ID: DropReason.ValueType  # 6
+DROP_REASON_TRUNCATED: DropReason.ValueType  # 7
+"""Not dropped: kept with its oldest exchanges removed to fit max_tokens."""
+DROP_REASON_TOO_MANY_TOKENS: DropReason.ValueType  # 8
+"""Over max_tokens even cut to its system turns and last exchange."""
 Global___DropReason: _TypeAlias = DropReason  # noqa: Y015
 
 class _ItemStatus:
@@ -347,6 +355,8 @@ class CleaningSettings(_message.Message):
     NEAR_DUPLICATE_POLICY_FIELD_NUMBER: _builtins.int
     NEAR_DUPLICATE_THRESHOLD_FIELD_NUMBER: _builtins.int
     PII_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    TOKENIZER_FIELD_NUMBER: _builtins.int
     max_text_chars: _builtins.int
     """Items whose normalised text is longer than this many characters are dropped (counted,
     not an error). 0 means 10,000.
@@ -357,6 +367,19 @@ class CleaningSettings(_message.Message):
     """Estimated Jaccard similarity of word shingles at or above which two texts are near
     duplicates, in (0, 1]. 0 means 0.9.
     """
+    max_tokens: _builtins.int
+    """chat and preference projects: the most tokens a conversation may have, counted by
+    `tokenizer` (0: no token limit; at most 1,000,000). A longer conversation loses its oldest
+    complete exchanges (a user turn and the turns that answer it), never its system turns nor
+    its last exchange, until it fits (kept, listed as DROP_REASON_TRUNCATED); one that does not
+    fit even so is dropped (DROP_REASON_TOO_MANY_TOKENS). A preference item must fit with its
+    longest candidate reply (candidates are never cut). The character limit applies first.
+    """
+    tokenizer: _builtins.str
+    """The registry base model (RegistryService.GetBaseModel name) whose tokenizer counts tokens:
+    required when max_tokens > 0. Conversations are counted as the tokenizer's chat template
+    renders them when it has one, else as the sum of each turn's tokens plus 4 per turn.
+    """
     @_builtins.property
     def pii(self) -> Global___PiiSettings: ...
     def __init__(
@@ -366,10 +389,12 @@ class CleaningSettings(_message.Message):
         near_duplicate_policy: Global___NearDuplicatePolicy.ValueType = ...,
         near_duplicate_threshold: _builtins.float = ...,
         pii: Global___PiiSettings | None = ...,
+        max_tokens: _builtins.int = ...,
+        tokenizer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pii", b"pii"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_text_chars", b"max_text_chars", "near_duplicate_policy", b"near_duplicate_policy", "near_duplicate_threshold", b"near_duplicate_threshold", "pii", b"pii"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_text_chars", b"max_text_chars", "max_tokens", b"max_tokens", "near_duplicate_policy", b"near_duplicate_policy", "near_duplicate_threshold", b"near_duplicate_threshold", "pii", b"pii", "tokenizer", b"tokenizer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1276,6 +1301,9 @@ class ImportReport(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     DURATION_MS_FIELD_NUMBER: _builtins.int
     RECORDS_BY_FORMAT_FIELD_NUMBER: _builtins.int
+    TRUNCATED_COUNT_FIELD_NUMBER: _builtins.int
+    TRUNCATED_TURN_COUNT_FIELD_NUMBER: _builtins.int
+    DROPPED_TOO_MANY_TOKENS_COUNT_FIELD_NUMBER: _builtins.int
     import_id: _builtins.str
     project_id: _builtins.str
     source_name: _builtins.str
@@ -1301,6 +1329,11 @@ class ImportReport(_message.Message):
     drops_truncated: _builtins.bool
     duration_ms: _builtins.int
     """Wall time the import took, in milliseconds."""
+    truncated_count: _builtins.int
+    """Conversations kept shorter to fit settings.cleaning.max_tokens, and the turns they lost."""
+    truncated_turn_count: _builtins.int
+    dropped_too_many_tokens_count: _builtins.int
+    """Conversations over max_tokens even with only their system turns and last exchange."""
     @_builtins.property
     def pii_masked_by_kind(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Matches masked per kind: "EMAIL", "PHONE", "PAYMENT_CARD", "ID_NUMBER", "IP_ADDRESS" or a
@@ -1342,10 +1375,13 @@ class ImportReport(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         duration_ms: _builtins.int = ...,
         records_by_format: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        truncated_count: _builtins.int = ...,
+        truncated_turn_count: _builtins.int = ...,
+        dropped_too_many_tokens_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "create_time", b"create_time", "dropped_empty_count", b"dropped_empty_count", "dropped_exact_duplicate_count", b"dropped_exact_duplicate_count", "dropped_existing_external_id_count", b"dropped_existing_external_id_count", "dropped_near_duplicate_count", b"dropped_near_duplicate_count", "dropped_too_long_count", b"dropped_too_long_count", "drops", b"drops", "drops_truncated", b"drops_truncated", "duration_ms", b"duration_ms", "flagged_near_duplicate_count", b"flagged_near_duplicate_count", "import_id", b"import_id", "imported_label_count", b"imported_label_count", "normalized_count", b"normalized_count", "pii_masked_by_kind", b"pii_masked_by_kind", "pii_masked_item_count", b"pii_masked_item_count", "project_id", b"project_id", "received_count", b"received_count", "records_by_format", b"records_by_format", "source_name", b"source_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "create_time", b"create_time", "dropped_empty_count", b"dropped_empty_count", "dropped_exact_duplicate_count", b"dropped_exact_duplicate_count", "dropped_existing_external_id_count", b"dropped_existing_external_id_count", "dropped_near_duplicate_count", b"dropped_near_duplicate_count", "dropped_too_long_count", b"dropped_too_long_count", "dropped_too_many_tokens_count", b"dropped_too_many_tokens_count", "drops", b"drops", "drops_truncated", b"drops_truncated", "duration_ms", b"duration_ms", "flagged_near_duplicate_count", b"flagged_near_duplicate_count", "import_id", b"import_id", "imported_label_count", b"imported_label_count", "normalized_count", b"normalized_count", "pii_masked_by_kind", b"pii_masked_by_kind", "pii_masked_item_count", b"pii_masked_item_count", "project_id", b"project_id", "received_count", b"received_count", "records_by_format", b"records_by_format", "source_name", b"source_name", "truncated_count", b"truncated_count", "truncated_turn_count", b"truncated_turn_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1360,6 +1396,8 @@ class DroppedRecord(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     DUPLICATE_OF_ITEM_ID_FIELD_NUMBER: _builtins.int
     SIMILARITY_FIELD_NUMBER: _builtins.int
+    REMOVED_TURN_COUNT_FIELD_NUMBER: _builtins.int
+    TOKEN_COUNT_FIELD_NUMBER: _builtins.int
     line_number: _builtins.int
     """1-based line (JSONL/CSV, header counted) or item index (ITEMS)."""
     external_id: _builtins.str
@@ -1368,6 +1406,12 @@ class DroppedRecord(_message.Message):
     """For duplicates: the item kept instead."""
     similarity: _builtins.float
     """For near duplicates: the estimated similarity."""
+    removed_turn_count: _builtins.int
+    """DROP_REASON_TRUNCATED: the turns removed."""
+    token_count: _builtins.int
+    """DROP_REASON_TRUNCATED: the tokens of what was kept; DROP_REASON_TOO_MANY_TOKENS: the tokens
+    of the shortest form it could be cut to.
+    """
     def __init__(
         self,
         *,
@@ -1376,10 +1420,12 @@ class DroppedRecord(_message.Message):
         reason: Global___DropReason.ValueType = ...,
         duplicate_of_item_id: _builtins.str = ...,
         similarity: _builtins.float = ...,
+        removed_turn_count: _builtins.int = ...,
+        token_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate_of_item_id", b"duplicate_of_item_id", "external_id", b"external_id", "line_number", b"line_number", "reason", b"reason", "similarity", b"similarity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate_of_item_id", b"duplicate_of_item_id", "external_id", b"external_id", "line_number", b"line_number", "reason", b"reason", "removed_turn_count", b"removed_turn_count", "similarity", b"similarity", "token_count", b"token_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

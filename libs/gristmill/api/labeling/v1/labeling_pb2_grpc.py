@@ -180,8 +180,12 @@ class LabelingServiceServicer(object):
     def CreateProject(self, request, context):
         """Creates a project with its first label schema (version 1).
         INVALID_ARGUMENT: bad project_id, unsupported task type, invalid schema (fewer than two
-        labels for single-label classification, duplicate or invalid label names), bad settings.
+        labels for single-label classification, duplicate or invalid label names), bad settings
+        (among them settings.cleaning.tokenizer naming a base model the registry does not have, or
+        whose tokenizer cannot be loaded).
         ALREADY_EXISTS: project_id is taken in the caller's organisation.
+        UNAVAILABLE: settings.cleaning.tokenizer is set and the registry cannot be reached (nothing is
+        created).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -205,7 +209,9 @@ class LabelingServiceServicer(object):
     def UpdateProject(self, request, context):
         """Changes a project's description or settings (not its task type or schema: see
         UpdateLabelSchema). NOT_FOUND: unknown project. INVALID_ARGUMENT: unknown path in
-        update_mask, invalid setting.
+        update_mask, invalid setting (a new settings.cleaning.tokenizer is checked like
+        CreateProject's). UNAVAILABLE: a new tokenizer cannot be checked (the registry cannot be
+        reached); nothing changes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -241,12 +247,16 @@ class LabelingServiceServicer(object):
         or batches of structured `items`, as `options.format` says. The import is atomic: when the
         stream ends every accepted item is stored in one transaction, or nothing is.
         Cleaning (normalisation, empty / too-long / duplicate drops, near-duplicate detection,
-        PII masking) is not an error: it is counted in the returned report.
+        PII masking, conversations cut to or dropped over settings.cleaning.max_tokens) is not an
+        error: it is counted in the returned report.
         INVALID_ARGUMENT (nothing stored; the message names the line and field): first message
         without options, a message of the wrong kind, malformed JSON/CSV line, non-UTF-8 bytes,
         a line over the hard size limit (1 MiB), missing text, a label outside the schema, the
         same external id twice in one import, more than 1,000,000 items in one import.
         NOT_FOUND: unknown project.
+        FAILED_PRECONDITION: the project limits tokens and its tokenizer (a registry base model) no
+        longer exists or cannot be loaded. UNAVAILABLE: the project limits tokens and the registry
+        cannot be reached (nothing stored; retry later).
         Retrying with the same options.request_id returns the first import's report and stores
         nothing new.
         """

@@ -45,8 +45,12 @@ class LabelingServiceStub:
     CreateProject: _grpc.UnaryUnaryMultiCallable[_labeling_pb2.CreateProjectRequest, _labeling_pb2.Project]
     """Creates a project with its first label schema (version 1).
     INVALID_ARGUMENT: bad project_id, unsupported task type, invalid schema (fewer than two
-      labels for single-label classification, duplicate or invalid label names), bad settings.
+      labels for single-label classification, duplicate or invalid label names), bad settings
+      (among them settings.cleaning.tokenizer naming a base model the registry does not have, or
+      whose tokenizer cannot be loaded).
     ALREADY_EXISTS: project_id is taken in the caller's organisation.
+    UNAVAILABLE: settings.cleaning.tokenizer is set and the registry cannot be reached (nothing is
+      created).
     """
     GetProject: _grpc.UnaryUnaryMultiCallable[_labeling_pb2.GetProjectRequest, _labeling_pb2.Project]
     """Returns a project with its current schema and item counts.
@@ -57,7 +61,9 @@ class LabelingServiceStub:
     UpdateProject: _grpc.UnaryUnaryMultiCallable[_labeling_pb2.UpdateProjectRequest, _labeling_pb2.Project]
     """Changes a project's description or settings (not its task type or schema: see
     UpdateLabelSchema). NOT_FOUND: unknown project. INVALID_ARGUMENT: unknown path in
-    update_mask, invalid setting.
+    update_mask, invalid setting (a new settings.cleaning.tokenizer is checked like
+    CreateProject's). UNAVAILABLE: a new tokenizer cannot be checked (the registry cannot be
+    reached); nothing changes.
     """
     UpdateLabelSchema: _grpc.UnaryUnaryMultiCallable[_labeling_pb2.UpdateLabelSchemaRequest, _labeling_pb2.LabelSchema]
     """Makes a new label schema version the project's current one. Labels may be added and
@@ -75,12 +81,16 @@ class LabelingServiceStub:
     or batches of structured `items`, as `options.format` says. The import is atomic: when the
     stream ends every accepted item is stored in one transaction, or nothing is.
     Cleaning (normalisation, empty / too-long / duplicate drops, near-duplicate detection,
-    PII masking) is not an error: it is counted in the returned report.
+    PII masking, conversations cut to or dropped over settings.cleaning.max_tokens) is not an
+    error: it is counted in the returned report.
     INVALID_ARGUMENT (nothing stored; the message names the line and field): first message
       without options, a message of the wrong kind, malformed JSON/CSV line, non-UTF-8 bytes,
       a line over the hard size limit (1 MiB), missing text, a label outside the schema, the
       same external id twice in one import, more than 1,000,000 items in one import.
     NOT_FOUND: unknown project.
+    FAILED_PRECONDITION: the project limits tokens and its tokenizer (a registry base model) no
+      longer exists or cannot be loaded. UNAVAILABLE: the project limits tokens and the registry
+      cannot be reached (nothing stored; retry later).
     Retrying with the same options.request_id returns the first import's report and stores
     nothing new.
     """
@@ -188,8 +198,12 @@ class LabelingServiceAsyncStub(LabelingServiceStub):
     CreateProject: _aio.UnaryUnaryMultiCallable[_labeling_pb2.CreateProjectRequest, _labeling_pb2.Project]  # type: ignore[assignment]
     """Creates a project with its first label schema (version 1).
     INVALID_ARGUMENT: bad project_id, unsupported task type, invalid schema (fewer than two
-      labels for single-label classification, duplicate or invalid label names), bad settings.
+      labels for single-label classification, duplicate or invalid label names), bad settings
+      (among them settings.cleaning.tokenizer naming a base model the registry does not have, or
+      whose tokenizer cannot be loaded).
     ALREADY_EXISTS: project_id is taken in the caller's organisation.
+    UNAVAILABLE: settings.cleaning.tokenizer is set and the registry cannot be reached (nothing is
+      created).
     """
     GetProject: _aio.UnaryUnaryMultiCallable[_labeling_pb2.GetProjectRequest, _labeling_pb2.Project]  # type: ignore[assignment]
     """Returns a project with its current schema and item counts.
@@ -200,7 +214,9 @@ class LabelingServiceAsyncStub(LabelingServiceStub):
     UpdateProject: _aio.UnaryUnaryMultiCallable[_labeling_pb2.UpdateProjectRequest, _labeling_pb2.Project]  # type: ignore[assignment]
     """Changes a project's description or settings (not its task type or schema: see
     UpdateLabelSchema). NOT_FOUND: unknown project. INVALID_ARGUMENT: unknown path in
-    update_mask, invalid setting.
+    update_mask, invalid setting (a new settings.cleaning.tokenizer is checked like
+    CreateProject's). UNAVAILABLE: a new tokenizer cannot be checked (the registry cannot be
+    reached); nothing changes.
     """
     UpdateLabelSchema: _aio.UnaryUnaryMultiCallable[_labeling_pb2.UpdateLabelSchemaRequest, _labeling_pb2.LabelSchema]  # type: ignore[assignment]
     """Makes a new label schema version the project's current one. Labels may be added and
@@ -218,12 +234,16 @@ class LabelingServiceAsyncStub(LabelingServiceStub):
     or batches of structured `items`, as `options.format` says. The import is atomic: when the
     stream ends every accepted item is stored in one transaction, or nothing is.
     Cleaning (normalisation, empty / too-long / duplicate drops, near-duplicate detection,
-    PII masking) is not an error: it is counted in the returned report.
+    PII masking, conversations cut to or dropped over settings.cleaning.max_tokens) is not an
+    error: it is counted in the returned report.
     INVALID_ARGUMENT (nothing stored; the message names the line and field): first message
       without options, a message of the wrong kind, malformed JSON/CSV line, non-UTF-8 bytes,
       a line over the hard size limit (1 MiB), missing text, a label outside the schema, the
       same external id twice in one import, more than 1,000,000 items in one import.
     NOT_FOUND: unknown project.
+    FAILED_PRECONDITION: the project limits tokens and its tokenizer (a registry base model) no
+      longer exists or cannot be loaded. UNAVAILABLE: the project limits tokens and the registry
+      cannot be reached (nothing stored; retry later).
     Retrying with the same options.request_id returns the first import's report and stores
     nothing new.
     """
@@ -334,8 +354,12 @@ class LabelingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_labeling_pb2.Project, _abc.Awaitable[_labeling_pb2.Project]]:
         """Creates a project with its first label schema (version 1).
         INVALID_ARGUMENT: bad project_id, unsupported task type, invalid schema (fewer than two
-          labels for single-label classification, duplicate or invalid label names), bad settings.
+          labels for single-label classification, duplicate or invalid label names), bad settings
+          (among them settings.cleaning.tokenizer naming a base model the registry does not have, or
+          whose tokenizer cannot be loaded).
         ALREADY_EXISTS: project_id is taken in the caller's organisation.
+        UNAVAILABLE: settings.cleaning.tokenizer is set and the registry cannot be reached (nothing is
+          created).
         """
 
     @_abc_1.abstractmethod
@@ -364,7 +388,9 @@ class LabelingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_labeling_pb2.Project, _abc.Awaitable[_labeling_pb2.Project]]:
         """Changes a project's description or settings (not its task type or schema: see
         UpdateLabelSchema). NOT_FOUND: unknown project. INVALID_ARGUMENT: unknown path in
-        update_mask, invalid setting.
+        update_mask, invalid setting (a new settings.cleaning.tokenizer is checked like
+        CreateProject's). UNAVAILABLE: a new tokenizer cannot be checked (the registry cannot be
+        reached); nothing changes.
         """
 
     @_abc_1.abstractmethod
@@ -406,12 +432,16 @@ class LabelingServiceServicer(metaclass=_abc_1.ABCMeta):
         or batches of structured `items`, as `options.format` says. The import is atomic: when the
         stream ends every accepted item is stored in one transaction, or nothing is.
         Cleaning (normalisation, empty / too-long / duplicate drops, near-duplicate detection,
-        PII masking) is not an error: it is counted in the returned report.
+        PII masking, conversations cut to or dropped over settings.cleaning.max_tokens) is not an
+        error: it is counted in the returned report.
         INVALID_ARGUMENT (nothing stored; the message names the line and field): first message
           without options, a message of the wrong kind, malformed JSON/CSV line, non-UTF-8 bytes,
           a line over the hard size limit (1 MiB), missing text, a label outside the schema, the
           same external id twice in one import, more than 1,000,000 items in one import.
         NOT_FOUND: unknown project.
+        FAILED_PRECONDITION: the project limits tokens and its tokenizer (a registry base model) no
+          longer exists or cannot be loaded. UNAVAILABLE: the project limits tokens and the registry
+          cannot be reached (nothing stored; retry later).
         Retrying with the same options.request_id returns the first import's report and stores
         nothing new.
         """

@@ -1483,6 +1483,7 @@ class BaseModel(_message.Message):
     FILES_FIELD_NUMBER: _builtins.int
     CONTENT_SHA256_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    CHAT_TEMPLATE_SHA256_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Slug, e.g. "all-minilm-l6-v2". Jobs name it in BaseModelRef.base_model_name."""
     organization_id: _builtins.str
@@ -1496,6 +1497,12 @@ class BaseModel(_message.Message):
     """base-models/<name>/."""
     content_sha256: _builtins.str
     """SHA-256 over the file list and checksums (what lineage records as content_sha256)."""
+    chat_template_sha256: _builtins.str
+    """SHA-256 of the chat template's text (UTF-8), the one the tokenizer applies by default:
+    chat_template.jinja, else tokenizer_config.json's "chat_template" (a string, or the entry
+    named "default" of a list). Empty when the model has no chat template. Training and serving
+    compare it to refuse a model served with another template than the one it was trained with.
+    """
     @_builtins.property
     def architectures(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -1521,10 +1528,11 @@ class BaseModel(_message.Message):
         files: _abc.Iterable[_common_pb2.ObjectRef] | None = ...,
         content_sha256: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        chat_template_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architectures", b"architectures", "artifact_prefix", b"artifact_prefix", "content_sha256", b"content_sha256", "create_time", b"create_time", "description", b"description", "files", b"files", "license", b"license", "model_type", b"model_type", "name", b"name", "organization_id", b"organization_id", "parameter_count", b"parameter_count", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architectures", b"architectures", "artifact_prefix", b"artifact_prefix", "chat_template_sha256", b"chat_template_sha256", "content_sha256", b"content_sha256", "create_time", b"create_time", "description", b"description", "files", b"files", "license", b"license", "model_type", b"model_type", "name", b"name", "organization_id", b"organization_id", "parameter_count", b"parameter_count", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1537,6 +1545,8 @@ class ImportBaseModelRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     LOCAL_PATH_FIELD_NUMBER: _builtins.int
     OBJECT_PREFIX_FIELD_NUMBER: _builtins.int
+    GGUF_FILE_FIELD_NUMBER: _builtins.int
+    GGUF_OBJECT_KEY_FIELD_NUMBER: _builtins.int
     LICENSE_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
@@ -1545,6 +1555,12 @@ class ImportBaseModelRequest(_message.Message):
     """A Hugging Face directory on the registry's host (embedded and local modes only)."""
     object_prefix: _builtins.str
     """A Hugging Face directory already in the object store."""
+    gguf_file: _builtins.str
+    """A GGUF file on the registry's host (embedded and local modes only, like local_path), e.g.
+    "/models/SmolLM2-135M-Instruct.Q4_1.gguf". Its tokenizer and chat template come from the file.
+    """
+    gguf_object_key: _builtins.str
+    """A GGUF file already in the object store, by key (e.g. "uploads/smollm2.Q4_1.gguf")."""
     license: _builtins.str
     description: _builtins.str
     @_builtins.property
@@ -1557,15 +1573,17 @@ class ImportBaseModelRequest(_message.Message):
         name: _builtins.str = ...,
         local_path: _builtins.str = ...,
         object_prefix: _builtins.str = ...,
+        gguf_file: _builtins.str = ...,
+        gguf_object_key: _builtins.str = ...,
         license: _builtins.str = ...,
         description: _builtins.str = ...,
         tasks: _abc.Iterable[_common_pb2.TaskType.ValueType] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["local_path", b"local_path", "object_prefix", b"object_prefix", "source", b"source"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gguf_file", b"gguf_file", "gguf_object_key", b"gguf_object_key", "local_path", b"local_path", "object_prefix", b"object_prefix", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "license", b"license", "local_path", b"local_path", "name", b"name", "object_prefix", b"object_prefix", "source", b"source", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "gguf_file", b"gguf_file", "gguf_object_key", b"gguf_object_key", "license", b"license", "local_path", b"local_path", "name", b"name", "object_prefix", b"object_prefix", "source", b"source", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["local_path", "object_prefix"]  # noqa: Y015
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["local_path", "object_prefix", "gguf_file", "gguf_object_key"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
 

@@ -346,12 +346,17 @@ class RegistryServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def ImportBaseModel(self, request, context):
-        """Imports a Hugging Face model directory as a base model: validates it (config.json, weights
-        as safetensors or PyTorch, tokenizer), copies it to base-models/<name>/ with checksums and
-        records its architecture, parameter count and licence.
-        ALREADY_EXISTS: the name is taken. NOT_FOUND: the source directory or prefix does not
-        exist. INVALID_ARGUMENT: not a Hugging Face model directory (named missing file).
-        FAILED_PRECONDITION: local paths are disabled in this installation.
+        """Imports a base model from a Hugging Face model directory or a GGUF file. A directory is
+        validated (config.json, weights as safetensors or PyTorch, tokenizer) and copied to
+        base-models/<name>/ with checksums. A GGUF file is de-quantised once (transformers' GGUF
+        loader) into safetensors with its tokenizer and chat template, and that directory is stored the
+        same way; the GGUF itself is not kept. Either way the architecture, parameter count, licence and
+        the chat template's SHA-256 are recorded. Nothing is recorded when the import fails.
+        ALREADY_EXISTS: the name is taken. NOT_FOUND: the source directory, prefix, file or key does
+        not exist. INVALID_ARGUMENT: not a Hugging Face model directory (named missing file), or not a
+        GGUF file transformers can load (not a GGUF, an unsupported architecture or tokenizer).
+        FAILED_PRECONDITION: local paths are disabled in this installation, or GGUF support (the
+        registry's [gguf] extra: torch, transformers, gguf, accelerate) is not installed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -135,12 +135,17 @@ class RegistryServiceStub:
     generated (read-only) path in update_mask.
     """
     ImportBaseModel: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ImportBaseModelRequest, _registry_pb2.BaseModel]
-    """Imports a Hugging Face model directory as a base model: validates it (config.json, weights
-    as safetensors or PyTorch, tokenizer), copies it to base-models/<name>/ with checksums and
-    records its architecture, parameter count and licence.
-    ALREADY_EXISTS: the name is taken. NOT_FOUND: the source directory or prefix does not
-    exist. INVALID_ARGUMENT: not a Hugging Face model directory (named missing file).
-    FAILED_PRECONDITION: local paths are disabled in this installation.
+    """Imports a base model from a Hugging Face model directory or a GGUF file. A directory is
+    validated (config.json, weights as safetensors or PyTorch, tokenizer) and copied to
+    base-models/<name>/ with checksums. A GGUF file is de-quantised once (transformers' GGUF
+    loader) into safetensors with its tokenizer and chat template, and that directory is stored the
+    same way; the GGUF itself is not kept. Either way the architecture, parameter count, licence and
+    the chat template's SHA-256 are recorded. Nothing is recorded when the import fails.
+    ALREADY_EXISTS: the name is taken. NOT_FOUND: the source directory, prefix, file or key does
+    not exist. INVALID_ARGUMENT: not a Hugging Face model directory (named missing file), or not a
+    GGUF file transformers can load (not a GGUF, an unsupported architecture or tokenizer).
+    FAILED_PRECONDITION: local paths are disabled in this installation, or GGUF support (the
+    registry's [gguf] extra: torch, transformers, gguf, accelerate) is not installed.
     """
     ListBaseModels: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListBaseModelsRequest, _registry_pb2.ListBaseModelsResponse]
     """Lists base models, by name, optionally for one task."""
@@ -258,12 +263,17 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     generated (read-only) path in update_mask.
     """
     ImportBaseModel: _aio.UnaryUnaryMultiCallable[_registry_pb2.ImportBaseModelRequest, _registry_pb2.BaseModel]  # type: ignore[assignment]
-    """Imports a Hugging Face model directory as a base model: validates it (config.json, weights
-    as safetensors or PyTorch, tokenizer), copies it to base-models/<name>/ with checksums and
-    records its architecture, parameter count and licence.
-    ALREADY_EXISTS: the name is taken. NOT_FOUND: the source directory or prefix does not
-    exist. INVALID_ARGUMENT: not a Hugging Face model directory (named missing file).
-    FAILED_PRECONDITION: local paths are disabled in this installation.
+    """Imports a base model from a Hugging Face model directory or a GGUF file. A directory is
+    validated (config.json, weights as safetensors or PyTorch, tokenizer) and copied to
+    base-models/<name>/ with checksums. A GGUF file is de-quantised once (transformers' GGUF
+    loader) into safetensors with its tokenizer and chat template, and that directory is stored the
+    same way; the GGUF itself is not kept. Either way the architecture, parameter count, licence and
+    the chat template's SHA-256 are recorded. Nothing is recorded when the import fails.
+    ALREADY_EXISTS: the name is taken. NOT_FOUND: the source directory, prefix, file or key does
+    not exist. INVALID_ARGUMENT: not a Hugging Face model directory (named missing file), or not a
+    GGUF file transformers can load (not a GGUF, an unsupported architecture or tokenizer).
+    FAILED_PRECONDITION: local paths are disabled in this installation, or GGUF support (the
+    registry's [gguf] extra: torch, transformers, gguf, accelerate) is not installed.
     """
     ListBaseModels: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListBaseModelsRequest, _registry_pb2.ListBaseModelsResponse]  # type: ignore[assignment]
     """Lists base models, by name, optionally for one task."""
@@ -498,12 +508,17 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.ImportBaseModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.BaseModel, _abc.Awaitable[_registry_pb2.BaseModel]]:
-        """Imports a Hugging Face model directory as a base model: validates it (config.json, weights
-        as safetensors or PyTorch, tokenizer), copies it to base-models/<name>/ with checksums and
-        records its architecture, parameter count and licence.
-        ALREADY_EXISTS: the name is taken. NOT_FOUND: the source directory or prefix does not
-        exist. INVALID_ARGUMENT: not a Hugging Face model directory (named missing file).
-        FAILED_PRECONDITION: local paths are disabled in this installation.
+        """Imports a base model from a Hugging Face model directory or a GGUF file. A directory is
+        validated (config.json, weights as safetensors or PyTorch, tokenizer) and copied to
+        base-models/<name>/ with checksums. A GGUF file is de-quantised once (transformers' GGUF
+        loader) into safetensors with its tokenizer and chat template, and that directory is stored the
+        same way; the GGUF itself is not kept. Either way the architecture, parameter count, licence and
+        the chat template's SHA-256 are recorded. Nothing is recorded when the import fails.
+        ALREADY_EXISTS: the name is taken. NOT_FOUND: the source directory, prefix, file or key does
+        not exist. INVALID_ARGUMENT: not a Hugging Face model directory (named missing file), or not a
+        GGUF file transformers can load (not a GGUF, an unsupported architecture or tokenizer).
+        FAILED_PRECONDITION: local paths are disabled in this installation, or GGUF support (the
+        registry's [gguf] extra: torch, transformers, gguf, accelerate) is not installed.
         """
 
     @_abc_1.abstractmethod

@@ -59,6 +59,52 @@ JOB_STATE_FAILED: JobState.ValueType  # 4
 JOB_STATE_CANCELLED: JobState.ValueType  # 5
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
+class _Objective:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ObjectiveEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Objective.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OBJECTIVE_UNSPECIFIED: _Objective.ValueType  # 0
+    """The dataset version's: CLASSIFY for text-classification versions, SFT for chat versions
+    (DPO for preference versions, not available yet).
+    """
+    OBJECTIVE_CLASSIFY: _Objective.ValueType  # 1
+    """Sequence classification: cross-entropy over the label map; accuracy, macro F1 and loss."""
+    OBJECTIVE_SFT: _Objective.ValueType  # 2
+    """Supervised fine-tuning of a causal language model on chat conversations ({"id",
+    "messages"} rows): the base model's chat template (or spec.chat_template) renders each
+    conversation, the loss covers the assistant turns only, and short conversations are packed
+    without padding (position ids restart per conversation, so none attends to another).
+    Evaluation reports loss and perplexity over assistant tokens. With method LORA the published
+    artifact is the adapter (adapter_model.safetensors, adapter_config.json) with the tokenizer
+    and chat template; the base model is referenced by the lineage.
+    """
+    OBJECTIVE_DPO: _Objective.ValueType  # 3
+    """Direct preference optimisation on preference versions. Reserved: FAILED_PRECONDITION."""
+
+class Objective(_Objective, metaclass=_ObjectiveEnumTypeWrapper):
+    """What a job optimises; each objective trains the dataset versions of one task type."""
+
+OBJECTIVE_UNSPECIFIED: Objective.ValueType  # 0
+"""The dataset version's: CLASSIFY for text-classification versions, SFT for chat versions
+(DPO for preference versions, not available yet).
+"""
+OBJECTIVE_CLASSIFY: Objective.ValueType  # 1
+"""Sequence classification: cross-entropy over the label map; accuracy, macro F1 and loss."""
+OBJECTIVE_SFT: Objective.ValueType  # 2
+"""Supervised fine-tuning of a causal language model on chat conversations ({"id",
+"messages"} rows): the base model's chat template (or spec.chat_template) renders each
+conversation, the loss covers the assistant turns only, and short conversations are packed
+without padding (position ids restart per conversation, so none attends to another).
+Evaluation reports loss and perplexity over assistant tokens. With method LORA the published
+artifact is the adapter (adapter_model.safetensors, adapter_config.json) with the tokenizer
+and chat template; the base model is referenced by the lineage.
+"""
+OBJECTIVE_DPO: Objective.ValueType  # 3
+"""Direct preference optimisation on preference versions. Reserved: FAILED_PRECONDITION."""
+Global___Objective: _TypeAlias = Objective  # noqa: Y015
+
 class _TrainingMethod:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -69,7 +115,9 @@ class _TrainingMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Traini
     TRAINING_METHOD_FULL: _TrainingMethod.ValueType  # 1
     """Every parameter is trained."""
     TRAINING_METHOD_LORA: _TrainingMethod.ValueType  # 2
-    """LoRA adapters via PEFT; only adapter (and classifier head) parameters are trained."""
+    """LoRA adapters via PEFT; only adapter (and classifier head) parameters are trained.
+    CLASSIFY publishes the adapters merged into the weights; SFT publishes the adapter itself.
+    """
 
 class TrainingMethod(_TrainingMethod, metaclass=_TrainingMethodEnumTypeWrapper):
     """Full fine-tune or a parameter-efficient adapter."""
@@ -78,7 +126,9 @@ TRAINING_METHOD_UNSPECIFIED: TrainingMethod.ValueType  # 0
 TRAINING_METHOD_FULL: TrainingMethod.ValueType  # 1
 """Every parameter is trained."""
 TRAINING_METHOD_LORA: TrainingMethod.ValueType  # 2
-"""LoRA adapters via PEFT; only adapter (and classifier head) parameters are trained."""
+"""LoRA adapters via PEFT; only adapter (and classifier head) parameters are trained.
+CLASSIFY publishes the adapters merged into the weights; SFT publishes the adapter itself.
+"""
 Global___TrainingMethod: _TypeAlias = TrainingMethod  # noqa: Y015
 
 class _MixedPrecision:
@@ -183,6 +233,8 @@ class JobSpec(_message.Message):
     SEARCH_FIELD_NUMBER: _builtins.int
     REGISTERED_MODEL_NAME_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
+    OBJECTIVE_FIELD_NUMBER: _builtins.int
+    CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     """Human-readable name shown in listings."""
     task: _common_pb2.TaskType.ValueType
@@ -192,6 +244,18 @@ class JobSpec(_message.Message):
     registered_model_name: _builtins.str
     """On success the registry registers the result as a new version of this registered model
     (created if missing). Empty means the result is not registered.
+    """
+    objective: Global___Objective.ValueType
+    """UNSPECIFIED means the dataset version's (see Objective). Must match the version's task type
+    otherwise (INVALID_ARGUMENT naming spec.objective); OBJECTIVE_DPO is FAILED_PRECONDITION.
+    """
+    chat_template: _builtins.str
+    """SFT only: the Jinja chat template that renders conversations (as transformers'
+    apply_chat_template takes it), at most 65536 characters. Empty means the base model
+    tokenizer's; a base model without one needs it (INVALID_ARGUMENT naming the field). The
+    effective spec carries the template used, the published tokenizer carries it, and the lineage
+    records its SHA-256 (hyper_parameters["chat_template.sha256"], of the UTF-8 text).
+    INVALID_ARGUMENT with objective CLASSIFY.
     """
     @_builtins.property
     def base_model(self) -> _common_pb2.BaseModelRef:
@@ -233,10 +297,12 @@ class JobSpec(_message.Message):
         search: Global___HyperParameterSearch | None = ...,
         registered_model_name: _builtins.str = ...,
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        objective: Global___Objective.ValueType = ...,
+        chat_template: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "dataset_version", b"dataset_version", "hyper_parameters", b"hyper_parameters", "lora", b"lora", "resources", b"resources", "search", b"search"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "dataset_version", b"dataset_version", "display_name", b"display_name", "hyper_parameters", b"hyper_parameters", "lora", b"lora", "method", b"method", "registered_model_name", b"registered_model_name", "resources", b"resources", "search", b"search", "tags", b"tags", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "chat_template", b"chat_template", "dataset_version", b"dataset_version", "display_name", b"display_name", "hyper_parameters", b"hyper_parameters", "lora", b"lora", "method", b"method", "objective", b"objective", "registered_model_name", b"registered_model_name", "resources", b"resources", "search", b"search", "tags", b"tags", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -258,8 +324,10 @@ class LoraConfig(_message.Message):
     """Dropout on the adapter input, in [0, 1). Unset means 0.1."""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Module names to adapt (e.g. "query", "value"). Empty means the architecture's attention
-        projections.
+        """Module names to adapt (e.g. "query", "value"; for a Llama "q_proj", "k_proj", "v_proj",
+        "o_proj" and the MLP's "gate_proj", "up_proj", "down_proj"). Empty means the architecture's
+        attention projections (SFT on a Llama: q_proj, k_proj, v_proj, o_proj). A name the
+        architecture lacks is INVALID_ARGUMENT naming this field.
         """
 
     def __init__(
@@ -312,7 +380,10 @@ class HyperParameters(_message.Message):
     """AdamW weight decay. Unset means 0.01."""
     learning_rate_schedule: Global___LearningRateSchedule.ValueType
     max_sequence_length: _builtins.int
-    """Tokenizer truncation / padding length. 0 means 128."""
+    """Tokenizer truncation length (SFT: of a whole rendered conversation; a longer one is cut and
+    keeps the assistant tokens before the cut). 0 means 128. At most the base model's context
+    (config.max_position_embeddings).
+    """
     gradient_accumulation_steps: _builtins.int
     """Micro-batches per optimizer step. 0 means 1."""
     mixed_precision: Global___MixedPrecision.ValueType
@@ -380,7 +451,9 @@ class EarlyStopping(_message.Message):
     patience: _builtins.int
     """Evaluations without improvement before stopping. 0 disables early stopping."""
     metric: _builtins.str
-    """Validation metric: "accuracy", "f1" (macro) or "loss". Empty means "f1"."""
+    """Validation metric: "accuracy", "f1" (macro) or "loss" for CLASSIFY; "loss" or "perplexity"
+    for SFT. Empty means "f1" for CLASSIFY and "loss" for SFT ("f1" on SFT means the same).
+    """
     goal: _common_pb2.MetricGoal.ValueType
     """UNSPECIFIED means MINIMIZE for "loss" and MAXIMIZE otherwise."""
     min_delta: _builtins.float
@@ -460,7 +533,9 @@ class HyperParameterSearch(_message.Message):
     max_concurrent_trials: _builtins.int
     """Trials run at once. 0 means as many as the cluster fits."""
     metric: _builtins.str
-    """Validation metric to optimise ("accuracy", "f1", "loss"). Empty means "f1"."""
+    """Validation metric to optimise, as EarlyStopping.metric. Empty means "f1" (CLASSIFY) or
+    "loss" (SFT).
+    """
     goal: _common_pb2.MetricGoal.ValueType
     scheduler: Global___SearchScheduler.ValueType
     """UNSPECIFIED means ASHA."""
@@ -731,7 +806,10 @@ class JobResult(_message.Message):
     TRAINABLE_PARAMETER_COUNT_FIELD_NUMBER: _builtins.int
     TOTAL_PARAMETER_COUNT_FIELD_NUMBER: _builtins.int
     artifact_prefix: _builtins.str
-    """Prefix of the model directory (safetensors, config, tokenizer files, model-card.md)."""
+    """Prefix of the model directory: model.safetensors and config.json (CLASSIFY, or a full SFT
+    fine-tune) or adapter_model.safetensors and adapter_config.json (SFT with LoRA), the
+    tokenizer files (with the chat template for SFT), model-card.md and manifest.json.
+    """
     best_trial: _builtins.int
     """Searches: the winning trial's effective hyper-parameters are in lineage; this is its
     index.

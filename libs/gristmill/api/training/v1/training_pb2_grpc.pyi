@@ -48,10 +48,18 @@ class TrainingServiceStub:
     the first job instead of a new one.
     INVALID_ARGUMENT: a missing or out-of-range field (named), unsupported task or method for
       the base model, a label count that does not match the dataset, a search over an unknown
-      hyper-parameter.
+      hyper-parameter, an objective that does not train the dataset version's task type (sft on
+      a classification version, classify on a chat version: names spec.objective), a chat
+      objective on a base model without a chat template and no spec.chat_template, a chat template
+      that cannot render the version's conversations (names spec.chat_template), LoRA target
+      modules the architecture lacks (names spec.lora.target_modules), a max_sequence_length
+      beyond the base model's context (config.max_position_embeddings), a validation metric the
+      objective does not report.
     NOT_FOUND: unknown dataset version or base model.
-    FAILED_PRECONDITION: the dataset's manifest or files fail checksum verification; more
-      workers / GPUs than the cluster can ever provide; a licence limit.
+    FAILED_PRECONDITION: the dataset's manifest or files fail checksum verification, or its rows
+      are not the row format the objective reads; more workers / GPUs than the cluster can ever
+      provide; a licence limit; an objective that is not available yet (OBJECTIVE_DPO, also the
+      default for preference versions).
     UNAVAILABLE: the labeling service, the registry or the object store cannot be reached.
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_training_pb2.GetJobRequest, _training_pb2.Job]
@@ -99,10 +107,18 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     the first job instead of a new one.
     INVALID_ARGUMENT: a missing or out-of-range field (named), unsupported task or method for
       the base model, a label count that does not match the dataset, a search over an unknown
-      hyper-parameter.
+      hyper-parameter, an objective that does not train the dataset version's task type (sft on
+      a classification version, classify on a chat version: names spec.objective), a chat
+      objective on a base model without a chat template and no spec.chat_template, a chat template
+      that cannot render the version's conversations (names spec.chat_template), LoRA target
+      modules the architecture lacks (names spec.lora.target_modules), a max_sequence_length
+      beyond the base model's context (config.max_position_embeddings), a validation metric the
+      objective does not report.
     NOT_FOUND: unknown dataset version or base model.
-    FAILED_PRECONDITION: the dataset's manifest or files fail checksum verification; more
-      workers / GPUs than the cluster can ever provide; a licence limit.
+    FAILED_PRECONDITION: the dataset's manifest or files fail checksum verification, or its rows
+      are not the row format the objective reads; more workers / GPUs than the cluster can ever
+      provide; a licence limit; an objective that is not available yet (OBJECTIVE_DPO, also the
+      default for preference versions).
     UNAVAILABLE: the labeling service, the registry or the object store cannot be reached.
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_training_pb2.GetJobRequest, _training_pb2.Job]  # type: ignore[assignment]
@@ -153,10 +169,18 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
         the first job instead of a new one.
         INVALID_ARGUMENT: a missing or out-of-range field (named), unsupported task or method for
           the base model, a label count that does not match the dataset, a search over an unknown
-          hyper-parameter.
+          hyper-parameter, an objective that does not train the dataset version's task type (sft on
+          a classification version, classify on a chat version: names spec.objective), a chat
+          objective on a base model without a chat template and no spec.chat_template, a chat template
+          that cannot render the version's conversations (names spec.chat_template), LoRA target
+          modules the architecture lacks (names spec.lora.target_modules), a max_sequence_length
+          beyond the base model's context (config.max_position_embeddings), a validation metric the
+          objective does not report.
         NOT_FOUND: unknown dataset version or base model.
-        FAILED_PRECONDITION: the dataset's manifest or files fail checksum verification; more
-          workers / GPUs than the cluster can ever provide; a licence limit.
+        FAILED_PRECONDITION: the dataset's manifest or files fail checksum verification, or its rows
+          are not the row format the objective reads; more workers / GPUs than the cluster can ever
+          provide; a licence limit; an objective that is not available yet (OBJECTIVE_DPO, also the
+          default for preference versions).
         UNAVAILABLE: the labeling service, the registry or the object store cannot be reached.
         """
 

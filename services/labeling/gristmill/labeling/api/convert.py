@@ -103,6 +103,8 @@ def settings_in(settings: pb.ProjectSettings) -> m.ProjectSettings:
                 kinds=kinds,
                 custom_patterns=tuple(m.CustomPiiPattern(p.name, p.regex) for p in pii.custom_patterns),
             ),
+            max_tokens=cleaning.max_tokens,
+            tokenizer=cleaning.tokenizer,
         ),
         active_learning=m.ActiveLearningSettings(
             import_uncertain_predictions=settings.active_learning.import_uncertain_predictions
@@ -131,6 +133,8 @@ def settings_out(settings: m.ProjectSettings) -> pb.ProjectSettings:
                 kinds=[_PII_KIND_TO_PROTO[kind] for kind in sorted(cleaning.pii.kinds)],
                 custom_patterns=[pb.CustomPiiPattern(name=p.name, regex=p.regex) for p in cleaning.pii.custom_patterns],
             ),
+            max_tokens=cleaning.max_tokens,
+            tokenizer=cleaning.tokenizer,
         ),
         active_learning=pb.ActiveLearningSettings(
             import_uncertain_predictions=settings.active_learning.import_uncertain_predictions
@@ -226,6 +230,8 @@ def report_out(report: m.ImportReport) -> pb.ImportReport:
                 reason=_enum_out(pb.DropReason, drop.reason),
                 duplicate_of_item_id=drop.duplicate_of_item_id,
                 similarity=drop.similarity,
+                removed_turn_count=drop.removed_turn_count,
+                token_count=drop.token_count,
             )
             for drop in report.drops
         ],
@@ -233,6 +239,9 @@ def report_out(report: m.ImportReport) -> pb.ImportReport:
         create_time=timestamp(report.create_time),
         duration_ms=report.duration_ms,
         records_by_format=report.records_by_format,
+        truncated_count=report.truncated_count,
+        truncated_turn_count=report.truncated_turn_count,
+        dropped_too_many_tokens_count=report.dropped_too_many_tokens_count,
     )
 
 

@@ -6,7 +6,8 @@ while a client streams:
 1. While records arrive (``feed_*``), each is parsed and validated (a bad record fails the whole
    import, nothing stored), normalised, length-checked and PII-masked, and the survivors are spooled
    to a temporary file. A chat or preference record is a conversation: every turn and candidate reply is
-   cleaned, and the item's stored text is the conversation's canonical JSON.
+   cleaned, and the item's stored text is the conversation's canonical JSON. When the project limits
+   tokens, conversations are then counted in batches and cut or dropped (``domain/tokens.py``).
 2. ``finish`` takes the project's import lock, brings the project's near-duplicate index up to date
    with the database, and, in one transaction, drops records whose external id or text the project
    already has (or this import had earlier), detects near duplicates, and stores the rest.
@@ -53,11 +54,14 @@ from gristmill.labeling.domain.model import (
 from gristmill.labeling.domain.ordering import new_shuffle_key
 from gristmill.labeling.domain.parsing import CsvReader, JsonlReader, LineSplitter, RecordBuilder
 from gristmill.labeling.domain.ports import ItemWriter, NewItem
+from gristmill.labeling.domain.tokens import TokenLimit, remove_turns
 from gristmill.labeling.tasks import labeling_task
 
 MAX_REPORTED_DROPS = 1_000
 # Records per spool batch and per database round trip in phase 2.
 _BATCH = 2_000
+# Conversations counted per call to a project's tokenizer (its batch encoder runs them in parallel).
+_TOKEN_BATCH = 512
 
 IdFactory = Callable[[], str]
 
@@ -82,6 +86,20 @@ class _Cleaned(NamedTuple):
     # What near-duplicate detection compares when it is not ``text``: a conversation's contents, not its
     # JSON (whose keys every conversation shares).
     dedupe_text: str = ""
+
+
+class _Counting(NamedTuple):
+    """A cleaned conversation waiting for its batch to be counted in tokens."""
+
+    record: RawRecord
+    prediction: Prediction | None
+    # Normalised (``cleaned``), then masked (``masked``, with its matches ``found``).
+    cleaned: Conversation
+    masked: Conversation
+    found: Counter[str]
+    normalized: bool
+    response: Response | None
+    labels: tuple[str, ...]
 
 
 _gc_guard = threading.Lock()
@@ -163,7 +181,9 @@ class ImportSession:
         import_id: str,
         new_id: IdFactory,
         report: ImportReport,
+        token_limit: TokenLimit | None = None,
     ) -> None:
+        """``token_limit``: the project's ``max_tokens`` with its tokenizer's counter (None: no token limit)."""
         self.project = project
         self.options = options
         self.import_id = import_id
@@ -194,6 +214,8 @@ class ImportSession:
         self._spool: IO[bytes] = tempfile.TemporaryFile(prefix="gristmill-import-")  # noqa: SIM115
         self._spooled = 0
         self._batch: list[_Cleaned] = []
+        self._token_limit = token_limit
+        self._counting: list[_Counting] = []
 
     # -- phase 1 ----------------------------------------------------------------------------------------
 
@@ -280,10 +302,27 @@ class ImportSession:
             self._drop(line, external_id, DropReason.EMPTY)
             self.report.dropped_empty_count += 1
             return
+        if self._token_limit is not None:
+            self._counting.append(_Counting(record, prediction, cleaned, masked, found, normalized, response, labels))
+            if len(self._counting) >= _TOKEN_BATCH:
+                self._limit_tokens()
+            return
+        self._keep_conversation(record, prediction, masked, found, normalized, response, labels)
+
+    def _keep_conversation(
+        self,
+        record: RawRecord,
+        prediction: Prediction | None,
+        masked: Conversation,
+        found: Counter[str],
+        normalized: bool,
+        response: Response | None,
+        labels: tuple[str, ...],
+    ) -> None:
         self._batch.append(
             _Cleaned(
-                line,
-                external_id,
+                record.line_number,
+                record.external_id,
                 masked.to_json(),
                 record.metadata,
                 labels,
@@ -294,6 +333,42 @@ class ImportSession:
                 masked.contents(),
             )
         )
+
+    def _limit_tokens(self) -> None:
+        """Count the waiting conversations in one batch; keep, cut or drop each (in arrival order).
+
+        The limit counts the masked text (what is stored). A cut conversation is masked again without the
+        removed turns, so that the report counts only the masks of what is kept, and is normalised-or-not by
+        what is kept too.
+        """
+        counting, self._counting = self._counting, []
+        if not counting or self._token_limit is None:
+            return
+        report = self.report
+        cuts = self._token_limit.apply([entry.masked for entry in counting])
+        for entry, cut in zip(counting, cuts, strict=True):
+            record = entry.record
+            if cut.conversation is None:
+                report.dropped_too_many_tokens_count += 1
+                self._drop(record.line_number, record.external_id, DropReason.TOO_MANY_TOKENS, token_count=cut.tokens)
+                continue
+            masked, found, normalized = entry.masked, entry.found, entry.normalized
+            if cut.removed_turns:
+                kept = remove_turns(entry.cleaned, cut.removed_turns)
+                masked, found = self._masker.mask_conversation(kept)
+                if record.conversation is not None:
+                    source = remove_turns(record.conversation, cut.removed_turns)
+                    normalized = normalize_conversation(source) is not source
+                report.truncated_count += 1
+                report.truncated_turn_count += cut.removed_turns
+                self._drop(
+                    record.line_number,
+                    record.external_id,
+                    DropReason.TRUNCATED,
+                    removed_turn_count=cut.removed_turns,
+                    token_count=cut.tokens,
+                )
+            self._keep_conversation(record, entry.prediction, masked, found, normalized, entry.response, entry.labels)
 
     def _spool_batch(self, *, force: bool) -> None:
         if self._batch and (force or len(self._batch) >= _BATCH):
@@ -316,6 +391,7 @@ class ImportSession:
             self._read(self._lines.finish())
         if self._csv is not None:
             self._csv.finish()
+        self._limit_tokens()
         self._spool_batch(force=True)
         if self._builder.records_by_format:
             self.report.records_by_format = dict(self._builder.records_by_format)
@@ -494,10 +570,20 @@ class ImportSession:
         return matches
 
     def _drop(
-        self, line: int, external_id: str, reason: DropReason, duplicate_of: str = "", similarity: float = 0.0
+        self,
+        line: int,
+        external_id: str,
+        reason: DropReason,
+        duplicate_of: str = "",
+        similarity: float = 0.0,
+        *,
+        removed_turn_count: int = 0,
+        token_count: int = 0,
     ) -> None:
         if len(self.report.drops) < MAX_REPORTED_DROPS:
-            self.report.drops.append(DroppedRecord(line, external_id, reason, duplicate_of, similarity))
+            self.report.drops.append(
+                DroppedRecord(line, external_id, reason, duplicate_of, similarity, removed_turn_count, token_count)
+            )
         else:
             self.report.drops_truncated = True
 

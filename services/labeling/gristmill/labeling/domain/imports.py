@@ -49,7 +49,14 @@ class ImportUseCases(UseCases):
             source_name=options.source_name,
             create_time=self.clock(),
         )
-        return ImportSession(project, options, import_id=import_id, new_id=random_id, report=report)
+        return ImportSession(
+            project,
+            options,
+            import_id=import_id,
+            new_id=random_id,
+            report=report,
+            token_limit=self.token_limit(project),
+        )
 
     def finish_import(self, session: ImportSession) -> ImportReport:
         """Store what the session read (it must have seen the end of its input). Closes the session."""
@@ -139,7 +146,14 @@ class ImportUseCases(UseCases):
         )
         import_id = new_id()
         report = ImportReport(import_id, project.project_id, options.source_name, self.clock())
-        session = ImportSession(project, options, import_id=import_id, new_id=random_id, report=report)
+        session = ImportSession(
+            project,
+            options,
+            import_id=import_id,
+            new_id=random_id,
+            report=report,
+            token_limit=self.token_limit(project),
+        )
         try:
             session.feed_records(build(session.builder), predictions)
             session.end_of_input()

@@ -72,6 +72,9 @@ class DropReason(StrEnum):
     NEAR_DUPLICATE = "DROP_REASON_NEAR_DUPLICATE"
     NEAR_DUPLICATE_FLAGGED = "DROP_REASON_NEAR_DUPLICATE_FLAGGED"
     EXISTING_EXTERNAL_ID = "DROP_REASON_EXISTING_EXTERNAL_ID"
+    # Kept, with its oldest exchanges removed to fit ``CleaningSettings.max_tokens``.
+    TRUNCATED = "DROP_REASON_TRUNCATED"
+    TOO_MANY_TOKENS = "DROP_REASON_TOO_MANY_TOKENS"
 
 
 class ImportFormat(StrEnum):
@@ -138,6 +141,10 @@ class CleaningSettings:
     near_duplicate_policy: NearDuplicatePolicy = NearDuplicatePolicy.DROP
     near_duplicate_threshold: float = 0.9
     pii: PiiSettings = field(default_factory=PiiSettings)
+    # Chat and preference projects: the most tokens of a conversation, counted by ``tokenizer`` (a registry
+    # base model's name); 0 for no token limit (see ``domain/tokens.py``).
+    max_tokens: int = 0
+    tokenizer: str = ""
 
 
 @dataclass(frozen=True)
@@ -354,6 +361,9 @@ class DroppedRecord:
     reason: DropReason
     duplicate_of_item_id: str = ""
     similarity: float = 0.0
+    # TRUNCATED: the turns removed and the tokens kept; TOO_MANY_TOKENS: the tokens of its shortest form.
+    removed_turn_count: int = 0
+    token_count: int = 0
 
 
 @dataclass
@@ -380,6 +390,10 @@ class ImportReport:
     # Chat and preference imports: records read per detected source format ("openai", "alpaca",
     # "sharegpt", "dpo").
     records_by_format: dict[str, int] = field(default_factory=dict)
+    # Conversations cut to fit ``max_tokens`` (kept), the turns they lost, and those dropped as too long even so.
+    truncated_count: int = 0
+    truncated_turn_count: int = 0
+    dropped_too_many_tokens_count: int = 0
 
 
 # --------------------------------------------------------------------------- dataset versions

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gristmill.core.errors import AlreadyExistsError, InvalidArgumentError
+from gristmill.core.errors import (
+    AlreadyExistsError,
+    DataIntegrityError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from gristmill.core.ids import validate_id
 from gristmill.labeling.domain.common import (
     MAX_DISPLAY_NAME_CHARS,
@@ -41,9 +47,10 @@ class ProjectUseCases(UseCases):
         check_text("display_name", display_name, MAX_DISPLAY_NAME_CHARS)
         check_text("description", description, MAX_DESCRIPTION_CHARS)
         checked_labels = validate_labels(task_type, labels)
-        validate_settings(settings)
+        validate_settings(settings, task_type)
         derived = not project_id
         base = slug_from(display_name) if derived else validate_id(project_id, what="project_id")
+        self._check_tokenizer(org, settings)
         now = self.clock()
         for attempt in range(_SLUG_ATTEMPTS if derived else 1):
             candidate = base if attempt == 0 else f"{base[:120]}-{attempt + 1}"
@@ -82,7 +89,11 @@ class ProjectUseCases(UseCases):
         if description is not None:
             check_text("project.description", description, MAX_DESCRIPTION_CHARS)
         if settings is not None:
-            validate_settings(settings)
+            current = self.get_project(organization_id, project_id)
+            validate_settings(settings, current.task_type)
+            cleaning, before = settings.cleaning, current.settings.cleaning
+            if cleaning.tokenizer != before.tokenizer or (cleaning.max_tokens and not before.max_tokens):
+                self._check_tokenizer(current.organization_id, settings)
         return self.store.update_project(
             organization(organization_id),
             checked_project_id(project_id),
@@ -91,6 +102,29 @@ class ProjectUseCases(UseCases):
             settings=settings,
             now=self.clock(),
         )
+
+    def _check_tokenizer(self, organization_id: str, settings: ProjectSettings) -> None:
+        """A tokenizer a project names must exist in the registry and load: checked when it is set, so that
+        imports do not fail later (``UnavailableError`` when the registry cannot be reached)."""
+        tokenizer = settings.cleaning.tokenizer
+        if not tokenizer:
+            return
+        try:
+            self.token_counter(organization_id, tokenizer)
+        except NotFoundError:
+            raise InvalidArgumentError(
+                f"settings.cleaning.tokenizer: base model {tokenizer!r} does not exist in the registry",
+                details={"field": "settings.cleaning.tokenizer"},
+            ) from None
+        except DataIntegrityError:
+            raise  # stored files that fail their checksums: not the request's fault
+        except FailedPreconditionError as exc:
+            if self.tokenizers is None:
+                raise
+            # The base model exists but its tokenizer cannot be loaded: the setting is what is wrong.
+            raise InvalidArgumentError(
+                f"settings.cleaning.tokenizer: {exc.message}", details={"field": "settings.cleaning.tokenizer"}
+            ) from None
 
     def update_label_schema(
         self, organization_id: str, project_id: str, labels: Sequence[LabelDefinition]

@@ -18,6 +18,7 @@ from gristmill.labeling.domain.model import (
     ProjectSettings,
     TaskType,
 )
+from gristmill.labeling.domain.tokens import MAX_TOKENS_LIMIT
 from gristmill.labeling.tasks import labeling_task
 
 MAX_LABEL_CHARS = 64
@@ -75,8 +76,9 @@ def check_schema_change(current: Sequence[str], proposed: Sequence[str], used: I
             )
 
 
-def validate_settings(settings: ProjectSettings) -> ProjectSettings:
-    """The settings if every value is in range; else ``InvalidArgumentError`` naming the field."""
+def validate_settings(settings: ProjectSettings, task_type: TaskType) -> ProjectSettings:
+    """The settings of a ``task_type`` project if every value is in range; else ``InvalidArgumentError`` naming
+    the field. (Whether ``cleaning.tokenizer`` exists is the registry's to say: ``ProjectUseCases`` asks it.)"""
     if not 1 <= settings.annotations_per_item <= MAX_ANNOTATIONS_PER_ITEM:
         raise InvalidArgumentError(
             f"settings.annotations_per_item must be 1-{MAX_ANNOTATIONS_PER_ITEM} (0 means 1), "
@@ -84,6 +86,7 @@ def validate_settings(settings: ProjectSettings) -> ProjectSettings:
         )
     validate_lease_seconds(settings.lease_seconds, "settings.lease_seconds")
     validate_cleaning(settings.cleaning)
+    validate_token_limit(settings.cleaning, task_type)
     validate_feedback(settings.feedback)
     return settings
 
@@ -116,6 +119,32 @@ def validate_cleaning(cleaning: CleaningSettings) -> None:
                 f"settings.cleaning.pii.custom_patterns[{index}].name {pattern.name!r} appears twice"
             )
         names.add(pattern.name)
+
+
+def validate_token_limit(cleaning: CleaningSettings, task_type: TaskType) -> None:
+    """``max_tokens`` in range, with a ``tokenizer`` (a base-model name) to count them, on a chat or preference
+    project only."""
+    if not 0 <= cleaning.max_tokens <= MAX_TOKENS_LIMIT:
+        raise InvalidArgumentError(
+            f"settings.cleaning.max_tokens must be 0-{MAX_TOKENS_LIMIT:,} (0 means no token limit), "
+            f"got {cleaning.max_tokens}",
+            details={"field": "settings.cleaning.max_tokens"},
+        )
+    if not task_type.generative and (cleaning.max_tokens or cleaning.tokenizer):
+        field = "settings.cleaning.max_tokens" if cleaning.max_tokens else "settings.cleaning.tokenizer"
+        raise InvalidArgumentError(
+            f"{field}: token limits apply to chat and preference projects; this project classifies texts "
+            "(use settings.cleaning.max_text_chars)",
+            details={"field": field},
+        )
+    if cleaning.max_tokens and not cleaning.tokenizer:
+        raise InvalidArgumentError(
+            "settings.cleaning.tokenizer is required when settings.cleaning.max_tokens is set: name the registry "
+            "base model whose tokenizer counts the tokens",
+            details={"field": "settings.cleaning.tokenizer"},
+        )
+    if cleaning.tokenizer:
+        validate_id(cleaning.tokenizer, what="settings.cleaning.tokenizer")
 
 
 def validate_feedback(feedback: FeedbackSettings) -> None:

@@ -21,6 +21,7 @@ from gristmill.labeling.domain.importer import IndexCache
 from gristmill.labeling.domain.imports import ImportUseCases
 from gristmill.labeling.domain.ports import LabelingStore
 from gristmill.labeling.domain.projects import ProjectUseCases
+from gristmill.labeling.domain.tokens import TokenizerSource
 
 __all__ = ["Clock", "ExportChunk", "LabelingService", "organization", "utc_now", "validate_prediction"]
 
@@ -33,10 +34,14 @@ class LabelingService(ProjectUseCases, FeedbackUseCases, ImportUseCases, Annotat
         *,
         clock: Clock = utc_now,
         index_cache: IndexCache | None = None,
+        tokenizers: TokenizerSource | None = None,
     ) -> None:
+        """``tokenizers``: base models' tokenizers for projects with a token limit (the registry's, in a service;
+        None refuses such projects with FAILED_PRECONDITION)."""
         self.store = store
         self.objects = objects
         self.clock = clock
         self.indexes = index_cache or IndexCache()
+        self.tokenizers = tokenizers
         self._publish_locks = {}
         self._publish_guard = threading.Lock()

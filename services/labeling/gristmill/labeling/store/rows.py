@@ -177,6 +177,8 @@ def settings_to_json(settings: ProjectSettings) -> dict[str, Any]:
                 "kinds": sorted(kind.value for kind in cleaning.pii.kinds),
                 "custom_patterns": [{"name": p.name, "regex": p.regex} for p in cleaning.pii.custom_patterns],
             },
+            "max_tokens": cleaning.max_tokens,
+            "tokenizer": cleaning.tokenizer,
         },
         "active_learning": {"import_uncertain_predictions": settings.active_learning.import_uncertain_predictions},
         "feedback": {
@@ -203,6 +205,9 @@ def settings_from_json(data: dict[str, Any]) -> ProjectSettings:
                 kinds=frozenset(PiiKind(kind) for kind in pii["kinds"]),
                 custom_patterns=tuple(CustomPiiPattern(p["name"], p["regex"]) for p in pii["custom_patterns"]),
             ),
+            # Projects stored before token limits existed have none.
+            max_tokens=int(cleaning.get("max_tokens", 0)),
+            tokenizer=str(cleaning.get("tokenizer", "")),
         ),
         active_learning=ActiveLearningSettings(
             import_uncertain_predictions=bool(data["active_learning"]["import_uncertain_predictions"])
@@ -230,6 +235,7 @@ def report_to_json(report: ImportReport) -> dict[str, Any]:
 
 
 def report_from_json(data: dict[str, Any]) -> ImportReport:
+    """A stored report; one stored before a counter existed reads it as 0 (the dataclasses' defaults)."""
     values = dict(data)
     values["create_time"] = datetime.fromisoformat(values["create_time"])
     values["drops"] = [DroppedRecord(**{**drop, "reason": DropReason(drop["reason"])}) for drop in values["drops"]]

@@ -357,6 +357,7 @@ def base_model_to_proto(b: BaseModel) -> pb.BaseModel:
         files=[file_to_proto(f) for f in b.files],
         content_sha256=b.content_sha256,
         create_time=timestamp(b.create_time),
+        chat_template_sha256=b.chat_template_sha256,
     )
 
 

@@ -288,6 +288,8 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             request.name,
             local_path=request.local_path if source == "local_path" else None,
             object_prefix=request.object_prefix if source == "object_prefix" else None,
+            gguf_file=request.gguf_file if source == "gguf_file" else None,
+            gguf_object_key=request.gguf_object_key if source == "gguf_object_key" else None,
             license=request.license,
             description=request.description,
             tasks=tuple(convert.task_from_proto(t) for t in request.tasks),

@@ -1,21 +1,27 @@
 """Base models: a Hugging Face model directory, checked and described without loading it.
 
-A directory qualifies when it has ``config.json``, weights (``*.safetensors`` or ``pytorch_model*.bin``)
-and a tokenizer (``tokenizer.json``, ``vocab.txt``, ``spiece.model``, ``sentencepiece.bpe.model`` or
-``merges.txt`` + ``vocab.json``). The parameter count is summed from the safetensors headers (a JSON
-header per file: reading it costs a few kilobytes, no torch); PyTorch-only weights leave it 0.
+A base model comes from a directory on the registry's host, a prefix in the object store, or a GGUF file (on
+the host or in the object store) that ``gguf.dequantize_gguf`` turns into such a directory first. A directory
+qualifies when it has ``config.json``, weights (``*.safetensors`` or ``pytorch_model*.bin``) and a tokenizer
+(``tokenizer.json``, ``vocab.txt``, ``spiece.model``, ``sentencepiece.bpe.model`` or ``merges.txt`` +
+``vocab.json``). The parameter count is summed from the safetensors headers (a JSON header per file: reading
+it costs a few kilobytes, no torch); PyTorch-only weights leave it 0.
 
 ``content_sha256`` is the SHA-256 of the lines ``<relative name>\\t<sha256>\\n`` in name order: the
 same value for the same files wherever they are stored, which is what lineage records.
+``chat_template_sha256`` is the SHA-256 of the chat template the tokenizer applies (``read_chat_template``):
+training and serving compare it, so a model is served with the template it was trained with.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import struct
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,12 +31,16 @@ from gristmill.core import paging
 from gristmill.core.errors import AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from gristmill.core.storage import ObjectStore, object_key, validate_key
 from gristmill.core.storage.base import sha256_file
+from gristmill.core.tasks import CAUSAL_LM, CHAT, PREFERENCE, task_type_enum_name
 from gristmill.core.values import FileRef
 from gristmill.registry.domain import names
 from gristmill.registry.domain.common import base_model_prefix
+from gristmill.registry.domain.gguf import dequantize_gguf, require_gguf_support
 from gristmill.registry.domain.model import BaseModel, Caller
 from gristmill.registry.domain.names import SUPPORTED_TASKS
 from gristmill.registry.domain.ports import RegistryStore
+
+log = logging.getLogger(__name__)
 
 # A safetensors header larger than this is not a header (the format caps it at 100 MB).
 _MAX_HEADER = 100 * 1024 * 1024
@@ -54,6 +64,11 @@ _ENCODERS = {
     "funnel",
     "ernie",
 }
+# What a decoder (``*ForCausalLM``) can be fine-tuned for: plain text, chat (SFT) and preference pairs (DPO).
+_DECODER_TASKS = tuple(task_type_enum_name(t) for t in (CAUSAL_LM, CHAT, PREFERENCE))
+# Where transformers reads the chat template from, in its order of precedence.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,7 @@ class DirectoryFacts:
     architectures: tuple[str, ...]
     tasks: tuple[str, ...]
     parameter_count: int
+    chat_template_sha256: str
 
 
 def content_sha256(files: Mapping[str, str]) -> str:
@@ -102,7 +118,47 @@ def inspect_directory(root: Path, names: list[str]) -> DirectoryFacts:
     raw_arch = config.get("architectures") or []
     architectures = tuple(str(a) for a in raw_arch) if isinstance(raw_arch, list) else ()
     parameters = sum(safetensors_parameter_count(root / n) for n in weights)
-    return DirectoryFacts(model_type, architectures, infer_tasks(model_type, architectures), parameters)
+    template = read_chat_template(root, names)
+    return DirectoryFacts(
+        model_type,
+        architectures,
+        infer_tasks(model_type, architectures),
+        parameters,
+        hashlib.sha256(template.encode()).hexdigest() if template else "",
+    )
+
+
+def read_chat_template(root: Path, names: list[str]) -> str:
+    """The chat template the tokenizer in ``root`` applies by default, as transformers finds it; "" when none.
+
+    ``chat_template.jinja`` wins over ``tokenizer_config.json``'s ``chat_template``, which is a string or a list
+    of ``{"name", "template"}`` (then the one named ``default``, the one ``apply_chat_template`` uses without
+    tools). The text is taken as written, so its SHA-256 equals that of the loaded ``tokenizer.chat_template``.
+    """
+    present = set(names)
+    if CHAT_TEMPLATE_FILE in present:
+        try:
+            return (root / CHAT_TEMPLATE_FILE).read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidArgumentError(f"{CHAT_TEMPLATE_FILE} is not UTF-8 text") from None
+    if TOKENIZER_CONFIG_FILE not in present:
+        return ""
+    try:
+        config = json.loads((root / TOKENIZER_CONFIG_FILE).read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgumentError(f"{TOKENIZER_CONFIG_FILE} is not valid JSON: {exc}") from None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):
+        template = next(
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+        )
+    if template is None:
+        return ""
+    if not isinstance(template, str):
+        raise InvalidArgumentError(
+            f"{TOKENIZER_CONFIG_FILE}: chat_template must be a string or a list of {{name, template}} objects"
+        )
+    return template
 
 
 def safetensors_parameter_count(path: Path) -> int:
@@ -140,12 +196,29 @@ def infer_tasks(model_type: str, architectures: tuple[str, ...]) -> tuple[str, .
     if any(a.endswith("ForTokenClassification") for a in architectures) or model_type in _ENCODERS:
         tasks.append("TASK_TYPE_TOKEN_CLASSIFICATION")
     if any(a.endswith("ForCausalLM") for a in architectures):
-        tasks.append("TASK_TYPE_CAUSAL_LM")
+        tasks.extend(_DECODER_TASKS)
     return tuple(dict.fromkeys(tasks))
 
 
+def _directory_files(root: Path) -> list[str]:
+    """The files under ``root`` a model consists of, relative and sorted; hidden ones are left out."""
+    files: list[str] = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        # Hidden files and folders (.git, .cache, .gitattributes) are not part of a model.
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        try:
+            validate_key(rel.as_posix())
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"file {rel.as_posix()!r} cannot be stored: {exc}") from None
+        files.append(rel.as_posix())
+    return files
+
+
 class BaseModels:
-    """The base-model aggregate: directories imported once, checked, copied and described."""
+    """The base-model aggregate: directories (or GGUF files, de-quantised) imported once, checked, copied and
+    described."""
 
     def __init__(
         self, store: RegistryStore, objects: ObjectStore, *, clock: Callable[[], datetime], allow_local_paths: bool
@@ -162,6 +235,8 @@ class BaseModels:
         *,
         local_path: str | None,
         object_prefix: str | None,
+        gguf_file: str | None = None,
+        gguf_object_key: str | None = None,
         license: str,
         description: str,
         tasks: tuple[str, ...],
@@ -172,8 +247,10 @@ class BaseModels:
         for task in tasks:
             if task == names.TASK_UNSPECIFIED:
                 raise InvalidArgumentError("tasks must not contain TASK_TYPE_UNSPECIFIED")
-        if (local_path is None) == (object_prefix is None):
-            raise InvalidArgumentError("set exactly one source: local_path or object_prefix")
+        if sum(s is not None for s in (local_path, object_prefix, gguf_file, gguf_object_key)) != 1:
+            raise InvalidArgumentError(
+                "set exactly one source: local_path, object_prefix, gguf_file or gguf_object_key"
+            )
         org = caller.organization_id
         with self.store.transaction() as tx:
             if tx.get_base_model(org, name) is not None:
@@ -181,11 +258,20 @@ class BaseModels:
         with tempfile.TemporaryDirectory(prefix="registry-base-model-") as tmp:
             if local_path is not None:
                 root, files = self._local_source(local_path)
-            else:
-                assert object_prefix is not None
+            elif object_prefix is not None:
                 root, files = self._download_prefix(object_prefix, Path(tmp))
+            else:
+                root, files = self._gguf_source(gguf_file, gguf_object_key, Path(tmp))
             facts = inspect_directory(root, files)
             prefix = base_model_prefix(org, name)
+            started = time.monotonic()
+            log.info(
+                "base model %r: storing %d files (%.1f MB) under %s",
+                name,
+                len(files),
+                sum((root / rel).stat().st_size for rel in files) / 1e6,
+                prefix,
+            )
             refs: list[FileRef] = []
             checksums: dict[str, str] = {}
             for rel in files:
@@ -200,6 +286,7 @@ class BaseModels:
                     sha = info.sha256
                 refs.append(FileRef(key, sha, (root / rel).stat().st_size))
                 checksums[rel] = sha
+            log.info("base model %r: files stored in %.1f s", name, time.monotonic() - started)
         base = BaseModel(
             organization_id=org,
             name=name,
@@ -213,6 +300,7 @@ class BaseModels:
             files=tuple(refs),
             content_sha256=content_sha256(checksums),
             create_time=self.clock(),
+            chat_template_sha256=facts.chat_template_sha256,
         )
         with self.store.transaction() as tx:
             return tx.insert_base_model(base)
@@ -228,18 +316,44 @@ class BaseModels:
             raise InvalidArgumentError(f"local_path {local_path[:200]!r} must be an absolute path")
         if not root.is_dir():
             raise NotFoundError(f"local_path {local_path[:200]!r} is not a directory on the registry's host")
-        files: list[str] = []
-        for path in sorted(root.rglob("*")):
-            rel = path.relative_to(root)
-            # Hidden files and folders (.git, .cache, .gitattributes) are not part of a model.
-            if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-                continue
+        return root, _directory_files(root)
+
+    def _gguf_source(self, gguf_file: str | None, gguf_object_key: str | None, work: Path) -> tuple[Path, list[str]]:
+        """De-quantise the GGUF file (on this host, or downloaded from the object store) into ``work``/model."""
+        if gguf_file is not None:
+            what = f"gguf_file {gguf_file[:200]!r}"
+            if not self.allow_local_paths:
+                raise FailedPreconditionError(
+                    "importing from a local path is disabled in this installation "
+                    "(GRISTMILL_REGISTRY_ALLOW_LOCAL_PATHS); upload the file and use gguf_object_key"
+                )
+            path = Path(gguf_file)
+            if not path.is_absolute():
+                raise InvalidArgumentError(f"{what} must be an absolute path")
+            require_gguf_support()
+            if not path.is_file():
+                raise NotFoundError(f"{what} is not a file on the registry's host")
+            # transformers also reads config and tokenizer files beside the GGUF: give it a folder of its own.
+            source = work / "gguf" / path.name
+            source.parent.mkdir()
+            source.symlink_to(path)
+            path = source
+        else:
+            assert gguf_object_key is not None
+            what = f"gguf_object_key {gguf_object_key[:200]!r}"
             try:
-                validate_key(rel.as_posix())
+                key = validate_key(gguf_object_key)
             except InvalidArgumentError as exc:
-                raise InvalidArgumentError(f"file {rel.as_posix()!r} cannot be stored: {exc}") from None
-            files.append(rel.as_posix())
-        return root, files
+                raise InvalidArgumentError(f"gguf_object_key is not valid: {exc}") from None
+            # Refuse before a download of gigabytes that could not be converted anyway.
+            require_gguf_support()
+            info = self.objects.stat(key)  # NotFoundError names the key
+            path = work / "gguf" / Path(key).name
+            log.info("GGUF %s: downloading %.1f MB from the object store", key, info.size / 1e6)
+            self.objects.get_file(key, path, expected_sha256=info.sha256 or None)
+        root = work / "model"
+        dequantize_gguf(path, root, what=what)
+        return root, _directory_files(root)
 
     def _download_prefix(self, object_prefix: str, dest: Path) -> tuple[Path, list[str]]:
         try:

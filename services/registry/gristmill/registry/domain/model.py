@@ -284,6 +284,8 @@ class BaseModel:
     files: tuple[FileRef, ...]
     content_sha256: str
     create_time: datetime
+    # sha256 of the default chat template's text; "" when the tokenizer has none (basemodels.read_chat_template).
+    chat_template_sha256: str = ""
 
 
 @dataclass(frozen=True)

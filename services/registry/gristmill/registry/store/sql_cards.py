@@ -88,6 +88,7 @@ class SqlBaseModels(SqlUnit, BaseModelRepository):
             files=tuple(from_plain(FileRef, f) for f in row.files),
             content_sha256=row.content_sha256,
             create_time=utc(row.create_time),
+            chat_template_sha256=row.chat_template_sha256,
         )
 
     def insert_base_model(self, base_model: BaseModel) -> BaseModel:
@@ -104,6 +105,7 @@ class SqlBaseModels(SqlUnit, BaseModelRepository):
             files=[to_plain(f) for f in base_model.files],
             content_sha256=base_model.content_sha256,
             create_time=base_model.create_time,
+            chat_template_sha256=base_model.chat_template_sha256,
         )
         try:
             self.session.add(row)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,18 +13,10 @@ import grpc
 
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.registry.v1 import registry_pb2, registry_pb2_grpc
-from gristmill.core.errors import (
-    DataIntegrityError,
-    FailedPreconditionError,
-    GristmillError,
-    InvalidArgumentError,
-    NotFoundError,
-    UnavailableError,
-)
+from gristmill.core.errors import DataIntegrityError, GristmillError, NotFoundError, remote_call_error
 from gristmill.core.ids import validate_id
-from gristmill.core.manifests import FileEntry, ModelManifest
+from gristmill.core.manifests import FileEntry, download_files, relative_name
 from gristmill.core.storage import ObjectStore, validate_key
-from gristmill.core.storage.base import sha256_file
 from gristmill.core.tls import ReloadingChannel, TlsSettings
 from gristmill.core.values import TensorSpec
 from gristmill.serving.domain.model import VersionSelector
@@ -44,42 +34,13 @@ _LENGTH_KEYS = ("max_sequence_length", "max_length", "max_seq_length")
 
 
 def download_verified(objects: ObjectStore, resolved: ResolvedVersion, dest: Path) -> Path:
-    """``dest`` holding every file of ``resolved``, each verified against its sha256.
-
-    Files already there from an earlier load are re-hashed and reused when they match; otherwise the version
-    is downloaded into a temporary directory next to ``dest`` that replaces it once complete, so a crash
-    never leaves a half-downloaded model that looks complete.
-    """
+    """``dest`` holding every file of ``resolved``, each verified against its sha256 (``download_files``: files
+    already there are reused when they match; a crash never leaves a half-downloaded model that looks complete)."""
     if not resolved.files:
         raise DataIntegrityError(
             f"version {resolved.version} of {resolved.registered_model_name} lists no files to download"
         )
-    if dest.is_dir() and all(
-        (dest / f.name).is_file() and sha256_file(dest / f.name) == f.sha256 for f in resolved.files
-    ):
-        return dest
-    manifest = ModelManifest(
-        files={f.name: FileEntry(f.key, f.sha256, f.size_bytes) for f in resolved.files},
-        task_type=resolved.task,
-        label_map=list(resolved.label_map),
-        signature={},
-        lineage={},
-    )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = dest.parent / f".download-{dest.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        manifest.download(objects, staging)
-        if dest.exists():
-            shutil.rmtree(dest)
-        staging.rename(dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return dest
-
-
-def _relative_name(key: str, prefix: str) -> str:
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
-    return key[len(prefix) :] if prefix and key.startswith(prefix) else key.rsplit("/", 1)[-1]
+    return download_files(objects, {f.name: FileEntry(f.key, f.sha256, f.size_bytes) for f in resolved.files}, dest)
 
 
 def _tensors(specs: object) -> tuple[TensorSpec, ...]:
@@ -91,7 +52,7 @@ def resolved_from_manifest(manifest: registry_pb2.DownloadManifest) -> ResolvedV
     prefix = manifest.artifact_prefix
     files = []
     for ref in manifest.files:
-        name = _relative_name(ref.key, prefix)
+        name = relative_name(ref.key, prefix)
         files.append(ModelFile(name=name, key=ref.key, sha256=ref.sha256, size_bytes=ref.size_bytes))
     hyper = manifest.lineage.hyper_parameters
     length = 0
@@ -116,15 +77,7 @@ def resolved_from_manifest(manifest: registry_pb2.DownloadManifest) -> ResolvedV
 
 
 def _registry_error(exc: grpc.RpcError, address: str, what: str) -> GristmillError:
-    code = exc.code() if isinstance(exc, grpc.Call) else None
-    details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
-    if code == grpc.StatusCode.NOT_FOUND:
-        return NotFoundError(f"the registry does not know {what}: {details}")
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return FailedPreconditionError(f"the registry cannot serve {what}: {details}")
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgumentError(f"the registry refused {what}: {details}")
-    return UnavailableError(f"the registry at {address} did not answer for {what} ({code}): {details}")
+    return remote_call_error(exc, service="registry", address=address, what=what)
 
 
 class RegistryModelSource(ModelSource):

@@ -55,6 +55,13 @@ _METHOD_FROM_PB = {
     pb.TRAINING_METHOD_LORA: d.Method.LORA,
 }
 _METHOD_TO_PB = {d.Method.FULL: pb.TRAINING_METHOD_FULL, d.Method.LORA: pb.TRAINING_METHOD_LORA}
+_OBJECTIVE_FROM_PB = {
+    pb.OBJECTIVE_UNSPECIFIED: None,
+    pb.OBJECTIVE_CLASSIFY: d.Objective.CLASSIFY,
+    pb.OBJECTIVE_SFT: d.Objective.SFT,
+    pb.OBJECTIVE_DPO: d.Objective.DPO,
+}
+_OBJECTIVE_TO_PB = {v: k for k, v in _OBJECTIVE_FROM_PB.items() if v is not None}
 _PRECISION_FROM_PB = {
     pb.MIXED_PRECISION_UNSPECIFIED: d.Precision.AUTO,
     pb.MIXED_PRECISION_NO: d.Precision.NO,
@@ -189,6 +196,8 @@ def spec_from_proto(spec: pb.JobSpec, *, require_dataset: bool = True) -> d.JobS
         search=search,
         registered_model_name=spec.registered_model_name,
         tags=dict(spec.tags),
+        objective=_enum(_OBJECTIVE_FROM_PB, spec.objective, "spec.objective"),
+        chat_template=spec.chat_template,
     )
 
 
@@ -307,6 +316,8 @@ def spec_to_proto(spec: d.JobSpec) -> pb.JobSpec:
         ),
         registered_model_name=spec.registered_model_name,
         tags=spec.tags,
+        objective=pb.OBJECTIVE_UNSPECIFIED if spec.objective is None else _OBJECTIVE_TO_PB[spec.objective],
+        chat_template=spec.chat_template,
     )
     if spec.dataset.project_id:
         out.dataset_version.CopyFrom(dataset_to_proto(spec.dataset))

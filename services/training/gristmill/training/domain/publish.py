@@ -75,26 +75,26 @@ def render_model_card(
     hyper-parameters are ``lineage``'s, which the same spec produced, so card and lineage cannot disagree."""
     search = job.spec.search
     spec = spec or job.spec
+    text = training_task(spec.task.value, error=FailedPreconditionError).card(label_map)
     title = spec.display_name or spec.registered_model_name or f"training job {job.job_id}"
     dataset = spec.dataset
     lines = [
         f"# {title}",
         "",
-        f"Text classifier fine-tuned by the Gristmill training service (job `{job.job_id}`, Ray run "
+        f"{text.summary} fine-tuned by the Gristmill training service (job `{job.job_id}`, Ray run "
         f"`{lineage.ray_run_name}`, {lineage.code_version}).",
         "",
         "## Data",
         "",
         f"- Dataset version: `{dataset.project_id}/{dataset.dataset_version_id}`"
         + (f" (manifest sha256 `{dataset.manifest.sha256}`)" if dataset.manifest else ""),
-        f"- Labels (class index order): {', '.join(f'`{label}`' for label in label_map)}",
+        *text.data,
         *(f"- `{f.key}`: sha256 `{f.sha256}`, {f.size_bytes} bytes" for f in lineage.dataset_files),
         "",
         "## Base model",
         "",
         f"- {spec.base_model.describe()}, content sha256 `{spec.base_model.content_sha256}`",
-        f"- Method: {spec.method.value}"
-        + (f" (LoRA rank {spec.lora.rank}, merged into the weights)" if spec.lora else ""),
+        f"- Method: {spec.method.value}" + (f" (LoRA rank {spec.lora.rank}, {text.lora_weights})" if spec.lora else ""),
         *(
             [
                 f"- Hyper-parameter search: the best of {search.num_trials} trials on validation {search.metric} "
@@ -118,9 +118,7 @@ def render_model_card(
         "",
         "## Use",
         "",
-        "Input: a batch of texts (`text`, BYTES). Output: class probabilities (`probabilities`, FP32), the "
-        "predicted label (`label`, BYTES) and its index (`label_index`, INT64). Loads with "
-        "`AutoModelForSequenceClassification.from_pretrained`.",
+        text.use,
         "",
     ]
     return "\n".join(lines)

@@ -2,14 +2,19 @@
 
 ``SpecResolver.resolve`` checks, in this order, and refuses with the matching status:
 
+- resources: no more workers / CPUs / GPUs than the cluster can ever provide (FAILED_PRECONDITION);
 - the dataset version: its manifest exists (NOT_FOUND), is a dataset manifest of that version and
-  verifies against its checksum (FAILED_PRECONDITION), every split file verifies (FAILED_PRECONDITION),
-  every row's label is in the label map, the train split is not empty; training has an objective for its task
-  type and the spec's task matches it (INVALID_ARGUMENT);
-- the base model: exists (NOT_FOUND), is a Hugging Face directory with a config and a tokenizer, its
-  classification head (if any) has as many labels as the dataset, LoRA target modules exist in it
-  (INVALID_ARGUMENT);
-- resources: no more workers / CPUs / GPUs than the cluster can ever provide (FAILED_PRECONDITION).
+  verifies against its checksum (FAILED_PRECONDITION); the spec's objective trains its task type
+  (INVALID_ARGUMENT naming ``spec.objective``), and that objective is available (FAILED_PRECONDITION: DPO
+  is not yet); its rows are the objective's row format (FAILED_PRECONDITION); every split file verifies
+  (FAILED_PRECONDITION), every row is well formed (a label in the label map, a conversation with an
+  assistant turn), the train split is not empty; the spec's task matches it (INVALID_ARGUMENT);
+- the base model: exists (NOT_FOUND), is a Hugging Face directory with a config and a tokenizer that the
+  objective's model class can be built from, its classification head (if any) has as many labels as the
+  dataset, LoRA target modules exist in it, the maximum sequence length fits its context, a chat objective
+  has a chat template (the base tokenizer's or ``spec.chat_template``) that renders the first training
+  conversations with assistant tokens to learn (INVALID_ARGUMENT naming the field);
+- the validation metric (early stopping, search) is one the objective reports (INVALID_ARGUMENT).
 
 The result carries the verified references (manifest checksum, base model content checksum) that the
 job, its lineage and its events record.
@@ -19,11 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from gristmill.core.errors import (
     DataIntegrityError,
@@ -31,26 +35,43 @@ from gristmill.core.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from gristmill.core.manifests import SPLITS, DatasetManifest, DatasetRow, ModelManifest, dataset_manifest_key
+from gristmill.core.manifests import SPLITS, DatasetManifest, DatasetRecord, ModelManifest, dataset_manifest_key
 from gristmill.core.storage import ObjectStore, validate_key
 from gristmill.core.storage.base import sha256_file
 from gristmill.training.domain.lora import LoraSettings
 from gristmill.training.domain.refs import BaseModelRef, DatasetRef, FileRef
 from gristmill.training.domain.search import check_search_bounds
-from gristmill.training.domain.spec import JobSpec, Method, TaskType
-from gristmill.training.tasks import training_task
+from gristmill.training.domain.spec import (
+    DEFAULT_VALIDATION_METRIC,
+    MINIMIZED_METRICS,
+    OBJECTIVE_TASK_TYPES,
+    EarlyStopping,
+    Goal,
+    JobSpec,
+    Method,
+    Objective,
+    TaskType,
+    default_objective,
+    objective_not_available,
+)
+from gristmill.training.tasks import TRAINING_TASKS, TrainingTask, training_task
+
+# How many training rows SubmitJob encodes with the base's tokenizer (and chat template) before accepting a job:
+# enough to catch a template that cannot render the rows, few enough to stay quick.
+PROBE_EXAMPLES = 16
 
 
 @dataclass(frozen=True)
 class DatasetSplits:
-    """The rows of a dataset version as the training loop needs them: texts and class indexes per split."""
+    """The rows of a dataset version as the training loop needs them: the task's examples per split (texts and
+    class indexes for classification, conversations for chat)."""
 
+    # The labels the trained model outputs (``TrainingTask.output_labels``; empty for chat).
     label_map: tuple[str, ...]
-    texts: dict[str, list[str]]
-    labels: dict[str, list[int]]
+    examples: dict[str, list[Any]]
 
     def count(self, split: str) -> int:
-        return len(self.texts.get(split, ()))
+        return len(self.examples.get(split, ()))
 
 
 @dataclass(frozen=True)
@@ -61,6 +82,8 @@ class ResolvedDataset:
     files: tuple[FileRef, ...]
     counts: dict[str, int]
     manifest: DatasetManifest
+    # The rows, as read and verified while resolving.
+    splits: DatasetSplits
 
 
 @dataclass(frozen=True)
@@ -81,11 +104,23 @@ class ModelInfo:
     adaptable_modules: frozenset[str]
     # LoRA targets when the spec names none (the architecture's attention projections).
     default_lora_targets: tuple[str, ...]
+    # The longest sequence the architecture takes (config.max_position_embeddings); None when it says none.
+    max_positions: int | None = None
+    # The tokenizer's default chat template ("" when it has none).
+    chat_template: str = ""
 
 
 class ModelInspector(Protocol):
-    def inspect(self, model_dir: Path) -> ModelInfo:
-        """Describe the Hugging Face model in ``model_dir``; ``InvalidArgumentError`` if it is not one."""
+    def inspect(self, model_dir: Path, task: TrainingTask, label_map: Sequence[str]) -> ModelInfo:
+        """Describe the Hugging Face model in ``model_dir`` as ``task`` would train it; ``InvalidArgumentError`` if
+        it is not one, or not one the task's model class can be built from."""
+        ...
+
+    def check_examples(
+        self, model_dir: Path, task: TrainingTask, examples: Sequence[Any], *, chat_template: str, max_length: int
+    ) -> None:
+        """``InvalidArgumentError`` naming the field when the base's tokenizer (with ``chat_template``, when
+        given) cannot encode ``examples`` as the training loop will."""
         ...
 
 
@@ -109,6 +144,15 @@ class ResolvedJob:
     dataset: ResolvedDataset
     base_model: ResolvedBaseModel
     model_info: ModelInfo
+
+
+def task_for_objective(objective: Objective, where: str) -> TrainingTask:
+    """The registered task that trains ``objective`` (FAILED_PRECONDITION when none does yet)."""
+    for name in TRAINING_TASKS.names():
+        task = training_task(name)
+        if task.objective is objective:
+            return task
+    raise objective_not_available(objective, where)
 
 
 # --------------------------------------------------------------------------- datasets
@@ -148,22 +192,40 @@ class DatasetCatalog:
             )
         return manifest, FileRef(key=key, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
 
-    def resolve(self, ref: DatasetRef) -> ResolvedDataset:
-        """Read and verify the manifest and every split file; refuse a version that cannot be trained on."""
+    def resolve(self, ref: DatasetRef, objective: Objective | None = None) -> ResolvedDataset:
+        """Read and verify the manifest and every split file; refuse a version that cannot be trained on, or not
+        with ``objective`` (None: the version's own), before its rows are read."""
         manifest, manifest_ref = self._manifest(ref)
         name = f"dataset version {ref.project_id}/{ref.dataset_version_id}"
         try:
             task = TaskType(manifest.task_type)
         except ValueError:
             raise FailedPreconditionError(f"{name} has unknown task type {manifest.task_type!r}") from None
+        own = default_objective(task)
+        if objective is not None and own is not objective:
+            trains = ", ".join(sorted(t.value for t in OBJECTIVE_TASK_TYPES[objective]))
+            raise InvalidArgumentError(
+                f"spec.objective is {objective.value} but {name} is a {task.value} dataset"
+                + (f" (trained with objective {own.value})" if own is not None else "")
+                + f"; objective {objective.value} trains {trains} versions. Leave spec.objective unset to use the "
+                "version's",
+                details={"field": "spec.objective"},
+            )
+        if own is not None and task.value not in TRAINING_TASKS:
+            raise objective_not_available(own, f"{name} is a {task.value} dataset")
         try:
-            objective = training_task(task.value)
+            trainer = training_task(task.value)
         except InvalidArgumentError as exc:
             raise InvalidArgumentError(
                 f"{name} is a {task.value} dataset: {exc.message}", details={"field": "spec.dataset_version"}
             ) from None
-        labels = tuple(manifest.label_map)
-        objective.check_label_map(labels, name)
+        if manifest.row_format != trainer.row_format:
+            raise FailedPreconditionError(
+                f"{name} has {manifest.row_format!r} rows, but objective {trainer.objective.value} reads "
+                f"{trainer.row_format!r} rows"
+            )
+        trainer.check_label_map(manifest.label_map, name)
+        labels = trainer.output_labels(manifest.label_map)
         # Reading the rows verifies every file against the manifest's checksums.
         splits = self.load(manifest)
         if splits.count("train") == 0:
@@ -182,6 +244,7 @@ class DatasetCatalog:
             files=files,
             counts=counts,
             manifest=manifest,
+            splits=splits,
         )
 
     def load_ref(self, ref: DatasetRef) -> tuple[DatasetSplits, tuple[FileRef, ...]]:
@@ -195,30 +258,35 @@ class DatasetCatalog:
 
     def load(self, manifest: DatasetManifest) -> DatasetSplits:
         objective = training_task(manifest.task_type, error=FailedPreconditionError)
-        texts: dict[str, list[str]] = {}
-        labels: dict[str, list[int]] = {}
+        examples: dict[str, list[Any]] = {}
         for split in SPLITS:
             if split not in manifest.splits:
                 continue
             entry = manifest.splits[split]
+            where = f"dataset file {entry.file.key!r}"
             try:
-                rows: Sequence[DatasetRow] = list(manifest.read_rows(self._objects, split))
+                records: Sequence[DatasetRecord] = list(manifest.read_records(self._objects, split))
+                split_examples = objective.examples(records, manifest.label_map, where)
             except NotFoundError:
                 raise FailedPreconditionError(
                     f"dataset file {entry.file.key!r} listed in the manifest is missing from the object store"
                 ) from None
             except InvalidArgumentError as exc:
                 raise FailedPreconditionError(f"dataset file {entry.file.key!r} is malformed: {exc.message}") from None
-            split_texts, split_labels = objective.examples(rows, manifest.label_map, f"dataset file {entry.file.key!r}")
-            if entry.count != len(split_texts):
+            if entry.count != len(split_examples):
                 raise DataIntegrityError(
-                    f"dataset file {entry.file.key!r} has {len(split_texts)} rows but the manifest says {entry.count}"
+                    f"dataset file {entry.file.key!r} has {len(split_examples)} rows but the manifest says "
+                    f"{entry.count}"
                 )
-            counted = Counter(manifest.label_map[i] for i in split_labels)
-            if entry.label_counts and dict(counted) != {k: v for k, v in entry.label_counts.items() if v}:
+            counted = objective.label_counts(split_examples, manifest.label_map)
+            if (
+                counted is not None
+                and entry.label_counts
+                and counted != {k: v for k, v in entry.label_counts.items() if v}
+            ):
                 raise DataIntegrityError(f"dataset file {entry.file.key!r} label counts differ from the manifest's")
-            texts[split], labels[split] = split_texts, split_labels
-        return DatasetSplits(label_map=tuple(manifest.label_map), texts=texts, labels=labels)
+            examples[split] = split_examples
+        return DatasetSplits(label_map=objective.output_labels(manifest.label_map), examples=examples)
 
 
 # --------------------------------------------------------------------------- base models
@@ -360,16 +428,31 @@ class SpecResolver:
                 )
 
     def _resolve_model(
-        self, spec: JobSpec, label_map: tuple[str, ...] | None
+        self, spec: JobSpec, task: TrainingTask, label_map: tuple[str, ...] | None
     ) -> tuple[ResolvedBaseModel, ModelInfo, LoraSettings | None]:
         base = self._base_models.resolve(spec.base_model)
-        info = self._inspector.inspect(base.local_dir)
-        if label_map is not None and info.head_labels is not None and info.head_labels != len(label_map):
+        info = self._inspector.inspect(base.local_dir, task, label_map or ())
+        if label_map and info.head_labels is not None and info.head_labels != len(label_map):
             raise InvalidArgumentError(
                 f"the base model's classification head has {info.head_labels} labels but the dataset version has "
                 f"{len(label_map)} ({', '.join(label_map[:10])}); use a base model without a head or with "
                 f"{len(label_map)} labels",
                 details={"field": "spec.base_model"},
+            )
+        length = spec.hyper_parameters.max_sequence_length
+        if info.max_positions is not None and length > info.max_positions:
+            raise InvalidArgumentError(
+                f"spec.hyper_parameters.max_sequence_length is {length} but the base model ({info.model_type}) takes "
+                f"at most {info.max_positions} positions (config.max_position_embeddings); lower it to "
+                f"{info.max_positions} or less",
+                details={"field": "spec.hyper_parameters.max_sequence_length"},
+            )
+        if task.uses_chat_template and not (spec.chat_template or info.chat_template):
+            raise InvalidArgumentError(
+                f"the {spec.base_model.describe()} has no chat template, and objective {task.objective.value} renders "
+                "conversations with one: set spec.chat_template (a Jinja template as transformers' "
+                "apply_chat_template takes it) or use a base model whose tokenizer has one",
+                details={"field": "spec.chat_template"},
             )
         lora = spec.lora
         if spec.method is Method.LORA and lora is not None:
@@ -390,23 +473,34 @@ class SpecResolver:
             lora = replace(lora, target_modules=tuple(targets))
         return base, info, lora
 
+    def _objective_task(self, spec: JobSpec) -> TrainingTask:
+        """The task a spec trains before its dataset is known (auto-train templates): its objective's, else its
+        task type's, else text classification."""
+        if spec.objective is not None:
+            return task_for_objective(spec.objective, "spec.objective")
+        return training_task(spec.task.value)
+
     def resolve_template(self, spec: JobSpec) -> JobSpec:
         """An auto-train template: everything but the dataset (which each published version supplies)."""
         self.check_resources(spec)
-        base, _, lora = self._resolve_model(spec, None)
+        task = self._objective_task(spec)
+        self._check_template_field(spec, task)
+        base, _, lora = self._resolve_model(spec, task, None)
         return replace(spec, base_model=base.ref, lora=lora)
 
     def resolve(self, spec: JobSpec) -> ResolvedJob:
         # Cheap checks first: nothing is read when the cluster could never run the job.
         self.check_resources(spec)
-        # Refuses a dataset whose task type training has no objective for (INVALID_ARGUMENT).
-        dataset = self._datasets.resolve(spec.dataset)
+        # Refuses a dataset whose task type training has no objective for (INVALID_ARGUMENT), or not the spec's.
+        dataset = self._datasets.resolve(spec.dataset, spec.objective)
         if spec.task is not TaskType.UNSPECIFIED and spec.task is not dataset.task:
             raise InvalidArgumentError(
                 f"spec.task is {spec.task.value} but the dataset version is {dataset.task.value}; leave task "
                 "unspecified or make them match",
                 details={"field": "spec.task"},
             )
+        task = training_task(dataset.task.value)
+        self._check_template_field(spec, task)
         has_validation = dataset.counts.get("validation", 0) > 0
         if spec.hyper_parameters.early_stopping.patience and not has_validation:
             raise InvalidArgumentError(
@@ -419,7 +513,16 @@ class SpecResolver:
                 "a hyper-parameter search compares trials on the validation split, and this dataset version has none",
                 details={"field": "spec.search"},
             )
-        base, info, lora = self._resolve_model(spec, dataset.label_map)
+        spec = with_objective_metrics(spec, task)
+        base, info, lora = self._resolve_model(spec, task, dataset.label_map)
+        chat_template = spec.chat_template or (info.chat_template if task.uses_chat_template else "")
+        self._inspector.check_examples(
+            base.local_dir,
+            task,
+            dataset.splits.examples["train"][:PROBE_EXAMPLES],
+            chat_template=spec.chat_template,
+            max_length=spec.hyper_parameters.max_sequence_length,
+        )
         if spec.search is not None:
             check_search_bounds(spec)
             if not self._search_enabled:
@@ -428,6 +531,51 @@ class SpecResolver:
                     "in-process",
                     details={"field": "spec.search"},
                 )
-        task = spec.task if spec.task is not TaskType.UNSPECIFIED else dataset.task
-        effective = replace(spec, dataset=dataset.ref, base_model=base.ref, lora=lora, task=task)
+        effective = replace(
+            spec,
+            dataset=dataset.ref,
+            base_model=base.ref,
+            lora=lora,
+            task=dataset.task,
+            objective=task.objective,
+            chat_template=chat_template,
+        )
         return ResolvedJob(spec=effective, dataset=dataset, base_model=base, model_info=info)
+
+    @staticmethod
+    def _check_template_field(spec: JobSpec, task: TrainingTask) -> None:
+        if spec.chat_template and not task.uses_chat_template:
+            raise InvalidArgumentError(
+                f"spec.chat_template is only used by chat objectives (sft); objective {task.objective.value} does not "
+                "render conversations",
+                details={"field": "spec.chat_template"},
+            )
+
+
+def with_objective_metrics(spec: JobSpec, task: TrainingTask) -> JobSpec:
+    """``spec`` with validation metrics (early stopping, search) its objective reports.
+
+    The documented default, ``f1``, is classification's: an objective without it uses its own first metric
+    instead (``loss`` for sft), minimised. Any other metric the objective does not report is INVALID_ARGUMENT."""
+    hp = spec.hyper_parameters
+
+    def fitted(metric: str, goal: Goal, field: str) -> tuple[str, Goal]:
+        if metric in task.metrics:
+            return metric, goal
+        if metric == DEFAULT_VALIDATION_METRIC:
+            own = task.metrics[0]
+            return own, Goal.MINIMIZE if own in MINIMIZED_METRICS else Goal.MAXIMIZE
+        raise InvalidArgumentError(
+            f"{field} {metric!r} is not reported by objective {task.objective.value}; use one of "
+            f"{', '.join(task.metrics)}",
+            details={"field": field},
+        )
+
+    es = hp.early_stopping
+    metric, goal = fitted(es.metric, es.goal, "spec.hyper_parameters.early_stopping.metric")
+    early = EarlyStopping(patience=es.patience, metric=metric, goal=goal, min_delta=es.min_delta)
+    search = spec.search
+    if search is not None:
+        metric, goal = fitted(search.metric, search.goal, "spec.search.metric")
+        search = replace(search, metric=metric, goal=goal)
+    return replace(spec, hyper_parameters=replace(hp, early_stopping=early), search=search)

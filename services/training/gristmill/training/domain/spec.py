@@ -8,27 +8,36 @@ with, what the store keeps and what the lineage records.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from gristmill.core.errors import InvalidArgumentError
+from gristmill.core.errors import FailedPreconditionError, InvalidArgumentError
 from gristmill.core.ids import validate_id
 from gristmill.training.domain.lora import LoraSettings
+from gristmill.training.domain.objectives import OBJECTIVE_TASK_TYPES as OBJECTIVE_TASK_TYPES
+from gristmill.training.domain.objectives import Objective as Objective
+from gristmill.training.domain.objectives import TaskType as TaskType
+from gristmill.training.domain.objectives import default_objective as default_objective
 from gristmill.training.domain.refs import BaseModelRef, DatasetRef
 
 
-class TaskType(StrEnum):
-    """The common.v1.TaskType enum names (also used in dataset and model manifests)."""
+def objective_not_available(objective: Objective, where: str) -> FailedPreconditionError:
+    return FailedPreconditionError(
+        f"{where}: objective {objective.value} is not available yet; training supports "
+        f"{', '.join(available_objectives())}",
+        details={"field": "spec.objective"},
+    )
 
-    UNSPECIFIED = "TASK_TYPE_UNSPECIFIED"
-    TEXT_CLASSIFICATION = "TASK_TYPE_TEXT_CLASSIFICATION"
-    TEXT_MULTI_LABEL_CLASSIFICATION = "TASK_TYPE_TEXT_MULTI_LABEL_CLASSIFICATION"
-    TOKEN_CLASSIFICATION = "TASK_TYPE_TOKEN_CLASSIFICATION"
-    IMAGE_CLASSIFICATION = "TASK_TYPE_IMAGE_CLASSIFICATION"
-    CAUSAL_LM = "TASK_TYPE_CAUSAL_LM"
+
+def available_objectives() -> tuple[str, ...]:
+    # Imported here: the task modules load their libraries lazily, but the registry is the service's.
+    from gristmill.training.tasks import TRAINING_TASKS, training_task
+
+    return tuple(training_task(name).objective.value for name in TRAINING_TASKS.names())
 
 
 class Method(StrEnum):
@@ -66,7 +75,14 @@ class Distribution(StrEnum):
     CHOICE = "choice"
 
 
-VALIDATION_METRICS = ("accuracy", "f1", "loss")
+# Every metric some objective evaluates; which ones a job's objective reports is checked when the spec is
+# resolved (``TrainingTask.metrics``).
+VALIDATION_METRICS = ("accuracy", "f1", "loss", "perplexity")
+# The validation metric when the spec names none (classification's; ``resolve.with_objective_metrics`` gives
+# objectives that do not report it their own).
+DEFAULT_VALIDATION_METRIC = "f1"
+# Metrics where smaller is better (their goal when none is given).
+MINIMIZED_METRICS = frozenset({"loss", "perplexity"})
 
 DEFAULT_LEARNING_RATE = {Method.FULL: 2e-5, Method.LORA: 2e-4}
 DEFAULT_BATCH_SIZE = 16
@@ -89,6 +105,7 @@ MAX_LORA_RANK = 4096
 MAX_WORKERS = 4096
 MAX_TRIALS = 1000
 MAX_TAGS = 64
+MAX_CHAT_TEMPLATE_CHARS = 65536
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$")
 
 
@@ -163,6 +180,11 @@ class JobSpec:
     search: SearchSettings | None = None
     registered_model_name: str = ""
     tags: dict[str, str] = field(default_factory=dict)
+    # None: the dataset version's (filled in when the spec is resolved).
+    objective: Objective | None = None
+    # SFT: the Jinja chat template; the resolved spec carries the one the job trains with (the spec's, else the
+    # base tokenizer's), so a resumed or repeated run renders exactly the same tokens.
+    chat_template: str = ""
 
     @property
     def project_id(self) -> str:
@@ -245,14 +267,14 @@ def build_early_stopping(
     *, patience: int = 0, metric: str = "", goal: Goal | None = None, min_delta: float = 0.0
 ) -> EarlyStopping:
     _int_range("hyper_parameters.early_stopping.patience", patience, 0, 10_000)
-    metric = metric or "f1"
+    metric = metric or DEFAULT_VALIDATION_METRIC
     if metric not in VALIDATION_METRICS:
         raise _bad(
             "hyper_parameters.early_stopping.metric",
             f"{metric[:40]!r} is not a validation metric; use one of {', '.join(VALIDATION_METRICS)}",
         )
     if goal is None:
-        goal = Goal.MINIMIZE if metric == "loss" else Goal.MAXIMIZE
+        goal = Goal.MINIMIZE if metric in MINIMIZED_METRICS else Goal.MAXIMIZE
     min_delta = _finite("hyper_parameters.early_stopping.min_delta", min_delta)
     if min_delta < 0:
         raise _bad("hyper_parameters.early_stopping.min_delta", f"must be >= 0 (got {min_delta})")
@@ -406,7 +428,7 @@ def build_search(
     _int_range("search.num_trials", num_trials, 1, MAX_TRIALS)
     if max_concurrent_trials < 0:
         raise _bad("search.max_concurrent_trials", f"must be >= 0 (got {max_concurrent_trials})")
-    metric = metric or "f1"
+    metric = metric or DEFAULT_VALIDATION_METRIC
     if metric not in VALIDATION_METRICS:
         raise _bad(
             "search.metric", f"{metric[:40]!r} is not a validation metric; use one of {', '.join(VALIDATION_METRICS)}"
@@ -417,7 +439,7 @@ def build_search(
     if len(set(names)) != len(names):
         raise _bad("search.dimensions", "names a hyper-parameter more than once")
     if goal is None:
-        goal = Goal.MINIMIZE if metric == "loss" else Goal.MAXIMIZE
+        goal = Goal.MINIMIZE if metric in MINIMIZED_METRICS else Goal.MAXIMIZE
     return SearchSettings(
         num_trials=num_trials,
         max_concurrent_trials=max_concurrent_trials,
@@ -441,16 +463,36 @@ def build_spec(
     search: SearchSettings | None,
     registered_model_name: str,
     tags: Mapping[str, str],
+    objective: Objective | None = None,
+    chat_template: str = "",
 ) -> JobSpec:
-    """Cross-field rules, once every part was built."""
+    """Cross-field rules, once every part was built. What needs the dataset version (the objective's task type
+    when the spec names neither, the chat template of the base model) is checked when the spec is resolved."""
     if len(display_name) > 256:
         raise _bad("display_name", f"is {len(display_name)} characters long; the limit is 256")
+    if objective is not None and objective.value not in available_objectives():
+        raise objective_not_available(objective, "spec.objective")
     if task is not TaskType.UNSPECIFIED:
         # Imported here: the task modules load their libraries lazily, but the registry is the service's.
         from gristmill.training.tasks import TRAINING_TASKS
 
         if task.value not in TRAINING_TASKS:
+            implied = default_objective(task)
+            if objective is None and implied is not None:
+                raise objective_not_available(implied, f"spec.task {task.value}")
             raise _bad("task", f"{task.value} is not supported yet; supported: {', '.join(TRAINING_TASKS.names())}")
+        if objective is not None and task not in OBJECTIVE_TASK_TYPES[objective]:
+            raise _bad(
+                "objective",
+                f"{objective.value} does not train {task.value} datasets; it trains "
+                f"{', '.join(sorted(t.value for t in OBJECTIVE_TASK_TYPES[objective]))} (leave the objective unset "
+                "to use the task's)",
+            )
+    if len(chat_template) > MAX_CHAT_TEMPLATE_CHARS:
+        raise _bad("chat_template", f"is {len(chat_template)} characters long; the limit is {MAX_CHAT_TEMPLATE_CHARS}")
+    known = objective or (default_objective(task) if task is not TaskType.UNSPECIFIED else None)
+    if chat_template and known is Objective.CLASSIFY:
+        raise _bad("chat_template", "is only used by chat objectives (sft); remove it for a classification job")
     if registered_model_name:
         validate_id(registered_model_name, what="spec.registered_model_name")
     if len(tags) > MAX_TAGS:
@@ -476,7 +518,15 @@ def build_spec(
         search=search,
         registered_model_name=registered_model_name,
         tags=dict(tags),
+        objective=objective,
+        chat_template=chat_template,
     )
+
+
+def chat_template_sha256(template: str) -> str:
+    """The SHA-256 of a chat template's UTF-8 text (what lineage records; the registry hashes base models' the
+    same way)."""
+    return hashlib.sha256(template.encode("utf-8")).hexdigest()
 
 
 def flatten_hyper_parameters(spec: JobSpec) -> dict[str, str]:
@@ -514,4 +564,9 @@ def flatten_hyper_parameters(spec: JobSpec) -> dict[str, str]:
         )
     if not flat["max_steps"]:
         del flat["max_steps"]
+    if spec.objective is not None:
+        flat["objective"] = spec.objective.value
+    if spec.chat_template:
+        # Serving applies the template training used; the hash lets it refuse another one.
+        flat["chat_template.sha256"] = chat_template_sha256(spec.chat_template)
     return flat

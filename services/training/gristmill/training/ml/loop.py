@@ -9,10 +9,10 @@ metrics are logged. Every evaluation all-reduces the task's totals, so every ran
 stopping decision, and reports a checkpoint (written by rank 0 only; ``ray.train.report`` is a barrier
 every rank calls equally often). A restarted worker group resumes from ``ray.train.get_checkpoint()``.
 
-At the end the best weights are evaluated on the test split, LoRA is merged into the base, and rank 0
-reports the final model (``save_pretrained`` with safetensors + tokenizer) as the run's last checkpoint,
-named ``model``; the service publishes it. Progress goes to a ``ProgressSink`` (rank 0 only) as it
-happens.
+At the end the best weights are evaluated on the test split and rank 0 reports the final model as the
+run's last checkpoint, named ``model`` (what its files are is the task's: a classifier with LoRA merged
+into it, a chat model's LoRA adapter; always with the tokenizer); the service publishes it. Progress goes
+to a ``ProgressSink`` (rank 0 only) as it happens.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ class LoopConfig:
     job_id: str
     model_dir: str
     label_map: tuple[str, ...]
-    texts: dict[str, list[str]]
-    labels: dict[str, list[int]]
+    # The task's examples per split (``TrainingTask.examples``).
+    examples: dict[str, list[Any]]
     method: Method
     lora: LoraSettings | None
     hyper: HyperParameters
@@ -94,6 +94,8 @@ class LoopConfig:
     trial: int | None = None
     # The task type (gristmill.core.tasks name or enum name): which objective the loop trains.
     task: str = DEFAULT_TASK_TYPE
+    # Replaces the base tokenizer's chat template when set (the resolved spec's: the template the job trains with).
+    chat_template: str = ""
 
 
 @dataclass
@@ -262,7 +264,7 @@ class LoopRunner:
             torch.set_num_threads(threads)
         torch.manual_seed(self.hp.seed)
         model_dir = Path(self.cfg.model_dir)
-        self.tokenizer = modeling.load_tokenizer(model_dir)
+        self.tokenizer = modeling.load_tokenizer(model_dir, chat_template=self.cfg.chat_template)
         lora = self.cfg.lora if self.cfg.method is Method.LORA else None
         assert self.cfg.method is not Method.LORA or lora is not None
         model = self.task.build_model(model_dir, self.cfg.label_map, lora)
@@ -270,9 +272,9 @@ class LoopRunner:
         self.model = model.to(self.device)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         self.splits = {
-            name: self.task.encode(self.tokenizer, texts, self.cfg.labels[name], self.hp.max_sequence_length)
-            for name, texts in self.cfg.texts.items()
-            if texts
+            name: self.task.encode(self.tokenizer, examples, self.hp.max_sequence_length)
+            for name, examples in self.cfg.examples.items()
+            if examples
         }
         train_size = len(self.splits["train"])
         self.steps_per_epoch = D.steps_per_epoch(
@@ -571,11 +573,7 @@ class LoopRunner:
         with tempfile.TemporaryDirectory(prefix="gristmill-model-") as tmp:
             checkpoint = None
             if self.rank == 0:
-                from gristmill.training.ml import modeling
-
-                merged = modeling.merge_lora(model)
-                merged.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
-                self.tokenizer.save_pretrained(tmp)
+                self.task.save(model, self.tokenizer, Path(tmp))
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(asdict(self.state)))
                 (Path(tmp) / LOOP_REPORT_FILE).write_text(json.dumps(final))
                 checkpoint = Path(tmp)

@@ -1,4 +1,5 @@
-"""Hugging Face models for sequence classification: loading, LoRA, parameter counts, saving.
+"""Hugging Face models for the training tasks: loading (sequence classifiers, causal LMs), LoRA, parameter
+counts, inspection on the meta device.
 
 Used by the training loop (in Ray workers) and by the service when it inspects a base model; imports
 torch, transformers and peft, so the service imports it lazily.
@@ -13,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 _HEAD_SUFFIX = "ForSequenceClassification"
 
@@ -29,12 +36,25 @@ def has_classification_head(config: dict[str, Any]) -> bool:
     return any(str(a).endswith(_HEAD_SUFFIX) for a in config.get("architectures") or ())
 
 
-def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(model_dir: Path, *, chat_template: str = "") -> PreTrainedTokenizerBase:
+    """The base's tokenizer; ``chat_template`` (when given) replaces its chat template, so that what it renders
+    and what it saves is that template."""
     tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(model_dir))
     if tokenizer.pad_token is None:
         # Decoder-style tokenizers ship without a pad token; padding with EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def default_chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The template ``apply_chat_template`` uses by default ("" when there is none); a template shipped as named
+    variants counts its ``default`` one."""
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template if isinstance(template, str) else ""
 
 
 def load_classifier(model_dir: Path, label_map: Sequence[str]) -> torch.nn.Module:
@@ -52,20 +72,32 @@ def load_classifier(model_dir: Path, label_map: Sequence[str]) -> torch.nn.Modul
     return model
 
 
+def load_causal_lm(model_dir: Path) -> torch.nn.Module:
+    """The base as a causal language model, in float32 (mixed precision is the loop's autocast; LoRA adapters
+    on half-precision weights would train in half precision)."""
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    assert isinstance(model, torch.nn.Module)
+    return model
+
+
 @dataclass(frozen=True)
 class LoraOptions:
     rank: int
     alpha: float
     dropout: float
     target_modules: tuple[str, ...]
+    # PEFT's task type: "SEQ_CLS" keeps the classification head trainable; "CAUSAL_LM" trains adapters only.
+    task_type: str = "SEQ_CLS"
 
 
 def apply_lora(model: torch.nn.Module, options: LoraOptions) -> torch.nn.Module:
-    """Wrap ``model`` with LoRA adapters; only adapter and classification-head parameters stay trainable."""
+    """Wrap ``model`` with LoRA adapters; only adapter (and classification-head) parameters stay trainable."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     config = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=TaskType(options.task_type),
         r=options.rank,
         lora_alpha=options.alpha,  # type: ignore[arg-type]  # peft accepts a float scale
         lora_dropout=options.dropout,
@@ -85,6 +117,23 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def save_causal_lm(model: torch.nn.Module, dest: Path) -> None:
+    """A LoRA model as its PEFT adapter (``adapter_model.safetensors``, ``adapter_config.json``), anything else as
+    a full model (``model.safetensors``, ``config.json``)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        for config in model.peft_config.values():
+            # PEFT records the base's path on the training host (and fills in a None); the artifact's lineage
+            # names the base instead.
+            config.base_model_name_or_path = ""
+        model.save_pretrained(str(dest), safe_serialization=True)
+        # PEFT writes a README of its own; the published card is model-card.md.
+        (Path(dest) / "README.md").unlink(missing_ok=True)
+        return
+    model.save_pretrained(dest, safe_serialization=True)  # type: ignore[operator]
+
+
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -98,11 +147,38 @@ def default_lora_targets(model_type: str) -> tuple[str, ...]:
     return tuple(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type, ()))
 
 
-def linear_module_names(model_dir: Path, num_labels: int) -> frozenset[str]:
-    """Last name components of every linear layer, from a model built on the meta device (no weights)."""
+def classifier_skeleton(model_dir: Path, num_labels: int) -> torch.nn.Module:
+    """The base with a sequence-classification head, built on the meta device (no weights)."""
     config = AutoConfig.from_pretrained(str(model_dir), num_labels=num_labels)
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)  # type: ignore[no-untyped-call]
+        model: torch.nn.Module = AutoModelForSequenceClassification.from_config(config)  # type: ignore[no-untyped-call]
+    return model
+
+
+def causal_lm_skeleton(model_dir: Path) -> torch.nn.Module:
+    """The base as a causal language model, built on the meta device (no weights)."""
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        model: torch.nn.Module = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    return model
+
+
+def linear_module_names(model: torch.nn.Module) -> frozenset[str]:
+    """Last name components of every linear layer of ``model`` (what LoRA can adapt; GPT-2 style models use
+    transformers' ``Conv1D`` for theirs)."""
+    from transformers.pytorch_utils import Conv1D
+
     return frozenset(
-        name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear | Conv1D)
     )
+
+
+def max_positions(config: dict[str, Any]) -> int | None:
+    """The longest sequence the architecture takes (``max_position_embeddings``, GPT-2's ``n_positions``)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

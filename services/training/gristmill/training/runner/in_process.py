@@ -47,14 +47,14 @@ class InProcessRunner:
             job_id=request.job_id,
             model_dir=str(request.model_dir),
             label_map=request.data.label_map,
-            texts=request.data.texts,
-            labels=request.data.labels,
+            examples=request.data.examples,
             method=spec.method,
             lora=spec.lora,
             hyper=spec.hyper_parameters,
             cpus_per_worker=spec.resources.cpus_per_worker,
             sink=_ListenerSink(listener, cancel),
             task=spec.task.value,
+            chat_template=spec.chat_template,
         )
         session = DirectorySession(root)
         try:

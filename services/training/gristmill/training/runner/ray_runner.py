@@ -425,8 +425,7 @@ class RayJobRunner:
             job_id=request.job_id,
             model_dir=str(request.model_dir),
             label_map=request.data.label_map,
-            texts=request.data.texts,
-            labels=request.data.labels,
+            examples=request.data.examples,
             method=spec.method,
             lora=spec.lora,
             hyper=spec.hyper_parameters,
@@ -435,6 +434,7 @@ class RayJobRunner:
             sink=channel,
             fault=self.fault,
             task=spec.task.value,
+            chat_template=spec.chat_template,
         )
 
     def _trainer(self, request: RunRequest, channel: RunChannel) -> GristmillTorchTrainer:

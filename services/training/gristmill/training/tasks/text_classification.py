@@ -1,6 +1,7 @@
-"""Single-label text classification: a sequence-classification head over the base, cross-entropy over the
-label map's class indexes, accuracy and macro F1 from a confusion matrix, and the classifier's OIP
-signature (``text`` in; ``probabilities``, ``label``, ``label_index`` out).
+"""Single-label text classification (objective ``classify``): a sequence-classification head over the base,
+cross-entropy over the label map's class indexes, accuracy and macro F1 from a confusion matrix, the
+classifier's OIP signature (``text`` in; ``probabilities``, ``label``, ``label_index`` out), and LoRA merged
+into the published weights.
 
 The tensor helpers (padding collation, confusion matrix, scores) are in ``gristmill.training.ml.data`` and
 the Hugging Face loading in ``gristmill.training.ml.modeling``; both import torch, so they are imported
@@ -9,21 +10,34 @@ inside the methods the loop calls, never when the service imports this module.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gristmill.core.chat import ROW_FORMAT_CLASSIFICATION
 from gristmill.core.errors import FailedPreconditionError
-from gristmill.core.manifests import DatasetRow
+from gristmill.core.manifests import DatasetRecord, DatasetRow
 from gristmill.core.tasks import TEXT_CLASSIFICATION
 from gristmill.core.values import Signature, TensorSpec
 from gristmill.training.domain.lora import LoraSettings
+from gristmill.training.domain.objectives import Objective
+from gristmill.training.tasks.base import ModelCardText
 
 if TYPE_CHECKING:
     import torch
 
     from gristmill.training.ml.data import Batch, EncodedSplit
+
+
+@dataclass(frozen=True)
+class LabelledText:
+    """One classification example: a text and its class index in the label map."""
+
+    text: str
+    label: int
 
 
 def classification_signature(num_labels: int) -> Signature:
@@ -45,17 +59,33 @@ class TextClassification:
     def name(self) -> str:
         return TEXT_CLASSIFICATION
 
+    @property
+    def objective(self) -> Objective:
+        return Objective.CLASSIFY
+
+    @property
+    def row_format(self) -> str:
+        return ROW_FORMAT_CLASSIFICATION
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return ("f1", "accuracy", "loss")
+
+    @property
+    def uses_chat_template(self) -> bool:
+        return False
+
     def check_label_map(self, label_map: Sequence[str], where: str) -> None:
         if len(label_map) < 2 or len(set(label_map)) != len(label_map):
             raise FailedPreconditionError(
                 f"{where} needs at least two distinct labels to train a classifier (label map: {list(label_map)[:10]})"
             )
 
-    def examples(self, rows: Sequence[DatasetRow], label_map: Sequence[str], where: str) -> tuple[list[str], list[int]]:
+    def examples(self, records: Sequence[DatasetRecord], label_map: Sequence[str], where: str) -> list[LabelledText]:
         index = {label: i for i, label in enumerate(label_map)}
-        texts: list[str] = []
-        targets: list[int] = []
-        for row in rows:
+        examples: list[LabelledText] = []
+        for record in records:
+            row = DatasetRow.from_object(record.data, where=record.where)
             if row.label is None:
                 raise FailedPreconditionError(
                     f"{where} row {row.id!r} has no single label; multi-label training is not supported yet"
@@ -64,12 +94,37 @@ class TextClassification:
                 raise FailedPreconditionError(
                     f"{where} row {row.id!r} has label {row.label!r}, which is not in the version's label map"
                 )
-            texts.append(row.text)
-            targets.append(index[row.label])
-        return texts, targets
+            examples.append(LabelledText(row.text, index[row.label]))
+        return examples
+
+    def output_labels(self, label_map: Sequence[str]) -> tuple[str, ...]:
+        return tuple(label_map)
+
+    def label_counts(self, examples: Sequence[LabelledText], label_map: Sequence[str]) -> dict[str, int]:
+        return dict(Counter(label_map[e.label] for e in examples))
+
+    def default_lora_targets(self, model_type: str, adaptable: frozenset[str]) -> tuple[str, ...]:
+        from gristmill.training.ml import modeling
+
+        return modeling.default_lora_targets(model_type)
 
     def signature(self, label_map: Sequence[str]) -> Signature:
         return classification_signature(len(label_map))
+
+    def card(self, label_map: Sequence[str]) -> ModelCardText:
+        return ModelCardText(
+            summary="Text classifier",
+            data=(f"- Labels (class index order): {', '.join(f'`{label}`' for label in label_map)}",),
+            lora_weights="merged into the weights",
+            use="Input: a batch of texts (`text`, BYTES). Output: class probabilities (`probabilities`, FP32), the "
+            "predicted label (`label`, BYTES) and its index (`label_index`, INT64). Loads with "
+            "`AutoModelForSequenceClassification.from_pretrained`.",
+        )
+
+    def skeleton(self, model_dir: Path, label_map: Sequence[str]) -> torch.nn.Module:
+        from gristmill.training.ml import modeling
+
+        return modeling.classifier_skeleton(model_dir, num_labels=max(2, len(label_map)))
 
     def build_model(self, model_dir: Path, label_map: Sequence[str], lora: LoraSettings | None) -> torch.nn.Module:
         from gristmill.training.ml import modeling
@@ -81,10 +136,12 @@ class TextClassification:
             )
         return model
 
-    def encode(self, tokenizer: Any, texts: list[str], targets: list[int], max_length: int) -> EncodedSplit:
+    def encode(self, tokenizer: Any, examples: Sequence[LabelledText], max_length: int) -> EncodedSplit:
         from gristmill.training.ml import data
 
-        return data.EncodedSplit(tokenizer(texts, truncation=True, max_length=max_length)["input_ids"], targets)
+        texts = [e.text for e in examples]
+        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
+        return data.EncodedSplit(ids, [e.label for e in examples])
 
     def collate(self, split: EncodedSplit, indices: Sequence[int], pad_id: int) -> Batch:
         from gristmill.training.ml import data
@@ -100,6 +157,14 @@ class TextClassification:
         self, label_map: Sequence[str], device: torch.device, autocast: Callable[[], AbstractContextManager[Any]]
     ) -> ClassificationEvaluation:
         return ClassificationEvaluation(len(label_map), device, autocast)
+
+    def save(self, model: torch.nn.Module, tokenizer: Any, dest: Path) -> None:
+        from gristmill.training.ml import modeling
+
+        # Serving loads a plain Transformers classifier: LoRA is folded into the weights.
+        merged = modeling.merge_lora(model)
+        merged.save_pretrained(dest, safe_serialization=True)  # type: ignore[operator]
+        tokenizer.save_pretrained(dest)
 
 
 class ClassificationEvaluation:
