@@ -177,6 +177,50 @@ def test_job_event_registers_once_promotes_and_keeps_the_trace(tmp_path: Path) -
     app.host.platform.close()
 
 
+def test_a_chat_sft_job_registers_a_chat_model_with_its_adapter_and_template_hash(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    app = build_app(
+        RegistrySettings(data_dir=tmp_path, grpc_port=0),
+        Infrastructure(memory_broker=broker),
+        embedded_security("registry"),
+    )
+    loop = Loop(app)
+    objects, catalog = app.host.platform.objects, app.host.platform.catalog
+    chat_signature = {
+        "inputs": [{"name": "messages", "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}],
+    }
+    adapter = {"adapter_model.safetensors": b"lora", "adapter_config.json": b"{}", "chat_template.jinja": b"{{ x }}"}
+    ref = upload_model(objects, "jobs/job-c", files=adapter, labels=(), signature=chat_signature)
+    message = _job_event(
+        "job-c",
+        common_pb2.ObjectRef(key=ref.key, sha256=ref.sha256, size_bytes=ref.size_bytes),
+        "jobs/job-c",
+        accuracy=0.0,
+        model="assistant",
+    )
+    message.task = common_pb2.TASK_TYPE_CHAT
+    message.label_map.Clear()
+    del message.signature.inputs[:], message.signature.outputs[:], message.metrics[:]
+    message.signature.inputs.add(name="messages", datatype="BYTES", shape=[-1])
+    message.signature.outputs.add(name="text_output", datatype="BYTES", shape=[-1])
+    message.metrics.add(name="loss", value=1.25, split=common_pb2.DATASET_SPLIT_TEST)
+    message.lineage.hyper_parameters.update({"objective": "sft", "chat_template.sha256": "d" * 64})
+    MemoryEventBus(broker).publish(Event.create(message, key="job-c", source="training", catalog=catalog))
+    loop.run()
+
+    model = app.registry.catalog.get_model(CALLER, "assistant")
+    assert model.task == "TASK_TYPE_CHAT" and model.label_map == ()
+    version = app.registry.catalog.get_version(CALLER, "assistant", version=1, alias=None)
+    assert version.status is VersionStatus.READY, version.status_reason
+    assert version.task == "TASK_TYPE_CHAT" and [s.name for s in version.signature.inputs] == ["messages"]
+    assert version.lineage.hyper_parameters["chat_template.sha256"] == "d" * 64
+    assert {f.key.rsplit("/", 1)[-1] for f in version.files} >= set(adapter)
+    assert app.registry.catalog.search_models(CALLER, ModelQuery(task="TASK_TYPE_CHAT"), 0, "")[0] == [model]
+    loop.close()
+    app.host.platform.close()
+
+
 def test_undecodable_or_invalid_job_events_are_dead_lettered(tmp_path: Path) -> None:
     broker = MemoryBroker()
     settings = RegistrySettings(data_dir=tmp_path, grpc_port=0, job_events_group=f"g-{uuid.uuid4().hex[:6]}")

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.ids import validate_id
-from gristmill.core.tasks import CLASSIFICATION_TASK_TYPES, task_type_enum_name
+from gristmill.core.tasks import CHAT, CLASSIFICATION_TASK_TYPES, task_type_enum_name
 
-# Tasks the registry accepts; the others in common.v1.TaskType are marked "later" in the proto.
-SUPPORTED_TASKS = tuple(task_type_enum_name(name) for name in CLASSIFICATION_TASK_TYPES)
+# Sequence classifiers: what an encoder base model can be fine-tuned into.
+CLASSIFIER_TASKS = tuple(task_type_enum_name(name) for name in CLASSIFICATION_TASK_TYPES)
+# Tasks a registered model (and its versions) may have: the classifiers and chat models (what SFT and DPO
+# jobs publish; a preference dataset trains a chat model, so no model is a "preference" model). The others in
+# common.v1.TaskType are marked "later" in the proto.
+SUPPORTED_TASKS = (*CLASSIFIER_TASKS, task_type_enum_name(CHAT))
 TASK_UNSPECIFIED = "TASK_TYPE_UNSPECIFIED"
 
 
