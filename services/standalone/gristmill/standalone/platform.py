@@ -72,7 +72,9 @@ class EmbeddedPlatform:
             labeling = self._settings(LabelingSettings, service, registry_address=self.addresses["registry"])
             return build_labeling(labeling, infra, security)
         if service == "training":
-            training = self._settings(TrainingSettings, service, ray_num_cpus=self.ray_num_cpus)
+            training = self._settings(
+                TrainingSettings, service, ray_num_cpus=self.ray_num_cpus, registry_address=self.addresses["registry"]
+            )
             return build_training(training, infra, security)
         settings = self._settings(ServingSettings, service, registry_address=self.addresses["registry"])
         return build_serving(settings, infra, security)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gristmill.core.auth import TRAINING_SUBMIT
+from gristmill.core.base_models import RegistryBaseModels
 from gristmill.core.errors import GristmillError
 from gristmill.core.events.topics import DATASET_VERSION_PUBLISHED
 from gristmill.core.host import Callbacks, Infrastructure, ServiceHost, Subscription, open_platform
@@ -117,8 +118,17 @@ def build_app(
         )
     store = SqlJobStore(platform.database, TrainingEvents(platform.database, platform.catalog, SERVICE_NAME))
     datasets = DatasetCatalog(platform.objects)
+    registry = RegistryBaseModels(
+        settings.registry_address,
+        timeout_s=settings.registry_timeout_s,
+        tls=security.tls,
+        metadata_for=security.call_metadata,
+    )
     base_models = BaseModelCatalog(
-        platform.objects, data_dir.resolve() / "base-models", allow_local_paths=settings.allow_local_paths
+        platform.objects,
+        data_dir.resolve() / "base-models",
+        allow_local_paths=settings.allow_local_paths,
+        registry=registry,
     )
     signal = JobSignal()
     supervisor = JobSupervisor(
@@ -161,6 +171,7 @@ def build_app(
         components=[
             ClusterLifecycle(cluster, runner),
             Callbacks("job-supervisor", on_open=supervisor.start, on_close=supervisor.stop),
+            Callbacks("registry-channel", on_close=registry.close),
         ],
     )
     return TrainingApp(host, jobs, supervisor)

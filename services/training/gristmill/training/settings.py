@@ -6,7 +6,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from gristmill.core.events.topics import TRAINING_AUTO_TRAIN
-from gristmill.core.ports import TRAINING_PORT
+from gristmill.core.ports import TRAINING_PORT, default_address
 from gristmill.core.settings import ServiceSettings
 
 
@@ -30,6 +30,10 @@ class TrainingSettings(ServiceSettings):
     # dependency_retry_s, doubling up to a minute, for at most dependency_wait_s; then it is FAILED.
     dependency_wait_s: float = Field(default=900.0, ge=0)
     dependency_retry_s: float = Field(default=5.0, gt=0)
+    # Where the registry's gRPC API listens: a job names its base model by registry name (BaseModelRef.
+    # base_model_name), looked up with GetBaseModel and downloaded (verified) into <data_dir>/base-models.
+    registry_address: str = default_address("registry")
+    registry_timeout_s: float = Field(default=30.0, gt=0)
     # Accept BaseModelRef.local_path (a directory on this host). Embedded and local modes only.
     allow_local_paths: bool = True
     # Ray Train checkpoints kept per run besides the latest (CheckpointConfig.num_to_keep).

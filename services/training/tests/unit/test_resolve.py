@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from gristmill.core.base_models import StoredBaseModel, content_sha256
 from gristmill.core.errors import (
     DataIntegrityError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
 )
-from gristmill.core.manifests import dataset_manifest_key
+from gristmill.core.manifests import FileEntry, dataset_manifest_key
 from gristmill.core.storage import ObjectStore
 from gristmill.training.devtools import LABELS, sentiment_rows, upload_model_directory, write_dataset_version
 from gristmill.training.domain import spec as d
@@ -24,7 +26,6 @@ from gristmill.training.domain.resolve import (
     ClusterCapacity,
     DatasetCatalog,
     SpecResolver,
-    content_sha256,
 )
 from gristmill.training.ml.inspect import HfModelInspector
 
@@ -183,7 +184,7 @@ def test_base_model_errors(objects: ObjectStore, dataset: DatasetRef, tmp_path: 
         resolver.resolve(_spec(tmp_path / "not-a-model", dataset))
     with pytest.raises(NotFoundError, match="no manifest.json under object prefix"):
         resolver.resolve(replace(_spec("/x", dataset), base_model=d.BaseModelRef(object_prefix="base-models/none")))
-    with pytest.raises(FailedPreconditionError, match="by registry name is not available yet"):
+    with pytest.raises(FailedPreconditionError, match="no registry to look base models up in"):
         resolver.resolve(replace(_spec("/x", dataset), base_model=d.BaseModelRef(name="minilm")))
 
 
@@ -210,6 +211,67 @@ def test_a_base_model_from_the_object_store_is_downloaded_and_verified(
         content_sha256({n: e["sha256"] for n, e in manifest["files"].items()})
         == resolved.spec.base_model.content_sha256
     )
+
+
+class RegistryCatalog:
+    """The registry's answer for base models uploaded to ``objects`` (what ``RegistryBaseModels`` returns)."""
+
+    def __init__(self, objects: ObjectStore) -> None:
+        self.objects = objects
+        self.models: dict[tuple[str, str], StoredBaseModel] = {}
+        self.lookups: list[tuple[str, str]] = []
+
+    def add(self, organization_id: str, name: str, directory: Path) -> StoredBaseModel:
+        prefix = f"registry/base-models/{name}"
+        upload_model_directory(self.objects, directory, prefix)
+        manifest = json.loads(self.objects.get_bytes(f"{prefix}/manifest.json"))
+        files = {n: FileEntry(e["key"], e["sha256"], e["size_bytes"]) for n, e in manifest["files"].items()}
+        stored = StoredBaseModel(name, content_sha256({n: e.sha256 for n, e in files.items()}), files)
+        self.models[organization_id, name] = stored
+        return stored
+
+    def lookup(self, organization_id: str, name: str) -> StoredBaseModel:
+        self.lookups.append((organization_id, name))
+        try:
+            return self.models[organization_id, name]
+        except KeyError:
+            raise NotFoundError(f"base model {name!r} does not exist") from None
+
+
+def test_a_base_model_named_in_the_registry_is_looked_up_for_the_callers_organisation_and_verified(
+    objects: ObjectStore, dataset: DatasetRef, tiny_model: Path, tmp_path: Path
+) -> None:
+    registry = RegistryCatalog(objects)
+    stored = registry.add("acme", "tiny-bert", tiny_model)
+    catalog = BaseModelCatalog(objects, tmp_path / "cache", allow_local_paths=False, registry=registry)
+    resolver = SpecResolver(DatasetCatalog(objects), catalog, HfModelInspector(), FixedCapacity())
+    spec = replace(_spec("/x", dataset), base_model=d.BaseModelRef(name="tiny-bert"))
+
+    resolved = resolver.resolve(spec, "acme")
+    assert registry.lookups == [("acme", "tiny-bert")]
+    assert resolved.spec.base_model == d.BaseModelRef(name="tiny-bert", content_sha256=stored.content_sha256)
+    local = resolved.base_model.local_dir
+    assert local == tmp_path / "cache" / stored.content_sha256
+    assert (local / "config.json").read_bytes() == (tiny_model / "config.json").read_bytes()
+    # The lineage names the content, whichever way the model was named.
+    from_disk = _resolver(objects, tmp_path).resolve(_spec(tiny_model, dataset))
+    assert resolved.spec.base_model.content_sha256 == from_disk.spec.base_model.content_sha256
+
+    # Another organisation's catalog does not have it.
+    with pytest.raises(NotFoundError, match="'tiny-bert' is not in the registry; import it first") as missing:
+        resolver.resolve(spec, "other")
+    assert missing.value.details == {"field": "spec.base_model.base_model_name"}
+
+    # A file changed in the object store after the registry recorded its checksum: refused, never trained on.
+    shutil.rmtree(local)
+    objects.put_bytes(stored.files["config.json"].key, b"{}", overwrite=True)
+    with pytest.raises(DataIntegrityError):
+        resolver.resolve(spec, "acme")
+    assert not local.exists()
+    # A file gone from the object store: the registry's record is stale.
+    objects.delete(stored.files["config.json"].key)
+    with pytest.raises(FailedPreconditionError, match="a file the registry lists is missing from the object store"):
+        resolver.resolve(spec, "acme")
 
 
 def test_lora_target_modules_must_exist_in_the_model(

@@ -20,21 +20,17 @@ transformers is imported on the first load only: it takes a second or two and mo
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from gristmill.api.registry.v1 import registry_pb2, registry_pb2_grpc
-from gristmill.core.errors import DataIntegrityError, FailedPreconditionError, NotFoundError, remote_call_error
-from gristmill.core.ids import validate_id
-from gristmill.core.manifests import FileEntry, download_files, relative_name
+from gristmill.api.registry.v1 import registry_pb2
+from gristmill.core.base_models import RegistryBaseModels, StoredBaseModel, stored_base_model
+from gristmill.core.errors import FailedPreconditionError, NotFoundError
 from gristmill.core.storage import ObjectStore
-from gristmill.core.tls import ReloadingChannel, TlsSettings
+from gristmill.core.tls import TlsSettings
 from gristmill.labeling.domain.tokens import TURN_OVERHEAD_TOKENS, TokenCounter, TokenizerSource, Turns
 
 log = logging.getLogger(__name__)
@@ -59,7 +55,6 @@ TOKENIZER_FILES = frozenset(
         "config.json",
     }
 )
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Characters of turn texts whose token counts a counter remembers, so that the turns a long conversation keeps
 # are not encoded again for each cut it is tried at, nor a shared system prompt again for each batch.
 _MEMO_CHARS = 16_000_000
@@ -208,49 +203,24 @@ class RegistryTokenizerSource(TokenizerSource):
         self.address = address
         self._objects = objects
         self._cache_dir = Path(cache_dir)
-        self._timeout_s = timeout_s
-        self._metadata_for = metadata_for
-        self._channel = ReloadingChannel(address, tls)
+        self._registry = RegistryBaseModels(address, timeout_s=timeout_s, tls=tls, metadata_for=metadata_for)
         self._loaded = _LoadedCounters(capacity)
 
     def base_model(self, organization_id: str, name: str) -> registry_pb2.BaseModel:
-        validate_id(name, what="settings.cleaning.tokenizer")
-        try:
-            with self._channel.use() as channel:
-                return registry_pb2_grpc.RegistryServiceStub(channel).GetBaseModel(
-                    registry_pb2.GetBaseModelRequest(name=name),
-                    timeout=self._timeout_s,
-                    metadata=self._metadata_for(organization_id),
-                )
-        except grpc.RpcError as exc:
-            what = f"base model {name!r}"
-            raise remote_call_error(exc, service="registry", address=self.address, what=what) from None
+        return self._registry.get(organization_id, name, field="settings.cleaning.tokenizer")
 
     def counter(self, organization_id: str, base_model_name: str) -> TokenCounter:
-        base = self.base_model(organization_id, base_model_name)
-        digest = base.content_sha256
-        if not _SHA256.fullmatch(digest):
-            raise DataIntegrityError(f"the registry's base model {base_model_name!r} has no valid content_sha256")
-        files = {
-            name: FileEntry(ref.key, ref.sha256, ref.size_bytes)
-            for ref in base.files
-            if (name := relative_name(ref.key, base.artifact_prefix)) in TOKENIZER_FILES
-        }
-        if not any(name != "config.json" for name in files):
+        base = stored_base_model(self.base_model(organization_id, base_model_name))
+        if not any(name in TOKENIZER_FILES and name != "config.json" for name in base.files):
             raise FailedPreconditionError(f"base model {base_model_name!r} has no tokenizer files in the registry")
-        return self._loaded.get(digest, lambda: self._load(base_model_name, files, self._cache_dir / digest))
+        return self._loaded.get(base.content_sha256, lambda: self._load(base))
 
-    def _load(self, name: str, files: Mapping[str, FileEntry], dest: Path) -> HfTokenCounter:
-        try:
-            directory = download_files(self._objects, files, dest)
-        except NotFoundError:
-            raise FailedPreconditionError(
-                f"base model {name!r}: a tokenizer file the registry lists is missing from the object store"
-            ) from None
-        return load_counter(directory, name)
+    def _load(self, base: StoredBaseModel) -> HfTokenCounter:
+        directory = base.download(self._objects, self._cache_dir / base.content_sha256, only=TOKENIZER_FILES)
+        return load_counter(directory, base.name)
 
     def close(self) -> None:
-        self._channel.close()
+        self._registry.close()
 
 
 class LocalTokenizerSource(TokenizerSource):

@@ -22,12 +22,13 @@ import math
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from gristmill.core import paging
+from gristmill.core.base_models import content_sha256
 from gristmill.core.errors import AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from gristmill.core.storage import ObjectStore, object_key, validate_key
 from gristmill.core.storage.base import sha256_file
@@ -37,7 +38,7 @@ from gristmill.registry.domain import names
 from gristmill.registry.domain.common import base_model_prefix
 from gristmill.registry.domain.gguf import dequantize_gguf, require_gguf_support
 from gristmill.registry.domain.model import BaseModel, Caller
-from gristmill.registry.domain.names import SUPPORTED_TASKS
+from gristmill.registry.domain.names import CLASSIFIER_TASKS
 from gristmill.registry.domain.ports import RegistryStore
 
 log = logging.getLogger(__name__)
@@ -78,14 +79,6 @@ class DirectoryFacts:
     tasks: tuple[str, ...]
     parameter_count: int
     chat_template_sha256: str
-
-
-def content_sha256(files: Mapping[str, str]) -> str:
-    """SHA-256 over ``name\\tsha256\\n`` lines of ``files`` (relative name → sha256), in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(files):
-        digest.update(f"{name}\t{files[name]}\n".encode())
-    return digest.hexdigest()
 
 
 def inspect_directory(root: Path, names: list[str]) -> DirectoryFacts:
@@ -192,7 +185,7 @@ def infer_tasks(model_type: str, architectures: tuple[str, ...]) -> tuple[str, .
     """Task families the architecture can be fine-tuned for (empty when unknown)."""
     tasks: list[str] = []
     if model_type in _ENCODERS or any(a.endswith("ForSequenceClassification") for a in architectures):
-        tasks.extend(SUPPORTED_TASKS)
+        tasks.extend(CLASSIFIER_TASKS)
     if any(a.endswith("ForTokenClassification") for a in architectures) or model_type in _ENCODERS:
         tasks.append("TASK_TYPE_TOKEN_CLASSIFICATION")
     if any(a.endswith("ForCausalLM") for a in architectures):

@@ -106,7 +106,7 @@ class JobService:
             self._quota.reserve(
                 caller, {UsageKind.TRAINING_WORKER_SECONDS: 0}, resource="training", rate_limited=False
             ).release()
-        resolved = self._resolver.resolve(spec)
+        resolved = self._resolver.resolve(spec, org)
         job_id = new_id()
         job = Job(
             job_id=job_id,
@@ -225,7 +225,7 @@ class JobService:
     ) -> AutoTrainPolicy:
         validate_id(project_id, what="policy.project_id")
         self.check_licensed(template)
-        resolved = self._resolver.resolve_template(template)
+        resolved = self._resolver.resolve_template(template, organization(organization_id))
         policy = AutoTrainPolicy(
             project_id=project_id,
             organization_id=organization(organization_id),

@@ -345,7 +345,7 @@ class JobSupervisor:
 
     def _run(self, job: Job, run: _ActiveRun) -> None:
         data, files = self._datasets.load_ref(job.spec.dataset)
-        base = self._base_models.resolve(job.spec.base_model)
+        base = self._base_models.resolve(job.spec.base_model, job.organization_id)
         if job.spec.base_model.content_sha256 and base.ref.content_sha256 != job.spec.base_model.content_sha256:
             raise FailedPreconditionError(
                 f"the {job.spec.base_model.describe()} changed since the job was submitted (content sha256 "
