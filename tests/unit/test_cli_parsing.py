@@ -16,6 +16,7 @@ from gristmill.api.training.v1 import training_pb2 as tr
 from gristmill.cli.admin_commands import expiry_time, parse_quota
 from gristmill.cli.annotation_commands import prediction_input, suggestion, task_lines
 from gristmill.cli.job_specs import job_spec, spec_from_file
+from gristmill.cli.options import read_text_option
 from gristmill.cli.project_settings import cleaning_settings, label_definitions, pii_pattern
 from gristmill.cli.registry_commands import card_text_from_file
 from gristmill.cli.training_commands import SearchSpecError, parse_search_expression, search_spec
@@ -157,6 +158,45 @@ def test_a_spec_file_gives_the_fields_the_options_leave(tmp_path: Path) -> None:
         spec_from_file(tmp_path / "missing.json")
 
 
+def test_generative_job_options(tmp_path: Path) -> None:
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    spec = job_spec(
+        project_id="chats",
+        dataset_version_id="v2",
+        base_model_name="smollm2-135m",
+        objective="dpo",
+        qlora=True,
+        chat_template=template,
+        beta=0.25,
+        merged=True,
+    )
+    assert (spec.objective, spec.method, spec.chat_template) == (tr.OBJECTIVE_DPO, tr.TRAINING_METHOD_QLORA, template)
+    assert spec.dpo.beta == 0.25 and spec.publish_merged
+    # Unset options keep a spec file's values (--lora replaces its method); the dataset's task type picks the
+    # objective when none is named.
+    kept = job_spec(project_id="chats", dataset_version_id="v3", lora=True, base=spec)
+    assert (kept.objective, kept.method, kept.dpo.beta, kept.chat_template) == (
+        tr.OBJECTIVE_DPO,
+        tr.TRAINING_METHOD_LORA,
+        0.25,
+        template,
+    )
+    plain = job_spec(project_id="chats", dataset_version_id="v2", base_model_name="m", lora=True)
+    assert plain.objective == tr.OBJECTIVE_UNSPECIFIED and plain.method == tr.TRAINING_METHOD_LORA
+    for bad in ({"objective": "rlhf"}, {"qlora": True, "lora": False}):
+        with pytest.raises(typer.Exit) as raised:
+            job_spec(project_id="chats", dataset_version_id="v2", base_model_name="m", **bad)  # type: ignore[arg-type]
+        assert raised.value.exit_code == 2
+    assert read_text_option(None, "--chat-template") == ""
+    (tmp_path / "t.jinja").write_text(template)
+    assert read_text_option(tmp_path / "t.jinja", "--chat-template") == template
+    (tmp_path / "bin.jinja").write_bytes(b"\xff\xfe")
+    for path in (tmp_path / "missing.jinja", tmp_path / "bin.jinja"):
+        with pytest.raises(typer.Exit) as raised:
+            read_text_option(path, "--chat-template")
+        assert raised.value.exit_code == 2
+
+
 def test_key_expiry_times() -> None:
     now = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
     assert expiry_time("30d", now) == now + timedelta(days=30)
@@ -190,6 +230,9 @@ def test_cleaning_settings_and_label_descriptions() -> None:
         "settings.cleaning.pii.store_raw_text",
     ]
     assert cleaning_settings(pii_kind_names="all")[0].pii.kinds == []
+    tokens, token_paths = cleaning_settings(max_tokens=2048, tokenizer="smollm2-135m")
+    assert (tokens.max_tokens, tokens.tokenizer) == (2048, "smollm2-135m")
+    assert token_paths == ["settings.cleaning.max_tokens", "settings.cleaning.tokenizer"]
     assert cleaning_settings() == (lb.CleaningSettings(), [])
     bad_settings: list[dict[str, object]] = [
         {"near_duplicates": "keep"},

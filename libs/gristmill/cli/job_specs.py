@@ -10,6 +10,9 @@ from gristmill.api.training.v1 import training_pb2 as tr
 from gristmill.cli.options import message_from_json_file
 from gristmill.cli.output import fail
 
+# --objective's names: the dataset version's task type picks one when none is given.
+OBJECTIVES = {"classify": tr.OBJECTIVE_CLASSIFY, "sft": tr.OBJECTIVE_SFT, "dpo": tr.OBJECTIVE_DPO}
+
 
 def spec_from_file(path: Path) -> tr.JobSpec:
     """The ``JobSpec`` in ``path`` (protobuf JSON); a missing or unreadable file is a one-line usage error."""
@@ -32,6 +35,11 @@ def job_spec(
     max_length: int = 0,
     log_every_steps: int = 0,
     lora: bool | None = None,
+    qlora: bool = False,
+    objective: str = "",
+    chat_template: str = "",
+    beta: float = 0.0,
+    merged: bool = False,
     workers: int = 0,
     base: tr.JobSpec | None = None,
 ) -> tr.JobSpec:
@@ -57,10 +65,22 @@ def job_spec(
     if dataset_version_id:
         spec.dataset_version.dataset_version_id = dataset_version_id
     spec.display_name = display_name or spec.display_name or f"{project_id} fine-tune"
-    if lora is not None:
+    if qlora and lora is False:
+        fail("--qlora trains LoRA adapters over a 4-bit base; it cannot be combined with --full", code=2)
+    if qlora:
+        spec.method = tr.TRAINING_METHOD_QLORA
+    elif lora is not None:
         spec.method = tr.TRAINING_METHOD_LORA if lora else tr.TRAINING_METHOD_FULL
     elif spec.method == tr.TRAINING_METHOD_UNSPECIFIED:
         spec.method = tr.TRAINING_METHOD_FULL
+    if objective:
+        if objective not in OBJECTIVES:
+            fail(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}", code=2)
+        spec.objective = OBJECTIVES[objective]
+    spec.chat_template = chat_template or spec.chat_template
+    if beta:
+        spec.dpo.beta = beta
+    spec.publish_merged = merged or spec.publish_merged
     hp = spec.hyper_parameters
     hp.learning_rate = learning_rate or hp.learning_rate
     hp.per_worker_batch_size = batch_size or hp.per_worker_batch_size

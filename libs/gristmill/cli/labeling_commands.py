@@ -25,11 +25,13 @@ from gristmill.cli.project_settings import (
     FEEDBACK_REVIEW_AT_OR_BELOW_OPTION,
     LABEL_DESCRIPTION_OPTION,
     MAX_TEXT_CHARS_OPTION,
+    MAX_TOKENS_OPTION,
     NEAR_DUPLICATE_THRESHOLD_OPTION,
     NEAR_DUPLICATES_OPTION,
     PII_KINDS_OPTION,
     PII_PATTERN_OPTION,
     STORE_RAW_TEXT_OPTION,
+    TOKENIZER_OPTION,
     cleaning_fields,
     cleaning_settings,
     feedback_fields,
@@ -187,6 +189,8 @@ def projects_create(
     lease_seconds: int = LEASE_SECONDS_OPTION,
     label_description: list[str] = LABEL_DESCRIPTION_OPTION,
     max_text_chars: int | None = MAX_TEXT_CHARS_OPTION,
+    max_tokens: int | None = MAX_TOKENS_OPTION,
+    tokenizer: str | None = TOKENIZER_OPTION,
     near_duplicates: str | None = NEAR_DUPLICATES_OPTION,
     near_duplicate_threshold: float | None = NEAR_DUPLICATE_THRESHOLD_OPTION,
     pii_kinds: str | None = PII_KINDS_OPTION,
@@ -201,6 +205,8 @@ def projects_create(
     with how imports are cleaned and PII masked."""
     cleaning, _ = cleaning_settings(
         max_text_chars=max_text_chars,
+        max_tokens=max_tokens,
+        tokenizer=tokenizer,
         near_duplicates=near_duplicates,
         near_duplicate_threshold=near_duplicate_threshold,
         pii_kind_names=pii_kinds,
@@ -251,6 +257,8 @@ def projects_update(
         None, "--active-learning/--no-active-learning", help="uncertain predictions become items"
     ),
     max_text_chars: int | None = MAX_TEXT_CHARS_OPTION,
+    max_tokens: int | None = MAX_TOKENS_OPTION,
+    tokenizer: str | None = TOKENIZER_OPTION,
     near_duplicates: str | None = NEAR_DUPLICATES_OPTION,
     near_duplicate_threshold: float | None = NEAR_DUPLICATE_THRESHOLD_OPTION,
     pii_kinds: str | None = PII_KINDS_OPTION,
@@ -285,6 +293,8 @@ def projects_update(
         paths.append("settings.active_learning")
     cleaning, cleaning_paths = cleaning_settings(
         max_text_chars=max_text_chars,
+        max_tokens=max_tokens,
+        tokenizer=tokenizer,
         near_duplicates=near_duplicates,
         near_duplicate_threshold=near_duplicate_threshold,
         pii_kind_names=pii_kinds,

@@ -31,6 +31,19 @@ def comma_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def read_text_option(path: Path | None, option: str) -> str:
+    """The UTF-8 text of the file an option names ("" when the option was not given); a missing or unreadable
+    file is a one-line usage error naming the option."""
+    if path is None:
+        return ""
+    if not path.is_file():
+        fail(f"{option} {path}: no such file", code=2)
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"{option} {path}: cannot be read as UTF-8 text ({type(exc).__name__})", code=2)
+
+
 def message_from_json_file(path: Path, message: M, *, what: str, option: str = "") -> M:
     """``message`` filled from the protobuf JSON in ``path``; a missing or unparseable file is a one-line usage
     error naming ``option`` (if given), the file and ``what`` it should hold."""

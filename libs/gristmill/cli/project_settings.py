@@ -26,6 +26,15 @@ _PATTERN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 MAX_TEXT_CHARS_OPTION = typer.Option(
     None, "--max-text-chars", min=1, help=f"drop imported texts longer than this (default {DEFAULT_MAX_TEXT_CHARS})"
 )
+MAX_TOKENS_OPTION = typer.Option(
+    None,
+    "--max-tokens",
+    min=0,
+    help="chat/preference: cut (oldest exchanges first) or drop conversations over this many tokens (0: no limit)",
+)
+TOKENIZER_OPTION = typer.Option(
+    None, "--tokenizer", help="the registry base model whose tokenizer counts --max-tokens (base-models list)"
+)
 NEAR_DUPLICATES_OPTION = typer.Option(
     None, "--near-duplicates", help="near-duplicate texts: drop (default), flag (keep, marked) or off"
 )
@@ -88,6 +97,8 @@ def pii_kinds(text: str) -> list[lb.PiiKind.ValueType]:
 def cleaning_settings(
     *,
     max_text_chars: int | None = None,
+    max_tokens: int | None = None,
+    tokenizer: str | None = None,
     near_duplicates: str | None = None,
     near_duplicate_threshold: float | None = None,
     pii_kind_names: str | None = None,
@@ -100,6 +111,12 @@ def cleaning_settings(
     if max_text_chars is not None:
         cleaning.max_text_chars = max_text_chars
         paths.append("max_text_chars")
+    if max_tokens is not None:
+        cleaning.max_tokens = max_tokens
+        paths.append("max_tokens")
+    if tokenizer is not None:
+        cleaning.tokenizer = tokenizer
+        paths.append("tokenizer")
     if near_duplicates is not None:
         cleaning.near_duplicate_policy = choice(near_duplicates, NEAR_DUPLICATE_POLICIES, "--near-duplicates")
         paths.append("near_duplicate_policy")
@@ -178,6 +195,7 @@ def cleaning_fields(cleaning: lb.CleaningSettings) -> dict[str, Any]:
     patterns = "".join(f" +{p.name}" for p in pii.custom_patterns)
     return {
         "max text chars": cleaning.max_text_chars or DEFAULT_MAX_TEXT_CHARS,
+        "max tokens": f"{cleaning.max_tokens} ({cleaning.tokenizer})" if cleaning.max_tokens else "no limit",
         "near duplicates": f"{'drop' if policy == 'unspecified' else policy} (>= {threshold:g})",
         "pii masking": "off (raw text stored)" if pii.store_raw_text else f"{kinds}{patterns}",
     }

@@ -17,7 +17,7 @@ from gristmill.api.training.v1 import training_pb2 as tr
 from gristmill.cli.context import state, want_json
 from gristmill.cli.job_specs import job_spec, spec_from_file
 from gristmill.cli.labeling_commands import dataset_version
-from gristmill.cli.options import JSON_OPTION
+from gristmill.cli.options import JSON_OPTION, read_text_option
 from gristmill.cli.output import emit_object, enum_name, fail, message_dict, one_line_errors, when
 from gristmill.cli.polling import registered_version
 from gristmill.cli.replies import show_list, show_one
@@ -26,6 +26,8 @@ from gristmill.client import Gristmill, UnavailableError
 # A finished job's version normally appears within a second or two; a busy Kafka consumer group can take longer.
 REGISTRATION_TIMEOUT_S = 120.0
 TERMINAL = {tr.JOB_STATE_SUCCEEDED, tr.JOB_STATE_FAILED, tr.JOB_STATE_CANCELLED}
+# Metrics the progress line shows as they arrive (classification, sft, dpo).
+PROGRESS_METRICS = ("loss", "accuracy", "f1", "reward_accuracy")
 
 jobs_app = typer.Typer(help="Training jobs.", no_args_is_help=True)
 autotrain_app = typer.Typer(
@@ -285,7 +287,7 @@ def watch_job(
                         return gm.training.GetJob(tr.GetJobRequest(job_id=job_id))
                 elif kind == "metrics":
                     step = event.metrics.step or step
-                    metrics = metric_text(m for m in event.metrics.metrics if m.name in ("loss", "accuracy", "f1"))
+                    metrics = metric_text(m for m in event.metrics.metrics if m.name in PROGRESS_METRICS)
                 if on_event is not None:
                     on_event(state, step, total, metrics)
         except UnavailableError:
@@ -335,6 +337,23 @@ def train_command(
     max_length: int = typer.Option(0, help="tokens per text (0: 128)"),
     lora: bool | None = typer.Option(
         None, "--lora/--full", help="train LoRA adapters, or every weight (default: --spec-file's, else full)"
+    ),
+    qlora: bool = typer.Option(
+        False, "--qlora", help="LoRA adapters over a 4-bit quantised base (chat models; needs CUDA GPU workers)"
+    ),
+    objective: str = typer.Option(
+        "",
+        "--objective",
+        help="classify, sft (chat versions) or dpo (preference versions); default: the dataset version's task type",
+    ),
+    chat_template: Path | None = typer.Option(
+        None,
+        "--chat-template",
+        help="a Jinja chat template file for sft/dpo (default: the base model tokenizer's)",
+    ),
+    beta: float = typer.Option(0.0, "--beta", min=0.0, help="dpo: the DPO loss temperature (0: 0.1)"),
+    merged: bool = typer.Option(
+        False, "--merged", help="sft/dpo with LoRA: also publish the merged model (base + adapter) under merged/"
     ),
     workers: int = typer.Option(0, min=0, help="data-parallel Ray Train workers (0: --spec-file's, else 1)"),
     search: list[str] = typer.Option(
@@ -404,6 +423,11 @@ def train_command(
             max_steps=max_steps,
             max_length=max_length,
             lora=lora,
+            qlora=qlora,
+            objective=objective,
+            chat_template=read_text_option(chat_template, "--chat-template"),
+            beta=beta,
+            merged=merged,
             workers=workers,
             base=base,
         )
