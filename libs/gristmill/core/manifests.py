@@ -45,6 +45,8 @@ class FileEntry:
 @dataclass(frozen=True)
 class SplitFile:
     file: FileEntry
+    # Items in this split: one row each, except a preference item, which publishes one row per ordered pair of
+    # its replies, all with the item's id (so readers compare distinct row ids with it).
     count: int
     # Items per label in this split (for multi-label: items carrying the label).
     label_counts: dict[str, int]

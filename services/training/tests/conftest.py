@@ -1,5 +1,5 @@
 """Fixtures of the training service's tests: a tiny BERT and a tiny Llama, small dataset versions (sentiment
-classification, chat), stores and a host."""
+classification, chat, preference), stores and a host."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ from gristmill.training.devtools import (
     LABELS,
     chat_rows,
     chat_vocabulary_text,
+    preference_rows,
     sentiment_rows,
     vocabulary_text,
     write_chat_version,
     write_dataset_version,
+    write_preference_version,
 )
 from gristmill.training.domain.refs import DatasetRef
 from gristmill.training.runner.in_process import InProcessRunner
@@ -76,6 +78,28 @@ def write_chat_rows_version(
 def chat_version() -> Callable[..., DatasetRef]:
     """``chat_version(objects, project_id, version_id, train=..., held_out=...)`` writes a chat (SFT) version."""
     return write_chat_rows_version
+
+
+def write_preference_rows_version(
+    objects: ObjectStore, project_id: str = "prefs", version_id: str = "v1", *, train: int = 64, held_out: int = 16
+) -> DatasetRef:
+    return write_preference_version(
+        objects,
+        project_id=project_id,
+        dataset_version_id=version_id,
+        splits={
+            "train": preference_rows(train, 1),
+            "validation": preference_rows(held_out, 2),
+            "test": preference_rows(held_out, 3),
+        },
+    )
+
+
+@pytest.fixture
+def preference_version() -> Callable[..., DatasetRef]:
+    """``preference_version(objects, project_id, version_id, train=..., held_out=...)`` writes a preference (DPO)
+    version."""
+    return write_preference_rows_version
 
 
 @pytest.fixture

@@ -14,7 +14,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gristmill.core.chat import ROW_FORMAT_CLASSIFICATION, ROW_FORMAT_SFT
+from gristmill.core.chat import (
+    ASSISTANT,
+    ROW_FORMAT_CLASSIFICATION,
+    ROW_FORMAT_DPO,
+    ROW_FORMAT_SFT,
+    SYSTEM,
+    USER,
+    ChatMessage,
+    dpo_row,
+)
 from gristmill.core.manifests import (
     DatasetManifest,
     DatasetRow,
@@ -114,6 +123,35 @@ def write_chat_version(
     )
 
 
+def write_preference_version(
+    objects: ObjectStore,
+    *,
+    project_id: str,
+    dataset_version_id: str,
+    splits: Mapping[str, Sequence[Mapping[str, Any]]],
+    version_number: int = 1,
+) -> DatasetRef:
+    """Write a preference version as labeling publishes one: DPO rows ``{"id", "prompt", "chosen", "rejected"}`` per
+    split (``splits`` maps a split name to rows; a row without an ``id`` gets ``<split>-<n>``). The manifest counts
+    items (rows sharing an id are one item's pairs), per stratum rather than per label."""
+    written: dict[str, tuple[list[str], dict[str, int]]] = {}
+    for split, rows in splits.items():
+        full = [{"id": f"{split}-{i}", **row} for i, row in enumerate(rows)]
+        items = len({row["id"] for row in full})
+        lines = [json.dumps(row, separators=(",", ":")) for row in full]
+        written[split] = (lines, {"source:import": items} if items else {})
+    return _write_version(
+        objects,
+        project_id=project_id,
+        dataset_version_id=dataset_version_id,
+        label_map=(),
+        task_type="TASK_TYPE_PREFERENCE",
+        version_number=version_number,
+        row_format=ROW_FORMAT_DPO,
+        splits=written,
+    )
+
+
 def _write_version(
     objects: ObjectStore,
     *,
@@ -131,7 +169,8 @@ def _write_version(
         info = objects.put_bytes(dataset_split_key(project_id, dataset_version_id, split), data, overwrite=True)
         files[split] = SplitFile(
             file=FileEntry(key=info.key, sha256=info.sha256, size_bytes=info.size),
-            count=len(lines),
+            # Items: one row each, or one row per pair of a preference item (all with the item's id).
+            count=len({json.loads(line)["id"] for line in lines}),
             label_counts=counts,
         )
     total = sum(len(lines) for lines, _ in splits.values()) or 1
@@ -166,6 +205,28 @@ def chat_rows(count: int, seed: int) -> list[list[dict[str, str]]]:
             pair = " ".join(rng.sample(words, 2))
             messages += [{"role": "user", "content": f"repeat {pair}"}, {"role": "assistant", "content": pair}]
         rows.append(messages)
+    return rows
+
+
+def preference_rows(count: int, seed: int) -> list[dict[str, Any]]:
+    """Synthetic preference rows (``dpo_row``, without ids) a tiny causal LM learns to rank in a few steps: the user
+    asks to repeat two words; the chosen reply repeats them, the rejected one parrots the request instead. Every third
+    prompt has a system turn, every fourth an earlier exchange."""
+    rng = random.Random(seed)
+    words = _POSITIVE + _NEGATIVE
+    rows: list[dict[str, Any]] = []
+    for i in range(count):
+        prompt: list[ChatMessage] = []
+        if i % 3 == 0:
+            prompt.append(ChatMessage(SYSTEM, "You repeat words."))
+        if i % 4 == 0:
+            earlier = " ".join(rng.sample(words, 2))
+            prompt += [ChatMessage(USER, f"repeat {earlier}"), ChatMessage(ASSISTANT, earlier)]
+        request = f"repeat {' '.join(rng.sample(words, 2))}"
+        prompt.append(ChatMessage(USER, request))
+        row = dpo_row("", prompt, request.removeprefix("repeat "), request)
+        del row["id"]
+        rows.append(row)
     return rows
 
 

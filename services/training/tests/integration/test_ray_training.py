@@ -75,9 +75,16 @@ class Service:
 
 @contextlib.asynccontextmanager
 async def _service(
-    tmp_path: Path, s3: S3Settings, kafka_bootstrap: str, cluster: RayCluster, sentiment_version: Any, **runner: Any
+    tmp_path: Path,
+    s3: S3Settings,
+    kafka_bootstrap: str,
+    cluster: RayCluster,
+    sentiment_version: Any,
+    *,
+    registry_address: str = "127.0.0.1:1",
+    **runner: Any,
 ) -> AsyncIterator[Service]:
-    settings = TrainingSettings(data_dir=tmp_path / "data", grpc_port=0)
+    settings = TrainingSettings(data_dir=tmp_path / "data", grpc_port=0, registry_address=registry_address)
     ray_runner = RayJobRunner(
         cluster, CheckpointStorage.for_object_store(s3, tmp_path), work_dir=tmp_path / "runs", **runner
     )
@@ -439,14 +446,42 @@ def _checkpoint_names(s3: S3Settings, tmp_path: Path, job_id: str) -> set[str]:
     return {info.base_name for info in listing}
 
 
+@contextlib.asynccontextmanager
+async def _registry_with(tmp_path: Path, s3: S3Settings, name: str, model: Path) -> AsyncIterator[tuple[str, Any]]:
+    """A registry on a real port whose base-model catalog holds ``model`` as ``name``: its address and record."""
+    from gristmill.api.registry.v1 import registry_pb2, registry_pb2_grpc
+    from gristmill.registry.app import build_app as build_registry
+    from gristmill.registry.settings import RegistrySettings
+
+    settings = RegistrySettings(data_dir=tmp_path / "registry", grpc_port=0, allow_local_paths=True)
+    registry = build_registry(settings, Infrastructure(s3=s3), embedded_security("registry"))
+    port = await registry.host.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            imported = await registry_pb2_grpc.RegistryServiceStub(channel).ImportBaseModel(
+                registry_pb2.ImportBaseModelRequest(name=name, local_path=str(model), license="apache-2.0")
+            )
+        yield f"127.0.0.1:{port}", imported
+    finally:
+        await registry.host.stop()
+
+
 async def test_sft_with_lora_on_a_chat_version_checkpoints_to_s3_and_publishes_the_adapter(
     tmp_path: Path, s3: S3Settings, kafka_bootstrap: str, ray_cluster: RayCluster, chat_version: Any, tiny_llama: Path
 ) -> None:
     from gristmill.training.domain.spec import chat_template_sha256
 
-    async with _service(tmp_path, s3, kafka_bootstrap, ray_cluster, chat_version) as service:
+    # The base model is named by registry name: looked up with GetBaseModel, its files verified from S3.
+    name = f"tiny-llama-{uuid.uuid4().hex[:8]}"
+    async with (
+        _registry_with(tmp_path, s3, name, tiny_llama) as (registry_address, base),
+        _service(
+            tmp_path, s3, kafka_bootstrap, ray_cluster, chat_version, registry_address=registry_address
+        ) as service,
+    ):
         # 96 conversations, batches of 8: 12 steps per epoch, 24 in all; a checkpoint every 6 steps.
         spec = _chat_spec(service.project, tiny_llama, epochs=2, eval_every_steps=6, log_every_steps=3)
+        spec.base_model.base_model_name = name
         job = await service.stub.SubmitJob(pb.SubmitJobRequest(spec=spec))
         assert job.spec.objective == pb.OBJECTIVE_SFT and list(job.spec.lora.target_modules) == [
             "q_proj",
@@ -499,6 +534,8 @@ async def test_sft_with_lora_on_a_chat_version_checkpoints_to_s3_and_publishes_t
             assert await asyncio.to_thread(succeeded.wait, 60), "no SUCCEEDED JobStateChanged on Kafka"
             success = received[-1]
             assert success.task == common_pb2.TASK_TYPE_CHAT and success.manifest == result.manifest
+            assert success.lineage.base_model.base_model_name == name
+            assert success.lineage.base_model.content_sha256 == base.content_sha256
             assert [t.name for t in success.signature.inputs] == ["messages"]
             hyper = success.lineage.hyper_parameters
             assert hyper["chat_template.sha256"] == chat_template_sha256(CHATML_TEMPLATE)

@@ -318,24 +318,6 @@ def test_objectives_must_match_the_dataset_versions_task(
     assert resolved.spec.hyper_parameters.early_stopping.metric == "f1"
 
 
-def test_dpo_is_not_available_yet(objects: ObjectStore, tiny_llama: Path, tmp_path: Path) -> None:
-    with pytest.raises(FailedPreconditionError, match="objective dpo is not available yet") as caught:
-        d.build_spec(**_build_arguments(objective=d.Objective.DPO))
-    assert caught.value.details["field"] == "spec.objective"
-    with pytest.raises(FailedPreconditionError, match="spec.task TASK_TYPE_PREFERENCE: objective dpo is not"):
-        d.build_spec(**_build_arguments(task=d.TaskType.PREFERENCE))
-    preference = write_chat_version(
-        objects,
-        project_id="prefs",
-        dataset_version_id="v1",
-        splits={"train": chat_rows(2, 1)},
-        task_type="TASK_TYPE_PREFERENCE",
-        row_format=ROW_FORMAT_DPO,
-    )
-    with pytest.raises(FailedPreconditionError, match="prefs/v1 is a TASK_TYPE_PREFERENCE dataset: objective dpo"):
-        _resolver(objects, tmp_path).resolve(_spec(tiny_llama, preference))
-
-
 def _build_arguments(**changes: Any) -> dict[str, Any]:
     arguments: dict[str, Any] = {
         "display_name": "t",
@@ -394,8 +376,8 @@ def test_objective_and_template_round_trip_through_proto() -> None:
     assert convert.spec_from_proto(convert.spec_to_proto(spec)) == spec
     unset = convert.spec_from_proto(replace_proto(source, objective=pb.OBJECTIVE_UNSPECIFIED))
     assert unset.objective is None
-    with pytest.raises(FailedPreconditionError, match="objective dpo is not available yet"):
-        convert.spec_from_proto(replace_proto(source, objective=pb.OBJECTIVE_DPO))
+    # DPO is available (its tests are in test_dpo.py).
+    assert convert.spec_from_proto(replace_proto(source, objective=pb.OBJECTIVE_DPO)).objective is d.Objective.DPO
 
 
 def replace_proto(message: pb.JobSpec, **fields: Any) -> pb.JobSpec:

@@ -11,7 +11,7 @@ import pytest
 
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.storage import ObjectStore
-from gristmill.core.tasks import CHAT, TEXT_CLASSIFICATION
+from gristmill.core.tasks import CHAT, PREFERENCE, TEXT_CLASSIFICATION
 from gristmill.training.devtools import LABELS, sentiment_rows, write_dataset_version
 from gristmill.training.domain import spec as d
 from gristmill.training.domain.refs import BaseModelRef, DatasetRef
@@ -21,8 +21,8 @@ from gristmill.training.tasks import TRAINING_TASKS, training_task
 from gristmill.training.tasks.text_classification import LabelledText, TextClassification, classification_signature
 
 
-def test_text_classification_and_chat_have_objectives() -> None:
-    assert TRAINING_TASKS.names() == (TEXT_CLASSIFICATION, CHAT)
+def test_text_classification_chat_and_preference_have_objectives() -> None:
+    assert TRAINING_TASKS.names() == (TEXT_CLASSIFICATION, CHAT, PREFERENCE)
     task = training_task(d.TaskType.TEXT_CLASSIFICATION.value)
     assert isinstance(task, TextClassification)
     # An unset task (jobs and models recorded before task types) is text classification.
@@ -30,9 +30,9 @@ def test_text_classification_and_chat_have_objectives() -> None:
     assert task.signature(LABELS) == classification_signature(len(LABELS))
 
 
-@pytest.mark.parametrize("name", ["preference", "TASK_TYPE_TEXT_MULTI_LABEL_CLASSIFICATION"])
+@pytest.mark.parametrize("name", ["causal-lm", "TASK_TYPE_TEXT_MULTI_LABEL_CLASSIFICATION"])
 def test_a_task_without_an_objective_is_refused_naming_what_training_supports(name: str) -> None:
-    expected = "not supported by training yet; supported: text-classification, chat$"
+    expected = "not supported by training yet; supported: text-classification, chat, preference$"
     with pytest.raises(InvalidArgumentError, match=expected):
         training_task(name)
 
@@ -71,7 +71,7 @@ def test_a_dataset_of_a_task_training_lacks_is_invalid_argument_naming_the_field
     with pytest.raises(InvalidArgumentError) as caught:
         DatasetCatalog(objects).resolve(ref)
     assert "tickets/v1 is a TASK_TYPE_TEXT_MULTI_LABEL_CLASSIFICATION dataset" in caught.value.message
-    assert "not supported by training yet; supported: text-classification, chat" in caught.value.message
+    assert "not supported by training yet; supported: text-classification, chat, preference" in caught.value.message
     assert caught.value.details["field"] == "spec.dataset_version"
 
 
@@ -108,5 +108,5 @@ def _loop_config(task: str) -> LoopConfig:
 def test_the_loop_takes_its_objective_from_the_job_task(tmp_path: Path) -> None:
     runner = LoopRunner(_loop_config("TASK_TYPE_TEXT_CLASSIFICATION"), 0, 1, 0, DirectorySession(tmp_path))
     assert runner.task is training_task(TEXT_CLASSIFICATION)
-    with pytest.raises(InvalidArgumentError, match="'preference' is not supported by training"):
-        LoopRunner(_loop_config("preference"), 0, 1, 0, DirectorySession(tmp_path))
+    with pytest.raises(InvalidArgumentError, match="'causal-lm' is not supported by training"):
+        LoopRunner(_loop_config("causal-lm"), 0, 1, 0, DirectorySession(tmp_path))

@@ -66,8 +66,8 @@ class _Objective:
 class _ObjectiveEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Objective.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     OBJECTIVE_UNSPECIFIED: _Objective.ValueType  # 0
-    """The dataset version's: CLASSIFY for text-classification versions, SFT for chat versions
-    (DPO for preference versions, not available yet).
+    """The dataset version's: CLASSIFY for text-classification versions, SFT for chat versions,
+    DPO for preference versions.
     """
     OBJECTIVE_CLASSIFY: _Objective.ValueType  # 1
     """Sequence classification: cross-entropy over the label map; accuracy, macro F1 and loss."""
@@ -76,19 +76,29 @@ class _ObjectiveEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Objective.V
     "messages"} rows): the base model's chat template (or spec.chat_template) renders each
     conversation, the loss covers the assistant turns only, and short conversations are packed
     without padding (position ids restart per conversation, so none attends to another).
-    Evaluation reports loss and perplexity over assistant tokens. With method LORA the published
+    Evaluation reports loss and perplexity over assistant tokens. Once training ended, the model
+    also replies (greedy) to the first 64 test conversations, the prompt being the conversation
+    up to its last assistant turn and the reference that turn, each reply at most the
+    reference's length + 16 tokens: test metrics "exact_match" (equal after stripping
+    whitespace) and "rouge_l" (ROUGE-L F-measure over whitespace tokens), and five sample
+    generations in the model card. Neither is a validation metric. With method LORA the published
     artifact is the adapter (adapter_model.safetensors, adapter_config.json) with the tokenizer
     and chat template; the base model is referenced by the lineage.
     """
     OBJECTIVE_DPO: _Objective.ValueType  # 3
-    """Direct preference optimisation on preference versions. Reserved: FAILED_PRECONDITION."""
+    """Direct preference optimisation on preference versions ({"id", "prompt", "chosen",
+    "rejected"} rows, conversational): the base model's chat template renders prompt + reply,
+    the reference model is the starting model (with LORA: the base with the adapter disabled;
+    FULL: a frozen copy), and the loss is the sigmoid DPO loss with spec.dpo.beta. Evaluation
+    reports loss, reward accuracy (chosen reward above rejected) and the mean reward margin.
+    """
 
 class Objective(_Objective, metaclass=_ObjectiveEnumTypeWrapper):
     """What a job optimises; each objective trains the dataset versions of one task type."""
 
 OBJECTIVE_UNSPECIFIED: Objective.ValueType  # 0
-"""The dataset version's: CLASSIFY for text-classification versions, SFT for chat versions
-(DPO for preference versions, not available yet).
+"""The dataset version's: CLASSIFY for text-classification versions, SFT for chat versions,
+DPO for preference versions.
 """
 OBJECTIVE_CLASSIFY: Objective.ValueType  # 1
 """Sequence classification: cross-entropy over the label map; accuracy, macro F1 and loss."""
@@ -97,12 +107,22 @@ OBJECTIVE_SFT: Objective.ValueType  # 2
 "messages"} rows): the base model's chat template (or spec.chat_template) renders each
 conversation, the loss covers the assistant turns only, and short conversations are packed
 without padding (position ids restart per conversation, so none attends to another).
-Evaluation reports loss and perplexity over assistant tokens. With method LORA the published
+Evaluation reports loss and perplexity over assistant tokens. Once training ended, the model
+also replies (greedy) to the first 64 test conversations, the prompt being the conversation
+up to its last assistant turn and the reference that turn, each reply at most the
+reference's length + 16 tokens: test metrics "exact_match" (equal after stripping
+whitespace) and "rouge_l" (ROUGE-L F-measure over whitespace tokens), and five sample
+generations in the model card. Neither is a validation metric. With method LORA the published
 artifact is the adapter (adapter_model.safetensors, adapter_config.json) with the tokenizer
 and chat template; the base model is referenced by the lineage.
 """
 OBJECTIVE_DPO: Objective.ValueType  # 3
-"""Direct preference optimisation on preference versions. Reserved: FAILED_PRECONDITION."""
+"""Direct preference optimisation on preference versions ({"id", "prompt", "chosen",
+"rejected"} rows, conversational): the base model's chat template renders prompt + reply,
+the reference model is the starting model (with LORA: the base with the adapter disabled;
+FULL: a frozen copy), and the loss is the sigmoid DPO loss with spec.dpo.beta. Evaluation
+reports loss, reward accuracy (chosen reward above rejected) and the mean reward margin.
+"""
 Global___Objective: _TypeAlias = Objective  # noqa: Y015
 
 class _TrainingMethod:
@@ -118,6 +138,12 @@ class _TrainingMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Traini
     """LoRA adapters via PEFT; only adapter (and classifier head) parameters are trained.
     CLASSIFY publishes the adapters merged into the weights; SFT publishes the adapter itself.
     """
+    TRAINING_METHOD_QLORA: _TrainingMethod.ValueType  # 3
+    """LoRA over a 4-bit (NF4) quantised base model via bitsandbytes; CUDA only: a cluster without
+    GPUs, or a job without resources.use_gpu, is FAILED_PRECONDITION naming spec.method (use
+    LORA there). Generative objectives only (INVALID_ARGUMENT naming spec.method with CLASSIFY);
+    publishes the adapter like LORA. The training workers need the bitsandbytes package.
+    """
 
 class TrainingMethod(_TrainingMethod, metaclass=_TrainingMethodEnumTypeWrapper):
     """Full fine-tune or a parameter-efficient adapter."""
@@ -128,6 +154,12 @@ TRAINING_METHOD_FULL: TrainingMethod.ValueType  # 1
 TRAINING_METHOD_LORA: TrainingMethod.ValueType  # 2
 """LoRA adapters via PEFT; only adapter (and classifier head) parameters are trained.
 CLASSIFY publishes the adapters merged into the weights; SFT publishes the adapter itself.
+"""
+TRAINING_METHOD_QLORA: TrainingMethod.ValueType  # 3
+"""LoRA over a 4-bit (NF4) quantised base model via bitsandbytes; CUDA only: a cluster without
+GPUs, or a job without resources.use_gpu, is FAILED_PRECONDITION naming spec.method (use
+LORA there). Generative objectives only (INVALID_ARGUMENT naming spec.method with CLASSIFY);
+publishes the adapter like LORA. The training workers need the bitsandbytes package.
 """
 Global___TrainingMethod: _TypeAlias = TrainingMethod  # noqa: Y015
 
@@ -235,6 +267,8 @@ class JobSpec(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     OBJECTIVE_FIELD_NUMBER: _builtins.int
     CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
+    DPO_FIELD_NUMBER: _builtins.int
+    PUBLISH_MERGED_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     """Human-readable name shown in listings."""
     task: _common_pb2.TaskType.ValueType
@@ -247,7 +281,7 @@ class JobSpec(_message.Message):
     """
     objective: Global___Objective.ValueType
     """UNSPECIFIED means the dataset version's (see Objective). Must match the version's task type
-    otherwise (INVALID_ARGUMENT naming spec.objective); OBJECTIVE_DPO is FAILED_PRECONDITION.
+    otherwise (INVALID_ARGUMENT naming spec.objective).
     """
     chat_template: _builtins.str
     """SFT only: the Jinja chat template that renders conversations (as transformers'
@@ -256,6 +290,17 @@ class JobSpec(_message.Message):
     effective spec carries the template used, the published tokenizer carries it, and the lineage
     records its SHA-256 (hyper_parameters["chat_template.sha256"], of the UTF-8 text).
     INVALID_ARGUMENT with objective CLASSIFY.
+    """
+    publish_merged: _builtins.bool
+    """LORA with a generative objective (SFT, DPO) only: also publish the merged model (base weights
+    with the adapter folded in, in float32, then stored in the base checkpoint's dtype;
+    model.safetensors, config.json, tokenizer with the chat template) under "merged/" next to the
+    adapter, which stays the artifact's top level; the manifest lists every file of both. The
+    merged model is evaluated on the test split as the adapter is, and reported as test metrics
+    named "merged_" + the objective's metric ("merged_loss", "merged_perplexity" for SFT) beside
+    the adapter's ("loss", ...), so a merge that changes the model shows. Recorded in the lineage
+    as hyper_parameters["publish_merged"] = "true". INVALID_ARGUMENT naming spec.publish_merged
+    with FULL, QLORA or CLASSIFY.
     """
     @_builtins.property
     def base_model(self) -> _common_pb2.BaseModelRef:
@@ -269,7 +314,7 @@ class JobSpec(_message.Message):
 
     @_builtins.property
     def lora(self) -> Global___LoraConfig:
-        """Used when method is LORA; INVALID_ARGUMENT if set with FULL."""
+        """Used when method is LORA or QLORA; INVALID_ARGUMENT if set with FULL."""
 
     @_builtins.property
     def hyper_parameters(self) -> Global___HyperParameters: ...
@@ -282,6 +327,10 @@ class JobSpec(_message.Message):
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form tags, copied to the registered version."""
+
+    @_builtins.property
+    def dpo(self) -> Global___DpoConfig:
+        """DPO only (INVALID_ARGUMENT with another objective when set)."""
 
     def __init__(
         self,
@@ -299,14 +348,38 @@ class JobSpec(_message.Message):
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         objective: Global___Objective.ValueType = ...,
         chat_template: _builtins.str = ...,
+        dpo: Global___DpoConfig | None = ...,
+        publish_merged: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "dataset_version", b"dataset_version", "hyper_parameters", b"hyper_parameters", "lora", b"lora", "resources", b"resources", "search", b"search"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "dataset_version", b"dataset_version", "dpo", b"dpo", "hyper_parameters", b"hyper_parameters", "lora", b"lora", "resources", b"resources", "search", b"search"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "chat_template", b"chat_template", "dataset_version", b"dataset_version", "display_name", b"display_name", "hyper_parameters", b"hyper_parameters", "lora", b"lora", "method", b"method", "objective", b"objective", "registered_model_name", b"registered_model_name", "resources", b"resources", "search", b"search", "tags", b"tags", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "chat_template", b"chat_template", "dataset_version", b"dataset_version", "display_name", b"display_name", "dpo", b"dpo", "hyper_parameters", b"hyper_parameters", "lora", b"lora", "method", b"method", "objective", b"objective", "publish_merged", b"publish_merged", "registered_model_name", b"registered_model_name", "resources", b"resources", "search", b"search", "tags", b"tags", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class DpoConfig(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BETA_FIELD_NUMBER: _builtins.int
+    beta: _builtins.float
+    """Temperature of the DPO loss (how far the policy may move from the reference). 0 means 0.1;
+    otherwise in (0, 10].
+    """
+    def __init__(
+        self,
+        *,
+        beta: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["beta", b"beta"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DpoConfig: _TypeAlias = DpoConfig  # noqa: Y015
 
 @_typing.final
 class LoraConfig(_message.Message):

@@ -54,12 +54,13 @@ class TrainingServiceStub:
       that cannot render the version's conversations (names spec.chat_template), LoRA target
       modules the architecture lacks (names spec.lora.target_modules), a max_sequence_length
       beyond the base model's context (config.max_position_embeddings), a validation metric the
-      objective does not report.
+      objective does not report, TRAINING_METHOD_QLORA with a classification objective (names
+      spec.method), publish_merged without LORA or with a classification objective (names
+      spec.publish_merged).
     NOT_FOUND: unknown dataset version or base model.
     FAILED_PRECONDITION: the dataset's manifest or files fail checksum verification, or its rows
       are not the row format the objective reads; more workers / GPUs than the cluster can ever
-      provide; a licence limit; an objective that is not available yet (OBJECTIVE_DPO, also the
-      default for preference versions).
+      provide; a licence limit; TRAINING_METHOD_QLORA without GPU workers (names spec.method).
     UNAVAILABLE: the labeling service, the registry or the object store cannot be reached.
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_training_pb2.GetJobRequest, _training_pb2.Job]
@@ -113,12 +114,13 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
       that cannot render the version's conversations (names spec.chat_template), LoRA target
       modules the architecture lacks (names spec.lora.target_modules), a max_sequence_length
       beyond the base model's context (config.max_position_embeddings), a validation metric the
-      objective does not report.
+      objective does not report, TRAINING_METHOD_QLORA with a classification objective (names
+      spec.method), publish_merged without LORA or with a classification objective (names
+      spec.publish_merged).
     NOT_FOUND: unknown dataset version or base model.
     FAILED_PRECONDITION: the dataset's manifest or files fail checksum verification, or its rows
       are not the row format the objective reads; more workers / GPUs than the cluster can ever
-      provide; a licence limit; an objective that is not available yet (OBJECTIVE_DPO, also the
-      default for preference versions).
+      provide; a licence limit; TRAINING_METHOD_QLORA without GPU workers (names spec.method).
     UNAVAILABLE: the labeling service, the registry or the object store cannot be reached.
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_training_pb2.GetJobRequest, _training_pb2.Job]  # type: ignore[assignment]
@@ -175,12 +177,13 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
           that cannot render the version's conversations (names spec.chat_template), LoRA target
           modules the architecture lacks (names spec.lora.target_modules), a max_sequence_length
           beyond the base model's context (config.max_position_embeddings), a validation metric the
-          objective does not report.
+          objective does not report, TRAINING_METHOD_QLORA with a classification objective (names
+          spec.method), publish_merged without LORA or with a classification objective (names
+          spec.publish_merged).
         NOT_FOUND: unknown dataset version or base model.
         FAILED_PRECONDITION: the dataset's manifest or files fail checksum verification, or its rows
           are not the row format the objective reads; more workers / GPUs than the cluster can ever
-          provide; a licence limit; an objective that is not available yet (OBJECTIVE_DPO, also the
-          default for preference versions).
+          provide; a licence limit; TRAINING_METHOD_QLORA without GPU workers (names spec.method).
         UNAVAILABLE: the labeling service, the registry or the object store cannot be reached.
         """
 

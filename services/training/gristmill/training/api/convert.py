@@ -53,8 +53,13 @@ _METHOD_FROM_PB = {
     pb.TRAINING_METHOD_UNSPECIFIED: d.Method.FULL,
     pb.TRAINING_METHOD_FULL: d.Method.FULL,
     pb.TRAINING_METHOD_LORA: d.Method.LORA,
+    pb.TRAINING_METHOD_QLORA: d.Method.QLORA,
 }
-_METHOD_TO_PB = {d.Method.FULL: pb.TRAINING_METHOD_FULL, d.Method.LORA: pb.TRAINING_METHOD_LORA}
+_METHOD_TO_PB = {
+    d.Method.FULL: pb.TRAINING_METHOD_FULL,
+    d.Method.LORA: pb.TRAINING_METHOD_LORA,
+    d.Method.QLORA: pb.TRAINING_METHOD_QLORA,
+}
 _OBJECTIVE_FROM_PB = {
     pb.OBJECTIVE_UNSPECIFIED: None,
     pb.OBJECTIVE_CLASSIFY: d.Objective.CLASSIFY,
@@ -198,6 +203,8 @@ def spec_from_proto(spec: pb.JobSpec, *, require_dataset: bool = True) -> d.JobS
         tags=dict(spec.tags),
         objective=_enum(_OBJECTIVE_FROM_PB, spec.objective, "spec.objective"),
         chat_template=spec.chat_template,
+        publish_merged=spec.publish_merged,
+        dpo=d.build_dpo(given=spec.HasField("dpo"), beta=spec.dpo.beta),
     )
 
 
@@ -318,6 +325,7 @@ def spec_to_proto(spec: d.JobSpec) -> pb.JobSpec:
         tags=spec.tags,
         objective=pb.OBJECTIVE_UNSPECIFIED if spec.objective is None else _OBJECTIVE_TO_PB[spec.objective],
         chat_template=spec.chat_template,
+        publish_merged=spec.publish_merged,
     )
     if spec.dataset.project_id:
         out.dataset_version.CopyFrom(dataset_to_proto(spec.dataset))
@@ -332,6 +340,8 @@ def spec_to_proto(spec: d.JobSpec) -> pb.JobSpec:
                 target_modules=list(spec.lora.target_modules),
             )
         )
+    if spec.dpo is not None:
+        out.dpo.CopyFrom(pb.DpoConfig(beta=spec.dpo.beta))
     if spec.search is not None:
         s = spec.search
         search = pb.HyperParameterSearch(

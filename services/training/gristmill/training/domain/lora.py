@@ -12,3 +12,5 @@ class LoraSettings:
     dropout: float
     # Empty: the architecture's attention projections (decided when the model is inspected).
     target_modules: tuple[str, ...] = ()
+    # QLoRA (method qlora): the frozen base is loaded in 4-bit NF4 (bitsandbytes, CUDA only) under the adapters.
+    quantize_base: bool = False

@@ -36,6 +36,21 @@ OBJECTIVE_TASK_TYPES: dict[Objective, frozenset[TaskType]] = {
 }
 
 
+# Objectives whose models generate text (a LoRA adapter of a causal LM): the ones ``publish_merged`` and QLoRA
+# apply to.
+GENERATIVE_OBJECTIVES = frozenset({Objective.SFT, Objective.DPO})
+
+
+# The task type of the model trained on a dataset version of a task type, where it is not the version's own: a
+# preference version trains a chat model (the published manifest, the job's events and so the registry say so).
+MODEL_TASK_TYPES: dict[TaskType, TaskType] = {TaskType.PREFERENCE: TaskType.CHAT}
+
+
+def model_task_type(task: TaskType) -> TaskType:
+    """The task type of the model a job on a ``task`` dataset version publishes."""
+    return MODEL_TASK_TYPES.get(task, task)
+
+
 def default_objective(task: TaskType) -> Objective | None:
     """The objective that trains ``task`` (unspecified: text classification); None when none does."""
     if task is TaskType.UNSPECIFIED:

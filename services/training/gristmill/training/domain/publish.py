@@ -8,7 +8,8 @@ publish (after a crash) overwrites what a failed attempt left.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,12 @@ from gristmill.training.domain.model import (
     Metric,
     Split,
 )
+from gristmill.training.domain.objectives import model_task_type
 from gristmill.training.domain.refs import FileRef
-from gristmill.training.domain.runs import LOOP_FILES, RunOutcome
+from gristmill.training.domain.runs import LOOP_FILES, LOOP_SAMPLES_FILE, MERGED_MODEL_DIR, RunOutcome
 from gristmill.training.domain.spec import JobSpec, flatten_hyper_parameters
 from gristmill.training.tasks import training_task
+from gristmill.training.tasks.base import SampleGeneration
 
 MODEL_CARD = "model-card.md"
 MANIFEST = "manifest.json"
@@ -58,6 +61,57 @@ def final_metrics(report: Mapping[str, Any]) -> tuple[Metric, ...]:
     return tuple(metrics)
 
 
+def read_samples(model_dir: Path) -> tuple[SampleGeneration, ...]:
+    """The sample generations the loop left beside the final model (none when the task generates no text)."""
+    path = Path(model_dir) / LOOP_SAMPLES_FILE
+    if not path.is_file():
+        return ()
+    return tuple(
+        SampleGeneration(
+            prompt=list(item["prompt"]), reference=str(item["reference"]), generation=str(item["generation"])
+        )
+        for item in json.loads(path.read_text())
+    )
+
+
+# Characters of a prompt, reference or generation the card shows (in one table cell).
+_CARD_TEXT_CHARS = 300
+
+
+def _cell(text: str) -> str:
+    """``text`` on one line, cut to ``_CARD_TEXT_CHARS``, with the characters that would break a table escaped."""
+    line = " ".join(text.split())
+    if len(line) > _CARD_TEXT_CHARS:
+        line = line[: _CARD_TEXT_CHARS - 1] + "…"
+    return line.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;") or "(empty)"
+
+
+def _prompt_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    # The last turns matter most when a long conversation is cut: the card shows its end.
+    text = " / ".join(f"{m.get('role', '')}: {m.get('content') or ''}" for m in messages)
+    return text if len(text) <= _CARD_TEXT_CHARS else "…" + text[-(_CARD_TEXT_CHARS - 1) :]
+
+
+def _sample_lines(samples: Sequence[SampleGeneration]) -> list[str]:
+    if not samples:
+        return []
+    rows = [
+        f"| {n} | {_cell(_prompt_text(s.prompt))} | {_cell(s.reference)} | {_cell(s.generation)} |"
+        for n, s in enumerate(samples, start=1)
+    ]
+    return [
+        "## Sample generations",
+        "",
+        "Greedy replies to test conversations (the prompt is the conversation up to its last assistant turn; the "
+        "reference is that turn). `exact_match` and `rouge_l` above score such replies.",
+        "",
+        "| # | prompt | reference | generation |",
+        "| --- | --- | --- | --- |",
+        *rows,
+        "",
+    ]
+
+
 def metric_key(metric: Metric) -> str:
     return f"{metric.split.value}_{metric.name}" if metric.split.value else metric.name
 
@@ -70,9 +124,11 @@ def render_model_card(
     *,
     spec: JobSpec | None = None,
     best_trial: int | None = None,
+    samples: Sequence[SampleGeneration] = (),
 ) -> str:
     """The card of the model ``spec`` trained (a search's winning trial's spec; the job's by default): its
-    hyper-parameters are ``lineage``'s, which the same spec produced, so card and lineage cannot disagree."""
+    hyper-parameters are ``lineage``'s, which the same spec produced, so card and lineage cannot disagree.
+    ``samples``: generations on the test split (a generative objective's)."""
     search = job.spec.search
     spec = spec or job.spec
     text = training_task(spec.task.value, error=FailedPreconditionError).card(label_map)
@@ -97,6 +153,15 @@ def render_model_card(
         f"- Method: {spec.method.value}" + (f" (LoRA rank {spec.lora.rank}, {text.lora_weights})" if spec.lora else ""),
         *(
             [
+                f"- Merged model: `{MERGED_MODEL_DIR}/` holds the base weights with the adapter folded in (load it "
+                f"with `AutoModelForCausalLM.from_pretrained(<this directory>/{MERGED_MODEL_DIR})`); its test metrics "
+                "are the `merged_*` ones"
+            ]
+            if spec.publish_merged
+            else []
+        ),
+        *(
+            [
                 f"- Hyper-parameter search: the best of {search.num_trials} trials on validation {search.metric} "
                 f"(trial {best_trial}); the hyper-parameters below are that trial's"
             ]
@@ -116,6 +181,7 @@ def render_model_card(
         "| --- | --- | --- |",
         *(f"| {m.name} | {m.split.value or '-'} | {m.value:.4f} |" for m in metrics),
         "",
+        *_sample_lines(samples),
         "## Use",
         "",
         text.use,
@@ -147,7 +213,15 @@ class ModelPublisher:
         lineage = self.lineage(job, dataset_files, outcome.spec)
         metrics = final_metrics(outcome.metrics)
         model_dir = Path(outcome.model_dir)
-        card = render_model_card(job, lineage, metrics, label_map, spec=outcome.spec, best_trial=outcome.best_trial)
+        card = render_model_card(
+            job,
+            lineage,
+            metrics,
+            label_map,
+            spec=outcome.spec,
+            best_trial=outcome.best_trial,
+            samples=read_samples(model_dir),
+        )
         (model_dir / MODEL_CARD).write_text(card)
         entries: dict[str, FileEntry] = {}
         for path in sorted(model_dir.rglob("*")):
@@ -164,7 +238,7 @@ class ModelPublisher:
         signature = training_task(job.spec.task.value, error=FailedPreconditionError).signature(label_map)
         manifest = ModelManifest(
             files=entries,
-            task_type=job.spec.task.value,
+            task_type=model_task_type(job.spec.task).value,
             label_map=list(label_map),
             signature=to_plain(signature),
             lineage=to_plain(lineage),

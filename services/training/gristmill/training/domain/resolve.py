@@ -2,13 +2,15 @@
 
 ``SpecResolver.resolve`` checks, in this order, and refuses with the matching status:
 
-- resources: no more workers / CPUs / GPUs than the cluster can ever provide (FAILED_PRECONDITION);
+- resources: no more workers / CPUs / GPUs than the cluster can ever provide, and GPU workers for QLoRA
+  (FAILED_PRECONDITION; QLoRA's names ``spec.method``);
 - the dataset version: its manifest exists (NOT_FOUND), is a dataset manifest of that version and
   verifies against its checksum (FAILED_PRECONDITION); the spec's objective trains its task type
-  (INVALID_ARGUMENT naming ``spec.objective``), and that objective is available (FAILED_PRECONDITION: DPO
-  is not yet); its rows are the objective's row format (FAILED_PRECONDITION); every split file verifies
+  (INVALID_ARGUMENT naming ``spec.objective``), and that objective is available (FAILED_PRECONDITION); its
+  rows are the objective's row format (FAILED_PRECONDITION); every split file verifies
   (FAILED_PRECONDITION), every row is well formed (a label in the label map, a conversation with an
-  assistant turn), the train split is not empty; the spec's task matches it (INVALID_ARGUMENT);
+  assistant turn), the train split is not empty; the spec's task matches it (INVALID_ARGUMENT); QLoRA and
+  ``publish_merged`` are for generative objectives, ``spec.dpo`` for dpo (INVALID_ARGUMENT naming the field);
 - the base model: exists (NOT_FOUND), is a Hugging Face directory with a config and a tokenizer that the
   objective's model class can be built from, its classification head (if any) has as many labels as the
   dataset, LoRA target modules exist in it, the maximum sequence length fits its context, a chat objective
@@ -24,11 +26,13 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from gristmill.core.base_models import StoredBaseModel, content_sha256
 from gristmill.core.errors import (
     DataIntegrityError,
     FailedPreconditionError,
@@ -45,14 +49,18 @@ from gristmill.training.domain.spec import (
     DEFAULT_VALIDATION_METRIC,
     MINIMIZED_METRICS,
     OBJECTIVE_TASK_TYPES,
+    DpoSettings,
     EarlyStopping,
     Goal,
     JobSpec,
     Method,
     Objective,
     TaskType,
+    check_method_objective,
     default_objective,
+    dpo_without_dpo,
     objective_not_available,
+    qlora_needs_gpus,
 )
 from gristmill.training.tasks import TRAINING_TASKS, TrainingTask, training_task
 
@@ -273,10 +281,13 @@ class DatasetCatalog:
                 ) from None
             except InvalidArgumentError as exc:
                 raise FailedPreconditionError(f"dataset file {entry.file.key!r} is malformed: {exc.message}") from None
-            if entry.count != len(split_examples):
+            # The manifest counts items: one row each, except a preference item, which publishes a row (with the
+            # item's id) for every pair its ranking orders.
+            items = len({str(record.data.get("id")) for record in records})
+            if entry.count != items:
                 raise DataIntegrityError(
-                    f"dataset file {entry.file.key!r} has {len(split_examples)} rows but the manifest says "
-                    f"{entry.count}"
+                    f"dataset file {entry.file.key!r} has {items} items ({len(split_examples)} rows) but the manifest "
+                    f"says {entry.count}"
                 )
             counted = objective.label_counts(split_examples, manifest.label_map)
             if (
@@ -292,32 +303,56 @@ class DatasetCatalog:
 # --------------------------------------------------------------------------- base models
 
 
-def content_sha256(files: dict[str, str]) -> str:
-    """One checksum over a model's file names and file checksums (BaseModelRef.content_sha256)."""
-    digest = hashlib.sha256()
-    for name in sorted(files):
-        digest.update(f"{name}\t{files[name]}\n".encode())
-    return digest.hexdigest()
+class BaseModelLookup(Protocol):
+    """Base models by registry name (``gristmill.core.base_models.RegistryBaseModels``)."""
+
+    def lookup(self, organization_id: str, name: str) -> StoredBaseModel: ...
 
 
 class BaseModelCatalog:
-    """Base models from a local Hugging Face directory or an object-store prefix with a model manifest."""
+    """Base models by registry name, from a local Hugging Face directory, or from an object-store prefix with a
+    model manifest. Downloaded files are cached by content checksum under ``cache_dir``."""
 
-    def __init__(self, objects: ObjectStore, cache_dir: Path, *, allow_local_paths: bool) -> None:
+    def __init__(
+        self,
+        objects: ObjectStore,
+        cache_dir: Path,
+        *,
+        allow_local_paths: bool,
+        registry: BaseModelLookup | None = None,
+    ) -> None:
         self._objects = objects
         self._cache_dir = Path(cache_dir)
         self._allow_local_paths = allow_local_paths
+        self._registry = registry
+        # One download of a given content at a time (a submit and the supervisor may resolve the same model).
+        self._downloading = threading.Lock()
 
-    def resolve(self, ref: BaseModelRef) -> ResolvedBaseModel:
+    def resolve(self, ref: BaseModelRef, organization_id: str = "") -> ResolvedBaseModel:
+        """The base model's files on this host; ``organization_id``: whose registry catalog a name is looked up in."""
         if ref.name:
-            raise FailedPreconditionError(
-                f"base model {ref.name!r}: resolving base models by registry name is not available yet; pass "
-                "spec.base_model.object_prefix (a model directory with a manifest.json) or local_path",
-                details={"field": "spec.base_model.base_model_name"},
-            )
+            return self._registered(ref, organization_id)
         if ref.local_path:
             return self._local(ref)
         return self._stored(ref)
+
+    def _registered(self, ref: BaseModelRef, organization_id: str) -> ResolvedBaseModel:
+        if self._registry is None:
+            raise FailedPreconditionError(
+                f"base model {ref.name!r}: this training service has no registry to look base models up in; pass "
+                "spec.base_model.object_prefix or local_path",
+                details={"field": "spec.base_model.base_model_name"},
+            )
+        try:
+            stored = self._registry.lookup(organization_id, ref.name)
+        except NotFoundError:
+            raise NotFoundError(
+                f"base model {ref.name!r} is not in the registry; import it first (gristmill base-models import)",
+                details={"field": "spec.base_model.base_model_name"},
+            ) from None
+        with self._downloading:
+            local = stored.download(self._objects, self._cache_dir / stored.content_sha256)
+        return ResolvedBaseModel(ref=replace(ref, content_sha256=stored.content_sha256), local_dir=local)
 
     def _local(self, ref: BaseModelRef) -> ResolvedBaseModel:
         if not self._allow_local_paths:
@@ -405,6 +440,10 @@ class SpecResolver:
         """FAILED_PRECONDITION when the cluster can never run the job's worker group."""
         res = spec.resources
         cap = self._cluster.capacity()
+        if spec.method is Method.QLORA and not res.use_gpu:
+            raise qlora_needs_gpus("the job asks for no GPU workers (resources.use_gpu is false)")
+        if spec.method is Method.QLORA and cap.gpus <= 0:
+            raise qlora_needs_gpus("the Ray cluster has no GPUs")
         need_cpus = res.num_workers * res.cpus_per_worker
         if res.cpus_per_worker > cap.max_node_cpus or need_cpus > cap.cpus:
             raise FailedPreconditionError(
@@ -428,9 +467,9 @@ class SpecResolver:
                 )
 
     def _resolve_model(
-        self, spec: JobSpec, task: TrainingTask, label_map: tuple[str, ...] | None
+        self, spec: JobSpec, task: TrainingTask, label_map: tuple[str, ...] | None, organization_id: str
     ) -> tuple[ResolvedBaseModel, ModelInfo, LoraSettings | None]:
-        base = self._base_models.resolve(spec.base_model)
+        base = self._base_models.resolve(spec.base_model, organization_id)
         info = self._inspector.inspect(base.local_dir, task, label_map or ())
         if label_map and info.head_labels is not None and info.head_labels != len(label_map):
             raise InvalidArgumentError(
@@ -455,7 +494,7 @@ class SpecResolver:
                 details={"field": "spec.chat_template"},
             )
         lora = spec.lora
-        if spec.method is Method.LORA and lora is not None:
+        if spec.method.adapters and lora is not None:
             targets = lora.target_modules or info.default_lora_targets
             if not targets:
                 raise InvalidArgumentError(
@@ -480,15 +519,16 @@ class SpecResolver:
             return task_for_objective(spec.objective, "spec.objective")
         return training_task(spec.task.value)
 
-    def resolve_template(self, spec: JobSpec) -> JobSpec:
-        """An auto-train template: everything but the dataset (which each published version supplies)."""
+    def resolve_template(self, spec: JobSpec, organization_id: str = "") -> JobSpec:
+        """An auto-train template: everything but the dataset (which each published version supplies).
+        ``organization_id``: whose registry catalog a base model name is looked up in."""
         self.check_resources(spec)
         task = self._objective_task(spec)
-        self._check_template_field(spec, task)
-        base, _, lora = self._resolve_model(spec, task, None)
+        self._check_objective_fields(spec, task)
+        base, _, lora = self._resolve_model(spec, task, None, organization_id)
         return replace(spec, base_model=base.ref, lora=lora)
 
-    def resolve(self, spec: JobSpec) -> ResolvedJob:
+    def resolve(self, spec: JobSpec, organization_id: str = "") -> ResolvedJob:
         # Cheap checks first: nothing is read when the cluster could never run the job.
         self.check_resources(spec)
         # Refuses a dataset whose task type training has no objective for (INVALID_ARGUMENT), or not the spec's.
@@ -500,7 +540,7 @@ class SpecResolver:
                 details={"field": "spec.task"},
             )
         task = training_task(dataset.task.value)
-        self._check_template_field(spec, task)
+        self._check_objective_fields(spec, task)
         has_validation = dataset.counts.get("validation", 0) > 0
         if spec.hyper_parameters.early_stopping.patience and not has_validation:
             raise InvalidArgumentError(
@@ -514,7 +554,7 @@ class SpecResolver:
                 details={"field": "spec.search"},
             )
         spec = with_objective_metrics(spec, task)
-        base, info, lora = self._resolve_model(spec, task, dataset.label_map)
+        base, info, lora = self._resolve_model(spec, task, dataset.label_map, organization_id)
         chat_template = spec.chat_template or (info.chat_template if task.uses_chat_template else "")
         self._inspector.check_examples(
             base.local_dir,
@@ -539,17 +579,23 @@ class SpecResolver:
             task=dataset.task,
             objective=task.objective,
             chat_template=chat_template,
+            # DPO's settings with their defaults, so that GetJob and the lineage show the beta trained with.
+            dpo=(spec.dpo or DpoSettings()) if task.objective is Objective.DPO else None,
         )
         return ResolvedJob(spec=effective, dataset=dataset, base_model=base, model_info=info)
 
     @staticmethod
-    def _check_template_field(spec: JobSpec, task: TrainingTask) -> None:
+    def _check_objective_fields(spec: JobSpec, task: TrainingTask) -> None:
+        """The fields that only some objectives take (now that the objective is known)."""
+        check_method_objective(spec.method, spec.publish_merged, task.objective)
         if spec.chat_template and not task.uses_chat_template:
             raise InvalidArgumentError(
-                f"spec.chat_template is only used by chat objectives (sft); objective {task.objective.value} does not "
-                "render conversations",
+                f"spec.chat_template is only used by chat objectives (sft, dpo); objective {task.objective.value} does "
+                "not render conversations",
                 details={"field": "spec.chat_template"},
             )
+        if spec.dpo is not None and task.objective is not Objective.DPO:
+            raise dpo_without_dpo(task.objective)
 
 
 def with_objective_metrics(spec: JobSpec, task: TrainingTask) -> JobSpec:

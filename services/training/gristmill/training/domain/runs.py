@@ -18,8 +18,13 @@ LOOP_STATE_FILE = "training_state.json"
 # metrics from here: what Ray hands back also carries its own bookkeeping (a Tune trial's result adds pid,
 # timestamp, time_total_s, training_iteration, hostname, config, ...), which are not metrics of the model.
 LOOP_REPORT_FILE = "final_report.json"
+# Sample generations on the test split (JSON list of ``tasks.base.SampleGeneration``), beside the final model of a
+# generative objective: the model card shows them.
+LOOP_SAMPLES_FILE = "sample_generations.json"
+# Where a generative LoRA job's artifact holds the merged model (spec.publish_merged), beside the adapter.
+MERGED_MODEL_DIR = "merged"
 # Files of the final checkpoint that are the loop's, not the model's.
-LOOP_FILES = frozenset({LOOP_STATE_FILE, LOOP_REPORT_FILE})
+LOOP_FILES = frozenset({LOOP_STATE_FILE, LOOP_REPORT_FILE, LOOP_SAMPLES_FILE})
 
 
 @dataclass(frozen=True)

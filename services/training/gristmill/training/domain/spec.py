@@ -17,7 +17,9 @@ from enum import StrEnum
 
 from gristmill.core.errors import FailedPreconditionError, InvalidArgumentError
 from gristmill.core.ids import validate_id
+from gristmill.training.domain.dpo import DpoSettings as DpoSettings
 from gristmill.training.domain.lora import LoraSettings
+from gristmill.training.domain.objectives import GENERATIVE_OBJECTIVES as GENERATIVE_OBJECTIVES
 from gristmill.training.domain.objectives import OBJECTIVE_TASK_TYPES as OBJECTIVE_TASK_TYPES
 from gristmill.training.domain.objectives import Objective as Objective
 from gristmill.training.domain.objectives import TaskType as TaskType
@@ -43,6 +45,13 @@ def available_objectives() -> tuple[str, ...]:
 class Method(StrEnum):
     FULL = "full"
     LORA = "lora"
+    # LoRA over a 4-bit (NF4) base: CUDA GPUs and bitsandbytes only, generative objectives only.
+    QLORA = "qlora"
+
+    @property
+    def adapters(self) -> bool:
+        """Whether the job trains LoRA adapters (``spec.lora`` applies)."""
+        return self is not Method.FULL
 
 
 class Precision(StrEnum):
@@ -77,14 +86,17 @@ class Distribution(StrEnum):
 
 # Every metric some objective evaluates; which ones a job's objective reports is checked when the spec is
 # resolved (``TrainingTask.metrics``).
-VALIDATION_METRICS = ("accuracy", "f1", "loss", "perplexity")
+VALIDATION_METRICS = ("accuracy", "f1", "loss", "perplexity", "reward_accuracy", "reward_margin")
 # The validation metric when the spec names none (classification's; ``resolve.with_objective_metrics`` gives
 # objectives that do not report it their own).
 DEFAULT_VALIDATION_METRIC = "f1"
 # Metrics where smaller is better (their goal when none is given).
 MINIMIZED_METRICS = frozenset({"loss", "perplexity"})
+# Metrics measured once, on the test split at the end of training, never on validation: generation's
+# (sft: greedy replies against the reference) and the merged model's loss (publish_merged). Not validation metrics.
+TEST_ONLY_METRICS = ("exact_match", "rouge_l", "merged_loss", "merged_perplexity")
 
-DEFAULT_LEARNING_RATE = {Method.FULL: 2e-5, Method.LORA: 2e-4}
+DEFAULT_LEARNING_RATE = {Method.FULL: 2e-5, Method.LORA: 2e-4, Method.QLORA: 2e-4}
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_EPOCHS = 3
 DEFAULT_WARMUP_RATIO = 0.06
@@ -106,6 +118,7 @@ MAX_WORKERS = 4096
 MAX_TRIALS = 1000
 MAX_TAGS = 64
 MAX_CHAT_TEMPLATE_CHARS = 65536
+MAX_DPO_BETA = 10.0
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$")
 
 
@@ -182,9 +195,13 @@ class JobSpec:
     tags: dict[str, str] = field(default_factory=dict)
     # None: the dataset version's (filled in when the spec is resolved).
     objective: Objective | None = None
-    # SFT: the Jinja chat template; the resolved spec carries the one the job trains with (the spec's, else the
-    # base tokenizer's), so a resumed or repeated run renders exactly the same tokens.
+    # SFT and DPO: the Jinja chat template; the resolved spec carries the one the job trains with (the spec's, else
+    # the base tokenizer's), so a resumed or repeated run renders exactly the same tokens.
     chat_template: str = ""
+    # DPO only: the loss's settings; None with other objectives (the resolved spec of a DPO job carries the defaults).
+    dpo: DpoSettings | None = None
+    # LORA with a generative objective: the artifact also holds the merged model under merged/.
+    publish_merged: bool = False
 
     @property
     def project_id(self) -> str:
@@ -242,7 +259,7 @@ def build_lora(
     dropout: float | None = None,
     target_modules: Sequence[str] = (),
 ) -> LoraSettings | None:
-    if method is Method.FULL:
+    if not method.adapters:
         if given:
             raise _bad("lora", "is only valid with method LORA; remove it or set method to TRAINING_METHOD_LORA")
         return None
@@ -260,19 +277,44 @@ def build_lora(
             raise _bad("lora.target_modules", f"has an invalid module name {module[:80]!r}")
         if module not in modules:
             modules.append(module)
-    return LoraSettings(rank=rank, alpha=alpha, dropout=dropout, target_modules=tuple(modules))
+    return LoraSettings(
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        target_modules=tuple(modules),
+        quantize_base=method is Method.QLORA,
+    )
+
+
+def build_dpo(*, given: bool, beta: float = 0.0) -> DpoSettings | None:
+    """``spec.dpo``: None when not given (a DPO job gets the defaults when its spec is resolved); beta 0 means 0.1."""
+    if not given:
+        return None
+    beta = _finite("dpo.beta", beta) or DpoSettings().beta
+    if not 0.0 < beta <= MAX_DPO_BETA:
+        raise _bad("dpo.beta", f"must be in (0, {MAX_DPO_BETA:g}] (got {beta})")
+    return DpoSettings(beta=beta)
+
+
+def _validation_metric(field_name: str, metric: str) -> str:
+    if metric in TEST_ONLY_METRICS:
+        raise _bad(
+            field_name,
+            f"{metric!r} is measured on the test split only, once training ended, so it cannot steer training; use "
+            f"one of {', '.join(VALIDATION_METRICS)}",
+        )
+    if metric not in VALIDATION_METRICS:
+        raise _bad(
+            field_name, f"{metric[:40]!r} is not a validation metric; use one of {', '.join(VALIDATION_METRICS)}"
+        )
+    return metric
 
 
 def build_early_stopping(
     *, patience: int = 0, metric: str = "", goal: Goal | None = None, min_delta: float = 0.0
 ) -> EarlyStopping:
     _int_range("hyper_parameters.early_stopping.patience", patience, 0, 10_000)
-    metric = metric or DEFAULT_VALIDATION_METRIC
-    if metric not in VALIDATION_METRICS:
-        raise _bad(
-            "hyper_parameters.early_stopping.metric",
-            f"{metric[:40]!r} is not a validation metric; use one of {', '.join(VALIDATION_METRICS)}",
-        )
+    metric = _validation_metric("hyper_parameters.early_stopping.metric", metric or DEFAULT_VALIDATION_METRIC)
     if goal is None:
         goal = Goal.MINIMIZE if metric in MINIMIZED_METRICS else Goal.MAXIMIZE
     min_delta = _finite("hyper_parameters.early_stopping.min_delta", min_delta)
@@ -396,7 +438,7 @@ def build_search_dimension(
             f"{name}.parameter",
             f"{parameter[:60]!r} is not a searchable hyper-parameter; use one of {', '.join(SEARCHABLE)}",
         )
-    if parameter.startswith("lora.") and method is not Method.LORA:
+    if parameter.startswith("lora.") and not method.adapters:
         raise _bad(f"{name}.parameter", f"{parameter!r} can only be searched with method LORA")
     if distribution is None:
         raise _bad(f"{name}", "needs a domain: uniform, log_uniform or choice")
@@ -428,11 +470,7 @@ def build_search(
     _int_range("search.num_trials", num_trials, 1, MAX_TRIALS)
     if max_concurrent_trials < 0:
         raise _bad("search.max_concurrent_trials", f"must be >= 0 (got {max_concurrent_trials})")
-    metric = metric or DEFAULT_VALIDATION_METRIC
-    if metric not in VALIDATION_METRICS:
-        raise _bad(
-            "search.metric", f"{metric[:40]!r} is not a validation metric; use one of {', '.join(VALIDATION_METRICS)}"
-        )
+    metric = _validation_metric("search.metric", metric or DEFAULT_VALIDATION_METRIC)
     if not dimensions:
         raise _bad("search.dimensions", "must name at least one hyper-parameter to search")
     names = [d.parameter for d in dimensions]
@@ -465,6 +503,8 @@ def build_spec(
     tags: Mapping[str, str],
     objective: Objective | None = None,
     chat_template: str = "",
+    publish_merged: bool = False,
+    dpo: DpoSettings | None = None,
 ) -> JobSpec:
     """Cross-field rules, once every part was built. What needs the dataset version (the objective's task type
     when the spec names neither, the chat template of the base model) is checked when the spec is resolved."""
@@ -492,7 +532,10 @@ def build_spec(
         raise _bad("chat_template", f"is {len(chat_template)} characters long; the limit is {MAX_CHAT_TEMPLATE_CHARS}")
     known = objective or (default_objective(task) if task is not TaskType.UNSPECIFIED else None)
     if chat_template and known is Objective.CLASSIFY:
-        raise _bad("chat_template", "is only used by chat objectives (sft); remove it for a classification job")
+        raise _bad("chat_template", "is only used by chat objectives (sft, dpo); remove it for a classification job")
+    if dpo is not None and known is not None and known is not Objective.DPO:
+        raise dpo_without_dpo(known)
+    check_method_objective(method, publish_merged, known, resources)
     if registered_model_name:
         validate_id(registered_model_name, what="spec.registered_model_name")
     if len(tags) > MAX_TAGS:
@@ -520,6 +563,51 @@ def build_spec(
         tags=dict(tags),
         objective=objective,
         chat_template=chat_template,
+        publish_merged=publish_merged,
+        dpo=dpo,
+    )
+
+
+def check_method_objective(
+    method: Method, publish_merged: bool, objective: Objective | None, resources: Resources | None = None
+) -> None:
+    """QLoRA and ``publish_merged`` are for generative objectives' LoRA adapters (``objective`` None: not known yet,
+    the resolver checks again with the dataset version's); QLoRA needs GPU workers (``resources``)."""
+    generative = ", ".join(sorted(o.value for o in GENERATIVE_OBJECTIVES))
+    if method is Method.QLORA and objective is not None and objective not in GENERATIVE_OBJECTIVES:
+        raise _bad(
+            "method",
+            f"TRAINING_METHOD_QLORA trains adapters of generative models ({generative}), not objective "
+            f"{objective.value}; use TRAINING_METHOD_LORA",
+        )
+    if publish_merged and method is not Method.LORA:
+        raise _bad(
+            "publish_merged",
+            f"needs method TRAINING_METHOD_LORA (it merges the trained adapter into the base weights); method "
+            f"{method.value} "
+            + ("publishes the full model already" if method is Method.FULL else "trains over a quantised base"),
+        )
+    if publish_merged and objective is not None and objective not in GENERATIVE_OBJECTIVES:
+        raise _bad(
+            "publish_merged",
+            f"is only for generative objectives ({generative}), whose artifact is the adapter; objective "
+            f"{objective.value} publishes its LoRA adapters merged into the weights already",
+        )
+    if method is Method.QLORA and resources is not None and not resources.use_gpu:
+        raise qlora_needs_gpus("the job asks for no GPU workers (resources.use_gpu is false)")
+
+
+def qlora_needs_gpus(why: str) -> FailedPreconditionError:
+    return FailedPreconditionError(
+        f"spec.method TRAINING_METHOD_QLORA needs CUDA GPUs (bitsandbytes 4-bit kernels) and {why}; set "
+        "resources.use_gpu on a cluster with GPUs, or use TRAINING_METHOD_LORA (no quantisation, runs on CPU)",
+        details={"field": "spec.method"},
+    )
+
+
+def dpo_without_dpo(objective: Objective) -> InvalidArgumentError:
+    return _bad(
+        "dpo", f"is only used by objective dpo, not {objective.value}; remove it, or train a preference version"
     )
 
 
@@ -569,4 +657,8 @@ def flatten_hyper_parameters(spec: JobSpec) -> dict[str, str]:
     if spec.chat_template:
         # Serving applies the template training used; the hash lets it refuse another one.
         flat["chat_template.sha256"] = chat_template_sha256(spec.chat_template)
+    if spec.publish_merged:
+        flat["publish_merged"] = "true"
+    if spec.dpo is not None:
+        flat["dpo.beta"] = repr(spec.dpo.beta)
     return flat

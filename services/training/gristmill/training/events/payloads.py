@@ -12,6 +12,7 @@ from gristmill.core.events import EventCatalog, OutboxWriter
 from gristmill.core.sql import Database
 from gristmill.training.api import convert
 from gristmill.training.domain.model import Job, JobState
+from gristmill.training.domain.objectives import model_task_type
 
 
 def job_state_changed(job: Job, previous: JobState | None) -> events_pb2.JobStateChanged:
@@ -28,7 +29,8 @@ def job_state_changed(job: Job, previous: JobState | None) -> events_pb2.JobStat
         reason=job.state_reason,
         metrics=[convert.metric_to_proto(m) for m in job.latest_metrics],
         progress=convert.progress_to_proto(job.progress),
-        task=convert.task_to_proto(job.spec.task),
+        # The trained model's task type (a DPO job on a preference version trains a chat model).
+        task=convert.task_to_proto(model_task_type(job.spec.task)),
         tags=job.spec.tags,
     )
     result = job.result

@@ -27,6 +27,13 @@ collator's ``cu_seq_lens_*``. It does so only without a KV cache, so every forwa
 The unit tests check that a conversation's logits are the same packed after another as alone. On CPU the
 packed row costs attention over the whole row (masked, not skipped), quadratic in the row's length; batches
 of short conversations keep that small, and GPU varlen kernels skip the masked blocks.
+
+**Evaluation by generation.** Once training ended, the model replies (greedy) to the first
+``GENERATION_EXAMPLES`` test conversations: the prompt is the conversation up to its last assistant turn,
+rendered with the chat template and its generation prompt; the reference is that turn. A reply stops at EOS or
+the template's end-of-turn token, and at the reference's length in tokens plus ``GENERATION_MARGIN_TOKENS``
+(within the model's context), which bounds the cost. ``exact_match`` compares reply and reference after
+stripping whitespace; ``rouge_l`` is the ROUGE-L F-measure (longest common subsequence over whitespace tokens).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from typing import Any
 
 import torch
 
-from gristmill.training.tasks.base import EncodingError
+from gristmill.training.tasks.base import EncodingError, SampleGeneration
 
 IGNORE_INDEX = -100
 ASSISTANT = "assistant"
@@ -232,6 +239,165 @@ class CausalLMEvaluation:
         loss = float(totals[0]) / tokens if tokens else 0.0
         # exp overflows past ~709; a perplexity that large means "untrained" either way.
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+
+# Generation on the test split: at most this many conversations (over all ranks), replies at most the reference's
+# length plus this margin in tokens, this many prompts per generate call, this many samples kept for the card.
+GENERATION_EXAMPLES = 64
+GENERATION_MARGIN_TOKENS = 16
+GENERATION_BATCH_SIZE = 8
+SAMPLE_GENERATIONS = 5
+
+
+def prompt_and_reference(messages: Sequence[Message]) -> tuple[list[dict[str, Any]], str]:
+    """The conversation up to its last assistant turn, and that turn's text (the reference reply)."""
+    last = max(index for index, message in enumerate(messages) if message.get("role") == ASSISTANT)
+    return [dict(m) for m in messages[:last]], str(messages[last].get("content") or "")
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of two token sequences (dynamic programming, two rows)."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(generation: str, reference: str) -> float:
+    """ROUGE-L F-measure over whitespace tokens: the harmonic mean of LCS / generated tokens and LCS / reference
+    tokens (1 when both are empty)."""
+    generated, expected = generation.split(), reference.split()
+    if not generated or not expected:
+        return float(generated == expected)
+    common = lcs_length(generated, expected)
+    if not common:
+        return 0.0
+    precision, recall = common / len(generated), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(generation: str, reference: str) -> float:
+    return float(generation.strip() == reference.strip())
+
+
+def stop_token_ids(tokenizer: Any, model: torch.nn.Module | None = None) -> list[int]:
+    """The tokens that end a reply: EOS (the tokenizer's and the model's generation config's) and the chat template's
+    end-of-turn token (the special token a rendered assistant turn ends with, ChatML's ``<|im_end|>``)."""
+    ids: set[int] = set()
+    for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        ids.update([value] if isinstance(value, int) else list(value or ()))
+    probe = "gristmill-probe-reply"
+    try:
+        rendered = _render(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": probe}])
+    except ChatTemplateError:
+        return sorted(ids)
+    after = rendered[rendered.rfind(probe) + len(probe) :] if probe in rendered else ""
+    if after.strip():
+        first = tokenizer(after.lstrip(), add_special_tokens=False)["input_ids"][:1]
+        ids.update(t for t in first if t in set(tokenizer.all_special_ids))
+    return sorted(ids)
+
+
+def _context_length(model: torch.nn.Module) -> int | None:
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    messages: list[dict[str, Any]]
+    reference: str
+    ids: list[int]
+    # The most tokens the reply may have.
+    budget: int
+
+
+class ChatGenerationEvaluation:
+    """Greedy replies to test conversations, scored against the reference: summed exact matches, summed ROUGE-L
+    and the count; the first ``SAMPLE_GENERATIONS`` replies are kept for the model card."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        device: torch.device,
+        autocast: Callable[[], AbstractContextManager[Any]],
+        *,
+        margin: int = GENERATION_MARGIN_TOKENS,
+        batch_size: int = GENERATION_BATCH_SIZE,
+        keep: int = SAMPLE_GENERATIONS,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.device = device
+        self.autocast = autocast
+        self.margin = margin
+        self.batch_size = batch_size
+        self.keep = keep
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self._samples: list[SampleGeneration] = []
+
+    def _prompt(self, messages: Sequence[Message], context: int | None) -> _Prompt | None:
+        prompt, reference = prompt_and_reference(messages)
+        text = _render(self.tokenizer, prompt, generation_prompt=True)
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        budget = len(self.tokenizer(reference, add_special_tokens=False)["input_ids"]) + self.margin
+        if context is not None:
+            budget = min(budget, context - len(ids))
+        # A prompt that fills the context leaves no room for a reply: not scored.
+        return _Prompt(prompt, reference, ids, budget) if budget > 0 else None
+
+    def add(self, model: torch.nn.Module, examples: Sequence[Sequence[Message]]) -> None:
+        from transformers import GenerationConfig
+
+        context = _context_length(model)
+        prompts = [p for p in (self._prompt(m, context) for m in examples) if p is not None]
+        stops = stop_token_ids(self.tokenizer, model)
+        pad = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0])
+        generate: Any = model.generate  # PEFT's and transformers' generate (torch.nn.Module does not declare it)
+        for start in range(0, len(prompts), self.batch_size):
+            batch = prompts[start : start + self.batch_size]
+            width = max(len(p.ids) for p in batch)
+            # Left padding: every prompt ends where its reply starts.
+            ids = torch.tensor([[pad] * (width - len(p.ids)) + p.ids for p in batch], device=self.device)
+            mask = torch.tensor([[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in batch], device=self.device)
+            longest = max(p.budget for p in batch)
+            if context is not None:
+                # Positions run to the padded width plus the reply: the longest prompt's room bounds the batch.
+                longest = min(longest, context - width)
+            config = GenerationConfig(  # type: ignore[no-untyped-call]
+                max_new_tokens=longest,
+                do_sample=False,
+                num_beams=1,
+                eos_token_id=stops or None,
+                pad_token_id=pad,
+            )
+            with self.autocast():
+                output = generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            for prompt, row in zip(batch, output[:, width:].tolist(), strict=True):
+                reply = row[: prompt.budget]
+                cut = next((i for i, token in enumerate(reply) if token in stops), len(reply))
+                text = str(self.tokenizer.decode(reply[:cut], skip_special_tokens=True)).strip()
+                self.sums[0] += exact_match(text, prompt.reference)
+                self.sums[1] += rouge_l(text, prompt.reference)
+                self.sums[2] += 1
+                if len(self._samples) < self.keep:
+                    self._samples.append(SampleGeneration(prompt.messages, prompt.reference, text))
+
+    def totals(self) -> torch.Tensor:
+        return self.sums
+
+    def scores(self, totals: torch.Tensor) -> dict[str, float]:
+        count = float(totals[2])
+        if not count:
+            return {}
+        return {"exact_match": float(totals[0]) / count, "rouge_l": float(totals[1]) / count}
+
+    def samples(self) -> list[SampleGeneration]:
+        return list(self._samples)
 
 
 def _one_line(exc: BaseException) -> str:

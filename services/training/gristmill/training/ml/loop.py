@@ -9,10 +9,14 @@ metrics are logged. Every evaluation all-reduces the task's totals, so every ran
 stopping decision, and reports a checkpoint (written by rank 0 only; ``ray.train.report`` is a barrier
 every rank calls equally often). A restarted worker group resumes from ``ray.train.get_checkpoint()``.
 
-At the end the best weights are evaluated on the test split and rank 0 reports the final model as the
-run's last checkpoint, named ``model`` (what its files are is the task's: a classifier with LoRA merged
-into it, a chat model's LoRA adapter; always with the tokenizer); the service publishes it. Progress goes
-to a ``ProgressSink`` (rank 0 only) as it happens.
+At the end the best weights are evaluated on the test split (a task that generates text also replies to at most
+``GENERATION_EXAMPLES`` test examples, every rank its share, and rank 0 keeps sample generations for the model
+card) and rank 0 reports the final model as the run's last checkpoint, named ``model`` (what its files are is the
+task's: a classifier with LoRA merged into it, a chat model's LoRA adapter; always with the tokenizer); the
+service publishes it. With ``publish_merged`` the adapter is then folded into the base weights (in float32, cast
+to the base checkpoint's dtype), that merged model is evaluated on the test split like the adapter was
+(``merged_loss``, ...: a merge that changed the model shows) and saved under ``merged/``. Progress goes to a
+``ProgressSink`` (rank 0 only) as it happens.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ from typing import Any, Protocol
 import torch
 
 from gristmill.core.tasks import DEFAULT_TASK_TYPE
+from gristmill.training.domain.dpo import DpoSettings
 from gristmill.training.domain.lora import LoraSettings
-from gristmill.training.domain.runs import LOOP_REPORT_FILE
+from gristmill.training.domain.runs import LOOP_REPORT_FILE, LOOP_SAMPLES_FILE, MERGED_MODEL_DIR
 from gristmill.training.domain.runs import LOOP_STATE_FILE as STATE_FILE
 from gristmill.training.domain.spec import HyperParameters, Method, Precision
 from gristmill.training.ml import data as D
-from gristmill.training.tasks import training_task
+from gristmill.training.tasks import job_training_task
+from gristmill.training.tasks.base import GeneratesText, SampleGeneration
 
 TRAINABLE_FILE = "trainable.safetensors"
 BEST_FILE = "best.safetensors"
@@ -45,6 +51,8 @@ SCHEDULER_FILE = "scheduler.pt"
 SCALER_FILE = "scaler.pt"
 FINAL_CHECKPOINT_NAME = "model"
 MAX_GRAD_NORM = 1.0
+# Test examples a task that generates text replies to once training ended (over all ranks): bounds the cost.
+GENERATION_EXAMPLES = 64
 
 
 class ProgressSink(Protocol):
@@ -96,6 +104,10 @@ class LoopConfig:
     task: str = DEFAULT_TASK_TYPE
     # Replaces the base tokenizer's chat template when set (the resolved spec's: the template the job trains with).
     chat_template: str = ""
+    # DPO: the loss's settings (the resolved spec's).
+    dpo: DpoSettings | None = None
+    # LoRA, generative objective: also save the merged model under merged/ (evaluated on the test split).
+    publish_merged: bool = False
 
 
 @dataclass
@@ -241,7 +253,7 @@ class LoopRunner:
         self.world = world_size
         self.hp = cfg.hyper
         self.device = _device(cfg.use_gpu, local_rank)
-        self.task = training_task(cfg.task)
+        self.task = job_training_task(cfg.task, dpo=cfg.dpo)
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] | None = None
 
@@ -263,13 +275,17 @@ class LoopRunner:
             # Ray sets OMP_NUM_THREADS from the worker's CPUs; torch is told explicitly as well.
             torch.set_num_threads(threads)
         torch.manual_seed(self.hp.seed)
+        if self.device.type == "cuda":
+            # Models placed when loaded (QLoRA's 4-bit base) go to the current device.
+            torch.cuda.set_device(self.device)
         model_dir = Path(self.cfg.model_dir)
         self.tokenizer = modeling.load_tokenizer(model_dir, chat_template=self.cfg.chat_template)
-        lora = self.cfg.lora if self.cfg.method is Method.LORA else None
-        assert self.cfg.method is not Method.LORA or lora is not None
+        lora = self.cfg.lora if self.cfg.method.adapters else None
+        assert not self.cfg.method.adapters or lora is not None
         model = self.task.build_model(model_dir, self.cfg.label_map, lora)
         self.trainable_parameters, self.total_parameters = modeling.parameter_counts(model)
-        self.model = model.to(self.device)
+        # A quantised model is on its device already and cannot be moved.
+        self.model = model if modeling.is_quantized(model) else model.to(self.device)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         self.splits = {
             name: self.task.encode(self.tokenizer, examples, self.hp.max_sequence_length)
@@ -355,10 +371,10 @@ class LoopRunner:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
-    def evaluate(self, split_name: str) -> dict[str, float]:
-        """The task's metrics on one split, over every rank's share of it."""
+    def evaluate(self, split_name: str, model: torch.nn.Module | None = None) -> dict[str, float]:
+        """The task's metrics of ``model`` (the one training) on one split, over every rank's share of it."""
         split = self.splits[split_name]
-        model = self._unwrapped()
+        model = model if model is not None else self._unwrapped()
         evaluation = self.task.evaluation(self.cfg.label_map, self.device, self._autocast)
         model.eval()
         indices = D.eval_shard(len(split), rank=self.rank, world_size=self.world)
@@ -563,19 +579,59 @@ class LoopRunner:
             final[f"validation_{self.hp.early_stopping.metric}"] = self.state.best_value
         if self.cfg.trial is not None:
             final["trial"] = self.cfg.trial
+        test: dict[str, float] = {}
+        samples: list[SampleGeneration] = []
         if "test" in self.splits:
             test = self.evaluate("test")
-            final.update({f"test_{k}": v for k, v in test.items()})
-            self._push(
-                {"type": "eval", "split": "test", "step": self.state.step, "epoch": final["epoch"], "metrics": test}
-            )
+            generated, samples = self._generate(model)
+            test.update(generated)
         self.state.finished = True
         with tempfile.TemporaryDirectory(prefix="gristmill-model-") as tmp:
+            out = Path(tmp)
+            if self.rank == 0:
+                self.task.save(model, self.tokenizer, out)
+            if self.cfg.publish_merged:
+                # After the adapter was saved: merging consumes the model.
+                test.update(self._merge(model, out / MERGED_MODEL_DIR))
+            final.update({f"test_{k}": v for k, v in test.items()})
+            if test:
+                self._push(
+                    {"type": "eval", "split": "test", "step": self.state.step, "epoch": final["epoch"], "metrics": test}
+                )
             checkpoint = None
             if self.rank == 0:
-                self.task.save(model, self.tokenizer, Path(tmp))
-                (Path(tmp) / STATE_FILE).write_text(json.dumps(asdict(self.state)))
-                (Path(tmp) / LOOP_REPORT_FILE).write_text(json.dumps(final))
-                checkpoint = Path(tmp)
+                if samples:
+                    (out / LOOP_SAMPLES_FILE).write_text(json.dumps([asdict(sample) for sample in samples]))
+                (out / STATE_FILE).write_text(json.dumps(asdict(self.state)))
+                (out / LOOP_REPORT_FILE).write_text(json.dumps(final))
+                checkpoint = out
             self.session.report(final, checkpoint, FINAL_CHECKPOINT_NAME)
         self._push({"type": "finished", "metrics": {k: v for k, v in final.items() if isinstance(v, int | float)}})
+
+    def _generate(self, model: torch.nn.Module) -> tuple[dict[str, float], list[SampleGeneration]]:
+        """A text-generating task's generation metrics on (the first ``GENERATION_EXAMPLES`` of) the test split, every
+        rank replying to its share, and this rank's sample generations."""
+        if not isinstance(self.task, GeneratesText):
+            return {}, []
+        examples = self.cfg.examples.get("test", [])[:GENERATION_EXAMPLES]
+        evaluation = self.task.generation_evaluation(self.tokenizer, self.device, self._autocast)
+        model.eval()
+        with torch.inference_mode():
+            evaluation.add(
+                model, [examples[i] for i in D.eval_shard(len(examples), rank=self.rank, world_size=self.world)]
+            )
+        model.train()
+        return evaluation.scores(_all_reduce(evaluation.totals(), self.world).cpu()), evaluation.samples()
+
+    def _merge(self, model: torch.nn.Module, dest: Path) -> dict[str, float]:
+        """``publish_merged``: the adapter folded into the base weights, evaluated on the test split as the adapter
+        was (``merged_<metric>``) on every rank, and saved to ``dest`` by rank 0."""
+        from gristmill.training.ml import modeling
+
+        merged = modeling.merge_adapter(model, modeling.checkpoint_dtype(Path(self.cfg.model_dir)))
+        scores = {}
+        if "test" in self.splits:
+            scores = {f"merged_{name}": value for name, value in self.evaluate("test", merged).items()}
+        if self.rank == 0:
+            modeling.save_merged(merged, self.tokenizer, dest)
+        return scores

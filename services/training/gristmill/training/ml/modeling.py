@@ -1,5 +1,5 @@
-"""Hugging Face models for the training tasks: loading (sequence classifiers, causal LMs), LoRA, parameter
-counts, inspection on the meta device.
+"""Hugging Face models for the training tasks: loading (sequence classifiers, causal LMs, 4-bit QLoRA bases),
+LoRA, merging adapters, parameter counts, inspection on the meta device.
 
 Used by the training loop (in Ray workers) and by the service when it inspects a base model; imports
 torch, transformers and peft, so the service imports it lazily.
@@ -7,6 +7,7 @@ torch, transformers and peft, so the service imports it lazily.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from gristmill.training.domain.lora import LoraSettings
+
 _HEAD_SUFFIX = "ForSequenceClassification"
+
+
+class QuantizationUnavailableError(RuntimeError):
+    """QLoRA cannot load its 4-bit base here: no CUDA device, or no bitsandbytes."""
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
@@ -82,6 +89,61 @@ def load_causal_lm(model_dir: Path) -> torch.nn.Module:
     return model
 
 
+def bitsandbytes_installed() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def load_causal_lm_4bit(model_dir: Path) -> torch.nn.Module:
+    """QLoRA's base: the weights quantised to 4-bit NF4 by bitsandbytes on the current CUDA device, bf16 compute,
+    prepared for k-bit training by PEFT (norms in fp32, gradient checkpointing, input gradients)."""
+    if not torch.cuda.is_available():
+        raise QuantizationUnavailableError(
+            "QLoRA (method qlora) needs a CUDA GPU on the training worker; this worker has none. Use method lora"
+        )
+    # transformers' quantiser imports it; fail here with the reason and what to do.
+    if not bitsandbytes_installed():
+        raise QuantizationUnavailableError(
+            "QLoRA (method qlora) needs the bitsandbytes package on the training workers (pip install bitsandbytes); "
+            "it is not installed. Install it or use method lora"
+        )
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        str(model_dir),
+        quantization_config=quantization,
+        dtype=torch.bfloat16,
+        # The quantised weights are placed when loaded (a 4-bit model is not moved afterwards).
+        device_map={"": torch.cuda.current_device()},
+    )
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    # Non-reentrant checkpointing: DDP and reentrant checkpointing disagree about which gradients are ready.
+    prepared: torch.nn.Module = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
+        model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    return prepared
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (or the model a PEFT model wraps) was loaded quantised (its weights cannot be moved or
+    merged as they are)."""
+    config = getattr(model, "config", None)
+    return bool(getattr(model, "is_quantized", False) or getattr(config, "quantization_config", None))
+
+
+def causal_lm_for_training(model_dir: Path, lora: LoraSettings | None) -> torch.nn.Module:
+    """The causal LM a generative objective trains: the full model, or LoRA adapters (targets resolved) over the
+    base in float32, or over the 4-bit base for QLoRA (``lora.quantize_base``)."""
+    if lora is None:
+        return load_causal_lm(model_dir)
+    model = load_causal_lm_4bit(model_dir) if lora.quantize_base else load_causal_lm(model_dir)
+    return apply_lora(model, LoraOptions(lora.rank, lora.alpha, lora.dropout, lora.target_modules, "CAUSAL_LM"))
+
+
 @dataclass(frozen=True)
 class LoraOptions:
     rank: int
@@ -115,6 +177,46 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
         merged: torch.nn.Module = model.merge_and_unload()
         return merged
     return model
+
+
+def checkpoint_dtype(model_dir: Path) -> torch.dtype:
+    """The float dtype the base checkpoint stores its weights in (config ``dtype``); float32 when it names none."""
+    config = read_config(model_dir)
+    name = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def merge_adapter(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The LoRA adapters folded into the base weights (W + BA), computed in float32, then cast to ``dtype`` (the
+    base checkpoint's). Consumes ``model``: its layers become the merged model's.
+
+    Tied input and output embeddings are untied first when LoRA adapts either of them: folding the update into the
+    shared matrix would change the other one too, which the adapter never did."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"merging needs a PEFT LoRA model, not {type(model).__name__}")
+    if is_quantized(model):
+        raise ValueError("a LoRA adapter over a quantised (4-bit) base cannot be merged without loss")
+    base: Any = model.get_base_model()
+    inputs, outputs = base.get_input_embeddings(), base.get_output_embeddings()
+    if inputs is not None and outputs is not None:
+        inner_in, inner_out = getattr(inputs, "base_layer", inputs), getattr(outputs, "base_layer", outputs)
+        adapted = inner_in is not inputs or inner_out is not outputs
+        if adapted and inner_out.weight is inner_in.weight:
+            inner_out.weight = torch.nn.Parameter(inner_out.weight.detach().clone())
+            base.config.tie_word_embeddings = False
+    model.to(torch.float32)
+    merged: torch.nn.Module = model.merge_and_unload(safe_merge=True)
+    return merged.to(dtype)
+
+
+def save_merged(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, dest: Path) -> None:
+    """A merged model as a plain Transformers directory: weights, config, generation config, tokenizer (with its
+    chat template)."""
+    model.save_pretrained(str(dest), safe_serialization=True)  # type: ignore[operator]
+    tokenizer.save_pretrained(str(dest))
 
 
 def save_causal_lm(model: torch.nn.Module, dest: Path) -> None:

@@ -55,6 +55,8 @@ class InProcessRunner:
             sink=_ListenerSink(listener, cancel),
             task=spec.task.value,
             chat_template=spec.chat_template,
+            dpo=spec.dpo,
+            publish_merged=spec.publish_merged,
         )
         session = DirectorySession(root)
         try:

@@ -435,6 +435,8 @@ class RayJobRunner:
             fault=self.fault,
             task=spec.task.value,
             chat_template=spec.chat_template,
+            dpo=spec.dpo,
+            publish_merged=spec.publish_merged,
         )
 
     def _trainer(self, request: RunRequest, channel: RunChannel) -> GristmillTorchTrainer:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence, Sized
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from gristmill.core.manifests import DatasetRecord
 from gristmill.core.values import Signature
@@ -43,6 +43,44 @@ class Evaluation(Protocol):
     def scores(self, totals: torch.Tensor) -> dict[str, float]:
         """The metrics (``loss`` and the task's, e.g. ``accuracy``, ``f1``) from the summed totals."""
         ...
+
+
+@dataclass(frozen=True)
+class SampleGeneration:
+    """One test example's prompt, reference reply and the model's (greedy) reply, as the model card shows it."""
+
+    # The conversation up to the reply (OpenAI-shaped message dicts).
+    prompt: list[dict[str, Any]]
+    reference: str
+    generation: str
+
+
+class GenerationEvaluation(Protocol):
+    """Accumulates generation metrics on one rank (the loop sums the totals over ranks, then scores them)."""
+
+    def add(self, model: torch.nn.Module, examples: Sequence[Any]) -> None:
+        """Generate for ``examples`` (the task's raw examples) and score the replies."""
+        ...
+
+    def totals(self) -> torch.Tensor:
+        """Everything ``scores`` needs as one flat float64 tensor (the loop all-reduces it)."""
+        ...
+
+    def scores(self, totals: torch.Tensor) -> dict[str, float]: ...
+
+    def samples(self) -> list[SampleGeneration]:
+        """The first examples generated on this rank, for the model card."""
+        ...
+
+
+@runtime_checkable
+class GeneratesText(Protocol):
+    """A task whose model generates text, evaluated by generation on (a bounded part of) the test split once training
+    ended: not a ``TrainingTask`` member, so tasks without generation need nothing."""
+
+    def generation_evaluation(
+        self, tokenizer: Any, device: torch.device, autocast: Callable[[], AbstractContextManager[Any]]
+    ) -> GenerationEvaluation: ...
 
 
 class EncodingError(ValueError):

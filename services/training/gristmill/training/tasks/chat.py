@@ -5,8 +5,10 @@ A row's messages are checked like labeling checks them (roles, turn order, at le
 become the loop's example as plain OpenAI-shaped message dicts. The loop renders them with the chat template
 (the base tokenizer's or ``spec.chat_template``), trains on the assistant tokens only and packs a batch's
 conversations without padding (``gristmill.training.ml.chat``). Evaluation reports the loss and perplexity
-over assistant tokens. With LoRA the published artifact is the PEFT adapter with the tokenizer (its chat
-template included); the base model is the lineage's reference, not a copy.
+over assistant tokens; once training ended, greedy replies to (at most 64) test conversations add ``exact_match``
+and ``rouge_l`` and the model card's sample generations. With LoRA (or QLoRA, over a 4-bit base) the published
+artifact is the PEFT adapter with the tokenizer (its chat template included); the base model is the lineage's
+reference, not a copy. ``spec.publish_merged`` adds the merged model under ``merged/`` (the loop does that).
 
 torch, transformers, TRL and peft are imported inside the methods the loop and the inspection call.
 """
@@ -30,7 +32,7 @@ from gristmill.training.tasks.base import ModelCardText
 if TYPE_CHECKING:
     import torch
 
-    from gristmill.training.ml.chat import CausalLMEvaluation, ChatSplit, PackedBatch
+    from gristmill.training.ml.chat import CausalLMEvaluation, ChatGenerationEvaluation, ChatSplit, PackedBatch
 
 # One conversation: OpenAI-shaped message dicts ({"role", "content", ...}), what apply_chat_template takes.
 Conversation = list[dict[str, Any]]
@@ -136,13 +138,7 @@ class ChatSft:
     def build_model(self, model_dir: Path, label_map: Sequence[str], lora: LoraSettings | None) -> torch.nn.Module:
         from gristmill.training.ml import modeling
 
-        model = modeling.load_causal_lm(model_dir)
-        if lora is not None:
-            model = modeling.apply_lora(
-                model,
-                modeling.LoraOptions(lora.rank, lora.alpha, lora.dropout, lora.target_modules, task_type="CAUSAL_LM"),
-            )
-        return model
+        return modeling.causal_lm_for_training(model_dir, lora)
 
     def encode(self, tokenizer: Any, examples: Sequence[Conversation], max_length: int) -> ChatSplit:
         from gristmill.training.ml import chat
@@ -165,6 +161,13 @@ class ChatSft:
         from gristmill.training.ml import chat
 
         return chat.CausalLMEvaluation(device, autocast)
+
+    def generation_evaluation(
+        self, tokenizer: Any, device: torch.device, autocast: Callable[[], AbstractContextManager[Any]]
+    ) -> ChatGenerationEvaluation:
+        from gristmill.training.ml import chat
+
+        return chat.ChatGenerationEvaluation(tokenizer, device, autocast)
 
     def save(self, model: torch.nn.Module, tokenizer: Any, dest: Path) -> None:
         from gristmill.training.ml import modeling
