@@ -45,6 +45,7 @@ def test_every_service_defaults_to_its_port_and_its_consumer_groups() -> None:
         assert getattr(SETTINGS[group.service](), group.setting) == group.default
     assert ServingSettings().registry_address == f"127.0.0.1:{SERVICE_PORTS['registry']}"
     assert LabelingSettings().registry_address == f"127.0.0.1:{SERVICE_PORTS['registry']}"
+    assert TrainingSettings().registry_address == f"127.0.0.1:{SERVICE_PORTS['registry']}"
     assert Endpoints().admin == f"127.0.0.1:{SERVICE_PORTS['admin']}"
 
 
@@ -55,6 +56,7 @@ def test_the_cli_numbers_ports_from_the_table_and_renames_every_group(tmp_path: 
     env = stack.env()
     registry = f"127.0.0.1:{stack.ports['registry']}"
     assert env["GRISTMILL_LABELING_REGISTRY_ADDRESS"] == env["GRISTMILL_SERVING_REGISTRY_ADDRESS"] == registry
+    assert env["GRISTMILL_TRAINING_REGISTRY_ADDRESS"] == registry
     groups = stack.consumer_groups()
     assert groups == {f"{g.default}-ci-1": g.topics for g in CONSUMER_GROUPS}
     assert len(groups) == len(CONSUMER_GROUPS) == 7

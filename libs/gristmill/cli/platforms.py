@@ -268,6 +268,9 @@ class LocalStack:
             "GRISTMILL_S3_SECRET_KEY": os.environ.get("GRISTMILL_S3_SECRET_KEY", "gristmill-secret"),
             "GRISTMILL_SERVING_REGISTRY_ADDRESS": f"127.0.0.1:{ports['registry']}",
             "GRISTMILL_LABELING_REGISTRY_ADDRESS": f"127.0.0.1:{ports['registry']}",
+            "GRISTMILL_TRAINING_REGISTRY_ADDRESS": f"127.0.0.1:{ports['registry']}",
+            # The local stack runs on the user's own machine: base models import from its directories and files.
+            "GRISTMILL_REGISTRY_ALLOW_LOCAL_PATHS": "true",
             # Services verify API keys at the admin service (once they have auth wired).
             "GRISTMILL_AUTH_ADMIN_ADDRESS": f"127.0.0.1:{ports['admin']}",
         }

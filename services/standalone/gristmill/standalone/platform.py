@@ -67,7 +67,9 @@ class EmbeddedPlatform:
         # The embedded dev mode: no API keys (each service logs that loudly), one licence for all of them.
         security = embedded_security(service, self.license)
         if service == "registry":
-            return build_registry(self._settings(RegistrySettings, service), infra, security)
+            # Embedded on the user's machine: base models import from its directories and GGUF files.
+            registry = self._settings(RegistrySettings, service, allow_local_paths=True)
+            return build_registry(registry, infra, security)
         if service == "labeling":
             labeling = self._settings(LabelingSettings, service, registry_address=self.addresses["registry"])
             return build_labeling(labeling, infra, security)
