@@ -29,9 +29,9 @@ Everything the platform does goes through its gRPC APIs (the SDK, ``gristmill.cl
 
 Model files (the base, the adapter) are read from the embedded platform's object store (``<work dir>/platform/
 objects``), each checked against the checksum the registry or the job recorded: no gRPC call serves model files.
-Training speed is the job's ``train_samples_per_second``; tokens/s is that times the mean tokens of a rendered
-training conversation (the job reports no token count). Progress goes to stderr; stdout is one JSON summary, then a
-markdown table (``--json-only``: the JSON alone).
+Training speed is the job's ``train_samples_per_second`` and ``train_tokens_per_second`` (input tokens of the packed
+batches); sft_speed_benchmark.py compares the latter with a plain PEFT + TRL loop. Progress goes to stderr; stdout is
+one JSON summary, then a markdown table (``--json-only``: the JSON alone).
 
     .venv/bin/python services/training/benchmarks/chat_quality_benchmark.py          # full: 20-40 min on 2 cores
     .venv/bin/python services/training/benchmarks/chat_quality_benchmark.py --quick  # smoke test: 48 conversations,
@@ -328,19 +328,6 @@ def evaluate(
     return quality
 
 
-def mean_tokens(model_dir: Path, conversations: Sequence[list[dict[str, str]]], max_length: int) -> float:
-    """Mean tokens of the rendered conversations (cut at ``max_length``, as the job cuts them)."""
-    import transformers
-
-    hf: Any = transformers
-    tokenizer = hf.AutoTokenizer.from_pretrained(str(model_dir))
-    counts = [
-        min(max_length, len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]))
-        for c in conversations
-    ]
-    return sum(counts) / max(1, len(counts))
-
-
 # --------------------------------------------------------------------------- the platform
 
 
@@ -465,6 +452,7 @@ def job_summary(job: Any, seconds: float) -> dict[str, Any]:
         "running_s": round(running, 1),
         "steps": int(job.progress.step),
         "train_samples_per_second": metrics.get("train_samples_per_second"),
+        "train_tokens_per_second": metrics.get("train_tokens_per_second"),
         "trainable_parameters": int(job.result.trainable_parameter_count),
         "total_parameters": int(job.result.total_parameter_count),
         "artifact_prefix": job.result.artifact_prefix,
@@ -623,10 +611,6 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             summary["sft"] = sft
             if sft_job.state != tr.JOB_STATE_SUCCEEDED:
                 raise GristmillError(f"the SFT job {sft_job.job_id} ended {sft['state']}: {sft_job.state_reason}")
-            tokens = mean_tokens(base_dir, [r["messages"] for r in sft_rows], args.max_sequence_length)
-            sft["mean_tokens_per_conversation"] = round(tokens, 1)
-            if sft["train_samples_per_second"]:
-                sft["train_tokens_per_second_est"] = round(sft["train_samples_per_second"] * tokens, 1)
             adapter_dir = download_adapter(objects, sft_job, work / "sft-adapter")
             summary["after"] = evaluate(base_dir, adapter_dir, held_out, args, "after").as_dict()
 
@@ -748,8 +732,8 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         f"SFT job {sft['job_id']}: {sft['state']}, {sft['steps']} steps, {sft['running_s']:.0f}s running "
         f"({sft['submit_to_end_s']:.0f}s from SubmitJob), {sft['train_samples_per_second'] or 0:.2f} samples/s, "
-        f"~{sft.get('train_tokens_per_second_est', 0):.0f} tokens/s (x {sft.get('mean_tokens_per_conversation', 0)} "
-        f"tokens per conversation), {sft['trainable_parameters']:,} trainable of {sft['total_parameters']:,}.",
+        f"{sft['train_tokens_per_second'] or 0:.0f} tokens/s, {sft['trainable_parameters']:,} trainable of "
+        f"{sft['total_parameters']:,}.",
     ]
     if "skipped" in dpo:
         lines.append(f"DPO: skipped ({dpo['skipped']}).")
