@@ -1,16 +1,20 @@
 """What the CLI shows and parses without a platform: the labeling suggestion, search expressions, quotas, cards,
-job spec files, key expiry times and project cleaning settings."""
+job spec files, key expiry times, project cleaning settings and a job's progress line."""
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import typer
 
 from gristmill.api.admin.v1 import admin_pb2 as ad
+from gristmill.api.common.v1 import common_pb2
 from gristmill.api.labeling.v1 import labeling_pb2 as lb
 from gristmill.api.training.v1 import training_pb2 as tr
 from gristmill.cli.admin_commands import expiry_time, parse_quota
@@ -19,7 +23,13 @@ from gristmill.cli.job_specs import job_spec, spec_from_file
 from gristmill.cli.options import read_text_option
 from gristmill.cli.project_settings import cleaning_settings, label_definitions, pii_pattern
 from gristmill.cli.registry_commands import card_text_from_file
-from gristmill.cli.training_commands import SearchSpecError, parse_search_expression, search_spec
+from gristmill.cli.training_commands import (
+    ProgressLine,
+    SearchSpecError,
+    parse_search_expression,
+    search_spec,
+    watch_job,
+)
 
 
 def task(*predictions: lb.Prediction) -> lb.Task:
@@ -258,3 +268,52 @@ def test_cleaning_settings_and_label_descriptions() -> None:
     for bad in ("bug", "=x", "feature=A wish"):
         with pytest.raises(typer.Exit):
             label_definitions(["bug"], [bad])
+
+
+class _Training:
+    """WatchJob replays ``events``; GetJob answers ``job``."""
+
+    def __init__(self, events: list[tr.JobEvent], job: tr.Job) -> None:
+        self.events, self.job = events, job
+
+    def WatchJob(self, request: tr.WatchJobRequest, timeout: float) -> list[tr.JobEvent]:
+        return self.events
+
+    def GetJob(self, request: tr.GetJobRequest) -> tr.Job:
+        return self.job
+
+
+def test_the_progress_line_shows_tokens_per_second_once_the_job_reports_them() -> None:
+    def state_change(sequence: int, state: int, **progress: Any) -> tr.JobEvent:
+        change = tr.JobStateTransition(state=state, progress=tr.JobProgress(**progress))  # type: ignore[arg-type]
+        return tr.JobEvent(job_id="j1", sequence=sequence, state_change=change)
+
+    def metrics(
+        sequence: int, step: int, split: int = common_pb2.DATASET_SPLIT_UNSPECIFIED, **values: float
+    ) -> tr.JobEvent:
+        report = tr.MetricsReport(
+            step=step,
+            metrics=[common_pb2.Metric(name=name, value=value, split=split) for name, value in values.items()],  # type: ignore[arg-type]
+        )
+        return tr.JobEvent(job_id="j1", sequence=sequence, metrics=report)
+
+    # A token count over a window of steps: the loop divides it by the window's seconds.
+    tokens, seconds = 3 * 8 * 41, 0.5
+    events = [
+        state_change(1, tr.JOB_STATE_RUNNING, total_steps=4),
+        metrics(2, 2, loss=0.75, learning_rate=1e-3, samples_per_second=48.0, tokens_per_second=tokens / seconds),
+        metrics(3, 2, common_pb2.DATASET_SPLIT_VALIDATION, loss=0.5),
+        state_change(4, tr.JOB_STATE_SUCCEEDED, step=4, total_steps=4, tokens_per_second=2000.0),
+    ]
+    done = tr.Job(job_id="j1", state=tr.JOB_STATE_SUCCEEDED)
+    gm = SimpleNamespace(training=_Training(events, done))
+    stream = io.StringIO()
+    line = ProgressLine(stream, width=4)
+    assert watch_job(gm, "j1", line.show) == done  # type: ignore[arg-type]
+    assert stream.getvalue().splitlines() == [
+        "running   [....] 0/4",
+        "running   [##..] 2/4 loss=0.75 1968 tok/s",
+        # An evaluation's metrics replace the training ones; the latest throughput stays.
+        "running   [##..] 2/4 loss/validation=0.5 1968 tok/s",
+        "succeeded [####] 4/4 loss/validation=0.5 2000 tok/s",
+    ]

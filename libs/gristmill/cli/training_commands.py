@@ -49,6 +49,14 @@ def metric_text(metrics: Any) -> str:
     return " ".join(parts)
 
 
+def progress_text(metrics: str, tokens_per_second: float) -> str:
+    """What the progress line shows after the bar: the latest metrics, then ``N tok/s`` once the job reports token
+    throughput."""
+    if tokens_per_second <= 0:
+        return metrics
+    return f"{metrics} {tokens_per_second:.0f} tok/s".lstrip()
+
+
 def metric_value(metrics: Any, name: str, split: int) -> float | None:
     for m in metrics:
         if m.name == name and m.split == split:
@@ -264,10 +272,13 @@ def watch_job(
     *,
     timeout_s: float | None = None,
 ) -> tr.Job:
-    """Follow ``WatchJob`` until the job ends (resuming after a dropped stream); returns the final job."""
+    """Follow ``WatchJob`` until the job ends (resuming after a dropped stream); returns the final job. ``on_event``
+    gets the state, step, total steps and the progress text (``progress_text``) after each event."""
     after: int | None = None
     state, step, total = "queued", 0, 0
     metrics = ""
+    # The latest training throughput: metrics events carry it, and so does a state change's progress.
+    tokens_per_second = 0.0
     while True:
         request = tr.WatchJobRequest(job_id=job_id)
         if after is not None:
@@ -281,15 +292,21 @@ def watch_job(
                     change = event.state_change
                     state = state_name(change.state)
                     step, total = change.progress.step or step, change.progress.total_steps or total
+                    tokens_per_second = change.progress.tokens_per_second or tokens_per_second
                     if change.state in TERMINAL:
                         if on_event is not None:
-                            on_event(state, total if change.state == tr.JOB_STATE_SUCCEEDED else step, total, metrics)
+                            last = total if change.state == tr.JOB_STATE_SUCCEEDED else step
+                            on_event(state, last, total, progress_text(metrics, tokens_per_second))
                         return gm.training.GetJob(tr.GetJobRequest(job_id=job_id))
                 elif kind == "metrics":
                     step = event.metrics.step or step
                     metrics = metric_text(m for m in event.metrics.metrics if m.name in PROGRESS_METRICS)
+                    throughput = metric_value(
+                        event.metrics.metrics, "tokens_per_second", common_pb2.DATASET_SPLIT_UNSPECIFIED
+                    )
+                    tokens_per_second = throughput if throughput is not None else tokens_per_second
                 if on_event is not None:
-                    on_event(state, step, total, metrics)
+                    on_event(state, step, total, progress_text(metrics, tokens_per_second))
         except UnavailableError:
             pass  # a dropped stream (a restart of the service): reconnect after the last sequence seen
         job = gm.training.GetJob(tr.GetJobRequest(job_id=job_id))

@@ -46,7 +46,7 @@ class ScriptedRunner:
 
     def run(self, request: RunRequest, listener: RunListener, cancel: threading.Event) -> RunOutcome:
         listener.on_records([{"type": "started", "step": 0, "total_steps": 100}])
-        metrics = {"loss": 0.5, "learning_rate": 1e-3, "samples_per_second": 12.0}
+        metrics = {"loss": 0.5, "learning_rate": 1e-3, "samples_per_second": 12.0, "tokens_per_second": 480.0}
         listener.on_records([{"type": "train", "step": 10, "epoch": 0.1, "metrics": metrics}])
         self.started.set()
         while not self.release.wait(0.02):

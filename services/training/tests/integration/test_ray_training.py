@@ -389,7 +389,8 @@ async def test_a_search_publishes_the_winning_trials_own_metrics_and_hyper_param
             names = {(m.name, m.split) for m in result.metrics}
             assert not {name for name, _ in names} & TUNE_BOOKKEEPING, names
             assert all(
-                split != common_pb2.DATASET_SPLIT_UNSPECIFIED or name.startswith("train_samples_per_")
+                split != common_pb2.DATASET_SPLIT_UNSPECIFIED
+                or name.startswith(("train_samples_per_", "train_tokens_per_"))
                 for name, split in names
             ), names
             assert ("f1", common_pb2.DATASET_SPLIT_VALIDATION) in names

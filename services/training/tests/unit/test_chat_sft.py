@@ -216,6 +216,7 @@ def test_packed_conversations_restart_positions_and_never_attend_to_each_other(t
     # A conversation's first token is never predicted from the one before it.
     assert all(int(inputs["labels"][0, s]) == chat.IGNORE_INDEX for s in starts)
     assert packed.size == 3 and packed.label_tokens == sum(sum(y >= 0 for y in e["labels"]) for e in split.examples)
+    assert packed.tokens == sum(lengths) == int((inputs["input_ids"] != tokenizer.pad_token_id).sum())
 
     model = modeling.load_causal_lm(tiny_llama)
     model.train()  # train mode (dropout is 0 in Llama): the mode the loss runs in, and the one that builds a cache

@@ -36,6 +36,7 @@ def test_collate_pads_to_the_longest_example_of_the_batch() -> None:
     assert batch.input_ids.tolist() == [[4, 0], [5, 6]]
     assert batch.attention_mask.tolist() == [[1, 0], [1, 1]]
     assert batch.labels.tolist() == [1, 1]
+    assert batch.tokens == int(batch.attention_mask.sum()) == 3  # padding is not trained on
 
 
 def test_scores_compute_accuracy_and_macro_f1() -> None:

@@ -320,6 +320,13 @@ def test_a_batch_is_chosen_then_rejected_with_labels_on_the_completions(tiny_lla
     split = P.encode(tokenizer, _triples(preference_rows(3, 4)), 512)
     batch = P.collate(split, [2, 0], tokenizer.pad_token_id)
     assert batch.size == 2 and batch.input_ids.shape[0] == 4 and batch.indices == (2, 0)
+    # Tokens trained on: both pairs' chosen and rejected sequences, padding left out.
+    assert batch.tokens == sum(
+        len(split.examples[i]["prompt_ids"]) * 2
+        + len(split.examples[i]["chosen_ids"] + split.examples[i]["rejected_ids"])
+        for i in (2, 0)
+    )
+    assert batch.tokens < batch.input_ids.numel()
     for row, (index, side) in enumerate(
         [(2, "chosen_ids"), (0, "chosen_ids"), (2, "rejected_ids"), (0, "rejected_ids")]
     ):

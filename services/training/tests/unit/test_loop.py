@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from safetensors.torch import load_file
 
 from gristmill.training.devtools import LABELS, sentiment_rows
 from gristmill.training.domain import spec as d
+from gristmill.training.domain.runs import LOOP_STATE_FILE
+from gristmill.training.ml import modeling
 from gristmill.training.ml.loop import (
     FINAL_CHECKPOINT_NAME,
     DirectorySession,
@@ -20,7 +23,7 @@ from gristmill.training.ml.loop import (
     LoopRunner,
     autocast_dtype,
 )
-from gristmill.training.tasks.text_classification import LabelledText
+from gristmill.training.tasks.text_classification import LabelledText, TextClassification
 
 
 def _split(rows: list[tuple[str, str]]) -> tuple[list[str], list[int]]:
@@ -65,13 +68,16 @@ def _records(sink: ListSink, kind: str) -> list[dict[str, Any]]:
 def test_full_fine_tune_learns_and_reports_the_final_model(tiny_model: Path, tmp_path: Path) -> None:
     sink = ListSink()
     session = DirectorySession(tmp_path)
-    LoopRunner(_config(tiny_model, sink), 0, 1, 0, session).run()
+    config = _config(tiny_model, sink)
+    LoopRunner(config, 0, 1, 0, session).run()
     started = _records(sink, "started")[0]
     assert started["step"] == 0 and started["total_steps"] == 36  # 12 batches of 8 per epoch, 3 epochs
     assert started["trainable_parameters"] == started["total_parameters"] > 0
     train = _records(sink, "train")
     assert [r["step"] for r in train] == list(range(3, 37, 3))
     assert all(r["metrics"]["samples_per_second"] > 0 for r in train)
+    # Short sentences of several tokens each: more tokens than samples per second.
+    assert all(r["metrics"]["tokens_per_second"] > r["metrics"]["samples_per_second"] for r in train)
     assert train[0]["metrics"]["learning_rate"] > train[-1]["metrics"]["learning_rate"]  # linear decay
     validation = [r for r in _records(sink, "eval") if r["split"] == "validation"]
     assert [r["step"] for r in validation] == [6, 12, 18, 24, 30, 36]
@@ -80,6 +86,16 @@ def test_full_fine_tune_learns_and_reports_the_final_model(tiny_model: Path, tmp
     assert final["finished"] and final["step"] == 36 and final["test_accuracy"] >= 0.9
     model_dir = session.checkpoints[-1]
     assert model_dir.name == FINAL_CHECKPOINT_NAME
+    # Every epoch trains on every train example once: the tokens counted are three times the split's, padding left
+    # out; the final throughputs share their seconds.
+    tokenizer = modeling.load_tokenizer(tiny_model)
+    encoded = TextClassification().encode(tokenizer, config.examples["train"], config.hyper.max_sequence_length)
+    state = json.loads((model_dir / LOOP_STATE_FILE).read_text())
+    assert state["train_samples"] == 3 * 96
+    assert state["train_tokens"] == 3 * sum(len(ids) for ids in encoded.input_ids) > state["train_samples"]
+    assert final["train_tokens_per_second"] / final["train_samples_per_second"] == pytest.approx(
+        state["train_tokens"] / state["train_samples"]
+    )
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in model_dir.iterdir()}
 
 

@@ -56,6 +56,7 @@ async def test_a_job_trains_publishes_its_model_and_announces_success(
         "loss",
         "learning_rate",
         "samples_per_second",
+        "tokens_per_second",
         "accuracy",
         "f1",
     }
@@ -64,10 +65,14 @@ async def test_a_job_trains_publishes_its_model_and_announces_success(
     done = await stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
     assert done.state == pb.JOB_STATE_SUCCEEDED and done.progress.step == done.progress.total_steps == 36
     assert done.start_time.seconds > 0 and done.end_time.seconds > 0
+    # The last training throughput stays on the job: every sample is a sentence of several tokens.
+    assert done.progress.tokens_per_second > done.progress.samples_per_second > 0
     result = done.result
     assert result.artifact_prefix == f"jobs/{job.job_id}/model"
     accuracy = {(m.name, m.split): m.value for m in result.metrics}[("accuracy", common_pb2.DATASET_SPLIT_TEST)]
     assert accuracy >= 0.9
+    final = {m.name: m.value for m in result.metrics if m.split == common_pb2.DATASET_SPLIT_UNSPECIFIED}
+    assert final["train_tokens_per_second"] > final["train_samples_per_second"] > 0
     assert list(result.label_map.labels) == ["negative", "positive"]
     assert result.trainable_parameter_count == result.total_parameter_count > 0
     assert result.lineage.dataset_version.manifest.sha256 == dataset.manifest.sha256
@@ -244,6 +249,9 @@ async def test_watch_streams_live_progress_and_resumes(
             stream = stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id))
             snapshot = await stream.read()
             assert snapshot.state_change.state == pb.JOB_STATE_RUNNING
+            # The supervisor keeps the latest training throughput as the job's progress.
+            progress = snapshot.state_change.progress
+            assert (progress.samples_per_second, progress.tokens_per_second) == (12.0, 480.0)
             latest = await stream.read()  # the metrics reported so far
             assert {m.name: m.value for m in latest.metrics.metrics}["loss"] == 0.5
             assert snapshot.sequence == latest.sequence == 3

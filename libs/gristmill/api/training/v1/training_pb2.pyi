@@ -834,6 +834,7 @@ class JobProgress(_message.Message):
     SAMPLES_PER_SECOND_FIELD_NUMBER: _builtins.int
     TRIALS_COMPLETED_FIELD_NUMBER: _builtins.int
     TRIALS_TOTAL_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """Optimizer steps done and planned (total is an estimate with early stopping)."""
     total_steps: _builtins.int
@@ -844,6 +845,11 @@ class JobProgress(_message.Message):
     trials_completed: _builtins.int
     """For searches: trials finished and planned."""
     trials_total: _builtins.int
+    tokens_per_second: _builtins.float
+    """Latest training throughput in input tokens per second over all workers: the tokens the batches train on,
+    padding left out (a packed SFT batch has none; a DPO pair counts its chosen and its rejected sequence).
+    Over the same interval as samples_per_second; 0 until the first training metrics arrive.
+    """
     def __init__(
         self,
         *,
@@ -853,10 +859,11 @@ class JobProgress(_message.Message):
         samples_per_second: _builtins.float = ...,
         trials_completed: _builtins.int = ...,
         trials_total: _builtins.int = ...,
+        tokens_per_second: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "samples_per_second", b"samples_per_second", "step", b"step", "total_steps", b"total_steps", "trials_completed", b"trials_completed", "trials_total", b"trials_total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "samples_per_second", b"samples_per_second", "step", b"step", "tokens_per_second", b"tokens_per_second", "total_steps", b"total_steps", "trials_completed", b"trials_completed", "trials_total", b"trials_total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

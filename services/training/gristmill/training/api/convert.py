@@ -376,6 +376,7 @@ def progress_to_proto(progress: JobProgress) -> pb.JobProgress:
         total_steps=progress.total_steps,
         epoch=progress.epoch,
         samples_per_second=progress.samples_per_second,
+        tokens_per_second=progress.tokens_per_second,
         trials_completed=progress.trials_completed,
         trials_total=progress.trials_total,
     )

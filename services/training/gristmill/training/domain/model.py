@@ -60,6 +60,8 @@ class JobProgress:
     total_steps: int = 0
     epoch: float = 0.0
     samples_per_second: float = 0.0
+    # Input tokens trained on per second (padding left out), over all workers.
+    tokens_per_second: float = 0.0
     trials_completed: int = 0
     trials_total: int = 0
 

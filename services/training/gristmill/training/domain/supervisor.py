@@ -121,6 +121,7 @@ class _ProgressRecorder:
                     epoch=float(record["epoch"]),
                     total_steps=int(record.get("total_steps", self.progress.total_steps)),
                     samples_per_second=float(values["samples_per_second"]),
+                    tokens_per_second=float(values.get("tokens_per_second", 0.0)),
                 )
                 reports.append(_report(record, Split.NONE))
             elif kind == "eval":

@@ -179,6 +179,8 @@ class PackedBatch:
 
     inputs: dict[str, Any]
     conversations: int
+    # The conversations' tokens (``TrainingBatch.tokens``; a packed row has no padding).
+    tokens: int
     # Tokens whose label counts (the loss's denominator).
     label_tokens: int = field(default=0)
 
@@ -193,17 +195,19 @@ class PackedBatch:
             key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
             for key, value in self.inputs.items()
         }
-        return PackedBatch(moved, self.conversations, self.label_tokens)
+        return PackedBatch(moved, self.conversations, self.tokens, self.label_tokens)
 
 
 def collate(split: ChatSplit, indices: Sequence[int], pad_id: int) -> PackedBatch:
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     collator = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=True)
-    inputs = dict(collator([split.examples[i] for i in indices]))
+    examples = [split.examples[i] for i in indices]
+    inputs = dict(collator(examples))
     labels = inputs["labels"]
+    tokens = sum(len(example["input_ids"]) for example in examples)
     # The loss shifts labels left by one: the first label never counts.
-    return PackedBatch(inputs, len(indices), int((labels[:, 1:] != IGNORE_INDEX).sum()))
+    return PackedBatch(inputs, len(indices), tokens, int((labels[:, 1:] != IGNORE_INDEX).sum()))
 
 
 def forward(model: torch.nn.Module, batch: PackedBatch) -> Any:

@@ -29,6 +29,8 @@ class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    # The examples' tokens, padding left out (``TrainingBatch.tokens``).
+    tokens: int
 
     @property
     def size(self) -> int:
@@ -41,6 +43,7 @@ class Batch:
             self.input_ids.to(device, non_blocking=True),
             self.attention_mask.to(device, non_blocking=True),
             self.labels.to(device, non_blocking=True),
+            self.tokens,
         )
 
 
@@ -54,7 +57,7 @@ def collate(split: EncodedSplit, indices: Sequence[int], pad_id: int) -> Batch:
         ids[n, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[n, : len(row)] = 1
     labels = torch.tensor([split.labels[i] for i in indices], dtype=torch.long)
-    return Batch(ids, mask, labels)
+    return Batch(ids, mask, labels, sum(len(row) for row in rows))
 
 
 def epoch_shard(size: int, *, epoch: int, seed: int, rank: int, world_size: int) -> list[int]:

@@ -129,6 +129,8 @@ class TrainState:
     # load on the machine disturbs much less than wall time.
     train_cpu_seconds: float = 0.0
     train_samples: int = 0
+    # Input tokens trained on (``TrainingBatch.tokens``, over all ranks).
+    train_tokens: int = 0
 
 
 class TrainSession(Protocol):
@@ -480,7 +482,7 @@ class LoopRunner:
         model.train()
         stop = self.state.step >= self.total_steps or self.state.stopped_early
         window_loss = torch.zeros((), device=self.device)
-        window_steps, window_samples, window_start = 0, 0, time.perf_counter()
+        window_steps, window_samples, window_tokens, window_start = 0, 0, 0, time.perf_counter()
         params = [p for p in model.parameters() if p.requires_grad]
         while not stop and self.state.epoch < hp.epochs:
             micro_batches = self._micro_batches(self.state.epoch)
@@ -500,6 +502,7 @@ class LoopRunner:
                         loss.backward()  # type: ignore[no-untyped-call]
                     window_loss += loss.detach()
                     window_samples += batch.size
+                    window_tokens += batch.tokens
                 if self.scaler is not None:
                     self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
@@ -516,9 +519,11 @@ class LoopRunner:
                 self._maybe_fail()
                 position = self.state.epoch + self.state.micro / len(micro_batches)
                 if self.state.step % hp.log_every_steps == 0 or self.state.step == self.total_steps:
-                    window_start = self._log(window_loss, window_steps, window_samples, window_start, position)
+                    window_start = self._log(
+                        window_loss, window_steps, window_samples, window_tokens, window_start, position
+                    )
                     window_loss.zero_()
-                    window_steps, window_samples = 0, 0
+                    window_steps, window_samples, window_tokens = 0, 0, 0
                 if self.state.step >= self.total_steps:
                     stop = True
                 elif hp.eval_every_steps and self.state.step % hp.eval_every_steps == 0:
@@ -536,12 +541,19 @@ class LoopRunner:
                     stop = self._validate_and_checkpoint(float(self.state.epoch))
                     window_start = time.perf_counter()
 
-    def _log(self, window_loss: torch.Tensor, steps: int, samples: int, window_start: float, position: float) -> float:
-        # The one host sync of the log interval: the summed loss (averaged over ranks).
-        loss = float(_all_reduce(window_loss.clone(), self.world)) / max(1, steps) / self.world
+    def _log(
+        self, window_loss: torch.Tensor, steps: int, samples: int, tokens: int, window_start: float, position: float
+    ) -> float:
+        # The one host sync of the log interval: the summed loss (averaged over ranks) and the summed tokens (ranks'
+        # batches differ in length), one all-reduce. float64 counts tokens exactly.
+        totals = torch.stack([window_loss.double(), torch.tensor(float(tokens), dtype=torch.float64).to(self.device)])
+        loss_sum, token_sum = _all_reduce(totals, self.world).tolist()
+        loss = loss_sum / max(1, steps) / self.world
         now = time.perf_counter()
-        throughput = samples * self.world / max(now - window_start, 1e-9)
+        seconds = max(now - window_start, 1e-9)
+        throughput = samples * self.world / seconds
         self.state.train_samples += samples * self.world
+        self.state.train_tokens += int(token_sum)
         self._push(
             {
                 "type": "train",
@@ -552,6 +564,7 @@ class LoopRunner:
                     "loss": loss,
                     "learning_rate": self.scheduler.get_last_lr()[0],
                     "samples_per_second": throughput,
+                    "tokens_per_second": token_sum / seconds,
                 },
             }
         )
@@ -573,6 +586,7 @@ class LoopRunner:
             "trainable_parameters": self.trainable_parameters,
             "total_parameters": self.total_parameters,
             "train_samples_per_second": self.state.train_samples / max(self.state.train_seconds, 1e-9),
+            "train_tokens_per_second": self.state.train_tokens / max(self.state.train_seconds, 1e-9),
             "train_samples_per_cpu_second": self.state.train_samples / max(self.state.train_cpu_seconds, 1e-9),
         }
         if self.state.best_value is not None:

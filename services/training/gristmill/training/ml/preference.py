@@ -154,6 +154,8 @@ class PreferenceBatch:
     # The input ids on the completions, -100 elsewhere (prompts and padding).
     labels: torch.Tensor
     pairs: int
+    # The chosen and the rejected sequences' tokens, padding left out (``TrainingBatch.tokens``).
+    tokens: int
     # The pairs' indexes in their split, and the split's reference log-probabilities (see ``PreferenceSplit``).
     indices: tuple[int, ...] = ()
     reference_cache: dict[int, torch.Tensor] | None = None
@@ -170,6 +172,7 @@ class PreferenceBatch:
             self.attention_mask.to(device, non_blocking=True),
             self.labels.to(device, non_blocking=True),
             self.pairs,
+            self.tokens,
             self.indices,
             self.reference_cache,
         )
@@ -182,7 +185,13 @@ def collate(split: PreferenceSplit, indices: Sequence[int], pad_id: int) -> Pref
     inputs = collator([split.examples[i] for i in indices])
     labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
     return PreferenceBatch(
-        inputs["input_ids"], inputs["attention_mask"], labels, len(indices), tuple(indices), split.reference_logps
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        labels,
+        len(indices),
+        int(inputs["attention_mask"].sum()),
+        tuple(indices),
+        split.reference_logps,
     )
 
 

@@ -28,6 +28,12 @@ class TrainingBatch(Protocol):
         """Examples in the batch (throughput counts these)."""
         ...
 
+    @property
+    def tokens(self) -> int:
+        """Input tokens the batch trains on, padding left out (token throughput counts these). Counted on the host
+        when the batch is collated, so that reading it costs no device sync."""
+        ...
+
     def to(self, device: torch.device) -> Any: ...
 
 
