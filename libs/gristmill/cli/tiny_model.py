@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from gristmill.core.hf_loading import model_loading
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # Words every demo vocabulary has, so that texts arriving later (predictions, masked PII) tokenise too.
 COMMON_WORDS = ["email", "phone", "card", "id", "iban", "ip_address", "the", "a", "is", "it", "and", "not"]
@@ -47,7 +49,8 @@ def make_tiny_bert(dest: Path, texts: Iterable[str], labels: Sequence[str], *, s
     )
     hf.utils.logging.disable_progress_bar()  # no "Writing model shards" bar in the demo's output
     torch.manual_seed(seed)
-    model = hf.BertForSequenceClassification(config)
+    with model_loading():
+        model = hf.BertForSequenceClassification(config)
     model.save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
     return dest
@@ -113,7 +116,9 @@ def make_tiny_llama(
     hf.utils.logging.disable_progress_bar()
     torch.manual_seed(seed)
     dest.mkdir(parents=True, exist_ok=True)
-    hf.LlamaForCausalLM(config).save_pretrained(dest, safe_serialization=True)
+    with model_loading():
+        model = hf.LlamaForCausalLM(config)
+    model.save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
     return dest
 

@@ -18,6 +18,7 @@ from gristmill.api.common.v1 import common_pb2
 from gristmill.api.training.v1 import training_pb2 as pb
 from gristmill.api.training.v1 import training_pb2_grpc as pb_grpc
 from gristmill.core.errors import InvalidArgumentError
+from gristmill.core.hf_loading import model_loading
 from gristmill.core.manifests import ModelManifest
 from gristmill.core.storage import ObjectStore
 from gristmill.training.api import convert
@@ -114,7 +115,8 @@ def _tied_llama(source: Path, dest: Path) -> Path:
 
     config = AutoConfig.from_pretrained(str(source), tie_word_embeddings=True)
     torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    with model_loading():
+        model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     model.save_pretrained(str(dest), safe_serialization=True)
     modeling.load_tokenizer(source).save_pretrained(str(dest))
     return dest

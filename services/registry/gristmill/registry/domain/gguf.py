@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from gristmill.core.errors import FailedPreconditionError, InvalidArgumentError
+from gristmill.core.hf_loading import model_loading
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +134,10 @@ def _convert(path: Path, header: _Header, dest: Path) -> None:
     if hasattr(hf, "GgufConfig"):
         # transformers 5 keeps GGUF weights packed unless told otherwise, and a packed model does not save.
         options["quantization_config"] = hf.GgufConfig(dequantize=True)
-    model, loading = hf.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=dtype, output_loading_info=True, **options
-    )
+    with model_loading():
+        model, loading = hf.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=dtype, output_loading_info=True, **options
+        )
     # transformers initialises weights the file lacks at random and only warns: a file like that is not a model.
     missing = sorted(loading.get("missing_keys") or ())
     mismatched = sorted(str(m[0]) for m in loading.get("mismatched_keys") or ())

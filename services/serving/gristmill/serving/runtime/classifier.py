@@ -21,6 +21,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from transformers.utils import logging as hf_logging
 
 from gristmill.core.errors import DataIntegrityError, FailedPreconditionError
+from gristmill.core.hf_loading import model_loading
 from gristmill.serving.domain.model import Quantization
 from gristmill.serving.domain.sources import TASK_MULTI_LABEL, Encoded, LoadOptions, ResolvedVersion
 from gristmill.serving.runtime.memory import release_memory, resident_bytes
@@ -184,7 +185,10 @@ def load_transformers_classifier(
     before = resident_bytes()
     try:
         hf_tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32, use_safetensors=True)
+        with model_loading():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                directory, dtype=torch.float32, use_safetensors=True
+            )
     except (OSError, ValueError, KeyError) as exc:
         raise FailedPreconditionError(
             f"version {resolved.version} of {resolved.registered_model_name} is not a loadable Hugging Face "

@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from gristmill.core.hf_loading import model_loading
 from gristmill.training.domain.lora import LoraSettings
 
 _HEAD_SUFFIX = "ForSequenceClassification"
@@ -72,7 +73,8 @@ def load_classifier(model_dir: Path, label_map: Sequence[str]) -> torch.nn.Modul
         id2label=dict(enumerate(label_map)),
         label2id={label: i for i, label in enumerate(label_map)},
     )
-    model: Any = AutoModelForSequenceClassification.from_pretrained(str(model_dir), config=config)
+    with model_loading():
+        model: Any = AutoModelForSequenceClassification.from_pretrained(str(model_dir), config=config)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = model.config.eos_token_id
     assert isinstance(model, torch.nn.Module)
@@ -82,7 +84,8 @@ def load_classifier(model_dir: Path, label_map: Sequence[str]) -> torch.nn.Modul
 def load_causal_lm(model_dir: Path) -> torch.nn.Module:
     """The base as a causal language model, in float32 (mixed precision is the loop's autocast; LoRA adapters
     on half-precision weights would train in half precision)."""
-    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    with model_loading():
+        model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = model.config.eos_token_id
     assert isinstance(model, torch.nn.Module)
@@ -112,13 +115,14 @@ def load_causal_lm_4bit(model_dir: Path) -> torch.nn.Module:
     quantization = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
     )
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        str(model_dir),
-        quantization_config=quantization,
-        dtype=torch.bfloat16,
-        # The quantised weights are placed when loaded (a 4-bit model is not moved afterwards).
-        device_map={"": torch.cuda.current_device()},
-    )
+    with model_loading():
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            str(model_dir),
+            quantization_config=quantization,
+            dtype=torch.bfloat16,
+            # The quantised weights are placed when loaded (a 4-bit model is not moved afterwards).
+            device_map={"": torch.cuda.current_device()},
+        )
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = model.config.eos_token_id
     # Non-reentrant checkpointing: DDP and reentrant checkpointing disagree about which gradients are ready.
@@ -252,7 +256,7 @@ def default_lora_targets(model_type: str) -> tuple[str, ...]:
 def classifier_skeleton(model_dir: Path, num_labels: int) -> torch.nn.Module:
     """The base with a sequence-classification head, built on the meta device (no weights)."""
     config = AutoConfig.from_pretrained(str(model_dir), num_labels=num_labels)
-    with torch.device("meta"):
+    with model_loading(), torch.device("meta"):
         model: torch.nn.Module = AutoModelForSequenceClassification.from_config(config)  # type: ignore[no-untyped-call]
     return model
 
@@ -260,7 +264,7 @@ def classifier_skeleton(model_dir: Path, num_labels: int) -> torch.nn.Module:
 def causal_lm_skeleton(model_dir: Path) -> torch.nn.Module:
     """The base as a causal language model, built on the meta device (no weights)."""
     config = AutoConfig.from_pretrained(str(model_dir))
-    with torch.device("meta"):
+    with model_loading(), torch.device("meta"):
         model: torch.nn.Module = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     return model
 
