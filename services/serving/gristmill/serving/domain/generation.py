@@ -1,0 +1,233 @@
+"""Text generation, as the domain sees it: what a caller asks for (``GenerationRequest``), what comes back
+(``GenerationChunk`` after ``GenerationChunk``, the last with a finish reason and the usage), and what a loaded
+generative model offers (``GenerativeModel``). The continuous-batching runtime (``runtime/generation.py``)
+implements the model side; the gRPC and HTTP layers only convert.
+
+Validation lives here, so that every protocol refuses the same inputs with the same messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol, runtime_checkable
+
+from gristmill.core.chat import ChatMessage
+from gristmill.core.errors import InvalidArgumentError
+
+# Per request; a longer reply is a job for several calls. Also bounds what a caller can reserve in the cache.
+MAX_NEW_TOKENS_LIMIT = 4096
+DEFAULT_MAX_NEW_TOKENS = 256
+MAX_STOP_SEQUENCES = 8
+MAX_STOP_LENGTH = 64
+
+
+class FinishReason(StrEnum):
+    # An end-of-sequence token or a stop sequence.
+    STOP = "stop"
+    # max_new_tokens reached.
+    LENGTH = "length"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is picked. ``temperature`` 0 is greedy (deterministic); otherwise softmax sampling
+    with top-k / top-p filtering, from a generator seeded by ``seed`` when given (same seed, same reply)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # 0 means no top-k filtering.
+    top_k: int = 0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation, tokenized: what the runtime schedules."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    # time.monotonic() after which a request still queued is dropped (DEADLINE_EXCEEDED); None: no deadline.
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """New text of one reply. ``text`` is whole characters (never half a UTF-8 sequence, never the start of a
+    stop sequence that may still complete); the last chunk has ``finish_reason`` and ``usage``."""
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+class GenerationStream(AsyncIterator[GenerationChunk]):
+    """The chunks of one reply, in order. Iterating raises the request's error (a ``GristmillError``) if it
+    failed; ``cancel()`` (the client went away) frees its sequence at the next decoding step."""
+
+    def __init__(self, request: GenerationRequest, cancel: CancelHook) -> None:
+        self.request = request
+        self._queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._cancel = cancel
+        self._done = False
+
+    # -- the runtime's side (any thread) --------------------------------------------------------------------
+
+    def push(self, item: GenerationChunk | BaseException) -> None:
+        # A closed loop has no reader left (the caller's process or test is shutting down): nothing to deliver.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    # -- the caller's side (the event loop) -----------------------------------------------------------------
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> GenerationChunk:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finish_reason is not None:
+            self._done = True
+        return item
+
+    def cancel(self) -> None:
+        """Stop generating (no-op once finished)."""
+        if not self._done:
+            self._done = True
+            self._cancel(self.request.request_id)
+
+    async def collect(self) -> tuple[str, GenerationChunk]:
+        """The whole reply and its last chunk (non-streaming callers)."""
+        parts: list[str] = []
+        last: GenerationChunk | None = None
+        try:
+            async for chunk in self:
+                parts.append(chunk.text)
+                last = chunk
+        finally:
+            self.cancel()
+        assert last is not None and last.finish_reason is not None
+        return "".join(parts), last
+
+
+class CancelHook(Protocol):
+    def __call__(self, request_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the continuous batcher holds now: sequences decoding, requests queued, cached tokens."""
+
+    running: int
+    queued: int
+    cached_tokens: int
+    reserved_tokens: int
+
+
+@runtime_checkable
+class GenerativeModel(Protocol):
+    """A loaded causal language model behind a continuous batcher. ``submit`` must run on the event loop."""
+
+    @property
+    def context_length(self) -> int:
+        """Prompt plus reply tokens the model accepts."""
+        ...
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The prompt tokens of ``messages`` under the model's chat template, ending with the assistant's turn."""
+        ...
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """The tokens of a raw prompt (no template)."""
+        ...
+
+    def submit(self, request: GenerationRequest) -> GenerationStream:
+        """Queue ``request``. ``ResourceExhaustedError`` when the queue is full; ``InvalidArgumentError`` when the
+        request could never fit the cache budget."""
+        ...
+
+    def stats(self) -> EngineStats: ...
+
+    def close(self) -> None:
+        """Fail what is queued or running (UNAVAILABLE) and free the model."""
+        ...
+
+
+def validate_sampling(sampling: SamplingParams) -> SamplingParams:
+    if not (math.isfinite(sampling.temperature) and 0.0 <= sampling.temperature <= 100.0):
+        raise InvalidArgumentError(
+            f"temperature must be between 0 (greedy) and 100, got {sampling.temperature}"
+        )
+    if not (math.isfinite(sampling.top_p) and 0.0 < sampling.top_p <= 1.0):
+        raise InvalidArgumentError(f"top_p must be in (0, 1], got {sampling.top_p}")
+    if sampling.top_k < 0:
+        raise InvalidArgumentError(f"top_k must be 0 (no limit) or more, got {sampling.top_k}")
+    return sampling
+
+
+def validate_stop(stop: Sequence[str]) -> tuple[str, ...]:
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise InvalidArgumentError(f"{len(stop)} stop sequences; at most {MAX_STOP_SEQUENCES} are allowed")
+    for index, text in enumerate(stop):
+        if not text or len(text) > MAX_STOP_LENGTH:
+            raise InvalidArgumentError(
+                f"stop sequence {index} must have 1 to {MAX_STOP_LENGTH} characters, got {len(text)}"
+            )
+    return tuple(stop)
+
+
+def validate_max_new_tokens(max_new_tokens: int | None) -> int:
+    """The reply's token budget; None means the default."""
+    if max_new_tokens is None:
+        return DEFAULT_MAX_NEW_TOKENS
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+        raise InvalidArgumentError(
+            f"max_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens}"
+        )
+    return max_new_tokens
+
+
+def fit_context(prompt_tokens: int, max_new_tokens: int, context_length: int, *, explicit: bool) -> int:
+    """``max_new_tokens`` within the model's context. A prompt that leaves no room is INVALID_ARGUMENT; an
+    explicit budget that does not fit is too (the caller asked for it); the default shrinks to what fits."""
+    room = context_length - prompt_tokens
+    if room < 1:
+        raise InvalidArgumentError(
+            f"the prompt has {prompt_tokens} tokens and the model's context is {context_length}: "
+            "shorten the messages or drop the oldest turns"
+        )
+    if max_new_tokens > room:
+        if explicit:
+            raise InvalidArgumentError(
+                f"the prompt has {prompt_tokens} tokens, so at most {room} new tokens fit the model's context of "
+                f"{context_length}; max_tokens was {max_new_tokens}"
+            )
+        return room
+    return max_new_tokens

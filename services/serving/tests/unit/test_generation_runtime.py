@@ -1,0 +1,178 @@
+"""The continuous batcher on a tiny Llama: replies match transformers' ``generate`` token for token (greedy),
+sequences join and leave a running batch, cancellation frees the cache, stop sequences, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gristmill.core.chat import ChatMessage
+from gristmill.core.errors import DeadlineExceededError, InvalidArgumentError, ResourceExhaustedError
+from gristmill.serving.domain.generation import FinishReason, GenerationRequest, SamplingParams
+from gristmill.serving.domain.sources import LoadOptions, ResolvedVersion
+from gristmill.serving.runtime.generation import EngineLimits, TransformersGenerator, load_transformers_generator
+from tests.support.tiny_model import make_tiny_llama
+
+TEXTS = [
+    "the service was quick and the staff were friendly",
+    "the parcel arrived broken and nobody answered my mail",
+    "great value for the money, would buy again",
+    "the battery died after two days of light use",
+]
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # A larger initializer range: random weights whose greedy replies vary with the prompt (not one token
+    # repeated), so that a wrong cache row or position shows as a different reply.
+    return make_tiny_llama(tmp_path_factory.mktemp("llama"), TEXTS * 4, initializer_range=0.2)
+
+
+def _resolved() -> ResolvedVersion:
+    return ResolvedVersion(registered_model_name="assistant", version=1, task="TASK_TYPE_CHAT")
+
+
+def _load(directory: Path, **limits: int) -> TransformersGenerator:
+    return load_transformers_generator(directory, _resolved(), LoadOptions(), limits=EngineLimits(**limits))
+
+
+def _reference(directory: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    eos = tokenizer.eos_token_id
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos, eos_token_id=eos
+        )
+    tokens = [int(t) for t in out[0, len(prompt) :]]
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+def _request(rid: str, prompt: list[int], max_new: int, **kwargs: object) -> GenerationRequest:
+    return GenerationRequest(request_id=rid, prompt_ids=tuple(prompt), max_new_tokens=max_new, **kwargs)  # type: ignore[arg-type]
+
+
+async def _tokens(generator: TransformersGenerator, request: GenerationRequest) -> tuple[list[int], FinishReason]:
+    tokens: list[int] = []
+    async for chunk in generator.submit(request):
+        tokens.extend(chunk.token_ids)
+        if chunk.finish_reason is not None:
+            assert chunk.usage is not None and chunk.usage.prompt_tokens == len(request.prompt_ids)
+            assert chunk.usage.completion_tokens == len(tokens)
+            return tokens, chunk.finish_reason
+    raise AssertionError("the stream ended without a finish reason")
+
+
+def test_staggered_requests_match_generate_token_for_token(llama_dir: Path) -> None:
+    generator = _load(llama_dir)
+    try:
+        prompts = [generator.render_chat([ChatMessage("user", text)]) for text in TEXTS]
+        budgets = [12, 5, 20, 9]
+        expected = [_reference(llama_dir, p, n) for p, n in zip(prompts, budgets, strict=True)]
+
+        async def run() -> list[list[int]]:
+            tasks = []
+            for index, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
+                tasks.append(asyncio.create_task(_tokens(generator, _request(f"r{index}", prompt, budget, sampling=GREEDY))))
+                # Later requests join a batch that is already decoding.
+                await asyncio.sleep(0.02 * index)
+            return [tokens for tokens, _ in await asyncio.gather(*tasks)]
+
+        assert asyncio.run(run()) == expected
+        assert generator.stats().running == 0 and generator.stats().cached_tokens == 0
+    finally:
+        generator.close()
+
+
+def test_cancel_frees_the_sequence_and_its_cache(llama_dir: Path) -> None:
+    generator = _load(llama_dir)
+    try:
+        prompt = generator.encode_prompt(TEXTS[0])
+
+        async def run() -> None:
+            keep = generator.submit(_request("keep", prompt, 200))
+            gone = generator.submit(_request("gone", prompt + prompt, 200))
+            await gone.__anext__()
+            assert generator.stats().running == 2
+            gone.cancel()
+            await keep.__anext__()
+            await keep.__anext__()
+            stats = generator.stats()
+            assert stats.running == 1 and stats.reserved_tokens == len(prompt) + 200
+            keep.cancel()
+            deadline = time.monotonic() + 10
+            while generator.stats().running and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+
+        asyncio.run(run())
+        stats = generator.stats()
+        assert (stats.running, stats.queued, stats.cached_tokens, stats.reserved_tokens) == (0, 0, 0, 0)
+    finally:
+        generator.close()
+
+
+def test_stop_sequence_ends_the_reply_before_it(llama_dir: Path) -> None:
+    generator = _load(llama_dir)
+    try:
+        prompt = generator.encode_prompt(TEXTS[2])
+
+        async def reply(stop: tuple[str, ...]) -> tuple[str, FinishReason | None]:
+            text, last = await generator.submit(_request("s", prompt, 24, sampling=GREEDY, stop=stop)).collect()
+            return text, last.finish_reason
+
+        full, reason = asyncio.run(reply(()))
+        assert reason is FinishReason.LENGTH and len(full) > 6
+        stop = full[4:7]
+        cut, reason = asyncio.run(reply((stop,)))
+        assert reason is FinishReason.STOP
+        assert cut == full[: full.index(stop)]
+    finally:
+        generator.close()
+
+
+def test_seeded_sampling_repeats_and_greedy_ignores_the_seed(llama_dir: Path) -> None:
+    generator = _load(llama_dir)
+    try:
+        prompt = generator.encode_prompt(TEXTS[1])
+
+        async def reply(sampling: SamplingParams) -> str:
+            text, _ = await generator.submit(_request("x", prompt, 16, sampling=sampling)).collect()
+            return text
+
+        seeded = SamplingParams(temperature=1.5, top_p=0.9, top_k=50, seed=7)
+        first, again = asyncio.run(reply(seeded)), asyncio.run(reply(seeded))
+        assert first == again
+        others = {asyncio.run(reply(SamplingParams(temperature=1.5, seed=s))) for s in range(1, 6)}
+        assert len(others) > 1, "different seeds gave the same reply every time"
+    finally:
+        generator.close()
+
+
+def test_limits_queue_budget_and_deadline(llama_dir: Path) -> None:
+    generator = _load(llama_dir, max_sequences=1, max_queue=1, max_cache_tokens=300)
+    try:
+        prompt = generator.encode_prompt(TEXTS[0])
+        with pytest.raises(InvalidArgumentError, match="cache budget of 300"):
+            asyncio.run(_tokens(generator, _request("big", prompt, 300)))
+
+        async def run() -> None:
+            first = generator.submit(_request("a", prompt, 200))
+            await first.__anext__()
+            # The running sequence holds the only place: the next waits, one more is refused.
+            late = generator.submit(_request("b", prompt, 10, deadline=time.monotonic() + 0.05))
+            with pytest.raises(ResourceExhaustedError, match="already waiting"):
+                generator.submit(_request("c", prompt, 10))
+            await asyncio.sleep(0.1)
+            first.cancel()
+            with pytest.raises(DeadlineExceededError):
+                await late.__anext__()
+
+        asyncio.run(run())
+    finally:
+        generator.close()
