@@ -272,7 +272,7 @@ def test_classification_answers_are_unchanged() -> None:
 def conversation_item(conversation: Conversation, consensus: list[str]) -> lb.Item:
     item = lb.Item(item_id="i1", consensus=lb.Consensus(labels=consensus))
     item.conversation.messages.extend(
-        lb.ChatMessage(role=m.role, content=m.content, tool_calls=m.tool_calls) for m in conversation.messages
+        common_pb2.ChatMessage(role=m.role, content=m.content, tool_calls=m.tool_calls) for m in conversation.messages
     )
     item.conversation.candidates.extend(conversation.candidates)
     return item

@@ -23,7 +23,7 @@ from gristmill.core.errors import GristmillError, InvalidArgumentError
 
 TEXT_CLASSIFICATION = "text-classification"
 TEXT_MULTI_LABEL_CLASSIFICATION = "text-multi-label-classification"
-# Reserved: the next stage's generative tasks (names only; no service implements them yet).
+# The generative tasks: chat (conversations, SFT, served by generation) and preference (pairs, DPO).
 CHAT = "chat"
 PREFERENCE = "preference"
 # Reserved in common.v1.TaskType as "later".

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gristmill.core.chat import ChatMessage
 from gristmill.core.errors import DeadlineExceededError, InvalidArgumentError, ResourceExhaustedError
-from gristmill.serving.domain.generation import FinishReason, GenerationRequest, SamplingParams
+from gristmill.serving.domain.generation import FinishReason, GenerationRequest, GenerationStream, SamplingParams
 from gristmill.serving.domain.sources import LoadOptions, ResolvedVersion
 from gristmill.serving.runtime.generation import EngineLimits, TransformersGenerator, load_transformers_generator
 from tests.support.tiny_model import make_tiny_llama
@@ -69,6 +69,14 @@ async def _tokens(generator: TransformersGenerator, request: GenerationRequest) 
     raise AssertionError("the stream ended without a finish reason")
 
 
+async def _text(stream: GenerationStream) -> tuple[str, FinishReason | None]:
+    parts, reason = [], None
+    async for chunk in stream:
+        parts.append(chunk.text)
+        reason = chunk.finish_reason
+    return "".join(parts), reason
+
+
 def test_staggered_requests_match_generate_token_for_token(llama_dir: Path) -> None:
     generator = _load(llama_dir)
     try:
@@ -79,7 +87,9 @@ def test_staggered_requests_match_generate_token_for_token(llama_dir: Path) -> N
         async def run() -> list[list[int]]:
             tasks = []
             for index, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
-                tasks.append(asyncio.create_task(_tokens(generator, _request(f"r{index}", prompt, budget, sampling=GREEDY))))
+                tasks.append(
+                    asyncio.create_task(_tokens(generator, _request(f"r{index}", prompt, budget, sampling=GREEDY)))
+                )
                 # Later requests join a batch that is already decoding.
                 await asyncio.sleep(0.02 * index)
             return [tokens for tokens, _ in await asyncio.gather(*tasks)]
@@ -123,8 +133,7 @@ def test_stop_sequence_ends_the_reply_before_it(llama_dir: Path) -> None:
         prompt = generator.encode_prompt(TEXTS[2])
 
         async def reply(stop: tuple[str, ...]) -> tuple[str, FinishReason | None]:
-            text, last = await generator.submit(_request("s", prompt, 24, sampling=GREEDY, stop=stop)).collect()
-            return text, last.finish_reason
+            return await _text(generator.submit(_request("s", prompt, 24, sampling=GREEDY, stop=stop)))
 
         full, reason = asyncio.run(reply(()))
         assert reason is FinishReason.LENGTH and len(full) > 6
@@ -142,7 +151,7 @@ def test_seeded_sampling_repeats_and_greedy_ignores_the_seed(llama_dir: Path) ->
         prompt = generator.encode_prompt(TEXTS[1])
 
         async def reply(sampling: SamplingParams) -> str:
-            text, _ = await generator.submit(_request("x", prompt, 16, sampling=sampling)).collect()
+            text, _ = await _text(generator.submit(_request("x", prompt, 16, sampling=sampling)))
             return text
 
         seeded = SamplingParams(temperature=1.5, top_p=0.9, top_k=50, seed=7)

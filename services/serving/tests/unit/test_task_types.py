@@ -10,23 +10,25 @@ import grpc
 import pytest
 
 from gristmill.core.errors import FailedPreconditionError
-from gristmill.core.tasks import TEXT_CLASSIFICATION, TEXT_MULTI_LABEL_CLASSIFICATION
+from gristmill.core.tasks import CHAT, TEXT_CLASSIFICATION, TEXT_MULTI_LABEL_CLASSIFICATION
 from gristmill.serving.domain.model import DeploymentSpec, VersionSelector
 from gristmill.serving.domain.sources import TASK_MULTI_LABEL, TASK_SINGLE_LABEL, LoadOptions, ResolvedVersion
 from gristmill.serving.tasks import SERVING_TASKS, TaskRuntimeLoader, serving_task
+from gristmill.serving.tasks.chat import ChatGeneration
 from gristmill.serving.tasks.text_classification import TextClassification
 from services.serving.tests.support import make_service
 
 ORG = "default"
 
 
-def test_both_classification_task_types_have_the_classifier_runtime() -> None:
-    assert SERVING_TASKS.names() == (TEXT_CLASSIFICATION, TEXT_MULTI_LABEL_CLASSIFICATION)
+def test_classifiers_have_the_classifier_runtime_and_chat_the_generator() -> None:
+    assert SERVING_TASKS.names() == (TEXT_CLASSIFICATION, TEXT_MULTI_LABEL_CLASSIFICATION, CHAT)
     for task in (TASK_SINGLE_LABEL, TASK_MULTI_LABEL, "", "TASK_TYPE_UNSPECIFIED"):
         assert isinstance(serving_task(ResolvedVersion("m", 1, task=task)), TextClassification)
+    assert isinstance(serving_task(ResolvedVersion("m", 1, task="TASK_TYPE_CHAT")), ChatGeneration)
 
 
-@pytest.mark.parametrize("task", ["TASK_TYPE_CHAT", "preference", "TASK_TYPE_CAUSAL_LM"])
+@pytest.mark.parametrize("task", ["TASK_TYPE_PREFERENCE", "preference", "TASK_TYPE_CAUSAL_LM"])
 def test_a_version_of_a_task_without_a_runtime_is_a_failed_precondition(task: str) -> None:
     with pytest.raises(FailedPreconditionError) as caught:
         serving_task(ResolvedVersion("support-bot", 3, task=task))
@@ -51,9 +53,11 @@ def test_the_loader_hands_each_version_to_the_runtime_of_its_task(monkeypatch: p
     single: object = loader(Path("/m"), ResolvedVersion("m", 1, task=TASK_SINGLE_LABEL), LoadOptions())
     multi: object = loader(Path("/m"), ResolvedVersion("m", 2, task=TASK_MULTI_LABEL), LoadOptions())
     assert (single, multi) == ("runtime of 1", "runtime of 2")
-    assert loads == [(TEXT_CLASSIFICATION, False), (TEXT_MULTI_LABEL_CLASSIFICATION, False)]
-    with pytest.raises(FailedPreconditionError, match="'chat' is not supported by serving"):
-        loader(Path("/m"), ResolvedVersion("m", 3, task="TASK_TYPE_CHAT"), LoadOptions())
+    chat: object = loader(Path("/m"), ResolvedVersion("m", 3, task="TASK_TYPE_CHAT"), LoadOptions())
+    assert chat == "runtime of 3"
+    assert loads == [(TEXT_CLASSIFICATION, False), (TEXT_MULTI_LABEL_CLASSIFICATION, False), (CHAT, False)]
+    with pytest.raises(FailedPreconditionError, match="'preference' is not supported by serving"):
+        loader(Path("/m"), ResolvedVersion("m", 4, task="TASK_TYPE_PREFERENCE"), LoadOptions())
 
 
 async def test_deploying_a_version_serving_has_no_runtime_for_is_refused_before_anything_is_stored(
@@ -65,14 +69,14 @@ async def test_deploying_a_version_serving_has_no_runtime_for_is_refused_before_
     monkeypatch.setattr(
         env.source,
         "resolve",
-        lambda *args: replace(resolve(*args), task="TASK_TYPE_CHAT"),  # a chat model
+        lambda *args: replace(resolve(*args), task="TASK_TYPE_PREFERENCE"),  # a preference "model"
     )
     await env.service.start()
     try:
         spec = DeploymentSpec(
             organization_id=ORG, name="bot", registered_model_name="bot", target=VersionSelector.of_version(1)
         )
-        with pytest.raises(FailedPreconditionError, match="version 1 of bot cannot be served: task type 'chat'"):
+        with pytest.raises(FailedPreconditionError, match="version 1 of bot cannot be served: task type 'preference'"):
             await env.service.create(spec, wait_until_ready=False, timeout_s=1)
         assert env.store.list_all() == []
         assert env.manager.count() == 0

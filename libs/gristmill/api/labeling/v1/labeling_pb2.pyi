@@ -1007,43 +1007,6 @@ class CsvOptions(_message.Message):
 Global___CsvOptions: _TypeAlias = CsvOptions  # noqa: Y015
 
 @_typing.final
-class ChatMessage(_message.Message):
-    """One turn of a conversation (OpenAI's message shape)."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    ROLE_FIELD_NUMBER: _builtins.int
-    CONTENT_FIELD_NUMBER: _builtins.int
-    TOOL_CALLS_FIELD_NUMBER: _builtins.int
-    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
-    NAME_FIELD_NUMBER: _builtins.int
-    role: _builtins.str
-    """"system", "user", "assistant" or "tool"."""
-    content: _builtins.str
-    tool_calls: _builtins.str
-    """An assistant turn's tool calls as the source's JSON text, kept verbatim."""
-    tool_call_id: _builtins.str
-    """A tool turn: the id of the call it answers."""
-    name: _builtins.str
-    """Optional speaker or tool name."""
-    def __init__(
-        self,
-        *,
-        role: _builtins.str = ...,
-        content: _builtins.str = ...,
-        tool_calls: _builtins.str = ...,
-        tool_call_id: _builtins.str = ...,
-        name: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
-
-@_typing.final
 class Conversation(_message.Message):
     """The content of a chat or preference item."""
 
@@ -1052,7 +1015,7 @@ class Conversation(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     CANDIDATES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
         """chat: the conversation, normally ending with the assistant reply annotators edit and rate (an item
         without one asks annotators to write it). preference: the prompt, ending before the reply.
         Needs a user turn; no assistant turn before the first user turn.
@@ -1065,7 +1028,7 @@ class Conversation(_message.Message):
     def __init__(
         self,
         *,
-        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
+        messages: _abc.Iterable[_common_pb2.ChatMessage] | None = ...,
         candidates: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015

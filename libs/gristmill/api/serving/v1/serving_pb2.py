@@ -28,7 +28,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&gristmill/api/serving/v1/serving.proto\x12\x18gristmill.api.serving.v1\x1a$gristmill/api/common/v1/common.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12=\n\x06target\x18\x03 \x01(\x0b\x32-.gristmill.api.common.v1.ModelVersionSelector\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x9a\x01\n\x0fPredictResponse\x12=\n\x0bpredictions\x18\x01 \x03(\x0b\x32(.gristmill.api.serving.v1.TextPrediction\x12\x1d\n\x15registered_model_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x05\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xe5\x01\n\x0eTextPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12R\n\rprobabilities\x18\x03 \x03(\x0b\x32;.gristmill.api.serving.v1.TextPrediction.ProbabilitiesEntry\x12\x17\n\x0ftop_probability\x18\x04 \x01(\x01\x12\x11\n\tuncertain\x18\x05 \x01(\x08\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xee\x04\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12\x1d\n\x15registered_model_name\x18\x03 \x01(\t\x12=\n\x06target\x18\x04 \x01(\x0b\x32-.gristmill.api.common.v1.ModelVersionSelector\x12\x35\n\x06\x63\x61nary\x18\x05 \x01(\x0b\x32%.gristmill.api.serving.v1.CanaryRoute\x12:\n\x08\x62\x61tching\x18\x06 \x01(\x0b\x32(.gristmill.api.serving.v1.BatchingConfig\x12<\n\x0cquantization\x18\x07 \x01(\x0e\x32&.gristmill.api.serving.v1.Quantization\x12=\n\rlength_policy\x18\x08 \x01(\x0b\x32&.gristmill.api.serving.v1.LengthPolicy\x12M\n\x12prediction_logging\x18\t \x01(\x0b\x32\x31.gristmill.api.serving.v1.PredictionLoggingConfig\x12:\n\x06status\x18\n \x01(\x0b\x32*.gristmill.api.serving.v1.DeploymentStatus\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\\\n\x0b\x43\x61naryRoute\x12=\n\x06target\x18\x01 \x01(\x0b\x32-.gristmill.api.common.v1.ModelVersionSelector\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"l\n\x0e\x42\x61tchingConfig\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x19\n\x0cmax_delay_ms\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\x05\x42\x0f\n\r_max_delay_ms\"j\n\x0cLengthPolicy\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x46\n\x12over_length_action\x18\x02 \x01(\x0e\x32*.gristmill.api.serving.v1.OverLengthAction\"l\n\x17PredictionLoggingConfig\x12\x13\n\x0bsample_rate\x18\x01 \x01(\x01\x12\"\n\x15uncertainty_threshold\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x18\n\x16_uncertainty_threshold\"\x98\x01\n\x10\x44\x65ploymentStatus\x12\x38\n\x05state\x18\x01 \x01(\x0e\x32).gristmill.api.serving.v1.DeploymentState\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x39\n\x08versions\x18\x03 \x03(\x0b\x32\'.gristmill.api.serving.v1.LoadedVersion\"\xa6\x02\n\rLoadedVersion\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12;\n\x05state\x18\x02 \x01(\x0e\x32,.gristmill.api.serving.v1.LoadedVersionState\x12\x16\n\x0etraffic_weight\x18\x03 \x01(\x01\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12.\n\nready_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrequest_count\x18\x06 \x01(\x03\x12\x13\n\x0b\x65rror_count\x18\x07 \x01(\x03\x12\x16\n\x0elatency_p50_ms\x18\x08 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\t \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\n \x01(\x03\"m\n\x17\x43reateDeploymentRequest\x12\x38\n\ndeployment\x18\x01 \x01(\x0b\x32$.gristmill.api.serving.v1.Deployment\x12\x18\n\x10wait_until_ready\x18\x02 \x01(\x08\"\xac\x01\n\x17UpdateDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x38\n\ndeployment\x18\x02 \x01(\x0b\x32$.gristmill.api.serving.v1.Deployment\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x18\n\x10wait_until_ready\x18\x04 \x01(\x08\"$\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"L\n\x16ListDeploymentsRequest\x12\x32\n\x04page\x18\x01 \x01(\x0b\x32$.gristmill.api.common.v1.PageRequest\"m\n\x17ListDeploymentsResponse\x12\x39\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32$.gristmill.api.serving.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t*b\n\x0cQuantization\x12\x1c\n\x18QUANTIZATION_UNSPECIFIED\x10\x00\x12\x15\n\x11QUANTIZATION_NONE\x10\x01\x12\x1d\n\x19QUANTIZATION_DYNAMIC_INT8\x10\x02*v\n\x10OverLengthAction\x12\"\n\x1eOVER_LENGTH_ACTION_UNSPECIFIED\x10\x00\x12\x1f\n\x1bOVER_LENGTH_ACTION_TRUNCATE\x10\x01\x12\x1d\n\x19OVER_LENGTH_ACTION_REJECT\x10\x02*\xa9\x01\n\x0f\x44\x65ploymentState\x12 \n\x1c\x44\x45PLOYMENT_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45PLOYMENT_STATE_LOADING\x10\x01\x12\x1a\n\x16\x44\x45PLOYMENT_STATE_READY\x10\x02\x12\x1d\n\x19\x44\x45PLOYMENT_STATE_DEGRADED\x10\x03\x12\x1b\n\x17\x44\x45PLOYMENT_STATE_FAILED\x10\x04*\xc0\x01\n\x12LoadedVersionState\x12$\n LOADED_VERSION_STATE_UNSPECIFIED\x10\x00\x12 \n\x1cLOADED_VERSION_STATE_LOADING\x10\x01\x12\x1e\n\x1aLOADED_VERSION_STATE_READY\x10\x02\x12!\n\x1dLOADED_VERSION_STATE_DRAINING\x10\x03\x12\x1f\n\x1bLOADED_VERSION_STATE_FAILED\x10\x04\x32\x88\x05\n\x0eServingService\x12^\n\x07Predict\x12(.gristmill.api.serving.v1.PredictRequest\x1a).gristmill.api.serving.v1.PredictResponse\x12k\n\x10\x43reateDeployment\x12\x31.gristmill.api.serving.v1.CreateDeploymentRequest\x1a$.gristmill.api.serving.v1.Deployment\x12k\n\x10UpdateDeployment\x12\x31.gristmill.api.serving.v1.UpdateDeploymentRequest\x1a$.gristmill.api.serving.v1.Deployment\x12\x65\n\rGetDeployment\x12..gristmill.api.serving.v1.GetDeploymentRequest\x1a$.gristmill.api.serving.v1.Deployment\x12v\n\x0fListDeployments\x12\x30.gristmill.api.serving.v1.ListDeploymentsRequest\x1a\x31.gristmill.api.serving.v1.ListDeploymentsResponse\x12]\n\x10\x44\x65leteDeployment\x12\x31.gristmill.api.serving.v1.DeleteDeploymentRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&gristmill/api/serving/v1/serving.proto\x12\x18gristmill.api.serving.v1\x1a$gristmill/api/common/v1/common.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12=\n\x06target\x18\x03 \x01(\x0b\x32-.gristmill.api.common.v1.ModelVersionSelector\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x9a\x01\n\x0fPredictResponse\x12=\n\x0bpredictions\x18\x01 \x03(\x0b\x32(.gristmill.api.serving.v1.TextPrediction\x12\x1d\n\x15registered_model_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x05\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xe5\x01\n\x0eTextPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12R\n\rprobabilities\x18\x03 \x03(\x0b\x32;.gristmill.api.serving.v1.TextPrediction.ProbabilitiesEntry\x12\x17\n\x0ftop_probability\x18\x04 \x01(\x01\x12\x11\n\tuncertain\x18\x05 \x01(\x08\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xe4\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x36\n\x08messages\x18\x02 \x03(\x0b\x32$.gristmill.api.common.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12=\n\x06target\x18\n \x01(\x0b\x32-.gristmill.api.common.v1.ModelVersionSelector\x12\x12\n\nrequest_id\x18\x0b \x01(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"C\n\x0fGenerationUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xf6\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12=\n\rfinish_reason\x18\x03 \x01(\x0e\x32&.gristmill.api.serving.v1.FinishReason\x12\x38\n\x05usage\x18\x04 \x01(\x0b\x32).gristmill.api.serving.v1.GenerationUsage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1d\n\x15registered_model_name\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\x05\"\xee\x04\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12\x1d\n\x15registered_model_name\x18\x03 \x01(\t\x12=\n\x06target\x18\x04 \x01(\x0b\x32-.gristmill.api.common.v1.ModelVersionSelector\x12\x35\n\x06\x63\x61nary\x18\x05 \x01(\x0b\x32%.gristmill.api.serving.v1.CanaryRoute\x12:\n\x08\x62\x61tching\x18\x06 \x01(\x0b\x32(.gristmill.api.serving.v1.BatchingConfig\x12<\n\x0cquantization\x18\x07 \x01(\x0e\x32&.gristmill.api.serving.v1.Quantization\x12=\n\rlength_policy\x18\x08 \x01(\x0b\x32&.gristmill.api.serving.v1.LengthPolicy\x12M\n\x12prediction_logging\x18\t \x01(\x0b\x32\x31.gristmill.api.serving.v1.PredictionLoggingConfig\x12:\n\x06status\x18\n \x01(\x0b\x32*.gristmill.api.serving.v1.DeploymentStatus\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\\\n\x0b\x43\x61naryRoute\x12=\n\x06target\x18\x01 \x01(\x0b\x32-.gristmill.api.common.v1.ModelVersionSelector\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"l\n\x0e\x42\x61tchingConfig\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x19\n\x0cmax_delay_ms\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\x05\x42\x0f\n\r_max_delay_ms\"j\n\x0cLengthPolicy\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x46\n\x12over_length_action\x18\x02 \x01(\x0e\x32*.gristmill.api.serving.v1.OverLengthAction\"l\n\x17PredictionLoggingConfig\x12\x13\n\x0bsample_rate\x18\x01 \x01(\x01\x12\"\n\x15uncertainty_threshold\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x18\n\x16_uncertainty_threshold\"\x98\x01\n\x10\x44\x65ploymentStatus\x12\x38\n\x05state\x18\x01 \x01(\x0e\x32).gristmill.api.serving.v1.DeploymentState\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x39\n\x08versions\x18\x03 \x03(\x0b\x32\'.gristmill.api.serving.v1.LoadedVersion\"\xa6\x02\n\rLoadedVersion\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12;\n\x05state\x18\x02 \x01(\x0e\x32,.gristmill.api.serving.v1.LoadedVersionState\x12\x16\n\x0etraffic_weight\x18\x03 \x01(\x01\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12.\n\nready_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrequest_count\x18\x06 \x01(\x03\x12\x13\n\x0b\x65rror_count\x18\x07 \x01(\x03\x12\x16\n\x0elatency_p50_ms\x18\x08 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\t \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\n \x01(\x03\"m\n\x17\x43reateDeploymentRequest\x12\x38\n\ndeployment\x18\x01 \x01(\x0b\x32$.gristmill.api.serving.v1.Deployment\x12\x18\n\x10wait_until_ready\x18\x02 \x01(\x08\"\xac\x01\n\x17UpdateDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x38\n\ndeployment\x18\x02 \x01(\x0b\x32$.gristmill.api.serving.v1.Deployment\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x18\n\x10wait_until_ready\x18\x04 \x01(\x08\"$\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"L\n\x16ListDeploymentsRequest\x12\x32\n\x04page\x18\x01 \x01(\x0b\x32$.gristmill.api.common.v1.PageRequest\"m\n\x17ListDeploymentsResponse\x12\x39\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32$.gristmill.api.serving.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*b\n\x0cQuantization\x12\x1c\n\x18QUANTIZATION_UNSPECIFIED\x10\x00\x12\x15\n\x11QUANTIZATION_NONE\x10\x01\x12\x1d\n\x19QUANTIZATION_DYNAMIC_INT8\x10\x02*v\n\x10OverLengthAction\x12\"\n\x1eOVER_LENGTH_ACTION_UNSPECIFIED\x10\x00\x12\x1f\n\x1bOVER_LENGTH_ACTION_TRUNCATE\x10\x01\x12\x1d\n\x19OVER_LENGTH_ACTION_REJECT\x10\x02*\xa9\x01\n\x0f\x44\x65ploymentState\x12 \n\x1c\x44\x45PLOYMENT_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45PLOYMENT_STATE_LOADING\x10\x01\x12\x1a\n\x16\x44\x45PLOYMENT_STATE_READY\x10\x02\x12\x1d\n\x19\x44\x45PLOYMENT_STATE_DEGRADED\x10\x03\x12\x1b\n\x17\x44\x45PLOYMENT_STATE_FAILED\x10\x04*\xc0\x01\n\x12LoadedVersionState\x12$\n LOADED_VERSION_STATE_UNSPECIFIED\x10\x00\x12 \n\x1cLOADED_VERSION_STATE_LOADING\x10\x01\x12\x1e\n\x1aLOADED_VERSION_STATE_READY\x10\x02\x12!\n\x1dLOADED_VERSION_STATE_DRAINING\x10\x03\x12\x1f\n\x1bLOADED_VERSION_STATE_FAILED\x10\x04\x32\xed\x05\n\x0eServingService\x12^\n\x07Predict\x12(.gristmill.api.serving.v1.PredictRequest\x1a).gristmill.api.serving.v1.PredictResponse\x12\x63\n\x08Generate\x12).gristmill.api.serving.v1.GenerateRequest\x1a*.gristmill.api.serving.v1.GenerateResponse0\x01\x12k\n\x10\x43reateDeployment\x12\x31.gristmill.api.serving.v1.CreateDeploymentRequest\x1a$.gristmill.api.serving.v1.Deployment\x12k\n\x10UpdateDeployment\x12\x31.gristmill.api.serving.v1.UpdateDeploymentRequest\x1a$.gristmill.api.serving.v1.Deployment\x12\x65\n\rGetDeployment\x12..gristmill.api.serving.v1.GetDeploymentRequest\x1a$.gristmill.api.serving.v1.Deployment\x12v\n\x0fListDeployments\x12\x30.gristmill.api.serving.v1.ListDeploymentsRequest\x1a\x31.gristmill.api.serving.v1.ListDeploymentsResponse\x12]\n\x10\x44\x65leteDeployment\x12\x31.gristmill.api.serving.v1.DeleteDeploymentRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,14 +37,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TEXTPREDICTION_PROBABILITIESENTRY']._loaded_options = None
   _globals['_TEXTPREDICTION_PROBABILITIESENTRY']._serialized_options = b'8\001'
-  _globals['_QUANTIZATION']._serialized_start=2776
-  _globals['_QUANTIZATION']._serialized_end=2874
-  _globals['_OVERLENGTHACTION']._serialized_start=2876
-  _globals['_OVERLENGTHACTION']._serialized_end=2994
-  _globals['_DEPLOYMENTSTATE']._serialized_start=2997
-  _globals['_DEPLOYMENTSTATE']._serialized_end=3166
-  _globals['_LOADEDVERSIONSTATE']._serialized_start=3169
-  _globals['_LOADEDVERSIONSTATE']._serialized_end=3361
+  _globals['_FINISHREASON']._serialized_start=3453
+  _globals['_FINISHREASON']._serialized_end=3548
+  _globals['_QUANTIZATION']._serialized_start=3550
+  _globals['_QUANTIZATION']._serialized_end=3648
+  _globals['_OVERLENGTHACTION']._serialized_start=3650
+  _globals['_OVERLENGTHACTION']._serialized_end=3768
+  _globals['_DEPLOYMENTSTATE']._serialized_start=3771
+  _globals['_DEPLOYMENTSTATE']._serialized_end=3940
+  _globals['_LOADEDVERSIONSTATE']._serialized_start=3943
+  _globals['_LOADEDVERSIONSTATE']._serialized_end=4135
   _globals['_PREDICTREQUEST']._serialized_start=203
   _globals['_PREDICTREQUEST']._serialized_end=332
   _globals['_PREDICTRESPONSE']._serialized_start=335
@@ -53,32 +55,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TEXTPREDICTION']._serialized_end=721
   _globals['_TEXTPREDICTION_PROBABILITIESENTRY']._serialized_start=669
   _globals['_TEXTPREDICTION_PROBABILITIESENTRY']._serialized_end=721
-  _globals['_DEPLOYMENT']._serialized_start=724
-  _globals['_DEPLOYMENT']._serialized_end=1346
-  _globals['_CANARYROUTE']._serialized_start=1348
-  _globals['_CANARYROUTE']._serialized_end=1440
-  _globals['_BATCHINGCONFIG']._serialized_start=1442
-  _globals['_BATCHINGCONFIG']._serialized_end=1550
-  _globals['_LENGTHPOLICY']._serialized_start=1552
-  _globals['_LENGTHPOLICY']._serialized_end=1658
-  _globals['_PREDICTIONLOGGINGCONFIG']._serialized_start=1660
-  _globals['_PREDICTIONLOGGINGCONFIG']._serialized_end=1768
-  _globals['_DEPLOYMENTSTATUS']._serialized_start=1771
-  _globals['_DEPLOYMENTSTATUS']._serialized_end=1923
-  _globals['_LOADEDVERSION']._serialized_start=1926
-  _globals['_LOADEDVERSION']._serialized_end=2220
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=2222
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=2331
-  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_start=2334
-  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_end=2506
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=2508
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=2544
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=2546
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=2622
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=2624
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=2733
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=2735
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=2774
-  _globals['_SERVINGSERVICE']._serialized_start=3364
-  _globals['_SERVINGSERVICE']._serialized_end=4012
+  _globals['_GENERATEREQUEST']._serialized_start=724
+  _globals['_GENERATEREQUEST']._serialized_end=1080
+  _globals['_GENERATIONUSAGE']._serialized_start=1082
+  _globals['_GENERATIONUSAGE']._serialized_end=1149
+  _globals['_GENERATERESPONSE']._serialized_start=1152
+  _globals['_GENERATERESPONSE']._serialized_end=1398
+  _globals['_DEPLOYMENT']._serialized_start=1401
+  _globals['_DEPLOYMENT']._serialized_end=2023
+  _globals['_CANARYROUTE']._serialized_start=2025
+  _globals['_CANARYROUTE']._serialized_end=2117
+  _globals['_BATCHINGCONFIG']._serialized_start=2119
+  _globals['_BATCHINGCONFIG']._serialized_end=2227
+  _globals['_LENGTHPOLICY']._serialized_start=2229
+  _globals['_LENGTHPOLICY']._serialized_end=2335
+  _globals['_PREDICTIONLOGGINGCONFIG']._serialized_start=2337
+  _globals['_PREDICTIONLOGGINGCONFIG']._serialized_end=2445
+  _globals['_DEPLOYMENTSTATUS']._serialized_start=2448
+  _globals['_DEPLOYMENTSTATUS']._serialized_end=2600
+  _globals['_LOADEDVERSION']._serialized_start=2603
+  _globals['_LOADEDVERSION']._serialized_end=2897
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=2899
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=3008
+  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_start=3011
+  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_end=3183
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=3185
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=3221
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=3223
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=3299
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=3301
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=3410
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=3412
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=3451
+  _globals['_SERVINGSERVICE']._serialized_start=4138
+  _globals['_SERVINGSERVICE']._serialized_end=4887
 # @@protoc_insertion_point(module_scope)

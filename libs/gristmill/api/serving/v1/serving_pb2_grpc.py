@@ -50,6 +50,11 @@ class ServingServiceStub(object):
                 request_serializer=gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.PredictRequest.SerializeToString,
                 response_deserializer=gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/gristmill.api.serving.v1.ServingService/Generate',
+                request_serializer=gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.GenerateResponse.FromString,
+                _registered_method=True)
         self.CreateDeployment = channel.unary_unary(
                 '/gristmill.api.serving.v1.ServingService/CreateDeployment',
                 request_serializer=gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.CreateDeploymentRequest.SerializeToString,
@@ -101,6 +106,27 @@ class ServingServiceServicer(object):
         up (trailing metadata carries the retry-after hint).
         DEADLINE_EXCEEDED: the deadline passed before the batch ran; the request is dropped, never
         answered late.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Generate(self, request, context):
+        """Generates a reply with a deployed causal language model (a `chat` model version), streamed while it
+        is decoded: responses carry the new text (whole characters; never the start of a stop sequence that
+        may still complete), and the last one the finish reason and the token usage. Requests join the
+        model's running batch at the next decoding step (continuous batching); a client that cancels the
+        stream frees its sequence at the next step. The whole reply comes from one version (canary split
+        per request), named in every response.
+        NOT_FOUND: unknown deployment, or a pinned version / alias not loaded in it.
+        UNAVAILABLE: the deployment has no READY version (loading, or its load failed).
+        INVALID_ARGUMENT: the deployment serves a classifier (use Predict); neither or both of messages and
+        prompt; messages the chat template refuses; a prompt that leaves no room in the model's context;
+        max_tokens <= 0, over 4,096 or over what the context leaves; temperature outside [0, 100];
+        top_p outside (0, 1]; top_k < 0; more than 8 stop sequences or one over 64 characters.
+        FAILED_PRECONDITION: messages sent to a model without a chat template (send a prompt).
+        RESOURCE_EXHAUSTED: too many requests wait for the model (retry later), or a quota is used up.
+        DEADLINE_EXCEEDED: the deadline passed before the request got a place in the batch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -160,6 +186,11 @@ def add_ServingServiceServicer_to_server(servicer, server):
                     servicer.Predict,
                     request_deserializer=gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.PredictRequest.FromString,
                     response_serializer=gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.PredictResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.GenerateRequest.FromString,
+                    response_serializer=gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.GenerateResponse.SerializeToString,
             ),
             'CreateDeployment': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateDeployment,
@@ -224,6 +255,33 @@ class ServingService(object):
             '/gristmill.api.serving.v1.ServingService/Predict',
             gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.PredictRequest.SerializeToString,
             gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gristmill.api.serving.v1.ServingService/Generate',
+            gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.GenerateRequest.SerializeToString,
+            gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -58,6 +58,23 @@ class ServingServiceStub:
     DEADLINE_EXCEEDED: the deadline passed before the batch ran; the request is dropped, never
       answered late.
     """
+    Generate: _grpc.UnaryStreamMultiCallable[_serving_pb2.GenerateRequest, _serving_pb2.GenerateResponse]
+    """Generates a reply with a deployed causal language model (a `chat` model version), streamed while it
+    is decoded: responses carry the new text (whole characters; never the start of a stop sequence that
+    may still complete), and the last one the finish reason and the token usage. Requests join the
+    model's running batch at the next decoding step (continuous batching); a client that cancels the
+    stream frees its sequence at the next step. The whole reply comes from one version (canary split
+    per request), named in every response.
+    NOT_FOUND: unknown deployment, or a pinned version / alias not loaded in it.
+    UNAVAILABLE: the deployment has no READY version (loading, or its load failed).
+    INVALID_ARGUMENT: the deployment serves a classifier (use Predict); neither or both of messages and
+      prompt; messages the chat template refuses; a prompt that leaves no room in the model's context;
+      max_tokens <= 0, over 4,096 or over what the context leaves; temperature outside [0, 100];
+      top_p outside (0, 1]; top_k < 0; more than 8 stop sequences or one over 64 characters.
+    FAILED_PRECONDITION: messages sent to a model without a chat template (send a prompt).
+    RESOURCE_EXHAUSTED: too many requests wait for the model (retry later), or a quota is used up.
+    DEADLINE_EXCEEDED: the deadline passed before the request got a place in the batch.
+    """
     CreateDeployment: _grpc.UnaryUnaryMultiCallable[_serving_pb2.CreateDeploymentRequest, _serving_pb2.Deployment]
     """Creates a deployment and starts loading its version(s). Returns LOADING, or READY/FAILED
     when wait_until_ready is set. A target alias that the (existing) model has not set yet is
@@ -110,6 +127,23 @@ class ServingServiceAsyncStub(ServingServiceStub):
       up (trailing metadata carries the retry-after hint).
     DEADLINE_EXCEEDED: the deadline passed before the batch ran; the request is dropped, never
       answered late.
+    """
+    Generate: _aio.UnaryStreamMultiCallable[_serving_pb2.GenerateRequest, _serving_pb2.GenerateResponse]  # type: ignore[assignment]
+    """Generates a reply with a deployed causal language model (a `chat` model version), streamed while it
+    is decoded: responses carry the new text (whole characters; never the start of a stop sequence that
+    may still complete), and the last one the finish reason and the token usage. Requests join the
+    model's running batch at the next decoding step (continuous batching); a client that cancels the
+    stream frees its sequence at the next step. The whole reply comes from one version (canary split
+    per request), named in every response.
+    NOT_FOUND: unknown deployment, or a pinned version / alias not loaded in it.
+    UNAVAILABLE: the deployment has no READY version (loading, or its load failed).
+    INVALID_ARGUMENT: the deployment serves a classifier (use Predict); neither or both of messages and
+      prompt; messages the chat template refuses; a prompt that leaves no room in the model's context;
+      max_tokens <= 0, over 4,096 or over what the context leaves; temperature outside [0, 100];
+      top_p outside (0, 1]; top_k < 0; more than 8 stop sequences or one over 64 characters.
+    FAILED_PRECONDITION: messages sent to a model without a chat template (send a prompt).
+    RESOURCE_EXHAUSTED: too many requests wait for the model (retry later), or a quota is used up.
+    DEADLINE_EXCEEDED: the deadline passed before the request got a place in the batch.
     """
     CreateDeployment: _aio.UnaryUnaryMultiCallable[_serving_pb2.CreateDeploymentRequest, _serving_pb2.Deployment]  # type: ignore[assignment]
     """Creates a deployment and starts loading its version(s). Returns LOADING, or READY/FAILED
@@ -166,6 +200,29 @@ class ServingServiceServicer(metaclass=_abc_1.ABCMeta):
           up (trailing metadata carries the retry-after hint).
         DEADLINE_EXCEEDED: the deadline passed before the batch ran; the request is dropped, never
           answered late.
+        """
+
+    @_abc_1.abstractmethod
+    def Generate(
+        self,
+        request: _serving_pb2.GenerateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_serving_pb2.GenerateResponse], _abc.AsyncIterator[_serving_pb2.GenerateResponse]]:
+        """Generates a reply with a deployed causal language model (a `chat` model version), streamed while it
+        is decoded: responses carry the new text (whole characters; never the start of a stop sequence that
+        may still complete), and the last one the finish reason and the token usage. Requests join the
+        model's running batch at the next decoding step (continuous batching); a client that cancels the
+        stream frees its sequence at the next step. The whole reply comes from one version (canary split
+        per request), named in every response.
+        NOT_FOUND: unknown deployment, or a pinned version / alias not loaded in it.
+        UNAVAILABLE: the deployment has no READY version (loading, or its load failed).
+        INVALID_ARGUMENT: the deployment serves a classifier (use Predict); neither or both of messages and
+          prompt; messages the chat template refuses; a prompt that leaves no room in the model's context;
+          max_tokens <= 0, over 4,096 or over what the context leaves; temperature outside [0, 100];
+          top_p outside (0, 1]; top_k < 0; more than 8 stop sequences or one over 64 characters.
+        FAILED_PRECONDITION: messages sent to a model without a chat template (send a prompt).
+        RESOURCE_EXHAUSTED: too many requests wait for the model (retry later), or a quota is used up.
+        DEADLINE_EXCEEDED: the deadline passed before the request got a place in the batch.
         """
 
     @_abc_1.abstractmethod

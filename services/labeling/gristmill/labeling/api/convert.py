@@ -297,7 +297,7 @@ def conversation_in(conversation: pb.Conversation) -> Conversation:
 def conversation_out(conversation: Conversation) -> pb.Conversation:
     return pb.Conversation(
         messages=[
-            pb.ChatMessage(
+            common_pb2.ChatMessage(
                 role=m.role, content=m.content, tool_calls=m.tool_calls, tool_call_id=m.tool_call_id, name=m.name
             )
             for m in conversation.messages

@@ -18,8 +18,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2 as oip
 from gristmill.api.serving.v1 import serving_pb2
+from gristmill.core.chat import ROLES, ChatMessage
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.values import TensorSpec
+from gristmill.serving.domain.generation import FinishReason, Generation, GenerationChunk, SamplingParams
 from gristmill.serving.domain.model import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_DELAY_MS,
@@ -278,6 +280,50 @@ OUTPUT_LABEL = "label"
 OUTPUT_LABEL_INDEX = "label_index"
 OUTPUTS = (OUTPUT_PROBABILITIES, OUTPUT_LABEL, OUTPUT_LABEL_INDEX)
 _LENGTH = struct.Struct("<I")
+
+
+def messages_from_proto(messages: Sequence[common_pb2.ChatMessage]) -> list[ChatMessage]:
+    out = []
+    for index, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise InvalidArgumentError(
+                f"messages[{index}].role: unknown role {m.role[:40]!r}; roles: {', '.join(ROLES)}"
+            )
+        out.append(ChatMessage(m.role, m.content, m.tool_calls, m.tool_call_id, m.name))
+    return out
+
+
+def sampling_from_proto(request: serving_pb2.GenerateRequest) -> SamplingParams:
+    """The request's sampling parameters; unset ones take the OpenAI defaults (temperature 1, top_p 1)."""
+    defaults = SamplingParams()
+    return SamplingParams(
+        temperature=request.temperature if request.HasField("temperature") else defaults.temperature,
+        top_p=request.top_p if request.HasField("top_p") else defaults.top_p,
+        top_k=request.top_k,
+        seed=request.seed if request.HasField("seed") else None,
+    )
+
+
+_FINISH_REASONS = {
+    FinishReason.STOP: serving_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: serving_pb2.FINISH_REASON_LENGTH,
+}
+
+
+def generate_response(chunk: GenerationChunk, generation: Generation) -> serving_pb2.GenerateResponse:
+    response = serving_pb2.GenerateResponse(
+        text=chunk.text,
+        token_ids=list(chunk.token_ids),
+        request_id=generation.request_id,
+        registered_model_name=generation.registered_model_name,
+        model_version=generation.version,
+    )
+    if chunk.finish_reason is not None:
+        response.finish_reason = _FINISH_REASONS[chunk.finish_reason]
+    if chunk.usage is not None:
+        response.usage.prompt_tokens = chunk.usage.prompt_tokens
+        response.usage.completion_tokens = chunk.usage.completion_tokens
+    return response
 
 
 def decode_bytes_elements(raw: bytes, count: int, *, tensor: str) -> list[bytes]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,6 +42,32 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
             caller=current_principal(),
         )
         return convert.predict_response(result)
+
+    async def Generate(
+        self, request: serving_pb2.GenerateRequest, context: Any
+    ) -> AsyncIterator[serving_pb2.GenerateResponse]:
+        if not request.model:
+            raise InvalidArgumentError("model is required: the name of the deployment to generate with")
+        pin = convert.selector_from_proto(request.target, what="target") if request.HasField("target") else None
+        generation = await self._service.generate(
+            current_organization(),
+            request.model,
+            messages=convert.messages_from_proto(request.messages),
+            prompt=request.prompt,
+            max_new_tokens=request.max_tokens if request.HasField("max_tokens") else None,
+            sampling=convert.sampling_from_proto(request),
+            stop=list(request.stop),
+            pin=pin,
+            request_id=request.request_id,
+            timeout_s=time_left(context),
+            caller=current_principal(),
+        )
+        try:
+            async for chunk in generation:
+                yield convert.generate_response(chunk, generation)
+        finally:
+            # The client went away (the call was cancelled) or the reply ended: either way its sequence is freed.
+            generation.close()
 
     async def CreateDeployment(
         self, request: serving_pb2.CreateDeploymentRequest, context: Any

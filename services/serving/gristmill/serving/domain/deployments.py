@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TypeVar
 
+from gristmill.core.chat import ChatMessage
 from gristmill.core.errors import (
     DeadlineExceededError,
     GristmillError,
@@ -29,6 +30,15 @@ from gristmill.core.errors import (
     UnavailableError,
 )
 from gristmill.serving.domain.batcher import DynamicBatcher
+from gristmill.serving.domain.generation import (
+    DEFAULT_SAMPLING,
+    Generation,
+    GenerationRequest,
+    GenerativeModel,
+    SamplingParams,
+    fit_context,
+    validate_max_new_tokens,
+)
 from gristmill.serving.domain.model import (
     DeploymentSpec,
     OverLengthAction,
@@ -334,8 +344,14 @@ class DeploymentManager:
             return None
         finally:
             dep.loading.remove(loaded)
-        loaded.classifier = classifier
         loaded.memory_bytes = int(getattr(classifier, "memory_bytes", 0))
+        if isinstance(classifier, GenerativeModel):
+            # A causal LM batches continuously on its own thread: no dynamic batcher in front of it.
+            loaded.generator = classifier
+            loaded.state = VersionState.READY
+            loaded.ready_time = datetime.now(UTC)
+            return loaded
+        loaded.classifier = classifier
         name = f"{dep.spec.name}/v{resolved.version}"
         depth = self._on_queue_depth
         loaded.batcher = DynamicBatcher(
@@ -360,7 +376,7 @@ class DeploymentManager:
                 await asyncio.sleep(self._retry_delay_s * number)
         raise AssertionError("unreachable")
 
-    def _fetch_and_load(self, resolved: ResolvedVersion, options: LoadOptions) -> Classifier:
+    def _fetch_and_load(self, resolved: ResolvedVersion, options: LoadOptions) -> Classifier | GenerativeModel:
         directory = self._source.fetch(resolved)
         return self._loader(directory, resolved, options)
 
@@ -478,6 +494,11 @@ class DeploymentManager:
         outcome = ERROR
         try:
             classifier, batcher = version.classifier, version.batcher
+            if version.generator is not None:
+                raise InvalidArgumentError(
+                    f"deployment {name!r} serves a generative model ({version.resolved.task}); use Generate or the "
+                    "OpenAI-compatible endpoint, not Predict or ModelInfer"
+                )
             if classifier is None or batcher is None:
                 raise UnavailableError(f"version {version.version} of {name!r} was just unloaded; retry")
             limit = self._max_tokens(dep, version, classifier)
@@ -517,6 +538,55 @@ class DeploymentManager:
         finally:
             version.leave()
             version.stats.record(outcome, time.monotonic() - started, len(texts))
+
+    def generate(
+        self,
+        organization_id: str,
+        name: str,
+        *,
+        messages: Sequence[ChatMessage] = (),
+        prompt: str = "",
+        max_new_tokens: int | None = None,
+        sampling: SamplingParams = DEFAULT_SAMPLING,
+        stop: tuple[str, ...] = (),
+        pin: VersionSelector | None = None,
+        request_id: str,
+        deadline: float | None = None,
+    ) -> Generation:
+        """Start a reply from one version of the deployment (inputs already validated, except what needs the
+        model: the template, the context). The version counts it in flight until the reply ends or is closed."""
+        version = self.route(organization_id, name, pin)
+        generator = version.generator
+        if generator is None:
+            if version.classifier is not None:
+                raise InvalidArgumentError(
+                    f"deployment {name!r} serves a classifier ({version.resolved.task}); use Predict or ModelInfer, "
+                    "not Generate"
+                )
+            raise UnavailableError(f"version {version.version} of {name!r} was just unloaded; retry")
+        ids = generator.render_chat(messages) if messages else generator.encode_prompt(prompt)
+        budget = fit_context(
+            len(ids),
+            validate_max_new_tokens(max_new_tokens),
+            generator.context_length,
+            explicit=max_new_tokens is not None,
+        )
+        request = GenerationRequest(request_id, tuple(ids), budget, sampling, stop, deadline)
+        started = time.monotonic()
+        version.enter()
+
+        def done(ok: bool) -> None:
+            version.leave()
+            version.stats.record(OK if ok else REJECTED, time.monotonic() - started, 1)
+
+        try:
+            stream = generator.submit(request)
+        except BaseException:
+            done(False)
+            raise
+        return Generation(
+            stream, registered_model_name=version.resolved.registered_model_name, version=version.version, on_done=done
+        )
 
     # -- status ------------------------------------------------------------------------------------------
 

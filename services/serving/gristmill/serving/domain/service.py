@@ -21,11 +21,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gristmill.core.auth import Principal
-from gristmill.core.auth_quota import QuotaGuard, UsageKind
+from gristmill.core.auth_quota import QuotaGuard, Reservation, UsageKind
+from gristmill.core.chat import ChatMessage, check_turns
 from gristmill.core.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from gristmill.core.licensing import License, load_license
 from gristmill.core.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from gristmill.serving.domain.deployments import DeploymentManager
+from gristmill.serving.domain.generation import (
+    DEFAULT_SAMPLING,
+    Generation,
+    SamplingParams,
+    validate_max_new_tokens,
+    validate_sampling,
+    validate_stop,
+)
 from gristmill.serving.domain.model import (
     MAX_TEXTS_PER_REQUEST,
     DeploymentSpec,
@@ -96,6 +105,8 @@ class DeploymentService:
         # Held while a write stores a spec and changes the manager, and while ``sync`` reads the store and applies
         # it: a sync never sees a spec stored by this process but not yet served (or the reverse) and undoes it.
         self._writes = asyncio.Lock()
+        # Quota commits of finished replies, kept referenced until they ran.
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Serve the stored deployments again (each resolves and loads in the background)."""
@@ -309,6 +320,79 @@ class DeploymentService:
             if records:
                 self.sink.log(records)
         return result, version
+
+    async def generate(
+        self,
+        organization_id: str,
+        name: str,
+        *,
+        messages: Sequence[ChatMessage] = (),
+        prompt: str = "",
+        max_new_tokens: int | None = None,
+        sampling: SamplingParams = DEFAULT_SAMPLING,
+        stop: Sequence[str] = (),
+        pin: VersionSelector | None = None,
+        request_id: str = "",
+        timeout_s: float | None = None,
+        caller: Principal | None = None,
+    ) -> Generation:
+        """Start a reply (iterate the returned ``Generation``; ``close()`` it if the caller goes away).
+
+        Exactly one of ``messages`` (rendered with the model's chat template) and ``prompt``. With a quota guard,
+        the caller's organisation must have a prediction left; the usage (one prediction, the prompt's tokens) is
+        published when the reply finished, and nothing when it failed or was cancelled.
+        """
+        if bool(messages) == bool(prompt):
+            raise InvalidArgumentError(
+                "send exactly one of messages (a conversation, rendered with the model's chat template) and prompt"
+            )
+        if messages:
+            check_turns(messages, "messages")
+        validate_sampling(sampling)
+        stops = validate_stop(stop)
+        validate_max_new_tokens(max_new_tokens)
+        if pin is not None:
+            validate_selector(pin, what="target")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.manager.spec(organization_id, name)  # NOT_FOUND before a quota is touched
+        reservation = None
+        if self.quota is not None and caller is not None and not caller.auth_disabled:
+            reservation = await self.quota.reserve_async(
+                caller, {UsageKind.PREDICTIONS: 1, UsageKind.INPUT_TOKENS: 0}, resource=f"deployment/{name}"
+            )
+        try:
+            generation = self.manager.generate(
+                organization_id,
+                name,
+                messages=messages,
+                prompt=prompt,
+                max_new_tokens=max_new_tokens,
+                sampling=sampling,
+                stop=stops,
+                pin=pin,
+                request_id=request_id or uuid.uuid4().hex,
+                deadline=deadline,
+            )
+        except BaseException:
+            if reservation is not None:
+                reservation.release()
+            raise
+        if reservation is not None:
+            held = reservation
+            prompt_tokens = generation.prompt_tokens
+            # The reply's end settles the reservation: usage for a finished reply, none for a failed one.
+            generation.add_done_hook(lambda ok: self._settle(held, ok, prompt_tokens))
+        return generation
+
+    def _settle(self, reservation: Reservation, ok: bool, prompt_tokens: int) -> None:
+        if not ok:
+            reservation.release()
+            return
+        task = asyncio.get_running_loop().create_task(
+            reservation.commit_async(measured={UsageKind.INPUT_TOKENS: prompt_tokens})
+        )
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     # -- events ------------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gristmill.core.values import TensorSpec
+from gristmill.serving.domain.generation import GenerativeModel
 from gristmill.serving.domain.model import Quantization, VersionSelector
 
 TASK_SINGLE_LABEL = "TASK_TYPE_TEXT_CLASSIFICATION"
@@ -125,6 +126,9 @@ class LoadOptions:
 
 
 class ModelLoader(Protocol):
-    """Builds a warmed-up ``Classifier`` from a fetched directory. Blocks: call it off the event loop."""
+    """Builds a warmed-up runtime from a fetched directory: a ``Classifier``, or a ``GenerativeModel``
+    (``domain.generation``) for a causal LM. Blocks: call it off the event loop."""
 
-    def __call__(self, directory: Path, resolved: ResolvedVersion, options: LoadOptions) -> Classifier: ...
+    def __call__(
+        self, directory: Path, resolved: ResolvedVersion, options: LoadOptions
+    ) -> Classifier | GenerativeModel: ...

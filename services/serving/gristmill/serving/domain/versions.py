@@ -10,6 +10,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from gristmill.serving.domain.batcher import BatchPolicy, DynamicBatcher
+from gristmill.serving.domain.generation import GenerativeModel
 from gristmill.serving.domain.model import BatchingConfig, DeploymentSpec
 from gristmill.serving.domain.sources import Classifier, Encoded, LoadOptions, ResolvedVersion
 from gristmill.serving.domain.stats import Observer, VersionStats
@@ -48,6 +49,8 @@ class LoadedVersion:
         self.options = options
         self.state = VersionState.LOADING
         self.classifier: Classifier | None = None
+        # A causal LM (chat versions) instead of a classifier: it has its own continuous batcher.
+        self.generator: GenerativeModel | None = None
         self.batcher: DynamicBatcher[Encoded, Sequence[float]] | None = None
         self.stats = VersionStats(deployment, resolved.version, observer)
         self.error = ""
@@ -86,6 +89,9 @@ class LoadedVersion:
         classifier, self.classifier = self.classifier, None
         if classifier is not None:
             await asyncio.to_thread(classifier.close)
+        generator, self.generator = self.generator, None
+        if generator is not None:
+            await asyncio.to_thread(generator.close)
 
 
 @dataclass(frozen=True)

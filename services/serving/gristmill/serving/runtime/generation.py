@@ -75,6 +75,9 @@ class EngineLimits:
     max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS
 
 
+DEFAULT_LIMITS = EngineLimits()
+
+
 @dataclass
 class _Sequence:
     request: GenerationRequest
@@ -101,7 +104,7 @@ class ContinuousBatcher:
         tokenizer: Any,
         *,
         eos_ids: Sequence[int],
-        limits: EngineLimits = EngineLimits(),
+        limits: EngineLimits = DEFAULT_LIMITS,
         name: str = "generator",
     ) -> None:
         self._model = model
@@ -260,7 +263,12 @@ class ContinuousBatcher:
         positions = torch.tensor([[s.position] for s in self._running], dtype=torch.long)
         mask = torch.cat([self._mask, torch.ones((len(self._running), 1), dtype=torch.long)], dim=1)
         out = self._model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=self._cache, use_cache=True, logits_to_keep=1
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
         self._mask = mask
         for sequence in self._running:
@@ -277,8 +285,9 @@ class ContinuousBatcher:
         width = max(self._mask.shape[1], mask.shape[1])
         merged = DynamicCache(config=self._model.config)
         for index, (old, new) in enumerate(zip(self._cache.layers, cache.layers, strict=True)):
-            keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
-            values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)], dim=0)
+            (old_keys, old_values), (new_keys, new_values) = _kv(old), _kv(new)
+            keys = torch.cat([_left_pad(old_keys, width), _left_pad(new_keys, width)], dim=0)
+            values = torch.cat([_left_pad(old_values, width), _left_pad(new_values, width)], dim=0)
             merged.update(keys, values, index)
         self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)], dim=0)
         self._cache = merged
@@ -369,9 +378,10 @@ class ContinuousBatcher:
         start = int((mask.sum(0) > 0).long().argmax())
         trimmed = DynamicCache(config=self._model.config)
         for layer_index, layer in enumerate(self._cache.layers):
+            keys, values = _kv(layer)
             trimmed.update(
-                layer.keys.index_select(0, index)[:, :, start:, :],
-                layer.values.index_select(0, index)[:, :, start:, :],
+                keys.index_select(0, index)[:, :, start:, :],
+                values.index_select(0, index)[:, :, start:, :],
                 layer_index,
             )
         self._cache, self._mask = trimmed, mask[:, start:]
@@ -385,6 +395,24 @@ class ContinuousBatcher:
         self._cache, self._mask = None, None
         for sequence in waiting:
             sequence.stream.push(error)
+
+
+def _kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """A full-attention cache layer's key and value tensors ([rows, heads, positions, head dim])."""
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    assert isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor), "checked at load: full attention only"
+    return keys, values
+
+
+def check_full_attention(model: PreTrainedModel, what: str) -> None:
+    """``FailedPreconditionError`` unless every cache layer of ``model`` is a plain full-attention one (the
+    batcher pads and merges those; sliding-window and linear-attention layers keep other state)."""
+    kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
+    if kinds != {"DynamicLayer"}:
+        raise FailedPreconditionError(
+            f"{what} has cache layers of kinds {', '.join(sorted(kinds))}; serving generates with full-attention "
+            "models only (Llama, Qwen2, GPT-2 shapes) for now"
+        )
 
 
 def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
@@ -476,13 +504,14 @@ def load_transformers_generator(
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
         with model_loading():
-            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, use_safetensors=True)
+            model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, use_safetensors=True)
     except (OSError, ValueError, KeyError) as exc:
         raise FailedPreconditionError(
             f"version {resolved.version} of {resolved.registered_model_name} is not a loadable Hugging Face "
             f"causal language model: {exc}"
         ) from None
     model.eval()
+    check_full_attention(model, f"version {resolved.version} of {resolved.registered_model_name}")
     if options.quantization is Quantization.DYNAMIC_INT8:
         from gristmill.serving.runtime.classifier import quantize_dynamic_int8
 
@@ -503,7 +532,7 @@ def load_transformers_generator(
     return generator
 
 
-def _warm_up(model: PreTrainedModel, tokenizer: Any) -> None:
+def _warm_up(model: Any, tokenizer: Any) -> None:
     """One prefill and a few decoding steps: the first forward passes allocate and pick kernels."""
     ids = tokenizer("warming up the model", return_tensors="pt")
     with torch.inference_mode():

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Protocol
 
 from gristmill.core.errors import FailedPreconditionError, GristmillError
-from gristmill.core.tasks import TEXT_CLASSIFICATION, TEXT_MULTI_LABEL_CLASSIFICATION, TaskRegistry
+from gristmill.core.tasks import CHAT, TEXT_CLASSIFICATION, TEXT_MULTI_LABEL_CLASSIFICATION, TaskRegistry
+from gristmill.serving.domain.generation import GenerativeModel
 from gristmill.serving.domain.sources import Classifier, LoadOptions, ResolvedVersion
 
 
@@ -26,7 +27,9 @@ class ServingTask(Protocol):
         """Import the runtime's libraries (at service start: a load then measures only its model's memory)."""
         ...
 
-    def load(self, directory: Path, resolved: ResolvedVersion, options: LoadOptions, *, trace: bool) -> Classifier:
+    def load(
+        self, directory: Path, resolved: ResolvedVersion, options: LoadOptions, *, trace: bool
+    ) -> Classifier | GenerativeModel:
         """The warmed-up runtime for the version fetched into ``directory``. Blocks: call it off the event loop."""
         ...
 
@@ -58,15 +61,19 @@ class TaskRuntimeLoader:
         for name in SERVING_TASKS.names():
             SERVING_TASKS.get(name).prepare()
 
-    def __call__(self, directory: Path, resolved: ResolvedVersion, options: LoadOptions) -> Classifier:
+    def __call__(
+        self, directory: Path, resolved: ResolvedVersion, options: LoadOptions
+    ) -> Classifier | GenerativeModel:
         return serving_task(resolved).load(directory, resolved, options, trace=self.trace)
 
 
 def _register() -> None:
+    from gristmill.serving.tasks.chat import ChatGeneration
     from gristmill.serving.tasks.text_classification import TextClassification
 
     SERVING_TASKS.register(TEXT_CLASSIFICATION, TextClassification(TEXT_CLASSIFICATION))
     SERVING_TASKS.register(TEXT_MULTI_LABEL_CLASSIFICATION, TextClassification(TEXT_MULTI_LABEL_CLASSIFICATION))
+    SERVING_TASKS.register(CHAT, ChatGeneration())
 
 
 _register()
