@@ -48,6 +48,7 @@ from gristmill.core.sql import Database
 from gristmill.core.storage import ObjectStore
 from gristmill.registry.app import build_app
 from gristmill.registry.settings import RegistrySettings
+from gristmill.serving.app import ServingApp
 from gristmill.serving.app import build_app as build_serving
 from gristmill.serving.settings import ServingSettings
 from tests.support.licences import signed_license
@@ -81,7 +82,14 @@ def only_keys(keys: set[str], handler: Handler) -> Handler:
     return handle
 
 
-def upload_job_output(objects: ObjectStore, model_dir: Path, prefix: str) -> common_pb2.ObjectRef:
+def upload_job_output(
+    objects: ObjectStore,
+    model_dir: Path,
+    prefix: str,
+    *,
+    task_type: str = "TASK_TYPE_TEXT_CLASSIFICATION",
+    label_map: list[str] = LABELS,
+) -> common_pb2.ObjectRef:
     """What a finished training job leaves in the object store: its files and a manifest listing them."""
     files = {}
     for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
@@ -89,8 +97,8 @@ def upload_job_output(objects: ObjectStore, model_dir: Path, prefix: str) -> com
         files[path.relative_to(model_dir).as_posix()] = FileEntry(info.key, info.sha256, info.size)
     manifest = ModelManifest(
         files=files,
-        task_type="TASK_TYPE_TEXT_CLASSIFICATION",
-        label_map=LABELS,
+        task_type=task_type,
+        label_map=label_map,
         signature={},
         lineage={"training_job_id": prefix.rsplit("/", 1)[-1]},
     )
@@ -106,6 +114,7 @@ class Stack:
     oip: oip_grpc.GRPCInferenceServiceStub
     serving_port: int
     serving_host: ServiceHost
+    serving_app: ServingApp
     logged: list[events_pb2.PredictionLogged]
     logged_arrived: threading.Event
 
@@ -141,7 +150,8 @@ async def stack(tmp_path: Path, kafka_bootstrap: str, s3_endpoint: dict[str, str
         consumer_group=f"serving-{run}",
         shutdown_grace_s=2.0,
     )
-    built = build_serving(settings, infra, embedded_security("serving", signed_license())).host
+    serving_app = build_serving(settings, infra, embedded_security("serving", signed_license()))
+    built = serving_app.host
     serving_host = ServiceHost(
         built.platform,
         built.registrations,
@@ -177,6 +187,7 @@ async def stack(tmp_path: Path, kafka_bootstrap: str, s3_endpoint: dict[str, str
                 oip_grpc.GRPCInferenceServiceStub(serving_channel),
                 serving_port,
                 serving_host,
+                serving_app,
                 logged,
                 arrived,
             )

@@ -20,6 +20,7 @@ of different lengths. Only full-attention layers are supported (Llama, Qwen2, GP
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -73,6 +74,9 @@ class EngineLimits:
     # Requests waiting for a place before submit answers RESOURCE_EXHAUSTED.
     max_queue: int = DEFAULT_MAX_QUEUE
     max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS
+    # torch intra-op threads of the model's thread: one batched forward uses every core (0 keeps torch's
+    # setting). The classifiers' one-thread default suits several small batches side by side, not this.
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
 
 
 DEFAULT_LIMITS = EngineLimits()
@@ -168,6 +172,8 @@ class ContinuousBatcher:
     # -- the model's thread -----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.limits.threads > 0:
+            torch.set_num_threads(self.limits.threads)
         try:
             with torch.inference_mode():
                 while True:

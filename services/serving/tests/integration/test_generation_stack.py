@@ -1,0 +1,185 @@
+"""Generation on the real stack: two tiny Llama chat versions uploaded to S3 and registered in the real registry,
+a deployment following ``production`` loads them through the download manifest, and the typed, server-streaming
+``Generate`` answers over a real gRPC port. Greedy replies equal transformers' ``generate``; a cancelled stream
+frees its sequence; an alias move under streaming load fails no stream; bad input is refused with the status the
+proto names and changes nothing. (Fixtures: ``test_serving_stack``.)"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gristmill.api.common.v1 import common_pb2
+from gristmill.api.registry.v1 import registry_pb2
+from gristmill.api.serving.v1 import serving_pb2
+from gristmill.core.storage import ObjectStore
+from services.serving.tests.integration.test_serving_stack import Stack, upload_job_output
+from services.serving.tests.integration.test_serving_stack import stack as _stack  # noqa: F401 - the fixture
+from tests.support.tiny_model import make_tiny_llama
+
+pytestmark = pytest.mark.integration
+
+TEXTS = [
+    "the service was quick and the staff were friendly",
+    "the parcel arrived broken and nobody answered my mail",
+    "great value for the money, would buy again",
+]
+CHAT_SIGNATURE = common_pb2.ModelSignature(
+    inputs=[common_pb2.TensorSpec(name="messages", datatype="BYTES", shape=[-1])],
+    outputs=[common_pb2.TensorSpec(name="text_output", datatype="BYTES", shape=[-1])],
+)
+
+
+async def register_chat(stack: Stack, objects: ObjectStore, model_dir: Path, job: str) -> int:
+    manifest = upload_job_output(objects, model_dir, f"jobs/{job}", task_type="TASK_TYPE_CHAT", label_map=[])
+    version = await stack.registry.RegisterModelVersion(
+        registry_pb2.RegisterModelVersionRequest(
+            registered_model_name=stack.model,
+            create_model_if_missing=True,
+            source_prefix=f"jobs/{job}",
+            manifest=manifest,
+            task=common_pb2.TASK_TYPE_CHAT,
+            signature=CHAT_SIGNATURE,
+            lineage=common_pb2.Lineage(training_job_id=job),
+            wait_for_verification=True,
+        ),
+        timeout=60,
+    )
+    assert version.status == registry_pb2.MODEL_VERSION_STATUS_READY, version.status_reason
+    return version.version
+
+
+def reference_reply(model_dir: Path, text: str, max_new_tokens: int) -> str:
+    """transformers' own greedy ``generate`` for the same conversation."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    eos = tokenizer.eos_token_id
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos, eos_token_id=eos
+        )
+    return str(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
+
+
+def chat(model: str, text: str, **fields: object) -> serving_pb2.GenerateRequest:
+    return serving_pb2.GenerateRequest(
+        model=model,
+        messages=[common_pb2.ChatMessage(role="user", content=text)],
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def reply(stack: Stack, request: serving_pb2.GenerateRequest) -> tuple[str, list[serving_pb2.GenerateResponse]]:
+    responses = [r async for r in stack.serving.Generate(request, timeout=60)]
+    return "".join(r.text for r in responses), responses
+
+
+async def test_generate_streams_from_the_registry_with_hot_swap_and_cancellation(stack: Stack, tmp_path: Path) -> None:
+    objects = stack.serving_host.platform.objects
+    first = make_tiny_llama(tmp_path / "v1", TEXTS * 4, initializer_range=0.2, seed=1)
+    second = make_tiny_llama(tmp_path / "v2", TEXTS * 4, initializer_range=0.2, seed=2)
+    v1 = await register_chat(stack, objects, first, f"{stack.model}-sft-1")
+    await stack.registry.SetAlias(
+        registry_pb2.SetAliasRequest(registered_model_name=stack.model, alias="production", version=v1), timeout=30
+    )
+    await stack.serving.CreateDeployment(
+        serving_pb2.CreateDeploymentRequest(
+            deployment=serving_pb2.Deployment(name=stack.model, registered_model_name=stack.model),
+            wait_until_ready=True,
+        ),
+        timeout=120,
+    )
+
+    # Typed streaming, greedy: the same reply as transformers' generate, in several chunks, usage on the last.
+    text, responses = await reply(stack, chat(stack.model, TEXTS[0], max_tokens=16, temperature=0.0))
+    assert text == reference_reply(first, TEXTS[0], 16)
+    assert len(responses) > 1
+    last = responses[-1]
+    assert last.finish_reason in (serving_pb2.FINISH_REASON_STOP, serving_pb2.FINISH_REASON_LENGTH)
+    assert last.usage.prompt_tokens > 0 and last.usage.completion_tokens == sum(len(r.token_ids) for r in responses)
+    assert {(r.registered_model_name, r.model_version) for r in responses} == {(stack.model, v1)}
+    assert all(r.finish_reason == serving_pb2.FINISH_REASON_UNSPECIFIED for r in responses[:-1])
+
+    # A raw prompt, a stop sequence, a seed.
+    sampled = chat(stack.model, TEXTS[1], max_tokens=12, temperature=1.2, seed=5)
+    assert (await reply(stack, sampled))[0] == (await reply(stack, sampled))[0]
+    raw, _ = await reply(
+        stack, serving_pb2.GenerateRequest(model=stack.model, prompt=TEXTS[2], max_tokens=8, temperature=0.0)
+    )
+    assert isinstance(raw, str)
+
+    # Bad input: refused with INVALID_ARGUMENT / NOT_FOUND, nothing left running.
+    bad = [
+        (chat(stack.model, TEXTS[0], temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (chat(stack.model, TEXTS[0], top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (chat(stack.model, TEXTS[0], max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        (chat(stack.model, TEXTS[0], max_tokens=600), grpc.StatusCode.INVALID_ARGUMENT, "context"),
+        (serving_pb2.GenerateRequest(model=stack.model), grpc.StatusCode.INVALID_ARGUMENT, "exactly one"),
+        (chat(stack.model, TEXTS[0], stop=["x" * 65]), grpc.StatusCode.INVALID_ARGUMENT, "stop sequence"),
+        (chat("no-such-deployment", TEXTS[0]), grpc.StatusCode.NOT_FOUND, "does not exist"),
+    ]
+    for request, code, words in bad:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await reply(stack, request)
+        assert caught.value.code() == code, caught.value.details()
+        assert words in (caught.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.serving.Predict(serving_pb2.PredictRequest(model=stack.model, texts=["hello"]), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "generative model" in (caught.value.details() or "")
+
+    # A client that cancels mid-stream frees its sequence and its cache.
+    service = stack.serving_app.service
+    generator = service.manager.loaded_versions("default", stack.model)[0].generator
+    assert generator is not None
+    call = stack.serving.Generate(chat(stack.model, TEXTS[0], max_tokens=400, temperature=1.0), timeout=60)
+    await call.read()
+    assert generator.stats().running == 1
+    call.cancel()
+    deadline = time.monotonic() + 10
+    while generator.stats().running and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    stats = generator.stats()
+    assert (stats.running, stats.cached_tokens, stats.reserved_tokens) == (0, 0, 0)
+
+    # The alias moves while streams run: every stream finishes, each from one version; new ones get version 2.
+    v2 = await register_chat(stack, objects, second, f"{stack.model}-sft-2")
+    failures: list[BaseException] = []
+    versions: set[int] = set()
+    stop = asyncio.Event()
+
+    async def client(index: int) -> None:
+        while not stop.is_set():
+            try:
+                _, responses = await reply(stack, chat(stack.model, TEXTS[index % 3], max_tokens=24, temperature=0.7))
+                assert len({r.model_version for r in responses}) == 1
+                assert responses[-1].finish_reason != serving_pb2.FINISH_REASON_UNSPECIFIED
+                versions.add(responses[-1].model_version)
+            except BaseException as exc:  # counted, then reported by the assertion below
+                failures.append(exc)
+                return
+
+    clients = [asyncio.create_task(client(i)) for i in range(4)]
+    await asyncio.sleep(0.5)
+    await stack.registry.SetAlias(
+        registry_pb2.SetAliasRequest(registered_model_name=stack.model, alias="production", version=v2), timeout=30
+    )
+    deadline = time.monotonic() + 120
+    while v2 not in versions and time.monotonic() < deadline and not failures:
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+    stop.set()
+    await asyncio.gather(*clients)
+    assert failures == []
+    assert versions == {v1, v2}
+    text, responses = await reply(stack, chat(stack.model, TEXTS[0], max_tokens=16, temperature=0.0))
+    assert responses[-1].model_version == v2
+    assert text == reference_reply(second, TEXTS[0], 16)
