@@ -20,7 +20,6 @@ from gristmill.api.registry.v1 import registry_pb2
 from gristmill.api.serving.v1 import serving_pb2
 from gristmill.core.storage import ObjectStore
 from services.serving.tests.integration.test_serving_stack import Stack, upload_job_output
-from services.serving.tests.integration.test_serving_stack import stack as _stack  # noqa: F401 - the fixture
 from tests.support.tiny_model import make_tiny_llama
 
 pytestmark = pytest.mark.integration
