@@ -13,7 +13,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gristmill.core.chat import ChatMessage
 from gristmill.core.errors import DeadlineExceededError, InvalidArgumentError, ResourceExhaustedError
-from gristmill.serving.domain.generation import FinishReason, GenerationRequest, GenerationStream, SamplingParams
+from gristmill.serving.domain.generation import (
+    FinishReason,
+    GenerationRequest,
+    GenerationStream,
+    GenerativeModel,
+    SamplingParams,
+)
 from gristmill.serving.domain.sources import LoadOptions, ResolvedVersion
 from gristmill.serving.runtime.generation import EngineLimits, TransformersGenerator, load_transformers_generator
 from tests.support.tiny_model import make_tiny_llama
@@ -58,7 +64,7 @@ def _request(rid: str, prompt: list[int], max_new: int, **kwargs: object) -> Gen
     return GenerationRequest(request_id=rid, prompt_ids=tuple(prompt), max_new_tokens=max_new, **kwargs)  # type: ignore[arg-type]
 
 
-async def _tokens(generator: TransformersGenerator, request: GenerationRequest) -> tuple[list[int], FinishReason]:
+async def _tokens(generator: GenerativeModel, request: GenerationRequest) -> tuple[list[int], FinishReason]:
     tokens: list[int] = []
     async for chunk in generator.submit(request):
         tokens.extend(chunk.token_ids)
@@ -185,3 +191,70 @@ def test_limits_queue_budget_and_deadline(llama_dir: Path) -> None:
         asyncio.run(run())
     finally:
         generator.close()
+
+
+def _adapter(base: Path, dest: Path, seed: int) -> Path:
+    """A random (non-zero) LoRA adapter of ``base`` saved like training saves one, with the base linked beside it."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(base).save_pretrained(dest)
+    (dest / "base").symlink_to(base)
+    return dest
+
+
+def _merged_reference(adapter: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(adapter / "base", dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
+    eos = AutoTokenizer.from_pretrained(adapter).eos_token_id
+    with torch.inference_mode():
+        out = merged.generate(
+            torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos, eos_token_id=eos
+        )
+    tokens = [int(t) for t in out[0, len(prompt) :]]
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+def test_two_adapters_share_one_base_and_decode_in_one_batch(llama_dir: Path, tmp_path: Path) -> None:
+    from gristmill.serving.runtime import generation as runtime
+
+    first = _adapter(llama_dir, tmp_path / "a1", seed=1)
+    second = _adapter(llama_dir, tmp_path / "a2", seed=2)
+    one = load_transformers_generator(first, ResolvedVersion("bot", 1, task="TASK_TYPE_CHAT"), LoadOptions())
+    two = load_transformers_generator(second, ResolvedVersion("bot", 2, task="TASK_TYPE_CHAT"), LoadOptions())
+    try:
+        assert isinstance(one, runtime.AdapterGenerator) and isinstance(two, runtime.AdapterGenerator)
+        assert one.shared is two.shared and list(runtime._BASES) == [str(llama_dir.resolve())]
+        prompts = [one.render_chat([ChatMessage("user", text)]) for text in TEXTS]
+        expected_one = [_merged_reference(first, p, 10) for p in prompts]
+        expected_two = [_merged_reference(second, p, 10) for p in prompts]
+        assert expected_one != expected_two, "the two adapters should answer differently"
+
+        async def run() -> tuple[list[list[int]], list[list[int]]]:
+            # Both adapters' requests in flight together: their rows share the batch.
+            a = [
+                asyncio.create_task(_tokens(one, _request(f"a{i}", p, 10, sampling=GREEDY)))
+                for i, p in enumerate(prompts)
+            ]
+            b = [
+                asyncio.create_task(_tokens(two, _request(f"b{i}", p, 10, sampling=GREEDY)))
+                for i, p in enumerate(prompts)
+            ]
+            return [t for t, _ in await asyncio.gather(*a)], [t for t, _ in await asyncio.gather(*b)]
+
+        got_one, got_two = asyncio.run(run())
+        assert got_one == expected_one
+        assert got_two == expected_two
+        # Unloading one adapter leaves the other serving on the same base.
+        one.close()
+        alone, _ = asyncio.run(_tokens(two, _request("solo", prompts[0], 10, sampling=GREEDY)))
+        assert alone == expected_two[0]
+    finally:
+        two.close()
+        one.close()
+    assert runtime._BASES == {}

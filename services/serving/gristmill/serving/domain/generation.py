@@ -63,6 +63,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     # time.monotonic() after which a request still queued is dropped (DEADLINE_EXCEEDED); None: no deadline.
     deadline: float | None = None
+    # The LoRA adapter that answers, when several adapters share one base model in one batcher ("": the model).
+    adapter: str = ""
 
 
 @dataclass(frozen=True)

