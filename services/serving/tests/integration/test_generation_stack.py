@@ -182,3 +182,82 @@ async def test_generate_streams_from_the_registry_with_hot_swap_and_cancellation
     text, responses = await reply(stack, chat(stack.model, TEXTS[0], max_tokens=16, temperature=0.0))
     assert responses[-1].model_version == v2
     assert text == reference_reply(second, TEXTS[0], 16)
+
+
+def make_adapter(base: Path, dest: Path, seed: int) -> Path:
+    """A random (non-zero) LoRA adapter of ``base`` with its tokenizer: what a LoRA SFT job publishes."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(base).save_pretrained(dest)
+    return dest
+
+
+def merged_reply(base: Path, adapter: Path, text: str, max_new_tokens: int) -> str:
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    merged.merge_and_unload().save_pretrained(adapter.parent / f"{adapter.name}-merged")
+    AutoTokenizer.from_pretrained(adapter).save_pretrained(adapter.parent / f"{adapter.name}-merged")
+    return reference_reply(adapter.parent / f"{adapter.name}-merged", text, max_new_tokens)
+
+
+async def test_lora_adapters_of_one_registry_base_model_share_it(stack: Stack, tmp_path: Path) -> None:
+    objects = stack.serving_host.platform.objects
+    run = stack.model.rsplit("-", 1)[-1]
+    base_dir = make_tiny_llama(tmp_path / "base", TEXTS * 4, initializer_range=0.2, seed=3)
+    for path in sorted(p for p in base_dir.rglob("*") if p.is_file()):
+        objects.put_file(f"uploads/base-{run}/{path.relative_to(base_dir).as_posix()}", path)
+    base = await stack.registry.ImportBaseModel(
+        registry_pb2.ImportBaseModelRequest(name=f"tiny-llama-{run}", object_prefix=f"uploads/base-{run}"), timeout=60
+    )
+    lineage_base = common_pb2.BaseModelRef(base_model_name=base.name, content_sha256=base.content_sha256)
+    adapters = [make_adapter(base_dir, tmp_path / f"adapter{n}", seed=n) for n in (1, 2)]
+    versions = []
+    for number, adapter in enumerate(adapters, start=1):
+        job = f"{stack.model}-lora-{number}"
+        manifest = upload_job_output(objects, adapter, f"jobs/{job}", task_type="TASK_TYPE_CHAT", label_map=[])
+        version = await stack.registry.RegisterModelVersion(
+            registry_pb2.RegisterModelVersionRequest(
+                registered_model_name=stack.model,
+                create_model_if_missing=True,
+                source_prefix=f"jobs/{job}",
+                manifest=manifest,
+                task=common_pb2.TASK_TYPE_CHAT,
+                signature=CHAT_SIGNATURE,
+                lineage=common_pb2.Lineage(training_job_id=job, base_model=lineage_base),
+                wait_for_verification=True,
+            ),
+            timeout=60,
+        )
+        assert version.status == registry_pb2.MODEL_VERSION_STATUS_READY, version.status_reason
+        versions.append(version.version)
+    await stack.registry.SetAlias(
+        registry_pb2.SetAliasRequest(registered_model_name=stack.model, alias="production", version=versions[0]),
+        timeout=30,
+    )
+    # Version 1 takes the traffic and version 2 is the canary: two adapters, one copy of the base.
+    await stack.serving.CreateDeployment(
+        serving_pb2.CreateDeploymentRequest(
+            deployment=serving_pb2.Deployment(
+                name=stack.model,
+                registered_model_name=stack.model,
+                canary=serving_pb2.CanaryRoute(target=common_pb2.ModelVersionSelector(version=versions[1]), weight=0.5),
+            ),
+            wait_until_ready=True,
+        ),
+        timeout=120,
+    )
+    loaded = stack.serving_app.service.manager.loaded_versions("default", stack.model)
+    generators = [v.generator for v in loaded]
+    assert len(generators) == 2 and all(g is not None for g in generators)
+    assert getattr(generators[0], "shared", None) is getattr(generators[1], "shared", None) is not None
+
+    for version, adapter in zip(versions, adapters, strict=True):
+        pin = common_pb2.ModelVersionSelector(version=version)
+        text, responses = await reply(stack, chat(stack.model, TEXTS[0], max_tokens=12, temperature=0.0, target=pin))
+        assert responses[-1].model_version == version
+        assert text == merged_reply(base_dir, adapter, TEXTS[0], 12)

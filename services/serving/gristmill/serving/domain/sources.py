@@ -20,6 +20,10 @@ from gristmill.serving.domain.model import Quantization, VersionSelector
 
 TASK_SINGLE_LABEL = "TASK_TYPE_TEXT_CLASSIFICATION"
 TASK_MULTI_LABEL = "TASK_TYPE_TEXT_MULTI_LABEL_CLASSIFICATION"
+# A version whose directory has this file is a PEFT LoRA adapter; its source fetches the base model beside it,
+# as the directory (or link) ``BASE_DIR`` inside the version's directory.
+ADAPTER_CONFIG = "adapter_config.json"
+BASE_DIR = "base"
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,9 @@ class ResolvedVersion:
     # From the version's lineage: the labeling project its dataset came from, and the training length.
     labeling_project_id: str = ""
     max_sequence_length: int = 0
+    # From the lineage: the registry base model the version was trained from (an adapter needs it to load).
+    base_model_name: str = ""
+    base_model_sha256: str = ""
     # Source-specific details (e.g. the local directory of a test source).
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 

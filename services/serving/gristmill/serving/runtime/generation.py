@@ -53,7 +53,7 @@ from gristmill.serving.domain.generation import (
     Usage,
 )
 from gristmill.serving.domain.model import Quantization
-from gristmill.serving.domain.sources import LoadOptions, ResolvedVersion
+from gristmill.serving.domain.sources import ADAPTER_CONFIG, BASE_DIR, LoadOptions, ResolvedVersion
 from gristmill.serving.runtime.memory import release_memory, resident_bytes
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,6 @@ DEFAULT_PREFILL_TOKENS = 2048
 _NO_LIMIT = 1_000_000
 # PEFT's name for "no adapter" in a mixed batch.
 BASE_ADAPTER = "__base__"
-ADAPTER_CONFIG = "adapter_config.json"
-# Where a fetched adapter version finds its base model (a link the model source makes).
-BASE_DIR = "base"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,14 @@ import grpc
 
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.registry.v1 import registry_pb2, registry_pb2_grpc
-from gristmill.core.errors import DataIntegrityError, GristmillError, NotFoundError, remote_call_error
+from gristmill.core.base_models import RegistryBaseModels
+from gristmill.core.errors import (
+    DataIntegrityError,
+    FailedPreconditionError,
+    GristmillError,
+    NotFoundError,
+    remote_call_error,
+)
 from gristmill.core.ids import validate_id
 from gristmill.core.manifests import FileEntry, download_files, relative_name
 from gristmill.core.storage import ObjectStore, validate_key
@@ -21,6 +28,8 @@ from gristmill.core.tls import ReloadingChannel, TlsSettings
 from gristmill.core.values import TensorSpec
 from gristmill.serving.domain.model import VersionSelector
 from gristmill.serving.domain.sources import (
+    ADAPTER_CONFIG,
+    BASE_DIR,
     TASK_SINGLE_LABEL,
     ModelFile,
     ModelSource,
@@ -72,6 +81,8 @@ def resolved_from_manifest(manifest: registry_pb2.DownloadManifest) -> ResolvedV
         outputs=_tensors(manifest.signature.outputs),
         labeling_project_id=manifest.lineage.dataset_version.project_id,
         max_sequence_length=length,
+        base_model_name=manifest.lineage.base_model.base_model_name,
+        base_model_sha256=manifest.lineage.base_model.content_sha256,
         extra={"artifact_prefix": prefix},
     )
 
@@ -101,6 +112,7 @@ class RegistryModelSource(ModelSource):
         self._timeout_s = timeout_s
         self._metadata_for = metadata_for
         self._channel = ReloadingChannel(address, tls)
+        self._base_models = RegistryBaseModels(address, timeout_s=timeout_s, tls=tls, metadata_for=metadata_for)
 
     def resolve(self, organization_id: str, registered_model_name: str, selector: VersionSelector) -> ResolvedVersion:
         validate_id(registered_model_name, what="registered_model_name")
@@ -117,7 +129,10 @@ class RegistryModelSource(ModelSource):
                 )
         except grpc.RpcError as exc:
             raise _registry_error(exc, self.address, what) from None
-        return resolved_from_manifest(manifest)
+        resolved = resolved_from_manifest(manifest)
+        # fetch() looks up an adapter's base model for the same organisation.
+        resolved.extra["organization_id"] = organization_id
+        return resolved
 
     def model_exists(self, organization_id: str, registered_model_name: str) -> bool:
         validate_id(registered_model_name, what="registered_model_name")
@@ -138,10 +153,40 @@ class RegistryModelSource(ModelSource):
         # Cached by the registry's artifact prefix (a validated key, unique per stored version).
         prefix = str(resolved.extra.get("artifact_prefix", "")).strip("/")
         relative = validate_key(prefix) if prefix else f"{resolved.registered_model_name}/{resolved.version}"
-        return download_verified(self._objects, resolved, self._cache_dir / relative)
+        directory = download_verified(self._objects, resolved, self._cache_dir / relative)
+        if (directory / ADAPTER_CONFIG).is_file():
+            self._link_base_model(resolved, directory)
+        return directory
+
+    def _link_base_model(self, resolved: ResolvedVersion, directory: Path) -> None:
+        """Fetch the base model an adapter was trained on (verified, cached by content) and link it into the
+        version's directory; FAILED_PRECONDITION when the lineage names none or the registry's copy changed."""
+        what = f"version {resolved.version} of {resolved.registered_model_name}"
+        if not resolved.base_model_name:
+            raise FailedPreconditionError(
+                f"{what} is a LoRA adapter whose lineage names no registry base model (it was trained from a path "
+                "or an object prefix): import that base model into the registry and train from it, or publish "
+                "the merged model"
+            )
+        organization_id = str(resolved.extra.get("organization_id", ""))
+        base = self._base_models.lookup(organization_id, resolved.base_model_name)
+        if resolved.base_model_sha256 and base.content_sha256 != resolved.base_model_sha256:
+            raise FailedPreconditionError(
+                f"{what} was trained on base model {resolved.base_model_name!r} with content "
+                f"{resolved.base_model_sha256[:12]}, but the registry's copy is now {base.content_sha256[:12]}: "
+                "its adapter would not match; re-import the original base model or train again"
+            )
+        base_dir = base.download(self._objects, self._cache_dir / "base-models" / base.content_sha256)
+        link = directory / BASE_DIR
+        if link.is_symlink() and link.resolve() == base_dir.resolve():
+            return
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(base_dir.resolve(), target_is_directory=True)
 
     def close(self) -> None:
         self._channel.close()
+        self._base_models.close()
 
 
 class LocalDirectoryModelSource(ModelSource):
