@@ -7,6 +7,7 @@ proto names and changes nothing. (Fixtures: ``test_serving_stack``.)"""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -16,8 +17,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gristmill.api.common.v1 import common_pb2
+from gristmill.api.events.v1 import events_pb2
 from gristmill.api.registry.v1 import registry_pb2
 from gristmill.api.serving.v1 import serving_pb2
+from gristmill.core.events.topics import FEEDBACK_RECORDED
 from gristmill.core.storage import ObjectStore
 from services.serving.tests.integration.test_serving_stack import Stack, upload_job_output
 from tests.support.tiny_model import make_tiny_llama
@@ -68,6 +71,34 @@ def reference_reply(model_dir: Path, text: str, max_new_tokens: int) -> str:
     return str(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
 
 
+def next_feedback(stack: Stack, tmp_path: Path) -> events_pb2.FeedbackRecorded:
+    """The first ``feedback recorded`` event of this run's model on Kafka (a consumer group of its own)."""
+    from sqlalchemy.orm import Session
+
+    from gristmill.core.events import Event, KafkaEventBus
+    from gristmill.core.sql import Database
+
+    found: list[events_pb2.FeedbackRecorded] = []
+    arrived = threading.Event()
+    database = Database(f"sqlite:///{tmp_path / 'feedback-watch.db'}")
+    database.create_all()
+    bus = KafkaEventBus(stack.kafka, database=database)
+
+    def watch(event: Event, session: Session) -> None:
+        if event.key == stack.model:
+            found.append(events_pb2.FeedbackRecorded.FromString(event.payload))
+            arrived.set()
+
+    consumer = bus.subscribe([FEEDBACK_RECORDED], f"feedback-watch-{stack.model}", watch).run_in_background()
+    try:
+        assert arrived.wait(60), "no feedback event reached Kafka within 60 s"
+        return found[0]
+    finally:
+        consumer.stop()
+        bus.close()
+        database.dispose()
+
+
 def chat(model: str, text: str, **fields: object) -> serving_pb2.GenerateRequest:
     return serving_pb2.GenerateRequest(
         model=model,
@@ -106,6 +137,38 @@ async def test_generate_streams_from_the_registry_with_hot_swap_and_cancellation
     assert last.usage.prompt_tokens > 0 and last.usage.completion_tokens == sum(len(r.token_ids) for r in responses)
     assert {(r.registered_model_name, r.model_version) for r in responses} == {(stack.model, v1)}
     assert all(r.finish_reason == serving_pb2.FINISH_REASON_UNSPECIFIED for r in responses[:-1])
+
+    # Feedback on that reply reaches Kafka with the generation in full, PII-masked.
+    await stack.serving.RecordFeedback(
+        serving_pb2.RecordFeedbackRequest(
+            request_id=last.request_id,
+            kind=serving_pb2.FEEDBACK_KIND_EDIT,
+            edited_reply="Thanks! Write to jane.doe@example.com for a refund.",
+        ),
+        timeout=30,
+    )
+    event = await asyncio.to_thread(next_feedback, stack, tmp_path)
+    assert event.kind == events_pb2.FEEDBACK_KIND_EDIT and event.request_id == last.request_id
+    assert "jane.doe@example.com" not in event.edited_reply and "Write to" in event.edited_reply
+    assert event.generation.reply == text and event.generation.model_version == v1
+    assert [(m.role, m.content) for m in event.generation.messages] == [("user", TEXTS[0])]
+    assert event.generation.sampling_parameters["temperature"] == "0.0"
+    for bad_feedback, code in (
+        (
+            serving_pb2.RecordFeedbackRequest(
+                request_id=last.request_id, kind=serving_pb2.FEEDBACK_KIND_RATING, rating=7
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (serving_pb2.RecordFeedbackRequest(request_id=last.request_id), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            serving_pb2.RecordFeedbackRequest(request_id="never-answered", kind=serving_pb2.FEEDBACK_KIND_THUMBS_UP),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stack.serving.RecordFeedback(bad_feedback, timeout=30)
+        assert caught.value.code() == code, caught.value.details()
 
     # A raw prompt, a stop sequence, a seed.
     sampled = chat(stack.model, TEXTS[1], max_tokens=12, temperature=1.2, seed=5)

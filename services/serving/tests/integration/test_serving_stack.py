@@ -117,6 +117,7 @@ class Stack:
     serving_app: ServingApp
     logged: list[events_pb2.PredictionLogged]
     logged_arrived: threading.Event
+    kafka: KafkaSettings
 
 
 @pytest.fixture
@@ -190,6 +191,7 @@ async def stack(tmp_path: Path, kafka_bootstrap: str, s3_endpoint: dict[str, str
                 serving_app,
                 logged,
                 arrived,
+                kafka,
             )
     finally:
         await serving_host.stop()

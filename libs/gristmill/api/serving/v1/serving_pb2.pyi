@@ -45,6 +45,40 @@ FINISH_REASON_LENGTH: FinishReason.ValueType  # 2
 """max_tokens reached."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
+class _FeedbackKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FeedbackKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FeedbackKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FEEDBACK_KIND_UNSPECIFIED: _FeedbackKind.ValueType  # 0
+    FEEDBACK_KIND_THUMBS_UP: _FeedbackKind.ValueType  # 1
+    FEEDBACK_KIND_THUMBS_DOWN: _FeedbackKind.ValueType  # 2
+    FEEDBACK_KIND_RATING: _FeedbackKind.ValueType  # 3
+    """A rating of 1 (worst) to 5 (best) in `rating`."""
+    FEEDBACK_KIND_REGENERATE: _FeedbackKind.ValueType  # 4
+    """The user asked for another reply and kept one of the two (`kept_reply`, `discarded_reply`)."""
+    FEEDBACK_KIND_EDIT: _FeedbackKind.ValueType  # 5
+    """The user corrected the reply (`edited_reply`)."""
+    FEEDBACK_KIND_TEXT: _FeedbackKind.ValueType  # 6
+    """A free-text comment (`text`)."""
+
+class FeedbackKind(_FeedbackKind, metaclass=_FeedbackKindEnumTypeWrapper):
+    """What a user said about a reply."""
+
+FEEDBACK_KIND_UNSPECIFIED: FeedbackKind.ValueType  # 0
+FEEDBACK_KIND_THUMBS_UP: FeedbackKind.ValueType  # 1
+FEEDBACK_KIND_THUMBS_DOWN: FeedbackKind.ValueType  # 2
+FEEDBACK_KIND_RATING: FeedbackKind.ValueType  # 3
+"""A rating of 1 (worst) to 5 (best) in `rating`."""
+FEEDBACK_KIND_REGENERATE: FeedbackKind.ValueType  # 4
+"""The user asked for another reply and kept one of the two (`kept_reply`, `discarded_reply`)."""
+FEEDBACK_KIND_EDIT: FeedbackKind.ValueType  # 5
+"""The user corrected the reply (`edited_reply`)."""
+FEEDBACK_KIND_TEXT: FeedbackKind.ValueType  # 6
+"""A free-text comment (`text`)."""
+Global___FeedbackKind: _TypeAlias = FeedbackKind  # noqa: Y015
+
 class _Quantization:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -427,6 +461,73 @@ class GenerateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
+
+@_typing.final
+class RecordFeedbackRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    RATING_FIELD_NUMBER: _builtins.int
+    EDITED_REPLY_FIELD_NUMBER: _builtins.int
+    KEPT_REPLY_FIELD_NUMBER: _builtins.int
+    DISCARDED_REPLY_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The request id of the reply (GenerateResponse.request_id, or the chat completion's id without
+    its "chatcmpl-" prefix).
+    """
+    kind: Global___FeedbackKind.ValueType
+    rating: _builtins.int
+    edited_reply: _builtins.str
+    kept_reply: _builtins.str
+    discarded_reply: _builtins.str
+    text: _builtins.str
+    """The user's comment (required for TEXT, optional otherwise)."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        kind: Global___FeedbackKind.ValueType = ...,
+        rating: _builtins.int = ...,
+        edited_reply: _builtins.str = ...,
+        kept_reply: _builtins.str = ...,
+        discarded_reply: _builtins.str = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["discarded_reply", b"discarded_reply", "edited_reply", b"edited_reply", "kept_reply", b"kept_reply", "kind", b"kind", "rating", b"rating", "request_id", b"request_id", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordFeedbackRequest: _TypeAlias = RecordFeedbackRequest  # noqa: Y015
+
+@_typing.final
+class RecordFeedbackResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REGISTERED_MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    registered_model_name: _builtins.str
+    """The model version the feedback is about."""
+    model_version: _builtins.int
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        registered_model_name: _builtins.str = ...,
+        model_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "registered_model_name", b"registered_model_name", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordFeedbackResponse: _TypeAlias = RecordFeedbackResponse  # noqa: Y015
 
 @_typing.final
 class Deployment(_message.Message):

@@ -55,6 +55,11 @@ class ServingServiceStub(object):
                 request_serializer=gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.RecordFeedback = channel.unary_unary(
+                '/gristmill.api.serving.v1.ServingService/RecordFeedback',
+                request_serializer=gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.RecordFeedbackRequest.SerializeToString,
+                response_deserializer=gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.RecordFeedbackResponse.FromString,
+                _registered_method=True)
         self.CreateDeployment = channel.unary_unary(
                 '/gristmill.api.serving.v1.ServingService/CreateDeployment',
                 request_serializer=gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.CreateDeploymentRequest.SerializeToString,
@@ -132,6 +137,21 @@ class ServingServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordFeedback(self, request, context):
+        """Records what a user said about a reply (of Generate or of the OpenAI-compatible endpoint), named
+        by its request id. The feedback and the reply it is about (conversation, reply, version, sampling
+        parameters) are published as a `feedback recorded` event, PII-masked, which labeling turns into
+        review items and preference pairs; the event is in the outbox before this returns.
+        NOT_FOUND: no reply with that request id is remembered here (older than 24 h, another
+        organisation's, or answered by another replica).
+        INVALID_ARGUMENT: no request_id or kind; a rating outside 1-5 (or a rating on another kind); an
+        edit without edited_reply; a regenerate without kept_reply and discarded_reply; a text kind
+        without text; a text over 32,768 characters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateDeployment(self, request, context):
         """Creates a deployment and starts loading its version(s). Returns LOADING, or READY/FAILED
         when wait_until_ready is set. A target alias that the (existing) model has not set yet is
@@ -191,6 +211,11 @@ def add_ServingServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.GenerateRequest.FromString,
                     response_serializer=gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.GenerateResponse.SerializeToString,
+            ),
+            'RecordFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordFeedback,
+                    request_deserializer=gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.RecordFeedbackRequest.FromString,
+                    response_serializer=gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.RecordFeedbackResponse.SerializeToString,
             ),
             'CreateDeployment': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateDeployment,
@@ -282,6 +307,33 @@ class ServingService(object):
             '/gristmill.api.serving.v1.ServingService/Generate',
             gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.GenerateRequest.SerializeToString,
             gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gristmill.api.serving.v1.ServingService/RecordFeedback',
+            gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.RecordFeedbackRequest.SerializeToString,
+            gristmill_dot_api_dot_serving_dot_v1_dot_serving__pb2.RecordFeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

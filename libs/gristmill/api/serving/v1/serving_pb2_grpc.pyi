@@ -75,6 +75,17 @@ class ServingServiceStub:
     RESOURCE_EXHAUSTED: too many requests wait for the model (retry later), or a quota is used up.
     DEADLINE_EXCEEDED: the deadline passed before the request got a place in the batch.
     """
+    RecordFeedback: _grpc.UnaryUnaryMultiCallable[_serving_pb2.RecordFeedbackRequest, _serving_pb2.RecordFeedbackResponse]
+    """Records what a user said about a reply (of Generate or of the OpenAI-compatible endpoint), named
+    by its request id. The feedback and the reply it is about (conversation, reply, version, sampling
+    parameters) are published as a `feedback recorded` event, PII-masked, which labeling turns into
+    review items and preference pairs; the event is in the outbox before this returns.
+    NOT_FOUND: no reply with that request id is remembered here (older than 24 h, another
+      organisation's, or answered by another replica).
+    INVALID_ARGUMENT: no request_id or kind; a rating outside 1-5 (or a rating on another kind); an
+      edit without edited_reply; a regenerate without kept_reply and discarded_reply; a text kind
+      without text; a text over 32,768 characters.
+    """
     CreateDeployment: _grpc.UnaryUnaryMultiCallable[_serving_pb2.CreateDeploymentRequest, _serving_pb2.Deployment]
     """Creates a deployment and starts loading its version(s). Returns LOADING, or READY/FAILED
     when wait_until_ready is set. A target alias that the (existing) model has not set yet is
@@ -144,6 +155,17 @@ class ServingServiceAsyncStub(ServingServiceStub):
     FAILED_PRECONDITION: messages sent to a model without a chat template (send a prompt).
     RESOURCE_EXHAUSTED: too many requests wait for the model (retry later), or a quota is used up.
     DEADLINE_EXCEEDED: the deadline passed before the request got a place in the batch.
+    """
+    RecordFeedback: _aio.UnaryUnaryMultiCallable[_serving_pb2.RecordFeedbackRequest, _serving_pb2.RecordFeedbackResponse]  # type: ignore[assignment]
+    """Records what a user said about a reply (of Generate or of the OpenAI-compatible endpoint), named
+    by its request id. The feedback and the reply it is about (conversation, reply, version, sampling
+    parameters) are published as a `feedback recorded` event, PII-masked, which labeling turns into
+    review items and preference pairs; the event is in the outbox before this returns.
+    NOT_FOUND: no reply with that request id is remembered here (older than 24 h, another
+      organisation's, or answered by another replica).
+    INVALID_ARGUMENT: no request_id or kind; a rating outside 1-5 (or a rating on another kind); an
+      edit without edited_reply; a regenerate without kept_reply and discarded_reply; a text kind
+      without text; a text over 32,768 characters.
     """
     CreateDeployment: _aio.UnaryUnaryMultiCallable[_serving_pb2.CreateDeploymentRequest, _serving_pb2.Deployment]  # type: ignore[assignment]
     """Creates a deployment and starts loading its version(s). Returns LOADING, or READY/FAILED
@@ -223,6 +245,23 @@ class ServingServiceServicer(metaclass=_abc_1.ABCMeta):
         FAILED_PRECONDITION: messages sent to a model without a chat template (send a prompt).
         RESOURCE_EXHAUSTED: too many requests wait for the model (retry later), or a quota is used up.
         DEADLINE_EXCEEDED: the deadline passed before the request got a place in the batch.
+        """
+
+    @_abc_1.abstractmethod
+    def RecordFeedback(
+        self,
+        request: _serving_pb2.RecordFeedbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_serving_pb2.RecordFeedbackResponse, _abc.Awaitable[_serving_pb2.RecordFeedbackResponse]]:
+        """Records what a user said about a reply (of Generate or of the OpenAI-compatible endpoint), named
+        by its request id. The feedback and the reply it is about (conversation, reply, version, sampling
+        parameters) are published as a `feedback recorded` event, PII-masked, which labeling turns into
+        review items and preference pairs; the event is in the outbox before this returns.
+        NOT_FOUND: no reply with that request id is remembered here (older than 24 h, another
+          organisation's, or answered by another replica).
+        INVALID_ARGUMENT: no request_id or kind; a rating outside 1-5 (or a rating on another kind); an
+          edit without edited_reply; a regenerate without kept_reply and discarded_reply; a text kind
+          without text; a text over 32,768 characters.
         """
 
     @_abc_1.abstractmethod

@@ -21,6 +21,7 @@ from gristmill.api.serving.v1 import serving_pb2
 from gristmill.core.chat import ROLES, ChatMessage
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.values import TensorSpec
+from gristmill.serving.domain.feedback import FeedbackInput, FeedbackKind
 from gristmill.serving.domain.generation import FinishReason, Generation, GenerationChunk, SamplingParams
 from gristmill.serving.domain.model import (
     DEFAULT_BATCH_SIZE,
@@ -324,6 +325,33 @@ def generate_response(chunk: GenerationChunk, generation: Generation) -> serving
         response.usage.prompt_tokens = chunk.usage.prompt_tokens
         response.usage.completion_tokens = chunk.usage.completion_tokens
     return response
+
+
+_FEEDBACK_KINDS = {
+    serving_pb2.FEEDBACK_KIND_THUMBS_UP: FeedbackKind.THUMBS_UP,
+    serving_pb2.FEEDBACK_KIND_THUMBS_DOWN: FeedbackKind.THUMBS_DOWN,
+    serving_pb2.FEEDBACK_KIND_RATING: FeedbackKind.RATING,
+    serving_pb2.FEEDBACK_KIND_REGENERATE: FeedbackKind.REGENERATE,
+    serving_pb2.FEEDBACK_KIND_EDIT: FeedbackKind.EDIT,
+    serving_pb2.FEEDBACK_KIND_TEXT: FeedbackKind.TEXT,
+}
+
+
+def feedback_from_proto(request: serving_pb2.RecordFeedbackRequest) -> FeedbackInput:
+    kind = _FEEDBACK_KINDS.get(request.kind)
+    if kind is None:
+        raise InvalidArgumentError(
+            "kind is required: thumbs_up, thumbs_down, rating, regenerate, edit or text (FEEDBACK_KIND_...)"
+        )
+    return FeedbackInput(
+        request_id=request.request_id,
+        kind=kind,
+        rating=request.rating,
+        edited_reply=request.edited_reply,
+        kept_reply=request.kept_reply,
+        discarded_reply=request.discarded_reply,
+        text=request.text,
+    )
 
 
 def decode_bytes_elements(raw: bytes, count: int, *, tensor: str) -> list[bytes]:

@@ -69,6 +69,16 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
             # The client went away (the call was cancelled) or the reply ended: either way its sequence is freed.
             generation.close()
 
+    async def RecordFeedback(
+        self, request: serving_pb2.RecordFeedbackRequest, context: Any
+    ) -> serving_pb2.RecordFeedbackResponse:
+        record = await self._service.record_feedback(current_organization(), convert.feedback_from_proto(request))
+        return serving_pb2.RecordFeedbackResponse(
+            request_id=record.request_id,
+            registered_model_name=record.registered_model_name,
+            model_version=record.version,
+        )
+
     async def CreateDeployment(
         self, request: serving_pb2.CreateDeploymentRequest, context: Any
     ) -> serving_pb2.Deployment:

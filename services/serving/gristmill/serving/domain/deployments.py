@@ -585,7 +585,11 @@ class DeploymentManager:
             done(False)
             raise
         return Generation(
-            stream, registered_model_name=version.resolved.registered_model_name, version=version.version, on_done=done
+            stream,
+            registered_model_name=version.resolved.registered_model_name,
+            version=version.version,
+            on_done=done,
+            labeling_project_id=version.resolved.labeling_project_id,
         )
 
     # -- status ------------------------------------------------------------------------------------------

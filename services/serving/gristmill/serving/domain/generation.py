@@ -234,12 +234,16 @@ class Generation(AsyncIterator[GenerationChunk]):
         registered_model_name: str,
         version: int,
         on_done: Callable[[bool], None],
+        labeling_project_id: str = "",
     ) -> None:
         self.stream = stream
         self.request_id = stream.request.request_id
         self.prompt_tokens = len(stream.request.prompt_ids)
         self.registered_model_name = registered_model_name
         self.version = version
+        self.labeling_project_id = labeling_project_id
+        # The reply so far (whole once the last chunk arrived).
+        self.parts: list[str] = []
         self._hooks: list[Callable[[bool], None]] | None = [on_done]
 
     def add_done_hook(self, hook: Callable[[bool], None]) -> None:
@@ -263,9 +267,14 @@ class Generation(AsyncIterator[GenerationChunk]):
         except BaseException:
             self._done(False)
             raise
+        self.parts.append(chunk.text)
         if chunk.finish_reason is not None:
             self._done(True)
         return chunk
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
 
     def close(self) -> None:
         """Stop generating (the client went away); no-op once finished."""
@@ -274,12 +283,10 @@ class Generation(AsyncIterator[GenerationChunk]):
 
     async def collect(self) -> tuple[str, GenerationChunk]:
         """The whole reply and its last chunk (non-streaming callers)."""
-        parts: list[str] = []
         try:
             async for chunk in self:
-                parts.append(chunk.text)
                 if chunk.finish_reason is not None:
-                    return "".join(parts), chunk
+                    return self.text, chunk
         finally:
             self.close()
         raise AssertionError("the reply ended without a finish reason")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -22,11 +23,18 @@ from dataclasses import dataclass
 
 from gristmill.core.auth import Principal
 from gristmill.core.auth_quota import QuotaGuard, Reservation, UsageKind
-from gristmill.core.chat import ChatMessage, check_turns
-from gristmill.core.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
+from gristmill.core.chat import USER, ChatMessage, check_turns
+from gristmill.core.errors import AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from gristmill.core.licensing import License, load_license
 from gristmill.core.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from gristmill.serving.domain.deployments import DeploymentManager
+from gristmill.serving.domain.feedback import (
+    FeedbackInput,
+    FeedbackPublisher,
+    GenerationRecord,
+    RecentGenerations,
+    validate_feedback,
+)
 from gristmill.serving.domain.generation import (
     DEFAULT_SAMPLING,
     Generation,
@@ -92,8 +100,14 @@ class DeploymentService:
         rng: random.Random | None = None,
         license_: License | None = None,
         quota: QuotaGuard | None = None,
+        feedback: FeedbackPublisher | None = None,
+        generations: RecentGenerations | None = None,
     ) -> None:
         self.store = store
+        # Where RecordFeedback writes its events (None: feedback is refused, FAILED_PRECONDITION).
+        self.feedback = feedback
+        # Finished replies, so that feedback can carry its generation in full.
+        self.generations = generations or RecentGenerations()
         # Enterprise licence: max_serving_models, serving.canary (the community edition's without one).
         self.license = license_ or load_license(None, "")
         # Metering and quotas per organisation (None: not metered, the embedded dev mode).
@@ -382,7 +396,43 @@ class DeploymentService:
             prompt_tokens = generation.prompt_tokens
             # The reply's end settles the reservation: usage for a finished reply, none for a failed one.
             generation.add_done_hook(lambda ok: self._settle(held, ok, prompt_tokens))
+        conversation = tuple(messages) or (ChatMessage(USER, prompt),)
+        sampled = {
+            "temperature": repr(sampling.temperature),
+            "top_p": repr(sampling.top_p),
+            "top_k": str(sampling.top_k),
+            **({"seed": str(sampling.seed)} if sampling.seed is not None else {}),
+            **({"max_tokens": str(max_new_tokens)} if max_new_tokens is not None else {}),
+            **({"stop": json.dumps(list(stops))} if stops else {}),
+        }
+
+        def remember(ok: bool) -> None:
+            if ok:
+                self.generations.remember(
+                    GenerationRecord(
+                        organization_id=organization_id,
+                        request_id=generation.request_id,
+                        registered_model_name=generation.registered_model_name,
+                        version=generation.version,
+                        deployment=name,
+                        messages=conversation,
+                        reply=generation.text,
+                        sampling=sampled,
+                        labeling_project_id=generation.labeling_project_id,
+                    )
+                )
+
+        generation.add_done_hook(remember)
         return generation
+
+    async def record_feedback(self, organization_id: str, feedback: FeedbackInput) -> GenerationRecord:
+        """Publish ``feedback`` on one of the organisation's recent replies (in the outbox before this returns)."""
+        validate_feedback(feedback)
+        record = self.generations.get(organization_id, feedback.request_id)
+        if self.feedback is None:
+            raise FailedPreconditionError("feedback is not recorded by this server (no event outbox configured)")
+        await asyncio.to_thread(self.feedback.publish, organization_id, record, feedback)
+        return record
 
     def _settle(self, reservation: Reservation, ok: bool, prompt_tokens: int) -> None:
         if not ok:
