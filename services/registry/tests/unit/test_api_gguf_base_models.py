@@ -18,8 +18,8 @@ import pytest
 
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.registry.v1 import registry_pb2 as pb
+from gristmill.core.chat_templates import read_chat_template
 from gristmill.registry.domain import gguf as gguf_module
-from gristmill.registry.domain.basemodels import read_chat_template
 from services.registry.tests.api import Api, fails
 from tests.support.tiny_gguf import CHATML_TEMPLATE, write_tiny_llama_gguf
 

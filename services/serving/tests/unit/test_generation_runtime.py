@@ -258,3 +258,16 @@ def test_two_adapters_share_one_base_and_decode_in_one_batch(llama_dir: Path, tm
         two.close()
         one.close()
     assert runtime._BASES == {}
+
+
+def test_a_version_whose_template_is_not_the_trained_one_is_refused(llama_dir: Path) -> None:
+    from gristmill.core.chat_templates import chat_template_sha256, read_chat_template
+    from gristmill.core.errors import FailedPreconditionError
+
+    trained = chat_template_sha256(read_chat_template(llama_dir))
+    wrong = chat_template_sha256("{{ messages }}")
+    refused = ResolvedVersion("assistant", 3, task="TASK_TYPE_CHAT", chat_template_sha256=wrong)
+    with pytest.raises(FailedPreconditionError, match="not the one it was trained with"):
+        load_transformers_generator(llama_dir, refused, LoadOptions())
+    same = ResolvedVersion("assistant", 4, task="TASK_TYPE_CHAT", chat_template_sha256=trained)
+    load_transformers_generator(llama_dir, same, LoadOptions()).close()

@@ -12,10 +12,10 @@ import pytest
 
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.training.v1 import training_pb2 as pb
+from gristmill.core.chat_templates import chat_template_sha256
 from gristmill.core.manifests import ModelManifest
 from gristmill.core.settings import S3Settings
 from gristmill.core.storage.s3 import S3ObjectStore
-from gristmill.training.domain.spec import chat_template_sha256
 from gristmill.training.runner.ray_runner import RayCluster
 from services.training.tests.integration.test_ray_training import (  # noqa: F401  # fixtures: ray_cluster, s3
     _chat_spec,

@@ -470,7 +470,7 @@ async def _registry_with(tmp_path: Path, s3: S3Settings, name: str, model: Path)
 async def test_sft_with_lora_on_a_chat_version_checkpoints_to_s3_and_publishes_the_adapter(
     tmp_path: Path, s3: S3Settings, kafka_bootstrap: str, ray_cluster: RayCluster, chat_version: Any, tiny_llama: Path
 ) -> None:
-    from gristmill.training.domain.spec import chat_template_sha256
+    from gristmill.core.chat_templates import chat_template_sha256
 
     # The base model is named by registry name: looked up with GetBaseModel, its files verified from S3.
     name = f"tiny-llama-{uuid.uuid4().hex[:8]}"

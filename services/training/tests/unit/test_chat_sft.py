@@ -17,6 +17,7 @@ from gristmill.api.common.v1 import common_pb2
 from gristmill.api.training.v1 import training_pb2 as pb
 from gristmill.api.training.v1 import training_pb2_grpc as pb_grpc
 from gristmill.core.chat import ROW_FORMAT_DPO
+from gristmill.core.chat_templates import chat_template_sha256
 from gristmill.core.errors import FailedPreconditionError, InvalidArgumentError
 from gristmill.core.manifests import DatasetManifest, ModelManifest, dataset_manifest_key
 from gristmill.core.storage import ObjectStore
@@ -265,7 +266,7 @@ def test_a_chat_job_resolves_with_the_objective_template_and_llama_lora_targets(
     # The template the job trains with is pinned in the effective spec and hashed into the lineage.
     assert spec.chat_template == CHATML_TEMPLATE
     flat = d.flatten_hyper_parameters(spec)
-    assert flat["objective"] == "sft" and flat["chat_template.sha256"] == d.chat_template_sha256(CHATML_TEMPLATE)
+    assert flat["objective"] == "sft" and flat["chat_template.sha256"] == chat_template_sha256(CHATML_TEMPLATE)
     # SFT reports loss and perplexity: the default validation metric is its loss, minimised.
     assert spec.hyper_parameters.early_stopping.metric == "loss"
     assert spec.hyper_parameters.early_stopping.goal is d.Goal.MINIMIZE
@@ -518,7 +519,7 @@ async def test_an_sft_job_reports_loss_and_perplexity_and_publishes_the_adapter(
     finals = {(m.name, m.split) for m in result.metrics}
     assert {("loss", common_pb2.DATASET_SPLIT_TEST), ("perplexity", common_pb2.DATASET_SPLIT_TEST)} <= finals
     assert result.signature == convert.signature_to_proto(CHAT_SIGNATURE)
-    template_sha = d.chat_template_sha256(CHATML_TEMPLATE)
+    template_sha = chat_template_sha256(CHATML_TEMPLATE)
     assert result.lineage.hyper_parameters["chat_template.sha256"] == template_sha
     assert result.lineage.base_model.local_path == str(tiny_llama) and result.lineage.base_model.content_sha256
     manifest = ModelManifest.from_json(objects.get_bytes(result.manifest.key, expected_sha256=result.manifest.sha256))

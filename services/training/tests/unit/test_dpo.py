@@ -20,6 +20,7 @@ import torch
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.training.v1 import training_pb2 as pb
 from gristmill.api.training.v1 import training_pb2_grpc as pb_grpc
+from gristmill.core.chat_templates import chat_template_sha256
 from gristmill.core.errors import FailedPreconditionError, InvalidArgumentError
 from gristmill.core.manifests import ModelManifest
 from gristmill.core.storage import ObjectStore
@@ -123,7 +124,7 @@ def test_a_dpo_job_resolves_with_its_beta_template_and_metrics(
     )
     flat = d.flatten_hyper_parameters(spec)
     assert flat["objective"] == "dpo" and flat["dpo.beta"] == "0.1"
-    assert flat["chat_template.sha256"] == d.chat_template_sha256(CHATML_TEMPLATE)
+    assert flat["chat_template.sha256"] == chat_template_sha256(CHATML_TEMPLATE)
     proto = convert.spec_to_proto(spec)
     assert proto.dpo.beta == pytest.approx(0.1) and proto.objective == pb.OBJECTIVE_DPO
     # A beta given in the spec is kept.
@@ -635,7 +636,7 @@ async def test_a_dpo_job_reports_rewards_and_publishes_a_chat_adapter(
     assert result.signature == convert.signature_to_proto(CHAT_SIGNATURE) and list(result.label_map.labels) == []
     hyper = result.lineage.hyper_parameters
     assert hyper["objective"] == "dpo" and hyper["dpo.beta"] == "0.1"
-    assert hyper["chat_template.sha256"] == d.chat_template_sha256(CHATML_TEMPLATE)
+    assert hyper["chat_template.sha256"] == chat_template_sha256(CHATML_TEMPLATE)
     manifest = ModelManifest.from_json(objects.get_bytes(result.manifest.key, expected_sha256=result.manifest.sha256))
     # A DPO-trained model is a chat model (what the registry registers).
     assert manifest.task_type == "TASK_TYPE_CHAT"

@@ -15,7 +15,6 @@ training and serving compare it, so a model is served with the template it was t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -29,6 +28,10 @@ from pathlib import Path
 
 from gristmill.core import paging
 from gristmill.core.base_models import content_sha256
+from gristmill.core.chat_templates import (
+    chat_template_sha256,
+    read_chat_template,
+)
 from gristmill.core.errors import AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from gristmill.core.storage import ObjectStore, object_key, validate_key
 from gristmill.core.storage.base import sha256_file
@@ -67,9 +70,6 @@ _ENCODERS = {
 }
 # What a decoder (``*ForCausalLM``) can be fine-tuned for: plain text, chat (SFT) and preference pairs (DPO).
 _DECODER_TASKS = tuple(task_type_enum_name(t) for t in (CAUSAL_LM, CHAT, PREFERENCE))
-# Where transformers reads the chat template from, in its order of precedence.
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
 @dataclass(frozen=True)
@@ -117,41 +117,8 @@ def inspect_directory(root: Path, names: list[str]) -> DirectoryFacts:
         architectures,
         infer_tasks(model_type, architectures),
         parameters,
-        hashlib.sha256(template.encode()).hexdigest() if template else "",
+        chat_template_sha256(template) if template else "",
     )
-
-
-def read_chat_template(root: Path, names: list[str]) -> str:
-    """The chat template the tokenizer in ``root`` applies by default, as transformers finds it; "" when none.
-
-    ``chat_template.jinja`` wins over ``tokenizer_config.json``'s ``chat_template``, which is a string or a list
-    of ``{"name", "template"}`` (then the one named ``default``, the one ``apply_chat_template`` uses without
-    tools). The text is taken as written, so its SHA-256 equals that of the loaded ``tokenizer.chat_template``.
-    """
-    present = set(names)
-    if CHAT_TEMPLATE_FILE in present:
-        try:
-            return (root / CHAT_TEMPLATE_FILE).read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidArgumentError(f"{CHAT_TEMPLATE_FILE} is not UTF-8 text") from None
-    if TOKENIZER_CONFIG_FILE not in present:
-        return ""
-    try:
-        config = json.loads((root / TOKENIZER_CONFIG_FILE).read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidArgumentError(f"{TOKENIZER_CONFIG_FILE} is not valid JSON: {exc}") from None
-    template = config.get("chat_template") if isinstance(config, dict) else None
-    if isinstance(template, list):
-        template = next(
-            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
-        )
-    if template is None:
-        return ""
-    if not isinstance(template, str):
-        raise InvalidArgumentError(
-            f"{TOKENIZER_CONFIG_FILE}: chat_template must be a string or a list of {{name, template}} objects"
-        )
-    return template
 
 
 def safetensors_parameter_count(path: Path) -> int:

@@ -56,6 +56,8 @@ class ResolvedVersion:
     # From the lineage: the registry base model the version was trained from (an adapter needs it to load).
     base_model_name: str = ""
     base_model_sha256: str = ""
+    # The SHA-256 of the chat template training rendered with (lineage ``chat_template.sha256``); "" if unknown.
+    chat_template_sha256: str = ""
     # Source-specific details (e.g. the local directory of a test source).
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 

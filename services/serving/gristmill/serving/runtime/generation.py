@@ -35,6 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 from transformers.utils import logging as hf_logging
 
 from gristmill.core.chat import ChatMessage
+from gristmill.core.chat_templates import TOKENIZER_CONFIG_FILE, chat_template_sha256, read_chat_template
 from gristmill.core.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -603,6 +604,7 @@ def load_transformers_generator(
     the source fetched beside it (``base/``) and which is served on that base shared with the base's other
     adapters. Quantise if asked, warm up, measure memory."""
     what = f"version {resolved.version} of {resolved.registered_model_name}"
+    check_chat_template(directory, resolved, what)
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     release_memory()
@@ -637,6 +639,24 @@ def load_transformers_generator(
     return generator
 
 
+def check_chat_template(directory: Path, resolved: ResolvedVersion, what: str) -> None:
+    """Train = serve: ``FailedPreconditionError`` when the tokenizer the version carries (or, for an adapter
+    without one, its base's) has another chat template than the one its lineage says training rendered with."""
+    if not resolved.chat_template_sha256:
+        return
+    tokenizer_dir = directory
+    if (directory / ADAPTER_CONFIG).is_file() and not (directory / TOKENIZER_CONFIG_FILE).is_file():
+        tokenizer_dir = directory / BASE_DIR
+    template = read_chat_template(tokenizer_dir) if tokenizer_dir.is_dir() else ""
+    served = chat_template_sha256(template) if template else "none"
+    if served != resolved.chat_template_sha256:
+        raise FailedPreconditionError(
+            f"{what}: its tokenizer's chat template (sha256 {served[:12]}) is not the one it was trained with "
+            f"(lineage chat_template.sha256 {resolved.chat_template_sha256[:12]}); replies would be rendered "
+            "differently from training: register the version with the tokenizer its training job saved"
+        )
+
+
 def _load_causal_lm(directory: Path, what: str) -> tuple[Any, Any]:
     if not (directory / "model.safetensors").is_file():
         raise FailedPreconditionError(
@@ -662,7 +682,7 @@ def _load_adapter(directory: Path, what: str, resolved: ResolvedVersion, limits:
             "a base model imported into the registry)"
         )
     # The version's own tokenizer carries the chat template it was trained with; the base's is the fallback.
-    has_tokenizer = (directory / "tokenizer_config.json").is_file()
+    has_tokenizer = (directory / TOKENIZER_CONFIG_FILE).is_file()
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory if has_tokenizer else base_dir)
     except (OSError, ValueError, KeyError) as exc:

@@ -14,6 +14,7 @@ import grpc
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.registry.v1 import registry_pb2, registry_pb2_grpc
 from gristmill.core.base_models import RegistryBaseModels
+from gristmill.core.chat_templates import LINEAGE_KEY
 from gristmill.core.errors import (
     DataIntegrityError,
     FailedPreconditionError,
@@ -83,6 +84,7 @@ def resolved_from_manifest(manifest: registry_pb2.DownloadManifest) -> ResolvedV
         max_sequence_length=length,
         base_model_name=manifest.lineage.base_model.base_model_name,
         base_model_sha256=manifest.lineage.base_model.content_sha256,
+        chat_template_sha256=hyper.get(LINEAGE_KEY, ""),
         extra={"artifact_prefix": prefix},
     )
 

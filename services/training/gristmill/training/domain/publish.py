@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from gristmill.core.chat_templates import LINEAGE_KEY, chat_template_sha256, read_chat_template
 from gristmill.core.errors import FailedPreconditionError
 from gristmill.core.manifests import FileEntry, ModelManifest
 from gristmill.core.serialization import to_plain
@@ -213,6 +215,13 @@ class ModelPublisher:
         lineage = self.lineage(job, dataset_files, outcome.spec)
         metrics = final_metrics(outcome.metrics)
         model_dir = Path(outcome.model_dir)
+        template = read_chat_template(model_dir)
+        if template and LINEAGE_KEY not in lineage.hyper_parameters:
+            # The template the published tokenizer carries (the base model's, when the spec named none) is the one
+            # training rendered with; serving refuses a version whose tokenizer carries another.
+            lineage = replace(
+                lineage, hyper_parameters={**lineage.hyper_parameters, LINEAGE_KEY: chat_template_sha256(template)}
+            )
         card = render_model_card(
             job,
             lineage,

@@ -8,13 +8,13 @@ with, what the store keeps and what the lineage records.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from gristmill.core.chat_templates import LINEAGE_KEY, chat_template_sha256
 from gristmill.core.errors import FailedPreconditionError, InvalidArgumentError
 from gristmill.core.ids import validate_id
 from gristmill.training.domain.dpo import DpoSettings as DpoSettings
@@ -611,12 +611,6 @@ def dpo_without_dpo(objective: Objective) -> InvalidArgumentError:
     )
 
 
-def chat_template_sha256(template: str) -> str:
-    """The SHA-256 of a chat template's UTF-8 text (what lineage records; the registry hashes base models' the
-    same way)."""
-    return hashlib.sha256(template.encode("utf-8")).hexdigest()
-
-
 def flatten_hyper_parameters(spec: JobSpec) -> dict[str, str]:
     """The effective hyper-parameters as a flat string map (lineage, model card)."""
     hp = spec.hyper_parameters
@@ -656,7 +650,7 @@ def flatten_hyper_parameters(spec: JobSpec) -> dict[str, str]:
         flat["objective"] = spec.objective.value
     if spec.chat_template:
         # Serving applies the template training used; the hash lets it refuse another one.
-        flat["chat_template.sha256"] = chat_template_sha256(spec.chat_template)
+        flat[LINEAGE_KEY] = chat_template_sha256(spec.chat_template)
     if spec.publish_merged:
         flat["publish_merged"] = "true"
     if spec.dpo is not None:
