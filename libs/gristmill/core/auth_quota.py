@@ -69,6 +69,7 @@ class UsageKind(Enum):
     PREDICTIONS = admin_pb2.USAGE_KIND_PREDICTIONS
     INPUT_TOKENS = admin_pb2.USAGE_KIND_INPUT_TOKENS
     TRAINING_WORKER_SECONDS = admin_pb2.USAGE_KIND_TRAINING_WORKER_SECONDS
+    OUTPUT_TOKENS = admin_pb2.USAGE_KIND_OUTPUT_TOKENS
 
     @property
     def label(self) -> str:

@@ -26,6 +26,11 @@ SERVICE_PORTS: Mapping[str, int] = MappingProxyType(
     }
 )
 
+# Serving's OpenAI-compatible HTTP API listens this far above serving's gRPC port (50056 by default): the port
+# after the services' block of five whatever the base port, and a serving replica's moves with its gRPC port.
+OPENAI_HTTP_PORT_OFFSET = 2
+SERVING_OPENAI_PORT = SERVING_PORT + OPENAI_HTTP_PORT_OFFSET
+
 # The local stack (deploy/local/stack.sh): its defaults, each overridden there by GRISTMILL_<NAME>_PORT.
 KAFKA_PORT = 9092
 S3_PORT = 8333

@@ -74,7 +74,12 @@ def test_each_event_is_counted_once_per_hour_key_and_kind(env: Env, bus: tuple[M
     _consume(env, bus[0], events)
     env.clock.now = T0 + timedelta(hours=3)
     totals = env.metering.usage(acme, UsageQuery("", start=T0 - timedelta(hours=1)))
-    assert {(t.kind, t.quantity) for t in totals} == {(P, 10.0), (T, 40.0), (UsageKind.TRAINING_WORKER_SECONDS, 0.0)}
+    assert {(t.kind, t.quantity) for t in totals} == {
+        (P, 10.0),
+        (T, 40.0),
+        (UsageKind.TRAINING_WORKER_SECONDS, 0.0),
+        (UsageKind.OUTPUT_TOKENS, 0.0),
+    }
     by_key = env.metering.usage(acme, UsageQuery("", kinds=(P,), start=T0, group_by_api_key=True))
     assert {(t.api_key_id, t.quantity) for t in by_key} == {("k1", 5.0), ("k2", 5.0)}
     hourly = env.metering.usage(acme, UsageQuery("", kinds=(P,), start=T0, granularity=Granularity.HOUR))

@@ -17,10 +17,12 @@ from gristmill.core.grpcserver import ServiceRegistration
 from gristmill.core.host import Infrastructure, ServiceHost, Subscription, open_platform
 from gristmill.core.security import Security, quota_refresh
 from gristmill.serving.api.inference import InferenceServicer
+from gristmill.serving.api.openai_http import OPENAI_SCOPES, OpenAIServer, openai_app
 from gristmill.serving.api.servicer import ServingServicer
 from gristmill.serving.domain.deployments import DeploymentManager
 from gristmill.serving.domain.service import DeploymentService
 from gristmill.serving.domain.sources import ModelLoader, ModelSource
+from gristmill.serving.events.feedback import OutboxFeedbackPublisher
 from gristmill.serving.events.handlers import alias_changed_handler
 from gristmill.serving.events.prediction_log import OutboxPredictionSink
 from gristmill.serving.metrics import ServingMetrics
@@ -36,10 +38,12 @@ SERVICE = "serving"
 _SERVING = "/gristmill.api.serving.v1.ServingService"
 _OIP = "/inference.GRPCInferenceService"
 # Predictions and reading deployments need serving:predict; changing what is served needs admin.
-# ServerLive/ServerReady stay open, like health, for load balancers and probes that carry no key.
+# ServerLive/ServerReady stay open, like health, for load balancers and probes that carry no key. The
+# OpenAI-compatible HTTP API's routes are checked by the same hook, named like RPCs (OPENAI_SCOPES).
 METHOD_SCOPES = {
     f"{_SERVING}/*": SERVING_PREDICT,
     f"{_OIP}/*": SERVING_PREDICT,
+    **OPENAI_SCOPES,
     **{f"{_SERVING}/{method}": ADMIN for method in ("CreateDeployment", "UpdateDeployment", "DeleteDeployment")},
 }
 PUBLIC_METHODS = (f"{_OIP}/ServerLive", f"{_OIP}/ServerReady")
@@ -54,6 +58,8 @@ class ServingApp:
     service: DeploymentService
     sink: OutboxPredictionSink
     source: ModelSource
+    # The OpenAI-compatible HTTP API (its ``port`` is the bound one once the host started); None when off.
+    openai: OpenAIServer | None = None
 
 
 @dataclass
@@ -163,6 +169,7 @@ def build_app(
         rng=rng,
         license_=security.license,
         quota=quota,
+        feedback=OutboxFeedbackPublisher(platform.database, platform.catalog, source=SERVICE),
     )
     serving = ServingServicer(service)
     inference = InferenceServicer(service)
@@ -176,6 +183,18 @@ def build_app(
             lambda server: oip_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server),
         ),
     ]
+    openai_port = settings.resolved_openai_port()
+    openai = (
+        None
+        if openai_port is None
+        else OpenAIServer(
+            openai_app(service, security),
+            host=settings.host,
+            port=openai_port,
+            grace_s=settings.shutdown_grace_s,
+            tls=security.tls,
+        )
+    )
     subscriptions = [
         Subscription(
             (ALIAS_CHANGED,),
@@ -195,6 +214,9 @@ def build_app(
             DeploymentsLifecycle(service, sink, source),
             DeploymentSync(service, settings.deployment_sync_s),
             *([quota_refresh(quota)] if quota else []),
+            # Last of the service's own: it takes requests once the deployments and the quotas are up, and stops
+            # taking them (its replies drained) before they close.
+            *([openai] if openai else []),
         ],
     )
-    return ServingApp(host, service, sink, source)
+    return ServingApp(host, service, sink, source, openai)

@@ -6,11 +6,11 @@ import os
 import re
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from gristmill.core.events.topics import SERVING_ALIASES
-from gristmill.core.ports import SERVING_PORT, default_address
+from gristmill.core.ports import OPENAI_HTTP_PORT_OFFSET, SERVING_PORT, default_address
 from gristmill.core.settings import ServiceSettings
 
 _REPLICA_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
@@ -20,6 +20,10 @@ class ServingSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="GRISTMILL_SERVING_", extra="ignore", frozen=True)
 
     grpc_port: int = Field(default=SERVING_PORT, ge=0, le=65535)
+    # The OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models). Unset: the gRPC port + 2
+    # (gristmill.core.ports: 50056 by default; a serving replica's moves with its gRPC port; a free port when
+    # grpc_port is 0); 0: a free port; -1: not served.
+    openai_port: int | None = Field(default=None, ge=-1, le=65535, validate_default=True)
     # Where the registry's gRPC API listens; models load from its download manifests.
     registry_address: str = default_address("registry")
     # Seconds a registry call may take before a load counts as failed.
@@ -61,6 +65,23 @@ class ServingSettings(ServiceSettings):
                 "(e.g. r1), or leave it empty for a single instance"
             )
         return value
+
+    @field_validator("openai_port")
+    @classmethod
+    def _openai_port_fits(cls, value: int | None, info: ValidationInfo) -> int | None:
+        grpc_port = info.data.get("grpc_port", 0)
+        if value is None and grpc_port + OPENAI_HTTP_PORT_OFFSET > 65535:
+            raise ValueError(
+                f"the default (the gRPC port {grpc_port} + {OPENAI_HTTP_PORT_OFFSET}) is beyond 65535: set a port, "
+                "or -1 to serve no HTTP API"
+            )
+        return value
+
+    def resolved_openai_port(self) -> int | None:
+        """The OpenAI-compatible HTTP API's port (0: any free one), or None when it is not served."""
+        if self.openai_port is None:
+            return self.grpc_port + OPENAI_HTTP_PORT_OFFSET if self.grpc_port else 0
+        return None if self.openai_port < 0 else self.openai_port
 
     def resolved_consumer_group(self) -> str:
         """The alias-changed consumer's group: ``consumer_group``, suffixed with the replica id when there is one."""

@@ -50,9 +50,13 @@ class _UsageKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsageKind.V
     USAGE_KIND_PREDICTIONS: _UsageKind.ValueType  # 1
     """One per classified text (Predict text or ModelInfer batch element)."""
     USAGE_KIND_INPUT_TOKENS: _UsageKind.ValueType  # 2
-    """Tokens of the inputs classified."""
+    """Tokens of the inputs classified, and of the prompts of generations."""
     USAGE_KIND_TRAINING_WORKER_SECONDS: _UsageKind.ValueType  # 3
     """Wall seconds times Ray Train workers of training jobs."""
+    USAGE_KIND_OUTPUT_TOKENS: _UsageKind.ValueType  # 4
+    """Tokens generated (Generate, ModelStreamInfer and the OpenAI-compatible API), counted when the reply
+    ends, also when its client went away mid-way.
+    """
 
 class UsageKind(_UsageKind, metaclass=_UsageKindEnumTypeWrapper): ...
 
@@ -60,9 +64,13 @@ USAGE_KIND_UNSPECIFIED: UsageKind.ValueType  # 0
 USAGE_KIND_PREDICTIONS: UsageKind.ValueType  # 1
 """One per classified text (Predict text or ModelInfer batch element)."""
 USAGE_KIND_INPUT_TOKENS: UsageKind.ValueType  # 2
-"""Tokens of the inputs classified."""
+"""Tokens of the inputs classified, and of the prompts of generations."""
 USAGE_KIND_TRAINING_WORKER_SECONDS: UsageKind.ValueType  # 3
 """Wall seconds times Ray Train workers of training jobs."""
+USAGE_KIND_OUTPUT_TOKENS: UsageKind.ValueType  # 4
+"""Tokens generated (Generate, ModelStreamInfer and the OpenAI-compatible API), counted when the reply
+ends, also when its client went away mid-way.
+"""
 Global___UsageKind: _TypeAlias = UsageKind  # noqa: Y015
 
 class _QuotaPeriod:

@@ -14,8 +14,11 @@ rename or retype anything here; additions must come from those upstream files.
 Differences from KServe's file, all wire-compatible:
 - InferParameter also carries Triton's `double_param = 4` and `uint64_param = 5`, which
   tritonclient may send.
-- Only the six RPCs Gristmill serves are declared (Triton's extra RPCs such as
-  ModelStreamInfer or RepositoryIndex are answered UNIMPLEMENTED by any gRPC server).
+- Triton's decoupled streaming RPC `ModelStreamInfer` and its `ModelStreamInferResponse`
+  are declared as in Triton's grpc_service.proto (same names and field numbers), for
+  generative deployments.
+- Only the seven RPCs Gristmill serves are declared (Triton's other RPCs, such as
+  RepositoryIndex or ModelConfig, are answered UNIMPLEMENTED by any gRPC server).
 
 Location: the file lives under gristmill/api/inference/v2/ so that the generated Python is
 `gristmill.api.inference.v2.grpc_predict_v2_pb2` (a top-level `inference` Python package
@@ -39,6 +42,43 @@ How Gristmill's serving service uses it (text classification models):
   limit; RESOURCE_EXHAUSTED the model's queue is full or a quota is used up;
   DEADLINE_EXCEEDED the call's deadline passed before the batch ran.
   ServerLive, ServerReady and ModelReady never fail for a known model: they answer false.
+
+Generative (chat) deployments answer ModelStreamInfer only (ModelInfer is INVALID_ARGUMENT for
+them), with the tensors of Triton's vLLM and TensorRT-LLM backends, so that tritonclient's
+start_stream / async_stream_infer work unchanged. Each ModelInferRequest on the stream is one
+reply; requests run concurrently and responses are written in the order chunks are produced,
+each carrying its request's `id`.
+- Inputs, each holding one element (shape [1] or [1, 1]), raw or typed contents:
+  "text_input" BYTES: a raw prompt (no chat template); or
+  "messages" BYTES: a JSON array of OpenAI-shaped messages ({"role", "content", ...}),
+    rendered with the model's chat template (exactly one of text_input and messages);
+  "stream" BOOL, optional: true sends one response per chunk of new text; false or absent
+    (as Triton's backends) sends one response with the whole reply;
+  "sampling_parameters" BYTES, optional: a JSON object with any of temperature, top_p,
+    top_k (0 or -1: no limit), seed, max_tokens and stop (a string or a list of strings);
+    numbers may be JSON numbers or strings ("0.7"), null means unset;
+  "exclude_input_in_output" BOOL, optional: the prompt is never echoed, so only true is
+    accepted.
+  The same sampling names are accepted as request `parameters` (string, int64, uint64 or
+  double values); the tensor's value wins where both set one. Request parameter "timeout"
+  (microseconds) bounds the wait for a place in the batch like the call's deadline;
+  "priority" is accepted and ignored; sequence parameters are refused.
+- Output "text_output" BYTES [1] in raw_output_contents: the new text of the chunk (or the
+  whole reply). `outputs` in the request may name only "text_output".
+- Response parameters: "triton_final_response" (bool) on every response, true on the last
+  one of a request, which also carries "finish_reason" (string: "stop" or "length"),
+  "prompt_tokens" and "completion_tokens" (int64) and "request_id" (string: the id the
+  typed API's RecordFeedback takes). ModelInferResponse.model_version is the version that
+  answered. When the request sets "triton_enable_empty_final_response" (bool), every
+  response with text has triton_final_response false and a last response without outputs
+  carries the final flag and the parameters, as from a backend that sends its final flag
+  on its own.
+- Errors of one request (bad tensors or parameters, INVALID_ARGUMENT / NOT_FOUND /
+  UNAVAILABLE / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED from the deployment, a classifier
+  deployment) end that request with ModelStreamInferResponse.error_message ("[StatusCode.X]
+  message"; infer_response holds the request's id) and the stream goes on, as on Triton.
+  The stream itself fails only with the call: UNAUTHENTICATED / PERMISSION_DENIED before the
+  first request, CANCELLED or DEADLINE_EXCEEDED.
 """
 
 from collections import abc as _abc
@@ -657,6 +697,36 @@ class ModelInferResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInferResponse: _TypeAlias = ModelInferResponse  # noqa: Y015
+
+@_typing.final
+class ModelStreamInferResponse(_message.Message):
+    """Response message for ModelStreamInfer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    INFER_RESPONSE_FIELD_NUMBER: _builtins.int
+    error_message: _builtins.str
+    """The message describing the error. The empty message indicates the inference was
+    successful without errors.
+    """
+    @_builtins.property
+    def infer_response(self) -> Global___ModelInferResponse:
+        """Holds the results of the request."""
+
+    def __init__(
+        self,
+        *,
+        error_message: _builtins.str = ...,
+        infer_response: Global___ModelInferResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["infer_response", b"infer_response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_message", b"error_message", "infer_response", b"infer_response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelStreamInferResponse: _TypeAlias = ModelStreamInferResponse  # noqa: Y015
 
 @_typing.final
 class InferParameter(_message.Message):

@@ -65,6 +65,11 @@ class GRPCInferenceServiceStub(object):
                 request_serializer=gristmill_dot_api_dot_inference_dot_v2_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
                 response_deserializer=gristmill_dot_api_dot_inference_dot_v2_dot_grpc__predict__v2__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
+        self.ModelStreamInfer = channel.stream_stream(
+                '/inference.GRPCInferenceService/ModelStreamInfer',
+                request_serializer=gristmill_dot_api_dot_inference_dot_v2_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=gristmill_dot_api_dot_inference_dot_v2_dot_grpc__predict__v2__pb2.ModelStreamInferResponse.FromString,
+                _registered_method=True)
 
 
 class GRPCInferenceServiceServicer(object):
@@ -121,6 +126,16 @@ class GRPCInferenceServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ModelStreamInfer(self, request_iterator, context):
+        """Perform streaming inference (Triton's decoupled streaming API): each request on the stream
+        is one generation on a generative deployment, answered by one or more responses with its
+        id. A request's error is sent as a response with error_message and the stream continues.
+        See the file comment for the tensors, parameters and errors.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +168,11 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.ModelInfer,
                     request_deserializer=gristmill_dot_api_dot_inference_dot_v2_dot_grpc__predict__v2__pb2.ModelInferRequest.FromString,
                     response_serializer=gristmill_dot_api_dot_inference_dot_v2_dot_grpc__predict__v2__pb2.ModelInferResponse.SerializeToString,
+            ),
+            'ModelStreamInfer': grpc.stream_stream_rpc_method_handler(
+                    servicer.ModelStreamInfer,
+                    request_deserializer=gristmill_dot_api_dot_inference_dot_v2_dot_grpc__predict__v2__pb2.ModelInferRequest.FromString,
+                    response_serializer=gristmill_dot_api_dot_inference_dot_v2_dot_grpc__predict__v2__pb2.ModelStreamInferResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -318,6 +338,33 @@ class GRPCInferenceService(object):
             '/inference.GRPCInferenceService/ModelInfer',
             gristmill_dot_api_dot_inference_dot_v2_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
             gristmill_dot_api_dot_inference_dot_v2_dot_grpc__predict__v2__pb2.ModelInferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelStreamInfer(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/inference.GRPCInferenceService/ModelStreamInfer',
+            gristmill_dot_api_dot_inference_dot_v2_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
+            gristmill_dot_api_dot_inference_dot_v2_dot_grpc__predict__v2__pb2.ModelStreamInferResponse.FromString,
             options,
             channel_credentials,
             insecure,

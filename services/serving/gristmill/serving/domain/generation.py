@@ -179,6 +179,8 @@ def validate_sampling(sampling: SamplingParams) -> SamplingParams:
         raise InvalidArgumentError(f"top_p must be in (0, 1], got {sampling.top_p}")
     if sampling.top_k < 0:
         raise InvalidArgumentError(f"top_k must be 0 (no limit) or more, got {sampling.top_k}")
+    if sampling.seed is not None and not -(2**63) <= sampling.seed < 2**63:
+        raise InvalidArgumentError(f"seed must be a 64-bit signed integer, got {sampling.seed}")
     return sampling
 
 
@@ -242,8 +244,9 @@ class Generation(AsyncIterator[GenerationChunk]):
         self.registered_model_name = registered_model_name
         self.version = version
         self.labeling_project_id = labeling_project_id
-        # The reply so far (whole once the last chunk arrived).
+        # The reply so far (whole once the last chunk arrived) and its tokens (metered, also when cancelled).
         self.parts: list[str] = []
+        self.completion_tokens = 0
         self._hooks: list[Callable[[bool], None]] | None = [on_done]
 
     def add_done_hook(self, hook: Callable[[bool], None]) -> None:
@@ -268,6 +271,7 @@ class Generation(AsyncIterator[GenerationChunk]):
             self._done(False)
             raise
         self.parts.append(chunk.text)
+        self.completion_tokens += len(chunk.token_ids)
         if chunk.finish_reason is not None:
             self._done(True)
         return chunk

@@ -372,7 +372,9 @@ class DeploymentService:
         reservation = None
         if self.quota is not None and caller is not None and not caller.auth_disabled:
             reservation = await self.quota.reserve_async(
-                caller, {UsageKind.PREDICTIONS: 1, UsageKind.INPUT_TOKENS: 0}, resource=f"deployment/{name}"
+                caller,
+                {UsageKind.PREDICTIONS: 1, UsageKind.INPUT_TOKENS: 0, UsageKind.OUTPUT_TOKENS: 0},
+                resource=f"deployment/{name}",
             )
         try:
             generation = self.manager.generate(
@@ -393,9 +395,9 @@ class DeploymentService:
             raise
         if reservation is not None:
             held = reservation
-            prompt_tokens = generation.prompt_tokens
-            # The reply's end settles the reservation: usage for a finished reply, none for a failed one.
-            generation.add_done_hook(lambda ok: self._settle(held, ok, prompt_tokens))
+            # The reply's end settles the reservation: its tokens for a reply that produced any (also one whose
+            # client went away: they were computed), nothing for one that failed before its first token.
+            generation.add_done_hook(lambda ok: self._settle(held, generation))
         conversation = tuple(messages) or (ChatMessage(USER, prompt),)
         sampled = {
             "temperature": repr(sampling.temperature),
@@ -434,13 +436,15 @@ class DeploymentService:
         await asyncio.to_thread(self.feedback.publish, organization_id, record, feedback)
         return record
 
-    def _settle(self, reservation: Reservation, ok: bool, prompt_tokens: int) -> None:
-        if not ok:
+    def _settle(self, reservation: Reservation, generation: Generation) -> None:
+        if not generation.completion_tokens:
             reservation.release()
             return
-        task = asyncio.get_running_loop().create_task(
-            reservation.commit_async(measured={UsageKind.INPUT_TOKENS: prompt_tokens})
-        )
+        measured = {
+            UsageKind.INPUT_TOKENS: generation.prompt_tokens,
+            UsageKind.OUTPUT_TOKENS: generation.completion_tokens,
+        }
+        task = asyncio.get_running_loop().create_task(reservation.commit_async(measured=measured))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
