@@ -17,9 +17,14 @@ each asking for a JSON answer with the sentiment and a reply; max tokens drawn f
    p50/p99, inter-token latency p50 (between streamed chunks, per token);
 5. the prompt's prefill time alone (one forward of a median prompt), for the concurrency-1 TTFT target.
 
+6. **int8**: the same deployment with dynamic int8 quantisation of the linear layers (c=1 and c=8), and the
+   perplexity of fp32 and int8 on 100 held-out reviews;
+7. **adapters**: two random rank-8 LoRA adapters of SmolLM2 on one shared base, a deployment of one adapter and
+   one splitting traffic 50/50 between both (their rows mixed in every batch), at c=32.
+
 Targets (issue 19): c=32 >= 0.8x the static-batch limit and >= 4x the naive server; TTFT p50 at c=1 <= prefill +
-5 ms. Not measured yet: llama.cpp's server (``llama-cpp-python[server]`` builds from source here) and two
-adapters mixed in one batch (multi-adapter serving is not built yet).
+5 ms; two adapters mixed >= 0.9x one adapter. Not measured: llama.cpp's server (``llama-cpp-python[server]``
+builds from source here).
 
 The serving process uses the local Kafka and S3 server like the service does (``deploy/local/stack.sh up``;
 settings from the environment, as in the serving benchmark).
@@ -263,48 +268,115 @@ async def gristmill_run(port: int, model: str, load: Workload, concurrency: int,
     }
 
 
+def make_adapters(model_dir: Path, work: Path) -> list[Path]:
+    """Two random (non-zero) LoRA adapters of SmolLM2 (rank 8 on the attention projections, as SFT trains), each
+    with the base linked beside it the way the registry source fetches one: for throughput, not quality."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapters = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        config = LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False
+        )
+        dest = work / f"adapter-{seed}"
+        get_peft_model(model, config).save_pretrained(dest)
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(dest)
+        (dest / "base").symlink_to(model_dir)
+        adapters.append(dest)
+    return adapters
+
+
+@dataclass
+class Served:
+    """One deployment of the benchmark: its versions (directories, version 1 first) and canary share."""
+
+    name: str
+    versions: list[Path]
+    canary_weight: float = 0.0
+    quantization: str = "none"
+
+
 async def with_gristmill(
-    model_dir: Path, load: Workload, plan: dict[int, int], work: Path
-) -> dict[int, dict[str, float]]:
+    deployments: list[Served], load: Workload, plans: dict[str, dict[int, int]], work: Path
+) -> dict[str, dict[int, dict[str, float]]]:
     from gristmill.core.host import Infrastructure
     from gristmill.core.security import embedded_security
     from gristmill.core.settings import KafkaSettings, S3Settings
     from gristmill.serving.app import build_app
-    from gristmill.serving.domain.model import DeploymentSpec, VersionSelector
+    from gristmill.serving.domain.model import CanaryRoute, DeploymentSpec, Quantization, VersionSelector
     from gristmill.serving.domain.sources import ModelSource, ResolvedVersion
     from gristmill.serving.settings import ServingSettings
 
-    class ChatDirectory(ModelSource):
-        """The de-quantised SmolLM2 directory as version 1 of a chat model (no registry needed)."""
+    directories = {d.name: d.versions for d in deployments}
+
+    class ChatDirectories(ModelSource):
+        """Each deployment's directories as versions 1, 2, ... of a chat model (no registry needed)."""
 
         def resolve(
             self, organization_id: str, registered_model_name: str, selector: VersionSelector
         ) -> ResolvedVersion:
-            return ResolvedVersion(registered_model_name, 1, task="TASK_TYPE_CHAT")
+            return ResolvedVersion(registered_model_name, selector.version or 1, task="TASK_TYPE_CHAT")
 
         def fetch(self, resolved: ResolvedVersion) -> Path:
-            return model_dir
+            return directories[resolved.registered_model_name][resolved.version - 1]
 
     settings = ServingSettings(data_dir=work / "serving", grpc_port=0)
     infra = Infrastructure(kafka=KafkaSettings(), s3=S3Settings())
-    app = build_app(settings, infra, embedded_security("serving"), source=ChatDirectory())
+    # The canary split between two adapters is an enterprise feature: the tests' signed licence enables it.
+    sys.path.insert(0, str(REPO))
+    from tests.support.licences import signed_license
+
+    app = build_app(settings, infra, embedded_security("serving", signed_license()), source=ChatDirectories())
     port = await app.host.start()
+    results: dict[str, dict[int, dict[str, float]]] = {}
     try:
-        spec = DeploymentSpec(
-            organization_id="default",
-            name="smollm2",
-            registered_model_name="smollm2",
-            target=VersionSelector.of_version(1),
-        )
-        await app.service.create(spec, wait_until_ready=True, timeout_s=300)
-        results = {}
-        for concurrency, requests in plan.items():
-            progress(f"gristmill: concurrency {concurrency}, {requests} requests")
-            results[concurrency] = await gristmill_run(port, "smollm2", load, concurrency, requests)
-            progress(f"  {json.dumps({k: round(v, 1) for k, v in results[concurrency].items()})}")
+        for deployment in deployments:
+            canary = (
+                CanaryRoute(VersionSelector.of_version(2), deployment.canary_weight)
+                if deployment.canary_weight
+                else None
+            )
+            spec = DeploymentSpec(
+                organization_id="default",
+                name=deployment.name,
+                registered_model_name=deployment.name,
+                target=VersionSelector.of_version(1),
+                canary=canary,
+                quantization=Quantization(deployment.quantization),
+            )
+            await app.service.create(spec, wait_until_ready=True, timeout_s=600)
+            results[deployment.name] = {}
+            for concurrency, requests in plans[deployment.name].items():
+                progress(f"gristmill {deployment.name}: concurrency {concurrency}, {requests} requests")
+                row = await gristmill_run(port, deployment.name, load, concurrency, requests)
+                results[deployment.name][concurrency] = row
+                progress(f"  {json.dumps({k: round(v, 1) for k, v in row.items()})}")
+            await app.service.delete("default", deployment.name)
         return results
     finally:
         await app.host.stop()
+
+
+def perplexity(model: Any, tokenizer: Any, texts: list[str]) -> float:
+    """exp(mean token loss) of ``texts`` (held-out reviews, not in the workload's prompts)."""
+    import math
+
+    import torch
+
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for text in texts:
+            ids = torch.tensor([tokenizer.encode(text)])
+            if ids.shape[1] < 2:
+                continue
+            loss = model(input_ids=ids, labels=ids).loss
+            total += float(loss) * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    return math.exp(total / count)
 
 
 def main() -> None:
@@ -337,15 +409,37 @@ def main() -> None:
     progress("transformers' continuous batching, 32 requests at once")
     results["transformers_cb"] = transformers_cb(model, load, 32 if args.quick else 96)
     progress(f"  {results['transformers_cb']}")
+    held_out = reviews(400, args.seed + 1)[-(20 if args.quick else 100) :]
+    progress(f"perplexity on {len(held_out)} held-out reviews, fp32 and dynamic int8")
+    from gristmill.serving.runtime.classifier import quantize_dynamic_int8
+
+    results["perplexity_fp32"] = perplexity(model, tokenizer, held_out)
+    results["perplexity_int8"] = perplexity(quantize_dynamic_int8(model), tokenizer, held_out)
+    progress(f"  fp32 {results['perplexity_fp32']:.3f}, int8 {results['perplexity_int8']:.3f}")
     del model
+    small = {1: plan[1], 8: plan[8]}
     with tempfile.TemporaryDirectory() as work:
-        results["gristmill"] = asyncio.run(with_gristmill(model_dir, load, plan, Path(work)))
-    g = results["gristmill"]
+        adapters = make_adapters(model_dir, Path(work))
+        deployments = [
+            Served("smollm2", [model_dir]),
+            Served("smollm2-int8", [model_dir], quantization="dynamic_int8"),
+            Served("one-adapter", [adapters[0]]),
+            Served("two-adapters", adapters, canary_weight=0.5),
+        ]
+        plans = {"smollm2": plan, "smollm2-int8": small, "one-adapter": {32: plan[32]}, "two-adapters": {32: plan[32]}}
+        served = asyncio.run(with_gristmill(deployments, load, plans, Path(work)))
+    results["gristmill"] = g = served["smollm2"]
+    results["int8"] = served["smollm2-int8"]
+    results["adapters"] = {"one": served["one-adapter"][32], "two_mixed": served["two-adapters"][32]}
     results["ratios"] = {
         "c32_vs_static": g[32]["tokens_per_s"] / results["static"]["tokens_per_s"],
         "c32_vs_naive": g[32]["tokens_per_s"] / results["naive"]["tokens_per_s"],
         "c32_vs_transformers_cb": g[32]["tokens_per_s"] / results["transformers_cb"]["tokens_per_s"],
         "c1_ttft_minus_prefill_ms": g[1]["ttft_p50_ms"] - results["prefill_ms"],
+        "two_adapters_vs_one_c32": results["adapters"]["two_mixed"]["tokens_per_s"]
+        / results["adapters"]["one"]["tokens_per_s"],
+        "int8_vs_fp32_c1": results["int8"][1]["tokens_per_s"] / g[1]["tokens_per_s"],
+        "int8_vs_fp32_c8": results["int8"][8]["tokens_per_s"] / g[8]["tokens_per_s"],
     }
     print(f"\n## Generation benchmark (SmolLM2-135M-Instruct, {results['threads']} threads, greedy)\n")
     print(f"- prefill of a median prompt: {results['prefill_ms']:.1f} ms")
@@ -358,6 +452,16 @@ def main() -> None:
             f"| {concurrency} | {row['tokens_per_s']:.1f} | {row['ttft_p50_ms']:.0f} | {row['ttft_p99_ms']:.0f} | "
             f"{row['itl_p50_ms']:.1f} |"
         )
+    for label, rows in (("int8", results["int8"]), ("adapters", results["adapters"])):
+        for key, row in rows.items():
+            print(
+                f"| {label} {key} | {row['tokens_per_s']:.1f} | {row['ttft_p50_ms']:.0f} | {row['ttft_p99_ms']:.0f} | "
+                f"{row['itl_p50_ms']:.1f} |"
+            )
+    print(
+        f"\n- perplexity on held-out reviews: fp32 {results['perplexity_fp32']:.3f}, "
+        f"int8 {results['perplexity_int8']:.3f}"
+    )
     print("\n" + "\n".join(f"- {k}: {v:.2f}" for k, v in results["ratios"].items()))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 from transformers.utils import logging as hf_logging
 
 from gristmill.core.chat import ChatMessage
@@ -272,7 +273,7 @@ class ContinuousBatcher:
             mask[row, longest - len(prompt) :] = 1
             sequence.position = len(prompt)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self._model.config)
+        cache = _new_cache(self._model.config)
         out = self._model(
             input_ids=ids,
             attention_mask=mask,
@@ -321,7 +322,7 @@ class ContinuousBatcher:
                 self._running = list(admitted)
             return
         width = max(self._mask.shape[1], mask.shape[1])
-        merged = DynamicCache(config=self._model.config)
+        merged = _new_cache(self._model.config)
         for index, (old, new) in enumerate(zip(self._cache.layers, cache.layers, strict=True)):
             (old_keys, old_values), (new_keys, new_values) = _kv(old), _kv(new)
             keys = torch.cat([_left_pad(old_keys, width), _left_pad(new_keys, width)], dim=0)
@@ -414,7 +415,7 @@ class ContinuousBatcher:
         mask = self._mask.index_select(0, index)
         # Columns that are padding in every remaining row are dropped: the cache is as wide as its longest row.
         start = int((mask.sum(0) > 0).long().argmax())
-        trimmed = DynamicCache(config=self._model.config)
+        trimmed = _new_cache(self._model.config)
         for layer_index, layer in enumerate(self._cache.layers):
             keys, values = _kv(layer)
             trimmed.update(
@@ -433,6 +434,50 @@ class ContinuousBatcher:
         self._cache, self._mask = None, None
         for sequence in waiting:
             sequence.stream.push(error)
+
+
+class _SlackLayer(DynamicLayer):
+    """A ``DynamicLayer`` that appends in place: keys and values live in buffers with room for ``SLACK`` more
+    positions, and ``keys``/``values`` are views of their filled part. The stock layer concatenates the whole
+    cache at every decoding step (a copy of every row's keys and values per token); this copies only when the
+    room runs out."""
+
+    SLACK = 64
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+        self._filled = 0
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        added = key_states.shape[-2]
+        needed = self._filled + added
+        if self._key_buffer is None or self._value_buffer is None or needed > self._key_buffer.shape[-2]:
+            rows, heads, _, dim = key_states.shape
+            keys = key_states.new_empty((rows, heads, needed + self.SLACK, dim))
+            values = value_states.new_empty((rows, heads, needed + self.SLACK, value_states.shape[-1]))
+            if self._filled:
+                keys[:, :, : self._filled] = self.keys
+                values[:, :, : self._filled] = self.values
+            self._key_buffer, self._value_buffer = keys, values
+        self._key_buffer[:, :, self._filled : needed] = key_states
+        self._value_buffer[:, :, self._filled : needed] = value_states
+        self._filled = needed
+        self.keys = self._key_buffer[:, :, :needed]
+        self.values = self._value_buffer[:, :, :needed]
+        return self.keys, self.values
+
+
+def _new_cache(config: Any) -> DynamicCache:
+    """An empty cache of ``_SlackLayer`` s (one per layer of ``config``; full attention checked at load)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [_SlackLayer() for _ in cache.layers]
+    return cache
 
 
 def _kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
