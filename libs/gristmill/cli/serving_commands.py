@@ -39,7 +39,7 @@ def deployment_row(d: sv.Deployment) -> dict[str, Any]:
     }
 
 
-QUANTIZATIONS = {"none": sv.QUANTIZATION_NONE, "int8": sv.QUANTIZATION_DYNAMIC_INT8}
+QUANTIZATIONS = {"none": sv.QUANTIZATION_NONE, "int8": sv.QUANTIZATION_DYNAMIC_INT8, "bf16": sv.QUANTIZATION_BF16}
 OVER_LENGTH = {"truncate": sv.OVER_LENGTH_ACTION_TRUNCATE, "reject": sv.OVER_LENGTH_ACTION_REJECT}
 
 deployments_app = typer.Typer(
@@ -176,7 +176,9 @@ CANARY_ALIAS_OPTION = typer.Option("", "--canary-alias", help="the canary follow
 CANARY_WEIGHT_OPTION = typer.Option(
     None, "--canary-weight", help="share of requests routed to the canary, 0 < W < 1 (needs serving.canary)"
 )
-QUANTIZATION_OPTION = typer.Option("", "--quantization", help="none, or int8 (dynamic int8 of linear layers, CPU)")
+QUANTIZATION_OPTION = typer.Option(
+    "", "--quantization", help="none, int8 (dynamic int8 of linear layers, CPU) or bf16 (bfloat16 weights and compute)"
+)
 MAX_BATCH_OPTION = typer.Option(None, "--max-batch-size", min=1, max=1024, help="texts per batch (default 32)")
 MAX_DELAY_OPTION = typer.Option(None, "--max-delay-ms", min=0, help="longest wait for a batch to fill (default 5)")
 MAX_QUEUE_OPTION = typer.Option(None, "--max-queue-size", min=0, help="queued texts before RESOURCE_EXHAUSTED")

@@ -17,8 +17,9 @@ each asking for a JSON answer with the sentiment and a reply; max tokens drawn f
    p50/p99, inter-token latency p50 (between streamed chunks, per token);
 5. the prompt's prefill time alone (one forward of a median prompt), for the concurrency-1 TTFT target.
 
-6. **int8**: the same deployment with dynamic int8 quantisation of the linear layers (c=1 and c=8), and the
-   perplexity of fp32 and int8 on 100 held-out reviews;
+6. **int8 and bf16**: the same deployment with dynamic int8 quantisation of the linear layers (c=1 and c=8) and
+   in bfloat16 (c=1, 8, 32; beside the static-batch limit in bfloat16), and the perplexity of fp32, bf16 and int8
+   on 100 held-out reviews;
 7. **adapters**: two random rank-8 LoRA adapters of SmolLM2 on one shared base, a deployment of one adapter and
    one splitting traffic 50/50 between both (their rows mixed in every batch), at c=32.
 
@@ -403,6 +404,11 @@ def main() -> None:
     progress("static-batch limit (batches of 16, 64 new tokens)")
     results["static"] = static_limit(model, tokenizer, load, 1 if args.quick else 3)
     progress(f"  {results['static']}")
+    progress("static-batch limit in bfloat16")
+    results["static_bf16"] = static_limit(model.to(torch.bfloat16), tokenizer, load, 1 if args.quick else 2)
+    model.to(torch.float32)
+    progress(f"  {results['static_bf16']}")
+    results["perplexity_bf16"] = 0.0
     progress("naive server (generate behind a lock), concurrency 8")
     results["naive"] = naive_server(model, tokenizer, load, 8, 8 if args.quick else 16)
     progress(f"  {results['naive']}")
@@ -414,8 +420,13 @@ def main() -> None:
     from gristmill.serving.runtime.classifier import quantize_dynamic_int8
 
     results["perplexity_fp32"] = perplexity(model, tokenizer, held_out)
+    results["perplexity_bf16"] = perplexity(model.to(torch.bfloat16), tokenizer, held_out)
+    model.to(torch.float32)
     results["perplexity_int8"] = perplexity(quantize_dynamic_int8(model), tokenizer, held_out)
-    progress(f"  fp32 {results['perplexity_fp32']:.3f}, int8 {results['perplexity_int8']:.3f}")
+    progress(
+        f"  fp32 {results['perplexity_fp32']:.3f}, bf16 {results['perplexity_bf16']:.3f}, "
+        f"int8 {results['perplexity_int8']:.3f}"
+    )
     del model
     small = {1: plan[1], 8: plan[8]}
     with tempfile.TemporaryDirectory() as work:
@@ -423,13 +434,21 @@ def main() -> None:
         deployments = [
             Served("smollm2", [model_dir]),
             Served("smollm2-int8", [model_dir], quantization="dynamic_int8"),
+            Served("smollm2-bf16", [model_dir], quantization="bf16"),
             Served("one-adapter", [adapters[0]]),
             Served("two-adapters", adapters, canary_weight=0.5),
         ]
-        plans = {"smollm2": plan, "smollm2-int8": small, "one-adapter": {32: plan[32]}, "two-adapters": {32: plan[32]}}
+        plans = {
+            "smollm2": plan,
+            "smollm2-int8": small,
+            "smollm2-bf16": plan,
+            "one-adapter": {32: plan[32]},
+            "two-adapters": {32: plan[32]},
+        }
         served = asyncio.run(with_gristmill(deployments, load, plans, Path(work)))
     results["gristmill"] = g = served["smollm2"]
     results["int8"] = served["smollm2-int8"]
+    results["bf16"] = served["smollm2-bf16"]
     results["adapters"] = {"one": served["one-adapter"][32], "two_mixed": served["two-adapters"][32]}
     results["ratios"] = {
         "c32_vs_static": g[32]["tokens_per_s"] / results["static"]["tokens_per_s"],
@@ -440,10 +459,13 @@ def main() -> None:
         / results["adapters"]["one"]["tokens_per_s"],
         "int8_vs_fp32_c1": results["int8"][1]["tokens_per_s"] / g[1]["tokens_per_s"],
         "int8_vs_fp32_c8": results["int8"][8]["tokens_per_s"] / g[8]["tokens_per_s"],
+        "bf16_c32_vs_static_fp32": results["bf16"][32]["tokens_per_s"] / results["static"]["tokens_per_s"],
+        "bf16_c32_vs_static_bf16": results["bf16"][32]["tokens_per_s"] / results["static_bf16"]["tokens_per_s"],
     }
     print(f"\n## Generation benchmark (SmolLM2-135M-Instruct, {results['threads']} threads, greedy)\n")
     print(f"- prefill of a median prompt: {results['prefill_ms']:.1f} ms")
     print(f"- static-batch limit (16 x 64 tokens): {results['static']['tokens_per_s']:.1f} tokens/s")
+    print(f"- static-batch limit in bfloat16: {results['static_bf16']['tokens_per_s']:.1f} tokens/s")
     print(f"- naive server (c=8): {results['naive']['tokens_per_s']:.1f} tokens/s")
     print(f"- transformers continuous batching (32 at once): {results['transformers_cb']['tokens_per_s']:.1f} tokens/s")
     print("\n| concurrency | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms |\n|---|---|---|---|---|")
@@ -452,7 +474,7 @@ def main() -> None:
             f"| {concurrency} | {row['tokens_per_s']:.1f} | {row['ttft_p50_ms']:.0f} | {row['ttft_p99_ms']:.0f} | "
             f"{row['itl_p50_ms']:.1f} |"
         )
-    for label, rows in (("int8", results["int8"]), ("adapters", results["adapters"])):
+    for label, rows in (("int8", results["int8"]), ("bf16", results["bf16"]), ("adapters", results["adapters"])):
         for key, row in rows.items():
             print(
                 f"| {label} {key} | {row['tokens_per_s']:.1f} | {row['ttft_p50_ms']:.0f} | {row['ttft_p99_ms']:.0f} | "
@@ -460,7 +482,7 @@ def main() -> None:
             )
     print(
         f"\n- perplexity on held-out reviews: fp32 {results['perplexity_fp32']:.3f}, "
-        f"int8 {results['perplexity_int8']:.3f}"
+        f"bf16 {results['perplexity_bf16']:.3f}, int8 {results['perplexity_int8']:.3f}"
     )
     print("\n" + "\n".join(f"- {k}: {v:.2f}" for k, v in results["ratios"].items()))
     if args.json:

@@ -271,3 +271,18 @@ def test_a_version_whose_template_is_not_the_trained_one_is_refused(llama_dir: P
         load_transformers_generator(llama_dir, refused, LoadOptions())
     same = ResolvedVersion("assistant", 4, task="TASK_TYPE_CHAT", chat_template_sha256=trained)
     load_transformers_generator(llama_dir, same, LoadOptions()).close()
+
+
+def test_bf16_serves_the_model_in_bfloat16(llama_dir: Path) -> None:
+    from gristmill.serving.domain.model import Quantization
+
+    generator = load_transformers_generator(
+        llama_dir, ResolvedVersion("assistant", 5, task="TASK_TYPE_CHAT"), LoadOptions(quantization=Quantization.BF16)
+    )
+    try:
+        assert generator._model.dtype == torch.bfloat16  # type: ignore[union-attr]
+        prompt = generator.render_chat([ChatMessage("user", TEXTS[0])])
+        tokens, reason = asyncio.run(_tokens(generator, _request("bf", prompt, 8, sampling=GREEDY)))
+        assert 0 < len(tokens) <= 8 and reason in (FinishReason.STOP, FinishReason.LENGTH)
+    finally:
+        generator.close()

@@ -69,10 +69,12 @@ _QUANTIZATION = {
     serving_pb2.QUANTIZATION_UNSPECIFIED: Quantization.NONE,
     serving_pb2.QUANTIZATION_NONE: Quantization.NONE,
     serving_pb2.QUANTIZATION_DYNAMIC_INT8: Quantization.DYNAMIC_INT8,
+    serving_pb2.QUANTIZATION_BF16: Quantization.BF16,
 }
 _QUANTIZATION_OUT = {
     Quantization.NONE: serving_pb2.QUANTIZATION_NONE,
     Quantization.DYNAMIC_INT8: serving_pb2.QUANTIZATION_DYNAMIC_INT8,
+    Quantization.BF16: serving_pb2.QUANTIZATION_BF16,
 }
 _OVER_LENGTH = {
     serving_pb2.OVER_LENGTH_ACTION_UNSPECIFIED: OverLengthAction.TRUNCATE,

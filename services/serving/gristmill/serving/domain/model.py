@@ -39,6 +39,8 @@ class Quantization(StrEnum):
     NONE = "none"
     # torch dynamic int8 quantisation of the Linear layers (CPU).
     DYNAMIC_INT8 = "dynamic_int8"
+    # bfloat16 weights and compute (fast on CPUs with AVX-512 BF16 / AMX, and on GPUs).
+    BF16 = "bf16"
 
 
 class OverLengthAction(StrEnum):

@@ -197,6 +197,8 @@ def load_transformers_classifier(
     model.eval()
     if options.quantization is Quantization.DYNAMIC_INT8:
         model = quantize_dynamic_int8(model)
+    elif options.quantization is Quantization.BF16:
+        model = model.to(torch.bfloat16)
     backend = hf_tokenizer.backend_tokenizer
     tokenizer = Tokenizer.from_str(backend.to_str())
     # The saved tokenizer may pad/truncate to a fixed length; the batcher pads per batch instead.

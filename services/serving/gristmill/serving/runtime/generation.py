@@ -436,7 +436,7 @@ class ContinuousBatcher:
             sequence.stream.push(error)
 
 
-class _SlackLayer(DynamicLayer):
+class _SlackLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     """A ``DynamicLayer`` that appends in place: keys and values live in buffers with room for ``SLACK`` more
     positions, and ``keys``/``values`` are views of their filled part. The stock layer concatenates the whole
     cache at every decoding step (a copy of every row's keys and values per token); this copies only when the
@@ -445,7 +445,7 @@ class _SlackLayer(DynamicLayer):
     SLACK = 64
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
         self._filled = 0
@@ -462,8 +462,8 @@ class _SlackLayer(DynamicLayer):
             keys = key_states.new_empty((rows, heads, needed + self.SLACK, dim))
             values = value_states.new_empty((rows, heads, needed + self.SLACK, value_states.shape[-1]))
             if self._filled:
-                keys[:, :, : self._filled] = self.keys
-                values[:, :, : self._filled] = self.values
+                keys[:, :, : self._filled] = self._key_buffer[:, :, : self._filled]  # type: ignore[index]
+                values[:, :, : self._filled] = self._value_buffer[:, :, : self._filled]  # type: ignore[index]
             self._key_buffer, self._value_buffer = keys, values
         self._key_buffer[:, :, self._filled : needed] = key_states
         self._value_buffer[:, :, self._filled : needed] = value_states
@@ -575,6 +575,7 @@ class SharedBase:
     def __init__(self, key: str, model: PreTrainedModel, tokenizer: Any, *, limits: EngineLimits) -> None:
         self.key = key
         self.model: Any = model
+        self.dtype = model.dtype
         self.adapters: set[str] = set()
         self.batcher = ContinuousBatcher(
             model, tokenizer, eos_ids=_eos_ids(model, tokenizer), limits=limits, name=f"base-{Path(key).name}"
@@ -590,6 +591,8 @@ class SharedBase:
             else:
                 self.model = PeftModel.from_pretrained(self.model, str(directory), adapter_name=name).eval()
                 self.batcher.use_model(self.model, peft=True)
+            # PEFT keeps adapter weights in float32; a bf16 base computes them in its own precision.
+            self.model.to(self.dtype)
             self.adapters.add(name)
 
     def remove_adapter(self, name: str) -> None:
@@ -657,18 +660,20 @@ def load_transformers_generator(
     limits = limits or EngineLimits()
     generator: TransformersGenerator | AdapterGenerator
     if (directory / ADAPTER_CONFIG).is_file():
-        if options.quantization is not Quantization.NONE:
+        if options.quantization is Quantization.DYNAMIC_INT8:
             raise FailedPreconditionError(
                 f"{what} is a LoRA adapter; int8 quantisation applies to full models: deploy the merged model "
-                "(train with publish_merged) or deploy without quantisation"
+                "(train with publish_merged), or use bf16 or no quantisation"
             )
-        generator = _load_adapter(directory, what, resolved, limits)
+        generator = _load_adapter(directory, what, resolved, limits, bf16=options.quantization is Quantization.BF16)
     else:
         model, tokenizer = _load_causal_lm(directory, what)
         if options.quantization is Quantization.DYNAMIC_INT8:
             from gristmill.serving.runtime.classifier import quantize_dynamic_int8
 
             model = quantize_dynamic_int8(model)
+        elif options.quantization is Quantization.BF16:
+            model = model.to(torch.bfloat16)
         generator = TransformersGenerator(model, tokenizer, limits=limits, name=f"{resolved.registered_model_name}")
         _warm_up(model, tokenizer)
     release_memory()
@@ -719,7 +724,9 @@ def _load_causal_lm(directory: Path, what: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _load_adapter(directory: Path, what: str, resolved: ResolvedVersion, limits: EngineLimits) -> AdapterGenerator:
+def _load_adapter(
+    directory: Path, what: str, resolved: ResolvedVersion, limits: EngineLimits, *, bf16: bool
+) -> AdapterGenerator:
     base_dir = directory / BASE_DIR
     if not (base_dir / "config.json").is_file():
         raise FailedPreconditionError(
@@ -732,12 +739,15 @@ def _load_adapter(directory: Path, what: str, resolved: ResolvedVersion, limits:
         tokenizer = AutoTokenizer.from_pretrained(directory if has_tokenizer else base_dir)
     except (OSError, ValueError, KeyError) as exc:
         raise FailedPreconditionError(f"{what}: its tokenizer does not load: {exc}") from None
-    key = str(base_dir.resolve())
+    # One shared base per base model and precision: a bf16 deployment does not share an fp32 base.
+    key = f"{base_dir.resolve()}{'#bf16' if bf16 else ''}"
     name = f"{resolved.registered_model_name}-v{resolved.version}-{next(_ADAPTER_NUMBERS)}"
     with _BASES_LOCK:
         shared = _BASES.get(key)
         if shared is None:
             model, base_tokenizer = _load_causal_lm(base_dir, f"the base model of {what}")
+            if bf16:
+                model = model.to(torch.bfloat16)
             _warm_up(model, base_tokenizer)
             shared = _BASES[key] = SharedBase(key, model, base_tokenizer, limits=limits)
         try:
