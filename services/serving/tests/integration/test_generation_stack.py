@@ -7,6 +7,7 @@ proto names and changes nothing. (Fixtures: ``test_serving_stack``.)"""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from pathlib import Path
@@ -178,6 +179,24 @@ async def test_generate_streams_from_the_registry_with_hot_swap_and_cancellation
     )
     assert isinstance(raw, str)
 
+    # Structured output: the reply parses and follows the schema.
+    schema = {
+        "type": "object",
+        "properties": {"sentiment": {"enum": ["positive", "negative"]}},
+        "required": ["sentiment"],
+        "additionalProperties": False,
+    }
+    structured = chat(
+        stack.model,
+        TEXTS[1],
+        max_tokens=64,
+        seed=2,
+        response_format=serving_pb2.ResponseFormat(json_schema=json.dumps(schema)),
+    )
+    text, responses = await reply(stack, structured)
+    assert json.loads(text)["sentiment"] in ("positive", "negative")
+    assert responses[-1].finish_reason == serving_pb2.FINISH_REASON_STOP
+
     # Bad input: refused with INVALID_ARGUMENT / NOT_FOUND, nothing left running.
     bad = [
         (chat(stack.model, TEXTS[0], temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
@@ -187,6 +206,11 @@ async def test_generate_streams_from_the_registry_with_hot_swap_and_cancellation
         (serving_pb2.GenerateRequest(model=stack.model), grpc.StatusCode.INVALID_ARGUMENT, "exactly one"),
         (chat(stack.model, TEXTS[0], stop=["x" * 65]), grpc.StatusCode.INVALID_ARGUMENT, "stop sequence"),
         (chat("no-such-deployment", TEXTS[0]), grpc.StatusCode.NOT_FOUND, "does not exist"),
+        (
+            chat(stack.model, TEXTS[0], response_format=serving_pb2.ResponseFormat(json_schema="[1, 2]")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "JSON object",
+        ),
     ]
     for request, code, words in bad:
         with pytest.raises(grpc.aio.AioRpcError) as caught:

@@ -203,6 +203,35 @@ async def test_feedback_on_a_completion_is_recorded_and_bad_feedback_is_400(serv
 
 
 @on_module_loop
+async def test_json_schema_response_format_always_parses(served: Served) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"sentiment": {"enum": ["positive", "negative"]}, "ok": {"type": "boolean"}},
+        "required": ["sentiment", "ok"],
+        "additionalProperties": False,
+    }
+    async with served.client() as client:
+        completion = await client.chat.completions.create(
+            model=CHAT_MODEL,
+            messages=QUESTION,
+            max_tokens=96,
+            seed=3,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "review", "schema": schema, "strict": True},
+            },
+        )
+        value = json.loads(completion.choices[0].message.content or "")
+        assert set(value) == {"sentiment", "ok"} and completion.choices[0].finish_reason == "stop"
+        with pytest.raises(openai.BadRequestError, match="json_schema"):
+            await client.chat.completions.create(
+                model=CHAT_MODEL,
+                messages=QUESTION,
+                response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}},
+            )
+
+
+@on_module_loop
 async def test_streamed_chat_is_the_same_reply_with_a_usage_event(served: Served) -> None:
     async with served.client() as client:
         whole = await client.chat.completions.create(

@@ -128,7 +128,8 @@ class ServingServiceServicer(object):
         INVALID_ARGUMENT: the deployment serves a classifier (use Predict); neither or both of messages and
         prompt; messages the chat template refuses; a prompt that leaves no room in the model's context;
         max_tokens <= 0, over 4,096 or over what the context leaves; temperature outside [0, 100];
-        top_p outside (0, 1]; top_k < 0; more than 8 stop sequences or one over 64 characters.
+        top_p outside (0, 1]; top_k < 0; more than 8 stop sequences or one over 64 characters; a
+        response_format whose json_schema is not a JSON Schema object the grammar compiler accepts.
         FAILED_PRECONDITION: messages sent to a model without a chat template (send a prompt).
         RESOURCE_EXHAUSTED: too many requests wait for the model (retry later), or a quota is used up.
         DEADLINE_EXCEEDED: the deadline passed before the request got a place in the batch.

@@ -22,7 +22,14 @@ from gristmill.core.chat import ROLES, ChatMessage
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.values import TensorSpec
 from gristmill.serving.domain.feedback import FeedbackInput, FeedbackKind
-from gristmill.serving.domain.generation import FinishReason, Generation, GenerationChunk, SamplingParams
+from gristmill.serving.domain.generation import (
+    FinishReason,
+    FormatKind,
+    Generation,
+    GenerationChunk,
+    ResponseFormat,
+    SamplingParams,
+)
 from gristmill.serving.domain.model import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_DELAY_MS,
@@ -305,6 +312,17 @@ def sampling_from_proto(request: serving_pb2.GenerateRequest) -> SamplingParams:
         top_k=request.top_k,
         seed=request.seed if request.HasField("seed") else None,
     )
+
+
+def response_format_from_proto(request: serving_pb2.GenerateRequest) -> ResponseFormat | None:
+    if not request.HasField("response_format"):
+        return None
+    chosen = request.response_format.WhichOneof("format")
+    if chosen == "json_schema":
+        return ResponseFormat(FormatKind.JSON_SCHEMA, request.response_format.json_schema)
+    if chosen == "json_object" and request.response_format.json_object:
+        return ResponseFormat(FormatKind.JSON_OBJECT)
+    raise InvalidArgumentError("response_format needs json_object set to true or a json_schema")
 
 
 _FINISH_REASONS = {

@@ -44,7 +44,15 @@ from gristmill.core.paging import MAX_PAGE_SIZE
 from gristmill.core.security import Security
 from gristmill.core.tls import TlsSettings
 from gristmill.serving.domain.feedback import FeedbackInput, FeedbackKind
-from gristmill.serving.domain.generation import DEFAULT_SAMPLING, Generation, GenerationChunk, SamplingParams, Usage
+from gristmill.serving.domain.generation import (
+    DEFAULT_SAMPLING,
+    FormatKind,
+    Generation,
+    GenerationChunk,
+    ResponseFormat,
+    SamplingParams,
+    Usage,
+)
 from gristmill.serving.domain.service import DeploymentService
 from gristmill.serving.domain.versions import DeploymentView
 
@@ -150,6 +158,33 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = ""
+    # OpenAI's field name is "schema", which pydantic's BaseModel reserves.
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def domain(self) -> ResponseFormat | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return ResponseFormat(FormatKind.JSON_OBJECT)
+        if self.json_schema is None:
+            raise invalid(
+                "response_format.json_schema is required when its type is json_schema", param="response_format"
+            )
+        return ResponseFormat(FormatKind.JSON_SCHEMA, json.dumps(self.json_schema.schema_))
+
+
 class _GenerationRequest(BaseModel):
     # Fields this API does not know (logit_bias, tools, ...) are ignored, as OpenAI's own API ignores unknown ones.
     model_config = ConfigDict(extra="ignore")
@@ -167,6 +202,7 @@ class _GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormatBody | None = None
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -501,6 +537,7 @@ class _OpenAIApi:
             sampling=parsed.sampling(),
             stop=parsed.stops(),
             caller=caller,
+            response_format=parsed.response_format.domain() if parsed.response_format is not None else None,
         )
         reply = _Reply.of(generation, parsed.model, chat=chat)
         if parsed.stream:

@@ -61,6 +61,7 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
             request_id=request.request_id,
             timeout_s=time_left(context),
             caller=current_principal(),
+            response_format=convert.response_format_from_proto(request),
         )
         try:
             async for chunk in generation:

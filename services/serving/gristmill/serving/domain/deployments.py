@@ -35,6 +35,7 @@ from gristmill.serving.domain.generation import (
     Generation,
     GenerationRequest,
     GenerativeModel,
+    ResponseFormat,
     SamplingParams,
     fit_context,
     validate_max_new_tokens,
@@ -552,6 +553,7 @@ class DeploymentManager:
         pin: VersionSelector | None = None,
         request_id: str,
         deadline: float | None = None,
+        response_format: ResponseFormat | None = None,
     ) -> Generation:
         """Start a reply from one version of the deployment (inputs already validated, except what needs the
         model: the template, the context). The version counts it in flight until the reply ends or is closed."""
@@ -571,7 +573,9 @@ class DeploymentManager:
             generator.context_length,
             explicit=max_new_tokens is not None,
         )
-        request = GenerationRequest(request_id, tuple(ids), budget, sampling, stop, deadline)
+        request = GenerationRequest(
+            request_id, tuple(ids), budget, sampling, stop, deadline, response_format=response_format
+        )
         started = time.monotonic()
         version.enter()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,38 @@ class GenerationRequest:
     deadline: float | None = None
     # The LoRA adapter that answers, when several adapters share one base model in one batcher ("": the model).
     adapter: str = ""
+    response_format: ResponseFormat | None = None
+
+
+class FormatKind(StrEnum):
+    # Any JSON object.
+    JSON_OBJECT = "json_object"
+    # A JSON value that validates against ``schema``.
+    JSON_SCHEMA = "json_schema"
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """Structured output: the reply is decoded so that it always parses (the sampler only offers tokens the
+    grammar allows next, and the reply ends when the grammar is complete)."""
+
+    kind: FormatKind
+    # The JSON schema's text (JSON_SCHEMA only), checked to be a JSON object by ``validate_response_format``.
+    schema: str = ""
+
+
+def validate_response_format(response_format: ResponseFormat | None) -> ResponseFormat | None:
+    """INVALID_ARGUMENT unless a JSON-schema format carries a JSON object (the runtime compiles it and refuses
+    what it cannot compile, also INVALID_ARGUMENT)."""
+    if response_format is None or response_format.kind is FormatKind.JSON_OBJECT:
+        return response_format
+    try:
+        schema = json.loads(response_format.schema)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgumentError(f"response_format.json_schema is not valid JSON: {exc.msg}") from None
+    if not isinstance(schema, dict):
+        raise InvalidArgumentError("response_format.json_schema must be a JSON object (a JSON Schema)")
+    return response_format
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,10 @@ from gristmill.serving.domain.feedback import (
 from gristmill.serving.domain.generation import (
     DEFAULT_SAMPLING,
     Generation,
+    ResponseFormat,
     SamplingParams,
     validate_max_new_tokens,
+    validate_response_format,
     validate_sampling,
     validate_stop,
 )
@@ -349,6 +351,7 @@ class DeploymentService:
         request_id: str = "",
         timeout_s: float | None = None,
         caller: Principal | None = None,
+        response_format: ResponseFormat | None = None,
     ) -> Generation:
         """Start a reply (iterate the returned ``Generation``; ``close()`` it if the caller goes away).
 
@@ -363,6 +366,7 @@ class DeploymentService:
         if messages:
             check_turns(messages, "messages")
         validate_sampling(sampling)
+        validate_response_format(response_format)
         stops = validate_stop(stop)
         validate_max_new_tokens(max_new_tokens)
         if pin is not None:
@@ -388,6 +392,7 @@ class DeploymentService:
                 pin=pin,
                 request_id=request_id or uuid.uuid4().hex,
                 deadline=deadline,
+                response_format=response_format,
             )
         except BaseException:
             if reservation is not None:
@@ -406,6 +411,7 @@ class DeploymentService:
             **({"seed": str(sampling.seed)} if sampling.seed is not None else {}),
             **({"max_tokens": str(max_new_tokens)} if max_new_tokens is not None else {}),
             **({"stop": json.dumps(list(stops))} if stops else {}),
+            **({"response_format": response_format.kind.value} if response_format is not None else {}),
         }
 
         def remember(ok: bool) -> None:

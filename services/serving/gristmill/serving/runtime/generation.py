@@ -49,9 +49,11 @@ from gristmill.core.hf_loading import model_loading
 from gristmill.serving.domain.generation import (
     EngineStats,
     FinishReason,
+    FormatKind,
     GenerationChunk,
     GenerationRequest,
     GenerationStream,
+    ResponseFormat,
     Usage,
 )
 from gristmill.serving.domain.model import Quantization
@@ -87,6 +89,49 @@ class EngineLimits:
 DEFAULT_LIMITS = EngineLimits()
 
 
+_ANY_OBJECT = '{"type": "object"}'
+
+
+class _Grammars:
+    """Compiles response formats for one tokenizer (xgrammar: grammars over the token vocabulary, cached)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        import xgrammar
+
+        self._xgr = xgrammar
+        info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        self._vocab_size = info.vocab_size
+        self._compiler = xgrammar.GrammarCompiler(info, max_threads=1)
+
+    def constraint(self, response_format: ResponseFormat) -> _Constraint:
+        try:
+            # Compact JSON (no free whitespace): a sampler cannot wander into endless spaces between values.
+            schema = _ANY_OBJECT if response_format.kind is FormatKind.JSON_OBJECT else response_format.schema
+            compiled = self._compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=True)
+        except Exception as exc:  # xgrammar raises RuntimeError/ValueError for schemas it cannot compile
+            raise InvalidArgumentError(f"response_format.json_schema cannot be used: {exc}") from None
+        return _Constraint(self._xgr, self._xgr.GrammarMatcher(compiled), self._vocab_size)
+
+
+class _Constraint:
+    """One sequence's grammar state: which tokens may come next, advanced by each token sampled."""
+
+    def __init__(self, xgr: Any, matcher: Any, vocab_size: int) -> None:
+        self._xgr = xgr
+        self._matcher = matcher
+        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+
+    def restrict(self, logits: torch.Tensor) -> None:
+        """Set the scores of the tokens the grammar forbids next to -inf (``logits``: one row, in place)."""
+        self._matcher.fill_next_token_bitmask(self._bitmask, 0)
+        self._xgr.apply_token_bitmask_inplace(logits, self._bitmask)
+
+    def accept(self, token: int) -> bool:
+        """Advance by ``token``; True once the grammar is complete."""
+        self._matcher.accept_token(token)
+        return bool(self._matcher.is_terminated())
+
+
 @dataclass
 class _Sequence:
     request: GenerationRequest
@@ -98,6 +143,7 @@ class _Sequence:
     # Position id of the next token fed to the model.
     position: int = 0
     generator: torch.Generator | None = None
+    constraint: _Constraint | None = None
 
     @property
     def reserved(self) -> int:
@@ -120,6 +166,8 @@ class ContinuousBatcher:
         self._tokenizer = tokenizer
         # Set once the model is wrapped with PEFT adapters (SharedBase).
         self.peft = False
+        # The JSON grammar compiler for structured output, built at the first request that asks for it.
+        self._grammars: _Grammars | None = None
         self._eos = frozenset(int(i) for i in eos_ids)
         self.limits = limits
         self._pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids), 0))
@@ -147,6 +195,7 @@ class ContinuousBatcher:
                 f"the prompt ({len(request.prompt_ids)} tokens) plus max_tokens ({request.max_new_tokens}) exceed "
                 f"the deployment's cache budget of {self.limits.max_cache_tokens} tokens per request"
             )
+        constraint = self._constraint(request.response_format) if request.response_format is not None else None
         with self._lock:
             if self._closed:
                 raise UnavailableError("the model is being unloaded; retry")
@@ -155,7 +204,7 @@ class ContinuousBatcher:
                     f"{len(self._queue)} generation requests are already waiting for this model; retry later",
                     details={"retry-after-ms": "1000"},
                 )
-            sequence = _Sequence(request, stream)
+            sequence = _Sequence(request, stream, constraint=constraint)
             if request.sampling.seed is not None:
                 sequence.generator = torch.Generator().manual_seed(request.sampling.seed)
             self._queue.append(sequence)
@@ -170,6 +219,11 @@ class ContinuousBatcher:
         """Swap in ``model`` (the same weights wrapped by PEFT); the caller holds ``model_lock``."""
         self._model = model
         self.peft = peft
+
+    def _constraint(self, response_format: ResponseFormat) -> _Constraint:
+        if self._grammars is None:
+            self._grammars = _Grammars(self._tokenizer, int(self._model.config.vocab_size))
+        return self._grammars.constraint(response_format)
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
@@ -335,6 +389,10 @@ class ContinuousBatcher:
 
     def _sample(self, logits: torch.Tensor, rows: Sequence[_Sequence]) -> list[int]:
         logits = logits.float()
+        for row, sequence in enumerate(rows):
+            if sequence.constraint is not None:
+                # Structured output: only the tokens the grammar allows next keep their scores.
+                sequence.constraint.restrict(logits[row : row + 1])
         greedy = logits.argmax(dim=-1).tolist()
         tokens: list[int] = []
         for row, sequence in enumerate(rows):
@@ -367,7 +425,10 @@ class ContinuousBatcher:
             else:
                 sequence.generated.append(token)
                 sequence.pending.append(token)
-                if len(sequence.generated) >= sequence.request.max_new_tokens:
+                if sequence.constraint is not None and sequence.constraint.accept(token):
+                    # The grammar is complete (the JSON value closed): nothing else may follow.
+                    reason = FinishReason.STOP
+                elif len(sequence.generated) >= sequence.request.max_new_tokens:
                     reason = FinishReason.LENGTH
             reason = self._emit(sequence, reason)
             if reason is not None:
