@@ -39,7 +39,7 @@ from gristmill.cli.demo_command import demo_command, run_dir
 from gristmill.cli.output import emit, fail, one_line_errors
 from gristmill.cli.platforms import SERVICE_BASE_ENV, LocalStack, serving_replica_addresses
 from gristmill.cli.processes import health
-from gristmill.core.ports import MAX_SERVING_REPLICAS
+from gristmill.core.ports import MAX_SERVING_REPLICAS, OPENAI_HTTP_PORT_OFFSET
 from gristmill.core.ports import SERVING_REPLICA_PORT_STEP as REPLICA_STEP
 from gristmill.core.tls import diagnose_handshake, tls_files
 
@@ -125,6 +125,10 @@ def up(
     stack.start(timeout, on_start=lambda proc, pid: typer.echo(f"{proc.name}: pid {pid}, log {proc.log_file}"))
     for name, address in {**vars(stack.endpoints), **stack.replica_endpoints()}.items():
         typer.echo(f"{name}: serving on {address}")
+        if name.startswith("serving"):
+            host, port = address.rsplit(":", 1)
+            # Each serving process serves the OpenAI-compatible HTTP API beside its gRPC port (ServingSettings).
+            typer.echo(f"{name}: OpenAI-compatible API on http://{host}:{int(port) + OPENAI_HTTP_PORT_OFFSET}/v1")
     key = stack.root_key_file()
     if key.exists():
         typer.echo(f"root API key (admin scope) is in {key}: export GRISTMILL_API_KEY=$(cat {key})")
