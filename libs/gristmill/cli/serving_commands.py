@@ -7,6 +7,7 @@ import struct
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -15,7 +16,7 @@ from gristmill.api.common.v1 import common_pb2
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2 as oip
 from gristmill.api.serving.v1 import serving_pb2 as sv
 from gristmill.cli.context import state, want_json
-from gristmill.cli.options import JSON_OPTION, choice
+from gristmill.cli.options import JSON_OPTION, choice, read_text_option
 from gristmill.cli.output import confirm, emit, emit_object, enum_name, fail, one_line_errors
 from gristmill.cli.paging import ALL_OPTION, PAGE_SIZE_OPTION, PAGE_TOKEN_OPTION
 from gristmill.cli.replies import show_one, show_pages
@@ -435,3 +436,67 @@ def predict_command(
         for p in predictions
     ]
     emit(rows, want_json(ctx, as_json))
+
+
+@one_line_errors
+def generate_command(
+    ctx: typer.Context,
+    deployment: str = typer.Argument(..., help="deployment name (a chat model)"),
+    message: str = typer.Argument(..., help="the user's message"),
+    system: str = typer.Option("", "--system", help="a system message before it"),
+    prompt: bool = typer.Option(False, "--prompt", help="send MESSAGE as a raw prompt, without the chat template"),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="new tokens at most (default 256)"),
+    temperature: float | None = typer.Option(None, "--temperature", min=0.0, help="0 is greedy (default 1)"),
+    top_p: float | None = typer.Option(None, "--top-p", help="nucleus sampling mass in (0, 1]"),
+    seed: int | None = typer.Option(None, "--seed", help="same seed, same reply"),
+    stop: list[str] = typer.Option([], "--stop", help="end the reply before this text (repeatable)"),
+    json_schema: Path | None = typer.Option(None, "--json-schema", help="a JSON Schema file the reply must follow"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Generate a reply with a deployed chat model, printed as it streams (then the usage, on stderr)."""
+    request = sv.GenerateRequest(model=deployment, stop=stop)
+    if prompt:
+        request.prompt = message
+    else:
+        turns = [common_pb2.ChatMessage(role="system", content=system)] if system else []
+        request.messages.extend([*turns, common_pb2.ChatMessage(role="user", content=message)])
+    if max_tokens is not None:
+        request.max_tokens = max_tokens
+    if temperature is not None:
+        request.temperature = temperature
+    if top_p is not None:
+        request.top_p = top_p
+    if seed is not None:
+        request.seed = seed
+    schema = read_text_option(json_schema, "--json-schema")
+    if schema:
+        request.response_format.json_schema = schema
+    structured = want_json(ctx, as_json)
+    parts: list[str] = []
+    last = sv.GenerateResponse()
+    with state(ctx).client() as gm:
+        for response in gm.serving.Generate(request):
+            parts.append(response.text)
+            last = response
+            if not structured:
+                typer.echo(response.text, nl=False)
+    reason = enum_name(sv.FinishReason.Name(last.finish_reason), "FINISH_REASON_")
+    if structured:
+        emit_object(
+            {
+                "text": "".join(parts),
+                "finish_reason": reason,
+                "request_id": last.request_id,
+                "model_version": f"{last.registered_model_name}/{last.model_version}",
+                "prompt_tokens": last.usage.prompt_tokens,
+                "completion_tokens": last.usage.completion_tokens,
+            },
+            True,
+        )
+        return
+    typer.echo("")
+    typer.echo(
+        f"[{last.registered_model_name} v{last.model_version}, {reason}, {last.usage.prompt_tokens} prompt + "
+        f"{last.usage.completion_tokens} completion tokens, request {last.request_id}]",
+        err=True,
+    )

@@ -232,6 +232,28 @@ async def test_json_schema_response_format_always_parses(served: Served) -> None
 
 
 @on_module_loop
+async def test_the_cli_streams_a_reply_over_grpc(served: Served) -> None:
+    from typer.testing import CliRunner
+
+    from gristmill.cli.main import app as cli
+
+    base = ["--serving", f"127.0.0.1:{served.app.host.server.port}", "--api-key", served.key, "generate", CHAT_MODEL]
+    runner = CliRunner()
+    result = await asyncio.to_thread(
+        runner.invoke, cli, [*base, TEXTS[0], "--temperature", "0", "--max-tokens", "5", "--json"]
+    )
+    assert result.exit_code == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert reply["finish_reason"] in ("stop", "length") and 0 < reply["completion_tokens"] <= 5
+    assert reply["model_version"] == f"{CHAT_MODEL}/1"
+    streamed = await asyncio.to_thread(runner.invoke, cli, [*base, TEXTS[0], "--temperature", "0", "--max-tokens", "5"])
+    assert streamed.exit_code == 0 and streamed.stdout.strip() == reply["text"].strip()
+    assert "completion tokens" in streamed.stderr
+    bad = await asyncio.to_thread(runner.invoke, cli, [*base, TEXTS[0], "--top-p", "0"])
+    assert bad.exit_code == 1 and bad.stderr.strip().startswith("gristmill: invalid argument") and "top_p" in bad.stderr
+
+
+@on_module_loop
 async def test_streamed_chat_is_the_same_reply_with_a_usage_event(served: Served) -> None:
     async with served.client() as client:
         whole = await client.chat.completions.create(
