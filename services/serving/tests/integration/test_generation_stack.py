@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from google.protobuf import field_mask_pb2
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gristmill.api.common.v1 import common_pb2
@@ -343,8 +344,48 @@ async def test_lora_adapters_of_one_registry_base_model_share_it(stack: Stack, t
     assert len(generators) == 2 and all(g is not None for g in generators)
     assert getattr(generators[0], "shared", None) is getattr(generators[1], "shared", None) is not None
 
+    shared = getattr(generators[0], "shared", None)
     for version, adapter in zip(versions, adapters, strict=True):
         pin = common_pb2.ModelVersionSelector(version=version)
         text, responses = await reply(stack, chat(stack.model, TEXTS[0], max_tokens=12, temperature=0.0, target=pin))
         assert responses[-1].model_version == version
         assert text == merged_reply(base_dir, adapter, TEXTS[0], 12)
+
+    # Without the canary, the alias moves to version 2 under streaming load: no stream fails, and the new
+    # adapter is loaded on the base already in memory (never loaded again).
+    await stack.serving.UpdateDeployment(
+        serving_pb2.UpdateDeploymentRequest(
+            name=stack.model,
+            deployment=serving_pb2.Deployment(),
+            update_mask=field_mask_pb2.FieldMask(paths=["canary"]),
+            wait_until_ready=True,
+        ),
+        timeout=60,
+    )
+    failures: list[BaseException] = []
+    seen: set[int] = set()
+    stop = asyncio.Event()
+
+    async def client(index: int) -> None:
+        while not stop.is_set():
+            try:
+                _, responses = await reply(stack, chat(stack.model, TEXTS[index % 3], max_tokens=16, temperature=0.7))
+                seen.add(responses[-1].model_version)
+            except BaseException as exc:  # counted, then reported by the assertion below
+                failures.append(exc)
+                return
+
+    clients = [asyncio.create_task(client(i)) for i in range(3)]
+    await asyncio.sleep(0.3)
+    await stack.registry.SetAlias(
+        registry_pb2.SetAliasRequest(registered_model_name=stack.model, alias="production", version=versions[1]),
+        timeout=30,
+    )
+    deadline = time.monotonic() + 60
+    while versions[1] not in seen and time.monotonic() < deadline and not failures:
+        await asyncio.sleep(0.1)
+    stop.set()
+    await asyncio.gather(*clients)
+    assert failures == [] and versions[1] in seen
+    (now,) = [v.generator for v in stack.serving_app.service.manager.loaded_versions("default", stack.model)]
+    assert getattr(now, "shared", None) is shared
