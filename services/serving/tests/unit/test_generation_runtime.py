@@ -347,3 +347,23 @@ def test_structured_output_always_parses_and_follows_the_schema(llama_dir: Path)
             asyncio.run(refused())
     finally:
         generator.close()
+
+
+def test_two_requests_with_the_same_id_cancel_only_themselves(llama_dir: Path) -> None:
+    generator = _load(llama_dir)
+    try:
+        prompt = generator.encode_prompt(TEXTS[0])
+
+        async def run() -> None:
+            # Callers choose request ids (Triton clients often send "0"): they are not the runtime's handle.
+            first = generator.submit(_request("0", prompt, 200))
+            second = generator.submit(_request("0", prompt, 12, sampling=GREEDY))
+            await first.__anext__()
+            first.cancel()
+            _, reason = await _text(second)
+            assert reason in (FinishReason.STOP, FinishReason.LENGTH)
+
+        asyncio.run(run())
+        assert generator.stats().running == 0
+    finally:
+        generator.close()

@@ -130,6 +130,8 @@ def messages_from_json(text: str) -> tuple[ChatMessage, ...]:
             f"input '{MESSAGES_INPUT}' must be a JSON array of messages such as "
             '[{"role": "user", "content": "Hello"}]'
         )
+    if not value:
+        raise InvalidArgumentError(f"input '{MESSAGES_INPUT}' is an empty array; send the conversation")
     return tuple(message_from_json(m, f"input '{MESSAGES_INPUT}', message {i + 1}") for i, m in enumerate(value))
 
 

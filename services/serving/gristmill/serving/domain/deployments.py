@@ -563,7 +563,7 @@ class DeploymentManager:
             if version.classifier is not None:
                 raise InvalidArgumentError(
                     f"deployment {name!r} serves a classifier ({version.resolved.task}); use Predict or ModelInfer, "
-                    "not Generate"
+                    "not Generate, ModelStreamInfer or the OpenAI-compatible API"
                 )
             raise UnavailableError(f"version {version.version} of {name!r} was just unloaded; retry")
         ids = generator.render_chat(messages) if messages else generator.encode_prompt(prompt)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -130,6 +131,8 @@ class GenerationStream(AsyncIterator[GenerationChunk]):
         self._queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._cancel = cancel
+        # Identifies this stream to the runtime: request ids come from callers and may repeat.
+        self.key = next(_STREAM_KEYS)
         self._done = False
 
     # -- the runtime's side (any thread) --------------------------------------------------------------------
@@ -159,11 +162,14 @@ class GenerationStream(AsyncIterator[GenerationChunk]):
         """Stop generating (no-op once finished)."""
         if not self._done:
             self._done = True
-            self._cancel(self.request.request_id)
+            self._cancel(self.key)
 
 
 class CancelHook(Protocol):
-    def __call__(self, request_id: str) -> None: ...
+    def __call__(self, key: int) -> None: ...
+
+
+_STREAM_KEYS = itertools.count(1)
 
 
 @dataclass(frozen=True)

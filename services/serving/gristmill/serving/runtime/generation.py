@@ -173,7 +173,8 @@ class ContinuousBatcher:
         self._pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids), 0))
         self._lock = threading.Condition()
         self._queue: deque[_Sequence] = deque()
-        self._cancelled: set[str] = set()
+        # Keys of the streams whose clients went away (GenerationStream.key).
+        self._cancelled: set[int] = set()
         self._running: list[_Sequence] = []
         self._reserved = 0
         # The running batch's cache and attention mask ([rows, cached positions]); None when nothing runs.
@@ -225,9 +226,9 @@ class ContinuousBatcher:
             self._grammars = _Grammars(self._tokenizer, int(self._model.config.vocab_size))
         return self._grammars.constraint(response_format)
 
-    def cancel(self, request_id: str) -> None:
+    def cancel(self, key: int) -> None:
         with self._lock:
-            self._cancelled.add(request_id)
+            self._cancelled.add(key)
             self._lock.notify()
 
     def stats(self) -> EngineStats:
@@ -286,8 +287,8 @@ class ContinuousBatcher:
         if not self._cancelled:
             return
         cancelled, self._cancelled = self._cancelled, set()
-        self._queue = deque(s for s in self._queue if s.request.request_id not in cancelled)
-        leaving = [i for i, s in enumerate(self._running) if s.request.request_id in cancelled]
+        self._queue = deque(s for s in self._queue if s.stream.key not in cancelled)
+        leaving = [i for i, s in enumerate(self._running) if s.stream.key in cancelled]
         if leaving:
             self._remove_rows(leaving)
 
