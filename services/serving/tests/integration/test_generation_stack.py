@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -22,7 +23,7 @@ from gristmill.api.common.v1 import common_pb2
 from gristmill.api.events.v1 import events_pb2
 from gristmill.api.registry.v1 import registry_pb2
 from gristmill.api.serving.v1 import serving_pb2
-from gristmill.core.events.topics import FEEDBACK_RECORDED
+from gristmill.core.events.topics import FEEDBACK_RECORDED, GENERATION_LOGGED
 from gristmill.core.storage import ObjectStore
 from services.serving.tests.integration.test_serving_stack import Stack, upload_job_output
 from tests.support.tiny_model import make_tiny_llama
@@ -74,26 +75,33 @@ def reference_reply(model_dir: Path, text: str, max_new_tokens: int) -> str:
 
 
 def next_feedback(stack: Stack, tmp_path: Path) -> events_pb2.FeedbackRecorded:
-    """The first ``feedback recorded`` event of this run's model on Kafka (a consumer group of its own)."""
+    return next_event(stack, tmp_path, FEEDBACK_RECORDED, events_pb2.FeedbackRecorded)
+
+
+M = TypeVar("M", events_pb2.FeedbackRecorded, events_pb2.GenerationLogged)
+
+
+def next_event(stack: Stack, tmp_path: Path, topic: str, kind: type[M]) -> M:
+    """The first event on ``topic`` of this run's model on Kafka (a consumer group of its own)."""
     from sqlalchemy.orm import Session
 
     from gristmill.core.events import Event, KafkaEventBus
     from gristmill.core.sql import Database
 
-    found: list[events_pb2.FeedbackRecorded] = []
+    found: list[M] = []
     arrived = threading.Event()
-    database = Database(f"sqlite:///{tmp_path / 'feedback-watch.db'}")
+    database = Database(f"sqlite:///{tmp_path / f'{topic}-watch.db'}")
     database.create_all()
     bus = KafkaEventBus(stack.kafka, database=database)
 
     def watch(event: Event, session: Session) -> None:
         if event.key == stack.model:
-            found.append(events_pb2.FeedbackRecorded.FromString(event.payload))
+            found.append(kind.FromString(event.payload))
             arrived.set()
 
-    consumer = bus.subscribe([FEEDBACK_RECORDED], f"feedback-watch-{stack.model}", watch).run_in_background()
+    consumer = bus.subscribe([topic], f"watch-{topic}-{stack.model}", watch).run_in_background()
     try:
-        assert arrived.wait(60), "no feedback event reached Kafka within 60 s"
+        assert arrived.wait(60), f"no event on {topic} reached Kafka within 60 s"
         return found[0]
     finally:
         consumer.stop()
@@ -334,6 +342,8 @@ async def test_lora_adapters_of_one_registry_base_model_share_it(stack: Stack, t
                 name=stack.model,
                 registered_model_name=stack.model,
                 canary=serving_pb2.CanaryRoute(target=common_pb2.ModelVersionSelector(version=versions[1]), weight=0.5),
+                # Every reply is logged (a sample of 100 %), PII-masked.
+                prediction_logging=serving_pb2.PredictionLoggingConfig(sample_rate=1.0),
             ),
             wait_until_ready=True,
         ),
@@ -345,6 +355,11 @@ async def test_lora_adapters_of_one_registry_base_model_share_it(stack: Stack, t
     assert getattr(generators[0], "shared", None) is getattr(generators[1], "shared", None) is not None
 
     shared = getattr(generators[0], "shared", None)
+    mailed = "Answer me at jane.doe@example.com please"
+    text, responses = await reply(stack, chat(stack.model, mailed, max_tokens=6, temperature=0.0))
+    logged = await asyncio.to_thread(next_event, stack, tmp_path, GENERATION_LOGGED, events_pb2.GenerationLogged)
+    assert logged.request_id == responses[-1].request_id and logged.reply == text
+    assert [m.content for m in logged.messages] == ["Answer me at [EMAIL] please"]
     for version, adapter in zip(versions, adapters, strict=True):
         pin = common_pb2.ModelVersionSelector(version=version)
         text, responses = await reply(stack, chat(stack.model, TEXTS[0], max_tokens=12, temperature=0.0, target=pin))

@@ -367,3 +367,25 @@ def test_two_requests_with_the_same_id_cancel_only_themselves(llama_dir: Path) -
         assert generator.stats().running == 0
     finally:
         generator.close()
+
+
+def test_min_tokens_keeps_the_end_of_sequence_token_out_until_reached(llama_dir: Path) -> None:
+    from gristmill.serving.runtime.generation import _Sequence
+
+    generator = _load(llama_dir)
+    try:
+        batcher = generator._batcher
+        eos = generator.eos_ids[0]
+        logits = torch.zeros((1, 400))
+        logits[0, eos] = 10.0  # the end of the sequence is by far the most likely next token
+
+        def next_token(generated: int, min_tokens: int) -> int:
+            request = _request("m", [1, 2, 3], 50, sampling=SamplingParams(temperature=0.0, min_tokens=min_tokens))
+            sequence = _Sequence(request, stream=None, generated=[7] * generated)  # type: ignore[arg-type]
+            return batcher._sample(logits.clone(), [sequence])[0]
+
+        assert next_token(generated=3, min_tokens=0) == eos
+        assert next_token(generated=3, min_tokens=5) != eos
+        assert next_token(generated=5, min_tokens=5) == eos
+    finally:
+        generator.close()

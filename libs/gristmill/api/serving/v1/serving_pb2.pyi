@@ -335,6 +335,7 @@ class GenerateRequest(_message.Message):
     TARGET_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
+    MIN_TOKENS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Deployment name."""
     prompt: _builtins.str
@@ -351,6 +352,10 @@ class GenerateRequest(_message.Message):
     """Same seed, same prompt, same version: same reply. Unset means a fresh random stream."""
     request_id: _builtins.str
     """Client id for the request, echoed back. Empty means the server generates one."""
+    min_tokens: _builtins.int
+    """The end-of-sequence token is not sampled before this many new tokens (at most max_tokens;
+    benchmarks set both to generate fixed lengths). Ignored with a response_format.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
         """The conversation so far, rendered with the model's chat template (the one recorded in its
@@ -384,10 +389,11 @@ class GenerateRequest(_message.Message):
         target: _common_pb2.ModelVersionSelector | None = ...,
         request_id: _builtins.str = ...,
         response_format: Global___ResponseFormat | None = ...,
+        min_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "response_format", b"response_format", "seed", b"seed", "target", b"target", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "prompt", b"prompt", "request_id", b"request_id", "response_format", b"response_format", "seed", b"seed", "stop", b"stop", "target", b"target", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "messages", b"messages", "min_tokens", b"min_tokens", "model", b"model", "prompt", b"prompt", "request_id", b"request_id", "response_format", b"response_format", "seed", b"seed", "stop", b"stop", "target", b"target", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015

@@ -311,6 +311,7 @@ def sampling_from_proto(request: serving_pb2.GenerateRequest) -> SamplingParams:
         top_p=request.top_p if request.HasField("top_p") else defaults.top_p,
         top_k=request.top_k,
         seed=request.seed if request.HasField("seed") else None,
+        min_tokens=request.min_tokens,
     )
 
 

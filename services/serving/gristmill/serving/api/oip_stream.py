@@ -37,7 +37,8 @@ TOP_K = "top_k"
 SEED = "seed"
 MAX_TOKENS = "max_tokens"
 STOP = "stop"
-SAMPLING_KEYS = (TEMPERATURE, TOP_P, TOP_K, SEED, MAX_TOKENS, STOP)
+MIN_TOKENS = "min_tokens"
+SAMPLING_KEYS = (TEMPERATURE, TOP_P, TOP_K, SEED, MAX_TOKENS, STOP, MIN_TOKENS)
 
 # Triton's reserved request parameters.
 EMPTY_FINAL = "triton_enable_empty_final_response"
@@ -111,6 +112,7 @@ def parse_stream_request(request: oip.ModelInferRequest) -> StreamRequest:
             # vLLM's -1 and ours 0 both mean no top-k filtering.
             top_k=0 if top_k in (None, -1) else top_k,
             seed=_int(values, SEED),
+            min_tokens=_int(values, MIN_TOKENS) or 0,
         ),
         max_new_tokens=_int(values, MAX_TOKENS),
         stop=_stop(values),

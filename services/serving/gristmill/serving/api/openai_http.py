@@ -195,6 +195,8 @@ class _GenerationRequest(BaseModel):
     top_p: float | None = None
     # Not OpenAI's (vLLM's, and the gRPC API's): 0 means no top-k filtering.
     top_k: int | None = None
+    # vLLM's: no end-of-sequence before this many tokens.
+    min_tokens: int | None = None
     # An int64, as over gRPC (the sampler's generator takes no more).
     seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None
     stop: str | list[str] | None = None
@@ -210,6 +212,7 @@ class _GenerationRequest(BaseModel):
             top_p=DEFAULT_SAMPLING.top_p if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
             seed=self.seed,
+            min_tokens=self.min_tokens or 0,
         )
 
     def stops(self) -> list[str]:

@@ -573,6 +573,11 @@ class DeploymentManager:
             generator.context_length,
             explicit=max_new_tokens is not None,
         )
+        if sampling.min_tokens > budget:
+            raise InvalidArgumentError(
+                f"min_tokens ({sampling.min_tokens}) is more than the reply may have ({budget} tokens: max_tokens, "
+                "or what the context leaves)"
+            )
         request = GenerationRequest(
             request_id, tuple(ids), budget, sampling, stop, deadline, response_format=response_format
         )

@@ -124,7 +124,11 @@ class RecentGenerations:
 
 
 class FeedbackPublisher(Protocol):
-    """Writes a ``feedback recorded`` event (PII-masked) durably: when ``publish`` returns, it is in the outbox.
-    Blocks (a database transaction): call it off the event loop."""
+    """Writes ``feedback recorded`` and ``generation logged`` events (PII-masked) durably: when a method returns,
+    its event is in the outbox. Both block (a database transaction): call them off the event loop."""
 
     def publish(self, organization_id: str, record: GenerationRecord, feedback: FeedbackInput) -> None: ...
+
+    def log_generation(self, record: GenerationRecord) -> None:
+        """A sampled reply (the deployment's ``prediction_logging.sample_rate``), for labeling to see."""
+        ...

@@ -45,6 +45,9 @@ class SamplingParams:
     # 0 means no top-k filtering.
     top_k: int = 0
     seed: int | None = None
+    # The end-of-sequence token is not sampled before this many new tokens (vLLM's min_tokens; benchmarks
+    # set it to max_tokens to generate fixed lengths). Ignored under a response format, whose grammar decides.
+    min_tokens: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -218,6 +221,10 @@ def validate_sampling(sampling: SamplingParams) -> SamplingParams:
         raise InvalidArgumentError(f"top_p must be in (0, 1], got {sampling.top_p}")
     if sampling.top_k < 0:
         raise InvalidArgumentError(f"top_k must be 0 (no limit) or more, got {sampling.top_k}")
+    if not 0 <= sampling.min_tokens <= MAX_NEW_TOKENS_LIMIT:
+        raise InvalidArgumentError(
+            f"min_tokens must be between 0 and {MAX_NEW_TOKENS_LIMIT}, got {sampling.min_tokens}"
+        )
     if sampling.seed is not None and not -(2**63) <= sampling.seed < 2**63:
         raise InvalidArgumentError(f"seed must be a 64-bit signed integer, got {sampling.seed}")
     return sampling

@@ -18,8 +18,9 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from gristmill.core.auth import Principal
 from gristmill.core.auth_quota import QuotaGuard, Reservation, UsageKind
@@ -121,7 +122,7 @@ class DeploymentService:
         # Held while a write stores a spec and changes the manager, and while ``sync`` reads the store and applies
         # it: a sync never sees a spec stored by this process but not yet served (or the reverse) and undoes it.
         self._writes = asyncio.Lock()
-        # Quota commits of finished replies, kept referenced until they ran.
+        # Quota commits and generation logs of finished replies, kept referenced until they ran.
         self._settling: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -175,6 +176,8 @@ class DeploymentService:
 
     async def close(self) -> None:
         await self.manager.close()
+        # Usage and generation logs of the replies that just ended: written before the outbox's last flush.
+        await asyncio.gather(*self._settling, return_exceptions=True)
 
     # -- deployments -------------------------------------------------------------------------------------
 
@@ -414,21 +417,25 @@ class DeploymentService:
             **({"response_format": response_format.kind.value} if response_format is not None else {}),
         }
 
+        sample_rate = self.manager.spec(organization_id, name).prediction_logging.sample_rate
+
         def remember(ok: bool) -> None:
-            if ok:
-                self.generations.remember(
-                    GenerationRecord(
-                        organization_id=organization_id,
-                        request_id=generation.request_id,
-                        registered_model_name=generation.registered_model_name,
-                        version=generation.version,
-                        deployment=name,
-                        messages=conversation,
-                        reply=generation.text,
-                        sampling=sampled,
-                        labeling_project_id=generation.labeling_project_id,
-                    )
-                )
+            if not ok:
+                return
+            record = GenerationRecord(
+                organization_id=organization_id,
+                request_id=generation.request_id,
+                registered_model_name=generation.registered_model_name,
+                version=generation.version,
+                deployment=name,
+                messages=conversation,
+                reply=generation.text,
+                sampling=sampled,
+                labeling_project_id=generation.labeling_project_id,
+            )
+            self.generations.remember(record)
+            if self.feedback is not None and sample_rate and self._rng.random() < sample_rate:
+                self._in_background(asyncio.to_thread(self.feedback.log_generation, record), "generation log")
 
         generation.add_done_hook(remember)
         return generation
@@ -450,7 +457,18 @@ class DeploymentService:
             UsageKind.INPUT_TOKENS: generation.prompt_tokens,
             UsageKind.OUTPUT_TOKENS: generation.completion_tokens,
         }
-        task = asyncio.get_running_loop().create_task(reservation.commit_async(measured=measured))
+        self._in_background(reservation.commit_async(measured=measured), "usage")
+
+    def _in_background(self, work: Coroutine[Any, Any, None], what: str) -> None:
+        """Run ``work`` after the reply, kept referenced until done; a failure is logged, never raised."""
+
+        async def run() -> None:
+            try:
+                await work
+            except Exception:
+                log.exception("could not write the %s of a finished reply", what)
+
+        task = asyncio.get_running_loop().create_task(run())
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 

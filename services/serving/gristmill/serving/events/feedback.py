@@ -4,6 +4,8 @@ reply and the feedback's own texts) before anything leaves the process, written 
 
 from __future__ import annotations
 
+from google.protobuf.message import Message
+
 from gristmill.api.events.v1 import events_pb2
 from gristmill.core.events import EventCatalog, Outbox, OutboxWriter
 from gristmill.core.pii import PiiMasker
@@ -72,7 +74,12 @@ class OutboxFeedbackPublisher:
         self._masker = masker or PiiMasker()
 
     def publish(self, organization_id: str, record: GenerationRecord, feedback: FeedbackInput) -> None:
-        message = feedback_recorded(organization_id, record, feedback, self._masker)
+        self._write(feedback_recorded(organization_id, record, feedback, self._masker), record)
+
+    def log_generation(self, record: GenerationRecord) -> None:
+        self._write(generation_logged(record, self._masker), record)
+
+    def _write(self, message: Message, record: GenerationRecord) -> None:
         event = self._events.event(message, key=record.registered_model_name)
         with self._database.transaction() as session:
             Outbox.add_many(session, [event])

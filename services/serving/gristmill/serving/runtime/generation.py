@@ -169,6 +169,9 @@ class ContinuousBatcher:
         # The JSON grammar compiler for structured output, built at the first request that asks for it.
         self._grammars: _Grammars | None = None
         self._eos = frozenset(int(i) for i in eos_ids)
+        vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+        eos_in_vocab = [i for i in sorted(self._eos) if 0 <= i < vocab]
+        self._eos_index = torch.tensor(eos_in_vocab, dtype=torch.long) if eos_in_vocab else None
         self.limits = limits
         self._pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids), 0))
         self._lock = threading.Condition()
@@ -394,6 +397,8 @@ class ContinuousBatcher:
             if sequence.constraint is not None:
                 # Structured output: only the tokens the grammar allows next keep their scores.
                 sequence.constraint.restrict(logits[row : row + 1])
+            elif len(sequence.generated) < sequence.request.sampling.min_tokens and self._eos_index is not None:
+                logits[row, self._eos_index] = float("-inf")
         greedy = logits.argmax(dim=-1).tolist()
         tokens: list[int] = []
         for row, sequence in enumerate(rows):
