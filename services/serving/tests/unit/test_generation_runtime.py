@@ -389,3 +389,21 @@ def test_min_tokens_keeps_the_end_of_sequence_token_out_until_reached(llama_dir:
         assert next_token(generated=5, min_tokens=5) == eos
     finally:
         generator.close()
+
+
+def test_prompts_of_very_different_lengths_prefilled_together_match_generate(llama_dir: Path) -> None:
+    generator = _load(llama_dir)
+    try:
+        # Short and long prompts arriving at once: prefilled in groups of similar length, merged into one batch.
+        texts = [TEXTS[0], " ".join(TEXTS * 3), TEXTS[2][:12], " ".join(TEXTS[1:] * 2)]
+        prompts = [generator.render_chat([ChatMessage("user", text)]) for text in texts]
+        assert max(map(len, prompts)) > 2 * min(map(len, prompts))
+        expected = [_reference(llama_dir, p, 8) for p in prompts]
+
+        async def run() -> list[list[int]]:
+            streams = [_tokens(generator, _request(f"g{i}", p, 8, sampling=GREEDY)) for i, p in enumerate(prompts)]
+            return [tokens for tokens, _ in await asyncio.gather(*streams)]
+
+        assert asyncio.run(run()) == expected
+    finally:
+        generator.close()

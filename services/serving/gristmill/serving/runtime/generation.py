@@ -81,6 +81,9 @@ class EngineLimits:
     # Requests waiting for a place before submit answers RESOURCE_EXHAUSTED.
     max_queue: int = DEFAULT_MAX_QUEUE
     max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS
+    # Prompts prefilled together pad to the longest: a group closes when its padded size would exceed this many
+    # times its real tokens (one forward pass per group).
+    prefill_padding: float = 1.2
     # torch intra-op threads of the model's thread: one batched forward uses every core (0 keeps torch's
     # setting). The classifiers' one-thread default suits several small batches side by side, not this.
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -322,6 +325,21 @@ class ContinuousBatcher:
         return admitted
 
     def _prefill(self, admitted: list[_Sequence]) -> None:
+        """Prefill ``admitted`` in groups of similar prompt lengths (little compute on padding), then add them all
+        to the running batch in one merge."""
+        sequences: list[_Sequence] = []
+        tokens: list[int] = []
+        blocks: list[tuple[DynamicCache, torch.Tensor]] = []
+        for group in _length_groups(admitted, self.limits.prefill_padding):
+            cache, mask, first = self._prefill_group(group)
+            sequences += group
+            tokens += first
+            blocks.append((cache, mask))
+        offset = len(self._running)
+        self._merge(sequences, blocks)
+        self._advance(sequences, tokens, offset)
+
+    def _prefill_group(self, admitted: list[_Sequence]) -> tuple[DynamicCache, torch.Tensor, list[int]]:
         longest = max(len(s.request.prompt_ids) for s in admitted)
         ids = torch.full((len(admitted), longest), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(admitted), longest), dtype=torch.long)
@@ -341,10 +359,7 @@ class ContinuousBatcher:
             logits_to_keep=1,
             **self._adapters(admitted),
         )
-        tokens = self._sample(out.logits[:, -1, :], admitted)
-        offset = len(self._running)
-        self._merge(admitted, cache, mask)
-        self._advance(admitted, tokens, offset)
+        return cache, mask, self._sample(out.logits[:, -1, :], admitted)
 
     def _decode(self) -> None:
         assert self._cache is not None and self._mask is not None
@@ -372,22 +387,23 @@ class ContinuousBatcher:
             return {}
         return {"adapter_names": [s.request.adapter or BASE_ADAPTER for s in rows]}
 
-    def _merge(self, admitted: list[_Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Append the prefilled rows to the running batch, left-padding whichever side is shorter."""
-        if self._cache is None or self._mask is None or not self._running:
-            self._cache, self._mask = cache, mask
-            with self._lock:
-                self._running = list(admitted)
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        merged = _new_cache(self._model.config)
-        for index, (old, new) in enumerate(zip(self._cache.layers, cache.layers, strict=True)):
-            (old_keys, old_values), (new_keys, new_values) = _kv(old), _kv(new)
-            keys = torch.cat([_left_pad(old_keys, width), _left_pad(new_keys, width)], dim=0)
-            values = torch.cat([_left_pad(old_values, width), _left_pad(new_values, width)], dim=0)
-            merged.update(keys, values, index)
-        self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)], dim=0)
-        self._cache = merged
+    def _merge(self, admitted: list[_Sequence], blocks: list[tuple[DynamicCache, torch.Tensor]]) -> None:
+        """Append the prefilled rows (``blocks`` of cache and mask, in ``admitted``'s order) to the running batch,
+        left-padding every block to the widest: one copy of the running cache however many blocks join."""
+        if self._cache is not None and self._mask is not None and self._running:
+            blocks = [(self._cache, self._mask), *blocks]
+        if len(blocks) == 1:
+            self._cache, self._mask = blocks[0]
+        else:
+            width = max(mask.shape[1] for _, mask in blocks)
+            merged = _new_cache(self._model.config)
+            for index, layers in enumerate(zip(*(cache.layers for cache, _ in blocks), strict=True)):
+                pairs = [_kv(layer) for layer in layers]
+                keys = torch.cat([_left_pad(k, width) for k, _ in pairs], dim=0)
+                values = torch.cat([_left_pad(v, width) for _, v in pairs], dim=0)
+                merged.update(keys, values, index)
+            self._mask = torch.cat([_left_pad(mask, width) for _, mask in blocks], dim=0)
+            self._cache = merged
         with self._lock:
             self._running = self._running + admitted
 
@@ -545,6 +561,24 @@ def _new_cache(config: Any) -> DynamicCache:
     cache = DynamicCache(config=config)
     cache.layers = [_SlackLayer() for _ in cache.layers]
     return cache
+
+
+def _length_groups(sequences: list[_Sequence], padding: float) -> list[list[_Sequence]]:
+    """``sequences`` by prompt length in groups whose padded size stays within ``padding`` times their tokens."""
+    ordered = sorted(sequences, key=lambda s: len(s.request.prompt_ids))
+    groups: list[list[_Sequence]] = []
+    tokens = 0
+    for sequence in ordered:
+        length = len(sequence.request.prompt_ids)
+        group = groups[-1] if groups else None
+        # Sorted ascending: this prompt is the group's longest, so the group pads every row to its length.
+        if group is not None and length * (len(group) + 1) <= padding * (tokens + length):
+            group.append(sequence)
+            tokens += length
+        else:
+            groups.append([sequence])
+            tokens = length
+    return groups
 
 
 def _kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
