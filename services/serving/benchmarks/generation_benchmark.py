@@ -25,8 +25,10 @@ benchmarks ignore the end-of-sequence token) so that every system does the same 
    one splitting traffic 50/50 between both (their rows mixed in every batch), at c=32.
 
 Targets (issue 19): c=32 >= 0.8x the static-batch limit and >= 4x the naive server; TTFT p50 at c=1 <= prefill +
-5 ms; two adapters mixed >= 0.9x one adapter. Not measured: llama.cpp's server (``llama-cpp-python[server]``
-builds from source here).
+5 ms; two adapters mixed >= 0.9x one adapter. With ``--llama-cpp``: llama.cpp's OpenAI-compatible server
+(``llama-cpp-python[server]``, built from source once into ``~/.cache/gristmill/bench/llama-cpp``:
+``CMAKE_ARGS="-DGGML_NATIVE=ON" uv pip install --target ~/.cache/gristmill/bench/llama-cpp
+"llama-cpp-python[server]==0.3.36"``) on the packaged Q4_1 GGUF at c=1 and c=8 (targets: c=8 >= 1.5x it).
 
 The serving process uses the local Kafka and S3 server like the service does (``deploy/local/stack.sh up``;
 settings from the environment, as in the serving benchmark).
@@ -367,6 +369,113 @@ async def with_gristmill(
         await app.host.stop()
 
 
+LLAMA_CPP_DIR = CACHE.parent / "llama-cpp"
+
+
+async def llama_cpp_run(port: int, load: Workload, concurrency: int, requests: int) -> dict[str, float]:
+    """llama.cpp's OpenAI-compatible server (llama-cpp-python) on the same GGUF file, streaming chat. Its API has
+    no min_tokens: the end-of-sequence tokens get a logit bias of -100 so that replies run to max_tokens too; one
+    streamed chunk is one token."""
+    import openai
+
+    ttft: list[float] = []
+    itl: list[float] = []
+    produced = 0
+    counter = iter(range(requests))
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+
+    async def one_client() -> None:
+        nonlocal produced
+        for index in counter:
+            budget = load.budgets[index % len(load.budgets)]
+            started = last = time.perf_counter()
+            first = True
+            stream = await client.chat.completions.create(
+                model="smollm2",
+                messages=[{"role": "user", "content": load.messages[index % len(load.messages)]}],
+                max_tokens=budget,
+                temperature=0.0,
+                stream=True,
+                logit_bias={"0": -100, "2": -100},
+            )
+            async for chunk in stream:
+                if not chunk.choices or not chunk.choices[0].delta.content:
+                    continue
+                now = time.perf_counter()
+                if first:
+                    ttft.append(now - started)
+                    first = False
+                else:
+                    itl.append(now - last)
+                last = now
+                produced += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one_client() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    await client.close()
+    return {
+        "tokens_per_s": produced / elapsed,
+        "ttft_p50_ms": pct(ttft, 0.5) * 1000,
+        "ttft_p99_ms": pct(ttft, 0.99) * 1000,
+        "itl_p50_ms": pct(itl, 0.5) * 1000,
+        "requests": float(requests),
+    }
+
+
+def with_llama_cpp(load: Workload, plan: dict[int, int]) -> dict[int, dict[str, float]]:
+    """Start llama-cpp-python's server (installed under ``LLAMA_CPP_DIR``) on the packaged Q4_1 GGUF, 2 threads,
+    ``--interrupt_requests False`` (its default cuts a running stream when the next request arrives)."""
+    import socket
+    import subprocess
+
+    sys.path.insert(0, str(REPO))
+    from tests.support.tiny_gguf import smollm2_gguf_path
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(LLAMA_CPP_DIR)}
+    command = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(smollm2_gguf_path()),
+        "--model_alias",
+        "smollm2",
+        "--n_threads",
+        str(os.cpu_count() or 1),
+        "--n_ctx",
+        "4096",
+        "--interrupt_requests",
+        "False",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("llama.cpp's server did not start")
+            time.sleep(0.5)
+        results = {}
+        for concurrency, requests in plan.items():
+            progress(f"llama.cpp server: concurrency {concurrency}, {requests} requests")
+            results[concurrency] = asyncio.run(llama_cpp_run(port, load, concurrency, requests))
+            progress(f"  {json.dumps({k: round(v, 1) for k, v in results[concurrency].items()})}")
+        return results
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def perplexity(model: Any, tokenizer: Any, texts: list[str]) -> float:
     """exp(mean token loss) of ``texts`` (held-out reviews, not in the workload's prompts)."""
     import math
@@ -390,6 +499,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run with few requests (not a measurement)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--llama-cpp",
+        action="store_true",
+        help=f"also measure llama.cpp's server (llama-cpp-python[server] installed with --target {LLAMA_CPP_DIR})",
+    )
     args = parser.parse_args()
     import tempfile
 
@@ -455,6 +569,8 @@ def main() -> None:
     results["int8"] = served["smollm2-int8"]
     results["bf16"] = served["smollm2-bf16"]
     results["adapters"] = {"one": served["one-adapter"][32], "two_mixed": served["two-adapters"][32]}
+    if args.llama_cpp:
+        results["llama_cpp"] = with_llama_cpp(load, {1: plan[1], 8: plan[8]})
     results["ratios"] = {
         "c32_vs_static": g[32]["tokens_per_s"] / results["static"]["tokens_per_s"],
         "c32_vs_naive": g[32]["tokens_per_s"] / results["naive"]["tokens_per_s"],
@@ -466,6 +582,16 @@ def main() -> None:
         "int8_vs_fp32_c8": results["int8"][8]["tokens_per_s"] / g[8]["tokens_per_s"],
         "bf16_c32_vs_static_fp32": results["bf16"][32]["tokens_per_s"] / results["static"]["tokens_per_s"],
         "bf16_c32_vs_static_bf16": results["bf16"][32]["tokens_per_s"] / results["static_bf16"]["tokens_per_s"],
+        **(
+            {
+                "c8_vs_llama_cpp_c8": g[8]["tokens_per_s"] / results["llama_cpp"][8]["tokens_per_s"],
+                "bf16_c8_vs_llama_cpp_c8": results["bf16"][8]["tokens_per_s"] / results["llama_cpp"][8]["tokens_per_s"],
+                "bf16_c1_vs_llama_cpp_c1": results["bf16"][1]["tokens_per_s"] / results["llama_cpp"][1]["tokens_per_s"],
+                "int8_c1_vs_llama_cpp_c1": results["int8"][1]["tokens_per_s"] / results["llama_cpp"][1]["tokens_per_s"],
+            }
+            if "llama_cpp" in results
+            else {}
+        ),
     }
     print(f"\n## Generation benchmark (SmolLM2-135M-Instruct, {results['threads']} threads, greedy)\n")
     print(f"- prefill of a median prompt: {results['prefill_ms']:.1f} ms")
@@ -479,7 +605,9 @@ def main() -> None:
             f"| {concurrency} | {row['tokens_per_s']:.1f} | {row['ttft_p50_ms']:.0f} | {row['ttft_p99_ms']:.0f} | "
             f"{row['itl_p50_ms']:.1f} |"
         )
-    for label, rows in (("int8", results["int8"]), ("bf16", results["bf16"]), ("adapters", results["adapters"])):
+    extra = [("int8", results["int8"]), ("bf16", results["bf16"]), ("adapters", results["adapters"])]
+    extra += [("llama.cpp", results["llama_cpp"])] if "llama_cpp" in results else []
+    for label, rows in extra:
         for key, row in rows.items():
             print(
                 f"| {label} {key} | {row['tokens_per_s']:.1f} | {row['ttft_p50_ms']:.0f} | {row['ttft_p99_ms']:.0f} | "
