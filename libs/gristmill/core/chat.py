@@ -19,6 +19,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from gristmill.core.errors import InvalidArgumentError
@@ -40,6 +41,18 @@ MAX_CANDIDATES = 16
 ROW_FORMAT_CLASSIFICATION = "classification"
 ROW_FORMAT_SFT = "sft-messages"
 ROW_FORMAT_DPO = "dpo-conversational"
+
+
+class FeedbackKind(StrEnum):
+    """What a user did about a model's reply (serving records it, labeling turns it into items); the value is
+    also a feedback item's ``feedback_kind`` metadata."""
+
+    THUMBS_UP = "thumbs_up"
+    THUMBS_DOWN = "thumbs_down"
+    RATING = "rating"
+    REGENERATE = "regenerate"
+    EDIT = "edit"
+    TEXT = "text"
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,14 @@ import pytest
 
 from gristmill.api.events.v1 import events_pb2
 from gristmill.api.labeling.v1 import labeling_pb2 as pb
-from gristmill.core.chat import ChatMessage, Conversation
+from gristmill.core.chat import ChatMessage, Conversation, FeedbackKind
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.events import Event, MemoryBroker, MemoryEventBus, dead_letter_topic
 from gristmill.core.events.topics import FEEDBACK_RECORDED, LABELING_FEEDBACK, platform_catalog
 from gristmill.core.sql import Database
 from gristmill.labeling.api import convert
 from gristmill.labeling.domain import model as m
-from gristmill.labeling.domain.feedback import Feedback, FeedbackKind, Generation, Target, feedback_items
+from gristmill.labeling.domain.feedback import Feedback, Generation, Target, feedback_items
 from gristmill.labeling.domain.service import LabelingService
 from gristmill.labeling.events.feedback import FeedbackHandler
 from gristmill.labeling.store.rows import settings_from_json, settings_to_json

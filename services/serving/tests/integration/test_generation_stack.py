@@ -26,7 +26,7 @@ from gristmill.api.serving.v1 import serving_pb2
 from gristmill.core.events.topics import FEEDBACK_RECORDED, GENERATION_LOGGED
 from gristmill.core.storage import ObjectStore
 from services.serving.tests.integration.test_serving_stack import Stack, upload_job_output
-from tests.support.tiny_model import make_tiny_llama
+from tests.support.tiny_model import make_tiny_llama, make_tiny_lora_adapter
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,9 @@ CHAT_SIGNATURE = common_pb2.ModelSignature(
 )
 
 
-async def register_chat(stack: Stack, objects: ObjectStore, model_dir: Path, job: str) -> int:
+async def register_chat(
+    stack: Stack, objects: ObjectStore, model_dir: Path, job: str, *, base_model: common_pb2.BaseModelRef | None = None
+) -> int:
     manifest = upload_job_output(objects, model_dir, f"jobs/{job}", task_type="TASK_TYPE_CHAT", label_map=[])
     version = await stack.registry.RegisterModelVersion(
         registry_pb2.RegisterModelVersionRequest(
@@ -51,7 +53,7 @@ async def register_chat(stack: Stack, objects: ObjectStore, model_dir: Path, job
             manifest=manifest,
             task=common_pb2.TASK_TYPE_CHAT,
             signature=CHAT_SIGNATURE,
-            lineage=common_pb2.Lineage(training_job_id=job),
+            lineage=common_pb2.Lineage(training_job_id=job, base_model=base_model),
             wait_for_verification=True,
         ),
         timeout=60,
@@ -280,18 +282,6 @@ async def test_generate_streams_from_the_registry_with_hot_swap_and_cancellation
     assert text == reference_reply(second, TEXTS[0], 16)
 
 
-def make_adapter(base: Path, dest: Path, seed: int) -> Path:
-    """A random (non-zero) LoRA adapter of ``base`` with its tokenizer: what a LoRA SFT job publishes."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(dest)
-    AutoTokenizer.from_pretrained(base).save_pretrained(dest)
-    return dest
-
-
 def merged_reply(base: Path, adapter: Path, text: str, max_new_tokens: int) -> str:
     from peft import PeftModel
 
@@ -311,26 +301,11 @@ async def test_lora_adapters_of_one_registry_base_model_share_it(stack: Stack, t
         registry_pb2.ImportBaseModelRequest(name=f"tiny-llama-{run}", object_prefix=f"uploads/base-{run}"), timeout=60
     )
     lineage_base = common_pb2.BaseModelRef(base_model_name=base.name, content_sha256=base.content_sha256)
-    adapters = [make_adapter(base_dir, tmp_path / f"adapter{n}", seed=n) for n in (1, 2)]
-    versions = []
-    for number, adapter in enumerate(adapters, start=1):
-        job = f"{stack.model}-lora-{number}"
-        manifest = upload_job_output(objects, adapter, f"jobs/{job}", task_type="TASK_TYPE_CHAT", label_map=[])
-        version = await stack.registry.RegisterModelVersion(
-            registry_pb2.RegisterModelVersionRequest(
-                registered_model_name=stack.model,
-                create_model_if_missing=True,
-                source_prefix=f"jobs/{job}",
-                manifest=manifest,
-                task=common_pb2.TASK_TYPE_CHAT,
-                signature=CHAT_SIGNATURE,
-                lineage=common_pb2.Lineage(training_job_id=job, base_model=lineage_base),
-                wait_for_verification=True,
-            ),
-            timeout=60,
-        )
-        assert version.status == registry_pb2.MODEL_VERSION_STATUS_READY, version.status_reason
-        versions.append(version.version)
+    adapters = [make_tiny_lora_adapter(base_dir, tmp_path / f"adapter{n}", seed=n) for n in (1, 2)]
+    versions = [
+        await register_chat(stack, objects, adapter, f"{stack.model}-lora-{number}", base_model=lineage_base)
+        for number, adapter in enumerate(adapters, start=1)
+    ]
     await stack.registry.SetAlias(
         registry_pb2.SetAliasRequest(registered_model_name=stack.model, alias="production", version=versions[0]),
         timeout=30,

@@ -22,7 +22,7 @@ from gristmill.serving.domain.generation import (
 )
 from gristmill.serving.domain.sources import LoadOptions, ResolvedVersion
 from gristmill.serving.runtime.generation import EngineLimits, TransformersGenerator, load_transformers_generator
-from tests.support.tiny_model import make_tiny_llama
+from tests.support.tiny_model import make_tiny_llama, make_tiny_lora_adapter
 
 TEXTS = [
     "the service was quick and the staff were friendly",
@@ -193,19 +193,6 @@ def test_limits_queue_budget_and_deadline(llama_dir: Path) -> None:
         generator.close()
 
 
-def _adapter(base: Path, dest: Path, seed: int) -> Path:
-    """A random (non-zero) LoRA adapter of ``base`` saved like training saves one, with the base linked beside it."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(dest)
-    AutoTokenizer.from_pretrained(base).save_pretrained(dest)
-    (dest / "base").symlink_to(base)
-    return dest
-
-
 def _merged_reference(adapter: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
     from peft import PeftModel
 
@@ -223,8 +210,8 @@ def _merged_reference(adapter: Path, prompt: list[int], max_new_tokens: int) -> 
 def test_two_adapters_share_one_base_and_decode_in_one_batch(llama_dir: Path, tmp_path: Path) -> None:
     from gristmill.serving.runtime import generation as runtime
 
-    first = _adapter(llama_dir, tmp_path / "a1", seed=1)
-    second = _adapter(llama_dir, tmp_path / "a2", seed=2)
+    first = make_tiny_lora_adapter(llama_dir, tmp_path / "a1", seed=1, link_base=True)
+    second = make_tiny_lora_adapter(llama_dir, tmp_path / "a2", seed=2, link_base=True)
     one = load_transformers_generator(first, ResolvedVersion("bot", 1, task="TASK_TYPE_CHAT"), LoadOptions())
     two = load_transformers_generator(second, ResolvedVersion("bot", 2, task="TASK_TYPE_CHAT"), LoadOptions())
     try:

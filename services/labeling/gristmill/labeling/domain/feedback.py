@@ -37,7 +37,15 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import partial
 
-from gristmill.core.chat import ASSISTANT, MAX_RATING, MIN_RATING, ChatMessage, Conversation, unbiased_pair
+from gristmill.core.chat import (
+    ASSISTANT,
+    MAX_RATING,
+    MIN_RATING,
+    ChatMessage,
+    Conversation,
+    FeedbackKind,
+    unbiased_pair,
+)
 from gristmill.core.chat_formats import FORMAT_DPO, FORMAT_OPENAI
 from gristmill.core.errors import InvalidArgumentError, NotFoundError
 from gristmill.labeling.domain.cleaning import TextMasker, normalize_turn
@@ -61,17 +69,6 @@ log = logging.getLogger(__name__)
 # Who answers an edit's chat item and ranks a feedback pair: the user, through serving.
 FEEDBACK_ANNOTATOR = "feedback"
 SOURCE_NAME = "feedback"
-
-
-class FeedbackKind(StrEnum):
-    """What the user did; the value is the item's ``feedback_kind`` metadata."""
-
-    THUMBS_UP = "thumbs_up"
-    THUMBS_DOWN = "thumbs_down"
-    RATING = "rating"
-    REGENERATE = "regenerate"
-    EDIT = "edit"
-    TEXT = "text"
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ import logging
 from sqlalchemy.orm import Session
 
 from gristmill.api.events.v1 import events_pb2
-from gristmill.core.chat import ChatMessage
+from gristmill.core.chat import ChatMessage, FeedbackKind
 from gristmill.core.events import Event, EventCatalog
 from gristmill.labeling.domain.consensus import ConsensusRule
-from gristmill.labeling.domain.feedback import Feedback, FeedbackKind, Generation
+from gristmill.labeling.domain.feedback import Feedback, Generation
 from gristmill.labeling.domain.model import Project
 from gristmill.labeling.domain.ports import ItemWriter
 from gristmill.labeling.domain.service import LabelingService

@@ -18,10 +18,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.inference.v2 import grpc_predict_v2_pb2 as oip
 from gristmill.api.serving.v1 import serving_pb2
-from gristmill.core.chat import ROLES, ChatMessage
+from gristmill.core.chat import ROLES, ChatMessage, FeedbackKind
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.values import TensorSpec
-from gristmill.serving.domain.feedback import FeedbackInput, FeedbackKind
+from gristmill.serving.domain.feedback import FeedbackInput
 from gristmill.serving.domain.generation import (
     FinishReason,
     FormatKind,

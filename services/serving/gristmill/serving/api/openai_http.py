@@ -36,14 +36,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from gristmill.core.auth import SERVING_PREDICT, Principal
-from gristmill.core.chat import SYSTEM, ChatMessage, message_from_json
+from gristmill.core.chat import SYSTEM, ChatMessage, FeedbackKind, message_from_json
 from gristmill.core.errors import GristmillError, InvalidArgumentError, UnauthenticatedError
 from gristmill.core.grpcserver import NOT_INLINE, InlineAuthHook
 from gristmill.core.ids import validate_id
 from gristmill.core.paging import MAX_PAGE_SIZE
 from gristmill.core.security import Security
 from gristmill.core.tls import TlsSettings
-from gristmill.serving.domain.feedback import FeedbackInput, FeedbackKind
+from gristmill.serving.domain.feedback import FeedbackInput
 from gristmill.serving.domain.generation import (
     DEFAULT_SAMPLING,
     FormatKind,

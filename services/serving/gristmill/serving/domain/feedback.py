@@ -13,25 +13,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from threading import Lock
 from typing import Protocol
 
-from gristmill.core.chat import MAX_RATING, MIN_RATING, ChatMessage
+from gristmill.core.chat import MAX_RATING, MIN_RATING, ChatMessage, FeedbackKind
 from gristmill.core.errors import InvalidArgumentError, NotFoundError
 
 DEFAULT_CAPACITY = 50_000
 DEFAULT_TTL_S = 24 * 3600.0
 MAX_FEEDBACK_TEXT = 32_768
-
-
-class FeedbackKind(StrEnum):
-    THUMBS_UP = "thumbs_up"
-    THUMBS_DOWN = "thumbs_down"
-    RATING = "rating"
-    REGENERATE = "regenerate"
-    EDIT = "edit"
-    TEXT = "text"
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,11 @@ from __future__ import annotations
 from google.protobuf.message import Message
 
 from gristmill.api.events.v1 import events_pb2
+from gristmill.core.chat import FeedbackKind
 from gristmill.core.events import EventCatalog, Outbox, OutboxWriter
 from gristmill.core.pii import PiiMasker
 from gristmill.core.sql import Database
-from gristmill.serving.domain.feedback import FeedbackInput, FeedbackKind, GenerationRecord
+from gristmill.serving.domain.feedback import FeedbackInput, GenerationRecord
 
 _KINDS = {
     FeedbackKind.THUMBS_UP: events_pb2.FEEDBACK_KIND_THUMBS_UP,
