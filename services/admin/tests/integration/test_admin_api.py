@@ -14,6 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gristmill.api.admin.v1 import admin_pb2 as pb
 from gristmill.api.common.v1 import common_pb2
 from gristmill.core.auth import ADMIN, REGISTRY_READ, SERVING_PREDICT, new_api_key
+from gristmill.core.auth_quota import UsageKind
 from gristmill.core.licensing import License, LicenseClaims
 from services.admin.tests.support import ROOT, RunningAdmin, bearer, running_admin
 from tests.contracts.auth import AuthContract, AuthSubject, CrossOrgContract, CrossOrgSubject, Metadata
@@ -227,7 +228,9 @@ async def test_metering_answers_for_the_callers_organisation(svc: RunningAdmin) 
     await svc.create_org("acme", PLAN)
     reader = bearer(await svc.create_key("acme", REGISTRY_READ))
     usage = await svc.metering.GetUsage(pb.GetUsageRequest(), metadata=reader)
-    assert sorted(t.kind for t in usage.totals) == [1, 2, 3] and all(t.quantity == 0 for t in usage.totals)
+    assert sorted(t.kind for t in usage.totals) == sorted(k.value for k in UsageKind) and all(
+        t.quantity == 0 for t in usage.totals
+    )
     status = await svc.metering.GetQuotaStatus(pb.GetQuotaStatusRequest(), metadata=reader)
     assert (status.organization_id, status.plan_name) == ("acme", "team")
     assert [(q.used, q.remaining) for q in status.quotas] == [(0.0, 100.0)]

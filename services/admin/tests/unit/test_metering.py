@@ -124,7 +124,7 @@ def test_usage_of_other_organisations_needs_a_root_admin(env: Env) -> None:
             env.metering.usage(acme, UsageQuery(org))
         with pytest.raises(NotFoundError, match=f"organization '{org}' not found"):
             env.metering.quota_status(acme, org)
-    assert [t.quantity for t in env.metering.usage(ROOT_ADMIN, UsageQuery("globex"))] == [0.0, 0.0, 0.0]
+    assert [t.quantity for t in env.metering.usage(ROOT_ADMIN, UsageQuery("globex"))] == [0.0] * len(UsageKind)
     assert env.metering.quota_status(ROOT_ADMIN, "acme")[0].organization_id == "acme"
     with pytest.raises(NotFoundError, match="organization 'nowhere' not found"):
         env.metering.usage(ROOT_ADMIN, UsageQuery("nowhere"))
