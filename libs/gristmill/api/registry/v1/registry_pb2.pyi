@@ -81,6 +81,10 @@ class _AliasChangeCauseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Alia
     """An AUTOMATIC promotion policy whose gate passed."""
     ALIAS_CHANGE_CAUSE_APPROVAL: _AliasChangeCause.ValueType  # 3
     """A user approved a pending promotion."""
+    ALIAS_CHANGE_CAUSE_ONLINE_GATE: _AliasChangeCause.ValueType  # 4
+    """The policy's online gate promoted the canary or rolled it back on production feedback
+    (decision.online holds the numbers).
+    """
 
 class AliasChangeCause(_AliasChangeCause, metaclass=_AliasChangeCauseEnumTypeWrapper):
     """Why an alias moved."""
@@ -92,6 +96,10 @@ ALIAS_CHANGE_CAUSE_POLICY: AliasChangeCause.ValueType  # 2
 """An AUTOMATIC promotion policy whose gate passed."""
 ALIAS_CHANGE_CAUSE_APPROVAL: AliasChangeCause.ValueType  # 3
 """A user approved a pending promotion."""
+ALIAS_CHANGE_CAUSE_ONLINE_GATE: AliasChangeCause.ValueType  # 4
+"""The policy's online gate promoted the canary or rolled it back on production feedback
+(decision.online holds the numbers).
+"""
 Global___AliasChangeCause: _TypeAlias = AliasChangeCause  # noqa: Y015
 
 class _PromotionMode:
@@ -114,6 +122,41 @@ PROMOTION_MODE_AUTOMATIC: PromotionMode.ValueType  # 1
 PROMOTION_MODE_MANUAL_APPROVAL: PromotionMode.ValueType  # 2
 """Record a pending promotion that a user with `registry:promote` approves or rejects."""
 Global___PromotionMode: _TypeAlias = PromotionMode  # noqa: Y015
+
+class _OnlineTest:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OnlineTestEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OnlineTest.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ONLINE_TEST_UNSPECIFIED: _OnlineTest.ValueType  # 0
+    """Means TWO_PROPORTION_Z."""
+    ONLINE_TEST_TWO_PROPORTION_Z: _OnlineTest.ValueType  # 1
+    """Roll back when the canary's positive rate is significantly below the baseline's minus
+    max_rate_drop (one-sided two-proportion z test at `alpha`); promote otherwise.
+    """
+    ONLINE_TEST_POINT_ESTIMATE: _OnlineTest.ValueType  # 2
+    """Promote when the canary's positive rate >= the baseline's minus max_rate_drop; roll back
+    otherwise. No statistics: for small, controlled traffic.
+    """
+
+class OnlineTest(_OnlineTest, metaclass=_OnlineTestEnumTypeWrapper):
+    """How the online gate decides. Only feedback is counted: a thumbs up or a rating of 4-5 is
+    positive; a thumbs down, a rating of 1-2, a regenerate or an edit is negative (the reply was not
+    good enough as it was); a rating of 3 and a text comment count for neither.
+    """
+
+ONLINE_TEST_UNSPECIFIED: OnlineTest.ValueType  # 0
+"""Means TWO_PROPORTION_Z."""
+ONLINE_TEST_TWO_PROPORTION_Z: OnlineTest.ValueType  # 1
+"""Roll back when the canary's positive rate is significantly below the baseline's minus
+max_rate_drop (one-sided two-proportion z test at `alpha`); promote otherwise.
+"""
+ONLINE_TEST_POINT_ESTIMATE: OnlineTest.ValueType  # 2
+"""Promote when the canary's positive rate >= the baseline's minus max_rate_drop; roll back
+otherwise. No statistics: for small, controlled traffic.
+"""
+Global___OnlineTest: _TypeAlias = OnlineTest  # noqa: Y015
 
 class _PendingPromotionState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -281,6 +324,7 @@ class ModelVersion(_message.Message):
     CREATED_BY_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ROLLED_BACK_REASON_FIELD_NUMBER: _builtins.int
     registered_model_name: _builtins.str
     version: _builtins.int
     """1, 2, ... per model, never reused."""
@@ -292,6 +336,10 @@ class ModelVersion(_message.Message):
     task: _common_pb2.TaskType.ValueType
     description: _builtins.str
     created_by: _builtins.str
+    rolled_back_reason: _builtins.str
+    """Output only: set when the online gate rolled this version back (the reason, with its numbers).
+    The automatic policy never moves an alias to it again; a person still can (SetAlias).
+    """
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ObjectRef]:
         """Every artifact file with its checksum (paths under artifact_prefix)."""
@@ -341,10 +389,11 @@ class ModelVersion(_message.Message):
         created_by: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        rolled_back_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "label_map", b"label_map", "lineage", b"lineage", "manifest", b"manifest", "signature", b"signature", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "artifact_prefix", b"artifact_prefix", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "files", b"files", "label_map", b"label_map", "lineage", b"lineage", "manifest", b"manifest", "metrics", b"metrics", "registered_model_name", b"registered_model_name", "signature", b"signature", "status", b"status", "status_reason", b"status_reason", "tags", b"tags", "task", b"task", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "artifact_prefix", b"artifact_prefix", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "files", b"files", "label_map", b"label_map", "lineage", b"lineage", "manifest", b"manifest", "metrics", b"metrics", "registered_model_name", b"registered_model_name", "rolled_back_reason", b"rolled_back_reason", "signature", b"signature", "status", b"status", "status_reason", b"status_reason", "tags", b"tags", "task", b"task", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1028,6 +1077,7 @@ class PromotionPolicy(_message.Message):
     MIN_VALUE_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ONLINE_GATE_FIELD_NUMBER: _builtins.int
     registered_model_name: _builtins.str
     enabled: _builtins.bool
     """Disabled policies are kept but evaluate nothing."""
@@ -1053,6 +1103,13 @@ class PromotionPolicy(_message.Message):
     """UNSPECIFIED means AUTOMATIC."""
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def online_gate(self) -> Global___OnlineGate:
+        """After the gate above moved target_alias (the canary's alias, e.g. "candidate"), compare that
+        version with baseline_alias's (e.g. "production") on production feedback, and promote it to
+        baseline_alias or roll target_alias back. Absent or disabled: the gate above is the only one.
+        """
+
     def __init__(
         self,
         *,
@@ -1067,16 +1124,103 @@ class PromotionPolicy(_message.Message):
         min_value: _builtins.float | None = ...,
         mode: Global___PromotionMode.ValueType = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        online_gate: Global___OnlineGate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_value", b"_min_value", "min_value", b"min_value", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_value", b"_min_value", "min_value", b"min_value", "online_gate", b"online_gate", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_value", b"_min_value", "baseline_alias", b"baseline_alias", "enabled", b"enabled", "goal", b"goal", "metric_name", b"metric_name", "min_improvement", b"min_improvement", "min_value", b"min_value", "mode", b"mode", "registered_model_name", b"registered_model_name", "split", b"split", "target_alias", b"target_alias", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_value", b"_min_value", "baseline_alias", b"baseline_alias", "enabled", b"enabled", "goal", b"goal", "metric_name", b"metric_name", "min_improvement", b"min_improvement", "min_value", b"min_value", "mode", b"mode", "online_gate", b"online_gate", "registered_model_name", b"registered_model_name", "split", b"split", "target_alias", b"target_alias", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__min_value: _TypeAlias = _typing.Literal["min_value"]  # noqa: Y015
     _WhichOneofArgType__min_value: _TypeAlias = _typing.Literal["_min_value", b"_min_value"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_value) -> _WhichOneofReturnType__min_value | None: ...
 
 Global___PromotionPolicy: _TypeAlias = PromotionPolicy  # noqa: Y015
+
+@_typing.final
+class OnlineGate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    MIN_FEEDBACK_FIELD_NUMBER: _builtins.int
+    TEST_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    MAX_RATE_DROP_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    min_feedback: _builtins.int
+    """Feedback (positive + negative) each version needs, counted since the canary alias last
+    moved, before the gate decides. >= 1.
+    """
+    test: Global___OnlineTest.ValueType
+    alpha: _builtins.float
+    """One-sided significance of the z test, in (0, 0.5]. 0 means 0.05."""
+    max_rate_drop: _builtins.float
+    """Tolerated drop of the positive rate, in [0, 1) (0.05 = five points)."""
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        min_feedback: _builtins.int = ...,
+        test: Global___OnlineTest.ValueType = ...,
+        alpha: _builtins.float = ...,
+        max_rate_drop: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "enabled", b"enabled", "max_rate_drop", b"max_rate_drop", "min_feedback", b"min_feedback", "test", b"test"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OnlineGate: _TypeAlias = OnlineGate  # noqa: Y015
+
+@_typing.final
+class OnlineComparison(_message.Message):
+    """The numbers behind an online gate decision: feedback counted for each version since the canary
+    alias moved to the candidate.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEST_FIELD_NUMBER: _builtins.int
+    CANDIDATE_POSITIVE_FIELD_NUMBER: _builtins.int
+    CANDIDATE_NEGATIVE_FIELD_NUMBER: _builtins.int
+    BASELINE_POSITIVE_FIELD_NUMBER: _builtins.int
+    BASELINE_NEGATIVE_FIELD_NUMBER: _builtins.int
+    Z_FIELD_NUMBER: _builtins.int
+    P_VALUE_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    MAX_RATE_DROP_FIELD_NUMBER: _builtins.int
+    test: Global___OnlineTest.ValueType
+    candidate_positive: _builtins.int
+    candidate_negative: _builtins.int
+    baseline_positive: _builtins.int
+    baseline_negative: _builtins.int
+    z: _builtins.float
+    """TWO_PROPORTION_Z: the z statistic of (candidate rate - baseline rate + max_rate_drop), and the
+    one-sided p value of "the candidate is worse by more than max_rate_drop". 0 for POINT_ESTIMATE.
+    """
+    p_value: _builtins.float
+    alpha: _builtins.float
+    max_rate_drop: _builtins.float
+    def __init__(
+        self,
+        *,
+        test: Global___OnlineTest.ValueType = ...,
+        candidate_positive: _builtins.int = ...,
+        candidate_negative: _builtins.int = ...,
+        baseline_positive: _builtins.int = ...,
+        baseline_negative: _builtins.int = ...,
+        z: _builtins.float = ...,
+        p_value: _builtins.float = ...,
+        alpha: _builtins.float = ...,
+        max_rate_drop: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "baseline_negative", b"baseline_negative", "baseline_positive", b"baseline_positive", "candidate_negative", b"candidate_negative", "candidate_positive", b"candidate_positive", "max_rate_drop", b"max_rate_drop", "p_value", b"p_value", "test", b"test", "z", b"z"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OnlineComparison: _TypeAlias = OnlineComparison  # noqa: Y015
 
 @_typing.final
 class PromotionDecision(_message.Message):
@@ -1093,6 +1237,7 @@ class PromotionDecision(_message.Message):
     MIN_IMPROVEMENT_FIELD_NUMBER: _builtins.int
     PASSED_FIELD_NUMBER: _builtins.int
     EXPLANATION_FIELD_NUMBER: _builtins.int
+    ONLINE_FIELD_NUMBER: _builtins.int
     metric_name: _builtins.str
     split: _common_pb2.DatasetSplit.ValueType
     candidate_version: _builtins.int
@@ -1104,6 +1249,12 @@ class PromotionDecision(_message.Message):
     passed: _builtins.bool
     explanation: _builtins.str
     """One line a person can read, e.g. "accuracy/test 0.912 >= 0.903 + 0.005"."""
+    @_builtins.property
+    def online(self) -> Global___OnlineComparison:
+        """Set for online gate decisions (metric_name "positive_feedback_rate"; passed = promoted,
+        not passed = rolled back).
+        """
+
     def __init__(
         self,
         *,
@@ -1116,10 +1267,11 @@ class PromotionDecision(_message.Message):
         min_improvement: _builtins.float = ...,
         passed: _builtins.bool = ...,
         explanation: _builtins.str = ...,
+        online: Global___OnlineComparison | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_baseline_value", b"_baseline_value", "_baseline_version", b"_baseline_version", "baseline_value", b"baseline_value", "baseline_version", b"baseline_version"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_baseline_value", b"_baseline_value", "_baseline_version", b"_baseline_version", "baseline_value", b"baseline_value", "baseline_version", b"baseline_version", "online", b"online"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_baseline_value", b"_baseline_value", "_baseline_version", b"_baseline_version", "baseline_value", b"baseline_value", "baseline_version", b"baseline_version", "candidate_value", b"candidate_value", "candidate_version", b"candidate_version", "explanation", b"explanation", "metric_name", b"metric_name", "min_improvement", b"min_improvement", "passed", b"passed", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_baseline_value", b"_baseline_value", "_baseline_version", b"_baseline_version", "baseline_value", b"baseline_value", "baseline_version", b"baseline_version", "candidate_value", b"candidate_value", "candidate_version", b"candidate_version", "explanation", b"explanation", "metric_name", b"metric_name", "min_improvement", b"min_improvement", "online", b"online", "passed", b"passed", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__baseline_value: _TypeAlias = _typing.Literal["baseline_value"]  # noqa: Y015
     _WhichOneofArgType__baseline_value: _TypeAlias = _typing.Literal["_baseline_value", b"_baseline_value"]  # noqa: Y015
