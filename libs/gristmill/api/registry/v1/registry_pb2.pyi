@@ -1078,6 +1078,7 @@ class PromotionPolicy(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ONLINE_GATE_FIELD_NUMBER: _builtins.int
+    MIN_METRICS_FIELD_NUMBER: _builtins.int
     registered_model_name: _builtins.str
     enabled: _builtins.bool
     """Disabled policies are kept but evaluate nothing."""
@@ -1108,6 +1109,15 @@ class PromotionPolicy(_message.Message):
         """After the gate above moved target_alias (the canary's alias, e.g. "candidate"), compare that
         version with baseline_alias's (e.g. "production") on production feedback, and promote it to
         baseline_alias or roll target_alias back. Absent or disabled: the gate above is the only one.
+        Enabled, the offline gate checks the floors only (min_value, min_metrics): comparing with the
+        baseline is the online gate's job, on real traffic.
+        """
+
+    @_builtins.property
+    def min_metrics(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Metric]:
+        """More floors the candidate must reach, besides min_value: each metric's value on its split
+        (UNSPECIFIED: TEST) is a minimum for MAXIMIZE, a maximum for MINIMIZE, e.g. json_valid >= 0.95
+        and json_match_sentiment >= 0.8. A candidate lacking one does not pass.
         """
 
     def __init__(
@@ -1125,10 +1135,11 @@ class PromotionPolicy(_message.Message):
         mode: Global___PromotionMode.ValueType = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         online_gate: Global___OnlineGate | None = ...,
+        min_metrics: _abc.Iterable[_common_pb2.Metric] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_min_value", b"_min_value", "min_value", b"min_value", "online_gate", b"online_gate", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_value", b"_min_value", "baseline_alias", b"baseline_alias", "enabled", b"enabled", "goal", b"goal", "metric_name", b"metric_name", "min_improvement", b"min_improvement", "min_value", b"min_value", "mode", b"mode", "online_gate", b"online_gate", "registered_model_name", b"registered_model_name", "split", b"split", "target_alias", b"target_alias", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_value", b"_min_value", "baseline_alias", b"baseline_alias", "enabled", b"enabled", "goal", b"goal", "metric_name", b"metric_name", "min_improvement", b"min_improvement", "min_metrics", b"min_metrics", "min_value", b"min_value", "mode", b"mode", "online_gate", b"online_gate", "registered_model_name", b"registered_model_name", "split", b"split", "target_alias", b"target_alias", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__min_value: _TypeAlias = _typing.Literal["min_value"]  # noqa: Y015
     _WhichOneofArgType__min_value: _TypeAlias = _typing.Literal["_min_value", b"_min_value"]  # noqa: Y015
