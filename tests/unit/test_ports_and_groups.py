@@ -59,7 +59,7 @@ def test_the_cli_numbers_ports_from_the_table_and_renames_every_group(tmp_path: 
     assert env["GRISTMILL_TRAINING_REGISTRY_ADDRESS"] == registry
     groups = stack.consumer_groups()
     assert groups == {f"{g.default}-ci-1": g.topics for g in CONSUMER_GROUPS}
-    assert len(groups) == len(CONSUMER_GROUPS) == 7
+    assert len(groups) == len(CONSUMER_GROUPS) == 8
 
 
 def test_serving_replicas_get_ports_data_dirs_and_consumer_groups_of_their_own(tmp_path: Path) -> None:

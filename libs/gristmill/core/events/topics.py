@@ -71,6 +71,7 @@ LABELING_FEEDBACK = ConsumerGroup(
 TRAINING_AUTO_TRAIN = ConsumerGroup("training", "auto_train_group", "training-auto-train", (DATASET_VERSION_PUBLISHED,))
 REGISTRY_JOB_EVENTS = ConsumerGroup("registry", "job_events_group", "registry-job-events", (JOB_STATE_CHANGED,))
 REGISTRY_PROMOTION = ConsumerGroup("registry", "promotion_group", "registry-promotion", (MODEL_VERSION_REGISTERED,))
+REGISTRY_ONLINE_GATE = ConsumerGroup("registry", "online_gate_group", "registry-online-gate", (FEEDBACK_RECORDED,))
 SERVING_ALIASES = ConsumerGroup("serving", "consumer_group", "serving", (ALIAS_CHANGED,))
 ADMIN_METERING = ConsumerGroup("admin", "metering_group", "admin-metering", (USAGE_RECORDED,))
 
@@ -78,6 +79,7 @@ CONSUMER_GROUPS: tuple[ConsumerGroup, ...] = (
     TRAINING_AUTO_TRAIN,
     REGISTRY_JOB_EVENTS,
     REGISTRY_PROMOTION,
+    REGISTRY_ONLINE_GATE,
     SERVING_ALIASES,
     LABELING_ACTIVE_LEARNING,
     LABELING_FEEDBACK,

@@ -16,7 +16,7 @@ from gristmill.registry import SERVICE_NAME
 from gristmill.registry.api.servicer import RegistryServicer, registration
 from gristmill.registry.domain.registration import Registrations
 from gristmill.registry.domain.services import RegistryServices
-from gristmill.registry.events.handlers import job_state_changed_handler, version_registered_handler
+from gristmill.registry.events.handlers import feedback_handler, job_state_changed_handler, version_registered_handler
 from gristmill.registry.events.payloads import OutboxEventWriter
 from gristmill.registry.settings import RegistrySettings
 from gristmill.registry.store.sql import SqlRegistryStore
@@ -88,6 +88,11 @@ def build_app(
             (catalog.topic_for(events_pb2.ModelVersionRegistered),),
             settings.promotion_group,
             version_registered_handler(registry.promotions, store, catalog),
+        ),
+        Subscription(
+            (catalog.topic_for(events_pb2.FeedbackRecorded),),
+            settings.online_gate_group,
+            feedback_handler(registry.promotions, store, catalog),
         ),
     ]
     host = ServiceHost(

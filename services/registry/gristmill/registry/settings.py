@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from gristmill.core.events.topics import REGISTRY_JOB_EVENTS, REGISTRY_PROMOTION
+from gristmill.core.events.topics import REGISTRY_JOB_EVENTS, REGISTRY_ONLINE_GATE, REGISTRY_PROMOTION
 from gristmill.core.ports import REGISTRY_PORT
 from gristmill.core.settings import ServiceSettings
 
@@ -24,3 +24,4 @@ class RegistrySettings(ServiceSettings):
     # Consumer groups; one per installation (tests give each run its own so that they share topics).
     job_events_group: str = REGISTRY_JOB_EVENTS.default
     promotion_group: str = REGISTRY_PROMOTION.default
+    online_gate_group: str = REGISTRY_ONLINE_GATE.default

@@ -81,7 +81,11 @@ class _ObjectiveEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Objective.V
     up to its last assistant turn and the reference that turn, each reply at most the
     reference's length + 16 tokens: test metrics "exact_match" (equal after stripping
     whitespace) and "rouge_l" (ROUGE-L F-measure over whitespace tokens), and five sample
-    generations in the model card. Neither is a validation metric. With method LORA the published
+    generations in the model card. Over the replies whose reference is a JSON object (a dict once
+    parsed, after stripping whitespace), "json_valid" is the fraction that are JSON objects with
+    the same top-level keys (a reply in a markdown code fence is not JSON); absent when no
+    reference is a JSON object. spec.json_match_keys adds "json_match_<key>" per key. None of
+    these is a validation metric. With method LORA the published
     artifact is the adapter (adapter_model.safetensors, adapter_config.json) with the tokenizer
     and chat template; the base model is referenced by the lineage.
     """
@@ -91,6 +95,11 @@ class _ObjectiveEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Objective.V
     the reference model is the starting model (with LORA: the base with the adapter disabled;
     FULL: a frozen copy), and the loss is the sigmoid DPO loss with spec.dpo.beta. Evaluation
     reports loss, reward accuracy (chosen reward above rejected) and the mean reward margin.
+    Once training ended, the model also replies (greedy) to the first 64 test prompts, scored
+    against the chosen reply as SFT scores its replies against the reference (the prompt being
+    the pair's prompt and the chosen reply's turns but its last, the reference that last turn):
+    test metrics "exact_match", "rouge_l", "json_valid" and "json_match_<key>", and sample
+    generations in the model card.
     """
 
 class Objective(_Objective, metaclass=_ObjectiveEnumTypeWrapper):
@@ -112,7 +121,11 @@ also replies (greedy) to the first 64 test conversations, the prompt being the c
 up to its last assistant turn and the reference that turn, each reply at most the
 reference's length + 16 tokens: test metrics "exact_match" (equal after stripping
 whitespace) and "rouge_l" (ROUGE-L F-measure over whitespace tokens), and five sample
-generations in the model card. Neither is a validation metric. With method LORA the published
+generations in the model card. Over the replies whose reference is a JSON object (a dict once
+parsed, after stripping whitespace), "json_valid" is the fraction that are JSON objects with
+the same top-level keys (a reply in a markdown code fence is not JSON); absent when no
+reference is a JSON object. spec.json_match_keys adds "json_match_<key>" per key. None of
+these is a validation metric. With method LORA the published
 artifact is the adapter (adapter_model.safetensors, adapter_config.json) with the tokenizer
 and chat template; the base model is referenced by the lineage.
 """
@@ -122,6 +135,11 @@ OBJECTIVE_DPO: Objective.ValueType  # 3
 the reference model is the starting model (with LORA: the base with the adapter disabled;
 FULL: a frozen copy), and the loss is the sigmoid DPO loss with spec.dpo.beta. Evaluation
 reports loss, reward accuracy (chosen reward above rejected) and the mean reward margin.
+Once training ended, the model also replies (greedy) to the first 64 test prompts, scored
+against the chosen reply as SFT scores its replies against the reference (the prompt being
+the pair's prompt and the chosen reply's turns but its last, the reference that last turn):
+test metrics "exact_match", "rouge_l", "json_valid" and "json_match_<key>", and sample
+generations in the model card.
 """
 Global___Objective: _TypeAlias = Objective  # noqa: Y015
 
@@ -269,6 +287,7 @@ class JobSpec(_message.Message):
     CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     DPO_FIELD_NUMBER: _builtins.int
     PUBLISH_MERGED_FIELD_NUMBER: _builtins.int
+    JSON_MATCH_KEYS_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     """Human-readable name shown in listings."""
     task: _common_pb2.TaskType.ValueType
@@ -332,6 +351,18 @@ class JobSpec(_message.Message):
     def dpo(self) -> Global___DpoConfig:
         """DPO only (INVALID_ARGUMENT with another objective when set)."""
 
+    @_builtins.property
+    def json_match_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """SFT and DPO: top-level JSON keys the generation evaluation on the test split scores. For each
+        key K, test metric "json_match_<K>" is, over the test examples whose reference reply is a
+        JSON object holding K, the fraction whose reply is a JSON object whose K value equals the
+        reference's (strings, also inside lists and objects, compared after stripping whitespace and
+        case folding; a reply that is not a JSON object, or lacks K, is a miss). Absent when no
+        reference holds K. E.g. ["sentiment"] reports "json_match_sentiment" (sentiment accuracy on
+        the test split). At most 16 distinct keys of 1-64 letters, digits or underscores; otherwise,
+        or with objective CLASSIFY, INVALID_ARGUMENT naming spec.json_match_keys.
+        """
+
     def __init__(
         self,
         *,
@@ -350,10 +381,11 @@ class JobSpec(_message.Message):
         chat_template: _builtins.str = ...,
         dpo: Global___DpoConfig | None = ...,
         publish_merged: _builtins.bool = ...,
+        json_match_keys: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "dataset_version", b"dataset_version", "dpo", b"dpo", "hyper_parameters", b"hyper_parameters", "lora", b"lora", "resources", b"resources", "search", b"search"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "chat_template", b"chat_template", "dataset_version", b"dataset_version", "display_name", b"display_name", "dpo", b"dpo", "hyper_parameters", b"hyper_parameters", "lora", b"lora", "method", b"method", "objective", b"objective", "publish_merged", b"publish_merged", "registered_model_name", b"registered_model_name", "resources", b"resources", "search", b"search", "tags", b"tags", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "chat_template", b"chat_template", "dataset_version", b"dataset_version", "display_name", b"display_name", "dpo", b"dpo", "hyper_parameters", b"hyper_parameters", "json_match_keys", b"json_match_keys", "lora", b"lora", "method", b"method", "objective", b"objective", "publish_merged", b"publish_merged", "registered_model_name", b"registered_model_name", "resources", b"resources", "search", b"search", "tags", b"tags", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -56,7 +56,9 @@ class TrainingServiceStub:
       beyond the base model's context (config.max_position_embeddings), a validation metric the
       objective does not report, TRAINING_METHOD_QLORA with a classification objective (names
       spec.method), publish_merged without LORA or with a classification objective (names
-      spec.publish_merged).
+      spec.publish_merged), json_match_keys that are not distinct key names (1-64 letters, digits
+      or underscores, at most 16) or given with a classification objective (names
+      spec.json_match_keys).
     NOT_FOUND: unknown dataset version or base model.
     FAILED_PRECONDITION: the dataset's manifest or files fail checksum verification, or its rows
       are not the row format the objective reads; more workers / GPUs than the cluster can ever
@@ -116,7 +118,9 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
       beyond the base model's context (config.max_position_embeddings), a validation metric the
       objective does not report, TRAINING_METHOD_QLORA with a classification objective (names
       spec.method), publish_merged without LORA or with a classification objective (names
-      spec.publish_merged).
+      spec.publish_merged), json_match_keys that are not distinct key names (1-64 letters, digits
+      or underscores, at most 16) or given with a classification objective (names
+      spec.json_match_keys).
     NOT_FOUND: unknown dataset version or base model.
     FAILED_PRECONDITION: the dataset's manifest or files fail checksum verification, or its rows
       are not the row format the objective reads; more workers / GPUs than the cluster can ever
@@ -179,7 +183,9 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
           beyond the base model's context (config.max_position_embeddings), a validation metric the
           objective does not report, TRAINING_METHOD_QLORA with a classification objective (names
           spec.method), publish_merged without LORA or with a classification objective (names
-          spec.publish_merged).
+          spec.publish_merged), json_match_keys that are not distinct key names (1-64 letters, digits
+          or underscores, at most 16) or given with a classification objective (names
+          spec.json_match_keys).
         NOT_FOUND: unknown dataset version or base model.
         FAILED_PRECONDITION: the dataset's manifest or files fail checksum verification, or its rows
           are not the row format the objective reads; more workers / GPUs than the cluster can ever

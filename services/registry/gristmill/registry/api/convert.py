@@ -11,6 +11,7 @@ from gristmill.api.registry.v1 import registry_pb2 as pb
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.values import FileRef, Signature, TensorSpec
 from gristmill.registry.domain.model import (
+    DEFAULT_ALPHA,
     AliasCause,
     AliasChange,
     BaseModel,
@@ -23,6 +24,8 @@ from gristmill.registry.domain.model import (
     MetricGoal,
     ModelCard,
     ModelVersion,
+    OnlineGate,
+    OnlineTest,
     PendingPromotion,
     PromotionDecision,
     PromotionMode,
@@ -223,6 +226,7 @@ def version_to_proto(v: ModelVersion) -> pb.ModelVersion:
         created_by=v.created_by,
         create_time=timestamp(v.create_time),
         update_time=timestamp(v.update_time),
+        rolled_back_reason=v.rolled_back_reason,
     )
     if v.manifest is not None:
         out.manifest.CopyFrom(file_to_proto(v.manifest))
@@ -243,6 +247,21 @@ def decision_to_proto(d: PromotionDecision) -> pb.PromotionDecision:
         out.baseline_version = d.baseline_version
     if d.baseline_value is not None:
         out.baseline_value = d.baseline_value
+    if d.online is not None:
+        o = d.online
+        out.online.CopyFrom(
+            pb.OnlineComparison(
+                test=pb.OnlineTest.Value(f"ONLINE_TEST_{o.test.value}"),
+                candidate_positive=o.candidate_positive,
+                candidate_negative=o.candidate_negative,
+                baseline_positive=o.baseline_positive,
+                baseline_negative=o.baseline_negative,
+                z=o.z,
+                p_value=o.p_value,
+                alpha=o.alpha,
+                max_rate_drop=o.max_rate_drop,
+            )
+        )
     return out
 
 
@@ -280,6 +299,20 @@ def policy_from_proto(p: pb.PromotionPolicy) -> PromotionPolicy:
         min_improvement=p.min_improvement,
         min_value=p.min_value if p.HasField("min_value") else None,
         mode=PromotionMode.MANUAL_APPROVAL if mode == "PROMOTION_MODE_MANUAL_APPROVAL" else PromotionMode.AUTOMATIC,
+        online_gate=online_gate_from_proto(p.online_gate) if p.HasField("online_gate") else None,
+        # UNSPECIFIED means TEST, as for the policy's own metric.
+        min_metrics=tuple(Metric(m.name, m.value, split_from_proto(m.split) or "test") for m in p.min_metrics),
+    )
+
+
+def online_gate_from_proto(g: pb.OnlineGate) -> OnlineGate:
+    test = _enum_name(pb.OnlineTest, g.test, "online_gate.test")
+    return OnlineGate(
+        enabled=g.enabled,
+        min_feedback=g.min_feedback,
+        test=OnlineTest.POINT_ESTIMATE if test == "ONLINE_TEST_POINT_ESTIMATE" else OnlineTest.TWO_PROPORTION_Z,
+        alpha=g.alpha or DEFAULT_ALPHA,
+        max_rate_drop=g.max_rate_drop,
     )
 
 
@@ -298,6 +331,18 @@ def policy_to_proto(p: PromotionPolicy) -> pb.PromotionPolicy:
     )
     if p.min_value is not None:
         out.min_value = p.min_value
+    if p.online_gate is not None:
+        g = p.online_gate
+        out.online_gate.CopyFrom(
+            pb.OnlineGate(
+                enabled=g.enabled,
+                min_feedback=g.min_feedback,
+                test=pb.OnlineTest.Value(f"ONLINE_TEST_{g.test.value}"),
+                alpha=g.alpha,
+                max_rate_drop=g.max_rate_drop,
+            )
+        )
+    out.min_metrics.extend(metric_to_proto(m) for m in p.min_metrics)
     return out
 
 

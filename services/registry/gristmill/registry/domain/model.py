@@ -28,6 +28,12 @@ class AliasCause(StrEnum):
     MANUAL = "MANUAL"
     POLICY = "POLICY"
     APPROVAL = "APPROVAL"
+    ONLINE_GATE = "ONLINE_GATE"
+
+
+class OnlineTest(StrEnum):
+    TWO_PROPORTION_Z = "TWO_PROPORTION_Z"
+    POINT_ESTIMATE = "POINT_ESTIMATE"
 
 
 class PromotionMode(StrEnum):
@@ -143,6 +149,8 @@ class ModelVersion:
     created_by: str
     create_time: datetime
     update_time: datetime
+    # Set when the online gate rolled the version back; the automatic policy never aliases it again.
+    rolled_back_reason: str = ""
 
     def metric(self, name: str, split: str) -> float | None:
         """The value of ``name`` on ``split`` (the last one reported when there are several)."""
@@ -185,6 +193,21 @@ class VerificationOutcome:
 
 
 @dataclass(frozen=True)
+class OnlineComparison:
+    """Feedback counted per version since the canary alias moved, and the test's numbers."""
+
+    test: OnlineTest
+    candidate_positive: int
+    candidate_negative: int
+    baseline_positive: int
+    baseline_negative: int
+    z: float
+    p_value: float
+    alpha: float
+    max_rate_drop: float
+
+
+@dataclass(frozen=True)
 class PromotionDecision:
     metric_name: str
     split: str
@@ -195,6 +218,8 @@ class PromotionDecision:
     min_improvement: float
     passed: bool
     explanation: str
+    # Online gate decisions only (passed = promoted, not passed = rolled back).
+    online: OnlineComparison | None = None
 
 
 @dataclass(frozen=True)
@@ -225,10 +250,48 @@ class PromotionPolicy:
     min_value: float | None
     mode: PromotionMode
     update_time: datetime | None = None
+    online_gate: OnlineGate | None = None
+    # More floors besides min_value, each a (metric, split) the candidate must reach.
+    min_metrics: tuple[Metric, ...] = ()
 
     @property
     def effective_baseline_alias(self) -> str:
         return self.baseline_alias or self.target_alias
+
+    @property
+    def online(self) -> OnlineGate | None:
+        """The online gate when it is enabled."""
+        return self.online_gate if self.online_gate is not None and self.online_gate.enabled else None
+
+
+DEFAULT_ALPHA = 0.05
+
+
+@dataclass(frozen=True)
+class OnlineGate:
+    """Promote the canary (``target_alias``) to ``baseline_alias`` or roll it back, on production feedback."""
+
+    enabled: bool
+    min_feedback: int
+    test: OnlineTest = OnlineTest.TWO_PROPORTION_Z
+    alpha: float = DEFAULT_ALPHA
+    max_rate_drop: float = 0.0
+
+
+@dataclass(frozen=True)
+class FeedbackCount:
+    """Positive and negative feedback on one version within the current canary window."""
+
+    positive: int = 0
+    negative: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.positive + self.negative
+
+    @property
+    def rate(self) -> float:
+        return self.positive / self.total if self.total else 0.0
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,25 @@
-"""Promotion gates: is a candidate version good enough to move an alias to it? Pure functions."""
+"""Promotion gates: is a candidate version good enough to move an alias to it? Pure functions.
+
+The offline gate compares a version's recorded metrics; the online gate compares the canary's and the
+baseline's production feedback (``decide_online``).
+"""
 
 from __future__ import annotations
 
-from gristmill.registry.domain.model import MetricGoal, ModelVersion, PromotionDecision, PromotionPolicy
+import math
+
+from gristmill.registry.domain.model import (
+    FeedbackCount,
+    MetricGoal,
+    ModelVersion,
+    OnlineComparison,
+    OnlineGate,
+    OnlineTest,
+    PromotionDecision,
+    PromotionPolicy,
+)
+
+ONLINE_METRIC = "positive_feedback_rate"
 
 # Metric values come from float arithmetic; "0.905 >= 0.900 + 0.005" must pass although 0.9 + 0.005 is
 # not exactly 0.905 in binary. Far below any meaningful metric difference.
@@ -43,6 +60,20 @@ def evaluate(policy: PromotionPolicy, candidate: ModelVersion, baseline: ModelVe
         if not floor_ok:
             relation = "<" if maximize else ">"
             return decide(False, f"{label} {value:.4f} {relation} required minimum {policy.min_value:.4f}", None, None)
+    for floor in policy.min_metrics:
+        missed = _missed_floor(floor.name, floor.split, floor.value, maximize, candidate)
+        if missed:
+            return decide(False, missed, None, None)
+    if policy.online is not None:
+        # The comparison with the baseline is the online gate's, on production traffic.
+        floors = "" if policy.min_value is None and not policy.min_metrics else "; every floor reached"
+        return decide(
+            True,
+            f"{label} {value:.4f}{floors}; the online gate compares it with {policy.effective_baseline_alias!r} "
+            "on production feedback",
+            None,
+            None,
+        )
     base_value = baseline.metric(policy.metric_name, policy.split) if baseline is not None else None
     if baseline is None or base_value is None:
         why = (
@@ -68,3 +99,90 @@ def evaluate(policy: PromotionPolicy, candidate: ModelVersion, baseline: ModelVe
     else:
         explanation = f"{label} {value:.4f} {relation} {base_value:.4f} {sign} {margin:g} (version {baseline.version})"
     return decide(passed, explanation, baseline.version, base_value)
+
+
+def _missed_floor(name: str, split: str, floor: float, maximize: bool, candidate: ModelVersion) -> str:
+    """Why ``candidate`` misses the floor on (name, split), or "" when it reaches it."""
+    label = metric_label(name, split)
+    value = candidate.metric(name, split)
+    if value is None:
+        return f"version {candidate.version} has no {label}; the policy requires it"
+    if maximize and value < floor - _TOLERANCE:
+        return f"{label} {value:.4f} < required minimum {floor:.4f}"
+    if not maximize and value > floor + _TOLERANCE:
+        return f"{label} {value:.4f} > required maximum {floor:.4f}"
+    return ""
+
+
+def decide_online(
+    gate: OnlineGate,
+    *,
+    candidate_version: int,
+    candidate: FeedbackCount,
+    baseline_version: int,
+    baseline: FeedbackCount,
+) -> PromotionDecision | None:
+    """Promote (passed) or roll back the canary, or None while either version has under ``min_feedback``.
+
+    TWO_PROPORTION_Z tests "the canary's positive rate is at least the baseline's minus max_rate_drop" one-sided
+    with the unpooled (Wald) standard error, and rolls back only when that is rejected at ``alpha``: like a
+    canary analysis, a version is kept unless the traffic shows it is worse. With no variance (every answer
+    of both versions alike) the point estimates decide. POINT_ESTIMATE compares the rates alone.
+    """
+    if candidate.total < gate.min_feedback or baseline.total < gate.min_feedback:
+        return None
+    drop = gate.max_rate_drop
+    margin = candidate.rate - baseline.rate + drop
+    z = p_value = 0.0
+    if gate.test is OnlineTest.POINT_ESTIMATE:
+        passed = margin >= -_TOLERANCE
+        test = f"{candidate.rate:.3f} {'>=' if passed else '<'} {baseline.rate:.3f} - {drop:g}"
+    else:
+        variance = (
+            candidate.rate * (1 - candidate.rate) / candidate.total
+            + baseline.rate * (1 - baseline.rate) / baseline.total
+        )
+        if variance <= 0:
+            p_value = 0.0 if margin < -_TOLERANCE else 1.0
+        else:
+            z = margin / math.sqrt(variance)
+            p_value = 0.5 * math.erfc(-z / math.sqrt(2))
+        passed = p_value >= gate.alpha
+        test = f"z {z:.2f}, p {p_value:.4f} {'>=' if passed else '<'} alpha {gate.alpha:g}"
+    verdict = (
+        "not worse: promoted"
+        if passed
+        else (f"worse by more than {drop:g}: rolled back" if drop else "worse: rolled back")
+    )
+    explanation = (
+        f"positive feedback {candidate.rate:.3f} ({candidate.positive}/{candidate.total}) on version "
+        f"{candidate_version} against {baseline.rate:.3f} ({baseline.positive}/{baseline.total}) on version "
+        f"{baseline_version} ({test}): {verdict}"
+    )
+    return PromotionDecision(
+        metric_name=ONLINE_METRIC,
+        split="",
+        candidate_version=candidate_version,
+        candidate_value=candidate.rate,
+        baseline_version=baseline_version,
+        baseline_value=baseline.rate,
+        min_improvement=0.0,
+        passed=passed,
+        explanation=explanation,
+        online=OnlineComparison(
+            test=gate.test,
+            candidate_positive=candidate.positive,
+            candidate_negative=candidate.negative,
+            baseline_positive=baseline.positive,
+            baseline_negative=baseline.negative,
+            z=z,
+            p_value=p_value,
+            alpha=gate.alpha,
+            max_rate_drop=drop,
+        ),
+    )
+
+
+def _binomial_variance(count: FeedbackCount) -> float:
+    """The variance of ``count``'s positive rate (unpooled)."""
+    return count.rate * (1 - count.rate) / count.total

@@ -31,6 +31,7 @@ from gristmill.registry.domain.model import (
     AliasCause,
     AliasChange,
     BaseModel,
+    FeedbackCount,
     Metric,
     ModelCard,
     ModelQuery,
@@ -237,6 +238,23 @@ class PromotionRepository(ABC):
         """Mark the PENDING promotions of the model (of one target alias, or all) SUPERSEDED; returns how many."""
 
 
+class OnlineFeedbackRepository(ABC):
+    """What the online gate counts: one verdict per generation, per canary window."""
+
+    @abstractmethod
+    def put_online_feedback(
+        self, org: str, model_name: str, request_id: str, *, version: int, window: int, positive: bool, now: datetime
+    ) -> None:
+        """Record (or overwrite: the latest feedback on a generation wins) the verdict on ``request_id``."""
+
+    @abstractmethod
+    def online_feedback_counts(self, org: str, model_name: str, window: int) -> dict[int, FeedbackCount]:
+        """Positive and negative verdicts per version within ``window``."""
+
+    @abstractmethod
+    def mark_rolled_back(self, org: str, model_name: str, version: int, reason: str) -> None: ...
+
+
 class CardRepository(ABC):
     """Model card revisions."""
 
@@ -277,6 +295,7 @@ class RegistryTransaction(
     VersionRepository,
     AliasRepository,
     PromotionRepository,
+    OnlineFeedbackRepository,
     CardRepository,
     BaseModelRepository,
     RegistryEvents,

@@ -8,8 +8,9 @@ that alias, all in the caller's transaction.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from gristmill.core import paging
@@ -21,6 +22,7 @@ from gristmill.registry.domain.model import (
     AliasCause,
     AliasChange,
     Caller,
+    FeedbackCount,
     PendingPromotion,
     PromotionDecision,
     PromotionMode,
@@ -28,12 +30,25 @@ from gristmill.registry.domain.model import (
     PromotionState,
     VersionStatus,
 )
-from gristmill.registry.domain.policy import evaluate
+from gristmill.registry.domain.policy import decide_online, evaluate
 from gristmill.registry.domain.ports import RegistryStore, RegistryTransaction
 
 log = logging.getLogger(__name__)
 
 POLICY_ACTOR = "policy"
+ONLINE_GATE_ACTOR = "online-gate"
+# Bounds of the policy's settings; beyond them a setting is a mistake, not a choice.
+MAX_FLOORS = 16
+MAX_MIN_FEEDBACK = 1_000_000
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One generation's feedback as the online gate counts it."""
+
+    request_id: str
+    version: int
+    positive: bool
 
 
 class Promotions:
@@ -182,6 +197,8 @@ class Promotions:
                 f"policy.min_improvement must be zero or positive (got {policy.min_improvement}); it is the margin "
                 "a candidate must win by"
             )
+        validate_floors(policy)
+        validate_online_gate(policy)
         with self.store.transaction() as tx:
             if not tx.lock_model(caller.organization_id, policy.model_name):
                 raise NotFoundError(f"registered model {policy.model_name!r} does not exist")
@@ -234,6 +251,21 @@ class Promotions:
         current = tx.get_alias(org, name, policy.target_alias)
         if current == candidate.version:
             return None
+        if candidate.rolled_back_reason:
+            return PromotionDecision(
+                metric_name=policy.metric_name,
+                split=policy.split,
+                candidate_version=candidate.version,
+                candidate_value=candidate.metric(policy.metric_name, policy.split) or 0.0,
+                baseline_version=None,
+                baseline_value=None,
+                min_improvement=policy.min_improvement,
+                passed=False,
+                explanation=(
+                    f"version {candidate.version} was rolled back by the online gate ({candidate.rolled_back_reason}); "
+                    "the policy never aliases it again: a person can (SetAlias)"
+                ),
+            )
         baseline_number = tx.get_alias(org, name, policy.effective_baseline_alias)
         baseline = tx.get_version(org, name, baseline_number) if baseline_number is not None else None
         decision = evaluate(policy, candidate, baseline)
@@ -259,6 +291,8 @@ class Promotions:
                 cause=AliasCause.POLICY,
                 decision=decision,
             )
+            if policy.online is not None and baseline_number is None:
+                self._promote_without_baseline(tx, org, policy, decision)
             return decision
         now = self.clock()
         tx.supersede_pending_promotions(
@@ -279,6 +313,98 @@ class Promotions:
                 create_time=now,
                 decide_time=None,
             )
+        )
+        return decision
+
+    def _promote_without_baseline(
+        self, tx: RegistryTransaction, org: str, policy: PromotionPolicy, decision: PromotionDecision
+    ) -> None:
+        """The first canary has nothing to be compared with on traffic: it becomes the baseline at once."""
+        self.move_alias(
+            tx,
+            org,
+            policy.model_name,
+            policy.baseline_alias,
+            decision.candidate_version,
+            expected=0,
+            actor=ONLINE_GATE_ACTOR,
+            reason=(
+                f"alias {policy.baseline_alias!r} was not set: version {decision.candidate_version} has no version to "
+                "be compared with on production feedback, so it is promoted at once"
+            ),
+            cause=AliasCause.ONLINE_GATE,
+            decision=decision,
+        )
+
+    # ------------------------------------------------------------------------------------ the online gate
+
+    def record_feedback(
+        self, tx: RegistryTransaction, org: str, name: str, verdict: Verdict
+    ) -> PromotionDecision | None:
+        """Count one generation's feedback for the online gate, and decide when both versions have enough.
+
+        Nothing is stored for a model without an enabled online gate. Returns the decision when this
+        feedback completed one (the alias moved in ``tx``), else None.
+        """
+        policy = tx.get_policy(org, name)
+        if policy is None or not policy.enabled or policy.online is None:
+            return None
+        if not tx.lock_model(org, name):
+            return None
+        window = self._window(tx, org, policy)
+        tx.put_online_feedback(
+            org,
+            name,
+            verdict.request_id,
+            version=verdict.version,
+            window=window,
+            positive=verdict.positive,
+            now=self.clock(),
+        )
+        return self._decide_online(tx, org, policy, window)
+
+    @staticmethod
+    def _window(tx: RegistryTransaction, org: str, policy: PromotionPolicy) -> int:
+        change = tx.latest_alias_change(org, policy.model_name, policy.target_alias)
+        return change.sequence if change is not None else 0
+
+    def _decide_online(
+        self, tx: RegistryTransaction, org: str, policy: PromotionPolicy, window: int
+    ) -> PromotionDecision | None:
+        gate = policy.online
+        assert gate is not None
+        name = policy.model_name
+        candidate = tx.get_alias(org, name, policy.target_alias)
+        baseline = tx.get_alias(org, name, policy.baseline_alias)
+        if candidate is None or baseline is None or candidate == baseline:
+            return None
+        counts = tx.online_feedback_counts(org, name, window)
+        decision = decide_online(
+            gate,
+            candidate_version=candidate,
+            candidate=counts.get(candidate, FeedbackCount()),
+            baseline_version=baseline,
+            baseline=counts.get(baseline, FeedbackCount()),
+        )
+        if decision is None:
+            return None
+        log.info("online gate of %s, version %d: %s", name, candidate, decision.explanation)
+        if decision.passed:
+            alias, to_version = policy.baseline_alias, candidate
+        else:
+            alias, to_version = policy.target_alias, baseline
+            tx.mark_rolled_back(org, name, candidate, decision.explanation)
+        self.move_alias(
+            tx,
+            org,
+            name,
+            alias,
+            to_version,
+            expected=None,
+            actor=ONLINE_GATE_ACTOR,
+            reason=decision.explanation,
+            cause=AliasCause.ONLINE_GATE,
+            decision=decision,
         )
         return decision
 
@@ -375,4 +501,41 @@ def validate_expected(expected: int | None) -> None:
     if expected is not None and expected < 0:
         raise InvalidArgumentError(
             f"expected_current_version must be 0 (alias not set) or a version number, got {expected}"
+        )
+
+
+def validate_floors(policy: PromotionPolicy) -> None:
+    if len(policy.min_metrics) > MAX_FLOORS:
+        raise InvalidArgumentError(f"policy.min_metrics has {len(policy.min_metrics)} floors; at most {MAX_FLOORS}")
+    seen: set[tuple[str, str]] = set()
+    for floor in policy.min_metrics:
+        if not floor.name or len(floor.name) > 128:
+            raise InvalidArgumentError("policy.min_metrics: every floor needs a metric name of 1-128 characters")
+        if not math.isfinite(floor.value):
+            raise InvalidArgumentError(f"policy.min_metrics: the floor of {floor.name!r} must be a finite number")
+        if (floor.name, floor.split) in seen:
+            raise InvalidArgumentError(f"policy.min_metrics names {floor.name}/{floor.split} twice")
+        seen.add((floor.name, floor.split))
+
+
+def validate_online_gate(policy: PromotionPolicy) -> None:
+    gate = policy.online
+    if gate is None:
+        return
+    if not policy.baseline_alias or policy.baseline_alias == policy.target_alias:
+        raise InvalidArgumentError(
+            "policy.online_gate needs baseline_alias set and different from target_alias: target_alias is the "
+            "canary's alias (e.g. 'candidate'), baseline_alias the one it is promoted to (e.g. 'production')"
+        )
+    if not 1 <= gate.min_feedback <= MAX_MIN_FEEDBACK:
+        raise InvalidArgumentError(
+            f"policy.online_gate.min_feedback must be 1 to {MAX_MIN_FEEDBACK} (got {gate.min_feedback}): the "
+            "feedback each version needs before the gate decides"
+        )
+    if not 0 < gate.alpha <= 0.5:
+        raise InvalidArgumentError(f"policy.online_gate.alpha must be in (0, 0.5] (got {gate.alpha})")
+    if not 0 <= gate.max_rate_drop < 1:
+        raise InvalidArgumentError(
+            f"policy.online_gate.max_rate_drop must be in [0, 1) (got {gate.max_rate_drop}): the drop of the "
+            "positive-feedback rate tolerated"
         )

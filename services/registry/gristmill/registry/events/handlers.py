@@ -4,6 +4,9 @@
   and copied like an RPC registration. Idempotent by ``lineage.training_job_id`` (falling back to the
   event's ``job_id``): a redelivered or duplicated event finds the version and creates nothing.
 - ``ModelVersionRegistered`` (the registry's own): a READY version is put to the model's promotion policy.
+- ``FeedbackRecorded`` (serving): counted for the promotion policy's online gate, which may promote or roll back
+  the canary. A redelivered event is skipped by the consumer; the same generation's later feedback replaces its
+  earlier verdict, so each generation counts once.
 
 Each handler writes through the consumer's session, so its state change, its events and the
 handled-event record commit together. The PENDING version row of a registration commits first, in its
@@ -26,7 +29,7 @@ from gristmill.core.ids import validate_id
 from gristmill.core.values import DEFAULT_ORGANIZATION
 from gristmill.registry.api import convert
 from gristmill.registry.domain.model import Caller, VersionDraft, VersionStatus
-from gristmill.registry.domain.promotion import Promotions
+from gristmill.registry.domain.promotion import Promotions, Verdict
 from gristmill.registry.domain.registration import Registration, Registrations
 from gristmill.registry.store.sql import SqlRegistryStore
 
@@ -95,6 +98,49 @@ def version_registered_handler(promotions: Promotions, store: SqlRegistryStore, 
             return
         promotions.evaluate_policy(
             store.bind(session), _organization(msg.organization_id), msg.registered_model_name, msg.version
+        )
+
+    return handle
+
+
+# What a kind of feedback says about the reply it is on: None counts for neither side. A regenerate or an edit
+# means the reply was not good enough as it was.
+_VERDICTS: dict[int, bool | None] = {
+    events_pb2.FEEDBACK_KIND_THUMBS_UP: True,
+    events_pb2.FEEDBACK_KIND_THUMBS_DOWN: False,
+    events_pb2.FEEDBACK_KIND_REGENERATE: False,
+    events_pb2.FEEDBACK_KIND_EDIT: False,
+    events_pb2.FEEDBACK_KIND_TEXT: None,
+}
+POSITIVE_RATING = 4
+NEGATIVE_RATING = 2
+
+
+def verdict_of(msg: events_pb2.FeedbackRecorded) -> Verdict | None:
+    """The online gate's reading of one feedback event; None when it says nothing about the reply."""
+    generation = msg.generation
+    if not generation.request_id or not generation.registered_model_name or generation.model_version <= 0:
+        return None
+    if msg.kind == events_pb2.FEEDBACK_KIND_RATING:
+        positive = True if msg.rating >= POSITIVE_RATING else False if msg.rating <= NEGATIVE_RATING else None
+    else:
+        positive = _VERDICTS.get(msg.kind)
+    if positive is None:
+        return None
+    return Verdict(request_id=generation.request_id, version=generation.model_version, positive=positive)
+
+
+def feedback_handler(promotions: Promotions, store: SqlRegistryStore, catalog: EventCatalog) -> Handler:
+    def handle(event: Event, session: Session) -> None:
+        msg = catalog.decode(event, events_pb2.FeedbackRecorded)
+        verdict = verdict_of(msg)
+        if verdict is None:
+            return
+        promotions.record_feedback(
+            store.bind(session),
+            _organization(msg.organization_id or msg.generation.organization_id),
+            msg.generation.registered_model_name,
+            verdict,
         )
 
     return handle

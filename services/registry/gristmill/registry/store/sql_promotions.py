@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 
 from gristmill.core.errors import NotFoundError
 from gristmill.core.paging import Page
 from gristmill.core.sql import utc
 from gristmill.registry.domain.model import (
+    FeedbackCount,
     MetricGoal,
+    OnlineGate,
     PendingPromotion,
     PromotionDecision,
     PromotionMode,
@@ -18,8 +20,14 @@ from gristmill.registry.domain.model import (
     PromotionState,
 )
 from gristmill.registry.domain.ports import PromotionRepository
-from gristmill.registry.store.sql_common import SqlUnit, optional, plain_or_none
-from gristmill.registry.store.tables import ModelRow, PendingPromotionRow, PolicyRow
+from gristmill.registry.store.sql_common import (
+    SqlUnit,
+    metrics_from_plain,
+    metrics_to_plain,
+    optional,
+    plain_or_none,
+)
+from gristmill.registry.store.tables import ModelRow, OnlineFeedbackRow, PendingPromotionRow, PolicyRow, VersionRow
 
 
 class SqlPromotions(SqlUnit, PromotionRepository):
@@ -40,6 +48,8 @@ class SqlPromotions(SqlUnit, PromotionRepository):
         row.min_improvement = policy.min_improvement
         row.min_value = policy.min_value
         row.mode = policy.mode.value
+        row.online_gate = plain_or_none(policy.online_gate)
+        row.min_metrics = metrics_to_plain(policy.min_metrics) if policy.min_metrics else None
         assert policy.update_time is not None
         row.update_time = policy.update_time
         self.session.flush()
@@ -59,6 +69,8 @@ class SqlPromotions(SqlUnit, PromotionRepository):
             min_value=row.min_value,
             mode=PromotionMode(row.mode),
             update_time=utc(row.update_time),
+            online_gate=optional(OnlineGate, row.online_gate),
+            min_metrics=metrics_from_plain(row.min_metrics) if row.min_metrics else (),
         )
 
     def get_policy(self, org: str, model_name: str) -> PromotionPolicy | None:
@@ -72,6 +84,48 @@ class SqlPromotions(SqlUnit, PromotionRepository):
         model = self._require_model_row(org, model_name)
         result = self.session.execute(delete(PolicyRow).where(PolicyRow.model_id == model.id))
         return bool(getattr(result, "rowcount", 0))
+
+    # -- the online gate ------------------------------------------------------------------------------------
+
+    def put_online_feedback(
+        self, org: str, model_name: str, request_id: str, *, version: int, window: int, positive: bool, now: datetime
+    ) -> None:
+        model = self._require_model_row(org, model_name)
+        # Under the model's lock (the caller holds it), so read-then-write is safe on both back-ends.
+        row = self.session.get(OnlineFeedbackRow, (model.id, request_id))
+        if row is None:
+            row = OnlineFeedbackRow(model_id=model.id, request_id=request_id)
+            self.session.add(row)
+        row.window = window
+        row.version = version
+        row.positive = positive
+        row.update_time = now
+        self.session.flush()
+
+    def online_feedback_counts(self, org: str, model_name: str, window: int) -> dict[int, FeedbackCount]:
+        model = self._require_model_row(org, model_name)
+        rows = self.session.execute(
+            select(OnlineFeedbackRow.version, OnlineFeedbackRow.positive, func.count())
+            .where(OnlineFeedbackRow.model_id == model.id, OnlineFeedbackRow.window == window)
+            .group_by(OnlineFeedbackRow.version, OnlineFeedbackRow.positive)
+        ).all()
+        counts: dict[int, FeedbackCount] = {}
+        for version, positive, count in rows:
+            now = counts.get(version, FeedbackCount())
+            counts[version] = (
+                FeedbackCount(now.positive + count, now.negative)
+                if positive
+                else FeedbackCount(now.positive, now.negative + count)
+            )
+        return counts
+
+    def mark_rolled_back(self, org: str, model_name: str, version: int, reason: str) -> None:
+        model = self._require_model_row(org, model_name)
+        self.session.execute(
+            update(VersionRow)
+            .where(VersionRow.model_id == model.id, VersionRow.version == version)
+            .values(rolled_back_reason=reason)
+        )
 
     # -- pending promotions ---------------------------------------------------------------------------------
 

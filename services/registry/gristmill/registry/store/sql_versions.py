@@ -88,6 +88,7 @@ class SqlVersions(SqlUnit, VersionRepository):
                 created_by=r.created_by,
                 create_time=utc(r.create_time),
                 update_time=utc(r.update_time),
+                rolled_back_reason=r.rolled_back_reason or "",
             )
             for r in rows
         ]

@@ -17,6 +17,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -99,6 +100,8 @@ class VersionRow(RegistryBase):
     label_map: Mapped[list[str]] = mapped_column(JSON)
     metrics: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     lineage: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # "" unless the online gate rolled the version back (its reason).
+    rolled_back_reason: Mapped[str] = mapped_column(Text, server_default=text("''"))
     training_job_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     description: Mapped[str] = mapped_column(Text, default="")
     created_by: Mapped[str] = mapped_column(String(255))
@@ -164,6 +167,27 @@ class PolicyRow(RegistryBase):
     min_improvement: Mapped[float] = mapped_column(Float)
     min_value: Mapped[float | None] = mapped_column(Float, nullable=True)
     mode: Mapped[str] = mapped_column(String(32))
+    update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Read whole: NULL means no online gate / no further floors.
+    online_gate: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    min_metrics: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+
+
+class OnlineFeedbackRow(RegistryBase):
+    """One generation's verdict for the online gate: the latest feedback on it wins.
+
+    ``window`` is the canary alias's history sequence when the feedback arrived: the gate compares the two
+    versions within the current window, so both are judged on the same period's traffic.
+    """
+
+    __tablename__ = "registry_online_feedback"
+    __table_args__ = (Index("ix_registry_online_feedback_window", "model_id", "window"),)
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("registry_models.id", ondelete="CASCADE"), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    window: Mapped[int] = mapped_column(BigInteger)
+    version: Mapped[int] = mapped_column(Integer)
+    positive: Mapped[bool] = mapped_column(Boolean)
     update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
