@@ -504,6 +504,7 @@ async def test_an_sft_job_reports_loss_and_perplexity_and_publishes_the_adapter(
     spec.dataset_version.project_id, spec.dataset_version.dataset_version_id = "chats", "v1"
     hp = spec.hyper_parameters
     hp.learning_rate, hp.per_worker_batch_size, hp.epochs, hp.eval_every_steps = 2e-2, 8, 2, 8
+    spec.json_match_keys.append("sentiment")
     job = await stub.SubmitJob(pb.SubmitJobRequest(spec=spec))
     assert job.spec.objective == pb.OBJECTIVE_SFT and job.spec.task == common_pb2.TASK_TYPE_CHAT
     assert job.spec.chat_template == CHATML_TEMPLATE and job.spec.hyper_parameters.early_stopping.metric == "loss"
@@ -514,7 +515,9 @@ async def test_an_sft_job_reports_loss_and_perplexity_and_publishes_the_adapter(
     reported = {(m.name, m.split) for e in events if e.WhichOneof("event") == "metrics" for m in e.metrics.metrics}
     assert {("loss", common_pb2.DATASET_SPLIT_VALIDATION), ("perplexity", common_pb2.DATASET_SPLIT_TEST)} <= reported
 
-    result = (await stub.GetJob(pb.GetJobRequest(job_id=job.job_id))).result
+    done = await stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
+    assert list(done.spec.json_match_keys) == ["sentiment"]  # kept by the store
+    result = done.result
     assert list(result.label_map.labels) == []  # a generator has no classes (the version's are review labels)
     finals = {(m.name, m.split) for m in result.metrics}
     assert {("loss", common_pb2.DATASET_SPLIT_TEST), ("perplexity", common_pb2.DATASET_SPLIT_TEST)} <= finals

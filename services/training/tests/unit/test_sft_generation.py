@@ -32,6 +32,18 @@ def _no_autocast() -> Any:
     return torch.autocast("cpu", enabled=False)
 
 
+def json_conversations(count: int) -> list[list[dict[str, str]]]:
+    """Conversations whose reference reply is a JSON object with a "sentiment" key (structured output)."""
+    labels = ("positive", "negative")
+    return [
+        [
+            {"role": "user", "content": f"classify review {n}"},
+            {"role": "assistant", "content": json.dumps({"sentiment": labels[n % 2], "review": n})},
+        ]
+        for n in range(count)
+    ]
+
+
 # --------------------------------------------------------------------------- scores
 
 
@@ -185,7 +197,9 @@ def test_the_loop_generates_for_a_bounded_share_of_the_test_split_only_at_the_en
     sink = ListSink()
     session = DirectorySession(tmp_path)
     config = _loop_config(tiny_llama, sink, max_steps=2)
-    config = replace(config, examples={**config.examples, "test": chat_rows(GENERATION_EXAMPLES + 6, 3)})
+    # Six structured-output conversations (JSON replies) among the first 64: the JSON metrics are reported too.
+    test = [*json_conversations(6), *chat_rows(GENERATION_EXAMPLES, 3)]
+    config = replace(config, examples={**config.examples, "test": test}, json_match_keys=("sentiment", "absent"))
     calls: list[int] = []
     original = chat.ChatGenerationEvaluation.add
 
@@ -201,7 +215,11 @@ def test_the_loop_generates_for_a_bounded_share_of_the_test_split_only_at_the_en
     assert calls == [GENERATION_EXAMPLES]
     validation = [r["metrics"] for r in sink.records if r["type"] == "eval" and r["split"] == "validation"]
     assert validation and all(set(m) == {"loss", "perplexity"} for m in validation)
-    assert {"test_exact_match", "test_rouge_l"} <= set(session.reports[-1])
+    final = session.reports[-1]
+    generated = ("test_exact_match", "test_rouge_l", "test_json_valid", "test_json_match_sentiment")
+    assert set(generated) <= set(final) and all(0.0 <= final[name] <= 1.0 for name in generated), final
+    # No reference holds "absent": no metric for it.
+    assert "test_json_match_absent" not in final
 
 
 def test_generation_metrics_cannot_steer_training() -> None:

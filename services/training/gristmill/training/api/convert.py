@@ -205,6 +205,7 @@ def spec_from_proto(spec: pb.JobSpec, *, require_dataset: bool = True) -> d.JobS
         chat_template=spec.chat_template,
         publish_merged=spec.publish_merged,
         dpo=d.build_dpo(given=spec.HasField("dpo"), beta=spec.dpo.beta),
+        json_match_keys=d.build_json_match_keys(list(spec.json_match_keys)),
     )
 
 
@@ -326,6 +327,7 @@ def spec_to_proto(spec: d.JobSpec) -> pb.JobSpec:
         objective=pb.OBJECTIVE_UNSPECIFIED if spec.objective is None else _OBJECTIVE_TO_PB[spec.objective],
         chat_template=spec.chat_template,
         publish_merged=spec.publish_merged,
+        json_match_keys=list(spec.json_match_keys),
     )
     if spec.dataset.project_id:
         out.dataset_version.CopyFrom(dataset_to_proto(spec.dataset))

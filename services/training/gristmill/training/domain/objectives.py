@@ -56,3 +56,14 @@ def default_objective(task: TaskType) -> Objective | None:
     if task is TaskType.UNSPECIFIED:
         task = TaskType.TEXT_CLASSIFICATION
     return next((o for o, tasks in OBJECTIVE_TASK_TYPES.items() if task in tasks), None)
+
+
+# Test metrics of JSON replies (ml/chat.py computes them; spec.py validates the keys). Defined here, below
+# both, so that the scoring code does not import the spec module.
+JSON_VALID_METRIC = "json_valid"
+JSON_MATCH_METRIC_PREFIX = "json_match_"
+
+
+def json_match_metric(key: str) -> str:
+    """The test metric of one of ``spec.json_match_keys``."""
+    return JSON_MATCH_METRIC_PREFIX + key

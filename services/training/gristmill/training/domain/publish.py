@@ -105,7 +105,8 @@ def _sample_lines(samples: Sequence[SampleGeneration]) -> list[str]:
         "## Sample generations",
         "",
         "Greedy replies to test conversations (the prompt is the conversation up to its last assistant turn; the "
-        "reference is that turn). `exact_match` and `rouge_l` above score such replies.",
+        "reference is that turn, for preference pairs the chosen reply). `exact_match`, `rouge_l` and any `json_` "
+        "metrics above score such replies.",
         "",
         "| # | prompt | reference | generation |",
         "| --- | --- | --- | --- |",

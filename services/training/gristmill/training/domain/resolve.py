@@ -9,8 +9,9 @@
   (INVALID_ARGUMENT naming ``spec.objective``), and that objective is available (FAILED_PRECONDITION); its
   rows are the objective's row format (FAILED_PRECONDITION); every split file verifies
   (FAILED_PRECONDITION), every row is well formed (a label in the label map, a conversation with an
-  assistant turn), the train split is not empty; the spec's task matches it (INVALID_ARGUMENT); QLoRA and
-  ``publish_merged`` are for generative objectives, ``spec.dpo`` for dpo (INVALID_ARGUMENT naming the field);
+  assistant turn), the train split is not empty; the spec's task matches it (INVALID_ARGUMENT); QLoRA,
+  ``publish_merged`` and ``json_match_keys`` are for generative objectives, ``spec.dpo`` for dpo (INVALID_ARGUMENT
+  naming the field);
 - the base model: exists (NOT_FOUND), is a Hugging Face directory with a config and a tokenizer that the
   objective's model class can be built from, its classification head (if any) has as many labels as the
   dataset, LoRA target modules exist in it, the maximum sequence length fits its context, a chat objective
@@ -56,6 +57,7 @@ from gristmill.training.domain.spec import (
     Method,
     Objective,
     TaskType,
+    check_json_match_keys,
     check_method_objective,
     default_objective,
     dpo_without_dpo,
@@ -596,6 +598,8 @@ class SpecResolver:
             )
         if spec.dpo is not None and task.objective is not Objective.DPO:
             raise dpo_without_dpo(task.objective)
+        if spec.json_match_keys:
+            check_json_match_keys(task.objective)
 
 
 def with_objective_metrics(spec: JobSpec, task: TrainingTask) -> JobSpec:

@@ -20,10 +20,13 @@ from gristmill.core.ids import validate_id
 from gristmill.training.domain.dpo import DpoSettings as DpoSettings
 from gristmill.training.domain.lora import LoraSettings
 from gristmill.training.domain.objectives import GENERATIVE_OBJECTIVES as GENERATIVE_OBJECTIVES
+from gristmill.training.domain.objectives import JSON_MATCH_METRIC_PREFIX as JSON_MATCH_METRIC_PREFIX
+from gristmill.training.domain.objectives import JSON_VALID_METRIC as JSON_VALID_METRIC
 from gristmill.training.domain.objectives import OBJECTIVE_TASK_TYPES as OBJECTIVE_TASK_TYPES
 from gristmill.training.domain.objectives import Objective as Objective
 from gristmill.training.domain.objectives import TaskType as TaskType
 from gristmill.training.domain.objectives import default_objective as default_objective
+from gristmill.training.domain.objectives import json_match_metric as json_match_metric
 from gristmill.training.domain.refs import BaseModelRef, DatasetRef
 
 
@@ -93,8 +96,9 @@ DEFAULT_VALIDATION_METRIC = "f1"
 # Metrics where smaller is better (their goal when none is given).
 MINIMIZED_METRICS = frozenset({"loss", "perplexity"})
 # Metrics measured once, on the test split at the end of training, never on validation: generation's
-# (sft: greedy replies against the reference) and the merged model's loss (publish_merged). Not validation metrics.
-TEST_ONLY_METRICS = ("exact_match", "rouge_l", "merged_loss", "merged_perplexity")
+# (sft, dpo: greedy replies against the reference) and the merged model's loss (publish_merged). Not validation
+# metrics; nor is any "json_match_<key>" (spec.json_match_keys).
+TEST_ONLY_METRICS = ("exact_match", "rouge_l", JSON_VALID_METRIC, "merged_loss", "merged_perplexity")
 
 DEFAULT_LEARNING_RATE = {Method.FULL: 2e-5, Method.LORA: 2e-4, Method.QLORA: 2e-4}
 DEFAULT_BATCH_SIZE = 16
@@ -119,6 +123,10 @@ MAX_TRIALS = 1000
 MAX_TAGS = 64
 MAX_CHAT_TEMPLATE_CHARS = 65536
 MAX_DPO_BETA = 10.0
+# spec.json_match_keys: each key becomes part of a metric name (json_match_<key>), so it is a plain identifier.
+MAX_JSON_MATCH_KEYS = 16
+MAX_JSON_MATCH_KEY_CHARS = 64
+_JSON_MATCH_KEY = re.compile(r"[A-Za-z0-9_]+")
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$")
 
 
@@ -202,6 +210,8 @@ class JobSpec:
     dpo: DpoSettings | None = None
     # LORA with a generative objective: the artifact also holds the merged model under merged/.
     publish_merged: bool = False
+    # SFT and DPO: top-level JSON keys whose values the generation evaluation compares (test json_match_<key>).
+    json_match_keys: tuple[str, ...] = ()
 
     @property
     def project_id(self) -> str:
@@ -296,12 +306,39 @@ def build_dpo(*, given: bool, beta: float = 0.0) -> DpoSettings | None:
     return DpoSettings(beta=beta)
 
 
+def build_json_match_keys(keys: Sequence[str]) -> tuple[str, ...]:
+    """``spec.json_match_keys``: distinct identifiers (each names a metric, ``json_match_<key>``), at most 16."""
+    name = "json_match_keys"
+    rule = (
+        f"a key is 1-{MAX_JSON_MATCH_KEY_CHARS} letters, digits or underscores (a top-level key of the JSON replies; "
+        "it names the test metric json_match_<key>)"
+    )
+    if len(keys) > MAX_JSON_MATCH_KEYS:
+        raise _bad(name, f"has {len(keys)} keys; the limit is {MAX_JSON_MATCH_KEYS}")
+    seen: set[str] = set()
+    for index, key in enumerate(keys):
+        if not key:
+            raise _bad(name, f"entry {index} is empty; {rule}")
+        if len(key) > MAX_JSON_MATCH_KEY_CHARS:
+            raise _bad(name, f"entry {index} ({key[:40]!r}...) is {len(key)} characters long; {rule}")
+        if not _JSON_MATCH_KEY.fullmatch(key):
+            raise _bad(name, f"entry {index} {key!r} is not a valid key; {rule}")
+        if key in seen:
+            raise _bad(name, f"names {key!r} more than once; list each key once")
+        seen.add(key)
+    return tuple(keys)
+
+
+def is_test_only_metric(metric: str) -> bool:
+    return metric in TEST_ONLY_METRICS or metric.startswith(JSON_MATCH_METRIC_PREFIX)
+
+
 def _validation_metric(field_name: str, metric: str) -> str:
-    if metric in TEST_ONLY_METRICS:
+    if is_test_only_metric(metric):
         raise _bad(
             field_name,
-            f"{metric!r} is measured on the test split only, once training ended, so it cannot steer training; use "
-            f"one of {', '.join(VALIDATION_METRICS)}",
+            f"{metric[:80]!r} is measured on the test split only, once training ended, so it cannot steer training; "
+            f"use one of {', '.join(VALIDATION_METRICS)}",
         )
     if metric not in VALIDATION_METRICS:
         raise _bad(
@@ -505,6 +542,7 @@ def build_spec(
     chat_template: str = "",
     publish_merged: bool = False,
     dpo: DpoSettings | None = None,
+    json_match_keys: Sequence[str] = (),
 ) -> JobSpec:
     """Cross-field rules, once every part was built. What needs the dataset version (the objective's task type
     when the spec names neither, the chat template of the base model) is checked when the spec is resolved."""
@@ -536,6 +574,8 @@ def build_spec(
     if dpo is not None and known is not None and known is not Objective.DPO:
         raise dpo_without_dpo(known)
     check_method_objective(method, publish_merged, known, resources)
+    if json_match_keys and known is not None:
+        check_json_match_keys(known)
     if registered_model_name:
         validate_id(registered_model_name, what="spec.registered_model_name")
     if len(tags) > MAX_TAGS:
@@ -565,6 +605,7 @@ def build_spec(
         chat_template=chat_template,
         publish_merged=publish_merged,
         dpo=dpo,
+        json_match_keys=tuple(json_match_keys),
     )
 
 
@@ -595,6 +636,17 @@ def check_method_objective(
         )
     if method is Method.QLORA and resources is not None and not resources.use_gpu:
         raise qlora_needs_gpus("the job asks for no GPU workers (resources.use_gpu is false)")
+
+
+def check_json_match_keys(objective: Objective) -> None:
+    """``spec.json_match_keys`` scores generated replies: generative objectives only."""
+    if objective not in GENERATIVE_OBJECTIVES:
+        generative = ", ".join(sorted(o.value for o in GENERATIVE_OBJECTIVES))
+        raise _bad(
+            "json_match_keys",
+            f"scores generated replies, so it is only for generative objectives ({generative}); objective "
+            f"{objective.value} generates no text: remove it",
+        )
 
 
 def qlora_needs_gpus(why: str) -> FailedPreconditionError:

@@ -34,10 +34,17 @@ rendered with the chat template and its generation prompt; the reference is that
 the template's end-of-turn token, and at the reference's length in tokens plus ``GENERATION_MARGIN_TOKENS``
 (within the model's context), which bounds the cost. ``exact_match`` compares reply and reference after
 stripping whitespace; ``rouge_l`` is the ROUGE-L F-measure (longest common subsequence over whitespace tokens).
+Replies whose reference is a JSON object (structured output) are also scored as JSON (``reply_scores``):
+``json_valid``, the reply is a JSON object with the reference's top-level keys, and for each of the job's
+``json_match_keys`` K that the reference holds, ``json_match_<K>``, the reply's K value equals the reference's
+(strings compared after stripping whitespace and case folding). Each metric is the mean over the replies it
+applies to, and is absent when it applies to none. DPO scores its test prompts' replies against the chosen reply
+with the same evaluation (``conversation_of`` turns a pair into the conversation it scores).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -46,6 +53,7 @@ from typing import Any
 
 import torch
 
+from gristmill.training.domain.objectives import JSON_VALID_METRIC, json_match_metric
 from gristmill.training.tasks.base import EncodingError, SampleGeneration
 
 IGNORE_INDEX = -100
@@ -289,6 +297,59 @@ def exact_match(generation: str, reference: str) -> float:
     return float(generation.strip() == reference.strip())
 
 
+def json_object(text: str) -> dict[str, Any] | None:
+    """What ``text`` holds (whitespace stripped) when it is a JSON object; None for invalid JSON, another JSON value,
+    or an object inside a markdown code fence (not JSON)."""
+    try:
+        value = json.loads(text.strip())
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def json_values_equal(generated: Any, expected: Any) -> bool:
+    """Whether two parsed JSON values are equal, strings (also inside lists and objects) compared after stripping
+    whitespace and case folding; true and 1 differ (Python's ``True == 1`` does not count)."""
+    if isinstance(generated, str) and isinstance(expected, str):
+        return generated.strip().casefold() == expected.strip().casefold()
+    if isinstance(generated, bool) or isinstance(expected, bool):
+        return generated is expected
+    if isinstance(generated, dict) and isinstance(expected, dict):
+        return generated.keys() == expected.keys() and all(
+            json_values_equal(generated[k], v) for k, v in expected.items()
+        )
+    if isinstance(generated, list) and isinstance(expected, list):
+        return len(generated) == len(expected) and all(
+            json_values_equal(g, e) for g, e in zip(generated, expected, strict=True)
+        )
+    # Numbers and null; a string, list or object against another kind of value is never equal.
+    return bool(generated == expected)
+
+
+def generation_metric_names(json_match_keys: Sequence[str] = ()) -> tuple[str, ...]:
+    """Every metric ``reply_scores`` may report, in a fixed order (the accumulator's layout)."""
+    return ("exact_match", "rouge_l", JSON_VALID_METRIC, *(json_match_metric(key) for key in json_match_keys))
+
+
+def reply_scores(generation: str, reference: str, json_match_keys: Sequence[str] = ()) -> dict[str, float]:
+    """One reply's scores against its reference: ``exact_match`` and ``rouge_l`` always; when the reference is a JSON
+    object, ``json_valid`` (the reply is a JSON object with the same top-level keys) and, for each key K of
+    ``json_match_keys`` the reference holds, ``json_match_<K>`` (the reply is a JSON object whose K value equals
+    the reference's). A metric that does not apply to this reference is left out (it is not a miss)."""
+    scores = {"exact_match": exact_match(generation, reference), "rouge_l": rouge_l(generation, reference)}
+    expected = json_object(reference)
+    if expected is None:
+        return scores
+    generated = json_object(generation)
+    scores[JSON_VALID_METRIC] = float(generated is not None and generated.keys() == expected.keys())
+    for key in json_match_keys:
+        if key in expected:
+            scores[json_match_metric(key)] = float(
+                generated is not None and key in generated and json_values_equal(generated[key], expected[key])
+            )
+    return scores
+
+
 def stop_token_ids(tokenizer: Any, model: torch.nn.Module | None = None) -> list[int]:
     """The tokens that end a reply: EOS (the tokenizer's and the model's generation config's) and the chat template's
     end-of-turn token (the special token a rendered assistant turn ends with, ChatML's ``<|im_end|>``)."""
@@ -322,8 +383,9 @@ class _Prompt:
 
 
 class ChatGenerationEvaluation:
-    """Greedy replies to test conversations, scored against the reference: summed exact matches, summed ROUGE-L
-    and the count; the first ``SAMPLE_GENERATIONS`` replies are kept for the model card."""
+    """Greedy replies to test conversations, scored against the reference (``reply_scores``): per metric, the summed
+    scores and the count of replies it applies to; the first ``SAMPLE_GENERATIONS`` replies are kept for the model
+    card. ``conversation_of`` turns an example into the conversation scored (SFT's examples are conversations)."""
 
     def __init__(
         self,
@@ -331,6 +393,8 @@ class ChatGenerationEvaluation:
         device: torch.device,
         autocast: Callable[[], AbstractContextManager[Any]],
         *,
+        json_match_keys: Sequence[str] = (),
+        conversation_of: Callable[[Any], Sequence[Message]] | None = None,
         margin: int = GENERATION_MARGIN_TOKENS,
         batch_size: int = GENERATION_BATCH_SIZE,
         keep: int = SAMPLE_GENERATIONS,
@@ -338,10 +402,15 @@ class ChatGenerationEvaluation:
         self.tokenizer = tokenizer
         self.device = device
         self.autocast = autocast
+        self.json_match_keys = tuple(json_match_keys)
+        self.conversation_of = conversation_of
         self.margin = margin
         self.batch_size = batch_size
         self.keep = keep
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.metrics = generation_metric_names(self.json_match_keys)
+        # Metric i's summed scores at 2i, the replies it applied to at 2i + 1 (the same layout on every rank), on the
+        # host until ``totals``.
+        self.sums = [0.0] * (2 * len(self.metrics))
         self._samples: list[SampleGeneration] = []
 
     def _prompt(self, messages: Sequence[Message], context: int | None) -> _Prompt | None:
@@ -358,7 +427,8 @@ class ChatGenerationEvaluation:
         from transformers import GenerationConfig
 
         context = _context_length(model)
-        prompts = [p for p in (self._prompt(m, context) for m in examples) if p is not None]
+        conversations = examples if self.conversation_of is None else [self.conversation_of(e) for e in examples]
+        prompts = [p for p in (self._prompt(m, context) for m in conversations) if p is not None]
         stops = stop_token_ids(self.tokenizer, model)
         pad = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0])
         generate: Any = model.generate  # PEFT's and transformers' generate (torch.nn.Module does not declare it)
@@ -385,20 +455,26 @@ class ChatGenerationEvaluation:
                 reply = row[: prompt.budget]
                 cut = next((i for i, token in enumerate(reply) if token in stops), len(reply))
                 text = str(self.tokenizer.decode(reply[:cut], skip_special_tokens=True)).strip()
-                self.sums[0] += exact_match(text, prompt.reference)
-                self.sums[1] += rouge_l(text, prompt.reference)
-                self.sums[2] += 1
+                self._score(reply_scores(text, prompt.reference, self.json_match_keys))
                 if len(self._samples) < self.keep:
                     self._samples.append(SampleGeneration(prompt.messages, prompt.reference, text))
 
+    def _score(self, scores: Mapping[str, float]) -> None:
+        for index, name in enumerate(self.metrics):
+            if name in scores:
+                self.sums[2 * index] += scores[name]
+                self.sums[2 * index + 1] += 1.0
+
     def totals(self) -> torch.Tensor:
-        return self.sums
+        return torch.tensor(self.sums, dtype=torch.float64, device=self.device)
 
     def scores(self, totals: torch.Tensor) -> dict[str, float]:
-        count = float(totals[2])
-        if not count:
-            return {}
-        return {"exact_match": float(totals[0]) / count, "rouge_l": float(totals[1]) / count}
+        values = totals.tolist()
+        return {
+            name: values[2 * index] / values[2 * index + 1]
+            for index, name in enumerate(self.metrics)
+            if values[2 * index + 1]
+        }
 
     def samples(self) -> list[SampleGeneration]:
         return list(self._samples)

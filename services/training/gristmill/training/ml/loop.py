@@ -108,6 +108,8 @@ class LoopConfig:
     dpo: DpoSettings | None = None
     # LoRA, generative objective: also save the merged model under merged/ (evaluated on the test split).
     publish_merged: bool = False
+    # Generative objectives: the top-level JSON keys the generation evaluation compares (json_match_<key>).
+    json_match_keys: tuple[str, ...] = ()
 
 
 @dataclass
@@ -628,7 +630,9 @@ class LoopRunner:
         if not isinstance(self.task, GeneratesText):
             return {}, []
         examples = self.cfg.examples.get("test", [])[:GENERATION_EXAMPLES]
-        evaluation = self.task.generation_evaluation(self.tokenizer, self.device, self._autocast)
+        evaluation = self.task.generation_evaluation(
+            self.tokenizer, self.device, self._autocast, json_match_keys=self.cfg.json_match_keys
+        )
         model.eval()
         with torch.inference_mode():
             evaluation.add(

@@ -57,6 +57,7 @@ class InProcessRunner:
             chat_template=spec.chat_template,
             dpo=spec.dpo,
             publish_merged=spec.publish_merged,
+            json_match_keys=spec.json_match_keys,
         )
         session = DirectorySession(root)
         try:

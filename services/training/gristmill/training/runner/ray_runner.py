@@ -437,6 +437,7 @@ class RayJobRunner:
             chat_template=spec.chat_template,
             dpo=spec.dpo,
             publish_merged=spec.publish_merged,
+            json_match_keys=spec.json_match_keys,
         )
 
     def _trainer(self, request: RunRequest, channel: RunChannel) -> GristmillTorchTrainer:

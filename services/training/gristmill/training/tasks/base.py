@@ -85,8 +85,15 @@ class GeneratesText(Protocol):
     ended: not a ``TrainingTask`` member, so tasks without generation need nothing."""
 
     def generation_evaluation(
-        self, tokenizer: Any, device: torch.device, autocast: Callable[[], AbstractContextManager[Any]]
-    ) -> GenerationEvaluation: ...
+        self,
+        tokenizer: Any,
+        device: torch.device,
+        autocast: Callable[[], AbstractContextManager[Any]],
+        *,
+        json_match_keys: Sequence[str] = (),
+    ) -> GenerationEvaluation:
+        """A fresh generation accumulator; ``json_match_keys``: the job's (``spec.json_match_keys``)."""
+        ...
 
 
 class EncodingError(ValueError):

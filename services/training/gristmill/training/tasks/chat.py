@@ -5,10 +5,11 @@ A row's messages are checked like labeling checks them (roles, turn order, at le
 become the loop's example as plain OpenAI-shaped message dicts. The loop renders them with the chat template
 (the base tokenizer's or ``spec.chat_template``), trains on the assistant tokens only and packs a batch's
 conversations without padding (``gristmill.training.ml.chat``). Evaluation reports the loss and perplexity
-over assistant tokens; once training ended, greedy replies to (at most 64) test conversations add ``exact_match``
-and ``rouge_l`` and the model card's sample generations. With LoRA (or QLoRA, over a 4-bit base) the published
-artifact is the PEFT adapter with the tokenizer (its chat template included); the base model is the lineage's
-reference, not a copy. ``spec.publish_merged`` adds the merged model under ``merged/`` (the loop does that).
+over assistant tokens; once training ended, greedy replies to (at most 64) test conversations add ``exact_match``,
+``rouge_l``, the JSON metrics ``json_valid`` and ``json_match_<key>`` (``spec.json_match_keys``; over the replies
+whose reference is a JSON object) and the model card's sample generations. With LoRA (or QLoRA, over a 4-bit base)
+the published artifact is the PEFT adapter with the tokenizer (its chat template included); the base model is the
+lineage's reference, not a copy. ``spec.publish_merged`` adds the merged model under ``merged/`` (the loop does that).
 
 torch, transformers, TRL and peft are imported inside the methods the loop and the inspection call.
 """
@@ -163,11 +164,20 @@ class ChatSft:
         return chat.CausalLMEvaluation(device, autocast)
 
     def generation_evaluation(
-        self, tokenizer: Any, device: torch.device, autocast: Callable[[], AbstractContextManager[Any]]
+        self,
+        tokenizer: Any,
+        device: torch.device,
+        autocast: Callable[[], AbstractContextManager[Any]],
+        *,
+        json_match_keys: Sequence[str] = (),
+        conversation_of: Callable[[Any], Sequence[dict[str, Any]]] | None = None,
     ) -> ChatGenerationEvaluation:
+        """Greedy replies to test conversations (``conversation_of`` makes one of another task's example: DPO's)."""
         from gristmill.training.ml import chat
 
-        return chat.ChatGenerationEvaluation(tokenizer, device, autocast)
+        return chat.ChatGenerationEvaluation(
+            tokenizer, device, autocast, json_match_keys=json_match_keys, conversation_of=conversation_of
+        )
 
     def save(self, model: torch.nn.Module, tokenizer: Any, dest: Path) -> None:
         from gristmill.training.ml import modeling

@@ -8,9 +8,11 @@ renders prompt + chosen and prompt + rejected with the chat template (the base t
 ``spec.chat_template``), scores the replies' tokens only, against a reference model that is the starting model (the
 base with the LoRA adapter disabled, or a frozen copy for a full fine-tune), with the sigmoid DPO loss at
 ``spec.dpo.beta`` (``gristmill.training.ml.preference``). Evaluation reports the loss, the reward accuracy and the
-mean reward margin. The trained model is a chat model: SFT's signature and published files (with LoRA, the PEFT
-adapter with the tokenizer and its chat template; the base model is the lineage's reference), and the manifest's
-task type is ``TASK_TYPE_CHAT`` (``domain.objectives.model_task_type``).
+mean reward margin. Once training ended, the model replies (greedy) to (at most 64) test prompts, scored against the
+chosen reply by SFT's generation evaluation (``exact_match``, ``rouge_l``, ``json_valid``, ``json_match_<key>``, and
+the model card's sample generations). The trained model is a chat model: SFT's signature and published files (with
+LoRA, the PEFT adapter with the tokenizer and its chat template; the base model is the lineage's reference), and the
+manifest's task type is ``TASK_TYPE_CHAT`` (``domain.objectives.model_task_type``).
 
 torch, transformers, TRL and peft are imported inside the methods the loop and the inspection call.
 """
@@ -37,6 +39,7 @@ from gristmill.training.tasks.chat import CHAT_SIGNATURE, ChatSft
 if TYPE_CHECKING:
     import torch
 
+    from gristmill.training.ml.chat import ChatGenerationEvaluation
     from gristmill.training.ml.preference import PreferenceBatch, PreferenceEvaluation, PreferenceSplit
 
 # What DPO shares with SFT: the causal LM and its LoRA targets, the chat model's files and the card's "Use" section.
@@ -50,6 +53,12 @@ class PreferencePair:
     prompt: list[dict[str, Any]]
     chosen: list[dict[str, Any]]
     rejected: list[dict[str, Any]]
+
+
+def chosen_conversation(pair: PreferencePair) -> list[dict[str, Any]]:
+    """The conversation generation scores a pair by: the prompt, then the chosen reply, whose last turn is the
+    reference (its earlier turns, rare, become part of the prompt)."""
+    return [*pair.prompt, *pair.chosen]
 
 
 def preference_pair_of(record: DatasetRecord) -> PreferencePair:
@@ -168,6 +177,19 @@ class PreferenceDpo:
         from gristmill.training.ml import preference
 
         return preference.PreferenceEvaluation(self.settings.beta, device, autocast)
+
+    def generation_evaluation(
+        self,
+        tokenizer: Any,
+        device: torch.device,
+        autocast: Callable[[], AbstractContextManager[Any]],
+        *,
+        json_match_keys: Sequence[str] = (),
+    ) -> ChatGenerationEvaluation:
+        """SFT's generation evaluation over the test pairs' prompts, the chosen reply being the reference."""
+        return _CHAT.generation_evaluation(
+            tokenizer, device, autocast, json_match_keys=json_match_keys, conversation_of=chosen_conversation
+        )
 
     def save(self, model: torch.nn.Module, tokenizer: Any, dest: Path) -> None:
         _CHAT.save(model, tokenizer, dest)
