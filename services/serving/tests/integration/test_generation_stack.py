@@ -379,3 +379,50 @@ async def test_lora_adapters_of_one_registry_base_model_share_it(stack: Stack, t
     assert failures == [] and versions[1] in seen
     (now,) = [v.generator for v in stack.serving_app.service.manager.loaded_versions("default", stack.model)]
     assert getattr(now, "shared", None) is shared
+
+    # The online gate's rollback: version 1 is the canary by alias ("candidate"), then the alias moves back to
+    # production's version under streaming load. No stream fails, and the canary then answers as production.
+    await stack.registry.SetAlias(
+        registry_pb2.SetAliasRequest(registered_model_name=stack.model, alias="candidate", version=versions[0]),
+        timeout=30,
+    )
+    await stack.serving.UpdateDeployment(
+        serving_pb2.UpdateDeploymentRequest(
+            name=stack.model,
+            deployment=serving_pb2.Deployment(
+                canary=serving_pb2.CanaryRoute(target=common_pb2.ModelVersionSelector(alias="candidate"), weight=0.5)
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["canary"]),
+            wait_until_ready=True,
+        ),
+        timeout=60,
+    )
+    seen.clear()
+    stop.clear()
+    clients = [asyncio.create_task(client(i)) for i in range(3)]
+    deadline = time.monotonic() + 60
+    while versions[0] not in seen and time.monotonic() < deadline and not failures:
+        await asyncio.sleep(0.1)
+    assert versions[0] in seen, "the canary never answered"
+    await stack.registry.SetAlias(
+        registry_pb2.SetAliasRequest(registered_model_name=stack.model, alias="candidate", version=versions[1]),
+        timeout=30,
+    )
+
+    def canary_rolled_back() -> bool:
+        loaded = stack.serving_app.service.manager.loaded_versions("default", stack.model)
+        return sorted(v.version for v in loaded) == [versions[1], versions[1]]
+
+    deadline = time.monotonic() + 60
+    while not canary_rolled_back() and time.monotonic() < deadline and not failures:
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)  # streams admitted before the swap finish on the old canary
+    seen.clear()
+    deadline = time.monotonic() + 30
+    while len(seen) < 1 and time.monotonic() < deadline and not failures:
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(0.5)
+    stop.set()
+    await asyncio.gather(*clients)
+    assert failures == [] and canary_rolled_back()
+    assert seen == {versions[1]}
