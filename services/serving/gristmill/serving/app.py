@@ -188,7 +188,7 @@ def build_app(
         None
         if openai_port is None
         else OpenAIServer(
-            openai_app(service, security),
+            openai_app(service, security, tracer_provider=platform.tracer_provider),
             host=settings.host,
             port=openai_port,
             grace_s=settings.shutdown_grace_s,

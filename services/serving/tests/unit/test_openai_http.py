@@ -17,9 +17,15 @@ from typing import Any
 import openai
 import pytest
 import pytest_asyncio
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import select
 
 from gristmill.core.auth import REGISTRY_READ, SERVING_PREDICT
 from gristmill.core.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
+from gristmill.core.events.outbox import OutboxEvent
+from gristmill.core.events.topics import FEEDBACK_RECORDED
 from gristmill.core.host import Infrastructure
 from gristmill.core.ports import SERVING_OPENAI_PORT, SERVING_PORT
 from gristmill.core.security import embedded_security
@@ -88,6 +94,7 @@ class Served:
     keys: InMemoryKeyVerifier
     # A key of ORG with serving:predict.
     key: str
+    spans: InMemorySpanExporter
 
     @property
     def port(self) -> int:
@@ -125,9 +132,12 @@ async def served(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> A
     security = api_key_security(keys, METHOD_SCOPES, public=PUBLIC_METHODS, license_=ENTERPRISE)
     # gRPC on a free port: the HTTP API then takes a free port too.
     settings = ServingSettings(data_dir=tmp_path_factory.mktemp("serving"), grpc_port=0, shutdown_grace_s=1.0)
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
     app = build_app(
         settings,
-        Infrastructure(kafka=KafkaSettings(bootstrap_servers="")),
+        Infrastructure(kafka=KafkaSettings(bootstrap_servers=""), tracer_provider=provider),
         security,
         source=source,
         loader=split_loader(),
@@ -138,7 +148,7 @@ async def served(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> A
         for name in (CHAT_MODEL, CLASSIFIER):
             spec = DeploymentSpec(ORG, name, name, target=VersionSelector(version=1))
             await app.service.create(spec, wait_until_ready=True, timeout_s=120)
-        yield Served(app, keys, keys.issue(ORG, {SERVING_PREDICT}))
+        yield Served(app, keys, keys.issue(ORG, {SERVING_PREDICT}), spans)
     finally:
         await app.host.stop()
 
@@ -151,6 +161,34 @@ def _raw_post(port: int, path: str, body: bytes, headers: dict[str, str]) -> tup
         return response.status, json.loads(response.read())
     finally:
         connection.close()
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+@on_module_loop
+async def test_a_request_continues_the_callers_trace_into_its_feedback_event(served: Served) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    traceparent = f"00-{trace_id}-00f067aa0ba902b7-01"
+    async with served.client(default_headers={"traceparent": traceparent}) as client:
+        completion = await client.chat.completions.create(
+            model=CHAT_MODEL, messages=QUESTION, max_tokens=4, temperature=0, stream=False
+        )
+    headers = {"Authorization": f"Bearer {served.key}", "Content-Type": "application/json", "traceparent": traceparent}
+    body = json.dumps({"id": completion.id, "kind": "thumbs_up"}).encode()
+    status, answer = await asyncio.to_thread(_raw_post, served.port, "/v1/feedback", body, headers)
+    assert status == 200, answer
+    spans = {s.name: s for s in served.spans.get_finished_spans() if format(s.context.trace_id, "032x") == trace_id}
+    chat = spans["POST /v1/chat/completions"]
+    assert chat.parent is not None and format(chat.parent.span_id, "016x") == "00f067aa0ba902b7"
+    assert chat.attributes is not None and chat.attributes["http.response.status_code"] == 200
+    assert "POST /v1/feedback" in spans
+    request_id = completion.id.removeprefix("chatcmpl-")
+    with served.app.host.platform.database.transaction() as session:
+        rows = session.execute(select(OutboxEvent).where(OutboxEvent.topic == FEEDBACK_RECORDED)).scalars()
+        events = [row.to_event() for row in rows]
+    (event,) = [e for e in events if request_id.encode() in e.payload]
+    assert dict(event.trace_headers)["traceparent"].decode().split("-")[1] == trace_id
 
 
 # --------------------------------------------------------------------------- replies

@@ -31,6 +31,9 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry import propagate
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import SpanKind, StatusCode
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
@@ -584,8 +587,53 @@ class _OpenAIApi:
         return _model_entry(await self._service.get(caller.organization_id, model))
 
 
-def openai_app(service: DeploymentService, security: Security) -> FastAPI:
-    """The OpenAI-compatible HTTP API over ``service``, checking API keys with ``security``'s auth hook."""
+class _Tracing:
+    """One SERVER span per HTTP request, continuing the caller's W3C ``traceparent`` (as the gRPC server's
+    interceptor does), so that a generation, its feedback and the events they publish share the caller's trace.
+    Pure ASGI rather than a ``BaseHTTPMiddleware``: the span covers a streamed body to its end, and the route
+    runs in the span's context."""
+
+    def __init__(self, app: Any, provider: TracerProvider) -> None:
+        self.app = app
+        self.tracer = provider.get_tracer("gristmill.serving.openai_http")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope.get("headers", ())}
+        path: str = scope.get("path", "")
+        # Span names stay few: the model named in a path is an attribute, not a new name.
+        route = "/v1/models/{model}" if path.startswith("/v1/models/") else path
+        method: str = scope.get("method", "")
+        status: dict[str, int] = {}
+
+        async def send_status(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = int(message["status"])
+            await send(message)
+
+        with self.tracer.start_as_current_span(
+            f"{method} {route}",
+            context=propagate.extract(headers),
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": method, "http.route": route, "url.path": path},
+        ) as span:
+            await self.app(scope, receive, send_status)
+            code = status.get("code", 0)
+            span.set_attribute("http.response.status_code", code)
+            if code >= 500:
+                span.set_status(StatusCode.ERROR)
+
+
+def openai_app(service: DeploymentService, security: Security, *, tracer_provider: TracerProvider | None = None) -> Any:
+    """The OpenAI-compatible HTTP API over ``service``, checking API keys with ``security``'s auth hook; with
+    ``tracer_provider``, each request is a span in the caller's trace."""
+    app = _routes(service, security)
+    return app if tracer_provider is None else _Tracing(app, tracer_provider)
+
+
+def _routes(service: DeploymentService, security: Security) -> FastAPI:
     api = _OpenAIApi(service, security)
     # No interactive docs: they would be routes open without a key, and OpenAI's own reference documents these.
     app = FastAPI(title="Gristmill serving (OpenAI-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
@@ -681,7 +729,7 @@ class OpenAIServer:
     name = "openai-http"
 
     def __init__(
-        self, app: FastAPI, *, host: str, port: int, grace_s: float = 10.0, tls: TlsSettings | None = None
+        self, app: Any, *, host: str, port: int, grace_s: float = 10.0, tls: TlsSettings | None = None
     ) -> None:
         self.app = app
         self.host = host
