@@ -120,11 +120,10 @@ async def test_create_refuses_invalid_specs_and_taken_names(env: Env) -> None:
     for deployment, message in bad:
         with pytest.raises(InvalidArgumentError, match=message):
             await env.service.create(deployment, wait_until_ready=False, timeout_s=1)
-    # A canary alias that resolves to the primary's version is no canary either.
-    env.source.aliases[("sentiment", "candidate")] = 1
+    # A pinned canary version that is the primary's is no canary either (an alias may rest there: see below).
     with pytest.raises(InvalidArgumentError, match="same version"):
         await env.service.create(
-            spec(canary=CanaryRoute(VersionSelector.of_alias("candidate"), 0.1)), wait_until_ready=False, timeout_s=1
+            spec(canary=CanaryRoute(VersionSelector.of_version(1), 0.1)), wait_until_ready=False, timeout_s=1
         )
     assert env.store.list_all() == []
     await ready(env)
@@ -235,6 +234,22 @@ async def test_canary_splits_requests_by_weight_and_counts_per_version(env: Env)
             await env.service.predict(ORG, "sentiment", ["good"])
     errors = {v.version: v.error_count for v in env.manager.view(deployment).versions}
     assert errors[1] == 0 and errors[2] > 0
+
+
+async def test_a_canary_alias_may_rest_on_the_primarys_version_and_is_followed_when_it_moves(env: Env) -> None:
+    # An online gate leaves "candidate" on production's version after a promotion or a rollback.
+    env.source.aliases[("sentiment", "candidate")] = 1
+    deployment = spec(
+        canary=CanaryRoute(VersionSelector.of_alias("candidate"), 0.5), batching=BatchingConfig(max_delay_ms=0)
+    )
+    await ready(env, deployment)
+    answered = {(await env.service.predict(ORG, "sentiment", ["good"]))[0].version for _ in range(20)}
+    assert answered == {1}
+    env.source.aliases[("sentiment", "candidate")] = 2
+    env.manager.alias_changed_threadsafe(ORG, "sentiment", "candidate", 2)
+    await wait_for(lambda: {v.version for v in env.manager.view(deployment).versions} == {1, 2})
+    answered = {(await env.service.predict(ORG, "sentiment", ["good"]))[0].version for _ in range(60)}
+    assert answered == {1, 2}
 
 
 async def test_length_policy_truncates_or_rejects_long_texts(env: Env) -> None:

@@ -664,6 +664,48 @@ class FeedbackRecorded(_message.Message):
 Global___FeedbackRecorded: _TypeAlias = FeedbackRecorded  # noqa: Y015
 
 @_typing.final
+class GenerationOutcomes(_message.Message):
+    """How the generations of one version of a deployment ended over an interval (serving flushes its counts
+    every few seconds and at shutdown): what the promotion policy's online gate compares error rates on.
+    A reply the client closed early counts for neither.
+    Topic: gristmill.serving.generation-outcomes.v1 (key: registered_model_name)
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
+    REGISTERED_MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_NAME_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    organization_id: _builtins.str
+    registered_model_name: _builtins.str
+    model_version: _builtins.int
+    deployment_name: _builtins.str
+    succeeded: _builtins.int
+    """Replies that ended with a finish reason."""
+    failed: _builtins.int
+    """Replies that ended with an error after they were admitted (the model failed, was unloaded, a deadline)."""
+    def __init__(
+        self,
+        *,
+        organization_id: _builtins.str = ...,
+        registered_model_name: _builtins.str = ...,
+        model_version: _builtins.int = ...,
+        deployment_name: _builtins.str = ...,
+        succeeded: _builtins.int = ...,
+        failed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment_name", b"deployment_name", "failed", b"failed", "model_version", b"model_version", "organization_id", b"organization_id", "registered_model_name", b"registered_model_name", "succeeded", b"succeeded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerationOutcomes: _TypeAlias = GenerationOutcomes  # noqa: Y015
+
+@_typing.final
 class UsageRecorded(_message.Message):
     """Billable usage by one API key.
     Topic: gristmill.metering.usage-recorded.v1 (key: organization_id)

@@ -1156,6 +1156,7 @@ class OnlineGate(_message.Message):
     TEST_FIELD_NUMBER: _builtins.int
     ALPHA_FIELD_NUMBER: _builtins.int
     MAX_RATE_DROP_FIELD_NUMBER: _builtins.int
+    MAX_ERROR_RATE_INCREASE_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     min_feedback: _builtins.int
     """Feedback (positive + negative) each version needs, counted since the canary alias last
@@ -1166,6 +1167,11 @@ class OnlineGate(_message.Message):
     """One-sided significance of the z test, in (0, 0.5]. 0 means 0.05."""
     max_rate_drop: _builtins.float
     """Tolerated drop of the positive rate, in [0, 1) (0.05 = five points)."""
+    max_error_rate_increase: _builtins.float
+    """Tolerated rise of the error rate (failed replies over replies, from serving's GenerationOutcomes),
+    in [0, 1). The same test applies: the canary is rolled back when its error rate is (significantly,
+    for TWO_PROPORTION_Z) above the baseline's plus this, whatever its feedback.
+    """
     def __init__(
         self,
         *,
@@ -1174,10 +1180,11 @@ class OnlineGate(_message.Message):
         test: Global___OnlineTest.ValueType = ...,
         alpha: _builtins.float = ...,
         max_rate_drop: _builtins.float = ...,
+        max_error_rate_increase: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "enabled", b"enabled", "max_rate_drop", b"max_rate_drop", "min_feedback", b"min_feedback", "test", b"test"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "enabled", b"enabled", "max_error_rate_increase", b"max_error_rate_increase", "max_rate_drop", b"max_rate_drop", "min_feedback", b"min_feedback", "test", b"test"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1200,6 +1207,12 @@ class OnlineComparison(_message.Message):
     P_VALUE_FIELD_NUMBER: _builtins.int
     ALPHA_FIELD_NUMBER: _builtins.int
     MAX_RATE_DROP_FIELD_NUMBER: _builtins.int
+    CANDIDATE_SUCCEEDED_FIELD_NUMBER: _builtins.int
+    CANDIDATE_FAILED_FIELD_NUMBER: _builtins.int
+    BASELINE_SUCCEEDED_FIELD_NUMBER: _builtins.int
+    BASELINE_FAILED_FIELD_NUMBER: _builtins.int
+    ERROR_P_VALUE_FIELD_NUMBER: _builtins.int
+    MAX_ERROR_RATE_INCREASE_FIELD_NUMBER: _builtins.int
     test: Global___OnlineTest.ValueType
     candidate_positive: _builtins.int
     candidate_negative: _builtins.int
@@ -1212,6 +1225,15 @@ class OnlineComparison(_message.Message):
     p_value: _builtins.float
     alpha: _builtins.float
     max_rate_drop: _builtins.float
+    candidate_succeeded: _builtins.int
+    """Replies per version in the same window (GenerationOutcomes), and the error test's one-sided p value of
+    "the canary's error rate is at most the baseline's plus max_error_rate_increase" (1 when untested).
+    """
+    candidate_failed: _builtins.int
+    baseline_succeeded: _builtins.int
+    baseline_failed: _builtins.int
+    error_p_value: _builtins.float
+    max_error_rate_increase: _builtins.float
     def __init__(
         self,
         *,
@@ -1224,10 +1246,16 @@ class OnlineComparison(_message.Message):
         p_value: _builtins.float = ...,
         alpha: _builtins.float = ...,
         max_rate_drop: _builtins.float = ...,
+        candidate_succeeded: _builtins.int = ...,
+        candidate_failed: _builtins.int = ...,
+        baseline_succeeded: _builtins.int = ...,
+        baseline_failed: _builtins.int = ...,
+        error_p_value: _builtins.float = ...,
+        max_error_rate_increase: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "baseline_negative", b"baseline_negative", "baseline_positive", b"baseline_positive", "candidate_negative", b"candidate_negative", "candidate_positive", b"candidate_positive", "max_rate_drop", b"max_rate_drop", "p_value", b"p_value", "test", b"test", "z", b"z"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "baseline_failed", b"baseline_failed", "baseline_negative", b"baseline_negative", "baseline_positive", b"baseline_positive", "baseline_succeeded", b"baseline_succeeded", "candidate_failed", b"candidate_failed", "candidate_negative", b"candidate_negative", "candidate_positive", b"candidate_positive", "candidate_succeeded", b"candidate_succeeded", "error_p_value", b"error_p_value", "max_error_rate_increase", b"max_error_rate_increase", "max_rate_drop", b"max_rate_drop", "p_value", b"p_value", "test", b"test", "z", b"z"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

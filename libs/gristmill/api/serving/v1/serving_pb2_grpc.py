@@ -162,7 +162,8 @@ class ServingServiceServicer(object):
         FAILED_PRECONDITION: the version is not READY in the registry; max_serving_models reached, or
         a canary without the serving.canary feature (the message names the licence).
         INVALID_ARGUMENT: invalid name, canary weight outside (0, 1), canary equal to the primary
-        target, batching values out of range.
+        target or a pinned canary version equal to the primary's (a canary alias may rest on the
+        primary's version: it is followed when it moves), batching values out of range.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -96,7 +96,8 @@ class ServingServiceStub:
     FAILED_PRECONDITION: the version is not READY in the registry; max_serving_models reached, or
       a canary without the serving.canary feature (the message names the licence).
     INVALID_ARGUMENT: invalid name, canary weight outside (0, 1), canary equal to the primary
-      target, batching values out of range.
+      target or a pinned canary version equal to the primary's (a canary alias may rest on the
+      primary's version: it is followed when it moves), batching values out of range.
     """
     UpdateDeployment: _grpc.UnaryUnaryMultiCallable[_serving_pb2.UpdateDeploymentRequest, _serving_pb2.Deployment]
     """Changes a deployment (fields in update_mask). A new target or canary loads and warms beside
@@ -178,7 +179,8 @@ class ServingServiceAsyncStub(ServingServiceStub):
     FAILED_PRECONDITION: the version is not READY in the registry; max_serving_models reached, or
       a canary without the serving.canary feature (the message names the licence).
     INVALID_ARGUMENT: invalid name, canary weight outside (0, 1), canary equal to the primary
-      target, batching values out of range.
+      target or a pinned canary version equal to the primary's (a canary alias may rest on the
+      primary's version: it is followed when it moves), batching values out of range.
     """
     UpdateDeployment: _aio.UnaryUnaryMultiCallable[_serving_pb2.UpdateDeploymentRequest, _serving_pb2.Deployment]  # type: ignore[assignment]
     """Changes a deployment (fields in update_mask). A new target or canary loads and warms beside
@@ -281,7 +283,8 @@ class ServingServiceServicer(metaclass=_abc_1.ABCMeta):
         FAILED_PRECONDITION: the version is not READY in the registry; max_serving_models reached, or
           a canary without the serving.canary feature (the message names the licence).
         INVALID_ARGUMENT: invalid name, canary weight outside (0, 1), canary equal to the primary
-          target, batching values out of range.
+          target or a pinned canary version equal to the primary's (a canary alias may rest on the
+          primary's version: it is followed when it moves), batching values out of range.
         """
 
     @_abc_1.abstractmethod

@@ -191,7 +191,9 @@ class DeploymentService:
         if spec.canary is not None:
             canary = await asyncio.to_thread(self.source.resolve, org, model, spec.canary.target)
             serving_task(canary)
-            if canary.version == primary.version:
+            # A canary alias may rest on the primary's version (a canary analysis promoted or rolled it back):
+            # the deployment follows it when it moves. A pinned version equal to the primary is no canary.
+            if canary.version == primary.version and spec.canary.target.alias is None:
                 raise InvalidArgumentError(
                     f"canary.target ({spec.canary.target.describe()}) resolves to version {canary.version}, "
                     f"the same version as the primary target ({spec.target.describe()}); choose another version"
