@@ -21,6 +21,7 @@ MODEL_VERSION_REGISTERED = "gristmill.registry.model-version-registered.v1"
 ALIAS_CHANGED = "gristmill.registry.alias-changed.v1"
 PREDICTION_LOGGED = "gristmill.serving.prediction-logged.v1"
 GENERATION_LOGGED = "gristmill.serving.generation-logged.v1"
+GENERATION_OUTCOMES = "gristmill.serving.generation-outcomes.v1"
 FEEDBACK_RECORDED = "gristmill.serving.feedback-recorded.v1"
 USAGE_RECORDED = "gristmill.metering.usage-recorded.v1"
 
@@ -31,6 +32,7 @@ PLATFORM_TOPICS: Mapping[type[Message], str] = {
     events_pb2.AliasChanged: ALIAS_CHANGED,
     events_pb2.PredictionLogged: PREDICTION_LOGGED,
     events_pb2.GenerationLogged: GENERATION_LOGGED,
+    events_pb2.GenerationOutcomes: GENERATION_OUTCOMES,
     events_pb2.FeedbackRecorded: FEEDBACK_RECORDED,
     events_pb2.UsageRecorded: USAGE_RECORDED,
 }
@@ -71,7 +73,9 @@ LABELING_FEEDBACK = ConsumerGroup(
 TRAINING_AUTO_TRAIN = ConsumerGroup("training", "auto_train_group", "training-auto-train", (DATASET_VERSION_PUBLISHED,))
 REGISTRY_JOB_EVENTS = ConsumerGroup("registry", "job_events_group", "registry-job-events", (JOB_STATE_CHANGED,))
 REGISTRY_PROMOTION = ConsumerGroup("registry", "promotion_group", "registry-promotion", (MODEL_VERSION_REGISTERED,))
-REGISTRY_ONLINE_GATE = ConsumerGroup("registry", "online_gate_group", "registry-online-gate", (FEEDBACK_RECORDED,))
+REGISTRY_ONLINE_GATE = ConsumerGroup(
+    "registry", "online_gate_group", "registry-online-gate", (FEEDBACK_RECORDED, GENERATION_OUTCOMES)
+)
 SERVING_ALIASES = ConsumerGroup("serving", "consumer_group", "serving", (ALIAS_CHANGED,))
 ADMIN_METERING = ConsumerGroup("admin", "metering_group", "admin-metering", (USAGE_RECORDED,))
 

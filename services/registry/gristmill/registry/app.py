@@ -90,7 +90,7 @@ def build_app(
             version_registered_handler(registry.promotions, store, catalog),
         ),
         Subscription(
-            (catalog.topic_for(events_pb2.FeedbackRecorded),),
+            (catalog.topic_for(events_pb2.FeedbackRecorded), catalog.topic_for(events_pb2.GenerationOutcomes)),
             settings.online_gate_group,
             feedback_handler(registry.promotions, store, catalog),
         ),

@@ -5,6 +5,7 @@ roll the worse canary back, with its numbers in the alias history and an ``alias
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from pydantic import SecretStr
+from sqlalchemy import select
 
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.events.v1 import events_pb2
@@ -23,6 +25,7 @@ from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.registry.app import build_app
 from gristmill.registry.settings import RegistrySettings
+from gristmill.registry.store.tables import OnlineOutcomeRow
 from services.registry.tests.integration.test_registry_kafka_s3 import (
     eventually,
     job_succeeded,
@@ -120,6 +123,23 @@ async def test_the_online_gate_rolls_a_worse_canary_back_from_feedback_on_kafka(
                 await eventually(on_canary, f"version {number} on the canary alias", timeout_s=90)
             assert await aliases() == (2, 1)  # v1 promoted at once (no production yet), v2 on canary
 
+            # Serving's reply counts arrive on their own topic; both versions answered without errors.
+            for version, succeeded in ((1, 40), (2, 9)):
+                outcomes = events_pb2.GenerationOutcomes(
+                    registered_model_name=model, model_version=version, deployment_name="assistant", succeeded=succeeded
+                )
+                publish(outcomes, model, "serving")
+            database = app.host.platform.database
+
+            async def outcomes_counted() -> bool:
+                def count() -> int:
+                    with database.transaction() as session:
+                        return len(session.execute(select(OnlineOutcomeRow)).scalars().all())
+
+                return await asyncio.to_thread(count) == 2
+
+            await eventually(outcomes_counted, "the reply outcomes to be counted", timeout_s=60)
+
             # Production answers well, the canary badly: 5/6 against 1/6 positive.
             for i in range(MIN_FEEDBACK):
                 kind = events_pb2.FEEDBACK_KIND_THUMBS_UP if i else events_pb2.FEEDBACK_KIND_THUMBS_DOWN
@@ -157,6 +177,7 @@ async def test_the_online_gate_rolls_a_worse_canary_back_from_feedback_on_kafka(
             assert (online.candidate_positive, online.candidate_negative) == (1, MIN_FEEDBACK - 1)
             assert (online.baseline_positive, online.baseline_negative) == (MIN_FEEDBACK - 1, 1)
             assert online.p_value < online.alpha == pytest.approx(0.05) and not change.decision.passed
+            assert (online.candidate_succeeded, online.baseline_succeeded, online.candidate_failed) == (9, 40, 0)
             assert "rolled back" in change.reason
             version = await stub.GetModelVersion(
                 pb.GetModelVersionRequest(

@@ -5,6 +5,7 @@ in the alias history), a rolled-back version never re-aliased by the policy, and
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -21,6 +22,7 @@ from gristmill.registry.domain.model import (
     MetricGoal,
     OnlineGate,
     OnlineTest,
+    OutcomeCount,
     PromotionDecision,
     PromotionMode,
     PromotionPolicy,
@@ -231,6 +233,10 @@ def test_feedback_without_an_online_gate_stores_nothing(env: Env) -> None:
         ({"online_gate": OnlineGate(enabled=True, min_feedback=0)}, "min_feedback must be 1 to"),
         ({"online_gate": OnlineGate(enabled=True, min_feedback=5, alpha=0.7)}, "alpha must be in (0, 0.5]"),
         ({"online_gate": OnlineGate(enabled=True, min_feedback=5, max_rate_drop=1.0)}, "max_rate_drop must be"),
+        (
+            {"online_gate": OnlineGate(enabled=True, min_feedback=5, max_error_rate_increase=-0.1)},
+            "max_error_rate_increase must be",
+        ),
         ({"min_metrics": (Metric("", 0.5, "test"),)}, "needs a metric name"),
         ({"min_metrics": (Metric("a", float("nan"), "test"),)}, "must be a finite number"),
         ({"min_metrics": (Metric("a", 0.5, "test"), Metric("a", 0.6, "test"))}, "names a/test twice"),
@@ -326,3 +332,62 @@ async def test_the_policy_with_an_online_gate_round_trips_and_bad_values_are_inv
     await fails(s.SetPromotionPolicy(pb.SetPromotionPolicyRequest(policy=bad)), grpc.StatusCode.INVALID_ARGUMENT,
                 "online_gate.test 99 is not a known value")  # fmt: skip
     assert (await s.GetPromotionPolicy(pb.GetPromotionPolicyRequest(registered_model_name="m"))) == stored
+
+
+def test_more_errors_roll_the_canary_back_whatever_its_feedback() -> None:
+    same = FeedbackCount(16, 4)
+    erring = decide_online(
+        GATE,
+        candidate_version=2,
+        candidate=same,
+        baseline_version=1,
+        baseline=same,
+        candidate_outcomes=OutcomeCount(24, 6),
+        baseline_outcomes=OutcomeCount(100, 0),
+    )
+    assert erring is not None and not erring.passed and erring.online is not None
+    assert erring.online.error_p_value < 0.05 and "more errors: rolled back" in erring.explanation
+    assert (erring.online.candidate_failed, erring.online.baseline_succeeded) == (6, 100)
+    tolerant = replace(GATE, max_error_rate_increase=0.3)
+    kept = decide_online(
+        tolerant,
+        candidate_version=2,
+        candidate=same,
+        baseline_version=1,
+        baseline=same,
+        candidate_outcomes=OutcomeCount(24, 6),
+        baseline_outcomes=OutcomeCount(100, 0),
+    )
+    assert kept is not None and kept.passed
+    untested = decide_online(GATE, candidate_version=2, candidate=same, baseline_version=1, baseline=same)
+    assert untested is not None and untested.passed and untested.online is not None
+    assert untested.online.error_p_value == 1.0
+
+
+def test_reply_outcomes_are_counted_in_the_window_and_weigh_in_the_decision(env: Env) -> None:
+    first, second = _first_two_versions(env)
+    handler = feedback_handler(env.registry.promotions, env.store, env.catalog)
+    for version, succeeded, failed in ((first, 60, 0), (second, 20, 8), (second, 2, 0)):
+        event = Event.create(
+            events_pb2.GenerationOutcomes(
+                registered_model_name="m", model_version=version, succeeded=succeeded, failed=failed
+            ),
+            key="m",
+            source="serving",
+            catalog=env.catalog,
+        )
+        with env.database.transaction() as session:
+            handler(event, session)
+    with env.store.transaction() as tx:
+        window = tx.latest_alias_change("default", "m", "candidate")
+        assert window is not None
+        assert tx.online_outcome_counts("default", "m", window.sequence) == {
+            first: OutcomeCount(60, 0),
+            second: OutcomeCount(22, 8),
+        }
+    for i in range(20):
+        _feedback(env, first, positive=i < 15)
+    decisions = [_feedback(env, second, positive=i < 16) for i in range(20)]  # better feedback, many errors
+    decision = decisions[-1]
+    assert decision is not None and not decision.passed and "more errors" in decision.explanation
+    assert _alias(env, "candidate") == first

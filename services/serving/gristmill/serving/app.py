@@ -14,7 +14,7 @@ from gristmill.api.serving.v1 import serving_pb2, serving_pb2_grpc
 from gristmill.core.auth import ADMIN, SERVING_PREDICT
 from gristmill.core.events.topics import ALIAS_CHANGED
 from gristmill.core.grpcserver import ServiceRegistration
-from gristmill.core.host import Infrastructure, ServiceHost, Subscription, open_platform
+from gristmill.core.host import Infrastructure, PeriodicTask, ServiceHost, Subscription, open_platform
 from gristmill.core.security import Security, quota_refresh
 from gristmill.serving.api.inference import InferenceServicer
 from gristmill.serving.api.openai_http import OPENAI_SCOPES, OpenAIServer, openai_app
@@ -161,6 +161,7 @@ def build_app(
         metrics=platform.metrics,
     )
     quota = security.quota_guard(platform.database, platform.catalog, SERVICE)
+    publisher = OutboxFeedbackPublisher(platform.database, platform.catalog, source=SERVICE)
     service = DeploymentService(
         store,
         manager,
@@ -169,7 +170,8 @@ def build_app(
         rng=rng,
         license_=security.license,
         quota=quota,
-        feedback=OutboxFeedbackPublisher(platform.database, platform.catalog, source=SERVICE),
+        feedback=publisher,
+        outcomes=publisher,
     )
     serving = ServingServicer(service)
     inference = InferenceServicer(service)
@@ -218,5 +220,6 @@ def build_app(
             # taking them (its replies drained) before they close.
             *([openai] if openai else []),
         ],
+        tasks=[PeriodicTask("generation-outcomes", service.flush_outcomes, settings.outcomes_flush_s)],
     )
     return ServingApp(host, service, sink, source, openai)

@@ -48,6 +48,9 @@ class ServingSettings(ServiceSettings):
     # Seconds between two reads of the deployment store: deployments created, changed or deleted through another
     # replica are served (or dropped) here within this time.
     deployment_sync_s: float = Field(default=2.0, gt=0)
+    # How often the counts of how replies ended (per version) go out as GenerationOutcomes events, for the
+    # registry's online gate; also once at shutdown.
+    outcomes_flush_s: float = Field(default=5.0, gt=0)
     # Prediction-log events waiting to be written to the outbox before new ones are dropped (and counted).
     prediction_log_capacity: int = Field(default=10_000, ge=1)
     # Every answered request writes usage (and some a prediction log) to the outbox: under a trickle of requests

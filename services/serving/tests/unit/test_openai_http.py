@@ -22,10 +22,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import select
 
+from gristmill.api.events.v1 import events_pb2
 from gristmill.core.auth import REGISTRY_READ, SERVING_PREDICT
 from gristmill.core.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from gristmill.core.events.outbox import OutboxEvent
-from gristmill.core.events.topics import FEEDBACK_RECORDED
+from gristmill.core.events.topics import FEEDBACK_RECORDED, GENERATION_OUTCOMES
 from gristmill.core.host import Infrastructure
 from gristmill.core.ports import SERVING_OPENAI_PORT, SERVING_PORT
 from gristmill.core.security import embedded_security
@@ -189,6 +190,22 @@ async def test_a_request_continues_the_callers_trace_into_its_feedback_event(ser
         events = [row.to_event() for row in rows]
     (event,) = [e for e in events if request_id.encode() in e.payload]
     assert dict(event.trace_headers)["traceparent"].decode().split("-")[1] == trace_id
+
+
+@on_module_loop
+async def test_reply_outcomes_are_flushed_as_events_for_the_online_gate(served: Served) -> None:
+    await asyncio.to_thread(served.app.service.flush_outcomes)  # what earlier tests left
+    async with served.client() as client:
+        for _ in range(2):
+            await client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, max_tokens=3, temperature=0)
+    await asyncio.to_thread(served.app.service.flush_outcomes)
+    catalog = served.app.host.platform.catalog
+    with served.app.host.platform.database.transaction() as session:
+        rows = session.execute(select(OutboxEvent).where(OutboxEvent.topic == GENERATION_OUTCOMES)).scalars()
+        events = [catalog.decode(row.to_event(), events_pb2.GenerationOutcomes) for row in rows]
+    last = events[-1]
+    assert (last.registered_model_name, last.model_version, last.deployment_name) == (CHAT_MODEL, 1, CHAT_MODEL)
+    assert (last.succeeded, last.failed) == (2, 0)
 
 
 # --------------------------------------------------------------------------- replies

@@ -260,6 +260,12 @@ def decision_to_proto(d: PromotionDecision) -> pb.PromotionDecision:
                 p_value=o.p_value,
                 alpha=o.alpha,
                 max_rate_drop=o.max_rate_drop,
+                candidate_succeeded=o.candidate_succeeded,
+                candidate_failed=o.candidate_failed,
+                baseline_succeeded=o.baseline_succeeded,
+                baseline_failed=o.baseline_failed,
+                error_p_value=o.error_p_value,
+                max_error_rate_increase=o.max_error_rate_increase,
             )
         )
     return out
@@ -313,6 +319,7 @@ def online_gate_from_proto(g: pb.OnlineGate) -> OnlineGate:
         test=OnlineTest.POINT_ESTIMATE if test == "ONLINE_TEST_POINT_ESTIMATE" else OnlineTest.TWO_PROPORTION_Z,
         alpha=g.alpha or DEFAULT_ALPHA,
         max_rate_drop=g.max_rate_drop,
+        max_error_rate_increase=g.max_error_rate_increase,
     )
 
 
@@ -340,6 +347,7 @@ def policy_to_proto(p: PromotionPolicy) -> pb.PromotionPolicy:
                 test=pb.OnlineTest.Value(f"ONLINE_TEST_{g.test.value}"),
                 alpha=g.alpha,
                 max_rate_drop=g.max_rate_drop,
+                max_error_rate_increase=g.max_error_rate_increase,
             )
         )
     out.min_metrics.extend(metric_to_proto(m) for m in p.min_metrics)

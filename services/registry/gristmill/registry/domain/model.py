@@ -205,6 +205,13 @@ class OnlineComparison:
     p_value: float
     alpha: float
     max_rate_drop: float
+    candidate_succeeded: int = 0
+    candidate_failed: int = 0
+    baseline_succeeded: int = 0
+    baseline_failed: int = 0
+    # 1.0 when the error rates were not tested (a version without counted replies).
+    error_p_value: float = 1.0
+    max_error_rate_increase: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -276,6 +283,7 @@ class OnlineGate:
     test: OnlineTest = OnlineTest.TWO_PROPORTION_Z
     alpha: float = DEFAULT_ALPHA
     max_rate_drop: float = 0.0
+    max_error_rate_increase: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -292,6 +300,22 @@ class FeedbackCount:
     @property
     def rate(self) -> float:
         return self.positive / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True)
+class OutcomeCount:
+    """How one version's replies ended within the current canary window (serving's GenerationOutcomes)."""
+
+    succeeded: int = 0
+    failed: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.succeeded + self.failed
+
+    @property
+    def error_rate(self) -> float:
+        return self.failed / self.total if self.total else 0.0
 
 
 @dataclass(frozen=True)

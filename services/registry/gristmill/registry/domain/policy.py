@@ -15,11 +15,13 @@ from gristmill.registry.domain.model import (
     OnlineComparison,
     OnlineGate,
     OnlineTest,
+    OutcomeCount,
     PromotionDecision,
     PromotionPolicy,
 )
 
 ONLINE_METRIC = "positive_feedback_rate"
+NO_OUTCOMES = OutcomeCount()
 
 # Metric values come from float arithmetic; "0.905 >= 0.900 + 0.005" must pass although 0.9 + 0.005 is
 # not exactly 0.905 in binary. Far below any meaningful metric difference.
@@ -121,43 +123,58 @@ def decide_online(
     candidate: FeedbackCount,
     baseline_version: int,
     baseline: FeedbackCount,
+    candidate_outcomes: OutcomeCount = NO_OUTCOMES,
+    baseline_outcomes: OutcomeCount = NO_OUTCOMES,
 ) -> PromotionDecision | None:
     """Promote (passed) or roll back the canary, or None while either version has under ``min_feedback``.
 
-    TWO_PROPORTION_Z tests "the canary's positive rate is at least the baseline's minus max_rate_drop" one-sided
-    with the unpooled (Wald) standard error, and rolls back only when that is rejected at ``alpha``: like a
-    canary analysis, a version is kept unless the traffic shows it is worse. With no variance (every answer
-    of both versions alike) the point estimates decide. POINT_ESTIMATE compares the rates alone.
+    Two checks, each by the gate's test: the positive-feedback rate must not be below the baseline's minus
+    ``max_rate_drop``, and (when both versions have counted replies) the error rate must not be above the
+    baseline's plus ``max_error_rate_increase``. TWO_PROPORTION_Z makes each a one-sided test with the unpooled
+    (Wald) standard error and rolls back only when one is rejected at ``alpha``: like a canary analysis, a version
+    is kept unless the traffic shows it is worse. With no variance the point estimates decide. POINT_ESTIMATE
+    compares the rates alone.
     """
     if candidate.total < gate.min_feedback or baseline.total < gate.min_feedback:
         return None
+    z_test = gate.test is OnlineTest.TWO_PROPORTION_Z
     drop = gate.max_rate_drop
-    margin = candidate.rate - baseline.rate + drop
-    z = p_value = 0.0
-    if gate.test is OnlineTest.POINT_ESTIMATE:
-        passed = margin >= -_TOLERANCE
-        test = f"{candidate.rate:.3f} {'>=' if passed else '<'} {baseline.rate:.3f} - {drop:g}"
-    else:
-        variance = (
-            candidate.rate * (1 - candidate.rate) / candidate.total
-            + baseline.rate * (1 - baseline.rate) / baseline.total
-        )
-        if variance <= 0:
-            p_value = 0.0 if margin < -_TOLERANCE else 1.0
-        else:
-            z = margin / math.sqrt(variance)
-            p_value = 0.5 * math.erfc(-z / math.sqrt(2))
-        passed = p_value >= gate.alpha
-        test = f"z {z:.2f}, p {p_value:.4f} {'>=' if passed else '<'} alpha {gate.alpha:g}"
-    verdict = (
-        "not worse: promoted"
-        if passed
-        else (f"worse by more than {drop:g}: rolled back" if drop else "worse: rolled back")
+    z, p_value = _one_sided(
+        candidate.rate - baseline.rate + drop, _binomial_variance(candidate) + _binomial_variance(baseline), z_test
     )
+    worse_feedback = p_value < gate.alpha if z_test else p_value == 0.0
+    error_p = 1.0
+    tested_errors = candidate_outcomes.total > 0 and baseline_outcomes.total > 0
+    if tested_errors:
+        rise = gate.max_error_rate_increase
+        _, error_p = _one_sided(
+            baseline_outcomes.error_rate + rise - candidate_outcomes.error_rate,
+            _error_variance(candidate_outcomes) + _error_variance(baseline_outcomes),
+            z_test,
+        )
+    worse_errors = tested_errors and (error_p < gate.alpha if z_test else error_p == 0.0)
+    passed = not worse_feedback and not worse_errors
+    if z_test:
+        test = f"z {z:.2f}, p {p_value:.4f} {'<' if worse_feedback else '>='} alpha {gate.alpha:g}"
+    else:
+        test = f"{candidate.rate:.3f} {'<' if worse_feedback else '>='} {baseline.rate:.3f} - {drop:g}"
+    errors = ""
+    if tested_errors:
+        errors = (
+            f"; errors {candidate_outcomes.error_rate:.3f} ({candidate_outcomes.failed}/{candidate_outcomes.total}) "
+            f"against {baseline_outcomes.error_rate:.3f} ({baseline_outcomes.failed}/{baseline_outcomes.total})"
+            + (f", p {error_p:.4f}" if z_test else "")
+        )
+    if passed:
+        verdict = "not worse: promoted"
+    elif worse_feedback:
+        verdict = f"worse by more than {drop:g}: rolled back" if drop else "worse: rolled back"
+    else:
+        verdict = "more errors: rolled back"
     explanation = (
         f"positive feedback {candidate.rate:.3f} ({candidate.positive}/{candidate.total}) on version "
         f"{candidate_version} against {baseline.rate:.3f} ({baseline.positive}/{baseline.total}) on version "
-        f"{baseline_version} ({test}): {verdict}"
+        f"{baseline_version} ({test}){errors}: {verdict}"
     )
     return PromotionDecision(
         metric_name=ONLINE_METRIC,
@@ -179,8 +196,29 @@ def decide_online(
             p_value=p_value,
             alpha=gate.alpha,
             max_rate_drop=drop,
+            candidate_succeeded=candidate_outcomes.succeeded,
+            candidate_failed=candidate_outcomes.failed,
+            baseline_succeeded=baseline_outcomes.succeeded,
+            baseline_failed=baseline_outcomes.failed,
+            error_p_value=error_p,
+            max_error_rate_increase=gate.max_error_rate_increase,
         ),
     )
+
+
+def _one_sided(margin: float, variance: float, z_test: bool) -> tuple[float, float]:
+    """(z, p) of "the true margin is >= 0" given the observed ``margin``: a small p says the canary is worse.
+
+    Without the z test, or without variance, p is 0 for a negative margin and 1 otherwise (z 0).
+    """
+    if not z_test or variance <= 0:
+        return 0.0, 0.0 if margin < -_TOLERANCE else 1.0
+    z = margin / math.sqrt(variance)
+    return z, 0.5 * math.erfc(-z / math.sqrt(2))
+
+
+def _error_variance(count: OutcomeCount) -> float:
+    return count.error_rate * (1 - count.error_rate) / count.total
 
 
 def _binomial_variance(count: FeedbackCount) -> float:

@@ -36,6 +36,7 @@ from gristmill.registry.domain.model import (
     ModelCard,
     ModelQuery,
     ModelVersion,
+    OutcomeCount,
     PendingPromotion,
     PromotionDecision,
     PromotionPolicy,
@@ -250,6 +251,15 @@ class OnlineFeedbackRepository(ABC):
     @abstractmethod
     def online_feedback_counts(self, org: str, model_name: str, window: int) -> dict[int, FeedbackCount]:
         """Positive and negative verdicts per version within ``window``."""
+
+    @abstractmethod
+    def add_online_outcomes(
+        self, org: str, model_name: str, *, window: int, version: int, succeeded: int, failed: int
+    ) -> None:
+        """Add to the replies counted for ``version`` within ``window``."""
+
+    @abstractmethod
+    def online_outcome_counts(self, org: str, model_name: str, window: int) -> dict[int, OutcomeCount]: ...
 
     @abstractmethod
     def mark_rolled_back(self, org: str, model_name: str, version: int, reason: str) -> None: ...

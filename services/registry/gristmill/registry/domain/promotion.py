@@ -23,6 +23,7 @@ from gristmill.registry.domain.model import (
     AliasChange,
     Caller,
     FeedbackCount,
+    OutcomeCount,
     PendingPromotion,
     PromotionDecision,
     PromotionMode,
@@ -363,6 +364,19 @@ class Promotions:
         )
         return self._decide_online(tx, org, policy, window)
 
+    def record_outcomes(
+        self, tx: RegistryTransaction, org: str, name: str, *, version: int, succeeded: int, failed: int
+    ) -> PromotionDecision | None:
+        """Count replies of ``version`` for the online gate's error rates (nothing without an enabled gate)."""
+        policy = tx.get_policy(org, name)
+        if policy is None or not policy.enabled or policy.online is None:
+            return None
+        if not tx.lock_model(org, name):
+            return None
+        window = self._window(tx, org, policy)
+        tx.add_online_outcomes(org, name, window=window, version=version, succeeded=succeeded, failed=failed)
+        return self._decide_online(tx, org, policy, window)
+
     @staticmethod
     def _window(tx: RegistryTransaction, org: str, policy: PromotionPolicy) -> int:
         change = tx.latest_alias_change(org, policy.model_name, policy.target_alias)
@@ -379,12 +393,15 @@ class Promotions:
         if candidate is None or baseline is None or candidate == baseline:
             return None
         counts = tx.online_feedback_counts(org, name, window)
+        outcomes = tx.online_outcome_counts(org, name, window)
         decision = decide_online(
             gate,
             candidate_version=candidate,
             candidate=counts.get(candidate, FeedbackCount()),
             baseline_version=baseline,
             baseline=counts.get(baseline, FeedbackCount()),
+            candidate_outcomes=outcomes.get(candidate, OutcomeCount()),
+            baseline_outcomes=outcomes.get(baseline, OutcomeCount()),
         )
         if decision is None:
             return None
@@ -534,6 +551,11 @@ def validate_online_gate(policy: PromotionPolicy) -> None:
         )
     if not 0 < gate.alpha <= 0.5:
         raise InvalidArgumentError(f"policy.online_gate.alpha must be in (0, 0.5] (got {gate.alpha})")
+    if not 0 <= gate.max_error_rate_increase < 1:
+        raise InvalidArgumentError(
+            f"policy.online_gate.max_error_rate_increase must be in [0, 1) (got {gate.max_error_rate_increase}): the "
+            "rise of the error rate tolerated"
+        )
     if not 0 <= gate.max_rate_drop < 1:
         raise InvalidArgumentError(
             f"policy.online_gate.max_rate_drop must be in [0, 1) (got {gate.max_rate_drop}): the drop of the "

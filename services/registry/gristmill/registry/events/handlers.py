@@ -7,6 +7,7 @@
 - ``FeedbackRecorded`` (serving): counted for the promotion policy's online gate, which may promote or roll back
   the canary. A redelivered event is skipped by the consumer; the same generation's later feedback replaces its
   earlier verdict, so each generation counts once.
+- ``GenerationOutcomes`` (serving): replies per version, succeeded and failed, for the online gate's error rates.
 
 Each handler writes through the consumer's session, so its state change, its events and the
 handled-event record commit together. The PENDING version row of a registration commits first, in its
@@ -130,8 +131,26 @@ def verdict_of(msg: events_pb2.FeedbackRecorded) -> Verdict | None:
     return Verdict(request_id=generation.request_id, version=generation.model_version, positive=positive)
 
 
+_GENERATION_OUTCOMES = events_pb2.GenerationOutcomes.DESCRIPTOR.full_name
+
+
 def feedback_handler(promotions: Promotions, store: SqlRegistryStore, catalog: EventCatalog) -> Handler:
+    """The online gate's consumer: feedback verdicts and reply outcomes (two topics, one group)."""
+
     def handle(event: Event, session: Session) -> None:
+        if event.event_type == _GENERATION_OUTCOMES:
+            outcomes = catalog.decode(event, events_pb2.GenerationOutcomes)
+            if outcomes.model_version <= 0 or not outcomes.registered_model_name:
+                return
+            promotions.record_outcomes(
+                store.bind(session),
+                _organization(outcomes.organization_id),
+                outcomes.registered_model_name,
+                version=outcomes.model_version,
+                succeeded=max(0, outcomes.succeeded),
+                failed=max(0, outcomes.failed),
+            )
+            return
         msg = catalog.decode(event, events_pb2.FeedbackRecorded)
         verdict = verdict_of(msg)
         if verdict is None:

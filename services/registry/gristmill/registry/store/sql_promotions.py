@@ -13,6 +13,7 @@ from gristmill.registry.domain.model import (
     FeedbackCount,
     MetricGoal,
     OnlineGate,
+    OutcomeCount,
     PendingPromotion,
     PromotionDecision,
     PromotionMode,
@@ -27,7 +28,14 @@ from gristmill.registry.store.sql_common import (
     optional,
     plain_or_none,
 )
-from gristmill.registry.store.tables import ModelRow, OnlineFeedbackRow, PendingPromotionRow, PolicyRow, VersionRow
+from gristmill.registry.store.tables import (
+    ModelRow,
+    OnlineFeedbackRow,
+    OnlineOutcomeRow,
+    PendingPromotionRow,
+    PolicyRow,
+    VersionRow,
+)
 
 
 class SqlPromotions(SqlUnit, PromotionRepository):
@@ -118,6 +126,25 @@ class SqlPromotions(SqlUnit, PromotionRepository):
                 else FeedbackCount(now.positive, now.negative + count)
             )
         return counts
+
+    def add_online_outcomes(
+        self, org: str, model_name: str, *, window: int, version: int, succeeded: int, failed: int
+    ) -> None:
+        model = self._require_model_row(org, model_name)
+        row = self.session.get(OnlineOutcomeRow, (model.id, window, version))
+        if row is None:
+            row = OnlineOutcomeRow(model_id=model.id, window=window, version=version, succeeded=0, failed=0)
+            self.session.add(row)
+        row.succeeded += succeeded
+        row.failed += failed
+        self.session.flush()
+
+    def online_outcome_counts(self, org: str, model_name: str, window: int) -> dict[int, OutcomeCount]:
+        model = self._require_model_row(org, model_name)
+        rows = self.session.execute(
+            select(OnlineOutcomeRow).where(OnlineOutcomeRow.model_id == model.id, OnlineOutcomeRow.window == window)
+        ).scalars()
+        return {row.version: OutcomeCount(row.succeeded, row.failed) for row in rows}
 
     def mark_rolled_back(self, org: str, model_name: str, version: int, reason: str) -> None:
         model = self._require_model_row(org, model_name)

@@ -191,6 +191,18 @@ class OnlineFeedbackRow(RegistryBase):
     update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class OnlineOutcomeRow(RegistryBase):
+    """Replies of one version within one canary window (summed from serving's GenerationOutcomes)."""
+
+    __tablename__ = "registry_online_outcomes"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("registry_models.id", ondelete="CASCADE"), primary_key=True)
+    window: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    succeeded: Mapped[int] = mapped_column(BigInteger)
+    failed: Mapped[int] = mapped_column(BigInteger)
+
+
 class PendingPromotionRow(RegistryBase):
     __tablename__ = "registry_pending_promotions"
 

@@ -293,6 +293,8 @@ class Generation(AsyncIterator[GenerationChunk]):
         # The reply so far (whole once the last chunk arrived) and its tokens (metered, also when cancelled).
         self.parts: list[str] = []
         self.completion_tokens = 0
+        # What ended the reply when it failed (None: finished, or closed by its client).
+        self.error: BaseException | None = None
         self._hooks: list[Callable[[bool], None]] | None = [on_done]
 
     def add_done_hook(self, hook: Callable[[bool], None]) -> None:
@@ -313,7 +315,9 @@ class Generation(AsyncIterator[GenerationChunk]):
         except StopAsyncIteration:
             self._done(True)
             raise
-        except BaseException:
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                self.error = exc
             self._done(False)
             raise
         self.parts.append(chunk.text)

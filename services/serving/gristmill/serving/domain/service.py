@@ -53,6 +53,7 @@ from gristmill.serving.domain.model import (
     validate_selector,
     validate_spec,
 )
+from gristmill.serving.domain.outcomes import OutcomeCounter, OutcomeKey, OutcomePublisher
 from gristmill.serving.domain.ports import DeploymentStore
 from gristmill.serving.domain.predictions import PredictionResult, PredictionSink, records_to_log
 from gristmill.serving.domain.sources import ModelSource, ResolvedVersion
@@ -105,8 +106,12 @@ class DeploymentService:
         quota: QuotaGuard | None = None,
         feedback: FeedbackPublisher | None = None,
         generations: RecentGenerations | None = None,
+        outcomes: OutcomePublisher | None = None,
     ) -> None:
         self.store = store
+        # How replies ended per version, flushed as events for the registry's online gate (None: not published).
+        self.outcomes = outcomes
+        self.outcome_counts = OutcomeCounter()
         # Where RecordFeedback writes its events (None: feedback is refused, FAILED_PRECONDITION).
         self.feedback = feedback
         # Finished replies, so that feedback can carry its generation in full.
@@ -178,6 +183,15 @@ class DeploymentService:
         await self.manager.close()
         # Usage and generation logs of the replies that just ended: written before the outbox's last flush.
         await asyncio.gather(*self._settling, return_exceptions=True)
+        try:
+            await asyncio.to_thread(self.flush_outcomes)
+        except Exception:
+            log.exception("could not write the last reply outcomes")
+
+    def flush_outcomes(self, first: bool = False) -> None:
+        """Publish the reply outcomes counted since the last flush (a worker thread; a periodic task and close)."""
+        if self.outcomes is not None:
+            self.outcome_counts.flush(self.outcomes)
 
     # -- deployments -------------------------------------------------------------------------------------
 
@@ -440,6 +454,14 @@ class DeploymentService:
                 self._in_background(asyncio.to_thread(self.feedback.log_generation, record), "generation log")
 
         generation.add_done_hook(remember)
+        key = OutcomeKey(organization_id, generation.registered_model_name, generation.version, name)
+
+        def count_outcome(ok: bool) -> None:
+            # A reply its client closed early says nothing about the version.
+            if ok or generation.error is not None:
+                self.outcome_counts.count(key, failed=not ok)
+
+        generation.add_done_hook(count_outcome)
         return generation
 
     async def record_feedback(self, organization_id: str, feedback: FeedbackInput) -> GenerationRecord:

@@ -4,6 +4,8 @@ reply and the feedback's own texts) before anything leaves the process, written 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from google.protobuf.message import Message
 
 from gristmill.api.events.v1 import events_pb2
@@ -12,6 +14,7 @@ from gristmill.core.events import EventCatalog, Outbox, OutboxWriter
 from gristmill.core.pii import PiiMasker
 from gristmill.core.sql import Database
 from gristmill.serving.domain.feedback import FeedbackInput, GenerationRecord
+from gristmill.serving.domain.outcomes import OutcomeKey, Outcomes
 
 _KINDS = {
     FeedbackKind.THUMBS_UP: events_pb2.FEEDBACK_KIND_THUMBS_UP,
@@ -79,6 +82,24 @@ class OutboxFeedbackPublisher:
 
     def log_generation(self, record: GenerationRecord) -> None:
         self._write(generation_logged(record, self._masker), record)
+
+    def publish_outcomes(self, counts: Mapping[OutcomeKey, Outcomes]) -> None:
+        events = [
+            self._events.event(
+                events_pb2.GenerationOutcomes(
+                    organization_id=key.organization_id,
+                    registered_model_name=key.registered_model_name,
+                    model_version=key.version,
+                    deployment_name=key.deployment,
+                    succeeded=outcomes.succeeded,
+                    failed=outcomes.failed,
+                ),
+                key=key.registered_model_name,
+            )
+            for key, outcomes in counts.items()
+        ]
+        with self._database.transaction() as session:
+            Outbox.add_many(session, events)
 
     def _write(self, message: Message, record: GenerationRecord) -> None:
         event = self._events.event(message, key=record.registered_model_name)

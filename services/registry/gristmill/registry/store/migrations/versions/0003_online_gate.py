@@ -1,4 +1,4 @@
-"""registry: the promotion policy's online gate (feedback per generation, rolled-back versions, floors)
+"""registry: the online gate (feedback per generation, replies per version, rolled-back versions, floors)
 
 Revision ID: 0003
 Revises: 0002
@@ -29,6 +29,16 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("model_id", "request_id"),
     )
     op.create_index("ix_registry_online_feedback_window", "registry_online_feedback", ["model_id", "window"])
+    op.create_table(
+        "registry_online_outcomes",
+        sa.Column("model_id", sa.Integer(), nullable=False),
+        sa.Column("window", sa.BigInteger(), nullable=False),
+        sa.Column("version", sa.Integer(), nullable=False),
+        sa.Column("succeeded", sa.BigInteger(), nullable=False),
+        sa.Column("failed", sa.BigInteger(), nullable=False),
+        sa.ForeignKeyConstraint(["model_id"], ["registry_models.id"], ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("model_id", "window", "version"),
+    )
     # Versions and policies written before this revision: not rolled back, no online gate, no more floors.
     with op.batch_alter_table("registry_versions", schema=None) as batch_op:
         batch_op.add_column(sa.Column("rolled_back_reason", sa.Text(), server_default=sa.text("''"), nullable=False))
@@ -43,5 +53,6 @@ def downgrade() -> None:
         batch_op.drop_column("online_gate")
     with op.batch_alter_table("registry_versions", schema=None) as batch_op:
         batch_op.drop_column("rolled_back_reason")
+    op.drop_table("registry_online_outcomes")
     op.drop_index("ix_registry_online_feedback_window", table_name="registry_online_feedback")
     op.drop_table("registry_online_feedback")
