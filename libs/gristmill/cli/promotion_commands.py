@@ -41,6 +41,49 @@ def promotion_policy(
     return policy
 
 
+ONLINE_TESTS = {"z": rg.ONLINE_TEST_TWO_PROPORTION_Z, "point": rg.ONLINE_TEST_POINT_ESTIMATE}
+
+
+def with_online_gate(
+    policy: rg.PromotionPolicy,
+    *,
+    baseline_alias: str,
+    min_feedback: int,
+    test: str = "z",
+    alpha: float = 0.05,
+    max_rate_drop: float = 0.0,
+    max_error_rate_increase: float = 0.0,
+) -> rg.PromotionPolicy:
+    """``policy`` as a canary analysis: its alias is the canary's, promoted to ``baseline_alias`` or rolled back on
+    production feedback (the registry checks the values)."""
+    policy.baseline_alias = baseline_alias
+    policy.online_gate.CopyFrom(
+        rg.OnlineGate(
+            enabled=True,
+            min_feedback=min_feedback,
+            test=choice(test, ONLINE_TESTS, "--online-test"),
+            alpha=alpha,
+            max_rate_drop=max_rate_drop,
+            max_error_rate_increase=max_error_rate_increase,
+        )
+    )
+    return policy
+
+
+def parse_floors(floors: list[str], split: str) -> list[common_pb2.Metric]:
+    """``--floor json_valid=0.95``: more metrics the candidate must reach (on ``split``)."""
+    metrics = []
+    for floor in floors:
+        name, _, value = floor.partition("=")
+        try:
+            metrics.append(
+                common_pb2.Metric(name=name.strip(), value=float(value), split=choice(split, SPLITS, "--split"))
+            )
+        except ValueError:
+            raise typer.BadParameter(f"--floor {floor!r}: write METRIC=VALUE, e.g. json_valid=0.95") from None
+    return metrics
+
+
 @one_line_errors
 def models_policy(
     ctx: typer.Context,
@@ -54,6 +97,18 @@ def models_policy(
         False, "--manual", help="propose promotions for approval (`models promotions`) instead of moving the alias"
     ),
     delete: bool = typer.Option(False, "--delete", help="remove the model's policy (pending promotions lapse)"),
+    floor: list[str] = typer.Option([], "--floor", help="another metric floor, METRIC=VALUE (repeatable)"),
+    canary_of: str = typer.Option(
+        "",
+        "--canary-of",
+        help="online gate: ALIAS is a canary of this alias (e.g. production); production feedback promotes or "
+        "rolls it back",
+    ),
+    min_feedback: int = typer.Option(30, help="online gate: feedback each version needs before it decides"),
+    online_test: str = typer.Option("z", help="online gate: z (two-proportion z test) or point (rates alone)"),
+    alpha: float = typer.Option(0.05, help="online gate: significance of the z test"),
+    max_rate_drop: float = typer.Option(0.0, help="online gate: tolerated drop of the positive-feedback rate"),
+    max_error_rate_increase: float = typer.Option(0.0, help="online gate: tolerated rise of the error rate"),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Set a model's promotion policy (new READY versions that pass move the alias, or are proposed with --manual),
@@ -68,6 +123,17 @@ def models_policy(
     )
     if manual:
         policy.mode = rg.PROMOTION_MODE_MANUAL_APPROVAL
+    policy.min_metrics.extend(parse_floors(floor, split))
+    if canary_of:
+        with_online_gate(
+            policy,
+            baseline_alias=canary_of,
+            min_feedback=min_feedback,
+            test=online_test,
+            alpha=alpha,
+            max_rate_drop=max_rate_drop,
+            max_error_rate_increase=max_error_rate_increase,
+        )
     with state(ctx).client() as gm:
         stored = gm.registry.SetPromotionPolicy(rg.SetPromotionPolicyRequest(policy=policy))
     fields = {
@@ -78,6 +144,16 @@ def models_policy(
         + f"beats the current one by > {stored.min_improvement}",
         "mode": enum_name(rg.PromotionMode.Name(stored.mode), "PROMOTION_MODE_"),
     }
+    if stored.min_metrics:
+        fields["floors"] = ", ".join(f"{m.name} >= {m.value:g}" for m in stored.min_metrics)
+    if stored.online_gate.enabled:
+        gate = stored.online_gate
+        fields["gate"] = fields["gate"].split(" beats")[0] + " (floors only)"
+        fields["online gate"] = (
+            f"canary {stored.target_alias!r} of {stored.baseline_alias!r}: after {gate.min_feedback} feedback each, "
+            f"{enum_name(rg.OnlineTest.Name(gate.test), 'ONLINE_TEST_').lower()} test at alpha {gate.alpha:g}, "
+            f"drop <= {gate.max_rate_drop:g}, error rise <= {gate.max_error_rate_increase:g}"
+        )
     emit_object(fields, want_json(ctx, as_json), raw=stored)
 
 
