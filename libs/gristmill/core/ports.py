@@ -30,6 +30,8 @@ SERVICE_PORTS: Mapping[str, int] = MappingProxyType(
 # after the services' block of five whatever the base port, and a serving replica's moves with its gRPC port.
 OPENAI_HTTP_PORT_OFFSET = 2
 SERVING_OPENAI_PORT = SERVING_PORT + OPENAI_HTTP_PORT_OFFSET
+# The name of serving's OpenAI-compatible HTTP API in the embedded platform's READY line (beside the services).
+OPENAI_ENDPOINT = "openai"
 
 # The local stack (deploy/local/stack.sh): its defaults, each overridden there by GRISTMILL_<NAME>_PORT.
 KAFKA_PORT = 9092

@@ -61,54 +61,20 @@ if TYPE_CHECKING:
     from gristmill.api.common.v1.common_pb2 import TaskType
     from gristmill.api.training.v1.training_pb2 import Objective
 
+# The task's data and scoring are the chat demo's (``gristmill demo --task chat``): one definition for both.
+from gristmill.cli.chat_demo_data import LABELS, Review, dpo_records, prompt_messages, score, sft_records
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[3]
 DATA = REPO.parent / "shared" / "data" / "sentiment"
-LABELS = ("negative", "positive")
 BASE_MODEL_NAME = "smollm2-135m-instruct"
-SYSTEM_PROMPT = (
-    "You are a customer-service assistant. Read the customer's review and answer with JSON only, exactly "
-    '{"sentiment": "positive" or "negative", "reply": "<one polite sentence to the customer>"}.'
-)
-POLITE_REPLIES = {
-    "positive": (
-        "Thank you for your kind words, we are glad you enjoyed it!",
-        "We really appreciate your feedback and hope to see you again soon.",
-        "Thanks so much for sharing, it means a lot to our team.",
-        "We are delighted to hear that, thank you for choosing us.",
-    ),
-    "negative": (
-        "We are sorry to hear about your experience and would like to make it right.",
-        "Thank you for telling us, we apologise and will look into this right away.",
-        "We apologise for the trouble; please contact us so we can help.",
-        "We are sorry we let you down and appreciate you letting us know.",
-    ),
-}
-# What DPO learns to reject for the same review: a rude reply, or a long rambling one (still valid JSON, with the
-# right sentiment: the preference is about the reply alone).
-RUDE_REPLIES = {
-    "positive": ("Fine, whatever, we already knew that.", "Okay. Not sure why you are telling us this."),
-    "negative": ("That is not our problem, read the manual next time.", "Complaints like this are a waste of time."),
-}
-RAMBLING = (
-    " Also, as you may or may not know, our company was founded many years ago and has since grown into a large "
-    "organisation with offices in several countries, and we like to remind every customer about our loyalty "
-    "programme, our newsletter, our seasonal offers and our many other products, which you can read about at length "
-    "on our website whenever you happen to have a spare moment, which we hope you will."
-)
 # Stop generating at the end of the assistant turn (ChatML), or at the tokenizer's EOS.
 END_OF_TURN = "<|im_end|>"
 IMPORT_CHUNK_BYTES = 1 << 20
 # Where a LoRA job with publish_merged puts the merged model, under its artifact prefix.
 MERGED_DIR = "merged"
-
-
-@dataclass(frozen=True)
-class Review:
-    text: str
-    sentiment: str
 
 
 @dataclass(frozen=True)
@@ -166,66 +132,11 @@ def balanced(reviews: Sequence[Review], count: int, rng: random.Random) -> list[
     return picked
 
 
-def prompt_messages(review: Review) -> list[dict[str, str]]:
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": review.text}]
-
-
-def answer(sentiment: str, reply: str) -> str:
-    return json.dumps({"sentiment": sentiment, "reply": reply})
-
-
-def sft_records(reviews: Sequence[Review], rng: random.Random) -> list[dict[str, Any]]:
-    """OpenAI ``messages`` records: system, the review, the JSON answer with a templated polite reply."""
-    return [
-        {
-            "id": f"sft-{n:05d}",
-            "messages": [
-                *prompt_messages(r),
-                {"role": "assistant", "content": answer(r.sentiment, rng.choice(POLITE_REPLIES[r.sentiment]))},
-            ],
-        }
-        for n, r in enumerate(reviews)
-    ]
-
-
-def dpo_records(reviews: Sequence[Review], rng: random.Random) -> list[dict[str, Any]]:
-    """DPO records (conversational prompt, string replies): the polite answer over a rude or a rambling one."""
-    records = []
-    for n, r in enumerate(reviews):
-        polite = rng.choice(POLITE_REPLIES[r.sentiment])
-        rejected = rng.choice(RUDE_REPLIES[r.sentiment]) if n % 2 else polite + RAMBLING
-        records.append(
-            {
-                "id": f"dpo-{n:05d}",
-                "prompt": prompt_messages(r),
-                "chosen": answer(r.sentiment, polite),
-                "rejected": answer(r.sentiment, rejected),
-            }
-        )
-    return records
-
-
 def jsonl(records: Sequence[dict[str, Any]]) -> bytes:
     return b"".join(json.dumps(record, ensure_ascii=False).encode() + b"\n" for record in records)
 
 
 # --------------------------------------------------------------------------- scoring and generation
-
-
-def score(reply: str, gold: str) -> tuple[bool, bool]:
-    """(valid JSON answer, right sentiment): the whole reply must parse as an object with exactly the keys
-    ``sentiment`` and ``reply``, sentiment one of the two labels and reply a string."""
-    try:
-        value = json.loads(reply.strip())
-    except ValueError:
-        return False, False
-    valid = (
-        isinstance(value, dict)
-        and set(value) == {"sentiment", "reply"}
-        and value["sentiment"] in LABELS
-        and isinstance(value["reply"], str)
-    )
-    return valid, valid and value["sentiment"] == gold
 
 
 def load_chat_model(model_dir: Path, adapter_dir: Path | None, threads: int) -> tuple[Any, Any]:

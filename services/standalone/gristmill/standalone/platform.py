@@ -13,7 +13,7 @@ from gristmill.core.auth import AuthSettings
 from gristmill.core.events import MemoryBroker
 from gristmill.core.host import Infrastructure, ServiceHost
 from gristmill.core.licensing import License, load_license
-from gristmill.core.ports import service_ports
+from gristmill.core.ports import OPENAI_ENDPOINT, service_ports
 from gristmill.core.security import Security, embedded_security
 from gristmill.core.service import HasHost
 from gristmill.core.settings import ServiceSettings, TelemetrySettings
@@ -82,14 +82,20 @@ class EmbeddedPlatform:
         return build_serving(settings, infra, security)
 
     async def start(self) -> dict[str, str]:
-        """Start every service in order; returns service → address. Stops what started if one fails."""
+        """Start every service in order; returns service → address (and ``openai`` → serving's OpenAI-compatible
+        HTTP API). Stops what started if one fails."""
         try:
             for service in ORDER:
-                host = self._build(service).host
+                app = self._build(service)
+                host = app.host
                 bound = await host.start()
                 self.hosts[service] = host
                 self.addresses[service] = f"{self.host}:{bound}"
                 log.info("%s serving on %s", service, self.addresses[service])
+                openai = getattr(app, "openai", None)
+                if openai is not None:
+                    # Serving's OpenAI-compatible HTTP API: its port is a free one when the gRPC port is.
+                    self.addresses[OPENAI_ENDPOINT] = f"{self.host}:{openai.port}"
         except BaseException:
             await self.stop()
             raise
