@@ -242,6 +242,28 @@ def test_a_regenerate_is_a_pair_kept_over_discarded(service: LabelingService, bu
     assert pair.metadata["feedback_kind"] == "regenerate"
 
 
+def test_feedback_on_a_model_of_the_preference_project_goes_to_the_chat_project_that_feeds_it(
+    service: LabelingService, bus: Bus
+) -> None:
+    # A DPO version's lineage names the preference project it learned from; its replies are reviewed in the
+    # chat project whose feedback made those pairs, and its regenerates become more pairs there.
+    _chat_project(service)
+    _project(service, PREFERENCE, m.TaskType.PREFERENCE)
+    dpo = _generation(project=PREFERENCE, request="dpo-1")
+    bus.deliver_all(
+        _event(events_pb2.FEEDBACK_KIND_THUMBS_DOWN, generation=dpo, request="dpo-1"),
+        _event(
+            events_pb2.FEEDBACK_KIND_REGENERATE,
+            generation=_generation(project=PREFERENCE, request="dpo-2"),
+            request="dpo-2",
+            kept_reply="Order 1234 arrives on Friday.",
+            discarded_reply=REPLY,
+        ),
+    )
+    assert len(_items(service, CHAT)) == 1
+    assert len(_items(service, PREFERENCE)) == 1
+
+
 # --------------------------------------------------------------------------- idempotence and cleaning
 
 

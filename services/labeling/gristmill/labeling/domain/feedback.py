@@ -225,6 +225,9 @@ class FeedbackOutcome:
         return sum(report.accepted_count for report in self.reports.values())
 
 
+_PROJECT_PAGE = 200
+
+
 class FeedbackUseCases(ImportUseCases):
     """Feedback goes through the import pipeline (``ImportUseCases.ingest_records``)."""
 
@@ -233,7 +236,9 @@ class FeedbackUseCases(ImportUseCases):
         writers (an event handler's transaction). Projects that cannot take it are logged and skipped."""
         generation = feedback.generation
         org = organization(feedback.organization_id)
-        chat = self._feedback_project(org, generation.labeling_project_id, TaskType.CHAT, "chat project")
+        chat = self._feedback_project(
+            org, self._chat_project_of(org, generation.labeling_project_id), TaskType.CHAT, "chat project"
+        )
         if chat is None or not chat.settings.feedback.import_feedback:
             if chat is not None:
                 log.info(
@@ -266,6 +271,26 @@ class FeedbackUseCases(ImportUseCases):
                 annotator_id=FEEDBACK_ANNOTATOR,
             )
         return FeedbackOutcome(reports)
+
+    def _chat_project_of(self, org: str, project_id: str) -> str:
+        """The chat project feedback on a model of ``project_id`` goes to: the project itself, or, for a model
+        that learned from a preference project (DPO), the chat project whose feedback feeds that one; replies of
+        both kinds of model are conversations to review, and their pairs go where the DPO data came from."""
+        try:
+            project = self.store.get_project(org, project_id) if project_id else None
+        except (NotFoundError, InvalidArgumentError):
+            return project_id
+        if project is None or project.task_type is not TaskType.PREFERENCE:
+            return project_id
+        offset = 0
+        while page := self.store.list_projects(org, offset=offset, limit=_PROJECT_PAGE):
+            for candidate in page:
+                if candidate.task_type is TaskType.CHAT and candidate.settings.feedback.preference_project_id == (
+                    project_id
+                ):
+                    return candidate.project_id
+            offset += len(page)
+        return project_id
 
     def _feedback_project(self, org: str, project_id: str, task_type: TaskType, what: str) -> Project | None:
         if not project_id:
