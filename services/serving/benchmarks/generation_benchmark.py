@@ -24,6 +24,24 @@ benchmarks ignore the end-of-sequence token) so that every system does the same 
 7. **adapters**: two random rank-8 LoRA adapters of SmolLM2 on one shared base, a deployment of one adapter and
    one splitting traffic 50/50 between both (their rows mixed in every batch), at c=32.
 
+8. optionally (``--stack local``), the production configuration users deploy: the networked stack
+   (``gristmill.cli.platforms.LocalStack`` through the serving benchmark's ``StackRun``: every service its own
+   process on the real Kafka, S3 server and PostgreSQL, on a free block of ports with consumer groups of its
+   own), set up through the real APIs with the admin's root key: an organisation whose plan has daily quotas on
+   predictions, input tokens and output tokens (far above what the run uses: checked and metered, never
+   reached), an admin key and a ``serving:predict`` key; SmolLM2 uploaded to S3 as a finished job's output
+   (files and a manifest, ``TASK_TYPE_CHAT``), registered as a chat model and deployed (default prediction
+   logging). After the in-process measurements (not beside them), the same workload at the same closed-loop
+   concurrencies with the key, (a) over typed gRPC ``Generate`` streaming and (b) over the OpenAI-compatible
+   HTTP API (serving's gRPC port + 2) as streamed chat completions with OpenAI's async client (``min_tokens``
+   in ``extra_body``, the usage in the stream), one unmeasured warm-up reply each first: output tokens/s, TTFT
+   p50/p99, ITL p50 beside the in-process run's and the ratio stack / in-process; CPU ms per output token (and
+   per request) of every process (the services, Kafka, PostgreSQL, the S3 server and this client, each with its
+   children) over each c=32 phase; and afterwards the admin's metered predictions, input and output tokens for
+   the organisation must equal what the clients counted (successful replies, the tokens of each reply's usage;
+   waited for up to 60 s): 0 lost, 0 double, or the run FAILs (exit status 1, the stack's logs kept). The
+   stack's serving process runs the service's defaults (what ``gristmill up`` runs).
+
 Targets (issue 19): c=32 >= 0.8x the static-batch limit and >= 4x the naive server; TTFT p50 at c=1 <= prefill +
 5 ms; two adapters mixed >= 0.9x one adapter. With ``--llama-cpp``: llama.cpp's OpenAI-compatible server
 (``llama-cpp-python[server]``, built from source once into ``~/.cache/gristmill/bench/llama-cpp``:
@@ -31,17 +49,22 @@ Targets (issue 19): c=32 >= 0.8x the static-batch limit and >= 4x the naive serv
 "llama-cpp-python[server]==0.3.36"``) on the packaged Q4_1 GGUF at c=1 and c=8 (targets: c=8 >= 1.5x it).
 
 The serving process uses the local Kafka and S3 server like the service does (``deploy/local/stack.sh up``;
-settings from the environment, as in the serving benchmark).
+settings from the environment, as in the serving benchmark); ``--stack local`` needs PostgreSQL too (the same
+script starts it; the infrastructure is left running, the stack's services, databases and objects are removed).
 
-Usage (from the repository root; takes ~10 minutes on 2 cores)::
+Usage (from the repository root; takes ~10 minutes on 2 cores, a few more with ``--stack local``)::
 
     .venv/bin/python services/serving/benchmarks/generation_benchmark.py [--quick] [--json out.json]
+    .venv/bin/python services/serving/benchmarks/generation_benchmark.py --stack local [--quick] [--json out.json]
+
+``--quick`` is a smoke run (few requests), not a measurement, in both modes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -49,9 +72,13 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from serving_benchmark import StackRun
 
 REPO = Path(__file__).resolve().parents[3]
 SHARED = REPO.parent / "shared" / "data" / "sentiment"
@@ -226,7 +253,23 @@ def transformers_cb(model: Any, load: Workload, requests: int) -> dict[str, floa
 # -- Gristmill over gRPC -----------------------------------------------------------------------------------------
 
 
-async def gristmill_run(port: int, model: str, load: Workload, concurrency: int, requests: int) -> dict[str, float]:
+# Called with each successful reply's usage (prompt tokens, completion tokens): the stack's clients count them.
+OnReply = Callable[[int, int], None]
+
+
+async def gristmill_run(
+    port: int | str,
+    model: str,
+    load: Workload,
+    concurrency: int,
+    requests: int,
+    *,
+    metadata: Sequence[tuple[str, str]] | None = None,
+    on_reply: OnReply | None = None,
+) -> dict[str, float]:
+    """Typed ``Generate`` calls streamed over gRPC to ``port`` (on this machine) or ``host:port``, closed loop at
+    ``concurrency``; ``metadata`` goes with every call (the stack's API key), ``on_reply`` gets each reply's
+    usage."""
     import grpc
 
     from gristmill.api.common.v1 import common_pb2
@@ -236,7 +279,8 @@ async def gristmill_run(port: int, model: str, load: Workload, concurrency: int,
     itl: list[float] = []
     produced = 0
     counter = iter(range(requests))
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    address = port if isinstance(port, str) else f"127.0.0.1:{port}"
+    async with grpc.aio.insecure_channel(address) as channel:
         stub = serving_pb2_grpc.ServingServiceStub(channel)
 
         async def client() -> None:
@@ -252,7 +296,7 @@ async def gristmill_run(port: int, model: str, load: Workload, concurrency: int,
                 )
                 started = last = time.perf_counter()
                 first = True
-                async for response in stub.Generate(request, timeout=600):
+                async for response in stub.Generate(request, timeout=600, metadata=metadata):
                     now = time.perf_counter()
                     count = len(response.token_ids)
                     if first and count:
@@ -263,6 +307,8 @@ async def gristmill_run(port: int, model: str, load: Workload, concurrency: int,
                     if count:
                         last = now
                     produced += count
+                    if on_reply is not None and response.HasField("usage"):
+                        on_reply(response.usage.prompt_tokens, response.usage.completion_tokens)
 
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -274,6 +320,228 @@ async def gristmill_run(port: int, model: str, load: Workload, concurrency: int,
         "itl_p50_ms": pct(itl, 0.5) * 1000,
         "requests": float(requests),
     }
+
+
+async def openai_run(
+    base_url: str,
+    api_key: str,
+    model: str,
+    load: Workload,
+    concurrency: int,
+    requests: int,
+    on_reply: OnReply | None = None,
+) -> dict[str, float]:
+    """The same workload as ``gristmill_run`` through serving's OpenAI-compatible HTTP API with OpenAI's async
+    client: streamed chat completions, greedy, ``min_tokens`` (vLLM's field, sent in ``extra_body``) = ``max_tokens``
+    so each reply is exactly its max tokens long, the usage asked for in the stream (``include_usage``). Output
+    tokens are the replies' usage; a streamed chunk carries text, not tokens, so the inter-token latency is each
+    gap between text chunks over the reply's mean tokens per chunk after the first."""
+    import openai
+
+    ttft: list[float] = []
+    itl: list[float] = []
+    produced = 0
+    counter = iter(range(requests))
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=600)
+
+    async def one_client() -> None:
+        nonlocal produced
+        for index in counter:
+            budget = load.budgets[index % len(load.budgets)]
+            started = time.perf_counter()
+            stamps: list[float] = []
+            usage = None
+            stream = await client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": load.messages[index % len(load.messages)]}],
+                max_tokens=budget,
+                temperature=0.0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"min_tokens": budget},
+            )
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                if chunk.choices and chunk.choices[0].delta.content:
+                    stamps.append(time.perf_counter())
+            if usage is None:
+                raise RuntimeError(f"reply {index}: no usage in the stream (stream_options.include_usage)")
+            produced += usage.completion_tokens
+            if stamps:
+                ttft.append(stamps[0] - started)
+            if len(stamps) > 1:
+                per_chunk = max((usage.completion_tokens - 1) / (len(stamps) - 1), 1.0)
+                itl.extend((later - earlier) / per_chunk for earlier, later in itertools.pairwise(stamps))
+            if on_reply is not None:
+                on_reply(usage.prompt_tokens, usage.completion_tokens)
+
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    finally:
+        await client.close()
+    return {
+        "tokens_per_s": produced / elapsed,
+        "ttft_p50_ms": pct(ttft, 0.5) * 1000,
+        "ttft_p99_ms": pct(ttft, 0.99) * 1000,
+        "itl_p50_ms": pct(itl, 0.5) * 1000,
+        "requests": float(requests),
+        "output_tokens": float(produced),
+    }
+
+
+# The stack's chat model: its registered name and deployment, its signature (as the generation stack test's).
+STACK_MODEL = "smollm2"
+# Daily quotas far above what a full run uses (about 300 replies of about 70 tokens): checked and metered on every
+# call, never reached.
+STACK_QUOTAS = {
+    "USAGE_KIND_PREDICTIONS": 10_000_000,
+    "USAGE_KIND_INPUT_TOKENS": 1_000_000_000,
+    "USAGE_KIND_OUTPUT_TOKENS": 1_000_000_000,
+}
+STACK_PROTOCOLS = ("grpc", "openai_http")
+
+
+def with_stack(stack: StackRun, model_dir: Path, load: Workload, plan: dict[int, int]) -> dict[str, Any]:
+    """The production configuration (``--stack local``): ``stack`` started, SmolLM2 deployed as a chat model
+    through the real APIs (organisation with quotas, keys, S3, registry), then the same workload and plan as the
+    in-process run with the ``serving:predict`` key, over typed gRPC and over the OpenAI-compatible HTTP API (one
+    unmeasured warm-up reply each first); the CPU of every process over each c=32 phase (the largest
+    concurrency); the admin's usage totals against what the clients counted."""
+    from serving_benchmark import cpu_seconds
+
+    from gristmill.api.common.v1 import common_pb2
+
+    progress(f"starting the local stack in {stack.local.run_dir}")
+    stack.start()
+    stack.wait_started()
+    signature = common_pb2.ModelSignature(
+        inputs=[common_pb2.TensorSpec(name="messages", datatype="BYTES", shape=[-1])],
+        outputs=[common_pb2.TensorSpec(name="text_output", datatype="BYTES", shape=[-1])],
+    )
+    progress(f"uploading, registering and deploying {model_dir} as {STACK_MODEL} (TASK_TYPE_CHAT)")
+    stack.deploy(
+        model_dir,
+        None,
+        model=STACK_MODEL,
+        task_type="TASK_TYPE_CHAT",
+        labels=[],
+        signature=signature,
+        quotas=STACK_QUOTAS,
+    )
+    stack.input_tokens = stack.output_tokens = 0
+
+    def counted(prompt_tokens: int, completion_tokens: int) -> None:
+        stack.successes += 1
+        stack.input_tokens = (stack.input_tokens or 0) + prompt_tokens
+        stack.output_tokens = (stack.output_tokens or 0) + completion_tokens
+
+    metadata = (("authorization", f"Bearer {stack.predict_key}"),)
+
+    async def run(protocol: str, concurrency: int, requests: int) -> dict[str, float]:
+        if protocol == "grpc":
+            return await gristmill_run(
+                stack.local.endpoints.serving,
+                STACK_MODEL,
+                load,
+                concurrency,
+                requests,
+                metadata=metadata,
+                on_reply=counted,
+            )
+        return await openai_run(
+            stack.openai_url, stack.predict_key, STACK_MODEL, load, concurrency, requests, on_reply=counted
+        )
+
+    results: dict[str, Any] = {"info": stack.info, "cpu_s": {}}
+    heaviest = max(plan)
+    for protocol in STACK_PROTOCOLS:
+        asyncio.run(run(protocol, 1, 1))  # warm-up (the key's first check, connections): counted, not measured
+        results[protocol] = {}
+        for concurrency, requests in plan.items():
+            progress(f"stack {protocol}: concurrency {concurrency}, {requests} requests")
+            before = cpu_seconds(stack.processes) if concurrency == heaviest else {}
+            tokens_before = stack.output_tokens or 0
+            row = asyncio.run(run(protocol, concurrency, requests))
+            if before:
+                after = cpu_seconds(stack.processes)
+                results["cpu_s"][f"{protocol} c={concurrency}"] = {
+                    "requests": requests,
+                    "output_tokens": (stack.output_tokens or 0) - tokens_before,
+                    "seconds": {name: after[name] - before[name] for name in after},
+                }
+            results[protocol][concurrency] = row
+            progress(f"  {json.dumps({k: round(v, 1) for k, v in row.items()})}")
+    progress("usage: waiting for the admin's totals")
+    results["usage"] = stack.usage(timeout_s=60)
+    return results
+
+
+def usage_checks(usage: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The stack's metering against the clients' counts: predictions, input and output tokens, 0 lost, 0 double."""
+    return [
+        (
+            f"metered predictions {usage['recorded_predictions']} for {usage['successful_calls']} successful calls "
+            f"(lost {usage['lost']}, double {usage['double']}; waited {usage['waited_s']:.1f} s)",
+            usage["lost"] == 0 and usage["double"] == 0,
+        ),
+        (
+            f"metered output tokens {usage['recorded_output_tokens']} for {usage['counted_output_tokens']} in the "
+            f"replies' usage (lost {usage['output_tokens_lost']}, double {usage['output_tokens_double']})",
+            usage["output_tokens_lost"] == 0 and usage["output_tokens_double"] == 0,
+        ),
+        (
+            f"metered input tokens {usage['recorded_input_tokens']} for {usage['counted_input_tokens']} in the "
+            f"replies' usage (lost {usage['input_tokens_lost']}, double {usage['input_tokens_double']})",
+            usage["input_tokens_lost"] == 0 and usage["input_tokens_double"] == 0,
+        ),
+    ]
+
+
+def stack_report(results: dict[str, Any], stack: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The stack's rows beside the in-process ones, the CPU per output token of its processes; returns the usage
+    checks."""
+    ours = results["gristmill"]
+    print("\n### Production configuration: the local stack (API key, quotas, metering, prediction logging)\n")
+    print(
+        "| system | concurrency | tokens/s | stack / in-process | TTFT p50 ms | TTFT p99 ms | ITL p50 ms |\n"
+        "|---|---|---|---|---|---|---|"
+    )
+    for label, rows in (("in-process gRPC", ours), *((f"stack {p}", stack[p]) for p in STACK_PROTOCOLS)):
+        for concurrency, row in rows.items():
+            ratio = "" if rows is ours else f"{row['tokens_per_s'] / ours[concurrency]['tokens_per_s']:.2f}x"
+            print(
+                f"| {label} | {concurrency} | {row['tokens_per_s']:.1f} | {ratio} | {row['ttft_p50_ms']:.0f} | "
+                f"{row['ttft_p99_ms']:.0f} | {row['itl_p50_ms']:.1f} |"
+            )
+    columns = list(stack["cpu_s"])
+    if columns:
+        from serving_benchmark import STACK_PROCESSES
+
+        print(
+            "\nCPU ms per output token (per request in brackets) over the c="
+            f"{max(ours)} phases, each process with its children (Kafka, PostgreSQL and the S3 server also serve "
+            "whatever else runs on this machine; client: this process):\n"
+        )
+        print("| process | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
+        for name in ["client", *STACK_PROCESSES, "total"]:
+            cells = []
+            for column in columns:
+                spent = stack["cpu_s"][column]
+                seconds = sum(spent["seconds"].values()) if name == "total" else spent["seconds"].get(name)
+                if seconds is None:
+                    cells.append("-")
+                    continue
+                per_token = seconds * 1000 / max(spent["output_tokens"], 1)
+                cells.append(f"{per_token:.2f} ({seconds * 1000 / max(spent['requests'], 1):.0f})")
+            print(f"| {name} | " + " | ".join(cells) + " |")
+    checks = usage_checks(stack["usage"])
+    print()
+    for text, ok in checks:
+        print(f"[{'PASS' if ok else 'FAIL'}] {text}")
+    return checks
 
 
 def make_adapters(model_dir: Path, work: Path) -> list[Path]:
@@ -504,7 +772,38 @@ def main() -> None:
         action="store_true",
         help=f"also measure llama.cpp's server (llama-cpp-python[server] installed with --target {LLAMA_CPP_DIR})",
     )
+    parser.add_argument(
+        "--stack",
+        choices=["local"],
+        default=None,
+        help="also measure the production configuration: the local stack of service processes on Kafka, S3 and "
+        "PostgreSQL, with API keys, quotas and metering, over gRPC and the OpenAI-compatible HTTP API",
+    )
     args = parser.parse_args()
+    import shutil
+    import tempfile
+
+    stack = None
+    stack_root = Path(tempfile.mkdtemp(prefix="generation-bench-stack-")) if args.stack == "local" else None
+    if stack_root is not None:
+        # Ports and names are chosen now; the stack starts after the in-process measurements (never beside them).
+        from serving_benchmark import StackRun
+
+        stack = StackRun(stack_root)
+    failed = True
+    try:
+        failed = measure(args, stack)
+    finally:
+        if stack is not None and stack_root is not None:
+            progress("stopping the local stack")
+            stack.close(keep_logs=failed)
+            shutil.rmtree(stack_root, ignore_errors=True)
+    if failed:
+        sys.exit("FAIL: the stack's metered usage differs from what the clients counted (see above)")
+
+
+def measure(args: argparse.Namespace, stack: StackRun | None) -> bool:
+    """The whole run (``main``'s arguments); True when a check of the stack's usage failed."""
     import tempfile
 
     import torch
@@ -569,6 +868,8 @@ def main() -> None:
     results["int8"] = served["smollm2-int8"]
     results["bf16"] = served["smollm2-bf16"]
     results["adapters"] = {"one": served["one-adapter"][32], "two_mixed": served["two-adapters"][32]}
+    if stack is not None:
+        results["stack"] = with_stack(stack, model_dir, load, plan)
     if args.llama_cpp:
         results["llama_cpp"] = with_llama_cpp(load, {1: plan[1], 8: plan[8]})
     results["ratios"] = {
@@ -590,6 +891,16 @@ def main() -> None:
                 "int8_c1_vs_llama_cpp_c1": results["int8"][1]["tokens_per_s"] / results["llama_cpp"][1]["tokens_per_s"],
             }
             if "llama_cpp" in results
+            else {}
+        ),
+        **(
+            {
+                f"stack_{protocol}_c{c}_vs_in_process": results["stack"][protocol][c]["tokens_per_s"]
+                / g[c]["tokens_per_s"]
+                for protocol in STACK_PROTOCOLS
+                for c in plan
+            }
+            if "stack" in results
             else {}
         ),
     }
@@ -618,8 +929,10 @@ def main() -> None:
         f"bf16 {results['perplexity_bf16']:.3f}, int8 {results['perplexity_int8']:.3f}"
     )
     print("\n" + "\n".join(f"- {k}: {v:.2f}" for k, v in results["ratios"].items()))
+    checks = stack_report(results, results["stack"]) if "stack" in results else []
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    return not all(ok for _, ok in checks)
 
 
 if __name__ == "__main__":

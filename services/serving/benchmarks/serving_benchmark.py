@@ -397,6 +397,13 @@ LABELS = ["negative", "positive"]
 # metered on every call, never reached.
 PREDICTIONS_PER_DAY = 10_000_000
 INPUT_TOKENS_PER_DAY = 1_000_000_000
+# The daily quotas of the organisation by default (``StackRun.deploy``'s ``quotas``), by usage kind.
+CLASSIFIER_QUOTAS = {"USAGE_KIND_PREDICTIONS": PREDICTIONS_PER_DAY, "USAGE_KIND_INPUT_TOKENS": INPUT_TOKENS_PER_DAY}
+QUOTA_NOUNS = {
+    "USAGE_KIND_PREDICTIONS": "predictions",
+    "USAGE_KIND_INPUT_TOKENS": "input tokens",
+    "USAGE_KIND_OUTPUT_TOKENS": "output tokens",
+}
 
 
 class StackRun:
@@ -406,21 +413,30 @@ class StackRun:
     topics' end (other installations' history is not replayed).
 
     ``start`` runs on a thread (beside the fine-tuning); ``deploy`` sets up an organisation with quotas, its
-    keys, the model in S3 and the registry, and the deployment; ``target`` is the load's call, which counts the
-    successful calls; ``usage`` compares the admin's metered total with that count; ``close`` stops the
-    services, drops their databases and deletes the uploaded objects.
+    keys, the model in S3 and the registry, and the deployment (the classifier by default; its parameters deploy
+    another task, e.g. a chat model for the generation benchmark); ``target`` is the load's call, which counts the
+    successful calls; ``usage`` compares the admin's metered total with that count (and, once a caller counts
+    them in ``input_tokens`` and ``output_tokens``, the token totals with theirs); ``close`` stops the services,
+    drops their databases and deletes the uploaded objects.
     """
 
     def __init__(self, root: Path) -> None:
         from gristmill.cli.platforms import LocalStack
+        from gristmill.core.ports import OPENAI_HTTP_PORT_OFFSET, SERVICE_PORTS
 
         sys.path.insert(0, str(REPO))
         from tests.support.services import free_port_block
 
         self.run_id = uuid.uuid4().hex[:8]
-        self.local = LocalStack(root / "run", base_port=free_port_block(), group_suffix=f"bench-{self.run_id}")
+        # The services' five ports and serving's OpenAI-compatible HTTP port above them, all free.
+        block = list(SERVICE_PORTS).index("serving") + OPENAI_HTTP_PORT_OFFSET + 1
+        self.local = LocalStack(root / "run", base_port=free_port_block(block), group_suffix=f"bench-{self.run_id}")
         self.organization = f"bench-{self.run_id}"
+        self.model = MODEL
         self.successes = 0
+        # Tokens the clients counted in their replies' usage (None: not counted, not checked by ``usage``).
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
         self.processes: dict[str, list[int]] = {}
         self.info: dict[str, Any] = {
             "run_dir": str(self.local.run_dir),
@@ -474,10 +490,34 @@ class StackRun:
             flush=True,
         )
 
-    def deploy(self, model_dir: Path, delay_ms: int) -> None:
-        """Through the real APIs, with the admin's root key: the organisation (its plan with quotas), an admin
-        key and a ``serving:predict`` key of it; the model uploaded to S3 and registered in the organisation;
-        the deployment (default prediction logging), ready."""
+    @property
+    def predict_key(self) -> str:
+        """The organisation's ``serving:predict`` key (once deployed)."""
+        return self._predict_key
+
+    @property
+    def openai_url(self) -> str:
+        """The base URL of the stack's serving OpenAI-compatible HTTP API (``.../v1``)."""
+        from gristmill.core.ports import OPENAI_HTTP_PORT_OFFSET
+
+        return f"http://127.0.0.1:{self.local.ports['serving'] + OPENAI_HTTP_PORT_OFFSET}/v1"
+
+    def deploy(
+        self,
+        model_dir: Path,
+        delay_ms: int | None,
+        *,
+        model: str = MODEL,
+        task_type: str = "TASK_TYPE_TEXT_CLASSIFICATION",
+        labels: Sequence[str] = LABELS,
+        signature: Any = None,
+        quotas: Mapping[str, int] = CLASSIFIER_QUOTAS,
+    ) -> None:
+        """Through the real APIs, with the admin's root key: the organisation (its plan with daily ``quotas``, by
+        usage kind name), an admin key and a ``serving:predict`` key of it; the model uploaded to S3 and registered
+        in the organisation (as ``model``, of ``task_type`` with ``labels`` and ``signature``: the classifier's
+        when None); the deployment (default prediction logging; batches of 32 with ``delay_ms``, or serving's
+        default batching when None), ready."""
         from pydantic import SecretStr
 
         from gristmill.api.admin.v1 import admin_pb2 as adm
@@ -489,12 +529,13 @@ class StackRun:
         from gristmill.core.settings import S3Settings
         from gristmill.core.storage import open_object_store
 
+        self.model = model
         endpoints = self.local.endpoints
         plan = adm.Plan(
             name="serving-benchmark",
             quotas=[
-                adm.Quota(kind=adm.USAGE_KIND_PREDICTIONS, period=adm.QUOTA_PERIOD_DAY, limit=PREDICTIONS_PER_DAY),
-                adm.Quota(kind=adm.USAGE_KIND_INPUT_TOKENS, period=adm.QUOTA_PERIOD_DAY, limit=INPUT_TOKENS_PER_DAY),
+                adm.Quota(kind=adm.UsageKind.Value(kind), period=adm.QUOTA_PERIOD_DAY, limit=limit)
+                for kind, limit in quotas.items()
             ],
         )
         with Gristmill(endpoints, ClientOptions(api_key=self.local.root_key(), timeout_s=60)) as root:
@@ -525,7 +566,7 @@ class StackRun:
             model_dir.parent,
         )
         self._objects = objects
-        prefix = f"jobs/{self.organization}-minilm"
+        prefix = f"jobs/{self.organization}-{model}"
         self._prefixes.append(prefix + "/")
         files = {}
         for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
@@ -534,44 +575,48 @@ class StackRun:
             files[name] = FileEntry(stored.key, stored.sha256, stored.size)
         manifest = ModelManifest(
             files=files,
-            task_type="TASK_TYPE_TEXT_CLASSIFICATION",
-            label_map=LABELS,
+            task_type=task_type,
+            label_map=list(labels),
             signature={},
-            lineage={"training_job_id": f"{self.organization}-minilm"},
+            lineage={"training_job_id": f"{self.organization}-{model}"},
         )
         stored = objects.put_bytes(f"{prefix}/manifest.json", manifest.to_json(), content_type="application/json")
-        signature = common_pb2.ModelSignature(
-            inputs=[common_pb2.TensorSpec(name="text", datatype="BYTES", shape=[-1])],
-            outputs=[
-                common_pb2.TensorSpec(name="probabilities", datatype="FP32", shape=[-1, 2]),
-                common_pb2.TensorSpec(name="label", datatype="BYTES", shape=[-1]),
-                common_pb2.TensorSpec(name="label_index", datatype="INT64", shape=[-1]),
-            ],
+        if signature is None:
+            signature = common_pb2.ModelSignature(
+                inputs=[common_pb2.TensorSpec(name="text", datatype="BYTES", shape=[-1])],
+                outputs=[
+                    common_pb2.TensorSpec(name="probabilities", datatype="FP32", shape=[-1, 2]),
+                    common_pb2.TensorSpec(name="label", datatype="BYTES", shape=[-1]),
+                    common_pb2.TensorSpec(name="label_index", datatype="INT64", shape=[-1]),
+                ],
+            )
+        request = registry_pb2.RegisterModelVersionRequest(
+            registered_model_name=model,
+            create_model_if_missing=True,
+            source_prefix=prefix,
+            manifest=common_pb2.ObjectRef(key=stored.key, sha256=stored.sha256, size_bytes=stored.size),
+            task=common_pb2.TaskType.Value(task_type),
+            signature=signature,
+            lineage=common_pb2.Lineage(training_job_id=f"{self.organization}-{model}"),
+            wait_for_verification=True,
+        )
+        if labels:
+            request.label_map.CopyFrom(common_pb2.LabelMap(labels=list(labels)))
+        batching = (
+            serving_pb2.BatchingConfig(max_batch_size=32, max_delay_ms=delay_ms) if delay_ms is not None else None
         )
         with Gristmill(endpoints, ClientOptions(api_key=self._admin_key, timeout_s=300)) as gm:
-            version = gm.registry.RegisterModelVersion(
-                registry_pb2.RegisterModelVersionRequest(
-                    registered_model_name=MODEL,
-                    create_model_if_missing=True,
-                    source_prefix=prefix,
-                    manifest=common_pb2.ObjectRef(key=stored.key, sha256=stored.sha256, size_bytes=stored.size),
-                    task=common_pb2.TASK_TYPE_TEXT_CLASSIFICATION,
-                    label_map=common_pb2.LabelMap(labels=LABELS),
-                    signature=signature,
-                    lineage=common_pb2.Lineage(training_job_id=f"{self.organization}-minilm"),
-                    wait_for_verification=True,
-                )
-            )
+            version = gm.registry.RegisterModelVersion(request)
             self._prefixes.append(version.artifact_prefix)
             if version.status != registry_pb2.MODEL_VERSION_STATUS_READY:
                 raise RuntimeError(f"the registry did not verify the model: {version.status_reason}")
             deployment = gm.serving.CreateDeployment(
                 serving_pb2.CreateDeploymentRequest(
                     deployment=serving_pb2.Deployment(
-                        name=MODEL,
-                        registered_model_name=MODEL,
+                        name=model,
+                        registered_model_name=model,
                         target=common_pb2.ModelVersionSelector(version=version.version),
-                        batching=serving_pb2.BatchingConfig(max_batch_size=32, max_delay_ms=delay_ms),
+                        batching=batching,
                     ),
                     wait_until_ready=True,
                 ),
@@ -580,9 +625,10 @@ class StackRun:
             if deployment.status.state != serving_pb2.DEPLOYMENT_STATE_READY:
                 raise RuntimeError(f"the stack's deployment is not ready: {deployment.status.message}")
         self.info["model_version"] = version.version
+        described = ", ".join(f"{limit:,} {QUOTA_NOUNS.get(kind, kind)}" for kind, limit in quotas.items())
         print(
-            f"  organisation {self.organization} (quotas: {PREDICTIONS_PER_DAY:,} predictions, "
-            f"{INPUT_TOKENS_PER_DAY:,} input tokens a day), {MODEL} version {version.version} registered and deployed",
+            f"  organisation {self.organization} (quotas: {described} a day), {model} version {version.version} "
+            "registered and deployed",
             flush=True,
         )
 
@@ -612,7 +658,8 @@ class StackRun:
 
     def usage(self, timeout_s: float = 30.0) -> dict[str, Any]:
         """Wait (up to ``timeout_s``) until the admin's predictions total for the organisation since the start of
-        the day the run began equals the successful calls; what it recorded, and the quota status."""
+        the day the run began equals the successful calls (and its token totals the clients' ``input_tokens`` and
+        ``output_tokens``, where counted); what it recorded, and the quota status."""
         from google.protobuf.timestamp_pb2 import Timestamp
 
         from gristmill.api.admin.v1 import admin_pb2 as adm
@@ -623,14 +670,17 @@ class StackRun:
         start.FromDatetime(self._day_start)
         began = time.monotonic()
         with Gristmill(self.local.endpoints, ClientOptions(api_key=self._admin_key, timeout_s=30)) as gm:
+            kinds = [adm.USAGE_KIND_PREDICTIONS, adm.USAGE_KIND_INPUT_TOKENS]
+            counted = {adm.USAGE_KIND_PREDICTIONS: self.successes}
+            if self.input_tokens is not None:
+                counted[adm.USAGE_KIND_INPUT_TOKENS] = self.input_tokens
+            if self.output_tokens is not None:
+                kinds.append(adm.USAGE_KIND_OUTPUT_TOKENS)
+                counted[adm.USAGE_KIND_OUTPUT_TOKENS] = self.output_tokens
 
             def totals() -> dict[int, float]:
                 reply = gm.metering.GetUsage(
-                    adm.GetUsageRequest(
-                        organization_id=self.organization,
-                        kinds=[adm.USAGE_KIND_PREDICTIONS, adm.USAGE_KIND_INPUT_TOKENS],
-                        start_time=start,
-                    )
+                    adm.GetUsageRequest(organization_id=self.organization, kinds=kinds, start_time=start)
                 )
                 out: dict[int, float] = defaultdict(float)
                 for total in reply.totals:
@@ -639,12 +689,27 @@ class StackRun:
 
             while True:
                 recorded = totals()
-                if recorded[adm.USAGE_KIND_PREDICTIONS] == self.successes or time.monotonic() - began > timeout_s:
+                settled = all(recorded[kind] == count for kind, count in counted.items())
+                if settled or time.monotonic() - began > timeout_s:
                     break
                 time.sleep(0.5)
             quotas = gm.metering.GetQuotaStatus(adm.GetQuotaStatusRequest(organization_id=self.organization))
-            status = gm.serving.GetDeployment(serving_pb2.GetDeploymentRequest(name=MODEL))
+            status = gm.serving.GetDeployment(serving_pb2.GetDeploymentRequest(name=self.model))
         predictions = int(recorded[adm.USAGE_KIND_PREDICTIONS])
+        tokens: dict[str, int] = {}
+        for name, kind, count in (
+            ("input_tokens", adm.USAGE_KIND_INPUT_TOKENS, self.input_tokens),
+            ("output_tokens", adm.USAGE_KIND_OUTPUT_TOKENS, self.output_tokens),
+        ):
+            if count is not None:
+                metered = int(recorded[kind])
+                tokens |= {
+                    f"counted_{name}": count,
+                    f"{name}_lost": max(count - metered, 0),
+                    f"{name}_double": max(metered - count, 0),
+                }
+                if kind == adm.USAGE_KIND_OUTPUT_TOKENS:
+                    tokens[f"recorded_{name}"] = metered
         return {
             "successful_calls": self.successes,
             "recorded_predictions": predictions,
@@ -652,6 +717,7 @@ class StackRun:
             "lost": max(self.successes - predictions, 0),
             "double": max(predictions - self.successes, 0),
             "waited_s": round(time.monotonic() - began, 1),
+            **tokens,
             "quotas": [
                 {
                     "kind": adm.UsageKind.Name(q.quota.kind),
