@@ -250,8 +250,10 @@ class SimulatedUsers:
             context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
             context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
             http_client = openai.DefaultHttpxClient(verify=context)
+        # Retries (with OpenAI's backoff, ~30 s in all) ride out a serving restart, as a user's client would; a
+        # retried reply is a new generation and a retried feedback is idempotent downstream.
         self.client = openai.OpenAI(
-            base_url=base_url, api_key=api_key or "embedded", timeout=timeout_s, max_retries=2, http_client=http_client
+            base_url=base_url, api_key=api_key or "embedded", timeout=timeout_s, max_retries=8, http_client=http_client
         )
         self.keys = list(keys)
         self.max_tokens = max_tokens
