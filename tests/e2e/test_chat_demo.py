@@ -37,6 +37,7 @@ from gristmill.cli.platforms import EmbeddedProcess
 from gristmill.client import ClientOptions, Endpoints, Gristmill
 from gristmill.core.tls import TLS_VARIABLES
 from tests.conftest import REPO_ROOT
+from tests.support.chat_demo import alias_history, feedback_items
 from tests.support.licences import TEST_KEY_B64, signed_license_file
 from tests.support.services import free_port_block
 
@@ -81,28 +82,6 @@ def chat_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatDemoRun]
         platform.stop()
 
 
-def _alias_history(gm: Gristmill, model: str) -> list[rg.AliasChange]:
-    changes = gm.registry.GetAliasHistory(rg.GetAliasHistoryRequest(registered_model_name=model)).changes
-    return sorted(changes, key=lambda c: c.sequence)
-
-
-def _feedback_items(gm: Gristmill, project_id: str) -> list[lb.Item]:
-    items: list[lb.Item] = []
-    token = ""
-    while True:
-        page = gm.labeling.ListItems(
-            lb.ListItemsRequest(
-                project_id=project_id,
-                source=lb.ITEM_SOURCE_FEEDBACK,
-                page=common_pb2.PageRequest(page_size=500, page_token=token),
-            )
-        )
-        items.extend(page.items)
-        token = page.next_page_token
-        if not token:
-            return items
-
-
 def test_two_versions_registered_sft_then_dpo_from_the_sft_model(chat_demo: ChatDemoRun) -> None:
     s = chat_demo.summary
     with chat_demo.client() as gm:
@@ -131,7 +110,7 @@ def test_two_versions_registered_sft_then_dpo_from_the_sft_model(chat_demo: Chat
 def test_the_alias_history_holds_the_online_gate_decision_with_its_numbers(chat_demo: ChatDemoRun) -> None:
     s = chat_demo.summary
     with chat_demo.client() as gm:
-        history = _alias_history(gm, s["model"])
+        history = alias_history(gm, s["model"])
         model = gm.registry.GetRegisteredModel(rg.GetRegisteredModelRequest(name=s["model"]))
         v2 = gm.registry.GetModelVersion(
             rg.GetModelVersionRequest(
@@ -182,8 +161,8 @@ def test_labeling_made_an_item_of_every_piece_of_feedback_the_users_sent(chat_de
     with chat_demo.client() as gm:
         deadline = time.monotonic() + 60
         while True:  # the last events may still be on their way
-            reviews = _feedback_items(gm, s["project"])
-            pairs = _feedback_items(gm, s["preference_project"])
+            reviews = feedback_items(gm, s["project"])
+            pairs = feedback_items(gm, s["preference_project"])
             if (len(reviews), len(pairs)) == (downs, regenerates) or time.monotonic() > deadline:
                 break
             time.sleep(1)

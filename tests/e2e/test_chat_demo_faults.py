@@ -45,7 +45,6 @@ import pytest
 from pydantic import SecretStr
 
 from gristmill.api.common.v1 import common_pb2
-from gristmill.api.labeling.v1 import labeling_pb2 as lb
 from gristmill.api.registry.v1 import registry_pb2 as rg
 from gristmill.api.serving.v1 import serving_pb2 as sv
 from gristmill.api.training.v1 import training_pb2 as tr
@@ -59,6 +58,7 @@ from gristmill.core.settings import S3Settings
 from gristmill.core.storage import open_object_store
 from gristmill.core.tls import TLS_VARIABLES
 from tests.conftest import REPO_ROOT
+from tests.support.chat_demo import alias_history, feedback_items
 from tests.support.licences import TEST_KEY_B64, signed_license_file
 from tests.support.services import free_port_block, restart_service
 from tests.support.tiny_model import make_tiny_lora_adapter
@@ -174,28 +174,6 @@ def faulty(
             LocalStack(run_dir, base_port=base_port, group_suffix=suffix).drop_databases()
 
 
-def _alias_history(gm: Gristmill, model: str) -> list[rg.AliasChange]:
-    changes = gm.registry.GetAliasHistory(rg.GetAliasHistoryRequest(registered_model_name=model)).changes
-    return sorted(changes, key=lambda c: c.sequence)
-
-
-def _feedback_items(gm: Gristmill, project_id: str) -> list[lb.Item]:
-    items: list[lb.Item] = []
-    token = ""
-    while True:
-        page = gm.labeling.ListItems(
-            lb.ListItemsRequest(
-                project_id=project_id,
-                source=lb.ITEM_SOURCE_FEEDBACK,
-                page=common_pb2.PageRequest(page_size=500, page_token=token),
-            )
-        )
-        items.extend(page.items)
-        token = page.next_page_token
-        if not token:
-            return items
-
-
 def test_both_services_were_killed_mid_run_and_came_back(faulty: FaultyRun) -> None:
     for service in ("registry", "serving"):
         old, new = faulty.killed[service]
@@ -229,7 +207,7 @@ def test_one_job_per_published_version_and_one_version_per_job(faulty: FaultyRun
 def test_the_alias_history_holds_the_online_gate_decision_with_its_numbers(faulty: FaultyRun) -> None:
     s = faulty.summary
     with faulty.client() as gm:
-        history = _alias_history(gm, s["model"])
+        history = alias_history(gm, s["model"])
         model = gm.registry.GetRegisteredModel(rg.GetRegisteredModelRequest(name=s["model"]))
         v2 = gm.registry.GetModelVersion(
             rg.GetModelVersionRequest(
@@ -283,8 +261,8 @@ def test_every_piece_of_feedback_made_exactly_one_item(faulty: FaultyRun) -> Non
     with faulty.client() as gm:
         deadline = time.monotonic() + 60
         while True:  # the last events may still be on their way
-            reviews = _feedback_items(gm, s["project"])
-            pairs = _feedback_items(gm, s["preference_project"])
+            reviews = feedback_items(gm, s["project"])
+            pairs = feedback_items(gm, s["preference_project"])
             if (len(reviews), len(pairs)) == wanted or time.monotonic() > deadline:
                 break
             time.sleep(1)
@@ -389,7 +367,7 @@ def test_the_online_gate_rolls_back_a_bad_adapter(faulty: FaultyRun, tmp_path: P
             return next(
                 (
                     c
-                    for c in _alias_history(gm, model)
+                    for c in alias_history(gm, model)
                     if c.alias == "candidate" and c.to_version == bad and c.cause == rg.ALIAS_CHANGE_CAUSE_POLICY
                 ),
                 None,
@@ -409,7 +387,7 @@ def test_the_online_gate_rolls_back_a_bad_adapter(faulty: FaultyRun, tmp_path: P
             return next(
                 (
                     c
-                    for c in _alias_history(gm, model)
+                    for c in alias_history(gm, model)
                     if c.sequence > moved.sequence and c.cause == rg.ALIAS_CHANGE_CAUSE_ONLINE_GATE
                 ),
                 None,
