@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -580,3 +581,42 @@ async def test_two_sft_workers_survive_a_worker_crash_and_resume_from_the_s3_che
         objects = S3ObjectStore(s3)
         manifest = ModelManifest.from_json(objects.get_bytes(done.result.manifest.key))
         assert "adapter_model.safetensors" in manifest.files
+
+
+def test_placement_groups_a_dead_controller_left_are_released_and_no_others(ray_cluster: RayCluster) -> None:
+    """A Tune trial stopped early kills its Ray Train controller, whose worker group's placement group then held
+    its CPUs until the driver ended (the next two-worker run waited for them forever)."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from gristmill.training.runner.ray_runner import release_orphaned_placement_groups
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def reserve(self) -> Any:
+            group = placement_group([{"CPU": 0.1}])
+            ray.get(group.ready(), timeout=30)
+            return group
+
+    dead, alive = Controller.remote(), Controller.remote()  # type: ignore[attr-defined]
+    groups = ray.get([dead.reserve.remote(), alive.reserve.remote()], timeout=60)
+    dead_group, alive_group = (group.id.hex() for group in groups)
+    driver_group = placement_group([{"CPU": 0.1}])
+    ray.get(driver_group.ready(), timeout=30)
+    try:
+        ray.kill(dead)
+        deadline = time.monotonic() + 20
+        released: list[str] = []
+        while dead_group not in released:
+            assert time.monotonic() < deadline, f"the dead controller's group was not released: {released}"
+            released += release_orphaned_placement_groups()
+            time.sleep(0.2)
+        assert set(released) == {dead_group}
+        states = {group: placement_group_table()[group]["state"] for group in (dead_group, alive_group)}
+        assert states == {dead_group: "REMOVED", alive_group: "CREATED"}
+        assert placement_group_table(driver_group)["state"] == "CREATED", "a driver's group has no creator actor"
+        assert release_orphaned_placement_groups() == []
+    finally:
+        for group in (driver_group, groups[1]):
+            remove_placement_group(group)
+        ray.kill(alive)

@@ -68,6 +68,9 @@ LOCAL_SYSTEM_CONFIG = {
 }
 LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
+# How often a driving run looks for placement groups a dead controller left (``release_orphaned_placement_groups``).
+ORPHAN_CHECK_S = 5.0
+
 
 def batch_scheduling() -> None:
     """Put the calling thread, and every process it starts from now on, under Linux's SCHED_BATCH policy.
@@ -89,6 +92,42 @@ def batch_scheduling() -> None:
         os.sched_setscheduler(0, policy, os.sched_param(0))
     except OSError as exc:
         log.info("local Ray cluster keeps the default scheduling policy: %s", exc)
+
+
+def release_orphaned_placement_groups() -> list[str]:
+    """Remove the placement groups whose creating actor has died, and return their ids.
+
+    A Ray Train run reserves its workers' CPUs in a placement group its controller actor creates. A controller that
+    dies without shutting down (its Ray Tune trial stopped early by ASHA: the trial's actors die with it) leaves
+    that group behind, holding its CPUs until the driver ends, because a group outlives a non-detached creator
+    while the creator's job runs. Ray Train starts a ``PlacementGroupCleaner`` for exactly this, but it asks Ray's
+    state API whether the controller lives, which needs the dashboard a local cluster here does not run: it
+    never decides, and the next two-worker run waited for CPUs forever. The GCS itself knows whether a group's
+    creator is dead; a group whose creator is dead has nobody left to use it. Groups a driver creates (Ray Tune's
+    own, per trial) have no creating actor and are never touched, nor are detached ones.
+    """
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    table_data: Any = gcs_pb2.PlacementGroupTableData  # type: ignore[attr-defined]  # generated, untyped
+    released: list[str] = []
+    accessor = ray._private.state.state._connect_and_get_accessor()
+    for raw in accessor.get_placement_group_table():
+        group = table_data.FromString(raw)
+        if group.state == table_data.REMOVED or group.is_detached:
+            continue
+        if not group.creator_actor_dead or ray.ActorID(group.creator_actor_id).is_nil():
+            continue
+        group_id = ray.PlacementGroupID(group.placement_group_id)
+        try:
+            remove_placement_group(PlacementGroup(group_id))
+        except Exception:  # removed meanwhile by its own controller's shutdown
+            log.debug("removing orphaned placement group %s failed", group_id.hex(), exc_info=True)
+            continue
+        released.append(group_id.hex())
+    if released:
+        log.warning("released %d placement group(s) left by a dead Ray Train controller: %s", len(released), released)
+    return released
 
 
 class RayCluster:
@@ -459,6 +498,7 @@ class RayJobRunner:
 
     def run(self, request: RunRequest, listener: RunListener, cancel: threading.Event) -> RunOutcome:
         self.cluster.start()
+        self._release_orphans()  # an earlier run's leftovers would hold the CPUs this one asks for
         channel = RunChannel(self._hub(), request.job_id)
         try:
             if request.spec.search is not None:
@@ -491,11 +531,16 @@ class RayJobRunner:
         thread = threading.Thread(target=target, name=f"ray-fit-{request.job_id}", daemon=True)
         thread.start()
         aborted = not abort
+        next_release = time.monotonic() + ORPHAN_CHECK_S
         while thread.is_alive():
             thread.join(self.poll_interval_s)
             self._drain(channel, listener)
             if cancel.is_set() and not aborted:
                 aborted = self._abort(channel)
+            if time.monotonic() >= next_release:
+                # A search's trials stopped early leave their groups while the search goes on.
+                self._release_orphans()
+                next_release = time.monotonic() + ORPHAN_CHECK_S
         self._drain(channel, listener)
         if cancel.is_set():
             raise RunCancelledError("the run was cancelled")
@@ -532,6 +577,12 @@ class RayJobRunner:
         checkpoint = ray.train.Checkpoint(path, filesystem=self.storage.filesystem)
         outcome = self._download(request, checkpoint, metrics)
         return replace(outcome, best_trial=best_trial, spec=spec)
+
+    def _release_orphans(self) -> None:
+        try:
+            release_orphaned_placement_groups()
+        except Exception:  # a GCS hiccup: the next check tries again
+            log.warning("could not check for orphaned placement groups", exc_info=True)
 
     def close(self) -> None:
         """Stop the progress hub (a later run starts a new one)."""
