@@ -92,7 +92,7 @@ test-integration: install stack-up  ## tests against the real PostgreSQL, Kafka,
 test: install check-generated lint typecheck compose-check stack-up  ## everything CI runs: checks, then unit + integration tests
 	@$(PY) -m pytest -m "not chaos" tests services $(PYTEST_ARGS)
 
-chaos: install  ## the chaos suite: the loop under one fault at a time, on a stack of its own (~25 min; not in CI)
+chaos: install stack-up  ## the chaos suite: the loop under one fault at a time, and the chat demo with services killed (~30 min; not in CI)
 	@$(PY) -m pytest -m chaos tests/chaos -p no:cacheprovider $(PYTEST_ARGS)
 
 soak: install  ## the networked e2e test N times on freshly wiped brokers (SOAK_ROUNDS=10)

@@ -63,7 +63,7 @@ from tests.support.licences import TEST_KEY_B64, signed_license_file
 from tests.support.services import free_port_block, restart_service
 from tests.support.tiny_model import make_tiny_lora_adapter
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900)]
 
 MIN_FEEDBACK = 20  # the --tiny default: feedback per version before the online gate decides
 SERVICES = ("labeling", "training", "registry", "serving")
