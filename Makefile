@@ -89,8 +89,13 @@ test-unit: install  ## fast tests, in-memory implementations only
 test-integration: install stack-up  ## tests against the real PostgreSQL, Kafka, S3 server and gRPC ports
 	@$(PY) -m pytest -m "integration" tests services $(PYTEST_ARGS)
 
+# Two pytest-xdist workers (tests/conftest.py says which tests share one), then, alone, the tests that stop a shared
+# server (the Kafka broker) while they run.
 test: install check-generated lint typecheck compose-check stack-up  ## everything CI runs: checks, then unit + integration tests
-	@$(PY) -m pytest -m "not chaos" tests services $(PYTEST_ARGS)
+	@rc=0; \
+	$(PY) -m pytest -n 2 -m "not chaos and not exclusive" tests services $(PYTEST_ARGS) || rc=$$?; \
+	$(PY) -m pytest -m "exclusive and not chaos" tests services $(PYTEST_ARGS) || { s=$$?; [ $$s = 5 ] || rc=$$s; }; \
+	exit $$rc
 
 chaos: install stack-up  ## the chaos suite: the loop under one fault at a time, and the chat demo with services killed (~30 min; not in CI)
 	@$(PY) -m pytest -m chaos tests/chaos -p no:cacheprovider $(PYTEST_ARGS)

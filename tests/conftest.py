@@ -80,5 +80,42 @@ def tracing() -> Iterator[tuple[object, object]]:
     provider.shutdown()
 
 
+# `make test` runs the suite on two pytest-xdist workers: most tests wait on a broker, a socket or a subprocess
+# for much of their time, so two workers on two cores finish in much less wall time. Tests that start a Ray
+# cluster of their own, or a whole platform, cost both cores for minutes: each such family is one unit of work,
+# run on one worker in order, so two of them never fight over the cores and a 60 s Ray placement timeout means
+# what it meant when they ran alone. Every other file is a unit of its own (its module fixtures are built once).
+# (xdist's own `xdist_group` marks cannot do this with pytest 9.2: xdist renames a test through `_nodeid`,
+# which pytest no longer reads.)
+SERIAL_UNITS = {
+    "ray": (
+        "services/training/tests/integration/",
+        "services/training/tests/unit/test_local_ray.py",
+        "services/training/tests/unit/test_ray_start.py",
+    ),
+    "platform": ("tests/e2e/", "tests/integration/test_cli.py", "tests/integration/test_cli_generative.py"),
+}
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: its serial family, or else its file."""
+    path = nodeid.split("::", 1)[0]
+    for unit, prefixes in SERIAL_UNITS.items():
+        if path.startswith(prefixes):
+            return unit
+    return path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SerialFamilies(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return SerialFamilies(config, log)
+
+
 # Store tests: ``database_url`` is an empty SQLite or PostgreSQL database (parametrised over both).
 from tests.support.databases import database_url  # noqa: E402, F401

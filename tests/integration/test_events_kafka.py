@@ -113,6 +113,7 @@ def test_unreachable_broker_is_unavailable_with_a_clear_message() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive  # it stops the broker every other test uses
 def test_outbox_event_survives_a_broker_outage(kafka_bootstrap: str, database: Database) -> None:
     """Events written while the broker is down stay in the outbox, and after the restart a consumer that was
     running all along gets each of them once, in order per key."""
