@@ -93,7 +93,8 @@ SERIAL_UNITS = {
         "services/training/tests/unit/test_local_ray.py",
         "services/training/tests/unit/test_ray_start.py",
     ),
-    "platform": ("tests/e2e/", "tests/integration/test_cli.py", "tests/integration/test_cli_generative.py"),
+    # test_cli*.py share one embedded platform (a session fixture): one worker starts it once.
+    "platform": ("tests/e2e/", "tests/integration/test_cli"),
 }
 
 

@@ -64,7 +64,7 @@ def chat_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatDemoRun]
     licence = signed_license_file(work / "licence.json")
     platform = EmbeddedProcess(
         work / "platform",
-        base_port=free_port_block(6),  # five services and serving's OpenAI-compatible API
+        base_port=free_port_block(7),  # five services, serving's OpenAI-compatible API and the console
         env={"GRISTMILL_LICENSE_FILE": str(licence), "GRISTMILL_LICENSE_DEVELOPMENT_KEY": TEST_KEY_B64},
     )
     endpoints = platform.start()

@@ -305,3 +305,24 @@ def test_demo_on_the_running_platform(platform: str, tmp_path: Path) -> None:
     assert "==> auto-train" in result.stderr  # progress goes to stderr with --json
     usage_error(cli(platform, "demo", "--stack", "kubernetes"), "--stack must be embedded or local")
     usage_error(cli(platform, "demo", "--data", str(tmp_path / "missing.jsonl")), "no such file")
+
+
+def test_the_embedded_platform_serves_the_console(platform: str, labeled: dict[str, str]) -> None:
+    import httpx2
+
+    from gristmill.cli.context import parse_http_address
+
+    address = parse_http_address(platform, "console")
+    assert address, platform
+    with httpx2.Client(base_url=f"http://{address}", timeout=30) as browser:
+        assert browser.get("/", follow_redirects=False).headers["location"] == "/sign-in"
+        # Auth is off in the embedded platform: sign in with a name only.
+        signed = browser.post("/sign-in", data={"api_key": "", "annotator": "dev"}, follow_redirects=False)
+        assert signed.status_code == 303, signed.text
+        projects = browser.get("/")
+        assert projects.status_code == 200 and f'href="/projects/{labeled["project"]}"' in projects.text
+        assert "auth off (embedded)" in projects.text
+        page = browser.get(f"/projects/{labeled['project']}")
+        assert page.status_code == 200 and "Dataset versions" in page.text
+        # Every item already has its one annotation (imported labels): nothing is left to label.
+        assert "Nothing left for you" in browser.get(f"/projects/{labeled['project']}/label").text

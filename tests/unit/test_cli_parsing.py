@@ -319,16 +319,17 @@ def test_the_progress_line_shows_tokens_per_second_once_the_job_reports_them() -
     ]
 
 
-def test_the_ready_line_names_every_service_and_the_openai_api() -> None:
-    from gristmill.cli.context import parse_endpoints, parse_openai_address
+def test_the_ready_line_names_every_service_the_openai_api_and_the_console() -> None:
+    from gristmill.cli.context import parse_endpoints, parse_http_address
 
     line = (
         "READY admin=127.0.0.1:7004 registry=127.0.0.1:7002 labeling=127.0.0.1:7000 training=127.0.0.1:7001 "
-        "serving=127.0.0.1:7003 openai=127.0.0.1:7005"
+        "serving=127.0.0.1:7003 openai=127.0.0.1:7005 console=127.0.0.1:7006"
     )
     endpoints = parse_endpoints(line)
     assert (endpoints.serving, endpoints.admin) == ("127.0.0.1:7003", "127.0.0.1:7004")
-    assert parse_openai_address(line) == "127.0.0.1:7005"
-    assert parse_openai_address("READY serving=127.0.0.1:7003") == ""
+    assert parse_http_address(line) == "127.0.0.1:7005"
+    assert parse_http_address(line, "console") == "127.0.0.1:7006"
+    assert parse_http_address("READY serving=127.0.0.1:7003") == ""
     with pytest.raises(ValueError, match="expected NAME=HOST:PORT"):
         parse_endpoints("READY nonsense=1.2.3.4:5")

@@ -10,18 +10,18 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from gristmill.cli.output import fail
 from gristmill.client import ClientOptions, Endpoints, Gristmill
-from gristmill.core.ports import OPENAI_ENDPOINT, SERVICE_PORTS
+from gristmill.core.ports import HTTP_ENDPOINTS, OPENAI_ENDPOINT, SERVICE_PORTS
 from gristmill.core.tls import TlsSettings, client_tls_from_environment
 
 
 def parse_endpoints(text: str, base: Endpoints | None = None) -> Endpoints:
     """``labeling=127.0.0.1:50051 training=...`` (the embedded platform's READY line) → ``Endpoints``; its
-    ``openai=`` (not a gRPC service) is read by ``parse_openai_address``."""
+    HTTP servers (``openai=``, ``console=``: not gRPC services) are read by ``parse_http_address``."""
     endpoints = base or Endpoints()
     known = set(SERVICE_PORTS)
     changes: dict[str, str] = {}
     for part in text.replace(",", " ").split():
-        if part == "READY" or part.startswith(f"{OPENAI_ENDPOINT}="):
+        if part == "READY" or part.partition("=")[0] in HTTP_ENDPOINTS:
             continue
         name, sep, address = part.partition("=")
         if not sep or name not in known or ":" not in address:
@@ -32,11 +32,12 @@ def parse_endpoints(text: str, base: Endpoints | None = None) -> Endpoints:
     return replace(endpoints, **changes)
 
 
-def parse_openai_address(text: str) -> str:
-    """The ``openai=HOST:PORT`` of the embedded platform's READY line ("" when it names none)."""
+def parse_http_address(text: str, endpoint: str = OPENAI_ENDPOINT) -> str:
+    """The ``<endpoint>=HOST:PORT`` (``openai``, ``console``) of the embedded platform's READY line ("" when it
+    names none)."""
     for part in text.replace(",", " ").split():
         name, _, address = part.partition("=")
-        if name == OPENAI_ENDPOINT:
+        if name == endpoint:
             return address
     return ""
 

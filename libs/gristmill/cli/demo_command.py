@@ -127,7 +127,7 @@ def demo_command(
     ),
     data_dir: Path | None = typer.Option(None, help="where the embedded platform keeps its data (default: new dir)"),
     base_port: int = typer.Option(
-        0, min=0, max=65530, help="first service port (0: embedded: free ports; local: the defaults)"
+        0, min=0, max=65529, help="first service port (0: embedded: free ports; local: the defaults)"
     ),
     group_suffix: str = typer.Option("", help="local stack: suffix for consumer groups (isolates installations)"),
     services_dir: Path | None = typer.Option(

@@ -96,7 +96,7 @@ RUN_DIR_OPTION = typer.Option(None, "--run-dir", help="the services' pid files, 
 @one_line_errors
 def up(
     timeout: float = typer.Option(180.0, help="seconds to wait for the services"),
-    base_port: int = typer.Option(0, min=0, max=65530, help="first service port (0: the default ports)"),
+    base_port: int = typer.Option(0, min=0, max=65529, help="first service port (0: the default ports)"),
     services_dir: Path | None = RUN_DIR_OPTION,
     group_suffix: str = typer.Option(
         "", help="suffix for every consumer group: an installation of its own on a shared Kafka (starts at the end)"
@@ -141,7 +141,7 @@ def up(
 @one_line_errors
 def down(
     keep_stack: bool = typer.Option(False, help="stop the services but leave Kafka and S3 running"),
-    base_port: int = typer.Option(0, min=0, max=65530, help="as given to `up`"),
+    base_port: int = typer.Option(0, min=0, max=65529, help="as given to `up`"),
     services_dir: Path | None = RUN_DIR_OPTION,
 ) -> None:
     """Stop the services (they drain in-flight calls), then Kafka and the S3 server."""
@@ -188,7 +188,7 @@ def status(
 def dev(
     data_dir: Path = typer.Option(Path(".data/dev"), help="where the embedded services keep their data"),
     base_port: int | None = typer.Option(
-        None, min=0, max=65530, help="first of the services' ports (0: any free ports; default: 50051..)"
+        None, min=0, max=65529, help="first of the services' ports (0: any free ports; default: 50051..)"
     ),
 ) -> None:
     """Embedded mode: every service in one process on loopback, SQLite, local files, in-process bus.

@@ -21,11 +21,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gristmill.cli.context import parse_endpoints, parse_openai_address
+from gristmill.cli.context import parse_endpoints, parse_http_address
 from gristmill.cli.processes import SERVICES, ServiceProcess, wait_serving
 from gristmill.client import Endpoints
 from gristmill.core.errors import InvalidArgumentError, UnavailableError
-from gristmill.core.ports import KAFKA_PORT, MAX_SERVING_REPLICAS, POSTGRES_PORT, S3_PORT, serving_replica_port
+from gristmill.core.ports import (
+    CONSOLE_ENDPOINT,
+    KAFKA_PORT,
+    MAX_SERVING_REPLICAS,
+    POSTGRES_PORT,
+    S3_PORT,
+    serving_replica_port,
+)
 from gristmill.core.ports import service_ports as default_service_ports
 from gristmill.core.tls import TlsSettings, tls_files
 
@@ -44,6 +51,7 @@ class EmbeddedProcess:
     env: Mapping[str, str] = field(default_factory=dict)
     # Serving's OpenAI-compatible HTTP API (HOST:PORT), from the READY line once started.
     openai_address: str = field(default="", init=False)
+    console_address: str = field(default="", init=False)
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -81,7 +89,8 @@ class EmbeddedProcess:
         while time.monotonic() < deadline:
             for line in self.out_file.read_text(errors="replace").splitlines():
                 if line.startswith("READY "):
-                    self.openai_address = parse_openai_address(line)
+                    self.openai_address = parse_http_address(line)
+                    self.console_address = parse_http_address(line, CONSOLE_ENDPOINT)
                     return parse_endpoints(line)
             if self._proc.poll() is not None:
                 raise UnavailableError(

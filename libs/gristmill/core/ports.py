@@ -33,6 +33,14 @@ SERVING_OPENAI_PORT = SERVING_PORT + OPENAI_HTTP_PORT_OFFSET
 # The name of serving's OpenAI-compatible HTTP API in the embedded platform's READY line (beside the services).
 OPENAI_ENDPOINT = "openai"
 
+# The console's web pages (services/console): the port after serving's OpenAI-compatible API, outside the services'
+# block of five and the serving replicas' steps of 100.
+CONSOLE_PORT = LABELING_PORT + 6
+# The name of the console in the embedded platform's READY line.
+CONSOLE_ENDPOINT = "console"
+# The READY line's names that are HTTP servers, not gRPC services.
+HTTP_ENDPOINTS = (OPENAI_ENDPOINT, CONSOLE_ENDPOINT)
+
 # The local stack (deploy/local/stack.sh): its defaults, each overridden there by GRISTMILL_<NAME>_PORT.
 KAFKA_PORT = 9092
 S3_PORT = 8333

@@ -1,8 +1,8 @@
 """``python -m gristmill.standalone``: every service in one process until SIGTERM/SIGINT.
 
-Prints one line ``READY admin=127.0.0.1:50055 registry=... labeling=... training=... serving=... openai=...`` once
-all serve (``openai``: serving's OpenAI-compatible HTTP API), and ``STOPPED`` once a SIGTERM/SIGINT has drained
-and closed them all (exit status 0).
+Prints one line ``READY admin=127.0.0.1:50055 registry=... labeling=... training=... serving=... openai=...
+console=...`` once all serve (``openai``: serving's OpenAI-compatible HTTP API; ``console``: the web pages), and
+``STOPPED`` once a SIGTERM/SIGINT has drained and closed them all (exit status 0).
 """
 
 from __future__ import annotations

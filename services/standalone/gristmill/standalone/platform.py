@@ -9,11 +9,14 @@ from typing import Any, TypeVar
 
 from gristmill.admin.app import build_app as build_admin
 from gristmill.admin.settings import AdminSettings
+from gristmill.console.app import ConsoleApp
+from gristmill.console.app import build_app as build_console
+from gristmill.console.settings import ConsoleSettings
 from gristmill.core.auth import AuthSettings
 from gristmill.core.events import MemoryBroker
 from gristmill.core.host import Infrastructure, ServiceHost
 from gristmill.core.licensing import License, load_license
-from gristmill.core.ports import OPENAI_ENDPOINT, service_ports
+from gristmill.core.ports import CONSOLE_ENDPOINT, CONSOLE_PORT, LABELING_PORT, OPENAI_ENDPOINT, service_ports
 from gristmill.core.security import Security, embedded_security
 from gristmill.core.service import HasHost
 from gristmill.core.settings import ServiceSettings, TelemetrySettings
@@ -48,6 +51,7 @@ class EmbeddedPlatform:
     broker: MemoryBroker = field(default_factory=MemoryBroker)
     hosts: dict[str, ServiceHost] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
+    console: ConsoleApp | None = None
 
     def _port(self, service: str) -> int:
         # The defaults, any free port (0), or base, base+1, ... in the order of the default ports.
@@ -96,13 +100,31 @@ class EmbeddedPlatform:
                 if openai is not None:
                     # Serving's OpenAI-compatible HTTP API: its port is a free one when the gRPC port is.
                     self.addresses[OPENAI_ENDPOINT] = f"{self.host}:{openai.port}"
+            await self._start_console()
         except BaseException:
             await self.stop()
             raise
         return dict(self.addresses)
 
+    async def _start_console(self) -> None:
+        """The console's web pages, last: they call labeling and admin (auth is off here, as in those services)."""
+        base = self.base_port
+        port = CONSOLE_PORT if base is None else 0 if base == 0 else base + (CONSOLE_PORT - LABELING_PORT)
+        settings = ConsoleSettings(
+            host=self.host,
+            http_port=port,
+            labeling_address=self.addresses["labeling"],
+            admin_address=self.addresses["admin"],
+        )
+        self.console = build_console(settings)
+        await self.console.open()
+        self.addresses[CONSOLE_ENDPOINT] = f"{self.host}:{self.console.port}"
+
     async def stop(self) -> None:
         """Stop in reverse order (each drains its in-flight calls). Safe to call twice."""
+        console, self.console = self.console, None
+        if console is not None:
+            await console.close()
         for service in reversed(ORDER):
             host = self.hosts.pop(service, None)
             if host is not None:

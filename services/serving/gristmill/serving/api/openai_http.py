@@ -9,25 +9,21 @@ validates, so both protocols refuse the same inputs with the same messages; an e
 with each route named in the scope table like an RPC (``OPENAI_SCOPES``, part of the service's
 ``METHOD_SCOPES``).
 
-``OpenAIServer`` is the host component that serves the app with uvicorn on the service's event loop.
+``OpenAIServer`` is the host component that serves the app (``gristmill.core.httpserver``) on the service's event
+loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
-import socket
-import ssl
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
-import grpc
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -42,6 +38,7 @@ from gristmill.core.auth import SERVING_PREDICT, Principal
 from gristmill.core.chat import SYSTEM, ChatMessage, FeedbackKind, message_from_json
 from gristmill.core.errors import GristmillError, InvalidArgumentError, UnauthenticatedError
 from gristmill.core.grpcserver import NOT_INLINE, InlineAuthHook
+from gristmill.core.httpserver import HttpServer, http_status
 from gristmill.core.ids import validate_id
 from gristmill.core.paging import MAX_PAGE_SIZE
 from gristmill.core.security import Security
@@ -75,19 +72,6 @@ MODEL_VERSION_HEADER = "x-gristmill-model-version"
 # OpenAI's name for the system turn in its newer models' requests.
 _DEVELOPER = "developer"
 
-_HTTP_STATUS: Mapping[grpc.StatusCode, int] = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
 _ERROR_TYPES: Mapping[int, str] = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -104,7 +88,7 @@ _ERROR_TYPES: Mapping[int, str] = {
 
 
 def error_status(error: GristmillError) -> int:
-    return _HTTP_STATUS.get(error.grpc_code, 500)
+    return http_status(error)
 
 
 def error_body(message: str, status: int, *, code: str | None, param: str | None = None) -> dict[str, Any]:
@@ -690,91 +674,17 @@ def _routes(service: DeploymentService, security: Security) -> FastAPI:
 # --------------------------------------------------------------------------- the host component
 
 
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn's server without its signal handlers: the service host owns SIGTERM/SIGINT (a graceful stop of
-    every component, this one among them)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def _ssl_options(tls: TlsSettings | None) -> dict[str, Any]:
-    """uvicorn's TLS options from the service's mTLS settings: the same certificate as its gRPC server, and
-    client certificates required as there."""
-    if tls is None or not tls.enabled:
-        return {}
-    return {
-        "ssl_certfile": str(tls.cert_file),
-        "ssl_keyfile": str(tls.key_file) if tls.key_file else None,
-        "ssl_ca_certs": str(tls.ca_file) if tls.ca_file else None,
-        "ssl_cert_reqs": ssl.CERT_REQUIRED if tls.require_client_cert and tls.ca_file else ssl.CERT_NONE,
-    }
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        return socket.create_server((host, port), family=family, reuse_port=False)
-    except OSError as exc:
-        raise OSError(f"could not bind the OpenAI HTTP API to {host}:{port}: {exc.strerror or exc}") from exc
-
-
-class OpenAIServer:
-    """The host component serving ``app`` over HTTP on the event loop: bound and accepting once ``open``
-    returned (``port`` is then the bound port, also when 0 was asked for); ``close`` stops accepting, lets
-    replies in flight finish for ``grace_s`` (then cancels them, which frees their sequences) and returns.
-    Safe to close twice."""
-
-    name = "openai-http"
+class OpenAIServer(HttpServer):
+    """Serving's OpenAI-compatible HTTP API as a host component (``HttpServer``)."""
 
     def __init__(
         self, app: Any, *, host: str, port: int, grace_s: float = 10.0, tls: TlsSettings | None = None
     ) -> None:
-        self.app = app
-        self.host = host
-        self.port = port
-        self._config = uvicorn.Config(
-            app,
-            lifespan="off",
-            ws="none",
-            # The service configured logging already; uvicorn's default would replace its handlers.
-            log_config=None,
-            access_log=False,
-            server_header=False,
-            timeout_graceful_shutdown=math.ceil(grace_s),
-            **_ssl_options(tls),
+        super().__init__(
+            app, name="openai-http", what="the OpenAI HTTP API", host=host, port=port, grace_s=grace_s, tls=tls
         )
-        self._server: _EmbeddedServer | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def scheme(self) -> Literal["http", "https"]:
-        return "https" if self._config.is_ssl else "http"
 
     @property
     def base_url(self) -> str:
         """What OpenAI's clients take as ``base_url``."""
-        return f"{self.scheme}://{self.host}:{self.port}/v1"
-
-    async def open(self) -> None:
-        sock = _bind(self.host, self.port)
-        self.port = int(sock.getsockname()[1])
-        server = _EmbeddedServer(self._config)
-        task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]), name=self.name)
-        while not server.started:
-            if task.done():
-                sock.close()
-                task.result()  # raises what stopped it
-                raise RuntimeError(f"the OpenAI HTTP API at {self.host}:{self.port} stopped before it started")
-            await asyncio.sleep(0.01)
-        self._server, self._task = server, task
-        log.info("serving the OpenAI-compatible HTTP API on %s", self.base_url)
-
-    async def close(self) -> None:
-        server, task = self._server, self._task
-        self._server = self._task = None
-        if server is None or task is None:
-            return
-        server.should_exit = True
-        await task
+        return f"{self.url}/v1"

@@ -1,0 +1,58 @@
+"""Wiring: the console's ASGI app on an ``HttpServer``, its service channels, its session codec."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from gristmill.console.api.pages import console_app
+from gristmill.console.domain.sessions import SessionCodec
+from gristmill.console.gateway import Services
+from gristmill.console.settings import ConsoleSettings
+from gristmill.core.httpserver import HttpServer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConsoleApp:
+    """The console as one component: ``open`` binds its port and serves, ``close`` drains and closes channels."""
+
+    server: HttpServer
+    services: Services
+    name: str = "console"
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def open(self) -> None:
+        await self.server.open()
+
+    async def close(self) -> None:
+        await self.server.close()
+        await self.services.close()
+
+
+def build_app(settings: ConsoleSettings) -> ConsoleApp:
+    services = Services(
+        labeling=settings.labeling_address, admin=settings.admin_address, timeout_s=settings.call_timeout_s
+    )
+    secret = settings.session_secret.get_secret_value()
+    if not secret:
+        log.warning("GRISTMILL_CONSOLE_SESSION_SECRET is not set: sessions end when this process stops")
+    codec = SessionCodec(secret, settings.session_max_age_s)
+    app = console_app(services, codec, secure_cookies=settings.secure_cookies)
+    server = HttpServer(
+        app,
+        name="console-http",
+        what="the console",
+        host=settings.host,
+        port=settings.http_port,
+        grace_s=settings.shutdown_grace_s,
+    )
+    return ConsoleApp(server, services)

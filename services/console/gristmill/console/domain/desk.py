@@ -1,0 +1,180 @@
+"""What the pages show and do, as plain functions of the labeling service's API and the signed-in session.
+
+No HTML here and no gRPC: ``Calls`` is the one thing this needs of the services (``gristmill.console.gateway``
+gives it), so the rules are tested with a fake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from gristmill.api.common.v1 import common_pb2
+from gristmill.api.labeling.v1 import labeling_pb2 as pb
+from gristmill.console.domain.sessions import Session
+from gristmill.core.errors import FailedPreconditionError, InvalidArgumentError
+from gristmill.core.paging import MAX_PAGE_SIZE
+
+R = TypeVar("R")
+
+# The page labels these task types; chat and preference items come later (their projects show, unlabeled here).
+LABELABLE = frozenset({common_pb2.TASK_TYPE_TEXT_CLASSIFICATION})
+# Number keys 1-9 choose a label: a schema with more labels is chosen from the list by mouse.
+MAX_KEYED_LABELS = 9
+
+
+class Calls(Protocol):
+    labeling: Any
+
+    def call(self, service: str, method: Callable[..., Awaitable[R]], request: Any, api_key: str) -> Awaitable[R]: ...
+
+
+@dataclass(frozen=True)
+class LabelChoice:
+    name: str
+    description: str
+    key: str  # the number key that chooses it ("" past the ninth)
+    suggested: bool  # the model's pre-label (uncertainty-first projects)
+    probability: float | None
+
+
+@dataclass(frozen=True)
+class TaskView:
+    project_id: str
+    task_id: str
+    item_id: str
+    text: str
+    labels: list[LabelChoice]
+    remaining: int
+    # The label already given, when the annotator went back (undo) to change it.
+    chosen: str = ""
+    annotation_id: str = ""
+
+
+@dataclass(frozen=True)
+class ProjectView:
+    project: pb.Project
+    labelable: bool
+
+    @property
+    def progress(self) -> float:
+        stats = self.project.stats
+        return stats.labeled_item_count / stats.item_count if stats.item_count else 0.0
+
+
+class Desk:
+    """The labeling pages' operations for one signed-in user."""
+
+    def __init__(self, calls: Calls) -> None:
+        self.calls = calls
+
+    async def _labeling(self, session: Session, method: str, request: Any) -> Any:
+        return await self.calls.call("labeling", getattr(self.calls.labeling, method), request, session.api_key)
+
+    async def projects(self, session: Session) -> list[ProjectView]:
+        out: list[ProjectView] = []
+        token = ""
+        while True:
+            page = common_pb2.PageRequest(page_size=MAX_PAGE_SIZE, page_token=token)
+            response = await self._labeling(session, "ListProjects", pb.ListProjectsRequest(page=page))
+            out += [ProjectView(p, p.task_type in LABELABLE) for p in response.projects]
+            token = response.next_page_token
+            if not token:
+                return out
+
+    async def project(self, session: Session, project_id: str) -> ProjectView:
+        project = await self._labeling(session, "GetProject", pb.GetProjectRequest(project_id=project_id))
+        return ProjectView(project, project.task_type in LABELABLE)
+
+    async def agreement(self, session: Session, project_id: str) -> pb.AgreementReport:
+        report: pb.AgreementReport = await self._labeling(
+            session, "GetAgreement", pb.GetAgreementRequest(project_id=project_id)
+        )
+        return report
+
+    async def next_task(self, session: Session, project_id: str) -> TaskView | None:
+        """The item this annotator labels next (the one they hold, if any), in the project's order."""
+        project = await self.project(session, project_id)
+        if not project.labelable:
+            raise FailedPreconditionError(
+                f"project {project_id!r} holds {common_pb2.TaskType.Name(project.project.task_type)} items, which "
+                "this console cannot label yet: use `gristmill label`"
+            )
+        request = pb.NextTaskRequest(project_id=project_id, annotator_id=session.annotator_id)
+        response = await self._labeling(session, "NextTask", request)
+        if not response.HasField("task"):
+            return None
+        return _view(
+            project_id,
+            response.task.task_id,
+            response.task.item,
+            response.task.label_schema,
+            int(response.remaining_count),
+        )
+
+    async def submit(self, session: Session, project_id: str, task_id: str, item_id: str, label: str) -> str:
+        """Record this annotator's label for the item they hold; returns the annotation's id (for undo)."""
+        session.require_label()
+        if not label:
+            raise InvalidArgumentError("choose a label first (its number key, or click it)")
+        request = pb.SubmitAnnotationRequest(
+            project_id=project_id, item_id=item_id, annotator_id=session.annotator_id, task_id=task_id, labels=[label]
+        )
+        annotation = await self._labeling(session, "SubmitAnnotation", request)
+        return str(annotation.annotation_id)
+
+    async def skip(self, session: Session, project_id: str, task_id: str) -> None:
+        session.require_label()
+        request = pb.SkipTaskRequest(project_id=project_id, task_id=task_id, annotator_id=session.annotator_id)
+        await self._labeling(session, "SkipTask", request)
+
+    async def revisit(self, session: Session, project_id: str, item_id: str, annotation_id: str) -> TaskView:
+        """The item of the annotator's last annotation, with their label chosen, to change it (undo)."""
+        item = await self._labeling(session, "GetItem", pb.GetItemRequest(project_id=project_id, item_id=item_id))
+        mine = [a for a in item.annotations if a.annotation_id == annotation_id]
+        if not mine or mine[0].annotator_id != session.annotator_id:
+            raise FailedPreconditionError("there is no annotation of yours to undo here")
+        schema = await self._labeling(session, "GetLabelSchema", pb.GetLabelSchemaRequest(project_id=project_id))
+        chosen = mine[0].labels[0] if mine[0].labels else ""
+        return _view(project_id, "", item, schema, 0, chosen=chosen, annotation_id=annotation_id)
+
+    async def change(self, session: Session, project_id: str, annotation_id: str, label: str) -> None:
+        session.require_label()
+        if not label:
+            raise InvalidArgumentError("choose a label first (its number key, or click it)")
+        request = pb.UpdateAnnotationRequest(
+            project_id=project_id, annotation_id=annotation_id, annotator_id=session.annotator_id, labels=[label]
+        )
+        await self._labeling(session, "UpdateAnnotation", request)
+
+
+def _view(
+    project_id: str,
+    task_id: str,
+    item: pb.Item,
+    schema: pb.LabelSchema,
+    remaining: int,
+    *,
+    chosen: str = "",
+    annotation_id: str = "",
+) -> TaskView:
+    # The latest prediction's top label is the pre-label (uncertainty-first projects attach them).
+    suggestion, probabilities = "", {}
+    if item.predictions:
+        latest = max(item.predictions, key=lambda p: (p.create_time.seconds, p.create_time.nanos))
+        probabilities = dict(latest.probabilities)
+        suggestion = latest.labels[0] if latest.labels else ""
+    labels = [
+        LabelChoice(
+            name=d.name,
+            description=d.description,
+            key=str(i + 1) if i < MAX_KEYED_LABELS else "",
+            suggested=d.name == suggestion,
+            probability=probabilities.get(d.name),
+        )
+        for i, d in enumerate(schema.labels)
+    ]
+    return TaskView(
+        project_id, task_id, item.item_id, item.text, labels, remaining, chosen or suggestion, annotation_id
+    )

@@ -1,0 +1,58 @@
+"""The services the console calls, over gRPC, each call with the signed-in user's key.
+
+One channel per service for the whole process (calls from every user share it); the key travels per call as
+``authorization: Bearer <key>`` metadata, so each call is checked and metered as that user's. A service's answer
+keeps its status and message (the page shows it); a service that does not answer is UNAVAILABLE, named with its
+address.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from gristmill.api.admin.v1 import admin_pb2, admin_pb2_grpc
+from gristmill.api.labeling.v1 import labeling_pb2_grpc
+from gristmill.core.errors import GristmillError, UnavailableError, error_for_status
+
+R = TypeVar("R")
+
+# Statuses that say the service was not reached, or failed in itself: not an answer about the request.
+_NOT_ANSWERS = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+)
+
+
+class Services:
+    """Async stubs of the services the console reads and writes, and ``call`` to use them as a user."""
+
+    def __init__(self, *, labeling: str, admin: str, timeout_s: float) -> None:
+        self.addresses = {"labeling": labeling, "admin": admin}
+        self.timeout_s = timeout_s
+        self._channels = {name: grpc.aio.insecure_channel(address) for name, address in self.addresses.items()}
+        self.labeling = labeling_pb2_grpc.LabelingServiceStub(self._channels["labeling"])
+        self.admin = admin_pb2_grpc.AdminServiceStub(self._channels["admin"])
+
+    async def call(self, service: str, method: Callable[..., Awaitable[R]], request: Any, api_key: str) -> R:
+        metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        try:
+            return await method(request, metadata=metadata, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(service, exc) from None
+
+    async def who_am_i(self, api_key: str) -> admin_pb2.WhoAmIResponse:
+        return await self.call("admin", self.admin.WhoAmI, admin_pb2.WhoAmIRequest(), api_key)
+
+    def _error(self, service: str, exc: grpc.aio.AioRpcError) -> GristmillError:
+        code, details = exc.code(), exc.details() or ""
+        if code in _NOT_ANSWERS:
+            return UnavailableError(
+                f"the {service} service at {self.addresses[service]} did not answer ({code.name.lower()}): {details}"
+            )
+        return error_for_status(code, details)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()

@@ -1,0 +1,290 @@
+"""The console over real HTTP, in front of the real admin and labeling services (API keys on, Kafka and S3 real).
+
+A person's path through it with a browser's requests (cookies, forms, htmx's header): sign in with a key,
+label 20 items from the queue, undo one and change it, skip one; and what must never happen: text from the data
+run as markup, a write without the page's CSRF token, a read-only key labeling, one organisation seeing
+another's project.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx2 as httpx
+import pytest
+from pydantic import SecretStr
+
+from gristmill.api.common.v1 import common_pb2
+from gristmill.api.labeling.v1 import labeling_pb2 as pb
+from gristmill.api.labeling.v1 import labeling_pb2_grpc as pb_grpc
+from gristmill.console.app import ConsoleApp, build_app
+from gristmill.console.settings import ConsoleSettings
+from gristmill.core.auth import LABELING_READ, LABELING_WRITE, AuthSettings
+from gristmill.core.host import Infrastructure
+from gristmill.core.licensing import License
+from gristmill.core.security import Security, build_auth_hook
+from gristmill.core.settings import KafkaSettings, S3Settings
+from gristmill.labeling.app import METHOD_SCOPES
+from gristmill.labeling.app import build_app as build_labeling
+from gristmill.labeling.settings import LabelingSettings
+from services.admin.tests.support import ROOT, RunningAdmin, bearer, running_admin
+from tests.conftest import SHARED_DATA
+
+pytestmark = pytest.mark.integration
+
+HOSTILE = '<script>alert("x")</script><img src=x onerror="alert(1)"> hostile review'
+HTMX = {"HX-Request": "true"}
+
+
+@dataclass
+class Stack:
+    admin: RunningAdmin
+    labeling: pb_grpc.LabelingServiceStub
+    console: ConsoleApp
+    keys: dict[str, str]
+    project_id: str
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, kafka_bootstrap: str, s3_endpoint: dict[str, str]) -> AsyncIterator[Stack]:
+    run = uuid.uuid4().hex[:8]
+    kafka = KafkaSettings(bootstrap_servers=kafka_bootstrap)
+    async with running_admin(tmp_path, kafka=kafka, metering_group=f"console-it-{run}") as admin:
+        await admin.create_org("acme")
+        await admin.create_org("globex")
+        keys = {
+            "writer": await admin.create_key("acme", LABELING_WRITE),
+            "reader": await admin.create_key("acme", LABELING_READ),
+            "other": await admin.create_key("globex", LABELING_WRITE),
+        }
+        auth = AuthSettings(admin_address=admin.address, root_organization_id=ROOT, cache_ttl_s=0)
+        hook = build_auth_hook(auth, method_scopes=METHOD_SCOPES, embedded=False)
+        s3 = S3Settings(
+            endpoint=s3_endpoint["endpoint"],
+            access_key=s3_endpoint["access_key"],
+            secret_key=SecretStr(s3_endpoint["secret_key"]),
+            bucket="gristmill-test",
+        )
+        settings = LabelingSettings(
+            data_dir=tmp_path / "labeling",
+            grpc_port=0,
+            active_learning_group=f"console-it-al-{run}",
+            feedback_group=f"console-it-fb-{run}",
+        )
+        labeling = build_labeling(settings, Infrastructure(kafka=kafka, s3=s3), Security(hook, License(), auth=auth))
+        port = await labeling.host.start()
+        console = build_app(
+            ConsoleSettings(
+                http_port=0, labeling_address=f"127.0.0.1:{port}", admin_address=admin.address, session_secret="t"
+            )
+        )
+        await console.open()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.LabelingServiceStub(channel)
+                project_id = await _project(stub, keys["writer"], f"reviews-{run}")
+                yield Stack(admin, stub, console, keys, project_id)
+        finally:
+            await console.close()
+            await labeling.host.stop()
+
+
+async def _project(stub: pb_grpc.LabelingServiceStub, key: str, project_id: str) -> str:
+    await stub.CreateProject(
+        pb.CreateProjectRequest(
+            project_id=project_id,
+            display_name="Phone <b>reviews</b>",
+            task_type=common_pb2.TASK_TYPE_TEXT_CLASSIFICATION,
+            labels=[pb.LabelDefinition(name="negative"), pb.LabelDefinition(name="positive")],
+        ),
+        metadata=bearer(key),
+    )
+    lines = (Path(SHARED_DATA) / "sentiment" / "amazon_cells_labelled.txt").read_text().splitlines()[:30]
+    texts = [line.split("\t")[0] for line in lines] + [HOSTILE]
+    options = pb.ImportOptions(
+        project_id=project_id,
+        format=pb.IMPORT_FORMAT_CSV,
+        source_name="reviews.txt",
+        csv=pb.CsvOptions(delimiter="\t", column_names=["text"], disable_quoting=True),
+    )
+    data = ("\n".join(texts) + "\n").encode()
+    report = await stub.ImportItems(
+        iter([pb.ImportItemsRequest(options=options), pb.ImportItemsRequest(chunk=data)]), metadata=bearer(key)
+    )
+    assert report.accepted_count >= 25, report
+    return project_id
+
+
+@asynccontextmanager
+async def signed_in(stack: Stack, key: str, annotator: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack.console.url, follow_redirects=False, timeout=30) as client:
+        reply = await client.post("/sign-in", data={"api_key": stack.keys[key], "annotator": annotator})
+        assert reply.status_code == 303 and reply.headers["location"] == "/", reply.text
+        cookie = reply.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie
+        yield client
+
+
+def _field(html: str, name: str) -> str:
+    found = re.search(rf'name="{name}" value="([^"]*)"', html)
+    assert found is not None, f"no {name} in {html[:2000]}"
+    return found.group(1)
+
+
+def _item(html: str) -> str:
+    found = re.search(r'data-item-id="([^"]+)"', html)
+    return found.group(1) if found else ""
+
+
+async def _annotations(stack: Stack) -> int:
+    project = await stack.labeling.GetProject(
+        pb.GetProjectRequest(project_id=stack.project_id), metadata=bearer(stack.keys["writer"])
+    )
+    return int(project.stats.annotation_count)
+
+
+async def test_an_annotator_labels_twenty_items_undoes_one_and_skips_one(stack: Stack) -> None:
+    async with signed_in(stack, "writer", "ann-1") as client:
+        projects = await client.get("/")
+        assert projects.status_code == 200
+        # The display name is data: escaped, not markup.
+        assert "Phone &lt;b&gt;reviews&lt;/b&gt;" in projects.text and "<b>reviews" not in projects.text
+        assert f'href="/projects/{stack.project_id}/label"' in projects.text
+        assert "script-src 'self'" in projects.headers["content-security-policy"]
+
+        page = await client.get(f"/projects/{stack.project_id}/label")
+        assert page.status_code == 200, page.text
+        html = page.text
+        csrf = _field(html, "csrf")
+        seen: list[str] = []
+        last: dict[str, Any] = {}
+        for i in range(20):
+            item_id, task_id = _field(html, "item_id"), _field(html, "task_id")
+            assert item_id not in seen
+            seen.append(item_id)
+            label = "positive" if i % 2 else "negative"
+            form = {"csrf": csrf, "action": "submit", "task_id": task_id, "item_id": item_id, "label": label}
+            reply = await client.post(f"/projects/{stack.project_id}/label", data=form, headers=HTMX)
+            assert reply.status_code == 200, reply.text
+            html = reply.text
+            last = {"item_id": item_id, "label": label}
+        assert await _annotations(stack) == 20
+
+        # u: back to the last item, its label chosen; change it.
+        undo = {
+            "csrf": csrf,
+            "action": "undo",
+            "last_item_id": _field(html, "last_item_id"),
+            "last_annotation_id": _field(html, "last_annotation_id"),
+        }
+        assert undo["last_item_id"] == last["item_id"]
+        back = await client.post(f"/projects/{stack.project_id}/label", data=undo, headers=HTMX)
+        assert back.status_code == 200, back.text
+        assert _item(back.text) == last["item_id"]
+        assert re.search(rf'value="{last["label"]}" data-key="\d" checked', back.text)
+        change = {
+            "csrf": csrf,
+            "action": "change",
+            "annotation_id": _field(back.text, "annotation_id"),
+            "label": "positive",
+        }
+        changed = await client.post(f"/projects/{stack.project_id}/label", data=change, headers=HTMX)
+        assert changed.status_code == 200, changed.text
+        item = await stack.labeling.GetItem(
+            pb.GetItemRequest(project_id=stack.project_id, item_id=last["item_id"]),
+            metadata=bearer(stack.keys["writer"]),
+        )
+        assert [list(a.labels) for a in item.annotations] == [["positive"]]
+        assert await _annotations(stack) == 20
+
+        # s: the item is skipped and not offered again.
+        html = changed.text
+        skipped = _field(html, "item_id")
+        form = {"csrf": csrf, "action": "skip", "task_id": _field(html, "task_id")}
+        after = await client.post(f"/projects/{stack.project_id}/label", data=form, headers=HTMX)
+        assert after.status_code == 200 and _item(after.text) not in ("", skipped)
+
+        # Without htmx (no JavaScript), the same form answers with a redirect to the page.
+        html = after.text
+        plain = {"csrf": csrf, "action": "submit", "task_id": _field(html, "task_id"), "item_id": _item(html)}
+        plain["label"] = "negative"
+        reply = await client.post(f"/projects/{stack.project_id}/label", data=plain)
+        assert reply.status_code == 303 and reply.headers["location"] == f"/projects/{stack.project_id}/label"
+        assert await _annotations(stack) == 21
+
+        # Signed out, the pages send the browser to sign in.
+        out = await client.post("/sign-out", data={"csrf": csrf})
+        assert out.status_code == 303
+        client.cookies.clear()
+        assert (await client.get("/")).headers["location"] == "/sign-in"
+
+
+async def test_text_from_the_data_is_shown_as_text(stack: Stack) -> None:
+    async with signed_in(stack, "writer", "ann-2") as client:
+        html = (await client.get(f"/projects/{stack.project_id}/label")).text
+        csrf = _field(html, "csrf")
+        for _ in range(40):
+            if "hostile review" in html:
+                break
+            form = {"csrf": csrf, "action": "skip", "task_id": _field(html, "task_id")}
+            html = (await client.post(f"/projects/{stack.project_id}/label", data=form, headers=HTMX)).text
+        assert "hostile review" in html
+        assert "<script>alert" not in html and "<img src=x" not in html and 'onerror="alert' not in html
+        assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in html
+
+
+async def test_a_write_without_the_pages_csrf_token_is_refused_and_changes_nothing(stack: Stack) -> None:
+    async with signed_in(stack, "writer", "ann-3") as client:
+        html = (await client.get(f"/projects/{stack.project_id}/label")).text
+        form = {"action": "submit", "task_id": _field(html, "task_id"), "item_id": _item(html), "label": "negative"}
+        for token in ("", "forged"):
+            reply = await client.post(f"/projects/{stack.project_id}/label", data={**form, "csrf": token})
+            assert reply.status_code == 403 and "reload the page" in reply.text
+        assert await _annotations(stack) == 0
+
+
+async def test_a_read_only_key_sees_no_write_buttons_and_its_writes_are_refused(stack: Stack) -> None:
+    async with signed_in(stack, "reader", "viewer") as client:
+        projects = await client.get("/")
+        assert stack.project_id in projects.text and "/label" not in projects.text and "read-only key" in projects.text
+        page = await client.get(f"/projects/{stack.project_id}")
+        assert page.status_code == 200 and "/label" not in page.text
+        csrf = _field(projects.text, "csrf")
+        form = {"csrf": csrf, "action": "submit", "task_id": "t", "item_id": "i", "label": "negative"}
+        reply = await client.post(f"/projects/{stack.project_id}/label", data=form)
+        assert reply.status_code == 403 and "lacks labeling:write" in reply.text
+    # ... and the service refuses the key's writes anyway.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stack.labeling.NextTask(
+            pb.NextTaskRequest(project_id=stack.project_id, annotator_id="viewer"),
+            metadata=bearer(stack.keys["reader"]),
+        )
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert await _annotations(stack) == 0
+
+
+async def test_another_organisation_sees_none_of_the_project(stack: Stack) -> None:
+    async with signed_in(stack, "other", "outsider") as client:
+        projects = await client.get("/")
+        assert projects.status_code == 200 and stack.project_id not in projects.text
+        for path in (f"/projects/{stack.project_id}", f"/projects/{stack.project_id}/label"):
+            reply = await client.get(path)
+            assert reply.status_code == 404, (path, reply.status_code)
+
+
+async def test_sign_in_refuses_a_wrong_or_missing_key_in_one_line(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.console.url) as client:
+        wrong = await client.post("/sign-in", data={"api_key": "gmk_nope.nope", "annotator": "x"})
+        assert wrong.status_code == 401 and "set-cookie" not in wrong.headers
+        empty = await client.post("/sign-in", data={"api_key": "", "annotator": "x"})
+        assert empty.status_code == 401 and "set-cookie" not in empty.headers
+        bad_name = await client.post("/sign-in", data={"api_key": stack.keys["writer"], "annotator": "a b"})
+        assert bad_name.status_code == 400 and "annotator name" in bad_name.text
+        assert (await client.get("/healthz")).text == "ok"
