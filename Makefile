@@ -28,7 +28,7 @@ PYTEST_ARGS ?=
 SOAK_ROUNDS ?= 10
 
 .PHONY: help install generate lint typecheck check-generated compose-check stack-up stack-down stack-status \
-        test test-unit test-integration chaos soak run clean
+        test test-unit test-integration chaos soak run clean browser
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -80,18 +80,21 @@ stack-up:  ## provision (cached) and start PostgreSQL, Kafka and SeaweedFS on 12
 stack-down:  ## stop PostgreSQL, Kafka and SeaweedFS
 	@deploy/local/stack.sh down
 
+browser:  ## install Debian's chromium and chromium-driver for the console's browser tests (once)
+	@deploy/local/browser.sh provision
+
 stack-status:  ## is the local stack up?
 	@deploy/local/stack.sh status
 
 test-unit: install  ## fast tests, in-memory implementations only
 	@$(PY) -m pytest tests/unit $(wildcard services/*/tests/unit) $(PYTEST_ARGS)
 
-test-integration: install stack-up  ## tests against the real PostgreSQL, Kafka, S3 server and gRPC ports
+test-integration: install stack-up browser  ## tests against the real PostgreSQL, Kafka, S3 server and gRPC ports
 	@$(PY) -m pytest -m "integration" tests services $(PYTEST_ARGS)
 
 # Two pytest-xdist workers (tests/conftest.py says which tests share one), then, alone, the tests that stop a shared
 # server (the Kafka broker) while they run.
-test: install check-generated lint typecheck compose-check stack-up  ## everything CI runs: checks, then unit + integration tests
+test: install check-generated lint typecheck compose-check stack-up browser  ## everything CI runs: checks, then unit + integration tests
 	@rc=0; \
 	$(PY) -m pytest -n 2 -m "not chaos and not exclusive" tests services $(PYTEST_ARGS) || rc=$$?; \
 	$(PY) -m pytest -m "exclusive and not chaos" tests services $(PYTEST_ARGS) || { s=$$?; [ $$s = 5 ] || rc=$$s; }; \
