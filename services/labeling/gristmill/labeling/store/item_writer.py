@@ -38,6 +38,11 @@ class SqlItemWriter(ItemWriter):
         self._first_seq: int | None = None
         self._count = 0
 
+    @property
+    def added_count(self) -> int:
+        """Items this writer added so far."""
+        return self._count
+
     def existing_external_ids(self, external_ids: Sequence[str]) -> set[str]:
         return {row[0] for row in self._rows_where_in(("external_id",), "external_id", external_ids)}
 

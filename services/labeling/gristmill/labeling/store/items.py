@@ -7,7 +7,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from gristmill.core.errors import NotFoundError
@@ -26,6 +26,9 @@ from gristmill.labeling.store.queries import (
     put_prediction,
 )
 from gristmill.labeling.store.rows import is_generative, item_from_row, report_from_json
+
+# An import of at least this many items refreshes PostgreSQL's statistics of the items table (see _open_import).
+_ANALYZE_AFTER_ROWS = 1000
 
 
 class SqlItemStore(SqlStore, ItemStore):
@@ -64,7 +67,16 @@ class SqlItemStore(SqlStore, ItemStore):
         self, organization_id: str, project_id: str, now: datetime, consensus: ConsensusRule
     ) -> Iterator[ItemWriter]:
         with self.database.transaction() as session:
-            yield self.writer_in(session, organization_id, project_id, now, consensus=consensus)
+            writer = SqlItemWriter(session, project_row(session, organization_id, project_id), now, consensus)
+            yield writer
+            postgres = session.get_bind().dialect.name == "postgresql"
+        if postgres and writer.added_count >= _ANALYZE_AFTER_ROWS:
+            # Fresh planner statistics once a large import committed: planned on the empty table's, NextTask's
+            # "first offerable item" sorted every item instead of walking the primary key (18 ms against 0.1 ms
+            # at 20,000 items). Autovacuum would get there, minutes later.
+            with self.database.engine.connect() as connection:
+                connection.execute(text(f"ANALYZE {t.items.name}"))
+                connection.commit()
 
     def open_import(
         self, organization_id: str, project_id: str, now: datetime, *, consensus: ConsensusRule
