@@ -146,7 +146,7 @@ def console_app(services: Services, codec: SessionCodec, *, secure_cookies: bool
     async def label_page(request: Request, project_id: str) -> Response:
         session = require(session_of(request))
         view = await desk.project(session, project_id)
-        task = await desk.next_task(session, project_id)
+        task = await desk.next_task(session, project_id, project=view)
         return page(request, "label.html", view=view, task=task, last=None)
 
     @app.post("/projects/{project_id}/label")

@@ -93,10 +93,13 @@ class Desk:
         )
         return report
 
-    async def next_task(self, session: Session, project_id: str) -> TaskView | None:
-        """The item this annotator labels next (the one they hold, if any), in the project's order."""
-        project = await self.project(session, project_id)
-        if not project.labelable:
+    async def next_task(
+        self, session: Session, project_id: str, *, project: ProjectView | None = None
+    ) -> TaskView | None:
+        """The item this annotator labels next (the one they hold, if any), in the project's order. ``project``:
+        the project as the page already read it (after a submission the next item needs only NextTask: one call
+        per key press, not two)."""
+        if project is not None and not project.labelable:
             raise FailedPreconditionError(
                 f"project {project_id!r} holds {common_pb2.TaskType.Name(project.project.task_type)} items, which "
                 "this console cannot label yet: use `gristmill label`"
