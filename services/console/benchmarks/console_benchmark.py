@@ -46,8 +46,46 @@ from gristmill.core.auth import LABELING_WRITE
 
 REPO = Path(__file__).resolve().parents[3]
 REVIEWS = REPO.parent / "shared" / "data" / "sentiment"
-WORDS = ["battery", "screen", "sound", "price", "delivery", "case", "charger", "signal", "camera", "keyboard", "strap", "button", "menu", "color", "size", "weight", "speaker", "cable", "manual", "warranty", "support", "fit", "finish", "design"]
-OPINIONS = ["great", "terrible", "fine", "awful", "excellent", "poor", "decent", "broken", "solid", "flimsy", "lovely", "useless"]
+WORDS = [
+    "battery",
+    "screen",
+    "sound",
+    "price",
+    "delivery",
+    "case",
+    "charger",
+    "signal",
+    "camera",
+    "keyboard",
+    "strap",
+    "button",
+    "menu",
+    "color",
+    "size",
+    "weight",
+    "speaker",
+    "cable",
+    "manual",
+    "warranty",
+    "support",
+    "fit",
+    "finish",
+    "design",
+]
+OPINIONS = [
+    "great",
+    "terrible",
+    "fine",
+    "awful",
+    "excellent",
+    "poor",
+    "decent",
+    "broken",
+    "solid",
+    "flimsy",
+    "lovely",
+    "useless",
+]
 
 # Timed inside the page: Enter's keydown starts a timer, htmx's afterSettle of the swapped item stops it.
 PROBE = """
