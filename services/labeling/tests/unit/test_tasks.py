@@ -255,3 +255,24 @@ def test_resolving_an_item_overrides_the_vote(make_project: Any, import_jsonl: A
         service.resolve_item("", "p1", item_id, "reviewer", ["maybe"], "")
     with pytest.raises(NotFoundError):
         service.resolve_item("", "p1", "0" * 32, "reviewer", ["neg"], "")
+
+
+def test_remaining_is_counted_up_to_its_cap(make_project: Any, import_jsonl: Any, service: LabelingService) -> None:
+    import random
+
+    from gristmill.labeling.store.annotations import REMAINING_COUNT_CAP
+
+    rng = random.Random(5)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+
+    def word() -> str:
+        return "".join(rng.choice(letters) for _ in range(7))
+
+    make_project()
+    n = REMAINING_COUNT_CAP + 10
+    import_jsonl("p1", [{"id": f"e{i}", "text": " ".join(word() for _ in range(8))} for i in range(n)])
+    task, remaining = service.next_task("", "p1", "ann-a", None)
+    # The held item and at least the cap: an exact count over every item would cost each call a full scan.
+    assert task is not None and remaining == REMAINING_COUNT_CAP
+    again, remaining = service.next_task("", "p1", "ann-a", None)
+    assert again is not None and again.task_id == task.task_id and remaining == REMAINING_COUNT_CAP + 1

@@ -1767,7 +1767,9 @@ class NextTaskResponse(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     REMAINING_COUNT_FIELD_NUMBER: _builtins.int
     remaining_count: _builtins.int
-    """Items this annotator could still be offered, including this one (an estimate under load)."""
+    """Items this annotator could still be offered, including this one (an estimate under load), counted
+    up to 1000: 1000 (1001 with a held lease) means "at least that many".
+    """
     @_builtins.property
     def task(self) -> Global___Task:
         """Absent when no item is left for this annotator."""

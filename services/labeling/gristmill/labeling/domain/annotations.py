@@ -70,7 +70,7 @@ class AnnotationUseCases(UseCases):
         self, organization_id: str, project_id: str, annotator_id: str, lease_seconds: int | None
     ) -> tuple[Task | None, int]:
         validate_id(annotator_id, what="annotator_id")
-        project = self.get_project(organization_id, project_id)
+        project = self.project_rules(organization_id, project_id)
         seconds = project.settings.lease_seconds
         if lease_seconds is not None:
             seconds = validate_lease_seconds(lease_seconds, "lease_seconds")
@@ -99,7 +99,7 @@ class AnnotationUseCases(UseCases):
         validate_id(annotator_id, what="annotator_id")
         if task_id:
             validate_id(task_id, what="task_id")
-        project = self.get_project(organization_id, project_id)
+        project = self.project_rules(organization_id, project_id)
         item_id = checked_item_id(item_id)
         checked, content = self._check_annotation(project, item_id, labels, response, spans, comment)
         return self.store.submit_annotation(
@@ -130,7 +130,7 @@ class AnnotationUseCases(UseCases):
     ) -> Annotation:
         validate_id(annotator_id, what="annotator_id")
         validate_id(annotation_id, what="annotation_id")
-        project = self.get_project(organization_id, project_id)
+        project = self.project_rules(organization_id, project_id)
         item_id = ""
         if project.task_type.generative:
             item_id = self.store.annotation_item_id(project.organization_id, project.project_id, annotation_id)
@@ -163,7 +163,7 @@ class AnnotationUseCases(UseCases):
             raise InvalidArgumentError(
                 f"predictions: at most {MAX_PREDICTIONS_PER_CALL:,} per call, got {len(predictions):,}; send batches"
             )
-        project = self.get_project(organization_id, project_id)
+        project = self.project_rules(organization_id, project_id)
         now = self.clock()
         checked = []
         for index, (target, prediction) in enumerate(predictions):
@@ -186,7 +186,7 @@ class AnnotationUseCases(UseCases):
         response: Response | None = None,
     ) -> Item:
         validate_id(reviewer_id, what="reviewer_id")
-        project = self.get_project(organization_id, project_id)
+        project = self.project_rules(organization_id, project_id)
         item_id = checked_item_id(item_id)
         checked, content = self._check_annotation(project, item_id, labels, response, (), comment)
         return self.store.resolve_item(
@@ -226,7 +226,7 @@ class AnnotationUseCases(UseCases):
     def get_agreement(self, organization_id: str, project_id: str, annotator_ids: Sequence[str]) -> AgreementReport:
         for index, annotator in enumerate(annotator_ids):
             validate_id(annotator, what=f"annotator_ids[{index}]")
-        project = self.get_project(organization_id, project_id)
+        project = self.project_rules(organization_id, project_id)
         rated, counts, by_status = self.store.rated_items(project.organization_id, project.project_id, annotator_ids)
         report = agreement_math.agreement_report(
             project.project_id,

@@ -38,6 +38,11 @@ class UseCases:
     def get_project(self, organization_id: str, project_id: str) -> Project:
         return self.store.get_project(organization(organization_id), checked_project_id(project_id))
 
+    def project_rules(self, organization_id: str, project_id: str) -> Project:
+        """The project without its stats (a count over its items): for calls that need its schema and settings,
+        such as each annotation's (one per key press in the console)."""
+        return self.store.get_project(organization(organization_id), checked_project_id(project_id), with_stats=False)
+
     def token_counter(self, organization_id: str, tokenizer: str) -> TokenCounter:
         """The counter of base model ``tokenizer``: ``NotFoundError`` when the registry has no such base model,
         ``FailedPreconditionError`` when its tokenizer cannot be loaded (or this service has no registry),

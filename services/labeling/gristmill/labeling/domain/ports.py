@@ -114,8 +114,9 @@ class ProjectStore(ABC):
         """Store a new project with its first schema (version 1). ``AlreadyExistsError`` if the id is taken."""
 
     @abstractmethod
-    def get_project(self, organization_id: str, project_id: str) -> Project:
-        """The project with its current schema and stats."""
+    def get_project(self, organization_id: str, project_id: str, *, with_stats: bool = True) -> Project:
+        """The project with its current schema and stats (``with_stats=False``: zero stats, which cost a count
+        over the project's items: the annotation calls need only the schema and settings)."""
 
     @abstractmethod
     def list_projects(self, organization_id: str, *, offset: int, limit: int) -> list[Project]:

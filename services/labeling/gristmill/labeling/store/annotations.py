@@ -40,6 +40,9 @@ from gristmill.labeling.store.rows import (
     response_to_json,
 )
 
+# NextTask's remaining_count stops counting here (it then means "at least this many").
+REMAINING_COUNT_CAP = 1000
+
 # Rounds of waiting for a locked candidate before NextTask answers "no task" (each round waits for one submit).
 _OFFER_ROUNDS = 50
 
@@ -433,7 +436,9 @@ def _offerable(project: Row[Any], annotator_id: str, offer: OfferRule, now: date
 
 
 def _offerable_count(session: Session, project: Row[Any], annotator_id: str, offer: OfferRule, now: datetime) -> int:
-    sub = _offerable(project, annotator_id, offer, now).order_by(None).subquery()
+    """How many items this annotator could be offered, counted up to ``REMAINING_COUNT_CAP``: the database stops
+    reading there (a full count cost every NextTask ~60 ms at 100,000 items on PostgreSQL)."""
+    sub = _offerable(project, annotator_id, offer, now).order_by(None).limit(REMAINING_COUNT_CAP).subquery()
     return int(session.execute(select(func.count()).select_from(sub)).scalar_one())
 
 

@@ -62,9 +62,9 @@ class SqlProjectStore(SqlStore, ProjectStore):
             ) from None
         return self.get_project(project.organization_id, project.project_id)
 
-    def get_project(self, organization_id: str, project_id: str) -> Project:
+    def get_project(self, organization_id: str, project_id: str, *, with_stats: bool = True) -> Project:
         with self.database.transaction() as session:
-            return _project(session, project_row(session, organization_id, project_id))
+            return _project(session, project_row(session, organization_id, project_id), with_stats=with_stats)
 
     def list_projects(self, organization_id: str, *, offset: int, limit: int) -> list[Project]:
         with self.database.transaction() as session:
@@ -181,7 +181,7 @@ def _stats(session: Session, project_pk: int) -> ProjectStats:
     )
 
 
-def _project(session: Session, row: Row[Any]) -> Project:
+def _project(session: Session, row: Row[Any], *, with_stats: bool = True) -> Project:
     return Project(
         organization_id=row.organization_id,
         project_id=row.project_id,
@@ -192,5 +192,5 @@ def _project(session: Session, row: Row[Any]) -> Project:
         settings=settings_from_json(row.settings),
         create_time=row.create_time,
         update_time=row.update_time,
-        stats=_stats(session, row.pk),
+        stats=_stats(session, row.pk) if with_stats else ProjectStats(),
     )
