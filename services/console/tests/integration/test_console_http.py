@@ -17,6 +17,7 @@ import grpc
 import httpx2 as httpx
 import pytest
 
+from gristmill.api.common.v1 import common_pb2
 from gristmill.api.labeling.v1 import labeling_pb2 as pb
 from services.admin.tests.support import bearer
 from services.console.tests.support import Stack
@@ -192,3 +193,87 @@ async def test_sign_in_refuses_a_wrong_or_missing_key_in_one_line(stack: Stack) 
         bad_name = await client.post("/sign-in", data={"api_key": stack.keys["writer"], "annotator": "a b"})
         assert bad_name.status_code == 400 and "annotator name" in bad_name.text
         assert (await client.get("/healthz")).text == "ok"
+
+
+async def test_a_reviewer_resolves_conflicts_and_publishes_a_version(stack: Stack) -> None:
+    writer = bearer(stack.keys["writer"])
+    project_id = f"{stack.project_id}-votes"
+    await stack.labeling.CreateProject(
+        pb.CreateProjectRequest(
+            project_id=project_id,
+            task_type=common_pb2.TASK_TYPE_TEXT_CLASSIFICATION,
+            labels=[pb.LabelDefinition(name="negative"), pb.LabelDefinition(name="positive")],
+            settings=pb.ProjectSettings(annotations_per_item=2),
+        ),
+        metadata=writer,
+    )
+    texts = [
+        "The battery died in a day.",
+        "Great sound, fair price.",
+        "Arrived broken and late.",
+        "Works as described.",
+        "The screen scratches easily.",
+        "Best headset I have owned.",
+    ]
+    options = pb.ImportOptions(
+        project_id=project_id,
+        format=pb.IMPORT_FORMAT_CSV,
+        source_name="votes.txt",
+        csv=pb.CsvOptions(delimiter="\t", column_names=["text"], disable_quoting=True),
+    )
+    chunk = pb.ImportItemsRequest(chunk=("\n".join(texts) + "\n").encode())
+    await stack.labeling.ImportItems(iter([pb.ImportItemsRequest(options=options), chunk]), metadata=writer)
+    # Two annotators disagree on the first three items: three 1-1 ties, the review queue.
+    for annotator in ("ann-a", "ann-b"):
+        for _ in range(len(texts)):
+            task = (
+                await stack.labeling.NextTask(
+                    pb.NextTaskRequest(project_id=project_id, annotator_id=annotator), metadata=writer
+                )
+            ).task
+            position = texts.index(task.item.text)
+            label = "positive" if annotator == "ann-b" and position < 3 else "negative"
+            await stack.labeling.SubmitAnnotation(
+                pb.SubmitAnnotationRequest(
+                    project_id=project_id,
+                    item_id=task.item.item_id,
+                    annotator_id=annotator,
+                    task_id=task.task_id,
+                    labels=[label],
+                ),
+                metadata=writer,
+            )
+
+    async with signed_in(stack, "reader", "viewer") as reader:
+        review = await reader.get(f"/projects/{project_id}/review")
+        assert review.status_code == 200 and review.text.count('class="conflict"') == 3
+        assert 'name="label"' not in review.text
+        csrf = _field((await reader.get("/")).text, "csrf")
+        refused = await reader.post(f"/projects/{project_id}/publish", data={"csrf": csrf})
+        assert refused.status_code == 403
+
+    async with signed_in(stack, "writer", "reviewer") as client:
+        project = await client.get(f"/projects/{project_id}")
+        assert "Review 3 conflicts" in project.text and "None published yet" in project.text
+        review = await client.get(f"/projects/{project_id}/review")
+        assert review.text.count('class="conflict"') == 3
+        assert "<strong>ann-a</strong>: negative" in review.text and "<strong>ann-b</strong>: positive" in review.text
+        item_id = re.findall(r'class="conflict" data-item-id="([^"]+)"', review.text)[0]
+        form = {"csrf": _field(review.text, "csrf"), "item_id": item_id, "label": "positive"}
+        resolved = await client.post(f"/projects/{project_id}/review", data=form)
+        assert resolved.status_code == 303
+        assert (await client.get(f"/projects/{project_id}/review")).text.count('class="conflict"') == 2
+        item = await stack.labeling.GetItem(pb.GetItemRequest(project_id=project_id, item_id=item_id), metadata=writer)
+        assert item.status == pb.ITEM_STATUS_RESOLVED and list(item.consensus.labels) == ["positive"]
+        assert item.consensus.resolved_by == "reviewer"
+
+        published = await client.post(
+            f"/projects/{project_id}/publish", data={"csrf": form["csrf"], "description": "first <i>cut</i>"}
+        )
+        assert published.status_code == 303, published.text
+        page = await client.get(f"/projects/{project_id}")
+        assert "first &lt;i&gt;cut&lt;/i&gt;" in page.text and "None published yet" not in page.text
+    versions = await stack.labeling.ListDatasetVersions(
+        pb.ListDatasetVersionsRequest(project_id=project_id), metadata=writer
+    )
+    assert [v.version_number for v in versions.dataset_versions] == [1]

@@ -140,7 +140,30 @@ def console_app(services: Services, codec: SessionCodec, *, secure_cookies: bool
         session = require(session_of(request))
         view = await desk.project(session, project_id)
         agreement = await desk.agreement(session, project_id)
-        return page(request, "project.html", view=view, agreement=agreement)
+        versions = await desk.versions(session, project_id)
+        return page(request, "project.html", view=view, agreement=agreement, versions=versions)
+
+    @app.post("/projects/{project_id}/publish")
+    async def publish(request: Request, project_id: str) -> Response:
+        session = require(session_of(request))
+        form = await request.form()
+        session.check_csrf(str(form.get("csrf", "")))
+        await desk.publish(session, project_id, str(form.get("description", "")))
+        return see_other(f"/projects/{project_id}")
+
+    @app.get("/projects/{project_id}/review")
+    async def review_page(request: Request, project_id: str) -> Response:
+        session = require(session_of(request))
+        view = await desk.project(session, project_id)
+        return page(request, "review.html", view=view, conflicts=await desk.conflicts(session, project_id))
+
+    @app.post("/projects/{project_id}/review")
+    async def review(request: Request, project_id: str) -> Response:
+        session = require(session_of(request))
+        form = await request.form()
+        session.check_csrf(str(form.get("csrf", "")))
+        await desk.resolve(session, project_id, str(form.get("item_id", "")), str(form.get("label", "")))
+        return see_other(f"/projects/{project_id}/review")
 
     @app.get("/projects/{project_id}/label")
     async def label_page(request: Request, project_id: str) -> Response:

@@ -22,6 +22,8 @@ R = TypeVar("R")
 LABELABLE = frozenset({common_pb2.TASK_TYPE_TEXT_CLASSIFICATION})
 # Number keys 1-9 choose a label: a schema with more labels is chosen from the list by mouse.
 MAX_KEYED_LABELS = 9
+# Conflicts shown on the review page at once (each resolved one leaves the queue).
+REVIEW_PAGE = 50
 
 
 class Calls(Protocol):
@@ -92,6 +94,40 @@ class Desk:
             session, "GetAgreement", pb.GetAgreementRequest(project_id=project_id)
         )
         return report
+
+    async def versions(self, session: Session, project_id: str) -> list[pb.DatasetVersion]:
+        """The project's published versions, newest first (one page)."""
+        request = pb.ListDatasetVersionsRequest(project_id=project_id, page=common_pb2.PageRequest(page_size=50))
+        response = await self._labeling(session, "ListDatasetVersions", request)
+        return sorted(response.dataset_versions, key=lambda v: -v.version_number)
+
+    async def conflicts(self, session: Session, project_id: str) -> list[pb.Item]:
+        """Items whose annotations disagree with no majority (the reviewer's queue), with their annotations."""
+        request = pb.ListItemsRequest(
+            project_id=project_id,
+            statuses=[pb.ITEM_STATUS_CONFLICT],
+            include_annotations=True,
+            page=common_pb2.PageRequest(page_size=REVIEW_PAGE),
+        )
+        response = await self._labeling(session, "ListItems", request)
+        return list(response.items)
+
+    async def resolve(self, session: Session, project_id: str, item_id: str, label: str) -> None:
+        """The reviewer's decision for a conflict: the label that wins."""
+        session.require_label()
+        if not label:
+            raise InvalidArgumentError("choose the label that wins")
+        request = pb.ResolveItemRequest(
+            project_id=project_id, item_id=item_id, reviewer_id=session.annotator_id, labels=[label]
+        )
+        await self._labeling(session, "ResolveItem", request)
+
+    async def publish(self, session: Session, project_id: str, description: str) -> pb.PublishDatasetVersionResponse:
+        """An immutable version of the project's labeled items (the default 0.8 / 0.1 / 0.1 stratified split)."""
+        session.require_label()
+        request = pb.PublishDatasetVersionRequest(project_id=project_id, description=description.strip())
+        response: pb.PublishDatasetVersionResponse = await self._labeling(session, "PublishDatasetVersion", request)
+        return response
 
     async def next_task(
         self, session: Session, project_id: str, *, project: ProjectView | None = None
