@@ -25,7 +25,7 @@ if [[ ! -s ca.pem || ! -s ca.key ]]; then
   chmod 600 ca.key
 fi
 
-for name in admin labeling training registry serving client; do
+for name in admin labeling training registry serving console client; do
   [[ -s "$name.pem" && -s "$name.key" ]] && continue
   openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$name.key" -out "$name.csr" -subj "/CN=gristmill-$name" 2>/dev/null
   openssl x509 -req -in "$name.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -out "$name.pem" -days "$DAYS" \

@@ -166,7 +166,7 @@ def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chaos]:
     saved = {k: os.environ.get(k) for k in ports}
     # LocalStack reads the servers' ports from the environment.
     os.environ.update(ports)
-    local = LocalStack(root / "run", base_port=free_port_block())
+    local = LocalStack(root / "run", base_port=free_port_block(7))
     stack = REPO_ROOT / "deploy" / "local" / "stack.sh"
     subprocess.run([str(stack), "clean"], env=env, check=True, stdout=subprocess.DEVNULL, timeout=120)
     subprocess.run([str(stack), "up"], env=env, check=True, stdout=subprocess.DEVNULL, timeout=900)

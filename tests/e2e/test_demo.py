@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -121,7 +122,7 @@ def demo(
 ) -> Iterator[DemoRun]:
     run_dir = tmp_path_factory.mktemp("run")
     work = tmp_path_factory.mktemp("work")
-    base_port = free_port_block()
+    base_port = free_port_block(7)  # five services, serving's OpenAI-compatible API, the console
     common = ["--run-dir", str(run_dir), "--base-port", str(base_port)]
     suffix = f"e2e-{uuid.uuid4().hex[:8]}"
     stdout, stderr = work / "demo.out", work / "demo.err"
@@ -267,6 +268,11 @@ def test_up_is_idempotent_and_status_sees_every_service(demo: DemoRun) -> None:
     status = _gristmill("--endpoints", demo.endpoints_option, "status", "--json", env=demo.client_env())
     assert status.returncode == 0, status.stderr
     assert {r["service"]: r["health"] for r in json.loads(status.stdout)} == dict.fromkeys(ALL_SERVICES, "SERVING")
+    # The console is its own process of the stack, at the sixth port after the first service's.
+    console = f"http://127.0.0.1:{demo.base_port + 6}"
+    assert f"console: {console}" in up.stdout
+    with urllib.request.urlopen(f"{console}/sign-in", timeout=30) as page:
+        assert page.status == 200 and b"API key" in page.read()
 
 
 def test_the_networked_services_refuse_calls_without_a_valid_key(demo: DemoRun) -> None:

@@ -129,6 +129,7 @@ def up(
             host, port = address.rsplit(":", 1)
             # Each serving process serves the OpenAI-compatible HTTP API beside its gRPC port (ServingSettings).
             typer.echo(f"{name}: OpenAI-compatible API on http://{host}:{int(port) + OPENAI_HTTP_PORT_OFFSET}/v1")
+    typer.echo(f"console: {stack.console_url} (sign in with an API key)")
     key = stack.root_key_file()
     if key.exists():
         typer.echo(f"root API key (admin scope) is in {key}: export GRISTMILL_API_KEY=$(cat {key})")

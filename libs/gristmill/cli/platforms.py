@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -22,12 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gristmill.cli.context import parse_endpoints, parse_http_address
-from gristmill.cli.processes import SERVICES, ServiceProcess, wait_serving
+from gristmill.cli.processes import SERVICES, ServiceProcess, wait_http, wait_serving
 from gristmill.client import Endpoints
 from gristmill.core.errors import InvalidArgumentError, UnavailableError
 from gristmill.core.ports import (
     CONSOLE_ENDPOINT,
+    CONSOLE_PORT,
     KAFKA_PORT,
+    LABELING_PORT,
     MAX_SERVING_REPLICAS,
     POSTGRES_PORT,
     S3_PORT,
@@ -191,6 +194,39 @@ class LocalStack:
 
     def _service_processes(self) -> list[ServiceProcess]:
         return [ServiceProcess(name, f"gristmill.{name}", self.run_dir) for name in SERVICES]
+
+    def console_process(self) -> ServiceProcess:
+        """The console's web pages: started after the services, stopped first."""
+        return ServiceProcess(CONSOLE_ENDPOINT, "gristmill.console", self.run_dir)
+
+    @property
+    def console_port(self) -> int:
+        # The same offset from the first service port as the embedded platform's.
+        return self.ports["labeling"] + (CONSOLE_PORT - LABELING_PORT)
+
+    @property
+    def console_url(self) -> str:
+        return f"http://127.0.0.1:{self.console_port}"
+
+    def console_env(self) -> dict[str, str]:
+        """The console's settings: where labeling and admin listen, its port, the secret that seals its sessions
+        (made once per run directory, so a restart keeps everyone signed in), and with ``tls`` its certificate for
+        its calls to the services."""
+        secret_file = self.run_dir / "services" / CONSOLE_ENDPOINT / "session.secret"
+        if not secret_file.exists():
+            secret_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(32))
+        env = {
+            "GRISTMILL_CONSOLE_HTTP_PORT": str(self.console_port),
+            "GRISTMILL_CONSOLE_LABELING_ADDRESS": f"127.0.0.1:{self.ports['labeling']}",
+            "GRISTMILL_CONSOLE_ADMIN_ADDRESS": f"127.0.0.1:{self.ports['admin']}",
+            "GRISTMILL_CONSOLE_SESSION_SECRET": secret_file.read_text().strip(),
+        }
+        if self.tls:
+            env |= tls_files(self.certs_dir, CONSOLE_ENDPOINT)
+        return env
 
     def replica_processes(self, *, with_pid_files: bool = False) -> list[ServiceProcess]:
         """Serving replicas 1 .. ``serving_replicas`` - 1; ``with_pid_files``: and any other that a pid file names
@@ -474,10 +510,15 @@ class LocalStack:
                 on_start(proc, pid)
         for proc in others:
             wait_serving(self.address_of(proc), max(1.0, deadline - time.monotonic()), process=proc, tls=tls)
+        console = self.console_process()
+        pid = console.start(env | self.console_env())
+        if on_start is not None:
+            on_start(console, pid)
+        wait_http(f"{self.console_url}/healthz", max(1.0, deadline - time.monotonic()), process=console)
         return self.endpoints
 
     def stop(self) -> list[tuple[str, bool]]:
         """Stop the services in reverse start order (each drains), every serving replica a pid file names first;
         returns (name, was running)."""
-        every = self._service_processes() + self.replica_processes(with_pid_files=True)
+        every = self._service_processes() + self.replica_processes(with_pid_files=True) + [self.console_process()]
         return [(proc.name, proc.stop()) for proc in reversed(every)]

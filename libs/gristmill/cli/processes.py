@@ -145,3 +145,25 @@ def wait_serving(
             raise UnavailableError(f"{address} is not healthy: {tls_problem}{where}")
         time.sleep(0.3)
     raise UnavailableError(f"{address} did not become healthy within {timeout_s:.0f} s{where}")
+
+
+def wait_http(url: str, timeout_s: float, *, process: ServiceProcess | None = None) -> None:
+    """Wait until ``url`` answers 200 (an HTTP server's health page); fail early when ``process`` died."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    where = f"; see {process.log_file}" if process is not None else ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if process is not None and process.exited():
+            raise UnavailableError(
+                f"{process.name} exited during start-up ({process.last_log_line() or 'no output'}){where}"
+            )
+        time.sleep(0.3)
+    raise UnavailableError(f"{url} did not answer within {timeout_s:.0f} s{where}")

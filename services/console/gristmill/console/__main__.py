@@ -14,12 +14,13 @@ from gristmill.console.settings import ConsoleSettings
 from gristmill.core.errors import GristmillError
 from gristmill.core.logs import setup_logging
 from gristmill.core.settings import load_settings
+from gristmill.core.tls import TlsSettings, channel_credentials
 
 log = logging.getLogger("gristmill.console")
 
 
-async def _serve(settings: ConsoleSettings) -> None:
-    app = build_app(settings)
+async def _serve(settings: ConsoleSettings, tls: TlsSettings | None) -> None:
+    app = build_app(settings, tls)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -35,12 +36,14 @@ async def _serve(settings: ConsoleSettings) -> None:
 def main() -> int:
     try:
         settings = load_settings(ConsoleSettings)
+        tls = load_settings(TlsSettings)
+        channel_credentials(tls)  # unreadable certificate files fail here, at start
     except GristmillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     setup_logging(SERVICE_NAME, settings.log_level)
     try:
-        asyncio.run(_serve(settings))
+        asyncio.run(_serve(settings, tls if tls.enabled else None))
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ from gristmill.console.domain.sessions import SessionCodec
 from gristmill.console.gateway import Services
 from gristmill.console.settings import ConsoleSettings
 from gristmill.core.httpserver import HttpServer
+from gristmill.core.tls import TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,11 @@ class ConsoleApp:
         await self.services.close()
 
 
-def build_app(settings: ConsoleSettings) -> ConsoleApp:
+def build_app(settings: ConsoleSettings, tls: TlsSettings | None = None) -> ConsoleApp:
+    """``tls``: the console's certificate for its calls to the services (the pages themselves are plain HTTP: put a
+    TLS-terminating proxy in front of them, with ``secure_cookies``)."""
     services = Services(
-        labeling=settings.labeling_address, admin=settings.admin_address, timeout_s=settings.call_timeout_s
+        labeling=settings.labeling_address, admin=settings.admin_address, timeout_s=settings.call_timeout_s, tls=tls
     )
     secret = settings.session_secret.get_secret_value()
     if not secret:

@@ -16,6 +16,7 @@ import grpc
 from gristmill.api.admin.v1 import admin_pb2, admin_pb2_grpc
 from gristmill.api.labeling.v1 import labeling_pb2_grpc
 from gristmill.core.errors import GristmillError, UnavailableError, error_for_status
+from gristmill.core.tls import TlsSettings, channel_credentials
 
 R = TypeVar("R")
 
@@ -28,10 +29,17 @@ _NOT_ANSWERS = frozenset(
 class Services:
     """Async stubs of the services the console reads and writes, and ``call`` to use them as a user."""
 
-    def __init__(self, *, labeling: str, admin: str, timeout_s: float) -> None:
+    def __init__(self, *, labeling: str, admin: str, timeout_s: float, tls: TlsSettings | None = None) -> None:
         self.addresses = {"labeling": labeling, "admin": admin}
         self.timeout_s = timeout_s
-        self._channels = {name: grpc.aio.insecure_channel(address) for name, address in self.addresses.items()}
+        # mTLS to the services with the console's own certificate when the mesh has it (GRISTMILL_TLS_*).
+        credentials = channel_credentials(tls) if tls is not None else None
+        self._channels = {
+            name: grpc.aio.secure_channel(address, credentials)
+            if credentials is not None
+            else grpc.aio.insecure_channel(address)
+            for name, address in self.addresses.items()
+        }
         self.labeling = labeling_pb2_grpc.LabelingServiceStub(self._channels["labeling"])
         self.admin = admin_pb2_grpc.AdminServiceStub(self._channels["admin"])
 
