@@ -440,6 +440,7 @@ class ContinuousBatcher:
         """Append each sequence's new token (``sequences`` are the running rows from ``offset`` on), stream its
         text, and remove the rows that finished."""
         finished: list[int] = []
+        last_chunks: list[tuple[_Sequence, GenerationChunk]] = []
         for row, (sequence, token) in enumerate(zip(sequences, tokens, strict=True), start=offset):
             reason: FinishReason | None = None
             if token in self._eos:
@@ -452,14 +453,20 @@ class ContinuousBatcher:
                     reason = FinishReason.STOP
                 elif len(sequence.generated) >= sequence.request.max_new_tokens:
                     reason = FinishReason.LENGTH
-            reason = self._emit(sequence, reason)
-            if reason is not None:
+            last = self._emit(sequence, reason)
+            if last is not None:
                 finished.append(row)
+                last_chunks.append((sequence, last))
         if finished:
             with self._lock:
                 self._remove_rows(finished)
+        # The last chunk goes out only once the sequence has left the batch: a client that has its finish reason
+        # sees the capacity (stats, the next admission) already freed.
+        for sequence, chunk in last_chunks:
+            sequence.stream.push(chunk)
 
-    def _emit(self, sequence: _Sequence, reason: FinishReason | None) -> FinishReason | None:
+    def _emit(self, sequence: _Sequence, reason: FinishReason | None) -> GenerationChunk | None:
+        """Stream the text that is safe to send; a finished sequence's last chunk is returned, not pushed."""
         request = sequence.request
         text = self._tokenizer.decode(sequence.generated, skip_special_tokens=True)
         for stop in request.stop:
@@ -481,8 +488,7 @@ class ContinuousBatcher:
         delta = text[sequence.sent :]
         sequence.sent = len(text)
         usage = Usage(len(request.prompt_ids), len(sequence.generated))
-        sequence.stream.push(GenerationChunk(delta, tuple(sequence.pending), reason, usage))
-        return reason
+        return GenerationChunk(delta, tuple(sequence.pending), reason, usage)
 
     def _remove_rows(self, rows: Sequence[int]) -> None:
         """Drop ``rows`` from the running batch and its cache (caller holds the lock)."""
