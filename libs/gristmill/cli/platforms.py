@@ -209,7 +209,7 @@ class LocalStack:
         return f"http://127.0.0.1:{self.console_port}"
 
     def console_env(self) -> dict[str, str]:
-        """The console's settings: where labeling and admin listen, its port, the secret that seals its sessions
+        """The console's settings: where the services listen, its port, the secret that seals its sessions
         (made once per run directory, so a restart keeps everyone signed in), and with ``tls`` its certificate for
         its calls to the services."""
         secret_file = self.run_dir / "services" / CONSOLE_ENDPOINT / "session.secret"
@@ -220,8 +220,10 @@ class LocalStack:
                 out.write(secrets.token_urlsafe(32))
         env = {
             "GRISTMILL_CONSOLE_HTTP_PORT": str(self.console_port),
-            "GRISTMILL_CONSOLE_LABELING_ADDRESS": f"127.0.0.1:{self.ports['labeling']}",
-            "GRISTMILL_CONSOLE_ADMIN_ADDRESS": f"127.0.0.1:{self.ports['admin']}",
+            **{
+                f"GRISTMILL_CONSOLE_{service.upper()}_ADDRESS": f"127.0.0.1:{self.ports[service]}"
+                for service in ("labeling", "admin", "training", "registry", "serving")
+            },
             "GRISTMILL_CONSOLE_SESSION_SECRET": secret_file.read_text().strip(),
         }
         if self.tls:

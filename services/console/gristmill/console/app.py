@@ -42,9 +42,14 @@ class ConsoleApp:
 def build_app(settings: ConsoleSettings, tls: TlsSettings | None = None) -> ConsoleApp:
     """``tls``: the console's certificate for its calls to the services (the pages themselves are plain HTTP: put a
     TLS-terminating proxy in front of them, with ``secure_cookies``)."""
-    services = Services(
-        labeling=settings.labeling_address, admin=settings.admin_address, timeout_s=settings.call_timeout_s, tls=tls
-    )
+    addresses = {
+        "labeling": settings.labeling_address,
+        "admin": settings.admin_address,
+        "training": settings.training_address,
+        "registry": settings.registry_address,
+        "serving": settings.serving_address,
+    }
+    services = Services(addresses, timeout_s=settings.call_timeout_s, tls=tls)
     secret = settings.session_secret.get_secret_value()
     if not secret:
         log.warning("GRISTMILL_CONSOLE_SESSION_SECRET is not set: sessions end when this process stops")

@@ -8,13 +8,16 @@ address.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
 
 from gristmill.api.admin.v1 import admin_pb2, admin_pb2_grpc
 from gristmill.api.labeling.v1 import labeling_pb2_grpc
+from gristmill.api.registry.v1 import registry_pb2_grpc
+from gristmill.api.serving.v1 import serving_pb2_grpc
+from gristmill.api.training.v1 import training_pb2_grpc
 from gristmill.core.errors import GristmillError, UnavailableError, error_for_status
 from gristmill.core.tls import TlsSettings, channel_credentials
 
@@ -25,15 +28,26 @@ _NOT_ANSWERS = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 )
 
+SERVICES = ("labeling", "admin", "training", "registry", "serving")
+
+
+def _metadata(api_key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
 
 class Services:
     """Async stubs of the services the console reads and writes, and ``call`` to use them as a user."""
 
-    def __init__(self, *, labeling: str, admin: str, timeout_s: float, tls: TlsSettings | None = None) -> None:
-        self.addresses = {"labeling": labeling, "admin": admin}
+    def __init__(self, addresses: Mapping[str, str], *, timeout_s: float, tls: TlsSettings | None = None) -> None:
+        """``addresses``: ``host:port`` of labeling, admin, training, registry and serving."""
+        missing = sorted(set(SERVICES) - set(addresses))
+        if missing:
+            raise ValueError(f"no address for {', '.join(missing)}")
+        self.addresses = {name: addresses[name] for name in SERVICES}
         self.timeout_s = timeout_s
         # mTLS to the services with the console's own certificate when the mesh has it (GRISTMILL_TLS_*).
         credentials = channel_credentials(tls) if tls is not None else None
+        # Channels connect lazily: a service that is down fails only the pages that need it.
         self._channels = {
             name: grpc.aio.secure_channel(address, credentials)
             if credentials is not None
@@ -42,13 +56,26 @@ class Services:
         }
         self.labeling = labeling_pb2_grpc.LabelingServiceStub(self._channels["labeling"])
         self.admin = admin_pb2_grpc.AdminServiceStub(self._channels["admin"])
+        self.training = training_pb2_grpc.TrainingServiceStub(self._channels["training"])
+        self.registry = registry_pb2_grpc.RegistryServiceStub(self._channels["registry"])
+        self.serving = serving_pb2_grpc.ServingServiceStub(self._channels["serving"])
 
     async def call(self, service: str, method: Callable[..., Awaitable[R]], request: Any, api_key: str) -> R:
-        metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         try:
-            return await method(request, metadata=metadata, timeout=self.timeout_s)
+            return await method(request, metadata=_metadata(api_key), timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise self._error(service, exc) from None
+
+    async def stream(self, service: str, method: Callable[..., Any], request: Any, api_key: str) -> AsyncIterator[Any]:
+        """A server-streaming call as that user, with no deadline (it lasts as long as the page watches)."""
+        call = method(request, metadata=_metadata(api_key))
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(service, exc) from None
+        finally:
+            call.cancel()
 
     async def who_am_i(self, api_key: str) -> admin_pb2.WhoAmIResponse:
         return await self.call("admin", self.admin.WhoAmI, admin_pb2.WhoAmIRequest(), api_key)

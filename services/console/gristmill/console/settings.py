@@ -13,12 +13,17 @@ from gristmill.core.ports import CONSOLE_PORT, default_address
 class ConsoleSettings(BaseSettings):
     """The console keeps no data: no database, no data directory. Its sessions are sealed cookies."""
 
+    # (Each ``*_address`` is where that service listens; the pages of a service that does not answer say so.)
+
     model_config = SettingsConfigDict(env_prefix="GRISTMILL_CONSOLE_", extra="ignore", frozen=True)
 
     host: str = "127.0.0.1"
     http_port: int = Field(default=CONSOLE_PORT, ge=0, le=65535)
     labeling_address: str = default_address("labeling")
     admin_address: str = default_address("admin")
+    training_address: str = default_address("training")
+    registry_address: str = default_address("registry")
+    serving_address: str = default_address("serving")
     # Seals the session cookies. Empty: a random one per process (a restart signs everyone out; several replicas
     # behind one address need the same secret).
     session_secret: SecretStr = SecretStr("")

@@ -107,7 +107,7 @@ class EmbeddedPlatform:
         return dict(self.addresses)
 
     async def _start_console(self) -> None:
-        """The console's web pages, last: they call labeling and admin (auth is off here, as in those services)."""
+        """The console's web pages, last: they call every service (auth is off here, as in the services)."""
         base = self.base_port
         port = CONSOLE_PORT if base is None else 0 if base == 0 else base + (CONSOLE_PORT - LABELING_PORT)
         settings = ConsoleSettings(
@@ -115,6 +115,9 @@ class EmbeddedPlatform:
             http_port=port,
             labeling_address=self.addresses["labeling"],
             admin_address=self.addresses["admin"],
+            training_address=self.addresses["training"],
+            registry_address=self.addresses["registry"],
+            serving_address=self.addresses["serving"],
         )
         self.console = build_console(settings)
         await self.console.open()

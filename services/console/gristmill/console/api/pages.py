@@ -12,66 +12,31 @@ from __future__ import annotations
 import logging
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
-from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gristmill.console.api import jobs, models
+from gristmill.console.api.render import Pages
 from gristmill.console.domain.desk import Desk, TaskView
-from gristmill.console.domain.sessions import COOKIE, Session, SessionCodec, annotator_id_from, require
+from gristmill.console.domain.sessions import COOKIE, Session, SessionCodec, annotator_id_from
 from gristmill.console.gateway import Services
 from gristmill.core.errors import GristmillError, InvalidArgumentError, UnauthenticatedError
 from gristmill.core.httpserver import http_status
 
 log = logging.getLogger(__name__)
 
-_SECURITY_HEADERS = {
-    # Scripts and styles from this origin's /static only: no inline script, no other site.
-    "content-security-policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
-        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-    ),
-    "x-content-type-options": "nosniff",
-    "x-frame-options": "DENY",
-    "referrer-policy": "same-origin",
-    "cache-control": "no-store",
-}
-
-
-def _templates() -> Environment:
-    env = Environment(
-        loader=PackageLoader("gristmill.console", "templates"),
-        autoescape=select_autoescape(["html"], default=True),
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["percent"] = lambda value: f"{100 * float(value):.0f}%"
-    return env
-
 
 def console_app(services: Services, codec: SessionCodec, *, secure_cookies: bool) -> FastAPI:
     """The console's ASGI app over ``services``, its sessions sealed by ``codec``."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    templates = _templates()
+    pages = Pages(codec, secure_cookies=secure_cookies)
     desk = Desk(services)
     static = Path(str(resources.files("gristmill.console") / "static"))
     app.mount("/static", StaticFiles(directory=static), name="static")
-
-    def session_of(request: Request) -> Session | None:
-        return codec.open(request.cookies.get(COOKIE))
-
-    def page(request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
-        body = templates.get_template(template).render(session=session_of(request), request=request, **context)
-        return HTMLResponse(body, status_code=status, headers=_SECURITY_HEADERS)
-
-    def see_other(url: str) -> RedirectResponse:
-        return RedirectResponse(url, status_code=303, headers=_SECURITY_HEADERS)
-
-    def is_htmx(request: Request) -> bool:
-        return request.headers.get("hx-request") == "true"
+    session_of, page, see_other, is_htmx = pages.session_of, pages.page, pages.see_other, pages.is_htmx
 
     @app.exception_handler(GristmillError)
     async def gristmill_error(request: Request, error: GristmillError) -> Response:
@@ -132,12 +97,12 @@ def console_app(services: Services, codec: SessionCodec, *, secure_cookies: bool
 
     @app.get("/")
     async def projects(request: Request) -> Response:
-        session = require(session_of(request))
+        session = pages.require(request)
         return page(request, "projects.html", projects=await desk.projects(session))
 
     @app.get("/projects/{project_id}")
     async def project(request: Request, project_id: str) -> Response:
-        session = require(session_of(request))
+        session = pages.require(request)
         view = await desk.project(session, project_id)
         agreement = await desk.agreement(session, project_id)
         versions = await desk.versions(session, project_id)
@@ -145,38 +110,35 @@ def console_app(services: Services, codec: SessionCodec, *, secure_cookies: bool
 
     @app.post("/projects/{project_id}/publish")
     async def publish(request: Request, project_id: str) -> Response:
-        session = require(session_of(request))
-        form = await request.form()
-        session.check_csrf(str(form.get("csrf", "")))
-        await desk.publish(session, project_id, str(form.get("description", "")))
+        session = pages.require(request)
+        form = await pages.form(request, session)
+        await desk.publish(session, project_id, form.get("description", ""))
         return see_other(f"/projects/{project_id}")
 
     @app.get("/projects/{project_id}/review")
     async def review_page(request: Request, project_id: str) -> Response:
-        session = require(session_of(request))
+        session = pages.require(request)
         view = await desk.project(session, project_id)
         return page(request, "review.html", view=view, conflicts=await desk.conflicts(session, project_id))
 
     @app.post("/projects/{project_id}/review")
     async def review(request: Request, project_id: str) -> Response:
-        session = require(session_of(request))
-        form = await request.form()
-        session.check_csrf(str(form.get("csrf", "")))
-        await desk.resolve(session, project_id, str(form.get("item_id", "")), str(form.get("label", "")))
+        session = pages.require(request)
+        form = await pages.form(request, session)
+        await desk.resolve(session, project_id, form.get("item_id", ""), form.get("label", ""))
         return see_other(f"/projects/{project_id}/review")
 
     @app.get("/projects/{project_id}/label")
     async def label_page(request: Request, project_id: str) -> Response:
-        session = require(session_of(request))
+        session = pages.require(request)
         view = await desk.project(session, project_id)
         task = await desk.next_task(session, project_id, project=view)
         return page(request, "label.html", view=view, task=task, last=None)
 
     @app.post("/projects/{project_id}/label")
     async def label(request: Request, project_id: str) -> Response:
-        session = require(session_of(request))
-        form = {k: str(v) for k, v in (await request.form()).items()}
-        session.check_csrf(form.get("csrf", ""))
+        session = pages.require(request)
+        form = await pages.form(request, session)
         action = form.get("action", "submit")
         last: dict[str, str] | None = None
         task: TaskView | None
@@ -204,4 +166,6 @@ def console_app(services: Services, codec: SessionCodec, *, secure_cookies: bool
             return page(request, "label.html", view=await desk.project(session, project_id), task=task, last=None)
         return see_other(f"/projects/{project_id}/label")
 
+    jobs.add_routes(app, pages, services)
+    models.add_routes(app, pages, services)
     return app

@@ -1,0 +1,71 @@
+"""What every page route needs: the signed-in session, CSRF-checked forms, templates rendered with the security
+headers, redirects. One ``Pages`` per app, shared by the route modules (labeling, jobs, models)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from gristmill.console.domain.sessions import COOKIE, Session, SessionCodec, require
+
+SECURITY_HEADERS = {
+    # Scripts and styles from this origin's /static only: no inline script, no other site.
+    "content-security-policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "same-origin",
+    "cache-control": "no-store",
+}
+
+
+def _templates() -> Environment:
+    env = Environment(
+        loader=PackageLoader("gristmill.console", "templates"),
+        autoescape=select_autoescape(["html"], default=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["percent"] = lambda value: f"{100 * float(value):.0f}%"
+    return env
+
+
+class Pages:
+    """Sessions from the sealed cookie, and pages rendered by Jinja2 with autoescaping on."""
+
+    def __init__(self, codec: SessionCodec, *, secure_cookies: bool) -> None:
+        self.codec = codec
+        self.secure_cookies = secure_cookies
+        self.templates = _templates()
+
+    def session_of(self, request: Request) -> Session | None:
+        return self.codec.open(request.cookies.get(COOKIE))
+
+    def require(self, request: Request) -> Session:
+        """The signed-in session (UNAUTHENTICATED, which sends a GET to the sign-in page, without one)."""
+        return require(self.session_of(request))
+
+    async def form(self, request: Request, session: Session) -> dict[str, str]:
+        """A POST's form fields, once its CSRF token is checked against the session's."""
+        form = {key: str(value) for key, value in (await request.form()).items()}
+        session.check_csrf(form.get("csrf", ""))
+        return form
+
+    def page(self, request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
+        body = self.templates.get_template(template).render(
+            session=self.session_of(request), request=request, **context
+        )
+        return HTMLResponse(body, status_code=status, headers=SECURITY_HEADERS)
+
+    @staticmethod
+    def see_other(url: str) -> RedirectResponse:
+        return RedirectResponse(url, status_code=303, headers=SECURITY_HEADERS)
+
+    @staticmethod
+    def is_htmx(request: Request) -> bool:
+        return request.headers.get("hx-request") == "true"
