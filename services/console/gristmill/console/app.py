@@ -35,6 +35,7 @@ class ConsoleApp:
         await self.server.open()
 
     async def close(self) -> None:
+        self.services.begin_close()
         await self.server.close()
         await self.services.close()
 

@@ -8,6 +8,7 @@ address.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -45,6 +46,7 @@ class Services:
             raise ValueError(f"no address for {', '.join(missing)}")
         self.addresses = {name: addresses[name] for name in SERVICES}
         self.timeout_s = timeout_s
+        self._closing = asyncio.Event()
         # mTLS to the services with the console's own certificate when the mesh has it (GRISTMILL_TLS_*).
         credentials = channel_credentials(tls) if tls is not None else None
         # Channels connect lazily: a service that is down fails only the pages that need it.
@@ -67,15 +69,30 @@ class Services:
             raise self._error(service, exc) from None
 
     async def stream(self, service: str, method: Callable[..., Any], request: Any, api_key: str) -> AsyncIterator[Any]:
-        """A server-streaming call as that user, with no deadline (it lasts as long as the page watches)."""
+        """A server-streaming call as that user, with no deadline (it lasts as long as a page watches), that ends
+        when the stream does or when the console begins to close (an open page must not hold up a shutdown)."""
         call = method(request, metadata=_metadata(api_key))
+        closing = asyncio.ensure_future(self._closing.wait())
         try:
-            async for response in call:
+            while True:
+                read = asyncio.ensure_future(call.read())
+                await asyncio.wait({read, closing}, return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():
+                    read.cancel()
+                    return
+                response = read.result()
+                if response is grpc.aio.EOF:
+                    return
                 yield response
         except grpc.aio.AioRpcError as exc:
             raise self._error(service, exc) from None
         finally:
+            closing.cancel()
             call.cancel()
+
+    def begin_close(self) -> None:
+        """Ends every open stream (their pages' event streams then end), before the HTTP server drains."""
+        self._closing.set()
 
     async def who_am_i(self, api_key: str) -> admin_pb2.WhoAmIResponse:
         return await self.call("admin", self.admin.WhoAmI, admin_pb2.WhoAmIRequest(), api_key)

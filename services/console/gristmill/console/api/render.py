@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse
+from google.protobuf.timestamp_pb2 import Timestamp
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from gristmill.console.domain.sessions import COOKIE, Session, SessionCodec, require
@@ -32,7 +33,15 @@ def _templates() -> Environment:
         lstrip_blocks=True,
     )
     env.filters["percent"] = lambda value: f"{100 * float(value):.0f}%"
+    env.filters["timestamp"] = timestamp
     return env
+
+
+def timestamp(value: Timestamp) -> str:
+    """A protobuf time as ``2026-12-03 22:54 UTC``; "" when unset."""
+    if not value.seconds and not value.nanos:
+        return ""
+    return value.ToDatetime().strftime("%Y-%m-%d %H:%M UTC")
 
 
 class Pages:
