@@ -27,11 +27,7 @@ cmd_provision() {
   mkdir -p "$GRISTMILL_LOG_DIR"
   say "installing Debian's chromium and chromium-driver; log: $PROVISION_LOG"
   local start=$SECONDS
-  # A stale package list is the usual reason an install fails on a fresh machine: update once, then retry.
-  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >"$PROVISION_LOG" 2>&1; then
-    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } \
-      >>"$PROVISION_LOG" 2>&1 || die "apt-get install chromium chromium-driver failed; see $PROVISION_LOG"
-  fi
+  apt_install "$PROVISION_LOG" chromium chromium-driver
   present || die "chromium is installed but $CHROMIUM or $CHROMEDRIVER is missing"
   say "provisioned chromium in $((SECONDS - start)) s"
 }

@@ -29,6 +29,16 @@ need_cmd() { # need_cmd <command> <hint>
   command -v "$1" >/dev/null 2>&1 || die "$1 not found; $2"
 }
 
+apt_install() { # apt_install <log> <package...>: Debian packages, as root; dies naming the log on failure
+  local log=$1
+  shift
+  # A stale package list is the usual reason an install fails on a fresh machine: update once, then retry.
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >"$log" 2>&1; then
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"; } >>"$log" 2>&1 ||
+      die "apt-get install $* failed; see $log"
+  fi
+}
+
 # A port number from an environment variable, validated.
 port_from_env() { # port_from_env <var name> <default>
   local value="${!1:-$2}"

@@ -71,11 +71,7 @@ cmd_provision() {
   need_cmd apt-get "install the PostgreSQL server (initdb, postgres, pg_isready, psql) and set GRISTMILL_POSTGRES_BIN"
   say "installing Debian's postgresql package; log: $PROVISION_LOG"
   local start=$SECONDS
-  # A stale package list is the usual reason an install fails on a fresh machine: update once, then retry.
-  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >"$PROVISION_LOG" 2>&1; then
-    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; } >>"$PROVISION_LOG" 2>&1 ||
-      die "apt-get install postgresql failed; see $PROVISION_LOG"
-  fi
+  apt_install "$PROVISION_LOG" postgresql
   binaries_present || die "postgresql is installed but initdb/postgres/pg_isready/psql are missing from $(pg_bin)"
   say "provisioned PostgreSQL in $(pg_bin) in $((SECONDS - start)) s"
 }

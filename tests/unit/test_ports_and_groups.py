@@ -122,7 +122,7 @@ def test_the_console_gets_its_port_the_services_addresses_and_a_session_secret_k
     from gristmill.console.settings import ConsoleSettings
 
     stack = LocalStack(tmp_path, base_port=7000)
-    env = stack.console_env()
+    env = stack.console_env(stack.console_session_secret())
     assert stack.console_port == 7006 and stack.console_url == "http://127.0.0.1:7006"
     assert LocalStack(tmp_path).console_port == 50057  # the default ports: the embedded platform's too
     settings = ConsoleSettings(
@@ -132,16 +132,18 @@ def test_the_console_gets_its_port_the_services_addresses_and_a_session_secret_k
             if k.startswith("GRISTMILL_CONSOLE_")
         }
     )
-    assert (settings.http_port, settings.labeling_address, settings.admin_address) == (
+    assert (settings.http_port, settings.labeling_address, settings.admin_address, settings.serving_address) == (
         7006,
         "127.0.0.1:7000",
         "127.0.0.1:7004",
+        "127.0.0.1:7003",
     )
     secret = tmp_path / "services" / "console" / "session.secret"
     assert secret.stat().st_mode & 0o777 == 0o600 and len(settings.session_secret.get_secret_value()) >= 32
     # The same secret on the next start (sessions survive a restart); none of the services' certificates.
-    assert stack.console_env() == env and not any(k.startswith("GRISTMILL_TLS_") for k in env)
-    tls = LocalStack(tmp_path, base_port=7000, tls=True).console_env()
+    assert stack.console_env(stack.console_session_secret()) == env
+    assert not any(k.startswith("GRISTMILL_TLS_") for k in env)
+    tls = LocalStack(tmp_path, base_port=7000, tls=True).console_env("s")
     assert tls["GRISTMILL_TLS_CERT_FILE"].endswith("console.pem")
     assert [p.name for p in stack.processes()] == ["admin", "registry", "labeling", "training", "serving"]
     assert stack.console_process().module == "gristmill.console"

@@ -208,23 +208,27 @@ class LocalStack:
     def console_url(self) -> str:
         return f"http://127.0.0.1:{self.console_port}"
 
-    def console_env(self) -> dict[str, str]:
-        """The console's settings: where the services listen, its port, the secret that seals its sessions
-        (made once per run directory, so a restart keeps everyone signed in), and with ``tls`` its certificate for
-        its calls to the services."""
+    def console_session_secret(self) -> str:
+        """The secret that seals the console's sessions: made once per run directory (mode 0600), so a restart
+        keeps everyone signed in."""
         secret_file = self.run_dir / "services" / CONSOLE_ENDPOINT / "session.secret"
         if not secret_file.exists():
             secret_file.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(secrets.token_urlsafe(32))
+        return secret_file.read_text().strip()
+
+    def console_env(self, session_secret: str) -> dict[str, str]:
+        """The console's settings: where the services listen, its port, the secret that seals its sessions, and
+        with ``tls`` its certificate for its calls to the services."""
         env = {
             "GRISTMILL_CONSOLE_HTTP_PORT": str(self.console_port),
             **{
                 f"GRISTMILL_CONSOLE_{service.upper()}_ADDRESS": f"127.0.0.1:{self.ports[service]}"
                 for service in ("labeling", "admin", "training", "registry", "serving")
             },
-            "GRISTMILL_CONSOLE_SESSION_SECRET": secret_file.read_text().strip(),
+            "GRISTMILL_CONSOLE_SESSION_SECRET": session_secret,
         }
         if self.tls:
             env |= tls_files(self.certs_dir, CONSOLE_ENDPOINT)
@@ -513,7 +517,7 @@ class LocalStack:
         for proc in others:
             wait_serving(self.address_of(proc), max(1.0, deadline - time.monotonic()), process=proc, tls=tls)
         console = self.console_process()
-        pid = console.start(env | self.console_env())
+        pid = console.start(env | self.console_env(self.console_session_secret()))
         if on_start is not None:
             on_start(console, pid)
         wait_http(f"{self.console_url}/healthz", max(1.0, deadline - time.monotonic()), process=console)

@@ -154,9 +154,7 @@ class Desk:
 
     async def submit(self, session: Session, project_id: str, task_id: str, item_id: str, label: str) -> str:
         """Record this annotator's label for the item they hold; returns the annotation's id (for undo)."""
-        session.require_label()
-        if not label:
-            raise InvalidArgumentError("choose a label first (its number key, or click it)")
+        _require_writable_label(session, label)
         request = pb.SubmitAnnotationRequest(
             project_id=project_id, item_id=item_id, annotator_id=session.annotator_id, task_id=task_id, labels=[label]
         )
@@ -179,13 +177,17 @@ class Desk:
         return _view(project_id, "", item, schema, 0, chosen=chosen, annotation_id=annotation_id)
 
     async def change(self, session: Session, project_id: str, annotation_id: str, label: str) -> None:
-        session.require_label()
-        if not label:
-            raise InvalidArgumentError("choose a label first (its number key, or click it)")
+        _require_writable_label(session, label)
         request = pb.UpdateAnnotationRequest(
             project_id=project_id, annotation_id=annotation_id, annotator_id=session.annotator_id, labels=[label]
         )
         await self._labeling(session, "UpdateAnnotation", request)
+
+
+def _require_writable_label(session: Session, label: str) -> None:
+    session.require_label()
+    if not label:
+        raise InvalidArgumentError("choose a label first (its number key, or click it)")
 
 
 def _view(
