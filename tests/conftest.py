@@ -93,8 +93,9 @@ SERIAL_UNITS = {
         "services/training/tests/unit/test_local_ray.py",
         "services/training/tests/unit/test_ray_start.py",
     ),
-    # test_cli*.py share one embedded platform (a session fixture): one worker starts it once.
-    "platform": ("tests/e2e/", "tests/integration/test_cli"),
+    # test_cli*.py and the console on the platform share one embedded platform (a session fixture): one worker
+    # starts it once.
+    "platform": ("tests/e2e/", "tests/integration/test_cli", "tests/integration/test_console_platform.py"),
 }
 
 

@@ -4,9 +4,6 @@ in and labels with the keyboard only. The pages' screenshots are saved beside th
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,47 +13,16 @@ import pytest
 from gristmill.api.labeling.v1 import labeling_pb2 as pb
 from services.admin.tests.support import bearer
 from services.console.tests.support import Stack
+from tests.support.browser import chromium
+from tests.support.browser import until_async as until
 
 pytestmark = pytest.mark.integration
-
-CHROMIUM = os.environ.get("GRISTMILL_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("GRISTMILL_CHROMEDRIVER", "/usr/bin/chromedriver")
 
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    for path in (CHROMIUM, CHROMEDRIVER):
-        if shutil.which(path) is None:
-            pytest.fail(
-                f"{path} is missing: `make test` installs Debian's chromium and chromium-driver "
-                "(deploy/local/browser.sh)",
-                pytrace=False,
-            )
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(argument)
-    options.add_argument("--window-size=1200,900")
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
-
-
-async def until(check: Callable[[], Any], what: str, timeout_s: float = 10.0) -> Any:
-    """Poll ``check`` (a browser query, run off the event loop that serves the console) until it is truthy."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await asyncio.to_thread(check)
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def test_sign_in_and_label_with_the_keyboard_only(stack: Stack, browser: Any, tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 // A training job's live curves: streams /jobs/<id>/events (Server-Sent Events from the training service's WatchJob)
 // and draws every reported metric against the step with Chart.js. Losses on one chart, evaluation metrics on the
-// other; learning rate and throughput are left out (another scale). Each canvas's data-points attribute counts the
+// other; learning rate and throughput are left out (another scale). The metrics table keeps each one's latest value. Each canvas's data-points attribute counts the
 // points drawn so far, so a test can watch the curve grow.
 (function () {
   "use strict";
@@ -48,9 +48,26 @@
       if (element) { element.textContent = value; }
     }
 
+    function latest(name, value) {
+      var body = document.querySelector("#job-metrics tbody");
+      if (!body) { return; }
+      var none = body.querySelector("tr.none");
+      if (none) { none.remove(); }
+      var row = body.querySelector('tr[data-metric="' + window.CSS.escape(name) + '"]');
+      if (!row) {
+        row = document.createElement("tr");
+        row.dataset.metric = name;
+        row.appendChild(document.createElement("td")).textContent = name;
+        row.appendChild(document.createElement("td"));
+        body.appendChild(row);
+      }
+      row.cells[1].textContent = Number(value).toPrecision(4);
+    }
+
     function onMetrics(event) {
       var touched = {};
       Object.keys(event.metrics).forEach(function (name) {
+        latest(name, event.metrics[name]);
         if (SKIPPED.test(name)) { return; }
         var which = /loss/.test(name) ? "loss" : "eval";
         series(charts[which], name).data.push({ x: event.step, y: event.metrics[name] });
@@ -77,7 +94,7 @@
       if (event.finished) {
         // The stream ends after the terminal state: without close() the browser would reconnect.
         source.close();
-        status.textContent = "the job is " + event.state + "; the curves are complete";
+        status.textContent = "finished (" + event.state + "): the curves are complete";
       }
     }
 
