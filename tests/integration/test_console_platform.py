@@ -34,6 +34,10 @@ def _item_id(browser: Any) -> str:
     return str(_js(browser, "const e = document.querySelector('[data-item-id]'); return e ? e.dataset.itemId : '';"))
 
 
+def _notice(browser: Any) -> str:
+    return str(_js(browser, "const e = document.getElementById('notice'); return e ? e.textContent.trim() : '';"))
+
+
 def _keys(browser: Any, *pressed: str) -> None:
     browser.switch_to.active_element.send_keys(*pressed)
 
@@ -44,10 +48,15 @@ def _label_with_the_keyboard(browser: Any, console: str, count: int) -> list[str
 
     browser.get(f"{console}/projects/{PROJECT}/label")
     seen = [until(lambda: _item_id(browser), "the first item")]
+    # Enter before choosing: the error shows beside the item, which stays; the next answer clears it.
+    _keys(browser, Keys.ENTER)
+    until(lambda: "choose a label first" in _notice(browser), "the error notice")
+    assert _item_id(browser) == seen[0]
     for i in range(count):
         _keys(browser, "2" if i % 2 else "1")
         _keys(browser, Keys.ENTER)
         seen.append(until(lambda: (new := _item_id(browser)) != seen[-1] and new, f"item {i + 2}"))
+        assert _notice(browser) == ""
     return seen[:count]
 
 

@@ -131,6 +131,46 @@ async def test_an_annotator_labels_twenty_items_undoes_one_and_skips_one(stack: 
         assert (await client.get("/")).headers["location"] == "/sign-in"
 
 
+async def test_the_open_page_renews_its_lease_and_a_wrong_press_shows_an_error_beside_the_item(stack: Stack) -> None:
+    label_url = f"/projects/{stack.project_id}/label"
+    async with signed_in(stack, "writer", "ann-renew") as client:
+        html = (await client.get(label_url)).text
+        csrf, task_id, item_id = _field(html, "csrf"), _field(html, "task_id"), _field(html, "item_id")
+        every = re.search(r'hx-trigger="every (\d+)s"', html)
+        # Half of the project's 600 s lease: the page renews long before the item could go to someone else.
+        assert every is not None and int(every.group(1)) in range(290, 301), html
+
+        async def expiry() -> float:
+            held = await stack.labeling.NextTask(
+                pb.NextTaskRequest(project_id=stack.project_id, annotator_id="ann-renew"),
+                metadata=bearer(stack.keys["writer"]),
+            )
+            assert held.task.task_id == task_id  # the same lease, still held
+            return float(held.task.lease_expire_time.ToNanoseconds())
+
+        before = await expiry()
+        renewed = await client.post(label_url, data={"csrf": csrf, "action": "renew", "task_id": task_id}, headers=HTMX)
+        assert renewed.status_code == 204, renewed.text
+        assert await expiry() > before
+
+        annotations = await _annotations(stack)
+        # Enter with no label chosen: a 400 whose message htmx puts in the page's notice; the item stays.
+        empty = {"csrf": csrf, "action": "submit", "task_id": task_id, "item_id": item_id, "label": ""}
+        reply = await client.post(label_url, data=empty, headers=HTMX)
+        assert reply.status_code == 400 and "choose a label first" in reply.text
+        assert reply.headers["hx-retarget"] == "#notice" and reply.headers["hx-reswap"] == "innerHTML"
+        reply = await client.post(label_url, data={"csrf": csrf, "action": "dance"}, headers=HTMX)
+        assert reply.status_code == 400 and "unknown action &#39;dance&#39;" in reply.text
+        # Someone else's lease cannot be renewed from this session.
+        async with signed_in(stack, "writer", "ann-other") as other:
+            other_csrf = _field((await other.get(label_url)).text, "csrf")
+            reply = await other.post(
+                label_url, data={"csrf": other_csrf, "action": "renew", "task_id": task_id}, headers=HTMX
+            )
+            assert reply.status_code == 400 and "leased to annotator" in reply.text
+        assert await _annotations(stack) == annotations
+
+
 async def test_text_from_the_data_is_shown_as_text(stack: Stack) -> None:
     async with signed_in(stack, "writer", "ann-2") as client:
         html = (await client.get(f"/projects/{stack.project_id}/label")).text

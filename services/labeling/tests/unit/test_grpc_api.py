@@ -394,6 +394,31 @@ async def test_skip_task_over_grpc(stub: pb_grpc.LabelingServiceStub) -> None:
     assert not again.HasField("task") and again.remaining_count == 0
 
 
+async def test_renew_task_over_grpc(stub: pb_grpc.LabelingServiceStub) -> None:
+    await _create(stub)
+    await _import(stub, '{"id": "a", "text": "a review"}\n')
+    task = (await stub.NextTask(pb.NextTaskRequest(project_id="p1", annotator_id="ann"))).task
+    renewed = await stub.RenewTask(
+        pb.RenewTaskRequest(project_id="p1", task_id=task.task_id, annotator_id="ann", lease_seconds=3600)
+    )
+    assert renewed.lease_expire_time.ToSeconds() > task.lease_expire_time.ToSeconds()
+    await _fails(
+        stub.RenewTask(pb.RenewTaskRequest(project_id="p1", task_id=task.task_id, annotator_id="someone-else")),
+        CODE.FAILED_PRECONDITION,
+        "leased to annotator 'ann'",
+    )
+    await _fails(
+        stub.RenewTask(pb.RenewTaskRequest(project_id="p1", task_id="0" * 32, annotator_id="ann")),
+        CODE.NOT_FOUND,
+        "task",
+    )
+    await _fails(
+        stub.RenewTask(pb.RenewTaskRequest(project_id="p1", task_id=task.task_id, annotator_id="ann", lease_seconds=0)),
+        CODE.INVALID_ARGUMENT,
+        "lease_seconds",
+    )
+
+
 async def test_attach_predictions(stub: pb_grpc.LabelingServiceStub) -> None:
     await _create(stub)
     await _import(stub, '{"id": "a", "text": "a review"}\n')

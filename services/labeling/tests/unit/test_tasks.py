@@ -147,6 +147,40 @@ def test_leases_hold_an_item_and_expire(
     assert (task_c.lease_expire_time - clock.now).total_seconds() == 60
 
 
+def test_a_renewed_lease_keeps_the_item_until_its_new_expiry_and_only_its_holder_renews(
+    make_project: Any, import_jsonl: Any, service: LabelingService, clock: Any
+) -> None:
+    make_project(lease_seconds=60)
+    import_jsonl("p1", _texts(2))
+    task, _ = service.next_task("", "p1", "ann-a", None)
+    assert task is not None
+    clock.advance(50)
+    expire = service.renew_task("", "p1", task.task_id, "ann-a", None)
+    assert (expire - clock.now).total_seconds() == 60  # the project's lease, from now
+    clock.advance(50)  # 100 s after the lease was taken: past the first expiry, within the renewed one
+    other, _ = service.next_task("", "p1", "ann-b", None)
+    assert other is not None and other.item.item_id != task.item.item_id
+    assert (service.renew_task("", "p1", task.task_id, "ann-a", 5) - clock.now).total_seconds() == 5
+    with pytest.raises(FailedPreconditionError, match="leased to annotator 'ann-a'"):
+        service.renew_task("", "p1", task.task_id, "ann-b", None)
+    with pytest.raises(NotFoundError, match="task"):
+        service.renew_task("", "p1", "0" * 32, "ann-a", None)
+    with pytest.raises(InvalidArgumentError, match="lease_seconds must be 1-86400"):
+        service.renew_task("", "p1", task.task_id, "ann-a", 0)
+    clock.advance(6)
+    # Expired: the item went back to the queue (ann-c may hold it now); renewing cannot take it back.
+    with pytest.raises(FailedPreconditionError, match="expired"):
+        service.renew_task("", "p1", task.task_id, "ann-a", None)
+    taken, _ = service.next_task("", "p1", "ann-c", None)
+    assert taken is not None and taken.item.item_id == task.item.item_id
+    # A submitted task has nothing left to renew.
+    service.submit_annotation(
+        "", "p1", taken.item.item_id, "ann-c", task_id=taken.task_id, labels=["pos"], spans=(), comment=""
+    )
+    with pytest.raises(FailedPreconditionError, match="already submitted or skipped"):
+        service.renew_task("", "p1", taken.task_id, "ann-c", None)
+
+
 def test_lease_seconds_override_is_validated(
     make_project: Any, import_jsonl: Any, service: LabelingService, clock: Any
 ) -> None:

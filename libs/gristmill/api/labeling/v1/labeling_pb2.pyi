@@ -2010,6 +2010,57 @@ class SkipTaskResponse(_message.Message):
 Global___SkipTaskResponse: _TypeAlias = SkipTaskResponse  # noqa: Y015
 
 @_typing.final
+class RenewTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    ANNOTATOR_ID_FIELD_NUMBER: _builtins.int
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    task_id: _builtins.str
+    annotator_id: _builtins.str
+    lease_seconds: _builtins.int
+    """Override of the project's lease_seconds (1-86400)."""
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        annotator_id: _builtins.str = ...,
+        lease_seconds: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_lease_seconds", b"_lease_seconds", "lease_seconds", b"lease_seconds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lease_seconds", b"_lease_seconds", "annotator_id", b"annotator_id", "lease_seconds", b"lease_seconds", "project_id", b"project_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__lease_seconds: _TypeAlias = _typing.Literal["lease_seconds"]  # noqa: Y015
+    _WhichOneofArgType__lease_seconds: _TypeAlias = _typing.Literal["_lease_seconds", b"_lease_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lease_seconds) -> _WhichOneofReturnType__lease_seconds | None: ...
+
+Global___RenewTaskRequest: _TypeAlias = RenewTaskRequest  # noqa: Y015
+
+@_typing.final
+class RenewTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def lease_expire_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expire_time", b"lease_expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_expire_time", b"lease_expire_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewTaskResponse: _TypeAlias = RenewTaskResponse  # noqa: Y015
+
+@_typing.final
 class Prediction(_message.Message):
     """A model's prediction for an item."""
 

@@ -128,6 +128,11 @@ class LabelingServiceStub(object):
                 request_serializer=gristmill_dot_api_dot_labeling_dot_v1_dot_labeling__pb2.SkipTaskRequest.SerializeToString,
                 response_deserializer=gristmill_dot_api_dot_labeling_dot_v1_dot_labeling__pb2.SkipTaskResponse.FromString,
                 _registered_method=True)
+        self.RenewTask = channel.unary_unary(
+                '/gristmill.api.labeling.v1.LabelingService/RenewTask',
+                request_serializer=gristmill_dot_api_dot_labeling_dot_v1_dot_labeling__pb2.RenewTaskRequest.SerializeToString,
+                response_deserializer=gristmill_dot_api_dot_labeling_dot_v1_dot_labeling__pb2.RenewTaskResponse.FromString,
+                _registered_method=True)
         self.AttachPredictions = channel.unary_unary(
                 '/gristmill.api.labeling.v1.LabelingService/AttachPredictions',
                 request_serializer=gristmill_dot_api_dot_labeling_dot_v1_dot_labeling__pb2.AttachPredictionsRequest.SerializeToString,
@@ -348,6 +353,17 @@ class LabelingServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewTask(self, request, context):
+        """Extends an annotator's lease on the item they hold (a labeling page kept open): the lease then
+        ends lease_seconds from now (the project's lease_seconds when absent). NOT_FOUND: unknown task.
+        FAILED_PRECONDITION: the task is another annotator's, was submitted or skipped, or its lease
+        already expired (the item may be someone else's now: ask NextTask again). INVALID_ARGUMENT: bad
+        annotator_id or lease_seconds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AttachPredictions(self, request, context):
         """Attaches model predictions to items (shown to annotators as suggestions and used by the
         uncertainty-first ordering). A later prediction from the same model version replaces the
@@ -505,6 +521,11 @@ def add_LabelingServiceServicer_to_server(servicer, server):
                     servicer.SkipTask,
                     request_deserializer=gristmill_dot_api_dot_labeling_dot_v1_dot_labeling__pb2.SkipTaskRequest.FromString,
                     response_serializer=gristmill_dot_api_dot_labeling_dot_v1_dot_labeling__pb2.SkipTaskResponse.SerializeToString,
+            ),
+            'RenewTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewTask,
+                    request_deserializer=gristmill_dot_api_dot_labeling_dot_v1_dot_labeling__pb2.RenewTaskRequest.FromString,
+                    response_serializer=gristmill_dot_api_dot_labeling_dot_v1_dot_labeling__pb2.RenewTaskResponse.SerializeToString,
             ),
             'AttachPredictions': grpc.unary_unary_rpc_method_handler(
                     servicer.AttachPredictions,
@@ -1010,6 +1031,33 @@ class LabelingService(object):
             '/gristmill.api.labeling.v1.LabelingService/SkipTask',
             gristmill_dot_api_dot_labeling_dot_v1_dot_labeling__pb2.SkipTaskRequest.SerializeToString,
             gristmill_dot_api_dot_labeling_dot_v1_dot_labeling__pb2.SkipTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gristmill.api.labeling.v1.LabelingService/RenewTask',
+            gristmill_dot_api_dot_labeling_dot_v1_dot_labeling__pb2.RenewTaskRequest.SerializeToString,
+            gristmill_dot_api_dot_labeling_dot_v1_dot_labeling__pb2.RenewTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -140,6 +140,13 @@ class LabelingServiceStub:
     the queue for others. NOT_FOUND: unknown task. FAILED_PRECONDITION: the task's lease
     belongs to another annotator.
     """
+    RenewTask: _grpc.UnaryUnaryMultiCallable[_labeling_pb2.RenewTaskRequest, _labeling_pb2.RenewTaskResponse]
+    """Extends an annotator's lease on the item they hold (a labeling page kept open): the lease then
+    ends lease_seconds from now (the project's lease_seconds when absent). NOT_FOUND: unknown task.
+    FAILED_PRECONDITION: the task is another annotator's, was submitted or skipped, or its lease
+    already expired (the item may be someone else's now: ask NextTask again). INVALID_ARGUMENT: bad
+    annotator_id or lease_seconds.
+    """
     AttachPredictions: _grpc.UnaryUnaryMultiCallable[_labeling_pb2.AttachPredictionsRequest, _labeling_pb2.AttachPredictionsResponse]
     """Attaches model predictions to items (shown to annotators as suggestions and used by the
     uncertainty-first ordering). A later prediction from the same model version replaces the
@@ -292,6 +299,13 @@ class LabelingServiceAsyncStub(LabelingServiceStub):
     """Gives a leased item back: this annotator will not be offered it again, and it returns to
     the queue for others. NOT_FOUND: unknown task. FAILED_PRECONDITION: the task's lease
     belongs to another annotator.
+    """
+    RenewTask: _aio.UnaryUnaryMultiCallable[_labeling_pb2.RenewTaskRequest, _labeling_pb2.RenewTaskResponse]  # type: ignore[assignment]
+    """Extends an annotator's lease on the item they hold (a labeling page kept open): the lease then
+    ends lease_seconds from now (the project's lease_seconds when absent). NOT_FOUND: unknown task.
+    FAILED_PRECONDITION: the task is another annotator's, was submitted or skipped, or its lease
+    already expired (the item may be someone else's now: ask NextTask again). INVALID_ARGUMENT: bad
+    annotator_id or lease_seconds.
     """
     AttachPredictions: _aio.UnaryUnaryMultiCallable[_labeling_pb2.AttachPredictionsRequest, _labeling_pb2.AttachPredictionsResponse]  # type: ignore[assignment]
     """Attaches model predictions to items (shown to annotators as suggestions and used by the
@@ -544,6 +558,19 @@ class LabelingServiceServicer(metaclass=_abc_1.ABCMeta):
         """Gives a leased item back: this annotator will not be offered it again, and it returns to
         the queue for others. NOT_FOUND: unknown task. FAILED_PRECONDITION: the task's lease
         belongs to another annotator.
+        """
+
+    @_abc_1.abstractmethod
+    def RenewTask(
+        self,
+        request: _labeling_pb2.RenewTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_labeling_pb2.RenewTaskResponse, _abc.Awaitable[_labeling_pb2.RenewTaskResponse]]:
+        """Extends an annotator's lease on the item they hold (a labeling page kept open): the lease then
+        ends lease_seconds from now (the project's lease_seconds when absent). NOT_FOUND: unknown task.
+        FAILED_PRECONDITION: the task is another annotator's, was submitted or skipped, or its lease
+        already expired (the item may be someone else's now: ask NextTask again). INVALID_ARGUMENT: bad
+        annotator_id or lease_seconds.
         """
 
     @_abc_1.abstractmethod

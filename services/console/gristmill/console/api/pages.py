@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gristmill.console.api import jobs, models
-from gristmill.console.api.render import Pages
+from gristmill.console.api.render import SECURITY_HEADERS, Pages
 from gristmill.console.domain.desk import Desk, TaskView
 from gristmill.console.domain.sessions import COOKIE, Session, SessionCodec, annotator_id_from
 from gristmill.console.gateway import Services
@@ -43,8 +43,13 @@ def console_app(services: Services, codec: SessionCodec, *, secure_cookies: bool
         if isinstance(error, UnauthenticatedError) and request.method == "GET":
             return see_other("/sign-in")
         status = http_status(error)
-        template = "_error.html" if is_htmx(request) else "error.html"
-        return page(request, template, status=status, message=error.message)
+        if is_htmx(request):
+            # The fragment goes to the page's notice, not in place of what the request targeted (the item stays).
+            response = page(request, "_error.html", status=status, message=error.message)
+            response.headers["hx-retarget"] = "#notice"
+            response.headers["hx-reswap"] = "innerHTML"
+            return response
+        return page(request, "error.html", status=status, message=error.message)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> Response:
@@ -155,13 +160,16 @@ def console_app(services: Services, codec: SessionCodec, *, secure_cookies: bool
             task = await desk.revisit(
                 session, project_id, form.get("last_item_id", ""), form.get("last_annotation_id", "")
             )
+        elif action == "renew":
+            await desk.renew(session, project_id, form.get("task_id", ""))
+            return Response(status_code=204, headers=SECURITY_HEADERS)
         elif action == "change":
             await desk.change(session, project_id, form.get("annotation_id", ""), form.get("label", ""))
             task = await desk.next_task(session, project_id)
         else:
-            raise InvalidArgumentError(f"unknown action {action!r}: submit, skip, undo or change")
+            raise InvalidArgumentError(f"unknown action {action!r}: submit, skip, undo, change or renew")
         if is_htmx(request):
-            return page(request, "_task.html", project_id=project_id, task=task, last=last)
+            return page(request, "_task.html", project_id=project_id, task=task, last=last, fragment=True)
         if action == "undo":  # without JavaScript: the whole page, showing the item to change
             return page(request, "label.html", view=await desk.project(session, project_id), task=task, last=None)
         return see_other(f"/projects/{project_id}/label")

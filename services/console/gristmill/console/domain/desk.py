@@ -6,8 +6,9 @@ gives it), so the rules are tested with a fake.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 from gristmill.api.common.v1 import common_pb2
@@ -22,6 +23,8 @@ R = TypeVar("R")
 LABELABLE = frozenset({common_pb2.TASK_TYPE_TEXT_CLASSIFICATION})
 # Number keys 1-9 choose a label: a schema with more labels is chosen from the list by mouse.
 MAX_KEYED_LABELS = 9
+# The page renews its lease half-way through it, but not more often than this.
+MIN_RENEW_EVERY_S = 5
 # Conflicts shown on the review page at once (each resolved one leaves the queue).
 REVIEW_PAGE = 50
 
@@ -52,6 +55,8 @@ class TaskView:
     # The label already given, when the annotator went back (undo) to change it.
     chosen: str = ""
     annotation_id: str = ""
+    # How often the open page renews the lease (0: no lease, e.g. an item revisited to change its label).
+    renew_every_s: int = 0
 
 
 @dataclass(frozen=True)
@@ -144,13 +149,21 @@ class Desk:
         response = await self._labeling(session, "NextTask", request)
         if not response.HasField("task"):
             return None
-        return _view(
+        view = _view(
             project_id,
             response.task.task_id,
             response.task.item,
             response.task.label_schema,
             int(response.remaining_count),
         )
+        lease_left_s = response.task.lease_expire_time.ToSeconds() - int(time.time())
+        return replace(view, renew_every_s=max(MIN_RENEW_EVERY_S, lease_left_s // 2))
+
+    async def renew(self, session: Session, project_id: str, task_id: str) -> None:
+        """Extend the lease on the item the page shows (by the project's lease length)."""
+        session.require_label()
+        request = pb.RenewTaskRequest(project_id=project_id, task_id=task_id, annotator_id=session.annotator_id)
+        await self._labeling(session, "RenewTask", request)
 
     async def submit(self, session: Session, project_id: str, task_id: str, item_id: str, label: str) -> str:
         """Record this annotator's label for the item they hold; returns the annotation's id (for undo)."""

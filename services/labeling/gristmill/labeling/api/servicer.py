@@ -294,6 +294,19 @@ class LabelingServicer(pb_grpc.LabelingServiceServicer):
         )
         return pb.SkipTaskResponse()
 
+    async def RenewTask(self, request: pb.RenewTaskRequest, context: Any) -> pb.RenewTaskResponse:
+        expire = await asyncio.to_thread(
+            self.service.renew_task,
+            current_organization(),
+            request.project_id,
+            request.task_id,
+            request.annotator_id,
+            request.lease_seconds if request.HasField("lease_seconds") else None,
+        )
+        response = pb.RenewTaskResponse()
+        response.lease_expire_time.FromDatetime(expire)
+        return response
+
     async def AttachPredictions(
         self, request: pb.AttachPredictionsRequest, context: Any
     ) -> pb.AttachPredictionsResponse:

@@ -156,6 +156,19 @@ class AnnotationUseCases(UseCases):
             organization(organization_id), checked_project_id(project_id), task_id, annotator_id, reason, self.clock()
         )
 
+    def renew_task(
+        self, organization_id: str, project_id: str, task_id: str, annotator_id: str, lease_seconds: int | None
+    ) -> datetime:
+        validate_id(task_id, what="task_id")
+        validate_id(annotator_id, what="annotator_id")
+        project = self.project_rules(organization_id, project_id)
+        seconds = project.settings.lease_seconds
+        if lease_seconds is not None:
+            seconds = validate_lease_seconds(lease_seconds, "lease_seconds")
+        return self.store.renew_task(
+            project.organization_id, project.project_id, task_id, annotator_id, lease_seconds=seconds, now=self.clock()
+        )
+
     def attach_predictions(
         self, organization_id: str, project_id: str, predictions: Sequence[tuple[PredictionTarget, Prediction]]
     ) -> int:

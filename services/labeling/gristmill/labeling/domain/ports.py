@@ -283,6 +283,20 @@ class AnnotationStore(ABC):
         """Close the lease and never offer the item to this annotator again."""
 
     @abstractmethod
+    def renew_task(
+        self,
+        organization_id: str,
+        project_id: str,
+        task_id: str,
+        annotator_id: str,
+        *,
+        lease_seconds: int,
+        now: datetime,
+    ) -> datetime:
+        """Extend the annotator's open, unexpired lease to ``now + lease_seconds``; returns the new expiry
+        (``NotFoundError``: unknown task; ``FailedPreconditionError``: another's, closed or expired)."""
+
+    @abstractmethod
     def resolve_item(
         self,
         organization_id: str,

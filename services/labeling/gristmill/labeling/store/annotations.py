@@ -272,6 +272,40 @@ class SqlAnnotationStore(SqlStore, AnnotationStore):
                     )
                 )
 
+    def renew_task(
+        self,
+        organization_id: str,
+        project_id: str,
+        task_id: str,
+        annotator_id: str,
+        *,
+        lease_seconds: int,
+        now: datetime,
+    ) -> datetime:
+        # Under the lease lock: a lease that is about to expire is either renewed or offered to someone else by a
+        # NextTask at the same moment, never both.
+        with self._lease_lock, self.database.transaction() as session:
+            project = project_row(session, organization_id, project_id)
+            task = session.execute(
+                select(t.tasks).where(t.tasks.c.task_id == task_id, t.tasks.c.project_pk == project.pk)
+            ).first()
+            if task is None:
+                raise NotFoundError(f"task {task_id!r} does not exist in project {project_id!r}")
+            if task.annotator_id != annotator_id:
+                raise FailedPreconditionError(
+                    f"task {task_id!r} is leased to annotator {task.annotator_id!r}, not {annotator_id!r}"
+                )
+            if task.closed:
+                raise FailedPreconditionError(f"task {task_id!r} was already submitted or skipped: nothing to renew")
+            if task.expire_time <= now:
+                raise FailedPreconditionError(
+                    f"the lease of task {task_id!r} expired at {task.expire_time.isoformat()}: the item went "
+                    "back to the queue; ask for the next task"
+                )
+            expire = now + timedelta(seconds=lease_seconds)
+            session.execute(update(t.tasks).where(t.tasks.c.task_id == task_id).values(expire_time=expire))
+            return expire
+
     def resolve_item(
         self,
         organization_id: str,
