@@ -34,8 +34,17 @@ def _item_id(browser: Any) -> str:
     return str(_js(browser, "const e = document.querySelector('[data-item-id]'); return e ? e.dataset.itemId : '';"))
 
 
+def _text(browser: Any, selector: str) -> str:
+    """The text of the first element ``selector`` finds ("" while there is none)."""
+    return str(
+        browser.execute_script(
+            "const e = document.querySelector(arguments[0]); return e ? e.textContent.trim() : '';", selector
+        )
+    )
+
+
 def _notice(browser: Any) -> str:
-    return str(_js(browser, "const e = document.getElementById('notice'); return e ? e.textContent.trim() : '';"))
+    return _text(browser, "#notice")
 
 
 def _keys(browser: Any, *pressed: str) -> None:
@@ -116,8 +125,12 @@ def test_a_team_runs_its_loop_in_the_console(
         browser.get(f"{console}/projects/{PROJECT}")
         browser.find_element(By.CSS_SELECTOR, "form.publish input[name=description]").send_keys("from the console")
         browser.find_element(By.CSS_SELECTOR, "form.publish button").click()
-        until(lambda: "from the console" in browser.find_element(By.CSS_SELECTOR, "table.versions").text,
-              "the published version")  # fmt: skip
+        # Read in one script that tolerates the page being replaced meanwhile (the POST, then the redirect).
+        until(lambda: "from the console" in _text(browser, "table.versions"), "the published version")
+        # The charts are drawn: two labels in the version, two annotators (ann-a and the data's seed labels).
+        script = "return ['labels-chart', 'annotators-chart'].map(i => document.getElementById(i)?.dataset.bars)"
+        until(lambda: _js(browser, script) == ["2", "2"], "the project's two charts")
+        assert "ann-a" in browser.find_element(By.CSS_SELECTOR, "table.matrix").text
         browser.save_screenshot(str(shots / "project.png"))
 
         # A training job: its page is open before it runs, and its curve grows as the job reports.

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gristmill.console.api import jobs, models
 from gristmill.console.api.render import SECURITY_HEADERS, Pages
-from gristmill.console.domain.desk import Desk, TaskView
+from gristmill.console.domain.desk import AgreementMatrix, Desk, TaskView, chart_data
 from gristmill.console.domain.sessions import COOKIE, Session, SessionCodec, annotator_id_from
 from gristmill.console.gateway import Services
 from gristmill.core.errors import GristmillError, InvalidArgumentError, UnauthenticatedError
@@ -111,7 +111,15 @@ def console_app(services: Services, codec: SessionCodec, *, secure_cookies: bool
         view = await desk.project(session, project_id)
         agreement = await desk.agreement(session, project_id)
         versions = await desk.versions(session, project_id)
-        return page(request, "project.html", view=view, agreement=agreement, versions=versions)
+        return page(
+            request,
+            "project.html",
+            view=view,
+            agreement=agreement,
+            matrix=AgreementMatrix.of(agreement),
+            charts=chart_data(agreement, versions),
+            versions=versions,
+        )
 
     @app.post("/projects/{project_id}/publish")
     async def publish(request: Request, project_id: str) -> Response:

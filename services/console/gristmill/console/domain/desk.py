@@ -70,6 +70,47 @@ class ProjectView:
         return stats.labeled_item_count / stats.item_count if stats.item_count else 0.0
 
 
+@dataclass(frozen=True)
+class AgreementMatrix:
+    """Pairwise agreement between a project's annotators: Cohen's kappa (None where undefined), observed
+    agreement and the items both labeled, for each ordered pair."""
+
+    annotators: list[str]
+    kappa: dict[tuple[str, str], float | None]
+    observed: dict[tuple[str, str], float]
+    items: dict[tuple[str, str], int]
+
+    @classmethod
+    def of(cls, report: pb.AgreementReport) -> AgreementMatrix:
+        kappa: dict[tuple[str, str], float | None] = {}
+        observed: dict[tuple[str, str], float] = {}
+        items: dict[tuple[str, str], int] = {}
+        for pair in report.pairs:
+            value = pair.cohen_kappa if pair.HasField("cohen_kappa") else None
+            for key in ((pair.annotator_a, pair.annotator_b), (pair.annotator_b, pair.annotator_a)):
+                kappa[key], observed[key], items[key] = value, pair.observed_agreement, int(pair.item_count)
+        names = sorted({a.annotator_id for a in report.annotators} | {name for key in kappa for name in key})
+        return cls(names, kappa, observed, items)
+
+
+def chart_data(report: pb.AgreementReport, versions: list[pb.DatasetVersion]) -> dict[str, Any]:
+    """What the project page's charts draw: the newest version's items per label (all splits), and each
+    annotator's agreement with the consensus."""
+    labels: dict[str, int] = {}
+    if versions:
+        for split in versions[0].splits:
+            for label, count in split.item_count_by_label.items():
+                labels[label] = labels.get(label, 0) + int(count)
+    return {
+        "version": versions[0].version_number if versions else None,
+        "labels": dict(sorted(labels.items())),
+        "annotators": [
+            {"id": a.annotator_id, "agreement": a.consensus_agreement, "annotations": int(a.annotation_count)}
+            for a in sorted(report.annotators, key=lambda a: a.annotator_id)
+        ],
+    }
+
+
 class Desk:
     """The labeling pages' operations for one signed-in user."""
 
