@@ -17,6 +17,7 @@ import typer
 from gristmill.api.labeling.v1 import labeling_pb2 as lb
 from gristmill.cli.answers import AnswerError, Decision, Echo, EndOfInput, ReadLine, ask, echo, stdin_line
 from gristmill.cli.options import comma_list
+from gristmill.client.conversations import chat_response, conversation_of
 from gristmill.core.chat import (
     CHAT_FLAGS,
     MAX_CANDIDATES,
@@ -27,6 +28,8 @@ from gristmill.core.chat import (
     ChatMessage,
     Conversation,
 )
+
+__all__ = ["chat_response", "conversation_of"]  # where the CLI's callers have always found them
 
 # Ends a reply typed over several lines.
 END_OF_REPLY = "."
@@ -40,14 +43,6 @@ _NUMBER = re.compile(r"[0-9]+")
 class ReplyChoice(Enum):
     KEEP = "keep"
     EDIT = "edit"
-
-
-def conversation_of(message: lb.Conversation) -> Conversation:
-    """The API's conversation as the platform's one internal form (its final reply, its prompt)."""
-    return Conversation(
-        tuple(ChatMessage(m.role, m.content, m.tool_calls, m.tool_call_id, m.name) for m in message.messages),
-        tuple(message.candidates),
-    )
 
 
 # --------------------------------------------------------------------------- showing
@@ -233,14 +228,6 @@ def parse_flags(answer: str) -> list[str]:
         if name not in flags:
             flags.append(name)
     return flags
-
-
-def chat_response(own_reply: str | None, new_reply: str | None, rating: int, flags: Sequence[str]) -> lb.Response:
-    """What a chat annotator said (``new_reply`` None: the reply was kept). A kept reply is sent as '' (the item's
-    own) unless nothing else was said: the service needs a reply, a rating or a flag, and keeping the reply
-    unrated and unflagged accepts it as written, so it is sent as the reply."""
-    kept = "" if rating or flags else own_reply or ""
-    return lb.Response(reply=kept if new_reply is None else new_reply, rating=rating, flags=list(flags))
 
 
 # --------------------------------------------------------------------------- asking

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gristmill.console.api import jobs, models
 from gristmill.console.api.render import SECURITY_HEADERS, Pages
-from gristmill.console.domain.desk import AgreementMatrix, Desk, TaskView, chart_data
+from gristmill.console.domain.desk import AgreementMatrix, Desk, TaskView, answer_from, chart_data
 from gristmill.console.domain.sessions import COOKIE, Session, SessionCodec, annotator_id_from
 from gristmill.console.gateway import Services
 from gristmill.core.errors import GristmillError, InvalidArgumentError, UnauthenticatedError
@@ -132,7 +132,7 @@ def console_app(services: Services, codec: SessionCodec, *, secure_cookies: bool
     async def review_page(request: Request, project_id: str) -> Response:
         session = pages.require(request)
         view = await desk.project(session, project_id)
-        return page(request, "review.html", view=view, conflicts=await desk.conflicts(session, project_id))
+        return page(request, "review.html", view=view, conflicts=await desk.conflicts(session, view))
 
     @app.post("/projects/{project_id}/review")
     async def review(request: Request, project_id: str) -> Response:
@@ -156,8 +156,9 @@ def console_app(services: Services, codec: SessionCodec, *, secure_cookies: bool
         last: dict[str, str] | None = None
         task: TaskView | None
         if action == "submit":
+            answer = answer_from(form, form.all("flags"))
             annotation_id = await desk.submit(
-                session, project_id, form.get("task_id", ""), form.get("item_id", ""), form.get("label", "")
+                session, project_id, form.get("task_id", ""), form.get("item_id", ""), answer
             )
             last = {"item_id": form.get("item_id", ""), "annotation_id": annotation_id}
             task = await desk.next_task(session, project_id)
@@ -172,7 +173,8 @@ def console_app(services: Services, codec: SessionCodec, *, secure_cookies: bool
             await desk.renew(session, project_id, form.get("task_id", ""))
             return Response(status_code=204, headers=SECURITY_HEADERS)
         elif action == "change":
-            await desk.change(session, project_id, form.get("annotation_id", ""), form.get("label", ""))
+            answer = answer_from(form, form.all("flags"))
+            await desk.change(session, project_id, form.get("annotation_id", ""), answer)
             task = await desk.next_task(session, project_id)
         else:
             raise InvalidArgumentError(f"unknown action {action!r}: submit, skip, undo, change or renew")

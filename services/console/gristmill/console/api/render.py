@@ -11,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from gristmill.console.domain.sessions import COOKIE, Session, SessionCodec, require
+from gristmill.core.chat import CHAT_FLAGS
 
 SECURITY_HEADERS = {
     # Scripts and styles from this origin's /static only: no inline script, no other site.
@@ -34,6 +35,7 @@ def _templates() -> Environment:
     )
     env.filters["percent"] = lambda value: f"{100 * float(value):.0f}%"
     env.filters["timestamp"] = timestamp
+    env.globals["chat_flags"] = CHAT_FLAGS
     return env
 
 
@@ -42,6 +44,17 @@ def timestamp(value: Timestamp) -> str:
     if not value.seconds and not value.nanos:
         return ""
     return value.ToDatetime().strftime("%Y-%m-%d %H:%M UTC")
+
+
+class Form(dict[str, str]):
+    """A form's fields (the last value of each), and ``all`` of a repeated one's (checkboxes)."""
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__(fields)
+        self.lists: dict[str, list[str]] = {}
+
+    def all(self, name: str) -> list[str]:
+        return list(self.lists.get(name, []))
 
 
 class Pages:
@@ -59,9 +72,12 @@ class Pages:
         """The signed-in session (UNAUTHENTICATED, which sends a GET to the sign-in page, without one)."""
         return require(self.session_of(request))
 
-    async def form(self, request: Request, session: Session) -> dict[str, str]:
+    async def form(self, request: Request, session: Session) -> Form:
         """A POST's form fields, once its CSRF token is checked against the session's."""
-        form = {key: str(value) for key, value in (await request.form()).items()}
+        data = await request.form()
+        form = Form({key: str(value) for key, value in data.items()})
+        for key, value in data.multi_items():
+            form.lists.setdefault(key, []).append(str(value))
         session.check_csrf(form.get("csrf", ""))
         return form
 

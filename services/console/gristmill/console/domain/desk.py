@@ -7,20 +7,29 @@ gives it), so the rules are tested with a fake.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.labeling.v1 import labeling_pb2 as pb
+from gristmill.client.conversations import chat_response, conversation_of
 from gristmill.console.domain.sessions import Session
+from gristmill.core.chat import CHAT_FLAGS, MAX_RATING, MIN_RATING, ChatMessage
 from gristmill.core.errors import FailedPreconditionError, InvalidArgumentError
 from gristmill.core.paging import MAX_PAGE_SIZE
 
 R = TypeVar("R")
 
-# The page labels these task types; chat and preference items come later (their projects show, unlabeled here).
-LABELABLE = frozenset({common_pb2.TASK_TYPE_TEXT_CLASSIFICATION})
+# The page labels these task types (image projects, later, are labeled elsewhere).
+LABELABLE = frozenset(
+    {common_pb2.TASK_TYPE_TEXT_CLASSIFICATION, common_pb2.TASK_TYPE_CHAT, common_pb2.TASK_TYPE_PREFERENCE}
+)
+# What an item asks of its annotator, by the content it holds.
+CLASSIFICATION, CHAT, PREFERENCE = "classification", "chat", "preference"
+TIE = "tie"
+# An answer: its labels (classification), or a response (chat, preference).
+Answer = tuple[list[str], pb.Response | None]
 # Number keys 1-9 choose a label: a schema with more labels is chosen from the list by mouse.
 MAX_KEYED_LABELS = 9
 # The page renews its lease half-way through it, but not more often than this.
@@ -57,12 +66,39 @@ class TaskView:
     annotation_id: str = ""
     # How often the open page renews the lease (0: no lease, e.g. an item revisited to change its label).
     renew_every_s: int = 0
+    # CLASSIFICATION, CHAT (the turns, then the reply to keep or rewrite, rate and flag) or PREFERENCE (the
+    # prompt's turns, then the candidates to choose between, or a tie).
+    kind: str = CLASSIFICATION
+    turns: tuple[ChatMessage, ...] = ()
+    reply: str | None = None  # chat: the item's own reply (None: the annotator writes it)
+    candidates: tuple[str, ...] = ()
+    # The answer already given, when the annotator went back (undo) to change it.
+    answer: pb.Response | None = None
+
+    @property
+    def shown_reply(self) -> str:
+        """chat: the reply in the editor (the annotator's rewrite when they went back to it)."""
+        if self.answer is not None and self.answer.reply:
+            return self.answer.reply
+        return self.reply or ""
+
+    @property
+    def choice(self) -> str:
+        """preference: the candidate chosen before ("0", "1", ...), "tie", or ""."""
+        if self.answer is None:
+            return ""
+        return TIE if self.answer.tie else str(self.answer.ranking[0]) if self.answer.ranking else ""
 
 
 @dataclass(frozen=True)
 class ProjectView:
     project: pb.Project
     labelable: bool
+
+    @property
+    def reviewable(self) -> bool:
+        """The review page resolves this project's conflicts (classification; chat and preference: the CLI)."""
+        return self.project.task_type == common_pb2.TASK_TYPE_TEXT_CLASSIFICATION
 
     @property
     def progress(self) -> float:
@@ -147,10 +183,15 @@ class Desk:
         response = await self._labeling(session, "ListDatasetVersions", request)
         return sorted(response.dataset_versions, key=lambda v: -v.version_number)
 
-    async def conflicts(self, session: Session, project_id: str) -> list[pb.Item]:
+    async def conflicts(self, session: Session, project: ProjectView) -> list[pb.Item]:
         """Items whose annotations disagree with no majority (the reviewer's queue), with their annotations."""
+        if not project.reviewable:
+            raise FailedPreconditionError(
+                "the review page resolves classification conflicts; resolve chat and preference items with "
+                "`gristmill items resolve`"
+            )
         request = pb.ListItemsRequest(
-            project_id=project_id,
+            project_id=project.project.project_id,
             statuses=[pb.ITEM_STATUS_CONFLICT],
             include_annotations=True,
             page=common_pb2.PageRequest(page_size=REVIEW_PAGE),
@@ -206,12 +247,16 @@ class Desk:
         request = pb.RenewTaskRequest(project_id=project_id, task_id=task_id, annotator_id=session.annotator_id)
         await self._labeling(session, "RenewTask", request)
 
-    async def submit(self, session: Session, project_id: str, task_id: str, item_id: str, label: str) -> str:
-        """Record this annotator's label for the item they hold; returns the annotation's id (for undo)."""
-        _require_writable_label(session, label)
+    async def submit(self, session: Session, project_id: str, task_id: str, item_id: str, answer: Answer) -> str:
+        """Record this annotator's answer (``answer_from`` a form) for the item they hold; returns the annotation's
+        id (for undo)."""
+        session.require_label()
+        labels, response = answer
         request = pb.SubmitAnnotationRequest(
-            project_id=project_id, item_id=item_id, annotator_id=session.annotator_id, task_id=task_id, labels=[label]
+            project_id=project_id, item_id=item_id, annotator_id=session.annotator_id, task_id=task_id, labels=labels
         )
+        if response is not None:
+            request.response.CopyFrom(response)
         annotation = await self._labeling(session, "SubmitAnnotation", request)
         return str(annotation.annotation_id)
 
@@ -228,20 +273,52 @@ class Desk:
             raise FailedPreconditionError("there is no annotation of yours to undo here")
         schema = await self._labeling(session, "GetLabelSchema", pb.GetLabelSchemaRequest(project_id=project_id))
         chosen = mine[0].labels[0] if mine[0].labels else ""
-        return _view(project_id, "", item, schema, 0, chosen=chosen, annotation_id=annotation_id)
+        view = _view(project_id, "", item, schema, 0, chosen=chosen, annotation_id=annotation_id)
+        return replace(view, answer=mine[0].response) if mine[0].HasField("response") else view
 
-    async def change(self, session: Session, project_id: str, annotation_id: str, label: str) -> None:
-        _require_writable_label(session, label)
+    async def change(self, session: Session, project_id: str, annotation_id: str, answer: Answer) -> None:
+        session.require_label()
+        labels, response = answer
         request = pb.UpdateAnnotationRequest(
-            project_id=project_id, annotation_id=annotation_id, annotator_id=session.annotator_id, labels=[label]
+            project_id=project_id, annotation_id=annotation_id, annotator_id=session.annotator_id, labels=labels
         )
+        if response is not None:
+            request.response.CopyFrom(response)
         await self._labeling(session, "UpdateAnnotation", request)
 
 
-def _require_writable_label(session: Session, label: str) -> None:
-    session.require_label()
-    if not label:
-        raise InvalidArgumentError("choose a label first (its number key, or click it)")
+def answer_from(form: Mapping[str, str], flags: Sequence[str] = ()) -> Answer:
+    """The labels (classification) or the response (chat, preference) a labeling form says, by its ``kind``;
+    ``flags``: the chat flags ticked (a repeated field). A field that says nothing usable is INVALID_ARGUMENT
+    naming what to do, before any call."""
+    kind = form.get("kind", "") or CLASSIFICATION
+    if kind == CLASSIFICATION:
+        label = form.get("label", "")
+        if not label:
+            raise InvalidArgumentError("choose a label first (its number key, or click it)")
+        return [label], None
+    if kind == PREFERENCE:
+        choice = form.get("choice", "")
+        if choice == TIE:
+            return [], pb.Response(tie=True)
+        if not choice.isdigit():
+            raise InvalidArgumentError("choose the better reply first (its number key), or t for a tie")
+        return [], pb.Response(ranking=[int(choice)])
+    if kind == CHAT:
+        rating = form.get("rating", "")
+        if rating and not (rating.isdigit() and MIN_RATING <= int(rating) <= MAX_RATING):
+            raise InvalidArgumentError(f"a rating is {MIN_RATING}-{MAX_RATING} (or none)")
+        unknown = sorted(set(flags) - set(CHAT_FLAGS))
+        if unknown:
+            raise InvalidArgumentError(f"{unknown[0]!r} is not a flag; flags: {', '.join(CHAT_FLAGS)}")
+        own = form.get("own_reply")
+        # The reply as the annotator left it in the editor; unchanged, it is the item's own (kept).
+        written = form.get("reply", "").replace("\r\n", "\n").strip()
+        if not written and own is None:
+            raise InvalidArgumentError("write the assistant's reply first (e edits it)")
+        new_reply = None if own is not None and written == own.replace("\r\n", "\n").strip() else written
+        return [], chat_response(own, new_reply, int(rating or 0), flags)
+    raise InvalidArgumentError(f"unknown kind of item {kind!r}: {CLASSIFICATION}, {CHAT} or {PREFERENCE}")
 
 
 def _view(
@@ -270,6 +347,12 @@ def _view(
         )
         for i, d in enumerate(schema.labels)
     ]
-    return TaskView(
+    view = TaskView(
         project_id, task_id, item.item_id, item.text, labels, remaining, chosen or suggestion, annotation_id
     )
+    if item.WhichOneof("content") != "conversation":
+        return view
+    conversation = conversation_of(item.conversation)
+    if conversation.candidates:
+        return replace(view, kind=PREFERENCE, turns=conversation.messages, candidates=conversation.candidates)
+    return replace(view, kind=CHAT, turns=conversation.prompt, reply=conversation.final_reply)
