@@ -136,7 +136,7 @@ async def running_models(
                         admin_address=admin.address,
                         registry_address=f"127.0.0.1:{registry_port}",
                         serving_address=f"127.0.0.1:{serving_port}",
-                        session_secret="t",
+                        session_secret=SecretStr("t"),
                     )
                 )
                 await console.open()

@@ -31,20 +31,20 @@ class JobCalls(Protocol):
     def stream(self, service: str, method: Callable[..., Any], request: Any, api_key: str) -> AsyncIterator[Any]: ...
 
 
-def _enum_name(enum: Any, value: int, prefix: str) -> str:
+def enum_name(enum: Any, value: int, prefix: str) -> str:
     """``JOB_STATE_RUNNING`` -> ``running``; "" for the UNSPECIFIED value."""
     name = str(enum.Name(value)).removeprefix(prefix).lower()
     return "" if name == "unspecified" else name
 
 
 def state_name(state: int) -> str:
-    return _enum_name(pb.JobState, state, "JOB_STATE_") or "unknown"
+    return enum_name(pb.JobState, state, "JOB_STATE_") or "unknown"
 
 
 def metric_name(metric: common_pb2.Metric) -> str:
     """A metric's series name: ``loss``, or ``validation loss`` / ``test accuracy`` when measured on a held-out
     split."""
-    split = _enum_name(common_pb2.DatasetSplit, metric.split, "DATASET_SPLIT_")
+    split = enum_name(common_pb2.DatasetSplit, metric.split, "DATASET_SPLIT_")
     return metric.name if split in ("", "train") else f"{split} {metric.name}"
 
 
@@ -74,8 +74,8 @@ class JobView:
     @property
     def method(self) -> str:
         """``lora, sft``; ``full, from the data`` for a spec that left both to their defaults."""
-        method = _enum_name(pb.TrainingMethod, self.job.spec.method, "TRAINING_METHOD_") or "full"
-        objective = _enum_name(pb.Objective, self.job.spec.objective, "OBJECTIVE_") or "from the data"
+        method = enum_name(pb.TrainingMethod, self.job.spec.method, "TRAINING_METHOD_") or "full"
+        objective = enum_name(pb.Objective, self.job.spec.objective, "OBJECTIVE_") or "from the data"
         return f"{method}, {objective}"
 
     @property

@@ -18,7 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.registry.v1 import registry_pb2 as rpb
 from gristmill.api.serving.v1 import serving_pb2 as spb
-from gristmill.console.domain.jobs import _enum_name, metric_name
+from gristmill.console.domain.jobs import enum_name, metric_name
 from gristmill.console.domain.sessions import Session
 from gristmill.core.errors import InvalidArgumentError, NotFoundError
 from gristmill.core.paging import MAX_PAGE_SIZE
@@ -49,7 +49,7 @@ class ModelCalls(Protocol):
 
 def task_name(task: int) -> str:
     """``TASK_TYPE_TEXT_CLASSIFICATION`` -> ``text classification``; "" when unspecified."""
-    return _enum_name(common_pb2.TaskType, task, "TASK_TYPE_").replace("_", " ")
+    return enum_name(common_pb2.TaskType, task, "TASK_TYPE_").replace("_", " ")
 
 
 def aliases_by_version(aliases: Mapping[str, int]) -> dict[int, list[str]]:
@@ -122,7 +122,7 @@ class VersionView:
 
     @property
     def status(self) -> str:
-        return _enum_name(rpb.ModelVersionStatus, self.version.status, "MODEL_VERSION_STATUS_") or "unknown"
+        return enum_name(rpb.ModelVersionStatus, self.version.status, "MODEL_VERSION_STATUS_") or "unknown"
 
     @property
     def metrics(self) -> list[MetricRow]:
@@ -181,7 +181,7 @@ class AliasChangeView:
 
     @property
     def cause(self) -> str:
-        return _enum_name(rpb.AliasChangeCause, self.change.cause, "ALIAS_CHANGE_CAUSE_").replace("_", " ")
+        return enum_name(rpb.AliasChangeCause, self.change.cause, "ALIAS_CHANGE_CAUSE_").replace("_", " ")
 
     @property
     def decision(self) -> str:
@@ -262,7 +262,7 @@ class LoadedVersionView:
 
     @property
     def state(self) -> str:
-        return _enum_name(spb.LoadedVersionState, self.loaded.state, "LOADED_VERSION_STATE_") or "unknown"
+        return enum_name(spb.LoadedVersionState, self.loaded.state, "LOADED_VERSION_STATE_") or "unknown"
 
     @property
     def traffic_percent(self) -> float:
@@ -305,7 +305,7 @@ class DeploymentView:
 
     @property
     def state(self) -> str:
-        return _enum_name(spb.DeploymentState, self.deployment.status.state, "DEPLOYMENT_STATE_") or "unknown"
+        return enum_name(spb.DeploymentState, self.deployment.status.state, "DEPLOYMENT_STATE_") or "unknown"
 
     @property
     def versions(self) -> list[LoadedVersionView]:
