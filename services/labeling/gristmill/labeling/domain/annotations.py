@@ -71,9 +71,7 @@ class AnnotationUseCases(UseCases):
     ) -> tuple[Task | None, int]:
         validate_id(annotator_id, what="annotator_id")
         project = self.project_rules(organization_id, project_id)
-        seconds = project.settings.lease_seconds
-        if lease_seconds is not None:
-            seconds = validate_lease_seconds(lease_seconds, "lease_seconds")
+        seconds = _lease_seconds(project, lease_seconds)
         return self.store.next_task(
             project.organization_id,
             project.project_id,
@@ -162,9 +160,7 @@ class AnnotationUseCases(UseCases):
         validate_id(task_id, what="task_id")
         validate_id(annotator_id, what="annotator_id")
         project = self.project_rules(organization_id, project_id)
-        seconds = project.settings.lease_seconds
-        if lease_seconds is not None:
-            seconds = validate_lease_seconds(lease_seconds, "lease_seconds")
+        seconds = _lease_seconds(project, lease_seconds)
         return self.store.renew_task(
             project.organization_id, project.project_id, task_id, annotator_id, lease_seconds=seconds, now=self.clock()
         )
@@ -292,3 +288,8 @@ def validate_prediction(project: Project, prediction: Prediction, where: str, no
         if not (math.isfinite(probability) and 0.0 <= probability <= 1.0):
             raise InvalidArgumentError(f"{where}.prediction.probabilities[{label!r}] = {probability} is outside [0, 1]")
     return replace(prediction, create_time=prediction.create_time or now)
+
+
+def _lease_seconds(project: Project, override: int | None) -> int:
+    """A lease's length: the request's override (validated) or the project's setting."""
+    return project.settings.lease_seconds if override is None else validate_lease_seconds(override, "lease_seconds")

@@ -249,16 +249,7 @@ class SqlAnnotationStore(SqlStore, AnnotationStore):
         self, organization_id: str, project_id: str, task_id: str, annotator_id: str, reason: str, now: datetime
     ) -> None:
         with self.database.transaction() as session:
-            project = project_row(session, organization_id, project_id)
-            task = session.execute(
-                select(t.tasks).where(t.tasks.c.task_id == task_id, t.tasks.c.project_pk == project.pk)
-            ).first()
-            if task is None:
-                raise NotFoundError(f"task {task_id!r} does not exist in project {project_id!r}")
-            if task.annotator_id != annotator_id:
-                raise FailedPreconditionError(
-                    f"task {task_id!r} is leased to annotator {task.annotator_id!r}, not {annotator_id!r}"
-                )
+            task = _annotators_task(session, organization_id, project_id, task_id, annotator_id)
             session.execute(update(t.tasks).where(t.tasks.c.task_id == task_id).values(closed=True))
             already = session.execute(
                 select(t.skips.c.item_seq).where(
@@ -285,16 +276,7 @@ class SqlAnnotationStore(SqlStore, AnnotationStore):
         # Under the lease lock: a lease that is about to expire is either renewed or offered to someone else by a
         # NextTask at the same moment, never both.
         with self._lease_lock, self.database.transaction() as session:
-            project = project_row(session, organization_id, project_id)
-            task = session.execute(
-                select(t.tasks).where(t.tasks.c.task_id == task_id, t.tasks.c.project_pk == project.pk)
-            ).first()
-            if task is None:
-                raise NotFoundError(f"task {task_id!r} does not exist in project {project_id!r}")
-            if task.annotator_id != annotator_id:
-                raise FailedPreconditionError(
-                    f"task {task_id!r} is leased to annotator {task.annotator_id!r}, not {annotator_id!r}"
-                )
+            task = _annotators_task(session, organization_id, project_id, task_id, annotator_id)
             if task.closed:
                 raise FailedPreconditionError(f"task {task_id!r} was already submitted or skipped: nothing to renew")
             if task.expire_time <= now:
@@ -396,6 +378,24 @@ class SqlAnnotationStore(SqlStore, AnnotationStore):
                     out[item_id] = (len(Conversation.from_json(text).candidates), {})
                 out[item_id][1][annotator] = response
             return [(item_id, count, responses) for item_id, (count, responses) in out.items()]
+
+
+def _annotators_task(
+    session: Session, organization_id: str, project_id: str, task_id: str, annotator_id: str
+) -> Row[Any]:
+    """The task row (NOT_FOUND when the project has none by that id), leased to ``annotator_id``
+    (FAILED_PRECONDITION when it is another's)."""
+    project = project_row(session, organization_id, project_id)
+    task = session.execute(
+        select(t.tasks).where(t.tasks.c.task_id == task_id, t.tasks.c.project_pk == project.pk)
+    ).first()
+    if task is None:
+        raise NotFoundError(f"task {task_id!r} does not exist in project {project_id!r}")
+    if task.annotator_id != annotator_id:
+        raise FailedPreconditionError(
+            f"task {task_id!r} is leased to annotator {task.annotator_id!r}, not {annotator_id!r}"
+        )
+    return task
 
 
 def _task(
