@@ -87,12 +87,27 @@ OPINIONS = [
     "useless",
 ]
 
-# Timed inside the page: Enter's keydown starts a timer, htmx's afterSettle of the swapped item stops it.
+# Timed inside the page: Enter's keydown starts a timer, htmx's afterSettle of the swapped item stops it. On the way:
+# when the response arrived (htmx:beforeSwap, with the console's Server-Timing header: its own time and each service
+# call's) and when the item was swapped in.
 PROBE = """
-window.__lat = [];
-document.addEventListener('keydown', e => { if (e.key === 'Enter') window.__t0 = performance.now(); }, true);
+window.__lat = []; window.__parts = [];
+document.addEventListener('keydown', e => {
+  if (e.key === 'Enter') { window.__t0 = performance.now(); window.__cur = {}; }
+}, true);
+document.body.addEventListener('htmx:beforeSwap', e => {
+  if (window.__t0 === undefined) return;
+  window.__cur.response = performance.now() - window.__t0;
+  window.__cur.server = e.detail.xhr.getResponseHeader('server-timing') || '';
+});
+document.body.addEventListener('htmx:afterSwap', () => {
+  if (window.__t0 !== undefined) window.__cur.swap = performance.now() - window.__t0;
+});
 document.body.addEventListener('htmx:afterSettle', () => {
-  if (window.__t0 !== undefined) { window.__lat.push(performance.now() - window.__t0); window.__t0 = undefined; }
+  if (window.__t0 === undefined) return;
+  const total = performance.now() - window.__t0;
+  window.__lat.push(total); window.__cur.settle = total; window.__parts.push(window.__cur);
+  window.__t0 = undefined;
 });
 """
 
@@ -161,26 +176,52 @@ def item_id(driver: Any) -> str:
     )
 
 
-def key_presses(driver: Any, url: str, presses: int) -> list[float]:
+# Resolves when the item shown is no longer ``arguments[0]`` (an event listener, not polling: a harness that asked
+# the browser every few milliseconds would take the CPU the measured page needs on a 2-core machine).
+NEXT_ITEM = """
+const before = arguments[0], done = arguments[arguments.length - 1];
+const shown = () => { const e = document.querySelector('[data-item-id]'); return e ? e.dataset.itemId : ''; };
+if (shown() !== '' && shown() !== before) { done(shown()); return; }
+const check = () => {
+  const now = shown();
+  if (now !== '' && now !== before) { document.body.removeEventListener('htmx:afterSettle', check); done(now); }
+};
+document.body.addEventListener('htmx:afterSettle', check);
+"""
+
+
+def key_presses(driver: Any, url: str, presses: int) -> tuple[list[float], list[dict[str, Any]]]:
     from selenium.webdriver.common.keys import Keys
 
     driver.get(url)
+    driver.set_script_timeout(30)
     driver.execute_script(PROBE)
     for i in range(presses):
         before = item_id(driver)
         body = driver.switch_to.active_element
         body.send_keys("1" if i % 2 else "2")
         body.send_keys(Keys.ENTER)
-        deadline = time.monotonic() + 30
-        while item_id(driver) in ("", before):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no next item after press {i}")
-            time.sleep(0.002)
+        driver.execute_async_script(NEXT_ITEM, before)
     # The last swap may still be settling: wait for its measurement.
     deadline = time.monotonic() + 5
     while len(driver.execute_script("return window.__lat")) < presses and time.monotonic() < deadline:
         time.sleep(0.01)
-    return [float(x) for x in driver.execute_script("return window.__lat")]
+    latencies = [float(x) for x in driver.execute_script("return window.__lat")]
+    return latencies, driver.execute_script("return window.__parts")
+
+
+def breakdown(parts: list[dict[str, Any]]) -> dict[str, float]:
+    """p50 of each stage of a key press: the response's arrival, the swap, the settle (from the keydown), and the
+    console's own time and each service call's (from its Server-Timing header)."""
+    series: dict[str, list[float]] = {}
+    for part in parts:
+        for stage in ("response", "swap", "settle"):
+            if stage in part:
+                series.setdefault(stage, []).append(float(part[stage]))
+        for metric in filter(None, (m.strip() for m in str(part.get("server", "")).split(","))):
+            name, _, duration = metric.partition(";dur=")
+            series.setdefault(f"server {name}", []).append(float(duration))
+    return {name: round(statistics.median(values), 1) for name, values in series.items()}
 
 
 def page_loads(driver: Any, client: httpx2.Client, url: str, path: str, n: int = 7) -> tuple[list[float], list[float]]:
@@ -214,6 +255,10 @@ def main() -> int:
     local = LocalStack(work / "run", base_port=23100, group_suffix=f"bench-{suffix}")
     local.start_infrastructure()
     local.create_databases()
+    # As `gristmill up` does for an installation with a group suffix: the new consumer groups start at the topics'
+    # end, so the services do not replay the broker's history (other runs' events) while the key presses are timed.
+    local.create_topics()
+    local.start_groups_at_end()
     env = local.env()
     procs = {p.name: p for p in local.processes()}
     console: subprocess.Popen[bytes] | None = None
@@ -274,8 +319,13 @@ def main() -> int:
                     driver.add_cookie({"name": name, "value": value, "path": "/"})
                 results: dict[str, Any] = {"small_items": small, "large_items": large}
                 for project in ("small", "large"):
-                    lat = key_presses(driver, f"{url}/projects/{project}/label", args.presses)
-                    results[f"keypress_{project}_ms"] = {"p50": pct(lat, 0.5), "p90": pct(lat, 0.9), "n": len(lat)}
+                    lat, parts = key_presses(driver, f"{url}/projects/{project}/label", args.presses)
+                    results[f"keypress_{project}_ms"] = {
+                        "p50": pct(lat, 0.5),
+                        "p90": pct(lat, 0.9),
+                        "n": len(lat),
+                        "p50_by_stage": breakdown(parts),
+                    }
                 in_browser, at_console = page_loads(driver, client, url, "/projects/large")
                 results["project_page_large_ms"] = {
                     "browser_p50": statistics.median(in_browser),
@@ -301,6 +351,10 @@ def main() -> int:
     page = results["project_page_large_ms"]
     print(f"| project page, {large:,} items, in the browser | {page['browser_p50']:.1f} | | <= 500 |")
     print(f"| project page, {large:,} items, one HTTP GET | {page['console_http_p50']:.1f} | | |")
+    print()
+    for project in ("small", "large"):
+        stages = results[f"keypress_{project}_ms"]["p50_by_stage"]
+        print(f"key press stages, {project} project (p50 ms): " + ", ".join(f"{k} {v}" for k, v in stages.items()))
     print(json.dumps(results))
     return 0
 

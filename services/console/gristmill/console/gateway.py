@@ -9,6 +9,7 @@ address.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -19,6 +20,7 @@ from gristmill.api.labeling.v1 import labeling_pb2_grpc
 from gristmill.api.registry.v1 import registry_pb2_grpc
 from gristmill.api.serving.v1 import serving_pb2_grpc
 from gristmill.api.training.v1 import training_pb2_grpc
+from gristmill.console.api.timing import record_call
 from gristmill.core.errors import GristmillError, UnavailableError, error_for_status
 from gristmill.core.tls import TlsSettings, channel_credentials
 
@@ -34,6 +36,11 @@ SERVICES = ("labeling", "admin", "training", "registry", "serving")
 
 def _metadata(api_key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+def _method_name(request: Any) -> str:
+    # Every request message is named after its method (NextTaskRequest for NextTask): the stub object does not say.
+    return type(request).__name__.removesuffix("Request")
 
 
 class Services:
@@ -63,10 +70,13 @@ class Services:
         self.serving = serving_pb2_grpc.ServingServiceStub(self._channels["serving"])
 
     async def call(self, service: str, method: Callable[..., Awaitable[R]], request: Any, api_key: str) -> R:
+        started = time.perf_counter()
         try:
             return await method(request, metadata=_metadata(api_key), timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise self._error(service, exc) from None
+        finally:
+            record_call(f"{service}.{_method_name(request)}", (time.perf_counter() - started) * 1000)
 
     async def stream(self, service: str, method: Callable[..., Any], request: Any, api_key: str) -> AsyncIterator[Any]:
         """A server-streaming call as that user, with no deadline (it lasts as long as a page watches), that ends

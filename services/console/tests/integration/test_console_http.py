@@ -78,6 +78,10 @@ async def test_an_annotator_labels_twenty_items_undoes_one_and_skips_one(stack: 
             form = {"csrf": csrf, "action": "submit", "task_id": task_id, "item_id": item_id, "label": label}
             reply = await client.post(f"/projects/{stack.project_id}/label", data=form, headers=HTMX)
             assert reply.status_code == 200, reply.text
+            # One submission and one NextTask per key press, each timed in Server-Timing, then the whole.
+            timing = [m.split(";dur=") for m in reply.headers["server-timing"].split(", ")]
+            assert [name for name, _ in timing] == ["labeling-SubmitAnnotation", "labeling-NextTask", "app"]
+            assert float(timing[-1][1]) >= float(timing[0][1]) + float(timing[1][1]) > 0
             html = reply.text
             last = {"item_id": item_id, "label": label}
         assert await _annotations(stack) == 20

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gristmill.console.api import jobs, models
 from gristmill.console.api.render import SECURITY_HEADERS, Pages
+from gristmill.console.api.timing import ServerTiming
 from gristmill.console.domain.desk import AgreementMatrix, Desk, TaskView, answer_from, chart_data
 from gristmill.console.domain.sessions import COOKIE, Session, SessionCodec, annotator_id_from
 from gristmill.console.gateway import Services
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 def console_app(services: Services, codec: SessionCodec, *, secure_cookies: bool) -> FastAPI:
     """The console's ASGI app over ``services``, its sessions sealed by ``codec``."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(ServerTiming)
     pages = Pages(codec, secure_cookies=secure_cookies)
     desk = Desk(services)
     static = Path(str(resources.files("gristmill.console") / "static"))
