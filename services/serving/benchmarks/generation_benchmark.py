@@ -22,7 +22,8 @@ benchmarks ignore the end-of-sequence token) so that every system does the same 
    in bfloat16 (c=1, 8, 32; beside the static-batch limit in bfloat16), and the perplexity of fp32, bf16 and int8
    on 100 held-out reviews;
 7. **adapters**: two random rank-8 LoRA adapters of SmolLM2 on one shared base, a deployment of one adapter and
-   one splitting traffic 50/50 between both (their rows mixed in every batch), at c=32.
+   one splitting traffic 50/50 between both (their rows mixed in every batch), at c=32; each with the runtime's
+   batched LoRA (``runtime/lora.py``) and with PEFT's mixed-batch path (``--only adapters``: this part alone).
 
 8. optionally (``--stack local``), the production configuration users deploy: the networked stack
    (``gristmill.cli.platforms.LocalStack`` through the serving benchmark's ``StackRun``: every service its own
@@ -566,6 +567,49 @@ def make_adapters(model_dir: Path, work: Path) -> list[Path]:
     return adapters
 
 
+# The adapters' deployments, in order: batched LoRA (the runtime's default), then PEFT's mixed-batch path.
+ADAPTER_RUNS = ("one", "two_mixed", "one_peft", "two_mixed_peft")
+
+
+def adapter_deployments(adapters: list[Path]) -> list[Served]:
+    """One adapter, and two splitting traffic 50/50 (their rows mixed in every batch); each with batched LoRA and
+    with PEFT's path."""
+    return [
+        Served("one", [adapters[0]]),
+        Served("two_mixed", adapters, canary_weight=0.5),
+        Served("one_peft", [adapters[0]], peft_mixed=True),
+        Served("two_mixed_peft", adapters, canary_weight=0.5, peft_mixed=True),
+    ]
+
+
+def adapter_ratios(rows: dict[str, dict[str, float]]) -> dict[str, float]:
+    tokens = {name: rows[name]["tokens_per_s"] for name in ADAPTER_RUNS}
+    return {
+        "two_adapters_vs_one_c32": tokens["two_mixed"] / tokens["one"],
+        "two_adapters_vs_one_c32_peft_path": tokens["two_mixed_peft"] / tokens["one_peft"],
+        "one_adapter_batched_vs_peft_path": tokens["one"] / tokens["one_peft"],
+        "two_adapters_batched_vs_peft_path": tokens["two_mixed"] / tokens["two_mixed_peft"],
+    }
+
+
+def adapters_only(model_dir: Path, load: Workload, requests: int) -> bool:
+    """``--only adapters``: the adapters' deployments at c=32 and their ratios."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as work:
+        adapters = make_adapters(model_dir, Path(work))
+        deployments = adapter_deployments(adapters)
+        plans = {d.name: {32: requests} for d in deployments}
+        served = asyncio.run(with_gristmill(deployments, load, plans, Path(work)))
+    print("\n| adapters, c=32 | tokens/s | TTFT p50 ms | ITL p50 ms |\n|---|---|---|---|")
+    for name in ADAPTER_RUNS:
+        row = served[name][32]
+        print(f"| {name} | {row['tokens_per_s']:.1f} | {row['ttft_p50_ms']:.0f} | {row['itl_p50_ms']:.1f} |")
+    ratios = adapter_ratios({name: served[name][32] for name in ADAPTER_RUNS})
+    print("\n" + "\n".join(f"- {k}: {v:.2f}" for k, v in ratios.items()))
+    return False
+
+
 @dataclass
 class Served:
     """One deployment of the benchmark: its versions (directories, version 1 first) and canary share."""
@@ -574,6 +618,8 @@ class Served:
     versions: list[Path]
     canary_weight: float = 0.0
     quantization: str = "none"
+    # Adapters through PEFT's own mixed-batch path instead of the runtime's batched LoRA (for the comparison).
+    peft_mixed: bool = False
 
 
 async def with_gristmill(
@@ -625,6 +671,11 @@ async def with_gristmill(
                 quantization=Quantization(deployment.quantization),
             )
             await app.service.create(spec, wait_until_ready=True, timeout_s=600)
+            if deployment.peft_mixed:
+                from gristmill.serving.runtime import generation
+
+                for shared in list(generation._BASES.values()):
+                    shared.batcher.use_batched_lora(False)
             results[deployment.name] = {}
             for concurrency, requests in plans[deployment.name].items():
                 progress(f"gristmill {deployment.name}: concurrency {concurrency}, {requests} requests")
@@ -768,6 +819,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
+        "--only",
+        choices=["adapters"],
+        help="only the adapters' part (one adapter and two mixed, batched LoRA and PEFT's mixed-batch path)",
+    )
+    parser.add_argument(
         "--llama-cpp",
         action="store_true",
         help=f"also measure llama.cpp's server (llama-cpp-python[server] installed with --target {LLAMA_CPP_DIR})",
@@ -816,6 +872,9 @@ def measure(args: argparse.Namespace, stack: StackRun | None) -> bool:
     load = workload(tokenizer, 256, args.seed)
     scale = 4 if args.quick else 1
     plan = {1: 8 // scale, 8: 32 // scale, 32: 96 // scale}
+    if args.only == "adapters":
+        del model
+        return adapters_only(model_dir, load, plan[32])
     results: dict[str, Any] = {"threads": torch.get_num_threads(), "plan": plan}
     progress("prefill of a median prompt")
     results["prefill_ms"] = prefill_ms(model, load)
@@ -853,21 +912,19 @@ def measure(args: argparse.Namespace, stack: StackRun | None) -> bool:
             Served("smollm2", [model_dir]),
             Served("smollm2-int8", [model_dir], quantization="dynamic_int8"),
             Served("smollm2-bf16", [model_dir], quantization="bf16"),
-            Served("one-adapter", [adapters[0]]),
-            Served("two-adapters", adapters, canary_weight=0.5),
+            *adapter_deployments(adapters),
         ]
         plans = {
             "smollm2": plan,
             "smollm2-int8": small,
             "smollm2-bf16": plan,
-            "one-adapter": {32: plan[32]},
-            "two-adapters": {32: plan[32]},
+            **{d.name: {32: plan[32]} for d in adapter_deployments(adapters)},
         }
         served = asyncio.run(with_gristmill(deployments, load, plans, Path(work)))
     results["gristmill"] = g = served["smollm2"]
     results["int8"] = served["smollm2-int8"]
     results["bf16"] = served["smollm2-bf16"]
-    results["adapters"] = {"one": served["one-adapter"][32], "two_mixed": served["two-adapters"][32]}
+    results["adapters"] = {name: served[name][32] for name in ADAPTER_RUNS}
     if stack is not None:
         results["stack"] = with_stack(stack, model_dir, load, plan)
     if args.llama_cpp:
@@ -877,8 +934,7 @@ def measure(args: argparse.Namespace, stack: StackRun | None) -> bool:
         "c32_vs_naive": g[32]["tokens_per_s"] / results["naive"]["tokens_per_s"],
         "c32_vs_transformers_cb": g[32]["tokens_per_s"] / results["transformers_cb"]["tokens_per_s"],
         "c1_ttft_minus_prefill_ms": g[1]["ttft_p50_ms"] - results["prefill_ms"],
-        "two_adapters_vs_one_c32": results["adapters"]["two_mixed"]["tokens_per_s"]
-        / results["adapters"]["one"]["tokens_per_s"],
+        **adapter_ratios(results["adapters"]),
         "int8_vs_fp32_c1": results["int8"][1]["tokens_per_s"] / g[1]["tokens_per_s"],
         "int8_vs_fp32_c8": results["int8"][8]["tokens_per_s"] / g[8]["tokens_per_s"],
         "bf16_c32_vs_static_fp32": results["bf16"][32]["tokens_per_s"] / results["static"]["tokens_per_s"],

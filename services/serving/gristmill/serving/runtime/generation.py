@@ -58,6 +58,7 @@ from gristmill.serving.domain.generation import (
 )
 from gristmill.serving.domain.model import Quantization
 from gristmill.serving.domain.sources import ADAPTER_CONFIG, BASE_DIR, LoadOptions, ResolvedVersion
+from gristmill.serving.runtime.lora import BASE_ADAPTER, BatchedLora
 from gristmill.serving.runtime.memory import release_memory, resident_bytes
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,6 @@ DEFAULT_MAX_QUEUE = 256
 # sequences keep producing tokens in between.
 DEFAULT_PREFILL_TOKENS = 2048
 _NO_LIMIT = 1_000_000
-# PEFT's name for "no adapter" in a mixed batch.
-BASE_ADAPTER = "__base__"
 
 
 @dataclass(frozen=True)
@@ -169,6 +168,11 @@ class ContinuousBatcher:
         self._tokenizer = tokenizer
         # Set once the model is wrapped with PEFT adapters (SharedBase).
         self.peft = False
+        # Rows of several adapters in one forward pass: batched LoRA where the model's layers allow it
+        # (``adapters_changed``), else PEFT's mixed-batch path.
+        self._batched_lora = True
+        self._lora = BatchedLora()
+        self._lora_installed = False
         # The JSON grammar compiler for structured output, built at the first request that asks for it.
         self._grammars: _Grammars | None = None
         self._eos = frozenset(int(i) for i in eos_ids)
@@ -222,10 +226,23 @@ class ContinuousBatcher:
     def model(self) -> PreTrainedModel:
         return self._model
 
-    def use_model(self, model: PreTrainedModel, *, peft: bool) -> None:
+    def use_model(self, model: Any, *, peft: bool) -> None:
         """Swap in ``model`` (the same weights wrapped by PEFT); the caller holds ``model_lock``."""
         self._model = model
         self.peft = peft
+        self.adapters_changed()
+
+    def adapters_changed(self) -> None:
+        """After adapters were added to or removed from the model; the caller holds ``model_lock``."""
+        self._lora_installed = self.peft and self._batched_lora and self._lora.install(self._model)
+        if not self._lora_installed:
+            self._lora.uninstall()
+
+    def use_batched_lora(self, on: bool) -> None:
+        """Batched LoRA (the default) or PEFT's mixed-batch path (``on=False``: the benchmark compares them)."""
+        with self.model_lock:
+            self._batched_lora = on
+            self.adapters_changed()
 
     def _constraint(self, response_format: ResponseFormat) -> _Constraint:
         if self._grammars is None:
@@ -350,15 +367,7 @@ class ContinuousBatcher:
             sequence.position = len(prompt)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = _new_cache(self._model.config)
-        out = self._model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **self._adapters(admitted),
-        )
+        out = self._forward(admitted, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache)
         return cache, mask, self._sample(out.logits[:, -1, :], admitted)
 
     def _decode(self) -> None:
@@ -366,26 +375,28 @@ class ContinuousBatcher:
         ids = torch.tensor([[s.generated[-1]] for s in self._running], dtype=torch.long)
         positions = torch.tensor([[s.position] for s in self._running], dtype=torch.long)
         mask = torch.cat([self._mask, torch.ones((len(self._running), 1), dtype=torch.long)], dim=1)
-        out = self._model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=self._cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **self._adapters(self._running),
+        out = self._forward(
+            self._running, input_ids=ids, attention_mask=mask, position_ids=positions, cache=self._cache
         )
         self._mask = mask
         for sequence in self._running:
             sequence.position += 1
         self._advance(self._running, self._sample(out.logits[:, -1, :], self._running), 0)
 
-    def _adapters(self, rows: Sequence[_Sequence]) -> dict[str, Any]:
-        """PEFT's mixed-batch argument: each row's LoRA adapter (``__base__``: none), so that sequences of several
-        adapters of one base decode in one forward pass."""
+    def _forward(self, rows: Sequence[_Sequence], **inputs: Any) -> Any:
+        """One forward pass over ``rows`` (the last position's logits), each row with its own LoRA adapter when the
+        model has several (``__base__``: none), so that sequences of several adapters of one base run together."""
+        inputs.update(use_cache=True, logits_to_keep=1)
         if not self.peft:
-            return {}
-        return {"adapter_names": [s.request.adapter or BASE_ADAPTER for s in rows]}
+            return self._model(**inputs)
+        names = [s.request.adapter or BASE_ADAPTER for s in rows]
+        if not self._lora_installed:
+            return self._model(**inputs, adapter_names=names)
+        self._lora.select(names)
+        try:
+            return self._model(**inputs)
+        finally:
+            self._lora.clear()
 
     def _merge(self, admitted: list[_Sequence], blocks: list[tuple[DynamicCache, torch.Tensor]]) -> None:
         """Append the prefilled rows (``blocks`` of cache and mask, in ``admitted``'s order) to the running batch,
@@ -676,7 +687,7 @@ class TransformersGenerator(_TemplateFront):
 
 class SharedBase:
     """One base model in memory with the LoRA adapters of every version loaded on it, and one batcher whose
-    batches mix them (PEFT's ``adapter_names``): a new adapter version loads beside the others without loading
+    batches mix them (``runtime/lora.py``): a new adapter version loads beside the others without loading
     the base again. Kept in ``_BASES`` by the base directory's real path while an adapter uses it."""
 
     def __init__(self, key: str, model: PreTrainedModel, tokenizer: Any, *, limits: EngineLimits) -> None:
@@ -697,9 +708,9 @@ class SharedBase:
                 self.model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
             else:
                 self.model = PeftModel.from_pretrained(self.model, str(directory), adapter_name=name).eval()
-                self.batcher.use_model(self.model, peft=True)
             # PEFT keeps adapter weights in float32; a bf16 base computes them in its own precision.
             self.model.to(self.dtype)
+            self.batcher.use_model(self.model, peft=True)
             self.adapters.add(name)
 
     def remove_adapter(self, name: str) -> None:
@@ -710,6 +721,7 @@ class SharedBase:
                     # PEFT warns that the deleted adapter was the active one; rows always name their adapter.
                     warnings.simplefilter("ignore", UserWarning)
                     self.model.delete_adapter(name)
+                self.batcher.adapters_changed()
 
 
 _BASES: dict[str, SharedBase] = {}
