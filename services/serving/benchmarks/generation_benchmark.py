@@ -868,13 +868,12 @@ def measure(args: argparse.Namespace, stack: StackRun | None) -> bool:
     torch.set_num_threads(os.cpu_count() or 1)
     model_dir = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     load = workload(tokenizer, 256, args.seed)
     scale = 4 if args.quick else 1
     plan = {1: 8 // scale, 8: 32 // scale, 32: 96 // scale}
     if args.only == "adapters":
-        del model
         return adapters_only(model_dir, load, plan[32])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     results: dict[str, Any] = {"threads": torch.get_num_threads(), "plan": plan}
     progress("prefill of a median prompt")
     results["prefill_ms"] = prefill_ms(model, load)
@@ -908,17 +907,18 @@ def measure(args: argparse.Namespace, stack: StackRun | None) -> bool:
     small = {1: plan[1], 8: plan[8]}
     with tempfile.TemporaryDirectory() as work:
         adapters = make_adapters(model_dir, Path(work))
+        with_adapters = adapter_deployments(adapters)
         deployments = [
             Served("smollm2", [model_dir]),
             Served("smollm2-int8", [model_dir], quantization="dynamic_int8"),
             Served("smollm2-bf16", [model_dir], quantization="bf16"),
-            *adapter_deployments(adapters),
+            *with_adapters,
         ]
         plans = {
             "smollm2": plan,
             "smollm2-int8": small,
             "smollm2-bf16": plan,
-            **{d.name: {32: plan[32]} for d in adapter_deployments(adapters)},
+            **{d.name: {32: plan[32]} for d in with_adapters},
         }
         served = asyncio.run(with_gristmill(deployments, load, plans, Path(work)))
     results["gristmill"] = g = served["smollm2"]

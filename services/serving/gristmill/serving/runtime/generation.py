@@ -234,9 +234,11 @@ class ContinuousBatcher:
 
     def adapters_changed(self) -> None:
         """After adapters were added to or removed from the model; the caller holds ``model_lock``."""
-        self._lora_installed = self.peft and self._batched_lora and self._lora.install(self._model)
-        if not self._lora_installed:
+        if self.peft and self._batched_lora:
+            self._lora_installed = self._lora.install(self._model)  # False: it left the layers to PEFT
+        else:
             self._lora.uninstall()
+            self._lora_installed = False
 
     def use_batched_lora(self, on: bool) -> None:
         """Batched LoRA (the default) or PEFT's mixed-batch path (``on=False``: the benchmark compares them)."""

@@ -2,8 +2,8 @@
 
 PEFT's mixed-batch path (``adapter_names``) registers a hook on every LoRA layer for each forward pass, and in each
 layer rebuilds Python lists of the rows of each adapter, then runs that adapter's two matmuls on those rows and
-scatters the result back. On SmolLM2 (210 LoRA layers) at 32 sequences that cost ~20% of the decoding throughput
-with two adapters in the batch against one.
+scatters the result back. On SmolLM2 with adapters on q/k/v/o (120 LoRA layers) at 32 sequences, two adapters in
+the batch cost 10-20% of the decoding throughput against one (``benchmarks/lora_step_benchmark.py``).
 
 Here each LoRA layer keeps the adapters of its model side by side: ``A`` of every adapter stacked into one
 ``[adapters * rank, in]`` matrix and ``B`` (scaled) into one ``[out, adapters * rank]`` matrix, each adapter in a
@@ -43,7 +43,6 @@ class _Step:
 
 @dataclass
 class _Stack:
-    version: int
     a: torch.Tensor  # [slots * rank, in]
     b: torch.Tensor  # [out, slots * rank], scaled
     a_slots: list[torch.Tensor]  # each [rank, in], a view of ``a``
@@ -54,7 +53,6 @@ class BatchedLora:
     """Installed on a PEFT model; the batcher names each row's adapter with ``select`` before a forward pass."""
 
     def __init__(self) -> None:
-        self._version = 0
         self._order: list[str] = []
         self._rank = 0
         self._dtype = torch.float32
@@ -82,7 +80,9 @@ class BatchedLora:
         self._rank = max((layer.r[name] for layer in layers for name in layer.lora_A), default=0)
         weights = [layer.lora_A[name].weight for layer in layers for name in layer.lora_A]
         self._dtype = weights[0].dtype if weights else torch.float32
-        self._version += 1
+        # Built here, under the caller's model lock, not in the first forward pass after an adapter change.
+        for layer in layers:
+            layer._gristmill_stack = self._stack(layer)
         return True
 
     def uninstall(self) -> None:
@@ -117,7 +117,7 @@ class BatchedLora:
         result: torch.Tensor = layer.base_layer(x, *args, **kwargs)
         if step.uniform == -1:
             return result
-        stack = self._stack(layer)
+        stack: _Stack = layer._gristmill_stack
         lora_x = x.to(stack.a.dtype)
         if step.uniform is not None:
             delta = F.linear(F.linear(lora_x, stack.a_slots[step.uniform]), stack.b_slots[step.uniform])
@@ -128,9 +128,7 @@ class BatchedLora:
         return result.add_(delta.to(result.dtype))
 
     def _stack(self, layer: Any) -> _Stack:
-        stack: _Stack | None = vars(layer).get("_gristmill_stack")
-        if stack is not None and stack.version == self._version:
-            return stack
+        """``layer``'s adapters side by side, in ``_order``'s slots of ``_rank``."""
         rank, slots = self._rank, len(self._order)
         base = layer.get_base_layer()
         a = torch.zeros((slots * rank, base.in_features), dtype=self._dtype)
@@ -142,15 +140,12 @@ class BatchedLora:
                 r = layer.r[name]
                 a[slot * rank : slot * rank + r] = layer.lora_A[name].weight
                 b[:, slot * rank : slot * rank + r] = layer.lora_B[name].weight * layer.scaling[name]
-        stack = _Stack(
-            self._version,
+        return _Stack(
             a,
             b,
             [a[s * rank : (s + 1) * rank] for s in range(slots)],
             [b[:, s * rank : (s + 1) * rank].contiguous() for s in range(slots)],
         )
-        layer._gristmill_stack = stack
-        return stack
 
 
 def _has_bias(layer: Any) -> bool:
