@@ -28,7 +28,7 @@ PYTEST_ARGS ?=
 SOAK_ROUNDS ?= 10
 
 .PHONY: help install generate lint typecheck check-generated compose-check stack-up stack-down stack-status \
-        test test-unit test-integration test-heavy chaos soak run clean browser
+        test test-unit test-integration test-heavy chaos cluster-test soak run clean browser
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -96,8 +96,8 @@ test-integration: install stack-up browser  ## tests against the real PostgreSQL
 # server (the Kafka broker) while they run.
 test: install check-generated lint typecheck compose-check stack-up browser  ## everything CI runs: checks, then unit + integration tests
 	@rc=0; \
-	$(PY) -m pytest -n 2 -m "not chaos and not exclusive and not heavy" tests services $(PYTEST_ARGS) || rc=$$?; \
-	$(PY) -m pytest -m "exclusive and not chaos and not heavy" tests services $(PYTEST_ARGS) || { s=$$?; [ $$s = 5 ] || rc=$$s; }; \
+	$(PY) -m pytest -n 2 -m "not chaos and not exclusive and not heavy and not cluster" tests services $(PYTEST_ARGS) || rc=$$?; \
+	$(PY) -m pytest -m "exclusive and not chaos and not heavy and not cluster" tests services $(PYTEST_ARGS) || { s=$$?; [ $$s = 5 ] || rc=$$s; }; \
 	exit $$rc
 
 test-heavy: install stack-up  ## the tests with real 100+ MB models through a service (SmolLM2's GGUF imported into S3; ~2 min; not in CI)
@@ -105,6 +105,10 @@ test-heavy: install stack-up  ## the tests with real 100+ MB models through a se
 
 chaos: install stack-up  ## the chaos suite: the loop under one fault at a time, and the chat demo with services killed (~30 min; not in CI)
 	@$(PY) -m pytest -m chaos tests/chaos -p no:cacheprovider $(PYTEST_ARGS)
+
+cluster-test: install  ## the multi-node tests: Ray, Kafka and service replicas across network namespaces (root; ~15 min; not in CI)
+	@deploy/local/kafka.sh provision >/dev/null && deploy/local/seaweedfs.sh provision >/dev/null
+	@$(PY) -m pytest -m cluster tests/cluster -p no:cacheprovider $(PYTEST_ARGS)
 
 soak: install  ## the networked e2e test N times on freshly wiped brokers (SOAK_ROUNDS=10)
 	@deploy/local/soak.sh $(SOAK_ROUNDS)

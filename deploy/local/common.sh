@@ -13,6 +13,9 @@ GRISTMILL_PID_DIR="$GRISTMILL_RUN_DIR/pids"
 GRISTMILL_DATA_DIR="$GRISTMILL_RUN_DIR/data"
 GRISTMILL_CONF_DIR="$GRISTMILL_RUN_DIR/conf"
 export GRISTMILL_CACHE GRISTMILL_RUN_DIR
+# The address servers listen on: loopback for the local stack; a node's own address when deploy/cluster/ starts
+# them inside a node's network namespace.
+BIND_HOST="${GRISTMILL_BIND_HOST:-127.0.0.1}"
 
 # The one line a failing script prints on stderr.
 die() {
@@ -52,8 +55,8 @@ ensure_run_dirs() {
   mkdir -p "$GRISTMILL_LOG_DIR" "$GRISTMILL_PID_DIR" "$GRISTMILL_DATA_DIR" "$GRISTMILL_CONF_DIR"
 }
 
-port_open() { # port_open <port>: something accepts TCP connections on 127.0.0.1:<port>
-  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+port_open() { # port_open <port>: something accepts TCP connections on $BIND_HOST:<port>
+  (exec 3<>"/dev/tcp/$BIND_HOST/$1") 2>/dev/null
 }
 
 pid_file() { echo "$GRISTMILL_PID_DIR/$COMPONENT.pid"; }

@@ -16,7 +16,8 @@
 # (default postgres, the Debian package's user), which owns the data directory; otherwise as the current user.
 #
 # Environment: GRISTMILL_POSTGRES_PORT (5433), GRISTMILL_POSTGRES_OS_USER (postgres), GRISTMILL_POSTGRES_BIN
-#   (the newest /usr/lib/postgresql/*/bin), GRISTMILL_RUN_DIR. Log: $GRISTMILL_RUN_DIR/logs/postgres.log
+#   (the newest /usr/lib/postgresql/*/bin), GRISTMILL_RUN_DIR, GRISTMILL_BIND_HOST (127.0.0.1), GRISTMILL_POSTGRES_TRUST_CIDR
+#   (a subnet trusted besides loopback; for deploy/cluster/). Log: $GRISTMILL_RUN_DIR/logs/postgres.log
 #   Clients: postgresql://gristmill@127.0.0.1:<port>/postgres (no password: trust on loopback, a dev stack).
 set -euo pipefail
 
@@ -100,13 +101,17 @@ init_cluster() {
     die "initdb in $DATA failed; see $LOG"
   fi
   echo "$out" >>"$LOG"
+  # A cluster node (deploy/cluster/) listens on its own address: trust the cluster's private subnet too.
+  if [[ -n "${GRISTMILL_POSTGRES_TRUST_CIDR:-}" ]]; then
+    echo "host all all $GRISTMILL_POSTGRES_TRUST_CIDR trust" >>"$DATA/pg_hba.conf"
+  fi
 }
 
 psql_as() { # psql_as <role> <sql>: one query, tuples only, on this server's postgres database
-  "$(pg_bin)/psql" -X -q -t -A -w -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U "$1" -d postgres -c "$2"
+  "$(pg_bin)/psql" -X -q -t -A -w -v ON_ERROR_STOP=1 -h "$BIND_HOST" -p "$PG_PORT" -U "$1" -d postgres -c "$2"
 }
 
-accepting() { "$(pg_bin)/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -t 2 >/dev/null 2>&1; }
+accepting() { "$(pg_bin)/pg_isready" -q -h "$BIND_HOST" -p "$PG_PORT" -t 2 >/dev/null 2>&1; }
 
 # A real round trip: a query answered as the role the services use.
 probe() { accepting && [[ "$(psql_as "$PG_ROLE" 'SELECT 1' 2>/dev/null)" == 1 ]]; }
@@ -122,7 +127,7 @@ ensure_role() {
   psql_as "$OS_USER" "DO \$\$ BEGIN
       IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_ROLE') THEN CREATE ROLE $PG_ROLE LOGIN CREATEDB;
       ELSE ALTER ROLE $PG_ROLE LOGIN CREATEDB; END IF; END \$\$" >>"$LOG" 2>&1 ||
-    die "could not create the role $PG_ROLE on 127.0.0.1:$PG_PORT; see $LOG"
+    die "could not create the role $PG_ROLE on $BIND_HOST:$PG_PORT; see $LOG"
 }
 
 # The port of the running server, read from the command line it was started with.
@@ -135,7 +140,7 @@ running_port() {
 wait_up() {
   wait_ready "$START_TIMEOUT" "$LOG" accepting
   ensure_role
-  probe || die "postgres on 127.0.0.1:$PG_PORT accepts connections but does not answer queries as $PG_ROLE; see $LOG"
+  probe || die "postgres on $BIND_HOST:$PG_PORT accepts connections but does not answer queries as $PG_ROLE; see $LOG"
 }
 
 cmd_start() {
@@ -147,21 +152,21 @@ cmd_start() {
       die "postgres is already running (pid $pid) on port ${actual:-?}, not $PG_PORT; run '$0 stop' first"
     fi
     if probe; then
-      say "already running (pid $pid) on 127.0.0.1:$PG_PORT; log: $LOG"
+      say "already running (pid $pid) on $BIND_HOST:$PG_PORT; log: $LOG"
       return 0
     fi
     say "running (pid $pid) but not answering yet; waiting"
     wait_up
-    say "up on 127.0.0.1:$PG_PORT (pid $pid); log: $LOG"
+    say "up on $BIND_HOST:$PG_PORT (pid $pid); log: $LOG"
     return 0
   fi
   binaries_present || cmd_provision
   if port_open "$PG_PORT"; then
-    die "port $PG_PORT on 127.0.0.1 is already in use by another process; set GRISTMILL_POSTGRES_PORT to a free port"
+    die "port $PG_PORT on $BIND_HOST is already in use by another process; set GRISTMILL_POSTGRES_PORT to a free port"
   fi
   prepare_data_dir
   init_cluster
-  say "starting on 127.0.0.1:$PG_PORT; log: $LOG"
+  say "starting on $BIND_HOST:$PG_PORT; log: $LOG"
   local start=$SECONDS
   # A development and test server whose data can be rebuilt at will: fsync, synchronous commit and full-page
   # writes trade crash safety of the whole cluster (an OS crash or power loss may corrupt it; a killed
@@ -169,17 +174,17 @@ cmd_start() {
   # copy these settings to a server whose data matters. TCP on loopback only; no Unix socket (stacks of
   # other run directories then never meet in a shared socket directory).
   spawn "$LOG" "${AS_OWNER[@]}" "$(pg_bin)/postgres" -D "$DATA" \
-    -p "$PG_PORT" -c listen_addresses=127.0.0.1 -c unix_socket_directories= \
+    -p "$PG_PORT" -c "listen_addresses=$BIND_HOST" -c unix_socket_directories= \
     -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
     -c max_connections=300 -c shared_buffers=64MB -c log_min_messages=warning
   wait_up
-  say "up on 127.0.0.1:$PG_PORT (pid $(running_pid)) after $((SECONDS - start)) s; log: $LOG"
+  say "up on $BIND_HOST:$PG_PORT (pid $(running_pid)) after $((SECONDS - start)) s; log: $LOG"
 }
 
 cmd_wait() {
   running_pid >/dev/null || die "postgres is not running; start it with $0 start (log: $LOG)"
   wait_up
-  say "up on 127.0.0.1:$PG_PORT"
+  say "up on $BIND_HOST:$PG_PORT"
 }
 
 # Fast shutdown (SIGINT): open sessions are rolled back and cut. SIGTERM would be a "smart" shutdown that
@@ -194,7 +199,7 @@ cmd_status() {
     PG_PORT="$(running_port "$pid")"
   fi
   if [[ -n "${pid:-}" ]] && port_open "$PG_PORT"; then
-    echo "postgres: up on 127.0.0.1:$PG_PORT (pid $pid, log $LOG)"
+    echo "postgres: up on $BIND_HOST:$PG_PORT (pid $pid, log $LOG)"
     return 0
   fi
   if [[ -n "${pid:-}" ]]; then

@@ -14,7 +14,8 @@
 # Environment: GRISTMILL_S3_PORT (8333), GRISTMILL_S3_ACCESS_KEY (gristmill),
 #   GRISTMILL_S3_SECRET_KEY (gristmill-secret), GRISTMILL_SEAWEEDFS_MASTER_PORT (S3 port + 1000),
 #   GRISTMILL_SEAWEEDFS_VOLUME_PORT (S3 port + 1001), GRISTMILL_SEAWEEDFS_FILER_PORT (S3 port + 1002);
-#   each gRPC port is its HTTP port + 10000. GRISTMILL_CACHE, GRISTMILL_RUN_DIR.
+#   each gRPC port is its HTTP port + 10000. GRISTMILL_CACHE, GRISTMILL_RUN_DIR,
+#   GRISTMILL_BIND_HOST (127.0.0.1; a node's own address under deploy/cluster/).
 #   Log: $GRISTMILL_RUN_DIR/logs/seaweedfs.log
 set -euo pipefail
 
@@ -126,13 +127,13 @@ probe() {
   port_open "$S3_PORT" || return 1
   local body
   body="$(curl -fsS --max-time 5 --aws-sigv4 "aws:amz:us-east-1:s3" --user "$ACCESS_KEY:$SECRET_KEY" \
-    "http://127.0.0.1:$S3_PORT/" 2>/dev/null)" || return 1
+    "http://$BIND_HOST:$S3_PORT/" 2>/dev/null)" || return 1
   [[ "$body" == *"<ListAllMyBucketsResult"* ]] || return 1
   probe_write
 }
 
 probe_write() {
-  local url="http://127.0.0.1:$FILER_PORT/.gristmill/readiness-probe"
+  local url="http://$BIND_HOST:$FILER_PORT/.gristmill/readiness-probe"
   printf 'ok' | curl -fsS --max-time 20 -F "file=@-;filename=readiness-probe" "$url" >/dev/null 2>&1 || return 1
   curl -fsS --max-time 5 -X DELETE "$url" >/dev/null 2>&1 || true
 }
@@ -152,12 +153,12 @@ cmd_start() {
       die "seaweedfs is already running (pid $pid) on port ${actual:-?}, not $S3_PORT; run '$0 stop' first"
     fi
     if probe; then
-      say "already running (pid $pid) on 127.0.0.1:$S3_PORT; log: $LOG"
+      say "already running (pid $pid) on $BIND_HOST:$S3_PORT; log: $LOG"
       return 0
     fi
     say "running (pid $pid) but not answering yet; waiting"
     wait_ready "$START_TIMEOUT" "$LOG" probe
-    say "up on 127.0.0.1:$S3_PORT (pid $pid); log: $LOG"
+    say "up on $BIND_HOST:$S3_PORT (pid $pid); log: $LOG"
     return 0
   fi
   binary_works || cmd_provision
@@ -167,18 +168,18 @@ cmd_start() {
     $((VOLUME_PORT + 10000)) "$FILER_PORT" $((FILER_PORT + 10000)); do
     ((port < 65536)) || die "port $port is out of range; choose a lower GRISTMILL_S3_PORT"
     if port_open "$port"; then
-      die "port $port on 127.0.0.1 is already in use by another process; set GRISTMILL_S3_PORT (or GRISTMILL_SEAWEEDFS_*_PORT) to free ports"
+      die "port $port on $BIND_HOST is already in use by another process; set GRISTMILL_S3_PORT (or GRISTMILL_SEAWEEDFS_*_PORT) to free ports"
     fi
   done
   write_config
-  say "starting S3 on 127.0.0.1:$S3_PORT (master $MASTER_PORT, volume $VOLUME_PORT, filer $FILER_PORT); log: $LOG"
+  say "starting S3 on $BIND_HOST:$S3_PORT (master $MASTER_PORT, volume $VOLUME_PORT, filer $FILER_PORT); log: $LOG"
   local start=$SECONDS
   # -config_dir points at our own folder so that no ~/.seaweedfs or /etc/seaweedfs toml is picked up.
   # Iceberg and Lance catalogs are off (they would take ports 8181 and 9101); telemetry is off.
   (
     cd "$DATA"
     spawn "$LOG" "$WEED" -logtostderr=true -config_dir="$CONF" server \
-      -dir="$DATA" -ip=127.0.0.1 -ip.bind=127.0.0.1 -idleTimeout=5 \
+      -dir="$DATA" -ip=$BIND_HOST -ip.bind=$BIND_HOST -idleTimeout=5 \
       -master.port="$MASTER_PORT" -master.port.grpc=$((MASTER_PORT + 10000)) \
       -master.volumeSizeLimitMB=64 -master.telemetry=false -master.electionTimeout=1s \
       -volume.port="$VOLUME_PORT" -volume.port.grpc=$((VOLUME_PORT + 10000)) \
@@ -188,13 +189,13 @@ cmd_start() {
       -s3.config="$IDENTITIES"
   )
   wait_ready "$START_TIMEOUT" "$LOG" probe
-  say "up on 127.0.0.1:$S3_PORT (pid $(running_pid)) after $((SECONDS - start)) s; log: $LOG"
+  say "up on $BIND_HOST:$S3_PORT (pid $(running_pid)) after $((SECONDS - start)) s; log: $LOG"
 }
 
 cmd_wait() {
   running_pid >/dev/null || die "seaweedfs is not running; start it with $0 start (log: $LOG)"
   wait_ready "$START_TIMEOUT" "$LOG" probe
-  say "up on 127.0.0.1:$S3_PORT"
+  say "up on $BIND_HOST:$S3_PORT"
 }
 
 cmd_stop() {
@@ -207,7 +208,7 @@ cmd_status() {
     S3_PORT="$(running_port "$pid")"
   fi
   if [[ -n "${pid:-}" ]] && port_open "$S3_PORT"; then
-    echo "seaweedfs: up on 127.0.0.1:$S3_PORT (pid $pid, log $LOG)"
+    echo "seaweedfs: up on $BIND_HOST:$S3_PORT (pid $pid, log $LOG)"
     return 0
   fi
   if [[ -n "${pid:-}" ]]; then
