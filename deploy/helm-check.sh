@@ -6,6 +6,7 @@
 #   deploy/helm-check.sh              lint, render, validate (exit 0) or print the problem and exit non-zero
 #   deploy/helm-check.sh --print      also print the manifests rendered with the default values
 #   deploy/helm-check.sh --helm-path  only make sure helm is built; print its path (the tests use it)
+#   deploy/helm-check.sh --validator-args  fetch the CRDs; print the validator's arguments, one a line (the tests)
 #
 # helm is built once from the Go module proxy (`go install helm.sh/helm/v4/cmd/helm@<version>`), cached at
 # $GRISTMILL_CACHE/helm/<version>/helm; build log: $GRISTMILL_RUN_DIR/logs/helm-build.log.
@@ -34,7 +35,7 @@ PROMETHEUS_OPERATOR_VERSION=v0.85.0
 CRD_DIR="$GRISTMILL_CACHE/helm/crds"
 # Kubernetes versions the manifests are validated against: the oldest the chart supports (native gRPC probes are
 # GA from 1.27, the StatefulSet pod-index label from 1.28) and the newest that kubernetes-validate ships schemas for.
-KUBE_VERSIONS=(${GRISTMILL_HELM_KUBE_VERSIONS:-1.28 1.37})
+read -ra KUBE_VERSIONS <<<"${GRISTMILL_HELM_KUBE_VERSIONS:-1.28 1.37}"
 CHART="$GRISTMILL_ROOT/deploy/helm/gristmill"
 EVERYTHING_VALUES="$CHART/ci/everything-values.yaml"
 VALIDATOR="$GRISTMILL_ROOT/deploy/helm/validate_manifests.py"
@@ -150,6 +151,11 @@ main() {
     echo "$HELM"
     return 0
   fi
+  if [[ "${1:-}" == "--validator-args" ]]; then
+    fetch_crds
+    validator_args
+    return 0
+  fi
   [[ -f "$CHART/Chart.yaml" ]] || die "$CHART/Chart.yaml not found"
   [[ -x "$PYTHON" ]] || die "$PYTHON not found; run make install"
   "$PYTHON" -c 'import kubernetes_validate' 2>/dev/null ||
@@ -168,10 +174,16 @@ main() {
   }
   say "helm lint --strict: no findings (default values, ci/everything-values.yaml)"
 
-  "$HELM" template gristmill "$CHART" --namespace gristmill >"$OUT_DIR/default.yaml" ||
+  # (helm notes at level INFO that files/otel-collector.yaml is a link: kept in template.log.)
+  "$HELM" template gristmill "$CHART" --namespace gristmill >"$OUT_DIR/default.yaml" 2>"$OUT_DIR/template.log" || {
+    cat "$OUT_DIR/template.log" >&2
     die "helm template failed with the default values"
-  "$HELM" template gristmill "$CHART" --namespace gristmill -f "$EVERYTHING_VALUES" >"$OUT_DIR/everything.yaml" ||
+  }
+  "$HELM" template gristmill "$CHART" --namespace gristmill -f "$EVERYTHING_VALUES" >"$OUT_DIR/everything.yaml" \
+    2>"$OUT_DIR/template.log" || {
+    cat "$OUT_DIR/template.log" >&2
     die "helm template failed with $EVERYTHING_VALUES"
+  }
   [[ "${1:-}" == "--print" ]] && cat "$OUT_DIR/default.yaml"
 
   self_test

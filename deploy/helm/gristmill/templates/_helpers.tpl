@@ -100,12 +100,12 @@ it is null; nothing when both are null.
 {{- end }}
 
 {{/*
-An environment variable from a Secret: dict "root" $ "name" "<VARIABLE>" "item" <{value, existingSecret, key}>
-"override" <names>. Nothing when the item has neither a value nor an existing Secret.
+An environment variable from a Secret: dict "root" $ "name" "<VARIABLE>" "item" <{value (a database's: url),
+existingSecret, key}> "override" <names>. Nothing when the item has neither a value nor an existing Secret.
 */}}
 {{- define "gristmill.secretEnv" -}}
 {{- $item := .item -}}
-{{- if and (or $item.existingSecret $item.value) (not (has .name (.override | default list))) }}
+{{- if and (or $item.existingSecret $item.value $item.url) (not (has .name (.override | default list))) }}
 - name: {{ .name }}
   valueFrom:
     secretKeyRef:
