@@ -27,6 +27,7 @@ class KafkaSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="GRISTMILL_KAFKA_", extra="ignore", frozen=True)
 
+    # host:port of the brokers, comma-separated; on a cluster name them all (any one that answers will do).
     bootstrap_servers: str = ""
     client_id: str = "gristmill"
     # How long the producer waits for the broker before a publish counts as failed (the outbox retries).

@@ -13,7 +13,11 @@ with one fix (``_PendingJoinCoordinator``): without it a member could stop consu
 broker. ``membership`` tells the shared watchdog where the member stands.
 
 Topics (and their ``.dlq`` topics) are created on first use with the admin client, so nothing depends on
-the broker's auto-create setting.
+the broker's auto-create setting. Only their partition count is ours (``KafkaSettings.topic_partitions``): the
+replication factor and ``min.insync.replicas`` are the brokers' defaults, so a cluster's topics are replicated as
+the cluster is configured (``deploy/local/kafka.sh`` in cluster mode: three replicas, two in sync). A client
+bootstraps from any broker of ``bootstrap_servers`` that answers: list them all, so that one broker's death
+leaves the producer and consumers a way in.
 """
 
 from __future__ import annotations
