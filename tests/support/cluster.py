@@ -8,11 +8,15 @@ process (in the host's namespace) reaches them over the bridge, and so do the ot
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,3 +122,43 @@ def start_s3(cluster: NodeCluster, node: int, port: int = 8333) -> str:
     """The S3 server (deploy/local/seaweedfs.sh, the local stack's) on ``node``; returns its endpoint."""
     cluster.run(node, [str(LOCAL / "seaweedfs.sh"), "start"], env={"GRISTMILL_S3_PORT": str(port)}, timeout=240)
     return f"{cluster.ip(node)}:{port}"
+
+
+def start_kafka_cluster(cluster: NodeCluster, nodes: Sequence[int], port: int = 9092, timeout_s: float = 240) -> str:
+    """A Kafka cluster: one broker (deploy/local/kafka.sh in cluster mode) on each of ``nodes``, broker id = node
+    number, every broker a voter of one controller quorum. The brokers start together (each answers only once a
+    quorum has formed); returns the bootstrap string, every broker's ``host:port``, so that a client reaches the
+    cluster while any one broker is down."""
+    voters = ",".join(f"{k}@{cluster.ip(k)}:{port + 1}" for k in nodes)
+    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes)[:22].decode()
+    with ThreadPoolExecutor(len(nodes)) as pool:
+        starts = [
+            pool.submit(
+                cluster.run,
+                k,
+                [str(LOCAL / "kafka.sh"), "start"],
+                env={
+                    "GRISTMILL_KAFKA_PORT": str(port),
+                    "GRISTMILL_KAFKA_NODE_ID": str(k),
+                    "GRISTMILL_KAFKA_VOTERS": voters,
+                    "GRISTMILL_KAFKA_CLUSTER_ID": cluster_id,
+                    "GRISTMILL_KAFKA_START_TIMEOUT": str(int(timeout_s)),
+                },
+                timeout=timeout_s + 60,
+            )
+            for k in nodes
+        ]
+        for start in starts:
+            start.result()
+    return ",".join(f"{cluster.ip(k)}:{port}" for k in nodes)
+
+
+def kafka_controller(cluster: NodeCluster, node: int) -> int | None:
+    """The active controller of the KRaft quorum as ``node``'s broker last recorded it (its quorum-state file),
+    or None when it has none on record."""
+    state = cluster.run_dir / "cluster" / f"n{node}" / "data" / "kafka" / "__cluster_metadata-0" / "quorum-state"
+    try:
+        leader = json.loads(state.read_text()).get("leaderId", -1)
+    except (OSError, ValueError):
+        return None
+    return int(leader) if leader is not None and int(leader) >= 0 else None
