@@ -15,13 +15,20 @@ from gristmill.core.tls import TlsSettings, client_tls_from_environment
 
 
 def parse_endpoints(text: str, base: Endpoints | None = None) -> Endpoints:
-    """``labeling=127.0.0.1:50051 training=...`` (the embedded platform's READY line) → ``Endpoints``; its
-    HTTP servers (``openai=``, ``console=``: not gRPC services) are read by ``parse_http_address``."""
+    """``labeling=127.0.0.1:50051 training=...`` (the embedded platform's READY line) → ``Endpoints``; a service
+    may name several addresses, ``serving=h1:p,h2:p`` (its replicas, called round-robin); its HTTP servers (``openai=``,
+    ``console=``: not gRPC services) are read by ``parse_http_address``."""
     endpoints = base or Endpoints()
     known = set(SERVICE_PORTS)
     changes: dict[str, str] = {}
+    last = ""
     for part in text.replace(",", " ").split():
         if part == "READY" or part.partition("=")[0] in HTTP_ENDPOINTS:
+            last = ""
+            continue
+        if "=" not in part and last and ":" in part:
+            # ``serving=h1:p,h2:p``: another replica of the service named before (a round-robin channel).
+            changes[last] += f",{part}"
             continue
         name, sep, address = part.partition("=")
         if not sep or name not in known or ":" not in address:
@@ -29,6 +36,7 @@ def parse_endpoints(text: str, base: Endpoints | None = None) -> Endpoints:
                 f"bad endpoint {part!r}: expected NAME=HOST:PORT with NAME one of {', '.join(sorted(known))}"
             )
         changes[name] = address
+        last = name
     return replace(endpoints, **changes)
 
 

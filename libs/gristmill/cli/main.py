@@ -57,10 +57,10 @@ def main_options(
     endpoints: str = typer.Option(
         "", envvar="GRISTMILL_ENDPOINTS", help="'labeling=h:p training=h:p registry=h:p serving=h:p admin=h:p'"
     ),
-    labeling: str = typer.Option("", help="labeling service host:port"),
+    labeling: str = typer.Option("", help="labeling service host:port (replicas: h1:p,h2:p, called round-robin)"),
     training: str = typer.Option("", help="training service host:port"),
-    registry: str = typer.Option("", help="registry host:port"),
-    serving: str = typer.Option("", help="serving service host:port"),
+    registry: str = typer.Option("", help="registry host:port (replicas: h1:p,h2:p)"),
+    serving: str = typer.Option("", help="serving service host:port (replicas: h1:p,h2:p, called round-robin)"),
     admin: str = typer.Option("", help="admin service host:port"),
     api_key: str = typer.Option("", envvar="GRISTMILL_API_KEY", help="API key sent with every call"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -110,9 +112,12 @@ class _SdkInterceptor(
         self._service = service
 
     def _diagnose(self) -> str | None:
-        if not self._target:
-            return None
-        return diagnose_handshake(self._target, self._options.tls, service=self._service)
+        # Several addresses (round-robin): the first that refuses the handshake says why.
+        for address in split_addresses(self._target):
+            line = diagnose_handshake(address, self._options.tls, service=self._service)
+            if line is not None:
+                return line
+        return None
 
     def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
         metadata = list(details.metadata or ())
@@ -160,17 +165,68 @@ class _SdkInterceptor(
         )
 
 
+def split_addresses(target: str) -> list[str]:
+    """``host1:port,host2:port`` → its addresses (a single address → a list of one)."""
+    return [part.strip() for part in target.split(",") if part.strip()]
+
+
+def _host_port(address: str) -> tuple[str, str]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"bad address {address!r}: expected HOST:PORT")
+    return host.strip("[]"), port
+
+
+def round_robin_target(addresses: list[str]) -> str:
+    """One gRPC target naming every address: ``ipv4:h1:p1,h2:p2`` (or ``ipv6:[h1]:p1,...``). A host name is
+    resolved here, once, to all its addresses (gRPC's ``ipv4:``/``ipv6:`` schemes take literals only); IPv4 is
+    preferred when the addresses have both."""
+    v4: list[str] = []
+    v6: list[str] = []
+    for address in addresses:
+        host, port = _host_port(address)
+        try:
+            ips = [ipaddress.ip_address(host)]
+        except ValueError:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            ips = [ipaddress.ip_address(info[4][0]) for info in infos]
+        for ip in ips:
+            if ip.version == 4:
+                v4.append(f"{ip}:{port}")
+            else:
+                v6.append(f"[{ip}]:{port}")
+    if v4:
+        return "ipv4:" + ",".join(dict.fromkeys(v4))
+    return "ipv6:" + ",".join(dict.fromkeys(v6))
+
+
 def open_channel(target: str, options: ClientOptions, *, service: str = "") -> grpc.Channel:
-    """A channel to ``target`` (host:port) with the SDK's interceptors; ``service`` names it in error messages."""
-    channel_options = [
+    """A channel to ``target`` with the SDK's interceptors; ``service`` names it in error messages.
+
+    ``target`` is ``host:port``, or several, ``host1:port,host2:port`` (replicas of one service): then it is one
+    channel with gRPC's ``round_robin`` policy over all of them, calls spread across the replicas that are up and
+    a replica that stops answering is left out until it is back (the call that was running there fails
+    UNAVAILABLE and is retried, like any UNAVAILABLE, on another). Host names are resolved when the channel
+    opens. With TLS every replica's certificate must name the first address's host.
+    """
+    channel_options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ]
+    addresses = split_addresses(target)
+    grpc_target = target
+    if len(addresses) > 1:
+        grpc_target = round_robin_target(addresses)
+        channel_options += [
+            ("grpc.lb_policy_name", "round_robin"),
+            # The TLS name checked, and the :authority sent: the first address's, as if it were the only one.
+            ("grpc.default_authority", addresses[0]),
+        ]
     credentials = channel_credentials(options.tls) if options.tls is not None else None
     if credentials is not None:
-        channel = grpc.secure_channel(target, credentials, options=channel_options)
+        channel = grpc.secure_channel(grpc_target, credentials, options=channel_options)
     else:
-        channel = grpc.insecure_channel(target, options=channel_options)
+        channel = grpc.insecure_channel(grpc_target, options=channel_options)
     if options.tracer_provider is not None:
         # OpenTelemetry's client interceptor speaks its own interceptor API (grpcext), so it wraps the
         # raw channel first; the SDK interceptor goes outside so that each retry is its own span.
