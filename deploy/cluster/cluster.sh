@@ -68,6 +68,12 @@ cmd_up() {
     ip -n "$ns" addr add "$(ip_of "$k")/24" dev eth0
     ip -n "$ns" link set eth0 up
     ip -n "$ns" link set lo up
+    # The nodes share the host's name (one UTS namespace) and /etc: `ip netns exec` mounts /etc/netns/<ns>/hosts
+    # over /etc/hosts, so on each node the host name resolves to that node's own address, as on a real machine
+    # (torch.distributed's Gloo, for one, advertises the address its host name resolves to).
+    mkdir -p "/etc/netns/$ns"
+    printf '127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n%s %s\n' "$(ip_of "$k")" "$(hostname)" \
+      >"/etc/netns/$ns/hosts"
     mkdir -p "$GRISTMILL_RUN_DIR/cluster/n$k"
     say "node $k up: namespace $ns, address $(ip_of "$k")"
   done
@@ -91,6 +97,7 @@ cmd_down() {
     kill_node_processes "$k"
     ip link del "$(netns_of "$k")-h" 2>/dev/null || true
     ip netns del "$(netns_of "$k")"
+    rm -rf "/etc/netns/$(netns_of "$k")"
     say "node $k removed"
   done
   if ip link show "$BRIDGE" >/dev/null 2>&1; then

@@ -13,7 +13,7 @@ from tests.support.cluster import NodeCluster
 
 
 @pytest.fixture
-def node_cluster(tmp_path: Path) -> Iterator[Callable[[int], NodeCluster]]:
+def node_cluster(tmp_path: Path) -> Iterator[Callable[..., NodeCluster]]:
     """``node_cluster(n)``: n fresh nodes (deploy/cluster/cluster.sh) whose servers keep their data under the test's
     tmp_path; every node and process goes when the test ends. Nodes need root: without it the test fails (this
     suite is run on purpose, so a missing capability is an error, never a skip)."""
@@ -21,9 +21,9 @@ def node_cluster(tmp_path: Path) -> Iterator[Callable[[int], NodeCluster]]:
         pytest.fail("the cluster tests need root and iproute2 (network namespaces)")
     made: list[NodeCluster] = []
 
-    def make(nodes: int) -> NodeCluster:
+    def make(nodes: int, name: str = "gm", subnet: str = "10.231.0") -> NodeCluster:
         assert not made, "one cluster per test"
-        cluster = NodeCluster(nodes, tmp_path)
+        cluster = NodeCluster(nodes, tmp_path, name=name, subnet=subnet)
         made.append(cluster)
         return cluster.up()
 

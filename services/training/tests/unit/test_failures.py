@@ -49,3 +49,13 @@ def test_an_unreachable_s3_server_is_told_apart_from_a_failing_job() -> None:
     assert storage_unreachable(wrapped)
     assert not storage_unreachable(WorkerGroupFailure({0: ValueError("label 7 out of range")}))
     assert not storage_unreachable(ControllerFailure(TimeoutError("no placement group")))
+
+
+def test_workers_that_cannot_reach_each_other_are_not_a_storage_outage() -> None:
+    # As Ray reported it on a cluster whose rank 0 advertised a loopback address to the other node's worker.
+    gloo = RuntimeError(
+        "Gloo connectFullMesh failed with [gloo/transport/tcp/pair.cc:152] timed out connecting: "
+        "SO_ERROR: Connection refused, remote=[127.0.0.1]:24964"
+    )
+    assert not storage_unreachable(ControllerFailure(gloo))
+    assert not storage_unreachable(WorkerGroupFailure({1: gloo}))

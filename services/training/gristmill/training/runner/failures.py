@@ -22,6 +22,9 @@ def describe_failure(error: BaseException) -> str:
 _UNREACHABLE = re.compile(
     r"NETWORK_CONNECTION|Could not connect to server|curlCode: 7|Connection refused|ECONNREFUSED", re.IGNORECASE
 )
+# The workers' own connections to each other (torch.distributed's Gloo or NCCL rendezvous) fail with the same
+# words; that is the worker group's failure (a peer gone, a wrong address), not the storage's.
+_COLLECTIVE = re.compile(r"\bGloo\b|\bNCCL\b|connectFullMesh|\bc10d\b|ProcessGroup", re.IGNORECASE)
 
 
 def storage_unreachable(error: BaseException) -> bool:
@@ -33,7 +36,8 @@ def storage_unreachable(error: BaseException) -> bool:
         if id(current) in seen:
             continue
         seen.add(id(current))
-        if _UNREACHABLE.search(str(current)):
+        text = str(current)
+        if _UNREACHABLE.search(text) and not _COLLECTIVE.search(text):
             return True
         failures = getattr(current, "worker_failures", None)
         if isinstance(failures, dict):
