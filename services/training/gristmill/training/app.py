@@ -115,6 +115,7 @@ def build_app(
             CheckpointStorage.for_object_store(infra.s3, data_dir),
             work_dir=data_dir.resolve() / "runs",
             keep_checkpoints=settings.checkpoints_to_keep,
+            model_store=infra.s3 if infra.s3.endpoint else None,
         )
     store = SqlJobStore(platform.database, TrainingEvents(platform.database, platform.catalog, SERVICE_NAME))
     datasets = DatasetCatalog(platform.objects)

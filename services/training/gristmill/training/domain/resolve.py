@@ -28,8 +28,8 @@ from __future__ import annotations
 import hashlib
 import shutil
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,7 +40,14 @@ from gristmill.core.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from gristmill.core.manifests import SPLITS, DatasetManifest, DatasetRecord, ModelManifest, dataset_manifest_key
+from gristmill.core.manifests import (
+    SPLITS,
+    DatasetManifest,
+    DatasetRecord,
+    FileEntry,
+    ModelManifest,
+    dataset_manifest_key,
+)
 from gristmill.core.storage import ObjectStore, validate_key
 from gristmill.core.storage.base import sha256_file
 from gristmill.training.domain.lora import LoraSettings
@@ -101,6 +108,8 @@ class ResolvedBaseModel:
     ref: BaseModelRef
     # Where the files are on this host (a cache directory for object-store base models).
     local_dir: Path
+    # Their objects in the object store (relative name -> entry); empty for a model given by local path.
+    files: Mapping[str, FileEntry] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -354,7 +363,9 @@ class BaseModelCatalog:
             ) from None
         with self._downloading:
             local = stored.download(self._objects, self._cache_dir / stored.content_sha256)
-        return ResolvedBaseModel(ref=replace(ref, content_sha256=stored.content_sha256), local_dir=local)
+        return ResolvedBaseModel(
+            ref=replace(ref, content_sha256=stored.content_sha256), local_dir=local, files=dict(stored.files)
+        )
 
     def _local(self, ref: BaseModelRef) -> ResolvedBaseModel:
         if not self._allow_local_paths:
@@ -416,7 +427,9 @@ class BaseModelCatalog:
             (staging / ".complete").write_text(digest)
             shutil.rmtree(dest, ignore_errors=True)
             staging.rename(dest)
-        return ResolvedBaseModel(ref=replace(ref, object_prefix=prefix, content_sha256=digest), local_dir=dest)
+        return ResolvedBaseModel(
+            ref=replace(ref, object_prefix=prefix, content_sha256=digest), local_dir=dest, files=dict(manifest.files)
+        )
 
 
 # --------------------------------------------------------------------------- the whole spec

@@ -5,10 +5,12 @@ Ray: tests) implement it."""
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from gristmill.core.manifests import FileEntry
 from gristmill.training.domain.resolve import ClusterCapacity, DatasetSplits
 from gristmill.training.domain.spec import JobSpec
 
@@ -35,6 +37,9 @@ class RunRequest:
     spec: JobSpec
     data: DatasetSplits
     model_dir: Path
+    # The base model's files in the object store (relative name -> entry), for workers on nodes that do not see
+    # ``model_dir``; empty for a model given by local path.
+    model_files: Mapping[str, FileEntry] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

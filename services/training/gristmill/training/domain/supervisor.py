@@ -354,7 +354,12 @@ class JobSupervisor:
             )
         recorder = _ProgressRecorder(self._store, self._signal, job)
         request = RunRequest(
-            job_id=job.job_id, run_name=job.ray_run_name, spec=job.spec, data=data, model_dir=base.local_dir
+            job_id=job.job_id,
+            run_name=job.ray_run_name,
+            spec=job.spec,
+            data=data,
+            model_dir=base.local_dir,
+            model_files=base.files,
         )
         outcome = self._runner.run(request, recorder, run.cancel)
         try:

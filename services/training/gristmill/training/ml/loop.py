@@ -27,13 +27,15 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from gristmill.core.manifests import FileEntry
+from gristmill.core.settings import S3Settings
 from gristmill.core.tasks import DEFAULT_TASK_TYPE
 from gristmill.training.domain.dpo import DpoSettings
 from gristmill.training.domain.lora import LoraSettings
@@ -41,6 +43,7 @@ from gristmill.training.domain.runs import LOOP_REPORT_FILE, LOOP_SAMPLES_FILE, 
 from gristmill.training.domain.runs import LOOP_STATE_FILE as STATE_FILE
 from gristmill.training.domain.spec import HyperParameters, Method, Precision
 from gristmill.training.ml import data as D
+from gristmill.training.ml.node_files import node_model_dir
 from gristmill.training.tasks import job_training_task
 from gristmill.training.tasks.base import GeneratesText, SampleGeneration
 
@@ -110,6 +113,10 @@ class LoopConfig:
     publish_merged: bool = False
     # Generative objectives: the top-level JSON keys the generation evaluation compares (json_match_<key>).
     json_match_keys: tuple[str, ...] = ()
+    # The base model's files in the object store, and the store: a worker on a node without ``model_dir`` fetches
+    # them (``node_files.node_model_dir``). Empty / None: ``model_dir`` is read where the worker runs.
+    model_files: Mapping[str, FileEntry] = field(default_factory=dict)
+    model_store: S3Settings | None = None
 
 
 @dataclass
@@ -282,7 +289,7 @@ class LoopRunner:
         if self.device.type == "cuda":
             # Models placed when loaded (QLoRA's 4-bit base) go to the current device.
             torch.cuda.set_device(self.device)
-        model_dir = Path(self.cfg.model_dir)
+        model_dir = self.model_dir = node_model_dir(self.cfg.model_dir, self.cfg.model_files, self.cfg.model_store)
         self.tokenizer = modeling.load_tokenizer(model_dir, chat_template=self.cfg.chat_template)
         lora = self.cfg.lora if self.cfg.method.adapters else None
         assert not self.cfg.method.adapters or lora is not None
@@ -646,7 +653,7 @@ class LoopRunner:
         was (``merged_<metric>``) on every rank, and saved to ``dest`` by rank 0."""
         from gristmill.training.ml import modeling
 
-        merged = modeling.merge_adapter(model, modeling.checkpoint_dtype(Path(self.cfg.model_dir)))
+        merged = modeling.merge_adapter(model, modeling.checkpoint_dtype(self.model_dir))
         scores = {}
         if "test" in self.splits:
             scores = {f"merged_{name}": value for name, value in self.evaluate("test", merged).items()}

@@ -443,8 +443,12 @@ class RayJobRunner:
         keep_checkpoints: int = 1,
         poll_interval_s: float = 0.5,
         fault: FaultInjection | None = None,
+        model_store: S3Settings | None = None,
     ) -> None:
         self.cluster = cluster
+        # Where workers on other nodes fetch a base model from (the service's object store); None in the embedded
+        # mode, whose workers share the service's host.
+        self.model_store = model_store
         self.storage = storage
         self.work_dir = Path(work_dir)
         self.keep_checkpoints = keep_checkpoints
@@ -477,6 +481,8 @@ class RayJobRunner:
             dpo=spec.dpo,
             publish_merged=spec.publish_merged,
             json_match_keys=spec.json_match_keys,
+            model_files=dict(request.model_files),
+            model_store=self.model_store,
         )
 
     def _trainer(self, request: RunRequest, channel: RunChannel) -> GristmillTorchTrainer:
@@ -594,7 +600,13 @@ class RayJobRunner:
     def _hub(self) -> Any:
         with self._hub_lock:
             if self._hub_handle is None:
-                self._hub_handle = ProgressHub.remote()  # type: ignore[attr-defined]
+                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+                # On the driver's node, as Ray Train places its controller: on a cluster, a hub on a worker node
+                # died with that node and took every job it was tracking with it (ActorUnavailableError), even
+                # though Ray Train restarted their worker groups on the other nodes.
+                here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+                self._hub_handle = ProgressHub.options(scheduling_strategy=here).remote()  # type: ignore[attr-defined]
             return self._hub_handle
 
     def _drain(self, channel: RunChannel, listener: RunListener) -> None:
