@@ -87,10 +87,12 @@ spawn() { # spawn <log> <command...>
   nohup setsid "$@" >>"$log" 2>&1 </dev/null &
   local pid=$! tries=0
   echo "$pid" >"$(pid_file)"
-  # Until the child has exec'd, its command line is this shell's; wait for it so running_pid is reliable.
+  # Until the child has exec'd, its command line is this shell's; wait for it so running_pid is reliable. Up to
+  # 30 s: three Kafka brokers starting at once on two cores (deploy/cluster/) once took longer than 5 s to get
+  # there, and the start then took the server for dead ("exited during start-up") while it came up.
   while ! tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$PROCESS_MARKER"; do
     kill -0 "$pid" 2>/dev/null || break
-    ((++tries < 100)) || break
+    ((++tries < 600)) || break
     sleep 0.05
   done
 }
