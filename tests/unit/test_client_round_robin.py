@@ -13,7 +13,8 @@ import grpc
 import pytest
 
 from gristmill.cli.context import parse_endpoints
-from gristmill.client.channel import ClientOptions, open_channel, round_robin_target, split_addresses
+from gristmill.client.channel import ClientOptions, open_channel
+from gristmill.core.addresses import round_robin_target, split_addresses
 
 METHOD = "/test.Who/Am"
 
@@ -82,3 +83,27 @@ def test_the_cli_endpoints_take_several_addresses_per_service() -> None:
     assert endpoints.admin == "10.0.0.3:5"
     with pytest.raises(ValueError, match="expected NAME=HOST:PORT"):
         parse_endpoints("10.0.0.2:1 serving=10.0.0.1:4")
+
+
+def test_the_services_own_channels_spread_over_replicas_too(two_servers: tuple[list[grpc.Server], list[str]]) -> None:
+    """A service's calls to another (serving to the registry, every service to the admin) go through
+    ``ReloadingChannel``: a replica list there is one round-robin channel as well."""
+    from gristmill.core.tls import ReloadingChannel
+
+    servers, addresses = two_servers
+    reloading = ReloadingChannel(",".join(addresses))
+    try:
+        with reloading.use() as channel:
+            seen = collections.Counter(_who(channel) for _ in range(40))
+        assert seen["a"] >= 10 and seen["b"] >= 10, seen
+        servers[1].stop(None)
+        answers, failures = collections.Counter(), 0
+        with reloading.use() as channel:
+            for _ in range(20):
+                try:
+                    answers[_who(channel)] += 1
+                except grpc.RpcError:
+                    failures += 1  # a call picked the stopped replica as it went (no retry in this channel)
+        assert answers["a"] >= 19 and failures <= 1 and "b" not in answers, (answers, failures)
+    finally:
+        reloading.close()

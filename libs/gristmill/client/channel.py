@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import collections
-import ipaddress
 import logging
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -14,6 +12,7 @@ from typing import Any
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
+from gristmill.core.addresses import channel_target, split_addresses
 from gristmill.core.errors import GristmillError, error_for_status
 from gristmill.core.tls import TlsSettings, channel_credentials, client_tls_from_environment, diagnose_handshake
 
@@ -165,41 +164,6 @@ class _SdkInterceptor(
         )
 
 
-def split_addresses(target: str) -> list[str]:
-    """``host1:port,host2:port`` → its addresses (a single address → a list of one)."""
-    return [part.strip() for part in target.split(",") if part.strip()]
-
-
-def _host_port(address: str) -> tuple[str, str]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"bad address {address!r}: expected HOST:PORT")
-    return host.strip("[]"), port
-
-
-def round_robin_target(addresses: list[str]) -> str:
-    """One gRPC target naming every address: ``ipv4:h1:p1,h2:p2`` (or ``ipv6:[h1]:p1,...``). A host name is
-    resolved here, once, to all its addresses (gRPC's ``ipv4:``/``ipv6:`` schemes take literals only); IPv4 is
-    preferred when the addresses have both."""
-    v4: list[str] = []
-    v6: list[str] = []
-    for address in addresses:
-        host, port = _host_port(address)
-        try:
-            ips = [ipaddress.ip_address(host)]
-        except ValueError:
-            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-            ips = [ipaddress.ip_address(info[4][0]) for info in infos]
-        for ip in ips:
-            if ip.version == 4:
-                v4.append(f"{ip}:{port}")
-            else:
-                v6.append(f"[{ip}]:{port}")
-    if v4:
-        return "ipv4:" + ",".join(dict.fromkeys(v4))
-    return "ipv6:" + ",".join(dict.fromkeys(v6))
-
-
 def open_channel(target: str, options: ClientOptions, *, service: str = "") -> grpc.Channel:
     """A channel to ``target`` with the SDK's interceptors; ``service`` names it in error messages.
 
@@ -213,15 +177,8 @@ def open_channel(target: str, options: ClientOptions, *, service: str = "") -> g
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ]
-    addresses = split_addresses(target)
-    grpc_target = target
-    if len(addresses) > 1:
-        grpc_target = round_robin_target(addresses)
-        channel_options += [
-            ("grpc.lb_policy_name", "round_robin"),
-            # The TLS name checked, and the :authority sent: the first address's, as if it were the only one.
-            ("grpc.default_authority", addresses[0]),
-        ]
+    grpc_target, replica_options = channel_target(target)
+    channel_options += replica_options
     credentials = channel_credentials(options.tls) if options.tls is not None else None
     if credentials is not None:
         channel = grpc.secure_channel(grpc_target, credentials, options=channel_options)

@@ -36,6 +36,7 @@ from pathlib import Path
 import grpc
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gristmill.core.addresses import channel_target
 from gristmill.core.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -212,9 +213,11 @@ class ReloadingChannel:
             _CHANNELS.add(self)
 
     def _open(self, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
+        # ``address`` may list a service's replicas (gristmill.core.addresses): one round-robin channel over them.
+        target, options = channel_target(self.address)
         if credentials is None:
-            return grpc.insecure_channel(self.address)
-        return grpc.secure_channel(self.address, credentials)
+            return grpc.insecure_channel(target, options=options)
+        return grpc.secure_channel(target, credentials, options=options)
 
     @property
     def open_channels(self) -> int:

@@ -21,6 +21,7 @@ from gristmill.api.registry.v1 import registry_pb2_grpc
 from gristmill.api.serving.v1 import serving_pb2_grpc
 from gristmill.api.training.v1 import training_pb2_grpc
 from gristmill.console.api.timing import record_call
+from gristmill.core.addresses import channel_target
 from gristmill.core.errors import GristmillError, UnavailableError, error_for_status
 from gristmill.core.tls import TlsSettings, channel_credentials
 
@@ -57,11 +58,13 @@ class Services:
         # mTLS to the services with the console's own certificate when the mesh has it (GRISTMILL_TLS_*).
         credentials = channel_credentials(tls) if tls is not None else None
         # Channels connect lazily: a service that is down fails only the pages that need it.
+        # An address may list a service's replicas: one round-robin channel over them.
+        targets = {name: channel_target(address) for name, address in self.addresses.items()}
         self._channels = {
-            name: grpc.aio.secure_channel(address, credentials)
+            name: grpc.aio.secure_channel(target, credentials, options=options)
             if credentials is not None
-            else grpc.aio.insecure_channel(address)
-            for name, address in self.addresses.items()
+            else grpc.aio.insecure_channel(target, options=options)
+            for name, (target, options) in targets.items()
         }
         self.labeling = labeling_pb2_grpc.LabelingServiceStub(self._channels["labeling"])
         self.admin = admin_pb2_grpc.AdminServiceStub(self._channels["admin"])
