@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gristmill.core.drift import PROFILE_FILE, PredictionProfile
 from gristmill.training.devtools import LABELS, sentiment_rows
 from gristmill.training.domain import spec as d
 from gristmill.training.domain.runs import LOOP_STATE_FILE
@@ -97,6 +98,12 @@ def test_full_fine_tune_learns_and_reports_the_final_model(tiny_model: Path, tmp
         state["train_tokens"] / state["train_samples"]
     )
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in model_dir.iterdir()}
+    # The test split's prediction profile, published with the model (serving's drift reference): one count per
+    # test example in each distribution, labels as predicted (accuracy >= 0.9 on a balanced split).
+    profile = PredictionProfile.from_json((model_dir / PROFILE_FILE).read_text())
+    assert profile.count == 32 and sum(profile.label_counts.values()) == 32
+    assert set(profile.label_counts) == set(LABELS) and min(profile.label_counts.values()) >= 12
+    assert sum(profile.top_probability_counts[5:]) == 32  # a top probability is at least 1/2 with two labels
 
 
 def test_early_stopping_keeps_the_best_weights(tiny_model: Path, tmp_path: Path) -> None:

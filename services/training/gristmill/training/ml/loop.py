@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import torch
 
+from gristmill.core import drift
 from gristmill.core.manifests import FileEntry
 from gristmill.core.settings import S3Settings
 from gristmill.core.tasks import DEFAULT_TASK_TYPE
@@ -45,7 +46,7 @@ from gristmill.training.domain.spec import HyperParameters, Method, Precision
 from gristmill.training.ml import data as D
 from gristmill.training.ml.node_files import node_model_dir
 from gristmill.training.tasks import job_training_task
-from gristmill.training.tasks.base import GeneratesText, SampleGeneration
+from gristmill.training.tasks.base import GeneratesText, ProfilesPredictions, SampleGeneration
 
 TRAINABLE_FILE = "trainable.safetensors"
 BEST_FILE = "best.safetensors"
@@ -303,6 +304,8 @@ class LoopRunner:
             for name, examples in self.cfg.examples.items()
             if examples
         }
+        # The last evaluation's prediction profile per split (classifiers): the test split's is published.
+        self.profiles: dict[str, drift.PredictionProfile] = {}
         train_size = len(self.splits["train"])
         self.steps_per_epoch = D.steps_per_epoch(
             train_size,
@@ -393,7 +396,10 @@ class LoopRunner:
             for chunk in D.batches(indices, max(self.hp.per_worker_batch_size, 32)):
                 evaluation.add(model, self.task.collate(split, chunk, self.pad_id).to(self.device))
         model.train()
-        return evaluation.scores(_all_reduce(evaluation.totals(), self.world).cpu())
+        totals = _all_reduce(evaluation.totals(), self.world).cpu()
+        if isinstance(evaluation, ProfilesPredictions):
+            self.profiles[split_name] = evaluation.profile(totals, self.cfg.label_map)
+        return evaluation.scores(totals)
 
     def _validate_and_checkpoint(self, epoch_position: float) -> bool:
         """Evaluate on validation (when there is one), update early stopping, report a checkpoint. Returns
@@ -627,6 +633,9 @@ class LoopRunner:
                     (out / LOOP_SAMPLES_FILE).write_text(json.dumps([asdict(sample) for sample in samples]))
                 (out / STATE_FILE).write_text(json.dumps(asdict(self.state)))
                 (out / LOOP_REPORT_FILE).write_text(json.dumps(final))
+                if "test" in self.profiles:
+                    # Published with the model: serving scores its predictions' drift against it.
+                    (out / drift.PROFILE_FILE).write_text(self.profiles["test"].to_json())
                 checkpoint = out
             self.session.report(final, checkpoint, FINAL_CHECKPOINT_NAME)
         self._push({"type": "finished", "metrics": {k: v for k, v in final.items() if isinstance(v, int | float)}})

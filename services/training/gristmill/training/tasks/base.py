@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from gristmill.core.drift import PredictionProfile
 from gristmill.core.manifests import DatasetRecord
 from gristmill.core.values import Signature
 from gristmill.training.domain.lora import LoraSettings
@@ -49,6 +50,14 @@ class Evaluation(Protocol):
     def scores(self, totals: torch.Tensor) -> dict[str, float]:
         """The metrics (``loss`` and the task's, e.g. ``accuracy``, ``f1``) from the summed totals."""
         ...
+
+
+@runtime_checkable
+class ProfilesPredictions(Protocol):
+    """An ``Evaluation`` that also profiles its predictions (a classifier's): the reference serving measures drift
+    against (``gristmill.core.drift``)."""
+
+    def profile(self, totals: torch.Tensor, label_map: Sequence[str]) -> PredictionProfile: ...
 
 
 @dataclass(frozen=True)

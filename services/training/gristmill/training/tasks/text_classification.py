@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gristmill.core import drift
 from gristmill.core.chat import ROW_FORMAT_CLASSIFICATION
 from gristmill.core.errors import FailedPreconditionError
 from gristmill.core.manifests import DatasetRecord, DatasetRow
@@ -168,7 +169,9 @@ class TextClassification:
 
 
 class ClassificationEvaluation:
-    """Summed cross-entropy and a (true, predicted) confusion matrix; scored as loss, accuracy, macro F1."""
+    """Summed cross-entropy and a (true, predicted) confusion matrix; scored as loss, accuracy, macro F1. Also
+    counts the top probabilities per bin: with the confusion matrix's predicted-label counts, the split's
+    prediction profile (``profile``)."""
 
     def __init__(self, classes: int, device: torch.device, autocast: Callable[[], AbstractContextManager[Any]]) -> None:
         import torch
@@ -177,6 +180,7 @@ class ClassificationEvaluation:
         self.autocast = autocast
         self.confusion = torch.zeros((classes, classes), dtype=torch.long, device=device)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.top_bins = torch.zeros(drift.BINS, dtype=torch.float64, device=device)
 
     def add(self, model: torch.nn.Module, batch: Batch) -> None:
         import torch
@@ -187,14 +191,28 @@ class ClassificationEvaluation:
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         self.loss_sum += torch.nn.functional.cross_entropy(logits.float(), batch.labels, reduction="sum").double()
         data.confusion_update(self.confusion, batch.labels, logits.argmax(dim=-1))
+        top = torch.softmax(logits.float(), dim=-1).max(dim=-1).values
+        # Serving bins with gristmill.core.drift.top_probability_bin: the same equal bins of [0, 1].
+        bins = (top * drift.BINS).long().clamp(0, drift.BINS - 1)
+        self.top_bins += torch.bincount(bins, minlength=drift.BINS).double()
 
     def totals(self) -> torch.Tensor:
         import torch
 
-        return torch.cat([self.confusion.flatten().double(), self.loss_sum.view(1)])
+        return torch.cat([self.confusion.flatten().double(), self.loss_sum.view(1), self.top_bins])
 
     def scores(self, totals: torch.Tensor) -> dict[str, float]:
         from gristmill.training.ml import data
 
         classes = self.classes
-        return data.scores(totals[:-1].view(classes, classes).long(), float(totals[-1])).as_dict()
+        cells = classes * classes
+        return data.scores(totals[:cells].view(classes, classes).long(), float(totals[cells])).as_dict()
+
+    def profile(self, totals: torch.Tensor, label_map: Sequence[str]) -> drift.PredictionProfile:
+        classes = self.classes
+        cells = classes * classes
+        predicted = totals[:cells].view(classes, classes).sum(dim=0)  # columns: predicted labels
+        return drift.PredictionProfile(
+            top_probability_counts=tuple(int(c) for c in totals[cells + 1 :].tolist()),
+            label_counts={label: int(predicted[i]) for i, label in enumerate(label_map)},
+        )
