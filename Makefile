@@ -28,7 +28,7 @@ PYTEST_ARGS ?=
 SOAK_ROUNDS ?= 10
 
 .PHONY: help install generate lint typecheck check-generated compose-check helm-check stack-up stack-down stack-status \
-        test test-unit test-integration test-heavy chaos cluster-test soak run clean browser
+        monitoring-check test test-unit test-integration test-heavy chaos cluster-test soak run clean browser
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -70,6 +70,9 @@ compose-check:  ## `docker compose config` on docker-compose.yml (builds the Com
 helm-check: install  ## lint, render and validate the Helm chart deploy/helm/gristmill offline (builds helm once)
 	@deploy/helm-check.sh
 
+monitoring-check: install  ## promtool check/test the alert rules and check deploy/monitoring/ (builds promtool once)
+	@deploy/monitoring-check.sh
+
 lint: install  ## ruff (lint + format check)
 	@$(VENV)/bin/ruff check libs services tests protos
 	@$(VENV)/bin/ruff format --check libs services tests protos
@@ -97,7 +100,7 @@ test-integration: install stack-up browser  ## tests against the real PostgreSQL
 
 # Two pytest-xdist workers (tests/conftest.py says which tests share one), then, alone, the tests that stop a shared
 # server (the Kafka broker) while they run.
-test: install check-generated lint typecheck compose-check helm-check stack-up browser  ## everything CI runs: checks, then unit + integration tests
+test: install check-generated lint typecheck compose-check helm-check monitoring-check stack-up browser  ## everything CI runs: checks, then unit + integration tests
 	@rc=0; \
 	$(PY) -m pytest -n 2 -m "not chaos and not exclusive and not heavy and not cluster" tests services $(PYTEST_ARGS) || rc=$$?; \
 	$(PY) -m pytest -m "exclusive and not chaos and not heavy and not cluster" tests services $(PYTEST_ARGS) || { s=$$?; [ $$s = 5 ] || rc=$$s; }; \
