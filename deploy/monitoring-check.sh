@@ -5,7 +5,8 @@
 #   promtool check config prometheus.yml    (the scrape configuration Compose loads)
 # then deploy/monitoring/check_metrics.py: the Grafana dashboard parses as JSON, every gristmill_* metric (and label
 # matched) in alerts.yml and the dashboard is one that the Python sources export (a renamed metric would leave an
-# alert that never fires), and the RPC latency alert leaves out every streaming RPC of protos/; last, the
+# alert that never fires), the RPC latency alert leaves out every streaming RPC of protos/, and prometheus.yml scrapes
+# every metrics port of docker-compose.yml; last, the
 # dashboard's queries are parsed by promtool (written as recording rules to $GRISTMILL_RUN_DIR/monitoring/).
 #
 #   deploy/monitoring-check.sh                  check (exit 0) or print the problem and exit non-zero
@@ -87,8 +88,9 @@ main() {
   # valid PromQL (written out as recording rules for promtool).
   mkdir -p "$OUT_DIR"
   "$PYTHON" "$METRICS_CHECK" --protos "$GRISTMILL_ROOT/protos" --dashboard-rules "$OUT_DIR/dashboard-rules.yml" \
+    --compose "$GRISTMILL_ROOT/docker-compose.yml" --prometheus "$MONITORING/prometheus.yml" \
     "$MONITORING/alerts.yml" "$DASHBOARD" "$GRISTMILL_ROOT/libs/gristmill" "$GRISTMILL_ROOT/services" ||
-    die "alerts.yml or grafana/gristmill.json: see above"
+    die "alerts.yml, grafana/gristmill.json or prometheus.yml: see above"
   out="$("$PROMTOOL" check rules "$OUT_DIR/dashboard-rules.yml" 2>&1)" || {
     echo "$out" >&2
     die "a query of grafana/gristmill.json is not valid PromQL (see above; as rules: $OUT_DIR/dashboard-rules.yml)"

@@ -1,6 +1,7 @@
 """Check that the alert rules and the Grafana dashboard only use metrics (and labels) that the code exports.
 
     check_metrics.py ALERTS.yml DASHBOARD.json SOURCE_DIR... [--protos DIR] [--dashboard-rules FILE]
+                     [--compose FILE --prometheus FILE]
 
 The exported metrics are read from the Python sources: every ``Counter``/``Gauge``/``Histogram``/``Summary`` call
 whose first argument is a ``gristmill_*`` name, with its label names (the third argument). Every ``gristmill_*``
@@ -9,7 +10,9 @@ name in an alert's expression or a dashboard panel's query must be one of them (
 labels. With ``--dashboard-rules FILE``, the dashboard's queries (Grafana's variables replaced by values) are
 written to FILE as recording rules, for ``promtool check rules`` to parse. With ``--protos``, every streaming RPC
 in the .proto files must be named in the exclusion of the RPC latency alert (a streaming call lasts as long as its
-stream). The dashboard must parse as JSON. Exit status 0 when all holds, 1 otherwise, with one line per problem.
+stream). With ``--compose FILE --prometheus FILE``, Prometheus's scrape targets must be exactly the Compose services'
+metrics ports (``<service>:<GRISTMILL_<SERVICE>_METRICS_PORT>``). The dashboard must parse as JSON. Exit status 0
+when all holds, 1 otherwise, with one line per problem.
 deploy/monitoring-check.sh runs it.
 """
 
@@ -134,6 +137,25 @@ def write_dashboard_rules(dashboard: Path, out: Path) -> None:
     out.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, sort_keys=False))
 
 
+def check_scrape_targets(compose: Path, prometheus: Path) -> list[str]:
+    expected = set()
+    for name, service in yaml.safe_load(compose.read_text())["services"].items():
+        port = (service.get("environment") or {}).get(f"GRISTMILL_{name.upper()}_METRICS_PORT")
+        if port is not None:
+            expected.add(f"{name}:{port}")
+    scraped = set()
+    for job in yaml.safe_load(prometheus.read_text())["scrape_configs"]:
+        if job["job_name"].startswith("gristmill-"):
+            for static in job.get("static_configs", []):
+                scraped.update(static["targets"])
+    problems = [f"{prometheus.name}: no job scrapes {target} ({compose.name})" for target in sorted(expected - scraped)]
+    problems += [
+        f"{prometheus.name}: {target} is no service's metrics port in {compose.name}"
+        for target in sorted(scraped - expected)
+    ]
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("alerts", type=Path)
@@ -141,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sources", type=Path, nargs="+")
     parser.add_argument("--protos", type=Path)
     parser.add_argument("--dashboard-rules", type=Path)
+    parser.add_argument("--compose", type=Path)
+    parser.add_argument("--prometheus", type=Path)
     args = parser.parse_args(argv)
 
     metrics = exported_metrics(args.sources)
@@ -159,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         write_dashboard_rules(args.dashboard, args.dashboard_rules)
     if args.protos:
         problems += check_streaming_rpcs(args.alerts, args.protos)
+    if args.compose and args.prometheus:
+        problems += check_scrape_targets(args.compose, args.prometheus)
     for problem in problems:
         print(problem)
     return 1 if problems else 0
