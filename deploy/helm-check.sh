@@ -11,7 +11,7 @@
 # helm is built once from the Go module proxy (`go install helm.sh/helm/v4/cmd/helm@<version>`), cached at
 # $GRISTMILL_CACHE/helm/<version>/helm; build log: $GRISTMILL_RUN_DIR/logs/helm-build.log.
 # Schemas: the core kinds' from the Python package kubernetes-validate (in the dev extra: `make install`), the
-# custom resources' (KubeRay's RayCluster, the Prometheus Operator's ServiceMonitor) from the openAPIV3Schema of
+# custom resources' (KubeRay's RayCluster, the Prometheus Operator's ServiceMonitor and PrometheusRule) from the openAPIV3Schema of
 # their CRDs, taken from those projects' Go modules and cached at $GRISTMILL_CACHE/helm/crds/. The rendered
 # manifests land in $GRISTMILL_RUN_DIR/helm/. deploy/helm/validate_manifests.py does the validation.
 set -euo pipefail
@@ -88,11 +88,15 @@ fetch_crds() {
   module_file "$PROMETHEUS_OPERATOR_MODULE" "$PROMETHEUS_OPERATOR_VERSION" \
     example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml \
     "$CRD_DIR/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION/monitoring.coreos.com_servicemonitors.yaml"
+  module_file "$PROMETHEUS_OPERATOR_MODULE" "$PROMETHEUS_OPERATOR_VERSION" \
+    example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml \
+    "$CRD_DIR/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION/monitoring.coreos.com_prometheusrules.yaml"
 }
 
 crd_files() {
   echo "$CRD_DIR/kuberay-$KUBERAY_VERSION/ray.io_rayclusters.yaml"
   echo "$CRD_DIR/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION/monitoring.coreos.com_servicemonitors.yaml"
+  echo "$CRD_DIR/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION/monitoring.coreos.com_prometheusrules.yaml"
 }
 
 # The validator's arguments: each Kubernetes version and each CRD.
@@ -174,7 +178,7 @@ main() {
   }
   say "helm lint --strict: no findings (default values, ci/everything-values.yaml)"
 
-  # (helm notes at level INFO that files/otel-collector.yaml is a link: kept in template.log.)
+  # (helm notes at level INFO that the files under files/ are links: kept in template.log.)
   "$HELM" template gristmill "$CHART" --namespace gristmill >"$OUT_DIR/default.yaml" 2>"$OUT_DIR/template.log" || {
     cat "$OUT_DIR/template.log" >&2
     die "helm template failed with the default values"

@@ -3,11 +3,13 @@
 What a cluster would get: every service's workload, Service and PodDisruptionBudget, health probes on the ports of
 gristmill.core.ports; every field of every settings class the services read documented in values.yaml and reaching
 the pods as its environment variable; and the offline schema validator of helm-check.sh rejecting a misspelled field.
-A missing helm (no Go to build it) fails these tests, never skips them.
+The PrometheusRule and the Grafana dashboard are deploy/monitoring's files. A missing helm (no Go to build it) fails
+these tests, never skips them.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -270,3 +272,23 @@ def test_the_schema_validator_rejects_a_misspelled_field(render: Render, tmp_pat
     assert result.returncode == 1, result.stdout
     assert "'readinesProbe' was unexpected" in result.stdout
     assert "'rayStartParam' was unexpected" in result.stdout
+
+
+def test_the_prometheus_rule_and_the_dashboard_are_deploy_monitorings_files(render: Render) -> None:
+    """The PrometheusRule holds the groups of deploy/monitoring/alerts.yml (the rules promtool tests and Compose's
+    Prometheus loads), the dashboard ConfigMap gristmill.json, labelled for Grafana's sidecar; both off by default."""
+    assert not [d for d in render() if d["kind"] == "PrometheusRule" or d["metadata"]["name"].endswith("-dashboard")]
+
+    docs = render(EVERYTHING)
+    alerts = yaml.safe_load((ROOT / "deploy" / "monitoring" / "alerts.yml").read_text())
+    rule = find(docs, "PrometheusRule", "gristmill")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["spec"] == {"groups": alerts["groups"]}
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    groups = {group["name"] for group in rule["spec"]["groups"]}
+    assert {f"gristmill-{g}" for g in ("drift", "errors", "latency", "quota", "consumers", "up")} <= groups
+
+    dashboard = find(docs, "ConfigMap", "gristmill-grafana-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    expected = json.loads((ROOT / "deploy" / "monitoring" / "grafana" / "gristmill.json").read_text())
+    assert json.loads(dashboard["data"]["gristmill.json"]) == expected
