@@ -149,6 +149,7 @@ def build_app(
         source,
         loader,
         observer=metrics.observe,
+        drift_observer=metrics.drift,
         on_queue_depth=metrics.queue_depth,
         rng=rng,
         batch_workers=settings.resolved_batch_workers(),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from gristmill.core.metrics import ServiceMetrics
 
@@ -25,6 +25,19 @@ class ServingMetrics:
             ["service", "deployment", "version"],
             registry=metrics.registry,
         )
+        self.drift_psi = Gauge(
+            "gristmill_serving_drift_psi",
+            "Population stability index of a version's recent predictions against its test split, per signal "
+            "(top_probability: the top probability's bin; label: the predicted label). Above 0.2: a significant shift.",
+            ["service", "deployment", "version", "signal"],
+            registry=metrics.registry,
+        )
+        self.drift_window = Gauge(
+            "gristmill_serving_drift_window",
+            "Predictions the drift index of a version is computed over (its recent window).",
+            ["service", "deployment", "version"],
+            registry=metrics.registry,
+        )
         self.latency = Histogram(
             "gristmill_serving_request_latency_seconds",
             "Prediction latency from arrival to answer, by deployment and version (successful requests).",
@@ -39,6 +52,11 @@ class ServingMetrics:
         if outcome == "ok":
             self.texts.labels(*labels).inc(texts)
             self.latency.labels(*labels).observe(seconds)
+
+    def drift(self, deployment: str, version: int, scores: dict[str, float], window: int) -> None:
+        for signal, value in scores.items():
+            self.drift_psi.labels(self._service, deployment, str(version), signal).set(value)
+        self.drift_window.labels(self._service, deployment, str(version)).set(window)
 
     def queue_depth(self, queue: str, depth: int) -> None:
         self._metrics.queue_depth.labels(self._service, queue).set(depth)

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from gristmill.core.chat import ChatMessage
+from gristmill.core.drift import PredictionProfile
 from gristmill.core.errors import (
     DeadlineExceededError,
     GristmillError,
@@ -30,6 +31,7 @@ from gristmill.core.errors import (
     UnavailableError,
 )
 from gristmill.serving.domain.batcher import DynamicBatcher
+from gristmill.serving.domain.drift import DriftObserver, DriftWindow, read_profile
 from gristmill.serving.domain.generation import (
     DEFAULT_SAMPLING,
     Generation,
@@ -110,6 +112,7 @@ class DeploymentManager:
         loader: ModelLoader,
         *,
         observer: Observer | None = None,
+        drift_observer: DriftObserver | None = None,
         on_queue_depth: Callable[[str, int], None] | None = None,
         rng: random.Random | None = None,
         retry_delay_s: float = 1.0,
@@ -119,6 +122,7 @@ class DeploymentManager:
         self._batch_workers = batch_workers
         self._loader = loader
         self._observer = observer
+        self._drift_observer = drift_observer
         self._on_queue_depth = on_queue_depth
         self._rng = rng or random.Random()
         self._retry_delay_s = retry_delay_s
@@ -335,7 +339,7 @@ class DeploymentManager:
         try:
             assert self._load_lock is not None, "DeploymentManager.start() was not called"
             async with self._load_lock:
-                classifier = await self._with_retries(
+                classifier, profile = await self._with_retries(
                     lambda: asyncio.to_thread(self._fetch_and_load, resolved, options)
                 )
         except Exception as exc:
@@ -353,6 +357,8 @@ class DeploymentManager:
             loaded.ready_time = datetime.now(UTC)
             return loaded
         loaded.classifier = classifier
+        if profile is not None:
+            loaded.drift = DriftWindow(dep.spec.name, resolved.version, profile, observer=self._drift_observer)
         name = f"{dep.spec.name}/v{resolved.version}"
         depth = self._on_queue_depth
         loaded.batcher = DynamicBatcher(
@@ -377,9 +383,12 @@ class DeploymentManager:
                 await asyncio.sleep(self._retry_delay_s * number)
         raise AssertionError("unreachable")
 
-    def _fetch_and_load(self, resolved: ResolvedVersion, options: LoadOptions) -> Classifier | GenerativeModel:
+    def _fetch_and_load(
+        self, resolved: ResolvedVersion, options: LoadOptions
+    ) -> tuple[Classifier | GenerativeModel, PredictionProfile | None]:
+        """The loaded model, and the prediction profile published with it (the drift reference), if any."""
         directory = self._source.fetch(resolved)
-        return self._loader(directory, resolved, options)
+        return self._loader(directory, resolved, options), read_profile(directory)
 
     def _record_failure(
         self,

@@ -343,6 +343,8 @@ class DeploymentService:
             raise
         if reservation is not None:
             await reservation.commit_async(measured={UsageKind.INPUT_TOKENS: result.input_tokens})
+        if version.drift is not None:
+            version.drift.observe(result.predictions)
         if self.sink is not None:
             records = records_to_log(
                 result,

@@ -10,6 +10,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from gristmill.serving.domain.batcher import BatchPolicy, DynamicBatcher
+from gristmill.serving.domain.drift import DriftWindow
 from gristmill.serving.domain.generation import GenerativeModel
 from gristmill.serving.domain.model import BatchingConfig, DeploymentSpec
 from gristmill.serving.domain.sources import Classifier, Encoded, LoadOptions, ResolvedVersion
@@ -53,6 +54,8 @@ class LoadedVersion:
         self.generator: GenerativeModel | None = None
         self.batcher: DynamicBatcher[Encoded, Sequence[float]] | None = None
         self.stats = VersionStats(deployment, resolved.version, observer)
+        # Drift of its predictions against its test split (classifiers published with a profile; else None).
+        self.drift: DriftWindow | None = None
         self.error = ""
         self.ready_time: datetime | None = None
         self.memory_bytes = 0
