@@ -30,6 +30,20 @@ def test_bins_cover_zero_to_one_inclusive() -> None:
     assert [drift.top_probability_bin(p) for p in (0.0, 0.05, 0.1, 0.55, 0.99, 1.0)] == [0, 0, 1, 5, 9, 9]
 
 
+def test_input_lengths_bin_on_log2_of_the_token_count() -> None:
+    assert [drift.input_length_bin(n) for n in (0, 1, 2, 8, 16, 64, 512, 4096)] == [0, 0, 1, 3, 4, 6, 9, 9]
+
+
+def test_input_lengths_are_scored_only_when_both_sides_have_them() -> None:
+    profile = drift.PredictionProfile((5,) * 10, {"a": 50}, input_length_counts=(0, 0, 0, 10, 20, 20, 0, 0, 0, 0))
+    assert drift.PredictionProfile.from_json(profile.to_json()) == profile
+    longer = profile.scores((5,) * 10, {"a": 50}, (0, 0, 0, 0, 5, 20, 20, 5, 0, 0))
+    assert longer[drift.INPUT_LENGTH] > drift.ALERT_PSI
+    assert drift.INPUT_LENGTH not in profile.scores((5,) * 10, {"a": 50})
+    without = drift.PredictionProfile((5,) * 10, {"a": 50})
+    assert drift.INPUT_LENGTH not in without.scores((5,) * 10, {"a": 50}, (1,) * 10)
+
+
 def test_a_profile_round_trips_and_scores_each_signal() -> None:
     profile = drift.PredictionProfile((0, 0, 0, 0, 0, 2, 3, 5, 10, 30), {"positive": 25, "negative": 25})
     again = drift.PredictionProfile.from_json(profile.to_json())

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gristmill.core.drift import PROFILE_FILE, PredictionProfile
+from gristmill.core.drift import PROFILE_FILE, PredictionProfile, input_length_bin
 from gristmill.training.devtools import LABELS, sentiment_rows
 from gristmill.training.domain import spec as d
 from gristmill.training.domain.runs import LOOP_STATE_FILE
@@ -104,6 +104,11 @@ def test_full_fine_tune_learns_and_reports_the_final_model(tiny_model: Path, tmp
     assert profile.count == 32 and sum(profile.label_counts.values()) == 32
     assert set(profile.label_counts) == set(LABELS) and min(profile.label_counts.values()) >= 12
     assert sum(profile.top_probability_counts[5:]) == 32  # a top probability is at least 1/2 with two labels
+    assert sum(profile.input_length_counts) == 32
+    lengths = [len(ids) for ids in TextClassification().encode(tokenizer, config.examples["test"], 128).input_ids]
+    assert profile.input_length_counts == tuple(
+        sum(1 for n in lengths if input_length_bin(n) == b) for b in range(len(profile.input_length_counts))
+    )
 
 
 def test_early_stopping_keeps_the_best_weights(tiny_model: Path, tmp_path: Path) -> None:

@@ -540,6 +540,7 @@ class DeploymentManager:
                 label_names=labels,
                 predictions=predictions,
                 input_tokens=sum(e.length for e in encoded),
+                input_lengths=tuple(e.length for e in encoded),
             )
             return result, version
         except (InvalidArgumentError, DeadlineExceededError, ResourceExhaustedError, asyncio.CancelledError):

@@ -2,7 +2,8 @@
 
 A version whose model was published with a prediction profile (``gristmill.core.drift.PROFILE_FILE``, written by
 training) keeps the top-probability bin and the predicted label of its last ``window`` predictions, and scores them
-with the population stability index per signal. Versions without a profile (models registered before training
+with the population stability index per signal (the top probability's bin, the predicted label, the input's
+length in tokens). Versions without a profile (models registered before training
 wrote one, or from elsewhere) have no drift score.
 """
 
@@ -56,24 +57,28 @@ class DriftWindow:
         self.profile = profile
         self.window = window
         self.observer = observer
-        self._recent: deque[tuple[int, str]] = deque()
+        self._recent: deque[tuple[int, str, int]] = deque()
         self._bins = [0] * drift.BINS
+        self._lengths = [0] * drift.BINS
         self._labels: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def observe(self, predictions: Sequence[TextPrediction]) -> dict[str, float]:
-        """Add one request's predictions; returns the scores (and tells the observer)."""
+    def observe(self, predictions: Sequence[TextPrediction], input_lengths: Sequence[int] = ()) -> dict[str, float]:
+        """Add one request's predictions (and its texts' lengths in tokens, when known); returns the scores (and
+        tells the observer)."""
         with self._lock:
-            for prediction in predictions:
-                entry = (drift.top_probability_bin(prediction.top_probability), prediction.label)
+            for index, prediction in enumerate(predictions):
+                tokens = input_lengths[index] if index < len(input_lengths) else 0
+                entry = (
+                    drift.top_probability_bin(prediction.top_probability),
+                    prediction.label,
+                    drift.input_length_bin(tokens) if tokens > 0 else -1,
+                )
+                self._add(entry, 1)
                 self._recent.append(entry)
-                self._bins[entry[0]] += 1
-                self._labels[entry[1]] += 1
                 if len(self._recent) > self.window:
-                    old_bin, old_label = self._recent.popleft()
-                    self._bins[old_bin] -= 1
-                    self._labels[old_label] -= 1
-            scores = self.profile.scores(self._bins, self._labels)
+                    self._add(self._recent.popleft(), -1)
+            scores = self._scores()
             count = len(self._recent)
         if self.observer is not None:
             self.observer(self.deployment, self.version, scores, count)
@@ -82,4 +87,14 @@ class DriftWindow:
     def snapshot(self) -> tuple[dict[str, float], int]:
         """The current scores and how many predictions they are over."""
         with self._lock:
-            return self.profile.scores(self._bins, self._labels), len(self._recent)
+            return self._scores(), len(self._recent)
+
+    def _add(self, entry: tuple[int, str, int], step: int) -> None:
+        top, label, length = entry
+        self._bins[top] += step
+        self._labels[label] += step
+        if length >= 0:
+            self._lengths[length] += step
+
+    def _scores(self) -> dict[str, float]:
+        return self.profile.scores(self._bins, self._labels, self._lengths if any(self._lengths) else ())

@@ -35,6 +35,8 @@ class PredictionResult:
     predictions: tuple[TextPrediction, ...]
     # Tokens the model read (after truncation): metered as input tokens.
     input_tokens: int = 0
+    # The same per text, in order (drift monitoring bins them); empty when not known.
+    input_lengths: tuple[int, ...] = ()
 
 
 def to_prediction(

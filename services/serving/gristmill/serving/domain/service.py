@@ -344,7 +344,7 @@ class DeploymentService:
         if reservation is not None:
             await reservation.commit_async(measured={UsageKind.INPUT_TOKENS: result.input_tokens})
         if version.drift is not None:
-            version.drift.observe(result.predictions)
+            version.drift.observe(result.predictions, result.input_lengths)
         if self.sink is not None:
             records = records_to_log(
                 result,

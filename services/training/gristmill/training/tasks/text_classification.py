@@ -181,6 +181,7 @@ class ClassificationEvaluation:
         self.confusion = torch.zeros((classes, classes), dtype=torch.long, device=device)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.top_bins = torch.zeros(drift.BINS, dtype=torch.float64, device=device)
+        self.length_bins = torch.zeros(drift.BINS, dtype=torch.float64, device=device)
 
     def add(self, model: torch.nn.Module, batch: Batch) -> None:
         import torch
@@ -195,11 +196,15 @@ class ClassificationEvaluation:
         # Serving bins with gristmill.core.drift.top_probability_bin: the same equal bins of [0, 1].
         bins = (top * drift.BINS).long().clamp(0, drift.BINS - 1)
         self.top_bins += torch.bincount(bins, minlength=drift.BINS).double()
+        # Tokens read per input (after truncation), binned as gristmill.core.drift.input_length_bin does.
+        tokens = batch.attention_mask.sum(dim=-1).clamp(min=1).double()
+        lengths = (torch.log2(tokens) * drift.BINS / drift.LOG2_MAX_TOKENS).long().clamp(0, drift.BINS - 1)
+        self.length_bins += torch.bincount(lengths, minlength=drift.BINS).double()
 
     def totals(self) -> torch.Tensor:
         import torch
 
-        return torch.cat([self.confusion.flatten().double(), self.loss_sum.view(1), self.top_bins])
+        return torch.cat([self.confusion.flatten().double(), self.loss_sum.view(1), self.top_bins, self.length_bins])
 
     def scores(self, totals: torch.Tensor) -> dict[str, float]:
         from gristmill.training.ml import data
@@ -213,6 +218,7 @@ class ClassificationEvaluation:
         cells = classes * classes
         predicted = totals[:cells].view(classes, classes).sum(dim=0)  # columns: predicted labels
         return drift.PredictionProfile(
-            top_probability_counts=tuple(int(c) for c in totals[cells + 1 :].tolist()),
+            top_probability_counts=tuple(int(c) for c in totals[cells + 1 : cells + 1 + drift.BINS].tolist()),
             label_counts={label: int(predicted[i]) for i, label in enumerate(label_map)},
+            input_length_counts=tuple(int(c) for c in totals[cells + 1 + drift.BINS :].tolist()),
         )
