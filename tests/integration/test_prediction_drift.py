@@ -118,7 +118,8 @@ async def _served_drift(model_dir: Path, tmp_path: Path, texts: list[str]) -> tu
     window = registry.get_sample_value(
         "gristmill_serving_drift_window", {"service": "serving", "deployment": "reviews", "version": "1"}
     )
-    return scores, int(window)
+    assert window is not None and all(value is not None for value in scores.values()), (scores, window)
+    return {signal: float(value or 0.0) for signal, value in scores.items()}, int(window)
 
 
 async def test_another_domain_drifts_over_the_threshold_and_held_out_sentences_do_not(
