@@ -7,25 +7,15 @@ import uuid
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
 
 from gristmill.core.errors import DataIntegrityError
 from gristmill.core.manifests import FileEntry
 from gristmill.core.settings import S3Settings
 from gristmill.core.storage.s3 import S3ObjectStore
 from gristmill.training.ml.node_files import node_model_dir
+from services.training.tests.integration.test_ray_training import s3  # noqa: F401  # fixture
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def s3(s3_endpoint: dict[str, str]) -> S3Settings:
-    return S3Settings(
-        endpoint=s3_endpoint["endpoint"],
-        access_key=s3_endpoint["access_key"],
-        secret_key=SecretStr(s3_endpoint["secret_key"]),
-        bucket="gristmill-test",
-    )
 
 
 def _upload(objects: S3ObjectStore, prefix: str, contents: dict[str, bytes]) -> dict[str, FileEntry]:
@@ -36,7 +26,10 @@ def _upload(objects: S3ObjectStore, prefix: str, contents: dict[str, bytes]) -> 
     return files
 
 
-def test_a_node_without_the_directory_fetches_verified_files_once(s3: S3Settings, tmp_path: Path) -> None:
+def test_a_node_without_the_directory_fetches_verified_files_once(
+    s3: S3Settings,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     objects = S3ObjectStore(s3)
     prefix = f"base-models/it-{uuid.uuid4().hex[:8]}"
     contents = {"config.json": b'{"model_type": "llama"}', "tokenizer/vocab.json": b'{"a": 0}'}
@@ -52,7 +45,7 @@ def test_a_node_without_the_directory_fetches_verified_files_once(s3: S3Settings
     assert node_model_dir(str(tmp_path / "on-the-service-host"), files, s3, cache_dir=cache) == fetched
 
 
-def test_a_file_whose_object_changed_is_refused(s3: S3Settings, tmp_path: Path) -> None:
+def test_a_file_whose_object_changed_is_refused(s3: S3Settings, tmp_path: Path) -> None:  # noqa: F811
     objects = S3ObjectStore(s3)
     prefix = f"base-models/it-{uuid.uuid4().hex[:8]}"
     files = _upload(objects, prefix, {"config.json": b"{}"})
