@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ from gristmill.core.settings import KafkaSettings
 from gristmill.core.sql import Database
 from gristmill.serving.app import ServingApp, build_app
 from gristmill.serving.domain.deployments import DeploymentManager
+from gristmill.serving.domain.explanations import Explanation, TokenAttribution
 from gristmill.serving.domain.model import VersionSelector
 from gristmill.serving.domain.predictions import PredictionRecord
 from gristmill.serving.domain.service import DeploymentService
@@ -54,6 +56,7 @@ class FakeClassifier:
         self.closed = False
         self.memory_bytes = 1000 * version
         self.fail_with: Exception | None = None
+        self.explained: list[tuple[list[str], list[int], int]] = []
 
     @property
     def labels(self) -> Sequence[str]:
@@ -96,6 +99,21 @@ class FakeClassifier:
             else:
                 rows.append([0.3, 0.7])
         return rows
+
+    def explain(
+        self, texts: Sequence[str], max_tokens: int, label_indices: Sequence[int], steps: int
+    ) -> list[Explanation]:
+        """Each word that decides the fake's answer gets +0.4 towards its own label and -0.4 against the other."""
+        self.explained.append((list(texts), list(label_indices), steps))
+        out = []
+        for text, label in zip(texts, label_indices, strict=True):
+            tokens = []
+            for match in re.finditer(r"\S+", text):
+                word = _WORDS.get(match.group().lower().strip(",.!?"))
+                score = 0.0 if word not in (GOOD, BAD) else (0.4 if (word == GOOD) == (label == 1) else -0.4)
+                tokens.append(TokenAttribution(match.group().lower(), match.start(), match.end(), score))
+            out.append(Explanation(label, tuple(tokens), 0.9, 0.5, 0.0))
+        return out
 
     def close(self) -> None:
         self.closed = True

@@ -317,6 +317,56 @@ async def test_predict_answers_bad_input_and_unavailable_models(api: Api) -> Non
     )
 
 
+async def test_predict_explains_each_text_when_asked_and_only_then(api: Api) -> None:
+    await create(api)
+    texts = ["good food, awful staff", "bad"]
+    plain = await api.serving.Predict(serving_pb2.PredictRequest(model="sentiment", texts=texts))
+    assert all(not p.attributions and not p.explained_label for p in plain.predictions)
+    assert api.loader.of_version(1).explained == []
+
+    response = await api.serving.Predict(
+        serving_pb2.PredictRequest(model="sentiment", texts=texts, explain=True, explain_steps=8)
+    )
+    mixed, bad = response.predictions
+    assert (mixed.label, mixed.explained_label, bad.explained_label) == ("positive", "positive", "negative")
+    assert [(a.token, a.start, a.end) for a in mixed.attributions] == [
+        ("good", 0, 4),
+        ("food,", 5, 10),
+        ("awful", 11, 16),
+        ("staff", 17, 22),
+    ]
+    assert [a.score for a in mixed.attributions] == pytest.approx([0.4, 0.0, -0.4, 0.0])
+    assert texts[0][mixed.attributions[2].start : mixed.attributions[2].end] == "awful"
+    assert [a.score for a in bad.attributions] == pytest.approx([0.4])
+    # The label each text is explained for is its most probable one; the steps reach the model as asked.
+    assert api.loader.of_version(1).explained == [(texts, [1, 0], 8)]
+
+    await api.serving.Predict(serving_pb2.PredictRequest(model="sentiment", texts=["good"], explain=True))
+    assert api.loader.of_version(1).explained[-1][2] == 32  # 0 means the default
+
+
+async def test_predict_refuses_explanations_it_cannot_give_and_explains_nothing(api: Api) -> None:
+    await create(api)
+    for request, message in (
+        (serving_pb2.PredictRequest(model="sentiment", texts=["good"] * 17, explain=True), "at most 16 texts"),
+        (serving_pb2.PredictRequest(model="sentiment", texts=["good"], explain=True, explain_steps=257), "between 0"),
+        (serving_pb2.PredictRequest(model="sentiment", texts=["good"], explain=True, explain_steps=-1), "between 0"),
+        (serving_pb2.PredictRequest(model="sentiment", texts=["good"], explain_steps=8), "explain is not"),
+    ):
+        await expect(Code.INVALID_ARGUMENT, api.serving.Predict(request), message)
+    await create(api, "int8", quantization=serving_pb2.QUANTIZATION_DYNAMIC_INT8)
+    details = await expect(
+        Code.FAILED_PRECONDITION,
+        api.serving.Predict(serving_pb2.PredictRequest(model="int8", texts=["good"], explain=True)),
+        "dynamic int8",
+    )
+    assert "NONE or BF16" in details
+    assert all(model.explained == [] and model.batches == [] for model in api.loader.loaded), "nothing was run"
+    # The same deployment still answers without explain.
+    answer = await api.serving.Predict(serving_pb2.PredictRequest(model="int8", texts=["good"]))
+    assert answer.predictions[0].label == "positive"
+
+
 async def test_a_full_queue_answers_resource_exhausted_and_a_deadline_drops_the_request(api: Api) -> None:
     await create(api, batching=serving_pb2.BatchingConfig(max_batch_size=1, max_delay_ms=0, max_queue_size=2))
     model = api.loader.of_version(1)

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import random
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from gristmill.api.common.v1 import common_pb2
 from gristmill.api.registry.v1 import registry_pb2
 from gristmill.core.errors import DataIntegrityError, FailedPreconditionError
 from gristmill.core.storage import LocalObjectStore
 from gristmill.serving.domain.model import Quantization, VersionSelector
-from gristmill.serving.domain.sources import LoadOptions, ResolvedVersion
+from gristmill.serving.domain.sources import Encoded, LoadOptions, ResolvedVersion
 from gristmill.serving.runtime.classifier import TransformersClassifier, load_transformers_classifier
 from gristmill.serving.runtime.sources import LocalDirectoryModelSource, download_verified, resolved_from_manifest
 from tests.support.tiny_model import make_tiny_bert
@@ -89,6 +92,104 @@ def test_dynamic_int8_quantisation_stays_close(model_root: Path, classifier: Tra
     reference = np.asarray(classifier.predict(classifier.encode(TEXTS, 128)))
     approximate = np.asarray(quantized.predict(quantized.encode(TEXTS, 128)))
     assert approximate == pytest.approx(reference, abs=0.05)
+    quantized.close()
+
+
+# Reviews whose label is one word: "great" (positive) or "terrible" (negative), among filler words.
+_FILLER = "the food was and staff were it fine i guess but nothing special at all really service table"
+
+
+@pytest.fixture(scope="module")
+def sharp(tmp_path_factory: pytest.TempPathFactory) -> TransformersClassifier:
+    """A tiny BERT fitted to reviews that one word decides: an untrained one answers ~0.5 to everything, which no
+    attribution could tell anything from."""
+    rng = random.Random(0)
+    texts, labels = [], []
+    for i in range(64):
+        words = rng.sample(_FILLER.split(), rng.randint(3, 8))
+        words.insert(rng.randint(0, len(words)), "great" if i % 2 else "terrible")
+        texts.append(" ".join(words))
+        labels.append(i % 2)
+    root = tmp_path_factory.mktemp("sharp")
+    directory = make_tiny_bert(root / "sharp" / "1", texts, ["negative", "positive"], seed=1)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForSequenceClassification.from_pretrained(directory)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    model.train()
+    for _ in range(30):
+        model(**batch, labels=torch.tensor(labels)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(directory)
+    source = LocalDirectoryModelSource(root)
+    resolved = source.resolve("default", "sharp", VersionSelector.of_version(1))
+    return load_transformers_classifier(source.fetch(resolved), resolved, LoadOptions())
+
+
+def test_explanations_point_at_the_deciding_word_and_agree_with_the_predictions(
+    sharp: TransformersClassifier,
+) -> None:
+    """What an explanation reports is what ``predict`` says: the probability of the text and of the baseline (the
+    special tokens kept, padding in place of every word), and ``delta`` is the scores' sum minus their gap.
+    (Completeness itself, the sum meeting the gap, is checked on a real model: tests/integration/
+    test_served_sentiment_model.py. On this tiny model the path from the baseline crosses a cliff that no
+    affordable number of steps integrates, and ``delta`` says so.)"""
+    classifier = sharp
+    texts = ["staff great table", "the food was fine and the service nothing special", "great"]
+    encoded = classifier.encode(texts, 128)
+    rows = classifier.predict(encoded)
+    labels = [int(np.argmax(row)) for row in rows]
+    assert labels == [1, 0, 1] and min(max(row) for row in rows) > 0.9, rows
+    explanations = classifier.explain(texts, 128, labels, 32)
+    specials = {encoded[0].ids[0], encoded[0].ids[-1]}
+    pad = classifier._pad_id
+    for text, item, row, label, explanation in zip(texts, encoded, rows, labels, explanations, strict=True):
+        assert explanation.label_index == label
+        assert explanation.probability == pytest.approx(row[label], abs=1e-4)
+        baseline = Encoded([i if i in specials else pad for i in item.ids], item.full_length)
+        assert explanation.baseline_probability == pytest.approx(classifier.predict([baseline])[0][label], abs=1e-4)
+        total = sum(t.score for t in explanation.tokens)
+        gap = explanation.probability - explanation.baseline_probability
+        assert explanation.delta == pytest.approx(total - gap, abs=1e-3)
+        # One attribution per word of the text (the special tokens are left out), each pointing at its word.
+        assert [text[t.start : t.end] for t in explanation.tokens] == text.split()
+        assert [t.token for t in explanation.tokens] == text.split()
+    # "great" made the first text positive: it has the largest share, and a positive one.
+    first = {t.token: t.score for t in explanations[0].tokens}
+    assert max(first, key=first.__getitem__) == "great" and first["great"] > 0, first
+    # The filler text is as negative as the baseline (the model learned "negative unless great"): nothing to share.
+    assert abs(explanations[1].probability - explanations[1].baseline_probability) < 0.05
+    assert all(abs(t.score) < 0.05 for t in explanations[1].tokens), explanations[1]
+
+
+def test_explanations_follow_truncation_and_do_not_disturb_predictions_beside_them(
+    sharp: TransformersClassifier,
+) -> None:
+    classifier = sharp
+    [short] = classifier.explain([TEXTS[2]], 6, [0], 16)
+    assert [t.token for t in short.tokens] == TEXTS[2].split()[:4]  # 6 tokens: [CLS], four words, [SEP]
+    # Explaining runs the eager model on another thread while batches run: their answers must not change.
+    encoded = classifier.encode(TEXTS, 128)
+    reference = np.asarray(classifier.predict(encoded))
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (classifier.explain(TEXTS * 2, 128, [0] * 8, 64), done.set()))
+    worker.start()
+    answers = 0
+    while not done.is_set():
+        assert np.asarray(classifier.predict(encoded)) == pytest.approx(reference, abs=1e-5)
+        answers += 1
+    worker.join()
+    assert answers > 0
+
+
+def test_a_quantised_model_refuses_to_explain(model_root: Path) -> None:
+    source = LocalDirectoryModelSource(model_root)
+    resolved = source.resolve("default", "sentiment", VersionSelector.of_version(1))
+    quantized = load_transformers_classifier(source.fetch(resolved), resolved, LoadOptions(Quantization.DYNAMIC_INT8))
+    with pytest.raises(FailedPreconditionError, match="dynamic int8"):
+        quantized.explain(TEXTS[:1], 128, [0], 8)
     quantized.close()
 
 

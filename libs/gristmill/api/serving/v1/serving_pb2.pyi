@@ -191,12 +191,21 @@ class PredictRequest(_message.Message):
     TEXTS_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EXPLAIN_FIELD_NUMBER: _builtins.int
+    EXPLAIN_STEPS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Deployment name."""
     request_id: _builtins.str
     """Client id for the request, echoed back and used in prediction logs. Empty means the server
     generates one.
     """
+    explain: _builtins.bool
+    """Also explain each prediction: per-token attributions to the most probable label, by integrated
+    gradients over the input embeddings (a baseline that keeps the special tokens and pads the rest).
+    Costs about explain_steps forward and backward passes per text: at most 16 texts per call.
+    """
+    explain_steps: _builtins.int
+    """Integration steps for explain (0 means 32; at most 256). More steps, smaller attribution_delta."""
     @_builtins.property
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """UTF-8 texts to classify; each gets one prediction, in order."""
@@ -214,10 +223,12 @@ class PredictRequest(_message.Message):
         texts: _abc.Iterable[_builtins.str] | None = ...,
         target: _common_pb2.ModelVersionSelector | None = ...,
         request_id: _builtins.str = ...,
+        explain: _builtins.bool = ...,
+        explain_steps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "request_id", b"request_id", "target", b"target", "texts", b"texts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["explain", b"explain", "explain_steps", b"explain_steps", "model", b"model", "request_id", b"request_id", "target", b"target", "texts", b"texts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -284,6 +295,9 @@ class TextPrediction(_message.Message):
     PROBABILITIES_FIELD_NUMBER: _builtins.int
     TOP_PROBABILITY_FIELD_NUMBER: _builtins.int
     UNCERTAIN_FIELD_NUMBER: _builtins.int
+    ATTRIBUTIONS_FIELD_NUMBER: _builtins.int
+    ATTRIBUTION_DELTA_FIELD_NUMBER: _builtins.int
+    EXPLAINED_LABEL_FIELD_NUMBER: _builtins.int
     label: _builtins.str
     """The most probable label (single-label), or the first of `labels` (multi-label; empty if
     none passes the threshold).
@@ -294,6 +308,14 @@ class TextPrediction(_message.Message):
     """True when top_probability is below the deployment's uncertainty threshold (such inputs
     are logged for labeling).
     """
+    attribution_delta: _builtins.float
+    """With explain: the integration's error, (sum of attributions) - (probability - baseline's
+    probability); near 0 when the steps suffice.
+    """
+    explained_label: _builtins.str
+    """With explain: the label the attributions are for (the most probable one; for a multi-label
+    model it may be below the threshold).
+    """
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Multi-label: every label whose probability is >= 0.5. Single-label: [label]."""
@@ -301,6 +323,13 @@ class TextPrediction(_message.Message):
     @_builtins.property
     def probabilities(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Probability per label name (softmax for single-label, sigmoid for multi-label)."""
+
+    @_builtins.property
+    def attributions(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenAttribution]:
+        """With explain: the text's tokens (special tokens left out) in order, each with its share of the
+        most probable label's probability. They sum to that probability minus the baseline's, up to
+        attribution_delta. Empty without explain.
+        """
 
     def __init__(
         self,
@@ -310,14 +339,48 @@ class TextPrediction(_message.Message):
         probabilities: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         top_probability: _builtins.float = ...,
         uncertain: _builtins.bool = ...,
+        attributions: _abc.Iterable[Global___TokenAttribution] | None = ...,
+        attribution_delta: _builtins.float = ...,
+        explained_label: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "labels", b"labels", "probabilities", b"probabilities", "top_probability", b"top_probability", "uncertain", b"uncertain"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution_delta", b"attribution_delta", "attributions", b"attributions", "explained_label", b"explained_label", "label", b"label", "labels", b"labels", "probabilities", b"probabilities", "top_probability", b"top_probability", "uncertain", b"uncertain"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TextPrediction: _TypeAlias = TextPrediction  # noqa: Y015
+
+@_typing.final
+class TokenAttribution(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The token as the tokenizer writes it (e.g. "##ing" for a word piece)."""
+    start: _builtins.int
+    """Where it is in the text: characters [start, end) of the (untruncated) input text."""
+    end: _builtins.int
+    score: _builtins.float
+    """Positive: the token raised the explained label's probability; negative: it lowered it."""
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+        score: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "score", b"score", "start", b"start", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenAttribution: _TypeAlias = TokenAttribution  # noqa: Y015
 
 @_typing.final
 class GenerateRequest(_message.Message):

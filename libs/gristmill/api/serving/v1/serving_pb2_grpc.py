@@ -106,7 +106,9 @@ class ServingServiceServicer(object):
         NOT_FOUND: unknown deployment, or a version / alias not loaded in it.
         UNAVAILABLE: the deployment has no READY version (loading, or its load failed).
         INVALID_ARGUMENT: no texts, more than 1,024 texts, an empty text, a text over
-        the deployment's length policy.
+        the deployment's length policy; explain with more than 16 texts, explain_steps outside
+        0..256 or set without explain.
+        FAILED_PRECONDITION: explain on a deployment quantised to dynamic int8 (it has no gradients).
         RESOURCE_EXHAUSTED: the model's queue is full (retry later), or a prediction quota is used
         up (trailing metadata carries the retry-after hint).
         DEADLINE_EXCEEDED: the deadline passed before the batch ran; the request is dropped, never

@@ -269,16 +269,23 @@ def predict_response(result: PredictionResult) -> serving_pb2.PredictResponse:
         model_version=result.version,
         request_id=result.request_id,
     )
-    for prediction in result.predictions:
-        response.predictions.append(
-            serving_pb2.TextPrediction(
-                label=prediction.label,
-                labels=list(prediction.labels),
-                probabilities={n: float(p) for n, p in zip(result.label_names, prediction.probabilities, strict=True)},
-                top_probability=prediction.top_probability,
-                uncertain=prediction.uncertain,
-            )
+    for index, prediction in enumerate(result.predictions):
+        message = serving_pb2.TextPrediction(
+            label=prediction.label,
+            labels=list(prediction.labels),
+            probabilities={n: float(p) for n, p in zip(result.label_names, prediction.probabilities, strict=True)},
+            top_probability=prediction.top_probability,
+            uncertain=prediction.uncertain,
         )
+        if result.explanations:
+            explanation = result.explanations[index]
+            message.explained_label = result.label_names[explanation.label_index]
+            message.attribution_delta = explanation.delta
+            message.attributions.extend(
+                serving_pb2.TokenAttribution(token=t.token, start=t.start, end=t.end, score=t.score)
+                for t in explanation.tokens
+            )
+        response.predictions.append(message)
     return response
 
 

@@ -40,6 +40,8 @@ class ServingServicer(serving_pb2_grpc.ServingServiceServicer):
             request_id=request.request_id,
             timeout_s=time_left(context),
             caller=current_principal(),
+            explain=request.explain,
+            explain_steps=request.explain_steps,
         )
         return convert.predict_response(result)
 

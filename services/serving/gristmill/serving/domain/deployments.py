@@ -24,6 +24,7 @@ from gristmill.core.chat import ChatMessage
 from gristmill.core.drift import PredictionProfile
 from gristmill.core.errors import (
     DeadlineExceededError,
+    FailedPreconditionError,
     GristmillError,
     InvalidArgumentError,
     NotFoundError,
@@ -32,6 +33,7 @@ from gristmill.core.errors import (
 )
 from gristmill.serving.domain.batcher import DynamicBatcher
 from gristmill.serving.domain.drift import DriftObserver, DriftWindow, read_profile
+from gristmill.serving.domain.explanations import Explanation
 from gristmill.serving.domain.generation import (
     DEFAULT_SAMPLING,
     Generation,
@@ -45,6 +47,7 @@ from gristmill.serving.domain.generation import (
 from gristmill.serving.domain.model import (
     DeploymentSpec,
     OverLengthAction,
+    Quantization,
     VersionSelector,
 )
 from gristmill.serving.domain.predictions import PredictionResult, to_prediction
@@ -131,6 +134,9 @@ class DeploymentManager:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drains: set[asyncio.Task[None]] = set()
         self._closed = False
+        # One explanation at a time: each is a few hundred forward and backward passes, which would otherwise
+        # take every core from the batches that serve predictions.
+        self._explaining = asyncio.Semaphore(1)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -495,8 +501,10 @@ class DeploymentManager:
         pin: VersionSelector | None = None,
         request_id: str,
         deadline: float | None = None,
+        explain_steps: int = 0,
     ) -> tuple[PredictionResult, LoadedVersion]:
-        """Classify ``texts`` with one version of the deployment (``deadline`` on ``time.monotonic``)."""
+        """Classify ``texts`` with one version of the deployment (``deadline`` on ``time.monotonic``); with
+        ``explain_steps``, explain each prediction too (``domain.explanations``)."""
         dep = self._get(organization_id, name)
         version = self.route(organization_id, name, pin)
         started = time.monotonic()
@@ -511,6 +519,11 @@ class DeploymentManager:
                 )
             if classifier is None or batcher is None:
                 raise UnavailableError(f"version {version.version} of {name!r} was just unloaded; retry")
+            if explain_steps and version.options.quantization is Quantization.DYNAMIC_INT8:
+                raise FailedPreconditionError(
+                    f"deployment {name!r} serves version {version.version} quantised to dynamic int8, which has no "
+                    "gradients to explain it with; explain with a deployment whose quantization is NONE or BF16"
+                )
             limit = self._max_tokens(dep, version, classifier)
             if len(texts) > INLINE_ENCODE_TEXTS:
                 encoded = await asyncio.to_thread(classifier.encode, texts, limit)
@@ -531,6 +544,11 @@ class DeploymentManager:
             predictions = tuple(
                 to_prediction(row, labels, multi_label=multi, uncertainty_threshold=threshold) for row in rows
             )
+            explanations: tuple[Explanation, ...] = ()
+            if explain_steps:
+                # The most probable label of each text (for a multi-label model, even one under the threshold).
+                targets = [max(range(len(row)), key=row.__getitem__) for row in rows]
+                explanations = await self._explain(classifier, texts, limit, targets, explain_steps, deadline)
             outcome = OK
             result = PredictionResult(
                 deployment=name,
@@ -541,14 +559,42 @@ class DeploymentManager:
                 predictions=predictions,
                 input_tokens=sum(e.length for e in encoded),
                 input_lengths=tuple(e.length for e in encoded),
+                explanations=explanations,
             )
             return result, version
-        except (InvalidArgumentError, DeadlineExceededError, ResourceExhaustedError, asyncio.CancelledError):
+        except (
+            InvalidArgumentError,
+            FailedPreconditionError,
+            DeadlineExceededError,
+            ResourceExhaustedError,
+            asyncio.CancelledError,
+        ):
             outcome = REJECTED
             raise
         finally:
             version.leave()
             version.stats.record(outcome, time.monotonic() - started, len(texts))
+
+    async def _explain(
+        self,
+        classifier: Classifier,
+        texts: Sequence[str],
+        max_tokens: int,
+        targets: Sequence[int],
+        steps: int,
+        deadline: float | None,
+    ) -> tuple[Explanation, ...]:
+        """Explanations on a thread, one request's at a time; a request whose deadline passes while it waits for
+        its turn is dropped (DEADLINE_EXCEEDED), as a prediction is."""
+        try:
+            async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
+                await self._explaining.acquire()
+        except TimeoutError:
+            raise DeadlineExceededError("the deadline passed while the request waited to be explained") from None
+        work = asyncio.get_running_loop().run_in_executor(None, classifier.explain, texts, max_tokens, targets, steps)
+        # The turn ends when the thread does, even if the caller goes away first (a thread cannot be stopped).
+        work.add_done_callback(lambda _: self._explaining.release())
+        return tuple(await asyncio.shield(work))
 
     def generate(
         self,

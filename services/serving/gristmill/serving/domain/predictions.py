@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from gristmill.serving.domain.explanations import Explanation
 from gristmill.serving.domain.model import PredictionLoggingConfig
 
 MULTI_LABEL_THRESHOLD = 0.5
@@ -37,6 +38,8 @@ class PredictionResult:
     input_tokens: int = 0
     # The same per text, in order (drift monitoring bins them); empty when not known.
     input_lengths: tuple[int, ...] = ()
+    # One per text when the request asked for explanations; else empty.
+    explanations: tuple[Explanation, ...] = ()
 
 
 def to_prediction(

@@ -29,6 +29,7 @@ from gristmill.core.errors import AlreadyExistsError, FailedPreconditionError, I
 from gristmill.core.licensing import License, load_license
 from gristmill.core.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from gristmill.serving.domain.deployments import DeploymentManager
+from gristmill.serving.domain.explanations import validate_explain
 from gristmill.serving.domain.feedback import (
     FeedbackInput,
     FeedbackPublisher,
@@ -314,14 +315,18 @@ class DeploymentService:
         request_id: str = "",
         timeout_s: float | None = None,
         caller: Principal | None = None,
+        explain: bool = False,
+        explain_steps: int = 0,
     ) -> tuple[PredictionResult, LoadedVersion]:
-        """Classify ``texts``; ``timeout_s`` is the time left until the caller's deadline.
+        """Classify ``texts``; ``timeout_s`` is the time left until the caller's deadline. With ``explain``, each
+        prediction comes with per-token attributions (``explain_steps`` integration steps, 0 for the default).
 
         With a quota guard, ``caller``'s organisation must have predictions (and input tokens) left in its plan
         (RESOURCE_EXHAUSTED with a retry-after otherwise); a successful call publishes its usage, a failed one
         none.
         """
         validate_texts(texts)
+        steps = validate_explain(texts, explain=explain, steps=explain_steps)
         if pin is not None:
             validate_selector(pin, what="target")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -335,7 +340,13 @@ class DeploymentService:
             )
         try:
             result, version = await self.manager.predict(
-                organization_id, name, texts, pin=pin, request_id=request_id or uuid.uuid4().hex, deadline=deadline
+                organization_id,
+                name,
+                texts,
+                pin=pin,
+                request_id=request_id or uuid.uuid4().hex,
+                deadline=deadline,
+                explain_steps=steps,
             )
         except BaseException:
             if reservation is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gristmill.core.values import TensorSpec
+from gristmill.serving.domain.explanations import Explanation
 from gristmill.serving.domain.generation import GenerativeModel
 from gristmill.serving.domain.model import Quantization, VersionSelector
 
@@ -122,6 +123,15 @@ class Classifier(Protocol):
 
     def predict(self, batch: Sequence[Encoded]) -> Sequence[Sequence[float]]:
         """Probabilities per text and label (softmax, or sigmoid for multi-label), in order."""
+        ...
+
+    def explain(
+        self, texts: Sequence[str], max_tokens: int, label_indices: Sequence[int], steps: int
+    ) -> list[Explanation]:
+        """Per-token attributions of each text to its label (``label_indices``, in order). Slow: a thread's job.
+
+        ``FailedPreconditionError`` when the loaded model cannot be explained (a quantised one has no gradients).
+        """
         ...
 
     def close(self) -> None:

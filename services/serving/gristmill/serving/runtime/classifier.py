@@ -22,6 +22,7 @@ from transformers.utils import logging as hf_logging
 
 from gristmill.core.errors import DataIntegrityError, FailedPreconditionError
 from gristmill.core.hf_loading import model_loading
+from gristmill.serving.domain.explanations import Explanation, TokenAttribution
 from gristmill.serving.domain.model import Quantization
 from gristmill.serving.domain.sources import TASK_MULTI_LABEL, Encoded, LoadOptions, ResolvedVersion
 from gristmill.serving.runtime.memory import release_memory, resident_bytes
@@ -101,8 +102,12 @@ class TransformersClassifier:
         max_tokens: int,
         pad_id: int,
         traced: Forward | None = None,
+        quantization: Quantization = Quantization.NONE,
     ) -> None:
+        # Inference and explanations never need the weights' gradients (explanations take them of the inputs).
+        model.requires_grad_(False)
         self._model = model
+        self._quantization = quantization
         self._forward: Forward = traced or _Logits(model).eval()
         self.traced = traced is not None
         self._tokenizer = tokenizer
@@ -148,6 +153,66 @@ class TransformersClassifier:
             probabilities = torch.sigmoid(logits) if self._multi_label else torch.softmax(logits, dim=-1)
         rows: Sequence[Sequence[float]] = list(probabilities.float().numpy())
         return rows
+
+    def explain(
+        self, texts: Sequence[str], max_tokens: int, label_indices: Sequence[int], steps: int
+    ) -> list[Explanation]:
+        """Integrated gradients of each label's probability over the input embeddings (one text at a time).
+
+        The eager model is called with ``inputs_embeds`` rather than hooking its embedding layer: a hook would
+        also change the predictions that other threads run through the same modules meanwhile.
+        """
+        if self._quantization is Quantization.DYNAMIC_INT8:
+            raise FailedPreconditionError(
+                "this deployment's model is quantised to dynamic int8, which has no gradients to explain it with; "
+                "explain with a deployment that is not quantised (quantization NONE or BF16)"
+            )
+        # Imported here: captum pulls in matplotlib, which a service that never explains should not pay for.
+        from captum.attr import IntegratedGradients
+
+        embeddings = self._model.get_input_embeddings()
+        budget = max(min(max_tokens, self._max_tokens) - self._specials, 1)
+        out = []
+        for text, label in zip(texts, label_indices, strict=True):
+            encoding = self._tokenizer.encode(text, add_special_tokens=False)
+            if len(encoding.ids) > budget:
+                encoding.truncate(budget)
+            encoding = self._tokenizer.post_process(encoding)
+            ids = torch.tensor([encoding.ids], dtype=torch.long)
+            special = torch.tensor([encoding.special_tokens_mask], dtype=torch.bool)
+            mask = torch.ones_like(ids)
+            with torch.no_grad():
+                inputs = embeddings(ids)
+                # The usual baseline for text: the same special tokens, padding in place of every word.
+                baseline = embeddings(torch.where(special, ids, self._pad_id))
+                probability, baseline_probability = (
+                    float(self._probabilities(x, mask)[0, label]) for x in (inputs, baseline)
+                )
+            integrated = IntegratedGradients(self._probabilities)
+            attributions, delta = integrated.attribute(
+                inputs,
+                baselines=baseline,
+                target=int(label),
+                additional_forward_args=(mask,),
+                n_steps=steps,
+                # Bounds the memory of one forward/backward pass to ~4,096 tokens, whatever the text's length.
+                internal_batch_size=max(1, min(steps, 4096 // ids.shape[1])),
+                return_convergence_delta=True,
+            )
+            scores = attributions.sum(dim=-1)[0].float().tolist()
+            tokens = tuple(
+                TokenAttribution(token, start, end, score)
+                for token, (start, end), score, is_special in zip(
+                    encoding.tokens, encoding.offsets, scores, encoding.special_tokens_mask, strict=True
+                )
+                if not is_special
+            )
+            out.append(Explanation(int(label), tokens, probability, baseline_probability, float(delta[0])))
+        return out
+
+    def _probabilities(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        logits = self._model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=False)[0]
+        return torch.sigmoid(logits) if self._multi_label else torch.softmax(logits, dim=-1)
 
     def close(self) -> None:
         del self._model, self._forward
@@ -219,6 +284,7 @@ def load_transformers_classifier(
         max_tokens=min(limit, _NO_LIMIT),
         pad_id=int(pad_id),
         traced=trace_forward(model, int(pad_id)) if trace else None,
+        quantization=options.quantization,
     )
     del hf_tokenizer
     # Warm up: the first forward passes allocate and pick kernels; do that before taking traffic.
