@@ -8,6 +8,7 @@ error, exit 2, for what the command line itself gets wrong).
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -242,6 +243,16 @@ def test_deploy_and_predict(platform: str, trained: dict[str, str]) -> None:
         cli(platform, "predict", "cli-serving", "The battery life is excellent", "It broke at once", "--oip", "--json")
     )
     assert [p["label"] for p in oip] == [p["label"] for p in typed]  # the same version answers both APIs
+    text = "The battery life is excellent"
+    [explained] = as_json(cli(platform, "predict", "cli-serving", text, "--explain", "--explain-steps", "8", "--json"))
+    assert explained["label"] == typed[0]["label"] and isinstance(explained["attribution_delta"], float)
+    spans = [(a["start"], a["end"]) for a in explained["attributions"]]
+    # Every token in order, from the text's first character to its last, none overlapping.
+    assert spans[0][0] == 0 and spans[-1][1] == len(text)
+    assert all(a < b <= c for (a, b), (c, _) in itertools.pairwise(spans)), spans
+    table = ok(cli(platform, "predict", "cli-serving", "It broke at once", "--explain"))
+    assert "EXPLANATION" in table and "broke +" in table
+    refused(cli(platform, "predict", "cli-serving", "hello", "--explain", "--oip"), "--explain needs", "--oip", code=2)
     refused(cli(platform, "deploy", "no-such-model"), "not found")
     refused(cli(platform, "predict", "no-such-deployment", "hello"), "not found")
     refused(cli(platform, "predict", "cli-serving", "  "), "every text must be non-empty", code=2)

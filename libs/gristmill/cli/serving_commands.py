@@ -358,6 +358,9 @@ class Prediction:
     probability: float
     uncertain: bool | None  # the typed API says; the OIP answer does not carry it
     version: str
+    # With --explain: each token's attribution to the label, in text order.
+    attributions: tuple[sv.TokenAttribution, ...] = ()
+    attribution_delta: float = 0.0
 
 
 def encode_bytes(values: list[str]) -> bytes:
@@ -379,13 +382,24 @@ def decode_bytes(raw: bytes) -> list[str]:
     return values
 
 
-def predict_typed(gm: Gristmill, deployment: str, texts: list[str], request_id: str = "") -> list[Prediction]:
-    reply = gm.serving.Predict(sv.PredictRequest(model=deployment, texts=texts, request_id=request_id))
+def predict_typed(
+    gm: Gristmill, deployment: str, texts: list[str], request_id: str = "", *, explain: bool = False, steps: int = 0
+) -> list[Prediction]:
+    request = sv.PredictRequest(model=deployment, texts=texts, request_id=request_id, explain=explain)
+    if explain:
+        request.explain_steps = steps
+    reply = gm.serving.Predict(request)
     version = f"{reply.registered_model_name} v{reply.model_version}"
     return [
-        Prediction(text, p.label, p.top_probability, p.uncertain, version)
+        Prediction(text, p.label, p.top_probability, p.uncertain, version, tuple(p.attributions), p.attribution_delta)
         for text, p in zip(texts, reply.predictions, strict=True)
     ]
+
+
+def explanation_summary(attributions: tuple[sv.TokenAttribution, ...], top: int = 5) -> str:
+    """The tokens that moved the label most, strongest first: ``great +0.412, but -0.051``."""
+    strongest = sorted(attributions, key=lambda a: -abs(a.score))[:top]
+    return ", ".join(f"{a.token} {a.score:+.3f}" for a in strongest)
 
 
 def predict_oip(gm: Gristmill, deployment: str, texts: list[str], request_id: str = "") -> list[Prediction]:
@@ -418,24 +432,45 @@ def predict_command(
     deployment: str = typer.Argument(..., help="deployment name"),
     texts: list[str] = typer.Argument(..., help="texts to classify"),
     use_oip: bool = typer.Option(False, "--oip", help="call ModelInfer (Open Inference Protocol v2)"),
+    explain: bool = typer.Option(
+        False, "--explain", help="also say which tokens moved each answer (integrated gradients; up to 16 texts)"
+    ),
+    explain_steps: int = typer.Option(
+        0, "--explain-steps", min=0, max=256, help="integration steps for --explain (0: the server's 32)"
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Classify texts with a deployed model."""
     if any(not t.strip() for t in texts):
         fail("every text must be non-empty", code=2)
+    if explain and use_oip:
+        fail("--explain needs the typed Predict API: leave out --oip", code=2)
+    if explain_steps and not explain:
+        fail("--explain-steps needs --explain", code=2)
+    json_out = want_json(ctx, as_json)
     with state(ctx).client() as gm:
-        predictions = (predict_oip if use_oip else predict_typed)(gm, deployment, list(texts))
-    rows = [
-        {
+        if use_oip:
+            predictions = predict_oip(gm, deployment, list(texts))
+        else:
+            predictions = predict_typed(gm, deployment, list(texts), explain=explain, steps=explain_steps)
+    rows = []
+    for p in predictions:
+        row: dict[str, object] = {
             "label": p.label,
             "probability": round(p.probability, 4),
             **({} if p.uncertain is None else {"uncertain": p.uncertain}),
             "model": p.version,
             "text": p.text[:60],
         }
-        for p in predictions
-    ]
-    emit(rows, want_json(ctx, as_json))
+        if explain and json_out:
+            row["attributions"] = [
+                {"token": a.token, "start": a.start, "end": a.end, "score": a.score} for a in p.attributions
+            ]
+            row["attribution_delta"] = p.attribution_delta
+        elif explain:
+            row["explanation"] = explanation_summary(p.attributions)
+        rows.append(row)
+    emit(rows, json_out)
 
 
 @one_line_errors

@@ -1,12 +1,20 @@
-"""Drift, end to end on real data: MiniLM fine-tuned on the amazon and yelp sentences publishes its test split's
-prediction profile; served, the same model scores its recent predictions against it. Reviews of another domain
-(the imdb sentences) push the drift index over the alert threshold; held-out amazon and yelp sentences do not.
+"""A sentiment model served, end to end on real data: MiniLM fine-tuned on the amazon and yelp sentences.
+
+Drift: the model publishes its test split's prediction profile; served, it scores its recent predictions against
+it. Reviews of another domain (the imdb sentences) push the drift index over the alert threshold; held-out amazon
+and yelp sentences do not.
+
+Explanations: its integrated-gradients attributions are complete (they sum to the probability's gap from the
+baseline) and point at the words that carry the sentiment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
+import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,8 +95,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], 
     return session.checkpoints[-1], [t for t, _ in held_out], imdb
 
 
-async def _served_drift(model_dir: Path, tmp_path: Path, texts: list[str]) -> tuple[dict[str, float], int]:
-    """Serve ``model_dir`` in a deployment, classify ``texts`` 16 at a time, and read the drift gauges."""
+@contextlib.asynccontextmanager
+async def _serving(model_dir: Path, tmp_path: Path) -> AsyncIterator[tuple[DeploymentService, ServiceMetrics]]:
+    """``model_dir`` served as deployment "reviews" (the domain and the real runtime, in this process)."""
     source = DirectorySource(directory=model_dir)
     source.add("sentiment", 1)
     source.aliases[("sentiment", "production")] = 1
@@ -102,11 +111,17 @@ async def _served_drift(model_dir: Path, tmp_path: Path, texts: list[str]) -> tu
     try:
         spec = DeploymentSpec(organization_id=DEFAULT_ORGANIZATION, name="reviews", registered_model_name="sentiment")
         await service.create(spec, wait_until_ready=True, timeout_s=120)
-        for start in range(0, len(texts), 16):
-            await service.predict(DEFAULT_ORGANIZATION, "reviews", texts[start : start + 16])
+        yield service, service_metrics
     finally:
         await service.close()
         database.dispose()
+
+
+async def _served_drift(model_dir: Path, tmp_path: Path, texts: list[str]) -> tuple[dict[str, float], int]:
+    """Serve ``model_dir``, classify ``texts`` 16 at a time, and read the drift gauges."""
+    async with _serving(model_dir, tmp_path) as (service, service_metrics):
+        for start in range(0, len(texts), 16):
+            await service.predict(DEFAULT_ORGANIZATION, "reviews", texts[start : start + 16])
     registry = service_metrics.registry
     scores = {
         signal: registry.get_sample_value(
@@ -139,3 +154,73 @@ async def test_another_domain_drifts_over_the_threshold_and_held_out_sentences_d
     # shifts too, but on this data less: measured 0.08 for the top probability, 0.007 for the labels.)
     assert other[drift.INPUT_LENGTH] > drift.ALERT_PSI, other
     assert other[drift.TOP_PROBABILITY] > same[drift.TOP_PROBABILITY], (other, same)
+
+
+# Words that say the sentiment outright; a review holding one of them should be explained by it.
+SENTIMENT_WORDS = {
+    "great",
+    "good",
+    "excellent",
+    "love",
+    "loved",
+    "amazing",
+    "best",
+    "nice",
+    "happy",
+    "delicious",
+    "awesome",
+    "bad",
+    "terrible",
+    "worst",
+    "poor",
+    "awful",
+    "disappointed",
+    "horrible",
+    "waste",
+    "rude",
+    "disappointing",
+}
+
+
+async def test_explanations_are_complete_and_point_at_the_sentiment_words(
+    trained: tuple[Path, list[str], list[str]], tmp_path: Path
+) -> None:
+    model_dir, held_out, _ = trained
+    # Held-out sentences with exactly one sentiment word of the list, and at least four other words.
+    chosen = [
+        text
+        for text in held_out
+        if len(words := re.findall(r"[a-z]+", text.lower())) >= 5 and len(SENTIMENT_WORDS.intersection(words)) == 1
+    ][:32]
+    assert len(chosen) == 32
+    async with _serving(model_dir, tmp_path) as (service, _):
+        explained = []
+        for start in range(0, len(chosen), 16):
+            result, _ = await service.predict(
+                DEFAULT_ORGANIZATION, "reviews", chosen[start : start + 16], explain=True, explain_steps=64
+            )
+            explained.extend(zip(result.predictions, result.explanations, strict=True))
+        coarse, _ = await service.predict(DEFAULT_ORGANIZATION, "reviews", chosen[:16], explain=True, explain_steps=4)
+    hits, deltas, gaps = 0, [], []
+    for text, (prediction, explanation) in zip(chosen, explained, strict=True):
+        assert explanation.label_index == prediction.label_index
+        assert explanation.probability == pytest.approx(prediction.top_probability, abs=1e-4)
+        assert all(text[t.start : t.end].lower() == t.token.removeprefix("##") for t in explanation.tokens), text
+        deltas.append(abs(explanation.delta))
+        gaps.append(abs(explanation.probability - explanation.baseline_probability))
+        best = max(explanation.tokens, key=lambda t: t.score)
+        hits += best.token in SENTIMENT_WORDS
+    fine = sorted(deltas)
+    coarse_deltas = sorted(abs(e.delta) for e in coarse.explanations)
+    print(
+        f"\nexplanations of {len(chosen)} held-out sentences, 64 steps: top token a sentiment word in {hits}; "
+        f"|delta| median {fine[len(fine) // 2]:.4f} max {fine[-1]:.4f} (4 steps, 16 sentences: median "
+        f"{coarse_deltas[len(coarse_deltas) // 2]:.4f}); |gap| median {sorted(gaps)[len(gaps) // 2]:.3f}"
+    )
+    # Complete: the attributions account for the probability's move from the baseline, up to a small error...
+    assert sorted(gaps)[len(gaps) // 2] > 0.2
+    assert fine[len(fine) // 2] < 0.02 and sum(d < 0.05 for d in deltas) >= 0.9 * len(deltas), deltas
+    # ...which the steps shrink.
+    assert coarse_deltas[len(coarse_deltas) // 2] > fine[len(fine) // 2]
+    # And meaningful: the word most in favour of the answer is the sentiment word in most sentences.
+    assert hits >= 0.75 * len(chosen), hits
