@@ -198,6 +198,7 @@ def test_generative_job_options(tmp_path: Path) -> None:
             job_spec(project_id="chats", dataset_version_id="v2", base_model_name="m", **bad)  # type: ignore[arg-type]
         assert raised.value.exit_code == 2
     assert read_text_option(None, "--chat-template") == ""
+
     (tmp_path / "t.jinja").write_text(template)
     assert read_text_option(tmp_path / "t.jinja", "--chat-template") == template
     (tmp_path / "bin.jinja").write_bytes(b"\xff\xfe")
@@ -333,3 +334,15 @@ def test_the_ready_line_names_every_service_the_openai_api_and_the_console() -> 
     assert parse_http_address("READY serving=127.0.0.1:7003") == ""
     with pytest.raises(ValueError, match="expected NAME=HOST:PORT"):
         parse_endpoints("READY nonsense=1.2.3.4:5")
+
+
+def test_few_labels_options() -> None:
+    spec = job_spec(project_id="p", dataset_version_id="v1", base_model="/m", augment=4, adversarial=1.0)
+    few = spec.hyper_parameters.few_labels
+    assert (few.augmentation_copies, few.adversarial_epsilon) == (4, 1.0)
+    assert not few.HasField("augmentation_probability")  # the service's default (0.1)
+    # Unset options keep a spec file's values.
+    kept = job_spec(project_id="p", dataset_version_id="v2", epochs=2, base=spec)
+    assert (kept.hyper_parameters.few_labels.augmentation_copies, kept.hyper_parameters.epochs) == (4, 2)
+    plain = job_spec(project_id="p", dataset_version_id="v1", base_model="/m")
+    assert not plain.hyper_parameters.HasField("few_labels")

@@ -41,6 +41,8 @@ def job_spec(
     beta: float = 0.0,
     merged: bool = False,
     workers: int = 0,
+    augment: int = 0,
+    adversarial: float = 0.0,
     base: tr.JobSpec | None = None,
 ) -> tr.JobSpec:
     """A job spec: ``base`` (a ``--spec-file``'s) with the options given laid over it. Zero values (and ``lora``
@@ -89,6 +91,10 @@ def job_spec(
     hp.log_every_steps = log_every_steps or hp.log_every_steps
     if max_steps:
         hp.max_steps = max_steps
+    if augment:
+        hp.few_labels.augmentation_copies = augment
+    if adversarial:
+        hp.few_labels.adversarial_epsilon = adversarial
     spec.resources.num_workers = workers or spec.resources.num_workers or 1
     spec.registered_model_name = model or spec.registered_model_name
     return spec

@@ -373,6 +373,19 @@ def train_command(
         False, "--merged", help="sft/dpo with LoRA: also publish the merged model (base + adapter) under merged/"
     ),
     workers: int = typer.Option(0, min=0, help="data-parallel Ray Train workers (0: --spec-file's, else 1)"),
+    augment: int = typer.Option(
+        0,
+        "--augment",
+        min=0,
+        max=16,
+        help="classify, few labels: this many edited copies of each train example (words swapped or dropped)",
+    ),
+    adversarial: float = typer.Option(
+        0.0,
+        "--adversarial",
+        min=0.0,
+        help="classify, few labels: adversarial training (FGM) on the embeddings with this epsilon (e.g. 1.0)",
+    ),
     search: list[str] = typer.Option(
         [],
         "--search",
@@ -446,6 +459,8 @@ def train_command(
             beta=beta,
             merged=merged,
             workers=workers,
+            augment=augment,
+            adversarial=adversarial,
             base=base,
         )
         if search_settings is not None:

@@ -471,6 +471,7 @@ class HyperParameters(_message.Message):
     EVAL_EVERY_STEPS_FIELD_NUMBER: _builtins.int
     LOG_EVERY_STEPS_FIELD_NUMBER: _builtins.int
     EARLY_STOPPING_FIELD_NUMBER: _builtins.int
+    FEW_LABELS_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     """Peak learning rate. 0 means 2e-5 (FULL) or 2e-4 (LORA)."""
     per_worker_batch_size: _builtins.int
@@ -500,6 +501,12 @@ class HyperParameters(_message.Message):
     """Report training metrics (loss, learning rate, samples/s) every N steps. 0 means 10."""
     @_builtins.property
     def early_stopping(self) -> Global___EarlyStopping: ...
+    @_builtins.property
+    def few_labels(self) -> Global___FewLabels:
+        """Techniques for classifiers trained on few labels (objective classify only; INVALID_ARGUMENT
+        with another). Recorded in the lineage when used.
+        """
+
     def __init__(
         self,
         *,
@@ -517,10 +524,11 @@ class HyperParameters(_message.Message):
         eval_every_steps: _builtins.int = ...,
         log_every_steps: _builtins.int = ...,
         early_stopping: Global___EarlyStopping | None = ...,
+        few_labels: Global___FewLabels | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_steps", b"_max_steps", "_seed", b"_seed", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "early_stopping", b"early_stopping", "max_steps", b"max_steps", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_steps", b"_max_steps", "_seed", b"_seed", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "early_stopping", b"early_stopping", "few_labels", b"few_labels", "max_steps", b"max_steps", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_steps", b"_max_steps", "_seed", b"_seed", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "early_stopping", b"early_stopping", "epochs", b"epochs", "eval_every_steps", b"eval_every_steps", "gradient_accumulation_steps", b"gradient_accumulation_steps", "learning_rate", b"learning_rate", "learning_rate_schedule", b"learning_rate_schedule", "log_every_steps", b"log_every_steps", "max_sequence_length", b"max_sequence_length", "max_steps", b"max_steps", "mixed_precision", b"mixed_precision", "per_worker_batch_size", b"per_worker_batch_size", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_steps", b"_max_steps", "_seed", b"_seed", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "early_stopping", b"early_stopping", "epochs", b"epochs", "eval_every_steps", b"eval_every_steps", "few_labels", b"few_labels", "gradient_accumulation_steps", b"gradient_accumulation_steps", "learning_rate", b"learning_rate", "learning_rate_schedule", b"learning_rate_schedule", "log_every_steps", b"log_every_steps", "max_sequence_length", b"max_sequence_length", "max_steps", b"max_steps", "mixed_precision", b"mixed_precision", "per_worker_batch_size", b"per_worker_batch_size", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_steps: _TypeAlias = _typing.Literal["max_steps"]  # noqa: Y015
     _WhichOneofArgType__max_steps: _TypeAlias = _typing.Literal["_max_steps", b"_max_steps"]  # noqa: Y015
@@ -540,6 +548,42 @@ class HyperParameters(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__weight_decay) -> _WhichOneofReturnType__weight_decay | None: ...
 
 Global___HyperParameters: _TypeAlias = HyperParameters  # noqa: Y015
+
+@_typing.final
+class FewLabels(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUGMENTATION_COPIES_FIELD_NUMBER: _builtins.int
+    AUGMENTATION_PROBABILITY_FIELD_NUMBER: _builtins.int
+    ADVERSARIAL_EPSILON_FIELD_NUMBER: _builtins.int
+    augmentation_copies: _builtins.int
+    """Rule-based augmentation of the train split: this many extra copies of each example, each
+    with words swapped or dropped (EDA's swap and deletion). 0 (default) means none; at most 16.
+    """
+    augmentation_probability: _builtins.float
+    """The share of a text's words each edit swaps or drops, in (0, 0.5]. Unset means 0.1; only
+    with augmentation_copies.
+    """
+    adversarial_epsilon: _builtins.float
+    """Adversarial training (FGM) on the input embeddings: each sequence's embeddings pushed by
+    this L2 norm along its loss gradient, and that loss added. 0 (default) means off; at most 100.
+    """
+    def __init__(
+        self,
+        *,
+        augmentation_copies: _builtins.int = ...,
+        augmentation_probability: _builtins.float | None = ...,
+        adversarial_epsilon: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_augmentation_probability", b"_augmentation_probability", "augmentation_probability", b"augmentation_probability"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_augmentation_probability", b"_augmentation_probability", "adversarial_epsilon", b"adversarial_epsilon", "augmentation_copies", b"augmentation_copies", "augmentation_probability", b"augmentation_probability"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__augmentation_probability: _TypeAlias = _typing.Literal["augmentation_probability"]  # noqa: Y015
+    _WhichOneofArgType__augmentation_probability: _TypeAlias = _typing.Literal["_augmentation_probability", b"_augmentation_probability"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__augmentation_probability) -> _WhichOneofReturnType__augmentation_probability | None: ...
+
+Global___FewLabels: _TypeAlias = FewLabels  # noqa: Y015
 
 @_typing.final
 class EarlyStopping(_message.Message):

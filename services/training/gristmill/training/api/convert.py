@@ -179,6 +179,13 @@ def spec_from_proto(spec: pb.JobSpec, *, require_dataset: bool = True) -> d.JobS
             goal=goal,
             min_delta=es.min_delta,
         ),
+        few_labels=d.build_few_labels(
+            augmentation_copies=hp.few_labels.augmentation_copies,
+            augmentation_probability=(
+                hp.few_labels.augmentation_probability if hp.few_labels.HasField("augmentation_probability") else None
+            ),
+            adversarial_epsilon=hp.few_labels.adversarial_epsilon,
+        ),
     )
     res = spec.resources
     resources = d.build_resources(
@@ -290,6 +297,13 @@ def dataset_to_proto(ref: DatasetRef) -> common_pb2.DatasetVersionRef:
     return out
 
 
+def few_labels_to_proto(few: d.FewLabels) -> pb.FewLabels:
+    out = pb.FewLabels(augmentation_copies=few.augmentation_copies, adversarial_epsilon=few.adversarial_epsilon)
+    if few.augmentation_copies:
+        out.augmentation_probability = few.augmentation_probability
+    return out
+
+
 def spec_to_proto(spec: d.JobSpec) -> pb.JobSpec:
     hp = spec.hyper_parameters
     es = hp.early_stopping
@@ -314,6 +328,7 @@ def spec_to_proto(spec: d.JobSpec) -> pb.JobSpec:
             early_stopping=pb.EarlyStopping(
                 patience=es.patience, metric=es.metric, goal=_GOAL_TO_PB[es.goal], min_delta=es.min_delta
             ),
+            few_labels=few_labels_to_proto(hp.few_labels),
         ),
         resources=pb.Resources(
             num_workers=spec.resources.num_workers,

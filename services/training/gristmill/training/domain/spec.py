@@ -111,6 +111,9 @@ DEFAULT_LOG_EVERY = 10
 DEFAULT_LORA_RANK = 8
 DEFAULT_LORA_DROPOUT = 0.1
 DEFAULT_MAX_FAILURES = 2
+DEFAULT_AUGMENTATION_PROBABILITY = 0.1
+MAX_AUGMENTATION_COPIES = 16
+MAX_ADVERSARIAL_EPSILON = 100.0
 
 # Upper bounds that catch typos (a batch of 10^6) before they reach a worker; not capacity limits.
 MAX_BATCH_SIZE = 8192
@@ -140,6 +143,21 @@ class EarlyStopping:
 
 
 @dataclass(frozen=True)
+class FewLabels:
+    """Techniques for training classifiers on few labels (``ml.augment``, ``ml.adversarial``); all off by default."""
+
+    # Extra rule-edited copies of each train example (0: none), and the share of words each edit touches.
+    augmentation_copies: int = 0
+    augmentation_probability: float = DEFAULT_AUGMENTATION_PROBABILITY
+    # FGM on the input embeddings: the perturbation's L2 norm per sequence (0: off).
+    adversarial_epsilon: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.augmentation_copies or self.adversarial_epsilon)
+
+
+@dataclass(frozen=True)
 class HyperParameters:
     learning_rate: float
     per_worker_batch_size: int = DEFAULT_BATCH_SIZE
@@ -157,6 +175,7 @@ class HyperParameters:
     eval_every_steps: int = 0
     log_every_steps: int = DEFAULT_LOG_EVERY
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    few_labels: FewLabels = field(default_factory=FewLabels)
 
 
 @dataclass(frozen=True)
@@ -377,6 +396,7 @@ def build_hyper_parameters(
     eval_every_steps: int = 0,
     log_every_steps: int = 0,
     early_stopping: EarlyStopping | None = None,
+    few_labels: FewLabels | None = None,
 ) -> HyperParameters:
     p = "hyper_parameters."
     learning_rate = _finite(p + "learning_rate", learning_rate) or DEFAULT_LEARNING_RATE[method]
@@ -417,7 +437,28 @@ def build_hyper_parameters(
         eval_every_steps=eval_every_steps,
         log_every_steps=log_every_steps or DEFAULT_LOG_EVERY,
         early_stopping=early_stopping or build_early_stopping(),
+        few_labels=few_labels or FewLabels(),
     )
+
+
+def build_few_labels(
+    *, augmentation_copies: int = 0, augmentation_probability: float | None = None, adversarial_epsilon: float = 0.0
+) -> FewLabels:
+    p = "hyper_parameters.few_labels."
+    copies = _int_range(p + "augmentation_copies", augmentation_copies, 0, MAX_AUGMENTATION_COPIES)
+    probability = (
+        DEFAULT_AUGMENTATION_PROBABILITY
+        if augmentation_probability is None
+        else _finite(p + "augmentation_probability", augmentation_probability)
+    )
+    if not 0.0 < probability <= 0.5:
+        raise _bad(p + "augmentation_probability", f"must be in (0, 0.5] (got {probability})")
+    if augmentation_probability is not None and not copies:
+        raise _bad(p + "augmentation_probability", "is only used with augmentation_copies >= 1; set both or neither")
+    epsilon = _finite(p + "adversarial_epsilon", adversarial_epsilon)
+    if not 0.0 <= epsilon <= MAX_ADVERSARIAL_EPSILON:
+        raise _bad(p + "adversarial_epsilon", f"must be between 0 (off) and {MAX_ADVERSARIAL_EPSILON} (got {epsilon})")
+    return FewLabels(copies, probability, epsilon)
 
 
 def build_resources(
@@ -574,6 +615,8 @@ def build_spec(
     if dpo is not None and known is not None and known is not Objective.DPO:
         raise dpo_without_dpo(known)
     check_method_objective(method, publish_merged, known, resources)
+    if known is not None:
+        check_few_labels(hyper_parameters.few_labels, known)
     if json_match_keys and known is not None:
         check_json_match_keys(known)
     if registered_model_name:
@@ -607,6 +650,16 @@ def build_spec(
         dpo=dpo,
         json_match_keys=tuple(json_match_keys),
     )
+
+
+def check_few_labels(few_labels: FewLabels, objective: Objective) -> None:
+    """Augmentation and adversarial training edit and perturb classification inputs; chat objectives have neither."""
+    if few_labels.enabled and objective is not Objective.CLASSIFY:
+        raise _bad(
+            "hyper_parameters.few_labels",
+            f"is only for objective classify (its augmentation and adversarial training act on texts to label), not "
+            f"{objective.value}; remove it",
+        )
 
 
 def check_method_objective(
@@ -707,4 +760,10 @@ def flatten_hyper_parameters(spec: JobSpec) -> dict[str, str]:
         flat["publish_merged"] = "true"
     if spec.dpo is not None:
         flat["dpo.beta"] = repr(spec.dpo.beta)
+    few = hp.few_labels
+    if few.augmentation_copies:
+        flat["few_labels.augmentation_copies"] = str(few.augmentation_copies)
+        flat["few_labels.augmentation_probability"] = repr(few.augmentation_probability)
+    if few.adversarial_epsilon:
+        flat["few_labels.adversarial_epsilon"] = repr(few.adversarial_epsilon)
     return flat

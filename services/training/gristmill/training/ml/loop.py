@@ -44,6 +44,8 @@ from gristmill.training.domain.runs import LOOP_REPORT_FILE, LOOP_SAMPLES_FILE, 
 from gristmill.training.domain.runs import LOOP_STATE_FILE as STATE_FILE
 from gristmill.training.domain.spec import HyperParameters, Method, Precision
 from gristmill.training.ml import data as D
+from gristmill.training.ml.adversarial import EmbeddingAdversary
+from gristmill.training.ml.augment import augment
 from gristmill.training.ml.node_files import node_model_dir
 from gristmill.training.tasks import job_training_task
 from gristmill.training.tasks.base import GeneratesText, ProfilesPredictions, SampleGeneration
@@ -299,11 +301,24 @@ class LoopRunner:
         # A quantised model is on its device already and cannot be moved.
         self.model = model if modeling.is_quantized(model) else model.to(self.device)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        examples = dict(self.cfg.examples)
+        few_labels = self.hp.few_labels
+        if few_labels.augmentation_copies and examples.get("train"):
+            examples["train"] = augment(
+                examples["train"],
+                copies=few_labels.augmentation_copies,
+                probability=few_labels.augmentation_probability,
+                seed=self.hp.seed,
+            )
         self.splits = {
-            name: self.task.encode(self.tokenizer, examples, self.hp.max_sequence_length)
-            for name, examples in self.cfg.examples.items()
-            if examples
+            name: self.task.encode(self.tokenizer, split, self.hp.max_sequence_length)
+            for name, split in examples.items()
+            if split
         }
+        self.adversary: EmbeddingAdversary | None = None
+        if few_labels.adversarial_epsilon:
+            embeddings = self.model.get_input_embeddings()  # type: ignore[operator]
+            self.adversary = EmbeddingAdversary(embeddings, few_labels.adversarial_epsilon)
         # The last evaluation's prediction profile per split (classifiers): the test split's is published.
         self.profiles: dict[str, drift.PredictionProfile] = {}
         train_size = len(self.splits["train"])
@@ -510,11 +525,13 @@ class LoopRunner:
                     sync = n == len(group) - 1 or not hasattr(model, "no_sync")
                     with contextlib.nullcontext() if sync else model.no_sync(), self._autocast():  # type: ignore[operator]
                         loss = self.task.loss(model, batch) / len(group)
-                    # torch declares Tensor.backward without annotations.
-                    if self.scaler is not None:
-                        self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
-                    else:
-                        loss.backward()  # type: ignore[no-untyped-call]
+                    self._backward(loss)
+                    if self.adversary is not None and self.adversary.perturb():
+                        # The same batch pushed along its loss gradient; DDP averages this pass's gradients as well.
+                        with contextlib.nullcontext() if sync else model.no_sync(), self._autocast():  # type: ignore[operator]
+                            adversarial = self.task.loss(model, batch) / len(group)
+                        self.adversary.clear()
+                        self._backward(adversarial)
                     window_loss += loss.detach()
                     window_samples += batch.size
                     window_tokens += batch.tokens
@@ -555,6 +572,13 @@ class LoopRunner:
                 if not stop and not hp.eval_every_steps and self.state.epoch < hp.epochs:
                     stop = self._validate_and_checkpoint(float(self.state.epoch))
                     window_start = time.perf_counter()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        # torch declares Tensor.backward without annotations.
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        else:
+            loss.backward()  # type: ignore[no-untyped-call]
 
     def _log(
         self, window_loss: torch.Tensor, steps: int, samples: int, tokens: int, window_start: float, position: float
