@@ -346,3 +346,9 @@ def test_few_labels_options() -> None:
     assert (kept.hyper_parameters.few_labels.augmentation_copies, kept.hyper_parameters.epochs) == (4, 2)
     plain = job_spec(project_id="p", dataset_version_id="v1", base_model="/m")
     assert not plain.hyper_parameters.HasField("few_labels")
+    ia3 = job_spec(project_id="p", dataset_version_id="v1", base_model="/m", ia3=True)
+    assert ia3.method == tr.TRAINING_METHOD_IA3
+    for clash in ({"lora": True}, {"lora": False}, {"qlora": True}):
+        with pytest.raises(typer.Exit) as raised:
+            job_spec(project_id="p", dataset_version_id="v1", base_model="/m", ia3=True, **clash)  # type: ignore[arg-type]
+        assert raised.value.exit_code == 2

@@ -36,6 +36,7 @@ def job_spec(
     log_every_steps: int = 0,
     lora: bool | None = None,
     qlora: bool = False,
+    ia3: bool = False,
     objective: str = "",
     chat_template: str = "",
     beta: float = 0.0,
@@ -69,7 +70,11 @@ def job_spec(
     spec.display_name = display_name or spec.display_name or f"{project_id} fine-tune"
     if qlora and lora is False:
         fail("--qlora trains LoRA adapters over a 4-bit base; it cannot be combined with --full", code=2)
-    if qlora:
+    if ia3 and (qlora or lora is not None):
+        fail("--ia3 is a method of its own: leave out --lora, --full and --qlora", code=2)
+    if ia3:
+        spec.method = tr.TRAINING_METHOD_IA3
+    elif qlora:
         spec.method = tr.TRAINING_METHOD_QLORA
     elif lora is not None:
         spec.method = tr.TRAINING_METHOD_LORA if lora else tr.TRAINING_METHOD_FULL

@@ -358,6 +358,9 @@ def train_command(
     qlora: bool = typer.Option(
         False, "--qlora", help="LoRA adapters over a 4-bit quantised base (chat models; needs CUDA GPU workers)"
     ),
+    ia3: bool = typer.Option(
+        False, "--ia3", help="classifiers: train (IA)^3 scaling vectors and the head only (fewer parameters than LoRA)"
+    ),
     objective: str = typer.Option(
         "",
         "--objective",
@@ -454,6 +457,7 @@ def train_command(
             max_length=max_length,
             lora=lora,
             qlora=qlora,
+            ia3=ia3,
             objective=objective,
             chat_template=read_text_option(chat_template, "--chat-template"),
             beta=beta,

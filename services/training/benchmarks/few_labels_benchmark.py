@@ -11,7 +11,8 @@ Train worker runs) and the same hyper-parameters apart from the technique under 
 - ``baseline-3x-epochs``: 30 epochs, the control for augmentation (2 extra copies also mean 3x the steps);
 - ``augment``: 2 edited copies per sentence (``few_labels.augmentation_copies``: EDA's random swap and deletion);
 - ``adversarial``: FGM on the input embeddings, epsilon 1.0 (``few_labels.adversarial_epsilon``);
-- ``lora``: LoRA rank 8 (the parameter-efficient method the platform has), learning rate 5e-4;
+- ``lora``: LoRA rank 8 on the attention's query and value, learning rate 5e-4;
+- ``ia3``: (IA)^3 vectors (PEFT's BERT modules) and the head, at the method's default learning rate 3e-3;
 - ``augment+adversarial``: both.
 
 It prints each configuration's mean +- sd of test accuracy (and macro F1) over the seeds, the difference from the
@@ -57,6 +58,7 @@ CONFIGS: dict[str, tuple[d.Method, d.HyperParameters]] = {
     "augment": (d.Method.FULL, replace(BASE, few_labels=d.build_few_labels(augmentation_copies=2))),
     "adversarial": (d.Method.FULL, replace(BASE, few_labels=d.build_few_labels(adversarial_epsilon=1.0))),
     "lora": (d.Method.LORA, replace(BASE, learning_rate=5e-4)),
+    "ia3": (d.Method.IA3, replace(BASE, learning_rate=d.DEFAULT_LEARNING_RATE[d.Method.IA3])),
     "augment+adversarial": (
         d.Method.FULL,
         replace(BASE, few_labels=d.build_few_labels(augmentation_copies=2, adversarial_epsilon=1.0)),

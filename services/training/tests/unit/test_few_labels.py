@@ -194,3 +194,25 @@ def test_few_labels_are_for_classifiers_only() -> None:
     # The objective known only at resolution (from the dataset version's task type) is checked there.
     with pytest.raises(InvalidArgumentError, match="only for objective classify .*, not dpo"):
         d.check_few_labels(d.build_few_labels(augmentation_copies=1), Objective.DPO)
+
+
+def test_ia3_is_a_classifier_method_without_lora_settings() -> None:
+    ia3 = _spec()
+    ia3.method = pb.TRAINING_METHOD_IA3
+    parsed = convert.spec_from_proto(ia3)
+    assert parsed.method is d.Method.IA3 and parsed.lora is None
+    assert parsed.hyper_parameters.learning_rate == 3e-3  # its default
+    assert d.flatten_hyper_parameters(parsed)["method"] == "ia3"
+    ia3.lora.rank = 4
+    with pytest.raises(InvalidArgumentError, match="spec.lora is only valid with method LORA"):
+        convert.spec_from_proto(ia3)
+    ia3.ClearField("lora")
+    ia3.objective = pb.OBJECTIVE_SFT
+    with pytest.raises(InvalidArgumentError, match="TRAINING_METHOD_IA3 trains classifiers"):
+        convert.spec_from_proto(ia3)
+    with pytest.raises(InvalidArgumentError, match="TRAINING_METHOD_IA3 trains classifiers"):
+        d.check_method_objective(d.Method.IA3, False, Objective.DPO)
+    ia3.objective = pb.OBJECTIVE_CLASSIFY
+    ia3.publish_merged = True
+    with pytest.raises(InvalidArgumentError, match="method ia3 trains classifiers only"):
+        convert.spec_from_proto(ia3)

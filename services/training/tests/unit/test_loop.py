@@ -194,6 +194,31 @@ def test_lora_trains_only_adapters_and_head_and_publishes_a_merged_model(tiny_mo
     assert model.config.id2label == {0: "negative", 1: "positive"}
 
 
+def test_ia3_trains_only_its_vectors_and_the_head_and_publishes_them_merged(tiny_model: Path, tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    sink = ListSink()
+    session = DirectorySession(tmp_path)
+    LoopRunner(_config(tiny_model, sink, method=d.Method.IA3, learning_rate=3e-2, epochs=2), 0, 1, 0, session).run()
+    started = _records(sink, "started")[0]
+    config = AutoConfig.from_pretrained(str(tiny_model))
+    hidden, layers, inner = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    # PEFT's BERT defaults: a vector on each layer's key and value outputs (hidden) and on the inputs of the
+    # modules named "output.dense" (the attention's, hidden; the feed-forward's, intermediate); and the classifier.
+    assert started["trainable_parameters"] == layers * (3 * hidden + inner) + hidden * 2 + 2
+    weights = load_file(str(session.checkpoints[-1] / "model.safetensors"))
+    assert not [name for name in weights if "ia3" in name.lower()]
+    merged = AutoModelForSequenceClassification.from_pretrained(str(session.checkpoints[-1]))
+    assert merged.config.id2label == {0: "negative", 1: "positive"}
+    # The vectors trained and were folded in: the keys differ from the base model's by a per-row scale.
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model))
+    before = base.bert.encoder.layer[0].attention.self.key.weight
+    after = merged.bert.encoder.layer[0].attention.self.key.weight
+    scale = (after / before).mean(dim=1)
+    assert not torch.allclose(scale, torch.ones_like(scale), atol=1e-3)
+    assert torch.allclose(after, before * scale[:, None], atol=1e-5)
+
+
 def test_gradient_accumulation_and_bf16_on_cpu(tiny_model: Path, tmp_path: Path) -> None:
     sink = ListSink()
     config = _config(

@@ -162,6 +162,12 @@ class _TrainingMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Traini
     LORA there). Generative objectives only (INVALID_ARGUMENT naming spec.method with CLASSIFY);
     publishes the adapter like LORA. The training workers need the bitsandbytes package.
     """
+    TRAINING_METHOD_IA3: _TrainingMethod.ValueType  # 4
+    """(IA)^3 via PEFT: learned vectors that rescale the attention keys and values and the
+    feed-forward activations (the architecture's modules, PEFT's defaults), and the classifier
+    head; ~0.1 % of a BERT's parameters, fewer than LoRA. CLASSIFY only (INVALID_ARGUMENT naming
+    spec.method otherwise); publishes the vectors merged into the weights. Takes no spec.lora.
+    """
 
 class TrainingMethod(_TrainingMethod, metaclass=_TrainingMethodEnumTypeWrapper):
     """Full fine-tune or a parameter-efficient adapter."""
@@ -178,6 +184,12 @@ TRAINING_METHOD_QLORA: TrainingMethod.ValueType  # 3
 GPUs, or a job without resources.use_gpu, is FAILED_PRECONDITION naming spec.method (use
 LORA there). Generative objectives only (INVALID_ARGUMENT naming spec.method with CLASSIFY);
 publishes the adapter like LORA. The training workers need the bitsandbytes package.
+"""
+TRAINING_METHOD_IA3: TrainingMethod.ValueType  # 4
+"""(IA)^3 via PEFT: learned vectors that rescale the attention keys and values and the
+feed-forward activations (the architecture's modules, PEFT's defaults), and the classifier
+head; ~0.1 % of a BERT's parameters, fewer than LoRA. CLASSIFY only (INVALID_ARGUMENT naming
+spec.method otherwise); publishes the vectors merged into the weights. Takes no spec.lora.
 """
 Global___TrainingMethod: _TypeAlias = TrainingMethod  # noqa: Y015
 

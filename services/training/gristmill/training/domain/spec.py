@@ -50,11 +50,13 @@ class Method(StrEnum):
     LORA = "lora"
     # LoRA over a 4-bit (NF4) base: CUDA GPUs and bitsandbytes only, generative objectives only.
     QLORA = "qlora"
+    # (IA)^3 scaling vectors (PEFT): classifiers only, merged into the published weights.
+    IA3 = "ia3"
 
     @property
     def adapters(self) -> bool:
         """Whether the job trains LoRA adapters (``spec.lora`` applies)."""
-        return self is not Method.FULL
+        return self in (Method.LORA, Method.QLORA)
 
 
 class Precision(StrEnum):
@@ -100,7 +102,8 @@ MINIMIZED_METRICS = frozenset({"loss", "perplexity"})
 # metrics; nor is any "json_match_<key>" (spec.json_match_keys).
 TEST_ONLY_METRICS = ("exact_match", "rouge_l", JSON_VALID_METRIC, "merged_loss", "merged_perplexity")
 
-DEFAULT_LEARNING_RATE = {Method.FULL: 2e-5, Method.LORA: 2e-4, Method.QLORA: 2e-4}
+# (IA)^3 vectors start at 1 and need large steps to move (its paper trains them at 3e-3).
+DEFAULT_LEARNING_RATE = {Method.FULL: 2e-5, Method.LORA: 2e-4, Method.QLORA: 2e-4, Method.IA3: 3e-3}
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_EPOCHS = 3
 DEFAULT_WARMUP_RATIO = 0.06
@@ -674,12 +677,22 @@ def check_method_objective(
             f"TRAINING_METHOD_QLORA trains adapters of generative models ({generative}), not objective "
             f"{objective.value}; use TRAINING_METHOD_LORA",
         )
+    if method is Method.IA3 and objective is not None and objective is not Objective.CLASSIFY:
+        raise _bad(
+            "method",
+            f"TRAINING_METHOD_IA3 trains classifiers (objective classify), not objective {objective.value}; use "
+            "TRAINING_METHOD_LORA",
+        )
     if publish_merged and method is not Method.LORA:
+        why = {
+            Method.FULL: "publishes the full model already",
+            Method.QLORA: "trains over a quantised base",
+            Method.IA3: "trains classifiers only",
+        }
         raise _bad(
             "publish_merged",
-            f"needs method TRAINING_METHOD_LORA (it merges the trained adapter into the base weights); method "
-            f"{method.value} "
-            + ("publishes the full model already" if method is Method.FULL else "trains over a quantised base"),
+            "needs method TRAINING_METHOD_LORA (it merges the trained adapter into the base weights); method "
+            f"{method.value} {why[method]}",
         )
     if publish_merged and objective is not None and objective not in GENERATIVE_OBJECTIVES:
         raise _bad(

@@ -297,6 +297,8 @@ class LoopRunner:
         lora = self.cfg.lora if self.cfg.method.adapters else None
         assert not self.cfg.method.adapters or lora is not None
         model = self.task.build_model(model_dir, self.cfg.label_map, lora)
+        if self.cfg.method is Method.IA3:  # classifiers only (the spec says so)
+            model = modeling.apply_ia3(model)
         self.trainable_parameters, self.total_parameters = modeling.parameter_counts(model)
         # A quantised model is on its device already and cannot be moved.
         self.model = model if modeling.is_quantized(model) else model.to(self.device)

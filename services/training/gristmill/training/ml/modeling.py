@@ -173,6 +173,15 @@ def apply_lora(model: torch.nn.Module, options: LoraOptions) -> torch.nn.Module:
     return wrapped
 
 
+def apply_ia3(model: torch.nn.Module) -> torch.nn.Module:
+    """Wrap a sequence classifier with (IA)^3 vectors on PEFT's default modules for its architecture (a BERT's
+    key, value and feed-forward output); the vectors and the classification head stay trainable."""
+    from peft import IA3Config, TaskType, get_peft_model
+
+    wrapped: torch.nn.Module = get_peft_model(model, IA3Config(task_type=TaskType.SEQ_CLS))
+    return wrapped
+
+
 def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
     """Fold the adapters into the base weights so serving loads a plain Transformers model."""
     from peft import PeftModel
