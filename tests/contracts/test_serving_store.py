@@ -78,6 +78,9 @@ def test_a_deployment_round_trips_whole(store: DeploymentStore) -> None:
     assert got.create_time.utcoffset() == timedelta(0)
     store.create(_spec())  # the defaults: the production alias, no canary
     assert store.get(ORG, "sentiment") == _spec()
+    ensemble = _spec("ensemble", target=VersionSelector.of_version(1), ensemble=(4, 2, 3))
+    store.create(ensemble)
+    assert store.get(ORG, "ensemble").ensemble == (4, 2, 3)  # in the order given
     with pytest.raises(NotFoundError, match="'missing' does not exist"):
         store.get(ORG, "missing")
     with pytest.raises(NotFoundError):

@@ -479,6 +479,17 @@ def test_deploy_options_update_and_delete(
     uncanaried = as_json(cli(platform, "deployments", "update", "parity-int8", "--no-canary", "--json"))
     assert "canary" not in uncanaried
     assert not gm.serving.GetDeployment(sv.GetDeploymentRequest(name="parity-int8")).HasField("canary")
+    # An ensemble: the canary's version averaged with the target's (one batch each).
+    ok(cli(platform, "deployments", "update", "parity-int8", "--ensemble", str(canary_version)))
+    seen = gm.serving.GetDeployment(sv.GetDeploymentRequest(name="parity-int8"))
+    assert list(seen.ensemble_versions) == [canary_version]
+    assert {(v.version, v.traffic_weight) for v in seen.status.versions} >= {(canary_version, 1.0)}
+    assert f"v{canary_version}" in ok(cli(platform, "deployments", "show", "parity-int8"))
+    [answer] = as_json(cli(platform, "predict", "parity-int8", "The battery is great", "--json"))
+    assert answer["label"] in ("negative", "positive") and answer["model"].endswith(" v1")
+    ok(cli(platform, "deployments", "update", "parity-int8", "--ensemble", "none"))
+    assert not gm.serving.GetDeployment(sv.GetDeploymentRequest(name="parity-int8")).ensemble_versions
+    refused(cli(platform, "deployments", "update", "parity-int8", "--ensemble", "two"), "--ensemble takes", code=2)
     refused(
         cli(platform, "deploy", model, "--canary-version", "1", "--canary-weight", "1.5"), "--canary-weight", code=2
     )

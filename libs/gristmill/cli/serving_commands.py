@@ -64,6 +64,21 @@ class DeploymentSettings:
     over_length: str = ""
     uncertainty: float | None = None
     sample_rate: float | None = None
+    # "2,3": versions averaged with the target's; "none" ends an ensemble.
+    ensemble: str = ""
+
+
+def ensemble_versions(text: str) -> list[int]:
+    """``--ensemble``'s version numbers ("2,3"; "none" for none); anything else is a usage error."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        versions = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        fail(f"--ensemble takes version numbers separated by commas (2,3) or none, got {text!r}", code=2)
+    if not versions:
+        fail("--ensemble takes version numbers separated by commas (2,3) or none", code=2)
+    return versions
 
 
 def version_or_alias(version: int, alias: str) -> common_pb2.ModelVersionSelector:
@@ -120,6 +135,9 @@ def apply_settings(deployment: sv.Deployment, settings: DeploymentSettings) -> l
     if settings.sample_rate is not None:
         deployment.prediction_logging.sample_rate = settings.sample_rate
         paths.append("prediction_logging.sample_rate")
+    if settings.ensemble:
+        deployment.ensemble_versions[:] = ensemble_versions(settings.ensemble)
+        paths.append("ensemble_versions")
     return paths
 
 
@@ -165,6 +183,7 @@ def deployment_fields(d: sv.Deployment) -> dict[str, Any]:
     return {
         **deployment_row(d),
         "canary": canary,
+        "ensemble": ", ".join(f"v{v}" for v in d.ensemble_versions),
         "quantization": "none" if quantization == "unspecified" else quantization.replace("dynamic-", ""),
         "batching": batching,
         "length": (f"{d.length_policy.max_tokens} tokens" if d.length_policy.max_tokens else "the training length")
@@ -185,6 +204,11 @@ MAX_DELAY_OPTION = typer.Option(None, "--max-delay-ms", min=0, help="longest wai
 MAX_QUEUE_OPTION = typer.Option(None, "--max-queue-size", min=0, help="queued texts before RESOURCE_EXHAUSTED")
 MAX_TOKENS_OPTION = typer.Option(None, "--max-tokens", min=0, help="tokens per text (0: the model's training length)")
 OVER_LENGTH_OPTION = typer.Option("", "--over-length", help="longer texts: truncate (default) or reject")
+ENSEMBLE_OPTION = typer.Option(
+    "",
+    "--ensemble",
+    help="versions whose probabilities are averaged with the target's, e.g. 2,3 (one batch each; none: stop)",
+)
 
 
 @one_line_errors
@@ -203,6 +227,7 @@ def deploy_command(
     max_queue_size: int | None = MAX_QUEUE_OPTION,
     max_tokens: int | None = MAX_TOKENS_OPTION,
     over_length: str = OVER_LENGTH_OPTION,
+    ensemble: str = ENSEMBLE_OPTION,
     uncertainty: float | None = typer.Option(
         None, help="predictions below this top probability are logged for labeling (default 0.6)"
     ),
@@ -225,6 +250,7 @@ def deploy_command(
         max_queue_size=max_queue_size,
         max_tokens=max_tokens,
         over_length=over_length,
+        ensemble=ensemble,
     )
     deployment = deployment_request(
         name,
@@ -294,6 +320,7 @@ def deployments_update(
     max_queue_size: int | None = MAX_QUEUE_OPTION,
     max_tokens: int | None = MAX_TOKENS_OPTION,
     over_length: str = OVER_LENGTH_OPTION,
+    ensemble: str = ENSEMBLE_OPTION,
     uncertainty: float | None = typer.Option(None, help="new uncertainty threshold for prediction logging"),
     sample_rate: float | None = typer.Option(None, help="new fraction of all predictions logged"),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="wait until a new version or canary is loaded"),
@@ -319,6 +346,7 @@ def deployments_update(
             over_length=over_length,
             uncertainty=uncertainty,
             sample_rate=sample_rate,
+            ensemble=ensemble,
         ),
     )
     if alias or version:

@@ -57,6 +57,7 @@ class FakeClassifier:
         self.memory_bytes = 1000 * version
         self.fail_with: Exception | None = None
         self.explained: list[tuple[list[str], list[int], int]] = []
+        self.shift = 0.0
 
     @property
     def labels(self) -> Sequence[str]:
@@ -98,7 +99,8 @@ class FakeClassifier:
                 rows.append([0.45, 0.55])
             else:
                 rows.append([0.3, 0.7])
-        return rows
+        # A model of its own (an ensemble's member): ``shift`` moves probability from positive to negative.
+        return [[negative + self.shift, positive - self.shift] for negative, positive in rows]
 
     def explain(
         self, texts: Sequence[str], max_tokens: int, label_indices: Sequence[int], steps: int
@@ -126,6 +128,7 @@ class FakeVersion:
     # When set, the load waits for it (a slow download).
     hold: threading.Event | None = None
     labeling_project_id: str = "sentiment-project"
+    label_map: tuple[str, ...] = LABELS
 
 
 @dataclass
@@ -158,7 +161,7 @@ class FakeSource(ModelSource):
             registered_model_name,
             version,
             resolved_alias=selector.alias or "",
-            label_map=LABELS,
+            label_map=entry.label_map,
             labeling_project_id=entry.labeling_project_id,
         )
 

@@ -13,7 +13,10 @@ Train worker runs) and the same hyper-parameters apart from the technique under 
 - ``adversarial``: FGM on the input embeddings, epsilon 1.0 (``few_labels.adversarial_epsilon``);
 - ``lora``: LoRA rank 8 on the attention's query and value, learning rate 5e-4;
 - ``ia3``: (IA)^3 vectors (PEFT's BERT modules) and the head, at the method's default learning rate 3e-3;
-- ``augment+adversarial``: both.
+- ``augment+adversarial``: both;
+- ``ensemble-3``: three baseline models (the baseline's seed and two others: other heads, other orders) served as
+  one ensemble: each answers the imdb sentences through serving's classifier runtime and their probabilities are
+  averaged as an ensemble deployment averages them (``gristmill.serving.domain.predictions.average_probabilities``).
 
 It prints each configuration's mean +- sd of test accuracy (and macro F1) over the seeds, the difference from the
 baseline with the seeds paired, and the seconds per run, then writes them as JSON (``--out``).
@@ -40,6 +43,7 @@ from transformers.utils import logging as hf_logging
 from gristmill.cli.tiny_model import minilm_path
 from gristmill.training.domain import spec as d
 from gristmill.training.domain.lora import LoraSettings
+from gristmill.training.ml import data as D
 from gristmill.training.ml.loop import DirectorySession, LoopConfig, LoopRunner
 from gristmill.training.ml.modeling import default_lora_targets
 from gristmill.training.tasks.text_classification import LabelledText
@@ -75,9 +79,19 @@ def sentences(name: str) -> list[LabelledText]:
     return rows
 
 
-def run_one(
-    name: str, method: d.Method, hyper: d.HyperParameters, seed: int, train: list[LabelledText], test: list[Any]
-) -> dict[str, float]:
+ENSEMBLE = "ensemble-3"
+ENSEMBLE_MEMBERS = 3
+
+
+def fit(
+    name: str,
+    method: d.Method,
+    hyper: d.HyperParameters,
+    seed: int,
+    train_rows: list[LabelledText],
+    test: list[Any],
+    work: Path,
+) -> tuple[DirectorySession, float]:
     lora = None
     if method is d.Method.LORA:
         # What the resolver picks for a BERT when the spec names no target modules.
@@ -86,17 +100,51 @@ def run_one(
         job_id=f"few-{name}-{seed}",
         model_dir=str(minilm_path()),
         label_map=LABELS,
-        examples={"train": train, "test": test},
+        examples={"train": train_rows, "test": test},
         method=method,
         lora=lora,
         hyper=replace(hyper, seed=seed, log_every_steps=1000),
         cpus_per_worker=float(torch.get_num_threads()),
     )
+    session = DirectorySession(work)
+    started = time.perf_counter()
+    LoopRunner(config, 0, 1, 0, session).run()
+    return session, time.perf_counter() - started
+
+
+def run_ensemble(seed: int, train_rows: list[LabelledText], test: list[LabelledText]) -> dict[str, float]:
+    """Three baseline models, their probabilities on ``test`` averaged as an ensemble deployment does."""
+    # Imported here: the serving service's runtime, as a deployment loads a published model.
+    from gristmill.serving.domain.predictions import average_probabilities
+    from gristmill.serving.domain.sources import LoadOptions, ResolvedVersion
+    from gristmill.serving.runtime.classifier import load_transformers_classifier
+
+    method, hyper = CONFIGS["baseline"]
+    started = time.perf_counter()
+    per_model = []
+    for member in range(ENSEMBLE_MEMBERS):
+        with tempfile.TemporaryDirectory() as work:
+            session, _ = fit(ENSEMBLE, method, hyper, seed + 1000 * member, train_rows, test, Path(work))
+            resolved = ResolvedVersion("few-labels", member + 1, label_map=LABELS)
+            model = load_transformers_classifier(session.checkpoints[-1], resolved, LoadOptions(), trace=False)
+            texts = [row.text for row in test]
+            rows: list[Any] = []
+            for start in range(0, len(texts), 64):
+                rows.extend(model.predict(model.encode(texts[start : start + 64], hyper.max_sequence_length)))
+            per_model.append(rows)
+            model.close()
+    averaged = torch.tensor(average_probabilities(per_model))
+    confusion = torch.zeros((len(LABELS), len(LABELS)), dtype=torch.long)
+    D.confusion_update(confusion, torch.tensor([row.label for row in test]), averaged.argmax(dim=1))
+    scores = D.scores(confusion, 0.0)
+    return {"accuracy": scores.accuracy, "f1": scores.f1, "seconds": time.perf_counter() - started}
+
+
+def run_one(
+    name: str, method: d.Method, hyper: d.HyperParameters, seed: int, train_rows: list[LabelledText], test: list[Any]
+) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as work:
-        session = DirectorySession(Path(work))
-        started = time.perf_counter()
-        LoopRunner(config, 0, 1, 0, session).run()
-        seconds = time.perf_counter() - started
+        session, seconds = fit(name, method, hyper, seed, train_rows, test, Path(work))
     final = session.reports[-1]
     return {"accuracy": float(final["test_accuracy"]), "f1": float(final["test_f1"]), "seconds": seconds}
 
@@ -113,10 +161,11 @@ def main() -> int:
     if not SENTIMENT.is_dir():
         print(f"few_labels_benchmark: {SENTIMENT} is missing (the shared sentiment data)", file=sys.stderr)
         return 1
-    names = [n for n in args.only.split(",") if n] or list(CONFIGS)
-    unknown = [n for n in names if n not in CONFIGS]
+    names = [n for n in args.only.split(",") if n] or [*CONFIGS, ENSEMBLE]
+    unknown = [n for n in names if n not in CONFIGS and n != ENSEMBLE]
     if unknown:
-        print(f"few_labels_benchmark: unknown configuration(s) {unknown}; known: {list(CONFIGS)}", file=sys.stderr)
+        known = [*CONFIGS, ENSEMBLE]
+        print(f"few_labels_benchmark: unknown configuration(s) {unknown}; known: {known}", file=sys.stderr)
         return 2
     amazon, imdb = sentences("amazon_cells"), sentences("imdb")
     print(f"MiniLM, {TRAIN_SIZE} amazon sentences per seed, tested on {len(imdb)} imdb sentences, {args.seeds} seeds")
@@ -124,8 +173,11 @@ def main() -> int:
     for seed in range(args.seeds):
         train = random.Random(seed).sample(amazon, TRAIN_SIZE)
         for name in names:
-            method, hyper = CONFIGS[name]
-            outcome = run_one(name, method, hyper, seed, train, imdb)
+            if name == ENSEMBLE:
+                outcome = run_ensemble(seed, train, imdb)
+            else:
+                method, hyper = CONFIGS[name]
+                outcome = run_one(name, method, hyper, seed, train, imdb)
             results.setdefault(name, []).append(outcome)
             print(
                 f"  seed {seed} {name:<20} accuracy {outcome['accuracy']:.4f}  ({outcome['seconds']:.0f} s)", flush=True

@@ -367,6 +367,91 @@ async def test_predict_refuses_explanations_it_cannot_give_and_explains_nothing(
     assert answer.predictions[0].label == "positive"
 
 
+async def test_an_ensemble_averages_its_versions_one_batch_each_and_a_pin_asks_one(api: Api) -> None:
+    api.source.add("sentiment", 3)
+    created = await create(api, target=common_pb2.ModelVersionSelector(version=1), ensemble_versions=[2, 3])
+    assert list(created.ensemble_versions) == [2, 3]
+    api.loader.of_version(2).shift = 0.3  # good: [0.4, 0.6]
+    api.loader.of_version(3).shift = 0.6  # good: [0.7, 0.3]; version 1 answers [0.1, 0.9]
+    response = await api.serving.Predict(serving_pb2.PredictRequest(model="sentiment", texts=["good", "bad"]))
+    good, bad = response.predictions
+    assert dict(good.probabilities) == {"negative": pytest.approx(0.4), "positive": pytest.approx(0.6)}
+    assert dict(bad.probabilities) == {"negative": pytest.approx(1.2), "positive": pytest.approx(-0.2)}
+    assert (good.label, response.model_version) == ("positive", 1)  # the target's version names the answer
+    assert all(len(api.loader.of_version(v).batches) == 1 for v in (1, 2, 3))  # one batch per member
+    # The Open Inference Protocol gets the same average.
+    infer = await api.oip.ModelInfer(infer_request(["good"]))
+    probabilities = np.frombuffer(infer.raw_output_contents[0], dtype=np.float32)
+    assert probabilities.tolist() == pytest.approx([0.4, 0.6])
+    # One model of the ensemble, alone.
+    pinned = await api.serving.Predict(
+        serving_pb2.PredictRequest(model="sentiment", texts=["good"], target=common_pb2.ModelVersionSelector(version=3))
+    )
+    assert (pinned.model_version, pinned.predictions[0].label) == (3, "negative")
+    shown = await api.serving.GetDeployment(serving_pb2.GetDeploymentRequest(name="sentiment"))
+    weights = {v.version: v.traffic_weight for v in shown.status.versions}
+    assert weights == {1: 1.0, 2: 1.0, 3: 1.0} and shown.status.state == serving_pb2.DEPLOYMENT_STATE_READY
+    # Explanations are of one model: an ensemble's are refused until the request names a version.
+    await expect(
+        Code.FAILED_PRECONDITION,
+        api.serving.Predict(serving_pb2.PredictRequest(model="sentiment", texts=["good"], explain=True)),
+        "pin the request",
+    )
+
+    # Dropping a member frees it; the rest average.
+    update = serving_pb2.UpdateDeploymentRequest(
+        name="sentiment",
+        deployment=serving_pb2.Deployment(ensemble_versions=[3]),
+        update_mask=field_mask_pb2.FieldMask(paths=["ensemble_versions"]),
+    )
+    updated = await api.serving.UpdateDeployment(update)
+    assert list(updated.ensemble_versions) == [3]
+    await wait_for(lambda: api.loader.of_version(2).closed)
+    response = await api.serving.Predict(serving_pb2.PredictRequest(model="sentiment", texts=["good"]))
+    assert response.predictions[0].probabilities["positive"] == pytest.approx(0.6)  # (0.9 + 0.3) / 2
+
+
+async def test_ensembles_refuse_what_they_cannot_average(api: Api) -> None:
+    one = common_pb2.ModelVersionSelector(version=1)
+    for fields, message in (
+        ({"ensemble_versions": [2, 2]}, "distinct"),
+        ({"ensemble_versions": [1, 2], "target": one}, "the target itself"),
+        ({"ensemble_versions": list(range(2, 10))}, "at most 7"),
+        (
+            {"ensemble_versions": [2], "canary": serving_pb2.CanaryRoute(target=one, weight=0.5)},
+            "either an ensemble or split by a canary",
+        ),
+    ):
+        await expect(
+            Code.INVALID_ARGUMENT,
+            api.serving.CreateDeployment(
+                serving_pb2.CreateDeploymentRequest(
+                    deployment=serving_pb2.Deployment(name="bad", registered_model_name="sentiment", **fields)  # type: ignore[arg-type]
+                )
+            ),
+            message,
+        )
+    # A member that does not exist: the deployment waits for it, requests are UNAVAILABLE naming it.
+    await create(api, "missing", target=one, ensemble_versions=[2, 9])
+    await expect(
+        Code.UNAVAILABLE,
+        api.serving.Predict(serving_pb2.PredictRequest(model="missing", texts=["good"])),
+        "version(s) [9] are not loaded",
+    )
+    shown = await api.serving.GetDeployment(serving_pb2.GetDeploymentRequest(name="missing"))
+    assert shown.status.state == serving_pb2.DEPLOYMENT_STATE_DEGRADED and "9" in shown.status.message
+    assert not (await api.oip.ServerReady(oip.ServerReadyRequest())).ready
+    # Members with other labels cannot be averaged with the target.
+    api.source.add("sentiment", 4, label_map=("bad", "good"))
+    await create(api, "mixed", target=one, ensemble_versions=[4])
+    await expect(
+        Code.FAILED_PRECONDITION,
+        api.serving.Predict(serving_pb2.PredictRequest(model="mixed", texts=["good"])),
+        "the same labels",
+    )
+    assert all(not model.batches for model in api.loader.loaded), "nothing was run"
+
+
 async def test_a_full_queue_answers_resource_exhausted_and_a_deadline_drops_the_request(api: Api) -> None:
     await create(api, batching=serving_pb2.BatchingConfig(max_batch_size=1, max_delay_ms=0, max_queue_size=2))
     model = api.loader.of_version(1)

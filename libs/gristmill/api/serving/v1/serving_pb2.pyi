@@ -656,6 +656,7 @@ class Deployment(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ENSEMBLE_VERSIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Slug, unique in the organisation; the model name in Predict and ModelInfer. Defaults to
     the registered model name at creation.
@@ -688,6 +689,16 @@ class Deployment(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def ensemble_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """An ensemble: these versions of the registered model are loaded beside the target's, and every
+        request (Predict, ModelInfer) runs on each of them (one batch per member) and answers their
+        averaged probabilities; the response names the target's version. At most 7, distinct, not the
+        target's own number; all must have the target's labels (else FAILED_PRECONDITION on requests).
+        Not with a canary (INVALID_ARGUMENT). A request pinned to one version (target) gets that model
+        alone. Requests answer UNAVAILABLE until every member is loaded. Classifiers only.
+        """
+
     def __init__(
         self,
         *,
@@ -703,10 +714,11 @@ class Deployment(_message.Message):
         status: Global___DeploymentStatus | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        ensemble_versions: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "canary", b"canary", "create_time", b"create_time", "length_policy", b"length_policy", "prediction_logging", b"prediction_logging", "status", b"status", "target", b"target", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "canary", b"canary", "create_time", b"create_time", "length_policy", b"length_policy", "name", b"name", "organization_id", b"organization_id", "prediction_logging", b"prediction_logging", "quantization", b"quantization", "registered_model_name", b"registered_model_name", "status", b"status", "target", b"target", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "canary", b"canary", "create_time", b"create_time", "ensemble_versions", b"ensemble_versions", "length_policy", b"length_policy", "name", b"name", "organization_id", b"organization_id", "prediction_logging", b"prediction_logging", "quantization", b"quantization", "registered_model_name", b"registered_model_name", "status", b"status", "target", b"target", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -955,7 +967,8 @@ class UpdateDeploymentRequest(_message.Message):
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Paths: "target", "canary" (an empty canary removes it), "batching", "quantization",
-        "length_policy", "prediction_logging" or their sub-fields. Empty is INVALID_ARGUMENT.
+        "length_policy", "prediction_logging" or their sub-fields, "ensemble_versions" (replaced as a
+        whole; empty ends the ensemble). Empty is INVALID_ARGUMENT.
         """
 
     def __init__(

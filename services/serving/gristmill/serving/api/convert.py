@@ -154,6 +154,7 @@ def spec_from_proto(
             if logging.HasField("uncertainty_threshold")
             else DEFAULT_UNCERTAINTY_THRESHOLD,
         ),
+        ensemble=tuple(deployment.ensemble_versions),
         create_time=create_time,
         update_time=update_time,
     )
@@ -190,6 +191,7 @@ def spec_to_proto(spec: DeploymentSpec) -> serving_pb2.Deployment:
         ),
         create_time=_timestamp(spec.create_time),
         update_time=_timestamp(spec.update_time),
+        ensemble_versions=list(spec.ensemble),
     )
     if spec.canary is not None:
         deployment.canary.CopyFrom(
@@ -239,6 +241,7 @@ UPDATABLE_PATHS = frozenset(
         "prediction_logging",
         "prediction_logging.sample_rate",
         "prediction_logging.uncertainty_threshold",
+        "ensemble_versions",
     }
 )
 
@@ -251,7 +254,8 @@ def apply_update_mask(
     protobuf's ``MergeMessage`` leaves an unset optional scalar (``batching.max_delay_ms``) as it was; resetting
     it instead lets a caller go back to the documented default.
     """
-    mask.MergeMessage(source, destination, replace_message_field=True)
+    # A repeated field (ensemble_versions) is replaced as a whole, not appended to.
+    mask.MergeMessage(source, destination, replace_message_field=True, replace_repeated_field=True)
     for path in mask.paths:
         *parents, leaf = path.split(".")
         src: Message = source

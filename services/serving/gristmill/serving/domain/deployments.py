@@ -50,10 +50,11 @@ from gristmill.serving.domain.model import (
     Quantization,
     VersionSelector,
 )
-from gristmill.serving.domain.predictions import PredictionResult, to_prediction
+from gristmill.serving.domain.predictions import PredictionResult, average_probabilities, to_prediction
 from gristmill.serving.domain.sources import (
     TASK_MULTI_LABEL,
     Classifier,
+    Encoded,
     LoadOptions,
     ModelLoader,
     ModelSource,
@@ -92,6 +93,8 @@ class _Deployment:
         self.spec = spec
         self.primary: LoadedVersion | None = None
         self.canary: LoadedVersion | None = None
+        # An ensemble's other versions by number (spec.ensemble), each READY once loaded.
+        self.members: dict[int, LoadedVersion] = {}
         self.loading: list[LoadedVersion] = []
         self.draining: list[LoadedVersion] = []
         self.failed: _Failure | None = None
@@ -154,6 +157,8 @@ class DeploymentManager:
         self._spawn(dep, self._load_primary(dep, primary))
         if spec.canary is not None:
             self._spawn(dep, self._load_canary(dep, canary))
+        if spec.ensemble:
+            self._spawn(dep, self._load_members(dep))
 
     async def update(
         self,
@@ -168,7 +173,7 @@ class DeploymentManager:
         old, dep.spec = dep.spec, spec
         if spec.batching != old.batching:
             policy = batch_policy(spec.batching)
-            for version in (dep.primary, dep.canary):
+            for version in (dep.primary, dep.canary, *dep.members.values()):
                 if version is not None and version.batcher is not None:
                     version.batcher.policy = policy
         reload = spec.quantization != old.quantization
@@ -180,6 +185,8 @@ class DeploymentManager:
                 self._retire(dep, retired)
         elif reload or old.canary is None or spec.canary.target != old.canary.target or canary is not None:
             self._spawn(dep, self._load_canary(dep, canary, force=reload))
+        if reload or spec.ensemble != old.ensemble:
+            self._spawn(dep, self._load_members(dep, force=reload))
 
     async def remove(self, organization_id: str, name: str) -> None:
         """Stop routing to the deployment, let in-flight requests finish, free its versions."""
@@ -189,8 +196,9 @@ class DeploymentManager:
         dep.removed = True
         for task in list(dep.tasks):
             task.cancel()
-        versions = [v for v in (dep.primary, dep.canary) if v is not None]
+        versions = [v for v in (dep.primary, dep.canary, *dep.members.values()) if v is not None]
         dep.primary = dep.canary = None
+        dep.members = {}
         for version in versions:
             self._retire(dep, version)
 
@@ -308,6 +316,31 @@ class DeploymentManager:
             dep.message = f"canary version {new.version} takes {dep.spec.canary.weight:.0%} of requests"
             if old is not None:
                 self._retire(dep, old)
+
+    async def _load_members(self, dep: _Deployment, *, force: bool = False) -> None:
+        """Load the ensemble's versions that are not loaded yet (all of them with ``force``), free the ones no
+        longer listed. A member that fails to load is reported; requests wait (UNAVAILABLE) until it loads."""
+        async with dep.lock:
+            if dep.removed:
+                return
+            for number in [n for n in dep.members if n not in dep.spec.ensemble]:
+                self._retire(dep, dep.members.pop(number))
+            for number in dep.spec.ensemble:
+                current = dep.members.get(number)
+                new = await self._prepare(dep, None, VersionSelector.of_version(number), current, "", force)
+                if new is None:
+                    continue
+                if dep.removed or number not in dep.spec.ensemble:
+                    await new.free()
+                    continue
+                if new.generator is not None:
+                    await new.free()
+                    dep.failed = _Failure(number, "a generative model; an ensemble averages classifiers' probabilities")
+                    dep.message = f"ensemble version {number} is a generative model; list classifiers only"
+                    continue
+                dep.members[number] = new
+                if current is not None:
+                    self._retire(dep, current)
 
     async def _prepare(
         self,
@@ -466,7 +499,9 @@ class DeploymentManager:
         return primary
 
     def _pinned(self, dep: _Deployment, pin: VersionSelector) -> LoadedVersion:
-        loaded = [v for v in (dep.primary, dep.canary) if v is not None]
+        if pin.version is not None and pin.version in dep.members:
+            return dep.members[pin.version]  # one model of an ensemble, alone
+        loaded = [v for v in (dep.primary, dep.canary, *dep.members.values()) if v is not None]
         for version, target in (
             (dep.primary, dep.spec.target),
             (dep.canary, dep.spec.canary and dep.spec.canary.target),
@@ -484,6 +519,41 @@ class DeploymentManager:
             f"{pin.describe()} is not loaded in deployment {dep.spec.name!r} (loaded versions: {names}); "
             "leave the version empty to use the deployment's routing"
         )
+
+    def _members(self, dep: _Deployment, pin: VersionSelector | None) -> list[LoadedVersion]:
+        """The ensemble's other versions for a request routed by the deployment (none for a pinned one)."""
+        if pin is not None or not dep.spec.ensemble:
+            return []
+        missing = [n for n in dep.spec.ensemble if n not in dep.members]
+        if missing:
+            raise UnavailableError(
+                f"deployment {dep.spec.name!r} averages versions {list(dep.spec.ensemble)} with its target, and "
+                f"version(s) {missing} are not loaded yet ({dep.message}); retry later, or pin a version"
+            )
+        return [dep.members[n] for n in dep.spec.ensemble]
+
+    async def _rows(
+        self, dep: _Deployment, version: LoadedVersion, texts: Sequence[str], deadline: float | None
+    ) -> tuple[list[Encoded], Sequence[Sequence[float]]]:
+        """One version's probabilities for ``texts`` (through its batcher), with the encodings it read."""
+        classifier, batcher = version.classifier, version.batcher
+        if classifier is None or batcher is None:
+            raise UnavailableError(f"version {version.version} of {dep.spec.name!r} was just unloaded; retry")
+        limit = self._max_tokens(dep, version, classifier)
+        if len(texts) > INLINE_ENCODE_TEXTS:
+            encoded = await asyncio.to_thread(classifier.encode, texts, limit)
+        else:
+            encoded = classifier.encode(texts, limit)
+        if dep.spec.length_policy.over_length_action is OverLengthAction.REJECT:
+            for index, item in enumerate(encoded):
+                if item.full_length > limit:
+                    raise InvalidArgumentError(
+                        f"text {index} has {item.full_length} tokens; deployment {dep.spec.name!r} accepts at most "
+                        f"{limit} (length_policy.over_length_action is REJECT): shorten it or split it",
+                        details={"text-index": str(index)},
+                    )
+        rows = await batcher.submit(encoded, [e.length for e in encoded], deadline=deadline)
+        return encoded, rows
 
     @staticmethod
     def _max_tokens(dep: _Deployment, version: LoadedVersion, classifier: Classifier) -> int:
@@ -507,37 +577,49 @@ class DeploymentManager:
         ``explain_steps``, explain each prediction too (``domain.explanations``)."""
         dep = self._get(organization_id, name)
         version = self.route(organization_id, name, pin)
+        members = self._members(dep, pin)
         started = time.monotonic()
-        version.enter()
+        for entered in (version, *members):
+            entered.enter()
         outcome = ERROR
         try:
-            classifier, batcher = version.classifier, version.batcher
+            classifier = version.classifier
             if version.generator is not None:
                 raise InvalidArgumentError(
                     f"deployment {name!r} serves a generative model ({version.resolved.task}); use Generate or the "
                     "OpenAI-compatible endpoint, not Predict or ModelInfer"
                 )
-            if classifier is None or batcher is None:
+            if classifier is None or version.batcher is None:
                 raise UnavailableError(f"version {version.version} of {name!r} was just unloaded; retry")
             if explain_steps and version.options.quantization is Quantization.DYNAMIC_INT8:
                 raise FailedPreconditionError(
                     f"deployment {name!r} serves version {version.version} quantised to dynamic int8, which has no "
                     "gradients to explain it with; explain with a deployment whose quantization is NONE or BF16"
                 )
+            if explain_steps and members:
+                raise FailedPreconditionError(
+                    f"deployment {name!r} is an ensemble and explanations are of one model: pin the request to one "
+                    f"of its versions ({', '.join(str(v.version) for v in (version, *members))}) to explain it"
+                )
+            for member in members:
+                if member.labels != version.labels:
+                    raise FailedPreconditionError(
+                        f"ensemble version {member.version} of {name!r} has labels {list(member.labels)}, the target "
+                        f"version {version.version} has {list(version.labels)}; an ensemble averages models with "
+                        "the same labels: change ensemble_versions"
+                    )
+            answers = await asyncio.gather(
+                *(self._rows(dep, v, texts, deadline) for v in (version, *members)), return_exceptions=True
+            )
+            results: list[tuple[list[Encoded], Sequence[Sequence[float]]]] = []
+            for answer in answers:
+                if isinstance(answer, BaseException):
+                    raise answer
+                results.append(answer)
+            encoded, rows = results[0]
+            if members:
+                rows = average_probabilities([model_rows for _, model_rows in results])
             limit = self._max_tokens(dep, version, classifier)
-            if len(texts) > INLINE_ENCODE_TEXTS:
-                encoded = await asyncio.to_thread(classifier.encode, texts, limit)
-            else:
-                encoded = classifier.encode(texts, limit)
-            if dep.spec.length_policy.over_length_action is OverLengthAction.REJECT:
-                for index, item in enumerate(encoded):
-                    if item.full_length > limit:
-                        raise InvalidArgumentError(
-                            f"text {index} has {item.full_length} tokens; deployment {name!r} accepts at most "
-                            f"{limit} (length_policy.over_length_action is REJECT): shorten it or split it",
-                            details={"text-index": str(index)},
-                        )
-            rows = await batcher.submit(encoded, [e.length for e in encoded], deadline=deadline)
             labels = version.labels
             multi = version.resolved.task == TASK_MULTI_LABEL or classifier.multi_label
             threshold = dep.spec.prediction_logging.uncertainty_threshold
@@ -572,7 +654,8 @@ class DeploymentManager:
             outcome = REJECTED
             raise
         finally:
-            version.leave()
+            for entered in (version, *members):
+                entered.leave()
             version.stats.record(outcome, time.monotonic() - started, len(texts))
 
     async def _explain(
@@ -660,8 +743,10 @@ class DeploymentManager:
     # -- status ------------------------------------------------------------------------------------------
 
     def _state(self, dep: _Deployment) -> DeploymentState:
-        if dep.primary is not None:
+        if dep.primary is not None and self._members_loaded(dep):
             return DeploymentState.DEGRADED if dep.failed is not None else DeploymentState.READY
+        if dep.primary is not None:  # an ensemble waiting for (or failing to load) some of its versions
+            return DeploymentState.DEGRADED if dep.failed is not None and not dep.loading else DeploymentState.LOADING
         if dep.failed is not None and not dep.loading:
             return DeploymentState.FAILED
         return DeploymentState.LOADING
@@ -677,6 +762,8 @@ class DeploymentManager:
             rows.append((dep.primary, 1.0 - canary_weight))
         if dep.canary is not None:
             rows.append((dep.canary, canary_weight))
+        # Every request of an ensemble runs on each of its versions.
+        rows += [(dep.members[n], 1.0) for n in spec.ensemble if n in dep.members]
         rows += [(v, 0.0) for v in dep.loading + dep.draining]
         statuses = [version_status(v, w) for v, w in rows]
         if dep.failed is not None:
@@ -685,17 +772,24 @@ class DeploymentManager:
             )
         return DeploymentView(spec, self._state(dep), dep.message, tuple(statuses))
 
+    @staticmethod
+    def _members_loaded(dep: _Deployment) -> bool:
+        return all(n in dep.members for n in dep.spec.ensemble)
+
     def is_ready(self, organization_id: str, name: str, version: int | None = None) -> bool:
         dep = self._get(organization_id, name)
-        ready = [v for v in (dep.primary, dep.canary) if v is not None and v.state is VersionState.READY]
-        return bool(ready) if version is None else any(v.version == version for v in ready)
+        versions = (dep.primary, dep.canary, *dep.members.values())
+        ready = [v for v in versions if v is not None and v.state is VersionState.READY]
+        if version is None:
+            return dep.primary is not None and dep.primary.state is VersionState.READY and self._members_loaded(dep)
+        return any(v.version == version for v in ready)
 
     def all_ready(self) -> bool:
-        return all(dep.primary is not None for dep in self._deployments.values())
+        return all(dep.primary is not None and self._members_loaded(dep) for dep in self._deployments.values())
 
     def loaded_versions(self, organization_id: str, name: str) -> list[LoadedVersion]:
         dep = self._get(organization_id, name)
-        return [v for v in (dep.primary, dep.canary) if v is not None]
+        return [v for v in (dep.primary, dep.canary, *dep.members.values()) if v is not None]
 
 
 def _describe(exc: BaseException) -> str:

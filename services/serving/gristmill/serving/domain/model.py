@@ -28,6 +28,8 @@ QUEUE_PER_BATCH = 64
 MAX_QUEUE_SIZE = 1_000_000
 MAX_TOKENS_LIMIT = 8192
 DEFAULT_UNCERTAINTY_THRESHOLD = 0.6
+# Versions averaged beside the target's in an ensemble deployment: eight models per request at most.
+MAX_ENSEMBLE_MEMBERS = 7
 
 
 def organization_or_default(organization_id: str) -> str:
@@ -112,6 +114,9 @@ class DeploymentSpec:
     quantization: Quantization = Quantization.NONE
     length_policy: LengthPolicy = field(default_factory=LengthPolicy)
     prediction_logging: PredictionLoggingConfig = field(default_factory=PredictionLoggingConfig)
+    # Version numbers of the registered model whose probabilities are averaged with the target's (an ensemble);
+    # empty: the target alone.
+    ensemble: tuple[int, ...] = ()
     create_time: datetime = field(default_factory=lambda: datetime.now(UTC))
     update_time: datetime = field(default_factory=lambda: datetime.now(UTC))
 
@@ -147,6 +152,28 @@ def validate_batching(batching: BatchingConfig) -> BatchingConfig:
     return batching
 
 
+def validate_ensemble(spec: DeploymentSpec) -> None:
+    members = spec.ensemble
+    if not members:
+        return
+    if len(members) > MAX_ENSEMBLE_MEMBERS:
+        raise InvalidArgumentError(
+            f"ensemble_versions lists {len(members)} versions; an ensemble averages at most {MAX_ENSEMBLE_MEMBERS} "
+            "beside the target's"
+        )
+    if len(set(members)) != len(members) or min(members) < 1:
+        raise InvalidArgumentError(f"ensemble_versions must be distinct version numbers >= 1, got {list(members)}")
+    if spec.target.version is not None and spec.target.version in members:
+        raise InvalidArgumentError(
+            f"ensemble_versions lists version {spec.target.version}, the target itself; list the other versions"
+        )
+    if spec.canary is not None:
+        raise InvalidArgumentError(
+            "a deployment is either an ensemble or split by a canary, not both: remove canary or ensemble_versions "
+            "(a canary of an ensemble would compare it with one model, not with another ensemble)"
+        )
+
+
 def validate_spec(spec: DeploymentSpec) -> DeploymentSpec:
     """Return ``spec`` if every field is in range, else raise ``InvalidArgumentError`` naming the field."""
     validate_id(spec.name, what="deployment name")
@@ -164,6 +191,7 @@ def validate_spec(spec: DeploymentSpec) -> DeploymentSpec:
                 f"canary.target ({spec.canary.target.describe()}) is the same as the primary target; "
                 "a canary must name another version or alias"
             )
+    validate_ensemble(spec)
     validate_batching(spec.batching)
     if not 0 <= spec.length_policy.max_tokens <= MAX_TOKENS_LIMIT:
         raise InvalidArgumentError(

@@ -42,6 +42,13 @@ class PredictionResult:
     explanations: tuple[Explanation, ...] = ()
 
 
+def average_probabilities(models: Sequence[Sequence[Sequence[float]]]) -> list[list[float]]:
+    """An ensemble's answer: for each text, each label's probability averaged over the models' rows."""
+    return [
+        [sum(values) / len(values) for values in zip(*per_text, strict=True)] for per_text in zip(*models, strict=True)
+    ]
+
+
 def to_prediction(
     probabilities: Sequence[float], labels: Sequence[str], *, multi_label: bool, uncertainty_threshold: float
 ) -> TextPrediction:

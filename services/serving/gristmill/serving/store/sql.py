@@ -55,6 +55,7 @@ def spec_to_json(spec: DeploymentSpec) -> str:
                 "over_length_action": spec.length_policy.over_length_action.value,
             },
             "prediction_logging": vars(spec.prediction_logging),
+            "ensemble": list(spec.ensemble),
         },
         sort_keys=True,
     )
@@ -74,6 +75,8 @@ def spec_from_json(organization_id: str, name: str, text: str, create: datetime,
         quantization=Quantization(data["quantization"]),
         length_policy=LengthPolicy(length["max_tokens"], OverLengthAction(length["over_length_action"])),
         prediction_logging=PredictionLoggingConfig(**data["prediction_logging"]),
+        # Specs stored before ensembles existed have none.
+        ensemble=tuple(int(v) for v in data.get("ensemble", ())),
         create_time=utc(create),
         update_time=utc(update),
     )
