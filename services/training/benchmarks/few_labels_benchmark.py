@@ -22,12 +22,14 @@ It prints each configuration's mean +- sd of test accuracy (and macro F1) over t
 baseline with the seeds paired, and the seconds per run, then writes them as JSON (``--out``).
 
     .venv/bin/python services/training/benchmarks/few_labels_benchmark.py [--seeds 5] [--only augment,adversarial]
+    .venv/bin/python services/training/benchmarks/few_labels_benchmark.py --merge a.json b.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import sys
@@ -149,12 +151,47 @@ def run_one(
     return {"accuracy": float(final["test_accuracy"]), "f1": float(final["test_f1"]), "seconds": seconds}
 
 
+def summarise(results: dict[str, dict[int, dict[str, float]]]) -> dict[str, Any]:
+    """Print each configuration's mean +- sd and its paired difference from the baseline (same seeds)."""
+    print(f"\n{'configuration':<22}{'accuracy mean +- sd':>22}{'macro F1':>12}{'vs baseline (paired)':>24}{'s/run':>8}")
+    summary = {}
+    base = results.get("baseline", {})
+    for name, runs in results.items():
+        seeds = sorted(runs)
+        accuracy = [runs[seed]["accuracy"] for seed in seeds]
+        sd = statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0
+        diffs = [runs[seed]["accuracy"] - base[seed]["accuracy"] for seed in seeds if seed in base]
+        versus = ""
+        if diffs and name != "baseline":
+            spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            versus = f"{statistics.mean(diffs):+.4f} +- {spread:.4f}"
+        # Runs recorded from an older log may lack F1.
+        f1s = [runs[seed]["f1"] for seed in seeds if runs[seed].get("f1") is not None]
+        f1 = statistics.mean(f1s) if f1s else math.nan
+        seconds = statistics.mean(runs[seed]["seconds"] for seed in seeds)
+        print(f"{name:<22}{statistics.mean(accuracy):>13.4f} +- {sd:.4f}{f1:>12.4f}{versus:>24}{seconds:>8.0f}")
+        summary[name] = {"runs": {str(seed): runs[seed] for seed in seeds}}
+    print(f"seeds: {sorted({seed for runs in results.values() for seed in runs})}")
+    return summary
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seed-start", type=int, default=0, help="the first seed (seeds S..S+N-1)")
     parser.add_argument("--only", default="", help="comma-separated configurations (default: all)")
     parser.add_argument("--out", type=Path, default=Path("few_labels_results.json"))
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", default=[], help="only print the summary of these result files together"
+    )
     args = parser.parse_args()
+    if args.merge:
+        merged: dict[str, dict[int, dict[str, float]]] = {}
+        for path in args.merge:
+            for name, entry in json.loads(path.read_text()).items():
+                merged.setdefault(name, {}).update({int(seed): run for seed, run in entry["runs"].items()})
+        summarise(merged)
+        return 0
     # One line per run: the loaders' reports and progress bars are for notebooks.
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -168,9 +205,10 @@ def main() -> int:
         print(f"few_labels_benchmark: unknown configuration(s) {unknown}; known: {known}", file=sys.stderr)
         return 2
     amazon, imdb = sentences("amazon_cells"), sentences("imdb")
-    print(f"MiniLM, {TRAIN_SIZE} amazon sentences per seed, tested on {len(imdb)} imdb sentences, {args.seeds} seeds")
-    results: dict[str, list[dict[str, float]]] = {}
-    for seed in range(args.seeds):
+    seeds = range(args.seed_start, args.seed_start + args.seeds)
+    print(f"MiniLM, {TRAIN_SIZE} amazon sentences per seed, tested on {len(imdb)} imdb sentences, seeds {list(seeds)}")
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    for seed in seeds:
         train = random.Random(seed).sample(amazon, TRAIN_SIZE)
         for name in names:
             if name == ENSEMBLE:
@@ -178,28 +216,15 @@ def main() -> int:
             else:
                 method, hyper = CONFIGS[name]
                 outcome = run_one(name, method, hyper, seed, train, imdb)
-            results.setdefault(name, []).append(outcome)
-            print(
-                f"  seed {seed} {name:<20} accuracy {outcome['accuracy']:.4f}  ({outcome['seconds']:.0f} s)", flush=True
+            results.setdefault(name, {})[seed] = outcome
+            accuracy, f1, seconds = outcome["accuracy"], outcome["f1"], outcome["seconds"]
+            print(f"  seed {seed} {name:<20} accuracy {accuracy:.4f} f1 {f1:.4f}  ({seconds:.0f} s)", flush=True)
+            # Written after every run: a long benchmark stopped half-way keeps what it measured.
+            args.out.write_text(
+                json.dumps({n: {"runs": {str(k): v for k, v in r.items()}} for n, r in results.items()})
             )
-    print(f"\n{'configuration':<22}{'accuracy mean +- sd':>22}{'macro F1':>12}{'vs baseline (paired)':>24}{'s/run':>8}")
-    summary = {}
-    base = [r["accuracy"] for r in results.get("baseline", [])]
-    for name, runs in results.items():
-        accuracy = [r["accuracy"] for r in runs]
-        sd = statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0
-        diffs = [a - b for a, b in zip(accuracy, base, strict=False)] if base and name != "baseline" else []
-        versus = (
-            f"{statistics.mean(diffs):+.4f} +- {statistics.stdev(diffs) if len(diffs) > 1 else 0.0:.4f}"
-            if diffs
-            else ""
-        )
-        f1 = statistics.mean(r["f1"] for r in runs)
-        seconds = statistics.mean(r["seconds"] for r in runs)
-        print(f"{name:<22}{statistics.mean(accuracy):>13.4f} +- {sd:.4f}{f1:>12.4f}{versus:>24}{seconds:>8.0f}")
-        summary[name] = {"runs": runs, "accuracy_mean": statistics.mean(accuracy), "accuracy_sd": sd}
-    args.out.write_text(json.dumps(summary, indent=2))
-    print(f"\nwritten to {args.out}")
+    args.out.write_text(json.dumps(summarise(results), indent=2))
+    print(f"\nwritten to {args.out}; merge runs with --merge A.json B.json")
     return 0
 
 
