@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,7 @@ from gristmill.core.serialization import from_plain, to_plain
 from gristmill.training.api import convert
 from gristmill.training.domain import spec as d
 from gristmill.training.domain.model import Job, JobState, Metric, Split
+from gristmill.training.domain.objectives import Objective
 
 
 def _spec(**changes: object) -> pb.JobSpec:
@@ -166,3 +168,75 @@ def test_job_round_trips_through_the_store_format() -> None:
         start_time=datetime.now(UTC),
     )
     assert from_plain(Job, to_plain(job)) == job
+
+
+# -- few labels and (IA)^3 ------------------------------------------------------------------------------------
+
+
+def _few(**few: Any) -> pb.JobSpec:
+    return _spec(**{f"hyper_parameters__few_labels__{name}": value for name, value in few.items()})
+
+
+def test_few_labels_settings_default_off_and_round_trip_into_the_lineage() -> None:
+    assert not convert.spec_from_proto(_few()).hyper_parameters.few_labels.enabled
+    assert "few_labels.augmentation_copies" not in d.flatten_hyper_parameters(convert.spec_from_proto(_few()))
+    spec = convert.spec_from_proto(_few(augmentation_copies=4, adversarial_epsilon=1.5))
+    few = spec.hyper_parameters.few_labels
+    assert (few.augmentation_copies, few.augmentation_probability, few.adversarial_epsilon) == (4, 0.1, 1.5)
+    assert convert.spec_from_proto(convert.spec_to_proto(spec)) == spec
+    assert from_plain(d.JobSpec, to_plain(spec)) == spec
+    flat = d.flatten_hyper_parameters(spec)
+    assert flat["few_labels.augmentation_copies"] == "4" and flat["few_labels.augmentation_probability"] == "0.1"
+    assert flat["few_labels.adversarial_epsilon"] == "1.5"
+
+
+@pytest.mark.parametrize(
+    ("few", "message"),
+    [
+        ({"augmentation_copies": 17}, "augmentation_copies must be between 0 and 16"),
+        ({"augmentation_copies": -1}, "augmentation_copies must be between 0 and 16"),
+        ({"augmentation_copies": 2, "augmentation_probability": 0.6}, "augmentation_probability must be in (0, 0.5]"),
+        ({"augmentation_copies": 2, "augmentation_probability": 0.0}, "augmentation_probability must be in (0, 0.5]"),
+        ({"augmentation_probability": 0.2}, "only used with augmentation_copies"),
+        ({"adversarial_epsilon": -1.0}, "adversarial_epsilon must be between 0"),
+        ({"adversarial_epsilon": float("nan")}, "adversarial_epsilon must be a finite number"),
+    ],
+)
+def test_bad_few_labels_settings_are_refused_naming_the_field(few: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        convert.spec_from_proto(_few(**few))
+
+
+def test_few_labels_are_for_classifiers_only() -> None:
+    spec = _few(adversarial_epsilon=1.0)
+    spec.objective = pb.OBJECTIVE_SFT
+    with pytest.raises(InvalidArgumentError, match="only for objective classify .*, not sft") as caught:
+        convert.spec_from_proto(spec)
+    assert caught.value.details == {"field": "spec.hyper_parameters.few_labels"}
+    spec.objective = pb.OBJECTIVE_CLASSIFY
+    assert convert.spec_from_proto(spec).hyper_parameters.few_labels.adversarial_epsilon == 1.0
+    # The objective known only at resolution (from the dataset version's task type) is checked there.
+    with pytest.raises(InvalidArgumentError, match="only for objective classify .*, not dpo"):
+        d.check_few_labels(d.build_few_labels(augmentation_copies=1), Objective.DPO)
+
+
+def test_ia3_is_a_classifier_method_without_lora_settings() -> None:
+    ia3 = _few()
+    ia3.method = pb.TRAINING_METHOD_IA3
+    parsed = convert.spec_from_proto(ia3)
+    assert parsed.method is d.Method.IA3 and parsed.lora is None
+    assert parsed.hyper_parameters.learning_rate == 3e-3  # its default
+    assert d.flatten_hyper_parameters(parsed)["method"] == "ia3"
+    ia3.lora.rank = 4
+    with pytest.raises(InvalidArgumentError, match="spec.lora is only valid with method LORA"):
+        convert.spec_from_proto(ia3)
+    ia3.ClearField("lora")
+    ia3.objective = pb.OBJECTIVE_SFT
+    with pytest.raises(InvalidArgumentError, match="TRAINING_METHOD_IA3 trains classifiers"):
+        convert.spec_from_proto(ia3)
+    with pytest.raises(InvalidArgumentError, match="TRAINING_METHOD_IA3 trains classifiers"):
+        d.check_method_objective(d.Method.IA3, False, Objective.DPO)
+    ia3.objective = pb.OBJECTIVE_CLASSIFY
+    ia3.publish_merged = True
+    with pytest.raises(InvalidArgumentError, match="method ia3 trains classifiers only"):
+        convert.spec_from_proto(ia3)
