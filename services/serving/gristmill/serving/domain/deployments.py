@@ -555,6 +555,18 @@ class DeploymentManager:
         rows = await batcher.submit(encoded, [e.length for e in encoded], deadline=deadline)
         return encoded, rows
 
+    async def _ensemble_rows(
+        self, dep: _Deployment, versions: list[LoadedVersion], texts: Sequence[str], deadline: float | None
+    ) -> tuple[list[Encoded], Sequence[Sequence[float]]]:
+        """The models' batches side by side; their probabilities averaged (the first model's encodings)."""
+        answers = await asyncio.gather(*(self._rows(dep, v, texts, deadline) for v in versions), return_exceptions=True)
+        results: list[tuple[list[Encoded], Sequence[Sequence[float]]]] = []
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+            results.append(answer)
+        return results[0][0], average_probabilities([rows for _, rows in results])
+
     @staticmethod
     def _max_tokens(dep: _Deployment, version: LoadedVersion, classifier: Classifier) -> int:
         """Tokens allowed per text: the length policy, else the training length, within the model's limit."""
@@ -608,17 +620,10 @@ class DeploymentManager:
                         f"version {version.version} has {list(version.labels)}; an ensemble averages models with "
                         "the same labels: change ensemble_versions"
                     )
-            answers = await asyncio.gather(
-                *(self._rows(dep, v, texts, deadline) for v in (version, *members)), return_exceptions=True
-            )
-            results: list[tuple[list[Encoded], Sequence[Sequence[float]]]] = []
-            for answer in answers:
-                if isinstance(answer, BaseException):
-                    raise answer
-                results.append(answer)
-            encoded, rows = results[0]
             if members:
-                rows = average_probabilities([model_rows for _, model_rows in results])
+                encoded, rows = await self._ensemble_rows(dep, [version, *members], texts, deadline)
+            else:  # the hot path: no task per request
+                encoded, rows = await self._rows(dep, version, texts, deadline)
             limit = self._max_tokens(dep, version, classifier)
             labels = version.labels
             multi = version.resolved.task == TASK_MULTI_LABEL or classifier.multi_label
