@@ -430,6 +430,53 @@ async def test_the_deployments_page_shows_routing_and_each_loaded_versions_numbe
     assert '<script src="/static/models.js" defer></script>' in html
 
 
+async def test_a_text_is_explained_on_the_deployments_page_with_shaded_escaped_tokens(models_stack: ModelStack) -> None:
+    stack = models_stack
+
+    async def requests() -> int:
+        got = await stack.serving.GetDeployment(
+            spb.GetDeploymentRequest(name=DEPLOYED), metadata=bearer(stack.keys["reader"])
+        )
+        return sum(v.request_count for v in got.status.versions)
+
+    async with signed_in(stack, "reader") as client:
+        html = (await client.get("/deployments")).text
+        section = html[html.index(f'id="deployment-{DEPLOYED}"') :]
+        assert f'action="/deployments/{DEPLOYED}/explain"' in section
+        found = re.search(r'name="csrf" value="([^"]+)"', section)
+        assert found is not None
+        csrf = found.group(1)
+        before = await requests()
+        text = "good food, awful <b>staff</b>"
+        reply = await client.post(
+            f"/deployments/{DEPLOYED}/explain", data={"csrf": csrf, "text": text}, headers={"HX-Request": "true"}
+        )
+        assert reply.status_code == 200, reply.text
+        fragment = reply.text
+        assert "<html" not in fragment and "<strong>positive</strong> (p=0.900)" in fragment
+        # The fake model's explanation: +0.4 for "good", -0.4 for "awful"; text from the data shown as text.
+        assert '<span class="attr-pos-4" title="+0.400">good</span>' in fragment
+        assert '<span class="attr-neg-4" title="-0.400">awful</span>' in fragment
+        assert '<span class="attr-0" title="+0.000">&lt;b&gt;staff&lt;/b&gt;</span>' in fragment
+        assert "<b>" not in fragment
+        assert await requests() == before + 1
+        # Without JavaScript: the same form answers a whole page.
+        page = await client.post(f"/deployments/{DEPLOYED}/explain", data={"csrf": csrf, "text": "bad"})
+        assert page.status_code == 200 and "<html" in page.text and 'class="attr-pos-4"' in page.text
+        # Refused, and nothing predicted: a form without the page's token, an empty text, an unknown deployment.
+        counted = await requests()
+        stale = await client.post(f"/deployments/{DEPLOYED}/explain", data={"csrf": "forged", "text": "good"})
+        assert stale.status_code == 403 and "reload the page" in stale.text
+        empty = await client.post(f"/deployments/{DEPLOYED}/explain", data={"csrf": csrf, "text": "  "})
+        assert empty.status_code == 400 and "enter a text to explain" in empty.text
+        unknown = await client.post("/deployments/nope/explain", data={"csrf": csrf, "text": "good"})
+        assert unknown.status_code == 404 and "does not exist" in unknown.text
+        assert await requests() == counted
+    async with httpx.AsyncClient(base_url=stack.console.url, follow_redirects=False, timeout=30) as anonymous:
+        signed_out = await anonymous.post(f"/deployments/{DEPLOYED}/explain", data={"csrf": csrf, "text": "good"})
+        assert signed_out.status_code in (303, 401) and await requests() == counted
+
+
 @pytest.fixture
 def browser() -> Iterator[Any]:
     with chromium() as driver:

@@ -16,9 +16,11 @@ from gristmill.api.serving.v1 import serving_pb2 as spb
 from gristmill.console.domain import models as domain
 from gristmill.console.domain.models import (
     DeploymentView,
+    ExplanationView,
     LoadedVersionView,
     Registry,
     aliases_by_version,
+    explanation_segments,
     human_bytes,
     main_metric,
     metric_chart,
@@ -307,3 +309,31 @@ def test_error_rate_and_memory_edges() -> None:
 def test_aliases_by_version() -> None:
     assert aliases_by_version({"b": 2, "a": 2, "prod": 1}) == {1: ["prod"], 2: ["a", "b"]}
     assert aliases_by_version({}) == {}
+
+
+def test_an_explained_text_is_cut_at_its_tokens_and_shaded_by_strength() -> None:
+    text = "great battery, awful screen"
+    attributions = [
+        spb.TokenAttribution(token="great", start=0, end=5, score=0.6),
+        spb.TokenAttribution(token="battery", start=6, end=13, score=0.1),
+        spb.TokenAttribution(token=",", start=13, end=14, score=0.0),
+        spb.TokenAttribution(token="awful", start=15, end=20, score=-0.3),
+        spb.TokenAttribution(token="screen", start=21, end=27, score=-0.01),
+        # Overlapping or past the end: never shown twice or out of the text.
+        spb.TokenAttribution(token="bat", start=6, end=9, score=0.5),
+        spb.TokenAttribution(token="x", start=26, end=40, score=0.5),
+    ]
+    segments = explanation_segments(text, attributions)
+    assert "".join(s.text for s in segments) == text
+    shaded = [(s.text, s.shade) for s in segments if s.score is not None]
+    assert shaded == [
+        ("great", "attr-pos-4"),
+        ("battery", "attr-pos-1"),
+        (",", "attr-0"),
+        ("awful", "attr-neg-2"),
+        ("screen", "attr-0"),
+    ]
+    assert [s.text for s in segments if s.score is None] == [" ", " ", " "]
+    view = ExplanationView("d", text, "positive", 0.9, 1, 0.0, segments)
+    assert [s.text for s in view.strongest] == ["great", "awful", "battery", "screen"]
+    assert explanation_segments("", []) == ()

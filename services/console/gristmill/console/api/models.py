@@ -1,6 +1,6 @@
-"""Routes of the registry and serving pages (models, versions, deployments): read only, each a GET that reads the
-session, asks ``Registry`` and renders. A service's error (NOT_FOUND for another organisation's model, say) is the
-app's error page with its HTTP status."""
+"""Routes of the registry and serving pages (models, versions, deployments): each a GET that reads the session,
+asks ``Registry`` and renders, and one POST that explains a text with a deployment. A service's error (NOT_FOUND
+for another organisation's model, say) is the app's error page with its HTTP status."""
 
 from __future__ import annotations
 
@@ -34,3 +34,11 @@ def add_routes(app: FastAPI, pages: Pages, services: Services) -> None:
     async def deployments(request: Request) -> Response:
         session = pages.require(request)
         return pages.page(request, "deployments.html", deployments=await registry.deployments(session))
+
+    @app.post("/deployments/{name}/explain")
+    async def explain(request: Request, name: str) -> Response:
+        # A POST with the page's CSRF token: a prediction is metered and may be logged, so it is not a GET.
+        session = pages.require(request)
+        form = await pages.form(request, session)
+        view = await registry.explain(session, name, form.get("text", ""))
+        return pages.page(request, "_explanation.html" if pages.is_htmx(request) else "explanation.html", view=view)

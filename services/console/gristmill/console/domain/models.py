@@ -300,6 +300,11 @@ class DeploymentView:
         return selector_target(self.deployment.canary.target)
 
     @property
+    def ensemble(self) -> str:
+        """The ensemble's other versions ("v2, v3"), "" when the deployment is not an ensemble."""
+        return ", ".join(f"v{number}" for number in self.deployment.ensemble_versions)
+
+    @property
     def canary_percent(self) -> float:
         return 100.0 * self.deployment.canary.weight if self.canary else 0.0
 
@@ -338,6 +343,60 @@ def version_number(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise InvalidArgumentError(f"a model version is a number (1, 2, ...), not {text!r}")
     return int(text)
+
+
+# Shades of an attribution's strength (its share of the text's strongest one), 1 (faint) to 4 (strong).
+SHADES = 4
+MAX_EXPLAINED_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of the explained text: a token with its score and shade class, or the text between tokens."""
+
+    text: str
+    score: float | None = None
+    shade: str = ""
+
+
+@dataclass(frozen=True)
+class ExplanationView:
+    """One text explained by a deployment: its answer and the text cut into shaded token segments."""
+
+    deployment: str
+    text: str
+    label: str
+    probability: float
+    version: int
+    delta: float
+    segments: tuple[Segment, ...]
+
+    @property
+    def strongest(self) -> list[Segment]:
+        """The tokens that moved the answer most, strongest first (five at most)."""
+        tokens = [s for s in self.segments if s.score is not None and s.score != 0.0]
+        return sorted(tokens, key=lambda s: -abs(s.score or 0.0))[:5]
+
+
+def explanation_segments(text: str, attributions: Iterable[spb.TokenAttribution]) -> tuple[Segment, ...]:
+    """``text`` cut at its tokens' offsets; each token shaded by the sign and strength of its score (CSS classes
+    ``attr-pos-N`` / ``attr-neg-N``: the page's style policy allows no inline styles)."""
+    tokens = sorted(attributions, key=lambda a: a.start)
+    strongest = max((abs(a.score) for a in tokens), default=0.0)
+    segments: list[Segment] = []
+    at = 0
+    for token in tokens:
+        if token.start < at or token.end > len(text):
+            continue  # overlapping or out of the text: never shown twice or past the end
+        if token.start > at:
+            segments.append(Segment(text[at : token.start]))
+        level = round(SHADES * abs(token.score) / strongest) if strongest > 0 else 0
+        shade = f"attr-{'pos' if token.score > 0 else 'neg'}-{level}" if level else "attr-0"
+        segments.append(Segment(text[token.start : token.end], token.score, shade))
+        at = token.end
+    if at < len(text):
+        segments.append(Segment(text[at:]))
+    return tuple(segments)
 
 
 class Registry:
@@ -431,3 +490,24 @@ class Registry:
             token = response.next_page_token
             if not token:
                 return sorted(out, key=lambda d: d.name)
+
+    async def explain(self, session: Session, deployment: str, text: str) -> ExplanationView:
+        """``text`` classified by ``deployment`` with per-token attributions (serving's Predict with explain)."""
+        if not text.strip():
+            raise InvalidArgumentError("enter a text to explain")
+        if len(text) > MAX_EXPLAINED_CHARS:
+            raise InvalidArgumentError(
+                f"the text has {len(text)} characters; the console explains at most {MAX_EXPLAINED_CHARS}"
+            )
+        request = spb.PredictRequest(model=deployment, texts=[text], explain=True)
+        response = await self.calls.call("serving", self.calls.serving.Predict, request, session.api_key)
+        [prediction] = response.predictions
+        return ExplanationView(
+            deployment=deployment,
+            text=text,
+            label=prediction.explained_label or prediction.label,
+            probability=prediction.probabilities.get(prediction.explained_label, prediction.top_probability),
+            version=response.model_version,
+            delta=prediction.attribution_delta,
+            segments=explanation_segments(text, prediction.attributions),
+        )
