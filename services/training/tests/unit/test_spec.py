@@ -225,7 +225,7 @@ def test_ia3_is_a_classifier_method_without_lora_settings() -> None:
     ia3.method = pb.TRAINING_METHOD_IA3
     parsed = convert.spec_from_proto(ia3)
     assert parsed.method is d.Method.IA3 and parsed.lora is None
-    assert parsed.hyper_parameters.learning_rate == 3e-3  # its default
+    assert parsed.hyper_parameters.learning_rate == 3e-2  # its default
     assert d.flatten_hyper_parameters(parsed)["method"] == "ia3"
     ia3.lora.rank = 4
     with pytest.raises(InvalidArgumentError, match="spec.lora is only valid with method LORA"):

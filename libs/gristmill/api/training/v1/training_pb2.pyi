@@ -165,8 +165,9 @@ class _TrainingMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Traini
     TRAINING_METHOD_IA3: _TrainingMethod.ValueType  # 4
     """(IA)^3 via PEFT: learned vectors that rescale the attention keys and values and the
     feed-forward activations (the architecture's modules, PEFT's defaults), and the classifier
-    head; ~0.1 % of a BERT's parameters, fewer than LoRA. CLASSIFY only (INVALID_ARGUMENT naming
-    spec.method otherwise); publishes the vectors merged into the weights. Takes no spec.lora.
+    head; ~0.1 % of a BERT's parameters, fewer than LoRA; default learning rate 3e-2. CLASSIFY
+    only (INVALID_ARGUMENT naming spec.method otherwise); publishes the vectors merged into the
+    weights. Takes no spec.lora.
     """
 
 class TrainingMethod(_TrainingMethod, metaclass=_TrainingMethodEnumTypeWrapper):
@@ -188,8 +189,9 @@ publishes the adapter like LORA. The training workers need the bitsandbytes pack
 TRAINING_METHOD_IA3: TrainingMethod.ValueType  # 4
 """(IA)^3 via PEFT: learned vectors that rescale the attention keys and values and the
 feed-forward activations (the architecture's modules, PEFT's defaults), and the classifier
-head; ~0.1 % of a BERT's parameters, fewer than LoRA. CLASSIFY only (INVALID_ARGUMENT naming
-spec.method otherwise); publishes the vectors merged into the weights. Takes no spec.lora.
+head; ~0.1 % of a BERT's parameters, fewer than LoRA; default learning rate 3e-2. CLASSIFY
+only (INVALID_ARGUMENT naming spec.method otherwise); publishes the vectors merged into the
+weights. Takes no spec.lora.
 """
 Global___TrainingMethod: _TypeAlias = TrainingMethod  # noqa: Y015
 
@@ -485,7 +487,7 @@ class HyperParameters(_message.Message):
     EARLY_STOPPING_FIELD_NUMBER: _builtins.int
     FEW_LABELS_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
-    """Peak learning rate. 0 means 2e-5 (FULL) or 2e-4 (LORA)."""
+    """Peak learning rate. 0 means 2e-5 (FULL), 2e-4 (LORA, QLORA) or 3e-2 (IA3)."""
     per_worker_batch_size: _builtins.int
     """Examples per worker per step. 0 means 16."""
     epochs: _builtins.int
