@@ -157,10 +157,12 @@ def test_a_team_runs_its_loop_in_the_console(
         assert "validation accuracy" in browser.find_element(By.ID, "job-metrics").text
         browser.save_screenshot(str(shots / "job.png"))
 
-        # The registry registered what the job trained; deployed, it shows on the deployments page.
+        # The registry registered what the job trained; deployed, it shows on the deployments page. A version is
+        # PENDING while the registry verifies its artifacts, and only a READY one can take an alias.
         version = until(lambda: next((v for v in as_json(cli(platform, "models", "versions", MODEL, "--json"))
-                                      if v["lineage"]["training_job_id"] == job), None),
-                        "the registered version", timeout_s=60, every_s=0.5)  # fmt: skip
+                                      if v["lineage"]["training_job_id"] == job and v["status"].endswith("READY")),
+                                     None),
+                        "the registered version, READY", timeout_s=60, every_s=0.5)  # fmt: skip
         number = str(version["version"])
         ok(cli(platform, "models", "alias", "set", MODEL, "production", number, "--reason", "console e2e"))
         try:
