@@ -216,10 +216,39 @@ class BaselineConfig:
     lora_dropout: float
     lora_targets: tuple[str, ...]
     seed: int
+    # "cpu" or "cuda" (sft_gpu_benchmark.py); on CUDA the optimizer is the fused AdamW (TRL's default there).
+    device: str = "cpu"
+    # Autocast: "no" (fp32), "bf16" or "fp16" (fp16 with a gradient scaler, CUDA only).
+    precision: str = "no"
+    # QLoRA's base: NF4 4-bit via bitsandbytes, bf16 compute, prepared by PEFT (CUDA only).
+    quantize: bool = False
+
+
+def _baseline_model(config: BaselineConfig) -> Any:
+    """The base as a user's plain loop loads it: float32 on the device, or the 4-bit QLoRA recipe (PEFT's
+    ``prepare_model_for_kbit_training``, which turns gradient checkpointing on)."""
+    import torch
+    import transformers
+
+    hf: Any = transformers
+    if not config.quantize:
+        return hf.AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=torch.float32).to(config.device)
+    from peft import prepare_model_for_kbit_training
+
+    quantization = hf.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    model = hf.AutoModelForCausalLM.from_pretrained(
+        config.model_dir, quantization_config=quantization, dtype=torch.bfloat16, device_map={"": 0}
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
 
 
 def baseline_run(config: BaselineConfig) -> dict[str, Any]:
-    """A plain PEFT + TRL SFT loop (see the module): tokens/s over the measured steps, and memory."""
+    """A plain PEFT + TRL SFT loop (see the module): tokens/s over the measured steps, and memory (on CUDA also
+    the device's peak allocated memory, model loading included)."""
+    import contextlib
+
     import psutil
     import torch
     import transformers
@@ -233,7 +262,10 @@ def baseline_run(config: BaselineConfig) -> dict[str, Any]:
     model_dir = Path(config.model_dir)
     split = encoded_split(model_dir, rows, config.max_sequence_length)
     tokenizer = hf.AutoTokenizer.from_pretrained(str(model_dir))
-    model = hf.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    cuda = config.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    model = _baseline_model(config)
     if config.method == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
@@ -247,7 +279,13 @@ def baseline_run(config: BaselineConfig) -> dict[str, Any]:
         model = get_peft_model(model, lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.01, fused=cuda)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+    scaler = torch.amp.GradScaler("cuda") if half is torch.float16 else None
+
+    def autocast() -> Any:
+        return contextlib.nullcontext() if half is None else torch.autocast(config.device.split(":")[0], dtype=half)
+
     collator = DataCollatorForLanguageModeling(pad_token_id=int(tokenizer.pad_token_id or 0), padding_free=True)
     total = config.warmup_steps + config.steps
     batches = step_batches(len(split), batch_size=config.batch_size, seed=config.seed, steps=total)
@@ -263,10 +301,22 @@ def baseline_run(config: BaselineConfig) -> dict[str, Any]:
                 float(loss.detach())  # the warm-up steps are done
                 started = time.perf_counter()
             inputs = collator([split.examples[i] for i in batch])
-            loss = model(**inputs, use_cache=False).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            if cuda:
+                inputs = {
+                    k: v.to(config.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()
+                }
+            with autocast():
+                loss = model(**inputs, use_cache=False).loss
+            if scaler is None:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                scaler.step(optimizer)
+                scaler.update()
             optimizer.zero_grad(set_to_none=True)
         float(loss.detach())  # the last step is done
         seconds = time.perf_counter() - started
@@ -282,6 +332,8 @@ def baseline_run(config: BaselineConfig) -> dict[str, Any]:
         "loaded_rss_mib": round(loaded_rss / MIB, 1),
         # Linux reports kilobytes; the high-water mark of the whole process, model loading included.
         "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "cuda_peak_allocated_mib": round(torch.cuda.max_memory_allocated() / MIB, 1) if cuda else None,
+        "final_loss": float(loss.detach()),
     }
 
 
