@@ -155,7 +155,9 @@ def test_a_spec_file_gives_the_fields_the_options_leave(tmp_path: Path) -> None:
         project_id="p", dataset_version_id="", base_model="/m", lora=False, workers=3, base=spec_from_file(path)
     )
     assert overridden.base_model.local_path == "/m" and overridden.method == tr.TRAINING_METHOD_FULL
-    assert overridden.resources.num_workers == 3
+    assert overridden.resources.num_workers == 3 and not overridden.resources.fsdp
+    sharded = job_spec(project_id="p", dataset_version_id="", workers=2, fsdp=True, base=spec_from_file(path))
+    assert sharded.resources.fsdp and sharded.resources.num_workers == 2
 
     with pytest.raises(typer.Exit):
         job_spec(project_id="p", dataset_version_id="")  # no base model anywhere

@@ -42,6 +42,7 @@ def job_spec(
     beta: float = 0.0,
     merged: bool = False,
     workers: int = 0,
+    fsdp: bool = False,
     augment: int = 0,
     adversarial: float = 0.0,
     base: tr.JobSpec | None = None,
@@ -101,5 +102,6 @@ def job_spec(
     if adversarial:
         hp.few_labels.adversarial_epsilon = adversarial
     spec.resources.num_workers = workers or spec.resources.num_workers or 1
+    spec.resources.fsdp = fsdp or spec.resources.fsdp
     spec.registered_model_name = model or spec.registered_model_name
     return spec

@@ -376,6 +376,9 @@ def train_command(
         False, "--merged", help="sft/dpo with LoRA: also publish the merged model (base + adapter) under merged/"
     ),
     workers: int = typer.Option(0, min=0, help="data-parallel Ray Train workers (0: --spec-file's, else 1)"),
+    fsdp: bool = typer.Option(
+        False, "--fsdp", help="sft: shard the model over the --workers (FSDP) instead of a whole copy in each"
+    ),
     augment: int = typer.Option(
         0,
         "--augment",
@@ -463,6 +466,7 @@ def train_command(
             beta=beta,
             merged=merged,
             workers=workers,
+            fsdp=fsdp,
             augment=augment,
             adversarial=adversarial,
             base=base,

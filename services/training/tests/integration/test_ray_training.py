@@ -524,17 +524,22 @@ async def test_sft_with_lora_on_a_chat_version_checkpoints_to_s3_and_publishes_t
             bus.close()
 
 
-async def test_two_sft_workers_survive_a_worker_crash_and_resume_from_the_s3_checkpoint(
+async def test_two_fsdp_sft_workers_survive_a_worker_crash_and_resume_from_the_s3_checkpoint(
     tmp_path: Path, s3: S3Settings, kafka_bootstrap: str, ray_cluster: RayCluster, chat_version: Any, tiny_llama: Path
 ) -> None:
     marker = tmp_path / "rank1-crashed"
     # 96 conversations over 2 workers, batches of 8: 6 steps per epoch, 12 in all. Checkpoints every 4 steps;
-    # worker 1 dies right after step 6, so the restarted group resumes from the checkpoint at step 4.
+    # worker 1 dies right after step 6, so the restarted group resumes from the checkpoint at step 4. The model is
+    # sharded over the two workers (FSDP): each checkpoint gathers the adapter and AdamW's moments from both
+    # shards, and the restarted workers take their shards back from it. (Sharding learns what DDP learns, batch
+    # for batch: services/training/tests/unit/test_fsdp.py.)
     fault = FaultInjection(rank=1, at_step=6, marker=str(marker), settle_s=6.0)
     async with _service(tmp_path, s3, kafka_bootstrap, ray_cluster, chat_version, fault=fault) as service:
         spec = _chat_spec(service.project, tiny_llama, epochs=2, eval_every_steps=4, log_every_steps=2)
         spec.resources.num_workers = 2
+        spec.resources.fsdp = True
         job = await service.stub.SubmitJob(pb.SubmitJobRequest(spec=spec))
+        assert job.spec.resources.fsdp
         events = await service.events(job.job_id)
         changes = _state_changes(events)
         assert [c.state for c in changes] == [
@@ -556,6 +561,14 @@ async def test_two_sft_workers_survive_a_worker_crash_and_resume_from_the_s3_che
         objects = S3ObjectStore(s3)
         manifest = ModelManifest.from_json(objects.get_bytes(done.result.manifest.key))
         assert "adapter_model.safetensors" in manifest.files
+        # Gathered whole on the first worker: the adapter loads over the base like any other.
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        local = manifest.download(objects, tmp_path / "adapter")
+        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), str(local))
+        # A and B of 4 targets in 2 layers.
+        assert len([n for n, _ in tuned.named_parameters() if "lora_" in n]) == 2 * 4 * 2
 
 
 def test_placement_groups_a_dead_controller_left_are_released_and_no_others(ray_cluster: RayCluster) -> None:

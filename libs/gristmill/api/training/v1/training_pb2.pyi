@@ -646,6 +646,7 @@ class Resources(_message.Message):
     CPUS_PER_WORKER_FIELD_NUMBER: _builtins.int
     GPUS_PER_WORKER_FIELD_NUMBER: _builtins.int
     MAX_FAILURES_FIELD_NUMBER: _builtins.int
+    FSDP_FIELD_NUMBER: _builtins.int
     num_workers: _builtins.int
     """Data-parallel Ray Train workers. 0 means 1."""
     use_gpu: _builtins.bool
@@ -660,6 +661,13 @@ class Resources(_message.Message):
     """Worker failures tolerated; each resumes from the latest checkpoint (FailureConfig).
     Unset means 2.
     """
+    fsdp: _builtins.bool
+    """Shard the model's parameters, gradients and optimizer state over the workers (PyTorch FSDP2,
+    one unit per transformer block) instead of a whole copy in each (DDP): for models whose training
+    does not fit one device. Objective sft, methods FULL and LORA, num_workers >= 2; INVALID_ARGUMENT
+    naming resources.fsdp otherwise. The final model is gathered whole on the first worker, which
+    evaluates it on the test split and publishes it.
+    """
     def __init__(
         self,
         *,
@@ -668,10 +676,11 @@ class Resources(_message.Message):
         cpus_per_worker: _builtins.float = ...,
         gpus_per_worker: _builtins.float = ...,
         max_failures: _builtins.int | None = ...,
+        fsdp: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_failures", b"_max_failures", "max_failures", b"max_failures"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_failures", b"_max_failures", "cpus_per_worker", b"cpus_per_worker", "gpus_per_worker", b"gpus_per_worker", "max_failures", b"max_failures", "num_workers", b"num_workers", "use_gpu", b"use_gpu"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_failures", b"_max_failures", "cpus_per_worker", b"cpus_per_worker", "fsdp", b"fsdp", "gpus_per_worker", b"gpus_per_worker", "max_failures", b"max_failures", "num_workers", b"num_workers", "use_gpu", b"use_gpu"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_failures: _TypeAlias = _typing.Literal["max_failures"]  # noqa: Y015
     _WhichOneofArgType__max_failures: _TypeAlias = _typing.Literal["_max_failures", b"_max_failures"]  # noqa: Y015

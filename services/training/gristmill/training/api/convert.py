@@ -196,6 +196,7 @@ def spec_from_proto(spec: pb.JobSpec, *, require_dataset: bool = True) -> d.JobS
         cpus_per_worker=res.cpus_per_worker,
         gpus_per_worker=res.gpus_per_worker,
         max_failures=res.max_failures if res.HasField("max_failures") else None,
+        fsdp=res.fsdp,
     )
     search = _search_from_proto(spec.search, method) if spec.HasField("search") else None
     return d.build_spec(
@@ -338,6 +339,7 @@ def spec_to_proto(spec: d.JobSpec) -> pb.JobSpec:
             cpus_per_worker=spec.resources.cpus_per_worker,
             gpus_per_worker=spec.resources.gpus_per_worker,
             max_failures=spec.resources.max_failures,
+            fsdp=spec.resources.fsdp,
         ),
         registered_model_name=spec.registered_model_name,
         tags=spec.tags,

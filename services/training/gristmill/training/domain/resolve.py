@@ -65,6 +65,7 @@ from gristmill.training.domain.spec import (
     Objective,
     TaskType,
     check_few_labels,
+    check_fsdp,
     check_json_match_keys,
     check_method_objective,
     default_objective,
@@ -604,6 +605,8 @@ class SpecResolver:
     def _check_objective_fields(spec: JobSpec, task: TrainingTask) -> None:
         """The fields that only some objectives take (now that the objective is known)."""
         check_method_objective(spec.method, spec.publish_merged, task.objective)
+        if spec.resources.fsdp:
+            check_fsdp(spec.method, task.objective)
         check_few_labels(spec.hyper_parameters.few_labels, task.objective)
         if spec.chat_template and not task.uses_chat_template:
             raise InvalidArgumentError(

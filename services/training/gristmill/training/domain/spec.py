@@ -190,6 +190,8 @@ class Resources:
     # 0 when not use_gpu.
     gpus_per_worker: float = 0.0
     max_failures: int = DEFAULT_MAX_FAILURES
+    # Shard the model over the workers (FSDP2) instead of a copy in each (``ml.sharding``).
+    fsdp: bool = False
 
 
 @dataclass(frozen=True)
@@ -472,9 +474,16 @@ def build_resources(
     cpus_per_worker: float = 0.0,
     gpus_per_worker: float = 0.0,
     max_failures: int | None = None,
+    fsdp: bool = False,
 ) -> Resources:
     p = "resources."
     workers = _int_range(p + "num_workers", num_workers or 1, 1, MAX_WORKERS)
+    if fsdp and workers < 2:
+        raise _bad(
+            p + "fsdp",
+            f"shards the model over the workers, so it needs resources.num_workers >= 2 (got {workers}); set "
+            "num_workers or remove fsdp",
+        )
     cpus = _finite(p + "cpus_per_worker", cpus_per_worker) or 1.0
     if cpus <= 0:
         raise _bad(p + "cpus_per_worker", f"must be > 0 (got {cpus})")
@@ -488,7 +497,12 @@ def build_resources(
     failures = DEFAULT_MAX_FAILURES if max_failures is None else max_failures
     _int_range(p + "max_failures", failures, 0, 100)
     return Resources(
-        num_workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus, gpus_per_worker=gpus, max_failures=failures
+        num_workers=workers,
+        use_gpu=use_gpu,
+        cpus_per_worker=cpus,
+        gpus_per_worker=gpus,
+        max_failures=failures,
+        fsdp=fsdp,
     )
 
 
@@ -703,6 +717,23 @@ def check_method_objective(
         )
     if method is Method.QLORA and resources is not None and not resources.use_gpu:
         raise qlora_needs_gpus("the job asks for no GPU workers (resources.use_gpu is false)")
+    if resources is not None and resources.fsdp:
+        check_fsdp(method, objective)
+
+
+def check_fsdp(method: Method, objective: Objective | None) -> None:
+    """FSDP shards sft jobs' full or LoRA training (``objective`` None: not known yet, the resolver checks again)."""
+    if method not in (Method.FULL, Method.LORA):
+        raise _bad(
+            "resources.fsdp",
+            f"shards full fine-tuning and LoRA; method {method.value} is not sharded (QLoRA's 4-bit base cannot be "
+            "split this way): use TRAINING_METHOD_LORA with fsdp, or remove fsdp",
+        )
+    if objective is not None and objective is not Objective.SFT:
+        raise _bad(
+            "resources.fsdp",
+            f"shards sft jobs only; objective {objective.value} trains a whole copy per worker (remove fsdp)",
+        )
 
 
 def check_json_match_keys(objective: Objective) -> None:
@@ -753,6 +784,7 @@ def flatten_hyper_parameters(spec: JobSpec) -> dict[str, str]:
         "early_stopping.goal": es.goal.value,
         "num_workers": str(spec.resources.num_workers),
         "use_gpu": str(spec.resources.use_gpu).lower(),
+        "fsdp": str(spec.resources.fsdp).lower(),
     }
     if spec.lora is not None:
         flat.update(

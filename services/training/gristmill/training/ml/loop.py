@@ -120,6 +120,8 @@ class LoopConfig:
     # them (``node_files.node_model_dir``). Empty / None: ``model_dir`` is read where the worker runs.
     model_files: Mapping[str, FileEntry] = field(default_factory=dict)
     model_store: S3Settings | None = None
+    # Shard parameters, gradients and optimizer state over the workers (FSDP2) instead of DDP (``ml.sharding``).
+    fsdp: bool = False
 
 
 @dataclass
@@ -268,6 +270,8 @@ class LoopRunner:
         self.hp = cfg.hyper
         self.device = _device(cfg.use_gpu, local_rank)
         self.task = job_training_task(cfg.task, dpo=cfg.dpo)
+        # One worker has nothing to shard with: it trains as without FSDP.
+        self.fsdp = cfg.fsdp and world_size > 1
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] | None = None
 
@@ -302,6 +306,11 @@ class LoopRunner:
         self.trainable_parameters, self.total_parameters = modeling.parameter_counts(model)
         # A quantised model is on its device already and cannot be moved.
         self.model = model if modeling.is_quantized(model) else model.to(self.device)
+        if self.fsdp:
+            # Before the optimizer exists: sharding replaces the parameters (with DTensors) it must hold.
+            from gristmill.training.ml import sharding
+
+            sharding.shard(self.model, self.device, self.world)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         examples = dict(self.cfg.examples)
         few_labels = self.hp.few_labels
@@ -366,30 +375,39 @@ class LoopRunner:
             self.state = TrainState(**json.loads((path / STATE_FILE).read_text()))
             if self.state.finished:
                 return
-            _load_trainable(self.model, load_file(str(path / TRAINABLE_FILE)))
-            self.optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location=self.device))
+            self._load_trainable(load_file(str(path / TRAINABLE_FILE)))
+            if self.fsdp:
+                from gristmill.training.ml import sharding
+
+                # Saved on the CPU by name, complete: every rank reads it and keeps its shard.
+                sharding.load_optimizer_state(self.model, self.optimizer, torch.load(path / OPTIMIZER_FILE))
+            else:
+                self.optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location=self.device))
             self.scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE))
             if self.scaler is not None and (path / SCALER_FILE).exists():
                 self.scaler.load_state_dict(torch.load(path / SCALER_FILE))
             if (path / BEST_FILE).exists():
                 self.best_weights = load_file(str(path / BEST_FILE))
             elif self.state.best_step == self.state.step:
-                self.best_weights = _trainable_state(self._unwrapped())
+                self.best_weights = self._trainable()
         # Different dropout masks from the first attempt, but a reproducible run from here.
         torch.manual_seed(self.hp.seed + self.state.step)
 
     def _checkpoint(self, metrics: dict[str, Any]) -> None:
         from safetensors.torch import save_file
 
+        # With FSDP both are gathers every rank joins; without, only rank 0 needs them.
+        trainable = self._trainable() if self.fsdp or self.rank == 0 else {}
+        optimizer = self._optimizer_state() if self.fsdp or self.rank == 0 else {}
         with tempfile.TemporaryDirectory(prefix="gristmill-ckpt-") as tmp:
             checkpoint = None
             if self.rank == 0:
                 path = checkpoint = Path(tmp)
                 (path / STATE_FILE).write_text(json.dumps(asdict(self.state)))
-                save_file(_trainable_state(self._unwrapped()), str(path / TRAINABLE_FILE))
+                save_file(trainable, str(path / TRAINABLE_FILE))
                 if self.best_weights is not None and self.state.best_step != self.state.step:
                     save_file(self.best_weights, str(path / BEST_FILE))
-                torch.save(self.optimizer.state_dict(), path / OPTIMIZER_FILE)
+                torch.save(optimizer, path / OPTIMIZER_FILE)
                 torch.save(self.scheduler.state_dict(), path / SCHEDULER_FILE)
                 if self.scaler is not None:
                     torch.save(self.scaler.state_dict(), path / SCALER_FILE)
@@ -397,23 +415,65 @@ class LoopRunner:
 
     # -- evaluation ----------------------------------------------------------------------------------------
 
+    def _trainable(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters' values on the CPU (with FSDP: gathered, a collective; ``{}`` on ranks > 0)."""
+        if self.fsdp:
+            from gristmill.training.ml import sharding
+
+            return sharding.gather_trainable(self.model, self.rank)
+        return _trainable_state(self._unwrapped())
+
+    def _load_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.fsdp:
+            from gristmill.training.ml import sharding
+
+            sharding.load_trainable(self.model, tensors)
+        else:
+            _load_trainable(self.model, tensors)
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        if self.fsdp:
+            from gristmill.training.ml import sharding
+
+            return sharding.optimizer_state(self.model, self.optimizer)
+        state: dict[str, Any] = self.optimizer.state_dict()
+        return state
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
-    def evaluate(self, split_name: str, model: torch.nn.Module | None = None) -> dict[str, float]:
-        """The task's metrics of ``model`` (the one training) on one split, over every rank's share of it."""
+    def evaluate(
+        self, split_name: str, model: torch.nn.Module | None = None, *, solo: bool = False
+    ) -> dict[str, float]:
+        """The task's metrics of ``model`` (the one training) on one split, over every rank's share of it
+        (``solo``: this rank evaluates the whole split alone, the others do not take part)."""
         split = self.splits[split_name]
         model = model if model is not None else self._unwrapped()
         evaluation = self.task.evaluation(self.cfg.label_map, self.device, self._autocast)
         model.eval()
-        indices = D.eval_shard(len(split), rank=self.rank, world_size=self.world)
-        with torch.inference_mode():
-            for chunk in D.batches(indices, max(self.hp.per_worker_batch_size, 32)):
+        rank, world = (0, 1) if solo else (self.rank, self.world)
+        size = max(self.hp.per_worker_batch_size, 32)
+        chunks = D.batches(D.eval_shard(len(split), rank=rank, world_size=world), size)
+        # A sharded forward all-gathers with the other ranks, so under FSDP every rank runs as many as rank 0 (it
+        # has the most): the extra ones score into a throwaway evaluation.
+        padding = 0
+        if self.fsdp and not solo:
+            padding = len(D.batches(D.eval_shard(len(split), rank=0, world_size=world), size)) - len(chunks)
+        # inference_mode tensors cannot enter FSDP's all-gathers; no_grad is enough there.
+        with torch.no_grad() if self.fsdp else torch.inference_mode():
+            for chunk in chunks:
                 evaluation.add(model, self.task.collate(split, chunk, self.pad_id).to(self.device))
+            scratch = self.task.evaluation(self.cfg.label_map, self.device, self._autocast)
+            for _ in range(padding):
+                scratch.add(model, self.task.collate(split, [0], self.pad_id).to(self.device))
+        if self.fsdp and not solo:
+            from gristmill.training.ml import sharding
+
+            sharding.reshard(model)
         model.train()
-        totals = _all_reduce(evaluation.totals(), self.world).cpu()
+        totals = (evaluation.totals() if solo else _all_reduce(evaluation.totals(), self.world)).cpu()
         if isinstance(evaluation, ProfilesPredictions):
             self.profiles[split_name] = evaluation.profile(totals, self.cfg.label_map)
         return evaluation.scores(totals)
@@ -432,7 +492,7 @@ class LoopRunner:
             maximize = es.goal.value == "maximize"
             if D.improved(value, self.state.best_value, maximize=maximize, min_delta=es.min_delta):
                 self.state.best_value, self.state.best_step, self.state.bad_evaluations = value, self.state.step, 0
-                self.best_weights = _trainable_state(self._unwrapped())
+                self.best_weights = self._trainable()
             else:
                 self.state.bad_evaluations += 1
                 stop = bool(es.patience) and self.state.bad_evaluations >= es.patience
@@ -477,7 +537,7 @@ class LoopRunner:
         return module
 
     def _wrap_ddp(self) -> torch.nn.Module:
-        if self.world == 1:
+        if self.world == 1 or self.fsdp:
             return self.model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -615,8 +675,11 @@ class LoopRunner:
         epoch_position = self.state.epoch + (self.state.micro / max(1, self.steps_per_epoch))
         if self.state.evaluated_step != self.state.step:
             self._validate_and_checkpoint(min(epoch_position, float(self.hp.epochs)))
-        model = self._unwrapped()
-        if self.best_weights is not None and self.state.best_step != self.state.step:
+        # Under FSDP the final model is gathered whole on rank 0, which alone evaluates it on the test split, replies
+        # with it and saves it (``solo``); the other ranks only report. None on those ranks.
+        solo = self.fsdp
+        model: torch.nn.Module | None = self._gathered_model() if solo else self._unwrapped()
+        if model is not None and self.best_weights is not None and self.state.best_step != self.state.step:
             _load_trainable(model, self.best_weights)
         final: dict[str, Any] = {
             "step": self.state.step,
@@ -636,18 +699,18 @@ class LoopRunner:
             final["trial"] = self.cfg.trial
         test: dict[str, float] = {}
         samples: list[SampleGeneration] = []
-        if "test" in self.splits:
-            test = self.evaluate("test")
-            generated, samples = self._generate(model)
+        if "test" in self.splits and model is not None:
+            test = self.evaluate("test", model, solo=solo)
+            generated, samples = self._generate(model, solo=solo)
             test.update(generated)
         self.state.finished = True
         with tempfile.TemporaryDirectory(prefix="gristmill-model-") as tmp:
             out = Path(tmp)
-            if self.rank == 0:
+            if self.rank == 0 and model is not None:
                 self.task.save(model, self.tokenizer, out)
-            if self.cfg.publish_merged:
+            if self.cfg.publish_merged and model is not None:
                 # After the adapter was saved: merging consumes the model.
-                test.update(self._merge(model, out / MERGED_MODEL_DIR))
+                test.update(self._merge(model, out / MERGED_MODEL_DIR, solo=solo))
             final.update({f"test_{k}": v for k, v in test.items()})
             if test:
                 self._push(
@@ -666,24 +729,39 @@ class LoopRunner:
             self.session.report(final, checkpoint, FINAL_CHECKPOINT_NAME)
         self._push({"type": "finished", "metrics": {k: v for k, v in final.items() if isinstance(v, int | float)}})
 
-    def _generate(self, model: torch.nn.Module) -> tuple[dict[str, float], list[SampleGeneration]]:
+    def _gathered_model(self) -> torch.nn.Module | None:
+        """FSDP: the trained model whole and unsharded on rank 0 (a fresh build with the gathered trainable
+        weights; a collective), None on the other ranks."""
+        from gristmill.training.ml import sharding
+
+        trained = sharding.gather_trainable(self.model, self.rank)
+        if self.rank != 0:
+            return None
+        lora = self.cfg.lora if self.cfg.method.adapters else None
+        model = self.task.build_model(self.model_dir, self.cfg.label_map, lora)
+        _load_trainable(model, trained)
+        return model.to(self.device)
+
+    def _generate(
+        self, model: torch.nn.Module, *, solo: bool = False
+    ) -> tuple[dict[str, float], list[SampleGeneration]]:
         """A text-generating task's generation metrics on (the first ``GENERATION_EXAMPLES`` of) the test split, every
-        rank replying to its share, and this rank's sample generations."""
+        rank replying to its share (``solo``: this rank to all), and this rank's sample generations."""
         if not isinstance(self.task, GeneratesText):
             return {}, []
         examples = self.cfg.examples.get("test", [])[:GENERATION_EXAMPLES]
         evaluation = self.task.generation_evaluation(
             self.tokenizer, self.device, self._autocast, json_match_keys=self.cfg.json_match_keys
         )
+        rank, world = (0, 1) if solo else (self.rank, self.world)
         model.eval()
         with torch.inference_mode():
-            evaluation.add(
-                model, [examples[i] for i in D.eval_shard(len(examples), rank=self.rank, world_size=self.world)]
-            )
+            evaluation.add(model, [examples[i] for i in D.eval_shard(len(examples), rank=rank, world_size=world)])
         model.train()
-        return evaluation.scores(_all_reduce(evaluation.totals(), self.world).cpu()), evaluation.samples()
+        totals = evaluation.totals() if solo else _all_reduce(evaluation.totals(), self.world)
+        return evaluation.scores(totals.cpu()), evaluation.samples()
 
-    def _merge(self, model: torch.nn.Module, dest: Path) -> dict[str, float]:
+    def _merge(self, model: torch.nn.Module, dest: Path, *, solo: bool = False) -> dict[str, float]:
         """``publish_merged``: the adapter folded into the base weights, evaluated on the test split as the adapter
         was (``merged_<metric>``) on every rank, and saved to ``dest`` by rank 0."""
         from gristmill.training.ml import modeling
@@ -691,7 +769,7 @@ class LoopRunner:
         merged = modeling.merge_adapter(model, modeling.checkpoint_dtype(self.model_dir))
         scores = {}
         if "test" in self.splits:
-            scores = {f"merged_{name}": value for name, value in self.evaluate("test", merged).items()}
+            scores = {f"merged_{name}": value for name, value in self.evaluate("test", merged, solo=solo).items()}
         if self.rank == 0:
             modeling.save_merged(merged, self.tokenizer, dest)
         return scores

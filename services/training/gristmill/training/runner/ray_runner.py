@@ -483,6 +483,7 @@ class RayJobRunner:
             json_match_keys=spec.json_match_keys,
             model_files=dict(request.model_files),
             model_store=self.model_store,
+            fsdp=res.fsdp,
         )
 
     def _trainer(self, request: RunRequest, channel: RunChannel) -> GristmillTorchTrainer:
