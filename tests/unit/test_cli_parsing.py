@@ -180,10 +180,11 @@ def test_generative_job_options(tmp_path: Path) -> None:
         qlora=True,
         chat_template=template,
         beta=0.25,
+        dpo_loss="ipo",
         merged=True,
     )
     assert (spec.objective, spec.method, spec.chat_template) == (tr.OBJECTIVE_DPO, tr.TRAINING_METHOD_QLORA, template)
-    assert spec.dpo.beta == 0.25 and spec.publish_merged
+    assert spec.dpo.beta == 0.25 and spec.dpo.loss == tr.DPO_LOSS_IPO and spec.publish_merged
     # Unset options keep a spec file's values (--lora replaces its method); the dataset's task type picks the
     # objective when none is named.
     kept = job_spec(project_id="chats", dataset_version_id="v3", lora=True, base=spec)
@@ -195,7 +196,7 @@ def test_generative_job_options(tmp_path: Path) -> None:
     )
     plain = job_spec(project_id="chats", dataset_version_id="v2", base_model_name="m", lora=True)
     assert plain.objective == tr.OBJECTIVE_UNSPECIFIED and plain.method == tr.TRAINING_METHOD_LORA
-    for bad in ({"objective": "rlhf"}, {"qlora": True, "lora": False}):
+    for bad in ({"objective": "rlhf"}, {"qlora": True, "lora": False}, {"dpo_loss": "kto"}):
         with pytest.raises(typer.Exit) as raised:
             job_spec(project_id="chats", dataset_version_id="v2", base_model_name="m", **bad)  # type: ignore[arg-type]
         assert raised.value.exit_code == 2

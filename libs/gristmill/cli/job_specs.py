@@ -12,6 +12,7 @@ from gristmill.cli.output import fail
 
 # --objective's names: the dataset version's task type picks one when none is given.
 OBJECTIVES = {"classify": tr.OBJECTIVE_CLASSIFY, "sft": tr.OBJECTIVE_SFT, "dpo": tr.OBJECTIVE_DPO}
+DPO_LOSSES = {"sigmoid": tr.DPO_LOSS_SIGMOID, "ipo": tr.DPO_LOSS_IPO, "hinge": tr.DPO_LOSS_HINGE}
 
 
 def spec_from_file(path: Path) -> tr.JobSpec:
@@ -40,6 +41,7 @@ def job_spec(
     objective: str = "",
     chat_template: str = "",
     beta: float = 0.0,
+    dpo_loss: str = "",
     merged: bool = False,
     workers: int = 0,
     fsdp: bool = False,
@@ -88,6 +90,10 @@ def job_spec(
     spec.chat_template = chat_template or spec.chat_template
     if beta:
         spec.dpo.beta = beta
+    if dpo_loss:
+        if dpo_loss not in DPO_LOSSES:
+            fail(f"--dpo-loss must be one of {', '.join(DPO_LOSSES)}, got {dpo_loss!r}", code=2)
+        spec.dpo.loss = DPO_LOSSES[dpo_loss]
     spec.publish_merged = merged or spec.publish_merged
     hp = spec.hyper_parameters
     hp.learning_rate = learning_rate or hp.learning_rate

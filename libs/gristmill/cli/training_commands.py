@@ -372,6 +372,7 @@ def train_command(
         help="a Jinja chat template file for sft/dpo (default: the base model tokenizer's)",
     ),
     beta: float = typer.Option(0.0, "--beta", min=0.0, help="dpo: the DPO loss temperature (0: 0.1)"),
+    dpo_loss: str = typer.Option("", "--dpo-loss", help="dpo: the preference loss, sigmoid (default), ipo or hinge"),
     merged: bool = typer.Option(
         False, "--merged", help="sft/dpo with LoRA: also publish the merged model (base + adapter) under merged/"
     ),
@@ -464,6 +465,7 @@ def train_command(
             objective=objective,
             chat_template=read_text_option(chat_template, "--chat-template"),
             beta=beta,
+            dpo_loss=dpo_loss,
             merged=merged,
             workers=workers,
             fsdp=fsdp,

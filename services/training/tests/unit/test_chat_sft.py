@@ -76,9 +76,11 @@ class FixedCapacity:
         return ClusterCapacity(cpus=2, gpus=0, max_node_cpus=2, max_node_gpus=0)
 
 
-def _resolver(objects: ObjectStore, tmp_path: Path) -> SpecResolver:
+def _resolver(objects: ObjectStore, tmp_path: Path, *, search_enabled: bool = False) -> SpecResolver:
     models = BaseModelCatalog(objects, tmp_path / "cache", allow_local_paths=True)
-    return SpecResolver(DatasetCatalog(objects), models, HfModelInspector(), FixedCapacity())
+    return SpecResolver(
+        DatasetCatalog(objects), models, HfModelInspector(), FixedCapacity(), search_enabled=search_enabled
+    )
 
 
 def _spec(model: Path, dataset: DatasetRef, *, method: d.Method = d.Method.LORA, **changes: Any) -> d.JobSpec:

@@ -67,7 +67,7 @@ def _lora(dropout: float = 0.1) -> LoraSettings:
 # --------------------------------------------------------------------------- the spec
 
 
-def _proto(**dpo: float) -> pb.JobSpec:
+def _proto(**dpo: Any) -> pb.JobSpec:
     spec = pb.JobSpec(display_name="dpo", objective=pb.OBJECTIVE_DPO, method=pb.TRAINING_METHOD_LORA)
     spec.base_model.local_path = "/models/llama"
     spec.dataset_version.project_id, spec.dataset_version.dataset_version_id = "prefs", "v1"
@@ -87,6 +87,56 @@ def test_beta_zero_means_a_tenth_and_is_kept_in_range() -> None:
         with pytest.raises(InvalidArgumentError, match=r"spec.dpo.beta must") as caught:
             convert.spec_from_proto(_proto(beta=beta))
         assert caught.value.details["field"] == "spec.dpo.beta"
+
+
+def test_the_loss_is_sigmoid_unless_named_and_an_unknown_one_is_refused() -> None:
+    assert convert.spec_from_proto(_proto(beta=0.2)).dpo == d.DpoSettings(0.2, d.DpoLoss.SIGMOID)
+    for loss, kind in ((pb.DPO_LOSS_IPO, d.DpoLoss.IPO), (pb.DPO_LOSS_HINGE, d.DpoLoss.HINGE)):
+        spec = convert.spec_from_proto(_proto(beta=0.5, loss=loss))
+        assert spec.dpo == d.DpoSettings(0.5, kind)
+        assert (
+            convert.spec_to_proto(spec).dpo.loss == loss
+            and convert.spec_from_proto(convert.spec_to_proto(spec)) == spec
+        )
+        assert d.flatten_hyper_parameters(spec)["dpo.loss"] == kind.value
+    with pytest.raises(InvalidArgumentError, match="spec.dpo.loss has an unknown value 9") as caught:
+        convert.spec_from_proto(_proto(loss=9))
+    assert caught.value.details["field"] == "spec.dpo.loss"
+    configured = job_training_task("preference", dpo=d.DpoSettings(0.5, d.DpoLoss.HINGE))
+    assert isinstance(configured, PreferenceDpo) and configured.settings.loss is d.DpoLoss.HINGE
+
+
+def test_beta_is_searched_for_dpo_jobs_only_within_its_range(
+    objects: ObjectStore, preference_version: Any, chat_version: Any, tiny_llama: Path, tmp_path: Path
+) -> None:
+    from gristmill.training.domain.search import check_search_bounds, trial_spec
+
+    def searching(*values: float) -> d.SearchSettings:
+        dimension = d.build_search_dimension(
+            0, parameter="dpo.beta", distribution=d.Distribution.CHOICE, values=values, method=d.Method.LORA
+        )
+        return d.build_search(num_trials=2, metric="loss", dimensions=[dimension])
+
+    spec = d.build_spec(
+        **_build_arguments(
+            objective=d.Objective.DPO, dpo=d.DpoSettings(0.1, d.DpoLoss.IPO), search=searching(0.05, 0.5)
+        )
+    )
+    trial = trial_spec(spec, {"dpo.beta": 0.5})
+    assert trial.dpo == d.DpoSettings(0.5, d.DpoLoss.IPO) and trial.search is None
+    # Before the spec is resolved the dpo settings may be absent: the trial gets the defaults with its beta.
+    assert trial_spec(replace(spec, dpo=None), {"dpo.beta": 0.05}).dpo == d.DpoSettings(0.05)
+    with pytest.raises(InvalidArgumentError, match="dimension 'dpo.beta' reaches 20, which is not allowed"):
+        check_search_bounds(replace(spec, search=searching(0.1, 20.0)))
+    with pytest.raises(InvalidArgumentError, match="spec.search.dimensions searches dpo.beta") as sft:
+        d.build_spec(**_build_arguments(objective=d.Objective.SFT, search=searching(0.1, 0.5)))
+    assert sft.value.details["field"] == "spec.search.dimensions"
+    # Objective left to the dataset version: a chat version (SFT) is refused, a preference version (DPO) resolves.
+    resolver = _resolver(objects, tmp_path, search_enabled=True)  # as with the Ray runner
+    with pytest.raises(InvalidArgumentError, match="objective sft does not"):
+        resolver.resolve(_spec(tiny_llama, chat_version(objects), search=searching(0.1, 0.5)))
+    resolved = resolver.resolve(_spec(tiny_llama, preference_version(objects), search=searching(0.1, 0.5)))
+    assert resolved.spec.dpo == d.DpoSettings() and resolved.spec.search is not None
 
 
 def test_dpo_settings_with_another_objective_are_refused_naming_the_field() -> None:
@@ -355,7 +405,9 @@ def _perturbed_policy(model_dir: Path, lora: LoraSettings | None) -> torch.nn.Mo
     return policy.eval()
 
 
-def _trl_dpo(policy: torch.nn.Module, reference: torch.nn.Module | None, inputs: dict[str, Any], beta: float) -> Any:
+def _trl_dpo(
+    policy: torch.nn.Module, reference: torch.nn.Module | None, inputs: dict[str, Any], beta: float, loss_type: str
+) -> Any:
     """TRL's DPOTrainer loss and logged metrics on ``inputs``, its own code run on a minimal trainer (one process)."""
     from trl.trainer.dpo_trainer import DPOTrainer
     from trl.trainer.utils import add_fused_lm_head
@@ -376,7 +428,7 @@ def _trl_dpo(policy: torch.nn.Module, reference: torch.nn.Module | None, inputs:
         ld_alpha=None,
         precompute_ref_logps=False,
         f_divergence_type="reverse_kl",
-        loss_types=["sigmoid"],
+        loss_types=[loss_type],
         loss_weights=[1.0],
         beta=beta,
         use_weighting=False,
@@ -390,8 +442,12 @@ def _trl_dpo(policy: torch.nn.Module, reference: torch.nn.Module | None, inputs:
     return float(loss), trainer._metrics["eval"]
 
 
-@pytest.mark.parametrize("method", [d.Method.LORA, d.Method.FULL])
-def test_the_loss_and_rewards_are_trls(tiny_llama: Path, method: d.Method) -> None:
+@pytest.mark.parametrize(
+    ("method", "kind"),
+    [(d.Method.LORA, d.DpoLoss.SIGMOID), (d.Method.FULL, d.DpoLoss.SIGMOID)]
+    + [(method, kind) for method in (d.Method.LORA, d.Method.FULL) for kind in (d.DpoLoss.IPO, d.DpoLoss.HINGE)],
+)
+def test_the_loss_and_rewards_are_trls(tiny_llama: Path, method: d.Method, kind: d.DpoLoss) -> None:
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     beta = 0.5
@@ -400,13 +456,14 @@ def test_the_loss_and_rewards_are_trls(tiny_llama: Path, method: d.Method) -> No
     split = P.encode(tokenizer, _triples(preference_rows(6, 8)), 512)
     indices = list(range(6))
     with torch.no_grad():
-        terms = P.pair_terms(policy, P.collate(split, indices, tokenizer.pad_token_id), beta)
+        terms = P.pair_terms(policy, P.collate(split, indices, tokenizer.pad_token_id), beta, kind)
     margins = terms.chosen_rewards - terms.rejected_rewards
-    # The policy moved: not the untrained log(2).
-    assert abs(float(terms.losses.mean()) - math.log(2)) > 1e-3
+    # The policy moved: not the untrained value (log 2, 1 / (2 beta)^2 or 1).
+    untrained = {d.DpoLoss.SIGMOID: math.log(2), d.DpoLoss.IPO: (1 / (2 * beta)) ** 2, d.DpoLoss.HINGE: 1.0}[kind]
+    assert abs(float(terms.losses.mean()) - untrained) > 1e-3
 
     inputs = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)([split.examples[i] for i in indices])
-    loss, metrics = _trl_dpo(policy, P.frozen_reference(policy), inputs, beta)
+    loss, metrics = _trl_dpo(policy, P.frozen_reference(policy), inputs, beta, kind.value)
     assert float(terms.losses.mean()) == pytest.approx(loss, rel=1e-5, abs=1e-6)
     assert float((margins > 0).float().mean()) == pytest.approx(metrics["rewards/accuracies"][0])
     assert float(margins.mean()) == pytest.approx(metrics["rewards/margins"][0], rel=1e-5, abs=1e-6)
@@ -437,6 +494,15 @@ def test_dpo_loss_matches_its_formula() -> None:
     assert terms.losses.tolist() == pytest.approx(expected)
     assert terms.chosen_rewards.tolist() == pytest.approx([0.05, -0.1])
     assert terms.rejected_rewards.tolist() == pytest.approx([-0.1, 0.1])
+    hinge = P.dpo_loss(chosen, rejected, reference_chosen, reference_rejected, beta=2.0, loss=d.DpoLoss.HINGE)
+    # relu(1 - 2 * 1.5) = 0; relu(1 - 2 * (-2.0)) = 5.
+    assert hinge.losses.tolist() == pytest.approx([0.0, 5.0])
+    tokens = (torch.tensor([2, 4]), torch.tensor([1, 2]))
+    ipo = P.dpo_loss(chosen, rejected, reference_chosen, reference_rejected, 0.5, d.DpoLoss.IPO, tokens)
+    # Per token: pair 1: 0.5 / 2 - (-1.0) / 1 = 1.25; pair 2: -1.0 / 4 - 1.0 / 2 = -0.75; target 1 / (2 * 0.5) = 1.
+    assert ipo.losses.tolist() == pytest.approx([(1.25 - 1) ** 2, (-0.75 - 1) ** 2])
+    with pytest.raises(ValueError, match="token counts"):
+        P.dpo_loss(chosen, rejected, reference_chosen, reference_rejected, 0.5, d.DpoLoss.IPO)
 
 
 # --------------------------------------------------------------------------- the reference model

@@ -239,6 +239,32 @@ LEARNING_RATE_SCHEDULE_CONSTANT: LearningRateSchedule.ValueType  # 3
 """Linear warmup then constant."""
 Global___LearningRateSchedule: _TypeAlias = LearningRateSchedule  # noqa: Y015
 
+class _DpoLoss:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DpoLossEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DpoLoss.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DPO_LOSS_UNSPECIFIED: _DpoLoss.ValueType  # 0
+    DPO_LOSS_SIGMOID: _DpoLoss.ValueType  # 1
+    """-log sigmoid(beta * m) (Rafailov et al. 2023)."""
+    DPO_LOSS_IPO: _DpoLoss.ValueType  # 2
+    """(m' - 1 / (2 beta))^2, m' with each side divided by its reply's token count (Azar et al. 2023)."""
+    DPO_LOSS_HINGE: _DpoLoss.ValueType  # 3
+    """max(0, 1 - beta * m) (SLiC, Zhao et al. 2023)."""
+
+class DpoLoss(_DpoLoss, metaclass=_DpoLossEnumTypeWrapper):
+    """Of the margin m = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))."""
+
+DPO_LOSS_UNSPECIFIED: DpoLoss.ValueType  # 0
+DPO_LOSS_SIGMOID: DpoLoss.ValueType  # 1
+"""-log sigmoid(beta * m) (Rafailov et al. 2023)."""
+DPO_LOSS_IPO: DpoLoss.ValueType  # 2
+"""(m' - 1 / (2 beta))^2, m' with each side divided by its reply's token count (Azar et al. 2023)."""
+DPO_LOSS_HINGE: DpoLoss.ValueType  # 3
+"""max(0, 1 - beta * m) (SLiC, Zhao et al. 2023)."""
+Global___DpoLoss: _TypeAlias = DpoLoss  # noqa: Y015
+
 class _SearchScheduler:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -410,18 +436,22 @@ class DpoConfig(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BETA_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
     beta: _builtins.float
-    """Temperature of the DPO loss (how far the policy may move from the reference). 0 means 0.1;
-    otherwise in (0, 10].
+    """Temperature of the DPO loss (how far the policy may move from the reference; IPO's tau).
+    0 means 0.1; otherwise in (0, 10]. Searchable as "dpo.beta".
     """
+    loss: Global___DpoLoss.ValueType
+    """The preference loss, computed as TRL's DPOTrainer computes it. Unspecified means sigmoid."""
     def __init__(
         self,
         *,
         beta: _builtins.float = ...,
+        loss: Global___DpoLoss.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["beta", b"beta"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["beta", b"beta", "loss", b"loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -69,6 +69,13 @@ _OBJECTIVE_FROM_PB = {
     pb.OBJECTIVE_DPO: d.Objective.DPO,
 }
 _OBJECTIVE_TO_PB = {v: k for k, v in _OBJECTIVE_FROM_PB.items() if v is not None}
+_DPO_LOSS_FROM_PB = {
+    pb.DPO_LOSS_UNSPECIFIED: None,
+    pb.DPO_LOSS_SIGMOID: d.DpoLoss.SIGMOID,
+    pb.DPO_LOSS_IPO: d.DpoLoss.IPO,
+    pb.DPO_LOSS_HINGE: d.DpoLoss.HINGE,
+}
+_DPO_LOSS_TO_PB = {v: k for k, v in _DPO_LOSS_FROM_PB.items() if v is not None}
 _PRECISION_FROM_PB = {
     pb.MIXED_PRECISION_UNSPECIFIED: d.Precision.AUTO,
     pb.MIXED_PRECISION_NO: d.Precision.NO,
@@ -214,7 +221,11 @@ def spec_from_proto(spec: pb.JobSpec, *, require_dataset: bool = True) -> d.JobS
         objective=_enum(_OBJECTIVE_FROM_PB, spec.objective, "spec.objective"),
         chat_template=spec.chat_template,
         publish_merged=spec.publish_merged,
-        dpo=d.build_dpo(given=spec.HasField("dpo"), beta=spec.dpo.beta),
+        dpo=d.build_dpo(
+            given=spec.HasField("dpo"),
+            beta=spec.dpo.beta,
+            loss=_enum(_DPO_LOSS_FROM_PB, spec.dpo.loss, "spec.dpo.loss"),
+        ),
         json_match_keys=d.build_json_match_keys(list(spec.json_match_keys)),
     )
 
@@ -362,7 +373,7 @@ def spec_to_proto(spec: d.JobSpec) -> pb.JobSpec:
             )
         )
     if spec.dpo is not None:
-        out.dpo.CopyFrom(pb.DpoConfig(beta=spec.dpo.beta))
+        out.dpo.CopyFrom(pb.DpoConfig(beta=spec.dpo.beta, loss=_DPO_LOSS_TO_PB[spec.dpo.loss]))
     if spec.search is not None:
         s = spec.search
         search = pb.HyperParameterSearch(

@@ -68,6 +68,7 @@ from gristmill.training.domain.spec import (
     check_fsdp,
     check_json_match_keys,
     check_method_objective,
+    check_search_objective,
     default_objective,
     dpo_without_dpo,
     objective_not_available,
@@ -607,6 +608,7 @@ class SpecResolver:
         check_method_objective(spec.method, spec.publish_merged, task.objective)
         if spec.resources.fsdp:
             check_fsdp(spec.method, task.objective)
+        check_search_objective(spec.search, task.objective)
         check_few_labels(spec.hyper_parameters.few_labels, task.objective)
         if spec.chat_template and not task.uses_chat_template:
             raise InvalidArgumentError(

@@ -17,9 +17,11 @@ from gristmill.core.errors import InvalidArgumentError
 from gristmill.training.domain.spec import (
     SEARCHABLE,
     Distribution,
+    DpoSettings,
     EarlyStopping,
     JobSpec,
     SearchSettings,
+    build_dpo,
     build_hyper_parameters,
     build_lora,
 )
@@ -80,6 +82,10 @@ def trial_spec(spec: JobSpec, sampled: Mapping[str, float]) -> JobSpec:
             dropout=float(values.get("lora.dropout", lora.dropout)),
             target_modules=lora.target_modules,
         )
+    dpo = spec.dpo
+    if "dpo.beta" in values:
+        # Before the spec is resolved a DPO job may carry no dpo settings yet: the defaults, beta searched.
+        dpo = build_dpo(given=True, beta=values["dpo.beta"], loss=(spec.dpo or DpoSettings()).loss)
     # The builder's range checks apply to sampled values too (a search bound may lie outside them).
     build_hyper_parameters(
         method=spec.method,
@@ -88,7 +94,7 @@ def trial_spec(spec: JobSpec, sampled: Mapping[str, float]) -> JobSpec:
         warmup_ratio=hyper.warmup_ratio,
         weight_decay=hyper.weight_decay,
     )
-    return replace(spec, hyper_parameters=hyper, lora=lora, search=None)
+    return replace(spec, hyper_parameters=hyper, lora=lora, dpo=dpo, search=None)
 
 
 def check_search_bounds(spec: JobSpec) -> None:

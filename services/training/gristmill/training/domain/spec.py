@@ -17,6 +17,7 @@ from enum import StrEnum
 from gristmill.core.chat_templates import LINEAGE_KEY, chat_template_sha256
 from gristmill.core.errors import FailedPreconditionError, InvalidArgumentError
 from gristmill.core.ids import validate_id
+from gristmill.training.domain.dpo import DpoLoss as DpoLoss
 from gristmill.training.domain.dpo import DpoSettings as DpoSettings
 from gristmill.training.domain.lora import LoraSettings
 from gristmill.training.domain.objectives import GENERATIVE_OBJECTIVES as GENERATIVE_OBJECTIVES
@@ -321,14 +322,15 @@ def build_lora(
     )
 
 
-def build_dpo(*, given: bool, beta: float = 0.0) -> DpoSettings | None:
-    """``spec.dpo``: None when not given (a DPO job gets the defaults when its spec is resolved); beta 0 means 0.1."""
+def build_dpo(*, given: bool, beta: float = 0.0, loss: DpoLoss | None = None) -> DpoSettings | None:
+    """``spec.dpo``: None when not given (a DPO job gets the defaults when its spec is resolved); beta 0 means 0.1,
+    no loss the sigmoid one."""
     if not given:
         return None
     beta = _finite("dpo.beta", beta) or DpoSettings().beta
     if not 0.0 < beta <= MAX_DPO_BETA:
         raise _bad("dpo.beta", f"must be in (0, {MAX_DPO_BETA:g}] (got {beta})")
-    return DpoSettings(beta=beta)
+    return DpoSettings(beta=beta, loss=loss or DpoLoss.SIGMOID)
 
 
 def build_json_match_keys(keys: Sequence[str]) -> tuple[str, ...]:
@@ -515,6 +517,8 @@ SEARCHABLE = {
     "lora.rank": True,
     "lora.alpha": False,
     "lora.dropout": False,
+    # Objective dpo only (checked once the objective is known).
+    "dpo.beta": False,
 }
 
 
@@ -635,6 +639,7 @@ def build_spec(
     check_method_objective(method, publish_merged, known, resources)
     if known is not None:
         check_few_labels(hyper_parameters.few_labels, known)
+        check_search_objective(search, known)
     if json_match_keys and known is not None:
         check_json_match_keys(known)
     if registered_model_name:
@@ -719,6 +724,16 @@ def check_method_objective(
         raise qlora_needs_gpus("the job asks for no GPU workers (resources.use_gpu is false)")
     if resources is not None and resources.fsdp:
         check_fsdp(method, objective)
+
+
+def check_search_objective(search: SearchSettings | None, objective: Objective) -> None:
+    """``dpo.beta`` is searched for DPO jobs only."""
+    searched = {dimension.parameter for dimension in search.dimensions} if search is not None else set()
+    if "dpo.beta" in searched and objective is not Objective.DPO:
+        raise _bad(
+            "search.dimensions",
+            f"searches dpo.beta, which only objective dpo has; objective {objective.value} does not (remove it)",
+        )
 
 
 def check_fsdp(method: Method, objective: Objective | None) -> None:
@@ -806,6 +821,7 @@ def flatten_hyper_parameters(spec: JobSpec) -> dict[str, str]:
         flat["publish_merged"] = "true"
     if spec.dpo is not None:
         flat["dpo.beta"] = repr(spec.dpo.beta)
+        flat["dpo.loss"] = spec.dpo.loss.value
     few = hp.few_labels
     if few.augmentation_copies:
         flat["few_labels.augmentation_copies"] = str(few.augmentation_copies)

@@ -30,11 +30,13 @@ the first epoch training runs no reference pass, later evaluations neither, and 
 ``publish_merged`` (which has no adapter to disable) is scored against the values its adapter model's test
 evaluation computed.
 
-**Loss.** Sigmoid DPO (Rafailov et al. 2023): ``-logsigmoid(beta * ((logp(chosen) - ref_logp(chosen)) -
-(logp(rejected) - ref_logp(rejected))))``, averaged over the batch's pairs; the rewards are ``beta * (logp -
-ref_logp)``, as TRL reports them.
-The unit tests check loss and rewards against TRL's ``DPOTrainer`` on the same batch. Evaluation reports the mean
-loss, the reward accuracy (the fraction of pairs whose chosen reward is above the rejected one) and the mean
+**Loss** (``DpoSettings.loss``), of the margin ``(logp(chosen) - ref_logp(chosen)) - (logp(rejected) -
+ref_logp(rejected))``, averaged over the batch's pairs: sigmoid DPO (Rafailov et al. 2023) ``-logsigmoid(beta *
+margin)``; hinge (SLiC) ``relu(1 - beta * margin)``; IPO (Azar et al. 2023) ``(margin' - 1 / (2 beta))^2`` where
+``margin'`` divides each side's ratio by its completion's token count (TRL's normalisation). The rewards are
+``beta * (logp - ref_logp)`` whatever the loss, as TRL reports them.
+The unit tests check each loss and the rewards against TRL's ``DPOTrainer`` on the same batch. Evaluation reports
+the mean loss, the reward accuracy (the fraction of pairs whose chosen reward is above the rejected one) and the mean
 reward margin (chosen minus rejected).
 """
 
@@ -50,6 +52,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gristmill.training.domain.dpo import DpoLoss
 from gristmill.training.ml import chat
 from gristmill.training.tasks.base import EncodingError
 
@@ -300,7 +303,7 @@ def _reference_pass(model: torch.nn.Module, batch: PreferenceBatch) -> torch.Ten
 
 @dataclass(frozen=True)
 class DpoTerms:
-    """Per pair: the sigmoid DPO loss and the implicit rewards ``beta * (logp - ref_logp)`` (detached)."""
+    """Per pair: the preference loss and the implicit rewards ``beta * (logp - ref_logp)`` (detached)."""
 
     losses: torch.Tensor
     chosen_rewards: torch.Tensor
@@ -313,37 +316,67 @@ def dpo_loss(
     reference_chosen_logps: torch.Tensor,
     reference_rejected_logps: torch.Tensor,
     beta: float,
+    loss: DpoLoss = DpoLoss.SIGMOID,
+    completion_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> DpoTerms:
-    """The sigmoid DPO loss of each pair from the sequences' log-probabilities under the policy and the reference."""
+    """Each pair's ``loss`` from the sequences' log-probabilities under the policy and the reference (IPO also needs
+    the chosen and rejected completions' token counts)."""
     chosen_ratios = chosen_logps - reference_chosen_logps
     rejected_ratios = rejected_logps - reference_rejected_logps
-    losses = -F.logsigmoid(beta * (chosen_ratios - rejected_ratios))
+    if loss is DpoLoss.SIGMOID:
+        losses = -F.logsigmoid(beta * (chosen_ratios - rejected_ratios))
+    elif loss is DpoLoss.HINGE:
+        losses = torch.relu(1 - beta * (chosen_ratios - rejected_ratios))
+    elif loss is DpoLoss.IPO:
+        if completion_tokens is None:
+            raise ValueError("the IPO loss needs the completions' token counts")
+        chosen_tokens, rejected_tokens = (t.to(chosen_ratios.dtype).clamp(min=1.0) for t in completion_tokens)
+        losses = (chosen_ratios / chosen_tokens - rejected_ratios / rejected_tokens - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss!r}")
     return DpoTerms(losses, beta * chosen_ratios.detach(), beta * rejected_ratios.detach())
 
 
-def pair_terms(model: torch.nn.Module, batch: PreferenceBatch, beta: float) -> DpoTerms:
+def completion_tokens(batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token counts of the chosen and of the rejected completions (the labelled tokens)."""
+    counts = (batch.labels != IGNORE_INDEX).sum(dim=1)
+    chosen, rejected = counts.chunk(2)
+    return chosen, rejected
+
+
+def pair_terms(
+    model: torch.nn.Module, batch: PreferenceBatch, beta: float, loss: DpoLoss = DpoLoss.SIGMOID
+) -> DpoTerms:
     reference_chosen, reference_rejected = reference_logps(model, batch).chunk(2)
     chosen, rejected = policy_logps(model, batch).chunk(2)
-    return dpo_loss(chosen, rejected, reference_chosen, reference_rejected, beta)
+    counts = completion_tokens(batch) if loss is DpoLoss.IPO else None
+    return dpo_loss(chosen, rejected, reference_chosen, reference_rejected, beta, loss, counts)
 
 
-def loss(model: torch.nn.Module, batch: PreferenceBatch, beta: float) -> torch.Tensor:
-    """The mean DPO loss of ``batch``'s pairs."""
-    return pair_terms(model, batch, beta).losses.mean()
+def loss(model: torch.nn.Module, batch: PreferenceBatch, beta: float, kind: DpoLoss = DpoLoss.SIGMOID) -> torch.Tensor:
+    """The mean preference loss of ``batch``'s pairs."""
+    return pair_terms(model, batch, beta, kind).losses.mean()
 
 
 class PreferenceEvaluation:
     """Summed DPO loss, pairs whose chosen reward is above the rejected one, summed reward margin and the pair count;
     scored as loss, reward_accuracy and reward_margin."""
 
-    def __init__(self, beta: float, device: torch.device, autocast: Callable[[], AbstractContextManager[Any]]) -> None:
+    def __init__(
+        self,
+        beta: float,
+        device: torch.device,
+        autocast: Callable[[], AbstractContextManager[Any]],
+        loss: DpoLoss = DpoLoss.SIGMOID,
+    ) -> None:
         self.beta = beta
+        self.loss = loss
         self.autocast = autocast
         self.sums = torch.zeros(4, dtype=torch.float64, device=device)
 
     def add(self, model: torch.nn.Module, batch: PreferenceBatch) -> None:
         with self.autocast():
-            terms = pair_terms(model, batch, self.beta)
+            terms = pair_terms(model, batch, self.beta, self.loss)
         margins = (terms.chosen_rewards - terms.rejected_rewards).double()
         self.sums[0] += terms.losses.double().sum()
         self.sums[1] += (margins > 0).double().sum()

@@ -6,13 +6,13 @@ A row's prompt is checked like labeling checks it (roles, turn order, ending bef
 or more assistant turns; the loop's example is a ``PreferencePair`` of plain OpenAI-shaped message dicts. The loop
 renders prompt + chosen and prompt + rejected with the chat template (the base tokenizer's or
 ``spec.chat_template``), scores the replies' tokens only, against a reference model that is the starting model (the
-base with the LoRA adapter disabled, or a frozen copy for a full fine-tune), with the sigmoid DPO loss at
-``spec.dpo.beta`` (``gristmill.training.ml.preference``). Evaluation reports the loss, the reward accuracy and the
-mean reward margin. Once training ended, the model replies (greedy) to (at most 64) test prompts, scored against the
-chosen reply by SFT's generation evaluation (``exact_match``, ``rouge_l``, ``json_valid``, ``json_match_<key>``, and
-the model card's sample generations). The trained model is a chat model: SFT's signature and published files (with
-LoRA, the PEFT adapter with the tokenizer and its chat template; the base model is the lineage's reference), and the
-manifest's task type is ``TASK_TYPE_CHAT`` (``domain.objectives.model_task_type``).
+base with the LoRA adapter disabled, or a frozen copy for a full fine-tune), with ``spec.dpo.loss`` (sigmoid DPO,
+IPO or hinge) at ``spec.dpo.beta`` (``gristmill.training.ml.preference``). Evaluation reports the loss, the reward
+accuracy and the mean reward margin. Once training ended, the model replies (greedy) to (at most 64) test prompts,
+scored against the chosen reply by SFT's generation evaluation (``exact_match``, ``rouge_l``, ``json_valid``,
+``json_match_<key>``, and the model card's sample generations). The trained model is a chat model: SFT's signature
+and published files (with LoRA, the PEFT adapter with the tokenizer and its chat template; the base model is the
+lineage's reference), and the manifest's task type is ``TASK_TYPE_CHAT`` (``domain.objectives.model_task_type``).
 
 torch, transformers, TRL and peft are imported inside the methods the loop and the inspection call.
 """
@@ -139,7 +139,7 @@ class PreferenceDpo:
             summary="Chat model (direct preference optimisation on chosen and rejected replies)",
             data=(
                 "- Rows: preference pairs (`dpo-conversational`): a prompt, the chosen reply and the rejected one; the "
-                "sigmoid DPO loss (beta: the hyper-parameter `dpo.beta`) covers the replies' tokens only, against the "
+                "preference loss (`dpo.loss`, at `dpo.beta`) covers the replies' tokens only, against the "
                 "starting model as the reference",
             ),
             lora_weights="published as a PEFT adapter of the base model",
@@ -169,14 +169,14 @@ class PreferenceDpo:
     def loss(self, model: torch.nn.Module, batch: PreferenceBatch) -> torch.Tensor:
         from gristmill.training.ml import preference
 
-        return preference.loss(model, batch, self.settings.beta)
+        return preference.loss(model, batch, self.settings.beta, self.settings.loss)
 
     def evaluation(
         self, label_map: Sequence[str], device: torch.device, autocast: Callable[[], AbstractContextManager[Any]]
     ) -> PreferenceEvaluation:
         from gristmill.training.ml import preference
 
-        return preference.PreferenceEvaluation(self.settings.beta, device, autocast)
+        return preference.PreferenceEvaluation(self.settings.beta, device, autocast, self.settings.loss)
 
     def generation_evaluation(
         self,
