@@ -645,7 +645,8 @@ class EarlyStopping(_message.Message):
     """Evaluations without improvement before stopping. 0 disables early stopping."""
     metric: _builtins.str
     """Validation metric: "accuracy", "f1" (macro) or "loss" for CLASSIFY; "loss" or "perplexity"
-    for SFT. Empty means "f1" for CLASSIFY and "loss" for SFT ("f1" on SFT means the same).
+    for SFT; "loss", "reward_accuracy" or "reward_margin" for DPO. Empty means "f1" for CLASSIFY
+    and "loss" for SFT and DPO ("f1" on a generative objective means the same).
     """
     goal: _common_pb2.MetricGoal.ValueType
     """UNSPECIFIED means MINIMIZE for "loss" and MAXIMIZE otherwise."""
@@ -736,7 +737,7 @@ class HyperParameterSearch(_message.Message):
     """Trials run at once. 0 means as many as the cluster fits."""
     metric: _builtins.str
     """Validation metric to optimise, as EarlyStopping.metric. Empty means "f1" (CLASSIFY) or
-    "loss" (SFT).
+    "loss" (SFT, DPO).
     """
     goal: _common_pb2.MetricGoal.ValueType
     scheduler: Global___SearchScheduler.ValueType
@@ -775,7 +776,7 @@ class SearchDimension(_message.Message):
     CHOICE_FIELD_NUMBER: _builtins.int
     parameter: _builtins.str
     """Dotted name of the parameter: "learning_rate", "weight_decay", "warmup_ratio",
-    "per_worker_batch_size", "lora.rank", "lora.alpha", "lora.dropout".
+    "per_worker_batch_size", "lora.rank", "lora.alpha", "lora.dropout", "dpo.beta" (DPO only).
     """
     @_builtins.property
     def uniform(self) -> Global___Range:
