@@ -45,6 +45,7 @@ def job_spec(
     merged: bool = False,
     workers: int = 0,
     fsdp: bool = False,
+    gradient_checkpointing: bool = False,
     augment: int = 0,
     adversarial: float = 0.0,
     base: tr.JobSpec | None = None,
@@ -109,5 +110,6 @@ def job_spec(
         hp.few_labels.adversarial_epsilon = adversarial
     spec.resources.num_workers = workers or spec.resources.num_workers or 1
     spec.resources.fsdp = fsdp or spec.resources.fsdp
+    hp.gradient_checkpointing = gradient_checkpointing or hp.gradient_checkpointing
     spec.registered_model_name = model or spec.registered_model_name
     return spec

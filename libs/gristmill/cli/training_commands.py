@@ -380,6 +380,9 @@ def train_command(
     fsdp: bool = typer.Option(
         False, "--fsdp", help="sft: shard the model over the --workers (FSDP) instead of a whole copy in each"
     ),
+    gradient_checkpointing: bool = typer.Option(
+        False, "--gradient-checkpointing", help="recompute activations in the backward pass: less memory, slower"
+    ),
     augment: int = typer.Option(
         0,
         "--augment",
@@ -469,6 +472,7 @@ def train_command(
             merged=merged,
             workers=workers,
             fsdp=fsdp,
+            gradient_checkpointing=gradient_checkpointing,
             augment=augment,
             adversarial=adversarial,
             base=base,

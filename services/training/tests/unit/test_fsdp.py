@@ -129,7 +129,10 @@ def _final_weights(root: Path) -> dict[str, torch.Tensor]:
 
 def test_fsdp_learns_what_ddp_learns_on_the_same_batches(tiny_llama: Path, tmp_path: Path) -> None:
     ddp = _run(_config(tiny_llama, fsdp=False), tmp_path / "ddp")
-    fsdp = _run(_config(tiny_llama, fsdp=True), tmp_path / "fsdp")
+    # With activation checkpointing as well (recomputing a sharded block's layers changes nothing either).
+    sharded = _config(tiny_llama, fsdp=True)
+    sharded = replace(sharded, hyper=replace(sharded.hyper, gradient_checkpointing=True))
+    fsdp = _run(sharded, tmp_path / "fsdp")
     assert len(_losses(fsdp)) == len(_losses(ddp)) >= 2
     assert _losses(fsdp) == pytest.approx(_losses(ddp), rel=1e-4)
     assert _losses(fsdp)[-1] < _losses(fsdp)[0]

@@ -516,6 +516,7 @@ class HyperParameters(_message.Message):
     LOG_EVERY_STEPS_FIELD_NUMBER: _builtins.int
     EARLY_STOPPING_FIELD_NUMBER: _builtins.int
     FEW_LABELS_FIELD_NUMBER: _builtins.int
+    GRADIENT_CHECKPOINTING_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     """Peak learning rate. 0 means 2e-5 (FULL), 2e-4 (LORA, QLORA) or 3e-2 (IA3)."""
     per_worker_batch_size: _builtins.int
@@ -543,6 +544,12 @@ class HyperParameters(_message.Message):
     """Evaluate on the validation split every N optimizer steps. 0 means once per epoch."""
     log_every_steps: _builtins.int
     """Report training metrics (loss, learning rate, samples/s) every N steps. 0 means 10."""
+    gradient_checkpointing: _builtins.bool
+    """Recompute each transformer block's activations during the backward pass instead of keeping
+    them (non-reentrant activation checkpointing): far less memory for long sequences and large
+    batches, for about one more forward pass of time. QLoRA always checkpoints. A model class
+    without support for it fails the job saying so.
+    """
     @_builtins.property
     def early_stopping(self) -> Global___EarlyStopping: ...
     @_builtins.property
@@ -569,10 +576,11 @@ class HyperParameters(_message.Message):
         log_every_steps: _builtins.int = ...,
         early_stopping: Global___EarlyStopping | None = ...,
         few_labels: Global___FewLabels | None = ...,
+        gradient_checkpointing: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_steps", b"_max_steps", "_seed", b"_seed", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "early_stopping", b"early_stopping", "few_labels", b"few_labels", "max_steps", b"max_steps", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_steps", b"_max_steps", "_seed", b"_seed", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "early_stopping", b"early_stopping", "epochs", b"epochs", "eval_every_steps", b"eval_every_steps", "few_labels", b"few_labels", "gradient_accumulation_steps", b"gradient_accumulation_steps", "learning_rate", b"learning_rate", "learning_rate_schedule", b"learning_rate_schedule", "log_every_steps", b"log_every_steps", "max_sequence_length", b"max_sequence_length", "max_steps", b"max_steps", "mixed_precision", b"mixed_precision", "per_worker_batch_size", b"per_worker_batch_size", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_steps", b"_max_steps", "_seed", b"_seed", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "early_stopping", b"early_stopping", "epochs", b"epochs", "eval_every_steps", b"eval_every_steps", "few_labels", b"few_labels", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate", b"learning_rate", "learning_rate_schedule", b"learning_rate_schedule", "log_every_steps", b"log_every_steps", "max_sequence_length", b"max_sequence_length", "max_steps", b"max_steps", "mixed_precision", b"mixed_precision", "per_worker_batch_size", b"per_worker_batch_size", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_steps: _TypeAlias = _typing.Literal["max_steps"]  # noqa: Y015
     _WhichOneofArgType__max_steps: _TypeAlias = _typing.Literal["_max_steps", b"_max_steps"]  # noqa: Y015

@@ -181,6 +181,8 @@ class HyperParameters:
     log_every_steps: int = DEFAULT_LOG_EVERY
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     few_labels: FewLabels = field(default_factory=FewLabels)
+    # Recompute block activations in the backward pass (``ml.modeling.enable_gradient_checkpointing``).
+    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -405,6 +407,7 @@ def build_hyper_parameters(
     log_every_steps: int = 0,
     early_stopping: EarlyStopping | None = None,
     few_labels: FewLabels | None = None,
+    gradient_checkpointing: bool = False,
 ) -> HyperParameters:
     p = "hyper_parameters."
     learning_rate = _finite(p + "learning_rate", learning_rate) or DEFAULT_LEARNING_RATE[method]
@@ -446,6 +449,7 @@ def build_hyper_parameters(
         log_every_steps=log_every_steps or DEFAULT_LOG_EVERY,
         early_stopping=early_stopping or build_early_stopping(),
         few_labels=few_labels or FewLabels(),
+        gradient_checkpointing=gradient_checkpointing,
     )
 
 
@@ -791,6 +795,7 @@ def flatten_hyper_parameters(spec: JobSpec) -> dict[str, str]:
         "learning_rate_schedule": hp.schedule.value,
         "max_sequence_length": str(hp.max_sequence_length),
         "gradient_accumulation_steps": str(hp.gradient_accumulation_steps),
+        "gradient_checkpointing": str(hp.gradient_checkpointing).lower(),
         "mixed_precision": hp.mixed_precision.value,
         "seed": str(hp.seed),
         "eval_every_steps": str(hp.eval_every_steps),

@@ -303,6 +303,8 @@ class LoopRunner:
         model = self.task.build_model(model_dir, self.cfg.label_map, lora)
         if self.cfg.method is Method.IA3:  # classifiers only (the spec says so)
             model = modeling.apply_ia3(model)
+        if self.hp.gradient_checkpointing and not modeling.is_quantized(model):  # QLoRA's base checkpoints already
+            modeling.enable_gradient_checkpointing(model)
         self.trainable_parameters, self.total_parameters = modeling.parameter_counts(model)
         # A quantised model is on its device already and cannot be moved.
         self.model = model if modeling.is_quantized(model) else model.to(self.device)

@@ -132,6 +132,32 @@ def load_causal_lm_4bit(model_dir: Path) -> torch.nn.Module:
     return prepared
 
 
+class GradientCheckpointingUnsupportedError(RuntimeError):
+    """The model's class cannot recompute its activations (the job fails with this message)."""
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing of ``model``'s blocks (the model a PEFT model wraps): each block's
+    activations are recomputed in the backward pass. Non-reentrant, because reentrant checkpointing needs inputs that
+    require gradients (frozen embeddings under LoRA give none) and disagrees with DDP about ready gradients."""
+    get_base = getattr(model, "get_base_model", None)
+    base: Any = get_base() if callable(get_base) else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise GradientCheckpointingUnsupportedError(
+            f"{type(base).__name__} does not support gradient checkpointing; train it without "
+            "hyper_parameters.gradient_checkpointing"
+        )
+    options = {"use_reentrant": False}
+    enable = getattr(base, "activation_checkpointing_enable", None)  # transformers 5.x's name
+    if callable(enable):
+        enable(activation_checkpointing_kwargs=options)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    if getattr(base.config, "use_cache", None):
+        # A cache is built for generation only; with checkpointing transformers would turn it off with a warning.
+        base.config.use_cache = False
+
+
 def is_quantized(model: torch.nn.Module) -> bool:
     """Whether ``model`` (or the model a PEFT model wraps) was loaded quantised (its weights cannot be moved or
     merged as they are)."""
