@@ -463,7 +463,7 @@ class LoopRunner:
         padding = 0
         if self.fsdp and not solo:
             padding = len(D.batches(D.eval_shard(len(split), rank=0, world_size=world), size)) - len(chunks)
-        # inference_mode tensors cannot enter FSDP's all-gathers; no_grad is enough there.
+        # no_grad under FSDP (inference mode was not tried with sharded parameters); inference_mode elsewhere.
         with torch.no_grad() if self.fsdp else torch.inference_mode():
             for chunk in chunks:
                 evaluation.add(model, self.task.collate(split, chunk, self.pad_id).to(self.device))
