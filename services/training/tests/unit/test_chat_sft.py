@@ -371,10 +371,16 @@ def test_lengths_targets_and_metrics_are_checked_against_the_model_and_objective
     assert short.value.details["field"] == "spec.hyper_parameters.max_sequence_length"
 
 
-def test_objective_and_template_round_trip_through_proto() -> None:
-    source = pb.JobSpec(display_name="c", objective=pb.OBJECTIVE_SFT, chat_template=CHATML_TEMPLATE)
+def chat_spec_proto(**fields: Any) -> pb.JobSpec:
+    """A JobSpec proto of a Llama at a local path training version chats/v1, with ``fields`` set."""
+    source = pb.JobSpec(**fields)
     source.base_model.local_path = "/models/llama"
     source.dataset_version.project_id, source.dataset_version.dataset_version_id = "chats", "v1"
+    return source
+
+
+def test_objective_and_template_round_trip_through_proto() -> None:
+    source = chat_spec_proto(display_name="c", objective=pb.OBJECTIVE_SFT, chat_template=CHATML_TEMPLATE)
     spec = convert.spec_from_proto(source)
     assert spec.objective is d.Objective.SFT and spec.chat_template == CHATML_TEMPLATE
     assert convert.spec_from_proto(convert.spec_to_proto(spec)) == spec

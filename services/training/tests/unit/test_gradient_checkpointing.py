@@ -16,7 +16,7 @@ from gristmill.training.api import convert
 from gristmill.training.domain import spec as d
 from gristmill.training.ml import modeling
 from gristmill.training.ml.loop import DirectorySession, ListSink, LoopConfig, LoopRunner
-from services.training.tests.unit.test_chat_sft import _loop_config
+from services.training.tests.unit.test_chat_sft import _loop_config, chat_spec_proto
 from services.training.tests.unit.test_loop import _config as _classifier_config
 
 
@@ -75,9 +75,7 @@ def test_a_model_that_cannot_checkpoint_is_named() -> None:
 
 
 def test_the_option_maps_from_the_proto_into_the_lineage() -> None:
-    source = pb.JobSpec(display_name="gc", method=pb.TRAINING_METHOD_LORA, objective=pb.OBJECTIVE_SFT)
-    source.base_model.local_path = "/models/llama"
-    source.dataset_version.project_id, source.dataset_version.dataset_version_id = "chats", "v1"
+    source = chat_spec_proto(display_name="gc", method=pb.TRAINING_METHOD_LORA, objective=pb.OBJECTIVE_SFT)
     source.hyper_parameters.gradient_checkpointing = True
     spec = convert.spec_from_proto(source)
     assert spec.hyper_parameters.gradient_checkpointing

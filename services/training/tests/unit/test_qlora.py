@@ -26,7 +26,7 @@ from gristmill.training.domain.refs import DatasetRef
 from gristmill.training.domain.resolve import BaseModelCatalog, ClusterCapacity, DatasetCatalog, SpecResolver
 from gristmill.training.ml import modeling
 from gristmill.training.ml.inspect import HfModelInspector
-from services.training.tests.unit.test_chat_sft import _build_arguments, _spec
+from services.training.tests.unit.test_chat_sft import _build_arguments, _spec, chat_spec_proto
 
 QLORA = d.Method.QLORA
 
@@ -51,9 +51,7 @@ def _qlora(model: Path, dataset: DatasetRef, *, use_gpu: bool = True) -> d.JobSp
 
 
 def test_qlora_maps_from_the_proto_and_trains_adapters_over_a_quantised_base() -> None:
-    source = pb.JobSpec(display_name="q", method=pb.TRAINING_METHOD_QLORA, objective=pb.OBJECTIVE_SFT)
-    source.base_model.local_path = "/models/llama"
-    source.dataset_version.project_id, source.dataset_version.dataset_version_id = "chats", "v1"
+    source = chat_spec_proto(display_name="q", method=pb.TRAINING_METHOD_QLORA, objective=pb.OBJECTIVE_SFT)
     source.resources.use_gpu = True
     spec = convert.spec_from_proto(source)
     assert spec.method is QLORA and spec.lora is not None and spec.lora.quantize_base

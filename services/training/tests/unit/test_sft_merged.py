@@ -29,7 +29,13 @@ from gristmill.training.domain.runs import LOOP_SAMPLES_FILE, MERGED_MODEL_DIR
 from gristmill.training.ml import chat, modeling
 from gristmill.training.ml.loop import DirectorySession, ListSink, LoopRunner
 from services.training.tests.service_support import job_events
-from services.training.tests.unit.test_chat_sft import _build_arguments, _loop_config, _resolver, _spec
+from services.training.tests.unit.test_chat_sft import (
+    _build_arguments,
+    _loop_config,
+    _resolver,
+    _spec,
+    chat_spec_proto,
+)
 from tests.support.tiny_model import CHATML_TEMPLATE
 
 CAUSAL_LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -76,9 +82,7 @@ def test_publish_merged_needs_lora_and_a_generative_objective() -> None:
 def test_publish_merged_round_trips_through_proto_and_is_refused_for_a_classification_version(
     objects: ObjectStore, sentiment_version: Any, tiny_model: Path, tmp_path: Path
 ) -> None:
-    source = pb.JobSpec(display_name="c", method=pb.TRAINING_METHOD_LORA, publish_merged=True)
-    source.base_model.local_path = "/models/llama"
-    source.dataset_version.project_id, source.dataset_version.dataset_version_id = "chats", "v1"
+    source = chat_spec_proto(display_name="c", method=pb.TRAINING_METHOD_LORA, publish_merged=True)
     spec = convert.spec_from_proto(source)
     assert spec.publish_merged and convert.spec_to_proto(spec).publish_merged
     assert convert.spec_from_proto(convert.spec_to_proto(spec)) == spec
