@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 
 from gristmill.core.errors import DataIntegrityError, InvalidArgumentError
-from gristmill.core.manifests import DatasetManifest, DatasetRow, FileEntry, ModelManifest, SplitFile
-from gristmill.core.storage import LocalObjectStore
+from gristmill.core.manifests import DatasetManifest, DatasetRow, FileEntry, ModelManifest, SplitFile, download_files
+from gristmill.core.storage import LocalObjectStore, base
 
 
 def _dataset(store: LocalObjectStore) -> DatasetManifest:
@@ -101,3 +102,31 @@ def test_model_manifest_refuses_unsafe_file_names() -> None:
     )
     with pytest.raises(InvalidArgumentError):
         ModelManifest.from_json(raw)
+
+
+def test_a_cached_hash_is_reused_while_the_file_is_unchanged_and_redone_once_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[Path] = []
+    real = base.sha256_file
+    monkeypatch.setattr(base, "sha256_file", lambda path: reads.append(path) or real(path))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a" * 1000)
+    first = base.sha256_file_cached(weights)
+    assert first == hashlib.sha256(b"a" * 1000).hexdigest() and len(reads) == 1
+    assert base.sha256_file_cached(weights) == first and len(reads) == 1  # remembered, not read again
+    # Rewritten in place with the same size and its old mtime put back: the ctime still moves, so it is read.
+    before = weights.stat()
+    weights.write_bytes(b"b" * 1000)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert base.sha256_file_cached(weights) == hashlib.sha256(b"b" * 1000).hexdigest() and len(reads) == 2
+
+
+def test_download_files_replaces_a_cached_file_changed_since_it_was_verified(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    stored = store.put_bytes("models/m/1/model.bin", b"weights")
+    files = {"model.bin": FileEntry(stored.key, stored.sha256, stored.size)}
+    dest = download_files(store, files, tmp_path / "cache")
+    assert download_files(store, files, dest) == dest  # verified, then remembered
+    (dest / "model.bin").write_bytes(b"tamper!")  # same size
+    assert (download_files(store, files, dest) / "model.bin").read_bytes() == b"weights"

@@ -26,7 +26,7 @@ from typing import Any
 
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.storage import ObjectStore, object_key, validate_key
-from gristmill.core.storage.base import sha256_file
+from gristmill.core.storage.base import sha256_file_cached
 
 DATASET_FORMAT = "gristmill.dataset.v1"
 MODEL_FORMAT = "gristmill.model.v1"
@@ -196,15 +196,16 @@ class ModelManifest:
 def download_files(objects: ObjectStore, files: Mapping[str, FileEntry], dest: Path) -> Path:
     """``dest`` holding every file of ``files`` (relative name → entry), each verified against its sha256.
 
-    Files already there from an earlier download are re-hashed and reused when they all match; otherwise they
-    are downloaded into a temporary directory next to ``dest`` that replaces it once complete, so a crash never
-    leaves a half-downloaded directory that looks complete. Names are validated like object keys (no ``..``).
+    Files already there from an earlier download are reused when they all match (hashed again, or remembered from
+    an earlier hash in this process while unchanged: ``sha256_file_cached``); otherwise they are downloaded into a
+    temporary directory next to ``dest`` that replaces it once complete, so a crash never leaves a half-downloaded
+    directory that looks complete. Names are validated like object keys (no ``..``).
     Callers that may download the same ``dest`` from several threads at once serialise them.
     """
     for name in files:
         validate_key(name)
     if dest.is_dir() and all(
-        (dest / name).is_file() and sha256_file(dest / name) == entry.sha256 for name, entry in files.items()
+        (dest / name).is_file() and sha256_file_cached(dest / name) == entry.sha256 for name, entry in files.items()
     ):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import tempfile
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -80,6 +81,43 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# (device, inode, size, mtime, ctime) of a file hashed in this process -> its sha256.
+_VERIFIED: dict[tuple[int, int, int, int, int], str] = {}
+_VERIFIED_LOCK = threading.Lock()
+_VERIFIED_MAX = 4096
+
+
+def sha256_file_cached(path: Path) -> str:
+    """``sha256_file``, remembered in this process for as long as the file's inode, size, mtime and ctime stay the
+    same (as ``git status`` and ``rsync`` decide a file is unchanged: rewriting or touching it changes its ctime).
+
+    For the multi-gigabyte model files a service reads again and again from its own cache: re-hashing a 3 GB base
+    model on every job took seconds, twice per job (at submission and when it runs)."""
+    key = _stat_key(path)
+    if key is None:
+        return sha256_file(path)  # raises the error a caller expects from opening it
+    with _VERIFIED_LOCK:
+        known = _VERIFIED.get(key)
+    if known is not None:
+        return known
+    digest = sha256_file(path)
+    # Stat again: a file written while it was being hashed keeps no entry (its digest may mix old and new bytes).
+    if _stat_key(path) == key:
+        with _VERIFIED_LOCK:
+            if len(_VERIFIED) >= _VERIFIED_MAX:
+                _VERIFIED.clear()
+            _VERIFIED[key] = digest
+    return digest
+
+
+def _stat_key(path: Path) -> tuple[int, int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def copy_hashing(src: BinaryIO, dst: BinaryIO) -> tuple[int, str]:

@@ -49,7 +49,7 @@ from gristmill.core.manifests import (
     dataset_manifest_key,
 )
 from gristmill.core.storage import ObjectStore, validate_key
-from gristmill.core.storage.base import sha256_file
+from gristmill.core.storage.base import sha256_file_cached
 from gristmill.training.domain.lora import LoraSettings
 from gristmill.training.domain.refs import BaseModelRef, DatasetRef, FileRef
 from gristmill.training.domain.search import check_search_bounds
@@ -389,7 +389,7 @@ class BaseModelCatalog:
                 details={"field": "spec.base_model.local_path"},
             )
         checksums = {
-            file.relative_to(path).as_posix(): sha256_file(file)
+            file.relative_to(path).as_posix(): sha256_file_cached(file)
             for file in sorted(path.rglob("*"))
             if file.is_file() and not any(part.startswith(".") for part in file.relative_to(path).parts)
         }
