@@ -610,6 +610,36 @@ def test_placement_groups_a_dead_controller_left_are_released_and_no_others(ray_
         ray.kill(alive)
 
 
+def test_a_waiting_drain_gets_a_record_as_soon_as_it_is_pushed_and_each_record_once(ray_cluster: RayCluster) -> None:
+    """The run's driver long-polls the hub: a step's metrics reach the service when pushed, not at its next poll."""
+    import ray
+
+    from gristmill.training.runner.ray_runner import ProgressHub, RunChannel
+
+    hub = ProgressHub.remote()  # type: ignore[attr-defined]
+    try:
+        channel, other = RunChannel(hub, "job-a"), RunChannel(hub, "job-b")
+        began = time.monotonic()
+        assert channel.drain(wait_s=0.3) == [] and time.monotonic() - began >= 0.3  # nothing came: it waited
+
+        def push_later() -> None:
+            time.sleep(1.0)
+            other.push({"type": "train", "step": 7})  # another job's record wakes nobody here
+            channel.push({"type": "train", "step": 1})
+
+        pusher = threading.Thread(target=push_later)
+        pusher.start()
+        began = time.monotonic()
+        records = channel.drain(wait_s=20.0)
+        waited = time.monotonic() - began
+        pusher.join()
+        assert records == [{"type": "train", "step": 1}]
+        assert 0.9 <= waited < 5.0, f"the drain returned {waited:.1f}s after it began: it did not wake on the push"
+        assert channel.drain() == [] and other.drain() == [{"type": "train", "step": 7}]
+    finally:
+        ray.kill(hub)
+
+
 @pytest.mark.heavy
 async def test_a_few_sft_steps_on_smollm2_through_ray_and_s3(
     tmp_path: Path, s3: S3Settings, kafka_bootstrap: str, ray_cluster: RayCluster, chat_version: Any

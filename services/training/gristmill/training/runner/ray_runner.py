@@ -1,14 +1,15 @@
 """Jobs as Ray Train ``TorchTrainer`` runs, driven from a thread of the service.
 
-Progress: rank 0 pushes records to a long-lived ``ProgressHub`` actor (0 CPUs), keyed by job, which the
-run's driver thread drains every ``poll_interval_s``; ``trainer.fit()`` in a thread of its own; checkpoints in
-the object store through ``RunConfig(storage_path, storage_filesystem)``; ``FailureConfig(max_failures)``
-restarts the worker group from the latest checkpoint. Cancelling aborts the run's controller (its handle
-is registered on the hub by a controller callback as soon as the controller starts).
-"""
+Progress: rank 0 pushes records to a long-lived ``ProgressHub`` actor (0 CPUs), keyed by job, which the run's
+driver thread drains as they arrive (a long poll, at least every ``poll_interval_s``); ``trainer.fit()`` in a
+thread of its own; checkpoints in the object store through ``RunConfig(storage_path, storage_filesystem)``;
+``FailureConfig(max_failures)`` restarts the worker group from the latest checkpoint. Cancelling aborts the run's
+controller (its handle is registered on the hub by a controller callback as soon as the controller starts)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -102,7 +103,8 @@ def release_orphaned_placement_groups() -> list[str]:
     that group behind, holding its CPUs until the driver ends, because a group outlives a non-detached creator
     while the creator's job runs. Ray Train starts a ``PlacementGroupCleaner`` for exactly this, but it asks Ray's
     state API whether the controller lives, which needs the dashboard a local cluster here does not run: it
-    never decides, and the next two-worker run waited for CPUs forever. The GCS itself knows whether a group's
+    never decides, and the next two-worker run waited for CPUs forever (``GristmillTorchTrainer`` no longer starts
+    it). The GCS itself knows whether a group's
     creator is dead; a group whose creator is dead has nobody left to use it. Groups a driver creates (Ray Tune's
     own, per trial) have no creating actor and are never touched, nor are detached ones.
     """
@@ -371,27 +373,38 @@ class ProgressHub:
     """Progress records from the runs' rank 0 to the service, and each run's controller handle, by job.
 
     One long-lived actor per runner (0 CPUs): starting an actor process per run would add seconds to
-    every job's start."""
+    every job's start. An asyncio actor, so that a driver's ``drain`` can wait for the next record (a long poll:
+    a record reaches the service as soon as it is pushed, not at the driver's next poll) while pushes go on."""
 
     def __init__(self) -> None:
         self._records: dict[str, list[dict[str, Any]]] = {}
         self._controllers: dict[str, Any] = {}
+        self._arrived: dict[str, asyncio.Event] = {}
 
-    def push(self, job_id: str, record: dict[str, Any]) -> None:
+    async def push(self, job_id: str, record: dict[str, Any]) -> None:
         self._records.setdefault(job_id, []).append(record)
+        if job_id in self._arrived:
+            self._arrived[job_id].set()
 
-    def drain(self, job_id: str) -> list[dict[str, Any]]:
+    async def drain(self, job_id: str, wait_s: float = 0.0) -> list[dict[str, Any]]:
+        """The job's records so far; when there are none, waits up to ``wait_s`` for the first to arrive."""
+        if not self._records.get(job_id) and wait_s > 0:
+            arrived = self._arrived.setdefault(job_id, asyncio.Event())
+            arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(arrived.wait(), wait_s)
         return self._records.pop(job_id, [])
 
-    def set_controller(self, job_id: str, handle: Any) -> None:
+    async def set_controller(self, job_id: str, handle: Any) -> None:
         self._controllers[job_id] = handle
 
-    def controller(self, job_id: str) -> Any:
+    async def controller(self, job_id: str) -> Any:
         return self._controllers.get(job_id)
 
-    def forget(self, job_id: str) -> None:
+    async def forget(self, job_id: str) -> None:
         self._records.pop(job_id, None)
         self._controllers.pop(job_id, None)
+        self._arrived.pop(job_id, None)
 
 
 class RunChannel:
@@ -408,8 +421,9 @@ class RunChannel:
     def set_controller(self, handle: Any) -> None:
         ray.get(self._hub.set_controller.remote(self._job_id, handle))
 
-    def drain(self) -> list[dict[str, Any]]:
-        records: list[dict[str, Any]] = ray.get(self._hub.drain.remote(self._job_id), timeout=30)
+    def drain(self, wait_s: float = 0.0) -> list[dict[str, Any]]:
+        """The records pushed since the last drain; with none yet, waits up to ``wait_s`` for one."""
+        records: list[dict[str, Any]] = ray.get(self._hub.drain.remote(self._job_id, wait_s), timeout=30 + wait_s)
         return records
 
     def controller(self) -> Any:
@@ -540,8 +554,8 @@ class RayJobRunner:
         aborted = not abort
         next_release = time.monotonic() + ORPHAN_CHECK_S
         while thread.is_alive():
-            thread.join(self.poll_interval_s)
-            self._drain(channel, listener)
+            # Returns as soon as a record arrives (or the poll interval passed without one).
+            self._drain(channel, listener, wait_s=self.poll_interval_s)
             if cancel.is_set() and not aborted:
                 aborted = self._abort(channel)
             if time.monotonic() >= next_release:
@@ -610,8 +624,8 @@ class RayJobRunner:
                 self._hub_handle = ProgressHub.options(scheduling_strategy=here).remote()  # type: ignore[attr-defined]
             return self._hub_handle
 
-    def _drain(self, channel: RunChannel, listener: RunListener) -> None:
-        records = channel.drain()
+    def _drain(self, channel: RunChannel, listener: RunListener, wait_s: float = 0.0) -> None:
+        records = channel.drain(wait_s)
         if records:
             listener.on_records(records)
 

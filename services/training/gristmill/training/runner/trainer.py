@@ -7,6 +7,7 @@ from typing import Any
 from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
 from gristmill.training.domain.spec import Resources
 
@@ -20,16 +21,25 @@ def scaling_config(resources: Resources) -> ScalingConfig:
 
 
 class GristmillTorchTrainer(TorchTrainer):
-    """A ``TorchTrainer`` without the per-run dataset manager actor when the run has no Ray datasets.
+    """A ``TorchTrainer`` without two per-run actors that do nothing for these jobs.
 
-    Jobs feed their workers from the dataset version (``LoopConfig``), never from Ray Data, yet Ray Train starts
-    a ``DatasetManager`` actor for every run: a process whose timers take ~0.5 % of a core for nothing while the
-    job trains. Ray 2.60 builds its default callbacks in one private method; this drops only that one.
+    * **the dataset manager**, when the run has no Ray datasets: jobs feed their workers from the dataset version
+      (``LoopConfig``), never from Ray Data, yet Ray Train starts a ``DatasetManager`` actor for every run: a
+      process whose timers take ~0.5 % of a core for nothing while the job trains.
+    * **the placement group cleaner**: a detached actor per run that asks Ray's state API, every second, whether
+      the run's controller still lives, to remove its placement group if it died. That API needs Ray's dashboard,
+      which a local cluster here does not run, so it never decides (``release_orphaned_placement_groups`` does
+      the job from the GCS instead, on any cluster). Meanwhile its process started beside the run's first train
+      worker, competing with that worker's start for the CPUs, and took ~1.5 % of a core while the job trained.
+
+    Ray 2.60 builds its default callbacks in one private method; this drops only those two.
     """
 
     def _create_default_callbacks(self) -> list[Any]:
         # Ray Train v2's method; the stubs mypy sees are v1's.
         callbacks: list[Any] = super()._create_default_callbacks()  # type: ignore[misc]
-        if self.datasets:
-            return callbacks
-        return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+        dropped: tuple[type, ...] = (PlacementGroupCleanerCallback,) if self.datasets else UNUSED_CALLBACKS
+        return [c for c in callbacks if not isinstance(c, dropped)]
+
+
+UNUSED_CALLBACKS: tuple[type, ...] = (DatasetsCallback, PlacementGroupCleanerCallback)
