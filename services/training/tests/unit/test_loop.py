@@ -15,6 +15,7 @@ from gristmill.core.drift import PROFILE_FILE, PredictionProfile, input_length_b
 from gristmill.training.devtools import LABELS, sentiment_rows
 from gristmill.training.domain import spec as d
 from gristmill.training.domain.runs import LOOP_STATE_FILE
+from gristmill.training.domain.supervisor import start_breakdown
 from gristmill.training.ml import modeling
 from gristmill.training.ml.loop import (
     FINAL_CHECKPOINT_NAME,
@@ -74,6 +75,14 @@ def test_full_fine_tune_learns_and_reports_the_final_model(tiny_model: Path, tmp
     started = _records(sink, "started")[0]
     assert started["step"] == 0 and started["total_steps"] == 36  # 12 batches of 8 per epoch, 3 epochs
     assert started["trainable_parameters"] == started["total_parameters"] > 0
+    # Where the start went: this process's start, its imports and the loop's entry in order, then each phase.
+    timings = started["timings"]
+    assert 0 < timings["process_started"] <= timings["imported"] <= timings["loop_entered"] <= started["time"]
+    phases = ("model_files_s", "tokenizer_s", "model_s", "encode_s", "optimizer_s", "restore_s")
+    assert all(timings[p] >= 0 for p in phases) and sum(timings[p] for p in phases) <= started["setup_seconds"] + 0.01
+    line = start_breakdown(started, submitted=timings["process_started"] - 1.0)
+    assert line.startswith(f"{started['time'] - timings['process_started'] + 1.0:.1f}s after submission: worker")
+    assert "worker process at +1.0s" in line and "setup model files" in line and "restore" in line
     train = _records(sink, "train")
     assert [r["step"] for r in train] == list(range(3, 37, 3))
     assert all(r["metrics"]["samples_per_second"] > 0 for r in train)

@@ -61,6 +61,24 @@ class _ActiveRun:
     thread: threading.Thread | None = None
 
 
+def start_breakdown(record: dict[str, Any], submitted: float) -> str:
+    """Where the time from submission to a ``started`` record went, for the log: a slow start names its phase."""
+    timings = record.get("timings") or {}
+    began = float(record.get("time", 0.0))
+    marks = [
+        (name, float(timings[key]) - submitted)
+        for name, key in (("worker process", "process_started"), ("imports done", "imported"), ("loop", "loop_entered"))
+        if timings.get(key)
+    ]
+    phases = [(name.replace("_", " "), float(value)) for name, value in timings.items() if name.endswith("_s")]
+    text = f"{began - submitted:.1f}s after submission" if began else "(no time reported)"
+    if marks:
+        text += ": " + ", ".join(f"{name} at {at:+.1f}s" for name, at in marks)
+    if phases:
+        text += "; setup " + ", ".join(f"{name.removesuffix(' s')} {seconds:.1f}s" for name, seconds in phases)
+    return text
+
+
 class _ProgressRecorder:
     """``RunListener`` of one run: progress records -> store writes (on the run's driver thread)."""
 
@@ -73,6 +91,7 @@ class _ProgressRecorder:
         if job.spec.search is not None:
             self.progress = replace(self.progress, trials_total=job.spec.search.num_trials)
         self.started = job.state is JobState.RUNNING
+        self._submitted = job.create_time.timestamp()
         self.restarts = job.restart_count
         # Trials of a search that have started; a second start of one of them is a restart.
         self._trials: set[int | None] = set()
@@ -104,6 +123,7 @@ class _ProgressRecorder:
                 self._trials.add(trial)
                 if not self.started:
                     self.started = True
+                    log.info("job %s: the loop started %s", self._job_id, start_breakdown(record, self._submitted))
                     # The loop's own clock: records reach the service up to a poll interval later.
                     began = record.get("time")
                     self._transition(started_at=None if began is None else datetime.fromtimestamp(float(began), UTC))

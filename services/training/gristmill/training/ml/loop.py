@@ -60,6 +60,10 @@ MAX_GRAD_NORM = 1.0
 # Test examples a task that generates text replies to once training ended (over all ranks): bounds the cost.
 GENERATION_EXAMPLES = 64
 
+# When this module's imports (torch among them) were done in this process. On a Ray worker that lies between the
+# process's start and Ray Train calling train_loop: the started record splits a slow start at it.
+_IMPORTED_AT = time.time()
+
 
 class ProgressSink(Protocol):
     """Where rank 0 sends progress records (dicts of plain values) while the job runs."""
@@ -212,6 +216,16 @@ def train_loop(config: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
+def _process_start_time() -> float:
+    """When this process started (seconds since the epoch, to 10 ms), from /proc; 0.0 where there is none."""
+    try:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _device(use_gpu: bool, local_rank: int) -> torch.device:
     if use_gpu and torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -274,6 +288,8 @@ class LoopRunner:
         self.fsdp = cfg.fsdp and world_size > 1
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] | None = None
+        # Where the start went (seconds per phase; process start, import and loop entry as wall-clock times).
+        self.timings: dict[str, float] = {}
 
     # -- progress ------------------------------------------------------------------------------------------
 
@@ -296,8 +312,18 @@ class LoopRunner:
         if self.device.type == "cuda":
             # Models placed when loaded (QLoRA's 4-bit base) go to the current device.
             torch.cuda.set_device(self.device)
+        clock = time.perf_counter()
+
+        def lap(phase: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            self.timings[f"{phase}_s"] = round(now - clock, 3)
+            clock = now
+
         model_dir = self.model_dir = node_model_dir(self.cfg.model_dir, self.cfg.model_files, self.cfg.model_store)
+        lap("model_files")
         self.tokenizer = modeling.load_tokenizer(model_dir, chat_template=self.cfg.chat_template)
+        lap("tokenizer")
         lora = self.cfg.lora if self.cfg.method.adapters else None
         assert not self.cfg.method.adapters or lora is not None
         model = self.task.build_model(model_dir, self.cfg.label_map, lora)
@@ -313,6 +339,7 @@ class LoopRunner:
             from gristmill.training.ml import sharding
 
             sharding.shard(self.model, self.device, self.world)
+        lap("model")
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         examples = dict(self.cfg.examples)
         few_labels = self.hp.few_labels
@@ -328,6 +355,7 @@ class LoopRunner:
             for name, split in examples.items()
             if split
         }
+        lap("encode")
         self.adversary: EmbeddingAdversary | None = None
         if few_labels.adversarial_epsilon:
             embeddings = self.model.get_input_embeddings()  # type: ignore[operator]
@@ -365,6 +393,7 @@ class LoopRunner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.autocast = autocast_dtype(self.hp.mixed_precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast is torch.float16 else None
+        lap("optimizer")
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 
@@ -548,13 +577,17 @@ class LoopRunner:
 
     def run(self) -> None:
         started = time.time()
+        self.timings.update(process_started=_process_start_time(), imported=_IMPORTED_AT, loop_entered=started)
         self._setup()
+        restoring = time.perf_counter()
         self._restore()
+        self.timings["restore_s"] = round(time.perf_counter() - restoring, 3)
         self._push(
             {
                 "type": "started",
                 "time": time.time(),
                 "setup_seconds": time.time() - started,
+                "timings": self.timings,
                 "step": self.state.step,
                 "total_steps": self.total_steps,
                 "steps_per_epoch": self.steps_per_epoch,
