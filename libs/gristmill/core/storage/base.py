@@ -13,6 +13,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -87,14 +88,20 @@ def sha256_file(path: Path) -> str:
 _VERIFIED: dict[tuple[int, int, int, int, int], str] = {}
 _VERIFIED_LOCK = threading.Lock()
 _VERIFIED_MAX = 4096
+# A file changed less than this long before it was hashed is not remembered. File times come from a clock that
+# ticks every few milliseconds, so a change made in the same tick as an earlier one can leave every time as it
+# was; once a file's times are older than this, any change moves its ctime ("racy git" has the same rule).
+RACY_S = 0.1
 
 
 def sha256_file_cached(path: Path) -> str:
-    """``sha256_file``, remembered in this process for as long as the file's inode, size, mtime and ctime stay the
-    same (as ``git status`` and ``rsync`` decide a file is unchanged: rewriting or touching it changes its ctime).
+    """``sha256_file``, remembered in this process for as long as the file's device, inode, size, mtime and ctime
+    stay the same (as ``git status`` and ``rsync`` decide a file is unchanged: rewriting or touching a file moves
+    its ctime, even when its mtime is put back).
 
     For the multi-gigabyte model files a service reads again and again from its own cache: re-hashing a 3 GB base
     model on every job took seconds, twice per job (at submission and when it runs)."""
+    started = time.time()
     key = _stat_key(path)
     if key is None:
         return sha256_file(path)  # raises the error a caller expects from opening it
@@ -103,8 +110,9 @@ def sha256_file_cached(path: Path) -> str:
     if known is not None:
         return known
     digest = sha256_file(path)
+    settled = max(key[3], key[4]) < (started - RACY_S) * 1e9
     # Stat again: a file written while it was being hashed keeps no entry (its digest may mix old and new bytes).
-    if _stat_key(path) == key:
+    if settled and _stat_key(path) == key:
         with _VERIFIED_LOCK:
             if len(_VERIFIED) >= _VERIFIED_MAX:
                 _VERIFIED.clear()
