@@ -611,7 +611,8 @@ def test_placement_groups_a_dead_controller_left_are_released_and_no_others(ray_
 
 
 def test_a_waiting_drain_gets_a_record_as_soon_as_it_is_pushed_and_each_record_once(ray_cluster: RayCluster) -> None:
-    """The run's driver long-polls the hub: a step's metrics reach the service when pushed, not at its next poll."""
+    """The run's driver long-polls the hub: a step's metrics reach the service when pushed, not at its next poll,
+    and the run's end ends the poll."""
     import ray
 
     from gristmill.training.runner.ray_runner import ProgressHub, RunChannel
@@ -636,6 +637,12 @@ def test_a_waiting_drain_gets_a_record_as_soon_as_it_is_pushed_and_each_record_o
         assert records == [{"type": "train", "step": 1}]
         assert 0.9 <= waited < 5.0, f"the drain returned {waited:.1f}s after it began: it did not wake on the push"
         assert channel.drain() == [] and other.drain() == [{"type": "train", "step": 7}]
+        # A run that ended wakes its driver's outstanding long poll rather than waiting it out.
+        pending = channel.drain_later(20.0)
+        time.sleep(0.3)
+        began = time.monotonic()
+        channel.wake()
+        assert ray.get(pending, timeout=5) == [] and time.monotonic() - began < 2.0
     finally:
         ray.kill(hub)
 

@@ -1,10 +1,10 @@
 """Jobs as Ray Train ``TorchTrainer`` runs, driven from a thread of the service.
 
 Progress: rank 0 pushes records to a long-lived ``ProgressHub`` actor (0 CPUs), keyed by job, which the run's
-driver thread drains as they arrive (a long poll, at least every ``poll_interval_s``); ``trainer.fit()`` in a
-thread of its own; checkpoints in the object store through ``RunConfig(storage_path, storage_filesystem)``;
-``FailureConfig(max_failures)`` restarts the worker group from the latest checkpoint. Cancelling aborts the run's
-controller (its handle is registered on the hub by a controller callback as soon as the controller starts)."""
+driver thread drains as they arrive (a long poll); ``trainer.fit()`` in a thread of its own; checkpoints in the
+object store through ``RunConfig(storage_path, storage_filesystem)``; ``FailureConfig(max_failures)`` restarts the
+worker group from the latest checkpoint. Cancelling aborts the run's controller (its handle is registered on the
+hub by a controller callback as soon as the controller starts)."""
 
 from __future__ import annotations
 
@@ -71,6 +71,8 @@ LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 # How often a driving run looks for placement groups a dead controller left (``release_orphaned_placement_groups``).
 ORPHAN_CHECK_S = 5.0
+# The longest a driver's long poll of the progress hub waits for a record.
+HUB_WAIT_S = 5.0
 
 
 def batch_scheduling() -> None:
@@ -386,8 +388,14 @@ class ProgressHub:
         if job_id in self._arrived:
             self._arrived[job_id].set()
 
+    async def wake(self, job_id: str) -> None:
+        """Ends the job's waiting drain now, with whatever records there are (none, perhaps)."""
+        if job_id in self._arrived:
+            self._arrived[job_id].set()
+
     async def drain(self, job_id: str, wait_s: float = 0.0) -> list[dict[str, Any]]:
-        """The job's records so far; when there are none, waits up to ``wait_s`` for the first to arrive."""
+        """The job's records so far; when there are none, waits up to ``wait_s`` for the first to arrive (or a
+        ``wake``)."""
         if not self._records.get(job_id) and wait_s > 0:
             arrived = self._arrived.setdefault(job_id, asyncio.Event())
             arrived.clear()
@@ -423,8 +431,16 @@ class RunChannel:
 
     def drain(self, wait_s: float = 0.0) -> list[dict[str, Any]]:
         """The records pushed since the last drain; with none yet, waits up to ``wait_s`` for one."""
-        records: list[dict[str, Any]] = ray.get(self._hub.drain.remote(self._job_id, wait_s), timeout=30 + wait_s)
+        records: list[dict[str, Any]] = ray.get(self.drain_later(wait_s), timeout=30 + wait_s)
         return records
+
+    def drain_later(self, wait_s: float) -> Any:
+        """``drain`` without waiting here: the ``ObjectRef`` of its records."""
+        return self._hub.drain.remote(self._job_id, wait_s)
+
+    def wake(self) -> None:
+        """Ends a waiting drain now."""
+        self._hub.wake.remote(self._job_id)
 
     def controller(self) -> Any:
         return ray.get(self._hub.controller.remote(self._job_id), timeout=30)
@@ -553,15 +569,23 @@ class RayJobRunner:
         thread.start()
         aborted = not abort
         next_release = time.monotonic() + ORPHAN_CHECK_S
+        # One long poll of the hub is always outstanding: its records arrive as soon as they are pushed, and an idle
+        # run costs the hub one call per HUB_WAIT_S (every call wakes the hub's process and this one, beside a
+        # training worker that wants every core). Cancels and the run's end are checked here every poll interval.
+        pending = channel.drain_later(HUB_WAIT_S)
         while thread.is_alive():
-            # Returns as soon as a record arrives (or the poll interval passed without one).
-            self._drain(channel, listener, wait_s=self.poll_interval_s)
+            ready, _ = ray.wait([pending], timeout=self.poll_interval_s)
+            if ready:
+                self._deliver(ray.get(pending), listener)
+                pending = channel.drain_later(HUB_WAIT_S)
             if cancel.is_set() and not aborted:
                 aborted = self._abort(channel)
             if time.monotonic() >= next_release:
                 # A search's trials stopped early leave their groups while the search goes on.
                 self._release_orphans()
                 next_release = time.monotonic() + ORPHAN_CHECK_S
+        channel.wake()
+        self._deliver(ray.get(pending, timeout=30), listener)
         self._drain(channel, listener)
         if cancel.is_set():
             raise RunCancelledError("the run was cancelled")
@@ -624,8 +648,11 @@ class RayJobRunner:
                 self._hub_handle = ProgressHub.options(scheduling_strategy=here).remote()  # type: ignore[attr-defined]
             return self._hub_handle
 
-    def _drain(self, channel: RunChannel, listener: RunListener, wait_s: float = 0.0) -> None:
-        records = channel.drain(wait_s)
+    def _drain(self, channel: RunChannel, listener: RunListener) -> None:
+        self._deliver(channel.drain(), listener)
+
+    @staticmethod
+    def _deliver(records: list[dict[str, Any]], listener: RunListener) -> None:
         if records:
             listener.on_records(records)
 
