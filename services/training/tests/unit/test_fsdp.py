@@ -1,5 +1,5 @@
 """FSDP in the training loop (``resources.fsdp``, ``ml.sharding``): two worker processes on a gloo process group,
-as Ray Train starts them, without Ray (the Ray path is ``tests/integration/test_ray_fsdp.py``).
+as Ray Train starts them, without Ray (the Ray path is a test in ``tests/integration/test_ray_training.py``).
 
 Sharding changes where the weights live, not what is learned: an FSDP run must log the losses, reach the
 validation and test scores and publish the adapter a DDP run does on the same batches. A run killed after a
@@ -74,11 +74,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _context() -> Any:
+    """Workers forked from a server that imported torch, transformers' Llama and PEFT once: spawning imported them
+    anew in each of the six processes these tests start (~5 s each). Not ``fork``: this process's OpenMP threads
+    would not survive it."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(
+        ["torch", "peft", "transformers.models.llama.modeling_llama", "gristmill.training.ml.loop", __name__]
+    )
+    return context
+
+
 def _run(config: LoopConfig, root: Path, *, expect_exit: bool = False) -> list[dict[str, Any]]:
     """Both ranks in fresh processes; rank 0's progress records. ``expect_exit``: a fault ends rank 0; rank 1,
     then waiting in a collective for good, is stopped (Ray would restart the group)."""
     root.mkdir(parents=True, exist_ok=True)
-    context = multiprocessing.get_context("spawn")
+    context = _context()
     port = _free_port()
     procs = [context.Process(target=_worker, args=(r, port, config, str(root), str(root))) for r in range(WORLD)]
     for p in procs:
