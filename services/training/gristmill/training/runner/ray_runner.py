@@ -106,9 +106,9 @@ def release_orphaned_placement_groups() -> list[str]:
     while the creator's job runs. Ray Train starts a ``PlacementGroupCleaner`` for exactly this, but it asks Ray's
     state API whether the controller lives, which needs the dashboard a local cluster here does not run: it
     never decides, and the next two-worker run waited for CPUs forever (``GristmillTorchTrainer`` no longer starts
-    it). The GCS itself knows whether a group's
-    creator is dead; a group whose creator is dead has nobody left to use it. Groups a driver creates (Ray Tune's
-    own, per trial) have no creating actor and are never touched, nor are detached ones.
+    it). The GCS itself knows whether a group's creator is dead; a group whose creator is dead has nobody left to
+    use it. Groups a driver creates (Ray Tune's own, per trial) have no creating actor and are never touched, nor
+    are detached ones.
     """
     from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup, remove_placement_group
