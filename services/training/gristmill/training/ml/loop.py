@@ -47,6 +47,7 @@ from gristmill.training.ml import data as D
 from gristmill.training.ml.adversarial import EmbeddingAdversary
 from gristmill.training.ml.augment import augment
 from gristmill.training.ml.node_files import node_model_dir
+from gristmill.training.runner.local_ray import process_started
 from gristmill.training.tasks import job_training_task
 from gristmill.training.tasks.base import GeneratesText, ProfilesPredictions, SampleGeneration
 
@@ -218,12 +219,12 @@ def train_loop(config: dict[str, Any]) -> None:
 
 def _process_start_time() -> float:
     """When this process started (seconds since the epoch, to 10 ms), from /proc; 0.0 where there is none."""
+    ticks = process_started(os.getpid())
     try:
         uptime = float(Path("/proc/uptime").read_text().split()[0])
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
     except (OSError, IndexError, ValueError):
         return 0.0
-    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    return 0.0 if ticks is None else time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _device(use_gpu: bool, local_rank: int) -> torch.device:
