@@ -328,6 +328,8 @@ class JobSpec(_message.Message):
     DPO_FIELD_NUMBER: _builtins.int
     PUBLISH_MERGED_FIELD_NUMBER: _builtins.int
     JSON_MATCH_KEYS_FIELD_NUMBER: _builtins.int
+    PRUNING_FIELD_NUMBER: _builtins.int
+    DISTILLATION_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     """Human-readable name shown in listings."""
     task: _common_pb2.TaskType.ValueType
@@ -403,6 +405,26 @@ class JobSpec(_message.Message):
         or with objective CLASSIFY, INVALID_ARGUMENT naming spec.json_match_keys.
         """
 
+    @_builtins.property
+    def pruning(self) -> Global___Pruning:
+        """CLASSIFY with method FULL only: structured pruning of the base model before training (a
+        smaller, faster model; train it with `distillation` to recover what the cut loses). A BERT-
+        family base only (model type "bert": FAILED_PRECONDITION naming spec.pruning otherwise).
+        Recorded in the lineage as hyper_parameters["pruning.layers"] and
+        ["pruning.embedding_size"].
+        """
+
+    @_builtins.property
+    def distillation(self) -> Global___Distillation:
+        """CLASSIFY only: knowledge distillation. The loss is (1 - weight) x cross-entropy on the labels +
+        weight x T^2 x KL(teacher's softened probabilities || the model's), T the temperature
+        (Hinton et al. 2015). The teacher's probabilities are computed once, before training, on the
+        train split as the job trains on it (augmented copies included): the teacher runs with its
+        own tokenizer and is not trained. Recorded in the lineage as
+        hyper_parameters["distillation.teacher"] (the teacher's reference with its content
+        SHA-256), ["distillation.temperature"] and ["distillation.weight"].
+        """
+
     def __init__(
         self,
         *,
@@ -422,14 +444,85 @@ class JobSpec(_message.Message):
         dpo: Global___DpoConfig | None = ...,
         publish_merged: _builtins.bool = ...,
         json_match_keys: _abc.Iterable[_builtins.str] | None = ...,
+        pruning: Global___Pruning | None = ...,
+        distillation: Global___Distillation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "dataset_version", b"dataset_version", "dpo", b"dpo", "hyper_parameters", b"hyper_parameters", "lora", b"lora", "resources", b"resources", "search", b"search"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "dataset_version", b"dataset_version", "distillation", b"distillation", "dpo", b"dpo", "hyper_parameters", b"hyper_parameters", "lora", b"lora", "pruning", b"pruning", "resources", b"resources", "search", b"search"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "chat_template", b"chat_template", "dataset_version", b"dataset_version", "display_name", b"display_name", "dpo", b"dpo", "hyper_parameters", b"hyper_parameters", "json_match_keys", b"json_match_keys", "lora", b"lora", "method", b"method", "objective", b"objective", "publish_merged", b"publish_merged", "registered_model_name", b"registered_model_name", "resources", b"resources", "search", b"search", "tags", b"tags", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "chat_template", b"chat_template", "dataset_version", b"dataset_version", "display_name", b"display_name", "distillation", b"distillation", "dpo", b"dpo", "hyper_parameters", b"hyper_parameters", "json_match_keys", b"json_match_keys", "lora", b"lora", "method", b"method", "objective", b"objective", "pruning", b"pruning", "publish_merged", b"publish_merged", "registered_model_name", b"registered_model_name", "resources", b"resources", "search", b"search", "tags", b"tags", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class Pruning(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYERS_FIELD_NUMBER: _builtins.int
+    EMBEDDING_SIZE_FIELD_NUMBER: _builtins.int
+    layers: _builtins.int
+    """Encoder layers the model keeps, evenly spaced, the first and the last always (layer dropping,
+    as DistilBERT initialises its student). 0 means all; otherwise 1 to the model's layer count
+    (INVALID_ARGUMENT naming spec.pruning.layers when over it).
+    """
+    embedding_size: _builtins.int
+    """Width of the token, position and type embeddings: the model's embeddings factorised to their
+    top principal directions (truncated SVD) plus a projection to the hidden size, as ALBERT
+    computes them; the result is an ALBERT classifier (transformers'
+    AlbertForSequenceClassification, no weight sharing), which serving loads like any other. A
+    BERT's vocabulary holds half or more of a small model's weights, so halving its size takes
+    this cut. 0 means unchanged; otherwise 16 to the hidden size - 1.
+    """
+    def __init__(
+        self,
+        *,
+        layers: _builtins.int = ...,
+        embedding_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding_size", b"embedding_size", "layers", b"layers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Pruning: _TypeAlias = Pruning  # noqa: Y015
+
+@_typing.final
+class Distillation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEACHER_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    temperature: _builtins.float
+    """Softmax temperature T. 0 means 2; otherwise in (0, 20]."""
+    weight: _builtins.float
+    """Share of the loss that is the distillation term, in [0, 1]. Unset means 0.9."""
+    @_builtins.property
+    def teacher(self) -> _common_pb2.BaseModelRef:
+        """Required: the teacher, a sequence classifier over the dataset's labels (its config's id2label
+        equal to the label map, in order: FAILED_PRECONDITION naming spec.distillation.teacher
+        otherwise). Any source a base model can come from; a registered version is its artifacts'
+        object prefix, "models/<model>/<version>" (the registry's ModelVersion.artifact_prefix).
+        """
+
+    def __init__(
+        self,
+        *,
+        teacher: _common_pb2.BaseModelRef | None = ...,
+        temperature: _builtins.float = ...,
+        weight: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "teacher", b"teacher", "weight", b"weight"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "teacher", b"teacher", "temperature", b"temperature", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__weight: _TypeAlias = _typing.Literal["weight"]  # noqa: Y015
+    _WhichOneofArgType__weight: _TypeAlias = _typing.Literal["_weight", b"_weight"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__weight) -> _WhichOneofReturnType__weight | None: ...
+
+Global___Distillation: _TypeAlias = Distillation  # noqa: Y015
 
 @_typing.final
 class DpoConfig(_message.Message):

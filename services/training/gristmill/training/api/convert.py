@@ -135,14 +135,19 @@ def task_to_proto(task: d.TaskType) -> common_pb2.TaskType.ValueType:
 # --------------------------------------------------------------------------- spec: proto -> domain
 
 
+def base_model_from_proto(ref: common_pb2.BaseModelRef, field_name: str = "base_model") -> BaseModelRef:
+    which = ref.WhichOneof("source")
+    return d.build_base_model(
+        name=ref.base_model_name if which == "base_model_name" else "",
+        object_prefix=ref.object_prefix if which == "object_prefix" else "",
+        local_path=ref.local_path if which == "local_path" else "",
+        field_name=field_name,
+    )
+
+
 def spec_from_proto(spec: pb.JobSpec, *, require_dataset: bool = True) -> d.JobSpec:
     method = _enum(_METHOD_FROM_PB, spec.method, "spec.method")
-    which = spec.base_model.WhichOneof("source")
-    base = d.build_base_model(
-        name=spec.base_model.base_model_name if which == "base_model_name" else "",
-        object_prefix=spec.base_model.object_prefix if which == "object_prefix" else "",
-        local_path=spec.base_model.local_path if which == "local_path" else "",
-    )
+    base = base_model_from_proto(spec.base_model)
     if require_dataset:
         dataset = d.build_dataset(
             project_id=spec.dataset_version.project_id, dataset_version_id=spec.dataset_version.dataset_version_id
@@ -228,6 +233,19 @@ def spec_from_proto(spec: pb.JobSpec, *, require_dataset: bool = True) -> d.JobS
             loss=_enum(_DPO_LOSS_FROM_PB, spec.dpo.loss, "spec.dpo.loss"),
         ),
         json_match_keys=d.build_json_match_keys(list(spec.json_match_keys)),
+        pruning=d.build_pruning(
+            given=spec.HasField("pruning"), layers=spec.pruning.layers, embedding_size=spec.pruning.embedding_size
+        ),
+        distillation=d.build_distillation(
+            given=spec.HasField("distillation"),
+            teacher=(
+                base_model_from_proto(spec.distillation.teacher, "distillation.teacher")
+                if spec.distillation.HasField("teacher")
+                else None
+            ),
+            temperature=spec.distillation.temperature,
+            weight=spec.distillation.weight if spec.distillation.HasField("weight") else None,
+        ),
     )
 
 
@@ -376,6 +394,16 @@ def spec_to_proto(spec: d.JobSpec) -> pb.JobSpec:
         )
     if spec.dpo is not None:
         out.dpo.CopyFrom(pb.DpoConfig(beta=spec.dpo.beta, loss=_DPO_LOSS_TO_PB[spec.dpo.loss]))
+    if spec.pruning is not None:
+        out.pruning.CopyFrom(pb.Pruning(layers=spec.pruning.layers, embedding_size=spec.pruning.embedding_size))
+    if spec.distillation is not None:
+        out.distillation.CopyFrom(
+            pb.Distillation(
+                teacher=base_model_to_proto(spec.distillation.teacher),
+                temperature=spec.distillation.temperature,
+                weight=spec.distillation.weight,
+            )
+        )
     if spec.search is not None:
         s = spec.search
         search = pb.HyperParameterSearch(

@@ -37,6 +37,7 @@ from gristmill.core.base_models import StoredBaseModel, content_sha256
 from gristmill.core.errors import (
     DataIntegrityError,
     FailedPreconditionError,
+    GristmillError,
     InvalidArgumentError,
     NotFoundError,
 )
@@ -63,7 +64,9 @@ from gristmill.training.domain.spec import (
     JobSpec,
     Method,
     Objective,
+    Pruning,
     TaskType,
+    check_compression,
     check_few_labels,
     check_fsdp,
     check_json_match_keys,
@@ -75,6 +78,9 @@ from gristmill.training.domain.spec import (
     qlora_needs_gpus,
 )
 from gristmill.training.tasks import TRAINING_TASKS, TrainingTask, training_task
+
+# Model types ``ml.slimming`` can cut (named here: the service does not import the torch side to validate).
+SLIMMABLE_MODEL_TYPES = frozenset({"bert"})
 
 # How many training rows SubmitJob encodes with the base's tokenizer (and chat template) before accepting a job:
 # enough to catch a template that cannot render the rows, few enough to stay quick.
@@ -130,6 +136,8 @@ class ModelInfo:
     max_positions: int | None = None
     # The tokenizer's default chat template ("" when it has none).
     chat_template: str = ""
+    # config.json as read (pruning and distillation check layers, widths and labels against it).
+    config: Mapping[str, Any] = field(default_factory=dict)
 
 
 class ModelInspector(Protocol):
@@ -166,6 +174,8 @@ class ResolvedJob:
     dataset: ResolvedDataset
     base_model: ResolvedBaseModel
     model_info: ModelInfo
+    # The distillation teacher's files (None without distillation).
+    teacher: ResolvedBaseModel | None = None
 
 
 def task_for_objective(objective: Objective, where: str) -> TrainingTask:
@@ -573,6 +583,12 @@ class SpecResolver:
             )
         spec = with_objective_metrics(spec, task)
         base, info, lora = self._resolve_model(spec, task, dataset.label_map, organization_id)
+        if spec.pruning is not None:
+            check_pruning(spec.pruning, info)
+        teacher = None
+        if spec.distillation is not None:
+            teacher = self._resolve_teacher(spec.distillation.teacher, task, dataset.label_map, organization_id)
+            spec = replace(spec, distillation=replace(spec.distillation, teacher=teacher.ref))
         chat_template = spec.chat_template or (info.chat_template if task.uses_chat_template else "")
         self._inspector.check_examples(
             base.local_dir,
@@ -600,7 +616,33 @@ class SpecResolver:
             # DPO's settings with their defaults, so that GetJob and the lineage show the beta trained with.
             dpo=(spec.dpo or DpoSettings()) if task.objective is Objective.DPO else None,
         )
-        return ResolvedJob(spec=effective, dataset=dataset, base_model=base, model_info=info)
+        return ResolvedJob(spec=effective, dataset=dataset, base_model=base, model_info=info, teacher=teacher)
+
+    def _resolve_teacher(
+        self, ref: BaseModelRef, task: TrainingTask, label_map: tuple[str, ...], organization_id: str
+    ) -> ResolvedBaseModel:
+        """The teacher's files, once they proved to be a classifier over ``label_map``; errors name the field."""
+        where = "spec.distillation.teacher"
+        try:
+            teacher = self._base_models.resolve(ref, organization_id)
+            info = self._inspector.inspect(teacher.local_dir, task, label_map)
+        except GristmillError as exc:
+            # The catalog and the inspector speak of "the base model"; here it is the teacher.
+            raise type(exc)(f"{where}: {exc.message}", details={"field": where}) from None
+        id2label = info.config.get("id2label")
+        labels = (
+            tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+            if isinstance(id2label, dict) and all(str(k).isdigit() for k in id2label)
+            else ()
+        )
+        if info.head_labels is None or labels != tuple(label_map):
+            found = f"labels {list(labels)}" if info.head_labels is not None else "no classification head"
+            raise FailedPreconditionError(
+                f"{where}: the teacher must be a classifier over the dataset's labels {list(label_map)} in that "
+                f"order (config.json id2label); it has {found}. Use a version trained on this task",
+                details={"field": where},
+            )
+        return teacher
 
     @staticmethod
     def _check_objective_fields(spec: JobSpec, task: TrainingTask) -> None:
@@ -610,6 +652,7 @@ class SpecResolver:
             check_fsdp(spec.method, task.objective)
         check_search_objective(spec.search, task.objective)
         check_few_labels(spec.hyper_parameters.few_labels, task.objective)
+        check_compression(spec.method, spec.pruning, spec.distillation, task.objective)
         if spec.chat_template and not task.uses_chat_template:
             raise InvalidArgumentError(
                 f"spec.chat_template is only used by chat objectives (sft, dpo); objective {task.objective.value} does "
@@ -620,6 +663,29 @@ class SpecResolver:
             raise dpo_without_dpo(task.objective)
         if spec.json_match_keys:
             check_json_match_keys(task.objective)
+
+
+def check_pruning(pruning: Pruning, info: ModelInfo) -> None:
+    """The cut fits the base model: a BERT-family encoder, at most its layers, an embedding narrower than it."""
+    if info.model_type not in SLIMMABLE_MODEL_TYPES:
+        raise FailedPreconditionError(
+            f"spec.pruning cuts BERT-family encoders (model type {', '.join(sorted(SLIMMABLE_MODEL_TYPES))}); the base "
+            f"model is a {info.model_type!r} model: remove pruning or use such a base",
+            details={"field": "spec.pruning"},
+        )
+    layers = int(info.config.get("num_hidden_layers") or 0)
+    hidden = int(info.config.get("hidden_size") or 0)
+    if pruning.layers > layers:
+        raise InvalidArgumentError(
+            f"spec.pruning.layers is {pruning.layers} but the base model has {layers} layers; keep at most {layers}",
+            details={"field": "spec.pruning.layers"},
+        )
+    if pruning.embedding_size >= hidden:
+        raise InvalidArgumentError(
+            f"spec.pruning.embedding_size is {pruning.embedding_size} but the base model's hidden size is {hidden}; a "
+            f"factorised embedding must be narrower (at most {hidden - 1}), or 0 to keep it",
+            details={"field": "spec.pruning.embedding_size"},
+        )
 
 
 def with_objective_metrics(spec: JobSpec, task: TrainingTask) -> JobSpec:

@@ -40,6 +40,9 @@ class RunRequest:
     # The base model's files in the object store (relative name -> entry), for workers on nodes that do not see
     # ``model_dir``; empty for a model given by local path.
     model_files: Mapping[str, FileEntry] = field(default_factory=dict)
+    # Distillation: the teacher's directory on this host and its files in the object store (as for the base).
+    teacher_dir: Path | None = None
+    teacher_files: Mapping[str, FileEntry] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,15 @@ DEFAULT_MAX_FAILURES = 2
 DEFAULT_AUGMENTATION_PROBABILITY = 0.1
 MAX_AUGMENTATION_COPIES = 16
 MAX_ADVERSARIAL_EPSILON = 100.0
+# Pruning and distillation (issue 23's slimmer models).
+MAX_PRUNED_LAYERS = 256
+MIN_EMBEDDING_SIZE = 16
+MAX_EMBEDDING_SIZE = 65536
+DEFAULT_DISTILLATION_TEMPERATURE = 2.0
+MAX_DISTILLATION_TEMPERATURE = 20.0
+# distillation_benchmark.py: MiniLM's 3-layer student on amazon+yelp kept more of the teacher's imdb accuracy
+# with the teacher's term alone (0.9-1.0) than with an even mix.
+DEFAULT_DISTILLATION_WEIGHT = 0.9
 
 # Upper bounds that catch typos (a batch of 10^6) before they reach a worker; not capacity limits.
 MAX_BATCH_SIZE = 8192
@@ -160,6 +169,25 @@ class FewLabels:
     @property
     def enabled(self) -> bool:
         return bool(self.augmentation_copies or self.adversarial_epsilon)
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """Structured pruning of a BERT-family classifier before training (``ml.slimming``): encoder layers kept and
+    the embeddings' width (0: unchanged)."""
+
+    layers: int = 0
+    embedding_size: int = 0
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """Knowledge distillation from ``teacher`` (a classifier over the same labels): the loss mixes the labels'
+    cross-entropy and the softened teacher's (``ml.distillation``)."""
+
+    teacher: BaseModelRef
+    temperature: float = DEFAULT_DISTILLATION_TEMPERATURE
+    weight: float = DEFAULT_DISTILLATION_WEIGHT
 
 
 @dataclass(frozen=True)
@@ -240,6 +268,10 @@ class JobSpec:
     publish_merged: bool = False
     # SFT and DPO: top-level JSON keys whose values the generation evaluation compares (test json_match_<key>).
     json_match_keys: tuple[str, ...] = ()
+    # CLASSIFY: the base model cut smaller before training; None: trained whole.
+    pruning: Pruning | None = None
+    # CLASSIFY: the loss also learns a teacher's predictions; None: the labels only.
+    distillation: Distillation | None = None
 
     @property
     def project_id(self) -> str:
@@ -265,16 +297,19 @@ def _int_range(name: str, value: int, low: int, high: int) -> int:
     return value
 
 
-def build_base_model(*, name: str = "", object_prefix: str = "", local_path: str = "") -> BaseModelRef:
+def build_base_model(
+    *, name: str = "", object_prefix: str = "", local_path: str = "", field_name: str = "base_model"
+) -> BaseModelRef:
+    """``field_name``: the spec field holding the reference (``distillation.teacher`` is one too)."""
     given = [v for v in (name, object_prefix, local_path) if v]
     if not given:
         raise _bad(
-            "base_model",
+            field_name,
             "is required: set base_model_name, object_prefix (a Hugging Face directory in the object store) "
             "or local_path",
         )
     if name:
-        validate_id(name, what="spec.base_model.base_model_name")
+        validate_id(name, what=f"spec.{field_name}.base_model_name")
     return BaseModelRef(
         name=name, object_prefix=object_prefix.strip("/") if object_prefix else "", local_path=local_path
     )
@@ -453,6 +488,38 @@ def build_hyper_parameters(
     )
 
 
+def build_pruning(*, given: bool, layers: int = 0, embedding_size: int = 0) -> Pruning | None:
+    """None when not given or when it cuts nothing; the model's own bounds are checked when it is resolved."""
+    if not given:
+        return None
+    layers = _int_range("pruning.layers", layers, 0, MAX_PRUNED_LAYERS)
+    if embedding_size:
+        embedding_size = _int_range("pruning.embedding_size", embedding_size, MIN_EMBEDDING_SIZE, MAX_EMBEDDING_SIZE)
+    if not layers and not embedding_size:
+        return None
+    return Pruning(layers=layers, embedding_size=embedding_size)
+
+
+def build_distillation(
+    *, given: bool, teacher: BaseModelRef | None = None, temperature: float = 0.0, weight: float | None = None
+) -> Distillation | None:
+    if not given:
+        return None
+    if teacher is None:
+        raise _bad(
+            "distillation.teacher",
+            "is required: the classifier to learn from (a registered version's artifacts are object_prefix "
+            "models/<model>/<version>)",
+        )
+    temperature = _finite("distillation.temperature", temperature) or DEFAULT_DISTILLATION_TEMPERATURE
+    if not 0.0 < temperature <= MAX_DISTILLATION_TEMPERATURE:
+        raise _bad("distillation.temperature", f"must be in (0, {MAX_DISTILLATION_TEMPERATURE:g}] (got {temperature})")
+    weight = DEFAULT_DISTILLATION_WEIGHT if weight is None else _finite("distillation.weight", weight)
+    if not 0.0 <= weight <= 1.0:
+        raise _bad("distillation.weight", f"must be in [0, 1] (got {weight})")
+    return Distillation(teacher=teacher, temperature=temperature, weight=weight)
+
+
 def build_few_labels(
     *, augmentation_copies: int = 0, augmentation_probability: float | None = None, adversarial_epsilon: float = 0.0
 ) -> FewLabels:
@@ -610,6 +677,8 @@ def build_spec(
     publish_merged: bool = False,
     dpo: DpoSettings | None = None,
     json_match_keys: Sequence[str] = (),
+    pruning: Pruning | None = None,
+    distillation: Distillation | None = None,
 ) -> JobSpec:
     """Cross-field rules, once every part was built. What needs the dataset version (the objective's task type
     when the spec names neither, the chat template of the base model) is checked when the spec is resolved."""
@@ -641,6 +710,7 @@ def build_spec(
     if dpo is not None and known is not None and known is not Objective.DPO:
         raise dpo_without_dpo(known)
     check_method_objective(method, publish_merged, known, resources)
+    check_compression(method, pruning, distillation, known)
     if known is not None:
         check_few_labels(hyper_parameters.few_labels, known)
         check_search_objective(search, known)
@@ -676,7 +746,24 @@ def build_spec(
         publish_merged=publish_merged,
         dpo=dpo,
         json_match_keys=tuple(json_match_keys),
+        pruning=pruning,
+        distillation=distillation,
     )
+
+
+def check_compression(
+    method: Method, pruning: Pruning | None, distillation: Distillation | None, objective: Objective | None
+) -> None:
+    """Pruning and distillation make smaller classifiers (``objective`` None: not known yet, the resolver checks
+    again); pruning cuts the whole model, so it trains every weight (method FULL)."""
+    for name, value in (("pruning", pruning), ("distillation", distillation)):
+        if value is not None and objective is not None and objective is not Objective.CLASSIFY:
+            raise _bad(name, f"is only for objective classify, not {objective.value}; remove it")
+    if pruning is not None and method is not Method.FULL:
+        raise _bad(
+            "pruning",
+            f"retrains every weight of the cut model, so it needs method TRAINING_METHOD_FULL (not {method.value})",
+        )
 
 
 def check_few_labels(few_labels: FewLabels, objective: Objective) -> None:
@@ -827,6 +914,21 @@ def flatten_hyper_parameters(spec: JobSpec) -> dict[str, str]:
     if spec.dpo is not None:
         flat["dpo.beta"] = repr(spec.dpo.beta)
         flat["dpo.loss"] = spec.dpo.loss.value
+    if spec.pruning is not None:
+        flat["pruning.layers"] = str(spec.pruning.layers)
+        flat["pruning.embedding_size"] = str(spec.pruning.embedding_size)
+    if spec.distillation is not None:
+        teacher = spec.distillation.teacher
+        flat["distillation.teacher"] = (
+            f"base_model_name:{teacher.name}"
+            if teacher.name
+            else f"object_prefix:{teacher.object_prefix}"
+            if teacher.object_prefix
+            else f"local_path:{teacher.local_path}"
+        )
+        flat["distillation.teacher.content_sha256"] = teacher.content_sha256
+        flat["distillation.temperature"] = repr(spec.distillation.temperature)
+        flat["distillation.weight"] = repr(spec.distillation.weight)
     few = hp.few_labels
     if few.augmentation_copies:
         flat["few_labels.augmentation_copies"] = str(few.augmentation_copies)

@@ -32,7 +32,8 @@ from gristmill.core.errors import FailedPreconditionError, GristmillError, Unava
 from gristmill.training.domain.model import Job, JobState, Metric, MetricsReport, Split
 from gristmill.training.domain.ports import JobStore
 from gristmill.training.domain.publish import ModelPublisher
-from gristmill.training.domain.resolve import BaseModelCatalog, DatasetCatalog
+from gristmill.training.domain.refs import BaseModelRef
+from gristmill.training.domain.resolve import BaseModelCatalog, DatasetCatalog, ResolvedBaseModel
 from gristmill.training.domain.runs import (
     JobRunner,
     RunCancelledError,
@@ -364,14 +365,25 @@ class JobSupervisor:
                 return False
         return cancel.is_set()
 
+    def _unchanged_model(self, ref: BaseModelRef, organization_id: str, role: str) -> ResolvedBaseModel:
+        """The model's files, as they were when the job was submitted (FAILED_PRECONDITION when they changed)."""
+        model = self._base_models.resolve(ref, organization_id)
+        if ref.content_sha256 and model.ref.content_sha256 != ref.content_sha256:
+            raise FailedPreconditionError(
+                f"{role}the {ref.describe()} changed since the job was submitted (content sha256 "
+                f"{model.ref.content_sha256[:12]}…, expected {ref.content_sha256[:12]}…)"
+            )
+        return model
+
     def _run(self, job: Job, run: _ActiveRun) -> None:
         data, files = self._datasets.load_ref(job.spec.dataset)
-        base = self._base_models.resolve(job.spec.base_model, job.organization_id)
-        if job.spec.base_model.content_sha256 and base.ref.content_sha256 != job.spec.base_model.content_sha256:
-            raise FailedPreconditionError(
-                f"the {job.spec.base_model.describe()} changed since the job was submitted (content sha256 "
-                f"{base.ref.content_sha256[:12]}…, expected {job.spec.base_model.content_sha256[:12]}…)"
-            )
+        base = self._unchanged_model(job.spec.base_model, job.organization_id, "")
+        distillation = job.spec.distillation
+        teacher = (
+            self._unchanged_model(distillation.teacher, job.organization_id, "distillation teacher: ")
+            if distillation is not None
+            else None
+        )
         recorder = _ProgressRecorder(self._store, self._signal, job)
         request = RunRequest(
             job_id=job.job_id,
@@ -380,6 +392,8 @@ class JobSupervisor:
             data=data,
             model_dir=base.local_dir,
             model_files=base.files,
+            teacher_dir=teacher.local_dir if teacher is not None else None,
+            teacher_files=teacher.files if teacher is not None else {},
         )
         outcome = self._runner.run(request, recorder, run.cancel)
         try:

@@ -47,6 +47,7 @@ class HfModelInspector:
             default_lora_targets=task.default_lora_targets(model_type, modules),
             max_positions=modeling.max_positions(config),
             chat_template=modeling.default_chat_template(tokenizer),
+            config=config,
         )
 
     def check_examples(

@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,10 +42,11 @@ from gristmill.training.domain.dpo import DpoSettings
 from gristmill.training.domain.lora import LoraSettings
 from gristmill.training.domain.runs import LOOP_REPORT_FILE, LOOP_SAMPLES_FILE, MERGED_MODEL_DIR
 from gristmill.training.domain.runs import LOOP_STATE_FILE as STATE_FILE
-from gristmill.training.domain.spec import HyperParameters, Method, Precision
+from gristmill.training.domain.spec import Distillation, HyperParameters, Method, Precision, Pruning
 from gristmill.training.ml import data as D
 from gristmill.training.ml.adversarial import EmbeddingAdversary
 from gristmill.training.ml.augment import augment
+from gristmill.training.ml.distillation import Teacher, teacher_logits
 from gristmill.training.ml.node_files import node_model_dir
 from gristmill.training.runner.local_ray import process_started
 from gristmill.training.tasks import job_training_task
@@ -127,6 +128,13 @@ class LoopConfig:
     model_store: S3Settings | None = None
     # Shard parameters, gradients and optimizer state over the workers (FSDP2) instead of DDP (``ml.sharding``).
     fsdp: bool = False
+    # Classifiers: cut the base model smaller before training (``ml.slimming``).
+    pruning: Pruning | None = None
+    # Classifiers: learn the teacher's predictions too (``ml.distillation``); the teacher's directory and files as
+    # for the base model (``model_dir``, ``model_files``).
+    distillation: Distillation | None = None
+    teacher_dir: str = ""
+    teacher_files: Mapping[str, FileEntry] = field(default_factory=dict)
 
 
 @dataclass
@@ -328,6 +336,12 @@ class LoopRunner:
         lora = self.cfg.lora if self.cfg.method.adapters else None
         assert not self.cfg.method.adapters or lora is not None
         model = self.task.build_model(model_dir, self.cfg.label_map, lora)
+        if self.cfg.pruning is not None:  # classifiers, method FULL (the spec says so)
+            from gristmill.training.ml import slimming
+
+            model = slimming.slim_bert_classifier(
+                model, slimming.SlimShape(self.cfg.pruning.layers, self.cfg.pruning.embedding_size)
+            )
         if self.cfg.method is Method.IA3:  # classifiers only (the spec says so)
             model = modeling.apply_ia3(model)
         if self.hp.gradient_checkpointing and not modeling.is_quantized(model):  # QLoRA's base checkpoints already
@@ -357,6 +371,21 @@ class LoopRunner:
             if split
         }
         lap("encode")
+        self.teacher: Teacher | None = None
+        if self.cfg.distillation is not None and examples.get("train"):
+            teacher_dir = node_model_dir(self.cfg.teacher_dir, self.cfg.teacher_files, self.cfg.model_store)
+            logits = teacher_logits(
+                teacher_dir,
+                self.task,
+                examples["train"],
+                self.cfg.label_map,
+                max_length=self.hp.max_sequence_length,
+                device=self.device,
+            )
+            self.teacher = Teacher(
+                logits, temperature=self.cfg.distillation.temperature, weight=self.cfg.distillation.weight
+            )
+            lap("teacher")
         self.adversary: EmbeddingAdversary | None = None
         if few_labels.adversarial_epsilon:
             embeddings = self.model.get_input_embeddings()  # type: ignore[operator]
@@ -622,12 +651,12 @@ class LoopRunner:
                     batch = self.task.collate(self.splits["train"], chunk, self.pad_id).to(self.device)
                     sync = n == len(group) - 1 or not hasattr(model, "no_sync")
                     with contextlib.nullcontext() if sync else model.no_sync(), self._autocast():  # type: ignore[operator]
-                        loss = self.task.loss(model, batch) / len(group)
+                        loss = self._loss(model, batch, chunk) / len(group)
                     self._backward(loss)
                     if self.adversary is not None and self.adversary.perturb():
                         # The same batch pushed along its loss gradient; DDP averages this pass's gradients as well.
                         with contextlib.nullcontext() if sync else model.no_sync(), self._autocast():  # type: ignore[operator]
-                            adversarial = self.task.loss(model, batch) / len(group)
+                            adversarial = self._loss(model, batch, chunk) / len(group)
                         self.adversary.clear()
                         self._backward(adversarial)
                     window_loss += loss.detach()
@@ -670,6 +699,13 @@ class LoopRunner:
                 if not stop and not hp.eval_every_steps and self.state.epoch < hp.epochs:
                     stop = self._validate_and_checkpoint(float(self.state.epoch))
                     window_start = time.perf_counter()
+
+    def _loss(self, model: torch.nn.Module, batch: Any, indices: Sequence[int]) -> torch.Tensor:
+        """The task's loss, or with distillation the mix of the labels' and the teacher's (``indices``: the batch's
+        rows of the train split)."""
+        if self.teacher is not None:
+            return self.teacher.loss(model, batch, indices)
+        return self.task.loss(model, batch)
 
     def _backward(self, loss: torch.Tensor) -> None:
         # torch declares Tensor.backward without annotations.

@@ -58,6 +58,10 @@ class InProcessRunner:
             dpo=spec.dpo,
             publish_merged=spec.publish_merged,
             json_match_keys=spec.json_match_keys,
+            pruning=spec.pruning,
+            distillation=spec.distillation,
+            teacher_dir=str(request.teacher_dir or ""),
+            teacher_files=dict(request.teacher_files),
         )
         session = DirectorySession(root)
         try:
