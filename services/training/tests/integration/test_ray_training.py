@@ -33,6 +33,7 @@ from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.core.storage.s3 import S3ObjectStore
 from gristmill.training.app import TrainingApp, build_app
+from gristmill.training.devtools import upload_model_directory
 from gristmill.training.ml.loop import FaultInjection
 from gristmill.training.runner.ray_runner import CheckpointStorage, RayCluster, RayJobRunner
 from gristmill.training.settings import TrainingSettings
@@ -252,6 +253,56 @@ async def test_lora_on_minilm_trains_adapters_only_and_publishes_a_loadable_mode
                 **tokenizer(["great food", "awful service"], padding=True, return_tensors="pt")
             ).logits.softmax(-1)
         assert probabilities.shape == (2, 2) and torch.allclose(probabilities.sum(-1), torch.ones(2))
+
+
+async def test_a_pruned_student_learns_from_a_teacher_in_the_object_store_on_ray(
+    tmp_path: Path,
+    s3: S3Settings,
+    kafka_bootstrap: str,
+    ray_cluster: RayCluster,
+    sentiment_version: Any,
+    tiny_model: Path,
+) -> None:
+    """A teacher stored as a registered version is (files and a manifest under models/<model>/<version>): the job
+    cuts the base to one layer with 16-wide embeddings and learns from the teacher; the lineage names it. A teacher
+    that is not there is refused at submit, naming the field, and no job is made."""
+    async with _service(tmp_path, s3, kafka_bootstrap, ray_cluster, sentiment_version) as service:
+        objects = service.host.platform.objects
+        upload_model_directory(objects, tiny_model, "models/it-teacher/1")
+        spec = _spec(service.project, tiny_model, epochs=2, log_every_steps=4)
+        spec.pruning.layers, spec.pruning.embedding_size = 1, 16
+        spec.distillation.teacher.object_prefix = "models/it-nope/1"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await service.stub.SubmitJob(pb.SubmitJobRequest(spec=spec))
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "spec.distillation.teacher: base model not found" in str(refused.value.details())
+        assert ("gristmill-field", "spec.distillation.teacher") in tuple(refused.value.trailing_metadata() or ())
+        assert not (await service.stub.ListJobs(pb.ListJobsRequest())).jobs
+
+        spec.distillation.teacher.object_prefix = "models/it-teacher/1"
+        spec.distillation.temperature = 3.0
+        job = await service.stub.SubmitJob(pb.SubmitJobRequest(spec=spec))
+        assert len(job.spec.distillation.teacher.content_sha256) == 64 and job.spec.distillation.weight == 0.9
+        changes = _state_changes(await service.events(job.job_id))
+        assert changes[-1].state == pb.JOB_STATE_SUCCEEDED, changes[-1].reason
+        result = changes[-1].result
+        lineage = dict(result.lineage.hyper_parameters)
+        assert lineage["pruning.layers"] == "1" and lineage["pruning.embedding_size"] == "16"
+        assert lineage["distillation.teacher"] == "object_prefix:models/it-teacher/1"
+        assert lineage["distillation.teacher.content_sha256"] == job.spec.distillation.teacher.content_sha256
+        assert lineage["distillation.temperature"] == "3.0" and lineage["distillation.weight"] == "0.9"
+        manifest = ModelManifest.from_json(
+            objects.get_bytes(result.manifest.key, expected_sha256=result.manifest.sha256)
+        )
+        local = manifest.download(objects, tmp_path / "student")
+        from transformers import AutoModelForSequenceClassification
+
+        student = AutoModelForSequenceClassification.from_pretrained(str(local))
+        teacher = AutoModelForSequenceClassification.from_pretrained(str(tiny_model))
+        assert type(student).__name__ == "AlbertForSequenceClassification" and student.config.num_hidden_layers == 1
+        assert student.config.id2label == {0: "negative", 1: "positive"}
+        assert result.total_parameter_count == sum(p.numel() for p in student.parameters())
+        assert result.total_parameter_count < sum(p.numel() for p in teacher.parameters())
 
 
 async def test_cancel_stops_the_ray_run(
