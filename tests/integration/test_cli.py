@@ -180,6 +180,40 @@ def test_train_and_jobs(platform: str, labeled: dict[str, str], trained: dict[st
     )
 
 
+def test_train_a_pruned_student_from_a_registered_teacher(
+    platform: str, labeled: dict[str, str], trained: dict[str, str], base_model: Path
+) -> None:
+    """--teacher MODEL:VERSION resolves the registered version's artifacts; the student is cut and distilled."""
+    refused(
+        cli(platform, "train", labeled["project"], "--base-model", str(base_model), "--teacher", "no-such-model"),
+        "not found",
+    )
+    student = as_json(
+        cli(
+            platform,
+            "train",
+            labeled["project"],
+            "--base-model",
+            str(base_model),
+            "--teacher",
+            f"{trained['model']}:1",
+            "--prune-layers",
+            "1",
+            "--prune-embedding-size",
+            "16",
+            "--epochs",
+            "1",
+            "--max-length",
+            "64",
+            "--json",
+        )
+    )
+    assert student["state"].endswith("SUCCEEDED"), student
+    lineage = student["result"]["lineage"]["hyper_parameters"]
+    assert lineage["distillation.teacher"].startswith(f"object_prefix:models/{trained['model']}/1")
+    assert (lineage["pruning.layers"], lineage["pruning.embedding_size"]) == ("1", "16")
+
+
 def test_train_auto_sets_the_projects_policy(platform: str, base_model: Path) -> None:
     ok(cli(platform, "projects", "create", "Auto", "--id", "cli-auto", "--labels", "negative,positive"))
     policy = as_json(

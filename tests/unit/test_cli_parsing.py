@@ -355,3 +355,24 @@ def test_few_labels_options() -> None:
         with pytest.raises(typer.Exit) as raised:
             job_spec(project_id="p", dataset_version_id="v1", base_model="/m", ia3=True, **clash)  # type: ignore[arg-type]
         assert raised.value.exit_code == 2
+
+
+def test_pruning_and_distillation_options() -> None:
+    spec = job_spec(
+        project_id="p",
+        dataset_version_id="v1",
+        base_model="/m",
+        prune_layers=3,
+        prune_embedding_size=176,
+        teacher_prefix="models/big/2",
+        distil_weight=1.0,
+    )
+    assert (spec.pruning.layers, spec.pruning.embedding_size) == (3, 176)
+    assert spec.distillation.teacher.object_prefix == "models/big/2"
+    assert spec.distillation.weight == 1.0 and spec.distillation.temperature == 0.0  # the service's default (2)
+    plain = job_spec(project_id="p", dataset_version_id="v1", base_model="/m")
+    assert not plain.HasField("pruning") and not plain.HasField("distillation")
+    # A spec file's distillation is kept; options given replace its fields.
+    kept = job_spec(project_id="p", dataset_version_id="v1", distil_temperature=4.0, base=spec)
+    assert kept.distillation.teacher.object_prefix == "models/big/2" and kept.distillation.temperature == 4.0
+    assert kept.distillation.weight == 1.0

@@ -48,6 +48,11 @@ def job_spec(
     gradient_checkpointing: bool = False,
     augment: int = 0,
     adversarial: float = 0.0,
+    prune_layers: int = 0,
+    prune_embedding_size: int = 0,
+    teacher_prefix: str = "",
+    distil_temperature: float = 0.0,
+    distil_weight: float | None = None,
     base: tr.JobSpec | None = None,
 ) -> tr.JobSpec:
     """A job spec: ``base`` (a ``--spec-file``'s) with the options given laid over it. Zero values (and ``lora``
@@ -108,6 +113,16 @@ def job_spec(
         hp.few_labels.augmentation_copies = augment
     if adversarial:
         hp.few_labels.adversarial_epsilon = adversarial
+    if prune_layers:
+        spec.pruning.layers = prune_layers
+    if prune_embedding_size:
+        spec.pruning.embedding_size = prune_embedding_size
+    if teacher_prefix:
+        spec.distillation.teacher.CopyFrom(common_pb2.BaseModelRef(object_prefix=teacher_prefix))
+    if distil_temperature:
+        spec.distillation.temperature = distil_temperature
+    if distil_weight is not None:
+        spec.distillation.weight = distil_weight
     spec.resources.num_workers = workers or spec.resources.num_workers or 1
     spec.resources.fsdp = fsdp or spec.resources.fsdp
     hp.gradient_checkpointing = gradient_checkpointing or hp.gradient_checkpointing

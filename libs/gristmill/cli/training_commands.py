@@ -328,6 +328,24 @@ def job_summary(job: tr.Job) -> dict[str, Any]:
 
 
 @one_line_errors
+def teacher_artifacts(gm: Gristmill, teacher: str) -> str:
+    """The object prefix of ``MODEL`` (its latest version) or ``MODEL:VERSION``'s artifacts, as the registry holds
+    them: what a job's distillation teacher names."""
+    from gristmill.api.registry.v1 import registry_pb2 as rg
+
+    name, _, version = teacher.partition(":")
+    if not name or (version and not version.isdigit()):
+        fail(f"--teacher must be MODEL or MODEL:VERSION (a registered classifier), got {teacher!r}", code=2)
+    chosen = gm.registry.GetModelVersion(
+        rg.GetModelVersionRequest(
+            registered_model_name=name,
+            # No selector: the latest READY version.
+            selector=common_pb2.ModelVersionSelector(version=int(version)) if version else None,
+        )
+    )
+    return chosen.artifact_prefix.rstrip("/")
+
+
 def train_command(
     ctx: typer.Context,
     project_id: str = typer.Argument(..., help="labeling project whose dataset to train on"),
@@ -395,6 +413,26 @@ def train_command(
         "--adversarial",
         min=0.0,
         help="classify, few labels: adversarial training (FGM) on the embeddings with this epsilon (e.g. 1.0)",
+    ),
+    prune_layers: int = typer.Option(
+        0, "--prune-layers", min=0, help="classify, BERT bases: keep this many encoder layers, evenly spaced"
+    ),
+    prune_embedding_size: int = typer.Option(
+        0,
+        "--prune-embedding-size",
+        min=0,
+        help="classify, BERT bases: factorise the embeddings to this width (e.g. 176 of MiniLM's 384)",
+    ),
+    teacher: str = typer.Option(
+        "",
+        "--teacher",
+        help="classify: distil from this registered classifier, MODEL or MODEL:VERSION (default: the latest)",
+    ),
+    distil_temperature: float = typer.Option(
+        0.0, "--distil-temperature", min=0.0, help="with --teacher: the softmax temperature (0: 2)"
+    ),
+    distil_weight: float | None = typer.Option(
+        None, "--distil-weight", min=0.0, max=1.0, help="with --teacher: the teacher's share of the loss (default 0.9)"
     ),
     search: list[str] = typer.Option(
         [],
@@ -475,6 +513,11 @@ def train_command(
             gradient_checkpointing=gradient_checkpointing,
             augment=augment,
             adversarial=adversarial,
+            prune_layers=prune_layers,
+            prune_embedding_size=prune_embedding_size,
+            teacher_prefix=teacher_artifacts(gm, teacher) if teacher else "",
+            distil_temperature=distil_temperature,
+            distil_weight=distil_weight,
             base=base,
         )
         if search_settings is not None:

@@ -246,3 +246,26 @@ def test_downloads_are_verified_and_reused(model_root: Path, tmp_path: Path) -> 
     with pytest.raises(DataIntegrityError):
         download_verified(store, resolved, dest)
     assert not dest.exists() and not any(p.name.startswith(".download") for p in dest.parent.iterdir())
+
+
+def test_a_pruned_student_serves_traced_and_explains(model_root: Path, tmp_path: Path) -> None:
+    """Training's pruning publishes an ALBERT (factorised embeddings, fewer layers): serving loads it with the
+    Auto classes, traces it faithfully, and explains it over its narrower embeddings."""
+    from gristmill.training.ml.slimming import SlimShape, slim_bert_classifier
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(str(model_root / "sentiment" / "1"))
+    student = slim_bert_classifier(teacher, SlimShape(layers=1, embedding_size=8)).eval()
+    directory = tmp_path / "student" / "1"
+    student.save_pretrained(directory)  # type: ignore[operator]
+    AutoTokenizer.from_pretrained(str(model_root / "sentiment" / "1")).save_pretrained(directory)
+    source = LocalDirectoryModelSource(tmp_path)
+    resolved = source.resolve("default", "student", VersionSelector.of_version(1))
+    served = load_transformers_classifier(source.fetch(resolved), resolved, LoadOptions())
+    assert served.traced
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    with torch.no_grad():
+        expected = student(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits.softmax(-1).numpy()
+    assert np.asarray(served.predict(served.encode(TEXTS, 128))) == pytest.approx(expected, abs=1e-5)
+    explanation = served.explain([TEXTS[0]], 128, [1], 8)[0]
+    assert [t.token for t in explanation.tokens] == TEXTS[0].split()
+    assert explanation.probability == pytest.approx(float(expected[0][1]), abs=1e-4)
