@@ -373,6 +373,9 @@ def test_pruning_and_distillation_options() -> None:
     plain = job_spec(project_id="p", dataset_version_id="v1", base_model="/m")
     assert not plain.HasField("pruning") and not plain.HasField("distillation")
     # A spec file's distillation is kept; options given replace its fields.
+    para = job_spec(project_id="p", dataset_version_id="v1", paraphrase=2, paraphrase_model="smol", base=spec)
+    few = para.hyper_parameters.few_labels
+    assert few.paraphrase_copies == 2 and few.paraphrase_model.base_model_name == "smol"
     kept = job_spec(project_id="p", dataset_version_id="v1", distil_temperature=4.0, base=spec)
     assert kept.distillation.teacher.object_prefix == "models/big/2" and kept.distillation.temperature == 4.0
     assert kept.distillation.weight == 1.0

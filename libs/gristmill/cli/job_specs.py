@@ -48,6 +48,8 @@ def job_spec(
     gradient_checkpointing: bool = False,
     augment: int = 0,
     adversarial: float = 0.0,
+    paraphrase: int = 0,
+    paraphrase_model: str = "",
     prune_layers: int = 0,
     prune_embedding_size: int = 0,
     teacher_prefix: str = "",
@@ -113,6 +115,10 @@ def job_spec(
         hp.few_labels.augmentation_copies = augment
     if adversarial:
         hp.few_labels.adversarial_epsilon = adversarial
+    if paraphrase:
+        hp.few_labels.paraphrase_copies = paraphrase
+    if paraphrase_model:
+        hp.few_labels.paraphrase_model.CopyFrom(common_pb2.BaseModelRef(base_model_name=paraphrase_model))
     if prune_layers:
         spec.pruning.layers = prune_layers
     if prune_embedding_size:

@@ -414,6 +414,16 @@ def train_command(
         min=0.0,
         help="classify, few labels: adversarial training (FGM) on the embeddings with this epsilon (e.g. 1.0)",
     ),
+    paraphrase: int = typer.Option(
+        0,
+        "--paraphrase",
+        min=0,
+        max=8,
+        help="classify, few labels: this many paraphrased copies of each train example, by --paraphrase-model",
+    ),
+    paraphrase_model: str = typer.Option(
+        "", "--paraphrase-model", help="with --paraphrase: a chat base model in the registry (smollm2-135m-instruct)"
+    ),
     prune_layers: int = typer.Option(
         0, "--prune-layers", min=0, help="classify, BERT bases: keep this many encoder layers, evenly spaced"
     ),
@@ -513,6 +523,8 @@ def train_command(
             gradient_checkpointing=gradient_checkpointing,
             augment=augment,
             adversarial=adversarial,
+            paraphrase=paraphrase,
+            paraphrase_model=paraphrase_model,
             prune_layers=prune_layers,
             prune_embedding_size=prune_embedding_size,
             teacher_prefix=teacher_artifacts(gm, teacher) if teacher else "",

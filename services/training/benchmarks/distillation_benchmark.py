@@ -39,6 +39,7 @@ from transformers.utils import logging as hf_logging
 from gristmill.cli.tiny_model import minilm_path
 from gristmill.training.domain import spec as d
 from gristmill.training.domain.refs import BaseModelRef
+from gristmill.training.domain.runs import SideModel
 from gristmill.training.ml.loop import DirectorySession, LoopConfig, LoopRunner
 from gristmill.training.ml.slimming import parameter_count
 from gristmill.training.tasks.text_classification import LabelledText
@@ -171,7 +172,7 @@ def main() -> int:
                     work / name,
                     pruning=pruning,
                     distillation=distillation,
-                    teacher_dir=str(teacher_dir),
+                    side_models={d.TEACHER: SideModel(str(teacher_dir))},
                 )
             models = {name: load(path, n + 1) for n, (name, path) in enumerate(dirs.items())}
             run: dict[str, Any] = {"seed": seed}

@@ -20,6 +20,7 @@ from gristmill.training.api import convert
 from gristmill.training.devtools import LABELS, sentiment_rows
 from gristmill.training.domain import spec as d
 from gristmill.training.domain.refs import BaseModelRef, DatasetRef
+from gristmill.training.domain.runs import SideModel
 from gristmill.training.ml import distillation as D
 from gristmill.training.ml import slimming as S
 from gristmill.training.ml.loop import DirectorySession, ListSink, LoopConfig, LoopRunner
@@ -216,7 +217,7 @@ def test_the_loop_prunes_the_base_and_distils_the_teacher_into_it(tiny_model: Pa
         sink,
         pruning=d.Pruning(layers=1, embedding_size=16),
         distillation=d.Distillation(teacher=BaseModelRef(local_path=str(teacher_dir)), temperature=2.0, weight=0.9),
-        teacher_dir=str(teacher_dir),
+        side_models={d.TEACHER: SideModel(str(teacher_dir))},
     )
     config = dataclasses.replace(config, hyper=dataclasses.replace(config.hyper, learning_rate=3e-3, epochs=8))
     LoopRunner(config, 0, 1, 0, session).run()
@@ -296,7 +297,7 @@ def test_the_resolver_checks_the_cut_and_the_teacher_naming_the_field(
     )
     # The effective spec records the teacher's content checksum (the lineage's), and the run gets its files.
     assert resolved.spec.distillation is not None and len(resolved.spec.distillation.teacher.content_sha256) == 64
-    assert resolved.teacher is not None and resolved.teacher.local_dir == tiny_model
+    assert resolved.side_models[d.TEACHER].local_dir == tiny_model
 
     def refused(error: type[Exception], match: str, **changes: object) -> None:
         with pytest.raises(error, match=match) as caught:

@@ -701,6 +701,8 @@ class FewLabels(_message.Message):
     AUGMENTATION_COPIES_FIELD_NUMBER: _builtins.int
     AUGMENTATION_PROBABILITY_FIELD_NUMBER: _builtins.int
     ADVERSARIAL_EPSILON_FIELD_NUMBER: _builtins.int
+    PARAPHRASE_COPIES_FIELD_NUMBER: _builtins.int
+    PARAPHRASE_MODEL_FIELD_NUMBER: _builtins.int
     augmentation_copies: _builtins.int
     """Rule-based augmentation of the train split: this many extra copies of each example, each
     with words swapped or dropped (EDA's swap and deletion). 0 (default) means none; at most 16.
@@ -713,16 +715,33 @@ class FewLabels(_message.Message):
     """Adversarial training (FGM) on the input embeddings: each sequence's embeddings pushed by
     this L2 norm along its loss gradient, and that loss added. 0 (default) means off; at most 100.
     """
+    paraphrase_copies: _builtins.int
+    """Paraphrases of the train split by a generative model: this many extra copies of each example,
+    each the model's rewording of the text (sampled at temperature 0.7, top-p 0.9, seeded by the
+    job's seed; the text itself when the model answers nothing), with the same label. Made before
+    augmentation_copies (which then edits the paraphrases too). 0 (default) means none; at most 8.
+    """
+    @_builtins.property
+    def paraphrase_model(self) -> _common_pb2.BaseModelRef:
+        """The generative model that paraphrases: a causal language model with a chat template, e.g. the
+        registry's base model "smollm2-135m-instruct" or a registered version's artifacts
+        (object_prefix "models/<model>/<version>"). Required with paraphrase_copies, and only with it
+        (INVALID_ARGUMENT naming the field); a model that is not a causal LM with a chat template is
+        INVALID_ARGUMENT naming it. Recorded in the lineage with its content SHA-256.
+        """
+
     def __init__(
         self,
         *,
         augmentation_copies: _builtins.int = ...,
         augmentation_probability: _builtins.float | None = ...,
         adversarial_epsilon: _builtins.float = ...,
+        paraphrase_copies: _builtins.int = ...,
+        paraphrase_model: _common_pb2.BaseModelRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_augmentation_probability", b"_augmentation_probability", "augmentation_probability", b"augmentation_probability"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_augmentation_probability", b"_augmentation_probability", "augmentation_probability", b"augmentation_probability", "paraphrase_model", b"paraphrase_model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_augmentation_probability", b"_augmentation_probability", "adversarial_epsilon", b"adversarial_epsilon", "augmentation_copies", b"augmentation_copies", "augmentation_probability", b"augmentation_probability"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_augmentation_probability", b"_augmentation_probability", "adversarial_epsilon", b"adversarial_epsilon", "augmentation_copies", b"augmentation_copies", "augmentation_probability", b"augmentation_probability", "paraphrase_copies", b"paraphrase_copies", "paraphrase_model", b"paraphrase_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__augmentation_probability: _TypeAlias = _typing.Literal["augmentation_probability"]  # noqa: Y015
     _WhichOneofArgType__augmentation_probability: _TypeAlias = _typing.Literal["_augmentation_probability", b"_augmentation_probability"]  # noqa: Y015

@@ -200,6 +200,12 @@ def spec_from_proto(spec: pb.JobSpec, *, require_dataset: bool = True) -> d.JobS
                 hp.few_labels.augmentation_probability if hp.few_labels.HasField("augmentation_probability") else None
             ),
             adversarial_epsilon=hp.few_labels.adversarial_epsilon,
+            paraphrase_copies=hp.few_labels.paraphrase_copies,
+            paraphrase_model=(
+                base_model_from_proto(hp.few_labels.paraphrase_model, "hyper_parameters.few_labels.paraphrase_model")
+                if hp.few_labels.HasField("paraphrase_model")
+                else None
+            ),
         ),
     )
     res = spec.resources
@@ -334,6 +340,9 @@ def few_labels_to_proto(few: d.FewLabels) -> pb.FewLabels:
     out = pb.FewLabels(augmentation_copies=few.augmentation_copies, adversarial_epsilon=few.adversarial_epsilon)
     if few.augmentation_copies:
         out.augmentation_probability = few.augmentation_probability
+    out.paraphrase_copies = few.paraphrase_copies
+    if few.paraphrase_model is not None:
+        out.paraphrase_model.CopyFrom(base_model_to_proto(few.paraphrase_model))
     return out
 
 

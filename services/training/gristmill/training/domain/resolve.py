@@ -58,6 +58,8 @@ from gristmill.training.domain.spec import (
     DEFAULT_VALIDATION_METRIC,
     MINIMIZED_METRICS,
     OBJECTIVE_TASK_TYPES,
+    PARAPHRASER,
+    TEACHER,
     DpoSettings,
     EarlyStopping,
     Goal,
@@ -174,8 +176,8 @@ class ResolvedJob:
     dataset: ResolvedDataset
     base_model: ResolvedBaseModel
     model_info: ModelInfo
-    # The distillation teacher's files (None without distillation).
-    teacher: ResolvedBaseModel | None = None
+    # The models besides the base, by role (``spec.side_models``): the distillation teacher, the paraphraser.
+    side_models: dict[str, ResolvedBaseModel] = field(default_factory=dict)
 
 
 def task_for_objective(objective: Objective, where: str) -> TrainingTask:
@@ -585,10 +587,15 @@ class SpecResolver:
         base, info, lora = self._resolve_model(spec, task, dataset.label_map, organization_id)
         if spec.pruning is not None:
             check_pruning(spec.pruning, info)
-        teacher = None
+        side: dict[str, ResolvedBaseModel] = {}
         if spec.distillation is not None:
-            teacher = self._resolve_teacher(spec.distillation.teacher, task, dataset.label_map, organization_id)
-            spec = replace(spec, distillation=replace(spec.distillation, teacher=teacher.ref))
+            side[TEACHER] = self._resolve_teacher(spec.distillation.teacher, task, dataset.label_map, organization_id)
+            spec = replace(spec, distillation=replace(spec.distillation, teacher=side[TEACHER].ref))
+        few = spec.hyper_parameters.few_labels
+        if few.paraphrase_copies and few.paraphrase_model is not None:
+            side[PARAPHRASER] = self._resolve_paraphraser(few.paraphrase_model, organization_id)
+            few = replace(few, paraphrase_model=side[PARAPHRASER].ref)
+            spec = replace(spec, hyper_parameters=replace(spec.hyper_parameters, few_labels=few))
         chat_template = spec.chat_template or (info.chat_template if task.uses_chat_template else "")
         self._inspector.check_examples(
             base.local_dir,
@@ -616,19 +623,37 @@ class SpecResolver:
             # DPO's settings with their defaults, so that GetJob and the lineage show the beta trained with.
             dpo=(spec.dpo or DpoSettings()) if task.objective is Objective.DPO else None,
         )
-        return ResolvedJob(spec=effective, dataset=dataset, base_model=base, model_info=info, teacher=teacher)
+        return ResolvedJob(spec=effective, dataset=dataset, base_model=base, model_info=info, side_models=side)
+
+    def _side_model(
+        self, ref: BaseModelRef, task: TrainingTask, label_map: Sequence[str], organization_id: str, where: str
+    ) -> tuple[ResolvedBaseModel, ModelInfo]:
+        """A model besides the base, resolved and inspected as ``task`` would build it; errors name ``where``."""
+        try:
+            model = self._base_models.resolve(ref, organization_id)
+            return model, self._inspector.inspect(model.local_dir, task, label_map)
+        except GristmillError as exc:
+            # The catalog and the inspector speak of "the base model"; here it is another model of the job.
+            raise type(exc)(f"{where}: {exc.message}", details={"field": where}) from None
+
+    def _resolve_paraphraser(self, ref: BaseModelRef, organization_id: str) -> ResolvedBaseModel:
+        """A causal language model with a chat template (the paraphrase prompt is a chat turn)."""
+        where = "spec.hyper_parameters.few_labels.paraphrase_model"
+        model, info = self._side_model(ref, training_task(TaskType.CHAT.value), (), organization_id, where)
+        if not info.chat_template:
+            raise InvalidArgumentError(
+                f"{where}: the model ({info.model_type}) has no chat template; paraphrases are asked for in a chat "
+                "turn, so use an instruction-tuned model with one (e.g. smollm2-135m-instruct)",
+                details={"field": where},
+            )
+        return model
 
     def _resolve_teacher(
         self, ref: BaseModelRef, task: TrainingTask, label_map: tuple[str, ...], organization_id: str
     ) -> ResolvedBaseModel:
         """The teacher's files, once they proved to be a classifier over ``label_map``; errors name the field."""
         where = "spec.distillation.teacher"
-        try:
-            teacher = self._base_models.resolve(ref, organization_id)
-            info = self._inspector.inspect(teacher.local_dir, task, label_map)
-        except GristmillError as exc:
-            # The catalog and the inspector speak of "the base model"; here it is the teacher.
-            raise type(exc)(f"{where}: {exc.message}", details={"field": where}) from None
+        teacher, info = self._side_model(ref, task, label_map, organization_id, where)
         id2label = info.config.get("id2label")
         labels = (
             tuple(str(id2label[k]) for k in sorted(id2label, key=int))

@@ -30,6 +30,16 @@ LOOP_FILES = frozenset({LOOP_STATE_FILE, LOOP_REPORT_FILE, LOOP_SAMPLES_FILE})
 
 
 @dataclass(frozen=True)
+class SideModel:
+    """A model a run uses besides its base (the distillation teacher, the paraphraser): its directory on the host
+    that resolved it, and its files in the object store for workers on nodes without that directory (empty for a
+    model given by local path)."""
+
+    local_dir: str
+    files: Mapping[str, FileEntry] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class RunRequest:
     job_id: str
     # Ray Train run name: the checkpoint directory; running the same name again resumes from it.
@@ -40,9 +50,8 @@ class RunRequest:
     # The base model's files in the object store (relative name -> entry), for workers on nodes that do not see
     # ``model_dir``; empty for a model given by local path.
     model_files: Mapping[str, FileEntry] = field(default_factory=dict)
-    # Distillation: the teacher's directory on this host and its files in the object store (as for the base).
-    teacher_dir: Path | None = None
-    teacher_files: Mapping[str, FileEntry] = field(default_factory=dict)
+    # The models the run uses besides its base, by role (``spec.side_models``).
+    side_models: Mapping[str, SideModel] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,8 @@ DEFAULT_MAX_FAILURES = 2
 DEFAULT_AUGMENTATION_PROBABILITY = 0.1
 MAX_AUGMENTATION_COPIES = 16
 MAX_ADVERSARIAL_EPSILON = 100.0
+# Each paraphrase costs a generation: a few copies at most.
+MAX_PARAPHRASE_COPIES = 8
 # Pruning and distillation (issue 23's slimmer models).
 MAX_PRUNED_LAYERS = 256
 MIN_EMBEDDING_SIZE = 16
@@ -165,10 +167,13 @@ class FewLabels:
     augmentation_probability: float = DEFAULT_AUGMENTATION_PROBABILITY
     # FGM on the input embeddings: the perturbation's L2 norm per sequence (0: off).
     adversarial_epsilon: float = 0.0
+    # Extra copies of each train example paraphrased by ``paraphrase_model`` (a causal LM with a chat template).
+    paraphrase_copies: int = 0
+    paraphrase_model: BaseModelRef | None = None
 
     @property
     def enabled(self) -> bool:
-        return bool(self.augmentation_copies or self.adversarial_epsilon)
+        return bool(self.augmentation_copies or self.adversarial_epsilon or self.paraphrase_copies)
 
 
 @dataclass(frozen=True)
@@ -521,7 +526,12 @@ def build_distillation(
 
 
 def build_few_labels(
-    *, augmentation_copies: int = 0, augmentation_probability: float | None = None, adversarial_epsilon: float = 0.0
+    *,
+    augmentation_copies: int = 0,
+    augmentation_probability: float | None = None,
+    adversarial_epsilon: float = 0.0,
+    paraphrase_copies: int = 0,
+    paraphrase_model: BaseModelRef | None = None,
 ) -> FewLabels:
     p = "hyper_parameters.few_labels."
     copies = _int_range(p + "augmentation_copies", augmentation_copies, 0, MAX_AUGMENTATION_COPIES)
@@ -537,7 +547,16 @@ def build_few_labels(
     epsilon = _finite(p + "adversarial_epsilon", adversarial_epsilon)
     if not 0.0 <= epsilon <= MAX_ADVERSARIAL_EPSILON:
         raise _bad(p + "adversarial_epsilon", f"must be between 0 (off) and {MAX_ADVERSARIAL_EPSILON} (got {epsilon})")
-    return FewLabels(copies, probability, epsilon)
+    paraphrases = _int_range(p + "paraphrase_copies", paraphrase_copies, 0, MAX_PARAPHRASE_COPIES)
+    if paraphrases and paraphrase_model is None:
+        raise _bad(
+            p + "paraphrase_model",
+            "is required with paraphrase_copies: the generative model that paraphrases (a causal language model with "
+            "a chat template, e.g. base_model_name smollm2-135m-instruct)",
+        )
+    if paraphrase_model is not None and not paraphrases:
+        raise _bad(p + "paraphrase_model", "is only used with paraphrase_copies >= 1; set both or neither")
+    return FewLabels(copies, probability, epsilon, paraphrases, paraphrase_model)
 
 
 def build_resources(
@@ -918,15 +937,8 @@ def flatten_hyper_parameters(spec: JobSpec) -> dict[str, str]:
         flat["pruning.layers"] = str(spec.pruning.layers)
         flat["pruning.embedding_size"] = str(spec.pruning.embedding_size)
     if spec.distillation is not None:
-        teacher = spec.distillation.teacher
-        flat["distillation.teacher"] = (
-            f"base_model_name:{teacher.name}"
-            if teacher.name
-            else f"object_prefix:{teacher.object_prefix}"
-            if teacher.object_prefix
-            else f"local_path:{teacher.local_path}"
-        )
-        flat["distillation.teacher.content_sha256"] = teacher.content_sha256
+        flat["distillation.teacher"] = model_source(spec.distillation.teacher)
+        flat["distillation.teacher.content_sha256"] = spec.distillation.teacher.content_sha256
         flat["distillation.temperature"] = repr(spec.distillation.temperature)
         flat["distillation.weight"] = repr(spec.distillation.weight)
     few = hp.few_labels
@@ -935,4 +947,34 @@ def flatten_hyper_parameters(spec: JobSpec) -> dict[str, str]:
         flat["few_labels.augmentation_probability"] = repr(few.augmentation_probability)
     if few.adversarial_epsilon:
         flat["few_labels.adversarial_epsilon"] = repr(few.adversarial_epsilon)
+    if few.paraphrase_copies and few.paraphrase_model is not None:
+        flat["few_labels.paraphrase_copies"] = str(few.paraphrase_copies)
+        flat["few_labels.paraphrase_model"] = model_source(few.paraphrase_model)
+        flat["few_labels.paraphrase_model.content_sha256"] = few.paraphrase_model.content_sha256
     return flat
+
+
+# The roles of the models a job uses besides its base (``side_models``).
+TEACHER = "distillation teacher"
+PARAPHRASER = "paraphrase model"
+
+
+def side_models(spec: JobSpec) -> dict[str, BaseModelRef]:
+    """The models ``spec`` uses besides its base, by role: each is resolved, verified and fetched as the base is."""
+    out = {}
+    if spec.distillation is not None:
+        out[TEACHER] = spec.distillation.teacher
+    few = spec.hyper_parameters.few_labels
+    if few.paraphrase_copies and few.paraphrase_model is not None:
+        out[PARAPHRASER] = few.paraphrase_model
+    return out
+
+
+def model_source(ref: BaseModelRef) -> str:
+    """A model reference as the lineage records it: ``base_model_name:NAME``, ``object_prefix:PREFIX`` or
+    ``local_path:PATH``."""
+    if ref.name:
+        return f"base_model_name:{ref.name}"
+    if ref.object_prefix:
+        return f"object_prefix:{ref.object_prefix}"
+    return f"local_path:{ref.local_path}"

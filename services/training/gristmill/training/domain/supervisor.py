@@ -40,8 +40,10 @@ from gristmill.training.domain.runs import (
     RunFailedError,
     RunRequest,
     RunUnavailableError,
+    SideModel,
 )
 from gristmill.training.domain.signal import JobSignal
+from gristmill.training.domain.spec import side_models as spec_side_models
 
 log = logging.getLogger(__name__)
 
@@ -378,12 +380,10 @@ class JobSupervisor:
     def _run(self, job: Job, run: _ActiveRun) -> None:
         data, files = self._datasets.load_ref(job.spec.dataset)
         base = self._unchanged_model(job.spec.base_model, job.organization_id, "")
-        distillation = job.spec.distillation
-        teacher = (
-            self._unchanged_model(distillation.teacher, job.organization_id, "distillation teacher: ")
-            if distillation is not None
-            else None
-        )
+        side_models = {}
+        for role, ref in spec_side_models(job.spec).items():
+            model = self._unchanged_model(ref, job.organization_id, f"{role}: ")
+            side_models[role] = SideModel(str(model.local_dir), model.files)
         recorder = _ProgressRecorder(self._store, self._signal, job)
         request = RunRequest(
             job_id=job.job_id,
@@ -392,8 +392,7 @@ class JobSupervisor:
             data=data,
             model_dir=base.local_dir,
             model_files=base.files,
-            teacher_dir=teacher.local_dir if teacher is not None else None,
-            teacher_files=teacher.files if teacher is not None else {},
+            side_models=side_models,
         )
         outcome = self._runner.run(request, recorder, run.cancel)
         try:

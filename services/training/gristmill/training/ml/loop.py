@@ -40,9 +40,17 @@ from gristmill.core.settings import S3Settings
 from gristmill.core.tasks import DEFAULT_TASK_TYPE
 from gristmill.training.domain.dpo import DpoSettings
 from gristmill.training.domain.lora import LoraSettings
-from gristmill.training.domain.runs import LOOP_REPORT_FILE, LOOP_SAMPLES_FILE, MERGED_MODEL_DIR
+from gristmill.training.domain.runs import LOOP_REPORT_FILE, LOOP_SAMPLES_FILE, MERGED_MODEL_DIR, SideModel
 from gristmill.training.domain.runs import LOOP_STATE_FILE as STATE_FILE
-from gristmill.training.domain.spec import Distillation, HyperParameters, Method, Precision, Pruning
+from gristmill.training.domain.spec import (
+    PARAPHRASER,
+    TEACHER,
+    Distillation,
+    HyperParameters,
+    Method,
+    Precision,
+    Pruning,
+)
 from gristmill.training.ml import data as D
 from gristmill.training.ml.adversarial import EmbeddingAdversary
 from gristmill.training.ml.augment import augment
@@ -130,11 +138,10 @@ class LoopConfig:
     fsdp: bool = False
     # Classifiers: cut the base model smaller before training (``ml.slimming``).
     pruning: Pruning | None = None
-    # Classifiers: learn the teacher's predictions too (``ml.distillation``); the teacher's directory and files as
-    # for the base model (``model_dir``, ``model_files``).
+    # Classifiers: learn the teacher's predictions too (``ml.distillation``).
     distillation: Distillation | None = None
-    teacher_dir: str = ""
-    teacher_files: Mapping[str, FileEntry] = field(default_factory=dict)
+    # The models besides the base, by role (TEACHER, PARAPHRASER): where they are, as for the base model.
+    side_models: Mapping[str, SideModel] = field(default_factory=dict)
 
 
 @dataclass
@@ -358,6 +365,17 @@ class LoopRunner:
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         examples = dict(self.cfg.examples)
         few_labels = self.hp.few_labels
+        if few_labels.paraphrase_copies and examples.get("train"):
+            from gristmill.training.ml.paraphrase import paraphrase
+
+            examples["train"] = paraphrase(
+                examples["train"],
+                self._side_model(PARAPHRASER),
+                copies=few_labels.paraphrase_copies,
+                seed=self.hp.seed,
+                device=self.device,
+            )
+            lap("paraphrase")
         if few_labels.augmentation_copies and examples.get("train"):
             examples["train"] = augment(
                 examples["train"],
@@ -373,9 +391,8 @@ class LoopRunner:
         lap("encode")
         self.teacher: Teacher | None = None
         if self.cfg.distillation is not None and examples.get("train"):
-            teacher_dir = node_model_dir(self.cfg.teacher_dir, self.cfg.teacher_files, self.cfg.model_store)
             logits = teacher_logits(
-                teacher_dir,
+                self._side_model(TEACHER),
                 self.task,
                 examples["train"],
                 self.cfg.label_map,
@@ -424,6 +441,11 @@ class LoopRunner:
         self.autocast = autocast_dtype(self.hp.mixed_precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast is torch.float16 else None
         lap("optimizer")
+
+    def _side_model(self, role: str) -> Path:
+        """The directory of the run's ``role`` model on this node (fetched from the object store when needed)."""
+        side = self.cfg.side_models[role]
+        return node_model_dir(side.local_dir, side.files, self.cfg.model_store)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 

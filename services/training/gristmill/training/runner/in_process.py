@@ -60,8 +60,7 @@ class InProcessRunner:
             json_match_keys=spec.json_match_keys,
             pruning=spec.pruning,
             distillation=spec.distillation,
-            teacher_dir=str(request.teacher_dir or ""),
-            teacher_files=dict(request.teacher_files),
+            side_models=dict(request.side_models),
         )
         session = DirectorySession(root)
         try:
