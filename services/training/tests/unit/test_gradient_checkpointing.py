@@ -12,12 +12,19 @@ import pytest
 import torch
 
 from gristmill.api.training.v1 import training_pb2 as pb
+from gristmill.core.errors import InvalidArgumentError
+from gristmill.core.storage import ObjectStore
 from gristmill.training.api import convert
 from gristmill.training.domain import spec as d
+from gristmill.training.domain.refs import DatasetRef
+from gristmill.training.domain.resolve import BaseModelCatalog, DatasetCatalog, ModelInfo, SpecResolver
 from gristmill.training.ml import modeling
+from gristmill.training.ml.inspect import HfModelInspector
 from gristmill.training.ml.loop import DirectorySession, ListSink, LoopConfig, LoopRunner
+from gristmill.training.tasks import training_task
 from services.training.tests.unit.test_chat_sft import _loop_config, chat_spec_proto
 from services.training.tests.unit.test_loop import _config as _classifier_config
+from services.training.tests.unit.test_resolve import FixedCapacity, _resolver, _spec
 
 
 def _train(config: LoopConfig, root: Path, *, checkpointing: bool) -> tuple[list[float], dict[str, Any], int]:
@@ -83,3 +90,36 @@ def test_the_option_maps_from_the_proto_into_the_lineage() -> None:
     assert d.flatten_hyper_parameters(spec)["gradient_checkpointing"] == "true"
     source.hyper_parameters.gradient_checkpointing = False
     assert d.flatten_hyper_parameters(convert.spec_from_proto(source))["gradient_checkpointing"] == "false"
+
+
+class _NoCheckpointing(HfModelInspector):
+    """The real inspection, of a model class that cannot checkpoint."""
+
+    def inspect(self, model_dir: Path, task: Any, label_map: Any) -> ModelInfo:
+        return replace(super().inspect(model_dir, task, label_map), supports_gradient_checkpointing=False)
+
+
+def test_a_base_whose_class_cannot_checkpoint_is_refused_at_submit(
+    objects: ObjectStore, dataset: DatasetRef, tiny_model: Path, tmp_path: Path
+) -> None:
+    spec = _spec(tiny_model, dataset)
+    spec = replace(spec, hyper_parameters=replace(spec.hyper_parameters, gradient_checkpointing=True))
+    # The tiny BERT's class can: the real inspector says so and the spec resolves.
+    assert (
+        HfModelInspector()
+        .inspect(tiny_model, training_task("text-classification"), ("a", "b"))
+        .supports_gradient_checkpointing
+    )
+    assert _resolver(objects, tmp_path).resolve(spec).spec.hyper_parameters.gradient_checkpointing
+    resolver = SpecResolver(
+        DatasetCatalog(objects),
+        BaseModelCatalog(objects, tmp_path / "cache", allow_local_paths=True),
+        _NoCheckpointing(),
+        FixedCapacity(),
+    )
+    with pytest.raises(
+        InvalidArgumentError, match="spec.hyper_parameters.gradient_checkpointing: .* cannot recompute"
+    ) as caught:
+        resolver.resolve(spec)
+    assert caught.value.details == {"field": "spec.hyper_parameters.gradient_checkpointing"}
+    resolver.resolve(replace(spec, hyper_parameters=replace(spec.hyper_parameters, gradient_checkpointing=False)))

@@ -641,7 +641,8 @@ class HyperParameters(_message.Message):
     """Recompute each transformer block's activations during the backward pass instead of keeping
     them (non-reentrant activation checkpointing): far less memory for long sequences and large
     batches, for about one more forward pass of time. QLoRA always checkpoints. A model class
-    without support for it fails the job saying so.
+    without support for it (transformers' supports_gradient_checkpointing) is INVALID_ARGUMENT
+    naming this field at submit.
     """
     @_builtins.property
     def early_stopping(self) -> Global___EarlyStopping: ...

@@ -140,6 +140,9 @@ class ModelInfo:
     chat_template: str = ""
     # config.json as read (pruning and distillation check layers, widths and labels against it).
     config: Mapping[str, Any] = field(default_factory=dict)
+    # Whether the task's model class can recompute its blocks' activations (transformers'
+    # ``supports_gradient_checkpointing``).
+    supports_gradient_checkpointing: bool = True
 
 
 class ModelInspector(Protocol):
@@ -507,6 +510,13 @@ class SpecResolver:
                 f"{len(label_map)} ({', '.join(label_map[:10])}); use a base model without a head or with "
                 f"{len(label_map)} labels",
                 details={"field": "spec.base_model"},
+            )
+        if spec.hyper_parameters.gradient_checkpointing and not info.supports_gradient_checkpointing:
+            raise InvalidArgumentError(
+                f"spec.hyper_parameters.gradient_checkpointing: the {spec.base_model.describe()} ({info.model_type}) "
+                f"cannot recompute activations for {task.name} training (transformers does not support gradient "
+                "checkpointing for this model class); turn it off, or use a smaller batch or sequence length",
+                details={"field": "spec.hyper_parameters.gradient_checkpointing"},
             )
         length = spec.hyper_parameters.max_sequence_length
         if info.max_positions is not None and length > info.max_positions:

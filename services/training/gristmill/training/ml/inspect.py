@@ -31,7 +31,8 @@ class HfModelInspector:
         except Exception as exc:  # transformers raises many types for a missing or broken tokenizer
             raise InvalidArgumentError(f"{where} has no usable tokenizer: {_one_line(exc)}") from None
         try:
-            modules = modeling.linear_module_names(task.skeleton(model_dir, label_map))
+            skeleton = task.skeleton(model_dir, label_map)
+            modules = modeling.linear_module_names(skeleton)
         except Exception as exc:  # an architecture transformers cannot build for the task's model class
             raise InvalidArgumentError(
                 f"{where} (model type {model_type!r}) cannot be loaded for {task.name} training: {_one_line(exc)}"
@@ -48,6 +49,7 @@ class HfModelInspector:
             max_positions=modeling.max_positions(config),
             chat_template=modeling.default_chat_template(tokenizer),
             config=config,
+            supports_gradient_checkpointing=bool(getattr(skeleton, "supports_gradient_checkpointing", False)),
         )
 
     def check_examples(
