@@ -214,6 +214,22 @@ def test_train_a_pruned_student_from_a_registered_teacher(
     assert (lineage["pruning.layers"], lineage["pruning.embedding_size"]) == ("1", "16")
 
 
+def test_train_from_a_registered_version(platform: str, labeled: dict[str, str], trained: dict[str, str]) -> None:
+    """--base-model-version MODEL:VERSION starts from the registered version's weights (its artifacts' prefix)."""
+    model = trained["model"]
+    job = as_json(
+        cli(platform, "train", labeled["project"], "--base-model-version", f"{model}:1", "--epochs", "1", "--json")
+    )
+    assert job["state"].endswith("SUCCEEDED"), job
+    assert job["result"]["lineage"]["base_model"]["object_prefix"] == f"models/{model}/1"
+    refused(cli(platform, "train", labeled["project"], "--base-model-version", f"{model}:99"), "not found", "99")
+    refused(
+        cli(platform, "train", labeled["project"], "--base-model-version", f"{model}:x"),
+        "--base-model-version must be MODEL or MODEL:VERSION",
+        code=2,
+    )
+
+
 def test_train_auto_sets_the_projects_policy(platform: str, base_model: Path) -> None:
     ok(cli(platform, "projects", "create", "Auto", "--id", "cli-auto", "--labels", "negative,positive"))
     policy = as_json(

@@ -65,8 +65,8 @@ def job_spec(
     given = [bool(base_model), bool(base_model_prefix), bool(base_model_name)]
     if sum(given) > 1 or (not any(given) and spec.base_model.WhichOneof("source") is None):
         fail(
-            "give exactly one of --base-model (a local directory), --base-model-prefix or --base-model-name "
-            "(or base_model in --spec-file)",
+            "give exactly one of --base-model (a local directory), --base-model-prefix, --base-model-name or "
+            "--base-model-version (or base_model in --spec-file)",
             code=2,
         )
     if base_model:

@@ -327,15 +327,14 @@ def job_summary(job: tr.Job) -> dict[str, Any]:
     return fields
 
 
-@one_line_errors
-def teacher_artifacts(gm: Gristmill, teacher: str) -> str:
-    """The object prefix of ``MODEL`` (its latest version) or ``MODEL:VERSION``'s artifacts, as the registry holds
-    them: what a job's distillation teacher names."""
+def version_artifacts(gm: Gristmill, reference: str, option: str) -> str:
+    """The object prefix of ``MODEL`` (its latest READY version) or ``MODEL:VERSION``'s artifacts, as the registry
+    holds them: what a job names to start from a registered version, or to distil from one."""
     from gristmill.api.registry.v1 import registry_pb2 as rg
 
-    name, _, version = teacher.partition(":")
+    name, _, version = reference.partition(":")
     if not name or (version and not version.isdigit()):
-        fail(f"--teacher must be MODEL or MODEL:VERSION (a registered classifier), got {teacher!r}", code=2)
+        fail(f"{option} must be MODEL or MODEL:VERSION (a registered model), got {reference!r}", code=2)
     chosen = gm.registry.GetModelVersion(
         rg.GetModelVersionRequest(
             registered_model_name=name,
@@ -346,6 +345,7 @@ def teacher_artifacts(gm: Gristmill, teacher: str) -> str:
     return chosen.artifact_prefix.rstrip("/")
 
 
+@one_line_errors
 def train_command(
     ctx: typer.Context,
     project_id: str = typer.Argument(..., help="labeling project whose dataset to train on"),
@@ -363,6 +363,12 @@ def train_command(
     base_model: str = typer.Option("", help="a Hugging Face model directory on the training service's host"),
     base_model_prefix: str = typer.Option("", help="a Hugging Face model directory in the object store"),
     base_model_name: str = typer.Option("", help="a base model imported into the registry"),
+    base_model_version: str = typer.Option(
+        "",
+        "--base-model-version",
+        help="start from a registered version's weights, MODEL or MODEL:VERSION (default: the latest); a full model, "
+        "not an adapter",
+    ),
     model: str = typer.Option("", help="register the result as a version of this registered model"),
     name: str = typer.Option("", help="the job's display name"),
     epochs: int = typer.Option(0, help="passes over the train split (0: the service default, 3)"),
@@ -495,13 +501,22 @@ def train_command(
         version_option = (base.dataset_version.dataset_version_id if base is not None and same_project else "") or (
             "latest"
         )
+    if base_model_version and (base_model or base_model_prefix or base_model_name):
+        fail(
+            "give exactly one of --base-model, --base-model-prefix, --base-model-name or --base-model-version",
+            code=2,
+        )
     with state(ctx).client() as gm:
         version = None if auto else dataset_version(gm, project_id, version_option)
         spec = job_spec(
             project_id=project_id,
             dataset_version_id=version.dataset_version_id if version is not None else "",
             base_model=base_model,
-            base_model_prefix=base_model_prefix,
+            base_model_prefix=(
+                version_artifacts(gm, base_model_version, "--base-model-version")
+                if base_model_version
+                else base_model_prefix
+            ),
             base_model_name=base_model_name,
             model=model,
             display_name=name,
@@ -527,7 +542,7 @@ def train_command(
             paraphrase_model=paraphrase_model,
             prune_layers=prune_layers,
             prune_embedding_size=prune_embedding_size,
-            teacher_prefix=teacher_artifacts(gm, teacher) if teacher else "",
+            teacher_prefix=version_artifacts(gm, teacher, "--teacher") if teacher else "",
             distil_temperature=distil_temperature,
             distil_weight=distil_weight,
             base=base,
