@@ -152,31 +152,38 @@ def test_the_distillation_loss_mixes_the_labels_and_the_softened_teacher() -> No
     assert mixed.item() == pytest.approx(0.1 * hard.item() + 0.9 * kl.item(), rel=1e-5)
 
 
-def test_the_teacher_loss_looks_up_each_rows_logits_by_example_index() -> None:
+def test_the_teacher_loss_looks_up_each_rows_outputs_by_example_index() -> None:
     model = _bert(layers=1, hidden=16)
     batch_inputs = _inputs()
-    table = torch.randn(10, 3)
+    table, hidden = torch.randn(10, 3), torch.randn(10, 16) * 3.0
     rows = [7, 2, 9, 0, 4, 1]
-    teacher = D.Teacher(table, temperature=2.0, weight=1.0)
-    batch = type("B", (), {**batch_inputs, "labels": torch.zeros(6, dtype=torch.long)})()
+    labels = torch.zeros(6, dtype=torch.long)
+    batch = type("B", (), {**batch_inputs, "labels": labels})()
+    logits_only = D.Teacher(D.TeacherOutputs(table, hidden), temperature=2.0, weight=1.0)
+    both = D.Teacher(D.TeacherOutputs(table, hidden), temperature=2.0, weight=1.0, hidden_weight=0.5)
     with torch.no_grad():
-        got = teacher.loss(model, batch, rows)
-        expected = D.distillation_loss(
-            model(**batch_inputs).logits, table[rows], torch.zeros(6, dtype=torch.long), temperature=2.0, weight=1.0
-        )
-    assert torch.equal(got, expected)
+        output = model(**batch_inputs, output_hidden_states=True)
+        expected = D.distillation_loss(output.logits, table[rows], labels, temperature=2.0, weight=1.0)
+        assert torch.equal(logits_only.loss(model, batch, rows), expected)
+        # The hidden term: the last layer's first token against the teacher's, over the teacher's mean variance.
+        scale = hidden.var(dim=0).mean()
+        first = output.hidden_states[-1][:, 0]
+        extra = 0.5 * F.mse_loss(first, hidden[rows]) / scale
+        assert both.loss(model, batch, rows).item() == pytest.approx((expected + extra).item(), rel=1e-5)
 
 
-def test_teacher_logits_are_the_teachers_predictions_in_example_order(tiny_model: Path) -> None:
+def test_teacher_outputs_are_the_teachers_in_example_order(tiny_model: Path) -> None:
     examples = [LabelledText(t, LABELS.index(label)) for t, label in sentiment_rows(70, 5)]
     task = training_task("text-classification")
-    logits = D.teacher_logits(tiny_model, task, examples, LABELS, max_length=32, device=torch.device("cpu"))
-    assert logits.shape == (70, 2) and not logits.is_inference()
+    outputs = D.teacher_outputs(tiny_model, task, examples, LABELS, max_length=32, device=torch.device("cpu"))
+    assert outputs.logits.shape == (70, 2) and outputs.hidden.shape == (70, 32)
+    assert not outputs.logits.is_inference() and not outputs.hidden.is_inference()
     model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
     with torch.no_grad():
-        one = model(**tokenizer([examples[66].text], return_tensors="pt")).logits[0]
-    assert torch.allclose(logits[66], one, atol=1e-5)
+        one = model(**tokenizer([examples[66].text], return_tensors="pt"), output_hidden_states=True)
+    assert torch.allclose(outputs.logits[66], one.logits[0], atol=1e-5)
+    assert torch.allclose(outputs.hidden[66], one.hidden_states[-1][0, 0], atol=1e-5)
 
 
 # -- in the loop -----------------------------------------------------------------------------------------------
@@ -279,6 +286,12 @@ def test_pruning_and_distillation_fields_are_checked_and_survive_the_proto() -> 
     assert flat["pruning.layers"] == "3" and flat["pruning.embedding_size"] == "128"
     assert flat["distillation.teacher"] == "object_prefix:models/teacher/1"
     assert flat["distillation.teacher.content_sha256"] == "ab" * 32
+    assert "distillation.hidden_weight" not in flat  # decided when resolved
+    hidden = dataclasses.replace(back, distillation=d.Distillation(teacher, hidden_weight=0.0))
+    assert d.flatten_hyper_parameters(hidden)["distillation.hidden_weight"] == "0.0"
+    assert convert.spec_from_proto(convert.spec_to_proto(hidden)).distillation == d.Distillation(teacher, 2.0, 0.9, 0.0)
+    with pytest.raises(InvalidArgumentError, match="spec.distillation.hidden_weight must be in"):
+        d.build_distillation(given=True, teacher=teacher, hidden_weight=-1.0)
     proto.distillation.ClearField("teacher")
     with pytest.raises(InvalidArgumentError, match="spec.distillation.teacher is required"):
         convert.spec_from_proto(proto)
@@ -297,6 +310,7 @@ def test_the_resolver_checks_the_cut_and_the_teacher_naming_the_field(
     )
     # The effective spec records the teacher's content checksum (the lineage's), and the run gets its files.
     assert resolved.spec.distillation is not None and len(resolved.spec.distillation.teacher.content_sha256) == 64
+    assert resolved.spec.distillation.hidden_weight == d.DEFAULT_HIDDEN_WEIGHT  # the same hidden size
     assert resolved.side_models[d.TEACHER].local_dir == tiny_model
 
     def refused(error: type[Exception], match: str, **changes: object) -> None:
@@ -323,6 +337,22 @@ def test_the_resolver_checks_the_cut_and_the_teacher_naming_the_field(
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(FailedPreconditionError, match=r"teacher must be a classifier over the dataset's labels"):
         resolver.resolve(_spec(tiny_model, dataset, distillation=d.Distillation(BaseModelRef(local_path=str(other)))))
+    # Hidden-state matching needs the same width: a wider teacher turns it off, unless asked for (refused).
+    wide = tmp_path / "wide"
+    S.slim_bert_classifier(_bert(layers=1, hidden=48), S.SlimShape()).save_pretrained(wide)  # type: ignore[operator]
+    AutoTokenizer.from_pretrained(str(tiny_model)).save_pretrained(wide)
+    config = json.loads((wide / "config.json").read_text())
+    config["id2label"], config["label2id"] = {"0": "negative", "1": "positive"}, {"negative": 0, "positive": 1}
+    (wide / "config.json").write_text(json.dumps(config))
+    off = resolver.resolve(_spec(tiny_model, dataset, distillation=d.Distillation(BaseModelRef(local_path=str(wide)))))
+    assert off.spec.distillation is not None and off.spec.distillation.hidden_weight == 0.0
+    with pytest.raises(InvalidArgumentError, match="base model's is 32 and the teacher's 48") as caught:
+        resolver.resolve(
+            _spec(
+                tiny_model, dataset, distillation=d.Distillation(BaseModelRef(local_path=str(wide)), hidden_weight=1.0)
+            )
+        )
+    assert caught.value.details == {"field": "spec.distillation.hidden_weight"}
     # A Llama base cannot be cut (the pruning maps BERT encoders).
     with pytest.raises(FailedPreconditionError, match="spec.pruning cuts BERT-family encoders.*'llama'"):
         resolver.resolve(_spec(tiny_llama, dataset, pruning=d.Pruning(1)))

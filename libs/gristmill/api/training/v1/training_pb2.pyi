@@ -495,10 +495,19 @@ class Distillation(_message.Message):
     TEACHER_FIELD_NUMBER: _builtins.int
     TEMPERATURE_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
+    HIDDEN_WEIGHT_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
     """Softmax temperature T. 0 means 2; otherwise in (0, 20]."""
     weight: _builtins.float
     """Share of the loss that is the distillation term, in [0, 1]. Unset means 0.9."""
+    hidden_weight: _builtins.float
+    """Weight of a second distillation term: the mean squared difference between the model's and the
+    teacher's last-layer representation of the first token (what the classification head reads),
+    divided by the teacher's variance, added to the loss. Needs the same hidden size (a pruned
+    student of its teacher has it). Unset means 1 when the sizes match and 0 (off) otherwise; set
+    above 0 with different sizes, INVALID_ARGUMENT naming this field. In [0, 100]. The effective
+    spec and the lineage (hyper_parameters["distillation.hidden_weight"]) carry the value used.
+    """
     @_builtins.property
     def teacher(self) -> _common_pb2.BaseModelRef:
         """Required: the teacher, a sequence classifier over the dataset's labels (its config's id2label
@@ -513,13 +522,19 @@ class Distillation(_message.Message):
         teacher: _common_pb2.BaseModelRef | None = ...,
         temperature: _builtins.float = ...,
         weight: _builtins.float | None = ...,
+        hidden_weight: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "teacher", b"teacher", "weight", b"weight"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_hidden_weight", b"_hidden_weight", "_weight", b"_weight", "hidden_weight", b"hidden_weight", "teacher", b"teacher", "weight", b"weight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "teacher", b"teacher", "temperature", b"temperature", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hidden_weight", b"_hidden_weight", "_weight", b"_weight", "hidden_weight", b"hidden_weight", "teacher", b"teacher", "temperature", b"temperature", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__hidden_weight: _TypeAlias = _typing.Literal["hidden_weight"]  # noqa: Y015
+    _WhichOneofArgType__hidden_weight: _TypeAlias = _typing.Literal["_hidden_weight", b"_hidden_weight"]  # noqa: Y015
     _WhichOneofReturnType__weight: _TypeAlias = _typing.Literal["weight"]  # noqa: Y015
     _WhichOneofArgType__weight: _TypeAlias = _typing.Literal["_weight", b"_weight"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__hidden_weight) -> _WhichOneofReturnType__hidden_weight | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__weight) -> _WhichOneofReturnType__weight | None: ...
 
 Global___Distillation: _TypeAlias = Distillation  # noqa: Y015

@@ -251,6 +251,7 @@ def spec_from_proto(spec: pb.JobSpec, *, require_dataset: bool = True) -> d.JobS
             ),
             temperature=spec.distillation.temperature,
             weight=spec.distillation.weight if spec.distillation.HasField("weight") else None,
+            hidden_weight=spec.distillation.hidden_weight if spec.distillation.HasField("hidden_weight") else None,
         ),
     )
 
@@ -411,6 +412,7 @@ def spec_to_proto(spec: d.JobSpec) -> pb.JobSpec:
                 teacher=base_model_to_proto(spec.distillation.teacher),
                 temperature=spec.distillation.temperature,
                 weight=spec.distillation.weight,
+                hidden_weight=spec.distillation.hidden_weight,
             )
         )
     if spec.search is not None:

@@ -55,6 +55,7 @@ from gristmill.training.domain.lora import LoraSettings
 from gristmill.training.domain.refs import BaseModelRef, DatasetRef, FileRef
 from gristmill.training.domain.search import check_search_bounds
 from gristmill.training.domain.spec import (
+    DEFAULT_HIDDEN_WEIGHT,
     DEFAULT_VALIDATION_METRIC,
     MINIMIZED_METRICS,
     OBJECTIVE_TASK_TYPES,
@@ -599,8 +600,17 @@ class SpecResolver:
             check_pruning(spec.pruning, info)
         side: dict[str, ResolvedBaseModel] = {}
         if spec.distillation is not None:
-            side[TEACHER] = self._resolve_teacher(spec.distillation.teacher, task, dataset.label_map, organization_id)
-            spec = replace(spec, distillation=replace(spec.distillation, teacher=side[TEACHER].ref))
+            side[TEACHER], teacher_info = self._resolve_teacher(
+                spec.distillation.teacher, task, dataset.label_map, organization_id
+            )
+            spec = replace(
+                spec,
+                distillation=replace(
+                    spec.distillation,
+                    teacher=side[TEACHER].ref,
+                    hidden_weight=_hidden_weight(spec.distillation.hidden_weight, info, teacher_info),
+                ),
+            )
         few = spec.hyper_parameters.few_labels
         if few.paraphrase_copies and few.paraphrase_model is not None:
             side[PARAPHRASER] = self._resolve_paraphraser(few.paraphrase_model, organization_id)
@@ -660,7 +670,7 @@ class SpecResolver:
 
     def _resolve_teacher(
         self, ref: BaseModelRef, task: TrainingTask, label_map: tuple[str, ...], organization_id: str
-    ) -> ResolvedBaseModel:
+    ) -> tuple[ResolvedBaseModel, ModelInfo]:
         """The teacher's files, once they proved to be a classifier over ``label_map``; errors name the field."""
         where = "spec.distillation.teacher"
         teacher, info = self._side_model(ref, task, label_map, organization_id, where)
@@ -677,7 +687,7 @@ class SpecResolver:
                 f"order (config.json id2label); it has {found}. Use a version trained on this task",
                 details={"field": where},
             )
-        return teacher
+        return teacher, info
 
     @staticmethod
     def _check_objective_fields(spec: JobSpec, task: TrainingTask) -> None:
@@ -698,6 +708,22 @@ class SpecResolver:
             raise dpo_without_dpo(task.objective)
         if spec.json_match_keys:
             check_json_match_keys(task.objective)
+
+
+def _hidden_weight(given: float | None, base: ModelInfo, teacher: ModelInfo) -> float:
+    """The hidden-state term's weight: the given one (refused when the hidden sizes differ), else the default when
+    they match and 0 when they do not."""
+    base_size, teacher_size = base.config.get("hidden_size"), teacher.config.get("hidden_size")
+    same = base_size is not None and base_size == teacher_size
+    if given is None:
+        return DEFAULT_HIDDEN_WEIGHT if same else 0.0
+    if given > 0 and not same:
+        raise InvalidArgumentError(
+            f"spec.distillation.hidden_weight matches the last layer's representation, which needs the same hidden "
+            f"size; the base model's is {base_size} and the teacher's {teacher_size}: set it to 0 or leave it unset",
+            details={"field": "spec.distillation.hidden_weight"},
+        )
+    return given
 
 
 def check_pruning(pruning: Pruning, info: ModelInfo) -> None:

@@ -130,6 +130,10 @@ MAX_DISTILLATION_TEMPERATURE = 20.0
 # distillation_benchmark.py: MiniLM's 3-layer student on amazon+yelp kept more of the teacher's imdb accuracy
 # with the teacher's term alone (0.9-1.0) than with an even mix.
 DEFAULT_DISTILLATION_WEIGHT = 0.9
+# distillation_benchmark.py's first seed: matching the last layer's first token as well lifted the 3-layer student
+# from 0.956x to 0.977x of its teacher's imdb accuracy (0.972x at 4).
+DEFAULT_HIDDEN_WEIGHT = 1.0
+MAX_HIDDEN_WEIGHT = 100.0
 
 # Upper bounds that catch typos (a batch of 10^6) before they reach a worker; not capacity limits.
 MAX_BATCH_SIZE = 8192
@@ -193,6 +197,9 @@ class Distillation:
     teacher: BaseModelRef
     temperature: float = DEFAULT_DISTILLATION_TEMPERATURE
     weight: float = DEFAULT_DISTILLATION_WEIGHT
+    # Matching the last layer's first-token representation; None: the default, decided when the spec is resolved
+    # (DEFAULT_HIDDEN_WEIGHT when the teacher's hidden size is the model's, else 0).
+    hidden_weight: float | None = None
 
 
 @dataclass(frozen=True)
@@ -506,7 +513,12 @@ def build_pruning(*, given: bool, layers: int = 0, embedding_size: int = 0) -> P
 
 
 def build_distillation(
-    *, given: bool, teacher: BaseModelRef | None = None, temperature: float = 0.0, weight: float | None = None
+    *,
+    given: bool,
+    teacher: BaseModelRef | None = None,
+    temperature: float = 0.0,
+    weight: float | None = None,
+    hidden_weight: float | None = None,
 ) -> Distillation | None:
     if not given:
         return None
@@ -522,7 +534,11 @@ def build_distillation(
     weight = DEFAULT_DISTILLATION_WEIGHT if weight is None else _finite("distillation.weight", weight)
     if not 0.0 <= weight <= 1.0:
         raise _bad("distillation.weight", f"must be in [0, 1] (got {weight})")
-    return Distillation(teacher=teacher, temperature=temperature, weight=weight)
+    if hidden_weight is not None:
+        hidden_weight = _finite("distillation.hidden_weight", hidden_weight)
+        if not 0.0 <= hidden_weight <= MAX_HIDDEN_WEIGHT:
+            raise _bad("distillation.hidden_weight", f"must be in [0, {MAX_HIDDEN_WEIGHT:g}] (got {hidden_weight})")
+    return Distillation(teacher=teacher, temperature=temperature, weight=weight, hidden_weight=hidden_weight)
 
 
 def build_few_labels(
@@ -941,6 +957,8 @@ def flatten_hyper_parameters(spec: JobSpec) -> dict[str, str]:
         flat["distillation.teacher.content_sha256"] = spec.distillation.teacher.content_sha256
         flat["distillation.temperature"] = repr(spec.distillation.temperature)
         flat["distillation.weight"] = repr(spec.distillation.weight)
+        if spec.distillation.hidden_weight is not None:
+            flat["distillation.hidden_weight"] = repr(spec.distillation.hidden_weight)
     few = hp.few_labels
     if few.augmentation_copies:
         flat["few_labels.augmentation_copies"] = str(few.augmentation_copies)

@@ -54,7 +54,7 @@ from gristmill.training.domain.spec import (
 from gristmill.training.ml import data as D
 from gristmill.training.ml.adversarial import EmbeddingAdversary
 from gristmill.training.ml.augment import augment
-from gristmill.training.ml.distillation import Teacher, teacher_logits
+from gristmill.training.ml.distillation import Teacher, teacher_outputs
 from gristmill.training.ml.node_files import node_model_dir
 from gristmill.training.runner.local_ray import process_started
 from gristmill.training.tasks import job_training_task
@@ -391,7 +391,7 @@ class LoopRunner:
         lap("encode")
         self.teacher: Teacher | None = None
         if self.cfg.distillation is not None and examples.get("train"):
-            logits = teacher_logits(
+            outputs = teacher_outputs(
                 self._side_model(TEACHER),
                 self.task,
                 examples["train"],
@@ -399,8 +399,12 @@ class LoopRunner:
                 max_length=self.hp.max_sequence_length,
                 device=self.device,
             )
+            distillation = self.cfg.distillation
             self.teacher = Teacher(
-                logits, temperature=self.cfg.distillation.temperature, weight=self.cfg.distillation.weight
+                outputs,
+                temperature=distillation.temperature,
+                weight=distillation.weight,
+                hidden_weight=distillation.hidden_weight or 0.0,
             )
             lap("teacher")
         self.adversary: EmbeddingAdversary | None = None

@@ -40,9 +40,7 @@ def clean(reply: str) -> str:
     return ""
 
 
-def paraphrase(
-    examples: Sequence[Any], model_dir: Path, *, copies: int, seed: int, device: torch.device
-) -> list[Any]:
+def paraphrase(examples: Sequence[Any], model_dir: Path, *, copies: int, seed: int, device: torch.device) -> list[Any]:
     """``examples`` followed by ``copies`` paraphrased copies of each (dataclasses with a ``text`` field)."""
     if copies <= 0 or not examples:
         return list(examples)
