@@ -418,11 +418,12 @@ class JobSpec(_message.Message):
     def distillation(self) -> Global___Distillation:
         """CLASSIFY only: knowledge distillation. The loss is (1 - weight) x cross-entropy on the labels +
         weight x T^2 x KL(teacher's softened probabilities || the model's), T the temperature
-        (Hinton et al. 2015). The teacher's probabilities are computed once, before training, on the
-        train split as the job trains on it (augmented copies included): the teacher runs with its
-        own tokenizer and is not trained. Recorded in the lineage as
-        hyper_parameters["distillation.teacher"] (the teacher's reference with its content
-        SHA-256), ["distillation.temperature"] and ["distillation.weight"].
+        (Hinton et al. 2015), + hidden_weight x the last-layer first-token term (see Distillation).
+        The teacher's outputs are computed once, before training, on the train split as the job
+        trains on it (augmented copies included): the teacher runs with its own tokenizer and is not
+        trained. Recorded in the lineage as hyper_parameters["distillation.teacher"] (e.g.
+        "object_prefix:models/big/2"), ["distillation.teacher.content_sha256"],
+        ["distillation.temperature"], ["distillation.weight"] and ["distillation.hidden_weight"].
         """
 
     def __init__(
