@@ -259,3 +259,38 @@ def test_a_loop_config_is_plain_data() -> None:
 
     config = _config(Path("/models/tiny"))
     assert pickle.loads(pickle.dumps(config)) == dataclasses.replace(config)
+
+
+def test_each_process_restores_from_its_own_copy_of_a_remote_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ray's shared per-node download lets a late reader download again over files an earlier one is reading
+    # (ray-project/ray#48726): two readers of one remote checkpoint must get separate, complete directories.
+    import pyarrow.fs
+    import ray.train
+
+    from gristmill.training.ml.loop import RaySession
+
+    saved = tmp_path / "stored"
+    saved.mkdir()
+    (saved / "optimizer.pt").write_bytes(b"x" * 4096)
+    remote = pyarrow.fs.SubTreeFileSystem(str(tmp_path), pyarrow.fs.LocalFileSystem())
+    checkpoint = ray.train.Checkpoint("stored", filesystem=remote)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: checkpoint)
+    session = RaySession()
+    with session.latest_checkpoint() as first, session.latest_checkpoint() as second:
+        assert first is not None and second is not None
+        assert first != second and saved not in (first, second)
+        assert (first / "optimizer.pt").read_bytes() == (second / "optimizer.pt").read_bytes() == b"x" * 4096
+    assert not first.exists() and not second.exists()
+
+
+def test_a_local_checkpoint_is_read_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray.train
+
+    from gristmill.training.ml.loop import RaySession
+
+    checkpoint = ray.train.Checkpoint.from_directory(str(tmp_path))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: checkpoint)
+    with RaySession().latest_checkpoint() as path:
+        assert path == tmp_path

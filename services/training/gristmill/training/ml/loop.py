@@ -188,13 +188,22 @@ class RaySession:
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
+        import pyarrow.fs
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             yield None
             return
-        with checkpoint.as_directory() as directory:
+        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+            yield Path(checkpoint.path)
+            return
+        # Each process downloads its own copy. Ray's ``as_directory`` shares one download per node, but a process
+        # that arrives after another's download has finished downloads again into the same directory, over the
+        # files the first one is reading (ray-project/ray#48726). A restarted worker group then failed its restore
+        # with "PytorchStreamReader failed reading file" and was restarted a second time.
+        with tempfile.TemporaryDirectory(prefix="gristmill-restore-") as directory:
+            checkpoint.to_directory(directory)
             yield Path(directory)
 
 
