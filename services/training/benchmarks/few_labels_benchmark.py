@@ -22,7 +22,9 @@ Train worker runs) and the same hyper-parameters apart from the technique under 
 - ``ensemble-3``: three baseline models (the baseline's seed and two others: other heads, other orders) served as
   one ensemble: each answers the imdb sentences through serving's classifier runtime and their probabilities are
   averaged as an ensemble deployment averages them (``gristmill.serving.domain.predictions.average_probabilities``);
-- ``ensemble-3+augment``: the same with three ``augment`` models (the combination of the two that helped).
+- ``ensemble-3+augment``: the same with three ``augment`` models;
+- ``ensemble-3+paraphrase``: the same with three ``paraphrase`` models (each member generates its own paraphrases,
+  seeded by its own seed): the combination of the two techniques that helped.
 
 It prints each configuration's mean +- sd of test accuracy (and macro F1) over the seeds, the difference from the
 baseline with the seeds paired, and the seconds per run, then writes them as JSON (``--out``).
@@ -108,7 +110,7 @@ def sentences(name: str) -> list[LabelledText]:
 
 
 # Ensembles of three models, each trained as the configuration named.
-ENSEMBLES = {"ensemble-3": "baseline", "ensemble-3+augment": "augment"}
+ENSEMBLES = {"ensemble-3": "baseline", "ensemble-3+augment": "augment", "ensemble-3+paraphrase": "paraphrase"}
 ENSEMBLE_MEMBERS = 3
 
 
