@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from gristmill.training.ml.data import Batch
+from gristmill.training.ml.ranks import each_chunk_once
 from gristmill.training.tasks import TrainingTask
 
 TEACHER_BATCH = 64
@@ -97,27 +98,33 @@ def teacher_outputs(
     *,
     max_length: int,
     device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> TeacherOutputs:
     """The teacher's outputs (float32, on ``device``) for ``examples``, in their order; the teacher is freed
-    afterwards."""
+    afterwards. With several workers each runs the teacher over a share of the batches and they exchange the
+    outputs (``ranks.each_chunk_once``)."""
     from gristmill.training.ml import modeling
 
     tokenizer = modeling.load_tokenizer(teacher_dir)
     model: Any = modeling.load_classifier(teacher_dir, label_map).to(device).eval()
     split = task.encode(tokenizer, examples, max_length)
     pad_id = int(tokenizer.pad_token_id or 0)
-    logits: list[torch.Tensor] = []
-    hidden: list[torch.Tensor] = []
-    with torch.inference_mode():
-        for start in range(0, len(examples), TEACHER_BATCH):
-            indices = range(start, min(start + TEACHER_BATCH, len(examples)))
-            batch = task.collate(split, indices, pad_id).to(device)
+    starts = range(0, len(examples), TEACHER_BATCH)
+
+    def run(chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = range(starts[chunk], min(starts[chunk] + TEACHER_BATCH, len(examples)))
+        batch = task.collate(split, indices, pad_id).to(device)
+        with torch.inference_mode():
             output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
-            logits.append(output.logits.float())
-            hidden.append(output.hidden_states[-1][:, 0].float())
+        # On the CPU: the results travel between ranks pickled.
+        return output.logits.float().cpu(), output.hidden_states[-1][:, 0].float().cpu()
+
+    parts = each_chunk_once(len(starts), run, rank=rank, world_size=world_size)
     size = int(model.config.hidden_size)
-    del model
-    if not logits:
+    if not parts:
         return TeacherOutputs(torch.zeros((0, len(label_map)), device=device), torch.zeros((0, size), device=device))
-    # Out of inference mode: the loss indexes these under autograd.
-    return TeacherOutputs(torch.cat(logits).clone(), torch.cat(hidden).clone())
+    # Out of inference mode (a new tensor): the loss indexes these under autograd.
+    logits = torch.cat([p[0] for p in parts]).to(device)
+    hidden = torch.cat([p[1] for p in parts]).to(device)
+    return TeacherOutputs(logits, hidden)

@@ -188,7 +188,7 @@ class RaySession:
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
-        import pyarrow.fs
+        import pyarrow.fs  # type: ignore[import-untyped]
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
@@ -383,6 +383,8 @@ class LoopRunner:
                 copies=few_labels.paraphrase_copies,
                 seed=self.hp.seed,
                 device=self.device,
+                rank=self.rank,
+                world_size=self.world,
             )
             lap("paraphrase")
         if few_labels.augmentation_copies and examples.get("train"):
@@ -407,6 +409,8 @@ class LoopRunner:
                 self.cfg.label_map,
                 max_length=self.hp.max_sequence_length,
                 device=self.device,
+                rank=self.rank,
+                world_size=self.world,
             )
             distillation = self.cfg.distillation
             self.teacher = Teacher(

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from gristmill.training.ml.ranks import each_chunk_once
+
 PROMPT = (
     "Paraphrase this text in different words. Keep its meaning and its sentiment. Answer with the paraphrase "
     "only.\n\nText: {text}"
@@ -40,8 +42,19 @@ def clean(reply: str) -> str:
     return ""
 
 
-def paraphrase(examples: Sequence[Any], model_dir: Path, *, copies: int, seed: int, device: torch.device) -> list[Any]:
-    """``examples`` followed by ``copies`` paraphrased copies of each (dataclasses with a ``text`` field)."""
+def paraphrase(
+    examples: Sequence[Any],
+    model_dir: Path,
+    *,
+    copies: int,
+    seed: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[Any]:
+    """``examples`` followed by ``copies`` paraphrased copies of each (dataclasses with a ``text`` field). With
+    several workers each generates a share of the batches (``ranks.each_chunk_once``); every batch is seeded by
+    its place, so the texts are the same whatever the number of workers."""
     if copies <= 0 or not examples:
         return list(examples)
     from gristmill.training.ml import modeling
@@ -49,15 +62,20 @@ def paraphrase(examples: Sequence[Any], model_dir: Path, *, copies: int, seed: i
     tokenizer = modeling.load_tokenizer(model_dir)
     tokenizer.padding_side = "left"  # generation continues every row from its own last token
     model: Any = modeling.load_causal_lm(model_dir).to(device).eval()
+    chunks = [(copy, start) for copy in range(copies) for start in range(0, len(examples), BATCH)]
+
+    def generate(chunk: int) -> list[str]:
+        copy, start = chunks[chunk]
+        texts = [e.text for e in examples[start : start + BATCH]]
+        return _generate(model, tokenizer, texts, seed * 1_000_003 + copy * 10_007 + start)
+
+    replies = each_chunk_once(len(chunks), generate, rank=rank, world_size=world_size)
     extra: list[Any] = []
-    for copy in range(copies):
-        for start in range(0, len(examples), BATCH):
-            batch = examples[start : start + BATCH]
-            replies = _generate(model, tokenizer, [e.text for e in batch], seed * 1_000_003 + copy * 10_007 + start)
-            extra.extend(
-                dataclasses.replace(e, text=clean(reply) or e.text) for e, reply in zip(batch, replies, strict=True)
-            )
-    del model
+    for (_, start), batch_replies in zip(chunks, replies, strict=True):
+        batch = examples[start : start + BATCH]
+        extra.extend(
+            dataclasses.replace(e, text=clean(reply) or e.text) for e, reply in zip(batch, batch_replies, strict=True)
+        )
     return [*examples, *extra]
 
 
