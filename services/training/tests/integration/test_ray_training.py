@@ -266,8 +266,9 @@ async def test_a_pruned_student_learns_from_a_teacher_in_the_object_store_on_ray
 ) -> None:
     """A teacher stored as a registered version is (files and a manifest under models/<model>/<version>): the job
     cuts the base to one layer with 16-wide embeddings and learns from the teacher, on the train split and one
-    paraphrase of each example by a chat model in the object store; the lineage names both models. A teacher that
-    is not there is refused at submit, naming the field, and no job is made."""
+    paraphrase of each example by a chat model in the object store; the lineage names both models. Two workers: the
+    teacher's and the paraphraser's batches are shared out between them (``ml.ranks``). A teacher that is not there
+    is refused at submit, naming the field, and no job is made."""
     async with _service(tmp_path, s3, kafka_bootstrap, ray_cluster, sentiment_version) as service:
         objects = service.host.platform.objects
         upload_model_directory(objects, tiny_model, "models/it-teacher/1")
@@ -286,6 +287,7 @@ async def test_a_pruned_student_learns_from_a_teacher_in_the_object_store_on_ray
         spec.distillation.temperature = 3.0
         spec.hyper_parameters.few_labels.paraphrase_copies = 1
         spec.hyper_parameters.few_labels.paraphrase_model.object_prefix = "base-models/it-chat"
+        spec.resources.num_workers = 2
         job = await service.stub.SubmitJob(pb.SubmitJobRequest(spec=spec))
         assert len(job.spec.distillation.teacher.content_sha256) == 64 and job.spec.distillation.weight == 0.9
         changes = _state_changes(await service.events(job.job_id))
@@ -298,8 +300,8 @@ async def test_a_pruned_student_learns_from_a_teacher_in_the_object_store_on_ray
         assert lineage["distillation.temperature"] == "3.0" and lineage["distillation.weight"] == "0.9"
         assert lineage["few_labels.paraphrase_model"] == "object_prefix:base-models/it-chat"
         assert len(lineage["few_labels.paraphrase_model.content_sha256"]) == 64
-        # 96 train examples and their 96 paraphrases, batches of 8, 2 epochs.
-        assert changes[-1].progress.total_steps == 48
+        # 96 train examples and their 96 paraphrases over 2 workers, batches of 8, 2 epochs.
+        assert changes[-1].progress.total_steps == 24
         manifest = ModelManifest.from_json(
             objects.get_bytes(result.manifest.key, expected_sha256=result.manifest.sha256)
         )
