@@ -201,6 +201,8 @@ def test_train_a_pruned_student_from_a_registered_teacher(
             "1",
             "--prune-embedding-size",
             "16",
+            "--prune-intermediate-size",
+            "32",
             "--epochs",
             "1",
             "--max-length",
@@ -212,6 +214,7 @@ def test_train_a_pruned_student_from_a_registered_teacher(
     lineage = student["result"]["lineage"]["hyper_parameters"]
     assert lineage["distillation.teacher"].startswith(f"object_prefix:models/{trained['model']}/1")
     assert (lineage["pruning.layers"], lineage["pruning.embedding_size"]) == ("1", "16")
+    assert lineage["pruning.intermediate_size"] == "32"
 
 
 def test_train_from_a_registered_version(platform: str, labeled: dict[str, str], trained: dict[str, str]) -> None:

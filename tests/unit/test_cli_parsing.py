@@ -364,10 +364,11 @@ def test_pruning_and_distillation_options() -> None:
         base_model="/m",
         prune_layers=3,
         prune_embedding_size=176,
+        prune_intermediate_size=768,
         teacher_prefix="models/big/2",
         distil_weight=1.0,
     )
-    assert (spec.pruning.layers, spec.pruning.embedding_size) == (3, 176)
+    assert (spec.pruning.layers, spec.pruning.embedding_size, spec.pruning.intermediate_size) == (3, 176, 768)
     assert spec.distillation.teacher.object_prefix == "models/big/2"
     assert spec.distillation.weight == 1.0 and spec.distillation.temperature == 0.0  # the service's default (2)
     plain = job_spec(project_id="p", dataset_version_id="v1", base_model="/m")

@@ -52,6 +52,7 @@ def job_spec(
     paraphrase_model: str = "",
     prune_layers: int = 0,
     prune_embedding_size: int = 0,
+    prune_intermediate_size: int = 0,
     teacher_prefix: str = "",
     distil_temperature: float = 0.0,
     distil_weight: float | None = None,
@@ -123,6 +124,8 @@ def job_spec(
         spec.pruning.layers = prune_layers
     if prune_embedding_size:
         spec.pruning.embedding_size = prune_embedding_size
+    if prune_intermediate_size:
+        spec.pruning.intermediate_size = prune_intermediate_size
     if teacher_prefix:
         spec.distillation.teacher.CopyFrom(common_pb2.BaseModelRef(object_prefix=teacher_prefix))
     if distil_temperature:

@@ -439,6 +439,12 @@ def train_command(
         min=0,
         help="classify, BERT bases: factorise the embeddings to this width (e.g. 176 of MiniLM's 384)",
     ),
+    prune_intermediate_size: int = typer.Option(
+        0,
+        "--prune-intermediate-size",
+        min=0,
+        help="classify, BERT bases: keep this many feed-forward neurons per layer (e.g. 768 of MiniLM's 1536)",
+    ),
     teacher: str = typer.Option(
         "",
         "--teacher",
@@ -542,6 +548,7 @@ def train_command(
             paraphrase_model=paraphrase_model,
             prune_layers=prune_layers,
             prune_embedding_size=prune_embedding_size,
+            prune_intermediate_size=prune_intermediate_size,
             teacher_prefix=version_artifacts(gm, teacher, "--teacher") if teacher else "",
             distil_temperature=distil_temperature,
             distil_weight=distil_weight,

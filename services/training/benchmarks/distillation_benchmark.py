@@ -62,11 +62,11 @@ TEACHER = d.build_hyper_parameters(
     method=d.Method.FULL, learning_rate=5e-5, epochs=3, per_worker_batch_size=16, max_sequence_length=MAX_LENGTH
 )
 STUDENT = replace(TEACHER, few_labels=d.build_few_labels(augmentation_copies=2))
-# name -> (pruning, (distillation weight, hidden weight) or None, hyper-parameters)
-STUDENTS: dict[str, tuple[d.Pruning, tuple[float, float] | None, d.HyperParameters]] = {
-    "student-labels": (PRUNING, None, STUDENT),
-    "student-distilled-logits": (PRUNING, (0.9, 0.0), STUDENT),
-    "student-distilled": (PRUNING, (d.DEFAULT_DISTILLATION_WEIGHT, d.DEFAULT_HIDDEN_WEIGHT), STUDENT),
+# name -> ((distillation weight, hidden weight) or None, hyper-parameters)
+STUDENTS: dict[str, tuple[tuple[float, float] | None, d.HyperParameters]] = {
+    "student-labels": (None, STUDENT),
+    "student-distilled-logits": ((0.9, 0.0), STUDENT),
+    "student-distilled": ((d.DEFAULT_DISTILLATION_WEIGHT, d.DEFAULT_HIDDEN_WEIGHT), STUDENT),
 }
 
 
@@ -146,9 +146,15 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated students (default: all)")
     parser.add_argument("--out", type=Path, default=Path("distillation_results.json"))
     parser.add_argument("--speed-only", action="store_true", help="time the two shapes, untrained; no training")
+    parser.add_argument(
+        "--pruning",
+        default=",".join(str(n) for n in (PRUNING.layers, PRUNING.embedding_size, PRUNING.intermediate_size)),
+        help="the students' cut: layers,embedding width,feed-forward width (0: unchanged)",
+    )
     args = parser.parse_args()
+    pruning = d.Pruning(*(int(n) for n in args.pruning.split(",")))
     if args.speed_only:
-        return speed_only(args.repeats)
+        return speed_only(args.repeats, pruning)
     if not SENTIMENT.is_dir():
         print(f"distillation_benchmark: {SENTIMENT} is missing (the shared sentiment data)", file=sys.stderr)
         return 1
@@ -163,15 +169,15 @@ def main() -> int:
     test = read("imdb")
     texts = [row.text for row in test]
     print(f"train {len(train_rows)} amazon+yelp sentences, test {len(test)} imdb sentences, torch threads "
-          f"{torch.get_num_threads()}", flush=True)  # fmt: skip
-    results: dict[str, Any] = {"runs": []}
+          f"{torch.get_num_threads()}, students cut to {pruning}", flush=True)  # fmt: skip
+    results: dict[str, Any] = {"pruning": vars(pruning), "runs": []}
     for seed in range(args.seeds):
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             teacher_dir = train("teacher", TEACHER, seed, train_rows, work / "teacher", minilm_path())
             dirs = {"teacher": teacher_dir}
             for name in students:
-                pruning, weights, hyper = STUDENTS[name]
+                weights, hyper = STUDENTS[name]
                 distillation = None
                 if weights is not None:
                     teacher = BaseModelRef(local_path=str(teacher_dir))
@@ -212,7 +218,7 @@ def main() -> int:
     return 0
 
 
-def speed_only(repeats: int) -> int:
+def speed_only(repeats: int, pruning: d.Pruning) -> int:
     from gristmill.training.ml.modeling import load_classifier, load_tokenizer
     from gristmill.training.ml.slimming import SlimShape, slim_bert_classifier
 
@@ -223,7 +229,8 @@ def speed_only(repeats: int) -> int:
         teacher = load_classifier(minilm_path(), LABELS)
         tokenizer = load_tokenizer(minilm_path())
         dirs = {"teacher": Path(tmp) / "teacher", "student": Path(tmp) / "student"}
-        student = slim_bert_classifier(teacher, SlimShape(PRUNING.layers, PRUNING.embedding_size))
+        cut = SlimShape(pruning.layers, pruning.embedding_size, pruning.intermediate_size)
+        student = slim_bert_classifier(teacher, cut)
         for name, model in (("teacher", teacher), ("student", student)):
             model.save_pretrained(dirs[name])  # type: ignore[operator]
             tokenizer.save_pretrained(dirs[name])

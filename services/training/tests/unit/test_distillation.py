@@ -124,9 +124,49 @@ def test_cutting_only_layers_keeps_a_bert_with_the_chosen_blocks() -> None:
     assert teacher.config.num_hidden_layers == 4  # the teacher is not changed
 
 
+def _without_neurons(teacher: Any, kept: list[torch.Tensor], layers: list[int]) -> Any:
+    """A copy of ``teacher`` whose feed-forward neurons other than ``kept`` (per layer in ``layers``) contribute
+    nothing (output columns zeroed): what a student that drops them must compute."""
+    reference = type(teacher)(teacher.config).eval()
+    reference.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        for index, neurons in zip(layers, kept, strict=True):
+            weight = reference.bert.encoder.layer[index].output.dense.weight
+            dropped = torch.ones(weight.shape[1], dtype=torch.bool)
+            dropped[neurons] = False
+            weight[:, dropped] = 0.0
+    return reference
+
+
+@pytest.mark.parametrize("embedding_size", [0, 48])
+def test_a_narrower_feed_forward_keeps_the_strongest_neurons_and_computes_the_teacher_without_the_others(
+    embedding_size: int,
+) -> None:
+    """Both student classes (a BERT when the embeddings are kept, an ALBERT when factorised at full rank): the
+    student is exactly the teacher with the dropped neurons silenced, layer for layer."""
+    teacher = _bert(layers=4, hidden=48)
+    with torch.no_grad():  # one neuron made the strongest of layer 3, one the weakest: the choice must follow
+        teacher.bert.encoder.layer[3].intermediate.dense.weight[7] *= 10
+        teacher.bert.encoder.layer[3].output.dense.weight[:, 9] *= 0.01
+    student = S.slim_bert_classifier(
+        teacher, S.SlimShape(layers=2, embedding_size=embedding_size, intermediate_size=40)
+    )
+    assert student.config.intermediate_size == 40 and student.config.num_hidden_layers == 2
+    kept = [S.kept_neurons(teacher.bert.encoder.layer[i], 40) for i in (0, 3)]
+    assert 7 in kept[1] and 9 not in kept[1] and all(len(k) == 40 and torch.all(k[1:] > k[:-1]) for k in kept)
+    assert S.parameter_count(student) < S.parameter_count(S.slim_bert_classifier(teacher, S.SlimShape(layers=2)))
+    reference = S.slim_bert_classifier(_without_neurons(teacher, kept, [0, 3]), S.SlimShape(layers=2))
+    with torch.no_grad():
+        expected, got = reference.eval()(**_inputs()).logits, student.eval()(**_inputs()).logits
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    # As wide as the teacher's feed-forward (or 0): every neuron, in order.
+    assert torch.equal(S.kept_neurons(teacher.bert.encoder.layer[0], 96), torch.arange(96))
+    assert torch.equal(S.kept_neurons(teacher.bert.encoder.layer[0], 0), torch.arange(96))
+
+
 def test_the_student_saves_and_loads_with_transformers_auto_classes(tmp_path: Path) -> None:
     teacher = _bert()
-    student = S.slim_bert_classifier(teacher, S.SlimShape(layers=2, embedding_size=16)).eval()
+    student = S.slim_bert_classifier(teacher, S.SlimShape(layers=2, embedding_size=16, intermediate_size=32)).eval()
     student.save_pretrained(tmp_path, safe_serialization=True)  # type: ignore[operator]
     loaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path)).eval()
     with torch.no_grad():
@@ -246,7 +286,8 @@ def test_pruning_and_distillation_fields_are_checked_and_survive_the_proto() -> 
     assert d.build_pruning(given=False, layers=3) is None
     assert d.build_pruning(given=True) is None  # nothing to cut
     assert d.build_pruning(given=True, layers=3, embedding_size=128) == d.Pruning(3, 128)
-    for bad in ({"layers": -1}, {"embedding_size": 8}, {"layers": 10_000}):
+    assert d.build_pruning(given=True, intermediate_size=768) == d.Pruning(0, 0, 768)
+    for bad in ({"layers": -1}, {"embedding_size": 8}, {"layers": 10_000}, {"intermediate_size": 15}):
         with pytest.raises(InvalidArgumentError, match="spec.pruning"):
             d.build_pruning(given=True, **bad)
     teacher = BaseModelRef(object_prefix="models/teacher/1")
@@ -274,16 +315,17 @@ def test_pruning_and_distillation_fields_are_checked_and_survive_the_proto() -> 
                 hyper_parameters=d.build_hyper_parameters(method=d.Method.FULL),
                 resources=d.Resources(),
             ),
-            pruning=d.Pruning(3, 128),
+            pruning=d.Pruning(3, 128, 768),
             distillation=d.Distillation(teacher, 4.0, 0.5),
         )
     )
     back = convert.spec_from_proto(proto)
-    assert back.pruning == d.Pruning(3, 128) and back.distillation == d.Distillation(teacher, 4.0, 0.5)
+    assert back.pruning == d.Pruning(3, 128, 768) and back.distillation == d.Distillation(teacher, 4.0, 0.5)
     flat = d.flatten_hyper_parameters(
         dataclasses.replace(back, distillation=d.Distillation(dataclasses.replace(teacher, content_sha256="ab" * 32)))
     )
     assert flat["pruning.layers"] == "3" and flat["pruning.embedding_size"] == "128"
+    assert flat["pruning.intermediate_size"] == "768"
     assert flat["distillation.teacher"] == "object_prefix:models/teacher/1"
     assert flat["distillation.teacher.content_sha256"] == "ab" * 32
     assert "distillation.hidden_weight" not in flat  # decided when resolved
@@ -323,6 +365,11 @@ def test_the_resolver_checks_the_cut_and_the_teacher_naming_the_field(
         InvalidArgumentError,
         "spec.pruning.embedding_size is 32 but the base model's hidden size is 32",
         pruning=d.Pruning(0, 32),
+    )
+    refused(
+        InvalidArgumentError,
+        "spec.pruning.intermediate_size is 64 but the base model's feed-forward has 64 neurons",
+        pruning=d.Pruning(0, 0, 64),
     )
     with pytest.raises(NotFoundError, match="spec.distillation.teacher: base model directory") as missing:
         resolver.resolve(

@@ -462,6 +462,7 @@ class Pruning(_message.Message):
 
     LAYERS_FIELD_NUMBER: _builtins.int
     EMBEDDING_SIZE_FIELD_NUMBER: _builtins.int
+    INTERMEDIATE_SIZE_FIELD_NUMBER: _builtins.int
     layers: _builtins.int
     """Encoder layers the model keeps, evenly spaced, the first and the last always (layer dropping,
     as DistilBERT initialises its student). 0 means all; otherwise 1 to the model's layer count
@@ -475,15 +476,22 @@ class Pruning(_message.Message):
     BERT's vocabulary holds half or more of a small model's weights, so halving its size takes
     this cut. 0 means unchanged; otherwise 16 to the hidden size - 1.
     """
+    intermediate_size: _builtins.int
+    """Feed-forward neurons each kept layer keeps: those whose input and output weights have the
+    largest norms together. The feed-forward is two thirds of a layer's multiplications, so a
+    narrower one speeds every layer kept. 0 means unchanged; otherwise 16 to the model's
+    intermediate size - 1 (INVALID_ARGUMENT naming spec.pruning.intermediate_size when not).
+    """
     def __init__(
         self,
         *,
         layers: _builtins.int = ...,
         embedding_size: _builtins.int = ...,
+        intermediate_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding_size", b"embedding_size", "layers", b"layers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding_size", b"embedding_size", "intermediate_size", b"intermediate_size", "layers", b"layers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -240,7 +240,10 @@ def spec_from_proto(spec: pb.JobSpec, *, require_dataset: bool = True) -> d.JobS
         ),
         json_match_keys=d.build_json_match_keys(list(spec.json_match_keys)),
         pruning=d.build_pruning(
-            given=spec.HasField("pruning"), layers=spec.pruning.layers, embedding_size=spec.pruning.embedding_size
+            given=spec.HasField("pruning"),
+            layers=spec.pruning.layers,
+            embedding_size=spec.pruning.embedding_size,
+            intermediate_size=spec.pruning.intermediate_size,
         ),
         distillation=d.build_distillation(
             given=spec.HasField("distillation"),
@@ -405,7 +408,10 @@ def spec_to_proto(spec: d.JobSpec) -> pb.JobSpec:
     if spec.dpo is not None:
         out.dpo.CopyFrom(pb.DpoConfig(beta=spec.dpo.beta, loss=_DPO_LOSS_TO_PB[spec.dpo.loss]))
     if spec.pruning is not None:
-        out.pruning.CopyFrom(pb.Pruning(layers=spec.pruning.layers, embedding_size=spec.pruning.embedding_size))
+        cut = spec.pruning
+        out.pruning.CopyFrom(
+            pb.Pruning(layers=cut.layers, embedding_size=cut.embedding_size, intermediate_size=cut.intermediate_size)
+        )
     if spec.distillation is not None:
         out.distillation.CopyFrom(
             pb.Distillation(

@@ -736,6 +736,7 @@ def check_pruning(pruning: Pruning, info: ModelInfo) -> None:
         )
     layers = int(info.config.get("num_hidden_layers") or 0)
     hidden = int(info.config.get("hidden_size") or 0)
+    intermediate = int(info.config.get("intermediate_size") or 0)
     if pruning.layers > layers:
         raise InvalidArgumentError(
             f"spec.pruning.layers is {pruning.layers} but the base model has {layers} layers; keep at most {layers}",
@@ -746,6 +747,12 @@ def check_pruning(pruning: Pruning, info: ModelInfo) -> None:
             f"spec.pruning.embedding_size is {pruning.embedding_size} but the base model's hidden size is {hidden}; a "
             f"factorised embedding must be narrower (at most {hidden - 1}), or 0 to keep it",
             details={"field": "spec.pruning.embedding_size"},
+        )
+    if pruning.intermediate_size >= intermediate:
+        raise InvalidArgumentError(
+            f"spec.pruning.intermediate_size is {pruning.intermediate_size} but the base model's feed-forward has "
+            f"{intermediate} neurons; keep fewer (at most {intermediate - 1}), or 0 to keep them all",
+            details={"field": "spec.pruning.intermediate_size"},
         )
 
 

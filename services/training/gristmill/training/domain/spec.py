@@ -125,6 +125,8 @@ MAX_PARAPHRASE_COPIES = 8
 MAX_PRUNED_LAYERS = 256
 MIN_EMBEDDING_SIZE = 16
 MAX_EMBEDDING_SIZE = 65536
+MIN_INTERMEDIATE_SIZE = 16
+MAX_INTERMEDIATE_SIZE = 1 << 20
 DEFAULT_DISTILLATION_TEMPERATURE = 2.0
 MAX_DISTILLATION_TEMPERATURE = 20.0
 # Most of the loss from the teacher, as distillation set-ups usually weigh it; on MiniLM's 3-layer student
@@ -183,11 +185,12 @@ class FewLabels:
 
 @dataclass(frozen=True)
 class Pruning:
-    """Structured pruning of a BERT-family classifier before training (``ml.slimming``): encoder layers kept and
-    the embeddings' width (0: unchanged)."""
+    """Structured pruning of a BERT-family classifier before training (``ml.slimming``): encoder layers kept, the
+    embeddings' width and the feed-forward neurons kept per layer (each 0: unchanged)."""
 
     layers: int = 0
     embedding_size: int = 0
+    intermediate_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -501,16 +504,22 @@ def build_hyper_parameters(
     )
 
 
-def build_pruning(*, given: bool, layers: int = 0, embedding_size: int = 0) -> Pruning | None:
+def build_pruning(
+    *, given: bool, layers: int = 0, embedding_size: int = 0, intermediate_size: int = 0
+) -> Pruning | None:
     """None when not given or when it cuts nothing; the model's own bounds are checked when it is resolved."""
     if not given:
         return None
     layers = _int_range("pruning.layers", layers, 0, MAX_PRUNED_LAYERS)
     if embedding_size:
         embedding_size = _int_range("pruning.embedding_size", embedding_size, MIN_EMBEDDING_SIZE, MAX_EMBEDDING_SIZE)
-    if not layers and not embedding_size:
+    if intermediate_size:
+        intermediate_size = _int_range(
+            "pruning.intermediate_size", intermediate_size, MIN_INTERMEDIATE_SIZE, MAX_INTERMEDIATE_SIZE
+        )
+    if not layers and not embedding_size and not intermediate_size:
         return None
-    return Pruning(layers=layers, embedding_size=embedding_size)
+    return Pruning(layers=layers, embedding_size=embedding_size, intermediate_size=intermediate_size)
 
 
 def build_distillation(
@@ -953,6 +962,7 @@ def flatten_hyper_parameters(spec: JobSpec) -> dict[str, str]:
     if spec.pruning is not None:
         flat["pruning.layers"] = str(spec.pruning.layers)
         flat["pruning.embedding_size"] = str(spec.pruning.embedding_size)
+        flat["pruning.intermediate_size"] = str(spec.pruning.intermediate_size)
     if spec.distillation is not None:
         flat["distillation.teacher"] = model_source(spec.distillation.teacher)
         flat["distillation.teacher.content_sha256"] = spec.distillation.teacher.content_sha256

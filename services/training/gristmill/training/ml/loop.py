@@ -355,8 +355,9 @@ class LoopRunner:
         if self.cfg.pruning is not None:  # classifiers, method FULL (the spec says so)
             from gristmill.training.ml import slimming
 
+            cut = self.cfg.pruning
             model = slimming.slim_bert_classifier(
-                model, slimming.SlimShape(self.cfg.pruning.layers, self.cfg.pruning.embedding_size)
+                model, slimming.SlimShape(cut.layers, cut.embedding_size, cut.intermediate_size)
             )
         if self.cfg.method is Method.IA3:  # classifiers only (the spec says so)
             model = modeling.apply_ia3(model)
