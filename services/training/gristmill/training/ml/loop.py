@@ -55,7 +55,7 @@ from gristmill.training.ml import data as D
 from gristmill.training.ml.adversarial import EmbeddingAdversary
 from gristmill.training.ml.augment import augment
 from gristmill.training.ml.distillation import Teacher, teacher_outputs
-from gristmill.training.ml.node_files import node_model_dir
+from gristmill.training.ml.node_files import node_checkpoint, node_model_dir
 from gristmill.training.runner.local_ray import process_started
 from gristmill.training.tasks import job_training_task
 from gristmill.training.tasks.base import GeneratesText, ProfilesPredictions, SampleGeneration
@@ -198,13 +198,9 @@ class RaySession:
         if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
             yield Path(checkpoint.path)
             return
-        # Each process downloads its own copy. Ray's ``as_directory`` shares one download per node, but a process
-        # that arrives after another's download has finished downloads again into the same directory, over the
-        # files the first one is reading (ray-project/ray#48726). A restarted worker group then failed its restore
-        # with "PytorchStreamReader failed reading file" and was restarted a second time.
-        with tempfile.TemporaryDirectory(prefix="gristmill-restore-") as directory:
-            checkpoint.to_directory(directory)
-            yield Path(directory)
+        # One download per node, not Ray's ``as_directory`` (which can download again over files being read).
+        with node_checkpoint(checkpoint) as directory:
+            yield directory
 
 
 class DirectorySession:
