@@ -237,7 +237,10 @@ class KafkaBusConsumer(Consumer):
             "enable_auto_commit": False,
             "auto_offset_reset": "earliest",
             "max_poll_records": bus.max_poll_records,
-            "fetch_max_wait_ms": 100,
+            # The broker answers a fetch as soon as one record is there (fetch_min_bytes 1), so this bounds only
+            # how often an idle consumer asks again: at 100 ms the idle stack's services and broker took ~30 % of
+            # a core (11 % the broker), at 500 ms (Kafka's default) ~17 %, CPU the predictions get back.
+            "fetch_max_wait_ms": 500,
             "request_timeout_ms": max(settings.request_timeout_ms, 1_000),
             "bootstrap_timeout_ms": settings.request_timeout_ms,
             "reconnect_backoff_max_ms": 1000,
