@@ -61,8 +61,7 @@ def node_model_dir(
         objects = S3ObjectStore(store)
     digest = content_sha256({name: entry.sha256 for name, entry in files.items()})
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with (cache_dir / f".{digest}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(cache_dir / f".{digest}.lock"):
         return download_files(objects, files, cache_dir / digest)
 
 
