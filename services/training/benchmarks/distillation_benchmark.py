@@ -152,7 +152,10 @@ def main() -> int:
         help="the students' cut: layers,embedding width,feed-forward width (0: unchanged)",
     )
     args = parser.parse_args()
-    pruning = d.Pruning(*(int(n) for n in args.pruning.split(",")))
+    try:
+        pruning = d.Pruning(*(int(n) for n in args.pruning.split(",", 2)))
+    except (TypeError, ValueError):
+        parser.error(f"--pruning must be three integers L,E,F (e.g. 3,176,0), not {args.pruning!r}")
     if args.speed_only:
         return speed_only(args.repeats, pruning)
     if not SENTIMENT.is_dir():
