@@ -969,8 +969,8 @@ def serve(root: Path, data_dir: Path, threads: int) -> None:
     from gristmill.core.security import embedded_security
     from gristmill.core.settings import KafkaSettings, S3Settings
     from gristmill.serving.app import build_app
-    from gristmill.serving.runtime.classifier import configure_torch
     from gristmill.serving.runtime.sources import LocalDirectoryModelSource
+    from gristmill.serving.runtime.threads import configure_torch
     from gristmill.serving.settings import ServingSettings
 
     logging.basicConfig(level=logging.WARNING)

@@ -9,7 +9,7 @@ from gristmill.serving.settings import ServingSettings
 
 def configure_process(settings: ServingSettings) -> None:
     # Imported only here: torch takes seconds and hundreds of MB to import.
-    from gristmill.serving.runtime.classifier import configure_torch
+    from gristmill.serving.runtime.threads import configure_torch
 
     configure_torch(settings.torch_threads)
 

@@ -4,12 +4,13 @@ sequences join and leave a running batch, cancellation frees the cache, stop seq
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from gristmill.core.chat import ChatMessage
 from gristmill.core.errors import DeadlineExceededError, InvalidArgumentError, ResourceExhaustedError
@@ -21,6 +22,7 @@ from gristmill.serving.domain.generation import (
     SamplingParams,
 )
 from gristmill.serving.domain.sources import LoadOptions, ResolvedVersion
+from gristmill.serving.runtime import generation as runtime
 from gristmill.serving.runtime.generation import EngineLimits, TransformersGenerator, load_transformers_generator
 from tests.support.tiny_model import make_tiny_llama, make_tiny_lora_adapter
 
@@ -403,3 +405,52 @@ def test_prompts_of_very_different_lengths_prefilled_together_match_generate(lla
         assert asyncio.run(run()) == expected
     finally:
         generator.close()
+
+
+def _threads_of_a_new_thread() -> int:
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+def test_the_model_thread_warms_up_and_runs_with_its_threads_leaving_the_process_default(llama_dir: Path) -> None:
+    calls: list[tuple[str, int]] = []
+
+    def record(module: torch.nn.Module, args: object) -> None:
+        if isinstance(module, PreTrainedModel):
+            calls.append((threading.current_thread().name, torch.get_num_threads()))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the serving process's default (torch_threads)
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        generator = _load(llama_dir, threads=2)
+        try:
+            # The warm-up ran on the model's thread, with its thread count, before the load returned.
+            assert calls and set(calls) == {("assistant-batcher", 2)}
+            warm_up = len(calls)
+            prompt = generator.render_chat([ChatMessage("user", TEXTS[1])])
+            asyncio.run(_tokens(generator, _request("t", prompt, 3, sampling=GREEDY)))
+            assert len(calls) > warm_up and set(calls) == {("assistant-batcher", 2)}
+            # Threads that start later (a classifier's batch workers, the next load) keep the process default.
+            assert _threads_of_a_new_thread() == 1
+        finally:
+            generator.close()
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)
+
+
+def test_a_warm_up_that_fails_fails_the_load_and_leaves_no_thread(
+    llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(model: object, tokenizer: object) -> None:
+        raise RuntimeError("the forward pass failed")
+
+    monkeypatch.setattr(runtime, "_warm_up", broken)
+    before = {t for t in threading.enumerate() if t.name == "assistant-batcher"}
+    with pytest.raises(RuntimeError, match="the forward pass failed"):
+        _load(llama_dir)
+    assert {t for t in threading.enumerate() if t.name == "assistant-batcher"} == before

@@ -7,7 +7,6 @@ load is the model's own, not the one-time cost of importing the library (~200 MB
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import warnings
@@ -32,14 +31,6 @@ log = logging.getLogger(__name__)
 _WARMUP_TEXTS = ("warming up the model", "a slightly longer sentence to warm up the model with padding")
 # Tokenizers report huge sentinels (1e30) when they have no limit of their own.
 _NO_LIMIT = 1_000_000
-
-
-def configure_torch(threads: int) -> None:
-    """Intra-op threads for inference (0: one per core); one inter-op thread (a batch is one graph)."""
-    if threads > 0:
-        torch.set_num_threads(threads)
-    with contextlib.suppress(RuntimeError):  # already set, or work already ran: keep torch's value
-        torch.set_num_interop_threads(1)
 
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

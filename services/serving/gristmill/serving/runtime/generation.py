@@ -6,6 +6,8 @@ cache) and merges them into the running batch, or *decodes* one token for every 
 pass.
 A sequence that finishes (end-of-sequence token, stop sequence, max tokens) or whose client went away leaves the
 batch at once and its rows of the cache are dropped; the cache is trimmed to the longest sequence still running.
+The model's thread uses every core (``EngineLimits.threads``) and warms the model up itself, so that its torch
+thread pool is the process's only one (``runtime/threads.py``: a second pool slows every forward pass ~1.5x).
 
 Why not transformers' own continuous batching (``init_continuous_batching``)? ``benchmarks/generation_benchmark.py``
 measures both on SmolLM2-135M, 2 CPU cores, 32 requests at once: its paged cache (tuned: 64-token pages,
@@ -60,6 +62,7 @@ from gristmill.serving.domain.model import Quantization
 from gristmill.serving.domain.sources import ADAPTER_CONFIG, BASE_DIR, LoadOptions, ResolvedVersion
 from gristmill.serving.runtime.lora import BASE_ADAPTER, BatchedLora
 from gristmill.serving.runtime.memory import release_memory, resident_bytes
+from gristmill.serving.runtime.threads import use_threads_here
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +196,15 @@ class ContinuousBatcher:
         self._closed = False
         # Held for each step's forward pass, and by whoever adds or removes an adapter of the model in between.
         self.model_lock = threading.Lock()
+        # Set by the model's thread once it is warm (or failed to warm up: ``_start_error``).
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name=f"{name}-batcher", daemon=True)
         self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            raise self._start_error
 
     # -- callers ----------------------------------------------------------------------------------------------
 
@@ -270,8 +280,17 @@ class ContinuousBatcher:
     # -- the model's thread -----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        if self.limits.threads > 0:
-            torch.set_num_threads(self.limits.threads)
+        try:
+            if self.limits.threads > 0:
+                # This thread's OpenMP pool is the process's only one (``runtime/threads.py``).
+                use_threads_here(self.limits.threads)
+            # On this thread: the first forward passes allocate and pick kernels for its thread count.
+            _warm_up(self._model, self._tokenizer)
+        except Exception as exc:
+            self._start_error = exc
+            return
+        finally:
+            self._started.set()
         try:
             with torch.inference_mode():
                 while True:
@@ -796,7 +815,6 @@ def load_transformers_generator(
         elif options.quantization is Quantization.BF16:
             model = model.to(torch.bfloat16)
         generator = TransformersGenerator(model, tokenizer, limits=limits, name=f"{resolved.registered_model_name}")
-        _warm_up(model, tokenizer)
     release_memory()
     generator.memory_bytes = max(resident_bytes() - before, 0)
     log.info(
@@ -869,7 +887,6 @@ def _load_adapter(
             model, base_tokenizer = _load_causal_lm(base_dir, f"the base model of {what}")
             if bf16:
                 model = model.to(torch.bfloat16)
-            _warm_up(model, base_tokenizer)
             shared = _BASES[key] = SharedBase(key, model, base_tokenizer, limits=limits)
         try:
             shared.add_adapter(directory, name)

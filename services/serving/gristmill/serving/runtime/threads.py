@@ -1,0 +1,44 @@
+"""torch's intra-op threads in the serving process.
+
+On Linux torch runs its CPU ops with OpenMP (libgomp). Every OS thread that runs an op with more than one
+intra-op thread keeps a pool of worker threads of its own for as long as it lives. Once the pools of all threads
+together hold more threads than the machine has cores, libgomp stops letting idle workers spin between parallel
+regions ("throttled" spinning) and they sleep after each one; a forward pass is hundreds of small regions, each
+of which then waits for the kernel to wake its workers. Measured on the 2-core machine: SmolLM2's prefill of an
+81-token prompt took 115 ms on a thread whose pool was the only one and 175 ms while another thread's pool
+existed (``OMP_WAIT_POLICY=PASSIVE`` made both ~200 ms).
+
+So the process default stays the service's ``torch_threads`` (1: classifier batch workers run side by side
+with no pools), and a generator's model thread takes every core for itself without changing the default that
+every other thread starts with (``use_threads_here``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+
+
+def configure_torch(threads: int) -> None:
+    """Intra-op threads for inference (0: one per core); one inter-op thread (a batch is one graph)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # already set, or work already ran: keep torch's value
+        torch.set_num_interop_threads(1)
+
+
+def use_threads_here(threads: int) -> None:
+    """Give the calling thread ``threads`` intra-op threads and leave the process default as it was.
+
+    ``torch.set_num_threads`` sets the calling thread's team size and also the default of every thread that has
+    not run an op yet. The default is put back by a short-lived thread of its own, whose team size ends with it.
+    Call it first in a new thread: its ``get_num_threads`` is then the process default.
+    """
+    default = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    if default != threads:
+        restore = threading.Thread(target=torch.set_num_threads, args=(default,), name="torch-threads-default")
+        restore.start()
+        restore.join()
