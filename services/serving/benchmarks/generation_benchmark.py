@@ -8,8 +8,8 @@ benchmarks ignore the end-of-sequence token) so that every system does the same 
 
 1. **static-batch limit**: ``model.generate`` on left-padded batches of 16 prompts, 64 new tokens each
    (``min_new_tokens`` = 64, so every row decodes 64 tokens): output tokens per second with no server;
-2. **naive server**: one ``generate`` per request behind a lock (what a thin wrapper around transformers does),
-   at concurrency 8;
+2. **naive server**: one ``generate`` per request, one at a time on one model thread (what a thin wrapper around
+   transformers does: a lock around ``generate``), at concurrency 8;
 3. **transformers' continuous batching** (``init_continuous_batching``, paged cache, tuned: 64-token pages,
    2,048-token batches, 32 requests per batch) at concurrency 32, for the runtime's "why not theirs";
 4. **Gristmill**: the serving service's real wiring (``build_app``: deployment manager, chat task runtime,
@@ -17,6 +17,12 @@ benchmarks ignore the end-of-sequence token) so that every system does the same 
    over gRPC with server streaming at closed-loop concurrency 1, 8 and 32: output tokens/s, time to first token
    p50/p99, inter-token latency p50 (between streamed chunks, per token);
 5. the prompt's prefill time alone (one forward of a median prompt), for the concurrency-1 TTFT target.
+
+Threads: the baselines (1-3, 5 and the perplexities) run on a thread of their own, with every core, that ends
+before the in-process server starts; this thread keeps the serving process's default of one torch thread. torch's
+OpenMP keeps a thread pool per thread that ran a multi-threaded op, and while two pools exist on 2 cores each
+forward pass is ~1.5x slower (``runtime/threads.py``): the server's model thread must have the only one, as it has
+in the service. (Before 2026-12-05 the baselines ran on this thread, and its pool slowed the server measured after.)
 
 6. **int8 and bf16**: the same deployment with dynamic int8 quantisation of the linear layers (c=1 and c=8) and
    in bfloat16 (c=1, 8, 32; beside the static-batch limit in bfloat16), and the perplexity of fp32, bf16 and int8
@@ -76,7 +82,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from serving_benchmark import StackRun
@@ -185,40 +191,67 @@ def prefill_ms(model: Any, load: Workload) -> float:
 
 
 def naive_server(model: Any, tokenizer: Any, load: Workload, concurrency: int, requests: int) -> dict[str, float]:
-    """One ``generate`` per request behind a lock, callers on threads (closed loop)."""
+    """One ``generate`` per request, one at a time, on one model thread (what a thin wrapper around transformers
+    does: a lock around ``generate``), fed by ``concurrency`` callers in a closed loop. The model runs on one
+    thread, not on each caller's: callers' threads would each keep a torch thread pool, which slows every
+    forward pass (``runtime/threads.py``) and would make the baseline weaker than it is."""
+    import queue
+
     import torch
 
-    lock = threading.Lock()
     pad = tokenizer.eos_token_id
+    inbox: queue.Queue[tuple[int, queue.Queue[int | BaseException]] | None] = queue.Queue()
+
+    def model_thread() -> None:
+        with torch.inference_mode():
+            while (item := inbox.get()) is not None:
+                index, reply = item
+                prompt = load.prompts[index % len(load.prompts)]
+                budget = load.budgets[index % len(load.budgets)]
+                try:
+                    out = model.generate(
+                        torch.tensor([prompt]),
+                        max_new_tokens=budget,
+                        min_new_tokens=budget,
+                        do_sample=False,
+                        pad_token_id=pad,
+                    )
+                except Exception as exc:  # the caller raises it
+                    reply.put(exc)
+                else:
+                    reply.put(int(out.shape[1]) - len(prompt))
+
     produced: list[int] = []
-    queue = list(range(requests))
+    counter = iter(range(requests))
     take = threading.Lock()
 
-    def worker() -> None:
+    def caller() -> None:
         while True:
             with take:
-                if not queue:
-                    return
-                index = queue.pop()
-            prompt = load.prompts[index % len(load.prompts)]
-            with lock, torch.inference_mode():
-                budget = load.budgets[index % len(load.budgets)]
-                out = model.generate(
-                    torch.tensor([prompt]),
-                    max_new_tokens=budget,
-                    min_new_tokens=budget,
-                    do_sample=False,
-                    pad_token_id=pad,
-                )
-            produced.append(int(out.shape[1]) - len(prompt))
+                index = next(counter, None)
+            if index is None:
+                return
+            reply: queue.Queue[int | BaseException] = queue.Queue()
+            inbox.put((index, reply))
+            answer = reply.get()
+            if isinstance(answer, BaseException):
+                raise answer
+            produced.append(answer)
 
+    server = threading.Thread(target=model_thread, name="naive-server")
+    server.start()
     started = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for thread in threads:
+    callers = [threading.Thread(target=caller) for _ in range(concurrency)]
+    for thread in callers:
         thread.start()
-    for thread in threads:
+    for thread in callers:
         thread.join()
-    return {"tokens_per_s": sum(produced) / (time.perf_counter() - started)}
+    elapsed = time.perf_counter() - started
+    inbox.put(None)
+    server.join()
+    if len(produced) != requests:
+        raise RuntimeError(f"the naive server answered {len(produced)} of {requests} requests")
+    return {"tokens_per_s": sum(produced) / elapsed}
 
 
 def transformers_cb(model: Any, load: Workload, requests: int) -> dict[str, float]:
@@ -853,43 +886,33 @@ def main() -> None:
         sys.exit("FAIL: the stack's metered usage differs from what the clients counted (see above)")
 
 
-def measure(args: argparse.Namespace, stack: StackRun | None) -> bool:
-    """The whole run (``main``'s arguments); True when a check of the stack's usage failed."""
-    import tempfile
-
+def baselines(model_dir: Path, tokenizer: Any, load: Workload, quick: bool, seed: int) -> dict[str, Any]:
+    """Everything measured on the model without the server: the prefill, the static-batch limits, the naive
+    server, transformers' continuous batching and the perplexities."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    model_dir = smollm2_dir()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    load = workload(tokenizer, 256, args.seed)
-    scale = 4 if args.quick else 1
-    plan = {1: 8 // scale, 8: 32 // scale, 32: 96 // scale}
-    if args.only == "adapters":
-        return adapters_only(model_dir, load, plan[32])
+    from gristmill.serving.runtime.classifier import quantize_dynamic_int8
+
+    results: dict[str, Any] = {}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    results: dict[str, Any] = {"threads": torch.get_num_threads(), "plan": plan}
     progress("prefill of a median prompt")
     results["prefill_ms"] = prefill_ms(model, load)
     progress("static-batch limit (batches of 16, 64 new tokens)")
-    results["static"] = static_limit(model, tokenizer, load, 1 if args.quick else 3)
+    results["static"] = static_limit(model, tokenizer, load, 1 if quick else 3)
     progress(f"  {results['static']}")
     progress("static-batch limit in bfloat16")
-    results["static_bf16"] = static_limit(model.to(torch.bfloat16), tokenizer, load, 1 if args.quick else 2)
+    results["static_bf16"] = static_limit(model.to(torch.bfloat16), tokenizer, load, 1 if quick else 2)
     model.to(torch.float32)
     progress(f"  {results['static_bf16']}")
-    results["perplexity_bf16"] = 0.0
-    progress("naive server (generate behind a lock), concurrency 8")
-    results["naive"] = naive_server(model, tokenizer, load, 8, 8 if args.quick else 16)
+    progress("naive server (generate, one request at a time), concurrency 8")
+    results["naive"] = naive_server(model, tokenizer, load, 8, 8 if quick else 16)
     progress(f"  {results['naive']}")
     progress("transformers' continuous batching, 32 requests at once")
-    results["transformers_cb"] = transformers_cb(model, load, 32 if args.quick else 96)
+    results["transformers_cb"] = transformers_cb(model, load, 32 if quick else 96)
     progress(f"  {results['transformers_cb']}")
-    held_out = reviews(400, args.seed + 1)[-(20 if args.quick else 100) :]
+    held_out = reviews(400, seed + 1)[-(20 if quick else 100) :]
     progress(f"perplexity on {len(held_out)} held-out reviews, fp32 and dynamic int8")
-    from gristmill.serving.runtime.classifier import quantize_dynamic_int8
-
     results["perplexity_fp32"] = perplexity(model, tokenizer, held_out)
     results["perplexity_bf16"] = perplexity(model.to(torch.bfloat16), tokenizer, held_out)
     model.to(torch.float32)
@@ -898,7 +921,63 @@ def measure(args: argparse.Namespace, stack: StackRun | None) -> bool:
         f"  fp32 {results['perplexity_fp32']:.3f}, bf16 {results['perplexity_bf16']:.3f}, "
         f"int8 {results['perplexity_int8']:.3f}"
     )
-    del model
+    return results
+
+
+T = TypeVar("T")
+
+
+def on_own_thread(work: Callable[[], T], threads: int) -> T:
+    """``work`` on a new thread, with ``threads`` torch threads for it and the threads it starts (the naive
+    server's, transformers' batching manager's); their torch thread pools end with them, so that the in-process
+    server measured afterwards has the process's only one (``runtime/threads.py``: a second pool slows every
+    forward pass ~1.5x on 2 cores)."""
+    import torch
+
+    default = torch.get_num_threads()
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(work())
+        except BaseException as exc:  # raised again on the caller's thread
+            failure.append(exc)
+
+    torch.set_num_threads(threads)  # the default of the threads started now; this one runs no op meanwhile
+    try:
+        thread = threading.Thread(target=run, name="baselines")
+        thread.start()
+        thread.join()
+    finally:
+        torch.set_num_threads(default)
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+def measure(args: argparse.Namespace, stack: StackRun | None) -> bool:
+    """The whole run (``main``'s arguments); True when a check of the stack's usage failed."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from gristmill.serving.runtime.threads import configure_torch
+
+    # The serving process's default (``torch_threads`` 1) on this thread, which runs the in-process server's event
+    # loop: the server's model thread then has the process's only torch thread pool, as in the service. The
+    # baselines run on a thread of their own that ends with them (``on_own_thread``).
+    configure_torch(1)
+    cores = os.cpu_count() or 1
+    model_dir = smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    load = workload(tokenizer, 256, args.seed)
+    scale = 4 if args.quick else 1
+    plan = {1: 16 // scale, 8: 32 // scale, 32: 96 // scale}
+    if args.only == "adapters":
+        return adapters_only(model_dir, load, plan[32])
+    results: dict[str, Any] = {"threads": cores, "plan": plan}
+    results.update(on_own_thread(lambda: baselines(model_dir, tokenizer, load, args.quick, args.seed), cores))
     small = {1: plan[1], 8: plan[8]}
     with tempfile.TemporaryDirectory() as work:
         adapters = make_adapters(model_dir, Path(work))
