@@ -67,6 +67,19 @@ def _records(sink: ListSink, kind: str) -> list[dict[str, Any]]:
     return [r for r in sink.records if r["type"] == kind]
 
 
+def test_a_process_start_after_the_imports_is_reported_at_the_imports(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gristmill.training.ml import loop
+
+    # The /proc start turned into wall time after the wall clock jumped forward (a paused VM catching up).
+    monkeypatch.setattr(loop, "_process_start_time", lambda: loop._IMPORTED_AT + 30.0)
+    sink = ListSink()
+    LoopRunner(_config(tiny_model, sink, epochs=1), 0, 1, 0, DirectorySession(tmp_path)).run()
+    timings = _records(sink, "started")[0]["timings"]
+    assert timings["process_started"] == timings["imported"] == loop._IMPORTED_AT
+
+
 def test_full_fine_tune_learns_and_reports_the_final_model(tiny_model: Path, tmp_path: Path) -> None:
     sink = ListSink()
     session = DirectorySession(tmp_path)

@@ -643,7 +643,12 @@ class LoopRunner:
 
     def run(self) -> None:
         started = time.time()
-        self.timings.update(process_started=_process_start_time(), imported=_IMPORTED_AT, loop_entered=started)
+        # The /proc start is on the boot clock, turned into wall time with today's offset: a wall clock that jumped
+        # since the process started (a paused VM catching up: 30 s seen in CI) moves it later, yet the process
+        # cannot have started after its imports.
+        self.timings.update(
+            process_started=min(_process_start_time(), _IMPORTED_AT), imported=_IMPORTED_AT, loop_entered=started
+        )
         self._setup()
         restoring = time.perf_counter()
         self._restore()
