@@ -184,12 +184,15 @@ def test_limits_queue_budget_and_deadline(llama_dir: Path) -> None:
         async def run() -> None:
             first = generator.submit(_request("a", prompt, 200))
             await first.__anext__()
-            # The running sequence holds the only place: the next waits, one more is refused.
-            late = generator.submit(_request("b", prompt, 10, deadline=time.monotonic() + 0.05))
-            with pytest.raises(ResourceExhaustedError, match="already waiting"):
-                generator.submit(_request("c", prompt, 10))
-            await asyncio.sleep(0.1)
-            first.cancel()
+            # The model's thread waits at its next step while the test holds the lock between steps, so "a" cannot
+            # finish (a tiny model decodes 200 tokens in less than b's 50 ms) before b's deadline passes.
+            with generator._batcher.model_lock:
+                # The running sequence holds the only place: the next waits, one more is refused.
+                late = generator.submit(_request("b", prompt, 10, deadline=time.monotonic() + 0.05))
+                with pytest.raises(ResourceExhaustedError, match="already waiting"):
+                    generator.submit(_request("c", prompt, 10))
+                await asyncio.sleep(0.1)
+                first.cancel()
             with pytest.raises(DeadlineExceededError):
                 await late.__anext__()
 
