@@ -177,34 +177,28 @@ def static_limit(model: Any, tokenizer: Any, load: Workload, batches: int) -> di
     return {"tokens_per_s": tokens / seconds}
 
 
-def prefill_ms(model: Any, load: Workload) -> float:
+def one_prefill_ms(model: Any, prompt: Sequence[int], runs: int) -> float:
+    """The median of ``runs`` forward passes over ``prompt`` alone (the last position's logits)."""
     import torch
 
-    prompt = sorted(load.prompts, key=len)[len(load.prompts) // 2]
     times = []
     with torch.inference_mode():
-        for _ in range(5):
+        for _ in range(runs):
             started = time.perf_counter()
-            model(input_ids=torch.tensor([prompt]), logits_to_keep=1)
+            model(input_ids=torch.tensor([list(prompt)]), logits_to_keep=1)
             times.append(time.perf_counter() - started)
     return statistics.median(times) * 1000
 
 
-def prefill_by_prompt_ms(model: Any, load: Workload, count: int) -> list[float]:
-    """The prefill time of each of the first ``count`` prompts (median of 3 forwards), for the c=1 TTFT target:
-    each request's TTFT is compared with its own prompt's prefill."""
-    import torch
+def prefill_ms(model: Any, load: Workload) -> float:
+    """The prefill of the median-length prompt."""
+    return one_prefill_ms(model, sorted(load.prompts, key=len)[len(load.prompts) // 2], 5)
 
-    times = []
-    with torch.inference_mode():
-        for prompt in load.prompts[:count]:
-            runs = []
-            for _ in range(3):
-                started = time.perf_counter()
-                model(input_ids=torch.tensor([prompt]), logits_to_keep=1)
-                runs.append(time.perf_counter() - started)
-            times.append(statistics.median(runs) * 1000)
-    return times
+
+def prefill_by_prompt_ms(model: Any, load: Workload, count: int) -> list[float]:
+    """The prefill time of each of the first ``count`` prompts, for the c=1 TTFT target: each request's TTFT is
+    compared with its own prompt's prefill."""
+    return [one_prefill_ms(model, prompt, 3) for prompt in load.prompts[:count]]
 
 
 def naive_server(model: Any, tokenizer: Any, load: Workload, concurrency: int, requests: int) -> dict[str, float]:
