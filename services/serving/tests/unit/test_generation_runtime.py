@@ -23,7 +23,13 @@ from gristmill.serving.domain.generation import (
 )
 from gristmill.serving.domain.sources import LoadOptions, ResolvedVersion
 from gristmill.serving.runtime import generation as runtime
-from gristmill.serving.runtime.generation import EngineLimits, TransformersGenerator, load_transformers_generator
+from gristmill.serving.runtime.generation import (
+    EngineLimits,
+    TransformersGenerator,
+    draw,
+    load_transformers_generator,
+    nucleus,
+)
 from tests.support.tiny_model import make_tiny_llama, make_tiny_lora_adapter
 
 TEXTS = [
@@ -457,3 +463,33 @@ def test_a_warm_up_that_fails_fails_the_load_and_leaves_no_thread(
     with pytest.raises(RuntimeError, match="the forward pass failed"):
         _load(llama_dir)
     assert {t for t in threading.enumerate() if t.name == "assistant-batcher"} == before
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 8.0])
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+def test_the_nucleus_is_the_one_a_full_sort_finds(temperature: float, top_p: float) -> None:
+    """Peaked rows end among the top candidates, flat ones (temperature 8) need the whole sort: both the same set."""
+    rng = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        probs = torch.softmax(torch.randn(5000, generator=rng) * 6 / temperature, dim=-1)
+        ordered, order = torch.sort(probs, descending=True)
+        wanted = order[ordered.cumsum(-1) - ordered < top_p]
+        kept, ids = nucleus(probs, top_p)
+        assert ids.tolist() == wanted.tolist()
+        assert torch.equal(kept, probs[ids])
+    assert nucleus(torch.tensor([0.2, 0.5, 0.3]), 0.6)[1].tolist() == [1, 2]
+
+
+def test_draw_follows_the_weights_and_never_draws_a_zero_weight() -> None:
+    weights = torch.tensor([0.0, 0.1, 0.0, 0.6, 0.3, 0.0])
+    rng = torch.Generator().manual_seed(11)
+    counts = torch.zeros(6)
+    for _ in range(20_000):
+        counts[draw(weights, rng)] += 1
+    assert counts[0] == counts[2] == counts[5] == 0
+    # Each share within 1.5 points of its weight (the standard error is at most 0.35 points here).
+    assert torch.allclose(counts / counts.sum(), weights, atol=0.015)
+    # Seeded: the same generator state, the same draws; unnormalised weights, the same distribution.
+    first = [draw(weights, torch.Generator().manual_seed(5)) for _ in range(3)]
+    assert first == [draw(weights * 7, torch.Generator().manual_seed(5)) for _ in range(3)]
+    assert draw(torch.tensor([0.0, 0.0, 2.0]), None) == 2

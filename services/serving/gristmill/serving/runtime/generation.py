@@ -93,6 +93,43 @@ class EngineLimits:
 
 DEFAULT_LIMITS = EngineLimits()
 
+# Top-p looks for its nucleus among this many likeliest tokens first: sorting a 49,152-token vocabulary took
+# 4.1 ms per row on the 2-core machine (66 ms a step at 16 rows, as long as the forward), the top 64 0.14 ms.
+NUCLEUS_CANDIDATES = 64
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p of one row of probabilities: the smallest set of the likeliest tokens whose mass reaches ``top_p``
+    (the likeliest always stays), as (their probabilities, their ids), likeliest first.
+
+    Exactly the set a full sort finds: when the ``NUCLEUS_CANDIDATES`` likeliest tokens hold ``top_p`` the set
+    ends among them; otherwise (a flat distribution) the whole row is sorted.
+    """
+    if probs.shape[-1] > NUCLEUS_CANDIDATES:
+        ordered, ids = torch.topk(probs, NUCLEUS_CANDIDATES)
+        # The same running sum the cut below uses, so that "the set ends among them" is decided consistently.
+        if float(ordered.cumsum(-1)[-1]) < top_p:
+            ordered, ids = torch.sort(probs, descending=True)
+    else:
+        ordered, ids = torch.sort(probs, descending=True)
+    keep = ordered.cumsum(-1) - ordered < top_p
+    return ordered[keep], ids[keep]
+
+
+def draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One index drawn with probability proportional to ``weights`` (1-D, not negative, not all zero).
+
+    By the inverse of the cumulative sum (in float64): ``torch.multinomial`` took 1.3 ms over a 49,152-token row on
+    the 2-core machine, this 0.05 ms. A zero weight is never drawn: its running sum equals the one before it, and
+    the first running sum above the uniform draw is taken.
+    """
+    totals = weights.double().cumsum(-1)
+    point = torch.rand(1, generator=generator, dtype=torch.float64) * totals[-1]
+    index = int(torch.searchsorted(totals, point, right=True))
+    if index >= totals.shape[-1]:  # the draw rounded up to the total: the last index with any weight
+        index = int(torch.searchsorted(totals, totals[-1:], right=False))
+    return index
+
 
 _ANY_OBJECT = '{"type": "object"}'
 
@@ -460,12 +497,10 @@ class ContinuousBatcher:
                 scores = scores.masked_fill(scores < kth, float("-inf"))
             probs = torch.softmax(scores, dim=-1)
             if sampling.top_p < 1.0:
-                ordered, order = torch.sort(probs, descending=True)
-                # Keep the smallest set whose mass reaches top_p (the first token always stays).
-                drop = ordered.cumsum(-1) - ordered >= sampling.top_p
-                ordered = ordered.masked_fill(drop, 0.0)
-                probs = torch.zeros_like(probs).scatter_(0, order, ordered)
-            tokens.append(int(torch.multinomial(probs, 1, generator=sequence.generator)))
+                kept, ids = nucleus(probs, sampling.top_p)
+                tokens.append(int(ids[draw(kept, sequence.generator)]))
+            else:
+                tokens.append(draw(probs, sequence.generator))
         return tokens
 
     def _advance(self, sequences: Sequence[_Sequence], tokens: list[int], offset: int) -> None:
