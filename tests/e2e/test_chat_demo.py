@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,26 +150,31 @@ def test_the_alias_history_holds_the_online_gate_decision_with_its_numbers(chat_
 
 
 def test_labeling_made_an_item_of_every_piece_of_feedback_the_users_sent(chat_demo: ChatDemoRun) -> None:
-    """Every thumbs-down is a chat item to review and every regenerate a preference pair, on either version's
-    replies (feedback on the DPO model, whose lineage names the preference project, goes to the chat project that
-    feeds it)."""
+    """Every thumbs-down is a chat item to review, every regenerate a preference pair and every edit both (a chat
+    item ending with the edit, and a pair of the edit over the reply), on either version's replies (feedback on the
+    DPO model, whose lineage names the preference project, goes to the chat project that feeds it)."""
     s = chat_demo.summary
     feedback = s["feedback"]
     assert feedback["sent"] == sum(feedback["by_kind"].values())
     assert feedback["sent"] == sum(n for kinds in feedback["kinds_by_version"].values() for n in kinds.values())
     downs = sum(kinds.get("thumbs_down", 0) for kinds in feedback["kinds_by_version"].values())
     regenerates = sum(kinds.get("regenerate", 0) for kinds in feedback["kinds_by_version"].values())
+    edits = sum(kinds.get("edit", 0) for kinds in feedback["kinds_by_version"].values())
+    wanted = {"thumbs_down": downs, "edit": edits}, {"regenerate": regenerates, "edit": edits}
     with chat_demo.client() as gm:
         deadline = time.monotonic() + 60
         while True:  # the last events may still be on their way
             reviews = feedback_items(gm, s["project"])
             pairs = feedback_items(gm, s["preference_project"])
-            if (len(reviews), len(pairs)) == (downs, regenerates) or time.monotonic() > deadline:
+            got = (
+                dict(Counter(i.metadata["feedback_kind"] for i in reviews)),
+                dict(Counter(i.metadata["feedback_kind"] for i in pairs)),
+            )
+            if got == tuple({k: n for k, n in w.items() if n} for w in wanted) or time.monotonic() > deadline:
                 break
             time.sleep(1)
-    assert len(reviews) == downs and len(pairs) == regenerates, (len(reviews), len(pairs), downs, regenerates)
-    assert {i.metadata["feedback_kind"] for i in reviews} == {"thumbs_down"}
-    assert {i.metadata["feedback_kind"] for i in pairs} == {"regenerate"}
+    assert got == tuple({k: n for k, n in w.items() if n} for w in wanted), (got, wanted)
+    assert regenerates + edits >= 24
     assert len({i.metadata["request_id"] for i in pairs}) == len(pairs)
     # The preference version the demo published holds the pairs that existed then, each ranked by the user.
     assert (

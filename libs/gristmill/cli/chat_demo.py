@@ -11,7 +11,8 @@ import, annotate, publish, chat, give feedback) and waits on the platform's even
    ``json_valid`` and ``json_match_sentiment``) moves ``candidate``, and the online gate makes the first version
    ``production`` at once; a deployment follows ``production``;
 3. simulated users chat through the OpenAI-compatible HTTP API and give feedback by a fixed rule (thumbs down
-   when the reply is not the JSON they want, a regenerate keeping the better of two replies); labeling turns
+   when the reply is not the JSON they want, a regenerate keeping the better of two replies, and an edit of
+   the better one into the answer wanted when both were bad); labeling turns
    the feedback into preference pairs, which the demo publishes, as a person would, once there are enough;
 4. that starts the DPO auto-train job (from the SFT job's merged model, imported as a base model), the registry
    registers the next adapter, the offline gate moves ``candidate``, serving sends it a share of the traffic
@@ -30,7 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -65,7 +66,9 @@ MERGED_DIR = "merged"
 SHOWN_METRICS = ("json_valid", "json_match_sentiment", "rouge_l", "reward_accuracy")
 # Feedback the online gate counts as positive / negative (OnlineTest's documentation).
 POSITIVE_KINDS = ("thumbs_up",)
-NEGATIVE_KINDS = ("thumbs_down", "regenerate")
+NEGATIVE_KINDS = ("thumbs_down", "regenerate", "edit")
+# Feedback that labeling turns into a preference pair (services/labeling/gristmill/labeling/domain/feedback.py).
+PAIR_KINDS = ("regenerate", "edit")
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,9 @@ class ChatDemoOptions:
     min_json_valid: float | None = None
     min_json_match: float | None = None
     canary_weight: float = 0.2
-    users: int = 4
+    # Users chatting at once (0: 4 with --tiny, else 16: SmolLM2's replies come from batched decoding, which
+    # needs requests in flight to batch).
+    users: int = 0
     seed: int = 7
     timeout_s: float = 900.0
     suffix: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
@@ -98,11 +103,15 @@ class ChatDemoOptions:
 
     @property
     def pair_count(self) -> int:
-        return int(self.pick(self.pairs, 24, 48))
+        return int(self.pick(self.pairs, 24, 24))
 
     @property
     def feedback_needed(self) -> int:
-        return int(self.pick(self.min_feedback, 20, 40))
+        return int(self.pick(self.min_feedback, 20, 20))
+
+    @property
+    def user_count(self) -> int:
+        return int(self.pick(self.users, 4, 16))
 
     @property
     def json_valid_floor(self) -> float:
@@ -179,15 +188,15 @@ class Reply:
 class FeedbackLedger:
     """What the simulated users sent (thread-safe): feedback by kind and by the version of the reply it names, and
     each reply's verdict as the online gate counts it (one per reply, its latest feedback: a thumbs up positive, a
-    thumbs down or a regenerate negative)."""
+    thumbs down, a regenerate or an edit negative, as the registry's online gate counts them)."""
 
     conversations: int = 0
     requests: int = 0
     sent: dict[str, int] = field(default_factory=dict)
     kinds_by_version: dict[int, dict[str, int]] = field(default_factory=dict)
     verdicts: dict[str, tuple[int, bool]] = field(default_factory=dict)
-    # request ids of the regenerates (each made a preference pair), oldest first.
-    regenerated: list[str] = field(default_factory=list)
+    # request ids of the regenerates and edits (each made a preference pair), oldest first.
+    paired: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, version: int, kind: str, request_id: str) -> None:
@@ -197,8 +206,8 @@ class FeedbackLedger:
             kinds[kind] = kinds.get(kind, 0) + 1
             if kind in POSITIVE_KINDS or kind in NEGATIVE_KINDS:
                 self.verdicts[request_id] = (version, kind in POSITIVE_KINDS)
-            if kind == "regenerate":
-                self.regenerated.append(request_id)
+            if kind in PAIR_KINDS:
+                self.paired.append(request_id)
 
     def replies_judged(self) -> set[str]:
         with self.lock:
@@ -223,8 +232,9 @@ class FeedbackLedger:
 
 class SimulatedUsers:
     """Users of the assistant through the OpenAI-compatible HTTP API, with OpenAI's own client. Each asks once,
-    judges the reply (``chat_demo_data.judge``): thumbs up, or thumbs down, a regenerate, and the better of the
-    two replies kept (feedback ``regenerate`` on the first reply)."""
+    judges the reply (``chat_demo_data.judge``): thumbs up, or thumbs down and a regenerate; when the second reply
+    is good, the better of the two is kept (feedback ``regenerate`` on the first reply), and when both are bad, the
+    better one is edited into the answer wanted (feedback ``edit`` on it). Each makes a preference pair."""
 
     def __init__(
         self,
@@ -310,10 +320,15 @@ class SimulatedUsers:
             better = data.quality(second.text, prompt.reference, self.keys) > data.quality(
                 first.text, prompt.reference, self.keys
             )
-            kept, discarded = (second.text, first.text) if better else (first.text, second.text)
+            kept, discarded = (second, first) if better else (first, second)
+            if not data.judge(kept.text, prompt.reference, self.keys):
+                # Two bad replies: the user fixes the better one into the answer wanted (an edit: labeling pairs the
+                # fix over that reply). A pair of two wrong replies would teach a wrong answer, and be the wrong
+                # reference when training scores its test split.
+                self.feedback(kept, "edit", edited_reply=prompt.reference)
             # Two replies to compare: serving refuses a regenerate with an empty one, labeling makes no pair of twins.
-            if kept.strip() and discarded.strip() and kept.strip() != discarded.strip():
-                self.feedback(first, "regenerate", kept_reply=kept, discarded_reply=discarded)
+            elif kept.text.strip() and discarded.text.strip() and kept.text.strip() != discarded.text.strip():
+                self.feedback(first, "regenerate", kept_reply=kept.text, discarded_reply=discarded.text)
         with self.ledger.lock:
             self.ledger.conversations += 1
 
@@ -324,25 +339,28 @@ class SimulatedUsers:
         done: Callable[[], bool],
         *,
         workers: int,
-        batch: int,
         max_conversations: int,
         what: str,
     ) -> int:
-        """Users chat ``batch`` conversations at a time (``workers`` at once, each in the demo's trace) until
-        ``done()``; returns how many conversations that took. ``route`` picks each one's deployment."""
+        """Users chat, ``workers`` conversations at once (each in the demo's trace), until ``done()``; returns how
+        many conversations that took. ``route`` picks each one's deployment. A user starts a new conversation as
+        soon as one ends (no waiting for the slowest of a round), so serving always has ``workers`` to batch."""
         rng = random.Random(self.seed)
         count = 0
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sim-user") as pool:
+            running: set[Future[None]] = set()
             while not done():
-                if count >= max_conversations:
-                    raise FailedPreconditionError(f"{what}: not reached after {count} conversations")
-                jobs = []
-                for _ in range(batch):
+                while len(running) < workers and count < max_conversations:
                     ctx = contextvars.copy_context()
-                    jobs.append(pool.submit(ctx.run, self.converse, route(rng), next(prompts)))
-                for job in jobs:
+                    running.add(pool.submit(ctx.run, self.converse, route(rng), next(prompts)))
+                    count += 1
+                if not running:
+                    raise FailedPreconditionError(f"{what}: not reached after {count} conversations")
+                ended, running = wait(running, return_when=FIRST_COMPLETED)
+                for job in ended:
                     job.result()
-                count += batch
+            for job in running:  # the conversations under way end as their users would; their feedback counts
+                job.result()
         return count
 
 
@@ -554,7 +572,7 @@ class ChatDemo:
                 "Demo assistant preferences",
                 [],
                 project_id=self.preference_id,
-                description="gristmill chat demo: preference pairs from users' regenerates",
+                description="gristmill chat demo: preference pairs from users' regenerates and edits",
                 task="preference",
                 cleaning=cleaning,
             )
@@ -625,7 +643,7 @@ class ChatDemo:
         if o.tiny:
             epochs, rate = (5, 1e-2) if dpo else (20, 2e-2)
         else:
-            epochs, rate = (1, 2e-4) if dpo else (2, 5e-4)
+            epochs, rate = (1, 2e-4) if dpo else (1, 5e-4)
         spec = job_spec(
             project_id=project,
             dataset_version_id="",
@@ -954,16 +972,15 @@ class ChatDemo:
         users.chat_until(
             lambda rng: self.deployment,
             prompts,
-            lambda: len(users.ledger.regenerated) >= needed,
-            workers=o.users,
-            batch=o.users * 2,
+            lambda: len(users.ledger.paired) >= needed,
+            workers=o.user_count,
             max_conversations=needed * 40,
-            what=f"{needed} regenerates (the users liked almost every reply: lower --pairs)",
+            what=f"{needed} regenerates or edits (the users liked almost every reply: lower --pairs)",
         )
-        sent = len(users.ledger.regenerated)
+        sent = len(users.ledger.paired)
         # Exact duplicates are dropped by labeling's import: expect most, not all, of what was sent.
         return wait_until(
-            f"labeling to turn {sent} regenerates into {needed} preference pairs",
+            f"labeling to turn {sent} regenerates and edits into {needed} preference pairs",
             lambda: pairs if (pairs := self._preference_pairs()) >= needed else None,
             self._left(),
         )
@@ -996,8 +1013,7 @@ class ChatDemo:
             route,
             prompts,
             decided,
-            workers=o.users,
-            batch=o.users * 2,
+            workers=o.user_count,
             max_conversations=limit,
             what="the online gate's decision",
         )
@@ -1046,7 +1062,7 @@ class ChatDemo:
         }
 
     def _lineage(self, ledger: FeedbackLedger, pref_version: dict[str, Any], dpo_job_id: str) -> dict[str, Any]:
-        """From one user's regenerate (its request id) to the preference item it made, the published version's
+        """From one user's regenerate or edit (its request id) to the preference item it made, the published version's
         rows that hold it, the DPO job started by that version and the registered adapter it produced."""
         items: dict[str, lb.Item] = {}
         token = ""
@@ -1062,10 +1078,10 @@ class ChatDemo:
             token = page.next_page_token
             if not token:
                 break
-        request_id = next((r for r in ledger.regenerated if r in items), "")
+        request_id = next((r for r in ledger.paired if r in items), "")
         if not request_id:
             raise FailedPreconditionError(
-                f"no preference item of {self.preference_id} names a regenerate the users sent"
+                f"no preference item of {self.preference_id} names a regenerate or edit the users sent"
             )
         item = items[request_id]
         rows = self._exported_ids(pref_version)

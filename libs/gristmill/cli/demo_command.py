@@ -114,10 +114,8 @@ def demo_command(
     ),
     epochs: int | None = typer.Option(None, help="training epochs (default 5; chat: per objective)"),
     uncertainty: float = typer.Option(0.99, help="predictions less sure than this go back to labeling"),
-    pairs: int = typer.Option(0, help="chat: preference pairs before the demo publishes them (0: 24 --tiny, else 48)"),
-    min_feedback: int = typer.Option(
-        0, help="chat: feedback per version before the online gate decides (0: 20 --tiny, else 40)"
-    ),
+    pairs: int = typer.Option(0, help="chat: preference pairs before the demo publishes them (0: 24)"),
+    min_feedback: int = typer.Option(0, help="chat: feedback per version before the online gate decides (0: 20)"),
     canary_weight: float = typer.Option(0.2, help="chat: the candidate's share of the traffic, in (0, 1)"),
     min_json_valid: float | None = typer.Option(
         None, help="chat: the offline gate's json_valid/test floor (default 0 --tiny, else 0.9)"
