@@ -87,7 +87,7 @@ class ChatDemoOptions:
     min_json_valid: float | None = None
     min_json_match: float | None = None
     canary_weight: float = 0.2
-    # Users chatting at once (0: 4 with --tiny, else 16: SmolLM2's replies come from batched decoding, which
+    # Users chatting at once (0: 4 with --tiny, else 32: SmolLM2's replies come from batched decoding, which
     # needs requests in flight to batch).
     users: int = 0
     seed: int = 7
@@ -111,7 +111,7 @@ class ChatDemoOptions:
 
     @property
     def user_count(self) -> int:
-        return int(self.pick(self.users, 4, 16))
+        return int(self.pick(self.users, 4, 32))
 
     @property
     def json_valid_floor(self) -> float:
