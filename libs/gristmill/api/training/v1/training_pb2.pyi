@@ -330,6 +330,7 @@ class JobSpec(_message.Message):
     JSON_MATCH_KEYS_FIELD_NUMBER: _builtins.int
     PRUNING_FIELD_NUMBER: _builtins.int
     DISTILLATION_FIELD_NUMBER: _builtins.int
+    EVALUATION_DATASET_VERSION_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     """Human-readable name shown in listings."""
     task: _common_pb2.TaskType.ValueType
@@ -426,6 +427,18 @@ class JobSpec(_message.Message):
         ["distillation.temperature"], ["distillation.weight"] and ["distillation.hidden_weight"].
         """
 
+    @_builtins.property
+    def evaluation_dataset_version(self) -> _common_pb2.DatasetVersionRef:
+        """SFT and DPO: a published chat (SFT) dataset version whose test split the generation evaluation
+        replies to instead of this job's own (exact_match, rouge_l, json_valid, json_match_<key>; the
+        loss and DPO's reward metrics stay on the job's own splits). Every version of a model can then
+        be scored on the same conversations: a DPO job's own test pairs are the prompts users disliked
+        replies to, which a floor set for representative conversations does not fit. The lineage's
+        hyper-parameters name it ("evaluation_dataset_version"). With objective CLASSIFY
+        INVALID_ARGUMENT, a version that is missing NOT_FOUND, one that is not a chat version or has no
+        test rows FAILED_PRECONDITION, each naming spec.evaluation_dataset_version.
+        """
+
     def __init__(
         self,
         *,
@@ -447,10 +460,11 @@ class JobSpec(_message.Message):
         json_match_keys: _abc.Iterable[_builtins.str] | None = ...,
         pruning: Global___Pruning | None = ...,
         distillation: Global___Distillation | None = ...,
+        evaluation_dataset_version: _common_pb2.DatasetVersionRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "dataset_version", b"dataset_version", "distillation", b"distillation", "dpo", b"dpo", "hyper_parameters", b"hyper_parameters", "lora", b"lora", "pruning", b"pruning", "resources", b"resources", "search", b"search"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "dataset_version", b"dataset_version", "distillation", b"distillation", "dpo", b"dpo", "evaluation_dataset_version", b"evaluation_dataset_version", "hyper_parameters", b"hyper_parameters", "lora", b"lora", "pruning", b"pruning", "resources", b"resources", "search", b"search"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "chat_template", b"chat_template", "dataset_version", b"dataset_version", "display_name", b"display_name", "distillation", b"distillation", "dpo", b"dpo", "hyper_parameters", b"hyper_parameters", "json_match_keys", b"json_match_keys", "lora", b"lora", "method", b"method", "objective", b"objective", "pruning", b"pruning", "publish_merged", b"publish_merged", "registered_model_name", b"registered_model_name", "resources", b"resources", "search", b"search", "tags", b"tags", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "chat_template", b"chat_template", "dataset_version", b"dataset_version", "display_name", b"display_name", "distillation", b"distillation", "dpo", b"dpo", "evaluation_dataset_version", b"evaluation_dataset_version", "hyper_parameters", b"hyper_parameters", "json_match_keys", b"json_match_keys", "lora", b"lora", "method", b"method", "objective", b"objective", "pruning", b"pruning", "publish_merged", b"publish_merged", "registered_model_name", b"registered_model_name", "resources", b"resources", "search", b"search", "tags", b"tags", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -145,18 +145,24 @@ def base_model_from_proto(ref: common_pb2.BaseModelRef, field_name: str = "base_
     )
 
 
+def dataset_from_proto(ref: common_pb2.DatasetVersionRef, field_name: str = "dataset_version") -> DatasetRef:
+    """A dataset version reference, with the manifest's checksum when it names one (a resolved spec's)."""
+    dataset = d.build_dataset(
+        project_id=ref.project_id, dataset_version_id=ref.dataset_version_id, field_name=field_name
+    )
+    if ref.HasField("manifest") and ref.manifest.key:
+        m = ref.manifest
+        dataset = DatasetRef(
+            dataset.project_id, dataset.dataset_version_id, FileRef(m.key, m.sha256.lower(), m.size_bytes)
+        )
+    return dataset
+
+
 def spec_from_proto(spec: pb.JobSpec, *, require_dataset: bool = True) -> d.JobSpec:
     method = _enum(_METHOD_FROM_PB, spec.method, "spec.method")
     base = base_model_from_proto(spec.base_model)
     if require_dataset:
-        dataset = d.build_dataset(
-            project_id=spec.dataset_version.project_id, dataset_version_id=spec.dataset_version.dataset_version_id
-        )
-        if spec.dataset_version.HasField("manifest") and spec.dataset_version.manifest.key:
-            m = spec.dataset_version.manifest
-            dataset = DatasetRef(
-                dataset.project_id, dataset.dataset_version_id, FileRef(m.key, m.sha256.lower(), m.size_bytes)
-            )
+        dataset = dataset_from_proto(spec.dataset_version)
     else:
         dataset = DatasetRef(project_id="", dataset_version_id="")
     lora = d.build_lora(
@@ -255,6 +261,11 @@ def spec_from_proto(spec: pb.JobSpec, *, require_dataset: bool = True) -> d.JobS
             temperature=spec.distillation.temperature,
             weight=spec.distillation.weight if spec.distillation.HasField("weight") else None,
             hidden_weight=spec.distillation.hidden_weight if spec.distillation.HasField("hidden_weight") else None,
+        ),
+        evaluation_dataset=(
+            dataset_from_proto(spec.evaluation_dataset_version, "evaluation_dataset_version")
+            if spec.HasField("evaluation_dataset_version")
+            else None
         ),
     )
 
@@ -394,6 +405,8 @@ def spec_to_proto(spec: d.JobSpec) -> pb.JobSpec:
     )
     if spec.dataset.project_id:
         out.dataset_version.CopyFrom(dataset_to_proto(spec.dataset))
+    if spec.evaluation_dataset is not None:
+        out.evaluation_dataset_version.CopyFrom(dataset_to_proto(spec.evaluation_dataset))
     if hp.max_steps is not None:
         out.hyper_parameters.max_steps = hp.max_steps
     if spec.lora is not None:

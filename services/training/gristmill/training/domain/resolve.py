@@ -70,6 +70,7 @@ from gristmill.training.domain.spec import (
     Pruning,
     TaskType,
     check_compression,
+    check_evaluation_dataset,
     check_few_labels,
     check_fsdp,
     check_json_match_keys,
@@ -202,7 +203,7 @@ class DatasetCatalog:
     def __init__(self, objects: ObjectStore) -> None:
         self._objects = objects
 
-    def _manifest(self, ref: DatasetRef) -> tuple[DatasetManifest, FileRef]:
+    def _manifest(self, ref: DatasetRef, field_name: str = "dataset_version") -> tuple[DatasetManifest, FileRef]:
         key = (
             ref.manifest.key
             if ref.manifest is not None
@@ -216,7 +217,7 @@ class DatasetCatalog:
             raise NotFoundError(
                 f"dataset version {name} not found: no manifest at {key!r}; publish the version in the labeling "
                 "service first",
-                details={"field": "spec.dataset_version"},
+                details={"field": f"spec.{field_name}"},
             ) from None
         except DataIntegrityError as exc:
             raise DataIntegrityError(f"dataset version {name}: {exc.message}") from None
@@ -284,6 +285,30 @@ class DatasetCatalog:
             manifest=manifest,
             splits=splits,
         )
+
+    def resolve_evaluation(self, ref: DatasetRef) -> tuple[DatasetRef, list[Any]]:
+        """``spec.evaluation_dataset_version``: a chat version (SFT rows) with test rows, read and verified; its
+        reference with the manifest's checksum, and the test split's conversations."""
+        field_name = "evaluation_dataset_version"
+        manifest, manifest_ref = self._manifest(ref, field_name)
+        name = f"spec.{field_name} {ref.project_id}/{ref.dataset_version_id}"
+        if manifest.task_type != TaskType.CHAT.value:
+            raise FailedPreconditionError(
+                f"{name} is a {manifest.task_type} version; the generation evaluation replies to chat conversations: "
+                "name a chat project's version",
+                details={"field": f"spec.{field_name}"},
+            )
+        test = self.load(manifest).examples.get("test", [])
+        if not test:
+            raise FailedPreconditionError(
+                f"{name} has no test rows to reply to: publish it with a test split",
+                details={"field": f"spec.{field_name}"},
+            )
+        return replace(ref, manifest=manifest_ref), test
+
+    def evaluation_examples(self, ref: DatasetRef) -> list[Any]:
+        """The test conversations of a resolved ``spec.evaluation_dataset_version``, verified again."""
+        return self.resolve_evaluation(ref)[1]
 
     def load_ref(self, ref: DatasetRef) -> tuple[DatasetSplits, tuple[FileRef, ...]]:
         """The rows and files of a resolved version, verified again (the manifest against ``ref``'s checksum)."""
@@ -567,7 +592,12 @@ class SpecResolver:
         task = self._objective_task(spec)
         self._check_objective_fields(spec, task)
         base, _, lora = self._resolve_model(spec, task, None, organization_id)
-        return replace(spec, base_model=base.ref, lora=lora)
+        evaluation = spec.evaluation_dataset
+        if evaluation is not None:
+            # Checked now (a policy naming a version that is missing fails when it is set, not at every publish);
+            # each job reads it again, checksums pinned to what was read here.
+            evaluation, _ = self._datasets.resolve_evaluation(evaluation)
+        return replace(spec, base_model=base.ref, lora=lora, evaluation_dataset=evaluation)
 
     def resolve(self, spec: JobSpec, organization_id: str = "") -> ResolvedJob:
         # Cheap checks first: nothing is read when the cluster could never run the job.
@@ -616,6 +646,9 @@ class SpecResolver:
             side[PARAPHRASER] = self._resolve_paraphraser(few.paraphrase_model, organization_id)
             few = replace(few, paraphrase_model=side[PARAPHRASER].ref)
             spec = replace(spec, hyper_parameters=replace(spec.hyper_parameters, few_labels=few))
+        evaluation = spec.evaluation_dataset
+        if evaluation is not None:
+            evaluation, _ = self._datasets.resolve_evaluation(evaluation)
         chat_template = spec.chat_template or (info.chat_template if task.uses_chat_template else "")
         self._inspector.check_examples(
             base.local_dir,
@@ -642,6 +675,7 @@ class SpecResolver:
             chat_template=chat_template,
             # DPO's settings with their defaults, so that GetJob and the lineage show the beta trained with.
             dpo=(spec.dpo or DpoSettings()) if task.objective is Objective.DPO else None,
+            evaluation_dataset=evaluation,
         )
         return ResolvedJob(spec=effective, dataset=dataset, base_model=base, model_info=info, side_models=side)
 
@@ -708,6 +742,8 @@ class SpecResolver:
             raise dpo_without_dpo(task.objective)
         if spec.json_match_keys:
             check_json_match_keys(task.objective)
+        if spec.evaluation_dataset is not None:
+            check_evaluation_dataset(task.objective)
 
 
 def _hidden_weight(given: float | None, base: ModelInfo, teacher: ModelInfo) -> float:

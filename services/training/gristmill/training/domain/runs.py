@@ -5,7 +5,7 @@ Ray: tests) implement it."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,6 +52,8 @@ class RunRequest:
     model_files: Mapping[str, FileEntry] = field(default_factory=dict)
     # The models the run uses besides its base, by role (``spec.side_models``).
     side_models: Mapping[str, SideModel] = field(default_factory=dict)
+    # ``spec.evaluation_dataset_version``'s test conversations (None: the generation evaluation uses the job's own).
+    generation_examples: Sequence[Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -288,6 +288,8 @@ class JobSpec:
     pruning: Pruning | None = None
     # CLASSIFY: the loss also learns a teacher's predictions; None: the labels only.
     distillation: Distillation | None = None
+    # SFT and DPO: a chat version whose test split the generation evaluation replies to (None: the job's own).
+    evaluation_dataset: DatasetRef | None = None
 
     @property
     def project_id(self) -> str:
@@ -331,11 +333,12 @@ def build_base_model(
     )
 
 
-def build_dataset(*, project_id: str, dataset_version_id: str) -> DatasetRef:
+def build_dataset(*, project_id: str, dataset_version_id: str, field_name: str = "dataset_version") -> DatasetRef:
+    """``field_name``: the spec field holding the reference (``evaluation_dataset_version`` is one too)."""
     if not project_id or not dataset_version_id:
-        raise _bad("dataset_version", "is required: set project_id and dataset_version_id")
-    validate_id(project_id, what="spec.dataset_version.project_id")
-    validate_id(dataset_version_id, what="spec.dataset_version.dataset_version_id")
+        raise _bad(field_name, "is required: set project_id and dataset_version_id")
+    validate_id(project_id, what=f"spec.{field_name}.project_id")
+    validate_id(dataset_version_id, what=f"spec.{field_name}.dataset_version_id")
     return DatasetRef(project_id=project_id, dataset_version_id=dataset_version_id)
 
 
@@ -724,6 +727,7 @@ def build_spec(
     json_match_keys: Sequence[str] = (),
     pruning: Pruning | None = None,
     distillation: Distillation | None = None,
+    evaluation_dataset: DatasetRef | None = None,
 ) -> JobSpec:
     """Cross-field rules, once every part was built. What needs the dataset version (the objective's task type
     when the spec names neither, the chat template of the base model) is checked when the spec is resolved."""
@@ -761,6 +765,8 @@ def build_spec(
         check_search_objective(search, known)
     if json_match_keys and known is not None:
         check_json_match_keys(known)
+    if evaluation_dataset is not None and known is not None:
+        check_evaluation_dataset(known)
     if registered_model_name:
         validate_id(registered_model_name, what="spec.registered_model_name")
     if len(tags) > MAX_TAGS:
@@ -793,6 +799,7 @@ def build_spec(
         json_match_keys=tuple(json_match_keys),
         pruning=pruning,
         distillation=distillation,
+        evaluation_dataset=evaluation_dataset,
     )
 
 
@@ -898,6 +905,17 @@ def check_json_match_keys(objective: Objective) -> None:
         )
 
 
+def check_evaluation_dataset(objective: Objective) -> None:
+    """``spec.evaluation_dataset_version`` is replied to by the generation evaluation: generative objectives only."""
+    if objective not in GENERATIVE_OBJECTIVES:
+        generative = ", ".join(sorted(o.value for o in GENERATIVE_OBJECTIVES))
+        raise _bad(
+            "evaluation_dataset_version",
+            f"is the conversations the generation evaluation replies to, so it is only for generative objectives "
+            f"({generative}); objective {objective.value} generates no text: remove it",
+        )
+
+
 def qlora_needs_gpus(why: str) -> FailedPreconditionError:
     return FailedPreconditionError(
         f"spec.method TRAINING_METHOD_QLORA needs CUDA GPUs (bitsandbytes 4-bit kernels) and {why}; set "
@@ -970,6 +988,9 @@ def flatten_hyper_parameters(spec: JobSpec) -> dict[str, str]:
         flat["distillation.weight"] = repr(spec.distillation.weight)
         if spec.distillation.hidden_weight is not None:
             flat["distillation.hidden_weight"] = repr(spec.distillation.hidden_weight)
+    if spec.evaluation_dataset is not None:
+        ev = spec.evaluation_dataset
+        flat["evaluation_dataset_version"] = f"{ev.project_id}/{ev.dataset_version_id}"
     few = hp.few_labels
     if few.augmentation_copies:
         flat["few_labels.augmentation_copies"] = str(few.augmentation_copies)

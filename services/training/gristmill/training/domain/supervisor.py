@@ -393,6 +393,11 @@ class JobSupervisor:
             model_dir=base.local_dir,
             model_files=base.files,
             side_models=side_models,
+            generation_examples=(
+                None
+                if job.spec.evaluation_dataset is None
+                else self._datasets.evaluation_examples(job.spec.evaluation_dataset)
+            ),
         )
         outcome = self._runner.run(request, recorder, run.cancel)
         try:

@@ -130,6 +130,9 @@ class LoopConfig:
     publish_merged: bool = False
     # Generative objectives: the top-level JSON keys the generation evaluation compares (json_match_<key>).
     json_match_keys: tuple[str, ...] = ()
+    # Generative objectives: conversations (chat rows) the generation evaluation replies to instead of the test
+    # split's examples (``spec.evaluation_dataset_version``); None: the test split's.
+    generation_examples: Sequence[Any] | None = None
     # The base model's files in the object store, and the store: a worker on a node without ``model_dir`` fetches
     # them (``node_files.node_model_dir``). Empty / None: ``model_dir`` is read where the worker runs.
     model_files: Mapping[str, FileEntry] = field(default_factory=dict)
@@ -862,10 +865,19 @@ class LoopRunner:
         rank replying to its share (``solo``: this rank to all), and this rank's sample generations."""
         if not isinstance(self.task, GeneratesText):
             return {}, []
-        examples = self.cfg.examples.get("test", [])[:GENERATION_EXAMPLES]
-        evaluation = self.task.generation_evaluation(
-            self.tokenizer, self.device, self._autocast, json_match_keys=self.cfg.json_match_keys
-        )
+        if self.cfg.generation_examples is not None:
+            from gristmill.training.ml.chat import ChatGenerationEvaluation
+
+            # Another version's chat rows: conversations as they are, whatever this job's own examples are.
+            examples = list(self.cfg.generation_examples)[:GENERATION_EXAMPLES]
+            evaluation: Any = ChatGenerationEvaluation(
+                self.tokenizer, self.device, self._autocast, json_match_keys=self.cfg.json_match_keys
+            )
+        else:
+            examples = self.cfg.examples.get("test", [])[:GENERATION_EXAMPLES]
+            evaluation = self.task.generation_evaluation(
+                self.tokenizer, self.device, self._autocast, json_match_keys=self.cfg.json_match_keys
+            )
         rank, world = (0, 1) if solo else (self.rank, self.world)
         model.eval()
         with torch.inference_mode():

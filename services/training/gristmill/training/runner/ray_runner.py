@@ -511,6 +511,7 @@ class RayJobRunner:
             dpo=spec.dpo,
             publish_merged=spec.publish_merged,
             json_match_keys=spec.json_match_keys,
+            generation_examples=request.generation_examples,
             pruning=spec.pruning,
             distillation=spec.distillation,
             side_models=dict(request.side_models),
