@@ -498,8 +498,11 @@ class ChatDemo:
             note["detail"] = f"{self._deploy(v1['version'])}; OpenAI API {self.openai_url}"
 
         with self._step("DPO base: the SFT job's merged model; DPO auto-train on the preference project") as note:
-            dpo_base = self._dpo_base(sft["id"], sft["artifact_prefix"], sft["files"])
-            note["detail"] = f"base model {dpo_base}; DPO LoRA when {self.preference_id} publishes"
+            dpo_base = self._dpo_base(sft["id"], sft["artifact_prefix"], sft["files"], chat_version)
+            note["detail"] = (
+                f"base model {dpo_base}; DPO LoRA when {self.preference_id} publishes, its replies scored on "
+                f"{chat_version['project']} v{chat_version['number']}'s test conversations"
+            )
 
         users = SimulatedUsers(
             self.openai_url, self.api_key, self.tls, self.keys, max_tokens=self._max_tokens(), seed=o.seed
@@ -914,9 +917,11 @@ class ChatDemo:
         wanted = ", ".join(f"v{v}" for v in sorted(versions))
         wait_until(f"deployment {name} to serve {wanted}", loaded, self._left())
 
-    def _dpo_base(self, sft_job_id: str, artifact_prefix: str, files: list[str]) -> str:
+    def _dpo_base(self, sft_job_id: str, artifact_prefix: str, files: list[str], chat_version: dict[str, Any]) -> str:
         """Import the SFT job's merged model as a base model (the DPO job starts from it and keeps it as its
-        reference), then set the preference project's DPO auto-train policy on it."""
+        reference), then set the preference project's DPO auto-train policy on it, scored on the chat version's test
+        conversations as the SFT version was: the preference version's own test pairs are prompts the users disliked
+        a reply to, where the offline gate's floors would be a coin toss."""
         merged = f"{artifact_prefix.rstrip('/')}/{MERGED_DIR}"
         if f"{merged}/config.json" not in files:
             raise FailedPreconditionError(f"SFT job {sft_job_id} published no merged model under {merged}/")
@@ -930,15 +935,12 @@ class ChatDemo:
             ),
             timeout=IMPORT_TIMEOUT_S,
         )
+        template = self._template(project=self.preference_id, base_model_name=imported.name, objective="dpo")
+        template.evaluation_dataset_version.project_id = chat_version["project"]
+        template.evaluation_dataset_version.dataset_version_id = chat_version["id"]
         self.gm.training.SetAutoTrainPolicy(
             tr.SetAutoTrainPolicyRequest(
-                policy=tr.AutoTrainPolicy(
-                    project_id=self.preference_id,
-                    enabled=True,
-                    job_template=self._template(
-                        project=self.preference_id, base_model_name=imported.name, objective="dpo"
-                    ),
-                )
+                policy=tr.AutoTrainPolicy(project_id=self.preference_id, enabled=True, job_template=template)
             )
         )
         return imported.name
