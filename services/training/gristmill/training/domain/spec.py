@@ -894,26 +894,25 @@ def check_fsdp(method: Method, objective: Objective | None) -> None:
         )
 
 
-def check_json_match_keys(objective: Objective) -> None:
-    """``spec.json_match_keys`` scores generated replies: generative objectives only."""
+def check_generative_field(field_name: str, what: str, objective: Objective) -> None:
+    """A field for generated replies (``what`` it is, e.g. "scores generated replies"): generative objectives only."""
     if objective not in GENERATIVE_OBJECTIVES:
         generative = ", ".join(sorted(o.value for o in GENERATIVE_OBJECTIVES))
         raise _bad(
-            "json_match_keys",
-            f"scores generated replies, so it is only for generative objectives ({generative}); objective "
-            f"{objective.value} generates no text: remove it",
+            field_name,
+            f"{what}, so it is only for generative objectives ({generative}); objective {objective.value} generates "
+            "no text: remove it",
         )
+
+
+def check_json_match_keys(objective: Objective) -> None:
+    check_generative_field("json_match_keys", "scores generated replies", objective)
 
 
 def check_evaluation_dataset(objective: Objective) -> None:
-    """``spec.evaluation_dataset_version`` is replied to by the generation evaluation: generative objectives only."""
-    if objective not in GENERATIVE_OBJECTIVES:
-        generative = ", ".join(sorted(o.value for o in GENERATIVE_OBJECTIVES))
-        raise _bad(
-            "evaluation_dataset_version",
-            f"is the conversations the generation evaluation replies to, so it is only for generative objectives "
-            f"({generative}); objective {objective.value} generates no text: remove it",
-        )
+    check_generative_field(
+        "evaluation_dataset_version", "is the conversations the generation evaluation replies to", objective
+    )
 
 
 def qlora_needs_gpus(why: str) -> FailedPreconditionError:
