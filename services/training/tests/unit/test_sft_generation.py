@@ -262,3 +262,31 @@ def test_the_card_shows_the_sample_generations(tmp_path: Path) -> None:
     assert rows[1] == r"| 1 | user: repeat a\|b 0 | a\|b 0 | a b 0 &lt;b> |"
     assert "| exact_match | test | 0.2500 |" in card and "| rouge_l | test | 0.5000 |" in card
     assert {f.key.rsplit("/", 1)[-1] for f in result.files} == {"adapter_config.json", MODEL_CARD}
+
+
+def test_generate_calls_are_bounded_by_prompts_and_by_tokens(tiny_llama: Path) -> None:
+    """At most batch_size prompts a call, and at most batch_tokens of padded prompt and reply room: short prompts
+    share a call, a long one batches with fewer (one alone may exceed the bound)."""
+    tokenizer = modeling.load_tokenizer(tiny_llama)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    conversations = chat_rows(7, 3)
+    replies = {_rendered_prompt(tokenizer, m): [end] for m in conversations}
+    model = ScriptedModel(tokenizer, replies)
+    chat.ChatGenerationEvaluation(tokenizer, torch.device("cpu"), _no_autocast).add(model, conversations)
+    assert [call["shape"][0] for call in model.calls] == [7]
+    # Room for three rows of the widest prompt plus the longest reply: calls of three, three and one.
+    widest = max(len(tokenizer(_rendered_prompt(tokenizer, m), add_special_tokens=False)["input_ids"]) for m in
+                 conversations)  # fmt: skip
+    longest = max(len(tokenizer(m[-1]["content"], add_special_tokens=False)["input_ids"]) for m in conversations) + 16
+    model.calls.clear()
+    bounded = chat.ChatGenerationEvaluation(
+        tokenizer, torch.device("cpu"), _no_autocast, batch_tokens=3 * (widest + longest)
+    )
+    bounded.add(model, conversations)
+    assert [call["shape"][0] for call in model.calls] == [3, 3, 1]
+    assert all(call["shape"][0] * (call["shape"][1] + call["max_new_tokens"]) <= 3 * (widest + longest)
+               for call in model.calls)  # fmt: skip
+    model.calls.clear()
+    alone = chat.ChatGenerationEvaluation(tokenizer, torch.device("cpu"), _no_autocast, batch_tokens=1)
+    alone.add(model, conversations)
+    assert [call["shape"][0] for call in model.calls] == [1] * 7

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -254,10 +254,14 @@ class CausalLMEvaluation:
 
 
 # Generation on the test split: at most this many conversations (over all ranks), replies at most the reference's
-# length plus this margin in tokens, this many prompts per generate call, this many samples kept for the card.
+# length plus this margin in tokens, at most this many prompts per generate call and this many tokens (prompt and
+# reply room, padded, over the rows: what the KV cache holds), this many samples kept for the card. The token bound
+# lets short chat prompts share one call (SmolLM2's 20 demo conversations of ~160 tokens: 1 call, not 3 of 8),
+# while long ones batch as few as before (8 prompts of 1,000 tokens).
 GENERATION_EXAMPLES = 64
 GENERATION_MARGIN_TOKENS = 16
-GENERATION_BATCH_SIZE = 8
+GENERATION_BATCH_SIZE = 32
+GENERATION_BATCH_TOKENS = 8192
 SAMPLE_GENERATIONS = 5
 
 
@@ -397,6 +401,7 @@ class ChatGenerationEvaluation:
         conversation_of: Callable[[Any], Sequence[Message]] | None = None,
         margin: int = GENERATION_MARGIN_TOKENS,
         batch_size: int = GENERATION_BATCH_SIZE,
+        batch_tokens: int = GENERATION_BATCH_TOKENS,
         keep: int = SAMPLE_GENERATIONS,
     ) -> None:
         self.tokenizer = tokenizer
@@ -406,6 +411,7 @@ class ChatGenerationEvaluation:
         self.conversation_of = conversation_of
         self.margin = margin
         self.batch_size = batch_size
+        self.batch_tokens = batch_tokens
         self.keep = keep
         self.metrics = generation_metric_names(self.json_match_keys)
         # Metric i's summed scores at 2i, the replies it applied to at 2i + 1 (the same layout on every rank), on the
@@ -423,6 +429,21 @@ class ChatGenerationEvaluation:
         # A prompt that fills the context leaves no room for a reply: not scored.
         return _Prompt(prompt, reference, ids, budget) if budget > 0 else None
 
+    def _batches(self, prompts: Sequence[_Prompt]) -> Iterator[list[_Prompt]]:
+        """Consecutive prompts, at most ``batch_size`` a call and, padded, at most ``batch_tokens`` of prompt and
+        reply room (one prompt alone may exceed it)."""
+        batch: list[_Prompt] = []
+        width = room = 0
+        for prompt in prompts:
+            wider, roomier = max(width, len(prompt.ids)), max(room, prompt.budget)
+            if batch and (len(batch) == self.batch_size or (len(batch) + 1) * (wider + roomier) > self.batch_tokens):
+                yield batch
+                batch, wider, roomier = [], len(prompt.ids), prompt.budget
+            batch.append(prompt)
+            width, room = wider, roomier
+        if batch:
+            yield batch
+
     def add(self, model: torch.nn.Module, examples: Sequence[Sequence[Message]]) -> None:
         from transformers import GenerationConfig
 
@@ -432,8 +453,7 @@ class ChatGenerationEvaluation:
         stops = stop_token_ids(self.tokenizer, model)
         pad = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0])
         generate: Any = model.generate  # PEFT's and transformers' generate (torch.nn.Module does not declare it)
-        for start in range(0, len(prompts), self.batch_size):
-            batch = prompts[start : start + self.batch_size]
+        for batch in self._batches(prompts):
             width = max(len(p.ids) for p in batch)
             # Left padding: every prompt ends where its reply starts.
             ids = torch.tensor([[pad] * (width - len(p.ids)) + p.ids for p in batch], device=self.device)
