@@ -103,7 +103,7 @@ class ChatDemoOptions:
 
     @property
     def pair_count(self) -> int:
-        return int(self.pick(self.pairs, 24, 24))
+        return int(self.pick(self.pairs, 24, 16))
 
     @property
     def feedback_needed(self) -> int:

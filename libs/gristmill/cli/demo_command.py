@@ -114,7 +114,7 @@ def demo_command(
     ),
     epochs: int | None = typer.Option(None, help="training epochs (default 5; chat: per objective)"),
     uncertainty: float = typer.Option(0.99, help="predictions less sure than this go back to labeling"),
-    pairs: int = typer.Option(0, help="chat: preference pairs before the demo publishes them (0: 24)"),
+    pairs: int = typer.Option(0, help="chat: preference pairs before the demo publishes them (0: 24 --tiny, else 16)"),
     min_feedback: int = typer.Option(0, help="chat: feedback per version before the online gate decides (0: 20)"),
     canary_weight: float = typer.Option(0.2, help="chat: the candidate's share of the traffic, in (0, 1)"),
     min_json_valid: float | None = typer.Option(
