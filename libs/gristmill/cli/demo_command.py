@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -91,6 +92,10 @@ def print_summary(summary: dict[str, Any], out: TextIO) -> None:
 
 
 @one_line_errors
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def demo_command(
     ctx: typer.Context,
     stack: str = typer.Option(
@@ -222,6 +227,9 @@ def demo_command(
 
     preparing = threading.Thread(target=prepare_in_background, name="demo-prepare", daemon=True)
     preparing.start()
+    # The platform runs in a session of its own (a Ctrl-C here reaches only this process, which stops it below); a
+    # SIGTERM must unwind to the same cleanup, or the platform and its Ray keep running with no demo to stop them.
+    previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         if no_start:
             out.write("==> using the running services\n")
@@ -305,6 +313,7 @@ def demo_command(
         else:
             print_summary(summary, out)
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         provider.shutdown()
         if not keep_running:
             if embedded is not None:
