@@ -44,6 +44,7 @@ from gristmill.serving.app import METHOD_SCOPES, PUBLIC_METHODS, ServingApp, bui
 from gristmill.serving.domain.generation import GenerativeModel
 from gristmill.serving.domain.model import DeploymentSpec, VersionSelector
 from gristmill.serving.domain.sources import Classifier, LoadOptions, ResolvedVersion
+from gristmill.serving.runtime.generation import TransformersGenerator
 from gristmill.serving.settings import ServingSettings
 from gristmill.serving.tasks import TaskRuntimeLoader
 from services.serving.tests.support import ENTERPRISE, FakeLoader, FakeSource, wait_for
@@ -562,10 +563,13 @@ async def test_a_client_leaving_mid_stream_frees_the_sequence(served: Served) ->
 @on_module_loop
 async def test_a_client_giving_up_on_a_whole_reply_frees_the_sequence(served: Served) -> None:
     generator = served.generator()
+    assert isinstance(generator, TransformersGenerator)
     before = served.closed_early()
     async with served.client(timeout=0.1) as client:
         started = time.monotonic()
-        with pytest.raises(openai.APITimeoutError):
+        # The model's thread waits at its next step while the test holds the lock, so the reply cannot finish before
+        # the client gives up (the tiny model samples 480 tokens in less than the client's 0.1 s).
+        with generator._batcher.model_lock, pytest.raises(openai.APITimeoutError):
             await client.completions.create(model=CHAT_MODEL, prompt=TEXTS[3], max_tokens=480)
     assert time.monotonic() - started < 5
     await wait_for(lambda: generator.stats().running == 0 and served.closed_early() == before + 1)
