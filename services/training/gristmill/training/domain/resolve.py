@@ -592,12 +592,16 @@ class SpecResolver:
         task = self._objective_task(spec)
         self._check_objective_fields(spec, task)
         base, _, lora = self._resolve_model(spec, task, None, organization_id)
-        evaluation = spec.evaluation_dataset
-        if evaluation is not None:
-            # Checked now (a policy naming a version that is missing fails when it is set, not at every publish);
-            # each job reads it again, checksums pinned to what was read here.
-            evaluation, _ = self._datasets.resolve_evaluation(evaluation)
-        return replace(spec, base_model=base.ref, lora=lora, evaluation_dataset=evaluation)
+        # The evaluation version is checked now: a policy naming a missing one fails when it is set, not at every
+        # publish.
+        return replace(spec, base_model=base.ref, lora=lora, evaluation_dataset=self._evaluation(spec))
+
+    def _evaluation(self, spec: JobSpec) -> DatasetRef | None:
+        """``spec.evaluation_dataset_version`` read and checked, pinned by its manifest's checksum (each run reads
+        it again against that checksum)."""
+        if spec.evaluation_dataset is None:
+            return None
+        return self._datasets.resolve_evaluation(spec.evaluation_dataset)[0]
 
     def resolve(self, spec: JobSpec, organization_id: str = "") -> ResolvedJob:
         # Cheap checks first: nothing is read when the cluster could never run the job.
@@ -646,9 +650,7 @@ class SpecResolver:
             side[PARAPHRASER] = self._resolve_paraphraser(few.paraphrase_model, organization_id)
             few = replace(few, paraphrase_model=side[PARAPHRASER].ref)
             spec = replace(spec, hyper_parameters=replace(spec.hyper_parameters, few_labels=few))
-        evaluation = spec.evaluation_dataset
-        if evaluation is not None:
-            evaluation, _ = self._datasets.resolve_evaluation(evaluation)
+        evaluation = self._evaluation(spec)
         chat_template = spec.chat_template or (info.chat_template if task.uses_chat_template else "")
         self._inspector.check_examples(
             base.local_dir,
