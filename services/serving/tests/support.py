@@ -8,7 +8,8 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from gristmill.serving.domain.model import VersionSelector
 from gristmill.serving.domain.predictions import PredictionRecord
 from gristmill.serving.domain.service import DeploymentService
 from gristmill.serving.domain.sources import Encoded, LoadOptions, ModelSource, ResolvedVersion
+from gristmill.serving.runtime.generation import TransformersGenerator
 from gristmill.serving.settings import ServingSettings
 from gristmill.serving.store.sql import SqlDeploymentStore
 from tests.support.databases import migrated_database
@@ -235,6 +237,28 @@ async def wait_for(condition: Callable[[], bool], timeout_s: float = 5.0, interv
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s}s")
         await asyncio.sleep(interval_s)
+
+
+@contextmanager
+def decoding_paused(generator: TransformersGenerator, step_s: float | None = None) -> Iterator[None]:
+    """Inside the block the model's thread waits before each decoding step (holding the model lock, as a long step
+    would): for the block's end, or ``step_s`` at most. A prefill still answers with a reply's first token, and the
+    reply is certainly still running while the test acts. Holding ``model_lock`` once the first token came is not
+    enough: a tiny model can decode hundreds of tokens before the test's next line runs on a loaded machine."""
+    batcher = generator._batcher
+    resume = threading.Event()
+    decode = batcher._decode
+
+    def wait_then_decode() -> None:
+        resume.wait(step_s)
+        decode()
+
+    batcher._decode = wait_then_decode  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del batcher._decode  # the class's method again, before the waiting step goes on
+        resume.set()
 
 
 @dataclass

@@ -25,7 +25,9 @@ from gristmill.api.registry.v1 import registry_pb2
 from gristmill.api.serving.v1 import serving_pb2
 from gristmill.core.events.topics import FEEDBACK_RECORDED, GENERATION_LOGGED
 from gristmill.core.storage import ObjectStore
+from gristmill.serving.runtime.generation import TransformersGenerator
 from services.serving.tests.integration.test_serving_stack import Stack, upload_job_output
+from services.serving.tests.support import decoding_paused
 from tests.support.tiny_model import make_tiny_llama, make_tiny_lora_adapter
 
 pytestmark = pytest.mark.integration
@@ -237,10 +239,14 @@ async def test_generate_streams_from_the_registry_with_hot_swap_and_cancellation
     service = stack.serving_app.service
     generator = service.manager.loaded_versions("default", stack.model)[0].generator
     assert generator is not None
-    call = stack.serving.Generate(chat(stack.model, TEXTS[0], max_tokens=400, temperature=1.0), timeout=60)
-    await call.read()
-    assert generator.stats().running == 1
-    call.cancel()
+    assert isinstance(generator, TransformersGenerator)
+    # Each decoding step waits 50 ms, and the greedy reply does not end by a sampled end token: the 400-token reply
+    # is still running when the test looks, however loaded the machine.
+    with decoding_paused(generator, step_s=0.05):
+        call = stack.serving.Generate(chat(stack.model, TEXTS[0], max_tokens=400, temperature=0.0), timeout=60)
+        await call.read()
+        assert generator.stats().running == 1
+        call.cancel()
     deadline = time.monotonic() + 10
     while generator.stats().running and time.monotonic() < deadline:
         await asyncio.sleep(0.02)

@@ -30,6 +30,7 @@ from gristmill.serving.runtime.generation import (
     load_transformers_generator,
     nucleus,
 )
+from services.serving.tests.support import decoding_paused
 from tests.support.tiny_model import make_tiny_llama, make_tiny_lora_adapter
 
 TEXTS = [
@@ -120,19 +121,22 @@ def test_cancel_frees_the_sequence_and_its_cache(llama_dir: Path) -> None:
         prompt = generator.encode_prompt(TEXTS[0])
 
         async def run() -> None:
-            keep = generator.submit(_request("keep", prompt, 200))
-            gone = generator.submit(_request("gone", prompt + prompt, 200))
-            await gone.__anext__()
-            assert generator.stats().running == 2
-            gone.cancel()
-            # The cancel takes effect at the next decoding step. Tokens of "keep" decoded before it may already wait
-            # in its stream, so reading two of them does not prove a step ran since: read until one has.
-            deadline = time.monotonic() + 10
-            while generator.stats().running != 1 and time.monotonic() < deadline:
-                await keep.__anext__()
-            stats = generator.stats()
-            assert stats.running == 1 and stats.reserved_tokens == len(prompt) + 200
-            keep.cancel()
+            # Slow steps (20 ms each) and greedy replies that run to max_new_tokens: both are still running when
+            # the test looks, however loaded the machine.
+            with decoding_paused(generator, step_s=0.02):
+                keep = generator.submit(_request("keep", prompt, 200, sampling=GREEDY))
+                gone = generator.submit(_request("gone", prompt + prompt, 200, sampling=GREEDY))
+                await gone.__anext__()
+                assert generator.stats().running == 2
+                gone.cancel()
+                # The cancel takes effect at the next decoding step. Tokens of "keep" decoded before it may already
+                # wait in its stream, so reading two of them does not prove a step ran since: read until one has.
+                deadline = time.monotonic() + 10
+                while generator.stats().running != 1 and time.monotonic() < deadline:
+                    await keep.__anext__()
+                stats = generator.stats()
+                assert stats.running == 1 and stats.reserved_tokens == len(prompt) + 200
+                keep.cancel()
             deadline = time.monotonic() + 10
             while generator.stats().running and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
@@ -188,11 +192,11 @@ def test_limits_queue_budget_and_deadline(llama_dir: Path) -> None:
             asyncio.run(_tokens(generator, _request("big", prompt, 300)))
 
         async def run() -> None:
-            first = generator.submit(_request("a", prompt, 200))
-            await first.__anext__()
-            # The model's thread waits at its next step while the test holds the lock between steps, so "a" cannot
-            # finish (a tiny model decodes 200 tokens in less than b's 50 ms) before b's deadline passes.
-            with generator._batcher.model_lock:
+            # "a" cannot finish before b's deadline passes: its decoding waits (a tiny model decodes 200 tokens in
+            # less than b's 50 ms), and greedy decoding does not end its first token by chance.
+            with decoding_paused(generator):
+                first = generator.submit(_request("a", prompt, 200, sampling=GREEDY))
+                await first.__anext__()
                 # The running sequence holds the only place: the next waits, one more is refused.
                 late = generator.submit(_request("b", prompt, 10, deadline=time.monotonic() + 0.05))
                 with pytest.raises(ResourceExhaustedError, match="already waiting"):

@@ -47,7 +47,7 @@ from gristmill.serving.domain.sources import Classifier, LoadOptions, ResolvedVe
 from gristmill.serving.runtime.generation import TransformersGenerator
 from gristmill.serving.settings import ServingSettings
 from gristmill.serving.tasks import TaskRuntimeLoader
-from services.serving.tests.support import ENTERPRISE, FakeLoader, FakeSource, wait_for
+from services.serving.tests.support import ENTERPRISE, FakeLoader, FakeSource, decoding_paused, wait_for
 from tests.contracts.auth import InMemoryKeyVerifier, api_key_security
 from tests.support.tiny_model import make_tiny_llama
 
@@ -545,17 +545,17 @@ async def test_with_auth_disabled_any_caller_acts_for_the_default_organisation(s
 @on_module_loop
 async def test_a_client_leaving_mid_stream_frees_the_sequence(served: Served) -> None:
     generator = served.generator()
+    assert isinstance(generator, TransformersGenerator)
     before = served.closed_early()
     async with served.client() as client:
-        # Room for ~480 tokens (about half a second here): the client leaves long before the reply could end.
-        stream = await client.completions.create(model=CHAT_MODEL, prompt=TEXTS[1], max_tokens=480, stream=True)
-        received = 0
-        async for _ in stream:
-            received += 1
-            if received == 2:
+        # Each decoding step waits 50 ms, so the reply's 480 tokens take 24 s and it is still running when the client
+        # leaves (unpaused, a tiny model decodes them in a fraction of a second). The first text may take a few steps.
+        with decoding_paused(generator, step_s=0.05):
+            stream = await client.completions.create(model=CHAT_MODEL, prompt=TEXTS[1], max_tokens=480, stream=True)
+            async for _ in stream:
                 break
-        assert generator.stats().running == 1
-        await stream.close()
+            assert generator.stats().running == 1
+            await stream.close()
     await wait_for(lambda: generator.stats().running == 0 and served.closed_early() == before + 1)
     assert generator.stats().reserved_tokens == 0
 
