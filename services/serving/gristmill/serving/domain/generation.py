@@ -177,12 +177,15 @@ _STREAM_KEYS = itertools.count(1)
 
 @dataclass(frozen=True)
 class EngineStats:
-    """What the continuous batcher holds now: sequences decoding, requests queued, cached tokens."""
+    """What the continuous batcher holds now: sequences decoding, requests queued, cached tokens; and since it
+    started, the prompt tokens it was given and those found in its prefix cache (not computed again)."""
 
     running: int
     queued: int
     cached_tokens: int
     reserved_tokens: int
+    prompt_tokens: int = 0
+    prefix_hit_tokens: int = 0
 
 
 @runtime_checkable

@@ -62,6 +62,7 @@ from gristmill.serving.domain.model import Quantization
 from gristmill.serving.domain.sources import ADAPTER_CONFIG, BASE_DIR, LoadOptions, ResolvedVersion
 from gristmill.serving.runtime.lora import BASE_ADAPTER, BatchedLora
 from gristmill.serving.runtime.memory import release_memory, resident_bytes
+from gristmill.serving.runtime.prefix_cache import LayerKV, PrefixCache
 from gristmill.serving.runtime.threads import use_threads_here
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ class EngineLimits:
     # Prompts prefilled together pad to the longest: a group closes when its padded size would exceed this many
     # times its real tokens (one forward pass per group).
     prefill_padding: float = 1.2
+    # Bytes of keys and values of prompt prefixes kept for later prompts that start alike
+    # (``runtime/prefix_cache.py``; 0: off). SmolLM2 holds 46 KB per token: 64 MiB is ~1,400 tokens.
+    prefix_cache_bytes: int = 64 * 2**20
     # torch intra-op threads of the model's thread: one batched forward uses every core (0 keeps torch's
     # setting). The classifiers' one-thread default suits several small batches side by side, not this.
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -186,6 +190,9 @@ class _Sequence:
     position: int = 0
     generator: torch.Generator | None = None
     constraint: _Constraint | None = None
+    # The prompt's first ``cached`` tokens found in the prefix cache (their keys and values, until prefilled).
+    cached: int = 0
+    prefix: LayerKV | None = None
 
     @property
     def reserved(self) -> int:
@@ -215,6 +222,7 @@ class ContinuousBatcher:
         self._lora_installed = False
         # The JSON grammar compiler for structured output, built at the first request that asks for it.
         self._grammars: _Grammars | None = None
+        self._prefixes = PrefixCache(limits.prefix_cache_bytes)
         self._eos = frozenset(int(i) for i in eos_ids)
         vocab = int(getattr(model.config, "vocab_size", 0) or 0)
         eos_in_vocab = [i for i in sorted(self._eos) if 0 <= i < vocab]
@@ -281,6 +289,8 @@ class ContinuousBatcher:
 
     def adapters_changed(self) -> None:
         """After adapters were added to or removed from the model; the caller holds ``model_lock``."""
+        # An adapter's name may come back with other weights: no prefix computed before may be reused.
+        self._prefixes.clear()
         if self.peft and self._batched_lora:
             self._lora_installed = self._lora.install(self._model)  # False: it left the layers to PEFT
         else:
@@ -306,7 +316,14 @@ class ContinuousBatcher:
     def stats(self) -> EngineStats:
         with self._lock:
             cached = int(self._mask.sum()) if self._mask is not None else 0
-            return EngineStats(len(self._running), len(self._queue), cached, self._reserved)
+            return EngineStats(
+                len(self._running),
+                len(self._queue),
+                cached,
+                self._reserved,
+                prompt_tokens=self._prefixes.looked_up_tokens,
+                prefix_hit_tokens=self._prefixes.hit_tokens,
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -402,10 +419,15 @@ class ContinuousBatcher:
     def _prefill(self, admitted: list[_Sequence]) -> None:
         """Prefill ``admitted`` in groups of similar prompt lengths (little compute on padding), then add them all
         to the running batch in one merge."""
+        for sequence in admitted:
+            sequence.cached, sequence.prefix = self._prefixes.lookup(_namespace(sequence), sequence.request.prompt_ids)
         sequences: list[_Sequence] = []
         tokens: list[int] = []
         blocks: list[tuple[DynamicCache, torch.Tensor]] = []
-        for group in _length_groups(admitted, self.limits.prefill_padding):
+        groups: list[list[_Sequence]] = []
+        for cached in sorted({s.cached for s in admitted}):
+            groups += _length_groups([s for s in admitted if s.cached == cached], self.limits.prefill_padding)
+        for group in groups:
             cache, mask, first = self._prefill_group(group)
             sequences += group
             tokens += first
@@ -413,18 +435,45 @@ class ContinuousBatcher:
         offset = len(self._running)
         self._merge(sequences, blocks)
         self._advance(sequences, tokens, offset)
+        # After the first tokens went out: keeping the prompts' blocks costs their time, not the clients'.
+        for group, (cache, mask) in zip(groups, blocks, strict=True):
+            for row, sequence in enumerate(group):
+                self._keep_prefix(sequence, cache, mask, row)
+
+    def _keep_prefix(self, sequence: _Sequence, cache: DynamicCache, mask: torch.Tensor, row: int) -> None:
+        """Offer ``sequence``'s prompt (row ``row`` of a prefilled group's ``cache`` and ``mask``) to the prefix
+        cache. The row's set mask columns are its prompt's tokens in order: after its left padding, and on both
+        sides of the padding between a cached prefix and the rest."""
+        columns = mask[row].nonzero().squeeze(1)
+
+        def kv(start: int, end: int) -> LayerKV:
+            index = columns[start:end]
+            return [(k[row].index_select(1, index), v[row].index_select(1, index)) for k, v in map(_kv, cache.layers)]
+
+        self._prefixes.store(_namespace(sequence), sequence.request.prompt_ids, kv)
 
     def _prefill_group(self, admitted: list[_Sequence]) -> tuple[DynamicCache, torch.Tensor, list[int]]:
-        longest = max(len(s.request.prompt_ids) for s in admitted)
+        """One forward pass over the prompts of ``admitted`` (each with the same number of cached prefix tokens):
+        the cache starts with their cached prefixes, and only the rest of each prompt is computed, left-padded."""
+        cached = admitted[0].cached
+        longest = max(len(s.request.prompt_ids) for s in admitted) - cached
         ids = torch.full((len(admitted), longest), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(admitted), longest), dtype=torch.long)
         for row, sequence in enumerate(admitted):
-            prompt = sequence.request.prompt_ids
-            ids[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, longest - len(prompt) :] = 1
-            sequence.position = len(prompt)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            rest = sequence.request.prompt_ids[cached:]
+            ids[row, longest - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+            mask[row, longest - len(rest) :] = 1
+            sequence.position = len(sequence.request.prompt_ids)
+        positions = (cached + mask.cumsum(-1) - 1).clamp(min=0)
         cache = _new_cache(self._model.config)
+        if cached:
+            for index in range(len(cache.layers)):
+                keys = torch.stack([s.prefix[index][0] for s in admitted if s.prefix is not None])
+                values = torch.stack([s.prefix[index][1] for s in admitted if s.prefix is not None])
+                cache.update(keys, values, index)
+            mask = torch.cat([torch.ones((len(admitted), cached), dtype=torch.long), mask], dim=1)
+        for sequence in admitted:
+            sequence.prefix = None
         out = self._forward(admitted, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache)
         return cache, mask, self._sample(out.logits[:, -1, :], admitted)
 
@@ -637,12 +686,13 @@ def _new_cache(config: Any) -> DynamicCache:
 
 
 def _length_groups(sequences: list[_Sequence], padding: float) -> list[list[_Sequence]]:
-    """``sequences`` by prompt length in groups whose padded size stays within ``padding`` times their tokens."""
-    ordered = sorted(sequences, key=lambda s: len(s.request.prompt_ids))
+    """``sequences`` by the length of their prompts' uncached rest, in groups whose padded size stays within
+    ``padding`` times their tokens."""
+    ordered = sorted(sequences, key=lambda s: len(s.request.prompt_ids) - s.cached)
     groups: list[list[_Sequence]] = []
     tokens = 0
     for sequence in ordered:
-        length = len(sequence.request.prompt_ids)
+        length = len(sequence.request.prompt_ids) - sequence.cached
         group = groups[-1] if groups else None
         # Sorted ascending: this prompt is the group's longest, so the group pads every row to its length.
         if group is not None and length * (len(group) + 1) <= padding * (tokens + length):
@@ -652,6 +702,11 @@ def _length_groups(sequences: list[_Sequence], padding: float) -> list[list[_Seq
             groups.append([sequence])
             tokens = length
     return groups
+
+
+def _namespace(sequence: _Sequence) -> str:
+    """Whose keys and values a row's are: its adapter changes them."""
+    return sequence.request.adapter or BASE_ADAPTER
 
 
 def _kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
