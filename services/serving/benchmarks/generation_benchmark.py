@@ -15,7 +15,10 @@ benchmarks ignore the end-of-sequence token) so that every system does the same 
 4. **Gristmill**: the serving service's real wiring (``build_app``: deployment manager, chat task runtime,
    typed ``Generate`` servicer) in this process on a real gRPC port, the model loaded as a chat version, called
    over gRPC with server streaming at closed-loop concurrency 1, 8 and 32: output tokens/s, time to first token
-   p50/p99, inter-token latency p50 (between streamed chunks, per token);
+   p50/p99, inter-token latency p50 (between streamed chunks, per token), and the share of prompt tokens found in
+   the automatic prefix cache (``runtime/prefix_cache.py``, on by default: every prompt starts with the same
+   template, system prompt and instruction, 61 of its ~81 tokens); then the same deployment with the prefix cache
+   off, the baseline of that cache;
 5. the prompt's prefill time alone (one forward of a median prompt), for the concurrency-1 TTFT target.
 
 Threads: the baselines (1-3, 5 and the perplexities) run on a thread of their own, with every core, that ends
@@ -665,6 +668,8 @@ class Served:
     quantization: str = "none"
     # Adapters through PEFT's own mixed-batch path instead of the runtime's batched LoRA (for the comparison).
     peft_mixed: bool = False
+    # False: the batcher keeps no prompt prefixes (the baseline of automatic prefix caching).
+    prefix_cache: bool = True
 
 
 async def with_gristmill(
@@ -727,11 +732,20 @@ async def with_gristmill(
 
                 for shared in list(generation._BASES.values()):
                     shared.batcher.use_batched_lora(False)
+            generator = app.service.manager.loaded_versions("default", deployment.name)[0].generator
+            batcher = getattr(generator, "_batcher", None) or generator.shared.batcher  # type: ignore[union-attr]
+            batcher.use_prefix_cache(deployment.prefix_cache)
             results[deployment.name] = {}
             for concurrency, requests in plans[deployment.name].items():
                 progress(f"gristmill {deployment.name}: concurrency {concurrency}, {requests} requests")
                 prefills = (prefill_ms or {}).get(deployment.name) if concurrency == 1 else None
+                before = batcher.stats()
                 row = await gristmill_run(port, deployment.name, load, concurrency, requests, prefill_ms=prefills)
+                after = batcher.stats()
+                # Of the prompts' tokens, the share found in the prefix cache (not computed again).
+                row["prefix_hit_share"] = (after.prefix_hit_tokens - before.prefix_hit_tokens) / max(
+                    1, after.prompt_tokens - before.prompt_tokens
+                )
                 results[deployment.name][concurrency] = row
                 progress(f"  {json.dumps({k: round(v, 1) for k, v in row.items()})}")
             await app.service.delete("default", deployment.name)
@@ -1011,19 +1025,22 @@ def measure(args: argparse.Namespace, stack: StackRun | None) -> bool:
         with_adapters = adapter_deployments(adapters)
         deployments = [
             Served("smollm2", [model_dir]),
+            Served("smollm2-noprefix", [model_dir], prefix_cache=False),
             Served("smollm2-int8", [model_dir], quantization="dynamic_int8"),
             Served("smollm2-bf16", [model_dir], quantization="bf16"),
             *with_adapters,
         ]
         plans = {
             "smollm2": plan,
+            "smollm2-noprefix": plan,
             "smollm2-int8": small,
             "smollm2-bf16": plan,
             **{d.name: {32: plan[32]} for d in with_adapters},
         }
-        prefills = {"smollm2": results["prefill_by_prompt_ms"]}
+        prefills = {"smollm2": results["prefill_by_prompt_ms"], "smollm2-noprefix": results["prefill_by_prompt_ms"]}
         served = asyncio.run(with_gristmill(deployments, load, plans, Path(work), prefills))
     results["gristmill"] = g = served["smollm2"]
+    results["noprefix"] = noprefix = served["smollm2-noprefix"]
     results["int8"] = served["smollm2-int8"]
     results["bf16"] = served["smollm2-bf16"]
     results["adapters"] = {name: served[name][32] for name in ADAPTER_RUNS}
@@ -1038,6 +1055,8 @@ def measure(args: argparse.Namespace, stack: StackRun | None) -> bool:
         # The target: each c=1 request's TTFT minus its own prompt's prefill, median.
         "c1_ttft_minus_prefill_ms": g[1]["ttft_minus_prefill_p50_ms"],
         "c1_ttft_p50_minus_median_prompt_prefill_ms": g[1]["ttft_p50_ms"] - results["prefill_ms"],
+        "c1_ttft_minus_prefill_ms_without_prefix_cache": noprefix[1]["ttft_minus_prefill_p50_ms"],
+        **{f"c{c}_vs_without_prefix_cache": g[c]["tokens_per_s"] / noprefix[c]["tokens_per_s"] for c in plan},
         **adapter_ratios(results["adapters"]),
         "int8_vs_fp32_c1": results["int8"][1]["tokens_per_s"] / g[1]["tokens_per_s"],
         "int8_vs_fp32_c8": results["int8"][8]["tokens_per_s"] / g[8]["tokens_per_s"],
@@ -1071,13 +1090,21 @@ def measure(args: argparse.Namespace, stack: StackRun | None) -> bool:
     print(f"- static-batch limit in bfloat16: {results['static_bf16']['tokens_per_s']:.1f} tokens/s")
     print(f"- naive server (c=8): {results['naive']['tokens_per_s']:.1f} tokens/s")
     print(f"- transformers continuous batching (32 at once): {results['transformers_cb']['tokens_per_s']:.1f} tokens/s")
-    print("\n| concurrency | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms |\n|---|---|---|---|---|")
+    print(
+        "\n| concurrency | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | prompt tokens from the prefix cache |"
+        "\n|---|---|---|---|---|---|"
+    )
     for concurrency, row in g.items():
         print(
             f"| {concurrency} | {row['tokens_per_s']:.1f} | {row['ttft_p50_ms']:.0f} | {row['ttft_p99_ms']:.0f} | "
-            f"{row['itl_p50_ms']:.1f} |"
+            f"{row['itl_p50_ms']:.1f} | {row['prefix_hit_share']:.0%} |"
         )
-    extra = [("int8", results["int8"]), ("bf16", results["bf16"]), ("adapters", results["adapters"])]
+    extra = [
+        ("no prefix cache", noprefix),
+        ("int8", results["int8"]),
+        ("bf16", results["bf16"]),
+        ("adapters", results["adapters"]),
+    ]
     extra += [("llama.cpp", results["llama_cpp"])] if "llama_cpp" in results else []
     for label, rows in extra:
         for key, row in rows.items():

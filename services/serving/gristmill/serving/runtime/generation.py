@@ -303,6 +303,12 @@ class ContinuousBatcher:
             self._batched_lora = on
             self.adapters_changed()
 
+    def use_prefix_cache(self, on: bool) -> None:
+        """Prefix caching within the limits' budget (the default) or none (``on=False``: the benchmark compares)."""
+        with self.model_lock:
+            self._prefixes.clear()
+            self._prefixes.max_bytes = self.limits.prefix_cache_bytes if on else 0
+
     def _constraint(self, response_format: ResponseFormat) -> _Constraint:
         if self._grammars is None:
             self._grammars = _Grammars(self._tokenizer, int(self._model.config.vocab_size))
