@@ -83,18 +83,37 @@ def test_blocks_are_kept_per_namespace_and_extended_where_a_stored_prefix_ends()
     assert torch.equal(layers[0][0][0, :, 0], torch.tensor([float(t) for t in longer[:12]]))
 
 
+BLOCK_BYTES = 4 * 2 * (2 * 3 * 4) * 2  # 4 tokens x 2 layers x (2 heads x 3 dims x 4 bytes) x keys and values
+
+
 def test_the_least_recently_used_blocks_leave_beyond_the_budget() -> None:
-    block_bytes = 4 * 2 * (2 * 3 * 4) * 2  # 4 tokens x 2 layers x (2 heads x 3 dims x 4 bytes) x keys and values
-    cache = PrefixCache(max_bytes=3 * block_bytes, block=4)
-    first, second = list(range(100, 108)), list(range(200, 208))
-    _store(cache, [*first, 0])
-    assert cache.bytes == 2 * block_bytes
-    _store(cache, [*second, 0])  # 4 blocks: the oldest (first's first block) leaves
-    assert cache.bytes == 3 * block_bytes
-    assert cache.lookup("base", [*first, 0])[0] == 0
-    assert cache.lookup("base", [*second, 0])[0] == 8
+    cache = PrefixCache(max_bytes=8 * BLOCK_BYTES, block=4)  # 8 blocks, at most 2 new ones per prompt
+    prompts = [[*range(start, start + 8), 0] for start in (100, 200, 300, 400, 500)]
+    for prompt in prompts[:4]:
+        _store(cache, prompt)
+    assert cache.bytes == 8 * BLOCK_BYTES
+    assert cache.lookup("base", prompts[0])[0] == 8  # used again: now the most recent
+    _store(cache, prompts[4])  # the two oldest blocks leave: the second prompt's
+    assert cache.bytes == 8 * BLOCK_BYTES
+    assert [cache.lookup("base", p)[0] for p in prompts] == [8, 0, 8, 8, 8]
     cache.clear()
-    assert cache.bytes == 0 and cache.lookup("base", [*second, 0])[0] == 0
+    assert cache.bytes == 0 and cache.lookup("base", prompts[4])[0] == 0
+
+
+def test_one_prompt_adds_at_most_a_quarter_of_the_budget() -> None:
+    cache = PrefixCache(max_bytes=8 * BLOCK_BYTES, block=4)
+    # The first store learns the size of a token from what it gathered: it keeps 2 of the 10 blocks.
+    first = [*range(2000, 2040), 0]
+    assert _store(cache, first) == [(0, 40)]
+    assert cache.bytes == 2 * BLOCK_BYTES and cache.lookup("base", first)[0] == 8
+    # From then on a long prompt gathers only the 2 new blocks it may keep, after those found.
+    shared = list(range(100, 108))
+    _store(cache, [*shared, 0])
+    long = [*shared, *range(1000, 1032), 0]
+    assert _store(cache, long) == [(8, 16)]
+    assert cache.bytes == 6 * BLOCK_BYTES
+    assert cache.lookup("base", long)[0] == 16
+    assert cache.lookup("base", first)[0] == 8, "the long prompts pushed nothing out"
 
 
 def test_a_budget_of_zero_keeps_nothing() -> None:

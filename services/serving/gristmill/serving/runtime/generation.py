@@ -6,6 +6,8 @@ cache) and merges them into the running batch, or *decodes* one token for every 
 pass.
 A sequence that finishes (end-of-sequence token, stop sequence, max tokens) or whose client went away leaves the
 batch at once and its rows of the cache are dropped; the cache is trimmed to the longest sequence still running.
+A prompt that starts like one prefilled before starts from that prefix's keys and values and computes only the
+rest (``runtime/prefix_cache.py``).
 The model's thread uses every core (``EngineLimits.threads``) and warms the model up itself, so that its torch
 thread pool is the process's only one (``runtime/threads.py``: a second pool slows every forward pass ~1.5x).
 
@@ -423,8 +425,9 @@ class ContinuousBatcher:
         return admitted
 
     def _prefill(self, admitted: list[_Sequence]) -> None:
-        """Prefill ``admitted`` in groups of similar prompt lengths (little compute on padding), then add them all
-        to the running batch in one merge."""
+        """Prefill ``admitted`` in groups of one cached prefix length and similar lengths of the rest (little
+        compute on padding), add them all to the running batch in one merge, then offer their prompts to the prefix
+        cache."""
         for sequence in admitted:
             sequence.cached, sequence.prefix = self._prefixes.lookup(_namespace(sequence), sequence.request.prompt_ids)
         sequences: list[_Sequence] = []

@@ -7,8 +7,9 @@ prompts share 61 of their ~81 tokens.
 
 Prefixes are kept in blocks of ``BLOCK`` tokens. A block is found by its own tokens and the block before it (an
 exact key, not a hash), within a namespace: the LoRA adapter a row runs with changes its keys and values. Blocks
-are evicted least recently used first, within a budget of bytes. A lookup leaves at least one token of the prompt
-to compute: its forward pass gives the first token of the reply.
+are evicted least recently used first, within a budget of bytes; one prompt adds at most a quarter of it (its start
+is what other prompts share: a long prompt's tail would otherwise push out the blocks every prompt uses). A lookup
+leaves at least one token of the prompt to compute: its forward pass gives the first token of the reply.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class PrefixCache:
         self._blocks: OrderedDict[tuple[str, int, tuple[int, ...]], _Block] = OrderedDict()
         self._ids = itertools.count(1)
         self.bytes = 0
+        # Bytes of one token's keys and values over all layers (known from the first store).
+        self._token_bytes: int | None = None
         # Prompt tokens looked up, and those found (counters since the start).
         self.looked_up_tokens = 0
         self.hit_tokens = 0
@@ -67,21 +70,29 @@ class PrefixCache:
             return
         whole = len(prompt) // self.block
         chain = self._chain(namespace, prompt, whole)
-        if len(chain) == whole:
+        if self._token_bytes is not None:
+            whole = min(whole, len(chain) + self._blocks_per_prompt())
+        if len(chain) >= whole:
             return
         start = len(chain) * self.block
         base = kv(start, whole * self.block)
-        per_token = sum(k.element_size() * k[:, :1].numel() + v.element_size() * v[:, :1].numel() for k, v in base)
+        if self._token_bytes is None:
+            self._token_bytes = sum(k[:, :1].nbytes + v[:, :1].nbytes for k, v in base)
+            whole = min(whole, len(chain) + self._blocks_per_prompt())
         parent = chain[-1].id if chain else 0
         for index in range(len(chain), whole):
             tokens = tuple(prompt[index * self.block : (index + 1) * self.block])
-            block = _Block(next(self._ids), base, index * self.block - start, per_token * self.block)
+            block = _Block(next(self._ids), base, index * self.block - start, self._token_bytes * self.block)
             self._blocks[(namespace, parent, tokens)] = block
             self.bytes += block.bytes
             parent = block.id
         while self.bytes > self.max_bytes and self._blocks:
             _, evicted = self._blocks.popitem(last=False)
             self.bytes -= evicted.bytes
+
+    def _blocks_per_prompt(self) -> int:
+        assert self._token_bytes is not None
+        return self.max_bytes // 4 // (self._token_bytes * self.block)
 
     def clear(self) -> None:
         self._blocks.clear()
