@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,32 @@ def test_users_data_is_openai_messages_ending_with_the_reply(tmp_path: Path) -> 
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
     with pytest.raises(FailedPreconditionError, match="record 1 is not an OpenAI 'messages' conversation"):
         data.load_conversations(path)
+
+
+def test_a_demo_that_fails_says_why_in_one_line(tmp_path: Path) -> None:
+    # The data is checked while the platform would start (--no-start: none does); its error is the demo's one line.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"nonsense": 1}\n', encoding="utf-8")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gristmill.cli.main",
+            "demo",
+            "--task",
+            "chat",
+            "--tiny",
+            "--no-start",
+            "--data",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gristmill: failed precondition: "), done.stderr
+    assert "record 1 is not an OpenAI 'messages' conversation" in lines[0]

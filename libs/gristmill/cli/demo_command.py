@@ -91,11 +91,11 @@ def print_summary(summary: dict[str, Any], out: TextIO) -> None:
             w(f"                 {line}\n")
 
 
-@one_line_errors
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+@one_line_errors
 def demo_command(
     ctx: typer.Context,
     stack: str = typer.Option(
