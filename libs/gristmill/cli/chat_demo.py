@@ -646,7 +646,7 @@ class ChatDemo:
         if o.tiny:
             epochs, rate = (5, 1e-2) if dpo else (20, 2e-2)
         else:
-            epochs, rate = (1, 2e-4) if dpo else (1, 5e-4)
+            epochs, rate = (1, 5e-5) if dpo else (1, 5e-4)
         spec = job_spec(
             project_id=project,
             dataset_version_id="",
