@@ -261,6 +261,37 @@ def decoding_paused(generator: TransformersGenerator, step_s: float | None = Non
         resume.set()
 
 
+def greedy_tokens(directory: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' ``generate`` of the causal LM in ``directory``, greedy: the reply every serving path must give."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype="float32").eval()
+    return _greedy(model, directory, prompt, max_new_tokens)
+
+
+def merged_greedy_tokens(adapter: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """``greedy_tokens`` of the LoRA adapter in ``adapter`` merged into its base (``adapter/base``)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(adapter / "base", dtype="float32")
+    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
+    return _greedy(merged, adapter, prompt, max_new_tokens)
+
+
+def _greedy(model: object, tokenizer_dir: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
+    import torch
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(tokenizer_dir).eos_token_id
+    with torch.inference_mode():
+        out = model.generate(  # type: ignore[attr-defined]
+            torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos, eos_token_id=eos
+        )
+    tokens = [int(t) for t in out[0, len(prompt) :]]
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
 @dataclass
 class RunningHost:
     host: ServiceHost

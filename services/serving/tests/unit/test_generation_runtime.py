@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from gristmill.core.chat import ChatMessage
 from gristmill.core.errors import DeadlineExceededError, InvalidArgumentError, ResourceExhaustedError
@@ -30,7 +30,7 @@ from gristmill.serving.runtime.generation import (
     load_transformers_generator,
     nucleus,
 )
-from services.serving.tests.support import decoding_paused
+from services.serving.tests.support import decoding_paused, greedy_tokens, merged_greedy_tokens
 from tests.support.tiny_model import make_tiny_llama, make_tiny_lora_adapter
 
 TEXTS = [
@@ -55,18 +55,6 @@ def _resolved() -> ResolvedVersion:
 
 def _load(directory: Path, **limits: int) -> TransformersGenerator:
     return load_transformers_generator(directory, _resolved(), LoadOptions(), limits=EngineLimits(**limits))
-
-
-def _reference(directory: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    eos = tokenizer.eos_token_id
-    with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos, eos_token_id=eos
-        )
-    tokens = [int(t) for t in out[0, len(prompt) :]]
-    return tokens[: tokens.index(eos)] if eos in tokens else tokens
 
 
 def _request(rid: str, prompt: list[int], max_new: int, **kwargs: object) -> GenerationRequest:
@@ -97,7 +85,7 @@ def test_staggered_requests_match_generate_token_for_token(llama_dir: Path) -> N
     try:
         prompts = [generator.render_chat([ChatMessage("user", text)]) for text in TEXTS]
         budgets = [12, 5, 20, 9]
-        expected = [_reference(llama_dir, p, n) for p, n in zip(prompts, budgets, strict=True)]
+        expected = [greedy_tokens(llama_dir, p, n) for p, n in zip(prompts, budgets, strict=True)]
 
         async def run() -> list[list[int]]:
             tasks = []
@@ -211,20 +199,6 @@ def test_limits_queue_budget_and_deadline(llama_dir: Path) -> None:
         generator.close()
 
 
-def _merged_reference(adapter: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
-    from peft import PeftModel
-
-    base = AutoModelForCausalLM.from_pretrained(adapter / "base", dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
-    eos = AutoTokenizer.from_pretrained(adapter).eos_token_id
-    with torch.inference_mode():
-        out = merged.generate(
-            torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos, eos_token_id=eos
-        )
-    tokens = [int(t) for t in out[0, len(prompt) :]]
-    return tokens[: tokens.index(eos)] if eos in tokens else tokens
-
-
 def test_two_adapters_share_one_base_and_decode_in_one_batch(llama_dir: Path, tmp_path: Path) -> None:
     from gristmill.serving.runtime import generation as runtime
 
@@ -236,8 +210,8 @@ def test_two_adapters_share_one_base_and_decode_in_one_batch(llama_dir: Path, tm
         assert isinstance(one, runtime.AdapterGenerator) and isinstance(two, runtime.AdapterGenerator)
         assert one.shared is two.shared and list(runtime._BASES) == [str(llama_dir.resolve())]
         prompts = [one.render_chat([ChatMessage("user", text)]) for text in TEXTS]
-        expected_one = [_merged_reference(first, p, 10) for p in prompts]
-        expected_two = [_merged_reference(second, p, 10) for p in prompts]
+        expected_one = [merged_greedy_tokens(first, p, 10) for p in prompts]
+        expected_two = [merged_greedy_tokens(second, p, 10) for p in prompts]
         assert expected_one != expected_two, "the two adapters should answer differently"
 
         async def run() -> tuple[list[list[int]], list[list[int]]]:
@@ -409,7 +383,7 @@ def test_prompts_of_very_different_lengths_prefilled_together_match_generate(lla
         texts = [TEXTS[0], " ".join(TEXTS * 3), TEXTS[2][:12], " ".join(TEXTS[1:] * 2)]
         prompts = [generator.render_chat([ChatMessage("user", text)]) for text in texts]
         assert max(map(len, prompts)) > 2 * min(map(len, prompts))
-        expected = [_reference(llama_dir, p, 8) for p in prompts]
+        expected = [greedy_tokens(llama_dir, p, 8) for p in prompts]
 
         async def run() -> list[list[int]]:
             streams = [_tokens(generator, _request(f"g{i}", p, 8, sampling=GREEDY)) for i, p in enumerate(prompts)]

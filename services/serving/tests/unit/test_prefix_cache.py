@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gristmill.core.chat import ChatMessage
 from gristmill.serving.domain.generation import GenerationRequest, SamplingParams
@@ -17,6 +16,7 @@ from gristmill.serving.domain.sources import LoadOptions, ResolvedVersion
 from gristmill.serving.runtime import generation as runtime
 from gristmill.serving.runtime.generation import EngineLimits, TransformersGenerator, load_transformers_generator
 from gristmill.serving.runtime.prefix_cache import BLOCK, LayerKV, PrefixCache
+from services.serving.tests.support import greedy_tokens, merged_greedy_tokens
 from tests.support.tiny_model import make_tiny_llama, make_tiny_lora_adapter
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -135,23 +135,6 @@ def _resolved() -> ResolvedVersion:
     return ResolvedVersion(registered_model_name="assistant", version=1, task="TASK_TYPE_CHAT")
 
 
-def _reference(model_dir: Path, prompt: list[int], max_new_tokens: int, *, adapter: Path | None = None) -> list[int]:
-    if adapter is None:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    else:
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(adapter / "base", dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
-    eos = AutoTokenizer.from_pretrained(model_dir).eos_token_id
-    with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos, eos_token_id=eos
-        )
-    tokens = [int(t) for t in out[0, len(prompt) :]]
-    return tokens[: tokens.index(eos)] if eos in tokens else tokens
-
-
 def _replies(generator: runtime.GenerativeModel, prompts: list[list[int]], budget: int) -> list[list[int]]:
     async def one(index: int, prompt: list[int]) -> list[int]:
         request = GenerationRequest(f"p{index}", tuple(prompt), budget, sampling=GREEDY)
@@ -170,7 +153,7 @@ def test_prompts_that_start_alike_reuse_the_prefix_and_reply_as_generate_does(ll
         prompts = [generator.render_chat([ChatMessage("user", INSTRUCTION + text)]) for text in TEXTS]
         shared = sum(1 for _ in itertools.takewhile(lambda column: len(set(column)) == 1, zip(*prompts, strict=False)))
         assert shared >= 2 * BLOCK, "the prompts should share whole blocks"
-        expected = [_reference(llama_dir, p, 10) for p in prompts]
+        expected = [greedy_tokens(llama_dir, p, 10) for p in prompts]
 
         # One prompt alone: nothing to reuse; it leaves its blocks in the cache.
         assert _replies(generator, prompts[:1], 10) == expected[:1]
@@ -198,7 +181,7 @@ def test_a_prompt_with_a_cached_prefix_prefilled_beside_one_without_matches_gene
             generator.render_chat([ChatMessage("user", INSTRUCTION + TEXTS[3])]),
             generator.render_chat([ChatMessage("user", TEXTS[1] + " " + TEXTS[2])]),
         ]
-        expected = [_reference(llama_dir, p, 12) for p in prompts]
+        expected = [greedy_tokens(llama_dir, p, 12) for p in prompts]
         assert _replies(generator, prompts, 12) == expected
         assert generator.stats().prefix_hit_tokens > before
     finally:
@@ -211,7 +194,7 @@ def test_without_a_prefix_budget_nothing_is_reused_and_replies_are_the_same(llam
     )
     try:
         prompts = [generator.render_chat([ChatMessage("user", INSTRUCTION + text)]) for text in TEXTS[:2]]
-        expected = [_reference(llama_dir, p, 6) for p in prompts]
+        expected = [greedy_tokens(llama_dir, p, 6) for p in prompts]
         assert _replies(generator, prompts, 6) == expected
         assert _replies(generator, prompts, 6) == expected
         assert generator.stats().prefix_hit_tokens == 0
@@ -235,7 +218,7 @@ def test_an_adapter_never_reuses_the_base_model_s_prefixes(llama_dir: Path, tmp_
 
         asyncio.run(base_reply())
         before = generator.stats().prefix_hit_tokens
-        expected = _reference(llama_dir, prompt, 10, adapter=adapter)
+        expected = merged_greedy_tokens(adapter, prompt, 10)
         assert _replies(generator, [prompt], 10) == [expected]
         assert generator.stats().prefix_hit_tokens == before, "the adapter's row must not reuse the base's prefix"
         # Its own second request does.
