@@ -476,9 +476,11 @@ class ContinuousBatcher:
         positions = (cached + mask.cumsum(-1) - 1).clamp(min=0)
         cache = _new_cache(self._model.config)
         if cached:
+            prefixes = [s.prefix for s in admitted]
+            assert all(p is not None for p in prefixes), "a row with cached tokens has their keys and values"
             for index in range(len(cache.layers)):
-                keys = torch.stack([s.prefix[index][0] for s in admitted if s.prefix is not None])
-                values = torch.stack([s.prefix[index][1] for s in admitted if s.prefix is not None])
+                keys = torch.stack([p[index][0] for p in prefixes if p is not None])
+                values = torch.stack([p[index][1] for p in prefixes if p is not None])
                 cache.update(keys, values, index)
             mask = torch.cat([torch.ones((len(admitted), cached), dtype=torch.long), mask], dim=1)
         for sequence in admitted:
