@@ -109,7 +109,7 @@ test: install check-generated lint typecheck compose-check helm-check monitoring
 test-heavy: install stack-up  ## the tests with real 100+ MB models through a service (SmolLM2's GGUF imported into S3, a few SFT steps on it through Ray; ~4 min; not in CI)
 	@$(PY) -m pytest -m heavy tests services -p no:cacheprovider $(PYTEST_ARGS)
 
-chaos: install stack-up  ## the chaos suite: the loop under one fault at a time, and the chat demo with services killed (~30 min; not in CI)
+chaos: install stack-up  ## the chaos suite: the loop under one fault at a time (~20 min; not in CI)
 	@$(PY) -m pytest -m chaos tests/chaos -p no:cacheprovider $(PYTEST_ARGS)
 
 cluster-test: install  ## the multi-node tests: Ray, Kafka and service replicas across network namespaces (root; ~15 min; not in CI)
