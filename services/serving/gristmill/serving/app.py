@@ -143,7 +143,7 @@ def build_app(
     if loader is None:
         # Each version is loaded by the runtime of its task type; torch and transformers (seconds and hundreds
         # of MB to import) are imported here, not at module import.
-        loader = TaskRuntimeLoader(trace=settings.trace_models)
+        loader = TaskRuntimeLoader(trace=settings.trace_models, generation_limits=settings.generation_limits())
     metrics = ServingMetrics(platform.metrics)
     manager = DeploymentManager(
         source,

@@ -12,6 +12,12 @@ from pydantic_settings import SettingsConfigDict
 from gristmill.core.events.topics import SERVING_ALIASES
 from gristmill.core.ports import OPENAI_HTTP_PORT_OFFSET, SERVING_PORT, default_address
 from gristmill.core.settings import ServiceSettings
+from gristmill.serving.domain.generation import (
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_SEQUENCES,
+    DEFAULT_PREFILL_TOKENS,
+    EngineLimits,
+)
 
 _REPLICA_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 
@@ -58,6 +64,18 @@ class ServingSettings(ServiceSettings):
     # aggregator then sums a batch per transaction). Usage reaches the admin (and other replicas' quota counters)
     # that much later.
     outbox_linger_s: float = Field(default=0.2, ge=0, le=5)
+    # The continuous batcher of each generative base model (what vLLM calls its engine arguments), the same for
+    # every chat deployment of this process: sequences decoding together (vLLM's --max-num-seqs); tokens reserved
+    # across them, each request's prompt plus max_tokens (the KV cache budget; a longer single request is
+    # INVALID_ARGUMENT); requests waiting for a place before RESOURCE_EXHAUSTED; prompt tokens prefilled in one
+    # step (a burst of long prompts is spread over steps); MiB of prompt prefixes kept for later prompts that start
+    # alike (0: no prefix caching); torch threads of the model's thread (0: one per CPU core).
+    generation_max_sequences: int = Field(default=DEFAULT_MAX_SEQUENCES, ge=1, le=4096)
+    generation_max_cache_tokens: int = Field(default=32 * 1024, ge=16, le=16 * 2**20)
+    generation_max_queue: int = Field(default=DEFAULT_MAX_QUEUE, ge=1, le=1_000_000)
+    generation_max_prefill_tokens: int = Field(default=DEFAULT_PREFILL_TOKENS, ge=1, le=16 * 2**20)
+    generation_prefix_cache_mib: int = Field(default=64, ge=0, le=2**20)
+    generation_threads: int = Field(default=0, ge=0, le=256)
 
     @field_validator("replica")
     @classmethod
@@ -92,6 +110,17 @@ class ServingSettings(ServiceSettings):
 
     def resolved_batch_workers(self) -> int:
         return self.batch_workers or os.cpu_count() or 1
+
+    def generation_limits(self) -> EngineLimits:
+        """The continuous batcher's limits these settings give (``generation_*``)."""
+        return EngineLimits(
+            max_sequences=self.generation_max_sequences,
+            max_cache_tokens=self.generation_max_cache_tokens,
+            max_queue=self.generation_max_queue,
+            max_prefill_tokens=self.generation_max_prefill_tokens,
+            prefix_cache_bytes=self.generation_prefix_cache_mib * 2**20,
+            threads=self.generation_threads or os.cpu_count() or 1,
+        )
 
     def resolved_model_cache_dir(self) -> Path:
         return self.model_cache_dir or self.data_dir / "models"

@@ -13,7 +13,13 @@ import torch
 from transformers import PreTrainedModel
 
 from gristmill.core.chat import ChatMessage
-from gristmill.core.errors import DeadlineExceededError, InvalidArgumentError, ResourceExhaustedError
+from gristmill.core.errors import (
+    ConfigurationError,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
+from gristmill.core.settings import load_settings
 from gristmill.serving.domain.generation import (
     FinishReason,
     GenerationRequest,
@@ -30,6 +36,8 @@ from gristmill.serving.runtime.generation import (
     load_transformers_generator,
     nucleus,
 )
+from gristmill.serving.settings import ServingSettings
+from gristmill.serving.tasks import TaskRuntimeLoader
 from services.serving.tests.support import decoding_paused, greedy_tokens, merged_greedy_tokens
 from tests.support.tiny_model import make_tiny_llama, make_tiny_lora_adapter
 
@@ -471,3 +479,43 @@ def test_draw_follows_the_weights_and_never_draws_a_zero_weight() -> None:
     first = [draw(weights, torch.Generator().manual_seed(5)) for _ in range(3)]
     assert first == [draw(weights * 7, torch.Generator().manual_seed(5)) for _ in range(3)]
     assert draw(torch.tensor([0.0, 0.0, 2.0]), None) == 2
+
+
+# --------------------------------------------------------------------------- the service's settings
+
+
+def test_the_services_generation_settings_reach_the_batcher(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = {"MAX_SEQUENCES": "3", "MAX_CACHE_TOKENS": "64", "MAX_QUEUE": "5", "MAX_PREFILL_TOKENS": "100"}
+    settings |= {"PREFIX_CACHE_MIB": "0", "THREADS": "1"}
+    for name, value in settings.items():
+        monkeypatch.setenv(f"GRISTMILL_SERVING_GENERATION_{name}", value)
+    limits = load_settings(ServingSettings).generation_limits()
+    assert limits == EngineLimits(
+        max_sequences=3, max_cache_tokens=64, max_queue=5, max_prefill_tokens=100, prefix_cache_bytes=0, threads=1
+    )
+    # Through the service's loader, as build_app makes it: the chat task hands the limits to the batcher.
+    generator = TaskRuntimeLoader(trace=False, generation_limits=limits)(llama_dir, _resolved(), LoadOptions())
+    assert isinstance(generator, TransformersGenerator)
+    try:
+        assert generator._batcher.limits == limits
+
+        async def too_long() -> None:
+            generator.submit(_request("long", [5] * 10, 60))
+
+        with pytest.raises(InvalidArgumentError, match="exceed the deployment's cache budget of 64 tokens"):
+            asyncio.run(too_long())
+    finally:
+        generator.close()
+
+
+def test_generation_settings_default_to_the_engines_defaults_and_bad_ones_name_their_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert ServingSettings().generation_limits() == EngineLimits()
+    monkeypatch.setenv("GRISTMILL_SERVING_GENERATION_MAX_SEQUENCES", "0")
+    with pytest.raises(ConfigurationError, match="GRISTMILL_SERVING_GENERATION_MAX_SEQUENCES='0'"):
+        load_settings(ServingSettings)
+    monkeypatch.setenv("GRISTMILL_SERVING_GENERATION_MAX_SEQUENCES", "8")
+    monkeypatch.setenv("GRISTMILL_SERVING_GENERATION_PREFIX_CACHE_MIB", "-1")
+    with pytest.raises(ConfigurationError, match="GRISTMILL_SERVING_GENERATION_PREFIX_CACHE_MIB='-1'"):
+        load_settings(ServingSettings)

@@ -11,6 +11,7 @@ import pytest
 
 from gristmill.core.errors import FailedPreconditionError
 from gristmill.core.tasks import CHAT, TEXT_CLASSIFICATION, TEXT_MULTI_LABEL_CLASSIFICATION
+from gristmill.serving.domain.generation import EngineLimits
 from gristmill.serving.domain.model import DeploymentSpec, VersionSelector
 from gristmill.serving.domain.sources import TASK_MULTI_LABEL, TASK_SINGLE_LABEL, LoadOptions, ResolvedVersion
 from gristmill.serving.tasks import SERVING_TASKS, TaskRuntimeLoader, serving_task
@@ -38,24 +39,35 @@ def test_a_version_of_a_task_without_a_runtime_is_a_failed_precondition(task: st
 
 
 def test_the_loader_hands_each_version_to_the_runtime_of_its_task(monkeypatch: pytest.MonkeyPatch) -> None:
-    loads: list[tuple[str, bool]] = []
+    loads: list[tuple[str, bool, EngineLimits]] = []
     for name in SERVING_TASKS.names():
         task = SERVING_TASKS.get(name)
 
         def load(
-            directory: Path, resolved: ResolvedVersion, options: LoadOptions, *, trace: bool, _n: str = name
+            directory: Path,
+            resolved: ResolvedVersion,
+            options: LoadOptions,
+            *,
+            trace: bool,
+            limits: EngineLimits,
+            _n: str = name,
         ) -> Any:
-            loads.append((_n, trace))
+            loads.append((_n, trace, limits))
             return f"runtime of {resolved.version}"
 
         monkeypatch.setattr(task, "load", load)
-    loader = TaskRuntimeLoader(trace=False)
+    limits = EngineLimits(max_sequences=4)
+    loader = TaskRuntimeLoader(trace=False, generation_limits=limits)
     single: object = loader(Path("/m"), ResolvedVersion("m", 1, task=TASK_SINGLE_LABEL), LoadOptions())
     multi: object = loader(Path("/m"), ResolvedVersion("m", 2, task=TASK_MULTI_LABEL), LoadOptions())
     assert (single, multi) == ("runtime of 1", "runtime of 2")
     chat: object = loader(Path("/m"), ResolvedVersion("m", 3, task="TASK_TYPE_CHAT"), LoadOptions())
     assert chat == "runtime of 3"
-    assert loads == [(TEXT_CLASSIFICATION, False), (TEXT_MULTI_LABEL_CLASSIFICATION, False), (CHAT, False)]
+    assert loads == [
+        (TEXT_CLASSIFICATION, False, limits),
+        (TEXT_MULTI_LABEL_CLASSIFICATION, False, limits),
+        (CHAT, False, limits),
+    ]
     with pytest.raises(FailedPreconditionError, match="'preference' is not supported by serving"):
         loader(Path("/m"), ResolvedVersion("m", 4, task="TASK_TYPE_PREFERENCE"), LoadOptions())
 

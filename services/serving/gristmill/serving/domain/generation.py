@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import math
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -26,6 +27,35 @@ MAX_NEW_TOKENS_LIMIT = 4096
 DEFAULT_MAX_NEW_TOKENS = 256
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_LENGTH = 64
+
+DEFAULT_MAX_SEQUENCES = 32
+DEFAULT_MAX_QUEUE = 256
+# Prompt tokens prefilled in one step: a burst of long prompts is spread over steps so that the running
+# sequences keep producing tokens in between.
+DEFAULT_PREFILL_TOKENS = 2048
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """The continuous batcher's limits for one base model (``runtime/generation.py``); a service sets them from
+    its settings (``ServingSettings.generation_limits``)."""
+
+    # Sequences decoding together.
+    max_sequences: int = DEFAULT_MAX_SEQUENCES
+    # Tokens (prompt + max new tokens, reserved at admission) across running sequences: the KV cache budget.
+    max_cache_tokens: int = 32 * 1024
+    # Requests waiting for a place before submit answers RESOURCE_EXHAUSTED.
+    max_queue: int = DEFAULT_MAX_QUEUE
+    max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS
+    # Prompts prefilled together pad to the longest: a group closes when its padded size would exceed this many
+    # times its real tokens (one forward pass per group).
+    prefill_padding: float = 1.2
+    # Bytes of keys and values of prompt prefixes kept for later prompts that start alike
+    # (``runtime/prefix_cache.py``; 0: off). SmolLM2 holds 46 KB per token: 64 MiB is ~1,400 tokens.
+    prefix_cache_bytes: int = 64 * 2**20
+    # torch intra-op threads of the model's thread: one batched forward uses every core (0 keeps torch's
+    # setting). The classifiers' one-thread default suits several small batches side by side, not this.
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
 
 
 class FinishReason(StrEnum):

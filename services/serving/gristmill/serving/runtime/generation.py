@@ -24,7 +24,6 @@ of different lengths. Only full-attention layers are supported (Llama, Qwen2, GP
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import warnings
@@ -51,6 +50,7 @@ from gristmill.core.errors import (
 )
 from gristmill.core.hf_loading import model_loading
 from gristmill.serving.domain.generation import (
+    EngineLimits,
     EngineStats,
     FinishReason,
     FormatKind,
@@ -69,33 +69,7 @@ from gristmill.serving.runtime.threads import use_threads_here
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_SEQUENCES = 32
-DEFAULT_MAX_QUEUE = 256
-# Prompt tokens prefilled in one step: a burst of long prompts is spread over steps so that the running
-# sequences keep producing tokens in between.
-DEFAULT_PREFILL_TOKENS = 2048
 _NO_LIMIT = 1_000_000
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    # Sequences decoding together.
-    max_sequences: int = DEFAULT_MAX_SEQUENCES
-    # Tokens (prompt + max new tokens, reserved at admission) across running sequences: the KV cache budget.
-    max_cache_tokens: int = 32 * 1024
-    # Requests waiting for a place before submit answers RESOURCE_EXHAUSTED.
-    max_queue: int = DEFAULT_MAX_QUEUE
-    max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS
-    # Prompts prefilled together pad to the longest: a group closes when its padded size would exceed this many
-    # times its real tokens (one forward pass per group).
-    prefill_padding: float = 1.2
-    # Bytes of keys and values of prompt prefixes kept for later prompts that start alike
-    # (``runtime/prefix_cache.py``; 0: off). SmolLM2 holds 46 KB per token: 64 MiB is ~1,400 tokens.
-    prefix_cache_bytes: int = 64 * 2**20
-    # torch intra-op threads of the model's thread: one batched forward uses every core (0 keeps torch's
-    # setting). The classifiers' one-thread default suits several small batches side by side, not this.
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-
 
 DEFAULT_LIMITS = EngineLimits()
 

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from gristmill.core.errors import FailedPreconditionError, GristmillError
 from gristmill.core.tasks import CHAT, TEXT_CLASSIFICATION, TEXT_MULTI_LABEL_CLASSIFICATION, TaskRegistry
-from gristmill.serving.domain.generation import GenerativeModel
+from gristmill.serving.domain.generation import EngineLimits, GenerativeModel
 from gristmill.serving.domain.sources import Classifier, LoadOptions, ResolvedVersion
 
 
@@ -28,9 +28,10 @@ class ServingTask(Protocol):
         ...
 
     def load(
-        self, directory: Path, resolved: ResolvedVersion, options: LoadOptions, *, trace: bool
+        self, directory: Path, resolved: ResolvedVersion, options: LoadOptions, *, trace: bool, limits: EngineLimits
     ) -> Classifier | GenerativeModel:
-        """The warmed-up runtime for the version fetched into ``directory``. Blocks: call it off the event loop."""
+        """The warmed-up runtime for the version fetched into ``directory``. Blocks: call it off the event loop.
+        ``trace``: a classifier may run as a TorchScript trace; ``limits``: a generator's continuous batcher."""
         ...
 
 
@@ -55,16 +56,20 @@ def serving_task(resolved: ResolvedVersion, *, error: type[GristmillError] = Fai
 class TaskRuntimeLoader:
     """The ``ModelLoader`` of the service: each version is loaded by the runtime of its task type."""
 
-    def __init__(self, *, trace: bool = True) -> None:
+    def __init__(self, *, trace: bool = True, generation_limits: EngineLimits | None = None) -> None:
         # Whether runtimes may trace their forward pass (TorchScript) after loading.
         self.trace = trace
+        # The continuous batcher's limits of every generative base model this loader loads.
+        self.generation_limits = generation_limits or EngineLimits()
         for name in SERVING_TASKS.names():
             SERVING_TASKS.get(name).prepare()
 
     def __call__(
         self, directory: Path, resolved: ResolvedVersion, options: LoadOptions
     ) -> Classifier | GenerativeModel:
-        return serving_task(resolved).load(directory, resolved, options, trace=self.trace)
+        return serving_task(resolved).load(
+            directory, resolved, options, trace=self.trace, limits=self.generation_limits
+        )
 
 
 def _register() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gristmill.serving.domain.generation import GenerativeModel
+from gristmill.serving.domain.generation import EngineLimits, GenerativeModel
 from gristmill.serving.domain.sources import LoadOptions, ResolvedVersion
 
 
@@ -19,8 +19,10 @@ class ChatGeneration:
     def prepare(self) -> None:
         import gristmill.serving.runtime.generation  # noqa: F401
 
-    def load(self, directory: Path, resolved: ResolvedVersion, options: LoadOptions, *, trace: bool) -> GenerativeModel:
+    def load(
+        self, directory: Path, resolved: ResolvedVersion, options: LoadOptions, *, trace: bool, limits: EngineLimits
+    ) -> GenerativeModel:
         # Imported here: torch and transformers take seconds and hundreds of MB to import.
         from gristmill.serving.runtime.generation import load_transformers_generator
 
-        return load_transformers_generator(directory, resolved, options)
+        return load_transformers_generator(directory, resolved, options, limits=limits)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gristmill.serving.domain.generation import EngineLimits
 from gristmill.serving.domain.sources import Classifier, LoadOptions, ResolvedVersion
 
 
@@ -21,7 +22,9 @@ class TextClassification:
     def prepare(self) -> None:
         import gristmill.serving.runtime.classifier  # noqa: F401
 
-    def load(self, directory: Path, resolved: ResolvedVersion, options: LoadOptions, *, trace: bool) -> Classifier:
+    def load(
+        self, directory: Path, resolved: ResolvedVersion, options: LoadOptions, *, trace: bool, limits: EngineLimits
+    ) -> Classifier:
         # Imported here: torch and transformers take seconds and hundreds of MB to import.
         from gristmill.serving.runtime.classifier import load_transformers_classifier
 
