@@ -73,7 +73,7 @@ from gristmill.core.tls import TLS_VARIABLES
 from tests.conftest import REPO_ROOT
 from tests.support.chat_demo import alias_history, feedback_items
 from tests.support.licences import TEST_KEY_B64, signed_license_file
-from tests.support.services import free_port_block, restart_service
+from tests.support.services import free_port_block, gristmill_process, restart_service
 from tests.support.tiny_model import make_tiny_lora_adapter
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -109,17 +109,6 @@ class FaultyRun:
 
     def log(self, service: str) -> str:
         return (self.run_dir / "logs" / f"{service}.log").read_text(errors="replace")
-
-
-def _gristmill(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gristmill.cli.main", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
 
 
 def _wait_progress(
@@ -182,7 +171,7 @@ def faulty(
         yield FaultyRun(json.loads(stdout.read_text()), run_dir, work, s3_endpoint, killed, progress)
     finally:
         # `down` stops every service of this run (the restarted ones included); the stack stays up.
-        _gristmill("down", "--keep-stack", *common, env=env)
+        gristmill_process("down", "--keep-stack", *common, env=env)
         with contextlib.suppress(Exception):
             LocalStack(run_dir, base_port=base_port, group_suffix=suffix).drop_databases()
 

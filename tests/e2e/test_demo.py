@@ -49,7 +49,7 @@ from gristmill.cli.serving_commands import predict_oip, predict_typed
 from gristmill.client import ClientOptions, Endpoints, Gristmill, UnauthenticatedError, UnavailableError
 from gristmill.core.tls import TLS_VARIABLES, TlsSettings, channel_credentials, tls_files
 from tests.conftest import REPO_ROOT
-from tests.support.services import free_port_block, restart_service
+from tests.support.services import free_port_block, gristmill_process, restart_service
 from tests.support.tls import der, served_certificate
 
 # One demo run backs the module: its setup is the whole loop (about 1.5-2 minutes, more on a busy machine).
@@ -105,17 +105,6 @@ class DemoRun:
         return {**self.env, **files}
 
 
-def _gristmill(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gristmill.cli.main", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-
-
 @pytest.fixture(scope="module")
 def demo(
     kafka_bootstrap: str, s3_endpoint: dict[str, str], tmp_path_factory: pytest.TempPathFactory
@@ -152,7 +141,7 @@ def demo(
         yield DemoRun(json.loads(stdout.read_text()), run_dir, base_port, registry_pids, progress, env)
     finally:
         # `down` stops every service of this run (the restarted registry included); the stack stays up.
-        _gristmill("down", "--keep-stack", *common, env=env)
+        gristmill_process("down", "--keep-stack", *common, env=env)
         # Cleanup must not hide why the run failed (PostgreSQL gone, say).
         with contextlib.suppress(Exception):
             LocalStack(run_dir, base_port=base_port, group_suffix=suffix).drop_databases()
@@ -260,12 +249,12 @@ def test_a_registry_killed_mid_run_loses_nothing_and_duplicates_nothing(demo: De
 
 def test_up_is_idempotent_and_status_sees_every_service(demo: DemoRun) -> None:
     common = ["--run-dir", str(demo.run_dir), "--base-port", str(demo.base_port)]
-    up = _gristmill("up", "--tls", *common, env=demo.env)
+    up = gristmill_process("up", "--tls", *common, env=demo.env)
     assert up.returncode == 0, up.stderr
     assert "mTLS is on" in up.stdout
     for name, address in demo.summary["endpoints"].items():
         assert f"{name}: serving on {address}" in up.stdout
-    status = _gristmill("--endpoints", demo.endpoints_option, "status", "--json", env=demo.client_env())
+    status = gristmill_process("--endpoints", demo.endpoints_option, "status", "--json", env=demo.client_env())
     assert status.returncode == 0, status.stderr
     assert {r["service"]: r["health"] for r in json.loads(status.stdout)} == dict.fromkeys(ALL_SERVICES, "SERVING")
     # The console is its own process of the stack, at the sixth port after the first service's.
@@ -312,7 +301,7 @@ def test_every_service_runs_with_a_certificate_of_its_own(demo: DemoRun) -> None
 
 
 def test_status_says_in_one_line_per_service_why_a_plaintext_client_sees_it_down(demo: DemoRun) -> None:
-    plain = _gristmill("--endpoints", demo.endpoints_option, "status", "--json", env=demo.env)
+    plain = gristmill_process("--endpoints", demo.endpoints_option, "status", "--json", env=demo.env)
     assert plain.returncode == 1
     assert {r["health"] for r in json.loads(plain.stdout)} == {"DOWN"}
     lines = plain.stderr.strip().splitlines()
@@ -327,7 +316,7 @@ def test_clients_without_the_right_certificate_are_refused_in_one_clear_line(dem
     registry = demo.endpoints.registry
     models = ("--endpoints", demo.endpoints_option, "--api-key", demo.api_key, "models", "list")
     # Plaintext, through the CLI: status UNAVAILABLE, one line.
-    plain = _gristmill(*models, env=demo.env)
+    plain = gristmill_process(*models, env=demo.env)
     assert plain.returncode == 1
     assert plain.stderr.strip() == (
         f"gristmill: unavailable: TLS: the registry service at {registry} speaks TLS but this client is plaintext; "
@@ -336,14 +325,14 @@ def test_clients_without_the_right_certificate_are_refused_in_one_clear_line(dem
     # A client certificate from another CA (the client trusts the stack's CA, so only its own side is wrong).
     other = tmp_path / "other-ca"
     subprocess.run([str(REPO_ROOT / "deploy/local/certs.sh"), str(other)], check=True, capture_output=True)
-    foreign = _gristmill(*models, env=demo.client_env(certs=other))
+    foreign = gristmill_process(*models, env=demo.client_env(certs=other))
     assert foreign.returncode == 1
     assert foreign.stderr.strip() == (
         f"gristmill: unavailable: TLS: the registry service at {registry} refused our certificate "
         f"{other / 'client.pem'} (unknown CA: it was not signed by the server's CA)"
     )
     # Our certificate, but trusting another CA: this side refuses the server.
-    distrust = _gristmill(*models, env=demo.client_env(ca=other / "ca.pem"))
+    distrust = gristmill_process(*models, env=demo.client_env(ca=other / "ca.pem"))
     assert distrust.returncode == 1 and len(distrust.stderr.strip().splitlines()) == 1
     assert distrust.stderr.strip().startswith(
         f"gristmill: unavailable: TLS: we refused the certificate of the registry service at {registry} (unknown CA"

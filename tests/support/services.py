@@ -58,3 +58,15 @@ def restart_service(run_dir: Path, service: str) -> tuple[int, int]:
         ).pid
     pid_file.write_text(f"{new}\n")
     return old, new
+
+
+def gristmill_process(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``gristmill ARGS`` as its own process (from the repository's root), its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "gristmill.cli.main", *args],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
