@@ -13,9 +13,11 @@ from gristmill.core.events.topics import SERVING_ALIASES
 from gristmill.core.ports import OPENAI_HTTP_PORT_OFFSET, SERVING_PORT, default_address
 from gristmill.core.settings import ServiceSettings
 from gristmill.serving.domain.generation import (
+    DEFAULT_CACHE_TOKENS,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_SEQUENCES,
     DEFAULT_PREFILL_TOKENS,
+    DEFAULT_PREFIX_CACHE_MIB,
     EngineLimits,
 )
 
@@ -71,10 +73,10 @@ class ServingSettings(ServiceSettings):
     # step (a burst of long prompts is spread over steps); MiB of prompt prefixes kept for later prompts that start
     # alike (0: no prefix caching); torch threads of the model's thread (0: one per CPU core).
     generation_max_sequences: int = Field(default=DEFAULT_MAX_SEQUENCES, ge=1, le=4096)
-    generation_max_cache_tokens: int = Field(default=32 * 1024, ge=16, le=16 * 2**20)
+    generation_max_cache_tokens: int = Field(default=DEFAULT_CACHE_TOKENS, ge=16, le=16 * 2**20)
     generation_max_queue: int = Field(default=DEFAULT_MAX_QUEUE, ge=1, le=1_000_000)
     generation_max_prefill_tokens: int = Field(default=DEFAULT_PREFILL_TOKENS, ge=1, le=16 * 2**20)
-    generation_prefix_cache_mib: int = Field(default=64, ge=0, le=2**20)
+    generation_prefix_cache_mib: int = Field(default=DEFAULT_PREFIX_CACHE_MIB, ge=0, le=2**20)
     generation_threads: int = Field(default=0, ge=0, le=256)
 
     @field_validator("replica")

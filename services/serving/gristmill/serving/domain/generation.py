@@ -33,6 +33,9 @@ DEFAULT_MAX_QUEUE = 256
 # Prompt tokens prefilled in one step: a burst of long prompts is spread over steps so that the running
 # sequences keep producing tokens in between.
 DEFAULT_PREFILL_TOKENS = 2048
+DEFAULT_CACHE_TOKENS = 32 * 1024
+# SmolLM2 holds 46 KB of keys and values per token: 64 MiB is ~1,400 tokens.
+DEFAULT_PREFIX_CACHE_MIB = 64
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class EngineLimits:
     # Sequences decoding together.
     max_sequences: int = DEFAULT_MAX_SEQUENCES
     # Tokens (prompt + max new tokens, reserved at admission) across running sequences: the KV cache budget.
-    max_cache_tokens: int = 32 * 1024
+    max_cache_tokens: int = DEFAULT_CACHE_TOKENS
     # Requests waiting for a place before submit answers RESOURCE_EXHAUSTED.
     max_queue: int = DEFAULT_MAX_QUEUE
     max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS
@@ -51,8 +54,8 @@ class EngineLimits:
     # times its real tokens (one forward pass per group).
     prefill_padding: float = 1.2
     # Bytes of keys and values of prompt prefixes kept for later prompts that start alike
-    # (``runtime/prefix_cache.py``; 0: off). SmolLM2 holds 46 KB per token: 64 MiB is ~1,400 tokens.
-    prefix_cache_bytes: int = 64 * 2**20
+    # (``runtime/prefix_cache.py``; 0: off).
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_MIB * 2**20
     # torch intra-op threads of the model's thread: one batched forward uses every core (0 keeps torch's
     # setting). The classifiers' one-thread default suits several small batches side by side, not this.
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
