@@ -65,7 +65,7 @@ from gristmill.cli import chat_demo_data as chat_data
 from gristmill.cli.chat_demo import SimulatedUsers, openai_base_url
 from gristmill.cli.platforms import LocalStack
 from gristmill.cli.processes import wait_serving
-from gristmill.client import ClientOptions, Endpoints, Gristmill
+from gristmill.client import ClientOptions, Gristmill
 from gristmill.core.manifests import FileEntry, ModelManifest
 from gristmill.core.settings import S3Settings
 from gristmill.core.storage import open_object_store
@@ -73,7 +73,7 @@ from gristmill.core.tls import TLS_VARIABLES
 from tests.conftest import REPO_ROOT
 from tests.support.chat_demo import alias_history, feedback_items
 from tests.support.licences import TEST_KEY_B64, signed_license_file
-from tests.support.services import free_port_block, gristmill_process, restart_service
+from tests.support.services import LocalRunFiles, free_port_block, gristmill_process, restart_service
 from tests.support.tiny_model import make_tiny_lora_adapter
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -86,7 +86,7 @@ AFTER_DPO_STEP = "==> registry registers the next adapter"
 
 
 @dataclass
-class FaultyRun:
+class FaultyRun(LocalRunFiles):
     summary: dict[str, Any]
     run_dir: Path
     work: Path
@@ -94,21 +94,10 @@ class FaultyRun:
     killed: dict[str, tuple[int, int]]  # service: (old pid, new pid)
     progress: str
 
-    @property
-    def endpoints(self) -> Endpoints:
-        return Endpoints(**self.summary["endpoints"])
-
-    @property
-    def api_key(self) -> str:
-        return (self.run_dir / "services" / "admin" / "root-admin.key").read_text().strip()
-
     def client(self) -> Gristmill:
         return Gristmill(
             self.endpoints, ClientOptions(timeout_s=60, api_key=self.api_key, tls=None, max_attempts=20, backoff_s=0.5)
         )
-
-    def log(self, service: str) -> str:
-        return (self.run_dir / "logs" / f"{service}.log").read_text(errors="replace")
 
 
 def _wait_progress(

@@ -46,10 +46,10 @@ from gristmill.api.serving.v1 import serving_pb2 as sv
 from gristmill.cli import demo_data
 from gristmill.cli.platforms import LocalStack
 from gristmill.cli.serving_commands import predict_oip, predict_typed
-from gristmill.client import ClientOptions, Endpoints, Gristmill, UnauthenticatedError, UnavailableError
+from gristmill.client import ClientOptions, Gristmill, UnauthenticatedError, UnavailableError
 from gristmill.core.tls import TLS_VARIABLES, TlsSettings, channel_credentials, tls_files
 from tests.conftest import REPO_ROOT
-from tests.support.services import free_port_block, gristmill_process, restart_service
+from tests.support.services import LocalRunFiles, free_port_block, gristmill_process, restart_service
 from tests.support.tls import der, served_certificate
 
 # One demo run backs the module: its setup is the whole loop (about 1.5-2 minutes, more on a busy machine).
@@ -60,25 +60,13 @@ ALL_SERVICES = ("admin", *SERVICES)
 
 
 @dataclass
-class DemoRun:
+class DemoRun(LocalRunFiles):
     summary: dict[str, Any]
     run_dir: Path
     base_port: int
     registry_pids: tuple[int, int]
     progress: str
     env: dict[str, str]  # the test's environment without any GRISTMILL_TLS_* (a plaintext client)
-
-    @property
-    def endpoints(self) -> Endpoints:
-        return Endpoints(**self.summary["endpoints"])
-
-    @property
-    def api_key(self) -> str:
-        """The root admin key the admin service wrote at its first start (the demo used it too)."""
-        return (self.run_dir / "services" / "admin" / "root-admin.key").read_text().strip()
-
-    def log(self, service: str) -> str:
-        return (self.run_dir / "logs" / f"{service}.log").read_text(errors="replace")
 
     @property
     def certs(self) -> Path:

@@ -10,6 +10,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from gristmill.client import Endpoints
 
 
 def free_port_block(size: int = 5) -> int:
@@ -70,3 +73,23 @@ def gristmill_process(*args: str, env: dict[str, str], timeout: float = 120) -> 
         timeout=timeout,
         env=env,
     )
+
+
+class LocalRunFiles:
+    """What a ``gristmill demo --stack local`` run left in its run directory, for a test's record of the run (a
+    dataclass with ``summary``, the demo's JSON summary, and ``run_dir``)."""
+
+    summary: dict[str, Any]
+    run_dir: Path
+
+    @property
+    def endpoints(self) -> Endpoints:
+        return Endpoints(**self.summary["endpoints"])
+
+    @property
+    def api_key(self) -> str:
+        """The root admin key the admin service wrote at its first start (the demo used it too)."""
+        return (self.run_dir / "services" / "admin" / "root-admin.key").read_text().strip()
+
+    def log(self, service: str) -> str:
+        return (self.run_dir / "logs" / f"{service}.log").read_text(errors="replace")
