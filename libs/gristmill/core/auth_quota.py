@@ -53,7 +53,7 @@ from gristmill.api.admin.v1 import admin_pb2
 from gristmill.api.events.v1 import events_pb2
 from gristmill.core.auth import Principal
 from gristmill.core.errors import GristmillError, InvalidArgumentError, ResourceExhaustedError, UnavailableError
-from gristmill.core.events import EventCatalog, Outbox, OutboxWriter
+from gristmill.core.events import Event, EventCatalog, Outbox, OutboxWriter
 from gristmill.core.sql import Database
 from gristmill.core.values import utc_now
 
@@ -234,11 +234,22 @@ class UsageRecorder:
 
     def add(self, session: Session, records: Sequence[UsageRecord]) -> None:
         """Stage the events in the caller's transaction: one per (organisation, key, kind, resource), summed."""
+        Outbox.add_many(session, self._events_of(records))
+
+    def record(self, records: Sequence[UsageRecord], session: Session | None = None) -> None:
+        """Write the events, in ``session`` when given (commits with the caller's change), else on their own
+        (``Outbox.write_now``: the cheapest commit; a call's usage is written before its answer)."""
+        if session is not None:
+            self.add(session, records)
+            return
+        Outbox.write_now(self._database, self._events_of(records))
+
+    def _events_of(self, records: Sequence[UsageRecord]) -> list[Event]:
         totals: dict[tuple[str, str, UsageKind, str], float] = defaultdict(float)
         for record in records:
             if record.quantity > 0:  # the event's quantity is positive by contract; zero usage is no usage
                 totals[(record.organization_id, record.api_key_id, record.kind, record.resource)] += record.quantity
-        events = [
+        return [
             self._events.event(
                 events_pb2.UsageRecorded(
                     organization_id=organization_id,
@@ -251,15 +262,6 @@ class UsageRecorder:
             )
             for (organization_id, api_key_id, kind, resource), quantity in totals.items()
         ]
-        Outbox.add_many(session, events)
-
-    def record(self, records: Sequence[UsageRecord], session: Session | None = None) -> None:
-        """Write the events, in ``session`` when given (commits with the caller's change), else on their own."""
-        if session is not None:
-            self.add(session, records)
-            return
-        with self._database.transaction() as own:
-            self.add(own, records)
 
     async def commit_grouped(self, records: Sequence[UsageRecord]) -> None:
         """Write ``records`` together with those of the calls waiting at the same time; return once they are

@@ -50,6 +50,7 @@ class Database:
         if parsed.get_backend_name() == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
 
     def create_all(self, *metadatas: MetaData) -> None:
         """Refuse a database whose existing tables lack columns this release reads (``check_schema``, before
@@ -95,10 +96,28 @@ class Database:
         with self._sessions() as session, session.begin():
             yield session
 
-    def on_commit(self, listener: Callable[[Session], None]) -> Callable[[], None]:
-        """Call ``listener(session)`` after each transaction of this database commits; returns the undo."""
-        event.listen(self._sessions, "after_commit", listener)
-        return lambda: event.remove(self._sessions, "after_commit", listener)
+    def on_commit(self, listener: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        """Call ``listener(info)`` after each transaction of this database commits, ``info`` being what its
+        writers noted: the session's ``info``, or what ``committed`` was told for a write made without a session.
+        Returns the undo."""
+
+        def after_session(session: Session) -> None:
+            listener(session.info)
+
+        event.listen(self._sessions, "after_commit", after_session)
+        self._listeners.append(listener)
+
+        def undo() -> None:
+            event.remove(self._sessions, "after_commit", after_session)
+            self._listeners.remove(listener)
+
+        return undo
+
+    def committed(self, info: dict[str, Any]) -> None:
+        """Tell the ``on_commit`` listeners about a transaction committed without a session (a hot path's
+        statement on a DBAPI connection of the pool)."""
+        for listener in list(self._listeners):
+            listener(info)
 
     def dispose(self) -> None:
         self.engine.dispose()

