@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from gristmill.core import auth
 from gristmill.core.auth import (
     ADMIN,
     AUTHENTICATED,
@@ -17,6 +18,7 @@ from gristmill.core.auth import (
     ApiKeyAuthHook,
     AuthSettings,
     DisabledAuthHook,
+    MatchedKeys,
     Principal,
     api_key_id_of,
     bearer_api_key,
@@ -62,6 +64,36 @@ def test_a_wrong_or_damaged_key_does_not_verify() -> None:
     assert not check_api_key(key.secret[:-1] + ("A" if key.secret[-1] != "A" else "B"), key.secret_hash)
     assert not check_api_key(key.secret, "md5$1$xx$yy")
     assert not check_api_key(key.secret, "garbage")
+
+
+def test_matched_keys_answer_as_the_full_check_and_skip_it_for_a_known_pair(monkeypatch: pytest.MonkeyPatch) -> None:
+    key, other = new_api_key(), new_api_key()
+    rehashed = hash_api_key(key.secret)  # the same key's secret stored again (another salt)
+    matched = MatchedKeys(max_entries=2)
+    full_checks: list[str] = []
+    real = auth.check_api_key
+
+    def counting(api_key: str, stored_hash: str) -> bool:
+        full_checks.append(stored_hash)
+        return real(api_key, stored_hash)
+
+    monkeypatch.setattr(auth, "check_api_key", counting)
+    assert matched.check(key.secret, key.secret_hash)
+    assert matched.check(key.secret, key.secret_hash)
+    assert full_checks == [key.secret_hash], "a pair that matched is not checked with PBKDF2 again"
+    # A wrong key, or the right key against another stored hash, is checked in full every time.
+    assert not matched.check(other.secret, key.secret_hash)
+    assert not matched.check(other.secret, key.secret_hash)
+    assert not matched.check(key.secret, other.secret_hash)
+    assert matched.check(key.secret, rehashed)
+    assert full_checks == [key.secret_hash, key.secret_hash, key.secret_hash, other.secret_hash, rehashed]
+    # Bounded: the least recently used pair is forgotten (then checked in full again).
+    assert matched.check(other.secret, other.secret_hash)
+    third = new_api_key()
+    assert matched.check(third.secret, third.secret_hash)
+    full_checks.clear()
+    assert matched.check(key.secret, rehashed)
+    assert full_checks == [rehashed]
 
 
 @pytest.mark.parametrize(

@@ -101,12 +101,14 @@ def test_rotation_keeps_the_old_key_for_the_grace_period_only(env: Env) -> None:
 
 def test_rotation_without_grace_revokes_at_once(env: Env) -> None:
     old = env.admin.create_key(ROOT_ADMIN, "", "deploy", [SERVING_PREDICT], None)
+    assert env.verifier.verify(old.secret) is not None  # the verifier now remembers the key's match
     env.admin.rotate_key(ROOT_ADMIN, old.key.api_key_id, timedelta(0))
     assert env.verifier.verify(old.secret) is None
 
 
 def test_revoke_is_immediate_and_idempotent(env: Env) -> None:
     created = env.admin.create_key(ROOT_ADMIN, "", "x", [ADMIN], None)
+    assert env.verifier.verify(created.secret) is not None  # the verifier now remembers the key's match
     first = env.admin.revoke_key(ROOT_ADMIN, created.key.api_key_id)
     assert first.revoke_time == env.clock.now
     assert env.verifier.verify(created.secret) is None

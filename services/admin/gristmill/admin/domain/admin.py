@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gristmill.admin.domain.model import ApiKey, CreatedKey, Organization
 from gristmill.admin.domain.ports import AdminStore
-from gristmill.core.auth import ADMIN, ApiKeyVerifier, Principal, api_key_id_of, check_api_key, new_api_key
+from gristmill.core.auth import ADMIN, ApiKeyVerifier, MatchedKeys, Principal, api_key_id_of, new_api_key
 from gristmill.core.auth import validate_scopes as _validate_scopes
 from gristmill.core.auth_quota import Plan
 from gristmill.core.errors import (
@@ -266,11 +266,12 @@ class LocalKeyVerifier(ApiKeyVerifier):
     def __init__(self, store: AdminStore, *, clock: Clock = utc_now) -> None:
         self.store = store
         self.clock = clock
+        self._matched = MatchedKeys()
 
     def verify(self, api_key: str) -> Principal | None:
         key_id = api_key_id_of(api_key)
         stored = self.store.get_key(key_id) if key_id else None
-        if stored is None or not check_api_key(api_key, stored.secret_hash):
+        if stored is None or not self._matched.check(api_key, stored.secret_hash):
             return None
         now = self.clock()
         key = stored.key
