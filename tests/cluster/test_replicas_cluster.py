@@ -47,11 +47,11 @@ from gristmill.client import ClientOptions, Endpoints, Gristmill
 from gristmill.core.errors import GristmillError
 from gristmill.core.events import Event, KafkaEventBus
 from gristmill.core.events.topics import platform_catalog
-from gristmill.core.manifests import FileEntry, ModelManifest
 from gristmill.core.ports import ADMIN_PORT, LABELING_PORT, REGISTRY_PORT, SERVING_PORT
 from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.core.storage.s3 import S3ObjectStore
 from tests.support.cluster import LOCAL, NodeCluster, start_s3, wait_port
+from tests.support.job_output import upload_job_output
 from tests.support.tiny_model import make_tiny_bert
 
 pytestmark = pytest.mark.cluster
@@ -140,23 +140,6 @@ def _replica_env(cluster: NodeCluster, node: int, tmp_path: Path) -> dict[str, s
         env[f"{prefix}_DATA_DIR"] = str(tmp_path / "services" / f"n{node}" / service)
         env[f"{prefix}_DATABASE_URL"] = _pg(cluster, f"gristmill_{service}")
     return env
-
-
-def _upload_job_output(objects: S3ObjectStore, model_dir: Path, prefix: str) -> common_pb2.ObjectRef:
-    """What a finished training job leaves in the object store: its files and a manifest listing them."""
-    files = {}
-    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
-        info = objects.put_file(f"{prefix}/{path.relative_to(model_dir).as_posix()}", path)
-        files[path.relative_to(model_dir).as_posix()] = FileEntry(info.key, info.sha256, info.size)
-    manifest = ModelManifest(
-        files=files,
-        task_type="TASK_TYPE_TEXT_CLASSIFICATION",
-        label_map=LABELS,
-        signature={},
-        lineage={"training_job_id": prefix.rsplit("/", 1)[-1]},
-    )
-    info = objects.put_bytes(f"{prefix}/manifest.json", manifest.to_json(), content_type="application/json")
-    return common_pb2.ObjectRef(key=info.key, sha256=info.sha256, size_bytes=info.size)
 
 
 def _job_succeeded(job_id: str, model: str, prefix: str, manifest: common_pb2.ObjectRef) -> events_pb2.JobStateChanged:
@@ -274,7 +257,7 @@ def test_two_replicas_per_service_survive_one_node_killed_under_load(
     published = time.monotonic()
     with KafkaEventBus(KafkaSettings(bootstrap_servers=kafka)) as bus:
         for job in jobs:
-            manifest = _upload_job_output(objects, model_dir, f"jobs/{job}")
+            manifest = upload_job_output(objects, model_dir, f"jobs/{job}")
             event = Event.create(
                 _job_succeeded(job, model, f"jobs/{job}", manifest), key=job, source="training", catalog=catalog
             )

@@ -66,12 +66,12 @@ from gristmill.cli.chat_demo import SimulatedUsers, openai_base_url
 from gristmill.cli.platforms import LocalStack
 from gristmill.cli.processes import wait_serving
 from gristmill.client import ClientOptions, Gristmill
-from gristmill.core.manifests import FileEntry, ModelManifest
 from gristmill.core.settings import S3Settings
 from gristmill.core.storage import open_object_store
 from gristmill.core.tls import TLS_VARIABLES
 from tests.conftest import REPO_ROOT
 from tests.support.chat_demo import alias_history, feedback_items
+from tests.support.job_output import upload_job_output
 from tests.support.licences import TEST_KEY_B64, signed_license_file
 from tests.support.services import LocalRunFiles, free_port_block, gristmill_process, restart_service
 from tests.support.tiny_model import make_tiny_lora_adapter
@@ -364,15 +364,7 @@ def _register_bad_adapter(run: FaultyRun, gm: Gristmill, tmp_path: Path) -> int:
     )
     job = f"bad-adapter-{uuid.uuid4().hex[:8]}"
     prefix = f"uploads/{job}"
-    files = {}
-    for path in sorted(p for p in adapter.rglob("*") if p.is_file()):
-        name = path.relative_to(adapter).as_posix()
-        info = objects.put_file(f"{prefix}/{name}", path)
-        files[name] = FileEntry(info.key, info.sha256, info.size)
-    manifest = ModelManifest(
-        files=files, task_type="TASK_TYPE_CHAT", label_map=[], signature={}, lineage={"training_job_id": job}
-    )
-    info = objects.put_bytes(f"{prefix}/manifest.json", manifest.to_json(), content_type="application/json")
+    manifest = upload_job_output(objects, adapter, prefix, task_type="TASK_TYPE_CHAT", label_map=())
     floors = [m.name for m in v1.metrics if m.split == common_pb2.DATASET_SPLIT_TEST]
     assert {"json_valid", "json_match_sentiment"} <= set(floors), floors
     lineage = common_pb2.Lineage(training_job_id=job, base_model=v1.lineage.base_model)
@@ -381,7 +373,7 @@ def _register_bad_adapter(run: FaultyRun, gm: Gristmill, tmp_path: Path) -> int:
         rg.RegisterModelVersionRequest(
             registered_model_name=s["model"],
             source_prefix=prefix,
-            manifest=common_pb2.ObjectRef(key=info.key, sha256=info.sha256, size_bytes=info.size),
+            manifest=manifest,
             task=common_pb2.TASK_TYPE_CHAT,
             signature=v1.signature,
             metrics=[common_pb2.Metric(name=n, value=1.0, split=common_pb2.DATASET_SPLIT_TEST) for n in floors],

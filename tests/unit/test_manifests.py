@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from gristmill.core.errors import DataIntegrityError, InvalidArgumentError
-from gristmill.core.manifests import DatasetManifest, DatasetRow, FileEntry, ModelManifest, SplitFile, download_files
+from gristmill.core.manifests import (
+    DatasetManifest,
+    DatasetRow,
+    FileEntry,
+    ModelManifest,
+    SplitFile,
+    download_files,
+    upload_files,
+)
 from gristmill.core.storage import LocalObjectStore, base
 
 
@@ -135,3 +143,30 @@ def test_download_files_replaces_a_cached_file_changed_since_it_was_verified(tmp
     assert download_files(store, files, dest) == dest  # verified, then remembered
     (dest / "model.bin").write_bytes(b"tamper!")  # same size
     assert (download_files(store, files, dest) / "model.bin").read_bytes() == b"weights"
+
+
+def test_a_model_directory_uploads_with_its_manifest_and_downloads_the_same(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "sub" / "weights.bin").write_bytes(b"w" * 100)
+    (model / "optimizer.pt").write_bytes(b"loop state")
+    entries = upload_files(store, model, "jobs/j1", skip=lambda relative: relative.name == "optimizer.pt")
+    assert sorted(entries) == ["config.json", "sub/weights.bin"], "skipped files are neither uploaded nor listed"
+    assert entries["sub/weights.bin"] == FileEntry(
+        "jobs/j1/sub/weights.bin", hashlib.sha256(b"w" * 100).hexdigest(), 100
+    )
+    assert not store.exists("jobs/j1/optimizer.pt")
+    manifest = ModelManifest(entries, "TASK_TYPE_TEXT_CLASSIFICATION", ["a", "b"], {}, {"training_job_id": "j1"})
+    ref = manifest.put(store, "jobs/j1")
+    assert ref.key == "jobs/j1/manifest.json" and ref.sha256 == hashlib.sha256(manifest.to_json()).hexdigest()
+    read = ModelManifest.from_json(store.get_bytes(ref.key))
+    assert read == manifest
+    dest = read.download(store, tmp_path / "copy")
+    assert (dest / "sub" / "weights.bin").read_bytes() == b"w" * 100 and (dest / "config.json").read_text() == "{}"
+    # Publishing again (a retried job) replaces the objects rather than failing on them.
+    (model / "config.json").write_text('{"v": 2}')
+    again = upload_files(store, model, "jobs/j1")
+    assert store.get_bytes(again["config.json"].key) == b'{"v": 2}'
+    assert manifest.put(store, "jobs/j1") == ref

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +27,13 @@ from typing import Any
 from gristmill.core.errors import InvalidArgumentError
 from gristmill.core.storage import ObjectStore, object_key, validate_key
 from gristmill.core.storage.base import sha256_file_cached
+from gristmill.core.values import FileRef
 
 DATASET_FORMAT = "gristmill.dataset.v1"
 MODEL_FORMAT = "gristmill.model.v1"
 SPLITS = ("train", "validation", "test")
+# A model's manifest, beside its files.
+MODEL_MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,35 @@ class ModelManifest:
         for name, entry in sorted(self.files.items()):
             objects.get_file(entry.key, dest / name, expected_sha256=entry.sha256)
         return dest
+
+    def put(self, objects: ObjectStore, prefix: str) -> FileRef:
+        """Write this manifest as ``<prefix>/manifest.json`` (replacing one there); what the registry is given."""
+        info = objects.put_bytes(
+            object_key(prefix, MODEL_MANIFEST), self.to_json(), content_type="application/json", overwrite=True
+        )
+        return FileRef(info.key, info.sha256, info.size)
+
+
+def upload_files(
+    objects: ObjectStore,
+    directory: Path,
+    prefix: str,
+    *,
+    skip: Callable[[Path], bool] = lambda _relative: False,
+    content_type: Callable[[Path], str] = lambda _path: "application/octet-stream",
+) -> dict[str, FileEntry]:
+    """Upload each file under ``directory`` to ``<prefix>/<its relative name>`` (replacing what is there), in name
+    order, but those ``skip`` is true of (given the path relative to ``directory``); returns the entries a
+    ``ModelManifest`` lists, by relative name."""
+    entries: dict[str, FileEntry] = {}
+    for path in sorted(Path(directory).rglob("*")):
+        relative = path.relative_to(directory)
+        if not path.is_file() or skip(relative):
+            continue
+        name = relative.as_posix()
+        info = objects.put_file(object_key(prefix, name), path, content_type=content_type(path), overwrite=True)
+        entries[name] = FileEntry(key=info.key, sha256=info.sha256, size_bytes=info.size)
+    return entries
 
 
 def download_files(objects: ObjectStore, files: Mapping[str, FileEntry], dest: Path) -> Path:

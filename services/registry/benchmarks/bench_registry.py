@@ -77,8 +77,8 @@ async def main(versions: int, moves: int, megabytes: int) -> None:
                 signature={},
                 lineage={},
             )
-            info = objects.put_bytes(f"jobs/j{i}/manifest.json", m.to_json())
-            manifests.append(common_pb2.ObjectRef(key=info.key, sha256=info.sha256, size_bytes=info.size))
+            ref = m.put(objects, f"jobs/j{i}")
+            manifests.append(common_pb2.ObjectRef(key=ref.key, sha256=ref.sha256, size_bytes=ref.size_bytes))
         port = await app.host.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

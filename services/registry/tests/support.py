@@ -100,8 +100,7 @@ def upload_model(
         lineage={"training_job_id": prefix},
         metrics=metrics or {},
     )
-    info = objects.put_bytes(f"{prefix}/manifest.json", manifest.to_json(), overwrite=True)
-    return FileRef(info.key, info.sha256, info.size)
+    return manifest.put(objects, prefix)
 
 
 def draft(

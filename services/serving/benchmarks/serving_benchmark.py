@@ -525,9 +525,9 @@ class StackRun:
         from gristmill.api.registry.v1 import registry_pb2
         from gristmill.api.serving.v1 import serving_pb2
         from gristmill.client import ClientOptions, Gristmill
-        from gristmill.core.manifests import FileEntry, ModelManifest
         from gristmill.core.settings import S3Settings
         from gristmill.core.storage import open_object_store
+        from tests.support.job_output import upload_job_output
 
         self.model = model
         endpoints = self.local.endpoints
@@ -568,19 +568,7 @@ class StackRun:
         self._objects = objects
         prefix = f"jobs/{self.organization}-{model}"
         self._prefixes.append(prefix + "/")
-        files = {}
-        for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
-            name = path.relative_to(model_dir).as_posix()
-            stored = objects.put_file(f"{prefix}/{name}", path)
-            files[name] = FileEntry(stored.key, stored.sha256, stored.size)
-        manifest = ModelManifest(
-            files=files,
-            task_type=task_type,
-            label_map=list(labels),
-            signature={},
-            lineage={"training_job_id": f"{self.organization}-{model}"},
-        )
-        stored = objects.put_bytes(f"{prefix}/manifest.json", manifest.to_json(), content_type="application/json")
+        manifest = upload_job_output(objects, model_dir, prefix, task_type=task_type, label_map=labels)
         if signature is None:
             signature = common_pb2.ModelSignature(
                 inputs=[common_pb2.TensorSpec(name="text", datatype="BYTES", shape=[-1])],
@@ -594,7 +582,7 @@ class StackRun:
             registered_model_name=model,
             create_model_if_missing=True,
             source_prefix=prefix,
-            manifest=common_pb2.ObjectRef(key=stored.key, sha256=stored.sha256, size_bytes=stored.size),
+            manifest=manifest,
             task=common_pb2.TaskType.Value(task_type),
             signature=signature,
             lineage=common_pb2.Lineage(training_job_id=f"{self.organization}-{model}"),

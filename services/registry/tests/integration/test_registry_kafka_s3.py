@@ -36,13 +36,13 @@ from gristmill.api.training.v1 import training_pb2
 from gristmill.core.events import Event, HandledEvent, KafkaEventBus, OutboxEvent
 from gristmill.core.events.bus import Handler
 from gristmill.core.host import Infrastructure, ServiceHost, Subscription
-from gristmill.core.manifests import FileEntry, ModelManifest
 from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.core.sql import Database
 from gristmill.core.storage import ObjectStore
 from gristmill.registry.app import build_app
 from gristmill.registry.settings import RegistrySettings
+from tests.support.job_output import upload_job_output as upload_files_and_manifest
 from tests.support.tiny_model import make_tiny_bert
 
 pytestmark = pytest.mark.integration
@@ -57,21 +57,9 @@ SIGNATURE = common_pb2.ModelSignature(
 
 def upload_job_output(objects: ObjectStore, model_dir: Path, prefix: str, accuracy: float) -> common_pb2.ObjectRef:
     """What a finished training job leaves in the object store: its files and a manifest listing them."""
-    files = {}
-    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
-        info = objects.put_file(f"{prefix}/{path.relative_to(model_dir).as_posix()}", path)
-        files[path.relative_to(model_dir).as_posix()] = FileEntry(info.key, info.sha256, info.size)
-    manifest = ModelManifest(
-        files=files,
-        task_type="TASK_TYPE_TEXT_CLASSIFICATION",
-        label_map=LABELS,
-        signature={},
-        lineage={"training_job_id": prefix.rsplit("/", 1)[-1]},
-        metrics={"accuracy/test": accuracy},
-        base_model="tiny-bert",
+    return upload_files_and_manifest(
+        objects, model_dir, prefix, label_map=LABELS, metrics={"accuracy/test": accuracy}, base_model="tiny-bert"
     )
-    info = objects.put_bytes(f"{prefix}/manifest.json", manifest.to_json(), content_type="application/json")
-    return common_pb2.ObjectRef(key=info.key, sha256=info.sha256, size_bytes=info.size)
 
 
 def job_succeeded(job_id: str, model: str, prefix: str, manifest: common_pb2.ObjectRef, accuracy: float) -> Any:

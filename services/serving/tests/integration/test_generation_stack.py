@@ -26,8 +26,9 @@ from gristmill.api.serving.v1 import serving_pb2
 from gristmill.core.events.topics import FEEDBACK_RECORDED, GENERATION_LOGGED
 from gristmill.core.storage import ObjectStore
 from gristmill.serving.runtime.generation import TransformersGenerator
-from services.serving.tests.integration.test_serving_stack import Stack, upload_job_output
+from services.serving.tests.integration.test_serving_stack import Stack
 from services.serving.tests.support import decoding_paused
+from tests.support.job_output import upload_job_output
 from tests.support.tiny_model import make_tiny_llama, make_tiny_lora_adapter
 
 pytestmark = pytest.mark.integration

@@ -41,7 +41,6 @@ from gristmill.core.events import Event, KafkaEventBus
 from gristmill.core.events.bus import Handler
 from gristmill.core.events.topics import PREDICTION_LOGGED
 from gristmill.core.host import Infrastructure, ServiceHost, Subscription
-from gristmill.core.manifests import FileEntry, ModelManifest
 from gristmill.core.security import embedded_security
 from gristmill.core.settings import KafkaSettings, S3Settings
 from gristmill.core.sql import Database
@@ -51,6 +50,7 @@ from gristmill.registry.settings import RegistrySettings
 from gristmill.serving.app import ServingApp
 from gristmill.serving.app import build_app as build_serving
 from gristmill.serving.settings import ServingSettings
+from tests.support.job_output import upload_job_output
 from tests.support.licences import signed_license
 from tests.support.tiny_model import make_tiny_bert
 
@@ -80,30 +80,6 @@ def only_keys(keys: set[str], handler: Handler) -> Handler:
             handler(event, session)
 
     return handle
-
-
-def upload_job_output(
-    objects: ObjectStore,
-    model_dir: Path,
-    prefix: str,
-    *,
-    task_type: str = "TASK_TYPE_TEXT_CLASSIFICATION",
-    label_map: list[str] = LABELS,
-) -> common_pb2.ObjectRef:
-    """What a finished training job leaves in the object store: its files and a manifest listing them."""
-    files = {}
-    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
-        info = objects.put_file(f"{prefix}/{path.relative_to(model_dir).as_posix()}", path)
-        files[path.relative_to(model_dir).as_posix()] = FileEntry(info.key, info.sha256, info.size)
-    manifest = ModelManifest(
-        files=files,
-        task_type=task_type,
-        label_map=label_map,
-        signature={},
-        lineage={"training_job_id": prefix.rsplit("/", 1)[-1]},
-    )
-    info = objects.put_bytes(f"{prefix}/manifest.json", manifest.to_json(), content_type="application/json")
-    return common_pb2.ObjectRef(key=info.key, sha256=info.sha256, size_bytes=info.size)
 
 
 @dataclass

@@ -32,8 +32,9 @@ from gristmill.core.manifests import (
     SplitFile,
     dataset_manifest_key,
     dataset_split_key,
+    upload_files,
 )
-from gristmill.core.storage import ObjectStore, object_key
+from gristmill.core.storage import ObjectStore
 from gristmill.training.domain.refs import DatasetRef, FileRef
 
 LABELS = ("negative", "positive")
@@ -237,13 +238,8 @@ def chat_vocabulary_text() -> str:
 
 def upload_model_directory(objects: ObjectStore, directory: Path, prefix: str) -> FileRef:
     """Upload a Hugging Face directory under ``prefix`` with a ``manifest.json`` (a base model in the store)."""
-    entries: dict[str, FileEntry] = {}
-    for path in sorted(Path(directory).rglob("*")):
-        relative = path.relative_to(directory)
-        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
-            continue
-        info = objects.put_file(object_key(prefix, relative.as_posix()), path, overwrite=True)
-        entries[relative.as_posix()] = FileEntry(key=info.key, sha256=info.sha256, size_bytes=info.size)
+    entries = upload_files(
+        objects, Path(directory), prefix, skip=lambda relative: any(part.startswith(".") for part in relative.parts)
+    )
     manifest = ModelManifest(files=entries, task_type="TASK_TYPE_UNSPECIFIED", label_map=[], signature={}, lineage={})
-    info = objects.put_bytes(object_key(prefix, "manifest.json"), manifest.to_json(), overwrite=True)
-    return FileRef(info.key, info.sha256, info.size)
+    return manifest.put(objects, prefix)

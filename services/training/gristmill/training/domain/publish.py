@@ -16,7 +16,7 @@ from typing import Any
 
 from gristmill.core.chat_templates import LINEAGE_KEY, chat_template_sha256, read_chat_template
 from gristmill.core.errors import FailedPreconditionError
-from gristmill.core.manifests import FileEntry, ModelManifest
+from gristmill.core.manifests import ModelManifest, upload_files
 from gristmill.core.serialization import to_plain
 from gristmill.core.storage import ObjectStore, object_key
 from gristmill.training.domain.model import (
@@ -34,7 +34,6 @@ from gristmill.training.tasks import training_task
 from gristmill.training.tasks.base import SampleGeneration
 
 MODEL_CARD = "model-card.md"
-MANIFEST = "manifest.json"
 
 _CONTENT_TYPES = {".json": "application/json", ".md": "text/markdown", ".txt": "text/plain"}
 _SPLIT_PREFIXES = (("test_", Split.TEST), ("validation_", Split.VALIDATION))
@@ -233,18 +232,13 @@ class ModelPublisher:
             samples=read_samples(model_dir),
         )
         (model_dir / MODEL_CARD).write_text(card)
-        entries: dict[str, FileEntry] = {}
-        for path in sorted(model_dir.rglob("*")):
-            if not path.is_file() or path.name in LOOP_FILES:
-                continue
-            name = path.relative_to(model_dir).as_posix()
-            info = self._objects.put_file(
-                object_key(prefix, name),
-                path,
-                content_type=_CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
-                overwrite=True,
-            )
-            entries[name] = FileEntry(key=info.key, sha256=info.sha256, size_bytes=info.size)
+        entries = upload_files(
+            self._objects,
+            model_dir,
+            prefix,
+            skip=lambda relative: relative.name in LOOP_FILES,
+            content_type=lambda path: _CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
+        )
         signature = training_task(job.spec.task.value, error=FailedPreconditionError).signature(label_map)
         manifest = ModelManifest(
             files=entries,
@@ -255,13 +249,11 @@ class ModelPublisher:
             metrics={metric_key(m): m.value for m in metrics},
             base_model=job.spec.base_model.describe(),
         )
-        manifest_info = self._objects.put_bytes(
-            object_key(prefix, MANIFEST), manifest.to_json(), content_type="application/json", overwrite=True
-        )
+        manifest_ref = manifest.put(self._objects, prefix)
         return JobResult(
             artifact_prefix=prefix,
             files=tuple(FileRef(e.key, e.sha256, e.size_bytes) for _, e in sorted(entries.items())),
-            manifest=FileRef(manifest_info.key, manifest_info.sha256, manifest_info.size),
+            manifest=manifest_ref,
             metrics=metrics,
             signature=signature,
             label_map=label_map,
