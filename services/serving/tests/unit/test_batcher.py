@@ -308,3 +308,60 @@ async def test_a_new_policy_applies_to_the_next_batch() -> None:
     await asyncio.gather(*tasks)
     assert [len(b) for b in model.batches[1:]] == [2, 2, 2]
     await batcher.close()
+
+
+async def test_a_batch_alone_runs_on_its_own_thread_holding_every_slot() -> None:
+    """Light load: a batch that finds nothing running and nothing queued runs on the alone thread (set up once),
+    and what arrives meanwhile waits for it rather than sharing the cores with it."""
+    model = Model()
+    setups: list[str] = []
+    batcher = DynamicBatcher(
+        model,
+        BatchPolicy(max_batch_size=4, max_delay_s=0.0),
+        name="m3",
+        workers=2,
+        alone_thread_setup=lambda: setups.append(threading.current_thread().name),
+    )
+    held = await _hold_worker(batcher, model)
+    assert model.threads == {setups[0]} and setups[0].startswith("infer-m3-alone")
+    waiting = asyncio.create_task(batcher.submit([7], [1]))
+    await asyncio.sleep(0.05)
+    assert len(model.batches) == 1 and batcher.queued == 1, "the second slot is held by the batch running alone"
+    model.gate.set()
+    assert await held == [-2] and await waiting == [14]
+    # The second batch found nothing else either: alone again, on the same thread, set up only once.
+    assert batcher.stats.alone == 2 and len(setups) == 1 and model.threads == {setups[0]}
+    await batcher.close()
+
+
+async def test_under_load_batches_run_side_by_side_on_the_workers_not_alone() -> None:
+    model = Model()
+    both_running = threading.Barrier(2, timeout=5)
+
+    def model_needing_a_peer(items: list[int]) -> Sequence[int]:
+        both_running.wait()  # breaks (and fails the batch) unless another batch runs at the same time
+        return model(items)
+
+    batcher = DynamicBatcher(
+        model_needing_a_peer,
+        BatchPolicy(max_batch_size=1, max_delay_s=0.0),
+        name="m4",
+        workers=2,
+        alone_thread_setup=lambda: None,
+    )
+    # Two requests at once: the first batch sees the second queued, so neither runs alone.
+    assert await asyncio.gather(batcher.submit([1], [1]), batcher.submit([2], [1])) == [[2], [4]]
+    assert batcher.stats.alone == 0
+    assert len(model.threads) == 2 and all(not name.startswith("infer-m4-alone") for name in model.threads)
+    await batcher.close()
+
+
+async def test_one_worker_has_no_alone_thread() -> None:
+    model = Model()
+    setups: list[int] = []
+    batcher = DynamicBatcher(
+        model, BatchPolicy(max_batch_size=4, max_delay_s=0.0), name="m5", alone_thread_setup=lambda: setups.append(1)
+    )
+    assert await batcher.submit([1], [1]) == [2]
+    assert setups == [] and batcher.stats.alone == 0
+    await batcher.close()

@@ -71,6 +71,8 @@ class BatchStats:
     rejected: int = 0
     # Wall time batches spent on the model's thread.
     busy_s: float = 0.0
+    # Batches that ran alone, on every core.
+    alone: int = 0
     sizes: list[int] = field(default_factory=list)
 
 
@@ -84,6 +86,7 @@ class DynamicBatcher(Generic[T, R]):
         *,
         name: str = "batcher",
         workers: int = 1,
+        alone_thread_setup: Callable[[], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -103,6 +106,16 @@ class DynamicBatcher(Generic[T, R]):
         self.workers = workers
         self._slots = asyncio.Semaphore(workers)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"infer-{name}")
+        # A batch that finds no other batch running and nothing else queued (light load) takes every slot and
+        # runs on a thread of its own, set up by ``alone_thread_setup`` to use every core (the model's intra-op
+        # threads): one sentence then takes ~4.4 ms instead of ~6.2 on the 2-core machine (MiniLM). Under load
+        # batches run side by side, one core each, as before. A thread of its own, not the workers', so the
+        # workers never hold a multi-thread pool (see ``runtime.threads``).
+        self._alone: ThreadPoolExecutor | None = None
+        if alone_thread_setup is not None and workers > 1:
+            self._alone = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"infer-{name}-alone", initializer=alone_thread_setup
+            )
         self._worker: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
         self.stats = BatchStats()
@@ -200,6 +213,8 @@ class DynamicBatcher(Generic[T, R]):
                 await task
         # Do not wait for a batch still computing on the thread; its results are discarded.
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._alone is not None:
+            self._alone.shutdown(wait=False, cancel_futures=True)
         self._idle.set()
 
     # -- the worker --------------------------------------------------------------------------------------
@@ -227,16 +242,23 @@ class DynamicBatcher(Generic[T, R]):
             if not batch:
                 self._slots.release()
                 continue
+            slots = 1
+            if self._alone is not None and self._running == 0 and not self._pending:
+                # Nothing else runs (so every other slot is free) and nothing waits: this batch gets every core.
+                for _ in range(self.workers - 1):
+                    await self._slots.acquire()
+                slots = self.workers
             self._running += len(batch)
-            task = asyncio.get_running_loop().create_task(self._run(batch), name=f"{self.name}-batch")
+            task = asyncio.get_running_loop().create_task(self._run(batch, slots), name=f"{self.name}-batch")
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
 
-    async def _run(self, batch: list[_Entry[T, R]]) -> None:
+    async def _run(self, batch: list[_Entry[T, R]], slots: int) -> None:
         started = self._clock()
         try:
             loop = asyncio.get_running_loop()
-            results = await loop.run_in_executor(self._executor, self._run_batch, [e.item for e in batch])
+            executor = self._alone if slots > 1 and self._alone is not None else self._executor
+            results = await loop.run_in_executor(executor, self._run_batch, [e.item for e in batch])
         except asyncio.CancelledError:
             _fail(batch, UnavailableError(f"{self.name} was stopped while running"))
             raise
@@ -253,7 +275,10 @@ class DynamicBatcher(Generic[T, R]):
         finally:
             self._running -= len(batch)
             self.stats.busy_s += self._clock() - started
-            self._slots.release()
+            if slots > 1:
+                self.stats.alone += 1
+            for _ in range(slots):
+                self._slots.release()
             if not self._pending and self._running == 0:
                 self._idle.set()
 

@@ -123,9 +123,12 @@ class DeploymentManager:
         rng: random.Random | None = None,
         retry_delay_s: float = 1.0,
         batch_workers: int = 1,
+        alone_thread_setup: Callable[[], None] | None = None,
     ) -> None:
         self._source = source
         self._batch_workers = batch_workers
+        # Sets up the thread of a classifier batch that runs alone (``DynamicBatcher``): every core's threads.
+        self._alone_thread_setup = alone_thread_setup
         self._loader = loader
         self._observer = observer
         self._drift_observer = drift_observer
@@ -405,6 +408,7 @@ class DeploymentManager:
             batch_policy(dep.spec.batching),
             name=name,
             workers=self._batch_workers,
+            alone_thread_setup=self._alone_thread_setup,
             on_queue_depth=(lambda n: depth(name, n)) if depth is not None else None,
         )
         loaded.state = VersionState.READY
