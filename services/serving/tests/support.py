@@ -60,6 +60,8 @@ class FakeClassifier:
         self.fail_with: Exception | None = None
         self.explained: list[tuple[list[str], list[int], int]] = []
         self.shift = 0.0
+        self.light_load = False
+        self.light_load_threads: list[tuple[str, int]] = []
 
     @property
     def labels(self) -> Sequence[str]:
@@ -82,6 +84,12 @@ class FakeClassifier:
                 ids = [*ids[: max_tokens - 1], 2]
             out.append(Encoded(ids, full))
         return out
+
+    def light_load_thread_setup(self, share: int) -> Callable[[], None] | None:
+        """With ``light_load`` set (a test asks for it), a setup that records the threads it set up and ``share``."""
+        if not self.light_load:
+            return None
+        return lambda: self.light_load_threads.append((threading.current_thread().name, share))
 
     def predict(self, batch: Sequence[Encoded]) -> Sequence[Sequence[float]]:
         self.batches.append(list(batch))
@@ -187,9 +195,12 @@ class FakeLoader:
     loaded: list[FakeClassifier] = field(default_factory=list)
     options: list[LoadOptions] = field(default_factory=list)
     delay_s: float = 0.0
+    # Whether the classifiers offer a thread setup for batches that run alone (``light_load_thread_setup``).
+    light_load: bool = False
 
     def __call__(self, directory: Path, resolved: ResolvedVersion, options: LoadOptions) -> FakeClassifier:
         classifier = FakeClassifier(resolved.version, delay_s=self.delay_s)
+        classifier.light_load = self.light_load
         self.loaded.append(classifier)
         self.options.append(options)
         return classifier
@@ -219,13 +230,27 @@ class Env:
     database: Database
 
 
-def make_service(tmp_path: Path, *, seed: int = 7, license_: License = ENTERPRISE) -> Env:
+def make_service(
+    tmp_path: Path,
+    *,
+    seed: int = 7,
+    license_: License = ENTERPRISE,
+    batch_workers: int = 1,
+    light_load_every_core: bool = False,
+) -> Env:
     """A ``DeploymentService`` on SQLite in ``tmp_path`` with the fake source and loader (call ``start``),
     under a licence with every feature and no limit unless ``license_`` says otherwise."""
     database = migrated_database(f"sqlite:///{tmp_path / 'serving.db'}", "serving")
     store = SqlDeploymentStore(database)
     source, loader, sink = FakeSource(), FakeLoader(), ListSink()
-    manager = DeploymentManager(source, loader, rng=random.Random(seed), retry_delay_s=0.01)
+    manager = DeploymentManager(
+        source,
+        loader,
+        rng=random.Random(seed),
+        retry_delay_s=0.01,
+        batch_workers=batch_workers,
+        light_load_every_core=light_load_every_core,
+    )
     service = DeploymentService(store, manager, source, sink=sink, rng=random.Random(seed), license_=license_)
     return Env(source, loader, store, manager, service, sink, database)
 

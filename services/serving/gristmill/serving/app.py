@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import random
 from dataclasses import dataclass
@@ -154,11 +153,7 @@ def build_app(
         on_queue_depth=metrics.queue_depth,
         rng=rng,
         batch_workers=settings.resolved_batch_workers(),
-        alone_thread_setup=(
-            functools.partial(_every_core, settings.resolved_batch_workers())
-            if settings.light_load_every_core
-            else None
-        ),
+        light_load_every_core=settings.light_load_every_core,
     )
     sink = OutboxPredictionSink(
         platform.database,
@@ -230,10 +225,3 @@ def build_app(
         tasks=[PeriodicTask("generation-outcomes", service.flush_outcomes, settings.outcomes_flush_s)],
     )
     return ServingApp(host, service, sink, source, openai)
-
-
-def _every_core(share: int) -> None:
-    # Imported here: torch is imported where a model is loaded, not with this module.
-    from gristmill.serving.runtime.threads import use_every_core_here
-
-    use_every_core_here(share)

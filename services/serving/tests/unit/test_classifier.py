@@ -269,3 +269,33 @@ def test_a_pruned_student_serves_traced_and_explains(model_root: Path, tmp_path:
     explanation = served.explain([TEXTS[0]], 128, [1], 8)[0]
     assert [t.token for t in explanation.tokens] == TEXTS[0].split()
     assert explanation.probability == pytest.approx(float(expected[0][1]), abs=1e-4)
+
+
+def test_a_batch_alone_gets_the_cores_of_every_slot_where_that_is_more(
+    classifier: TransformersClassifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``light_load_thread_setup``: the alone thread's intra-op threads are the default times the slots, at most
+    one per core; no setup when that is no more than the default (nothing to gain, one more OpenMP pool)."""
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        setup = classifier.light_load_thread_setup(2)
+        assert setup is not None
+        seen: list[int] = []
+
+        def alone() -> None:
+            setup()
+            seen.append(torch.get_num_threads())
+            classifier.predict(classifier.encode(["a fine phone"], 32))
+
+        thread = threading.Thread(target=alone)
+        thread.start()
+        thread.join()
+        assert seen == [2] and torch.get_num_threads() == 1, "the setup changes its own thread only"
+        assert classifier.light_load_thread_setup(8) is not None  # capped at 4 cores, still more than 1
+        assert classifier.light_load_thread_setup(1) is None
+        torch.set_num_threads(4)
+        assert classifier.light_load_thread_setup(2) is None, "every batch already has every core"
+    finally:
+        torch.set_num_threads(before)

@@ -363,3 +363,27 @@ async def test_uncertain_and_sampled_predictions_are_logged(env: Env) -> None:
     env.sink.records.clear()
     await env.service.predict(ORG, "sentiment", ["good", "meh"])
     assert [(r.sampled, r.prediction.uncertain) for r in env.sink.records] == [(True, False), (True, False)]
+
+
+@pytest.mark.parametrize("every_core", [True, False])
+async def test_a_classifier_batch_alone_runs_on_the_thread_its_model_sets_up(tmp_path: Path, every_core: bool) -> None:
+    """LIGHT_LOAD_EVERY_CORE: the deployment's batcher asks the model for the alone thread's setup (with the number
+    of batch slots it holds); off, it never asks."""
+    env = make_service(tmp_path, batch_workers=2, light_load_every_core=every_core)
+    env.loader.light_load = True  # the model offers a setup either way
+    env.source.add("sentiment", 1)
+    env.source.aliases[("sentiment", "production")] = 1
+    await env.service.start()
+    try:
+        deployment = await ready(env)
+        result, _ = await env.service.predict(ORG, deployment.name, ["good phone"])
+        assert result.predictions[0].label == "positive"
+        classifier = env.loader.of_version(1)
+        if every_core:
+            (thread, share), *_ = classifier.light_load_threads
+            assert thread.startswith("infer-sentiment/v1-alone") and share == 2
+        else:
+            assert classifier.light_load_threads == []
+    finally:
+        await env.service.close()
+        env.database.dispose()

@@ -123,12 +123,12 @@ class DeploymentManager:
         rng: random.Random | None = None,
         retry_delay_s: float = 1.0,
         batch_workers: int = 1,
-        alone_thread_setup: Callable[[], None] | None = None,
+        light_load_every_core: bool = False,
     ) -> None:
         self._source = source
         self._batch_workers = batch_workers
-        # Sets up the thread of a classifier batch that runs alone (``DynamicBatcher``): every core's threads.
-        self._alone_thread_setup = alone_thread_setup
+        # A classifier batch that runs alone gets every slot's cores (``DynamicBatcher``), where the model can use them.
+        self._light_load_every_core = light_load_every_core
         self._loader = loader
         self._observer = observer
         self._drift_observer = drift_observer
@@ -408,7 +408,9 @@ class DeploymentManager:
             batch_policy(dep.spec.batching),
             name=name,
             workers=self._batch_workers,
-            alone_thread_setup=self._alone_thread_setup,
+            alone_thread_setup=(
+                classifier.light_load_thread_setup(self._batch_workers) if self._light_load_every_core else None
+            ),
             on_queue_depth=(lambda n: depth(name, n)) if depth is not None else None,
         )
         loaded.state = VersionState.READY

@@ -9,7 +9,7 @@ forward pass. The domain only sees these interfaces, so its rules run with a fak
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -123,6 +123,11 @@ class Classifier(Protocol):
 
     def predict(self, batch: Sequence[Encoded]) -> Sequence[Sequence[float]]:
         """Probabilities per text and label (softmax, or sigmoid for multi-label), in order."""
+        ...
+
+    def light_load_thread_setup(self, share: int) -> Callable[[], None] | None:
+        """Sets up a thread to run a batch on the cores of ``share`` batch slots (the batch runs alone at light
+        load); None when the model cannot use more cores than one slot's."""
         ...
 
     def explain(

@@ -7,8 +7,10 @@ load is the model's own, not the one-time cost of importing the library (~200 MB
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +27,7 @@ from gristmill.serving.domain.explanations import Explanation, TokenAttribution
 from gristmill.serving.domain.model import Quantization
 from gristmill.serving.domain.sources import TASK_MULTI_LABEL, Encoded, LoadOptions, ResolvedVersion
 from gristmill.serving.runtime.memory import release_memory, resident_bytes
+from gristmill.serving.runtime.threads import use_threads_here
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +134,14 @@ class TransformersClassifier:
                 encoding.truncate(budget)
             out.append(Encoded(self._tokenizer.post_process(encoding).ids, full))
         return out
+
+    def light_load_thread_setup(self, share: int) -> Callable[[], None] | None:
+        """How to set up the thread of a batch that runs alone while ``share`` batches could run side by side
+        (``DynamicBatcher``): ``share`` times the process default of intra-op threads, at most one per core; None
+        when that is no more than every batch has anyway (TORCH_THREADS 0, or as many as the cores)."""
+        default = torch.get_num_threads()
+        threads = min(os.cpu_count() or 1, default * share)
+        return functools.partial(use_threads_here, threads) if threads > default else None
 
     def predict(self, batch: Sequence[Encoded]) -> Sequence[Sequence[float]]:
         longest = max(item.length for item in batch)

@@ -16,7 +16,6 @@ every other thread starts with (``use_threads_here``).
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 
 import torch
@@ -43,10 +42,3 @@ def use_threads_here(threads: int) -> None:
         restore = threading.Thread(target=torch.set_num_threads, args=(default,), name="torch-threads-default")
         restore.start()
         restore.join()
-
-
-def use_every_core_here(share: int) -> None:
-    """For the batcher's thread for batches that run alone (``DynamicBatcher``'s ``alone_thread_setup``): ``share``
-    (the batch slots such a batch holds) times the process default of intra-op threads, at most one per core.
-    Call it first in a new thread. While it runs no other batch does, so its pool is the only one busy."""
-    use_threads_here(min(os.cpu_count() or 1, torch.get_num_threads() * share))
