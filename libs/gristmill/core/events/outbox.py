@@ -94,7 +94,7 @@ class Outbox:
         relay: for a hot path that writes only events (each call's usage before its answer). On PostgreSQL it
         is one multi-row INSERT in autocommit mode on a DBAPI connection of the pool (one statement is atomic;
         one round trip instead of BEGIN, INSERT and COMMIT), elsewhere one Core statement in a transaction.
-        Measured against a session's ``add_many`` in a worker thread: 0.46 ms against 1.25 (PostgreSQL)."""
+        Measured on the local stack's PostgreSQL: 0.28 ms against 0.88 through a session's ``add_many``."""
         if not events:
             return
         rows = _rows(events)
