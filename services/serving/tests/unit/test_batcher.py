@@ -365,3 +365,29 @@ async def test_one_worker_has_no_alone_thread() -> None:
     assert await batcher.submit([1], [1]) == [2]
     assert setups == [] and batcher.stats.alone == 0
     await batcher.close()
+
+
+async def test_batches_stop_going_alone_while_calls_overlap_and_go_alone_again_when_they_stop() -> None:
+    """Two callers at a time would wait for each other's batch alone: while batches keep overlapping other work,
+    a batch that momentarily finds nothing else does not go alone; once the overlap fades, batches go alone again."""
+    model = Model()
+    batcher = DynamicBatcher(
+        model,
+        BatchPolicy(max_batch_size=1, max_delay_s=0.0),
+        name="m6",
+        workers=2,
+        alone_thread_setup=lambda: None,
+    )
+    for i in range(6):  # two calls at a time: every batch finishes with the other one running
+        assert await asyncio.gather(batcher.submit([i], [1]), batcher.submit([i + 100], [1])) == [
+            [2 * i],
+            [2 * i + 200],
+        ]
+    assert batcher.stats.alone == 0
+    alone_after: list[int] = []
+    for i in range(8):  # one call at a time now
+        assert await batcher.submit([i], [1]) == [2 * i]
+        alone_after.append(batcher.stats.alone)
+    assert alone_after[0] == 0, "right after the overlapping calls, a lone call still runs on a worker"
+    assert alone_after[-1] > alone_after[-2] > 0, "once calls stop overlapping, each batch goes alone"
+    await batcher.close()

@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
+# The weight of the latest batch in the moving average of overlap: a few batches of steady concurrency (or of
+# none) switch batches going alone off (or on).
+_OVERLAP_WEIGHT = 0.2
+
 
 @dataclass(frozen=True)
 class BatchPolicy:
@@ -112,6 +116,8 @@ class DynamicBatcher(Generic[T, R]):
         # batches run side by side, one core each, as before. A thread of its own, not the workers', so the
         # workers never hold a multi-thread pool (see ``runtime.threads``).
         self._alone: ThreadPoolExecutor | None = None
+        # A moving average of whether other work overlapped recent batches (``_run``): batches go alone below 0.5.
+        self._overlap = 0.0
         if alone_thread_setup is not None and workers > 1:
             self._alone = ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix=f"infer-{name}-alone", initializer=alone_thread_setup
@@ -243,17 +249,19 @@ class DynamicBatcher(Generic[T, R]):
                 self._slots.release()
                 continue
             slots = 1
-            if self._alone is not None and self._running == 0 and not self._pending:
-                # Nothing else runs (so every other slot is free) and nothing waits: this batch gets every core.
+            crowded = self._running > 0 or bool(self._pending)
+            if self._alone is not None and not crowded and self._overlap < 0.5:
+                # Nothing else runs (so every other slot is free), nothing waits, and recent batches did not
+                # overlap with other work: this batch gets every core.
                 for _ in range(self.workers - 1):
                     await self._slots.acquire()
                 slots = self.workers
             self._running += len(batch)
-            task = asyncio.get_running_loop().create_task(self._run(batch, slots), name=f"{self.name}-batch")
+            task = asyncio.get_running_loop().create_task(self._run(batch, slots, crowded), name=f"{self.name}-batch")
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
 
-    async def _run(self, batch: list[_Entry[T, R]], slots: int) -> None:
+    async def _run(self, batch: list[_Entry[T, R]], slots: int, crowded: bool) -> None:
         started = self._clock()
         try:
             loop = asyncio.get_running_loop()
@@ -274,6 +282,12 @@ class DynamicBatcher(Generic[T, R]):
                         entry.future.set_result(result)
         finally:
             self._running -= len(batch)
+            # Did other work overlap this batch (running or queued when it started, queued meanwhile, or still
+            # running)? Two callers at a time keep it so: then a batch alone makes the other wait (measured at
+            # concurrency 2: 9 % fewer calls per second than side by side), so batches stop going alone until the
+            # overlap fades.
+            overlapped = crowded or bool(self._pending) or self._running > 0
+            self._overlap = (1 - _OVERLAP_WEIGHT) * self._overlap + _OVERLAP_WEIGHT * overlapped
             self.stats.busy_s += self._clock() - started
             if slots > 1:
                 self.stats.alone += 1
