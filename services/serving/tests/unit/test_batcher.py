@@ -342,13 +342,7 @@ async def test_under_load_batches_run_side_by_side_on_the_workers_not_alone() ->
         both_running.wait()  # breaks (and fails the batch) unless another batch runs at the same time
         return model(items)
 
-    batcher = DynamicBatcher(
-        model_needing_a_peer,
-        BatchPolicy(max_batch_size=1, max_delay_s=0.0),
-        name="m4",
-        workers=2,
-        alone_thread_setup=lambda: None,
-    )
+    batcher = _one_item_batches_on_two_workers(model_needing_a_peer, "m4")
     # Two requests at once: the first batch sees the second queued, so neither runs alone.
     assert await asyncio.gather(batcher.submit([1], [1]), batcher.submit([2], [1])) == [[2], [4]]
     assert batcher.stats.alone == 0
@@ -371,13 +365,7 @@ async def test_batches_stop_going_alone_while_calls_overlap_and_go_alone_again_w
     """Two callers at a time would wait for each other's batch alone: while batches keep overlapping other work,
     a batch that momentarily finds nothing else does not go alone; once the overlap fades, batches go alone again."""
     model = Model()
-    batcher = DynamicBatcher(
-        model,
-        BatchPolicy(max_batch_size=1, max_delay_s=0.0),
-        name="m6",
-        workers=2,
-        alone_thread_setup=lambda: None,
-    )
+    batcher = _one_item_batches_on_two_workers(model, "m6")
     for i in range(6):  # two calls at a time: every batch finishes with the other one running
         assert await asyncio.gather(batcher.submit([i], [1]), batcher.submit([i + 100], [1])) == [
             [2 * i],
@@ -391,3 +379,10 @@ async def test_batches_stop_going_alone_while_calls_overlap_and_go_alone_again_w
     assert alone_after[0] == 0, "right after the overlapping calls, a lone call still runs on a worker"
     assert alone_after[-1] > alone_after[-2] > 0, "once calls stop overlapping, each batch goes alone"
     await batcher.close()
+
+
+def _one_item_batches_on_two_workers(run: Callable[[list[int]], Sequence[int]], name: str) -> DynamicBatcher[int, int]:
+    """Batches of one item, two workers, and an alone thread (set up by doing nothing)."""
+    return DynamicBatcher(
+        run, BatchPolicy(max_batch_size=1, max_delay_s=0.0), name=name, workers=2, alone_thread_setup=lambda: None
+    )
