@@ -177,6 +177,8 @@ def test_a_restarted_run_resumes_from_the_latest_checkpoint(tiny_model: Path, tm
     with pytest.raises(RuntimeError, match="worker lost"):
         LoopRunner(config, 0, 1, 0, session).run()
     assert [r["step"] for r in session.reports] == [6]
+    # Restarted in a new process (a session over the same folder), as Ray restarts a lost worker.
+    session = DirectorySession(tmp_path)
     LoopRunner(config, 0, 1, 0, session).run()
     starts = _records(sink, "started")
     assert [s["step"] for s in starts] == [0, 6]

@@ -207,12 +207,13 @@ class RaySession:
 
 
 class DirectorySession:
-    """A single-process session that keeps checkpoints under ``root`` (tests, and runs without Ray)."""
+    """A single-process session that keeps checkpoints under ``root`` (tests, and runs without Ray). A session
+    over a folder an earlier process wrote resumes from its latest checkpoint, as Ray hands a restarted worker."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.reports: list[dict[str, Any]] = []
-        self.checkpoints: list[Path] = []
+        self.checkpoints: list[Path] = sorted(p for p in self.root.glob("checkpoint_*") if p.is_dir())
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str | None = None) -> None:
         self.reports.append(dict(metrics))
