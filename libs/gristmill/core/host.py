@@ -232,6 +232,9 @@ class _ConsumerComponent:
     bus: EventBus
     subscription: Subscription
     consumer: Consumer | None = None
+    # The host's consumers, this one included: closing the first asks them all to stop, so that their last polls
+    # end together (one poll's wait) rather than one after another.
+    siblings: list[_ConsumerComponent] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -239,9 +242,13 @@ class _ConsumerComponent:
 
     async def open(self) -> None:
         sub = self.subscription
-        self.consumer = self.bus.subscribe(sub.topics, sub.group_id, sub.handler).run_in_background()
+        consumer = self.bus.subscribe(sub.topics, sub.group_id, sub.handler)
+        self.consumer = consumer.run_in_background(poll_timeout_s=self.bus.idle_poll_s)
 
     async def close(self) -> None:
+        for sibling in self.siblings:
+            if sibling.consumer is not None:
+                sibling.consumer.request_stop()
         if self.consumer is not None:
             await asyncio.to_thread(self.consumer.stop)
 
@@ -331,6 +338,8 @@ class ServiceHost:
         p, settings = self.platform, self.settings
         self._relay = relay = OutboxRelay(p.database, p.bus, metrics=p.metrics, linger_s=settings.outbox_linger_s)
         self._consumers = [_ConsumerComponent(p.bus, sub) for sub in self.subscriptions]
+        for component in self._consumers:
+            component.siblings = self._consumers
         self._server = GrpcServer(
             p.service,
             self.registrations,

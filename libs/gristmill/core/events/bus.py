@@ -197,6 +197,9 @@ class EventBus(EventPublisher, EventSubscriber):
     """Publish and subscribe over one transport. ``database`` holds the handled-events table (needed to subscribe)."""
 
     system: ClassVar[str]
+    # How long a service's background consumer waits in one poll when nothing arrives (``ServiceHost``): a record
+    # ends the wait at once, a stop waits for it to end.
+    idle_poll_s: ClassVar[float] = 0.2
 
     def __init__(
         self,
@@ -727,6 +730,10 @@ class Consumer(ABC):
         if started is not None and time.monotonic() - started > self.stall_timeout_s:
             return ConsumerHealth(False, f"a fetch has not returned for {time.monotonic() - started:.0f}s")
         return ConsumerHealth(True)
+
+    def request_stop(self) -> None:
+        """Ask the background loop to end after its current poll, without waiting (``stop`` waits, and closes)."""
+        self._stopping.set()
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop the background loop (letting the current record finish) and close. Safe to call twice."""
