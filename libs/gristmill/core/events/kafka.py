@@ -219,7 +219,7 @@ class _PendingJoinCoordinator(ConsumerCoordinator):  # type: ignore[misc]
     result, the member stays in REBALANCING with no partitions and heartbeats off, the broker drops it after
     the session timeout, and the consumer reads nothing until it is restarted. That is the stall of the
     networked loop on fresh brokers (there, every group's first join sees a topic without partition metadata
-    and must rejoin once the metadata arrives; on a busy machine a join outlasts our 200 ms poll). Kafka's
+    and must rejoin once the metadata arrives; on a busy machine a join outlasts a poll). Kafka's
     Java client asks ``rejoinNeededOrPending()`` at the same two places; this is that.
     """
 
