@@ -737,7 +737,7 @@ class Consumer(ABC):
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop the background loop (letting the current record finish) and close. Safe to call twice."""
-        self._stopping.set()
+        self.request_stop()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             deadline = time.monotonic() + timeout_s
