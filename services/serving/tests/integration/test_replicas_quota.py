@@ -32,6 +32,7 @@ from gristmill.api.common.v1 import common_pb2
 from gristmill.api.serving.v1 import serving_pb2 as pb
 from gristmill.api.serving.v1 import serving_pb2_grpc as pb_grpc
 from gristmill.core.auth import ADMIN, SERVING_PREDICT, AuthSettings
+from gristmill.core.events.topics import USAGE_RECORDED
 from gristmill.core.host import Infrastructure
 from gristmill.core.license_service import LICENSE_METHOD_SCOPES
 from gristmill.core.security import Security, build_auth_hook
@@ -42,6 +43,7 @@ from gristmill.serving.settings import ServingSettings
 from services.admin.tests.support import RunningAdmin, bearer, daily_predictions_plan, running_admin
 from services.serving.tests.support import ENTERPRISE
 from tests.support.databases import fresh_postgres_database
+from tests.support.kafka_groups import wait_until_caught_up
 from tests.support.tiny_model import make_tiny_bert
 
 pytestmark = pytest.mark.integration
@@ -51,6 +53,9 @@ REPLICAS = 2  # R
 RATE = 10.0  # r: calls per second sent to each replica
 REFRESH_S = 0.2  # the quota refresh interval
 AGGREGATION_S = 1.0  # A: allowance for the group commit, the outbox relay, Kafka and the aggregator
+# The replicas' outbox linger (the default is 1 s): a shorter A keeps the bound under R x N - N, so that the run can
+# tell a quota shared by the replicas from one each replica applies alone (the formula holds for any linger).
+LINGER_S = 0.2
 DURATION_S = 5.0  # of sending: the quota is used up after about QUOTA / (REPLICAS x RATE) = 2 s
 SYNC_S = 0.3  # the replicas' deployment sync interval
 
@@ -108,6 +113,7 @@ async def replicas(tmp_path: Path, admin: RunningAdmin, kafka: KafkaSettings, ru
                     consumer_group=f"serving-replicas-{run}",
                     replica=replica_id,
                     deployment_sync_s=SYNC_S,
+                    outbox_linger_s=LINGER_S,
                 )
                 app = build_app(
                     settings, Infrastructure(kafka=kafka), security, source=LocalDirectoryModelSource(models)
@@ -166,6 +172,10 @@ async def test_replicas_share_deployments_and_hold_the_quota_within_the_bound(
 
             assert await ready_on(a)
             await wait_until(lambda: ready_on(b), 60, "replica B did not serve the deployment created through A")
+
+            # A new metering group starts at the beginning of the usage topic: on a broker that earlier tests filled
+            # it first counts their events, and A would time that backlog rather than this test's calls.
+            await asyncio.to_thread(wait_until_caught_up, kafka_bootstrap, f"metering-replicas-{run}", USAGE_RECORDED)
 
             # (b) Calls spread over both replicas, r per second each, sent on a fixed schedule.
             calls: list[Call] = []
@@ -230,6 +240,8 @@ async def test_replicas_share_deployments_and_hold_the_quota_within_the_bound(
                 f"documented bound {bound:g} (with A = {aggregation_s:.2f} s; measured {measured_a:.2f} s), "
                 f"(R-1) x r x L alone {(REPLICAS - 1) * RATE * (aggregation_s + REFRESH_S):g}"
             )
+            # Otherwise the bound would admit what two replicas each applying the quota alone admit (A too long).
+            assert allowed < REPLICAS * QUOTA, f"A = {aggregation_s:.2f} s: too slow to tell a shared quota"
             assert QUOTA <= len(admitted) <= allowed
             assert all(per_replica.values()), "both replicas admitted calls"
             assert {c.replica for c in refused} == {a.name, b.name}, "both replicas refused calls"
