@@ -385,6 +385,7 @@ async def gristmill_server(model_dir: Path, config: str, delay_ms: int) -> Async
         stats_file = data_dir / "batch-stats.json"
         if stats_file.exists():
             print(f"  batcher: {stats_file.read_text()}", flush=True)
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 # -- the local stack (--stack local) ----------------------------------------------------------------------------
