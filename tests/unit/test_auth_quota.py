@@ -22,6 +22,7 @@ from gristmill.core.auth_quota import (
     QuotaPeriod,
     RateLimit,
     UsageKind,
+    UsageRecord,
     UsageRecorder,
     UsageSource,
     period_bounds,
@@ -84,6 +85,15 @@ def _published(database: Database) -> list[events_pb2.UsageRecorded]:
     with database.transaction() as session:
         rows = session.execute(select(OutboxEvent).order_by(OutboxEvent.id)).scalars()
         return [events_pb2.UsageRecorded.FromString(row.payload) for row in rows]
+
+
+def _amounts(event: events_pb2.UsageRecorded) -> list[tuple[int, float]]:
+    """(kind, quantity) of every kind the event carries."""
+    return [(event.kind, event.quantity), *((more.kind, more.quantity) for more in event.more)]
+
+
+def _total(database: Database, kind: UsageKind) -> float:
+    return sum(q for event in _published(database) for k, q in _amounts(event) if k == kind.value)
 
 
 def test_the_call_beyond_the_quota_is_refused_with_retry_after(database: Database) -> None:
@@ -221,14 +231,35 @@ def test_usage_measured_after_the_work_counts_and_is_refused_once_the_quota_is_u
     guard.reserve(ACME, {P: 1, tokens: 0}, resource="deployment/d").commit(measured={tokens: 5})
     with pytest.raises(ResourceExhaustedError, match="input tokens quota"):
         guard.reserve(ACME, {P: 1, tokens: 0}, resource="deployment/d")
-    # A released reservation publishes nothing; each commit published its predictions and its measured tokens.
-    published = sorted((e.kind, e.quantity) for e in _published(database))
-    assert published == sorted(
-        [(admin_pb2.USAGE_KIND_PREDICTIONS, 1.0)] * 2
-        + [(admin_pb2.USAGE_KIND_INPUT_TOKENS, 8.0), (admin_pb2.USAGE_KIND_INPUT_TOKENS, 5.0)]
-    )
+    # A released reservation publishes nothing; each commit published one event: its predictions, and its
+    # measured tokens among the event's other kinds.
+    assert [_amounts(e) for e in _published(database)] == [
+        [(admin_pb2.USAGE_KIND_PREDICTIONS, 1.0), (admin_pb2.USAGE_KIND_INPUT_TOKENS, 8.0)],
+        [(admin_pb2.USAGE_KIND_PREDICTIONS, 1.0), (admin_pb2.USAGE_KIND_INPUT_TOKENS, 5.0)],
+    ]
     with pytest.raises(InvalidArgumentError):
         guard.reserve(ACME, {P: 1}, resource="deployment/d").commit(measured={tokens: -1})
+
+
+def test_usage_is_one_event_per_organisation_key_and_resource_with_every_kind_summed(database: Database) -> None:
+    recorder = UsageRecorder(database, platform_catalog(), "serving")
+    tokens, out = UsageKind.INPUT_TOKENS, UsageKind.OUTPUT_TOKENS
+    recorder.record(
+        [
+            UsageRecord("acme", "k1", P, 2, "deployment/d"),
+            UsageRecord("acme", "k1", tokens, 9, "deployment/d"),
+            UsageRecord("acme", "k1", P, 1, "deployment/d"),
+            UsageRecord("acme", "k1", tokens, 0, "deployment/d"),  # zero usage is no usage
+            UsageRecord("acme", "k2", P, 1, "deployment/d"),
+            UsageRecord("acme", "k1", out, 4, "deployment/chat"),
+            UsageRecord("acme", "k1", P, 0, "deployment/e"),  # nothing used: no event at all
+        ]
+    )
+    assert [(e.api_key_id, e.resource, _amounts(e)) for e in _published(database)] == [
+        ("k1", "deployment/d", [(P.value, 3.0), (tokens.value, 9.0)]),
+        ("k2", "deployment/d", [(P.value, 1.0)]),
+        ("k1", "deployment/chat", [(out.value, 4.0)]),
+    ]
 
 
 # -- the event-loop path: inline decisions, background refresh, group commit -----------------------------------
@@ -244,7 +275,7 @@ class Aggregated(UsageSource):
 
     def used(self, organization_id: str, kind: UsageKind, start: datetime, end: datetime) -> float:
         self.calls += 1
-        return sum(u.quantity for db in self.databases for u in _published(db) if u.kind == kind.value)
+        return sum(_total(db, kind) for db in self.databases)
 
 
 def test_after_the_first_call_the_guard_decides_without_asking(database: Database) -> None:
@@ -358,9 +389,13 @@ async def test_calls_finishing_together_share_one_commit_and_one_event(database:
     # The 50 calls finished in the same turn of the event loop: one transaction for all of them.
     assert recorder.group_commits == 1
     published = _published(database)
-    assert len(published) == 1 + 2  # the seeding call's, then one event per kind for the 50
-    assert sum(u.quantity for u in published if u.kind == admin_pb2.USAGE_KIND_PREDICTIONS) == 51
-    assert sum(u.quantity for u in published if u.kind == admin_pb2.USAGE_KIND_INPUT_TOKENS) == 50 * 7
+    assert len(published) == 1 + 1  # the seeding call's, then one event for the 50, every kind in it
+    assert _amounts(published[1]) == [
+        (admin_pb2.USAGE_KIND_PREDICTIONS, 50.0),
+        (admin_pb2.USAGE_KIND_INPUT_TOKENS, 350.0),
+    ]
+    assert _total(database, P) == 51
+    assert _total(database, UsageKind.INPUT_TOKENS) == 50 * 7
     with pytest.raises(ResourceExhaustedError, match="949 of 1000 left, this call needs 950"):
         guard.try_reserve(ACME, {P: 950}, resource="deployment/d")
 

@@ -16,9 +16,9 @@ The hot path (serving) uses ``reserve_async`` and ``Reservation.commit_async``: 
 event loop from what the guard already knows (the organisation's plan and its counters), and only the first
 call of an organisation in a period goes to a worker thread to ask the admin service. Usage is then committed
 by ``UsageRecorder.commit_grouped``: the calls that finish while one write is in progress wait together on
-the next one (group commit), and their usage is summed into one event per (organisation, key, kind,
-resource): one transaction and one event per batch instead of one per prediction, and no call is answered
-before its usage is durable.
+the next one (group commit), and their usage is summed into one event per (organisation, key, resource)
+carrying every kind: one transaction and one event per batch instead of one per prediction and kind, and no call
+is answered before its usage is durable.
 
 How a guard knows what was used before: the first reservation of an organisation in a period asks the
 ``UsageSource`` (the metering service) for the period's total, then counts its own commits on top, and
@@ -233,7 +233,7 @@ class UsageRecorder:
         self.grouped_calls = 0
 
     def add(self, session: Session, records: Sequence[UsageRecord]) -> None:
-        """Stage the events in the caller's transaction: one per (organisation, key, kind, resource), summed."""
+        """Stage the events in the caller's transaction: one per (organisation, key, resource), summed."""
         Outbox.add_many(session, self._events_of(records))
 
     def record(self, records: Sequence[UsageRecord], session: Session | None = None) -> None:
@@ -245,23 +245,25 @@ class UsageRecorder:
         Outbox.write_now(self._database, self._events_of(records))
 
     def _events_of(self, records: Sequence[UsageRecord]) -> list[Event]:
-        totals: dict[tuple[str, str, UsageKind, str], float] = defaultdict(float)
+        """One event per (organisation, key, resource), its kinds summed: a call's predictions and input tokens
+        travel as one record (every row, record and aggregator step costs per event, not per kind)."""
+        totals: dict[tuple[str, str, str], dict[UsageKind, float]] = defaultdict(lambda: defaultdict(float))
         for record in records:
-            if record.quantity > 0:  # the event's quantity is positive by contract; zero usage is no usage
-                totals[(record.organization_id, record.api_key_id, record.kind, record.resource)] += record.quantity
-        return [
-            self._events.event(
-                events_pb2.UsageRecorded(
-                    organization_id=organization_id,
-                    api_key_id=api_key_id,
-                    kind=kind.value,
-                    quantity=quantity,
-                    resource=resource,
-                ),
-                key=organization_id,
+            if record.quantity > 0:  # the event's quantities are positive by contract; zero usage is no usage
+                totals[(record.organization_id, record.api_key_id, record.resource)][record.kind] += record.quantity
+        events = []
+        for (organization_id, api_key_id, resource), amounts in totals.items():
+            (kind, quantity), *more = amounts.items()
+            message = events_pb2.UsageRecorded(
+                organization_id=organization_id,
+                api_key_id=api_key_id,
+                kind=kind.value,
+                quantity=quantity,
+                resource=resource,
+                more=[events_pb2.UsageAmount(kind=k.value, quantity=q) for k, q in more],
             )
-            for (organization_id, api_key_id, kind, resource), quantity in totals.items()
-        ]
+            events.append(self._events.event(message, key=organization_id))
+        return events
 
     async def commit_grouped(self, records: Sequence[UsageRecord]) -> None:
         """Write ``records`` together with those of the calls waiting at the same time; return once they are

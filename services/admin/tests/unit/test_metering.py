@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -31,14 +31,24 @@ def bus(env: Env) -> Iterator[tuple[MemoryEventBus, MemoryBroker]]:
         yield memory_bus, broker
 
 
-def _event(org: str, key: str, kind: UsageKind | int, quantity: float, at: datetime) -> Event:
-    value = kind.value if isinstance(kind, UsageKind) else kind
+def _event(
+    org: str,
+    key: str,
+    kind: UsageKind | int,
+    quantity: float,
+    at: datetime,
+    more: Sequence[tuple[UsageKind | int, float]] = (),
+) -> Event:
+    def value(kind: UsageKind | int) -> int:
+        return kind.value if isinstance(kind, UsageKind) else kind
+
     message = events_pb2.UsageRecorded(
         organization_id=org,
         api_key_id=key,
-        kind=value,
+        kind=value(kind),
         quantity=quantity,
-        resource="deployment/d",  # type: ignore[arg-type]
+        resource="deployment/d",
+        more=[events_pb2.UsageAmount(kind=value(k), quantity=q) for k, q in more],
     )
     return Event.create(message, key=org or "default", source="serving", catalog=CATALOG, event_time=at)
 
@@ -156,6 +166,32 @@ def test_default_range_is_the_current_month_so_far(env: Env, bus: tuple[MemoryEv
     )
     [total] = env.metering.usage(acme, UsageQuery("", kinds=(P,)))
     assert total == UsageTotal(P, "", month_start, T0, 1.0)
+
+
+def test_an_event_carrying_several_kinds_counts_each(env: Env, bus: tuple[MemoryEventBus, MemoryBroker]) -> None:
+    acme = _acme(env)
+    events = [
+        _event("acme", "k1", P, 2, T0, more=[(T, 30)]),
+        _event("acme", "k1", P, 1, T0, more=[(T, 12), (UsageKind.OUTPUT_TOKENS, 5)]),
+        # Each is malformed as a whole: nothing of it is counted, the rest of the batch is.
+        _event("acme", "k1", P, 1, T0, more=[(T, 4), (T, 4)]),
+        _event("acme", "k1", P, 1, T0, more=[(P, 1)]),
+        _event("acme", "k1", P, 1, T0, more=[(T, -3)]),
+        _event("acme", "k1", P, 1, T0, more=[(99, 1)]),
+    ]
+    _consume(env, bus[0], events)
+    dead = bus[1].records(dead_letter_topic(USAGE_RECORDED))
+    assert [dict(r.headers)["event-id"] for r in dead] == [e.event_id.encode() for e in events[2:]]
+    errors = [dict(r.headers)["error"].decode() for r in dead]
+    assert sum("more than once" in e for e in errors) == 2
+    env.clock.now = T0 + timedelta(hours=1)
+    totals = env.metering.usage(acme, UsageQuery("", start=T0))
+    assert {(t.kind, t.quantity) for t in totals} == {
+        (P, 3.0),
+        (T, 42.0),
+        (UsageKind.OUTPUT_TOKENS, 5.0),
+        (UsageKind.TRAINING_WORKER_SECONDS, 0.0),
+    }
 
 
 def test_a_batch_is_summed_with_one_store_write_per_hour_key_and_kind(

@@ -718,6 +718,7 @@ class UsageRecorded(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     QUANTITY_FIELD_NUMBER: _builtins.int
     RESOURCE_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
     organization_id: _builtins.str
     api_key_id: _builtins.str
     """Empty for usage not caused by a key (e.g. an auto-train job: see resource)."""
@@ -726,6 +727,14 @@ class UsageRecorded(_message.Message):
     """Texts, tokens or worker-seconds. Positive."""
     resource: _builtins.str
     """What was used: "deployment/<name>" or "job/<job_id>"."""
+    @_builtins.property
+    def more(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageAmount]:
+        """The same usage's other kinds (the input tokens of the predictions above, the output tokens of a generation):
+        one event per (organisation, key, resource) of a commit, not one per kind. Each kind at most once in the
+        event, each quantity positive. A consumer that ignores this field undercounts: upgrade the metering
+        aggregator (admin) before the services that record usage.
+        """
+
     def __init__(
         self,
         *,
@@ -734,11 +743,34 @@ class UsageRecorded(_message.Message):
         kind: _admin_pb2.UsageKind.ValueType = ...,
         quantity: _builtins.float = ...,
         resource: _builtins.str = ...,
+        more: _abc.Iterable[Global___UsageAmount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "kind", b"kind", "organization_id", b"organization_id", "quantity", b"quantity", "resource", b"resource"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "kind", b"kind", "more", b"more", "organization_id", b"organization_id", "quantity", b"quantity", "resource", b"resource"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UsageRecorded: _TypeAlias = UsageRecorded  # noqa: Y015
+
+@_typing.final
+class UsageAmount(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    kind: _admin_pb2.UsageKind.ValueType
+    quantity: _builtins.float
+    def __init__(
+        self,
+        *,
+        kind: _admin_pb2.UsageKind.ValueType = ...,
+        quantity: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "quantity", b"quantity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageAmount: _TypeAlias = UsageAmount  # noqa: Y015
