@@ -3,13 +3,16 @@ every other thread of the serving process starts with (``runtime/threads.py``)."
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 
-from gristmill.serving.runtime.threads import use_threads_here
+from gristmill.serving.runtime.threads import OPENMP_SPINCOUNT, use_threads_here
 
 
 def _on_new_thread(work: Callable[[], int]) -> int:
@@ -60,3 +63,24 @@ def test_use_threads_here_keeps_its_setting_while_other_threads_start() -> None:
     done.set()
     thread.join()
     assert seen == [2]
+
+
+_CONFIGURE = """
+import os, sys
+from gristmill.serving.runtime.threads import configure_torch
+loaded_at_import = "torch" in sys.modules
+configure_torch(1)
+print(loaded_at_import, os.environ.get("GOMP_SPINCOUNT"), sys.modules["torch"].get_num_threads())
+"""
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, OPENMP_SPINCOUNT), ("100", "100")])
+def test_configure_torch_bounds_openmp_spinning_before_torch_loads_unless_the_environment_says(
+    given: str | None, expected: str
+) -> None:
+    # A fresh interpreter: libgomp reads GOMP_SPINCOUNT once, when torch loads it.
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if given is not None:
+        env["GOMP_SPINCOUNT"] = given
+    out = subprocess.run([sys.executable, "-c", _CONFIGURE], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", expected, "1"]
