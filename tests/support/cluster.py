@@ -118,8 +118,13 @@ def wait_port(address: str, timeout_s: float, what: str = "") -> None:
     raise AssertionError(f"{what or address} did not accept connections within {timeout_s:.0f} s")
 
 
-def start_s3(cluster: NodeCluster, node: int, port: int = 8333) -> str:
-    """The S3 server (deploy/local/seaweedfs.sh, the local stack's) on ``node``; returns its endpoint."""
+def start_s3(cluster: NodeCluster, node: int, port: int = 8343) -> str:
+    """The S3 server (deploy/local/seaweedfs.sh, the local stack's) on ``node``; returns its endpoint.
+
+    Not the local stack's ports (8333 and 9333-9335): SeaweedFS also serves gRPC on Unix sockets named by port
+    only (``/tmp/seaweedfs-master-grpc-19333.sock``), which the network namespaces share. On the same ports as a
+    running local stack, each server's components reached the other's (the node's filer wrote to the local
+    stack's volume server) and the node's S3 server never became ready."""
     cluster.run(node, [str(LOCAL / "seaweedfs.sh"), "start"], env={"GRISTMILL_S3_PORT": str(port)}, timeout=240)
     return f"{cluster.ip(node)}:{port}"
 
