@@ -61,7 +61,7 @@ from gristmill.core.events.envelope import (
     validate_key,
     validate_topic,
 )
-from gristmill.core.events.handled import HandledEvent, handled_among, is_handled, mark_handled
+from gristmill.core.events.handled import HandledEvent, handled_among, is_handled, mark_all_handled
 from gristmill.core.ids import validate_id
 from gristmill.core.metrics import ServiceMetrics
 from gristmill.core.sql import Database
@@ -610,10 +610,8 @@ class Consumer(ABC):
             raise
         except Exception as exc:
             raise _HandlerFailed(exc) from exc
-        for event in events:
-            mark_handled(session, self.group_id, event.event_id)
         try:
-            session.flush()
+            mark_all_handled(session, self.group_id, [event.event_id for event in events])
         except IntegrityError:
             # Another member of the group handled it concurrently (a rebalance): undo ours.
             raise _AlreadyHandled from None
