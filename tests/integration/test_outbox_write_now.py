@@ -1,11 +1,9 @@
 """``Outbox.write_now``: events committed in a transaction of their own without a session (a call's usage before its
 answer), on SQLite and on the real PostgreSQL server: the rows read back as the events, all or none of them, the
-relay is woken at once, and the pooled connection is left as it was found (in transactions again). The same for
-``LoopOutboxWriter`` (the write from an event loop), which also outlives its loop and a connection the server drops."""
+relay is woken at once, and the pooled connection is left as it was found (in transactions again)."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -16,9 +14,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from gristmill.core.events import Event, EventCatalog, EventPublisher, Outbox, OutboxRelay, PublishOutcome
-from gristmill.core.events.outbox import LoopOutboxWriter, OutboxEvent
+from gristmill.core.events.outbox import OutboxEvent
 from gristmill.core.sql import Database
-from tests.support.databases import fresh_postgres_database
 
 pytestmark = pytest.mark.integration
 
@@ -108,83 +105,3 @@ def test_the_relay_is_woken_at_once(database: Database, catalog: EventCatalog) -
         assert recorder.arrived.wait(10), "the relay was not woken by the write"
     assert recorder.published == events
     assert all(row.published_at is not None for row in _rows(database))
-
-
-# -- LoopOutboxWriter: the same write from an event loop -------------------------------------------------------
-
-
-def _unique_violation() -> tuple[type[BaseException], ...]:
-    import psycopg
-
-    # SQLite's path goes through SQLAlchemy (its IntegrityError); PostgreSQL's is psycopg's own statement.
-    return (IntegrityError, psycopg.errors.UniqueViolation)
-
-
-def test_the_loop_writer_writes_all_or_nothing_and_wakes_the_relay(database: Database, catalog: EventCatalog) -> None:
-    recorder = _Recorder()
-    writer = LoopOutboxWriter(database)
-    first, second = _events(catalog, "a", "b")
-    with OutboxRelay(database, recorder, poll_interval_s=60):
-        time.sleep(0.2)  # the relay's first look is over: only the write's wake-up can publish in time
-
-        async def run() -> None:
-            await writer.write_now([first])
-            await writer.write_now([])
-            with pytest.raises(_unique_violation()):
-                await writer.write_now([second, first])  # repeats the first id: neither row is written
-            await writer.write_now([second])  # after a failure the next write works (a new connection)
-
-        asyncio.run(run())
-        assert recorder.arrived.wait(10), "the relay was not woken by the loop writer"
-        deadline = time.monotonic() + 10
-        while len(recorder.published) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-    writer.close()
-    assert [row.to_event() for row in _rows(database)] == [first, second]
-    assert recorder.published == [first, second]
-
-
-def test_the_loop_writer_survives_its_loop_and_a_closed_connection(database: Database, catalog: EventCatalog) -> None:
-    writer = LoopOutboxWriter(database)
-    events = _events(catalog, "a", "b", "c")
-    asyncio.run(writer.write_now(events[:1]))
-    writer.close()
-    asyncio.run(writer.write_now(events[1:2]))  # another loop, after close: a connection of its own
-    asyncio.run(writer.write_now(events[2:]))
-    writer.close()
-    writer.close()
-    assert [row.to_event() for row in _rows(database)] == events
-
-
-@pytest.fixture
-def postgres_database() -> Iterator[Database]:
-    """PostgreSQL only: the loop writer keeps a connection of its own there (on SQLite it uses ``write_now``)."""
-    for url in fresh_postgres_database():
-        db = Database(url)
-        db.create_all()
-        try:
-            yield db
-        finally:
-            db.dispose()
-
-
-def test_a_connection_the_server_dropped_fails_one_write_and_the_next_reconnects(
-    postgres_database: Database, catalog: EventCatalog
-) -> None:
-    database = postgres_database
-    writer = LoopOutboxWriter(database)
-    first, lost, third = _events(catalog, "a", "b", "c")
-
-    async def run() -> None:
-        await writer.write_now([first])
-        pid = writer._connection.info.backend_pid
-        with database.engine.connect() as connection:
-            connection.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
-        with pytest.raises(Exception) as failed:
-            await writer.write_now([lost])
-        assert "terminat" in str(failed.value).lower() or "closed" in str(failed.value).lower(), failed.value
-        await writer.write_now([third])
-
-    asyncio.run(run())
-    writer.close()
-    assert [row.event_id for row in _rows(database)] == [first.event_id, third.event_id]

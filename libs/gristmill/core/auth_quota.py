@@ -54,7 +54,6 @@ from gristmill.api.events.v1 import events_pb2
 from gristmill.core.auth import Principal
 from gristmill.core.errors import GristmillError, InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from gristmill.core.events import Event, EventCatalog, Outbox, OutboxWriter
-from gristmill.core.events.outbox import LoopOutboxWriter
 from gristmill.core.sql import Database
 from gristmill.core.values import utc_now
 
@@ -226,8 +225,6 @@ class UsageRecorder:
     def __init__(self, database: Database, catalog: EventCatalog, source: str) -> None:
         self._database = database
         self._events = OutboxWriter(catalog, source)
-        # The group commit's writes, from the event loop (no worker thread between a batch and its answer).
-        self._loop_writer = LoopOutboxWriter(database)
         # Group commit (``commit_grouped``): records waiting for the next write, with their callers' futures.
         self._waiting: list[tuple[Sequence[UsageRecord], asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
@@ -274,7 +271,7 @@ class UsageRecorder:
 
         While one transaction is being written, the calls that finish meanwhile queue; the next transaction
         takes them all. One caller alone waits for its own commit only (no lingering), and under load the
-        batch grows with the load: one statement per batch, not per call, sent from the event loop.
+        batch grows with the load: one commit (and one worker-thread hop) per batch, not per call.
         """
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append((records, future))
@@ -288,7 +285,7 @@ class UsageRecorder:
                 batch, self._waiting = self._waiting, []
                 error: BaseException | None = None
                 try:
-                    await self._loop_writer.write_now(self._events_of([r for records, _ in batch for r in records]))
+                    await asyncio.to_thread(self.record, [r for records, _ in batch for r in records])
                 except Exception as exc:
                     log.warning("could not record the usage of %d calls: %s", len(batch), exc)
                     error = (
@@ -308,10 +305,6 @@ class UsageRecorder:
                         future.set_exception(error)
         finally:
             self._writer = None
-
-    def close(self) -> None:
-        """Close the group commit's database connection (at shutdown)."""
-        self._loop_writer.close()
 
 
 def _check_amounts(amounts: Mapping[UsageKind, float]) -> None:
@@ -613,11 +606,9 @@ class QuotaGuard:
         return Reservation(self, org, principal.api_key_id, dict(amounts), resource, tuple(keys))
 
     def close(self) -> None:
-        """Close the plan and usage sources and the recorder (at service shutdown)."""
+        """Close the plan and usage sources (at service shutdown)."""
         self.plans.close()
         self.usage.close()
-        if self.recorder is not None:
-            self.recorder.close()
 
     def _refill(self, org: str, rate: RateLimit) -> _Bucket:
         now = self._monotonic()

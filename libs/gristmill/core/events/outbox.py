@@ -20,7 +20,6 @@ under an advisory lock held from reading a batch to marking it, so a row is not 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import threading
@@ -100,7 +99,10 @@ class Outbox:
             return
         rows = _rows(events)
         if database.engine.dialect.name == "postgresql":
-            sql, params = Outbox._insert_sql(rows)
+            sql = f"INSERT INTO {OutboxEvent.__tablename__} ({', '.join(_COLUMNS)}) VALUES " + ", ".join(
+                ["(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"] * len(rows)
+            )
+            params = tuple(json.dumps(row[c]) if c == "headers" else row[c] for row in rows for c in _COLUMNS)
             with database.engine.connect() as connection:
                 # Through the Connection, so errors are SQLAlchemy's (IntegrityError, ...) and a broken connection
                 # is dropped from the pool; its transaction's COMMIT and ROLLBACK are no-ops in autocommit mode.
@@ -115,14 +117,6 @@ class Outbox:
             with database.engine.begin() as connection:
                 connection.execute(insert(OutboxEvent), rows)
         database.committed({_ROWS_ADDED: True})
-
-    @staticmethod
-    def _insert_sql(rows: Sequence[dict[str, Any]]) -> tuple[str, tuple[Any, ...]]:
-        """The one multi-row INSERT of ``write_now`` on PostgreSQL, and its parameters."""
-        sql = f"INSERT INTO {OutboxEvent.__tablename__} ({', '.join(_COLUMNS)}) VALUES " + ", ".join(
-            ["(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"] * len(rows)
-        )
-        return sql, tuple(json.dumps(row[c]) if c == "headers" else row[c] for row in rows for c in _COLUMNS)
 
     @staticmethod
     def pending(session: Session) -> int:
@@ -142,66 +136,6 @@ class Outbox:
 
 
 # The columns an added row sets (the others keep their defaults: not published, no error).
-class LoopOutboxWriter:
-    """``Outbox.write_now`` from an event loop, without a worker thread: on PostgreSQL the same one-statement
-    INSERT in autocommit mode, sent on an asyncio connection of the writer's own (opened on first use, dropped
-    after any failure and opened again by the next write); elsewhere ``write_now`` in a worker thread.
-
-    For a hot path that waits for its events to be durable before it answers (serving's group commit of usage):
-    a worker thread's hop and its wake-up of the loop cost more than the statement. Measured on the local stack's
-    PostgreSQL, one event: 0.20 ms on the loop against 0.32 ms through ``asyncio.to_thread``. Writes are
-    serialised (one connection); a caller that is cancelled mid-statement leaves its outcome unknown, as a
-    worker thread's would, and the connection is dropped.
-    """
-
-    def __init__(self, database: Database) -> None:
-        self.database = database
-        self._postgresql = database.engine.dialect.name == "postgresql"
-        self._connection: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock: asyncio.Lock | None = None
-
-    async def write_now(self, events: Sequence[Event]) -> None:
-        """Commit ``events`` in a statement of their own and wake the relay; raises what the driver raised
-        (nothing written) when the database fails."""
-        if not events:
-            return
-        if not self._postgresql:
-            await asyncio.to_thread(Outbox.write_now, self.database, events)
-            return
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            # A connection (and a lock) belongs to the loop it was made on.
-            self.close()
-            self._loop, self._lock = loop, asyncio.Lock()
-        sql, params = Outbox._insert_sql(_rows(events))
-        assert self._lock is not None
-        async with self._lock:
-            try:
-                if self._connection is None:
-                    self._connection = await self._connect()
-                await self._connection.execute(sql, params)
-            except BaseException:
-                self.close()  # its state after a failed or cancelled statement is unknown
-                raise
-        self.database.committed({_ROWS_ADDED: True})
-
-    async def _connect(self) -> Any:
-        import psycopg
-
-        url = self.database.engine.url.set(drivername="postgresql")
-        return await psycopg.AsyncConnection.connect(url.render_as_string(hide_password=False), autocommit=True)
-
-    def close(self) -> None:
-        """Close the connection, from any thread or loop (at shutdown): libpq's own close, no round trip."""
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            try:
-                connection.pgconn.finish()
-            except Exception:
-                log.debug("closing the outbox writer's connection failed", exc_info=True)
-
-
 _COLUMNS = ("event_id", "topic", "key", "event_type", "payload", "headers", "created_at", "attempts")
 
 
