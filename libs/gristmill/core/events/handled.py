@@ -41,8 +41,8 @@ def handled_among(session: Session, group_id: str, event_ids: Collection[str]) -
 
 
 def mark_handled(session: Session, group_id: str, event_id: str) -> None:
-    """Record the event as handled; flushed by the caller's commit (a concurrent duplicate fails there)."""
-    session.add(HandledEvent(group_id=group_id, event_id=event_id, handled_at=datetime.now(UTC)))
+    """Record the event as handled, in the caller's transaction (``mark_all_handled`` for one event)."""
+    mark_all_handled(session, group_id, (event_id,))
 
 
 def mark_all_handled(session: Session, group_id: str, event_ids: Collection[str]) -> None:
