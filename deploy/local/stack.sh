@@ -28,13 +28,22 @@ provision() {
 }
 
 up() {
-  local c start
+  local c i rc=0 start=$SECONDS out
   provision
+  # The three start side by side (Kafka's and SeaweedFS's waits overlap: ~7 s less than one after the other); each
+  # one's lines are printed together once it is ready, in a fixed order, and any failure fails `up`.
+  out=$(mktemp -d)
+  local pids=()
   for c in "${COMPONENTS[@]}"; do
-    start=$SECONDS
-    "$HERE/$c.sh" start
-    say "$c ready in $((SECONDS - start)) s"
+    ("$HERE/$c.sh" start && say "$c ready in $((SECONDS - start)) s") >"$out/$c" 2>&1 &
+    pids+=($!)
   done
+  for i in "${!COMPONENTS[@]}"; do
+    wait "${pids[$i]}" || rc=1
+    cat "$out/${COMPONENTS[$i]}"
+  done
+  rm -rf "$out"
+  [ "$rc" = 0 ] || die "the local stack did not start (above: what failed; logs in $GRISTMILL_LOG_DIR)"
   local kafka_port="${GRISTMILL_KAFKA_PORT:-9092}" s3_port="${GRISTMILL_S3_PORT:-8333}"
   local pg_port="${GRISTMILL_POSTGRES_PORT:-5433}"
   cat <<EOF
