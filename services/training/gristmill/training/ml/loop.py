@@ -228,12 +228,17 @@ class DirectorySession:
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Entry point of ``TorchTrainer(train_loop, train_loop_config={"loop": LoopConfig})``."""
+    """Entry point of ``TorchTrainer(train_loop, train_loop_config={"loop": SealedConfig.seal(LoopConfig)})`` (the
+    config sealed so that the run's controller, which carries it, imports neither this module nor torch)."""
     import ray.train
 
+    from gristmill.training.runner.torch_backend import SealedConfig
+
+    sealed = config["loop"]
+    loop = sealed.open() if isinstance(sealed, SealedConfig) else sealed
     context = ray.train.get_context()
     runner = LoopRunner(
-        config["loop"], context.get_world_rank(), context.get_world_size(), context.get_local_rank(), RaySession()
+        loop, context.get_world_rank(), context.get_world_size(), context.get_local_rank(), RaySession()
     )
     runner.run()
 

@@ -25,6 +25,7 @@ from gristmill.training.domain.search import metric_key, sample_trials, trial_sp
 from gristmill.training.domain.spec import Goal, JobSpec, Scheduler, SearchSettings
 from gristmill.training.ml.loop import LoopConfig, train_loop
 from gristmill.training.runner.failures import describe_failure
+from gristmill.training.runner.torch_backend import SealedConfig
 from gristmill.training.runner.trainer import GristmillTorchTrainer, scaling_config
 
 
@@ -54,7 +55,7 @@ def run_trial(config: dict[str, Any], template: TrialTemplate) -> None:
     res = spec.resources
     trainer = GristmillTorchTrainer(
         train_loop,
-        train_loop_config={"loop": loop},
+        train_loop_config={"loop": SealedConfig.seal(loop)},
         scaling_config=scaling_config(res),
         run_config=RunConfig(
             name=f"{template.run_name}-trial-{index}",

@@ -10,6 +10,7 @@ from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
 from gristmill.training.domain.spec import Resources
+from gristmill.training.runner.torch_backend import LightTorchConfig
 
 
 def scaling_config(resources: Resources) -> ScalingConfig:
@@ -33,7 +34,14 @@ class GristmillTorchTrainer(TorchTrainer):
       worker, competing with that worker's start for the CPUs, and took ~1.5 % of a core while the job trained.
 
     Ray 2.60 builds its default callbacks in one private method; this drops only those two.
+
+    Its backend config is ``LightTorchConfig`` (unless the caller passes one): Ray's ``TorchConfig`` made each run's
+    controller import torch before it started the workers (torch_backend.py says why that mattered).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("torch_config", LightTorchConfig())
+        super().__init__(*args, **kwargs)
 
     def _create_default_callbacks(self) -> list[Any]:
         # Ray Train v2's method; the stubs mypy sees are v1's.
