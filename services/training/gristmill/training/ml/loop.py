@@ -232,10 +232,7 @@ def train_loop(config: dict[str, Any]) -> None:
     config sealed so that the run's controller, which carries it, imports neither this module nor torch)."""
     import ray.train
 
-    from gristmill.training.runner.torch_backend import SealedConfig
-
-    sealed = config["loop"]
-    loop = sealed.open() if isinstance(sealed, SealedConfig) else sealed
+    loop = config["loop"].open()
     context = ray.train.get_context()
     runner = LoopRunner(
         loop, context.get_world_rank(), context.get_world_size(), context.get_local_rank(), RaySession()
