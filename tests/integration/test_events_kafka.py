@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -248,5 +249,62 @@ def test_a_rejoin_that_outlasts_short_polls_still_completes(settings: KafkaSetti
             consumer.poll_once(0.001)
             time.sleep(0.01)
         assert membership.state == "stable"
+    finally:
+        bus.close()
+
+
+_MEMBER = """
+import sys, time
+from gristmill.core.events import KafkaEventBus
+from gristmill.core.settings import KafkaSettings
+from gristmill.core.sql import Database
+
+bootstrap, topic, group, db = sys.argv[1:]
+database = Database(f"sqlite:///{db}")
+bus = KafkaEventBus(KafkaSettings(bootstrap_servers=bootstrap, topic_partitions=2), database=database)
+consumer = bus.subscribe([topic], group, lambda _event, _session: None)
+while len(consumer.membership().assigned) < 2:
+    consumer.poll_once(0.2)
+print("assigned", flush=True)
+while True:
+    consumer.poll_once(0.2)
+"""
+
+
+def test_a_restarted_member_gets_the_partitions_of_its_killed_self_within_the_session_timeout(
+    settings: KafkaSettings, database: Database, tmp_path: Path
+) -> None:
+    """A service killed without leaving its group (SIGKILL) and started again: the broker waits for the dead
+    member's session to time out before it assigns the partitions again. The settings' default session timeout
+    (10 s, not kafka-python's 45 s) bounds that wait; the stall watchdog (30 s) is off, so only the session counts."""
+    topic = f"gristmill.test.restart{uuid.uuid4().hex[:12]}.v1"
+    group = f"restart-{uuid.uuid4().hex[:8]}"
+    member = subprocess.Popen(
+        [sys.executable, "-c", _MEMBER, settings.bootstrap_servers, topic, group, str(tmp_path / "member.db")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert member.stdout is not None
+        assert member.stdout.readline().strip() == "assigned", "the first member never got the partitions"
+    finally:
+        member.kill()
+        member.wait()
+    killed = time.monotonic()
+    seen: list[str] = []
+    bus = KafkaEventBus(settings.model_copy(update={"topic_partitions": 2}), database=database)
+    consumer = bus.subscribe([topic], group, lambda event, _session: seen.append(event.event_id))
+    consumer.stall_timeout_s = float("inf")
+    try:
+        catalog = EventCatalog()
+        catalog.register(StringValue, topic)
+        event = Event.create(StringValue(value="after"), key="k", source="test", catalog=catalog)
+        bus.publish(event)
+        limit = settings.session_timeout_ms / 1000 + 10
+        while not seen:
+            assert time.monotonic() - killed < limit, f"no partitions after {limit:.0f}s: {consumer.membership()}"
+            consumer.poll_once(0.5)
+        assert seen == [event.event_id]
+        assert consumer.membership().assigned == ((topic, 0), (topic, 1))
     finally:
         bus.close()

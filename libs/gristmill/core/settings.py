@@ -33,6 +33,13 @@ class KafkaSettings(BaseSettings):
     # How long the producer waits for the broker before a publish counts as failed (the outbox retries).
     request_timeout_ms: int = Field(default=15_000, ge=1_000)
     topic_partitions: int = Field(default=3, ge=1)
+    # How long the broker keeps a consumer that stopped heartbeating in its group. A service that dies without
+    # leaving (SIGKILL, OOM, a lost node) holds its partitions that long, and its restarted self joins a group
+    # that waits for the dead member: at Kafka's 45 s default a restarted registry sat ~30 s with no partitions
+    # (the e2e chat demo). kafka-python heartbeats from a thread of its own, every 3 s, whatever the handlers
+    # do, so 10 s (Kafka's default before 3.0) is safe; raise it where networks pause longer. At least the
+    # broker's group.min.session.timeout.ms (6 s by default).
+    session_timeout_ms: int = Field(default=10_000, ge=6_000)
 
 
 class S3Settings(BaseSettings):

@@ -240,6 +240,8 @@ class KafkaBusConsumer(Consumer):
             "group_id": group_id,
             "enable_auto_commit": False,
             "auto_offset_reset": "earliest",
+            "session_timeout_ms": settings.session_timeout_ms,
+            "heartbeat_interval_ms": min(3_000, settings.session_timeout_ms // 3),
             "max_poll_records": bus.max_poll_records,
             # The broker answers a fetch as soon as one record is there (fetch_min_bytes 1), so this bounds only
             # how often an idle consumer asks again: at 100 ms the idle stack's services and broker took ~30 % of
