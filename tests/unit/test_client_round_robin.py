@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import socket
+import time
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -15,6 +16,7 @@ import pytest
 from gristmill.cli.context import parse_endpoints
 from gristmill.client.channel import ClientOptions, open_channel
 from gristmill.core.addresses import round_robin_target, split_addresses
+from gristmill.core.errors import UnavailableError
 
 METHOD = "/test.Who/Am"
 
@@ -107,3 +109,36 @@ def test_the_services_own_channels_spread_over_replicas_too(two_servers: tuple[l
         assert answers["a"] >= 19 and failures <= 1 and "b" not in answers, (answers, failures)
     finally:
         reloading.close()
+
+
+def test_a_channel_reaches_a_restarted_server_within_the_capped_backoff() -> None:
+    """A server down for 12 s, then back on the same port: the channel's next connection attempt comes within
+    ``grpc.max_reconnect_backoff_ms`` (2 s; gRPC's own backoff would have grown to ~6 s by then, and calls fail
+    without trying until it elapses)."""
+    server, address = _server("first")
+    port = int(address.rsplit(":", 1)[1])
+    options = ClientOptions(tls=None, max_attempts=1)
+    with open_channel(address, options) as channel:
+        assert _who(channel) == "first"
+        server.stop(None)
+        down_until = time.monotonic() + 12
+        while time.monotonic() < down_until:  # callers keep calling while it is down, as a poll loop does
+            with pytest.raises(UnavailableError):
+                _who(channel)
+            time.sleep(0.2)
+        again = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        answer = grpc.unary_unary_rpc_method_handler(lambda _request, _context: b"again")
+        again.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Who", {"Am": answer}),))
+        assert again.add_insecure_port(f"127.0.0.1:{port}") == port
+        again.start()
+        try:
+            back = time.monotonic()
+            while True:
+                try:
+                    assert _who(channel) == "again"
+                    break
+                except UnavailableError:
+                    assert time.monotonic() - back < 3.5, "the channel did not reconnect within 3.5 s"
+                    time.sleep(0.1)
+        finally:
+            again.stop(None)
