@@ -147,3 +147,23 @@ def test_the_console_gets_its_port_the_services_addresses_and_a_session_secret_k
     assert tls["GRISTMILL_TLS_CERT_FILE"].endswith("console.pem")
     assert [p.name for p in stack.processes()] == ["admin", "registry", "labeling", "training", "serving"]
     assert stack.console_process().module == "gristmill.console"
+
+
+def test_what_a_start_would_start_includes_the_console_and_leaves_out_what_runs(tmp_path: Path) -> None:
+    """``gristmill demo --stack local`` stops what it started: the services and the console (it once left the
+    console running), never a process that ran before it."""
+    import subprocess
+    import sys
+
+    stack = LocalStack(tmp_path / "run", base_port=23000)
+    assert [p.name for p in stack.not_running()] == [*(p.name for p in stack.processes()), "console"]
+    console = stack.console_process()
+    # Any process whose command line names the console's module counts as it (as ``pid()`` checks).
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", console.module])
+    try:
+        console.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        console.pid_file.write_text(str(running.pid))
+        assert [p.name for p in stack.not_running()] == [p.name for p in stack.processes()]
+    finally:
+        running.kill()
+        running.wait()

@@ -251,8 +251,7 @@ def demo_command(
             local.create_topics()
             local.start_groups_at_end()
             # Services that were already running (`gristmill up`) are used, and left running afterwards.
-            before = {p.name for p in local.processes() if p.pid() is not None}
-            started_here = [p for p in local.processes() if p.name not in before]
+            started_here = local.not_running()
             endpoints = local.start()
             logs = {p.name: p.log_file for p in local.processes()}
             api_key = api_key or local.root_key()

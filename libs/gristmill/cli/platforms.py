@@ -192,6 +192,11 @@ class LocalStack:
         """Every service process, in start order: the services, then the serving replicas beyond the first."""
         return self._service_processes() + self.replica_processes()
 
+    def not_running(self) -> list[ServiceProcess]:
+        """The processes ``start`` would start now (the services, then the console), in start order: what a
+        command that starts the stack stops again afterwards, leaving alone what ran before it."""
+        return [p for p in [*self.processes(), self.console_process()] if p.pid() is None]
+
     def _service_processes(self) -> list[ServiceProcess]:
         return [ServiceProcess(name, f"gristmill.{name}", self.run_dir) for name in SERVICES]
 
