@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import random
 import re
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +37,17 @@ from gristmill.training.domain import spec as d
 from gristmill.training.ml.loop import DirectorySession, LoopConfig, LoopRunner
 from gristmill.training.tasks.text_classification import LabelledText
 from services.serving.tests.support import ENTERPRISE, FakeSource
-from tests.conftest import SHARED_DATA
+from tests.conftest import REPO_ROOT, SHARED_DATA
+from tests.support.build_cache import cached_build, files_digest
 from tests.support.databases import migrated_database
 
 pytestmark = pytest.mark.slow
 
 LABELS = ("negative", "positive")
 SENTIMENT = Path(SHARED_DATA) / "sentiment"
+TRAINING_CODE = REPO_ROOT / "services" / "training" / "gristmill" / "training"
+CORE_CODE = REPO_ROOT / "libs" / "gristmill" / "core"
+REPORT = "final_report.json"  # the loop's last report, written into its final checkpoint
 
 
 def _sentences(name: str) -> list[tuple[str, int]]:
@@ -63,12 +70,32 @@ class DirectorySource(FakeSource):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], list[str]]:
+def trained() -> tuple[Path, list[str], list[str]]:
     """MiniLM fine-tuned on 1,200 amazon and yelp sentences (its profile from 400 others); 400 more held out, and
-    the imdb sentences."""
+    the imdb sentences. Trained once per distinct training code, data, weights and library versions, and kept
+    in the user's cache (tests/support/build_cache.py): ~90 CPU-s a run otherwise."""
+    import torch
+    import transformers
+
     in_domain = _sentences("amazon_cells") + _sentences("yelp")
     random.Random(7).shuffle(in_domain)
     train, test, held_out = in_domain[:1200], in_domain[1200:1600], in_domain[1600:2000]
+    key = {
+        "code": files_digest([TRAINING_CODE, CORE_CODE, Path(__file__)]),
+        "data": files_digest([SENTIMENT / "amazon_cells_labelled.txt", SENTIMENT / "yelp_labelled.txt"]),
+        "weights": files_digest([minilm_path()], suffixes=(".json", ".safetensors", ".txt")),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    model = cached_build("served-sentiment", key, functools.partial(_train, train, test))
+    report = json.loads((model / REPORT).read_text())
+    assert report["test_accuracy"] >= 0.8, report
+    imdb = [t for t, _ in _sentences("imdb")]
+    return model, [t for t, _ in held_out], imdb
+
+
+def _train(train: list[tuple[str, int]], test: list[tuple[str, int]], directory: Path) -> None:
+    """The final checkpoint (the model's files and the loop's last report) into ``directory``."""
     config = LoopConfig(
         job_id="drift",
         model_dir=str(minilm_path()),
@@ -88,11 +115,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], 
             seed=7,
         ),
     )
-    session = DirectorySession(tmp_path_factory.mktemp("drift-run"))
-    LoopRunner(config, 0, 1, 0, session).run()
-    assert session.reports[-1]["test_accuracy"] >= 0.8, session.reports[-1]
-    imdb = [t for t, _ in _sentences("imdb")]
-    return session.checkpoints[-1], [t for t, _ in held_out], imdb
+    with tempfile.TemporaryDirectory(prefix="drift-run-") as run:
+        session = DirectorySession(Path(run))
+        LoopRunner(config, 0, 1, 0, session).run()
+        shutil.copytree(session.checkpoints[-1], directory, dirs_exist_ok=True)
 
 
 @contextlib.asynccontextmanager
