@@ -29,6 +29,7 @@ from gristmill.serving.domain.generation import (
 )
 from gristmill.serving.domain.sources import LoadOptions, ResolvedVersion
 from gristmill.serving.runtime import generation as runtime
+from gristmill.serving.runtime import threads as serving_threads
 from gristmill.serving.runtime.generation import (
     EngineLimits,
     TransformersGenerator,
@@ -402,6 +403,25 @@ def test_prompts_of_very_different_lengths_prefilled_together_match_generate(lla
         generator.close()
 
 
+def test_a_tiny_model_runs_on_one_thread_whatever_the_limit(llama_dir: Path) -> None:
+    """A second OpenMP thread buys a model this small nothing and costs it 3-5x on a busy machine
+    (``runtime/threads.py``)."""
+    calls: list[int] = []
+
+    def record(module: torch.nn.Module, args: object) -> None:
+        if isinstance(module, PreTrainedModel):
+            calls.append(torch.get_num_threads())
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        generator = _load(llama_dir, threads=2)
+        generator.close()
+    finally:
+        hook.remove()
+    assert calls and set(calls) == {1}
+    assert serving_threads.threads_for_model(serving_threads.SMALL_MODEL_PARAMETERS, 2) == 2
+
+
 def _threads_of_a_new_thread() -> int:
     seen: list[int] = []
     thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
@@ -410,7 +430,11 @@ def _threads_of_a_new_thread() -> int:
     return seen[0]
 
 
-def test_the_model_thread_warms_up_and_runs_with_its_threads_leaving_the_process_default(llama_dir: Path) -> None:
+def test_the_model_thread_warms_up_and_runs_with_its_threads_leaving_the_process_default(
+    llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The tiny test model would get one thread (the next test); here it stands for a model big enough for two.
+    monkeypatch.setattr(serving_threads, "SMALL_MODEL_PARAMETERS", 0)
     calls: list[tuple[str, int]] = []
 
     def record(module: torch.nn.Module, args: object) -> None:

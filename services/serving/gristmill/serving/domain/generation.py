@@ -57,7 +57,8 @@ class EngineLimits:
     # (``runtime/prefix_cache.py``; 0: off).
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_MIB * 2**20
     # torch intra-op threads of the model's thread: one batched forward uses every core (0 keeps torch's
-    # setting). The classifiers' one-thread default suits several small batches side by side, not this.
+    # setting; a model under 10M parameters takes one, ``runtime/threads.py``). The classifiers' one-thread default
+    # suits several small batches side by side, not this.
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
 
 

@@ -8,8 +8,9 @@ A sequence that finishes (end-of-sequence token, stop sequence, max tokens) or w
 batch at once and its rows of the cache are dropped; the cache is trimmed to the longest sequence still running.
 A prompt that starts like one prefilled before starts from that prefix's keys and values and computes only the
 rest (``runtime/prefix_cache.py``).
-The model's thread uses every core (``EngineLimits.threads``) and warms the model up itself, so that its torch
-thread pool is the process's only one (``runtime/threads.py``: a second pool slows every forward pass ~1.5x).
+The model's thread uses every core (``EngineLimits.threads``; one for a tiny model) and warms the model up itself,
+so that its torch thread pool is the process's only one (``runtime/threads.py``: a second pool slows every forward
+pass ~1.5x).
 
 Why not transformers' own continuous batching (``init_continuous_batching``)? ``benchmarks/generation_benchmark.py``
 measures both on SmolLM2-135M, 2 CPU cores, 32 requests at once: its paged cache (tuned: 64-token pages,
@@ -65,7 +66,7 @@ from gristmill.serving.domain.sources import ADAPTER_CONFIG, BASE_DIR, LoadOptio
 from gristmill.serving.runtime.lora import BASE_ADAPTER, BatchedLora
 from gristmill.serving.runtime.memory import release_memory, resident_bytes
 from gristmill.serving.runtime.prefix_cache import LayerKV, PrefixCache
-from gristmill.serving.runtime.threads import use_threads_here
+from gristmill.serving.runtime.threads import threads_for_model, use_threads_here
 
 log = logging.getLogger(__name__)
 
@@ -318,8 +319,10 @@ class ContinuousBatcher:
     def _loop(self) -> None:
         try:
             if self.limits.threads > 0:
-                # This thread's OpenMP pool is the process's only one (``runtime/threads.py``).
-                use_threads_here(self.limits.threads)
+                # This thread's OpenMP pool is the process's only one (``runtime/threads.py``); a tiny model's
+                # forward pass is not worth sharing.
+                parameters = sum(p.numel() for p in self._model.parameters())
+                use_threads_here(threads_for_model(parameters, self.limits.threads))
             # On this thread: the first forward passes allocate and pick kernels for its thread count.
             _warm_up(self._model, self._tokenizer)
         except Exception as exc:

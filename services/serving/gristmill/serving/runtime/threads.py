@@ -51,6 +51,20 @@ def configure_torch(threads: int) -> None:
         torch.set_num_interop_threads(1)
 
 
+# Below this many parameters a generator's forward pass is too small to share: on the 2-core machine one decode
+# step (batch 1, after a 40-token prompt) took the same time on one thread as on two (Llamas of 0.08M, 2.4M and
+# 6.8M parameters, within 5 %), while with two busy processes beside it two threads made the 0.08M model 3.5-5x
+# slower (41 forward passes: 36-47 ms on one thread, 156-167 ms on two: every small op waits for the thread
+# the scheduler took off its core). Such models are tests' and demos' tiny ones, on busy machines.
+SMALL_MODEL_PARAMETERS = 10_000_000
+
+
+def threads_for_model(parameters: int, threads: int) -> int:
+    """The intra-op threads a generator's model thread takes: ``threads``, or one for a model under
+    ``SMALL_MODEL_PARAMETERS``."""
+    return 1 if threads > 1 and parameters < SMALL_MODEL_PARAMETERS else threads
+
+
 def use_threads_here(threads: int) -> None:
     """Give the calling thread ``threads`` intra-op threads and leave the process default as it was.
 
