@@ -27,6 +27,9 @@ from gristmill.core.storage.base import sha256_file
 
 CACHE = Path(os.environ.get("GRISTMILL_CACHE", Path.home() / ".cache" / "gristmill")) / "test-builds"
 KEY_FILE = "build-key.json"
+# Builds kept per name, the most recently used: every change to the code they depend on makes a new one (~90 MB
+# for the sentiment model), and a cache that only grows would fill the disk over a few hundred commits.
+KEEP = 3
 
 
 def files_digest(paths: Iterable[Path], *, suffixes: tuple[str, ...] = (".py",)) -> str:
@@ -47,6 +50,7 @@ def cached_build(name: str, key: Mapping[str, str], build: Callable[[Path], None
     digest = hashlib.sha256(json.dumps(dict(key), sort_keys=True).encode()).hexdigest()[:32]
     final = CACHE / name / digest
     if (final / KEY_FILE).is_file():
+        os.utime(final)  # used now: the last to be evicted
         return final
     partial = CACHE / name / f".{digest}.{uuid.uuid4().hex[:8]}"
     partial.mkdir(parents=True)
@@ -60,4 +64,16 @@ def cached_build(name: str, key: Mapping[str, str], build: Callable[[Path], None
                 raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+    _evict(CACHE / name, keep=final)
     return final
+
+
+def _evict(folder: Path, *, keep: Path) -> None:
+    """Remove all but the ``KEEP`` most recently used complete builds in ``folder`` (never ``keep``)."""
+    builds = sorted(
+        (p for p in folder.iterdir() if (p / KEY_FILE).is_file() and p != keep),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for old in builds[KEEP - 1 :]:
+        shutil.rmtree(old, ignore_errors=True)

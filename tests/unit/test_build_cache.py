@@ -52,3 +52,16 @@ def test_the_digest_follows_contents_and_relative_names_not_where_the_checkout_i
     assert files_digest([tmp_path / "one" / "code"]) == files_digest([tmp_path / "two" / "code"])
     (tmp_path / "two" / "code" / "pkg" / "m.py").write_text("x = 2\n")
     assert files_digest([tmp_path / "one" / "code"]) != files_digest([tmp_path / "two" / "code"])
+
+
+def test_only_the_most_recently_used_builds_are_kept(cache: Path) -> None:
+    import os
+    import time
+
+    made = [cached_build("thing", {"code": str(i)}, lambda d: None) for i in range(build_cache.KEEP)]
+    for age, path in enumerate(reversed(made)):  # the first made is the oldest
+        os.utime(path, (time.time() - 100 * (age + 1),) * 2)
+    assert cached_build("thing", {"code": "0"}, lambda d: None) == made[0]  # a reuse makes it the newest
+    newest = cached_build("thing", {"code": "new"}, lambda d: None)
+    kept = {p for p in (cache / "thing").iterdir()}
+    assert len(kept) == build_cache.KEEP and newest in kept and made[0] in kept and made[1] not in kept
