@@ -501,6 +501,11 @@ async def run_service(
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.TrainingServiceStub(channel)
             for n in range(args.repeats):
+                if n and args.idle_s:
+                    # A warm job is one submitted to an idle service: its warm worker process (runner/warm.py)
+                    # is started once the cluster has been idle a moment, never beside a run.
+                    progress(f"service: idle for {args.idle_s:.0f}s before the next job")
+                    await asyncio.sleep(args.idle_s)
                 progress(f"service: LoRA SFT job {n + 1}/{args.repeats}{' (cold: Ray starts)' if n == 0 else ''}")
                 runs.append(await run_job(stub, job_spec(args, model_dir, "lora"), "lora"))
             if not args.skip_full:
@@ -703,6 +708,12 @@ def main() -> int:
         "--repeats", type=int, default=3, help="service LoRA jobs, and baseline processes before and after"
     )
     parser.add_argument("--skip-full", action="store_true", help="no full fine-tune (baseline or service)")
+    parser.add_argument(
+        "--idle-s",
+        type=float,
+        default=15.0,
+        help="seconds the service stays idle between two LoRA jobs (0: back to back, no warm worker process)",
+    )
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--full-learning-rate", type=float, default=2e-5)
     parser.add_argument("--lora-rank", type=int, default=16)

@@ -109,6 +109,7 @@ def build_app(
             num_gpus=settings.ray_num_gpus,
             log_to_driver=settings.ray_log_to_driver,
             state_dir=data_dir.resolve(),
+            warm_workers=settings.ray_warm_workers,
         )
         runner = RayJobRunner(
             cluster,

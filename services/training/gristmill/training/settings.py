@@ -24,6 +24,9 @@ class TrainingSettings(ServiceSettings):
     ray_num_gpus: int | None = Field(default=None, ge=0)
     # Forward the Ray workers' stdout/stderr to the service's log (noisy; Ray keeps them in its session dir).
     ray_log_to_driver: bool = False
+    # Train-worker processes the local Ray keeps started and imported while no job runs, so that the next job's
+    # worker skips its process start and imports (runner/warm.py); 0: none. Each holds ~0.5 GB while it waits.
+    ray_warm_workers: int = Field(default=1, ge=0)
     # Jobs whose Ray runs are driven at once; later jobs stay QUEUED until one finishes.
     max_running_jobs: int = Field(default=2, ge=1)
     # A job whose object store (data, checkpoints, result) cannot be reached waits and runs again, first after

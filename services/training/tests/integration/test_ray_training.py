@@ -35,7 +35,9 @@ from gristmill.core.storage.s3 import S3ObjectStore
 from gristmill.training.app import TrainingApp, build_app
 from gristmill.training.devtools import upload_model_directory
 from gristmill.training.ml.loop import FaultInjection
+from gristmill.training.runner.local_ray import process_started, session_processes
 from gristmill.training.runner.ray_runner import CheckpointStorage, RayCluster, RayJobRunner
+from gristmill.training.runner.warm import idle_worker_processes
 from gristmill.training.settings import TrainingSettings
 from services.training.tests.service_support import card_hyper_parameters
 from tests.support.tiny_model import CHATML_TEMPLATE, minilm_path
@@ -584,6 +586,27 @@ async def test_sft_with_lora_on_a_chat_version_checkpoints_to_s3_and_publishes_t
         finally:
             consumer.stop()
             bus.close()
+
+
+async def test_a_job_submitted_to_an_idle_cluster_runs_in_the_warm_worker_process_waiting_for_it(
+    tmp_path: Path, s3: S3Settings, kafka_bootstrap: str, ray_cluster: RayCluster, chat_version: Any, tiny_llama: Path
+) -> None:
+    # The module's cluster is this process's own local one: it keeps a warm process while idle (runner/warm.py).
+    pool = ray_cluster.warm_pool
+    assert pool is not None and ray_cluster.session_dir
+    pool.schedule()
+    deadline = time.monotonic() + 90
+    while not (warm := idle_worker_processes(session_processes(ray_cluster.session_dir))):
+        assert time.monotonic() < deadline, "no warm worker process started in an idle cluster"
+        await asyncio.sleep(0.5)
+    async with _service(tmp_path, s3, kafka_bootstrap, ray_cluster, chat_version) as service:
+        job = await service.stub.SubmitJob(pb.SubmitJobRequest(spec=_chat_spec(service.project, tiny_llama)))
+        changes = _state_changes(await service.events(job.job_id))
+        assert changes[-1].state == pb.JOB_STATE_SUCCEEDED, [c.reason for c in changes]
+    # The run's worker was a process that was running before the run began (Ray matched the environment exactly;
+    # a Ray that builds it otherwise turns the pool off, and says why), and it ended with the run.
+    assert pool.last_run_warm is True, pool.disabled_reason
+    assert any(process_started(pid) is None for pid in warm), warm
 
 
 async def test_two_fsdp_sft_workers_survive_a_worker_crash_and_resume_from_the_s3_checkpoint(

@@ -44,12 +44,14 @@ from gristmill.training.runner.local_ray import (
     owner_record,
     read_record,
     remove_record,
+    session_processes,
     stop_predecessor,
     write_record,
 )
 from gristmill.training.runner.progress import ProgressHub, RegisterController, RunChannel
 from gristmill.training.runner.torch_backend import SealedConfig
 from gristmill.training.runner.trainer import GristmillTorchTrainer, scaling_config
+from gristmill.training.runner.warm import WarmPool, worker_runtime_env
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +156,12 @@ class RayCluster:
         retry_backoff_s: float = 5.0,
         max_backoff_s: float = 60.0,
         state_dir: Path | None = None,
+        warm_workers: int = 1,
     ) -> None:
         self.address = address
+        # Warm train-worker processes kept in an idle local cluster (``warm.WarmPool``); 0: none.
+        self.warm_workers = warm_workers
+        self.warm_pool: WarmPool | None = None
         # Where a local cluster is recorded while it runs (``local_ray.RECORD_FILE``), so that the next service on
         # this data directory stops what it left if this process dies with its watchdog; None: not recorded.
         self.state_dir = state_dir
@@ -268,6 +274,14 @@ class RayCluster:
         )
         self._owned = True
         self._watch_local()
+        if self.session_dir and self.warm_workers > 0:
+            session_dir = self.session_dir
+            self.warm_pool = WarmPool(
+                size=self.warm_workers,
+                job_env_vars=WORKER_ENV | LOCAL_ENV,
+                session_processes=lambda: session_processes(session_dir),
+            )
+            self.warm_pool.schedule()
         if not self.log_to_driver:
             # The log monitor tails every worker's log files ten times a second to stream them to drivers. With
             # log_to_driver off nobody reads that stream, and it was the costliest of the cluster's own processes
@@ -338,6 +352,9 @@ class RayCluster:
 
     def stop(self) -> None:
         self._stopping.set()
+        pool, self.warm_pool = self.warm_pool, None
+        if pool is not None:
+            pool.close()
         with self._lock:
             if self._owned and ray.is_initialized():
                 ray.shutdown()
@@ -444,20 +461,27 @@ class RayJobRunner:
                 failure_config=FailureConfig(max_failures=res.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=self.keep_checkpoints),
                 callbacks=[RegisterController(channel)],  # type: ignore[list-item]  # a controller callback
+                worker_runtime_env=worker_runtime_env(),  # type: ignore[call-arg]  # Ray Train v2's; stubs are v1's
             ),
         )
 
     def run(self, request: RunRequest, listener: RunListener, cancel: threading.Event) -> RunOutcome:
         self.cluster.start()
         self._release_orphans()  # an earlier run's leftovers would hold the CPUs this one asks for
+        pool = self.cluster.warm_pool
+        watch = _WorkerStartWatch(listener, time.time())
+        if pool is not None:
+            pool.run_began()
         channel = RunChannel(self._hub(), request.job_id)
         try:
             if request.spec.search is not None:
                 return self._search(request, channel, listener, cancel)
             trainer = self._trainer(request, channel)
-            result = self._drive(trainer.fit, request, channel, listener, cancel, abort=True)
+            result = self._drive(trainer.fit, request, channel, watch, cancel, abort=True)
         finally:
             channel.close()
+            if pool is not None:
+                pool.run_ended(warm_worker=None if request.spec.search is not None else watch.warm)
         return self._outcome(request, result)
 
     def _drive(
@@ -608,6 +632,23 @@ class RayJobRunner:
     def cleanup(self, outcome: RunOutcome) -> None:
         if outcome.model_dir.is_relative_to(self.work_dir):
             shutil.rmtree(outcome.model_dir, ignore_errors=True)
+
+
+class _WorkerStartWatch:
+    """A run's listener that also notes whether its (first) worker process was already running when the run
+    began: a warm process (``warm.WarmPool``)."""
+
+    def __init__(self, listener: RunListener, began: float) -> None:
+        self._listener = listener
+        self._began = began
+        self.warm: bool | None = None
+
+    def on_records(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            started = (record.get("timings") or {}).get("process_started") if record.get("type") == "started" else None
+            if started and self.warm is None:
+                self.warm = float(started) < self._began
+        self._listener.on_records(records)
 
 
 def default_work_dir(data_dir: Path) -> Path:

@@ -1,0 +1,207 @@
+"""A warm train-worker process waiting in the local cluster, so that a job submitted to an idle service skips the
+worker's process start and its imports (~4-5 s of its start on two cores).
+
+Ray Train starts a new worker process for every run (an actor per worker), and that process imports torch,
+transformers and PEFT (~2.5-3 s), then the loop, before it can load a model. Ray keeps idle worker processes for
+tasks, never for actors: an actor takes an idle process only if one happens to wait with the very runtime
+environment the actor asks for. So, on a cluster this service started itself:
+
+* every train worker's runtime environment names a **setup hook** (``preload``, Ray's
+  ``worker_process_setup_hook`` mechanism) that imports those modules when the process starts. A worker started
+  for a run does what it did before, a little earlier; a process started ahead of time does it while nobody
+  waits.
+* when the cluster has been idle for a moment (no run for ``delay_s``: never beside a run, whose CPUs it would
+  take), the pool asks the raylet to start ``size`` processes with exactly that environment and keep them for
+  ``keep_alive_s`` (Ray's ``PrestartWorkers``). The next run's worker actor takes one.
+
+The environment must be byte-identical to the one Ray builds for the worker actor (Ray matches idle processes by a
+hash of the serialized environment): the job's, merged by Ray's core worker with the run controller's and then the
+worker's, written as compact JSON with sorted keys (``worker_environment``). A Ray version that builds it
+otherwise leaves the process unused: the pool notices (a run's worker came from no warm process while one
+waited), logs it once and stops warming, and ``test_ray_training`` fails on it.
+
+No torch or Ray import at module level: the hook's module is imported by every train worker first.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Ray's environment variable that names a worker's setup hook (ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR): a
+# "module.function" path the worker imports and calls before it takes any work.
+SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
+PRELOAD_HOOK = f"{__name__}.preload"
+# What every train worker imports before its loop runs: the loop module brings torch and transformers' base;
+# PEFT and the auto classes are what a fine-tuning run loads next.
+PRELOAD_MODULES = ("torch", "transformers", "peft", "gristmill.training.ml.loop")
+
+# When this process finished ``preload`` (seconds since the epoch); 0.0 in a process that never ran it.
+preloaded_at = 0.0
+
+
+def preload() -> None:
+    """The train workers' setup hook: import what every run needs. A module that is not installed is skipped
+    (PEFT on a classification-only install): the run reports its own error if it needs it."""
+    global preloaded_at
+    for name in PRELOAD_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            log.debug("warm worker: %s not imported: %s", name, exc)
+    preloaded_at = time.time()
+
+
+def worker_runtime_env() -> dict[str, Any]:
+    """``RunConfig.worker_runtime_env`` of a run: the setup hook."""
+    return {"env_vars": {SETUP_HOOK_ENV: PRELOAD_HOOK}}
+
+
+def worker_environment(job_env_vars: Mapping[str, str]) -> str:
+    """The serialized runtime environment Ray gives a run's train worker on a cluster whose job environment has
+    ``job_env_vars``: the job's variables, the controller's (Ray Train's variables set in this process, and its
+    blocking-get switch), the worker's own (the same, plus the hook), merged as Ray's core worker merges a child's
+    environment into its parent's, and written as it writes it."""
+    from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
+    from ray.train.v2._internal.constants import (
+        DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+        get_env_vars_to_propagate,
+    )
+
+    env_vars = dict(job_env_vars)
+    propagated = get_env_vars_to_propagate()
+    env_vars.update(propagated)
+    env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+    env_vars.update(worker_runtime_env()["env_vars"])
+    return json.dumps({"env_vars": env_vars}, separators=(",", ":"), sort_keys=True)
+
+
+def idle_worker_processes(pids: list[int], proc: Path = Path("/proc")) -> list[int]:
+    """Of a cluster's processes, the worker processes that take no work yet: titled ``ray::IDLE`` once
+    registered, or still starting (``default_worker.py`` on their command line)."""
+    idle = []
+    for pid in pids:
+        try:
+            args = (proc / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if args and (args[0].startswith("ray::IDLE") or any(a.endswith("/default_worker.py") for a in args)):
+            idle.append(pid)
+    return idle
+
+
+class WarmPool:
+    """Keeps ``size`` warm train-worker processes in an idle local cluster (see the module's docstring)."""
+
+    def __init__(
+        self,
+        *,
+        size: int,
+        job_env_vars: Mapping[str, str],
+        session_processes: Callable[[], list[int]],
+        delay_s: float = 3.0,
+        keep_alive_s: int = 1800,
+        prestart: Callable[[str, int, int], None] | None = None,
+        proc: Path = Path("/proc"),
+    ) -> None:
+        self.size = size
+        self.delay_s = delay_s
+        self.keep_alive_s = keep_alive_s
+        self._job_env_vars = dict(job_env_vars)
+        self._session_processes = session_processes
+        self._prestart = prestart or prestart_local_workers
+        self._proc = proc
+        self._lock = threading.Lock()
+        self._active_runs = 0
+        self._generation = 0
+        self._offered = 0  # warm processes asked for since the last run began
+        self._closed = False
+        self.disabled_reason = ""
+        # Whether the last run's worker came from a warm process (None: not known, a search).
+        self.last_run_warm: bool | None = None
+
+    def run_began(self) -> None:
+        with self._lock:
+            self._active_runs += 1
+            self._generation += 1
+
+    def run_ended(self, *, warm_worker: bool | None = None) -> None:
+        """A run ended; ``warm_worker``: whether its worker came from a warm process (None: not known)."""
+        with self._lock:
+            self._active_runs = max(0, self._active_runs - 1)
+            self._generation += 1
+            self.last_run_warm = warm_worker
+            if warm_worker is False and self._offered and not self.disabled_reason:
+                self.disabled_reason = (
+                    "a run's worker did not take the warm process that waited for it: this Ray version builds the "
+                    "worker's runtime environment differently; jobs start without a warm process"
+                )
+                log.warning("warm worker pool off: %s", self.disabled_reason)
+        self.schedule()
+
+    def schedule(self) -> None:
+        """Top the pool up after ``delay_s`` if no run has begun or ended meanwhile."""
+        with self._lock:
+            if self._closed or self.size <= 0 or self.disabled_reason:
+                return
+            generation = self._generation
+        timer = threading.Timer(self.delay_s, self._top_up, args=(generation,))
+        timer.daemon = True
+        timer.name = "ray-warm-pool"
+        timer.start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+
+    def _top_up(self, generation: int) -> None:
+        with self._lock:
+            if self._closed or self._active_runs or generation != self._generation or self.disabled_reason:
+                return
+        try:
+            missing = self.size - len(idle_worker_processes(self._session_processes(), self._proc))
+            if missing <= 0:
+                return
+            self._prestart(worker_environment(self._job_env_vars), missing, self.keep_alive_s)
+        except Exception:  # warming is an optimisation: a run without it starts as it always did
+            log.warning("could not start a warm Ray worker process", exc_info=True)
+            return
+        with self._lock:
+            self._offered += missing
+        log.info("started %d warm Ray worker process(es) for the next run", missing)
+
+
+def prestart_local_workers(serialized_env: str, count: int, keep_alive_s: int) -> None:
+    """Ask this node's raylet to start ``count`` idle Python worker processes of this driver's job with the
+    runtime environment ``serialized_env``, kept ``keep_alive_s`` seconds while unused (Ray's ``PrestartWorkers``)."""
+    import ray
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray._private.utils import get_runtime_env_info
+    from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
+    from ray.runtime_env import RuntimeEnv
+
+    context = ray.get_runtime_context()
+    node = next(n for n in ray.nodes() if n.get("NodeID") == context.get_node_id())  # type: ignore[no-untyped-call]
+    info: Any = get_runtime_env_info(RuntimeEnv(), is_job_runtime_env=False, serialize=False)
+    info.serialized_runtime_env = serialized_env
+    request = node_manager_pb2.PrestartWorkersRequest(  # type: ignore[attr-defined]  # generated, untyped
+        language=common_pb2.PYTHON,  # type: ignore[attr-defined]
+        job_id=bytes.fromhex(context.get_job_id()),
+        runtime_env_info=info,
+        keep_alive_duration_secs=keep_alive_s,
+        num_workers=count,
+    )
+    channel = init_grpc_channel(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}", asynchronous=False)
+    try:
+        stub = node_manager_pb2_grpc.NodeManagerServiceStub(channel)  # type: ignore[no-untyped-call]  # generated
+        stub.PrestartWorkers(request, timeout=10)
+    finally:
+        channel.close()
