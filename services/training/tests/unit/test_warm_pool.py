@@ -23,11 +23,12 @@ def test_the_worker_environment_is_the_merge_ray_writes_compact_with_sorted_keys
 ) -> None:
     # A Ray Train variable set in the driver travels to the controller and on to every worker.
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
-    text = worker_environment({"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
+    text = worker_environment({"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}, threads=2)
     assert text == json.dumps(json.loads(text), separators=(",", ":"), sort_keys=True)
     assert json.loads(text) == {
         "env_vars": {
             "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "2",
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3",
             "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0",
             "TOKENIZERS_PARALLELISM": "false",
@@ -70,6 +71,7 @@ def _pool(raylet: _Raylet, tmp_path: Path, size: int = 2) -> WarmPool:
         _process(tmp_path, pid, "ray::IDLE")
     return WarmPool(
         size=size,
+        threads=2,
         job_env_vars={"HF_HUB_OFFLINE": "1"},
         session_processes=lambda: raylet.idle,
         delay_s=0.05,
@@ -91,11 +93,11 @@ def test_nothing_starts_beside_a_run_or_when_a_run_came_and_went_during_the_dela
     raylet = _Raylet()
     pool = _pool(raylet, tmp_path)
     pool.schedule()
-    pool.run_began()  # a job was submitted within the delay: it must not share the CPUs with a starting process
+    pool.run_began(2)  # a job was submitted within the delay: it must not share the CPUs with a starting process
     time.sleep(0.3)
     assert raylet.calls == []
     pool.run_ended(warm_worker=None)
-    pool.run_began()
+    pool.run_began(2)
     pool.run_ended(warm_worker=None)  # the first timer of these two is stale; the second tops up
     assert raylet.called.wait(5)
     time.sleep(0.2)
@@ -107,11 +109,26 @@ def test_a_run_that_ignored_a_waiting_warm_process_turns_the_pool_off(tmp_path: 
     pool = _pool(raylet, tmp_path, size=1)
     pool.schedule()
     assert raylet.called.wait(5)
-    pool.run_began()
+    pool.run_began(2)
     pool.run_ended(warm_worker=False)
     assert "runtime environment" in pool.disabled_reason and pool.last_run_warm is False
     time.sleep(0.3)
     assert len(raylet.calls) == 1
+
+
+def test_a_run_of_other_threads_passes_the_warm_process_by_and_the_next_one_is_made_for_its_threads(
+    tmp_path: Path,
+) -> None:
+    raylet = _Raylet()
+    pool = _pool(raylet, tmp_path, size=1)
+    pool.schedule()
+    assert raylet.called.wait(5)
+    raylet.called.clear()
+    pool.run_began(1)  # a one-CPU job: Ray gives its worker one thread, so the two-thread process does not fit
+    pool.run_ended(warm_worker=False)
+    assert pool.disabled_reason == ""
+    assert raylet.called.wait(5)
+    assert json.loads(raylet.calls[-1][0])["env_vars"]["OMP_NUM_THREADS"] == "1"
 
 
 def test_a_raylet_that_refuses_costs_nothing_but_a_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -121,6 +138,6 @@ def test_a_raylet_that_refuses_costs_nothing_but_a_log_line(tmp_path: Path, capl
     assert raylet.called.wait(5)
     time.sleep(0.1)
     assert "could not start a warm Ray worker process" in caplog.text
-    pool.run_began()
+    pool.run_began(2)
     pool.run_ended(warm_worker=False)  # nothing was offered: no verdict on Ray's environment
     assert pool.disabled_reason == ""

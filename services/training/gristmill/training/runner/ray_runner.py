@@ -51,7 +51,7 @@ from gristmill.training.runner.local_ray import (
 from gristmill.training.runner.progress import ProgressHub, RegisterController, RunChannel
 from gristmill.training.runner.torch_backend import SealedConfig
 from gristmill.training.runner.trainer import GristmillTorchTrainer, scaling_config
-from gristmill.training.runner.warm import WarmPool, worker_runtime_env
+from gristmill.training.runner.warm import WarmPool, worker_runtime_env, worker_threads
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +278,9 @@ class RayCluster:
             session_dir = self.session_dir
             self.warm_pool = WarmPool(
                 size=self.warm_workers,
+                # The largest worker this cluster can run until a run says otherwise: on one machine, jobs tend
+                # to take all of it.
+                threads=worker_threads(self.num_cpus),
                 job_env_vars=WORKER_ENV | LOCAL_ENV,
                 session_processes=lambda: session_processes(session_dir),
             )
@@ -450,6 +453,7 @@ class RayJobRunner:
     def _trainer(self, request: RunRequest, channel: RunChannel) -> GristmillTorchTrainer:
         res = request.spec.resources
         loop = self._loop_config(request, channel)
+        worker_env = worker_runtime_env(worker_threads(res.cpus_per_worker))
         return GristmillTorchTrainer(
             train_loop,
             train_loop_config={"loop": SealedConfig.seal(loop)},
@@ -461,7 +465,7 @@ class RayJobRunner:
                 failure_config=FailureConfig(max_failures=res.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=self.keep_checkpoints),
                 callbacks=[RegisterController(channel)],  # type: ignore[list-item]  # a controller callback
-                worker_runtime_env=worker_runtime_env(),  # type: ignore[call-arg]  # Ray Train v2's; stubs are v1's
+                worker_runtime_env=worker_env,  # type: ignore[call-arg]  # Ray Train v2's; the stubs are v1's
             ),
         )
 
@@ -471,7 +475,7 @@ class RayJobRunner:
         pool = self.cluster.warm_pool
         watch = _WorkerStartWatch(listener, time.time())
         if pool is not None:
-            pool.run_began()
+            pool.run_began(worker_threads(request.spec.resources.cpus_per_worker))
         channel = RunChannel(self._hub(), request.job_id)
         try:
             if request.spec.search is not None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -60,16 +61,24 @@ def preload() -> None:
     preloaded_at = time.time()
 
 
-def worker_runtime_env() -> dict[str, Any]:
-    """``RunConfig.worker_runtime_env`` of a run: the setup hook."""
-    return {"env_vars": {SETUP_HOOK_ENV: PRELOAD_HOOK}}
+def worker_threads(cpus_per_worker: float) -> int:
+    """The OpenMP threads Ray gives a worker of ``cpus_per_worker`` CPUs (``OMP_NUM_THREADS``: the floor, >= 1)."""
+    return max(1, math.floor(cpus_per_worker))
 
 
-def worker_environment(job_env_vars: Mapping[str, str]) -> str:
-    """The serialized runtime environment Ray gives a run's train worker on a cluster whose job environment has
-    ``job_env_vars``: the job's variables, the controller's (Ray Train's variables set in this process, and its
-    blocking-get switch), the worker's own (the same, plus the hook), merged as Ray's core worker merges a child's
-    environment into its parent's, and written as it writes it."""
+def worker_runtime_env(threads: int) -> dict[str, Any]:
+    """``RunConfig.worker_runtime_env`` of a run whose workers have ``threads`` OpenMP threads: the setup hook, and
+    ``OMP_NUM_THREADS`` from the process's start. Ray sets that variable itself only when the actor's first task
+    runs, after the hook imported torch, and OpenMP reads it once, when torch loads it: without it there, a LoRA
+    SFT job on SmolLM2 trained at 0.86x the plain loop instead of ~0.93x."""
+    return {"env_vars": {SETUP_HOOK_ENV: PRELOAD_HOOK, "OMP_NUM_THREADS": str(threads)}}
+
+
+def worker_environment(job_env_vars: Mapping[str, str], threads: int) -> str:
+    """The serialized runtime environment Ray gives a run's train worker of ``threads`` threads on a cluster whose
+    job environment has ``job_env_vars``: the job's variables, the controller's (Ray Train's variables set in this
+    process, and its blocking-get switch), the worker's own (the same, plus ``worker_runtime_env``), merged as
+    Ray's core worker merges a child's environment into its parent's, and written as it writes it."""
     from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
     from ray.train.v2._internal.constants import (
         DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
@@ -80,7 +89,7 @@ def worker_environment(job_env_vars: Mapping[str, str]) -> str:
     propagated = get_env_vars_to_propagate()
     env_vars.update(propagated)
     env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
-    env_vars.update(worker_runtime_env()["env_vars"])
+    env_vars.update(worker_runtime_env(threads)["env_vars"])
     return json.dumps({"env_vars": env_vars}, separators=(",", ":"), sort_keys=True)
 
 
@@ -105,6 +114,7 @@ class WarmPool:
         self,
         *,
         size: int,
+        threads: int,
         job_env_vars: Mapping[str, str],
         session_processes: Callable[[], list[int]],
         delay_s: float = 3.0,
@@ -113,6 +123,8 @@ class WarmPool:
         proc: Path = Path("/proc"),
     ) -> None:
         self.size = size
+        # The threads of the workers it starts: the last run's (a run of other threads cannot take them).
+        self.threads = threads
         self.delay_s = delay_s
         self.keep_alive_s = keep_alive_s
         self._job_env_vars = dict(job_env_vars)
@@ -122,16 +134,21 @@ class WarmPool:
         self._lock = threading.Lock()
         self._active_runs = 0
         self._generation = 0
-        self._offered = 0  # warm processes asked for since the last run began
+        self._offered = 0  # warm processes asked for, all of ``_offered_threads`` threads
+        self._offered_threads = 0
+        self._run_fits = False  # whether the running run could take what was offered
         self._closed = False
         self.disabled_reason = ""
         # Whether the last run's worker came from a warm process (None: not known, a search).
         self.last_run_warm: bool | None = None
 
-    def run_began(self) -> None:
+    def run_began(self, threads: int) -> None:
+        """A run of workers with ``threads`` threads began."""
         with self._lock:
             self._active_runs += 1
             self._generation += 1
+            self._run_fits = bool(self._offered) and threads == self._offered_threads
+            self.threads = threads
 
     def run_ended(self, *, warm_worker: bool | None = None) -> None:
         """A run ended; ``warm_worker``: whether its worker came from a warm process (None: not known)."""
@@ -139,7 +156,7 @@ class WarmPool:
             self._active_runs = max(0, self._active_runs - 1)
             self._generation += 1
             self.last_run_warm = warm_worker
-            if warm_worker is False and self._offered and not self.disabled_reason:
+            if warm_worker is False and self._run_fits and not self.disabled_reason:
                 self.disabled_reason = (
                     "a run's worker did not take the warm process that waited for it: this Ray version builds the "
                     "worker's runtime environment differently; jobs start without a warm process"
@@ -166,16 +183,20 @@ class WarmPool:
         with self._lock:
             if self._closed or self._active_runs or generation != self._generation or self.disabled_reason:
                 return
+            threads = self.threads
         try:
             missing = self.size - len(idle_worker_processes(self._session_processes(), self._proc))
             if missing <= 0:
                 return
-            self._prestart(worker_environment(self._job_env_vars), missing, self.keep_alive_s)
+            self._prestart(worker_environment(self._job_env_vars, threads), missing, self.keep_alive_s)
         except Exception:  # warming is an optimisation: a run without it starts as it always did
             log.warning("could not start a warm Ray worker process", exc_info=True)
             return
         with self._lock:
+            if threads != self._offered_threads:
+                self._offered = 0  # those of other threads wait unused until Ray's idle-worker limit ends them
             self._offered += missing
+            self._offered_threads = threads
         log.info("started %d warm Ray worker process(es) for the next run", missing)
 
 
