@@ -594,10 +594,16 @@ async def test_a_job_submitted_to_an_idle_cluster_runs_in_the_warm_worker_proces
     # The module's cluster is this process's own local one: it keeps a warm process while idle (runner/warm.py).
     pool = ray_cluster.warm_pool
     assert pool is not None and ray_cluster.session_dir
+    # Earlier tests of this module ran on this cluster (two-worker runs, crashes, searches, cancels): none may
+    # have turned the pool off.
+    assert pool.disabled_reason == "", pool.disabled_reason
     pool.schedule()
     deadline = time.monotonic() + 90
     while not (warm := idle_worker_processes(session_processes(ray_cluster.session_dir))):
-        assert time.monotonic() < deadline, "no warm worker process started in an idle cluster"
+        assert time.monotonic() < deadline, (
+            f"no warm worker process started in an idle cluster ({pool.active_runs} runs active, "
+            f"{pool.disabled_reason or 'pool on'})"
+        )
         await asyncio.sleep(0.5)
     async with _service(tmp_path, s3, kafka_bootstrap, ray_cluster, chat_version) as service:
         job = await service.stub.SubmitJob(pb.SubmitJobRequest(spec=_chat_spec(service.project, tiny_llama)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,7 @@ class _Raylet:
             raise ConnectionError("raylet gone")
 
 
-def _pool(raylet: _Raylet, tmp_path: Path, size: int = 2) -> WarmPool:
+def _pool(raylet: _Raylet, tmp_path: Path, size: int = 2, kill: Callable[[int], None] | None = None) -> WarmPool:
     for pid in raylet.idle:
         _process(tmp_path, pid, "ray::IDLE")
     return WarmPool(
@@ -78,6 +79,7 @@ def _pool(raylet: _Raylet, tmp_path: Path, size: int = 2) -> WarmPool:
         keep_alive_s=600,
         prestart=raylet.prestart,
         proc=tmp_path,
+        kill=kill,
     )
 
 
@@ -116,19 +118,26 @@ def test_a_run_that_ignored_a_waiting_warm_process_turns_the_pool_off(tmp_path: 
     assert len(raylet.calls) == 1
 
 
-def test_a_run_of_other_threads_passes_the_warm_process_by_and_the_next_one_is_made_for_its_threads(
+def test_a_run_of_other_threads_stops_the_unfit_process_and_the_next_one_is_made_for_its_threads(
     tmp_path: Path,
 ) -> None:
     raylet = _Raylet()
-    pool = _pool(raylet, tmp_path, size=1)
+    killed: list[int] = []
+    pool = _pool(raylet, tmp_path, size=1, kill=killed.append)
     pool.schedule()
     assert raylet.called.wait(5)
     raylet.called.clear()
+    _process(tmp_path, 21, "ray::IDLE")  # the two-thread process the raylet started
+    raylet.idle.append(21)
     pool.run_began(1)  # a one-CPU job: Ray gives its worker one thread, so the two-thread process does not fit
+    assert killed == [21]  # stopped before the run's processes start: it would only wake beside them
+    raylet.idle.remove(21)
     pool.run_ended(warm_worker=False)
-    assert pool.disabled_reason == ""
+    assert pool.disabled_reason == ""  # no verdict: nothing that fitted was offered
     assert raylet.called.wait(5)
     assert json.loads(raylet.calls[-1][0])["env_vars"]["OMP_NUM_THREADS"] == "1"
+    pool.run_began(1)  # this one fits: nothing is stopped
+    assert killed == [21]
 
 
 def test_a_raylet_that_refuses_costs_nothing_but_a_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

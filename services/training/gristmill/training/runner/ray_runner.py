@@ -37,6 +37,7 @@ from gristmill.training.domain.runs import (
     RunRequest,
     RunUnavailableError,
 )
+from gristmill.training.domain.spec import Resources
 from gristmill.training.ml.loop import FaultInjection, LoopConfig, train_loop
 from gristmill.training.runner.failures import describe_failure, storage_unreachable
 from gristmill.training.runner.local_ray import (
@@ -61,7 +62,8 @@ WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFO
 
 # The local cluster is a few processes beside the service on one machine, where every idle process's timers
 # take CPU from training (each Ray worker process wakes ~150 times a second). So, for it only: no pooled
-# worker processes started ahead of tasks (jobs run in actors, which never take a pooled worker), no Ray metrics
+# worker processes started ahead of tasks (jobs run in actors, and an actor takes an idle process only if its
+# runtime environment is the actor's: ``warm.WarmPool`` starts the one a run's worker takes), no Ray metrics
 # (nothing scrapes them without Ray's dashboard), and no watcher for preempted cloud nodes.
 LOCAL_SYSTEM_CONFIG = {
     "enable_worker_prestart": False,
@@ -278,9 +280,8 @@ class RayCluster:
             session_dir = self.session_dir
             self.warm_pool = WarmPool(
                 size=self.warm_workers,
-                # The largest worker this cluster can run until a run says otherwise: on one machine, jobs tend
-                # to take all of it.
-                threads=worker_threads(self.num_cpus),
+                # A job's default worker until a run says otherwise (then: the last run's).
+                threads=worker_threads(Resources().cpus_per_worker),
                 job_env_vars=WORKER_ENV | LOCAL_ENV,
                 session_processes=lambda: session_processes(session_dir),
             )
@@ -456,6 +457,7 @@ class RayJobRunner:
         worker_env = worker_runtime_env(worker_threads(res.cpus_per_worker))
         return GristmillTorchTrainer(
             train_loop,
+            autoscaling=bool(self.cluster.address),
             train_loop_config={"loop": SealedConfig.seal(loop)},
             scaling_config=scaling_config(res),
             run_config=RunConfig(
@@ -473,19 +475,24 @@ class RayJobRunner:
         self.cluster.start()
         self._release_orphans()  # an earlier run's leftovers would hold the CPUs this one asks for
         pool = self.cluster.warm_pool
+        res = request.spec.resources
         watch = _WorkerStartWatch(listener, time.time())
         if pool is not None:
-            pool.run_began(worker_threads(request.spec.resources.cpus_per_worker))
-        channel = RunChannel(self._hub(), request.job_id)
+            pool.run_began(worker_threads(res.cpus_per_worker))
         try:
-            if request.spec.search is not None:
-                return self._search(request, channel, listener, cancel)
-            trainer = self._trainer(request, channel)
-            result = self._drive(trainer.fit, request, channel, watch, cancel, abort=True)
+            channel = RunChannel(self._hub(), request.job_id)
+            try:
+                if request.spec.search is not None:
+                    return self._search(request, channel, listener, cancel)
+                trainer = self._trainer(request, channel)
+                result = self._drive(trainer.fit, request, channel, watch, cancel, abort=True)
+            finally:
+                channel.close()
         finally:
-            channel.close()
             if pool is not None:
-                pool.run_ended(warm_worker=None if request.spec.search is not None else watch.warm)
+                # Only rank 0 reports its start: with several workers, another may have taken the warm process.
+                known = request.spec.search is None and res.num_workers == 1
+                pool.run_ended(warm_worker=watch.warm if known else None)
         return self._outcome(request, result)
 
     def _drive(
@@ -558,6 +565,7 @@ class RayJobRunner:
                 extra_callbacks=(),
                 cancel=cancel,
                 cluster_cpus=capacity.cpus,
+                autoscaling=bool(self.cluster.address),
             )
 
         path, metrics, best_trial, spec = self._drive(work, request, channel, listener, cancel, abort=False)

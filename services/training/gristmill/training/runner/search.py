@@ -46,6 +46,8 @@ class TrialTemplate:
     storage_filesystem: Any
     keep_checkpoints: int
     extra_callbacks: tuple[Any, ...]
+    # False on a local cluster: the trials' runs send no autoscaling requests (``FixedLocalScalingPolicy``).
+    autoscaling: bool = True
 
 
 def run_trial(config: dict[str, Any], template: TrialTemplate) -> None:
@@ -55,6 +57,7 @@ def run_trial(config: dict[str, Any], template: TrialTemplate) -> None:
     res = spec.resources
     trainer = GristmillTorchTrainer(
         train_loop,
+        autoscaling=template.autoscaling,
         train_loop_config={"loop": SealedConfig.seal(loop)},
         scaling_config=scaling_config(res),
         run_config=RunConfig(
@@ -104,6 +107,7 @@ def run_search(
     extra_callbacks: tuple[Any, ...],
     cancel: threading.Event,
     cluster_cpus: float,
+    autoscaling: bool = True,
 ) -> tuple[str, dict[str, Any], int, JobSpec]:
     """Run the search; returns (best trial's final model checkpoint path, its Tune result's metrics, its index, its
     effective spec: the trial's sampled values over the job's spec). The Tune result's metrics are the loop's final
@@ -126,6 +130,7 @@ def run_search(
         storage_filesystem=storage_filesystem,
         keep_checkpoints=keep_checkpoints,
         extra_callbacks=extra_callbacks,
+        autoscaling=autoscaling,
     )
     tuner = tune.Tuner(
         # The trial function only drives its TorchTrainer: no CPU of its own (Ray needs some resource in the

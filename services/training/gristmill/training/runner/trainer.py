@@ -8,9 +8,10 @@ from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 
 from gristmill.training.domain.spec import Resources
-from gristmill.training.runner.torch_backend import LightTorchConfig
+from gristmill.training.runner.torch_backend import FixedLocalScalingPolicy, LightTorchConfig
 
 
 def scaling_config(resources: Resources) -> ScalingConfig:
@@ -36,12 +37,22 @@ class GristmillTorchTrainer(TorchTrainer):
     Ray 2.60 builds its default callbacks in one private method; this drops only those two.
 
     Its backend config is ``LightTorchConfig`` (unless the caller passes one): Ray's ``TorchConfig`` made each run's
-    controller import torch before it started the workers (torch_backend.py says why that mattered).
+    controller import torch before it started the workers (torch_backend.py says why that mattered). With
+    ``autoscaling=False`` (a local cluster) its fixed scaling sends no resource requests
+    (``FixedLocalScalingPolicy``).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, autoscaling: bool = True, **kwargs: Any) -> None:
+        self._autoscaling = autoscaling
         kwargs.setdefault("torch_config", LightTorchConfig())
         super().__init__(*args, **kwargs)
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs: Any) -> Any:
+        # Ray Train v2's method: ``fit`` builds the policy from the scaling config and passes it here.
+        policy = controller_init_kwargs.get("scaling_policy")
+        if not self._autoscaling and type(policy) is FixedScalingPolicy:
+            controller_init_kwargs["scaling_policy"] = FixedLocalScalingPolicy(policy.scaling_config)
+        return super()._initialize_and_run_controller(**controller_init_kwargs)  # type: ignore[misc]
 
     def _create_default_callbacks(self) -> list[Any]:
         # Ray Train v2's method; the stubs mypy sees are v1's.

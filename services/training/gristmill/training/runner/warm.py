@@ -25,10 +25,13 @@ No torch or Ray import at module level: the hook's module is imported by every t
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
 import math
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -121,6 +124,7 @@ class WarmPool:
         keep_alive_s: int = 1800,
         prestart: Callable[[str, int, int], None] | None = None,
         proc: Path = Path("/proc"),
+        kill: Callable[[int], None] | None = None,
     ) -> None:
         self.size = size
         # The threads of the workers it starts: the last run's (a run of other threads cannot take them).
@@ -131,6 +135,7 @@ class WarmPool:
         self._session_processes = session_processes
         self._prestart = prestart or prestart_local_workers
         self._proc = proc
+        self._kill = kill or _terminate
         self._lock = threading.Lock()
         self._active_runs = 0
         self._generation = 0
@@ -142,13 +147,31 @@ class WarmPool:
         # Whether the last run's worker came from a warm process (None: not known, a search).
         self.last_run_warm: bool | None = None
 
+    @property
+    def active_runs(self) -> int:
+        return self._active_runs
+
     def run_began(self, threads: int) -> None:
-        """A run of workers with ``threads`` threads began."""
+        """A run of workers with ``threads`` threads began. Waiting processes of other threads cannot serve it nor,
+        most likely, the next run: they are stopped now, before the run's processes start, rather than wake
+        beside its worker and stand in for a fitting process that would never be started."""
         with self._lock:
             self._active_runs += 1
             self._generation += 1
-            self._run_fits = bool(self._offered) and threads == self._offered_threads
+            unfit = bool(self._offered) and threads != self._offered_threads
+            self._run_fits = bool(self._offered) and not unfit
+            if unfit:
+                self._offered = 0
             self.threads = threads
+        if unfit:
+            try:
+                idle = idle_worker_processes(self._session_processes(), self._proc)
+                for pid in idle:
+                    self._kill(pid)
+            except Exception:  # an optimisation again: at worst the process waits out its keep-alive
+                log.warning("could not stop the warm Ray worker processes of other threads", exc_info=True)
+            else:
+                log.info("stopped %d warm Ray worker process(es) made for %s", len(idle), "other threads")
 
     def run_ended(self, *, warm_worker: bool | None = None) -> None:
         """A run ended; ``warm_worker``: whether its worker came from a warm process (None: not known)."""
@@ -194,10 +217,16 @@ class WarmPool:
             return
         with self._lock:
             if threads != self._offered_threads:
-                self._offered = 0  # those of other threads wait unused until Ray's idle-worker limit ends them
+                self._offered = 0
             self._offered += missing
             self._offered_threads = threads
         log.info("started %d warm Ray worker process(es) for the next run", missing)
+
+
+def _terminate(pid: int) -> None:
+    """Stop an idle worker process: Ray's raylet sees it go and forgets it, as it does for any worker that exits."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
 
 
 def prestart_local_workers(serialized_env: str, count: int, keep_alive_s: int) -> None:
