@@ -3,8 +3,8 @@ worker's process start and its imports (~4-5 s of its start on two cores).
 
 Ray Train starts a new worker process for every run (an actor per worker), and that process imports torch,
 transformers and PEFT (~2.5-3 s), then the loop, before it can load a model. Ray keeps idle worker processes for
-tasks, never for actors: an actor takes an idle process only if one happens to wait with the very runtime
-environment the actor asks for. So, on a cluster this service started itself:
+tasks; an actor takes one only if it waits with the very runtime environment the actor asks for, which never
+happens by itself. So, on a cluster this service started itself:
 
 * every train worker's runtime environment names a **setup hook** (``preload``, Ray's
   ``worker_process_setup_hook`` mechanism) that imports those modules when the process starts. A worker started
@@ -17,8 +17,10 @@ environment the actor asks for. So, on a cluster this service started itself:
 The environment must be byte-identical to the one Ray builds for the worker actor (Ray matches idle processes by a
 hash of the serialized environment): the job's, merged by Ray's core worker with the run controller's and then the
 worker's, written as compact JSON with sorted keys (``worker_environment``). A Ray version that builds it
-otherwise leaves the process unused: the pool notices (a run's worker came from no warm process while one
-waited), logs it once and stops warming, and ``test_ray_training`` fails on it.
+otherwise leaves the process unused: the pool notices (a single-worker run's worker came from no warm process
+while one waited), logs it once and stops warming, and ``test_ray_training`` fails on it. A run of other threads
+(the environment carries ``OMP_NUM_THREADS``) cannot take the process either: it is stopped when such a run begins
+and the next one is made for that run's threads.
 
 No torch or Ray import at module level: the hook's module is imported by every train worker first.
 """
@@ -33,7 +35,6 @@ import math
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -48,20 +49,15 @@ PRELOAD_HOOK = f"{__name__}.preload"
 # PEFT and the auto classes are what a fine-tuning run loads next.
 PRELOAD_MODULES = ("torch", "transformers", "peft", "gristmill.training.ml.loop")
 
-# When this process finished ``preload`` (seconds since the epoch); 0.0 in a process that never ran it.
-preloaded_at = 0.0
-
 
 def preload() -> None:
     """The train workers' setup hook: import what every run needs. A module that is not installed is skipped
     (PEFT on a classification-only install): the run reports its own error if it needs it."""
-    global preloaded_at
     for name in PRELOAD_MODULES:
         try:
             importlib.import_module(name)
         except ImportError as exc:
             log.debug("warm worker: %s not imported: %s", name, exc)
-    preloaded_at = time.time()
 
 
 def worker_threads(cpus_per_worker: float) -> int:
@@ -72,8 +68,8 @@ def worker_threads(cpus_per_worker: float) -> int:
 def worker_runtime_env(threads: int) -> dict[str, Any]:
     """``RunConfig.worker_runtime_env`` of a run whose workers have ``threads`` OpenMP threads: the setup hook, and
     ``OMP_NUM_THREADS`` from the process's start. Ray sets that variable itself only when the actor's first task
-    runs, after the hook imported torch, and OpenMP reads it once, when torch loads it: without it there, a LoRA
-    SFT job on SmolLM2 trained at 0.86x the plain loop instead of ~0.93x."""
+    runs, after the hook imported torch, and OpenMP reads it once, when torch loads it (one benchmark run each:
+    LoRA SFT on SmolLM2 at 0.86x the plain loop without it, 0.92x with it; the plain loop sets it for this reason)."""
     return {"env_vars": {SETUP_HOOK_ENV: PRELOAD_HOOK, "OMP_NUM_THREADS": str(threads)}}
 
 
@@ -88,11 +84,11 @@ def worker_environment(job_env_vars: Mapping[str, str], threads: int) -> str:
         get_env_vars_to_propagate,
     )
 
-    env_vars = dict(job_env_vars)
-    propagated = get_env_vars_to_propagate()
-    env_vars.update(propagated)
-    env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
-    env_vars.update(worker_runtime_env(threads)["env_vars"])
+    # As DataParallelTrainer builds the controller's, and the worker group each worker's; a child's variables win.
+    controller = get_env_vars_to_propagate()
+    controller.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+    worker = {**get_env_vars_to_propagate(), **worker_runtime_env(threads)["env_vars"]}
+    env_vars = {**job_env_vars, **controller, **worker}
     return json.dumps({"env_vars": env_vars}, separators=(",", ":"), sort_keys=True)
 
 
