@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+import ray
 from pydantic import SecretStr
 from sqlalchemy.orm import Session
 
@@ -613,6 +614,10 @@ async def test_a_job_submitted_to_an_idle_cluster_runs_in_the_warm_worker_proces
     # a Ray that builds it otherwise turns the pool off, and says why), and it ended with the run.
     assert pool.last_run_warm is True, pool.disabled_reason
     assert any(process_started(pid) is None for pid in warm), warm
+    # No run of this local cluster (a search's trials included) started Ray Data's autoscaling coordinator: there
+    # is no autoscaler to ask (FixedLocalScalingPolicy).
+    named = {(a["namespace"], a["name"]) for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert ("AutoscalingCoordinator", "AutoscalingCoordinator") not in named, named
 
 
 async def test_two_fsdp_sft_workers_survive_a_worker_crash_and_resume_from_the_s3_checkpoint(
