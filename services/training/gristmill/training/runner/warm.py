@@ -18,9 +18,15 @@ The environment must be byte-identical to the one Ray builds for the worker acto
 hash of the serialized environment): the job's, merged by Ray's core worker with the run controller's and then the
 worker's, written as compact JSON with sorted keys (``worker_environment``). A Ray version that builds it
 otherwise leaves the process unused: the pool notices (a single-worker run's worker came from no warm process
-while one waited), logs it once and stops warming, and ``test_ray_training`` fails on it. A run of other threads
-(the environment carries ``OMP_NUM_THREADS``) cannot take the process either: it is stopped when such a run begins
-and the next one is made for that run's threads.
+while one of its threads waited), logs it once and stops warming, and ``test_ray_training`` fails on it. A run of
+other threads (the environment carries ``OMP_NUM_THREADS``) cannot take the process either: it is stopped when such
+a run begins and the next one is made for that run's threads.
+
+Which processes wait is read from ``/proc`` each time, never remembered: a process the pool asked for may have
+been taken by a run of several workers, or a run may begin before the next is asked for (CI caught a pool that
+judged a run begun just after another as if the process it once asked for still waited). A waiting process is an
+idle worker process whose environment names the setup hook: train workers start no tasks, so such a process is one
+the pool asked for or one Ray started for a worker that another process served first; either serves the next run.
 
 No torch or Ray import at module level: the hook's module is imported by every train worker first.
 """
@@ -106,6 +112,22 @@ def idle_worker_processes(pids: list[int], proc: Path = Path("/proc")) -> list[i
     return idle
 
 
+def waiting_processes(pids: list[int], proc: Path = Path("/proc")) -> dict[int, int]:
+    """Of a cluster's processes, the idle train-worker processes (``idle_worker_processes`` whose environment
+    names the setup hook) and the OpenMP threads each was started with (0: not set)."""
+    waiting = {}
+    for pid in idle_worker_processes(pids, proc):
+        try:
+            environ = (proc / str(pid) / "environ").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        env = dict(item.split("=", 1) for item in environ if "=" in item)
+        if env.get(SETUP_HOOK_ENV) == PRELOAD_HOOK:
+            threads = env.get("OMP_NUM_THREADS", "")
+            waiting[pid] = int(threads) if threads.isdigit() else 0
+    return waiting
+
+
 class WarmPool:
     """Keeps ``size`` warm train-worker processes in an idle local cluster (see the module's docstring)."""
 
@@ -135,9 +157,7 @@ class WarmPool:
         self._lock = threading.Lock()
         self._active_runs = 0
         self._generation = 0
-        self._offered = 0  # warm processes asked for, all of ``_offered_threads`` threads
-        self._offered_threads = 0
-        self._run_fits = False  # whether the running run could take what was offered
+        self._run_fits = False  # whether a process of the running run's threads waited when it began
         self._closed = False
         self.disabled_reason = ""
         # Whether the last run's worker came from a warm process (None: not known, a search).
@@ -151,23 +171,25 @@ class WarmPool:
         """A run of workers with ``threads`` threads began. Waiting processes of other threads cannot serve it nor,
         most likely, the next run: they are stopped now, before the run's processes start, rather than wake
         beside its worker and stand in for a fitting process that would never be started."""
+        try:
+            waiting = self._waiting()
+        except Exception:  # an optimisation: a run is judged and served as if nothing waited
+            log.warning("could not list the warm Ray worker processes", exc_info=True)
+            waiting = {}
+        unfit = [pid for pid, started_for in waiting.items() if started_for != threads]
         with self._lock:
             self._active_runs += 1
             self._generation += 1
-            unfit = bool(self._offered) and threads != self._offered_threads
-            self._run_fits = bool(self._offered) and not unfit
-            if unfit:
-                self._offered = 0
+            self._run_fits = len(unfit) < len(waiting)
             self.threads = threads
         if unfit:
             try:
-                idle = idle_worker_processes(self._session_processes(), self._proc)
-                for pid in idle:
+                for pid in unfit:
                     self._kill(pid)
             except Exception:  # an optimisation again: at worst the process waits out its keep-alive
                 log.warning("could not stop the warm Ray worker processes of other threads", exc_info=True)
             else:
-                log.info("stopped %d warm Ray worker process(es) made for %s", len(idle), "other threads")
+                log.info("stopped %d warm Ray worker process(es) made for other threads", len(unfit))
 
     def run_ended(self, *, warm_worker: bool | None = None) -> None:
         """A run ended; ``warm_worker``: whether its worker came from a warm process (None: not known)."""
@@ -198,24 +220,23 @@ class WarmPool:
         with self._lock:
             self._closed = True
 
+    def _waiting(self) -> dict[int, int]:
+        return waiting_processes(self._session_processes(), self._proc)
+
     def _top_up(self, generation: int) -> None:
         with self._lock:
             if self._closed or self._active_runs or generation != self._generation or self.disabled_reason:
                 return
             threads = self.threads
         try:
-            missing = self.size - len(idle_worker_processes(self._session_processes(), self._proc))
+            fitting = sum(started_for == threads for started_for in self._waiting().values())
+            missing = self.size - fitting
             if missing <= 0:
                 return
             self._prestart(worker_environment(self._job_env_vars, threads), missing, self.keep_alive_s)
         except Exception:  # warming is an optimisation: a run without it starts as it always did
             log.warning("could not start a warm Ray worker process", exc_info=True)
             return
-        with self._lock:
-            if threads != self._offered_threads:
-                self._offered = 0
-            self._offered += missing
-            self._offered_threads = threads
         log.info("started %d warm Ray worker process(es) for the next run", missing)
 
 
