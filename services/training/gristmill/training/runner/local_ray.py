@@ -41,6 +41,11 @@ RECORD_FILE = "ray-cluster.json"
 _PROC = Path("/proc")
 
 
+def proc_strings(pid: int, name: str, proc: Path = _PROC) -> list[str]:
+    """A NUL-separated file of a process (``cmdline``, ``environ``) as its strings; OSError when it is gone."""
+    return (proc / str(pid) / name).read_bytes().decode(errors="replace").split("\0")
+
+
 @dataclass(frozen=True)
 class ClusterRecord:
     """Which local Ray cluster a service started, kept in its data directory while the cluster runs."""
@@ -80,7 +85,7 @@ def _belongs(pid: int, session_dirs: Collection[str]) -> bool:
     try:
         if base.stat().st_uid != os.getuid():
             return False
-        args = (base / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        args = proc_strings(pid, "cmdline")
     except OSError:
         return False
     # "--session_dir=<session>", "--log_dir=<session>/logs", "<session>" (a watchdog's argument), ...
@@ -116,7 +121,7 @@ def session_processes(session_dir: str, *, exclude: Iterable[int] = ()) -> list[
 
 def _describe(pid: int) -> str:
     try:
-        args = [a.strip() for a in (_PROC / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")]
+        args = [a.strip() for a in proc_strings(pid, "cmdline")]
     except OSError:
         args = []
     if args and Path(args[0]).name.startswith("python"):

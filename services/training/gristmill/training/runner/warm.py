@@ -45,6 +45,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from gristmill.training.runner.local_ray import proc_strings
+
 log = logging.getLogger(__name__)
 
 # Ray's environment variable that names a worker's setup hook (ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR): a
@@ -104,7 +106,7 @@ def idle_worker_processes(pids: list[int], proc: Path = Path("/proc")) -> list[i
     idle = []
     for pid in pids:
         try:
-            args = (proc / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            args = proc_strings(pid, "cmdline", proc)
         except OSError:
             continue
         if args and (args[0].startswith("ray::IDLE") or any(a.endswith("/default_worker.py") for a in args)):
@@ -118,7 +120,7 @@ def waiting_processes(pids: list[int], proc: Path = Path("/proc")) -> dict[int, 
     waiting = {}
     for pid in idle_worker_processes(pids, proc):
         try:
-            environ = (proc / str(pid) / "environ").read_bytes().decode(errors="replace").split("\0")
+            environ = proc_strings(pid, "environ", proc)
         except OSError:
             continue
         env = dict(item.split("=", 1) for item in environ if "=" in item)
